@@ -1,0 +1,463 @@
+//! The dataflow graph: nodes (ops) producing values, with petgraph inside and typed ids outside.
+//!
+//! A node holds an [`Op`], the values it reads and the values it defines. Every value is defined by
+//! exactly one node and has a [`TensorType`]. Edges of the inner petgraph run from a value's producer to
+//! each of its users and carry the value; they are maintained by the methods here and never exposed.
+//!
+//! Nodes are ordered: iteration follows a topological order that keeps insertion order wherever the
+//! dependencies allow it, so a graph built front to back prints front to back, and a pass that inserts
+//! a node later in the arena still gets it printed before its users.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt;
+
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::{EdgeRef, IntoEdgeReferences, NodeIndexable};
+use petgraph::Direction;
+
+use crate::op::Op;
+use crate::types::TensorType;
+
+/// A node of a [`Graph`]. Its `Display` (`node12`) appears only in diagnostics; the text IR names
+/// values, not nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(u32);
+
+/// A value (an SSA tensor). Its `Display` is exactly its text-IR name, `%12`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(u32);
+
+impl NodeId {
+    fn index(self) -> NodeIndex {
+        NodeIndex::new(self.0 as usize)
+    }
+}
+
+impl ValueId {
+    pub fn new(n: u32) -> ValueId {
+        ValueId(n)
+    }
+
+    pub fn as_u32(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node{}", self.0)
+    }
+}
+
+impl fmt::Display for ValueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+/// An op applied to values, defining new values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    pub results: Vec<ValueId>,
+    /// Where the node comes from in the model, as a Hugging Face module path
+    /// (`model.layers.3.self_attn`); printed as `scope` lines in the text IR.
+    pub scope: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ValueData {
+    ty: TensorType,
+    def: NodeId,
+}
+
+/// A graph of ops. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Graph {
+    name: String,
+    dag: StableDiGraph<Node, ValueId>,
+    /// Indexed by `ValueId`; `None` once the defining node is removed.
+    values: Vec<Option<ValueData>>,
+    outputs: Vec<(String, ValueId)>,
+}
+
+/// Misuse of the mutation API: a caller bug, reported rather than panicking so that the parser can
+/// turn it into a diagnostic.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    #[error("value {0} is not defined")]
+    UndefinedValue(ValueId),
+    #[error("value {0} is defined twice")]
+    Redefined(ValueId),
+    #[error("{0} does not exist")]
+    NoSuchNode(NodeId),
+    #[error("{node} still has users of its results")]
+    StillUsed { node: NodeId },
+    #[error("output `{0}` is declared twice")]
+    DuplicateOutput(String),
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Graph {
+        Graph {
+            name: name.into(),
+            dag: StableDiGraph::new(),
+            values: Vec::new(),
+            outputs: Vec::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.name = name.into();
+    }
+
+    /// Adds a node whose results get fresh value ids; returns the node and its results.
+    pub fn add_node(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        result_types: Vec<TensorType>,
+        scope: Option<&str>,
+    ) -> Result<(NodeId, Vec<ValueId>), GraphError> {
+        let first = self.values.len() as u32;
+        let results: Vec<ValueId> = (0..result_types.len() as u32)
+            .map(|i| ValueId(first + i))
+            .collect();
+        let node = self.add_node_with_ids(op, inputs, &results, result_types, scope)?;
+        Ok((node, results))
+    }
+
+    /// Adds a node whose results take the given ids (the parser keeps the ids of the file).
+    pub fn add_node_with_ids(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        results: &[ValueId],
+        result_types: Vec<TensorType>,
+        scope: Option<&str>,
+    ) -> Result<NodeId, GraphError> {
+        assert_eq!(results.len(), result_types.len(), "one type per result");
+        for &v in inputs {
+            self.value(v)?;
+        }
+        for (i, &r) in results.iter().enumerate() {
+            if self.values.get(r.0 as usize).is_some_and(Option::is_some)
+                || results[..i].contains(&r)
+            {
+                return Err(GraphError::Redefined(r));
+            }
+        }
+        let idx = self.dag.add_node(Node {
+            op,
+            inputs: inputs.to_vec(),
+            results: results.to_vec(),
+            scope: scope.map(str::to_string),
+        });
+        let node = NodeId(idx.index() as u32);
+        for (&r, ty) in results.iter().zip(result_types) {
+            let slot = r.0 as usize;
+            if self.values.len() <= slot {
+                self.values.resize(slot + 1, None);
+            }
+            self.values[slot] = Some(ValueData { ty, def: node });
+        }
+        for &v in inputs {
+            let def = self.values[v.0 as usize]
+                .as_ref()
+                .expect("checked above")
+                .def;
+            self.dag.add_edge(def.index(), idx, v);
+        }
+        Ok(node)
+    }
+
+    fn value(&self, v: ValueId) -> Result<&ValueData, GraphError> {
+        self.values
+            .get(v.0 as usize)
+            .and_then(Option::as_ref)
+            .ok_or(GraphError::UndefinedValue(v))
+    }
+
+    /// Whether `v` is defined in this graph.
+    pub fn contains_value(&self, v: ValueId) -> bool {
+        self.value(v).is_ok()
+    }
+
+    /// The type of a value. Panics on an id that is not in this graph (ids come from the graph).
+    pub fn ty(&self, v: ValueId) -> &TensorType {
+        &self.value(v).unwrap_or_else(|e| panic!("{e}")).ty
+    }
+
+    /// Replaces the recorded type of a value (used by passes that change a value's dtype).
+    pub fn set_ty(&mut self, v: ValueId, ty: TensorType) -> Result<(), GraphError> {
+        match self.values.get_mut(v.0 as usize).and_then(Option::as_mut) {
+            Some(d) => {
+                d.ty = ty;
+                Ok(())
+            }
+            None => Err(GraphError::UndefinedValue(v)),
+        }
+    }
+
+    /// The node that defines `v`.
+    pub fn producer(&self, v: ValueId) -> NodeId {
+        self.value(v).unwrap_or_else(|e| panic!("{e}")).def
+    }
+
+    pub fn node(&self, n: NodeId) -> &Node {
+        &self.dag[n.index()]
+    }
+
+    pub fn node_mut_op(&mut self, n: NodeId) -> &mut Op {
+        &mut self.dag[n.index()].op
+    }
+
+    pub fn contains_node(&self, n: NodeId) -> bool {
+        self.dag.contains_node(n.index())
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.dag.node_count()
+    }
+
+    /// One past the largest value id in use: the next id `add_node` hands out.
+    pub fn value_bound(&self) -> u32 {
+        self.values.len() as u32
+    }
+
+    /// The nodes that read `v`, each once, in id order.
+    pub fn users(&self, v: ValueId) -> Vec<NodeId> {
+        let Ok(d) = self.value(v) else {
+            return Vec::new();
+        };
+        let mut users: Vec<NodeId> = self
+            .dag
+            .edges_directed(d.def.index(), Direction::Outgoing)
+            .filter(|e| *e.weight() == v)
+            .map(|e| NodeId(e.target().index() as u32))
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
+    /// Nodes in topological order, preferring lower ids (insertion order) among the ready ones.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        let mut indegree = vec![0usize; self.dag.node_bound()];
+        for e in self.dag.edge_references() {
+            indegree[e.target().index()] += 1;
+        }
+        let mut ready: BinaryHeap<Reverse<usize>> = self
+            .dag
+            .node_indices()
+            .filter(|n| indegree[n.index()] == 0)
+            .map(|n| Reverse(n.index()))
+            .collect();
+        let mut order = Vec::with_capacity(self.dag.node_count());
+        while let Some(Reverse(n)) = ready.pop() {
+            order.push(NodeId(n as u32));
+            for e in self
+                .dag
+                .edges_directed(NodeIndex::new(n), Direction::Outgoing)
+            {
+                let t = e.target().index();
+                indegree[t] -= 1;
+                if indegree[t] == 0 {
+                    ready.push(Reverse(t));
+                }
+            }
+        }
+        // The mutation API cannot create a cycle (operands must exist before their users), so every
+        // node is reached.
+        debug_assert_eq!(order.len(), self.dag.node_count());
+        order
+    }
+
+    /// The graph's named outputs, in declaration order.
+    pub fn outputs(&self) -> &[(String, ValueId)] {
+        &self.outputs
+    }
+
+    pub fn add_output(&mut self, name: impl Into<String>, v: ValueId) -> Result<(), GraphError> {
+        let name = name.into();
+        self.value(v)?;
+        if self.outputs.iter().any(|(n, _)| *n == name) {
+            return Err(GraphError::DuplicateOutput(name));
+        }
+        self.outputs.push((name, v));
+        Ok(())
+    }
+
+    /// Makes every user of `old` (and any output naming it) read `new` instead.
+    pub fn replace_all_uses(&mut self, old: ValueId, new: ValueId) -> Result<(), GraphError> {
+        let old_def = self.value(old)?.def;
+        let new_def = self.value(new)?.def;
+        let edges: Vec<_> = self
+            .dag
+            .edges_directed(old_def.index(), Direction::Outgoing)
+            .filter(|e| *e.weight() == old)
+            .map(|e| (e.id(), e.target()))
+            .collect();
+        for (id, user) in edges {
+            self.dag.remove_edge(id);
+            for input in &mut self.dag[user].inputs {
+                if *input == old {
+                    *input = new;
+                }
+            }
+            self.dag.add_edge(new_def.index(), user, new);
+        }
+        for (_, v) in &mut self.outputs {
+            if *v == old {
+                *v = new;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a node whose results are no longer read.
+    pub fn remove_node(&mut self, n: NodeId) -> Result<Node, GraphError> {
+        if !self.contains_node(n) {
+            return Err(GraphError::NoSuchNode(n));
+        }
+        let node = &self.dag[n.index()];
+        if self
+            .dag
+            .edges_directed(n.index(), Direction::Outgoing)
+            .next()
+            .is_some()
+            || self.outputs.iter().any(|(_, v)| node.results.contains(v))
+        {
+            return Err(GraphError::StillUsed { node: n });
+        }
+        let node = self.dag.remove_node(n.index()).expect("checked above");
+        for r in &node.results {
+            self.values[r.0 as usize] = None;
+        }
+        Ok(node)
+    }
+
+    /// `(name, type)` of every parameter, in node order.
+    pub fn params(&self) -> Vec<(&str, &TensorType)> {
+        self.nodes()
+            .into_iter()
+            .filter_map(|n| match &self.node(n).op {
+                Op::Param { name } => Some((name.as_str(), self.ty(self.node(n).results[0]))),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `(name, value)` of every graph input, in node order.
+    pub fn inputs(&self) -> Vec<(&str, ValueId)> {
+        self.nodes()
+            .into_iter()
+            .filter_map(|n| match &self.node(n).op {
+                Op::Input { name } => Some((name.as_str(), self.node(n).results[0])),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Structural equality: same name, same outputs, and the same nodes (op, operands, results, result
+/// types, scope) in topological order. Node ids, which are internal, do not take part.
+impl PartialEq for Graph {
+    fn eq(&self, other: &Graph) -> bool {
+        if self.name != other.name || self.outputs != other.outputs {
+            return false;
+        }
+        let (a, b) = (self.nodes(), other.nodes());
+        a.len() == b.len()
+            && a.iter().zip(&b).all(|(&x, &y)| {
+                let (nx, ny) = (self.node(x), other.node(y));
+                nx == ny && nx.results.iter().all(|&r| self.ty(r) == other.ty(r))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{BinaryOp, UnaryOp};
+    use crate::types::{DType, Dim};
+
+    fn f32_bt() -> TensorType {
+        TensorType::new(DType::F32, [Dim::B, Dim::T])
+    }
+
+    #[test]
+    fn build_query_and_rewrite() {
+        let mut g = Graph::new("g");
+        let (_, x) = g
+            .add_node(Op::Input { name: "x".into() }, &[], vec![f32_bt()], None)
+            .unwrap();
+        let x = x[0];
+        let (_, e) = g
+            .add_node(Op::Unary(UnaryOp::Exp), &[x], vec![f32_bt()], None)
+            .unwrap();
+        let (add, s) = g
+            .add_node(
+                Op::Binary(BinaryOp::Add),
+                &[e[0], e[0]],
+                vec![f32_bt()],
+                Some("blk"),
+            )
+            .unwrap();
+        g.add_output("y", s[0]).unwrap();
+        assert_eq!(g.users(e[0]), vec![add]);
+        assert_eq!(g.nodes().len(), 3);
+        assert_eq!(s[0].to_string(), "%2");
+
+        // Replace exp by neg: the add now reads the neg, and the exp can go.
+        let (neg, n) = g
+            .add_node(Op::Unary(UnaryOp::Neg), &[x], vec![f32_bt()], None)
+            .unwrap();
+        g.replace_all_uses(e[0], n[0]).unwrap();
+        assert_eq!(g.node(add).inputs, vec![n[0], n[0]]);
+        assert_eq!(
+            g.remove_node(g.producer(s[0])),
+            Err(GraphError::StillUsed { node: add })
+        );
+        g.remove_node(g.producer(e[0])).unwrap();
+        // The neg was added after the add but must come first.
+        let order = g.nodes();
+        let pos = |n| order.iter().position(|&m| m == n).unwrap();
+        assert!(pos(neg) < pos(add));
+        assert!(!g.contains_value(e[0]));
+    }
+
+    #[test]
+    fn misuse_is_an_error() {
+        let mut g = Graph::new("g");
+        let err = g.add_node(Op::Unary(UnaryOp::Exp), &[ValueId(7)], vec![f32_bt()], None);
+        assert_eq!(err.unwrap_err(), GraphError::UndefinedValue(ValueId(7)));
+        g.add_node_with_ids(
+            Op::Input { name: "x".into() },
+            &[],
+            &[ValueId(3)],
+            vec![f32_bt()],
+            None,
+        )
+        .unwrap();
+        let again = g.add_node_with_ids(
+            Op::Input { name: "y".into() },
+            &[],
+            &[ValueId(3)],
+            vec![f32_bt()],
+            None,
+        );
+        assert_eq!(again.unwrap_err(), GraphError::Redefined(ValueId(3)));
+        g.add_output("o", ValueId(3)).unwrap();
+        assert_eq!(
+            g.add_output("o", ValueId(3)).unwrap_err(),
+            GraphError::DuplicateOutput("o".into())
+        );
+    }
+}

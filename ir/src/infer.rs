@@ -1,0 +1,978 @@
+//! Shape and dtype inference: the result types of an op from the types of its operands.
+//!
+//! Each rule checks everything the op needs of its operands (count, rank, dtype, matching dimensions)
+//! and says what is wrong in terms of operand positions, so the verifier and the graph builder can
+//! report it in context. Symbolic dimensions are compared structurally: `B*T` equals `T*B`, and a rule
+//! that needs a constant (the width of a split, the head count of attention) says so.
+
+use crate::graph::Graph;
+use crate::op::{Dispatch, Op, ReduceOp, Router};
+use crate::types::{DType, Dim, Shape, TensorType};
+
+/// Why an op cannot be applied to operands of these types.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InferError(pub String);
+
+fn fail<T>(msg: impl Into<String>) -> Result<T, InferError> {
+    Err(InferError(msg.into()))
+}
+
+fn arity(op: &Op, ins: &[&TensorType], want: usize) -> Result<(), InferError> {
+    if ins.len() != want {
+        return fail(format!(
+            "`{}` takes {want} operand(s), found {}",
+            op.name(),
+            ins.len()
+        ));
+    }
+    Ok(())
+}
+
+fn float(op: &Op, what: &str, t: &TensorType) -> Result<(), InferError> {
+    if !t.dtype.is_float() {
+        return fail(format!(
+            "`{}` needs a floating-point {what}, found {t}",
+            op.name()
+        ));
+    }
+    Ok(())
+}
+
+fn int(op: &Op, what: &str, t: &TensorType) -> Result<(), InferError> {
+    if !t.dtype.is_int() {
+        return fail(format!("`{}` needs integer {what}, found {t}", op.name()));
+    }
+    Ok(())
+}
+
+fn rank_at_least(op: &Op, what: &str, t: &TensorType, r: usize) -> Result<(), InferError> {
+    if t.rank() < r {
+        return fail(format!(
+            "`{}` needs {what} of rank at least {r}, found {t}",
+            op.name()
+        ));
+    }
+    Ok(())
+}
+
+fn rank_is(op: &Op, what: &str, t: &TensorType, r: usize) -> Result<(), InferError> {
+    if t.rank() != r {
+        return fail(format!(
+            "`{}` needs {what} of rank {r}, found {t}",
+            op.name()
+        ));
+    }
+    Ok(())
+}
+
+fn same_dtype(op: &Op, a: &TensorType, b: &TensorType) -> Result<(), InferError> {
+    if a.dtype != b.dtype {
+        return fail(format!(
+            "`{}` needs operands of one dtype, found {a} and {b}",
+            op.name()
+        ));
+    }
+    Ok(())
+}
+
+fn dim_eq(op: &Op, what: &str, a: Dim, b: Dim) -> Result<(), InferError> {
+    if a != b {
+        return fail(format!(
+            "`{}`: {what} must match, found {a} and {b}",
+            op.name()
+        ));
+    }
+    Ok(())
+}
+
+fn last(t: &TensorType) -> Dim {
+    *t.shape.last().expect("rank checked by the caller")
+}
+
+/// NumPy broadcasting of two shapes, right-aligned.
+pub fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Shape> {
+    let n = a.len().max(b.len());
+    let one = Dim::known(1);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            one
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            one
+        };
+        out.push(if da == db || db == one {
+            da
+        } else if da == one {
+            db
+        } else {
+            return None;
+        });
+    }
+    Some(out)
+}
+
+/// The sum of two dimensions when it is a dimension (`3 + 4`, `T + T`).
+fn dim_add(a: Dim, b: Dim) -> Option<Dim> {
+    if let (Some(x), Some(y)) = (a.as_known(), b.as_known()) {
+        return Some(Dim::known(x.checked_add(y)?));
+    }
+    // Same monomial up to the factor: a = fa*m, b = fb*m.
+    let (fa, fb) = (a.factor(), b.factor());
+    let ma = a.checked_div(Dim::known(fa))?;
+    let mb = b.checked_div(Dim::known(fb))?;
+    (ma == mb)
+        .then(|| ma.checked_mul(Dim::known(fa + fb)))
+        .flatten()
+}
+
+/// Shape of the per-tile scales of a block-quantised tensor: leading dimensions kept, each of the
+/// trailing `block.len()` dimensions divided by its block size (rounded up; a symbolic dimension
+/// needs a block of 1).
+pub fn scale_shape(op: &Op, shape: &[Dim], block: &[u64]) -> Result<Shape, InferError> {
+    if block.is_empty() || block.len() > shape.len() {
+        return fail(format!(
+            "`{}`: block {block:?} must have between 1 and {} entries",
+            op.name(),
+            shape.len()
+        ));
+    }
+    let lead = shape.len() - block.len();
+    let mut out: Shape = shape[..lead].to_vec();
+    for (&d, &b) in shape[lead..].iter().zip(block) {
+        if b == 0 {
+            return fail(format!("`{}`: block sizes must be positive", op.name()));
+        }
+        out.push(match (d.as_known(), b) {
+            (Some(n), _) => Dim::known(n.div_ceil(b)),
+            (None, 1) => d,
+            (None, _) => {
+                return fail(format!(
+                    "`{}`: symbolic dimension {d} can only be blocked by 1, found block {b}",
+                    op.name()
+                ))
+            }
+        });
+    }
+    Ok(out)
+}
+
+fn check_router(op: &Op, r: &Router) -> Result<(), InferError> {
+    if r.num_groups == 0 || r.num_experts % r.num_groups != 0 {
+        return fail(format!(
+            "`{}`: {} experts cannot be split into {} equal groups",
+            op.name(),
+            r.num_experts,
+            r.num_groups
+        ));
+    }
+    if r.topk_groups == 0 || r.topk_groups > r.num_groups {
+        return fail(format!(
+            "`{}`: topk_groups must be between 1 and num_groups ({}), found {}",
+            op.name(),
+            r.num_groups,
+            r.topk_groups
+        ));
+    }
+    let reachable = r.topk_groups * (r.num_experts / r.num_groups);
+    if r.top_k == 0 || r.top_k > reachable {
+        return fail(format!(
+            "`{}`: top_k must be between 1 and the {reachable} experts of the kept groups, found {}",
+            op.name(),
+            r.top_k
+        ));
+    }
+    Ok(())
+}
+
+fn check_dispatch(op: &Op, d: &Dispatch) -> Result<(), InferError> {
+    if d.top_k == 0 || d.top_k > d.num_experts {
+        return fail(format!(
+            "`{}`: top_k must be between 1 and num_experts",
+            op.name()
+        ));
+    }
+    if d.ep_size == 0 || d.num_experts % d.ep_size != 0 {
+        return fail(format!(
+            "`{}`: {} experts cannot be placed evenly on {} ranks",
+            op.name(),
+            d.num_experts,
+            d.ep_size
+        ));
+    }
+    Ok(())
+}
+
+/// The result types of `op` applied to operands of types `ins`. Ops whose type is declared in the
+/// graph (`input`, `param`, `constant`, `recv`) have nothing to infer and are an error here.
+pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError> {
+    let one = |t: TensorType| Ok(vec![t]);
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Recv { .. } => {
+            fail(format!(
+                "`{}` declares its type; there is nothing to infer",
+                op.name()
+            ))
+        }
+        Op::Linear => {
+            arity(op, ins, 2)?;
+            let (x, w) = (ins[0], ins[1]);
+            float(op, "input", x)?;
+            rank_at_least(op, "an input", x, 1)?;
+            rank_is(op, "a weight", w, 2)?;
+            same_dtype(op, x, w)?;
+            dim_eq(
+                op,
+                "the input's last dimension and the weight's in-features",
+                last(x),
+                w.shape[1],
+            )?;
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank >= 1") = w.shape[0];
+            one(x.with_shape(shape))
+        }
+        Op::MatMul => {
+            arity(op, ins, 2)?;
+            let (a, b) = (ins[0], ins[1]);
+            float(op, "operand", a)?;
+            same_dtype(op, a, b)?;
+            rank_at_least(op, "operands", a, 2)?;
+            rank_at_least(op, "operands", b, 2)?;
+            let (ra, rb) = (a.rank(), b.rank());
+            dim_eq(
+                op,
+                "the contracted dimensions",
+                a.shape[ra - 1],
+                b.shape[rb - 2],
+            )?;
+            let Some(mut shape) = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2]) else {
+                return fail(format!(
+                    "`matmul`: batch dimensions of {a} and {b} do not broadcast"
+                ));
+            };
+            shape.push(a.shape[ra - 2]);
+            shape.push(b.shape[rb - 1]);
+            one(a.with_shape(shape))
+        }
+        Op::Unary(_) => {
+            arity(op, ins, 1)?;
+            float(op, "operand", ins[0])?;
+            one(ins[0].clone())
+        }
+        Op::Binary(_) => {
+            arity(op, ins, 2)?;
+            same_dtype(op, ins[0], ins[1])?;
+            match broadcast(&ins[0].shape, &ins[1].shape) {
+                Some(shape) => one(ins[0].with_shape(shape)),
+                None => fail(format!(
+                    "`{}`: shapes of {} and {} do not broadcast",
+                    op.name(),
+                    ins[0],
+                    ins[1]
+                )),
+            }
+        }
+        Op::Cast { to } => {
+            arity(op, ins, 1)?;
+            one(ins[0].with_dtype(*to))
+        }
+        Op::Reduce {
+            op: kind,
+            axes,
+            keep_dims,
+        } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            if *kind == ReduceOp::Mean {
+                float(op, "operand", x)?;
+            }
+            check_axes(op, axes, x.rank())?;
+            let shape = x
+                .shape
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &d)| match (axes.contains(&i), keep_dims) {
+                    (false, _) => Some(d),
+                    (true, true) => Some(Dim::known(1)),
+                    (true, false) => None,
+                })
+                .collect();
+            one(x.with_shape(shape))
+        }
+        Op::Softmax { axis } => {
+            arity(op, ins, 1)?;
+            float(op, "operand", ins[0])?;
+            check_axes(op, &[*axis], ins[0].rank())?;
+            one(ins[0].clone())
+        }
+        Op::RmsNorm { eps } => {
+            arity(op, ins, 2)?;
+            let (x, w) = (ins[0], ins[1]);
+            float(op, "input", x)?;
+            rank_at_least(op, "an input", x, 1)?;
+            rank_is(op, "a weight", w, 1)?;
+            same_dtype(op, x, w)?;
+            dim_eq(
+                op,
+                "the normalised dimension and the weight",
+                last(x),
+                w.shape[0],
+            )?;
+            if !(*eps > 0.0) {
+                return fail(format!("`rms_norm`: eps must be positive, found {eps}"));
+            }
+            one(x.clone())
+        }
+        Op::Rope(cfg) => {
+            arity(op, ins, 2)?;
+            let (x, pos) = (ins[0], ins[1]);
+            float(op, "input", x)?;
+            int(op, "positions", pos)?;
+            rank_at_least(op, "an input", x, 3)?;
+            rank_is(op, "positions", pos, 2)?;
+            dim_eq(op, "batch of input and positions", x.shape[0], pos.shape[0])?;
+            dim_eq(
+                op,
+                "tokens of input and positions",
+                x.shape[1],
+                pos.shape[1],
+            )?;
+            match last(x).as_known() {
+                Some(d) if d % 2 == 0 && d > 0 => {}
+                _ => {
+                    return fail(format!(
+                        "`rope` needs an even, constant last dimension, found {x}"
+                    ))
+                }
+            }
+            if !(cfg.theta > 0.0) {
+                return fail(format!(
+                    "`rope`: theta must be positive, found {}",
+                    cfg.theta
+                ));
+            }
+            one(x.clone())
+        }
+        Op::Attention { .. } => {
+            arity(op, ins, 3)?;
+            let (q, k, v) = (ins[0], ins[1], ins[2]);
+            for (t, what) in [(q, "queries"), (k, "keys"), (v, "values")] {
+                float(op, what, t)?;
+                rank_is(op, what, t, 4)?;
+                same_dtype(op, q, t)?;
+            }
+            dim_eq(op, "batch of queries and keys", q.shape[0], k.shape[0])?;
+            dim_eq(op, "batch of keys and values", k.shape[0], v.shape[0])?;
+            dim_eq(op, "context of keys and values", k.shape[1], v.shape[1])?;
+            dim_eq(op, "heads of keys and values", k.shape[2], v.shape[2])?;
+            dim_eq(
+                op,
+                "head dimension of queries and keys",
+                q.shape[3],
+                k.shape[3],
+            )?;
+            match (q.shape[2].as_known(), k.shape[2].as_known()) {
+                (Some(h), Some(hk)) if hk > 0 && h % hk == 0 => {}
+                _ => return fail(format!(
+                    "`attention`: query heads ({}) must be a constant multiple of key heads ({})",
+                    q.shape[2], k.shape[2]
+                )),
+            }
+            one(q.with_shape(vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]]))
+        }
+        Op::Embedding => {
+            arity(op, ins, 2)?;
+            let (table, ids) = (ins[0], ins[1]);
+            rank_is(op, "a table", table, 2)?;
+            int(op, "ids", ids)?;
+            let mut shape = ids.shape.clone();
+            shape.push(table.shape[1]);
+            one(table.with_shape(shape))
+        }
+        Op::Gather { axis } => {
+            arity(op, ins, 2)?;
+            let (data, idx) = (ins[0], ins[1]);
+            int(op, "indices", idx)?;
+            check_axes(op, &[*axis], data.rank())?;
+            let mut shape = data.shape[..*axis].to_vec();
+            shape.extend_from_slice(&idx.shape);
+            shape.extend_from_slice(&data.shape[axis + 1..]);
+            one(data.with_shape(shape))
+        }
+        Op::TopK { k } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            rank_at_least(op, "an operand", x, 1)?;
+            if let Some(n) = last(x).as_known() {
+                if *k == 0 || *k > n {
+                    return fail(format!("`topk`: k must be between 1 and {n}, found {k}"));
+                }
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank >= 1") = Dim::known(*k);
+            Ok(vec![
+                x.with_shape(shape.clone()),
+                TensorType::new(DType::I32, shape),
+            ])
+        }
+        Op::Concat { axis } => {
+            if ins.is_empty() {
+                return fail("`concat` needs at least one operand");
+            }
+            let first = ins[0];
+            check_axes(op, &[*axis], first.rank())?;
+            let mut size = first.shape[*axis];
+            for t in &ins[1..] {
+                same_dtype(op, first, t)?;
+                rank_is(op, "operands", t, first.rank())?;
+                for (i, (&a, &b)) in first.shape.iter().zip(&t.shape).enumerate() {
+                    if i != *axis {
+                        dim_eq(op, &format!("dimension {i} of the operands"), a, b)?;
+                    }
+                }
+                size = match dim_add(size, t.shape[*axis]) {
+                    Some(s) => s,
+                    None => {
+                        return fail(format!(
+                            "`concat`: cannot add dimensions {size} and {}",
+                            t.shape[*axis]
+                        ))
+                    }
+                };
+            }
+            let mut shape = first.shape.clone();
+            shape[*axis] = size;
+            one(first.with_shape(shape))
+        }
+        Op::Split { axis, sizes } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            check_axes(op, &[*axis], x.rank())?;
+            let total: u64 = sizes.iter().sum();
+            if x.shape[*axis].as_known() != Some(total) || sizes.contains(&0) {
+                return fail(format!(
+                    "`split`: positive sizes {sizes:?} must add up to dimension {axis} of {x}"
+                ));
+            }
+            Ok(sizes
+                .iter()
+                .map(|&s| {
+                    let mut shape = x.shape.clone();
+                    shape[*axis] = Dim::known(s);
+                    x.with_shape(shape)
+                })
+                .collect())
+        }
+        Op::Reshape { shape } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            let out = x.with_shape(shape.clone());
+            if x.numel() != out.numel() || x.numel().is_none() {
+                return fail(format!(
+                    "`reshape`: cannot reshape {x} to {out}: element counts differ"
+                ));
+            }
+            one(out)
+        }
+        Op::Transpose { perm } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            let mut seen = vec![false; x.rank()];
+            if perm.len() != x.rank()
+                || perm
+                    .iter()
+                    .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+            {
+                return fail(format!(
+                    "`transpose`: {perm:?} is not a permutation of the axes of {x}"
+                ));
+            }
+            one(x.with_shape(perm.iter().map(|&p| x.shape[p]).collect()))
+        }
+        Op::Quantize { to, spec } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            float(op, "operand", x)?;
+            if *to != DType::F8E4M3 {
+                return fail(format!("`quantize` only targets f8e4m3, found {to}"));
+            }
+            let scales = scale_shape(op, &x.shape, &spec.block)?;
+            Ok(vec![x.with_dtype(*to), TensorType::new(DType::F32, scales)])
+        }
+        Op::Dequantize { to, block } => {
+            arity(op, ins, 2)?;
+            let (q, s) = (ins[0], ins[1]);
+            if s.dtype != DType::F32 {
+                return fail(format!("`dequantize` needs f32 scales, found {s}"));
+            }
+            if !to.is_float() {
+                return fail(format!("`dequantize` produces a float type, found {to}"));
+            }
+            let want = scale_shape(op, &q.shape, block)?;
+            if s.shape != want {
+                return fail(format!(
+                    "`dequantize`: scales of {q} with block {block:?} must have shape {}, found {s}",
+                    TensorType::new(DType::F32, want.clone())
+                ));
+            }
+            one(q.with_dtype(*to))
+        }
+        Op::MoeRoute(r) => {
+            if !(1..=2).contains(&ins.len()) {
+                return fail(format!(
+                    "`moe_route` takes logits and an optional bias, found {} operands",
+                    ins.len()
+                ));
+            }
+            check_router(op, r)?;
+            let logits = ins[0];
+            float(op, "logits", logits)?;
+            rank_at_least(op, "logits", logits, 1)?;
+            dim_eq(
+                op,
+                "the logits' last dimension and num_experts",
+                last(logits),
+                Dim::known(r.num_experts),
+            )?;
+            if let Some(bias) = ins.get(1) {
+                float(op, "bias", bias)?;
+                rank_is(op, "a bias", bias, 1)?;
+                dim_eq(
+                    op,
+                    "the bias and num_experts",
+                    bias.shape[0],
+                    Dim::known(r.num_experts),
+                )?;
+            }
+            let mut shape = logits.shape.clone();
+            *shape.last_mut().expect("rank >= 1") = Dim::known(r.top_k);
+            Ok(vec![
+                TensorType::new(DType::F32, shape.clone()),
+                TensorType::new(DType::I32, shape),
+            ])
+        }
+        Op::MoeExperts { num_experts } => {
+            let e = *num_experts as usize;
+            if ins.len() != 3 + 3 * e {
+                return fail(format!(
+                    "`moe_experts` with {e} experts takes 3 + 3*{e} operands, found {}",
+                    ins.len()
+                ));
+            }
+            let (x, w, idx) = (ins[0], ins[1], ins[2]);
+            float(op, "input", x)?;
+            rank_at_least(op, "an input", x, 1)?;
+            float(op, "weights", w)?;
+            int(op, "indices", idx)?;
+            if w.shape != idx.shape
+                || w.shape.len() != x.rank()
+                || w.shape[..w.rank() - 1] != x.shape[..x.rank() - 1]
+            {
+                return fail(format!("`moe_experts`: weights {w} and indices {idx} must be [..tokens, top_k] for input {x}"));
+            }
+            let d = last(x);
+            for (i, ex) in ins[3..].chunks(3).enumerate() {
+                let (gate, up, down) = (ex[0], ex[1], ex[2]);
+                for t in ex {
+                    rank_is(op, "expert weights", t, 2)?;
+                    same_dtype(op, x, t)?;
+                }
+                let inter = gate.shape[0];
+                if gate.shape != [inter, d] || up.shape != [inter, d] || down.shape != [d, inter] {
+                    return fail(format!(
+                        "`moe_experts`: expert {i} needs gate [I, {d}], up [I, {d}], down [{d}, I], found {gate}, {up}, {down}"
+                    ));
+                }
+            }
+            one(x.clone())
+        }
+        Op::MoeDispatch(dsp) => {
+            arity(op, ins, 2)?;
+            check_dispatch(op, dsp)?;
+            let (x, idx) = (ins[0], ins[1]);
+            rank_is(op, "an input", x, 2)?;
+            rank_is(op, "indices", idx, 2)?;
+            int(op, "indices", idx)?;
+            dim_eq(op, "tokens of input and indices", x.shape[0], idx.shape[0])?;
+            dim_eq(
+                op,
+                "top_k and the indices",
+                idx.shape[1],
+                Dim::known(dsp.top_k),
+            )?;
+            let rows = x.shape[0].checked_mul(Dim::known(dsp.top_k));
+            let Some(rows) = rows else {
+                return fail("`moe_dispatch`: row count overflows");
+            };
+            Ok(vec![
+                x.with_shape(vec![rows, x.shape[1]]),
+                TensorType::new(DType::I32, [Dim::known(dsp.num_experts + 1)]),
+                TensorType::new(DType::I32, [rows]),
+            ])
+        }
+        Op::GroupedLinear { num_experts } => {
+            let e = *num_experts as usize;
+            if ins.len() != 2 + e || e == 0 {
+                return fail(format!(
+                    "`grouped_linear` with {e} experts takes 2 + {e} operands, found {}",
+                    ins.len()
+                ));
+            }
+            let (x, offsets) = (ins[0], ins[1]);
+            rank_is(op, "rows", x, 2)?;
+            int(op, "offsets", offsets)?;
+            if offsets.shape != [Dim::known(*num_experts + 1)] {
+                return fail(format!(
+                    "`grouped_linear`: offsets must be i32[{}], found {offsets}",
+                    e + 1
+                ));
+            }
+            let n = ins[2].shape.first().copied().unwrap_or(Dim::known(0));
+            for w in &ins[2..] {
+                rank_is(op, "expert weights", w, 2)?;
+                same_dtype(op, x, w)?;
+                if w.shape != [n, x.shape[1]] {
+                    return fail(format!(
+                        "`grouped_linear`: every weight must be [{n}, {}], found {w}",
+                        x.shape[1]
+                    ));
+                }
+            }
+            one(x.with_shape(vec![x.shape[0], n]))
+        }
+        Op::MoeCombine { top_k } => {
+            arity(op, ins, 3)?;
+            let (y, perm, w) = (ins[0], ins[1], ins[2]);
+            rank_is(op, "rows", y, 2)?;
+            int(op, "a permutation", perm)?;
+            rank_is(op, "weights", w, 2)?;
+            dim_eq(op, "top_k and the weights", w.shape[1], Dim::known(*top_k))?;
+            let rows = w.shape[0].checked_mul(Dim::known(*top_k));
+            if rows != Some(y.shape[0]) || perm.shape != [y.shape[0]] {
+                return fail(format!("`moe_combine`: rows {y} and permutation {perm} must hold top_k rows per token of {w}"));
+            }
+            one(y.with_shape(vec![w.shape[0], y.shape[1]]))
+        }
+        Op::Fused { name, body } => {
+            let params: Vec<&TensorType> = body.inputs().iter().map(|&(_, v)| body.ty(v)).collect();
+            if params.len() != ins.len() || params.iter().zip(ins).any(|(a, b)| a != b) {
+                return fail(format!(
+                    "`fused` kernel `{name}` takes ({}), found ({})",
+                    list(&params),
+                    list(ins)
+                ));
+            }
+            Ok(body
+                .outputs()
+                .iter()
+                .map(|&(_, v)| body.ty(v).clone())
+                .collect())
+        }
+        Op::Send { .. } => {
+            arity(op, ins, 1)?;
+            Ok(vec![])
+        }
+    }
+}
+
+fn list(ts: &[&TensorType]) -> String {
+    ts.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_axes(op: &Op, axes: &[usize], rank: usize) -> Result<(), InferError> {
+    for (i, &a) in axes.iter().enumerate() {
+        if a >= rank || axes[..i].contains(&a) {
+            return fail(format!(
+                "`{}`: axes {axes:?} are not distinct axes of a rank-{rank} operand",
+                op.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Infers the result types of a node in `g` from its operands.
+pub fn infer_node(
+    g: &Graph,
+    op: &Op,
+    inputs: &[crate::ValueId],
+) -> Result<Vec<TensorType>, InferError> {
+    let tys: Vec<&TensorType> = inputs.iter().map(|&v| g.ty(v)).collect();
+    infer(op, &tys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::{BinaryOp, GroupScore, QuantSpec, Scoring};
+
+    fn t(s: &str) -> TensorType {
+        // Test helper: "bf16[B, T, 16]".
+        let (d, rest) = s.split_once('[').unwrap();
+        let dims = rest.trim_end_matches(']');
+        let shape = if dims.is_empty() {
+            vec![]
+        } else {
+            dims.split(',')
+                .map(|x| Dim::parse(x.trim()).unwrap())
+                .collect()
+        };
+        TensorType::new(DType::from_name(d).unwrap(), shape)
+    }
+
+    fn ok(op: Op, ins: &[&str]) -> Vec<String> {
+        let tys: Vec<TensorType> = ins.iter().map(|s| t(s)).collect();
+        let refs: Vec<&TensorType> = tys.iter().collect();
+        infer(&op, &refs)
+            .unwrap()
+            .iter()
+            .map(|t| t.to_string())
+            .collect()
+    }
+
+    fn bad(op: Op, ins: &[&str]) -> String {
+        let tys: Vec<TensorType> = ins.iter().map(|s| t(s)).collect();
+        let refs: Vec<&TensorType> = tys.iter().collect();
+        infer(&op, &refs).unwrap_err().0
+    }
+
+    #[test]
+    fn linear_and_matmul() {
+        assert_eq!(
+            ok(Op::Linear, &["bf16[B, T, 64]", "bf16[32, 64]"]),
+            ["bf16[B, T, 32]"]
+        );
+        assert_eq!(
+            bad(Op::Linear, &["bf16[B, T, 64]", "bf16[32, 63]"]),
+            "`linear`: the input's last dimension and the weight's in-features must match, found 64 and 63"
+        );
+        assert_eq!(
+            ok(Op::MatMul, &["f32[B, 4, T, 8]", "f32[4, 8, 16]"]),
+            ["f32[B, 4, T, 16]"]
+        );
+        assert!(bad(Op::MatMul, &["f32[B, T, 4, 8]", "f32[4, 8, 16]"]).contains("do not broadcast"));
+    }
+
+    #[test]
+    fn broadcasting_binary() {
+        assert_eq!(
+            ok(Op::Binary(BinaryOp::Mul), &["f32[B, T, 8]", "f32[8]"]),
+            ["f32[B, T, 8]"]
+        );
+        assert_eq!(
+            ok(Op::Binary(BinaryOp::Add), &["f32[B, 1, 8]", "f32[T, 1]"]),
+            ["f32[B, T, 8]"]
+        );
+        assert!(bad(Op::Binary(BinaryOp::Add), &["f32[B, 8]", "f32[T, 8]"])
+            .contains("do not broadcast"));
+    }
+
+    #[test]
+    fn concat_split_reshape() {
+        assert_eq!(
+            ok(
+                Op::Concat { axis: 3 },
+                &["f32[B, T, 4, 16]", "f32[B, T, 4, 8]"]
+            ),
+            ["f32[B, T, 4, 24]"]
+        );
+        assert_eq!(
+            ok(Op::Concat { axis: 0 }, &["f32[T, 2]", "f32[2*T, 2]"]),
+            ["f32[3*T, 2]"]
+        );
+        assert!(bad(Op::Concat { axis: 0 }, &["f32[T, 2]", "f32[B, 2]"]).contains("cannot add"));
+        assert_eq!(
+            ok(
+                Op::Split {
+                    axis: 2,
+                    sizes: vec![16, 8]
+                },
+                &["f32[B, T, 24]"]
+            ),
+            ["f32[B, T, 16]", "f32[B, T, 8]"]
+        );
+        assert_eq!(
+            ok(
+                Op::Reshape {
+                    shape: vec![Dim::B, Dim::T, Dim::known(4), Dim::known(6)]
+                },
+                &["f32[B, T, 24]"]
+            ),
+            ["f32[B, T, 4, 6]"]
+        );
+        assert!(bad(
+            Op::Reshape {
+                shape: vec![Dim::B, Dim::known(24)]
+            },
+            &["f32[B, T, 24]"]
+        )
+        .contains("element counts differ"));
+    }
+
+    #[test]
+    fn attention_and_rope() {
+        assert_eq!(
+            ok(
+                Op::Attention {
+                    scale: 0.1,
+                    causal: true
+                },
+                &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]"]
+            ),
+            ["f32[B, T, 8, 16]"]
+        );
+        assert!(bad(
+            Op::Attention {
+                scale: 0.1,
+                causal: true
+            },
+            &["f32[B, T, 8, 24]", "f32[B, S, 3, 24]", "f32[B, S, 3, 16]"]
+        )
+        .contains("constant multiple"));
+        let rope = Op::Rope(crate::op::RopeConfig {
+            theta: 1e4,
+            interleaved: true,
+            yarn: None,
+        });
+        assert_eq!(
+            ok(rope.clone(), &["f32[B, T, 4, 8]", "i32[B, T]"]),
+            ["f32[B, T, 4, 8]"]
+        );
+        assert!(bad(rope, &["f32[B, T, 4, 7]", "i32[B, T]"]).contains("even"));
+    }
+
+    #[test]
+    fn quantisation_scales() {
+        let q = Op::Quantize {
+            to: DType::F8E4M3,
+            spec: QuantSpec {
+                block: vec![128, 128],
+                amax_floor: 1e-4,
+                pow2_scale: false,
+            },
+        };
+        assert_eq!(
+            ok(q, &["bf16[300, 256]"]),
+            ["f8e4m3[300, 256]", "f32[3, 2]"]
+        );
+        let a = Op::Quantize {
+            to: DType::F8E4M3,
+            spec: QuantSpec {
+                block: vec![1, 128],
+                amax_floor: 1e-4,
+                pow2_scale: false,
+            },
+        };
+        assert_eq!(
+            ok(a.clone(), &["bf16[B, T, 512]"]),
+            ["f8e4m3[B, T, 512]", "f32[B, T, 4]"]
+        );
+        assert!(bad(
+            Op::Quantize {
+                to: DType::F8E4M3,
+                spec: QuantSpec {
+                    block: vec![2, 128],
+                    amax_floor: 1e-4,
+                    pow2_scale: false
+                }
+            },
+            &["bf16[B, T, 512]"]
+        )
+        .contains("symbolic"));
+        let d = Op::Dequantize {
+            to: DType::BF16,
+            block: vec![128, 128],
+        };
+        assert_eq!(
+            ok(d.clone(), &["f8e4m3[300, 256]", "f32[3, 2]"]),
+            ["bf16[300, 256]"]
+        );
+        assert!(bad(d, &["f8e4m3[300, 256]", "f32[2, 2]"]).contains("must have shape f32[3, 2]"));
+    }
+
+    #[test]
+    fn moe_ops() {
+        let r = Router {
+            num_experts: 16,
+            top_k: 4,
+            scoring: Scoring::Sigmoid,
+            num_groups: 4,
+            topk_groups: 2,
+            group_score: GroupScore::Top2Sum,
+            normalize: true,
+            scaling: 2.5,
+        };
+        assert_eq!(
+            ok(Op::MoeRoute(r.clone()), &["f32[B, T, 16]", "f32[16]"]),
+            ["f32[B, T, 4]", "i32[B, T, 4]"]
+        );
+        let too_many = Router {
+            top_k: 9,
+            ..r.clone()
+        };
+        assert!(bad(Op::MoeRoute(too_many), &["f32[B, T, 16]"])
+            .contains("the 8 experts of the kept groups"));
+        let d = Dispatch {
+            num_experts: 16,
+            top_k: 4,
+            ep_size: 2,
+        };
+        assert_eq!(
+            ok(Op::MoeDispatch(d), &["bf16[B*T, 32]", "i32[B*T, 4]"]),
+            ["bf16[4*B*T, 32]", "i32[17]", "i32[4*B*T]"]
+        );
+        assert_eq!(
+            ok(
+                Op::MoeCombine { top_k: 4 },
+                &["bf16[4*B*T, 32]", "i32[4*B*T]", "f32[B*T, 4]"]
+            ),
+            ["bf16[B*T, 32]"]
+        );
+        assert_eq!(
+            ok(
+                Op::GroupedLinear { num_experts: 2 },
+                &["bf16[4*B*T, 32]", "i32[3]", "bf16[8, 32]", "bf16[8, 32]"]
+            ),
+            ["bf16[4*B*T, 8]"]
+        );
+        let mut ins = vec!["bf16[B, T, 32]", "f32[B, T, 2]", "i32[B, T, 2]"];
+        for _ in 0..2 {
+            ins.extend(["bf16[8, 32]", "bf16[8, 32]", "bf16[32, 8]"]);
+        }
+        assert_eq!(
+            ok(Op::MoeExperts { num_experts: 2 }, &ins),
+            ["bf16[B, T, 32]"]
+        );
+        ins[8] = "bf16[32, 9]";
+        assert!(bad(Op::MoeExperts { num_experts: 2 }, &ins).contains("expert 1 needs"));
+    }
+
+    #[test]
+    fn reductions_and_topk() {
+        let r = Op::Reduce {
+            op: ReduceOp::Sum,
+            axes: vec![2],
+            keep_dims: false,
+        };
+        assert_eq!(ok(r, &["f32[B, T, 8]"]), ["f32[B, T]"]);
+        let r = Op::Reduce {
+            op: ReduceOp::Max,
+            axes: vec![2, 2],
+            keep_dims: true,
+        };
+        assert!(bad(r, &["f32[B, T, 8]"]).contains("not distinct"));
+        assert_eq!(
+            ok(Op::TopK { k: 2 }, &["f32[B, T, 8]"]),
+            ["f32[B, T, 2]", "i32[B, T, 2]"]
+        );
+        assert!(bad(Op::TopK { k: 9 }, &["f32[B, T, 8]"]).contains("between 1 and 8"));
+    }
+}

@@ -1,0 +1,17 @@
+//! kiln's graph IR: element types and symbolic dimensions, the closed set of ops, the graph, its text
+//! format (`.kir`), the verifier, shape inference and the model specification shared by compiler and
+//! runtime.
+//!
+//! Architecture invariant: this crate knows nothing about TOML, MLIR, LLVM or CUDA. Its dependencies
+//! are petgraph, serde and thiserror.
+
+pub mod graph;
+pub mod infer;
+pub mod op;
+pub mod spec;
+pub mod types;
+
+pub use graph::{Graph, GraphError, Node, NodeId, ValueId};
+pub use op::{Attr, BinaryOp, Op, ReduceOp, UnaryOp};
+pub use spec::ModelSpec;
+pub use types::{DType, Dim, Shape, Sym, SymBindings, TensorType};

@@ -1,0 +1,880 @@
+//! The closed set of operations and their typed attributes.
+//!
+//! Every op has a fixed text name and a list of attributes. The text format is generic over both: the
+//! printer writes `name(attrs)` from [`Op::name`] and [`Op::attrs`], and the parser rebuilds the op with
+//! [`Op::from_parts`], so adding an op means adding it here (and to shape inference), nothing else.
+//! Semantics live in the reference interpreter; the one-line summaries below say what each op computes.
+//!
+//! Conventions shared by every op:
+//! - Axes are non-negative indices into the shape of the first operand.
+//! - Elementwise binary ops broadcast NumPy-style (shapes aligned on the right; a dimension of 1
+//!   stretches).
+//! - Linear weights are stored `(out, in)` as in PyTorch and Hugging Face checkpoints.
+
+use std::fmt;
+
+use crate::types::{DType, Dim};
+
+/// Elementwise functions of one operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Sigmoid,
+    /// `x * sigmoid(x)`.
+    Silu,
+    Tanh,
+}
+
+/// Elementwise functions of two broadcast operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+/// How a MoE router turns gate logits into expert scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scoring {
+    /// `sigmoid(logits)` per expert (DeepSeek-V3).
+    Sigmoid,
+    /// `softmax(logits)` over all experts, in f32 (DeepSeek-V2).
+    Softmax,
+}
+
+/// How a group of experts is scored when routing is group-limited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GroupScore {
+    /// Sum of the two highest (bias-corrected) scores in the group (DeepSeek-V3, `noaux_tc`).
+    Top2Sum,
+    /// Highest score in the group (DeepSeek-V2, `group_limited_greedy`).
+    Max,
+}
+
+/// YaRN context extension applied to rotary frequencies (reference §2.4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position: u64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+}
+
+/// Rotary position embedding configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    /// Rotate adjacent pairs `(x[2j], x[2j+1])` as DeepSeek's reference code does, rather than halves.
+    pub interleaved: bool,
+    pub yarn: Option<Yarn>,
+}
+
+/// Block-scaled quantisation: one scale per `block` tile of the operand's trailing dimensions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantSpec {
+    /// Tile size for each trailing dimension, e.g. `[1, 128]` for activations, `[128, 128]` for weights.
+    pub block: Vec<u64>,
+    /// Lower bound on a tile's absolute maximum before the scale is taken (`1e-4` in DeepSeek-V3).
+    pub amax_floor: f64,
+    /// Round each scale up to a power of two (`scale_fmt = "ue8m0"`).
+    pub pow2_scale: bool,
+}
+
+/// A router that picks `top_k` experts per token (reference §3.1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Router {
+    pub num_experts: u64,
+    pub top_k: u64,
+    pub scoring: Scoring,
+    /// Number of expert groups; 1 disables group-limited routing.
+    pub num_groups: u64,
+    /// Groups kept per token before the expert top-k.
+    pub topk_groups: u64,
+    pub group_score: GroupScore,
+    /// Divide the selected weights by their sum.
+    pub normalize: bool,
+    /// Multiply the (normalised) weights by this factor.
+    pub scaling: f64,
+}
+
+/// Expert placement across expert-parallel ranks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dispatch {
+    pub num_experts: u64,
+    pub top_k: u64,
+    pub ep_size: u64,
+}
+
+/// An attribute value in the generic text form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Ident(String),
+    List(Vec<Attr>),
+}
+
+impl fmt::Display for Attr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attr::Int(v) => write!(f, "{v}"),
+            // `{:?}` is the shortest text that reads back to the same f64, and always has a `.` or `e`.
+            Attr::Float(v) => write!(f, "{v:?}"),
+            Attr::Bool(v) => write!(f, "{v}"),
+            Attr::Str(s) => write!(f, "{s:?}"),
+            Attr::Ident(s) => f.write_str(s),
+            Attr::List(items) => {
+                f.write_str("[")?;
+                for (i, a) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{a}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// Every operation kiln knows. Operands are listed in the doc of each variant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A graph input (token ids, positions, caches) of the declared type. No operands.
+    Input {
+        name: String,
+    },
+    /// A model parameter, named as in the Hugging Face checkpoint. No operands.
+    Param {
+        name: String,
+    },
+    /// A scalar constant of the declared type. No operands.
+    Constant {
+        value: f64,
+    },
+    /// `x[..., K] @ w[N, K]^T -> [..., N]`: a PyTorch `Linear` without bias.
+    Linear,
+    /// `a[..., M, K] @ b[..., K, N] -> [..., M, N]`; batch dimensions broadcast.
+    MatMul,
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    /// Converts to another element type (round to nearest even; FP8 saturates, see the interpreter).
+    Cast {
+        to: DType,
+    },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keep_dims: bool,
+    },
+    /// `softmax` along one axis, computed in f32.
+    Softmax {
+        axis: usize,
+    },
+    /// `x / sqrt(mean(x^2, last axis) + eps) * weight`; operands `x[..., D]`, `weight[D]`.
+    RmsNorm {
+        eps: f64,
+    },
+    /// Rotary embedding of the last axis of `x[B, T, ..., D]` at `positions[B, T]`.
+    Rope(RopeConfig),
+    /// Scaled dot-product attention. Operands `q[B, T, H, Dk]`, `k[B, S, Hk, Dk]`, `v[B, S, Hk, Dv]`
+    /// with `H % Hk == 0` (`Hk = 1` is one key/value head shared by all query heads). With `causal`,
+    /// query `t` sees keys `0..=t + (S - T)`: the new tokens come after `S - T` cached ones.
+    Attention {
+        scale: f64,
+        causal: bool,
+    },
+    /// Rows of `table[V, D]` at `ids[...]` -> `[..., D]`.
+    Embedding,
+    /// `data` indexed along `axis` by `indices`: the result shape replaces that axis with the
+    /// indices' shape.
+    Gather {
+        axis: usize,
+    },
+    /// The `k` largest entries along the last axis: results `values`, `indices` (i32), largest first.
+    TopK {
+        k: u64,
+    },
+    Concat {
+        axis: usize,
+    },
+    Split {
+        axis: usize,
+        sizes: Vec<u64>,
+    },
+    Reshape {
+        shape: Vec<Dim>,
+    },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    /// Block-scaled quantisation of `x` to `to`: results `q` and f32 `scales` (one per tile,
+    /// `scale = max(amax, amax_floor) / max(to)`).
+    Quantize {
+        to: DType,
+        spec: QuantSpec,
+    },
+    /// `q * scales` broadcast over tiles; operands `q`, `scales`.
+    Dequantize {
+        to: DType,
+        block: Vec<u64>,
+    },
+    /// Router: operands `logits[N..., E]` and, for bias-corrected selection, `bias[E]`; results the
+    /// expert `weights[N..., K]` (f32) and `indices[N..., K]` (i32).
+    MoeRoute(Router),
+    /// Routed experts evaluated token by token: operands `x[N..., D]`, `weights[N..., K]`,
+    /// `indices[N..., K]`, then for each expert `e` its `gate[I, D]`, `up[I, D]` and `down[D, I]`
+    /// weights; result `sum_k weights[k] * down(silu(gate x) * up x)` per token.
+    MoeExperts {
+        num_experts: u64,
+    },
+    /// Token permutation by expert: operands `x[N, D]`, `indices[N, K]`; results the rows sorted by
+    /// expert `x_sorted[K*N, D]`, `offsets[E + 1]` (i32) and the source slot of each row `perm[K*N]`.
+    MoeDispatch(Dispatch),
+    /// One linear per expert over its contiguous rows: operands `x_sorted[M, K]`, `offsets[E + 1]`,
+    /// then `w_e[N, K]` for each expert -> `[M, N]`.
+    GroupedLinear {
+        num_experts: u64,
+    },
+    /// Weighted sum back to token order: operands `y_sorted[K*N, D]`, `perm[K*N]`, `weights[N, K]`
+    /// -> `[N, D]`.
+    MoeCombine {
+        top_k: u64,
+    },
+    /// A fused kernel: the body is a graph whose inputs are the operands in order and whose outputs
+    /// are the results.
+    Fused {
+        name: String,
+        body: Box<crate::Graph>,
+    },
+    /// Sends its operand to pipeline stage `peer`; no results. A placeholder until DualPipe lands.
+    Send {
+        peer: u32,
+        tag: u32,
+    },
+    /// Receives a value of the declared type from pipeline stage `peer`. No operands.
+    Recv {
+        peer: u32,
+        tag: u32,
+    },
+}
+
+/// Why an op could not be rebuilt from its text form.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AttrError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, AttrError> {
+    Err(AttrError(msg.into()))
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 10] = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Tanh,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Tanh => "tanh",
+        }
+    }
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 6] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Max,
+        BinaryOp::Min,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+        }
+    }
+}
+
+impl ReduceOp {
+    pub const ALL: [ReduceOp; 4] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+        }
+    }
+}
+
+impl Scoring {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scoring::Sigmoid => "sigmoid",
+            Scoring::Softmax => "softmax",
+        }
+    }
+}
+
+impl GroupScore {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupScore::Top2Sum => "top2_sum",
+            GroupScore::Max => "max",
+        }
+    }
+}
+
+/// Attribute lists read by the parser, consumed key by key so that unknown keys are reported.
+pub struct AttrReader<'a> {
+    op: &'a str,
+    attrs: Vec<(String, Attr)>,
+}
+
+impl<'a> AttrReader<'a> {
+    pub fn new(op: &'a str, attrs: Vec<(String, Attr)>) -> Self {
+        AttrReader { op, attrs }
+    }
+
+    fn take(&mut self, key: &str) -> Result<Attr, AttrError> {
+        match self.attrs.iter().position(|(k, _)| k == key) {
+            Some(i) => Ok(self.attrs.remove(i).1),
+            None => err(format!("`{}` needs the attribute `{key}`", self.op)),
+        }
+    }
+
+    fn take_opt(&mut self, key: &str) -> Option<Attr> {
+        let i = self.attrs.iter().position(|(k, _)| k == key)?;
+        Some(self.attrs.remove(i).1)
+    }
+
+    fn wrong(&self, key: &str, want: &str, got: &Attr) -> AttrError {
+        AttrError(format!(
+            "attribute `{key}` of `{}` must be {want}, found `{got}`",
+            self.op
+        ))
+    }
+
+    fn uint(&mut self, key: &str) -> Result<u64, AttrError> {
+        match self.take(key)? {
+            Attr::Int(v) if v >= 0 => Ok(v as u64),
+            other => Err(self.wrong(key, "a non-negative integer", &other)),
+        }
+    }
+
+    fn u32(&mut self, key: &str) -> Result<u32, AttrError> {
+        let v = self.uint(key)?;
+        u32::try_from(v).map_err(|_| AttrError(format!("attribute `{key}` is too large: {v}")))
+    }
+
+    fn axis(&mut self, key: &str) -> Result<usize, AttrError> {
+        Ok(self.uint(key)? as usize)
+    }
+
+    fn float(&mut self, key: &str) -> Result<f64, AttrError> {
+        match self.take(key)? {
+            Attr::Float(v) => Ok(v),
+            Attr::Int(v) => Ok(v as f64),
+            other => Err(self.wrong(key, "a number", &other)),
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> Result<bool, AttrError> {
+        match self.take(key)? {
+            Attr::Bool(v) => Ok(v),
+            other => Err(self.wrong(key, "`true` or `false`", &other)),
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Result<String, AttrError> {
+        match self.take(key)? {
+            Attr::Str(s) => Ok(s),
+            other => Err(self.wrong(key, "a quoted string", &other)),
+        }
+    }
+
+    fn ident(&mut self, key: &str, allowed: &[&str]) -> Result<String, AttrError> {
+        match self.take(key)? {
+            Attr::Ident(s) if allowed.contains(&s.as_str()) => Ok(s),
+            other => Err(self.wrong(key, &format!("one of {}", allowed.join(", ")), &other)),
+        }
+    }
+
+    fn dtype(&mut self, key: &str) -> Result<DType, AttrError> {
+        let names: Vec<&str> = DType::ALL.iter().map(|d| d.name()).collect();
+        let s = self.ident(key, &names)?;
+        Ok(DType::from_name(&s).expect("name checked against DType::ALL"))
+    }
+
+    fn uint_list(&mut self, key: &str) -> Result<Vec<u64>, AttrError> {
+        match self.take(key)? {
+            Attr::List(items) => items
+                .iter()
+                .map(|a| match a {
+                    Attr::Int(v) if *v >= 0 => Ok(*v as u64),
+                    other => Err(self.wrong(key, "a list of non-negative integers", other)),
+                })
+                .collect(),
+            other => Err(self.wrong(key, "a list of non-negative integers", &other)),
+        }
+    }
+
+    fn axes(&mut self, key: &str) -> Result<Vec<usize>, AttrError> {
+        Ok(self
+            .uint_list(key)?
+            .into_iter()
+            .map(|v| v as usize)
+            .collect())
+    }
+
+    fn dims(&mut self, key: &str) -> Result<Vec<Dim>, AttrError> {
+        match self.take(key)? {
+            Attr::List(items) => items
+                .iter()
+                .map(|a| match a {
+                    Attr::Int(v) if *v >= 0 => Ok(Dim::known(*v as u64)),
+                    Attr::Ident(s) | Attr::Str(s) => {
+                        Dim::parse(s).ok_or_else(|| self.wrong(key, "a list of dimensions", a))
+                    }
+                    other => Err(self.wrong(key, "a list of dimensions", other)),
+                })
+                .collect(),
+            other => Err(self.wrong(key, "a list of dimensions", &other)),
+        }
+    }
+
+    /// Fails if any attribute was not consumed.
+    fn finish(self) -> Result<(), AttrError> {
+        match self.attrs.first() {
+            None => Ok(()),
+            Some((k, _)) => err(format!("`{}` has no attribute `{k}`", self.op)),
+        }
+    }
+}
+
+fn uints(v: &[u64]) -> Attr {
+    Attr::List(v.iter().map(|&x| Attr::Int(x as i64)).collect())
+}
+
+fn axes(v: &[usize]) -> Attr {
+    Attr::List(v.iter().map(|&x| Attr::Int(x as i64)).collect())
+}
+
+fn dims(v: &[Dim]) -> Attr {
+    Attr::List(
+        v.iter()
+            .map(|d| match d.as_known() {
+                Some(n) => Attr::Int(n as i64),
+                None => Attr::Ident(d.to_string()),
+            })
+            .collect(),
+    )
+}
+
+fn ident(s: &str) -> Attr {
+    Attr::Ident(s.to_string())
+}
+
+impl Op {
+    /// The op's name in the text IR.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Constant { .. } => "constant",
+            Op::Linear => "linear",
+            Op::MatMul => "matmul",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Cast { .. } => "cast",
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "reduce_sum",
+                ReduceOp::Mean => "reduce_mean",
+                ReduceOp::Max => "reduce_max",
+                ReduceOp::Min => "reduce_min",
+            },
+            Op::Softmax { .. } => "softmax",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Rope(_) => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Embedding => "embedding",
+            Op::Gather { .. } => "gather",
+            Op::TopK { .. } => "topk",
+            Op::Concat { .. } => "concat",
+            Op::Split { .. } => "split",
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Quantize { .. } => "quantize",
+            Op::Dequantize { .. } => "dequantize",
+            Op::MoeRoute(_) => "moe_route",
+            Op::MoeExperts { .. } => "moe_experts",
+            Op::MoeDispatch(_) => "moe_dispatch",
+            Op::GroupedLinear { .. } => "grouped_linear",
+            Op::MoeCombine { .. } => "moe_combine",
+            Op::Fused { .. } => "fused",
+            Op::Send { .. } => "send",
+            Op::Recv { .. } => "recv",
+        }
+    }
+
+    /// Ops whose result type is declared in the text rather than inferred from operands.
+    pub fn declares_type(&self) -> bool {
+        matches!(
+            self,
+            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Recv { .. }
+        )
+    }
+
+    /// The attributes in print order. `Fused` prints its body separately and lists only its name.
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        match self {
+            Op::Input { name } | Op::Param { name } => vec![("name", Attr::Str(name.clone()))],
+            Op::Constant { value } => vec![("value", Attr::Float(*value))],
+            Op::Linear | Op::MatMul | Op::Unary(_) | Op::Binary(_) | Op::Embedding => vec![],
+            Op::Cast { to } => vec![("to", ident(to.name()))],
+            Op::Reduce {
+                axes: a, keep_dims, ..
+            } => {
+                vec![("axes", axes(a)), ("keep_dims", Attr::Bool(*keep_dims))]
+            }
+            Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } => {
+                vec![("axis", Attr::Int(*axis as i64))]
+            }
+            Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
+            Op::Rope(c) => {
+                let mut v = vec![
+                    ("theta", Attr::Float(c.theta)),
+                    ("interleaved", Attr::Bool(c.interleaved)),
+                ];
+                if let Some(y) = &c.yarn {
+                    v.push(("yarn_factor", Attr::Float(y.factor)));
+                    v.push((
+                        "yarn_original_max_position",
+                        Attr::Int(y.original_max_position as i64),
+                    ));
+                    v.push(("yarn_beta_fast", Attr::Float(y.beta_fast)));
+                    v.push(("yarn_beta_slow", Attr::Float(y.beta_slow)));
+                }
+                v
+            }
+            Op::Attention { scale, causal } => {
+                vec![
+                    ("scale", Attr::Float(*scale)),
+                    ("causal", Attr::Bool(*causal)),
+                ]
+            }
+            Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
+            Op::Split { axis, sizes } => {
+                vec![("axis", Attr::Int(*axis as i64)), ("sizes", uints(sizes))]
+            }
+            Op::Reshape { shape } => vec![("shape", dims(shape))],
+            Op::Transpose { perm } => vec![("perm", axes(perm))],
+            Op::Quantize { to, spec } => vec![
+                ("to", ident(to.name())),
+                ("block", uints(&spec.block)),
+                ("amax_floor", Attr::Float(spec.amax_floor)),
+                ("pow2_scale", Attr::Bool(spec.pow2_scale)),
+            ],
+            Op::Dequantize { to, block } => {
+                vec![("to", ident(to.name())), ("block", uints(block))]
+            }
+            Op::MoeRoute(r) => vec![
+                ("num_experts", Attr::Int(r.num_experts as i64)),
+                ("top_k", Attr::Int(r.top_k as i64)),
+                ("scoring", ident(r.scoring.name())),
+                ("num_groups", Attr::Int(r.num_groups as i64)),
+                ("topk_groups", Attr::Int(r.topk_groups as i64)),
+                ("group_score", ident(r.group_score.name())),
+                ("normalize", Attr::Bool(r.normalize)),
+                ("scaling", Attr::Float(r.scaling)),
+            ],
+            Op::MoeExperts { num_experts } | Op::GroupedLinear { num_experts } => {
+                vec![("num_experts", Attr::Int(*num_experts as i64))]
+            }
+            Op::MoeDispatch(d) => vec![
+                ("num_experts", Attr::Int(d.num_experts as i64)),
+                ("top_k", Attr::Int(d.top_k as i64)),
+                ("ep_size", Attr::Int(d.ep_size as i64)),
+            ],
+            Op::MoeCombine { top_k } => vec![("top_k", Attr::Int(*top_k as i64))],
+            Op::Fused { name, .. } => vec![("name", Attr::Str(name.clone()))],
+            Op::Send { peer, tag } | Op::Recv { peer, tag } => {
+                vec![
+                    ("peer", Attr::Int(*peer as i64)),
+                    ("tag", Attr::Int(*tag as i64)),
+                ]
+            }
+        }
+    }
+
+    /// Rebuilds an op from its text name and attributes. `Fused` is built by the parser itself,
+    /// which owns the body.
+    pub fn from_parts(name: &str, attrs: Vec<(String, Attr)>) -> Result<Op, AttrError> {
+        let mut r = AttrReader::new(name, attrs);
+        let op = match name {
+            "input" => Op::Input {
+                name: r.string("name")?,
+            },
+            "param" => Op::Param {
+                name: r.string("name")?,
+            },
+            "constant" => Op::Constant {
+                value: r.float("value")?,
+            },
+            "linear" => Op::Linear,
+            "matmul" => Op::MatMul,
+            "embedding" => Op::Embedding,
+            "cast" => Op::Cast { to: r.dtype("to")? },
+            "reduce_sum" | "reduce_mean" | "reduce_max" | "reduce_min" => {
+                let op = match name {
+                    "reduce_sum" => ReduceOp::Sum,
+                    "reduce_mean" => ReduceOp::Mean,
+                    "reduce_max" => ReduceOp::Max,
+                    _ => ReduceOp::Min,
+                };
+                Op::Reduce {
+                    op,
+                    axes: r.axes("axes")?,
+                    keep_dims: r.boolean("keep_dims")?,
+                }
+            }
+            "softmax" => Op::Softmax {
+                axis: r.axis("axis")?,
+            },
+            "gather" => Op::Gather {
+                axis: r.axis("axis")?,
+            },
+            "concat" => Op::Concat {
+                axis: r.axis("axis")?,
+            },
+            "rms_norm" => Op::RmsNorm {
+                eps: r.float("eps")?,
+            },
+            "rope" => {
+                let theta = r.float("theta")?;
+                let interleaved = r.boolean("interleaved")?;
+                let yarn = match r.take_opt("yarn_factor") {
+                    None => None,
+                    Some(f) => {
+                        r.attrs.push(("yarn_factor".into(), f));
+                        Some(Yarn {
+                            factor: r.float("yarn_factor")?,
+                            original_max_position: r.uint("yarn_original_max_position")?,
+                            beta_fast: r.float("yarn_beta_fast")?,
+                            beta_slow: r.float("yarn_beta_slow")?,
+                        })
+                    }
+                };
+                Op::Rope(RopeConfig {
+                    theta,
+                    interleaved,
+                    yarn,
+                })
+            }
+            "attention" => Op::Attention {
+                scale: r.float("scale")?,
+                causal: r.boolean("causal")?,
+            },
+            "topk" => Op::TopK { k: r.uint("k")? },
+            "split" => Op::Split {
+                axis: r.axis("axis")?,
+                sizes: r.uint_list("sizes")?,
+            },
+            "reshape" => Op::Reshape {
+                shape: r.dims("shape")?,
+            },
+            "transpose" => Op::Transpose {
+                perm: r.axes("perm")?,
+            },
+            "quantize" => Op::Quantize {
+                to: r.dtype("to")?,
+                spec: QuantSpec {
+                    block: r.uint_list("block")?,
+                    amax_floor: r.float("amax_floor")?,
+                    pow2_scale: r.boolean("pow2_scale")?,
+                },
+            },
+            "dequantize" => Op::Dequantize {
+                to: r.dtype("to")?,
+                block: r.uint_list("block")?,
+            },
+            "moe_route" => Op::MoeRoute(Router {
+                num_experts: r.uint("num_experts")?,
+                top_k: r.uint("top_k")?,
+                scoring: match r.ident("scoring", &["sigmoid", "softmax"])?.as_str() {
+                    "sigmoid" => Scoring::Sigmoid,
+                    _ => Scoring::Softmax,
+                },
+                num_groups: r.uint("num_groups")?,
+                topk_groups: r.uint("topk_groups")?,
+                group_score: match r.ident("group_score", &["top2_sum", "max"])?.as_str() {
+                    "top2_sum" => GroupScore::Top2Sum,
+                    _ => GroupScore::Max,
+                },
+                normalize: r.boolean("normalize")?,
+                scaling: r.float("scaling")?,
+            }),
+            "moe_experts" => Op::MoeExperts {
+                num_experts: r.uint("num_experts")?,
+            },
+            "grouped_linear" => Op::GroupedLinear {
+                num_experts: r.uint("num_experts")?,
+            },
+            "moe_dispatch" => Op::MoeDispatch(Dispatch {
+                num_experts: r.uint("num_experts")?,
+                top_k: r.uint("top_k")?,
+                ep_size: r.uint("ep_size")?,
+            }),
+            "moe_combine" => Op::MoeCombine {
+                top_k: r.uint("top_k")?,
+            },
+            "send" => Op::Send {
+                peer: r.u32("peer")?,
+                tag: r.u32("tag")?,
+            },
+            "recv" => Op::Recv {
+                peer: r.u32("peer")?,
+                tag: r.u32("tag")?,
+            },
+            "fused" => return err("`fused` is parsed with its body, not from attributes"),
+            other => {
+                if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == other) {
+                    Op::Unary(u)
+                } else if let Some(b) = BinaryOp::ALL.into_iter().find(|b| b.name() == other) {
+                    Op::Binary(b)
+                } else {
+                    return err(format!("unknown op `{other}`"));
+                }
+            }
+        };
+        r.finish()?;
+        Ok(op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(op: Op) {
+        let attrs = op
+            .attrs()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(Op::from_parts(op.name(), attrs), Ok(op));
+    }
+
+    #[test]
+    fn attrs_round_trip() {
+        round_trip(Op::Linear);
+        round_trip(Op::Unary(UnaryOp::Silu));
+        round_trip(Op::Binary(BinaryOp::Max));
+        round_trip(Op::Reduce {
+            op: ReduceOp::Mean,
+            axes: vec![2],
+            keep_dims: true,
+        });
+        round_trip(Op::Rope(RopeConfig {
+            theta: 10000.0,
+            interleaved: true,
+            yarn: Some(Yarn {
+                factor: 40.0,
+                original_max_position: 4096,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+            }),
+        }));
+        round_trip(Op::Rope(RopeConfig {
+            theta: 5e4,
+            interleaved: false,
+            yarn: None,
+        }));
+        round_trip(Op::Reshape {
+            shape: vec![Dim::B, Dim::T, Dim::known(128)],
+        });
+        round_trip(Op::MoeRoute(Router {
+            num_experts: 256,
+            top_k: 8,
+            scoring: Scoring::Sigmoid,
+            num_groups: 8,
+            topk_groups: 4,
+            group_score: GroupScore::Top2Sum,
+            normalize: true,
+            scaling: 2.5,
+        }));
+        round_trip(Op::Quantize {
+            to: DType::F8E4M3,
+            spec: QuantSpec {
+                block: vec![1, 128],
+                amax_floor: 1e-4,
+                pow2_scale: false,
+            },
+        });
+    }
+
+    #[test]
+    fn bad_attrs_are_reported() {
+        let e = Op::from_parts("topk", vec![]).unwrap_err();
+        assert_eq!(e.0, "`topk` needs the attribute `k`");
+        let e = Op::from_parts(
+            "topk",
+            vec![("k".into(), Attr::Int(2)), ("x".into(), Attr::Int(1))],
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "`topk` has no attribute `x`");
+        let e = Op::from_parts("cast", vec![("to".into(), Attr::Ident("f7".into()))]).unwrap_err();
+        assert!(e.0.contains("must be one of f32"), "{}", e.0);
+        assert_eq!(
+            Op::from_parts("frobnicate", vec![]).unwrap_err().0,
+            "unknown op `frobnicate`"
+        );
+    }
+}
