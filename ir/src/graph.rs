@@ -101,12 +101,7 @@ pub enum GraphError {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            dag: StableDiGraph::new(),
-            values: Vec::new(),
-            outputs: Vec::new(),
-        }
+        Graph { name: name.into(), dag: StableDiGraph::new(), values: Vec::new(), outputs: Vec::new() }
     }
 
     pub fn name(&self) -> &str {
@@ -126,9 +121,7 @@ impl Graph {
         scope: Option<&str>,
     ) -> Result<(NodeId, Vec<ValueId>), GraphError> {
         let first = self.values.len() as u32;
-        let results: Vec<ValueId> = (0..result_types.len() as u32)
-            .map(|i| ValueId(first + i))
-            .collect();
+        let results: Vec<ValueId> = (0..result_types.len() as u32).map(|i| ValueId(first + i)).collect();
         let node = self.add_node_with_ids(op, inputs, &results, result_types, scope)?;
         Ok((node, results))
     }
@@ -147,9 +140,7 @@ impl Graph {
             self.value(v)?;
         }
         for (i, &r) in results.iter().enumerate() {
-            if self.values.get(r.0 as usize).is_some_and(Option::is_some)
-                || results[..i].contains(&r)
-            {
+            if self.values.get(r.0 as usize).is_some_and(Option::is_some) || results[..i].contains(&r) {
                 return Err(GraphError::Redefined(r));
             }
         }
@@ -168,20 +159,14 @@ impl Graph {
             self.values[slot] = Some(ValueData { ty, def: node });
         }
         for &v in inputs {
-            let def = self.values[v.0 as usize]
-                .as_ref()
-                .expect("checked above")
-                .def;
+            let def = self.values[v.0 as usize].as_ref().expect("checked above").def;
             self.dag.add_edge(def.index(), idx, v);
         }
         Ok(node)
     }
 
     fn value(&self, v: ValueId) -> Result<&ValueData, GraphError> {
-        self.values
-            .get(v.0 as usize)
-            .and_then(Option::as_ref)
-            .ok_or(GraphError::UndefinedValue(v))
+        self.values.get(v.0 as usize).and_then(Option::as_ref).ok_or(GraphError::UndefinedValue(v))
     }
 
     /// Whether `v` is defined in this graph.
@@ -262,10 +247,7 @@ impl Graph {
         let mut order = Vec::with_capacity(self.dag.node_count());
         while let Some(Reverse(n)) = ready.pop() {
             order.push(NodeId(n as u32));
-            for e in self
-                .dag
-                .edges_directed(NodeIndex::new(n), Direction::Outgoing)
-            {
+            for e in self.dag.edges_directed(NodeIndex::new(n), Direction::Outgoing) {
                 let t = e.target().index();
                 indegree[t] -= 1;
                 if indegree[t] == 0 {
@@ -327,11 +309,7 @@ impl Graph {
             return Err(GraphError::NoSuchNode(n));
         }
         let node = &self.dag[n.index()];
-        if self
-            .dag
-            .edges_directed(n.index(), Direction::Outgoing)
-            .next()
-            .is_some()
+        if self.dag.edges_directed(n.index(), Direction::Outgoing).next().is_some()
             || self.outputs.iter().any(|(_, v)| node.results.contains(v))
         {
             return Err(GraphError::StillUsed { node: n });
@@ -395,36 +373,21 @@ mod tests {
     #[test]
     fn build_query_and_rewrite() {
         let mut g = Graph::new("g");
-        let (_, x) = g
-            .add_node(Op::Input { name: "x".into() }, &[], vec![f32_bt()], None)
-            .unwrap();
+        let (_, x) = g.add_node(Op::Input { name: "x".into() }, &[], vec![f32_bt()], None).unwrap();
         let x = x[0];
-        let (_, e) = g
-            .add_node(Op::Unary(UnaryOp::Exp), &[x], vec![f32_bt()], None)
-            .unwrap();
-        let (add, s) = g
-            .add_node(
-                Op::Binary(BinaryOp::Add),
-                &[e[0], e[0]],
-                vec![f32_bt()],
-                Some("blk"),
-            )
-            .unwrap();
+        let (_, e) = g.add_node(Op::Unary(UnaryOp::Exp), &[x], vec![f32_bt()], None).unwrap();
+        let (add, s) =
+            g.add_node(Op::Binary(BinaryOp::Add), &[e[0], e[0]], vec![f32_bt()], Some("blk")).unwrap();
         g.add_output("y", s[0]).unwrap();
         assert_eq!(g.users(e[0]), vec![add]);
         assert_eq!(g.nodes().len(), 3);
         assert_eq!(s[0].to_string(), "%2");
 
         // Replace exp by neg: the add now reads the neg, and the exp can go.
-        let (neg, n) = g
-            .add_node(Op::Unary(UnaryOp::Neg), &[x], vec![f32_bt()], None)
-            .unwrap();
+        let (neg, n) = g.add_node(Op::Unary(UnaryOp::Neg), &[x], vec![f32_bt()], None).unwrap();
         g.replace_all_uses(e[0], n[0]).unwrap();
         assert_eq!(g.node(add).inputs, vec![n[0], n[0]]);
-        assert_eq!(
-            g.remove_node(g.producer(s[0])),
-            Err(GraphError::StillUsed { node: add })
-        );
+        assert_eq!(g.remove_node(g.producer(s[0])), Err(GraphError::StillUsed { node: add }));
         g.remove_node(g.producer(e[0])).unwrap();
         // The neg was added after the add but must come first.
         let order = g.nodes();
@@ -438,26 +401,12 @@ mod tests {
         let mut g = Graph::new("g");
         let err = g.add_node(Op::Unary(UnaryOp::Exp), &[ValueId(7)], vec![f32_bt()], None);
         assert_eq!(err.unwrap_err(), GraphError::UndefinedValue(ValueId(7)));
-        g.add_node_with_ids(
-            Op::Input { name: "x".into() },
-            &[],
-            &[ValueId(3)],
-            vec![f32_bt()],
-            None,
-        )
-        .unwrap();
-        let again = g.add_node_with_ids(
-            Op::Input { name: "y".into() },
-            &[],
-            &[ValueId(3)],
-            vec![f32_bt()],
-            None,
-        );
+        g.add_node_with_ids(Op::Input { name: "x".into() }, &[], &[ValueId(3)], vec![f32_bt()], None)
+            .unwrap();
+        let again =
+            g.add_node_with_ids(Op::Input { name: "y".into() }, &[], &[ValueId(3)], vec![f32_bt()], None);
         assert_eq!(again.unwrap_err(), GraphError::Redefined(ValueId(3)));
         g.add_output("o", ValueId(3)).unwrap();
-        assert_eq!(
-            g.add_output("o", ValueId(3)).unwrap_err(),
-            GraphError::DuplicateOutput("o".into())
-        );
+        assert_eq!(g.add_output("o", ValueId(3)).unwrap_err(), GraphError::DuplicateOutput("o".into()));
     }
 }

@@ -20,21 +20,14 @@ fn fail<T>(msg: impl Into<String>) -> Result<T, InferError> {
 
 fn arity(op: &Op, ins: &[&TensorType], want: usize) -> Result<(), InferError> {
     if ins.len() != want {
-        return fail(format!(
-            "`{}` takes {want} operand(s), found {}",
-            op.name(),
-            ins.len()
-        ));
+        return fail(format!("`{}` takes {want} operand(s), found {}", op.name(), ins.len()));
     }
     Ok(())
 }
 
 fn float(op: &Op, what: &str, t: &TensorType) -> Result<(), InferError> {
     if !t.dtype.is_float() {
-        return fail(format!(
-            "`{}` needs a floating-point {what}, found {t}",
-            op.name()
-        ));
+        return fail(format!("`{}` needs a floating-point {what}, found {t}", op.name()));
     }
     Ok(())
 }
@@ -48,40 +41,28 @@ fn int(op: &Op, what: &str, t: &TensorType) -> Result<(), InferError> {
 
 fn rank_at_least(op: &Op, what: &str, t: &TensorType, r: usize) -> Result<(), InferError> {
     if t.rank() < r {
-        return fail(format!(
-            "`{}` needs {what} of rank at least {r}, found {t}",
-            op.name()
-        ));
+        return fail(format!("`{}` needs {what} of rank at least {r}, found {t}", op.name()));
     }
     Ok(())
 }
 
 fn rank_is(op: &Op, what: &str, t: &TensorType, r: usize) -> Result<(), InferError> {
     if t.rank() != r {
-        return fail(format!(
-            "`{}` needs {what} of rank {r}, found {t}",
-            op.name()
-        ));
+        return fail(format!("`{}` needs {what} of rank {r}, found {t}", op.name()));
     }
     Ok(())
 }
 
 fn same_dtype(op: &Op, a: &TensorType, b: &TensorType) -> Result<(), InferError> {
     if a.dtype != b.dtype {
-        return fail(format!(
-            "`{}` needs operands of one dtype, found {a} and {b}",
-            op.name()
-        ));
+        return fail(format!("`{}` needs operands of one dtype, found {a} and {b}", op.name()));
     }
     Ok(())
 }
 
 fn dim_eq(op: &Op, what: &str, a: Dim, b: Dim) -> Result<(), InferError> {
     if a != b {
-        return fail(format!(
-            "`{}`: {what} must match, found {a} and {b}",
-            op.name()
-        ));
+        return fail(format!("`{}`: {what} must match, found {a} and {b}", op.name()));
     }
     Ok(())
 }
@@ -96,16 +77,8 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Shape> {
     let one = Dim::known(1);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let da = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            one
-        };
-        let db = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            one
-        };
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { one };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { one };
         out.push(if da == db || db == one {
             da
         } else if da == one {
@@ -126,9 +99,7 @@ fn dim_add(a: Dim, b: Dim) -> Option<Dim> {
     let (fa, fb) = (a.factor(), b.factor());
     let ma = a.checked_div(Dim::known(fa))?;
     let mb = b.checked_div(Dim::known(fb))?;
-    (ma == mb)
-        .then(|| ma.checked_mul(Dim::known(fa + fb)))
-        .flatten()
+    (ma == mb).then(|| ma.checked_mul(Dim::known(fa + fb))).flatten()
 }
 
 /// Shape of the per-tile scales of a block-quantised tensor: leading dimensions kept, each of the
@@ -192,10 +163,7 @@ fn check_router(op: &Op, r: &Router) -> Result<(), InferError> {
 
 fn check_dispatch(op: &Op, d: &Dispatch) -> Result<(), InferError> {
     if d.top_k == 0 || d.top_k > d.num_experts {
-        return fail(format!(
-            "`{}`: top_k must be between 1 and num_experts",
-            op.name()
-        ));
+        return fail(format!("`{}`: top_k must be between 1 and num_experts", op.name()));
     }
     if d.ep_size == 0 || d.num_experts % d.ep_size != 0 {
         return fail(format!(
@@ -214,10 +182,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
     let one = |t: TensorType| Ok(vec![t]);
     match op {
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Recv { .. } => {
-            fail(format!(
-                "`{}` declares its type; there is nothing to infer",
-                op.name()
-            ))
+            fail(format!("`{}` declares its type; there is nothing to infer", op.name()))
         }
         Op::Linear => {
             arity(op, ins, 2)?;
@@ -226,12 +191,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_at_least(op, "an input", x, 1)?;
             rank_is(op, "a weight", w, 2)?;
             same_dtype(op, x, w)?;
-            dim_eq(
-                op,
-                "the input's last dimension and the weight's in-features",
-                last(x),
-                w.shape[1],
-            )?;
+            dim_eq(op, "the input's last dimension and the weight's in-features", last(x), w.shape[1])?;
             let mut shape = x.shape.clone();
             *shape.last_mut().expect("rank >= 1") = w.shape[0];
             one(x.with_shape(shape))
@@ -244,16 +204,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_at_least(op, "operands", a, 2)?;
             rank_at_least(op, "operands", b, 2)?;
             let (ra, rb) = (a.rank(), b.rank());
-            dim_eq(
-                op,
-                "the contracted dimensions",
-                a.shape[ra - 1],
-                b.shape[rb - 2],
-            )?;
+            dim_eq(op, "the contracted dimensions", a.shape[ra - 1], b.shape[rb - 2])?;
             let Some(mut shape) = broadcast(&a.shape[..ra - 2], &b.shape[..rb - 2]) else {
-                return fail(format!(
-                    "`matmul`: batch dimensions of {a} and {b} do not broadcast"
-                ));
+                return fail(format!("`matmul`: batch dimensions of {a} and {b} do not broadcast"));
             };
             shape.push(a.shape[ra - 2]);
             shape.push(b.shape[rb - 1]);
@@ -269,23 +222,16 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             same_dtype(op, ins[0], ins[1])?;
             match broadcast(&ins[0].shape, &ins[1].shape) {
                 Some(shape) => one(ins[0].with_shape(shape)),
-                None => fail(format!(
-                    "`{}`: shapes of {} and {} do not broadcast",
-                    op.name(),
-                    ins[0],
-                    ins[1]
-                )),
+                None => {
+                    fail(format!("`{}`: shapes of {} and {} do not broadcast", op.name(), ins[0], ins[1]))
+                }
             }
         }
         Op::Cast { to } => {
             arity(op, ins, 1)?;
             one(ins[0].with_dtype(*to))
         }
-        Op::Reduce {
-            op: kind,
-            axes,
-            keep_dims,
-        } => {
+        Op::Reduce { op: kind, axes, keep_dims } => {
             arity(op, ins, 1)?;
             let x = ins[0];
             if *kind == ReduceOp::Mean {
@@ -317,12 +263,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_at_least(op, "an input", x, 1)?;
             rank_is(op, "a weight", w, 1)?;
             same_dtype(op, x, w)?;
-            dim_eq(
-                op,
-                "the normalised dimension and the weight",
-                last(x),
-                w.shape[0],
-            )?;
+            dim_eq(op, "the normalised dimension and the weight", last(x), w.shape[0])?;
             if !(*eps > 0.0) {
                 return fail(format!("`rms_norm`: eps must be positive, found {eps}"));
             }
@@ -336,25 +277,13 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_at_least(op, "an input", x, 3)?;
             rank_is(op, "positions", pos, 2)?;
             dim_eq(op, "batch of input and positions", x.shape[0], pos.shape[0])?;
-            dim_eq(
-                op,
-                "tokens of input and positions",
-                x.shape[1],
-                pos.shape[1],
-            )?;
+            dim_eq(op, "tokens of input and positions", x.shape[1], pos.shape[1])?;
             match last(x).as_known() {
                 Some(d) if d % 2 == 0 && d > 0 => {}
-                _ => {
-                    return fail(format!(
-                        "`rope` needs an even, constant last dimension, found {x}"
-                    ))
-                }
+                _ => return fail(format!("`rope` needs an even, constant last dimension, found {x}")),
             }
             if !(cfg.theta > 0.0) {
-                return fail(format!(
-                    "`rope`: theta must be positive, found {}",
-                    cfg.theta
-                ));
+                return fail(format!("`rope`: theta must be positive, found {}", cfg.theta));
             }
             one(x.clone())
         }
@@ -370,18 +299,15 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             dim_eq(op, "batch of keys and values", k.shape[0], v.shape[0])?;
             dim_eq(op, "context of keys and values", k.shape[1], v.shape[1])?;
             dim_eq(op, "heads of keys and values", k.shape[2], v.shape[2])?;
-            dim_eq(
-                op,
-                "head dimension of queries and keys",
-                q.shape[3],
-                k.shape[3],
-            )?;
+            dim_eq(op, "head dimension of queries and keys", q.shape[3], k.shape[3])?;
             match (q.shape[2].as_known(), k.shape[2].as_known()) {
                 (Some(h), Some(hk)) if hk > 0 && h % hk == 0 => {}
-                _ => return fail(format!(
-                    "`attention`: query heads ({}) must be a constant multiple of key heads ({})",
-                    q.shape[2], k.shape[2]
-                )),
+                _ => {
+                    return fail(format!(
+                        "`attention`: query heads ({}) must be a constant multiple of key heads ({})",
+                        q.shape[2], k.shape[2]
+                    ))
+                }
             }
             one(q.with_shape(vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]]))
         }
@@ -415,10 +341,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             }
             let mut shape = x.shape.clone();
             *shape.last_mut().expect("rank >= 1") = Dim::known(*k);
-            Ok(vec![
-                x.with_shape(shape.clone()),
-                TensorType::new(DType::I32, shape),
-            ])
+            Ok(vec![x.with_shape(shape.clone()), TensorType::new(DType::I32, shape)])
         }
         Op::Concat { axis } => {
             if ins.is_empty() {
@@ -438,10 +361,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
                 size = match dim_add(size, t.shape[*axis]) {
                     Some(s) => s,
                     None => {
-                        return fail(format!(
-                            "`concat`: cannot add dimensions {size} and {}",
-                            t.shape[*axis]
-                        ))
+                        return fail(format!("`concat`: cannot add dimensions {size} and {}", t.shape[*axis]))
                     }
                 };
             }
@@ -473,9 +393,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             let x = ins[0];
             let out = x.with_shape(shape.clone());
             if x.numel() != out.numel() || x.numel().is_none() {
-                return fail(format!(
-                    "`reshape`: cannot reshape {x} to {out}: element counts differ"
-                ));
+                return fail(format!("`reshape`: cannot reshape {x} to {out}: element counts differ"));
             }
             one(out)
         }
@@ -484,15 +402,22 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             let x = ins[0];
             let mut seen = vec![false; x.rank()];
             if perm.len() != x.rank()
-                || perm
-                    .iter()
-                    .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+                || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
             {
-                return fail(format!(
-                    "`transpose`: {perm:?} is not a permutation of the axes of {x}"
-                ));
+                return fail(format!("`transpose`: {perm:?} is not a permutation of the axes of {x}"));
             }
             one(x.with_shape(perm.iter().map(|&p| x.shape[p]).collect()))
+        }
+        Op::Broadcast { shape } => {
+            arity(op, ins, 1)?;
+            let x = ins[0];
+            if broadcast(&x.shape, shape).as_deref() != Some(shape.as_slice()) {
+                return fail(format!(
+                    "`broadcast`: {x} does not broadcast to {}",
+                    x.with_shape(shape.clone())
+                ));
+            }
+            one(x.with_shape(shape.clone()))
         }
         Op::Quantize { to, spec } => {
             arity(op, ins, 1)?;
@@ -542,19 +467,11 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             if let Some(bias) = ins.get(1) {
                 float(op, "bias", bias)?;
                 rank_is(op, "a bias", bias, 1)?;
-                dim_eq(
-                    op,
-                    "the bias and num_experts",
-                    bias.shape[0],
-                    Dim::known(r.num_experts),
-                )?;
+                dim_eq(op, "the bias and num_experts", bias.shape[0], Dim::known(r.num_experts))?;
             }
             let mut shape = logits.shape.clone();
             *shape.last_mut().expect("rank >= 1") = Dim::known(r.top_k);
-            Ok(vec![
-                TensorType::new(DType::F32, shape.clone()),
-                TensorType::new(DType::I32, shape),
-            ])
+            Ok(vec![TensorType::new(DType::F32, shape.clone()), TensorType::new(DType::I32, shape)])
         }
         Op::MoeExperts { num_experts } => {
             let e = *num_experts as usize;
@@ -573,7 +490,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
                 || w.shape.len() != x.rank()
                 || w.shape[..w.rank() - 1] != x.shape[..x.rank() - 1]
             {
-                return fail(format!("`moe_experts`: weights {w} and indices {idx} must be [..tokens, top_k] for input {x}"));
+                return fail(format!(
+                    "`moe_experts`: weights {w} and indices {idx} must be [..tokens, top_k] for input {x}"
+                ));
             }
             let d = last(x);
             for (i, ex) in ins[3..].chunks(3).enumerate() {
@@ -599,12 +518,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_is(op, "indices", idx, 2)?;
             int(op, "indices", idx)?;
             dim_eq(op, "tokens of input and indices", x.shape[0], idx.shape[0])?;
-            dim_eq(
-                op,
-                "top_k and the indices",
-                idx.shape[1],
-                Dim::known(dsp.top_k),
-            )?;
+            dim_eq(op, "top_k and the indices", idx.shape[1], Dim::known(dsp.top_k))?;
             let rows = x.shape[0].checked_mul(Dim::known(dsp.top_k));
             let Some(rows) = rows else {
                 return fail("`moe_dispatch`: row count overflows");
@@ -627,10 +541,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_is(op, "rows", x, 2)?;
             int(op, "offsets", offsets)?;
             if offsets.shape != [Dim::known(*num_experts + 1)] {
-                return fail(format!(
-                    "`grouped_linear`: offsets must be i32[{}], found {offsets}",
-                    e + 1
-                ));
+                return fail(format!("`grouped_linear`: offsets must be i32[{}], found {offsets}", e + 1));
             }
             let n = ins[2].shape.first().copied().unwrap_or(Dim::known(0));
             for w in &ins[2..] {
@@ -654,7 +565,9 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             dim_eq(op, "top_k and the weights", w.shape[1], Dim::known(*top_k))?;
             let rows = w.shape[0].checked_mul(Dim::known(*top_k));
             if rows != Some(y.shape[0]) || perm.shape != [y.shape[0]] {
-                return fail(format!("`moe_combine`: rows {y} and permutation {perm} must hold top_k rows per token of {w}"));
+                return fail(format!(
+                    "`moe_combine`: rows {y} and permutation {perm} must hold top_k rows per token of {w}"
+                ));
             }
             one(y.with_shape(vec![w.shape[0], y.shape[1]]))
         }
@@ -667,11 +580,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
                     list(ins)
                 ));
             }
-            Ok(body
-                .outputs()
-                .iter()
-                .map(|&(_, v)| body.ty(v).clone())
-                .collect())
+            Ok(body.outputs().iter().map(|&(_, v)| body.ty(v).clone()).collect())
         }
         Op::Send { .. } => {
             arity(op, ins, 1)?;
@@ -681,10 +590,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
 }
 
 fn list(ts: &[&TensorType]) -> String {
-    ts.iter()
-        .map(|t| t.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn check_axes(op: &Op, axes: &[usize], rank: usize) -> Result<(), InferError> {
@@ -700,11 +606,7 @@ fn check_axes(op: &Op, axes: &[usize], rank: usize) -> Result<(), InferError> {
 }
 
 /// Infers the result types of a node in `g` from its operands.
-pub fn infer_node(
-    g: &Graph,
-    op: &Op,
-    inputs: &[crate::ValueId],
-) -> Result<Vec<TensorType>, InferError> {
+pub fn infer_node(g: &Graph, op: &Op, inputs: &[crate::ValueId]) -> Result<Vec<TensorType>, InferError> {
     let tys: Vec<&TensorType> = inputs.iter().map(|&v| g.ty(v)).collect();
     infer(op, &tys)
 }
@@ -721,9 +623,7 @@ mod tests {
         let shape = if dims.is_empty() {
             vec![]
         } else {
-            dims.split(',')
-                .map(|x| Dim::parse(x.trim()).unwrap())
-                .collect()
+            dims.split(',').map(|x| Dim::parse(x.trim()).unwrap()).collect()
         };
         TensorType::new(DType::from_name(d).unwrap(), shape)
     }
@@ -731,11 +631,7 @@ mod tests {
     fn ok(op: Op, ins: &[&str]) -> Vec<String> {
         let tys: Vec<TensorType> = ins.iter().map(|s| t(s)).collect();
         let refs: Vec<&TensorType> = tys.iter().collect();
-        infer(&op, &refs)
-            .unwrap()
-            .iter()
-            .map(|t| t.to_string())
-            .collect()
+        infer(&op, &refs).unwrap().iter().map(|t| t.to_string()).collect()
     }
 
     fn bad(op: Op, ins: &[&str]) -> String {
@@ -746,106 +642,65 @@ mod tests {
 
     #[test]
     fn linear_and_matmul() {
-        assert_eq!(
-            ok(Op::Linear, &["bf16[B, T, 64]", "bf16[32, 64]"]),
-            ["bf16[B, T, 32]"]
-        );
+        assert_eq!(ok(Op::Linear, &["bf16[B, T, 64]", "bf16[32, 64]"]), ["bf16[B, T, 32]"]);
         assert_eq!(
             bad(Op::Linear, &["bf16[B, T, 64]", "bf16[32, 63]"]),
             "`linear`: the input's last dimension and the weight's in-features must match, found 64 and 63"
         );
-        assert_eq!(
-            ok(Op::MatMul, &["f32[B, 4, T, 8]", "f32[4, 8, 16]"]),
-            ["f32[B, 4, T, 16]"]
-        );
+        assert_eq!(ok(Op::MatMul, &["f32[B, 4, T, 8]", "f32[4, 8, 16]"]), ["f32[B, 4, T, 16]"]);
         assert!(bad(Op::MatMul, &["f32[B, T, 4, 8]", "f32[4, 8, 16]"]).contains("do not broadcast"));
     }
 
     #[test]
     fn broadcasting_binary() {
-        assert_eq!(
-            ok(Op::Binary(BinaryOp::Mul), &["f32[B, T, 8]", "f32[8]"]),
-            ["f32[B, T, 8]"]
-        );
-        assert_eq!(
-            ok(Op::Binary(BinaryOp::Add), &["f32[B, 1, 8]", "f32[T, 1]"]),
-            ["f32[B, T, 8]"]
-        );
-        assert!(bad(Op::Binary(BinaryOp::Add), &["f32[B, 8]", "f32[T, 8]"])
-            .contains("do not broadcast"));
+        assert_eq!(ok(Op::Binary(BinaryOp::Mul), &["f32[B, T, 8]", "f32[8]"]), ["f32[B, T, 8]"]);
+        assert_eq!(ok(Op::Binary(BinaryOp::Add), &["f32[B, 1, 8]", "f32[T, 1]"]), ["f32[B, T, 8]"]);
+        assert!(bad(Op::Binary(BinaryOp::Add), &["f32[B, 8]", "f32[T, 8]"]).contains("do not broadcast"));
     }
 
     #[test]
     fn concat_split_reshape() {
         assert_eq!(
-            ok(
-                Op::Concat { axis: 3 },
-                &["f32[B, T, 4, 16]", "f32[B, T, 4, 8]"]
-            ),
+            ok(Op::Concat { axis: 3 }, &["f32[B, T, 4, 16]", "f32[B, T, 4, 8]"]),
             ["f32[B, T, 4, 24]"]
         );
-        assert_eq!(
-            ok(Op::Concat { axis: 0 }, &["f32[T, 2]", "f32[2*T, 2]"]),
-            ["f32[3*T, 2]"]
-        );
+        assert_eq!(ok(Op::Concat { axis: 0 }, &["f32[T, 2]", "f32[2*T, 2]"]), ["f32[3*T, 2]"]);
         assert!(bad(Op::Concat { axis: 0 }, &["f32[T, 2]", "f32[B, 2]"]).contains("cannot add"));
         assert_eq!(
-            ok(
-                Op::Split {
-                    axis: 2,
-                    sizes: vec![16, 8]
-                },
-                &["f32[B, T, 24]"]
-            ),
+            ok(Op::Split { axis: 2, sizes: vec![16, 8] }, &["f32[B, T, 24]"]),
             ["f32[B, T, 16]", "f32[B, T, 8]"]
         );
         assert_eq!(
-            ok(
-                Op::Reshape {
-                    shape: vec![Dim::B, Dim::T, Dim::known(4), Dim::known(6)]
-                },
-                &["f32[B, T, 24]"]
-            ),
+            ok(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(4), Dim::known(6)] }, &["f32[B, T, 24]"]),
             ["f32[B, T, 4, 6]"]
         );
-        assert!(bad(
-            Op::Reshape {
-                shape: vec![Dim::B, Dim::known(24)]
-            },
-            &["f32[B, T, 24]"]
-        )
-        .contains("element counts differ"));
+        assert!(bad(Op::Reshape { shape: vec![Dim::B, Dim::known(24)] }, &["f32[B, T, 24]"])
+            .contains("element counts differ"));
+    }
+
+    #[test]
+    fn broadcast_expands_ones() {
+        let b = Op::Broadcast { shape: vec![Dim::B, Dim::T, Dim::known(4), Dim::known(8)] };
+        assert_eq!(ok(b.clone(), &["f32[B, T, 1, 8]"]), ["f32[B, T, 4, 8]"]);
+        assert!(bad(b, &["f32[B, T, 2, 8]"]).contains("does not broadcast"));
     }
 
     #[test]
     fn attention_and_rope() {
         assert_eq!(
             ok(
-                Op::Attention {
-                    scale: 0.1,
-                    causal: true
-                },
+                Op::Attention { scale: 0.1, causal: true },
                 &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]"]
             ),
             ["f32[B, T, 8, 16]"]
         );
         assert!(bad(
-            Op::Attention {
-                scale: 0.1,
-                causal: true
-            },
+            Op::Attention { scale: 0.1, causal: true },
             &["f32[B, T, 8, 24]", "f32[B, S, 3, 24]", "f32[B, S, 3, 16]"]
         )
         .contains("constant multiple"));
-        let rope = Op::Rope(crate::op::RopeConfig {
-            theta: 1e4,
-            interleaved: true,
-            yarn: None,
-        });
-        assert_eq!(
-            ok(rope.clone(), &["f32[B, T, 4, 8]", "i32[B, T]"]),
-            ["f32[B, T, 4, 8]"]
-        );
+        let rope = Op::Rope(crate::op::RopeConfig { theta: 1e4, interleaved: true, yarn: None });
+        assert_eq!(ok(rope.clone(), &["f32[B, T, 4, 8]", "i32[B, T]"]), ["f32[B, T, 4, 8]"]);
         assert!(bad(rope, &["f32[B, T, 4, 7]", "i32[B, T]"]).contains("even"));
     }
 
@@ -853,48 +708,24 @@ mod tests {
     fn quantisation_scales() {
         let q = Op::Quantize {
             to: DType::F8E4M3,
-            spec: QuantSpec {
-                block: vec![128, 128],
-                amax_floor: 1e-4,
-                pow2_scale: false,
-            },
+            spec: QuantSpec { block: vec![128, 128], amax_floor: 1e-4, pow2_scale: false },
         };
-        assert_eq!(
-            ok(q, &["bf16[300, 256]"]),
-            ["f8e4m3[300, 256]", "f32[3, 2]"]
-        );
+        assert_eq!(ok(q, &["bf16[300, 256]"]), ["f8e4m3[300, 256]", "f32[3, 2]"]);
         let a = Op::Quantize {
             to: DType::F8E4M3,
-            spec: QuantSpec {
-                block: vec![1, 128],
-                amax_floor: 1e-4,
-                pow2_scale: false,
-            },
+            spec: QuantSpec { block: vec![1, 128], amax_floor: 1e-4, pow2_scale: false },
         };
-        assert_eq!(
-            ok(a.clone(), &["bf16[B, T, 512]"]),
-            ["f8e4m3[B, T, 512]", "f32[B, T, 4]"]
-        );
+        assert_eq!(ok(a.clone(), &["bf16[B, T, 512]"]), ["f8e4m3[B, T, 512]", "f32[B, T, 4]"]);
         assert!(bad(
             Op::Quantize {
                 to: DType::F8E4M3,
-                spec: QuantSpec {
-                    block: vec![2, 128],
-                    amax_floor: 1e-4,
-                    pow2_scale: false
-                }
+                spec: QuantSpec { block: vec![2, 128], amax_floor: 1e-4, pow2_scale: false }
             },
             &["bf16[B, T, 512]"]
         )
         .contains("symbolic"));
-        let d = Op::Dequantize {
-            to: DType::BF16,
-            block: vec![128, 128],
-        };
-        assert_eq!(
-            ok(d.clone(), &["f8e4m3[300, 256]", "f32[3, 2]"]),
-            ["bf16[300, 256]"]
-        );
+        let d = Op::Dequantize { to: DType::BF16, block: vec![128, 128] };
+        assert_eq!(ok(d.clone(), &["f8e4m3[300, 256]", "f32[3, 2]"]), ["bf16[300, 256]"]);
         assert!(bad(d, &["f8e4m3[300, 256]", "f32[2, 2]"]).contains("must have shape f32[3, 2]"));
     }
 
@@ -914,26 +745,15 @@ mod tests {
             ok(Op::MoeRoute(r.clone()), &["f32[B, T, 16]", "f32[16]"]),
             ["f32[B, T, 4]", "i32[B, T, 4]"]
         );
-        let too_many = Router {
-            top_k: 9,
-            ..r.clone()
-        };
-        assert!(bad(Op::MoeRoute(too_many), &["f32[B, T, 16]"])
-            .contains("the 8 experts of the kept groups"));
-        let d = Dispatch {
-            num_experts: 16,
-            top_k: 4,
-            ep_size: 2,
-        };
+        let too_many = Router { top_k: 9, ..r.clone() };
+        assert!(bad(Op::MoeRoute(too_many), &["f32[B, T, 16]"]).contains("the 8 experts of the kept groups"));
+        let d = Dispatch { num_experts: 16, top_k: 4, ep_size: 2 };
         assert_eq!(
             ok(Op::MoeDispatch(d), &["bf16[B*T, 32]", "i32[B*T, 4]"]),
             ["bf16[4*B*T, 32]", "i32[17]", "i32[4*B*T]"]
         );
         assert_eq!(
-            ok(
-                Op::MoeCombine { top_k: 4 },
-                &["bf16[4*B*T, 32]", "i32[4*B*T]", "f32[B*T, 4]"]
-            ),
+            ok(Op::MoeCombine { top_k: 4 }, &["bf16[4*B*T, 32]", "i32[4*B*T]", "f32[B*T, 4]"]),
             ["bf16[B*T, 32]"]
         );
         assert_eq!(
@@ -947,32 +767,18 @@ mod tests {
         for _ in 0..2 {
             ins.extend(["bf16[8, 32]", "bf16[8, 32]", "bf16[32, 8]"]);
         }
-        assert_eq!(
-            ok(Op::MoeExperts { num_experts: 2 }, &ins),
-            ["bf16[B, T, 32]"]
-        );
+        assert_eq!(ok(Op::MoeExperts { num_experts: 2 }, &ins), ["bf16[B, T, 32]"]);
         ins[8] = "bf16[32, 9]";
         assert!(bad(Op::MoeExperts { num_experts: 2 }, &ins).contains("expert 1 needs"));
     }
 
     #[test]
     fn reductions_and_topk() {
-        let r = Op::Reduce {
-            op: ReduceOp::Sum,
-            axes: vec![2],
-            keep_dims: false,
-        };
+        let r = Op::Reduce { op: ReduceOp::Sum, axes: vec![2], keep_dims: false };
         assert_eq!(ok(r, &["f32[B, T, 8]"]), ["f32[B, T]"]);
-        let r = Op::Reduce {
-            op: ReduceOp::Max,
-            axes: vec![2, 2],
-            keep_dims: true,
-        };
+        let r = Op::Reduce { op: ReduceOp::Max, axes: vec![2, 2], keep_dims: true };
         assert!(bad(r, &["f32[B, T, 8]"]).contains("not distinct"));
-        assert_eq!(
-            ok(Op::TopK { k: 2 }, &["f32[B, T, 8]"]),
-            ["f32[B, T, 2]", "i32[B, T, 2]"]
-        );
+        assert_eq!(ok(Op::TopK { k: 2 }, &["f32[B, T, 8]"]), ["f32[B, T, 2]", "i32[B, T, 2]"]);
         assert!(bad(Op::TopK { k: 9 }, &["f32[B, T, 8]"]).contains("between 1 and 8"));
     }
 }

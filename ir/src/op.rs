@@ -229,6 +229,10 @@ pub enum Op {
     Transpose {
         perm: Vec<usize>,
     },
+    /// Broadcasts to `shape` NumPy-style (ONNX `Expand`): dimensions of 1 stretch, leading ones are added.
+    Broadcast {
+        shape: Vec<Dim>,
+    },
     /// Block-scaled quantisation of `x` to `to`: results `q` and f32 `scales` (one per tile,
     /// `scale = max(amax, amax_floor) / max(to)`).
     Quantize {
@@ -320,14 +324,8 @@ impl UnaryOp {
 }
 
 impl BinaryOp {
-    pub const ALL: [BinaryOp; 6] = [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-    ];
+    pub const ALL: [BinaryOp; 6] =
+        [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -396,10 +394,7 @@ impl<'a> AttrReader<'a> {
     }
 
     fn wrong(&self, key: &str, want: &str, got: &Attr) -> AttrError {
-        AttrError(format!(
-            "attribute `{key}` of `{}` must be {want}, found `{got}`",
-            self.op
-        ))
+        AttrError(format!("attribute `{key}` of `{}` must be {want}, found `{got}`", self.op))
     }
 
     fn uint(&mut self, key: &str) -> Result<u64, AttrError> {
@@ -467,11 +462,7 @@ impl<'a> AttrReader<'a> {
     }
 
     fn axes(&mut self, key: &str) -> Result<Vec<usize>, AttrError> {
-        Ok(self
-            .uint_list(key)?
-            .into_iter()
-            .map(|v| v as usize)
-            .collect())
+        Ok(self.uint_list(key)?.into_iter().map(|v| v as usize).collect())
     }
 
     fn dims(&mut self, key: &str) -> Result<Vec<Dim>, AttrError> {
@@ -551,6 +542,7 @@ impl Op {
             Op::Split { .. } => "split",
             Op::Reshape { .. } => "reshape",
             Op::Transpose { .. } => "transpose",
+            Op::Broadcast { .. } => "broadcast",
             Op::Quantize { .. } => "quantize",
             Op::Dequantize { .. } => "dequantize",
             Op::MoeRoute(_) => "moe_route",
@@ -566,10 +558,7 @@ impl Op {
 
     /// Ops whose result type is declared in the text rather than inferred from operands.
     pub fn declares_type(&self) -> bool {
-        matches!(
-            self,
-            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Recv { .. }
-        )
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Recv { .. })
     }
 
     /// The attributes in print order. `Fused` prints its body separately and lists only its name.
@@ -579,9 +568,7 @@ impl Op {
             Op::Constant { value } => vec![("value", Attr::Float(*value))],
             Op::Linear | Op::MatMul | Op::Unary(_) | Op::Binary(_) | Op::Embedding => vec![],
             Op::Cast { to } => vec![("to", ident(to.name()))],
-            Op::Reduce {
-                axes: a, keep_dims, ..
-            } => {
+            Op::Reduce { axes: a, keep_dims, .. } => {
                 vec![("axes", axes(a)), ("keep_dims", Attr::Bool(*keep_dims))]
             }
             Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } => {
@@ -589,32 +576,23 @@ impl Op {
             }
             Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
             Op::Rope(c) => {
-                let mut v = vec![
-                    ("theta", Attr::Float(c.theta)),
-                    ("interleaved", Attr::Bool(c.interleaved)),
-                ];
+                let mut v = vec![("theta", Attr::Float(c.theta)), ("interleaved", Attr::Bool(c.interleaved))];
                 if let Some(y) = &c.yarn {
                     v.push(("yarn_factor", Attr::Float(y.factor)));
-                    v.push((
-                        "yarn_original_max_position",
-                        Attr::Int(y.original_max_position as i64),
-                    ));
+                    v.push(("yarn_original_max_position", Attr::Int(y.original_max_position as i64)));
                     v.push(("yarn_beta_fast", Attr::Float(y.beta_fast)));
                     v.push(("yarn_beta_slow", Attr::Float(y.beta_slow)));
                 }
                 v
             }
             Op::Attention { scale, causal } => {
-                vec![
-                    ("scale", Attr::Float(*scale)),
-                    ("causal", Attr::Bool(*causal)),
-                ]
+                vec![("scale", Attr::Float(*scale)), ("causal", Attr::Bool(*causal))]
             }
             Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
             Op::Split { axis, sizes } => {
                 vec![("axis", Attr::Int(*axis as i64)), ("sizes", uints(sizes))]
             }
-            Op::Reshape { shape } => vec![("shape", dims(shape))],
+            Op::Reshape { shape } | Op::Broadcast { shape } => vec![("shape", dims(shape))],
             Op::Transpose { perm } => vec![("perm", axes(perm))],
             Op::Quantize { to, spec } => vec![
                 ("to", ident(to.name())),
@@ -646,10 +624,7 @@ impl Op {
             Op::MoeCombine { top_k } => vec![("top_k", Attr::Int(*top_k as i64))],
             Op::Fused { name, .. } => vec![("name", Attr::Str(name.clone()))],
             Op::Send { peer, tag } | Op::Recv { peer, tag } => {
-                vec![
-                    ("peer", Attr::Int(*peer as i64)),
-                    ("tag", Attr::Int(*tag as i64)),
-                ]
+                vec![("peer", Attr::Int(*peer as i64)), ("tag", Attr::Int(*tag as i64))]
             }
         }
     }
@@ -659,15 +634,9 @@ impl Op {
     pub fn from_parts(name: &str, attrs: Vec<(String, Attr)>) -> Result<Op, AttrError> {
         let mut r = AttrReader::new(name, attrs);
         let op = match name {
-            "input" => Op::Input {
-                name: r.string("name")?,
-            },
-            "param" => Op::Param {
-                name: r.string("name")?,
-            },
-            "constant" => Op::Constant {
-                value: r.float("value")?,
-            },
+            "input" => Op::Input { name: r.string("name")? },
+            "param" => Op::Param { name: r.string("name")? },
+            "constant" => Op::Constant { value: r.float("value")? },
             "linear" => Op::Linear,
             "matmul" => Op::MatMul,
             "embedding" => Op::Embedding,
@@ -679,24 +648,12 @@ impl Op {
                     "reduce_max" => ReduceOp::Max,
                     _ => ReduceOp::Min,
                 };
-                Op::Reduce {
-                    op,
-                    axes: r.axes("axes")?,
-                    keep_dims: r.boolean("keep_dims")?,
-                }
+                Op::Reduce { op, axes: r.axes("axes")?, keep_dims: r.boolean("keep_dims")? }
             }
-            "softmax" => Op::Softmax {
-                axis: r.axis("axis")?,
-            },
-            "gather" => Op::Gather {
-                axis: r.axis("axis")?,
-            },
-            "concat" => Op::Concat {
-                axis: r.axis("axis")?,
-            },
-            "rms_norm" => Op::RmsNorm {
-                eps: r.float("eps")?,
-            },
+            "softmax" => Op::Softmax { axis: r.axis("axis")? },
+            "gather" => Op::Gather { axis: r.axis("axis")? },
+            "concat" => Op::Concat { axis: r.axis("axis")? },
+            "rms_norm" => Op::RmsNorm { eps: r.float("eps")? },
             "rope" => {
                 let theta = r.float("theta")?;
                 let interleaved = r.boolean("interleaved")?;
@@ -712,27 +669,14 @@ impl Op {
                         })
                     }
                 };
-                Op::Rope(RopeConfig {
-                    theta,
-                    interleaved,
-                    yarn,
-                })
+                Op::Rope(RopeConfig { theta, interleaved, yarn })
             }
-            "attention" => Op::Attention {
-                scale: r.float("scale")?,
-                causal: r.boolean("causal")?,
-            },
+            "attention" => Op::Attention { scale: r.float("scale")?, causal: r.boolean("causal")? },
             "topk" => Op::TopK { k: r.uint("k")? },
-            "split" => Op::Split {
-                axis: r.axis("axis")?,
-                sizes: r.uint_list("sizes")?,
-            },
-            "reshape" => Op::Reshape {
-                shape: r.dims("shape")?,
-            },
-            "transpose" => Op::Transpose {
-                perm: r.axes("perm")?,
-            },
+            "split" => Op::Split { axis: r.axis("axis")?, sizes: r.uint_list("sizes")? },
+            "reshape" => Op::Reshape { shape: r.dims("shape")? },
+            "transpose" => Op::Transpose { perm: r.axes("perm")? },
+            "broadcast" => Op::Broadcast { shape: r.dims("shape")? },
             "quantize" => Op::Quantize {
                 to: r.dtype("to")?,
                 spec: QuantSpec {
@@ -741,10 +685,7 @@ impl Op {
                     pow2_scale: r.boolean("pow2_scale")?,
                 },
             },
-            "dequantize" => Op::Dequantize {
-                to: r.dtype("to")?,
-                block: r.uint_list("block")?,
-            },
+            "dequantize" => Op::Dequantize { to: r.dtype("to")?, block: r.uint_list("block")? },
             "moe_route" => Op::MoeRoute(Router {
                 num_experts: r.uint("num_experts")?,
                 top_k: r.uint("top_k")?,
@@ -761,28 +702,16 @@ impl Op {
                 normalize: r.boolean("normalize")?,
                 scaling: r.float("scaling")?,
             }),
-            "moe_experts" => Op::MoeExperts {
-                num_experts: r.uint("num_experts")?,
-            },
-            "grouped_linear" => Op::GroupedLinear {
-                num_experts: r.uint("num_experts")?,
-            },
+            "moe_experts" => Op::MoeExperts { num_experts: r.uint("num_experts")? },
+            "grouped_linear" => Op::GroupedLinear { num_experts: r.uint("num_experts")? },
             "moe_dispatch" => Op::MoeDispatch(Dispatch {
                 num_experts: r.uint("num_experts")?,
                 top_k: r.uint("top_k")?,
                 ep_size: r.uint("ep_size")?,
             }),
-            "moe_combine" => Op::MoeCombine {
-                top_k: r.uint("top_k")?,
-            },
-            "send" => Op::Send {
-                peer: r.u32("peer")?,
-                tag: r.u32("tag")?,
-            },
-            "recv" => Op::Recv {
-                peer: r.u32("peer")?,
-                tag: r.u32("tag")?,
-            },
+            "moe_combine" => Op::MoeCombine { top_k: r.uint("top_k")? },
+            "send" => Op::Send { peer: r.u32("peer")?, tag: r.u32("tag")? },
+            "recv" => Op::Recv { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "fused" => return err("`fused` is parsed with its body, not from attributes"),
             other => {
                 if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == other) {
@@ -804,11 +733,7 @@ mod tests {
     use super::*;
 
     fn round_trip(op: Op) {
-        let attrs = op
-            .attrs()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let attrs = op.attrs().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         assert_eq!(Op::from_parts(op.name(), attrs), Ok(op));
     }
 
@@ -817,29 +742,14 @@ mod tests {
         round_trip(Op::Linear);
         round_trip(Op::Unary(UnaryOp::Silu));
         round_trip(Op::Binary(BinaryOp::Max));
-        round_trip(Op::Reduce {
-            op: ReduceOp::Mean,
-            axes: vec![2],
-            keep_dims: true,
-        });
+        round_trip(Op::Reduce { op: ReduceOp::Mean, axes: vec![2], keep_dims: true });
         round_trip(Op::Rope(RopeConfig {
             theta: 10000.0,
             interleaved: true,
-            yarn: Some(Yarn {
-                factor: 40.0,
-                original_max_position: 4096,
-                beta_fast: 32.0,
-                beta_slow: 1.0,
-            }),
+            yarn: Some(Yarn { factor: 40.0, original_max_position: 4096, beta_fast: 32.0, beta_slow: 1.0 }),
         }));
-        round_trip(Op::Rope(RopeConfig {
-            theta: 5e4,
-            interleaved: false,
-            yarn: None,
-        }));
-        round_trip(Op::Reshape {
-            shape: vec![Dim::B, Dim::T, Dim::known(128)],
-        });
+        round_trip(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None }));
+        round_trip(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(128)] });
         round_trip(Op::MoeRoute(Router {
             num_experts: 256,
             top_k: 8,
@@ -852,11 +762,7 @@ mod tests {
         }));
         round_trip(Op::Quantize {
             to: DType::F8E4M3,
-            spec: QuantSpec {
-                block: vec![1, 128],
-                amax_floor: 1e-4,
-                pow2_scale: false,
-            },
+            spec: QuantSpec { block: vec![1, 128], amax_floor: 1e-4, pow2_scale: false },
         });
     }
 
@@ -864,17 +770,11 @@ mod tests {
     fn bad_attrs_are_reported() {
         let e = Op::from_parts("topk", vec![]).unwrap_err();
         assert_eq!(e.0, "`topk` needs the attribute `k`");
-        let e = Op::from_parts(
-            "topk",
-            vec![("k".into(), Attr::Int(2)), ("x".into(), Attr::Int(1))],
-        )
-        .unwrap_err();
+        let e =
+            Op::from_parts("topk", vec![("k".into(), Attr::Int(2)), ("x".into(), Attr::Int(1))]).unwrap_err();
         assert_eq!(e.0, "`topk` has no attribute `x`");
         let e = Op::from_parts("cast", vec![("to".into(), Attr::Ident("f7".into()))]).unwrap_err();
         assert!(e.0.contains("must be one of f32"), "{}", e.0);
-        assert_eq!(
-            Op::from_parts("frobnicate", vec![]).unwrap_err().0,
-            "unknown op `frobnicate`"
-        );
+        assert_eq!(Op::from_parts("frobnicate", vec![]).unwrap_err().0, "unknown op `frobnicate`");
     }
 }

@@ -170,8 +170,7 @@ impl ModelSpec {
     pub fn is_moe_layer(&self, layer: u64) -> bool {
         match &self.moe {
             Some(m) => {
-                layer >= m.first_k_dense_replace
-                    && (layer - m.first_k_dense_replace) % m.moe_layer_freq == 0
+                layer >= m.first_k_dense_replace && (layer - m.first_k_dense_replace) % m.moe_layer_freq == 0
             }
             None => false,
         }

@@ -25,15 +25,8 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 7] = [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::F8E4M3,
-        DType::I64,
-        DType::I32,
-        DType::Bool,
-    ];
+    pub const ALL: [DType; 7] =
+        [DType::F32, DType::F16, DType::BF16, DType::F8E4M3, DType::I64, DType::I32, DType::Bool];
 
     /// Bytes per element.
     pub fn size_bytes(self) -> u64 {
@@ -131,10 +124,7 @@ pub struct Dim {
 
 impl Dim {
     pub const fn known(n: u64) -> Dim {
-        Dim {
-            factor: n,
-            exps: [0; 3],
-        }
+        Dim { factor: n, exps: [0; 3] }
     }
 
     pub const fn sym(s: Sym) -> Dim {
@@ -269,10 +259,7 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(dtype: DType, shape: impl IntoIterator<Item = Dim>) -> TensorType {
-        TensorType {
-            dtype,
-            shape: shape.into_iter().collect(),
-        }
+        TensorType { dtype, shape: shape.into_iter().collect() }
     }
 
     /// A tensor whose dimensions are all constants.
@@ -281,10 +268,7 @@ impl TensorType {
     }
 
     pub fn scalar(dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: Vec::new(),
-        }
+        TensorType { dtype, shape: Vec::new() }
     }
 
     pub fn rank(&self) -> usize {
@@ -292,38 +276,26 @@ impl TensorType {
     }
 
     pub fn with_dtype(&self, dtype: DType) -> TensorType {
-        TensorType {
-            dtype,
-            shape: self.shape.clone(),
-        }
+        TensorType { dtype, shape: self.shape.clone() }
     }
 
     pub fn with_shape(&self, shape: Shape) -> TensorType {
-        TensorType {
-            dtype: self.dtype,
-            shape,
-        }
+        TensorType { dtype: self.dtype, shape }
     }
 
     /// Number of elements when every dimension is a constant.
     pub fn known_numel(&self) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(1u64, |acc, d| acc.checked_mul(d.as_known()?))
+        self.shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.as_known()?))
     }
 
     /// Number of elements as a dimension (a monomial), `None` on overflow.
     pub fn numel(&self) -> Option<Dim> {
-        self.shape
-            .iter()
-            .try_fold(Dim::known(1), |acc, &d| acc.checked_mul(d))
+        self.shape.iter().try_fold(Dim::known(1), |acc, &d| acc.checked_mul(d))
     }
 
     /// Number of elements for concrete sizes.
     pub fn eval_numel(&self, bind: &SymBindings) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(1u64, |acc, d| acc.checked_mul(d.eval(bind)?))
+        self.shape.iter().try_fold(1u64, |acc, d| acc.checked_mul(d.eval(bind)?))
     }
 }
 
@@ -352,11 +324,7 @@ mod tests {
 
     #[test]
     fn dims_print_and_parse() {
-        let d = Dim::known(8)
-            .checked_mul(Dim::B)
-            .unwrap()
-            .checked_mul(Dim::T)
-            .unwrap();
+        let d = Dim::known(8).checked_mul(Dim::B).unwrap().checked_mul(Dim::T).unwrap();
         assert_eq!(d.to_string(), "8*B*T");
         assert_eq!(Dim::parse("8*B*T"), Some(d));
         assert_eq!(Dim::parse("T*8*B"), Some(d));
@@ -384,10 +352,7 @@ mod tests {
         assert_eq!(t.to_string(), "bf16[B, T, 7168]");
         assert_eq!(TensorType::scalar(DType::F32).to_string(), "f32[]");
         assert_eq!(t.known_numel(), None);
-        assert_eq!(
-            TensorType::known(DType::F32, &[3, 4]).known_numel(),
-            Some(12)
-        );
+        assert_eq!(TensorType::known(DType::F32, &[3, 4]).known_numel(), Some(12));
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! kiln's integration tests: one test binary (each binary that links the compiler is large), one
+//! module per area.
+
+mod build;
+mod cli;
+mod layering;
+mod spec;
+mod text;
