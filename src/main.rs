@@ -1,1 +1,216 @@
-fn main() {}
+//! The `kiln` command line. Each verb is a function that does its I/O here and its work in the
+//! library crates; errors carry their own diagnostics and are printed as they are.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use kiln_compiler::{build, inspect, passes, spec};
+use kiln_ir::{text, verify};
+
+/// kiln: an ahead-of-time compiler for DeepSeek-V3-class models.
+#[derive(Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the graph IR of a model spec (`.toml` or Hugging Face `config.json`).
+    Ir {
+        /// Model spec: `models/*.toml` or a Hugging Face `config.json`.
+        spec: PathBuf,
+        /// Print only this decoder layer (an MTP layer counts after the main ones).
+        #[arg(long)]
+        layer: Option<u64>,
+        /// Run the pipeline up to and including this pass first (see `kiln passes`).
+        #[arg(long)]
+        after: Option<String>,
+        /// Write to this file (atomically) instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Parse and verify a `.kir` file.
+    Check {
+        /// The `.kir` file.
+        file: PathBuf,
+    },
+    /// Summarise a model: parameters, activated parameters, FLOPs and KV-cache bytes per token.
+    Inspect {
+        spec: PathBuf,
+        /// Context length for the attention FLOPs of one decoded token.
+        #[arg(long, default_value_t = 4096)]
+        context: u64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a Hugging Face `config.json` (deepseek_v3, deepseek_v2) into a kiln TOML spec.
+    ImportHf {
+        config: PathBuf,
+        /// Write to this file (atomically) instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List the compiler passes in pipeline order.
+    Passes,
+    /// Check the toolchain: MLIR, LLVM (NVPTX and host targets), ptxas, and CUDA devices.
+    Doctor,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed pipe (`kiln ir ... | head`) is not an error.
+            if e.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("{}", render(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Diagnostics render themselves (`error: ...` with a source excerpt); other errors get the prefix.
+fn render(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    if text.starts_with("error:") {
+        text
+    } else {
+        format!("error: {text}")
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Ir { spec, layer, after, output } => ir(&spec, layer, after.as_deref(), output.as_deref()),
+        Command::Check { file } => check(&file),
+        Command::Inspect { spec, context, json } => inspect(&spec, context, json),
+        Command::ImportHf { config, output } => import_hf(&config, output.as_deref()),
+        Command::Passes => {
+            let mut out = String::new();
+            for p in passes::PASSES {
+                out.push_str(&format!("{:<16} {}\n", p.name, p.summary));
+            }
+            emit(&out, None)
+        }
+        Command::Doctor => doctor(),
+    }
+}
+
+fn ir(spec_path: &Path, layer: Option<u64>, after: Option<&str>, output: Option<&Path>) -> Result<()> {
+    let spec = spec::load(spec_path)?;
+    let mut graph = match layer {
+        Some(l) => build::build_layer(&spec, l)?,
+        None => build::build_graph(&spec)?,
+    };
+    if let Some(pass) = after {
+        passes::run_until(&mut graph, &spec, pass)?;
+    }
+    emit(&text::print(&graph), output)
+}
+
+fn check(file: &Path) -> Result<()> {
+    let src = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let graph = text::parse_file(&file.display().to_string(), &src)?;
+    verify::verify(&graph)?;
+    let params = graph.params();
+    emit(
+        &format!(
+            "{}: ok: graph @{}, {} nodes, {} parameters, {} outputs\n",
+            file.display(),
+            graph.name(),
+            graph.node_count(),
+            params.len(),
+            graph.outputs().len()
+        ),
+        None,
+    )
+}
+
+fn inspect(spec_path: &Path, context: u64, json: bool) -> Result<()> {
+    let spec = spec::load(spec_path)?;
+    let graph = build::build_graph(&spec)?;
+    let summary = inspect::summarize(&spec, &graph, context);
+    if json {
+        emit(&(serde_json::to_string_pretty(&summary)? + "\n"), None)
+    } else {
+        emit(&summary.to_string(), None)
+    }
+}
+
+fn import_hf(config: &Path, output: Option<&Path>) -> Result<()> {
+    if config.extension().and_then(|e| e.to_str()) != Some("json") {
+        bail!("{} is not a Hugging Face config.json (expected a .json file)", config.display());
+    }
+    let spec = spec::load(config)?;
+    emit(&spec::to_toml(&spec), output)
+}
+
+fn doctor() -> Result<()> {
+    let report = kiln_compiler::toolchain::probe()?;
+    let (maj, min, pat) = report.llvm_version;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "LLVM        {maj}.{min}.{pat} (NVPTX sm_90a: PTX emitted, {} lines)\n",
+        report.ptx.lines().count()
+    ));
+    out.push_str(&format!("MLIR        {} dialects loaded, probe module verified\n", report.mlir_dialects));
+    out.push_str(&format!("host        {} ({})\n", report.host_triple, report.host_cpu));
+    match &report.ptxas {
+        Some((path, version)) => out.push_str(&format!(
+            "ptxas       {} ({version}); probe kernel assembled for sm_90a\n",
+            path.display()
+        )),
+        None => out.push_str("ptxas       not found: run scripts/setup.sh (or set KILN_PTXAS)\n"),
+    }
+    match kiln_runtime::cuda::devices() {
+        Ok(devs) if devs.is_empty() => out.push_str("CUDA        driver present, no devices\n"),
+        Ok(devs) => {
+            for d in devs {
+                out.push_str(&format!(
+                    "CUDA        device {}: {} (sm_{}{}), {:.1} GiB\n",
+                    d.ordinal,
+                    d.name,
+                    d.compute_capability.0,
+                    d.compute_capability.1,
+                    d.total_memory as f64 / (1u64 << 30) as f64
+                ));
+            }
+        }
+        Err(e) => out.push_str(&format!("CUDA        unavailable: {e}\n")),
+    }
+    emit(&out, None)
+}
+
+/// Writes `text` to standard output, or atomically to `path` (a temporary file renamed into place,
+/// so a failure never leaves a half-written file).
+fn emit(text: &str, path: Option<&Path>) -> Result<()> {
+    match path {
+        None => {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(text.as_bytes())?;
+            stdout.flush()?;
+            Ok(())
+        }
+        Some(path) => write_atomically(path, text.as_bytes()),
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}

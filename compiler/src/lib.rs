@@ -1,1 +1,11 @@
-//! stub
+//! kiln's compiler: model specs (TOML or Hugging Face `config.json`) into validated `ModelSpec`s,
+//! the graph builder, the passes, and code generation through MLIR (melior) and LLVM (inkwell).
+//!
+//! Architecture invariant: this is the only crate that links MLIR and LLVM. Passes never touch a
+//! device or the filesystem; the CLI does the I/O.
+
+pub mod build;
+pub mod inspect;
+pub mod passes;
+pub mod spec;
+pub mod toolchain;

@@ -99,7 +99,7 @@ fn dim_add(a: Dim, b: Dim) -> Option<Dim> {
     let (fa, fb) = (a.factor(), b.factor());
     let ma = a.checked_div(Dim::known(fa))?;
     let mb = b.checked_div(Dim::known(fb))?;
-    (ma == mb).then(|| ma.checked_mul(Dim::known(fa + fb))).flatten()
+    (ma == mb).then(|| ma.checked_mul(Dim::known(fa.checked_add(fb)?))).flatten()
 }
 
 /// Shape of the per-tile scales of a block-quantised tensor: leading dimensions kept, each of the
@@ -150,7 +150,7 @@ fn check_router(op: &Op, r: &Router) -> Result<(), InferError> {
             r.topk_groups
         ));
     }
-    let reachable = r.topk_groups * (r.num_experts / r.num_groups);
+    let reachable = r.topk_groups.saturating_mul(r.num_experts / r.num_groups);
     if r.top_k == 0 || r.top_k > reachable {
         return fail(format!(
             "`{}`: top_k must be between 1 and the {reachable} experts of the kept groups, found {}",
@@ -264,7 +264,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             rank_is(op, "a weight", w, 1)?;
             same_dtype(op, x, w)?;
             dim_eq(op, "the normalised dimension and the weight", last(x), w.shape[0])?;
-            if !(*eps > 0.0) {
+            if eps.is_nan() || *eps <= 0.0 {
                 return fail(format!("`rms_norm`: eps must be positive, found {eps}"));
             }
             one(x.clone())
@@ -282,7 +282,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
                 Some(d) if d % 2 == 0 && d > 0 => {}
                 _ => return fail(format!("`rope` needs an even, constant last dimension, found {x}")),
             }
-            if !(cfg.theta > 0.0) {
+            if cfg.theta.is_nan() || cfg.theta <= 0.0 {
                 return fail(format!("`rope`: theta must be positive, found {}", cfg.theta));
             }
             one(x.clone())
@@ -373,8 +373,8 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             arity(op, ins, 1)?;
             let x = ins[0];
             check_axes(op, &[*axis], x.rank())?;
-            let total: u64 = sizes.iter().sum();
-            if x.shape[*axis].as_known() != Some(total) || sizes.contains(&0) {
+            let total = sizes.iter().try_fold(0u64, |acc, &s| acc.checked_add(s));
+            if total.is_none() || x.shape[*axis].as_known() != total || sizes.contains(&0) {
                 return fail(format!(
                     "`split`: positive sizes {sizes:?} must add up to dimension {axis} of {x}"
                 ));
@@ -475,7 +475,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
         }
         Op::MoeExperts { num_experts } => {
             let e = *num_experts as usize;
-            if ins.len() != 3 + 3 * e {
+            if Some(ins.len()) != e.checked_mul(3).and_then(|n| n.checked_add(3)) {
                 return fail(format!(
                     "`moe_experts` with {e} experts takes 3 + 3*{e} operands, found {}",
                     ins.len()
@@ -525,13 +525,13 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             };
             Ok(vec![
                 x.with_shape(vec![rows, x.shape[1]]),
-                TensorType::new(DType::I32, [Dim::known(dsp.num_experts + 1)]),
+                TensorType::new(DType::I32, [Dim::known(dsp.num_experts.saturating_add(1))]),
                 TensorType::new(DType::I32, [rows]),
             ])
         }
         Op::GroupedLinear { num_experts } => {
             let e = *num_experts as usize;
-            if ins.len() != 2 + e || e == 0 {
+            if Some(ins.len()) != e.checked_add(2) || e == 0 {
                 return fail(format!(
                     "`grouped_linear` with {e} experts takes 2 + {e} operands, found {}",
                     ins.len()
@@ -540,7 +540,8 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             let (x, offsets) = (ins[0], ins[1]);
             rank_is(op, "rows", x, 2)?;
             int(op, "offsets", offsets)?;
-            if offsets.shape != [Dim::known(*num_experts + 1)] {
+            let want = num_experts.checked_add(1).map(|n| vec![Dim::known(n)]);
+            if Some(&offsets.shape) != want.as_ref() {
                 return fail(format!("`grouped_linear`: offsets must be i32[{}], found {offsets}", e + 1));
             }
             let n = ins[2].shape.first().copied().unwrap_or(Dim::known(0));
@@ -770,6 +771,27 @@ mod tests {
         assert_eq!(ok(Op::MoeExperts { num_experts: 2 }, &ins), ["bf16[B, T, 32]"]);
         ins[8] = "bf16[32, 9]";
         assert!(bad(Op::MoeExperts { num_experts: 2 }, &ins).contains("expert 1 needs"));
+    }
+
+    #[test]
+    fn huge_attributes_are_errors_not_overflows() {
+        assert!(bad(Op::MoeExperts { num_experts: u64::MAX }, &["f32[T, 4]"]).contains("operands"));
+        assert!(bad(Op::GroupedLinear { num_experts: u64::MAX }, &["f32[T, 4]"]).contains("operands"));
+        assert!(bad(Op::Split { axis: 0, sizes: vec![u64::MAX, 2] }, &["f32[4]"]).contains("add up"));
+        let r = Router {
+            num_experts: u64::MAX - 1,
+            top_k: 1,
+            scoring: Scoring::Sigmoid,
+            num_groups: 1,
+            topk_groups: 1,
+            group_score: GroupScore::Max,
+            normalize: false,
+            scaling: 1.0,
+        };
+        assert!(bad(Op::MoeRoute(r), &["f32[T, 4]"]).contains("num_experts"));
+        let big = format!("{}*T", u64::MAX - 1);
+        assert!(bad(Op::Concat { axis: 0 }, &[&format!("f32[{big}]"), &format!("f32[{big}]")])
+            .contains("cannot add"));
     }
 
     #[test]

@@ -5,13 +5,18 @@
 //! Architecture invariant: this crate knows nothing about TOML, MLIR, LLVM or CUDA. Its dependencies
 //! are petgraph, serde and thiserror.
 
+pub mod diag;
 pub mod graph;
 pub mod infer;
 pub mod op;
 pub mod spec;
+pub mod text;
 pub mod types;
+pub mod verify;
 
+pub use diag::Diagnostic;
 pub use graph::{Graph, GraphError, Node, NodeId, ValueId};
 pub use op::{Attr, BinaryOp, Op, ReduceOp, UnaryOp};
 pub use spec::ModelSpec;
+pub use text::{parse, print, ParseError};
 pub use types::{DType, Dim, Shape, Sym, SymBindings, TensorType};

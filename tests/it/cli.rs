@@ -1,1 +1,170 @@
-//! Integration tests: cli.
+//! The `kiln` command line, run as a user runs it: real processes, real files, snapshots of what they
+//! print.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn kiln(args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(root()).output().unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn models() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root().join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| format!("models/{}", p.file_name().unwrap().to_string_lossy()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn inspect_every_model() {
+    let models = models();
+    assert!(models.len() >= 3, "{models:?}");
+    for m in models {
+        let out = kiln(&["inspect", &m]);
+        assert!(out.ok, "{m}: {}", out.stderr);
+        let name = Path::new(&m).file_stem().unwrap().to_string_lossy().to_string();
+        insta::assert_snapshot!(format!("inspect_{name}"), out.stdout);
+    }
+}
+
+#[test]
+fn inspect_json_has_the_reference_numbers() {
+    let out = kiln(&["inspect", "models/deepseek_v3.toml", "--json"]);
+    assert!(out.ok, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let text = v.to_string();
+    // MLA latent cache over 61 layers in BF16 (reference §2.3) and the naive cache.
+    assert!(text.contains("70272"), "{text}");
+    assert!(text.contains("4997120"), "{text}");
+}
+
+#[test]
+fn ir_of_the_tiny_model() {
+    let out = kiln(&["ir", "models/tiny.toml"]);
+    assert!(out.ok, "{}", out.stderr);
+    insta::assert_snapshot!("ir_tiny", out.stdout);
+    let layer = kiln(&["ir", "models/tiny.toml", "--layer", "1"]);
+    assert!(layer.ok, "{}", layer.stderr);
+    insta::assert_snapshot!("ir_tiny_layer1", layer.stdout);
+    // The printed IR is a valid .kir file.
+    let graph = kiln_ir::text::parse(&out.stdout).unwrap();
+    kiln_ir::verify::verify(&graph).unwrap();
+}
+
+/// `parse(print(g)) == g` and the graph verifies, for every model in `models/` (DeepSeek-V3 included).
+#[test]
+fn every_model_round_trips_through_the_text_format() {
+    for m in models() {
+        let spec = kiln_compiler::spec::load(&root().join(&m)).unwrap();
+        let graph = kiln_compiler::build::build_graph(&spec).unwrap();
+        kiln_ir::verify::verify(&graph).unwrap_or_else(|e| panic!("{m}: {e}"));
+        let text = kiln_ir::print(&graph);
+        let back = kiln_ir::parse(&text).unwrap_or_else(|e| panic!("{m}: {e}"));
+        assert!(back == graph, "{m}: the graph changed through print and parse");
+        assert_eq!(kiln_ir::print(&back), text);
+    }
+}
+
+#[test]
+fn check_accepts_good_files_and_points_at_errors() {
+    for f in ["tests/kir/good/moe_route.kir", "tests/kir/good/rmsnorm_mlp.kir"] {
+        let out = kiln(&["check", f]);
+        assert!(out.ok, "{f}: {}", out.stderr);
+        assert!(out.stdout.starts_with(&format!("{f}: ok: graph @")), "{}", out.stdout);
+    }
+    let bad = kiln(&["check", "tests/kir/bad/undefined_value.kir"]);
+    assert!(!bad.ok);
+    assert!(bad.stderr.starts_with("error: "), "{}", bad.stderr);
+    assert!(bad.stderr.contains("--> tests/kir/bad/undefined_value.kir:"), "{}", bad.stderr);
+}
+
+#[test]
+fn import_hf_reproduces_the_model_files() {
+    for (config, model) in [
+        ("tests/fixtures/hf/deepseek_v3_config.json", "models/deepseek_v3.toml"),
+        ("tests/fixtures/hf/deepseek_v2_lite_config.json", "models/deepseek_v2_lite.toml"),
+    ] {
+        let out = kiln(&["import-hf", config]);
+        assert!(out.ok, "{config}: {}", out.stderr);
+        let file = std::fs::read_to_string(root().join(model)).unwrap();
+        // The model files add a header comment citing their sources; the rest is identical.
+        let body: String = file
+            .lines()
+            .skip_while(|l| l.starts_with('#') || l.is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let printed: String = out
+            .stdout
+            .lines()
+            .skip_while(|l| l.starts_with('#') || l.is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(printed, body, "{config} vs {model}");
+    }
+    let not_json = kiln(&["import-hf", "models/tiny.toml"]);
+    assert!(!not_json.ok && not_json.stderr.contains("expected a .json file"), "{}", not_json.stderr);
+}
+
+#[test]
+fn outputs_are_written_atomically() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = dir.join("tiny.kir");
+    let out = kiln(&["ir", "models/tiny.toml", "-o", target.to_str().unwrap()]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.is_empty());
+    let written = std::fs::read_to_string(&target).unwrap();
+    assert!(kiln_ir::parse(&written).is_ok());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from("tiny.kir")]);
+    // A failing build writes nothing at all.
+    let missing = dir.join("not.kir");
+    let bad = kiln(&["ir", "tests/specs/bad/does-not-exist.toml", "-o", missing.to_str().unwrap()]);
+    assert!(!bad.ok);
+    assert!(!missing.exists());
+    // An unwritable destination is a clear error.
+    let nodir = kiln(&["ir", "models/tiny.toml", "-o", "/nonexistent-dir/x.kir"]);
+    assert!(!nodir.ok && nodir.stderr.contains("cannot write /nonexistent-dir/x.kir"), "{}", nodir.stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn passes_and_after() {
+    let list = kiln(&["passes"]);
+    assert!(list.ok && list.stdout.starts_with("dce "), "{}", list.stdout);
+    let after = kiln(&["ir", "models/tiny.toml", "--after", "dce"]);
+    assert!(after.ok, "{}", after.stderr);
+    // The builder leaves no dead code, so dce changes nothing on a built model.
+    assert_eq!(after.stdout, kiln(&["ir", "models/tiny.toml"]).stdout);
+    let unknown = kiln(&["ir", "models/tiny.toml", "--after", "fuse-everything"]);
+    assert!(!unknown.ok);
+    assert_eq!(unknown.stderr.trim(), "error: unknown pass `fuse-everything`; the passes are: dce");
+}
+
+#[test]
+fn bad_invocations_say_what_is_wrong() {
+    let missing = kiln(&["inspect", "models/nope.toml"]);
+    assert!(!missing.ok && missing.stderr.contains("models/nope.toml"), "{}", missing.stderr);
+    let layer = kiln(&["ir", "models/tiny.toml", "--layer", "99"]);
+    assert!(!layer.ok && layer.stderr.starts_with("error: "), "{}", layer.stderr);
+    assert!(!layer.stderr.contains("panicked"));
+}

@@ -4,5 +4,7 @@
 mod build;
 mod cli;
 mod layering;
+mod passes;
 mod spec;
 mod text;
+mod toolchain;

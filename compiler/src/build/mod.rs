@@ -1,0 +1,333 @@
+//! The graph builder: a [`ModelSpec`] into the forward graph of a whole DeepSeek model (`build_graph`)
+//! or of one decoder layer (`build_layer`), in high-level ops with Hugging Face semantics
+//! (`modeling_deepseek_v3.py`; reference §2, §3, §5).
+//!
+//! The whole-model graph:
+//! - Inputs `tokens` i32[B, T] and `positions` i32[B, T]; with MTP of depth D also the tokens each MTP
+//!   module embeds, i32[B, T], holding token `i + k` at position `i` for module `k` (the caller shifts
+//!   and pads). They are named `mtp_tokens` when D = 1 and `mtp_tokens.1` .. `mtp_tokens.D` otherwise;
+//!   see [`mtp_tokens_name`].
+//! - Outputs `logits` f32[B, T, V] and, with MTP, `mtp_logits` (or `mtp_logits.k`, [`mtp_logits_name`]).
+//! - Every weight is an `Op::Param` named as in the Hugging Face checkpoint, shaped `(out, in)`, of the
+//!   spec's dtype (except the f32 router bias). A param node is emitted right before its first use,
+//!   with the scope of the module that uses it, and its name is always `{scope}.{local name}`:
+//!   `model` (embedding, final norm), `model.layers.{i}` (the two block norms and residual adds),
+//!   `model.layers.{i}.self_attn`, `model.layers.{i}.mlp` (dense MLP, router, routed experts),
+//!   `model.layers.{i}.mlp.shared_experts`, `lm_head`, and for MTP module `k` (layer `L + k - 1`)
+//!   `model.layers.{L+k-1}` and `model.layers.{L+k-1}.shared_head`.
+//! - Every node's result types come from shape inference ([`kiln_ir::infer::infer`]); all sizes and
+//!   constants come from the spec.
+//!
+//! What the builder does not do: there is no KV cache (keys and values span the `T` new tokens, so the
+//! context `S` is `T`), attention is the naive MLA form (the `fuse-mla-latent` pass absorbs `kv_b_proj`),
+//! routed experts are one `moe_experts` op (`plan-moe-dispatch` lowers it), and nothing is quantised
+//! (`insert-fp8-casts` does that from the spec's `[quantization]`).
+
+mod ffn;
+mod mla;
+mod mtp;
+
+use kiln_ir::infer::{infer, InferError};
+use kiln_ir::op::Op;
+use kiln_ir::spec::ModelSpec;
+use kiln_ir::{DType, Dim, Graph, GraphError, TensorType, ValueId};
+
+pub use mtp::{mtp_logits_name, mtp_tokens_name};
+
+/// Why a spec could not be built into a graph.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BuildError {
+    /// Shape inference rejected an op: the spec's sizes do not fit together there.
+    #[error("{scope}: {op}: {cause}")]
+    Infer { scope: String, op: &'static str, cause: InferError },
+    /// The graph refused a node. The builder only uses values it created, so this is a builder bug.
+    #[error("{scope}: {op}: {cause}")]
+    Graph { scope: String, op: &'static str, cause: GraphError },
+    /// `build_layer` was asked for a layer the model does not have.
+    #[error("layer {layer} is out of range: {}", valid_layers(*.main, *.mtp))]
+    NoSuchLayer { layer: u64, main: u64, mtp: u64 },
+    /// A size the graph needs does not fit in 64 bits, or a value no graph can be built from.
+    #[error("{0}")]
+    Spec(String),
+}
+
+fn valid_layers(main: u64, mtp: u64) -> String {
+    match (main, mtp) {
+        (0, 0) => "the model has no layers".to_string(),
+        (_, 0) => format!("the model has decoder layers 0..={}", main - 1),
+        (0, _) => format!("the model has MTP layers 0..={}", mtp - 1),
+        _ => format!(
+            "the model has decoder layers 0..={} and MTP layers {}..={}",
+            main - 1,
+            main,
+            main.saturating_add(mtp - 1)
+        ),
+    }
+}
+
+/// Builds the forward graph of the whole model: embedding, decoder layers, final norm and head, then
+/// the MTP modules if the spec has them. See the module documentation for names and conventions.
+pub fn build_graph(spec: &ModelSpec) -> Result<Graph, BuildError> {
+    let mut b = Builder::new(spec, spec.model.name.clone())?;
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    let depth = spec.mtp.as_ref().map_or(0, |m| m.num_layers);
+    let mut mtp_tokens = Vec::new();
+    for k in 1..=depth {
+        mtp_tokens.push(b.input(&mtp_tokens_name(depth, k), TensorType::new(DType::I32, bt(&[])))?);
+    }
+
+    let table = b.embed_table()?;
+    let mut h = b.op("model", Op::Embedding, &[table, tokens])?;
+    for layer in 0..spec.model.num_hidden_layers {
+        h = decoder_layer(&mut b, layer, h, positions)?;
+    }
+    let h = b.rms_norm("model", "norm.weight", h)?;
+    let logits = b.lm_head("lm_head", h)?;
+    b.output("logits", logits)?;
+
+    // Decision (vLLM `deepseek_mtp.py`, reference §5): the first MTP module reads the main model's
+    // hidden state after the final norm, which is what vLLM's DeepSeek model returns and feeds to its
+    // MTP layer as `previous_hidden_states`. Later modules read the previous module's block output
+    // (before its `shared_head.norm`), as vLLM's `forward`/`compute_logits` split implies.
+    let mut prev = h;
+    for (k, &toks) in (1..=depth).zip(&mtp_tokens) {
+        let (hk, logits) = mtp::module(&mut b, k, prev, positions, toks)?;
+        b.output(&mtp_logits_name(depth, k), logits)?;
+        prev = hk;
+    }
+    Ok(b.finish())
+}
+
+/// Builds one decoder layer as a graph of its own: inputs `hidden` [B, T, d] and `positions`, output
+/// `hidden`, with the same nodes, scopes and param names as that layer has in [`build_graph`].
+///
+/// An index `num_hidden_layers + k - 1` means MTP module `k`. Its graph additionally reads the
+/// module's token input (named as in the whole graph), uses the shared `model.embed_tokens.weight`
+/// and `lm_head.weight`, and outputs `hidden` (the block output the next module reads) and the
+/// module's logits.
+pub fn build_layer(spec: &ModelSpec, layer: u64) -> Result<Graph, BuildError> {
+    let main = spec.model.num_hidden_layers;
+    let depth = spec.mtp.as_ref().map_or(0, |m| m.num_layers);
+    if layer >= main.saturating_add(depth) {
+        return Err(BuildError::NoSuchLayer { layer, main, mtp: depth });
+    }
+    let mut b = Builder::new(spec, format!("{}.layer{layer}", spec.model.name))?;
+    let hidden = b.input("hidden", TensorType::new(spec.model.dtype, bt(&[spec.model.hidden_size])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    if layer < main {
+        let h = decoder_layer(&mut b, layer, hidden, positions)?;
+        b.output("hidden", h)?;
+    } else {
+        let k = layer - main + 1;
+        let toks = b.input(&mtp_tokens_name(depth, k), TensorType::new(DType::I32, bt(&[])))?;
+        let (h, logits) = mtp::module(&mut b, k, hidden, positions, toks)?;
+        b.output("hidden", h)?;
+        b.output(&mtp_logits_name(depth, k), logits)?;
+    }
+    Ok(b.finish())
+}
+
+/// One pre-norm decoder block (reference §2.5): `h + attn(norm(h))`, then `+ ffn(norm(h))`, with the
+/// MoE feed-forward on the layers `ModelSpec::is_moe_layer` names (MTP layers by the same rule).
+fn decoder_layer(b: &mut Builder, layer: u64, h: ValueId, positions: ValueId) -> Result<ValueId, BuildError> {
+    let scope = format!("model.layers.{layer}");
+    let attn_scope = format!("{scope}.self_attn");
+    let mlp_scope = format!("{scope}.mlp");
+
+    let x = b.rms_norm(&scope, "input_layernorm.weight", h)?;
+    let a = mla::attention(b, &attn_scope, x, positions)?;
+    let h = b.op(&scope, Op::Binary(kiln_ir::BinaryOp::Add), &[h, a])?;
+    let x = b.rms_norm(&scope, "post_attention_layernorm.weight", h)?;
+    let f = if b.spec.is_moe_layer(layer) {
+        ffn::moe(b, &mlp_scope, x)?
+    } else {
+        ffn::mlp(b, &mlp_scope, x, b.spec.model.intermediate_size)?
+    };
+    b.op(&scope, Op::Binary(kiln_ir::BinaryOp::Add), &[h, f])
+}
+
+/// `[B, T, rest...]`.
+fn bt(rest: &[u64]) -> Vec<Dim> {
+    let mut shape = vec![Dim::B, Dim::T];
+    shape.extend(rest.iter().map(|&n| Dim::known(n)));
+    shape
+}
+
+/// `a * b`, or an error naming the sizes when the product does not fit in 64 bits.
+fn mul(a: u64, b: u64) -> Result<u64, BuildError> {
+    a.checked_mul(b).ok_or_else(|| BuildError::Spec(format!("the size {a} x {b} does not fit in 64 bits")))
+}
+
+fn add(a: u64, b: u64) -> Result<u64, BuildError> {
+    a.checked_add(b).ok_or_else(|| BuildError::Spec(format!("the size {a} + {b} does not fit in 64 bits")))
+}
+
+/// The graph under construction plus the two params shared across modules (embedding and head), which
+/// are created once, at their first use.
+struct Builder<'s> {
+    spec: &'s ModelSpec,
+    g: Graph,
+    embed: Option<ValueId>,
+    head: Option<ValueId>,
+}
+
+impl<'s> Builder<'s> {
+    fn new(spec: &'s ModelSpec, name: String) -> Result<Builder<'s>, BuildError> {
+        // `ModelSpec::is_moe_layer` divides by the frequency; a validated spec never has 0, but the
+        // builder must not panic on one that was not validated.
+        if spec.moe.as_ref().is_some_and(|m| m.moe_layer_freq == 0) {
+            return Err(BuildError::Spec("moe.moe_layer_freq must be at least 1, found 0".into()));
+        }
+        Ok(Builder { spec, g: Graph::new(name), embed: None, head: None })
+    }
+
+    fn finish(self) -> Graph {
+        self.g
+    }
+
+    /// Adds `op` applied to `inputs`, with result types from shape inference.
+    fn node(&mut self, scope: &str, op: Op, inputs: &[ValueId]) -> Result<Vec<ValueId>, BuildError> {
+        let tys: Vec<&TensorType> = inputs.iter().map(|&v| self.g.ty(v)).collect();
+        let name = op.name();
+        let types = infer(&op, &tys).map_err(|cause| BuildError::Infer {
+            scope: scope.to_string(),
+            op: name,
+            cause,
+        })?;
+        self.declared(scope, op, inputs, types)
+    }
+
+    /// Adds a node whose types are given (inputs, params, constants) or already inferred.
+    fn declared(
+        &mut self,
+        scope: &str,
+        op: Op,
+        inputs: &[ValueId],
+        types: Vec<TensorType>,
+    ) -> Result<Vec<ValueId>, BuildError> {
+        let name = op.name();
+        let (_, results) = self
+            .g
+            .add_node(op, inputs, types, Some(scope))
+            .map_err(|cause| BuildError::Graph { scope: scope.to_string(), op: name, cause })?;
+        Ok(results)
+    }
+
+    /// Adds an op with exactly one result.
+    fn op(&mut self, scope: &str, op: Op, inputs: &[ValueId]) -> Result<ValueId, BuildError> {
+        let results = self.node(scope, op, inputs)?;
+        Ok(results[0])
+    }
+
+    fn input(&mut self, name: &str, ty: TensorType) -> Result<ValueId, BuildError> {
+        let (_, results) = self
+            .g
+            .add_node(Op::Input { name: name.to_string() }, &[], vec![ty], None)
+            .map_err(|cause| BuildError::Graph { scope: "inputs".into(), op: "input", cause })?;
+        Ok(results[0])
+    }
+
+    fn output(&mut self, name: &str, v: ValueId) -> Result<(), BuildError> {
+        self.g.add_output(name, v).map_err(|cause| BuildError::Graph {
+            scope: "outputs".into(),
+            op: "output",
+            cause,
+        })
+    }
+
+    /// A parameter `{scope}.{local}` of the given dtype and constant shape.
+    fn param_of(
+        &mut self,
+        scope: &str,
+        local: &str,
+        dtype: DType,
+        dims: &[u64],
+    ) -> Result<ValueId, BuildError> {
+        let op = Op::Param { name: format!("{scope}.{local}") };
+        Ok(self.declared(scope, op, &[], vec![TensorType::known(dtype, dims)])?[0])
+    }
+
+    /// A parameter of the model dtype.
+    fn param(&mut self, scope: &str, local: &str, dims: &[u64]) -> Result<ValueId, BuildError> {
+        self.param_of(scope, local, self.spec.model.dtype, dims)
+    }
+
+    /// A scalar constant of `dtype`.
+    fn constant(&mut self, scope: &str, value: f64, dtype: DType) -> Result<ValueId, BuildError> {
+        Ok(self.declared(scope, Op::Constant { value }, &[], vec![TensorType::scalar(dtype)])?[0])
+    }
+
+    /// `linear(x, {scope}.{local})` with a fresh `[out, in]` weight.
+    fn linear(
+        &mut self,
+        scope: &str,
+        local: &str,
+        x: ValueId,
+        out: u64,
+        inp: u64,
+    ) -> Result<ValueId, BuildError> {
+        let w = self.param(scope, local, &[out, inp])?;
+        self.op(scope, Op::Linear, &[x, w])
+    }
+
+    /// RMSNorm of `x` over its last dimension with a fresh weight `{scope}.{local}`.
+    fn rms_norm(&mut self, scope: &str, local: &str, x: ValueId) -> Result<ValueId, BuildError> {
+        let width = self.g.ty(x).shape.last().and_then(|d| d.as_known()).ok_or_else(|| {
+            BuildError::Spec(format!("{scope}: rms_norm of {} needs a constant last dimension", self.g.ty(x)))
+        })?;
+        let w = self.param(scope, local, &[width])?;
+        self.op(scope, Op::RmsNorm { eps: self.spec.model.rms_norm_eps }, &[x, w])
+    }
+
+    /// Splits `x` along `axis` into two parts of the given sizes.
+    fn split2(
+        &mut self,
+        scope: &str,
+        x: ValueId,
+        axis: usize,
+        sizes: [u64; 2],
+    ) -> Result<(ValueId, ValueId), BuildError> {
+        let parts = self.node(scope, Op::Split { axis, sizes: sizes.to_vec() }, &[x])?;
+        Ok((parts[0], parts[1]))
+    }
+
+    /// `model.embed_tokens.weight` [V, d], created at its first use and shared afterwards (the MTP
+    /// modules and, with tied embeddings, the head read the same node).
+    fn embed_table(&mut self) -> Result<ValueId, BuildError> {
+        if let Some(v) = self.embed {
+            return Ok(v);
+        }
+        let m = &self.spec.model;
+        let v = self.param("model", "embed_tokens.weight", &[m.vocab_size, m.hidden_size])?;
+        self.embed = Some(v);
+        Ok(v)
+    }
+
+    /// `lm_head.weight` [V, d] (the embedding table with `tie_word_embeddings`), shared by the main
+    /// head and every MTP module.
+    fn head_weight(&mut self) -> Result<ValueId, BuildError> {
+        if self.spec.model.tie_word_embeddings {
+            return self.embed_table();
+        }
+        if let Some(v) = self.head {
+            return Ok(v);
+        }
+        let m = &self.spec.model;
+        let v = self.param("lm_head", "weight", &[m.vocab_size, m.hidden_size])?;
+        self.head = Some(v);
+        Ok(v)
+    }
+
+    /// Logits in f32 from a normed hidden state: the shared head, then a cast when the model dtype
+    /// is not f32 (Hugging Face returns `logits.float()`).
+    fn lm_head(&mut self, scope: &str, h: ValueId) -> Result<ValueId, BuildError> {
+        let w = self.head_weight()?;
+        let logits = self.op(scope, Op::Linear, &[h, w])?;
+        if self.spec.model.dtype == DType::F32 {
+            Ok(logits)
+        } else {
+            self.op(scope, Op::Cast { to: DType::F32 }, &[logits])
+        }
+    }
+}

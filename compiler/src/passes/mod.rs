@@ -1,0 +1,78 @@
+//! The pass pipeline: one static table of passes in pipeline order, and the functions that run it.
+//!
+//! A pass is a plain function `fn(&mut Graph, &Options) -> Result<Changed, PassError>`: no I/O, no
+//! device, no global state. Constants come from the model spec in [`Options`], never from the pass.
+//! The graph is verified after every pass; a verifier failure there is a compiler bug and is reported
+//! as [`PassError::Invalid`] naming the pass.
+//!
+//! The table is written out by hand (no registration at a distance): `kiln passes` lists it,
+//! `kiln ir --after NAME` runs it up to a pass.
+
+use kiln_ir::verify::{verify, VerifyError};
+use kiln_ir::{Graph, ModelSpec};
+
+pub mod dce;
+
+/// What a pass may read besides the graph.
+pub struct Options<'a> {
+    pub spec: &'a ModelSpec,
+}
+
+/// Whether a pass changed the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Changed {
+    Yes,
+    No,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("unknown pass `{name}`; the passes are: {known}")]
+    UnknownPass { name: String, known: String },
+    #[error("pass `{pass}` cannot run: {message}")]
+    Precondition { pass: &'static str, message: String },
+    /// The graph does not verify after a pass: a compiler bug.
+    #[error(
+        "internal error: the graph is invalid after pass `{pass}` (a kiln bug; please report it)\n{error}"
+    )]
+    Invalid { pass: &'static str, error: VerifyError },
+}
+
+/// One entry of the pipeline table.
+pub struct PassInfo {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub run: fn(&mut Graph, &Options) -> Result<Changed, PassError>,
+}
+
+/// Every pass, in pipeline order.
+pub const PASSES: &[PassInfo] =
+    &[PassInfo { name: "dce", summary: "remove nodes whose results reach no output", run: dce::run }];
+
+/// Looks a pass up by name.
+pub fn find(name: &str) -> Result<&'static PassInfo, PassError> {
+    PASSES.iter().find(|p| p.name == name).ok_or_else(|| PassError::UnknownPass {
+        name: name.to_string(),
+        known: PASSES.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Runs one pass and verifies the result.
+pub fn run_pass(graph: &mut Graph, pass: &PassInfo, opts: &Options) -> Result<Changed, PassError> {
+    let changed = (pass.run)(graph, opts)?;
+    verify(graph).map_err(|error| PassError::Invalid { pass: pass.name, error })?;
+    Ok(changed)
+}
+
+/// Runs the pipeline from the start up to and including the pass called `last`.
+pub fn run_until(graph: &mut Graph, spec: &ModelSpec, last: &str) -> Result<(), PassError> {
+    find(last)?;
+    let opts = Options { spec };
+    for pass in PASSES {
+        run_pass(graph, pass, &opts)?;
+        if pass.name == last {
+            break;
+        }
+    }
+    Ok(())
+}
