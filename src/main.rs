@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use kiln_compiler::{build, inspect, passes, spec};
 use kiln_ir::{text, verify};
 
+mod run;
+
 /// kiln: an ahead-of-time compiler for DeepSeek-V3-class models.
 #[derive(Parser)]
 #[command(name = "kiln", version, about, long_about = None)]
@@ -57,6 +59,30 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Generate tokens greedily from a prompt of token ids.
+    #[command(group(clap::ArgGroup::new("params").required(true).args(["weights", "random_weights"])))]
+    Run {
+        /// Model spec: `models/*.toml` or a Hugging Face `config.json`.
+        spec: PathBuf,
+        /// A Hugging Face checkpoint: a folder with `model.safetensors` or a sharded index.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Use seeded random weights instead of a checkpoint.
+        #[arg(long, value_name = "SEED")]
+        random_weights: Option<u64>,
+        /// Run on the reference interpreter (today the only engine; compiled artifacts come later).
+        #[arg(long)]
+        interp: bool,
+        /// The prompt as comma-separated token ids, e.g. `0,17,42`.
+        #[arg(long, value_delimiter = ',', required = true, allow_negative_numbers = true)]
+        prompt_ids: Vec<i64>,
+        /// How many tokens to generate at most.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: u64,
+        /// Keep generating past the end-of-sequence token.
+        #[arg(long)]
+        ignore_eos: bool,
+    },
     /// List the compiler passes in pipeline order.
     Passes,
     /// Check the toolchain: MLIR, LLVM (NVPTX and host targets), ptxas, and CUDA devices.
@@ -79,8 +105,16 @@ fn main() -> ExitCode {
 }
 
 /// Diagnostics render themselves (`error: ...` with a source excerpt); other errors get the prefix.
+/// Causes are appended unless the message already says them (many library errors include their
+/// source in their own text).
 fn render(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+    }
     if text.starts_with("error:") {
         text
     } else {
@@ -94,6 +128,21 @@ fn run(command: Command) -> Result<()> {
         Command::Check { file } => check(&file),
         Command::Inspect { spec, context, json } => inspect(&spec, context, json),
         Command::ImportHf { config, output } => import_hf(&config, output.as_deref()),
+        Command::Run { spec, weights, random_weights, interp, prompt_ids, max_new_tokens, ignore_eos } => {
+            if !interp {
+                bail!(
+                    "compiled execution needs an artifact from `kiln compile`, which kiln cannot build yet; \
+                     pass --interp to run the reference interpreter"
+                );
+            }
+            let weights = match (&weights, random_weights) {
+                (Some(dir), _) => run::Weights::Checkpoint(dir),
+                (None, Some(seed)) => run::Weights::Random(seed),
+                (None, None) => unreachable!("clap requires one of --weights and --random-weights"),
+            };
+            let req = run::Request { spec: &spec, weights, prompt: prompt_ids, max_new_tokens, ignore_eos };
+            run::run(&req, &mut io::stdout().lock())
+        }
         Command::Passes => {
             let mut out = String::new();
             for p in passes::PASSES {

@@ -8,6 +8,7 @@
 pub mod diag;
 pub mod graph;
 pub mod infer;
+pub mod interp;
 pub mod op;
 pub mod spec;
 pub mod text;

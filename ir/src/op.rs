@@ -179,7 +179,7 @@ pub enum Op {
     MatMul,
     Unary(UnaryOp),
     Binary(BinaryOp),
-    /// Converts to another element type (round to nearest even; FP8 saturates, see the interpreter).
+    /// Converts to another element type (round to nearest even; FP8 saturates at ±448 like torch 2.15).
     Cast {
         to: DType,
     },

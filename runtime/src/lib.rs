@@ -5,6 +5,7 @@
 //! runs on machines without CUDA and reports a typed error where a GPU was asked for.
 
 pub mod cuda;
+pub mod weights;
 
 /// Errors of the runtime.
 #[derive(Debug, thiserror::Error)]

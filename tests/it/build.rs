@@ -468,3 +468,25 @@ fn symbolic_dims_are_batch_and_tokens() {
         }
     }
 }
+
+/// The latent norms keep their architectural epsilon (1e-6, as Hugging Face and DeepSeek's
+/// `model.py` build them) when the config's `rms_norm_eps` differs; every other norm follows it.
+#[test]
+fn latent_norms_keep_their_own_epsilon() {
+    let mut s = model("tiny");
+    s.model.rms_norm_eps = 1e-5;
+    let g = build_layer(&s, 1).unwrap();
+    let mut eps_by_weight = BTreeMap::new();
+    for n in g.nodes() {
+        if let Op::RmsNorm { eps } = g.node(n).op {
+            let w = g.node(n).inputs[1];
+            if let Op::Param { name } = &g.node(g.producer(w)).op {
+                eps_by_weight.insert(name.rsplit('.').nth(1).unwrap().to_string(), eps);
+            }
+        }
+    }
+    assert_eq!(eps_by_weight["q_a_layernorm"], 1e-6);
+    assert_eq!(eps_by_weight["kv_a_layernorm"], 1e-6);
+    assert_eq!(eps_by_weight["input_layernorm"], 1e-5);
+    assert_eq!(eps_by_weight["post_attention_layernorm"], 1e-5);
+}

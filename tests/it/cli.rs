@@ -168,3 +168,93 @@ fn bad_invocations_say_what_is_wrong() {
     assert!(!layer.ok && layer.stderr.starts_with("error: "), "{}", layer.stderr);
     assert!(!layer.stderr.contains("panicked"));
 }
+
+#[test]
+fn run_reproduces_the_transformers_continuation() {
+    let out = kiln(&[
+        "run",
+        "tests/goldens/v3_tiny_yarn/config.json",
+        "--weights",
+        "tests/goldens/v3_tiny_yarn",
+        "--interp",
+        "--prompt-ids",
+        "0,17,42,255,3,128,77,9,200",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    // The same ids as `tests/goldens/v3_tiny_yarn/golden.json` ("continuation").
+    assert!(out.stdout.contains("generated 8 tokens: [51, 10, 89, 138, 46, 46, 186, 46]"), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("token ")).count(), 8);
+}
+
+#[test]
+fn run_with_random_weights_is_deterministic() {
+    let args = [
+        "run",
+        "models/tiny.toml",
+        "--random-weights",
+        "7",
+        "--interp",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+    ];
+    let (a, b) = (kiln(&args), kiln(&args));
+    assert!(a.ok, "{}", a.stderr);
+    let tokens = |s: &str| s.lines().find(|l| l.starts_with("generated")).unwrap().to_string();
+    assert_eq!(tokens(&a.stdout), tokens(&b.stdout));
+    let other = kiln(&[
+        "run",
+        "models/tiny.toml",
+        "--random-weights",
+        "8",
+        "--interp",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+    ]);
+    assert!(other.ok);
+    assert_ne!(tokens(&a.stdout), tokens(&other.stdout), "another seed gives other weights");
+}
+
+#[test]
+fn run_rejects_bad_requests_clearly() {
+    let base = ["run", "models/tiny.toml", "--random-weights", "1", "--interp"];
+    let with = |extra: &[&str]| kiln(&[&base[..], extra].concat());
+    let bad_id = with(&["--prompt-ids", "1,2,512"]);
+    assert_eq!(
+        bad_id.stderr.trim(),
+        "error: prompt token 2 is 512, outside the vocabulary: ids must be in 0..512"
+    );
+    let negative = with(&["--prompt-ids", "-3"]);
+    assert!(negative.stderr.contains("prompt token 0 is -3"), "{}", negative.stderr);
+    let too_long = with(&["--prompt-ids", "1,2", "--max-new-tokens", "1023"]);
+    assert!(too_long.stderr.contains("exceed the model's context of 1024 positions"), "{}", too_long.stderr);
+    let not_a_number = with(&["--prompt-ids", "1,x"]);
+    assert!(!not_a_number.ok && not_a_number.stderr.contains("invalid value 'x'"), "{}", not_a_number.stderr);
+    let no_engine = kiln(&["run", "models/tiny.toml", "--random-weights", "1", "--prompt-ids", "1"]);
+    assert!(no_engine.stderr.contains("pass --interp"), "{}", no_engine.stderr);
+    let missing = kiln(&[
+        "run",
+        "models/tiny.toml",
+        "--weights",
+        "tests/goldens/v3_tiny_yarn",
+        "--interp",
+        "--prompt-ids",
+        "1",
+    ]);
+    assert!(
+        !missing.ok && missing.stderr.contains("the checkpoint lacks 62 tensor(s) the graph needs"),
+        "{}",
+        missing.stderr
+    );
+    for out in [bad_id, negative, too_long, not_a_number, no_engine, missing] {
+        assert!(!out.ok && !out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}

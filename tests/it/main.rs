@@ -3,8 +3,11 @@
 
 mod build;
 mod cli;
+mod goldens;
+mod interp;
 mod layering;
 mod passes;
 mod spec;
 mod text;
 mod toolchain;
+mod weights;

@@ -17,6 +17,12 @@ use kiln_ir::{BinaryOp, Dim, ValueId};
 
 use super::{add, bt, mul, BuildError, Builder};
 
+/// Epsilon of the two latent norms (`q_a_layernorm`, `kv_a_layernorm`). Both Hugging Face
+/// (`modeling_deepseek_v3.py`: `DeepseekV3RMSNorm(self.q_lora_rank)` with its default `eps=1e-6`) and
+/// DeepSeek's `model.py` (`RMSNorm(self.q_lora_rank)`) build them with a fixed 1e-6 rather than
+/// `rms_norm_eps`; the two only differ for configs whose `rms_norm_eps` is not 1e-6 (Moonlight: 1e-5).
+const LATENT_NORM_EPS: f64 = 1e-6;
+
 /// Attention of one layer, with its params and ops in `scope` (`model.layers.{i}.self_attn`).
 pub(super) fn attention(
     b: &mut Builder,
@@ -33,7 +39,7 @@ pub(super) fn attention(
     let q = match a.q_lora_rank {
         Some(qr) => {
             let c = b.linear(scope, "q_a_proj.weight", x, qr, d)?;
-            let c = b.rms_norm(scope, "q_a_layernorm.weight", c)?;
+            let c = b.rms_norm_with_eps(scope, "q_a_layernorm.weight", c, LATENT_NORM_EPS)?;
             b.linear(scope, "q_b_proj.weight", c, mul(h, dqk)?, qr)?
         }
         None => b.linear(scope, "q_proj.weight", x, mul(h, dqk)?, d)?,
@@ -44,7 +50,7 @@ pub(super) fn attention(
 
     let kv_all = b.linear(scope, "kv_a_proj_with_mqa.weight", x, add(r, dr)?, d)?;
     let (c_kv, k_pe) = b.split2(scope, kv_all, 2, [r, dr])?;
-    let c_kv = b.rms_norm(scope, "kv_a_layernorm.weight", c_kv)?;
+    let c_kv = b.rms_norm_with_eps(scope, "kv_a_layernorm.weight", c_kv, LATENT_NORM_EPS)?;
     let k_pe = b.op(scope, Op::Reshape { shape: bt(&[1, dr]) }, &[k_pe])?;
     let k_pe = rope(b, scope, k_pe, positions)?;
     let k_pe = b.op(scope, Op::Broadcast { shape: bt(&[h, dr]) }, &[k_pe])?;

@@ -273,11 +273,22 @@ impl<'s> Builder<'s> {
 
     /// RMSNorm of `x` over its last dimension with a fresh weight `{scope}.{local}`.
     fn rms_norm(&mut self, scope: &str, local: &str, x: ValueId) -> Result<ValueId, BuildError> {
+        self.rms_norm_with_eps(scope, local, x, self.spec.model.rms_norm_eps)
+    }
+
+    /// An RMSNorm whose epsilon is fixed by the architecture rather than the config.
+    fn rms_norm_with_eps(
+        &mut self,
+        scope: &str,
+        local: &str,
+        x: ValueId,
+        eps: f64,
+    ) -> Result<ValueId, BuildError> {
         let width = self.g.ty(x).shape.last().and_then(|d| d.as_known()).ok_or_else(|| {
             BuildError::Spec(format!("{scope}: rms_norm of {} needs a constant last dimension", self.g.ty(x)))
         })?;
         let w = self.param(scope, local, &[width])?;
-        self.op(scope, Op::RmsNorm { eps: self.spec.model.rms_norm_eps }, &[x, w])
+        self.op(scope, Op::RmsNorm { eps }, &[x, w])
     }
 
     /// Splits `x` along `axis` into two parts of the given sizes.

@@ -1,0 +1,78 @@
+//! Data movement: `embedding`, `gather`, `concat`, `split` and `transpose` (`reshape` and
+//! `broadcast` are in the dispatcher and `elementwise`). No arithmetic, so every dtype works and
+//! values are copied exactly. Indices out of range are errors (no negative indexing).
+
+use crate::types::TensorType;
+
+use super::{dims, index, ints, udims, OpResult};
+use crate::interp::tensor::{strided_index, strides, Tensor};
+
+/// Rows of `table[V, D]` at `ids`.
+pub(super) fn embedding(table: &Tensor, ids: &Tensor, out: &TensorType) -> OpResult {
+    let td = table.dims();
+    let (v, d) = (td[0], td[1]);
+    let ids = ints(ids, "ids")?;
+    let mut idx = Vec::with_capacity(ids.len() * d);
+    for &i in ids {
+        let row = index(i, v, "token id")?;
+        idx.extend(row * d..(row + 1) * d);
+    }
+    Ok(vec![table.select(dims(out), idx)])
+}
+
+/// `data` indexed along `axis` by `indices`: `out[o, j, i] = data[o, indices[j], i]`.
+pub(super) fn gather(data: &Tensor, indices: &Tensor, axis: usize, out: &TensorType) -> OpResult {
+    let dd = data.dims();
+    let (outer, len, inner) =
+        (dd[..axis].iter().product::<usize>(), dd[axis], dd[axis + 1..].iter().product::<usize>());
+    let picks: Vec<usize> =
+        ints(indices, "indices")?.iter().map(|&i| index(i, len, "index")).collect::<Result<_, _>>()?;
+    let mut idx = Vec::with_capacity(outer * picks.len() * inner);
+    for o in 0..outer {
+        for &p in &picks {
+            let start = (o * len + p) * inner;
+            idx.extend(start..start + inner);
+        }
+    }
+    Ok(vec![data.select(dims(out), idx)])
+}
+
+pub(super) fn concat(parts: &[&Tensor], axis: usize, out: &TensorType) -> OpResult {
+    let od = udims(out);
+    let outer: usize = od[..axis].iter().product();
+    let inner: usize = od[axis + 1..].iter().product();
+    let mut data = parts[0].data().empty_like(od.iter().product());
+    for o in 0..outer {
+        for p in parts {
+            let chunk = p.dims()[axis] * inner;
+            data.extend_from(p.data(), o * chunk..(o + 1) * chunk);
+        }
+    }
+    Ok(vec![Tensor::with_data(out.dtype, dims(out), data)])
+}
+
+pub(super) fn split(x: &Tensor, axis: usize, outs: &[TensorType]) -> OpResult {
+    let xd = x.dims();
+    let (outer, len, inner) =
+        (xd[..axis].iter().product::<usize>(), xd[axis], xd[axis + 1..].iter().product::<usize>());
+    let mut start = 0;
+    let mut results = Vec::with_capacity(outs.len());
+    for ty in outs {
+        let size = udims(ty)[axis];
+        let mut idx = Vec::with_capacity(outer * size * inner);
+        for o in 0..outer {
+            let from = (o * len + start) * inner;
+            idx.extend(from..from + size * inner);
+        }
+        results.push(x.select(dims(ty), idx));
+        start += size;
+    }
+    Ok(results)
+}
+
+/// `out` axis `i` is `x` axis `perm[i]`.
+pub(super) fn transpose(x: &Tensor, perm: &[usize], out: &TensorType) -> OpResult {
+    let xs = strides(&x.dims());
+    let st: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
+    Ok(vec![x.select(dims(out), strided_index(&udims(out), &st))])
+}

@@ -1,0 +1,197 @@
+//! Binding a checkpoint to a graph: one [`HostTensor`] per `param` op, in graph order.
+//!
+//! Everything that can be checked from the headers is checked before any data is read, so a
+//! mismatched checkpoint fails in milliseconds rather than after reading hundreds of gigabytes:
+//!
+//! 1. every parameter is in the checkpoint (else [`WeightError::Missing`], listing up to ten);
+//! 2. with the same shape ([`WeightError::ShapeMismatch`]) and a dtype of the same class
+//!    ([`WeightError::DTypeClass`]): any float dtype converts to the parameter's float dtype by
+//!    rounding to nearest even (bf16 stored, f32 parameter: exact; f32 stored, bf16 parameter:
+//!    rounded), integers to integers (range-checked), bools only to bools;
+//! 3. every FP8 weight has a well-formed block scale (see [`super::checkpoint`]);
+//! 4. no tensor is left unexplained ([`WeightError::Extra`]). These are explained without a
+//!    parameter:
+//!    - `X_scale_inv` of an FP8 tensor `X`: consumed by dequantising `X`;
+//!    - names ending in `rotary_emb.inv_freq`: a buffer older Hugging Face code saved, recomputed
+//!      from the config (kiln's `rope` op computes its frequencies itself);
+//!    - DeepSeek's MTP layer `N` stores copies of the shared modules as
+//!      `model.layers.{N}.embed_tokens.weight` and `model.layers.{N}.shared_head.head.weight`
+//!      (README_WEIGHTS). kiln's MTP modules read the main `model.embed_tokens.weight` and
+//!      `lm_head.weight` (the reference report shares them), so the copies have no parameter. A layer
+//!      is an MTP layer when the graph has its `model.layers.{N}.eh_proj.weight`, which only MTP
+//!      modules have; this needs no `num_hidden_layers`, which a graph does not record. The copies
+//!      must have the shared tensor's shape; their values are not compared, because for
+//!      DeepSeek-V3 that would read two 0.9B-parameter tensors a second time only to check them.
+
+use std::collections::{BTreeSet, HashMap};
+
+use kiln_ir::{DType, Graph};
+
+use super::checkpoint::Checkpoint;
+use super::numeric::round_to;
+use super::safetensors::StDType;
+use super::{HostData, HostTensor, WeightError, LISTED};
+
+/// A parameter of the graph: its name, dtype and constant shape.
+pub(crate) struct Param {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub numel: usize,
+}
+
+/// The graph's parameters, each name once in graph order; the same name twice must mean the same
+/// type (the builder shares a node, a hand-written graph may repeat it).
+pub(crate) fn params(graph: &Graph) -> Result<Vec<Param>, WeightError> {
+    let mut seen: HashMap<&str, &kiln_ir::TensorType> = HashMap::new();
+    let mut out = Vec::new();
+    for (name, ty) in graph.params() {
+        if let Some(first) = seen.get(name) {
+            if *first != ty {
+                return Err(WeightError::ConflictingParam {
+                    name: name.to_string(),
+                    first: first.to_string(),
+                    second: ty.to_string(),
+                });
+            }
+            continue;
+        }
+        seen.insert(name, ty);
+        let shape = ty.shape.iter().map(|d| d.as_known()).collect::<Option<Vec<u64>>>();
+        let Some(shape) = shape else {
+            return Err(WeightError::SymbolicParam { name: name.to_string(), ty: ty.to_string() });
+        };
+        let Some(numel) = ty.known_numel().and_then(|n| usize::try_from(n).ok()) else {
+            return Err(WeightError::ParamTooLarge { name: name.to_string(), ty: ty.to_string() });
+        };
+        out.push(Param { name: name.to_string(), dtype: ty.dtype, shape, numel });
+    }
+    Ok(out)
+}
+
+/// Reads the checkpoint tensor of every parameter of `graph`, converted to the parameter's dtype.
+/// See the module documentation for the checks and for what may be left over.
+pub fn bind(graph: &Graph, ckpt: &Checkpoint) -> Result<Vec<HostTensor>, WeightError> {
+    let params = params(graph)?;
+    let missing: Vec<&str> =
+        params.iter().filter(|p| ckpt.get(&p.name).is_none()).map(|p| p.name.as_str()).collect();
+    if !missing.is_empty() {
+        return Err(WeightError::Missing {
+            count: missing.len(),
+            names: missing.iter().take(LISTED).map(|s| s.to_string()).collect(),
+        });
+    }
+    for p in &params {
+        let info = ckpt.get(&p.name).expect("checked above");
+        if info.shape != p.shape {
+            return Err(WeightError::ShapeMismatch {
+                name: p.name.clone(),
+                expected: p.shape.clone(),
+                found: info.shape.clone(),
+            });
+        }
+        if p.dtype == DType::F8E4M3 {
+            return Err(WeightError::UnsupportedParam { name: p.name.clone(), dtype: p.dtype });
+        }
+        let same_class = if p.dtype.is_float() {
+            info.dtype.is_float()
+        } else if p.dtype.is_int() {
+            info.dtype.is_int()
+        } else {
+            info.dtype == StDType::Bool
+        };
+        if !same_class {
+            return Err(WeightError::DTypeClass { name: p.name.clone(), param: p.dtype, stored: info.dtype });
+        }
+        if info.dtype == StDType::F8E4M3 {
+            ckpt.fp8_scale(info)?;
+        }
+    }
+    check_leftovers(&params, ckpt)?;
+
+    params
+        .into_iter()
+        .map(|p| {
+            let t = ckpt.read(&p.name)?;
+            convert(t, p.dtype)
+        })
+        .collect()
+}
+
+fn check_leftovers(params: &[Param], ckpt: &Checkpoint) -> Result<(), WeightError> {
+    let by_name: HashMap<&str, &Param> = params.iter().map(|p| (p.name.as_str(), p)).collect();
+    let mtp_layers: BTreeSet<&str> = params
+        .iter()
+        .filter_map(|p| p.name.strip_prefix("model.layers.")?.strip_suffix(".eh_proj.weight"))
+        .collect();
+    let mut extra = Vec::new();
+    for info in ckpt.tensors() {
+        let name = info.name.as_str();
+        if by_name.contains_key(name) || name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        let scales_fp8 = name
+            .strip_suffix("_scale_inv")
+            .and_then(|base| ckpt.get(base))
+            .is_some_and(|base| base.dtype == StDType::F8E4M3);
+        if scales_fp8 {
+            continue;
+        }
+        if let Some(shared) = mtp_copy_of(name, &mtp_layers, &by_name) {
+            if let Some(s) = by_name.get(shared) {
+                if s.shape != info.shape {
+                    return Err(WeightError::CopyMismatch {
+                        copy: name.to_string(),
+                        shared: shared.to_string(),
+                        copy_shape: info.shape.clone(),
+                        shared_shape: s.shape.clone(),
+                    });
+                }
+            }
+            continue;
+        }
+        extra.push(name.to_string());
+    }
+    if extra.is_empty() {
+        Ok(())
+    } else {
+        Err(WeightError::Extra { count: extra.len(), names: extra.into_iter().take(LISTED).collect() })
+    }
+}
+
+/// The shared parameter that `name` is an MTP layer's copy of, if it is one.
+fn mtp_copy_of(
+    name: &str,
+    mtp_layers: &BTreeSet<&str>,
+    params: &HashMap<&str, &Param>,
+) -> Option<&'static str> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, local) = rest.split_once('.')?;
+    if !mtp_layers.contains(layer) {
+        return None;
+    }
+    match local {
+        "embed_tokens.weight" => Some("model.embed_tokens.weight"),
+        // With tied embeddings the head is the embedding table.
+        "shared_head.head.weight" if params.contains_key("lm_head.weight") => Some("lm_head.weight"),
+        "shared_head.head.weight" => Some("model.embed_tokens.weight"),
+        _ => None,
+    }
+}
+
+/// `t` in the parameter's dtype: floats rounded to it, integers range-checked.
+fn convert(t: HostTensor, dtype: DType) -> Result<HostTensor, WeightError> {
+    let data = match t.data {
+        HostData::F32(v) if dtype == DType::F32 => HostData::F32(v),
+        HostData::F32(v) => HostData::F32(v.into_iter().map(|x| round_to(dtype, x)).collect()),
+        HostData::I64(v) => {
+            if dtype == DType::I32 {
+                if let Some(&value) = v.iter().find(|&&x| i32::try_from(x).is_err()) {
+                    return Err(WeightError::IntOutOfRange { name: t.name, value, dtype });
+                }
+            }
+            HostData::I64(v)
+        }
+    };
+    Ok(HostTensor { name: t.name, dtype, shape: t.shape, data })
+}
