@@ -5,6 +5,7 @@
 //! device or the filesystem; the CLI does the I/O.
 
 pub mod build;
+pub mod codegen;
 pub mod inspect;
 pub mod passes;
 pub mod spec;

@@ -11,9 +11,7 @@ use std::process::Command;
 
 use inkwell::context::Context as LlvmContext;
 use inkwell::memory_buffer::MemoryBuffer;
-use inkwell::targets::{
-    CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple,
-};
+use inkwell::targets::{CodeModel, FileType, RelocMode, Target, TargetMachine, TargetTriple};
 use inkwell::OptimizationLevel;
 use melior::ir::operation::OperationLike;
 
@@ -109,7 +107,7 @@ pub fn probe_mlir() -> Result<usize, ToolchainError> {
 
 /// Emits PTX for sm_90a from [`NVPTX_PROBE`] with LLVM's NVPTX backend.
 pub fn probe_nvptx() -> Result<String, ToolchainError> {
-    Target::initialize_nvptx(&InitializationConfig::default());
+    crate::codegen::emit::init_llvm_targets().map_err(|e| ToolchainError::Llvm(e.to_string()))?;
     let triple = TargetTriple::create("nvptx64-nvidia-cuda");
     let target = Target::from_triple(&triple).map_err(|e| ToolchainError::Llvm(e.to_string()))?;
     let machine = target
@@ -133,7 +131,7 @@ pub fn probe_nvptx() -> Result<String, ToolchainError> {
 
 /// Creates a target machine for the host CPU; returns its triple and CPU name.
 pub fn probe_host() -> Result<(String, String), ToolchainError> {
-    Target::initialize_native(&InitializationConfig::default()).map_err(ToolchainError::Llvm)?;
+    crate::codegen::emit::init_llvm_targets().map_err(|e| ToolchainError::Llvm(e.to_string()))?;
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| ToolchainError::Llvm(e.to_string()))?;
     let cpu = TargetMachine::get_host_cpu_name().to_string();
@@ -158,7 +156,7 @@ pub fn find_ptxas() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/local/bin/ptxas");
-    if local.exists() {
+    if let Ok(local) = local.canonicalize() {
         return Some(local);
     }
     std::env::var_os("PATH")

@@ -3,6 +3,7 @@
 
 mod build;
 mod cli;
+mod codegen;
 mod goldens;
 mod interp;
 mod layering;

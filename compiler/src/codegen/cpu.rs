@@ -1,0 +1,169 @@
+//! The CPU back end: lowered kernels (`func.func`s) into LLVM IR, an object file for the host CPU, and
+//! a shared library the runtime `dlopen`s.
+//!
+//! Stages, each a function whose output can be dumped: [`CPU_PIPELINE`] lowers the module to the LLVM
+//! dialect; translation gives an LLVM module, to which [`llvm_ir`] adds one packed entry point per
+//! kernel; LLVM's `default<O3>` optimises it for the host (CPU name and features from the machine
+//! compiling, so the library is for this host); [`object`] emits the object file and
+//! [`link_shared_library`] links it with `cc -shared`, atomically.
+//!
+//! The exported ABI of each kernel `k` (see `lower` for the bare-pointer function itself) is the packed
+//! entry `void k_packed(void *const *buffers, const int64_t *sizes, int64_t lo, int64_t hi)`:
+//! `buffers` holds the kernel's arguments then results, `sizes` its symbolic sizes in
+//! `Kernel::syms` order, and `[lo, hi)` the work items to compute. One signature for every kernel
+//! lets the runtime call any of them without generated glue.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use inkwell::context::Context as LlvmContext;
+use inkwell::memory_buffer::MemoryBuffer;
+use inkwell::module::Module as LlvmModule;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine};
+use inkwell::OptimizationLevel;
+
+use super::emit::{init_llvm_targets, EmitError, Mlir};
+use super::lower::{LoweredModule, Target};
+
+/// MLIR passes from the lowered kernels to the LLVM dialect. bf16 conversions are expanded into integer
+/// arithmetic (`arith-expand`) so the library needs no compiler-rt helpers; `tanh` and friends that
+/// LLVM cannot inline become libm calls.
+pub const CPU_PIPELINE: &str = "builtin.module(\
+func.func(arith-expand{include-bf16=true}), \
+expand-strided-metadata, \
+convert-vector-to-scf, \
+convert-scf-to-cf, \
+convert-vector-to-llvm, \
+convert-math-to-llvm, \
+convert-math-to-libm, \
+finalize-memref-to-llvm, \
+convert-arith-to-llvm, \
+convert-index-to-llvm, \
+convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}, \
+convert-cf-to-llvm, \
+reconcile-unrealized-casts)";
+
+/// Suffix of the packed entry point of each kernel.
+pub const PACKED_SUFFIX: &str = "_packed";
+
+fn host_machine() -> Result<TargetMachine, EmitError> {
+    init_llvm_targets()?;
+    let triple = TargetMachine::get_default_triple();
+    let target = LlvmTarget::from_triple(&triple).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    let cpu = TargetMachine::get_host_cpu_name().to_string();
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    target
+        .create_target_machine(
+            &triple,
+            &cpu,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| EmitError::Llvm(format!("no target machine for the host CPU `{cpu}`")))
+}
+
+fn require_cpu(module: &LoweredModule) -> Result<(), EmitError> {
+    match module.target {
+        Target::Cpu => Ok(()),
+        Target::Gpu => Err(EmitError::Llvm("the CPU back end was given GPU kernels".into())),
+    }
+}
+
+/// The packed entry of one kernel, as LLVM IR text (see the module documentation).
+fn packed_entry(name: &str, buffers: usize, sizes: usize) -> String {
+    let mut body = String::new();
+    let mut args = Vec::new();
+    for i in 0..buffers {
+        body.push_str(&format!(
+            "  %bp{i} = getelementptr inbounds ptr, ptr %buffers, i64 {i}\n  %b{i} = load ptr, ptr %bp{i}\n"
+        ));
+        args.push(format!("ptr %b{i}"));
+    }
+    for i in 0..sizes {
+        body.push_str(&format!(
+            "  %sp{i} = getelementptr inbounds i64, ptr %sizes, i64 {i}\n  %s{i} = load i64, ptr %sp{i}\n"
+        ));
+        args.push(format!("i64 %s{i}"));
+    }
+    args.push("i64 %lo".into());
+    args.push("i64 %hi".into());
+    let params = args.iter().map(|a| a.split(' ').next().unwrap_or("ptr")).collect::<Vec<_>>().join(", ");
+    format!(
+        "declare void @{name}({params})\n\
+         define void @{name}{PACKED_SUFFIX}(ptr %buffers, ptr %sizes, i64 %lo, i64 %hi) {{\n{body}  \
+         call void @{name}({})\n  ret void\n}}\n",
+        args.join(", ")
+    )
+}
+
+/// Lowers, translates and optimises the module; returns the LLVM module in `llvm`.
+fn optimized<'l>(
+    module: &LoweredModule,
+    llvm: &'l LlvmContext,
+    machine: &TargetMachine,
+) -> Result<LlvmModule<'l>, EmitError> {
+    require_cpu(module)?;
+    let mlir = Mlir::new();
+    let mut m = mlir.parse(&module.text())?;
+    mlir.run(&mut m, CPU_PIPELINE)?;
+    let ir = mlir.translate(m.as_operation(), llvm)?;
+    for k in &module.kernels {
+        let text = packed_entry(&k.name, k.buffers, k.syms.len());
+        let buffer = MemoryBuffer::create_from_memory_range_copy(text.as_bytes(), "packed");
+        let entry = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
+        ir.link_in_module(entry).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    }
+    ir.set_triple(&machine.get_triple());
+    ir.set_data_layout(&machine.get_target_data().get_data_layout());
+    ir.verify().map_err(|e| EmitError::Llvm(e.to_string()))?;
+    ir.run_passes("default<O3>", machine, PassBuilderOptions::create())
+        .map_err(|e| EmitError::Llvm(e.to_string()))?;
+    Ok(ir)
+}
+
+/// The optimised LLVM IR of a CPU module, as text.
+pub fn llvm_ir(module: &LoweredModule) -> Result<String, EmitError> {
+    let llvm = LlvmContext::create();
+    let machine = host_machine()?;
+    let text = optimized(module, &llvm, &machine)?.print_to_string().to_string();
+    Ok(text)
+}
+
+/// An object file for the host CPU holding every kernel of the module and its packed entry.
+pub fn object(module: &LoweredModule) -> Result<Vec<u8>, EmitError> {
+    let llvm = LlvmContext::create();
+    let machine = host_machine()?;
+    let ir = optimized(module, &llvm, &machine)?;
+    let obj =
+        machine.write_to_memory_buffer(&ir, FileType::Object).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    Ok(obj.as_slice().to_vec())
+}
+
+/// Links an object file into the shared library `path` with `cc -shared ... -lm`. The library appears
+/// at `path` complete or not at all: it is linked under a temporary name in the same directory and
+/// renamed.
+pub fn link_shared_library(object: &[u8], path: &Path) -> Result<(), EmitError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let fail = |message: String| EmitError::Link { path: path.to_path_buf(), message };
+    let tag = format!("{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let file = path.file_name().ok_or_else(|| fail("the path has no file name".into()))?.to_string_lossy();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let obj = dir.join(format!(".{file}.{tag}.o"));
+    let tmp = dir.join(format!(".{file}.{tag}.tmp"));
+    std::fs::write(&obj, object).map_err(|e| fail(format!("writing {}: {e}", obj.display())))?;
+    let out = Command::new("cc").arg("-shared").arg("-o").arg(&tmp).arg(&obj).arg("-lm").output();
+    let _ = std::fs::remove_file(&obj);
+    let out = out.map_err(|e| fail(format!("running cc: {e}")))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(format!("cc failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        fail(format!("renaming {}: {e}", tmp.display()))
+    })
+}

@@ -1,0 +1,127 @@
+//! The MLIR half of emission, shared by both targets: parse and verify lowered text, run a pass
+//! pipeline (written as a string, parsed by MLIR), and translate the LLVM-dialect result into an LLVM
+//! module in an inkwell context. MLIR's diagnostics are collected and returned in the error, so a
+//! failure says what MLIR said.
+//!
+//! Each call makes its own MLIR context with multithreading off: contexts are cheap next to the passes,
+//! nothing is shared between calls, and tests can run in parallel.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::OnceLock;
+
+use inkwell::context::Context as LlvmContext;
+use inkwell::module::Module as LlvmModule;
+use inkwell::targets::InitializationConfig;
+use melior::dialect::DialectRegistry;
+use melior::ir::operation::{OperationLike, OperationRef};
+use melior::ir::Module;
+use melior::pass::PassManager;
+use melior::Context;
+
+/// Why emission failed. Every variant but [`EmitError::Link`] means lowering produced something MLIR or
+/// LLVM rejects: a compiler bug, reported with the tool's own words.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    #[error("MLIR does not parse:\n{diagnostics}")]
+    Parse { diagnostics: String },
+    #[error("MLIR does not verify:\n{diagnostics}")]
+    Verify { diagnostics: String },
+    #[error("MLIR pass pipeline `{pipeline}` failed:\n{diagnostics}")]
+    Pipeline { pipeline: String, diagnostics: String },
+    #[error("translating MLIR to LLVM IR failed:\n{diagnostics}")]
+    Translate { diagnostics: String },
+    #[error("LLVM: {0}")]
+    Llvm(String),
+    /// Writing or linking the shared library failed (I/O, or `cc`).
+    #[error("linking {path}: {message}")]
+    Link { path: std::path::PathBuf, message: String },
+}
+
+/// Registers LLVM's host and NVPTX targets, once per process. LLVM's target registry is a global list
+/// that concurrent first registrations could corrupt, so every caller goes through this.
+pub(crate) fn init_llvm_targets() -> Result<(), EmitError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        inkwell::targets::Target::initialize_nvptx(&InitializationConfig::default());
+        inkwell::targets::Target::initialize_native(&InitializationConfig::default())
+    })
+    .clone()
+    .map_err(EmitError::Llvm)
+}
+
+/// An MLIR context with every dialect, pass and LLVM translation registered, collecting diagnostics.
+pub(crate) struct Mlir {
+    context: Context,
+    diagnostics: Rc<RefCell<Vec<String>>>,
+}
+
+impl Mlir {
+    pub fn new() -> Mlir {
+        melior::utility::register_all_passes();
+        let registry = DialectRegistry::new();
+        melior::utility::register_all_dialects(&registry);
+        let context = Context::new_with_registry(&registry, false);
+        context.load_all_available_dialects();
+        melior::utility::register_all_llvm_translations(&context);
+        let diagnostics = Rc::new(RefCell::new(Vec::new()));
+        let sink = Rc::clone(&diagnostics);
+        context.attach_diagnostic_handler(move |d| {
+            let mut text = format!("{}: {d}", d.location());
+            for i in 0..d.note_count() {
+                if let Ok(note) = d.note(i) {
+                    text.push_str(&format!("\n  note: {note}"));
+                }
+            }
+            sink.borrow_mut().push(text);
+            true
+        });
+        Mlir { context, diagnostics }
+    }
+
+    fn take_diagnostics(&self) -> String {
+        std::mem::take(&mut *self.diagnostics.borrow_mut()).join("\n")
+    }
+
+    /// Parses and verifies a module.
+    pub fn parse(&self, text: &str) -> Result<Module<'_>, EmitError> {
+        let module = Module::parse(&self.context, text)
+            .ok_or_else(|| EmitError::Parse { diagnostics: self.take_diagnostics() })?;
+        if !module.as_operation().verify() {
+            return Err(EmitError::Verify { diagnostics: self.take_diagnostics() });
+        }
+        Ok(module)
+    }
+
+    /// Runs a textual pass pipeline (`builtin.module(...)`) on the module.
+    pub fn run(&self, module: &mut Module<'_>, pipeline: &str) -> Result<(), EmitError> {
+        let fail = |diagnostics: String| EmitError::Pipeline { pipeline: pipeline.to_string(), diagnostics };
+        let pm = PassManager::new(&self.context);
+        melior::utility::parse_pass_pipeline(pm.as_operation_pass_manager(), pipeline)
+            .map_err(|e| fail(e.to_string()))?;
+        pm.run(module).map_err(|_| fail(self.take_diagnostics()))
+    }
+
+    /// Translates an operation in the LLVM dialect that is module-like (a `builtin.module` or a
+    /// `gpu.module`) into an LLVM module owned by `llvm`.
+    pub fn translate<'l>(
+        &self,
+        op: OperationRef<'_, '_>,
+        llvm: &'l LlvmContext,
+    ) -> Result<LlvmModule<'l>, EmitError> {
+        // SAFETY: `op` is a live operation of this context; mlir-sys and inkwell bind the same LLVM
+        // library, so the context pointer is valid for MLIR, and the returned module (owned by the
+        // caller, created in `llvm`) is handed to inkwell, which takes ownership.
+        let raw = unsafe { mlir_sys::mlirTranslateModuleToLLVMIR(op.to_raw(), llvm.raw() as *mut _) };
+        if raw.is_null() {
+            return Err(EmitError::Translate { diagnostics: self.take_diagnostics() });
+        }
+        // SAFETY: see above; `raw` is a fresh, non-null module in `llvm`.
+        Ok(unsafe { LlvmModule::new(raw as *mut _) })
+    }
+}
+
+/// Parses and verifies MLIR text: the check that lowered text is valid, without emitting anything.
+pub fn verify_mlir(text: &str) -> Result<(), EmitError> {
+    Mlir::new().parse(text).map(|_| ())
+}

@@ -1,0 +1,95 @@
+//! The GPU back end: lowered kernels (`gpu.func`s in one `gpu.module`) into PTX for sm_90a.
+//!
+//! Stages: [`GPU_PIPELINE`] lowers the `gpu.module` to the LLVM and NVVM dialects (kernel parameters
+//! as bare pointers, shared memory as addrspace(3) globals, barriers as `bar.sync`); the `gpu.module`
+//! is translated to LLVM IR on its own; LLVM's `default<O3>` and its NVPTX back end (inkwell, the same
+//! path as `toolchain::probe_nvptx`) produce PTX text. Nothing here needs CUDA: no libdevice is linked
+//! (lowering never emits calls into it), and checking the PTX is `ptxas`'s job
+//! (`toolchain::ptxas_check`).
+
+use inkwell::context::Context as LlvmContext;
+use inkwell::module::Module as LlvmModule;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine, TargetTriple};
+use inkwell::OptimizationLevel;
+use melior::ir::block::BlockLike;
+use melior::ir::operation::OperationLike;
+
+use super::emit::{init_llvm_targets, EmitError, Mlir};
+use super::lower::{LoweredModule, Target, GPU_MODULE};
+
+/// MLIR passes from the lowered `gpu.module` to the LLVM and NVVM dialects.
+pub const GPU_PIPELINE: &str = "builtin.module(\
+gpu.module(expand-strided-metadata, convert-scf-to-cf, \
+convert-gpu-to-nvvm{use-bare-ptr-memref-call-conv=1 index-bitwidth=64}), \
+reconcile-unrealized-casts)";
+
+/// The GPU kiln compiles for, and the PTX ISA version it emits.
+pub const SM: &str = "sm_90a";
+const PTX_FEATURES: &str = "+ptx80";
+
+fn nvptx_machine() -> Result<TargetMachine, EmitError> {
+    init_llvm_targets()?;
+    let triple = TargetTriple::create("nvptx64-nvidia-cuda");
+    let target = LlvmTarget::from_triple(&triple).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    target
+        .create_target_machine(
+            &triple,
+            SM,
+            PTX_FEATURES,
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| EmitError::Llvm(format!("no NVPTX target machine for {SM}")))
+}
+
+fn optimized<'l>(
+    module: &LoweredModule,
+    llvm: &'l LlvmContext,
+    machine: &TargetMachine,
+) -> Result<LlvmModule<'l>, EmitError> {
+    if module.target != Target::Gpu {
+        return Err(EmitError::Llvm("the GPU back end was given CPU kernels".into()));
+    }
+    let mlir = Mlir::new();
+    let mut m = mlir.parse(&module.text())?;
+    mlir.run(&mut m, GPU_PIPELINE)?;
+    let body = m.body();
+    let mut op = body.first_operation();
+    while let Some(o) = op {
+        if o.name().as_string_ref().as_str() == Ok("gpu.module") {
+            break;
+        }
+        op = o.next_in_block();
+    }
+    let gpu_module = op.ok_or_else(|| EmitError::Translate {
+        diagnostics: format!("no gpu.module @{GPU_MODULE} after lowering"),
+    })?;
+    let ir = mlir.translate(gpu_module, llvm)?;
+    ir.set_triple(&machine.get_triple());
+    ir.set_data_layout(&machine.get_target_data().get_data_layout());
+    ir.verify().map_err(|e| EmitError::Llvm(e.to_string()))?;
+    ir.run_passes("default<O3>", machine, PassBuilderOptions::create())
+        .map_err(|e| EmitError::Llvm(e.to_string()))?;
+    Ok(ir)
+}
+
+/// The optimised LLVM IR of a GPU module, as text.
+pub fn llvm_ir(module: &LoweredModule) -> Result<String, EmitError> {
+    let llvm = LlvmContext::create();
+    let machine = nvptx_machine()?;
+    let text = optimized(module, &llvm, &machine)?.print_to_string().to_string();
+    Ok(text)
+}
+
+/// PTX for sm_90a holding every kernel of the module (`.entry` per kernel, named as the kernel).
+pub fn ptx(module: &LoweredModule) -> Result<String, EmitError> {
+    let llvm = LlvmContext::create();
+    let machine = nvptx_machine()?;
+    let ir = optimized(module, &llvm, &machine)?;
+    let text = machine
+        .write_to_memory_buffer(&ir, FileType::Assembly)
+        .map_err(|e| EmitError::Llvm(e.to_string()))?;
+    Ok(String::from_utf8_lossy(text.as_slice()).into_owned())
+}

@@ -1,0 +1,302 @@
+//! Kernel formation: a verified graph into the kernels that compute it and the program of steps that
+//! runs them.
+//!
+//! Today every primitive op is its own kernel, and a `fused` node is one kernel whose body is the fused
+//! graph. Nodes that compute nothing are not kernels: `input`, `param` and `constant` name buffers the
+//! runtime provides; `reshape` is an [`Step::Alias`] (every value is a dense row-major buffer, so a
+//! reshape is the same bytes under another type); `send`/`recv` are [`Step::Runtime`] steps.
+//!
+//! A [`Kernel`] is described by content alone: its body is a small graph whose inputs `a0, a1, ...` are
+//! the kernel's arguments and whose outputs `r0, r1, ...` its results, with no scopes and no names from
+//! the model. Kernels with equal bodies (same op, attributes and argument types) are one kernel, so the
+//! 58 identical MoE layers of DeepSeek-V3 share theirs. Each kernel is named after its op and a hash of
+//! its printed body (`k_rms_norm_4f1c0e2a9b3d`), which is stable across runs, machines and graph
+//! positions; its [`KernelId`] (`k0`, `k1`, ...) numbers kernels in order of first use in the graph.
+//!
+//! Kernel ABI facts fixed here and relied on by lowering: buffers are passed in the order arguments
+//! then results; every symbolic size (`B`, `T`, `S`) that occurs in a kernel's types is passed as an
+//! `i64`, in the order of [`Kernel::syms`].
+//!
+//! What formation does not do: fusion (a pass will produce `fused` nodes), memory planning, or any
+//! check that a kernel can be lowered (lowering reports `LowerError::Unsupported`).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use kiln_ir::graph::GraphError;
+use kiln_ir::infer::{infer, InferError};
+use kiln_ir::types::Sym;
+use kiln_ir::verify::{verify, VerifyError};
+use kiln_ir::{Dim, Graph, NodeId, Op, TensorType, ValueId};
+
+/// A kernel of a [`KernelPlan`]. Displays as `k3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelId(u32);
+
+impl KernelId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for KernelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "k{}", self.0)
+    }
+}
+
+/// One kernel: what it computes (its body) and its signature.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub id: KernelId,
+    /// `k_{op}_{hash}`: the symbol of the kernel in emitted code.
+    pub name: String,
+    /// Inputs `a0..` are the arguments, outputs `r0..` the results.
+    pub body: Graph,
+    pub args: Vec<TensorType>,
+    pub results: Vec<TensorType>,
+    /// The symbolic sizes the kernel's types mention, in `B, T, S` order: its `i64` size arguments.
+    pub syms: Vec<Sym>,
+}
+
+/// One step of the program that runs a graph, in graph order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Runs `kernel` on the buffers of `args`, writing the buffers of `results`.
+    Launch { kernel: KernelId, node: NodeId, args: Vec<ValueId>, results: Vec<ValueId> },
+    /// `result` is the buffer of `source` under another shape (a reshape): no code runs.
+    Alias { node: NodeId, result: ValueId, source: ValueId },
+    /// Communication the runtime performs itself (`send`, `recv`).
+    Runtime { node: NodeId },
+}
+
+/// The kernels of a graph and the steps that run them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelPlan {
+    /// Indexed by [`KernelId`].
+    pub kernels: Vec<Kernel>,
+    pub steps: Vec<Step>,
+}
+
+impl KernelPlan {
+    pub fn kernel(&self, id: KernelId) -> &Kernel {
+        &self.kernels[id.index()]
+    }
+
+    /// The number of kernel launches one run of the graph makes.
+    pub fn launch_count(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count()
+    }
+}
+
+/// Why a graph could not be partitioned into kernels.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum FormError {
+    /// The graph does not verify; formation only accepts verified graphs.
+    #[error(transparent)]
+    Invalid(#[from] VerifyError),
+    /// An op applied to argument types it does not accept ([`Kernel::for_op`]).
+    #[error("kernel for `{op}`: {cause}")]
+    Infer { op: &'static str, cause: InferError },
+    /// A kernel body could not be built: a bug in formation.
+    #[error("kernel for `{op}`: {cause}")]
+    Body { op: &'static str, cause: GraphError },
+    /// Two different kernels got the same name. Names carry 48 bits of hash, so this does not happen
+    /// by chance; it is reported rather than producing two symbols with one name.
+    #[error("kernels `{first}` and `{second}` differ but both hash to `{name}`")]
+    NameCollision { name: String, first: String, second: String },
+}
+
+impl Kernel {
+    /// The kernel of one primitive op applied to arguments of the given types (id `k0`): what
+    /// formation builds for each node, usable on its own in tests and tools.
+    pub fn for_op(op: &Op, args: &[TensorType]) -> Result<Kernel, FormError> {
+        let refs: Vec<&TensorType> = args.iter().collect();
+        let results = infer(op, &refs).map_err(|cause| FormError::Infer { op: op.name(), cause })?;
+        let body = op_body(op, args, &results)?;
+        Ok(Kernel::from_body(KernelId(0), body))
+    }
+
+    /// The kernel whose body is `body` (inputs are arguments, outputs results).
+    fn from_body(id: KernelId, mut body: Graph) -> Kernel {
+        body.set_name("kernel");
+        let text = kiln_ir::print(&body);
+        let name = format!("k_{}_{:012x}", body_label(&body), fnv1a(text.as_bytes()) >> 16);
+        body.set_name(name.clone());
+        let args: Vec<TensorType> = body.inputs().iter().map(|&(_, v)| body.ty(v).clone()).collect();
+        let results: Vec<TensorType> = body.outputs().iter().map(|&(_, v)| body.ty(v).clone()).collect();
+        let syms = Sym::ALL
+            .into_iter()
+            .filter(|&s| args.iter().chain(&results).any(|t| t.shape.iter().any(|&d| has_sym(d, s))))
+            .collect();
+        Kernel { id, name, body, args, results, syms }
+    }
+
+    /// The op of a one-op kernel (every kernel that is not `fused`).
+    pub fn single_op(&self) -> Option<&Op> {
+        let mut ops = self.body.nodes().into_iter().map(|n| &self.body.node(n).op);
+        let mut computing = ops.by_ref().filter(|op| !matches!(op, Op::Input { .. }));
+        let first = computing.next()?;
+        computing.next().is_none().then_some(first)
+    }
+}
+
+/// Whether `d` has `s` as a factor.
+pub fn has_sym(d: Dim, s: Sym) -> bool {
+    d.checked_div(Dim::sym(s)).is_some()
+}
+
+/// A label for kernel names: the op name, or `fused_{name}` with the name reduced to `[a-z0-9_]`.
+fn body_label(body: &Graph) -> String {
+    let ops: Vec<&Op> = body
+        .nodes()
+        .into_iter()
+        .map(|n| &body.node(n).op)
+        .filter(|op| !matches!(op, Op::Input { .. } | Op::Constant { .. }))
+        .collect();
+    match ops.as_slice() {
+        [one] => one.name().to_string(),
+        _ => "fused".to_string(),
+    }
+}
+
+/// The body graph of one op: inputs `a0..` of the argument types, the op, outputs `r0..`.
+fn op_body(op: &Op, args: &[TensorType], results: &[TensorType]) -> Result<Graph, FormError> {
+    let wrap = |cause| FormError::Body { op: op.name(), cause };
+    let mut body = Graph::new("kernel");
+    let mut ins = Vec::with_capacity(args.len());
+    for (i, t) in args.iter().enumerate() {
+        let (_, v) =
+            body.add_node(Op::Input { name: format!("a{i}") }, &[], vec![t.clone()], None).map_err(wrap)?;
+        ins.push(v[0]);
+    }
+    let (_, outs) = body.add_node(op.clone(), &ins, results.to_vec(), None).map_err(wrap)?;
+    for (i, v) in outs.into_iter().enumerate() {
+        body.add_output(format!("r{i}"), v).map_err(wrap)?;
+    }
+    Ok(body)
+}
+
+/// FNV-1a, 64 bits: a fixed, documented hash, so kernel names do not change between Rust versions
+/// (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Partitions a verified graph into kernels (one per primitive op or `fused` node, deduplicated by
+/// content) and the steps that run them. See the module documentation.
+pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
+    verify(g)?;
+    let mut kernels: Vec<Kernel> = Vec::new();
+    let mut by_name: HashMap<String, KernelId> = HashMap::new();
+    let mut steps = Vec::new();
+    for n in g.nodes() {
+        let node = g.node(n);
+        let body = match &node.op {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => continue,
+            Op::Reshape { .. } => {
+                steps.push(Step::Alias { node: n, result: node.results[0], source: node.inputs[0] });
+                continue;
+            }
+            Op::Send { .. } | Op::Recv { .. } => {
+                steps.push(Step::Runtime { node: n });
+                continue;
+            }
+            Op::Fused { body, .. } => (**body).clone(),
+            op => {
+                let args: Vec<TensorType> = node.inputs.iter().map(|&v| g.ty(v).clone()).collect();
+                let results: Vec<TensorType> = node.results.iter().map(|&r| g.ty(r).clone()).collect();
+                op_body(op, &args, &results)?
+            }
+        };
+        let candidate = Kernel::from_body(KernelId(kernels.len() as u32), body);
+        let id = match by_name.get(&candidate.name) {
+            Some(&id) => {
+                let existing = &kernels[id.index()];
+                if existing.body != candidate.body {
+                    return Err(FormError::NameCollision {
+                        name: candidate.name.clone(),
+                        first: kiln_ir::print(&existing.body),
+                        second: kiln_ir::print(&candidate.body),
+                    });
+                }
+                id
+            }
+            None => {
+                let id = candidate.id;
+                by_name.insert(candidate.name.clone(), id);
+                kernels.push(candidate);
+                id
+            }
+        };
+        steps.push(Step::Launch {
+            kernel: id,
+            node: n,
+            args: node.inputs.clone(),
+            results: node.results.clone(),
+        });
+    }
+    Ok(KernelPlan { kernels, steps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> KernelPlan {
+        form_kernels(&kiln_ir::parse(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn identical_ops_share_a_kernel() {
+        let p = plan(
+            r#"graph @g {
+  %0 = input {name = "x"} : f32[B, T, 8]
+  %1 = param {name = "w"} : f32[8]
+  %2 = rms_norm %0, %1 {eps = 1e-6} : f32[B, T, 8]
+  %3 = reshape %2 {shape = [B, T, 2, 4]} : f32[B, T, 2, 4]
+  %4 = param {name = "v"} : f32[8]
+  %5 = rms_norm %0, %4 {eps = 1e-6} : f32[B, T, 8]
+  %6 = rms_norm %0, %4 {eps = 1e-5} : f32[B, T, 8]
+  %7 = silu %5 : f32[B, T, 8]
+  output "a" = %3
+  output "b" = %6
+  output "c" = %7
+}"#,
+        );
+        assert_eq!(p.kernels.len(), 3, "{:#?}", p.kernels);
+        assert_eq!(p.launch_count(), 4);
+        let ids: Vec<KernelId> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Launch { kernel, .. } => Some(*kernel),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [KernelId(0), KernelId(0), KernelId(1), KernelId(2)]);
+        assert!(matches!(p.steps[1], Step::Alias { .. }));
+        let k = &p.kernels[0];
+        assert!(k.name.starts_with("k_rms_norm_") && k.name.len() == "k_rms_norm_".len() + 12, "{}", k.name);
+        assert_eq!(k.syms, [Sym::B, Sym::T]);
+        assert_eq!(k.args.len(), 2);
+        assert!(matches!(k.single_op(), Some(Op::RmsNorm { .. })));
+        assert_eq!(p.kernels[1].id.to_string(), "k1");
+        // The name depends on content only.
+        let again = Kernel::for_op(&Op::Unary(kiln_ir::UnaryOp::Silu), &p.kernels[2].args).unwrap();
+        assert_eq!(again.name, p.kernels[2].name);
+    }
+
+    #[test]
+    fn bad_graphs_and_types_are_errors() {
+        let g = Graph::new("empty");
+        assert!(matches!(form_kernels(&g), Err(FormError::Invalid(_))));
+        let e = Kernel::for_op(&Op::Linear, &[TensorType::known(kiln_ir::DType::F32, &[2, 3])]).unwrap_err();
+        assert!(matches!(e, FormError::Infer { op: "linear", .. }), "{e}");
+    }
+}

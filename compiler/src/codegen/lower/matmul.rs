@@ -1,0 +1,429 @@
+//! Matrix products: `linear` (`x[..., K] @ w[N, K]^T`, PyTorch's weight layout) and `matmul`
+//! (`a[..., M, K] @ b[..., K, N]` with broadcast batch dimensions).
+//!
+//! CPU `linear` is the kernel built to become fast. Its work items are the `M` rows of `x`, so a thread
+//! pool splits `M`. Within `[lo, hi)` the columns are taken in panels of [`NB`] weight rows (a panel of
+//! `NB x K` weights stays in L2 while every row of the range passes over it), and each panel is
+//! covered by [`MR`] x [`NR`] register blocks: `MR * NR` accumulators of `vector<8xf32>`, each a dot
+//! product along `K` (both operands are contiguous in `K`), fed by `MR + NR` vector loads per
+//! `MR * NR` `vector.fma`s; a horizontal sum and a scalar loop over the last `K mod 8` finish each
+//! output. Rows and columns that do not fill a block use 1-row and 1-column variants of the same block,
+//! so any `M`, `N`, `K` work. Not yet done: packing, K blocking, and vector widths chosen from the host.
+//!
+//! CPU `matmul` (used by nothing in DeepSeek's forward graph today) is simpler: per output row, one
+//! `vector<8xf32>` of columns at a time, accumulated over `K` with broadcast FMAs, and a scalar tail.
+//!
+//! GPU (both ops): 32x32 output tiles, one block of 32x8 threads per tile (each thread computes 4
+//! outputs of one column), the K dimension walked in steps of 32 through two shared-memory tiles
+//! (rows padded to 33 floats to avoid bank conflicts). Global loads are coalesced: consecutive threads
+//! read consecutive addresses of whichever dimension is contiguous (`K` for `x` and for `linear`'s
+//! weight, `N` for `matmul`'s `b`). Loads outside the matrix read 0 and stores outside are skipped,
+//! so no size needs to be a multiple of the tile. Grid: `ceil(N/32) x ceil(M/32) x batch`.
+//!
+//! Sums are reassociated (vector lanes, tiles), so results differ from a sequential loop by rounding.
+
+use kiln_ir::{DType, Dim};
+
+use super::elementwise::broadcast_index;
+use super::{Frame, GridDim, LaunchShape, LowerError, Target};
+use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
+
+/// Rows of `x` per CPU register block.
+pub const MR: usize = 4;
+/// Weight rows (output columns) per CPU register block.
+pub const NR: usize = 4;
+/// Vector width in f32 lanes.
+const VL: i64 = 8;
+/// Weight rows per CPU panel (a multiple of [`NR`]).
+pub const NB: i64 = 64;
+/// GPU output tile (rows and columns) and K step.
+const TILE: i64 = 32;
+/// Rows of threads per GPU block; each thread covers `TILE / ROWS` rows of its tile column.
+const ROWS: i64 = 8;
+/// Shared-memory row stride (a tile row plus one float of padding).
+const PITCH: i64 = TILE + 1;
+
+const VEC: &str = "vector<8xf32>";
+
+impl Frame<'_> {
+    /// `vector<8xf32>` from 8 consecutive elements of a buffer starting at `idx`.
+    fn load_vec(&mut self, buf: usize, idx: &Value) -> Value {
+        let (view, memref, dtype) =
+            (self.bufs[buf].view.clone(), self.bufs[buf].memref.clone(), self.bufs[buf].ty.dtype);
+        match dtype {
+            DType::F16 | DType::BF16 => {
+                let e = if dtype == DType::F16 { "f16" } else { "bf16" };
+                let v = self.b.op("xv", format_args!("vector.load {view}[{idx}] : {memref}, vector<8x{e}>"));
+                self.b.op("xv", format_args!("arith.extf {v} : vector<8x{e}> to {VEC}"))
+            }
+            _ => self.b.op("xv", format_args!("vector.load {view}[{idx}] : {memref}, {VEC}")),
+        }
+    }
+
+    fn store_vec(&mut self, buf: usize, idx: &Value, v: &Value) {
+        let (view, memref, dtype) =
+            (self.bufs[buf].view.clone(), self.bufs[buf].memref.clone(), self.bufs[buf].ty.dtype);
+        let (v, ty) = match dtype {
+            DType::F16 | DType::BF16 => {
+                let e = if dtype == DType::F16 { "f16" } else { "bf16" };
+                (
+                    self.b.op("yv", format_args!("arith.truncf {v} : {VEC} to vector<8x{e}>")),
+                    format!("vector<8x{e}>"),
+                )
+            }
+            _ => (v.clone(), VEC.to_string()),
+        };
+        self.b.line(format_args!("vector.store {v}, {view}[{idx}] : {memref}, {ty}"));
+    }
+
+    /// `a * b + c` on f32 with one rounding.
+    fn fma(&mut self, a: &Value, b: &Value, c: &Value) -> Value {
+        match self.target {
+            Target::Cpu => self.b.op("f", format_args!("math.fma {a}, {b}, {c} : f32")),
+            Target::Gpu => {
+                self.b.op("f", format_args!("llvm.intr.fma({a}, {b}, {c}) : (f32, f32, f32) -> f32"))
+            }
+        }
+    }
+}
+
+fn check_float(f: &Frame, op: &str) -> Result<(), LowerError> {
+    match f.bufs[0].ty.dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        d => Err(f.unsupported(op, format!("{d} operands"))),
+    }
+}
+
+pub(super) fn linear(f: &mut Frame) -> Result<LaunchShape, LowerError> {
+    check_float(f, "linear")?;
+    let x = f.bufs[0].ty.shape.clone();
+    let w = f.bufs[1].ty.shape.clone();
+    let rows = x[..x.len() - 1].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let rows = rows.ok_or_else(|| f.unsupported("linear", "the row count does not fit a dimension"))?;
+    let m = f.dim(rows);
+    let n = f.dim(w[0]);
+    let k = f.dim(w[1]);
+    Ok(match f.target {
+        Target::Cpu => {
+            linear_cpu(f, &n, &k);
+            LaunchShape::Cpu { work: rows }
+        }
+        Target::Gpu => {
+            let zero = f.b.index(0);
+            let bases = [zero.clone(), zero.clone(), zero];
+            tiled_gpu(f, &m, &n, &k, &bases, true);
+            gpu_launch(rows, w[0], Dim::known(1))
+        }
+    })
+}
+
+fn linear_cpu(f: &mut Frame, n: &Value, k: &Value) {
+    let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let vl = f.b.index(VL);
+    let kq = f.b.divui(k, &vl);
+    let kvec = f.b.muli(&kq, &vl);
+    let (mr, nr, nb, one) = (f.b.index(MR as i64), f.b.index(NR as i64), f.b.index(NB), f.b.index(1));
+    let zero = f.b.index(0);
+    let span = f.b.subi(&hi, &lo);
+    let blocks = f.b.divui(&span, &mr);
+    let full = f.b.muli(&blocks, &mr);
+    let m_full = f.b.addi(&lo, &full);
+    let g = Gemv { n: n.clone(), k: k.clone(), kvec };
+    for_loop(f, &zero, n, &nb, |f, p| {
+        let end = f.b.addi(p, &nb);
+        let p_end = f.b.minui(&end, n);
+        let len = f.b.subi(&p_end, p);
+        let q = f.b.divui(&len, &nr);
+        let qn = f.b.muli(&q, &nr);
+        let p_full = f.b.addi(p, &qn);
+        for (m_lo, m_hi, m_step, mr) in [(&lo, &m_full, &mr, MR), (&m_full, &hi, &one, 1)] {
+            for_loop(f, m_lo, m_hi, m_step, |f, m0| {
+                for_loop(f, p, &p_full, &nr, |f, n0| g.block(f, m0, n0, mr, NR));
+                for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, m0, n0, mr, 1));
+            });
+        }
+    });
+}
+
+/// The sizes one CPU `linear` block needs.
+struct Gemv {
+    n: Value,
+    k: Value,
+    /// `K` rounded down to a multiple of the vector width.
+    kvec: Value,
+}
+
+impl Gemv {
+    /// Computes `y[m0 + i, n0 + j]` for `i < mr`, `j < nr`.
+    fn block(&self, f: &mut Frame, m0: &Value, n0: &Value, mr: usize, nr: usize) {
+        let xrow: Vec<Value> = (0..mr).map(|i| row_start(f, m0, i, &self.k)).collect();
+        let wrow: Vec<Value> = (0..nr).map(|j| row_start(f, n0, j, &self.k)).collect();
+        let zero_v = f.b.constant("dense<0.0>", VEC);
+        let (zero, vl, one) = (f.b.index(0), f.b.index(VL), f.b.index(1));
+        let inits: Vec<(Value, &str)> = (0..mr * nr).map(|_| (zero_v.clone(), VEC)).collect();
+        let accs = for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
+            let wv: Vec<Value> = wrow
+                .iter()
+                .map(|r| {
+                    let i = f.b.addi(r, kk);
+                    f.load_vec(1, &i)
+                })
+                .collect();
+            let mut next = Vec::with_capacity(mr * nr);
+            for (i, xr) in xrow.iter().enumerate() {
+                let idx = f.b.addi(xr, kk);
+                let xv = f.load_vec(0, &idx);
+                for (j, w) in wv.iter().enumerate() {
+                    let a = &acc[i * nr + j];
+                    next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
+                }
+            }
+            next
+        });
+        let sums: Vec<(Value, &str)> = accs
+            .iter()
+            .map(|a| {
+                (
+                    f.b.op(
+                        "s",
+                        format_args!("vector.reduction <add>, {a} fastmath<reassoc> : {VEC} into f32"),
+                    ),
+                    "f32",
+                )
+            })
+            .collect();
+        let totals = for_carry(f, &self.kvec, &self.k, &one, &sums, |f, kk, acc| {
+            let ws: Vec<Value> = wrow
+                .iter()
+                .map(|r| {
+                    let i = f.b.addi(r, kk);
+                    f.load(1, &i)
+                })
+                .collect();
+            let mut next = Vec::with_capacity(mr * nr);
+            for (i, xr) in xrow.iter().enumerate() {
+                let idx = f.b.addi(xr, kk);
+                let x = f.load(0, &idx);
+                for (j, w) in ws.iter().enumerate() {
+                    next.push(f.fma(&x, w, &acc[i * nr + j]));
+                }
+            }
+            next
+        });
+        for i in 0..mr {
+            let row = f.b.index(i as i64);
+            let m = f.b.addi(m0, &row);
+            let base = f.b.muli(&m, &self.n);
+            for j in 0..nr {
+                let col = f.b.index(j as i64);
+                let c = f.b.addi(n0, &col);
+                let idx = f.b.addi(&base, &c);
+                f.store(2, &idx, &totals[i * nr + j]);
+            }
+        }
+    }
+}
+
+/// `(start + i) * k`: the offset of row `start + i` of a matrix with `k` columns.
+fn row_start(f: &mut Frame, start: &Value, i: usize, k: &Value) -> Value {
+    let iv = f.b.index(i as i64);
+    let r = f.b.addi(start, &iv);
+    f.b.muli(&r, k)
+}
+
+fn gpu_launch(m: Dim, n: Dim, batch: Dim) -> LaunchShape {
+    let t = TILE as u64;
+    LaunchShape::Gpu {
+        grid: [
+            GridDim { work: n, per_block: t },
+            GridDim { work: m, per_block: t },
+            GridDim { work: batch, per_block: 1 },
+        ],
+        block: [TILE as u32, ROWS as u32, 1],
+    }
+}
+
+pub(super) fn matmul(f: &mut Frame) -> Result<LaunchShape, LowerError> {
+    check_float(f, "matmul")?;
+    let a = f.bufs[0].ty.shape.clone();
+    let b = f.bufs[1].ty.shape.clone();
+    let y = f.result(0).ty.shape.clone();
+    let (ra, rb, ry) = (a.len(), b.len(), y.len());
+    let batch = y[..ry - 2].iter().try_fold(Dim::known(1), |acc, &d| acc.checked_mul(d));
+    let batch = batch.ok_or_else(|| f.unsupported("matmul", "the batch count does not fit a dimension"))?;
+    let (md, nd) = (a[ra - 2], b[rb - 1]);
+    let m = f.dim(md);
+    let n = f.dim(nd);
+    let k = f.dim(a[ra - 1]);
+    let (a_batch, b_batch, y_batch) = (a[..ra - 2].to_vec(), b[..rb - 2].to_vec(), y[..ry - 2].to_vec());
+    // Offsets of the matrices of batch entry `z` in a, b and y.
+    let bases = |f: &mut Frame, z: &Value| {
+        let mk = f.b.muli(&m, &k);
+        let kn = f.b.muli(&k, &n);
+        let mn = f.b.muli(&m, &n);
+        let za = broadcast_index(f, &a_batch, &y_batch, z);
+        let zb = broadcast_index(f, &b_batch, &y_batch, z);
+        [f.b.muli(&za, &mk), f.b.muli(&zb, &kn), f.b.muli(z, &mn)]
+    };
+    Ok(match f.target {
+        Target::Cpu => {
+            let rows = batch.checked_mul(md).ok_or_else(|| f.unsupported("matmul", "too many rows"))?;
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            let one = f.b.index(1);
+            for_loop(f, &lo, &hi, &one, |f, r| {
+                let z = f.b.divui(r, &m);
+                let row = f.b.remui(r, &m);
+                let [ab, bb, _] = bases(f, &z);
+                let rk = f.b.muli(&row, &k);
+                let a_row = f.b.addi(&ab, &rk);
+                let y_row = f.b.muli(r, &n);
+                matmul_row_cpu(f, &a_row, &bb, &y_row, &n, &k);
+            });
+            LaunchShape::Cpu { work: rows }
+        }
+        Target::Gpu => {
+            let z = f.gpu_id("block_id", 'z');
+            let bases = bases(f, &z);
+            tiled_gpu(f, &m, &n, &k, &bases, false);
+            gpu_launch(md, nd, batch)
+        }
+    })
+}
+
+/// One output row of a CPU matmul: `y[y_row + c] = sum_k a[a_row + k] * b[b_base + k * n + c]`.
+fn matmul_row_cpu(f: &mut Frame, a_row: &Value, b_base: &Value, y_row: &Value, n: &Value, k: &Value) {
+    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
+    let q = f.b.divui(n, &vl);
+    let nvec = f.b.muli(&q, &vl);
+    let zero_v = f.b.constant("dense<0.0>", VEC);
+    for_loop(f, &zero, &nvec, &vl, |f, c| {
+        let acc = for_carry(f, &zero, k, &one, &[(zero_v.clone(), VEC)], |f, kk, acc| {
+            let ai = f.b.addi(a_row, kk);
+            let a = f.load(0, &ai);
+            let av = f.b.op("av", format_args!("vector.broadcast {a} : f32 to {VEC}"));
+            let kn = f.b.muli(kk, n);
+            let bk = f.b.addi(b_base, &kn);
+            let bi = f.b.addi(&bk, c);
+            let bv = f.load_vec(1, &bi);
+            vec![f.b.op("acc", format_args!("vector.fma {av}, {bv}, {} : {VEC}", acc[0]))]
+        });
+        let yi = f.b.addi(y_row, c);
+        f.store_vec(2, &yi, &acc[0]);
+    });
+    let init = f.b.f32(0.0);
+    for_loop(f, &nvec, n, &one, |f, c| {
+        let s = for_carry(f, &zero, k, &one, &[(init.clone(), "f32")], |f, kk, acc| {
+            let ai = f.b.addi(a_row, kk);
+            let a = f.load(0, &ai);
+            let kn = f.b.muli(kk, n);
+            let bk = f.b.addi(b_base, &kn);
+            let bi = f.b.addi(&bk, c);
+            let b = f.load(1, &bi);
+            vec![f.fma(&a, &b, &acc[0])]
+        });
+        let yi = f.b.addi(y_row, c);
+        f.store(2, &yi, &s[0]);
+    });
+}
+
+/// The shared-memory tiled GPU product of one batch entry. `bases` are the offsets of the entry's
+/// matrices in a, b and y; `b_transposed` says b is stored `[N, K]` (`linear`) rather than `[K, N]`.
+fn tiled_gpu(f: &mut Frame, m: &Value, n: &Value, k: &Value, bases: &[Value; 3], b_transposed: bool) {
+    let (tx, ty) = (f.gpu_id("thread_id", 'x'), f.gpu_id("thread_id", 'y'));
+    let (bx, by) = (f.gpu_id("block_id", 'x'), f.gpu_id("block_id", 'y'));
+    let tile = f.b.index(TILE);
+    let pitch = f.b.index(PITCH);
+    let n0 = f.b.muli(&bx, &tile);
+    let m0 = f.b.muli(&by, &tile);
+    let col = f.b.addi(&n0, &tx);
+    let (a_tile, a_ty) = f.workgroup("a_tile", "f32", (TILE * PITCH) as u64);
+    let (b_tile, b_ty) = f.workgroup("b_tile", "f32", (TILE * PITCH) as u64);
+    let per_thread = (TILE / ROWS) as usize;
+    // Thread row `ty + ROWS * r` of the tile, for each of the thread's rows.
+    let rows: Vec<Value> = (0..per_thread)
+        .map(|r| {
+            let off = f.b.index(ROWS * r as i64);
+            f.b.addi(&ty, &off)
+        })
+        .collect();
+    let zero = f.b.index(0);
+    let one = f.b.index(1);
+    let fzero = f.b.f32(0.0);
+    let inits: Vec<(Value, &str)> = (0..per_thread).map(|_| (fzero.clone(), "f32")).collect();
+    let acc = for_carry(f, &zero, k, &tile, &inits, |f, k0, acc| {
+        for row in &rows {
+            // a[m0 + row, k0 + tx] -> a_tile[row][tx]
+            let gm = f.b.addi(&m0, row);
+            let gk = f.b.addi(k0, &tx);
+            let v = guarded_load(f, 0, &bases[0], (&gm, m), (&gk, k), k);
+            let at = f.b.muli(row, &pitch);
+            let at = f.b.addi(&at, &tx);
+            f.b.line(format_args!("memref.store {v}, {a_tile}[{at}] : {a_ty}"));
+            if b_transposed {
+                // w[n0 + row, k0 + tx] -> b_tile[tx][row]
+                let gn = f.b.addi(&n0, row);
+                let v = guarded_load(f, 1, &bases[1], (&gn, n), (&gk, k), k);
+                let bt = f.b.muli(&tx, &pitch);
+                let bt = f.b.addi(&bt, row);
+                f.b.line(format_args!("memref.store {v}, {b_tile}[{bt}] : {b_ty}"));
+            } else {
+                // b[k0 + row, n0 + tx] -> b_tile[row][tx]
+                let gk = f.b.addi(k0, row);
+                let v = guarded_load(f, 1, &bases[1], (&gk, k), (&col, n), n);
+                f.b.line(format_args!("memref.store {v}, {b_tile}[{at}] : {b_ty}"));
+            }
+        }
+        f.b.line("gpu.barrier");
+        let next = for_carry(f, &zero, &tile, &one, &inits_of(acc), |f, kk, acc| {
+            let bi = f.b.muli(kk, &pitch);
+            let bi = f.b.addi(&bi, &tx);
+            let bv = f.b.op("b", format_args!("memref.load {b_tile}[{bi}] : {b_ty}"));
+            rows.iter()
+                .zip(acc)
+                .map(|(row, a)| {
+                    let ai = f.b.muli(row, &pitch);
+                    let ai = f.b.addi(&ai, kk);
+                    let av = f.b.op("a", format_args!("memref.load {a_tile}[{ai}] : {a_ty}"));
+                    f.fma(&av, &bv, a)
+                })
+                .collect()
+        });
+        f.b.line("gpu.barrier");
+        next
+    });
+    let col_ok = f.b.op("p", format_args!("arith.cmpi ult, {col}, {n} : index"));
+    for (row, v) in rows.iter().zip(&acc) {
+        let gm = f.b.addi(&m0, row);
+        let row_ok = f.b.op("p", format_args!("arith.cmpi ult, {gm}, {m} : index"));
+        let ok = f.b.op("p", format_args!("arith.andi {row_ok}, {col_ok} : i1"));
+        if_then(f, &ok, |f| {
+            let yi = f.b.muli(&gm, n);
+            let yi = f.b.addi(&yi, &col);
+            let yi = f.b.addi(&bases[2], &yi);
+            f.store(2, &yi, v);
+        });
+    }
+}
+
+fn inits_of(values: &[Value]) -> Vec<(Value, &'static str)> {
+    values.iter().map(|v| (v.clone(), "f32")).collect()
+}
+
+/// Element `(r, c)` of a row-major matrix with row stride `stride` at `base` in buffer `buf`, or 0
+/// when `r >= rows` or `c >= cols`.
+fn guarded_load(
+    f: &mut Frame,
+    buf: usize,
+    base: &Value,
+    (r, rows): (&Value, &Value),
+    (c, cols): (&Value, &Value),
+    stride: &Value,
+) -> Value {
+    let r_ok = f.b.op("p", format_args!("arith.cmpi ult, {r}, {rows} : index"));
+    let c_ok = f.b.op("p", format_args!("arith.cmpi ult, {c}, {cols} : index"));
+    let ok = f.b.op("p", format_args!("arith.andi {r_ok}, {c_ok} : i1"));
+    let idx = f.b.muli(r, stride);
+    let idx = f.b.addi(&idx, c);
+    let idx = f.b.addi(base, &idx);
+    if_else(f, &ok, "f32", |f| f.load(buf, &idx), |f| f.b.f32(0.0))
+}

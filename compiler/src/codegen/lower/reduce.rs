@@ -1,0 +1,287 @@
+//! Row kernels: reductions over a contiguous run of axes, softmax along one axis, and RMS norm.
+//!
+//! Each op is viewed as `[outer, n, inner]`: `n` is the size of the reduced (or normalised) axes and
+//! `inner` the size of the axes after them, so element `t` of row `r` is at
+//! `(r / inner) * n * inner + r % inner + t * inner`. A row is one output element of a reduction, or one
+//! vector normalised by softmax / RMS norm.
+//!
+//! CPU: the work items are rows; each row is a sequential loop (sums are added in index order, so
+//! results do not depend on the split into `[lo, hi)`). GPU: one block per row (256 threads, or the row length rounded up to a power of two when shorter); each
+//! thread reduces a strided slice, then the block combines the partial results with a tree in shared
+//! memory (`gpu.barrier` between levels).
+//!
+//! Semantics: float sums in f32; `mean` divides by `n`; `max`/`min` propagate NaN, and start from
+//! -inf/+inf (integer min/max from the type's extremes). Softmax is `exp(x - max) / sum`, in f32.
+//! RMS norm follows Hugging Face: `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, the product
+//! rounded to the input dtype before the weight multiplies it.
+//!
+//! Not handled (typed `Unsupported`): reductions over axes that are not adjacent, and `bool`.
+
+use kiln_ir::{DType, Dim, ReduceOp};
+
+use super::{compute_type, Frame, GridDim, LaunchShape, LowerError, Target};
+use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
+
+/// Most threads per block of row kernels on the GPU; rows of known length `n` get the smallest power
+/// of two >= `n` (at least one warp) instead, so short rows do not leave most threads idle.
+const MAX_BLOCK: i64 = 256;
+
+/// The `[outer, n, inner]` view of a shape around the axes `first..=last`.
+struct Rows {
+    /// Rows: `outer * inner`.
+    rows: Dim,
+    n: Value,
+    /// `n` when it is a constant.
+    n_known: Option<u64>,
+    inner: Value,
+    /// GPU threads per row.
+    block: i64,
+}
+
+fn block_for(n: Option<u64>) -> i64 {
+    match n {
+        Some(n) => (n.next_power_of_two() as i64).clamp(32, MAX_BLOCK),
+        None => MAX_BLOCK,
+    }
+}
+
+fn rows_of(f: &mut Frame, op: &str, shape: &[Dim], first: usize, last: usize) -> Result<Rows, LowerError> {
+    let rows =
+        shape[..first].iter().chain(&shape[last + 1..]).try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let rows = rows.ok_or_else(|| f.unsupported(op, "the row count does not fit a dimension"))?;
+    let n_known = shape[first..=last].iter().try_fold(1u64, |a, d| a.checked_mul(d.as_known()?));
+    let n = f.prod(&shape[first..=last]);
+    let inner = f.prod(&shape[last + 1..]);
+    Ok(Rows { rows, n, n_known, inner, block: block_for(n_known) })
+}
+
+/// The index of element `t` of row `r`.
+fn element(f: &mut Frame, rows: &Rows, r: &Value, t: &Value) -> Value {
+    let o = f.b.divui(r, &rows.inner);
+    let j = f.b.remui(r, &rows.inner);
+    let on = f.b.muli(&o, &rows.n);
+    let oni = f.b.muli(&on, &rows.inner);
+    let base = f.b.addi(&oni, &j);
+    let ti = f.b.muli(t, &rows.inner);
+    f.b.addi(&base, &ti)
+}
+
+/// Runs `body(f, r)` for every row: a loop over `[lo, hi)` on the CPU, the block id on the GPU.
+fn each_row(f: &mut Frame, rows: &Rows, body: impl FnOnce(&mut Frame, &Value)) -> LaunchShape {
+    match f.target {
+        Target::Cpu => {
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            let one = f.b.index(1);
+            for_loop(f, &lo, &hi, &one, body);
+            LaunchShape::Cpu { work: rows.rows }
+        }
+        Target::Gpu => {
+            let r = f.gpu_id("block_id", 'x');
+            body(f, &r);
+            LaunchShape::Gpu {
+                grid: [GridDim { work: rows.rows, per_block: 1 }, GridDim::one(), GridDim::one()],
+                block: [rows.block as u32, 1, 1],
+            }
+        }
+    }
+}
+
+/// A combining operation and its identity, in compute type `ty`.
+#[derive(Clone, Copy)]
+struct Combine {
+    op: &'static str,
+    identity: &'static str,
+    ty: &'static str,
+}
+
+const SUM_F32: Combine = Combine { op: "addf", identity: "0.0", ty: "f32" };
+const MAX_F32: Combine = Combine { op: "maximumf", identity: "0xFF800000", ty: "f32" };
+
+fn combine_for(op: ReduceOp, dtype: DType) -> Option<Combine> {
+    let ty = compute_type(dtype);
+    Some(match (op, ty) {
+        (ReduceOp::Sum | ReduceOp::Mean, "f32") => SUM_F32,
+        (ReduceOp::Max, "f32") => MAX_F32,
+        (ReduceOp::Min, "f32") => Combine { op: "minimumf", identity: "0x7F800000", ty },
+        (ReduceOp::Sum, "i32" | "i64") => Combine { op: "addi", identity: "0", ty },
+        (ReduceOp::Max, "i32") => Combine { op: "maxsi", identity: "-2147483648", ty },
+        (ReduceOp::Min, "i32") => Combine { op: "minsi", identity: "2147483647", ty },
+        (ReduceOp::Max, "i64") => Combine { op: "maxsi", identity: "-9223372036854775808", ty },
+        (ReduceOp::Min, "i64") => Combine { op: "minsi", identity: "9223372036854775807", ty },
+        _ => return None,
+    })
+}
+
+fn apply(f: &mut Frame, c: Combine, a: &Value, b: &Value) -> Value {
+    f.b.op("r", format_args!("arith.{} {a}, {b} : {}", c.op, c.ty))
+}
+
+/// Reduces `value(f, t)` over `t` in `0..n` for the current row: sequentially on the CPU; on the GPU
+/// a strided loop per thread, then a shared-memory tree across the block. Every GPU thread gets the
+/// total.
+fn reduce_row(f: &mut Frame, c: Combine, rows: &Rows, value: &dyn Fn(&mut Frame, &Value) -> Value) -> Value {
+    let n = &rows.n;
+    let init = f.b.constant(c.identity, c.ty);
+    match f.target {
+        Target::Cpu => {
+            let zero = f.b.index(0);
+            let one = f.b.index(1);
+            for_carry(f, &zero, n, &one, &[(init, c.ty)], |f, t, acc| {
+                let x = value(f, t);
+                vec![apply(f, c, &acc[0], &x)]
+            })
+            .remove(0)
+        }
+        Target::Gpu => {
+            let tid = f.gpu_id("thread_id", 'x');
+            let step = f.b.index(rows.block);
+            let partial = for_carry(f, &tid, n, &step, &[(init, c.ty)], |f, t, acc| {
+                let x = value(f, t);
+                vec![apply(f, c, &acc[0], &x)]
+            })
+            .remove(0);
+            let (sh, sh_ty) = f.workgroup("partials", c.ty, rows.block as u64);
+            f.b.line(format_args!("memref.store {partial}, {sh}[{tid}] : {sh_ty}"));
+            f.b.line("gpu.barrier");
+            let mut s = rows.block / 2;
+            while s >= 1 {
+                let sv = f.b.index(s);
+                let active = f.b.op("p", format_args!("arith.cmpi ult, {tid}, {sv} : index"));
+                if_then(f, &active, |f| {
+                    let other = f.b.addi(&tid, &sv);
+                    let a = f.b.op("x", format_args!("memref.load {sh}[{tid}] : {sh_ty}"));
+                    let b = f.b.op("x", format_args!("memref.load {sh}[{other}] : {sh_ty}"));
+                    let r = apply(f, c, &a, &b);
+                    f.b.line(format_args!("memref.store {r}, {sh}[{tid}] : {sh_ty}"));
+                });
+                f.b.line("gpu.barrier");
+                s /= 2;
+            }
+            let zero = f.b.index(0);
+            let total = f.b.op("total", format_args!("memref.load {sh}[{zero}] : {sh_ty}"));
+            // Everyone has read the total before the buffer is reused by a later reduction.
+            f.b.line("gpu.barrier");
+            total
+        }
+    }
+}
+
+/// Runs `body(f, t)` for `t` in `0..n` of the current row: all of it on the CPU, a strided share
+/// per thread on the GPU.
+fn each_in_row(f: &mut Frame, rows: &Rows, body: impl FnOnce(&mut Frame, &Value)) {
+    let (start, step) = match f.target {
+        Target::Cpu => (f.b.index(0), f.b.index(1)),
+        Target::Gpu => (f.gpu_id("thread_id", 'x'), f.b.index(rows.block)),
+    };
+    for_loop(f, &start, &rows.n, &step, body);
+}
+
+/// The row length as an f32 value.
+fn length_f32(f: &mut Frame, rows: &Rows) -> Value {
+    if let Some(n) = rows.n_known {
+        return f.b.f32(n as f64);
+    }
+    let n = &rows.n;
+    let i = f.b.op("n", format_args!("arith.index_cast {n} : index to i64"));
+    f.b.op("n", format_args!("arith.sitofp {i} : i64 to f32"))
+}
+
+pub(super) fn reduce(f: &mut Frame, op: ReduceOp, axes: &[usize]) -> Result<LaunchShape, LowerError> {
+    let name = kiln_ir::Op::Reduce { op, axes: axes.to_vec(), keep_dims: false }.name();
+    let shape = f.bufs[0].ty.shape.clone();
+    let dtype = f.bufs[0].ty.dtype;
+    let c = combine_for(op, dtype).ok_or_else(|| f.unsupported(name, format!("reduction of {dtype}")))?;
+    let mut sorted = axes.to_vec();
+    sorted.sort_unstable();
+    let (first, last) = match (sorted.first(), sorted.last()) {
+        (Some(&a), Some(&b)) if b - a + 1 == sorted.len() => (a, b),
+        (None, None) => (shape.len(), shape.len()),
+        _ => return Err(f.unsupported(name, format!("axes {axes:?} are not adjacent"))),
+    };
+    // With no axes each output element is its input element: a reduction over one element.
+    let rows = if first == shape.len() {
+        let numel = f.bufs[0].ty.numel().ok_or_else(|| f.unsupported(name, "too many elements"))?;
+        let one = f.b.index(1);
+        Rows { rows: numel, n: one.clone(), n_known: Some(1), inner: one, block: block_for(Some(1)) }
+    } else {
+        rows_of(f, name, &shape, first, last)?
+    };
+    Ok(each_row(f, &rows, |f, r| {
+        let total = reduce_row(f, c, &rows, &|f, t| {
+            let i = element(f, &rows, r, t);
+            f.load(0, &i)
+        });
+        let out = if op == ReduceOp::Mean {
+            let n = length_f32(f, &rows);
+            f.binf("divf", &total, &n)
+        } else {
+            total
+        };
+        store_once(f, r, &out);
+    }))
+}
+
+/// Stores a row's single result: every GPU thread has it, thread 0 writes it.
+fn store_once(f: &mut Frame, r: &Value, v: &Value) {
+    let out = f.kernel.args.len();
+    match f.target {
+        Target::Cpu => f.store(out, r, v),
+        Target::Gpu => {
+            let tid = f.gpu_id("thread_id", 'x');
+            let zero = f.b.index(0);
+            let first = f.b.op("p", format_args!("arith.cmpi eq, {tid}, {zero} : index"));
+            if_then(f, &first, |f| f.store(out, r, v));
+        }
+    }
+}
+
+pub(super) fn softmax(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerError> {
+    let shape = f.bufs[0].ty.shape.clone();
+    let rows = rows_of(f, "softmax", &shape, axis, axis)?;
+    Ok(each_row(f, &rows, |f, r| {
+        let max = reduce_row(f, MAX_F32, &rows, &|f, t| {
+            let i = element(f, &rows, r, t);
+            f.load(0, &i)
+        });
+        let shifted_exp = |f: &mut Frame, t: &Value| {
+            let i = element(f, &rows, r, t);
+            let x = f.load(0, &i);
+            let d = f.binf("subf", &x, &max);
+            (i, f.exp(&d))
+        };
+        let sum = reduce_row(f, SUM_F32, &rows, &|f, t| shifted_exp(f, t).1);
+        each_in_row(f, &rows, |f, t| {
+            let (i, e) = shifted_exp(f, t);
+            let y = f.binf("divf", &e, &sum);
+            f.store(1, &i, &y);
+        });
+    }))
+}
+
+pub(super) fn rms_norm(f: &mut Frame, eps: f64) -> Result<LaunchShape, LowerError> {
+    let shape = f.bufs[0].ty.shape.clone();
+    let dtype = f.bufs[0].ty.dtype;
+    let last = shape.len() - 1;
+    let rows = rows_of(f, "rms_norm", &shape, last, last)?;
+    Ok(each_row(f, &rows, |f, r| {
+        let ss = reduce_row(f, SUM_F32, &rows, &|f, t| {
+            let i = element(f, &rows, r, t);
+            let x = f.load(0, &i);
+            f.binf("mulf", &x, &x)
+        });
+        let n = length_f32(f, &rows);
+        let mean = f.binf("divf", &ss, &n);
+        let eps = f.b.f32(eps);
+        let var = f.binf("addf", &mean, &eps);
+        let scale = f.rsqrt(&var);
+        each_in_row(f, &rows, |f, t| {
+            let i = element(f, &rows, r, t);
+            let x = f.load(0, &i);
+            let y = f.binf("mulf", &x, &scale);
+            let y = f.round_to(&y, dtype);
+            let w = f.load(1, t);
+            let out = f.binf("mulf", &w, &y);
+            f.store(2, &i, &out);
+        });
+    }))
+}

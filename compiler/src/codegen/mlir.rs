@@ -1,0 +1,390 @@
+//! A small writer for textual MLIR: one function body at a time, with SSA names handed out by the
+//! writer, constants hoisted to the function's entry, and structured control flow (`scf.for`,
+//! `scf.if`) written through closures so that regions always close.
+//!
+//! Why text: the lowering's output is meant to be read (snapshots, `kiln` dumps, bug reports), and
+//! MLIR's own parser and verifier check it afterwards. The writer guarantees well-formed *structure*
+//! (every value is defined once, before use, in a region that dominates its uses, because constants
+//! live in the entry block and loop results are only returned after the loop closes); it does not
+//! type-check, which is the verifier's job.
+//!
+//! Value names are a hint plus a counter (`%x3`, `%acc12`), so the text stays readable and two values
+//! never share a name. Integer constants of type `index` are named after their value (`%c64`).
+
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+
+/// An SSA value in the function being written. Its `Display` is its MLIR name, `%x3`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Value(String);
+
+impl Value {
+    /// A value defined outside the writer, such as a function argument (`name` without the `%`).
+    pub fn named(name: &str) -> Value {
+        Value(format!("%{name}"))
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The body of one function under construction.
+#[derive(Debug, Default)]
+pub struct Body {
+    /// Constants, written at the top of the entry block so that they dominate every use.
+    consts: String,
+    lines: String,
+    /// Indentation (two spaces per level) of the region being written; starts at the function
+    /// body's level.
+    depth: usize,
+    base: usize,
+    next: u32,
+    const_names: HashMap<(String, String), Value>,
+    /// The value of each `index` constant, for folding.
+    index_values: HashMap<Value, i64>,
+    used_names: HashMap<String, u32>,
+}
+
+/// Formats an f64 as an MLIR float literal of an `f32` constant: the shortest decimal that reads
+/// back to the same f32, always with a `.`; non-finite values as their bit pattern.
+pub fn f32_literal(x: f64) -> String {
+    let v = x as f32;
+    if !v.is_finite() {
+        return format!("0x{:08X}", v.to_bits());
+    }
+    let s = format!("{v:?}");
+    if s.contains('.') {
+        s
+    } else if let Some((m, e)) = s.split_once('e') {
+        format!("{m}.0e{e}")
+    } else {
+        format!("{s}.0")
+    }
+}
+
+impl Body {
+    /// A body whose lines are indented `indent` levels (two spaces each): 2 for a function inside a
+    /// module, 3 for a `gpu.func` inside a `gpu.module`.
+    pub fn new(indent: usize) -> Body {
+        Body { depth: indent, base: indent, ..Body::default() }
+    }
+
+    /// A fresh name `%{hint}{n}`.
+    pub fn fresh(&mut self, hint: &str) -> Value {
+        let n = self.next;
+        self.next += 1;
+        Value(format!("%{hint}{n}"))
+    }
+
+    /// A name `%{name}` if it is still free, else `%{name}_{n}`: for values whose name carries
+    /// meaning (kernel arguments, sizes).
+    pub fn named(&mut self, name: &str) -> Value {
+        let count = self.used_names.entry(name.to_string()).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            Value(format!("%{name}"))
+        } else {
+            Value(format!("%{name}_{}", *count - 1))
+        }
+    }
+
+    /// Writes one line at the current nesting depth.
+    pub fn line(&mut self, text: impl fmt::Display) {
+        for _ in 0..self.depth {
+            self.lines.push_str("  ");
+        }
+        writeln!(self.lines, "{text}").expect("writing to a String cannot fail");
+    }
+
+    /// Writes `%v = {rhs}` and returns `%v`.
+    pub fn op(&mut self, hint: &str, rhs: impl fmt::Display) -> Value {
+        let v = self.fresh(hint);
+        self.line(format_args!("{v} = {rhs}"));
+        v
+    }
+
+    /// An `arith.constant` of the given literal and type, hoisted to the entry block and shared.
+    pub fn constant(&mut self, literal: &str, ty: &str) -> Value {
+        let key = (literal.to_string(), ty.to_string());
+        if let Some(v) = self.const_names.get(&key) {
+            return v.clone();
+        }
+        let v = if ty == "index" {
+            let name = literal.strip_prefix('-').map_or(format!("c{literal}"), |n| format!("cm{n}"));
+            self.named(&name)
+        } else {
+            self.fresh("cst")
+        };
+        let pad = "  ".repeat(self.base);
+        writeln!(self.consts, "{pad}{v} = arith.constant {literal} : {ty}").expect("String write");
+        self.const_names.insert(key, v.clone());
+        v
+    }
+
+    pub fn index(&mut self, n: i64) -> Value {
+        let v = self.constant(&n.to_string(), "index");
+        self.index_values.insert(v.clone(), n);
+        v
+    }
+
+    /// Folds `a op b` when both are `index` constants and the result fits.
+    fn fold(&mut self, a: &Value, b: &Value, op: fn(u64, u64) -> Option<u64>) -> Option<Value> {
+        let (x, y) = (*self.index_values.get(a)?, *self.index_values.get(b)?);
+        let r = op(u64::try_from(x).ok()?, u64::try_from(y).ok()?)?;
+        Some(self.index(i64::try_from(r).ok()?))
+    }
+
+    pub fn f32(&mut self, x: f64) -> Value {
+        self.constant(&f32_literal(x), "f32")
+    }
+
+    /// `%v = {rhs}` placed in the entry block and shared by `key`: for side-effect-free values that
+    /// depend on nothing but the function's arguments (`gpu.thread_id x`).
+    pub fn entry_op(&mut self, key: &str, hint: &str, rhs: impl fmt::Display) -> Value {
+        let k = (key.to_string(), "entry".to_string());
+        if let Some(v) = self.const_names.get(&k) {
+            return v.clone();
+        }
+        let v = self.named(hint);
+        let pad = "  ".repeat(self.base);
+        writeln!(self.consts, "{pad}{v} = {rhs}").expect("String write");
+        self.const_names.insert(k, v.clone());
+        v
+    }
+
+    /// `arith.addi`, `arith.muli`, ... on `index` values, folding the obvious identities so that the
+    /// text carries no `x * 1` or `x + 0`.
+    pub fn addi(&mut self, a: &Value, b: &Value) -> Value {
+        if let Some(v) = self.fold(a, b, u64::checked_add) {
+            return v;
+        }
+        match (self.is_const(a, "0"), self.is_const(b, "0")) {
+            (true, _) => b.clone(),
+            (_, true) => a.clone(),
+            _ => self.op("i", format_args!("arith.addi {a}, {b} : index")),
+        }
+    }
+
+    pub fn muli(&mut self, a: &Value, b: &Value) -> Value {
+        if let Some(v) = self.fold(a, b, u64::checked_mul) {
+            return v;
+        }
+        if self.is_const(a, "1") {
+            return b.clone();
+        }
+        if self.is_const(b, "1") {
+            return a.clone();
+        }
+        self.op("i", format_args!("arith.muli {a}, {b} : index"))
+    }
+
+    pub fn subi(&mut self, a: &Value, b: &Value) -> Value {
+        if let Some(v) = self.fold(a, b, u64::checked_sub) {
+            return v;
+        }
+        if self.is_const(b, "0") {
+            return a.clone();
+        }
+        self.op("i", format_args!("arith.subi {a}, {b} : index"))
+    }
+
+    pub fn divui(&mut self, a: &Value, b: &Value) -> Value {
+        if let Some(v) = self.fold(a, b, u64::checked_div) {
+            return v;
+        }
+        if self.is_const(b, "1") {
+            return a.clone();
+        }
+        self.op("i", format_args!("arith.divui {a}, {b} : index"))
+    }
+
+    pub fn remui(&mut self, a: &Value, b: &Value) -> Value {
+        if let Some(v) = self.fold(a, b, u64::checked_rem) {
+            return v;
+        }
+        if self.is_const(b, "1") {
+            return self.index(0);
+        }
+        self.op("i", format_args!("arith.remui {a}, {b} : index"))
+    }
+
+    pub fn minui(&mut self, a: &Value, b: &Value) -> Value {
+        if let Some(v) = self.fold(a, b, |x, y| Some(x.min(y))) {
+            return v;
+        }
+        self.op("i", format_args!("arith.minui {a}, {b} : index"))
+    }
+
+    fn is_const(&self, v: &Value, literal: &str) -> bool {
+        self.index_values.get(v).is_some_and(|n| n.to_string() == literal)
+    }
+
+    fn yield_values(&mut self, values: &[Value], types: &str) {
+        let vs = values.iter().map(Value::to_string).collect::<Vec<_>>().join(", ");
+        self.line(format_args!("scf.yield {vs} : {types}"));
+    }
+
+    /// The finished body: constants first, then the code, each line indented for a function body.
+    pub fn finish(self) -> String {
+        let mut out = self.consts;
+        out.push_str(&self.lines);
+        out
+    }
+}
+
+impl AsMut<Body> for Body {
+    fn as_mut(&mut self) -> &mut Body {
+        self
+    }
+}
+
+// Structured control flow. These are free functions over anything that holds a `Body`, so that a
+// lowering can keep using its own context (which owns the body) inside the region it is writing.
+
+/// `scf.for %iv = lo to hi step step { body }`.
+pub fn for_loop<C: AsMut<Body>>(
+    cx: &mut C,
+    lo: &Value,
+    hi: &Value,
+    step: &Value,
+    body: impl FnOnce(&mut C, &Value),
+) {
+    let b = cx.as_mut();
+    let iv = b.fresh("iv");
+    b.line(format_args!("scf.for {iv} = {lo} to {hi} step {step} {{"));
+    b.depth += 1;
+    body(cx, &iv);
+    let b = cx.as_mut();
+    b.depth -= 1;
+    b.line("}");
+}
+
+/// `scf.for` carrying values: `inits` are `(initial value, type)`; `body` gets the induction
+/// variable and the carried values and returns the next ones. Returns the final values.
+pub fn for_carry<C: AsMut<Body>>(
+    cx: &mut C,
+    lo: &Value,
+    hi: &Value,
+    step: &Value,
+    inits: &[(Value, &str)],
+    body: impl FnOnce(&mut C, &Value, &[Value]) -> Vec<Value>,
+) -> Vec<Value> {
+    let b = cx.as_mut();
+    let iv = b.fresh("iv");
+    let carried: Vec<Value> = inits.iter().map(|_| b.fresh("acc")).collect();
+    let results: Vec<Value> = inits.iter().map(|_| b.fresh("red")).collect();
+    let iter_args = carried
+        .iter()
+        .zip(inits)
+        .map(|(c, (init, _))| format!("{c} = {init}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let types = inits.iter().map(|(_, t)| *t).collect::<Vec<_>>().join(", ");
+    b.line(format_args!(
+        "{} = scf.for {iv} = {lo} to {hi} step {step} iter_args({iter_args}) -> ({types}) {{",
+        results_lhs(&results)
+    ));
+    b.depth += 1;
+    let next = body(cx, &iv, &carried);
+    assert_eq!(next.len(), inits.len(), "a loop body yields one value per carried value");
+    let b = cx.as_mut();
+    b.yield_values(&next, &types);
+    b.depth -= 1;
+    b.line("}");
+    results
+}
+
+/// `scf.if cond { body }` without results.
+pub fn if_then<C: AsMut<Body>>(cx: &mut C, cond: &Value, body: impl FnOnce(&mut C)) {
+    let b = cx.as_mut();
+    b.line(format_args!("scf.if {cond} {{"));
+    b.depth += 1;
+    body(cx);
+    let b = cx.as_mut();
+    b.depth -= 1;
+    b.line("}");
+}
+
+/// `scf.if cond -> (ty) { then } else { other }`, each branch returning its value.
+pub fn if_else<C: AsMut<Body>>(
+    cx: &mut C,
+    cond: &Value,
+    ty: &str,
+    then: impl FnOnce(&mut C) -> Value,
+    other: impl FnOnce(&mut C) -> Value,
+) -> Value {
+    let b = cx.as_mut();
+    let v = b.fresh("sel");
+    b.line(format_args!("{v} = scf.if {cond} -> ({ty}) {{"));
+    b.depth += 1;
+    let a = then(cx);
+    let b = cx.as_mut();
+    b.yield_values(&[a], ty);
+    b.depth -= 1;
+    b.line("} else {");
+    b.depth += 1;
+    let o = other(cx);
+    let b = cx.as_mut();
+    b.yield_values(&[o], ty);
+    b.depth -= 1;
+    b.line("}");
+    v
+}
+
+fn results_lhs(results: &[Value]) -> String {
+    results.iter().map(Value::to_string).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constants_are_hoisted_and_shared() {
+        let mut b = Body::new(1);
+        let lo = b.index(0);
+        let hi = b.index(8);
+        let one = b.index(1);
+        for_loop(&mut b, &lo, &hi, &one, |b, iv| {
+            let two = b.f32(2.0);
+            let again = b.f32(2.0);
+            assert_eq!(two, again);
+            b.line(format_args!("\"test.use\"({iv}, {two}) : (index, f32) -> ()"));
+        });
+        let text = b.finish();
+        assert_eq!(
+            text,
+            "  %c0 = arith.constant 0 : index\n  %c8 = arith.constant 8 : index\n  \
+             %c1 = arith.constant 1 : index\n  %cst1 = arith.constant 2.0 : f32\n  \
+             scf.for %iv0 = %c0 to %c8 step %c1 {\n    \"test.use\"(%iv0, %cst1) : (index, f32) -> ()\n  }\n"
+        );
+    }
+
+    #[test]
+    fn identities_fold() {
+        let mut b = Body::new(1);
+        let x = Value::named("x");
+        let zero = b.index(0);
+        let one = b.index(1);
+        assert_eq!(b.addi(&x, &zero), x);
+        assert_eq!(b.muli(&one, &x), x);
+        assert_eq!(b.divui(&x, &one), x);
+        assert_ne!(b.muli(&x, &x), x);
+        let (six, four) = (b.index(6), b.index(4));
+        assert_eq!(b.divui(&six, &four), one);
+        assert_eq!(b.muli(&six, &four), b.index(24));
+        assert_ne!(b.subi(&four, &six), b.index(-2), "no folding to negative unsigned values");
+    }
+
+    #[test]
+    fn float_literals_read_back() {
+        assert_eq!(f32_literal(1e-6), "1.0e-6");
+        assert_eq!(f32_literal(0.5), "0.5");
+        assert_eq!(f32_literal(3.0), "3.0");
+        assert_eq!(f32_literal(f64::NEG_INFINITY), "0xFF800000");
+        assert_eq!(f32_literal(std::f64::consts::LOG2_E), "1.442695");
+    }
+}

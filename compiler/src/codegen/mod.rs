@@ -1,0 +1,27 @@
+//! Code generation: a graph into kernels, kernels into MLIR text, MLIR into a host shared library and
+//! PTX for sm_90a.
+//!
+//! The stages, each a function whose output can be printed:
+//!
+//! ```text
+//! Graph ──kernel::form_kernels──▶ KernelPlan (deduplicated kernels + the steps that run them)
+//!   ──lower::lower_module(kernels, Target)──▶ LoweredModule (MLIR text: func.func | gpu.func)
+//!   ──cpu::object / cpu::link_shared_library──▶ kernels.so   (cpu::llvm_ir to inspect)
+//!   ──gpu::ptx──▶ PTX text, checked with toolchain::ptxas_check   (gpu::llvm_ir to inspect)
+//! ```
+//!
+//! Formation and lowering are pure functions of the graph. The emit stages run MLIR and LLVM in
+//! process; only `link_shared_library` touches the filesystem and runs a tool (`cc`).
+
+pub mod cpu;
+pub mod emit;
+pub mod gpu;
+pub mod kernel;
+pub mod lower;
+pub mod mlir;
+
+pub use emit::{verify_mlir, EmitError};
+pub use kernel::{form_kernels, FormError, Kernel, KernelId, KernelPlan, Step};
+pub use lower::{
+    lower_kernel, lower_module, GridDim, LaunchShape, LowerError, LoweredKernel, LoweredModule, Target,
+};
