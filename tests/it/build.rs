@@ -96,7 +96,8 @@ fn closed_form(s: &ModelSpec) -> ClosedForm {
 
 #[test]
 fn v3_parameter_counts_match_the_config() {
-    for s in [model("deepseek_v3")] {
+    {
+        let s = model("deepseek_v3");
         let g = build_graph(&s).unwrap();
         let sum = summarize(&s, &g, 4096);
         let want = closed_form(&s);
@@ -217,7 +218,8 @@ fn v3_params_have_hugging_face_names_and_shapes() {
 
 #[test]
 fn v2_lite_projects_queries_directly_and_routes_with_softmax() {
-    for s in [model("deepseek_v2_lite")] {
+    {
+        let s = model("deepseek_v2_lite");
         check_v2_lite(&s);
     }
 }
@@ -266,7 +268,8 @@ fn op_counts(g: &Graph) -> BTreeMap<&'static str, usize> {
 
 #[test]
 fn tiny_node_counts_per_layer_kind() {
-    for s in [model("tiny")] {
+    {
+        let s = model("tiny");
         // Attention: 7 params + 20 ops. Block: 2 norms (4 nodes) + 2 adds. Dense MLP: 3 params + 5 ops.
         // MoE (f32, no casts): gate, bias, linear, route, 48 expert params, experts, shared MLP (8), add.
         // Params of a MoE layer: 7 attention + 2 norms + gate and bias + 48 experts + 3 shared.

@@ -6,6 +6,10 @@
 //! graph kiln builds is run by `kiln_ir::interp`. Tolerances: logits and hidden states within 1e-4 max
 //! abs (f32 throughout; measured differences are reported on failure), routing weights within 1e-5,
 //! expert choices and the greedy continuation identical.
+//!
+//! `v3_tiny_mtp` adds a multi-token-prediction module (layer 3, under DeepSeek-V3's checkpoint names,
+//! including the copies of the shared embedding and head) whose golden logits come from transformers'
+//! generic `MtpModel`; its `golden.json` `mtp` section records the conventions they pin.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -51,12 +55,17 @@ struct Case {
     golden: weights::Checkpoint,
     json: serde_json::Value,
     layers: u64,
+    /// MTP depth, if the spec has MTP modules.
+    mtp: Option<u64>,
 }
 
 fn load_case(case: &str) -> Case {
     let dir = golden_dir(case);
     let spec = spec::load(&dir.join("config.json")).unwrap_or_else(|e| panic!("{case}: {e}"));
-    assert!(spec.mtp.is_none(), "transformers' goldens have no MTP module");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    // Only the MTP case has an MTP module (and an `mtp` section); the graph gets one exactly then.
+    assert_eq!(spec.mtp.is_some(), json.get("mtp").is_some(), "{case}: MTP in config.json vs golden.json");
     let graph = build::build_graph(&spec).unwrap();
     let ckpt = weights::open_checkpoint(&dir).unwrap();
     let params = weights::bind(&graph, &ckpt)
@@ -65,8 +74,14 @@ fn load_case(case: &str) -> Case {
         .map(|t| (t.name.clone(), to_tensor(t)))
         .collect();
     let golden = weights::open_checkpoint(&dir.join("golden.safetensors")).unwrap();
-    let json = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    Case { graph, params, golden, json, layers: spec.model.num_hidden_layers }
+    Case {
+        graph,
+        params,
+        golden,
+        json,
+        layers: spec.model.num_hidden_layers,
+        mtp: spec.mtp.map(|m| m.num_layers),
+    }
 }
 
 fn token_inputs(rows: &[Vec<i64>]) -> HashMap<String, Tensor> {
@@ -87,11 +102,11 @@ fn layer_outputs(g: &Graph, layers: u64) -> Vec<ValueId> {
             let node = g
                 .nodes()
                 .into_iter()
-                .filter(|&n| {
+                .rev()
+                .find(|&n| {
                     g.node(n).scope.as_deref() == Some(scope.as_str())
                         && matches!(g.node(n).op, Op::Binary(kiln_ir::BinaryOp::Add))
                 })
-                .last()
                 .unwrap_or_else(|| panic!("no residual add in {scope}"));
             g.node(node).results[0]
         })
@@ -208,6 +223,50 @@ fn v3_without_yarn_matches_transformers() {
 fn v2_lite_matches_transformers() {
     check_forward("v2_lite_tiny");
     check_continuation("v2_lite_tiny");
+}
+
+/// Multi-token prediction against transformers' `MtpModel`: the spec gets one MTP module from
+/// `num_nextn_predict_layers`, the checkpoint binds with the MTP layer's copies of the shared embedding
+/// and head, and both heads match. transformers rotates the MTP block with the positions of the embedded
+/// tokens (1..9), kiln with the hidden state's (0..8); rope is relative, so the two agree to rounding
+/// (golden.json `mtp.sensitivity`), far inside the tolerance, while the conventions that do matter (the
+/// final-normed hidden state, embedding first, no zeroing at position 0) move the logits by over 0.2.
+#[test]
+fn v3_mtp_matches_transformers() {
+    let case = "v3_tiny_mtp";
+    let c = load_case(case);
+    assert_eq!(c.mtp, Some(1), "{case}: num_nextn_predict_layers = 1 gives one MTP module");
+    let has_input = |name: &str| {
+        c.graph.nodes().into_iter().any(|n| matches!(&c.graph.node(n).op, Op::Input { name: i } if i == name))
+    };
+    assert!(has_input("mtp_tokens"), "{case}: the graph has no mtp_tokens input");
+    // The MTP layer's own tensors are bound (its copies of the shared ones are explained, not bound).
+    for name in ["model.layers.3.eh_proj.weight", "model.layers.3.shared_head.norm.weight"] {
+        assert!(c.params.contains_key(name), "{case}: {name} is not bound");
+    }
+    for name in ["model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight"] {
+        assert!(!c.params.contains_key(name), "{case}: the copy {name} became a param");
+    }
+
+    let ids = input_ids(&c.json);
+    let mtp_tokens = c.golden.read("mtp_tokens").unwrap();
+    // kiln's convention, which the golden was made with: token i + 1 at position i, a filler at the end.
+    let fill = c.json["mtp"]["fill_token"].as_i64().unwrap();
+    let shifted: Vec<i64> = ids.iter().flat_map(|r| r[1..].iter().copied().chain([fill])).collect();
+    assert_eq!(i64s(&mtp_tokens), &shifted[..], "{case}: mtp_tokens is not input_ids shifted left by one");
+
+    let mut inputs = token_inputs(&ids);
+    let [b, t] = mtp_tokens.shape[..] else { panic!("{case}: mtp_tokens is not [B, T]") };
+    inputs.insert("mtp_tokens".to_string(), Tensor::from_i64(DType::I32, [b, t], shifted).unwrap());
+    let out = interp::run(&c.graph, &inputs, &c.params).unwrap_or_else(|e| panic!("{case}: {e}"));
+
+    for name in ["logits", "mtp_logits"] {
+        let want = c.golden.read(name).unwrap();
+        assert_eq!(out[name].shape(), &want.shape[..], "{case}: {name} shape");
+        let diff = max_abs_diff(out[name].as_f32().unwrap(), f32s(&want));
+        eprintln!("{case}: {name} max abs diff vs transformers {diff:e}");
+        assert!(diff <= 1e-4, "{case}: {name} differ from transformers by up to {diff:e}");
+    }
 }
 
 /// DeepSeek's FP8 checkpoint format (E4M3 weights with 128x128 `weight_scale_inv` blocks, partial

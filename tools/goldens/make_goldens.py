@@ -8,6 +8,9 @@ Writes one folder per case under `tests/goldens/` (see README.md next to this fi
   one tensor per routed expert), plus `golden.safetensors` (logits, hidden states, router choices,
   rope frequencies) and `golden.json` (versions, inputs, the greedy continuation, a description of
   every tensor, the softmax scale and rope amplitude transformers used, and notes on its semantics).
+- `v3_tiny_mtp`: like `v3_tiny_yarn` (other weights) with one multi-token-prediction module saved
+  under DeepSeek-V3's checkpoint names (`model.layers.3.*`), plus its logits (`mtp_logits`) computed by
+  transformers' generic `MtpModel` (what `generate(use_mtp=True)` drafts with).
 - `fp8_dequant`: FP8 (E4M3) weights in DeepSeek's checkpoint format with their block scales, the
   dequantised f32 reference, and a float -> E4M3 conversion table taken from torch.
 
@@ -15,7 +18,9 @@ The script is deterministic (fixed seeds, one CPU thread, eager attention and ea
 run by hand, never by `cargo test`. It refuses to write anything if a self-check fails: the router
 choices are recomputed independently, the saved checkpoint is reloaded with `from_pretrained` and
 its logits recomputed, the per-expert tensors are compared with transformers' fused ones, and the
-greedy continuation is recomputed without a KV cache.
+greedy continuation is recomputed without a KV cache. For the MTP case, the MTP weights are reloaded
+through transformers' own MTP loader, the MTP logits recomputed in float64, and generate(use_mtp=True)
+must reproduce the greedy continuation.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.modeling_layers import MtpModel
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,6 +52,8 @@ INPUT_IDS = [
     [0, 99, 5, 5, 61, 190, 33, 250, 14],
 ]
 NEW_TOKENS = 8
+# The token MTP module 1 embeds at the last position, where the next token is not in the input.
+MTP_FILL_TOKEN = 0
 
 # The packages whose versions decide the numbers; recorded in every golden.json.
 PACKAGES = ["torch", "transformers", "safetensors", "numpy", "huggingface_hub"]
@@ -93,7 +101,7 @@ def yarn(mscale: float, mscale_all_dim: float) -> dict:
     }
 
 
-def v3_config(rope_scaling: dict | None) -> DeepseekV3Config:
+def v3_config(rope_scaling: dict | None, mtp_layers: int = 0) -> DeepseekV3Config:
     extra = {} if rope_scaling is None else {"rope_scaling": rope_scaling}
     return DeepseekV3Config(
         **COMMON,
@@ -109,7 +117,7 @@ def v3_config(rope_scaling: dict | None) -> DeepseekV3Config:
         scoring_func="sigmoid",
         topk_method="noaux_tc",
         rope_interleave=True,
-        num_nextn_predict_layers=0,
+        num_nextn_predict_layers=mtp_layers,
     )
 
 
@@ -327,11 +335,23 @@ def check_saved_experts(folder: Path, model, layers: list[int], n_experts: int, 
     return n
 
 
-def reference_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor, kind: str) -> torch.Tensor:
+def reference_forward(
+    w: dict[str, torch.Tensor],
+    cfg,
+    ids: torch.Tensor,
+    kind: str,
+    mtp_ids: torch.Tensor | None = None,
+    mtp_offset: int = 0,
+) -> dict[str, torch.Tensor]:
     """The whole model re-implemented from the semantics written in golden.json's notes, in float64,
     from the saved checkpoint alone (no transformers module is called): DeepSeek's interleaved rope
     (pairs (x[2j], x[2j+1]), output interleaved), the YaRN frequencies and softmax scale from their
-    formulas, independent routing. Its logits must match transformers' to f32 accuracy."""
+    formulas, independent routing. Its logits must match transformers' to f32 accuracy.
+
+    With `mtp_ids` it also runs MTP module 1 (layer `num_hidden_layers`) on the final-normed hidden
+    state, embedding `mtp_ids`, its rope at positions `mtp_offset + i` (transformers rotates with the
+    embedded tokens' positions, offset 1; kiln and vLLM with the hidden state's, offset 0). Returns
+    `logits` and, with `mtp_ids`, `mtp_logits`."""
     d = {k: v.double() for k, v in w.items()}
     eps = cfg.rms_norm_eps
     n_b, n_t = ids.shape
@@ -358,10 +378,13 @@ def reference_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor, kind: 
         if rp.get("mscale_all_dim"):
             scale *= ms(rp["mscale_all_dim"]) ** 2
         amp = ms(rp["mscale"]) / ms(rp["mscale_all_dim"]) if rp.get("mscale") and rp.get("mscale_all_dim") else ms(1)
-    ang = torch.arange(n_t, dtype=torch.float64)[:, None] * inv[None, :]  # [T, dr/2]
-    cos, sin = torch.cos(ang) * amp, torch.sin(ang) * amp
 
-    def rope(x):  # [..., T, dr], pairs interleaved in and out
+    def rotary(offset: int):  # cos and sin at positions offset .. offset + T - 1, [T, dr/2]
+        ang = (torch.arange(n_t, dtype=torch.float64) + offset)[:, None] * inv[None, :]
+        return torch.cos(ang) * amp, torch.sin(ang) * amp
+
+    def rope(x, cs):  # [..., T, dr], pairs interleaved in and out
+        cos, sin = cs
         a, b = x[..., 0::2], x[..., 1::2]
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
 
@@ -378,8 +401,8 @@ def reference_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor, kind: 
         )
 
     causal = torch.full((n_t, n_t), float("-inf"), dtype=torch.float64).triu(1)
-    h = d["model.embed_tokens.weight"][ids]
-    for i in range(cfg.num_hidden_layers):
+
+    def layer(h, i: int, moe: bool, cs):
         p = f"model.layers.{i}."
         x = rms(h, p + "input_layernorm.weight")
         a = p + "self_attn."
@@ -388,9 +411,9 @@ def reference_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor, kind: 
         else:
             q = lin(rms(lin(x, a + "q_a_proj.weight"), a + "q_a_layernorm.weight"), a + "q_b_proj.weight")
         q = q.view(n_b, n_t, heads, dn + dr).transpose(1, 2)  # [B, H, T, dn + dr]
-        q_nope, q_pe = q[..., :dn], rope(q[..., dn:])
+        q_nope, q_pe = q[..., :dn], rope(q[..., dn:], cs)
         kv = lin(x, a + "kv_a_proj_with_mqa.weight")
-        c, k_pe = rms(kv[..., :-dr], a + "kv_a_layernorm.weight"), rope(kv[..., -dr:])  # [B, T, dr]
+        c, k_pe = rms(kv[..., :-dr], a + "kv_a_layernorm.weight"), rope(kv[..., -dr:], cs)  # [B, T, dr]
         kvb = lin(c, a + "kv_b_proj.weight").view(n_b, n_t, heads, dn + dv).transpose(1, 2)
         k_nope, v = kvb[..., :dn], kvb[..., dn:]
         scores = (q_nope @ k_nope.transpose(-1, -2) + q_pe @ k_pe[:, None].transpose(-1, -2)) * scale + causal
@@ -398,9 +421,8 @@ def reference_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor, kind: 
         h = h + lin(o.transpose(1, 2).reshape(n_b, n_t, heads * dv), a + "o_proj.weight")
         x = rms(h, p + "post_attention_layernorm.weight")
         m = p + "mlp."
-        if i < cfg.first_k_dense_replace:
-            h = h + mlp(x, m)
-            continue
+        if not moe:
+            return h + mlp(x, m)
         xt = x.reshape(-1, x.shape[-1])
         logits = lin(xt, m + "gate.weight")
         if kind == "v3":
@@ -420,8 +442,312 @@ def reference_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor, kind: 
             wts = wts * cfg.routed_scaling_factor
             for e, we in zip(idx, wts):
                 y[t] += we * mlp(xt[t], f"{m}experts.{e}.")
-        h = h + y.view_as(x) + mlp(x, m + "shared_experts.")
-    return lin(rms(h, "model.norm.weight"), "lm_head.weight")
+        return h + y.view_as(x) + mlp(x, m + "shared_experts.")
+
+    h = d["model.embed_tokens.weight"][ids]
+    for i in range(cfg.num_hidden_layers):
+        h = layer(h, i, i >= cfg.first_k_dense_replace, rotary(0))
+    h = rms(h, "model.norm.weight")
+    out = {"logits": lin(h, "lm_head.weight")}
+    if mtp_ids is None:
+        return out
+
+    # MTP module 1: embedding first in the concatenation, the final-normed hidden state second, a decoder
+    # layer that is always MoE (transformers' get_mtp_config sets first_k_dense_replace = 0), then
+    # shared_head.norm and the SHARED head. The embedding is not zeroed at any position.
+    n = cfg.num_hidden_layers
+    p = f"model.layers.{n}."
+    e = d["model.embed_tokens.weight"][mtp_ids]
+    x = torch.cat([rms(e, p + "enorm.weight"), rms(h, p + "hnorm.weight")], dim=-1)
+    hm = layer(lin(x, p + "eh_proj.weight"), n, True, rotary(mtp_offset))
+    out["mtp_logits"] = lin(rms(hm, p + "shared_head.norm.weight"), "lm_head.weight")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-token prediction
+
+
+def build_mtp(model, seed: int):
+    """transformers' generic MTP module (`MtpModel` in modeling_layers.py, what generate(use_mtp=True)
+    drafts with) for `model`, with random weights. Its embedding, head and rotary embedding ARE the main
+    model's modules. MtpModel's own post_init only initialises generic modules (it leaves the fused
+    experts uninitialised and the router at zero), so every MTP tensor is drawn here from `seed` the way
+    `build_model` leaves the main layers: N(0, initializer_range) for every matrix (experts and router
+    included), 1 + 0.1 N(0, 1) for every RMSNorm gain, 0.1 N(0, 1) for the correction bias."""
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    mtp = MtpModel(model, model.config.num_nextn_predict_layers)
+    after = model.state_dict()
+    check(before.keys() == after.keys(), "building MtpModel leaves the main model's state dict keys alone")
+    check(all(bits_equal(before[k], after[k]) for k in before), "building MtpModel leaves the main weights alone")
+    check(mtp.embed_tokens is model.model.embed_tokens, "MtpModel shares the main embedding")
+    check(mtp.shared_head is model.lm_head, "MtpModel shares the main lm_head")
+    check(mtp.use_post_norm and not mtp.use_shared_post_norm, "one post norm (shared_head.norm) per MTP layer")
+    check(not getattr(mtp.config, "mtp_hidden_states_first", False), "MtpLayer concatenates the embedding first")
+    mtp.set_attn_implementation("eager")
+    mtp.set_experts_implementation("eager")
+    mtp.eval()
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in mtp.layers.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+        for name, b in mtp.layers.named_buffers():
+            check(name.endswith("e_score_correction_bias"), f"unexpected MTP buffer {name}")
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    return mtp
+
+
+def mtp_checkpoint(mtp, model) -> dict[str, torch.Tensor]:
+    """The MTP module under DeepSeek-V3's checkpoint names (README_WEIGHTS): MTP layer k is
+    `model.layers.{num_hidden_layers + k}`, holding `enorm`, `hnorm`, `eh_proj`, the decoder layer's own
+    tensors (`self_attn.*`, `mlp.*` with one tensor per routed expert, the two block norms),
+    `shared_head.norm`, and copies of the shared `embed_tokens.weight` and `shared_head.head.weight`.
+    transformers' loader maps these back (MtpModel.get_weight_conversions); `model_case` checks it."""
+    out: dict[str, torch.Tensor] = {}
+    n = model.config.num_hidden_layers
+    inter = model.config.moe_intermediate_size
+    for k, layer in enumerate(mtp.layers):
+        p = f"model.layers.{n + k}."
+        for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+            t = t.detach()
+            if name == "mtp_block.mlp.experts.gate_up_proj":  # [E, 2 * inter, hidden] = cat(gate, up)
+                for e in range(t.shape[0]):
+                    out[f"{p}mlp.experts.{e}.gate_proj.weight"] = t[e, :inter].clone()
+                    out[f"{p}mlp.experts.{e}.up_proj.weight"] = t[e, inter:].clone()
+            elif name == "mtp_block.mlp.experts.down_proj":  # [E, hidden, inter]
+                for e in range(t.shape[0]):
+                    out[f"{p}mlp.experts.{e}.down_proj.weight"] = t[e].clone()
+            elif name.startswith("mtp_block."):
+                out[p + name.removeprefix("mtp_block.")] = t.clone()
+            elif name == "post_norm.weight":
+                out[p + "shared_head.norm.weight"] = t.clone()
+            elif name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
+                out[p + name] = t.clone()
+            else:
+                check(False, f"MTP tensor {name} has no checkpoint name")
+        out[p + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+        out[p + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    return out
+
+
+def mtp_logits(mtp, hidden: torch.Tensor, mtp_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """MTP module 1's logits at every position, with transformers' own per-layer step: `forward_layer`
+    (embed, cat([enorm(emb), hnorm(hidden)]), eh_proj, the decoder layer under a causal mask, post_norm =
+    shared_head.norm) then `_project_to_logits` (the shared lm_head). `MtpModel.forward` runs exactly these
+    two calls but keeps only the last position's logits; `model_case` checks that position against it."""
+    with torch.no_grad():
+        h = mtp.forward_layer(0, hidden, position_ids, None, input_ids=mtp_ids)
+        return mtp._project_to_logits(h).detach()
+
+
+def mtp_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """The tokens MTP module 1 embeds: row b, position i holds input_ids[b, i + 1], and the last position,
+    whose next token is not in the input, holds MTP_FILL_TOKEN. This is kiln's `mtp_tokens` input."""
+    fill = torch.full((input_ids.shape[0], 1), MTP_FILL_TOKEN, dtype=input_ids.dtype)
+    return torch.cat([input_ids[:, 1:], fill], dim=1)
+
+
+def mtp_router_stats(cfg, gate, captured: dict) -> dict:
+    """The MTP layer's noaux_tc choices recomputed independently, and how close they are to a tie."""
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(captured["input"].float(), gate.weight.float())
+    bias = gate.e_score_correction_bias
+    hf_sets = [frozenset(t.tolist()) for t in captured["indices"]]
+    args = (cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok)
+    check(route_v3(logits, bias, *args) == hf_sets, "MTP layer: independent noaux_tc selection differs")
+    plain = route_v3(logits, bias, *args, group_limit=False)
+    unbiased = route_v3(logits, None, *args)
+    sel, grp = selection_margins(logits, bias, *args)
+    return {
+        "tokens": len(hf_sets),
+        "group_limit_changed": sum(a != b for a, b in zip(hf_sets, plain)),
+        "bias_changed": sum(a != b for a, b in zip(hf_sets, unbiased)),
+        "min_selection_margin": sel,
+        "min_group_margin": grp,
+    }
+
+
+def run_mtp(model, input_ids: torch.Tensor, hidden: torch.Tensor, raw_hidden: torch.Tensor, seed: int) -> dict:
+    """Builds the MTP module, computes its golden logits as generate(use_mtp=True) would, and measures
+    how far each convention kiln could get wrong moves them (so that a 1e-4 test catches it)."""
+    check(model.config.num_nextn_predict_layers == 1, "one MTP module")
+    mtp = build_mtp(model, seed)
+    ids = mtp_tokens(input_ids)
+    n_b, n_t = input_ids.shape
+    # MTPCandidateGenerator slices position_ids like input_ids: row i embeds token i + 1 at ITS position.
+    positions = torch.arange(1, n_t + 1, dtype=torch.int64)[None].expand(n_b, -1)
+    # generate(use_mtp=True) runs the main model with output_hidden_states=-1 and hands the MTP module
+    # model_outputs.hidden_states[-1]: the final-normed state, which `hidden` was checked to be.
+    with torch.no_grad():
+        last = model(input_ids=input_ids, output_hidden_states=-1, use_cache=False).hidden_states[-1]
+    check(bits_equal(last, hidden), "output_hidden_states=-1 hands MTP the final-normed hidden state")
+    captured = {}
+
+    def gate_hook(m, args, out):
+        captured.update(input=args[0].detach().reshape(-1, args[0].shape[-1]).clone(), indices=out[2].detach().clone())
+
+    gate = mtp.layers[0].mtp_block.mlp.gate
+    handle = gate.register_forward_hook(gate_hook)
+    try:
+        logits = mtp_logits(mtp, hidden, ids, positions)
+    finally:
+        handle.remove()
+    router = mtp_router_stats(model.config, gate, captured)
+
+    with torch.no_grad():
+        drafted, last_logits, _ = mtp(
+            input_ids=ids, last_hidden_states=hidden, attention_mask=None, position_ids=positions, mtp_cache=None
+        )
+    # forward projects only the last position ([B, 1, d] through lm_head), which may round differently.
+    forward_diff = (last_logits[:, 0] - logits[:, -1]).abs().max().item()
+    check(forward_diff <= 1e-6, f"MtpModel.forward's last-position logits differ by {forward_diff}")
+    check(torch.equal(drafted[:, 0], logits[:, -1].argmax(-1)), "MtpModel.forward drafts the argmax")
+
+    def diff(other: torch.Tensor) -> float:
+        return (other - logits).abs().max().item()
+
+    layer = mtp.layers[0]
+    with torch.no_grad():
+        emb = mtp.embed_tokens(ids)
+        zeroed = emb.clone()
+        zeroed[:, 0] = 0.0
+        h_zero = mtp.forward_layer(0, hidden, positions, None, inputs_embeds=zeroed)
+        mtp.config.mtp_hidden_states_first = True  # MtpLayer reads its (shared) config at call time
+        try:
+            swapped = mtp_logits(mtp, hidden, ids, positions)
+        finally:
+            del mtp.config.mtp_hidden_states_first
+        check(layer.config is mtp.config, "MtpLayer shares MtpModel's config")
+        sensitivity = {
+            "positions_of_the_hidden_state_i_instead_of_i_plus_1": diff(mtp_logits(mtp, hidden, ids, positions - 1)),
+            "hidden_state_before_the_final_norm": diff(mtp_logits(mtp, raw_hidden, ids, positions)),
+            "hidden_state_first_in_the_concatenation": diff(swapped),
+            "embedding_zeroed_at_position_0_as_vllm": diff(mtp._project_to_logits(h_zero)),
+            "main_logits_instead": diff(model.lm_head(hidden)),
+        }
+    check(sensitivity["positions_of_the_hidden_state_i_instead_of_i_plus_1"] <= 1e-5, "rope is relative")
+    for what, d in sensitivity.items():
+        if not what.startswith("positions"):
+            check(d > 1e-2, f"the MTP golden does not tell {what} apart ({d})")
+    return {
+        "module": mtp,
+        "ids": ids,
+        "positions": positions,
+        "logits": logits,
+        "drafted_last": drafted[:, 0].tolist(),
+        "forward_diff": forward_diff,
+        "router": router,
+        "sensitivity": sensitivity,
+    }
+
+
+def check_mtp_reload(reloaded, run: dict, input_ids: torch.Tensor, greedy: torch.Tensor) -> dict:
+    """The saved checkpoint through transformers' own MTP loader, and generate(use_mtp=True).
+
+    transformers' DeepseekV3 names only `model\\.layers\\.61.*` (the released model's MTP layer) in
+    `_keys_to_ignore_on_load_unexpected`, which MtpModel.from_pretrained reuses to find the MTP weights,
+    so for this 3-layer model the pattern is pointed at layer 3 on the reloaded instance."""
+    n = reloaded.config.num_hidden_layers
+    reloaded._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{n}\..*"]
+    loaded = MtpModel.from_pretrained(reloaded)
+    loaded.set_attn_implementation("eager")
+    loaded.set_experts_implementation("eager")
+    loaded.eval()
+    sd0, sd1 = run["module"].state_dict(), loaded.state_dict()
+    check(sd0.keys() == sd1.keys(), "MtpModel.from_pretrained has the same MTP keys")
+    check(all(bits_equal(sd0[k], sd1[k]) for k in sd0), "MtpModel.from_pretrained loads bit-identical weights")
+    with torch.no_grad():
+        hidden = reloaded(input_ids=input_ids, output_hidden_states=-1, use_cache=False).hidden_states[-1]
+    logits = mtp_logits(loaded, hidden, run["ids"], run["positions"])
+    reload_diff = (logits - run["logits"]).abs().max().item()
+    check(reload_diff <= 1e-6, f"reloaded MTP logits differ by {reload_diff}")
+
+    # Speculative decoding with MTP drafts must reproduce plain greedy decoding exactly.
+    prompt = input_ids[0:1]
+    reloaded.generation_config.eos_token_id = None
+    with torch.no_grad():
+        spec = reloaded.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=reloaded.config.bos_token_id,
+            use_mtp=True,
+        )
+    check(torch.equal(spec, greedy), "generate(use_mtp=True) reproduces the greedy continuation")
+    return {
+        "how": "MtpModel.from_pretrained(main model reloaded from this folder), which maps the checkpoint names "
+        "back (model.layers.3. -> layers.0.mtp_block., shared_head.norm -> post_norm, per-expert tensors fused); "
+        "its _keys_to_ignore_on_load_unexpected pattern is pointed at layer 3 because transformers' DeepseekV3 "
+        "hard-codes model\\.layers\\.61.*",
+        "weights_bit_identical": True,
+        "mtp_logits_bit_identical": bits_equal(logits, run["logits"]),
+        "mtp_logits_max_abs_diff": reload_diff,
+        "generate_use_mtp": "generate(input_ids[0:1], max_new_tokens=8, do_sample=False, use_mtp=True) on the "
+        "reloaded model equals the continuation (MTP drafts, the main model verifies)",
+    }
+
+
+def mtp_meta(run: dict, seed: int, reload: dict, ref_diff: float, ref0_diff: float, offset_f64: float) -> dict:
+    """golden.json's `mtp` section: how the MTP logits were computed and which conventions they pin."""
+    return {
+        "depth": 1,
+        "layer": 3,
+        "module": "transformers.modeling_layers.MtpModel(main_model, 1), the generic MTP module that "
+        "generate(use_mtp=True) drafts with (MTPCandidateGenerator); its embed_tokens, shared_head (= lm_head) "
+        "and rotary_emb are the main model's modules",
+        "call": "h = MtpModel.forward_layer(0, hidden_states.3, position_ids, None, input_ids=mtp_tokens); "
+        "mtp_logits = MtpModel._project_to_logits(h). MtpModel.forward makes these two calls and keeps only the "
+        "last position (for drafting); its last-position logits are checked against mtp_logits[:, -1] (it "
+        "projects a [B, 1, d] slice, so the matmul may round differently)",
+        "forward_last_position_max_abs_diff": run["forward_diff"],
+        "drafted_at_last_position": run["drafted_last"],
+        "router_stats": run["router"],
+        "seed": seed,
+        "weights": "MtpModel's post_init leaves the fused experts uninitialised and the router at zero, so every MTP "
+        "tensor is drawn by the script from torch.Generator().manual_seed(seed) in MtpModel.layers' parameter "
+        "order: N(0, 0.1) (initializer_range) for every matrix, 1 + 0.1 N(0, 1) for every RMSNorm gain "
+        "(enorm, hnorm, input_layernorm, post_attention_layernorm, q_a_layernorm, kv_a_layernorm, "
+        "shared_head.norm), 0.1 N(0, 1) for e_score_correction_bias",
+        "fill_token": MTP_FILL_TOKEN,
+        "mtp_tokens": f"mtp_tokens[b, i] = input_ids[b, i + 1]; the last position holds {MTP_FILL_TOKEN}, a fixed "
+        "filler (its real next token is not in the input, so only its row's logits depend on that choice)",
+        "hidden_state": "hidden_states.3: the main model's FINAL-NORMED output (model.norm), which is what "
+        "generate(use_mtp=True) passes (output_hidden_states=-1, model_outputs.hidden_states[-1], checked "
+        "bit-identical); layer_output.2 (before the norm) is NOT the MTP input",
+        "concat_order": "embedding first: eh_proj(cat([enorm(embed(mtp_tokens)), hnorm(hidden)], -1)) "
+        "(MtpLayer.forward; config.mtp_hidden_states_first is unset for DeepseekV3), as vLLM's deepseek_mtp.py",
+        "position_0_embedding": "NOT zeroed: MtpModel.forward_layer embeds every token (vLLM's deepseek_mtp.py "
+        "zeroes inputs_embeds where positions == 0; transformers has no such mask)",
+        "decoder_layer": "DeepseekV3DecoderLayer built from config.get_mtp_config(), which sets "
+        "first_k_dense_replace = 0: the MTP layer is always MoE (noaux_tc router with its own correction bias, "
+        "shared expert); eager attention under a plain causal mask over the 9 positions",
+        "head": "post_norm (checkpoint name shared_head.norm) then the SHARED lm_head; the checkpoint's copies "
+        "model.layers.3.embed_tokens.weight and model.layers.3.shared_head.head.weight equal the shared tensors "
+        "bit for bit and are not read by transformers (MtpModel ignores them on load)",
+        "position_ids": "1..9 in every row: MTPCandidateGenerator slices position_ids like input_ids, so row i uses "
+        "the position of the token it embeds (i + 1). kiln (like vLLM) feeds the hidden state's position i. Rope "
+        "is relative, so both give the same attention up to rounding (see sensitivity)",
+        "chained_modules": "not exercised (depth 1). For depth > 1, MtpModel feeds module k + 1 the output of "
+        "module k AFTER its post_norm (shared_head.norm), and shifts input_ids/position_ids by one per module",
+        "sensitivity": {
+            "what": "max abs change of mtp_logits if the MTP module is computed with each alternative convention; "
+            "every entry but the first is far above a 1e-4 test tolerance",
+            **run["sensitivity"],
+        },
+        "reload_check": reload,
+        "independent_check": {
+            "how": "reference_forward in float64 from model.safetensors (MTP layer by checkpoint names, shared "
+            "embedding and head), no transformers module called",
+            "mtp_logits_max_abs_diff_vs_f32_golden": ref_diff,
+            "mtp_logits_max_abs_diff_vs_f32_golden_at_positions_0_to_8": ref0_diff,
+            "float64_change_from_positions_1_to_9_to_0_to_8": offset_f64,
+        },
+    }
 
 
 def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -433,7 +759,19 @@ def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tenso
     return ids
 
 
-def model_case(out_root: Path, name: str, kind: str, cls, config, seed: int, summary: str, notes: list[str]) -> dict:
+def model_case(
+    out_root: Path,
+    name: str,
+    kind: str,
+    cls,
+    config,
+    seed: int,
+    summary: str,
+    notes: list[str],
+    mtp_seed: int | None = None,
+) -> dict:
+    """One model case. With `mtp_seed`, the config has one MTP module: its weights are drawn from
+    `mtp_seed`, saved under the checkpoint names and its golden logits computed by transformers' MtpModel."""
     model = build_model(cls, config, seed)
     cfg = model.config
     input_ids = torch.tensor(INPUT_IDS, dtype=torch.int64)
@@ -481,12 +819,22 @@ def model_case(out_root: Path, name: str, kind: str, cls, config, seed: int, sum
     top2 = steps.topk(2, dim=-1).values
     greedy_margin = (top2[:, 0] - top2[:, 1]).min().item()
 
+    mtp = None if mtp_seed is None else run_mtp(model, input_ids, hs[n_layers], layer_out[n_layers - 1], mtp_seed)
+
     folder = out_root / name
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp) / name
         model.save_pretrained(tmp)
         layers = moe_layers(model)
         n_expert_tensors = check_saved_experts(tmp, model, layers, cfg.n_routed_experts, cfg.moe_intermediate_size)
+        if mtp is not None:
+            # save_pretrained writes the main model only; the MTP layer joins it under its checkpoint names.
+            extra = mtp_checkpoint(mtp["module"], model)
+            with safe_open(tmp / "model.safetensors", "pt") as f:
+                check(f.metadata() == {"format": "pt"}, "save_pretrained's safetensors metadata")
+                main_tensors = {k: f.get_tensor(k) for k in f.keys()}
+            check(not (extra.keys() & main_tensors.keys()), "MTP tensor names are new")
+            save_file({**main_tensors, **extra}, tmp / "model.safetensors", metadata={"format": "pt"})
 
         # Reload from the folder and recompute.
         re = cls.from_pretrained(tmp, attn_implementation="eager", experts_implementation="eager")
@@ -499,12 +847,25 @@ def model_case(out_root: Path, name: str, kind: str, cls, config, seed: int, sum
         reload_diff = (logits2 - logits).abs().max().item()
         reload_bits = bits_equal(logits2, logits)
         check(reload_diff <= 1e-6, f"reloaded logits differ by {reload_diff}")
+        mtp_reload = None if mtp is None else check_mtp_reload(re, mtp, input_ids, gen)
         with safe_open(tmp / "model.safetensors", "pt") as f:
             weight_names = sorted(f.keys())
             saved = {k: f.get_tensor(k) for k in weight_names}
-        ref = reference_forward(saved, cfg, input_ids, kind)
-        ref_diff = (ref - logits.double()).abs().max().item()
+        ref = reference_forward(saved, cfg, input_ids, kind, None if mtp is None else mtp["ids"], mtp_offset=1)
+        ref_diff = (ref["logits"] - logits.double()).abs().max().item()
         check(ref_diff <= 1e-4, f"independent float64 re-implementation differs by {ref_diff}")
+        if mtp is not None:
+            mtp_ref_diff = (ref["mtp_logits"] - mtp["logits"].double()).abs().max().item()
+            check(mtp_ref_diff <= 1e-4, f"independent float64 MTP differs by {mtp_ref_diff}")
+            # kiln rotates the MTP block with positions 0..8 (the hidden state's), transformers with 1..9.
+            ref0 = reference_forward(saved, cfg, input_ids, kind, mtp["ids"], mtp_offset=0)["mtp_logits"]
+            mtp_ref0_diff = (ref0 - mtp["logits"].double()).abs().max().item()
+            check(mtp_ref0_diff <= 1e-4, f"independent float64 MTP at positions 0..8 differs by {mtp_ref0_diff}")
+            mtp_offset_f64 = (ref0 - ref["mtp_logits"]).abs().max().item()
+            n = cfg.num_hidden_layers
+            copies = [(f"model.layers.{n}.embed_tokens.weight", "model.embed_tokens.weight")]
+            copies.append((f"model.layers.{n}.shared_head.head.weight", "lm_head.weight"))
+            check(all(bits_equal(saved[a], saved[b]) for a, b in copies), "the MTP copies equal the shared tensors")
 
         tensors: dict[str, torch.Tensor] = {}
         desc: dict[str, str] = {}
@@ -554,6 +915,18 @@ def model_case(out_root: Path, name: str, kind: str, cls, config, seed: int, sum
         )
         tensors["continuation"] = gen.contiguous()
         desc["continuation"] = "generate(input_ids[0:1], max_new_tokens=8, do_sample=False): prompt + 8 new tokens"
+        if mtp is not None:
+            tensors["mtp_tokens"] = mtp["ids"].contiguous()
+            desc["mtp_tokens"] = (
+                f"the tokens MTP module 1 embeds, [2, 9] int64: mtp_tokens[b, i] = input_ids[b, i + 1], and "
+                f"{MTP_FILL_TOKEN} at the last position (its next token is not in the input); kiln's mtp_tokens input"
+            )
+            tensors["mtp_logits"] = mtp["logits"].contiguous()
+            desc["mtp_logits"] = (
+                "MTP module 1 (layer 3) logits, [2, 9, vocab]: lm_head(shared_head.norm(block(eh_proj(cat([enorm("
+                "embed(mtp_tokens)), hnorm(hidden_states.3)], -1))))), by transformers' MtpModel.forward_layer + "
+                "_project_to_logits, rope at positions 1..9; row i predicts token i + 2"
+            )
 
         folder_tmp = Path(tmp)
         # One metadata key only: safetensors writes the metadata map in hash order, so several keys
@@ -614,7 +987,16 @@ def model_case(out_root: Path, name: str, kind: str, cls, config, seed: int, sum
                 "dtype": "F32 (every tensor, including gate.weight and e_score_correction_bias)",
                 "tensors": len(weight_names),
                 "names": "canonical Hugging Face hub names; routed experts one tensor each: "
-                "model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight",
+                "model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight"
+                + (
+                    ""
+                    if mtp is None
+                    else f"; the MTP module as DeepSeek-V3's checkpoint stores it, layer {n_layers}: "
+                    f"model.layers.{n_layers}.{{enorm,hnorm,eh_proj}}.weight, the decoder layer's self_attn.*, mlp.* "
+                    "(MoE, per-expert tensors), input_layernorm and post_attention_layernorm, "
+                    f"shared_head.norm.weight, and the copies model.layers.{n_layers}.embed_tokens.weight (= "
+                    f"model.embed_tokens.weight) and model.layers.{n_layers}.shared_head.head.weight (= lm_head.weight)"
+                ),
                 "expert_storage": (
                     "transformers holds experts fused in memory (experts.gate_up_proj [E, 2*moe_inter, hidden] = "
                     "cat(gate, up) on dim 1; experts.down_proj [E, hidden, moe_inter]); save_pretrained converts "
@@ -635,6 +1017,11 @@ def model_case(out_root: Path, name: str, kind: str, cls, config, seed: int, sum
                 "scale from their formulas, independent routing), without calling transformers",
                 "logits_max_abs_diff_vs_f32_golden": ref_diff,
             },
+            **(
+                {}
+                if mtp is None
+                else {"mtp": mtp_meta(mtp, mtp_seed, mtp_reload, mtp_ref_diff, mtp_ref0_diff, mtp_offset_f64)}
+            ),
             "notes": notes + ([group_note] if group_note else []),
             "tensors": describe(tensors, desc),
         }
@@ -889,6 +1276,17 @@ V3_NOTES = [
     ),
 ]
 
+# v3_tiny_mtp: the V3 notes with the MTP note replaced by what the case pins.
+V3_MTP_NOTES = [n for n in V3_NOTES if not n.startswith("MTP:")] + [
+    (
+        "MTP (num_nextn_predict_layers = 1, layer 3), by transformers' generic MtpModel: mtp_logits = "
+        "lm_head(shared_head.norm(DecoderLayer_3(eh_proj(cat([enorm(embed(mtp_tokens)), hnorm(h)], -1))))) with h "
+        "= the main model's FINAL-NORMED hidden state (hidden_states.3), the embedding FIRST in the concatenation, "
+        "no zeroing of the embedding at position 0, the MTP layer always MoE, the shared embedding and lm_head, "
+        "rope at positions 1..9 (relative, so 0..8 agrees to rounding). See the mtp section."
+    ),
+]
+
 V2_NOTES = [
     (
         "Router (DeepseekV2TopkRouter): logits = F.linear(x.float(), gate.weight.float()) in f32; scores = "
@@ -959,6 +1357,18 @@ def main() -> None:
         notes=V2_NOTES,
     )
     fp8_case(args.out, seed=1004)
+    model_case(
+        args.out,
+        "v3_tiny_mtp",
+        "v3",
+        DeepseekV3ForCausalLM,
+        v3_config(yarn(1.0, 1.0), mtp_layers=1),
+        seed=1005,
+        summary="v3_tiny_yarn's architecture (other weights) with one multi-token-prediction module (layer 3, "
+        "MoE) stored under DeepSeek-V3's checkpoint names, and its logits from transformers' MtpModel",
+        notes=V3_MTP_NOTES,
+        mtp_seed=1006,
+    )
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"total {total} bytes under {args.out}")
 
