@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use kiln_compiler::{build, inspect, passes, spec};
 use kiln_ir::{text, verify};
 
+mod bench;
+mod compile;
 mod run;
 
 /// kiln: an ahead-of-time compiler for DeepSeek-V3-class models.
@@ -83,6 +85,13 @@ enum Command {
         #[arg(long)]
         ignore_eos: bool,
     },
+    /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
+    Compile(compile::Args),
+    /// Measure generated code against a reference.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
     /// List the compiler passes in pipeline order.
     Passes,
     /// Check the toolchain: MLIR, LLVM (NVPTX and host targets), ptxas, and CUDA devices.
@@ -131,7 +140,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run { spec, weights, random_weights, interp, prompt_ids, max_new_tokens, ignore_eos } => {
             if !interp {
                 bail!(
-                    "compiled execution needs an artifact from `kiln compile`, which kiln cannot build yet; \
+                    "compiled execution needs an artifact from `kiln compile`, which kiln cannot load yet; \
                      pass --interp to run the reference interpreter"
                 );
             }
@@ -143,6 +152,8 @@ fn run(command: Command) -> Result<()> {
             let req = run::Request { spec: &spec, weights, prompt: prompt_ids, max_new_tokens, ignore_eos };
             run::run(&req, &mut io::stdout().lock())
         }
+        Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
+        Command::Bench { what } => bench::run(what, &mut io::stdout().lock()),
         Command::Passes => {
             let mut out = String::new();
             for p in passes::PASSES {

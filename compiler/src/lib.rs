@@ -7,6 +7,7 @@
 pub mod build;
 pub mod codegen;
 pub mod inspect;
+pub mod pack;
 pub mod passes;
 pub mod spec;
 pub mod toolchain;

@@ -165,6 +165,32 @@ fn check_dispatch(op: &Op, d: &Dispatch) -> Result<(), InferError> {
     if d.top_k == 0 || d.top_k > d.num_experts {
         return fail(format!("`{}`: top_k must be between 1 and num_experts", op.name()));
     }
+    // The group limit is the router's (`check_router` states the same rules).
+    if d.num_groups == 0 || d.num_experts % d.num_groups != 0 {
+        return fail(format!(
+            "`{}`: {} experts cannot be split into {} equal groups",
+            op.name(),
+            d.num_experts,
+            d.num_groups
+        ));
+    }
+    if d.topk_groups == 0 || d.topk_groups > d.num_groups {
+        return fail(format!(
+            "`{}`: topk_groups must be between 1 and num_groups ({}), found {}",
+            op.name(),
+            d.num_groups,
+            d.topk_groups
+        ));
+    }
+    let reachable = d.topk_groups.saturating_mul(d.num_experts / d.num_groups);
+    if d.top_k > reachable {
+        return fail(format!(
+            "`{}`: top_k = {} does not fit in the {reachable} experts of {} groups",
+            op.name(),
+            d.top_k,
+            d.topk_groups
+        ));
+    }
     if d.ep_size == 0 || d.num_experts % d.ep_size != 0 {
         return fail(format!(
             "`{}`: {} experts cannot be placed evenly on {} ranks",
@@ -748,11 +774,17 @@ mod tests {
         );
         let too_many = Router { top_k: 9, ..r.clone() };
         assert!(bad(Op::MoeRoute(too_many), &["f32[B, T, 16]"]).contains("the 8 experts of the kept groups"));
-        let d = Dispatch { num_experts: 16, top_k: 4, ep_size: 2 };
+        let d = Dispatch { num_experts: 16, top_k: 4, ep_size: 2, num_groups: 1, topk_groups: 1 };
         assert_eq!(
-            ok(Op::MoeDispatch(d), &["bf16[B*T, 32]", "i32[B*T, 4]"]),
+            ok(Op::MoeDispatch(d.clone()), &["bf16[B*T, 32]", "i32[B*T, 4]"]),
             ["bf16[4*B*T, 32]", "i32[17]", "i32[4*B*T]"]
         );
+        let grouped = Dispatch { num_groups: 4, topk_groups: 2, ..d.clone() };
+        assert!(ok(Op::MoeDispatch(grouped), &["bf16[B*T, 32]", "i32[B*T, 4]"]).len() == 3);
+        let uneven = Dispatch { num_groups: 3, topk_groups: 1, ..d.clone() };
+        assert!(bad(Op::MoeDispatch(uneven), &["bf16[T, 32]", "i32[T, 4]"]).contains("3 equal groups"));
+        let too_few = Dispatch { num_groups: 8, topk_groups: 1, ..d };
+        assert!(bad(Op::MoeDispatch(too_few), &["bf16[T, 32]", "i32[T, 4]"]).contains("the 2 experts of"));
         assert_eq!(
             ok(Op::MoeCombine { top_k: 4 }, &["bf16[4*B*T, 32]", "i32[4*B*T]", "f32[B*T, 4]"]),
             ["bf16[B*T, 32]"]

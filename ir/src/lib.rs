@@ -5,6 +5,7 @@
 //! Architecture invariant: this crate knows nothing about TOML, MLIR, LLVM or CUDA. Its dependencies
 //! are petgraph, serde and thiserror.
 
+pub mod artifact;
 pub mod diag;
 pub mod graph;
 pub mod infer;

@@ -116,12 +116,20 @@ pub struct Router {
     pub scaling: f64,
 }
 
-/// Expert placement across expert-parallel ranks.
+/// Expert placement across expert-parallel ranks: the plan `plan-moe-dispatch` makes explicit.
+///
+/// Experts are placed in contiguous blocks of `num_experts / ep_size` per rank. `num_groups` and
+/// `topk_groups` record the router's group limit (reference §3.2, node-limited routing): the experts
+/// are cut into `num_groups` contiguous groups and each token's `top_k` experts lie in at most
+/// `topk_groups` of them, which bounds how many groups (nodes) a token's rows travel to. `1, 1` means
+/// no group limit; the text form omits them then.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dispatch {
     pub num_experts: u64,
     pub top_k: u64,
     pub ep_size: u64,
+    pub num_groups: u64,
+    pub topk_groups: u64,
 }
 
 /// An attribute value in the generic text form.
@@ -404,6 +412,15 @@ impl<'a> AttrReader<'a> {
         }
     }
 
+    /// An optional non-negative integer, `default` when absent.
+    fn uint_or(&mut self, key: &str, default: u64) -> Result<u64, AttrError> {
+        match self.take_opt(key) {
+            None => Ok(default),
+            Some(Attr::Int(v)) if v >= 0 => Ok(v as u64),
+            Some(other) => Err(self.wrong(key, "a non-negative integer", &other)),
+        }
+    }
+
     fn u32(&mut self, key: &str) -> Result<u32, AttrError> {
         let v = self.uint(key)?;
         u32::try_from(v).map_err(|_| AttrError(format!("attribute `{key}` is too large: {v}")))
@@ -616,11 +633,18 @@ impl Op {
             Op::MoeExperts { num_experts } | Op::GroupedLinear { num_experts } => {
                 vec![("num_experts", Attr::Int(*num_experts as i64))]
             }
-            Op::MoeDispatch(d) => vec![
-                ("num_experts", Attr::Int(d.num_experts as i64)),
-                ("top_k", Attr::Int(d.top_k as i64)),
-                ("ep_size", Attr::Int(d.ep_size as i64)),
-            ],
+            Op::MoeDispatch(d) => {
+                let mut v = vec![
+                    ("num_experts", Attr::Int(d.num_experts as i64)),
+                    ("top_k", Attr::Int(d.top_k as i64)),
+                    ("ep_size", Attr::Int(d.ep_size as i64)),
+                ];
+                if (d.num_groups, d.topk_groups) != (1, 1) {
+                    v.push(("num_groups", Attr::Int(d.num_groups as i64)));
+                    v.push(("topk_groups", Attr::Int(d.topk_groups as i64)));
+                }
+                v
+            }
             Op::MoeCombine { top_k } => vec![("top_k", Attr::Int(*top_k as i64))],
             Op::Fused { name, .. } => vec![("name", Attr::Str(name.clone()))],
             Op::Send { peer, tag } | Op::Recv { peer, tag } => {
@@ -708,6 +732,8 @@ impl Op {
                 num_experts: r.uint("num_experts")?,
                 top_k: r.uint("top_k")?,
                 ep_size: r.uint("ep_size")?,
+                num_groups: r.uint_or("num_groups", 1)?,
+                topk_groups: r.uint_or("topk_groups", 1)?,
             }),
             "moe_combine" => Op::MoeCombine { top_k: r.uint("top_k")? },
             "send" => Op::Send { peer: r.u32("peer")?, tag: r.u32("tag")? },
@@ -760,6 +786,9 @@ mod tests {
             normalize: true,
             scaling: 2.5,
         }));
+        let dispatch = Dispatch { num_experts: 256, top_k: 8, ep_size: 64, num_groups: 1, topk_groups: 1 };
+        round_trip(Op::MoeDispatch(dispatch.clone()));
+        round_trip(Op::MoeDispatch(Dispatch { num_groups: 8, topk_groups: 4, ..dispatch }));
         round_trip(Op::Quantize {
             to: DType::F8E4M3,
             spec: QuantSpec { block: vec![1, 128], amax_floor: 1e-4, pow2_scale: false },

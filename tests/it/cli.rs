@@ -1,27 +1,9 @@
 //! The `kiln` command line, run as a user runs it: real processes, real files, snapshots of what they
 //! print.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn kiln(args: &[&str]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(root()).output().unwrap();
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
+use crate::util::{kiln, root};
 
 fn models() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(root().join("models"))
@@ -150,14 +132,21 @@ fn outputs_are_written_atomically() {
 #[test]
 fn passes_and_after() {
     let list = kiln(&["passes"]);
-    assert!(list.ok && list.stdout.starts_with("dce "), "{}", list.stdout);
+    assert!(list.ok && list.stdout.starts_with("plan-moe-dispatch "), "{}", list.stdout);
+    let planned = kiln(&["ir", "models/tiny.toml", "--after", "plan-moe-dispatch"]);
+    assert!(planned.ok, "{}", planned.stderr);
+    assert!(planned.stdout.contains("moe_dispatch") && !planned.stdout.contains("moe_experts"));
     let after = kiln(&["ir", "models/tiny.toml", "--after", "dce"]);
     assert!(after.ok, "{}", after.stderr);
-    // The builder leaves no dead code, so dce changes nothing on a built model.
-    assert_eq!(after.stdout, kiln(&["ir", "models/tiny.toml"]).stdout);
+    // tiny has no [quantization], so insert-fp8-casts does nothing, and the rewrites leave no dead
+    // code, so dce changes nothing either.
+    assert_eq!(after.stdout, planned.stdout);
     let unknown = kiln(&["ir", "models/tiny.toml", "--after", "fuse-everything"]);
     assert!(!unknown.ok);
-    assert_eq!(unknown.stderr.trim(), "error: unknown pass `fuse-everything`; the passes are: dce");
+    assert_eq!(
+        unknown.stderr.trim(),
+        "error: unknown pass `fuse-everything`; the passes are: plan-moe-dispatch, insert-fp8-casts, dce"
+    );
 }
 
 #[test]

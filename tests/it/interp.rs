@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use crate::util::random_params;
 use kiln_compiler::build::build_graph;
 use kiln_compiler::spec::load;
 use kiln_ir::interp::{run, run_with, InterpError, Outputs, Tensor};
@@ -21,47 +22,8 @@ fn tiny() -> &'static Graph {
     })
 }
 
-/// SplitMix64, seeded per parameter name so that parameters do not depend on graph order.
-struct Rng(u64);
-
-impl Rng {
-    fn for_name(name: &str) -> Rng {
-        // FNV-1a of the name.
-        Rng(name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3)))
-    }
-
-    fn uniform(&mut self, scale: f32) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
-}
-
-/// Deterministic parameters: norm weights near 1, a small router bias, other matrices uniform in
-/// ±1/sqrt(fan_in) so activations stay of order one, the embedding uniform in ±1.
 fn params(g: &Graph) -> HashMap<String, Tensor> {
-    g.params()
-        .into_iter()
-        .map(|(name, ty)| {
-            let shape: Vec<u64> = ty.shape.iter().map(|d| d.as_known().unwrap()).collect();
-            let n = shape.iter().product::<u64>() as usize;
-            let mut rng = Rng::for_name(name);
-            let (offset, scale) = if name.ends_with("norm.weight") {
-                (1.0, 0.1)
-            } else if name.ends_with("e_score_correction_bias") {
-                (0.0, 0.05)
-            } else if name.contains("embed_tokens") {
-                (0.0, 1.0)
-            } else {
-                (0.0, 1.0 / (shape[1] as f32).sqrt())
-            };
-            let data = (0..n).map(|_| offset + rng.uniform(scale)).collect();
-            (name.to_string(), Tensor::from_f32(ty.dtype, shape, data).unwrap())
-        })
-        .collect()
+    random_params(g, 0)
 }
 
 fn params_once() -> &'static HashMap<String, Tensor> {

@@ -4,11 +4,14 @@
 mod build;
 mod cli;
 mod codegen;
+mod compile;
 mod goldens;
 mod interp;
 mod layering;
 mod passes;
+mod passes_equiv;
 mod spec;
 mod text;
 mod toolchain;
+mod util;
 mod weights;

@@ -24,9 +24,11 @@ gpu.module(expand-strided-metadata, convert-scf-to-cf, \
 convert-gpu-to-nvvm{use-bare-ptr-memref-call-conv=1 index-bitwidth=64}), \
 reconcile-unrealized-casts)";
 
-/// The GPU kiln compiles for, and the PTX ISA version it emits.
+/// The GPU kiln compiles for, and the PTX ISA version it emits. PTX ISA 8.1 (CUDA 12.1) raised the
+/// kernel parameter space from 4352 to 32764 bytes, which `moe_experts` needs: it takes each
+/// expert's three weights as separate pointers (DeepSeek-V3: 771 buffers, 6.2 KB).
 pub const SM: &str = "sm_90a";
-const PTX_FEATURES: &str = "+ptx80";
+const PTX_FEATURES: &str = "+ptx81";
 
 fn nvptx_machine() -> Result<TargetMachine, EmitError> {
     init_llvm_targets()?;

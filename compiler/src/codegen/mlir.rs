@@ -11,7 +11,7 @@
 //! Value names are a hint plus a counter (`%x3`, `%acc12`), so the text stays readable and two values
 //! never share a name. Integer constants of type `index` are named after their value (`%c64`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 
 /// An SSA value in the function being written. Its `Display` is its MLIR name, `%x3`.
@@ -46,6 +46,8 @@ pub struct Body {
     /// The value of each `index` constant, for folding.
     index_values: HashMap<Value, i64>,
     used_names: HashMap<String, u32>,
+    /// Every name handed out, so that a fresh `%a3` never repeats an argument named `a3`.
+    taken: HashSet<String>,
 }
 
 /// Formats an f64 as an MLIR float literal of an `f32` constant: the shortest decimal that reads
@@ -74,20 +76,25 @@ impl Body {
 
     /// A fresh name `%{hint}{n}`.
     pub fn fresh(&mut self, hint: &str) -> Value {
-        let n = self.next;
-        self.next += 1;
-        Value(format!("%{hint}{n}"))
+        loop {
+            let name = format!("{hint}{}", self.next);
+            self.next += 1;
+            if self.taken.insert(name.clone()) {
+                return Value(format!("%{name}"));
+            }
+        }
     }
 
     /// A name `%{name}` if it is still free, else `%{name}_{n}`: for values whose name carries
     /// meaning (kernel arguments, sizes).
     pub fn named(&mut self, name: &str) -> Value {
-        let count = self.used_names.entry(name.to_string()).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            Value(format!("%{name}"))
-        } else {
-            Value(format!("%{name}_{}", *count - 1))
+        loop {
+            let count = self.used_names.entry(name.to_string()).or_insert(0);
+            *count += 1;
+            let candidate = if *count == 1 { name.to_string() } else { format!("{name}_{}", *count - 1) };
+            if self.taken.insert(candidate.clone()) {
+                return Value(format!("%{candidate}"));
+            }
         }
     }
 
@@ -334,6 +341,36 @@ pub fn if_else<C: AsMut<Body>>(
     v
 }
 
+/// `scf.index_switch sel -> (types) case 0 {..} ... case n-1 {..} default {..}`: `body(cx, Some(i))`
+/// writes case `i` and returns the values it yields, `body(cx, None)` the default's. Returns the
+/// switch's results. A switch over buffers (one per expert) picks one at run time.
+pub fn index_switch<C: AsMut<Body>>(
+    cx: &mut C,
+    sel: &Value,
+    cases: usize,
+    types: &[&str],
+    mut body: impl FnMut(&mut C, Option<usize>) -> Vec<Value>,
+) -> Vec<Value> {
+    let b = cx.as_mut();
+    let results: Vec<Value> = types.iter().map(|_| b.fresh("sw")).collect();
+    let types = types.join(", ");
+    b.line(format_args!("{} = scf.index_switch {sel} -> {types}", results_lhs(&results)));
+    for case in (0..cases).map(Some).chain([None]) {
+        let b = cx.as_mut();
+        match case {
+            Some(i) => b.line(format_args!("case {i} {{")),
+            None => b.line("default {"),
+        }
+        b.depth += 1;
+        let values = body(cx, case);
+        let b = cx.as_mut();
+        b.yield_values(&values, &types);
+        b.depth -= 1;
+        b.line("}");
+    }
+    results
+}
+
 fn results_lhs(results: &[Value]) -> String {
     results.iter().map(Value::to_string).collect::<Vec<_>>().join(", ")
 }
@@ -377,6 +414,36 @@ mod tests {
         assert_eq!(b.divui(&six, &four), one);
         assert_eq!(b.muli(&six, &four), b.index(24));
         assert_ne!(b.subi(&four, &six), b.index(-2), "no folding to negative unsigned values");
+    }
+
+    #[test]
+    fn fresh_and_meaningful_names_never_collide() {
+        let mut b = Body::new(1);
+        let arg = b.named("a3");
+        let fresh: Vec<Value> = (0..6).map(|_| b.fresh("a")).collect();
+        assert!(!fresh.contains(&arg), "{fresh:?}");
+        // The counter is at 7 now: a fresh `%c7`, then an index constant 7 (named `%c7` by value).
+        let c = b.fresh("c");
+        let seven = b.index(7);
+        assert_eq!(c.to_string(), "%c7");
+        assert_eq!(seven.to_string(), "%c7_1");
+    }
+
+    #[test]
+    fn index_switch_yields_from_every_case_and_the_default() {
+        let mut b = Body::new(1);
+        let sel = Value::named("e");
+        let picked = index_switch(&mut b, &sel, 2, &["index"], |b, case| {
+            vec![b.index(case.map_or(-1, |c| c as i64 * 10))]
+        });
+        assert_eq!(picked.len(), 1);
+        assert_eq!(
+            b.finish(),
+            "  %c0 = arith.constant 0 : index\n  %c10 = arith.constant 10 : index\n  \
+             %cm1 = arith.constant -1 : index\n  %sw0 = scf.index_switch %e -> index\n  case 0 {\n    \
+             scf.yield %c0 : index\n  }\n  case 1 {\n    scf.yield %c10 : index\n  }\n  default {\n    \
+             scf.yield %cm1 : index\n  }\n"
+        );
     }
 
     #[test]

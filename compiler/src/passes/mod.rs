@@ -12,6 +12,12 @@ use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec};
 
 pub mod dce;
+pub mod insert_fp8_casts;
+pub mod moe_plan;
+pub mod plan_moe_dispatch;
+mod rewrite;
+
+pub use rewrite::Trace;
 
 /// What a pass may read besides the graph.
 pub struct Options<'a> {
@@ -46,8 +52,20 @@ pub struct PassInfo {
 }
 
 /// Every pass, in pipeline order.
-pub const PASSES: &[PassInfo] =
-    &[PassInfo { name: "dce", summary: "remove nodes whose results reach no output", run: dce::run }];
+pub const PASSES: &[PassInfo] = &[
+    PassInfo {
+        name: "plan-moe-dispatch",
+        summary: "lower moe_experts to an explicit dispatch, grouped GEMMs and combine",
+        run: plan_moe_dispatch::run,
+    },
+    PassInfo {
+        name: "insert-fp8-casts",
+        summary: "FP8 weights with block scales and quantised GEMM inputs, from [quantization]",
+        run: insert_fp8_casts::run,
+    },
+    // Last, so that it cleans up after every rewrite before it.
+    PassInfo { name: "dce", summary: "remove nodes whose results reach no output", run: dce::run },
+];
 
 /// Looks a pass up by name.
 pub fn find(name: &str) -> Result<&'static PassInfo, PassError> {

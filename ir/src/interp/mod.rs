@@ -83,6 +83,8 @@ use crate::graph::ValueId;
 use crate::types::{Dim, TensorType};
 
 pub use eval::{run, run_with};
+/// The rotary frequencies `rope` uses, for code generators that embed them as constants.
+pub use ops::norm_rope::inv_freq as rope_inv_freq;
 pub use tensor::{Data, Tensor, TensorError};
 
 /// The graph's outputs by name.

@@ -221,7 +221,7 @@ fn every_op_graph() -> Graph {
         }
     }
     let moe = b.op1(Op::MoeExperts { num_experts: 8 }, &experts);
-    let dispatch = Dispatch { num_experts: 8, top_k: 2, ep_size: 2 };
+    let dispatch = Dispatch { num_experts: 8, top_k: 2, ep_size: 2, num_groups: 4, topk_groups: 2 };
     let d = b.op(Op::MoeDispatch(dispatch), &[flat, route[1]]);
     let mut grouped = vec![d[0], d[1]];
     for e in 0..8 {

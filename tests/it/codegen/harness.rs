@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_compiler::codegen::{cpu, lower_module, Kernel, LaunchShape, LoweredModule, Target};
+use kiln_ir::interp::numerics::f8e4m3_to_f32;
 use kiln_ir::types::{Sym, SymBindings};
 use kiln_ir::{DType, Dim, TensorType};
 
@@ -60,6 +61,8 @@ pub enum Buf {
     I64(Vec<i64>),
     /// bool, one byte each.
     Bool(Vec<u8>),
+    /// f8e4m3 bit patterns.
+    F8(Vec<u8>),
 }
 
 impl Buf {
@@ -72,6 +75,7 @@ impl Buf {
             DType::I32 => Buf::I32(vec![0; n]),
             DType::I64 => Buf::I64(vec![0; n]),
             DType::Bool => Buf::Bool(vec![0; n]),
+            DType::F8E4M3 => Buf::F8(vec![0; n]),
             d => panic!("no test buffers of {d}"),
         }
     }
@@ -83,6 +87,7 @@ impl Buf {
             Buf::I32(v) => v.as_mut_ptr().cast(),
             Buf::I64(v) => v.as_mut_ptr().cast(),
             Buf::Bool(v) => v.as_mut_ptr().cast(),
+            Buf::F8(v) => v.as_mut_ptr().cast(),
         }
     }
 
@@ -93,6 +98,7 @@ impl Buf {
             Buf::I32(v) => v.len(),
             Buf::I64(v) => v.len(),
             Buf::Bool(v) => v.len(),
+            Buf::F8(v) => v.len(),
         }
     }
 
@@ -234,6 +240,7 @@ pub fn to_tensor(b: &Buf, t: &TensorType, bind: &SymBindings) -> kiln_ir::interp
         Buf::I32(v) => Tensor::from_i64(t.dtype, shape, v.iter().map(|&x| i64::from(x)).collect()),
         Buf::I64(v) => Tensor::from_i64(t.dtype, shape, v.clone()),
         Buf::Bool(v) => Tensor::from_bool(shape, v.iter().map(|&x| x != 0).collect()),
+        Buf::F8(v) => Tensor::from_f32(t.dtype, shape, v.iter().map(|&b| f8e4m3_to_f32(b)).collect()),
     }
     .unwrap()
 }
@@ -246,6 +253,7 @@ pub fn values(b: &Buf) -> Vec<f64> {
         Buf::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
         Buf::I64(v) => v.iter().map(|&x| x as f64).collect(),
         Buf::Bool(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        Buf::F8(v) => v.iter().map(|&b| f64::from(f8e4m3_to_f32(b))).collect(),
     }
 }
 

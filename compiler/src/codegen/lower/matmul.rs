@@ -77,7 +77,7 @@ impl Frame<'_> {
     }
 
     /// `a * b + c` on f32 with one rounding.
-    fn fma(&mut self, a: &Value, b: &Value, c: &Value) -> Value {
+    pub(super) fn fma(&mut self, a: &Value, b: &Value, c: &Value) -> Value {
         match self.target {
             Target::Cpu => self.b.op("f", format_args!("math.fma {a}, {b}, {c} : f32")),
             Target::Gpu => {

@@ -9,16 +9,27 @@
 //!   [`Kernel::syms`]. On the CPU two more `i64`s, `lo` and `hi`, select the work items
 //!   `[lo, hi)` of [`LaunchShape::Cpu`] to compute, so a thread pool can split any kernel.
 //! - Buffers are dense, row-major, 1-D views made with `memref.reinterpret_cast`; element types are
-//!   `f32`, `f16`, `bf16`, `i32`, `i64` and `bool` (stored as `i8`). Floats are computed in f32.
+//!   `f32`, `f16`, `bf16`, `i32`, `i64`, `bool` (stored as `i8`) and `f8e4m3` (its bits, stored as
+//!   `i8`, encoded and decoded with integer arithmetic in `quant`). Floats are computed in f32; data
+//!   movement (`shape`) copies stored bits without converting them.
 //! - On the GPU, math goes through LLVM/NVVM intrinsics (`ex2.approx`, `lg2.approx`, `sqrt.rn`) rather
-//!   than the `math` dialect, whose NVVM lowering calls libdevice, which kiln does not link.
+//!   than the `math` dialect, whose NVVM lowering calls libdevice, which kiln does not link. Where
+//!   the two targets must agree closely and libm has no intrinsic (sine and cosine for `rope`), both
+//!   use the same arithmetic written out here.
+//! - Scratch arrays are `memref.alloca`s placed at the function's entry (per thread on the GPU), so a
+//!   loop over work items reuses them rather than growing the stack.
 //!
 //! Guarantees: the text is a function that parses and verifies in MLIR 22 (checked by the emit
 //! stage); a kernel that a family cannot lower yields [`LowerError::Unsupported`], never a panic.
 
+mod attention;
 mod elementwise;
 mod matmul;
+mod moe;
+mod quant;
 mod reduce;
+mod rope;
+mod shape;
 
 use std::fmt;
 
@@ -136,7 +147,7 @@ pub fn lower_kernel(kernel: &Kernel, target: Target) -> Result<LoweredKernel, Lo
         target,
         reason: "only kernels of exactly one op are lowered yet".into(),
     })?;
-    let mut f = Frame::new(kernel, target)?;
+    let mut f = Frame::new(kernel, target);
     let launch = match op {
         Op::Unary(u) => elementwise::unary(&mut f, *u)?,
         Op::Binary(b) => elementwise::binary(&mut f, *b)?,
@@ -146,7 +157,33 @@ pub fn lower_kernel(kernel: &Kernel, target: Target) -> Result<LoweredKernel, Lo
         Op::RmsNorm { eps } => reduce::rms_norm(&mut f, *eps)?,
         Op::Linear => matmul::linear(&mut f)?,
         Op::MatMul => matmul::matmul(&mut f)?,
-        other => return Err(f.unsupported(other.name(), "no lowering for this op yet")),
+        Op::Concat { axis } => shape::concat(&mut f, *axis)?,
+        Op::Split { axis, .. } => shape::split(&mut f, *axis)?,
+        Op::Broadcast { .. } => shape::broadcast(&mut f)?,
+        Op::Transpose { perm } => shape::transpose(&mut f, perm)?,
+        Op::Embedding => shape::embedding(&mut f)?,
+        Op::Gather { axis } => shape::gather(&mut f, *axis)?,
+        Op::Rope(cfg) => rope::rope(&mut f, cfg)?,
+        Op::Attention { scale, causal } => attention::attention(&mut f, *scale, *causal)?,
+        Op::TopK { k } => moe::topk(&mut f, *k)?,
+        Op::MoeRoute(r) => moe::route(&mut f, r)?,
+        Op::MoeExperts { num_experts } => moe::experts(&mut f, *num_experts)?,
+        Op::MoeDispatch(d) => moe::dispatch(&mut f, d)?,
+        Op::GroupedLinear { num_experts } => moe::grouped_linear(&mut f, *num_experts)?,
+        Op::MoeCombine { top_k } => moe::combine(&mut f, *top_k)?,
+        Op::Quantize { spec, .. } => quant::quantize(&mut f, spec)?,
+        Op::Dequantize { block, .. } => quant::dequantize(&mut f, block)?,
+        // Formation turns these into aliases, runtime steps or buffers; a kernel holding one was
+        // built by hand.
+        op @ (Op::Reshape { .. }
+        | Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Constant { .. }
+        | Op::Send { .. }
+        | Op::Recv { .. }
+        | Op::Fused { .. }) => {
+            return Err(f.unsupported(op.name(), "not a computing op: formation never makes it a kernel"))
+        }
     };
     Ok(f.finish(launch))
 }
@@ -196,18 +233,19 @@ pub(crate) struct Frame<'k> {
     workgroup: Vec<String>,
     /// `lo`, `hi` on the CPU.
     pub range: Option<(Value, Value)>,
+    /// Scratch arrays made so far (they are numbered).
+    scratches: usize,
 }
 
-/// The element type kiln stores a dtype as, or why it cannot yet.
-fn storage_type(d: DType) -> Result<&'static str, &'static str> {
+/// The element type kiln stores a dtype as: bool and f8e4m3 as bytes.
+fn storage_type(d: DType) -> &'static str {
     match d {
-        DType::F32 => Ok("f32"),
-        DType::F16 => Ok("f16"),
-        DType::BF16 => Ok("bf16"),
-        DType::I32 => Ok("i32"),
-        DType::I64 => Ok("i64"),
-        DType::Bool => Ok("i8"),
-        DType::F8E4M3 => Err("f8e4m3 tensors are not lowered yet"),
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::I32 => "i32",
+        DType::I64 => "i64",
+        DType::Bool | DType::F8E4M3 => "i8",
     }
 }
 
@@ -228,7 +266,7 @@ impl AsMut<Body> for Frame<'_> {
 }
 
 impl<'k> Frame<'k> {
-    fn new(kernel: &'k Kernel, target: Target) -> Result<Frame<'k>, LowerError> {
+    fn new(kernel: &'k Kernel, target: Target) -> Frame<'k> {
         let indent = match target {
             Target::Cpu => 2,
             Target::Gpu => 3,
@@ -242,15 +280,15 @@ impl<'k> Frame<'k> {
             params: Vec::new(),
             workgroup: Vec::new(),
             range: None,
+            scratches: 0,
         };
-        let op_name = kernel.single_op().map_or("fused", Op::name);
         let tys: Vec<(String, &TensorType)> =
             (kernel.args.iter().enumerate().map(|(i, t)| (format!("a{i}"), t)))
                 .chain(kernel.results.iter().enumerate().map(|(i, t)| (format!("r{i}"), t)))
                 .collect();
         let mut ptrs = Vec::new();
         for (name, ty) in &tys {
-            let elem = storage_type(ty.dtype).map_err(|reason| f.unsupported(op_name, reason))?;
+            let elem = storage_type(ty.dtype);
             let p = f.b.named(name);
             f.params.push(format!("{p}: memref<{elem}>"));
             ptrs.push((p, elem));
@@ -286,7 +324,7 @@ impl<'k> Frame<'k> {
             );
             f.bufs.push(Buffer { view, memref, ty: (*ty).clone() });
         }
-        Ok(f)
+        f
     }
 
     pub fn unsupported(&self, op: &str, reason: impl Into<String>) -> LowerError {
@@ -348,10 +386,75 @@ impl<'k> Frame<'k> {
 
     /// Loads element `idx` of buffer `buf`, converted to its compute type.
     pub fn load(&mut self, buf: usize, idx: &Value) -> Value {
-        let Buffer { view, memref, ty } = &self.bufs[buf];
-        let (view, memref, dtype) = (view.clone(), memref.clone(), ty.dtype);
+        let x = self.load_raw(buf, idx);
+        self.widen(x, self.bufs[buf].ty.dtype)
+    }
+
+    /// Loads element `idx` of buffer `buf` as stored (no conversion): data movement copies bits.
+    pub fn load_raw(&mut self, buf: usize, idx: &Value) -> Value {
+        let Buffer { view, memref, .. } = &self.bufs[buf];
+        let (view, memref) = (view.clone(), memref.clone());
+        self.b.op("x", format_args!("memref.load {view}[{idx}] : {memref}"))
+    }
+
+    /// Stores a value of the buffer's storage type (from [`Frame::load_raw`]) as element `idx`.
+    pub fn store_raw(&mut self, buf: usize, idx: &Value, v: &Value) {
+        let Buffer { view, memref, .. } = &self.bufs[buf];
+        self.b.line(format_args!("memref.store {v}, {view}[{idx}] : {memref}"));
+    }
+
+    /// The storage element type of buffer `buf` (`bf16`, `i8`, ...).
+    pub fn storage(&self, buf: usize) -> &'static str {
+        storage_type(self.bufs[buf].ty.dtype)
+    }
+
+    /// Loads element `idx` of a 1-D memref value of `memref` type holding `dtype` elements (a buffer
+    /// chosen at run time, such as one expert's weight), converted to the compute type.
+    pub fn load_view(&mut self, view: &Value, memref: &str, dtype: DType, idx: &Value) -> Value {
         let x = self.b.op("x", format_args!("memref.load {view}[{idx}] : {memref}"));
         self.widen(x, dtype)
+    }
+
+    /// A scratch array of `n` elements of MLIR type `elem`, allocated once at the function's entry
+    /// (per thread on the GPU). Returns the array and its memref type.
+    pub fn scratch(&mut self, elem: &str, n: u64) -> (Value, String) {
+        let ty = format!("memref<{n}x{elem}>");
+        self.scratches += 1;
+        let key = format!("scratch {}", self.scratches);
+        let v = self.b.entry_op(&key, "scratch", format_args!("memref.alloca() : {ty}"));
+        (v, ty)
+    }
+
+    /// An integer value of `dtype` (i32 or i64, in its compute type) as an `index` clamped to
+    /// `[0, n - 1]`: how kernels read ids and indices without ever addressing outside a buffer.
+    pub fn clamped_index(&mut self, v: &Value, dtype: DType, n: &Value) -> Value {
+        let wide = match dtype {
+            DType::I64 => v.clone(),
+            _ => self.b.op("i", format_args!("arith.extsi {v} : i32 to i64")),
+        };
+        let zero = self.b.constant("0", "i64");
+        let one = self.b.index(1);
+        let last = self.b.subi(n, &one);
+        let last = self.b.op("i", format_args!("arith.index_cast {last} : index to i64"));
+        let lo = self.b.op("i", format_args!("arith.maxsi {wide}, {zero} : i64"));
+        let c = self.b.op("i", format_args!("arith.minsi {lo}, {last} : i64"));
+        self.b.op("i", format_args!("arith.index_cast {c} : i64 to index"))
+    }
+
+    /// An integer value of `dtype` (i32 or i64, in its compute type) as an `index`, negative values
+    /// becoming huge ones, so one unsigned comparison checks both ends of a range.
+    pub fn int_to_index(&mut self, v: &Value, dtype: DType) -> Value {
+        let wide = match dtype {
+            DType::I64 => v.clone(),
+            _ => self.b.op("i", format_args!("arith.extsi {v} : i32 to i64")),
+        };
+        self.b.op("i", format_args!("arith.index_cast {wide} : i64 to index"))
+    }
+
+    /// An `index` as an integer of the compute type of `dtype` (i32 or i64), truncating.
+    pub fn index_to_int(&mut self, i: &Value, dtype: DType) -> Value {
+        let ty = compute_type(dtype);
+        self.b.op("i", format_args!("arith.index_cast {i} : index to {ty}"))
     }
 
     /// Stores `v` (in the compute type) as element `idx` of buffer `buf`.
@@ -365,8 +468,9 @@ impl<'k> Frame<'k> {
     /// A loaded value of `dtype` in its compute type.
     fn widen(&mut self, x: Value, dtype: DType) -> Value {
         match dtype {
+            DType::F8E4M3 => self.f8_decode(&x),
             DType::F16 | DType::BF16 => {
-                let from = storage_type(dtype).expect("checked in the prologue");
+                let from = storage_type(dtype);
                 self.b.op("x", format_args!("arith.extf {x} : {from} to f32"))
             }
             DType::Bool => {
@@ -380,8 +484,9 @@ impl<'k> Frame<'k> {
     /// A compute-type value as the storage type of `dtype` (rounding to nearest even for floats).
     fn narrow(&mut self, v: Value, dtype: DType) -> Value {
         match dtype {
+            DType::F8E4M3 => self.f8_encode(&v),
             DType::F16 | DType::BF16 => {
-                let to = storage_type(dtype).expect("checked in the prologue");
+                let to = storage_type(dtype);
                 self.b.op("y", format_args!("arith.truncf {v} : f32 to {to}"))
             }
             DType::Bool => self.b.op("y", format_args!("arith.extui {v} : i1 to i8")),
@@ -417,12 +522,23 @@ impl<'k> Frame<'k> {
     /// `v` rounded to `dtype`'s precision and back to f32 (a no-op for f32).
     pub fn round_to(&mut self, v: &Value, dtype: DType) -> Value {
         match dtype {
-            DType::F16 | DType::BF16 => {
+            DType::F16 | DType::BF16 | DType::F8E4M3 => {
                 let r = self.narrow(v.clone(), dtype);
                 self.widen(r, dtype)
             }
             _ => v.clone(),
         }
+    }
+
+    /// `c ? a : b` on values of MLIR type `ty`.
+    pub fn select(&mut self, c: &Value, a: &Value, b: &Value, ty: &str) -> Value {
+        self.b.op("s", format_args!("arith.select {c}, {a}, {b} : {ty}"))
+    }
+
+    /// `arith.cmpi {pred}` (or `cmpf` for `f32`) of two values of MLIR type `ty`.
+    pub fn cmp(&mut self, pred: &str, a: &Value, b: &Value, ty: &str) -> Value {
+        let op = if ty == "f32" { "cmpf" } else { "cmpi" };
+        self.b.op("p", format_args!("arith.{op} {pred}, {a}, {b} : {ty}"))
     }
 
     // Scalar math on f32 values.

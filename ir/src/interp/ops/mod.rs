@@ -46,7 +46,7 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::Dequantize { block, to } => quant::dequantize(ins[0], ins[1], block, *to),
         Op::MoeRoute(r) => moe::route(ins[0], ins.get(1).copied(), r, out),
         Op::MoeExperts { .. } => moe::experts(ins[0], ins[1], ins[2], &ins[3..]),
-        Op::MoeDispatch(d) => moe::dispatch(ins[0], ins[1], d.num_experts as usize, out),
+        Op::MoeDispatch(d) => moe::dispatch(ins[0], ins[1], d, out),
         Op::GroupedLinear { .. } => linalg::grouped_linear(ins[0], ins[1], &ins[2..], &out[0]),
         Op::MoeCombine { .. } => moe::combine(ins[0], ins[1], ins[2], &out[0]),
         Op::Input { .. }

@@ -28,9 +28,11 @@
 //! Dispatch ([`dispatch`]) sorts the `N*K` token slots (`slot = token * K + k`) stably by expert, so
 //! rows are ordered by (expert, token, slot); `offsets[e]` is the first row of expert `e` and
 //! `perm[row]` the slot a row came from. The expert-parallel size does not change the order (the
-//! experts of one rank are contiguous), so the interpreter ignores it.
+//! experts of one rank are contiguous), so the interpreter ignores it. The group limit
+//! (`num_groups`, `topk_groups`) is a promise the router made and the dispatch plan's buffers rely
+//! on; the interpreter checks it and reports a token whose experts span more groups.
 
-use crate::op::{GroupScore, Router, Scoring};
+use crate::op::{Dispatch, GroupScore, Router, Scoring};
 use crate::types::{DType, TensorType};
 
 use super::elementwise::sigmoid;
@@ -155,13 +157,29 @@ pub(super) fn experts(x: &Tensor, weights: &Tensor, indices: &Tensor, params: &[
 }
 
 /// Sorts token slots by expert: results `x_sorted[K*N, D]`, `offsets[E + 1]` and `perm[K*N]`.
-pub(super) fn dispatch(x: &Tensor, indices: &Tensor, num_experts: usize, outs: &[TensorType]) -> OpResult {
+pub(super) fn dispatch(x: &Tensor, indices: &Tensor, plan: &Dispatch, outs: &[TensorType]) -> OpResult {
     let ids = ints(indices, "the indices")?;
+    let num_experts = plan.num_experts as usize;
     let xd = x.dims();
     let (n, d) = (xd[0], xd[1]);
     let k = indices.dims()[1];
     let experts: Vec<usize> =
         ids.iter().map(|&i| index(i, num_experts, "expert index")).collect::<Result<_, _>>()?;
+    if plan.num_groups > 1 {
+        let group_size = num_experts / plan.num_groups as usize;
+        for (t, slots) in experts.chunks_exact(k.max(1)).enumerate() {
+            let mut groups: Vec<usize> = slots.iter().map(|&e| e / group_size).collect();
+            groups.sort_unstable();
+            groups.dedup();
+            if groups.len() as u64 > plan.topk_groups {
+                return Err(format!(
+                    "token {t} has experts in {} groups, more than topk_groups = {}",
+                    groups.len(),
+                    plan.topk_groups
+                ));
+            }
+        }
+    }
     // Slots are numbered token-major, so a stable sort by expert orders by (expert, token, slot).
     let mut order: Vec<usize> = (0..n * k).collect();
     order.sort_by_key(|&s| experts[s]);

@@ -43,7 +43,7 @@ pub(super) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> OpResult {
 /// `high = min(ceil(corr(beta_slow)), dim - 1)`, `ramp_i = clamp((i - low) / (high - low), 0, 1)`
 /// (with `high += 0.001` when they coincide) and `f'_i = f_i * (1 - ramp_i) + f_i / factor * ramp_i`.
 /// Both references evaluate it in f32; kiln in f64, rounded to f32 by the caller.
-pub(crate) fn inv_freq(dim: usize, theta: f64, yarn: Option<&Yarn>) -> Vec<f64> {
+pub fn inv_freq(dim: usize, theta: f64, yarn: Option<&Yarn>) -> Vec<f64> {
     let base: Vec<f64> = (0..dim / 2).map(|i| theta.powf(-((2 * i) as f64) / dim as f64)).collect();
     let Some(y) = yarn else { return base };
     let corr = |rotations: f64| {

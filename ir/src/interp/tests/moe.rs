@@ -215,3 +215,23 @@ fn dispatch_sorts_slots_by_expert() {
     let err = run_kir(src, vec![("x", x), ("idx", i32s(&[3, 2], &[1, 0, 0, 3, 2, 1]))], vec![]).unwrap_err();
     assert_eq!(err.to_string(), "%2 = moe_dispatch: expert index 3 is out of range 0..3");
 }
+
+#[test]
+fn dispatch_checks_the_group_limit() {
+    // Groups {0, 1} and {2, 3}; each token's experts must lie in one group.
+    let src = r#"graph @d {
+  %0 = input {name = "x"} : f32[2, 1]
+  %1 = input {name = "idx"} : i32[2, 2]
+  %2, %3, %4 = moe_dispatch %0, %1 {num_experts = 4, top_k = 2, ep_size = 2, num_groups = 2, topk_groups = 1} : f32[4, 1], i32[5], i32[4]
+  output "offsets" = %3
+}
+"#;
+    let x = f32s(&[2, 1], &[1.0, 2.0]);
+    let out = run_kir(src, vec![("x", x.clone()), ("idx", i32s(&[2, 2], &[0, 1, 3, 2]))], vec![]).unwrap();
+    assert_eq!(out["offsets"].as_i64().unwrap(), [0, 1, 2, 3, 4]);
+    let err = run_kir(src, vec![("x", x), ("idx", i32s(&[2, 2], &[0, 1, 1, 2]))], vec![]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "%2 = moe_dispatch: token 1 has experts in 2 groups, more than topk_groups = 1"
+    );
+}

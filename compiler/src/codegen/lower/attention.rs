@@ -1,0 +1,326 @@
+//! Scaled dot-product attention: `q[B, T, H, Dk]`, `k[B, S, Hk, Dk]`, `v[B, S, Hk, Dv]` ->
+//! `[B, T, H, Dv]`, query head `h` reading key/value head `h / (H / Hk)`.
+//!
+//! A row is one query `(b, t, h)`. With `causal` it sees keys `0..t + 1 + S - T` (the new tokens
+//! come after `S - T` cached ones); without, all `S`. Scores `(q . k_s) * scale` and the softmax are
+//! f32. Each row makes two passes over its keys:
+//!
+//! 1. the maximum `m` and the sum `l = sum_s exp(score_s - m)`, kept online (`l` is rescaled by
+//!    `exp(m_old - m_new)` when the maximum grows), so no array of scores is needed;
+//! 2. `p_s = exp(score_s - m) / l`, **rounded to the activation dtype** as the interpreter (and
+//!    Hugging Face, `softmax(..., dtype=float32).to(query.dtype)`) does, then `out += p_s * v_s` in
+//!    f32, rounded to the dtype once at the end.
+//!
+//! The scores are computed twice; that is the price of not storing `S` of them per row.
+//!
+//! CPU: work items are rows; the `Dv` accumulators live in a scratch array. GPU: one block per row.
+//! The query row is staged in shared memory; in pass 1 each thread keeps its own `(m, l)` over keys
+//! `tid, tid + block, ...`, and the block combines the pairs with a shared-memory tree; in pass 2 the
+//! keys are taken a block at a time: each thread computes one probability into shared memory, then
+//! each thread accumulates the output columns it owns (`tid`, `tid + block`, ...) over the chunk, so
+//! reads of `v` rows are coalesced. The block is the power of two covering `Dv`, between 32 and 128.
+//!
+//! A row that sees no key (causal attention with `S < T`, which the interpreter rejects) is written
+//! as zeros. `H`, `Hk` and `Dv` must be constants (inference requires the heads to be), and on the
+//! GPU `Dk` too (the staged query's size).
+//!
+//! Not done: FlashAttention-style tiling (several rows per block, keys staged through shared memory,
+//! tensor cores), which is a later slice.
+
+use kiln_ir::{DType, Dim};
+
+use super::{Frame, GridDim, LaunchShape, LowerError, Target};
+use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
+
+const NEG_INF: &str = "0xFF800000";
+
+/// What every row needs: sizes, and where its query, keys, values and output are.
+struct Row {
+    dk: Value,
+    dv: Value,
+    /// Offset of the row's query (and, times `Dv / Dk`, of its output).
+    q: Value,
+    /// Offset of key 0 of the row's key/value head; key `s` is at `kv + s * Hk * Dk`.
+    k: Value,
+    v: Value,
+    /// Distance between consecutive keys (`Hk * Dk`) and values (`Hk * Dv`).
+    k_step: Value,
+    v_step: Value,
+    out: Value,
+    visible: Value,
+    scale: Value,
+    dtype: DType,
+}
+
+fn known(f: &Frame, d: Dim, what: &str) -> Result<u64, LowerError> {
+    d.as_known().ok_or_else(|| f.unsupported("attention", format!("{what} must be a constant, found {d}")))
+}
+
+/// The constant sizes: query heads, key/value heads, value head dimension.
+fn constants(f: &Frame) -> Result<(u64, u64, u64), LowerError> {
+    let heads = known(f, f.bufs[0].ty.shape[2], "the query heads")?;
+    let kv_heads = known(f, f.bufs[1].ty.shape[2], "the key/value heads")?;
+    let dv = known(f, f.bufs[2].ty.shape[3], "the value head dimension")?;
+    Ok((heads, kv_heads, dv))
+}
+
+/// The row of work item / block `r`.
+fn row(f: &mut Frame, r: &Value, (heads, kv_heads): (u64, u64), scale: f64, causal: bool) -> Row {
+    let q = f.bufs[0].ty.shape.clone();
+    let k = f.bufs[1].ty.shape.clone();
+    let v = f.bufs[2].ty.shape.clone();
+    let (t_len, s_len) = (f.dim(q[1]), f.dim(k[1]));
+    let (dk, dv) = (f.dim(q[3]), f.dim(v[3]));
+    let h_v = f.b.index(heads as i64);
+    let hk_v = f.b.index(kv_heads as i64);
+    let group = f.b.index((heads / kv_heads) as i64);
+    let h = f.b.remui(r, &h_v);
+    let bt = f.b.divui(r, &h_v);
+    let t = f.b.remui(&bt, &t_len);
+    let b = f.b.divui(&bt, &t_len);
+    let kh = f.b.divui(&h, &group);
+    // Key s of head kh of batch b: ((b * S + s) * Hk + kh) * D.
+    let bs = f.b.muli(&b, &s_len);
+    let bshk = f.b.muli(&bs, &hk_v);
+    let first = f.b.addi(&bshk, &kh);
+    let k_off = f.b.muli(&first, &dk);
+    let v_off = f.b.muli(&first, &dv);
+    let k_step = f.b.muli(&hk_v, &dk);
+    let v_step = f.b.muli(&hk_v, &dv);
+    let q_off = f.b.muli(r, &dk);
+    let out = f.b.muli(r, &dv);
+    let visible = if causal {
+        // t + 1 + S - T, or 0 when that is negative.
+        let one = f.b.index(1);
+        let t1 = f.b.addi(&t, &one);
+        let reach = f.b.addi(&t1, &s_len);
+        let some = f.b.op("p", format_args!("arith.cmpi ugt, {reach}, {t_len} : index"));
+        let n = f.b.subi(&reach, &t_len);
+        let zero = f.b.index(0);
+        f.select(&some, &n, &zero, "index")
+    } else {
+        s_len
+    };
+    let scale = f.b.f32(scale);
+    let dtype = f.bufs[0].ty.dtype;
+    Row { dk, dv, q: q_off, k: k_off, v: v_off, k_step, v_step, out, visible, scale, dtype }
+}
+
+/// `(q . k_s) * scale`, with the query read by `query(f, i)`.
+fn score(f: &mut Frame, row: &Row, s: &Value, query: &dyn Fn(&mut Frame, &Value) -> Value) -> Value {
+    let ks = f.b.muli(s, &row.k_step);
+    let kbase = f.b.addi(&row.k, &ks);
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let init = f.b.f32(0.0);
+    let dot = for_carry(f, &zero, &row.dk, &one, &[(init, "f32")], |f, i, acc| {
+        let qi = query(f, i);
+        let ki = f.b.addi(&kbase, i);
+        let kv = f.load(1, &ki);
+        vec![f.fma(&qi, &kv, &acc[0])]
+    })
+    .remove(0);
+    f.binf("mulf", &dot, &row.scale)
+}
+
+/// The online softmax step: `(m, l)` after one more score `x`.
+fn online(f: &mut Frame, m: &Value, l: &Value, x: &Value) -> (Value, Value) {
+    let m2 = f.binf("maximumf", m, x);
+    let l2 = merge(f, (m, l), (x, None), &m2);
+    (m2, l2)
+}
+
+/// `l1 * exp(m1 - m) + l2 * exp(m2 - m)` for the combined maximum `m`, a pair with `m_i = -inf`
+/// contributing nothing (its `exp(-inf - -inf)` would be NaN). `l2 = None` stands for 1.
+fn merge(f: &mut Frame, (m1, l1): (&Value, &Value), (m2, l2): (&Value, Option<&Value>), m: &Value) -> Value {
+    let ninf = f.b.constant(NEG_INF, "f32");
+    let zero = f.b.f32(0.0);
+    let mut terms = Vec::new();
+    for (mi, li) in [(m1, Some(l1)), (m2, l2)] {
+        let d = f.binf("subf", mi, m);
+        let e = f.exp(&d);
+        let t = match li {
+            Some(l) => f.binf("mulf", l, &e),
+            None => e,
+        };
+        let empty = f.cmp("oeq", mi, &ninf, "f32");
+        terms.push(f.select(&empty, &zero, &t, "f32"));
+    }
+    f.binf("addf", &terms[0], &terms[1])
+}
+
+/// The probability of key `s`, rounded to the dtype.
+fn probability(f: &mut Frame, row: &Row, m: &Value, l: &Value, x: &Value) -> Value {
+    let d = f.binf("subf", x, m);
+    let e = f.exp(&d);
+    let p = f.binf("divf", &e, l);
+    f.round_to(&p, row.dtype)
+}
+
+pub(super) fn attention(f: &mut Frame, scale: f64, causal: bool) -> Result<LaunchShape, LowerError> {
+    let q = f.bufs[0].ty.shape.clone();
+    let rows = q[..3].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let rows = rows.ok_or_else(|| f.unsupported("attention", "the row count does not fit a dimension"))?;
+    match f.target {
+        Target::Cpu => cpu(f, rows, scale, causal),
+        Target::Gpu => gpu(f, rows, scale, causal),
+    }
+}
+
+fn cpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape, LowerError> {
+    let (heads, kv_heads, dv_n) = constants(f)?;
+    let (acc, acc_ty) = f.scratch("f32", dv_n);
+    let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let one = f.b.index(1);
+    for_loop(f, &lo, &hi, &one, |f, r| {
+        let row = row(f, r, (heads, kv_heads), scale, causal);
+        let query = |f: &mut Frame, i: &Value| {
+            let qi = f.b.addi(&row.q, i);
+            f.load(0, &qi)
+        };
+        let zero = f.b.index(0);
+        let (ninf, fzero) = (f.b.constant(NEG_INF, "f32"), f.b.f32(0.0));
+        let ml =
+            for_carry(f, &zero, &row.visible, &one, &[(ninf, "f32"), (fzero.clone(), "f32")], |f, s, c| {
+                let x = score(f, &row, s, &query);
+                let (m, l) = online(f, &c[0], &c[1], &x);
+                vec![m, l]
+            });
+        for_loop(f, &zero, &row.dv, &one, |f, d| {
+            f.b.line(format_args!("memref.store {fzero}, {acc}[{d}] : {acc_ty}"));
+        });
+        for_loop(f, &zero, &row.visible, &one, |f, s| {
+            let x = score(f, &row, s, &query);
+            let p = probability(f, &row, &ml[0], &ml[1], &x);
+            let vs = f.b.muli(s, &row.v_step);
+            let vbase = f.b.addi(&row.v, &vs);
+            for_loop(f, &zero, &row.dv, &one, |f, d| {
+                let vi = f.b.addi(&vbase, d);
+                let v = f.load(2, &vi);
+                let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
+                let a = f.fma(&p, &v, &a);
+                f.b.line(format_args!("memref.store {a}, {acc}[{d}] : {acc_ty}"));
+            });
+        });
+        for_loop(f, &zero, &row.dv, &one, |f, d| {
+            let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
+            let oi = f.b.addi(&row.out, d);
+            f.store(3, &oi, &a);
+        });
+    });
+    Ok(LaunchShape::Cpu { work: rows })
+}
+
+fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape, LowerError> {
+    let (heads, kv_heads, dv_n) = constants(f)?;
+    let dk_n = known(f, f.bufs[0].ty.shape[3], "the query head dimension (on the GPU)")?;
+    let block = dv_n.next_power_of_two().clamp(32, 128) as i64;
+    let r = f.gpu_id("block_id", 'x');
+    let tid = f.gpu_id("thread_id", 'x');
+    let row = row(f, &r, (heads, kv_heads), scale, causal);
+    let bs = f.b.index(block);
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let (qs, qs_ty) = f.workgroup("query", "f32", dk_n);
+    let (ps, ps_ty) = f.workgroup("probs", "f32", block as u64);
+    let (ms, ms_ty) = f.workgroup("row_max", "f32", block as u64);
+    let (ls, ls_ty) = f.workgroup("row_sum", "f32", block as u64);
+
+    // Stage the query row.
+    for_loop(f, &tid, &row.dk, &bs, |f, i| {
+        let qi = f.b.addi(&row.q, i);
+        let x = f.load(0, &qi);
+        f.b.line(format_args!("memref.store {x}, {qs}[{i}] : {qs_ty}"));
+    });
+    f.b.line("gpu.barrier");
+    let query = |f: &mut Frame, i: &Value| f.b.op("x", format_args!("memref.load {qs}[{i}] : {qs_ty}"));
+
+    // Pass 1: each thread's (m, l), then a tree over the block.
+    let (ninf, fzero) = (f.b.constant(NEG_INF, "f32"), f.b.f32(0.0));
+    let ml = for_carry(f, &tid, &row.visible, &bs, &[(ninf, "f32"), (fzero.clone(), "f32")], |f, s, c| {
+        let x = score(f, &row, s, &query);
+        let (m, l) = online(f, &c[0], &c[1], &x);
+        vec![m, l]
+    });
+    f.b.line(format_args!("memref.store {}, {ms}[{tid}] : {ms_ty}", ml[0]));
+    f.b.line(format_args!("memref.store {}, {ls}[{tid}] : {ls_ty}", ml[1]));
+    f.b.line("gpu.barrier");
+    let mut half = block / 2;
+    while half >= 1 {
+        let hv = f.b.index(half);
+        let active = f.b.op("p", format_args!("arith.cmpi ult, {tid}, {hv} : index"));
+        if_then(f, &active, |f| {
+            let other = f.b.addi(&tid, &hv);
+            let m1 = f.b.op("x", format_args!("memref.load {ms}[{tid}] : {ms_ty}"));
+            let l1 = f.b.op("x", format_args!("memref.load {ls}[{tid}] : {ls_ty}"));
+            let m2 = f.b.op("x", format_args!("memref.load {ms}[{other}] : {ms_ty}"));
+            let l2 = f.b.op("x", format_args!("memref.load {ls}[{other}] : {ls_ty}"));
+            let m = f.binf("maximumf", &m1, &m2);
+            let l = merge(f, (&m1, &l1), (&m2, Some(&l2)), &m);
+            f.b.line(format_args!("memref.store {m}, {ms}[{tid}] : {ms_ty}"));
+            f.b.line(format_args!("memref.store {l}, {ls}[{tid}] : {ls_ty}"));
+        });
+        f.b.line("gpu.barrier");
+        half /= 2;
+    }
+    let m = f.b.op("m", format_args!("memref.load {ms}[{zero}] : {ms_ty}"));
+    let l = f.b.op("l", format_args!("memref.load {ls}[{zero}] : {ls_ty}"));
+
+    // Pass 2: a chunk of `block` keys at a time.
+    let owned = dv_n.div_ceil(block as u64) as usize;
+    let columns: Vec<Value> = (0..owned)
+        .map(|j| {
+            let off = f.b.index(j as i64 * block);
+            f.b.addi(&tid, &off)
+        })
+        .collect();
+    let last_col = f.b.index(dv_n as i64 - 1);
+    let safe_cols: Vec<Value> = columns.iter().map(|c| f.b.minui(c, &last_col)).collect();
+    let inits: Vec<(Value, &str)> = columns.iter().map(|_| (fzero.clone(), "f32")).collect();
+    let acc = for_carry(f, &zero, &row.visible, &bs, &inits, |f, s0, acc| {
+        let s = f.b.addi(s0, &tid);
+        let inside = f.b.op("p", format_args!("arith.cmpi ult, {s}, {} : index", row.visible));
+        let p = if_else(
+            f,
+            &inside,
+            "f32",
+            |f| {
+                let x = score(f, &row, &s, &query);
+                probability(f, &row, &m, &l, &x)
+            },
+            |f| f.b.f32(0.0),
+        );
+        f.b.line(format_args!("memref.store {p}, {ps}[{tid}] : {ps_ty}"));
+        f.b.line("gpu.barrier");
+        let left = f.b.subi(&row.visible, s0);
+        let n = f.b.minui(&left, &bs);
+        let carried: Vec<(Value, &str)> = acc.iter().map(|a| (a.clone(), "f32")).collect();
+        let next = for_carry(f, &zero, &n, &one, &carried, |f, j, acc| {
+            let pj = f.b.op("p", format_args!("memref.load {ps}[{j}] : {ps_ty}"));
+            let sj = f.b.addi(s0, j);
+            let vs = f.b.muli(&sj, &row.v_step);
+            let vbase = f.b.addi(&row.v, &vs);
+            safe_cols
+                .iter()
+                .zip(acc)
+                .map(|(c, a)| {
+                    let vi = f.b.addi(&vbase, c);
+                    let v = f.load(2, &vi);
+                    f.fma(&pj, &v, a)
+                })
+                .collect()
+        });
+        // Everyone is done with this chunk's probabilities before the next chunk writes them.
+        f.b.line("gpu.barrier");
+        next
+    });
+    for (c, a) in columns.iter().zip(&acc) {
+        let ok = f.b.op("p", format_args!("arith.cmpi ult, {c}, {} : index", row.dv));
+        if_then(f, &ok, |f| {
+            let oi = f.b.addi(&row.out, c);
+            f.store(3, &oi, a);
+        });
+    }
+    Ok(LaunchShape::Gpu {
+        grid: [GridDim { work: rows, per_block: 1 }, GridDim::one(), GridDim::one()],
+        block: [block as u32, 1, 1],
+    })
+}

@@ -1,0 +1,299 @@
+//! Block-scaled FP8: `quantize`, `dequantize`, and the E4M3 encoding every f8e4m3 load and store
+//! goes through.
+//!
+//! Storage: an f8e4m3 element is its `torch.float8_e4m3fn` bit pattern, one byte (`i8`). Encoding
+//! and decoding are integer arithmetic on the f32 bits, the same instructions on both targets, so the
+//! CPU tests pin the GPU's behaviour too. The encoding is exactly `kiln_ir::interp::numerics::
+//! f8e4m3_from_f32`: round to nearest, ties to even, subnormals down to 2^-9, every magnitude above
+//! 448 (infinities included) saturating to ±448, NaN to `S.1111.111` with the input's sign. PTX's
+//! `cvt.rn.satfinite.e4m3x2.f32` rounds the same way but drops the sign of NaN, so kiln does not use
+//! it: the two would differ only on NaN, and one definition for both targets is worth more than the
+//! instruction.
+//!
+//! `quantize` (DeepSeek's `act_quant`): work items are tiles (one per scale), each computed by one
+//! CPU work item or one GPU thread: `amax = max |x|` over the tile (NaN propagates), `max(amax,
+//! amax_floor)`, `scale = amax / 448` in f32, rounded up to a power of two with `pow2_scale` (exactly,
+//! from the bits, as the interpreter does), then `q = e4m3(x / scale)`. Tiles cover the trailing
+//! dimensions; edge tiles are smaller. `dequantize`: one element per work item, `q * scale` in f32
+//! rounded to the result dtype.
+//!
+//! Not done: one block per tile with a shared-memory amax on the GPU (a thread per tile is correct
+//! and simple; weight tiles of 128x128 make it slow, but weights are quantised once, offline).
+
+use kiln_ir::op::QuantSpec;
+use kiln_ir::Dim;
+
+use super::elementwise::each_element;
+use super::{Frame, LaunchShape, LowerError};
+use crate::codegen::mlir::{for_carry, for_loop, Value};
+
+/// `2^-9`, the E4M3 subnormal quantum.
+const F8_SUBNORMAL_QUANTUM: f64 = 1.0 / 512.0;
+
+impl Frame<'_> {
+    fn i32c(&mut self, v: i64) -> Value {
+        self.b.constant(&v.to_string(), "i32")
+    }
+
+    fn bini(&mut self, op: &str, a: &Value, b: &Value) -> Value {
+        self.b.op("b", format_args!("arith.{op} {a}, {b} : i32"))
+    }
+
+    /// The f32 value of an E4M3 byte (`f8e4m3_to_f32`).
+    pub(super) fn f8_decode(&mut self, x: &Value) -> Value {
+        let c = self.b.op("q", format_args!("arith.extui {x} : i8 to i32"));
+        let (m7f, m80, m7) = (self.i32c(0x7F), self.i32c(0x80), self.i32c(7));
+        let mag = self.bini("andi", &c, &m7f);
+        let s = self.bini("andi", &c, &m80);
+        let c24 = self.i32c(24);
+        let sign = self.bini("shli", &s, &c24);
+        // Normal codes: exponent e - 7 + 127 and mantissa m, i.e. (mag << 20) + (120 << 23).
+        let c20 = self.i32c(20);
+        let shifted = self.bini("shli", &mag, &c20);
+        let bias = self.i32c(120 << 23);
+        let normal = self.bini("addi", &shifted, &bias);
+        // Subnormal codes: m * 2^-9, exact in f32, with the sign bit put back.
+        let m = self.bini("andi", &mag, &m7);
+        let mf = self.b.op("q", format_args!("arith.uitofp {m} : i32 to f32"));
+        let quantum = self.b.f32(F8_SUBNORMAL_QUANTUM);
+        let sub = self.binf("mulf", &mf, &quantum);
+        let sub = self.b.op("q", format_args!("arith.bitcast {sub} : f32 to i32"));
+        let c8 = self.i32c(8);
+        let is_sub = self.b.op("p", format_args!("arith.cmpi ult, {mag}, {c8} : i32"));
+        let bits = self.select(&is_sub, &sub, &normal, "i32");
+        let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {m7f} : i32"));
+        let qnan = self.i32c(0x7FC0_0000);
+        let bits = self.select(&is_nan, &qnan, &bits, "i32");
+        let bits = self.bini("ori", &bits, &sign);
+        self.b.op("q", format_args!("arith.bitcast {bits} : i32 to f32"))
+    }
+
+    /// The E4M3 byte of an f32 value (`f8e4m3_from_f32`), see the module documentation.
+    pub(super) fn f8_encode(&mut self, v: &Value) -> Value {
+        let bits = self.b.op("q", format_args!("arith.bitcast {v} : f32 to i32"));
+        let c24 = self.i32c(24);
+        let hi = self.b.op("q", format_args!("arith.shrui {bits}, {c24} : i32"));
+        let m80 = self.i32c(0x80);
+        let sign = self.bini("andi", &hi, &m80);
+        let abs_mask = self.i32c(0x7FFF_FFFF);
+        let abs = self.bini("andi", &bits, &abs_mask);
+        let absf = self.b.op("q", format_args!("arith.bitcast {abs} : i32 to f32"));
+        // Normal results (|v| >= 2^-6): round the f32 mantissa to 3 bits, ties to even, on the bits;
+        // a carry moves into the exponent as it should. Then rebias the exponent from 127 to 7.
+        let (c20, c1) = (self.i32c(20), self.i32c(1));
+        let lsb = self.bini("shrui", &abs, &c20);
+        let lsb = self.bini("andi", &lsb, &c1);
+        let half = self.i32c(0x7FFFF);
+        let r = self.bini("addi", &abs, &half);
+        let r = self.bini("addi", &r, &lsb);
+        let r = self.bini("shrui", &r, &c20);
+        let rebias = self.i32c(120 << 3);
+        let normal = self.bini("subi", &r, &rebias);
+        // Subnormal results: round(|v| * 2^9) to an integer, ties to even, by adding and removing
+        // 2^23 (|v| * 2^9 < 8, so the sum's last bit has weight 1); 8 is the smallest normal, 0x08.
+        let scale = self.b.f32(512.0);
+        let t = self.binf("mulf", &absf, &scale);
+        let magic = self.b.f32(8_388_608.0);
+        let t = self.binf("addf", &t, &magic);
+        let t = self.binf("subf", &t, &magic);
+        let sub = self.b.op("q", format_args!("arith.fptoui {t} : f32 to i32"));
+        let min_normal = self.i32c(0x3C80_0000);
+        let is_normal = self.b.op("p", format_args!("arith.cmpi uge, {abs}, {min_normal} : i32"));
+        let code = self.select(&is_normal, &normal, &sub, "i32");
+        let max = self.b.f32(448.0);
+        let over = self.b.op("p", format_args!("arith.cmpf ogt, {absf}, {max} : f32"));
+        let c7e = self.i32c(0x7E);
+        let code = self.select(&over, &c7e, &code, "i32");
+        let inf = self.i32c(0x7F80_0000);
+        let is_nan = self.b.op("p", format_args!("arith.cmpi ugt, {abs}, {inf} : i32"));
+        let c7f = self.i32c(0x7F);
+        let code = self.select(&is_nan, &c7f, &code, "i32");
+        let code = self.bini("ori", &code, &sign);
+        self.b.op("q", format_args!("arith.trunci {code} : i32 to i8"))
+    }
+
+    /// The smallest power of two >= `s` for finite positive `s`, exactly (`pow2_ceil` of the
+    /// interpreter); other values unchanged. Subnormals are scaled by 2^64 first so the exponent
+    /// field is meaningful.
+    fn pow2_ceil(&mut self, s: &Value) -> Value {
+        let bits = self.b.op("q", format_args!("arith.bitcast {s} : f32 to i32"));
+        let min_normal = self.i32c(0x0080_0000);
+        let is_sub = self.b.op("p", format_args!("arith.cmpi ult, {bits}, {min_normal} : i32"));
+        let up = self.b.f32(2f64.powi(64));
+        let scaled = self.binf("mulf", s, &up);
+        let x = self.select(&is_sub, &scaled, s, "f32");
+        let xb = self.b.op("q", format_args!("arith.bitcast {x} : f32 to i32"));
+        let mant_mask = self.i32c(0x007F_FFFF);
+        let mant = self.bini("andi", &xb, &mant_mask);
+        let c23 = self.i32c(23);
+        let c1 = self.i32c(1);
+        let e = self.bini("shrui", &xb, &c23);
+        let e = self.bini("addi", &e, &c1);
+        let next = self.bini("shli", &e, &c23);
+        let zero = self.i32c(0);
+        let exact = self.b.op("p", format_args!("arith.cmpi eq, {mant}, {zero} : i32"));
+        let pb = self.select(&exact, &xb, &next, "i32");
+        let p = self.b.op("q", format_args!("arith.bitcast {pb} : i32 to f32"));
+        let down = self.b.f32(2f64.powi(-64));
+        let unscaled = self.binf("mulf", &p, &down);
+        let p = self.select(&is_sub, &unscaled, &p, "f32");
+        let fzero = self.b.f32(0.0);
+        let finf = self.b.f32(f64::INFINITY);
+        let pos = self.b.op("p", format_args!("arith.cmpf ogt, {s}, {fzero} : f32"));
+        let fin = self.b.op("p", format_args!("arith.cmpf olt, {s}, {finf} : f32"));
+        let ok = self.b.op("p", format_args!("arith.andi {pos}, {fin} : i1"));
+        self.select(&ok, &p, s, "f32")
+    }
+}
+
+/// The tiling of an operand: per dimension, its size, its stride, its tile size (1 for leading
+/// dimensions) and its number of tiles.
+struct Tiles {
+    dims: Vec<Value>,
+    strides: Vec<Value>,
+    block: Vec<Value>,
+    counts: Vec<Value>,
+}
+
+fn tiles_of(f: &mut Frame, op: &str, shape: &[Dim], block: &[u64]) -> Result<Tiles, LowerError> {
+    if block.is_empty() || block.len() > shape.len() {
+        return Err(f.unsupported(op, format!("block {block:?} does not fit the shape")));
+    }
+    let lead = shape.len() - block.len();
+    let mut t = Tiles { dims: Vec::new(), strides: Vec::new(), block: Vec::new(), counts: Vec::new() };
+    for (k, &d) in shape.iter().enumerate() {
+        let dv = f.dim(d);
+        let stride = f.prod(&shape[k + 1..]);
+        let b = if k < lead { 1 } else { block[k - lead] };
+        let bv = f.b.index(b as i64);
+        // ceil(d / b) = (d + b - 1) / b
+        let bm1 = f.b.index(b as i64 - 1);
+        let sum = f.b.addi(&dv, &bm1);
+        let count = f.b.divui(&sum, &bv);
+        t.dims.push(dv);
+        t.strides.push(stride);
+        t.block.push(bv);
+        t.counts.push(count);
+    }
+    Ok(t)
+}
+
+/// The tile coordinates of scale index `tile` (scales are row-major over the tile counts).
+fn tile_coords(f: &mut Frame, tiles: &Tiles, tile: &Value) -> Vec<Value> {
+    let mut rest = tile.clone();
+    let mut coords = vec![rest.clone(); tiles.counts.len()];
+    for k in (0..tiles.counts.len()).rev() {
+        coords[k] = if k == 0 { rest.clone() } else { f.b.remui(&rest, &tiles.counts[k]) };
+        if k > 0 {
+            rest = f.b.divui(&rest, &tiles.counts[k]);
+        }
+    }
+    coords
+}
+
+/// Folds `step(f, element index, acc)` over the elements of the tile at `coords` (dimension `k` and
+/// inward; `base` is the offset of the dimensions before `k`).
+fn fold_tile(
+    f: &mut Frame,
+    tiles: &Tiles,
+    coords: &[Value],
+    k: usize,
+    base: &Value,
+    acc: Value,
+    step: &dyn Fn(&mut Frame, &Value, &Value) -> Value,
+) -> Value {
+    if k == tiles.dims.len() {
+        return step(f, base, &acc);
+    }
+    let start = f.b.muli(&coords[k], &tiles.block[k]);
+    let end = f.b.addi(&start, &tiles.block[k]);
+    let end = f.b.minui(&end, &tiles.dims[k]);
+    let one = f.b.index(1);
+    for_carry(f, &start, &end, &one, &[(acc, "f32")], |f, i, acc| {
+        let off = f.b.muli(i, &tiles.strides[k]);
+        let idx = f.b.addi(base, &off);
+        vec![fold_tile(f, tiles, coords, k + 1, &idx, acc[0].clone(), step)]
+    })
+    .remove(0)
+}
+
+/// Runs `body(f, element index)` for every element of the tile at `coords`.
+fn each_in_tile(
+    f: &mut Frame,
+    tiles: &Tiles,
+    coords: &[Value],
+    k: usize,
+    base: &Value,
+    body: &dyn Fn(&mut Frame, &Value),
+) {
+    if k == tiles.dims.len() {
+        return body(f, base);
+    }
+    let start = f.b.muli(&coords[k], &tiles.block[k]);
+    let end = f.b.addi(&start, &tiles.block[k]);
+    let end = f.b.minui(&end, &tiles.dims[k]);
+    let one = f.b.index(1);
+    for_loop(f, &start, &end, &one, |f, i| {
+        let off = f.b.muli(i, &tiles.strides[k]);
+        let idx = f.b.addi(base, &off);
+        each_in_tile(f, tiles, coords, k + 1, &idx, body);
+    });
+}
+
+pub(super) fn quantize(f: &mut Frame, spec: &QuantSpec) -> Result<LaunchShape, LowerError> {
+    let shape = f.bufs[0].ty.shape.clone();
+    let tiles = tiles_of(f, "quantize", &shape, &spec.block)?;
+    let n = f.result(1).ty.numel().ok_or_else(|| f.unsupported("quantize", "too many tiles"))?;
+    let (q_buf, s_buf) = (f.kernel.args.len(), f.kernel.args.len() + 1);
+    Ok(each_element(f, n, |f, tile| {
+        let coords = tile_coords(f, &tiles, tile);
+        let zero = f.b.index(0);
+        let init = f.b.f32(0.0);
+        let amax = fold_tile(f, &tiles, &coords, 0, &zero, init, &|f, i, acc| {
+            let x = f.load(0, i);
+            let a = f.unary(kiln_ir::UnaryOp::Abs, &x);
+            // maximumf propagates NaN, as the interpreter's amax does.
+            f.binf("maximumf", acc, &a)
+        });
+        let floor = f.b.f32(spec.amax_floor);
+        let floored = f.binf("maximumf", &amax, &floor);
+        let nan = f.b.op("p", format_args!("arith.cmpf uno, {amax}, {amax} : f32"));
+        let amax = f.select(&nan, &amax, &floored, "f32");
+        let max = f.b.f32(448.0);
+        let scale = f.binf("divf", &amax, &max);
+        let scale = if spec.pow2_scale { f.pow2_ceil(&scale) } else { scale };
+        f.store(s_buf, tile, &scale);
+        each_in_tile(f, &tiles, &coords, 0, &zero, &|f, i| {
+            let x = f.load(0, i);
+            let q = f.binf("divf", &x, &scale);
+            f.store(q_buf, i, &q);
+        });
+    }))
+}
+
+pub(super) fn dequantize(f: &mut Frame, block: &[u64]) -> Result<LaunchShape, LowerError> {
+    let shape = f.bufs[0].ty.shape.clone();
+    let tiles = tiles_of(f, "dequantize", &shape, block)?;
+    let n = f.result(0).ty.numel().ok_or_else(|| f.unsupported("dequantize", "too many elements"))?;
+    let out = f.kernel.args.len();
+    Ok(each_element(f, n, |f, i| {
+        // The element's coordinates, then its tile's scale index (row-major over tile counts).
+        let mut rest = i.clone();
+        let mut slot = f.b.index(0);
+        let mut stride = f.b.index(1);
+        for k in (0..tiles.dims.len()).rev() {
+            let c = if k == 0 { rest.clone() } else { f.b.remui(&rest, &tiles.dims[k]) };
+            if k > 0 {
+                rest = f.b.divui(&rest, &tiles.dims[k]);
+            }
+            let t = f.b.divui(&c, &tiles.block[k]);
+            let term = f.b.muli(&t, &stride);
+            slot = f.b.addi(&slot, &term);
+            stride = f.b.muli(&stride, &tiles.counts[k]);
+        }
+        let q = f.load(0, i);
+        let s = f.load(1, &slot);
+        let y = f.binf("mulf", &q, &s);
+        f.store(out, i, &y);
+    }))
+}

@@ -1,0 +1,191 @@
+//! Data movement: `concat`, `split`, `broadcast`, `transpose`, `embedding` and `gather`. (`reshape`
+//! is not a kernel: formation makes it an alias of its operand's buffer.)
+//!
+//! Every kernel here copies stored bits ([`Frame::load_raw`] / [`Frame::store_raw`]), so it works for
+//! every dtype, f8e4m3 and bool included, and values arrive exactly as they left. Iteration is over
+//! the flat index of one tensor, as for elementwise kernels: CPU work items and GPU threads (256 per
+//! block) are elements of the output, except for `split`, whose work items are elements of its one
+//! operand (each goes to exactly one result). An index is decomposed into the coordinates the copy
+//! needs with one division and one remainder per dimension involved.
+//!
+//! Ids and indices (`embedding`, `gather`): an index outside `0..n` is **clamped** into range (a
+//! negative one reads row 0, a too-large one row `n - 1`). The interpreter reports such an index as an
+//! error; a kernel cannot, so it does the one thing that never reads outside the buffer, and the
+//! runtime validates token ids before it launches anything.
+//!
+//! Not done: vectorised or tiled copies (a transpose through shared memory, row copies on the CPU).
+
+use kiln_ir::Dim;
+
+use super::elementwise::{broadcast_index, each_element};
+use super::{Frame, LaunchShape, LowerError};
+use crate::codegen::mlir::{if_else, if_then, Value};
+
+fn numel(f: &Frame, buf: usize, op: &str) -> Result<Dim, LowerError> {
+    f.bufs[buf].ty.numel().ok_or_else(|| f.unsupported(op, "the element count does not fit a dimension"))
+}
+
+/// `(outer, a, inner)` of flat index `i` of a tensor viewed as `[outer, len, inner]`.
+fn split_index(f: &mut Frame, i: &Value, len: &Value, inner: &Value) -> (Value, Value, Value) {
+    let j = f.b.remui(i, inner);
+    let q = f.b.divui(i, inner);
+    let a = f.b.remui(&q, len);
+    let o = f.b.divui(&q, len);
+    (o, a, j)
+}
+
+/// `(o * len + a) * inner + j`.
+fn join_index(f: &mut Frame, (o, a, j): (&Value, &Value, &Value), len: &Value, inner: &Value) -> Value {
+    let ol = f.b.muli(o, len);
+    let row = f.b.addi(&ol, a);
+    let ri = f.b.muli(&row, inner);
+    f.b.addi(&ri, j)
+}
+
+/// The sizes along `axis` of the given buffers and their running offsets (`offsets[p]` is where
+/// part `p` starts; the last entry is the total).
+fn parts_along(f: &mut Frame, bufs: &[usize], axis: usize) -> (Vec<Value>, Vec<Value>) {
+    let dims: Vec<Dim> = bufs.iter().map(|&b| f.bufs[b].ty.shape[axis]).collect();
+    let sizes: Vec<Value> = dims.into_iter().map(|d| f.dim(d)).collect();
+    let mut offsets = vec![f.b.index(0)];
+    for s in &sizes {
+        let next = f.b.addi(offsets.last().expect("starts with 0"), s);
+        offsets.push(next);
+    }
+    (sizes, offsets)
+}
+
+pub(super) fn concat(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerError> {
+    let parts: Vec<usize> = (0..f.kernel.args.len()).collect();
+    let out = parts.len();
+    let out_shape = f.bufs[out].ty.shape.clone();
+    let n = numel(f, out, "concat")?;
+    let len = f.dim(out_shape[axis]);
+    let inner = f.prod(&out_shape[axis + 1..]);
+    let (sizes, offsets) = parts_along(f, &parts, axis);
+    let elem = f.storage(0);
+    Ok(each_element(f, n, |f, i| {
+        let (o, a, j) = split_index(f, i, &len, &inner);
+        let v = pick(f, 0, &o, &a, &j, (&sizes, &offsets, &inner), elem);
+        f.store_raw(out, i, &v);
+    }))
+}
+
+/// The element at `(o, a, j)` of the concatenation, from part `p` or a later one: a chain of
+/// `scf.if`s on `a`, so that only the part that holds the element is read.
+fn pick(
+    f: &mut Frame,
+    p: usize,
+    o: &Value,
+    a: &Value,
+    j: &Value,
+    (sizes, offsets, inner): (&[Value], &[Value], &Value),
+    elem: &str,
+) -> Value {
+    let read = |f: &mut Frame| {
+        let local = f.b.subi(a, &offsets[p]);
+        let idx = join_index(f, (o, &local, j), &sizes[p], inner);
+        f.load_raw(p, &idx)
+    };
+    if p + 1 == sizes.len() {
+        return read(f);
+    }
+    let end = offsets[p + 1].clone();
+    let here = f.b.op("p", format_args!("arith.cmpi ult, {a}, {end} : index"));
+    if_else(f, &here, elem, read, |f| pick(f, p + 1, o, a, j, (sizes, offsets, inner), elem))
+}
+
+pub(super) fn split(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerError> {
+    let results: Vec<usize> = (1..f.bufs.len()).collect();
+    let shape = f.bufs[0].ty.shape.clone();
+    let n = numel(f, 0, "split")?;
+    let len = f.dim(shape[axis]);
+    let inner = f.prod(&shape[axis + 1..]);
+    let (sizes, offsets) = parts_along(f, &results, axis);
+    Ok(each_element(f, n, |f, i| {
+        let (o, a, j) = split_index(f, i, &len, &inner);
+        let x = f.load_raw(0, i);
+        for (p, &r) in results.iter().enumerate() {
+            // Part p holds a in offsets[p]..offsets[p + 1].
+            let (start, end) = (offsets[p].clone(), offsets[p + 1].clone());
+            let ge = f.b.op("p", format_args!("arith.cmpi uge, {a}, {start} : index"));
+            let lt = f.b.op("p", format_args!("arith.cmpi ult, {a}, {end} : index"));
+            let inside = f.b.op("p", format_args!("arith.andi {ge}, {lt} : i1"));
+            if_then(f, &inside, |f| {
+                let local = f.b.subi(&a, &start);
+                let idx = join_index(f, (&o, &local, &j), &sizes[p], &inner);
+                f.store_raw(r, &idx, &x);
+            });
+        }
+    }))
+}
+
+pub(super) fn broadcast(f: &mut Frame) -> Result<LaunchShape, LowerError> {
+    let n = numel(f, 1, "broadcast")?;
+    let (from, to) = (f.bufs[0].ty.shape.clone(), f.bufs[1].ty.shape.clone());
+    Ok(each_element(f, n, |f, i| {
+        let src = broadcast_index(f, &from, &to, i);
+        let x = f.load_raw(0, &src);
+        f.store_raw(1, i, &x);
+    }))
+}
+
+pub(super) fn transpose(f: &mut Frame, perm: &[usize]) -> Result<LaunchShape, LowerError> {
+    let n = numel(f, 1, "transpose")?;
+    let x = f.bufs[0].ty.shape.clone();
+    let out = f.bufs[1].ty.shape.clone();
+    let x_strides: Vec<Value> = (0..x.len()).map(|k| f.prod(&x[k + 1..])).collect();
+    let out_dims: Vec<Value> = out.iter().map(|&d| f.dim(d)).collect();
+    Ok(each_element(f, n, |f, i| {
+        // Output axis k is input axis perm[k]: peel output coordinates from the innermost out.
+        let mut rest = i.clone();
+        let mut src = f.b.index(0);
+        for k in (0..out.len()).rev() {
+            let c = if k == 0 { rest.clone() } else { f.b.remui(&rest, &out_dims[k]) };
+            if k > 0 {
+                rest = f.b.divui(&rest, &out_dims[k]);
+            }
+            let term = f.b.muli(&c, &x_strides[perm[k]]);
+            src = f.b.addi(&src, &term);
+        }
+        let v = f.load_raw(0, &src);
+        f.store_raw(1, i, &v);
+    }))
+}
+
+pub(super) fn embedding(f: &mut Frame) -> Result<LaunchShape, LowerError> {
+    let n = numel(f, 2, "embedding")?;
+    let table = f.bufs[0].ty.shape.clone();
+    let id_type = f.bufs[1].ty.dtype;
+    let rows = f.dim(table[0]);
+    let d = f.dim(table[1]);
+    Ok(each_element(f, n, |f, i| {
+        let r = f.b.divui(i, &d);
+        let c = f.b.remui(i, &d);
+        let id = f.load(1, &r);
+        let row = f.clamped_index(&id, id_type, &rows);
+        let rd = f.b.muli(&row, &d);
+        let src = f.b.addi(&rd, &c);
+        let v = f.load_raw(0, &src);
+        f.store_raw(2, i, &v);
+    }))
+}
+
+pub(super) fn gather(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerError> {
+    let n = numel(f, 2, "gather")?;
+    let data = f.bufs[0].ty.shape.clone();
+    let picks = numel(f, 1, "gather")?;
+    let index_type = f.bufs[1].ty.dtype;
+    let len = f.dim(data[axis]);
+    let inner = f.prod(&data[axis + 1..]);
+    let count = f.dim(picks);
+    Ok(each_element(f, n, |f, i| {
+        // Output [outer, picks, inner] reads data [outer, len, inner] at the picked position.
+        let (o, p, j) = split_index(f, i, &count, &inner);
+        let at = f.load(1, &p);
+        let a = f.clamped_index(&at, index_type, &len);
+        let src = join_index(f, (&o, &a, &j), &len, &inner);
+        let v = f.load_raw(0, &src);
+        f.store_raw(2, i, &v);
+    }))
+}

@@ -1,0 +1,711 @@
+//! Packing: a model spec or a graph into an artifact directory a runtime can load (`kiln compile`).
+//!
+//! The pipeline, each stage a named step whose output can be printed (`--print-after STAGE`):
+//!
+//! ```text
+//! build          ModelSpec ─▶ Graph (or a given graph, verified)
+//! <pass> ...     every pass of passes::PASSES, in order (only with a spec: passes read it)
+//! kernels        Graph ─▶ KernelPlan (codegen::form_kernels)
+//! plan-memory    KernelPlan ─▶ MemoryPlan (one arena, offsets for the maximum sizes)
+//! lower          each distinct kernel once per target ─▶ MLIR
+//! emit-cpu       MLIR ─▶ LLVM ─▶ kernels.so with a packed entry per kernel
+//! emit-gpu       MLIR ─▶ LLVM ─▶ kernels.ptx for sm_90a, assembled by ptxas -v as a check
+//! pack           graph.kir, kernels.mlir, manifest.json (with the SHA-256 of every file)
+//! ```
+//!
+//! [`make_graph`] runs `build` and the passes, [`prepare`] the pure stages up to `lower`, [`emit`]
+//! the rest, [`compile`] all of them. Nothing here writes the output: an [`Artifact`] holds its
+//! files in memory, and [`write()`] puts them in place atomically. (The CPU library is linked by `cc`
+//! in a private temporary directory and read back.)
+//! A caller watches the stages through an [`Observer`]: the CLI's progress bar, timings and
+//! `--print-after` are observers, so the pipeline itself does no printing.
+
+mod memory;
+mod ptxas;
+mod write;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use kiln_ir::artifact::{
+    self, ArgRole, ArgSig, BufferKind, CpuKernel, CpuTarget, FileEntry, GpuKernel, GpuTarget, GridAxis,
+    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, SymbolEntry,
+};
+use kiln_ir::types::Sym;
+use kiln_ir::verify::{verify, VerifyError};
+use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
+
+use crate::build::{build_graph, BuildError};
+use crate::codegen::{
+    cpu, form_kernels, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
+    LoweredModule, Step, Target,
+};
+use crate::passes::{self, PassError};
+use crate::toolchain::{self, ToolchainError};
+
+pub use memory::{plan_memory, MemoryPlan, PlanError};
+pub use ptxas::{parse_report, PtxasStats};
+pub use write::{write, WriteError};
+
+/// What to compile.
+pub enum Source {
+    /// A model spec: the graph is built from it and the pass pipeline runs with it.
+    Spec(ModelSpec),
+    /// A graph as given (a `.kir` file). The passes run only when a spec is given too, because they
+    /// read their constants from it; without one the graph is compiled as written.
+    Graph { graph: Graph, spec: Option<ModelSpec> },
+}
+
+impl Source {
+    fn spec(&self) -> Option<&ModelSpec> {
+        match self {
+            Source::Spec(s) => Some(s),
+            Source::Graph { spec, .. } => spec.as_ref(),
+        }
+    }
+}
+
+/// Which targets to compile for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Targets {
+    Cpu,
+    Gpu,
+    All,
+}
+
+impl Targets {
+    /// Parses the CLI spelling: `cpu`, `sm_90a` or `all`.
+    pub fn parse(text: &str) -> Option<Targets> {
+        match text {
+            "cpu" => Some(Targets::Cpu),
+            _ if text == gpu::SM => Some(Targets::Gpu),
+            "all" => Some(Targets::All),
+            _ => None,
+        }
+    }
+
+    pub fn cpu(self) -> bool {
+        matches!(self, Targets::Cpu | Targets::All)
+    }
+
+    pub fn gpu(self) -> bool {
+        matches!(self, Targets::Gpu | Targets::All)
+    }
+}
+
+/// How to compile.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub targets: Targets,
+    /// The largest batch (`B`) the buffer plan must hold.
+    pub max_batch: u64,
+    /// The largest context (`S`), and so the largest number of new tokens (`T`), it must hold.
+    pub max_context: u64,
+}
+
+impl Options {
+    /// The sizes the buffer plan is made for: `T <= S` always, so both get `max_context`.
+    pub fn max_sizes(&self) -> SymBindings {
+        SymBindings { b: self.max_batch, t: self.max_context, s: self.max_context }
+    }
+}
+
+/// A stage of the pipeline (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Build,
+    Pass(&'static str),
+    Kernels,
+    PlanMemory,
+    Lower,
+    EmitCpu,
+    EmitGpu,
+    Pack,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Build => "build",
+            Stage::Pass(name) => name,
+            Stage::Kernels => "kernels",
+            Stage::PlanMemory => "plan-memory",
+            Stage::Lower => "lower",
+            Stage::EmitCpu => "emit-cpu",
+            Stage::EmitGpu => "emit-gpu",
+            Stage::Pack => "pack",
+        }
+    }
+}
+
+/// The stages [`compile`] runs for `source` and `options`, in order.
+pub fn stages(source: &Source, options: &Options) -> Vec<Stage> {
+    let mut s = vec![Stage::Build];
+    if source.spec().is_some() {
+        s.extend(passes::PASSES.iter().map(|p| Stage::Pass(p.name)));
+    }
+    s.extend([Stage::Kernels, Stage::PlanMemory, Stage::Lower]);
+    if options.targets.cpu() {
+        s.push(Stage::EmitCpu);
+    }
+    if options.targets.gpu() {
+        s.push(Stage::EmitGpu);
+    }
+    s.push(Stage::Pack);
+    s
+}
+
+/// What a stage produced, for printing.
+pub enum Dump<'a> {
+    /// The graph (after `build` and after each pass).
+    Graph(&'a Graph),
+    Kernels(&'a KernelPlan),
+    Memory(&'a MemoryPlan),
+    /// The lowered module of each target.
+    Mlir(&'a [LoweredModule]),
+    /// The packed entry points of the CPU library.
+    Library {
+        bytes: usize,
+        symbols: Vec<String>,
+    },
+    Ptx(&'a str),
+    /// `manifest.json`.
+    Manifest(&'a str),
+}
+
+impl Dump<'_> {
+    pub fn render(&self) -> String {
+        match self {
+            Dump::Graph(g) => kiln_ir::print(g),
+            Dump::Kernels(plan) => print_kernels(plan),
+            Dump::Memory(m) => m.print(),
+            Dump::Mlir(modules) => {
+                modules.iter().map(|m| format!("// target: {}\n{}", m.target, m.text())).collect()
+            }
+            Dump::Library { bytes, symbols } => {
+                let mut s =
+                    format!("{}: {bytes} bytes, {} entry points\n", artifact::KERNELS_SO, symbols.len());
+                for sym in symbols {
+                    let _ = writeln!(s, "  {sym}");
+                }
+                s
+            }
+            Dump::Ptx(ptx) => ptx.to_string(),
+            Dump::Manifest(json) => json.to_string(),
+        }
+    }
+}
+
+/// The kernels (signature and launch count) and the steps of a plan.
+fn print_kernels(plan: &KernelPlan) -> String {
+    let mut uses = vec![0usize; plan.kernels.len()];
+    for s in &plan.steps {
+        if let Step::Launch { kernel, .. } = s {
+            uses[kernel.index()] += 1;
+        }
+    }
+    let mut out = String::new();
+    for k in &plan.kernels {
+        let list =
+            |ts: &[kiln_ir::TensorType]| ts.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(
+            out,
+            "{} {} x{} ({}) -> {}",
+            k.id,
+            k.name,
+            uses[k.id.index()],
+            list(&k.args),
+            list(&k.results)
+        );
+    }
+    let vals = |vs: &[kiln_ir::ValueId]| vs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    for s in &plan.steps {
+        let _ = match s {
+            Step::Launch { kernel, args, results, .. } => {
+                writeln!(out, "  launch {kernel} ({}) -> {}", vals(args), vals(results))
+            }
+            Step::Alias { result, source, .. } => writeln!(out, "  alias {result} = {source}"),
+            Step::Runtime { node } => writeln!(out, "  runtime {node}"),
+        };
+    }
+    out
+}
+
+/// Watches the pipeline. Both methods do nothing unless overridden.
+pub trait Observer {
+    /// `stage` is about to run.
+    fn started(&mut self, _stage: Stage) {}
+    /// `stage` finished and produced `dump`.
+    fn finished(&mut self, _stage: Stage, _dump: &Dump<'_>) {}
+}
+
+impl Observer for () {}
+
+/// Why a compile failed. Everything but [`CompileError::Internal`] and a failing `EmitError` is a
+/// problem with the input or the machine; those two are kiln bugs.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("{0}")]
+    Options(String),
+    #[error("ptxas is needed to compile for {arch} but was not found{where_}: run scripts/setup.sh (it installs ptxas into tools/local/bin) or set KILN_PTXAS to its path")]
+    NoPtxas { arch: &'static str, where_: String },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Invalid(#[from] VerifyError),
+    #[error(transparent)]
+    Pass(#[from] PassError),
+    #[error(transparent)]
+    Form(#[from] FormError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Lower(#[from] LowerError),
+    #[error(transparent)]
+    Emit(#[from] EmitError),
+    /// ptxas rejected the PTX (a kiln bug) or could not run; or the host target is unusable.
+    #[error(transparent)]
+    Toolchain(#[from] ToolchainError),
+    #[error("internal error: {0} (a kiln bug; please report it)")]
+    Internal(String),
+}
+
+/// The result of the pure stages: everything but machine code.
+pub struct Prepared {
+    pub spec: Option<ModelSpec>,
+    /// The graph after the pass pipeline.
+    pub graph: Graph,
+    pub plan: KernelPlan,
+    pub memory: MemoryPlan,
+    pub cpu: Option<LoweredModule>,
+    pub gpu: Option<LoweredModule>,
+    ptxas: Option<PathBuf>,
+}
+
+/// A compiled artifact, in memory.
+pub struct Artifact {
+    pub manifest: Manifest,
+    /// `manifest.json` as written.
+    pub manifest_json: String,
+    /// The other files, `(name, contents)`, in the order of [`Manifest::files`].
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Per-kernel resource use from `ptxas -v`, when the GPU target was compiled.
+    pub ptxas: Option<BTreeMap<String, PtxasStats>>,
+    pub prepared: Prepared,
+}
+
+/// Runs `stage`, telling the observer before and after.
+fn stage<T>(
+    obs: &mut dyn Observer,
+    stage: Stage,
+    run: impl FnOnce() -> Result<T, CompileError>,
+    dump: impl FnOnce(&T) -> Dump<'_>,
+) -> Result<T, CompileError> {
+    obs.started(stage);
+    let out = run()?;
+    obs.finished(stage, &dump(&out));
+    Ok(out)
+}
+
+/// Finds ptxas, or says how to install it.
+fn require_ptxas() -> Result<PathBuf, CompileError> {
+    match toolchain::find_ptxas() {
+        Some(p) if p.is_file() => Ok(p),
+        Some(p) => Err(CompileError::NoPtxas { arch: gpu::SM, where_: format!(" at {}", p.display()) }),
+        None => Err(CompileError::NoPtxas { arch: gpu::SM, where_: String::new() }),
+    }
+}
+
+/// Runs `build` and the passes: the graph kernels are formed from, and the spec, if any.
+pub fn make_graph(
+    source: Source,
+    obs: &mut dyn Observer,
+) -> Result<(Graph, Option<ModelSpec>), CompileError> {
+    let (mut graph, spec) = stage(
+        obs,
+        Stage::Build,
+        || match source {
+            Source::Spec(spec) => Ok((build_graph(&spec)?, Some(spec))),
+            Source::Graph { graph, spec } => {
+                verify(&graph)?;
+                Ok((graph, spec))
+            }
+        },
+        |(g, _)| Dump::Graph(g),
+    )?;
+    if let Some(spec) = &spec {
+        let opts = passes::Options { spec };
+        for pass in passes::PASSES {
+            obs.started(Stage::Pass(pass.name));
+            passes::run_pass(&mut graph, pass, &opts)?;
+            obs.finished(Stage::Pass(pass.name), &Dump::Graph(&graph));
+        }
+    }
+    Ok((graph, spec))
+}
+
+/// Runs the pure stages: [`make_graph`], kernel formation, the memory plan and lowering.
+pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Result<Prepared, CompileError> {
+    if options.max_batch == 0 || options.max_context == 0 {
+        return Err(CompileError::Options("the maximum batch and context must be at least 1".into()));
+    }
+    // Before any work: a missing tool should not cost a whole compile.
+    let ptxas = if options.targets.gpu() { Some(require_ptxas()?) } else { None };
+    let (graph, spec) = make_graph(source, obs)?;
+    let plan = stage(obs, Stage::Kernels, || Ok(form_kernels(&graph)?), |p| Dump::Kernels(p))?;
+    let memory = stage(
+        obs,
+        Stage::PlanMemory,
+        || Ok(plan_memory(&graph, &plan, options.max_sizes())?),
+        |m| Dump::Memory(m),
+    )?;
+    let modules = stage(
+        obs,
+        Stage::Lower,
+        || {
+            let mut modules = Vec::new();
+            for (wanted, target) in
+                [(options.targets.cpu(), Target::Cpu), (options.targets.gpu(), Target::Gpu)]
+            {
+                if wanted {
+                    modules.push(lower_module(&plan.kernels, target)?);
+                }
+            }
+            Ok(modules)
+        },
+        |m| Dump::Mlir(m),
+    )?;
+    let mut cpu = None;
+    let mut gpu = None;
+    for m in modules {
+        match m.target {
+            Target::Cpu => cpu = Some(m),
+            Target::Gpu => gpu = Some(m),
+        }
+    }
+    Ok(Prepared { spec, graph, plan, memory, cpu, gpu, ptxas })
+}
+
+/// Links the CPU library in a private temporary directory and returns its bytes.
+fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
+    let object = cpu::object(module)?;
+    let dir = std::env::temp_dir().join(format!("kiln-pack-{}-{}", std::process::id(), unique()));
+    let path = dir.join(artifact::KERNELS_SO);
+    let link_error = |message: String| EmitError::Link { path: path.clone(), message };
+    std::fs::create_dir_all(&dir).map_err(|e| link_error(e.to_string()))?;
+    let bytes = cpu::link_shared_library(&object, &path)
+        .and_then(|()| std::fs::read(&path).map_err(|e| link_error(e.to_string())));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(bytes?)
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// SHA-256 as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// `kernels.mlir`: the MLIR of every lowered target, as one module that MLIR parses.
+pub fn kernels_mlir(p: &Prepared) -> String {
+    combined_mlir(p.cpu.as_ref(), p.gpu.as_ref())
+}
+
+/// Both targets' MLIR as one module: the CPU `func.func`s and the `gpu.module` side by side (their
+/// symbol tables are separate, so the shared kernel names do not clash).
+fn combined_mlir(cpu: Option<&LoweredModule>, gpu: Option<&LoweredModule>) -> String {
+    match (cpu, gpu) {
+        (Some(c), Some(g)) => {
+            let funcs =
+                |m: &LoweredModule| m.kernels.iter().map(|k| k.func.as_str()).collect::<Vec<_>>().join("\n");
+            format!(
+                "module attributes {{gpu.container_module}} {{\n{}\n  gpu.module @{} {{\n{}  }}\n}}\n",
+                funcs(c),
+                crate::codegen::lower::GPU_MODULE,
+                funcs(g)
+            )
+        }
+        (Some(m), None) | (None, Some(m)) => m.text(),
+        (None, None) => String::new(),
+    }
+}
+
+/// Runs the emit stages and packs the artifact.
+pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Result<Artifact, CompileError> {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut host = None;
+    if let Some(module) = &prepared.cpu {
+        let so = stage(
+            obs,
+            Stage::EmitCpu,
+            || shared_library(module),
+            |so| Dump::Library {
+                bytes: so.len(),
+                symbols: module.kernels.iter().map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX)).collect(),
+            },
+        )?;
+        host = Some(toolchain::probe_host()?);
+        files.push((artifact::KERNELS_SO.into(), so));
+    }
+    let mut ptxas = None;
+    if let (Some(module), Some(tool)) = (&prepared.gpu, &prepared.ptxas) {
+        let (ptx, report) = stage(
+            obs,
+            Stage::EmitGpu,
+            || {
+                let ptx = gpu::ptx(module)?;
+                let report = toolchain::ptxas_check(tool, &ptx, gpu::SM)?;
+                Ok((ptx, report))
+            },
+            |(ptx, _)| Dump::Ptx(ptx),
+        )?;
+        ptxas = Some(parse_report(&report));
+        files.push((artifact::KERNELS_PTX.into(), ptx.into_bytes()));
+    }
+    obs.started(Stage::Pack);
+    files.push((artifact::GRAPH_KIR.into(), kiln_ir::print(&prepared.graph).into_bytes()));
+    files.push((artifact::KERNELS_MLIR.into(), kernels_mlir(&prepared).into_bytes()));
+    let entries = files
+        .iter()
+        .map(|(name, bytes)| FileEntry {
+            name: name.clone(),
+            sha256: sha256_hex(bytes),
+            bytes: bytes.len() as u64,
+        })
+        .collect();
+    let manifest = manifest(&prepared, options, host, entries)?;
+    manifest
+        .validate()
+        .map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;
+    let manifest_json = manifest_text(&manifest)?;
+    obs.finished(Stage::Pack, &Dump::Manifest(&manifest_json));
+    Ok(Artifact { manifest, manifest_json, files, ptxas, prepared })
+}
+
+/// Runs the whole pipeline: [`prepare`], then [`emit`].
+pub fn compile(source: Source, options: &Options, obs: &mut dyn Observer) -> Result<Artifact, CompileError> {
+    let prepared = prepare(source, options, obs)?;
+    emit(prepared, options, obs)
+}
+
+/// `manifest.json`: one top-level field per line and one element per line in the lists (a kernel, a
+/// step, a buffer), so that a manifest reads and diffs line by line and stays a fraction of the size
+/// of fully indented JSON. Fields keep their declaration order.
+fn manifest_text(m: &Manifest) -> Result<String, CompileError> {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, Lines::default());
+    serde::Serialize::serialize(m, &mut ser)
+        .map_err(|e| CompileError::Internal(format!("serialising the manifest: {e}")))?;
+    out.push(b'\n');
+    String::from_utf8(out).map_err(|e| CompileError::Internal(format!("the manifest is not UTF-8: {e}")))
+}
+
+/// A JSON layout: the top-level object indented, the elements of its lists one per line, everything
+/// deeper compact.
+#[derive(Default)]
+struct Lines {
+    depth: usize,
+    /// Whether the top-level list being written has elements (so its `]` goes on a line of its own).
+    items: bool,
+}
+
+impl serde_json::ser::Formatter for Lines {
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth += 1;
+        w.write_all(b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth -= 1;
+        w.write_all(if self.depth == 0 { b"\n}" } else { b"}" })
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        if self.depth == 1 {
+            w.write_all(b"\n  ")?;
+        }
+        Ok(())
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(if self.depth == 1 { b": " } else { b":" })
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth += 1;
+        if self.depth == 2 {
+            self.items = false;
+        }
+        w.write_all(b"[")
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.depth -= 1;
+        w.write_all(if self.depth == 1 && self.items { b"\n  ]" } else { b"]" })
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        if self.depth == 2 {
+            self.items = true;
+            w.write_all(b"\n    ")?;
+        }
+        Ok(())
+    }
+}
+
+/// The manifest of a prepared graph whose files are `files`.
+fn manifest(
+    p: &Prepared,
+    options: &Options,
+    host: Option<(String, String)>,
+    files: Vec<FileEntry>,
+) -> Result<Manifest, CompileError> {
+    let g = &p.graph;
+    let m = &p.memory;
+    let buf = |v| m.buffer(v);
+    let lowered = |module: &Option<LoweredModule>| -> HashMap<String, LaunchShape> {
+        module.iter().flat_map(|m| &m.kernels).map(|k| (k.name.clone(), k.launch.clone())).collect()
+    };
+    let (cpu_launch, gpu_launch) = (lowered(&p.cpu), lowered(&p.gpu));
+
+    // An argument is a weight when every launch binds it to a parameter.
+    let mut weight: Vec<Vec<bool>> = p.plan.kernels.iter().map(|k| vec![true; k.args.len()]).collect();
+    for s in &p.plan.steps {
+        if let Step::Launch { kernel, args, .. } = s {
+            for (w, &a) in weight[kernel.index()].iter_mut().zip(args) {
+                *w &= m.buffers[buf(a).index()].kind == BufferKind::Param;
+            }
+        }
+    }
+    let missing = |name: &str, target: Target| {
+        CompileError::Internal(format!("kernel `{name}` has no {target} launch shape after lowering"))
+    };
+    let mut kernels = Vec::with_capacity(p.plan.kernels.len());
+    for k in &p.plan.kernels {
+        let role = |i: usize| if weight[k.id.index()][i] { ArgRole::Param } else { ArgRole::Input };
+        let args = (k.args.iter().enumerate().map(|(i, t)| (t, role(i))))
+            .chain(k.results.iter().map(|t| (t, ArgRole::Output)))
+            .map(|(t, role)| ArgSig { dtype: t.dtype, shape: t.shape.clone(), role })
+            .collect();
+        let cpu = match (&p.cpu, cpu_launch.get(&k.name)) {
+            (None, _) => None,
+            (Some(_), Some(LaunchShape::Cpu { work })) => {
+                Some(CpuKernel { symbol: format!("{}{}", k.name, cpu::PACKED_SUFFIX), work: *work })
+            }
+            (Some(_), _) => return Err(missing(&k.name, Target::Cpu)),
+        };
+        let gpu = match (&p.gpu, gpu_launch.get(&k.name)) {
+            (None, _) => None,
+            (Some(_), Some(LaunchShape::Gpu { grid, block })) => Some(GpuKernel {
+                entry: k.name.clone(),
+                grid: grid.map(|d| GridAxis { work: d.work, per_block: d.per_block }),
+                block: *block,
+                shared_mem_bytes: 0,
+            }),
+            (Some(_), _) => return Err(missing(&k.name, Target::Gpu)),
+        };
+        kernels.push(KernelEntry {
+            id: KernelIndex(k.id.index() as u32),
+            name: k.name.clone(),
+            args,
+            sym_args: k.syms.clone(),
+            cpu,
+            gpu,
+        });
+    }
+
+    let mut program = Vec::with_capacity(p.plan.steps.len());
+    for s in &p.plan.steps {
+        program.push(match s {
+            Step::Launch { kernel, node, args, results } => artifact::Step::Launch {
+                kernel: KernelIndex(kernel.index() as u32),
+                buffers: args.iter().chain(results).map(|&v| buf(v)).collect(),
+                scope: g.node(*node).scope.clone(),
+            },
+            Step::Alias { result, source, .. } => {
+                artifact::Step::Alias { buffer: buf(*result), source: buf(*source) }
+            }
+            Step::Runtime { node } => {
+                let n = g.node(*node);
+                match (&n.op, n.inputs.as_slice(), n.results.as_slice()) {
+                    (Op::Send { peer, tag }, [v], _) => {
+                        artifact::Step::Send { buffer: buf(*v), peer: *peer, tag: *tag }
+                    }
+                    (Op::Recv { peer, tag }, _, [v]) => {
+                        artifact::Step::Recv { buffer: buf(*v), peer: *peer, tag: *tag }
+                    }
+                    (op, ..) => {
+                        return Err(CompileError::Internal(format!("runtime step for `{}`", op.name())));
+                    }
+                }
+            }
+        });
+    }
+
+    let params = g
+        .nodes()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            Op::Param { name } => {
+                let v = g.node(n).results[0];
+                let t = g.ty(v);
+                Some(ParamEntry {
+                    name: name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    buffer: buf(v),
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let named = |(name, v): (&str, kiln_ir::ValueId)| NamedBuffer { name: name.to_string(), buffer: buf(v) };
+    let max = options.max_sizes();
+    let used =
+        |s: Sym| m.buffers.iter().any(|b| b.shape.iter().any(|&d| crate::codegen::kernel::has_sym(d, s)));
+    let symbols =
+        Sym::ALL.into_iter().filter(|&s| used(s)).map(|sym| SymbolEntry { sym, max: max.get(sym) }).collect();
+    let outputs: Vec<NamedBuffer> = g.outputs().iter().map(|(n, v)| named((n.as_str(), *v))).collect();
+
+    Ok(Manifest {
+        format_version: artifact::FORMAT_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: p.spec.clone(),
+        graph_name: g.name().to_string(),
+        cpu: host.map(|(triple, cpu)| CpuTarget { triple, cpu, library: artifact::KERNELS_SO.into() }),
+        gpu: p.gpu.as_ref().map(|_| GpuTarget { arch: gpu::SM.into(), module: artifact::KERNELS_PTX.into() }),
+        symbols,
+        kernels,
+        program,
+        buffers: m.buffers.clone(),
+        arena_bytes: m.arena_bytes,
+        params,
+        inputs: g.inputs().into_iter().map(named).collect(),
+        outputs,
+        files,
+    })
+}

@@ -1,0 +1,330 @@
+//! `plan-memory`: where every value of a graph lives when its kernel plan runs.
+//!
+//! Every value becomes a [`Buffer`]. Parameters and constants (and reshapes of them) keep their own
+//! storage; everything else, inputs and outputs included, lives in one activation arena. Offsets are
+//! fixed at compile time for the largest sizes the caller asks for (`B`, `T`, `S` at their maxima):
+//! every dimension is a monomial, so a buffer never grows when a size shrinks, and the same offsets
+//! hold for every smaller run.
+//!
+//! Lifetimes are measured in program steps. A value is live from the step that defines it (inputs:
+//! from the start) to the last step that reads it or any reshape of it (graph outputs: to the end).
+//! Intervals are closed, so a kernel's results never share bytes with the arguments it reads: kernels
+//! are not assumed to work in place. A reshape has the storage of its source, whose lifetime covers
+//! the reshape's readers.
+//!
+//! The allocator is first fit in order of definition: each buffer goes at the lowest
+//! [`ARENA_ALIGN`]-aligned offset that does not overlap a buffer live at the same time. Buffers that
+//! died before a definition can never conflict with anything defined later, so only the live set is
+//! searched.
+//!
+//! What it does not do: in-place reuse of an argument by its result, or placement that depends on
+//! sizes at run time.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use kiln_ir::artifact::{Buffer, BufferId, BufferKind, Storage, ARENA_ALIGN};
+use kiln_ir::{Graph, Op, SymBindings, TensorType, ValueId};
+
+use crate::codegen::{KernelPlan, Step};
+
+/// The buffers of a graph and the arena they share.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// Indexed by [`BufferId`], in the order values are defined.
+    pub buffers: Vec<Buffer>,
+    /// The buffer of each value.
+    pub of_value: HashMap<ValueId, BufferId>,
+    /// The closed interval of steps during which each buffer's storage is in use (the interval of
+    /// its root, for a reshape).
+    pub live: Vec<(usize, usize)>,
+    /// Bytes of the arena at the maximum sizes.
+    pub arena_bytes: u64,
+    /// The sizes the plan was made for.
+    pub max: SymBindings,
+}
+
+/// Why no plan could be made.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{value} : {ty} has more than 2^64 bytes at B = {}, T = {}, S = {}", max.b, max.t, max.s)]
+    TooLarge { value: ValueId, ty: TensorType, max: SymBindings },
+    #[error("the activation arena needs more than 2^64 bytes")]
+    ArenaTooLarge,
+    /// The plan does not belong to the graph (a step names a value the graph lacks): a compiler bug.
+    #[error("internal error: the kernel plan does not match the graph: {0}")]
+    Mismatch(String),
+}
+
+impl MemoryPlan {
+    pub fn buffer(&self, v: ValueId) -> BufferId {
+        self.of_value[&v]
+    }
+
+    /// One line per buffer: id, value, type, kind, storage, bytes at the maxima and lifetime.
+    pub fn print(&self) -> String {
+        let mut out = format!(
+            "arena: {} bytes at B = {}, T = {}, S = {}\n",
+            self.arena_bytes, self.max.b, self.max.t, self.max.s
+        );
+        for (b, &(start, end)) in self.buffers.iter().zip(&self.live) {
+            let storage = match &b.storage {
+                Storage::Arena { offset } => format!("arena@{offset}"),
+                Storage::Param { name } => format!("param {name}"),
+                Storage::Constant { value } => format!("constant {value:?}"),
+            };
+            let ty = TensorType::new(b.dtype, b.shape.iter().copied());
+            let kind = format!("{:?}", b.kind).to_lowercase();
+            let _ = writeln!(
+                out,
+                "{:>5} {:>6} {:<28} {kind:<10} {storage:<24} {:>12} B  steps {start}..={end}",
+                b.id.to_string(),
+                b.value,
+                ty.to_string(),
+                b.max_bytes
+            );
+        }
+        out
+    }
+}
+
+fn align(n: u64) -> Option<u64> {
+    n.checked_next_multiple_of(ARENA_ALIGN)
+}
+
+/// Plans the buffers of `g` run by `plan`, sized for `max`. See the module documentation.
+pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<MemoryPlan, PlanError> {
+    let mismatch = |v: ValueId| PlanError::Mismatch(format!("{v} is not a value of the graph"));
+
+    // Buffers in order of definition; the op that defines each.
+    let mut values: Vec<(ValueId, &Op)> = Vec::new();
+    let mut of_value = HashMap::new();
+    for n in g.nodes() {
+        let node = g.node(n);
+        for &r in &node.results {
+            of_value.insert(r, BufferId(values.len() as u32));
+            values.push((r, &node.op));
+        }
+    }
+    let id = |v: ValueId| of_value.get(&v).copied().ok_or_else(|| mismatch(v));
+
+    // Definition step and root (the buffer whose storage a reshape shares) of each buffer.
+    let mut start = vec![0usize; values.len()];
+    let mut root: Vec<usize> = (0..values.len()).collect();
+    for (i, step) in plan.steps.iter().enumerate() {
+        match step {
+            Step::Launch { results, .. } => {
+                for &r in results {
+                    start[id(r)?.index()] = i;
+                }
+            }
+            Step::Alias { result, source, .. } => {
+                let (r, s) = (id(*result)?.index(), id(*source)?.index());
+                start[r] = i;
+                root[r] = root[s];
+            }
+            Step::Runtime { node } => {
+                for &r in &g.node(*node).results {
+                    start[id(r)?.index()] = i;
+                }
+            }
+        }
+    }
+
+    // The last use of each root: readers of the value or of any reshape of it.
+    let mut end = start.clone();
+    let mut use_at = |v: ValueId, at: usize| -> Result<(), PlanError> {
+        let r = root[id(v)?.index()];
+        end[r] = end[r].max(at);
+        Ok(())
+    };
+    for (i, step) in plan.steps.iter().enumerate() {
+        match step {
+            Step::Launch { args, .. } => {
+                for &a in args {
+                    use_at(a, i)?;
+                }
+            }
+            Step::Alias { source, .. } => use_at(*source, i)?,
+            Step::Runtime { node } => {
+                for &a in &g.node(*node).inputs {
+                    use_at(a, i)?;
+                }
+            }
+        }
+    }
+    for &(_, v) in g.outputs() {
+        use_at(v, plan.steps.len())?;
+    }
+
+    // Sizes, kinds and the storage of everything outside the arena.
+    let outputs: Vec<ValueId> = g.outputs().iter().map(|&(_, v)| v).collect();
+    let mut buffers = Vec::with_capacity(values.len());
+    for (i, &(v, op)) in values.iter().enumerate() {
+        let ty = g.ty(v);
+        let too_large = || PlanError::TooLarge { value: v, ty: ty.clone(), max };
+        let max_bytes = ty
+            .shape
+            .iter()
+            .try_fold(ty.dtype.size_bytes(), |acc, d| acc.checked_mul(d.eval(&max)?))
+            .ok_or_else(too_large)?;
+        let storage = match values[root[i]].1 {
+            Op::Param { name } => Storage::Param { name: name.clone() },
+            Op::Constant { value } => Storage::Constant { value: *value },
+            _ => Storage::Arena { offset: 0 },
+        };
+        let kind = match (op, &storage) {
+            (Op::Input { .. }, _) => BufferKind::Input,
+            (_, Storage::Param { .. }) => BufferKind::Param,
+            (_, Storage::Constant { .. }) => BufferKind::Constant,
+            _ if outputs.contains(&v) => BufferKind::Output,
+            _ => BufferKind::Activation,
+        };
+        buffers.push(Buffer {
+            id: BufferId(i as u32),
+            value: v.to_string(),
+            dtype: ty.dtype,
+            shape: ty.shape.clone(),
+            kind,
+            storage,
+            max_bytes,
+        });
+    }
+
+    // First fit over the arena roots in order of definition (ties: buffer order).
+    let mut order: Vec<usize> = (0..buffers.len())
+        .filter(|&i| root[i] == i && matches!(buffers[i].storage, Storage::Arena { .. }))
+        .collect();
+    order.sort_by_key(|&i| (start[i], i));
+    let mut offsets = vec![0u64; buffers.len()];
+    // (offset, aligned size, end) of the buffers that may still be live.
+    let mut active: Vec<(u64, u64, usize)> = Vec::new();
+    let mut arena_bytes = 0u64;
+    for i in order {
+        let size = align(buffers[i].max_bytes).ok_or(PlanError::ArenaTooLarge)?;
+        active.retain(|&(_, _, e)| e >= start[i]);
+        active.sort_unstable();
+        let mut offset = 0u64;
+        for &(o, s, _) in &active {
+            if offset.checked_add(size).ok_or(PlanError::ArenaTooLarge)? <= o {
+                break;
+            }
+            offset = offset.max(o + s);
+        }
+        let top = offset.checked_add(size).ok_or(PlanError::ArenaTooLarge)?;
+        arena_bytes = arena_bytes.max(top);
+        offsets[i] = offset;
+        active.push((offset, size, end[i]));
+    }
+    for (i, b) in buffers.iter_mut().enumerate() {
+        if let Storage::Arena { offset } = &mut b.storage {
+            *offset = offsets[root[i]];
+        }
+    }
+    let live = (0..buffers.len()).map(|i| (start[root[i]], end[root[i]])).collect();
+    Ok(MemoryPlan { buffers, of_value, live, arena_bytes, max })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codegen::form_kernels;
+
+    const MAX: SymBindings = SymBindings { b: 2, t: 16, s: 16 };
+
+    fn planned(text: &str) -> (Graph, MemoryPlan) {
+        let g = kiln_ir::parse(text).unwrap();
+        let plan = form_kernels(&g).unwrap();
+        let m = plan_memory(&g, &plan, MAX).unwrap();
+        (g, m)
+    }
+
+    /// No two arena buffers with different roots whose lifetimes overlap share a byte.
+    fn assert_no_conflicts(m: &MemoryPlan) {
+        let arena: Vec<(usize, u64)> = m
+            .buffers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| match b.storage {
+                Storage::Arena { offset } => Some((i, offset)),
+                _ => None,
+            })
+            .collect();
+        for &(i, oi) in &arena {
+            assert!(oi % ARENA_ALIGN == 0 && oi + m.buffers[i].max_bytes <= m.arena_bytes);
+            for &(j, oj) in &arena {
+                let (a, b) = (m.live[i], m.live[j]);
+                if i >= j || a == b && oi == oj || a.0 > b.1 || b.0 > a.1 {
+                    continue;
+                }
+                let (si, sj) = (m.buffers[i].max_bytes, m.buffers[j].max_bytes);
+                assert!(oi + si <= oj || oj + sj <= oi, "b{i} and b{j} overlap:\n{}", m.print());
+            }
+        }
+    }
+
+    #[test]
+    fn a_chain_reuses_memory_and_outputs_live_to_the_end() {
+        let (g, m) = planned(
+            r#"graph @chain {
+  %0 = input {name = "x"} : f32[B, T, 64]
+  %1 = exp %0 : f32[B, T, 64]
+  %2 = neg %1 : f32[B, T, 64]
+  %3 = exp %2 : f32[B, T, 64]
+  %4 = neg %3 : f32[B, T, 64]
+  %5 = reshape %4 {shape = [B, T, 8, 8]} : f32[B, T, 8, 8]
+  output "y" = %5
+}"#,
+        );
+        assert_no_conflicts(&m);
+        let bytes = 2 * 16 * 64 * 4;
+        assert!(m.buffers.iter().all(|b| b.max_bytes == bytes));
+        // At most two of the four same-sized values are live at once.
+        assert_eq!(m.arena_bytes, 2 * bytes);
+        let y = m.buffer(g.outputs()[0].1);
+        assert_eq!(m.buffers[y.index()].kind, BufferKind::Output);
+        assert_eq!(m.buffers[y.index()].storage, m.buffers[4].storage, "a reshape shares its source");
+        assert_eq!(m.live[4], (3, 5), "the reshaped output keeps its source to the end");
+        assert_eq!(m.buffers[0].kind, BufferKind::Input);
+        assert_eq!(m.live[0], (0, 0));
+    }
+
+    #[test]
+    fn params_and_constants_stay_out_of_the_arena() {
+        let (_, m) = planned(
+            r#"graph @g {
+  %0 = input {name = "x"} : f32[T, 8]
+  %1 = param {name = "w"} : f32[4, 8]
+  %2 = reshape %1 {shape = [32]} : f32[32]
+  %3 = constant {value = 2.0} : f32[]
+  %4 = linear %0, %1 : f32[T, 4]
+  %5 = mul %4, %3 : f32[T, 4]
+  output "y" = %5
+  output "w" = %2
+}"#,
+        );
+        assert_no_conflicts(&m);
+        assert_eq!(m.buffers[1].storage, Storage::Param { name: "w".into() });
+        assert_eq!(m.buffers[2].kind, BufferKind::Param, "a reshape of a parameter is a parameter");
+        assert_eq!(m.buffers[3].storage, Storage::Constant { value: 2.0 });
+        // x, linear and mul: the input dies at the linear, whose result the mul reads.
+        let arena = m.buffers.iter().filter(|b| matches!(b.storage, Storage::Arena { .. })).count();
+        assert_eq!(arena, 3);
+        assert_eq!(m.arena_bytes, 512 + 256, "the mul reuses the bytes of x: {}", m.print());
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_errors() {
+        let g = kiln_ir::parse(
+            r#"graph @g {
+  %0 = input {name = "x"} : f32[S, S, S, 65536]
+  %1 = exp %0 : f32[S, S, S, 65536]
+  output "y" = %1
+}"#,
+        )
+        .unwrap();
+        let plan = form_kernels(&g).unwrap();
+        let big = SymBindings { b: 1, t: 1, s: 1 << 20 };
+        assert!(matches!(plan_memory(&g, &plan, big), Err(PlanError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,164 @@
+//! `kiln bench gemm`: kiln's generated CPU `linear` (f32) against the `matrixmultiply` crate, both
+//! multi-threaded, at square sizes. A measurement to read, not a test: nothing here asserts a speed.
+//!
+//! kiln's side compiles `x[M, K] @ w[N, K]^T` for each size into a shared library (the same path as
+//! `kiln compile --target cpu`) and splits the `M` rows over `std::thread::scope` threads through the
+//! packed entry's `[lo, hi)` range. matrixmultiply computes the same product (`w^T` by strides) on its
+//! own thread pool, sized from `MATMUL_NUM_THREADS`, which this command sets from `--threads`
+//! (matrixmultiply uses at most 4). Each side runs once to warm up, then `--reps` times; the best
+//! time counts. The two results are compared before anything is printed.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use kiln_compiler::codegen::{cpu, lower_module, Kernel, Target};
+use kiln_ir::{DType, Op, TensorType};
+
+/// The packed entry of a CPU kernel (see `kiln_compiler::codegen::cpu`).
+type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// What `kiln bench` measures.
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// kiln's CPU `linear` (f32) against the matrixmultiply crate, in GFLOP/s.
+    Gemm {
+        /// Square sizes M = N = K, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 2048])]
+        sizes: Vec<usize>,
+        /// Threads on both sides (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed runs per size after a warm-up; the best counts.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+}
+
+/// Runs `kiln bench`.
+pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
+    match what {
+        BenchCommand::Gemm { sizes, threads, reps } => {
+            let threads =
+                threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            gemm(&sizes, threads, reps, out)
+        }
+    }
+}
+
+/// Runs `once` once to warm up, then `reps` times; returns the best time.
+fn best_of(reps: usize, mut once: impl FnMut()) -> Duration {
+    once();
+    (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            once();
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+/// Calls kiln's kernel on rows `[lo, hi)` of `y = x @ w^T`.
+fn kiln_rows(f: Packed, bufs: [usize; 3], lo: usize, hi: usize) {
+    let ptrs: [*mut u8; 3] = bufs.map(|p| p as *mut u8);
+    // SAFETY: `f` is the packed entry of a linear kernel over three n x n f32 buffers, which are
+    // alive for the call; `[lo, hi)` is within its n rows; no sizes are read (the shapes are known).
+    unsafe { f(ptrs.as_ptr(), std::ptr::null(), lo as i64, hi as i64) }
+}
+
+fn kiln_gemm(f: Packed, x: &[f32], w: &[f32], y: &mut [f32], n: usize, threads: usize) {
+    let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.as_mut_ptr() as usize];
+    std::thread::scope(|s| {
+        for t in 1..threads {
+            s.spawn(move || kiln_rows(f, bufs, n * t / threads, n * (t + 1) / threads));
+        }
+        kiln_rows(f, bufs, 0, n / threads);
+    });
+}
+
+fn reference_gemm(x: &[f32], w: &[f32], y: &mut [f32], n: usize) {
+    // SAFETY: all three are n x n row-major slices; `w^T` is read with row stride 1 and column
+    // stride n, which stays inside `w`.
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            n,
+            n,
+            1.0,
+            x.as_ptr(),
+            n as isize,
+            1,
+            w.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            y.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+/// Runs the benchmark and prints a table to `out`.
+fn gemm(sizes: &[usize], threads: usize, reps: usize, out: &mut dyn Write) -> Result<()> {
+    if sizes.is_empty() || sizes.contains(&0) {
+        bail!("--sizes needs at least one size, each at least 1");
+    }
+    let threads = threads.max(1);
+    // matrixmultiply reads this once, on its first call.
+    std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
+
+    let kernels: Vec<Kernel> = sizes
+        .iter()
+        .map(|&n| {
+            let t = TensorType::known(DType::F32, &[n as u64, n as u64]);
+            Kernel::for_op(&Op::Linear, &[t.clone(), t])
+        })
+        .collect::<Result<_, _>>()?;
+    let module = lower_module(&kernels, Target::Cpu)?;
+    let object = cpu::object(&module)?;
+    let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("gemm.so");
+    let linked = cpu::link_shared_library(&object, &path);
+    // SAFETY: the library was just linked from kiln's kernels; it has no initialisers.
+    let lib =
+        linked.map_err(anyhow::Error::from).and_then(|()| Ok(unsafe { libloading::Library::new(&path) }?));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lib = lib.context("loading the benchmark kernels")?;
+
+    writeln!(out, "gemm f32, y = x @ w^T, {threads} threads, best of {} after a warm-up", reps.max(1))?;
+    writeln!(out, "{:>8} {:>14} {:>22} {:>8}", "M=N=K", "kiln GFLOP/s", "matrixmultiply GFLOP/s", "ratio")?;
+    for (kernel, &n) in kernels.iter().zip(sizes) {
+        let symbol = format!("{}{}", kernel.name, cpu::PACKED_SUFFIX);
+        // SAFETY: every packed entry has the `Packed` signature.
+        let f: Packed = unsafe { *lib.get::<Packed>(symbol.as_bytes())? };
+        let (x, w) = (data(n * n, 1), data(n * n, 2));
+        let (mut y_kiln, mut y_ref) = (vec![0f32; n * n], vec![0f32; n * n]);
+        let t_kiln = best_of(reps, || kiln_gemm(f, &x, &w, &mut y_kiln, n, threads));
+        let t_ref = best_of(reps, || reference_gemm(&x, &w, &mut y_ref, n));
+        // Sums of n products of values in [-1, 1): compare relative to sqrt(n), their typical size.
+        let scale = (n as f32).sqrt();
+        let worst = y_kiln.iter().zip(&y_ref).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max);
+        if worst.is_nan() || worst > 1e-4 {
+            bail!("kiln and matrixmultiply disagree at n = {n}: relative error {worst:e}");
+        }
+        let gflops = |t: Duration| 2.0 * (n as f64).powi(3) / t.as_secs_f64() / 1e9;
+        let (k, r) = (gflops(t_kiln), gflops(t_ref));
+        writeln!(out, "{n:>8} {k:>14.1} {r:>22.1} {:>8.2}", k / r)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,392 @@
+//! `kiln compile`: a model spec or a `.kir` graph into an artifact directory, with the views of the
+//! pipeline a compiler engineer needs: `--emit` (one stage's output on stdout), `--print-after`
+//! (a stage's output on stderr as the pipeline passes it), `--report` (the kernel table with ptxas's
+//! numbers), `--timings` (time and memory per stage) and a progress bar when stderr is a terminal.
+//!
+//! Without `-o` nothing is written. The pipeline then stops after the stage `--emit` needs, unless
+//! `--report` or a `--print-after` of a later stage asks for the rest; with neither `-o` nor `--emit`
+//! the whole pipeline runs as a check.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use kiln_compiler::codegen::{cpu, gpu};
+use kiln_compiler::pack::{self, Artifact, Dump, Observer, Options, Prepared, Source, Stage, Targets};
+use kiln_compiler::spec;
+use kiln_ir::artifact::{self, Manifest, Step};
+use kiln_ir::Graph;
+
+/// A stage `--emit` prints to standard output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Emit {
+    /// The graph after the pass pipeline (`graph.kir`).
+    Kir,
+    /// The lowered kernels of every target (`kernels.mlir`).
+    Mlir,
+    /// The optimised LLVM IR of every target.
+    Llvm,
+    /// The PTX module (`kernels.ptx`).
+    Ptx,
+}
+
+/// The arguments of `kiln compile`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A model spec (`.toml`, Hugging Face `config.json`) or a graph (`.kir`).
+    input: PathBuf,
+    /// `cpu`, `sm_90a` or `all`.
+    #[arg(long, default_value = "all")]
+    target: String,
+    /// The artifact directory, written atomically (an existing artifact there is replaced).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// For a `.kir` input: run the pass pipeline with this spec (without it the graph is compiled as
+    /// written).
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// Print this stage's output to standard output (with `-o`, besides writing the artifact;
+    /// without, the pipeline stops once it has it).
+    #[arg(long, value_enum)]
+    emit: Option<Emit>,
+    /// Print a stage's output to standard error when it finishes: build, a pass name, kernels,
+    /// plan-memory, lower, emit-cpu, emit-gpu, emit or pack.
+    #[arg(long, value_name = "STAGE")]
+    print_after: Option<String>,
+    /// Print the kernel table: launches, per-layer launches and, for PTX, ptxas's resource use.
+    #[arg(long)]
+    report: bool,
+    /// Print the time and memory of each stage.
+    #[arg(long)]
+    timings: bool,
+    /// The largest batch the buffer plan holds.
+    #[arg(long, default_value_t = 1)]
+    max_batch: u64,
+    /// The largest context (and number of new tokens) the buffer plan holds.
+    #[arg(long, default_value_t = 4096)]
+    max_context: u64,
+}
+
+fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
+    let is_kir = input.extension().is_some_and(|e| e == "kir");
+    if !is_kir {
+        if spec_path.is_some() {
+            bail!("--spec goes with a .kir input; {} is a spec already", input.display());
+        }
+        return Ok(Source::Spec(spec::load(input)?));
+    }
+    let src = std::fs::read_to_string(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let graph = kiln_ir::text::parse_file(&input.display().to_string(), &src)?;
+    let spec = spec_path.map(spec::load).transpose()?;
+    Ok(Source::Graph { graph, spec })
+}
+
+/// Resident and peak memory of this process in KiB (`VmRSS`, `VmHWM`), where /proc has them.
+fn memory_kib() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+struct Row {
+    stage: &'static str,
+    time: Duration,
+    memory: Option<(u64, u64)>,
+}
+
+/// The CLI's view of the pipeline: progress, `--print-after` and `--timings`.
+struct Watch {
+    print_after: Option<&'static str>,
+    progress: ProgressBar,
+    timings: Vec<Row>,
+    started: Instant,
+}
+
+impl Observer for Watch {
+    fn started(&mut self, stage: Stage) {
+        self.progress.set_message(stage.name());
+        self.started = Instant::now();
+    }
+
+    fn finished(&mut self, stage: Stage, dump: &Dump<'_>) {
+        self.timings.push(Row { stage: stage.name(), time: self.started.elapsed(), memory: memory_kib() });
+        self.progress.inc(1);
+        if self.print_after == Some(stage.name()) {
+            let text = dump.render();
+            self.progress.suspend(|| {
+                eprintln!("// ----- after {} -----", stage.name());
+                eprint!("{text}");
+            });
+        }
+    }
+}
+
+fn progress_bar(stages: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(stages), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// Runs `kiln compile`, printing to `out`.
+pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
+    let targets = Targets::parse(&req.target)
+        .with_context(|| format!("unknown target `{}`: use cpu, {} or all", req.target, gpu::SM))?;
+    if req.emit == Some(Emit::Ptx) && !targets.gpu() {
+        bail!("--emit ptx needs --target {} or all", gpu::SM);
+    }
+    let options = Options { targets, max_batch: req.max_batch, max_context: req.max_context };
+    let source = load_source(&req.input, req.spec.as_deref())?;
+    let stages = pack::stages(&source, &options);
+
+    // `--print-after emit` is the last emit stage that runs.
+    let last_emit = stages.iter().rev().find(|s| matches!(s, Stage::EmitCpu | Stage::EmitGpu)).copied();
+    let print_after = match req.print_after.as_deref() {
+        None => None,
+        Some("emit") => last_emit.map(Stage::name),
+        Some(name) => {
+            let stage = stages.iter().find(|s| s.name() == name).with_context(|| {
+                let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
+                format!(
+                    "--print-after {name}: no such stage here; the stages are: {}, emit",
+                    names.join(", ")
+                )
+            })?;
+            Some(stage.name())
+        }
+    };
+    // How far the pipeline must run: to the end when writing or reporting (or with nothing to
+    // print), else as far as the stages `--emit` and `--print-after` show.
+    let depth = |name: &str| match stages.iter().position(|s| s.name() == name) {
+        Some(i) if i < stages.iter().position(|s| *s == Stage::Kernels).unwrap_or(0) => Depth::Graph,
+        _ if ["kernels", "plan-memory", "lower"].contains(&name) => Depth::Lowered,
+        _ => Depth::All,
+    };
+    let depth = match req.emit {
+        _ if req.output.is_some() || req.report => Depth::All,
+        None => Depth::All,
+        Some(emit) => {
+            let needed = if emit == Emit::Kir { Depth::Graph } else { Depth::Lowered };
+            needed.max(print_after.map_or(Depth::Graph, depth))
+        }
+    };
+    let total = match depth {
+        Depth::Graph => stages.iter().take_while(|s| **s != Stage::Kernels).count(),
+        Depth::Lowered => stages.iter().take_while(|s| **s != Stage::Lower).count() + 1,
+        Depth::All => stages.len(),
+    };
+    let mut watch = Watch {
+        print_after,
+        progress: progress_bar(total as u64),
+        timings: Vec::new(),
+        started: Instant::now(),
+    };
+    let result = match depth {
+        Depth::Graph => pack::make_graph(source, &mut watch).map(|(g, _)| Built::Graph(Box::new(g))),
+        Depth::Lowered => pack::prepare(source, &options, &mut watch).map(|p| Built::Prepared(Box::new(p))),
+        Depth::All => pack::compile(source, &options, &mut watch).map(|a| Built::Artifact(Box::new(a))),
+    };
+    watch.progress.finish_and_clear();
+    let built = result?;
+
+    if let Some(emit) = req.emit {
+        out.write_all(emitted(&built, emit)?.as_bytes())?;
+    }
+    if let (Some(dir), Built::Artifact(a)) = (&req.output, &built) {
+        pack::write(a, dir)?;
+        if req.emit.is_none() {
+            writeln!(out, "{}", summary(dir, &a.manifest))?;
+        }
+    }
+    if let (true, Built::Artifact(a)) = (req.report, &built) {
+        out.write_all(report(a).as_bytes())?;
+    }
+    if req.timings {
+        out.write_all(timings(&watch.timings).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// How far a compile runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Depth {
+    /// `build` and the passes.
+    Graph,
+    /// Up to `lower`.
+    Lowered,
+    /// Every stage.
+    All,
+}
+
+/// What a compile produced, as far as it ran.
+enum Built {
+    Graph(Box<Graph>),
+    Prepared(Box<Prepared>),
+    Artifact(Box<Artifact>),
+}
+
+impl Built {
+    fn graph(&self) -> &Graph {
+        match self {
+            Built::Graph(g) => g,
+            Built::Prepared(p) => &p.graph,
+            Built::Artifact(a) => &a.prepared.graph,
+        }
+    }
+
+    fn prepared(&self) -> Result<&Prepared> {
+        match self {
+            Built::Graph(_) => bail!("internal error: the compile stopped before lowering"),
+            Built::Prepared(p) => Ok(p),
+            Built::Artifact(a) => Ok(&a.prepared),
+        }
+    }
+
+    fn file(&self, name: &str) -> Option<String> {
+        match self {
+            Built::Artifact(a) => {
+                a.files.iter().find(|(n, _)| n == name).map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The text `--emit` prints.
+fn emitted(built: &Built, emit: Emit) -> Result<String> {
+    if emit == Emit::Kir {
+        return Ok(built.file(artifact::GRAPH_KIR).unwrap_or_else(|| kiln_ir::print(built.graph())));
+    }
+    let p = built.prepared()?;
+    Ok(match emit {
+        Emit::Kir | Emit::Mlir => built.file(artifact::KERNELS_MLIR).unwrap_or_else(|| pack::kernels_mlir(p)),
+        Emit::Llvm => {
+            let mut text = String::new();
+            if let Some(m) = &p.cpu {
+                text.push_str(&format!("; target: cpu\n{}", cpu::llvm_ir(m)?));
+            }
+            if let Some(m) = &p.gpu {
+                text.push_str(&format!("; target: {}\n{}", gpu::SM, gpu::llvm_ir(m)?));
+            }
+            text
+        }
+        Emit::Ptx => match built.file(artifact::KERNELS_PTX) {
+            Some(ptx) => ptx,
+            None => gpu::ptx(p.gpu.as_ref().context("no GPU module was lowered")?)?,
+        },
+    })
+}
+
+fn summary(dir: &Path, m: &Manifest) -> String {
+    let launches = m.program.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
+    let files: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+    format!(
+        "wrote {}: {} kernels, {} launches, arena {} bytes; {} and manifest.json",
+        dir.display(),
+        m.kernels.len(),
+        launches,
+        m.arena_bytes,
+        files.join(", ")
+    )
+}
+
+/// The decoder layer of a Hugging Face scope (`model.layers.3.mlp` is 3).
+fn layer_of(scope: &str) -> Option<u64> {
+    scope.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+/// `--report`: one row per kernel, then totals.
+fn report(a: &Artifact) -> String {
+    let m = &a.manifest;
+    let mut launches = vec![0usize; m.kernels.len()];
+    let mut per_layer: Vec<BTreeMap<u64, usize>> = vec![BTreeMap::new(); m.kernels.len()];
+    for s in &m.program {
+        if let Step::Launch { kernel, scope, .. } = s {
+            launches[kernel.index()] += 1;
+            if let Some(l) = scope.as_deref().and_then(layer_of) {
+                *per_layer[kernel.index()].entry(l).or_default() += 1;
+            }
+        }
+    }
+    let width = m.kernels.iter().map(|k| k.name.len()).max().unwrap_or(0).max(6);
+    let mut out =
+        format!("{:<4} {:<width$} {:>8} {:>6} {:>9}", "id", "kernel", "launches", "layers", "per layer");
+    if a.ptxas.is_some() {
+        out.push_str(&format!(" {:>5} {:>6} {:>11} {:>6}", "regs", "stack", "spill st/ld", "smem"));
+    }
+    out.push('\n');
+    for k in &m.kernels {
+        let layers = &per_layer[k.id.index()];
+        let (lo, hi) = (layers.values().min(), layers.values().max());
+        let each = match (lo, hi) {
+            (Some(lo), Some(hi)) if lo == hi => lo.to_string(),
+            (Some(lo), Some(hi)) => format!("{lo}-{hi}"),
+            _ => "-".to_string(),
+        };
+        let n_layers = if layers.is_empty() { "-".to_string() } else { layers.len().to_string() };
+        out.push_str(&format!(
+            "{:<4} {:<width$} {:>8} {:>6} {:>9}",
+            k.id.to_string(),
+            k.name,
+            launches[k.id.index()],
+            n_layers,
+            each
+        ));
+        if let Some(stats) = &a.ptxas {
+            match stats.get(&k.name) {
+                Some(s) => out.push_str(&format!(
+                    " {:>5} {:>6} {:>11} {:>6}",
+                    s.registers,
+                    s.stack_bytes,
+                    format!("{}/{}", s.spill_store_bytes, s.spill_load_bytes),
+                    s.shared_bytes
+                )),
+                None => out.push_str("  (not in the ptxas report)"),
+            }
+        }
+        out.push('\n');
+    }
+    let total: usize = launches.iter().sum();
+    let aliases = m.program.iter().filter(|s| matches!(s, Step::Alias { .. })).count();
+    let param_bytes: u64 = m.params.iter().map(|p| m.buffer(p.buffer).max_bytes).sum();
+    let sizes: Vec<String> = m.symbols.iter().map(|e| format!("{} = {}", e.sym.name(), e.max)).collect();
+    out.push_str(&format!(
+        "{} kernels, {total} launches and {aliases} aliases per forward; arena {} bytes at {}; \
+         {} parameters, {param_bytes} bytes\n",
+        m.kernels.len(),
+        m.arena_bytes,
+        if sizes.is_empty() { "any size".to_string() } else { sizes.join(", ") },
+        m.params.len()
+    ));
+    out
+}
+
+/// `--timings`: one row per stage that ran.
+fn timings(rows: &[Row]) -> String {
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    let mut out = format!("{:<20} {:>12} {:>12} {:>12}\n", "stage", "time", "rss", "peak rss");
+    for r in rows {
+        let (rss, peak) = match r.memory {
+            Some((rss, peak)) => (mib(rss), mib(peak)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let time = format!("{:.1} ms", r.time.as_secs_f64() * 1e3);
+        out.push_str(&format!("{:<20} {time:>12} {rss:>12} {peak:>12}\n", r.stage));
+    }
+    let total: Duration = rows.iter().map(|r| r.time).sum();
+    out.push_str(&format!("{:<20} {:>12}\n", "total", format!("{:.1} ms", total.as_secs_f64() * 1e3)));
+    out
+}

@@ -1,0 +1,350 @@
+//! The families lowered in `shape`, `rope`, `attention`, `moe` and `quant`, on hand-chosen shapes and
+//! dtypes (symbolic sizes, several parts, grouped heads, causal offsets, expert groups, edge tiles),
+//! run on the CPU against the interpreter on random inputs; every one of them also passes `ptxas`.
+//! Then what random inputs do not reach: the FP8 encoding of every interesting f32 bit for bit,
+//! clamped ids, ties and NaN in top-k, rope at DeepSeek-V3's largest positions, FP8 tiles that are
+//! zero, tiny, infinite or NaN, and attention rows that see no key.
+
+use kiln_compiler::codegen::{lower_module, Kernel, Target};
+use kiln_ir::interp::numerics::{f8e4m3_from_f32, f8e4m3_to_f32};
+use kiln_ir::op::{Dispatch, GroupScore, QuantSpec, RopeConfig, Router, Scoring, Yarn};
+use kiln_ir::types::SymBindings;
+use kiln_ir::{DType, Dim, Op};
+
+use super::harness::{numel, to_bf16, Buf, CpuLib, Rng, BIND};
+use super::oracle::{check, random_inputs};
+use super::{kernel, ptxas_accepts};
+
+const TINY_YARN: Yarn = Yarn { factor: 4.0, original_max_position: 256, beta_fast: 32.0, beta_slow: 1.0 };
+const V3_YARN: Yarn = Yarn { factor: 40.0, original_max_position: 4096, beta_fast: 32.0, beta_slow: 1.0 };
+
+fn shape(dims: &[&str]) -> Vec<Dim> {
+    dims.iter().map(|d| Dim::parse(d).unwrap()).collect()
+}
+
+fn router(
+    e: u64,
+    k: u64,
+    scoring: Scoring,
+    groups: (u64, u64, GroupScore),
+    normalize: bool,
+    scaling: f64,
+) -> Op {
+    Op::MoeRoute(Router {
+        num_experts: e,
+        top_k: k,
+        scoring,
+        num_groups: groups.0,
+        topk_groups: groups.1,
+        group_score: groups.2,
+        normalize,
+        scaling,
+    })
+}
+
+/// `moe_experts` with one expert per entry of `inter` (its intermediate size), model dimension 8.
+fn experts(x: &str, w: &str, idx: &str, dtype: &str, inter: &[u64]) -> Kernel {
+    let mut args = vec![x.to_string(), w.to_string(), idx.to_string()];
+    for i in inter {
+        args.extend([format!("{dtype}[{i}, 8]"), format!("{dtype}[{i}, 8]"), format!("{dtype}[8, {i}]")]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    kernel(Op::MoeExperts { num_experts: inter.len() as u64 }, &refs)
+}
+
+fn quantize(block: &[u64], pow2: bool) -> Op {
+    Op::Quantize {
+        to: DType::F8E4M3,
+        spec: QuantSpec { block: block.to_vec(), amax_floor: 1e-4, pow2_scale: pow2 },
+    }
+}
+
+/// Every case: a kernel and the range of its float inputs.
+fn cases() -> Vec<(Kernel, (f32, f32))> {
+    let rope = |interleaved, yarn| Op::Rope(RopeConfig { theta: 10000.0, interleaved, yarn });
+    let dispatch = |groups: (u64, u64)| {
+        Op::MoeDispatch(Dispatch {
+            num_experts: 4,
+            top_k: 2,
+            ep_size: 1,
+            num_groups: groups.0,
+            topk_groups: groups.1,
+        })
+    };
+    let attention = |causal| Op::Attention { scale: 0.35, causal };
+    let mut cases: Vec<(Op, Vec<&str>, (f32, f32))> = vec![
+        (Op::Concat { axis: 2 }, vec!["bf16[B, T, 5]", "bf16[B, T, 3]", "bf16[B, T, 1]"], (-2.0, 2.0)),
+        (Op::Concat { axis: 0 }, vec!["i32[T, 2]", "i32[2*T, 2]"], (-2.0, 2.0)),
+        (Op::Concat { axis: 1 }, vec!["bool[2, 3]", "bool[2, 4]"], (-2.0, 2.0)),
+        (Op::Concat { axis: 3 }, vec!["f8e4m3[B, T, 2, 4]", "f8e4m3[B, T, 2, 3]"], (-300.0, 300.0)),
+        (Op::Split { axis: 3, sizes: vec![16, 8] }, vec!["bf16[B, T, 2, 24]"], (-2.0, 2.0)),
+        (Op::Split { axis: 1, sizes: vec![1, 2, 3] }, vec!["i64[B, 6]"], (-2.0, 2.0)),
+        (Op::Split { axis: 0, sizes: vec![1, 2] }, vec!["f32[3, T]"], (-2.0, 2.0)),
+        (Op::Broadcast { shape: shape(&["B", "T", "4", "8"]) }, vec!["bf16[B, T, 1, 8]"], (-2.0, 2.0)),
+        (Op::Broadcast { shape: shape(&["T", "3", "5"]) }, vec!["i32[T, 3, 1]"], (-2.0, 2.0)),
+        (Op::Broadcast { shape: shape(&["2", "3"]) }, vec!["f32[]"], (-2.0, 2.0)),
+        (Op::Broadcast { shape: shape(&["T", "4"]) }, vec!["f32[T, 1]"], (-2.0, 2.0)),
+        (Op::Transpose { perm: vec![0, 2, 1, 3] }, vec!["f32[B, T, 4, 6]"], (-2.0, 2.0)),
+        (Op::Transpose { perm: vec![2, 0, 1] }, vec!["bool[2, 3, 4]"], (-2.0, 2.0)),
+        (Op::Transpose { perm: vec![1, 0] }, vec!["bf16[T, 7]"], (-2.0, 2.0)),
+        (Op::Embedding, vec!["bf16[50, 16]", "i32[B, T]"], (-2.0, 2.0)),
+        (Op::Embedding, vec!["f32[7, 3]", "i64[T]"], (-2.0, 2.0)),
+        (Op::Gather { axis: 1 }, vec!["f32[B, 7, 3]", "i64[T, 2]"], (-2.0, 2.0)),
+        (Op::Gather { axis: 0 }, vec!["bf16[9, 4]", "i32[5]"], (-2.0, 2.0)),
+        (Op::Gather { axis: 2 }, vec!["i32[2, 3, 6]", "i32[T]"], (-2.0, 2.0)),
+        (rope(true, Some(TINY_YARN)), vec!["f32[B, T, 4, 8]", "i32[B, T]"], (-2.0, 2.0)),
+        (rope(false, None), vec!["bf16[B, T, 2, 16]", "i64[B, T]"], (-2.0, 2.0)),
+        (rope(true, Some(V3_YARN)), vec!["f32[B, T, 1, 64]", "i32[B, T]"], (-2.0, 2.0)),
+        (attention(true), vec!["f32[B, T, 4, 8]", "f32[B, S, 2, 8]", "f32[B, S, 2, 6]"], (-2.0, 2.0)),
+        (attention(false), vec!["bf16[B, T, 2, 16]", "bf16[B, S, 1, 16]", "bf16[B, S, 1, 16]"], (-2.0, 2.0)),
+        (attention(true), vec!["f32[B, T, 3, 40]", "f32[B, T, 3, 40]", "f32[B, T, 3, 40]"], (-1.0, 1.0)),
+        (Op::TopK { k: 3 }, vec!["f32[B, T, 10]"], (-2.0, 2.0)),
+        (Op::TopK { k: 2 }, vec!["i32[B, 7]"], (-2.0, 2.0)),
+        (Op::TopK { k: 1 }, vec!["bf16[5, 4]"], (-2.0, 2.0)),
+        (
+            router(16, 4, Scoring::Sigmoid, (4, 2, GroupScore::Top2Sum), true, 2.5),
+            vec!["f32[B, T, 16]", "f32[16]"],
+            (-3.0, 3.0),
+        ),
+        (
+            router(16, 3, Scoring::Softmax, (4, 2, GroupScore::Max), false, 1.0),
+            vec!["f32[B, T, 16]"],
+            (-3.0, 3.0),
+        ),
+        (
+            router(8, 2, Scoring::Sigmoid, (1, 1, GroupScore::Max), true, 1.0),
+            vec!["bf16[T, 8]", "bf16[8]"],
+            (-3.0, 3.0),
+        ),
+        (dispatch((1, 1)), vec!["bf16[T, 8]", "i32[T, 2]"], (-2.0, 2.0)),
+        (dispatch((2, 1)), vec!["f32[2*T, 5]", "i64[2*T, 2]"], (-2.0, 2.0)),
+        (
+            Op::GroupedLinear { num_experts: 3 },
+            vec!["bf16[2*T, 8]", "i32[4]", "bf16[5, 8]", "bf16[5, 8]", "bf16[5, 8]"],
+            (-1.0, 1.0),
+        ),
+        (
+            Op::GroupedLinear { num_experts: 2 },
+            vec!["f32[T, 9]", "i64[3]", "f32[4, 9]", "f32[4, 9]"],
+            (-1.0, 1.0),
+        ),
+        (Op::MoeCombine { top_k: 2 }, vec!["bf16[2*T, 8]", "i32[2*T]", "f32[T, 2]"], (-2.0, 2.0)),
+        (Op::MoeCombine { top_k: 3 }, vec!["f32[3*T, 5]", "i64[3*T]", "f32[T, 3]"], (-2.0, 2.0)),
+        (quantize(&[1, 16], false), vec!["f32[B, T, 40]"], (-3.0, 3.0)),
+        (quantize(&[1, 16], true), vec!["bf16[B, T, 40]"], (-3.0, 3.0)),
+        (quantize(&[8, 16], false), vec!["f32[20, 36]"], (-100.0, 100.0)),
+        (
+            Op::Dequantize { to: DType::BF16, block: vec![1, 16] },
+            vec!["f8e4m3[B, T, 40]", "f32[B, T, 3]"],
+            (-3.0, 3.0),
+        ),
+        (
+            Op::Dequantize { to: DType::F32, block: vec![8, 16] },
+            vec!["f8e4m3[20, 36]", "f32[3, 3]"],
+            (-3.0, 3.0),
+        ),
+        (Op::Cast { to: DType::F8E4M3 }, vec!["f32[B, T, 9]"], (-500.0, 500.0)),
+        (Op::Cast { to: DType::BF16 }, vec!["f8e4m3[B, T, 9]"], (-500.0, 500.0)),
+    ];
+    let mut out: Vec<(Kernel, (f32, f32))> =
+        cases.drain(..).map(|(op, args, r)| (kernel(op, &args), r)).collect();
+    out.push((experts("f32[B, T, 8]", "f32[B, T, 2]", "i32[B, T, 2]", "f32", &[6, 5, 6]), (-1.0, 1.0)));
+    out.push((experts("bf16[T, 8]", "f32[T, 3]", "i64[T, 3]", "bf16", &[4, 4, 4, 4]), (-1.0, 1.0)));
+    out
+}
+
+#[test]
+fn cpu_families_match_the_interpreter() {
+    let cases = cases();
+    let lib = CpuLib::build(&cases.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    let mut rng = Rng::new(41);
+    let mut report = Vec::new();
+    for (k, range) in &cases {
+        // Two draws each, so that selections and clamps see more than one arrangement.
+        for _ in 0..2 {
+            let args = random_inputs(k, &mut rng, *range, &BIND);
+            let worst = check(&lib, k, &args, &BIND);
+            report.push(format!("{:<34} {:<12} max error {worst:?}", k.name, k.args[0].to_string()));
+        }
+    }
+    println!("{}", report.join("\n"));
+}
+
+#[test]
+fn gpu_families_pass_ptxas() {
+    let cases = cases();
+    let module = lower_module(cases.iter().map(|(k, _)| k), Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
+    let report = ptxas_accepts(&module);
+    assert_eq!(report.matches("Compiling entry function").count(), cases.len(), "{report}");
+}
+
+/// Runs a one-argument kernel on `x`; returns its first result.
+fn run1(lib: &CpuLib, k: &Kernel, x: Buf, bind: &SymBindings) -> Buf {
+    let mut bufs = vec![x];
+    bufs.extend(k.results.iter().map(|t| Buf::zeros(t, bind)));
+    lib.run(k, &mut bufs, bind);
+    bufs.swap_remove(1)
+}
+
+#[test]
+fn fp8_encoding_and_decoding_match_the_interpreter_bit_for_bit() {
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::MIN_POSITIVE,
+        f32::from_bits(1),
+        448.0,
+        460.0,
+        464.0,
+        464.5,
+        480.0,
+        1e30,
+        2f32.powi(-10),
+        1.5 * 2f32.powi(-10),
+        7.6 * 2f32.powi(-9),
+        1.0625,
+        1.1875,
+    ];
+    // A dense sweep, and the midpoint between every pair of neighbouring codes.
+    let mut v = 2f32.powi(-12);
+    while v < 600.0 {
+        x.extend([v, -v]);
+        v *= 1.0 + 1.0 / 64.0;
+    }
+    for code in 0..0x7Eu8 {
+        let mid = (f8e4m3_to_f32(code) + f8e4m3_to_f32(code + 1)) / 2.0;
+        x.extend([mid, -mid, mid.next_up(), mid.next_down()]);
+    }
+    let n = x.len() as u64;
+    let encode = kernel(Op::Cast { to: DType::F8E4M3 }, &[&format!("f32[{n}]")]);
+    let decode = kernel(Op::Cast { to: DType::F32 }, &["f8e4m3[256]"]);
+    let lib = CpuLib::build(&[&encode, &decode]);
+    let Buf::F8(codes) = run1(&lib, &encode, Buf::F32(x.clone()), &BIND) else { unreachable!() };
+    for (&v, &c) in x.iter().zip(&codes) {
+        assert_eq!(c, f8e4m3_from_f32(v), "encoding {v:e} ({:#010x})", v.to_bits());
+    }
+    let Buf::F32(back) = run1(&lib, &decode, Buf::F8((0..=255).collect()), &BIND) else { unreachable!() };
+    for (code, &v) in back.iter().enumerate() {
+        let want = f8e4m3_to_f32(code as u8);
+        assert!(
+            v.to_bits() == want.to_bits()
+                || (v.is_nan() && want.is_nan() && v.is_sign_negative() == want.is_sign_negative()),
+            "decoding {code:#04x}: {v} != {want}"
+        );
+    }
+}
+
+#[test]
+fn fp8_quantize_handles_zero_tiny_infinite_and_nan_tiles() {
+    let ks: Vec<Kernel> = [false, true].map(|p| kernel(quantize(&[1, 4], p), &["f32[2, 12]"])).into();
+    let lib = CpuLib::build(&ks.iter().collect::<Vec<_>>());
+    let x: Vec<f32> = vec![
+        0.0,
+        0.0,
+        -0.0,
+        0.0, // amax 0: the floor
+        1e-6,
+        -2e-6,
+        3e-7,
+        0.0, // below the floor
+        1.0,
+        f32::NAN,
+        2.0,
+        3.0, // NaN tile
+        1e30,
+        -3e30,
+        2.0,
+        5.0, // large
+        f32::INFINITY,
+        1.0,
+        2.0,
+        3.0, // infinite amax
+        0.3,
+        -0.7,
+        1.9,
+        2.5e-3, // ordinary
+    ];
+    for k in &ks {
+        check(&lib, k, &[Buf::F32(x.clone())], &BIND);
+    }
+}
+
+#[test]
+fn out_of_range_ids_and_indices_are_clamped() {
+    let emb = kernel(Op::Embedding, &["bf16[6, 4]", "i32[5]"]);
+    let gather = kernel(Op::Gather { axis: 0 }, &["i64[3]", "i64[4]"]);
+    let lib = CpuLib::build(&[&emb, &gather]);
+    let table: Vec<u16> = (0..24).map(|i| to_bf16(i as f32)).collect();
+    let mut bufs =
+        [Buf::Bf16(table.clone()), Buf::I32(vec![-3, 0, 5, 6, 1000]), Buf::zeros(&emb.results[0], &BIND)];
+    lib.run(&emb, &mut bufs, &BIND);
+    let rows = [0, 0, 5, 5, 5];
+    let want: Vec<u16> = rows.iter().flat_map(|&r| table[r * 4..r * 4 + 4].to_vec()).collect();
+    assert_eq!(bufs[2], Buf::Bf16(want));
+    let mut bufs = [
+        Buf::I64(vec![10, 20, 30]),
+        Buf::I64(vec![2, -1, i64::MAX, 1]),
+        Buf::zeros(&gather.results[0], &BIND),
+    ];
+    lib.run(&gather, &mut bufs, &BIND);
+    assert_eq!(bufs[2], Buf::I64(vec![30, 10, 30, 20]));
+}
+
+#[test]
+fn topk_puts_nan_first_and_breaks_ties_to_the_lower_index() {
+    let k = kernel(Op::TopK { k: 5 }, &["f32[2, 6]"]);
+    let lib = CpuLib::build(&[&k]);
+    let x = vec![
+        1.0,
+        3.0,
+        3.0,
+        f32::NAN,
+        2.0,
+        3.0,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+        -1.0,
+        f32::NAN,
+        f32::NAN,
+        -1.0,
+    ];
+    check(&lib, &k, &[Buf::F32(x.clone())], &BIND);
+    let mut bufs = [Buf::F32(x), Buf::zeros(&k.results[0], &BIND), Buf::zeros(&k.results[1], &BIND)];
+    lib.run(&k, &mut bufs, &BIND);
+    assert_eq!(bufs[2], Buf::I32(vec![3, 1, 2, 5, 4, 3, 4, 2, 5, 0]));
+}
+
+#[test]
+fn rope_is_accurate_at_deepseek_v3_positions() {
+    // The largest angle of DeepSeek-V3 is its 163840 positions times inv_freq[0] = 1.
+    let rope = Op::Rope(RopeConfig { theta: 10000.0, interleaved: true, yarn: Some(V3_YARN) });
+    let k = kernel(rope, &["f32[B, T, 2, 64]", "i32[B, T]"]);
+    let lib = CpuLib::build(&[&k]);
+    let mut rng = Rng::new(43);
+    let x = rng.vec(numel(&k.args[0], &BIND), -2.0, 2.0);
+    let mut pos: Vec<i32> = (0..6).map(|_| rng.uniform(100_000.0, 163_840.0) as i32).collect();
+    pos[5] = 163_839;
+    let worst = check(&lib, &k, &[Buf::F32(x), Buf::I32(pos)], &BIND);
+    println!("rope at positions up to 163840: max error {worst:?}");
+}
+
+#[test]
+fn attention_rows_that_see_no_key_are_zero() {
+    // S < T: the first T - S queries of a causal row see no key (the interpreter rejects this).
+    let k = kernel(
+        Op::Attention { scale: 0.5, causal: true },
+        &["f32[B, T, 1, 2]", "f32[B, S, 1, 2]", "f32[B, S, 1, 2]"],
+    );
+    let lib = CpuLib::build(&[&k]);
+    let bind = SymBindings { b: 1, t: 3, s: 2 };
+    let ones = |t| Buf::F32(vec![1.0; numel(t, &bind)]);
+    let mut bufs =
+        vec![ones(&k.args[0]), ones(&k.args[1]), ones(&k.args[2]), Buf::zeros(&k.results[0], &bind)];
+    lib.run(&k, &mut bufs, &bind);
+    // Query 0 sees nothing; queries 1 and 2 average rows of ones.
+    assert_eq!(bufs[3], Buf::F32(vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0]));
+}

@@ -1,0 +1,599 @@
+//! `kiln compile` and `kiln bench gemm`, run as a user runs them, and the artifact they write: its
+//! files and hashes, its manifest, and a small executor that runs the manifest's program on
+//! `kernels.so` alone and matches the reference interpreter.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_ir::artifact::{
+    self, BufferId, KernelIndex, Manifest, ManifestError, Step, Storage, ARENA_ALIGN, FORMAT_VERSION,
+};
+use kiln_ir::interp::Tensor;
+use kiln_ir::{DType, SymBindings};
+use sha2::{Digest, Sha256};
+
+use crate::util::{kiln, kiln_env, root};
+
+const SMALL: &str = "tests/compile/small.kir";
+
+/// A fresh, empty directory for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-it-compile-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn str(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+
+    /// Every entry of the directory, hidden ones included.
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn files_of(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn read_manifest(dir: &Path) -> Manifest {
+    let text = std::fs::read_to_string(dir.join(artifact::MANIFEST_FILE)).unwrap();
+    let m: Manifest = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    m.validate().unwrap_or_else(|e| panic!("{e}"));
+    m
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// A small executor: what a runtime does with an artifact, on the CPU.
+
+type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// Bytes aligned like the arena.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Chunk([u8; 64]);
+
+fn aligned(bytes: u64) -> Vec<Chunk> {
+    vec![Chunk([0; 64]); (bytes as usize).div_ceil(64).max(1)]
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Runs the manifest's program with `kernels.so` on inputs and parameters given as little-endian
+/// bytes; returns the outputs' bytes. This is all a CPU runtime has to do.
+fn execute(
+    dir: &Path,
+    m: &Manifest,
+    sizes: SymBindings,
+    inputs: &HashMap<String, Vec<u8>>,
+    params: &HashMap<String, Vec<u8>>,
+) -> HashMap<String, Vec<u8>> {
+    m.check_sizes(&sizes).unwrap();
+    let library = dir.join(&m.cpu.as_ref().expect("a CPU target").library);
+    // SAFETY: kiln's kernel library has no initialisers; it stays loaded for the whole run.
+    let lib = unsafe { libloading::Library::new(&library) }.unwrap();
+    let mut arena = aligned(m.arena_bytes);
+    // Parameters by name, constants by buffer.
+    let mut own: HashMap<String, Vec<Chunk>> = HashMap::new();
+    for p in &m.params {
+        let v = &params[&p.name];
+        assert_eq!(v.len() as u64, m.buffer(p.buffer).max_bytes, "{}", p.name);
+        let mut c = aligned(v.len() as u64);
+        chunk_bytes(&mut c)[..v.len()].copy_from_slice(v);
+        own.insert(p.name.clone(), c);
+    }
+    for b in &m.buffers {
+        if let Storage::Constant { value } = b.storage {
+            assert_eq!(b.dtype, DType::F32, "constants of other types are not needed here");
+            let mut c = aligned(b.max_bytes);
+            chunk_bytes(&mut c)[..b.max_bytes as usize].copy_from_slice(&f32_bytes(&[value as f32]));
+            own.insert(b.id.to_string(), c);
+        }
+    }
+    let arena_ptr = arena.as_mut_ptr().cast::<u8>();
+    let ptr = |own: &mut HashMap<String, Vec<Chunk>>, id: BufferId| -> *mut u8 {
+        match &m.buffer(id).storage {
+            Storage::Arena { offset } => arena_ptr.wrapping_add(*offset as usize),
+            // Parameter views (reshapes) share the parameter's memory.
+            Storage::Param { name } => own.get_mut(name).unwrap().as_mut_ptr().cast(),
+            Storage::Constant { .. } => own.get_mut(&id.to_string()).unwrap().as_mut_ptr().cast(),
+        }
+    };
+    for i in &m.inputs {
+        let v = &inputs[&i.name];
+        assert_eq!(v.len() as u64, m.buffer(i.buffer).bytes(&sizes).unwrap(), "{}", i.name);
+        let p = ptr(&mut own, i.buffer);
+        // SAFETY: the input's offset and size at these sizes lie inside the arena (validated).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, v.len()) };
+    }
+    for step in &m.program {
+        let Step::Launch { kernel, buffers, .. } = step else { continue };
+        let k = m.kernel(*kernel);
+        let cpu = k.cpu.as_ref().unwrap();
+        let ptrs: Vec<*mut u8> = buffers.iter().map(|&b| ptr(&mut own, b)).collect();
+        let syms: Vec<i64> = k.sym_args.iter().map(|&s| sizes.get(s) as i64).collect();
+        let work = cpu.work.eval(&sizes).unwrap() as i64;
+        // SAFETY: every packed entry has this signature; the buffers have the kernel's types at
+        // these sizes (validated), and the two ranges split `[0, work)`.
+        unsafe {
+            let f: libloading::Symbol<Packed> = lib.get(cpu.symbol.as_bytes()).unwrap();
+            f(ptrs.as_ptr(), syms.as_ptr(), 0, work / 2);
+            f(ptrs.as_ptr(), syms.as_ptr(), work / 2, work);
+        }
+    }
+    m.outputs
+        .iter()
+        .map(|o| {
+            let n = m.buffer(o.buffer).bytes(&sizes).unwrap() as usize;
+            let p = ptr(&mut own, o.buffer);
+            // SAFETY: as for the inputs.
+            (o.name.clone(), unsafe { std::slice::from_raw_parts(p, n) }.to_vec())
+        })
+        .collect()
+}
+
+fn chunk_bytes(c: &mut [Chunk]) -> &mut [u8] {
+    // SAFETY: `Chunk` is 64 bytes with no padding.
+    unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<u8>(), c.len() * 64) }
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+/// Checks the kernels' outputs against the interpreter's, as f32.
+#[track_caller]
+fn assert_matches(got: &HashMap<String, Vec<u8>>, want: &kiln_ir::interp::Outputs, tol: f32) {
+    assert_eq!(got.len(), want.len());
+    for (name, w) in want {
+        let w = w.as_f32().unwrap();
+        let g = bytes_f32(&got[name]);
+        assert_eq!(g.len(), w.len(), "{name}");
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!((a - b).abs() <= tol * b.abs().max(1.0), "{name}[{i}]: kernels {a}, interpreter {b}");
+        }
+    }
+}
+
+#[test]
+fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
+    let s = Scratch::new();
+    let out = kiln(&[
+        "compile",
+        SMALL,
+        "--target",
+        "all",
+        "-o",
+        &s.str("art"),
+        "--max-batch",
+        "2",
+        "--max-context",
+        "8",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with(&format!("wrote {}: 6 kernels, 10 launches", s.str("art"))),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.stderr, "", "no progress output when stderr is not a terminal");
+    let dir = s.path("art");
+    assert_eq!(files_of(&dir), ["graph.kir", "kernels.mlir", "kernels.ptx", "kernels.so", "manifest.json"]);
+    assert_eq!(s.entries(), ["art"], "no temporary directory is left behind");
+
+    let m = read_manifest(&dir);
+    assert_eq!(m.format_version, FORMAT_VERSION);
+    // One step, buffer or kernel per line.
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    assert!(text.starts_with("{\n  \"format_version\": 1,\n  \"kiln_version\": "), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("    {\"step\":")).count(), m.program.len());
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("    {\"id\":")).count(),
+        m.buffers.len() + m.kernels.len()
+    );
+    assert_eq!(m.graph_name, "small");
+    assert!(m.model.is_none());
+    assert_eq!(m.gpu.as_ref().unwrap().arch, "sm_90a");
+    assert_eq!(m.max_sizes(), SymBindings { b: 2, t: 8, s: 1 });
+    let mut listed: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+    listed.sort();
+    assert_eq!(listed, ["graph.kir", "kernels.mlir", "kernels.ptx", "kernels.so"]);
+    for f in &m.files {
+        let bytes = std::fs::read(dir.join(&f.name)).unwrap();
+        assert_eq!(f.bytes, bytes.len() as u64, "{}", f.name);
+        assert_eq!(f.sha256, sha256_hex(&bytes), "{}", f.name);
+    }
+
+    // The files are what they claim to be.
+    let kir = std::fs::read_to_string(dir.join("graph.kir")).unwrap();
+    let graph = kiln_ir::parse(&kir).unwrap();
+    let source = kiln_ir::parse(&std::fs::read_to_string(root().join(SMALL)).unwrap()).unwrap();
+    assert_eq!(graph, source, "without a spec the graph is compiled as written");
+    let mlir = std::fs::read_to_string(dir.join("kernels.mlir")).unwrap();
+    kiln_compiler::codegen::verify_mlir(&mlir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mlir.matches("func.func @").count(), 6);
+    assert_eq!(mlir.matches("gpu.func @").count(), 6);
+    let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+    for k in &m.kernels {
+        assert!(ptx.contains(&format!(".entry {}(", k.gpu.as_ref().unwrap().entry)), "{}", k.name);
+    }
+    // Arena buffers are aligned and the weights are marked as such.
+    for b in &m.buffers {
+        if let Storage::Arena { offset } = b.storage {
+            assert_eq!(offset % ARENA_ALIGN, 0);
+        }
+    }
+    let linear = m.kernels.iter().find(|k| k.name.starts_with("k_linear_")).unwrap();
+    let roles: Vec<_> = linear.args.iter().map(|a| a.role).collect();
+    use kiln_ir::artifact::ArgRole;
+    assert_eq!(roles, [ArgRole::Input, ArgRole::Param, ArgRole::Output]);
+
+    // Run the program from the manifest and kernels.so alone, against the interpreter.
+    let sizes = SymBindings { b: 2, t: 3, s: 1 };
+    let x = values(2 * 3 * 64, 1);
+    let params: HashMap<String, Vec<f32>> = m
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let n = p.shape.iter().map(|d| d.as_known().unwrap()).product::<u64>();
+            (p.name.clone(), values(n as usize, 7 + i as u32))
+        })
+        .collect();
+    let got = execute(
+        &dir,
+        &m,
+        sizes,
+        &[("x".to_string(), f32_bytes(&x))].into(),
+        &params.iter().map(|(n, v)| (n.clone(), f32_bytes(v))).collect(),
+    );
+    let tensor = |t: &kiln_ir::TensorType, v: &[f32]| {
+        let shape: Vec<u64> = t.shape.iter().map(|d| d.eval(&sizes).unwrap()).collect();
+        Tensor::from_f32(DType::F32, shape, v.to_vec()).unwrap()
+    };
+    let x_ty = graph.ty(graph.inputs()[0].1);
+    let want = kiln_ir::interp::run(
+        &graph,
+        &[("x".to_string(), tensor(x_ty, &x))].into(),
+        &graph.params().iter().map(|&(n, t)| (n.to_string(), tensor(t, &params[n]))).collect(),
+    )
+    .unwrap();
+    assert_matches(&got, &want, 1e-4);
+}
+
+#[test]
+fn an_existing_artifact_is_replaced_whole_and_other_directories_are_refused() {
+    let s = Scratch::new();
+    let dir = s.str("art");
+    assert!(kiln(&["compile", SMALL, "--target", "all", "-o", &dir]).ok);
+    std::fs::write(s.path("art/stale.txt"), "from before").unwrap();
+    let out = kiln(&["compile", SMALL, "--target", "cpu", "-o", &dir]);
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(files_of(&s.path("art")), ["graph.kir", "kernels.mlir", "kernels.so", "manifest.json"]);
+    assert!(read_manifest(&s.path("art")).gpu.is_none());
+    assert_eq!(s.entries(), ["art"]);
+
+    // A directory that is not an artifact is left alone.
+    std::fs::create_dir(s.path("mine")).unwrap();
+    std::fs::write(s.path("mine/notes.txt"), "keep me").unwrap();
+    let out = kiln(&["compile", SMALL, "--target", "cpu", "-o", &s.str("mine")]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("is not a kiln artifact"), "{}", out.stderr);
+    assert_eq!(files_of(&s.path("mine")), ["notes.txt"]);
+    assert_eq!(s.entries(), ["art", "mine"]);
+}
+
+#[test]
+fn failed_compiles_leave_no_directory_and_keep_the_old_one() {
+    let s = Scratch::new();
+    // A spec with a bad value.
+    let out = kiln(&[
+        "compile",
+        "tests/specs/bad/experts_not_divisible_by_groups.toml",
+        "--target",
+        "cpu",
+        "-o",
+        &s.str("a"),
+    ]);
+    assert!(!out.ok);
+    assert!(out.stderr.starts_with("error"), "{}", out.stderr);
+    // A graph whose buffers cannot be planned at the sizes asked for.
+    let huge = s.path("huge.kir");
+    std::fs::write(
+        &huge,
+        "graph @huge {\n  %0 = input {name = \"x\"} : f32[S, S, S, 65536]\n  %1 = exp %0 : f32[S, S, S, 65536]\n  output \"y\" = %1\n}\n",
+    )
+    .unwrap();
+    let out = kiln(&[
+        "compile",
+        &huge.to_string_lossy(),
+        "--target",
+        "cpu",
+        "--max-context",
+        "1048576",
+        "-o",
+        &s.str("b"),
+    ]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("more than 2^64 bytes"), "{}", out.stderr);
+    // ptxas missing for a GPU target: the error says how to get it, before any work.
+    let out = kiln_env(
+        &["compile", SMALL, "--target", "sm_90a", "-o", &s.str("c")],
+        &[("KILN_PTXAS", "/nonexistent/ptxas")],
+    );
+    assert!(!out.ok);
+    assert!(out.stderr.contains("ptxas") && out.stderr.contains("scripts/setup.sh"), "{}", out.stderr);
+    assert_eq!(s.entries(), ["huge.kir"], "no output and no temporary directories");
+
+    // A failure over an existing artifact leaves it as it was.
+    assert!(kiln(&["compile", SMALL, "--target", "cpu", "-o", &s.str("d")]).ok);
+    let before = std::fs::read(s.path("d/manifest.json")).unwrap();
+    let out = kiln(&[
+        "compile",
+        &huge.to_string_lossy(),
+        "--target",
+        "cpu",
+        "--max-context",
+        "1048576",
+        "-o",
+        &s.str("d"),
+    ]);
+    assert!(!out.ok);
+    assert_eq!(std::fs::read(s.path("d/manifest.json")).unwrap(), before);
+    assert_eq!(s.entries(), ["d", "huge.kir"]);
+}
+
+#[test]
+fn emit_prints_a_stage_and_writes_nothing_without_an_output() {
+    let s = Scratch::new();
+    let mlir = kiln(&["compile", SMALL, "--target", "all", "--emit", "mlir"]);
+    assert!(mlir.ok, "{}", mlir.stderr);
+    kiln_compiler::codegen::verify_mlir(&mlir.stdout).unwrap_or_else(|e| panic!("{e}"));
+    assert!(mlir.stdout.contains("gpu.module @kiln_kernels") && mlir.stdout.contains("func.func @k_linear_"));
+    // The same text as the artifact's file.
+    let art = kiln(&["compile", SMALL, "--target", "all", "-o", &s.str("art"), "--emit", "mlir"]);
+    assert!(art.ok, "{}", art.stderr);
+    assert_eq!(art.stdout, mlir.stdout);
+    assert_eq!(std::fs::read_to_string(s.path("art/kernels.mlir")).unwrap(), mlir.stdout);
+
+    // A whole model's graph after the passes, whether or not all its kernels lower yet: the
+    // pipeline stops after the passes, and prints what `kiln ir --after LAST` prints.
+    let last = kiln_compiler::passes::PASSES.last().unwrap().name;
+    let model = kiln(&["compile", "models/tiny.toml", "--emit", "kir"]);
+    assert!(model.ok, "{}", model.stderr);
+    assert_eq!(model.stdout, kiln(&["ir", "models/tiny.toml", "--after", last]).stdout);
+
+    let kir = kiln(&["compile", SMALL, "--target", "cpu", "--emit", "kir"]);
+    assert_eq!(kir.stdout, std::fs::read_to_string(s.path("art/graph.kir")).unwrap());
+    let llvm = kiln(&["compile", SMALL, "--target", "cpu", "--emit", "llvm"]);
+    assert!(
+        llvm.ok && llvm.stdout.contains("define void @k_linear_") && llvm.stdout.contains("_packed("),
+        "{}",
+        llvm.stderr
+    );
+    let ptx = kiln(&["compile", SMALL, "--target", "sm_90a", "--emit", "ptx"]);
+    assert!(ptx.ok && ptx.stdout.contains(".target sm_90a"), "{}", ptx.stderr);
+    let no_gpu = kiln(&["compile", SMALL, "--target", "cpu", "--emit", "ptx"]);
+    assert!(!no_gpu.ok && no_gpu.stderr.contains("--emit ptx needs --target sm_90a"), "{}", no_gpu.stderr);
+    assert_eq!(s.entries(), ["art"]);
+}
+
+#[test]
+fn report_lists_kernels_with_ptxas_numbers() {
+    let out =
+        kiln(&["compile", SMALL, "--target", "all", "--report", "--max-batch", "2", "--max-context", "8"]);
+    assert!(out.ok, "{}", out.stderr);
+    insta::assert_snapshot!("report_small", out.stdout);
+}
+
+#[test]
+fn timings_have_a_row_per_stage_and_print_after_shows_a_stage() {
+    let out = kiln(&["compile", SMALL, "--target", "all", "--timings", "--print-after", "plan-memory"]);
+    assert!(out.ok, "{}", out.stderr);
+    let stages: Vec<&str> = out.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-cpu", "emit-gpu", "pack", "total"]);
+    for line in out.stdout.lines().skip(1).take(7) {
+        assert!(line.contains(" ms") && line.contains(" MiB"), "{line}");
+    }
+    assert!(out.stderr.starts_with("// ----- after plan-memory -----\narena: "), "{}", out.stderr);
+    assert!(out.stderr.contains("param      param model.norm.weight"), "{}", out.stderr);
+
+    // With a spec, every pass of the pipeline is a stage, and the manifest carries the model.
+    let s = Scratch::new();
+    let out = kiln(&[
+        "compile",
+        SMALL,
+        "--spec",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "--timings",
+        "-o",
+        &s.str("a"),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    for p in kiln_compiler::passes::PASSES {
+        assert!(
+            out.stdout.lines().any(|l| l.starts_with(&format!("{} ", p.name))),
+            "{}\n{}",
+            p.name,
+            out.stdout
+        );
+    }
+    assert_eq!(read_manifest(&s.path("a")).model.unwrap().model.name, "tiny");
+
+    let bad = kiln(&["compile", SMALL, "--print-after", "nonsense"]);
+    assert!(
+        !bad.ok && bad.stderr.contains("no such stage here; the stages are: build, kernels"),
+        "{}",
+        bad.stderr
+    );
+}
+
+#[test]
+fn a_manifest_that_does_not_hold_together_is_rejected() {
+    let s = Scratch::new();
+    assert!(kiln(&["compile", SMALL, "--target", "cpu", "-o", &s.str("a")]).ok);
+    let good = read_manifest(&s.path("a"));
+    let check = |change: &dyn Fn(&mut Manifest), want: &str| {
+        let mut m = good.clone();
+        change(&mut m);
+        let e = m.validate().unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+    };
+    check(&|m| m.format_version += 1, "format version");
+    check(&|m| m.arena_bytes -= 1, "does not fit");
+    check(
+        &|m| {
+            if let Some(Step::Launch { buffers, .. }) = m.program.first_mut() {
+                buffers.pop();
+            }
+        },
+        "buffers for",
+    );
+    check(
+        &|m| {
+            if let Some(Step::Launch { kernel, .. }) = m.program.first_mut() {
+                *kernel = KernelIndex(99);
+            }
+        },
+        "does not exist",
+    );
+    check(&|m| m.files[0].sha256 = "xyz".into(), "malformed sha256");
+    check(&|m| m.symbols.clear(), "has no maximum");
+    check(&|m| m.buffers[1].max_bytes += 4, "max_bytes");
+    let sizes = |b, t| SymBindings { b, t, s: 1 };
+    assert!(good.check_sizes(&sizes(1, 4096)).is_ok());
+    assert_eq!(
+        good.check_sizes(&sizes(2, 1)),
+        Err(ManifestError::SizeOutOfRange { sym: "B", value: 2, max: 1 })
+    );
+}
+
+#[test]
+fn bench_gemm_prints_a_table() {
+    let out = kiln(&["bench", "gemm", "--sizes", "64", "--reps", "1", "--threads", "2"]);
+    assert!(out.ok, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", out.stdout);
+    assert!(lines[0].starts_with("gemm f32, y = x @ w^T, 2 threads"), "{}", lines[0]);
+    let row: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(row[0], "64");
+    for v in &row[1..] {
+        assert!(v.parse::<f64>().is_ok_and(|x| x > 0.0), "{}", lines[2]);
+    }
+}
+
+#[test]
+/// The whole tiny model (embedding, MLA attention with YaRN rope, dispatched MoE, MTP) runs from
+/// nothing but its artifact's manifest and `kernels.so`, and matches the reference interpreter on
+/// the graph the artifact records.
+fn the_whole_tiny_model_runs_from_its_artifact() {
+    let s = Scratch::new();
+    let out = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "-o",
+        &s.str("t"),
+        "--max-batch",
+        "2",
+        "--max-context",
+        "16",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let dir = s.path("t");
+    let m = read_manifest(&dir);
+    let graph = kiln_ir::parse(&std::fs::read_to_string(dir.join("graph.kir")).unwrap()).unwrap();
+    let sizes = SymBindings { b: 2, t: 5, s: 1 };
+    let toks: Vec<i32> = vec![1, 17, 42, 255, 3, 128, 77, 9, 200, 5];
+    let pos: Vec<i32> = vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4];
+    let mtp: Vec<i32> = vec![17, 42, 255, 3, 128, 77, 9, 200, 5, 6];
+    let ib = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let inputs: HashMap<String, Vec<u8>> = [
+        ("tokens".to_string(), ib(&toks)),
+        ("positions".to_string(), ib(&pos)),
+        ("mtp_tokens".to_string(), ib(&mtp)),
+    ]
+    .into();
+    let params: HashMap<String, Vec<f32>> = m
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let n = p.shape.iter().map(|d| d.as_known().unwrap()).product::<u64>();
+            (p.name.clone(), values(n as usize, 7 + i as u32).iter().map(|x| x * 0.1).collect())
+        })
+        .collect();
+    for p in &m.params {
+        assert_eq!(p.dtype, DType::F32, "{}", p.name);
+    }
+    let got =
+        execute(&dir, &m, sizes, &inputs, &params.iter().map(|(n, v)| (n.clone(), f32_bytes(v))).collect());
+    let ti = |v: &[i32]| {
+        Tensor::from_i64(DType::I32, vec![2u64, 5], v.iter().map(|&x| x as i64).collect()).unwrap()
+    };
+    let tensor = |t: &kiln_ir::TensorType, v: &[f32]| {
+        Tensor::from_f32(
+            t.dtype,
+            t.shape.iter().map(|d| d.as_known().unwrap()).collect::<Vec<u64>>(),
+            v.to_vec(),
+        )
+        .unwrap()
+    };
+    let want = kiln_ir::interp::run(
+        &graph,
+        &[
+            ("tokens".to_string(), ti(&toks)),
+            ("positions".to_string(), ti(&pos)),
+            ("mtp_tokens".to_string(), ti(&mtp)),
+        ]
+        .into(),
+        &graph.params().iter().map(|&(n, t)| (n.to_string(), tensor(t, &params[n]))).collect(),
+    )
+    .unwrap();
+    assert_matches(&got, &want, 2e-3);
+}

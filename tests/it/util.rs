@@ -1,0 +1,88 @@
+//! Helpers shared by the integration tests: running the `kiln` binary, and seeded test data.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use kiln_ir::interp::Tensor;
+use kiln_ir::Graph;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a `kiln` process did.
+pub struct Out {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `kiln` in the repository root, as a user would.
+pub fn kiln(args: &[&str]) -> Out {
+    kiln_env(args, &[])
+}
+
+/// [`kiln`] with extra environment variables.
+pub fn kiln_env(args: &[&str], env: &[(&str, &str)]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .output()
+        .unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// SplitMix64: platform-independent, seeded per parameter name so that values do not depend on
+/// graph order.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn for_name(name: &str, seed: u64) -> Rng {
+        Rng(name
+            .bytes()
+            .fold(0xCBF2_9CE4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01B3)))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-scale, scale)`.
+    pub fn uniform(&mut self, scale: f32) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+}
+
+/// Seeded parameters of the graph's types: norms near 1, a small router bias, the embedding in ±1,
+/// matrices in ±1/sqrt(fan_in) so that activations stay of order one.
+pub fn random_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
+    g.params()
+        .into_iter()
+        .map(|(name, ty)| {
+            let shape: Vec<u64> = ty.shape.iter().map(|d| d.as_known().unwrap()).collect();
+            let n = shape.iter().product::<u64>() as usize;
+            let mut rng = Rng::for_name(name, seed);
+            let (offset, scale) = if name.ends_with("norm.weight") {
+                (1.0, 0.1)
+            } else if name.ends_with("e_score_correction_bias") {
+                (0.0, 0.05)
+            } else if name.contains("embed_tokens") {
+                (0.0, 1.0)
+            } else {
+                (0.0, 1.0 / (shape[1] as f32).sqrt())
+            };
+            let data = (0..n).map(|_| offset + rng.uniform(scale)).collect();
+            (name.to_string(), Tensor::from_f32(ty.dtype, shape, data).unwrap())
+        })
+        .collect()
+}
