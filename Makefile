@@ -8,13 +8,16 @@ setup:
 	@scripts/setup.sh
 
 # Builds kiln and shows what it does on the real DeepSeek-V3 configuration: the model summary, the
-# compile to a host library and sm_90a PTX with its kernel report, and a small model of the same
-# architecture generating on the CPU (the reference interpreter until the runtime executes artifacts).
+# compile to a host library and sm_90a PTX with its kernel report, then a small model of the same
+# architecture compiled for the CPU and generating from its artifact, against the reference
+# interpreter in the same run.
 demo: setup
 	$(CARGO) build --release --quiet --bin kiln
 	$(KILN_RELEASE) inspect models/deepseek_v3.toml
 	$(KILN_RELEASE) compile models/deepseek_v3.toml --target all -o target/demo/deepseek_v3.kiln --report --timings
-	$(KILN_RELEASE) run models/tiny.toml --random-weights 1 --interp --prompt-ids 1,2,3,4 --max-new-tokens 8
+	$(KILN_RELEASE) compile models/tiny.toml --target cpu -o target/demo/tiny.kiln
+	$(KILN_RELEASE) run target/demo/tiny.kiln --random-weights 1 --prompt-ids 1,2,3,4 --max-new-tokens 8
+	$(KILN_RELEASE) bench run target/demo/tiny.kiln --random-weights 1
 	$(KILN_RELEASE) doctor
 
 # Every test of the workspace: unit tests, the integration tests in tests/it, doc tests.

@@ -7,6 +7,9 @@
 //! own thread pool, sized from `MATMUL_NUM_THREADS`, which this command sets from `--threads`
 //! (matrixmultiply uses at most 4). Each side runs once to warm up, then `--reps` times; the best
 //! time counts. The two results are compared before anything is printed.
+//!
+//! `kiln bench run` (an artifact against the reference interpreter) lives with `kiln run` in
+//! `run.rs`, whose weight loading and generation it shares.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -34,6 +37,27 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// An artifact's prefill and decode tokens/s against the reference interpreter on the same
+    /// graph (`graph.kir`) and weights.
+    Run {
+        /// The artifact directory.
+        artifact: std::path::PathBuf,
+        /// Prompt tokens (a fixed sequence of ids).
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        /// Tokens to generate, greedily.
+        #[arg(long, default_value_t = 16)]
+        new_tokens: usize,
+        /// A Hugging Face checkpoint (default: random weights).
+        #[arg(long)]
+        weights: Option<std::path::PathBuf>,
+        /// The seed of the random weights.
+        #[arg(long, value_name = "SEED", default_value_t = 1, conflicts_with = "weights")]
+        random_weights: u64,
+        /// Threads per kernel launch (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 /// Runs `kiln bench`.
@@ -43,6 +67,15 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             gemm(&sizes, threads, reps, out)
+        }
+        BenchCommand::Run { artifact, prompt_len, new_tokens, weights, random_weights, threads } => {
+            let weights = match &weights {
+                Some(dir) => crate::run::Weights::Checkpoint(dir),
+                None => crate::run::Weights::Random(random_weights),
+            };
+            let req =
+                crate::run::BenchRequest { artifact: &artifact, weights, prompt_len, new_tokens, threads };
+            crate::run::bench(&req, out)
         }
     }
 }

@@ -61,20 +61,28 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Generate tokens greedily from a prompt of token ids.
+    /// Generate tokens from a prompt of token ids: an artifact on the CPU, or a spec (or an
+    /// artifact's graph) on the reference interpreter with --interp.
     #[command(group(clap::ArgGroup::new("params").required(true).args(["weights", "random_weights"])))]
     Run {
-        /// Model spec: `models/*.toml` or a Hugging Face `config.json`.
-        spec: PathBuf,
+        /// An artifact directory from `kiln compile`, or with --interp a model spec (`models/*.toml`,
+        /// a Hugging Face `config.json`).
+        model: PathBuf,
         /// A Hugging Face checkpoint: a folder with `model.safetensors` or a sharded index.
         #[arg(long)]
         weights: Option<PathBuf>,
         /// Use seeded random weights instead of a checkpoint.
         #[arg(long, value_name = "SEED")]
         random_weights: Option<u64>,
-        /// Run on the reference interpreter (today the only engine; compiled artifacts come later).
+        /// Run on the reference interpreter (exact, slow) instead of the compiled kernels.
         #[arg(long)]
         interp: bool,
+        /// Where an artifact runs (`cuda` is not available yet).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: run::Device,
+        /// Threads per kernel launch on the CPU (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// The prompt as comma-separated token ids, e.g. `0,17,42`.
         #[arg(long, value_delimiter = ',', required = true, allow_negative_numbers = true)]
         prompt_ids: Vec<i64>,
@@ -84,6 +92,18 @@ enum Command {
         /// Keep generating past the end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
+        /// More token ids that end generation, comma-separated.
+        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+        stop_ids: Vec<i64>,
+        /// Sampling temperature; 0 (the default) is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling: keep the most likely tokens up to this probability (with --temperature).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler (with --temperature).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
@@ -137,19 +157,38 @@ fn run(command: Command) -> Result<()> {
         Command::Check { file } => check(&file),
         Command::Inspect { spec, context, json } => inspect(&spec, context, json),
         Command::ImportHf { config, output } => import_hf(&config, output.as_deref()),
-        Command::Run { spec, weights, random_weights, interp, prompt_ids, max_new_tokens, ignore_eos } => {
-            if !interp {
-                bail!(
-                    "compiled execution needs an artifact from `kiln compile`, which kiln cannot load yet; \
-                     pass --interp to run the reference interpreter"
-                );
-            }
+        Command::Run {
+            model,
+            weights,
+            random_weights,
+            interp,
+            device,
+            threads,
+            prompt_ids,
+            max_new_tokens,
+            ignore_eos,
+            stop_ids,
+            temperature,
+            top_p,
+            seed,
+        } => {
             let weights = match (&weights, random_weights) {
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
                 (None, Some(seed)) => run::Weights::Random(seed),
                 (None, None) => unreachable!("clap requires one of --weights and --random-weights"),
             };
-            let req = run::Request { spec: &spec, weights, prompt: prompt_ids, max_new_tokens, ignore_eos };
+            let req = run::Request {
+                model: &model,
+                weights,
+                interp,
+                device,
+                threads,
+                prompt: prompt_ids,
+                max_new_tokens,
+                ignore_eos,
+                stop_ids,
+                sampling: run::sampling(temperature, top_p, seed),
+            };
             run::run(&req, &mut io::stdout().lock())
         }
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),

@@ -1,21 +1,26 @@
-//! `kiln run`: greedy generation with the reference interpreter.
+//! `kiln run` and `kiln bench run`: generation from an artifact on the CPU backend, or from a spec
+//! (or an artifact's `graph.kir`) on the reference interpreter, through the runtime's one
+//! generation loop (`kiln_runtime::generate`).
 //!
-//! The graph is built from the spec without the MTP module (inference needs only the main logits),
-//! weights come from a Hugging Face checkpoint folder or a seeded random initialisation, and every
-//! step recomputes the whole sequence (the interpreter has no KV cache: it is the oracle, not the
-//! fast path). Tokens are printed as they come.
+//! A directory is an artifact (`kiln compile -o DIR`); anything else is a model spec, which only
+//! the interpreter runs (`--interp`): the graph is built without the MTP module (inference needs only
+//! the main logits). Weights come from a Hugging Face checkpoint folder or a seeded random
+//! initialisation. There is no KV cache yet: every step recomputes the whole sequence, on either
+//! engine. Tokens are printed as they come, then the continuation and the speeds.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use kiln_compiler::{build, spec};
-use kiln_ir::interp::{self, Tensor};
-use kiln_ir::{DType, ModelSpec};
-use kiln_runtime::weights::{self, HostData, HostTensor};
+use kiln_ir::ModelSpec;
+use kiln_runtime::artifact::{self, Artifact};
+use kiln_runtime::cpu::{CpuModel, CpuOptions};
+use kiln_runtime::generate::{generate, Engine, GenerateOptions, Generation, Sampling, TokenEvent};
+use kiln_runtime::reference::Reference;
+use kiln_runtime::weights::{self, HostTensor, ParamDecl, WeightError};
+use kiln_runtime::RuntimeError;
 
 /// Where the parameters come from.
 pub enum Weights<'a> {
@@ -23,24 +28,53 @@ pub enum Weights<'a> {
     Random(u64),
 }
 
+/// Where an artifact runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
 /// Standard deviation of random weights: Hugging Face's default `initializer_range`.
 const RANDOM_STD: f64 = 0.02;
 
 pub struct Request<'a> {
-    pub spec: &'a Path,
+    /// An artifact directory or a model spec.
+    pub model: &'a Path,
     pub weights: Weights<'a>,
+    /// Run on the reference interpreter.
+    pub interp: bool,
+    pub device: Device,
+    pub threads: Option<usize>,
     pub prompt: Vec<i64>,
     pub max_new_tokens: u64,
     pub ignore_eos: bool,
+    pub stop_ids: Vec<i64>,
+    pub sampling: Sampling,
 }
 
-fn to_tensor(t: HostTensor) -> Result<Tensor> {
-    let name = t.name.clone();
-    let tensor = match t.data {
-        HostData::F32(v) => Tensor::from_f32(t.dtype, t.shape, v),
-        HostData::I64(v) => Tensor::from_i64(t.dtype, t.shape, v),
-    };
-    tensor.with_context(|| format!("parameter {name}"))
+/// `--temperature`, `--top-p` and `--seed` as a sampling mode: temperature 0 is greedy.
+pub fn sampling(temperature: f32, top_p: f32, seed: u64) -> Sampling {
+    if temperature == 0.0 {
+        Sampling::Greedy
+    } else {
+        Sampling::Sample { temperature, top_p, seed }
+    }
+}
+
+fn describe(s: Sampling) -> String {
+    match s {
+        Sampling::Greedy => "greedy".into(),
+        Sampling::Sample { temperature, top_p, seed } => {
+            format!("sampled at temperature {temperature}, top-p {top_p}, seed {seed}")
+        }
+    }
+}
+
+/// Whether `path` is to be run as an artifact: any directory (a directory without a manifest is
+/// reported as not an artifact rather than as a bad spec).
+pub fn is_artifact(path: &Path) -> bool {
+    path.is_dir()
 }
 
 fn check_prompt(spec: &ModelSpec, req: &Request) -> Result<()> {
@@ -63,69 +97,243 @@ fn check_prompt(spec: &ModelSpec, req: &Request) -> Result<()> {
     Ok(())
 }
 
-/// Runs greedy generation and writes the report to `out`.
+/// The parameters `decls` from `weights`, one at a time (a checkpoint is checked against them
+/// first, whole).
+fn params<'c>(
+    decls: Vec<ParamDecl>,
+    weights: &Weights,
+    spec: Option<&ModelSpec>,
+    ckpt: &'c mut Option<weights::Checkpoint>,
+) -> Result<Box<dyn Iterator<Item = Result<HostTensor, WeightError>> + 'c>> {
+    Ok(match weights {
+        Weights::Checkpoint(dir) => {
+            let c = weights::open_checkpoint(dir)?;
+            let c = match spec.and_then(|s| s.quantization.as_ref()) {
+                Some(q) => c.with_weight_block(q.weight_block)?,
+                None => c,
+            };
+            Box::new(weights::bind_params(decls, ckpt.insert(c))?)
+        }
+        Weights::Random(seed) => Box::new(weights::random_tensors(decls, *seed, RANDOM_STD).map(Ok)),
+    })
+}
+
+fn threads(n: usize) -> String {
+    if n == 1 {
+        "1 thread".into()
+    } else {
+        format!("{n} threads")
+    }
+}
+
+fn cpu_options(threads: Option<usize>) -> CpuOptions {
+    let mut o = CpuOptions::default();
+    if let Some(t) = threads {
+        o.threads = t;
+    }
+    o
+}
+
+/// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
-    let mut spec = spec::load(req.spec)?;
+    if !is_artifact(req.model) {
+        if !req.interp {
+            bail!(
+                "{} is a model spec; compiled execution runs an artifact: compile it with `kiln compile {} \
+                 --target cpu -o DIR` and run `kiln run DIR`, or pass --interp to run the reference \
+                 interpreter",
+                req.model.display(),
+                req.model.display()
+            );
+        }
+        return run_spec(req, out);
+    }
+    if req.device == Device::Cuda && !req.interp {
+        return Err(if kiln_runtime::cuda::driver_present() {
+            RuntimeError::NoCudaBackend
+        } else {
+            RuntimeError::NoCudaDriver
+        }
+        .into());
+    }
+    let art = artifact::load(req.model)?;
+    let m = art.manifest();
+    let spec = m.model.as_ref();
+    let name = spec.map_or(m.graph_name.as_str(), |s| s.model.name.as_str());
+    let decls = weights::manifest_params(m)?;
+    let mut ckpt = None;
+    let params = params(decls, &req.weights, spec, &mut ckpt)?;
+    let (mut engine, what): (Box<dyn Engine>, String) = if req.interp {
+        let tensors = params.collect::<Result<Vec<_>, _>>()?;
+        let max_positions = spec.map(|s| s.model.max_position_embeddings);
+        (
+            Box::new(Reference::new(art.graph()?, tensors, max_positions)?),
+            "reference interpreter on graph.kir".into(),
+        )
+    } else {
+        let model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
+        let what = format!(
+            "compiled artifact on the CPU, {}, arena {} bytes, parameters {} bytes",
+            threads(model.threads()),
+            model.arena_bytes(),
+            model.param_bytes()
+        );
+        (Box::new(model), what)
+    };
+    let eos = spec.and_then(|s| s.model.eos_token_id);
+    generate_and_report(engine.as_mut(), name, &what, eos, req, out)
+}
+
+/// `kiln run SPEC --interp`: the graph built from the spec, on the interpreter.
+fn run_spec(req: &Request, out: &mut impl Write) -> Result<()> {
+    let mut spec = spec::load(req.model)?;
     spec.mtp = None;
     check_prompt(&spec, req)?;
     let graph = build::build_graph(&spec)?;
-    let params: Vec<HostTensor> = match req.weights {
-        Weights::Checkpoint(dir) => {
-            let ckpt = weights::open_checkpoint(dir)?;
-            let ckpt = match &spec.quantization {
-                Some(q) => ckpt.with_weight_block(q.weight_block)?,
-                None => ckpt,
-            };
-            weights::bind(&graph, &ckpt)?
-        }
-        Weights::Random(seed) => weights::random_params(&graph, seed, RANDOM_STD)?,
-    };
-    let params: HashMap<String, Tensor> =
-        params.into_iter().map(|t| Ok((t.name.clone(), to_tensor(t)?))).collect::<Result<_>>()?;
+    let decls = weights::graph_params(&graph)?;
+    let mut ckpt = None;
+    let tensors = params(decls, &req.weights, Some(&spec), &mut ckpt)?.collect::<Result<Vec<_>, _>>()?;
+    let mut engine = Reference::new(graph, tensors, Some(spec.model.max_position_embeddings))?;
+    let what = "reference interpreter";
+    generate_and_report(&mut engine, &spec.model.name, what, spec.model.eos_token_id, req, out)
+}
 
-    writeln!(out, "{}: {} prompt tokens, greedy, reference interpreter", spec.model.name, req.prompt.len())?;
-    let eos = spec.model.eos_token_id.filter(|_| !req.ignore_eos);
-    let mut seq = req.prompt.clone();
-    let mut generated = Vec::new();
-    let mut last_logits = Vec::new();
-    let start = Instant::now();
-    for _ in 0..req.max_new_tokens {
-        let t = seq.len() as u64;
-        let inputs = HashMap::from([
-            ("tokens".to_string(), Tensor::from_i64(DType::I32, [1, t], seq.clone())?),
-            ("positions".to_string(), Tensor::from_i64(DType::I32, [1, t], (0..t as i64).collect())?),
-        ]);
-        let outputs = interp::run(&graph, &inputs, &params)?;
-        let logits = outputs["logits"].as_f32().context("logits are not floats")?;
-        let vocab = spec.model.vocab_size as usize;
-        let last = &logits[logits.len() - vocab..];
-        let (next, &best) =
-            last.iter().enumerate().fold((0, &last[0]), |acc, (i, x)| if *x > *acc.1 { (i, x) } else { acc });
-        let lse = best + last.iter().map(|&x| (x - best).exp()).sum::<f32>().ln();
-        writeln!(out, "token {next:>6}  logit {best:>9.4}  p {:.4}", (best - lse).exp())?;
-        out.flush()?;
-        generated.push(next as i64);
-        seq.push(next as i64);
-        last_logits = last.to_vec();
-        if eos == Some(next as u64) {
-            writeln!(out, "stopped at the end-of-sequence token {next}")?;
-            break;
+fn generate_and_report(
+    engine: &mut dyn Engine,
+    name: &str,
+    what: &str,
+    eos: Option<u64>,
+    req: &Request,
+    out: &mut impl Write,
+) -> Result<()> {
+    let mut stop_tokens = req.stop_ids.clone();
+    if let Some(e) = eos.filter(|_| !req.ignore_eos) {
+        stop_tokens.push(e as i64);
+    }
+    let opts =
+        GenerateOptions { max_new_tokens: req.max_new_tokens as usize, sampling: req.sampling, stop_tokens };
+    // Everything generate checks, it checks before the first forward pass; printing the header only
+    // after the engine is ready keeps a failed run's output to the error.
+    let prompts = [req.prompt.clone()];
+    let mut header =
+        Some(format!("{name}: {} prompt tokens, {}, {what}", req.prompt.len(), describe(req.sampling)));
+    let mut write_error = None;
+    let mut on_token = |e: &TokenEvent| {
+        let mut line = String::new();
+        if let Some(h) = header.take() {
+            line = h + "\n";
         }
+        line += &format!("token {:>6}  logit {:>9.4}  p {:.4}\n", e.token, e.logit, e.prob);
+        if let Err(err) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+            write_error.get_or_insert(err);
+        }
+    };
+    let g = generate(engine, &prompts, &opts, &mut on_token)?;
+    if let Some(e) = write_error {
+        return Err(e.into());
     }
-    let secs = start.elapsed().as_secs_f64();
-    writeln!(out, "generated {} tokens: {generated:?}", generated.len())?;
-    if !last_logits.is_empty() {
-        let n = last_logits.len() as f32;
-        let (min, max) =
-            last_logits.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
-        let mean = last_logits.iter().sum::<f32>() / n;
-        writeln!(out, "last logits: min {min:.4}, max {max:.4}, mean {mean:.4} over {n} entries")?;
+    if let Some(h) = header {
+        writeln!(out, "{h}")?;
     }
+    if g.stopped[0] {
+        writeln!(out, "stopped at stop token {}", g.tokens[0].last().copied().unwrap_or_default())?;
+    }
+    writeln!(out, "generated {} tokens: {:?}", g.tokens[0].len(), g.tokens[0])?;
+    writeln!(out, "{}", speeds(&g))?;
+    Ok(())
+}
+
+fn speeds(g: &Generation) -> String {
+    let s = &g.stats;
+    let decode = match s.decode_tokens_per_s() {
+        Some(r) => format!("decode {} tokens at {r:.1} tokens/s", s.decode_tokens),
+        None => "no decode steps".into(),
+    };
+    format!(
+        "time to first token {:.1} ms; prefill {} tokens at {:.1} tokens/s; {decode} \
+         ({} forward passes; no KV cache yet: each recomputes the whole sequence)",
+        s.first_token.as_secs_f64() * 1e3,
+        s.prompt_tokens,
+        s.prefill_tokens_per_s(),
+        s.forwards
+    )
+}
+
+/// `kiln bench run`: the artifact and the reference interpreter on the same graph and weights.
+pub struct BenchRequest<'a> {
+    pub artifact: &'a Path,
+    pub weights: Weights<'a>,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub threads: Option<usize>,
+}
+
+/// A deterministic prompt of `n` ids spread over the vocabulary.
+fn bench_prompt(n: usize, vocab: u64) -> Vec<i64> {
+    (0..n as u64).map(|i| ((i * 7919 + 3) % vocab) as i64).collect()
+}
+
+pub fn bench(req: &BenchRequest, out: &mut dyn Write) -> Result<()> {
+    if req.prompt_len == 0 || req.new_tokens == 0 {
+        bail!("--prompt-len and --new-tokens must be at least 1");
+    }
+    let art: Artifact = artifact::load(req.artifact)?;
+    let m = art.manifest();
+    let spec = m.model.as_ref();
+    let name = spec.map_or(m.graph_name.as_str(), |s| s.model.name.as_str());
+    let mut ckpt = None;
+    let tensors = params(weights::manifest_params(m)?, &req.weights, spec, &mut ckpt)?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut compiled = CpuModel::load(&art, tensors.iter().cloned().map(Ok), &cpu_options(req.threads))?;
+    let max_positions = spec.map(|s| s.model.max_position_embeddings);
+    let mut reference = Reference::new(art.graph()?, tensors, max_positions)?;
+    let vocab = compiled.vocab_size().context("the artifact has no `logits` output")?;
+    let prompts = [bench_prompt(req.prompt_len, vocab)];
+    let opts =
+        GenerateOptions { max_new_tokens: req.new_tokens, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    // One warm-up token, so that the first timed pass does not pay for page faults in the arena.
+    generate(&mut compiled, &prompts, &GenerateOptions { max_new_tokens: 1, ..opts.clone() }, &mut |_| {})?;
+    let a = generate(&mut compiled, &prompts, &opts, &mut |_| {})?;
+    let r = generate(&mut reference, &prompts, &opts, &mut |_| {})?;
+
     writeln!(
         out,
-        "{} forward passes in {secs:.3} s ({:.3} s each)",
-        generated.len(),
-        secs / generated.len().max(1) as f64
+        "bench run {name}: {} prompt tokens, {} new tokens, greedy, {}; no KV cache yet (each \
+         decode step recomputes the whole sequence)",
+        req.prompt_len,
+        req.new_tokens,
+        threads(compiled.threads())
     )?;
+    writeln!(
+        out,
+        "{:<14} {:>14} {:>14} {:>16}",
+        "engine", "prefill tok/s", "decode tok/s", "first token ms"
+    )?;
+    let row = |label: &str, g: &Generation| {
+        let d = g.stats.decode_tokens_per_s().map_or("-".into(), |r| format!("{r:.1}"));
+        format!(
+            "{label:<14} {:>14.1} {d:>14} {:>16.2}",
+            g.stats.prefill_tokens_per_s(),
+            g.stats.first_token.as_secs_f64() * 1e3
+        )
+    };
+    writeln!(out, "{}", row("kiln artifact", &a))?;
+    writeln!(out, "{}", row("interpreter", &r))?;
+    let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.1}x", x / y),
+        _ => "-".into(),
+    };
+    writeln!(
+        out,
+        "{:<14} {:>14} {:>14}",
+        "ratio",
+        ratio(Some(a.stats.prefill_tokens_per_s()), Some(r.stats.prefill_tokens_per_s())),
+        ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s())
+    )?;
+    let (ta, tr) = (&a.tokens[0], &r.tokens[0]);
+    match ta.iter().zip(tr).position(|(x, y)| x != y) {
+        None => writeln!(out, "tokens: the same ({} of {})", ta.len(), tr.len())?,
+        Some(i) => writeln!(out, "tokens: differ from new token {i}: kiln {ta:?}, interpreter {tr:?}")?,
+    }
     Ok(())
 }

@@ -211,9 +211,13 @@ fn print_kernels(plan: &KernelPlan) -> String {
     for k in &plan.kernels {
         let list =
             |ts: &[kiln_ir::TensorType]| ts.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let scratch = match k.scratch.as_slice() {
+            [] => String::new(),
+            s => format!(" scratch ({})", list(s)),
+        };
         let _ = writeln!(
             out,
-            "{} {} x{} ({}) -> {}",
+            "{} {} x{} ({}) -> {}{scratch}",
             k.id,
             k.name,
             uses[k.id.index()],
@@ -609,6 +613,7 @@ fn manifest(
         let role = |i: usize| if weight[k.id.index()][i] { ArgRole::Param } else { ArgRole::Input };
         let args = (k.args.iter().enumerate().map(|(i, t)| (t, role(i))))
             .chain(k.results.iter().map(|t| (t, ArgRole::Output)))
+            .chain(k.scratch.iter().map(|t| (t, ArgRole::Scratch)))
             .map(|(t, role)| ArgSig { dtype: t.dtype, shape: t.shape.clone(), role })
             .collect();
         let cpu = match (&p.cpu, cpu_launch.get(&k.name)) {
@@ -639,11 +644,16 @@ fn manifest(
     }
 
     let mut program = Vec::with_capacity(p.plan.steps.len());
-    for s in &p.plan.steps {
+    for (i, s) in p.plan.steps.iter().enumerate() {
         program.push(match s {
             Step::Launch { kernel, node, args, results } => artifact::Step::Launch {
                 kernel: KernelIndex(kernel.index() as u32),
-                buffers: args.iter().chain(results).map(|&v| buf(v)).collect(),
+                buffers: args
+                    .iter()
+                    .chain(results)
+                    .map(|&v| buf(v))
+                    .chain(m.scratch[i].iter().copied())
+                    .collect(),
                 scope: g.node(*node).scope.clone(),
             },
             Step::Alias { result, source, .. } => {

@@ -11,9 +11,10 @@
 //! | `graph.kir`     | the graph the kernels were formed from, after the pass pipeline           |
 //! | `kernels.mlir`  | the lowered MLIR of every compiled target, for reading and bug reports    |
 //!
-//! The manifest describes a program over buffers. Every SSA value of the graph is a [`Buffer`]; a
-//! [`Step`] launches a kernel on buffers (arguments then results, in the kernel's order), aliases one
-//! buffer as another (a reshape: no code runs), or sends or receives one. Buffers live in one of
+//! The manifest describes a program over buffers. Every SSA value of the graph is a [`Buffer`], and
+//! so is the scratch space of each launch of a kernel that needs some ([`ArgRole::Scratch`]); a
+//! [`Step`] launches a kernel on buffers (arguments, results, then scratch, in the kernel's order),
+//! aliases one buffer as another (a reshape: no code runs), or sends or receives one. Buffers live in one of
 //! three places ([`Storage`]): the activation arena (one allocation, with an offset per buffer that
 //! holds for every size up to the [`SymbolEntry::max`] values), a model parameter, or a scalar
 //! constant. Shapes are dimensions over the symbolic sizes `B`, `T`, `S`, written as in the text IR
@@ -115,7 +116,7 @@ pub struct Manifest {
     pub kernels: Vec<KernelEntry>,
     /// The steps of one run of the graph, in order.
     pub program: Vec<Step>,
-    /// Every value of the graph, indexed by [`BufferId`].
+    /// Every value of the graph, then the scratch buffers of launches, indexed by [`BufferId`].
     pub buffers: Vec<Buffer>,
     /// Bytes of the activation arena, sized for the [`SymbolEntry::max`] values.
     pub arena_bytes: u64,
@@ -200,6 +201,10 @@ pub enum ArgRole {
     Param,
     /// Written (every element).
     Output,
+    /// Written and read by the kernel during the launch only (intermediates of a fused kernel
+    /// computed in phases): bound to a [`BufferKind::Scratch`] buffer of the launch, whose contents
+    /// are undefined before and after it.
+    Scratch,
 }
 
 /// The CPU entry of a kernel.
@@ -272,7 +277,8 @@ pub enum Step {
 #[serde(deny_unknown_fields)]
 pub struct Buffer {
     pub id: BufferId,
-    /// The value in `graph.kir` (`%12`).
+    /// The value in `graph.kir` (`%12`); for a scratch buffer, the first result of its launch and
+    /// the scratch number (`%12#s0`).
     pub value: String,
     pub dtype: DType,
     #[serde(with = "dims_text")]
@@ -304,6 +310,8 @@ pub enum BufferKind {
     Constant,
     /// An intermediate value.
     Activation,
+    /// Scratch space of one launch ([`ArgRole::Scratch`]), in the arena; not a value of the graph.
+    Scratch,
 }
 
 /// Where a buffer's bytes are.
@@ -548,6 +556,12 @@ impl Manifest {
                     if arg.role == ArgRole::Param && buf.kind != BufferKind::Param {
                         return bad(format!(
                             "a launch of {kernel} passes {b} as a weight, but it is not a parameter"
+                        ));
+                    }
+                    if (arg.role == ArgRole::Scratch) != (buf.kind == BufferKind::Scratch) {
+                        return bad(format!(
+                            "a launch of {kernel} passes {b} ({}), of kind {:?}, for a {:?} argument",
+                            buf.value, buf.kind, arg.role
                         ));
                     }
                 }

@@ -1,17 +1,29 @@
-//! kiln's runtime: loads artifacts produced by `kiln compile` and runs them on the CPU or on CUDA.
+//! kiln's runtime: loads artifacts produced by `kiln compile` and runs them on the CPU (CUDA comes
+//! next).
+//!
+//! - [`artifact`]: [`artifact::load`] reads `manifest.json`, checks its format version and every
+//!   cross-reference, and the size and SHA-256 of every file it lists.
+//! - [`cpu`]: [`cpu::CpuModel`] runs an artifact's program on `kernels.so`: one activation arena,
+//!   parameters in their compiled dtypes (FP8 as bytes), kernels split over a thread pool.
+//! - [`generate`]: greedy and sampled decoding over any [`generate::Engine`]; without a KV cache yet,
+//!   each step recomputes the whole sequence.
+//! - [`mod@reference`]: the reference interpreter behind the same [`generate::Engine`], so compiled and
+//!   interpreted runs share one generation loop and can be compared token for token.
+//! - [`weights`]: checkpoints, binding them to a graph's or a manifest's parameters, random weights.
+//! - [`host`]: aligned host memory and the byte encoding of each dtype.
+//! - [`cuda`]: driver and device discovery.
 //!
 //! Architecture invariant: the runtime never depends on the compiler and never links MLIR or LLVM;
 //! it reads artifacts. CUDA is reached through cudarc with dynamic loading, so the runtime builds and
 //! runs on machines without CUDA and reports a typed error where a GPU was asked for.
 
+pub mod artifact;
+pub mod cpu;
 pub mod cuda;
+mod error;
+pub mod generate;
+pub mod host;
+pub mod reference;
 pub mod weights;
 
-/// Errors of the runtime.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error("no CUDA driver: libcuda could not be loaded on this machine (is an NVIDIA driver installed?)")]
-    NoCudaDriver,
-    #[error("CUDA: {0}")]
-    Cuda(String),
-}
+pub use error::RuntimeError;

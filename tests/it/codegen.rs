@@ -3,10 +3,13 @@
 //! data against references computed here in f64 and against the interpreter, PTX accepted by
 //! `ptxas -arch=sm_90a`, snapshots of the MLIR of representative kernels, and the typed errors.
 //! Submodules: `families` (data movement, rope, attention, MoE and FP8 against the interpreter),
-//! `models` (every kernel of the tiny model and of DeepSeek-V3), `oracle` (valid random inputs and
-//! per-dtype tolerances for interpreter checks), `harness` (building and running CPU kernels).
+//! `fused` (the `fused` kernels of `tests/codegen/fused/*.kir` against the interpreter, their PTX,
+//! MLIR and PTX snapshots), `models` (every kernel of the tiny model and of DeepSeek-V3), `oracle`
+//! (valid random inputs and per-dtype tolerances for interpreter checks), `harness` (building and
+//! running CPU kernels).
 
 mod families;
+mod fused;
 mod harness;
 mod models;
 mod oracle;
@@ -536,14 +539,15 @@ fn unsupported_and_malformed_kernels_are_typed_errors() {
     let strided =
         kernel(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 2], keep_dims: false }, &["f32[B, T, 4]"]);
     let int_div = kernel(Op::Binary(BinaryOp::Div), &["i32[4]", "i32[4]"]);
+    // A fused chain holding an op the chain cannot compute reports it like the op's own kernel.
     let fused = form_kernels(
         &kiln_ir::parse(
             r#"graph @g {
-  %0 = input {name = "x"} : f32[T, 8]
-  %1 = fused %0 {name = "square_exp"} : f32[T, 8] {
-    %0 = input {name = "x"} : f32[T, 8]
-    %1 = mul %0, %0 : f32[T, 8]
-    %2 = exp %1 : f32[T, 8]
+  %0 = input {name = "x"} : i32[T, 8]
+  %1 = fused %0 {name = "square_div"} : i32[T, 8] {
+    %0 = input {name = "x"} : i32[T, 8]
+    %1 = mul %0, %0 : i32[T, 8]
+    %2 = div %1, %0 : i32[T, 8]
     output "y" = %2
   }
   output "y" = %1

@@ -1,62 +1,22 @@
 //! `kiln compile` and `kiln bench gemm`, run as a user runs them, and the artifact they write: its
-//! files and hashes, its manifest, and a small executor that runs the manifest's program on
-//! `kernels.so` alone and matches the reference interpreter.
+//! files and hashes, its manifest, and its program run by the runtime's CPU backend on `kernels.so`
+//! alone, matching the reference interpreter.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use kiln_ir::artifact::{
-    self, BufferId, KernelIndex, Manifest, ManifestError, Step, Storage, ARENA_ALIGN, FORMAT_VERSION,
+    self, KernelIndex, Manifest, ManifestError, Step, Storage, ARENA_ALIGN, FORMAT_VERSION,
 };
 use kiln_ir::interp::Tensor;
 use kiln_ir::{DType, SymBindings};
+use kiln_runtime::cpu::{CpuModel, CpuOptions};
+use kiln_runtime::weights::{HostData, HostTensor};
 use sha2::{Digest, Sha256};
 
-use crate::util::{kiln, kiln_env, root};
+use crate::util::{kiln, kiln_env, root, Scratch};
 
 const SMALL: &str = "tests/compile/small.kir";
-
-/// A fresh, empty directory for one test, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-it-compile-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn str(&self, name: &str) -> String {
-        self.path(name).to_string_lossy().into_owned()
-    }
-
-    /// Every entry of the directory, hidden ones included.
-    fn entries(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn files_of(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -78,103 +38,32 @@ fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-// A small executor: what a runtime does with an artifact, on the CPU.
-
-type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
-
-/// Bytes aligned like the arena.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Chunk([u8; 64]);
-
-fn aligned(bytes: u64) -> Vec<Chunk> {
-    vec![Chunk([0; 64]); (bytes as usize).div_ceil(64).max(1)]
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bytes_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
-/// Runs the manifest's program with `kernels.so` on inputs and parameters given as little-endian
-/// bytes; returns the outputs' bytes. This is all a CPU runtime has to do.
+/// Runs the artifact in `dir` with the runtime's CPU backend on `inputs` and parameters given by
+/// name as f32 values; returns every output as f32. Two threads, and every launch split between
+/// them, so that the kernels' work ranges are exercised.
 fn execute(
     dir: &Path,
-    m: &Manifest,
-    sizes: SymBindings,
-    inputs: &HashMap<String, Vec<u8>>,
-    params: &HashMap<String, Vec<u8>>,
-) -> HashMap<String, Vec<u8>> {
-    m.check_sizes(&sizes).unwrap();
-    let library = dir.join(&m.cpu.as_ref().expect("a CPU target").library);
-    // SAFETY: kiln's kernel library has no initialisers; it stays loaded for the whole run.
-    let lib = unsafe { libloading::Library::new(&library) }.unwrap();
-    let mut arena = aligned(m.arena_bytes);
-    // Parameters by name, constants by buffer.
-    let mut own: HashMap<String, Vec<Chunk>> = HashMap::new();
-    for p in &m.params {
-        let v = &params[&p.name];
-        assert_eq!(v.len() as u64, m.buffer(p.buffer).max_bytes, "{}", p.name);
-        let mut c = aligned(v.len() as u64);
-        chunk_bytes(&mut c)[..v.len()].copy_from_slice(v);
-        own.insert(p.name.clone(), c);
-    }
-    for b in &m.buffers {
-        if let Storage::Constant { value } = b.storage {
-            assert_eq!(b.dtype, DType::F32, "constants of other types are not needed here");
-            let mut c = aligned(b.max_bytes);
-            chunk_bytes(&mut c)[..b.max_bytes as usize].copy_from_slice(&f32_bytes(&[value as f32]));
-            own.insert(b.id.to_string(), c);
-        }
-    }
-    let arena_ptr = arena.as_mut_ptr().cast::<u8>();
-    let ptr = |own: &mut HashMap<String, Vec<Chunk>>, id: BufferId| -> *mut u8 {
-        match &m.buffer(id).storage {
-            Storage::Arena { offset } => arena_ptr.wrapping_add(*offset as usize),
-            // Parameter views (reshapes) share the parameter's memory.
-            Storage::Param { name } => own.get_mut(name).unwrap().as_mut_ptr().cast(),
-            Storage::Constant { .. } => own.get_mut(&id.to_string()).unwrap().as_mut_ptr().cast(),
-        }
-    };
-    for i in &m.inputs {
-        let v = &inputs[&i.name];
-        assert_eq!(v.len() as u64, m.buffer(i.buffer).bytes(&sizes).unwrap(), "{}", i.name);
-        let p = ptr(&mut own, i.buffer);
-        // SAFETY: the input's offset and size at these sizes lie inside the arena (validated).
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), p, v.len()) };
-    }
-    for step in &m.program {
-        let Step::Launch { kernel, buffers, .. } = step else { continue };
-        let k = m.kernel(*kernel);
-        let cpu = k.cpu.as_ref().unwrap();
-        let ptrs: Vec<*mut u8> = buffers.iter().map(|&b| ptr(&mut own, b)).collect();
-        let syms: Vec<i64> = k.sym_args.iter().map(|&s| sizes.get(s) as i64).collect();
-        let work = cpu.work.eval(&sizes).unwrap() as i64;
-        // SAFETY: every packed entry has this signature; the buffers have the kernel's types at
-        // these sizes (validated), and the two ranges split `[0, work)`.
-        unsafe {
-            let f: libloading::Symbol<Packed> = lib.get(cpu.symbol.as_bytes()).unwrap();
-            f(ptrs.as_ptr(), syms.as_ptr(), 0, work / 2);
-            f(ptrs.as_ptr(), syms.as_ptr(), work / 2, work);
-        }
-    }
-    m.outputs
+    inputs: &[HostTensor],
+    params: &HashMap<String, Vec<f32>>,
+) -> HashMap<String, Vec<f32>> {
+    let art = kiln_runtime::artifact::load(dir).unwrap_or_else(|e| panic!("{e}"));
+    let decls = kiln_runtime::weights::manifest_params(art.manifest()).unwrap();
+    let tensors = decls.into_iter().map(|d| {
+        let data = HostData::F32(params[&d.name].clone());
+        Ok(HostTensor { name: d.name, dtype: d.dtype, shape: d.shape, data })
+    });
+    let options = CpuOptions { threads: 2, parallel_min_bytes: 0, ..CpuOptions::default() };
+    let mut model = CpuModel::load(&art, tensors, &options).unwrap_or_else(|e| panic!("{e}"));
+    model.run(inputs).unwrap_or_else(|e| panic!("{e}"));
+    art.manifest()
+        .outputs
         .iter()
         .map(|o| {
-            let n = m.buffer(o.buffer).bytes(&sizes).unwrap() as usize;
-            let p = ptr(&mut own, o.buffer);
-            // SAFETY: as for the inputs.
-            (o.name.clone(), unsafe { std::slice::from_raw_parts(p, n) }.to_vec())
+            let t = model.output(&o.name).unwrap();
+            let HostData::F32(v) = t.data else { panic!("{} is not a float output", o.name) };
+            (o.name.clone(), v)
         })
         .collect()
-}
-
-fn chunk_bytes(c: &mut [Chunk]) -> &mut [u8] {
-    // SAFETY: `Chunk` is 64 bytes with no padding.
-    unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<u8>(), c.len() * 64) }
 }
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -185,11 +74,11 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 
 /// Checks the kernels' outputs against the interpreter's, as f32.
 #[track_caller]
-fn assert_matches(got: &HashMap<String, Vec<u8>>, want: &kiln_ir::interp::Outputs, tol: f32) {
+fn assert_matches(got: &HashMap<String, Vec<f32>>, want: &kiln_ir::interp::Outputs, tol: f32) {
     assert_eq!(got.len(), want.len());
     for (name, w) in want {
         let w = w.as_f32().unwrap();
-        let g = bytes_f32(&got[name]);
+        let g = &got[name];
         assert_eq!(g.len(), w.len(), "{name}");
         for (i, (a, b)) in g.iter().zip(w).enumerate() {
             assert!((a - b).abs() <= tol * b.abs().max(1.0), "{name}[{i}]: kernels {a}, interpreter {b}");
@@ -282,13 +171,13 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
             (p.name.clone(), values(n as usize, 7 + i as u32))
         })
         .collect();
-    let got = execute(
-        &dir,
-        &m,
-        sizes,
-        &[("x".to_string(), f32_bytes(&x))].into(),
-        &params.iter().map(|(n, v)| (n.clone(), f32_bytes(v))).collect(),
-    );
+    let x_host = HostTensor {
+        name: "x".into(),
+        dtype: DType::F32,
+        shape: vec![2, 3, 64],
+        data: HostData::F32(x.clone()),
+    };
+    let got = execute(&dir, &[x_host], &params);
     let tensor = |t: &kiln_ir::TensorType, v: &[f32]| {
         let shape: Vec<u64> = t.shape.iter().map(|d| d.eval(&sizes).unwrap()).collect();
         Tensor::from_f32(DType::F32, shape, v.to_vec()).unwrap()
@@ -548,17 +437,16 @@ fn the_whole_tiny_model_runs_from_its_artifact() {
     let dir = s.path("t");
     let m = read_manifest(&dir);
     let graph = kiln_ir::parse(&std::fs::read_to_string(dir.join("graph.kir")).unwrap()).unwrap();
-    let sizes = SymBindings { b: 2, t: 5, s: 1 };
     let toks: Vec<i32> = vec![1, 17, 42, 255, 3, 128, 77, 9, 200, 5];
     let pos: Vec<i32> = vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4];
     let mtp: Vec<i32> = vec![17, 42, 255, 3, 128, 77, 9, 200, 5, 6];
-    let ib = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let inputs: HashMap<String, Vec<u8>> = [
-        ("tokens".to_string(), ib(&toks)),
-        ("positions".to_string(), ib(&pos)),
-        ("mtp_tokens".to_string(), ib(&mtp)),
-    ]
-    .into();
+    let ib = |name: &str, v: &[i32]| HostTensor {
+        name: name.into(),
+        dtype: DType::I32,
+        shape: vec![2, 5],
+        data: HostData::I64(v.iter().map(|&x| i64::from(x)).collect()),
+    };
+    let inputs = [ib("tokens", &toks), ib("positions", &pos), ib("mtp_tokens", &mtp)];
     let params: HashMap<String, Vec<f32>> = m
         .params
         .iter()
@@ -571,8 +459,7 @@ fn the_whole_tiny_model_runs_from_its_artifact() {
     for p in &m.params {
         assert_eq!(p.dtype, DType::F32, "{}", p.name);
     }
-    let got =
-        execute(&dir, &m, sizes, &inputs, &params.iter().map(|(n, v)| (n.clone(), f32_bytes(v))).collect());
+    let got = execute(&dir, &inputs, &params);
     let ti = |v: &[i32]| {
         Tensor::from_i64(DType::I32, vec![2u64, 5], v.iter().map(|&x| x as i64).collect()).unwrap()
     };

@@ -10,6 +10,7 @@ mod interp;
 mod layering;
 mod passes;
 mod passes_equiv;
+mod runtime;
 mod spec;
 mod text;
 mod toolchain;

@@ -13,12 +13,14 @@
 //! its printed body (`k_rms_norm_4f1c0e2a9b3d`), which is stable across runs, machines and graph
 //! positions; its [`KernelId`] (`k0`, `k1`, ...) numbers kernels in order of first use in the graph.
 //!
-//! Kernel ABI facts fixed here and relied on by lowering: buffers are passed in the order arguments
-//! then results; every symbolic size (`B`, `T`, `S`) that occurs in a kernel's types is passed as an
-//! `i64`, in the order of [`Kernel::syms`].
+//! Kernel ABI facts fixed here and relied on by lowering: buffers are passed in the order arguments,
+//! results, then scratch buffers ([`Kernel::scratch`]: the intermediates of a `fused` body that does
+//! not lower as one pass, see [`super::fusion`]; the runtime provides them for the launch, their
+//! contents undefined before and after); every symbolic size (`B`, `T`, `S`) that occurs in a
+//! kernel's types is passed as an `i64`, in the order of [`Kernel::syms`].
 //!
-//! What formation does not do: fusion (a pass will produce `fused` nodes), memory planning, or any
-//! check that a kernel can be lowered (lowering reports `LowerError::Unsupported`).
+//! What formation does not do: fusion decisions (a pass produces `fused` nodes), memory planning, or
+//! any check that a kernel can be lowered (lowering reports `LowerError::Unsupported`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -55,7 +57,11 @@ pub struct Kernel {
     pub body: Graph,
     pub args: Vec<TensorType>,
     pub results: Vec<TensorType>,
-    /// The symbolic sizes the kernel's types mention, in `B, T, S` order: its `i64` size arguments.
+    /// Scratch buffers the kernel needs for one launch, after its results (empty unless a `fused`
+    /// body is computed in several phases; [`super::fusion::Plan::scratch`]).
+    pub scratch: Vec<TensorType>,
+    /// The symbolic sizes the kernel's types (scratch included) mention, in `B, T, S` order: its
+    /// `i64` size arguments.
     pub syms: Vec<Sym>,
 }
 
@@ -114,22 +120,22 @@ impl Kernel {
         let refs: Vec<&TensorType> = args.iter().collect();
         let results = infer(op, &refs).map_err(|cause| FormError::Infer { op: op.name(), cause })?;
         let body = op_body(op, args, &results)?;
-        Ok(Kernel::from_body(KernelId(0), body))
+        Kernel::from_body(KernelId(0), body)
     }
 
-    /// The kernel whose body is `body` (inputs are arguments, outputs results).
-    fn from_body(id: KernelId, mut body: Graph) -> Kernel {
+    /// The kernel whose body is `body` (inputs are arguments, outputs results); a `fused` body's
+    /// scratch buffers come from its fusion plan.
+    fn from_body(id: KernelId, mut body: Graph) -> Result<Kernel, FormError> {
         body.set_name("kernel");
         let text = kiln_ir::print(&body);
         let name = format!("k_{}_{:012x}", body_label(&body), fnv1a(text.as_bytes()) >> 16);
         body.set_name(name.clone());
         let args: Vec<TensorType> = body.inputs().iter().map(|&(_, v)| body.ty(v).clone()).collect();
         let results: Vec<TensorType> = body.outputs().iter().map(|&(_, v)| body.ty(v).clone()).collect();
-        let syms = Sym::ALL
-            .into_iter()
-            .filter(|&s| args.iter().chain(&results).any(|t| t.shape.iter().any(|&d| has_sym(d, s))))
-            .collect();
-        Kernel { id, name, body, args, results, syms }
+        let scratch =
+            super::fusion::scratch(&body).map_err(|cause| FormError::Body { op: "fused", cause })?;
+        let syms = syms_of(args.iter().chain(&results).chain(&scratch));
+        Ok(Kernel { id, name, body, args, results, scratch, syms })
     }
 
     /// The op of a one-op kernel (every kernel that is not `fused`).
@@ -139,6 +145,11 @@ impl Kernel {
         let first = computing.next()?;
         computing.next().is_none().then_some(first)
     }
+}
+
+/// The symbolic sizes some of `types` mention, in `B, T, S` order.
+pub fn syms_of<'t>(types: impl Iterator<Item = &'t TensorType> + Clone) -> Vec<Sym> {
+    Sym::ALL.into_iter().filter(|&s| types.clone().any(|t| t.shape.iter().any(|&d| has_sym(d, s)))).collect()
 }
 
 /// Whether `d` has `s` as a factor.
@@ -214,7 +225,7 @@ pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
                 op_body(op, &args, &results)?
             }
         };
-        let candidate = Kernel::from_body(KernelId(kernels.len() as u32), body);
+        let candidate = Kernel::from_body(KernelId(kernels.len() as u32), body)?;
         let id = match by_name.get(&candidate.name) {
             Some(&id) => {
                 let existing = &kernels[id.index()];

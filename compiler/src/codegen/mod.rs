@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! Graph ──kernel::form_kernels──▶ KernelPlan (deduplicated kernels + the steps that run them)
+//!   (fusion::plan: how each `fused` body is computed, in one pass or in phases with scratch)
 //!   ──lower::lower_module(kernels, Target)──▶ LoweredModule (MLIR text: func.func | gpu.func)
 //!   ──cpu::object / cpu::link_shared_library──▶ kernels.so   (cpu::llvm_ir to inspect)
 //!   ──gpu::ptx──▶ PTX text, checked with toolchain::ptxas_check   (gpu::llvm_ir to inspect)
@@ -15,12 +16,14 @@
 
 pub mod cpu;
 pub mod emit;
+pub mod fusion;
 pub mod gpu;
 pub mod kernel;
 pub mod lower;
 pub mod mlir;
 
 pub use emit::{verify_mlir, EmitError};
+pub use fusion::{plan as fusion_plan, Loc, Pattern, Phase, Plan};
 pub use kernel::{form_kernels, FormError, Kernel, KernelId, KernelPlan, Step};
 pub use lower::{
     lower_kernel, lower_module, GridDim, LaunchShape, LowerError, LoweredKernel, LoweredModule, Target,

@@ -17,6 +17,9 @@
 //! died before a definition can never conflict with anything defined later, so only the live set is
 //! searched.
 //!
+//! A kernel with scratch buffers (a fused kernel computed in phases, `codegen::fusion`) gets fresh
+//! ones at each launch: buffers of kind `scratch` after the graph's values, live for that one step.
+//!
 //! What it does not do: in-place reuse of an argument by its result, or placement that depends on
 //! sizes at run time.
 
@@ -38,6 +41,8 @@ pub struct MemoryPlan {
     /// The closed interval of steps during which each buffer's storage is in use (the interval of
     /// its root, for a reshape).
     pub live: Vec<(usize, usize)>,
+    /// The scratch buffers of each step (empty for most), indexed by step.
+    pub scratch: Vec<Vec<BufferId>>,
     /// Bytes of the arena at the maximum sizes.
     pub arena_bytes: u64,
     /// The sizes the plan was made for.
@@ -191,6 +196,35 @@ pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<Mem
         });
     }
 
+    // Scratch buffers: their own, for their launch only.
+    let mut scratch = vec![Vec::new(); plan.steps.len()];
+    for (i, step) in plan.steps.iter().enumerate() {
+        let Step::Launch { kernel, results, .. } = step else { continue };
+        let Some(&first) = results.first() else { continue };
+        for (j, ty) in plan.kernel(*kernel).scratch.iter().enumerate() {
+            let too_large = || PlanError::TooLarge { value: first, ty: ty.clone(), max };
+            let max_bytes = ty
+                .shape
+                .iter()
+                .try_fold(ty.dtype.size_bytes(), |acc, d| acc.checked_mul(d.eval(&max)?))
+                .ok_or_else(too_large)?;
+            let id = BufferId(buffers.len() as u32);
+            buffers.push(Buffer {
+                id,
+                value: format!("{first}#s{j}"),
+                dtype: ty.dtype,
+                shape: ty.shape.clone(),
+                kind: BufferKind::Scratch,
+                storage: Storage::Arena { offset: 0 },
+                max_bytes,
+            });
+            start.push(i);
+            end.push(i);
+            root.push(id.index());
+            scratch[i].push(id);
+        }
+    }
+
     // First fit over the arena roots in order of definition (ties: buffer order).
     let mut order: Vec<usize> = (0..buffers.len())
         .filter(|&i| root[i] == i && matches!(buffers[i].storage, Storage::Arena { .. }))
@@ -222,7 +256,7 @@ pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<Mem
         }
     }
     let live = (0..buffers.len()).map(|i| (start[root[i]], end[root[i]])).collect();
-    Ok(MemoryPlan { buffers, of_value, live, arena_bytes, max })
+    Ok(MemoryPlan { buffers, of_value, live, scratch, arena_bytes, max })
 }
 
 #[cfg(test)]

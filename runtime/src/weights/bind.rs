@@ -1,4 +1,5 @@
-//! Binding a checkpoint to a graph: one [`HostTensor`] per `param` op, in graph order.
+//! Binding a checkpoint to the parameters a graph (or an artifact's manifest) declares: one
+//! [`HostTensor`] per parameter name, in declaration order.
 //!
 //! Everything that can be checked from the headers is checked before any data is read, so a
 //! mismatched checkpoint fails in milliseconds rather than after reading hundreds of gigabytes:
@@ -9,9 +10,16 @@
 //!    rounding to nearest even (bf16 stored, f32 parameter: exact; f32 stored, bf16 parameter:
 //!    rounded), integers to integers (range-checked), bools only to bools;
 //! 3. every FP8 weight has a well-formed block scale (see [`super::checkpoint`]);
-//! 4. no tensor is left unexplained ([`WeightError::Extra`]). These are explained without a
+//! 4. FP8 parameters (what `insert-fp8-casts` makes: `X` of dtype f8e4m3 next to an f32 parameter
+//!    `X_scale_inv`, DeepSeek-V3's checkpoint format) bind to FP8 tensors as they are stored: the
+//!    codes are not dequantised (each becomes its exact E4M3 value) and `X_scale_inv` binds like any
+//!    f32 parameter. The graph must declare the scale too ([`WeightError::UnscaledFp8`]), or the codes
+//!    would be used unscaled; a non-FP8 tensor for an FP8 parameter is
+//!    [`WeightError::UnsupportedParam`] (kiln does not quantise weights while loading);
+//! 5. no tensor is left unexplained ([`WeightError::Extra`]). These are explained without a
 //!    parameter:
-//!    - `X_scale_inv` of an FP8 tensor `X`: consumed by dequantising `X`;
+//!    - `X_scale_inv` of an FP8 tensor `X` that the graph declares in a wider float: consumed by
+//!      dequantising `X`;
 //!    - names ending in `rotary_emb.inv_freq`: a buffer older Hugging Face code saved, recomputed
 //!      from the config (kiln's `rope` op computes its frequencies itself);
 //!    - DeepSeek's MTP layer `N` stores copies of the shared modules as
@@ -22,49 +30,71 @@
 //!      modules have; this needs no `num_hidden_layers`, which a graph does not record. The copies
 //!      must have the shared tensor's shape; their values are not compared, because for
 //!      DeepSeek-V3 that would read two 0.9B-parameter tensors a second time only to check them.
+//!
+//! Checks come first and tensors are read after, one at a time: [`bind_params`] returns an iterator
+//! so that a runtime can convert each tensor to its own storage and drop it before reading the next.
 
 use std::collections::{BTreeSet, HashMap};
 
-use kiln_ir::{DType, Graph};
+use kiln_ir::artifact::Manifest;
+use kiln_ir::{DType, Dim, Graph};
 
-use super::checkpoint::Checkpoint;
-use super::numeric::round_to;
+use super::checkpoint::{scale_name, Checkpoint};
+use super::numeric::{e4m3_to_f32, round_to};
 use super::safetensors::StDType;
 use super::{HostData, HostTensor, WeightError, LISTED};
 
-/// A parameter of the graph: its name, dtype and constant shape.
-pub(crate) struct Param {
+/// A parameter a graph or a manifest declares: its name, dtype and constant shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamDecl {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
+    /// Elements (the product of `shape`).
     pub numel: usize,
 }
 
 /// The graph's parameters, each name once in graph order; the same name twice must mean the same
 /// type (the builder shares a node, a hand-written graph may repeat it).
-pub(crate) fn params(graph: &Graph) -> Result<Vec<Param>, WeightError> {
-    let mut seen: HashMap<&str, &kiln_ir::TensorType> = HashMap::new();
+pub fn graph_params(graph: &Graph) -> Result<Vec<ParamDecl>, WeightError> {
+    declared(graph.params().into_iter().map(|(name, ty)| (name, ty.dtype, ty.shape.as_slice())))
+}
+
+/// The parameters of an artifact's manifest, with the same rules as [`graph_params`] (a manifest
+/// lists them in graph order).
+pub fn manifest_params(manifest: &Manifest) -> Result<Vec<ParamDecl>, WeightError> {
+    declared(manifest.params.iter().map(|p| (p.name.as_str(), p.dtype, p.shape.as_slice())))
+}
+
+fn declared<'a>(
+    list: impl Iterator<Item = (&'a str, DType, &'a [Dim])>,
+) -> Result<Vec<ParamDecl>, WeightError> {
+    let text =
+        |dtype: DType, shape: &[Dim]| kiln_ir::TensorType::new(dtype, shape.iter().copied()).to_string();
+    let mut seen: HashMap<&str, (DType, &[Dim])> = HashMap::new();
     let mut out = Vec::new();
-    for (name, ty) in graph.params() {
-        if let Some(first) = seen.get(name) {
-            if *first != ty {
+    for (name, dtype, dims) in list {
+        if let Some(&(d0, s0)) = seen.get(name) {
+            if (d0, s0) != (dtype, dims) {
                 return Err(WeightError::ConflictingParam {
                     name: name.to_string(),
-                    first: first.to_string(),
-                    second: ty.to_string(),
+                    first: text(d0, s0),
+                    second: text(dtype, dims),
                 });
             }
             continue;
         }
-        seen.insert(name, ty);
-        let shape = ty.shape.iter().map(|d| d.as_known()).collect::<Option<Vec<u64>>>();
+        seen.insert(name, (dtype, dims));
+        let shape = dims.iter().map(|d| d.as_known()).collect::<Option<Vec<u64>>>();
         let Some(shape) = shape else {
-            return Err(WeightError::SymbolicParam { name: name.to_string(), ty: ty.to_string() });
+            return Err(WeightError::SymbolicParam { name: name.to_string(), ty: text(dtype, dims) });
         };
-        let Some(numel) = ty.known_numel().and_then(|n| usize::try_from(n).ok()) else {
-            return Err(WeightError::ParamTooLarge { name: name.to_string(), ty: ty.to_string() });
+        let numel =
+            shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).and_then(|n| usize::try_from(n).ok());
+        let Some(numel) = numel else {
+            return Err(WeightError::ParamTooLarge { name: name.to_string(), ty: text(dtype, dims) });
         };
-        out.push(Param { name: name.to_string(), dtype: ty.dtype, shape, numel });
+        out.push(ParamDecl { name: name.to_string(), dtype, shape, numel });
     }
     Ok(out)
 }
@@ -72,7 +102,15 @@ pub(crate) fn params(graph: &Graph) -> Result<Vec<Param>, WeightError> {
 /// Reads the checkpoint tensor of every parameter of `graph`, converted to the parameter's dtype.
 /// See the module documentation for the checks and for what may be left over.
 pub fn bind(graph: &Graph, ckpt: &Checkpoint) -> Result<Vec<HostTensor>, WeightError> {
-    let params = params(graph)?;
+    bind_params(graph_params(graph)?, ckpt)?.collect()
+}
+
+/// Checks the checkpoint against `params` (everything the headers tell, before any data is read),
+/// then returns the tensors one by one, each read when the iterator reaches it.
+pub fn bind_params(
+    params: Vec<ParamDecl>,
+    ckpt: &Checkpoint,
+) -> Result<impl Iterator<Item = Result<HostTensor, WeightError>> + '_, WeightError> {
     let missing: Vec<&str> =
         params.iter().filter(|p| ckpt.get(&p.name).is_none()).map(|p| p.name.as_str()).collect();
     if !missing.is_empty() {
@@ -81,6 +119,7 @@ pub fn bind(graph: &Graph, ckpt: &Checkpoint) -> Result<Vec<HostTensor>, WeightE
             names: missing.iter().take(LISTED).map(|s| s.to_string()).collect(),
         });
     }
+    let declared: HashMap<&str, DType> = params.iter().map(|p| (p.name.as_str(), p.dtype)).collect();
     for p in &params {
         let info = ckpt.get(&p.name).expect("checked above");
         if info.shape != p.shape {
@@ -91,7 +130,17 @@ pub fn bind(graph: &Graph, ckpt: &Checkpoint) -> Result<Vec<HostTensor>, WeightE
             });
         }
         if p.dtype == DType::F8E4M3 {
-            return Err(WeightError::UnsupportedParam { name: p.name.clone(), dtype: p.dtype });
+            if info.dtype != StDType::F8E4M3 {
+                return Err(WeightError::UnsupportedParam {
+                    name: p.name.clone(),
+                    dtype: p.dtype,
+                    stored: info.dtype,
+                });
+            }
+            let scale = scale_name(&p.name);
+            if !declared.get(scale.as_str()).is_some_and(|d| d.is_float()) {
+                return Err(WeightError::UnscaledFp8 { name: p.name.clone(), scale });
+            }
         }
         let same_class = if p.dtype.is_float() {
             info.dtype.is_float()
@@ -109,17 +158,19 @@ pub fn bind(graph: &Graph, ckpt: &Checkpoint) -> Result<Vec<HostTensor>, WeightE
     }
     check_leftovers(&params, ckpt)?;
 
-    params
-        .into_iter()
-        .map(|p| {
-            let t = ckpt.read(&p.name)?;
-            convert(t, p.dtype)
-        })
-        .collect()
+    Ok(params.into_iter().map(move |p| {
+        if p.dtype == DType::F8E4M3 {
+            // The codes as they are stored: their scales are parameters of their own.
+            let codes = ckpt.raw(&p.name)?;
+            let data = HostData::F32(codes.into_iter().map(e4m3_to_f32).collect());
+            return Ok(HostTensor { name: p.name, dtype: p.dtype, shape: p.shape, data });
+        }
+        convert(ckpt.read(&p.name)?, p.dtype)
+    }))
 }
 
-fn check_leftovers(params: &[Param], ckpt: &Checkpoint) -> Result<(), WeightError> {
-    let by_name: HashMap<&str, &Param> = params.iter().map(|p| (p.name.as_str(), p)).collect();
+fn check_leftovers(params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), WeightError> {
+    let by_name: HashMap<&str, &ParamDecl> = params.iter().map(|p| (p.name.as_str(), p)).collect();
     let mtp_layers: BTreeSet<&str> = params
         .iter()
         .filter_map(|p| p.name.strip_prefix("model.layers.")?.strip_suffix(".eh_proj.weight"))
@@ -163,7 +214,7 @@ fn check_leftovers(params: &[Param], ckpt: &Checkpoint) -> Result<(), WeightErro
 fn mtp_copy_of(
     name: &str,
     mtp_layers: &BTreeSet<&str>,
-    params: &HashMap<&str, &Param>,
+    params: &HashMap<&str, &ParamDecl>,
 ) -> Option<&'static str> {
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, local) = rest.split_once('.')?;

@@ -4,8 +4,10 @@
 //! - [`open_checkpoint`] reads and validates the headers of a single-file or sharded checkpoint
 //!   (see [`safetensors`] for what is checked) and lists its tensors; [`Checkpoint::read`] decodes one
 //!   tensor to f32 or i64, dequantising DeepSeek-V3's block-scaled FP8 weights on the way.
-//! - [`bind`] matches a checkpoint against the `param` ops of a graph: every parameter present with
-//!   its shape, nothing unexplained left over, values rounded to the parameter's dtype.
+//! - [`bind`] matches a checkpoint against the `param` ops of a graph ([`bind_params`] against any
+//!   declared parameters, such as an artifact's, [`manifest_params`]): every parameter present with
+//!   its shape, nothing unexplained left over, values rounded to the parameter's dtype, FP8
+//!   parameters bound to their stored codes.
 //! - [`random_params`] makes deterministic random weights for a graph, and [`write_safetensors`]
 //!   stores any tensors as a checkpoint that [`open_checkpoint`] reads back.
 //!
@@ -26,10 +28,10 @@ use std::path::PathBuf;
 
 use kiln_ir::DType;
 
-pub use bind::bind;
+pub use bind::{bind, bind_params, graph_params, manifest_params, ParamDecl};
 pub use checkpoint::{open_checkpoint, scale_name, Checkpoint, TensorInfo};
 pub use numeric::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, round_e4m3, round_to};
-pub use random::random_params;
+pub use random::{random_params, random_tensors};
 pub use safetensors::{write_safetensors, StDType, StoreFloats};
 
 /// A tensor held in host memory, row-major.
@@ -149,10 +151,16 @@ pub enum WeightError {
     #[error("parameter `{name}` appears as both {first} and {second}")]
     ConflictingParam { name: String, first: String, second: String },
     #[error(
-        "parameter `{name}` is {dtype}: binding produces unscaled values, and FP8 parameters come with \
-         their scales from quantisation, not from a checkpoint read"
+        "parameter `{name}` is {dtype} but the checkpoint stores {stored}: kiln does not quantise weights \
+         while loading; use an FP8 checkpoint (codes with `_scale_inv` block scales) or a model without \
+         [quantization]"
     )]
-    UnsupportedParam { name: String, dtype: DType },
+    UnsupportedParam { name: String, dtype: DType, stored: StDType },
+    #[error(
+        "FP8 parameter `{name}` has no float parameter `{scale}` in the graph: its codes would be used \
+         unscaled"
+    )]
+    UnscaledFp8 { name: String, scale: String },
     #[error("tensor `{name}`: value {value} does not fit in {dtype}")]
     IntOutOfRange { name: String, value: i64, dtype: DType },
 

@@ -23,7 +23,7 @@
 
 use kiln_ir::Graph;
 
-use super::bind::params;
+use super::bind::{graph_params, ParamDecl};
 use super::numeric::round_to;
 use super::{HostData, HostTensor, WeightError};
 
@@ -119,24 +119,26 @@ impl Normal {
 /// see the module documentation for the distribution of each kind of parameter. Fails only on a
 /// parameter without constant dimensions or with more elements than fit in memory addresses.
 pub fn random_params(graph: &Graph, seed: u64, std: f64) -> Result<Vec<HostTensor>, WeightError> {
-    let params = params(graph)?;
-    Ok(params
-        .into_iter()
-        .map(|p| {
-            let numel = p.numel;
-            let data = if !p.dtype.is_float() {
-                HostData::I64(vec![0; numel])
-            } else if p.name.ends_with("norm.weight") {
-                HostData::F32(vec![1.0; numel])
-            } else {
-                let mut normal = Normal { rng: stream(seed, &p.name), spare: None };
-                // `as f32` rounds to nearest even, then the dtype's own rounding: two roundings, but
-                // the values are random anyway and this is what `torch.randn(...).to(dtype)` does.
-                HostData::F32((0..numel).map(|_| round_to(p.dtype, (normal.sample() * std) as f32)).collect())
-            };
-            HostTensor { name: p.name, dtype: p.dtype, shape: p.shape, data }
-        })
-        .collect())
+    Ok(random_tensors(graph_params(graph)?, seed, std).collect())
+}
+
+/// [`random_params`] for declared parameters (an artifact's: [`super::manifest_params`]), made one
+/// at a time as the iterator is advanced. A parameter gets the same values whichever list it is in.
+pub fn random_tensors(params: Vec<ParamDecl>, seed: u64, std: f64) -> impl Iterator<Item = HostTensor> {
+    params.into_iter().map(move |p| {
+        let numel = p.numel;
+        let data = if !p.dtype.is_float() {
+            HostData::I64(vec![0; numel])
+        } else if p.name.ends_with("norm.weight") {
+            HostData::F32(vec![1.0; numel])
+        } else {
+            let mut normal = Normal { rng: stream(seed, &p.name), spare: None };
+            // `as f32` rounds to nearest even, then the dtype's own rounding: two roundings, but
+            // the values are random anyway and this is what `torch.randn(...).to(dtype)` does.
+            HostData::F32((0..numel).map(|_| round_to(p.dtype, (normal.sample() * std) as f32)).collect())
+        };
+        HostTensor { name: p.name, dtype: p.dtype, shape: p.shape, data }
+    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use kiln_ir::DType;
 use serde::Deserialize;
 
+use kiln_ir::interp::numerics::f8e4m3_from_f32;
+
 use super::numeric::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use super::{HostData, HostTensor, WeightError};
 
@@ -342,8 +344,10 @@ pub(crate) fn decode(tensor: &str, dtype: StDType, bytes: &[u8]) -> Result<(DTyp
 /// their own dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreFloats {
-    /// Each tensor in its declared dtype (f32, bf16, f16). FP8 tensors are refused: a HostTensor
-    /// carries no block scales, and an unscaled FP8 weight is not something kiln can read back.
+    /// Each tensor in its declared dtype (f32, bf16, f16, FP8). An FP8 tensor `X` is stored as
+    /// `F8_E4M3` codes only when its block scale `X_scale_inv` is among the tensors written (as an
+    /// FP8 graph declares it), DeepSeek-V3's format; alone it is refused, because an unscaled FP8
+    /// weight is not something kiln can read back.
     AsDeclared,
     /// Every float tensor as F32 (exact).
     F32,
@@ -363,6 +367,7 @@ pub fn write_safetensors(
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
     let mut data = Vec::new();
+    let names: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     for t in tensors {
         let bad = |reason: String| WeightError::BadTensor { name: t.name.clone(), reason };
         if t.name.is_empty() || t.name == "__metadata__" {
@@ -376,7 +381,8 @@ pub fn write_safetensors(
             return Err(bad(format!("shape {:?} does not match its {} values", t.shape, t.data.len())));
         }
         let begin = data.len();
-        let dtype = encode(t, floats, &mut data).map_err(bad)?;
+        let scaled = names.contains(super::scale_name(&t.name).as_str());
+        let dtype = encode(t, floats, scaled, &mut data).map_err(bad)?;
         header.insert(
             t.name.clone(),
             serde_json::json!({ "dtype": dtype.name(), "shape": t.shape, "data_offsets": [begin, data.len()] }),
@@ -407,7 +413,8 @@ pub fn write_safetensors(
 }
 
 /// Appends the bytes of `t` to `out`; returns the stored dtype.
-fn encode(t: &HostTensor, floats: StoreFloats, out: &mut Vec<u8>) -> Result<StDType, String> {
+/// `scaled`: the tensor's FP8 block scale is written too.
+fn encode(t: &HostTensor, floats: StoreFloats, scaled: bool, out: &mut Vec<u8>) -> Result<StDType, String> {
     match &t.data {
         HostData::F32(v) => {
             if !t.dtype.is_float() {
@@ -416,6 +423,7 @@ fn encode(t: &HostTensor, floats: StoreFloats, out: &mut Vec<u8>) -> Result<StDT
             let to = match (floats, t.dtype) {
                 (StoreFloats::F32, _) => StDType::F32,
                 (StoreFloats::BF16, _) => StDType::BF16,
+                (StoreFloats::AsDeclared, DType::F8E4M3) if scaled => StDType::F8E4M3,
                 (StoreFloats::AsDeclared, DType::F8E4M3) => {
                     return Err("FP8 tensors cannot be written without their block scales; \
                                 store floats as F32 or BF16"
@@ -427,6 +435,8 @@ fn encode(t: &HostTensor, floats: StoreFloats, out: &mut Vec<u8>) -> Result<StDT
                 StDType::F32 => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
                 StDType::BF16 => v.iter().for_each(|&x| out.extend(f32_to_bf16(x).to_le_bytes())),
                 StDType::F16 => v.iter().for_each(|&x| out.extend(f32_to_f16(x).to_le_bytes())),
+                // Values of an FP8 tensor are E4M3 values already; encoding them is exact.
+                StDType::F8E4M3 => out.extend(v.iter().map(|&x| f8e4m3_from_f32(x))),
                 other => return Err(format!("cannot store {} as {other}", t.dtype)),
             }
             Ok(to)

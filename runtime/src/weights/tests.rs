@@ -238,6 +238,50 @@ fn fp8_weights_dequantise_by_block_including_partial_edges() {
     assert!(matches!(ck.with_weight_block([0, 128]), Err(WeightError::BadBlock { .. })));
 }
 
+/// An FP8 graph (what `insert-fp8-casts` makes) binds DeepSeek's format as stored: the codes as
+/// their E4M3 values, the scale as its own parameter; nothing is dequantised.
+#[test]
+fn fp8_parameters_bind_the_stored_codes_and_their_scales() {
+    let (codes, scales) = fp8_example();
+    let dir = TempDir::new("fp8raw");
+    let header = r#"{"w.weight":{"dtype":"F8_E4M3","shape":[130,200],"data_offsets":[0,26000]},
+        "w.weight_scale_inv":{"dtype":"F32","shape":[2,2],"data_offsets":[26000,26016]}}"#;
+    let mut data = codes.clone();
+    scales.iter().for_each(|s| data.extend(s.to_le_bytes()));
+    write(dir.path(), "model.safetensors", &file(header, &data));
+    let ck = open_checkpoint(dir.path()).unwrap();
+    let g = graph(&[("w.weight", DType::F8E4M3, &[130, 200]), ("w.weight_scale_inv", DType::F32, &[2, 2])]);
+    let b = bind(&g, &ck).unwrap();
+    assert_eq!((b[0].dtype, b[1].dtype), (DType::F8E4M3, DType::F32));
+    let HostData::F32(w) = &b[0].data else { panic!("float data") };
+    let want: Vec<f32> = codes.iter().map(|&c| e4m3_to_f32(c)).collect();
+    assert_eq!(w, &want);
+    assert_eq!((w[128], w[129 * 200 + 199], w[127 * 200 + 127]), (2f32.powi(-9), -3.0, 448.0));
+    assert_eq!(b[1].data, HostData::F32(scales.clone()));
+
+    // Written back as declared, the pair is DeepSeek's format again, byte for byte in the data.
+    let again = dir.path().join("again.safetensors");
+    write_safetensors(&again, &b, StoreFloats::AsDeclared).unwrap();
+    let ck2 = open_checkpoint(&again).unwrap();
+    assert_eq!(ck2.get("w.weight").unwrap().dtype, StDType::F8E4M3);
+    assert_eq!(ck2.raw("w.weight").unwrap(), codes);
+    assert_eq!(bind(&g, &ck2).unwrap(), b);
+
+    // Without its scale parameter the codes would be used unscaled.
+    let lone = graph(&[("w.weight", DType::F8E4M3, &[130, 200])]);
+    let e = bind(&lone, &ck).unwrap_err();
+    assert!(matches!(&e, WeightError::UnscaledFp8 { scale, .. } if scale == "w.weight_scale_inv"), "{e}");
+    // A high-precision checkpoint for an FP8 parameter is not quantised on the fly.
+    let (_d, hp) = checkpoint_of(
+        "fp8hp",
+        &[f32s("w.weight", &[1], vec![1.0]), f32s("w.weight_scale_inv", &[1], vec![1.0])],
+    );
+    let g = graph(&[("w.weight", DType::F8E4M3, &[1]), ("w.weight_scale_inv", DType::F32, &[1])]);
+    let e = bind(&g, &hp).unwrap_err();
+    assert!(matches!(e, WeightError::UnsupportedParam { stored: StDType::F32, .. }), "{e}");
+    assert!(e.to_string().contains("does not quantise weights while loading"), "{e}");
+}
+
 #[test]
 fn fp8_needs_a_well_formed_scale() {
     let dir = TempDir::new("fp8bad");

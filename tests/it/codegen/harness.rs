@@ -155,8 +155,8 @@ impl CpuLib {
         CpuLib { module, lib, path }
     }
 
-    /// Runs `kernel` on `bufs` (arguments then results), computing its work in three pieces to
-    /// exercise the `[lo, hi)` ranges.
+    /// Runs `kernel` on `bufs` (arguments, results, then scratch), computing its work in three pieces
+    /// to exercise the `[lo, hi)` ranges.
     pub fn run(&self, kernel: &Kernel, bufs: &mut [Buf], bind: &SymBindings) {
         let lowered = self.module.kernels.iter().find(|k| k.name == kernel.name).expect("kernel in library");
         let LaunchShape::Cpu { work } = lowered.launch else { panic!("not a CPU kernel") };
@@ -168,8 +168,8 @@ impl CpuLib {
     }
 
     pub fn run_range(&self, kernel: &Kernel, bufs: &mut [Buf], bind: &SymBindings, lo: i64, hi: i64) {
-        assert_eq!(bufs.len(), kernel.args.len() + kernel.results.len());
-        for (b, t) in bufs.iter().zip(kernel.args.iter().chain(&kernel.results)) {
+        assert_eq!(bufs.len(), kernel.args.len() + kernel.results.len() + kernel.scratch.len());
+        for (b, t) in bufs.iter().zip(kernel.args.iter().chain(&kernel.results).chain(&kernel.scratch)) {
             assert_eq!(b.len(), numel(t, bind), "buffer for {t}");
         }
         let ptrs: Vec<*mut u8> = bufs.iter_mut().map(Buf::ptr).collect();

@@ -213,7 +213,7 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
 fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape, LowerError> {
     let (heads, kv_heads, dv_n) = constants(f)?;
     let dk_n = known(f, f.bufs[0].ty.shape[3], "the query head dimension (on the GPU)")?;
-    let block = dv_n.next_power_of_two().clamp(32, 128) as i64;
+    let block = f.gpu_block(dv_n.next_power_of_two().clamp(32, 128) as i64);
     let r = f.gpu_id("block_id", 'x');
     let tid = f.gpu_id("thread_id", 'x');
     let row = row(f, &r, (heads, kv_heads), scale, causal);

@@ -6,8 +6,9 @@
 //!
 //! Broadcast operands are read through the cheapest correct index: the output index itself when the
 //! shapes are equal, `i mod n` when the operand is a suffix of the output shape (a bias or a norm
-//! weight), element 0 for one-element operands, and otherwise the output index decomposed into
-//! coordinates (one division per output dimension).
+//! weight), `(i / inner) mod n` when it is a run of the output's dimensions with ones after it (a
+//! per-token scale), element 0 for one-element operands, and otherwise the output index decomposed
+//! into coordinates (one division per output dimension).
 //!
 //! Semantics: floats are computed in f32 and rounded to the result dtype on store; `max`/`min`
 //! propagate NaN; integer arithmetic wraps; float-to-integer casts truncate and saturate, NaN giving
@@ -81,6 +82,20 @@ pub(super) fn broadcast_index(f: &mut Frame, arg: &[Dim], out: &[Dim], i: &Value
         let n = f.prod(core);
         return f.b.remui(i, &n);
     }
+    // A contiguous run of the output's dimensions with ones around it (a per-token scale
+    // `[B, T, 1]` of `[B, T, D]`): one division, and a remainder unless the run starts the shape.
+    let trail = core.iter().rev().take_while(|&&d| d == one).count();
+    let run = &core[..core.len() - trail];
+    let start = out.len() - trail - run.len();
+    if out[start..out.len() - trail] == *run {
+        let inner = f.prod(&out[out.len() - trail..]);
+        let q = f.b.divui(i, &inner);
+        if start == 0 {
+            return q;
+        }
+        let n = f.prod(run);
+        return f.b.remui(&q, &n);
+    }
     // General case: peel coordinates off the output index from the innermost dimension out.
     let offset = out.len() - arg.len();
     let mut rest = i.clone();
@@ -102,14 +117,12 @@ pub(super) fn broadcast_index(f: &mut Frame, arg: &[Dim], out: &[Dim], i: &Value
     index
 }
 
-pub(super) fn binary(f: &mut Frame, op: BinaryOp) -> Result<LaunchShape, LowerError> {
-    let dtype = f.bufs[0].ty.dtype;
-    let name = match (op, dtype) {
-        (_, DType::Bool) => return Err(f.unsupported(op.name(), "arithmetic on bool is not defined")),
+/// The `arith` op computing `op` on operands of `dtype`, or why there is none.
+pub(super) fn binary_arith(op: BinaryOp, dtype: DType) -> Result<&'static str, &'static str> {
+    Ok(match (op, dtype) {
+        (_, DType::Bool) => return Err("arithmetic on bool is not defined"),
         (BinaryOp::Div, DType::I32 | DType::I64) => {
-            return Err(
-                f.unsupported(op.name(), "integer division (a zero divisor would trap) is not lowered yet")
-            )
+            return Err("integer division (a zero divisor would trap) is not lowered yet")
         }
         (_, DType::I32 | DType::I64) => match op {
             BinaryOp::Add => "addi",
@@ -127,7 +140,12 @@ pub(super) fn binary(f: &mut Frame, op: BinaryOp) -> Result<LaunchShape, LowerEr
             BinaryOp::Max => "maximumf",
             BinaryOp::Min => "minimumf",
         },
-    };
+    })
+}
+
+pub(super) fn binary(f: &mut Frame, op: BinaryOp) -> Result<LaunchShape, LowerError> {
+    let dtype = f.bufs[0].ty.dtype;
+    let name = binary_arith(op, dtype).map_err(|reason| f.unsupported(op.name(), reason))?;
     let ty = compute_type(dtype);
     let n = output_numel(f, op.name())?;
     let out = f.result(0).ty.shape.clone();
@@ -154,7 +172,7 @@ pub(super) fn cast(f: &mut Frame) -> Result<LaunchShape, LowerError> {
 }
 
 /// Converts a value in the compute type of `from` to the compute type of `to`.
-fn convert(f: &mut Frame, x: &Value, from: DType, to: DType) -> Value {
+pub(super) fn convert(f: &mut Frame, x: &Value, from: DType, to: DType) -> Value {
     let (cf, ct) = (compute_type(from), compute_type(to));
     if cf == ct {
         return x.clone();

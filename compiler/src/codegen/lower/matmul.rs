@@ -20,6 +20,11 @@
 //! weight, `N` for `matmul`'s `b`). Loads outside the matrix read 0 and stores outside are skipped,
 //! so no size needs to be a multiple of the tile. Grid: `ceil(N/32) x ceil(M/32) x batch`.
 //!
+//! `linear` takes several weights of one shape at once (`linear_with`, for fused kernels): the CPU
+//! block shares each vector of `x` between `NR / weights` columns of every weight, the GPU tile shares
+//! each shared-memory tile of `x` between one tile of every weight; each output element's sums go to
+//! a [`Store`] hook (a plain store, or a fused epilogue such as SwiGLU or a residual add).
+//!
 //! Sums are reassociated (vector lanes, tiles), so results differ from a sequential loop by rounding.
 
 use kiln_ir::{DType, Dim};
@@ -87,48 +92,66 @@ impl Frame<'_> {
     }
 }
 
-fn check_float(f: &Frame, op: &str) -> Result<(), LowerError> {
-    match f.bufs[0].ty.dtype {
+fn check_float(f: &Frame, buf: usize, op: &str) -> Result<(), LowerError> {
+    match f.bufs[buf].ty.dtype {
         DType::F32 | DType::F16 | DType::BF16 => Ok(()),
         d => Err(f.unsupported(op, format!("{d} operands"))),
     }
 }
 
+/// Writes the results of one output element: its flat index and one f32 sum per weight, not yet
+/// rounded. A store, or a fused epilogue.
+pub(super) type Store<'a> = &'a dyn Fn(&mut Frame, &Value, &[Value]);
+
 pub(super) fn linear(f: &mut Frame) -> Result<LaunchShape, LowerError> {
-    check_float(f, "linear")?;
-    let x = f.bufs[0].ty.shape.clone();
-    let w = f.bufs[1].ty.shape.clone();
-    let rows = x[..x.len() - 1].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let shapes = (f.bufs[0].ty.shape.clone(), f.bufs[1].ty.shape.clone());
+    linear_with(f, 0, &[1], (&shapes.0, &shapes.1), &|f, idx, ys| f.store(2, idx, &ys[0]))
+}
+
+/// `x @ w^T` for each weight buffer of `weights`, with the input in buffer `x`, of shapes `xs` and
+/// `w` (a buffer may hold a reshape of its operand: the same bytes); `store` writes each output
+/// element. Several weights share the loads of `x`: a gate/up pair is one pass over the input.
+pub(super) fn linear_with(
+    f: &mut Frame,
+    x: usize,
+    weights: &[usize],
+    (xs, w): (&[Dim], &[Dim]),
+    store: Store,
+) -> Result<LaunchShape, LowerError> {
+    check_float(f, x, "linear")?;
+    let rows = xs[..xs.len() - 1].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
     let rows = rows.ok_or_else(|| f.unsupported("linear", "the row count does not fit a dimension"))?;
     let m = f.dim(rows);
     let n = f.dim(w[0]);
     let k = f.dim(w[1]);
     Ok(match f.target {
         Target::Cpu => {
-            linear_cpu(f, &n, &k);
+            linear_cpu(f, x, weights, &n, &k, store);
             LaunchShape::Cpu { work: rows }
         }
         Target::Gpu => {
             let zero = f.b.index(0);
-            let bases = [zero.clone(), zero.clone(), zero];
-            tiled_gpu(f, &m, &n, &k, &bases, true);
+            let bs: Vec<(usize, Value)> = weights.iter().map(|&w| (w, zero.clone())).collect();
+            tiled_gpu(f, (&m, &n, &k), (x, &zero), &bs, &zero, true, store);
             gpu_launch(rows, w[0], Dim::known(1))
         }
     })
 }
 
-fn linear_cpu(f: &mut Frame, n: &Value, k: &Value) {
+fn linear_cpu(f: &mut Frame, x: usize, weights: &[usize], n: &Value, k: &Value, store: Store) {
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let vl = f.b.index(VL);
     let kq = f.b.divui(k, &vl);
     let kvec = f.b.muli(&kq, &vl);
-    let (mr, nr, nb, one) = (f.b.index(MR as i64), f.b.index(NR as i64), f.b.index(NB), f.b.index(1));
+    // Each weight takes a share of the block's columns, so the accumulators stay in registers.
+    let nr_full = (NR / weights.len()).max(1);
+    let (mr, nr, nb, one) = (f.b.index(MR as i64), f.b.index(nr_full as i64), f.b.index(NB), f.b.index(1));
     let zero = f.b.index(0);
     let span = f.b.subi(&hi, &lo);
     let blocks = f.b.divui(&span, &mr);
     let full = f.b.muli(&blocks, &mr);
     let m_full = f.b.addi(&lo, &full);
-    let g = Gemv { n: n.clone(), k: k.clone(), kvec };
+    let g = Gemv { n: n.clone(), k: k.clone(), kvec, x, weights: weights.to_vec(), store };
     for_loop(f, &zero, n, &nb, |f, p| {
         let end = f.b.addi(p, &nb);
         let p_end = f.b.minui(&end, n);
@@ -138,43 +161,48 @@ fn linear_cpu(f: &mut Frame, n: &Value, k: &Value) {
         let p_full = f.b.addi(p, &qn);
         for (m_lo, m_hi, m_step, mr) in [(&lo, &m_full, &mr, MR), (&m_full, &hi, &one, 1)] {
             for_loop(f, m_lo, m_hi, m_step, |f, m0| {
-                for_loop(f, p, &p_full, &nr, |f, n0| g.block(f, m0, n0, mr, NR));
+                for_loop(f, p, &p_full, &nr, |f, n0| g.block(f, m0, n0, mr, nr_full));
                 for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, m0, n0, mr, 1));
             });
         }
     });
 }
 
-/// The sizes one CPU `linear` block needs.
-struct Gemv {
+/// The sizes and buffers one CPU `linear` block needs.
+struct Gemv<'s> {
     n: Value,
     k: Value,
     /// `K` rounded down to a multiple of the vector width.
     kvec: Value,
+    x: usize,
+    weights: Vec<usize>,
+    store: Store<'s>,
 }
 
-impl Gemv {
-    /// Computes `y[m0 + i, n0 + j]` for `i < mr`, `j < nr`.
+impl Gemv<'_> {
+    /// Computes `y_w[m0 + i, n0 + j]` for `i < mr`, `j < nr` and every weight `w`. Accumulator
+    /// `(i, w, j)` is number `(i * weights + w) * nr + j`.
     fn block(&self, f: &mut Frame, m0: &Value, n0: &Value, mr: usize, nr: usize) {
+        let nw = self.weights.len();
         let xrow: Vec<Value> = (0..mr).map(|i| row_start(f, m0, i, &self.k)).collect();
         let wrow: Vec<Value> = (0..nr).map(|j| row_start(f, n0, j, &self.k)).collect();
         let zero_v = f.b.constant("dense<0.0>", VEC);
         let (zero, vl, one) = (f.b.index(0), f.b.index(VL), f.b.index(1));
-        let inits: Vec<(Value, &str)> = (0..mr * nr).map(|_| (zero_v.clone(), VEC)).collect();
+        let inits: Vec<(Value, &str)> = (0..mr * nr * nw).map(|_| (zero_v.clone(), VEC)).collect();
         let accs = for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
-            let wv: Vec<Value> = wrow
-                .iter()
-                .map(|r| {
+            let wv: Vec<Value> = (self.weights.iter())
+                .flat_map(|&w| wrow.iter().map(move |r| (w, r)))
+                .map(|(w, r)| {
                     let i = f.b.addi(r, kk);
-                    f.load_vec(1, &i)
+                    f.load_vec(w, &i)
                 })
                 .collect();
-            let mut next = Vec::with_capacity(mr * nr);
+            let mut next = Vec::with_capacity(mr * nr * nw);
             for (i, xr) in xrow.iter().enumerate() {
                 let idx = f.b.addi(xr, kk);
-                let xv = f.load_vec(0, &idx);
+                let xv = f.load_vec(self.x, &idx);
                 for (j, w) in wv.iter().enumerate() {
-                    let a = &acc[i * nr + j];
+                    let a = &acc[i * nr * nw + j];
                     next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
                 }
             }
@@ -193,19 +221,19 @@ impl Gemv {
             })
             .collect();
         let totals = for_carry(f, &self.kvec, &self.k, &one, &sums, |f, kk, acc| {
-            let ws: Vec<Value> = wrow
-                .iter()
-                .map(|r| {
+            let ws: Vec<Value> = (self.weights.iter())
+                .flat_map(|&w| wrow.iter().map(move |r| (w, r)))
+                .map(|(w, r)| {
                     let i = f.b.addi(r, kk);
-                    f.load(1, &i)
+                    f.load(w, &i)
                 })
                 .collect();
-            let mut next = Vec::with_capacity(mr * nr);
+            let mut next = Vec::with_capacity(mr * nr * nw);
             for (i, xr) in xrow.iter().enumerate() {
                 let idx = f.b.addi(xr, kk);
-                let x = f.load(0, &idx);
+                let x = f.load(self.x, &idx);
                 for (j, w) in ws.iter().enumerate() {
-                    next.push(f.fma(&x, w, &acc[i * nr + j]));
+                    next.push(f.fma(&x, w, &acc[i * nr * nw + j]));
                 }
             }
             next
@@ -218,7 +246,8 @@ impl Gemv {
                 let col = f.b.index(j as i64);
                 let c = f.b.addi(n0, &col);
                 let idx = f.b.addi(&base, &c);
-                f.store(2, &idx, &totals[i * nr + j]);
+                let ys: Vec<Value> = (0..nw).map(|w| totals[(i * nw + w) * nr + j].clone()).collect();
+                (self.store)(f, &idx, &ys);
             }
         }
     }
@@ -244,7 +273,7 @@ fn gpu_launch(m: Dim, n: Dim, batch: Dim) -> LaunchShape {
 }
 
 pub(super) fn matmul(f: &mut Frame) -> Result<LaunchShape, LowerError> {
-    check_float(f, "matmul")?;
+    check_float(f, 0, "matmul")?;
     let a = f.bufs[0].ty.shape.clone();
     let b = f.bufs[1].ty.shape.clone();
     let y = f.result(0).ty.shape.clone();
@@ -283,8 +312,8 @@ pub(super) fn matmul(f: &mut Frame) -> Result<LaunchShape, LowerError> {
         }
         Target::Gpu => {
             let z = f.gpu_id("block_id", 'z');
-            let bases = bases(f, &z);
-            tiled_gpu(f, &m, &n, &k, &bases, false);
+            let [a, b, y] = bases(f, &z);
+            tiled_gpu(f, (&m, &n, &k), (0, &a), &[(1, b)], &y, false, &|f, yi, v| f.store(2, yi, &v[0]));
             gpu_launch(md, nd, batch)
         }
     })
@@ -326,10 +355,31 @@ fn matmul_row_cpu(f: &mut Frame, a_row: &Value, b_base: &Value, y_row: &Value, n
     });
 }
 
-/// The shared-memory tiled GPU product of one batch entry. `bases` are the offsets of the entry's
-/// matrices in a, b and y; `b_transposed` says b is stored `[N, K]` (`linear`) rather than `[K, N]`.
-fn tiled_gpu(f: &mut Frame, m: &Value, n: &Value, k: &Value, bases: &[Value; 3], b_transposed: bool) {
-    let (tx, ty) = (f.gpu_id("thread_id", 'x'), f.gpu_id("thread_id", 'y'));
+/// The thread's column and row in a GPU tile of `TILE x ROWS` threads: its thread ids, or, in a phase
+/// of a phased kernel (a one-dimensional block of the same size), its thread id split in two.
+fn tile_threads(f: &mut Frame) -> (Value, Value) {
+    if f.virtual_blocks.is_some() {
+        let tid = f.gpu_id("thread_id", 'x');
+        let tile = f.b.index(TILE);
+        return (f.b.remui(&tid, &tile), f.b.divui(&tid, &tile));
+    }
+    (f.gpu_id("thread_id", 'x'), f.gpu_id("thread_id", 'y'))
+}
+
+/// The shared-memory tiled GPU product of one batch entry: `a` (buffer, offset of the entry's
+/// matrix) times each of `bs`, sharing the `a` tiles; `y_base` is the offset of the entry's output.
+/// `b_transposed` says b is stored `[N, K]` (`linear`) rather than `[K, N]`. `store` gets the output
+/// index and one sum per b.
+fn tiled_gpu(
+    f: &mut Frame,
+    (m, n, k): (&Value, &Value, &Value),
+    (a, a_base): (usize, &Value),
+    bs: &[(usize, Value)],
+    y_base: &Value,
+    b_transposed: bool,
+    store: Store,
+) {
+    let (tx, ty) = tile_threads(f);
     let (bx, by) = (f.gpu_id("block_id", 'x'), f.gpu_id("block_id", 'y'));
     let tile = f.b.index(TILE);
     let pitch = f.b.index(PITCH);
@@ -337,7 +387,13 @@ fn tiled_gpu(f: &mut Frame, m: &Value, n: &Value, k: &Value, bases: &[Value; 3],
     let m0 = f.b.muli(&by, &tile);
     let col = f.b.addi(&n0, &tx);
     let (a_tile, a_ty) = f.workgroup("a_tile", "f32", (TILE * PITCH) as u64);
-    let (b_tile, b_ty) = f.workgroup("b_tile", "f32", (TILE * PITCH) as u64);
+    let b_tiles: Vec<(Value, String)> = (0..bs.len())
+        .map(|w| {
+            let name = if w == 0 { "b_tile".to_string() } else { format!("b_tile{w}") };
+            f.workgroup(&name, "f32", (TILE * PITCH) as u64)
+        })
+        .collect();
+    let nw = bs.len();
     let per_thread = (TILE / ROWS) as usize;
     // Thread row `ty + ROWS * r` of the tile, for each of the thread's rows.
     let rows: Vec<Value> = (0..per_thread)
@@ -349,58 +405,65 @@ fn tiled_gpu(f: &mut Frame, m: &Value, n: &Value, k: &Value, bases: &[Value; 3],
     let zero = f.b.index(0);
     let one = f.b.index(1);
     let fzero = f.b.f32(0.0);
-    let inits: Vec<(Value, &str)> = (0..per_thread).map(|_| (fzero.clone(), "f32")).collect();
+    // Accumulator `(r, w)` is number `r * nw + w`.
+    let inits: Vec<(Value, &str)> = (0..per_thread * nw).map(|_| (fzero.clone(), "f32")).collect();
     let acc = for_carry(f, &zero, k, &tile, &inits, |f, k0, acc| {
         for row in &rows {
             // a[m0 + row, k0 + tx] -> a_tile[row][tx]
             let gm = f.b.addi(&m0, row);
             let gk = f.b.addi(k0, &tx);
-            let v = guarded_load(f, 0, &bases[0], (&gm, m), (&gk, k), k);
+            let v = guarded_load(f, a, a_base, (&gm, m), (&gk, k), k);
             let at = f.b.muli(row, &pitch);
             let at = f.b.addi(&at, &tx);
             f.b.line(format_args!("memref.store {v}, {a_tile}[{at}] : {a_ty}"));
-            if b_transposed {
-                // w[n0 + row, k0 + tx] -> b_tile[tx][row]
-                let gn = f.b.addi(&n0, row);
-                let v = guarded_load(f, 1, &bases[1], (&gn, n), (&gk, k), k);
-                let bt = f.b.muli(&tx, &pitch);
-                let bt = f.b.addi(&bt, row);
-                f.b.line(format_args!("memref.store {v}, {b_tile}[{bt}] : {b_ty}"));
-            } else {
-                // b[k0 + row, n0 + tx] -> b_tile[row][tx]
-                let gk = f.b.addi(k0, row);
-                let v = guarded_load(f, 1, &bases[1], (&gk, k), (&col, n), n);
-                f.b.line(format_args!("memref.store {v}, {b_tile}[{at}] : {b_ty}"));
+            for ((b, b_base), (b_tile, b_ty)) in bs.iter().zip(&b_tiles) {
+                if b_transposed {
+                    // w[n0 + row, k0 + tx] -> b_tile[tx][row]
+                    let gn = f.b.addi(&n0, row);
+                    let v = guarded_load(f, *b, b_base, (&gn, n), (&gk, k), k);
+                    let bt = f.b.muli(&tx, &pitch);
+                    let bt = f.b.addi(&bt, row);
+                    f.b.line(format_args!("memref.store {v}, {b_tile}[{bt}] : {b_ty}"));
+                } else {
+                    // b[k0 + row, n0 + tx] -> b_tile[row][tx]
+                    let gk = f.b.addi(k0, row);
+                    let v = guarded_load(f, *b, b_base, (&gk, k), (&col, n), n);
+                    f.b.line(format_args!("memref.store {v}, {b_tile}[{at}] : {b_ty}"));
+                }
             }
         }
         f.b.line("gpu.barrier");
         let next = for_carry(f, &zero, &tile, &one, &inits_of(acc), |f, kk, acc| {
             let bi = f.b.muli(kk, &pitch);
             let bi = f.b.addi(&bi, &tx);
-            let bv = f.b.op("b", format_args!("memref.load {b_tile}[{bi}] : {b_ty}"));
-            rows.iter()
-                .zip(acc)
-                .map(|(row, a)| {
-                    let ai = f.b.muli(row, &pitch);
-                    let ai = f.b.addi(&ai, kk);
-                    let av = f.b.op("a", format_args!("memref.load {a_tile}[{ai}] : {a_ty}"));
-                    f.fma(&av, &bv, a)
-                })
-                .collect()
+            let bv: Vec<Value> = b_tiles
+                .iter()
+                .map(|(b_tile, b_ty)| f.b.op("b", format_args!("memref.load {b_tile}[{bi}] : {b_ty}")))
+                .collect();
+            let mut next = Vec::with_capacity(acc.len());
+            for (r, row) in rows.iter().enumerate() {
+                let ai = f.b.muli(row, &pitch);
+                let ai = f.b.addi(&ai, kk);
+                let av = f.b.op("a", format_args!("memref.load {a_tile}[{ai}] : {a_ty}"));
+                for (w, b) in bv.iter().enumerate() {
+                    next.push(f.fma(&av, b, &acc[r * nw + w]));
+                }
+            }
+            next
         });
         f.b.line("gpu.barrier");
         next
     });
     let col_ok = f.b.op("p", format_args!("arith.cmpi ult, {col}, {n} : index"));
-    for (row, v) in rows.iter().zip(&acc) {
+    for (r, row) in rows.iter().enumerate() {
         let gm = f.b.addi(&m0, row);
         let row_ok = f.b.op("p", format_args!("arith.cmpi ult, {gm}, {m} : index"));
         let ok = f.b.op("p", format_args!("arith.andi {row_ok}, {col_ok} : i1"));
         if_then(f, &ok, |f| {
             let yi = f.b.muli(&gm, n);
             let yi = f.b.addi(&yi, &col);
-            let yi = f.b.addi(&bases[2], &yi);
-            f.store(2, &yi, v);
+            let yi = f.b.addi(y_base, &yi);
+            store(f, &yi, &acc[r * nw..(r + 1) * nw]);
         });
     }
 }

@@ -4,8 +4,8 @@
 //! each target, and module assembly.
 //!
 //! The ABI every lowering follows (both targets):
-//! - Parameters: one bare pointer per buffer (arguments, then results), typed as a rank-0
-//!   `memref<T>` (`use-bare-ptr-memref-call-conv`), then one `i64` per symbolic size of
+//! - Parameters: one bare pointer per buffer (arguments, results, then [`Kernel::scratch`]), typed
+//!   as a rank-0 `memref<T>` (`use-bare-ptr-memref-call-conv`), then one `i64` per symbolic size of
 //!   [`Kernel::syms`]. On the CPU two more `i64`s, `lo` and `hi`, select the work items
 //!   `[lo, hi)` of [`LaunchShape::Cpu`] to compute, so a thread pool can split any kernel.
 //! - Buffers are dense, row-major, 1-D views made with `memref.reinterpret_cast`; element types are
@@ -19,11 +19,18 @@
 //! - Scratch arrays are `memref.alloca`s placed at the function's entry (per thread on the GPU), so a
 //!   loop over work items reuses them rather than growing the stack.
 //!
+//! Every kernel goes through its fusion plan ([`super::fusion`]): a one-op kernel is one phase whose
+//! pattern is the op itself, lowered by its family; `fused` kernels are lowered by `fused` (one-pass
+//! patterns, built on the families' templates with prologue and epilogue hooks, and the phased
+//! fallback) with `chain`, the elementwise evaluator.
+//!
 //! Guarantees: the text is a function that parses and verifies in MLIR 22 (checked by the emit
 //! stage); a kernel that a family cannot lower yields [`LowerError::Unsupported`], never a panic.
 
 mod attention;
+mod chain;
 mod elementwise;
+mod fused;
 mod matmul;
 mod moe;
 mod quant;
@@ -37,7 +44,8 @@ use kiln_ir::types::Sym;
 use kiln_ir::verify::verify;
 use kiln_ir::{DType, Dim, Op, TensorType, UnaryOp};
 
-use super::kernel::Kernel;
+use super::fusion;
+use super::kernel::{syms_of, Kernel};
 use super::mlir::{Body, Value};
 
 /// Where a kernel runs.
@@ -141,38 +149,61 @@ pub fn lower_module<'a>(
 /// Lowers one kernel for `target`.
 pub fn lower_kernel(kernel: &Kernel, target: Target) -> Result<LoweredKernel, LowerError> {
     check_signature(kernel)?;
-    let op = kernel.single_op().ok_or_else(|| LowerError::Unsupported {
-        op: "fused".into(),
-        kernel: kernel.name.clone(),
-        target,
-        reason: "only kernels of exactly one op are lowered yet".into(),
-    })?;
+    let malformed = |message: String| LowerError::Malformed { kernel: kernel.name.clone(), message };
+    let plan = fusion::plan(&kernel.body).map_err(|e| malformed(e.to_string()))?;
+    if plan.scratch != kernel.scratch {
+        return Err(malformed(format!(
+            "it declares {} scratch buffer(s) but its body needs {}",
+            kernel.scratch.len(),
+            plan.scratch.len()
+        )));
+    }
+    // Every size a phase computes with must be a size argument.
+    for p in &plan.phases {
+        for n in p.body.nodes() {
+            for &r in &p.body.node(n).results {
+                let t = p.body.ty(r);
+                if let Some(s) = syms_of([t].into_iter()).into_iter().find(|s| !kernel.syms.contains(s)) {
+                    return Err(malformed(format!(
+                        "its body computes a {t}, but no argument or result binds {}",
+                        s.name()
+                    )));
+                }
+            }
+        }
+    }
     let mut f = Frame::new(kernel, target);
-    let launch = match op {
-        Op::Unary(u) => elementwise::unary(&mut f, *u)?,
-        Op::Binary(b) => elementwise::binary(&mut f, *b)?,
-        Op::Cast { .. } => elementwise::cast(&mut f)?,
-        Op::Reduce { op, axes, .. } => reduce::reduce(&mut f, *op, axes)?,
-        Op::Softmax { axis } => reduce::softmax(&mut f, *axis)?,
-        Op::RmsNorm { eps } => reduce::rms_norm(&mut f, *eps)?,
-        Op::Linear => matmul::linear(&mut f)?,
-        Op::MatMul => matmul::matmul(&mut f)?,
-        Op::Concat { axis } => shape::concat(&mut f, *axis)?,
-        Op::Split { axis, .. } => shape::split(&mut f, *axis)?,
-        Op::Broadcast { .. } => shape::broadcast(&mut f)?,
-        Op::Transpose { perm } => shape::transpose(&mut f, perm)?,
-        Op::Embedding => shape::embedding(&mut f)?,
-        Op::Gather { axis } => shape::gather(&mut f, *axis)?,
-        Op::Rope(cfg) => rope::rope(&mut f, cfg)?,
-        Op::Attention { scale, causal } => attention::attention(&mut f, *scale, *causal)?,
-        Op::TopK { k } => moe::topk(&mut f, *k)?,
-        Op::MoeRoute(r) => moe::route(&mut f, r)?,
-        Op::MoeExperts { num_experts } => moe::experts(&mut f, *num_experts)?,
-        Op::MoeDispatch(d) => moe::dispatch(&mut f, d)?,
-        Op::GroupedLinear { num_experts } => moe::grouped_linear(&mut f, *num_experts)?,
-        Op::MoeCombine { top_k } => moe::combine(&mut f, *top_k)?,
-        Op::Quantize { spec, .. } => quant::quantize(&mut f, spec)?,
-        Op::Dequantize { block, .. } => quant::dequantize(&mut f, block)?,
+    let launch = fused::lower_plan(&mut f, &plan)?;
+    Ok(f.finish(launch))
+}
+
+/// Lowers the one op of a kernel in canonical one-op form (buffers: its operands, then its results).
+fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
+    Ok(match op {
+        Op::Unary(u) => elementwise::unary(f, *u)?,
+        Op::Binary(b) => elementwise::binary(f, *b)?,
+        Op::Cast { .. } => elementwise::cast(f)?,
+        Op::Reduce { op, axes, .. } => reduce::reduce(f, *op, axes)?,
+        Op::Softmax { axis } => reduce::softmax(f, *axis)?,
+        Op::RmsNorm { eps } => reduce::rms_norm(f, *eps)?,
+        Op::Linear => matmul::linear(f)?,
+        Op::MatMul => matmul::matmul(f)?,
+        Op::Concat { axis } => shape::concat(f, *axis)?,
+        Op::Split { axis, .. } => shape::split(f, *axis)?,
+        Op::Broadcast { .. } => shape::broadcast(f)?,
+        Op::Transpose { perm } => shape::transpose(f, perm)?,
+        Op::Embedding => shape::embedding(f)?,
+        Op::Gather { axis } => shape::gather(f, *axis)?,
+        Op::Rope(cfg) => rope::rope(f, cfg)?,
+        Op::Attention { scale, causal } => attention::attention(f, *scale, *causal)?,
+        Op::TopK { k } => moe::topk(f, *k)?,
+        Op::MoeRoute(r) => moe::route(f, r)?,
+        Op::MoeExperts { num_experts } => moe::experts(f, *num_experts)?,
+        Op::MoeDispatch(d) => moe::dispatch(f, d)?,
+        Op::GroupedLinear { num_experts } => moe::grouped_linear(f, *num_experts)?,
+        Op::MoeCombine { top_k } => moe::combine(f, *top_k)?,
+        Op::Quantize { spec, .. } => quant::quantize(f, spec)?,
+        Op::Dequantize { block, .. } => quant::dequantize(f, block)?,
         // Formation turns these into aliases, runtime steps or buffers; a kernel holding one was
         // built by hand.
         op @ (Op::Reshape { .. }
@@ -184,8 +215,7 @@ pub fn lower_kernel(kernel: &Kernel, target: Target) -> Result<LoweredKernel, Lo
         | Op::Fused { .. }) => {
             return Err(f.unsupported(op.name(), "not a computing op: formation never makes it a kernel"))
         }
-    };
-    Ok(f.finish(launch))
+    })
 }
 
 fn check_signature(kernel: &Kernel) -> Result<(), LowerError> {
@@ -196,14 +226,7 @@ fn check_signature(kernel: &Kernel) -> Result<(), LowerError> {
     if ins != kernel.args.iter().collect::<Vec<_>>() || outs != kernel.results.iter().collect::<Vec<_>>() {
         return Err(malformed("the argument or result types disagree with the body".into()));
     }
-    let used = |s: Sym| {
-        kernel
-            .args
-            .iter()
-            .chain(&kernel.results)
-            .any(|t| t.shape.iter().any(|&d| super::kernel::has_sym(d, s)))
-    };
-    if kernel.syms != Sym::ALL.into_iter().filter(|&s| used(s)).collect::<Vec<_>>() {
+    if kernel.syms != syms_of(kernel.args.iter().chain(&kernel.results).chain(&kernel.scratch)) {
         return Err(malformed(format!(
             "size arguments {:?} do not match the symbols of its types",
             kernel.syms
@@ -213,6 +236,7 @@ fn check_signature(kernel: &Kernel) -> Result<(), LowerError> {
 }
 
 /// A buffer of the kernel seen as a flat 1-D memref.
+#[derive(Clone)]
 pub(crate) struct Buffer {
     pub view: Value,
     /// `memref<?xf32>` or `memref<64xf32>`.
@@ -235,6 +259,10 @@ pub(crate) struct Frame<'k> {
     pub range: Option<(Value, Value)>,
     /// Scratch arrays made so far (they are numbered).
     scratches: usize,
+    /// On the GPU, inside a phase of a phased kernel (`fused`): the block ids the phase's code sees
+    /// (loop variables over its grid, run by the one block of the kernel), whose block has
+    /// [`fused::PHASE_BLOCK`] threads whatever a family would choose.
+    virtual_blocks: Option<[Value; 3]>,
 }
 
 /// The element type kiln stores a dtype as: bool and f8e4m3 as bytes.
@@ -281,10 +309,12 @@ impl<'k> Frame<'k> {
             workgroup: Vec::new(),
             range: None,
             scratches: 0,
+            virtual_blocks: None,
         };
         let tys: Vec<(String, &TensorType)> =
             (kernel.args.iter().enumerate().map(|(i, t)| (format!("a{i}"), t)))
                 .chain(kernel.results.iter().enumerate().map(|(i, t)| (format!("r{i}"), t)))
+                .chain(kernel.scratch.iter().enumerate().map(|(i, t)| (format!("s{i}"), t)))
                 .collect();
         let mut ptrs = Vec::new();
         for (name, ty) in &tys {
@@ -498,15 +528,35 @@ impl<'k> Frame<'k> {
     /// request for the same name gets the same buffer. Returns its value and memref type.
     pub fn workgroup(&mut self, name: &str, elem: &str, elems: u64) -> (Value, String) {
         let ty = format!("memref<{elems}x{elem}, #gpu.address_space<workgroup>>");
-        let key = format!("%{name}_{elem}: {ty}");
+        // The phases of one kernel may ask for the same name at different sizes: the later sizes get
+        // names of their own.
+        let taken = |w: &Vec<String>, n: &str| w.iter().any(|k| k.starts_with(&format!("%{n}: ")));
+        let mut full = format!("{name}_{elem}");
+        let mut key = format!("%{full}: {ty}");
+        if !self.workgroup.contains(&key) && taken(&self.workgroup, &full) {
+            full = format!("{name}{elems}_{elem}");
+            key = format!("%{full}: {ty}");
+        }
         if !self.workgroup.contains(&key) {
             self.workgroup.push(key);
         }
-        (Value::named(&format!("{name}_{elem}")), ty)
+        (Value::named(&full), ty)
+    }
+
+    /// Threads per block for a GPU family that would choose `natural`: [`fused::PHASE_BLOCK`]
+    /// inside a phase of a phased kernel, whose one block runs every phase.
+    pub fn gpu_block(&self, natural: i64) -> i64 {
+        match self.virtual_blocks {
+            Some(_) => i64::from(fused::PHASE_BLOCK),
+            None => natural,
+        }
     }
 
     /// `gpu.thread_id x`, `gpu.block_id y`, ...: computed once, at the kernel's entry.
     pub fn gpu_id(&mut self, what: &str, axis: char) -> Value {
+        if let (Some(ids), "block_id") = (&self.virtual_blocks, what) {
+            return ids[(axis as usize).saturating_sub('x' as usize).min(2)].clone();
+        }
         let hint = match what {
             "thread_id" => "tid",
             "block_id" => "bid",

@@ -391,7 +391,7 @@ pub(super) fn experts(f: &mut Frame, num_experts: u64) -> Result<LaunchShape, Lo
     let i_max = inter.iter().copied().max().unwrap_or(0).max(1);
     let tokens = x.shape[..x.rank() - 1].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
     let tokens = tokens.ok_or_else(|| f.unsupported(name, "the token count does not fit a dimension"))?;
-    let block = i_max.max(d).next_power_of_two().clamp(32, BLOCK as u64) as i64;
+    let block = f.gpu_block(i_max.max(d).next_power_of_two().clamp(32, BLOCK as u64) as i64);
     let (h, h_ty) = match f.target {
         Target::Cpu => f.scratch("f32", i_max),
         Target::Gpu => f.workgroup("hidden", "f32", i_max),

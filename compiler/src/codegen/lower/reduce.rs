@@ -15,9 +15,14 @@
 //! RMS norm follows Hugging Face: `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, the product
 //! rounded to the input dtype before the weight multiplies it.
 //!
+//! Each op is a template (`reduce_with`, `softmax_with`, `rms_norm_with`) whose loads of the input
+//! and stores of the result are hooks ([`Load`], [`Store`]): plain loads and stores for the op's own
+//! kernel, a fused prologue and epilogue for `fused` kernels (`fused`). A load is called once per
+//! element per pass over the row, each in its own loop body.
+//!
 //! Not handled (typed `Unsupported`): reductions over axes that are not adjacent, and `bool`.
 
-use kiln_ir::{DType, Dim, ReduceOp};
+use kiln_ir::{DType, Dim, ReduceOp, TensorType};
 
 use super::{compute_type, Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
@@ -52,8 +57,14 @@ fn rows_of(f: &mut Frame, op: &str, shape: &[Dim], first: usize, last: usize) ->
     let n_known = shape[first..=last].iter().try_fold(1u64, |a, d| a.checked_mul(d.as_known()?));
     let n = f.prod(&shape[first..=last]);
     let inner = f.prod(&shape[last + 1..]);
-    Ok(Rows { rows, n, n_known, inner, block: block_for(n_known) })
+    Ok(Rows { rows, n, n_known, inner, block: f.gpu_block(block_for(n_known)) })
 }
+
+/// Reads element `i` (a flat index) of a row op's input: a load, or a fused prologue.
+pub(super) type Load<'a> = &'a dyn Fn(&mut Frame, &Value) -> Value;
+/// Writes a row op's result `y` (computed, not yet rounded) as element `i`: a store, or a fused
+/// epilogue.
+pub(super) type Store<'a> = &'a dyn Fn(&mut Frame, &Value, &Value);
 
 /// The index of element `t` of row `r`.
 fn element(f: &mut Frame, rows: &Rows, r: &Value, t: &Value) -> Value {
@@ -187,9 +198,23 @@ fn length_f32(f: &mut Frame, rows: &Rows) -> Value {
 }
 
 pub(super) fn reduce(f: &mut Frame, op: ReduceOp, axes: &[usize]) -> Result<LaunchShape, LowerError> {
+    let x = f.bufs[0].ty.clone();
+    let out = f.kernel.args.len();
+    reduce_with(f, op, axes, &x, &|f, i| f.load(0, i), &|f, r, v| f.store(out, r, v))
+}
+
+/// `reduce` of an input of type `x` read by `load`, each result written by `store`.
+pub(super) fn reduce_with(
+    f: &mut Frame,
+    op: ReduceOp,
+    axes: &[usize],
+    x: &TensorType,
+    load: Load,
+    store: Store,
+) -> Result<LaunchShape, LowerError> {
     let name = kiln_ir::Op::Reduce { op, axes: axes.to_vec(), keep_dims: false }.name();
-    let shape = f.bufs[0].ty.shape.clone();
-    let dtype = f.bufs[0].ty.dtype;
+    let shape = x.shape.clone();
+    let dtype = x.dtype;
     let c = combine_for(op, dtype).ok_or_else(|| f.unsupported(name, format!("reduction of {dtype}")))?;
     let mut sorted = axes.to_vec();
     sorted.sort_unstable();
@@ -200,16 +225,22 @@ pub(super) fn reduce(f: &mut Frame, op: ReduceOp, axes: &[usize]) -> Result<Laun
     };
     // With no axes each output element is its input element: a reduction over one element.
     let rows = if first == shape.len() {
-        let numel = f.bufs[0].ty.numel().ok_or_else(|| f.unsupported(name, "too many elements"))?;
+        let numel = x.numel().ok_or_else(|| f.unsupported(name, "too many elements"))?;
         let one = f.b.index(1);
-        Rows { rows: numel, n: one.clone(), n_known: Some(1), inner: one, block: block_for(Some(1)) }
+        Rows {
+            rows: numel,
+            n: one.clone(),
+            n_known: Some(1),
+            inner: one,
+            block: f.gpu_block(block_for(Some(1))),
+        }
     } else {
         rows_of(f, name, &shape, first, last)?
     };
     Ok(each_row(f, &rows, |f, r| {
         let total = reduce_row(f, c, &rows, &|f, t| {
             let i = element(f, &rows, r, t);
-            f.load(0, &i)
+            load(f, &i)
         });
         let out = if op == ReduceOp::Mean {
             let n = length_f32(f, &rows);
@@ -217,35 +248,45 @@ pub(super) fn reduce(f: &mut Frame, op: ReduceOp, axes: &[usize]) -> Result<Laun
         } else {
             total
         };
-        store_once(f, r, &out);
+        store_once(f, r, &out, store);
     }))
 }
 
 /// Stores a row's single result: every GPU thread has it, thread 0 writes it.
-fn store_once(f: &mut Frame, r: &Value, v: &Value) {
-    let out = f.kernel.args.len();
+fn store_once(f: &mut Frame, r: &Value, v: &Value, store: Store) {
     match f.target {
-        Target::Cpu => f.store(out, r, v),
+        Target::Cpu => store(f, r, v),
         Target::Gpu => {
             let tid = f.gpu_id("thread_id", 'x');
             let zero = f.b.index(0);
             let first = f.b.op("p", format_args!("arith.cmpi eq, {tid}, {zero} : index"));
-            if_then(f, &first, |f| f.store(out, r, v));
+            if_then(f, &first, |f| store(f, r, v));
         }
     }
 }
 
 pub(super) fn softmax(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerError> {
     let shape = f.bufs[0].ty.shape.clone();
-    let rows = rows_of(f, "softmax", &shape, axis, axis)?;
+    softmax_with(f, axis, &shape, &|f, i| f.load(0, i), &|f, i, y| f.store(1, i, y))
+}
+
+/// `softmax` of an input of shape `shape` read by `load`, each result written by `store`.
+pub(super) fn softmax_with(
+    f: &mut Frame,
+    axis: usize,
+    shape: &[Dim],
+    load: Load,
+    store: Store,
+) -> Result<LaunchShape, LowerError> {
+    let rows = rows_of(f, "softmax", shape, axis, axis)?;
     Ok(each_row(f, &rows, |f, r| {
         let max = reduce_row(f, MAX_F32, &rows, &|f, t| {
             let i = element(f, &rows, r, t);
-            f.load(0, &i)
+            load(f, &i)
         });
         let shifted_exp = |f: &mut Frame, t: &Value| {
             let i = element(f, &rows, r, t);
-            let x = f.load(0, &i);
+            let x = load(f, &i);
             let d = f.binf("subf", &x, &max);
             (i, f.exp(&d))
         };
@@ -253,7 +294,7 @@ pub(super) fn softmax(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerEr
         each_in_row(f, &rows, |f, t| {
             let (i, e) = shifted_exp(f, t);
             let y = f.binf("divf", &e, &sum);
-            f.store(1, &i, &y);
+            store(f, &i, &y);
         });
     }))
 }
@@ -261,12 +302,28 @@ pub(super) fn softmax(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerEr
 pub(super) fn rms_norm(f: &mut Frame, eps: f64) -> Result<LaunchShape, LowerError> {
     let shape = f.bufs[0].ty.shape.clone();
     let dtype = f.bufs[0].ty.dtype;
+    let out = f.kernel.args.len();
+    rms_norm_with(f, eps, (&shape, dtype), &|f, i| f.load(0, i), &|f, t| f.load(1, t), &|f, i, y| {
+        f.store(out, i, y)
+    })
+}
+
+/// `rms_norm` of an input of `(shape, dtype)` read by `load`, with the weight's element `t` read by
+/// `weight`, each result written by `store`.
+pub(super) fn rms_norm_with(
+    f: &mut Frame,
+    eps: f64,
+    (shape, dtype): (&[Dim], DType),
+    load: Load,
+    weight: Load,
+    store: Store,
+) -> Result<LaunchShape, LowerError> {
     let last = shape.len() - 1;
-    let rows = rows_of(f, "rms_norm", &shape, last, last)?;
+    let rows = rows_of(f, "rms_norm", shape, last, last)?;
     Ok(each_row(f, &rows, |f, r| {
         let ss = reduce_row(f, SUM_F32, &rows, &|f, t| {
             let i = element(f, &rows, r, t);
-            let x = f.load(0, &i);
+            let x = load(f, &i);
             f.binf("mulf", &x, &x)
         });
         let n = length_f32(f, &rows);
@@ -276,12 +333,12 @@ pub(super) fn rms_norm(f: &mut Frame, eps: f64) -> Result<LaunchShape, LowerErro
         let scale = f.rsqrt(&var);
         each_in_row(f, &rows, |f, t| {
             let i = element(f, &rows, r, t);
-            let x = f.load(0, &i);
+            let x = load(f, &i);
             let y = f.binf("mulf", &x, &scale);
             let y = f.round_to(&y, dtype);
-            let w = f.load(1, t);
+            let w = weight(f, t);
             let out = f.binf("mulf", &w, &y);
-            f.store(2, &i, &out);
+            store(f, &i, &out);
         });
     }))
 }

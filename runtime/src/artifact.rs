@@ -1,0 +1,163 @@
+//! Loading an artifact directory written by `kiln compile`, and refusing one that is not exactly what
+//! the compiler wrote.
+//!
+//! [`load`] checks, in this order, before anything is run or allocated:
+//!
+//! 1. `manifest.json` exists (else [`RuntimeError::NotAnArtifact`]) and is JSON;
+//! 2. its `format_version` is the one this kiln reads ([`RuntimeError::FormatVersion`] names both),
+//!    checked before the rest is decoded, because another version may have other fields;
+//! 3. it decodes as a [`Manifest`] ([`RuntimeError::BadManifest`], with serde's line and column: a
+//!    truncated manifest ends here) and [`Manifest::validate`] holds;
+//! 4. every file the manifest lists has its size and SHA-256 ([`RuntimeError::FileSize`],
+//!    [`RuntimeError::FileHash`], [`RuntimeError::MissingFile`], each naming the file), so a
+//!    modified or truncated `kernels.so` is never loaded.
+//!
+//! What it does not do: keep the bytes it hashed. A backend opens `kernels.so` by path afterwards,
+//! so a file replaced between the check and the `dlopen` is not caught; the check is against
+//! accidents (a partial copy, a stale file, an edit), not against an attacker with write access.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use kiln_ir::artifact::{self, FileEntry, Manifest, FORMAT_VERSION};
+use kiln_ir::Graph;
+
+use crate::RuntimeError;
+
+/// A checked artifact: its directory and manifest.
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Artifact {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The path of a file of the artifact.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Reads a file the manifest lists, checking its size and hash again (it may have changed since
+    /// [`load`]).
+    pub fn read_file(&self, name: &str) -> Result<Vec<u8>, RuntimeError> {
+        let entry = self
+            .manifest
+            .file(name)
+            .ok_or_else(|| RuntimeError::MissingFile { dir: self.dir.clone(), name: name.to_string() })?;
+        let bytes = std::fs::read(self.path(name)).map_err(|e| self.io_error(name, e))?;
+        if bytes.len() as u64 != entry.bytes {
+            return Err(RuntimeError::FileSize {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+                expected: entry.bytes,
+                found: bytes.len() as u64,
+            });
+        }
+        if hex(&Sha256::digest(&bytes)) != entry.sha256 {
+            return Err(RuntimeError::FileHash { dir: self.dir.clone(), name: name.to_string() });
+        }
+        Ok(bytes)
+    }
+
+    /// The graph the kernels were formed from (`graph.kir`), for the reference interpreter.
+    pub fn graph(&self) -> Result<Graph, RuntimeError> {
+        let bytes = self.read_file(artifact::GRAPH_KIR)?;
+        let bad = |reason: String| RuntimeError::BadGraph { dir: self.dir.clone(), reason };
+        let text = String::from_utf8(bytes).map_err(|e| bad(e.to_string()))?;
+        kiln_ir::parse(&text).map_err(|e| bad(e.to_string()))
+    }
+
+    fn io_error(&self, name: &str, e: std::io::Error) -> RuntimeError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            RuntimeError::MissingFile { dir: self.dir.clone(), name: name.to_string() }
+        } else {
+            RuntimeError::Io { path: self.path(name), source: e }
+        }
+    }
+}
+
+/// Loads and checks the artifact in `dir`; see the module documentation for what is checked.
+pub fn load(dir: &Path) -> Result<Artifact, RuntimeError> {
+    let path = dir.join(artifact::MANIFEST_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.is_dir() {
+                return Err(RuntimeError::NotAnArtifact { dir: dir.to_path_buf() });
+            }
+            return Err(RuntimeError::Io { path: dir.to_path_buf(), source: e });
+        }
+        Err(e) => return Err(RuntimeError::Io { path, source: e }),
+    };
+    let bad = |reason: String| RuntimeError::BadManifest { path: path.clone(), reason };
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let version = value
+        .get("format_version")
+        .ok_or_else(|| bad("it has no `format_version`".into()))?
+        .as_u64()
+        .ok_or_else(|| bad("`format_version` is not a whole number".into()))?;
+    if version != u64::from(FORMAT_VERSION) {
+        return Err(RuntimeError::FormatVersion {
+            dir: dir.to_path_buf(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+    manifest.validate().map_err(|source| RuntimeError::InvalidManifest { dir: dir.to_path_buf(), source })?;
+    let art = Artifact { dir: dir.to_path_buf(), manifest };
+    for f in &art.manifest.files {
+        check_file(&art, f)?;
+    }
+    Ok(art)
+}
+
+/// Size first (cheap, and what a truncation changes), then the hash, streamed.
+fn check_file(art: &Artifact, f: &FileEntry) -> Result<(), RuntimeError> {
+    let path = art.path(&f.name);
+    let meta = std::fs::metadata(&path).map_err(|e| art.io_error(&f.name, e))?;
+    if !meta.is_file() {
+        return Err(RuntimeError::MissingFile { dir: art.dir.clone(), name: f.name.clone() });
+    }
+    if meta.len() != f.bytes {
+        return Err(RuntimeError::FileSize {
+            dir: art.dir.clone(),
+            name: f.name.clone(),
+            expected: f.bytes,
+            found: meta.len(),
+        });
+    }
+    let mut file = std::fs::File::open(&path).map_err(|e| art.io_error(&f.name, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|source| RuntimeError::Io { path: path.clone(), source })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if hex(&hasher.finalize()) != f.sha256 {
+        return Err(RuntimeError::FileHash { dir: art.dir.clone(), name: f.name.clone() });
+    }
+    Ok(())
+}
+
+/// Lowercase hex, as the manifest writes hashes.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes
+        .iter()
+        .flat_map(|b| [DIGITS[usize::from(b >> 4)] as char, DIGITS[usize::from(b & 15)] as char])
+        .collect()
+}

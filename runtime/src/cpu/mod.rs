@@ -1,0 +1,622 @@
+//! The CPU backend: runs an artifact's program on its `kernels.so`.
+//!
+//! [`CpuModel::load`] does everything that can fail before the first run: it opens the library and
+//! resolves every kernel's packed entry ([`RuntimeError::MissingSymbol`]), refuses programs with
+//! pipeline `send`/`recv` steps ([`RuntimeError::Distributed`]), allocates ONE activation arena,
+//! binds the parameters and fills the constants, and computes each launch's pointer array once
+//! (every buffer has a fixed address from then on).
+//!
+//! The arena is sized for the largest sizes the caller asks for ([`CpuOptions::max`], at most what
+//! the artifact was compiled for): the plan's offsets hold for any sizes up to the compiled maxima,
+//! so the arena needs `max(offset + bytes at the requested maxima)` over the arena buffers, which is
+//! less than the manifest's `arena_bytes` when smaller maxima are asked for.
+//!
+//! Parameters are stored in their compiled dtypes: f32, bf16, f16, and FP8 E4M3 as one byte per
+//! element (next to their f32 `_scale_inv` parameters); each is converted from its
+//! [`HostTensor`] as it arrives, so a checkpoint streams through without being held twice.
+//!
+//! [`CpuModel::run`] binds `B`, `T`, `S` from the inputs' shapes, checks every input and every token
+//! id (the kernels clamp out-of-range ids, so a bad id would silently read another row: ids that
+//! feed an `embedding` are checked against its table before anything runs), writes the inputs into
+//! their arena slots, and runs the steps in order. A launch whose work is large enough (see
+//! [`CpuOptions::parallel_min_bytes`]) is split over the thread pool (`pool.rs`); others run on the
+//! calling thread. Aliases are views (nothing runs). Outputs stay in the arena until the next run
+//! and are read with [`CpuModel::output`] and [`CpuModel::output_f32`].
+
+mod pool;
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use kiln_ir::artifact::{BufferId, Manifest, Step, Storage};
+use kiln_ir::{DType, Dim, Sym, SymBindings, TensorType};
+
+use crate::artifact::Artifact;
+use crate::host::{decode, decode_f32, encode, Memory};
+use crate::weights::{manifest_params, HostData, HostTensor, WeightError};
+use crate::RuntimeError;
+
+use pool::{run_range, Job, Packed, Pool, Shared};
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct CpuOptions {
+    /// Threads per launch, the calling one included (default: every core the OS gives the process).
+    pub threads: usize,
+    /// The largest sizes runs will use; the arena is sized for them. Default: the artifact's maxima.
+    pub max: Option<SymBindings>,
+    /// A launch is split over the threads when the buffers it reads and writes total at least this
+    /// many bytes (and its work has at least two items): below that, waking the pool costs more
+    /// than the kernel.
+    pub parallel_min_bytes: u64,
+}
+
+impl Default for CpuOptions {
+    fn default() -> CpuOptions {
+        CpuOptions {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max: None,
+            parallel_min_bytes: 64 << 10,
+        }
+    }
+}
+
+/// One launch of the program, ready to call.
+struct Launch {
+    entry: Packed,
+    kernel: usize,
+    /// Arguments then results, at their fixed addresses.
+    ptrs: Vec<*mut u8>,
+    buffers: Vec<BufferId>,
+    work: Dim,
+}
+
+/// A loaded artifact with its weights, ready to run on the CPU. See the module documentation.
+pub struct CpuModel {
+    manifest: Manifest,
+    launches: Vec<Launch>,
+    arena: Memory,
+    /// Parameters by name and constants by buffer: owned here, pointed to by `launches`.
+    params: HashMap<String, Memory>,
+    constants: HashMap<BufferId, Memory>,
+    max: SymBindings,
+    threads: usize,
+    parallel_min_bytes: u64,
+    /// Inputs that feed an embedding, with the number of rows of the smallest table they index.
+    token_inputs: HashMap<String, u64>,
+    /// The sizes of the last run, whose outputs the arena holds.
+    last: Option<SymBindings>,
+    // Declared last: dropped after everything that points into it (the entries above).
+    _library: libloading::Library,
+}
+
+// SAFETY: the raw pointers in `launches` point into memory this struct owns (`arena`, `params`,
+// `constants`) or into `_library`, which it also owns; nothing is shared with another owner.
+unsafe impl Send for CpuModel {}
+
+fn ty_text(dtype: DType, shape: &[Dim]) -> String {
+    TensorType::new(dtype, shape.iter().copied()).to_string()
+}
+
+fn shape_text(dtype: DType, shape: &[u64]) -> String {
+    TensorType::known(dtype, shape).to_string()
+}
+
+impl CpuModel {
+    /// Loads `artifact` for the CPU with the given parameters (each by name, in any order, every
+    /// declared one exactly once). See the module documentation for what is checked.
+    pub fn load(
+        artifact: &Artifact,
+        params: impl IntoIterator<Item = Result<HostTensor, WeightError>>,
+        options: &CpuOptions,
+    ) -> Result<CpuModel, RuntimeError> {
+        let m = artifact.manifest();
+        let target = m.cpu.as_ref().ok_or(RuntimeError::NoCpuTarget)?;
+        let arch = target.triple.split('-').next().unwrap_or_default();
+        if arch != std::env::consts::ARCH {
+            return Err(RuntimeError::WrongHost {
+                triple: target.triple.clone(),
+                host: std::env::consts::ARCH,
+            });
+        }
+        if options.threads == 0 {
+            return Err(RuntimeError::BadOption("the number of threads must be at least 1".into()));
+        }
+        for (step, s) in m.program.iter().enumerate() {
+            let what = match s {
+                Step::Send { peer, .. } => format!("send to stage {peer}"),
+                Step::Recv { peer, .. } => format!("receive from stage {peer}"),
+                _ => continue,
+            };
+            return Err(RuntimeError::Distributed { step, what });
+        }
+        let compiled = m.max_sizes();
+        let max = options.max.unwrap_or(compiled);
+        for sym in Sym::ALL {
+            let (v, limit) = (max.get(sym), compiled.get(sym));
+            if m.max(sym).is_some() && (v == 0 || v > limit) {
+                return Err(RuntimeError::Size {
+                    sym: sym.name(),
+                    value: v,
+                    max: limit,
+                    why: "the sizes the artifact was compiled for (kiln compile --max-batch, --max-context)",
+                });
+            }
+        }
+        // The arena at the requested maxima; every work range must be computable there too.
+        let mut arena_bytes = 0u64;
+        for b in &m.buffers {
+            if let Storage::Arena { offset } = b.storage {
+                let end = b.bytes(&max).and_then(|n| offset.checked_add(n));
+                arena_bytes = arena_bytes.max(end.unwrap_or(u64::MAX));
+            }
+        }
+        let arena = Memory::zeroed(arena_bytes).ok_or_else(|| RuntimeError::OutOfMemory {
+            bytes: arena_bytes,
+            what: "the activation arena".into(),
+        })?;
+
+        let params = load_params(m, params)?;
+        let mut constants = HashMap::new();
+        for b in &m.buffers {
+            if let Storage::Constant { value } = b.storage {
+                let mut mem = Memory::zeroed(b.max_bytes).ok_or_else(|| RuntimeError::OutOfMemory {
+                    bytes: b.max_bytes,
+                    what: format!("constant {}", b.id),
+                })?;
+                let n = (b.max_bytes / b.dtype.size_bytes()) as usize;
+                let data = if b.dtype.is_float() {
+                    HostData::F32(vec![value as f32; n])
+                } else {
+                    HostData::I64(vec![value as i64; n])
+                };
+                encode(b.dtype, &data, mem.bytes_mut()).map_err(|reason| RuntimeError::InputValue {
+                    name: format!("constant {}", b.id),
+                    reason,
+                })?;
+                constants.insert(b.id, mem);
+            }
+        }
+
+        let library_path = artifact.path(&target.library);
+        // SAFETY: kiln's kernel libraries have no initialisers or global constructors; the library
+        // was checked against its hash in the manifest by `artifact::load`, and it stays loaded for
+        // as long as the entries taken from it (it is dropped last).
+        let library = unsafe { libloading::Library::new(&library_path) }
+            .map_err(|e| RuntimeError::Library { path: library_path.clone(), message: e.to_string() })?;
+        let mut entries: Vec<Option<Packed>> = vec![None; m.kernels.len()];
+        let mut launches = Vec::new();
+        for s in &m.program {
+            let Step::Launch { kernel, buffers, .. } = s else { continue };
+            let k = m.kernel(*kernel);
+            let cpu = k.cpu.as_ref().ok_or(RuntimeError::NoCpuTarget)?;
+            let entry = match entries[kernel.index()] {
+                Some(e) => e,
+                None => {
+                    // SAFETY: every packed entry kiln exports has the `Packed` signature.
+                    let e = unsafe { library.get::<Packed>(cpu.symbol.as_bytes()) }.map(|sym| *sym).map_err(
+                        |_| RuntimeError::MissingSymbol {
+                            kernel: kernel.to_string(),
+                            name: k.name.clone(),
+                            symbol: cpu.symbol.clone(),
+                        },
+                    )?;
+                    entries[kernel.index()] = Some(e);
+                    e
+                }
+            };
+            if cpu.work.eval(&max).is_none() {
+                return Err(RuntimeError::BadOption(format!("the work of kernel `{}` overflows", k.name)));
+            }
+            let ptrs = buffers
+                .iter()
+                .map(|&b| match &m.buffer(b).storage {
+                    Storage::Arena { offset } => arena.as_ptr().wrapping_add(*offset as usize),
+                    Storage::Param { name } => params[name].as_ptr(),
+                    Storage::Constant { .. } => constants[&b].as_ptr(),
+                })
+                .collect();
+            launches.push(Launch {
+                entry,
+                kernel: kernel.index(),
+                ptrs,
+                buffers: buffers.clone(),
+                work: cpu.work,
+            });
+        }
+        let token_inputs = token_inputs(m);
+        Ok(CpuModel {
+            manifest: m.clone(),
+            launches,
+            arena,
+            params,
+            constants,
+            max,
+            threads: options.threads,
+            parallel_min_bytes: options.parallel_min_bytes,
+            token_inputs,
+            last: None,
+            _library: library,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The largest sizes a run may use (what the arena was sized for).
+    pub fn max_sizes(&self) -> SymBindings {
+        self.max
+    }
+
+    /// Bytes of the activation arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.len()
+    }
+
+    /// Bytes of the parameters and constants, in their compiled dtypes.
+    pub fn param_bytes(&self) -> usize {
+        self.params.values().chain(self.constants.values()).map(Memory::len).sum()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Inputs that are token ids, with the vocabulary they index.
+    pub fn token_inputs(&self) -> &HashMap<String, u64> {
+        &self.token_inputs
+    }
+
+    /// Runs the program on `inputs` (each of the artifact's inputs once, by name). Everything is
+    /// checked before anything is written; on an error the arena and the last outputs are as they
+    /// were.
+    pub fn run(&mut self, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
+        let sizes = self.check_inputs(inputs)?;
+        // Encoded apart first: an input's slot may hold the last run's outputs, which must survive
+        // a value that fails to encode.
+        let mut encoded = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            let b = self.manifest.buffer(self.input_buffer(&t.name)?);
+            let Storage::Arena { offset } = b.storage else {
+                return Err(RuntimeError::InputValue {
+                    name: t.name.clone(),
+                    reason: "not in the arena".into(),
+                });
+            };
+            let mut bytes = vec![0u8; b.bytes(&sizes).unwrap_or(0) as usize];
+            encode(b.dtype, &t.data, &mut bytes)
+                .map_err(|reason| RuntimeError::InputValue { name: t.name.clone(), reason })?;
+            encoded.push((offset as usize, bytes));
+        }
+        self.last = None;
+        for (at, bytes) in encoded {
+            self.arena.bytes_mut()[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        self.execute(sizes);
+        self.last = Some(sizes);
+        Ok(sizes)
+    }
+
+    fn input_buffer(&self, name: &str) -> Result<BufferId, RuntimeError> {
+        self.manifest.inputs.iter().find(|i| i.name == name).map(|i| i.buffer).ok_or_else(|| {
+            RuntimeError::UnknownInput {
+                name: name.to_string(),
+                known: self
+                    .manifest
+                    .inputs
+                    .iter()
+                    .map(|i| format!("`{}`", i.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })
+    }
+
+    /// Binds the sizes from the inputs' shapes and checks every input against its buffer, the sizes
+    /// against the maxima, and token ids against their vocabularies.
+    fn check_inputs(&self, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
+        let mut seen = HashSet::new();
+        for t in inputs {
+            self.input_buffer(&t.name)?;
+            if !seen.insert(t.name.as_str()) {
+                return Err(RuntimeError::DuplicateInput { name: t.name.clone() });
+            }
+        }
+        let mut bound: [Option<(u64, String)>; 3] = Default::default();
+        for i in &self.manifest.inputs {
+            let t = inputs
+                .iter()
+                .find(|t| t.name == i.name)
+                .ok_or_else(|| RuntimeError::MissingInput { name: i.name.clone() })?;
+            let b = self.manifest.buffer(i.buffer);
+            let mismatch = || RuntimeError::InputType {
+                name: t.name.clone(),
+                expected: ty_text(b.dtype, &b.shape),
+                found: shape_text(t.dtype, &t.shape),
+            };
+            let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            if t.dtype != b.dtype || t.shape.len() != b.shape.len() || numel != Some(t.data.len() as u64) {
+                return Err(mismatch());
+            }
+            for (axis, (&d, &found)) in b.shape.iter().zip(&t.shape).enumerate() {
+                let Some(sym) = Sym::ALL.into_iter().find(|&s| d == Dim::sym(s)) else { continue };
+                match &bound[sym as usize] {
+                    Some((v, by)) if *v != found => {
+                        return Err(RuntimeError::SizeConflict {
+                            name: t.name.clone(),
+                            axis,
+                            found,
+                            sym: sym.name(),
+                            bound: *v,
+                            bound_by: by.clone(),
+                        })
+                    }
+                    Some(_) => {}
+                    None => {
+                        bound[sym as usize] = Some((found, format!("input `{}` dimension {axis}", t.name)))
+                    }
+                }
+            }
+        }
+        let mut sizes = SymBindings { b: 1, t: 1, s: 1 };
+        for sym in Sym::ALL {
+            if self.manifest.max(sym).is_none() {
+                continue;
+            }
+            let Some((v, _)) = &bound[sym as usize] else {
+                return Err(RuntimeError::UnboundSize { sym: sym.name() });
+            };
+            if *v == 0 || *v > self.max.get(sym) {
+                return Err(RuntimeError::Size {
+                    sym: sym.name(),
+                    value: *v,
+                    max: self.max.get(sym),
+                    why: "the sizes this model was loaded for",
+                });
+            }
+            match sym {
+                Sym::B => sizes.b = *v,
+                Sym::T => sizes.t = *v,
+                Sym::S => sizes.s = *v,
+            }
+        }
+        for i in &self.manifest.inputs {
+            let t = inputs.iter().find(|t| t.name == i.name).expect("checked above");
+            let b = self.manifest.buffer(i.buffer);
+            let want: Option<Vec<u64>> = b.shape.iter().map(|d| d.eval(&sizes)).collect();
+            if want.as_deref() != Some(t.shape.as_slice()) {
+                return Err(RuntimeError::InputType {
+                    name: t.name.clone(),
+                    expected: format!(
+                        "{} = {}",
+                        ty_text(b.dtype, &b.shape),
+                        shape_text(b.dtype, &want.unwrap_or_default())
+                    ),
+                    found: shape_text(t.dtype, &t.shape),
+                });
+            }
+            if let (Some(&vocab), HostData::I64(ids)) = (self.token_inputs.get(&i.name), &t.data) {
+                if let Some((index, &value)) =
+                    ids.iter().enumerate().find(|&(_, &x)| x < 0 || x as u64 >= vocab)
+                {
+                    return Err(RuntimeError::TokenOutOfRange { name: t.name.clone(), index, value, vocab });
+                }
+            }
+        }
+        Ok(sizes)
+    }
+
+    /// Runs every launch at `sizes`, on the pool when it has more than one thread.
+    fn execute(&self, sizes: SymBindings) {
+        // The sizes each kernel takes, in its `sym_args` order: one array per kernel, alive for the
+        // whole run because launches point into them.
+        let syms: Vec<Vec<i64>> = self
+            .manifest
+            .kernels
+            .iter()
+            .map(|k| k.sym_args.iter().map(|&s| sizes.get(s) as i64).collect())
+            .collect();
+        let job = |l: &Launch| {
+            let work = l.work.eval(&sizes).unwrap_or(0) as i64;
+            Job { entry: l.entry, buffers: l.ptrs.as_ptr(), sizes: syms[l.kernel].as_ptr(), work, chunks: 1 }
+        };
+        if self.threads == 1 {
+            for l in &self.launches {
+                let j = job(l);
+                // SAFETY: the entry was resolved from the artifact's library for this kernel; its
+                // pointers address buffers of the kernel's types, sized for `sizes` (checked against
+                // the maxima the arena was allocated for), and the sizes array is the kernel's.
+                unsafe { run_range(&j, 0, j.work) };
+            }
+            return;
+        }
+        let shared = Shared::new();
+        std::thread::scope(|scope| {
+            let pool = Pool::start(scope, &shared, self.threads);
+            for l in &self.launches {
+                let mut j = job(l);
+                let bytes: u64 =
+                    l.buffers.iter().map(|&b| self.manifest.buffer(b).bytes(&sizes).unwrap_or(0)).sum();
+                if j.work >= 2 && bytes >= self.parallel_min_bytes {
+                    // A few chunks per thread, so that unequal items still balance.
+                    j.chunks = j.work.min(4 * pool.threads() as i64);
+                    pool.launch(j);
+                } else {
+                    // SAFETY: as above.
+                    unsafe { run_range(&j, 0, j.work) };
+                }
+            }
+        });
+    }
+
+    fn output_buffer(&self, name: &str) -> Result<(BufferId, SymBindings), RuntimeError> {
+        let o = self.manifest.outputs.iter().find(|o| o.name == name).ok_or_else(|| {
+            RuntimeError::NoSuchOutput {
+                name: name.to_string(),
+                known: self
+                    .manifest
+                    .outputs
+                    .iter()
+                    .map(|o| format!("`{}`", o.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        })?;
+        Ok((o.buffer, self.last.ok_or(RuntimeError::NotRun)?))
+    }
+
+    /// The bytes of a buffer at `sizes`.
+    fn bytes_of(&self, id: BufferId, sizes: &SymBindings) -> &[u8] {
+        let b = self.manifest.buffer(id);
+        let n = b.bytes(sizes).unwrap_or(0) as usize;
+        match &b.storage {
+            Storage::Arena { offset } => &self.arena.bytes()[*offset as usize..*offset as usize + n],
+            Storage::Param { name } => &self.params[name].bytes()[..n],
+            Storage::Constant { .. } => &self.constants[&id].bytes()[..n],
+        }
+    }
+
+    /// An output of the last run, whole.
+    pub fn output(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        let (id, sizes) = self.output_buffer(name)?;
+        let b = self.manifest.buffer(id);
+        let shape = b.shape.iter().map(|d| d.eval(&sizes).unwrap_or(0)).collect();
+        Ok(HostTensor {
+            name: name.to_string(),
+            dtype: b.dtype,
+            shape,
+            data: decode(b.dtype, self.bytes_of(id, &sizes)),
+        })
+    }
+
+    /// Elements `range` (in row-major order) of a float output of the last run, as f32: the rows a
+    /// caller needs without copying the rest (the last position's logits, for instance).
+    pub fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
+        let (id, sizes) = self.output_buffer(name)?;
+        let b = self.manifest.buffer(id);
+        if !b.dtype.is_float() {
+            return Err(RuntimeError::OutputType { name: name.to_string(), dtype: b.dtype });
+        }
+        let size = b.dtype.size_bytes() as usize;
+        let bytes = self.bytes_of(id, &sizes);
+        let len = bytes.len() / size;
+        if range.start > range.end || range.end > len {
+            return Err(RuntimeError::OutputRange {
+                name: name.to_string(),
+                len,
+                start: range.start,
+                end: range.end,
+            });
+        }
+        Ok(decode_f32(b.dtype, &bytes[range.start * size..range.end * size]).unwrap_or_default())
+    }
+}
+
+/// Converts each parameter to its compiled dtype in its own allocation, checking that every
+/// declared parameter comes exactly once with its declared type.
+fn load_params(
+    m: &Manifest,
+    params: impl IntoIterator<Item = Result<HostTensor, WeightError>>,
+) -> Result<HashMap<String, Memory>, RuntimeError> {
+    let decls = manifest_params(m)?;
+    let by_name: HashMap<&str, usize> = decls.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+    let mut out: HashMap<String, Memory> = HashMap::new();
+    for t in params {
+        let t = t?;
+        let Some(&i) = by_name.get(t.name.as_str()) else {
+            return Err(RuntimeError::UnknownParam { name: t.name });
+        };
+        let d = &decls[i];
+        if out.contains_key(&t.name) {
+            return Err(RuntimeError::DuplicateParam { name: t.name });
+        }
+        if t.dtype != d.dtype || t.shape != d.shape || t.data.len() != d.numel {
+            return Err(RuntimeError::ParamType {
+                name: t.name.clone(),
+                expected: shape_text(d.dtype, &d.shape),
+                found: format!("{} with {} values", shape_text(t.dtype, &t.shape), t.data.len()),
+            });
+        }
+        let bytes = d.numel as u64 * d.dtype.size_bytes();
+        let mut mem = Memory::zeroed(bytes)
+            .ok_or_else(|| RuntimeError::OutOfMemory { bytes, what: format!("parameter `{}`", d.name) })?;
+        encode(d.dtype, &t.data, mem.bytes_mut()).map_err(|reason| RuntimeError::ParamType {
+            name: t.name.clone(),
+            expected: shape_text(d.dtype, &d.shape),
+            found: reason,
+        })?;
+        out.insert(t.name, mem);
+    }
+    if let Some(d) = decls.iter().find(|d| !out.contains_key(&d.name)) {
+        return Err(RuntimeError::MissingParam { name: d.name.clone(), count: decls.len() });
+    }
+    Ok(out)
+}
+
+/// The graph inputs that feed an `embedding` kernel's ids (directly or through reshapes), each with
+/// the rows of the smallest table it indexes. Kernels are named `k_{op}_{hash}` and an embedding
+/// takes `(table, ids)`, as the manifest format documents.
+fn token_inputs(m: &Manifest) -> HashMap<String, u64> {
+    // The buffer each alias views, followed back to its source.
+    let mut source: HashMap<BufferId, BufferId> = HashMap::new();
+    for s in &m.program {
+        if let Step::Alias { buffer, source: src } = s {
+            let root = source.get(src).copied().unwrap_or(*src);
+            source.insert(*buffer, root);
+        }
+    }
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for s in &m.program {
+        let Step::Launch { kernel, buffers, .. } = s else { continue };
+        let k = m.kernel(*kernel);
+        if !k.name.starts_with("k_embedding_") || buffers.len() < 2 {
+            continue;
+        }
+        let Some(rows) = k.args[0].shape.first().and_then(|d| d.as_known()) else { continue };
+        let ids = source.get(&buffers[1]).copied().unwrap_or(buffers[1]);
+        if let Some(input) = m.inputs.iter().find(|i| i.buffer == ids) {
+            let e = out.entry(input.name.clone()).or_insert(rows);
+            *e = (*e).min(rows);
+        }
+    }
+    out
+}
+
+impl crate::generate::Engine for CpuModel {
+    fn inputs(&self) -> Vec<(String, DType)> {
+        self.manifest.inputs.iter().map(|i| (i.name.clone(), self.manifest.buffer(i.buffer).dtype)).collect()
+    }
+
+    fn vocab_size(&self) -> Option<u64> {
+        let o = self.manifest.outputs.iter().find(|o| o.name == crate::generate::LOGITS)?;
+        self.manifest.buffer(o.buffer).shape.last()?.as_known()
+    }
+
+    fn limits(&self) -> crate::generate::Limits {
+        let used = |s: Sym| self.manifest.max(s).is_some();
+        let mut limits = crate::generate::Limits {
+            max_batch: if used(Sym::B) { self.max.b } else { 1 },
+            max_tokens: if used(Sym::T) { self.max.t } else { 1 },
+            what: format!("the artifact as loaded (T <= {}; kiln compile --max-context)", self.max.t),
+        };
+        if let Some(p) = self.manifest.model.as_ref().map(|m| m.model.max_position_embeddings) {
+            if p < limits.max_tokens {
+                limits = crate::generate::Limits {
+                    max_tokens: p,
+                    what: "the model's max_position_embeddings".into(),
+                    ..limits
+                };
+            }
+        }
+        limits
+    }
+
+    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        CpuModel::run(self, inputs).map(|_| ())
+    }
+
+    fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
+        CpuModel::output_f32(self, name, range)
+    }
+}

@@ -1,0 +1,192 @@
+//! The threads one run of the program shares: `N - 1` workers started in a `std::thread::scope`
+//! for the whole run, plus the calling thread.
+//!
+//! A launch is split into chunks of its work range `[0, work)` (a few per thread, so that kernels
+//! whose items cost unequal amounts, such as causal attention rows, still balance); every thread
+//! claims chunks until none are left, and [`Pool::launch`] returns when all of them have finished.
+//! The packed ABI guarantees that any split of the range, run in any order or in parallel,
+//! computes the kernel, so no chunk depends on another.
+//!
+//! Workers sleep on a condition variable between launches. Starting them once per run rather than
+//! once per launch matters: a forward pass of a small model is hundreds of short launches.
+
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::Scope;
+
+/// The packed entry of a CPU kernel: `void f(void *const *buffers, const int64_t *sizes, int64_t lo,
+/// int64_t hi)`.
+pub type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// One kernel call split into `chunks` ranges.
+#[derive(Clone, Copy)]
+pub struct Job {
+    pub entry: Packed,
+    pub buffers: *const *mut u8,
+    pub sizes: *const i64,
+    pub work: i64,
+    pub chunks: i64,
+}
+
+// SAFETY: a job is only run while `Pool::launch` (or the sequential caller) keeps the pointer arrays
+// and the memory they point to alive, and its chunks write disjoint parts of the results.
+unsafe impl Send for Job {}
+
+impl Job {
+    /// Runs chunk `c` of the job: items `[work * c / chunks, work * (c + 1) / chunks)`.
+    fn run_chunk(&self, c: i64) {
+        let lo = self.work * c / self.chunks;
+        let hi = self.work * (c + 1) / self.chunks;
+        // SAFETY: see `run_range`.
+        unsafe { run_range(self, lo, hi) }
+    }
+}
+
+/// Calls the kernel on `[lo, hi)`.
+///
+/// # Safety
+/// `job.entry` must be a packed entry whose buffers and sizes are `job.buffers` and `job.sizes`,
+/// each pointing to memory that holds the kernel's argument types at those sizes.
+pub unsafe fn run_range(job: &Job, lo: i64, hi: i64) {
+    if lo < hi {
+        (job.entry)(job.buffers, job.sizes, lo, hi);
+    }
+}
+
+struct State {
+    job: Option<Job>,
+    next: i64,
+    unfinished: i64,
+    quit: bool,
+}
+
+/// The shared state of a pool; lives outside the scope its workers run in.
+pub struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    done: Condvar,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            state: Mutex::new(State { job: None, next: 0, unfinished: 0, quit: false }),
+            wake: Condvar::new(),
+            done: Condvar::new(),
+        }
+    }
+
+    /// Kernels do not panic, so the lock is never poisoned by a worker; if it were, its state is
+    /// still consistent (every update is a single field write under the lock).
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims and runs chunks of the current job until none are left. Returns with the lock held.
+    fn drain<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        while let Some(job) = st.job.filter(|j| st.next < j.chunks) {
+            let c = st.next;
+            st.next += 1;
+            drop(st);
+            job.run_chunk(c);
+            st = self.lock();
+            st.unfinished -= 1;
+            if st.unfinished == 0 {
+                self.done.notify_all();
+            }
+        }
+        st
+    }
+
+    fn worker(&self) {
+        let mut st = self.lock();
+        loop {
+            st = self.drain(st);
+            if st.quit {
+                return;
+            }
+            st = self.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// A started pool: dropping it stops the workers (the scope then joins them).
+pub struct Pool<'s> {
+    shared: &'s Shared,
+    threads: usize,
+}
+
+impl<'s> Pool<'s> {
+    /// Starts `threads - 1` workers in `scope`; the caller is the last thread.
+    pub fn start<'scope>(scope: &'scope Scope<'scope, '_>, shared: &'s Shared, threads: usize) -> Pool<'s>
+    where
+        's: 'scope,
+    {
+        for _ in 1..threads {
+            scope.spawn(move || shared.worker());
+        }
+        Pool { shared, threads: threads.max(1) }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `job` split into its chunks on every thread, and returns when all are done.
+    pub fn launch(&self, job: Job) {
+        let mut st = self.shared.lock();
+        st.job = Some(job);
+        st.next = 0;
+        st.unfinished = job.chunks;
+        self.shared.wake.notify_all();
+        st = self.shared.drain(st);
+        while st.unfinished > 0 {
+            st = self.shared.done.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.job = None;
+    }
+}
+
+impl Drop for Pool<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().quit = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A "kernel" that adds one to every item of its range in a counter array.
+    unsafe extern "C" fn bump(buffers: *const *mut u8, _sizes: *const i64, lo: i64, hi: i64) {
+        let counts = *buffers as *const AtomicU32;
+        for i in lo..hi {
+            (*counts.add(i as usize)).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn every_item_runs_exactly_once_across_launches() {
+        let counts: Vec<AtomicU32> = (0..1000).map(|_| AtomicU32::new(0)).collect();
+        let ptrs = [counts.as_ptr() as *mut u8];
+        let shared = Shared::new();
+        std::thread::scope(|s| {
+            let pool = Pool::start(s, &shared, 3);
+            for work in [1000i64, 7, 1, 999] {
+                let chunks = work.min(12);
+                pool.launch(Job {
+                    entry: bump,
+                    buffers: ptrs.as_ptr(),
+                    sizes: std::ptr::null(),
+                    work,
+                    chunks,
+                });
+            }
+        });
+        for (i, c) in counts.iter().enumerate() {
+            let want = 1 + u32::from(i < 7) + u32::from(i < 1) + u32::from(i < 999);
+            assert_eq!(c.load(Ordering::Relaxed), want, "item {i}");
+        }
+    }
+}

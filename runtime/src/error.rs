@@ -1,0 +1,143 @@
+//! [`RuntimeError`]: everything that can go wrong loading an artifact, binding its weights, running
+//! it and generating from it. Each message says what was wrong, where, and what would be right;
+//! nothing a caller passes in makes the runtime panic.
+
+use std::path::PathBuf;
+
+use kiln_ir::artifact::ManifestError;
+use kiln_ir::interp::InterpError;
+
+use crate::weights::WeightError;
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    // Devices.
+    #[error("no CUDA driver: libcuda could not be loaded on this machine (is an NVIDIA driver installed?)")]
+    NoCudaDriver,
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    #[error(
+        "the CUDA backend is not written yet: a CUDA driver is present, but kiln runs artifacts on the \
+         CPU only for now (--device cpu)"
+    )]
+    NoCudaBackend,
+
+    // Loading an artifact.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{}: not a kiln artifact (no manifest.json); `kiln compile SPEC -o DIR` writes one",
+        dir.display()
+    )]
+    NotAnArtifact { dir: PathBuf },
+    #[error("{}: not a manifest this kiln can read: {reason}", path.display())]
+    BadManifest { path: PathBuf, reason: String },
+    #[error(
+        "{}: artifact format version {found}, but this kiln reads version {supported}: recompile it \
+         with this kiln (`kiln compile`)",
+        dir.display()
+    )]
+    FormatVersion { dir: PathBuf, found: u64, supported: u32 },
+    #[error("{}: {source}", dir.display())]
+    InvalidManifest { dir: PathBuf, source: ManifestError },
+    #[error("{}: file `{name}`, listed in the manifest, is missing", dir.display())]
+    MissingFile { dir: PathBuf, name: String },
+    #[error(
+        "{}: file `{name}` has {found} bytes but the manifest says {expected} (truncated or replaced \
+         since `kiln compile`?)",
+        dir.display()
+    )]
+    FileSize { dir: PathBuf, name: String, expected: u64, found: u64 },
+    #[error(
+        "{}: file `{name}` does not match its SHA-256 in the manifest (modified since `kiln compile`?)",
+        dir.display()
+    )]
+    FileHash { dir: PathBuf, name: String },
+    #[error("{}: graph.kir does not parse: {reason}", dir.display())]
+    BadGraph { dir: PathBuf, reason: String },
+
+    // The CPU backend.
+    #[error("the artifact has no CPU kernels: compile it with `--target cpu` or `--target all`")]
+    NoCpuTarget,
+    #[error("kernels.so was compiled for `{triple}`, which this {host} machine cannot run: recompile here")]
+    WrongHost { triple: String, host: &'static str },
+    #[error("cannot load {}: {message}", path.display())]
+    Library { path: PathBuf, message: String },
+    #[error("kernel {kernel} (`{name}`): its entry `{symbol}` is not in kernels.so")]
+    MissingSymbol { kernel: String, name: String, symbol: String },
+    #[error(
+        "program step {step} ({what}) needs the distributed runtime, which kiln does not have yet: this \
+         runtime runs single-stage artifacts"
+    )]
+    Distributed { step: usize, what: String },
+    #[error("cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory { bytes: u64, what: String },
+    #[error("{0}")]
+    BadOption(String),
+
+    // Weights.
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error("parameter `{name}` was not given (the artifact declares {count} parameters)")]
+    MissingParam { name: String, count: usize },
+    #[error("`{name}` is not a parameter of the artifact")]
+    UnknownParam { name: String },
+    #[error("parameter `{name}` was given twice")]
+    DuplicateParam { name: String },
+    #[error("parameter `{name}`: the artifact expects {expected}, got {found}")]
+    ParamType { name: String, expected: String, found: String },
+
+    // Runs.
+    #[error("{sym} = {value} is outside 1..={max}, {why}")]
+    Size { sym: &'static str, value: u64, max: u64, why: &'static str },
+    #[error("input `{name}` was not given")]
+    MissingInput { name: String },
+    #[error("`{name}` is not an input of the artifact (its inputs: {known})")]
+    UnknownInput { name: String, known: String },
+    #[error("input `{name}` was given twice")]
+    DuplicateInput { name: String },
+    #[error("input `{name}` must be {expected}, got {found}")]
+    InputType { name: String, expected: String, found: String },
+    #[error("input `{name}`: dimension {axis} is {found}, but {sym} = {bound} from {bound_by}")]
+    SizeConflict { name: String, axis: usize, found: u64, sym: &'static str, bound: u64, bound_by: String },
+    #[error("the artifact uses the size {sym}, but no input has a dimension that is exactly {sym}")]
+    UnboundSize { sym: &'static str },
+    #[error("input `{name}`: {reason}")]
+    InputValue { name: String, reason: String },
+    #[error(
+        "input `{name}`: token id {value} at index {index} is outside the vocabulary: ids must be in \
+         0..{vocab}"
+    )]
+    TokenOutOfRange { name: String, index: usize, value: i64, vocab: u64 },
+    #[error("`{name}` is not an output (the outputs: {known})")]
+    NoSuchOutput { name: String, known: String },
+    #[error("nothing has run yet, so there are no outputs to read")]
+    NotRun,
+    #[error("output `{name}` has {len} elements; elements {start}..{end} were asked for")]
+    OutputRange { name: String, len: usize, start: usize, end: usize },
+    #[error("output `{name}` is {dtype}, not a float tensor")]
+    OutputType { name: String, dtype: kiln_ir::DType },
+    #[error(transparent)]
+    Interp(#[from] InterpError),
+
+    // Generation.
+    #[error("prompt {0} is empty: give at least one token id")]
+    EmptyPrompt(usize),
+    #[error("no prompts to generate from")]
+    NoPrompts,
+    #[error("{count} prompts, but {what} holds a batch of at most {max}")]
+    BatchTooLarge { count: usize, max: u64, what: String },
+    #[error("{which} is {value}, outside the vocabulary: ids must be in 0..{vocab}")]
+    PromptToken { which: String, value: i64, vocab: u64 },
+    #[error(
+        "{prompt} prompt tokens + {new} new tokens need {needed} positions, but {what} holds at most {max}"
+    )]
+    ContextTooLong { prompt: usize, new: usize, needed: u64, max: u64, what: String },
+    #[error("the model has no `{0}` output to generate from")]
+    NoLogits(String),
+    #[error("the model takes input `{0}`, which generation does not know how to fill")]
+    UnknownModelInput(String),
+    #[error("the logits of sequence {sequence} at step {step} have no finite value")]
+    NonFiniteLogits { sequence: usize, step: usize },
+}

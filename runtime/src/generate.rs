@@ -1,0 +1,400 @@
+//! Decoding: prompts in, tokens out, greedy or sampled, over any [`Engine`] (the compiled CPU model
+//! or the reference interpreter, so the two can be compared token for token).
+//!
+//! There is no KV cache yet: every step runs the whole sequence so far (a prefill of the full
+//! prefix) and reads the logits of its last position. A decode step therefore costs as much as a
+//! prefill of the sequence, and decode tokens/s falls as the sequence grows; the KV-cache decode path
+//! needs decode graphs with cache inputs from the compiler and is the next slice.
+//!
+//! Batches: prompts of different lengths run together, right-padded to the longest (pad id 0) with
+//! positions `0..T` on every row. This is exact, not an approximation: attention is causal, so a
+//! position never sees the padding after it, and everything else in the model (norms, routing,
+//! experts) works per token. Each sequence reads its logits at its own last position. A sequence
+//! that stops leaves the batch. MTP inputs (`mtp_tokens`, `mtp_tokens.k`) are filled with each
+//! row's tokens shifted by `k` and padded; their outputs are not used for decoding.
+//!
+//! Sampling: greedy (the first maximum, like `argmax`), or temperature and top-p (nucleus)
+//! sampling with a seeded SplitMix64 stream per sequence, so a sequence draws the same numbers
+//! whether it runs alone or in a batch. Stop tokens end a sequence (the stop token is reported and
+//! kept); `max_new_tokens` ends it otherwise. Tokens are reported through a callback as they come.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use kiln_ir::DType;
+
+use crate::weights::{HostData, HostTensor};
+use crate::RuntimeError;
+
+/// The output generation reads.
+pub const LOGITS: &str = "logits";
+
+/// What bounds one run of an engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Sequences per run.
+    pub max_batch: u64,
+    /// Tokens per sequence per run.
+    pub max_tokens: u64,
+    /// What sets `max_tokens`, for messages (`the artifact (compiled for T <= 64)`).
+    pub what: String,
+}
+
+/// Something that runs a model's forward pass on a batch of token sequences.
+pub trait Engine {
+    /// The model's inputs with their dtypes.
+    fn inputs(&self) -> Vec<(String, DType)>;
+    /// The size of the last dimension of the [`LOGITS`] output, when the model has it.
+    fn vocab_size(&self) -> Option<u64>;
+    fn limits(&self) -> Limits;
+    /// Runs the model; its outputs stay readable until the next run.
+    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError>;
+    /// Elements `range` of a float output of the last run.
+    fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError>;
+}
+
+/// How to pick each token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (the first one on ties).
+    Greedy,
+    /// Sample from the softmax at `temperature` (> 0), restricted to the smallest set of most likely
+    /// tokens whose probability reaches `top_p` (in `(0, 1]`; 1 keeps every token).
+    Sample { temperature: f32, top_p: f32, seed: u64 },
+}
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Token ids that end a sequence (reported and kept as its last token).
+    pub stop_tokens: Vec<i64>,
+}
+
+/// One generated token, as it comes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenEvent {
+    /// The prompt it continues (index into the prompts).
+    pub sequence: usize,
+    /// Its index among the sequence's new tokens.
+    pub step: usize,
+    pub token: i64,
+    /// Its logit, and its probability under the model's distribution (temperature 1).
+    pub logit: f32,
+    pub prob: f32,
+}
+
+/// Timings of a generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Prompt tokens of the first forward pass (padding not counted).
+    pub prompt_tokens: usize,
+    /// The first forward pass over the prompts, with picking the first tokens.
+    pub prefill: Duration,
+    /// From the call to the first token.
+    pub first_token: Duration,
+    /// Tokens made after the first step, and the time the steps that made them took.
+    pub decode_tokens: usize,
+    pub decode: Duration,
+    /// Forward passes run.
+    pub forwards: usize,
+}
+
+impl Stats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// `None` when no token was decoded after the first.
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
+        (self.decode_tokens > 0)
+            .then(|| self.decode_tokens as f64 / self.decode.as_secs_f64().max(f64::MIN_POSITIVE))
+    }
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The new tokens of each prompt.
+    pub tokens: Vec<Vec<i64>>,
+    /// Whether each sequence ended at a stop token (otherwise at `max_new_tokens`).
+    pub stopped: Vec<bool>,
+    pub stats: Stats,
+}
+
+/// SplitMix64 (Steele, Lea and Flood 2014): small, seeded, the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn for_sequence(seed: u64, sequence: usize) -> Rng {
+        let mut r = Rng(seed);
+        r.0 ^= Rng(sequence as u64).next();
+        r
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// The index of the token to emit, or `None` when no logit is finite.
+fn pick(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> Option<usize> {
+    let finite = |x: f32| x.is_finite().then_some(x);
+    let (best, max) = logits.iter().enumerate().filter_map(|(i, &x)| Some((i, finite(x)?))).fold(
+        None,
+        |acc: Option<(usize, f32)>, (i, x)| match acc {
+            Some((_, m)) if m >= x => acc,
+            _ => Some((i, x)),
+        },
+    )?;
+    let Sampling::Sample { temperature, top_p, .. } = sampling else { return Some(best) };
+    let t = f64::from(temperature);
+    let mut weights: Vec<(usize, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, finite(x).map_or(0.0, |x| ((f64::from(x) - f64::from(max)) / t).exp())))
+        .filter(|&(_, w)| w > 0.0)
+        .collect();
+    // Most likely first; equal weights keep index order, so the draw is deterministic.
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = weights.iter().map(|w| w.1).sum();
+    let mut kept = 0.0;
+    let mut n = 0;
+    for &(_, w) in &weights {
+        kept += w;
+        n += 1;
+        if kept >= f64::from(top_p) * total {
+            break;
+        }
+    }
+    let mut r = rng.unit() * kept;
+    for &(i, w) in &weights[..n] {
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    weights[..n].last().map(|w| w.0)
+}
+
+/// The logit of `token` and its probability under `softmax(logits)`.
+fn logit_and_prob(logits: &[f32], token: usize) -> (f32, f32) {
+    let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().filter(|x| x.is_finite()).map(|&x| f64::from(x - max).exp()).sum();
+    let l = logits[token];
+    (l, (f64::from(l - max).exp() / sum) as f32)
+}
+
+/// The MTP depth `k` an input named `mtp_tokens` (1) or `mtp_tokens.k` stands for.
+fn mtp_shift(name: &str) -> Option<usize> {
+    match name.strip_prefix("mtp_tokens")? {
+        "" => Some(1),
+        rest => rest.strip_prefix('.')?.parse().ok().filter(|&k| k > 0),
+    }
+}
+
+fn check(engine: &dyn Engine, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<u64, RuntimeError> {
+    if let Sampling::Sample { temperature, top_p, .. } = opts.sampling {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(RuntimeError::BadOption(format!(
+                "the temperature must be a positive number (0 means greedy), not {temperature}"
+            )));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(RuntimeError::BadOption(format!("top-p must be in (0, 1], not {top_p}")));
+        }
+    }
+    for (name, _) in engine.inputs() {
+        if name != "tokens" && name != "positions" && mtp_shift(&name).is_none() {
+            return Err(RuntimeError::UnknownModelInput(name));
+        }
+    }
+    let vocab = engine.vocab_size().ok_or_else(|| RuntimeError::NoLogits(LOGITS.into()))?;
+    if prompts.is_empty() {
+        return Err(RuntimeError::NoPrompts);
+    }
+    let limits = engine.limits();
+    if prompts.len() as u64 > limits.max_batch {
+        return Err(RuntimeError::BatchTooLarge {
+            count: prompts.len(),
+            max: limits.max_batch,
+            what: limits.what,
+        });
+    }
+    for (p, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyPrompt(p));
+        }
+        if let Some((i, &value)) = prompt.iter().enumerate().find(|&(_, &t)| t < 0 || t as u64 >= vocab) {
+            let which = if prompts.len() == 1 {
+                format!("prompt token {i}")
+            } else {
+                format!("prompt {p} token {i}")
+            };
+            return Err(RuntimeError::PromptToken { which, value, vocab });
+        }
+        // The last forward pass reads the prompt and every new token but the last.
+        let needed = (prompt.len() + opts.max_new_tokens.saturating_sub(1)) as u64;
+        if needed > limits.max_tokens {
+            return Err(RuntimeError::ContextTooLong {
+                prompt: prompt.len(),
+                new: opts.max_new_tokens,
+                needed,
+                max: limits.max_tokens,
+                what: limits.what,
+            });
+        }
+    }
+    Ok(vocab)
+}
+
+/// The inputs of one forward pass over the sequences `rows`, right-padded to the longest.
+fn batch_inputs(engine: &dyn Engine, rows: &[&[i64]]) -> (Vec<HostTensor>, usize) {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(1);
+    let shape = vec![rows.len() as u64, t as u64];
+    let shifted = |k: usize| -> Vec<i64> {
+        rows.iter().flat_map(|r| (0..t).map(move |i| r.get(i + k).copied().unwrap_or(0))).collect()
+    };
+    let inputs = engine
+        .inputs()
+        .into_iter()
+        .map(|(name, dtype)| {
+            let data = match name.as_str() {
+                "tokens" => shifted(0),
+                "positions" => rows.iter().flat_map(|_| 0..t as i64).collect(),
+                other => shifted(mtp_shift(other).unwrap_or(0)),
+            };
+            HostTensor { name, dtype, shape: shape.clone(), data: HostData::I64(data) }
+        })
+        .collect();
+    (inputs, t)
+}
+
+/// Generates from each prompt; see the module documentation. `on_token` sees every token as it is
+/// picked. Every check (prompts, ids, lengths, options) is done before the first forward pass.
+pub fn generate(
+    engine: &mut dyn Engine,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    on_token: &mut dyn FnMut(&TokenEvent),
+) -> Result<Generation, RuntimeError> {
+    let vocab = check(engine, prompts, opts)? as usize;
+    let start = Instant::now();
+    let mut seqs: Vec<Vec<i64>> = prompts.to_vec();
+    let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
+    let mut stopped = vec![false; prompts.len()];
+    let mut rngs: Vec<Rng> = (0..prompts.len())
+        .map(|i| match opts.sampling {
+            Sampling::Sample { seed, .. } => Rng::for_sequence(seed, i),
+            Sampling::Greedy => Rng(0),
+        })
+        .collect();
+    let mut active: Vec<usize> =
+        if opts.max_new_tokens == 0 { Vec::new() } else { (0..prompts.len()).collect() };
+    let mut stats = Stats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Stats::default() };
+    let mut step = 0;
+    while !active.is_empty() {
+        let t0 = Instant::now();
+        let rows: Vec<&[i64]> = active.iter().map(|&s| seqs[s].as_slice()).collect();
+        let (inputs, t) = batch_inputs(engine, &rows);
+        engine.run(&inputs)?;
+        let mut made = 0;
+        let mut still = Vec::with_capacity(active.len());
+        for (r, &s) in active.iter().enumerate() {
+            let row = r * t + seqs[s].len() - 1;
+            let logits = engine.output_f32(LOGITS, row * vocab..(row + 1) * vocab)?;
+            let token = pick(&logits, opts.sampling, &mut rngs[s])
+                .ok_or(RuntimeError::NonFiniteLogits { sequence: s, step })?;
+            let (logit, prob) = logit_and_prob(&logits, token);
+            let token = token as i64;
+            seqs[s].push(token);
+            tokens[s].push(token);
+            made += 1;
+            if step == 0 && s == active[0] {
+                stats.first_token = start.elapsed();
+            }
+            on_token(&TokenEvent { sequence: s, step, token, logit, prob });
+            if opts.stop_tokens.contains(&token) {
+                stopped[s] = true;
+            } else if tokens[s].len() < opts.max_new_tokens {
+                still.push(s);
+            }
+        }
+        stats.forwards += 1;
+        if step == 0 {
+            stats.prefill = t0.elapsed();
+        } else {
+            stats.decode += t0.elapsed();
+            stats.decode_tokens += made;
+        }
+        active = still;
+        step += 1;
+    }
+    Ok(Generation { tokens, stopped, stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_first_maximum_and_skips_nan() {
+        let mut rng = Rng(0);
+        assert_eq!(pick(&[1.0, 3.0, 3.0, 2.0], Sampling::Greedy, &mut rng), Some(1));
+        assert_eq!(pick(&[f32::NAN, 0.5, f32::NAN], Sampling::Greedy, &mut rng), Some(1));
+        assert_eq!(pick(&[f32::NAN, f32::INFINITY], Sampling::Greedy, &mut rng), None);
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_and_top_p_cuts_the_tail() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125 at temperature 1.
+        let logits = [2f32.ln() * 3.0, 2f32.ln() * 2.0, 2f32.ln(), 2f32.ln()];
+        let count = |top_p: f32, temperature: f32| {
+            let mut rng = Rng::for_sequence(7, 0);
+            let mut n = [0usize; 4];
+            for _ in 0..40_000 {
+                n[pick(&logits, Sampling::Sample { temperature, top_p, seed: 7 }, &mut rng).unwrap()] += 1;
+            }
+            n.map(|c| c as f64 / 40_000.0)
+        };
+        let all = count(1.0, 1.0);
+        for (got, want) in all.iter().zip([0.5, 0.25, 0.125, 0.125]) {
+            assert!((got - want).abs() < 0.01, "{all:?}");
+        }
+        // top-p 0.7 keeps the two most likely (0.5 + 0.25 >= 0.7), renormalised to 2/3 and 1/3.
+        let nucleus = count(0.7, 1.0);
+        assert!(
+            (nucleus[0] - 2.0 / 3.0).abs() < 0.01 && nucleus[2] == 0.0 && nucleus[3] == 0.0,
+            "{nucleus:?}"
+        );
+        // A low temperature is nearly greedy.
+        assert!(count(1.0, 0.05)[0] > 0.999);
+    }
+
+    #[test]
+    fn sequences_draw_from_their_own_streams() {
+        let a: Vec<u64> = (0..3).map(|_| Rng::for_sequence(1, 0).next()).collect();
+        assert_eq!(a[0], a[1]);
+        assert_ne!(Rng::for_sequence(1, 0).next(), Rng::for_sequence(1, 1).next());
+        assert_ne!(Rng::for_sequence(1, 0).next(), Rng::for_sequence(2, 0).next());
+    }
+
+    #[test]
+    fn mtp_inputs_are_named_by_depth() {
+        assert_eq!(mtp_shift("mtp_tokens"), Some(1));
+        assert_eq!(mtp_shift("mtp_tokens.3"), Some(3));
+        assert_eq!(mtp_shift("mtp_tokens.0"), None);
+        assert_eq!(mtp_shift("mtp_tokensx"), None);
+        assert_eq!(mtp_shift("tokens"), None);
+    }
+}

@@ -1,0 +1,171 @@
+//! Host memory for kernels: aligned, zeroed allocations ([`Memory`]), and the bytes each dtype is
+//! stored as ([`encode`], [`decode`]), which are the generated kernels' storage types: f32, f16 and
+//! bf16 in IEEE/bfloat layout, FP8 E4M3 and bool as one byte each, i32 and i64, all little-endian.
+//!
+//! Values come and go as [`HostData`]: floats as f32 (exactly representable in the dtype, so that
+//! encoding is exact; other values are rounded to nearest even, FP8 with saturation), integers and
+//! bools as i64 (range-checked on the way in).
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+
+use kiln_ir::interp::numerics::f8e4m3_from_f32;
+use kiln_ir::DType;
+
+use crate::weights::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, HostData};
+
+/// The alignment of every allocation: the arena's offset alignment, so that an arena buffer is
+/// aligned in memory as it is in the plan.
+pub const ALIGN: usize = kiln_ir::artifact::ARENA_ALIGN as usize;
+
+/// A zeroed, [`ALIGN`]-aligned allocation that lives at a fixed address until dropped.
+pub struct Memory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `Memory` owns its allocation exclusively, like a `Vec<u8>`.
+unsafe impl Send for Memory {}
+// SAFETY: shared access only reads through `&self`.
+unsafe impl Sync for Memory {}
+
+impl Memory {
+    /// `len` zeroed bytes (at least one byte is allocated, so that every buffer has an address).
+    /// `None` when the allocation fails or the size is not addressable.
+    pub fn zeroed(len: u64) -> Option<Memory> {
+        let len = usize::try_from(len).ok()?;
+        let layout = Layout::from_size_align(len.max(1), ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(Memory { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address of the first byte, for kernels.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes were allocated and zeroed, so they are initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("checked in zeroed");
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// Writes `data` as `dtype` elements into `out`, which must hold exactly `data.len()` elements.
+/// Fails (with the reason) on a class mismatch, an integer out of range or a bool not 0 or 1.
+pub fn encode(dtype: DType, data: &HostData, out: &mut [u8]) -> Result<(), String> {
+    let size = dtype.size_bytes() as usize;
+    if out.len() != data.len() * size {
+        return Err(format!("{} values do not fill {} bytes of {dtype}", data.len(), out.len()));
+    }
+    match (data, dtype) {
+        (HostData::F32(v), DType::F32) => put(out, v, |x| x.to_le_bytes()),
+        (HostData::F32(v), DType::BF16) => put(out, v, |&x| f32_to_bf16(x).to_le_bytes()),
+        (HostData::F32(v), DType::F16) => put(out, v, |&x| f32_to_f16(x).to_le_bytes()),
+        (HostData::F32(v), DType::F8E4M3) => put(out, v, |&x| [f8e4m3_from_f32(x)]),
+        (HostData::I64(v), DType::I64) => put(out, v, |x| x.to_le_bytes()),
+        (HostData::I64(v), DType::I32) => {
+            if let Some(x) = v.iter().find(|&&x| i32::try_from(x).is_err()) {
+                return Err(format!("value {x} does not fit in i32"));
+            }
+            put(out, v, |&x| (x as i32).to_le_bytes())
+        }
+        (HostData::I64(v), DType::Bool) => {
+            if let Some(x) = v.iter().find(|&&x| x != 0 && x != 1) {
+                return Err(format!("bool value {x} is neither 0 nor 1"));
+            }
+            put(out, v, |&x| [x as u8])
+        }
+        (HostData::F32(_), d) => return Err(format!("float values for a {d} tensor")),
+        (HostData::I64(_), d) => return Err(format!("integer values for a {d} tensor")),
+    }
+    Ok(())
+}
+
+fn put<T, const N: usize>(out: &mut [u8], values: &[T], f: impl Fn(&T) -> [u8; N]) {
+    for (chunk, x) in out.chunks_exact_mut(N).zip(values) {
+        chunk.copy_from_slice(&f(x));
+    }
+}
+
+/// The values of `bytes` holding `dtype` elements (a trailing partial element is ignored).
+pub fn decode(dtype: DType, bytes: &[u8]) -> HostData {
+    fn get<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact gives N bytes"))).collect()
+    }
+    match dtype {
+        DType::F32 => HostData::F32(get(bytes, f32::from_le_bytes)),
+        DType::BF16 => HostData::F32(get(bytes, |b| bf16_to_f32(u16::from_le_bytes(b)))),
+        DType::F16 => HostData::F32(get(bytes, |b| f16_to_f32(u16::from_le_bytes(b)))),
+        DType::F8E4M3 => HostData::F32(get(bytes, |[b]| e4m3_to_f32(b))),
+        DType::I64 => HostData::I64(get(bytes, i64::from_le_bytes)),
+        DType::I32 => HostData::I64(get(bytes, |b| i64::from(i32::from_le_bytes(b)))),
+        DType::Bool => HostData::I64(get(bytes, |[b]| i64::from(b != 0))),
+    }
+}
+
+/// `decode` for float dtypes only, as f32.
+pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Option<Vec<f32>> {
+    match decode(dtype, bytes) {
+        HostData::F32(v) if dtype.is_float() => Some(v),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dtype_round_trips_through_its_bytes() {
+        let floats = HostData::F32(vec![1.0, -2.5, 0.0, 448.0, 0.015625]);
+        for d in [DType::F32, DType::BF16, DType::F16, DType::F8E4M3] {
+            let mut b = vec![0u8; 5 * d.size_bytes() as usize];
+            encode(d, &floats, &mut b).unwrap();
+            assert_eq!(decode(d, &b), floats, "{d}");
+        }
+        let ints = HostData::I64(vec![0, 1, -7, 1 << 40]);
+        let mut b = vec![0u8; 32];
+        encode(DType::I64, &ints, &mut b).unwrap();
+        assert_eq!(decode(DType::I64, &b), ints);
+        let mut b = vec![0u8; 16];
+        assert!(encode(DType::I32, &ints, &mut b).unwrap_err().contains("does not fit in i32"));
+        encode(DType::I32, &HostData::I64(vec![0, 1, -7, 5]), &mut b).unwrap();
+        assert_eq!(decode(DType::I32, &b), HostData::I64(vec![0, 1, -7, 5]));
+        let mut b = vec![0u8; 4];
+        assert!(encode(DType::Bool, &ints, &mut b).is_err());
+        assert!(encode(DType::F32, &HostData::I64(vec![1]), &mut b).unwrap_err().contains("integer values"));
+        assert!(encode(DType::F32, &floats, &mut b).unwrap_err().contains("do not fill"));
+    }
+
+    #[test]
+    fn memory_is_aligned_and_zeroed() {
+        for len in [0u64, 1, 1000] {
+            let m = Memory::zeroed(len).unwrap();
+            assert_eq!(m.as_ptr() as usize % ALIGN, 0);
+            assert!(m.bytes().iter().all(|&b| b == 0));
+        }
+        assert!(Memory::zeroed(u64::MAX).is_none());
+    }
+}

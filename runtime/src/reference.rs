@@ -1,0 +1,102 @@
+//! The reference interpreter (`kiln_ir::interp`) as a [`generate::Engine`], so that generation runs
+//! the same loop on the oracle as on compiled code: `kiln run --interp` and `kiln bench run` use it,
+//! and tests compare compiled and interpreted continuations token for token.
+//!
+//! It keeps the last run's outputs as the interpreter returns them (whole tensors); it is exact, not
+//! fast.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use kiln_ir::interp::{self, Outputs, Tensor};
+use kiln_ir::{DType, Graph};
+
+use crate::generate::{self, Limits};
+use crate::weights::{HostData, HostTensor};
+use crate::RuntimeError;
+
+/// A graph with its parameters on the reference interpreter.
+pub struct Reference {
+    graph: Graph,
+    params: HashMap<String, Tensor>,
+    max_positions: Option<u64>,
+    last: Option<Outputs>,
+}
+
+/// `t` as an interpreter tensor.
+pub fn to_tensor(t: HostTensor) -> Result<Tensor, RuntimeError> {
+    let bad =
+        |e: interp::TensorError| RuntimeError::InputValue { name: t.name.clone(), reason: e.to_string() };
+    match t.data {
+        HostData::F32(ref v) => Tensor::from_f32(t.dtype, t.shape.clone(), v.clone()).map_err(bad),
+        HostData::I64(ref v) => Tensor::from_i64(t.dtype, t.shape.clone(), v.clone()).map_err(bad),
+    }
+}
+
+impl Reference {
+    /// `max_positions`: the model's `max_position_embeddings`, when known, bounds a sequence.
+    pub fn new(
+        graph: Graph,
+        params: impl IntoIterator<Item = HostTensor>,
+        max_positions: Option<u64>,
+    ) -> Result<Reference, RuntimeError> {
+        let params = params
+            .into_iter()
+            .map(|t| Ok((t.name.clone(), to_tensor(t)?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(Reference { graph, params, max_positions, last: None })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Runs the graph and returns its outputs (also kept for [`generate::Engine::output_f32`]).
+    pub fn run(&mut self, inputs: &[HostTensor]) -> Result<&Outputs, RuntimeError> {
+        let feeds = inputs
+            .iter()
+            .map(|t| Ok((t.name.clone(), to_tensor(t.clone())?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        self.last = None;
+        let out = interp::run(&self.graph, &feeds, &self.params)?;
+        Ok(self.last.insert(out))
+    }
+}
+
+impl generate::Engine for Reference {
+    fn inputs(&self) -> Vec<(String, DType)> {
+        self.graph.inputs().into_iter().map(|(n, v)| (n.to_string(), self.graph.ty(v).dtype)).collect()
+    }
+
+    fn vocab_size(&self) -> Option<u64> {
+        let (_, v) = self.graph.outputs().iter().find(|(n, _)| n == generate::LOGITS)?;
+        self.graph.ty(*v).shape.last()?.as_known()
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_batch: u64::MAX,
+            max_tokens: self.max_positions.unwrap_or(u64::MAX),
+            what: "the model's max_position_embeddings".into(),
+        }
+    }
+
+    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        Reference::run(self, inputs).map(|_| ())
+    }
+
+    fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
+        let outputs = self.last.as_ref().ok_or(RuntimeError::NotRun)?;
+        let t = outputs.get(name).ok_or_else(|| RuntimeError::NoSuchOutput {
+            name: name.to_string(),
+            known: outputs.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", "),
+        })?;
+        let v = t.as_f32().ok_or(RuntimeError::OutputType { name: name.to_string(), dtype: t.dtype() })?;
+        v.get(range.clone()).map(<[f32]>::to_vec).ok_or(RuntimeError::OutputRange {
+            name: name.to_string(),
+            len: v.len(),
+            start: range.start,
+            end: range.end,
+        })
+    }
+}

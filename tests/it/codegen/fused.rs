@@ -1,0 +1,326 @@
+//! `fused` kernels, file-driven: each `tests/codegen/fused/*.kir` holds a graph with one `fused` node
+//! and headers saying how it must be computed and how close to the interpreter it must come:
+//!
+//! ```text
+//! // fusion: rms_norm + elementwise       the plan (`codegen::fusion`), as `Plan` displays it
+//! // range: -2 2                          floats of the inputs, uniform (rounded to their dtype)
+//! // ints: 0 1000                         integer inputs, uniform (positions)
+//! // tolerance: 0.0078125 0.01            |got - want| <= tol * max(|want|, floor); absent: bit for bit
+//! ```
+//!
+//! Every kernel runs on the CPU against the interpreter (which runs the fused body op by op), with
+//! its scratch buffers filled with garbage first; the PTX of all of them passes `ptxas` (registers
+//! printed). Then MLIR snapshots of a fused elementwise chain and of add + RMS norm, and PTX
+//! snapshots of the tiny model's RMS norm, linear, router and attention kernels. Last, a phased
+//! kernel packed by `kiln compile`'s pipeline (its scratch gets arena buffers of its own), and the
+//! typed error of a kernel that lacks the scratch its plan needs.
+
+use std::path::{Path, PathBuf};
+
+use kiln_compiler::codegen::{form_kernels, fusion_plan, gpu, lower_module, Kernel, Step, Target};
+use kiln_compiler::pack::{self, parse_report};
+use kiln_ir::artifact::{ArgRole, BufferKind, Storage};
+use kiln_ir::{DType, Op};
+
+use super::harness::{interpret, numel, to_bf16, values, Buf, CpuLib, Rng, BIND};
+use super::{mlir_of, model_graph, ptxas_accepts};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/codegen/fused")
+}
+
+fn header<'a>(src: &'a str, key: &str) -> Option<&'a str> {
+    src.lines().filter_map(|l| l.strip_prefix("// ")).find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+}
+
+fn pair(text: &str) -> (f64, f64) {
+    let v: Vec<f64> = text.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1])
+}
+
+/// One test file: its fused kernel and headers.
+struct Case {
+    file: String,
+    kernel: Kernel,
+    fusion: String,
+    range: (f64, f64),
+    ints: (f64, f64),
+    tolerance: Option<(f64, f64)>,
+}
+
+fn cases() -> Vec<Case> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "kir"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "{files:?}");
+    files
+        .into_iter()
+        .map(|path| {
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            let src = std::fs::read_to_string(&path).unwrap();
+            let g = kiln_ir::parse(&src).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let plan = form_kernels(&g).unwrap();
+            let mut fused: Vec<Kernel> = plan
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Launch { kernel, node, .. } if matches!(g.node(*node).op, Op::Fused { .. }) => {
+                        Some(plan.kernel(*kernel).clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(fused.len(), 1, "{file}: one fused kernel");
+            let get = |key| header(&src, key).unwrap_or_else(|| panic!("{file}: no `// {key}:` header"));
+            Case {
+                fusion: get("fusion").to_string(),
+                range: pair(get("range")),
+                ints: header(&src, "ints").map_or((0.0, 100.0), pair),
+                tolerance: header(&src, "tolerance").map(pair),
+                kernel: fused.remove(0),
+                file,
+            }
+        })
+        .collect()
+}
+
+/// Random arguments of the kernel's types.
+fn inputs(c: &Case, rng: &mut Rng) -> Vec<Buf> {
+    let (lo, hi) = (c.range.0 as f32, c.range.1 as f32);
+    c.kernel
+        .args
+        .iter()
+        .map(|t| {
+            let n = numel(t, &BIND);
+            let ints = |rng: &mut Rng| -> Vec<i64> {
+                (0..n).map(|_| rng.uniform(c.ints.0 as f32, c.ints.1 as f32) as i64).collect()
+            };
+            match t.dtype {
+                DType::F32 => Buf::F32(rng.vec(n, lo, hi)),
+                DType::BF16 => Buf::Bf16(rng.vec(n, lo, hi).into_iter().map(to_bf16).collect()),
+                DType::I32 => Buf::I32(ints(rng).into_iter().map(|x| x as i32).collect()),
+                DType::I64 => Buf::I64(ints(rng)),
+                d => panic!("{}: no random {d} arguments", c.file),
+            }
+        })
+        .collect()
+}
+
+/// A buffer of `t` full of garbage: NaN for floats, so a kernel that reads scratch before writing it
+/// shows.
+fn garbage(t: &kiln_ir::TensorType) -> Buf {
+    let n = numel(t, &BIND);
+    match t.dtype {
+        DType::F32 => Buf::F32(vec![f32::NAN; n]),
+        DType::BF16 => Buf::Bf16(vec![0x7FC1; n]),
+        DType::I32 => Buf::I32(vec![-12345; n]),
+        DType::I64 => Buf::I64(vec![-12345; n]),
+        DType::Bool => Buf::Bool(vec![7; n]),
+        DType::F8E4M3 => Buf::F8(vec![0x7F; n]),
+        d => panic!("no {d} buffers"),
+    }
+}
+
+#[test]
+fn fused_kernels_match_the_interpreter() {
+    let cases = cases();
+    for c in &cases {
+        assert_eq!(fusion_plan(&c.kernel.body).unwrap().to_string(), c.fusion, "{}", c.file);
+        let one_pass = !c.fusion.starts_with("phases");
+        assert_eq!(c.kernel.scratch.is_empty(), one_pass, "{}", c.file);
+    }
+    let lib = CpuLib::build(&cases.iter().map(|c| &c.kernel).collect::<Vec<_>>());
+    let mut rng = Rng::new(53);
+    let mut report = Vec::new();
+    for c in &cases {
+        let k = &c.kernel;
+        for _ in 0..2 {
+            let args = inputs(c, &mut rng);
+            let want = interpret(k, &args, &BIND);
+            let mut bufs = args.clone();
+            bufs.extend(k.results.iter().map(garbage));
+            bufs.extend(k.scratch.iter().map(garbage));
+            lib.run(k, &mut bufs, &BIND);
+            let mut worst = Vec::new();
+            for (i, want) in want.iter().enumerate() {
+                let got = values(&bufs[k.args.len() + i]);
+                let mut max_err = 0.0f64;
+                for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
+                    if g == w || (g.is_nan() && w.is_nan()) {
+                        continue;
+                    }
+                    let Some((tol, floor)) = c.tolerance else {
+                        panic!("{}: result {i} element {j}: got {g:e}, want {w:e}, bit for bit", c.file);
+                    };
+                    let err = (g - w).abs() / w.abs().max(floor);
+                    assert!(
+                        err <= tol,
+                        "{}: result {i} element {j}: got {g}, want {w} (error {err:e})",
+                        c.file
+                    );
+                    max_err = max_err.max(err);
+                }
+                worst.push(max_err);
+            }
+            report.push(format!("{:<26} {:<50} max error {worst:?}", c.file, c.fusion));
+        }
+    }
+    println!("{}", report.join("\n"));
+}
+
+/// The test files' bodies at DeepSeek-V3's sizes (7168 model dimension, 18432 dense intermediate),
+/// for ptxas only: their weights are too big for the interpreter.
+const V3_SIZED: &str = r#"graph @v3 {
+  %0 = input {name = "x"} : bf16[B, T, 7168]
+  %1 = input {name = "r"} : bf16[B, T, 7168]
+  %2 = input {name = "w"} : bf16[7168]
+  %3 = input {name = "gate"} : bf16[18432, 7168]
+  %4 = input {name = "up"} : bf16[18432, 7168]
+  %5 = input {name = "down"} : bf16[7168, 18432]
+  %6, %7 = fused %0, %1, %2 {name = "add_rms_norm"} : bf16[B, T, 7168], bf16[B, T, 7168] {
+    %0 = input {name = "x"} : bf16[B, T, 7168]
+    %1 = input {name = "r"} : bf16[B, T, 7168]
+    %2 = input {name = "w"} : bf16[7168]
+    %3 = add %0, %1 : bf16[B, T, 7168]
+    %4 = rms_norm %3, %2 {eps = 1e-6} : bf16[B, T, 7168]
+    output "h" = %3
+    output "y" = %4
+  }
+  %8 = fused %7, %3, %4 {name = "gate_up_swiglu"} : bf16[B, T, 18432] {
+    %0 = input {name = "x"} : bf16[B, T, 7168]
+    %1 = input {name = "gate"} : bf16[18432, 7168]
+    %2 = input {name = "up"} : bf16[18432, 7168]
+    %3 = linear %0, %1 : bf16[B, T, 18432]
+    %4 = linear %0, %2 : bf16[B, T, 18432]
+    %5 = silu %3 : bf16[B, T, 18432]
+    %6 = mul %5, %4 : bf16[B, T, 18432]
+    output "h" = %6
+  }
+  %9 = fused %8, %5, %6 {name = "down_residual"} : bf16[B, T, 7168] {
+    %0 = input {name = "h"} : bf16[B, T, 18432]
+    %1 = input {name = "down"} : bf16[7168, 18432]
+    %2 = input {name = "r"} : bf16[B, T, 7168]
+    %3 = linear %0, %1 : bf16[B, T, 7168]
+    %4 = add %3, %2 : bf16[B, T, 7168]
+    output "y" = %4
+  }
+  output "y" = %9
+}"#;
+
+#[test]
+fn fused_kernels_pass_ptxas() {
+    let cases = cases();
+    let v3 = form_kernels(&kiln_ir::parse(V3_SIZED).unwrap()).unwrap().kernels;
+    let mut all: Vec<(String, &Kernel)> = cases.iter().map(|c| (c.file.clone(), &c.kernel)).collect();
+    all.extend(v3.iter().map(|k| (format!("v3: {}", k.name), k)));
+    let module = lower_module(all.iter().map(|(_, k)| *k), Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
+    let report = ptxas_accepts(&module);
+    let stats = parse_report(&report);
+    let mut lines = Vec::new();
+    for (name, k) in &all {
+        let s = stats[&k.name];
+        assert_eq!((s.spill_store_bytes, s.spill_load_bytes), (0, 0), "{name}: spills\n{report}");
+        let plan = fusion_plan(&k.body).unwrap().to_string();
+        lines.push(format!(
+            "{name:<36} {plan:<50} {:>3} registers, {:>5} bytes smem",
+            s.registers, s.shared_bytes
+        ));
+    }
+    println!("ptxas -v, fused kernels:\n{}", lines.join("\n"));
+}
+
+fn case(name: &str) -> Kernel {
+    cases().into_iter().find(|c| c.file == name).unwrap_or_else(|| panic!("no {name}")).kernel
+}
+
+/// Runs `f` with snapshots kept with the other codegen snapshots, in `tests/it/snapshots`.
+fn in_snapshots(f: impl FnOnce()) {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path("../snapshots");
+    settings.bind(f);
+}
+
+#[test]
+fn fused_mlir_snapshots() {
+    let chain = case("chain_bf16.kir");
+    let norm = case("add_rms_norm_bf16.kir");
+    in_snapshots(|| {
+        insta::assert_snapshot!("fused_chain_bf16_cpu", mlir_of(&chain, Target::Cpu));
+        insta::assert_snapshot!("fused_chain_bf16_gpu", mlir_of(&chain, Target::Gpu));
+        insta::assert_snapshot!("fused_add_rms_norm_cpu", mlir_of(&norm, Target::Cpu));
+        insta::assert_snapshot!("fused_add_rms_norm_gpu", mlir_of(&norm, Target::Gpu));
+    });
+}
+
+/// PTX without its header comments (the generator's name and version), which say nothing about
+/// the kernel.
+fn stable_ptx(k: &Kernel) -> String {
+    let module = lower_module([k], Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
+    let ptx = gpu::ptx(&module).unwrap_or_else(|e| panic!("{e}"));
+    ptx.lines().skip_while(|l| l.starts_with("//") || l.trim().is_empty()).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn ptx_snapshots_of_the_tiny_model() {
+    let kernels = form_kernels(&model_graph("tiny")).unwrap().kernels;
+    let find = |name: &str| kernels.iter().find(|k| k.single_op().map(Op::name) == Some(name)).unwrap();
+    in_snapshots(|| {
+        for op in ["rms_norm", "linear", "moe_route", "attention"] {
+            let ptx = stable_ptx(find(op));
+            assert!(ptx.starts_with(".version"), "{ptx}");
+            insta::assert_snapshot!(format!("ptx_tiny_{op}"), ptx);
+        }
+    });
+}
+
+#[test]
+fn a_phased_kernel_gets_arena_scratch_when_packed() {
+    let src = std::fs::read_to_string(root().join("add_rms_norm_quant.kir")).unwrap();
+    let graph = kiln_ir::parse(&src).unwrap();
+    let options = pack::Options { targets: pack::Targets::Cpu, max_batch: 2, max_context: 8 };
+    let artifact = pack::compile(pack::Source::Graph { graph, spec: None }, &options, &mut ())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = &artifact.manifest;
+    let k = m.kernels.iter().find(|k| k.name.starts_with("k_fused_")).unwrap();
+    let roles: Vec<ArgRole> = k.args.iter().map(|a| a.role).collect();
+    use ArgRole::{Input, Output, Scratch};
+    assert_eq!(roles, [Input, Input, Input, Output, Output, Output, Scratch]);
+    assert_eq!(k.cpu.as_ref().unwrap().work, kiln_ir::Dim::known(1));
+    let kiln_ir::artifact::Step::Launch { buffers, .. } = &m.program[0] else { panic!("{:?}", m.program) };
+    let scratch = m.buffer(buffers[6]);
+    assert_eq!((scratch.kind, scratch.value.as_str()), (BufferKind::Scratch, "%3#s0"));
+    assert_eq!(scratch.shape, k.args[6].shape);
+    // It lives for its launch only, like a result, so it shares no byte with the launch's buffers.
+    let Storage::Arena { offset } = scratch.storage else { panic!("{scratch:?}") };
+    for &b in &buffers[..6] {
+        let other = m.buffer(b);
+        if let Storage::Arena { offset: o } = other.storage {
+            assert!(
+                o + other.max_bytes <= offset || offset + scratch.max_bytes <= o,
+                "{b} overlaps the scratch"
+            );
+        }
+    }
+    m.validate().unwrap();
+    // A scratch argument bound to a graph value, or the reverse, does not hold together.
+    let mut bad = m.clone();
+    bad.buffers[buffers[6].index()].kind = BufferKind::Activation;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("of kind Activation, for a Scratch argument"), "{e}");
+}
+
+#[test]
+fn a_kernel_without_the_scratch_its_plan_needs_is_malformed() {
+    let mut k = case("quant_linear.kir");
+    assert_eq!(k.scratch.len(), 3);
+    k.scratch.pop();
+    match kiln_compiler::codegen::lower_kernel(&k, Target::Cpu) {
+        Err(kiln_compiler::codegen::LowerError::Malformed { message, .. }) => {
+            assert_eq!(message, "it declares 2 scratch buffer(s) but its body needs 3")
+        }
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+}

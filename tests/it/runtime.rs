@@ -1,0 +1,492 @@
+//! The runtime on real artifacts: `kiln compile` output loaded by `kiln_runtime`, run on its
+//! `kernels.so`, and checked against the reference interpreter on the artifact's own `graph.kir`
+//! and against Hugging Face transformers' logits and greedy continuation; generation in batches and
+//! with sampling; FP8 weights bound as stored; and every way an artifact, its weights or a request
+//! can be wrong, each refused with a clear error before anything runs or is written.
+//!
+//! Tolerances (measured, printed by the tests with `--nocapture`): the tiny model in f32 agrees with
+//! the interpreter to 3e-7 of the logits' scale (6e-7 absolute; the kernels accumulate in f32 where
+//! the interpreter accumulates dot products in f64), asserted at 1e-4; the golden model's logits are
+//! within 3.4e-6 of transformers', asserted at 1e-4 like the interpreter's own golden test; the bf16
+//! FP8 model is bit-identical to the interpreter (bf16 rounding absorbs the accumulation order),
+//! asserted at 1e-3 of the scale; a row of a padded batch equals the same prompt alone exactly.
+
+use std::path::{Path, PathBuf};
+
+use kiln_ir::artifact::MANIFEST_FILE;
+use kiln_ir::interp::Tensor;
+use kiln_ir::DType;
+use kiln_runtime::artifact::{self, Artifact};
+use kiln_runtime::cpu::{CpuModel, CpuOptions};
+use kiln_runtime::generate::{generate, GenerateOptions, Generation, Sampling};
+use kiln_runtime::reference::Reference;
+use kiln_runtime::weights::{self, HostData, HostTensor, StoreFloats, WeightError};
+use kiln_runtime::RuntimeError;
+
+use crate::util::{kiln, random_params, Scratch as TempDir};
+
+const GOLDEN: &str = "tests/goldens/v3_tiny_yarn";
+const GOLDEN_PROMPT: &str = "0,17,42,255,3,128,77,9,200";
+
+/// `kiln compile INPUT --target cpu -o DIR/NAME EXTRA...`; returns the artifact's path.
+fn compile(dir: &TempDir, name: &str, input: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.path(name);
+    let o = out.to_string_lossy().into_owned();
+    let r = kiln(&[&["compile", input, "--target", "cpu", "-o", &o], extra].concat());
+    assert!(r.ok, "{}", r.stderr);
+    out
+}
+
+fn str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The test helpers' seeded parameters (norms near 1, matrices of scale 1/sqrt(fan_in), so logits
+/// are of order one) as host tensors, and as the interpreter's tensors.
+fn params_of(art: &Artifact, seed: u64) -> Vec<HostTensor> {
+    let graph = art.graph().unwrap();
+    let mut ts: Vec<(String, Tensor)> = random_params(&graph, seed).into_iter().collect();
+    ts.sort_by(|a, b| a.0.cmp(&b.0));
+    ts.into_iter()
+        .map(|(name, t)| HostTensor {
+            name,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            data: HostData::F32(t.as_f32().unwrap().to_vec()),
+        })
+        .collect()
+}
+
+fn ok(ts: &[HostTensor]) -> impl Iterator<Item = Result<HostTensor, WeightError>> + '_ {
+    ts.iter().cloned().map(Ok)
+}
+
+fn ids(name: &str, b: u64, t: u64, v: Vec<i64>) -> HostTensor {
+    HostTensor { name: name.into(), dtype: DType::I32, shape: vec![b, t], data: HostData::I64(v) }
+}
+
+/// Tokens, positions and (for MTP) the shifted tokens of `rows`, all of one length.
+fn token_inputs(rows: &[Vec<i64>], mtp: bool) -> Vec<HostTensor> {
+    let (b, t) = (rows.len() as u64, rows[0].len() as u64);
+    let mut v = vec![
+        ids("tokens", b, t, rows.concat()),
+        ids("positions", b, t, (0..b).flat_map(|_| 0..t as i64).collect()),
+    ];
+    if mtp {
+        let shifted = rows.iter().flat_map(|r| (0..r.len()).map(|i| r.get(i + 1).copied().unwrap_or(0)));
+        v.push(ids("mtp_tokens", b, t, shifted.collect()));
+    }
+    v
+}
+
+fn f32s(t: &HostTensor) -> &[f32] {
+    match &t.data {
+        HostData::F32(v) => v,
+        HostData::I64(_) => panic!("{} is not a float tensor", t.name),
+    }
+}
+
+/// Largest absolute difference, and that over the largest magnitude of `want` (the logits' scale).
+fn diff(got: &[f32], want: &[f32]) -> (f32, f32) {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().chain(want).all(|x| x.is_finite()), "non-finite values");
+    assert!(want.iter().any(|&x| x != 0.0), "all zeros");
+    let abs = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let scale = want.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    (abs, abs / scale.max(f32::MIN_POSITIVE))
+}
+
+fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions { max_new_tokens: n, sampling: Sampling::Greedy, stop_tokens: vec![] }
+}
+
+fn gen(
+    engine: &mut dyn kiln_runtime::generate::Engine,
+    prompts: &[Vec<i64>],
+    o: &GenerateOptions,
+) -> Generation {
+    generate(engine, prompts, o, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_tiny_artifact_matches_the_interpreter_on_its_own_graph() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
+    let art = artifact::load(&dir).unwrap();
+    let params = params_of(&art, 11);
+    let one = CpuOptions { threads: 1, ..CpuOptions::default() };
+    let mut model = CpuModel::load(&art, ok(&params), &one).unwrap();
+    assert_eq!(model.arena_bytes() as u64, art.manifest().arena_bytes, "the arena at the compiled maxima");
+    let mut reference = Reference::new(art.graph().unwrap(), params.clone(), None).unwrap();
+
+    let rows = vec![vec![1, 17, 42, 255, 3, 128, 77], vec![9, 200, 5, 6, 0, 511, 2]];
+    let inputs = token_inputs(&rows, true);
+    assert!(matches!(model.output("logits"), Err(RuntimeError::NotRun)));
+    let sizes = model.run(&inputs).unwrap();
+    assert_eq!((sizes.b, sizes.t), (2, 7));
+    let want = reference.run(&inputs).unwrap().clone();
+    for name in ["logits", "mtp_logits"] {
+        let got = model.output(name).unwrap();
+        assert_eq!(got.shape, vec![2, 7, 512]);
+        let (abs, rel) = diff(f32s(&got), want[name].as_f32().unwrap());
+        eprintln!("tiny {name}: max abs diff vs interpreter {abs:e}, relative to the logits' scale {rel:e}");
+        assert!(rel <= 1e-4, "{name}: {abs:e} ({rel:e} of the scale)");
+    }
+    // A slice is the same numbers as the whole.
+    let whole = model.output("logits").unwrap();
+    assert_eq!(model.output_f32("logits", 512..1024).unwrap(), f32s(&whole)[512..1024]);
+    assert!(matches!(
+        model.output_f32("logits", 7000..7169),
+        Err(RuntimeError::OutputRange { len: 7168, .. })
+    ));
+
+    // Splitting launches over threads changes nothing: every work item is computed alone.
+    let many = CpuOptions { threads: 3, parallel_min_bytes: 0, ..CpuOptions::default() };
+    let mut parallel = CpuModel::load(&art, ok(&params), &many).unwrap();
+    parallel.run(&inputs).unwrap();
+    assert_eq!(parallel.output("logits").unwrap(), whole, "3 threads, every launch split");
+
+    // And generation agrees token for token.
+    let prompts = [rows[0].clone()];
+    let a = gen(&mut model, &prompts, &greedy(6));
+    let r = gen(&mut reference, &prompts, &greedy(6));
+    assert_eq!(a.tokens, r.tokens);
+    assert_eq!(a.stats.forwards, 6);
+    assert_eq!((a.stats.prompt_tokens, a.stats.decode_tokens), (7, 5));
+}
+
+#[test]
+fn the_golden_checkpoint_reproduces_transformers_through_the_artifact() {
+    let d = TempDir::new();
+    let config = format!("{GOLDEN}/config.json");
+    let dir = compile(&d, "yarn", &config, &["--max-batch", "2", "--max-context", "16"]);
+    let out = kiln(&[
+        "run",
+        &str(&dir),
+        "--weights",
+        GOLDEN,
+        "--prompt-ids",
+        GOLDEN_PROMPT,
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    // golden.json's "continuation": transformers' generate(..., do_sample=False).
+    assert!(out.stdout.contains("generated 8 tokens: [51, 10, 89, 138, 46, 46, 186, 46]"), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("token ")).count(), 8);
+    assert!(out.stdout.starts_with("v3_tiny_yarn: 9 prompt tokens, greedy, compiled artifact on the CPU"));
+    let speeds = out.stdout.lines().last().unwrap();
+    assert!(speeds.starts_with("time to first token ") && speeds.contains("tokens/s"), "{speeds}");
+
+    // The whole forward pass of the golden batch against transformers' logits.
+    let art = artifact::load(&dir).unwrap();
+    let ckpt = weights::open_checkpoint(Path::new(GOLDEN)).unwrap();
+    let bound = weights::bind_params(weights::manifest_params(art.manifest()).unwrap(), &ckpt).unwrap();
+    let mut model = CpuModel::load(&art, bound, &CpuOptions::default()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{GOLDEN}/golden.json")).unwrap()).unwrap();
+    let rows: Vec<Vec<i64>> = serde_json::from_value(json["input_ids"].clone()).unwrap();
+    model.run(&token_inputs(&rows, false)).unwrap();
+    let want = weights::open_checkpoint(&Path::new(GOLDEN).join("golden.safetensors"))
+        .unwrap()
+        .read("logits")
+        .unwrap();
+    let (abs, rel) = diff(f32s(&model.output("logits").unwrap()), f32s(&want));
+    eprintln!("v3_tiny_yarn logits: max abs diff vs transformers {abs:e} ({rel:e} of the scale)");
+    assert!(abs <= 1e-4, "{abs:e}");
+}
+
+#[test]
+fn batches_of_different_lengths_and_sampling_match_one_at_a_time() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "24"]);
+    let art = artifact::load(&dir).unwrap();
+    let params = params_of(&art, 5);
+    let mut model = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
+    let prompts = vec![vec![3, 1, 4, 1, 5], vec![2, 7, 1, 8, 2, 8, 1, 8, 2]];
+    let alone = |model: &mut CpuModel, o: &GenerateOptions| -> Vec<Vec<i64>> {
+        prompts.iter().map(|p| gen(model, std::slice::from_ref(p), o).tokens.remove(0)).collect()
+    };
+
+    // Right padding is exact (causal attention): the batch gives each prompt's own continuation.
+    let batch = gen(&mut model, &prompts, &greedy(8));
+    assert_eq!(batch.tokens, alone(&mut model, &greedy(8)));
+    assert_eq!(batch.stats.prompt_tokens, 14);
+
+    // The last position of each row in a padded batch has the logits it has alone.
+    let padded = vec![[prompts[0].clone(), vec![0; 4]].concat(), prompts[1].clone()];
+    model.run(&token_inputs(&padded, true)).unwrap();
+    let row0 = model.output_f32("logits", 4 * 512..5 * 512).unwrap();
+    model.run(&token_inputs(&prompts[..1], true)).unwrap();
+    let (abs, _) = diff(&row0, &model.output_f32("logits", 4 * 512..5 * 512).unwrap());
+    eprintln!("padded batch vs alone: max abs diff {abs:e}");
+    assert!(abs <= 1e-5, "{abs:e}");
+
+    // Sampling: each sequence draws from the stream of its index in the batch, so the first
+    // sequence samples what it samples alone, whatever runs beside it; the seed matters.
+    let sampled = |seed| GenerateOptions {
+        max_new_tokens: 8,
+        sampling: Sampling::Sample { temperature: 0.9, top_p: 0.95, seed },
+        stop_tokens: vec![],
+    };
+    let s = gen(&mut model, &prompts, &sampled(5));
+    assert_eq!(s.tokens[0], alone(&mut model, &sampled(5))[0]);
+    let other = gen(&mut model, &[prompts[0].clone(), vec![9; 3]], &sampled(5));
+    assert_eq!(other.tokens[0], s.tokens[0]);
+    assert_eq!(s.tokens, gen(&mut model, &prompts, &sampled(5)).tokens, "deterministic");
+    assert_ne!(s.tokens, gen(&mut model, &prompts, &sampled(6)).tokens, "another seed, other tokens");
+
+    // A stop token ends its sequence (and is kept); the other goes on.
+    let stop = batch.tokens[0][2];
+    let o = GenerateOptions { stop_tokens: vec![stop], ..greedy(8) };
+    let mut seen = Vec::new();
+    let g = generate(&mut model, &prompts, &o, &mut |e| seen.push((e.sequence, e.token))).unwrap();
+    let first_stop = batch.tokens[0].iter().position(|&t| t == stop).unwrap();
+    assert_eq!(g.tokens[0], batch.tokens[0][..=first_stop]);
+    assert!(g.stopped[0]);
+    assert_eq!(seen.iter().filter(|e| e.0 == 0).count(), first_stop + 1, "every token is reported");
+}
+
+/// FP8 weights (models/tiny_fp8.toml compiles with DeepSeek's FP8 recipe) written in DeepSeek's
+/// checkpoint format, bound as stored (one byte per weight next to its f32 `_scale_inv`), and run.
+#[test]
+fn an_fp8_checkpoint_binds_without_dequantising_and_runs() {
+    let d = TempDir::new();
+    let dir = compile(&d, "fp8", "models/tiny_fp8.toml", &["--max-context", "8"]);
+    let art = artifact::load(&dir).unwrap();
+    let params = params_of(&art, 3);
+    let fp8: Vec<&HostTensor> = params.iter().filter(|t| t.dtype == DType::F8E4M3).collect();
+    assert!(fp8.len() > 20, "the FP8 recipe made FP8 weights");
+    let ckpt_dir = d.path("ckpt");
+    std::fs::create_dir(&ckpt_dir).unwrap();
+    weights::write_safetensors(&ckpt_dir.join("model.safetensors"), &params, StoreFloats::AsDeclared)
+        .unwrap();
+    let ckpt = weights::open_checkpoint(&ckpt_dir).unwrap();
+    assert!(fp8.iter().all(|t| ckpt.get(&t.name).unwrap().dtype == weights::StDType::F8E4M3));
+
+    let bound = weights::bind_params(weights::manifest_params(art.manifest()).unwrap(), &ckpt).unwrap();
+    let mut model = CpuModel::load(&art, bound, &CpuOptions::default()).unwrap();
+    let fp8_bytes: u64 = fp8.iter().map(|t| t.data.len() as u64).sum();
+    let all_bytes: u64 = params.iter().map(|t| t.data.len() as u64 * t.dtype.size_bytes()).sum();
+    assert_eq!(model.param_bytes() as u64, all_bytes, "FP8 weights take one byte each");
+    assert!(fp8_bytes * 2 > all_bytes / 2, "most of the bytes are FP8 weights");
+
+    let mut reference = Reference::new(art.graph().unwrap(), params.clone(), None).unwrap();
+    let inputs = token_inputs(&[vec![1, 17, 42, 255, 3, 128]], true);
+    model.run(&inputs).unwrap();
+    let want = reference.run(&inputs).unwrap();
+    let (abs, rel) = diff(f32s(&model.output("logits").unwrap()), want["logits"].as_f32().unwrap());
+    eprintln!("tiny_fp8 logits: max abs diff vs interpreter {abs:e} ({rel:e} of the scale)");
+    assert!(rel <= 1e-3, "{abs:e} ({rel:e} of the scale)");
+}
+
+/// Runs `kiln run` on `dir` with `extra` and checks that it fails with `want` in its message,
+/// printing nothing on standard output and leaving the directory as it was.
+#[track_caller]
+fn refused(dir: &Path, extra: &[&str], want: &str) {
+    let listing = |p: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(dir);
+    let d = str(dir);
+    let out = kiln(&[&["run", d.as_str()], extra].concat());
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(out.stderr.starts_with("error: ") && out.stderr.contains(want), "want `{want}`:\n{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert_eq!(out.stdout, "", "nothing is printed before the error");
+    assert_eq!(listing(dir), before, "nothing is written");
+}
+
+#[test]
+fn bad_artifacts_weights_and_requests_are_refused_clearly() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-context", "16"]);
+    let run = ["--random-weights", "1", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"];
+    let copy = |name: &str| {
+        let to = d.path(name);
+        std::fs::create_dir(&to).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        to
+    };
+
+    // A flipped byte in the library.
+    let tampered = copy("tampered");
+    let mut so = std::fs::read(tampered.join("kernels.so")).unwrap();
+    let middle = so.len() / 2;
+    so[middle] ^= 0x20;
+    std::fs::write(tampered.join("kernels.so"), &so).unwrap();
+    refused(&tampered, &run, "file `kernels.so` does not match its SHA-256");
+    // A truncated library and a truncated manifest.
+    let short = copy("short");
+    std::fs::write(short.join("kernels.so"), &so[..1000]).unwrap();
+    refused(&short, &run, "file `kernels.so` has 1000 bytes but the manifest says");
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    let cut = copy("cut");
+    std::fs::write(cut.join(MANIFEST_FILE), &text[..text.len() / 2]).unwrap();
+    refused(&cut, &run, "not a manifest this kiln can read: EOF while parsing");
+    // Another format version.
+    let v2 = copy("v2");
+    std::fs::write(v2.join(MANIFEST_FILE), text.replace("\"format_version\": 1,", "\"format_version\": 2,"))
+        .unwrap();
+    refused(&v2, &run, "artifact format version 2, but this kiln reads version 1");
+    // A manifest naming an entry the library does not export.
+    let nosym = copy("nosym");
+    let entry = text.split("\"symbol\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    std::fs::write(nosym.join(MANIFEST_FILE), text.replace(&entry, &format!("{entry}x"))).unwrap();
+    refused(&nosym, &run, &format!("its entry `{entry}x` is not in kernels.so"));
+    // A directory that is not an artifact, and a missing file.
+    refused(&d.0, &run, "not a kiln artifact (no manifest.json)");
+    let missing = copy("missing");
+    std::fs::remove_file(missing.join("graph.kir")).unwrap();
+    refused(&missing, &run, "file `graph.kir`, listed in the manifest, is missing");
+
+    // Weights missing a tensor.
+    let art = artifact::load(&dir).unwrap();
+    let mut params: Vec<HostTensor> =
+        weights::random_tensors(weights::manifest_params(art.manifest()).unwrap(), 1, 0.02).collect();
+    let dropped = params.remove(3).name;
+    let ckpt = d.path("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    weights::write_safetensors(&ckpt.join("model.safetensors"), &params, StoreFloats::AsDeclared).unwrap();
+    let c = str(&ckpt);
+    refused(
+        &dir,
+        &["--weights", &c, "--prompt-ids", "1"],
+        &format!("lacks 1 tensor(s) the graph needs: `{dropped}`"),
+    );
+    let e = CpuModel::load(&art, ok(&params), &CpuOptions::default()).err().unwrap();
+    assert!(matches!(&e, RuntimeError::MissingParam { name, .. } if *name == dropped), "{e}");
+
+    // Requests: a prompt longer than the planned context, a bad token id, a bad option, CUDA.
+    let base = ["--random-weights", "1", "--max-new-tokens", "8"];
+    let long = (0..10).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    refused(
+        &dir,
+        &[&base[..], &["--prompt-ids", &long]].concat(),
+        "10 prompt tokens + 8 new tokens need 17 positions, but the artifact as loaded (T <= 16",
+    );
+    refused(
+        &dir,
+        &[&base[..], &["--prompt-ids", "1,2,512"]].concat(),
+        "prompt token 2 is 512, outside the vocabulary",
+    );
+    refused(
+        &dir,
+        &[&base[..], &["--prompt-ids", "1", "--temperature", "1", "--top-p", "0"]].concat(),
+        "top-p",
+    );
+    refused(
+        &dir,
+        &[&base[..], &["--prompt-ids", "1", "--threads", "0"]].concat(),
+        "threads must be at least 1",
+    );
+    let cuda = if kiln_runtime::cuda::driver_present() {
+        "CUDA backend is not written yet"
+    } else {
+        "no CUDA driver"
+    };
+    refused(&dir, &[&base[..], &["--prompt-ids", "1", "--device", "cuda"]].concat(), cuda);
+
+    // The library checks every input before anything runs.
+    let params: Vec<HostTensor> =
+        weights::random_tensors(weights::manifest_params(art.manifest()).unwrap(), 1, 0.02).collect();
+    let small = CpuOptions { max: Some(kiln_ir::SymBindings { b: 1, t: 8, s: 1 }), ..CpuOptions::default() };
+    let mut m = CpuModel::load(&art, ok(&params), &small).unwrap();
+    assert!((m.arena_bytes() as u64) < art.manifest().arena_bytes, "a smaller arena for smaller maxima");
+    let good = token_inputs(&[vec![1, 2, 3]], true);
+    m.run(&good).unwrap();
+    let before = m.output("logits").unwrap();
+    let mut bad = good.clone();
+    bad[2] = ids("mtp_tokens", 1, 3, vec![4, 512, 0]);
+    let e = m.run(&bad).unwrap_err();
+    assert!(
+        matches!(&e, RuntimeError::TokenOutOfRange { name, index: 1, value: 512, vocab: 512 }
+            if name == "mtp_tokens"),
+        "{e}"
+    );
+    let e = m.run(&token_inputs(&[vec![1; 9]], true)).unwrap_err();
+    assert_eq!(e.to_string(), "T = 9 is outside 1..=8, the sizes this model was loaded for");
+    let mut bad = good.clone();
+    bad[1] = ids("positions", 1, 4, vec![0, 1, 2, 3]);
+    assert!(matches!(m.run(&bad), Err(RuntimeError::SizeConflict { sym: "T", .. })));
+    let mut bad = good.clone();
+    bad[0].dtype = DType::I64;
+    assert!(matches!(m.run(&bad), Err(RuntimeError::InputType { .. })));
+    assert!(matches!(m.run(&good[..2]), Err(RuntimeError::MissingInput { .. })));
+    let mut bad = good.clone();
+    bad[0].name = "token".into();
+    assert!(matches!(m.run(&bad), Err(RuntimeError::UnknownInput { .. })));
+    assert_eq!(m.output("logits").unwrap(), before, "failed runs leave the last outputs alone");
+    let big = CpuOptions { max: Some(kiln_ir::SymBindings { b: 2, t: 8, s: 1 }), ..CpuOptions::default() };
+    let e = CpuModel::load(&art, ok(&params), &big).err().unwrap();
+    assert!(
+        e.to_string().starts_with("B = 2 is outside 1..=1, the sizes the artifact was compiled for"),
+        "{e}"
+    );
+}
+
+#[test]
+fn pipeline_steps_need_the_distributed_runtime() {
+    let d = TempDir::new();
+    let kir = d.path("stage.kir");
+    std::fs::write(
+        &kir,
+        "graph @stage {\n  %0 = input {name = \"x\"} : f32[B, T, 8]\n  %1 = exp %0 : f32[B, T, 8]\n  \
+         send %1 {peer = 1, tag = 3}\n  output \"y\" = %1\n}\n",
+    )
+    .unwrap();
+    let dir = compile(&d, "stage", &str(&kir), &[]);
+    let art = artifact::load(&dir).unwrap();
+    let e = CpuModel::load(&art, std::iter::empty(), &CpuOptions::default()).err().unwrap();
+    assert!(matches!(&e, RuntimeError::Distributed { what, .. } if what == "send to stage 1"), "{e}");
+}
+
+#[test]
+fn bench_run_compares_the_artifact_with_the_interpreter() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-context", "16"]);
+    let out = kiln(&["bench", "run", &str(&dir), "--prompt-len", "6", "--new-tokens", "3", "--threads", "2"]);
+    assert!(out.ok, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("bench run tiny: 6 prompt tokens, 3 new tokens, greedy, 2 threads"),
+        "{}",
+        out.stdout
+    );
+    for (line, label) in lines[2..4].iter().zip(["kiln artifact", "interpreter"]) {
+        assert!(line.starts_with(label), "{line}");
+        let nums: Vec<f64> = line[label.len()..].split_whitespace().map(|x| x.parse().unwrap()).collect();
+        assert!(nums.len() == 3 && nums.iter().all(|&x| x > 0.0), "{line}");
+    }
+    assert!(lines[4].starts_with("ratio") && lines[4].matches('x').count() == 2, "{}", lines[4]);
+    assert_eq!(lines[5], "tokens: the same (3 of 3)");
+}
+
+#[test]
+fn kiln_run_on_an_artifact_with_interp_uses_its_graph() {
+    let d = TempDir::new();
+    let dir = str(&compile(&d, "tiny", "models/tiny.toml", &["--max-context", "16"]));
+    let base = ["run", &dir, "--random-weights", "4", "--prompt-ids", "5,6,7", "--ignore-eos"];
+    let with = |extra: &[&str]| kiln(&[&base[..], extra].concat());
+    let (compiled, interp) = (with(&["--max-new-tokens", "4"]), with(&["--max-new-tokens", "4", "--interp"]));
+    assert!(compiled.ok && interp.ok, "{}{}", compiled.stderr, interp.stderr);
+    let tokens = |s: &str| s.lines().find(|l| l.starts_with("generated")).unwrap().to_string();
+    assert_eq!(tokens(&compiled.stdout), tokens(&interp.stdout));
+    assert!(interp.stdout.contains("reference interpreter on graph.kir"), "{}", interp.stdout);
+
+    let sampled =
+        |seed| with(&["--max-new-tokens", "6", "--temperature", "1.5", "--top-p", "0.9", "--seed", seed]);
+    let (s1, s1b, s2) = (sampled("1"), sampled("1"), sampled("2"));
+    assert!(s1.stdout.contains("sampled at temperature 1.5, top-p 0.9, seed 1"), "{}", s1.stdout);
+    assert_eq!(tokens(&s1.stdout), tokens(&s1b.stdout));
+    assert_ne!(tokens(&s1.stdout), tokens(&s2.stdout));
+}
