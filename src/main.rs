@@ -13,6 +13,7 @@ use kiln_ir::{text, verify};
 
 mod bench;
 mod compile;
+mod export_hf;
 mod run;
 
 /// kiln: an ahead-of-time compiler for DeepSeek-V3-class models.
@@ -60,6 +61,17 @@ enum Command {
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// Write a Hugging Face checkpoint folder (config.json, model.safetensors) of a model spec with
+    /// seeded random weights, which transformers loads as it is.
+    ExportHf {
+        spec: PathBuf,
+        /// The seed of the random weights (the same weights as `kiln run --random-weights SEED`).
+        #[arg(long, value_name = "SEED")]
+        random_weights: u64,
+        /// The folder to write (atomically).
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Generate tokens from a prompt of token ids: an artifact on the CPU, or a spec (or an
     /// artifact's graph) on the reference interpreter with --interp.
@@ -157,6 +169,9 @@ fn run(command: Command) -> Result<()> {
         Command::Check { file } => check(&file),
         Command::Inspect { spec, context, json } => inspect(&spec, context, json),
         Command::ImportHf { config, output } => import_hf(&config, output.as_deref()),
+        Command::ExportHf { spec, random_weights, output } => {
+            export_hf::run(&spec, random_weights, &output, &mut io::stdout().lock())
+        }
         Command::Run {
             model,
             weights,

@@ -3,8 +3,8 @@
 //! generation loop (`kiln_runtime::generate`).
 //!
 //! A directory is an artifact (`kiln compile -o DIR`); anything else is a model spec, which only
-//! the interpreter runs (`--interp`): the graph is built without the MTP module (inference needs only
-//! the main logits). Weights come from a Hugging Face checkpoint folder or a seeded random
+//! the interpreter runs (`--interp`): the graph keeps the MTP module, as artifacts do, so checkpoints
+//! that carry it bind as they are (only the main logits are used). Weights come from a Hugging Face checkpoint folder or a seeded random
 //! initialisation. There is no KV cache yet: every step recomputes the whole sequence, on either
 //! engine. Tokens are printed as they come, then the continuation and the speeds.
 
@@ -36,7 +36,7 @@ pub enum Device {
 }
 
 /// Standard deviation of random weights: Hugging Face's default `initializer_range`.
-const RANDOM_STD: f64 = 0.02;
+pub(crate) const RANDOM_STD: f64 = 0.02;
 
 pub struct Request<'a> {
     /// An artifact directory or a model spec.
@@ -186,8 +186,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
 
 /// `kiln run SPEC --interp`: the graph built from the spec, on the interpreter.
 fn run_spec(req: &Request, out: &mut impl Write) -> Result<()> {
-    let mut spec = spec::load(req.model)?;
-    spec.mtp = None;
+    // The MTP module stays in the graph, as in compiled artifacts: a checkpoint that carries it
+    // (every DeepSeek-V3 release does) binds as it is, and its logits are simply not used here.
+    let spec = spec::load(req.model)?;
     check_prompt(&spec, req)?;
     let graph = build::build_graph(&spec)?;
     let decls = weights::graph_params(&graph)?;

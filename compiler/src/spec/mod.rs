@@ -5,6 +5,8 @@
 //! models/x.toml ──parse_toml──┐
 //!                             ├──▶ ModelSpec ──validate──▶ ModelSpec (valid) ──to_toml──▶ canonical TOML
 //! config.json ───import_hf────┘
+//!
+//! ModelSpec ──to_hf_config──▶ config.json (for `kiln export-hf`)
 //! ```
 //!
 //! Every error that is about the content of a file is a [`Diagnostic`] with file, line and column and
@@ -20,6 +22,7 @@
 
 mod emit;
 mod hf;
+mod hf_out;
 mod json;
 mod load;
 mod validate;
@@ -31,6 +34,7 @@ use kiln_ir::Diagnostic;
 
 pub use emit::to_toml;
 pub use hf::import_hf;
+pub use hf_out::to_hf_config;
 pub use load::parse_toml;
 pub use validate::{validate, Violation};
 
