@@ -11,8 +11,7 @@ use std::process::Command;
 
 use inkwell::context::Context as LlvmContext;
 use inkwell::memory_buffer::MemoryBuffer;
-use inkwell::targets::{CodeModel, FileType, RelocMode, Target, TargetMachine, TargetTriple};
-use inkwell::OptimizationLevel;
+use inkwell::targets::FileType;
 use melior::ir::operation::OperationLike;
 
 /// What went wrong with the toolchain.
@@ -107,19 +106,8 @@ pub fn probe_mlir() -> Result<usize, ToolchainError> {
 
 /// Emits PTX for sm_90a from [`NVPTX_PROBE`] with LLVM's NVPTX backend.
 pub fn probe_nvptx() -> Result<String, ToolchainError> {
-    crate::codegen::emit::init_llvm_targets().map_err(|e| ToolchainError::Llvm(e.to_string()))?;
-    let triple = TargetTriple::create("nvptx64-nvidia-cuda");
-    let target = Target::from_triple(&triple).map_err(|e| ToolchainError::Llvm(e.to_string()))?;
-    let machine = target
-        .create_target_machine(
-            &triple,
-            "sm_90a",
-            "+ptx80",
-            OptimizationLevel::Aggressive,
-            RelocMode::Default,
-            CodeModel::Default,
-        )
-        .ok_or_else(|| ToolchainError::Llvm("no NVPTX target machine for sm_90a".into()))?;
+    // The same target machine codegen emits kernels with.
+    let machine = crate::codegen::gpu::nvptx_machine().map_err(|e| ToolchainError::Llvm(e.to_string()))?;
     let context = LlvmContext::create();
     let buffer = MemoryBuffer::create_from_memory_range_copy(NVPTX_PROBE.as_bytes(), "probe");
     let module = context.create_module_from_ir(buffer).map_err(|e| ToolchainError::Llvm(e.to_string()))?;
@@ -129,24 +117,11 @@ pub fn probe_nvptx() -> Result<String, ToolchainError> {
     Ok(String::from_utf8_lossy(ptx.as_slice()).into_owned())
 }
 
-/// Creates a target machine for the host CPU; returns its triple and CPU name.
+/// Creates codegen's target machine for the host CPU; returns its triple and CPU name.
 pub fn probe_host() -> Result<(String, String), ToolchainError> {
-    crate::codegen::emit::init_llvm_targets().map_err(|e| ToolchainError::Llvm(e.to_string()))?;
-    let triple = TargetMachine::get_default_triple();
-    let target = Target::from_triple(&triple).map_err(|e| ToolchainError::Llvm(e.to_string()))?;
-    let cpu = TargetMachine::get_host_cpu_name().to_string();
-    let features = TargetMachine::get_host_cpu_features().to_string();
-    target
-        .create_target_machine(
-            &triple,
-            &cpu,
-            &features,
-            OptimizationLevel::Aggressive,
-            RelocMode::PIC,
-            CodeModel::Default,
-        )
-        .ok_or_else(|| ToolchainError::Llvm(format!("no target machine for {cpu}")))?;
-    Ok((triple.as_str().to_string_lossy().into_owned(), cpu))
+    let machine = crate::codegen::cpu::host_machine().map_err(|e| ToolchainError::Llvm(e.to_string()))?;
+    let triple = machine.get_triple().as_str().to_string_lossy().into_owned();
+    Ok((triple, machine.get_cpu().to_string()))
 }
 
 /// Where `ptxas` is: `$KILN_PTXAS`, then `tools/local/bin/ptxas` of this checkout (where

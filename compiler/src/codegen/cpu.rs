@@ -48,7 +48,7 @@ reconcile-unrealized-casts)";
 /// Suffix of the packed entry point of each kernel.
 pub const PACKED_SUFFIX: &str = "_packed";
 
-fn host_machine() -> Result<TargetMachine, EmitError> {
+pub(crate) fn host_machine() -> Result<TargetMachine, EmitError> {
     init_llvm_targets()?;
     let triple = TargetMachine::get_default_triple();
     let target = LlvmTarget::from_triple(&triple).map_err(|e| EmitError::Llvm(e.to_string()))?;

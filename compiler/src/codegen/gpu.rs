@@ -30,7 +30,7 @@ reconcile-unrealized-casts)";
 pub const SM: &str = "sm_90a";
 const PTX_FEATURES: &str = "+ptx81";
 
-fn nvptx_machine() -> Result<TargetMachine, EmitError> {
+pub(crate) fn nvptx_machine() -> Result<TargetMachine, EmitError> {
     init_llvm_targets()?;
     let triple = TargetTriple::create("nvptx64-nvidia-cuda");
     let target = LlvmTarget::from_triple(&triple).map_err(|e| EmitError::Llvm(e.to_string()))?;
