@@ -116,6 +116,10 @@ enum Command {
         /// Seed of the sampler (with --temperature).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// After generation, print the rows each expert of each MoE layer received (compiled
+        /// artifacts only).
+        #[arg(long)]
+        expert_load: bool,
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
@@ -186,6 +190,7 @@ fn run(command: Command) -> Result<()> {
             temperature,
             top_p,
             seed,
+            expert_load,
         } => {
             let weights = match (&weights, random_weights) {
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
@@ -203,6 +208,7 @@ fn run(command: Command) -> Result<()> {
                 ignore_eos,
                 stop_ids,
                 sampling: run::sampling(temperature, top_p, seed),
+                expert_load,
             };
             run::run(&req, &mut io::stdout().lock())
         }

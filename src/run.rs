@@ -6,7 +6,8 @@
 //! the interpreter runs (`--interp`): the graph keeps the MTP module, as artifacts do, so checkpoints
 //! that carry it bind as they are (only the main logits are used). Weights come from a Hugging Face checkpoint folder or a seeded random
 //! initialisation. There is no KV cache yet: every step recomputes the whole sequence, on either
-//! engine. Tokens are printed as they come, then the continuation and the speeds.
+//! engine. Tokens are printed as they come, then the continuation and the speeds, and with
+//! `--expert-load` the rows each expert of each MoE layer received over the whole generation.
 
 use std::io::Write;
 use std::path::Path;
@@ -16,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use kiln_compiler::{build, spec};
 use kiln_ir::ModelSpec;
 use kiln_runtime::artifact::{self, Artifact};
-use kiln_runtime::cpu::{CpuModel, CpuOptions};
+use kiln_runtime::cpu::{CpuModel, CpuOptions, LayerLoad};
 use kiln_runtime::generate::{generate, Engine, GenerateOptions, Generation, Sampling, TokenEvent};
 use kiln_runtime::reference::Reference;
 use kiln_runtime::weights::{self, HostTensor, ParamDecl, WeightError};
@@ -51,6 +52,8 @@ pub struct Request<'a> {
     pub ignore_eos: bool,
     pub stop_ids: Vec<i64>,
     pub sampling: Sampling,
+    /// Print the per-expert load of the compiled kernels after generation.
+    pub expert_load: bool,
 }
 
 /// `--temperature`, `--top-p` and `--seed` as a sampling mode: temperature 0 is greedy.
@@ -136,6 +139,12 @@ fn cpu_options(threads: Option<usize>) -> CpuOptions {
 
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    if req.expert_load && req.interp {
+        bail!(
+            "--expert-load reports what the compiled kernels routed; it is not available with --interp: \
+             run an artifact from `kiln compile --target cpu`"
+        );
+    }
     if !is_artifact(req.model) {
         if !req.interp {
             bail!(
@@ -163,25 +172,57 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let decls = weights::manifest_params(m)?;
     let mut ckpt = None;
     let params = params(decls, &req.weights, spec, &mut ckpt)?;
-    let (mut engine, what): (Box<dyn Engine>, String) = if req.interp {
+    let eos = spec.and_then(|s| s.model.eos_token_id);
+    if req.interp {
         let tensors = params.collect::<Result<Vec<_>, _>>()?;
         let max_positions = spec.map(|s| s.model.max_position_embeddings);
-        (
-            Box::new(Reference::new(art.graph()?, tensors, max_positions)?),
-            "reference interpreter on graph.kir".into(),
-        )
-    } else {
-        let model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
-        let what = format!(
-            "compiled artifact on the CPU, {}, arena {} bytes, parameters {} bytes",
-            threads(model.threads()),
-            model.arena_bytes(),
-            model.param_bytes()
-        );
-        (Box::new(model), what)
-    };
-    let eos = spec.and_then(|s| s.model.eos_token_id);
-    generate_and_report(engine.as_mut(), name, &what, eos, req, out)
+        let mut engine = Reference::new(art.graph()?, tensors, max_positions)?;
+        return generate_and_report(&mut engine, name, "reference interpreter on graph.kir", eos, req, out);
+    }
+    let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
+    let what = format!(
+        "compiled artifact on the CPU, {}, arena {} bytes, parameters {} bytes",
+        threads(model.threads()),
+        model.arena_bytes(),
+        model.param_bytes()
+    );
+    generate_and_report(&mut model, name, &what, eos, req, out)?;
+    if req.expert_load {
+        write_expert_load(&model.expert_load(), out)?;
+    }
+    Ok(())
+}
+
+/// `--expert-load`: one line per MoE layer. The counts are rows the kernels routed in every forward
+/// pass (padding rows included; with no KV cache each pass routes the whole sequence again).
+fn write_expert_load(layers: &[LayerLoad], out: &mut impl Write) -> Result<()> {
+    if layers.is_empty() {
+        writeln!(out, "expert load: the artifact has no MoE layers")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "expert load over every forward pass (each routes the whole sequence so far; padding rows count):"
+    )?;
+    for l in layers {
+        let (min, max) =
+            (l.counts.iter().min().copied().unwrap_or(0), l.counts.iter().max().copied().unwrap_or(0));
+        let imbalance = l.imbalance().map_or("-".into(), |r| format!("{r:.2}"));
+        let busiest: Vec<String> =
+            l.busiest(3).into_iter().filter(|&(_, n)| n > 0).map(|(e, n)| format!("e{e} {n}")).collect();
+        writeln!(
+            out,
+            "{}: {} tokens x top-{} over {} experts; rows per expert min {min} mean {:.1} max {max}; \
+             max/mean {imbalance}; busiest {}",
+            l.label,
+            l.tokens(),
+            l.top_k,
+            l.counts.len(),
+            l.mean(),
+            if busiest.is_empty() { "-".into() } else { busiest.join(", ") }
+        )?;
+    }
+    Ok(())
 }
 
 /// `kiln run SPEC --interp`: the graph built from the spec, on the interpreter.

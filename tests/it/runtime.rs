@@ -490,3 +490,94 @@ fn kiln_run_on_an_artifact_with_interp_uses_its_graph() {
     assert_eq!(tokens(&s1.stdout), tokens(&s1b.stdout));
     assert_ne!(tokens(&s1.stdout), tokens(&s2.stdout));
 }
+
+#[test]
+fn expert_load_counts_what_the_interpreter_routes() {
+    use std::collections::HashMap;
+
+    use kiln_ir::interp::run_with;
+    use kiln_ir::op::Op;
+    use kiln_runtime::reference::to_tensor;
+
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
+    let art = artifact::load(&dir).unwrap();
+    let params = params_of(&art, 23);
+    let two = CpuOptions { threads: 2, parallel_min_bytes: 0, ..CpuOptions::default() };
+    let mut model = CpuModel::load(&art, ok(&params), &two).unwrap();
+    let rows = vec![vec![1, 17, 42, 255, 3, 128, 77], vec![9, 200, 5, 6, 0, 511, 2]];
+    let inputs = token_inputs(&rows, true);
+    let fresh = model.expert_load();
+    assert!(!fresh.is_empty() && fresh.iter().all(|l| l.routed() == 0));
+    model.run(&inputs).unwrap();
+    let got = model.expert_load();
+
+    // The interpreter on the same graph and weights: the experts each `moe_route` chose, and the
+    // rows each `moe_dispatch` gave each expert, by the module they come from.
+    let graph = art.graph().unwrap();
+    let mut watched: HashMap<kiln_ir::ValueId, (String, bool)> = HashMap::new();
+    for n in graph.nodes() {
+        let node = graph.node(n);
+        let scope = node.scope.clone().unwrap_or_default();
+        match node.op {
+            Op::MoeRoute(_) => drop(watched.insert(node.results[1], (scope, true))),
+            Op::MoeDispatch(_) => drop(watched.insert(node.results[1], (scope, false))),
+            _ => {}
+        }
+    }
+    let feeds: HashMap<String, Tensor> =
+        inputs.iter().map(|t| (t.name.clone(), to_tensor(t.clone()).unwrap())).collect();
+    let weights: HashMap<String, Tensor> =
+        params.iter().map(|t| (t.name.clone(), to_tensor(t.clone()).unwrap())).collect();
+    let (mut routed, mut dispatched) = (HashMap::new(), HashMap::new());
+    run_with(&graph, &feeds, &weights, &mut |v, t| {
+        let Some((scope, is_route)) = watched.get(&v) else { return };
+        let x = t.as_i64().unwrap();
+        if *is_route {
+            let mut counts = vec![0u64; 16];
+            x.iter().for_each(|&e| counts[e as usize] += 1);
+            routed.insert(scope.clone(), counts);
+        } else {
+            dispatched.insert(scope.clone(), x.windows(2).map(|w| (w[1] - w[0]) as u64).collect::<Vec<_>>());
+        }
+    })
+    .unwrap();
+
+    let tokens = 2 * 7;
+    assert_eq!(got.len(), routed.len(), "one entry per MoE layer");
+    for l in &got {
+        assert_eq!(l.top_k, 4);
+        assert_eq!(l.counts.len(), 16, "{}", l.label);
+        assert_eq!(l.routed(), tokens * 4, "{}: tokens x top_k", l.label);
+        assert_eq!(l.tokens(), tokens);
+        assert_eq!(Some(&l.counts), routed.get(&l.label), "{}: the router's choices", l.label);
+        assert_eq!(Some(&l.counts), dispatched.get(&l.label), "{}: the interpreter's offsets", l.label);
+        assert!(l.imbalance().unwrap() >= 1.0);
+    }
+
+    // Runs accumulate; a reset starts again from zero.
+    model.run(&inputs[..]).unwrap();
+    let twice = model.expert_load();
+    for (a, b) in got.iter().zip(&twice) {
+        assert_eq!(b.counts, a.counts.iter().map(|c| 2 * c).collect::<Vec<_>>());
+    }
+    model.reset_expert_load();
+    assert!(model.expert_load().iter().all(|l| l.routed() == 0));
+
+    // The CLI: 3 prompt tokens and 2 new ones are two forward passes, of 3 then 4 tokens.
+    let d = str(&dir);
+    let base = ["run", &d, "--random-weights", "4", "--prompt-ids", "5,6,7", "--ignore-eos"];
+    let r = kiln(&[&base[..], &["--max-new-tokens", "2", "--expert-load"]].concat());
+    assert!(r.ok, "{}", r.stderr);
+    let lines: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("model.layers.")).collect();
+    assert_eq!(lines.len(), got.len(), "{}", r.stdout);
+    for (line, l) in lines.iter().zip(&got) {
+        let want = format!("{}: 7 tokens x top-4 over 16 experts; rows per expert min ", l.label);
+        assert!(
+            line.starts_with(&want) && line.contains("mean 1.8 max") && line.contains("busiest e"),
+            "{line}"
+        );
+    }
+    let interp = kiln(&[&base[..], &["--expert-load", "--interp"]].concat());
+    assert!(!interp.ok && interp.stderr.contains("not available with --interp"), "{}", interp.stderr);
+}

@@ -22,7 +22,12 @@
 //! [`CpuOptions::parallel_min_bytes`]) is split over the thread pool (`pool.rs`); others run on the
 //! calling thread. Aliases are views (nothing runs). Outputs stay in the arena until the next run
 //! and are read with [`CpuModel::output`] and [`CpuModel::output_f32`].
+//!
+//! After each run the model adds the rows each expert of each MoE layer received to
+//! [`CpuModel::expert_load`] (read from the `moe_dispatch` kernels' `offsets`, see `expert_load.rs`;
+//! padding rows of a batch are counted like real tokens).
 
+mod expert_load;
 mod pool;
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +41,10 @@ use crate::host::{decode, decode_f32, encode, Memory};
 use crate::weights::{manifest_params, HostData, HostTensor, WeightError};
 use crate::RuntimeError;
 
+use expert_load::Probe;
 use pool::{run_range, Job, Packed, Pool, Shared};
+
+pub use expert_load::LayerLoad;
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -86,6 +94,8 @@ pub struct CpuModel {
     token_inputs: HashMap<String, u64>,
     /// The sizes of the last run, whose outputs the arena holds.
     last: Option<SymBindings>,
+    /// The `moe_dispatch` launches, with the load they have seen.
+    moe: Vec<Probe>,
     // Declared last: dropped after everything that points into it (the entries above).
     _library: libloading::Library,
 }
@@ -236,6 +246,7 @@ impl CpuModel {
             parallel_min_bytes: options.parallel_min_bytes,
             token_inputs,
             last: None,
+            moe: expert_load::probes(m),
             _library: library,
         })
     }
@@ -293,9 +304,26 @@ impl CpuModel {
         for (at, bytes) in encoded {
             self.arena.bytes_mut()[at..at + bytes.len()].copy_from_slice(&bytes);
         }
-        self.execute(sizes);
+        let offsets = self.execute(sizes);
         self.last = Some(sizes);
+        for (p, o) in self.moe.iter_mut().zip(offsets) {
+            p.add(&o);
+        }
         Ok(sizes)
+    }
+
+    /// Rows routed to each expert of each MoE layer, in program order, summed over every run since
+    /// the load or the last [`CpuModel::reset_expert_load`]. Padding rows of a batch count like real
+    /// tokens. Empty for a model without MoE layers.
+    pub fn expert_load(&self) -> Vec<LayerLoad> {
+        self.moe.iter().map(|p| p.load.clone()).collect()
+    }
+
+    /// Sets every count of [`CpuModel::expert_load`] back to zero.
+    pub fn reset_expert_load(&mut self) {
+        for p in &mut self.moe {
+            p.load.counts.iter_mut().for_each(|c| *c = 0);
+        }
     }
 
     fn input_buffer(&self, name: &str) -> Result<BufferId, RuntimeError> {
@@ -407,8 +435,10 @@ impl CpuModel {
         Ok(sizes)
     }
 
-    /// Runs every launch at `sizes`, on the pool when it has more than one thread.
-    fn execute(&self, sizes: SymBindings) {
+    /// Runs every launch at `sizes`, on the pool when it has more than one thread. Returns the
+    /// `offsets` of each `moe_dispatch` probe, read right after its launch: the plan reuses their
+    /// arena slots once the grouped GEMMs have read them.
+    fn execute(&self, sizes: SymBindings) -> Vec<Vec<i64>> {
         // The sizes each kernel takes, in its `sym_args` order: one array per kernel, alive for the
         // whole run because launches point into them.
         let syms: Vec<Vec<i64>> = self
@@ -417,24 +447,34 @@ impl CpuModel {
             .iter()
             .map(|k| k.sym_args.iter().map(|&s| sizes.get(s) as i64).collect())
             .collect();
+        let mut offsets = Vec::with_capacity(self.moe.len());
+        let mut read_probe = |i: usize| {
+            if let Some(p) = self.moe.get(offsets.len()).filter(|p| p.launch == i) {
+                match decode(DType::I32, self.bytes_of(p.offsets, &sizes)) {
+                    HostData::I64(v) => offsets.push(v),
+                    HostData::F32(_) => unreachable!("an i32 buffer decodes to integers"),
+                }
+            }
+        };
         let job = |l: &Launch| {
             let work = l.work.eval(&sizes).unwrap_or(0) as i64;
             Job { entry: l.entry, buffers: l.ptrs.as_ptr(), sizes: syms[l.kernel].as_ptr(), work, chunks: 1 }
         };
         if self.threads == 1 {
-            for l in &self.launches {
+            for (i, l) in self.launches.iter().enumerate() {
                 let j = job(l);
                 // SAFETY: the entry was resolved from the artifact's library for this kernel; its
                 // pointers address buffers of the kernel's types, sized for `sizes` (checked against
                 // the maxima the arena was allocated for), and the sizes array is the kernel's.
                 unsafe { run_range(&j, 0, j.work) };
+                read_probe(i);
             }
-            return;
+            return offsets;
         }
         let shared = Shared::new();
         std::thread::scope(|scope| {
             let pool = Pool::start(scope, &shared, self.threads);
-            for l in &self.launches {
+            for (i, l) in self.launches.iter().enumerate() {
                 let mut j = job(l);
                 let bytes: u64 =
                     l.buffers.iter().map(|&b| self.manifest.buffer(b).bytes(&sizes).unwrap_or(0)).sum();
@@ -446,8 +486,10 @@ impl CpuModel {
                     // SAFETY: as above.
                     unsafe { run_range(&j, 0, j.work) };
                 }
+                read_probe(i);
             }
         });
+        offsets
     }
 
     fn output_buffer(&self, name: &str) -> Result<(BufferId, SymBindings), RuntimeError> {
