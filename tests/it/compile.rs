@@ -235,16 +235,10 @@ fn failed_compiles_leave_no_directory_and_keep_the_old_one() {
         "graph @huge {\n  %0 = input {name = \"x\"} : f32[S, S, S, 65536]\n  %1 = exp %0 : f32[S, S, S, 65536]\n  output \"y\" = %1\n}\n",
     )
     .unwrap();
-    let out = kiln(&[
-        "compile",
-        &huge.to_string_lossy(),
-        "--target",
-        "cpu",
-        "--max-context",
-        "1048576",
-        "-o",
-        &s.str("b"),
-    ]);
+    let compile_huge = |out: &str| {
+        kiln(&["compile", &huge.to_string_lossy(), "--target", "cpu", "--max-context", "1048576", "-o", out])
+    };
+    let out = compile_huge(&s.str("b"));
     assert!(!out.ok);
     assert!(out.stderr.contains("more than 2^64 bytes"), "{}", out.stderr);
     // ptxas missing for a GPU target: the error says how to get it, before any work.
@@ -259,16 +253,7 @@ fn failed_compiles_leave_no_directory_and_keep_the_old_one() {
     // A failure over an existing artifact leaves it as it was.
     assert!(kiln(&["compile", SMALL, "--target", "cpu", "-o", &s.str("d")]).ok);
     let before = std::fs::read(s.path("d/manifest.json")).unwrap();
-    let out = kiln(&[
-        "compile",
-        &huge.to_string_lossy(),
-        "--target",
-        "cpu",
-        "--max-context",
-        "1048576",
-        "-o",
-        &s.str("d"),
-    ]);
+    let out = compile_huge(&s.str("d"));
     assert!(!out.ok);
     assert_eq!(std::fs::read(s.path("d/manifest.json")).unwrap(), before);
     assert_eq!(s.entries(), ["d", "huge.kir"]);

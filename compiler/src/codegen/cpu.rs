@@ -20,11 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use inkwell::context::Context as LlvmContext;
 use inkwell::memory_buffer::MemoryBuffer;
 use inkwell::module::Module as LlvmModule;
-use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine};
 use inkwell::OptimizationLevel;
 
-use super::emit::{init_llvm_targets, EmitError, Mlir};
+use super::emit::{init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target};
 
 /// MLIR passes from the lowered kernels to the LLVM dialect. bf16 conversions are expanded into integer
@@ -117,11 +116,7 @@ fn optimized<'l>(
         let entry = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
         ir.link_in_module(entry).map_err(|e| EmitError::Llvm(e.to_string()))?;
     }
-    ir.set_triple(&machine.get_triple());
-    ir.set_data_layout(&machine.get_target_data().get_data_layout());
-    ir.verify().map_err(|e| EmitError::Llvm(e.to_string()))?;
-    ir.run_passes("default<O3>", machine, PassBuilderOptions::create())
-        .map_err(|e| EmitError::Llvm(e.to_string()))?;
+    optimize_for(&ir, machine)?;
     Ok(ir)
 }
 

@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 
 use inkwell::context::Context as LlvmContext;
 use inkwell::module::Module as LlvmModule;
-use inkwell::targets::InitializationConfig;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{InitializationConfig, TargetMachine};
 use melior::dialect::DialectRegistry;
 use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::Module;
@@ -48,6 +49,16 @@ pub(crate) fn init_llvm_targets() -> Result<(), EmitError> {
     })
     .clone()
     .map_err(EmitError::Llvm)
+}
+
+/// Targets `ir` at `machine` (triple and data layout), verifies it and runs LLVM's `-O3` pipeline:
+/// the LLVM half of emission, the same for both targets.
+pub(crate) fn optimize_for(ir: &LlvmModule, machine: &TargetMachine) -> Result<(), EmitError> {
+    ir.set_triple(&machine.get_triple());
+    ir.set_data_layout(&machine.get_target_data().get_data_layout());
+    ir.verify().map_err(|e| EmitError::Llvm(e.to_string()))?;
+    ir.run_passes("default<O3>", machine, PassBuilderOptions::create())
+        .map_err(|e| EmitError::Llvm(e.to_string()))
 }
 
 /// An MLIR context with every dialect, pass and LLVM translation registered, collecting diagnostics.

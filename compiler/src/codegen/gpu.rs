@@ -9,13 +9,12 @@
 
 use inkwell::context::Context as LlvmContext;
 use inkwell::module::Module as LlvmModule;
-use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine, TargetTriple};
 use inkwell::OptimizationLevel;
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 
-use super::emit::{init_llvm_targets, EmitError, Mlir};
+use super::emit::{init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target, GPU_MODULE};
 
 /// MLIR passes from the lowered `gpu.module` to the LLVM and NVVM dialects.
@@ -69,11 +68,7 @@ fn optimized<'l>(
         diagnostics: format!("no gpu.module @{GPU_MODULE} after lowering"),
     })?;
     let ir = mlir.translate(gpu_module, llvm)?;
-    ir.set_triple(&machine.get_triple());
-    ir.set_data_layout(&machine.get_target_data().get_data_layout());
-    ir.verify().map_err(|e| EmitError::Llvm(e.to_string()))?;
-    ir.run_passes("default<O3>", machine, PassBuilderOptions::create())
-        .map_err(|e| EmitError::Llvm(e.to_string()))?;
+    optimize_for(&ir, machine)?;
     Ok(ir)
 }
 
