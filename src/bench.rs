@@ -9,7 +9,11 @@
 //! time counts. The two results are compared before anything is printed.
 //!
 //! `kiln bench run` (an artifact against the reference interpreter) lives with `kiln run` in
-//! `run.rs`, whose weight loading and generation it shares.
+//! `run.rs`, whose weight loading and generation it shares. `kiln bench run SPEC --compare-without
+//! PASS` is here: it compiles the spec twice for the CPU in the same run, with the whole pipeline
+//! and without `PASS` (`fuse-kernels`, say), generates the same greedy tokens from both on the same
+//! random weights, and prints both decode speeds and their ratio (each side warmed up by one token
+//! first). Nothing is written but two temporary artifact directories, removed afterwards.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -57,6 +61,10 @@ pub enum BenchCommand {
         /// Threads per kernel launch (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Take a model spec instead of an artifact, compile it with every pass and without this
+        /// one, and compare the two artifacts' decode tokens/s (random weights only).
+        #[arg(long, value_name = "PASS", conflicts_with = "weights")]
+        compare_without: Option<String>,
     },
 }
 
@@ -68,7 +76,26 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             gemm(&sizes, threads, reps, out)
         }
-        BenchCommand::Run { artifact, prompt_len, new_tokens, weights, random_weights, threads } => {
+        BenchCommand::Run {
+            artifact: spec,
+            prompt_len,
+            new_tokens,
+            random_weights,
+            threads,
+            compare_without: Some(pass),
+            ..
+        } => {
+            let req = CompareRequest {
+                spec: &spec,
+                pass: &pass,
+                prompt_len,
+                new_tokens,
+                seed: random_weights,
+                threads,
+            };
+            compare_without(&req, out)
+        }
+        BenchCommand::Run { artifact, prompt_len, new_tokens, weights, random_weights, threads, .. } => {
             let weights = match &weights {
                 Some(dir) => crate::run::Weights::Checkpoint(dir),
                 None => crate::run::Weights::Random(random_weights),
@@ -78,6 +105,99 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
             crate::run::bench(&req, out)
         }
     }
+}
+
+/// `kiln bench run SPEC --compare-without PASS`.
+struct CompareRequest<'a> {
+    spec: &'a std::path::Path,
+    pass: &'a str,
+    prompt_len: usize,
+    new_tokens: usize,
+    seed: u64,
+    threads: Option<usize>,
+}
+
+/// Skips one pass of the pipeline.
+struct Without<'a>(&'a str);
+
+impl kiln_compiler::pack::Observer for Without<'_> {
+    fn runs_pass(&mut self, pass: &str) -> bool {
+        pass != self.0
+    }
+}
+
+/// Decode tokens/s and the tokens of a greedy generation from the artifact in `dir`.
+fn decode_speed(dir: &std::path::Path, req: &CompareRequest) -> Result<(Option<f64>, Vec<i64>, usize)> {
+    use kiln_runtime::generate::{generate, Engine, GenerateOptions, Sampling};
+    let art = kiln_runtime::artifact::load(dir)?;
+    let m = art.manifest();
+    let decls = kiln_runtime::weights::manifest_params(m)?;
+    let tensors = kiln_runtime::weights::random_tensors(decls, req.seed, crate::run::RANDOM_STD);
+    let mut options = kiln_runtime::cpu::CpuOptions::default();
+    if let Some(t) = req.threads {
+        options.threads = t;
+    }
+    let mut model = kiln_runtime::cpu::CpuModel::load(&art, tensors.map(Ok), &options)?;
+    let vocab = model.vocab_size().context("the artifact has no `logits` output")? as u64;
+    let prompts = [(0..req.prompt_len as u64).map(|i| ((i * 7919 + 3) % vocab) as i64).collect::<Vec<_>>()];
+    let opts =
+        GenerateOptions { max_new_tokens: req.new_tokens, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    generate(&mut model, &prompts, &GenerateOptions { max_new_tokens: 1, ..opts.clone() }, &mut |_| {})?;
+    let g = generate(&mut model, &prompts, &opts, &mut |_| {})?;
+    // The decode program's launches when there is one: that is what a decode step runs.
+    let program = m.decode.as_ref().map_or(&m.program, |d| &d.program);
+    let launches = program.iter().filter(|s| matches!(s, kiln_ir::artifact::Step::Launch { .. })).count();
+    Ok((g.stats.decode_tokens_per_s(), g.tokens[0].clone(), launches))
+}
+
+fn compare_without(req: &CompareRequest, out: &mut dyn Write) -> Result<()> {
+    use kiln_compiler::pack::{self, Options, Source, Targets};
+    if req.prompt_len == 0 || req.new_tokens == 0 {
+        bail!("--prompt-len and --new-tokens must be at least 1");
+    }
+    kiln_compiler::passes::find(req.pass)?;
+    if req.spec.is_dir() {
+        bail!("--compare-without compiles a model spec; {} is a directory", req.spec.display());
+    }
+    let spec = kiln_compiler::spec::load(req.spec)?;
+    let context = (req.prompt_len + req.new_tokens + 1) as u64;
+    let options = Options { targets: Targets::Cpu, max_batch: 1, max_context: context, kv_cache: true };
+    let root = std::env::temp_dir().join(format!("kiln-bench-compare-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for skip in [None, Some(req.pass)] {
+        let source = Source::Spec(spec.clone());
+        let artifact = match skip {
+            None => pack::compile(source, &options, &mut ())?,
+            Some(p) => pack::compile(source, &options, &mut Without(p))?,
+        };
+        let dir = root.join(if skip.is_some() { "without" } else { "with" });
+        pack::write(&artifact, &dir)?;
+        let measured = decode_speed(&dir, req);
+        let _ = std::fs::remove_dir_all(&dir);
+        rows.push(measured?);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    writeln!(
+        out,
+        "bench run {}: {} prompt tokens, {} new tokens, greedy, random weights (seed {}), CPU",
+        spec.model.name, req.prompt_len, req.new_tokens, req.seed
+    )?;
+    writeln!(out, "{:<24} {:>9} {:>14}", "artifact", "launches", "decode tok/s")?;
+    let speed = |v: Option<f64>| v.map_or("-".to_string(), |r| format!("{r:.1}"));
+    let labels = ["every pass".to_string(), format!("without {}", req.pass)];
+    for (label, (tps, _, launches)) in labels.iter().zip(&rows) {
+        writeln!(out, "{label:<24} {launches:>9} {:>14}", speed(*tps))?;
+    }
+    let ratio = match (rows[0].0, rows[1].0) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".to_string(),
+    };
+    writeln!(out, "{:<24} {:>9} {ratio:>14}", "ratio", "")?;
+    match rows[0].1.iter().zip(&rows[1].1).position(|(a, b)| a != b) {
+        None => writeln!(out, "tokens: the same ({})", rows[0].1.len())?,
+        Some(i) => writeln!(out, "tokens: differ from new token {i} (kernels sum in another order)")?,
+    }
+    Ok(())
 }
 
 /// Runs `once` once to warm up, then `reps` times; returns the best time.

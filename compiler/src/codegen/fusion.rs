@@ -14,7 +14,10 @@
 //!   Residual add + RMS norm is this pattern, the sum being a result of the kernel too.
 //! - [`Pattern::Linear`]: one or more `linear`s of the same input by weights of the same shape (a
 //!   gate/up pair), read straight from the kernel's arguments, with an epilogue on their results
-//!   (SwiGLU `silu(gate) * up`, a residual add).
+//!   (SwiGLU `silu(gate) * up`, a residual add); or one or more `grouped_linear`s of the same rows
+//!   and offsets (the routed experts' gate/up pair). An operand may also be the `dequantize` of two
+//!   arguments, FP8 codes and f32 block scales ([`GemmOperand::Fp8`]): the GEMM decodes and scales
+//!   as it loads, so the dequantised weight never exists in memory (`fp8-gemm`).
 //! - [`Pattern::Op`]: a single op in the canonical form of a one-op kernel; its own lowering.
 //!
 //! Every value that an epilogue reads at an element must be available at that element: each node
@@ -33,7 +36,8 @@
 //! Nested `fused` nodes are inlined first. Dead nodes (whose values reach no output) are ignored.
 //!
 //! What this does not do: reorder ops to make bigger groups, recompute a cheap value in two groups
-//! rather than store it, or fuse across a `linear`'s input (a `dequantize` before it, say).
+//! rather than store it, or fuse a GEMM's operand computed by anything but a `dequantize` of
+//! arguments.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -51,7 +55,8 @@ pub enum Pattern {
     Elementwise,
     /// A row op (`rms_norm`, `softmax`, `reduce`) with an elementwise prologue and epilogue.
     Row { anchor: NodeId },
-    /// `linear`s sharing their input, with an elementwise epilogue.
+    /// `linear`s (or `grouped_linear`s) sharing their input, with an elementwise epilogue; their
+    /// operands may be `dequantize`s of arguments ([`gemm_operand`]).
     Linear { anchors: Vec<NodeId> },
 }
 
@@ -122,8 +127,13 @@ fn phase_label(p: &Phase) -> String {
             }
         }
         Pattern::Linear { anchors } => {
-            let n = if anchors.len() > 1 { format!("linear x{}", anchors.len()) } else { "linear".into() };
-            if others(anchors) {
+            let op = g.node(anchors[0]).op.name();
+            let fp8 = live_nodes(g).into_iter().any(|n| operand_dequantize(g, n));
+            let op = if fp8 { format!("fp8 {op}") } else { op.to_string() };
+            let n = if anchors.len() > 1 { format!("{op} x{}", anchors.len()) } else { op };
+            let mut skip = anchors.clone();
+            skip.extend(live_nodes(g).into_iter().filter(|&n| operand_dequantize(g, n)));
+            if others(&skip) {
                 format!("{n} + elementwise")
             } else {
                 n
@@ -179,15 +189,28 @@ pub fn classify(g: &Graph) -> Option<Pattern> {
     if rest.iter().any(|&(_, v)| numel(g, v) != Some(n)) {
         return None;
     }
-    let anchors: Vec<NodeId> = live.iter().copied().filter(|&a| !is_elementwise(&g.node(a).op)).collect();
+    // `dequantize`s that only feed GEMM operands are part of the GEMM's loads, not anchors.
+    let anchors: Vec<NodeId> = live
+        .iter()
+        .copied()
+        .filter(|&a| !is_elementwise(&g.node(a).op) && !operand_dequantize(g, a))
+        .collect();
     let pattern = match anchors.as_slice() {
         [] => return Some(Pattern::Elementwise),
         [a] if matches!(g.node(*a).op, Op::RmsNorm { .. } | Op::Softmax { .. } | Op::Reduce { .. }) => {
             Pattern::Row { anchor: *a }
         }
-        _ if anchors.iter().all(|&a| matches!(g.node(a).op, Op::Linear)) => linear(g, &anchors)?,
+        _ if anchors.iter().all(|&a| matches!(g.node(a).op, Op::Linear))
+            || anchors.iter().all(|&a| matches!(g.node(a).op, Op::GroupedLinear { .. })) =>
+        {
+            linear(g, &anchors)?
+        }
         _ => return None,
     };
+    // A `dequantize` that is not an anchor must feed a GEMM of the pattern.
+    if live.iter().any(|&n| operand_dequantize(g, n)) && !matches!(pattern, Pattern::Linear { .. }) {
+        return None;
+    }
     // Every node that reads an anchor's result, directly or not, works on as many elements as the
     // outputs: the epilogue of one element needs the anchor's result at that element only.
     let results: Vec<ValueId> = anchors.iter().flat_map(|&a| g.node(a).results.clone()).collect();
@@ -225,17 +248,104 @@ pub fn input_behind_reshapes(g: &Graph, mut v: ValueId) -> Option<ValueId> {
     }
 }
 
-/// `linear`s of one input (read from an argument), with weights of one shape (arguments too).
+/// How a fused GEMM reads one operand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GemmOperand {
+    /// The values of an input of the body (behind reshapes, which keep the bytes).
+    Input(ValueId),
+    /// `dequantize(codes, scales)` to f32 of two inputs: f8e4m3 codes and f32 scales, one per
+    /// `rows x cols` block of the operand seen as `[R, K]`.
+    Fp8 { codes: ValueId, scales: ValueId, rows: u64, cols: u64 },
+}
+
+/// How a GEMM of a fused body reads `v`: an input, or a `dequantize` the GEMM can do as it loads.
+/// That needs f8e4m3 codes and f32 scales that are inputs, a result in f32 (one rounding of
+/// `q * s`, as the interpreter's), blocks of a multiple of 8 columns (the CPU's vector loads share
+/// one scale), and blocks of one row unless the operand is a matrix (the rows of a flattened
+/// activation are its leading dimensions).
+pub fn gemm_operand(g: &Graph, v: ValueId) -> Option<GemmOperand> {
+    if let Some(i) = input_behind_reshapes(g, v) {
+        return Some(GemmOperand::Input(i));
+    }
+    let node = g.node(g.producer(v));
+    let Op::Dequantize { to: kiln_ir::DType::F32, block } = &node.op else { return None };
+    let (codes, scales) =
+        (input_behind_reshapes(g, node.inputs[0])?, input_behind_reshapes(g, node.inputs[1])?);
+    if g.ty(codes).dtype != kiln_ir::DType::F8E4M3 || g.ty(scales).dtype != kiln_ir::DType::F32 {
+        return None;
+    }
+    let rank = g.ty(v).rank();
+    let (rows, cols) = match block.as_slice() {
+        [c] => (1, *c),
+        [r, c] => (*r, *c),
+        _ => return None,
+    };
+    if cols == 0 || cols % 8 != 0 || (rows != 1 && rank != 2) || rows == 0 {
+        return None;
+    }
+    Some(GemmOperand::Fp8 { codes, scales, rows, cols })
+}
+
+/// Whether `n` is a `dequantize` read only as a GEMM operand it can be loaded through.
+fn operand_dequantize(g: &Graph, n: NodeId) -> bool {
+    let node = g.node(n);
+    matches!(node.op, Op::Dequantize { .. })
+        && gemm_operand(g, node.results[0]).is_some()
+        && !g.outputs().iter().any(|&(_, o)| o == node.results[0])
+        && g.users(node.results[0]).iter().all(|&u| {
+            let user = g.node(u);
+            let operands = match user.op {
+                Op::Linear => 0..2,
+                Op::GroupedLinear { .. } => 2..user.inputs.len(),
+                _ => return false,
+            };
+            // As the input (operand 0) or a weight, never as `grouped_linear`'s offsets.
+            user.inputs
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x != node.results[0] || i == 0 || operands.contains(&i))
+        })
+}
+
+/// The weight operands of a GEMM anchor.
+pub fn gemm_weights(g: &Graph, n: NodeId) -> &[ValueId] {
+    let node = g.node(n);
+    match node.op {
+        Op::GroupedLinear { .. } => &node.inputs[2..],
+        _ => &node.inputs[1..2],
+    }
+}
+
+/// `linear`s (or `grouped_linear`s with one `offsets`) of one input, with weights of one shape
+/// read in one way ([`gemm_operand`]).
 fn linear(g: &Graph, anchors: &[NodeId]) -> Option<Pattern> {
-    let x = g.node(anchors[0]).inputs[0];
-    let w_ty = g.ty(g.node(anchors[0]).inputs[1]).clone();
-    input_behind_reshapes(g, x)?;
+    let first = g.node(anchors[0]);
+    let x = first.inputs[0];
+    let w0 = gemm_weights(g, anchors[0])[0];
+    let w_ty = g.ty(w0).clone();
+    let kind = |op: GemmOperand| match op {
+        GemmOperand::Input(_) => None,
+        GemmOperand::Fp8 { rows, cols, .. } => Some((rows, cols)),
+    };
+    let w_kind = kind(gemm_operand(g, w0)?);
+    gemm_operand(g, x)?;
+    let grouped = matches!(first.op, Op::GroupedLinear { .. });
+    if grouped {
+        input_behind_reshapes(g, first.inputs[1])?;
+    }
     for &a in anchors {
         let node = g.node(a);
-        if node.inputs[0] != x || g.ty(node.inputs[1]) != &w_ty {
+        if node.inputs[0] != x || (grouped && node.inputs[1] != first.inputs[1]) {
             return None;
         }
-        input_behind_reshapes(g, node.inputs[1])?;
+        if gemm_weights(g, a).len() != gemm_weights(g, anchors[0]).len() {
+            return None;
+        }
+        for &w in gemm_weights(g, a) {
+            if g.ty(w) != &w_ty || kind(gemm_operand(g, w)?) != w_kind {
+                return None;
+            }
+        }
     }
     Some(Pattern::Linear { anchors: anchors.to_vec() })
 }

@@ -30,11 +30,11 @@ pub fn run_with(
     observe: &mut impl FnMut(ValueId, &Tensor),
 ) -> Result<Outputs, InterpError> {
     let feeds: HashMap<&str, &Tensor> = inputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    execute(g, &feeds, params, observe)
+    execute(g, &feeds, params, observe, Bindings::default())
 }
 
 /// Concrete values of the symbolic sizes, each with the input that bound it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Bindings {
     vals: [Option<(u64, String)>; 3],
 }
@@ -93,14 +93,16 @@ fn used_syms(d: Dim) -> Vec<Sym> {
 }
 
 /// Binds symbolic sizes from the inputs and checks every input against its declared type.
-fn bind_inputs(g: &Graph, feeds: &HashMap<&str, &Tensor>) -> Result<Bindings, InterpError> {
+/// `start` holds sizes already known: a fused body's inputs may mention only products (`4*B*T`),
+/// from which its caller's `B` and `T` could not be solved again.
+fn bind_inputs(g: &Graph, feeds: &HashMap<&str, &Tensor>, start: Bindings) -> Result<Bindings, InterpError> {
     let declared = g.inputs();
     for name in feeds.keys() {
         if !declared.iter().any(|(n, _)| n == name) {
             return Err(InterpError::UnknownInput { name: name.to_string(), graph: g.name().to_string() });
         }
     }
-    let mut bind = Bindings::default();
+    let mut bind = start;
     let mut pending = Vec::new();
     for &(name, v) in &declared {
         let t = *feeds.get(name).ok_or_else(|| InterpError::MissingInput { name: name.to_string() })?;
@@ -226,8 +228,9 @@ fn execute<'a>(
     feeds: &HashMap<&str, &'a Tensor>,
     params: &'a HashMap<String, Tensor>,
     observe: &mut dyn FnMut(ValueId, &Tensor),
+    start: Bindings,
 ) -> Result<Outputs, InterpError> {
-    let bind = bind_inputs(g, feeds)?;
+    let bind = bind_inputs(g, feeds, start)?;
     check_params(g, params)?;
 
     let order = g.nodes();
@@ -318,7 +321,8 @@ fn eval_node<'a>(
         }
         let feeds: HashMap<&str, &Tensor> =
             body_inputs.iter().map(|(n, _)| *n).zip(ins.iter().copied()).collect();
-        let outs = execute(body, &feeds, &HashMap::new(), &mut |_, _| {}).map_err(wrap)?;
+        // The body shares the graph's sizes.
+        let outs = execute(body, &feeds, &HashMap::new(), &mut |_, _| {}, bind.clone()).map_err(wrap)?;
         let results: Vec<Tensor> = body.outputs().iter().map(|(n, _)| outs[n].clone()).collect();
         check_types(&results, &declared).map_err(fail)?;
         return Ok(results.into_iter().map(Cow::Owned).collect());

@@ -6,7 +6,11 @@
 //! // range: -2 2                          floats of the inputs, uniform (rounded to their dtype)
 //! // ints: 0 1000                         integer inputs, uniform (positions)
 //! // tolerance: 0.0078125 0.01            |got - want| <= tol * max(|want|, floor); absent: bit for bit
+//! // offsets: 2                           argument 2 is a `grouped_linear`'s offsets: sorted, from 0
+//!                                         to the rows of argument 0
 //! ```
+//!
+//! f8e4m3 arguments get random codes (never NaN).
 //!
 //! Every kernel runs on the CPU against the interpreter (which runs the fused body op by op), with
 //! its scratch buffers filled with garbage first; the PTX of all of them passes `ptxas` (registers
@@ -46,6 +50,8 @@ struct Case {
     range: (f64, f64),
     ints: (f64, f64),
     tolerance: Option<(f64, f64)>,
+    /// The argument holding `grouped_linear` offsets, if any.
+    offsets: Option<usize>,
 }
 
 fn cases() -> Vec<Case> {
@@ -80,6 +86,7 @@ fn cases() -> Vec<Case> {
                 range: pair(get("range")),
                 ints: header(&src, "ints").map_or((0.0, 100.0), pair),
                 tolerance: header(&src, "tolerance").map(pair),
+                offsets: header(&src, "offsets").map(|v| v.trim().parse().unwrap()),
                 kernel: fused.remove(0),
                 file,
             }
@@ -90,11 +97,21 @@ fn cases() -> Vec<Case> {
 /// Random arguments of the kernel's types.
 fn inputs(c: &Case, rng: &mut Rng) -> Vec<Buf> {
     let (lo, hi) = (c.range.0 as f32, c.range.1 as f32);
+    let last = c.kernel.args[0].shape.last().and_then(|d| d.eval(&BIND)).map_or(1, |d| d as usize);
+    let rows = numel(&c.kernel.args[0], &BIND) / last.max(1);
     c.kernel
         .args
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(i, t)| {
             let n = numel(t, &BIND);
+            if c.offsets == Some(i) {
+                // 0, sorted cut points, the row count.
+                let mut cuts: Vec<i32> =
+                    (1..n - 1).map(|_| rng.uniform(0.0, rows as f32 + 1.0) as i32).collect();
+                cuts.sort();
+                return Buf::I32([0].into_iter().chain(cuts).chain([rows as i32]).collect());
+            }
             let ints = |rng: &mut Rng| -> Vec<i64> {
                 (0..n).map(|_| rng.uniform(c.ints.0 as f32, c.ints.1 as f32) as i64).collect()
             };
@@ -103,6 +120,13 @@ fn inputs(c: &Case, rng: &mut Rng) -> Vec<Buf> {
                 DType::BF16 => Buf::Bf16(rng.vec(n, lo, hi).into_iter().map(to_bf16).collect()),
                 DType::I32 => Buf::I32(ints(rng).into_iter().map(|x| x as i32).collect()),
                 DType::I64 => Buf::I64(ints(rng)),
+                // Any code but the two NaNs (0x7F, 0xFF).
+                DType::F8E4M3 => Buf::F8(
+                    (0..n)
+                        .map(|_| rng.uniform(0.0, 255.0) as u8)
+                        .map(|b| if b & 0x7F == 0x7F { b ^ 1 } else { b })
+                        .collect(),
+                ),
                 d => panic!("{}: no random {d} arguments", c.file),
             }
         })
@@ -280,7 +304,8 @@ fn ptx_snapshots_of_the_tiny_model() {
 fn a_phased_kernel_gets_arena_scratch_when_packed() {
     let src = std::fs::read_to_string(root().join("add_rms_norm_quant.kir")).unwrap();
     let graph = kiln_ir::parse(&src).unwrap();
-    let options = pack::Options { targets: pack::Targets::Cpu, max_batch: 2, max_context: 8 };
+    let options =
+        pack::Options { targets: pack::Targets::Cpu, max_batch: 2, max_context: 8, kv_cache: false };
     let artifact = pack::compile(pack::Source::Graph { graph, spec: None }, &options, &mut ())
         .unwrap_or_else(|e| panic!("{e}"));
     let m = &artifact.manifest;

@@ -15,6 +15,9 @@
 //!   at once (one load of `x` serves each weight's accumulators; on the CPU a block holds
 //!   `NR / weights` columns per weight so they stay in registers), and the epilogue at each output
 //!   element: a gate/up pair with `silu(gate) * up`, or a residual add, never leave registers.
+//!   `grouped_linear`s (routed experts) go through `matmul::grouped_with`, one work item per row.
+//!   An FP8 operand (`dequantize` of codes and scales, `fp8-gemm`) is decoded and scaled by the
+//!   GEMM's loads (`matmul::Operand::Fp8`).
 //!
 //! **Phases** (any other body). The phases must run one after another, and they need not iterate
 //! over the same space, so they cannot split one work range: on the CPU the kernel has a single
@@ -35,7 +38,7 @@ use kiln_ir::{Graph, NodeId, Op, TensorType};
 
 use super::chain::{self, Chain};
 use super::{lower_op, matmul, reduce, Buffer, Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::fusion::{self, Loc, Pattern, Phase, Plan};
+use crate::codegen::fusion::{self, GemmOperand, Loc, Pattern, Phase, Plan};
 use crate::codegen::kernel::Kernel;
 use crate::codegen::mlir::{for_loop, Body, Value};
 
@@ -209,19 +212,30 @@ fn row(f: &mut Frame, body: &Graph, anchor: NodeId) -> Result<LaunchShape, Lower
     Ok(launch)
 }
 
-/// `linear`s sharing their input, with their epilogue. See the module documentation.
+/// `linear`s (or `grouped_linear`s) sharing their input, with their epilogue. See the module
+/// documentation.
 fn linear(f: &mut Frame, body: &Graph, anchors: &[NodeId]) -> Result<LaunchShape, LowerError> {
     let inputs: Vec<kiln_ir::ValueId> = body.inputs().iter().map(|&(_, v)| v).collect();
-    // The fusion analysis guarantees the input and weights are (reshapes of) arguments; a reshape
-    // keeps the bytes, so the argument's buffer is read as it is.
-    let buffer = |v| {
-        let v = fusion::input_behind_reshapes(body, v)?;
-        inputs.iter().position(|&i| i == v)
+    // The fusion analysis guarantees the input and weights are (reshapes of) arguments or
+    // `dequantize`s of arguments; a reshape keeps the bytes, so the argument's buffer is read as
+    // it is, and a `dequantize` is done by the loads.
+    let arg = |v| inputs.iter().position(|&i| i == v);
+    let operand = |v| -> Option<matmul::Operand> {
+        Some(match fusion::gemm_operand(body, v)? {
+            GemmOperand::Input(i) => matmul::Operand::Plain(arg(i)?),
+            GemmOperand::Fp8 { codes, scales, rows, cols } => {
+                matmul::Operand::Fp8 { codes: arg(codes)?, scales: arg(scales)?, rows, cols }
+            }
+        })
     };
-    let bad = || f.unsupported("linear", "the fused linear's input or weight is not an argument");
-    let x = buffer(body.node(anchors[0]).inputs[0]).ok_or_else(bad)?;
-    let weights: Vec<usize> =
-        anchors.iter().map(|&a| buffer(body.node(a).inputs[1])).collect::<Option<_>>().ok_or_else(bad)?;
+    let bad = || f.unsupported("linear", "the fused GEMM's input or weight is not an argument");
+    let first = body.node(anchors[0]);
+    let x = operand(first.inputs[0]).ok_or_else(bad)?;
+    let weights: Vec<Vec<matmul::Operand>> = anchors
+        .iter()
+        .map(|&a| fusion::gemm_weights(body, a).iter().map(|&w| operand(w)).collect::<Option<Vec<_>>>())
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
     let results: Vec<kiln_ir::ValueId> = anchors.iter().map(|&a| body.node(a).results[0]).collect();
     let dtype = body.ty(results[0]).dtype;
     let chain = Chain::new(f, body);
@@ -233,9 +247,19 @@ fn linear(f: &mut Frame, body: &Graph, anchors: &[NodeId]) -> Result<LaunchShape
         }
         chain.store_outputs(f, idx);
     };
-    let first = body.node(anchors[0]);
-    let shapes = (body.ty(first.inputs[0]).shape.clone(), body.ty(first.inputs[1]).shape.clone());
-    let launch = matmul::linear_with(f, x, &weights, (&shapes.0, &shapes.1), &epilogue)?;
+    let w0 = fusion::gemm_weights(body, anchors[0])[0];
+    let shapes = (body.ty(first.inputs[0]).shape.clone(), body.ty(w0).shape.clone());
+    let launch = match first.op {
+        Op::GroupedLinear { .. } => {
+            let offsets =
+                fusion::input_behind_reshapes(body, first.inputs[1]).and_then(arg).ok_or_else(bad)?;
+            matmul::grouped_with(f, &x, offsets, &weights, (&shapes.0, &shapes.1), &epilogue)?
+        }
+        _ => {
+            let ws: Vec<matmul::Operand> = weights.into_iter().flatten().collect();
+            matmul::linear_with(f, &x, &ws, (&shapes.0, &shapes.1), &epilogue)?
+        }
+    };
     chain.finish()?;
     Ok(launch)
 }

@@ -31,7 +31,7 @@ use kiln_ir::{DType, Dim};
 
 use super::elementwise::broadcast_index;
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, index_switch, Value};
 
 /// Rows of `x` per CPU register block.
 pub const MR: usize = 4;
@@ -99,13 +99,109 @@ fn check_float(f: &Frame, buf: usize, op: &str) -> Result<(), LowerError> {
     }
 }
 
+/// A GEMM operand as the kernel reads it, viewed as a row-major `[R, K]` matrix: a buffer of its
+/// values, or FP8 codes with their block scales, `dequantize` fused into the load (`fp8-gemm`):
+/// element `(r, k)` is `decode(codes[r * K + k]) * scales[(r / rows) * ceil(K / cols) + k / cols]`,
+/// the product rounded once to f32 as the interpreter's `dequantize` to f32 rounds it. The CPU's
+/// vector loads need `cols` to be a multiple of the vector width (8), so that the eight lanes of one
+/// load share a scale; the fusion analysis only forms such kernels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Operand {
+    Plain(usize),
+    Fp8 { codes: usize, scales: usize, rows: u64, cols: u64 },
+}
+
+impl Operand {
+    fn check(&self, f: &Frame, op: &str) -> Result<(), LowerError> {
+        match *self {
+            Operand::Plain(b) => check_float(f, b, op),
+            Operand::Fp8 { codes, scales, cols, .. } => {
+                let (c, s) = (f.bufs[codes].ty.dtype, f.bufs[scales].ty.dtype);
+                if c != DType::F8E4M3 || s != DType::F32 || cols % VL as u64 != 0 {
+                    return Err(f.unsupported(
+                        op,
+                        format!("FP8 operand of {c} codes, {s} scales, {cols} columns per block"),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One row of an [`Operand`]: where it starts, and for FP8 where its scales start.
+struct OperandRow {
+    op: Operand,
+    /// `r * K`.
+    start: Value,
+    /// `(r / rows) * ceil(K / cols)`, and `cols`, for FP8 operands.
+    scales: Option<(Value, Value)>,
+}
+
+impl OperandRow {
+    fn new(f: &mut Frame, op: &Operand, r: &Value, k: &Value) -> OperandRow {
+        let start = f.b.muli(r, k);
+        let scales = match *op {
+            Operand::Plain(_) => None,
+            Operand::Fp8 { rows, cols, .. } => {
+                let (br, bc, bc1) =
+                    (f.b.index(rows as i64), f.b.index(cols as i64), f.b.index(cols as i64 - 1));
+                let kb = f.b.addi(k, &bc1);
+                let kb = f.b.divui(&kb, &bc);
+                let block_row = f.b.divui(r, &br);
+                Some((f.b.muli(&block_row, &kb), bc))
+            }
+        };
+        OperandRow { op: op.clone(), start, scales }
+    }
+
+    /// The scale of column `kk`.
+    fn scale(&self, f: &mut Frame, kk: &Value) -> Option<Value> {
+        let (base, cols) = self.scales.as_ref()?;
+        let Operand::Fp8 { scales, .. } = self.op else { return None };
+        let c = f.b.divui(kk, cols);
+        let at = f.b.addi(base, &c);
+        Some(f.load(scales, &at))
+    }
+
+    /// Element `kk` of the row, in f32.
+    fn at(&self, f: &mut Frame, kk: &Value) -> Value {
+        let i = f.b.addi(&self.start, kk);
+        match self.op {
+            Operand::Plain(b) => f.load(b, &i),
+            Operand::Fp8 { codes, .. } => {
+                let q = f.load(codes, &i);
+                let s = self.scale(f, kk).expect("FP8 rows have scales");
+                f.binf("mulf", &q, &s)
+            }
+        }
+    }
+
+    /// Elements `kk .. kk + 8` of the row (`kk` a multiple of 8), as a `vector<8xf32>`.
+    fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
+        let i = f.b.addi(&self.start, kk);
+        match self.op {
+            Operand::Plain(b) => f.load_vec(b, &i),
+            Operand::Fp8 { codes, .. } => {
+                let (view, memref) = (f.bufs[codes].view.clone(), f.bufs[codes].memref.clone());
+                let q = f.b.op("qv", format_args!("vector.load {view}[{i}] : {memref}, vector<8xi8>"));
+                let q = f.f8_decode_vec(&q);
+                let s = self.scale(f, kk).expect("FP8 rows have scales");
+                let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
+                f.b.op("wv", format_args!("arith.mulf {q}, {sv} : {VEC}"))
+            }
+        }
+    }
+}
+
 /// Writes the results of one output element: its flat index and one f32 sum per weight, not yet
 /// rounded. A store, or a fused epilogue.
 pub(super) type Store<'a> = &'a dyn Fn(&mut Frame, &Value, &[Value]);
 
 pub(super) fn linear(f: &mut Frame) -> Result<LaunchShape, LowerError> {
     let shapes = (f.bufs[0].ty.shape.clone(), f.bufs[1].ty.shape.clone());
-    linear_with(f, 0, &[1], (&shapes.0, &shapes.1), &|f, idx, ys| f.store(2, idx, &ys[0]))
+    let (x, w) = (Operand::Plain(0), [Operand::Plain(1)]);
+    linear_with(f, &x, &w, (&shapes.0, &shapes.1), &|f, idx, ys| f.store(2, idx, &ys[0]))
 }
 
 /// `x @ w^T` for each weight buffer of `weights`, with the input in buffer `x`, of shapes `xs` and
@@ -113,12 +209,15 @@ pub(super) fn linear(f: &mut Frame) -> Result<LaunchShape, LowerError> {
 /// element. Several weights share the loads of `x`: a gate/up pair is one pass over the input.
 pub(super) fn linear_with(
     f: &mut Frame,
-    x: usize,
-    weights: &[usize],
+    x: &Operand,
+    weights: &[Operand],
     (xs, w): (&[Dim], &[Dim]),
     store: Store,
 ) -> Result<LaunchShape, LowerError> {
-    check_float(f, x, "linear")?;
+    x.check(f, "linear")?;
+    for w in weights {
+        w.check(f, "linear")?;
+    }
     let rows = xs[..xs.len() - 1].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
     let rows = rows.ok_or_else(|| f.unsupported("linear", "the row count does not fit a dimension"))?;
     let m = f.dim(rows);
@@ -131,14 +230,177 @@ pub(super) fn linear_with(
         }
         Target::Gpu => {
             let zero = f.b.index(0);
-            let bs: Vec<(usize, Value)> = weights.iter().map(|&w| (w, zero.clone())).collect();
-            tiled_gpu(f, (&m, &n, &k), (x, &zero), &bs, &zero, true, store);
+            let bs: Vec<(Operand, Value)> = weights.iter().map(|w| (w.clone(), zero.clone())).collect();
+            tiled_gpu(f, (&m, &n, &k), (x.clone(), &zero), &bs, &zero, true, store);
             gpu_launch(rows, w[0], Dim::known(1))
         }
     })
 }
 
-fn linear_cpu(f: &mut Frame, x: usize, weights: &[usize], n: &Value, k: &Value, store: Store) {
+/// The code for one row of a grouped GEMM: the row, whether an expert holds it, and the buffers of
+/// that expert's weights.
+type RowBody<'a> = &'a dyn Fn(&mut Frame, &Value, &Value, &[Value]);
+
+/// Threads per block of the fused grouped GEMM on the GPU.
+const GROUPED_BLOCK: i64 = 256;
+
+/// `grouped_linear`s of one input and one `offsets` (a routed gate/up pair, or one GEMM whose
+/// weights are FP8), for fused kernels: `weights[a][e]` is expert `e`'s weight of GEMM `a`, of shape
+/// `w`; each output element's sums go to `store` (rows no expert holds get 0, as `grouped_linear`
+/// defines). One work item (CPU) or thread (GPU) per row and column, as `moe`'s `grouped_linear`:
+/// the expert of row `m` is the number of `offsets[e + 1] <= m`, and its weights are picked by an
+/// `scf.index_switch`. Scalar loads: routed experts are small GEMMs per expert; packing them is
+/// not done yet.
+pub(super) fn grouped_with(
+    f: &mut Frame,
+    x: &Operand,
+    offsets: usize,
+    weights: &[Vec<Operand>],
+    (xs, w): (&[Dim], &[Dim]),
+    store: Store,
+) -> Result<LaunchShape, LowerError> {
+    x.check(f, "grouped_linear")?;
+    for op in weights.iter().flatten() {
+        op.check(f, "grouped_linear")?;
+    }
+    let experts = weights[0].len();
+    let offsets_type = f.bufs[offsets].ty.dtype;
+    let (m_dim, n_dim) = (xs[0], w[0]);
+    let (n, k) = (f.dim(n_dim), f.dim(w[1]));
+    let ev = f.b.index(experts as i64);
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    // The memref types of one expert's buffers of each GEMM: values, or codes and scales.
+    let mut types: Vec<String> = Vec::new();
+    for op in weights.iter().map(|ws| &ws[0]) {
+        match *op {
+            Operand::Plain(b) => types.push(format!("memref<?x{}>", f.storage(b))),
+            Operand::Fp8 { .. } => types.extend(["memref<?xi8>".to_string(), "memref<?xf32>".to_string()]),
+        }
+    }
+    let row = |f: &mut Frame, m: &Value, col_body: RowBody| {
+        let e = for_carry(f, &zero, &ev, &one, &[(zero.clone(), "index")], |f, e, count| {
+            let at = f.b.addi(e, &one);
+            let end = f.load(offsets, &at);
+            let end = f.int_to_index(&end, offsets_type);
+            let before = f.cmp("ule", &end, m, "index");
+            let next = f.b.addi(&count[0], &one);
+            vec![f.select(&before, &next, &count[0], "index")]
+        })
+        .remove(0);
+        let valid = f.cmp("ult", &e, &ev, "index");
+        let tys: Vec<&str> = types.iter().map(String::as_str).collect();
+        let views = index_switch(f, &e, experts, &tys, |f, case| {
+            // The default (no expert holds the row) reads expert 0; its sums are discarded.
+            let at = case.unwrap_or(0);
+            let mut out = Vec::new();
+            for ws in weights {
+                let bufs = match ws[at] {
+                    Operand::Plain(b) => vec![b],
+                    Operand::Fp8 { codes, scales, .. } => vec![codes, scales],
+                };
+                for b in bufs {
+                    let (view, memref) = (f.bufs[b].view.clone(), f.bufs[b].memref.clone());
+                    let dynamic = format!("memref<?x{}>", f.storage(b));
+                    out.push(if memref == dynamic {
+                        view
+                    } else {
+                        f.b.op("w", format_args!("memref.cast {view} : {memref} to {dynamic}"))
+                    });
+                }
+            }
+            out
+        });
+        col_body(f, m, &valid, &views);
+    };
+    let element = |f: &mut Frame, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
+        let xr = OperandRow::new(f, x, m, &k);
+        let wstart = f.b.muli(col, &k);
+        // Per GEMM: (codes or values view, its dtype, FP8 scales view and the row's scale base).
+        let mut reads = Vec::new();
+        let mut next = 0;
+        for ws in weights {
+            match ws[0] {
+                Operand::Plain(b) => {
+                    reads.push((views[next].clone(), f.bufs[b].ty.dtype, None));
+                    next += 1;
+                }
+                Operand::Fp8 { rows, cols, .. } => {
+                    let (br, bc, bc1) =
+                        (f.b.index(rows as i64), f.b.index(cols as i64), f.b.index(cols as i64 - 1));
+                    let kb = f.b.addi(&k, &bc1);
+                    let kb = f.b.divui(&kb, &bc);
+                    let block_row = f.b.divui(col, &br);
+                    let base = f.b.muli(&block_row, &kb);
+                    reads.push((
+                        views[next].clone(),
+                        DType::F8E4M3,
+                        Some((views[next + 1].clone(), base, bc)),
+                    ));
+                    next += 2;
+                }
+            }
+        }
+        let fzero = f.b.f32(0.0);
+        let inits: Vec<(Value, &str)> = weights.iter().map(|_| (fzero.clone(), "f32")).collect();
+        let dots = for_carry(f, &zero, &k, &one, &inits, |f, i, acc| {
+            let xv = xr.at(f, i);
+            let wi = f.b.addi(&wstart, i);
+            reads
+                .iter()
+                .zip(acc)
+                .map(|((view, dtype, scales), a)| {
+                    let memref = format!(
+                        "memref<?x{}>",
+                        if *dtype == DType::F8E4M3 { "i8" } else { super::storage_type(*dtype) }
+                    );
+                    let mut wv = f.load_view(view, &memref, *dtype, &wi);
+                    if let Some((sview, base, bc)) = scales {
+                        let c = f.b.divui(i, bc);
+                        let at = f.b.addi(base, &c);
+                        let s = f.load_view(sview, "memref<?xf32>", DType::F32, &at);
+                        wv = f.binf("mulf", &wv, &s);
+                    }
+                    f.fma(&xv, &wv, a)
+                })
+                .collect()
+        });
+        let ys: Vec<Value> = dots.iter().map(|d| f.select(valid, d, &fzero, "f32")).collect();
+        let mn = f.b.muli(m, &n);
+        let at = f.b.addi(&mn, col);
+        store(f, &at, &ys);
+    };
+    Ok(match f.target {
+        Target::Cpu => {
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            for_loop(f, &lo, &hi, &one, |f, m| {
+                row(f, m, &|f, m, valid, views| {
+                    for_loop(f, &zero, &n, &one, |f, col| element(f, m, col, valid, views));
+                });
+            });
+            LaunchShape::Cpu { work: m_dim }
+        }
+        Target::Gpu => {
+            let block = f.gpu_block(GROUPED_BLOCK);
+            let (tid, bx, m) =
+                (f.gpu_id("thread_id", 'x'), f.gpu_id("block_id", 'x'), f.gpu_id("block_id", 'y'));
+            let bs = f.b.index(block);
+            let base = f.b.muli(&bx, &bs);
+            let col = f.b.addi(&base, &tid);
+            let inside = f.cmp("ult", &col, &n, "index");
+            if_then(f, &inside, |f| row(f, &m, &|f, m, valid, views| element(f, m, &col, valid, views)));
+            LaunchShape::Gpu {
+                grid: [
+                    GridDim { work: n_dim, per_block: block as u64 },
+                    GridDim { work: m_dim, per_block: 1 },
+                    GridDim::one(),
+                ],
+                block: [block as u32, 1, 1],
+            }
+        }
+    })
+}
+
+fn linear_cpu(f: &mut Frame, x: &Operand, weights: &[Operand], n: &Value, k: &Value, store: Store) {
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let vl = f.b.index(VL);
     let kq = f.b.divui(k, &vl);
@@ -151,7 +413,7 @@ fn linear_cpu(f: &mut Frame, x: usize, weights: &[usize], n: &Value, k: &Value, 
     let blocks = f.b.divui(&span, &mr);
     let full = f.b.muli(&blocks, &mr);
     let m_full = f.b.addi(&lo, &full);
-    let g = Gemv { n: n.clone(), k: k.clone(), kvec, x, weights: weights.to_vec(), store };
+    let g = Gemv { n: n.clone(), k: k.clone(), kvec, x: x.clone(), weights: weights.to_vec(), store };
     for_loop(f, &zero, n, &nb, |f, p| {
         let end = f.b.addi(p, &nb);
         let p_end = f.b.minui(&end, n);
@@ -174,8 +436,8 @@ struct Gemv<'s> {
     k: Value,
     /// `K` rounded down to a multiple of the vector width.
     kvec: Value,
-    x: usize,
-    weights: Vec<usize>,
+    x: Operand,
+    weights: Vec<Operand>,
     store: Store<'s>,
 }
 
@@ -184,23 +446,20 @@ impl Gemv<'_> {
     /// `(i, w, j)` is number `(i * weights + w) * nr + j`.
     fn block(&self, f: &mut Frame, m0: &Value, n0: &Value, mr: usize, nr: usize) {
         let nw = self.weights.len();
-        let xrow: Vec<Value> = (0..mr).map(|i| row_start(f, m0, i, &self.k)).collect();
-        let wrow: Vec<Value> = (0..nr).map(|j| row_start(f, n0, j, &self.k)).collect();
+        let xrow: Vec<OperandRow> = (0..mr).map(|i| operand_row(f, &self.x, m0, i, &self.k)).collect();
+        // Row `j` of weight `w` is number `w * nr + j`.
+        let wrow: Vec<OperandRow> = (self.weights.iter())
+            .flat_map(|w| (0..nr).map(move |j| (w, j)))
+            .map(|(w, j)| operand_row(f, w, n0, j, &self.k))
+            .collect();
         let zero_v = f.b.constant("dense<0.0>", VEC);
         let (zero, vl, one) = (f.b.index(0), f.b.index(VL), f.b.index(1));
         let inits: Vec<(Value, &str)> = (0..mr * nr * nw).map(|_| (zero_v.clone(), VEC)).collect();
         let accs = for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
-            let wv: Vec<Value> = (self.weights.iter())
-                .flat_map(|&w| wrow.iter().map(move |r| (w, r)))
-                .map(|(w, r)| {
-                    let i = f.b.addi(r, kk);
-                    f.load_vec(w, &i)
-                })
-                .collect();
+            let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
             let mut next = Vec::with_capacity(mr * nr * nw);
             for (i, xr) in xrow.iter().enumerate() {
-                let idx = f.b.addi(xr, kk);
-                let xv = f.load_vec(self.x, &idx);
+                let xv = xr.vec_at(f, kk);
                 for (j, w) in wv.iter().enumerate() {
                     let a = &acc[i * nr * nw + j];
                     next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
@@ -221,17 +480,10 @@ impl Gemv<'_> {
             })
             .collect();
         let totals = for_carry(f, &self.kvec, &self.k, &one, &sums, |f, kk, acc| {
-            let ws: Vec<Value> = (self.weights.iter())
-                .flat_map(|&w| wrow.iter().map(move |r| (w, r)))
-                .map(|(w, r)| {
-                    let i = f.b.addi(r, kk);
-                    f.load(w, &i)
-                })
-                .collect();
+            let ws: Vec<Value> = wrow.iter().map(|r| r.at(f, kk)).collect();
             let mut next = Vec::with_capacity(mr * nr * nw);
             for (i, xr) in xrow.iter().enumerate() {
-                let idx = f.b.addi(xr, kk);
-                let x = f.load(self.x, &idx);
+                let x = xr.at(f, kk);
                 for (j, w) in ws.iter().enumerate() {
                     next.push(f.fma(&x, w, &acc[i * nr * nw + j]));
                 }
@@ -253,11 +505,11 @@ impl Gemv<'_> {
     }
 }
 
-/// `(start + i) * k`: the offset of row `start + i` of a matrix with `k` columns.
-fn row_start(f: &mut Frame, start: &Value, i: usize, k: &Value) -> Value {
+/// Row `start + i` of an operand with `k` columns.
+fn operand_row(f: &mut Frame, op: &Operand, start: &Value, i: usize, k: &Value) -> OperandRow {
     let iv = f.b.index(i as i64);
     let r = f.b.addi(start, &iv);
-    f.b.muli(&r, k)
+    OperandRow::new(f, op, &r, k)
 }
 
 fn gpu_launch(m: Dim, n: Dim, batch: Dim) -> LaunchShape {
@@ -313,7 +565,8 @@ pub(super) fn matmul(f: &mut Frame) -> Result<LaunchShape, LowerError> {
         Target::Gpu => {
             let z = f.gpu_id("block_id", 'z');
             let [a, b, y] = bases(f, &z);
-            tiled_gpu(f, (&m, &n, &k), (0, &a), &[(1, b)], &y, false, &|f, yi, v| f.store(2, yi, &v[0]));
+            let store: Store = &|f, yi, v| f.store(2, yi, &v[0]);
+            tiled_gpu(f, (&m, &n, &k), (Operand::Plain(0), &a), &[(Operand::Plain(1), b)], &y, false, store);
             gpu_launch(md, nd, batch)
         }
     })
@@ -373,8 +626,8 @@ fn tile_threads(f: &mut Frame) -> (Value, Value) {
 fn tiled_gpu(
     f: &mut Frame,
     (m, n, k): (&Value, &Value, &Value),
-    (a, a_base): (usize, &Value),
-    bs: &[(usize, Value)],
+    (a, a_base): (Operand, &Value),
+    bs: &[(Operand, Value)],
     y_base: &Value,
     b_transposed: bool,
     store: Store,
@@ -412,7 +665,7 @@ fn tiled_gpu(
             // a[m0 + row, k0 + tx] -> a_tile[row][tx]
             let gm = f.b.addi(&m0, row);
             let gk = f.b.addi(k0, &tx);
-            let v = guarded_load(f, a, a_base, (&gm, m), (&gk, k), k);
+            let v = guarded_load(f, &a, a_base, (&gm, m), (&gk, k), k);
             let at = f.b.muli(row, &pitch);
             let at = f.b.addi(&at, &tx);
             f.b.line(format_args!("memref.store {v}, {a_tile}[{at}] : {a_ty}"));
@@ -420,14 +673,14 @@ fn tiled_gpu(
                 if b_transposed {
                     // w[n0 + row, k0 + tx] -> b_tile[tx][row]
                     let gn = f.b.addi(&n0, row);
-                    let v = guarded_load(f, *b, b_base, (&gn, n), (&gk, k), k);
+                    let v = guarded_load(f, b, b_base, (&gn, n), (&gk, k), k);
                     let bt = f.b.muli(&tx, &pitch);
                     let bt = f.b.addi(&bt, row);
                     f.b.line(format_args!("memref.store {v}, {b_tile}[{bt}] : {b_ty}"));
                 } else {
                     // b[k0 + row, n0 + tx] -> b_tile[row][tx]
                     let gk = f.b.addi(k0, row);
-                    let v = guarded_load(f, *b, b_base, (&gk, k), (&col, n), n);
+                    let v = guarded_load(f, b, b_base, (&gk, k), (&col, n), n);
                     f.b.line(format_args!("memref.store {v}, {b_tile}[{at}] : {b_ty}"));
                 }
             }
@@ -476,7 +729,7 @@ fn inits_of(values: &[Value]) -> Vec<(Value, &'static str)> {
 /// when `r >= rows` or `c >= cols`.
 fn guarded_load(
     f: &mut Frame,
-    buf: usize,
+    op: &Operand,
     base: &Value,
     (r, rows): (&Value, &Value),
     (c, cols): (&Value, &Value),
@@ -485,8 +738,23 @@ fn guarded_load(
     let r_ok = f.b.op("p", format_args!("arith.cmpi ult, {r}, {rows} : index"));
     let c_ok = f.b.op("p", format_args!("arith.cmpi ult, {c}, {cols} : index"));
     let ok = f.b.op("p", format_args!("arith.andi {r_ok}, {c_ok} : i1"));
-    let idx = f.b.muli(r, stride);
-    let idx = f.b.addi(&idx, c);
-    let idx = f.b.addi(base, &idx);
-    if_else(f, &ok, "f32", |f| f.load(buf, &idx), |f| f.b.f32(0.0))
+    match op {
+        Operand::Plain(buf) => {
+            let idx = f.b.muli(r, stride);
+            let idx = f.b.addi(&idx, c);
+            let idx = f.b.addi(base, &idx);
+            if_else(f, &ok, "f32", |f| f.load(*buf, &idx), |f| f.b.f32(0.0))
+        }
+        // FP8 operands are linear's (`base` 0, rows of `stride` = K elements).
+        Operand::Fp8 { .. } => if_else(
+            f,
+            &ok,
+            "f32",
+            |f| {
+                let row = OperandRow::new(f, op, r, stride);
+                row.at(f, c)
+            },
+            |f| f.b.f32(0.0),
+        ),
+    }
 }

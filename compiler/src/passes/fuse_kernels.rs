@@ -1,0 +1,597 @@
+//! `fuse-kernels`: groups nodes into `fused` kernels by named rules, so that a forward pass makes
+//! fewer launches and fewer intermediates reach memory.
+//!
+//! Each rule grows a group of nodes from a seed and keeps it only if codegen can lower it: one-pass
+//! rules must classify as one of [`crate::codegen::fusion`]'s one-pass patterns (the check is that
+//! module's own [`classify`]), phased rules must have a fusion plan. A group becomes one
+//! `fused {name = "RULE"}` node whose body is the group (inputs `a0..`, outputs `r0..`, no scopes,
+//! so the identical layers of a model share one kernel), scoped like the group's anchor; the name
+//! says which rule made it (`fp8-gemm+gemm-swiglu` when several apply). The rules, in the order they
+//! claim nodes (a node joins one group at most):
+//!
+//! ```text
+//! router              linear(x, gate) -> moe_route                       one kernel, phased
+//! add-rms-norm        rms_norm(a + b, w), the sum a result too             one pass (row)
+//! add-rms-norm-quant  the same, then quantize of the norm                 phased [row; quantize]
+//! gemm-swiglu         silu(x @ gate^T) * (x @ up^T), linear or grouped      one pass
+//! gemm-residual       x @ w^T + r (+ more elementwise)                    one pass
+//! fp8-gemm            x @ dequantize(w8, s)^T with x = dequantize(q, sx)   one pass, FP8 loads
+//! gemm-rope           rope(split(x @ w^T)), plain weights only             phased [gemm; split; rope]
+//! elementwise-chain   connected elementwise ops                           one pass
+//! ```
+//!
+//! `fp8-gemm` is what keeps dequantised weights out of memory: the `dequantize` of a weight (and of
+//! the GEMM's quantised input) is copied into the GEMM's kernel, which decodes FP8 codes and applies
+//! the block scales as it loads them; the original `dequantize` disappears once nothing else
+//! reads it. A GEMM group absorbs every elementwise consumer of its results that keeps it one pass
+//! (casts, SwiGLU, residual adds), greedily in graph order.
+//!
+//! Assumes a verified graph, normally the end of the pipeline (after `dce`). Guarantees a verified
+//! graph computing the same values: a fused body is its nodes as they were, so the interpreter gives
+//! bit-identical results; every fused body lowers (one pass, or phased for `router`,
+//! `add-rms-norm-quant` and `gemm-rope`, whose kernels run their phases one after another on one
+//! CPU work item or one GPU block: legal and correct, slower than a one-pass kernel on big inputs).
+//! Running it again changes nothing: fused nodes are not regrouped.
+//!
+//! Does not do: `latent-attention` (decode attention over the latent and rope caches in one kernel)
+//! needs the decode graph's cache ops, which do not exist yet; it does not reorder, recompute
+//! or duplicate anything but a GEMM operand's `dequantize`, and does not fuse across `fused` nodes.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use kiln_ir::{Graph, NodeId, Op, UnaryOp, ValueId};
+
+use super::rewrite::Trace;
+use super::{Changed, Options, PassError};
+use crate::codegen::fusion::{self, classify, is_elementwise, Pattern};
+
+const NAME: &str = "fuse-kernels";
+
+/// `route(x @ gate^T)`: the router's gate GEMM and its top-k selection, one launch.
+pub const ROUTER: &str = "router";
+/// `h = a + b; y = rms_norm(h, w)`: one pass over each row, writing `h` and `y`.
+pub const ADD_RMS_NORM: &str = "add-rms-norm";
+/// `add-rms-norm`, then `quantize(y)` in 1 x 128 tiles: the norm and the FP8 activation in one launch.
+pub const ADD_RMS_NORM_QUANT: &str = "add-rms-norm-quant";
+/// `silu(x @ g^T) * (x @ u^T)`: one load of `x` feeds both GEMMs; the product never leaves registers.
+pub const GEMM_SWIGLU: &str = "gemm-swiglu";
+/// `x @ w^T + r`: the residual add in the GEMM's store.
+pub const GEMM_RESIDUAL: &str = "gemm-residual";
+/// `x @ (w8 * s)^T` with FP8 `w8` and block scales `s` (and `x` likewise): decoded as loaded.
+pub const FP8_GEMM: &str = "fp8-gemm";
+/// `rope(split(x @ w^T))`: the projection and its rotary part in one launch.
+pub const GEMM_ROPE: &str = "gemm-rope";
+/// Connected elementwise ops evaluated per element in one pass.
+pub const ELEMENTWISE_CHAIN: &str = "elementwise-chain";
+
+/// The rules of this pass, in the order the trace lists them.
+pub const RULES: &[&str] = &[
+    ROUTER,
+    ADD_RMS_NORM,
+    ADD_RMS_NORM_QUANT,
+    GEMM_SWIGLU,
+    GEMM_RESIDUAL,
+    FP8_GEMM,
+    GEMM_ROPE,
+    ELEMENTWISE_CHAIN,
+];
+
+pub fn run(graph: &mut Graph, _opts: &Options) -> Result<Changed, PassError> {
+    Ok(rewrite(graph)?.changed())
+}
+
+fn fail(message: String) -> PassError {
+    PassError::Precondition { pass: NAME, message }
+}
+
+/// A group of nodes to fuse: `nodes` are moved into the body, `cloned` copied in (GEMM operands'
+/// `dequantize`s, which other nodes may read too).
+#[derive(Clone, Debug, Default)]
+struct Group {
+    nodes: BTreeSet<usize>,
+    cloned: BTreeSet<usize>,
+    anchor: usize,
+}
+
+/// The graph in order, with node positions: groups are sets of positions.
+struct Ctx<'g> {
+    g: &'g Graph,
+    order: Vec<NodeId>,
+    pos: HashMap<NodeId, usize>,
+    taken: HashSet<usize>,
+}
+
+impl<'g> Ctx<'g> {
+    fn node(&self, p: usize) -> &'g kiln_ir::graph::Node {
+        self.g.node(self.order[p])
+    }
+
+    fn producer(&self, v: ValueId) -> usize {
+        self.pos[&self.g.producer(v)]
+    }
+
+    /// Positions of the nodes reading `v`, in order.
+    fn users(&self, v: ValueId) -> Vec<usize> {
+        let mut u: Vec<usize> = self.g.users(v).into_iter().map(|n| self.pos[&n]).collect();
+        u.sort();
+        u
+    }
+
+    fn free(&self, p: usize) -> bool {
+        !self.taken.contains(&p)
+    }
+
+    /// No path leaves the group and comes back: every value a member reads from outside is
+    /// computed without any member.
+    fn convex(&self, members: &BTreeSet<usize>) -> bool {
+        let Some(&lo) = members.iter().next() else { return true };
+        let mut seen: HashSet<usize> = HashSet::new();
+        let mut stack: Vec<usize> = Vec::new();
+        for &m in members {
+            for &v in &self.node(m).inputs {
+                let p = self.producer(v);
+                if !members.contains(&p) {
+                    stack.push(p);
+                }
+            }
+        }
+        while let Some(p) = stack.pop() {
+            if p < lo || !seen.insert(p) {
+                continue;
+            }
+            if members.contains(&p) {
+                return false;
+            }
+            stack.extend(self.node(p).inputs.iter().map(|&v| self.producer(v)));
+        }
+        true
+    }
+
+    /// The body of a group: an input per outside value read, an output per member result read
+    /// outside the group (or a graph output), in order.
+    fn body(&self, group: &Group, name: &str) -> Result<Graph, PassError> {
+        let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
+        let mut body = Graph::new(name);
+        let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+        for (i, v) in self.inputs(group).into_iter().enumerate() {
+            let name = format!("a{i}");
+            let (_, r) =
+                body.add_node(Op::Input { name }, &[], vec![self.g.ty(v).clone()], None).map_err(err)?;
+            map.insert(v, r[0]);
+        }
+        let all: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
+        for &p in &all {
+            let node = self.node(p);
+            let mut ins = Vec::new();
+            for &v in &node.inputs {
+                let m = match map.get(&v) {
+                    Some(&m) => m,
+                    // A constant is copied in rather than passed.
+                    None => {
+                        let c = self.node(self.producer(v));
+                        let (_, r) = body
+                            .add_node(c.op.clone(), &[], vec![self.g.ty(v).clone()], None)
+                            .map_err(err)?;
+                        map.insert(v, r[0]);
+                        r[0]
+                    }
+                };
+                ins.push(m);
+            }
+            let tys = node.results.iter().map(|&r| self.g.ty(r).clone()).collect();
+            let (_, rs) = body.add_node(node.op.clone(), &ins, tys, None).map_err(err)?;
+            map.extend(node.results.iter().copied().zip(rs));
+        }
+        for v in self.outputs(group) {
+            body.add_output(format!("r{}", body.outputs().len()), map[&v]).map_err(err)?;
+        }
+        Ok(body)
+    }
+
+    /// The inputs of a group's fused node, in the order of its body's inputs.
+    fn inputs(&self, group: &Group) -> Vec<ValueId> {
+        let all: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
+        let mut defined: HashSet<ValueId> = HashSet::new();
+        let mut ins = Vec::new();
+        for &p in &all {
+            let node = self.node(p);
+            for &v in &node.inputs {
+                let constant = matches!(self.node(self.producer(v)).op, Op::Constant { .. });
+                if !defined.contains(&v) && !ins.contains(&v) && !constant {
+                    ins.push(v);
+                }
+            }
+            defined.extend(node.results.iter().copied());
+        }
+        ins
+    }
+
+    /// Member results read outside the group, or graph outputs.
+    fn outputs(&self, group: &Group) -> Vec<ValueId> {
+        let mut out = Vec::new();
+        for &p in &group.nodes {
+            for &r in &self.node(p).results {
+                let outside = self.users(r).iter().any(|u| !group.nodes.contains(u))
+                    || self.g.outputs().iter().any(|&(_, o)| o == r);
+                if outside {
+                    out.push(r);
+                }
+            }
+        }
+        out
+    }
+
+    /// The one-pass pattern of the group's body, if it is convex and has one.
+    fn one_pass(&self, group: &Group) -> Option<Pattern> {
+        let members: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
+        if !self.convex(&members) {
+            return None;
+        }
+        classify(&self.body(group, "probe").ok()?)
+    }
+
+    /// Whether the group is convex and lowers, in any number of phases.
+    fn lowers(&self, group: &Group) -> bool {
+        let members: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
+        self.convex(&members) && self.body(group, "probe").is_ok_and(|b| fusion::plan(&b).is_ok())
+    }
+
+    /// Grows `group` by elementwise consumers of its results, in order, as long as `keep` accepts
+    /// the pattern. Returns the members added.
+    fn grow_epilogue(&self, group: &mut Group, keep: &dyn Fn(&Pattern) -> bool) -> Vec<usize> {
+        let mut added = Vec::new();
+        loop {
+            let candidates: BTreeSet<usize> = group
+                .nodes
+                .iter()
+                .flat_map(|&p| self.node(p).results.iter().flat_map(|&r| self.users(r)))
+                .filter(|&u| !group.nodes.contains(&u) && self.free(u) && is_elementwise(&self.node(u).op))
+                .filter(|&u| !matches!(self.node(u).op, Op::Constant { .. }))
+                .collect();
+            let mut grew = false;
+            for c in candidates {
+                let mut trial = group.clone();
+                trial.nodes.insert(c);
+                if self.one_pass(&trial).is_some_and(|p| keep(&p)) {
+                    *group = trial;
+                    added.push(c);
+                    grew = true;
+                    break;
+                }
+            }
+            if !grew {
+                return added;
+            }
+        }
+    }
+}
+
+/// Runs the pass and reports which rules fired.
+pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
+    let mut trace = Trace::new(RULES);
+    let order = graph.nodes();
+    let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let mut cx = Ctx { g: graph, order, pos, taken: HashSet::new() };
+    let mut groups: Vec<(Group, String)> = Vec::new();
+    let mut claim = |cx: &mut Ctx, group: Group, rules: Vec<&'static str>, trace: &mut Trace| {
+        cx.taken.extend(group.nodes.iter().copied());
+        for r in &rules {
+            trace.fire(r);
+        }
+        groups.push((group, rules.join("+")));
+    };
+    let n = cx.order.len();
+
+    // router: the gate GEMM and the route.
+    for p in 0..n {
+        if !matches!(cx.node(p).op, Op::MoeRoute(_)) {
+            continue;
+        }
+        let gate = cx.producer(cx.node(p).inputs[0]);
+        if !cx.free(gate)
+            || !matches!(cx.node(gate).op, Op::Linear)
+            || cx.users(cx.node(gate).results[0]) != [p]
+        {
+            continue;
+        }
+        let group = Group { nodes: [gate, p].into(), cloned: BTreeSet::new(), anchor: p };
+        if cx.lowers(&group) {
+            claim(&mut cx, group, vec![ROUTER], &mut trace);
+        }
+    }
+
+    // add-rms-norm(-quant): a norm and the elementwise ops computing its input.
+    for p in 0..n {
+        if !cx.free(p) || !matches!(cx.node(p).op, Op::RmsNorm { .. }) {
+            continue;
+        }
+        let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
+        let mut stack = vec![cx.node(p).inputs[0]];
+        while let Some(v) = stack.pop() {
+            let q = cx.producer(v);
+            let op = &cx.node(q).op;
+            if group.nodes.contains(&q)
+                || !cx.free(q)
+                || !is_elementwise(op)
+                || matches!(op, Op::Constant { .. })
+            {
+                continue;
+            }
+            let mut trial = group.clone();
+            trial.nodes.insert(q);
+            if matches!(cx.one_pass(&trial), Some(Pattern::Row { .. })) {
+                group = trial;
+                stack.extend(cx.node(q).inputs.iter().copied());
+            }
+        }
+        let has_add =
+            group.nodes.iter().any(|&q| matches!(cx.node(q).op, Op::Binary(kiln_ir::BinaryOp::Add)));
+        if !has_add {
+            continue;
+        }
+        let quant = cx
+            .users(cx.node(p).results[0])
+            .into_iter()
+            .find(|&u| cx.free(u) && matches!(cx.node(u).op, Op::Quantize { .. }));
+        if let Some(u) = quant {
+            let mut trial = group.clone();
+            trial.nodes.insert(u);
+            if cx.lowers(&trial) {
+                claim(&mut cx, trial, vec![ADD_RMS_NORM_QUANT], &mut trace);
+                continue;
+            }
+        }
+        claim(&mut cx, group, vec![ADD_RMS_NORM], &mut trace);
+    }
+
+    // GEMMs with their operands' dequantize and their epilogue.
+    for p in 0..n {
+        if !cx.free(p) || !matches!(cx.node(p).op, Op::Linear | Op::GroupedLinear { .. }) {
+            continue;
+        }
+        if let Some((group, rules)) = gemm_group(&cx, p) {
+            claim(&mut cx, group, rules, &mut trace);
+        }
+    }
+
+    // elementwise-chain: what is left of connected elementwise ops.
+    for p in 0..n {
+        let op = &cx.node(p).op;
+        if !cx.free(p) || !is_elementwise(op) || matches!(op, Op::Constant { .. } | Op::Reshape { .. }) {
+            continue;
+        }
+        let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
+        cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise);
+        let computing = group.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
+        if computing >= 2 {
+            claim(&mut cx, group, vec![ELEMENTWISE_CHAIN], &mut trace);
+        }
+    }
+
+    if groups.is_empty() {
+        return Ok(trace);
+    }
+    *graph = rebuild(&cx, &groups)?;
+    Ok(trace)
+}
+
+/// The group of the GEMM at `p`: its gate/up partner for SwiGLU, its operands' `dequantize`s, its
+/// epilogue; or its projection's rope (phased). `None` when no rule applies.
+fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
+    let node = cx.node(p);
+    let y = node.results[0];
+    // SwiGLU: silu(this) * other, other a GEMM of the same kind, input and (for grouped) offsets.
+    // A GEMM in f32 for a narrower model rounds its result with a cast first (`gemm-in-f32`).
+    let through_cast = |v: ValueId| match cx.users(v).as_slice() {
+        [u] if matches!(cx.node(*u).op, Op::Cast { .. }) => cx.node(*u).results[0],
+        _ => v,
+    };
+    let behind_cast = |v: ValueId| {
+        let q = cx.producer(v);
+        match cx.node(q).op {
+            Op::Cast { .. } => cx.producer(cx.node(q).inputs[0]),
+            _ => q,
+        }
+    };
+    let mut anchors = vec![p];
+    for s in
+        cx.users(through_cast(y)).into_iter().filter(|&s| matches!(cx.node(s).op, Op::Unary(UnaryOp::Silu)))
+    {
+        for m in cx.users(cx.node(s).results[0]) {
+            let mul = cx.node(m);
+            if !matches!(mul.op, Op::Binary(kiln_ir::BinaryOp::Mul)) || mul.inputs[0] != cx.node(s).results[0]
+            {
+                continue;
+            }
+            let q = behind_cast(mul.inputs[1]);
+            let other = cx.node(q);
+            let same = q != p
+                && cx.free(q)
+                && std::mem::discriminant(&other.op) == std::mem::discriminant(&node.op)
+                && other.inputs[0] == node.inputs[0]
+                && (matches!(node.op, Op::Linear) || other.inputs[1] == node.inputs[1]);
+            if same && anchors.len() == 1 {
+                anchors.push(q);
+            }
+        }
+    }
+    let mut group = Group { nodes: anchors.iter().copied().collect(), cloned: BTreeSet::new(), anchor: p };
+    // FP8 operands: copy their dequantize in when the GEMM can load through it.
+    let mut fp8 = false;
+    let mut with_deq = group.clone();
+    for &a in &anchors {
+        for &v in &cx.node(a).inputs {
+            let d = cx.producer(v);
+            if matches!(cx.node(d).op, Op::Dequantize { .. }) {
+                with_deq.cloned.insert(d);
+            }
+        }
+    }
+    if !with_deq.cloned.is_empty() && matches!(cx.one_pass(&with_deq), Some(Pattern::Linear { .. })) {
+        group = with_deq;
+        fp8 = true;
+    }
+    if !matches!(cx.one_pass(&group), Some(Pattern::Linear { .. } | Pattern::Op)) {
+        return None;
+    }
+    let base = group.clone();
+    let added = cx.grow_epilogue(&mut group, &|pat| matches!(pat, Pattern::Linear { .. }));
+    let mut rules = Vec::new();
+    if fp8 {
+        rules.push(FP8_GEMM);
+    }
+    if anchors.len() == 2 {
+        rules.push(GEMM_SWIGLU);
+    }
+    let residual = added.iter().any(|&a| {
+        let n = cx.node(a);
+        matches!(n.op, Op::Binary(kiln_ir::BinaryOp::Add))
+            && n.inputs.iter().any(|&v| !group.nodes.contains(&cx.producer(v)))
+    });
+    if residual {
+        rules.push(GEMM_RESIDUAL);
+    }
+    if !rules.is_empty() {
+        return Some((group, rules));
+    }
+    // gemm-rope: a plain GEMM whose result, maybe reshaped, is split and a part rotated.
+    if !matches!(node.op, Op::Linear) || !base.cloned.is_empty() || anchors.len() != 1 {
+        return None;
+    }
+    let mut rope = base;
+    let mut v = y;
+    loop {
+        let users = cx.users(v);
+        let [u] = users.as_slice() else { return None };
+        if !cx.free(*u) {
+            return None;
+        }
+        match cx.node(*u).op {
+            Op::Reshape { .. } => {
+                rope.nodes.insert(*u);
+                v = cx.node(*u).results[0];
+            }
+            Op::Split { .. } => {
+                rope.nodes.insert(*u);
+                let mut found = false;
+                for &r in &cx.node(*u).results {
+                    let mut w = r;
+                    // The rotated part may be reshaped into heads first.
+                    loop {
+                        let us = cx.users(w);
+                        let [x] = us.as_slice() else { break };
+                        if !cx.free(*x) {
+                            break;
+                        }
+                        match cx.node(*x).op {
+                            Op::Reshape { .. } => {
+                                rope.nodes.insert(*x);
+                                w = cx.node(*x).results[0];
+                            }
+                            Op::Rope(_) => {
+                                rope.nodes.insert(*x);
+                                found = true;
+                                break;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+                return (found && cx.lowers(&rope)).then_some((rope, vec![GEMM_ROPE]));
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// The new graph: every group one `fused` node, placed once its operands exist; nodes no output
+/// needs any more (a `dequantize` now copied into every GEMM that read it) are left out.
+fn rebuild(cx: &Ctx, groups: &[(Group, String)]) -> Result<Graph, PassError> {
+    let g = cx.g;
+    let n = cx.order.len();
+    // Items: groups first (0..groups.len()), then one per node not in a group.
+    let mut item_of = vec![usize::MAX; n];
+    for (i, (group, _)) in groups.iter().enumerate() {
+        for &p in &group.nodes {
+            item_of[p] = i;
+        }
+    }
+    let mut singles = Vec::new();
+    for (p, item) in item_of.iter_mut().enumerate() {
+        if *item == usize::MAX {
+            *item = groups.len() + singles.len();
+            singles.push(p);
+        }
+    }
+    let items = groups.len() + singles.len();
+    let inputs_of = |i: usize| -> Vec<ValueId> {
+        if i < groups.len() {
+            cx.inputs(&groups[i].0)
+        } else {
+            cx.node(singles[i - groups.len()]).inputs.clone()
+        }
+    };
+    let first_pos = |i: usize| {
+        if i < groups.len() {
+            *groups[i].0.nodes.iter().next().expect("non-empty")
+        } else {
+            singles[i - groups.len()]
+        }
+    };
+    // Liveness from the outputs, graph inputs and sends.
+    let mut live = vec![false; items];
+    let mut stack: Vec<usize> = g.outputs().iter().map(|&(_, v)| item_of[cx.producer(v)]).collect();
+    stack.extend(
+        (0..n).filter(|&p| matches!(cx.node(p).op, Op::Input { .. } | Op::Send { .. })).map(|p| item_of[p]),
+    );
+    while let Some(i) = stack.pop() {
+        if !std::mem::replace(&mut live[i], true) {
+            stack.extend(inputs_of(i).into_iter().map(|v| item_of[cx.producer(v)]));
+        }
+    }
+    // Kahn's algorithm over live items, earliest position first.
+    let deps: Vec<BTreeSet<usize>> = (0..items)
+        .map(|i| inputs_of(i).into_iter().map(|v| item_of[cx.producer(v)]).filter(|&d| d != i).collect())
+        .collect();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); items];
+    let mut pending = vec![0usize; items];
+    for i in (0..items).filter(|&i| live[i]) {
+        for &d in &deps[i] {
+            users[d].push(i);
+            pending[i] += 1;
+        }
+    }
+    let mut ready: BTreeSet<(usize, usize)> =
+        (0..items).filter(|&i| live[i] && pending[i] == 0).map(|i| (first_pos(i), i)).collect();
+    let mut new = Graph::new(g.name());
+    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
+    while let Some((_, i)) = ready.pop_first() {
+        let ins: Vec<ValueId> = inputs_of(i).iter().map(|v| map[v]).collect();
+        if i < groups.len() {
+            let (group, name) = &groups[i];
+            let body = cx.body(group, name)?;
+            let outs = cx.outputs(group);
+            let tys = outs.iter().map(|&v| g.ty(v).clone()).collect();
+            let scope = cx.node(group.anchor).scope.clone();
+            let op = Op::Fused { name: name.clone(), body: Box::new(body) };
+            let (_, rs) = new.add_node(op, &ins, tys, scope.as_deref()).map_err(err)?;
+            map.extend(outs.into_iter().zip(rs));
+        } else {
+            let node = cx.node(singles[i - groups.len()]);
+            let tys = node.results.iter().map(|&r| g.ty(r).clone()).collect();
+            let (_, rs) = new.add_node(node.op.clone(), &ins, tys, node.scope.as_deref()).map_err(err)?;
+            map.extend(node.results.iter().copied().zip(rs));
+        }
+        for &u in &users[i] {
+            pending[u] -= 1;
+            if pending[u] == 0 {
+                ready.insert((first_pos(u), u));
+            }
+        }
+    }
+    for (name, v) in g.outputs() {
+        new.add_output(name.clone(), map[v]).map_err(err)?;
+    }
+    Ok(new)
+}

@@ -1,0 +1,94 @@
+//! `fuse-kernels` in the packed program: launches per decoder layer, counted from the steps of an
+//! artifact's program (any program: the forward, a prefill or the decode steps; [`by_layer`]), and
+//! the FP8 GEMMs' effect on the activation arena.
+
+use std::collections::BTreeMap;
+
+use kiln_compiler::build::build_layer;
+use kiln_compiler::codegen::form_kernels;
+use kiln_compiler::pack::{self, plan_memory, Observer, Options, Source, Targets};
+use kiln_compiler::passes::{self, Options as PassOptions};
+use kiln_ir::artifact::Step;
+use kiln_ir::ModelSpec;
+
+fn spec(name: &str) -> ModelSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{name}.toml"));
+    kiln_compiler::spec::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Launches per decoder layer of a program: `layer -> (all, in the MoE or MLP block)`, from each
+/// launch's scope (`model.layers.N...`, the block `model.layers.N.mlp...`).
+pub fn by_layer(program: &[Step]) -> BTreeMap<u64, (usize, usize)> {
+    let mut out: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for step in program {
+        let Step::Launch { scope: Some(scope), .. } = step else { continue };
+        let Some(rest) = scope.strip_prefix("model.layers.") else { continue };
+        let (layer, block) = rest.split_once('.').unwrap_or((rest, ""));
+        let Ok(layer) = layer.parse::<u64>() else { continue };
+        let e = out.entry(layer).or_default();
+        e.0 += 1;
+        if block == "mlp" || block.starts_with("mlp.") {
+            e.1 += 1;
+        }
+    }
+    out
+}
+
+/// Skips one pass, as `kiln compile --disable-pass` does.
+struct Without(&'static str);
+
+impl Observer for Without {
+    fn runs_pass(&mut self, pass: &str) -> bool {
+        pass != self.0
+    }
+}
+
+/// The steps a decode step runs (the decode program when the artifact has one, else the forward,
+/// which a one-token step runs whole).
+fn decode_steps(a: &pack::Artifact) -> Vec<Step> {
+    a.manifest.decode.as_ref().map_or(&a.manifest.program, |d| &d.program).clone()
+}
+
+#[test]
+fn a_moe_layer_of_tiny_decodes_in_at_most_10_launches() {
+    let s = spec("tiny");
+    let options = Options { targets: Targets::Cpu, max_batch: 1, max_context: 8, kv_cache: true };
+    let fused = pack::compile(Source::Spec(s.clone()), &options, &mut ()).unwrap_or_else(|e| panic!("{e}"));
+    let plain = pack::compile(Source::Spec(s.clone()), &options, &mut Without("fuse-kernels"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (after, before) = (by_layer(&decode_steps(&fused)), by_layer(&decode_steps(&plain)));
+    eprintln!("launches per layer (all, mlp): before {before:?}, after {after:?}");
+    let first_moe = s.moe.as_ref().unwrap().first_k_dense_replace;
+    assert_eq!(after.len() as u64, s.model.num_hidden_layers);
+    for (&layer, &(all, mlp)) in &after {
+        let (all_before, mlp_before) = before[&layer];
+        assert!(all < all_before && mlp < mlp_before, "layer {layer}: {all} launches, {all_before} unfused");
+        if layer >= first_moe {
+            // Router, dispatch, routed gate/up with SwiGLU, routed down, combine, shared gate/up
+            // with SwiGLU, shared down.
+            assert!(mlp <= 10, "MoE layer {layer}: {mlp} launches in its MoE block");
+        }
+    }
+}
+
+/// One DeepSeek-V3 MoE layer with FP8 weights: before fuse-kernels every routed expert's
+/// dequantised weight is an f32 activation in the arena; after it the GEMMs read the FP8 codes and
+/// scales, and the arena holds activations only.
+#[test]
+fn fp8_gemms_keep_dequantised_weights_out_of_the_arena() {
+    let s = spec("deepseek_v3");
+    let mut g = build_layer(&s, 3).unwrap();
+    for p in ["plan-moe-dispatch", "insert-fp8-casts", "dce"] {
+        passes::run_pass(&mut g, passes::find(p).unwrap(), &PassOptions { spec: &s }).unwrap();
+    }
+    let max = kiln_ir::SymBindings { b: 1, t: 1, s: 1 };
+    let arena = |g: &kiln_ir::Graph| plan_memory(g, &form_kernels(g).unwrap(), max).unwrap().arena_bytes;
+    let before = arena(&g);
+    passes::run_pass(&mut g, passes::find("fuse-kernels").unwrap(), &PassOptions { spec: &s }).unwrap();
+    let after = arena(&g);
+    eprintln!("one V3 MoE layer at one token: arena {before} bytes before fuse-kernels, {after} after");
+    // 256 routed experts x 3 weights of 7168 x 2048 f32 is 45 GB; one is 58.7 MB.
+    let one_weight = 7168 * 2048 * 4;
+    assert!(before > 700 * one_weight, "{before}");
+    assert!(after < one_weight, "{after}");
+}
