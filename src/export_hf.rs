@@ -7,7 +7,8 @@
 //! with the standard deviation `kiln run --random-weights` uses, so the two give the same weights for
 //! the same seed), each tensor in its declared dtype. It is written atomically: into a hidden sibling
 //! renamed into place when complete; an existing folder is replaced only if it holds nothing but a
-//! checkpoint's files.
+//! checkpoint's files. A tokenizer someone put there (for `kiln run --prompt`) is left as it is:
+//! export-hf writes none, and carries an existing one over into the new folder.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,11 @@ use anyhow::{bail, Context, Result};
 use kiln_compiler::{build, spec};
 use kiln_runtime::weights::{self, StoreFloats};
 
-/// The files `export-hf` writes; a folder holding only these may be replaced.
+/// The files `export-hf` writes; a folder holding only these (and [`KEPT`]) may be replaced.
 const FILES: [&str; 2] = ["config.json", "model.safetensors"];
+
+/// Tokenizer files export-hf does not write but keeps when it replaces a folder.
+const KEPT: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
 
 pub fn run(spec_path: &Path, seed: u64, dir: &Path, out: &mut impl Write) -> Result<()> {
     let spec = spec::load(spec_path)?;
@@ -47,6 +51,10 @@ pub fn run(spec_path: &Path, seed: u64, dir: &Path, out: &mut impl Write) -> Res
             .with_context(|| format!("cannot write {}", tmp.join(FILES[0]).display()))?;
         weights::write_safetensors(&tmp.join(FILES[1]), &tensors, StoreFloats::AsDeclared)?;
         if dir.exists() {
+            for f in KEPT.iter().map(|f| dir.join(f)).filter(|f| f.is_file()) {
+                let to = tmp.join(f.file_name().expect("a joined file name"));
+                std::fs::copy(&f, &to).with_context(|| format!("cannot keep {}", f.display()))?;
+            }
             std::fs::remove_dir_all(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
         }
         std::fs::rename(&tmp, dir).with_context(|| format!("cannot write {}", dir.display()))?;
@@ -74,7 +82,7 @@ fn replaceable(dir: &Path) -> Result<bool> {
     }
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let entry = entry?;
-        if !FILES.iter().any(|f| entry.file_name() == *f) {
+        if !FILES.iter().chain(&KEPT).any(|f| entry.file_name() == *f) {
             return Ok(false);
         }
     }

@@ -1,6 +1,9 @@
 //! Integration tests: weights. Random weights for the graphs the real builder makes from
 //! `models/tiny.toml`, stored as single-file and sharded safetensors checkpoints and bound back to
-//! the graph, plus the extra tensors a DeepSeek checkpoint carries that kiln must tolerate.
+//! the graph, plus the extra tensors a DeepSeek checkpoint carries that kiln must tolerate; and the
+//! golden checkpoint (f32 safetensors) bound without copies: its parameters are views into the
+//! file's mapping, and a compiled model running on them computes exactly what one running on copies
+//! computes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,10 +11,17 @@ use std::path::{Path, PathBuf};
 use kiln_compiler::build::{build_graph, build_layer};
 use kiln_compiler::spec::load;
 use kiln_ir::{DType, Graph};
+use kiln_runtime::artifact;
+use kiln_runtime::cpu::{CpuModel, CpuOptions};
+use kiln_runtime::generate::{generate, GenerateOptions, Sampling};
 use kiln_runtime::weights::{
-    bf16_to_f32, bind, f32_to_bf16, open_checkpoint, random_params, write_safetensors, HostData, HostTensor,
-    StoreFloats, WeightError,
+    bf16_to_f32, bind, bind_mapped, bind_params, f32_to_bf16, graph_params, manifest_params, open_checkpoint,
+    random_params, write_safetensors, HostData, HostTensor, Param, StoreFloats, WeightError,
 };
+
+use crate::util::{kiln, root, Scratch};
+
+const GOLDEN: &str = "tests/goldens/v3_tiny_yarn";
 
 fn tiny() -> kiln_ir::ModelSpec {
     load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny.toml")).unwrap_or_else(|e| panic!("{e}"))
@@ -147,4 +157,82 @@ fn deepseek_extras_are_tolerated_and_nothing_else() {
     write_safetensors(&path, &missing, StoreFloats::F32).unwrap();
     let e = bind(&g, &open_checkpoint(&dir.0).unwrap()).unwrap_err();
     assert_eq!(e.to_string(), "the checkpoint lacks 1 tensor(s) the graph needs: `model.norm.weight`");
+}
+
+#[test]
+fn the_golden_checkpoint_is_mapped_not_copied() {
+    let golden = root().join(GOLDEN);
+    let g = build_graph(&load(&golden.join("config.json")).unwrap()).unwrap();
+    let decls = graph_params(&g).unwrap();
+    assert!(decls.iter().all(|d| d.dtype == DType::F32), "the golden model is f32");
+    let ckpt = open_checkpoint(&golden).unwrap();
+    let copied: Vec<HostTensor> =
+        bind_params(decls.clone(), &ckpt).unwrap().collect::<Result<_, _>>().unwrap();
+    let mapped: Vec<Param> = bind_mapped(decls.clone(), &ckpt).unwrap().collect::<Result<_, _>>().unwrap();
+    let file = ckpt.mappings()[0].address_range();
+    let mut bytes = 0;
+    for (m, c) in mapped.iter().zip(&copied) {
+        let Param::Mapped(v) = m else { panic!("`{}` was copied, not mapped", m.name()) };
+        let at = v.as_ptr() as usize;
+        assert!(file.contains(&at) && at + v.len() <= file.end, "`{}` lies outside the mapping", v.name);
+        assert_eq!(at % 4, 0, "`{}` is not aligned for f32", v.name);
+        let values: Vec<f32> =
+            v.bytes().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert_eq!(
+            (&v.name, v.dtype, &v.shape, HostData::F32(values)),
+            (&c.name, c.dtype, &c.shape, c.data.clone())
+        );
+        bytes += v.len();
+    }
+    assert_eq!(bytes, decls.iter().map(|d| d.numel * 4).sum::<usize>());
+}
+
+/// The golden artifact on mapped and on copied parameters: the same logits, bit for bit, and
+/// `kiln run` says what was mapped.
+#[test]
+fn a_model_on_mapped_weights_computes_what_one_on_copies_does() {
+    let dir = Scratch::new();
+    let art_dir = dir.str("golden");
+    let config = format!("{GOLDEN}/config.json");
+    let c = kiln(&["compile", &config, "--target", "cpu", "--max-context", "16", "-o", &art_dir]);
+    assert!(c.ok, "{}", c.stderr);
+    let art = artifact::load(&dir.path("golden")).unwrap();
+    let decls = manifest_params(art.manifest()).unwrap();
+    let declared: usize = decls.iter().map(|d| d.numel * d.dtype.size_bytes() as usize).sum();
+    let one = CpuOptions { threads: 1, ..CpuOptions::default() };
+    // Every token with its logit and probability: equal events mean equal logits where they were read.
+    let events = |model: &mut CpuModel| {
+        let mut seen = Vec::new();
+        let opts = GenerateOptions { max_new_tokens: 4, sampling: Sampling::Greedy, stop_tokens: vec![] };
+        generate(model, &[vec![0, 17, 42, 255, 3, 128, 77, 9, 200]], &opts, &mut |e| seen.push(*e)).unwrap();
+        seen
+    };
+    let mapped = {
+        let ckpt = open_checkpoint(&root().join(GOLDEN)).unwrap();
+        let params = bind_mapped(decls.clone(), &ckpt).unwrap();
+        CpuModel::load(&art, params, &one).unwrap()
+        // The checkpoint is dropped here: the model's views keep the mapping alive.
+    };
+    let ckpt = open_checkpoint(&root().join(GOLDEN)).unwrap();
+    let mut copied = CpuModel::load(&art, bind_params(decls, &ckpt).unwrap(), &one).unwrap();
+    let mut mapped = mapped;
+    assert_eq!((mapped.mapped_param_bytes(), copied.mapped_param_bytes()), (declared, 0));
+    let (a, b) = (events(&mut mapped), events(&mut copied));
+    // The transformers continuation of tests/goldens/v3_tiny_yarn/golden.json.
+    assert_eq!(a.iter().map(|e| e.token).collect::<Vec<_>>(), [51, 10, 89, 138]);
+    assert_eq!(a, b);
+
+    let run =
+        kiln(&["run", &art_dir, "--weights", GOLDEN, "--prompt-ids", "0,17,42", "--max-new-tokens", "1"]);
+    assert!(run.ok, "{}", run.stderr);
+    let report = format!("parameters {declared} bytes ({declared} mapped from the checkpoint, 0 converted)");
+    assert!(run.stdout.contains(&report), "{}", run.stdout);
+    let random =
+        kiln(&["run", &art_dir, "--random-weights", "1", "--prompt-ids", "0,17,42", "--max-new-tokens", "1"]);
+    assert!(random.ok, "{}", random.stderr);
+    assert!(
+        random.stdout.contains(&format!("(0 mapped from the checkpoint, {declared} converted)")),
+        "{}",
+        random.stdout
+    );
 }

@@ -33,6 +33,10 @@
 //!
 //! Checks come first and tensors are read after, one at a time: [`bind_params`] returns an iterator
 //! so that a runtime can convert each tensor to its own storage and drop it before reading the next.
+//! [`bind_mapped`] makes the same checks and yields [`Param`]s: a tensor already stored as its
+//! parameter's compiled storage (same dtype and shape, aligned; FP8 codes included) is borrowed from
+//! the checkpoint's mapping instead of being read ([`Checkpoint::view`]), the rest is converted as
+//! [`bind_params`] converts it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -40,6 +44,7 @@ use kiln_ir::artifact::Manifest;
 use kiln_ir::{DType, Dim, Graph};
 
 use super::checkpoint::{scale_name, Checkpoint};
+use super::mapped::Param;
 use super::numeric::{e4m3_to_f32, round_to};
 use super::safetensors::StDType;
 use super::{HostData, HostTensor, WeightError, LISTED};
@@ -111,6 +116,37 @@ pub fn bind_params(
     params: Vec<ParamDecl>,
     ckpt: &Checkpoint,
 ) -> Result<impl Iterator<Item = Result<HostTensor, WeightError>> + '_, WeightError> {
+    check(&params, ckpt)?;
+    Ok(params.into_iter().map(move |p| read_param(p, ckpt)))
+}
+
+/// [`bind_params`], borrowing every tensor that needs no conversion from the checkpoint's mapping
+/// (see the module documentation); the views keep the mapping alive.
+pub fn bind_mapped(
+    params: Vec<ParamDecl>,
+    ckpt: &Checkpoint,
+) -> Result<impl Iterator<Item = Result<Param, WeightError>> + '_, WeightError> {
+    check(&params, ckpt)?;
+    Ok(params.into_iter().map(move |p| match ckpt.view(&p.name, p.dtype) {
+        // `check` made sure the shapes agree; the view has the stored bytes, which are the storage.
+        Some(view) => Ok(Param::Mapped(view)),
+        None => read_param(p, ckpt).map(Param::Host),
+    }))
+}
+
+/// Parameter `p` read from the checkpoint and converted to its dtype.
+fn read_param(p: ParamDecl, ckpt: &Checkpoint) -> Result<HostTensor, WeightError> {
+    if p.dtype == DType::F8E4M3 {
+        // The codes as they are stored: their scales are parameters of their own.
+        let codes = ckpt.raw(&p.name)?;
+        let data = HostData::F32(codes.into_iter().map(e4m3_to_f32).collect());
+        return Ok(HostTensor { name: p.name, dtype: p.dtype, shape: p.shape, data });
+    }
+    convert(ckpt.read(&p.name)?, p.dtype)
+}
+
+/// Everything the headers tell about binding `params` to `ckpt`; no tensor data is read.
+fn check(params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), WeightError> {
     let missing: Vec<&str> =
         params.iter().filter(|p| ckpt.get(&p.name).is_none()).map(|p| p.name.as_str()).collect();
     if !missing.is_empty() {
@@ -120,7 +156,7 @@ pub fn bind_params(
         });
     }
     let declared: HashMap<&str, DType> = params.iter().map(|p| (p.name.as_str(), p.dtype)).collect();
-    for p in &params {
+    for p in params {
         let info = ckpt.get(&p.name).expect("checked above");
         if info.shape != p.shape {
             return Err(WeightError::ShapeMismatch {
@@ -156,17 +192,7 @@ pub fn bind_params(
             ckpt.fp8_scale(info)?;
         }
     }
-    check_leftovers(&params, ckpt)?;
-
-    Ok(params.into_iter().map(move |p| {
-        if p.dtype == DType::F8E4M3 {
-            // The codes as they are stored: their scales are parameters of their own.
-            let codes = ckpt.raw(&p.name)?;
-            let data = HostData::F32(codes.into_iter().map(e4m3_to_f32).collect());
-            return Ok(HostTensor { name: p.name, dtype: p.dtype, shape: p.shape, data });
-        }
-        convert(ckpt.read(&p.name)?, p.dtype)
-    }))
+    check_leftovers(params, ckpt)
 }
 
 fn check_leftovers(params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), WeightError> {
@@ -175,10 +201,26 @@ fn check_leftovers(params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), Weight
         .iter()
         .filter_map(|p| p.name.strip_prefix("model.layers.")?.strip_suffix(".eh_proj.weight"))
         .collect();
+    // MTP modules of the checkpoint that the graph does not have (the KV-cache programs leave the
+    // MTP heads out): a layer with an `eh_proj` of which the graph declares nothing is skipped whole.
+    let unused_mtp: BTreeSet<String> = ckpt
+        .tensors()
+        .filter_map(|t| {
+            t.name.strip_prefix("model.layers.")?.strip_suffix(".eh_proj.weight").map(str::to_string)
+        })
+        .filter(|l| {
+            let prefix = format!("model.layers.{l}.");
+            !params.iter().any(|p| p.name.starts_with(&prefix))
+        })
+        .map(|l| format!("model.layers.{l}."))
+        .collect();
     let mut extra = Vec::new();
     for info in ckpt.tensors() {
         let name = info.name.as_str();
         if by_name.contains_key(name) || name.ends_with("rotary_emb.inv_freq") {
+            continue;
+        }
+        if unused_mtp.iter().any(|p| name.starts_with(p.as_str())) {
             continue;
         }
         let scales_fp8 = name

@@ -1,9 +1,10 @@
 //! Hugging Face checkpoints: one `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json` (`{"metadata": {...}, "weight_map": {tensor: shard file}}`).
 //!
-//! Opening reads and validates every shard's header and checks that the index and the shards agree
-//! (each listed tensor is in the shard the index names, and each shard holds only tensors the index
-//! maps to it). No tensor data is read until [`Checkpoint::read`].
+//! Opening maps every shard into memory (see [`super::mapped`]), validates its header against the
+//! mapping and checks that the index and the shards agree (each listed tensor is in the shard the
+//! index names, and each shard holds only tensors the index maps to it). No tensor data is touched
+//! until [`Checkpoint::read`] (or [`Checkpoint::view`], which borrows it without copying).
 //!
 //! FP8 weights (DeepSeek-V3's format, reference §4.2, README_WEIGHTS): an `F8_E4M3` tensor `X` comes
 //! with `X_scale_inv`, f32 of shape `(ceil(rows / b0), ceil(cols / b1))` for the weight block
@@ -15,12 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_ir::DType;
 use serde::Deserialize;
 
+use super::mapped::{MappedTensor, Mapping};
 use super::numeric::e4m3_to_f32;
-use super::safetensors::{decode, read_bytes, read_header, Entry, StDType};
+use super::safetensors::{decode, read_header, Entry, StDType};
 use super::{HostData, HostTensor, WeightError};
 
 const SINGLE: &str = "model.safetensors";
@@ -35,12 +38,16 @@ pub struct TensorInfo {
     /// The shard holding it.
     pub file: PathBuf,
     entry: Entry,
+    /// Its file's index in [`Checkpoint::files`].
+    shard: usize,
 }
 
 /// An opened checkpoint: the validated headers of its files. See the module documentation.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     files: Vec<PathBuf>,
+    /// The files' mappings, in the order of `files`.
+    maps: Vec<Arc<Mapping>>,
     tensors: BTreeMap<String, TensorInfo>,
     weight_block: [u64; 2],
 }
@@ -110,8 +117,12 @@ fn from_files(
     index: Option<(&Path, &BTreeMap<String, String>)>,
 ) -> Result<Checkpoint, WeightError> {
     let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
-    for file in &files {
-        for entry in read_header(file)? {
+    let mut maps = Vec::with_capacity(files.len());
+    for (shard, file) in files.iter().enumerate() {
+        let map = Mapping::open(file)?;
+        let entries = read_header(&map)?;
+        maps.push(map);
+        for entry in entries {
             if let Some((index_path, map)) = index {
                 let shard = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if map.get(&entry.name) != Some(&shard) {
@@ -134,6 +145,7 @@ fn from_files(
                 shape: entry.shape.clone(),
                 file: file.clone(),
                 entry,
+                shard,
             };
             tensors.insert(info.name.clone(), info);
         }
@@ -146,7 +158,7 @@ fn from_files(
             });
         }
     }
-    Ok(Checkpoint { files, tensors, weight_block: [128, 128] })
+    Ok(Checkpoint { files, maps, tensors, weight_block: [128, 128] })
 }
 
 impl Checkpoint {
@@ -190,17 +202,39 @@ impl Checkpoint {
         self.get(name).ok_or_else(|| WeightError::NoSuchTensor { name: name.to_string() })
     }
 
+    /// The stored bytes of a tensor in the file's mapping (in bounds: the header was validated
+    /// against the mapping's length).
+    fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.maps[info.shard].bytes()[info.entry.begin as usize..info.entry.end as usize]
+    }
+
     /// The stored bytes of a tensor, little-endian as in the file.
     pub fn raw(&self, name: &str) -> Result<Vec<u8>, WeightError> {
-        let info = self.info(name)?;
-        read_bytes(&info.file, &info.entry)
+        Ok(self.bytes(self.info(name)?).to_vec())
+    }
+
+    /// The mapping of each file, in the order of [`Checkpoint::files`].
+    pub fn mappings(&self) -> &[Arc<Mapping>] {
+        &self.maps
+    }
+
+    /// Tensor `name` as `dtype` storage without copying, when its stored bytes already are that:
+    /// stored in `dtype` itself (bools excepted: their bytes may be other than 0 and 1) and aligned
+    /// for the element type. `None` when it is not, or when there is no such tensor.
+    pub fn view(&self, name: &str, dtype: DType) -> Option<MappedTensor> {
+        let info = self.get(name)?;
+        if info.dtype != StDType::of(dtype) || dtype == DType::Bool {
+            return None;
+        }
+        let range = info.entry.begin as usize..info.entry.end as usize;
+        MappedTensor::new(name, dtype, &info.shape, &self.maps[info.shard], range)
     }
 
     /// Decodes a tensor: floats exactly to f32 (keeping their stored dtype), integers to i64 (as i32
     /// or i64), bools to 0/1. FP8 weights are dequantised with their block scales and declared f32.
     pub fn read(&self, name: &str) -> Result<HostTensor, WeightError> {
         let info = self.info(name)?;
-        let bytes = read_bytes(&info.file, &info.entry)?;
+        let bytes = self.bytes(info);
         if info.dtype == StDType::F8E4M3 {
             let scale = self.fp8_scale(info)?;
             let HostData::F32(s) = self.read(&scale.name)?.data else {
@@ -211,7 +245,7 @@ impl Checkpoint {
                 });
             };
             let [rows, cols] = [info.shape[0], info.shape[1]];
-            let data = dequantize_blocks(&bytes, rows, cols, &s, self.weight_block);
+            let data = dequantize_blocks(bytes, rows, cols, &s, self.weight_block);
             return Ok(HostTensor {
                 name: name.to_string(),
                 dtype: DType::F32,
@@ -219,7 +253,7 @@ impl Checkpoint {
                 data,
             });
         }
-        let (dtype, data) = decode(name, info.dtype, &bytes)?;
+        let (dtype, data) = decode(name, info.dtype, bytes)?;
         Ok(HostTensor { name: name.to_string(), dtype, shape: info.shape.clone(), data })
     }
 

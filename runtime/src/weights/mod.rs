@@ -8,6 +8,9 @@
 //!   declared parameters, such as an artifact's, [`manifest_params`]): every parameter present with
 //!   its shape, nothing unexplained left over, values rounded to the parameter's dtype, FP8
 //!   parameters bound to their stored codes.
+//! - [`bind_mapped`] does the same without copying what needs no conversion: files are memory-mapped
+//!   ([`mapped`]), and a tensor stored exactly as its parameter's compiled storage is handed out as
+//!   a [`MappedTensor`] borrowing the mapping ([`Param::Mapped`]); only the rest is converted.
 //! - [`random_params`] makes deterministic random weights for a graph, and [`write_safetensors`]
 //!   stores any tensors as a checkpoint that [`open_checkpoint`] reads back.
 //!
@@ -16,6 +19,7 @@
 
 mod bind;
 mod checkpoint;
+pub mod mapped;
 mod numeric;
 mod random;
 pub mod safetensors;
@@ -28,8 +32,9 @@ use std::path::PathBuf;
 
 use kiln_ir::DType;
 
-pub use bind::{bind, bind_params, graph_params, manifest_params, ParamDecl};
+pub use bind::{bind, bind_mapped, bind_params, graph_params, manifest_params, ParamDecl};
 pub use checkpoint::{open_checkpoint, scale_name, Checkpoint, TensorInfo};
+pub use mapped::{MappedTensor, Mapping, Param};
 pub use numeric::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, round_e4m3, round_to};
 pub use random::{random_params, random_tensors};
 pub use safetensors::{write_safetensors, StDType, StoreFloats};

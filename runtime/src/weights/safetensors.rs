@@ -13,12 +13,13 @@
 //! data section, and no two ranges overlap. Holes and trailing bytes are allowed (they are harmless;
 //! the reference implementation rejects them, but nothing here reads them).
 //!
-//! Headers are read with plain reads of the first bytes and data with a seek and one read per tensor;
-//! the caller never holds a whole shard in memory. Mapping files without copying comes later.
+//! Files are read through their memory mapping (`super::mapped`): the header is validated against
+//! the mapping's length before any tensor's bytes are touched, so a short file is an error rather
+//! than a fault, and a tensor's bytes are a slice of the mapping, copied only when converted.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kiln_ir::DType;
@@ -26,6 +27,7 @@ use serde::Deserialize;
 
 use kiln_ir::interp::numerics::f8e4m3_from_f32;
 
+use super::mapped::Mapping;
 use super::numeric::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use super::{HostData, HostTensor, WeightError};
 
@@ -156,27 +158,12 @@ struct RawInfo {
     data_offsets: [u64; 2],
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WeightError + '_ {
-    move |source| WeightError::Io { path: path.to_path_buf(), source }
+/// Reads and validates the header of a mapped safetensors file.
+pub(crate) fn read_header(map: &Mapping) -> Result<Vec<Entry>, WeightError> {
+    parse_bytes(map.path(), map.bytes())
 }
 
-/// Reads and validates the header of the safetensors file at `path`.
-pub(crate) fn read_header(path: &Path) -> Result<Vec<Entry>, WeightError> {
-    let mut f = File::open(path).map_err(io(path))?;
-    let file_len = f.metadata().map_err(io(path))?.len();
-    if file_len < 8 {
-        return Err(WeightError::Truncated { path: path.to_path_buf(), len: file_len });
-    }
-    let mut prefix = [0u8; 8];
-    f.read_exact(&mut prefix).map_err(io(path))?;
-    let header_len = check_header_len(path, u64::from_le_bytes(prefix), file_len)?;
-    let mut json = vec![0u8; header_len as usize];
-    f.read_exact(&mut json).map_err(io(path))?;
-    parse_header(path, &json, file_len)
-}
-
-/// The same checks as [`read_header`] on a file held in memory (`path` only names it in errors).
-#[cfg(test)]
+/// Validates the header of a file held in memory (`path` only names it in errors).
 pub(crate) fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<Vec<Entry>, WeightError> {
     let file_len = bytes.len() as u64;
     let Some(prefix) = bytes.first_chunk::<8>() else {
@@ -272,17 +259,6 @@ fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Vec<Entry>, W
         }
     }
     Ok(entries)
-}
-
-/// The bytes of one tensor.
-pub(crate) fn read_bytes(path: &Path, e: &Entry) -> Result<Vec<u8>, WeightError> {
-    let mut f = File::open(path).map_err(io(path))?;
-    f.seek(SeekFrom::Start(e.begin)).map_err(io(path))?;
-    // The range was checked against the file's length when the header was read; a file that shrank
-    // since then fails in read_exact instead.
-    let mut buf = vec![0u8; (e.end - e.begin) as usize];
-    f.read_exact(&mut buf).map_err(io(path))?;
-    Ok(buf)
 }
 
 /// Decodes little-endian elements of `dtype` into host data, exactly: floats (bf16, f16, f32, FP8

@@ -562,10 +562,109 @@ fn every_truncation_of_a_file_is_an_error() {
             ),
             "cut at {cut}: {e}"
         );
-        // The same through the file system.
+        // The same through the file system: the header is checked against the mapping's length
+        // before any tensor byte is touched, so a short file is the same error, never a fault.
         let p = write(dir.path(), "x.safetensors", &bytes[..cut]);
-        assert!(open_checkpoint(&p).is_err());
+        let e = open_checkpoint(&p).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WeightError::Truncated { .. }
+                    | WeightError::HeaderPastEof { .. }
+                    | WeightError::OutOfRange { .. }
+            ),
+            "cut at {cut}: {e}"
+        );
     }
+}
+
+/// Where a bound parameter's bytes are: `Some(offset in its file)` when mapped.
+fn mapped_offset(p: &Param, ck: &Checkpoint) -> Option<usize> {
+    let Param::Mapped(v) = p else { return None };
+    let file = ck.mappings().iter().find(|m| m.address_range().contains(&(v.as_ptr() as usize)))?;
+    assert!(v.as_ptr() as usize + v.len() <= file.address_range().end, "{} ends inside its file", v.name);
+    Some(v.as_ptr() as usize - file.address_range().start)
+}
+
+#[test]
+fn bind_mapped_borrows_what_needs_no_conversion_and_converts_the_rest() {
+    let ints = HostTensor {
+        name: "n".into(),
+        dtype: DType::I32,
+        shape: vec![3],
+        data: HostData::I64(vec![-1, 0, 7]),
+    };
+    let flags =
+        HostTensor { name: "b".into(), dtype: DType::Bool, shape: vec![2], data: HostData::I64(vec![1, 0]) };
+    let half = HostTensor {
+        name: "h".into(),
+        dtype: DType::BF16,
+        shape: vec![2],
+        data: HostData::F32(vec![1.5, -2.0]),
+    };
+    let stored =
+        [f32s("w", &[2, 2], vec![1.0, -2.0, 0.25, 8.0]), ints, flags, half, f32s("v", &[1], vec![3.0])];
+    let (_d, ck) = checkpoint_of("mapped", &stored);
+    // `v` is stored as f32 but declared bf16: converted. `h` is bf16 as declared: mapped.
+    let params = graph_params(&graph(&[
+        ("w", DType::F32, &[2, 2]),
+        ("n", DType::I32, &[3]),
+        ("b", DType::Bool, &[2]),
+        ("h", DType::BF16, &[2]),
+        ("v", DType::BF16, &[1]),
+    ]))
+    .unwrap();
+    let copied: Vec<HostTensor> =
+        bind_params(params.clone(), &ck).unwrap().collect::<Result<_, _>>().unwrap();
+    let mapped: Vec<Param> = bind_mapped(params, &ck).unwrap().collect::<Result<_, _>>().unwrap();
+    let kinds: Vec<bool> = mapped.iter().map(|p| mapped_offset(p, &ck).is_some()).collect();
+    // Bools are converted even when stored as bools: their bytes may be other than 0 and 1.
+    assert_eq!(kinds, [true, true, false, true, false]);
+    for (m, c) in mapped.iter().zip(&copied) {
+        match m {
+            Param::Mapped(v) => {
+                assert_eq!((&v.name, v.dtype, &v.shape), (&c.name, c.dtype, &c.shape));
+                // The mapped bytes are exactly what converting the copied values produces.
+                let mut want = vec![0u8; c.data.len() * c.dtype.size_bytes() as usize];
+                crate::host::encode(c.dtype, &c.data, &mut want).unwrap();
+                assert_eq!(v.bytes(), &want[..], "{}", v.name);
+            }
+            Param::Host(t) => assert_eq!(t, c),
+        }
+    }
+}
+
+#[test]
+fn misaligned_and_fp8_tensors_bind_mapped_as_the_layout_allows() {
+    // A header of odd length puts the data section at an odd address: f32 `x` cannot be borrowed
+    // (it would be misaligned for its element type) and is converted; one-byte FP8 codes can.
+    let header = r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"#.to_string()
+        + r#""q":{"dtype":"F8_E4M3","shape":[1,2],"data_offsets":[8,10]},"#
+        + r#""q_scale_inv":{"dtype":"F32","shape":[1,1],"data_offsets":[12,16]}}"#;
+    let header = if header.len() % 2 == 0 { header + " " } else { header };
+    let mut data = Vec::new();
+    data.extend(1.5f32.to_le_bytes());
+    data.extend((-4.0f32).to_le_bytes());
+    data.extend([0x38, 0xC0, 0, 0]); // E4M3 codes of 1.0 and -2.0, then padding
+    data.extend(0.5f32.to_le_bytes());
+    let dir = TempDir::new("misaligned");
+    write(dir.path(), "model.safetensors", &file(&header, &data));
+    let ck = open_checkpoint(dir.path()).unwrap();
+    let g = graph(&[
+        ("x", DType::F32, &[2]),
+        ("q", DType::F8E4M3, &[1, 2]),
+        ("q_scale_inv", DType::F32, &[1, 1]),
+    ]);
+    let mapped: Vec<Param> =
+        bind_mapped(graph_params(&g).unwrap(), &ck).unwrap().collect::<Result<_, _>>().unwrap();
+    let offsets: Vec<Option<usize>> = mapped.iter().map(|p| mapped_offset(p, &ck)).collect();
+    let start = 8 + header.len();
+    assert_eq!(offsets, [None, Some(start + 8), None]);
+    let Param::Host(x) = &mapped[0] else { unreachable!() };
+    assert_eq!(x.data, HostData::F32(vec![1.5, -4.0]));
+    let Param::Mapped(q) = &mapped[1] else { unreachable!() };
+    assert_eq!((q.dtype, q.bytes()), (DType::F8E4M3, &[0x38u8, 0xC0][..]));
+    assert_eq!(bind(&g, &ck).unwrap()[1].data, HostData::F32(vec![1.0, -2.0]));
 }
 
 proptest! {
