@@ -24,7 +24,11 @@ pub fn devices() -> Result<Vec<DeviceInfo>, RuntimeError> {
         return Err(RuntimeError::NoCudaDriver);
     }
     let err = |e: cudarc::driver::DriverError| RuntimeError::Cuda(e.to_string());
-    let count = cudarc::driver::CudaContext::device_count().map_err(err)?;
+    let count = match cudarc::driver::CudaContext::device_count() {
+        // `cuInit` itself fails this way when the driver sees no GPU: that is an empty list.
+        Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => 0,
+        r => r.map_err(err)?,
+    };
     (0..count as usize)
         .map(|ordinal| {
             let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(err)?;

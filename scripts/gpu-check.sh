@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The CUDA backend against the CPU backend, on a machine with an NVIDIA GPU.
+#
+# Compiles models/tiny.toml for `--target all` (kernels.so and kernels.ptx), generates from the same
+# random weights and prompt on the CPU and on CUDA device 0 with `kiln run --dump-logits`, and
+# compares every logits row the two generations read: prints the max abs difference, the logits'
+# scale and the timings, and exits 1 when the difference exceeds TOL times the scale (default
+# TOL=1e-3: the GPU kernels use the approximate ex2/lg2 instructions where the CPU uses libm; both
+# accumulate in f32) or the greedy tokens differ.
+#
+# Needs, from the repository root: a built kiln (KILN, default target/release/kiln; it links LLVM and
+# MLIR statically, so `cargo build --release --bin kiln` elsewhere and carry the binary), the NVIDIA
+# driver (libcuda; no CUDA toolkit, no network, no Python: awk compares). It compiles the artifact
+# on the machine itself, since kernels.so is built for the host CPU; ARTIFACT=DIR runs an artifact
+# compiled elsewhere with `--target all` instead (its kernels.so must suit this CPU).
+#
+# Exit status: 0 match, 1 mismatch, 2 cannot run here (no kiln, no driver, no device).
+set -euo pipefail
+
+KILN=${KILN:-target/release/kiln}
+TOL=${TOL:-1e-3}
+PROMPT=${PROMPT:-1,17,42,255,3,128,77}
+NEW=${NEW:-8}
+SEED=${SEED:-7}
+
+die() { echo "gpu-check: $*" >&2; exit 2; }
+
+[ -x "$KILN" ] || die "$KILN is not an executable: build it (cargo build --release --bin kiln) or set KILN"
+command -v awk >/dev/null || die "awk is needed to compare the logits"
+
+# Fail fast: the driver and a device, as kiln itself sees them.
+cuda_line=$("$KILN" doctor 2>&1 | grep '^CUDA' || true)
+case "$cuda_line" in
+  *"device 0"*) echo "gpu-check: $cuda_line" ;;
+  *) die "no usable CUDA device: ${cuda_line:-kiln doctor printed no CUDA line}" ;;
+esac
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-gpu-check.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+if [ -n "${ARTIFACT:-}" ]; then
+  art=$ARTIFACT
+else
+  art=$work/tiny.kiln
+  "$KILN" compile models/tiny.toml --target all --max-context 32 -o "$art" >/dev/null
+fi
+
+now() { date +%s.%N; }
+run() { # DEVICE: generate, dump the logits, keep the report; prints the wall time in seconds.
+  local t0 t1
+  t0=$(now)
+  if ! "$KILN" run "$art" --random-weights "$SEED" --prompt-ids "$PROMPT" --max-new-tokens "$NEW" \
+      --ignore-eos --device "$1" --dump-logits "$work/$1.logits" >"$work/$1.out" 2>"$work/$1.err"; then
+    echo "gpu-check: kiln run --device $1 failed:" >&2
+    cat "$work/$1.err" >&2
+    exit 1
+  fi
+  t1=$(now)
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+}
+
+cpu_s=$(run cpu)
+cuda_s=$(run cuda)
+
+for d in cpu cuda; do
+  s=$([ $d = cpu ] && echo "$cpu_s" || echo "$cuda_s")
+  echo "$d: $(head -n1 "$work/$d.out")"
+  echo "$d: $(grep '^time to first token' "$work/$d.out") (wall ${s} s with load)"
+done
+
+# Row by row, value by value: the max abs difference and the CPU logits' largest magnitude.
+verdict=$(awk -v tol="$TOL" '
+  NR == FNR { cpu[FNR] = $0; rows = FNR; next }
+  {
+    if (FNR > rows) { print "extra"; exit }
+    n = split(cpu[FNR], c, " ")
+    if (n != NF) { printf "width %d %d %d\n", FNR, n, NF; exit }
+    for (i = 1; i <= NF; i++) {
+      d = $i - c[i]; if (d < 0) d = -d; if (d > max) max = d
+      a = c[i]; if (a < 0) a = -a; if (a > scale) scale = a
+      if ($i != $i + 0 || c[i] != c[i] + 0) bad = 1
+    }
+    seen = FNR
+  }
+  END {
+    if (seen != rows) { printf "rows %d %d\n", rows, seen; exit }
+    printf "%s %.3e %.3e %d\n", (max <= tol * scale && scale > 0 && !bad) ? "ok" : "mismatch", max, scale, rows
+  }' "$work/cpu.logits" "$work/cuda.logits")
+
+set -- $verdict
+case "$1" in
+  ok | mismatch) ;;
+  *) echo "gpu-check: the logits dumps differ in shape ($verdict)" >&2; exit 1 ;;
+esac
+echo "logits: $4 rows, max abs diff $2 at scale $3 (tolerance $TOL x scale)"
+tokens_cpu=$(grep '^generated' "$work/cpu.out")
+tokens_cuda=$(grep '^generated' "$work/cuda.out")
+echo "cpu:  $tokens_cpu"
+echo "cuda: $tokens_cuda"
+if [ "$1" != ok ] || [ "$tokens_cpu" != "$tokens_cuda" ]; then
+  echo "gpu-check: FAILED: CUDA does not match the CPU" >&2
+  exit 1
+fi
+echo "gpu-check: ok"
