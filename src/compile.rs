@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use kiln_compiler::codegen::{cpu, gpu};
+use kiln_compiler::codegen::{cpu, form_kernels, gpu, Step as KernelStep};
 use kiln_compiler::pack::{self, Artifact, Dump, Observer, Options, Prepared, Source, Stage, Targets};
 use kiln_compiler::spec;
 use kiln_ir::artifact::{self, Manifest, Step};
@@ -64,12 +64,21 @@ pub struct Args {
     /// Print the time and memory of each stage.
     #[arg(long)]
     timings: bool,
+    /// Skip this pass of the pipeline (repeatable), e.g. `--disable-pass fuse-kernels` to compile
+    /// every op as a kernel of its own.
+    #[arg(long, value_name = "PASS")]
+    disable_pass: Vec<String>,
     /// The largest batch the buffer plan holds.
     #[arg(long, default_value_t = 1)]
     max_batch: u64,
-    /// The largest context (and number of new tokens) the buffer plan holds.
+    /// The largest context (and number of new tokens) the buffer plan holds: the KV cache's
+    /// capacity per sequence.
     #[arg(long, default_value_t = 4096)]
     max_context: u64,
+    /// From a spec, compile the stateless forward graph (with the MTP heads) instead of a prefill
+    /// and a decode program over a KV cache.
+    #[arg(long)]
+    no_kv_cache: bool,
 }
 
 fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
@@ -105,6 +114,12 @@ struct Row {
 /// The CLI's view of the pipeline: progress, `--print-after` and `--timings`.
 struct Watch {
     print_after: Option<&'static str>,
+    /// Passes `--disable-pass` skips.
+    disabled: Vec<String>,
+    /// The stage after which the graph's launches per layer are counted for `--report` (the last
+    /// one before `fuse-kernels`), and the count.
+    count_after: Option<&'static str>,
+    before_fusion: Option<Vec<LayerLaunches>>,
     progress: ProgressBar,
     timings: Vec<Row>,
     started: Instant,
@@ -116,8 +131,24 @@ impl Observer for Watch {
         self.started = Instant::now();
     }
 
+    fn runs_pass(&mut self, pass: &str) -> bool {
+        !self.disabled.iter().any(|d| d == pass)
+    }
+
     fn finished(&mut self, stage: Stage, dump: &Dump<'_>) {
         self.timings.push(Row { stage: stage.name(), time: self.started.elapsed(), memory: memory_kib() });
+        if let (Some(name), Dump::Graph(g)) = (self.count_after, dump) {
+            if name == stage.name() {
+                // The program kernel formation makes of the graph fuse-kernels starts from.
+                self.before_fusion = form_kernels(g).ok().map(|plan| {
+                    let scopes = plan.steps.iter().filter_map(|s| match s {
+                        KernelStep::Launch { node, .. } => Some(g.node(*node).scope.clone()),
+                        _ => None,
+                    });
+                    launches_per_layer(scopes)
+                });
+            }
+        }
         self.progress.inc(1);
         if self.print_after == Some(stage.name()) {
             let text = dump.render();
@@ -148,9 +179,25 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     if req.emit == Some(Emit::Ptx) && !targets.gpu() {
         bail!("--emit ptx needs --target {} or all", gpu::SM);
     }
-    let options = Options { targets, max_batch: req.max_batch, max_context: req.max_context };
+    let options = Options {
+        targets,
+        max_batch: req.max_batch,
+        max_context: req.max_context,
+        kv_cache: !req.no_kv_cache,
+    };
+    for name in &req.disable_pass {
+        kiln_compiler::passes::find(name)?;
+    }
     let source = load_source(&req.input, req.spec.as_deref())?;
-    let stages = pack::stages(&source, &options);
+    let stages: Vec<Stage> = pack::stages(&source, &options)
+        .into_iter()
+        .filter(|s| !matches!(s, Stage::Pass(p) if req.disable_pass.iter().any(|d| d == p)))
+        .collect();
+    // `--report` compares the launches before fuse-kernels with the program's.
+    let count_after = match stages.iter().position(|s| *s == Stage::Pass(FUSE_KERNELS)) {
+        Some(i) if req.report && i > 0 => Some(stages[i - 1].name()),
+        _ => None,
+    };
 
     // `--print-after emit` is the last emit stage that runs.
     let last_emit = stages.iter().rev().find(|s| matches!(s, Stage::EmitCpu | Stage::EmitGpu)).copied();
@@ -190,6 +237,9 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     };
     let mut watch = Watch {
         print_after,
+        disabled: req.disable_pass.clone(),
+        count_after,
+        before_fusion: None,
         progress: progress_bar(total as u64),
         timings: Vec::new(),
         started: Instant::now(),
@@ -213,6 +263,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     }
     if let (true, Built::Artifact(a)) = (req.report, &built) {
         out.write_all(report(a).as_bytes())?;
+        out.write_all(fusion_report(a, watch.before_fusion.as_deref(), &req.disable_pass).as_bytes())?;
     }
     if req.timings {
         out.write_all(timings(&watch.timings).as_bytes())?;
@@ -371,6 +422,90 @@ fn report(a: &Artifact) -> String {
         if sizes.is_empty() { "any size".to_string() } else { sizes.join(", ") },
         m.params.len()
     ));
+    out
+}
+
+const FUSE_KERNELS: &str = "fuse-kernels";
+
+/// The launches one run of a program makes in one decoder layer, in all and in its MoE (or dense
+/// MLP) block, `mlp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerLaunches {
+    pub layer: u64,
+    pub total: usize,
+    pub mlp: usize,
+}
+
+/// Launches per decoder layer from the scopes of a program's launches (any program: a packed
+/// artifact's forward, prefill or decode steps, or kernel formation's steps), layers in order. A
+/// launch belongs to the layer of its scope (`model.layers.3...`); launches outside layers are not
+/// counted.
+pub fn launches_per_layer(scopes: impl IntoIterator<Item = Option<String>>) -> Vec<LayerLaunches> {
+    let mut per: BTreeMap<u64, LayerLaunches> = BTreeMap::new();
+    for scope in scopes.into_iter().flatten() {
+        let Some(layer) = layer_of(&scope) else { continue };
+        let e = per.entry(layer).or_insert(LayerLaunches { layer, total: 0, mlp: 0 });
+        e.total += 1;
+        if scope.starts_with(&format!("model.layers.{layer}.mlp")) {
+            e.mlp += 1;
+        }
+    }
+    per.into_values().collect()
+}
+
+/// The launches per layer of a packed program's steps.
+pub fn program_launches_per_layer(program: &[Step]) -> Vec<LayerLaunches> {
+    launches_per_layer(program.iter().filter_map(|s| match s {
+        Step::Launch { scope, .. } => Some(scope.clone()),
+        _ => None,
+    }))
+}
+
+/// `--report`'s second table: launches per decoder layer before fuse-kernels (kernel formation of
+/// the graph the pass starts from) and in the artifact's program (and its decode program, when it
+/// has one), layers with the same numbers on one line. A program makes as many launches whatever
+/// its number of tokens, so these are also the launches per token of a decode step.
+fn fusion_report(a: &Artifact, before: Option<&[LayerLaunches]>, disabled: &[String]) -> String {
+    let m = &a.manifest;
+    let after = program_launches_per_layer(&m.program);
+    let skipped = disabled.iter().any(|d| d == FUSE_KERNELS);
+    // Without a spec no pass runs: there is no before and after to show.
+    if after.is_empty() || (before.is_none() && !skipped) {
+        return String::new();
+    }
+    let decode = m.decode.as_ref().map(|d| program_launches_per_layer(&d.program));
+    let mut out = String::from("launches per layer, before fuse-kernels and in the program");
+    if skipped {
+        out.push_str(" (fuse-kernels disabled)");
+    }
+    out.push_str(":\n");
+    out.push_str(&format!("{:<10} {:>8} {:>8} {:>8}", "layers", "before", "after", "(mlp)"));
+    if decode.is_some() {
+        out.push_str(&format!(" {:>8} {:>8}", "decode", "(mlp)"));
+    }
+    out.push('\n');
+    let opt = |v: Option<usize>| v.map_or("-".to_string(), |n| n.to_string());
+    let row = |x: &LayerLaunches| {
+        let b = before.and_then(|b| b.iter().find(|y| y.layer == x.layer)).map(|y| y.total);
+        let d = decode.as_ref().and_then(|d| d.iter().find(|y| y.layer == x.layer)).map(|y| (y.total, y.mlp));
+        let mut cells = format!("{:>8} {:>8} {:>8}", opt(b), x.total, x.mlp);
+        if decode.is_some() {
+            cells.push_str(&format!(" {:>8} {:>8}", opt(d.map(|v| v.0)), opt(d.map(|v| v.1))));
+        }
+        cells
+    };
+    let mut lines: Vec<(u64, u64, String)> = Vec::new();
+    for x in &after {
+        let cells = row(x);
+        match lines.last_mut() {
+            Some(l) if l.1 + 1 == x.layer && l.2 == cells => l.1 = x.layer,
+            _ => lines.push((x.layer, x.layer, cells)),
+        }
+    }
+    for (lo, hi, cells) in lines {
+        let layers = if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
+        out.push_str(&format!("{layers:<10} {cells}\n"));
+    }
     out
 }
 

@@ -15,6 +15,7 @@ mod bench;
 mod compile;
 mod export_hf;
 mod run;
+mod tokenize;
 
 /// kiln: an ahead-of-time compiler for DeepSeek-V3-class models.
 #[derive(Parser)]
@@ -36,6 +37,10 @@ enum Command {
         /// Run the pipeline up to and including this pass first (see `kiln passes`).
         #[arg(long)]
         after: Option<String>,
+        /// Print a program over the KV cache (`prefill` or `decode`) instead of the stateless
+        /// forward graph.
+        #[arg(long, value_parser = ["prefill", "decode"], conflicts_with = "layer")]
+        program: Option<String>,
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -73,9 +78,11 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Generate tokens from a prompt of token ids: an artifact on the CPU, or a spec (or an
-    /// artifact's graph) on the reference interpreter with --interp.
+    /// Generate tokens from a prompt (token ids, or text with the weights' tokenizer.json): an
+    /// artifact on the CPU, or a spec (or an artifact's graph) on the reference interpreter with
+    /// --interp.
     #[command(group(clap::ArgGroup::new("params").required(true).args(["weights", "random_weights"])))]
+    #[command(group(clap::ArgGroup::new("prompt_source").required(true).args(["prompt", "prompt_ids"])))]
     Run {
         /// An artifact directory from `kiln compile`, or with --interp a model spec (`models/*.toml`,
         /// a Hugging Face `config.json`).
@@ -89,15 +96,19 @@ enum Command {
         /// Run on the reference interpreter (exact, slow) instead of the compiled kernels.
         #[arg(long)]
         interp: bool,
-        /// Where an artifact runs (`cuda` is not available yet).
+        /// Where an artifact runs: the CPU (`kernels.so`) or CUDA device 0 (`kernels.ptx`).
         #[arg(long, value_enum, default_value = "cpu")]
         device: run::Device,
         /// Threads per kernel launch on the CPU (default: every core).
         #[arg(long)]
         threads: Option<usize>,
         /// The prompt as comma-separated token ids, e.g. `0,17,42`.
-        #[arg(long, value_delimiter = ',', required = true, allow_negative_numbers = true)]
+        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
         prompt_ids: Vec<i64>,
+        /// The prompt as text, encoded by the `tokenizer.json` in the --weights folder; the
+        /// continuation is printed as text as it comes.
+        #[arg(long)]
+        prompt: Option<String>,
         /// How many tokens to generate at most.
         #[arg(long, default_value_t = 16)]
         max_new_tokens: u64,
@@ -120,6 +131,10 @@ enum Command {
         /// artifacts only).
         #[arg(long)]
         expert_load: bool,
+        /// Write every logits row generation reads (the last position of each sequence, each step)
+        /// to FILE, one line of numbers per row: to compare devices (scripts/gpu-check.sh).
+        #[arg(long, value_name = "FILE")]
+        dump_logits: Option<PathBuf>,
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
@@ -169,7 +184,9 @@ fn render(e: &anyhow::Error) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Ir { spec, layer, after, output } => ir(&spec, layer, after.as_deref(), output.as_deref()),
+        Command::Ir { spec, layer, after, program, output } => {
+            ir(&spec, layer, after.as_deref(), program.as_deref(), output.as_deref())
+        }
         Command::Check { file } => check(&file),
         Command::Inspect { spec, context, json } => inspect(&spec, context, json),
         Command::ImportHf { config, output } => import_hf(&config, output.as_deref()),
@@ -184,6 +201,7 @@ fn run(command: Command) -> Result<()> {
             device,
             threads,
             prompt_ids,
+            prompt,
             max_new_tokens,
             ignore_eos,
             stop_ids,
@@ -191,6 +209,7 @@ fn run(command: Command) -> Result<()> {
             top_p,
             seed,
             expert_load,
+            dump_logits,
         } => {
             let weights = match (&weights, random_weights) {
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
@@ -204,11 +223,13 @@ fn run(command: Command) -> Result<()> {
                 device,
                 threads,
                 prompt: prompt_ids,
+                prompt_text: prompt,
                 max_new_tokens,
                 ignore_eos,
                 stop_ids,
                 sampling: run::sampling(temperature, top_p, seed),
                 expert_load,
+                dump_logits: dump_logits.as_deref(),
             };
             run::run(&req, &mut io::stdout().lock())
         }
@@ -225,11 +246,19 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-fn ir(spec_path: &Path, layer: Option<u64>, after: Option<&str>, output: Option<&Path>) -> Result<()> {
+fn ir(
+    spec_path: &Path,
+    layer: Option<u64>,
+    after: Option<&str>,
+    program: Option<&str>,
+    output: Option<&Path>,
+) -> Result<()> {
     let spec = spec::load(spec_path)?;
-    let mut graph = match layer {
-        Some(l) => build::build_layer(&spec, l)?,
-        None => build::build_graph(&spec)?,
+    let mut graph = match (layer, program) {
+        (Some(l), _) => build::build_layer(&spec, l)?,
+        (None, Some("prefill")) => build::build_cached(&spec, build::Phase::Prefill)?,
+        (None, Some(_)) => build::build_cached(&spec, build::Phase::Decode)?,
+        (None, None) => build::build_graph(&spec)?,
     };
     if let Some(pass) = after {
         passes::run_until(&mut graph, &spec, pass)?;

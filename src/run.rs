@@ -1,15 +1,27 @@
-//! `kiln run` and `kiln bench run`: generation from an artifact on the CPU backend, or from a spec
+//! `kiln run` and `kiln bench run`: generation from an artifact on the CPU backend (or the CUDA
+//! backend, `--device cuda`; `--dump-logits` records the logits rows generation reads), or from a spec
 //! (or an artifact's `graph.kir`) on the reference interpreter, through the runtime's one
 //! generation loop (`kiln_runtime::generate`).
 //!
 //! A directory is an artifact (`kiln compile -o DIR`); anything else is a model spec, which only
 //! the interpreter runs (`--interp`): the graph keeps the MTP module, as artifacts do, so checkpoints
 //! that carry it bind as they are (only the main logits are used). Weights come from a Hugging Face checkpoint folder or a seeded random
-//! initialisation. There is no KV cache yet: every step recomputes the whole sequence, on either
-//! engine. Tokens are printed as they come, then the continuation and the speeds, and with
+//! initialisation. An artifact compiled with a KV cache (the default) prefills the prompt and then
+//! decodes one token per step over its cache; the interpreter recomputes the whole sequence. Tokens are printed as they come, then the continuation and the speeds, and with
 //! `--expert-load` the rows each expert of each MoE layer received over the whole generation.
+//!
+//! A prompt is token ids (`--prompt-ids`) or text (`--prompt`), which the `tokenizer.json` of the
+//! weights folder encodes (`crate::tokenize`); with text, the decoded continuation is printed as it
+//! comes instead of one line per token.
+//!
+//! A compiled artifact binds a checkpoint without copying what needs no conversion
+//! (`weights::bind_mapped`): a tensor stored in its parameter's compiled dtype is read by the kernels
+//! straight from the file's memory mapping. The report says how many parameter bytes were mapped
+//! and how many converted.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -18,10 +30,15 @@ use kiln_compiler::{build, spec};
 use kiln_ir::ModelSpec;
 use kiln_runtime::artifact::{self, Artifact};
 use kiln_runtime::cpu::{CpuModel, CpuOptions, LayerLoad};
-use kiln_runtime::generate::{generate, Engine, GenerateOptions, Generation, Sampling, TokenEvent};
+use kiln_runtime::generate::{
+    generate, Engine, GenerateOptions, Generation, KvCache, Limits, Sampling, TokenEvent,
+};
+use kiln_runtime::gpu::{GpuModel, GpuOptions};
 use kiln_runtime::reference::Reference;
-use kiln_runtime::weights::{self, HostTensor, ParamDecl, WeightError};
+use kiln_runtime::weights::{self, HostTensor, Param, ParamDecl, WeightError};
 use kiln_runtime::RuntimeError;
+
+use crate::tokenize::{self, TextStream, TextTokenizer};
 
 /// Where the parameters come from.
 pub enum Weights<'a> {
@@ -47,13 +64,18 @@ pub struct Request<'a> {
     pub interp: bool,
     pub device: Device,
     pub threads: Option<usize>,
+    /// The prompt as token ids; empty when it is given as text.
     pub prompt: Vec<i64>,
+    /// The prompt as text (`--prompt`), for the weights folder's tokenizer to encode.
+    pub prompt_text: Option<String>,
     pub max_new_tokens: u64,
     pub ignore_eos: bool,
     pub stop_ids: Vec<i64>,
     pub sampling: Sampling,
     /// Print the per-expert load of the compiled kernels after generation.
     pub expert_load: bool,
+    /// Write every logits row generation read to this file (`--dump-logits`).
+    pub dump_logits: Option<&'a Path>,
 }
 
 /// `--temperature`, `--top-p` and `--seed` as a sampling mode: temperature 0 is greedy.
@@ -80,20 +102,46 @@ pub fn is_artifact(path: &Path) -> bool {
     path.is_dir()
 }
 
-fn check_prompt(spec: &ModelSpec, req: &Request) -> Result<()> {
-    if req.prompt.is_empty() {
+/// The prompt's ids, with the tokenizer that made them from text.
+struct Prompt {
+    ids: Vec<i64>,
+    tokenizer: Option<TextTokenizer>,
+}
+
+/// `--prompt-ids` as they are, or `--prompt` encoded by the weights folder's `tokenizer.json`.
+fn prompt(req: &Request) -> Result<Prompt> {
+    let Some(text) = &req.prompt_text else {
+        return Ok(Prompt { ids: req.prompt.clone(), tokenizer: None });
+    };
+    let Weights::Checkpoint(path) = req.weights else {
+        bail!(
+            "--prompt \"text\" needs the model's {} from the --weights folder, and --random-weights \
+             has none: give the prompt as token ids with --prompt-ids instead",
+            tokenize::TOKENIZER_FILE
+        );
+    };
+    let tokenizer = tokenize::load(tokenize::weights_folder(path))?;
+    let ids = tokenizer.encode(text)?;
+    if ids.is_empty() {
+        bail!("the prompt text encodes to no tokens: give some text, or token ids with --prompt-ids");
+    }
+    Ok(Prompt { ids, tokenizer: Some(tokenizer) })
+}
+
+fn check_prompt(spec: &ModelSpec, prompt: &[i64], req: &Request) -> Result<()> {
+    if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token id with --prompt-ids");
     }
     let vocab = spec.model.vocab_size;
-    if let Some((i, &t)) = req.prompt.iter().enumerate().find(|&(_, &t)| t < 0 || t as u64 >= vocab) {
+    if let Some((i, &t)) = prompt.iter().enumerate().find(|&(_, &t)| t < 0 || t as u64 >= vocab) {
         bail!("prompt token {i} is {t}, outside the vocabulary: ids must be in 0..{vocab}");
     }
-    let total = req.prompt.len() as u64 + req.max_new_tokens;
+    let total = prompt.len() as u64 + req.max_new_tokens;
     let max = spec.model.max_position_embeddings;
     if total > max {
         bail!(
             "{} prompt tokens + {} new tokens = {total} exceed the model's context of {max} positions",
-            req.prompt.len(),
+            prompt.len(),
             req.max_new_tokens
         );
     }
@@ -121,6 +169,29 @@ fn params<'c>(
     })
 }
 
+/// [`params`] for the compiled CPU model: a checkpoint's tensors that need no conversion are
+/// borrowed from its mapping ([`weights::bind_mapped`]).
+fn mapped_params<'c>(
+    decls: Vec<ParamDecl>,
+    weights: &Weights,
+    spec: Option<&ModelSpec>,
+    ckpt: &'c mut Option<weights::Checkpoint>,
+) -> Result<Box<dyn Iterator<Item = Result<Param, WeightError>> + 'c>> {
+    Ok(match weights {
+        Weights::Checkpoint(dir) => {
+            let c = weights::open_checkpoint(dir)?;
+            let c = match spec.and_then(|s| s.quantization.as_ref()) {
+                Some(q) => c.with_weight_block(q.weight_block)?,
+                None => c,
+            };
+            Box::new(weights::bind_mapped(decls, ckpt.insert(c))?)
+        }
+        Weights::Random(seed) => {
+            Box::new(weights::random_tensors(decls, *seed, RANDOM_STD).map(|t| Ok(Param::Host(t))))
+        }
+    })
+}
+
 fn threads(n: usize) -> String {
     if n == 1 {
         "1 thread".into()
@@ -139,6 +210,7 @@ fn cpu_options(threads: Option<usize>) -> CpuOptions {
 
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    let prompt = prompt(req)?;
     if req.expert_load && req.interp {
         bail!(
             "--expert-load reports what the compiled kernels routed; it is not available with --interp: \
@@ -155,15 +227,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 req.model.display()
             );
         }
-        return run_spec(req, out);
+        return run_spec(req, &prompt, out);
     }
     if req.device == Device::Cuda && !req.interp {
-        return Err(if kiln_runtime::cuda::driver_present() {
-            RuntimeError::NoCudaBackend
-        } else {
-            RuntimeError::NoCudaDriver
-        }
-        .into());
+        check_cuda_request(req)?;
     }
     let art = artifact::load(req.model)?;
     let m = art.manifest();
@@ -171,22 +238,52 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let name = spec.map_or(m.graph_name.as_str(), |s| s.model.name.as_str());
     let decls = weights::manifest_params(m)?;
     let mut ckpt = None;
-    let params = params(decls, &req.weights, spec, &mut ckpt)?;
     let eos = spec.and_then(|s| s.model.eos_token_id);
     if req.interp {
+        let params = params(decls, &req.weights, spec, &mut ckpt)?;
         let tensors = params.collect::<Result<Vec<_>, _>>()?;
         let max_positions = spec.map(|s| s.model.max_position_embeddings);
         let mut engine = Reference::new(art.graph()?, tensors, max_positions)?;
-        return generate_and_report(&mut engine, name, "reference interpreter on graph.kir", eos, req, out);
+        let what = "reference interpreter on graph.kir";
+        return generate_and_report(&mut engine, name, what, eos, &prompt, req, out);
+    }
+    // The parameters alone: `param_bytes` also counts the artifact's constants, which are not
+    // checkpoint tensors and so neither mapped nor converted.
+    let declared: usize = decls.iter().map(|d| d.numel * d.dtype.size_bytes() as usize).sum();
+    let params = mapped_params(decls, &req.weights, spec, &mut ckpt)?;
+    if req.device == Device::Cuda {
+        let mut model = GpuModel::load(&art, params, &GpuOptions::default())?;
+        let cache = match model.kv_cache_bytes() {
+            (_, 0) => "no KV cache".to_string(),
+            (bytes, n) => format!("KV cache {bytes} bytes ({} bytes per token)", bytes / n),
+        };
+        let what = format!(
+            "compiled artifact on CUDA device 0, {}, arena {} bytes, {cache}, parameters {} bytes",
+            model.device_name(),
+            model.arena_bytes(),
+            model.param_bytes()
+        );
+        return generate_and_report(&mut model, name, &what, eos, &prompt, req, out);
     }
     let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
+    let (total, mapped) = (model.param_bytes(), model.mapped_param_bytes());
+    let (cache, slots) = model.kv_cache_bytes();
+    let cache = match slots {
+        0 => "no KV cache".to_string(),
+        n => format!("KV cache {cache} bytes ({} bytes per token)", cache / n),
+    };
+    let cache = match model.folded_bytes() {
+        0 => cache,
+        n => format!("{cache}, weights folded at load {n} bytes"),
+    };
     let what = format!(
-        "compiled artifact on the CPU, {}, arena {} bytes, parameters {} bytes",
+        "compiled artifact on the CPU, {}, arena {} bytes, {cache}, parameters {total} bytes ({mapped} \
+         mapped from the checkpoint, {} converted)",
         threads(model.threads()),
         model.arena_bytes(),
-        model.param_bytes()
+        declared.saturating_sub(mapped)
     );
-    generate_and_report(&mut model, name, &what, eos, req, out)?;
+    generate_and_report(&mut model, name, &what, eos, &prompt, req, out)?;
     if req.expert_load {
         write_expert_load(&model.expert_load(), out)?;
     }
@@ -194,16 +291,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
 }
 
 /// `--expert-load`: one line per MoE layer. The counts are rows the kernels routed in every forward
-/// pass (padding rows included; with no KV cache each pass routes the whole sequence again).
+/// pass (padding rows included; with a KV cache each token is routed once, without one each pass
+/// routes the whole sequence again).
 fn write_expert_load(layers: &[LayerLoad], out: &mut impl Write) -> Result<()> {
     if layers.is_empty() {
         writeln!(out, "expert load: the artifact has no MoE layers")?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "expert load over every forward pass (each routes the whole sequence so far; padding rows count):"
-    )?;
+    writeln!(out, "expert load over every forward pass (padding rows count):")?;
     for l in layers {
         let (min, max) =
             (l.counts.iter().min().copied().unwrap_or(0), l.counts.iter().max().copied().unwrap_or(0));
@@ -226,18 +321,86 @@ fn write_expert_load(layers: &[LayerLoad], out: &mut impl Write) -> Result<()> {
 }
 
 /// `kiln run SPEC --interp`: the graph built from the spec, on the interpreter.
-fn run_spec(req: &Request, out: &mut impl Write) -> Result<()> {
+fn run_spec(req: &Request, prompt: &Prompt, out: &mut impl Write) -> Result<()> {
     // The MTP module stays in the graph, as in compiled artifacts: a checkpoint that carries it
     // (every DeepSeek-V3 release does) binds as it is, and its logits are simply not used here.
     let spec = spec::load(req.model)?;
-    check_prompt(&spec, req)?;
+    check_prompt(&spec, &prompt.ids, req)?;
     let graph = build::build_graph(&spec)?;
     let decls = weights::graph_params(&graph)?;
     let mut ckpt = None;
     let tensors = params(decls, &req.weights, Some(&spec), &mut ckpt)?.collect::<Result<Vec<_>, _>>()?;
     let mut engine = Reference::new(graph, tensors, Some(spec.model.max_position_embeddings))?;
     let what = "reference interpreter";
-    generate_and_report(&mut engine, &spec.model.name, what, spec.model.eos_token_id, req, out)
+    generate_and_report(&mut engine, &spec.model.name, what, spec.model.eos_token_id, prompt, req, out)
+}
+
+/// `--device cuda` options that only the CPU has, refused before anything loads; then the driver,
+/// so that a machine without one says so first ([`RuntimeError::NoCudaDriver`]).
+fn check_cuda_request(req: &Request) -> Result<()> {
+    if req.expert_load {
+        bail!("--expert-load is read from the CPU backend's kernels; it is not available with --device cuda yet");
+    }
+    if req.threads.is_some() {
+        bail!("--threads sets the CPU backend's threads; it does not apply to --device cuda");
+    }
+    if !kiln_runtime::cuda::driver_present() {
+        return Err(RuntimeError::NoCudaDriver.into());
+    }
+    Ok(())
+}
+
+/// `--dump-logits`: the engine, keeping a copy of every [`kiln_runtime::generate::LOGITS`] row the
+/// generation loop reads (one per sequence per step: the last position's logits).
+struct LogitsRecorder<'e> {
+    engine: &'e mut dyn Engine,
+    rows: RefCell<Vec<Vec<f32>>>,
+}
+
+impl Engine for LogitsRecorder<'_> {
+    fn inputs(&self) -> Vec<(String, kiln_ir::DType)> {
+        self.engine.inputs()
+    }
+
+    fn vocab_size(&self) -> Option<u64> {
+        self.engine.vocab_size()
+    }
+
+    fn limits(&self) -> Limits {
+        self.engine.limits()
+    }
+
+    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        self.engine.run(inputs)
+    }
+
+    fn kv_cache(&self) -> Option<KvCache> {
+        self.engine.kv_cache()
+    }
+
+    fn run_decode(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        self.engine.run_decode(inputs)
+    }
+
+    fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
+        let v = self.engine.output_f32(name, range)?;
+        if name == kiln_runtime::generate::LOGITS {
+            self.rows.borrow_mut().push(v.clone());
+        }
+        Ok(v)
+    }
+}
+
+/// One line per logits row, in the order read, each value in Rust's shortest round-trip form
+/// (`awk` and Python read it back exactly).
+fn write_logits(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().map(|x| format!("{x:e}")).collect();
+        text += &line.join(" ");
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write --dump-logits {}", path.display()))
 }
 
 fn generate_and_report(
@@ -245,6 +408,7 @@ fn generate_and_report(
     name: &str,
     what: &str,
     eos: Option<u64>,
+    prompt: &Prompt,
     req: &Request,
     out: &mut impl Write,
 ) -> Result<()> {
@@ -256,26 +420,45 @@ fn generate_and_report(
         GenerateOptions { max_new_tokens: req.max_new_tokens as usize, sampling: req.sampling, stop_tokens };
     // Everything generate checks, it checks before the first forward pass; printing the header only
     // after the engine is ready keeps a failed run's output to the error.
-    let prompts = [req.prompt.clone()];
+    let prompts = [prompt.ids.clone()];
+    let mut stream: Option<TextStream> =
+        prompt.tokenizer.as_ref().map(|t| t.stream(&prompt.ids)).transpose()?;
     let mut header =
-        Some(format!("{name}: {} prompt tokens, {}, {what}", req.prompt.len(), describe(req.sampling)));
-    let mut write_error = None;
+        format!("{name}: {} prompt tokens, {}, {what}\n", prompt.ids.len(), describe(req.sampling));
+    if let Some(s) = &stream {
+        // The text as the model sees it: the prompt re-decoded, continued by the streamed tokens.
+        header += &format!("prompt ids: {:?}\n{}", prompt.ids, s.prompt_text());
+    }
+    let mut header = Some(header);
+    let mut failed: Option<anyhow::Error> = None;
     let mut on_token = |e: &TokenEvent| {
-        let mut line = String::new();
-        if let Some(h) = header.take() {
-            line = h + "\n";
+        let mut text = header.take().unwrap_or_default();
+        match &mut stream {
+            Some(s) => match s.push(e.token) {
+                Ok(new) => text += &new,
+                Err(err) => {
+                    failed.get_or_insert(err);
+                }
+            },
+            None => text += &format!("token {:>6}  logit {:>9.4}  p {:.4}\n", e.token, e.logit, e.prob),
         }
-        line += &format!("token {:>6}  logit {:>9.4}  p {:.4}\n", e.token, e.logit, e.prob);
-        if let Err(err) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
-            write_error.get_or_insert(err);
+        if let Err(err) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            failed.get_or_insert(err.into());
         }
     };
-    let g = generate(engine, &prompts, &opts, &mut on_token)?;
-    if let Some(e) = write_error {
-        return Err(e.into());
+    let mut recorder = LogitsRecorder { engine, rows: RefCell::new(Vec::new()) };
+    let g = generate(&mut recorder, &prompts, &opts, &mut on_token)?;
+    if let Some(path) = req.dump_logits {
+        write_logits(path, &recorder.rows.into_inner())?;
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     if let Some(h) = header {
-        writeln!(out, "{h}")?;
+        write!(out, "{h}")?;
+    }
+    if let Some(s) = &mut stream {
+        writeln!(out, "{}", s.finish())?;
     }
     if g.stopped[0] {
         writeln!(out, "stopped at stop token {}", g.tokens[0].last().copied().unwrap_or_default())?;
@@ -293,11 +476,16 @@ fn speeds(g: &Generation) -> String {
     };
     format!(
         "time to first token {:.1} ms; prefill {} tokens at {:.1} tokens/s; {decode} \
-         ({} forward passes; no KV cache yet: each recomputes the whole sequence)",
+         ({} forward passes{})",
         s.first_token.as_secs_f64() * 1e3,
         s.prompt_tokens,
         s.prefill_tokens_per_s(),
-        s.forwards
+        s.forwards,
+        if g.cached {
+            "; decode over the KV cache"
+        } else {
+            "; no KV cache: each step recomputes the sequence"
+        }
     )
 }
 
@@ -340,11 +528,12 @@ pub fn bench(req: &BenchRequest, out: &mut dyn Write) -> Result<()> {
 
     writeln!(
         out,
-        "bench run {name}: {} prompt tokens, {} new tokens, greedy, {}; no KV cache yet (each \
-         decode step recomputes the whole sequence)",
+        "bench run {name}: {} prompt tokens, {} new tokens, greedy, {}; the artifact decodes {}, \
+         the interpreter recomputes the whole sequence at each step",
         req.prompt_len,
         req.new_tokens,
-        threads(compiled.threads())
+        threads(compiled.threads()),
+        if a.cached { "over its KV cache" } else { "without a KV cache (recomputing)" }
     )?;
     writeln!(
         out,

@@ -87,6 +87,32 @@ pub struct KvCache {
     pub naive_bytes_per_token: u64,
     /// `naive / mla`.
     pub ratio: f64,
+    /// Elements per token and layer of the KV-cache inputs of the decode program, as built (the
+    /// naive per-head cache) and after `fuse-mla-latent` (the latent cache): counted from the
+    /// graphs, so they say what the compiled program really keeps.
+    pub decode_graph_elements: Option<(u64, u64)>,
+}
+
+/// Elements per token and layer of a cached program's KV-cache inputs (`kv_cache.*`, shaped
+/// `[B, S, ...]`): the product of their non-symbolic dimensions, over the layers.
+pub fn cache_elements_per_token_layer(g: &Graph, layers: u64) -> u64 {
+    let total: u64 = g
+        .inputs()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("kv_cache."))
+        .map(|(_, v)| g.ty(v).shape[2..].iter().filter_map(|d| d.as_known()).product::<u64>())
+        .sum();
+    total / layers.max(1)
+}
+
+/// [`cache_elements_per_token_layer`] of the decode program before and after `fuse-mla-latent`.
+fn decode_cache_elements(spec: &ModelSpec) -> Option<(u64, u64)> {
+    let mut g = crate::build::build_cached(spec, crate::build::Phase::Decode).ok()?;
+    let layers = spec.model.num_hidden_layers;
+    let before = cache_elements_per_token_layer(&g, layers);
+    let pass = crate::passes::find("fuse-mla-latent").ok()?;
+    crate::passes::run_pass(&mut g, pass, &crate::passes::Options { spec }).ok()?;
+    Some((before, cache_elements_per_token_layer(&g, layers)))
 }
 
 /// Which main-model or MTP layer a scope or param name belongs to (`model.layers.{i}...`).
@@ -172,6 +198,7 @@ pub fn summarize(spec: &ModelSpec, graph: &Graph, context: u64) -> Summary {
             mla_bytes_per_token: latent,
             naive_bytes_per_token: naive,
             ratio: if latent == 0 { 0.0 } else { naive as f64 / latent as f64 },
+            decode_graph_elements: decode_cache_elements(spec),
         },
     }
 }
@@ -250,7 +277,7 @@ impl Summary {
         };
         let with_bytes = |n: u64| format!("{} B", thousands(n));
         let dtype_bytes = self.dtype.size_bytes();
-        vec![
+        let mut rows = vec![
             Row::Heading("parameters".into()),
             item("main model", thousands(p.total), count(p.total), "embedding and head included"),
             item("  routed experts", thousands(p.routed_experts), count(p.routed_experts), ""),
@@ -293,7 +320,16 @@ impl Summary {
                 bytes(kv.naive_bytes_per_token),
                 format!("L x H x (dqk + dv) x {dtype_bytes} B: {:.2}x the latent cache", kv.ratio),
             ),
-        ]
+        ];
+        if let Some((before, after)) = kv.decode_graph_elements {
+            rows.push(item(
+                "decode program",
+                format!("{} -> {}", thousands(before), thousands(after)),
+                String::new(),
+                "elements per token and layer of the cache inputs: as built -> after fuse-mla-latent",
+            ));
+        }
+        rows
     }
 }
 

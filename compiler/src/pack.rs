@@ -32,16 +32,16 @@ use sha2::{Digest, Sha256};
 
 use kiln_ir::artifact::{
     self, ArgRole, ArgSig, BufferKind, CpuKernel, CpuTarget, FileEntry, GpuKernel, GpuTarget, GridAxis,
-    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, SymbolEntry,
+    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, Program, SymbolEntry,
 };
 use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
 
-use crate::build::{build_graph, BuildError};
+use crate::build::{build_cached, build_graph, BuildError, Phase};
 use crate::codegen::{
-    cpu, form_kernels, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
-    LoweredModule, Step, Target,
+    cpu, form_kernels, form_programs, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape,
+    LowerError, LoweredModule, Step, Target,
 };
 use crate::passes::{self, PassError};
 use crate::toolchain::{self, ToolchainError};
@@ -104,12 +104,20 @@ pub struct Options {
     pub max_batch: u64,
     /// The largest context (`S`), and so the largest number of new tokens (`T`), it must hold.
     pub max_context: u64,
+    /// From a spec, compile a prefill and a decode program over a KV cache ([`build_cached`])
+    /// rather than the stateless forward graph (which keeps the MTP heads).
+    pub kv_cache: bool,
 }
 
 impl Options {
     /// The sizes the buffer plan is made for: `T <= S` always, so both get `max_context`.
     pub fn max_sizes(&self) -> SymBindings {
         SymBindings { b: self.max_batch, t: self.max_context, s: self.max_context }
+    }
+
+    /// The sizes of the decode program: one new token per sequence.
+    pub fn decode_max_sizes(&self) -> SymBindings {
+        SymBindings { t: 1, ..self.max_sizes() }
     }
 }
 
@@ -244,6 +252,11 @@ pub trait Observer {
     fn started(&mut self, _stage: Stage) {}
     /// `stage` finished and produced `dump`.
     fn finished(&mut self, _stage: Stage, _dump: &Dump<'_>) {}
+    /// Whether the pass called `pass` runs (`kiln compile --disable-pass`); a skipped pass is
+    /// neither started nor finished.
+    fn runs_pass(&mut self, _pass: &str) -> bool {
+        true
+    }
 }
 
 impl Observer for () {}
@@ -284,9 +297,19 @@ pub struct Prepared {
     pub graph: Graph,
     pub plan: KernelPlan,
     pub memory: MemoryPlan,
+    /// The decode program, when compiled with a KV cache; its plan has the same kernels as `plan`.
+    pub decode: Option<DecodePrepared>,
     pub cpu: Option<LoweredModule>,
     pub gpu: Option<LoweredModule>,
     ptxas: Option<PathBuf>,
+}
+
+/// The decode program of a [`Prepared`] model with a KV cache.
+pub struct DecodePrepared {
+    /// The decode graph after the pass pipeline.
+    pub graph: Graph,
+    pub plan: KernelPlan,
+    pub memory: MemoryPlan,
 }
 
 /// A compiled artifact, in memory.
@@ -328,27 +351,49 @@ pub fn make_graph(
     source: Source,
     obs: &mut dyn Observer,
 ) -> Result<(Graph, Option<ModelSpec>), CompileError> {
-    let (mut graph, spec) = stage(
+    let (graph, _, spec) = make_graphs(source, false, obs)?;
+    Ok((graph, spec))
+}
+
+/// [`make_graph`], and with `kv_cache` (from a spec only) the prefill graph and the decode graph.
+/// The observer sees the stages of the prefill graph (the decode graph goes through the same ones).
+pub fn make_graphs(
+    source: Source,
+    kv_cache: bool,
+    obs: &mut dyn Observer,
+) -> Result<(Graph, Option<Graph>, Option<ModelSpec>), CompileError> {
+    let (mut graph, mut decode, spec) = stage(
         obs,
         Stage::Build,
         || match source {
-            Source::Spec(spec) => Ok((build_graph(&spec)?, Some(spec))),
+            Source::Spec(spec) if kv_cache => {
+                let prefill = build_cached(&spec, Phase::Prefill)?;
+                let decode = build_cached(&spec, Phase::Decode)?;
+                Ok((prefill, Some(decode), Some(spec)))
+            }
+            Source::Spec(spec) => Ok((build_graph(&spec)?, None, Some(spec))),
             Source::Graph { graph, spec } => {
                 verify(&graph)?;
-                Ok((graph, spec))
+                Ok((graph, None, spec))
             }
         },
-        |(g, _)| Dump::Graph(g),
+        |(g, _, _)| Dump::Graph(g),
     )?;
     if let Some(spec) = &spec {
         let opts = passes::Options { spec };
         for pass in passes::PASSES {
+            if !obs.runs_pass(pass.name) {
+                continue;
+            }
             obs.started(Stage::Pass(pass.name));
             passes::run_pass(&mut graph, pass, &opts)?;
+            if let Some(d) = &mut decode {
+                passes::run_pass(d, pass, &opts)?;
+            }
             obs.finished(Stage::Pass(pass.name), &Dump::Graph(&graph));
         }
     }
-    Ok((graph, spec))
+    Ok((graph, decode, spec))
 }
 
 /// Runs the pure stages: [`make_graph`], kernel formation, the memory plan and lowering.
@@ -358,14 +403,33 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
     }
     // Before any work: a missing tool should not cost a whole compile.
     let ptxas = if options.targets.gpu() { Some(require_ptxas()?) } else { None };
-    let (graph, spec) = make_graph(source, obs)?;
-    let plan = stage(obs, Stage::Kernels, || Ok(form_kernels(&graph)?), |p| Dump::Kernels(p))?;
+    let (graph, decode_graph, spec) = make_graphs(source, options.kv_cache, obs)?;
+    let (plan, decode_plan) = stage(
+        obs,
+        Stage::Kernels,
+        || match &decode_graph {
+            None => Ok((form_kernels(&graph)?, None)),
+            Some(d) => {
+                let mut plans = form_programs(&[&graph, d])?;
+                let decode = plans.pop();
+                Ok((plans.remove(0), decode))
+            }
+        },
+        |(p, _)| Dump::Kernels(p),
+    )?;
     let memory = stage(
         obs,
         Stage::PlanMemory,
         || Ok(plan_memory(&graph, &plan, options.max_sizes())?),
         |m| Dump::Memory(m),
     )?;
+    let decode = match (decode_graph, decode_plan) {
+        (Some(graph), Some(plan)) => {
+            let memory = plan_memory(&graph, &plan, options.decode_max_sizes())?;
+            Some(DecodePrepared { graph, plan, memory })
+        }
+        _ => None,
+    };
     let modules = stage(
         obs,
         Stage::Lower,
@@ -390,7 +454,7 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
             Target::Gpu => gpu = Some(m),
         }
     }
-    Ok(Prepared { spec, graph, plan, memory, cpu, gpu, ptxas })
+    Ok(Prepared { spec, graph, plan, memory, decode, cpu, gpu, ptxas })
 }
 
 /// Links the CPU library in a private temporary directory and returns its bytes.
@@ -478,6 +542,9 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     }
     obs.started(Stage::Pack);
     files.push((artifact::GRAPH_KIR.into(), kiln_ir::print(&prepared.graph).into_bytes()));
+    if let Some(d) = &prepared.decode {
+        files.push((artifact::DECODE_KIR.into(), kiln_ir::print(&d.graph).into_bytes()));
+    }
     files.push((artifact::KERNELS_MLIR.into(), kernels_mlir(&prepared).into_bytes()));
     let entries = files
         .iter()
@@ -588,20 +655,23 @@ fn manifest(
     host: Option<(String, String)>,
     files: Vec<FileEntry>,
 ) -> Result<Manifest, CompileError> {
-    let g = &p.graph;
-    let m = &p.memory;
-    let buf = |v| m.buffer(v);
     let lowered = |module: &Option<LoweredModule>| -> HashMap<String, LaunchShape> {
         module.iter().flat_map(|m| &m.kernels).map(|k| (k.name.clone(), k.launch.clone())).collect()
     };
     let (cpu_launch, gpu_launch) = (lowered(&p.cpu), lowered(&p.gpu));
+    let mut programs = vec![(&p.graph, &p.plan, &p.memory)];
+    if let Some(d) = &p.decode {
+        programs.push((&d.graph, &d.plan, &d.memory));
+    }
 
-    // An argument is a weight when every launch binds it to a parameter.
+    // An argument is a weight when every launch, in every program, binds it to a parameter.
     let mut weight: Vec<Vec<bool>> = p.plan.kernels.iter().map(|k| vec![true; k.args.len()]).collect();
-    for s in &p.plan.steps {
-        if let Step::Launch { kernel, args, .. } = s {
-            for (w, &a) in weight[kernel.index()].iter_mut().zip(args) {
-                *w &= m.buffers[buf(a).index()].kind == BufferKind::Param;
+    for (_, plan, memory) in &programs {
+        for s in &plan.steps {
+            if let Step::Launch { kernel, args, .. } = s {
+                for (w, &a) in weight[kernel.index()].iter_mut().zip(args) {
+                    *w &= memory.buffers[memory.buffer(a).index()].kind == BufferKind::Param;
+                }
             }
         }
     }
@@ -643,9 +713,37 @@ fn manifest(
         });
     }
 
-    let mut program = Vec::with_capacity(p.plan.steps.len());
-    for (i, s) in p.plan.steps.iter().enumerate() {
-        program.push(match s {
+    let forward = program(&p.graph, &p.plan, &p.memory, options.max_sizes())?;
+    let decode = match &p.decode {
+        Some(d) => Some(Box::new(program(&d.graph, &d.plan, &d.memory, options.decode_max_sizes())?)),
+        None => None,
+    };
+    Ok(Manifest {
+        format_version: artifact::FORMAT_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: p.spec.clone(),
+        graph_name: forward.graph_name,
+        cpu: host.map(|(triple, cpu)| CpuTarget { triple, cpu, library: artifact::KERNELS_SO.into() }),
+        gpu: p.gpu.as_ref().map(|_| GpuTarget { arch: gpu::SM.into(), module: artifact::KERNELS_PTX.into() }),
+        symbols: forward.symbols,
+        kernels,
+        program: forward.program,
+        buffers: forward.buffers,
+        arena_bytes: forward.arena_bytes,
+        params: forward.params,
+        inputs: forward.inputs,
+        outputs: forward.outputs,
+        files,
+        decode,
+    })
+}
+
+/// The per-program part of a manifest: steps, buffers, parameters, inputs and outputs.
+fn program(g: &Graph, plan: &KernelPlan, m: &MemoryPlan, max: SymBindings) -> Result<Program, CompileError> {
+    let buf = |v| m.buffer(v);
+    let mut steps = Vec::with_capacity(plan.steps.len());
+    for (i, s) in plan.steps.iter().enumerate() {
+        steps.push(match s {
             Step::Launch { kernel, node, args, results } => artifact::Step::Launch {
                 kernel: KernelIndex(kernel.index() as u32),
                 buffers: args
@@ -694,28 +792,19 @@ fn manifest(
         })
         .collect();
     let named = |(name, v): (&str, kiln_ir::ValueId)| NamedBuffer { name: name.to_string(), buffer: buf(v) };
-    let max = options.max_sizes();
     let used =
         |s: Sym| m.buffers.iter().any(|b| b.shape.iter().any(|&d| crate::codegen::kernel::has_sym(d, s)));
     let symbols =
         Sym::ALL.into_iter().filter(|&s| used(s)).map(|sym| SymbolEntry { sym, max: max.get(sym) }).collect();
     let outputs: Vec<NamedBuffer> = g.outputs().iter().map(|(n, v)| named((n.as_str(), *v))).collect();
-
-    Ok(Manifest {
-        format_version: artifact::FORMAT_VERSION,
-        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        model: p.spec.clone(),
+    Ok(Program {
         graph_name: g.name().to_string(),
-        cpu: host.map(|(triple, cpu)| CpuTarget { triple, cpu, library: artifact::KERNELS_SO.into() }),
-        gpu: p.gpu.as_ref().map(|_| GpuTarget { arch: gpu::SM.into(), module: artifact::KERNELS_PTX.into() }),
         symbols,
-        kernels,
-        program,
+        program: steps,
         buffers: m.buffers.clone(),
         arena_bytes: m.arena_bytes,
         params,
         inputs: g.inputs().into_iter().map(named).collect(),
         outputs,
-        files,
     })
 }

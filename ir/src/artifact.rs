@@ -42,7 +42,7 @@ use crate::types::{DType, Dim, Sym, SymBindings};
 
 /// The version of the manifest format this crate reads and writes. Bumped on any change a reader
 /// of an older version would misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The manifest's file name in an artifact directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -52,6 +52,8 @@ pub const KERNELS_SO: &str = "kernels.so";
 pub const KERNELS_PTX: &str = "kernels.ptx";
 /// The graph after the pass pipeline, in the `.kir` text format.
 pub const GRAPH_KIR: &str = "graph.kir";
+/// The decode graph after the pass pipeline, for an artifact with a KV cache.
+pub const DECODE_KIR: &str = "decode.kir";
 /// The MLIR of every compiled target.
 pub const KERNELS_MLIR: &str = "kernels.mlir";
 
@@ -128,6 +130,26 @@ pub struct Manifest {
     pub outputs: Vec<NamedBuffer>,
     /// The other files of the artifact with their SHA-256, so a reader can check them.
     pub files: Vec<FileEntry>,
+    /// The decode program of a model compiled with a KV cache: one new token per sequence over the
+    /// cache the program above (the prefill) filled. Both share the kernels, the parameters and the
+    /// [`Storage::State`] buffers (the caches). Absent for a stateless graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<Box<Program>>,
+}
+
+/// A second program of an artifact ([`Manifest::decode`]): the per-program fields of a manifest,
+/// with the same meaning.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Program {
+    pub graph_name: String,
+    pub symbols: Vec<SymbolEntry>,
+    pub program: Vec<Step>,
+    pub buffers: Vec<Buffer>,
+    pub arena_bytes: u64,
+    pub params: Vec<ParamEntry>,
+    pub inputs: Vec<NamedBuffer>,
+    pub outputs: Vec<NamedBuffer>,
 }
 
 /// The host the shared library was compiled for: it uses that CPU's instruction set.
@@ -325,6 +347,11 @@ pub enum Storage {
     Param { name: String },
     /// A buffer of its own with every element equal to `value`.
     Constant { value: f64 },
+    /// Persistent state of the runtime named like the graph input it holds (a KV cache,
+    /// `kv_cache.3`): allocated once at the maxima, kept from one run to the next and shared by
+    /// every program of the artifact. The input, and the `cache_update` result that the kernel
+    /// writes in place, both have it; the caller never copies it in or out.
+    State { name: String },
 }
 
 /// A model parameter.
@@ -384,6 +411,54 @@ impl Manifest {
         self.files.iter().find(|f| f.name == name)
     }
 
+    /// The decode program as a manifest of its own (the shared fields with the decode program's),
+    /// so that whatever runs a manifest runs it; `None` for a stateless artifact.
+    pub fn decode_view(&self) -> Option<Manifest> {
+        let d = self.decode.as_deref()?.clone();
+        Some(Manifest {
+            graph_name: d.graph_name,
+            symbols: d.symbols,
+            program: d.program,
+            buffers: d.buffers,
+            arena_bytes: d.arena_bytes,
+            params: d.params,
+            inputs: d.inputs,
+            outputs: d.outputs,
+            decode: None,
+            ..self.clone_shared()
+        })
+    }
+
+    /// The fields shared by the programs, with empty per-program fields.
+    fn clone_shared(&self) -> Manifest {
+        Manifest {
+            format_version: self.format_version,
+            kiln_version: self.kiln_version.clone(),
+            model: self.model.clone(),
+            graph_name: String::new(),
+            cpu: self.cpu.clone(),
+            gpu: self.gpu.clone(),
+            symbols: Vec::new(),
+            kernels: self.kernels.clone(),
+            program: Vec::new(),
+            buffers: Vec::new(),
+            arena_bytes: 0,
+            params: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            files: self.files.clone(),
+            decode: None,
+        }
+    }
+
+    /// The persistent state buffers (KV caches) the program reads: name, dtype and shape.
+    pub fn states(&self) -> impl Iterator<Item = (&str, DType, &[Dim])> {
+        self.buffers.iter().filter(|b| b.kind == BufferKind::Input).filter_map(|b| match &b.storage {
+            Storage::State { name } => Some((name.as_str(), b.dtype, b.shape.as_slice())),
+            _ => None,
+        })
+    }
+
     /// The maximum value of a symbolic size, when the graph uses it.
     pub fn max(&self, sym: Sym) -> Option<u64> {
         self.symbols.iter().find(|e| e.sym == sym).map(|e| e.max)
@@ -428,9 +503,6 @@ impl Manifest {
                     k.id
                 ));
             }
-            if k.sym_args.iter().any(|&s| self.max(s).is_none()) {
-                return bad(format!("kernel {} takes a size the graph does not use", k.id));
-            }
         }
         let param_names: HashSet<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
         for (i, b) in self.buffers.iter().enumerate() {
@@ -451,6 +523,9 @@ impl Manifest {
                 }
                 Storage::Param { name } => param_names.contains(name.as_str()) && b.kind == BufferKind::Param,
                 Storage::Constant { .. } => b.kind == BufferKind::Constant,
+                Storage::State { .. } => {
+                    matches!(b.kind, BufferKind::Input | BufferKind::Output | BufferKind::Activation)
+                }
             };
             if !fits {
                 return bad(format!(
@@ -490,6 +565,14 @@ impl Manifest {
             }
             if f.sha256.len() != 64 || !f.sha256.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
                 return bad(format!("file `{}` has a malformed sha256 `{}`", f.name, f.sha256));
+            }
+        }
+        if let Some(decode) = self.decode_view() {
+            decode.validate()?;
+            for (name, dtype, shape) in decode.states() {
+                if !self.states().any(|(n, d, sh)| n == name && d == dtype && sh == shape) {
+                    return bad(format!("the decode program's state `{name}` is not the prefill's"));
+                }
             }
         }
         for (target, file) in [
@@ -538,6 +621,9 @@ impl Manifest {
                 let Some(k) = self.kernels.get(kernel.index()) else {
                     return bad(format!("a launch names {kernel}, which does not exist"));
                 };
+                if k.sym_args.iter().any(|&s| self.max(s).is_none()) {
+                    return bad(format!("kernel {} takes a size the program does not use", k.id));
+                }
                 if buffers.len() != k.args.len() {
                     return bad(format!(
                         "a launch of {kernel} passes {} buffers for {} arguments",

@@ -276,6 +276,12 @@ impl Graph {
         Ok(())
     }
 
+    /// Removes the output called `name`, returning its value (the value itself stays).
+    pub fn remove_output(&mut self, name: &str) -> Option<ValueId> {
+        let i = self.outputs.iter().position(|(n, _)| n == name)?;
+        Some(self.outputs.remove(i).1)
+    }
+
     /// Makes every user of `old` (and any output naming it) read `new` instead.
     pub fn replace_all_uses(&mut self, old: ValueId, new: ValueId) -> Result<(), GraphError> {
         let old_def = self.value(old)?.def;

@@ -313,9 +313,20 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             }
             one(x.clone())
         }
-        Op::Attention { .. } => {
-            arity(op, ins, 3)?;
+        Op::Attention { causal, .. } => {
+            if ins.len() != 3 && ins.len() != 4 {
+                return fail(format!("`attention` takes 3 or 4 operand(s), found {}", ins.len()));
+            }
             let (q, k, v) = (ins[0], ins[1], ins[2]);
+            if let Some(p) = ins.get(3) {
+                if !causal {
+                    return fail("`attention` with positions must be causal (the positions are its mask)");
+                }
+                int(op, "positions", p)?;
+                rank_is(op, "positions", p, 2)?;
+                dim_eq(op, "batch of queries and positions", q.shape[0], p.shape[0])?;
+                dim_eq(op, "tokens of queries and positions", q.shape[1], p.shape[1])?;
+            }
             for (t, what) in [(q, "queries"), (k, "keys"), (v, "values")] {
                 float(op, what, t)?;
                 rank_is(op, what, t, 4)?;
@@ -336,6 +347,22 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
                 }
             }
             one(q.with_shape(vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]]))
+        }
+        Op::CacheUpdate => {
+            arity(op, ins, 3)?;
+            let (cache, new, pos) = (ins[0], ins[1], ins[2]);
+            rank_at_least(op, "a cache", cache, 2)?;
+            rank_is(op, "new entries", new, cache.rank())?;
+            same_dtype(op, cache, new)?;
+            int(op, "positions", pos)?;
+            rank_is(op, "positions", pos, 2)?;
+            dim_eq(op, "batch of the cache and the new entries", cache.shape[0], new.shape[0])?;
+            for (a, (&c, &n)) in cache.shape.iter().zip(&new.shape).enumerate().skip(2) {
+                dim_eq(op, &format!("axis {a} of the cache and the new entries"), c, n)?;
+            }
+            dim_eq(op, "batch of the new entries and positions", new.shape[0], pos.shape[0])?;
+            dim_eq(op, "tokens of the new entries and positions", new.shape[1], pos.shape[1])?;
+            one(cache.clone())
         }
         Op::Embedding => {
             arity(op, ins, 2)?;
@@ -726,6 +753,24 @@ mod tests {
             &["f32[B, T, 8, 24]", "f32[B, S, 3, 24]", "f32[B, S, 3, 16]"]
         )
         .contains("constant multiple"));
+        assert_eq!(
+            ok(
+                Op::Attention { scale: 0.1, causal: true },
+                &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]", "i32[B, T]"]
+            ),
+            ["f32[B, T, 8, 16]"]
+        );
+        assert!(bad(
+            Op::Attention { scale: 0.1, causal: false },
+            &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]", "i32[B, T]"]
+        )
+        .contains("must be causal"));
+        assert_eq!(
+            ok(Op::CacheUpdate, &["f32[B, S, 576]", "f32[B, T, 576]", "i32[B, T]"]),
+            ["f32[B, S, 576]"]
+        );
+        assert!(bad(Op::CacheUpdate, &["f32[B, S, 576]", "f32[B, T, 512]", "i32[B, T]"]).contains("axis 2"));
+        assert!(bad(Op::CacheUpdate, &["f32[B, S, 8]", "bf16[B, T, 8]", "i32[B, T]"]).contains("one dtype"));
         let rope = Op::Rope(crate::op::RopeConfig { theta: 1e4, interleaved: true, yarn: None });
         assert_eq!(ok(rope.clone(), &["f32[B, T, 4, 8]", "i32[B, T]"]), ["f32[B, T, 4, 8]"]);
         assert!(bad(rope, &["f32[B, T, 4, 7]", "i32[B, T]"]).contains("even"));

@@ -207,12 +207,20 @@ pub enum Op {
     /// Rotary embedding of the last axis of `x[B, T, ..., D]` at `positions[B, T]`.
     Rope(RopeConfig),
     /// Scaled dot-product attention. Operands `q[B, T, H, Dk]`, `k[B, S, Hk, Dk]`, `v[B, S, Hk, Dv]`
-    /// with `H % Hk == 0` (`Hk = 1` is one key/value head shared by all query heads). With `causal`,
-    /// query `t` sees keys `0..=t + (S - T)`: the new tokens come after `S - T` cached ones.
+    /// with `H % Hk == 0` (`Hk = 1` is one key/value head shared by all query heads), and optionally
+    /// `positions i32[B, T]`. With `causal` and three operands, query `t` sees keys `0..=t + (S - T)`:
+    /// the new tokens come after `S - T` cached ones. With `positions` (a KV cache whose slot `j`
+    /// holds the token at position `j`), query `(b, t)` sees keys `0..=positions[b, t]` (clamped to
+    /// `S`), so every sequence of a batch has its own length.
     Attention {
         scale: f64,
         causal: bool,
     },
+    /// Writes new entries into a KV cache: operands `cache[B, S, ...]`, `new[B, T, ...]`,
+    /// `positions i32[B, T]`; the result is `cache` with slot `positions[b, t]` of sequence `b` replaced
+    /// by `new[b, t]`. Compiled code updates the cache in place (the result is the cache's buffer), so
+    /// the cache operand must be a graph input read by nothing else.
+    CacheUpdate,
     /// Rows of `table[V, D]` at `ids[...]` -> `[..., D]`.
     Embedding,
     /// `data` indexed along `axis` by `indices`: the result shape replaces that axis with the
@@ -552,6 +560,7 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::Rope(_) => "rope",
             Op::Attention { .. } => "attention",
+            Op::CacheUpdate => "cache_update",
             Op::Embedding => "embedding",
             Op::Gather { .. } => "gather",
             Op::TopK { .. } => "topk",
@@ -583,7 +592,9 @@ impl Op {
         match self {
             Op::Input { name } | Op::Param { name } => vec![("name", Attr::Str(name.clone()))],
             Op::Constant { value } => vec![("value", Attr::Float(*value))],
-            Op::Linear | Op::MatMul | Op::Unary(_) | Op::Binary(_) | Op::Embedding => vec![],
+            Op::Linear | Op::MatMul | Op::Unary(_) | Op::Binary(_) | Op::Embedding | Op::CacheUpdate => {
+                vec![]
+            }
             Op::Cast { to } => vec![("to", ident(to.name()))],
             Op::Reduce { axes: a, keep_dims, .. } => {
                 vec![("axes", axes(a)), ("keep_dims", Attr::Bool(*keep_dims))]
@@ -664,6 +675,7 @@ impl Op {
             "linear" => Op::Linear,
             "matmul" => Op::MatMul,
             "embedding" => Op::Embedding,
+            "cache_update" => Op::CacheUpdate,
             "cast" => Op::Cast { to: r.dtype("to")? },
             "reduce_sum" | "reduce_mean" | "reduce_max" | "reduce_min" => {
                 let op = match name {

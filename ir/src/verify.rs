@@ -14,7 +14,8 @@
 //! 4. Parameter types are fully known: no symbolic dimension in a weight.
 //! 5. Parameter names are unique, and so are input names; every graph has at least one output.
 //! 6. The body of a `fused` kernel is itself a verified graph with no parameters and no pipeline
-//!    communication (weights reach kernels as arguments; sends and receives stay at the top level).
+//!    communication (weights reach kernels as arguments; sends and receives stay at the top level),
+//!    and no `cache_update` (compiled code updates a KV cache in place, as a launch of its own).
 //! 7. Scopes, when present, are non-empty.
 //!
 //! Deliberately not invariants: dead values (a pass may leave them for a later cleanup) and
@@ -151,6 +152,12 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
             // `insert` in the guard records the name whether or not it is a duplicate.
             Op::Input { name } if !inputs.insert(name) => {
                 report(Some(node.results[0]), format!("input `{name}` is declared twice"));
+            }
+            Op::CacheUpdate if in_kernel => {
+                report(
+                    None,
+                    "a KV-cache update cannot sit inside a fused kernel: it is done in place".into(),
+                );
             }
             Op::Send { .. } | Op::Recv { .. } if in_kernel => {
                 report(None, "pipeline communication cannot sit inside a fused kernel".into());

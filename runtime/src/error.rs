@@ -17,11 +17,10 @@ pub enum RuntimeError {
     NoCudaDriver,
     #[error("CUDA: {0}")]
     Cuda(String),
-    #[error(
-        "the CUDA backend is not written yet: a CUDA driver is present, but kiln runs artifacts on the \
-         CPU only for now (--device cpu)"
-    )]
-    NoCudaBackend,
+    #[error("the CUDA driver sees no device: check `nvidia-smi`, or run on the CPU (--device cpu)")]
+    NoCudaDevice,
+    #[error("the CUDA driver cannot load kernels.ptx (compiled for {arch}): {log}")]
+    PtxLoad { arch: String, log: String },
 
     // Loading an artifact.
     #[error("{}: {source}", path.display())]
@@ -66,6 +65,12 @@ pub enum RuntimeError {
     Library { path: PathBuf, message: String },
     #[error("kernel {kernel} (`{name}`): its entry `{symbol}` is not in kernels.so")]
     MissingSymbol { kernel: String, name: String, symbol: String },
+
+    // The CUDA backend.
+    #[error("the artifact has no GPU kernels: compile it with `--target sm_90a` or `--target all`")]
+    NoGpuTarget,
+    #[error("kernel {kernel} (`{name}`) on the GPU: {reason}")]
+    GpuKernel { kernel: String, name: String, reason: String },
     #[error(
         "program step {step} ({what}) needs the distributed runtime, which kiln does not have yet: this \
          runtime runs single-stage artifacts"
@@ -114,6 +119,13 @@ pub enum RuntimeError {
     NoSuchOutput { name: String, known: String },
     #[error("nothing has run yet, so there are no outputs to read")]
     NotRun,
+    #[error(
+        "the artifact has no decode program: it was compiled without a KV cache (recompile without \
+         --no-kv-cache)"
+    )]
+    NoDecodeProgram,
+    #[error("position {position} of sequence {sequence} is outside the KV cache of {capacity} slots")]
+    PositionOutOfRange { sequence: usize, position: i64, capacity: u64 },
     #[error("output `{name}` has {len} elements; elements {start}..{end} were asked for")]
     OutputRange { name: String, len: usize, start: usize, end: usize },
     #[error("output `{name}` is {dtype}, not a float tensor")]

@@ -1,10 +1,11 @@
 //! Decoding: prompts in, tokens out, greedy or sampled, over any [`Engine`] (the compiled CPU model
 //! or the reference interpreter, so the two can be compared token for token).
 //!
-//! There is no KV cache yet: every step runs the whole sequence so far (a prefill of the full
-//! prefix) and reads the logits of its last position. A decode step therefore costs as much as a
-//! prefill of the sequence, and decode tokens/s falls as the sequence grows; the KV-cache decode path
-//! needs decode graphs with cache inputs from the compiler and is the next slice.
+//! With a KV cache ([`Engine::kv_cache`], an artifact compiled with its decode program), the first
+//! step is the prefill of every prompt, which fills the cache from position 0, and each later step
+//! runs the decode program on one token per sequence at its own position. Without one (the
+//! reference interpreter, or an artifact compiled with `--no-kv-cache`), every step runs the whole
+//! sequence so far and reads the logits of its last position, so a step costs a prefill.
 //!
 //! Batches: prompts of different lengths run together, right-padded to the longest (pad id 0) with
 //! positions `0..T` on every row. This is exact, not an approximation: attention is causal, so a
@@ -51,6 +52,25 @@ pub trait Engine {
     fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError>;
     /// Elements `range` of a float output of the last run.
     fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError>;
+    /// The KV cache, when the engine has a decode program: then [`Engine::run`] is the prefill
+    /// (which fills the cache from position 0) and [`Engine::run_decode`] runs new tokens over it.
+    fn kv_cache(&self) -> Option<KvCache> {
+        None
+    }
+    /// Runs the decode program: `tokens` and `positions` `[B, T]`, each token written into its
+    /// sequence's cache at its position and attending to the positions up to its own.
+    fn run_decode(&mut self, _inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        Err(RuntimeError::NoDecodeProgram)
+    }
+}
+
+/// An engine's KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCache {
+    /// Positions per sequence (`S`).
+    pub capacity: u64,
+    /// Bytes of every layer's cache for the whole batch.
+    pub bytes: u64,
 }
 
 /// How to pick each token.
@@ -121,6 +141,8 @@ pub struct Generation {
     /// Whether each sequence ended at a stop token (otherwise at `max_new_tokens`).
     pub stopped: Vec<bool>,
     pub stats: Stats,
+    /// Whether the decode steps ran over a KV cache.
+    pub cached: bool,
 }
 
 /// SplitMix64 (Steele, Lea and Flood 2014): small, seeded, the same on every platform.
@@ -223,7 +245,21 @@ fn check(engine: &dyn Engine, prompts: &[Vec<i64>], opts: &GenerateOptions) -> R
     if prompts.is_empty() {
         return Err(RuntimeError::NoPrompts);
     }
-    let limits = engine.limits();
+    let mut limits = engine.limits();
+    if let Some(cache) = engine.kv_cache() {
+        // The prefill holds the prompt (T), the cache every position of the sequence (S).
+        if let Some(p) = prompts.iter().find(|p| p.len() as u64 > limits.max_tokens) {
+            return Err(RuntimeError::ContextTooLong {
+                prompt: p.len(),
+                new: 0,
+                needed: p.len() as u64,
+                max: limits.max_tokens,
+                what: limits.what,
+            });
+        }
+        limits.max_tokens = cache.capacity;
+        limits.what = format!("the KV cache ({} positions; kiln compile --max-context)", cache.capacity);
+    }
     if prompts.len() as u64 > limits.max_batch {
         return Err(RuntimeError::BatchTooLarge {
             count: prompts.len(),
@@ -280,6 +316,20 @@ fn batch_inputs(engine: &dyn Engine, rows: &[&[i64]]) -> (Vec<HostTensor>, usize
     (inputs, t)
 }
 
+/// The decode step's inputs: each sequence's last token at its position.
+fn decode_inputs(seqs: &[Vec<i64>]) -> (Vec<HostTensor>, usize) {
+    let shape = vec![seqs.len() as u64, 1];
+    let tokens = seqs.iter().map(|s| *s.last().expect("prompts are not empty")).collect();
+    let positions = seqs.iter().map(|s| s.len() as i64 - 1).collect();
+    let tensor = |name: &str, data| HostTensor {
+        name: name.into(),
+        dtype: DType::I32,
+        shape: shape.clone(),
+        data: HostData::I64(data),
+    };
+    (vec![tensor("tokens", tokens), tensor("positions", positions)], 1)
+}
+
 /// Generates from each prompt; see the module documentation. `on_token` sees every token as it is
 /// picked. Every check (prompts, ids, lengths, options) is done before the first forward pass.
 pub fn generate(
@@ -303,15 +353,33 @@ pub fn generate(
         if opts.max_new_tokens == 0 { Vec::new() } else { (0..prompts.len()).collect() };
     let mut stats = Stats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Stats::default() };
     let mut step = 0;
+    let cached = engine.kv_cache().is_some();
     while !active.is_empty() {
         let t0 = Instant::now();
-        let rows: Vec<&[i64]> = active.iter().map(|&s| seqs[s].as_slice()).collect();
-        let (inputs, t) = batch_inputs(engine, &rows);
-        engine.run(&inputs)?;
+        let (inputs, t) = if cached && step > 0 {
+            // Every sequence stays in the batch (its cache row is its own); one that stopped feeds
+            // its last token again at the same position, which rewrites that slot with itself.
+            decode_inputs(&seqs)
+        } else if cached {
+            let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+            batch_inputs(engine, &rows)
+        } else {
+            let rows: Vec<&[i64]> = active.iter().map(|&s| seqs[s].as_slice()).collect();
+            batch_inputs(engine, &rows)
+        };
+        if cached && step > 0 {
+            engine.run_decode(&inputs)?;
+        } else {
+            engine.run(&inputs)?;
+        }
         let mut made = 0;
         let mut still = Vec::with_capacity(active.len());
         for (r, &s) in active.iter().enumerate() {
-            let row = r * t + seqs[s].len() - 1;
+            let row = match (cached, step) {
+                (true, 0) => s * t + seqs[s].len() - 1,
+                (true, _) => s,
+                (false, _) => r * t + seqs[s].len() - 1,
+            };
             let logits = engine.output_f32(LOGITS, row * vocab..(row + 1) * vocab)?;
             let token = pick(&logits, opts.sampling, &mut rngs[s])
                 .ok_or(RuntimeError::NonFiniteLogits { sequence: s, step })?;
@@ -340,7 +408,7 @@ pub fn generate(
         active = still;
         step += 1;
     }
-    Ok(Generation { tokens, stopped, stats })
+    Ok(Generation { tokens, stopped, stats, cached })
 }
 
 #[cfg(test)]

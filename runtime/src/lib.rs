@@ -1,10 +1,13 @@
-//! kiln's runtime: loads artifacts produced by `kiln compile` and runs them on the CPU (CUDA comes
-//! next).
+//! kiln's runtime: loads artifacts produced by `kiln compile` and runs them on the CPU or on a CUDA
+//! GPU.
 //!
 //! - [`artifact`]: [`artifact::load`] reads `manifest.json`, checks its format version and every
 //!   cross-reference, and the size and SHA-256 of every file it lists.
 //! - [`cpu`]: [`cpu::CpuModel`] runs an artifact's program on `kernels.so`: one activation arena,
 //!   parameters in their compiled dtypes (FP8 as bytes), kernels split over a thread pool.
+//! - [`gpu`]: [`gpu::GpuModel`], the same for `kernels.ptx` on a CUDA device: one device arena,
+//!   parameters uploaded in their compiled dtypes, launches planned and checked against the PTX
+//!   entries at load ([`gpu::plan`], testable without a GPU), one stream.
 //! - [`generate`]: greedy and sampled decoding over any [`generate::Engine`]; without a KV cache yet,
 //!   each step recomputes the whole sequence.
 //! - [`mod@reference`]: the reference interpreter behind the same [`generate::Engine`], so compiled and
@@ -22,6 +25,7 @@ pub mod cpu;
 pub mod cuda;
 mod error;
 pub mod generate;
+pub mod gpu;
 pub mod host;
 pub mod reference;
 pub mod weights;

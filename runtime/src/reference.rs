@@ -20,6 +20,10 @@ pub struct Reference {
     graph: Graph,
     params: HashMap<String, Tensor>,
     max_positions: Option<u64>,
+    /// KV-cache inputs of a prefill graph (an artifact's `graph.kir` compiled with a KV cache): fed
+    /// as empty caches of `S = T` slots, which is exact because a prefill's attention reads only
+    /// its new tokens; their updated values are not used.
+    caches: Vec<String>,
     last: Option<Outputs>,
 }
 
@@ -44,7 +48,16 @@ impl Reference {
             .into_iter()
             .map(|t| Ok((t.name.clone(), to_tensor(t)?)))
             .collect::<Result<_, RuntimeError>>()?;
-        Ok(Reference { graph, params, max_positions, last: None })
+        let caches = graph
+            .nodes()
+            .into_iter()
+            .filter(|&n| matches!(graph.node(n).op, kiln_ir::Op::CacheUpdate))
+            .filter_map(|n| {
+                let cache = graph.node(n).inputs[0];
+                graph.inputs().into_iter().find(|&(_, v)| v == cache).map(|(name, _)| name.to_string())
+            })
+            .collect();
+        Ok(Reference { graph, params, max_positions, caches, last: None })
     }
 
     pub fn graph(&self) -> &Graph {
@@ -53,10 +66,24 @@ impl Reference {
 
     /// Runs the graph and returns its outputs (also kept for [`generate::Engine::output_f32`]).
     pub fn run(&mut self, inputs: &[HostTensor]) -> Result<&Outputs, RuntimeError> {
-        let feeds = inputs
+        let mut feeds: HashMap<String, Tensor> = inputs
             .iter()
             .map(|t| Ok((t.name.clone(), to_tensor(t.clone())?)))
             .collect::<Result<_, RuntimeError>>()?;
+        let bt = feeds.get("tokens").map(|t| t.shape().to_vec());
+        for name in &self.caches {
+            let (Some(bt), Some((_, v))) = (&bt, self.graph.inputs().into_iter().find(|(n, _)| n == name))
+            else {
+                continue;
+            };
+            let ty = self.graph.ty(v);
+            let mut shape = bt.clone();
+            shape.extend(ty.shape[2..].iter().map(|d| d.as_known().unwrap_or(1)));
+            let n = shape.iter().product::<u64>() as usize;
+            let zeros = Tensor::from_f32(ty.dtype, shape, vec![0.0; n])
+                .map_err(|e| RuntimeError::InputValue { name: name.clone(), reason: e.to_string() })?;
+            feeds.insert(name.clone(), zeros);
+        }
         self.last = None;
         let out = interp::run(&self.graph, &feeds, &self.params)?;
         Ok(self.last.insert(out))
@@ -65,7 +92,14 @@ impl Reference {
 
 impl generate::Engine for Reference {
     fn inputs(&self) -> Vec<(String, DType)> {
-        self.graph.inputs().into_iter().map(|(n, v)| (n.to_string(), self.graph.ty(v).dtype)).collect()
+        let graph = &self.graph;
+        let caches = &self.caches;
+        graph
+            .inputs()
+            .into_iter()
+            .filter(|(n, _)| !caches.iter().any(|c| c == n))
+            .map(|(n, v)| (n.to_string(), graph.ty(v).dtype))
+            .collect()
     }
 
     fn vocab_size(&self) -> Option<u64> {

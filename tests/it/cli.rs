@@ -132,12 +132,17 @@ fn outputs_are_written_atomically() {
 #[test]
 fn passes_and_after() {
     let list = kiln(&["passes"]);
-    assert!(list.ok && list.stdout.starts_with("plan-moe-dispatch "), "{}", list.stdout);
+    assert!(list.ok && list.stdout.starts_with("fuse-mla-latent "), "{}", list.stdout);
     let planned = kiln(&["ir", "models/tiny.toml", "--after", "plan-moe-dispatch"]);
     assert!(planned.ok, "{}", planned.stderr);
     assert!(planned.stdout.contains("moe_dispatch") && !planned.stdout.contains("moe_experts"));
     let after = kiln(&["ir", "models/tiny.toml", "--after", "dce"]);
     assert!(after.ok, "{}", after.stderr);
+    // The decode program over the latent cache, after fuse-mla-latent.
+    let decode = kiln(&["ir", "models/tiny.toml", "--program", "decode", "--after", "fuse-mla-latent"]);
+    assert!(decode.ok, "{}", decode.stderr);
+    assert!(decode.stdout.contains("input {name = \"kv_cache.0\"} : f32[B, S, 40]"), "{}", decode.stdout);
+    assert!(decode.stdout.contains("scope \"model.layers.3.self_attn.absorbed\""));
     // tiny has no [quantization], so insert-fp8-casts does nothing, and the rewrites leave no dead
     // code, so dce changes nothing either.
     assert_eq!(after.stdout, planned.stdout);
@@ -145,7 +150,8 @@ fn passes_and_after() {
     assert!(!unknown.ok);
     assert_eq!(
         unknown.stderr.trim(),
-        "error: unknown pass `fuse-everything`; the passes are: plan-moe-dispatch, insert-fp8-casts, dce"
+        "error: unknown pass `fuse-everything`; the passes are: fuse-mla-latent, plan-moe-dispatch, \
+         insert-fp8-casts, dce, fuse-kernels"
     );
 }
 

@@ -330,3 +330,168 @@ fn fp8_logits_track_the_bf16_model() {
         assert!(max_over_peak < 0.4, "{name}: max error / peak {max_over_peak}");
     }
 }
+
+/// `fuse-kernels` on the whole tiny model (f32 and bf16) and on tiny_fp8 (FP8 weights), after every
+/// pass before it: the fused bodies are the nodes as they were, and the interpreter runs a body op
+/// by op, so the outputs must not change by a single bit. The rules that fire are counted from the
+/// spec: one `router` per MoE layer (the MTP module's included), one SwiGLU GEMM per dense MLP and
+/// two per MoE layer (routed and shared experts), and in the FP8 model no `dequantize` left
+/// outside a fused GEMM.
+#[test]
+fn fuse_kernels_is_bit_identical_on_tiny_and_tiny_fp8() {
+    use kiln_compiler::passes::fuse_kernels as fk;
+    for (path, dtype) in [
+        ("models/tiny.toml", DType::F32),
+        ("models/tiny.toml", DType::BF16),
+        ("models/tiny_fp8.toml", DType::BF16),
+    ] {
+        let mut s = spec(path);
+        s.model.dtype = dtype;
+        let mut before = build_graph(&s).unwrap();
+        passes::run_until(&mut before, &s, "dce").unwrap();
+        let mut after = before.clone();
+        let trace = fk::rewrite(&mut after).unwrap();
+        kiln_ir::verify::verify(&after).unwrap();
+        eprintln!("fuse-kernels on {path} ({dtype}): {trace}");
+        let m = s.moe.as_ref().unwrap();
+        let moe_layers = (s.model.num_hidden_layers - m.first_k_dense_replace + 1) as usize;
+        assert_eq!(trace.count(fk::ROUTER), moe_layers);
+        assert_eq!(trace.count(fk::GEMM_SWIGLU), m.first_k_dense_replace as usize + 2 * moe_layers);
+        if s.quantization.is_some() {
+            assert_eq!(count_ops(&after, |op| matches!(op, Op::Dequantize { .. })), 0);
+            assert!(trace.count(fk::FP8_GEMM) > 0 && trace.count(fk::ADD_RMS_NORM_QUANT) > 0);
+        } else {
+            assert!(trace.count(fk::ADD_RMS_NORM) > 0 && trace.count(fk::GEMM_ROPE) > 0);
+        }
+        let fused = count_ops(&after, |op| matches!(op, Op::Fused { .. }));
+        assert!(
+            count_ops(&after, |_| true) + fused < count_ops(&before, |_| true),
+            "fewer nodes after fusion"
+        );
+
+        let params = random_params(&before, 3);
+        let inputs = random_inputs(s.model.vocab_size, 2, 5, 8);
+        let want = run(&before, &inputs, &params).unwrap_or_else(|e| panic!("{e}"));
+        let got = run(&after, &inputs, &params).unwrap_or_else(|e| panic!("{e}"));
+        assert!(bits(&want) == bits(&got), "{path} {dtype}: outputs differ after fuse-kernels");
+        assert_eq!(kiln_ir::parse(&kiln_ir::print(&after)).unwrap(), after, "the fused graph reads back");
+        assert_eq!(apply(&mut after, &s, "fuse-kernels"), Changed::No, "nothing is fused twice");
+    }
+}
+
+/// Zeros of a cache input's type at `b` sequences and `s` slots.
+fn empty_cache(g: &Graph, name: &str, b: u64, s: u64) -> Tensor {
+    let (_, v) = g.inputs().into_iter().find(|(n, _)| *n == name).unwrap();
+    let ty = g.ty(v);
+    let mut shape = vec![b, s];
+    shape.extend(ty.shape[2..].iter().map(|d| d.as_known().unwrap()));
+    let n = shape.iter().product::<u64>() as usize;
+    Tensor::from_f32(ty.dtype, shape, vec![0.0; n]).unwrap()
+}
+
+/// The params of `params` that `g` declares.
+fn only(g: &Graph, params: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    g.params().into_iter().map(|(n, _)| (n.to_string(), params[n].clone())).collect()
+}
+
+/// Prefill of `prompt` (sequences of equal length) then one decode step per `next` token, on the
+/// interpreter, each program's caches carried from one run to the next. Returns the logits of
+/// every decode step.
+fn prefill_then_decode(
+    prefill: &Graph,
+    decode: &Graph,
+    params: &HashMap<String, Tensor>,
+    prompt: &[Vec<i64>],
+    next: &[Vec<i64>],
+    slots: u64,
+) -> Vec<Vec<f32>> {
+    let (b, t) = (prompt.len() as u64, prompt[0].len() as u64);
+    let ids = |name: &str, t: u64, v: Vec<i64>| {
+        (name.to_string(), Tensor::from_i64(DType::I32, vec![b, t], v).unwrap())
+    };
+    let mut feeds: HashMap<String, Tensor> = HashMap::from([
+        ids("tokens", t, prompt.concat()),
+        ids("positions", t, (0..b).flat_map(|_| 0..t as i64).collect()),
+    ]);
+    let caches: Vec<String> =
+        prefill.inputs().iter().map(|(n, _)| n.to_string()).filter(|n| n.starts_with("kv_cache.")).collect();
+    for c in &caches {
+        feeds.insert(c.clone(), empty_cache(prefill, c, b, slots));
+    }
+    let mut out = run(prefill, &feeds, &only(prefill, params)).unwrap();
+    let mut logits = Vec::new();
+    for (step, tokens) in next.iter().enumerate() {
+        let pos = (t + step as u64) as i64;
+        let mut feeds =
+            HashMap::from([ids("tokens", 1, tokens.clone()), ids("positions", 1, vec![pos; b as usize])]);
+        for c in &caches {
+            feeds.insert(c.clone(), out[c.as_str()].clone());
+        }
+        out = run(decode, &feeds, &only(decode, params)).unwrap();
+        logits.push(out["logits"].as_f32().unwrap().to_vec());
+    }
+    logits
+}
+
+#[test]
+fn fuse_mla_latent_keeps_prefill_and_decode_within_rounding() {
+    use kiln_compiler::build::{build_cached, Phase};
+    use kiln_compiler::passes::fuse_mla_latent;
+    let s = spec("models/tiny.toml");
+    let (mut prefill, mut decode) =
+        (build_cached(&s, Phase::Prefill).unwrap(), build_cached(&s, Phase::Decode).unwrap());
+    // Seeded by name: the stateless graph's params (MTP included) cover the cached programs'.
+    let params = random_params(&build_graph(&s).unwrap(), 31);
+    let prompt = vec![vec![3, 14, 15, 92, 65], vec![35, 89, 79, 32, 38]];
+    let next = vec![vec![46, 26], vec![43, 38], vec![32, 79]];
+    let before = prefill_then_decode(&prefill, &decode, &params, &prompt, &next, 12);
+    let stateless_before = run(&build_graph(&s).unwrap(), &random_inputs(512, 2, 5, 1), &params).unwrap();
+
+    for g in [&mut prefill, &mut decode] {
+        let trace = fuse_mla_latent::rewrite(g, &Options { spec: &s }).unwrap();
+        assert_eq!(trace.count(fuse_mla_latent::MERGE_DOWN_PROJ), 4, "{trace}");
+        assert_eq!(trace.count(fuse_mla_latent::LATENT_CACHE), 4, "{trace}");
+        kiln_ir::verify::verify(g).unwrap();
+    }
+    // The decode attention chose the absorbed form; the prefill kept the naive one.
+    assert_eq!(
+        count_ops(&decode, |op| matches!(op, Op::MatMul)),
+        8,
+        "two per layer: absorb W_UK, apply W_UV"
+    );
+    assert_eq!(count_ops(&prefill, |op| matches!(op, Op::MatMul)), 0);
+    for (name, v) in decode.inputs() {
+        if name.starts_with("kv_cache.") {
+            assert_eq!(decode.ty(v).to_string(), "f32[B, S, 40]", "{name}: kv_lora_rank 32 + qk_rope 8");
+        }
+    }
+    let after = prefill_then_decode(&prefill, &decode, &params, &prompt, &next, 12);
+    let mut worst = 0.0f64;
+    for (a, b) in before.iter().zip(&after) {
+        let (abs, rel) = errors(b, a);
+        assert!(rel < 1e-5, "decode logits moved by {abs} ({rel} relative)");
+        worst = worst.max(abs);
+    }
+    eprintln!("fuse-mla-latent: decode logits within {worst:e} of the naive cache's");
+
+    // The stateless graph: merged down-projections, the same logits up to summation order.
+    let mut g = build_graph(&s).unwrap();
+    apply(&mut g, &s, "fuse-mla-latent");
+    let stateless_after = run(&g, &random_inputs(512, 2, 5, 1), &params).unwrap();
+    let (abs, rel) =
+        errors(stateless_after["logits"].as_f32().unwrap(), stateless_before["logits"].as_f32().unwrap());
+    assert!(rel < 1e-5, "stateless logits moved by {abs} ({rel})");
+}
+
+#[test]
+fn the_cost_model_absorbs_for_decode_and_not_for_prefill() {
+    use kiln_compiler::passes::fuse_mla_latent::{absorb_is_cheaper, attention_cost};
+    let v3 = spec("models/deepseek_v3.toml");
+    let (naive, absorbed) = attention_cost(&v3, 1, 4096);
+    assert!(absorbed * 40.0 < naive, "decode: absorbed {absorbed:e} vs naive {naive:e}");
+    assert!(absorb_is_cheaper(&v3, 1, 163_840));
+    assert!(!absorb_is_cheaper(&v3, 4096, 4096), "{:?}", attention_cost(&v3, 4096, 4096));
+    // Per score, absorbed reads 2 (r + dr) = 1152 values against dn + dr + dv = 320.
+    let (n, a) = attention_cost(&v3, 1_000_000, 1_000_000);
+    assert!((a / n - 1152.0 / 320.0).abs() < 0.01, "{}", a / n);
+}

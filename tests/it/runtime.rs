@@ -18,7 +18,7 @@ use kiln_ir::interp::Tensor;
 use kiln_ir::DType;
 use kiln_runtime::artifact::{self, Artifact};
 use kiln_runtime::cpu::{CpuModel, CpuOptions};
-use kiln_runtime::generate::{generate, GenerateOptions, Generation, Sampling};
+use kiln_runtime::generate::{generate, Engine, GenerateOptions, Generation, Sampling};
 use kiln_runtime::reference::Reference;
 use kiln_runtime::weights::{self, HostData, HostTensor, StoreFloats, WeightError};
 use kiln_runtime::RuntimeError;
@@ -111,7 +111,12 @@ fn gen(
 #[test]
 fn the_tiny_artifact_matches_the_interpreter_on_its_own_graph() {
     let d = TempDir::new();
-    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
+    let dir = compile(
+        &d,
+        "tiny",
+        "models/tiny.toml",
+        &["--no-kv-cache", "--max-batch", "2", "--max-context", "16"],
+    );
     let art = artifact::load(&dir).unwrap();
     let params = params_of(&art, 11);
     let one = CpuOptions { threads: 1, ..CpuOptions::default() };
@@ -200,7 +205,12 @@ fn the_golden_checkpoint_reproduces_transformers_through_the_artifact() {
 #[test]
 fn batches_of_different_lengths_and_sampling_match_one_at_a_time() {
     let d = TempDir::new();
-    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "24"]);
+    let dir = compile(
+        &d,
+        "tiny",
+        "models/tiny.toml",
+        &["--no-kv-cache", "--max-batch", "2", "--max-context", "24"],
+    );
     let art = artifact::load(&dir).unwrap();
     let params = params_of(&art, 5);
     let mut model = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
@@ -253,7 +263,7 @@ fn batches_of_different_lengths_and_sampling_match_one_at_a_time() {
 #[test]
 fn an_fp8_checkpoint_binds_without_dequantising_and_runs() {
     let d = TempDir::new();
-    let dir = compile(&d, "fp8", "models/tiny_fp8.toml", &["--max-context", "8"]);
+    let dir = compile(&d, "fp8", "models/tiny_fp8.toml", &["--no-kv-cache", "--max-context", "8"]);
     let art = artifact::load(&dir).unwrap();
     let params = params_of(&art, 3);
     let fp8: Vec<&HostTensor> = params.iter().filter(|t| t.dtype == DType::F8E4M3).collect();
@@ -335,9 +345,9 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
     refused(&cut, &run, "not a manifest this kiln can read: EOF while parsing");
     // Another format version.
     let v2 = copy("v2");
-    std::fs::write(v2.join(MANIFEST_FILE), text.replace("\"format_version\": 1,", "\"format_version\": 2,"))
+    std::fs::write(v2.join(MANIFEST_FILE), text.replace("\"format_version\": 2,", "\"format_version\": 1,"))
         .unwrap();
-    refused(&v2, &run, "artifact format version 2, but this kiln reads version 1");
+    refused(&v2, &run, "artifact format version 1, but this kiln reads version 2");
     // A manifest naming an entry the library does not export.
     let nosym = copy("nosym");
     let entry = text.split("\"symbol\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
@@ -372,7 +382,7 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
     refused(
         &dir,
         &[&base[..], &["--prompt-ids", &long]].concat(),
-        "10 prompt tokens + 8 new tokens need 17 positions, but the artifact as loaded (T <= 16",
+        "10 prompt tokens + 8 new tokens need 17 positions, but the KV cache (16 positions",
     );
     refused(
         &dir,
@@ -396,7 +406,10 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
     };
     refused(&dir, &[&base[..], &["--prompt-ids", "1", "--device", "cuda"]].concat(), cuda);
 
-    // The library checks every input before anything runs.
+    // The library checks every input before anything runs (on the stateless graph, whose MTP
+    // inputs are token ids too).
+    let dir = compile(&d, "stateless", "models/tiny.toml", &["--no-kv-cache", "--max-context", "16"]);
+    let art = artifact::load(&dir).unwrap();
     let params: Vec<HostTensor> =
         weights::random_tensors(weights::manifest_params(art.manifest()).unwrap(), 1, 0.02).collect();
     let small = CpuOptions { max: Some(kiln_ir::SymBindings { b: 1, t: 8, s: 1 }), ..CpuOptions::default() };
@@ -446,7 +459,10 @@ fn pipeline_steps_need_the_distributed_runtime() {
     .unwrap();
     let dir = compile(&d, "stage", &str(&kir), &[]);
     let art = artifact::load(&dir).unwrap();
-    let e = CpuModel::load(&art, std::iter::empty(), &CpuOptions::default()).err().unwrap();
+    let e =
+        CpuModel::load(&art, std::iter::empty::<Result<HostTensor, WeightError>>(), &CpuOptions::default())
+            .err()
+            .unwrap();
     assert!(matches!(&e, RuntimeError::Distributed { what, .. } if what == "send to stage 1"), "{e}");
 }
 
@@ -500,7 +516,11 @@ fn expert_load_counts_what_the_interpreter_routes() {
     use kiln_runtime::reference::to_tensor;
 
     let d = TempDir::new();
-    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
+    // Without fuse-kernels, whose `router` rule puts `moe_route` inside a fused kernel where the
+    // interpreter's watch below cannot see it.
+    let extra =
+        ["--no-kv-cache", "--disable-pass", "fuse-kernels", "--max-batch", "2", "--max-context", "16"];
+    let dir = compile(&d, "tiny", "models/tiny.toml", &extra);
     let art = artifact::load(&dir).unwrap();
     let params = params_of(&art, 23);
     let two = CpuOptions { threads: 2, parallel_min_bytes: 0, ..CpuOptions::default() };
@@ -580,4 +600,141 @@ fn expert_load_counts_what_the_interpreter_routes() {
     }
     let interp = kiln(&[&base[..], &["--expert-load", "--interp"]].concat());
     assert!(!interp.ok && interp.stderr.contains("not available with --interp"), "{}", interp.stderr);
+}
+
+/// Logits rows `rows` (flat row indices of `[B, T]`) of the last run's `logits`.
+fn logits_rows(model: &CpuModel, vocab: usize, rows: impl IntoIterator<Item = usize>) -> Vec<Vec<f32>> {
+    rows.into_iter().map(|r| model.output_f32("logits", r * vocab..(r + 1) * vocab).unwrap()).collect()
+}
+
+#[test]
+fn prefill_then_decode_matches_full_recomputation_at_every_position() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
+    let art = artifact::load(&dir).unwrap();
+    assert!(art.manifest().decode.is_some(), "a spec compiles to prefill + decode by default");
+    let params = params_of(&art, 5);
+    let mut model = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
+    assert!(model.has_decode());
+    let vocab = model.vocab_size().unwrap() as usize;
+    // tiny: 4 layers with the latent cache of kv_lora_rank + qk_rope = 32 + 8 f32 (after
+    // fuse-mla-latent), or the naive per-head keys and values before it.
+    let (bytes, slots) = model.kv_cache_bytes();
+    assert_eq!(slots, 2 * 16);
+    let spec = art.manifest().model.clone().unwrap();
+    let a = &spec.attention;
+    let latent = a.kv_lora_rank + a.qk_rope_head_dim;
+    let naive = a.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim);
+    let per_token = bytes / slots / spec.model.num_hidden_layers / 4;
+    assert!(per_token == latent || per_token == naive, "{per_token} elements per token and layer");
+
+    let seq: Vec<i64> = vec![3, 141, 59, 26, 5, 35, 89, 79, 32, 38, 46, 26];
+    let n = seq.len();
+    // Full recomputation: one prefill over the whole sequence gives the logits of every position.
+    model
+        .run(&[
+            ids("tokens", 1, n as u64, seq.clone()),
+            ids("positions", 1, n as u64, (0..n as i64).collect()),
+        ])
+        .unwrap();
+    let full = logits_rows(&model, vocab, 0..n);
+    // Prefill the first 4 tokens, then decode the rest one at a time.
+    let k = 4;
+    model
+        .run(&[
+            ids("tokens", 1, k as u64, seq[..k].to_vec()),
+            ids("positions", 1, k as u64, (0..k as i64).collect()),
+        ])
+        .unwrap();
+    let mut worst = 0.0f32;
+    for (p, want) in full.iter().enumerate().take(k) {
+        let (abs, _) = diff(&logits_rows(&model, vocab, [p])[0], want);
+        worst = worst.max(abs);
+    }
+    for (p, want) in full.iter().enumerate().skip(k) {
+        model
+            .run_decode(&[ids("tokens", 1, 1, vec![seq[p]]), ids("positions", 1, 1, vec![p as i64])])
+            .unwrap();
+        let (abs, rel) = diff(&logits_rows(&model, vocab, [0])[0], want);
+        assert!(rel < 1e-5, "position {p}: max abs diff {abs} (relative {rel})");
+        worst = worst.max(abs);
+    }
+    eprintln!("prefill-then-decode vs full recomputation over {n} positions: max abs diff {worst:e}");
+
+    // The same continuation as the interpreter, which recomputes the whole sequence each step.
+    let mut reference = Reference::new(art.graph().unwrap(), params.clone(), None).unwrap();
+    let prompt = [seq[..5].to_vec()];
+    assert_eq!(gen(&mut model, &prompt, &greedy(8)).tokens, gen(&mut reference, &prompt, &greedy(8)).tokens);
+}
+
+#[test]
+fn a_batch_over_the_kv_cache_matches_one_sequence_at_a_time() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "3", "--max-context", "24"]);
+    let art = artifact::load(&dir).unwrap();
+    let params = params_of(&art, 8);
+    let mut model = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
+    let prompts = vec![vec![7, 8, 9], vec![1, 2, 3, 4, 5, 6, 7, 8, 9], vec![200, 100]];
+    let events = |model: &mut CpuModel, ps: &[Vec<i64>], o: &GenerateOptions| {
+        let mut ev = Vec::new();
+        generate(model, ps, o, &mut |e| ev.push(*e)).unwrap();
+        ev
+    };
+    let o = greedy(6);
+    let batched = events(&mut model, &prompts, &o);
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = events(&mut model, std::slice::from_ref(p), &o);
+        let mine: Vec<_> = batched.iter().filter(|e| e.sequence == i).collect();
+        assert_eq!(mine.len(), alone.len());
+        for (b, a) in mine.iter().zip(&alone) {
+            assert_eq!(b.token, a.token, "sequence {i} step {}", a.step);
+            assert!(
+                (b.logit - a.logit).abs() < 1e-5,
+                "sequence {i} step {}: {} vs {}",
+                a.step,
+                b.logit,
+                a.logit
+            );
+        }
+    }
+    // A sequence that stops early (at its first token that the others never make) leaves the
+    // others exact.
+    let others: Vec<i64> = batched.iter().filter(|e| e.sequence != 2).map(|e| e.token).collect();
+    let third: Vec<i64> = batched.iter().filter(|e| e.sequence == 2).map(|e| e.token).collect();
+    let at = third.iter().position(|t| !others.contains(t)).expect("a token only the third sequence makes");
+    let o = GenerateOptions { stop_tokens: vec![third[at]], ..greedy(6) };
+    let g = gen(&mut model, &prompts, &o);
+    assert!(g.stopped[2] && g.tokens[2] == third[..=at], "{:?}", g.tokens);
+    for i in 0..2 {
+        let alone = gen(&mut model, &prompts[i..=i], &o);
+        assert_eq!(g.tokens[i], alone.tokens[0]);
+    }
+}
+
+#[test]
+fn kv_cache_limits_are_checked_before_anything_runs() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-context", "8"]);
+    let art = artifact::load(&dir).unwrap();
+    let params = params_of(&art, 2);
+    let mut model = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
+    // Prompt + new tokens beyond the cache's 8 positions.
+    let e = generate(&mut model, &[vec![1, 2, 3, 4, 5, 6]], &greedy(4), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("need 9 positions, but the KV cache (8 positions"), "{e}");
+    // A decode position outside the cache.
+    let e = model.run_decode(&[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![8])]).unwrap_err();
+    assert_eq!(e.to_string(), "position 8 of sequence 0 is outside the KV cache of 8 slots");
+    // The caches are the model's: a caller cannot pass one.
+    let cache =
+        model.manifest().inputs.iter().find(|i| i.name.starts_with("kv_cache.")).unwrap().name.clone();
+    let e = model
+        .run(&[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![0]), ids(&cache, 1, 1, vec![0])])
+        .unwrap_err();
+    assert!(e.to_string().contains(&cache), "{e}");
+    // A stateless artifact has no decode program.
+    let dir = compile(&d, "stateless", "models/tiny.toml", &["--max-context", "8", "--no-kv-cache"]);
+    let art = artifact::load(&dir).unwrap();
+    let mut model = CpuModel::load(&art, ok(&params_of(&art, 2)), &CpuOptions::default()).unwrap();
+    let e = model.run_decode(&[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![0])]).unwrap_err();
+    assert!(e.to_string().contains("no decode program"), "{e}");
 }

@@ -15,7 +15,7 @@ use kiln_ir::op::{Op, RopeConfig, Yarn};
 use kiln_ir::spec::ModelSpec;
 use kiln_ir::{BinaryOp, Dim, ValueId};
 
-use super::{add, bt, mul, BuildError, Builder};
+use super::{add, bt, mul, BuildError, Builder, Phase};
 
 /// Epsilon of the two latent norms (`q_a_layernorm`, `kv_a_layernorm`). Both Hugging Face
 /// (`modeling_deepseek_v3.py`: `DeepseekV3RMSNorm(self.q_lora_rank)` with its default `eps=1e-6`) and
@@ -62,9 +62,42 @@ pub(super) fn attention(
     let q = b.op(scope, Op::Concat { axis: 3 }, &[q_nope, q_pe])?;
     let k = b.op(scope, Op::Concat { axis: 3 }, &[k_nope, k_pe])?;
     let attn = Op::Attention { scale: b.spec.softmax_scale(), causal: true };
-    let o = b.op(scope, attn, &[q, k, v])?;
+    let o = match b.phase {
+        None => b.op(scope, attn, &[q, k, v])?,
+        Some(phase) => {
+            // The naive cache: every head's key and value of every position (reference §2.3).
+            let k_all = cache(b, scope, "k", k, positions)?;
+            let v_all = cache(b, scope, "v", v, positions)?;
+            match phase {
+                // A prefill starts from position 0: the new tokens are the whole context.
+                Phase::Prefill => b.op(scope, attn, &[q, k, v])?,
+                Phase::Decode => b.op(scope, attn, &[q, k_all, v_all, positions])?,
+            }
+        }
+    };
     let o = b.op(scope, Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(mul(h, dv)?)] }, &[o])?;
     b.linear(scope, "o_proj.weight", o, d, mul(h, dv)?)
+}
+
+/// Writes the new `[B, T, ...]` entries into the layer's cache input `kv_cache.{layer}.{what}`
+/// (`[B, S, ...]`) at `positions`, and outputs the updated cache under the same name.
+fn cache(
+    b: &mut Builder,
+    scope: &str,
+    what: &str,
+    new: ValueId,
+    positions: ValueId,
+) -> Result<ValueId, BuildError> {
+    let layer = scope.trim_start_matches("model.layers.").trim_end_matches(".self_attn");
+    let name = format!("kv_cache.{layer}.{what}");
+    let ty = b.g.ty(new);
+    let mut shape = ty.shape.clone();
+    shape[1] = Dim::S;
+    let ty = kiln_ir::TensorType::new(ty.dtype, shape);
+    let input = b.input(&name, ty)?;
+    let updated = b.op(scope, Op::CacheUpdate, &[input, new, positions])?;
+    b.output(&name, updated)?;
+    Ok(updated)
 }
 
 /// Rotary embedding of `x` as Hugging Face applies it, amplitude included.

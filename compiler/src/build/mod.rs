@@ -18,8 +18,10 @@
 //! - Every node's result types come from shape inference ([`kiln_ir::infer::infer`]); all sizes and
 //!   constants come from the spec.
 //!
-//! What the builder does not do: there is no KV cache (keys and values span the `T` new tokens, so the
-//! context `S` is `T`), attention is the naive MLA form (the `fuse-mla-latent` pass absorbs `kv_b_proj`),
+//! [`build_cached`] builds the prefill and decode programs of a model with a KV cache instead.
+//!
+//! What the builder does not do: [`build_graph`] has no KV cache (keys and values span the `T` new
+//! tokens, so the context `S` is `T`), attention is the naive MLA form (the `fuse-mla-latent` pass absorbs `kv_b_proj`),
 //! routed experts are one `moe_experts` op (`plan-moe-dispatch` lowers it), and nothing is quantised
 //! (`insert-fp8-casts` does that from the spec's `[quantization]`).
 
@@ -77,14 +79,7 @@ pub fn build_graph(spec: &ModelSpec) -> Result<Graph, BuildError> {
         mtp_tokens.push(b.input(&mtp_tokens_name(depth, k), TensorType::new(DType::I32, bt(&[])))?);
     }
 
-    let table = b.embed_table()?;
-    let mut h = b.op("model", Op::Embedding, &[table, tokens])?;
-    for layer in 0..spec.model.num_hidden_layers {
-        h = decoder_layer(&mut b, layer, h, positions)?;
-    }
-    let h = b.rms_norm("model", "norm.weight", h)?;
-    let logits = b.lm_head("lm_head", h)?;
-    b.output("logits", logits)?;
+    let h = main_model(&mut b, tokens, positions)?;
 
     // Decision (vLLM `deepseek_mtp.py`, reference §5): the first MTP module reads the main model's
     // hidden state after the final norm, which is what vLLM's DeepSeek model returns and feeds to its
@@ -97,6 +92,55 @@ pub fn build_graph(spec: &ModelSpec) -> Result<Graph, BuildError> {
         prev = hk;
     }
     Ok(b.finish())
+}
+
+/// Which program of a model with a KV cache a graph is ([`build_cached`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// The prompt: `T` new tokens per sequence from position 0, attention over them alone, and
+    /// every token's keys and values written into the cache.
+    Prefill,
+    /// `T` (usually 1) new tokens per sequence at any position: written into the cache, and
+    /// attention over the cache up to each token's own position.
+    Decode,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        }
+    }
+}
+
+/// Builds a program of the model with a KV cache: [`build_graph`]'s main model (no MTP modules,
+/// which serve training and speculative decoding) where each layer also reads and writes its cache,
+/// inputs and outputs `kv_cache.{i}.k` `[B, S, H, qk_nope + qk_rope]` and `kv_cache.{i}.v`
+/// `[B, S, H, v_head_dim]` (the naive cache, 40,960 elements per token and layer for DeepSeek-V3;
+/// `fuse-mla-latent` turns it into the latent one). `S` is the cache's capacity: slot `j` holds the
+/// token at position `j`, so sequences of one batch may have different lengths.
+pub fn build_cached(spec: &ModelSpec, phase: Phase) -> Result<Graph, BuildError> {
+    let mut b = Builder::new(spec, format!("{}.{}", spec.model.name, phase.name()))?;
+    b.phase = Some(phase);
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    main_model(&mut b, tokens, positions)?;
+    Ok(b.finish())
+}
+
+/// Embedding, decoder layers, final norm and head, with output `logits`; returns the hidden state
+/// after the final norm.
+fn main_model(b: &mut Builder, tokens: ValueId, positions: ValueId) -> Result<ValueId, BuildError> {
+    let table = b.embed_table()?;
+    let mut h = b.op("model", Op::Embedding, &[table, tokens])?;
+    for layer in 0..b.spec.model.num_hidden_layers {
+        h = decoder_layer(b, layer, h, positions)?;
+    }
+    let h = b.rms_norm("model", "norm.weight", h)?;
+    let logits = b.lm_head("lm_head", h)?;
+    b.output("logits", logits)?;
+    Ok(h)
 }
 
 /// Builds one decoder layer as a graph of its own: inputs `hidden` [B, T, d] and `positions`, output
@@ -170,6 +214,8 @@ struct Builder<'s> {
     g: Graph,
     embed: Option<ValueId>,
     head: Option<ValueId>,
+    /// Set when building a program with a KV cache.
+    phase: Option<Phase>,
 }
 
 impl<'s> Builder<'s> {
@@ -179,7 +225,7 @@ impl<'s> Builder<'s> {
         if spec.moe.as_ref().is_some_and(|m| m.moe_layer_freq == 0) {
             return Err(BuildError::Spec("moe.moe_layer_freq must be at least 1, found 0".into()));
         }
-        Ok(Builder { spec, g: Graph::new(name), embed: None, head: None })
+        Ok(Builder { spec, g: Graph::new(name), embed: None, head: None, phase: None })
     }
 
     fn finish(self) -> Graph {

@@ -202,9 +202,31 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Partitions a verified graph into kernels (one per primitive op or `fused` node, deduplicated by
 /// content) and the steps that run them. See the module documentation.
 pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
+    let mut kernels = Vec::new();
+    let steps = form_into(g, &mut kernels, &mut HashMap::new())?;
+    Ok(KernelPlan { kernels, steps })
+}
+
+/// Forms the kernels of several programs of one model (prefill and decode) as one deduplicated
+/// set: each plan has every kernel (ids agree across plans) and its own program's steps.
+pub fn form_programs(graphs: &[&Graph]) -> Result<Vec<KernelPlan>, FormError> {
+    let mut kernels = Vec::new();
+    let mut by_name = HashMap::new();
+    let mut programs = Vec::new();
+    for g in graphs {
+        programs.push(form_into(g, &mut kernels, &mut by_name)?);
+    }
+    Ok(programs.into_iter().map(|steps| KernelPlan { kernels: kernels.clone(), steps }).collect())
+}
+
+/// Forms the kernels of `g` into `kernels` (reusing those already there by name) and returns its
+/// steps.
+fn form_into(
+    g: &Graph,
+    kernels: &mut Vec<Kernel>,
+    by_name: &mut HashMap<String, KernelId>,
+) -> Result<Vec<Step>, FormError> {
     verify(g)?;
-    let mut kernels: Vec<Kernel> = Vec::new();
-    let mut by_name: HashMap<String, KernelId> = HashMap::new();
     let mut steps = Vec::new();
     for n in g.nodes() {
         let node = g.node(n);
@@ -252,7 +274,7 @@ pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
             results: node.results.clone(),
         });
     }
-    Ok(KernelPlan { kernels, steps })
+    Ok(steps)
 }
 
 #[cfg(test)]

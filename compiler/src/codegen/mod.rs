@@ -24,7 +24,7 @@ pub mod mlir;
 
 pub use emit::{verify_mlir, EmitError};
 pub use fusion::{plan as fusion_plan, Loc, Pattern, Phase, Plan};
-pub use kernel::{form_kernels, FormError, Kernel, KernelId, KernelPlan, Step};
+pub use kernel::{form_kernels, form_programs, FormError, Kernel, KernelId, KernelPlan, Step};
 pub use lower::{
     lower_kernel, lower_module, GridDim, LaunchShape, LowerError, LoweredKernel, LoweredModule, Target,
 };

@@ -17,6 +17,9 @@
 //! died before a definition can never conflict with anything defined later, so only the live set is
 //! searched.
 //!
+//! A `cache_update`'s cache input and its result are one [`Storage::State`] buffer, outside the
+//! arena: the runtime keeps it between runs (it is a KV cache) and the kernel writes it in place.
+//!
 //! A kernel with scratch buffers (a fused kernel computed in phases, `codegen::fusion`) gets fresh
 //! ones at each launch: buffers of kind `scratch` after the graph's values, live for that one step.
 //!
@@ -54,6 +57,9 @@ pub struct MemoryPlan {
 pub enum PlanError {
     #[error("{value} : {ty} has more than 2^64 bytes at B = {}, T = {}, S = {}", max.b, max.t, max.s)]
     TooLarge { value: ValueId, ty: TensorType, max: SymBindings },
+    /// A `cache_update` that cannot be done in place.
+    #[error("a KV-cache update cannot be compiled: {0}; compiled code updates a cache in place")]
+    Cache(String),
     #[error("the activation arena needs more than 2^64 bytes")]
     ArenaTooLarge,
     /// The plan does not belong to the graph (a step names a value the graph lacks): a compiler bug.
@@ -77,6 +83,7 @@ impl MemoryPlan {
                 Storage::Arena { offset } => format!("arena@{offset}"),
                 Storage::Param { name } => format!("param {name}"),
                 Storage::Constant { value } => format!("constant {value:?}"),
+                Storage::State { name } => format!("state {name}"),
             };
             let ty = TensorType::new(b.dtype, b.shape.iter().copied());
             let kind = format!("{:?}", b.kind).to_lowercase();
@@ -136,6 +143,54 @@ pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<Mem
         }
     }
 
+    // A `cache_update` writes its cache in place: its result shares the cache input's storage,
+    // which persists between runs (`Storage::State`). Nothing else may read the old cache.
+    let mut states: HashMap<usize, String> = HashMap::new();
+    let mut in_place: HashMap<usize, usize> = HashMap::new();
+    for n in g.nodes() {
+        let node = g.node(n);
+        if !matches!(node.op, Op::CacheUpdate) {
+            continue;
+        }
+        let cache = node.inputs[0];
+        let c = id(cache)?.index();
+        let name = match values[root[c]].1 {
+            Op::Input { name } => name.clone(),
+            op => {
+                return Err(PlanError::Cache(format!(
+                    "its cache is computed by `{}`, not a graph input",
+                    op.name()
+                )))
+            }
+        };
+        let readers = g.nodes().into_iter().filter(|&m| g.node(m).inputs.contains(&cache)).count();
+        if readers != 1 || g.outputs().iter().any(|&(_, v)| v == cache) {
+            return Err(PlanError::Cache(format!(
+                "the cache input `{name}` is read by more than its update"
+            )));
+        }
+        in_place.insert(id(node.results[0])?.index(), c);
+        states.insert(c, name);
+    }
+    // Roots again, in step order, so that reshapes of an updated cache reach the cache input.
+    for step in &plan.steps {
+        match step {
+            Step::Launch { results, .. } => {
+                for &r in results {
+                    let r = id(r)?.index();
+                    if let Some(&c) = in_place.get(&r) {
+                        root[r] = root[c];
+                    }
+                }
+            }
+            Step::Alias { result, source, .. } => {
+                let (r, s) = (id(*result)?.index(), id(*source)?.index());
+                root[r] = root[s];
+            }
+            Step::Runtime { .. } => {}
+        }
+    }
+
     // The last use of each root: readers of the value or of any reshape of it.
     let mut end = start.clone();
     let mut use_at = |v: ValueId, at: usize| -> Result<(), PlanError> {
@@ -173,9 +228,10 @@ pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<Mem
             .iter()
             .try_fold(ty.dtype.size_bytes(), |acc, d| acc.checked_mul(d.eval(&max)?))
             .ok_or_else(too_large)?;
-        let storage = match values[root[i]].1 {
-            Op::Param { name } => Storage::Param { name: name.clone() },
-            Op::Constant { value } => Storage::Constant { value: *value },
+        let storage = match (values[root[i]].1, states.get(&root[i])) {
+            (_, Some(name)) => Storage::State { name: name.clone() },
+            (Op::Param { name }, _) => Storage::Param { name: name.clone() },
+            (Op::Constant { value }, _) => Storage::Constant { value: *value },
             _ => Storage::Arena { offset: 0 },
         };
         let kind = match (op, &storage) {

@@ -118,6 +118,8 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     }
     let mut rw = Rewriter::new(NAME, graph);
     let mut quantized: HashMap<ValueId, ValueId> = HashMap::new();
+    // Weights also read whole (by a reshape), dequantised to their own dtype for those readers.
+    let mut whole: HashMap<ValueId, ValueId> = HashMap::new();
     for n in order {
         let node = graph.node(n);
         let scope = node.scope.as_deref();
@@ -128,9 +130,21 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
                 let scale = TensorType::new(DType::F32, scale_shape(ty, q.weight_block));
                 let s = rw.param(format!("{name}_scale_inv"), scale, scope)?;
                 let block = q.weight_block.to_vec();
-                let w = rw.op1(Op::Dequantize { to: DType::F32, block }, &[w8, s], scope)?;
+                let w = rw.op1(Op::Dequantize { to: DType::F32, block: block.clone() }, &[w8, s], scope)?;
                 rw.bind(node.results[0], w);
+                if graph
+                    .users(node.results[0])
+                    .into_iter()
+                    .any(|u| matches!(graph.node(u).op, Op::Reshape { .. }))
+                {
+                    let as_before = rw.op1(Op::Dequantize { to: ty.dtype, block }, &[w8, s], scope)?;
+                    whole.insert(node.results[0], as_before);
+                }
                 trace.fire(WEIGHT_BLOCKS);
+            }
+            Op::Reshape { .. } if whole.contains_key(&node.inputs[0]) => {
+                let r = rw.op1(node.op.clone(), &[whole[&node.inputs[0]]], scope)?;
+                rw.bind(node.results[0], r);
             }
             Op::Linear | Op::GroupedLinear { .. } if gemms.contains(&n) => {
                 let x = rw.get(node.inputs[0])?;
@@ -247,11 +261,15 @@ fn eligible(g: &Graph, order: &[NodeId]) -> (HashSet<NodeId>, HashSet<ValueId>) 
                 !g.outputs().iter().any(|&(_, v)| v == w)
                     && g.users(w).into_iter().all(|u| {
                         let node = g.node(u);
-                        gemms.contains(&u)
-                            && node.inputs.iter().enumerate().all(|(i, &v)| {
-                                v != w
-                                    || weight_operands(&node.op, &node.inputs).is_some_and(|r| r.contains(&i))
-                            })
+                        // A reshape reads the weight as a whole (fuse-mla-latent's absorbed
+                        // attention splits kv_b_proj per head): it gets the dequantised weight.
+                        matches!(node.op, Op::Reshape { .. })
+                            || gemms.contains(&u)
+                                && node.inputs.iter().enumerate().all(|(i, &v)| {
+                                    v != w
+                                        || weight_operands(&node.op, &node.inputs)
+                                            .is_some_and(|r| r.contains(&i))
+                                })
                     })
             })
             .collect();

@@ -12,6 +12,8 @@ use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec};
 
 pub mod dce;
+pub mod fuse_kernels;
+pub mod fuse_mla_latent;
 pub mod insert_fp8_casts;
 pub mod moe_plan;
 pub mod plan_moe_dispatch;
@@ -54,6 +56,11 @@ pub struct PassInfo {
 /// Every pass, in pipeline order.
 pub const PASSES: &[PassInfo] = &[
     PassInfo {
+        name: "fuse-mla-latent",
+        summary: "merge the MLA down-projections, latent KV cache, absorbed decode attention by cost",
+        run: fuse_mla_latent::run,
+    },
+    PassInfo {
         name: "plan-moe-dispatch",
         summary: "lower moe_experts to an explicit dispatch, grouped GEMMs and combine",
         run: plan_moe_dispatch::run,
@@ -65,6 +72,13 @@ pub const PASSES: &[PassInfo] = &[
     },
     // Last, so that it cleans up after every rewrite before it.
     PassInfo { name: "dce", summary: "remove nodes whose results reach no output", run: dce::run },
+    // After dce: fusion decides on the final graph, and leaves no dead node behind it.
+    PassInfo {
+        name: "fuse-kernels",
+        summary:
+            "group nodes into fused kernels by named rules (GEMM epilogues, add + RMS norm, router, FP8 GEMM)",
+        run: fuse_kernels::run,
+    },
 ];
 
 /// Looks a pass up by name.

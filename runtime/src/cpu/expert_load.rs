@@ -13,9 +13,10 @@
 //! manifest records no scope.
 //!
 //! What is counted is what the kernels did: every row of every run. The padding rows of a batch
-//! of prompts of different lengths are routed like real tokens, so they are counted; and with no KV
-//! cache each generation step routes the whole sequence so far, so a prompt token is counted once
-//! per forward pass.
+//! of prompts of different lengths are routed like real tokens, so they are counted. With a KV
+//! cache the prefill routes each prompt token once and each decode step one token per sequence (the
+//! decode program's counts are added to the prefill's); without one, each generation step routes
+//! the whole sequence so far, so a prompt token is counted once per forward pass.
 
 use kiln_ir::artifact::{ArgRole, BufferId, Manifest, Step};
 use kiln_ir::DType;
@@ -73,11 +74,12 @@ pub(super) struct Probe {
     pub load: LayerLoad,
 }
 
-/// The `moe_dispatch` launches of `m`, in program order.
-pub(super) fn probes(m: &Manifest) -> Vec<Probe> {
+/// The `moe_dispatch` launches of `m`, in program order; `folded` are the steps that ran once at
+/// load and are not among the launches of a run.
+pub(super) fn probes(m: &Manifest, folded: &[usize]) -> Vec<Probe> {
     let mut out = Vec::new();
-    let launches = m.program.iter().filter_map(|s| match s {
-        Step::Launch { kernel, buffers, scope } => Some((kernel, buffers, scope)),
+    let launches = m.program.iter().enumerate().filter_map(|(i, s)| match s {
+        Step::Launch { kernel, buffers, scope } if !folded.contains(&i) => Some((kernel, buffers, scope)),
         _ => None,
     });
     for (launch, (kernel, buffers, scope)) in launches.enumerate() {

@@ -13,7 +13,10 @@
 //!
 //! Parameters are stored in their compiled dtypes: f32, bf16, f16, and FP8 E4M3 as one byte per
 //! element (next to their f32 `_scale_inv` parameters); each is converted from its
-//! [`HostTensor`] as it arrives, so a checkpoint streams through without being held twice.
+//! [`HostTensor`] as it arrives, so a checkpoint streams through without being held twice. A
+//! parameter that arrives as a [`MappedTensor`] (`weights::bind_mapped`: a checkpoint tensor stored
+//! exactly as its compiled storage) is not copied at all: the kernels read the checkpoint's mapping,
+//! which the model keeps alive. Kernels never write parameters, so the read-only mapping suffices.
 //!
 //! [`CpuModel::run`] binds `B`, `T`, `S` from the inputs' shapes, checks every input and every token
 //! id (the kernels clamp out-of-range ids, so a bad id would silently read another row: ids that
@@ -22,6 +25,19 @@
 //! [`CpuOptions::parallel_min_bytes`]) is split over the thread pool (`pool.rs`); others run on the
 //! calling thread. Aliases are views (nothing runs). Outputs stay in the arena until the next run
 //! and are read with [`CpuModel::output`] and [`CpuModel::output_f32`].
+//!
+//! An artifact compiled with a KV cache has two programs, the prefill ([`CpuModel::run`]) and the
+//! decode ([`CpuModel::run_decode`]), each with its own arena and launches, sharing the parameters,
+//! the kernel library and the KV caches: every `Storage::State` buffer is allocated once, at the
+//! loaded maxima (`B x S`), and lives as long as the model. The caller never passes a cache; `S` is
+//! always the cache's capacity, and every position must be a slot of it (checked before a run,
+//! since the in-place update would otherwise write out of bounds).
+//!
+//! Weight-only launches (every input a parameter, a constant or another weight-only value: the
+//! concatenated down-projections and the per-head halves of `kv_b_proj` that `fuse-mla-latent`
+//! makes, or a dequantised FP8 weight read whole) run once at load into memory of their own
+//! ([`CpuModel::folded_bytes`]) and are not among the launches of a run. Each program folds its
+//! own: a value both programs compute is held twice.
 //!
 //! After each run the model adds the rows each expert of each MoE layer received to
 //! [`CpuModel::expert_load`] (read from the `moe_dispatch` kernels' `offsets`, see `expert_load.rs`;
@@ -32,13 +48,14 @@ mod pool;
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 
-use kiln_ir::artifact::{BufferId, Manifest, Step, Storage};
+use kiln_ir::artifact::{ArgRole, BufferId, KernelIndex, Manifest, Step, Storage};
 use kiln_ir::{DType, Dim, Sym, SymBindings, TensorType};
 
 use crate::artifact::Artifact;
 use crate::host::{decode, decode_f32, encode, Memory};
-use crate::weights::{manifest_params, HostData, HostTensor, WeightError};
+use crate::weights::{manifest_params, HostData, HostTensor, MappedTensor, Param, WeightError};
 use crate::RuntimeError;
 
 use expert_load::Probe;
@@ -79,14 +96,43 @@ struct Launch {
     work: Dim,
 }
 
+/// Where a parameter's bytes live.
+enum ParamMemory {
+    /// Converted into an allocation of its own.
+    Owned(Memory),
+    /// Borrowed from a checkpoint's mapping.
+    Mapped(MappedTensor),
+}
+
+impl ParamMemory {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ParamMemory::Owned(m) => m.bytes(),
+            ParamMemory::Mapped(t) => t.bytes(),
+        }
+    }
+
+    /// The address kernels get. Kernels only read parameters, so a mapped (read-only) one is never
+    /// written through it.
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            ParamMemory::Owned(m) => m.as_ptr(),
+            ParamMemory::Mapped(t) => t.as_ptr().cast_mut(),
+        }
+    }
+}
+
 /// A loaded artifact with its weights, ready to run on the CPU. See the module documentation.
 pub struct CpuModel {
     manifest: Manifest,
     launches: Vec<Launch>,
     arena: Memory,
-    /// Parameters by name and constants by buffer: owned here, pointed to by `launches`.
-    params: HashMap<String, Memory>,
+    /// Parameters by name and constants by buffer: owned (or, for mapped parameters, kept alive)
+    /// here, pointed to by `launches`.
+    params: Arc<HashMap<String, ParamMemory>>,
     constants: HashMap<BufferId, Memory>,
+    /// The KV caches by name, shared with the other program of the artifact.
+    states: Arc<HashMap<String, Memory>>,
     max: SymBindings,
     threads: usize,
     parallel_min_bytes: u64,
@@ -96,12 +142,48 @@ pub struct CpuModel {
     last: Option<SymBindings>,
     /// The `moe_dispatch` launches, with the load they have seen.
     moe: Vec<Probe>,
+    /// The decode program of an artifact with a KV cache.
+    decode: Option<Box<CpuModel>>,
+    /// Whether the last run was of the decode program (whose outputs are then the ones to read).
+    decoded: bool,
+    /// Weight-only values computed once at load (see [`CpuModel::load`]), pointed to by launches.
+    folded: HashMap<BufferId, Memory>,
     // Declared last: dropped after everything that points into it (the entries above).
-    _library: libloading::Library,
+    _library: Arc<libloading::Library>,
+}
+
+/// The buffer an alias chain ends at.
+fn root(alias_of: &HashMap<BufferId, BufferId>, b: BufferId) -> BufferId {
+    alias_of.get(&b).copied().unwrap_or(b)
+}
+
+/// What the programs of one artifact share: parameters, KV caches and the kernel library.
+struct SharedMemory {
+    params: Arc<HashMap<String, ParamMemory>>,
+    states: Arc<HashMap<String, Memory>>,
+    library: Arc<libloading::Library>,
+}
+
+/// Checks the sizes a program is loaded for against what it was compiled for.
+fn check_max(m: &Manifest, max: &SymBindings) -> Result<(), RuntimeError> {
+    let compiled = m.max_sizes();
+    for sym in Sym::ALL {
+        let (v, limit) = (max.get(sym), compiled.get(sym));
+        if m.max(sym).is_some() && (v == 0 || v > limit) {
+            return Err(RuntimeError::Size {
+                sym: sym.name(),
+                value: v,
+                max: limit,
+                why: "the sizes the artifact was compiled for (kiln compile --max-batch, --max-context)",
+            });
+        }
+    }
+    Ok(())
 }
 
 // SAFETY: the raw pointers in `launches` point into memory this struct owns (`arena`, `params`,
-// `constants`) or into `_library`, which it also owns; nothing is shared with another owner.
+// `constants`) or into `_library`, which it also owns; nothing is shared with another owner, except
+// mapped parameters, which are only read.
 unsafe impl Send for CpuModel {}
 
 fn ty_text(dtype: DType, shape: &[Dim]) -> String {
@@ -114,10 +196,11 @@ fn shape_text(dtype: DType, shape: &[u64]) -> String {
 
 impl CpuModel {
     /// Loads `artifact` for the CPU with the given parameters (each by name, in any order, every
-    /// declared one exactly once). See the module documentation for what is checked.
-    pub fn load(
+    /// declared one exactly once): [`HostTensor`]s, or [`Param`]s, whose mapped tensors are used
+    /// without a copy. See the module documentation for what is checked.
+    pub fn load<P: Into<Param>>(
         artifact: &Artifact,
-        params: impl IntoIterator<Item = Result<HostTensor, WeightError>>,
+        params: impl IntoIterator<Item = Result<P, WeightError>>,
         options: &CpuOptions,
     ) -> Result<CpuModel, RuntimeError> {
         let m = artifact.manifest();
@@ -142,31 +225,50 @@ impl CpuModel {
         }
         let compiled = m.max_sizes();
         let max = options.max.unwrap_or(compiled);
-        for sym in Sym::ALL {
-            let (v, limit) = (max.get(sym), compiled.get(sym));
-            if m.max(sym).is_some() && (v == 0 || v > limit) {
-                return Err(RuntimeError::Size {
-                    sym: sym.name(),
-                    value: v,
-                    max: limit,
-                    why: "the sizes the artifact was compiled for (kiln compile --max-batch, --max-context)",
-                });
-            }
+        check_max(m, &max)?;
+        let params = Arc::new(load_params(m, params)?);
+        // Every KV cache, once, at the maxima: both programs read and write the same ones.
+        let mut states = HashMap::new();
+        for (name, dtype, shape) in m.states() {
+            let bytes = shape.iter().try_fold(dtype.size_bytes(), |a, d| a.checked_mul(d.eval(&max)?));
+            let bytes = bytes.unwrap_or(u64::MAX);
+            let mem = Memory::zeroed(bytes)
+                .ok_or_else(|| RuntimeError::OutOfMemory { bytes, what: format!("the KV cache `{name}`") })?;
+            states.insert(name.to_string(), mem);
         }
-        // The arena at the requested maxima; every work range must be computable there too.
-        let mut arena_bytes = 0u64;
-        for b in &m.buffers {
-            if let Storage::Arena { offset } = b.storage {
-                let end = b.bytes(&max).and_then(|n| offset.checked_add(n));
-                arena_bytes = arena_bytes.max(end.unwrap_or(u64::MAX));
-            }
-        }
-        let arena = Memory::zeroed(arena_bytes).ok_or_else(|| RuntimeError::OutOfMemory {
-            bytes: arena_bytes,
-            what: "the activation arena".into(),
-        })?;
+        let states = Arc::new(states);
 
-        let params = load_params(m, params)?;
+        let library_path = artifact.path(&target.library);
+        // SAFETY: kiln's kernel libraries have no initialisers or global constructors; the library
+        // was checked against its hash in the manifest by `artifact::load`, and it stays loaded for
+        // as long as the entries taken from it (it is dropped last).
+        let library = unsafe { libloading::Library::new(&library_path) }
+            .map_err(|e| RuntimeError::Library { path: library_path.clone(), message: e.to_string() })?;
+        let library = Arc::new(library);
+        let shared = SharedMemory { params, states, library };
+        let mut model = CpuModel::program(m, max, &shared, options)?;
+        if let Some(d) = m.decode_view() {
+            let dmax = SymBindings { t: 1, ..max };
+            check_max(&d, &dmax)?;
+            model.decode = Some(Box::new(CpuModel::program(&d, dmax, &shared, options)?));
+        }
+        Ok(model)
+    }
+
+    /// The executable form of one program of the manifest `m` (the forward one, or the decode view),
+    /// over memory shared with the other program.
+    fn program(
+        m: &Manifest,
+        max: SymBindings,
+        shared: &SharedMemory,
+        options: &CpuOptions,
+    ) -> Result<CpuModel, RuntimeError> {
+        let (params, states, library) = (&shared.params, &shared.states, &shared.library);
+        for p in &m.params {
+            if !params.contains_key(&p.name) {
+                return Err(RuntimeError::UnknownParam { name: p.name.clone() });
+            }
+        }
         let mut constants = HashMap::new();
         for b in &m.buffers {
             if let Storage::Constant { value } = b.storage {
@@ -188,15 +290,67 @@ impl CpuModel {
             }
         }
 
-        let library_path = artifact.path(&target.library);
-        // SAFETY: kiln's kernel libraries have no initialisers or global constructors; the library
-        // was checked against its hash in the manifest by `artifact::load`, and it stays loaded for
-        // as long as the entries taken from it (it is dropped last).
-        let library = unsafe { libloading::Library::new(&library_path) }
-            .map_err(|e| RuntimeError::Library { path: library_path.clone(), message: e.to_string() })?;
+        // Weight-only launches (every input a parameter, a constant or another weight-only value:
+        // a concatenation or split of weights that a pass made, like `fuse-mla-latent`'s merged
+        // projection) run once, here, into memory of their own, and never again.
+        let mut folded_mem: HashMap<BufferId, Memory> = HashMap::new();
+        let mut alias_of: HashMap<BufferId, BufferId> = HashMap::new();
+        let mut folded_steps = Vec::new();
+        for (i, s) in m.program.iter().enumerate() {
+            match s {
+                Step::Alias { buffer, source } if folded_mem.contains_key(&root(&alias_of, *source)) => {
+                    alias_of.insert(*buffer, root(&alias_of, *source));
+                }
+                Step::Launch { kernel, buffers, .. } => {
+                    let k = m.kernel(*kernel);
+                    let weight_only = k.args.iter().zip(buffers).all(|(a, &b)| match a.role {
+                        ArgRole::Input | ArgRole::Param => {
+                            matches!(m.buffer(b).storage, Storage::Param { .. } | Storage::Constant { .. })
+                                || folded_mem.contains_key(&root(&alias_of, b))
+                        }
+                        ArgRole::Output => true,
+                        ArgRole::Scratch => false,
+                    });
+                    if !weight_only || k.args.iter().all(|a| a.role == ArgRole::Output) {
+                        continue;
+                    }
+                    for (a, &b) in k.args.iter().zip(buffers) {
+                        if a.role == ArgRole::Output {
+                            let bytes = m.buffer(b).max_bytes;
+                            let mem = Memory::zeroed(bytes).ok_or_else(|| RuntimeError::OutOfMemory {
+                                bytes,
+                                what: format!("folded weight {b}"),
+                            })?;
+                            folded_mem.insert(b, mem);
+                        }
+                    }
+                    folded_steps.push(i);
+                }
+                _ => {}
+            }
+        }
+
+        // The arena at the requested maxima (folded values live elsewhere); every work range must
+        // be computable there too.
+        let mut arena_bytes = 0u64;
+        for b in &m.buffers {
+            if folded_mem.contains_key(&root(&alias_of, b.id)) {
+                continue;
+            }
+            if let Storage::Arena { offset } = b.storage {
+                let end = b.bytes(&max).and_then(|n| offset.checked_add(n));
+                arena_bytes = arena_bytes.max(end.unwrap_or(u64::MAX));
+            }
+        }
+        let arena = Memory::zeroed(arena_bytes).ok_or_else(|| RuntimeError::OutOfMemory {
+            bytes: arena_bytes,
+            what: "the activation arena".into(),
+        })?;
+
         let mut entries: Vec<Option<Packed>> = vec![None; m.kernels.len()];
         let mut launches = Vec::new();
-        for s in &m.program {
+        let mut folds = Vec::new();
+        for (i, s) in m.program.iter().enumerate() {
             let Step::Launch { kernel, buffers, .. } = s else { continue };
             let k = m.kernel(*kernel);
             let cpu = k.cpu.as_ref().ok_or(RuntimeError::NoCpuTarget)?;
@@ -221,33 +375,50 @@ impl CpuModel {
             let ptrs = buffers
                 .iter()
                 .map(|&b| match &m.buffer(b).storage {
+                    _ if folded_mem.contains_key(&root(&alias_of, b)) => {
+                        folded_mem[&root(&alias_of, b)].as_ptr()
+                    }
                     Storage::Arena { offset } => arena.as_ptr().wrapping_add(*offset as usize),
                     Storage::Param { name } => params[name].as_ptr(),
                     Storage::Constant { .. } => constants[&b].as_ptr(),
+                    Storage::State { name } => states[name].as_ptr(),
                 })
                 .collect();
-            launches.push(Launch {
-                entry,
-                kernel: kernel.index(),
-                ptrs,
-                buffers: buffers.clone(),
-                work: cpu.work,
-            });
+            let launch =
+                Launch { entry, kernel: kernel.index(), ptrs, buffers: buffers.clone(), work: cpu.work };
+            if folded_steps.contains(&i) {
+                folds.push(launch);
+            } else {
+                launches.push(launch);
+            }
+        }
+        // Weight-only values have no symbolic sizes (weights never do), so any sizes run them.
+        for l in &folds {
+            let syms: Vec<i64> = m.kernel(KernelIndex(l.kernel as u32)).sym_args.iter().map(|_| 1).collect();
+            let work = l.work.eval(&max).unwrap_or(0) as i64;
+            let job = Job { entry: l.entry, buffers: l.ptrs.as_ptr(), sizes: syms.as_ptr(), work, chunks: 1 };
+            // SAFETY: as for every launch (see `execute`): the entry is the kernel's and its
+            // buffers are allocated at their maximum sizes.
+            unsafe { run_range(&job, 0, job.work) };
         }
         let token_inputs = token_inputs(m);
         Ok(CpuModel {
             manifest: m.clone(),
             launches,
             arena,
-            params,
+            params: Arc::clone(params),
             constants,
+            states: Arc::clone(states),
             max,
             threads: options.threads,
             parallel_min_bytes: options.parallel_min_bytes,
             token_inputs,
             last: None,
-            moe: expert_load::probes(m),
-            _library: library,
+            moe: expert_load::probes(m, &folded_steps),
+            decode: None,
+            folded: folded_mem,
+            decoded: false,
+            _library: Arc::clone(library),
         })
     }
 
@@ -267,7 +438,21 @@ impl CpuModel {
 
     /// Bytes of the parameters and constants, in their compiled dtypes.
     pub fn param_bytes(&self) -> usize {
-        self.params.values().chain(self.constants.values()).map(Memory::len).sum()
+        let params: usize = self.params.values().map(|p| p.bytes().len()).sum();
+        params + self.constants.values().map(Memory::len).sum::<usize>()
+    }
+
+    /// Bytes of the weight-only values computed once at load (see [`CpuModel::load`]), in this
+    /// program and the decode program.
+    pub fn folded_bytes(&self) -> usize {
+        let mine: usize = self.folded.values().map(Memory::len).sum();
+        mine + self.decode.as_ref().map_or(0, |d| d.folded_bytes())
+    }
+
+    /// Bytes of the parameters read straight from a checkpoint's mapping (no copy); the rest of
+    /// [`CpuModel::param_bytes`] was converted into memory of the model's own.
+    pub fn mapped_param_bytes(&self) -> usize {
+        self.params.values().filter(|p| matches!(p, ParamMemory::Mapped(_))).map(|p| p.bytes().len()).sum()
     }
 
     pub fn threads(&self) -> usize {
@@ -306,6 +491,7 @@ impl CpuModel {
         }
         let offsets = self.execute(sizes);
         self.last = Some(sizes);
+        self.decoded = false;
         for (p, o) in self.moe.iter_mut().zip(offsets) {
             p.add(&o);
         }
@@ -346,13 +532,24 @@ impl CpuModel {
     fn check_inputs(&self, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
         let mut seen = HashSet::new();
         for t in inputs {
-            self.input_buffer(&t.name)?;
+            let b = self.input_buffer(&t.name)?;
+            if let Storage::State { .. } = self.manifest.buffer(b).storage {
+                return Err(RuntimeError::InputValue {
+                    name: t.name.clone(),
+                    reason: "a KV cache is the model's own, kept between runs: the caller does not pass it"
+                        .into(),
+                });
+            }
             if !seen.insert(t.name.as_str()) {
                 return Err(RuntimeError::DuplicateInput { name: t.name.clone() });
             }
         }
         let mut bound: [Option<(u64, String)>; 3] = Default::default();
-        for i in &self.manifest.inputs {
+        if self.has_states() {
+            // The caches are laid out for their capacity: S is the loaded maximum, always.
+            bound[Sym::S as usize] = Some((self.max.s, "the KV cache's capacity".into()));
+        }
+        for i in self.caller_inputs() {
             let t = inputs
                 .iter()
                 .find(|t| t.name == i.name)
@@ -409,7 +606,7 @@ impl CpuModel {
                 Sym::S => sizes.s = *v,
             }
         }
-        for i in &self.manifest.inputs {
+        for i in self.caller_inputs() {
             let t = inputs.iter().find(|t| t.name == i.name).expect("checked above");
             let b = self.manifest.buffer(i.buffer);
             let want: Option<Vec<u64>> = b.shape.iter().map(|d| d.eval(&sizes)).collect();
@@ -424,6 +621,17 @@ impl CpuModel {
                     found: shape_text(t.dtype, &t.shape),
                 });
             }
+            if let (true, "positions", HostData::I64(ps)) = (self.has_states(), i.name.as_str(), &t.data) {
+                // A position is a cache slot: outside the cache, the in-place update would write
+                // out of bounds.
+                let capacity = self.max.s;
+                if let Some((k, &position)) =
+                    ps.iter().enumerate().find(|&(_, &p)| p < 0 || p as u64 >= capacity)
+                {
+                    let sequence = k / sizes.t.max(1) as usize;
+                    return Err(RuntimeError::PositionOutOfRange { sequence, position, capacity });
+                }
+            }
             if let (Some(&vocab), HostData::I64(ids)) = (self.token_inputs.get(&i.name), &t.data) {
                 if let Some((index, &value)) =
                     ids.iter().enumerate().find(|&(_, &x)| x < 0 || x as u64 >= vocab)
@@ -432,6 +640,45 @@ impl CpuModel {
                 }
             }
         }
+        Ok(sizes)
+    }
+
+    /// The inputs the caller writes: every input but the KV caches, which the model keeps.
+    fn caller_inputs(&self) -> impl Iterator<Item = &kiln_ir::artifact::NamedBuffer> {
+        self.manifest
+            .inputs
+            .iter()
+            .filter(|i| !matches!(self.manifest.buffer(i.buffer).storage, Storage::State { .. }))
+    }
+
+    fn has_states(&self) -> bool {
+        !self.states.is_empty()
+    }
+
+    /// Whether the artifact has a decode program over a KV cache.
+    pub fn has_decode(&self) -> bool {
+        self.decode.is_some()
+    }
+
+    /// Bytes of every KV cache together, and the number of tokens (`B * S` at the loaded maxima)
+    /// they hold.
+    pub fn kv_cache_bytes(&self) -> (u64, u64) {
+        let bytes = self.states.values().map(|m| m.len() as u64).sum();
+        (bytes, if self.has_states() { self.max.b * self.max.s } else { 0 })
+    }
+
+    /// Runs the decode program (see [`CpuModel::run`]) on the caches the last runs left; its
+    /// outputs are then the ones [`CpuModel::output`] reads.
+    pub fn run_decode(&mut self, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
+        let decode = self.decode.as_mut().ok_or(RuntimeError::NoDecodeProgram)?;
+        let sizes = decode.run(inputs)?;
+        for (p, q) in self.moe.iter_mut().zip(&mut decode.moe) {
+            for (a, b) in p.load.counts.iter_mut().zip(&mut q.load.counts) {
+                *a += std::mem::take(b);
+            }
+        }
+        self.last = None;
+        self.decoded = true;
         Ok(sizes)
     }
 
@@ -516,11 +763,15 @@ impl CpuModel {
             Storage::Arena { offset } => &self.arena.bytes()[*offset as usize..*offset as usize + n],
             Storage::Param { name } => &self.params[name].bytes()[..n],
             Storage::Constant { .. } => &self.constants[&id].bytes()[..n],
+            Storage::State { name } => &self.states[name].bytes()[..n],
         }
     }
 
     /// An output of the last run, whole.
     pub fn output(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        if let (true, Some(d)) = (self.decoded, &self.decode) {
+            return d.output(name);
+        }
         let (id, sizes) = self.output_buffer(name)?;
         let b = self.manifest.buffer(id);
         let shape = b.shape.iter().map(|d| d.eval(&sizes).unwrap_or(0)).collect();
@@ -535,6 +786,9 @@ impl CpuModel {
     /// Elements `range` (in row-major order) of a float output of the last run, as f32: the rows a
     /// caller needs without copying the rest (the last position's logits, for instance).
     pub fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
+        if let (true, Some(d)) = (self.decoded, &self.decode) {
+            return d.output_f32(name, range);
+        }
         let (id, sizes) = self.output_buffer(name)?;
         let b = self.manifest.buffer(id);
         if !b.dtype.is_float() {
@@ -555,24 +809,39 @@ impl CpuModel {
     }
 }
 
-/// Converts each parameter to its compiled dtype in its own allocation, checking that every
-/// declared parameter comes exactly once with its declared type.
-fn load_params(
+/// Converts each parameter to its compiled dtype in its own allocation (or keeps a mapped one as it
+/// is), checking that every declared parameter comes exactly once with its declared type.
+fn load_params<P: Into<Param>>(
     m: &Manifest,
-    params: impl IntoIterator<Item = Result<HostTensor, WeightError>>,
-) -> Result<HashMap<String, Memory>, RuntimeError> {
+    params: impl IntoIterator<Item = Result<P, WeightError>>,
+) -> Result<HashMap<String, ParamMemory>, RuntimeError> {
     let decls = manifest_params(m)?;
     let by_name: HashMap<&str, usize> = decls.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
-    let mut out: HashMap<String, Memory> = HashMap::new();
-    for t in params {
-        let t = t?;
-        let Some(&i) = by_name.get(t.name.as_str()) else {
-            return Err(RuntimeError::UnknownParam { name: t.name });
+    let mut out: HashMap<String, ParamMemory> = HashMap::new();
+    for p in params {
+        let p: Param = p?.into();
+        let Some(&i) = by_name.get(p.name()) else {
+            return Err(RuntimeError::UnknownParam { name: p.name().to_string() });
         };
         let d = &decls[i];
-        if out.contains_key(&t.name) {
-            return Err(RuntimeError::DuplicateParam { name: t.name });
+        if out.contains_key(p.name()) {
+            return Err(RuntimeError::DuplicateParam { name: p.name().to_string() });
         }
+        let t = match p {
+            Param::Mapped(v) => {
+                let bytes = d.numel as u64 * d.dtype.size_bytes();
+                if v.dtype != d.dtype || v.shape != d.shape || v.len() as u64 != bytes {
+                    return Err(RuntimeError::ParamType {
+                        name: v.name.clone(),
+                        expected: shape_text(d.dtype, &d.shape),
+                        found: format!("{} mapped in {} bytes", shape_text(v.dtype, &v.shape), v.len()),
+                    });
+                }
+                out.insert(v.name.clone(), ParamMemory::Mapped(v));
+                continue;
+            }
+            Param::Host(t) => t,
+        };
         if t.dtype != d.dtype || t.shape != d.shape || t.data.len() != d.numel {
             return Err(RuntimeError::ParamType {
                 name: t.name.clone(),
@@ -588,7 +857,7 @@ fn load_params(
             expected: shape_text(d.dtype, &d.shape),
             found: reason,
         })?;
-        out.insert(t.name, mem);
+        out.insert(t.name, ParamMemory::Owned(mem));
     }
     if let Some(d) = decls.iter().find(|d| !out.contains_key(&d.name)) {
         return Err(RuntimeError::MissingParam { name: d.name.clone(), count: decls.len() });
@@ -627,7 +896,17 @@ fn token_inputs(m: &Manifest) -> HashMap<String, u64> {
 
 impl crate::generate::Engine for CpuModel {
     fn inputs(&self) -> Vec<(String, DType)> {
-        self.manifest.inputs.iter().map(|i| (i.name.clone(), self.manifest.buffer(i.buffer).dtype)).collect()
+        self.caller_inputs().map(|i| (i.name.clone(), self.manifest.buffer(i.buffer).dtype)).collect()
+    }
+
+    fn kv_cache(&self) -> Option<crate::generate::KvCache> {
+        self.decode.as_ref()?;
+        let (bytes, _) = self.kv_cache_bytes();
+        Some(crate::generate::KvCache { capacity: self.max.s, bytes })
+    }
+
+    fn run_decode(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        CpuModel::run_decode(self, inputs).map(|_| ())
     }
 
     fn vocab_size(&self) -> Option<u64> {

@@ -2,7 +2,9 @@
 //! `[B, T, H, Dv]`, query head `h` reading key/value head `h / (H / Hk)`.
 //!
 //! A row is one query `(b, t, h)`. With `causal` it sees keys `0..t + 1 + S - T` (the new tokens
-//! come after `S - T` cached ones); without, all `S`. Scores `(q . k_s) * scale` and the softmax are
+//! come after `S - T` cached ones); without, all `S`. With a fourth operand `positions[B, T]` (a KV
+//! cache whose slot `j` holds position `j`) it sees keys `0..=positions[b, t]`, clamped to `S`, so a
+//! decode step reads only the filled part of the cache, and each sequence its own length. Scores `(q . k_s) * scale` and the softmax are
 //! f32. Each row makes two passes over its keys:
 //!
 //! 1. the maximum `m` and the sum `l = sum_s exp(score_s - m)`, kept online (`l` is rescaled by
@@ -50,6 +52,8 @@ struct Row {
     visible: Value,
     scale: Value,
     dtype: DType,
+    /// The output buffer: 3, or 4 after a `positions` operand.
+    out_buf: usize,
 }
 
 fn known(f: &Frame, d: Dim, what: &str) -> Result<u64, LowerError> {
@@ -89,7 +93,21 @@ fn row(f: &mut Frame, r: &Value, (heads, kv_heads): (u64, u64), scale: f64, caus
     let v_step = f.b.muli(&hk_v, &dv);
     let q_off = f.b.muli(r, &dk);
     let out = f.b.muli(r, &dv);
-    let visible = if causal {
+    let positioned = f.bufs.len() == 5;
+    let visible = if positioned {
+        // Keys 0..=positions[b, t], clamped to 0..=S: slot j of the cache holds position j.
+        let p = f.load(3, &bt);
+        let wide = match f.bufs[3].ty.dtype {
+            DType::I64 => p,
+            _ => f.b.op("i", format_args!("arith.extsi {p} : i32 to i64")),
+        };
+        let one = f.b.constant("1", "i64");
+        let zero = f.b.constant("0", "i64");
+        let reach = f.b.op("i", format_args!("arith.addi {wide}, {one} : i64"));
+        let reach = f.b.op("i", format_args!("arith.maxsi {reach}, {zero} : i64"));
+        let reach = f.b.op("i", format_args!("arith.index_cast {reach} : i64 to index"));
+        f.b.op("i", format_args!("arith.minui {reach}, {s_len} : index"))
+    } else if causal {
         // t + 1 + S - T, or 0 when that is negative.
         let one = f.b.index(1);
         let t1 = f.b.addi(&t, &one);
@@ -103,7 +121,8 @@ fn row(f: &mut Frame, r: &Value, (heads, kv_heads): (u64, u64), scale: f64, caus
     };
     let scale = f.b.f32(scale);
     let dtype = f.bufs[0].ty.dtype;
-    Row { dk, dv, q: q_off, k: k_off, v: v_off, k_step, v_step, out, visible, scale, dtype }
+    let out_buf = if positioned { 4 } else { 3 };
+    Row { dk, dv, q: q_off, k: k_off, v: v_off, k_step, v_step, out, visible, scale, dtype, out_buf }
 }
 
 /// `(q . k_s) * scale`, with the query read by `query(f, i)`.
@@ -204,7 +223,7 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
         for_loop(f, &zero, &row.dv, &one, |f, d| {
             let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
             let oi = f.b.addi(&row.out, d);
-            f.store(3, &oi, &a);
+            f.store(row.out_buf, &oi, &a);
         });
     });
     Ok(LaunchShape::Cpu { work: rows })
@@ -316,7 +335,7 @@ fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
         let ok = f.b.op("p", format_args!("arith.cmpi ult, {c}, {} : index", row.dv));
         if_then(f, &ok, |f| {
             let oi = f.b.addi(&row.out, c);
-            f.store(3, &oi, a);
+            f.store(row.out_buf, &oi, a);
         });
     }
     Ok(LaunchShape::Gpu {

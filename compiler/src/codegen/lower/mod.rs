@@ -196,6 +196,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::Gather { axis } => shape::gather(f, *axis)?,
         Op::Rope(cfg) => rope::rope(f, cfg)?,
         Op::Attention { scale, causal } => attention::attention(f, *scale, *causal)?,
+        Op::CacheUpdate => shape::cache_update(f)?,
         Op::TopK { k } => moe::topk(f, *k)?,
         Op::MoeRoute(r) => moe::route(f, r)?,
         Op::MoeExperts { num_experts } => moe::experts(f, *num_experts)?,

@@ -189,3 +189,35 @@ pub(super) fn gather(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerErr
         f.store_raw(2, i, &v);
     }))
 }
+
+/// `cache_update`, **in place**: buffers `cache[B, S, ...]`, `new[B, T, ...]`, `positions[B, T]`,
+/// result. The result is the cache's own buffer (the memory plan gives both one
+/// `Storage::State`), so only the `B * T` new rows are written: one work item per element of
+/// `new`, stored at slot `positions[b, t]` of sequence `b`. A position outside `0..S` writes
+/// nothing (the runtime checks positions before a run; the interpreter reports them).
+pub(super) fn cache_update(f: &mut Frame) -> Result<LaunchShape, LowerError> {
+    let n = numel(f, 1, "cache_update")?;
+    let cache = f.bufs[0].ty.shape.clone();
+    let new = f.bufs[1].ty.shape.clone();
+    let pos_type = f.bufs[2].ty.dtype;
+    let slots = f.dim(cache[1]);
+    let tokens = f.dim(new[1]);
+    let row = f.prod(&cache[2..]);
+    Ok(each_element(f, n, |f, i| {
+        // new[(b * T + t) * row + j] -> cache[(b * S + positions[b, t]) * row + j].
+        let j = f.b.remui(i, &row);
+        let bt = f.b.divui(i, &row);
+        let b = f.b.divui(&bt, &tokens);
+        let p = f.load(2, &bt);
+        let slot = f.int_to_index(&p, pos_type);
+        let inside = f.b.op("p", format_args!("arith.cmpi ult, {slot}, {slots} : index"));
+        if_then(f, &inside, |f| {
+            let bs = f.b.muli(&b, &slots);
+            let at = f.b.addi(&bs, &slot);
+            let at = f.b.muli(&at, &row);
+            let dst = f.b.addi(&at, &j);
+            let v = f.load_raw(1, i);
+            f.store_raw(3, &dst, &v);
+        });
+    }))
+}

@@ -10,7 +10,7 @@
 use crate::types::TensorType;
 
 use super::reduce::softmax_in_place;
-use super::{dims, dot, floats, OpResult};
+use super::{dims, dot, floats, ints, OpResult};
 use crate::interp::numerics::round_to_dtype;
 use crate::interp::tensor::Tensor;
 
@@ -18,6 +18,7 @@ pub(super) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    positions: Option<&Tensor>,
     scale: f64,
     causal: bool,
     out: &TensorType,
@@ -26,11 +27,12 @@ pub(super) fn attention(
     let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
     let (b, t, h, dk) = (qd[0], qd[1], qd[2], qd[3]);
     let (s, hk, dv) = (kd[1], kd[2], vd[3]);
-    if causal && s < t {
+    if causal && positions.is_none() && s < t {
         return Err(format!(
             "causal attention needs at least as many keys as queries, found {s} keys for {t} queries"
         ));
     }
+    let pos = positions.map(|p| ints(p, "positions")).transpose()?;
     let group = h / hk;
     let dtype = q.dtype();
     let mut data = Vec::with_capacity(b * t * h * dv);
@@ -39,7 +41,12 @@ pub(super) fn attention(
     for bi in 0..b {
         for ti in 0..t {
             // Keys this query sees; causal masking removes the rest (they would get exp(-inf) = 0).
-            let visible = if causal { ti + (s - t) + 1 } else { s };
+            // With positions, slot j of the cache holds position j: keys up to the query's own.
+            let visible = match pos {
+                Some(p) => (p[bi * t + ti].max(-1) + 1).min(s as i64) as usize,
+                None if causal => ti + (s - t) + 1,
+                None => s,
+            };
             for hi in 0..h {
                 let kh = hi / group;
                 let qrow = &qs[((bi * t + ti) * h + hi) * dk..][..dk];

@@ -33,8 +33,9 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::RmsNorm { eps } => norm_rope::rms_norm(ins[0], ins[1], *eps),
         Op::Rope(cfg) => norm_rope::rope(ins[0], ins[1], cfg),
         Op::Attention { scale, causal } => {
-            attention::attention(ins[0], ins[1], ins[2], *scale, *causal, &out[0])
+            attention::attention(ins[0], ins[1], ins[2], ins.get(3).copied(), *scale, *causal, &out[0])
         }
+        Op::CacheUpdate => shape::cache_update(ins[0], ins[1], ins[2]),
         Op::Embedding => shape::embedding(ins[0], ins[1], &out[0]),
         Op::Gather { axis } => shape::gather(ins[0], ins[1], *axis, &out[0]),
         Op::Concat { axis } => shape::concat(ins, *axis, &out[0]),

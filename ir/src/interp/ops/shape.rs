@@ -76,3 +76,37 @@ pub(super) fn transpose(x: &Tensor, perm: &[usize], out: &TensorType) -> OpResul
     let st: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
     Ok(vec![x.select(dims(out), strided_index(&udims(out), &st))])
 }
+
+/// `cache` with slot `positions[b, t]` of sequence `b` replaced by `new[b, t]`; a position outside
+/// the cache is an error (compiled code would write out of bounds).
+pub(super) fn cache_update(cache: &Tensor, new: &Tensor, positions: &Tensor) -> OpResult {
+    let (cd, nd) = (cache.dims(), new.dims());
+    let pos = ints(positions, "positions")?;
+    let (b, s, t) = (cd[0], cd[1], nd[1]);
+    let row: usize = cd[2..].iter().product();
+    let mut slot_of = Vec::with_capacity(b * t);
+    for (i, &p) in pos.iter().enumerate() {
+        if p < 0 || p as usize >= s {
+            return Err(format!(
+                "cache_update: position {p} of sequence {} is outside the cache of {s} slots",
+                i / t.max(1)
+            ));
+        }
+        slot_of.push(p as usize);
+    }
+    // Later tokens win when two write one slot, as the in-place kernel's order does.
+    let mut writer = vec![None; b * s];
+    for bi in 0..b {
+        for ti in 0..t {
+            writer[bi * s + slot_of[bi * t + ti]] = Some(bi * t + ti);
+        }
+    }
+    let mut data = cache.data().empty_like(b * s * row);
+    for (slot, w) in writer.iter().enumerate() {
+        match w {
+            Some(src) => data.extend_from(new.data(), src * row..(src + 1) * row),
+            None => data.extend_from(cache.data(), slot * row..(slot + 1) * row),
+        }
+    }
+    Ok(vec![Tensor::with_data(cache.dtype(), cache.shape().to_vec(), data)])
+}
