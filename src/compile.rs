@@ -453,10 +453,12 @@ pub fn launches_per_layer(scopes: impl IntoIterator<Item = Option<String>>) -> V
     per.into_values().collect()
 }
 
-/// The launches per layer of a packed program's steps.
-pub fn program_launches_per_layer(program: &[Step]) -> Vec<LayerLaunches> {
-    launches_per_layer(program.iter().filter_map(|s| match s {
-        Step::Launch { scope, .. } => Some(scope.clone()),
+/// The launches per layer of a packed program (the manifest's, or its decode view), without the
+/// weight-only launches a runtime runs once at load (`Manifest::weight_only_steps`).
+pub fn program_launches_per_layer(m: &Manifest) -> Vec<LayerLaunches> {
+    let folded = m.weight_only_steps();
+    launches_per_layer(m.program.iter().enumerate().filter_map(|(i, s)| match s {
+        Step::Launch { scope, .. } if !folded.contains(&i) => Some(scope.clone()),
         _ => None,
     }))
 }
@@ -467,13 +469,13 @@ pub fn program_launches_per_layer(program: &[Step]) -> Vec<LayerLaunches> {
 /// its number of tokens, so these are also the launches per token of a decode step.
 fn fusion_report(a: &Artifact, before: Option<&[LayerLaunches]>, disabled: &[String]) -> String {
     let m = &a.manifest;
-    let after = program_launches_per_layer(&m.program);
+    let after = program_launches_per_layer(m);
     let skipped = disabled.iter().any(|d| d == FUSE_KERNELS);
     // Without a spec no pass runs: there is no before and after to show.
     if after.is_empty() || (before.is_none() && !skipped) {
         return String::new();
     }
-    let decode = m.decode.as_ref().map(|d| program_launches_per_layer(&d.program));
+    let decode = m.decode_view().map(|d| program_launches_per_layer(&d));
     let mut out = String::from("launches per layer, before fuse-kernels and in the program");
     if skipped {
         out.push_str(" (fuse-kernels disabled)");

@@ -451,6 +451,48 @@ impl Manifest {
         }
     }
 
+    /// The launches of the program that read only weights: every input a parameter, a constant or
+    /// the result of another such launch (through aliases), and no scratch. Their results are the
+    /// same at every run (a concatenation or a per-head split of weights that a pass made), so a
+    /// runtime computes them once, at load, and leaves them out of its runs. Indices into
+    /// [`Manifest::program`], in order.
+    pub fn weight_only_steps(&self) -> Vec<usize> {
+        let mut derived: HashSet<BufferId> = HashSet::new();
+        let mut out = Vec::new();
+        for (i, step) in self.program.iter().enumerate() {
+            match step {
+                Step::Alias { buffer, source } if derived.contains(source) => {
+                    derived.insert(*buffer);
+                }
+                Step::Launch { kernel, buffers, .. } => {
+                    let Some(k) = self.kernels.get(kernel.index()) else { continue };
+                    let mut reads = 0;
+                    let weight_only = k.args.iter().zip(buffers).all(|(a, b)| match a.role {
+                        ArgRole::Input | ArgRole::Param => {
+                            reads += 1;
+                            derived.contains(b)
+                                || self.buffers.get(b.index()).is_some_and(|b| {
+                                    matches!(b.storage, Storage::Param { .. } | Storage::Constant { .. })
+                                })
+                        }
+                        ArgRole::Output => true,
+                        ArgRole::Scratch => false,
+                    });
+                    if weight_only && reads > 0 {
+                        for (a, b) in k.args.iter().zip(buffers) {
+                            if a.role == ArgRole::Output {
+                                derived.insert(*b);
+                            }
+                        }
+                        out.push(i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// The persistent state buffers (KV caches) the program reads: name, dtype and shape.
     pub fn states(&self) -> impl Iterator<Item = (&str, DType, &[Dim])> {
         self.buffers.iter().filter(|b| b.kind == BufferKind::Input).filter_map(|b| match &b.storage {

@@ -27,6 +27,7 @@ mod error;
 pub mod generate;
 pub mod gpu;
 pub mod host;
+mod inputs;
 pub mod reference;
 pub mod weights;
 

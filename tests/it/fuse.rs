@@ -46,7 +46,10 @@ impl Observer for Without {
 /// The steps a decode step runs (the decode program when the artifact has one, else the forward,
 /// which a one-token step runs whole).
 fn decode_steps(a: &pack::Artifact) -> Vec<Step> {
-    a.manifest.decode.as_ref().map_or(&a.manifest.program, |d| &d.program).clone()
+    let m = a.manifest.decode_view().unwrap_or_else(|| a.manifest.clone());
+    // Weight-only launches run once at load, not at each step.
+    let folded = m.weight_only_steps();
+    m.program.iter().enumerate().filter(|(i, _)| !folded.contains(i)).map(|(_, s)| s.clone()).collect()
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! claim nodes (a node joins one group at most):
 //!
 //! ```text
+//! latent-attention    absorb W_UK, attention over the cache, apply W_UV   one kernel, phased
 //! router              linear(x, gate) -> moe_route                       one kernel, phased
 //! add-rms-norm        rms_norm(a + b, w), the sum a result too             one pass (row)
 //! add-rms-norm-quant  the same, then quantize of the norm                 phased [row; quantize]
@@ -28,14 +29,17 @@
 //!
 //! Assumes a verified graph, normally the end of the pipeline (after `dce`). Guarantees a verified
 //! graph computing the same values: a fused body is its nodes as they were, so the interpreter gives
-//! bit-identical results; every fused body lowers (one pass, or phased for `router`,
+//! bit-identical results; every fused body lowers (one pass, or phased for `latent-attention`, `router`,
 //! `add-rms-norm-quant` and `gemm-rope`, whose kernels run their phases one after another on one
 //! CPU work item or one GPU block: legal and correct, slower than a one-pass kernel on big inputs).
 //! Running it again changes nothing: fused nodes are not regrouped.
 //!
-//! Does not do: `latent-attention` (decode attention over the latent and rope caches in one kernel)
-//! needs the decode graph's cache ops, which do not exist yet; it does not reorder, recompute
-//! or duplicate anything but a GEMM operand's `dequantize`, and does not fuse across `fused` nodes.
+//! `latent-attention` takes the nodes `fuse-mla-latent` scoped `.absorbed` around a decode attention
+//! (one that reads the cache at `positions`), except those that read only weights: the runtime
+//! computes the per-head halves of `kv_b_proj` once at load, and the kernel reads them.
+//!
+//! Does not do: reorder, recompute or duplicate anything but a GEMM operand's `dequantize`, or fuse
+//! across `fused` nodes or a `cache_update` (which is a launch of its own, writing in place).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -63,9 +67,14 @@ pub const FP8_GEMM: &str = "fp8-gemm";
 pub const GEMM_ROPE: &str = "gemm-rope";
 /// Connected elementwise ops evaluated per element in one pass.
 pub const ELEMENTWISE_CHAIN: &str = "elementwise-chain";
+/// Decode attention over the latent cache (`fuse-mla-latent`'s absorbed form): the query's
+/// absorption of `W_UK`, scores over the latent and rope parts of the cache with an online softmax,
+/// the weighted sum and `W_UV`, in one launch.
+pub const LATENT_ATTENTION: &str = "latent-attention";
 
 /// The rules of this pass, in the order the trace lists them.
 pub const RULES: &[&str] = &[
+    LATENT_ATTENTION,
     ROUTER,
     ADD_RMS_NORM,
     ADD_RMS_NORM_QUANT,
@@ -282,6 +291,33 @@ pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
     };
     let n = cx.order.len();
 
+    // latent-attention: decode attention over the latent cache with its absorbed projections.
+    let weight_only = weight_only(&cx);
+    for p in 0..n {
+        let node = cx.node(p);
+        let absorbed = |q: usize| cx.node(q).scope.as_deref().is_some_and(|s| s.ends_with(".absorbed"));
+        if !matches!(node.op, Op::Attention { .. }) || node.inputs.len() != 4 || !absorbed(p) {
+            continue;
+        }
+        // Every node of the attention's `.absorbed` scope connected to it, but the weight-only ones
+        // (the runtime computes those once, at load).
+        let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
+        let mut stack = vec![p];
+        while let Some(q) = stack.pop() {
+            let node = cx.node(q);
+            let before = node.inputs.iter().map(|&v| cx.producer(v));
+            let after = node.results.iter().flat_map(|&r| cx.users(r));
+            for r in before.chain(after).collect::<Vec<_>>() {
+                if absorbed(r) && cx.free(r) && !weight_only.contains(&r) && group.nodes.insert(r) {
+                    stack.push(r);
+                }
+            }
+        }
+        if cx.convex(&group.nodes) && cx.lowers(&group) {
+            claim(&mut cx, group, vec![LATENT_ATTENTION], &mut trace);
+        }
+    }
+
     // router: the gate GEMM and the route.
     for p in 0..n {
         if !matches!(cx.node(p).op, Op::MoeRoute(_)) {
@@ -373,6 +409,24 @@ pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
     }
     *graph = rebuild(&cx, &groups)?;
     Ok(trace)
+}
+
+/// Positions of the nodes that read only weights and constants (and such nodes): computed once at
+/// load by the runtime, so no rule takes them into a kernel of the run.
+fn weight_only(cx: &Ctx) -> HashSet<usize> {
+    let mut out = HashSet::new();
+    for p in 0..cx.order.len() {
+        let node = cx.node(p);
+        let from_weights = !node.inputs.is_empty()
+            && node.inputs.iter().all(|&v| {
+                let q = cx.producer(v);
+                out.contains(&q) || matches!(cx.node(q).op, Op::Param { .. } | Op::Constant { .. })
+            });
+        if from_weights {
+            out.insert(p);
+        }
+    }
+    out
 }
 
 /// The group of the GEMM at `p`: its gate/up partner for SwiGLU, its operands' `dequantize`s, its

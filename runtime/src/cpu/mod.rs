@@ -46,12 +46,12 @@
 mod expert_load;
 mod pool;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
 use kiln_ir::artifact::{ArgRole, BufferId, KernelIndex, Manifest, Step, Storage};
-use kiln_ir::{DType, Dim, Sym, SymBindings, TensorType};
+use kiln_ir::{DType, Dim, Sym, SymBindings};
 
 use crate::artifact::Artifact;
 use crate::host::{decode, decode_f32, encode, Memory};
@@ -186,14 +186,6 @@ fn check_max(m: &Manifest, max: &SymBindings) -> Result<(), RuntimeError> {
 // mapped parameters, which are only read.
 unsafe impl Send for CpuModel {}
 
-fn ty_text(dtype: DType, shape: &[Dim]) -> String {
-    TensorType::new(dtype, shape.iter().copied()).to_string()
-}
-
-fn shape_text(dtype: DType, shape: &[u64]) -> String {
-    TensorType::known(dtype, shape).to_string()
-}
-
 impl CpuModel {
     /// Loads `artifact` for the CPU with the given parameters (each by name, in any order, every
     /// declared one exactly once): [`HostTensor`]s, or [`Param`]s, whose mapped tensors are used
@@ -293,28 +285,16 @@ impl CpuModel {
         // Weight-only launches (every input a parameter, a constant or another weight-only value:
         // a concatenation or split of weights that a pass made, like `fuse-mla-latent`'s merged
         // projection) run once, here, into memory of their own, and never again.
+        let folded_steps = m.weight_only_steps();
         let mut folded_mem: HashMap<BufferId, Memory> = HashMap::new();
         let mut alias_of: HashMap<BufferId, BufferId> = HashMap::new();
-        let mut folded_steps = Vec::new();
         for (i, s) in m.program.iter().enumerate() {
             match s {
                 Step::Alias { buffer, source } if folded_mem.contains_key(&root(&alias_of, *source)) => {
                     alias_of.insert(*buffer, root(&alias_of, *source));
                 }
-                Step::Launch { kernel, buffers, .. } => {
-                    let k = m.kernel(*kernel);
-                    let weight_only = k.args.iter().zip(buffers).all(|(a, &b)| match a.role {
-                        ArgRole::Input | ArgRole::Param => {
-                            matches!(m.buffer(b).storage, Storage::Param { .. } | Storage::Constant { .. })
-                                || folded_mem.contains_key(&root(&alias_of, b))
-                        }
-                        ArgRole::Output => true,
-                        ArgRole::Scratch => false,
-                    });
-                    if !weight_only || k.args.iter().all(|a| a.role == ArgRole::Output) {
-                        continue;
-                    }
-                    for (a, &b) in k.args.iter().zip(buffers) {
+                Step::Launch { kernel, buffers, .. } if folded_steps.contains(&i) => {
+                    for (a, &b) in m.kernel(*kernel).args.iter().zip(buffers) {
                         if a.role == ArgRole::Output {
                             let bytes = m.buffer(b).max_bytes;
                             let mem = Memory::zeroed(bytes).ok_or_else(|| RuntimeError::OutOfMemory {
@@ -324,7 +304,6 @@ impl CpuModel {
                             folded_mem.insert(b, mem);
                         }
                     }
-                    folded_steps.push(i);
                 }
                 _ => {}
             }
@@ -401,7 +380,7 @@ impl CpuModel {
             // buffers are allocated at their maximum sizes.
             unsafe { run_range(&job, 0, job.work) };
         }
-        let token_inputs = token_inputs(m);
+        let token_inputs = crate::inputs::token_inputs(m);
         Ok(CpuModel {
             manifest: m.clone(),
             launches,
@@ -513,142 +492,18 @@ impl CpuModel {
     }
 
     fn input_buffer(&self, name: &str) -> Result<BufferId, RuntimeError> {
-        self.manifest.inputs.iter().find(|i| i.name == name).map(|i| i.buffer).ok_or_else(|| {
-            RuntimeError::UnknownInput {
-                name: name.to_string(),
-                known: self
-                    .manifest
-                    .inputs
-                    .iter()
-                    .map(|i| format!("`{}`", i.name))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-        })
+        crate::inputs::input_buffer(&self.manifest, name)
     }
 
     /// Binds the sizes from the inputs' shapes and checks every input against its buffer, the sizes
     /// against the maxima, and token ids against their vocabularies.
     fn check_inputs(&self, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
-        let mut seen = HashSet::new();
-        for t in inputs {
-            let b = self.input_buffer(&t.name)?;
-            if let Storage::State { .. } = self.manifest.buffer(b).storage {
-                return Err(RuntimeError::InputValue {
-                    name: t.name.clone(),
-                    reason: "a KV cache is the model's own, kept between runs: the caller does not pass it"
-                        .into(),
-                });
-            }
-            if !seen.insert(t.name.as_str()) {
-                return Err(RuntimeError::DuplicateInput { name: t.name.clone() });
-            }
-        }
-        let mut bound: [Option<(u64, String)>; 3] = Default::default();
-        if self.has_states() {
-            // The caches are laid out for their capacity: S is the loaded maximum, always.
-            bound[Sym::S as usize] = Some((self.max.s, "the KV cache's capacity".into()));
-        }
-        for i in self.caller_inputs() {
-            let t = inputs
-                .iter()
-                .find(|t| t.name == i.name)
-                .ok_or_else(|| RuntimeError::MissingInput { name: i.name.clone() })?;
-            let b = self.manifest.buffer(i.buffer);
-            let mismatch = || RuntimeError::InputType {
-                name: t.name.clone(),
-                expected: ty_text(b.dtype, &b.shape),
-                found: shape_text(t.dtype, &t.shape),
-            };
-            let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            if t.dtype != b.dtype || t.shape.len() != b.shape.len() || numel != Some(t.data.len() as u64) {
-                return Err(mismatch());
-            }
-            for (axis, (&d, &found)) in b.shape.iter().zip(&t.shape).enumerate() {
-                let Some(sym) = Sym::ALL.into_iter().find(|&s| d == Dim::sym(s)) else { continue };
-                match &bound[sym as usize] {
-                    Some((v, by)) if *v != found => {
-                        return Err(RuntimeError::SizeConflict {
-                            name: t.name.clone(),
-                            axis,
-                            found,
-                            sym: sym.name(),
-                            bound: *v,
-                            bound_by: by.clone(),
-                        })
-                    }
-                    Some(_) => {}
-                    None => {
-                        bound[sym as usize] = Some((found, format!("input `{}` dimension {axis}", t.name)))
-                    }
-                }
-            }
-        }
-        let mut sizes = SymBindings { b: 1, t: 1, s: 1 };
-        for sym in Sym::ALL {
-            if self.manifest.max(sym).is_none() {
-                continue;
-            }
-            let Some((v, _)) = &bound[sym as usize] else {
-                return Err(RuntimeError::UnboundSize { sym: sym.name() });
-            };
-            if *v == 0 || *v > self.max.get(sym) {
-                return Err(RuntimeError::Size {
-                    sym: sym.name(),
-                    value: *v,
-                    max: self.max.get(sym),
-                    why: "the sizes this model was loaded for",
-                });
-            }
-            match sym {
-                Sym::B => sizes.b = *v,
-                Sym::T => sizes.t = *v,
-                Sym::S => sizes.s = *v,
-            }
-        }
-        for i in self.caller_inputs() {
-            let t = inputs.iter().find(|t| t.name == i.name).expect("checked above");
-            let b = self.manifest.buffer(i.buffer);
-            let want: Option<Vec<u64>> = b.shape.iter().map(|d| d.eval(&sizes)).collect();
-            if want.as_deref() != Some(t.shape.as_slice()) {
-                return Err(RuntimeError::InputType {
-                    name: t.name.clone(),
-                    expected: format!(
-                        "{} = {}",
-                        ty_text(b.dtype, &b.shape),
-                        shape_text(b.dtype, &want.unwrap_or_default())
-                    ),
-                    found: shape_text(t.dtype, &t.shape),
-                });
-            }
-            if let (true, "positions", HostData::I64(ps)) = (self.has_states(), i.name.as_str(), &t.data) {
-                // A position is a cache slot: outside the cache, the in-place update would write
-                // out of bounds.
-                let capacity = self.max.s;
-                if let Some((k, &position)) =
-                    ps.iter().enumerate().find(|&(_, &p)| p < 0 || p as u64 >= capacity)
-                {
-                    let sequence = k / sizes.t.max(1) as usize;
-                    return Err(RuntimeError::PositionOutOfRange { sequence, position, capacity });
-                }
-            }
-            if let (Some(&vocab), HostData::I64(ids)) = (self.token_inputs.get(&i.name), &t.data) {
-                if let Some((index, &value)) =
-                    ids.iter().enumerate().find(|&(_, &x)| x < 0 || x as u64 >= vocab)
-                {
-                    return Err(RuntimeError::TokenOutOfRange { name: t.name.clone(), index, value, vocab });
-                }
-            }
-        }
-        Ok(sizes)
+        crate::inputs::check(&self.manifest, &self.max, self.has_states(), &self.token_inputs, inputs)
     }
 
     /// The inputs the caller writes: every input but the KV caches, which the model keeps.
     fn caller_inputs(&self) -> impl Iterator<Item = &kiln_ir::artifact::NamedBuffer> {
-        self.manifest
-            .inputs
-            .iter()
-            .filter(|i| !matches!(self.manifest.buffer(i.buffer).storage, Storage::State { .. }))
+        crate::inputs::caller_inputs(&self.manifest)
     }
 
     fn has_states(&self) -> bool {
@@ -833,8 +688,12 @@ fn load_params<P: Into<Param>>(
                 if v.dtype != d.dtype || v.shape != d.shape || v.len() as u64 != bytes {
                     return Err(RuntimeError::ParamType {
                         name: v.name.clone(),
-                        expected: shape_text(d.dtype, &d.shape),
-                        found: format!("{} mapped in {} bytes", shape_text(v.dtype, &v.shape), v.len()),
+                        expected: crate::inputs::shape_text(d.dtype, &d.shape),
+                        found: format!(
+                            "{} mapped in {} bytes",
+                            crate::inputs::shape_text(v.dtype, &v.shape),
+                            v.len()
+                        ),
                     });
                 }
                 out.insert(v.name.clone(), ParamMemory::Mapped(v));
@@ -845,8 +704,12 @@ fn load_params<P: Into<Param>>(
         if t.dtype != d.dtype || t.shape != d.shape || t.data.len() != d.numel {
             return Err(RuntimeError::ParamType {
                 name: t.name.clone(),
-                expected: shape_text(d.dtype, &d.shape),
-                found: format!("{} with {} values", shape_text(t.dtype, &t.shape), t.data.len()),
+                expected: crate::inputs::shape_text(d.dtype, &d.shape),
+                found: format!(
+                    "{} with {} values",
+                    crate::inputs::shape_text(t.dtype, &t.shape),
+                    t.data.len()
+                ),
             });
         }
         let bytes = d.numel as u64 * d.dtype.size_bytes();
@@ -854,7 +717,7 @@ fn load_params<P: Into<Param>>(
             .ok_or_else(|| RuntimeError::OutOfMemory { bytes, what: format!("parameter `{}`", d.name) })?;
         encode(d.dtype, &t.data, mem.bytes_mut()).map_err(|reason| RuntimeError::ParamType {
             name: t.name.clone(),
-            expected: shape_text(d.dtype, &d.shape),
+            expected: crate::inputs::shape_text(d.dtype, &d.shape),
             found: reason,
         })?;
         out.insert(t.name, ParamMemory::Owned(mem));
@@ -863,35 +726,6 @@ fn load_params<P: Into<Param>>(
         return Err(RuntimeError::MissingParam { name: d.name.clone(), count: decls.len() });
     }
     Ok(out)
-}
-
-/// The graph inputs that feed an `embedding` kernel's ids (directly or through reshapes), each with
-/// the rows of the smallest table it indexes. Kernels are named `k_{op}_{hash}` and an embedding
-/// takes `(table, ids)`, as the manifest format documents.
-fn token_inputs(m: &Manifest) -> HashMap<String, u64> {
-    // The buffer each alias views, followed back to its source.
-    let mut source: HashMap<BufferId, BufferId> = HashMap::new();
-    for s in &m.program {
-        if let Step::Alias { buffer, source: src } = s {
-            let root = source.get(src).copied().unwrap_or(*src);
-            source.insert(*buffer, root);
-        }
-    }
-    let mut out: HashMap<String, u64> = HashMap::new();
-    for s in &m.program {
-        let Step::Launch { kernel, buffers, .. } = s else { continue };
-        let k = m.kernel(*kernel);
-        if !k.name.starts_with("k_embedding_") || buffers.len() < 2 {
-            continue;
-        }
-        let Some(rows) = k.args[0].shape.first().and_then(|d| d.as_known()) else { continue };
-        let ids = source.get(&buffers[1]).copied().unwrap_or(buffers[1]);
-        if let Some(input) = m.inputs.iter().find(|i| i.buffer == ids) {
-            let e = out.entry(input.name.clone()).or_insert(rows);
-            *e = (*e).min(rows);
-        }
-    }
-    out
 }
 
 impl crate::generate::Engine for CpuModel {

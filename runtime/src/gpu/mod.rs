@@ -35,7 +35,6 @@
 //! overlap of copies with kernels.
 
 mod device;
-mod inputs;
 pub mod plan;
 
 use std::collections::HashMap;
@@ -48,6 +47,7 @@ use kiln_ir::{DType, Sym, SymBindings};
 
 use crate::artifact::Artifact;
 use crate::host::{decode, decode_f32, encode};
+use crate::inputs;
 use crate::weights::{manifest_params, HostData, HostTensor, Param, WeightError};
 use crate::RuntimeError;
 

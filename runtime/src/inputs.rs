@@ -5,8 +5,8 @@
 //! indexes (the kernels clamp ids, so a bad one would silently read another row); with a KV cache,
 //! every position against the cache's capacity.
 //!
-//! These are the CPU backend's rules (`cpu::CpuModel::run`), written over a manifest and the
-//! loaded maxima only, so that either backend can call them. Inputs held in persistent state (a KV
+//! Both backends (`cpu::CpuModel::run`, `gpu::GpuModel::run`) call them: they are written over a
+//! manifest and the loaded maxima only. Inputs held in persistent state (a KV
 //! cache, [`Storage::State`]) are the runtime's, not the caller's: they are not asked for, and
 //! giving one is an unknown input.
 
