@@ -2,8 +2,8 @@
 //! multi-threaded, at square sizes. A measurement to read, not a test: nothing here asserts a speed.
 //!
 //! kiln's side compiles `x[M, K] @ w[N, K]^T` for each size into a shared library (the same path as
-//! `kiln compile --target cpu`) and splits the `M` rows over `std::thread::scope` threads through the
-//! packed entry's `[lo, hi)` range. matrixmultiply computes the same product (`w^T` by strides) on its
+//! `kiln compile --target cpu`) and splits its work items (rows of column panels) over
+//! `std::thread::scope` threads through the packed entry's `[lo, hi)` range. matrixmultiply computes the same product (`w^T` by strides) on its
 //! own thread pool, sized from `MATMUL_NUM_THREADS`, which this command sets from `--threads`
 //! (matrixmultiply uses at most 4). Each side runs once to warm up, then `--reps` times; the best
 //! time counts. The two results are compared before anything is printed.
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use kiln_compiler::codegen::{cpu, lower_module, Kernel, Target};
+use kiln_compiler::codegen::{cpu, lower_module, Kernel, LaunchShape, Target};
 use kiln_ir::{DType, Op, TensorType};
 
 /// The packed entry of a CPU kernel (see `kiln_compiler::codegen::cpu`).
@@ -144,9 +144,13 @@ fn decode_speed(dir: &std::path::Path, req: &CompareRequest) -> Result<(Option<f
         GenerateOptions { max_new_tokens: req.new_tokens, sampling: Sampling::Greedy, stop_tokens: vec![] };
     generate(&mut model, &prompts, &GenerateOptions { max_new_tokens: 1, ..opts.clone() }, &mut |_| {})?;
     let g = generate(&mut model, &prompts, &opts, &mut |_| {})?;
-    // The decode program's launches when there is one: that is what a decode step runs.
-    let program = m.decode.as_ref().map_or(&m.program, |d| &d.program);
-    let launches = program.iter().filter(|s| matches!(s, kiln_ir::artifact::Step::Launch { .. })).count();
+    // The decode program's launches when there is one: that is what a decode step runs, less the
+    // weight-only launches the runtime ran once at load.
+    let program = m.decode_view().unwrap_or_else(|| m.clone());
+    let folded = program.weight_only_steps();
+    let launches = (program.program.iter().enumerate())
+        .filter(|(i, s)| matches!(s, kiln_ir::artifact::Step::Launch { .. }) && !folded.contains(i))
+        .count();
     Ok((g.stats.decode_tokens_per_s(), g.tokens[0].clone(), launches))
 }
 
@@ -213,7 +217,7 @@ fn best_of(reps: usize, mut once: impl FnMut()) -> Duration {
         .unwrap_or_default()
 }
 
-/// Calls kiln's kernel on rows `[lo, hi)` of `y = x @ w^T`.
+/// Calls kiln's kernel on work items `[lo, hi)` of `y = x @ w^T` (rows of column panels).
 fn kiln_rows(f: Packed, bufs: [usize; 3], lo: usize, hi: usize) {
     let ptrs: [*mut u8; 3] = bufs.map(|p| p as *mut u8);
     // SAFETY: `f` is the packed entry of a linear kernel over three n x n f32 buffers, which are
@@ -221,13 +225,14 @@ fn kiln_rows(f: Packed, bufs: [usize; 3], lo: usize, hi: usize) {
     unsafe { f(ptrs.as_ptr(), std::ptr::null(), lo as i64, hi as i64) }
 }
 
-fn kiln_gemm(f: Packed, x: &[f32], w: &[f32], y: &mut [f32], n: usize, threads: usize) {
+/// kiln's product over `work` items (the kernel's launch shape), split evenly over the threads.
+fn kiln_gemm(f: Packed, x: &[f32], w: &[f32], y: &mut [f32], work: usize, threads: usize) {
     let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.as_mut_ptr() as usize];
     std::thread::scope(|s| {
         for t in 1..threads {
-            s.spawn(move || kiln_rows(f, bufs, n * t / threads, n * (t + 1) / threads));
+            s.spawn(move || kiln_rows(f, bufs, work * t / threads, work * (t + 1) / threads));
         }
-        kiln_rows(f, bufs, 0, n / threads);
+        kiln_rows(f, bufs, 0, work / threads);
     });
 }
 
@@ -295,13 +300,17 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, out: &mut dyn Write) -> Re
 
     writeln!(out, "gemm f32, y = x @ w^T, {threads} threads, best of {} after a warm-up", reps.max(1))?;
     writeln!(out, "{:>8} {:>14} {:>22} {:>8}", "M=N=K", "kiln GFLOP/s", "matrixmultiply GFLOP/s", "ratio")?;
-    for (kernel, &n) in kernels.iter().zip(sizes) {
+    for ((kernel, lowered), &n) in kernels.iter().zip(&module.kernels).zip(sizes) {
+        let work = match lowered.launch {
+            LaunchShape::Cpu { work } => work.as_known().unwrap_or(n as u64) as usize,
+            LaunchShape::Gpu { .. } => bail!("the CPU module has a GPU kernel"),
+        };
         let symbol = format!("{}{}", kernel.name, cpu::PACKED_SUFFIX);
         // SAFETY: every packed entry has the `Packed` signature.
         let f: Packed = unsafe { *lib.get::<Packed>(symbol.as_bytes())? };
         let (x, w) = (data(n * n, 1), data(n * n, 2));
         let (mut y_kiln, mut y_ref) = (vec![0f32; n * n], vec![0f32; n * n]);
-        let t_kiln = best_of(reps, || kiln_gemm(f, &x, &w, &mut y_kiln, n, threads));
+        let t_kiln = best_of(reps, || kiln_gemm(f, &x, &w, &mut y_kiln, work, threads));
         let t_ref = best_of(reps, || reference_gemm(&x, &w, &mut y_ref, n));
         // Sums of n products of values in [-1, 1): compare relative to sqrt(n), their typical size.
         let scale = (n as f32).sqrt();

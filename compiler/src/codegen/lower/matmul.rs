@@ -225,8 +225,9 @@ pub(super) fn linear_with(
     let k = f.dim(w[1]);
     Ok(match f.target {
         Target::Cpu => {
-            linear_cpu(f, x, weights, &n, &k, store);
-            LaunchShape::Cpu { work: rows }
+            let work = linear_cpu_work(f, rows, w[0])?;
+            linear_cpu(f, x, weights, (&m, &n, &k), store);
+            LaunchShape::Cpu { work }
         }
         Target::Gpu => {
             let zero = f.b.index(0);
@@ -400,7 +401,17 @@ pub(super) fn grouped_with(
     })
 }
 
-fn linear_cpu(f: &mut Frame, x: &Operand, weights: &[Operand], n: &Value, k: &Value, store: Store) {
+/// The CPU `linear` over work items `[lo, hi)` of `M * panels`: item `i` is row `i mod M` of column
+/// panel `i / M` (`NB` weight rows). Panel-major order keeps a thread's range on one panel across
+/// consecutive rows (the panel stays in cache), and a single row (a decode step's GEMV) still splits
+/// over the threads by panels.
+fn linear_cpu(
+    f: &mut Frame,
+    x: &Operand,
+    weights: &[Operand],
+    (m, n, k): (&Value, &Value, &Value),
+    store: Store,
+) {
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let vl = f.b.index(VL);
     let kq = f.b.divui(k, &vl);
@@ -408,26 +419,45 @@ fn linear_cpu(f: &mut Frame, x: &Operand, weights: &[Operand], n: &Value, k: &Va
     // Each weight takes a share of the block's columns, so the accumulators stay in registers.
     let nr_full = (NR / weights.len()).max(1);
     let (mr, nr, nb, one) = (f.b.index(MR as i64), f.b.index(nr_full as i64), f.b.index(NB), f.b.index(1));
-    let zero = f.b.index(0);
-    let span = f.b.subi(&hi, &lo);
-    let blocks = f.b.divui(&span, &mr);
-    let full = f.b.muli(&blocks, &mr);
-    let m_full = f.b.addi(&lo, &full);
     let g = Gemv { n: n.clone(), k: k.clone(), kvec, x: x.clone(), weights: weights.to_vec(), store };
-    for_loop(f, &zero, n, &nb, |f, p| {
-        let end = f.b.addi(p, &nb);
+    // Panels the range touches: lo / M ..= (hi - 1) / M.
+    let first = f.b.divui(&lo, m);
+    let m1 = f.b.subi(m, &one);
+    let hi_up = f.b.addi(&hi, &m1);
+    let last = f.b.divui(&hi_up, m);
+    for_loop(f, &first, &last, &one, |f, pi| {
+        let base = f.b.muli(pi, m);
+        let top = f.b.addi(&base, m);
+        let r_lo = f.b.op("i", format_args!("arith.maxui {lo}, {base} : index"));
+        let r_hi = f.b.minui(&hi, &top);
+        let r_lo = f.b.subi(&r_lo, &base);
+        let r_hi = f.b.subi(&r_hi, &base);
+        let span = f.b.subi(&r_hi, &r_lo);
+        let blocks = f.b.divui(&span, &mr);
+        let full = f.b.muli(&blocks, &mr);
+        let m_full = f.b.addi(&r_lo, &full);
+        let p = f.b.muli(pi, &nb);
+        let end = f.b.addi(&p, &nb);
         let p_end = f.b.minui(&end, n);
-        let len = f.b.subi(&p_end, p);
+        let len = f.b.subi(&p_end, &p);
         let q = f.b.divui(&len, &nr);
         let qn = f.b.muli(&q, &nr);
-        let p_full = f.b.addi(p, &qn);
-        for (m_lo, m_hi, m_step, mr) in [(&lo, &m_full, &mr, MR), (&m_full, &hi, &one, 1)] {
+        let p_full = f.b.addi(&p, &qn);
+        for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
             for_loop(f, m_lo, m_hi, m_step, |f, m0| {
-                for_loop(f, p, &p_full, &nr, |f, n0| g.block(f, m0, n0, mr, nr_full));
+                for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, m0, n0, mr, nr_full));
                 for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, m0, n0, mr, 1));
             });
         }
     });
+}
+
+/// The CPU work of a `linear` of `rows` rows by `n` weight rows: one item per row and column panel.
+pub(super) fn linear_cpu_work(f: &Frame, rows: Dim, n: Dim) -> Result<Dim, LowerError> {
+    let n = n.as_known().ok_or_else(|| f.unsupported("linear", "the weight's rows must be a constant"))?;
+    let panels = n.div_ceil(NB as u64).max(1);
+    rows.checked_mul(Dim::known(panels))
+        .ok_or_else(|| f.unsupported("linear", "the work does not fit a dimension"))
 }
 
 /// The sizes and buffers one CPU `linear` block needs.
