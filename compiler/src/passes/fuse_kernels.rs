@@ -19,6 +19,7 @@
 //! fp8-gemm            x @ dequantize(w8, s)^T with x = dequantize(q, sx)   one pass, FP8 loads
 //! gemm-rope           rope(split(x @ w^T)), plain weights only             phased [gemm; split; rope]
 //! elementwise-chain   connected elementwise ops                           one pass
+//! decode-phases       a decode layer's remaining launches, in order        phased, small weights only
 //! ```
 //!
 //! `fp8-gemm` is what keeps dequantised weights out of memory: the `dequantize` of a weight (and of
@@ -71,6 +72,9 @@ pub const ELEMENTWISE_CHAIN: &str = "elementwise-chain";
 /// absorption of `W_UK`, scores over the latent and rope parts of the cache with an online softmax,
 /// the weighted sum and `W_UV`, in one launch.
 pub const LATENT_ATTENTION: &str = "latent-attention";
+/// In a decode program, the remaining launches of a layer merged in order into phased kernels
+/// (see [`SMALL_WEIGHT_BYTES`]).
+pub const DECODE_PHASES: &str = "decode-phases";
 
 /// The rules of this pass, in the order the trace lists them.
 pub const RULES: &[&str] = &[
@@ -83,6 +87,7 @@ pub const RULES: &[&str] = &[
     FP8_GEMM,
     GEMM_ROPE,
     ELEMENTWISE_CHAIN,
+    DECODE_PHASES,
 ];
 
 pub fn run(graph: &mut Graph, _opts: &Options) -> Result<Changed, PassError> {
@@ -404,11 +409,118 @@ pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
         }
     }
 
-    if groups.is_empty() {
-        return Ok(trace);
+    if !groups.is_empty() {
+        *graph = rebuild(&cx, &groups)?;
     }
-    *graph = rebuild(&cx, &groups)?;
+    decode_phases(graph, &mut trace)?;
     Ok(trace)
+}
+
+/// The largest weight (bytes) a GEMM may read inside a `decode-phases` kernel: one work item streams
+/// it in about the time a launch costs; a bigger GEMM keeps a kernel of its own, whose work the
+/// threads share.
+pub const SMALL_WEIGHT_BYTES: u64 = 64 << 10;
+
+/// Whether `g` (or a fused body in it) has an attention that reads a cache at positions: a decode
+/// program, whose steps have one token per sequence.
+fn is_decode(g: &Graph) -> bool {
+    g.nodes().into_iter().any(|n| match &g.node(n).op {
+        Op::Attention { .. } => g.node(n).inputs.len() == 4,
+        Op::Fused { body, .. } => is_decode(body),
+        _ => false,
+    })
+}
+
+/// `decode-phases`: in a decode program, the launches left in each decoder layer are merged, in
+/// program order, into phased kernels, a group closing at a `cache_update` (a launch of its own), at
+/// a GEMM whose weights exceed [`SMALL_WEIGHT_BYTES`], at the end of the layer, or where the group
+/// would stop lowering. With one token per sequence every phase is small, so one work item running
+/// them all costs less than the launches it replaces. Weight-only nodes stay out (the runtime
+/// computes them at load).
+fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> {
+    if !is_decode(graph) {
+        return Ok(());
+    }
+    let order = graph.nodes();
+    let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let cx = Ctx { g: graph, order, pos, taken: HashSet::new() };
+    let weight_only = weight_only(&cx);
+    let layer = |p: usize| {
+        let scope = cx.node(p).scope.as_deref()?;
+        let rest = scope.strip_prefix("model.layers.")?;
+        rest.split('.').next()?.parse::<u64>().ok()
+    };
+    let weight_bytes = |p: usize| -> u64 {
+        (cx.node(p).inputs.iter())
+            .filter(|&&v| {
+                let q = cx.producer(v);
+                weight_only.contains(&q) || matches!(cx.node(q).op, Op::Param { .. })
+            })
+            .map(|&v| {
+                cx.g.ty(v).known_numel().unwrap_or(u64::MAX).saturating_mul(cx.g.ty(v).dtype.size_bytes())
+            })
+            .sum()
+    };
+    let joinable = |p: usize| {
+        let op = &cx.node(p).op;
+        !weight_only.contains(&p)
+            && !matches!(
+                op,
+                Op::Input { .. }
+                    | Op::Param { .. }
+                    | Op::Constant { .. }
+                    | Op::CacheUpdate
+                    | Op::Send { .. }
+                    | Op::Recv { .. }
+            )
+            && layer(p).is_some()
+            && weight_bytes(p) <= SMALL_WEIGHT_BYTES
+    };
+    let computing =
+        |g: &Group| g.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
+    let mut groups: Vec<(Group, String)> = Vec::new();
+    let mut current: Option<Group> = None;
+    let close = |current: &mut Option<Group>, groups: &mut Vec<(Group, String)>| {
+        if let Some(g) = current.take() {
+            if computing(&g) >= 2 {
+                groups.push((g, DECODE_PHASES.to_string()));
+            }
+        }
+    };
+    for p in 0..cx.order.len() {
+        if matches!(cx.node(p).op, Op::Param { .. } | Op::Constant { .. }) || weight_only.contains(&p) {
+            continue;
+        }
+        if !joinable(p) {
+            close(&mut current, &mut groups);
+            continue;
+        }
+        let extended = match &current {
+            Some(g) if layer(g.anchor) == layer(p) => {
+                let mut trial = g.clone();
+                trial.nodes.insert(p);
+                cx.lowers(&trial).then_some(trial)
+            }
+            _ => None,
+        };
+        match extended {
+            Some(g) => current = Some(g),
+            None => {
+                close(&mut current, &mut groups);
+                current = Some(Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p });
+            }
+        }
+    }
+    close(&mut current, &mut groups);
+    if groups.is_empty() {
+        return Ok(());
+    }
+    for _ in &groups {
+        trace.fire(DECODE_PHASES);
+    }
+    let rebuilt = rebuild(&cx, &groups)?;
+    *graph = rebuilt;
+    Ok(())
 }
 
 /// Positions of the nodes that read only weights and constants (and such nodes): computed once at
