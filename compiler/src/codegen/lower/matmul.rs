@@ -1,9 +1,11 @@
 //! Matrix products: `linear` (`x[..., K] @ w[N, K]^T`, PyTorch's weight layout) and `matmul`
 //! (`a[..., M, K] @ b[..., K, N]` with broadcast batch dimensions).
 //!
-//! CPU `linear` is the kernel built to become fast. Its work items are the `M` rows of `x`, so a thread
-//! pool splits `M`. Within `[lo, hi)` the columns are taken in panels of [`NB`] weight rows (a panel of
-//! `NB x K` weights stays in L2 while every row of the range passes over it), and each panel is
+//! CPU `linear` is the kernel built to become fast. Its work items are `(column panel, row)` pairs,
+//! `M * ceil(N / NB)` of them in panel-major order, so a thread pool splits both: a range of items
+//! covers consecutive rows of one panel of [`NB`] weight rows (the `NB x K` panel stays in L2 while
+//! those rows pass over it), and a single row (a decode step's GEMV) still splits by panels. Each
+//! panel is
 //! covered by [`MR`] x [`NR`] register blocks: `MR * NR` accumulators of `vector<8xf32>`, each a dot
 //! product along `K` (both operands are contiguous in `K`), fed by `MR + NR` vector loads per
 //! `MR * NR` `vector.fma`s; a horizontal sum and a scalar loop over the last `K mod 8` finish each
