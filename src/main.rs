@@ -131,6 +131,10 @@ enum Command {
         /// artifacts only).
         #[arg(long)]
         expert_load: bool,
+        /// After generation, print the time spent in each kernel, most first (compiled artifacts on
+        /// the CPU only).
+        #[arg(long)]
+        profile: bool,
         /// Write every logits row generation reads (the last position of each sequence, each step)
         /// to FILE, one line of numbers per row: to compare devices (scripts/gpu-check.sh).
         #[arg(long, value_name = "FILE")]
@@ -209,6 +213,7 @@ fn run(command: Command) -> Result<()> {
             top_p,
             seed,
             expert_load,
+            profile,
             dump_logits,
         } => {
             let weights = match (&weights, random_weights) {
@@ -229,6 +234,7 @@ fn run(command: Command) -> Result<()> {
                 stop_ids,
                 sampling: run::sampling(temperature, top_p, seed),
                 expert_load,
+                profile,
                 dump_logits: dump_logits.as_deref(),
             };
             run::run(&req, &mut io::stdout().lock())

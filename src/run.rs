@@ -74,6 +74,8 @@ pub struct Request<'a> {
     pub sampling: Sampling,
     /// Print the per-expert load of the compiled kernels after generation.
     pub expert_load: bool,
+    /// `--profile`: time per kernel after generation.
+    pub profile: bool,
     /// Write every logits row generation read to this file (`--dump-logits`).
     pub dump_logits: Option<&'a Path>,
 }
@@ -211,6 +213,9 @@ fn cpu_options(threads: Option<usize>) -> CpuOptions {
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let prompt = prompt(req)?;
+    if req.profile && (req.interp || req.device == Device::Cuda) {
+        bail!("--profile times the CPU backend's kernels; run an artifact on the CPU (no --interp, no --device cuda)");
+    }
     if req.expert_load && req.interp {
         bail!(
             "--expert-load reports what the compiled kernels routed; it is not available with --interp: \
@@ -283,9 +288,25 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         model.arena_bytes(),
         declared.saturating_sub(mapped)
     );
+    model.set_profiling(req.profile);
     generate_and_report(&mut model, name, &what, eos, &prompt, req, out)?;
     if req.expert_load {
         write_expert_load(&model.expert_load(), out)?;
+    }
+    if req.profile {
+        write_profile(&model.profile(), out)?;
+    }
+    Ok(())
+}
+
+/// `--profile`: the kernels by time, with their share of the total.
+fn write_profile(times: &[kiln_runtime::cpu::KernelTime], out: &mut impl Write) -> Result<()> {
+    let total: u64 = times.iter().map(|t| t.nanos).sum();
+    writeln!(out, "profile: {:.1} ms in kernels (prefill and decode runs together)", total as f64 / 1e6)?;
+    writeln!(out, "{:>8} {:>6} {:>9}  kernel", "ms", "share", "launches")?;
+    for t in times.iter().filter(|t| t.nanos > 0).take(20) {
+        let share = 100.0 * t.nanos as f64 / total.max(1) as f64;
+        writeln!(out, "{:>8.2} {share:>5.1}% {:>9}  {}", t.nanos as f64 / 1e6, t.launches, t.name)?;
     }
     Ok(())
 }

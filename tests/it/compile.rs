@@ -398,8 +398,9 @@ fn bench_gemm_prints_a_table() {
     assert!(lines[0].starts_with("gemm f32, y = x @ w^T, 2 threads"), "{}", lines[0]);
     let row: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(row[0], "64");
+    // Rates and their ratio: numbers (a loaded machine can print a rate or ratio that rounds to 0).
     for v in &row[1..] {
-        assert!(v.parse::<f64>().is_ok_and(|x| x > 0.0), "{}", lines[2]);
+        assert!(v.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()), "{}", lines[2]);
     }
 }
 

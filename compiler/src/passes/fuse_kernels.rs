@@ -10,14 +10,14 @@
 //! claim nodes (a node joins one group at most):
 //!
 //! ```text
-//! latent-attention    absorb W_UK, attention over the cache, apply W_UV   one kernel, phased
+//! latent-attention    absorb W_UK, attention over the cache, apply W_UV   phased; W_UK/W_UV <= 64 KiB
 //! router              linear(x, gate) -> moe_route                       one kernel, phased
 //! add-rms-norm        rms_norm(a + b, w), the sum a result too             one pass (row)
 //! add-rms-norm-quant  the same, then quantize of the norm                 phased [row; quantize]
 //! gemm-swiglu         silu(x @ gate^T) * (x @ up^T), linear or grouped      one pass
 //! gemm-residual       x @ w^T + r (+ more elementwise)                    one pass
 //! fp8-gemm            x @ dequantize(w8, s)^T with x = dequantize(q, sx)   one pass, FP8 loads
-//! gemm-rope           rope(split(x @ w^T)), plain weights only             phased [gemm; split; rope]
+//! gemm-rope           rope(split(x @ w^T)), plain weights <= 64 KiB        phased [gemm; split; rope]
 //! elementwise-chain   connected elementwise ops                           one pass
 //! decode-phases       a decode layer's remaining launches, in order        phased, small weights only
 //! ```
@@ -36,8 +36,10 @@
 //! Running it again changes nothing: fused nodes are not regrouped.
 //!
 //! `latent-attention` takes the nodes `fuse-mla-latent` scoped `.absorbed` around a decode attention
-//! (one that reads the cache at `positions`), except those that read only weights: the runtime
-//! computes the per-head halves of `kv_b_proj` once at load, and the kernel reads them.
+//! (one that reads the cache at `positions`), except those that read only weights (the runtime
+//! computes the per-head halves of `kv_b_proj` once at load, and the kernel reads them) and the
+//! absorption GEMMs whose halves exceed [`SMALL_WEIGHT_BYTES`]: those keep GEMM kernels the threads
+//! share, and the rule fuses the query's assembly, the attention and the split of its result.
 //!
 //! Does not do: reorder, recompute or duplicate anything but a GEMM operand's `dequantize`, or fuse
 //! across `fused` nodes or a `cache_update` (which is a launch of its own, writing in place).
@@ -313,7 +315,15 @@ pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
             let before = node.inputs.iter().map(|&v| cx.producer(v));
             let after = node.results.iter().flat_map(|&r| cx.users(r));
             for r in before.chain(after).collect::<Vec<_>>() {
-                if absorbed(r) && cx.free(r) && !weight_only.contains(&r) && group.nodes.insert(r) {
+                // A big absorption GEMM keeps a kernel of its own that the threads share.
+                let big = matches!(cx.node(r).op, Op::MatMul)
+                    && cx.node(r).inputs.iter().any(|&v| {
+                        let t = cx.g.ty(v);
+                        weight_only.contains(&cx.producer(v))
+                            && t.known_numel().unwrap_or(u64::MAX).saturating_mul(t.dtype.size_bytes())
+                                > SMALL_WEIGHT_BYTES
+                    });
+                if absorbed(r) && cx.free(r) && !weight_only.contains(&r) && !big && group.nodes.insert(r) {
                     stack.push(r);
                 }
             }
@@ -620,8 +630,14 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
     if !rules.is_empty() {
         return Some((group, rules));
     }
-    // gemm-rope: a plain GEMM whose result, maybe reshaped, is split and a part rotated.
+    // gemm-rope: a plain GEMM whose result, maybe reshaped, is split and a part rotated. Its kernel
+    // is phased (one work item), so only for a small weight: a big one keeps a GEMM the threads
+    // share.
     if !matches!(node.op, Op::Linear) || !base.cloned.is_empty() || anchors.len() != 1 {
+        return None;
+    }
+    let w = cx.g.ty(node.inputs[1]);
+    if w.known_numel().unwrap_or(u64::MAX).saturating_mul(w.dtype.size_bytes()) > SMALL_WEIGHT_BYTES {
         return None;
     }
     let mut rope = base;

@@ -46,9 +46,11 @@
 mod expert_load;
 mod pool;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kiln_ir::artifact::{ArgRole, BufferId, KernelIndex, Manifest, Step, Storage};
 use kiln_ir::{DType, Dim, Sym, SymBindings};
@@ -148,8 +150,19 @@ pub struct CpuModel {
     decoded: bool,
     /// Weight-only values computed once at load (see [`CpuModel::load`]), pointed to by launches.
     folded: HashMap<BufferId, Memory>,
+    /// Nanoseconds spent in each launch over every run, when profiling ([`CpuModel::set_profiling`]).
+    profile: Option<Vec<Cell<u64>>>,
     // Declared last: dropped after everything that points into it (the entries above).
     _library: Arc<libloading::Library>,
+}
+
+/// One kernel's share of a profile ([`CpuModel::profile`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelTime {
+    pub name: String,
+    /// Launches of the kernel in one run of each program that has it (its layers, mostly).
+    pub launches: usize,
+    pub nanos: u64,
 }
 
 /// The buffer an alias chain ends at.
@@ -396,6 +409,7 @@ impl CpuModel {
             moe: expert_load::probes(m, &folded_steps),
             decode: None,
             folded: folded_mem,
+            profile: None,
             decoded: false,
             _library: Arc::clone(library),
         })
@@ -419,6 +433,36 @@ impl CpuModel {
     pub fn param_bytes(&self) -> usize {
         let params: usize = self.params.values().map(|p| p.bytes().len()).sum();
         params + self.constants.values().map(Memory::len).sum::<usize>()
+    }
+
+    /// Turns per-launch timing on (every counter back to zero) or off, for this program and the
+    /// decode program. Timing costs a clock read per launch.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| (0..self.launches.len()).map(|_| Cell::new(0)).collect());
+        if let Some(d) = &mut self.decode {
+            d.set_profiling(on);
+        }
+    }
+
+    /// Time per kernel over every run since profiling was turned on, in both programs, most first:
+    /// the kernel's name, its launches per run of its programs, and the total time.
+    pub fn profile(&self) -> Vec<KernelTime> {
+        let mut by_kernel: HashMap<usize, KernelTime> = HashMap::new();
+        for model in std::iter::once(self).chain(self.decode.as_deref()) {
+            let Some(p) = &model.profile else { continue };
+            for (l, t) in model.launches.iter().zip(p) {
+                let e = by_kernel.entry(l.kernel).or_insert_with(|| KernelTime {
+                    name: model.manifest.kernels[l.kernel].name.clone(),
+                    launches: 0,
+                    nanos: 0,
+                });
+                e.launches += 1;
+                e.nanos += t.get();
+            }
+        }
+        let mut out: Vec<KernelTime> = by_kernel.into_values().collect();
+        out.sort_by(|a, b| b.nanos.cmp(&a.nanos).then(a.name.cmp(&b.name)));
+        out
     }
 
     /// Bytes of the weight-only values computed once at load (see [`CpuModel::load`]), in this
@@ -556,6 +600,17 @@ impl CpuModel {
                     HostData::I64(v) => offsets.push(v),
                     HostData::F32(_) => unreachable!("an i32 buffer decodes to integers"),
                 }
+            }
+        };
+        // With profiling on, the time from one launch's start to the next (the pool waits for
+        // every launch to finish before the next starts).
+        let mut clock = self.profile.as_ref().map(|_| Instant::now());
+        let mut read_probe = |i: usize| {
+            read_probe(i);
+            if let (Some(t), Some(p)) = (clock.as_mut(), &self.profile) {
+                let now = Instant::now();
+                p[i].set(p[i].get() + (now - *t).as_nanos() as u64);
+                *t = now;
             }
         };
         let job = |l: &Launch| {

@@ -344,8 +344,47 @@ pub(super) fn grouped_with(
             }
         }
         let fzero = f.b.f32(0.0);
-        let inits: Vec<(Value, &str)> = weights.iter().map(|_| (fzero.clone(), "f32")).collect();
-        let dots = for_carry(f, &zero, &k, &one, &inits, |f, i, acc| {
+        // Plain f32 operands: vectors of 8 along K, then the scalar loop below finishes the tail.
+        let vector = f.target == Target::Cpu
+            && matches!(x, Operand::Plain(b) if f.bufs[*b].ty.dtype == DType::F32)
+            && reads.iter().all(|(_, dtype, scales)| *dtype == DType::F32 && scales.is_none());
+        let (tail, inits): (Value, Vec<(Value, &str)>) = if vector {
+            let vl = f.b.index(VL);
+            let kq = f.b.divui(&k, &vl);
+            let kvec = f.b.muli(&kq, &vl);
+            let zero_v = f.b.constant("dense<0.0>", VEC);
+            let vinits: Vec<(Value, &str)> = weights.iter().map(|_| (zero_v.clone(), VEC)).collect();
+            let Operand::Plain(xb) = *x else { unreachable!("checked above") };
+            let xbase = f.b.muli(m, &k);
+            let accs = for_carry(f, &zero, &kvec, &vl, &vinits, |f, i, acc| {
+                let xi = f.b.addi(&xbase, i);
+                let xv = f.load_vec(xb, &xi);
+                let wi = f.b.addi(&wstart, i);
+                reads
+                    .iter()
+                    .zip(acc)
+                    .map(|((view, _, _), a)| {
+                        let wv =
+                            f.b.op("wv", format_args!("vector.load {view}[{wi}] : memref<?xf32>, {VEC}"));
+                        f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
+                    })
+                    .collect()
+            });
+            let sums = accs
+                .iter()
+                .map(|a| {
+                    let r = f.b.op(
+                        "s",
+                        format_args!("vector.reduction <add>, {a} fastmath<reassoc> : {VEC} into f32"),
+                    );
+                    (r, "f32")
+                })
+                .collect();
+            (kvec, sums)
+        } else {
+            (zero.clone(), weights.iter().map(|_| (fzero.clone(), "f32")).collect())
+        };
+        let dots = for_carry(f, &tail, &k, &one, &inits, |f, i, acc| {
             let xv = xr.at(f, i);
             let wi = f.b.addi(&wstart, i);
             reads
