@@ -15,6 +15,8 @@
 //! - [`weights`]: checkpoints, binding them to a graph's or a manifest's parameters, random weights.
 //! - [`host`]: aligned host memory and the byte encoding of each dtype.
 //! - [`cuda`]: driver and device discovery.
+//! - [`data`]: token datasets (rows of `T + 1` ids from a safetensors `tokens` tensor or a flat
+//!   `u16`/`u32` stream) for perplexity and training, checked against a model's vocabulary and context.
 //!
 //! Architecture invariant: the runtime never depends on the compiler and never links MLIR or LLVM;
 //! it reads artifacts. CUDA is reached through cudarc with dynamic loading, so the runtime builds and
@@ -23,6 +25,7 @@
 pub mod artifact;
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 mod error;
 pub mod generate;
 pub mod gpu;

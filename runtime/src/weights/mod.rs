@@ -25,7 +25,7 @@ mod random;
 pub mod safetensors;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -13,8 +13,9 @@ use super::checkpoint::dequantize_blocks;
 use super::safetensors::parse_bytes;
 use super::*;
 
-/// A fresh directory under the system temp dir, removed on drop.
-pub(super) struct TempDir(PathBuf);
+/// A fresh directory under the system temp dir, removed on drop (also used by `crate::data`'s tests;
+/// the workspace has no temp-dir crate).
+pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
