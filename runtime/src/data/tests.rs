@@ -470,3 +470,30 @@ fn from_rows_needs_whole_rows_of_two() {
     let rows = TokenRows::from_rows(2, vec![1, 2, 3, 4]).unwrap();
     assert_eq!((rows.rows(), rows.width(), rows.dropped(), rows.source()), (2, 2, 0, None));
 }
+
+// The perplexity golden's token files (tools/goldens/make_perplexity.py) read as transformers saw them.
+
+#[test]
+fn perplexity_golden_token_files_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/goldens/perplexity");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+    let p = dir.join("tokens.safetensors");
+    let rows = load_tokens(&p, &format_for(&p, None, None).unwrap()).unwrap();
+    assert_eq!(rows.rows() as u64, meta["rows"]["rows"].as_u64().unwrap());
+    assert_eq!(rows.width() as u64, meta["rows"]["width"].as_u64().unwrap());
+    assert_eq!(rows.targets(), meta["rows"]["targets"].as_u64().unwrap());
+    rows.check(meta["model"]["vocab_size"].as_u64().unwrap(), 32, "the golden").unwrap();
+
+    let seq_len = meta["stream"]["seq_len"].as_u64().unwrap();
+    let p = dir.join("tokens_u16.bin");
+    let stream = load_tokens(&p, &format_for(&p, StreamDType::parse("u16"), Some(seq_len)).unwrap()).unwrap();
+    assert_eq!(stream.rows() as u64, meta["stream"]["rows"].as_u64().unwrap());
+    assert_eq!(stream.width() as u64, seq_len + 1);
+    assert_eq!(stream.dropped(), meta["stream"]["dropped"].as_u64().unwrap());
+    assert_eq!(stream.targets(), meta["stream"]["targets"].as_u64().unwrap());
+    // The stream's rows as numpy saw them: row k is tokens 16k ..= 16k + 16.
+    let raw = std::fs::read(&p).unwrap();
+    let ids: Vec<i64> = raw.chunks_exact(2).map(|b| i64::from(u16::from_le_bytes([b[0], b[1]]))).collect();
+    assert_eq!(stream.row(5), &ids[80..97]);
+}
