@@ -1,6 +1,6 @@
-//! kiln's graph IR: element types and symbolic dimensions, the closed set of ops, the graph, its text
-//! format (`.kir`), the verifier, shape inference and the model specification shared by compiler and
-//! runtime.
+//! kiln's graph IR: element types and symbolic dimensions, the closed set of ops, the graph, modules
+//! (named programs over shared parameters and state), their text format (`.kir`), the verifiers,
+//! shape inference and the model specification shared by compiler and runtime.
 //!
 //! Architecture invariant: this crate knows nothing about TOML, MLIR, LLVM or CUDA. Its dependencies
 //! are petgraph, serde and thiserror.
@@ -10,6 +10,7 @@ pub mod diag;
 pub mod graph;
 pub mod infer;
 pub mod interp;
+pub mod module;
 pub mod op;
 pub mod spec;
 pub mod text;
@@ -18,7 +19,8 @@ pub mod verify;
 
 pub use diag::Diagnostic;
 pub use graph::{Graph, GraphError, Node, NodeId, ValueId};
+pub use module::{verify_module, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole};
 pub use op::{Attr, BinaryOp, Op, ReduceOp, UnaryOp};
 pub use spec::ModelSpec;
-pub use text::{parse, print, ParseError};
+pub use text::{parse, parse_module, print, print_module, ParseError};
 pub use types::{DType, Dim, Shape, Sym, SymBindings, TensorType};

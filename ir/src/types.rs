@@ -146,6 +146,11 @@ impl Dim {
         self.exps != [0; 3]
     }
 
+    /// Whether the symbol `s` appears in the dimension (`8*B*T` uses `B` and `T`, not `S`).
+    pub fn uses(self, s: Sym) -> bool {
+        self.exps[s.index()] != 0
+    }
+
     pub fn factor(self) -> u64 {
         self.factor
     }
@@ -344,6 +349,7 @@ mod tests {
         let bind = SymBindings { b: 2, t: 5, s: 9 };
         assert_eq!(d.eval(&bind), Some(80));
         assert_eq!(Dim::known(0).checked_mul(Dim::T), Some(Dim::known(0)));
+        assert!(d.uses(Sym::B) && d.uses(Sym::T) && !d.uses(Sym::S));
     }
 
     #[test]

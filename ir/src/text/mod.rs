@@ -1,4 +1,5 @@
-//! The text format of the graph IR (`.kir`): a printer and a parser with `parse(print(g)) == g`.
+//! The text format of the graph IR (`.kir`): a printer and a parser with `parse(print(g)) == g` for a
+//! graph and `parse_module(print_module(m)) == m` for a [`Module`].
 //!
 //! ```text
 //! graph @tiny {
@@ -41,19 +42,61 @@
 //! What the parser does not check is left to the verifier: it accepts any graph that the mutation API
 //! of [`Graph`] would build whose written types agree with inference. Two limits keep hostile input
 //! cheap: value numbers stop at `%16777215`, and lists and `fused` bodies nest at most 16 deep.
+//!
+//! # Modules
+//!
+//! A module file holds one `module`, whose programs are graphs in the grammar above:
+//!
+//! ```text
+//! module @tiny {
+//!   param "model.embed_tokens.weight" : f32[512, 64]
+//!   state "kv_cache.0" : f32[B, S, 1, 40] {role = kv_cache}
+//!   state "step" : i64[] {role = counter}
+//!   program "prefill" {kind = prefill} graph @tiny {
+//!     %0 = input {name = "tokens"} : i32[B, T]
+//!     %1 = input {name = "kv_cache.0"} : f32[B, S, 1, 40]
+//!     ...
+//!     output "kv_cache.0" = %12
+//!   }
+//!   program "decode" {kind = decode} graph @tiny {
+//!     ...
+//!   }
+//! }
+//! ```
+//!
+//! - `module @<name> {` opens the file and `}` on a line of its own closes it; the name is written as
+//!   a graph's is (bare when it is one word, quoted otherwise). Inside, one declaration per line:
+//! - `param "<name>" : <type>` declares a [`ParamDecl`](crate::module::ParamDecl).
+//! - `state "<name>" : <type> {role = <role>}` declares a [`StateDecl`](crate::module::StateDecl);
+//!   the role is one of [`StateRole::name`](crate::module::StateRole::name) (`kv_cache`, `trainable`,
+//!   `optimizer_moment`, `master_weight`, `gradient_accumulator`, `counter`).
+//! - `program "<name>" {kind = <kind>} graph @<name> {` starts a [`Program`](crate::module::Program),
+//!   with the kind one of [`ProgramKind::name`](crate::module::ProgramKind::name) (`forward`,
+//!   `prefill`, `decode`, `score`, `train_step`); the graph's statements follow, one level deeper,
+//!   and its `}` closes the program.
+//!
+//! The printer writes the parameters, then the states, then the programs, each in declaration order;
+//! the parser takes the lines in any order. The role and kind blocks are attribute blocks with
+//! exactly one attribute, so a later attribute (a state's initialiser, say) needs no new syntax. The
+//! parser rejects two declarations of one kind with the same name, which would make a name ambiguous;
+//! everything else about how declarations and programs fit together is
+//! [`verify_module`](crate::module::verify_module)'s to check.
 
 use std::fmt;
 
 use crate::diag::Diagnostic;
 use crate::graph::Graph;
+use crate::module::Module;
 
 mod lex;
+#[cfg(test)]
+mod module_tests;
 mod parse;
 mod print;
 #[cfg(test)]
 mod tests;
 
-pub use print::{node_line, print};
+pub use print::{node_line, print, print_module};
 
 /// A `.kir` file that does not parse, with the place and the reason.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +126,16 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
 /// Parses a graph from the text of the file `name` (used only in diagnostics).
 pub fn parse_file(name: &str, src: &str) -> Result<Graph, ParseError> {
     parse::parse_graph(src).map_err(|e| ParseError(Diagnostic::at_bytes(name, src, e.start, e.end, e.msg)))
+}
+
+/// Parses a module from text; diagnostics name the file `<input>`.
+pub fn parse_module(src: &str) -> Result<Module, ParseError> {
+    parse_module_file("<input>", src)
+}
+
+/// Parses a module from the text of the file `name` (used only in diagnostics).
+pub fn parse_module_file(name: &str, src: &str) -> Result<Module, ParseError> {
+    parse::parse_module(src).map_err(|e| ParseError(Diagnostic::at_bytes(name, src, e.start, e.end, e.msg)))
 }
 
 /// An error at bytes `start..end` of the source, before it is turned into a [`Diagnostic`].

@@ -9,15 +9,23 @@
 
 use crate::graph::{Graph, GraphError, ValueId};
 use crate::infer;
+use crate::module::Module;
 use crate::op::{Attr, Op};
 use crate::types::{DType, Dim, TensorType};
 
 use super::lex::{Lexer, Tok, Token};
 use super::SpanError;
 
+mod module;
+
 pub(crate) fn parse_graph(src: &str) -> Result<Graph, SpanError> {
     let mut p = Parser::new(src)?;
     p.graph()
+}
+
+pub(crate) fn parse_module(src: &str) -> Result<Module, SpanError> {
+    let mut p = Parser::new(src)?;
+    p.module()
 }
 
 /// A byte range of the source.
@@ -27,11 +35,13 @@ fn err(span: Span, msg: impl Into<String>) -> SpanError {
     SpanError::new(span.0, span.1, msg)
 }
 
-/// One written attribute: key, value, and the span from the key to the end of the value.
+/// One written attribute: key, value, the span from the key to the end of the value, and the span of
+/// the value alone.
 struct WrittenAttr {
     key: String,
     value: Attr,
     span: Span,
+    value_span: Span,
 }
 
 struct Parser<'a> {
@@ -96,40 +106,53 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A whole file holding one graph.
     fn graph(&mut self) -> Result<Graph, SpanError> {
         if self.tok.tok != Tok::Word("graph") {
             let msg = format!("expected `graph @<name> {{`, found {}", self.tok.tok.describe());
             return Err(err(self.here(), msg));
         }
+        let g = self.graph_def()?;
+        self.end_of_file("graph")?;
+        Ok(g)
+    }
+
+    /// `graph @<name> {`, its statements and the closing `}`; the current token is `graph`.
+    fn graph_def(&mut self) -> Result<Graph, SpanError> {
         self.bump()?;
         self.expect_punct('@', "`@` and the graph's name")?;
-        let name = match self.inline() {
-            Some(Tok::Word(w)) => w.to_string(),
-            Some(Tok::Str(s)) => s.to_string(),
-            _ => return Err(self.expected("the graph's name")),
-        };
-        self.bump()?;
+        let name = self.at_name("the graph's name")?;
         let open = self.expect_punct('{', "`{`")?;
         let mut g = Graph::new(name);
         self.body(&mut g, (open.start, open.end))?;
+        Ok(g)
+    }
+
+    /// The name after `@`: a word, or a quoted string for a name that is not one.
+    fn at_name(&mut self, what: &str) -> Result<String, SpanError> {
+        let name = match self.inline() {
+            Some(Tok::Word(w)) => w.to_string(),
+            Some(Tok::Str(s)) => s.to_string(),
+            _ => return Err(self.expected(what)),
+        };
+        self.bump()?;
+        Ok(name)
+    }
+
+    /// Nothing may follow the closing `}` of the file's `graph` or `module`.
+    fn end_of_file(&self, what: &str) -> Result<(), SpanError> {
         if self.tok.tok != Tok::Eof {
-            let msg = format!("unexpected {} after the end of the graph", self.tok.tok.describe());
+            let msg = format!("unexpected {} after the end of the {what}", self.tok.tok.describe());
             return Err(err(self.here(), msg));
         }
-        Ok(g)
+        Ok(())
     }
 
     /// Statements up to and including the `}` that closes the brace at `open`.
     fn body(&mut self, g: &mut Graph, open: Span) -> Result<(), SpanError> {
         let mut scope: Option<String> = None;
         loop {
-            if self.tok.tok == Tok::Eof {
-                return Err(err(open, "this `{` is never closed: expected `}` before the end of the file"));
-            }
-            if !self.tok.line_start {
-                let msg = format!("expected the end of the line, found {}", self.tok.tok.describe());
-                return Err(err(self.here(), msg));
-            }
+            self.next_statement(open)?;
             match self.tok.tok {
                 Tok::Punct('}') => {
                     self.bump()?;
@@ -155,6 +178,19 @@ impl<'a> Parser<'a> {
                 }
             }
         }
+    }
+
+    /// Checks that the current token starts a statement of the block opened by the brace at `open`:
+    /// it is the first on its line, and the file has not ended before the block's `}`.
+    fn next_statement(&self, open: Span) -> Result<(), SpanError> {
+        if self.tok.tok == Tok::Eof {
+            return Err(err(open, "this `{` is never closed: expected `}` before the end of the file"));
+        }
+        if !self.tok.line_start {
+            let msg = format!("expected the end of the line, found {}", self.tok.tok.describe());
+            return Err(err(self.here(), msg));
+        }
+        Ok(())
     }
 
     /// `output "<name>" = %N`.
@@ -343,8 +379,10 @@ impl<'a> Parser<'a> {
             }
             self.bump()?;
             self.expect_punct('=', "`=` and the attribute's value")?;
+            let value_start = self.tok.start;
             let value = self.attr_value(0)?;
-            attrs.push(WrittenAttr { key: key.to_string(), value, span: (start, self.prev_end) });
+            let (span, value_span) = ((start, self.prev_end), (value_start, self.prev_end));
+            attrs.push(WrittenAttr { key: key.to_string(), value, span, value_span });
             if self.inline_is('}') {
                 self.bump()?;
                 return Ok(attrs);

@@ -1,5 +1,6 @@
 //! The `.kir` printer. It writes nodes in [`Graph::nodes`] order, so a parsed file prints back exactly
-//! as the parser read it when it is in this canonical form.
+//! as the parser read it when it is in this canonical form. A module prints its parameters, then its
+//! states, then its programs, each in declaration order.
 //!
 //! Everything goes through one [`fmt::Write`] sink: `print` fills one `String`, and `Display` writes
 //! straight into the formatter, so a graph of tens of thousands of nodes costs no per-line allocation
@@ -8,6 +9,7 @@
 use std::fmt::{self, Write};
 
 use crate::graph::{Graph, Node, NodeId, ValueId};
+use crate::module::Module;
 use crate::op::Op;
 
 use super::lex::is_word;
@@ -16,6 +18,14 @@ use super::lex::is_word;
 pub fn print(g: &Graph) -> String {
     let mut out = String::with_capacity(64 * (g.node_count() + 2));
     write_graph(&mut out, g).expect("writing to a String cannot fail");
+    out
+}
+
+/// The text form of a module (see the module documentation of [`crate::text`]).
+pub fn print_module(m: &Module) -> String {
+    let nodes: usize = m.programs.iter().map(|p| p.graph.node_count() + 2).sum();
+    let mut out = String::with_capacity(64 * (nodes + m.params.len() + m.states.len() + 2));
+    write_module(&mut out, m).expect("writing to a String cannot fail");
     out
 }
 
@@ -33,16 +43,51 @@ impl fmt::Display for Graph {
     }
 }
 
-fn write_graph(w: &mut impl Write, g: &Graph) -> fmt::Result {
-    w.write_str("graph @")?;
-    // A name that lexes as one word is written bare (`@tiny`); anything else is quoted.
-    if is_word(g.name()) {
-        w.write_str(g.name())?;
-    } else {
-        write!(w, "{:?}", g.name())?;
+impl fmt::Display for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_module(f, self)
     }
+}
+
+/// `@name`: a name that lexes as one word is written bare (`@tiny`); anything else is quoted.
+fn write_at_name(w: &mut impl Write, name: &str) -> fmt::Result {
+    w.write_str("@")?;
+    if is_word(name) {
+        w.write_str(name)
+    } else {
+        write!(w, "{name:?}")
+    }
+}
+
+fn write_graph(w: &mut impl Write, g: &Graph) -> fmt::Result {
+    write_graph_at(w, g, 0)
+}
+
+/// `graph @name {`, the body one level deeper than `depth`, and the closing `}` at `depth`. The caller
+/// has written the indentation (and anything else) before `graph`.
+fn write_graph_at(w: &mut impl Write, g: &Graph, depth: usize) -> fmt::Result {
+    w.write_str("graph ")?;
+    write_at_name(w, g.name())?;
     w.write_str(" {\n")?;
-    write_body(w, g, 1)?;
+    write_body(w, g, depth + 1)?;
+    indent(w, depth)?;
+    w.write_str("}\n")
+}
+
+fn write_module(w: &mut impl Write, m: &Module) -> fmt::Result {
+    w.write_str("module ")?;
+    write_at_name(w, &m.name)?;
+    w.write_str(" {\n")?;
+    for p in &m.params {
+        writeln!(w, "  param {:?} : {}", p.name, p.ty)?;
+    }
+    for s in &m.states {
+        writeln!(w, "  state {:?} : {} {{role = {}}}", s.name, s.ty, s.role)?;
+    }
+    for p in &m.programs {
+        write!(w, "  program {:?} {{kind = {}}} ", p.name, p.kind)?;
+        write_graph_at(w, &p.graph, 1)?;
+    }
     w.write_str("}\n")
 }
 

@@ -366,7 +366,7 @@ fn nesting_is_limited() {
 }
 
 /// Dimensions the random graphs are built from: constants, symbols and monomials.
-fn dim_pool() -> Vec<Dim> {
+pub(super) fn dim_pool() -> Vec<Dim> {
     ["B", "T", "S", "1", "2", "4", "6", "8", "2*B", "B*T"].iter().map(|s| Dim::parse(s).unwrap()).collect()
 }
 
@@ -451,7 +451,7 @@ fn random_op(kind: u8, c: usize, v: ValueId, t: &TensorType, other: ValueId) -> 
     }
 }
 
-fn graph_strategy() -> impl Strategy<Value = Graph> {
+pub(super) fn graph_strategy() -> impl Strategy<Value = Graph> {
     (
         prop::collection::vec((any::<bool>(), prop::collection::vec(0u8..10, 0..4)), 1..4),
         prop::collection::vec((0u8..8, any::<u16>(), any::<u16>()), 0..80),
