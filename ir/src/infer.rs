@@ -282,6 +282,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             check_axes(op, &[*axis], ins[0].rank())?;
             one(ins[0].clone())
         }
+        Op::CrossEntropy { .. } => cross_entropy(op, ins),
         Op::RmsNorm { eps } => {
             arity(op, ins, 2)?;
             let (x, w) = (ins[0], ins[1]);
@@ -643,6 +644,36 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
     }
 }
 
+/// `cross_entropy`: `logits[..., V]` (float) and `targets[...]` (i32 or i64) of the logits' leading
+/// shape give `loss[...]` in f32. A known class count must be positive: a row of no classes has no
+/// target.
+fn cross_entropy(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError> {
+    arity(op, ins, 2)?;
+    let (logits, targets) = (ins[0], ins[1]);
+    if !logits.dtype.is_float() {
+        return fail(format!("`{}` needs floating-point logits, found {logits}", op.name()));
+    }
+    rank_at_least(op, "logits", logits, 1)?;
+    if !matches!(targets.dtype, DType::I32 | DType::I64) {
+        return fail(format!("`{}` needs i32 or i64 targets, found {targets}", op.name()));
+    }
+    let lead = &logits.shape[..logits.rank() - 1];
+    if targets.rank() != lead.len() {
+        return fail(format!(
+            "`{}` needs targets of rank {} (the logits' rank less the class axis), found {targets} for {logits}",
+            op.name(),
+            lead.len()
+        ));
+    }
+    for (a, (&l, &t)) in lead.iter().zip(&targets.shape).enumerate() {
+        dim_eq(op, &format!("axis {a} of the logits and the targets"), l, t)?;
+    }
+    if last(logits).as_known() == Some(0) {
+        return fail(format!("`{}` needs at least one class, found {logits}", op.name()));
+    }
+    Ok(vec![TensorType::new(DType::F32, targets.shape.clone())])
+}
+
 fn list(ts: &[&TensorType]) -> String {
     ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -879,5 +910,36 @@ mod tests {
         assert!(bad(r, &["f32[B, T, 8]"]).contains("not distinct"));
         assert_eq!(ok(Op::TopK { k: 2 }, &["f32[B, T, 8]"]), ["f32[B, T, 2]", "i32[B, T, 2]"]);
         assert!(bad(Op::TopK { k: 9 }, &["f32[B, T, 8]"]).contains("between 1 and 8"));
+    }
+
+    #[test]
+    fn cross_entropy() {
+        let ce = Op::CrossEntropy { ignore_index: None };
+        assert_eq!(ok(ce.clone(), &["bf16[B, T, 1024]", "i64[B, T]"]), ["f32[B, T]"]);
+        assert_eq!(ok(ce.clone(), &["f32[B*T, 50]", "i32[T*B]"]), ["f32[B*T]"]);
+        assert_eq!(ok(ce.clone(), &["f32[7]", "i32[]"]), ["f32[]"]);
+        assert_eq!(
+            bad(ce.clone(), &["f32[B, T, 8]", "i32[B, T, 8]"]),
+            "`cross_entropy` needs targets of rank 2 (the logits' rank less the class axis), found \
+             i32[B, T, 8] for f32[B, T, 8]"
+        );
+        assert_eq!(
+            bad(ce.clone(), &["f32[B, T, 8]", "i32[B, S]"]),
+            "`cross_entropy`: axis 1 of the logits and the targets must match, found T and S"
+        );
+        assert_eq!(
+            bad(ce.clone(), &["f32[B, T, 8]", "f32[B, T]"]),
+            "`cross_entropy` needs i32 or i64 targets, found f32[B, T]"
+        );
+        assert_eq!(
+            bad(ce.clone(), &["i32[B, T, 8]", "i32[B, T]"]),
+            "`cross_entropy` needs floating-point logits, found i32[B, T, 8]"
+        );
+        assert_eq!(
+            bad(ce.clone(), &["f32[]", "i32[]"]),
+            "`cross_entropy` needs logits of rank at least 1, found f32[]"
+        );
+        assert!(bad(ce.clone(), &["f32[B, 0]", "i32[B]"]).contains("at least one class"));
+        assert!(bad(ce, &["f32[B, 8]"]).contains("takes 2 operand(s), found 1"));
     }
 }

@@ -200,6 +200,16 @@ pub enum Op {
     Softmax {
         axis: usize,
     },
+    /// Per-row next-token loss: operands `logits[..., V]` (any float dtype) and `targets[...]` (i32 or
+    /// i64, the logits' leading shape); result `loss[...]` (f32) with
+    /// `loss = logsumexp(logits[..., :]) - logits[..., target]`, computed in f32 with the row's maximum
+    /// subtracted: torch's `F.cross_entropy(logits.float(), targets, reduction="none")` over the last
+    /// axis. With `ignore_index`, a target equal to it gives a loss of 0 (torch's default is -100;
+    /// kiln has none unless it is written). Any other target outside `0..V` is an error of the
+    /// interpreter; compiled kernels never read outside the row for one and give a NaN loss.
+    CrossEntropy {
+        ignore_index: Option<i64>,
+    },
     /// `x / sqrt(mean(x^2, last axis) + eps) * weight`; operands `x[..., D]`, `weight[D]`.
     RmsNorm {
         eps: f64,
@@ -429,6 +439,15 @@ impl<'a> AttrReader<'a> {
         }
     }
 
+    /// An optional integer of either sign, `None` when absent.
+    fn int_opt(&mut self, key: &str) -> Result<Option<i64>, AttrError> {
+        match self.take_opt(key) {
+            None => Ok(None),
+            Some(Attr::Int(v)) => Ok(Some(v)),
+            Some(other) => Err(self.wrong(key, "an integer", &other)),
+        }
+    }
+
     fn u32(&mut self, key: &str) -> Result<u32, AttrError> {
         let v = self.uint(key)?;
         u32::try_from(v).map_err(|_| AttrError(format!("attribute `{key}` is too large: {v}")))
@@ -557,6 +576,7 @@ impl Op {
                 ReduceOp::Min => "reduce_min",
             },
             Op::Softmax { .. } => "softmax",
+            Op::CrossEntropy { .. } => "cross_entropy",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Rope(_) => "rope",
             Op::Attention { .. } => "attention",
@@ -601,6 +621,9 @@ impl Op {
             }
             Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } => {
                 vec![("axis", Attr::Int(*axis as i64))]
+            }
+            Op::CrossEntropy { ignore_index } => {
+                ignore_index.iter().map(|&i| ("ignore_index", Attr::Int(i))).collect()
             }
             Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
             Op::Rope(c) => {
@@ -690,6 +713,7 @@ impl Op {
             "gather" => Op::Gather { axis: r.axis("axis")? },
             "concat" => Op::Concat { axis: r.axis("axis")? },
             "rms_norm" => Op::RmsNorm { eps: r.float("eps")? },
+            "cross_entropy" => Op::CrossEntropy { ignore_index: r.int_opt("ignore_index")? },
             "rope" => {
                 let theta = r.float("theta")?;
                 let interleaved = r.boolean("interleaved")?;
@@ -788,6 +812,8 @@ mod tests {
         }));
         round_trip(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None }));
         round_trip(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(128)] });
+        round_trip(Op::CrossEntropy { ignore_index: None });
+        round_trip(Op::CrossEntropy { ignore_index: Some(-100) });
         round_trip(Op::MoeRoute(Router {
             num_experts: 256,
             top_k: 8,
@@ -817,5 +843,7 @@ mod tests {
         let e = Op::from_parts("cast", vec![("to".into(), Attr::Ident("f7".into()))]).unwrap_err();
         assert!(e.0.contains("must be one of f32"), "{}", e.0);
         assert_eq!(Op::from_parts("frobnicate", vec![]).unwrap_err().0, "unknown op `frobnicate`");
+        let e = Op::from_parts("cross_entropy", vec![("ignore_index".into(), Attr::Float(1.5))]).unwrap_err();
+        assert_eq!(e.0, "attribute `ignore_index` of `cross_entropy` must be an integer, found `1.5`");
     }
 }

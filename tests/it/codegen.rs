@@ -451,6 +451,9 @@ fn mlir_snapshots() {
     insta::assert_snapshot!("linear_cpu", mlir_of(&linear, Target::Cpu));
     insta::assert_snapshot!("linear_gpu", mlir_of(&linear, Target::Gpu));
     insta::assert_snapshot!("silu_bf16_gpu", mlir_of(&silu, Target::Gpu));
+    let loss = kernel(Op::CrossEntropy { ignore_index: Some(-100) }, &["bf16[B, T, 40]", "i32[B, T]"]);
+    insta::assert_snapshot!("cross_entropy_cpu", mlir_of(&loss, Target::Cpu));
+    insta::assert_snapshot!("cross_entropy_gpu", mlir_of(&loss, Target::Gpu));
 }
 
 #[test]

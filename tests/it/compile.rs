@@ -196,6 +196,65 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
 }
 
 #[test]
+/// A next-token loss (norm, LM head, bf16 logits, `cross_entropy` over 300 classes with ignored
+/// targets) compiles for both targets and runs from its artifact like the interpreter.
+fn a_next_token_loss_compiles_and_runs_like_the_interpreter() {
+    const LOSS: &str = "tests/compile/next_token_loss.kir";
+    let s = Scratch::new();
+    let out = kiln(&["compile", LOSS, "--target", "all", "-o", &s.str("art"), "--max-batch", "2"]);
+    assert!(out.ok, "{}", out.stderr);
+    let dir = s.path("art");
+    let m = read_manifest(&dir);
+    assert!(m.kernels.iter().any(|k| k.name.starts_with("k_cross_entropy_")), "{:?}", m.kernels);
+    let graph = kiln_ir::parse(&std::fs::read_to_string(dir.join("graph.kir")).unwrap()).unwrap();
+    let hidden = values(2 * 3 * 32, 3);
+    let targets: Vec<i64> = vec![5, -100, 299, 0, 17, 123];
+    let params: HashMap<String, Vec<f32>> = m
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let n = p.shape.iter().map(|d| d.as_known().unwrap()).product::<u64>();
+            (p.name.clone(), values(n as usize, 11 + i as u32))
+        })
+        .collect();
+    let inputs = [
+        HostTensor {
+            name: "hidden".into(),
+            dtype: DType::F32,
+            shape: vec![2, 3, 32],
+            data: HostData::F32(hidden.clone()),
+        },
+        HostTensor {
+            name: "targets".into(),
+            dtype: DType::I64,
+            shape: vec![2, 3],
+            data: HostData::I64(targets.clone()),
+        },
+    ];
+    let got = execute(&dir, &inputs, &params);
+    assert_eq!(got["loss"][1], 0.0, "the ignored target");
+    let want = kiln_ir::interp::run(
+        &graph,
+        &[
+            ("hidden".to_string(), Tensor::from_f32(DType::F32, [2, 3, 32], hidden).unwrap()),
+            ("targets".to_string(), Tensor::from_i64(DType::I64, [2, 3], targets).unwrap()),
+        ]
+        .into(),
+        &graph
+            .params()
+            .iter()
+            .map(|&(n, t)| {
+                let shape: Vec<u64> = t.shape.iter().map(|d| d.as_known().unwrap()).collect();
+                (n.to_string(), Tensor::from_f32(t.dtype, shape, params[n].clone()).unwrap())
+            })
+            .collect(),
+    )
+    .unwrap();
+    assert_matches(&got, &want, 1e-4);
+}
+
+#[test]
 fn an_existing_artifact_is_replaced_whole_and_other_directories_are_refused() {
     let s = Scratch::new();
     let dir = s.str("art");

@@ -12,6 +12,8 @@
 //!   (the ops that compute its operands, evaluated wherever the row op loads an element) and an
 //!   elementwise *epilogue* (the ops that consume its result, evaluated where it stores one).
 //!   Residual add + RMS norm is this pattern, the sum being a result of the kernel too.
+//!   `cross_entropy` is not a row anchor (it reads its targets per row, which the prologue does not
+//!   model): it is its own kernel, and a group of its own inside a `fused` body.
 //! - [`Pattern::Linear`]: one or more `linear`s of the same input by weights of the same shape (a
 //!   gate/up pair), read straight from the kernel's arguments, with an epilogue on their results
 //!   (SwiGLU `silu(gate) * up`, a residual add); or one or more `grouped_linear`s of the same rows

@@ -58,6 +58,10 @@
 //!   to the activation dtype, multiplied by its f32 weight and rounded again, and the contributions
 //!   are added in the activation dtype in ascending expert order (HF loops over experts and
 //!   `index_add_`s into a tensor of the activation dtype).
+//! - `cross_entropy`: torch's `F.cross_entropy(logits.float(), targets, reduction="none")` over the
+//!   last axis: `log(sum exp(x - max)) - (x[target] - max)`, the differences in f32, the sum in f64.
+//!   A target equal to `ignore_index` gives 0; any other target outside `0..V` is an error (compiled
+//!   kernels give NaN there, and read nothing outside the row).
 //! - `cast` to `f8e4m3` follows `torch.float8_e4m3fn` (torch 2.15): it saturates at ±448; see
 //!   [`numerics`]. Float to integer truncates toward zero (torch); a NaN or out-of-range value is an
 //!   error. Integer to integer wraps (torch).

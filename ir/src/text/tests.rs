@@ -143,9 +143,10 @@ fn variant(op: &Op) -> usize {
         Op::Send { .. } => 29,
         Op::Recv { .. } => 30,
         Op::CacheUpdate => 31,
+        Op::CrossEntropy { .. } => 32,
     }
 }
-const VARIANTS: usize = 32;
+const VARIANTS: usize = 33;
 
 /// A graph that uses every op (every unary, binary and reduce kind too), with scopes and outputs.
 fn every_op_graph() -> Graph {
@@ -176,6 +177,8 @@ fn every_op_graph() -> Graph {
     let kt = b.op1(Op::Transpose { perm: vec![0, 2, 3, 1] }, &[kr]);
     let scores = b.op1(Op::MatMul, &[qt, kt]);
     b.op1(Op::Softmax { axis: 3 }, &[scores]);
+    b.op1(Op::CrossEntropy { ignore_index: None }, &[x, tokens]);
+    b.op1(Op::CrossEntropy { ignore_index: Some(-100) }, &[x, tokens]);
 
     b.scope(Some("model.layers.0.elementwise"));
     let xf = b.op1(Op::Cast { to: DType::F32 }, &[x]);

@@ -1,11 +1,13 @@
-//! The families lowered in `shape`, `rope`, `attention`, `moe` and `quant`, on hand-chosen shapes and
-//! dtypes (symbolic sizes, several parts, grouped heads, causal offsets, expert groups, edge tiles),
-//! run on the CPU against the interpreter on random inputs; every one of them also passes `ptxas`.
-//! Then what random inputs do not reach: the FP8 encoding of every interesting f32 bit for bit,
-//! clamped ids, ties and NaN in top-k, rope at DeepSeek-V3's largest positions, FP8 tiles that are
-//! zero, tiny, infinite or NaN, and attention rows that see no key.
+//! The families lowered in `shape`, `rope`, `attention`, `moe` and `quant`, and `cross_entropy`, on
+//! hand-chosen shapes and dtypes (symbolic sizes, several parts, grouped heads, causal offsets,
+//! expert groups, edge tiles, rows longer than a GPU block), run on the CPU against the interpreter on
+//! random inputs; every one of them also passes `ptxas` without spills. Then what random inputs do
+//! not reach: the FP8 encoding of every interesting f32 bit for bit, clamped ids, ties and NaN in
+//! top-k, rope at DeepSeek-V3's largest positions, FP8 tiles that are zero, tiny, infinite or NaN,
+//! attention rows that see no key, and cross-entropy targets that are ignored or out of range.
 
 use kiln_compiler::codegen::{lower_module, Kernel, Target};
+use kiln_compiler::pack::parse_report;
 use kiln_ir::interp::numerics::{f8e4m3_from_f32, f8e4m3_to_f32};
 use kiln_ir::op::{Dispatch, GroupScore, QuantSpec, RopeConfig, Router, Scoring, Yarn};
 use kiln_ir::types::SymBindings;
@@ -72,6 +74,7 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         })
     };
     let attention = |causal| Op::Attention { scale: 0.35, causal };
+    let cross_entropy = |ignore_index| Op::CrossEntropy { ignore_index };
     let mut cases: Vec<(Op, Vec<&str>, (f32, f32))> = vec![
         (Op::Concat { axis: 2 }, vec!["bf16[B, T, 5]", "bf16[B, T, 3]", "bf16[B, T, 1]"], (-2.0, 2.0)),
         (Op::Concat { axis: 0 }, vec!["i32[T, 2]", "i32[2*T, 2]"], (-2.0, 2.0)),
@@ -143,6 +146,13 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f8e4m3[20, 36]", "f32[3, 3]"],
             (-3.0, 3.0),
         ),
+        (cross_entropy(None), vec!["f32[B, T, 37]", "i32[B, T]"], (-4.0, 4.0)),
+        (cross_entropy(None), vec!["bf16[3*T, 50]", "i64[3*T]"], (-4.0, 4.0)),
+        (cross_entropy(Some(-100)), vec!["f32[T, 300]", "i64[T]"], (-8.0, 8.0)),
+        (cross_entropy(Some(0)), vec!["bf16[B, 3, 7]", "i32[B, 3]"], (-4.0, 4.0)),
+        (cross_entropy(None), vec!["f8e4m3[B, 9]", "i32[B]"], (-8.0, 8.0)),
+        // Logits near 5000: exp(5000) overflows; with the maximum subtracted nothing does.
+        (cross_entropy(None), vec!["f32[B, T, 33]", "i64[B, T]"], (5000.0, 5016.0)),
         (Op::Cast { to: DType::F8E4M3 }, vec!["f32[B, T, 9]"], (-500.0, 500.0)),
         (Op::Cast { to: DType::BF16 }, vec!["f8e4m3[B, T, 9]"], (-500.0, 500.0)),
     ];
@@ -171,11 +181,16 @@ fn cpu_families_match_the_interpreter() {
 }
 
 #[test]
-fn gpu_families_pass_ptxas() {
+fn gpu_families_pass_ptxas_without_spills() {
     let cases = cases();
     let module = lower_module(cases.iter().map(|(k, _)| k), Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
     let report = ptxas_accepts(&module);
     assert_eq!(report.matches("Compiling entry function").count(), cases.len(), "{report}");
+    let stats = parse_report(&report);
+    for (k, _) in &cases {
+        let s = stats[&k.name];
+        assert_eq!((s.spill_store_bytes, s.spill_load_bytes), (0, 0), "{}: spills\n{report}", k.name);
+    }
 }
 
 /// Runs a one-argument kernel on `x`; returns its first result.
@@ -347,4 +362,31 @@ fn attention_rows_that_see_no_key_are_zero() {
     lib.run(&k, &mut bufs, &bind);
     // Query 0 sees nothing; queries 1 and 2 average rows of ones.
     assert_eq!(bufs[3], Buf::F32(vec![0.0, 0.0, 1.0, 1.0, 1.0, 1.0]));
+}
+
+#[test]
+fn cross_entropy_targets_ignored_or_out_of_range() {
+    // The interpreter rejects a target outside `0..V` (unless ignored); the kernels never read
+    // outside the row for one and give NaN, and give 0 for an ignored one whatever the row holds.
+    let ignoring = kernel(Op::CrossEntropy { ignore_index: Some(-100) }, &["f32[5, 3]", "i64[5]"]);
+    let plain = kernel(Op::CrossEntropy { ignore_index: None }, &["bf16[4, 3]", "i32[4]"]);
+    let lib = CpuLib::build(&[&ignoring, &plain]);
+    let row = [1.0, 2.0, 3.0];
+    let mut x: Vec<f32> = row.repeat(5);
+    x[3] = f32::NAN;
+    let mut bufs =
+        [Buf::F32(x), Buf::I64(vec![2, -100, 3, -1, i64::MIN]), Buf::zeros(&ignoring.results[0], &BIND)];
+    lib.run(&ignoring, &mut bufs, &BIND);
+    let loss = bufs[2].f32();
+    // log(e^1 + e^2 + e^3) - 3, to f32 rounding and the sum's order.
+    assert!((loss[0] - 0.407_605_97).abs() < 1e-6, "{loss:?}");
+    assert_eq!(loss[1], 0.0, "an ignored row of NaN: {loss:?}");
+    assert!(loss[2..].iter().all(|v| v.is_nan()), "{loss:?}");
+
+    let x: Vec<u16> = row.repeat(4).into_iter().map(to_bf16).collect();
+    let mut bufs = [Buf::Bf16(x), Buf::I32(vec![0, 3, i32::MIN, -100]), Buf::zeros(&plain.results[0], &BIND)];
+    lib.run(&plain, &mut bufs, &BIND);
+    let loss = bufs[2].f32();
+    assert!((loss[0] - 2.407_606).abs() < 1e-6, "{loss:?}");
+    assert!(loss[1..].iter().all(|v| v.is_nan()), "without ignore_index -100 is out of range: {loss:?}");
 }

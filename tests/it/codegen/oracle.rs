@@ -16,7 +16,8 @@ use super::harness::{dims, interpret, numel, to_bf16, values, Buf, CpuLib, Rng};
 /// - Narrow float results may land one ulp away (a value within an f32 rounding of a tie between
 ///   two bf16 values rounds either way): 2^-7 relative for bf16, 2^-10 for f16.
 /// - f32 results differ by summation order and f32 accumulation (the interpreter sums in f64):
-///   a few ulps for elementwise math, more for long dot products.
+///   a few ulps for elementwise math, more for long dot products; cross-entropy losses are compared
+///   absolutely below 1, where they are a cancelling difference.
 pub fn tolerance(k: &Kernel, i: usize) -> (f64, f64) {
     let op = k.single_op().expect("one-op kernel");
     let exact = (0.0, 0.0);
@@ -41,6 +42,9 @@ pub fn tolerance(k: &Kernel, i: usize) -> (f64, f64) {
             Op::Linear | Op::MatMul | Op::GroupedLinear { .. } | Op::MoeExperts { .. } => (1e-4, 1.0),
             // Sums of a few O(1) terms: about 1e-7 absolute near zero.
             Op::Attention { .. } | Op::Rope(_) => (1e-5, 0.1),
+            // A difference of two values of the size of log V (the log of the sum, the target's
+            // logit less the maximum): small losses carry their absolute error.
+            Op::CrossEntropy { .. } => (1e-5, 1.0),
             _ => (1e-5, 1e-3),
         },
         _ => exact,
@@ -91,6 +95,15 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
             (Op::Gather { axis }, 1, d) => {
                 let len = dims(&k.args[0], bind)[*axis];
                 ints(d, (0..n).map(|_| (rng.uniform(0.0, len as f32) as i64).min(len as i64 - 1)).collect())
+            }
+            (Op::CrossEntropy { ignore_index }, 1, d) => {
+                // Classes in range, and about one target in four ignored when the op ignores one.
+                let v = *dims(&k.args[0], bind).last().unwrap();
+                let pick = |rng: &mut Rng| match ignore_index {
+                    Some(i) if rng.uniform(0.0, 1.0) < 0.25 => *i,
+                    _ => (rng.uniform(0.0, v as f32) as i64).min(v as i64 - 1),
+                };
+                ints(d, (0..n).map(|_| pick(rng)).collect())
             }
             (Op::Rope(_), 1, d) => ints(d, (0..n).map(|_| rng.uniform(0.0, 1024.0) as i64).collect()),
             (Op::MoeExperts { num_experts }, 2, d) => {

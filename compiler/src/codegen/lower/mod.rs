@@ -186,6 +186,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::Reduce { op, axes, .. } => reduce::reduce(f, *op, axes)?,
         Op::Softmax { axis } => reduce::softmax(f, *axis)?,
         Op::RmsNorm { eps } => reduce::rms_norm(f, *eps)?,
+        Op::CrossEntropy { ignore_index } => reduce::cross_entropy(f, *ignore_index)?,
         Op::Linear => matmul::linear(f)?,
         Op::MatMul => matmul::matmul(f)?,
         Op::Concat { axis } => shape::concat(f, *axis)?,

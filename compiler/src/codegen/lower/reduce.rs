@@ -1,4 +1,5 @@
-//! Row kernels: reductions over a contiguous run of axes, softmax along one axis, and RMS norm.
+//! Row kernels: reductions over a contiguous run of axes, softmax along one axis, RMS norm, and
+//! cross-entropy over the last axis.
 //!
 //! Each op is viewed as `[outer, n, inner]`: `n` is the size of the reduced (or normalised) axes and
 //! `inner` the size of the axes after them, so element `t` of row `r` is at
@@ -13,7 +14,10 @@
 //! Semantics: float sums in f32; `mean` divides by `n`; `max`/`min` propagate NaN, and start from
 //! -inf/+inf (integer min/max from the type's extremes). Softmax is `exp(x - max) / sum`, in f32.
 //! RMS norm follows Hugging Face: `weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`, the product
-//! rounded to the input dtype before the weight multiplies it.
+//! rounded to the input dtype before the weight multiplies it. Cross-entropy is one row per target:
+//! a max pass, a sum-of-exp pass, then `log(sum) - (x[target] - max)`, in f32 (the target's logit
+//! less the maximum first, so a large maximum costs no precision); a target outside `0..V` reads
+//! nothing (its load sits under an `scf.if`) and gives NaN, and one equal to `ignore_index` gives 0.
 //!
 //! Each op is a template (`reduce_with`, `softmax_with`, `rms_norm_with`) whose loads of the input
 //! and stores of the result are hooks ([`Load`], [`Store`]): plain loads and stores for the op's own
@@ -25,7 +29,7 @@
 use kiln_ir::{DType, Dim, ReduceOp, TensorType};
 
 use super::{compute_type, Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
 
 /// Most threads per block of row kernels on the GPU; rows of known length `n` get the smallest power
 /// of two >= `n` (at least one warp) instead, so short rows do not leave most threads idle.
@@ -296,6 +300,61 @@ pub(super) fn softmax_with(
             let y = f.binf("divf", &e, &sum);
             store(f, &i, &y);
         });
+    }))
+}
+
+/// `cross_entropy`: operands `logits[..., V]` and `targets[...]` (i32 or i64), result `loss[...]`
+/// in f32, one row of `V` logits per target. See the module documentation.
+pub(super) fn cross_entropy(f: &mut Frame, ignore_index: Option<i64>) -> Result<LaunchShape, LowerError> {
+    let logits = f.bufs[0].ty.shape.clone();
+    let targets = f.bufs[1].ty.dtype;
+    let out = f.kernel.args.len();
+    let last = logits.len() - 1;
+    let rows = rows_of(f, "cross_entropy", &logits, last, last)?;
+    Ok(each_row(f, &rows, |f, r| {
+        let logit = |f: &mut Frame, t: &Value| {
+            let i = element(f, &rows, r, t);
+            f.load(0, &i)
+        };
+        let max = reduce_row(f, MAX_F32, &rows, &logit);
+        let shifted = |f: &mut Frame, t: &Value| {
+            let x = logit(f, t);
+            f.binf("subf", &x, &max)
+        };
+        let sum = reduce_row(f, SUM_F32, &rows, &|f, t| {
+            let d = shifted(f, t);
+            f.exp(&d)
+        });
+        let log_sum = f.log(&sum);
+        let target = f.load(1, r);
+        let target = match targets {
+            DType::I64 => target,
+            _ => f.b.op("i", format_args!("arith.extsi {target} : i32 to i64")),
+        };
+        // Negative targets become huge indices: one unsigned comparison checks both ends.
+        let t = f.b.op("i", format_args!("arith.index_cast {target} : i64 to index"));
+        let n = rows.n.clone();
+        let inside = f.b.op("p", format_args!("arith.cmpi ult, {t}, {n} : index"));
+        let loss = if_else(
+            f,
+            &inside,
+            "f32",
+            |f| {
+                let d = shifted(f, &t);
+                f.binf("subf", &log_sum, &d)
+            },
+            |f| f.b.f32(f64::NAN),
+        );
+        let loss = match ignore_index {
+            Some(ignored) => {
+                let ignored = f.b.constant(&ignored.to_string(), "i64");
+                let skip = f.cmp("eq", &target, &ignored, "i64");
+                let zero = f.b.f32(0.0);
+                f.select(&skip, &zero, &loss, "f32")
+            }
+            None => loss,
+        };
+        store_once(f, r, &loss, &|f, r, v| f.store(out, r, v));
     }))
 }
 

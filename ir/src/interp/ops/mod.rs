@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod linalg;
+mod loss;
 mod moe;
 pub(crate) mod norm_rope;
 pub(crate) mod quant;
@@ -29,6 +30,7 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::Cast { to } => elementwise::cast(ins[0], *to),
         Op::Reduce { op, axes, .. } => reduce::reduce(*op, ins[0], axes, &out[0]),
         Op::Softmax { axis } => reduce::softmax(ins[0], *axis),
+        Op::CrossEntropy { ignore_index } => loss::cross_entropy(ins[0], ins[1], *ignore_index),
         Op::TopK { k } => reduce::topk(ins[0], *k as usize, out),
         Op::RmsNorm { eps } => norm_rope::rms_norm(ins[0], ins[1], *eps),
         Op::Rope(cfg) => norm_rope::rope(ins[0], ins[1], cfg),

@@ -5,6 +5,7 @@
 mod attention;
 mod elementwise;
 mod linalg;
+mod loss;
 mod moe;
 mod norm_rope;
 mod quant;
