@@ -42,7 +42,7 @@ pub enum BenchCommand {
         reps: usize,
     },
     /// An artifact's prefill and decode tokens/s against the reference interpreter on the same
-    /// graph (`graph.kir`) and weights.
+    /// graph (its prefill in `module.kir`) and weights.
     Run {
         /// The artifact directory.
         artifact: std::path::PathBuf,
@@ -146,9 +146,9 @@ fn decode_speed(dir: &std::path::Path, req: &CompareRequest) -> Result<(Option<f
     let g = generate(&mut model, &prompts, &opts, &mut |_| {})?;
     // The decode program's launches when there is one: that is what a decode step runs, less the
     // weight-only launches the runtime ran once at load.
-    let program = m.decode_view().unwrap_or_else(|| m.clone());
-    let folded = program.weight_only_steps();
-    let launches = (program.program.iter().enumerate())
+    let program = m.program_of_kind(kiln_ir::ProgramKind::Decode).unwrap_or(&m.programs[0]);
+    let folded = program.weight_only_steps(&m.kernels);
+    let launches = (program.steps.iter().enumerate())
         .filter(|(i, s)| matches!(s, kiln_ir::artifact::Step::Launch { .. }) && !folded.contains(i))
         .count();
     Ok((g.stats.decode_tokens_per_s(), g.tokens[0].clone(), launches))
@@ -165,7 +165,7 @@ fn compare_without(req: &CompareRequest, out: &mut dyn Write) -> Result<()> {
     }
     let spec = kiln_compiler::spec::load(req.spec)?;
     let context = (req.prompt_len + req.new_tokens + 1) as u64;
-    let options = Options { targets: Targets::Cpu, max_batch: 1, max_context: context, kv_cache: true };
+    let options = Options { score: false, ..Options::new(Targets::Cpu, 1, context) };
     let root = std::env::temp_dir().join(format!("kiln-bench-compare-{}", std::process::id()));
     let mut rows = Vec::new();
     for skip in [None, Some(req.pass)] {

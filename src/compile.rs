@@ -20,12 +20,12 @@ use kiln_compiler::codegen::{cpu, form_kernels, gpu, Step as KernelStep};
 use kiln_compiler::pack::{self, Artifact, Dump, Observer, Options, Prepared, Source, Stage, Targets};
 use kiln_compiler::spec;
 use kiln_ir::artifact::{self, Manifest, Step};
-use kiln_ir::Graph;
+use kiln_ir::Module;
 
 /// A stage `--emit` prints to standard output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Emit {
-    /// The graph after the pass pipeline (`graph.kir`).
+    /// The module after the pass pipeline (`module.kir`).
     Kir,
     /// The lowered kernels of every target (`kernels.mlir`).
     Mlir,
@@ -79,6 +79,10 @@ pub struct Args {
     /// and a decode program over a KV cache.
     #[arg(long)]
     no_kv_cache: bool,
+    /// From a spec, leave out the `score` program (the next-token loss at every position, which
+    /// `kiln perplexity` runs).
+    #[arg(long)]
+    no_score: bool,
 }
 
 fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
@@ -184,6 +188,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         max_batch: req.max_batch,
         max_context: req.max_context,
         kv_cache: !req.no_kv_cache,
+        score: !req.no_score,
     };
     for name in &req.disable_pass {
         kiln_compiler::passes::find(name)?;
@@ -245,7 +250,9 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         started: Instant::now(),
     };
     let result = match depth {
-        Depth::Graph => pack::make_graph(source, &mut watch).map(|(g, _)| Built::Graph(Box::new(g))),
+        Depth::Graph => {
+            pack::make_module(source, &options, &mut watch).map(|(m, _)| Built::Module(Box::new(m)))
+        }
         Depth::Lowered => pack::prepare(source, &options, &mut watch).map(|p| Built::Prepared(Box::new(p))),
         Depth::All => pack::compile(source, &options, &mut watch).map(|a| Built::Artifact(Box::new(a))),
     };
@@ -284,23 +291,24 @@ enum Depth {
 
 /// What a compile produced, as far as it ran.
 enum Built {
-    Graph(Box<Graph>),
+    Module(Box<Module>),
     Prepared(Box<Prepared>),
     Artifact(Box<Artifact>),
 }
 
 impl Built {
-    fn graph(&self) -> &Graph {
+    /// The module as `.kir` text.
+    fn kir(&self) -> String {
         match self {
-            Built::Graph(g) => g,
-            Built::Prepared(p) => &p.graph,
-            Built::Artifact(a) => &a.prepared.graph,
+            Built::Module(m) => kiln_ir::print_module(m),
+            Built::Prepared(p) => kiln_ir::print_module(&p.module),
+            Built::Artifact(a) => kiln_ir::print_module(&a.prepared.module),
         }
     }
 
     fn prepared(&self) -> Result<&Prepared> {
         match self {
-            Built::Graph(_) => bail!("internal error: the compile stopped before lowering"),
+            Built::Module(_) => bail!("internal error: the compile stopped before lowering"),
             Built::Prepared(p) => Ok(p),
             Built::Artifact(a) => Ok(&a.prepared),
         }
@@ -319,7 +327,7 @@ impl Built {
 /// The text `--emit` prints.
 fn emitted(built: &Built, emit: Emit) -> Result<String> {
     if emit == Emit::Kir {
-        return Ok(built.file(artifact::GRAPH_KIR).unwrap_or_else(|| kiln_ir::print(built.graph())));
+        return Ok(built.file(artifact::MODULE_KIR).unwrap_or_else(|| built.kir()));
     }
     let p = built.prepared()?;
     Ok(match emit {
@@ -342,14 +350,20 @@ fn emitted(built: &Built, emit: Emit) -> Result<String> {
 }
 
 fn summary(dir: &Path, m: &Manifest) -> String {
-    let launches = m.program.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
+    let programs: Vec<String> = m
+        .programs
+        .iter()
+        .map(|p| {
+            let launches = p.steps.iter().filter(|s| matches!(s, Step::Launch { .. })).count();
+            format!("{} ({launches} launches, arena {} bytes)", p.name, p.arena_bytes)
+        })
+        .collect();
     let files: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
     format!(
-        "wrote {}: {} kernels, {} launches, arena {} bytes; {} and manifest.json",
+        "wrote {}: {} kernels; programs {}; {} and manifest.json",
         dir.display(),
         m.kernels.len(),
-        launches,
-        m.arena_bytes,
+        programs.join(", "),
         files.join(", ")
     )
 }
@@ -362,9 +376,10 @@ fn layer_of(scope: &str) -> Option<u64> {
 /// `--report`: one row per kernel, then totals.
 fn report(a: &Artifact) -> String {
     let m = &a.manifest;
+    let first = &m.programs[0];
     let mut launches = vec![0usize; m.kernels.len()];
     let mut per_layer: Vec<BTreeMap<u64, usize>> = vec![BTreeMap::new(); m.kernels.len()];
-    for s in &m.program {
+    for s in &first.steps {
         if let Step::Launch { kernel, scope, .. } = s {
             launches[kernel.index()] += 1;
             if let Some(l) = scope.as_deref().and_then(layer_of) {
@@ -411,14 +426,19 @@ fn report(a: &Artifact) -> String {
         out.push('\n');
     }
     let total: usize = launches.iter().sum();
-    let aliases = m.program.iter().filter(|s| matches!(s, Step::Alias { .. })).count();
-    let param_bytes: u64 = m.params.iter().map(|p| m.buffer(p.buffer).max_bytes).sum();
-    let sizes: Vec<String> = m.symbols.iter().map(|e| format!("{} = {}", e.sym.name(), e.max)).collect();
+    let aliases = first.steps.iter().filter(|s| matches!(s, Step::Alias { .. })).count();
+    let param_bytes: u64 = m
+        .params
+        .iter()
+        .map(|p| kiln_ir::artifact::bytes_of(p.dtype, &p.shape, &first.max_sizes()).unwrap_or(0))
+        .sum();
+    let sizes: Vec<String> = first.symbols.iter().map(|e| format!("{} = {}", e.sym.name(), e.max)).collect();
     out.push_str(&format!(
-        "{} kernels, {total} launches and {aliases} aliases per forward; arena {} bytes at {}; \
+        "{} kernels, {total} launches and {aliases} aliases per run of `{}`; arena {} bytes at {}; \
          {} parameters, {param_bytes} bytes\n",
         m.kernels.len(),
-        m.arena_bytes,
+        first.name,
+        first.arena_bytes,
         if sizes.is_empty() { "any size".to_string() } else { sizes.join(", ") },
         m.params.len()
     ));
@@ -453,11 +473,11 @@ pub fn launches_per_layer(scopes: impl IntoIterator<Item = Option<String>>) -> V
     per.into_values().collect()
 }
 
-/// The launches per layer of a packed program (the manifest's, or its decode view), without the
-/// weight-only launches a runtime runs once at load (`Manifest::weight_only_steps`).
-pub fn program_launches_per_layer(m: &Manifest) -> Vec<LayerLaunches> {
-    let folded = m.weight_only_steps();
-    launches_per_layer(m.program.iter().enumerate().filter_map(|(i, s)| match s {
+/// The launches per layer of a packed program, without the weight-only launches a runtime runs once
+/// at load (`Program::weight_only_steps`).
+pub fn program_launches_per_layer(m: &Manifest, p: &kiln_ir::artifact::Program) -> Vec<LayerLaunches> {
+    let folded = p.weight_only_steps(&m.kernels);
+    launches_per_layer(p.steps.iter().enumerate().filter_map(|(i, s)| match s {
         Step::Launch { scope, .. } if !folded.contains(&i) => Some(scope.clone()),
         _ => None,
     }))
@@ -469,13 +489,13 @@ pub fn program_launches_per_layer(m: &Manifest) -> Vec<LayerLaunches> {
 /// its number of tokens, so these are also the launches per token of a decode step.
 fn fusion_report(a: &Artifact, before: Option<&[LayerLaunches]>, disabled: &[String]) -> String {
     let m = &a.manifest;
-    let after = program_launches_per_layer(m);
+    let after = program_launches_per_layer(m, &m.programs[0]);
     let skipped = disabled.iter().any(|d| d == FUSE_KERNELS);
     // Without a spec no pass runs: there is no before and after to show.
     if after.is_empty() || (before.is_none() && !skipped) {
         return String::new();
     }
-    let decode = m.decode_view().map(|d| program_launches_per_layer(&d));
+    let decode = m.program_of_kind(kiln_ir::ProgramKind::Decode).map(|d| program_launches_per_layer(m, d));
     let mut out = String::from("launches per layer, before fuse-kernels and in the program");
     if skipped {
         out.push_str(" (fuse-kernels disabled)");

@@ -9,11 +9,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use kiln_compiler::{build, inspect, passes, spec};
-use kiln_ir::{text, verify};
+use kiln_ir::{text, verify, ProgramKind};
 
 mod bench;
 mod compile;
 mod export_hf;
+mod perplexity;
 mod run;
 mod tokenize;
 
@@ -37,10 +38,13 @@ enum Command {
         /// Run the pipeline up to and including this pass first (see `kiln passes`).
         #[arg(long)]
         after: Option<String>,
-        /// Print a program over the KV cache (`prefill` or `decode`) instead of the stateless
-        /// forward graph.
-        #[arg(long, value_parser = ["prefill", "decode"], conflicts_with = "layer")]
+        /// Print one program of the module `kiln compile` builds (`prefill` or `decode`, over the
+        /// KV cache, or `score`, the next-token loss) instead of the stateless forward graph.
+        #[arg(long, value_parser = ["prefill", "decode", "score"], conflicts_with = "layer")]
         program: Option<String>,
+        /// Print the whole module `kiln compile` builds: its parameters, states and every program.
+        #[arg(long, conflicts_with_all = ["layer", "program"])]
+        module: bool,
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -142,6 +146,43 @@ enum Command {
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
+    /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
+    /// `score` program (or, with --interp, the reference interpreter).
+    Perplexity {
+        /// An artifact directory from `kiln compile`, or with --interp a model spec.
+        model: PathBuf,
+        /// A Hugging Face checkpoint: a folder with `model.safetensors` or a sharded index.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Use seeded random weights instead of a checkpoint.
+        #[arg(long, value_name = "SEED")]
+        random_weights: Option<u64>,
+        /// The tokens: a `.safetensors` file with an integer tensor `tokens` [N, T+1], or a `.bin`
+        /// stream of little-endian ids (with --dtype and --seq-len).
+        #[arg(long)]
+        data: PathBuf,
+        /// The ids' type in a `.bin` stream: u16 or u32.
+        #[arg(long)]
+        dtype: Option<String>,
+        /// The targets per row of a `.bin` stream (each row holds one token more).
+        #[arg(long)]
+        seq_len: Option<u64>,
+        /// Rows per run (at most the artifact's --max-batch).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Run on the reference interpreter (exact, slow) instead of the compiled kernels.
+        #[arg(long)]
+        interp: bool,
+        /// Where an artifact runs: the CPU (`kernels.so`) or CUDA device 0 (`kernels.ptx`).
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: run::Device,
+        /// Threads per kernel launch on the CPU (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure generated code against a reference.
     Bench {
         #[command(subcommand)]
@@ -188,8 +229,8 @@ fn render(e: &anyhow::Error) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Ir { spec, layer, after, program, output } => {
-            ir(&spec, layer, after.as_deref(), program.as_deref(), output.as_deref())
+        Command::Ir { spec, layer, after, program, module, output } => {
+            ir(&spec, layer, after.as_deref(), program.as_deref(), module, output.as_deref())
         }
         Command::Check { file } => check(&file),
         Command::Inspect { spec, context, json } => inspect(&spec, context, json),
@@ -240,6 +281,39 @@ fn run(command: Command) -> Result<()> {
             run::run(&req, &mut io::stdout().lock())
         }
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
+        Command::Perplexity {
+            model,
+            weights,
+            random_weights,
+            data,
+            dtype,
+            seq_len,
+            batch,
+            interp,
+            device,
+            threads,
+            json,
+        } => {
+            let weights = match (&weights, random_weights) {
+                (Some(_), Some(_)) => bail!("give either --weights DIR or --random-weights SEED, not both"),
+                (Some(dir), _) => run::Weights::Checkpoint(dir),
+                (None, Some(seed)) => run::Weights::Random(seed),
+                (None, None) => bail!("give the model's weights: --weights DIR or --random-weights SEED"),
+            };
+            let req = perplexity::Request {
+                model: &model,
+                weights,
+                data: &data,
+                dtype: dtype.as_deref(),
+                seq_len,
+                batch,
+                interp,
+                device,
+                threads,
+                json,
+            };
+            perplexity::run(&req, &mut io::stdout().lock())
+        }
         Command::Bench { what } => bench::run(what, &mut io::stdout().lock()),
         Command::Passes => {
             let mut out = String::new();
@@ -257,23 +331,48 @@ fn ir(
     layer: Option<u64>,
     after: Option<&str>,
     program: Option<&str>,
+    module: bool,
     output: Option<&Path>,
 ) -> Result<()> {
     let spec = spec::load(spec_path)?;
-    let mut graph = match (layer, program) {
-        (Some(l), _) => build::build_layer(&spec, l)?,
-        (None, Some("prefill")) => build::build_cached(&spec, build::Phase::Prefill)?,
-        (None, Some(_)) => build::build_cached(&spec, build::Phase::Decode)?,
-        (None, None) => build::build_graph(&spec)?,
+    if module {
+        let options = kiln_compiler::pack::Options::new(kiln_compiler::pack::Targets::All, 1, 1);
+        let m = kiln_compiler::pack::module_after(&spec, &options, after)?;
+        return emit(&text::print_module(&m), output);
+    }
+    let (mut graph, kind) = match (layer, program) {
+        (Some(l), _) => (build::build_layer(&spec, l)?, ProgramKind::Forward),
+        (None, Some("prefill")) => (build::build_cached(&spec, build::Phase::Prefill)?, ProgramKind::Prefill),
+        (None, Some("score")) => (build::build_score(&spec)?, ProgramKind::Score),
+        (None, Some(_)) => (build::build_cached(&spec, build::Phase::Decode)?, ProgramKind::Decode),
+        (None, None) => (build::build_graph(&spec)?, ProgramKind::Forward),
     };
     if let Some(pass) = after {
-        passes::run_until(&mut graph, &spec, pass)?;
+        passes::run_until(&mut graph, &spec, kind, pass)?;
     }
     emit(&text::print(&graph), output)
 }
 
 fn check(file: &Path) -> Result<()> {
     let src = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // A module file starts (after comments) with `module`; anything else is a graph.
+    let first = src.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with("//")).unwrap_or("");
+    if first.starts_with("module") {
+        let m = text::parse_module_file(&file.display().to_string(), &src)?;
+        kiln_ir::verify_module(&m)?;
+        let programs: Vec<String> = m.programs.iter().map(|p| format!("{} ({})", p.name, p.kind)).collect();
+        return emit(
+            &format!(
+                "{}: ok: module @{}, {} parameters, {} states, programs {}\n",
+                file.display(),
+                m.name,
+                m.params.len(),
+                m.states.len(),
+                programs.join(", ")
+            ),
+            None,
+        );
+    }
     let graph = text::parse_file(&file.display().to_string(), &src)?;
     verify::verify(&graph)?;
     let params = graph.params();

@@ -1,6 +1,6 @@
 //! `kiln run` and `kiln bench run`: generation from an artifact on the CPU backend (or the CUDA
 //! backend, `--device cuda`; `--dump-logits` records the logits rows generation reads), or from a spec
-//! (or an artifact's `graph.kir`) on the reference interpreter, through the runtime's one
+//! (or an artifact's `module.kir`) on the reference interpreter, through the runtime's one
 //! generation loop (`kiln_runtime::generate`).
 //!
 //! A directory is an artifact (`kiln compile -o DIR`); anything else is a model spec, which only
@@ -30,6 +30,7 @@ use kiln_compiler::{build, spec};
 use kiln_ir::ModelSpec;
 use kiln_runtime::artifact::{self, Artifact};
 use kiln_runtime::cpu::{CpuModel, CpuOptions, LayerLoad};
+use kiln_runtime::exec::{Backend, Executor};
 use kiln_runtime::generate::{
     generate, Engine, GenerateOptions, Generation, KvCache, Limits, Sampling, TokenEvent,
 };
@@ -98,6 +99,13 @@ fn describe(s: Sampling) -> String {
     }
 }
 
+/// The program the interpreter generates with: the prefill (its caches fed empty), else the first.
+fn first_program(m: &kiln_ir::artifact::Manifest) -> &str {
+    let p =
+        m.program_of_kind(kiln_ir::ProgramKind::Prefill).or(m.program_of_kind(kiln_ir::ProgramKind::Forward));
+    p.or(m.programs.first()).map_or("forward", |p| p.name.as_str())
+}
+
 /// Whether `path` is to be run as an artifact: any directory (a directory without a manifest is
 /// reported as not an artifact rather than as a bad spec).
 pub fn is_artifact(path: &Path) -> bool {
@@ -152,7 +160,7 @@ fn check_prompt(spec: &ModelSpec, prompt: &[i64], req: &Request) -> Result<()> {
 
 /// The parameters `decls` from `weights`, one at a time (a checkpoint is checked against them
 /// first, whole).
-fn params<'c>(
+pub(crate) fn params<'c>(
     decls: Vec<ParamDecl>,
     weights: &Weights,
     spec: Option<&ModelSpec>,
@@ -173,7 +181,7 @@ fn params<'c>(
 
 /// [`params`] for the compiled CPU model: a checkpoint's tensors that need no conversion are
 /// borrowed from its mapping ([`weights::bind_mapped`]).
-fn mapped_params<'c>(
+pub(crate) fn mapped_params<'c>(
     decls: Vec<ParamDecl>,
     weights: &Weights,
     spec: Option<&ModelSpec>,
@@ -202,7 +210,7 @@ fn threads(n: usize) -> String {
     }
 }
 
-fn cpu_options(threads: Option<usize>) -> CpuOptions {
+pub(crate) fn cpu_options(threads: Option<usize>) -> CpuOptions {
     let mut o = CpuOptions::default();
     if let Some(t) = threads {
         o.threads = t;
@@ -213,8 +221,8 @@ fn cpu_options(threads: Option<usize>) -> CpuOptions {
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let prompt = prompt(req)?;
-    if req.profile && (req.interp || req.device == Device::Cuda) {
-        bail!("--profile times the CPU backend's kernels; run an artifact on the CPU (no --interp, no --device cuda)");
+    if req.profile && req.interp {
+        bail!("--profile times the compiled kernels; run an artifact (no --interp)");
     }
     if req.expert_load && req.interp {
         bail!(
@@ -240,7 +248,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let art = artifact::load(req.model)?;
     let m = art.manifest();
     let spec = m.model.as_ref();
-    let name = spec.map_or(m.graph_name.as_str(), |s| s.model.name.as_str());
+    let name = spec.map_or(m.name.as_str(), |s| s.model.name.as_str());
     let decls = weights::manifest_params(m)?;
     let mut ckpt = None;
     let eos = spec.and_then(|s| s.model.eos_token_id);
@@ -248,8 +256,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let params = params(decls, &req.weights, spec, &mut ckpt)?;
         let tensors = params.collect::<Result<Vec<_>, _>>()?;
         let max_positions = spec.map(|s| s.model.max_position_embeddings);
-        let mut engine = Reference::new(art.graph()?, tensors, max_positions)?;
-        let what = "reference interpreter on graph.kir";
+        let mut engine = Reference::new(art.program_graph(first_program(m))?, tensors, max_positions)?;
+        let what = "reference interpreter on module.kir";
         return generate_and_report(&mut engine, name, what, eos, &prompt, req, out);
     }
     // The parameters alone: `param_bytes` also counts the artifact's constants, which are not
@@ -258,38 +266,47 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let params = mapped_params(decls, &req.weights, spec, &mut ckpt)?;
     if req.device == Device::Cuda {
         let mut model = GpuModel::load(&art, params, &GpuOptions::default())?;
-        let cache = match model.kv_cache_bytes() {
-            (_, 0) => "no KV cache".to_string(),
-            (bytes, n) => format!("KV cache {bytes} bytes ({} bytes per token)", bytes / n),
-        };
-        let what = format!(
-            "compiled artifact on CUDA device 0, {}, arena {} bytes, {cache}, parameters {} bytes",
-            model.device_name(),
-            model.arena_bytes(),
-            model.param_bytes()
-        );
-        return generate_and_report(&mut model, name, &what, eos, &prompt, req, out);
+        let device = format!("CUDA device 0, {}", model.device_name());
+        return run_compiled(&mut model, &device, declared, name, eos, &prompt, req, out);
     }
     let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
+    let device = format!("the CPU, {}", threads(model.threads()));
+    run_compiled(&mut model, &device, declared, name, eos, &prompt, req, out)
+}
+
+/// Generation on a loaded artifact, on any backend: the header line (memory, KV cache, folded
+/// weights, parameters), the tokens, then the expert load and the profile when asked for.
+#[allow(clippy::too_many_arguments)]
+fn run_compiled<B: Backend>(
+    model: &mut Executor<B>,
+    device: &str,
+    declared: usize,
+    name: &str,
+    eos: Option<u64>,
+    prompt: &Prompt,
+    req: &Request,
+    out: &mut impl Write,
+) -> Result<()> {
     let (total, mapped) = (model.param_bytes(), model.mapped_param_bytes());
-    let (cache, slots) = model.kv_cache_bytes();
-    let cache = match slots {
-        0 => "no KV cache".to_string(),
-        n => format!("KV cache {cache} bytes ({} bytes per token)", cache / n),
+    let cache = match Engine::kv_cache(model) {
+        None => "no KV cache".to_string(),
+        Some(c) => {
+            let tokens = (model.max_sizes().b * c.capacity).max(1);
+            format!("KV cache {} bytes ({} bytes per token)", c.bytes, c.bytes / tokens)
+        }
     };
     let cache = match model.folded_bytes() {
         0 => cache,
         n => format!("{cache}, weights folded at load {n} bytes"),
     };
     let what = format!(
-        "compiled artifact on the CPU, {}, arena {} bytes, {cache}, parameters {total} bytes ({mapped} \
+        "compiled artifact on {device}, arena {} bytes, {cache}, parameters {total} bytes ({mapped} \
          mapped from the checkpoint, {} converted)",
-        threads(model.threads()),
         model.arena_bytes(),
         declared.saturating_sub(mapped)
     );
     model.set_profiling(req.profile);
-    generate_and_report(&mut model, name, &what, eos, &prompt, req, out)?;
+    generate_and_report(model, name, &what, eos, prompt, req, out)?;
     if req.expert_load {
         write_expert_load(&model.expert_load(), out)?;
     }
@@ -299,7 +316,6 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// `--profile`: the kernels by time, with their share of the total.
 fn write_profile(times: &[kiln_runtime::cpu::KernelTime], out: &mut impl Write) -> Result<()> {
     let total: u64 = times.iter().map(|t| t.nanos).sum();
     writeln!(out, "profile: {:.1} ms in kernels (prefill and decode runs together)", total as f64 / 1e6)?;
@@ -359,9 +375,6 @@ fn run_spec(req: &Request, prompt: &Prompt, out: &mut impl Write) -> Result<()> 
 /// `--device cuda` options that only the CPU has, refused before anything loads; then the driver,
 /// so that a machine without one says so first ([`RuntimeError::NoCudaDriver`]).
 fn check_cuda_request(req: &Request) -> Result<()> {
-    if req.expert_load {
-        bail!("--expert-load is read from the CPU backend's kernels; it is not available with --device cuda yet");
-    }
     if req.threads.is_some() {
         bail!("--threads sets the CPU backend's threads; it does not apply to --device cuda");
     }
@@ -379,28 +392,28 @@ struct LogitsRecorder<'e> {
 }
 
 impl Engine for LogitsRecorder<'_> {
-    fn inputs(&self) -> Vec<(String, kiln_ir::DType)> {
-        self.engine.inputs()
+    fn programs(&self) -> Vec<(String, kiln_ir::ProgramKind)> {
+        self.engine.programs()
+    }
+
+    fn inputs(&self, program: &str) -> Result<Vec<(String, kiln_ir::DType)>, RuntimeError> {
+        self.engine.inputs(program)
     }
 
     fn vocab_size(&self) -> Option<u64> {
         self.engine.vocab_size()
     }
 
-    fn limits(&self) -> Limits {
-        self.engine.limits()
+    fn limits(&self, program: &str) -> Limits {
+        self.engine.limits(program)
     }
 
-    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
-        self.engine.run(inputs)
+    fn run(&mut self, program: &str, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        self.engine.run(program, inputs)
     }
 
     fn kv_cache(&self) -> Option<KvCache> {
         self.engine.kv_cache()
-    }
-
-    fn run_decode(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
-        self.engine.run_decode(inputs)
     }
 
     fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
@@ -531,13 +544,13 @@ pub fn bench(req: &BenchRequest, out: &mut dyn Write) -> Result<()> {
     let art: Artifact = artifact::load(req.artifact)?;
     let m = art.manifest();
     let spec = m.model.as_ref();
-    let name = spec.map_or(m.graph_name.as_str(), |s| s.model.name.as_str());
+    let name = spec.map_or(m.name.as_str(), |s| s.model.name.as_str());
     let mut ckpt = None;
     let tensors = params(weights::manifest_params(m)?, &req.weights, spec, &mut ckpt)?
         .collect::<Result<Vec<_>, _>>()?;
     let mut compiled = CpuModel::load(&art, tensors.iter().cloned().map(Ok), &cpu_options(req.threads))?;
     let max_positions = spec.map(|s| s.model.max_position_embeddings);
-    let mut reference = Reference::new(art.graph()?, tensors, max_positions)?;
+    let mut reference = Reference::new(art.program_graph(first_program(m))?, tensors, max_positions)?;
     let vocab = compiled.vocab_size().context("the artifact has no `logits` output")?;
     let prompts = [bench_prompt(req.prompt_len, vocab)];
     let opts =

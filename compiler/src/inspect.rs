@@ -93,14 +93,12 @@ pub struct KvCache {
     pub decode_graph_elements: Option<(u64, u64)>,
 }
 
-/// Elements per token and layer of a cached program's KV-cache inputs (`kv_cache.*`, shaped
-/// `[B, S, ...]`): the product of their non-symbolic dimensions, over the layers.
+/// Elements per token and layer of a cached program's KV caches (the inputs its `cache_update`s
+/// write, shaped `[B, S, ...]`): the product of their non-symbolic dimensions, over the layers.
 pub fn cache_elements_per_token_layer(g: &Graph, layers: u64) -> u64 {
-    let total: u64 = g
-        .inputs()
-        .into_iter()
-        .filter(|(n, _)| n.starts_with("kv_cache."))
-        .map(|(_, v)| g.ty(v).shape[2..].iter().filter_map(|d| d.as_known()).product::<u64>())
+    let total: u64 = crate::pack::cache_states(g)
+        .iter()
+        .map(|s| s.ty.shape[2..].iter().filter_map(|d| d.as_known()).product::<u64>())
         .sum();
     total / layers.max(1)
 }
@@ -111,7 +109,8 @@ fn decode_cache_elements(spec: &ModelSpec) -> Option<(u64, u64)> {
     let layers = spec.model.num_hidden_layers;
     let before = cache_elements_per_token_layer(&g, layers);
     let pass = crate::passes::find("fuse-mla-latent").ok()?;
-    crate::passes::run_pass(&mut g, pass, &crate::passes::Options { spec }).ok()?;
+    let opts = crate::passes::Options::of_kind(spec, kiln_ir::ProgramKind::Decode);
+    crate::passes::run_pass(&mut g, pass, &opts).ok()?;
     Some((before, cache_elements_per_token_layer(&g, layers)))
 }
 

@@ -10,4 +10,5 @@ pub mod inspect;
 pub mod pack;
 pub mod passes;
 pub mod spec;
+pub mod target;
 pub mod toolchain;

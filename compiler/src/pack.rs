@@ -10,7 +10,7 @@
 //! lower          each distinct kernel once per target ─▶ MLIR
 //! emit-cpu       MLIR ─▶ LLVM ─▶ kernels.so with a packed entry per kernel
 //! emit-gpu       MLIR ─▶ LLVM ─▶ kernels.ptx for sm_90a, assembled by ptxas -v as a check
-//! pack           graph.kir, kernels.mlir, manifest.json (with the SHA-256 of every file)
+//! pack           module.kir, kernels.mlir, manifest.json (with the SHA-256 of every file)
 //! ```
 //!
 //! [`make_graph`] runs `build` and the passes, [`prepare`] the pure stages up to `lower`, [`emit`]
@@ -22,6 +22,7 @@
 
 mod memory;
 mod ptxas;
+mod structure;
 mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -32,16 +33,19 @@ use sha2::{Digest, Sha256};
 
 use kiln_ir::artifact::{
     self, ArgRole, ArgSig, BufferKind, CpuKernel, CpuTarget, FileEntry, GpuKernel, GpuTarget, GridAxis,
-    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, Program, SymbolEntry,
+    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, StateEntry, SymbolEntry,
+};
+use kiln_ir::module::{
+    verify_module, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole,
 };
 use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
 
-use crate::build::{build_cached, build_graph, BuildError, Phase};
+use crate::build::{build_cached, build_graph, build_score, BuildError, Phase};
 use crate::codegen::{
-    cpu, form_kernels, form_programs, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape,
-    LowerError, LoweredModule, Step, Target,
+    cpu, form_programs, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
+    LoweredModule, Step, Target,
 };
 use crate::passes::{self, PassError};
 use crate::toolchain::{self, ToolchainError};
@@ -49,6 +53,8 @@ use crate::toolchain::{self, ToolchainError};
 pub use memory::{plan_memory, MemoryPlan, PlanError};
 pub use ptxas::{parse_report, PtxasStats};
 pub use write::{write, WriteError};
+
+pub use crate::target::Targets;
 
 /// What to compile.
 pub enum Source {
@@ -68,34 +74,6 @@ impl Source {
     }
 }
 
-/// Which targets to compile for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Targets {
-    Cpu,
-    Gpu,
-    All,
-}
-
-impl Targets {
-    /// Parses the CLI spelling: `cpu`, `sm_90a` or `all`.
-    pub fn parse(text: &str) -> Option<Targets> {
-        match text {
-            "cpu" => Some(Targets::Cpu),
-            _ if text == gpu::SM => Some(Targets::Gpu),
-            "all" => Some(Targets::All),
-            _ => None,
-        }
-    }
-
-    pub fn cpu(self) -> bool {
-        matches!(self, Targets::Cpu | Targets::All)
-    }
-
-    pub fn gpu(self) -> bool {
-        matches!(self, Targets::Gpu | Targets::All)
-    }
-}
-
 /// How to compile.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -107,17 +85,29 @@ pub struct Options {
     /// From a spec, compile a prefill and a decode program over a KV cache ([`build_cached`])
     /// rather than the stateless forward graph (which keeps the MTP heads).
     pub kv_cache: bool,
+    /// From a spec, also compile the `score` program ([`build_score`]): the next-token loss at
+    /// every position (`kiln perplexity`).
+    pub score: bool,
 }
 
 impl Options {
+    /// Every program a spec compiles to by default: prefill, decode and score.
+    pub fn new(targets: Targets, max_batch: u64, max_context: u64) -> Options {
+        Options { targets, max_batch, max_context, kv_cache: true, score: true }
+    }
+
     /// The sizes the buffer plan is made for: `T <= S` always, so both get `max_context`.
     pub fn max_sizes(&self) -> SymBindings {
         SymBindings { b: self.max_batch, t: self.max_context, s: self.max_context }
     }
 
-    /// The sizes of the decode program: one new token per sequence.
-    pub fn decode_max_sizes(&self) -> SymBindings {
-        SymBindings { t: 1, ..self.max_sizes() }
+    /// The sizes the buffer plan of a program of `kind` is made for: a decode program runs one new
+    /// token per sequence.
+    pub fn max_sizes_of(&self, kind: ProgramKind) -> SymBindings {
+        match kind {
+            ProgramKind::Decode => SymBindings { t: 1, ..self.max_sizes() },
+            _ => self.max_sizes(),
+        }
     }
 }
 
@@ -273,6 +263,8 @@ pub enum CompileError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Invalid(#[from] VerifyError),
+    #[error("internal error: the module kiln built is invalid (a kiln bug; please report it): {0}")]
+    Module(#[from] ModuleError),
     #[error(transparent)]
     Pass(#[from] PassError),
     #[error(transparent)]
@@ -293,23 +285,43 @@ pub enum CompileError {
 /// The result of the pure stages: everything but machine code.
 pub struct Prepared {
     pub spec: Option<ModelSpec>,
-    /// The graph after the pass pipeline.
-    pub graph: Graph,
-    pub plan: KernelPlan,
-    pub memory: MemoryPlan,
-    /// The decode program, when compiled with a KV cache; its plan has the same kernels as `plan`.
-    pub decode: Option<DecodePrepared>,
+    /// The module after the pass pipeline: its programs, parameters and states.
+    pub module: Module,
+    /// The kernels and memory of each program of [`Prepared::module`], in the same order. Every
+    /// plan has the same kernels (one set, formed over all the programs).
+    pub programs: Vec<PreparedProgram>,
     pub cpu: Option<LoweredModule>,
     pub gpu: Option<LoweredModule>,
     ptxas: Option<PathBuf>,
 }
 
-/// The decode program of a [`Prepared`] model with a KV cache.
-pub struct DecodePrepared {
-    /// The decode graph after the pass pipeline.
-    pub graph: Graph,
+/// One program of a [`Prepared`] module.
+pub struct PreparedProgram {
     pub plan: KernelPlan,
     pub memory: MemoryPlan,
+}
+
+impl Prepared {
+    /// The first program's graph after the passes (the prefill, or the forward graph).
+    pub fn graph(&self) -> &Graph {
+        &self.module.programs[0].graph
+    }
+
+    /// The first program's kernel plan (its kernels are every program's).
+    pub fn plan(&self) -> &KernelPlan {
+        &self.programs[0].plan
+    }
+
+    /// The first program's memory plan.
+    pub fn memory(&self) -> &MemoryPlan {
+        &self.programs[0].memory
+    }
+
+    /// The program called `name`, with its plans.
+    pub fn program(&self, name: &str) -> Option<(&Program, &PreparedProgram)> {
+        let i = self.module.programs.iter().position(|p| p.name == name)?;
+        Some((&self.module.programs[i], &self.programs[i]))
+    }
 }
 
 /// A compiled artifact, in memory.
@@ -346,90 +358,168 @@ fn require_ptxas() -> Result<PathBuf, CompileError> {
     }
 }
 
-/// Runs `build` and the passes: the graph kernels are formed from, and the spec, if any.
+/// Runs `build` and the passes for the first program only (`kiln compile --print-after`): its graph
+/// and the spec, if any.
 pub fn make_graph(
     source: Source,
+    options: &Options,
     obs: &mut dyn Observer,
 ) -> Result<(Graph, Option<ModelSpec>), CompileError> {
-    let (graph, _, spec) = make_graphs(source, false, obs)?;
-    Ok((graph, spec))
+    let (mut module, spec) = make_module(source, &Options { score: false, ..*options }, obs)?;
+    Ok((module.programs.swap_remove(0).graph, spec))
 }
 
-/// [`make_graph`], and with `kv_cache` (from a spec only) the prefill graph and the decode graph.
-/// The observer sees the stages of the prefill graph (the decode graph goes through the same ones).
-pub fn make_graphs(
+/// The module a spec builds to under `options`, before the passes: the prefill and decode programs
+/// over a KV cache (or the stateless forward graph, with the MTP heads), and the `score` program.
+/// Adding a program kind is one builder function and one line here.
+pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, CompileError> {
+    let mut module = Module::new(spec.model.name.clone());
+    let mut add = |name: &str, kind: ProgramKind, graph: Graph| {
+        module.programs.push(Program { name: name.to_string(), kind, graph });
+    };
+    if options.kv_cache {
+        add("prefill", ProgramKind::Prefill, build_cached(spec, Phase::Prefill)?);
+        add("decode", ProgramKind::Decode, build_cached(spec, Phase::Decode)?);
+    } else {
+        add("forward", ProgramKind::Forward, build_graph(spec)?);
+    }
+    if options.score {
+        add("score", ProgramKind::Score, build_score(spec)?);
+    }
+    Ok(module)
+}
+
+/// The KV caches of a program: each input whose only reader is a `cache_update` of it, with the
+/// update's result output under the input's name (what [`build_cached`] and `fuse-mla-latent`
+/// make). The builders declare no other state today.
+pub fn cache_states(g: &Graph) -> Vec<StateDecl> {
+    let inputs = g.inputs();
+    let mut out = Vec::new();
+    for n in g.nodes() {
+        let node = g.node(n);
+        if !matches!(node.op, Op::CacheUpdate) {
+            continue;
+        }
+        let Some(&(name, v)) = inputs.iter().find(|&&(_, v)| v == node.inputs[0]) else { continue };
+        if g.outputs().iter().any(|(o, r)| o == name && *r == node.results[0]) {
+            out.push(StateDecl { name: name.to_string(), ty: g.ty(v).clone(), role: StateRole::KvCache });
+        }
+    }
+    out
+}
+
+/// Declares the module's parameters (every `param` node of every program, first-seen order) and
+/// states (every program's KV caches), and verifies it.
+fn declare(module: &mut Module) -> Result<(), CompileError> {
+    module.params.clear();
+    module.states.clear();
+    module.declare_params_from_programs()?;
+    for p in &module.programs {
+        for s in cache_states(&p.graph) {
+            if !module.states.iter().any(|d| d.name == s.name) {
+                module.states.push(s);
+            }
+        }
+    }
+    verify_module(module)?;
+    Ok(())
+}
+
+/// The module a spec builds to under `options`, as built or after the pass pipeline up to and
+/// including the pass `last`, with its parameters and states declared: what
+/// `kiln ir --module [--after PASS]` prints.
+pub fn module_after(spec: &ModelSpec, options: &Options, last: Option<&str>) -> Result<Module, CompileError> {
+    let mut module = build_module(spec, options)?;
+    let Some(last) = last else {
+        declare(&mut module)?;
+        return Ok(module);
+    };
+    passes::find(last)?;
+    for pass in passes::PASSES {
+        for p in &mut module.programs {
+            passes::run_pass(
+                &mut p.graph,
+                pass,
+                &passes::Options { spec, kind: p.kind, targets: options.targets },
+            )?;
+        }
+        if pass.name == last {
+            break;
+        }
+    }
+    declare(&mut module)?;
+    Ok(module)
+}
+
+/// Runs `build` and the passes on every program: the module kernels are formed from, and the spec,
+/// if any. The observer sees the stages of the first program (the others go through the same).
+pub fn make_module(
     source: Source,
-    kv_cache: bool,
+    options: &Options,
     obs: &mut dyn Observer,
-) -> Result<(Graph, Option<Graph>, Option<ModelSpec>), CompileError> {
-    let (mut graph, mut decode, spec) = stage(
+) -> Result<(Module, Option<ModelSpec>), CompileError> {
+    let (mut module, spec) = stage(
         obs,
         Stage::Build,
         || match source {
-            Source::Spec(spec) if kv_cache => {
-                let prefill = build_cached(&spec, Phase::Prefill)?;
-                let decode = build_cached(&spec, Phase::Decode)?;
-                Ok((prefill, Some(decode), Some(spec)))
-            }
-            Source::Spec(spec) => Ok((build_graph(&spec)?, None, Some(spec))),
+            Source::Spec(spec) => Ok((build_module(&spec, options)?, Some(spec))),
             Source::Graph { graph, spec } => {
                 verify(&graph)?;
-                Ok((graph, None, spec))
+                let mut module = Module::new(graph.name().to_string());
+                module.programs.push(Program { name: "forward".into(), kind: ProgramKind::Forward, graph });
+                Ok((module, spec))
             }
         },
-        |(g, _, _)| Dump::Graph(g),
+        |(m, _)| Dump::Graph(&m.programs[0].graph),
     )?;
     if let Some(spec) = &spec {
-        let opts = passes::Options { spec };
         for pass in passes::PASSES {
             if !obs.runs_pass(pass.name) {
                 continue;
             }
             obs.started(Stage::Pass(pass.name));
-            passes::run_pass(&mut graph, pass, &opts)?;
-            if let Some(d) = &mut decode {
-                passes::run_pass(d, pass, &opts)?;
+            for p in &mut module.programs {
+                let opts = passes::Options { spec, kind: p.kind, targets: options.targets };
+                passes::run_pass(&mut p.graph, pass, &opts)?;
             }
-            obs.finished(Stage::Pass(pass.name), &Dump::Graph(&graph));
+            obs.finished(Stage::Pass(pass.name), &Dump::Graph(&module.programs[0].graph));
         }
     }
-    Ok((graph, decode, spec))
+    declare(&mut module)?;
+    Ok((module, spec))
 }
 
-/// Runs the pure stages: [`make_graph`], kernel formation, the memory plan and lowering.
+/// Runs the pure stages: [`make_module`], kernel formation, the memory plan and lowering.
 pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Result<Prepared, CompileError> {
     if options.max_batch == 0 || options.max_context == 0 {
         return Err(CompileError::Options("the maximum batch and context must be at least 1".into()));
     }
     // Before any work: a missing tool should not cost a whole compile.
     let ptxas = if options.targets.gpu() { Some(require_ptxas()?) } else { None };
-    let (graph, decode_graph, spec) = make_graphs(source, options.kv_cache, obs)?;
-    let (plan, decode_plan) = stage(
+    let (module, spec) = make_module(source, options, obs)?;
+    let plans = stage(
         obs,
         Stage::Kernels,
-        || match &decode_graph {
-            None => Ok((form_kernels(&graph)?, None)),
-            Some(d) => {
-                let mut plans = form_programs(&[&graph, d])?;
-                let decode = plans.pop();
-                Ok((plans.remove(0), decode))
-            }
+        || {
+            let graphs: Vec<&Graph> = module.programs.iter().map(|p| &p.graph).collect();
+            Ok(form_programs(&graphs)?)
         },
-        |(p, _)| Dump::Kernels(p),
+        |plans| Dump::Kernels(&plans[0]),
     )?;
-    let memory = stage(
+    let state_names: Vec<&str> = module.states.iter().map(|s| s.name.as_str()).collect();
+    let memories = stage(
         obs,
         Stage::PlanMemory,
-        || Ok(plan_memory(&graph, &plan, options.max_sizes())?),
-        |m| Dump::Memory(m),
+        || {
+            (module.programs.iter().zip(&plans))
+                .map(|(p, plan)| Ok(plan_memory(&p.graph, plan, options.max_sizes_of(p.kind), &state_names)?))
+                .collect::<Result<Vec<_>, CompileError>>()
+        },
+        |m| Dump::Memory(&m[0]),
     )?;
-    let decode = match (decode_graph, decode_plan) {
-        (Some(graph), Some(plan)) => {
-            let memory = plan_memory(&graph, &plan, options.decode_max_sizes())?;
-            Some(DecodePrepared { graph, plan, memory })
-        }
-        _ => None,
-    };
+    let programs: Vec<PreparedProgram> =
+        plans.into_iter().zip(memories).map(|(plan, memory)| PreparedProgram { plan, memory }).collect();
+    let kernels = &programs[0].plan.kernels;
     let modules = stage(
         obs,
         Stage::Lower,
@@ -439,7 +529,7 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
                 [(options.targets.cpu(), Target::Cpu), (options.targets.gpu(), Target::Gpu)]
             {
                 if wanted {
-                    modules.push(lower_module(&plan.kernels, target)?);
+                    modules.push(lower_module(kernels, target)?);
                 }
             }
             Ok(modules)
@@ -454,7 +544,7 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
             Target::Gpu => gpu = Some(m),
         }
     }
-    Ok(Prepared { spec, graph, plan, memory, decode, cpu, gpu, ptxas })
+    Ok(Prepared { spec, module, programs, cpu, gpu, ptxas })
 }
 
 /// Links the CPU library in a private temporary directory and returns its bytes.
@@ -541,10 +631,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
         files.push((artifact::KERNELS_PTX.into(), ptx.into_bytes()));
     }
     obs.started(Stage::Pack);
-    files.push((artifact::GRAPH_KIR.into(), kiln_ir::print(&prepared.graph).into_bytes()));
-    if let Some(d) = &prepared.decode {
-        files.push((artifact::DECODE_KIR.into(), kiln_ir::print(&d.graph).into_bytes()));
-    }
+    files.push((artifact::MODULE_KIR.into(), kiln_ir::print_module(&prepared.module).into_bytes()));
     files.push((artifact::KERNELS_MLIR.into(), kernels_mlir(&prepared).into_bytes()));
     let entries = files
         .iter()
@@ -648,7 +735,7 @@ impl serde_json::ser::Formatter for Lines {
     }
 }
 
-/// The manifest of a prepared graph whose files are `files`.
+/// The manifest of a prepared module whose files are `files`.
 fn manifest(
     p: &Prepared,
     options: &Options,
@@ -659,18 +746,15 @@ fn manifest(
         module.iter().flat_map(|m| &m.kernels).map(|k| (k.name.clone(), k.launch.clone())).collect()
     };
     let (cpu_launch, gpu_launch) = (lowered(&p.cpu), lowered(&p.gpu));
-    let mut programs = vec![(&p.graph, &p.plan, &p.memory)];
-    if let Some(d) = &p.decode {
-        programs.push((&d.graph, &d.plan, &d.memory));
-    }
+    let kernels_of = &p.plan().kernels;
 
     // An argument is a weight when every launch, in every program, binds it to a parameter.
-    let mut weight: Vec<Vec<bool>> = p.plan.kernels.iter().map(|k| vec![true; k.args.len()]).collect();
-    for (_, plan, memory) in &programs {
-        for s in &plan.steps {
+    let mut weight: Vec<Vec<bool>> = kernels_of.iter().map(|k| vec![true; k.args.len()]).collect();
+    for prog in &p.programs {
+        for s in &prog.plan.steps {
             if let Step::Launch { kernel, args, .. } = s {
                 for (w, &a) in weight[kernel.index()].iter_mut().zip(args) {
-                    *w &= memory.buffers[memory.buffer(a).index()].kind == BufferKind::Param;
+                    *w &= prog.memory.buffers[prog.memory.buffer(a).index()].kind == BufferKind::Param;
                 }
             }
         }
@@ -678,8 +762,8 @@ fn manifest(
     let missing = |name: &str, target: Target| {
         CompileError::Internal(format!("kernel `{name}` has no {target} launch shape after lowering"))
     };
-    let mut kernels = Vec::with_capacity(p.plan.kernels.len());
-    for k in &p.plan.kernels {
+    let mut kernels = Vec::with_capacity(kernels_of.len());
+    for k in kernels_of {
         let role = |i: usize| if weight[k.id.index()][i] { ArgRole::Param } else { ArgRole::Input };
         let args = (k.args.iter().enumerate().map(|(i, t)| (t, role(i))))
             .chain(k.results.iter().map(|t| (t, ArgRole::Output)))
@@ -689,7 +773,7 @@ fn manifest(
         let cpu = match (&p.cpu, cpu_launch.get(&k.name)) {
             (None, _) => None,
             (Some(_), Some(LaunchShape::Cpu { work })) => {
-                Some(CpuKernel { symbol: format!("{}{}", k.name, cpu::PACKED_SUFFIX), work: *work })
+                Some(CpuKernel { symbol: format!("{}{}", k.name, artifact::PACKED_SUFFIX), work: *work })
             }
             (Some(_), _) => return Err(missing(&k.name, Target::Cpu)),
         };
@@ -712,48 +796,72 @@ fn manifest(
             gpu,
         });
     }
-
-    let forward = program(&p.graph, &p.plan, &p.memory, options.max_sizes())?;
-    let decode = match &p.decode {
-        Some(d) => Some(Box::new(program(&d.graph, &d.plan, &d.memory, options.decode_max_sizes())?)),
-        None => None,
-    };
+    let params = p
+        .module
+        .params
+        .iter()
+        .map(|d: &ParamDecl| ParamEntry {
+            name: d.name.clone(),
+            dtype: d.ty.dtype,
+            shape: d.ty.shape.clone(),
+        })
+        .collect();
+    let states = p
+        .module
+        .states
+        .iter()
+        .map(|d| StateEntry {
+            name: d.name.clone(),
+            dtype: d.ty.dtype,
+            shape: d.ty.shape.clone(),
+            role: d.role,
+        })
+        .collect();
+    let programs = (p.module.programs.iter().zip(&p.programs))
+        .map(|(prog, pp)| program(prog, &pp.plan, &pp.memory, options.max_sizes_of(prog.kind)))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Manifest {
         format_version: artifact::FORMAT_VERSION,
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         model: p.spec.clone(),
-        graph_name: forward.graph_name,
+        name: p.module.name.clone(),
         cpu: host.map(|(triple, cpu)| CpuTarget { triple, cpu, library: artifact::KERNELS_SO.into() }),
         gpu: p.gpu.as_ref().map(|_| GpuTarget { arch: gpu::SM.into(), module: artifact::KERNELS_PTX.into() }),
-        symbols: forward.symbols,
         kernels,
-        program: forward.program,
-        buffers: forward.buffers,
-        arena_bytes: forward.arena_bytes,
-        params: forward.params,
-        inputs: forward.inputs,
-        outputs: forward.outputs,
+        params,
+        states,
+        programs,
         files,
-        decode,
     })
 }
 
-/// The per-program part of a manifest: steps, buffers, parameters, inputs and outputs.
-fn program(g: &Graph, plan: &KernelPlan, m: &MemoryPlan, max: SymBindings) -> Result<Program, CompileError> {
+/// One program of the manifest: steps, buffers, inputs and outputs, and what a runtime must know
+/// of its structure (the inputs that index something, the MoE dispatches), found from the ops.
+fn program(
+    prog: &Program,
+    plan: &KernelPlan,
+    m: &MemoryPlan,
+    max: SymBindings,
+) -> Result<artifact::Program, CompileError> {
+    let g = &prog.graph;
     let buf = |v| m.buffer(v);
     let mut steps = Vec::with_capacity(plan.steps.len());
+    let mut step_of_node = HashMap::new();
     for (i, s) in plan.steps.iter().enumerate() {
         steps.push(match s {
-            Step::Launch { kernel, node, args, results } => artifact::Step::Launch {
-                kernel: KernelIndex(kernel.index() as u32),
-                buffers: args
-                    .iter()
-                    .chain(results)
-                    .map(|&v| buf(v))
-                    .chain(m.scratch[i].iter().copied())
-                    .collect(),
-                scope: g.node(*node).scope.clone(),
-            },
+            Step::Launch { kernel, node, args, results } => {
+                step_of_node.insert(*node, i);
+                artifact::Step::Launch {
+                    kernel: KernelIndex(kernel.index() as u32),
+                    buffers: args
+                        .iter()
+                        .chain(results)
+                        .map(|&v| buf(v))
+                        .chain(m.scratch[i].iter().copied())
+                        .collect(),
+                    scope: g.node(*node).scope.clone(),
+                }
+            }
             Step::Alias { result, source, .. } => {
                 artifact::Step::Alias { buffer: buf(*result), source: buf(*source) }
             }
@@ -773,38 +881,23 @@ fn program(g: &Graph, plan: &KernelPlan, m: &MemoryPlan, max: SymBindings) -> Re
             }
         });
     }
-
-    let params = g
-        .nodes()
-        .into_iter()
-        .filter_map(|n| match &g.node(n).op {
-            Op::Param { name } => {
-                let v = g.node(n).results[0];
-                let t = g.ty(v);
-                Some(ParamEntry {
-                    name: name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    buffer: buf(v),
-                })
-            }
-            _ => None,
-        })
-        .collect();
     let named = |(name, v): (&str, kiln_ir::ValueId)| NamedBuffer { name: name.to_string(), buffer: buf(v) };
     let used =
         |s: Sym| m.buffers.iter().any(|b| b.shape.iter().any(|&d| crate::codegen::kernel::has_sym(d, s)));
     let symbols =
         Sym::ALL.into_iter().filter(|&s| used(s)).map(|sym| SymbolEntry { sym, max: max.get(sym) }).collect();
     let outputs: Vec<NamedBuffer> = g.outputs().iter().map(|(n, v)| named((n.as_str(), *v))).collect();
-    Ok(Program {
-        graph_name: g.name().to_string(),
+    let moe_dispatches = structure::moe_dispatches(g, &step_of_node, buf);
+    Ok(artifact::Program {
+        name: prog.name.clone(),
+        kind: prog.kind,
         symbols,
-        program: steps,
+        steps,
         buffers: m.buffers.clone(),
         arena_bytes: m.arena_bytes,
-        params,
         inputs: g.inputs().into_iter().map(named).collect(),
         outputs,
+        index_inputs: structure::index_inputs(g),
+        moe_dispatches,
     })
 }

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use kiln_ir::artifact::{self, FileEntry, Manifest, FORMAT_VERSION};
+use kiln_ir::module::Module;
 use kiln_ir::Graph;
 
 use crate::RuntimeError;
@@ -69,12 +70,20 @@ impl Artifact {
         Ok(bytes)
     }
 
-    /// The graph the kernels were formed from (`graph.kir`), for the reference interpreter.
-    pub fn graph(&self) -> Result<Graph, RuntimeError> {
-        let bytes = self.read_file(artifact::GRAPH_KIR)?;
+    /// The module the kernels were formed from (`module.kir`), for the reference interpreter.
+    pub fn module(&self) -> Result<Module, RuntimeError> {
+        let bytes = self.read_file(artifact::MODULE_KIR)?;
         let bad = |reason: String| RuntimeError::BadGraph { dir: self.dir.clone(), reason };
         let text = String::from_utf8(bytes).map_err(|e| bad(e.to_string()))?;
-        kiln_ir::parse(&text).map_err(|e| bad(e.to_string()))
+        kiln_ir::parse_module(&text).map_err(|e| bad(e.to_string()))
+    }
+
+    /// The graph of program `name` of [`Artifact::module`].
+    pub fn program_graph(&self, name: &str) -> Result<Graph, RuntimeError> {
+        let module = self.module()?;
+        let known = module.programs.iter().map(|p| format!("`{}`", p.name)).collect::<Vec<_>>().join(", ");
+        let program = module.programs.into_iter().find(|p| p.name == name);
+        program.map(|p| p.graph).ok_or(RuntimeError::NoSuchProgram { name: name.to_string(), known })
     }
 
     fn io_error(&self, name: &str, e: std::io::Error) -> RuntimeError {

@@ -53,7 +53,7 @@ pub enum RuntimeError {
         dir.display()
     )]
     FileHash { dir: PathBuf, name: String },
-    #[error("{}: graph.kir does not parse: {reason}", dir.display())]
+    #[error("{}: module.kir does not parse: {reason}", dir.display())]
     BadGraph { dir: PathBuf, reason: String },
 
     // The CPU backend.
@@ -115,6 +115,14 @@ pub enum RuntimeError {
          0..{vocab}"
     )]
     TokenOutOfRange { name: String, index: usize, value: i64, vocab: u64 },
+    #[error("the artifact has no program `{name}` (its programs: {known})")]
+    NoSuchProgram { name: String, known: String },
+    #[error(
+        "manifest field `{field}` does not match kernel `{name}` as kernels.so was compiled: the library \
+         says `{library}`, the manifest `{manifest}`; the manifest was edited or belongs to another \
+         library (recompile with `kiln compile`)"
+    )]
+    KernelSignature { field: String, name: String, library: String, manifest: String },
     #[error("`{name}` is not an output (the outputs: {known})")]
     NoSuchOutput { name: String, known: String },
     #[error("nothing has run yet, so there are no outputs to read")]

@@ -22,6 +22,7 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use kiln_ir::module::ProgramKind;
 use kiln_ir::DType;
 
 use crate::weights::{HostData, HostTensor};
@@ -41,26 +42,61 @@ pub struct Limits {
     pub what: String,
 }
 
-/// Something that runs a model's forward pass on a batch of token sequences.
+/// Something that runs a model's programs on batches of token sequences: a compiled artifact on any
+/// backend ([`crate::exec::Executor`]) or the reference interpreter.
 pub trait Engine {
-    /// The model's inputs with their dtypes.
-    fn inputs(&self) -> Vec<(String, DType)>;
+    /// The programs, by name and kind.
+    fn programs(&self) -> Vec<(String, ProgramKind)>;
+    /// The caller inputs of `program` with their dtypes.
+    fn inputs(&self, program: &str) -> Result<Vec<(String, DType)>, RuntimeError>;
     /// The size of the last dimension of the [`LOGITS`] output, when the model has it.
     fn vocab_size(&self) -> Option<u64>;
-    fn limits(&self) -> Limits;
-    /// Runs the model; its outputs stay readable until the next run.
-    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError>;
+    /// What bounds one run of `program`.
+    fn limits(&self, program: &str) -> Limits;
+    /// Runs `program`; its outputs stay readable until the next run.
+    fn run(&mut self, program: &str, inputs: &[HostTensor]) -> Result<(), RuntimeError>;
     /// Elements `range` of a float output of the last run.
     fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError>;
-    /// The KV cache, when the engine has a decode program: then [`Engine::run`] is the prefill
-    /// (which fills the cache from position 0) and [`Engine::run_decode`] runs new tokens over it.
+    /// The KV cache, when the engine has a prefill and a decode program over it: the prefill fills
+    /// the cache from position 0 and the decode program runs new tokens over it.
     fn kv_cache(&self) -> Option<KvCache> {
         None
     }
-    /// Runs the decode program: `tokens` and `positions` `[B, T]`, each token written into its
-    /// sequence's cache at its position and attending to the positions up to its own.
-    fn run_decode(&mut self, _inputs: &[HostTensor]) -> Result<(), RuntimeError> {
-        Err(RuntimeError::NoDecodeProgram)
+}
+
+/// The name of the first program of `kind` an engine has.
+pub fn program_of(engine: &dyn Engine, kind: ProgramKind) -> Option<String> {
+    engine.programs().into_iter().find(|(_, k)| *k == kind).map(|(n, _)| n)
+}
+
+/// The programs generation runs: the prefill and the decode program over a KV cache, or one
+/// forward program run over the whole sequence at every step.
+enum Plan {
+    Cached { prefill: String, decode: String },
+    Stateless { forward: String },
+}
+
+fn plan(engine: &dyn Engine) -> Result<Plan, RuntimeError> {
+    let (prefill, decode) =
+        (program_of(engine, ProgramKind::Prefill), program_of(engine, ProgramKind::Decode));
+    match (prefill, decode, engine.kv_cache()) {
+        (Some(prefill), Some(decode), Some(_)) => Ok(Plan::Cached { prefill, decode }),
+        _ => program_of(engine, ProgramKind::Forward).map(|forward| Plan::Stateless { forward }).ok_or_else(
+            || RuntimeError::NoSuchProgram {
+                name: "prefill and decode, or forward,".into(),
+                known: engine.programs().iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+            },
+        ),
+    }
+}
+
+impl Plan {
+    /// The program of the first step, which reads the prompts.
+    fn first(&self) -> &str {
+        match self {
+            Plan::Cached { prefill, .. } => prefill,
+            Plan::Stateless { forward } => forward,
+        }
     }
 }
 
@@ -225,7 +261,12 @@ fn mtp_shift(name: &str) -> Option<usize> {
     }
 }
 
-fn check(engine: &dyn Engine, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<u64, RuntimeError> {
+fn check(
+    engine: &dyn Engine,
+    plan: &Plan,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+) -> Result<u64, RuntimeError> {
     if let Sampling::Sample { temperature, top_p, .. } = opts.sampling {
         if !(temperature.is_finite() && temperature > 0.0) {
             return Err(RuntimeError::BadOption(format!(
@@ -236,7 +277,7 @@ fn check(engine: &dyn Engine, prompts: &[Vec<i64>], opts: &GenerateOptions) -> R
             return Err(RuntimeError::BadOption(format!("top-p must be in (0, 1], not {top_p}")));
         }
     }
-    for (name, _) in engine.inputs() {
+    for (name, _) in engine.inputs(plan.first())? {
         if name != "tokens" && name != "positions" && mtp_shift(&name).is_none() {
             return Err(RuntimeError::UnknownModelInput(name));
         }
@@ -245,7 +286,7 @@ fn check(engine: &dyn Engine, prompts: &[Vec<i64>], opts: &GenerateOptions) -> R
     if prompts.is_empty() {
         return Err(RuntimeError::NoPrompts);
     }
-    let mut limits = engine.limits();
+    let mut limits = engine.limits(plan.first());
     if let Some(cache) = engine.kv_cache() {
         // The prefill holds the prompt (T), the cache every position of the sequence (S).
         if let Some(p) = prompts.iter().find(|p| p.len() as u64 > limits.max_tokens) {
@@ -295,14 +336,18 @@ fn check(engine: &dyn Engine, prompts: &[Vec<i64>], opts: &GenerateOptions) -> R
 }
 
 /// The inputs of one forward pass over the sequences `rows`, right-padded to the longest.
-fn batch_inputs(engine: &dyn Engine, rows: &[&[i64]]) -> (Vec<HostTensor>, usize) {
+fn batch_inputs(
+    engine: &dyn Engine,
+    program: &str,
+    rows: &[&[i64]],
+) -> Result<(Vec<HostTensor>, usize), RuntimeError> {
     let t = rows.iter().map(|r| r.len()).max().unwrap_or(1);
     let shape = vec![rows.len() as u64, t as u64];
     let shifted = |k: usize| -> Vec<i64> {
         rows.iter().flat_map(|r| (0..t).map(move |i| r.get(i + k).copied().unwrap_or(0))).collect()
     };
     let inputs = engine
-        .inputs()
+        .inputs(program)?
         .into_iter()
         .map(|(name, dtype)| {
             let data = match name.as_str() {
@@ -313,7 +358,7 @@ fn batch_inputs(engine: &dyn Engine, rows: &[&[i64]]) -> (Vec<HostTensor>, usize
             HostTensor { name, dtype, shape: shape.clone(), data: HostData::I64(data) }
         })
         .collect();
-    (inputs, t)
+    Ok((inputs, t))
 }
 
 /// The decode step's inputs: each sequence's last token at its position.
@@ -338,7 +383,8 @@ pub fn generate(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent),
 ) -> Result<Generation, RuntimeError> {
-    let vocab = check(engine, prompts, opts)? as usize;
+    let plan = plan(engine)?;
+    let vocab = check(engine, &plan, prompts, opts)? as usize;
     let start = Instant::now();
     let mut seqs: Vec<Vec<i64>> = prompts.to_vec();
     let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
@@ -353,7 +399,7 @@ pub fn generate(
         if opts.max_new_tokens == 0 { Vec::new() } else { (0..prompts.len()).collect() };
     let mut stats = Stats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Stats::default() };
     let mut step = 0;
-    let cached = engine.kv_cache().is_some();
+    let cached = matches!(plan, Plan::Cached { .. });
     while !active.is_empty() {
         let t0 = Instant::now();
         let (inputs, t) = if cached && step > 0 {
@@ -362,15 +408,14 @@ pub fn generate(
             decode_inputs(&seqs)
         } else if cached {
             let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
-            batch_inputs(engine, &rows)
+            batch_inputs(engine, plan.first(), &rows)?
         } else {
             let rows: Vec<&[i64]> = active.iter().map(|&s| seqs[s].as_slice()).collect();
-            batch_inputs(engine, &rows)
+            batch_inputs(engine, plan.first(), &rows)?
         };
-        if cached && step > 0 {
-            engine.run_decode(&inputs)?;
-        } else {
-            engine.run(&inputs)?;
+        match (&plan, step) {
+            (Plan::Cached { decode, .. }, 1..) => engine.run(decode, &inputs)?,
+            (p, _) => engine.run(p.first(), &inputs)?,
         }
         let mut made = 0;
         let mut still = Vec::with_capacity(active.len());

@@ -5,14 +5,15 @@
 //! indexes (the kernels clamp ids, so a bad one would silently read another row); with a KV cache,
 //! every position against the cache's capacity.
 //!
-//! Both backends (`cpu::CpuModel::run`, `gpu::GpuModel::run`) call them: they are written over a
-//! manifest and the loaded maxima only. Inputs held in persistent state (a KV
-//! cache, [`Storage::State`]) are the runtime's, not the caller's: they are not asked for, and
-//! giving one is an unknown input.
+//! The executor (`exec::Executor::run`) calls them for every backend: they are written over a
+//! program of the manifest and the loaded maxima only. Inputs held in a state (a KV cache,
+//! [`Storage::State`]) are the runtime's, not the caller's: they are not asked for, and giving one
+//! is an unknown input; outputs held in a state update it and are not the caller's to read. What an
+//! input indexes is typed data of the program ([`Program::index_inputs`]), never a name.
 
 use std::collections::{HashMap, HashSet};
 
-use kiln_ir::artifact::{BufferId, Manifest, NamedBuffer, Step, Storage};
+use kiln_ir::artifact::{BufferId, Indexes, NamedBuffer, Program, Storage};
 use kiln_ir::{DType, Dim, Sym, SymBindings, TensorType};
 
 use crate::weights::{HostData, HostTensor};
@@ -26,26 +27,56 @@ pub(crate) fn shape_text(dtype: DType, shape: &[u64]) -> String {
     TensorType::known(dtype, shape).to_string()
 }
 
-/// The inputs the caller gives: every input of the program but the persistent state.
-pub(crate) fn caller_inputs(m: &Manifest) -> impl Iterator<Item = &NamedBuffer> {
-    m.inputs.iter().filter(|i| !matches!(m.buffer(i.buffer).storage, Storage::State { .. }))
+/// The inputs the caller gives: every input of the program but the states.
+pub(crate) fn caller_inputs(p: &Program) -> impl Iterator<Item = &NamedBuffer> {
+    p.inputs.iter().filter(|i| !matches!(p.buffer(i.buffer).storage, Storage::State { .. }))
+}
+
+/// The outputs the caller reads: every output of the program but the states it updates.
+pub(crate) fn caller_outputs(p: &Program) -> impl Iterator<Item = &NamedBuffer> {
+    p.outputs.iter().filter(|o| !matches!(p.buffer(o.buffer).storage, Storage::State { .. }))
+}
+
+/// What a caller input may hold: values in `0..limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexLimit {
+    pub limit: u64,
+    pub indexes: Indexes,
+    /// A value allowed besides `0..limit` (a loss's `ignore_index`).
+    pub ignore: Option<i64>,
+}
+
+/// The program's index inputs with their limits at the loaded maxima `max`.
+pub(crate) fn index_limits(p: &Program, max: &SymBindings) -> HashMap<String, IndexLimit> {
+    let mut out: HashMap<String, IndexLimit> = HashMap::new();
+    for t in &p.index_inputs {
+        let limit = t.limit.eval(max).unwrap_or(0);
+        let e =
+            out.entry(t.input.clone()).or_insert(IndexLimit { limit, indexes: t.indexes, ignore: t.ignore });
+        e.limit = e.limit.min(limit);
+        if e.ignore != t.ignore {
+            e.ignore = None;
+        }
+    }
+    out
 }
 
 /// The buffer of the caller's input `name`, or the error that lists the inputs there are.
-pub(crate) fn input_buffer(m: &Manifest, name: &str) -> Result<BufferId, RuntimeError> {
+pub(crate) fn input_buffer(m: &Program, name: &str) -> Result<BufferId, RuntimeError> {
     caller_inputs(m).find(|i| i.name == name).map(|i| i.buffer).ok_or_else(|| RuntimeError::UnknownInput {
         name: name.to_string(),
         known: caller_inputs(m).map(|i| format!("`{}`", i.name)).collect::<Vec<_>>().join(", "),
     })
 }
 
-/// Checks `inputs` against `m` and returns the sizes they bind; see the module documentation. With
-/// persistent state (`has_states`), `S` is the caches' capacity, `max.s`, whatever the inputs say.
+/// Checks `inputs` against program `m` and returns the sizes they bind; see the module
+/// documentation. When the program reads a state laid out over `S` (`sized_state`), `S` is the
+/// state's capacity, `max.s`, whatever the inputs say.
 pub(crate) fn check(
-    m: &Manifest,
+    m: &Program,
     max: &SymBindings,
-    has_states: bool,
-    token_inputs: &HashMap<String, u64>,
+    sized_state: bool,
+    index_inputs: &HashMap<String, IndexLimit>,
     inputs: &[HostTensor],
 ) -> Result<SymBindings, RuntimeError> {
     let mut seen = HashSet::new();
@@ -56,8 +87,8 @@ pub(crate) fn check(
         }
     }
     let mut bound: [Option<(u64, String)>; 3] = Default::default();
-    if has_states {
-        // The caches are laid out for their capacity: S is the loaded maximum, always.
+    if sized_state {
+        // States are laid out for their capacity: S is the loaded maximum, always.
         bound[Sym::S as usize] = Some((max.s, "the KV cache's capacity".into()));
     }
     for i in caller_inputs(m) {
@@ -129,56 +160,25 @@ pub(crate) fn check(
                 found: shape_text(t.dtype, &t.shape),
             });
         }
-        // A position indexes the KV cache, where a kernel writes the token's keys and values: one
-        // outside it would write outside the cache's memory.
-        if let (true, "positions", HostData::I64(positions)) = (has_states, i.name.as_str(), &t.data) {
-            let per_sequence = t.shape.last().copied().unwrap_or(1).max(1) as usize;
-            if let Some((index, &position)) =
-                positions.iter().enumerate().find(|&(_, &p)| p < 0 || p as u64 >= max.s)
-            {
-                return Err(RuntimeError::PositionOutOfRange {
-                    sequence: index / per_sequence,
-                    position,
-                    capacity: max.s,
-                });
+        let (Some(limit), HostData::I64(ids)) = (index_inputs.get(&i.name), &t.data) else { continue };
+        let outside = |x: i64| (x < 0 || x as u64 >= limit.limit) && Some(x) != limit.ignore;
+        let Some((index, &value)) = ids.iter().enumerate().find(|&(_, &x)| outside(x)) else {
+            continue;
+        };
+        return Err(match limit.indexes {
+            // A position indexes the KV cache, where a kernel writes the token's keys and values:
+            // one outside it would write outside the cache's memory.
+            Indexes::CacheSlots => RuntimeError::PositionOutOfRange {
+                sequence: index / t.shape.last().copied().unwrap_or(1).max(1) as usize,
+                position: value,
+                capacity: limit.limit,
+            },
+            Indexes::Vocabulary | Indexes::Classes => {
+                RuntimeError::TokenOutOfRange { name: t.name.clone(), index, value, vocab: limit.limit }
             }
-        }
-        if let (Some(&vocab), HostData::I64(ids)) = (token_inputs.get(&i.name), &t.data) {
-            if let Some((index, &value)) = ids.iter().enumerate().find(|&(_, &x)| x < 0 || x as u64 >= vocab)
-            {
-                return Err(RuntimeError::TokenOutOfRange { name: t.name.clone(), index, value, vocab });
-            }
-        }
+        });
     }
     Ok(sizes)
-}
-
-/// The graph inputs that feed an `embedding` kernel's ids (directly or through aliases), each with
-/// the rows of the smallest table it indexes. Kernels are named `k_{op}_{hash}` and an embedding
-/// takes `(table, ids)`, as the manifest format documents.
-pub(crate) fn token_inputs(m: &Manifest) -> HashMap<String, u64> {
-    let mut source: HashMap<BufferId, BufferId> = HashMap::new();
-    for s in &m.program {
-        if let Step::Alias { buffer, source: src } = s {
-            let root = source.get(src).copied().unwrap_or(*src);
-            source.insert(*buffer, root);
-        }
-    }
-    let mut out: HashMap<String, u64> = HashMap::new();
-    for s in &m.program {
-        let Step::Launch { kernel, buffers, .. } = s else { continue };
-        let k = m.kernel(*kernel);
-        if !k.name.starts_with("k_embedding_") || buffers.len() < 2 {
-            continue;
-        }
-        let Some(rows) = k.args[0].shape.first().and_then(|d| d.as_known()) else { continue };
-        let ids = source.get(&buffers[1]).copied().unwrap_or(buffers[1]);
-        if let Some(input) = m.inputs.iter().find(|i| i.buffer == ids) {
-            let e = out.entry(input.name.clone()).or_insert(rows);
-            *e = (*e).min(rows);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -187,7 +187,7 @@ mod tests {
 
     /// Tokens and positions `[B, T]` and a KV cache `[B, S, 2]` held in state, as a decode program
     /// declares them.
-    fn manifest() -> Manifest {
+    fn program() -> Program {
         let buffer = |id: u32,
                       value: &str,
                       dtype: &str,
@@ -207,14 +207,14 @@ mod tests {
         ]
         .join(",");
         let json = format!(
-            r#"{{"format_version": {}, "kiln_version": "0", "model": null, "graph_name": "g", "cpu": null,
-                "gpu": null, "symbols": [{{"sym": "B", "max": 2}}, {{"sym": "T", "max": 8}},
-                {{"sym": "S", "max": 32}}], "kernels": [], "program": [], "buffers": [{buffers}],
-                "arena_bytes": 512, "params": [],
+            r#"{{"name": "decode", "kind": "decode", "symbols": [{{"sym": "B", "max": 2}},
+                {{"sym": "T", "max": 8}}, {{"sym": "S", "max": 32}}], "steps": [], "buffers": [{buffers}],
+                "arena_bytes": 512,
                 "inputs": [{{"name": "tokens", "buffer": 0}}, {{"name": "positions", "buffer": 1}},
                            {{"name": "kv", "buffer": 2}}],
-                "outputs": [], "files": []}}"#,
-            kiln_ir::artifact::FORMAT_VERSION
+                "outputs": [],
+                "index_inputs": [{{"input": "tokens", "limit": "100", "indexes": "vocabulary"}},
+                                 {{"input": "positions", "limit": "S", "indexes": "cache_slots"}}]}}"#
         );
         serde_json::from_str(&json).unwrap()
     }
@@ -225,10 +225,11 @@ mod tests {
 
     #[test]
     fn sizes_come_from_the_inputs_and_the_cache_pins_s() {
-        let m = manifest();
+        let m = program();
         let max = SymBindings { b: 2, t: 8, s: 16 };
-        let vocab = HashMap::from([("tokens".to_string(), 100)]);
-        let run = |inputs: &[HostTensor]| check(&m, &max, true, &vocab, inputs);
+        let limits = index_limits(&m, &max);
+        assert_eq!(limits["positions"].limit, 16, "positions index the cache as loaded");
+        let run = |inputs: &[HostTensor]| check(&m, &max, true, &limits, inputs);
         let sizes = run(&[ids("tokens", 3, vec![1, 2, 3]), ids("positions", 3, vec![4, 5, 15])]).unwrap();
         assert_eq!(sizes, SymBindings { b: 1, t: 3, s: 16 }, "S is the loaded capacity");
         assert_eq!(caller_inputs(&m).map(|i| i.name.as_str()).collect::<Vec<_>>(), ["tokens", "positions"]);

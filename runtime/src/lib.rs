@@ -3,13 +3,15 @@
 //!
 //! - [`artifact`]: [`artifact::load`] reads `manifest.json`, checks its format version and every
 //!   cross-reference, and the size and SHA-256 of every file it lists.
-//! - [`cpu`]: [`cpu::CpuModel`] runs an artifact's program on `kernels.so`: one activation arena,
-//!   parameters in their compiled dtypes (FP8 as bytes), kernels split over a thread pool.
-//! - [`gpu`]: [`gpu::GpuModel`], the same for `kernels.ptx` on a CUDA device: one device arena,
-//!   parameters uploaded in their compiled dtypes, launches planned and checked against the PTX
-//!   entries at load ([`gpu::plan`], testable without a GPU), one stream.
-//! - [`generate`]: greedy and sampled decoding over any [`generate::Engine`]; without a KV cache yet,
-//!   each step recomputes the whole sequence.
+//! - [`exec`]: [`exec::Executor`], one loaded artifact (its programs, parameters, states, arena,
+//!   the checks of every run) over a [`exec::Backend`], which is only what differs per device.
+//! - [`cpu`]: the CPU backend ([`cpu::CpuModel`]): `kernels.so`, each kernel checked against the
+//!   signature the library carries, launches split over a thread pool.
+//! - [`gpu`]: the CUDA backend ([`gpu::GpuModel`]): `kernels.ptx` on one device, launches planned
+//!   and checked against the PTX entries at load ([`gpu::plan`], testable without a GPU), one
+//!   stream.
+//! - [`generate`]: greedy and sampled decoding over any [`generate::Engine`]: prefill then decode
+//!   over the KV cache when the engine has both programs, else each step recomputes the sequence.
 //! - [`mod@reference`]: the reference interpreter behind the same [`generate::Engine`], so compiled and
 //!   interpreted runs share one generation loop and can be compared token for token.
 //! - [`weights`]: checkpoints, binding them to a graph's or a manifest's parameters, random weights.
@@ -27,11 +29,13 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 mod error;
+pub mod exec;
 pub mod generate;
 pub mod gpu;
 pub mod host;
 mod inputs;
 pub mod reference;
+pub mod score;
 pub mod weights;
 
 pub use error::RuntimeError;

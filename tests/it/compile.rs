@@ -54,8 +54,9 @@ fn execute(
     });
     let options = CpuOptions { threads: 2, parallel_min_bytes: 0, ..CpuOptions::default() };
     let mut model = CpuModel::load(&art, tensors, &options).unwrap_or_else(|e| panic!("{e}"));
-    model.run(inputs).unwrap_or_else(|e| panic!("{e}"));
-    art.manifest()
+    let program = &art.manifest().programs[0];
+    model.run(&program.name, inputs).unwrap_or_else(|e| panic!("{e}"));
+    program
         .outputs
         .iter()
         .map(|o| {
@@ -103,13 +104,13 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
     ]);
     assert!(out.ok, "{}", out.stderr);
     assert!(
-        out.stdout.starts_with(&format!("wrote {}: 6 kernels, 10 launches", s.str("art"))),
+        out.stdout.starts_with(&format!("wrote {}: 6 kernels; programs forward (10 launches", s.str("art"))),
         "{}",
         out.stdout
     );
     assert_eq!(out.stderr, "", "no progress output when stderr is not a terminal");
     let dir = s.path("art");
-    assert_eq!(files_of(&dir), ["graph.kir", "kernels.mlir", "kernels.ptx", "kernels.so", "manifest.json"]);
+    assert_eq!(files_of(&dir), ["kernels.mlir", "kernels.ptx", "kernels.so", "manifest.json", "module.kir"]);
     assert_eq!(s.entries(), ["art"], "no temporary directory is left behind");
 
     let m = read_manifest(&dir);
@@ -120,18 +121,17 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
         text.starts_with(&format!("{{\n  \"format_version\": {FORMAT_VERSION},\n  \"kiln_version\": ")),
         "{text}"
     );
-    assert_eq!(text.lines().filter(|l| l.starts_with("    {\"step\":")).count(), m.program.len());
-    assert_eq!(
-        text.lines().filter(|l| l.starts_with("    {\"id\":")).count(),
-        m.buffers.len() + m.kernels.len()
-    );
-    assert_eq!(m.graph_name, "small");
+    // The program is one `forward`, written one element per line within its object.
+    let p = &m.programs[0];
+    assert_eq!((p.name.as_str(), p.kind), ("forward", kiln_ir::ProgramKind::Forward));
+    assert_eq!(text.lines().filter(|l| l.starts_with("    {\"id\":")).count(), m.kernels.len());
+    assert_eq!(m.name, "small");
     assert!(m.model.is_none());
     assert_eq!(m.gpu.as_ref().unwrap().arch, "sm_90a");
     assert_eq!(m.max_sizes(), SymBindings { b: 2, t: 8, s: 1 });
     let mut listed: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
     listed.sort();
-    assert_eq!(listed, ["graph.kir", "kernels.mlir", "kernels.ptx", "kernels.so"]);
+    assert_eq!(listed, ["kernels.mlir", "kernels.ptx", "kernels.so", "module.kir"]);
     for f in &m.files {
         let bytes = std::fs::read(dir.join(&f.name)).unwrap();
         assert_eq!(f.bytes, bytes.len() as u64, "{}", f.name);
@@ -139,8 +139,10 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
     }
 
     // The files are what they claim to be.
-    let kir = std::fs::read_to_string(dir.join("graph.kir")).unwrap();
-    let graph = kiln_ir::parse(&kir).unwrap();
+    let kir = std::fs::read_to_string(dir.join("module.kir")).unwrap();
+    let module = kiln_ir::parse_module(&kir).unwrap();
+    assert_eq!(module.programs.len(), 1);
+    let graph = module.programs[0].graph.clone();
     let source = kiln_ir::parse(&std::fs::read_to_string(root().join(SMALL)).unwrap()).unwrap();
     assert_eq!(graph, source, "without a spec the graph is compiled as written");
     let mlir = std::fs::read_to_string(dir.join("kernels.mlir")).unwrap();
@@ -152,7 +154,7 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
         assert!(ptx.contains(&format!(".entry {}(", k.gpu.as_ref().unwrap().entry)), "{}", k.name);
     }
     // Arena buffers are aligned and the weights are marked as such.
-    for b in &m.buffers {
+    for b in &p.buffers {
         if let Storage::Arena { offset } = b.storage {
             assert_eq!(offset % ARENA_ALIGN, 0);
         }
@@ -206,7 +208,10 @@ fn a_next_token_loss_compiles_and_runs_like_the_interpreter() {
     let dir = s.path("art");
     let m = read_manifest(&dir);
     assert!(m.kernels.iter().any(|k| k.name.starts_with("k_cross_entropy_")), "{:?}", m.kernels);
-    let graph = kiln_ir::parse(&std::fs::read_to_string(dir.join("graph.kir")).unwrap()).unwrap();
+    let graph =
+        kiln_ir::parse_module(&std::fs::read_to_string(dir.join("module.kir")).unwrap()).unwrap().programs[0]
+            .graph
+            .clone();
     let hidden = values(2 * 3 * 32, 3);
     let targets: Vec<i64> = vec![5, -100, 299, 0, 17, 123];
     let params: HashMap<String, Vec<f32>> = m
@@ -262,7 +267,7 @@ fn an_existing_artifact_is_replaced_whole_and_other_directories_are_refused() {
     std::fs::write(s.path("art/stale.txt"), "from before").unwrap();
     let out = kiln(&["compile", SMALL, "--target", "cpu", "-o", &dir]);
     assert!(out.ok, "{}", out.stderr);
-    assert_eq!(files_of(&s.path("art")), ["graph.kir", "kernels.mlir", "kernels.so", "manifest.json"]);
+    assert_eq!(files_of(&s.path("art")), ["kernels.mlir", "kernels.so", "manifest.json", "module.kir"]);
     assert!(read_manifest(&s.path("art")).gpu.is_none());
     assert_eq!(s.entries(), ["art"]);
 
@@ -334,15 +339,16 @@ fn emit_prints_a_stage_and_writes_nothing_without_an_output() {
     assert_eq!(art.stdout, mlir.stdout);
     assert_eq!(std::fs::read_to_string(s.path("art/kernels.mlir")).unwrap(), mlir.stdout);
 
-    // A whole model's graph after the passes, whether or not all its kernels lower yet: the
-    // pipeline stops after the passes, and prints what `kiln ir --after LAST` prints.
+    // A whole model's module after the passes, whether or not all its kernels lower yet: the
+    // pipeline stops after the passes, and prints what `kiln ir --module --after LAST` prints.
     let last = kiln_compiler::passes::PASSES.last().unwrap().name;
     let model = kiln(&["compile", "models/tiny.toml", "--emit", "kir"]);
     assert!(model.ok, "{}", model.stderr);
-    assert_eq!(model.stdout, kiln(&["ir", "models/tiny.toml", "--after", last]).stdout);
+    assert!(model.stdout.starts_with("module @tiny {"), "the module, every program");
+    assert!(model.stdout == kiln(&["ir", "models/tiny.toml", "--module", "--after", last]).stdout);
 
     let kir = kiln(&["compile", SMALL, "--target", "cpu", "--emit", "kir"]);
-    assert_eq!(kir.stdout, std::fs::read_to_string(s.path("art/graph.kir")).unwrap());
+    assert_eq!(kir.stdout, std::fs::read_to_string(s.path("art/module.kir")).unwrap());
     let llvm = kiln(&["compile", SMALL, "--target", "cpu", "--emit", "llvm"]);
     assert!(
         llvm.ok && llvm.stdout.contains("define void @k_linear_") && llvm.stdout.contains("_packed("),
@@ -420,10 +426,10 @@ fn a_manifest_that_does_not_hold_together_is_rejected() {
         assert!(e.to_string().contains(want), "{e}");
     };
     check(&|m| m.format_version += 1, "format version");
-    check(&|m| m.arena_bytes -= 1, "does not fit");
+    check(&|m| m.programs[0].arena_bytes -= 1, "does not lie inside the arena");
     check(
         &|m| {
-            if let Some(Step::Launch { buffers, .. }) = m.program.first_mut() {
+            if let Some(Step::Launch { buffers, .. }) = m.programs[0].steps.first_mut() {
                 buffers.pop();
             }
         },
@@ -431,19 +437,19 @@ fn a_manifest_that_does_not_hold_together_is_rejected() {
     );
     check(
         &|m| {
-            if let Some(Step::Launch { kernel, .. }) = m.program.first_mut() {
+            if let Some(Step::Launch { kernel, .. }) = m.programs[0].steps.first_mut() {
                 *kernel = KernelIndex(99);
             }
         },
         "does not exist",
     );
-    check(&|m| m.files[0].sha256 = "xyz".into(), "malformed sha256");
-    check(&|m| m.symbols.clear(), "has no maximum");
-    check(&|m| m.buffers[1].max_bytes += 4, "max_bytes");
+    check(&|m| m.files[0].sha256 = "xyz".into(), "is not 64 lowercase hex digits");
+    check(&|m| m.programs[0].symbols.clear(), "has no maximum");
+    check(&|m| m.programs[0].buffers[1].max_bytes += 4, "max_bytes");
     let sizes = |b, t| SymBindings { b, t, s: 1 };
-    assert!(good.check_sizes(&sizes(1, 4096)).is_ok());
+    assert!(good.programs[0].check_sizes(&sizes(1, 4096)).is_ok());
     assert_eq!(
-        good.check_sizes(&sizes(2, 1)),
+        good.programs[0].check_sizes(&sizes(2, 1)),
         Err(ManifestError::SizeOutOfRange { sym: "B", value: 2, max: 1 })
     );
 }
@@ -485,7 +491,10 @@ fn the_whole_tiny_model_runs_from_its_artifact() {
     assert!(out.ok, "{}", out.stderr);
     let dir = s.path("t");
     let m = read_manifest(&dir);
-    let graph = kiln_ir::parse(&std::fs::read_to_string(dir.join("graph.kir")).unwrap()).unwrap();
+    let graph =
+        kiln_ir::parse_module(&std::fs::read_to_string(dir.join("module.kir")).unwrap()).unwrap().programs[0]
+            .graph
+            .clone();
     let toks: Vec<i32> = vec![1, 17, 42, 255, 3, 128, 77, 9, 200, 5];
     let pos: Vec<i32> = vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4];
     let mtp: Vec<i32> = vec![17, 42, 255, 3, 128, 77, 9, 200, 5, 6];

@@ -21,7 +21,7 @@ use kiln_ir::{DType, SymBindings};
 use kiln_runtime::artifact::{self, Artifact};
 use kiln_runtime::cpu::{CpuModel, CpuOptions};
 use kiln_runtime::generate::{generate, Engine, GenerateOptions, KvCache, Limits, Sampling};
-use kiln_runtime::gpu::plan::{self, Place};
+use kiln_runtime::gpu::plan;
 use kiln_runtime::gpu::{GpuModel, GpuOptions};
 use kiln_runtime::weights::{self, HostData, HostTensor, WeightError};
 use kiln_runtime::RuntimeError;
@@ -86,19 +86,18 @@ fn str(p: &Path) -> String {
 fn every_launch_plan_matches_its_ptx_entry_and_covers_its_work() {
     let d = Scratch::new();
     let art = artifact::load(&compile_tiny(&d)).unwrap();
-    // The forward program, and the decode program over the KV cache when the artifact has one.
-    let mut programs = vec![art.manifest().clone()];
-    programs.extend(art.manifest().decode_view());
-    assert_eq!(programs.len(), 2, "models/tiny.toml compiles with a KV cache by default");
-    for m in &programs {
-        check_program(&art, m);
+    // Every program: the prefill, the decode program over the KV cache, and the score program.
+    let m = art.manifest();
+    assert_eq!(m.programs.len(), 3, "models/tiny.toml compiles to prefill, decode and score by default");
+    for prog in &m.programs {
+        check_program(&art, m, prog);
     }
 }
 
-fn check_program(art: &Artifact, m: &kiln_ir::artifact::Manifest) {
-    let plans = plan::plan(&m.kernels, &m.program, &m.buffers).unwrap();
-    let launch_steps: Vec<usize> = m
-        .program
+fn check_program(art: &Artifact, m: &kiln_ir::artifact::Manifest, prog: &kiln_ir::artifact::Program) {
+    let plans = plan::plan(&m.kernels, &prog.steps, &prog.buffers).unwrap();
+    let launch_steps: Vec<usize> = prog
+        .steps
         .iter()
         .enumerate()
         .filter(|(_, s)| matches!(s, Step::Launch { .. }))
@@ -115,15 +114,15 @@ fn check_program(art: &Artifact, m: &kiln_ir::artifact::Manifest) {
     let entries = plan::entry_params(&ptx);
     assert_eq!(entries.len(), m.kernels.len(), "one .entry per kernel");
     const BASE: u64 = 0x7f00_0000_0000;
-    let small = SymBindings { b: 1, t: 1, ..m.max_sizes() };
-    for sizes in [m.max_sizes(), small] {
+    let small = SymBindings { b: 1, t: 1, ..prog.max_sizes() };
+    for sizes in [prog.max_sizes(), small] {
         for p in &plans {
             plan::check_entry(p, entries.get(&p.entry)).unwrap_or_else(|e| panic!("{e}"));
-            let Step::Launch { buffers, .. } = &m.program[p.step] else { unreachable!() };
+            let Step::Launch { buffers, .. } = &prog.steps[p.step] else { unreachable!() };
             assert_eq!(p.buffers.iter().map(|(b, _)| *b).collect::<Vec<_>>(), *buffers);
             let args = p.args(
-                |place| match place {
-                    Place::Arena { offset } => BASE + offset,
+                |b| match prog.buffer(b).storage {
+                    Storage::Arena { offset } => BASE + offset,
                     _ => 1,
                 },
                 &sizes,
@@ -131,10 +130,10 @@ fn check_program(art: &Artifact, m: &kiln_ir::artifact::Manifest) {
             // One address per buffer, inside the arena at this run's size, then the sizes.
             assert_eq!(args.len(), buffers.len() + p.syms.len());
             for (&b, &a) in buffers.iter().zip(&args) {
-                let buf = m.buffer(b);
+                let buf = prog.buffer(b);
                 if let Storage::Arena { offset } = buf.storage {
                     assert_eq!(a, BASE + offset);
-                    assert!(offset + buf.bytes(&sizes).unwrap() <= m.arena_bytes, "{b} leaves the arena");
+                    assert!(offset + buf.bytes(&sizes).unwrap() <= prog.arena_bytes, "{b} leaves the arena");
                 }
             }
             let tail: Vec<u64> = p.syms.iter().map(|&s| sizes.get(s)).collect();
@@ -172,23 +171,23 @@ struct Recorder<'e> {
 }
 
 impl Engine for Recorder<'_> {
-    fn inputs(&self) -> Vec<(String, DType)> {
-        Engine::inputs(self.engine)
+    fn programs(&self) -> Vec<(String, kiln_ir::ProgramKind)> {
+        Engine::programs(self.engine)
+    }
+    fn inputs(&self, program: &str) -> Result<Vec<(String, DType)>, RuntimeError> {
+        Engine::inputs(self.engine, program)
     }
     fn vocab_size(&self) -> Option<u64> {
         self.engine.vocab_size()
     }
-    fn limits(&self) -> Limits {
-        self.engine.limits()
+    fn limits(&self, program: &str) -> Limits {
+        self.engine.limits(program)
     }
-    fn run(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
-        Engine::run(self.engine, inputs)
+    fn run(&mut self, program: &str, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
+        Engine::run(self.engine, program, inputs)
     }
     fn kv_cache(&self) -> Option<KvCache> {
         self.engine.kv_cache()
-    }
-    fn run_decode(&mut self, inputs: &[HostTensor]) -> Result<(), RuntimeError> {
-        Engine::run_decode(self.engine, inputs)
     }
     fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
         let v = self.engine.output_f32(name, range)?;
@@ -257,12 +256,12 @@ fn cuda_runs_the_tiny_model_like_the_cpu_or_says_why_not() {
     };
     let mut cpu = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
     assert_eq!(gpu.arena_bytes(), cpu.arena_bytes());
-    let names = Engine::inputs(&cpu);
-    assert_eq!(Engine::inputs(&gpu), names);
-    let outputs: Vec<String> = art.manifest().outputs.iter().map(|o| o.name.clone()).collect();
+    let names = Engine::inputs(&cpu, "prefill").unwrap();
+    assert_eq!(Engine::inputs(&gpu, "prefill").unwrap(), names);
+    let outputs: Vec<String> = vec!["logits".into()];
     for t in [16, 5] {
         let x = inputs(&names, t);
-        assert_eq!(gpu.run(&x).unwrap(), cpu.run(&x).unwrap());
+        assert_eq!(gpu.run("prefill", &x).unwrap(), cpu.run("prefill", &x).unwrap());
         for out in &outputs {
             let (g, c) = (gpu.output(out).unwrap(), cpu.output(out).unwrap());
             assert_eq!(g.shape, c.shape);
@@ -285,4 +284,6 @@ fn cuda_runs_the_tiny_model_like_the_cpu_or_says_why_not() {
     let a = generate(&mut gpu, &prompts, &greedy, &mut |_| {}).unwrap();
     let b = generate(&mut cpu, &prompts, &greedy, &mut |_| {}).unwrap();
     assert_eq!(a.tokens, b.tokens, "greedy tokens on the GPU and the CPU");
+    // The executor gives the CUDA backend what the CPU backend has: the per-expert load.
+    assert_eq!(gpu.expert_load(), cpu.expert_load());
 }

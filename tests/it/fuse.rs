@@ -46,16 +46,17 @@ impl Observer for Without {
 /// The steps a decode step runs (the decode program when the artifact has one, else the forward,
 /// which a one-token step runs whole).
 fn decode_steps(a: &pack::Artifact) -> Vec<Step> {
-    let m = a.manifest.decode_view().unwrap_or_else(|| a.manifest.clone());
+    let m = &a.manifest;
+    let p = m.program_of_kind(kiln_ir::ProgramKind::Decode).unwrap_or(&m.programs[0]);
     // Weight-only launches run once at load, not at each step.
-    let folded = m.weight_only_steps();
-    m.program.iter().enumerate().filter(|(i, _)| !folded.contains(i)).map(|(_, s)| s.clone()).collect()
+    let folded = p.weight_only_steps(&m.kernels);
+    p.steps.iter().enumerate().filter(|(i, _)| !folded.contains(i)).map(|(_, s)| s.clone()).collect()
 }
 
 #[test]
 fn a_moe_layer_of_tiny_decodes_in_at_most_10_launches() {
     let s = spec("tiny");
-    let options = Options { targets: Targets::Cpu, max_batch: 1, max_context: 8, kv_cache: true };
+    let options = Options { score: false, ..Options::new(Targets::Cpu, 1, 8) };
     let fused = pack::compile(Source::Spec(s.clone()), &options, &mut ()).unwrap_or_else(|e| panic!("{e}"));
     let plain = pack::compile(Source::Spec(s.clone()), &options, &mut Without("fuse-kernels"))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -82,12 +83,12 @@ fn fp8_gemms_keep_dequantised_weights_out_of_the_arena() {
     let s = spec("deepseek_v3");
     let mut g = build_layer(&s, 3).unwrap();
     for p in ["plan-moe-dispatch", "insert-fp8-casts", "dce"] {
-        passes::run_pass(&mut g, passes::find(p).unwrap(), &PassOptions { spec: &s }).unwrap();
+        passes::run_pass(&mut g, passes::find(p).unwrap(), &PassOptions::new(&s)).unwrap();
     }
     let max = kiln_ir::SymBindings { b: 1, t: 1, s: 1 };
-    let arena = |g: &kiln_ir::Graph| plan_memory(g, &form_kernels(g).unwrap(), max).unwrap().arena_bytes;
+    let arena = |g: &kiln_ir::Graph| plan_memory(g, &form_kernels(g).unwrap(), max, &[]).unwrap().arena_bytes;
     let before = arena(&g);
-    passes::run_pass(&mut g, passes::find("fuse-kernels").unwrap(), &PassOptions { spec: &s }).unwrap();
+    passes::run_pass(&mut g, passes::find("fuse-kernels").unwrap(), &PassOptions::new(&s)).unwrap();
     let after = arena(&g);
     eprintln!("one V3 MoE layer at one token: arena {before} bytes before fuse-kernels, {after} after");
     // 256 routed experts x 3 weights of 7168 x 2048 f32 is 45 GB; one is 58.7 MB.

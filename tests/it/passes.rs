@@ -1,5 +1,6 @@
 //! File-driven pass tests. Each `tests/passes/<pass>/*.kir` names its pass on a `// pass: NAME` header
-//! line (and optionally a spec on `// spec: PATH`, default `models/tiny.toml`). The output of the pass
+//! line (and optionally a spec on `// spec: PATH`, default `models/tiny.toml`, and the program kind
+//! on `// kind: KIND`, default `forward`: a decode program's launches are merged by `decode-phases`). The output of the pass
 //! is snapshotted, together with whether it changed the graph; the interpreter-based equivalence
 //! check joins these tests when the reference interpreter lands. `*.err.kir` files are negative
 //! cases whose diagnostic is snapshotted.
@@ -33,7 +34,11 @@ fn run_file(path: &Path) -> String {
     if let Err(e) = kiln_ir::verify::verify(&graph) {
         return e.to_string();
     }
-    match passes::run_pass(&mut graph, pass, &Options { spec: &spec }) {
+    let kind = match header(&src, "kind") {
+        None => kiln_ir::ProgramKind::Forward,
+        Some(k) => kiln_ir::ProgramKind::from_name(k).unwrap_or_else(|| panic!("{rel}: unknown kind `{k}`")),
+    };
+    match passes::run_pass(&mut graph, pass, &Options::of_kind(&spec, kind)) {
         Ok(changed) => format!("// changed: {changed:?}\n{}", kiln_ir::print(&graph)),
         Err(e) => format!("error: {e}"),
     }

@@ -21,7 +21,7 @@ use kiln_compiler::passes::{self, insert_fp8_casts as fp8, moe_plan, plan_moe_di
 use kiln_compiler::spec::load;
 use kiln_ir::interp::numerics::F8E4M3_MAX;
 use kiln_ir::interp::{run, run_with, Outputs, Tensor};
-use kiln_ir::{DType, Graph, ModelSpec, Op};
+use kiln_ir::{DType, Graph, ModelSpec, Op, ProgramKind};
 
 fn spec(path: &str) -> ModelSpec {
     load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap_or_else(|e| panic!("{e}"))
@@ -30,7 +30,7 @@ fn spec(path: &str) -> ModelSpec {
 /// Runs the named pass on `g` (verifying the result) and returns whether it changed the graph.
 fn apply(g: &mut Graph, spec: &ModelSpec, pass: &str) -> Changed {
     let info = passes::find(pass).unwrap();
-    passes::run_pass(g, info, &Options { spec }).unwrap_or_else(|e| panic!("{e}"))
+    passes::run_pass(g, info, &Options::new(spec)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Random tokens for a batch of `b` sequences of `t` tokens, positions `0..t`, and MTP tokens
@@ -66,7 +66,7 @@ fn plan_moe_dispatch_is_bit_identical_on_tiny() {
         let params = random_params(&before, 7);
         let inputs = random_inputs(s.model.vocab_size, 2, 6, 11);
         let mut after = before.clone();
-        let trace = plan_moe_dispatch::rewrite(&mut after, &Options { spec: &s }).unwrap();
+        let trace = plan_moe_dispatch::rewrite(&mut after, &Options::new(&s)).unwrap();
         kiln_ir::verify::verify(&after).unwrap();
         // Three MoE decoder layers and the MTP module's MoE layer.
         assert_eq!(trace.to_string(), "experts-to-grouped x4, flatten-tokens x4");
@@ -88,7 +88,7 @@ fn plan_moe_dispatch_is_bit_identical_on_tiny() {
 fn ir_after_plan_moe_dispatch_prints_and_reads_back() {
     let s = spec("models/tiny.toml");
     let mut g = build_graph(&s).unwrap();
-    passes::run_until(&mut g, &s, "plan-moe-dispatch").unwrap();
+    passes::run_until(&mut g, &s, ProgramKind::Forward, "plan-moe-dispatch").unwrap();
     let text = kiln_ir::print(&g);
     assert!(text.contains("moe_dispatch") && !text.contains("moe_experts"));
     assert_eq!(kiln_ir::parse(&text).unwrap(), g);
@@ -148,7 +148,7 @@ fn tiny_fp8_graphs() -> (ModelSpec, Graph, Graph) {
 #[test]
 fn fp8_weights_are_exactly_the_eligible_linears() {
     let (s, bf16, mut g) = tiny_fp8_graphs();
-    let trace = fp8::rewrite(&mut g, &Options { spec: &s }).unwrap();
+    let trace = fp8::rewrite(&mut g, &Options::new(&s)).unwrap();
     kiln_ir::verify::verify(&g).unwrap();
     let before: HashMap<&str, &kiln_ir::TensorType> = bf16.params().into_iter().collect();
     let after: HashMap<&str, &kiln_ir::TensorType> = g.params().into_iter().collect();
@@ -348,9 +348,9 @@ fn fuse_kernels_is_bit_identical_on_tiny_and_tiny_fp8() {
         let mut s = spec(path);
         s.model.dtype = dtype;
         let mut before = build_graph(&s).unwrap();
-        passes::run_until(&mut before, &s, "dce").unwrap();
+        passes::run_until(&mut before, &s, ProgramKind::Forward, "dce").unwrap();
         let mut after = before.clone();
-        let trace = fk::rewrite(&mut after).unwrap();
+        let trace = fk::rewrite(&mut after, ProgramKind::Forward).unwrap();
         kiln_ir::verify::verify(&after).unwrap();
         eprintln!("fuse-kernels on {path} ({dtype}): {trace}");
         let m = s.moe.as_ref().unwrap();
@@ -448,7 +448,7 @@ fn fuse_mla_latent_keeps_prefill_and_decode_within_rounding() {
     let stateless_before = run(&build_graph(&s).unwrap(), &random_inputs(512, 2, 5, 1), &params).unwrap();
 
     for g in [&mut prefill, &mut decode] {
-        let trace = fuse_mla_latent::rewrite(g, &Options { spec: &s }).unwrap();
+        let trace = fuse_mla_latent::rewrite(g, &Options::new(&s)).unwrap();
         assert_eq!(trace.count(fuse_mla_latent::MERGE_DOWN_PROJ), 4, "{trace}");
         assert_eq!(trace.count(fuse_mla_latent::LATENT_CACHE), 4, "{trace}");
         kiln_ir::verify::verify(g).unwrap();

@@ -1,5 +1,5 @@
 //! The runtime on real artifacts: `kiln compile` output loaded by `kiln_runtime`, run on its
-//! `kernels.so`, and checked against the reference interpreter on the artifact's own `graph.kir`
+//! `kernels.so`, and checked against the reference interpreter on the artifact's own `module.kir`
 //! and against Hugging Face transformers' logits and greedy continuation; generation in batches and
 //! with sampling; FP8 weights bound as stored; and every way an artifact, its weights or a request
 //! can be wrong, each refused with a clear error before anything runs or is written.
@@ -44,8 +44,13 @@ fn str(p: &Path) -> String {
 /// The test helpers' seeded parameters (norms near 1, matrices of scale 1/sqrt(fan_in), so logits
 /// are of order one) as host tensors, and as the interpreter's tensors.
 fn params_of(art: &Artifact, seed: u64) -> Vec<HostTensor> {
-    let graph = art.graph().unwrap();
-    let mut ts: Vec<(String, Tensor)> = random_params(&graph, seed).into_iter().collect();
+    // Every program's parameters (the helpers seed each parameter by its name, so the programs
+    // agree on the ones they share).
+    let mut all = std::collections::BTreeMap::new();
+    for p in art.module().unwrap().programs {
+        all.extend(random_params(&p.graph, seed));
+    }
+    let mut ts: Vec<(String, Tensor)> = all.into_iter().collect();
     ts.sort_by(|a, b| a.0.cmp(&b.0));
     ts.into_iter()
         .map(|(name, t)| HostTensor {
@@ -121,15 +126,16 @@ fn the_tiny_artifact_matches_the_interpreter_on_its_own_graph() {
     let params = params_of(&art, 11);
     let one = CpuOptions { threads: 1, ..CpuOptions::default() };
     let mut model = CpuModel::load(&art, ok(&params), &one).unwrap();
-    assert_eq!(model.arena_bytes() as u64, art.manifest().arena_bytes, "the arena at the compiled maxima");
-    let mut reference = Reference::new(art.graph().unwrap(), params.clone(), None).unwrap();
+    let compiled = art.manifest().programs.iter().map(|p| p.arena_bytes).max().unwrap();
+    assert_eq!(model.arena_bytes() as u64, compiled, "one arena for the programs, at the compiled maxima");
+    let mut reference = Reference::new(art.program_graph("forward").unwrap(), params.clone(), None).unwrap();
 
     let rows = vec![vec![1, 17, 42, 255, 3, 128, 77], vec![9, 200, 5, 6, 0, 511, 2]];
     let inputs = token_inputs(&rows, true);
     assert!(matches!(model.output("logits"), Err(RuntimeError::NotRun)));
-    let sizes = model.run(&inputs).unwrap();
+    let sizes = model.run("forward", &inputs).unwrap();
     assert_eq!((sizes.b, sizes.t), (2, 7));
-    let want = reference.run(&inputs).unwrap().clone();
+    let want = reference.run("forward", &inputs).unwrap().clone();
     for name in ["logits", "mtp_logits"] {
         let got = model.output(name).unwrap();
         assert_eq!(got.shape, vec![2, 7, 512]);
@@ -148,7 +154,7 @@ fn the_tiny_artifact_matches_the_interpreter_on_its_own_graph() {
     // Splitting launches over threads changes nothing: every work item is computed alone.
     let many = CpuOptions { threads: 3, parallel_min_bytes: 0, ..CpuOptions::default() };
     let mut parallel = CpuModel::load(&art, ok(&params), &many).unwrap();
-    parallel.run(&inputs).unwrap();
+    parallel.run("forward", &inputs).unwrap();
     assert_eq!(parallel.output("logits").unwrap(), whole, "3 threads, every launch split");
 
     // And generation agrees token for token.
@@ -192,7 +198,7 @@ fn the_golden_checkpoint_reproduces_transformers_through_the_artifact() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{GOLDEN}/golden.json")).unwrap()).unwrap();
     let rows: Vec<Vec<i64>> = serde_json::from_value(json["input_ids"].clone()).unwrap();
-    model.run(&token_inputs(&rows, false)).unwrap();
+    model.run("prefill", &token_inputs(&rows, false)).unwrap();
     let want = weights::open_checkpoint(&Path::new(GOLDEN).join("golden.safetensors"))
         .unwrap()
         .read("logits")
@@ -226,9 +232,9 @@ fn batches_of_different_lengths_and_sampling_match_one_at_a_time() {
 
     // The last position of each row in a padded batch has the logits it has alone.
     let padded = vec![[prompts[0].clone(), vec![0; 4]].concat(), prompts[1].clone()];
-    model.run(&token_inputs(&padded, true)).unwrap();
+    model.run("forward", &token_inputs(&padded, true)).unwrap();
     let row0 = model.output_f32("logits", 4 * 512..5 * 512).unwrap();
-    model.run(&token_inputs(&prompts[..1], true)).unwrap();
+    model.run("forward", &token_inputs(&prompts[..1], true)).unwrap();
     let (abs, _) = diff(&row0, &model.output_f32("logits", 4 * 512..5 * 512).unwrap());
     eprintln!("padded batch vs alone: max abs diff {abs:e}");
     assert!(abs <= 1e-5, "{abs:e}");
@@ -282,10 +288,10 @@ fn an_fp8_checkpoint_binds_without_dequantising_and_runs() {
     assert_eq!(model.param_bytes() as u64, all_bytes, "FP8 weights take one byte each");
     assert!(fp8_bytes * 2 > all_bytes / 2, "most of the bytes are FP8 weights");
 
-    let mut reference = Reference::new(art.graph().unwrap(), params.clone(), None).unwrap();
+    let mut reference = Reference::new(art.program_graph("forward").unwrap(), params.clone(), None).unwrap();
     let inputs = token_inputs(&[vec![1, 17, 42, 255, 3, 128]], true);
-    model.run(&inputs).unwrap();
-    let want = reference.run(&inputs).unwrap();
+    model.run("forward", &inputs).unwrap();
+    let want = reference.run("forward", &inputs).unwrap();
     let (abs, rel) = diff(f32s(&model.output("logits").unwrap()), want["logits"].as_f32().unwrap());
     eprintln!("tiny_fp8 logits: max abs diff vs interpreter {abs:e} ({rel:e} of the scale)");
     assert!(rel <= 1e-3, "{abs:e} ({rel:e} of the scale)");
@@ -345,19 +351,23 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
     refused(&cut, &run, "not a manifest this kiln can read: EOF while parsing");
     // Another format version.
     let v2 = copy("v2");
-    std::fs::write(v2.join(MANIFEST_FILE), text.replace("\"format_version\": 2,", "\"format_version\": 1,"))
+    std::fs::write(v2.join(MANIFEST_FILE), text.replace("\"format_version\": 3,", "\"format_version\": 2,"))
         .unwrap();
-    refused(&v2, &run, "artifact format version 1, but this kiln reads version 2");
+    refused(
+        &v2,
+        &run,
+        "artifact format version 2, but this kiln reads version 3: recompile it with this kiln",
+    );
     // A manifest naming an entry the library does not export.
     let nosym = copy("nosym");
     let entry = text.split("\"symbol\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
     std::fs::write(nosym.join(MANIFEST_FILE), text.replace(&entry, &format!("{entry}x"))).unwrap();
-    refused(&nosym, &run, &format!("its entry `{entry}x` is not in kernels.so"));
+    refused(&nosym, &run, &format!("`{entry}x` is not the packed entry of kernel"));
     // A directory that is not an artifact, and a missing file.
     refused(&d.0, &run, "not a kiln artifact (no manifest.json)");
     let missing = copy("missing");
-    std::fs::remove_file(missing.join("graph.kir")).unwrap();
-    refused(&missing, &run, "file `graph.kir`, listed in the manifest, is missing");
+    std::fs::remove_file(missing.join("module.kir")).unwrap();
+    refused(&missing, &run, "file `module.kir`, listed in the manifest, is missing");
 
     // Weights missing a tensor.
     let art = artifact::load(&dir).unwrap();
@@ -414,30 +424,31 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
         weights::random_tensors(weights::manifest_params(art.manifest()).unwrap(), 1, 0.02).collect();
     let small = CpuOptions { max: Some(kiln_ir::SymBindings { b: 1, t: 8, s: 1 }), ..CpuOptions::default() };
     let mut m = CpuModel::load(&art, ok(&params), &small).unwrap();
-    assert!((m.arena_bytes() as u64) < art.manifest().arena_bytes, "a smaller arena for smaller maxima");
+    let compiled = art.manifest().programs.iter().map(|p| p.arena_bytes).max().unwrap();
+    assert!((m.arena_bytes() as u64) < compiled, "a smaller arena for smaller maxima");
     let good = token_inputs(&[vec![1, 2, 3]], true);
-    m.run(&good).unwrap();
+    m.run("forward", &good).unwrap();
     let before = m.output("logits").unwrap();
     let mut bad = good.clone();
     bad[2] = ids("mtp_tokens", 1, 3, vec![4, 512, 0]);
-    let e = m.run(&bad).unwrap_err();
+    let e = m.run("forward", &bad).unwrap_err();
     assert!(
         matches!(&e, RuntimeError::TokenOutOfRange { name, index: 1, value: 512, vocab: 512 }
             if name == "mtp_tokens"),
         "{e}"
     );
-    let e = m.run(&token_inputs(&[vec![1; 9]], true)).unwrap_err();
+    let e = m.run("forward", &token_inputs(&[vec![1; 9]], true)).unwrap_err();
     assert_eq!(e.to_string(), "T = 9 is outside 1..=8, the sizes this model was loaded for");
     let mut bad = good.clone();
     bad[1] = ids("positions", 1, 4, vec![0, 1, 2, 3]);
-    assert!(matches!(m.run(&bad), Err(RuntimeError::SizeConflict { sym: "T", .. })));
+    assert!(matches!(m.run("forward", &bad), Err(RuntimeError::SizeConflict { sym: "T", .. })));
     let mut bad = good.clone();
     bad[0].dtype = DType::I64;
-    assert!(matches!(m.run(&bad), Err(RuntimeError::InputType { .. })));
-    assert!(matches!(m.run(&good[..2]), Err(RuntimeError::MissingInput { .. })));
+    assert!(matches!(m.run("forward", &bad), Err(RuntimeError::InputType { .. })));
+    assert!(matches!(m.run("forward", &good[..2]), Err(RuntimeError::MissingInput { .. })));
     let mut bad = good.clone();
     bad[0].name = "token".into();
-    assert!(matches!(m.run(&bad), Err(RuntimeError::UnknownInput { .. })));
+    assert!(matches!(m.run("forward", &bad), Err(RuntimeError::UnknownInput { .. })));
     assert_eq!(m.output("logits").unwrap(), before, "failed runs leave the last outputs alone");
     let big = CpuOptions { max: Some(kiln_ir::SymBindings { b: 2, t: 8, s: 1 }), ..CpuOptions::default() };
     let e = CpuModel::load(&art, ok(&params), &big).err().unwrap();
@@ -497,7 +508,7 @@ fn kiln_run_on_an_artifact_with_interp_uses_its_graph() {
     assert!(compiled.ok && interp.ok, "{}{}", compiled.stderr, interp.stderr);
     let tokens = |s: &str| s.lines().find(|l| l.starts_with("generated")).unwrap().to_string();
     assert_eq!(tokens(&compiled.stdout), tokens(&interp.stdout));
-    assert!(interp.stdout.contains("reference interpreter on graph.kir"), "{}", interp.stdout);
+    assert!(interp.stdout.contains("reference interpreter on module.kir"), "{}", interp.stdout);
 
     let sampled =
         |seed| with(&["--max-new-tokens", "6", "--temperature", "1.5", "--top-p", "0.9", "--seed", seed]);
@@ -529,12 +540,12 @@ fn expert_load_counts_what_the_interpreter_routes() {
     let inputs = token_inputs(&rows, true);
     let fresh = model.expert_load();
     assert!(!fresh.is_empty() && fresh.iter().all(|l| l.routed() == 0));
-    model.run(&inputs).unwrap();
+    model.run("forward", &inputs).unwrap();
     let got = model.expert_load();
 
     // The interpreter on the same graph and weights: the experts each `moe_route` chose, and the
     // rows each `moe_dispatch` gave each expert, by the module they come from.
-    let graph = art.graph().unwrap();
+    let graph = art.program_graph("forward").unwrap();
     let mut watched: HashMap<kiln_ir::ValueId, (String, bool)> = HashMap::new();
     for n in graph.nodes() {
         let node = graph.node(n);
@@ -576,7 +587,7 @@ fn expert_load_counts_what_the_interpreter_routes() {
     }
 
     // Runs accumulate; a reset starts again from zero.
-    model.run(&inputs[..]).unwrap();
+    model.run("forward", &inputs[..]).unwrap();
     let twice = model.expert_load();
     for (a, b) in got.iter().zip(&twice) {
         assert_eq!(b.counts, a.counts.iter().map(|c| 2 * c).collect::<Vec<_>>());
@@ -612,14 +623,15 @@ fn prefill_then_decode_matches_full_recomputation_at_every_position() {
     let d = TempDir::new();
     let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
     let art = artifact::load(&dir).unwrap();
-    assert!(art.manifest().decode.is_some(), "a spec compiles to prefill + decode by default");
+    let programs: Vec<&str> = art.manifest().programs.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(programs, ["prefill", "decode", "score"], "what a spec compiles to by default");
     let params = params_of(&art, 5);
     let mut model = CpuModel::load(&art, ok(&params), &CpuOptions::default()).unwrap();
-    assert!(model.has_decode());
+    let cache = model.kv_cache().expect("a KV cache shared by the prefill and the decode program");
     let vocab = model.vocab_size().unwrap() as usize;
     // tiny: 4 layers with the latent cache of kv_lora_rank + qk_rope = 32 + 8 f32 (after
     // fuse-mla-latent), or the naive per-head keys and values before it.
-    let (bytes, slots) = model.kv_cache_bytes();
+    let (bytes, slots) = (cache.bytes, model.max_sizes().b * cache.capacity);
     assert_eq!(slots, 2 * 16);
     let spec = art.manifest().model.clone().unwrap();
     let a = &spec.attention;
@@ -632,19 +644,25 @@ fn prefill_then_decode_matches_full_recomputation_at_every_position() {
     let n = seq.len();
     // Full recomputation: one prefill over the whole sequence gives the logits of every position.
     model
-        .run(&[
-            ids("tokens", 1, n as u64, seq.clone()),
-            ids("positions", 1, n as u64, (0..n as i64).collect()),
-        ])
+        .run(
+            "prefill",
+            &[
+                ids("tokens", 1, n as u64, seq.clone()),
+                ids("positions", 1, n as u64, (0..n as i64).collect()),
+            ],
+        )
         .unwrap();
     let full = logits_rows(&model, vocab, 0..n);
     // Prefill the first 4 tokens, then decode the rest one at a time.
     let k = 4;
     model
-        .run(&[
-            ids("tokens", 1, k as u64, seq[..k].to_vec()),
-            ids("positions", 1, k as u64, (0..k as i64).collect()),
-        ])
+        .run(
+            "prefill",
+            &[
+                ids("tokens", 1, k as u64, seq[..k].to_vec()),
+                ids("positions", 1, k as u64, (0..k as i64).collect()),
+            ],
+        )
         .unwrap();
     let mut worst = 0.0f32;
     for (p, want) in full.iter().enumerate().take(k) {
@@ -653,7 +671,7 @@ fn prefill_then_decode_matches_full_recomputation_at_every_position() {
     }
     for (p, want) in full.iter().enumerate().skip(k) {
         model
-            .run_decode(&[ids("tokens", 1, 1, vec![seq[p]]), ids("positions", 1, 1, vec![p as i64])])
+            .run("decode", &[ids("tokens", 1, 1, vec![seq[p]]), ids("positions", 1, 1, vec![p as i64])])
             .unwrap();
         let (abs, rel) = diff(&logits_rows(&model, vocab, [0])[0], want);
         assert!(rel < 1e-5, "position {p}: max abs diff {abs} (relative {rel})");
@@ -662,7 +680,7 @@ fn prefill_then_decode_matches_full_recomputation_at_every_position() {
     eprintln!("prefill-then-decode vs full recomputation over {n} positions: max abs diff {worst:e}");
 
     // The same continuation as the interpreter, which recomputes the whole sequence each step.
-    let mut reference = Reference::new(art.graph().unwrap(), params.clone(), None).unwrap();
+    let mut reference = Reference::new(art.program_graph("prefill").unwrap(), params.clone(), None).unwrap();
     let prompt = [seq[..5].to_vec()];
     assert_eq!(gen(&mut model, &prompt, &greedy(8)).tokens, gen(&mut reference, &prompt, &greedy(8)).tokens);
 }
@@ -722,19 +740,89 @@ fn kv_cache_limits_are_checked_before_anything_runs() {
     let e = generate(&mut model, &[vec![1, 2, 3, 4, 5, 6]], &greedy(4), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("need 9 positions, but the KV cache (8 positions"), "{e}");
     // A decode position outside the cache.
-    let e = model.run_decode(&[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![8])]).unwrap_err();
+    let e =
+        model.run("decode", &[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![8])]).unwrap_err();
     assert_eq!(e.to_string(), "position 8 of sequence 0 is outside the KV cache of 8 slots");
     // The caches are the model's: a caller cannot pass one.
-    let cache =
-        model.manifest().inputs.iter().find(|i| i.name.starts_with("kv_cache.")).unwrap().name.clone();
-    let e = model
-        .run(&[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![0]), ids(&cache, 1, 1, vec![0])])
-        .unwrap_err();
+    let cache = model.manifest().states[0].name.clone();
+    let inputs = [ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![0]), ids(&cache, 1, 1, vec![0])];
+    let e = model.run("prefill", &inputs).unwrap_err();
     assert!(e.to_string().contains(&cache), "{e}");
     // A stateless artifact has no decode program.
     let dir = compile(&d, "stateless", "models/tiny.toml", &["--max-context", "8", "--no-kv-cache"]);
     let art = artifact::load(&dir).unwrap();
     let mut model = CpuModel::load(&art, ok(&params_of(&art, 2)), &CpuOptions::default()).unwrap();
-    let e = model.run_decode(&[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![0])]).unwrap_err();
-    assert!(e.to_string().contains("no decode program"), "{e}");
+    let e =
+        model.run("decode", &[ids("tokens", 1, 1, vec![1]), ids("positions", 1, 1, vec![0])]).unwrap_err();
+    assert!(e.to_string().contains("has no program `decode`"), "{e}");
+}
+
+/// A manifest is code the runtime trusts for memory safety: each of these hand edits used to crash
+/// the process or print wrong tokens without a word; each is now refused before anything runs,
+/// naming the field.
+#[test]
+fn hand_edited_manifests_are_refused_naming_the_field() {
+    let d = TempDir::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-context", "16"]);
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let run = ["--random-weights", "1", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"];
+    let edited = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let to = d.path(name);
+        std::fs::create_dir(&to).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+        let mut m = good.clone();
+        edit(&mut m);
+        std::fs::write(to.join(MANIFEST_FILE), serde_json::to_string(&m).unwrap()).unwrap();
+        to
+    };
+
+    // A work range far beyond the buffers: the library's signature of the kernel says otherwise.
+    let work = edited("work", &|m| m["kernels"][0]["cpu"]["work"] = "99999999*B*T".into());
+    refused(&work, &run, "manifest field `kernels[0].cpu.work` does not match kernel");
+    refused(&work, &run, "work 99999999*B*T");
+    // Any symbol of the process: only the kernel's own packed entry is ever looked up.
+    let abort = edited("abort", &|m| m["kernels"][0]["cpu"]["symbol"] = "abort".into());
+    refused(
+        &abort,
+        &run,
+        "manifest field `kernels[0].cpu.symbol`: `abort` is not the packed entry of kernel",
+    );
+    // Two kernels' entries swapped.
+    let swapped = edited("swapped", &|m| {
+        let (a, b) = (m["kernels"][0]["cpu"]["symbol"].clone(), m["kernels"][1]["cpu"]["symbol"].clone());
+        m["kernels"][0]["cpu"]["symbol"] = b;
+        m["kernels"][1]["cpu"]["symbol"] = a;
+    });
+    refused(&swapped, &run, "manifest field `kernels[0].cpu.symbol`");
+    // The first activation moved onto bytes another live buffer holds.
+    let first = good["programs"][0]["buffers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|b| {
+            b["kind"] == "activation" && b["storage"]["in"] == "arena" && b["storage"]["offset"] != 0
+        })
+        .unwrap();
+    let overlap = edited("overlap", &|m| m["programs"][0]["buffers"][first]["storage"]["offset"] = 0.into());
+    refused(&overlap, &run, &format!("manifest field `programs[0].buffers[{first}].storage.offset`"));
+    refused(&overlap, &run, "overlaps");
+
+    // The same through the library: typed errors, nothing loaded.
+    let load = |dir: &Path| {
+        let art = artifact::load(dir)?;
+        let params = weights::random_tensors(weights::manifest_params(art.manifest()).unwrap(), 1, 0.02);
+        CpuModel::load(&art, params.map(Ok), &CpuOptions::default()).map(drop)
+    };
+    let e = load(&work).unwrap_err();
+    assert!(
+        matches!(&e, RuntimeError::KernelSignature { field, .. } if field == "kernels[0].cpu.work"),
+        "{e}"
+    );
+    let e = load(&overlap).unwrap_err();
+    assert!(matches!(&e, RuntimeError::InvalidManifest { .. }), "{e}");
+    load(&dir).unwrap();
 }

@@ -18,7 +18,8 @@
 //! - Every node's result types come from shape inference ([`kiln_ir::infer::infer`]); all sizes and
 //!   constants come from the spec.
 //!
-//! [`build_cached`] builds the prefill and decode programs of a model with a KV cache instead.
+//! [`build_cached`] builds the prefill and decode programs of a model with a KV cache instead, and
+//! [`build_score`] the program that scores every position (the next-token loss).
 //!
 //! What the builder does not do: [`build_graph`] has no KV cache (keys and values span the `T` new
 //! tokens, so the context `S` is `T`), attention is the naive MLA form (the `fuse-mla-latent` pass absorbs `kv_b_proj`),
@@ -129,9 +130,37 @@ pub fn build_cached(spec: &ModelSpec, phase: Phase) -> Result<Graph, BuildError>
     Ok(b.finish())
 }
 
+/// Builds the `score` program: [`build_graph`]'s main model (no KV cache, no MTP modules) on
+/// `tokens` and `positions` `[B, T]`, and the next-token loss at every position against `targets`
+/// `[B, T]` (the caller passes the tokens shifted by one): output `loss` f32[B, T], each element
+/// `-log softmax(logits)[target]` as `cross_entropy` computes it (torch's
+/// `F.cross_entropy(logits.float(), targets, reduction="none")`). Perplexity is the exponential of
+/// the mean; training will read the same loss.
+pub fn build_score(spec: &ModelSpec) -> Result<Graph, BuildError> {
+    let mut b = Builder::new(spec, format!("{}.score", spec.model.name))?;
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    let targets = b.input("targets", TensorType::new(DType::I32, bt(&[])))?;
+    main_model_logits(&mut b, tokens, positions, |b, logits| {
+        let loss = b.op("loss", Op::CrossEntropy { ignore_index: None }, &[logits, targets])?;
+        b.output("loss", loss)
+    })?;
+    Ok(b.finish())
+}
+
 /// Embedding, decoder layers, final norm and head, with output `logits`; returns the hidden state
 /// after the final norm.
 fn main_model(b: &mut Builder, tokens: ValueId, positions: ValueId) -> Result<ValueId, BuildError> {
+    main_model_logits(b, tokens, positions, |b, logits| b.output("logits", logits))
+}
+
+/// [`main_model`], with what is done with the logits given by `head`.
+fn main_model_logits(
+    b: &mut Builder,
+    tokens: ValueId,
+    positions: ValueId,
+    head: impl FnOnce(&mut Builder, ValueId) -> Result<(), BuildError>,
+) -> Result<ValueId, BuildError> {
     let table = b.embed_table()?;
     let mut h = b.op("model", Op::Embedding, &[table, tokens])?;
     for layer in 0..b.spec.model.num_hidden_layers {
@@ -139,7 +168,7 @@ fn main_model(b: &mut Builder, tokens: ValueId, positions: ValueId) -> Result<Va
     }
     let h = b.rms_norm("model", "norm.weight", h)?;
     let logits = b.lm_head("lm_head", h)?;
-    b.output("logits", logits)?;
+    head(b, logits)?;
     Ok(h)
 }
 

@@ -44,8 +44,9 @@ convert-func-to-llvm{use-bare-ptr-memref-call-conv=1}, \
 convert-cf-to-llvm, \
 reconcile-unrealized-casts)";
 
-/// Suffix of the packed entry point of each kernel.
-pub const PACKED_SUFFIX: &str = "_packed";
+/// Suffix of the packed entry point of each kernel (the manifest format's).
+pub use kiln_ir::artifact::PACKED_SUFFIX;
+use kiln_ir::artifact::SIGNATURE_SUFFIX;
 
 pub(crate) fn host_machine() -> Result<TargetMachine, EmitError> {
     init_llvm_targets()?;
@@ -72,8 +73,9 @@ fn require_cpu(module: &LoweredModule) -> Result<(), EmitError> {
     }
 }
 
-/// The packed entry of one kernel, as LLVM IR text (see the module documentation).
-fn packed_entry(name: &str, buffers: usize, sizes: usize) -> String {
+/// The packed entry of one kernel, as LLVM IR text (see the module documentation), and its
+/// signature line as the constant string `@{name}_signature`.
+fn packed_entry(name: &str, buffers: usize, sizes: usize, signature: &str) -> String {
     let mut body = String::new();
     let mut args = Vec::new();
     for i in 0..buffers {
@@ -91,7 +93,10 @@ fn packed_entry(name: &str, buffers: usize, sizes: usize) -> String {
     args.push("i64 %lo".into());
     args.push("i64 %hi".into());
     let params = args.iter().map(|a| a.split(' ').next().unwrap_or("ptr")).collect::<Vec<_>>().join(", ");
-    format!(
+    // The signature holds only `[a-z0-9_ *,\[\]|>-]`, none of which LLVM's c"..." escapes.
+    let sig =
+        format!("@{name}{SIGNATURE_SUFFIX} = constant [{} x i8] c\"{signature}\\00\"\n", signature.len() + 1);
+    sig + &format!(
         "declare void @{name}({params})\n\
          define void @{name}{PACKED_SUFFIX}(ptr %buffers, ptr %sizes, i64 %lo, i64 %hi) {{\n{body}  \
          call void @{name}({})\n  ret void\n}}\n",
@@ -111,7 +116,7 @@ fn optimized<'l>(
     mlir.run(&mut m, CPU_PIPELINE)?;
     let ir = mlir.translate(m.as_operation(), llvm)?;
     for k in &module.kernels {
-        let text = packed_entry(&k.name, k.buffers, k.syms.len());
+        let text = packed_entry(&k.name, k.buffers, k.syms.len(), k.signature.as_deref().unwrap_or_default());
         let buffer = MemoryBuffer::create_from_memory_range_copy(text.as_bytes(), "packed");
         let entry = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
         ir.link_in_module(entry).map_err(|e| EmitError::Llvm(e.to_string()))?;

@@ -17,8 +17,12 @@
 //! died before a definition can never conflict with anything defined later, so only the live set is
 //! searched.
 //!
-//! A `cache_update`'s cache input and its result are one [`Storage::State`] buffer, outside the
-//! arena: the runtime keeps it between runs (it is a KV cache) and the kernel writes it in place.
+//! States (the module's [`kiln_ir::module::StateDecl`]s: KV caches today) live outside the arena, in
+//! [`Storage::State`] buffers the runtime keeps between runs: a program input named like a state
+//! reads it, and an output named like it updates it in place. The output's value is placed in the
+//! state's storage, which is safe for a `cache_update` of that state (its kernel writes the new
+//! slots into the cache it is given; nothing else may read the old cache) and for any value computed
+//! after the last read of the state's old value; anything else is refused ([`PlanError::State`]).
 //!
 //! A kernel with scratch buffers (a fused kernel computed in phases, `codegen::fusion`) gets fresh
 //! ones at each launch: buffers of kind `scratch` after the graph's values, live for that one step.
@@ -60,6 +64,9 @@ pub enum PlanError {
     /// A `cache_update` that cannot be done in place.
     #[error("a KV-cache update cannot be compiled: {0}; compiled code updates a cache in place")]
     Cache(String),
+    /// A state update that cannot be done in place.
+    #[error("{0}")]
+    State(String),
     #[error("the activation arena needs more than 2^64 bytes")]
     ArenaTooLarge,
     /// The plan does not belong to the graph (a step names a value the graph lacks): a compiler bug.
@@ -105,7 +112,12 @@ fn align(n: u64) -> Option<u64> {
 }
 
 /// Plans the buffers of `g` run by `plan`, sized for `max`. See the module documentation.
-pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<MemoryPlan, PlanError> {
+pub fn plan_memory(
+    g: &Graph,
+    plan: &KernelPlan,
+    max: SymBindings,
+    state_names: &[&str],
+) -> Result<MemoryPlan, PlanError> {
     let mismatch = |v: ValueId| PlanError::Mismatch(format!("{v} is not a value of the graph"));
 
     // Buffers in order of definition; the op that defines each.
@@ -143,34 +155,65 @@ pub fn plan_memory(g: &Graph, plan: &KernelPlan, max: SymBindings) -> Result<Mem
         }
     }
 
-    // A `cache_update` writes its cache in place: its result shares the cache input's storage,
-    // which persists between runs (`Storage::State`). Nothing else may read the old cache.
+    // States (`Storage::State`): an input named like a state reads it, and an output named like
+    // it updates it in place. The output's value takes the state's storage when that is safe: a
+    // `cache_update` of the state's input (it writes the new slots into the cache it was given),
+    // or a value computed after the last read of the state's old value.
     let mut states: HashMap<usize, String> = HashMap::new();
     let mut in_place: HashMap<usize, usize> = HashMap::new();
-    for n in g.nodes() {
-        let node = g.node(n);
-        if !matches!(node.op, Op::CacheUpdate) {
+    let inputs: HashMap<&str, ValueId> = g.inputs().into_iter().collect();
+    for &name in state_names {
+        if let Some(&v) = inputs.get(name) {
+            states.insert(id(v)?.index(), name.to_string());
+        }
+    }
+    let step_of: HashMap<ValueId, usize> = plan
+        .steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| match s {
+            Step::Launch { results, .. } => results.iter().map(|&r| (r, i)).collect::<Vec<_>>(),
+            Step::Alias { result, .. } => vec![(*result, i)],
+            Step::Runtime { node } => g.node(*node).results.iter().map(|&r| (r, i)).collect(),
+        })
+        .collect();
+    for (name, v) in g.outputs() {
+        if !state_names.contains(&name.as_str()) {
             continue;
         }
-        let cache = node.inputs[0];
-        let c = id(cache)?.index();
-        let name = match values[root[c]].1 {
-            Op::Input { name } => name.clone(),
-            op => {
-                return Err(PlanError::Cache(format!(
-                    "its cache is computed by `{}`, not a graph input",
-                    op.name()
-                )))
-            }
-        };
-        let readers = g.nodes().into_iter().filter(|&m| g.node(m).inputs.contains(&cache)).count();
-        if readers != 1 || g.outputs().iter().any(|&(_, v)| v == cache) {
-            return Err(PlanError::Cache(format!(
-                "the cache input `{name}` is read by more than its update"
+        let Some(&input) = inputs.get(name.as_str()) else {
+            return Err(PlanError::State(format!(
+                "output `{name}` updates state `{name}`, which the program does not read as an input"
             )));
+        };
+        let (vi, c) = (id(*v)?.index(), id(input)?.index());
+        if root[vi] == root[c] {
+            continue; // The state, unchanged (or a view of it).
         }
-        in_place.insert(id(node.results[0])?.index(), c);
-        states.insert(c, name);
+        let node = g.node(g.producer(*v));
+        let readers = g.nodes().into_iter().filter(|&m| g.node(m).inputs.contains(&input)).count();
+        if matches!(node.op, Op::CacheUpdate) && node.inputs[0] == input {
+            if readers != 1 || g.outputs().iter().any(|(n, o)| *o == input && n != name) {
+                return Err(PlanError::Cache(format!(
+                    "the cache input `{name}` is read by more than its update"
+                )));
+            }
+        } else {
+            let at = step_of.get(v).copied().unwrap_or(0);
+            let late = plan.steps.iter().enumerate().skip(at).any(|(_, s)| match s {
+                Step::Launch { args, .. } => {
+                    args.iter().any(|&a| root[id(a).map_or(usize::MAX, |b| b.index())] == root[c])
+                }
+                Step::Alias { source, .. } => id(*source).is_ok_and(|b| root[b.index()] == root[c]),
+                Step::Runtime { node } => g.node(*node).inputs.contains(&input),
+            });
+            if late || !step_of.contains_key(v) {
+                return Err(PlanError::State(format!(
+                    "state `{name}` cannot be updated in place: its old value is read at or after the step that computes the new one"
+                )));
+            }
+        }
+        in_place.insert(vi, c);
     }
     // Roots again, in step order, so that reshapes of an updated cache reach the cache input.
     for step in &plan.steps {
@@ -325,7 +368,9 @@ mod tests {
     fn planned(text: &str) -> (Graph, MemoryPlan) {
         let g = kiln_ir::parse(text).unwrap();
         let plan = form_kernels(&g).unwrap();
-        let m = plan_memory(&g, &plan, MAX).unwrap();
+        let states = crate::pack::cache_states(&g);
+        let names: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();
+        let m = plan_memory(&g, &plan, MAX, &names).unwrap();
         (g, m)
     }
 
@@ -415,6 +460,6 @@ mod tests {
         .unwrap();
         let plan = form_kernels(&g).unwrap();
         let big = SymBindings { b: 1, t: 1, s: 1 << 20 };
-        assert!(matches!(plan_memory(&g, &plan, big), Err(PlanError::TooLarge { .. })));
+        assert!(matches!(plan_memory(&g, &plan, big, &[]), Err(PlanError::TooLarge { .. })));
     }
 }

@@ -46,6 +46,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use kiln_ir::module::ProgramKind;
 use kiln_ir::{Graph, NodeId, Op, UnaryOp, ValueId};
 
 use super::rewrite::Trace;
@@ -92,8 +93,8 @@ pub const RULES: &[&str] = &[
     DECODE_PHASES,
 ];
 
-pub fn run(graph: &mut Graph, _opts: &Options) -> Result<Changed, PassError> {
-    Ok(rewrite(graph)?.changed())
+pub fn run(graph: &mut Graph, opts: &Options) -> Result<Changed, PassError> {
+    Ok(rewrite(graph, opts.kind)?.changed())
 }
 
 fn fail(message: String) -> PassError {
@@ -283,7 +284,7 @@ impl<'g> Ctx<'g> {
 }
 
 /// Runs the pass and reports which rules fired.
-pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
+pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError> {
     let mut trace = Trace::new(RULES);
     let order = graph.nodes();
     let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
@@ -422,7 +423,10 @@ pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
     if !groups.is_empty() {
         *graph = rebuild(&cx, &groups)?;
     }
-    decode_phases(graph, &mut trace)?;
+    // Only a decode program runs one token per sequence, which is what makes phases cheap.
+    if kind == ProgramKind::Decode {
+        decode_phases(graph, &mut trace)?;
+    }
     Ok(trace)
 }
 
@@ -431,16 +435,6 @@ pub fn rewrite(graph: &mut Graph) -> Result<Trace, PassError> {
 /// threads share.
 pub const SMALL_WEIGHT_BYTES: u64 = 64 << 10;
 
-/// Whether `g` (or a fused body in it) has an attention that reads a cache at positions: a decode
-/// program, whose steps have one token per sequence.
-fn is_decode(g: &Graph) -> bool {
-    g.nodes().into_iter().any(|n| match &g.node(n).op {
-        Op::Attention { .. } => g.node(n).inputs.len() == 4,
-        Op::Fused { body, .. } => is_decode(body),
-        _ => false,
-    })
-}
-
 /// `decode-phases`: in a decode program, the launches left in each decoder layer are merged, in
 /// program order, into phased kernels, a group closing at a `cache_update` (a launch of its own), at
 /// a GEMM whose weights exceed [`SMALL_WEIGHT_BYTES`], at the end of the layer, or where the group
@@ -448,9 +442,6 @@ fn is_decode(g: &Graph) -> bool {
 /// them all costs less than the launches it replaces. Weight-only nodes stay out (the runtime
 /// computes them at load).
 fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> {
-    if !is_decode(graph) {
-        return Ok(());
-    }
     let order = graph.nodes();
     let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let cx = Ctx { g: graph, order, pos, taken: HashSet::new() };

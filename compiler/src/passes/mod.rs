@@ -8,8 +8,11 @@
 //! The table is written out by hand (no registration at a distance): `kiln passes` lists it,
 //! `kiln ir --after NAME` runs it up to a pass.
 
+use kiln_ir::module::ProgramKind;
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec};
+
+use crate::target::Targets;
 
 pub mod dce;
 pub mod fuse_kernels;
@@ -21,9 +24,26 @@ mod rewrite;
 
 pub use rewrite::Trace;
 
-/// What a pass may read besides the graph.
+/// What a pass may read besides the graph: the spec, what kind of program the graph is (a decode
+/// program runs one token per sequence; a pass must not guess that from the graph's shape), and
+/// the targets it is compiled for.
+#[derive(Clone, Copy)]
 pub struct Options<'a> {
     pub spec: &'a ModelSpec,
+    pub kind: ProgramKind,
+    pub targets: Targets,
+}
+
+impl<'a> Options<'a> {
+    /// A forward program (stateless, every token at once) for every target.
+    pub fn new(spec: &'a ModelSpec) -> Options<'a> {
+        Options { spec, kind: ProgramKind::Forward, targets: Targets::All }
+    }
+
+    /// The same, for a program of `kind`.
+    pub fn of_kind(spec: &'a ModelSpec, kind: ProgramKind) -> Options<'a> {
+        Options { kind, ..Options::new(spec) }
+    }
 }
 
 /// Whether a pass changed the graph.
@@ -96,10 +116,16 @@ pub fn run_pass(graph: &mut Graph, pass: &PassInfo, opts: &Options) -> Result<Ch
     Ok(changed)
 }
 
-/// Runs the pipeline from the start up to and including the pass called `last`.
-pub fn run_until(graph: &mut Graph, spec: &ModelSpec, last: &str) -> Result<(), PassError> {
+/// Runs the pipeline from the start up to and including the pass called `last`, on a program of
+/// `kind`.
+pub fn run_until(
+    graph: &mut Graph,
+    spec: &ModelSpec,
+    kind: ProgramKind,
+    last: &str,
+) -> Result<(), PassError> {
     find(last)?;
-    let opts = Options { spec };
+    let opts = Options::of_kind(spec, kind);
     for pass in PASSES {
         run_pass(graph, pass, &opts)?;
         if pass.name == last {

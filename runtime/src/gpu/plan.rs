@@ -20,8 +20,8 @@
 //! 2^31, y and z at most 65535, at most 1024 threads per block), naming the kernel when one is
 //! exceeded.
 //!
-//! What it does not do: touch a device. The executor (`gpu::GpuModel`) resolves each [`Place`] to a
-//! device address once at load and calls [`LaunchPlan::args`] per run.
+//! What it does not do: touch a device. The backend (`gpu::GpuBackend::bind`) resolves each buffer to a
+//! device address once at load (the executor says where each lives) and rewrites the sizes per run.
 
 use std::collections::HashMap;
 
@@ -155,8 +155,8 @@ impl LaunchPlan {
     /// The launch's parameters in the `.entry`'s order: the device address of each buffer (from
     /// `address`), then each size as an `i64`; every value is 8 bytes, the sizes' two's-complement
     /// bits held in a `u64`.
-    pub fn args(&self, address: impl Fn(&Place) -> u64, sizes: &SymBindings) -> Vec<u64> {
-        let mut args: Vec<u64> = self.buffers.iter().map(|(_, p)| address(p)).collect();
+    pub fn args(&self, address: impl Fn(BufferId) -> u64, sizes: &SymBindings) -> Vec<u64> {
+        let mut args: Vec<u64> = self.buffers.iter().map(|(b, _)| address(*b)).collect();
         args.resize(self.buffers.len() + self.syms.len(), 0);
         self.set_sizes(&mut args, sizes);
         args
@@ -291,8 +291,10 @@ mod tests {
     #[test]
     fn args_are_addresses_then_sizes() {
         let l = launch([(Dim::known(1), 1); 3], [1, 1, 1]);
+        // Where each buffer lives, as the executor would say it.
+        let place = |b: BufferId| &l.buffers.iter().find(|(x, _)| *x == b).unwrap().1;
         let args = l.args(
-            |p| match p {
+            |b| match place(b) {
                 Place::Arena { offset } => 0x1000 + offset,
                 Place::Param { .. } => 0x2000,
                 Place::Constant { buffer } => 0x3000 + u64::from(buffer.0),

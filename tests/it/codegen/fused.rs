@@ -305,23 +305,24 @@ fn a_phased_kernel_gets_arena_scratch_when_packed() {
     let src = std::fs::read_to_string(root().join("add_rms_norm_quant.kir")).unwrap();
     let graph = kiln_ir::parse(&src).unwrap();
     let options =
-        pack::Options { targets: pack::Targets::Cpu, max_batch: 2, max_context: 8, kv_cache: false };
+        pack::Options { kv_cache: false, score: false, ..pack::Options::new(pack::Targets::Cpu, 2, 8) };
     let artifact = pack::compile(pack::Source::Graph { graph, spec: None }, &options, &mut ())
         .unwrap_or_else(|e| panic!("{e}"));
     let m = &artifact.manifest;
+    let p = &m.programs[0];
     let k = m.kernels.iter().find(|k| k.name.starts_with("k_fused_")).unwrap();
     let roles: Vec<ArgRole> = k.args.iter().map(|a| a.role).collect();
     use ArgRole::{Input, Output, Scratch};
     assert_eq!(roles, [Input, Input, Input, Output, Output, Output, Scratch]);
     assert_eq!(k.cpu.as_ref().unwrap().work, kiln_ir::Dim::known(1));
-    let kiln_ir::artifact::Step::Launch { buffers, .. } = &m.program[0] else { panic!("{:?}", m.program) };
-    let scratch = m.buffer(buffers[6]);
+    let kiln_ir::artifact::Step::Launch { buffers, .. } = &p.steps[0] else { panic!("{:?}", p.steps) };
+    let scratch = p.buffer(buffers[6]);
     assert_eq!((scratch.kind, scratch.value.as_str()), (BufferKind::Scratch, "%3#s0"));
     assert_eq!(scratch.shape, k.args[6].shape);
     // It lives for its launch only, like a result, so it shares no byte with the launch's buffers.
     let Storage::Arena { offset } = scratch.storage else { panic!("{scratch:?}") };
     for &b in &buffers[..6] {
-        let other = m.buffer(b);
+        let other = p.buffer(b);
         if let Storage::Arena { offset: o } = other.storage {
             assert!(
                 o + other.max_bytes <= offset || offset + scratch.max_bytes <= o,
@@ -332,7 +333,7 @@ fn a_phased_kernel_gets_arena_scratch_when_packed() {
     m.validate().unwrap();
     // A scratch argument bound to a graph value, or the reverse, does not hold together.
     let mut bad = m.clone();
-    bad.buffers[buffers[6].index()].kind = BufferKind::Activation;
+    bad.programs[0].buffers[buffers[6].index()].kind = BufferKind::Activation;
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("of kind Activation, for a Scratch argument"), "{e}");
 }

@@ -111,6 +111,9 @@ pub struct LoweredKernel {
     /// Buffers (arguments then results) and symbolic sizes the function takes.
     pub buffers: usize,
     pub syms: Vec<Sym>,
+    /// For the CPU: the kernel's signature line ([`kiln_ir::artifact::signature`]: buffer types,
+    /// sizes and work), which the library carries so a runtime can check the manifest against it.
+    pub signature: Option<String>,
 }
 
 /// Kernels of one target in one MLIR module.
@@ -722,6 +725,19 @@ impl<'k> Frame<'k> {
                 )
             }
         };
+        let signature = match &launch {
+            LaunchShape::Cpu { work } => {
+                use kiln_ir::artifact::{ArgRole, ArgSig};
+                let k = self.kernel;
+                let sig = |t: &TensorType, role| ArgSig { dtype: t.dtype, shape: t.shape.clone(), role };
+                let args: Vec<ArgSig> = (k.args.iter().map(|t| sig(t, ArgRole::Input)))
+                    .chain(k.results.iter().map(|t| sig(t, ArgRole::Output)))
+                    .chain(k.scratch.iter().map(|t| sig(t, ArgRole::Scratch)))
+                    .collect();
+                Some(kiln_ir::artifact::signature(&args, &k.syms, *work))
+            }
+            LaunchShape::Gpu { .. } => None,
+        };
         LoweredKernel {
             name: name.clone(),
             target: self.target,
@@ -729,6 +745,7 @@ impl<'k> Frame<'k> {
             launch,
             buffers: self.bufs.len(),
             syms: self.kernel.syms.clone(),
+            signature,
         }
     }
 }

@@ -1,0 +1,663 @@
+//! The executor: one loaded artifact, its programs and its state, run over a [`Backend`].
+//!
+//! Everything that is not device-specific lives here, once, for every backend: which programs an
+//! artifact has and what each takes; the sizes a model is loaded for; parameters bound by name with
+//! their declared types; the states ([`kiln_ir::artifact::StateEntry`]: KV caches today), allocated
+//! once, zeroed, at the loaded maxima and shared by every program; one activation arena shared by
+//! the programs (they never run at the same time), sized for the largest at the loaded maxima;
+//! constants; weight-only launches folded at load; the checks of a run's inputs (`inputs.rs`) before
+//! anything is written; the per-expert load read from the MoE dispatches the manifest lists; the
+//! per-launch profile; and reading outputs. A [`Backend`] is only what differs between devices:
+//! memory (allocate, upload, download), binding a program's launches to addresses (checking the
+//! kernels it was given against what the manifest says), and running them.
+//!
+//! [`Executor::new`] does everything that can fail before the first run, cheapest first: sizes,
+//! parameters, states, the arena, constants, then each program's launches (the backend checks
+//! every kernel it binds), then the weight-only launches, run once. A value two programs fold
+//! alike (the same kernel over the same weights) is computed and held once.
+//!
+//! [`Executor::run`] runs one program by name: it checks every input, binds `B`, `T`, `S` (a
+//! program that reads a state whose shape has `S` runs at the loaded `S`, the state's capacity),
+//! writes the inputs, runs the launches, and records the MoE load. Outputs stay readable until the
+//! next run of any program.
+//!
+//! What it does not do yet: run `send`/`recv` steps (the distributed runtime); a backend refuses
+//! them at load ([`RuntimeError::Distributed`]).
+
+mod engine;
+mod fold;
+mod probe;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use kiln_ir::artifact::{BufferId, Manifest, Program, Step, Storage};
+use kiln_ir::module::{ProgramKind, StateRole};
+use kiln_ir::{DType, Sym, SymBindings};
+
+use crate::artifact::Artifact;
+use crate::host::{decode, decode_f32, encode};
+use crate::inputs;
+use crate::weights::{manifest_params, HostData, HostTensor, Param, WeightError};
+use crate::RuntimeError;
+
+pub use probe::LayerLoad;
+
+/// What differs between devices. Memory is opaque to the executor: it allocates, writes, reads and
+/// takes the address of it, and hands addresses to [`Backend::bind`].
+pub trait Backend: Sized {
+    /// One allocation on the device.
+    type Memory;
+    /// A program's launches, bound to addresses and checked, ready to run.
+    type Launches;
+    /// How to open the backend (the CPU's threads, a CUDA device), with the sizes to load for.
+    type Options;
+
+    /// Opens the device for `artifact`: everything about the device code that can be checked
+    /// before memory is touched.
+    fn open(artifact: &Artifact, options: &Self::Options) -> Result<Self, RuntimeError>;
+    /// The largest sizes `options` asks runs to use (`None`: the artifact's maxima).
+    fn max_sizes(options: &Self::Options) -> Option<SymBindings>;
+
+    /// The device, in words (`CPU (2 threads)`, `NVIDIA H200 (sm_90)`).
+    fn describe(&self) -> String;
+    /// `bytes` of zeroed memory; `what` names it in an out-of-memory error.
+    fn alloc(&self, bytes: u64, what: &str) -> Result<Self::Memory, RuntimeError>;
+    /// A parameter's memory holding `bytes`, its compiled storage. `mapped` is the checkpoint's
+    /// mapping of the same bytes when the tensor is stored exactly so: a backend that can read it
+    /// in place keeps it instead of copying.
+    fn param(&self, bytes: ParamBytes, what: &str) -> Result<Self::Memory, RuntimeError>;
+    fn len(&self, mem: &Self::Memory) -> usize;
+    /// Whether `mem` is a checkpoint's mapping used in place (no copy).
+    fn is_mapped(&self, _mem: &Self::Memory) -> bool {
+        false
+    }
+    fn write(&self, mem: &mut Self::Memory, offset: usize, bytes: &[u8]) -> Result<(), RuntimeError>;
+    fn read(&self, mem: &Self::Memory, range: Range<usize>) -> Result<Vec<u8>, RuntimeError>;
+    /// The address kernels are given for the start of `mem`.
+    fn address(&self, mem: &Self::Memory) -> u64;
+    /// Binds the launch steps `steps` of `program` (indices into its steps, in order), each buffer
+    /// at `address(buffer)`, checking each kernel against the device code (its entry exists, and
+    /// was compiled for the arguments and work the manifest gives it) and the launch geometry at
+    /// `max`.
+    fn bind(
+        &self,
+        manifest: &Manifest,
+        program: &Program,
+        steps: &[usize],
+        address: &dyn Fn(BufferId) -> u64,
+        max: &SymBindings,
+    ) -> Result<Self::Launches, RuntimeError>;
+    /// Runs every bound launch at `sizes`, in order; `after(self, i)` is called once launch `i` has
+    /// been issued (a backend that queues work must have finished it when `after` reads memory, see
+    /// [`Backend::synchronize`]). Returns when all of them are done.
+    fn run(
+        &self,
+        launches: &mut Self::Launches,
+        sizes: &SymBindings,
+        after: &mut dyn FnMut(&Self, usize) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError>;
+    /// Waits for everything issued so far.
+    fn synchronize(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+}
+
+/// A parameter's bytes as the executor hands them to [`Backend::param`].
+pub enum ParamBytes {
+    /// Encoded by the executor into its compiled storage.
+    Owned(Vec<u8>),
+    /// A checkpoint tensor already stored exactly as the parameter's compiled storage.
+    Mapped(crate::weights::MappedTensor),
+}
+
+/// A program of the artifact, bound.
+struct Loaded<B: Backend> {
+    /// Its index in the manifest's programs.
+    index: usize,
+    /// The largest sizes its runs may use.
+    max: SymBindings,
+    launches: B::Launches,
+    /// The step index of each bound launch.
+    steps: Vec<usize>,
+    probes: Vec<probe::Probe>,
+    /// Caller inputs that index something, with the rows they may index at the loaded maxima.
+    index_inputs: HashMap<String, inputs::IndexLimit>,
+    reads_sized_state: bool,
+}
+
+/// A loaded artifact with its weights, ready to run any of its programs. See the module
+/// documentation.
+pub struct Executor<B: Backend> {
+    manifest: Manifest,
+    programs: Vec<Loaded<B>>,
+    arena: B::Memory,
+    params: HashMap<String, B::Memory>,
+    states: HashMap<String, B::Memory>,
+    /// Constants by program and buffer.
+    constants: HashMap<(usize, BufferId), B::Memory>,
+    /// Weight-only values computed at load, by program and buffer (an alias maps to its root).
+    folded: fold::Folded<B>,
+    max: SymBindings,
+    /// The program of the last run and its sizes, whose outputs the arena holds.
+    last: Option<(usize, SymBindings)>,
+    /// Rows per expert, per MoE layer (by label, in first-seen order), over every run.
+    load: Vec<LayerLoad>,
+    /// Nanoseconds per launch of each program, when profiling.
+    profile: Option<Vec<Vec<u64>>>,
+    // Declared last: dropped after the memory above, which its launches point into.
+    backend: B,
+}
+
+/// One kernel's share of a profile ([`Executor::profile`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelTime {
+    pub name: String,
+    /// Launches of the kernel in one run of each program that has it (its layers, mostly).
+    pub launches: usize,
+    pub nanos: u64,
+}
+
+/// An executor's state of one role, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateBytes {
+    pub role: StateRole,
+    pub bytes: u64,
+}
+
+impl<B: Backend> Executor<B> {
+    /// Loads `artifact` onto the backend `options` open, with the given parameters (each by name,
+    /// in any order, every declared one exactly once): [`HostTensor`]s, converted to their compiled
+    /// dtypes on the way, or [`Param`]s, whose mapped tensors the backend may use in place.
+    pub fn load<P: Into<Param>>(
+        artifact: &Artifact,
+        params: impl IntoIterator<Item = Result<P, WeightError>>,
+        options: &B::Options,
+    ) -> Result<Executor<B>, RuntimeError> {
+        let backend = B::open(artifact, options)?;
+        Executor::new(backend, artifact.manifest(), params, B::max_sizes(options))
+    }
+
+    /// Loads `manifest` onto `backend` with the given parameters (each by name, in any order, every
+    /// declared one exactly once): [`HostTensor`]s, converted to their compiled dtypes on the way,
+    /// or [`Param`]s, whose mapped tensors the backend may use in place. `max`: the largest sizes
+    /// runs will use (default: the artifact's maxima); every program is loaded for them, each
+    /// within its own maxima (a decode program at `T = 1`).
+    pub fn new<P: Into<Param>>(
+        backend: B,
+        manifest: &Manifest,
+        params: impl IntoIterator<Item = Result<P, WeightError>>,
+        max: Option<SymBindings>,
+    ) -> Result<Executor<B>, RuntimeError> {
+        let compiled = manifest.max_sizes();
+        let max = max.unwrap_or(compiled);
+        for sym in Sym::ALL {
+            let (v, limit) = (max.get(sym), compiled.get(sym));
+            let used = manifest.programs.iter().any(|p| p.max(sym).is_some());
+            if used && (v == 0 || v > limit) {
+                return Err(RuntimeError::Size {
+                    sym: sym.name(),
+                    value: v,
+                    max: limit,
+                    why: "the sizes the artifact was compiled for (kiln compile --max-batch, --max-context)",
+                });
+            }
+        }
+        let params = load_params(&backend, manifest, params)?;
+        let mut states = HashMap::new();
+        for s in &manifest.states {
+            let bytes = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &max).unwrap_or(u64::MAX);
+            let what = format!("the {} `{}`", s.role.name().replace('_', " "), s.name);
+            states.insert(s.name.clone(), backend.alloc(bytes, &what)?);
+        }
+        let program_max = |p: &Program| {
+            let m = p.max_sizes();
+            let pick = |s: Sym| if p.max(s).is_some() { max.get(s).min(m.get(s)) } else { 1 };
+            SymBindings { b: pick(Sym::B), t: pick(Sym::T), s: pick(Sym::S) }
+        };
+        let mut folded = fold::Folded::default();
+        let mut constants = HashMap::new();
+        // Plans first: the arena is sized from what each program keeps in it.
+        let mut plans = Vec::new();
+        for (pi, p) in manifest.programs.iter().enumerate() {
+            let pmax = program_max(p);
+            let plan = fold::plan(manifest, p);
+            for b in &p.buffers {
+                if let Storage::Constant { value } = b.storage {
+                    let n = (b.max_bytes / b.dtype.size_bytes()) as usize;
+                    let data = if b.dtype.is_float() {
+                        HostData::F32(vec![value as f32; n])
+                    } else {
+                        HostData::I64(vec![value as i64; n])
+                    };
+                    let mut bytes = vec![0u8; b.max_bytes as usize];
+                    encode(b.dtype, &data, &mut bytes).map_err(|reason| RuntimeError::InputValue {
+                        name: format!("constant {} of program `{}`", b.id, p.name),
+                        reason,
+                    })?;
+                    let mut mem = backend.alloc(b.max_bytes, &format!("constant {}", b.id))?;
+                    backend.write(&mut mem, 0, &bytes)?;
+                    constants.insert((pi, b.id), mem);
+                }
+            }
+            plans.push((pmax, plan));
+        }
+        let mut arena_bytes = 0u64;
+        for (p, (pmax, plan)) in manifest.programs.iter().zip(&plans) {
+            for b in &p.buffers {
+                if plan.is_folded(b.id) {
+                    continue;
+                }
+                if let Storage::Arena { offset } = b.storage {
+                    let end = b.bytes(pmax).and_then(|n| offset.checked_add(n));
+                    arena_bytes = arena_bytes.max(end.unwrap_or(u64::MAX));
+                }
+            }
+        }
+        let arena = backend.alloc(arena_bytes, "the activation arena")?;
+        let mut exec = Executor {
+            manifest: manifest.clone(),
+            programs: Vec::new(),
+            arena,
+            params,
+            states,
+            constants,
+            folded: fold::Folded::default(),
+            max,
+            last: None,
+            load: Vec::new(),
+            profile: None,
+            backend,
+        };
+        // Weight-only values, once per distinct value, then every program's run launches.
+        for (pi, (pmax, plan)) in plans.iter().enumerate() {
+            fold::run(&exec, &mut folded, pi, plan, pmax)?;
+        }
+        exec.folded = folded;
+        for (pi, (pmax, plan)) in plans.into_iter().enumerate() {
+            let p = &exec.manifest.programs[pi];
+            let steps: Vec<usize> = p
+                .steps
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| matches!(s, Step::Launch { .. }) && !plan.folded_steps.contains(i))
+                .map(|(i, _)| i)
+                .collect();
+            for (i, s) in p.steps.iter().enumerate() {
+                let what = match s {
+                    Step::Send { peer, .. } => format!("send to stage {peer}"),
+                    Step::Recv { peer, .. } => format!("receive from stage {peer}"),
+                    _ => continue,
+                };
+                return Err(RuntimeError::Distributed { step: i, what });
+            }
+            let launches = {
+                let address = |b: BufferId| exec.address(pi, b);
+                exec.backend.bind(&exec.manifest, p, &steps, &address, &pmax)?
+            };
+            let probes = probe::probes(p, &steps);
+            let index_inputs = inputs::index_limits(p, &pmax);
+            let reads_sized_state = p.states().any(|name| {
+                exec.manifest.state(name).is_some_and(|s| {
+                    s.shape.iter().any(|d| d.checked_div(kiln_ir::Dim::sym(Sym::S)).is_some())
+                })
+            });
+            exec.programs.push(Loaded {
+                index: pi,
+                max: pmax,
+                launches,
+                steps,
+                probes,
+                index_inputs,
+                reads_sized_state,
+            });
+        }
+        // Every MoE layer is reported from the start, with no rows yet.
+        for l in &exec.programs {
+            for pr in &l.probes {
+                probe::add(&mut exec.load, pr, &[]);
+            }
+        }
+        exec.backend.synchronize()?;
+        Ok(exec)
+    }
+
+    /// The device address of buffer `b` of program `pi`.
+    fn address(&self, pi: usize, b: BufferId) -> u64 {
+        if let Some(mem) = self.folded.memory(pi, b) {
+            return self.backend.address(mem);
+        }
+        let buf = self.manifest.programs[pi].buffer(b);
+        match &buf.storage {
+            Storage::Arena { offset } => self.backend.address(&self.arena) + offset,
+            Storage::Param { name } => self.backend.address(&self.params[name]),
+            Storage::Constant { .. } => self.backend.address(&self.constants[&(pi, b)]),
+            Storage::State { name } => self.backend.address(&self.states[name]),
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The largest sizes runs may use (what the arena and the states were sized for).
+    pub fn max_sizes(&self) -> SymBindings {
+        self.max
+    }
+
+    /// The programs, by name and kind, in manifest order.
+    pub fn programs(&self) -> Vec<(&str, ProgramKind)> {
+        self.manifest.programs.iter().map(|p| (p.name.as_str(), p.kind)).collect()
+    }
+
+    /// The index of program `name`, or the error that lists the programs there are.
+    fn loaded(&self, name: &str) -> Result<usize, RuntimeError> {
+        self.manifest.programs.iter().position(|p| p.name == name).ok_or_else(|| {
+            RuntimeError::NoSuchProgram { name: name.to_string(), known: self.manifest.program_names() }
+        })
+    }
+
+    /// Whether the artifact has a program called `name`.
+    pub fn has_program(&self, name: &str) -> bool {
+        self.manifest.program(name).is_some()
+    }
+
+    /// The caller inputs of program `name` with their dtypes (the states are the model's own).
+    pub fn inputs(&self, program: &str) -> Result<Vec<(String, DType)>, RuntimeError> {
+        let p = &self.manifest.programs[self.loaded(program)?];
+        Ok(inputs::caller_inputs(p).map(|i| (i.name.clone(), p.buffer(i.buffer).dtype)).collect())
+    }
+
+    /// The largest sizes a run of `program` may use.
+    pub fn program_max(&self, program: &str) -> Result<SymBindings, RuntimeError> {
+        Ok(self.programs[self.loaded(program)?].max)
+    }
+
+    /// The caller inputs of `program` that index something, with the rows they may index.
+    pub fn index_inputs(&self, program: &str) -> Result<&HashMap<String, inputs::IndexLimit>, RuntimeError> {
+        Ok(&self.programs[self.loaded(program)?].index_inputs)
+    }
+
+    /// Bytes of the activation arena (shared by the programs).
+    pub fn arena_bytes(&self) -> usize {
+        self.backend.len(&self.arena)
+    }
+
+    /// Bytes of the parameters and constants, in their compiled dtypes.
+    pub fn param_bytes(&self) -> usize {
+        let params: usize = self.params.values().map(|m| self.backend.len(m)).sum();
+        params + self.constants.values().map(|m| self.backend.len(m)).sum::<usize>()
+    }
+
+    /// Bytes of the parameters used in place from a checkpoint's mapping (no copy).
+    pub fn mapped_param_bytes(&self) -> usize {
+        self.params.values().filter(|m| self.backend.is_mapped(m)).map(|m| self.backend.len(m)).sum()
+    }
+
+    /// Bytes of the weight-only values computed once at load.
+    pub fn folded_bytes(&self) -> usize {
+        self.folded.bytes(&self.backend)
+    }
+
+    /// Bytes of the states of `role`, and the tokens (`B * S` at the loaded maxima) a KV cache
+    /// holds.
+    pub fn state_bytes(&self, role: StateRole) -> u64 {
+        (self.manifest.states.iter())
+            .filter(|s| s.role == role)
+            .map(|s| self.backend.len(&self.states[&s.name]) as u64)
+            .sum()
+    }
+
+    /// Runs program `name` on `inputs` (each of its caller inputs once, by name). Everything is
+    /// checked before anything is written; on an error found then, memory and the last outputs are
+    /// as they were.
+    pub fn run(&mut self, name: &str, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
+        let li = self.loaded(name)?;
+        let (pi, pmax) = (self.programs[li].index, self.programs[li].max);
+        let p = &self.manifest.programs[pi];
+        let loaded = &self.programs[li];
+        let sizes = inputs::check(p, &pmax, loaded.reads_sized_state, &loaded.index_inputs, inputs)?;
+        // Encoded apart first: an input's slot may hold the last run's outputs, which must survive
+        // a value that fails to encode.
+        let mut encoded = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            let b = p.buffer(inputs::input_buffer(p, &t.name)?);
+            let Storage::Arena { offset } = b.storage else {
+                return Err(RuntimeError::InputValue {
+                    name: t.name.clone(),
+                    reason: "not in the arena".into(),
+                });
+            };
+            let mut bytes = vec![0u8; b.bytes(&sizes).unwrap_or(0) as usize];
+            encode(b.dtype, &t.data, &mut bytes)
+                .map_err(|reason| RuntimeError::InputValue { name: t.name.clone(), reason })?;
+            encoded.push((offset as usize, bytes));
+        }
+        self.last = None;
+        for (at, bytes) in &encoded {
+            self.backend.write(&mut self.arena, *at, bytes)?;
+        }
+        let Executor { backend, programs, arena, profile, manifest, .. } = self;
+        let program = &manifest.programs[pi];
+        let Loaded { launches, probes, .. } = &mut programs[li];
+        let mut offsets: Vec<Vec<i64>> = Vec::with_capacity(probes.len());
+        let mut next_probe = 0;
+        let mut times = profile.as_mut().map(|p| &mut p[li]);
+        let mut clock = Instant::now();
+        let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
+            // The dispatch's offsets are read right after it: the plan reuses their arena slot
+            // once the grouped GEMMs have read them.
+            if let Some(pr) = probes.get(next_probe).filter(|pr| pr.launch == i) {
+                be.synchronize()?;
+                let b = program.buffer(pr.offsets);
+                let Storage::Arena { offset } = b.storage else { return Ok(()) };
+                let n = b.bytes(&sizes).unwrap_or(0) as usize;
+                let bytes = be.read(arena, offset as usize..offset as usize + n)?;
+                offsets.push(match decode(DType::I32, &bytes) {
+                    HostData::I64(v) => v,
+                    HostData::F32(_) => Vec::new(),
+                });
+                next_probe += 1;
+            }
+            if let Some(t) = times.as_mut() {
+                be.synchronize()?;
+                let now = Instant::now();
+                t[i] += (now - clock).as_nanos() as u64;
+                clock = now;
+            }
+            Ok(())
+        };
+        backend.run(launches, &sizes, &mut after)?;
+        for (pr, o) in probes.iter().zip(&offsets) {
+            probe::add(&mut self.load, pr, o);
+        }
+        self.last = Some((li, sizes));
+        Ok(sizes)
+    }
+
+    /// Rows routed to each expert of each MoE layer, in the order the layers were first run, summed
+    /// over every run of every program since the load or the last
+    /// [`Executor::reset_expert_load`]. Padding rows of a batch count like real tokens. Empty for a
+    /// model without MoE layers.
+    pub fn expert_load(&self) -> Vec<LayerLoad> {
+        self.load.clone()
+    }
+
+    /// Sets every count of [`Executor::expert_load`] back to zero.
+    pub fn reset_expert_load(&mut self) {
+        for l in &mut self.load {
+            l.counts.iter_mut().for_each(|c| *c = 0);
+        }
+    }
+
+    /// Turns per-launch timing on (every counter back to zero) or off, for every program. Timing
+    /// waits for each launch to finish.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(|| self.programs.iter().map(|p| vec![0; p.steps.len()]).collect());
+    }
+
+    /// Time per kernel over every run since profiling was turned on, in every program, most first:
+    /// the kernel's name, its launches per run of its programs, and the total time.
+    pub fn profile(&self) -> Vec<KernelTime> {
+        let Some(profile) = &self.profile else { return Vec::new() };
+        let mut by_kernel: HashMap<usize, KernelTime> = HashMap::new();
+        for (l, times) in self.programs.iter().zip(profile) {
+            let p = &self.manifest.programs[l.index];
+            for (&step, &t) in l.steps.iter().zip(times) {
+                let Step::Launch { kernel, .. } = &p.steps[step] else { continue };
+                let e = by_kernel.entry(kernel.index()).or_insert_with(|| KernelTime {
+                    name: self.manifest.kernels[kernel.index()].name.clone(),
+                    launches: 0,
+                    nanos: 0,
+                });
+                e.launches += 1;
+                e.nanos += t;
+            }
+        }
+        let mut out: Vec<KernelTime> = by_kernel.into_values().collect();
+        out.sort_by(|a, b| b.nanos.cmp(&a.nanos).then(a.name.cmp(&b.name)));
+        out
+    }
+
+    fn output_buffer(&self, name: &str) -> Result<(usize, BufferId, SymBindings), RuntimeError> {
+        let (li, sizes) = self.last.ok_or(RuntimeError::NotRun)?;
+        let pi = self.programs[li].index;
+        let p = &self.manifest.programs[pi];
+        let o =
+            inputs::caller_outputs(p).find(|o| o.name == name).ok_or_else(|| RuntimeError::NoSuchOutput {
+                name: name.to_string(),
+                known: inputs::caller_outputs(p)
+                    .map(|o| format!("`{}`", o.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        Ok((pi, o.buffer, sizes))
+    }
+
+    /// Bytes `range` (relative to the buffer) of buffer `id` of the last run's program.
+    fn read(&self, pi: usize, id: BufferId, range: Range<usize>) -> Result<Vec<u8>, RuntimeError> {
+        let p = &self.manifest.programs[pi];
+        if let Some(mem) = self.folded.memory(pi, id) {
+            return self.backend.read(mem, range);
+        }
+        let (mem, at) = match &p.buffer(id).storage {
+            Storage::Arena { offset } => (&self.arena, *offset as usize),
+            Storage::Param { name } => (&self.params[name], 0),
+            Storage::Constant { .. } => (&self.constants[&(pi, id)], 0),
+            Storage::State { name } => (&self.states[name], 0),
+        };
+        self.backend.read(mem, at + range.start..at + range.end)
+    }
+
+    /// An output of the last run, whole.
+    pub fn output(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        let (pi, id, sizes) = self.output_buffer(name)?;
+        let b = self.manifest.programs[pi].buffer(id);
+        let shape = b.shape.iter().map(|d| d.eval(&sizes).unwrap_or(0)).collect();
+        let bytes = self.read(pi, id, 0..b.bytes(&sizes).unwrap_or(0) as usize)?;
+        Ok(HostTensor { name: name.to_string(), dtype: b.dtype, shape, data: decode(b.dtype, &bytes) })
+    }
+
+    /// Elements `range` (in row-major order) of a float output of the last run, as f32: the rows a
+    /// caller needs without copying the rest (the last position's logits, for instance).
+    pub fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
+        let (pi, id, sizes) = self.output_buffer(name)?;
+        let b = self.manifest.programs[pi].buffer(id);
+        if !b.dtype.is_float() {
+            return Err(RuntimeError::OutputType { name: name.to_string(), dtype: b.dtype });
+        }
+        let size = b.dtype.size_bytes() as usize;
+        let len = b.bytes(&sizes).unwrap_or(0) as usize / size;
+        if range.start > range.end || range.end > len {
+            return Err(RuntimeError::OutputRange {
+                name: name.to_string(),
+                len,
+                start: range.start,
+                end: range.end,
+            });
+        }
+        let bytes = self.read(pi, id, range.start * size..range.end * size)?;
+        Ok(decode_f32(b.dtype, &bytes).unwrap_or_default())
+    }
+}
+
+/// Converts each parameter to its compiled dtype (or hands a mapped one to the backend as it is),
+/// checking that every declared parameter comes exactly once with its declared type. At most one
+/// converted parameter is on the host at a time.
+fn load_params<B: Backend, P: Into<Param>>(
+    backend: &B,
+    m: &Manifest,
+    params: impl IntoIterator<Item = Result<P, WeightError>>,
+) -> Result<HashMap<String, B::Memory>, RuntimeError> {
+    let decls = manifest_params(m)?;
+    let by_name: HashMap<&str, usize> = decls.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
+    let mut out: HashMap<String, B::Memory> = HashMap::new();
+    for p in params {
+        let p: Param = p?.into();
+        let name = p.name().to_string();
+        let Some(&i) = by_name.get(name.as_str()) else {
+            return Err(RuntimeError::UnknownParam { name });
+        };
+        let d = &decls[i];
+        if out.contains_key(&name) {
+            return Err(RuntimeError::DuplicateParam { name });
+        }
+        let expected = || inputs::shape_text(d.dtype, &d.shape);
+        let bytes = d.numel as u64 * d.dtype.size_bytes();
+        let what = format!("parameter `{}`", d.name);
+        let mem = match p {
+            Param::Mapped(v) => {
+                if v.dtype != d.dtype || v.shape != d.shape || v.len() as u64 != bytes {
+                    return Err(RuntimeError::ParamType {
+                        name,
+                        expected: expected(),
+                        found: format!(
+                            "{} mapped in {} bytes",
+                            inputs::shape_text(v.dtype, &v.shape),
+                            v.len()
+                        ),
+                    });
+                }
+                backend.param(ParamBytes::Mapped(v), &what)?
+            }
+            Param::Host(t) => {
+                if t.dtype != d.dtype || t.shape != d.shape || t.data.len() != d.numel {
+                    return Err(RuntimeError::ParamType {
+                        name,
+                        expected: expected(),
+                        found: format!(
+                            "{} with {} values",
+                            inputs::shape_text(t.dtype, &t.shape),
+                            t.data.len()
+                        ),
+                    });
+                }
+                let mut host = vec![0u8; bytes as usize];
+                encode(d.dtype, &t.data, &mut host).map_err(|reason| RuntimeError::ParamType {
+                    name: name.clone(),
+                    expected: expected(),
+                    found: reason,
+                })?;
+                backend.param(ParamBytes::Owned(host), &what)?
+            }
+        };
+        out.insert(name, mem);
+    }
+    if let Some(d) = decls.iter().find(|d| !out.contains_key(&d.name)) {
+        return Err(RuntimeError::MissingParam { name: d.name.clone(), count: decls.len() });
+    }
+    Ok(out)
+}
+
+impl<B: Backend> Drop for Executor<B> {
+    fn drop(&mut self) {
+        // Nothing may be freed under a kernel still running; an error here has already been
+        // reported by the run that queued the work.
+        let _ = self.backend.synchronize();
+    }
+}
