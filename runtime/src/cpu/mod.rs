@@ -25,11 +25,11 @@ use std::ffi::CStr;
 use std::ops::Range;
 use std::os::raw::c_char;
 
-use kiln_ir::artifact::{self, BufferId, Manifest, Program, Step, PACKED_SUFFIX, SIGNATURE_SUFFIX};
+use kiln_ir::artifact::{self, Manifest, Step, PACKED_SUFFIX, SIGNATURE_SUFFIX};
 use kiln_ir::{Dim, Sym, SymBindings};
 
 use crate::artifact::Artifact;
-use crate::exec::{Backend, Executor, ParamBytes};
+use crate::exec::{After, Backend, Binding, Executor, ParamBytes};
 use crate::host::Memory;
 use crate::weights::MappedTensor;
 use crate::RuntimeError;
@@ -110,29 +110,6 @@ unsafe impl Send for Launches {}
 unsafe impl Send for CpuBackend {}
 
 impl CpuBackend {
-    /// Opens `artifact`'s kernel library for this host.
-    pub fn open(artifact: &Artifact, options: &CpuOptions) -> Result<CpuBackend, RuntimeError> {
-        let m = artifact.manifest();
-        let target = m.cpu.as_ref().ok_or(RuntimeError::NoCpuTarget)?;
-        let arch = target.triple.split('-').next().unwrap_or_default();
-        if arch != std::env::consts::ARCH {
-            return Err(RuntimeError::WrongHost {
-                triple: target.triple.clone(),
-                host: std::env::consts::ARCH,
-            });
-        }
-        if options.threads == 0 {
-            return Err(RuntimeError::BadOption("the number of threads must be at least 1".into()));
-        }
-        let path = artifact.path(&target.library);
-        // SAFETY: kiln's kernel libraries have no initialisers or global constructors; the library
-        // was checked against its hash in the manifest by `artifact::load`, and it stays loaded for
-        // as long as the entries taken from it (the backend is dropped after the launches).
-        let library = unsafe { libloading::Library::new(&path) }
-            .map_err(|e| RuntimeError::Library { path: path.clone(), message: e.to_string() })?;
-        Ok(CpuBackend { library, threads: options.threads, parallel_min_bytes: options.parallel_min_bytes })
-    }
-
     /// The packed entry of kernel `k`, after checking the library's signature of it against the
     /// manifest's.
     fn entry(&self, m: &Manifest, k: usize) -> Result<Packed, RuntimeError> {
@@ -195,11 +172,25 @@ impl Backend for CpuBackend {
     type Options = CpuOptions;
 
     fn open(artifact: &Artifact, options: &CpuOptions) -> Result<CpuBackend, RuntimeError> {
-        CpuBackend::open(artifact, options)
-    }
-
-    fn max_sizes(options: &CpuOptions) -> Option<SymBindings> {
-        options.max
+        let m = artifact.manifest();
+        let target = m.cpu.as_ref().ok_or(RuntimeError::NoCpuTarget)?;
+        let arch = target.triple.split('-').next().unwrap_or_default();
+        if arch != std::env::consts::ARCH {
+            return Err(RuntimeError::WrongHost {
+                triple: target.triple.clone(),
+                host: std::env::consts::ARCH,
+            });
+        }
+        if options.threads == 0 {
+            return Err(RuntimeError::BadOption("the number of threads must be at least 1".into()));
+        }
+        let path = artifact.path(&target.library);
+        // SAFETY: kiln's kernel libraries have no initialisers or global constructors; the library
+        // was checked against its hash in the manifest by `artifact::load`, and it stays loaded for
+        // as long as the entries taken from it (the backend is dropped after the launches).
+        let library = unsafe { libloading::Library::new(&path) }
+            .map_err(|e| RuntimeError::Library { path: path.clone(), message: e.to_string() })?;
+        Ok(CpuBackend { library, threads: options.threads, parallel_min_bytes: options.parallel_min_bytes })
     }
 
     fn describe(&self) -> String {
@@ -261,14 +252,8 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn bind(
-        &self,
-        m: &Manifest,
-        program: &Program,
-        steps: &[usize],
-        address: &dyn Fn(BufferId) -> u64,
-        max: &SymBindings,
-    ) -> Result<Launches, RuntimeError> {
+    fn bind(&self, what: &Binding) -> Result<Launches, RuntimeError> {
+        let Binding { manifest: m, program, steps, address, max } = *what;
         let mut entries: Vec<Option<Packed>> = vec![None; m.kernels.len()];
         let mut out = Vec::with_capacity(steps.len());
         for &i in steps {
@@ -297,40 +282,35 @@ impl Backend for CpuBackend {
         Ok(Launches(out))
     }
 
-    fn run(
-        &self,
-        launches: &mut Launches,
-        sizes: &SymBindings,
-        after: &mut dyn FnMut(&Self, usize) -> Result<(), RuntimeError>,
-    ) -> Result<(), RuntimeError> {
-        for l in &mut launches.0 {
+    fn run(&self, todo: &mut Launches, at: &SymBindings, then: &mut After<Self>) -> Result<(), RuntimeError> {
+        for l in &mut todo.0 {
             for (slot, &s) in l.sizes.iter_mut().zip(&l.syms) {
-                *slot = sizes.get(s) as i64;
+                *slot = at.get(s) as i64;
             }
         }
         let job = |l: &Launch| {
-            let work = l.work.eval(sizes).unwrap_or(0) as i64;
+            let work = l.work.eval(at).unwrap_or(0) as i64;
             Job { entry: l.entry, buffers: l.ptrs.as_ptr(), sizes: l.sizes.as_ptr(), work, chunks: 1 }
         };
         if self.threads == 1 {
-            for (i, l) in launches.0.iter().enumerate() {
+            for (i, l) in todo.0.iter().enumerate() {
                 let j = job(l);
                 // SAFETY: the entry was resolved from the artifact's library for this kernel and its
                 // signature checked against the manifest; its pointers address buffers of the
                 // kernel's types, allocated for sizes up to the loaded maxima, which `sizes` is
                 // within (checked by the executor), and the sizes array is the kernel's.
                 unsafe { run_range(&j, 0, j.work) };
-                after(self, i)?;
+                then(self, i)?;
             }
             return Ok(());
         }
         let shared = Shared::new();
         std::thread::scope(|scope| {
             let pool = Pool::start(scope, &shared, self.threads);
-            for (i, l) in launches.0.iter().enumerate() {
+            for (i, l) in todo.0.iter().enumerate() {
                 let mut j = job(l);
                 let bytes: u64 = (l.buffers.iter())
-                    .map(|(size, shape)| artifact_bytes(*size, shape, sizes))
+                    .map(|(size, shape)| artifact_bytes(*size, shape, at))
                     .fold(0u64, u64::saturating_add);
                 if j.work >= 2 && bytes >= self.parallel_min_bytes {
                     // A few chunks per thread, so that unequal items still balance.
@@ -340,10 +320,14 @@ impl Backend for CpuBackend {
                     // SAFETY: as above.
                     unsafe { run_range(&j, 0, j.work) };
                 }
-                after(self, i)?;
+                then(self, i)?;
             }
             Ok(())
         })
+    }
+
+    fn max_sizes(options: &CpuOptions) -> Option<SymBindings> {
+        options.max
     }
 }
 

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use kiln_ir::artifact::{ArgRole, BufferId, Manifest, Program, Step, Storage};
 use kiln_ir::SymBindings;
 
-use super::{Backend, Executor};
+use super::{Backend, Binding, Executor};
 use crate::RuntimeError;
 
 /// What one program folds.
@@ -155,7 +155,8 @@ pub(super) fn run<B: Backend>(
         Some(&at) => exec.backend.address(&folded.memories[at]),
         None => exec.address(pi, b),
     };
-    let mut launches = exec.backend.bind(&exec.manifest, p, &todo, &address, max)?;
+    let what = Binding { manifest: &exec.manifest, program: p, steps: &todo, address: &address, max };
+    let mut launches = exec.backend.bind(&what)?;
     exec.backend.run(&mut launches, max, &mut |_, _| Ok(()))?;
     exec.backend.synchronize()
 }

@@ -77,18 +77,10 @@ pub trait Backend: Sized {
     fn read(&self, mem: &Self::Memory, range: Range<usize>) -> Result<Vec<u8>, RuntimeError>;
     /// The address kernels are given for the start of `mem`.
     fn address(&self, mem: &Self::Memory) -> u64;
-    /// Binds the launch steps `steps` of `program` (indices into its steps, in order), each buffer
-    /// at `address(buffer)`, checking each kernel against the device code (its entry exists, and
-    /// was compiled for the arguments and work the manifest gives it) and the launch geometry at
-    /// `max`.
-    fn bind(
-        &self,
-        manifest: &Manifest,
-        program: &Program,
-        steps: &[usize],
-        address: &dyn Fn(BufferId) -> u64,
-        max: &SymBindings,
-    ) -> Result<Self::Launches, RuntimeError>;
+    /// Binds the launches [`Binding`] names, checking each kernel against the device code (its
+    /// entry exists, and was compiled for the arguments and work the manifest gives it) and the
+    /// launch geometry at the loaded maxima.
+    fn bind(&self, what: &Binding) -> Result<Self::Launches, RuntimeError>;
     /// Runs every bound launch at `sizes`, in order; `after(self, i)` is called once launch `i` has
     /// been issued (a backend that queues work must have finished it when `after` reads memory, see
     /// [`Backend::synchronize`]). Returns when all of them are done.
@@ -96,13 +88,26 @@ pub trait Backend: Sized {
         &self,
         launches: &mut Self::Launches,
         sizes: &SymBindings,
-        after: &mut dyn FnMut(&Self, usize) -> Result<(), RuntimeError>,
+        after: &mut After<Self>,
     ) -> Result<(), RuntimeError>;
     /// Waits for everything issued so far.
     fn synchronize(&self) -> Result<(), RuntimeError> {
         Ok(())
     }
 }
+
+/// What [`Backend::bind`] binds: the launch steps `steps` of `program` (indices into its steps, in
+/// order), each buffer at `address(buffer)`, for runs up to the sizes `max`.
+pub struct Binding<'a> {
+    pub manifest: &'a Manifest,
+    pub program: &'a Program,
+    pub steps: &'a [usize],
+    pub address: &'a dyn Fn(BufferId) -> u64,
+    pub max: &'a SymBindings,
+}
+
+/// What [`Backend::run`] calls once each launch has been issued, with the launch's index.
+pub type After<'a, B> = dyn FnMut(&B, usize) -> Result<(), RuntimeError> + 'a;
 
 /// A parameter's bytes as the executor hands them to [`Backend::param`].
 pub enum ParamBytes {
@@ -294,7 +299,14 @@ impl<B: Backend> Executor<B> {
             }
             let launches = {
                 let address = |b: BufferId| exec.address(pi, b);
-                exec.backend.bind(&exec.manifest, p, &steps, &address, &pmax)?
+                let what = Binding {
+                    manifest: &exec.manifest,
+                    program: p,
+                    steps: &steps,
+                    address: &address,
+                    max: &pmax,
+                };
+                exec.backend.bind(&what)?
             };
             let probes = probe::probes(p, &steps);
             let index_inputs = inputs::index_limits(p, &pmax);

@@ -28,11 +28,10 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use cudarc::driver::CudaSlice;
-use kiln_ir::artifact::{BufferId, Manifest, Program};
 use kiln_ir::SymBindings;
 
 use crate::artifact::Artifact;
-use crate::exec::{Backend, Executor, ParamBytes};
+use crate::exec::{After, Backend, Binding, Executor, ParamBytes};
 use crate::RuntimeError;
 
 use device::{Device, Function, Module};
@@ -71,10 +70,12 @@ pub struct Launch {
 /// A program's launches.
 pub struct Launches(Vec<Launch>);
 
-impl GpuBackend {
-    /// Opens device `options.device` and loads `artifact`'s PTX, after planning and checking every
-    /// launch of every program.
-    pub fn open(artifact: &Artifact, options: &GpuOptions) -> Result<GpuBackend, RuntimeError> {
+impl Backend for GpuBackend {
+    type Memory = CudaSlice<u8>;
+    type Launches = Launches;
+    type Options = GpuOptions;
+
+    fn open(artifact: &Artifact, options: &GpuOptions) -> Result<GpuBackend, RuntimeError> {
         let device = Device::open(options.device)?;
         let m = artifact.manifest();
         let target = m.gpu.as_ref().ok_or(RuntimeError::NoGpuTarget)?;
@@ -93,20 +94,6 @@ impl GpuBackend {
         let module = device.load_module(&ptx, &target.arch)?;
         let (gpu_name, (major, minor)) = device.describe()?;
         Ok(GpuBackend { module, entries, name: format!("{gpu_name} (sm_{major}{minor})"), device })
-    }
-}
-
-impl Backend for GpuBackend {
-    type Memory = CudaSlice<u8>;
-    type Launches = Launches;
-    type Options = GpuOptions;
-
-    fn open(artifact: &Artifact, options: &GpuOptions) -> Result<GpuBackend, RuntimeError> {
-        GpuBackend::open(artifact, options)
-    }
-
-    fn max_sizes(options: &GpuOptions) -> Option<SymBindings> {
-        options.max
     }
 
     fn describe(&self) -> String {
@@ -140,18 +127,12 @@ impl Backend for GpuBackend {
         self.device.address(mem)
     }
 
-    fn bind(
-        &self,
-        m: &Manifest,
-        program: &Program,
-        steps: &[usize],
-        address: &dyn Fn(BufferId) -> u64,
-        max: &SymBindings,
-    ) -> Result<Launches, RuntimeError> {
+    fn bind(&self, what: &Binding) -> Result<Launches, RuntimeError> {
+        let (m, program, max) = (what.manifest, what.program, what.max);
         let mut functions: HashMap<String, Function> = HashMap::new();
-        let mut out = Vec::with_capacity(steps.len());
+        let mut out = Vec::with_capacity(what.steps.len());
         for p in plan::plan(&m.kernels, &program.steps, &program.buffers)? {
-            if !steps.contains(&p.step) {
+            if !what.steps.contains(&p.step) {
                 continue;
             }
             plan::check_entry(&p, self.entries.get(&p.entry))?;
@@ -167,34 +148,33 @@ impl Backend for GpuBackend {
                     *functions.entry(p.entry.clone()).or_insert(f)
                 }
             };
-            let args = p.args(address, max);
+            let args = p.args(what.address, max);
             out.push(Launch { plan: p, function, args });
         }
         Ok(Launches(out))
     }
 
-    fn run(
-        &self,
-        launches: &mut Launches,
-        sizes: &SymBindings,
-        after: &mut dyn FnMut(&Self, usize) -> Result<(), RuntimeError>,
-    ) -> Result<(), RuntimeError> {
-        let dims = launches.0.iter().map(|l| l.plan.dims(sizes)).collect::<Result<Vec<_>, _>>()?;
-        for (i, (l, d)) in launches.0.iter_mut().zip(&dims).enumerate() {
-            l.plan.set_sizes(&mut l.args, sizes);
+    fn synchronize(&self) -> Result<(), RuntimeError> {
+        self.device.synchronize()
+    }
+
+    fn run(&self, todo: &mut Launches, at: &SymBindings, then: &mut After<Self>) -> Result<(), RuntimeError> {
+        let dims = todo.0.iter().map(|l| l.plan.dims(at)).collect::<Result<Vec<_>, _>>()?;
+        for (i, (l, d)) in todo.0.iter_mut().zip(&dims).enumerate() {
+            l.plan.set_sizes(&mut l.args, at);
             // SAFETY: the function comes from the module loaded for this artifact, and its
             // parameter list was checked against the plan (`check_entry`) when bound; the
             // addresses are of memory the executor owns (its arena, sized for the maxima `sizes`
             // is within, parameters, constants, states, folded values), which it synchronises before
             // freeing (its `Drop`).
             unsafe { self.device.launch(l.function, d, &mut l.args)? };
-            after(self, i)?;
+            then(self, i)?;
         }
         self.device.synchronize()
     }
 
-    fn synchronize(&self) -> Result<(), RuntimeError> {
-        self.device.synchronize()
+    fn max_sizes(options: &GpuOptions) -> Option<SymBindings> {
+        options.max
     }
 }
 
