@@ -36,6 +36,9 @@ struct RefProgram {
     /// as empty caches of `S = T` slots, which is exact because a prefill's attention reads only
     /// its new tokens; their updated values are not used.
     caches: Vec<String>,
+    /// The parameters this graph reads, when it reads fewer than the engine holds (the
+    /// interpreter refuses parameters a graph does not declare): a score graph has no MTP module.
+    own: Option<HashMap<String, Tensor>>,
 }
 
 /// `t` as an interpreter tensor.
@@ -76,8 +79,12 @@ impl Reference {
                 graph.inputs().into_iter().find(|&(_, v)| v == cache).map(|(name, _)| name.to_string())
             })
             .collect();
+        let declared: Vec<&str> = graph.params().into_iter().map(|(n, _)| n).collect();
+        let own = (declared.len() < self.params.len()).then(|| {
+            declared.iter().filter_map(|&n| Some((n.to_string(), self.params.get(n)?.clone()))).collect()
+        });
         self.programs.retain(|p| p.name != name);
-        self.programs.push(RefProgram { name: name.to_string(), kind, graph, caches });
+        self.programs.push(RefProgram { name: name.to_string(), kind, graph, caches, own });
     }
 
     fn program(&self, name: &str) -> Result<&RefProgram, RuntimeError> {
@@ -114,7 +121,7 @@ impl Reference {
                 .map_err(|e| RuntimeError::InputValue { name: name.clone(), reason: e.to_string() })?;
             feeds.insert(name.clone(), zeros);
         }
-        let out = interp::run(&program.graph, &feeds, &self.params);
+        let out = interp::run(&program.graph, &feeds, program.own.as_ref().unwrap_or(&self.params));
         self.last = None;
         Ok(self.last.insert(out?))
     }

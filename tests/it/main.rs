@@ -12,6 +12,7 @@ mod interp;
 mod layering;
 mod passes;
 mod passes_equiv;
+mod perplexity;
 mod runtime;
 mod spec;
 mod text;
