@@ -774,25 +774,25 @@ mod tests {
     fn attention_and_rope() {
         assert_eq!(
             ok(
-                Op::Attention { scale: 0.1, causal: true },
+                Op::Attention { scale: 0.1, causal: true, mla: None },
                 &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]"]
             ),
             ["f32[B, T, 8, 16]"]
         );
         assert!(bad(
-            Op::Attention { scale: 0.1, causal: true },
+            Op::Attention { scale: 0.1, causal: true, mla: None },
             &["f32[B, T, 8, 24]", "f32[B, S, 3, 24]", "f32[B, S, 3, 16]"]
         )
         .contains("constant multiple"));
         assert_eq!(
             ok(
-                Op::Attention { scale: 0.1, causal: true },
+                Op::Attention { scale: 0.1, causal: true, mla: None },
                 &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]", "i32[B, T]"]
             ),
             ["f32[B, T, 8, 16]"]
         );
         assert!(bad(
-            Op::Attention { scale: 0.1, causal: false },
+            Op::Attention { scale: 0.1, causal: false, mla: None },
             &["f32[B, T, 8, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 16]", "i32[B, T]"]
         )
         .contains("must be causal"));

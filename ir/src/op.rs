@@ -166,6 +166,25 @@ impl fmt::Display for Attr {
     }
 }
 
+/// The form `fuse-mla-latent` chose for an MLA attention ([`Op::Attention`]'s `mla`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MlaForm {
+    /// Keys and values expanded per head from the latent (`kv_b_proj` applied to the cache).
+    Naive,
+    /// `W_UK` absorbed into the query and `W_UV` applied after the weighted sum: attention reads
+    /// the latent cache as it is.
+    Absorbed,
+}
+
+impl MlaForm {
+    pub fn name(self) -> &'static str {
+        match self {
+            MlaForm::Naive => "naive",
+            MlaForm::Absorbed => "absorbed",
+        }
+    }
+}
+
 /// Every operation kiln knows. Operands are listed in the doc of each variant.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -225,6 +244,10 @@ pub enum Op {
     Attention {
         scale: f64,
         causal: bool,
+        /// Which form of Multi-head Latent Attention this is, when a pass chose one
+        /// (`fuse-mla-latent`); it changes nothing the op computes, and tells later passes what the
+        /// nodes around it are. Written `mla = absorbed | naive`; absent for any other attention.
+        mla: Option<MlaForm>,
     },
     /// Writes new entries into a KV cache: operands `cache[B, S, ...]`, `new[B, T, ...]`,
     /// `positions i32[B, T]`; the result is `cache` with slot `positions[b, t]` of sequence `b` replaced
@@ -636,8 +659,10 @@ impl Op {
                 }
                 v
             }
-            Op::Attention { scale, causal } => {
-                vec![("scale", Attr::Float(*scale)), ("causal", Attr::Bool(*causal))]
+            Op::Attention { scale, causal, mla } => {
+                let mut v = vec![("scale", Attr::Float(*scale)), ("causal", Attr::Bool(*causal))];
+                v.extend(mla.map(|f| ("mla", ident(f.name()))));
+                v
             }
             Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
             Op::Split { axis, sizes } => {
@@ -731,7 +756,16 @@ impl Op {
                 };
                 Op::Rope(RopeConfig { theta, interleaved, yarn })
             }
-            "attention" => Op::Attention { scale: r.float("scale")?, causal: r.boolean("causal")? },
+            "attention" => {
+                let (scale, causal) = (r.float("scale")?, r.boolean("causal")?);
+                let mla = match r.take_opt("mla") {
+                    None => None,
+                    Some(Attr::Ident(f)) if f == "naive" => Some(MlaForm::Naive),
+                    Some(Attr::Ident(f)) if f == "absorbed" => Some(MlaForm::Absorbed),
+                    Some(other) => return Err(r.wrong("mla", "one of naive, absorbed", &other)),
+                };
+                Op::Attention { scale, causal, mla }
+            }
             "topk" => Op::TopK { k: r.uint("k")? },
             "split" => Op::Split { axis: r.axis("axis")?, sizes: r.uint_list("sizes")? },
             "reshape" => Op::Reshape { shape: r.dims("shape")? },

@@ -209,7 +209,7 @@ fn v3_params_have_hugging_face_names_and_shapes() {
 
     let g = v3_graph();
     let attn = g.nodes().into_iter().find_map(|n| match &g.node(n).op {
-        Op::Attention { scale, causal } => Some((*scale, *causal)),
+        Op::Attention { scale, causal, .. } => Some((*scale, *causal)),
         _ => None,
     });
     let (scale, causal) = attn.unwrap();

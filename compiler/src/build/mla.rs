@@ -61,7 +61,7 @@ pub(super) fn attention(
 
     let q = b.op(scope, Op::Concat { axis: 3 }, &[q_nope, q_pe])?;
     let k = b.op(scope, Op::Concat { axis: 3 }, &[k_nope, k_pe])?;
-    let attn = Op::Attention { scale: b.spec.softmax_scale(), causal: true };
+    let attn = Op::Attention { scale: b.spec.softmax_scale(), causal: true, mla: None };
     let o = match b.phase {
         None => b.op(scope, attn, &[q, k, v])?,
         Some(phase) => {

@@ -35,7 +35,8 @@
 //! CPU work item or one GPU block: legal and correct, slower than a one-pass kernel on big inputs).
 //! Running it again changes nothing: fused nodes are not regrouped.
 //!
-//! `latent-attention` takes the nodes `fuse-mla-latent` scoped `.absorbed` around a decode attention
+//! `latent-attention` takes the decode attention `fuse-mla-latent` marked `mla = absorbed` and the
+//! nodes of its scope connected to it
 //! (one that reads the cache at `positions`), except those that read only weights (the runtime
 //! computes the per-head halves of `kv_b_proj` once at load, and the kernel reads them) and the
 //! absorption GEMMs whose halves exceed [`SMALL_WEIGHT_BYTES`]: those keep GEMM kernels the threads
@@ -47,6 +48,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use kiln_ir::module::ProgramKind;
+use kiln_ir::MlaForm;
 use kiln_ir::{Graph, NodeId, Op, UnaryOp, ValueId};
 
 use super::rewrite::Trace;
@@ -303,12 +305,15 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
     let weight_only = weight_only(&cx);
     for p in 0..n {
         let node = cx.node(p);
-        let absorbed = |q: usize| cx.node(q).scope.as_deref().is_some_and(|s| s.ends_with(".absorbed"));
-        if !matches!(node.op, Op::Attention { .. }) || node.inputs.len() != 4 || !absorbed(p) {
+        // The absorbed form, as `fuse-mla-latent` marked it, over the cache (with positions).
+        let is_absorbed = matches!(node.op, Op::Attention { mla: Some(MlaForm::Absorbed), .. });
+        if !is_absorbed || node.inputs.len() != 4 {
             continue;
         }
-        // Every node of the attention's `.absorbed` scope connected to it, but the weight-only ones
-        // (the runtime computes those once, at load).
+        // Every node connected to it that the pass made for it (the same scope as the attention),
+        // but the weight-only ones (the runtime computes those once, at load).
+        let scope = node.scope.clone();
+        let absorbed = |q: usize| cx.node(q).scope == scope;
         let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
         let mut stack = vec![p];
         while let Some(q) = stack.pop() {

@@ -14,7 +14,8 @@
 //!   qk_rope_head_dim]` (576): the normed `c_kv` and the roped shared key, from which every head's
 //!   keys and values are a linear function.
 //! - Attention over the cache in one of two forms, chosen per attention by [`absorb_is_cheaper`]
-//!   and named in the IR by the attention node's scope suffix (`.absorbed` or `.naive`):
+//!   and recorded on the attention as its typed attribute `mla = absorbed | naive` (which later passes
+//!   read), and in its scope's suffix (`.absorbed` or `.naive`, for people and profiles):
 //!   - [`ABSORB`] (decode): `W_UK` (the key half of `kv_b_proj`, per head `[qk_nope, r]`) is
 //!     absorbed into the query, `q_lat = q_nope @ W_UK`, so scores are `q_lat . c_kv + q_pe . k_pe`
 //!     over the latent cache (one key/value head shared by all heads); the weighted sum stays in the
@@ -58,6 +59,7 @@
 use kiln_ir::infer::infer;
 use kiln_ir::op::Op;
 use kiln_ir::spec::ModelSpec;
+use kiln_ir::MlaForm;
 use kiln_ir::{Dim, Graph, NodeId, TensorType, ValueId};
 
 use super::rewrite::Trace;
@@ -216,7 +218,8 @@ struct Mla {
 impl Mla {
     fn find(g: &Graph, att: NodeId) -> Option<Mla> {
         let node = g.node(att);
-        let Op::Attention { scale, causal: true } = node.op else { return None };
+        // An attention whose form is chosen already is left alone (the pass is idempotent).
+        let Op::Attention { scale, causal: true, mla: None } = node.op else { return None };
         let (q, k, v) = (node.inputs[0], node.inputs[1], node.inputs[2]);
         let over_cache = node.inputs.len() == 4;
         // Keys and values, through their cache updates when the attention reads the cache.
@@ -325,7 +328,7 @@ impl Mla {
                 self.expanded(g, spec, u, pos)?
             }
             // Attention over the new tokens, naive as built; say so.
-            _ => return self.name_choice(g, "naive"),
+            _ => return self.name_choice(g, MlaForm::Naive),
         };
         g.replace_all_uses(att_out, out).map_err(|e| bug(e.to_string()))?;
         Ok(())
@@ -337,11 +340,15 @@ impl Mla {
         add1(g, &self.scope, Op::Reshape { shape: vec![Dim::B, n, Dim::known(1), width] }, &[rows])
     }
 
-    /// Renames the attention's scope to say which form it has.
-    fn name_choice(&self, g: &mut Graph, form: &str) -> Result<(), PassError> {
+    /// Marks the attention with the form it has: its typed `mla` attribute, which later passes
+    /// read, and its scope, for people reading the IR and profiles.
+    fn name_choice(&self, g: &mut Graph, form: MlaForm) -> Result<(), PassError> {
         let node = g.node(self.attention);
-        let (op, inputs, ty) = (node.op.clone(), node.inputs.clone(), g.ty(node.results[0]).clone());
-        let scope = format!("{}.{form}", self.scope);
+        let (mut op, inputs, ty) = (node.op.clone(), node.inputs.clone(), g.ty(node.results[0]).clone());
+        if let Op::Attention { mla, .. } = &mut op {
+            *mla = Some(form);
+        }
+        let scope = format!("{}.{}", self.scope, form.name());
         let (_, r) = g.add_node(op, &inputs, vec![ty], Some(&scope)).map_err(|e| bug(e.to_string()))?;
         g.replace_all_uses(g.node(self.attention).results[0], r[0]).map_err(|e| bug(e.to_string()))
     }
@@ -379,7 +386,7 @@ impl Mla {
         // One key/value head: the latent row [c_kv | k_pe] is the key, and the value (whose rope
         // part of the result is dropped), so the cache is read in place.
         let width = g.ty(kv).shape[3];
-        let attn = Op::Attention { scale: self.scale, causal: true };
+        let attn = Op::Attention { scale: self.scale, causal: true, mla: Some(MlaForm::Absorbed) };
         let o = match pos {
             Some(pos) => add1(g, s, attn, &[q, kv, kv, pos])?,
             None => add1(g, s, attn, &[q, kv, kv])?,
@@ -421,7 +428,12 @@ impl Mla {
         let k_pe = add1(g, s, Op::Broadcast { shape }, &[k_pe])?;
         let k = add1(g, s, Op::Concat { axis: 3 }, &[kv[0], k_pe])?;
         let q = add1(g, s, Op::Concat { axis: 3 }, &[self.q_nope, self.q_pe])?;
-        add1(g, s, Op::Attention { scale: self.scale, causal: true }, &[q, k, kv[1], pos])
+        add1(
+            g,
+            s,
+            Op::Attention { scale: self.scale, causal: true, mla: Some(MlaForm::Naive) },
+            &[q, k, kv[1], pos],
+        )
     }
 }
 

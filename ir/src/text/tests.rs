@@ -169,10 +169,10 @@ fn every_op_graph() -> Graph {
     let k = b.op1(Op::Linear, &[h, wk]);
     let k = b.op1(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(1), Dim::known(64)] }, &[k]);
     let kr = b.op1(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None }), &[k, pos]);
-    let att = b.op1(Op::Attention { scale: 0.1352338, causal: true }, &[q, kr, k]);
+    let att = b.op1(Op::Attention { scale: 0.1352338, causal: true, mla: None }, &[q, kr, k]);
     let cache = b.input("cache.0", "bf16[B, S, 1, 64]");
     let kc = b.op1(Op::CacheUpdate, &[cache, kr, pos]);
-    b.op1(Op::Attention { scale: 0.125, causal: true }, &[q, kc, kc, pos]);
+    b.op1(Op::Attention { scale: 0.125, causal: true, mla: None }, &[q, kc, kc, pos]);
     let qt = b.op1(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[att]);
     let kt = b.op1(Op::Transpose { perm: vec![0, 2, 3, 1] }, &[kr]);
     let scores = b.op1(Op::MatMul, &[qt, kt]);

@@ -73,7 +73,7 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             topk_groups: groups.1,
         })
     };
-    let attention = |causal| Op::Attention { scale: 0.35, causal };
+    let attention = |causal| Op::Attention { scale: 0.35, causal, mla: None };
     let cross_entropy = |ignore_index| Op::CrossEntropy { ignore_index };
     let mut cases: Vec<(Op, Vec<&str>, (f32, f32))> = vec![
         (Op::Concat { axis: 2 }, vec!["bf16[B, T, 5]", "bf16[B, T, 3]", "bf16[B, T, 1]"], (-2.0, 2.0)),
@@ -351,7 +351,7 @@ fn rope_is_accurate_at_deepseek_v3_positions() {
 fn attention_rows_that_see_no_key_are_zero() {
     // S < T: the first T - S queries of a causal row see no key (the interpreter rejects this).
     let k = kernel(
-        Op::Attention { scale: 0.5, causal: true },
+        Op::Attention { scale: 0.5, causal: true, mla: None },
         &["f32[B, T, 1, 2]", "f32[B, S, 1, 2]", "f32[B, S, 1, 2]"],
     );
     let lib = CpuLib::build(&[&k]);

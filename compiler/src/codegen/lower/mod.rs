@@ -199,7 +199,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::Embedding => shape::embedding(f)?,
         Op::Gather { axis } => shape::gather(f, *axis)?,
         Op::Rope(cfg) => rope::rope(f, cfg)?,
-        Op::Attention { scale, causal } => attention::attention(f, *scale, *causal)?,
+        Op::Attention { scale, causal, .. } => attention::attention(f, *scale, *causal)?,
         Op::CacheUpdate => shape::cache_update(f)?,
         Op::TopK { k } => moe::topk(f, *k)?,
         Op::MoeRoute(r) => moe::route(f, r)?,

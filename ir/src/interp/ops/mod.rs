@@ -34,7 +34,7 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::TopK { k } => reduce::topk(ins[0], *k as usize, out),
         Op::RmsNorm { eps } => norm_rope::rms_norm(ins[0], ins[1], *eps),
         Op::Rope(cfg) => norm_rope::rope(ins[0], ins[1], cfg),
-        Op::Attention { scale, causal } => {
+        Op::Attention { scale, causal, .. } => {
             attention::attention(ins[0], ins[1], ins[2], ins.get(3).copied(), *scale, *causal, &out[0])
         }
         Op::CacheUpdate => shape::cache_update(ins[0], ins[1], ins[2]),
