@@ -6,7 +6,8 @@
 # compares every logits row the two generations read: prints the max abs difference, the logits'
 # scale and the timings, and exits 1 when the difference exceeds TOL times the scale (default
 # TOL=1e-3: the GPU kernels use the approximate ex2/lg2 instructions where the CPU uses libm; both
-# accumulate in f32) or the greedy tokens differ.
+# accumulate in f32) or the greedy tokens differ; then runs the `score` program (`kiln perplexity`)
+# on both and compares the mean loss with the same tolerance.
 #
 # Needs, from the repository root: a built kiln (KILN, default target/release/kiln; it links LLVM and
 # MLIR statically, so `cargo build --release --bin kiln` elsewhere and carry the binary), the NVIDIA
@@ -99,6 +100,22 @@ echo "cpu:  $tokens_cpu"
 echo "cuda: $tokens_cuda"
 if [ "$1" != ok ] || [ "$tokens_cpu" != "$tokens_cuda" ]; then
   echo "gpu-check: FAILED: CUDA does not match the CPU" >&2
+  exit 1
+fi
+
+# The score program on both devices: the mean next-token loss of the perplexity golden's rows,
+# which transformers gives as its own loss for these weights (--random-weights 3).
+loss() { # DEVICE
+  "$KILN" perplexity "$art" --random-weights 3 --data tests/goldens/perplexity/tokens.safetensors \
+    --device "$1" --json 2>"$work/$1.ppl.err" | awk -F'[:,]' '/"mean_loss"/ { gsub(/ /, "", $2); print $2 }'
+}
+loss_cpu=$(loss cpu)
+loss_cuda=$(loss cuda)
+[ -n "$loss_cpu" ] || { cat "$work/cpu.ppl.err" >&2; exit 1; }
+[ -n "$loss_cuda" ] || { cat "$work/cuda.ppl.err" >&2; exit 1; }
+echo "perplexity: mean loss cpu $loss_cpu, cuda $loss_cuda"
+if ! awk -v a="$loss_cpu" -v b="$loss_cuda" -v tol="$TOL" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= tol * a) }'; then
+  echo "gpu-check: FAILED: the CUDA score program does not match the CPU" >&2
   exit 1
 fi
 echo "gpu-check: ok"
