@@ -127,11 +127,6 @@ pub enum RuntimeError {
     NoSuchOutput { name: String, known: String },
     #[error("nothing has run yet, so there are no outputs to read")]
     NotRun,
-    #[error(
-        "the artifact has no decode program: it was compiled without a KV cache (recompile without \
-         --no-kv-cache)"
-    )]
-    NoDecodeProgram,
     #[error("position {position} of sequence {sequence} is outside the KV cache of {capacity} slots")]
     PositionOutOfRange { sequence: usize, position: i64, capacity: u64 },
     #[error("output `{name}` has {len} elements; elements {start}..{end} were asked for")]

@@ -94,6 +94,29 @@ pub trait Backend: Sized {
     fn synchronize(&self) -> Result<(), RuntimeError> {
         Ok(())
     }
+    /// Sends bytes `range` of `mem` to pipeline peer `peer` (a `send` step). Room for the
+    /// distributed runtime (MPI on the CPU, NCCL on GPUs); no backend has it yet, and the executor
+    /// refuses programs with `send`/`recv` steps at load.
+    fn send(
+        &self,
+        _mem: &Self::Memory,
+        _range: Range<usize>,
+        peer: u32,
+        _tag: u32,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Distributed { step: 0, what: format!("send to stage {peer}") })
+    }
+    /// Receives bytes `range` of `mem` from pipeline peer `peer` (a `recv` step); see
+    /// [`Backend::send`].
+    fn recv(
+        &self,
+        _mem: &mut Self::Memory,
+        _range: Range<usize>,
+        peer: u32,
+        _tag: u32,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Distributed { step: 0, what: format!("receive from stage {peer}") })
+    }
 }
 
 /// What [`Backend::bind`] binds: the launch steps `steps` of `program` (indices into its steps, in
