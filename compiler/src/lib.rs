@@ -4,6 +4,7 @@
 //! Architecture invariant: this is the only crate that links MLIR and LLVM. Passes never touch a
 //! device or the filesystem; the CLI does the I/O.
 
+pub mod autodiff;
 pub mod build;
 pub mod codegen;
 pub mod inspect;

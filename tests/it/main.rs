@@ -1,6 +1,7 @@
 //! kiln's integration tests: one test binary (each binary that links the compiler is large), one
 //! module per area.
 
+mod autodiff;
 mod build;
 mod cli;
 mod codegen;
