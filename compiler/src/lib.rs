@@ -13,3 +13,4 @@ pub mod passes;
 pub mod spec;
 pub mod target;
 pub mod toolchain;
+pub mod train;

@@ -183,3 +183,71 @@ fn a_loss_that_is_not_a_scalar_or_an_op_without_a_rule_is_a_clear_error() {
     assert!(e.starts_with("autodiff has no rule for `reduce`"), "{e}");
     let _ = Dim::known(1);
 }
+
+/// The train-step program (clipping and AdamW as graph ops over state) against torch's AdamW
+/// written out in f64 here, over three steps of a least-squares problem: the program's weights,
+/// moments and step count after each step, fed back as the next step's state.
+#[test]
+fn the_train_step_program_is_torch_adamw_with_clipping() {
+    use kiln_compiler::train::{train_step, Optimizer, GRAD_NORM, LR, STEP};
+    let g = kiln_ir::parse(
+        "graph @lsq {\n  %0 = input {name = \"x\"} : f32[5, 4]\n  %1 = param {name = \"w\"} : f32[3, 4]\n  \
+         %2 = linear %0, %1 : f32[5, 3]\n  %3 = input {name = \"t\"} : f32[5, 3]\n  %4 = sub %2, %3 : f32[5, 3]\n  \
+         %5 = mul %4, %4 : f32[5, 3]\n  %6 = reduce_mean %5 {axes = [0, 1], keep_dims = false} : f32[]\n  \
+         output \"loss\" = %6\n}\n",
+    )
+    .unwrap();
+    let d = differentiate(&g, "loss").unwrap();
+    let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(0.5) };
+    let (step, states) = train_step(&d, &[], &opt).unwrap();
+    let names: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, [STEP, "w", "adam.m.w", "adam.v.w"]);
+    let s = SymBindings { b: 1, t: 1, s: 1 };
+    let x = random(&TensorType::known(DType::F32, &[5, 4]), &s, "x", None);
+    let t = random(&TensorType::known(DType::F32, &[5, 3]), &s, "t", None);
+    let w0 = random(&TensorType::known(DType::F32, &[3, 4]), &s, "w", None);
+    let f = |v: Vec<f32>, shape: &[u64]| Tensor::from_f32(DType::F32, shape.to_vec(), v).unwrap();
+    let lr = 0.05f64;
+    // The state the program keeps, and torch's AdamW in f64 beside it.
+    let mut state: HashMap<String, Tensor> = HashMap::from([
+        (STEP.to_string(), f(vec![0.0], &[])),
+        ("w".to_string(), w0.clone()),
+        ("adam.m.w".to_string(), f(vec![0.0; 12], &[3, 4])),
+        ("adam.v.w".to_string(), f(vec![0.0; 12], &[3, 4])),
+    ]);
+    let mut w: Vec<f64> = w0.as_f32().unwrap().iter().map(|&v| f64::from(v)).collect();
+    let (mut m, mut v) = (vec![0f64; 12], vec![0f64; 12]);
+    for k in 1..=3 {
+        // The reference: the gradient at the current weights from the differentiated graph alone.
+        let p = HashMap::from([("w".to_string(), f(w.iter().map(|&v| v as f32).collect(), &[3, 4]))]);
+        let feeds = HashMap::from([("x".to_string(), x.clone()), ("t".to_string(), t.clone())]);
+        let out = run(&d, &feeds, &p).unwrap();
+        let grad: Vec<f64> = out["grad.w"].as_f32().unwrap().iter().map(|&v| f64::from(v)).collect();
+        let norm = grad.iter().map(|g| g * g).sum::<f64>().sqrt();
+        let coef = (0.5 / (norm + 1e-6)).min(1.0);
+        let (bc1, bc2) = (1.0 - 0.9f64.powi(k), 1.0 - 0.95f64.powi(k));
+        for i in 0..12 {
+            let g = grad[i] * coef;
+            w[i] *= 1.0 - lr * 0.1;
+            m[i] += (1.0 - 0.9) * (g - m[i]);
+            v[i] = 0.95 * v[i] + (1.0 - 0.95) * g * g;
+            w[i] -= lr / bc1 * m[i] / (v[i].sqrt() / bc2.sqrt() + 1e-8);
+        }
+        // The program.
+        let mut feeds = state.clone();
+        feeds.insert("x".into(), x.clone());
+        feeds.insert("t".into(), t.clone());
+        feeds.insert(LR.into(), f(vec![lr as f32], &[]));
+        let out = run(&step, &feeds, &HashMap::new()).unwrap();
+        let got_norm = f64::from(out[GRAD_NORM].as_f32().unwrap()[0]);
+        assert!((got_norm - norm).abs() <= 1e-5 * norm, "step {k}: grad norm {got_norm} vs {norm}");
+        for name in [STEP, "w", "adam.m.w", "adam.v.w"] {
+            state.insert(name.to_string(), out[name].clone());
+        }
+        assert_eq!(state[STEP].as_f32().unwrap()[0], k as f32);
+        let got = state["w"].as_f32().unwrap();
+        let worst = got.iter().zip(&w).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0f64, f64::max);
+        eprintln!("AdamW step {k}: grad norm {norm:.6}, max |program - torch formula| = {worst:.2e}");
+        assert!(worst <= 1e-6, "step {k}: weights differ by {worst}");
+    }
+}
