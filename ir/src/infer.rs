@@ -5,6 +5,8 @@
 //! report it in context. Symbolic dimensions are compared structurally: `B*T` equals `T*B`, and a rule
 //! that needs a constant (the width of a split, the head count of attention) says so.
 
+mod grad;
+
 use crate::graph::Graph;
 use crate::op::{Dispatch, Op, ReduceOp, Router};
 use crate::types::{DType, Dim, Shape, TensorType};
@@ -318,36 +320,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             if ins.len() != 3 && ins.len() != 4 {
                 return fail(format!("`attention` takes 3 or 4 operand(s), found {}", ins.len()));
             }
-            let (q, k, v) = (ins[0], ins[1], ins[2]);
-            if let Some(p) = ins.get(3) {
-                if !causal {
-                    return fail("`attention` with positions must be causal (the positions are its mask)");
-                }
-                int(op, "positions", p)?;
-                rank_is(op, "positions", p, 2)?;
-                dim_eq(op, "batch of queries and positions", q.shape[0], p.shape[0])?;
-                dim_eq(op, "tokens of queries and positions", q.shape[1], p.shape[1])?;
-            }
-            for (t, what) in [(q, "queries"), (k, "keys"), (v, "values")] {
-                float(op, what, t)?;
-                rank_is(op, what, t, 4)?;
-                same_dtype(op, q, t)?;
-            }
-            dim_eq(op, "batch of queries and keys", q.shape[0], k.shape[0])?;
-            dim_eq(op, "batch of keys and values", k.shape[0], v.shape[0])?;
-            dim_eq(op, "context of keys and values", k.shape[1], v.shape[1])?;
-            dim_eq(op, "heads of keys and values", k.shape[2], v.shape[2])?;
-            dim_eq(op, "head dimension of queries and keys", q.shape[3], k.shape[3])?;
-            match (q.shape[2].as_known(), k.shape[2].as_known()) {
-                (Some(h), Some(hk)) if hk > 0 && h % hk == 0 => {}
-                _ => {
-                    return fail(format!(
-                        "`attention`: query heads ({}) must be a constant multiple of key heads ({})",
-                        q.shape[2], k.shape[2]
-                    ))
-                }
-            }
-            one(q.with_shape(vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]]))
+            one(attention(op, *causal, ins)?)
         }
         Op::CacheUpdate => {
             arity(op, ins, 3)?;
@@ -613,19 +586,15 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
         }
         Op::MoeCombine { top_k } => {
             arity(op, ins, 3)?;
-            let (y, perm, w) = (ins[0], ins[1], ins[2]);
-            rank_is(op, "rows", y, 2)?;
-            int(op, "a permutation", perm)?;
-            rank_is(op, "weights", w, 2)?;
-            dim_eq(op, "top_k and the weights", w.shape[1], Dim::known(*top_k))?;
-            let rows = w.shape[0].checked_mul(Dim::known(*top_k));
-            if rows != Some(y.shape[0]) || perm.shape != [y.shape[0]] {
-                return fail(format!(
-                    "`moe_combine`: rows {y} and permutation {perm} must hold top_k rows per token of {w}"
-                ));
-            }
-            one(y.with_shape(vec![w.shape[0], y.shape[1]]))
+            one(moe_combine(op, *top_k, ins)?)
         }
+        Op::EmbeddingGrad { rows } => grad::embedding_grad(op, *rows, ins),
+        Op::CrossEntropyGrad { .. } => grad::cross_entropy_grad(op, ins),
+        Op::AttentionGrad { causal, .. } => grad::attention_grad(op, *causal, ins),
+        Op::TakeAlong { axis } => grad::take_along(op, *axis, ins),
+        Op::ScatterAddAlong { axis, size } => grad::scatter_add_along(op, *axis, *size, ins),
+        Op::GroupedLinearWgrad { num_experts } => grad::grouped_linear_wgrad(op, *num_experts, ins),
+        Op::MoeCombineGrad { top_k } => grad::moe_combine_grad(op, *top_k, ins),
         Op::Fused { name, body } => {
             let params: Vec<&TensorType> = body.inputs().iter().map(|&(_, v)| body.ty(v)).collect();
             if params.len() != ins.len() || params.iter().zip(ins).any(|(a, b)| a != b) {
@@ -644,12 +613,75 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
     }
 }
 
+/// The output type of `attention` (or the forward operands of `attention_grad`): `q[B, T, H, Dk]`,
+/// `k[B, S, Hk, Dk]`, `v[B, S, Hk, Dv]` of one float dtype with `Hk` a constant divisor of `H`, and
+/// optionally `positions[B, T]` (integer) when causal. The caller has checked the operand count.
+fn attention(op: &Op, causal: bool, ins: &[&TensorType]) -> Result<TensorType, InferError> {
+    let (q, k, v) = (ins[0], ins[1], ins[2]);
+    if let Some(p) = ins.get(3) {
+        if !causal {
+            return fail(format!(
+                "`{}` with positions must be causal (the positions are its mask)",
+                op.name()
+            ));
+        }
+        int(op, "positions", p)?;
+        rank_is(op, "positions", p, 2)?;
+        dim_eq(op, "batch of queries and positions", q.shape[0], p.shape[0])?;
+        dim_eq(op, "tokens of queries and positions", q.shape[1], p.shape[1])?;
+    }
+    for (t, what) in [(q, "queries"), (k, "keys"), (v, "values")] {
+        float(op, what, t)?;
+        rank_is(op, what, t, 4)?;
+        same_dtype(op, q, t)?;
+    }
+    dim_eq(op, "batch of queries and keys", q.shape[0], k.shape[0])?;
+    dim_eq(op, "batch of keys and values", k.shape[0], v.shape[0])?;
+    dim_eq(op, "context of keys and values", k.shape[1], v.shape[1])?;
+    dim_eq(op, "heads of keys and values", k.shape[2], v.shape[2])?;
+    dim_eq(op, "head dimension of queries and keys", q.shape[3], k.shape[3])?;
+    match (q.shape[2].as_known(), k.shape[2].as_known()) {
+        (Some(h), Some(hk)) if hk > 0 && h % hk == 0 => {}
+        _ => {
+            return fail(format!(
+                "`{}`: query heads ({}) must be a constant multiple of key heads ({})",
+                op.name(),
+                q.shape[2],
+                k.shape[2]
+            ))
+        }
+    }
+    Ok(q.with_shape(vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]]))
+}
+
+/// The output type of `moe_combine` (or the forward operands of `moe_combine_grad`):
+/// `y_sorted[K*N, D]`, `perm[K*N]` (integer), `weights[N, K]` give `[N, D]` of y's dtype.
+fn moe_combine(op: &Op, top_k: u64, ins: &[&TensorType]) -> Result<TensorType, InferError> {
+    let (y, perm, w) = (ins[0], ins[1], ins[2]);
+    rank_is(op, "rows", y, 2)?;
+    int(op, "a permutation", perm)?;
+    rank_is(op, "weights", w, 2)?;
+    dim_eq(op, "top_k and the weights", w.shape[1], Dim::known(top_k))?;
+    let rows = w.shape[0].checked_mul(Dim::known(top_k));
+    if rows != Some(y.shape[0]) || perm.shape != [y.shape[0]] {
+        return fail(format!(
+            "`{}`: rows {y} and permutation {perm} must hold top_k rows per token of {w}",
+            op.name()
+        ));
+    }
+    Ok(y.with_shape(vec![w.shape[0], y.shape[1]]))
+}
+
 /// `cross_entropy`: `logits[..., V]` (float) and `targets[...]` (i32 or i64) of the logits' leading
 /// shape give `loss[...]` in f32. A known class count must be positive: a row of no classes has no
 /// target.
 fn cross_entropy(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError> {
     arity(op, ins, 2)?;
-    let (logits, targets) = (ins[0], ins[1]);
+    Ok(vec![cross_entropy_loss(op, ins[0], ins[1])?])
+}
+
+/// The loss type of `cross_entropy` (or the forward operands of `cross_entropy_grad`).
+fn cross_entropy_loss(op: &Op, logits: &TensorType, targets: &TensorType) -> Result<TensorType, InferError> {
     if !logits.dtype.is_float() {
         return fail(format!("`{}` needs floating-point logits, found {logits}", op.name()));
     }
@@ -671,7 +703,7 @@ fn cross_entropy(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferE
     if last(logits).as_known() == Some(0) {
         return fail(format!("`{}` needs at least one class, found {logits}", op.name()));
     }
-    Ok(vec![TensorType::new(DType::F32, targets.shape.clone())])
+    Ok(TensorType::new(DType::F32, targets.shape.clone()))
 }
 
 fn list(ts: &[&TensorType]) -> String {
@@ -713,13 +745,13 @@ mod tests {
         TensorType::new(DType::from_name(d).unwrap(), shape)
     }
 
-    fn ok(op: Op, ins: &[&str]) -> Vec<String> {
+    pub(super) fn ok(op: Op, ins: &[&str]) -> Vec<String> {
         let tys: Vec<TensorType> = ins.iter().map(|s| t(s)).collect();
         let refs: Vec<&TensorType> = tys.iter().collect();
         infer(&op, &refs).unwrap().iter().map(|t| t.to_string()).collect()
     }
 
-    fn bad(op: Op, ins: &[&str]) -> String {
+    pub(super) fn bad(op: Op, ins: &[&str]) -> String {
         let tys: Vec<TensorType> = ins.iter().map(|s| t(s)).collect();
         let refs: Vec<&TensorType> = tys.iter().collect();
         infer(&op, &refs).unwrap_err().0
@@ -802,7 +834,8 @@ mod tests {
         );
         assert!(bad(Op::CacheUpdate, &["f32[B, S, 576]", "f32[B, T, 512]", "i32[B, T]"]).contains("axis 2"));
         assert!(bad(Op::CacheUpdate, &["f32[B, S, 8]", "bf16[B, T, 8]", "i32[B, T]"]).contains("one dtype"));
-        let rope = Op::Rope(crate::op::RopeConfig { theta: 1e4, interleaved: true, yarn: None });
+        let rope =
+            Op::Rope(crate::op::RopeConfig { theta: 1e4, interleaved: true, yarn: None, inverse: false });
         assert_eq!(ok(rope.clone(), &["f32[B, T, 4, 8]", "i32[B, T]"]), ["f32[B, T, 4, 8]"]);
         assert!(bad(rope, &["f32[B, T, 4, 7]", "i32[B, T]"]).contains("even"));
     }

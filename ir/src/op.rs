@@ -86,6 +86,10 @@ pub struct RopeConfig {
     /// Rotate adjacent pairs `(x[2j], x[2j+1])` as DeepSeek's reference code does, rather than halves.
     pub interleaved: bool,
     pub yarn: Option<Yarn>,
+    /// Rotate by the negated angle: the inverse of the rotation, which is its transpose, so `rope`
+    /// with `inverse` applied to `dy` is the vector-Jacobian product of `rope` with respect to `x`.
+    /// Written `inverse = true`; absent (false) otherwise.
+    pub inverse: bool,
 }
 
 /// Block-scaled quantisation: one scale per `block` tile of the operand's trailing dimensions.
@@ -233,7 +237,9 @@ pub enum Op {
     RmsNorm {
         eps: f64,
     },
-    /// Rotary embedding of the last axis of `x[B, T, ..., D]` at `positions[B, T]`.
+    /// Rotary embedding of the last axis of `x[B, T, ..., D]` at `positions[B, T]`. With `inverse`
+    /// the rotation is by the negated angle, its transpose: `rope(dy, positions, inverse)` is the
+    /// gradient of `rope(x, positions)` with respect to `x`.
     Rope(RopeConfig),
     /// Scaled dot-product attention. Operands `q[B, T, H, Dk]`, `k[B, S, Hk, Dk]`, `v[B, S, Hk, Dv]`
     /// with `H % Hk == 0` (`Hk = 1` is one key/value head shared by all query heads), and optionally
@@ -313,6 +319,68 @@ pub enum Op {
     /// Weighted sum back to token order: operands `y_sorted[K*N, D]`, `perm[K*N]`, `weights[N, K]`
     /// -> `[N, D]`.
     MoeCombine {
+        top_k: u64,
+    },
+    /// The gradient of [`Op::Embedding`] with respect to its table: operands `ids[...]` (i32 or i64)
+    /// and `dy[..., D]` (any float dtype, the ids' shape plus one axis); result `dtable[rows, D]`
+    /// (f32), zeros with each row `dy[i]` added into row `ids[i]`, in f64. torch's
+    /// `F.embedding` backward, `torch.zeros(rows, D).index_add_(0, ids.flatten(), dy.reshape(-1, D))`.
+    /// An id outside `0..rows` is an error of the interpreter.
+    EmbeddingGrad {
+        rows: u64,
+    },
+    /// The gradient of [`Op::CrossEntropy`] with respect to its logits: operands `logits[..., V]`
+    /// (any float dtype), `targets[...]` (i32 or i64) and `dloss[...]` (f32, the loss's gradient);
+    /// result `dlogits[..., V]` (f32) with `dlogits = (softmax(logits) - onehot(target)) * dloss`
+    /// per row, and 0 for a row whose target is `ignore_index`: torch's backward of
+    /// `F.cross_entropy(logits.float(), targets, reduction="none")`. A target outside `0..V` other
+    /// than `ignore_index` is an error of the interpreter, as in the forward op.
+    CrossEntropyGrad {
+        ignore_index: Option<i64>,
+    },
+    /// The gradients of [`Op::Attention`]: operands `q`, `k`, `v` and the optional `positions` as
+    /// for `attention`, then `do[B, T, H, Dv]` (the gradient of its output, of q's dtype); results
+    /// `dq`, `dk`, `dv` with q's, k's and v's types. The softmax is recomputed from `q` and `k` with
+    /// exactly `attention`'s masking (causal offset `S - T`, or `positions`; key/value head
+    /// `h / (H / Hk)` serves query head `h`, so `dk` and `dv` sum over the heads of a group), as
+    /// torch's `scaled_dot_product_attention` backward (the math kernel) computes:
+    /// `dv = P^T do`, `dP = do v^T`, `dS = P * (dP - rowsum(P * dP))`, `dq = scale dS k`,
+    /// `dk = scale dS^T q`.
+    AttentionGrad {
+        scale: f64,
+        causal: bool,
+    },
+    /// `data` read along `axis` at `indices`: operands `data[...]` and `indices[...]` (i32 or i64,
+    /// data's rank, data's dimensions except along `axis`); result of the indices' shape and data's
+    /// dtype with `out[..., j, ...] = data[..., indices[..., j, ...], ...]` (`j` at `axis`):
+    /// `torch.take_along_dim(data, indices, axis)` without broadcasting, `np.take_along_axis`.
+    /// An index outside `0..data.shape[axis]` is an error of the interpreter.
+    TakeAlong {
+        axis: usize,
+    },
+    /// The adjoint of [`Op::TakeAlong`]: operands `indices[...]` (i32 or i64) and `src` (any float
+    /// dtype, the indices' shape); result (f32) of src's shape with dimension `axis` replaced by
+    /// `size`: zeros with `out[..., indices[..., j, ...], ...] += src[..., j, ...]`, summed in f64:
+    /// `torch.zeros(...).scatter_add_(axis, indices, src)`. An index outside `0..size` is an error
+    /// of the interpreter.
+    ScatterAddAlong {
+        axis: usize,
+        size: u64,
+    },
+    /// The weight gradients of [`Op::GroupedLinear`]: operands `x_sorted[M, K]`, `offsets[E + 1]`
+    /// (i32, as for `grouped_linear`) and `dy[M, N]` (x's dtype); results `E` tensors `dw_e[N, K]`
+    /// (f32) with `dw_e = dy[rows]^T @ x_sorted[rows]` over expert `e`'s rows
+    /// `offsets[e]..offsets[e + 1]`, each element summed in f64 (zeros for an expert of no rows):
+    /// per expert, torch's `dy.T @ x`, the weight gradient of `F.linear(x, w)`.
+    GroupedLinearWgrad {
+        num_experts: u64,
+    },
+    /// The gradients of [`Op::MoeCombine`]: operands `dy[N, D]` (y_sorted's dtype), `y_sorted[K*N, D]`,
+    /// `perm[K*N]` and `weights[N, K]` as for `moe_combine`; results `dy_sorted[K*N, D]` (y_sorted's
+    /// type), row `r` being `dy[token] * weights[token, k]` for the slot `perm[r] = token * K + k`,
+    /// and `dweights[N, K]` (weights' type), `dweights[token, k] = dot(y_sorted[r], dy[token])`:
+    /// the backward of `out.index_add_(0, token, y_sorted[r] * weights[token, k])` in torch.
+    MoeCombineGrad {
         top_k: u64,
     },
     /// A fused kernel: the body is a graph whose inputs are the operands in order and whose outputs
@@ -495,6 +563,15 @@ impl<'a> AttrReader<'a> {
         }
     }
 
+    /// An optional boolean, `default` when absent.
+    fn boolean_or(&mut self, key: &str, default: bool) -> Result<bool, AttrError> {
+        match self.take_opt(key) {
+            None => Ok(default),
+            Some(Attr::Bool(v)) => Ok(v),
+            Some(other) => Err(self.wrong(key, "`true` or `false`", &other)),
+        }
+    }
+
     fn string(&mut self, key: &str) -> Result<String, AttrError> {
         match self.take(key)? {
             Attr::Str(s) => Ok(s),
@@ -619,6 +696,13 @@ impl Op {
             Op::MoeDispatch(_) => "moe_dispatch",
             Op::GroupedLinear { .. } => "grouped_linear",
             Op::MoeCombine { .. } => "moe_combine",
+            Op::EmbeddingGrad { .. } => "embedding_grad",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::TakeAlong { .. } => "take_along",
+            Op::ScatterAddAlong { .. } => "scatter_add_along",
+            Op::GroupedLinearWgrad { .. } => "grouped_linear_wgrad",
+            Op::MoeCombineGrad { .. } => "moe_combine_grad",
             Op::Fused { .. } => "fused",
             Op::Send { .. } => "send",
             Op::Recv { .. } => "recv",
@@ -642,10 +726,10 @@ impl Op {
             Op::Reduce { axes: a, keep_dims, .. } => {
                 vec![("axes", axes(a)), ("keep_dims", Attr::Bool(*keep_dims))]
             }
-            Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } => {
+            Op::Softmax { axis } | Op::Gather { axis } | Op::Concat { axis } | Op::TakeAlong { axis } => {
                 vec![("axis", Attr::Int(*axis as i64))]
             }
-            Op::CrossEntropy { ignore_index } => {
+            Op::CrossEntropy { ignore_index } | Op::CrossEntropyGrad { ignore_index } => {
                 ignore_index.iter().map(|&i| ("ignore_index", Attr::Int(i))).collect()
             }
             Op::RmsNorm { eps } => vec![("eps", Attr::Float(*eps))],
@@ -657,12 +741,22 @@ impl Op {
                     v.push(("yarn_beta_fast", Attr::Float(y.beta_fast)));
                     v.push(("yarn_beta_slow", Attr::Float(y.beta_slow)));
                 }
+                if c.inverse {
+                    v.push(("inverse", Attr::Bool(true)));
+                }
                 v
             }
             Op::Attention { scale, causal, mla } => {
                 let mut v = vec![("scale", Attr::Float(*scale)), ("causal", Attr::Bool(*causal))];
                 v.extend(mla.map(|f| ("mla", ident(f.name()))));
                 v
+            }
+            Op::AttentionGrad { scale, causal } => {
+                vec![("scale", Attr::Float(*scale)), ("causal", Attr::Bool(*causal))]
+            }
+            Op::EmbeddingGrad { rows } => vec![("rows", Attr::Int(*rows as i64))],
+            Op::ScatterAddAlong { axis, size } => {
+                vec![("axis", Attr::Int(*axis as i64)), ("size", Attr::Int(*size as i64))]
             }
             Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
             Op::Split { axis, sizes } => {
@@ -689,7 +783,9 @@ impl Op {
                 ("normalize", Attr::Bool(r.normalize)),
                 ("scaling", Attr::Float(r.scaling)),
             ],
-            Op::MoeExperts { num_experts } | Op::GroupedLinear { num_experts } => {
+            Op::MoeExperts { num_experts }
+            | Op::GroupedLinear { num_experts }
+            | Op::GroupedLinearWgrad { num_experts } => {
                 vec![("num_experts", Attr::Int(*num_experts as i64))]
             }
             Op::MoeDispatch(d) => {
@@ -704,7 +800,9 @@ impl Op {
                 }
                 v
             }
-            Op::MoeCombine { top_k } => vec![("top_k", Attr::Int(*top_k as i64))],
+            Op::MoeCombine { top_k } | Op::MoeCombineGrad { top_k } => {
+                vec![("top_k", Attr::Int(*top_k as i64))]
+            }
             Op::Fused { name, .. } => vec![("name", Attr::Str(name.clone()))],
             Op::Send { peer, tag } | Op::Recv { peer, tag } => {
                 vec![("peer", Attr::Int(*peer as i64)), ("tag", Attr::Int(*tag as i64))]
@@ -754,7 +852,8 @@ impl Op {
                         })
                     }
                 };
-                Op::Rope(RopeConfig { theta, interleaved, yarn })
+                let inverse = r.boolean_or("inverse", false)?;
+                Op::Rope(RopeConfig { theta, interleaved, yarn, inverse })
             }
             "attention" => {
                 let (scale, causal) = (r.float("scale")?, r.boolean("causal")?);
@@ -806,6 +905,13 @@ impl Op {
                 topk_groups: r.uint_or("topk_groups", 1)?,
             }),
             "moe_combine" => Op::MoeCombine { top_k: r.uint("top_k")? },
+            "embedding_grad" => Op::EmbeddingGrad { rows: r.uint("rows")? },
+            "cross_entropy_grad" => Op::CrossEntropyGrad { ignore_index: r.int_opt("ignore_index")? },
+            "attention_grad" => Op::AttentionGrad { scale: r.float("scale")?, causal: r.boolean("causal")? },
+            "take_along" => Op::TakeAlong { axis: r.axis("axis")? },
+            "scatter_add_along" => Op::ScatterAddAlong { axis: r.axis("axis")?, size: r.uint("size")? },
+            "grouped_linear_wgrad" => Op::GroupedLinearWgrad { num_experts: r.uint("num_experts")? },
+            "moe_combine_grad" => Op::MoeCombineGrad { top_k: r.uint("top_k")? },
             "send" => Op::Send { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "recv" => Op::Recv { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "fused" => return err("`fused` is parsed with its body, not from attributes"),
@@ -843,8 +949,18 @@ mod tests {
             theta: 10000.0,
             interleaved: true,
             yarn: Some(Yarn { factor: 40.0, original_max_position: 4096, beta_fast: 32.0, beta_slow: 1.0 }),
+            inverse: false,
         }));
-        round_trip(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None }));
+        round_trip(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None, inverse: false }));
+        round_trip(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None, inverse: true }));
+        round_trip(Op::EmbeddingGrad { rows: 129_280 });
+        round_trip(Op::CrossEntropyGrad { ignore_index: None });
+        round_trip(Op::CrossEntropyGrad { ignore_index: Some(-100) });
+        round_trip(Op::AttentionGrad { scale: 0.1352338, causal: true });
+        round_trip(Op::TakeAlong { axis: 1 });
+        round_trip(Op::ScatterAddAlong { axis: 1, size: 256 });
+        round_trip(Op::GroupedLinearWgrad { num_experts: 8 });
+        round_trip(Op::MoeCombineGrad { top_k: 8 });
         round_trip(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(128)] });
         round_trip(Op::CrossEntropy { ignore_index: None });
         round_trip(Op::CrossEntropy { ignore_index: Some(-100) });
@@ -879,5 +995,19 @@ mod tests {
         assert_eq!(Op::from_parts("frobnicate", vec![]).unwrap_err().0, "unknown op `frobnicate`");
         let e = Op::from_parts("cross_entropy", vec![("ignore_index".into(), Attr::Float(1.5))]).unwrap_err();
         assert_eq!(e.0, "attribute `ignore_index` of `cross_entropy` must be an integer, found `1.5`");
+        let rope = |extra: Vec<(String, Attr)>| {
+            let mut attrs =
+                vec![("theta".into(), Attr::Float(1e4)), ("interleaved".into(), Attr::Bool(false))];
+            attrs.extend(extra);
+            Op::from_parts("rope", attrs)
+        };
+        // `inverse` is optional and false when absent; written false, it reads back as absent.
+        assert!(matches!(rope(vec![]), Ok(Op::Rope(RopeConfig { inverse: false, .. }))));
+        let f = rope(vec![("inverse".into(), Attr::Bool(false))]).unwrap();
+        assert_eq!(f.attrs().len(), 2);
+        let e = rope(vec![("inverse".into(), Attr::Int(1))]).unwrap_err();
+        assert_eq!(e.0, "attribute `inverse` of `rope` must be `true` or `false`, found `1`");
+        let e = Op::from_parts("scatter_add_along", vec![("axis".into(), Attr::Int(0))]).unwrap_err();
+        assert_eq!(e.0, "`scatter_add_along` needs the attribute `size`");
     }
 }

@@ -62,6 +62,17 @@
 //!   last axis: `log(sum exp(x - max)) - (x[target] - max)`, the differences in f32, the sum in f64.
 //!   A target equal to `ignore_index` gives 0; any other target outside `0..V` is an error (compiled
 //!   kernels give NaN there, and read nothing outside the row).
+//! - `rope` with `inverse`: the same f32 cos and sin with the sine negated, the transpose of the
+//!   rotation, so it is exactly `rope`'s vector-Jacobian product (to the one rounding).
+//! - `take_along`: `torch.take_along_dim` / `np.take_along_axis` without broadcasting; a copy, any
+//!   dtype. An index out of range is an error (no negative indexing, as `gather`).
+//! - The gradient ops (`embedding_grad`, `cross_entropy_grad`, `attention_grad`,
+//!   `scatter_add_along`, `grouped_linear_wgrad`, `moe_combine_grad`) are the vector-Jacobian
+//!   products of their forward ops as this interpreter computes them, with torch's formulas; every
+//!   sum in f64, each result rounded once. Where the forward rounds to the activation dtype
+//!   mid-computation, the gradient passes through the rounding as torch's autograd does
+//!   (`attention_grad` recomputes the f32 probabilities and weighs `dv` by the rounded ones the
+//!   forward used). Indices are checked as in the forward ops.
 //! - `cast` to `f8e4m3` follows `torch.float8_e4m3fn` (torch 2.15): it saturates at ±448; see
 //!   [`numerics`]. Float to integer truncates toward zero (torch); a NaN or out-of-range value is an
 //!   error. Integer to integer wraps (torch).

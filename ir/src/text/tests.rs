@@ -144,9 +144,16 @@ fn variant(op: &Op) -> usize {
         Op::Recv { .. } => 30,
         Op::CacheUpdate => 31,
         Op::CrossEntropy { .. } => 32,
+        Op::EmbeddingGrad { .. } => 33,
+        Op::CrossEntropyGrad { .. } => 34,
+        Op::AttentionGrad { .. } => 35,
+        Op::TakeAlong { .. } => 36,
+        Op::ScatterAddAlong { .. } => 37,
+        Op::GroupedLinearWgrad { .. } => 38,
+        Op::MoeCombineGrad { .. } => 39,
     }
 }
-const VARIANTS: usize = 33;
+const VARIANTS: usize = 40;
 
 /// A graph that uses every op (every unary, binary and reduce kind too), with scopes and outputs.
 fn every_op_graph() -> Graph {
@@ -164,21 +171,29 @@ fn every_op_graph() -> Graph {
     let q = b.op1(Op::Linear, &[h, wq]);
     let q = b.op1(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(2), Dim::known(64)] }, &[q]);
     let yarn = Yarn { factor: 40.0, original_max_position: 4096, beta_fast: 32.0, beta_slow: 1.0 };
-    let q = b.op1(Op::Rope(RopeConfig { theta: 10000.0, interleaved: true, yarn: Some(yarn) }), &[q, pos]);
+    let rope = RopeConfig { theta: 10000.0, interleaved: true, yarn: Some(yarn), inverse: false };
+    let q = b.op1(Op::Rope(rope), &[q, pos]);
     let wk = b.param("model.layers.0.self_attn.k_proj.weight", "bf16[64, 64]");
     let k = b.op1(Op::Linear, &[h, wk]);
     let k = b.op1(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(1), Dim::known(64)] }, &[k]);
-    let kr = b.op1(Op::Rope(RopeConfig { theta: 5e4, interleaved: false, yarn: None }), &[k, pos]);
+    let rope = RopeConfig { theta: 5e4, interleaved: false, yarn: None, inverse: false };
+    let kr = b.op1(Op::Rope(rope), &[k, pos]);
+    b.op1(Op::Rope(RopeConfig { inverse: true, ..rope }), &[kr, pos]);
     let att = b.op1(Op::Attention { scale: 0.1352338, causal: true, mla: None }, &[q, kr, k]);
+    b.op(Op::AttentionGrad { scale: 0.1352338, causal: false }, &[q, kr, k, att]);
     let cache = b.input("cache.0", "bf16[B, S, 1, 64]");
     let kc = b.op1(Op::CacheUpdate, &[cache, kr, pos]);
-    b.op1(Op::Attention { scale: 0.125, causal: true, mla: None }, &[q, kc, kc, pos]);
+    let cached = b.op1(Op::Attention { scale: 0.125, causal: true, mla: None }, &[q, kc, kc, pos]);
+    b.op(Op::AttentionGrad { scale: 0.125, causal: true }, &[q, kc, kc, pos, cached]);
     let qt = b.op1(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[att]);
     let kt = b.op1(Op::Transpose { perm: vec![0, 2, 3, 1] }, &[kr]);
     let scores = b.op1(Op::MatMul, &[qt, kt]);
     b.op1(Op::Softmax { axis: 3 }, &[scores]);
-    b.op1(Op::CrossEntropy { ignore_index: None }, &[x, tokens]);
+    let loss = b.op1(Op::CrossEntropy { ignore_index: None }, &[x, tokens]);
     b.op1(Op::CrossEntropy { ignore_index: Some(-100) }, &[x, tokens]);
+    b.op1(Op::CrossEntropyGrad { ignore_index: None }, &[x, tokens, loss]);
+    let dlogits = b.op1(Op::CrossEntropyGrad { ignore_index: Some(-100) }, &[x, tokens, loss]);
+    b.op1(Op::EmbeddingGrad { rows: 1024 }, &[tokens, dlogits]);
 
     b.scope(Some("model.layers.0.elementwise"));
     let xf = b.op1(Op::Cast { to: DType::F32 }, &[x]);
@@ -221,6 +236,8 @@ fn every_op_graph() -> Graph {
         scaling: 2.5,
     };
     let route = b.op(Op::MoeRoute(router), &[logits, bias]);
+    let taken = b.op1(Op::TakeAlong { axis: 1 }, &[logits, route[1]]);
+    b.op1(Op::ScatterAddAlong { axis: 1, size: 8 }, &[route[1], taken]);
     let mut experts = vec![flat, route[0], route[1]];
     for e in 0..8 {
         for (w, t) in [("gate", "bf16[16, 64]"), ("up", "bf16[16, 64]"), ("down", "bf16[64, 16]")] {
@@ -236,6 +253,8 @@ fn every_op_graph() -> Graph {
     }
     let y = b.op1(Op::GroupedLinear { num_experts: 8 }, &grouped);
     let combined = b.op1(Op::MoeCombine { top_k: 2 }, &[y, d[2], route[0]]);
+    let dy = b.op(Op::MoeCombineGrad { top_k: 2 }, &[combined, y, d[2], route[0]]);
+    b.op(Op::GroupedLinearWgrad { num_experts: 8 }, &[d[0], d[1], dy[0]]);
 
     b.scope(None);
     let mut body = Builder::new("rms_quant");

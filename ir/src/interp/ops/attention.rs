@@ -27,12 +27,7 @@ pub(super) fn attention(
     let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
     let (b, t, h, dk) = (qd[0], qd[1], qd[2], qd[3]);
     let (s, hk, dv) = (kd[1], kd[2], vd[3]);
-    if causal && positions.is_none() && s < t {
-        return Err(format!(
-            "causal attention needs at least as many keys as queries, found {s} keys for {t} queries"
-        ));
-    }
-    let pos = positions.map(|p| ints(p, "positions")).transpose()?;
+    let mask = Mask::new(positions, causal, t, s)?;
     let group = h / hk;
     let dtype = q.dtype();
     let mut data = Vec::with_capacity(b * t * h * dv);
@@ -40,13 +35,7 @@ pub(super) fn attention(
     let mut acc = vec![0.0f64; dv];
     for bi in 0..b {
         for ti in 0..t {
-            // Keys this query sees; causal masking removes the rest (they would get exp(-inf) = 0).
-            // With positions, slot j of the cache holds position j: keys up to the query's own.
-            let visible = match pos {
-                Some(p) => (p[bi * t + ti].max(-1) + 1).min(s as i64) as usize,
-                None if causal => ti + (s - t) + 1,
-                None => s,
-            };
+            let visible = mask.visible(bi, ti);
             for hi in 0..h {
                 let kh = hi / group;
                 let qrow = &qs[((bi * t + ti) * h + hi) * dk..][..dk];
@@ -68,4 +57,41 @@ pub(super) fn attention(
         }
     }
     Ok(vec![Tensor::float(dtype, dims(out), data)])
+}
+
+/// Which keys each query sees: `attention`'s masking, shared with `attention_grad`.
+pub(super) struct Mask<'a> {
+    positions: Option<&'a [i64]>,
+    causal: bool,
+    t: usize,
+    s: usize,
+}
+
+impl<'a> Mask<'a> {
+    /// The mask of `t` queries over `s` keys; causal attention without positions needs `s >= t`.
+    pub(super) fn new(
+        positions: Option<&'a Tensor>,
+        causal: bool,
+        t: usize,
+        s: usize,
+    ) -> Result<Self, String> {
+        if causal && positions.is_none() && s < t {
+            return Err(format!(
+                "causal attention needs at least as many keys as queries, found {s} keys for {t} queries"
+            ));
+        }
+        let positions = positions.map(|p| ints(p, "positions")).transpose()?;
+        Ok(Mask { positions, causal, t, s })
+    }
+
+    /// The number of keys query `(b, t)` sees, keys `0..visible`; causal masking removes the rest
+    /// (they would get exp(-inf) = 0). With positions, slot j of the cache holds position j: keys
+    /// up to the query's own.
+    pub(super) fn visible(&self, b: usize, t: usize) -> usize {
+        match self.positions {
+            Some(p) => (p[b * self.t + t].max(-1) + 1).min(self.s as i64) as usize,
+            None if self.causal => t + (self.s - self.t) + 1,
+            None => self.s,
+        }
+    }
 }

@@ -22,28 +22,40 @@ pub(super) fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: Opt
     let v = *logits.dims().last().expect("inference checked the rank");
     let mut loss = Vec::with_capacity(ts.len());
     for (r, &t) in ts.iter().enumerate() {
-        if Some(t) == ignore_index {
-            loss.push(0.0);
-            continue;
-        }
-        let target = match usize::try_from(t) {
-            Ok(u) if u < v => u,
-            _ => return Err(format!("target {t} (row {r}) is out of range 0..{v}")),
-        };
-        loss.push(row_loss(&xs[r * v..(r + 1) * v], target));
+        loss.push(match target_class(t, r, v, ignore_index)? {
+            Some(target) => row_loss(&xs[r * v..(r + 1) * v], target),
+            None => 0.0,
+        });
     }
     Ok(vec![Tensor::float(DType::F32, targets.shape().to_vec(), loss)])
 }
 
+/// The class of target `t` of row `r` among `v`, `None` when it is `ignore_index`; any other target
+/// outside `0..v` is an error naming the row.
+pub(super) fn target_class(
+    t: i64,
+    r: usize,
+    v: usize,
+    ignore_index: Option<i64>,
+) -> Result<Option<usize>, String> {
+    if Some(t) == ignore_index {
+        return Ok(None);
+    }
+    match usize::try_from(t) {
+        Ok(u) if u < v => Ok(Some(u)),
+        _ => Err(format!("target {t} (row {r}) is out of range 0..{v}")),
+    }
+}
+
+/// The maximum of a row, NaN if it holds one.
+pub(super) fn row_max(row: &[f32]) -> f32 {
+    let max = |m: f32, x: f32| if x.is_nan() || m.is_nan() { f32::NAN } else { m.max(x) };
+    row.iter().copied().fold(f32::NEG_INFINITY, max)
+}
+
 /// `logsumexp(row) - row[target]` with the maximum subtracted; see the module documentation.
 fn row_loss(row: &[f32], target: usize) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, |m, x| {
-        if x.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(x)
-        }
-    });
+    let max = row_max(row);
     let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
     (sum.ln() - (row[target] - max) as f64) as f32
 }

@@ -4,6 +4,7 @@
 
 mod attention;
 mod elementwise;
+mod grad;
 mod linalg;
 mod loss;
 mod moe;
@@ -52,6 +53,20 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::MoeDispatch(d) => moe::dispatch(ins[0], ins[1], d, out),
         Op::GroupedLinear { .. } => linalg::grouped_linear(ins[0], ins[1], &ins[2..], &out[0]),
         Op::MoeCombine { .. } => moe::combine(ins[0], ins[1], ins[2], &out[0]),
+        Op::EmbeddingGrad { .. } => grad::embedding_grad(ins[0], ins[1], &out[0]),
+        Op::CrossEntropyGrad { ignore_index } => {
+            grad::cross_entropy_grad(ins[0], ins[1], ins[2], *ignore_index)
+        }
+        Op::AttentionGrad { scale, causal } => {
+            // `do` is the last operand, after the optional positions.
+            let (forward, d_out) = ins.split_at(ins.len() - 1);
+            let (q, k, v, positions) = (forward[0], forward[1], forward[2], forward.get(3).copied());
+            grad::attention_grad(q, k, v, positions, d_out[0], *scale, *causal)
+        }
+        Op::TakeAlong { axis } => shape::take_along(ins[0], ins[1], *axis, &out[0]),
+        Op::ScatterAddAlong { axis, .. } => grad::scatter_add_along(ins[0], ins[1], *axis, &out[0]),
+        Op::GroupedLinearWgrad { .. } => grad::grouped_linear_wgrad(ins[0], ins[1], ins[2], out),
+        Op::MoeCombineGrad { .. } => grad::moe_combine_grad(ins[0], ins[1], ins[2], ins[3], out),
         Op::Input { .. }
         | Op::Param { .. }
         | Op::Constant { .. }

@@ -208,15 +208,7 @@ pub(super) fn combine(y: &Tensor, perm: &Tensor, weights: &Tensor, out: &TensorT
     let (n, k) = (wd[0], wd[1]);
     let d = y.dims()[1];
     let dtype = y.dtype();
-    // The row each slot went to; every slot must appear exactly once.
-    let mut row_of = vec![usize::MAX; n * k];
-    for (r, &s) in perm.iter().enumerate() {
-        let s = index(s, n * k, "slot")?;
-        if row_of[s] != usize::MAX {
-            return Err(format!("slot {s} appears twice in the permutation"));
-        }
-        row_of[s] = r;
-    }
+    let row_of = slot_rows(perm, n * k)?;
     let mut data = Vec::with_capacity(n * d);
     let mut acc = vec![0.0f32; d];
     let mut rows = Vec::with_capacity(k);
@@ -231,4 +223,18 @@ pub(super) fn combine(y: &Tensor, perm: &Tensor, weights: &Tensor, out: &TensorT
         data.extend_from_slice(&acc);
     }
     Ok(vec![Tensor::float(out.dtype, dims(out), data)])
+}
+
+/// The row each of the `slots` token slots went to, from a dispatch's `perm`; every slot must appear
+/// exactly once.
+pub(super) fn slot_rows(perm: &[i64], slots: usize) -> Result<Vec<usize>, String> {
+    let mut row_of = vec![usize::MAX; slots];
+    for (r, &s) in perm.iter().enumerate() {
+        let s = index(s, slots, "slot")?;
+        if row_of[s] != usize::MAX {
+            return Err(format!("slot {s} appears twice in the permutation"));
+        }
+        row_of[s] = r;
+    }
+    Ok(row_of)
 }

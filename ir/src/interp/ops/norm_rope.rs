@@ -9,6 +9,10 @@
 //! pairs; otherwise lane `j` pairs with lane `j + D/2` (`rotate_half`). The rotation is computed in
 //! f64 from f32 cos/sin of an f32 angle (`position.float() * inv_freq`, as HF and \[R\] form it) and
 //! rounded once. See the parent module documentation for how this relates to HF's layout.
+//!
+//! With `inverse` the sine is negated after it is computed, so the rotation uses the same cos and
+//! sin as the forward one, transposed: `rope(dy, inverse)` is exactly the adjoint of `rope(x)` (the
+//! gradient with respect to `x`), up to the one rounding of each result.
 
 use crate::op::{RopeConfig, Yarn};
 
@@ -79,7 +83,8 @@ pub(super) fn rope(x: &Tensor, positions: &Tensor, cfg: &RopeConfig) -> OpResult
         for j in 0..half {
             let angle = p as f32 * freqs[j];
             cos[j] = (angle as f64).cos() as f32 as f64;
-            sin[j] = (angle as f64).sin() as f32 as f64;
+            let sine = (angle as f64).sin() as f32 as f64;
+            sin[j] = if cfg.inverse { -sine } else { sine };
         }
         for l in 0..lanes {
             let start = (bt * lanes + l) * d;

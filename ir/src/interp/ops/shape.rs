@@ -1,4 +1,4 @@
-//! Data movement: `embedding`, `gather`, `concat`, `split` and `transpose` (`reshape` and
+//! Data movement: `embedding`, `gather`, `take_along`, `concat`, `split` and `transpose` (`reshape` and
 //! `broadcast` are in the dispatcher and `elementwise`). No arithmetic, so every dtype works and
 //! values are copied exactly. Indices out of range are errors (no negative indexing).
 
@@ -35,6 +35,23 @@ pub(super) fn gather(data: &Tensor, indices: &Tensor, axis: usize, out: &TensorT
         }
     }
     Ok(vec![data.select(dims(out), idx)])
+}
+
+/// `out[o, j, i] = data[o, indices[o, j, i], i]` with `j` along `axis`: `take_along`, whose
+/// indices have data's rank and dimensions except along `axis`.
+pub(super) fn take_along(data: &Tensor, indices: &Tensor, axis: usize, out: &TensorType) -> OpResult {
+    let dd = data.dims();
+    let (len, inner) = (dd[axis], dd[axis + 1..].iter().product::<usize>());
+    let n = indices.dims()[axis];
+    let idx = ints(indices, "indices")?;
+    let mut src = Vec::with_capacity(idx.len());
+    for (e, &i) in idx.iter().enumerate() {
+        let p = index(i, len, "index")?;
+        // Element e sits at (outer o, position along axis, inner rest) of the indices.
+        let (o, rest) = (e / (n * inner), e % inner);
+        src.push((o * len + p) * inner + rest);
+    }
+    Ok(vec![data.select(dims(out), src)])
 }
 
 pub(super) fn concat(parts: &[&Tensor], axis: usize, out: &TensorType) -> OpResult {

@@ -3,7 +3,9 @@
 //! independently of the op under test.
 
 mod attention;
+mod attention_grad;
 mod elementwise;
+mod grad;
 mod linalg;
 mod loss;
 mod moe;
@@ -15,7 +17,8 @@ mod walker;
 
 use std::collections::HashMap;
 
-use crate::text::parse;
+use crate::graph::Graph;
+use crate::text::{parse, print};
 use crate::types::DType;
 
 use super::{run, InterpError, Outputs, Tensor};
@@ -37,6 +40,53 @@ fn run_kir(
 fn eval1(src: &str, inputs: Vec<(&str, Tensor)>, name: &str) -> Tensor {
     let mut out = run_kir(src, inputs, vec![]).unwrap_or_else(|e| panic!("{e}"));
     out.remove(name).unwrap_or_else(|| panic!("no output {name}"))
+}
+
+/// Parses `src`, checks that it prints back as exactly `src`, and runs it (it must succeed).
+fn run_printed(src: &str, inputs: Vec<(&str, Tensor)>) -> Outputs {
+    let g = parse(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    assert_eq!(print(&g), src, "the graph does not print back as written");
+    run_kir(src, inputs, vec![]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The gradient of `L = <output out of g, cot>` (a sum in f64) with respect to input `wrt`, by
+/// central differences of the interpreter's forward: `(L(x + eps e_i) - L(x - eps e_i)) / step`,
+/// where `step` is the difference of the two f32 inputs actually taken.
+fn central_differences(
+    g: &Graph,
+    inputs: &[(&str, Tensor)],
+    out: &str,
+    cot: &[f32],
+    wrt: &str,
+    eps: f32,
+) -> Vec<f64> {
+    let loss = |inputs: &HashMap<String, Tensor>| -> f64 {
+        let y = run(g, inputs, &HashMap::new()).unwrap_or_else(|e| panic!("{e}"));
+        y[out].as_f32().expect("a float output").iter().zip(cot).map(|(&a, &b)| a as f64 * b as f64).sum()
+    };
+    let mut feeds: HashMap<String, Tensor> = inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let x = feeds[wrt].clone();
+    let xs = vals(&x);
+    let mut grad = Vec::with_capacity(xs.len());
+    for i in 0..xs.len() {
+        let mut at = |v: f32| {
+            let mut moved = xs.clone();
+            moved[i] = v;
+            feeds.insert(wrt.to_string(), Tensor::from_f32(x.dtype(), x.shape(), moved).unwrap());
+            loss(&feeds)
+        };
+        let (up, down) = (xs[i] + eps, xs[i] - eps);
+        grad.push((at(up) - at(down)) / (up as f64 - down as f64));
+    }
+    grad
+}
+
+/// The largest difference between `got` and `want`, relative to the largest `|want|`.
+fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    assert!(scale > 0.0, "a zero gradient checks nothing");
+    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs())) / scale
 }
 
 fn f32s(shape: &[u64], v: &[f32]) -> Tensor {
