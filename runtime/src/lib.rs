@@ -36,6 +36,7 @@ pub mod host;
 mod inputs;
 pub mod reference;
 pub mod score;
+pub mod train;
 pub mod weights;
 
 pub use error::RuntimeError;

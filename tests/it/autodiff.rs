@@ -4,7 +4,8 @@
 //! random `r`, differentiates, and compares each parameter's gradient with
 //! `(loss(p + h) - loss(p - h)) / 2h` at up to 24 elements per parameter. Header lines:
 //! `// sizes: B=2 T=3` binds symbolic sizes; `// ids: NAME 0..16` gives an integer input's range;
-//! `// tol: 2e-3` loosens the bound for a file.
+//! `// tol: 2e-3` loosens the bound for a file; `// h: 1e-3` takes a smaller step (for a router,
+//! whose selection must not change under the perturbation).
 //!
 //! Values are f32 in the graph (the interpreter accumulates in f64), so the differences use
 //! h = 1e-2 and the bound is `tol * max(1, |grad|max of that parameter)` with tol 1e-3: 30x the
@@ -94,6 +95,7 @@ fn check_file(path: &PathBuf) {
     let src = std::fs::read_to_string(path).unwrap();
     let s = sizes(&src);
     let tol: f64 = header(&src, "tol").first().map_or(1e-3, |t| t.parse().unwrap());
+    let h: f32 = header(&src, "h").first().map_or(1e-2, |t| t.parse().unwrap());
     let ranges: HashMap<String, (i64, i64)> = header(&src, "ids")
         .into_iter()
         .map(|h| {
@@ -126,7 +128,6 @@ fn check_file(path: &PathBuf) {
         let step = (values.len() / 24).max(1);
         let mut worst = 0f64;
         for i in (0..values.len()).step_by(step) {
-            let h = 1e-2f32;
             let at = |delta: f32| {
                 let mut v = values.clone();
                 v[i] += delta;
@@ -249,5 +250,79 @@ fn the_train_step_program_is_torch_adamw_with_clipping() {
         let worst = got.iter().zip(&w).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0f64, f64::max);
         eprintln!("AdamW step {k}: grad norm {norm:.6}, max |program - torch formula| = {worst:.2e}");
         assert!(worst <= 1e-6, "step {k}: weights differ by {worst}");
+    }
+}
+
+/// The whole tiny DeepSeek-V3 (MLA, YaRN, 16 routed experts in 4 groups, a shared expert, the
+/// biased sigmoid router) differentiates: every parameter but the router's selection bias gets a
+/// gradient, and a sample of them agree with finite differences of the whole model's loss.
+#[test]
+fn the_whole_model_differentiates_and_matches_finite_differences() {
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let g = kiln_compiler::build::build_train(&spec).unwrap();
+    let d = differentiate(&g, "loss").unwrap_or_else(|e| panic!("{e}"));
+    let decls = kiln_runtime::weights::graph_params(&g).unwrap();
+    let params: HashMap<String, Tensor> = kiln_runtime::weights::random_tensors(decls, 3, 0.02)
+        .map(|t| (t.name.clone(), kiln_runtime::reference::to_tensor(t).unwrap()))
+        .collect();
+    let ids = |seed: &str| {
+        let mut r = Rng::for_name(seed, 1);
+        Tensor::from_i64(DType::I32, vec![2, 6], (0..12).map(|_| (r.next() % 512) as i64).collect()).unwrap()
+    };
+    let inputs = HashMap::from([
+        ("tokens".to_string(), ids("tokens")),
+        ("targets".to_string(), ids("targets")),
+        (
+            "positions".to_string(),
+            Tensor::from_i64(DType::I32, vec![2, 6], (0..12).map(|i| i % 6).collect()).unwrap(),
+        ),
+    ]);
+    let out = run(&d, &inputs, &params).unwrap_or_else(|e| panic!("{e}"));
+    let grads: Vec<&String> = out.keys().filter(|k| k.starts_with(GRAD_PREFIX)).collect();
+    let without: Vec<&String> =
+        params.keys().filter(|p| !out.contains_key(&format!("{GRAD_PREFIX}{p}"))).collect();
+    assert!(without.iter().all(|p| p.ends_with("e_score_correction_bias")), "no gradient for {without:?}");
+    assert!(
+        grads.len() + without.len() == params.len() && without.len() == 3,
+        "{} {}",
+        grads.len(),
+        without.len()
+    );
+    let mut params = params;
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.kv_b_proj.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.2.mlp.experts.5.down_proj.weight",
+        "model.layers.3.mlp.shared_experts.up_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ] {
+        let grad = out[&format!("{GRAD_PREFIX}{name}")].as_f32().unwrap().to_vec();
+        let base = params[name].clone();
+        let values = base.as_f32().unwrap().to_vec();
+        // The elements with the largest gradients (a sparse one, like an embedding row, is mostly 0).
+        let mut order: Vec<usize> = (0..grad.len()).collect();
+        order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+        for &i in order.iter().take(3) {
+            // A whole model in f32 with routers (whose choices a step may flip): a looser bound than
+            // the per-rule files', still far below any wrong rule. PyTorch's gradients are the
+            // exact check.
+            let h = 3e-3f32;
+            let at = |delta: f32| {
+                let mut v = values.clone();
+                v[i] += delta;
+                Tensor::from_f32(base.dtype(), base.shape().to_vec(), v).unwrap()
+            };
+            params.insert(name.to_string(), at(h));
+            let up = loss(&g, &inputs, &params);
+            params.insert(name.to_string(), at(-h));
+            let down = loss(&g, &inputs, &params);
+            let fd = (up - down) / (2.0 * f64::from(h));
+            let err = (fd - f64::from(grad[i])).abs();
+            eprintln!("{name}[{i}]: autodiff {} fd {fd:.6e}", grad[i]);
+            assert!(err <= 1e-2 * f64::from(grad[i].abs()).max(1e-2), "{name}[{i}]: {} vs {fd}", grad[i]);
+        }
+        params.insert(name.to_string(), base);
     }
 }

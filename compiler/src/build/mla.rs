@@ -126,6 +126,7 @@ fn rope_config(spec: &ModelSpec) -> RopeConfig {
             beta_fast: y.beta_fast,
             beta_slow: y.beta_slow,
         }),
+        inverse: false,
     }
 }
 

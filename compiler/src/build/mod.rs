@@ -31,7 +31,7 @@ mod mla;
 mod mtp;
 
 use kiln_ir::infer::{infer, InferError};
-use kiln_ir::op::Op;
+use kiln_ir::op::{Op, ReduceOp};
 use kiln_ir::spec::ModelSpec;
 use kiln_ir::{DType, Dim, Graph, GraphError, TensorType, ValueId};
 
@@ -144,6 +144,24 @@ pub fn build_score(spec: &ModelSpec) -> Result<Graph, BuildError> {
     main_model_logits(&mut b, tokens, positions, |b, logits| {
         let loss = b.op("loss", Op::CrossEntropy { ignore_index: None }, &[logits, targets])?;
         b.output("loss", loss)
+    })?;
+    Ok(b.finish())
+}
+
+/// Builds the forward graph of training: [`build_score`]'s per-position loss averaged over every
+/// target, output `loss` (`f32[]`): the next-token cross-entropy `model(input_ids, labels).loss`
+/// computes. [`crate::autodiff::differentiate`] and [`crate::train::train_step`] make the
+/// train-step program from it.
+pub fn build_train(spec: &ModelSpec) -> Result<Graph, BuildError> {
+    let mut b = Builder::new(spec, format!("{}.train", spec.model.name))?;
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    let targets = b.input("targets", TensorType::new(DType::I32, bt(&[])))?;
+    main_model_logits(&mut b, tokens, positions, |b, logits| {
+        let loss = b.op("loss", Op::CrossEntropy { ignore_index: None }, &[logits, targets])?;
+        let mean =
+            b.op("loss", Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 1], keep_dims: false }, &[loss])?;
+        b.output("loss", mean)
     })?;
     Ok(b.finish())
 }

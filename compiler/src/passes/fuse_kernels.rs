@@ -666,7 +666,8 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
                                 rope.nodes.insert(*x);
                                 w = cx.node(*x).results[0];
                             }
-                            Op::Rope(_) => {
+                            // The inverse rotation (a gradient) has no lowering to fuse into.
+                            Op::Rope(ref c) if !c.inverse => {
                                 rope.nodes.insert(*x);
                                 found = true;
                                 break;

@@ -63,7 +63,7 @@ fn quantize(block: &[u64], pow2: bool) -> Op {
 
 /// Every case: a kernel and the range of its float inputs.
 fn cases() -> Vec<(Kernel, (f32, f32))> {
-    let rope = |interleaved, yarn| Op::Rope(RopeConfig { theta: 10000.0, interleaved, yarn });
+    let rope = |interleaved, yarn| Op::Rope(RopeConfig { theta: 10000.0, interleaved, yarn, inverse: false });
     let dispatch = |groups: (u64, u64)| {
         Op::MoeDispatch(Dispatch {
             num_experts: 4,
@@ -336,7 +336,8 @@ fn topk_puts_nan_first_and_breaks_ties_to_the_lower_index() {
 #[test]
 fn rope_is_accurate_at_deepseek_v3_positions() {
     // The largest angle of DeepSeek-V3 is its 163840 positions times inv_freq[0] = 1.
-    let rope = Op::Rope(RopeConfig { theta: 10000.0, interleaved: true, yarn: Some(V3_YARN) });
+    let rope =
+        Op::Rope(RopeConfig { theta: 10000.0, interleaved: true, yarn: Some(V3_YARN), inverse: false });
     let k = kernel(rope, &["f32[B, T, 2, 64]", "i32[B, T]"]);
     let lib = CpuLib::build(&[&k]);
     let mut rng = Rng::new(43);

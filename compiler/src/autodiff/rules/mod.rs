@@ -2,8 +2,11 @@
 //! returns the gradient of each operand (`None` where there is none) given the gradient of each
 //! result (`None` where nothing downstream depends on it).
 
+mod attention;
 mod elementwise;
 mod linalg;
+mod loss;
+mod moe;
 mod norm;
 mod reduce;
 mod shape;
@@ -35,21 +38,37 @@ pub(super) fn vjp(
         Op::Broadcast { .. } => shape::broadcast(cx, x[0], need(dy, 0)?),
         Op::Concat { axis } => shape::concat(cx, *axis, x, need(dy, 0)?),
         Op::Split { axis, .. } => shape::split(cx, *axis, x[0], &node.results, dy),
-        Op::Embedding
-        | Op::CrossEntropy { .. }
-        | Op::Rope(_)
-        | Op::Attention { .. }
-        | Op::MoeRoute(_)
-        | Op::MoeExperts { .. }
-        | Op::TopK { .. }
-        | Op::Gather { .. } => Err(none("its rule needs the backward ops that are not in the IR yet")),
+        Op::Embedding => loss::embedding(cx, x[0], x[1], need(dy, 0)?),
+        Op::CrossEntropy { ignore_index } => loss::cross_entropy(cx, *ignore_index, x[0], x[1], need(dy, 0)?),
+        Op::Rope(cfg) => attention::rope(cx, cfg, x[1], need(dy, 0)?),
+        Op::Attention { scale, causal, .. } => attention::attention(cx, *scale, *causal, x, need(dy, 0)?),
+        Op::MoeRoute(r) => moe::route(cx, r, x, node.results[1], dy[0]),
+        Op::TopK { .. } => moe::topk(cx, x[0], node.results[1], dy[0]),
+        Op::MoeExperts { num_experts } => moe::experts(cx, *num_experts, x, need(dy, 0)?),
+        // The ops of the dispatch plan, which the `moe_experts` rule differentiates through.
+        Op::MoeDispatch(plan) => moe::dispatch(cx, plan, x[0], x[1], node.results[2], need(dy, 0)?),
+        Op::GroupedLinear { num_experts } => moe::grouped_linear(cx, *num_experts, x, need(dy, 0)?),
+        Op::MoeCombine { top_k } => moe::combine(cx, *top_k, x, need(dy, 0)?),
+        Op::Gather { .. } => Err(none("no model op uses it; take_along is the differentiable gather")),
         Op::CacheUpdate => Err(none("a training program has no KV cache")),
         Op::Quantize { .. } | Op::Dequantize { .. } => {
             Err(none("FP8 casts are inserted after autodiff, on the backward graph too"))
         }
-        Op::MoeDispatch(_) | Op::GroupedLinear { .. } | Op::MoeCombine { .. } | Op::Fused { .. } => {
-            Err(none("it appears only after the pass pipeline, which runs after autodiff"))
+        Op::Fused { .. } => Err(none("fusion runs after autodiff")),
+        Op::TakeAlong { axis } => {
+            let size = cx.ty(x[0]).shape[*axis]
+                .as_known()
+                .ok_or_else(|| none("a take along a symbolic axis would scatter into a symbolic size"))?;
+            let d = cx.op(Op::ScatterAddAlong { axis: *axis, size }, &[x[1], need(dy, 0)?])?;
+            let dtype = cx.ty(x[0]).dtype;
+            Ok(vec![Some(loss::to_dtype(cx, d, dtype)?), None])
         }
+        Op::EmbeddingGrad { .. }
+        | Op::CrossEntropyGrad { .. }
+        | Op::AttentionGrad { .. }
+        | Op::ScatterAddAlong { .. }
+        | Op::GroupedLinearWgrad { .. }
+        | Op::MoeCombineGrad { .. } => Err(none("second derivatives are not supported")),
         Op::Send { .. } | Op::Recv { .. } => Err(none("pipeline stages are differentiated per stage")),
     }
 }

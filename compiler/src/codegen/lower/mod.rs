@@ -198,6 +198,9 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::Transpose { perm } => shape::transpose(f, perm)?,
         Op::Embedding => shape::embedding(f)?,
         Op::Gather { axis } => shape::gather(f, *axis)?,
+        Op::Rope(cfg) if cfg.inverse => {
+            return Err(f.unsupported("rope", "the inverse rotation (a gradient) has no lowering yet"))
+        }
         Op::Rope(cfg) => rope::rope(f, cfg)?,
         Op::Attention { scale, causal, .. } => attention::attention(f, *scale, *causal)?,
         Op::CacheUpdate => shape::cache_update(f)?,
@@ -209,6 +212,16 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::MoeCombine { top_k } => moe::combine(f, *top_k)?,
         Op::Quantize { spec, .. } => quant::quantize(f, spec)?,
         Op::Dequantize { block, .. } => quant::dequantize(f, block)?,
+        // The backward ops of training run on the interpreter until their lowerings are written.
+        op @ (Op::EmbeddingGrad { .. }
+        | Op::CrossEntropyGrad { .. }
+        | Op::AttentionGrad { .. }
+        | Op::TakeAlong { .. }
+        | Op::ScatterAddAlong { .. }
+        | Op::GroupedLinearWgrad { .. }
+        | Op::MoeCombineGrad { .. }) => {
+            return Err(f.unsupported(op.name(), "a backward op of training: no lowering yet"))
+        }
         // Formation turns these into aliases, runtime steps or buffers; a kernel holding one was
         // built by hand.
         op @ (Op::Reshape { .. }

@@ -1,0 +1,126 @@
+//! Training on the reference interpreter: a train-step program (`kiln_compiler::train::train_step`,
+//! a graph whose trained parameters, optimizer moments and step count are states) run step after
+//! step with its states kept here, the way the executor keeps a compiled program's states.
+//!
+//! [`Trainer::new`] binds the program's frozen parameters and initialises its states: a trainable
+//! state from the parameter of its name, every other state (moments, the step count) zeroed.
+//! [`Trainer::step`] feeds one batch of token rows (inputs `row[..T]` at positions `0..T`,
+//! targets `row[1..]`) and the learning rate, runs the program, and takes every state output as the
+//! state of the next step. It is the oracle the compiled train step is checked against, exact and
+//! slow.
+
+use std::collections::HashMap;
+
+use kiln_ir::interp::{self, Tensor};
+use kiln_ir::module::{StateDecl, StateRole};
+use kiln_ir::{DType, Graph, SymBindings};
+
+use crate::data::TokenRows;
+use crate::reference::to_tensor;
+use crate::weights::{HostData, HostTensor};
+use crate::RuntimeError;
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    pub loss: f32,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f32,
+}
+
+/// A train-step program on the interpreter with its states; see the module documentation.
+pub struct Trainer {
+    graph: Graph,
+    states: Vec<StateDecl>,
+    values: HashMap<String, Tensor>,
+    params: HashMap<String, Tensor>,
+}
+
+impl Trainer {
+    /// `params`: every parameter of the model by name (trained ones initialise their state, the
+    /// others stay parameters of the program).
+    pub fn new(
+        graph: Graph,
+        states: Vec<StateDecl>,
+        params: Vec<HostTensor>,
+    ) -> Result<Trainer, RuntimeError> {
+        let mut given: HashMap<String, Tensor> = HashMap::new();
+        for p in params {
+            given.insert(p.name.clone(), to_tensor(p)?);
+        }
+        let mut values = HashMap::new();
+        for s in &states {
+            let v = match (s.role, given.remove(&s.name)) {
+                (StateRole::Trainable, Some(t)) => t,
+                (StateRole::Trainable, None) => {
+                    return Err(RuntimeError::MissingParam { name: s.name.clone(), count: states.len() })
+                }
+                _ => {
+                    let none = SymBindings { b: 1, t: 1, s: 1 };
+                    let shape: Option<Vec<u64>> = s.ty.shape.iter().map(|d| d.eval(&none)).collect();
+                    let shape = shape
+                        .ok_or_else(|| RuntimeError::BadOption(format!("state `{}` is not sized", s.name)))?;
+                    let n = shape.iter().product::<u64>() as usize;
+                    Tensor::from_f32(s.ty.dtype, shape, vec![0.0; n]).map_err(|e| {
+                        RuntimeError::InputValue { name: s.name.clone(), reason: e.to_string() }
+                    })?
+                }
+            };
+            values.insert(s.name.clone(), v);
+        }
+        let declared: Vec<String> = graph.params().into_iter().map(|(n, _)| n.to_string()).collect();
+        let params = given.into_iter().filter(|(n, _)| declared.contains(n)).collect();
+        Ok(Trainer { graph, states, values, params })
+    }
+
+    /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
+    pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        if !lr.is_finite() {
+            return Err(RuntimeError::BadOption(format!("the learning rate must be finite, not {lr}")));
+        }
+        let (n, t) = (rows.rows(), rows.width() - 1);
+        let shape = vec![n as u64, t as u64];
+        let ids = |f: &dyn Fn(&[i64]) -> Vec<i64>| -> Result<Tensor, RuntimeError> {
+            let data: Vec<i64> = (0..n).flat_map(|r| f(rows.row(r))).collect();
+            Tensor::from_i64(DType::I32, shape.clone(), data)
+                .map_err(|e| RuntimeError::InputValue { name: "tokens".into(), reason: e.to_string() })
+        };
+        let mut feeds = self.values.clone();
+        feeds.insert("tokens".into(), ids(&|r| r[..t].to_vec())?);
+        feeds.insert("targets".into(), ids(&|r| r[1..].to_vec())?);
+        feeds.insert("positions".into(), ids(&|_| (0..t as i64).collect())?);
+        feeds.insert(
+            "lr".into(),
+            Tensor::from_f32(DType::F32, Vec::<u64>::new(), vec![lr])
+                .map_err(|e| RuntimeError::InputValue { name: "lr".into(), reason: e.to_string() })?,
+        );
+        let out = interp::run(&self.graph, &feeds, &self.params)?;
+        for s in &self.states {
+            if let Some(v) = out.get(&s.name) {
+                self.values.insert(s.name.clone(), v.clone());
+            }
+        }
+        let scalar = |name: &str| {
+            out.get(name).and_then(|t| t.as_f32()).and_then(|v| v.first().copied()).unwrap_or(f32::NAN)
+        };
+        Ok(StepStats { loss: scalar("loss"), grad_norm: scalar("grad_norm") })
+    }
+
+    /// The current value of every trained parameter and of the frozen ones, by name.
+    pub fn weights(&self) -> Vec<HostTensor> {
+        let trained = self
+            .states
+            .iter()
+            .filter(|s| s.role == StateRole::Trainable)
+            .map(|s| (&s.name, &self.values[&s.name]));
+        trained
+            .chain(self.params.iter())
+            .map(|(name, t)| HostTensor {
+                name: name.clone(),
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data: HostData::F32(t.as_f32().map(<[f32]>::to_vec).unwrap_or_default()),
+            })
+            .collect()
+    }
+}
