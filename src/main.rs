@@ -17,6 +17,7 @@ mod export_hf;
 mod perplexity;
 mod run;
 mod tokenize;
+mod train;
 
 /// kiln: an ahead-of-time compiler for DeepSeek-V3-class models.
 #[derive(Parser)]
@@ -146,6 +147,65 @@ enum Command {
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
+    /// Train a model spec on token data: forward, loss, backward, clipping and AdamW as one
+    /// train-step program, with checkpoints and a metrics log.
+    Train {
+        /// A model spec (`models/*.toml`) or a Hugging Face `config.json`.
+        model: PathBuf,
+        /// Initial weights: a Hugging Face checkpoint folder.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Seeded random initial weights instead of a checkpoint.
+        #[arg(long, value_name = "SEED")]
+        random_weights: Option<u64>,
+        /// The tokens, in `kiln perplexity`'s formats (`.safetensors` with `tokens` [N, T+1], or a
+        /// `.bin` stream with --dtype and --seq-len).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        dtype: Option<String>,
+        #[arg(long)]
+        seq_len: Option<u64>,
+        /// Optimizer steps.
+        #[arg(long)]
+        steps: u64,
+        /// Rows per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// The peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// The floor of the cosine and DeepSeek schedules.
+        #[arg(long, default_value_t = 0.0)]
+        min_lr: f64,
+        #[arg(long, value_enum, default_value = "constant")]
+        schedule: train::Schedule,
+        /// Linear warmup steps.
+        #[arg(long, default_value_t = 0)]
+        warmup: u64,
+        /// AdamW's betas, `b1,b2` (DeepSeek-V3's by default).
+        #[arg(long, value_delimiter = ',', default_values_t = [0.9, 0.95])]
+        betas: Vec<f64>,
+        #[arg(long, default_value_t = 1e-8)]
+        eps: f64,
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f64,
+        /// Clip the global gradient norm to this (0: no clipping).
+        #[arg(long, default_value_t = 1.0)]
+        clip: f64,
+        /// Where checkpoints (`step-N/`) and `metrics.jsonl` go.
+        #[arg(long)]
+        out: PathBuf,
+        /// Save a checkpoint every K steps (and always after the last).
+        #[arg(long, value_name = "K")]
+        save_every: Option<u64>,
+        /// Continue from a checkpoint folder of an earlier run.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Run the train step on the reference interpreter.
+        #[arg(long)]
+        interp: bool,
+    },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
     Perplexity {
@@ -281,6 +341,67 @@ fn run(command: Command) -> Result<()> {
             run::run(&req, &mut io::stdout().lock())
         }
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
+        Command::Train {
+            model,
+            weights,
+            random_weights,
+            data,
+            dtype,
+            seq_len,
+            steps,
+            batch,
+            lr,
+            min_lr,
+            schedule,
+            warmup,
+            betas,
+            eps,
+            weight_decay,
+            clip,
+            out,
+            save_every,
+            resume,
+            interp,
+        } => {
+            let weights = match (&weights, random_weights, &resume) {
+                (Some(_), Some(_), _) => {
+                    bail!("give either --weights DIR or --random-weights SEED, not both")
+                }
+                (Some(dir), _, _) => run::Weights::Checkpoint(dir),
+                (None, Some(seed), _) => run::Weights::Random(seed),
+                (None, None, Some(dir)) => run::Weights::Checkpoint(dir),
+                (None, None, None) => {
+                    bail!("give the initial weights: --weights DIR, --random-weights SEED or --resume DIR")
+                }
+            };
+            let [beta1, beta2] = betas[..] else { bail!("--betas takes two numbers, b1,b2") };
+            let hyper = train::Hyper {
+                lr,
+                min_lr,
+                schedule,
+                warmup,
+                steps,
+                batch,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                clip: (clip > 0.0).then_some(clip),
+            };
+            let req = train::Request {
+                model: &model,
+                weights,
+                data: &data,
+                dtype: dtype.as_deref(),
+                seq_len,
+                hyper,
+                out: &out,
+                save_every,
+                resume: resume.as_deref(),
+                interp,
+            };
+            train::run(&req, &mut io::stdout().lock())
+        }
         Command::Perplexity {
             model,
             weights,

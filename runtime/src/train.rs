@@ -106,6 +106,28 @@ impl Trainer {
         Ok(StepStats { loss: scalar("loss"), grad_norm: scalar("grad_norm") })
     }
 
+    /// The states other than the trained parameters (moments, the step count), by name.
+    pub fn states(&self) -> Vec<HostTensor> {
+        let rest = self.states.iter().filter(|s| s.role != StateRole::Trainable);
+        rest.map(|s| host(&s.name, &self.values[&s.name])).collect()
+    }
+
+    /// Replaces state `name` (a resumed run's moments and step count); its type must not change.
+    pub fn set_state(&mut self, name: &str, value: HostTensor) -> Result<(), RuntimeError> {
+        let Some(old) = self.values.get(name) else {
+            return Err(RuntimeError::UnknownParam { name: name.to_string() });
+        };
+        if old.dtype() != value.dtype || old.shape() != value.shape.as_slice() {
+            return Err(RuntimeError::ParamType {
+                name: name.to_string(),
+                expected: crate::inputs::shape_text(old.dtype(), old.shape()),
+                found: crate::inputs::shape_text(value.dtype, &value.shape),
+            });
+        }
+        self.values.insert(name.to_string(), to_tensor(value)?);
+        Ok(())
+    }
+
     /// The current value of every trained parameter and of the frozen ones, by name.
     pub fn weights(&self) -> Vec<HostTensor> {
         let trained = self
@@ -113,14 +135,15 @@ impl Trainer {
             .iter()
             .filter(|s| s.role == StateRole::Trainable)
             .map(|s| (&s.name, &self.values[&s.name]));
-        trained
-            .chain(self.params.iter())
-            .map(|(name, t)| HostTensor {
-                name: name.clone(),
-                dtype: t.dtype(),
-                shape: t.shape().to_vec(),
-                data: HostData::F32(t.as_f32().map(<[f32]>::to_vec).unwrap_or_default()),
-            })
-            .collect()
+        trained.chain(self.params.iter()).map(|(name, t)| host(name, t)).collect()
     }
+}
+
+fn host(name: &str, t: &Tensor) -> HostTensor {
+    let data = match (t.as_f32(), t.as_i64()) {
+        (Some(v), _) => HostData::F32(v.to_vec()),
+        (None, Some(v)) => HostData::I64(v.to_vec()),
+        (None, None) => HostData::F32(Vec::new()),
+    };
+    HostTensor { name: name.to_string(), dtype: t.dtype(), shape: t.shape().to_vec(), data }
 }

@@ -19,5 +19,6 @@ mod spec;
 mod text;
 mod tokenizer;
 mod toolchain;
+mod train;
 mod util;
 mod weights;

@@ -1,0 +1,191 @@
+//! Training against PyTorch: the train-step program (`build_train`, `autodiff::differentiate`,
+//! `train::train_step`) on the reference interpreter against transformers and
+//! `torch.optim.AdamW` (`tests/goldens/train`, made by `tools/goldens/make_train.py`): models/tiny.toml
+//! (MLA, YaRN, 16 routed experts in 4 groups with a nonzero selection bias, a shared expert, f32)
+//! from `--random-weights 3`, 30 steps of next-token cross-entropy on one fixed batch of 4 x 32
+//! tokens, lr 1e-3, betas 0.9 / 0.95, eps 1e-8, weight decay 0.1 on every trained parameter,
+//! clipping at 1.0. Then `kiln train` end to end: checkpoints, resume, and bad input.
+//!
+//! Bounds (the issue's): the loss at every step within 1e-4 relative, the step-0 gradients within
+//! 1e-5 absolute, the weights after step 30 within 1e-4 absolute. Measured (printed with
+//! `--nocapture`): gradients 3.7e-8, losses 2.2e-7 relative, grad norms 2.0e-6, final weights
+//! 1.6e-5. The routers choose the same experts as transformers at every step (the golden notes
+//! that a flipped choice would move the final weights by up to 1e-2, so these bounds also pin the
+//! routing).
+
+use std::path::Path;
+
+use kiln_compiler::autodiff::{differentiate, GRAD_PREFIX};
+use kiln_compiler::build;
+use kiln_compiler::train::{train_step, Optimizer};
+use kiln_runtime::data::{self, TokenFormat};
+use kiln_runtime::reference::to_tensor;
+use kiln_runtime::train::Trainer;
+use kiln_runtime::weights::{self, HostData};
+
+use crate::util::{kiln, root, Scratch};
+
+const GOLDEN: &str = "tests/goldens/train";
+
+fn f32s(t: &weights::HostTensor) -> &[f32] {
+    match &t.data {
+        HostData::F32(v) => v,
+        HostData::I64(_) => panic!("{} is not a float tensor", t.name),
+    }
+}
+
+#[test]
+fn thirty_adamw_steps_match_pytorch() {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(GOLDEN).join("golden.json")).unwrap())
+            .unwrap();
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let forward = build::build_train(&spec).unwrap();
+    let grads = differentiate(&forward, "loss").unwrap();
+    let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(1.0) };
+    let (program, states) = train_step(&grads, &[], &opt).unwrap();
+    // The weights transformers started from: `kiln export-hf --random-weights 3`.
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
+    let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
+        .unwrap();
+    assert_eq!((rows.rows(), rows.width()), (4, 33));
+
+    // Step 0's gradients, from the differentiated graph alone.
+    let t = rows.width() - 1;
+    let ids = |f: &dyn Fn(&[i64]) -> Vec<i64>| {
+        let data: Vec<i64> = (0..4).flat_map(|r| f(rows.row(r))).collect();
+        kiln_ir::interp::Tensor::from_i64(kiln_ir::DType::I32, vec![4, t as u64], data).unwrap()
+    };
+    let feeds = std::collections::HashMap::from([
+        ("tokens".to_string(), ids(&|r| r[..t].to_vec())),
+        ("targets".to_string(), ids(&|r| r[1..].to_vec())),
+        ("positions".to_string(), ids(&|_| (0..t as i64).collect())),
+    ]);
+    let declared: Vec<String> = forward.params().into_iter().map(|(n, _)| n.to_string()).collect();
+    let params = initial
+        .iter()
+        .filter(|p| declared.contains(&p.name))
+        .map(|p| (p.name.clone(), to_tensor(p.clone()).unwrap()))
+        .collect();
+    let out = kiln_ir::interp::run(&grads, &feeds, &params).unwrap();
+    let want = weights::open_checkpoint(&root().join(GOLDEN).join("grads0.safetensors")).unwrap();
+    let mut worst = 0f32;
+    let mut compared = 0;
+    for name in want.tensors().map(|t| t.name.clone()).collect::<Vec<_>>() {
+        let w = want.read(&name).unwrap();
+        let got =
+            out.get(&format!("{GRAD_PREFIX}{name}")).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let d = got.as_f32().unwrap().iter().zip(f32s(&w)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        worst = worst.max(d);
+        compared += 1;
+    }
+    eprintln!("step-0 gradients of {compared} parameters: max abs diff vs PyTorch {worst:e}");
+    assert!(compared >= 190 && worst <= 1e-5, "{worst:e}");
+
+    // 30 steps.
+    let mut trainer = Trainer::new(program, states, initial).unwrap();
+    let losses: Vec<f64> = serde_json::from_value(golden["losses"].clone()).unwrap();
+    let norms: Vec<f64> = serde_json::from_value(golden["grad_norms"].clone()).unwrap();
+    assert_eq!(losses.len(), 30);
+    let (mut worst_loss, mut worst_norm) = (0f64, 0f64);
+    for (k, (&want_loss, &want_norm)) in losses.iter().zip(&norms).enumerate() {
+        let s = trainer.step(&rows, 1e-3).unwrap();
+        let rel = (f64::from(s.loss) - want_loss).abs() / want_loss.abs();
+        let nrel = (f64::from(s.grad_norm) - want_norm).abs() / want_norm.abs();
+        worst_loss = worst_loss.max(rel);
+        worst_norm = worst_norm.max(nrel);
+        assert!(rel <= 1e-4, "step {k}: loss {} vs PyTorch {want_loss} ({rel:e} relative)", s.loss);
+    }
+    eprintln!("30 steps: loss within {worst_loss:e} relative of PyTorch, grad norm within {worst_norm:e}");
+    let fin = weights::open_checkpoint(&root().join(GOLDEN).join("final.safetensors")).unwrap();
+    let now: std::collections::HashMap<String, weights::HostTensor> =
+        trainer.weights().into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut worst = 0f32;
+    for name in fin.tensors().map(|t| t.name.clone()).collect::<Vec<_>>() {
+        let w = fin.read(&name).unwrap();
+        let got = now.get(&name).unwrap_or_else(|| panic!("no weight {name}"));
+        let d = f32s(got).iter().zip(f32s(&w)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        worst = worst.max(d);
+    }
+    eprintln!("weights after 30 steps: max abs diff vs PyTorch {worst:e}");
+    assert!(worst <= 1e-4, "{worst:e}");
+}
+
+/// `kiln train`: two steps, then two more from the checkpoint, equal the four steps of one run
+/// byte for byte; the checkpoint loads in `kiln run --weights`; bad input is refused before any
+/// step.
+#[test]
+fn kiln_train_checkpoints_resume_bit_identically() {
+    let s = Scratch::new();
+    let data = root().join("tests/goldens/perplexity/tokens.safetensors").to_string_lossy().into_owned();
+    let base = ["train", "models/tiny.toml", "--data", data.as_str(), "--interp"];
+    let (one, two) = (s.str("one"), s.str("two"));
+    let r = kiln(
+        &[&base[..], &["--batch", "2", "--random-weights", "3", "--steps", "4", "--out", &one]].concat(),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.lines().filter(|l| l.starts_with("step ")).count() == 4, "{}", r.stdout);
+    let r = kiln(
+        &[&base[..], &["--batch", "2", "--random-weights", "3", "--steps", "2", "--out", &two]].concat(),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let resume = s.str("two/step-2");
+    let r =
+        kiln(&[&base[..], &["--batch", "2", "--resume", &resume, "--steps", "4", "--out", &two]].concat());
+    assert!(r.ok, "{}", r.stderr);
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (s.path("one/step-4").join(f), s.path("two/step-4").join(f));
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{f} differs after a resume");
+    }
+    let metrics = std::fs::read_to_string(s.path("one/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4);
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["step"], 1);
+    assert!(first["loss"].as_f64().unwrap() > 5.0);
+    assert!(!s.path("one").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+
+    // The checkpoint is a Hugging Face folder kiln runs.
+    let ckpt = s.str("one/step-4");
+    let r = kiln(&[
+        "run",
+        "models/tiny.toml",
+        "--interp",
+        "--weights",
+        &ckpt,
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+
+    // Bad input, refused before any step.
+    let refused = |extra: &[&str], want: &str| {
+        let r = kiln(&[&base[..], &["--out", &s.str("bad")], extra].concat());
+        assert!(!r.ok && r.stderr.contains(want), "want `{want}`:\n{}", r.stderr);
+        assert!(!r.stdout.contains("step "), "{}", r.stdout);
+    };
+    refused(&["--random-weights", "3", "--steps", "1", "--lr", "NaN"], "--lr must be a finite");
+    refused(&["--random-weights", "3", "--steps", "1", "--batch", "9"], "3 rows, fewer than one batch of 9");
+    refused(&["--random-weights", "3", "--steps", "0"], "--steps and --batch must be at least 1");
+    refused(&["--steps", "1"], "give the initial weights");
+    let r = kiln(&[
+        "train",
+        "models/tiny.toml",
+        "--data",
+        data.as_str(),
+        "--random-weights",
+        "3",
+        "--steps",
+        "1",
+        "--out",
+        &s.str("c"),
+    ]);
+    assert!(!r.ok && r.stderr.contains("compiled training is not available yet"), "{}", r.stderr);
+    let _ = Path::new(".");
+}
