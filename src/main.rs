@@ -205,6 +205,16 @@ enum Command {
         /// Run the train step on the reference interpreter.
         #[arg(long)]
         interp: bool,
+        /// γ of auxiliary-loss-free balancing: after each step every router's selection bias
+        /// moves by γ toward balance (DeepSeek-V3: 0.001). 0 leaves the bias as it is.
+        #[arg(long, default_value_t = 0.0)]
+        bias_update_speed: f64,
+        /// α of the complementary sequence-wise balance loss (DeepSeek-V3: 0.0001).
+        #[arg(long, default_value_t = 0.0)]
+        balance_alpha: f64,
+        /// λ of the MTP loss over the spec's MTP modules (DeepSeek-V3: 0.3, then 0.1).
+        #[arg(long, default_value_t = 0.0)]
+        mtp_lambda: f64,
     },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
@@ -362,6 +372,9 @@ fn run(command: Command) -> Result<()> {
             save_every,
             resume,
             interp,
+            bias_update_speed,
+            balance_alpha,
+            mtp_lambda,
         } => {
             let weights = match (&weights, random_weights, &resume) {
                 (Some(_), Some(_), _) => {
@@ -399,6 +412,7 @@ fn run(command: Command) -> Result<()> {
                 save_every,
                 resume: resume.as_deref(),
                 interp,
+                losses: kiln_compiler::build::TrainLosses { mtp_lambda, balance_alpha, bias_update_speed },
             };
             train::run(&req, &mut io::stdout().lock())
         }

@@ -24,8 +24,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use kiln_compiler::autodiff::differentiate;
-use kiln_compiler::train::{train_step, Optimizer};
+use kiln_compiler::train::Optimizer;
 use kiln_compiler::{build, spec};
 use kiln_ir::module::StateRole;
 use kiln_runtime::data::{self, StreamDType, TokenRows};
@@ -139,6 +138,7 @@ pub struct Request<'a> {
     pub save_every: Option<u64>,
     pub resume: Option<&'a Path>,
     pub interp: bool,
+    pub losses: build::TrainLosses,
 }
 
 const TRAINER: &str = "trainer.json";
@@ -177,9 +177,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
 
     // The program: forward and loss, backward, clipping and AdamW.
-    let forward = build::build_train(&spec)?;
-    let grads = differentiate(&forward, "loss")?;
-    let (program, states) = train_step(&grads, &[], &req.hyper.optimizer())?;
+    let (program, states) = kiln_compiler::train::program(&spec, &req.losses, &req.hyper.optimizer())?;
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
     let full = build::build_graph(&spec)?;
     let decls = weights::graph_params(&full)?;
@@ -209,7 +207,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let mut trainer = Trainer::new(program, states.clone(), weights_in)?;
     if let Some(dir) = req.resume {
         let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
-        for s in states.iter().filter(|s| s.role != StateRole::Trainable) {
+        for s in states.iter().filter(|s| !matches!(s.role, StateRole::Trainable | StateRole::RoutingBias)) {
             trainer.set_state(&s.name, opt.read(&s.name)?)?;
         }
     }
@@ -247,13 +245,15 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         progress.step += 1;
         progress.row = (progress.row + req.hyper.batch) % rows.rows();
         let tps = (req.hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
+        let load = stats.max_load.map_or(String::new(), |m| format!("  max load {m:.3}x mean"));
         writeln!(
             out,
-            "step {:>5}  loss {:.6}  grad norm {:.4}  lr {:.3e}  {:.1} tokens/s",
+            "step {:>5}  loss {:.6}  grad norm {:.4}  lr {:.3e}  {:.1} tokens/s{load}",
             progress.step, stats.loss, stats.grad_norm, lr, tps
         )?;
         let line = serde_json::json!({
             "step": progress.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "tokens_per_s": tps,
+            "max_load": stats.max_load, "load": stats.loads,
         });
         writeln!(metrics, "{line}")?;
         let last = progress.step == req.hyper.steps;
@@ -293,7 +293,9 @@ fn save(
     let mut optimizer = Vec::new();
     for t in trainer.weights().into_iter().chain(trainer.states()) {
         match states.iter().find(|s| s.name == t.name).map(|s| s.role) {
-            Some(StateRole::Trainable) | None => drop(model.insert(t.name.clone(), t)),
+            Some(StateRole::Trainable | StateRole::RoutingBias) | None => {
+                drop(model.insert(t.name.clone(), t))
+            }
             Some(_) => optimizer.push(t),
         }
     }

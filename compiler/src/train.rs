@@ -138,8 +138,12 @@ pub fn train_step(
         *g.node_mut_op(n) = Op::Input { name: name.clone() };
         trained.push((name, v, d));
     }
+    // The gradients are consumed here; the forward graph's other outputs (expert loads, the
+    // routers' bias updates) stay.
     for name in g.outputs().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>() {
-        g.remove_output(&name);
+        if name == LOSS || name.starts_with(GRAD_PREFIX) {
+            g.remove_output(&name);
+        }
     }
     let mut states = Vec::new();
     let mut b = B { g: &mut g };
@@ -247,6 +251,36 @@ pub fn train_step(
     }
     kiln_ir::verify::verify(&g).map_err(|e| TrainError::Internal(e.to_string()))?;
     Ok((g, states))
+}
+
+/// The train-step program of a model spec: [`crate::build::build_train`] with `losses`,
+/// [`crate::autodiff::differentiate`], then [`train_step`]; its states include the routers'
+/// selection biases (`routing_bias`), which the balancing rule moves (or keeps, at γ = 0).
+pub fn program(
+    spec: &kiln_ir::ModelSpec,
+    losses: &crate::build::TrainLosses,
+    opt: &Optimizer,
+) -> Result<(Graph, Vec<StateDecl>), ProgramError> {
+    let (forward, info) = crate::build::build_train(spec, losses)?;
+    let grads = crate::autodiff::differentiate(&forward, LOSS)?;
+    let (g, mut states) = train_step(&grads, &[], opt)?;
+    states.extend(info.biases.into_iter().map(|(name, ty)| StateDecl {
+        name,
+        ty,
+        role: StateRole::RoutingBias,
+    }));
+    Ok((g, states))
+}
+
+/// Why [`program`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error(transparent)]
+    Build(#[from] crate::build::BuildError),
+    #[error(transparent)]
+    Autodiff(#[from] crate::autodiff::AutodiffError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
 }
 
 fn output(g: &Graph, name: &str) -> Result<ValueId, TrainError> {

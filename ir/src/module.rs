@@ -65,16 +65,20 @@ pub enum StateRole {
     GradientAccumulator,
     /// Step counters and random-number-generator state (`counter`).
     Counter,
+    /// A MoE router's selection bias, which the auxiliary-loss-free balancing rule moves after
+    /// each step (`routing_bias`): state, not a trained weight (DeepSeek-V3 §2.1.2).
+    RoutingBias,
 }
 
 impl StateRole {
-    pub const ALL: [StateRole; 6] = [
+    pub const ALL: [StateRole; 7] = [
         StateRole::KvCache,
         StateRole::Trainable,
         StateRole::OptimizerMoment,
         StateRole::MasterWeight,
         StateRole::GradientAccumulator,
         StateRole::Counter,
+        StateRole::RoutingBias,
     ];
 
     /// The spelling in the text IR (`state "kv_cache.0" : ... {role = kv_cache}`).
@@ -86,6 +90,7 @@ impl StateRole {
             StateRole::MasterWeight => "master_weight",
             StateRole::GradientAccumulator => "gradient_accumulator",
             StateRole::Counter => "counter",
+            StateRole::RoutingBias => "routing_bias",
         }
     }
 

@@ -21,11 +21,16 @@ use crate::weights::{HostData, HostTensor};
 use crate::RuntimeError;
 
 /// What one step reports.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepStats {
     pub loss: f32,
     /// The global gradient norm before clipping.
     pub grad_norm: f32,
+    /// Tokens each expert of each MoE layer received in the step, by layer (`load.{scope}`
+    /// outputs), in the program's output order.
+    pub loads: Vec<(String, Vec<f32>)>,
+    /// The busiest expert's load over the mean load, worst over the layers.
+    pub max_load: Option<f32>,
 }
 
 /// A train-step program on the interpreter with its states; see the module documentation.
@@ -50,9 +55,10 @@ impl Trainer {
         }
         let mut values = HashMap::new();
         for s in &states {
-            let v = match (s.role, given.remove(&s.name)) {
-                (StateRole::Trainable, Some(t)) => t,
-                (StateRole::Trainable, None) => {
+            let from_weights = matches!(s.role, StateRole::Trainable | StateRole::RoutingBias);
+            let v = match (from_weights, given.remove(&s.name)) {
+                (true, Some(t)) => t,
+                (true, None) => {
                     return Err(RuntimeError::MissingParam { name: s.name.clone(), count: states.len() })
                 }
                 _ => {
@@ -89,6 +95,21 @@ impl Trainer {
         feeds.insert("tokens".into(), ids(&|r| r[..t].to_vec())?);
         feeds.insert("targets".into(), ids(&|r| r[1..].to_vec())?);
         feeds.insert("positions".into(), ids(&|_| (0..t as i64).collect())?);
+        // MTP depth k: the token k ahead as input, the token k + 1 ahead as target where there is one.
+        let names: Vec<String> = self.graph.inputs().iter().map(|(n, _)| n.to_string()).collect();
+        for name in names.iter().filter_map(|n| n.strip_prefix("mtp_tokens.")) {
+            let k: usize =
+                name.parse().map_err(|_| RuntimeError::UnknownModelInput(format!("mtp_tokens.{name}")))?;
+            let at = |r: &[i64], i: usize| r.get(i).copied().unwrap_or(0);
+            feeds.insert(format!("mtp_tokens.{k}"), ids(&|r| (0..t).map(|i| at(r, i + k)).collect())?);
+            feeds.insert(format!("mtp_targets.{k}"), ids(&|r| (0..t).map(|i| at(r, i + k + 1)).collect())?);
+            let mask: Vec<f32> =
+                (0..n).flat_map(|_| (0..t).map(|i| if i + k < t { 1.0 } else { 0.0 })).collect();
+            let mask = Tensor::from_f32(DType::F32, shape.clone(), mask).map_err(|e| {
+                RuntimeError::InputValue { name: format!("mtp_mask.{k}"), reason: e.to_string() }
+            })?;
+            feeds.insert(format!("mtp_mask.{k}"), mask);
+        }
         feeds.insert(
             "lr".into(),
             Tensor::from_f32(DType::F32, Vec::<u64>::new(), vec![lr])
@@ -103,12 +124,22 @@ impl Trainer {
         let scalar = |name: &str| {
             out.get(name).and_then(|t| t.as_f32()).and_then(|v| v.first().copied()).unwrap_or(f32::NAN)
         };
-        Ok(StepStats { loss: scalar("loss"), grad_norm: scalar("grad_norm") })
+        let loads: Vec<(String, Vec<f32>)> = out
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("load.")?.to_string(), v.as_f32()?.to_vec())))
+            .collect();
+        let ratio = |l: &[f32]| {
+            let mean = l.iter().sum::<f32>() / l.len().max(1) as f32;
+            l.iter().copied().fold(0f32, f32::max) / mean.max(f32::MIN_POSITIVE)
+        };
+        let max_load = loads.iter().map(|(_, l)| ratio(l)).reduce(f32::max);
+        Ok(StepStats { loss: scalar("loss"), grad_norm: scalar("grad_norm"), loads, max_load })
     }
 
-    /// The states other than the trained parameters (moments, the step count), by name.
+    /// The states other than the model's weights (moments, the step count), by name.
     pub fn states(&self) -> Vec<HostTensor> {
-        let rest = self.states.iter().filter(|s| s.role != StateRole::Trainable);
+        let rest =
+            self.states.iter().filter(|s| !matches!(s.role, StateRole::Trainable | StateRole::RoutingBias));
         rest.map(|s| host(&s.name, &self.values[&s.name])).collect()
     }
 
@@ -128,12 +159,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// The current value of every trained parameter and of the frozen ones, by name.
+    /// The current value of every trained parameter, of the routers' biases and of the frozen
+    /// parameters, by name: the model's weights.
     pub fn weights(&self) -> Vec<HostTensor> {
-        let trained = self
-            .states
-            .iter()
-            .filter(|s| s.role == StateRole::Trainable)
+        let trained = (self.states.iter())
+            .filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
             .map(|s| (&s.name, &self.values[&s.name]));
         trained.chain(self.params.iter()).map(|(name, t)| host(name, t)).collect()
     }

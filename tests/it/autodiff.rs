@@ -254,40 +254,51 @@ fn the_train_step_program_is_torch_adamw_with_clipping() {
 }
 
 /// The whole tiny DeepSeek-V3 (MLA, YaRN, 16 routed experts in 4 groups, a shared expert, the
-/// biased sigmoid router) differentiates: every parameter but the router's selection bias gets a
-/// gradient, and a sample of them agree with finite differences of the whole model's loss.
+/// biased sigmoid router, one MTP module) differentiates with every loss term on: the next-token
+/// loss, the MTP loss (λ 0.3) and the sequence-wise balance loss (α raised to 0.1 so that its
+/// share of each gradient is far above the differences' noise). Every parameter gets a gradient
+/// (the routers' selection biases are state inputs, not parameters), and a sample of them agree
+/// with finite differences of the whole loss.
 #[test]
 fn the_whole_model_differentiates_and_matches_finite_differences() {
+    use kiln_compiler::build::{build_train, TrainLosses};
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
-    let g = kiln_compiler::build::build_train(&spec).unwrap();
+    let losses = TrainLosses { mtp_lambda: 0.3, balance_alpha: 0.1, bias_update_speed: 0.0 };
+    let (g, info) = build_train(&spec, &losses).unwrap();
+    assert_eq!((info.mtp_depth, info.biases.len()), (1, 4), "one MTP module; 4 MoE layers with it");
     let d = differentiate(&g, "loss").unwrap_or_else(|e| panic!("{e}"));
-    let decls = kiln_runtime::weights::graph_params(&g).unwrap();
-    let params: HashMap<String, Tensor> = kiln_runtime::weights::random_tensors(decls, 3, 0.02)
-        .map(|t| (t.name.clone(), kiln_runtime::reference::to_tensor(t).unwrap()))
-        .collect();
+    let full = kiln_compiler::build::build_graph(&spec).unwrap();
+    let all: HashMap<String, Tensor> =
+        kiln_runtime::weights::random_tensors(kiln_runtime::weights::graph_params(&full).unwrap(), 3, 0.02)
+            .map(|t| (t.name.clone(), kiln_runtime::reference::to_tensor(t).unwrap()))
+            .collect();
+    let declared: Vec<String> = g.params().into_iter().map(|(n, _)| n.to_string()).collect();
+    let params: HashMap<String, Tensor> =
+        all.iter().filter(|(n, _)| declared.contains(n)).map(|(n, t)| (n.clone(), t.clone())).collect();
     let ids = |seed: &str| {
         let mut r = Rng::for_name(seed, 1);
         Tensor::from_i64(DType::I32, vec![2, 6], (0..12).map(|_| (r.next() % 512) as i64).collect()).unwrap()
     };
-    let inputs = HashMap::from([
+    let mask: Vec<f32> = (0..12).map(|i| if i % 6 < 4 { 1.0 } else { 0.0 }).collect();
+    let mut inputs = HashMap::from([
         ("tokens".to_string(), ids("tokens")),
         ("targets".to_string(), ids("targets")),
+        ("mtp_tokens.1".to_string(), ids("mtp_tokens")),
+        ("mtp_targets.1".to_string(), ids("mtp_targets")),
+        ("mtp_mask.1".to_string(), Tensor::from_f32(DType::F32, vec![2, 6], mask).unwrap()),
         (
             "positions".to_string(),
             Tensor::from_i64(DType::I32, vec![2, 6], (0..12).map(|i| i % 6).collect()).unwrap(),
         ),
     ]);
+    for (name, _) in &info.biases {
+        inputs.insert(name.clone(), all[name].clone());
+    }
     let out = run(&d, &inputs, &params).unwrap_or_else(|e| panic!("{e}"));
-    let grads: Vec<&String> = out.keys().filter(|k| k.starts_with(GRAD_PREFIX)).collect();
     let without: Vec<&String> =
         params.keys().filter(|p| !out.contains_key(&format!("{GRAD_PREFIX}{p}"))).collect();
-    assert!(without.iter().all(|p| p.ends_with("e_score_correction_bias")), "no gradient for {without:?}");
-    assert!(
-        grads.len() + without.len() == params.len() && without.len() == 3,
-        "{} {}",
-        grads.len(),
-        without.len()
-    );
+    assert!(without.is_empty(), "no gradient for {without:?}");
+    assert!(declared.iter().any(|p| p.starts_with("model.layers.4.")), "the MTP module is trained");
     let mut params = params;
     for name in [
         "model.embed_tokens.weight",
@@ -295,6 +306,8 @@ fn the_whole_model_differentiates_and_matches_finite_differences() {
         "model.layers.1.mlp.gate.weight",
         "model.layers.2.mlp.experts.5.down_proj.weight",
         "model.layers.3.mlp.shared_experts.up_proj.weight",
+        "model.layers.4.eh_proj.weight",
+        "model.layers.4.mlp.gate.weight",
         "model.norm.weight",
         "lm_head.weight",
     ] {
@@ -321,7 +334,8 @@ fn the_whole_model_differentiates_and_matches_finite_differences() {
             let fd = (up - down) / (2.0 * f64::from(h));
             let err = (fd - f64::from(grad[i])).abs();
             eprintln!("{name}[{i}]: autodiff {} fd {fd:.6e}", grad[i]);
-            assert!(err <= 1e-2 * f64::from(grad[i].abs()).max(1e-2), "{name}[{i}]: {} vs {fd}", grad[i]);
+            // Rounding of an f32 loss near 8 over a step of 2h gives about 1.6e-4 of noise.
+            assert!(err <= 1e-2 * f64::from(grad[i].abs()) + 3e-4, "{name}[{i}]: {} vs {fd}", grad[i]);
         }
         params.insert(name.to_string(), base);
     }

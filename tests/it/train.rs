@@ -17,7 +17,7 @@ use std::path::Path;
 
 use kiln_compiler::autodiff::{differentiate, GRAD_PREFIX};
 use kiln_compiler::build;
-use kiln_compiler::train::{train_step, Optimizer};
+use kiln_compiler::train::{program, Optimizer};
 use kiln_runtime::data::{self, TokenFormat};
 use kiln_runtime::reference::to_tensor;
 use kiln_runtime::train::Trainer;
@@ -40,10 +40,11 @@ fn thirty_adamw_steps_match_pytorch() {
         serde_json::from_str(&std::fs::read_to_string(root().join(GOLDEN).join("golden.json")).unwrap())
             .unwrap();
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
-    let forward = build::build_train(&spec).unwrap();
+    let losses = build::TrainLosses::default();
+    let (forward, _) = build::build_train(&spec, &losses).unwrap();
     let grads = differentiate(&forward, "loss").unwrap();
     let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(1.0) };
-    let (program, states) = train_step(&grads, &[], &opt).unwrap();
+    let (program, states) = program(&spec, &losses, &opt).unwrap();
     // The weights transformers started from: `kiln export-hf --random-weights 3`.
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
@@ -57,11 +58,17 @@ fn thirty_adamw_steps_match_pytorch() {
         let data: Vec<i64> = (0..4).flat_map(|r| f(rows.row(r))).collect();
         kiln_ir::interp::Tensor::from_i64(kiln_ir::DType::I32, vec![4, t as u64], data).unwrap()
     };
-    let feeds = std::collections::HashMap::from([
+    let mut feeds = std::collections::HashMap::from([
         ("tokens".to_string(), ids(&|r| r[..t].to_vec())),
         ("targets".to_string(), ids(&|r| r[1..].to_vec())),
         ("positions".to_string(), ids(&|_| (0..t as i64).collect())),
     ]);
+    // The routers' selection biases are inputs of the training graph (state of the program).
+    for (name, _) in forward.inputs() {
+        if let Some(p) = initial.iter().find(|p| p.name == name) {
+            feeds.insert(name.to_string(), to_tensor(p.clone()).unwrap());
+        }
+    }
     let declared: Vec<String> = forward.params().into_iter().map(|(n, _)| n.to_string()).collect();
     let params = initial
         .iter()
@@ -188,4 +195,51 @@ fn kiln_train_checkpoints_resume_bit_identically() {
     ]);
     assert!(!r.ok && r.stderr.contains("compiled training is not available yet"), "{}", r.stderr);
     let _ = Path::new(".");
+}
+
+/// Auxiliary-loss-free balancing: after a step every router's selection bias has moved by exactly
+/// γ toward balance (up for an expert below the mean load, down above it, not at all at the mean),
+/// counted over the step's tokens, and the biases are written back with the model's weights.
+#[test]
+fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let gamma = 1e-3f32;
+    let losses = build::TrainLosses { bias_update_speed: f64::from(gamma), ..build::TrainLosses::default() };
+    let (prog, states) = program(&spec, &losses, &Optimizer::default()).unwrap();
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
+    let before: std::collections::HashMap<String, Vec<f32>> = initial
+        .iter()
+        .filter(|t| t.name.ends_with("e_score_correction_bias"))
+        .map(|t| (t.name.clone(), f32s(t).to_vec()))
+        .collect();
+    assert_eq!(before.len(), 4);
+    let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
+        .unwrap();
+    let mut trainer = Trainer::new(prog, states, initial).unwrap();
+    let stats = trainer.step(&rows, 1e-3).unwrap();
+    assert_eq!(stats.loads.len(), 3, "the three MoE layers of the main model");
+    let after: std::collections::HashMap<String, weights::HostTensor> =
+        trainer.weights().into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut moved = 0;
+    for (layer, load) in &stats.loads {
+        assert_eq!(load.iter().sum::<f32>(), (4 * 32 * 4) as f32, "{layer}: every token routed to 4 experts");
+        let name = format!("{layer}.gate.e_score_correction_bias");
+        let mean = load.iter().sum::<f32>() / load.len() as f32;
+        for (e, (&b0, &b1)) in before[&name].iter().zip(f32s(&after[&name])).enumerate() {
+            let want = b0 + gamma * (mean - load[e]).signum() * if mean == load[e] { 0.0 } else { 1.0 };
+            assert!(
+                (b1 - want).abs() <= 1e-7,
+                "{layer} expert {e}: load {} (mean {mean}): {b0} -> {b1}",
+                load[e]
+            );
+            moved += usize::from(b1 != b0);
+        }
+    }
+    assert!(moved > 40, "{moved} biases moved");
+    let ratio = stats.max_load.unwrap();
+    eprintln!(
+        "one step: the busiest expert has {ratio:.3}x the mean load; {moved} of 48 biases moved by {gamma}"
+    );
+    assert!(ratio > 1.0);
 }

@@ -3,7 +3,8 @@
 //! [`differentiate`] takes a forward graph with a scalar loss output and returns one graph that
 //! computes the loss and the gradient of the loss with respect to every parameter it reads: the
 //! forward nodes as they were, then the backward nodes, outputs `loss` and `grad.{parameter}`
-//! (parameters the loss does not depend on have no gradient output). It runs on the high-level
+//! (parameters the loss does not depend on have no gradient output) after the forward graph's
+//! other outputs, which stay. It runs on the high-level
 //! forward graph, before `insert-fp8-casts` and `fuse-kernels`, so those passes see the backward
 //! graph too.
 //!
@@ -245,10 +246,10 @@ pub fn differentiate(g: &Graph, loss_output: &str) -> Result<Graph, AutodiffErro
     if ty != TensorType::scalar(DType::F32) {
         return Err(AutodiffError::LossType { name: loss_output.to_string(), ty });
     }
+    // The loss goes last with the gradients; the forward graph's other outputs stay (a training
+    // graph's expert loads and state updates).
     let mut out = g.clone();
-    for name in g.outputs().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>() {
-        out.remove_output(&name);
-    }
+    out.remove_output(loss_output);
     let order = out.nodes();
     let mut cx = Cx { g: &mut out, scope: Some(LOSS.to_string()) };
     let one = cx.scalar(1.0, DType::F32)?;

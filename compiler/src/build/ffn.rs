@@ -57,13 +57,29 @@ pub(super) fn moe(b: &mut Builder, scope: &str, x: ValueId) -> Result<ValueId, B
         normalize: m.norm_topk_prob,
         scaling: m.routed_scaling_factor,
     };
-    let route = if m.topk_method == TopkMethod::NoauxTc {
-        // The correction bias only steers selection; it is stored in f32 (reference §3.1).
-        let bias = b.param_of(scope, "gate.e_score_correction_bias", DType::F32, &[e])?;
-        b.node(scope, Op::MoeRoute(router), &[logits, bias])?
+    let (route, bias) = if m.topk_method == TopkMethod::NoauxTc {
+        // The correction bias only steers selection; it is stored in f32 (reference §3.1). In
+        // training it is state that the balancing rule moves.
+        let name = format!("{scope}.gate.e_score_correction_bias");
+        let bias = if b.routing.is_some() {
+            b.input(&name, kiln_ir::TensorType::known(DType::F32, &[e]))?
+        } else {
+            b.param_of(scope, "gate.e_score_correction_bias", DType::F32, &[e])?
+        };
+        (b.node(scope, Op::MoeRoute(router.clone()), &[logits, bias])?, Some((name, bias)))
     } else {
-        b.node(scope, Op::MoeRoute(router), &[logits])?
+        (b.node(scope, Op::MoeRoute(router.clone()), &[logits])?, None)
     };
+    if let Some(r) = b.routing.as_mut() {
+        r.push(super::Routing {
+            scope: scope.to_string(),
+            logits,
+            indices: route[1],
+            bias,
+            experts: e,
+            top_k: router.top_k,
+        });
+    }
 
     let inter = m.moe_intermediate_size;
     let mut operands = Vec::with_capacity(3 + 3 * e as usize);

@@ -26,6 +26,7 @@
 //! routed experts are one `moe_experts` op (`plan-moe-dispatch` lowers it), and nothing is quantised
 //! (`insert-fp8-casts` does that from the spec's `[quantization]`).
 
+mod balance;
 mod ffn;
 mod mla;
 mod mtp;
@@ -33,7 +34,7 @@ mod mtp;
 use kiln_ir::infer::{infer, InferError};
 use kiln_ir::op::{Op, ReduceOp};
 use kiln_ir::spec::ModelSpec;
-use kiln_ir::{DType, Dim, Graph, GraphError, TensorType, ValueId};
+use kiln_ir::{BinaryOp, DType, Dim, Graph, GraphError, TensorType, ValueId};
 
 pub use mtp::{mtp_logits_name, mtp_tokens_name};
 
@@ -148,22 +149,116 @@ pub fn build_score(spec: &ModelSpec) -> Result<Graph, BuildError> {
     Ok(b.finish())
 }
 
-/// Builds the forward graph of training: [`build_score`]'s per-position loss averaged over every
-/// target, output `loss` (`f32[]`): the next-token cross-entropy `model(input_ids, labels).loss`
-/// computes. [`crate::autodiff::differentiate`] and [`crate::train::train_step`] make the
+/// The loss terms of training and the balancing rule, each off at 0 (DeepSeek-V3's values in the
+/// comments, reference §3.3, §3.4, §5).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainLosses {
+    /// λ of the MTP loss `λ/D Σ_k L_k` (0.3, then 0.1); the MTP modules are built only when it is
+    /// positive and the spec has them.
+    pub mtp_lambda: f64,
+    /// α of the complementary sequence-wise balance loss (1e-4).
+    pub balance_alpha: f64,
+    /// γ of the auxiliary-loss-free balancing rule (1e-3): after each step each router's selection
+    /// bias moves by γ toward balance.
+    pub bias_update_speed: f64,
+}
+
+impl Default for TrainLosses {
+    /// The next-token loss alone, the bias left as it is.
+    fn default() -> TrainLosses {
+        TrainLosses { mtp_lambda: 0.0, balance_alpha: 0.0, bias_update_speed: 0.0 }
+    }
+}
+
+/// What [`build_train`] built besides the graph: the routers' selection biases, states the graph
+/// reads as inputs of their parameter names (and, with a positive `bias_update_speed`, updates
+/// through outputs of those names), and the MTP depths it added inputs for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainGraph {
+    pub biases: Vec<(String, TensorType)>,
+    pub mtp_depth: u64,
+}
+
+/// The output holding the tokens each expert of a MoE layer received in the step:
+/// `load.{scope}`.
+pub const LOAD_PREFIX: &str = "load.";
+
+/// Builds the forward graph of training, output `loss` (`f32[]`):
+///
+/// - the next-token cross-entropy, averaged over every target: what `model(input_ids,
+///   labels).loss` computes (inputs `tokens`, `positions`, `targets` `[B, T]`);
+/// - with `mtp_lambda > 0` and MTP modules, `λ/D Σ_k L_k` (DeepSeek-V3 eq. 24–25), where module
+///   `k` reads `mtp_tokens.k` (the token `k` ahead, as in [`build_graph`]) and is scored against
+///   `mtp_targets.k` (the token `k + 1` ahead) where `mtp_mask.k` is 1: `L_k = sum(ce * mask) /
+///   (B T)`, the paper's `1/T` per sequence, averaged over sequences;
+/// - with `balance_alpha > 0`, the complementary sequence-wise balance loss of every MoE layer
+///   (eq. 17–20): `α Σ_i f_i P_i` per sequence, averaged over the sequences, with `f_i = E/(K T)
+///   Σ_t 1(i selected at t)` (no gradient: a selection) and `P_i = 1/T Σ_t s'_{i,t}`, the scores
+///   normalised over all experts;
+/// - with `bias_update_speed = γ > 0`, each router's selection bias is a state updated after the
+///   step: `b_i += γ sign(mean load - load_i)` over the step's tokens (it changes which experts
+///   are chosen, never the gating weights, and has no gradient).
+///
+/// Every MoE layer's load (tokens per expert, f32 `[E]`) is an output `load.{scope}` for the
+/// trainer's report. [`crate::autodiff::differentiate`] and [`crate::train::train_step`] make the
 /// train-step program from it.
-pub fn build_train(spec: &ModelSpec) -> Result<Graph, BuildError> {
+pub fn build_train(spec: &ModelSpec, losses: &TrainLosses) -> Result<(Graph, TrainGraph), BuildError> {
     let mut b = Builder::new(spec, format!("{}.train", spec.model.name))?;
+    b.routing = Some(Vec::new());
     let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
     let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
     let targets = b.input("targets", TensorType::new(DType::I32, bt(&[])))?;
-    main_model_logits(&mut b, tokens, positions, |b, logits| {
-        let loss = b.op("loss", Op::CrossEntropy { ignore_index: None }, &[logits, targets])?;
-        let mean =
-            b.op("loss", Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 1], keep_dims: false }, &[loss])?;
-        b.output("loss", mean)
+    let ce_sum = |b: &mut Builder,
+                  scope: &str,
+                  logits,
+                  targets,
+                  mask: Option<ValueId>|
+     -> Result<ValueId, BuildError> {
+        let ce = b.op(scope, Op::CrossEntropy { ignore_index: None }, &[logits, targets])?;
+        let ce = match mask {
+            Some(m) => b.op(scope, Op::Binary(BinaryOp::Mul), &[ce, m])?,
+            None => ce,
+        };
+        b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![0, 1], keep_dims: false }, &[ce])
+    };
+    let mut main_logits = None;
+    let h = main_model_logits(&mut b, tokens, positions, |_, logits| {
+        main_logits = Some(logits);
+        Ok(())
     })?;
-    Ok(b.finish())
+    let logits = main_logits.expect("the head calls back");
+    let mut loss = ce_sum(&mut b, "loss", logits, targets, None)?;
+    let depth = spec.mtp.as_ref().map_or(0, |m| m.num_layers);
+    let mut info = TrainGraph::default();
+    if losses.mtp_lambda > 0.0 && depth > 0 {
+        info.mtp_depth = depth;
+        let mut prev = h;
+        let mut sum = None;
+        for k in 1..=depth {
+            let toks = b.input(&format!("mtp_tokens.{k}"), TensorType::new(DType::I32, bt(&[])))?;
+            let tgt = b.input(&format!("mtp_targets.{k}"), TensorType::new(DType::I32, bt(&[])))?;
+            let mask = b.input(&format!("mtp_mask.{k}"), TensorType::new(DType::F32, bt(&[])))?;
+            let (hk, lk) = mtp::module(&mut b, k, prev, positions, toks)?;
+            let lk = ce_sum(&mut b, "loss.mtp", lk, tgt, Some(mask))?;
+            sum = Some(match sum {
+                None => lk,
+                Some(s) => b.op("loss.mtp", Op::Binary(BinaryOp::Add), &[s, lk])?,
+            });
+            prev = hk;
+        }
+        let scale = b.constant("loss.mtp", losses.mtp_lambda / depth as f64, DType::F32)?;
+        let mtp = b.op("loss.mtp", Op::Binary(BinaryOp::Mul), &[sum.expect("depth >= 1"), scale])?;
+        loss = b.op("loss", Op::Binary(BinaryOp::Add), &[loss, mtp])?;
+    }
+    let routers = b.routing.take().unwrap_or_default();
+    for r in &routers {
+        balance::add(&mut b, r, losses, &mut loss)?;
+        if let Some((name, v)) = &r.bias {
+            info.biases.push((name.clone(), b.g.ty(*v).clone()));
+        }
+    }
+    b.output("loss", loss)?;
+    Ok((b.finish(), info))
 }
 
 /// Embedding, decoder layers, final norm and head, with output `logits`; returns the hidden state
@@ -263,6 +358,23 @@ struct Builder<'s> {
     head: Option<ValueId>,
     /// Set when building a program with a KV cache.
     phase: Option<Phase>,
+    /// With `Some`, every MoE layer's router is recorded here (what training's balancing needs),
+    /// and its selection bias is a state input rather than a parameter.
+    routing: Option<Vec<Routing>>,
+}
+
+/// One MoE layer's router, as [`build_train`] needs it for balancing.
+#[derive(Clone, Debug)]
+pub(crate) struct Routing {
+    pub scope: String,
+    /// The router's f32 logits `[B, T, E]`.
+    pub logits: ValueId,
+    /// The selected experts `[B, T, K]`.
+    pub indices: ValueId,
+    /// The selection bias `f32[E]`, when the router has one, and its name.
+    pub bias: Option<(String, ValueId)>,
+    pub experts: u64,
+    pub top_k: u64,
 }
 
 impl<'s> Builder<'s> {
@@ -272,7 +384,7 @@ impl<'s> Builder<'s> {
         if spec.moe.as_ref().is_some_and(|m| m.moe_layer_freq == 0) {
             return Err(BuildError::Spec("moe.moe_layer_freq must be at least 1, found 0".into()));
         }
-        Ok(Builder { spec, g: Graph::new(name), embed: None, head: None, phase: None })
+        Ok(Builder { spec, g: Graph::new(name), embed: None, head: None, phase: None, routing: None })
     }
 
     fn finish(self) -> Graph {

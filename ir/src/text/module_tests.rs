@@ -139,7 +139,8 @@ fn error_at(src: &str) -> (usize, usize, String) {
 fn declaration_errors_point_at_the_offending_token() {
     let head = "module @m {\n  param \"w\" : f32[4]\n";
     let at = |line: &str| error_at(&format!("{head}{line}\n}}\n"));
-    let roles = "kv_cache, trainable, optimizer_moment, master_weight, gradient_accumulator, counter";
+    let roles =
+        "kv_cache, trainable, optimizer_moment, master_weight, gradient_accumulator, counter, routing_bias";
     assert_eq!(
         at("  state \"s\" : f32[B, S] {role = cache}"),
         (3, 33, format!("unknown state role `cache`: expected one of {roles}"))

@@ -63,10 +63,16 @@ pub(super) fn vjp(
             let dtype = cx.ty(x[0]).dtype;
             Ok(vec![Some(loss::to_dtype(cx, d, dtype)?), None])
         }
+        // The adjoint of a scatter-add is a take at the same indices (the balancing counts and
+        // loads are scatter-adds of constants, whose gradient goes nowhere, but a rule is a rule).
+        Op::ScatterAddAlong { axis, .. } => {
+            let d = cx.op(Op::TakeAlong { axis: *axis }, &[need(dy, 0)?, x[0]])?;
+            let dtype = cx.ty(x[1]).dtype;
+            Ok(vec![None, Some(loss::to_dtype(cx, d, dtype)?)])
+        }
         Op::EmbeddingGrad { .. }
         | Op::CrossEntropyGrad { .. }
         | Op::AttentionGrad { .. }
-        | Op::ScatterAddAlong { .. }
         | Op::GroupedLinearWgrad { .. }
         | Op::MoeCombineGrad { .. } => Err(none("second derivatives are not supported")),
         Op::Send { .. } | Op::Recv { .. } => Err(none("pipeline stages are differentiated per stage")),

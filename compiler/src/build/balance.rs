@@ -1,0 +1,78 @@
+//! Expert balancing in the training graph (`build_train`): each MoE layer's load, the
+//! auxiliary-loss-free bias update, and the complementary sequence-wise balance loss
+//! (DeepSeek-V3 §2.1.2, eq. 17–20; reference §3.3, §3.4).
+//!
+//! The load of a layer is the number of times each expert was selected over the step's tokens:
+//! `scatter_add_along` of ones at the selected indices. Where the reference is silent on what
+//! "overloaded" means, kiln compares with the mean load (Wang et al. 2024a, which the report cites):
+//! `b_i += γ sign(mean - load_i)`, with `sign(0) = 0`.
+
+use kiln_ir::op::{Op, ReduceOp, Scoring};
+use kiln_ir::{BinaryOp, DType, Dim, UnaryOp, ValueId};
+
+use super::{BuildError, Builder, Routing, TrainLosses, LOAD_PREFIX};
+
+/// Adds router `r`'s load output, its bias update and its balance loss (added to `loss`).
+pub(super) fn add(
+    b: &mut Builder,
+    r: &Routing,
+    losses: &TrainLosses,
+    loss: &mut ValueId,
+) -> Result<(), BuildError> {
+    let scope = r.scope.as_str();
+    let it = b.g.ty(r.indices).clone();
+    let e = r.experts;
+    let one = b.constant(scope, 1.0, DType::F32)?;
+
+    // Tokens per expert over the whole step.
+    let n = it.shape.iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let n = n.ok_or_else(|| BuildError::Spec(format!("{scope}: the routed slots of {it} overflow")))?;
+    let flat = b.op(scope, Op::Reshape { shape: vec![n] }, &[r.indices])?;
+    let ones = b.op(scope, Op::Broadcast { shape: vec![n] }, &[one])?;
+    let load = b.op(scope, Op::ScatterAddAlong { axis: 0, size: e }, &[flat, ones])?;
+    b.output(&format!("{LOAD_PREFIX}{scope}"), load)?;
+
+    if let (Some((name, bias)), true) = (&r.bias, losses.bias_update_speed > 0.0) {
+        let mean =
+            b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: false }, &[load])?;
+        let d = b.op(scope, Op::Binary(BinaryOp::Sub), &[mean, load])?;
+        // sign(d), 0 at 0: d / max(|d|, 1/2); loads are whole numbers, so |d| is 0 or at least 1/E.
+        let a = b.op(scope, Op::Unary(UnaryOp::Abs), &[d])?;
+        let tiny = b.constant(scope, 0.5 / e as f64, DType::F32)?;
+        let m = b.op(scope, Op::Binary(BinaryOp::Max), &[a, tiny])?;
+        let sign = b.op(scope, Op::Binary(BinaryOp::Div), &[d, m])?;
+        let gamma = b.constant(scope, losses.bias_update_speed, DType::F32)?;
+        let step = b.op(scope, Op::Binary(BinaryOp::Mul), &[sign, gamma])?;
+        let updated = b.op(scope, Op::Binary(BinaryOp::Add), &[*bias, step])?;
+        b.output(name, updated)?;
+    }
+
+    if losses.balance_alpha > 0.0 {
+        let last = it.rank() - 1;
+        // P_i: the scores normalised over all experts, averaged over the sequence.
+        let s = match b.g.node(b.g.producer(r.indices)).op {
+            Op::MoeRoute(ref router) if router.scoring == Scoring::Softmax => {
+                b.op(scope, Op::Softmax { axis: last }, &[r.logits])?
+            }
+            _ => b.op(scope, Op::Unary(UnaryOp::Sigmoid), &[r.logits])?,
+        };
+        let sum = b.op(scope, Op::Reduce { op: ReduceOp::Sum, axes: vec![last], keep_dims: true }, &[s])?;
+        let sn = b.op(scope, Op::Binary(BinaryOp::Div), &[s, sum])?;
+        let p = b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![1], keep_dims: false }, &[sn])?;
+        // f_i = E / (K T) * the times i was selected in the sequence: a mean over T of one-hot counts.
+        let ones = b.op(scope, Op::Broadcast { shape: it.shape.clone() }, &[one])?;
+        let hot = b.op(scope, Op::ScatterAddAlong { axis: last, size: e }, &[r.indices, ones])?;
+        let f = b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![1], keep_dims: false }, &[hot])?;
+        let c = b.constant(scope, e as f64 / r.top_k as f64, DType::F32)?;
+        let f = b.op(scope, Op::Binary(BinaryOp::Mul), &[f, c])?;
+        let fp = b.op(scope, Op::Binary(BinaryOp::Mul), &[f, p])?;
+        let per_seq =
+            b.op(scope, Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keep_dims: false }, &[fp])?;
+        let mean =
+            b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: false }, &[per_seq])?;
+        let alpha = b.constant(scope, losses.balance_alpha, DType::F32)?;
+        let bal = b.op(scope, Op::Binary(BinaryOp::Mul), &[mean, alpha])?;
+        *loss = b.op("loss", Op::Binary(BinaryOp::Add), &[*loss, bal])?;
+    }
+    Ok(())
+}
