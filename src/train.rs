@@ -312,3 +312,45 @@ fn save(
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot write {}", dir.display()))?;
     Ok(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hyper(schedule: Schedule, warmup: u64) -> Hyper {
+        Hyper {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            schedule,
+            warmup,
+            steps: 100,
+            batch: 1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: Some(1.0),
+        }
+    }
+
+    #[test]
+    fn schedules_warm_up_linearly_and_decay_to_the_floor() {
+        let c = hyper(Schedule::Constant, 0);
+        assert!((0..100).all(|s| c.lr_at(s) == 1e-3));
+        let w = hyper(Schedule::Cosine, 10);
+        assert_eq!((w.lr_at(0), w.lr_at(4), w.lr_at(9)), (1e-4, 5e-4, 1e-3));
+        assert!((w.lr_at(10) - 1e-3).abs() < 1e-12, "the peak right after warmup");
+        assert!((w.lr_at(99) - 1e-4).abs() < 1e-12, "the floor at the last step");
+        let mid = w.lr_at(10 + 89 / 2);
+        assert!((mid - 5.5e-4).abs() < 2e-5, "halfway down the cosine: {mid}");
+        assert!((10..99).all(|s| w.lr_at(s) >= w.lr_at(s + 1)), "monotone decay");
+        let d = hyper(Schedule::Deepseek, 5);
+        assert_eq!(d.lr_at(50), 1e-3, "constant until 80% of the steps");
+        assert_eq!(d.lr_at(79), 1e-3);
+        assert!(d.lr_at(85) < 1e-3 && d.lr_at(85) > 1e-4);
+        assert!(
+            (d.lr_at(95) - 1e-4).abs() < 1e-12 && (d.lr_at(99) - 1e-4).abs() < 1e-12,
+            "the floor from 95%"
+        );
+    }
+}
