@@ -83,6 +83,11 @@ pub struct Args {
     /// `kiln perplexity` runs).
     #[arg(long)]
     no_score: bool,
+    /// From a spec, compile the `train_step` program instead of the inference programs (forward,
+    /// next-token loss, backward, clipping and AdamW with DeepSeek-V3's settings; `kiln train`
+    /// sets its own).
+    #[arg(long)]
+    train: bool,
 }
 
 fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
@@ -189,6 +194,9 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         max_context: req.max_context,
         kv_cache: !req.no_kv_cache,
         score: !req.no_score,
+        train: req.train.then(|| {
+            (kiln_compiler::build::TrainLosses::default(), kiln_compiler::train::Optimizer::default())
+        }),
     };
     for name in &req.disable_pass {
         kiln_compiler::passes::find(name)?;

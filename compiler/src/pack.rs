@@ -88,12 +88,15 @@ pub struct Options {
     /// From a spec, also compile the `score` program ([`build_score`]): the next-token loss at
     /// every position (`kiln perplexity`).
     pub score: bool,
+    /// From a spec, compile the `train_step` program ([`crate::train::program`]) with these
+    /// losses and this optimizer instead of the inference programs.
+    pub train: Option<(crate::build::TrainLosses, crate::train::Optimizer)>,
 }
 
 impl Options {
     /// Every program a spec compiles to by default: prefill, decode and score.
     pub fn new(targets: Targets, max_batch: u64, max_context: u64) -> Options {
-        Options { targets, max_batch, max_context, kv_cache: true, score: true }
+        Options { targets, max_batch, max_context, kv_cache: true, score: true, train: None }
     }
 
     /// The sizes the buffer plan is made for: `T <= S` always, so both get `max_context`.
@@ -374,6 +377,16 @@ pub fn make_graph(
 /// Adding a program kind is one builder function and one line here.
 pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, CompileError> {
     let mut module = Module::new(spec.model.name.clone());
+    // A training artifact holds the train step alone: its weights are states it updates, which
+    // inference programs would read as parameters (a name is one or the other in a module);
+    // inference runs from the checkpoints training writes.
+    if let Some((losses, opt)) = &options.train {
+        let (graph, states) =
+            crate::train::program(spec, losses, opt).map_err(|e| CompileError::Options(e.to_string()))?;
+        module.programs.push(Program { name: "train_step".into(), kind: ProgramKind::TrainStep, graph });
+        module.states.extend(states);
+        return Ok(module);
+    }
     let mut add = |name: &str, kind: ProgramKind, graph: Graph| {
         module.programs.push(Program { name: name.to_string(), kind, graph });
     };
@@ -412,7 +425,8 @@ pub fn cache_states(g: &Graph) -> Vec<StateDecl> {
 /// states (every program's KV caches), and verifies it.
 fn declare(module: &mut Module) -> Result<(), CompileError> {
     module.params.clear();
-    module.states.clear();
+    // The KV caches are found again (passes rename them); the other states are the builders'.
+    module.states.retain(|s| s.role != StateRole::KvCache);
     module.declare_params_from_programs()?;
     for p in &module.programs {
         for s in cache_states(&p.graph) {

@@ -21,8 +21,11 @@
 //! [`Storage::State`] buffers the runtime keeps between runs: a program input named like a state
 //! reads it, and an output named like it updates it in place. The output's value is placed in the
 //! state's storage, which is safe for a `cache_update` of that state (its kernel writes the new
-//! slots into the cache it is given; nothing else may read the old cache) and for any value computed
-//! after the last read of the state's old value; anything else is refused ([`PlanError::State`]).
+//! slots into the cache it is given; nothing else may read the old cache), for any value computed
+//! after the last read of the state's old value, and for an elementwise kernel that reads the old
+//! value (at the same shape, every operand full-size or scalar) as it writes the new one (each
+//! element is read before it is written: an optimizer's update); anything else is refused
+//! ([`PlanError::State`]).
 //!
 //! A kernel with scratch buffers (a fused kernel computed in phases, `codegen::fusion`) gets fresh
 //! ones at each launch: buffers of kind `scratch` after the graph's values, live for that one step.
@@ -200,9 +203,25 @@ pub fn plan_memory(
             }
         } else {
             let at = step_of.get(v).copied().unwrap_or(0);
-            let late = plan.steps.iter().enumerate().skip(at).any(|(_, s)| match s {
+            // An elementwise kernel may read the old value at the step that writes the new one:
+            // each element is read before the same element is written (an optimizer's update).
+            let elementwise_at = |i: usize| match &plan.steps[i] {
+                Step::Launch { kernel, results, .. } => {
+                    let k = plan.kernel(*kernel);
+                    let body = &k.body;
+                    results.contains(v)
+                        && body.nodes().into_iter().all(|n| {
+                            let op = &body.node(n).op;
+                            matches!(op, Op::Input { .. }) || crate::codegen::fusion::is_elementwise(op)
+                        })
+                        && k.args.iter().all(|t| t.shape == g.ty(*v).shape || t.shape.is_empty())
+                }
+                _ => false,
+            };
+            let late = plan.steps.iter().enumerate().skip(at).any(|(i, s)| match s {
                 Step::Launch { args, .. } => {
                     args.iter().any(|&a| root[id(a).map_or(usize::MAX, |b| b.index())] == root[c])
+                        && !(i == at && elementwise_at(i))
                 }
                 Step::Alias { source, .. } => id(*source).is_ok_and(|b| root[b.index()] == root[c]),
                 Step::Runtime { node } => g.node(*node).inputs.contains(&input),

@@ -684,8 +684,22 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
 }
 
 /// The new graph: every group one `fused` node, placed once its operands exist; nodes no output
-/// needs any more (a `dequantize` now copied into every GEMM that read it) are left out.
+/// needs any more (a `dequantize` now copied into every GEMM that read it) are left out. Groups
+/// that are each convex can still depend on each other both ways (a norm computed in one group
+/// from values of another, which reads the norm: a train step's clipping); such a cycle cannot be
+/// placed, so the latest group on it is dissolved back into its nodes and the rest placed again.
 fn rebuild(cx: &Ctx, groups: &[(Group, String)]) -> Result<Graph, PassError> {
+    let mut groups = groups.to_vec();
+    loop {
+        match place(cx, &groups)? {
+            Ok(g) => return Ok(g),
+            Err(cyclic) => drop(groups.remove(cyclic)),
+        }
+    }
+}
+
+/// [`rebuild`] with these groups, or the latest group on a cycle.
+fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, PassError> {
     let g = cx.g;
     let n = cx.order.len();
     // Items: groups first (0..groups.len()), then one per node not in a group.
@@ -769,8 +783,14 @@ fn rebuild(cx: &Ctx, groups: &[(Group, String)]) -> Result<Graph, PassError> {
             }
         }
     }
-    for (name, v) in g.outputs() {
-        new.add_output(name.clone(), map[v]).map_err(err)?;
+    if let Some(i) = (0..groups.len()).rev().find(|&i| live[i] && pending[i] > 0) {
+        return Ok(Err(i));
     }
-    Ok(new)
+    for (name, v) in g.outputs() {
+        let Some(&r) = map.get(v) else {
+            return Err(fail(format!("output `{name}` ({v}) was not rebuilt (a kiln bug)")));
+        };
+        new.add_output(name.clone(), r).map_err(err)?;
+    }
+    Ok(Ok(new))
 }

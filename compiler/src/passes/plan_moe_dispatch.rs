@@ -17,7 +17,8 @@
 //! and a token count into buffer sizes and all-to-all points.
 //!
 //! Assumes a verified graph. Requires every expert weight to be a `param` (the plan places expert
-//! weights on their rank; a computed weight has no home) and the expert count to be a multiple of
+//! weights on their rank; a computed weight has no home), or in a train-step program a trainable
+//! state (an input of the weight's name) and the expert count to be a multiple of
 //! `ep_size`; otherwise it fails with a precondition error and changes nothing. Guarantees that the
 //! reference interpreter computes bit-identical outputs before and after: it defines `moe_experts`
 //! and dispatch / grouped linear / combine to round identically (`kiln_ir::interp`, `moe.rs`).
@@ -66,7 +67,10 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     let mut rw = Rewriter::new(NAME, graph);
     for n in order {
         match graph.node(n).op {
-            Op::MoeExperts { num_experts } => lower(&mut rw, graph, n, num_experts, ep_size, &mut trace)?,
+            Op::MoeExperts { num_experts } => {
+                let trained = opts.kind == kiln_ir::ProgramKind::TrainStep;
+                lower(&mut rw, graph, n, num_experts, ep_size, trained, &mut trace)?
+            }
             _ => rw.copy(n)?,
         }
     }
@@ -86,6 +90,7 @@ fn lower(
     n: NodeId,
     num_experts: u64,
     ep_size: u64,
+    trained: bool,
     trace: &mut Trace,
 ) -> Result<(), PassError> {
     let node = g.node(n);
@@ -94,7 +99,14 @@ fn lower(
     let (x, w, idx) = (node.inputs[0], node.inputs[1], node.inputs[2]);
     const ROLES: [&str; 3] = ["gate", "up", "down"];
     for (i, &v) in node.inputs[3..].iter().enumerate() {
-        if !matches!(g.node(g.producer(v)).op, Op::Param { .. }) {
+        // In a train step the weights are trainable states (inputs of their names), placed like
+        // parameters.
+        let placed = match g.node(g.producer(v)).op {
+            Op::Param { .. } => true,
+            Op::Input { .. } => trained,
+            _ => false,
+        };
+        if !placed {
             return Err(fail(format!(
                 "{result} = moe_experts: the {} weight {v} of expert {} is not a `param`; expert weights are \
                  placed on their expert-parallel rank, so they must be parameters",

@@ -232,12 +232,16 @@ impl<B: Backend> Executor<B> {
                 });
             }
         }
-        let params = load_params(&backend, manifest, params)?;
+        let (params, init) = load_params(&backend, manifest, params)?;
         let mut states = HashMap::new();
         for s in &manifest.states {
             let bytes = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &max).unwrap_or(u64::MAX);
             let what = format!("the {} `{}`", s.role.name().replace('_', " "), s.name);
-            states.insert(s.name.clone(), backend.alloc(bytes, &what)?);
+            let mut mem = backend.alloc(bytes, &what)?;
+            if let Some(v) = init.get(&s.name) {
+                backend.write(&mut mem, 0, v)?;
+            }
+            states.insert(s.name.clone(), mem);
         }
         let program_max = |p: &Program| {
             let m = p.max_sizes();
@@ -624,14 +628,20 @@ impl<B: Backend> Executor<B> {
 /// Converts each parameter to its compiled dtype (or hands a mapped one to the backend as it is),
 /// checking that every declared parameter comes exactly once with its declared type. At most one
 /// converted parameter is on the host at a time.
+/// The parameters' memory, and the encoded initial value of each weight state (written into the
+/// state once it is allocated).
+type Loaded2<M> = (HashMap<String, M>, HashMap<String, Vec<u8>>);
+
 fn load_params<B: Backend, P: Into<Param>>(
     backend: &B,
     m: &Manifest,
     params: impl IntoIterator<Item = Result<P, WeightError>>,
-) -> Result<HashMap<String, B::Memory>, RuntimeError> {
+) -> Result<Loaded2<B::Memory>, RuntimeError> {
+    // The parameters, then the weight states a checkpoint initialises (`manifest_params`).
     let decls = manifest_params(m)?;
     let by_name: HashMap<&str, usize> = decls.iter().enumerate().map(|(i, d)| (d.name.as_str(), i)).collect();
     let mut out: HashMap<String, B::Memory> = HashMap::new();
+    let mut init: HashMap<String, Vec<u8>> = HashMap::new();
     for p in params {
         let p: Param = p?.into();
         let name = p.name().to_string();
@@ -639,9 +649,10 @@ fn load_params<B: Backend, P: Into<Param>>(
             return Err(RuntimeError::UnknownParam { name });
         };
         let d = &decls[i];
-        if out.contains_key(&name) {
+        if out.contains_key(&name) || init.contains_key(&name) {
             return Err(RuntimeError::DuplicateParam { name });
         }
+        let is_state = m.state(&name).is_some();
         let expected = || inputs::shape_text(d.dtype, &d.shape);
         let bytes = d.numel as u64 * d.dtype.size_bytes();
         let what = format!("parameter `{}`", d.name);
@@ -657,6 +668,10 @@ fn load_params<B: Backend, P: Into<Param>>(
                             v.len()
                         ),
                     });
+                }
+                if is_state {
+                    init.insert(name, v.bytes().to_vec());
+                    continue;
                 }
                 backend.param(ParamBytes::Mapped(v), &what)?
             }
@@ -678,15 +693,19 @@ fn load_params<B: Backend, P: Into<Param>>(
                     expected: expected(),
                     found: reason,
                 })?;
+                if is_state {
+                    init.insert(name, host);
+                    continue;
+                }
                 backend.param(ParamBytes::Owned(host), &what)?
             }
         };
         out.insert(name, mem);
     }
-    if let Some(d) = decls.iter().find(|d| !out.contains_key(&d.name)) {
+    if let Some(d) = decls.iter().find(|d| !out.contains_key(&d.name) && !init.contains_key(&d.name)) {
         return Err(RuntimeError::MissingParam { name: d.name.clone(), count: decls.len() });
     }
-    Ok(out)
+    Ok((out, init))
 }
 
 impl<B: Backend> Drop for Executor<B> {

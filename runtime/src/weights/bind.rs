@@ -66,9 +66,14 @@ pub fn graph_params(graph: &Graph) -> Result<Vec<ParamDecl>, WeightError> {
 }
 
 /// The parameters of an artifact's manifest, with the same rules as [`graph_params`] (a manifest
-/// lists them in graph order).
+/// lists them in graph order), then the states a checkpoint initialises: the weights a train step
+/// updates in place (`trainable`) and the routers' selection biases (`routing_bias`).
 pub fn manifest_params(manifest: &Manifest) -> Result<Vec<ParamDecl>, WeightError> {
-    declared(manifest.params.iter().map(|p| (p.name.as_str(), p.dtype, p.shape.as_slice())))
+    use kiln_ir::module::StateRole;
+    let weights = (manifest.states.iter())
+        .filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
+        .map(|s| (s.name.as_str(), s.dtype, s.shape.as_slice()));
+    declared(manifest.params.iter().map(|p| (p.name.as_str(), p.dtype, p.shape.as_slice())).chain(weights))
 }
 
 fn declared<'a>(
