@@ -2,7 +2,8 @@
 //! its layers), the elementwise, reduction and matrix families compiled for the CPU and run on random
 //! data against references computed here in f64 and against the interpreter, PTX accepted by
 //! `ptxas -arch=sm_90a`, snapshots of the MLIR of representative kernels, and the typed errors.
-//! Submodules: `families` (data movement, rope, attention, MoE and FP8 against the interpreter),
+//! Submodules: `families` (data movement, rope, attention, MoE, FP8 and the backward ops of
+//! training against the interpreter),
 //! `fused` (the `fused` kernels of `tests/codegen/fused/*.kir` against the interpreter, their PTX,
 //! MLIR and PTX snapshots), `models` (every kernel of the tiny model and of DeepSeek-V3), `oracle`
 //! (valid random inputs and per-dtype tolerances for interpreter checks), `harness` (building and

@@ -1,6 +1,7 @@
 //! `kiln compile` and `kiln bench gemm`, run as a user runs them, and the artifact they write: its
 //! files and hashes, its manifest, and its program run by the runtime's CPU backend on `kernels.so`
-//! alone, matching the reference interpreter.
+//! alone, matching the reference interpreter; and a graph of every backward op of training packed
+//! by `pack::compile` and run the same way.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -257,6 +258,115 @@ fn a_next_token_loss_compiles_and_runs_like_the_interpreter() {
     )
     .unwrap();
     assert_matches(&got, &want, 1e-4);
+}
+
+#[test]
+fn the_backward_ops_compile_and_run_like_the_interpreter() {
+    // Every backward op of training (and `take_along`), packed by `pack::compile` from a `.kir`
+    // graph for both targets (the PTX checked by ptxas), run by the runtime's CPU backend.
+    let src = std::fs::read_to_string(root().join("tests/compile/backward_ops.kir")).unwrap();
+    let graph = kiln_ir::parse(&src).unwrap_or_else(|e| panic!("{e}"));
+    let options = kiln_compiler::pack::Options {
+        kv_cache: false,
+        score: false,
+        ..kiln_compiler::pack::Options::new(kiln_compiler::target::Targets::All, 2, 8)
+    };
+    let source = kiln_compiler::pack::Source::Graph { graph: graph.clone(), spec: None };
+    let artifact = kiln_compiler::pack::compile(source, &options, &mut ()).unwrap_or_else(|e| panic!("{e}"));
+    let s = Scratch::new();
+    let dir = s.path("art");
+    kiln_compiler::pack::write(&artifact, &dir).unwrap();
+    let m = read_manifest(&dir);
+    for op in ["attention_grad", "cross_entropy_grad", "embedding_grad", "take_along", "scatter_add_along"] {
+        assert!(m.kernels.iter().any(|k| k.name.starts_with(&format!("k_{op}_"))), "no {op} kernel");
+    }
+    // attention_grad's workspace is a scratch argument, given arena memory of its own.
+    let k = m.kernels.iter().find(|k| k.name.starts_with("k_attention_grad_")).unwrap();
+    assert_eq!(k.args.last().unwrap().role, kiln_ir::artifact::ArgRole::Scratch);
+    // The inputs that index something, checked by the runtime before a run.
+    let mut index: Vec<String> = m.programs[0]
+        .index_inputs
+        .iter()
+        .map(|t| format!("{} {:?} < {} ignoring {:?}", t.input, t.indexes, t.limit, t.ignore))
+        .collect();
+    index.sort();
+    assert_eq!(
+        index,
+        [
+            "ids Vocabulary < 40 ignoring None",
+            "positions CacheSlots < S ignoring None",
+            "targets Classes < 40 ignoring Some(-100)"
+        ]
+    );
+
+    let bf16 = |v: Vec<f32>| v.into_iter().map(|x| f32::from_bits(x.to_bits() & 0xFFFF_0000)).collect();
+    let float = |name: &str, dtype: DType, shape: &[u64], data: Vec<f32>| {
+        (name.to_string(), dtype, shape.to_vec(), Ok(data))
+    };
+    let int = |name: &str, dtype: DType, shape: &[u64], data: Vec<i64>| {
+        (name.to_string(), dtype, shape.to_vec(), Err(data))
+    };
+    let values4 = |n: usize, seed: u32| values(n, seed).into_iter().map(|x| 4.0 * x).collect::<Vec<f32>>();
+    let inputs = [
+        float("dy_rope", DType::F32, &[2, 3, 2, 8], values(96, 1)),
+        int("positions", DType::I64, &[2, 3], vec![0, 1, 2, 2, 3, 4]),
+        float("logits", DType::BF16, &[2, 3, 40], bf16(values4(240, 2))),
+        int("targets", DType::I64, &[2, 3], vec![5, -100, 39, 0, 17, 23]),
+        float("dloss", DType::F32, &[2, 3], values(6, 3)),
+        int("ids", DType::I32, &[2, 3], vec![3, 3, 39, 0, 3, 17]),
+        int("picks", DType::I32, &[2, 3, 3], (0..18).map(|i| i * 7 % 40).collect()),
+        float("q", DType::F32, &[2, 3, 2, 8], values(96, 4)),
+        float("k", DType::F32, &[2, 5, 1, 8], values(80, 5)),
+        float("v", DType::F32, &[2, 5, 1, 6], values(60, 6)),
+        float("d_attn", DType::F32, &[2, 3, 2, 6], values(72, 7)),
+        float("x_sorted", DType::F32, &[3, 8], values(24, 8)),
+        // Expert 1 has no rows.
+        int("offsets", DType::I32, &[4], vec![0, 2, 2, 3]),
+        float("d_experts", DType::F32, &[3, 5], values(15, 9)),
+        float("d_combined", DType::F32, &[3, 8], values(24, 10)),
+        float("y_sorted", DType::F32, &[6, 8], values(48, 11)),
+        int("perm", DType::I32, &[6], vec![4, 0, 5, 2, 1, 3]),
+        float("weights", DType::F32, &[3, 2], values(6, 12)),
+    ];
+    let host: Vec<HostTensor> = inputs
+        .iter()
+        .map(|(name, dtype, shape, data)| HostTensor {
+            name: name.to_string(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            data: match data {
+                Ok(v) => HostData::F32(v.clone()),
+                Err(v) => HostData::I64(v.clone()),
+            },
+        })
+        .collect();
+    let got = execute(&dir, &host, &HashMap::new());
+    let want = kiln_ir::interp::run(
+        &graph,
+        &inputs
+            .iter()
+            .map(|(name, dtype, shape, data)| {
+                let t = match data {
+                    Ok(v) => Tensor::from_f32(*dtype, shape.clone(), v.clone()),
+                    Err(v) => Tensor::from_i64(*dtype, shape.clone(), v.clone()),
+                };
+                (name.to_string(), t.unwrap())
+            })
+            .collect(),
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&got["dlogits"][40..80], &[0.0; 40], "the ignored target");
+    assert_matches(&got, &want, 1e-5);
+
+    // An id outside the gradient table's rows is refused before anything runs.
+    let art = kiln_runtime::artifact::load(&dir).unwrap();
+    let none = std::iter::empty::<Result<HostTensor, kiln_runtime::weights::WeightError>>();
+    let mut model = CpuModel::load(&art, none, &CpuOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let mut bad = host.clone();
+    bad[5].data = HostData::I64(vec![3, 3, 40, 0, 3, 17]);
+    let e = model.run(&m.programs[0].name, &bad).unwrap_err().to_string();
+    assert!(e.contains("ids") && e.contains("40"), "{e}");
 }
 
 #[test]

@@ -13,14 +13,21 @@
 //!   elementwise *epilogue* (the ops that consume its result, evaluated where it stores one).
 //!   Residual add + RMS norm is this pattern, the sum being a result of the kernel too.
 //!   `cross_entropy` is not a row anchor (it reads its targets per row, which the prologue does not
-//!   model): it is its own kernel, and a group of its own inside a `fused` body.
+//!   model): it is its own kernel, and a group of its own inside a `fused` body. Neither is any
+//!   backward op of training (`cross_entropy_grad`, `embedding_grad`, `attention_grad`,
+//!   `scatter_add_along`, `grouped_linear_wgrad`, `moe_combine_grad`; nor `take_along`): each reads
+//!   or writes across rows in its own pattern, so none is an anchor of any pattern here and each is
+//!   its own kernel, or a group of its own in a `fused` body.
 //! - [`Pattern::Linear`]: one or more `linear`s of the same input by weights of the same shape (a
 //!   gate/up pair), read straight from the kernel's arguments, with an epilogue on their results
 //!   (SwiGLU `silu(gate) * up`, a residual add); or one or more `grouped_linear`s of the same rows
 //!   and offsets (the routed experts' gate/up pair). An operand may also be the `dequantize` of two
 //!   arguments, FP8 codes and f32 block scales ([`GemmOperand::Fp8`]): the GEMM decodes and scales
 //!   as it loads, so the dequantised weight never exists in memory (`fp8-gemm`).
-//! - [`Pattern::Op`]: a single op in the canonical form of a one-op kernel; its own lowering.
+//! - [`Pattern::Op`]: a single op in the canonical form of a one-op kernel; its own lowering. An op
+//!   whose kernel needs memory of its own for the launch ([`workspace`]: `attention_grad`'s
+//!   per-row softmax statistics) gets it as scratch buffers after its results; that is still one
+//!   pass (nothing but the op's results and its own workspace is written).
 //!
 //! Every value that an epilogue reads at an element must be available at that element: each node
 //! that depends on the anchor (the row op or the linears) has exactly as many elements as the
@@ -80,6 +87,9 @@ pub struct Phase {
     pub args: Vec<Loc>,
     /// The buffer each output of `body` is written to.
     pub results: Vec<Loc>,
+    /// The scratch buffers a one-op phase's op uses as its own workspace ([`workspace`]), passed
+    /// after its results; empty for every other phase.
+    pub workspace: Vec<Loc>,
 }
 
 /// How a fused body is computed: its phases, in order, and the scratch buffers they share.
@@ -91,10 +101,37 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether the body is computed in one pass with nothing but its results written.
+    /// Whether the body is computed in one pass with nothing but its results (and its op's
+    /// workspace) written.
     pub fn is_one_pass(&self) -> bool {
-        self.phases.len() == 1 && self.scratch.is_empty()
+        self.phases.len() == 1 && self.scratch.len() == self.phases[0].workspace.len()
     }
+}
+
+/// The workspace the kernel of `op` (applied to operands of types `args`) needs for one launch
+/// beyond its results: buffers the runtime provides like a phased kernel's scratch, their contents
+/// undefined before and after. Only `attention_grad` has one: the softmax statistics of each query
+/// row (`max`, `sum`, and `sum_s P_s dP_s`), `f32[B, T, H, 3]`, which each work item writes for its
+/// query rows and reads back for its key rows (`lower::attention`), so that no probability's
+/// statistics are computed twice.
+pub fn workspace(op: &Op, args: &[&TensorType]) -> Vec<TensorType> {
+    match op {
+        Op::AttentionGrad { .. } => {
+            let q = &args[0].shape;
+            vec![TensorType::new(kiln_ir::DType::F32, [q[0], q[1], q[2], Dim::known(3)])]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The workspace of the op of a body in the canonical one-op form ([`Pattern::Op`]).
+fn op_workspace(g: &Graph) -> Vec<TensorType> {
+    let Some(n) = g.nodes().into_iter().find(|&n| !matches!(g.node(n).op, Op::Input { .. })) else {
+        return Vec::new();
+    };
+    let node = g.node(n);
+    let args: Vec<&TensorType> = node.inputs.iter().map(|&v| g.ty(v)).collect();
+    workspace(&node.op, &args)
 }
 
 /// `elementwise`, `rms_norm + elementwise`, `linear x2 + elementwise`, `softmax`, or
@@ -365,18 +402,22 @@ pub fn plan(body: &Graph) -> Result<Plan, GraphError> {
     if let Some(pattern) = classify(g) {
         let args = (0..g.inputs().len()).map(Loc::Arg).collect();
         let results = (0..g.outputs().len()).map(Loc::Result).collect();
-        return Ok(Plan { phases: vec![Phase { body: g.clone(), pattern, args, results }], scratch: vec![] });
+        let scratch = if pattern == Pattern::Op { op_workspace(g) } else { Vec::new() };
+        let workspace = (0..scratch.len()).map(Loc::Scratch).collect();
+        let phase = Phase { body: g.clone(), pattern, args, results, workspace };
+        return Ok(Plan { phases: vec![phase], scratch });
     }
     partition(g)
 }
 
-/// The scratch buffers of a body's plan (none for a one-pass body), without building the plan when
-/// the body is one pass.
+/// The scratch buffers of a body's plan (none for a one-pass body but its op's workspace), without
+/// building the plan when the body is one pass.
 pub fn scratch(body: &Graph) -> Result<Vec<TensorType>, GraphError> {
-    if classify(body).is_some() {
-        return Ok(Vec::new());
+    match classify(body) {
+        Some(Pattern::Op) => Ok(op_workspace(body)),
+        Some(_) => Ok(Vec::new()),
+        None => Ok(plan(body)?.scratch),
     }
-    Ok(plan(body)?.scratch)
 }
 
 /// A copy of `g` with every nested `fused` node replaced by its body.
@@ -547,7 +588,15 @@ fn partition(g: &Graph) -> Result<Plan, GraphError> {
             home.insert(v, loc);
             results.push(loc);
         }
-        phases.push(Phase { body: gr.body, pattern, args, results });
+        let workspace = if pattern == Pattern::Op { op_workspace(&gr.body) } else { Vec::new() };
+        let workspace = workspace
+            .into_iter()
+            .map(|t| {
+                scratch.push(t);
+                Loc::Scratch(scratch.len() - 1)
+            })
+            .collect();
+        phases.push(Phase { body: gr.body, pattern, args, results, workspace });
     }
     // Results not written yet: inputs, constants, or a value another result already holds.
     for (j, &(_, v)) in g.outputs().iter().enumerate() {
@@ -562,7 +611,8 @@ fn partition(g: &Graph) -> Result<Plan, GraphError> {
         };
         let (_, r) = body.add_node(op, &[], vec![ty], None)?;
         body.add_output("r0", r[0])?;
-        phases.push(Phase { body, pattern: Pattern::Elementwise, args, results: vec![Loc::Result(j)] });
+        let results = vec![Loc::Result(j)];
+        phases.push(Phase { body, pattern: Pattern::Elementwise, args, results, workspace: vec![] });
     }
     Ok(Plan { phases, scratch })
 }
@@ -623,6 +673,32 @@ mod tests {
         );
         assert!(matches!(classify(&norm), Some(Pattern::Row { .. })));
         assert_eq!(plan(&norm).unwrap().to_string(), "rms_norm + elementwise");
+    }
+
+    #[test]
+    fn an_op_with_a_workspace_is_one_pass_with_scratch() {
+        use kiln_ir::DType::{F32, I32};
+        let ty = |dtype, dims: &[&str]| {
+            TensorType::new(dtype, dims.iter().map(|d| Dim::parse(d).unwrap()).collect::<Vec<_>>())
+        };
+        let op = Op::AttentionGrad { scale: 0.125, causal: true };
+        let args = [
+            ty(F32, &["B", "T", "4", "8"]),
+            ty(F32, &["B", "S", "2", "8"]),
+            ty(F32, &["B", "S", "2", "6"]),
+            ty(F32, &["B", "T", "4", "6"]),
+        ];
+        let k = crate::codegen::kernel::Kernel::for_op(&op, &args).unwrap();
+        assert_eq!(k.scratch, [ty(F32, &["B", "T", "4", "3"])]);
+        let p = plan(&k.body).unwrap();
+        assert!(p.is_one_pass());
+        assert_eq!(p.to_string(), "attention_grad");
+        assert_eq!(p.phases[0].workspace, [Loc::Scratch(0)]);
+        // Ops without one have none.
+        let ce = Op::CrossEntropyGrad { ignore_index: None };
+        let args = [ty(F32, &["T", "9"]), ty(I32, &["T"]), ty(F32, &["T"])];
+        let k = crate::codegen::kernel::Kernel::for_op(&ce, &args).unwrap();
+        assert!(k.scratch.is_empty());
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //!
 //! Kernel ABI facts fixed here and relied on by lowering: buffers are passed in the order arguments,
 //! results, then scratch buffers ([`Kernel::scratch`]: the intermediates of a `fused` body that does
-//! not lower as one pass, see [`super::fusion`]; the runtime provides them for the launch, their
-//! contents undefined before and after); every symbolic size (`B`, `T`, `S`) that occurs in a
+//! not lower as one pass, and the workspace an op's kernel needs, see [`super::fusion`]; the runtime
+//! provides them for the launch, their contents undefined before and after); every symbolic size (`B`, `T`, `S`) that occurs in a
 //! kernel's types is passed as an `i64`, in the order of [`Kernel::syms`].
 //!
 //! What formation does not do: fusion decisions (a pass produces `fused` nodes), memory planning, or
@@ -57,8 +57,9 @@ pub struct Kernel {
     pub body: Graph,
     pub args: Vec<TensorType>,
     pub results: Vec<TensorType>,
-    /// Scratch buffers the kernel needs for one launch, after its results (empty unless a `fused`
-    /// body is computed in several phases; [`super::fusion::Plan::scratch`]).
+    /// Scratch buffers the kernel needs for one launch, after its results: the intermediates of a
+    /// `fused` body computed in several phases, and the workspace of an op that needs one
+    /// (`attention_grad`; [`super::fusion::workspace`]); [`super::fusion::Plan::scratch`].
     pub scratch: Vec<TensorType>,
     /// The symbolic sizes the kernel's types (scratch included) mention, in `B, T, S` order: its
     /// `i64` size arguments.
@@ -123,8 +124,8 @@ impl Kernel {
         Kernel::from_body(KernelId(0), body)
     }
 
-    /// The kernel whose body is `body` (inputs are arguments, outputs results); a `fused` body's
-    /// scratch buffers come from its fusion plan.
+    /// The kernel whose body is `body` (inputs are arguments, outputs results); its scratch buffers
+    /// come from its fusion plan.
     fn from_body(id: KernelId, mut body: Graph) -> Result<Kernel, FormError> {
         body.set_name("kernel");
         let text = kiln_ir::print(&body);

@@ -4,8 +4,10 @@
 //! - the caller inputs whose values index something, with the rows they may index
 //!   ([`kiln_ir::artifact::IndexInput`]): the ids of an `embedding` (the table's rows), the
 //!   positions a `cache_update` writes or an `attention` reads the cache at (the cache's slots),
-//!   the targets of a `cross_entropy` (the classes). Compiled kernels clamp or trust such values,
-//!   so the runtime checks them before a run;
+//!   the targets of a `cross_entropy` (the classes); and in training, the ids of an
+//!   `embedding_grad` (the gradient table's `rows`), the targets of a `cross_entropy_grad` (the
+//!   classes, with its `ignore_index`) and the positions of an `attention_grad` (the slots).
+//!   Compiled kernels clamp, skip or trust such values, so the runtime checks them before a run;
 //! - the `moe_dispatch` launches, whose `offsets` result gives the load of each expert
 //!   ([`kiln_ir::artifact::MoeDispatch`]).
 //!
@@ -31,8 +33,12 @@ fn index_operands(g: &Graph, n: NodeId) -> Vec<(usize, Indexes, Dim, Option<i64>
         Op::Attention { .. } if node.inputs.len() == 4 => {
             out.extend(dim(1, 1).map(|slots| (3, Indexes::CacheSlots, slots, None)))
         }
-        Op::CrossEntropy { ignore_index } => {
+        Op::CrossEntropy { ignore_index } | Op::CrossEntropyGrad { ignore_index } => {
             out.extend(last(0).map(|classes| (1, Indexes::Classes, classes, *ignore_index)))
+        }
+        Op::EmbeddingGrad { rows } => out.push((0, Indexes::Vocabulary, Dim::known(*rows), None)),
+        Op::AttentionGrad { .. } if node.inputs.len() == 5 => {
+            out.extend(dim(1, 1).map(|slots| (3, Indexes::CacheSlots, slots, None)))
         }
         _ => {}
     }

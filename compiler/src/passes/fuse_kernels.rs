@@ -666,7 +666,8 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
                                 rope.nodes.insert(*x);
                                 w = cx.node(*x).results[0];
                             }
-                            // The inverse rotation (a gradient) has no lowering to fuse into.
+                            // The inverse rotation (a gradient) stays a kernel of its own, like
+                            // every backward op of training (see `codegen::fusion`).
                             Op::Rope(ref c) if !c.inverse => {
                                 rope.nodes.insert(*x);
                                 found = true;

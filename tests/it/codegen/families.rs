@@ -1,10 +1,15 @@
-//! The families lowered in `shape`, `rope`, `attention`, `moe` and `quant`, and `cross_entropy`, on
-//! hand-chosen shapes and dtypes (symbolic sizes, several parts, grouped heads, causal offsets,
-//! expert groups, edge tiles, rows longer than a GPU block), run on the CPU against the interpreter on
-//! random inputs; every one of them also passes `ptxas` without spills. Then what random inputs do
-//! not reach: the FP8 encoding of every interesting f32 bit for bit, clamped ids, ties and NaN in
-//! top-k, rope at DeepSeek-V3's largest positions, FP8 tiles that are zero, tiny, infinite or NaN,
-//! attention rows that see no key, and cross-entropy targets that are ignored or out of range.
+//! The families lowered in `shape`, `rope`, `attention`, `moe` and `quant`, `cross_entropy`, and the
+//! backward ops of training (`grad`, `attention::grad`, `cross_entropy_grad`, `take_along`, `rope`
+//! with `inverse`), on hand-chosen shapes and dtypes (symbolic sizes, several parts, grouped heads,
+//! causal offsets, cache positions, expert groups and experts of no rows, repeated ids, ignored
+//! targets, edge tiles, rows longer than a GPU block), run on the CPU against the interpreter on
+//! random inputs (the backward kernels also with their result buffers full of garbage, which they
+//! must overwrite); every one of them also passes `ptxas` without spills (registers printed). Then
+//! what random inputs do not reach: the FP8 encoding of every interesting f32 bit for bit, clamped
+//! ids, ties and NaN in top-k, rope at DeepSeek-V3's largest positions and its inverse, FP8 tiles
+//! that are zero, tiny, infinite or NaN, attention rows that see no key (forward and backward),
+//! cross-entropy targets (and their gradient's) that are ignored or out of range, and the ids,
+//! indices, offsets and slots the interpreter rejects, which the backward kernels skip.
 
 use kiln_compiler::codegen::{lower_module, Kernel, Target};
 use kiln_compiler::pack::parse_report;
@@ -14,7 +19,7 @@ use kiln_ir::types::SymBindings;
 use kiln_ir::{DType, Dim, Op};
 
 use super::harness::{numel, to_bf16, Buf, CpuLib, Rng, BIND};
-use super::oracle::{check, random_inputs};
+use super::oracle::{check, check_writes_everything, random_inputs};
 use super::{kernel, ptxas_accepts};
 
 const TINY_YARN: Yarn = Yarn { factor: 4.0, original_max_position: 256, beta_fast: 32.0, beta_slow: 1.0 };
@@ -61,6 +66,99 @@ fn quantize(block: &[u64], pow2: bool) -> Op {
     }
 }
 
+/// The backward ops of training: `(op, argument types, range of the float inputs)`.
+fn grad_cases(
+    rope_grad: impl Fn(bool, Option<Yarn>) -> Op,
+    cross_entropy_grad: impl Fn(Option<i64>) -> Op,
+    attention_grad: impl Fn(bool) -> Op,
+) -> Vec<(Op, Vec<&'static str>, (f32, f32))> {
+    vec![
+        (rope_grad(true, Some(TINY_YARN)), vec!["f32[B, T, 4, 8]", "i32[B, T]"], (-2.0, 2.0)),
+        (rope_grad(false, None), vec!["bf16[B, T, 2, 16]", "i64[B, T]"], (-2.0, 2.0)),
+        (cross_entropy_grad(None), vec!["f32[B, T, 37]", "i32[B, T]", "f32[B, T]"], (-4.0, 4.0)),
+        (cross_entropy_grad(None), vec!["bf16[3*T, 50]", "i64[3*T]", "f32[3*T]"], (-4.0, 4.0)),
+        (cross_entropy_grad(Some(-100)), vec!["f32[T, 300]", "i64[T]", "f32[T]"], (-8.0, 8.0)),
+        (cross_entropy_grad(Some(0)), vec!["bf16[B, 3, 7]", "i32[B, 3]", "f32[B, 3]"], (-4.0, 4.0)),
+        (cross_entropy_grad(None), vec!["f32[B, T, 33]", "i64[B, T]", "f32[B, T]"], (5000.0, 5016.0)),
+        // Ids drawn from four rows (oracle): repeated ids; 5000 rows span three blocks of rows.
+        (Op::EmbeddingGrad { rows: 50 }, vec!["i32[B, T]", "f32[B, T, 16]"], (-2.0, 2.0)),
+        (Op::EmbeddingGrad { rows: 5000 }, vec!["i64[T]", "bf16[T, 3]"], (-2.0, 2.0)),
+        (Op::EmbeddingGrad { rows: 7 }, vec!["i32[B, 4*T]", "f32[B, 4*T, 37]"], (-2.0, 2.0)),
+        (Op::TakeAlong { axis: 2 }, vec!["f32[B, T, 10]", "i32[B, T, 3]"], (-2.0, 2.0)),
+        (Op::TakeAlong { axis: 1 }, vec!["bf16[B, 7, 4]", "i64[B, 3, 4]"], (-2.0, 2.0)),
+        (Op::TakeAlong { axis: 0 }, vec!["i32[5, T]", "i32[2, T]"], (-2.0, 2.0)),
+        (Op::ScatterAddAlong { axis: 2, size: 10 }, vec!["i32[B, T, 3]", "f32[B, T, 3]"], (-2.0, 2.0)),
+        (Op::ScatterAddAlong { axis: 0, size: 4 }, vec!["i64[6, T]", "bf16[6, T]"], (-2.0, 2.0)),
+        // Grouped heads (4 query heads on 2 key heads) and a causal offset (S = 5 > T = 3).
+        (
+            attention_grad(true),
+            vec!["f32[B, T, 4, 8]", "f32[B, S, 2, 8]", "f32[B, S, 2, 6]", "f32[B, T, 4, 6]"],
+            (-2.0, 2.0),
+        ),
+        (
+            attention_grad(false),
+            vec!["bf16[B, T, 2, 16]", "bf16[B, S, 1, 16]", "bf16[B, S, 1, 16]", "bf16[B, T, 2, 16]"],
+            (-2.0, 2.0),
+        ),
+        (
+            attention_grad(true),
+            vec!["f32[B, T, 3, 40]", "f32[B, T, 3, 40]", "f32[B, T, 3, 40]", "f32[B, T, 3, 40]"],
+            (-1.0, 1.0),
+        ),
+        // A KV cache read at positions; head dimensions over a GPU block (two columns a thread).
+        (
+            attention_grad(true),
+            vec![
+                "f32[B, T, 2, 136]",
+                "f32[B, S, 1, 136]",
+                "f32[B, S, 1, 130]",
+                "i32[B, T]",
+                "f32[B, T, 2, 130]",
+            ],
+            (-0.5, 0.5),
+        ),
+        // DeepSeek-V3's head sizes (the naive MLA form: as many key heads as query heads).
+        (
+            attention_grad(true),
+            vec!["bf16[B, T, 2, 192]", "bf16[B, T, 2, 192]", "bf16[B, T, 2, 128]", "bf16[B, T, 2, 128]"],
+            (-0.5, 0.5),
+        ),
+        // Expert 1 has no rows (oracle).
+        (
+            Op::GroupedLinearWgrad { num_experts: 3 },
+            vec!["bf16[2*T, 8]", "i32[4]", "bf16[2*T, 5]"],
+            (-1.0, 1.0),
+        ),
+        (Op::GroupedLinearWgrad { num_experts: 2 }, vec!["f32[T, 9]", "i64[3]", "f32[T, 4]"], (-1.0, 1.0)),
+        (
+            Op::MoeCombineGrad { top_k: 2 },
+            vec!["bf16[T, 8]", "bf16[2*T, 8]", "i32[2*T]", "f32[T, 2]"],
+            (-2.0, 2.0),
+        ),
+        (
+            Op::MoeCombineGrad { top_k: 3 },
+            vec!["f32[T, 300]", "f32[3*T, 300]", "i64[3*T]", "f32[T, 3]"],
+            (-2.0, 2.0),
+        ),
+    ]
+}
+
+/// Whether `op` is one of the backward ops of training (or `take_along`), whose kernels are also
+/// checked to write every element of their results.
+fn is_grad(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Rope(RopeConfig { inverse: true, .. })
+            | Op::CrossEntropyGrad { .. }
+            | Op::EmbeddingGrad { .. }
+            | Op::TakeAlong { .. }
+            | Op::ScatterAddAlong { .. }
+            | Op::AttentionGrad { .. }
+            | Op::GroupedLinearWgrad { .. }
+            | Op::MoeCombineGrad { .. }
+    )
+}
+
 /// Every case: a kernel and the range of its float inputs.
 fn cases() -> Vec<(Kernel, (f32, f32))> {
     let rope = |interleaved, yarn| Op::Rope(RopeConfig { theta: 10000.0, interleaved, yarn, inverse: false });
@@ -75,6 +173,10 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
     };
     let attention = |causal| Op::Attention { scale: 0.35, causal, mla: None };
     let cross_entropy = |ignore_index| Op::CrossEntropy { ignore_index };
+    let rope_grad =
+        |interleaved, yarn| Op::Rope(RopeConfig { theta: 10000.0, interleaved, yarn, inverse: true });
+    let cross_entropy_grad = |ignore_index| Op::CrossEntropyGrad { ignore_index };
+    let attention_grad = |causal| Op::AttentionGrad { scale: 0.35, causal };
     let mut cases: Vec<(Op, Vec<&str>, (f32, f32))> = vec![
         (Op::Concat { axis: 2 }, vec!["bf16[B, T, 5]", "bf16[B, T, 3]", "bf16[B, T, 1]"], (-2.0, 2.0)),
         (Op::Concat { axis: 0 }, vec!["i32[T, 2]", "i32[2*T, 2]"], (-2.0, 2.0)),
@@ -156,6 +258,7 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         (Op::Cast { to: DType::F8E4M3 }, vec!["f32[B, T, 9]"], (-500.0, 500.0)),
         (Op::Cast { to: DType::BF16 }, vec!["f8e4m3[B, T, 9]"], (-500.0, 500.0)),
     ];
+    cases.extend(grad_cases(rope_grad, cross_entropy_grad, attention_grad));
     let mut out: Vec<(Kernel, (f32, f32))> =
         cases.drain(..).map(|(op, args, r)| (kernel(op, &args), r)).collect();
     out.push((experts("f32[B, T, 8]", "f32[B, T, 2]", "i32[B, T, 2]", "f32", &[6, 5, 6]), (-1.0, 1.0)));
@@ -174,6 +277,9 @@ fn cpu_families_match_the_interpreter() {
         for _ in 0..2 {
             let args = random_inputs(k, &mut rng, *range, &BIND);
             let worst = check(&lib, k, &args, &BIND);
+            if k.single_op().is_some_and(is_grad) {
+                check_writes_everything(&lib, k, &args, &BIND);
+            }
             report.push(format!("{:<34} {:<12} max error {worst:?}", k.name, k.args[0].to_string()));
         }
     }
@@ -190,6 +296,14 @@ fn gpu_families_pass_ptxas_without_spills() {
     for (k, _) in &cases {
         let s = stats[&k.name];
         assert_eq!((s.spill_store_bytes, s.spill_load_bytes), (0, 0), "{}: spills\n{report}", k.name);
+        println!(
+            "{:<34} {:<12} {:>3} registers, {:>5} bytes shared, {} bytes stack",
+            k.name,
+            k.args[0].to_string(),
+            s.registers,
+            s.shared_bytes,
+            s.stack_bytes
+        );
     }
 }
 
@@ -390,4 +504,142 @@ fn cross_entropy_targets_ignored_or_out_of_range() {
     let loss = bufs[2].f32();
     assert!((loss[0] - 2.407_606).abs() < 1e-6, "{loss:?}");
     assert!(loss[1..].iter().all(|v| v.is_nan()), "without ignore_index -100 is out of range: {loss:?}");
+}
+
+/// Runs `k` on `args` with results zeroed and scratch full of garbage; returns the results.
+fn run_all(lib: &CpuLib, k: &Kernel, args: Vec<Buf>, bind: &SymBindings) -> Vec<Buf> {
+    let n = args.len();
+    let mut bufs = args;
+    bufs.extend(k.results.iter().map(|t| Buf::zeros(t, bind)));
+    bufs.extend(k.scratch.iter().map(|t| super::oracle::garbage(t, bind)));
+    lib.run(k, &mut bufs, bind);
+    bufs.truncate(n + k.results.len());
+    bufs.split_off(n)
+}
+
+#[test]
+fn rope_inverse_undoes_rope() {
+    let rope = |inverse| Op::Rope(RopeConfig { theta: 10000.0, interleaved: false, yarn: None, inverse });
+    let (fwd, inv) = (
+        kernel(rope(false), &["f32[B, T, 3, 16]", "i32[B, T]"]),
+        kernel(rope(true), &["f32[B, T, 3, 16]", "i32[B, T]"]),
+    );
+    let lib = CpuLib::build(&[&fwd, &inv]);
+    let mut rng = Rng::new(44);
+    let x = rng.vec(numel(&fwd.args[0], &BIND), -2.0, 2.0);
+    let pos: Vec<i32> = (0..6).map(|_| rng.uniform(0.0, 4096.0) as i32).collect();
+    let y = run_all(&lib, &fwd, vec![Buf::F32(x.clone()), Buf::I32(pos.clone())], &BIND).remove(0);
+    let back = run_all(&lib, &inv, vec![y, Buf::I32(pos)], &BIND).remove(0);
+    let worst = x.iter().zip(back.f32()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    // Two rotations in f32 by the same cosine and sine, whose squares sum to 1 within an ulp.
+    assert!(worst < 1e-6, "rope then its inverse is off by {worst}");
+}
+
+#[test]
+fn cross_entropy_grad_targets_ignored_or_out_of_range() {
+    // An ignored row is 0 whatever it holds; a target outside `0..V` (the interpreter rejects it)
+    // reads and writes nothing outside its row and makes the row NaN.
+    let k = kernel(Op::CrossEntropyGrad { ignore_index: Some(-100) }, &["f32[5, 3]", "i64[5]", "f32[5]"]);
+    let lib = CpuLib::build(&[&k]);
+    let row = [1.0f32, 2.0, 3.0];
+    let mut x: Vec<f32> = row.repeat(5);
+    x[3] = f32::NAN;
+    let targets = vec![2, -100, 3, -1, i64::MIN];
+    let dloss = vec![2.0, 1.0, 1.0, 1.0, 1.0];
+    let got = run_all(&lib, &k, vec![Buf::F32(x), Buf::I64(targets), Buf::F32(dloss)], &BIND).remove(0);
+    let g = got.f32();
+    let sum: f64 = row.iter().map(|&v| f64::from(v - 3.0).exp()).sum();
+    for (j, &v) in row.iter().enumerate() {
+        let p = f64::from(v - 3.0).exp() / sum;
+        let want = (p - if j == 2 { 1.0 } else { 0.0 }) * 2.0;
+        assert!((f64::from(g[j]) - want).abs() < 1e-6, "{g:?}");
+    }
+    assert_eq!(&g[3..6], &[0.0; 3], "an ignored row of NaN: {g:?}");
+    assert!(g[6..].iter().all(|v| v.is_nan()), "{g:?}");
+}
+
+#[test]
+fn embedding_grad_sums_repeated_ids_and_skips_bad_ones() {
+    // 4100 rows: three blocks of rows, ids in the first and the last.
+    let k = kernel(Op::EmbeddingGrad { rows: 4100 }, &["i32[6]", "f32[6, 2]"]);
+    let lib = CpuLib::build(&[&k]);
+    let ids = vec![4099, 1, 4099, -1, 4100, 1];
+    let dy = vec![1.0, 2.0, 10.0, 20.0, 100.0, 200.0, 5.0, 5.0, 7.0, 7.0, 0.5, 0.25];
+    let got = run_all(&lib, &k, vec![Buf::I32(ids), Buf::F32(dy)], &BIND).remove(0);
+    let g = got.f32();
+    let mut want = vec![0.0f32; 4100 * 2];
+    want[2..4].copy_from_slice(&[10.5, 20.25]);
+    want[4099 * 2..].copy_from_slice(&[101.0, 202.0]);
+    assert_eq!(g, &want[..]);
+}
+
+#[test]
+fn scatter_add_along_skips_indices_out_of_range() {
+    let k = kernel(Op::ScatterAddAlong { axis: 1, size: 3 }, &["i64[2, 4]", "f32[2, 4]"]);
+    let lib = CpuLib::build(&[&k]);
+    let idx = vec![0, 2, 0, 3, -1, 1, 1, i64::MAX];
+    let src = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+    let got = run_all(&lib, &k, vec![Buf::I64(idx), Buf::F32(src)], &BIND).remove(0);
+    assert_eq!(got.f32(), &[5.0, 0.0, 2.0, 0.0, 96.0, 0.0]);
+}
+
+#[test]
+fn grouped_linear_wgrad_with_empty_experts_and_bad_offsets() {
+    // Experts 0 and 3 have no rows; then offsets that decrease and leave the rows (the
+    // interpreter rejects them) still read nothing outside the rows and write every element.
+    let k = kernel(Op::GroupedLinearWgrad { num_experts: 4 }, &["f32[4, 2]", "i32[5]", "f32[4, 3]"]);
+    let lib = CpuLib::build(&[&k]);
+    let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    let dy: Vec<f32> = (0..12).map(|i| (i as f32) * 0.5 - 2.0).collect();
+    let args = |off: Vec<i32>| vec![Buf::F32(x.clone()), Buf::I32(off), Buf::F32(dy.clone())];
+    check(&lib, &k, &args(vec![0, 0, 1, 4, 4]), &BIND);
+    let got = run_all(&lib, &k, args(vec![3, 1, 9, -5, 2]), &BIND);
+    // Expert 0: rows 3..1 (none); 1: rows 1..4; 2: rows 4..0 (none); 3: rows 0..2.
+    let dw = |rows: std::ops::Range<usize>| -> Vec<f32> {
+        let mut out = Vec::new();
+        for a in 0..3 {
+            for c in 0..2 {
+                out.push(rows.clone().map(|r| dy[r * 3 + a] * x[r * 2 + c]).sum::<f32>());
+            }
+        }
+        out
+    };
+    let want = [dw(0..0), dw(1..4), dw(0..0), dw(0..2)];
+    for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.f32(), &w[..], "expert {e}");
+    }
+}
+
+#[test]
+fn moe_combine_grad_rows_of_bad_slots_are_zero() {
+    let k = kernel(Op::MoeCombineGrad { top_k: 2 }, &["f32[2, 2]", "f32[4, 2]", "i32[4]", "f32[2, 2]"]);
+    let lib = CpuLib::build(&[&k]);
+    let dy = vec![1.0, 2.0, 3.0, 4.0];
+    let y = vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0];
+    let w = vec![0.5, 0.25, 2.0, 4.0];
+    // Rows 0..4 came from slots 3, 0, 7 (out of range) and 1; slot 2 is never written by a row.
+    let got =
+        run_all(&lib, &k, vec![Buf::F32(dy), Buf::F32(y), Buf::I32(vec![3, 0, 7, 1]), Buf::F32(w)], &BIND);
+    assert_eq!(got[0].f32(), &[12.0, 16.0, 0.5, 1.0, 0.0, 0.0, 0.25, 0.5]);
+    assert_eq!(got[1].f32(), &[6.0, 12.0, 0.0, 7.0]);
+}
+
+#[test]
+fn attention_grad_rows_that_see_no_key_are_zero() {
+    // S < T: query 0 of a causal row sees no key (the interpreter rejects this): its dq is zero,
+    // and it adds nothing to dk and dv.
+    let k = kernel(
+        Op::AttentionGrad { scale: 0.5, causal: true },
+        &["f32[B, T, 1, 2]", "f32[B, S, 1, 2]", "f32[B, S, 1, 2]", "f32[B, T, 1, 2]"],
+    );
+    let lib = CpuLib::build(&[&k]);
+    let bind = SymBindings { b: 1, t: 3, s: 2 };
+    let ones = |t| Buf::F32(vec![1.0; numel(t, &bind)]);
+    let args = vec![ones(&k.args[0]), ones(&k.args[1]), ones(&k.args[2]), ones(&k.args[3])];
+    let got = run_all(&lib, &k, args, &bind);
+    // Equal scores: uniform probabilities and dS = 0, so dq = dk = 0; dv sums the probabilities of
+    // the queries that see each key: key 0 gets 1 (query 1) + 1/2 (query 2), key 1 gets 1/2.
+    assert_eq!(got[0].f32(), &[0.0; 6]);
+    assert_eq!(got[1].f32(), &[0.0; 4]);
+    assert_eq!(got[2].f32(), &[1.5, 1.5, 0.5, 0.5]);
 }

@@ -28,11 +28,15 @@ pub fn tolerance(k: &Kernel, i: usize) -> (f64, f64) {
         | Op::Transpose { .. }
         | Op::Embedding
         | Op::Gather { .. }
+        | Op::TakeAlong { .. }
         | Op::TopK { .. }
         | Op::MoeDispatch(_)
         | Op::Quantize { .. }
         | Op::Dequantize { .. } => return exact,
         Op::MoeRoute(_) if i == 1 => return exact,
+        // The product of two floats rounded to f32, then to the result's dtype, as the interpreter
+        // does (its f64 product of two f32 values is exact, so both round the same number).
+        Op::MoeCombineGrad { .. } if i == 0 => return exact,
         _ => {}
     }
     match k.results[i].dtype {
@@ -45,6 +49,18 @@ pub fn tolerance(k: &Kernel, i: usize) -> (f64, f64) {
             // A difference of two values of the size of log V (the log of the sum, the target's
             // logit less the maximum): small losses carry their absolute error.
             Op::CrossEntropy { .. } => (1e-5, 1.0),
+            // `(p - onehot) * dloss`: p's relative error (an f32 sum of V exponentials, about
+            // 1e-6), absolute near 0 and near the target's `p - 1`.
+            Op::CrossEntropyGrad { .. } => (1e-5, 0.1),
+            // f32 sums of a few O(1) terms in index order (the interpreter: f64, rounded once),
+            // which may cancel: absolute below 1.
+            Op::EmbeddingGrad { .. } | Op::ScatterAddAlong { .. } => (1e-6, 1.0),
+            // Dot products and weight gradients summed over rows, as the GEMMs.
+            Op::GroupedLinearWgrad { .. } | Op::MoeCombineGrad { .. } => (1e-4, 1.0),
+            // Sums over keys (and queries) of products of recomputed probabilities, in f32, of
+            // terms up to about 10 whose sum is small (the score gradients of a row sum to 0):
+            // absolute below 1.
+            Op::AttentionGrad { .. } => (1e-5, 1.0),
             _ => (1e-5, 1e-3),
         },
         _ => exact,
@@ -96,7 +112,7 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
                 let len = dims(&k.args[0], bind)[*axis];
                 ints(d, (0..n).map(|_| (rng.uniform(0.0, len as f32) as i64).min(len as i64 - 1)).collect())
             }
-            (Op::CrossEntropy { ignore_index }, 1, d) => {
+            (Op::CrossEntropy { ignore_index } | Op::CrossEntropyGrad { ignore_index }, 1, d) => {
                 // Classes in range, and about one target in four ignored when the op ignores one.
                 let v = *dims(&k.args[0], bind).last().unwrap();
                 let pick = |rng: &mut Rng| match ignore_index {
@@ -106,6 +122,25 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
                 ints(d, (0..n).map(|_| pick(rng)).collect())
             }
             (Op::Rope(_), 1, d) => ints(d, (0..n).map(|_| rng.uniform(0.0, 1024.0) as i64).collect()),
+            (Op::EmbeddingGrad { rows }, 0, d) => {
+                // Four rows, far apart (different row blocks of a big table), so ids repeat.
+                let r = *rows as i64;
+                let picks = [0, r / 3, 2 * r / 3, r - 1];
+                ints(d, (0..n).map(|_| picks[(rng.uniform(0.0, 4.0) as usize).min(3)]).collect())
+            }
+            (Op::TakeAlong { axis }, 1, d) => {
+                let len = dims(&k.args[0], bind)[*axis];
+                ints(d, (0..n).map(|_| (rng.uniform(0.0, len as f32) as i64).min(len as i64 - 1)).collect())
+            }
+            (Op::ScatterAddAlong { size, .. }, 0, d) => ints(
+                d,
+                (0..n).map(|_| (rng.uniform(0.0, *size as f32) as i64).min(*size as i64 - 1)).collect(),
+            ),
+            (Op::AttentionGrad { .. }, 3, d) if k.args.len() == 5 => {
+                // Cache positions, one in four beyond the cache (clamped to its end).
+                let s = dims(&k.args[1], bind)[1] as f32;
+                ints(d, (0..n).map(|_| rng.uniform(0.0, s * 1.25) as i64).collect())
+            }
             (Op::MoeExperts { num_experts }, 2, d) => {
                 let kk = *ds.last().unwrap();
                 ints(d, (0..n / kk).flat_map(|_| distinct(rng, kk, *num_experts as usize)).collect())
@@ -118,16 +153,20 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
                 let picks = (0..ds[0]).flat_map(|_| distinct(rng, ds[1], group).into_iter());
                 ints(d, picks.map(|e| e + (g * group) as i64).collect())
             }
-            (Op::GroupedLinear { .. }, 1, d) => {
+            (Op::GroupedLinear { .. } | Op::GroupedLinearWgrad { .. }, 1, d) => {
                 let rows = dims(&k.args[0], bind)[0] as f32;
                 let mut cuts: Vec<i64> = (0..n - 2).map(|_| rng.uniform(0.0, rows + 1.0) as i64).collect();
                 cuts.sort_unstable();
                 let mut off = vec![0];
                 off.extend(cuts.into_iter().map(|c| c.min(rows as i64)));
                 off.push(rows as i64);
+                if matches!(op, Op::GroupedLinearWgrad { .. }) {
+                    // Expert 1 gets no rows.
+                    off[1] = off[2];
+                }
                 ints(d, off)
             }
-            (Op::MoeCombine { .. }, 1, d) => {
+            (Op::MoeCombine { .. }, 1, d) | (Op::MoeCombineGrad { .. }, 2, d) => {
                 let mut perm: Vec<i64> = (0..n as i64).collect();
                 for i in (1..n).rev() {
                     let j = (rng.uniform(0.0, (i + 1) as f32) as usize).min(i);
@@ -135,7 +174,9 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
                 }
                 ints(d, perm)
             }
-            (Op::MoeCombine { .. }, 2, d) => floats(d, rng.vec(n, 0.05, 1.0)),
+            (Op::MoeCombine { .. }, 2, d) | (Op::MoeCombineGrad { .. }, 3, d) => {
+                floats(d, rng.vec(n, 0.05, 1.0))
+            }
             (_, _, DType::Bool) => Buf::Bool((0..n).map(|_| u8::from(rng.uniform(0.0, 1.0) < 0.5)).collect()),
             (_, _, d @ (DType::I32 | DType::I64)) => {
                 ints(d, (0..n).map(|_| rng.uniform(-1000.0, 1000.0) as i64).collect())
@@ -147,6 +188,39 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
     bufs
 }
 
+/// A buffer of type `t` full of NaN (or -12345): what a kernel must never let through.
+pub fn garbage(t: &kiln_ir::TensorType, bind: &SymBindings) -> Buf {
+    let n = numel(t, bind);
+    match t.dtype {
+        DType::F32 => Buf::F32(vec![f32::NAN; n]),
+        DType::BF16 => Buf::Bf16(vec![0x7FC1; n]),
+        DType::I32 => Buf::I32(vec![-12345; n]),
+        DType::I64 => Buf::I64(vec![-12345; n]),
+        d => panic!("no garbage {d} buffers"),
+    }
+}
+
+/// Runs `k` on `args` twice, its results and scratch zeroed and then full of [`garbage`]: a kernel
+/// that writes every element of its results (their buffers come from the arena, with whatever the
+/// last launch left) gives the same bits both times.
+#[track_caller]
+pub fn check_writes_everything(lib: &CpuLib, k: &Kernel, args: &[Buf], bind: &SymBindings) {
+    let run = |fill: &dyn Fn(&kiln_ir::TensorType) -> Buf| {
+        let mut bufs = args.to_vec();
+        bufs.extend(k.results.iter().map(fill));
+        bufs.extend(k.scratch.iter().map(|t| garbage(t, bind)));
+        lib.run(k, &mut bufs, bind);
+        bufs.truncate(args.len() + k.results.len());
+        bufs.split_off(args.len())
+    };
+    let zeroed = run(&|t| Buf::zeros(t, bind));
+    let dirty = run(&|t| garbage(t, bind));
+    for (i, (a, b)) in zeroed.iter().zip(&dirty).enumerate() {
+        let bits = |b: &Buf| values(b).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(a), bits(b), "{}: result {i} depends on what its buffer held", k.name);
+    }
+}
+
 /// Runs `k` from `lib` and the interpreter on `args`; asserts every result agrees within
 /// [`tolerance`]. Returns the largest error of each result relative to its allowance's scale
 /// (`|got - want| / max(|want|, floor)`), for reports.
@@ -155,6 +229,7 @@ pub fn check(lib: &CpuLib, k: &Kernel, args: &[Buf], bind: &SymBindings) -> Vec<
     let want = interpret(k, args, bind);
     let mut bufs = args.to_vec();
     bufs.extend(k.results.iter().map(|t| Buf::zeros(t, bind)));
+    bufs.extend(k.scratch.iter().map(|t| garbage(t, bind)));
     lib.run(k, &mut bufs, bind);
     let mut worst = Vec::new();
     for (i, want) in want.iter().enumerate() {

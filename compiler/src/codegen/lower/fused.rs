@@ -114,24 +114,40 @@ impl Frame<'_> {
     }
 }
 
-/// The kernel of one phase: its body, and the name of the kernel it belongs to (for messages).
+/// The kernel of one phase: its body, its op's workspace (the parent's scratch buffers it uses),
+/// and the name of the kernel it belongs to (for messages).
 fn phase_kernel(parent: &Kernel, phase: &Phase) -> Kernel {
     let tys = |vs: Vec<kiln_ir::ValueId>| vs.into_iter().map(|v| phase.body.ty(v).clone()).collect();
+    let scratch = phase
+        .workspace
+        .iter()
+        .filter_map(|l| match l {
+            Loc::Scratch(i) => parent.scratch.get(*i).cloned(),
+            _ => None,
+        })
+        .collect();
     Kernel {
         id: parent.id,
         name: parent.name.clone(),
         body: phase.body.clone(),
         args: tys(phase.body.inputs().iter().map(|&(_, v)| v).collect()),
         results: tys(phase.body.outputs().iter().map(|&(_, v)| v).collect()),
-        scratch: Vec::new(),
+        scratch,
         syms: parent.syms.clone(),
     }
 }
 
-/// The buffers of a phase: its arguments' and results' locations in the kernel.
+/// The buffers of a phase: its arguments', results' and workspace's locations in the kernel.
 fn phase_buffers(f: &Frame, k: &Kernel, phase: &Phase) -> Result<Vec<Buffer>, LowerError> {
-    let bufs: Vec<Buffer> = phase.args.iter().chain(&phase.results).map(|&l| f.at(l)).collect();
-    let want = k.args.iter().chain(&k.results);
+    let bufs: Vec<Buffer> =
+        phase.args.iter().chain(&phase.results).chain(&phase.workspace).map(|&l| f.at(l)).collect();
+    if bufs.len() != k.args.len() + k.results.len() + k.scratch.len() {
+        return Err(LowerError::Malformed {
+            kernel: f.kernel.name.clone(),
+            message: "a phase's workspace is not among its scratch buffers".into(),
+        });
+    }
+    let want = k.args.iter().chain(&k.results).chain(&k.scratch);
     if bufs.iter().zip(want).any(|(b, t)| &b.ty != t) {
         return Err(LowerError::Malformed {
             kernel: f.kernel.name.clone(),

@@ -31,6 +31,7 @@ mod attention;
 mod chain;
 mod elementwise;
 mod fused;
+mod grad;
 mod matmul;
 mod moe;
 mod quant;
@@ -190,6 +191,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::Softmax { axis } => reduce::softmax(f, *axis)?,
         Op::RmsNorm { eps } => reduce::rms_norm(f, *eps)?,
         Op::CrossEntropy { ignore_index } => reduce::cross_entropy(f, *ignore_index)?,
+        Op::CrossEntropyGrad { ignore_index } => reduce::cross_entropy_grad(f, *ignore_index)?,
         Op::Linear => matmul::linear(f)?,
         Op::MatMul => matmul::matmul(f)?,
         Op::Concat { axis } => shape::concat(f, *axis)?,
@@ -198,9 +200,6 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::Transpose { perm } => shape::transpose(f, perm)?,
         Op::Embedding => shape::embedding(f)?,
         Op::Gather { axis } => shape::gather(f, *axis)?,
-        Op::Rope(cfg) if cfg.inverse => {
-            return Err(f.unsupported("rope", "the inverse rotation (a gradient) has no lowering yet"))
-        }
         Op::Rope(cfg) => rope::rope(f, cfg)?,
         Op::Attention { scale, causal, .. } => attention::attention(f, *scale, *causal)?,
         Op::CacheUpdate => shape::cache_update(f)?,
@@ -212,16 +211,12 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::MoeCombine { top_k } => moe::combine(f, *top_k)?,
         Op::Quantize { spec, .. } => quant::quantize(f, spec)?,
         Op::Dequantize { block, .. } => quant::dequantize(f, block)?,
-        // The backward ops of training run on the interpreter until their lowerings are written.
-        op @ (Op::EmbeddingGrad { .. }
-        | Op::CrossEntropyGrad { .. }
-        | Op::AttentionGrad { .. }
-        | Op::TakeAlong { .. }
-        | Op::ScatterAddAlong { .. }
-        | Op::GroupedLinearWgrad { .. }
-        | Op::MoeCombineGrad { .. }) => {
-            return Err(f.unsupported(op.name(), "a backward op of training: no lowering yet"))
-        }
+        Op::TakeAlong { axis } => shape::take_along(f, *axis)?,
+        Op::AttentionGrad { scale, causal } => attention::attention_grad(f, *scale, *causal)?,
+        Op::EmbeddingGrad { rows } => grad::embedding_grad(f, *rows)?,
+        Op::ScatterAddAlong { axis, .. } => grad::scatter_add_along(f, *axis)?,
+        Op::GroupedLinearWgrad { num_experts } => grad::grouped_linear_wgrad(f, *num_experts)?,
+        Op::MoeCombineGrad { top_k } => grad::moe_combine_grad(f, *top_k)?,
         // Formation turns these into aliases, runtime steps or buffers; a kernel holding one was
         // built by hand.
         op @ (Op::Reshape { .. }

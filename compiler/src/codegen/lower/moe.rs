@@ -343,7 +343,7 @@ fn sync(f: &mut Frame) {
 
 /// The `count` buffers starting at `first` (one per expert, `per` buffers apart), picked by `e`
 /// at run time, each as a `memref<?xT>`; plus, for each expert, `extra(expert)` as an index.
-fn pick_buffers(
+pub(super) fn pick_buffers(
     f: &mut Frame,
     e: &Value,
     experts: usize,

@@ -1,5 +1,5 @@
 //! Row kernels: reductions over a contiguous run of axes, softmax along one axis, RMS norm, and
-//! cross-entropy over the last axis.
+//! cross-entropy and its gradient over the last axis.
 //!
 //! Each op is viewed as `[outer, n, inner]`: `n` is the size of the reduced (or normalised) axes and
 //! `inner` the size of the axes after them, so element `t` of row `r` is at
@@ -18,6 +18,11 @@
 //! a max pass, a sum-of-exp pass, then `log(sum) - (x[target] - max)`, in f32 (the target's logit
 //! less the maximum first, so a large maximum costs no precision); a target outside `0..V` reads
 //! nothing (its load sits under an `scf.if`) and gives NaN, and one equal to `ignore_index` gives 0.
+//! Its gradient `cross_entropy_grad` is the same row with a third pass writing
+//! `(exp(x - max) / sum - onehot(target)) * dloss` at every class, in f32 (the interpreter: the
+//! differences in f32, the rest in f64, rounded once); the target is only compared with the class
+//! index, so a target outside `0..V` reads and writes nothing outside the row: its row is NaN (as
+//! the forward's loss), and a row whose target is `ignore_index` is 0 whatever it holds.
 //!
 //! Each op is a template (`reduce_with`, `softmax_with`, `rms_norm_with`) whose loads of the input
 //! and stores of the result are hooks ([`Load`], [`Store`]): plain loads and stores for the op's own
@@ -155,30 +160,43 @@ fn reduce_row(f: &mut Frame, c: Combine, rows: &Rows, value: &dyn Fn(&mut Frame,
                 vec![apply(f, c, &acc[0], &x)]
             })
             .remove(0);
-            let (sh, sh_ty) = f.workgroup("partials", c.ty, rows.block as u64);
-            f.b.line(format_args!("memref.store {partial}, {sh}[{tid}] : {sh_ty}"));
-            f.b.line("gpu.barrier");
-            let mut s = rows.block / 2;
-            while s >= 1 {
-                let sv = f.b.index(s);
-                let active = f.b.op("p", format_args!("arith.cmpi ult, {tid}, {sv} : index"));
-                if_then(f, &active, |f| {
-                    let other = f.b.addi(&tid, &sv);
-                    let a = f.b.op("x", format_args!("memref.load {sh}[{tid}] : {sh_ty}"));
-                    let b = f.b.op("x", format_args!("memref.load {sh}[{other}] : {sh_ty}"));
-                    let r = apply(f, c, &a, &b);
-                    f.b.line(format_args!("memref.store {r}, {sh}[{tid}] : {sh_ty}"));
-                });
-                f.b.line("gpu.barrier");
-                s /= 2;
-            }
-            let zero = f.b.index(0);
-            let total = f.b.op("total", format_args!("memref.load {sh}[{zero}] : {sh_ty}"));
-            // Everyone has read the total before the buffer is reused by a later reduction.
-            f.b.line("gpu.barrier");
-            total
+            block_combine(f, c, &partial, rows.block)
         }
     }
+}
+
+/// Combines the `partial` of every thread of a GPU block of `block` threads (a power of two) with a
+/// tree in shared memory (`gpu.barrier` between levels); every thread gets the total.
+fn block_combine(f: &mut Frame, c: Combine, partial: &Value, block: i64) -> Value {
+    let tid = f.gpu_id("thread_id", 'x');
+    let (sh, sh_ty) = f.workgroup("partials", c.ty, block as u64);
+    f.b.line(format_args!("memref.store {partial}, {sh}[{tid}] : {sh_ty}"));
+    f.b.line("gpu.barrier");
+    let mut s = block / 2;
+    while s >= 1 {
+        let sv = f.b.index(s);
+        let active = f.b.op("p", format_args!("arith.cmpi ult, {tid}, {sv} : index"));
+        if_then(f, &active, |f| {
+            let other = f.b.addi(&tid, &sv);
+            let a = f.b.op("x", format_args!("memref.load {sh}[{tid}] : {sh_ty}"));
+            let b = f.b.op("x", format_args!("memref.load {sh}[{other}] : {sh_ty}"));
+            let r = apply(f, c, &a, &b);
+            f.b.line(format_args!("memref.store {r}, {sh}[{tid}] : {sh_ty}"));
+        });
+        f.b.line("gpu.barrier");
+        s /= 2;
+    }
+    let zero = f.b.index(0);
+    let total = f.b.op("total", format_args!("memref.load {sh}[{zero}] : {sh_ty}"));
+    // Everyone has read the total before the buffer is reused by a later reduction.
+    f.b.line("gpu.barrier");
+    total
+}
+
+/// The f32 sum of every thread's `partial` over a GPU block of `block` threads (a power of two):
+/// [`block_combine`] for the families whose work is not a row of this file.
+pub(super) fn block_sum(f: &mut Frame, partial: &Value, block: i64) -> Value {
+    block_combine(f, SUM_F32, partial, block)
 }
 
 /// Runs `body(f, t)` for `t` in `0..n` of the current row: all of it on the CPU, a strided share
@@ -355,6 +373,68 @@ pub(super) fn cross_entropy(f: &mut Frame, ignore_index: Option<i64>) -> Result<
             None => loss,
         };
         store_once(f, r, &loss, &|f, r, v| f.store(out, r, v));
+    }))
+}
+
+/// `cross_entropy_grad`: operands `logits[..., V]`, `targets[...]` (i32 or i64) and `dloss[...]`
+/// (f32), result `dlogits[..., V]` (f32). The rows of `cross_entropy` (a max pass and a
+/// sum-of-exp pass), then a third pass writing `(exp(x - max) / sum - onehot(target)) * dloss` at
+/// every class. See the module documentation.
+pub(super) fn cross_entropy_grad(
+    f: &mut Frame,
+    ignore_index: Option<i64>,
+) -> Result<LaunchShape, LowerError> {
+    let logits = f.bufs[0].ty.shape.clone();
+    let targets = f.bufs[1].ty.dtype;
+    let out = f.kernel.args.len();
+    let last = logits.len() - 1;
+    let rows = rows_of(f, "cross_entropy_grad", &logits, last, last)?;
+    Ok(each_row(f, &rows, |f, r| {
+        let shifted = |f: &mut Frame, t: &Value, max: &Value| {
+            let i = element(f, &rows, r, t);
+            let x = f.load(0, &i);
+            f.binf("subf", &x, max)
+        };
+        let max = reduce_row(f, MAX_F32, &rows, &|f, t| {
+            let i = element(f, &rows, r, t);
+            f.load(0, &i)
+        });
+        let sum = reduce_row(f, SUM_F32, &rows, &|f, t| {
+            let d = shifted(f, t, &max);
+            f.exp(&d)
+        });
+        let target = f.load(1, r);
+        let t = f.int_to_index(&target, targets);
+        let inside = f.cmp("ult", &t, &rows.n, "index");
+        // The row's factor: dloss for a class, NaN for a target outside 0..V (never read).
+        let dloss = f.load(2, r);
+        let nan = f.b.f32(f64::NAN);
+        let factor = f.select(&inside, &dloss, &nan, "f32");
+        let skip = ignore_index.map(|ignored| {
+            let wide = match targets {
+                DType::I64 => target.clone(),
+                _ => f.b.op("i", format_args!("arith.extsi {target} : i32 to i64")),
+            };
+            let ignored = f.b.constant(&ignored.to_string(), "i64");
+            f.cmp("eq", &wide, &ignored, "i64")
+        });
+        let (zero, one) = (f.b.f32(0.0), f.b.f32(1.0));
+        each_in_row(f, &rows, |f, j| {
+            let d = shifted(f, j, &max);
+            let e = f.exp(&d);
+            let p = f.binf("divf", &e, &sum);
+            let hit = f.cmp("eq", j, &t, "index");
+            let onehot = f.select(&hit, &one, &zero, "f32");
+            let g = f.binf("subf", &p, &onehot);
+            let g = f.binf("mulf", &g, &factor);
+            // An ignored row is 0 whatever it holds (NaN times 0 would not be).
+            let g = match &skip {
+                Some(skip) => f.select(skip, &zero, &g, "f32"),
+                None => g,
+            };
+            let i = element(f, &rows, r, j);
+            f.store(out, &i, &g);
+        });
     }))
 }
 

@@ -18,6 +18,10 @@
 //!
 //! The rotation `x0 * cos - x1 * sin`, `x0 * sin + x1 * cos` is one multiply and one fused
 //! multiply-add per output, in f32 (the interpreter: f64, rounded once), then rounded to the dtype.
+//!
+//! `inverse` (the gradient of `rope`, the transposed rotation) is the same kernel with the sine
+//! negated after it is computed, as in the interpreter: the same angle, cosine and sine as the
+//! forward kernel, so the two rotations are exactly each other's transpose.
 
 use kiln_ir::op::RopeConfig;
 use kiln_ir::DType;
@@ -113,7 +117,7 @@ pub(super) fn rope(f: &mut Frame, cfg: &RopeConfig) -> Result<LaunchShape, Lower
     // Vectors of one (batch, token): every axis between T and D.
     let per_token = f.prod(&shape[2..shape.len() - 1]);
     let (half_v, d_v) = (f.b.index(half as i64), f.b.index(d as i64));
-    let interleaved = cfg.interleaved;
+    let (interleaved, inverse) = (cfg.interleaved, cfg.inverse);
     Ok(each_element(f, pairs, |f, p| {
         let j = f.b.remui(p, &half_v);
         let v = f.b.divui(p, &half_v);
@@ -135,6 +139,7 @@ pub(super) fn rope(f: &mut Frame, cfg: &RopeConfig) -> Result<LaunchShape, Lower
         let freq = f.b.op("x", format_args!("vector.extract {table}[{j}] : f32 from {vec_ty}"));
         let angle = f.binf("mulf", &pos, &freq);
         let (sin, cos) = f.sincos(&angle);
+        let sin = if inverse { f.b.op("f", format_args!("arith.negf {sin} : f32")) } else { sin };
         let x0 = f.load(0, &ia);
         let x1 = f.load(0, &ib);
         let x1s = f.binf("mulf", &x1, &sin);

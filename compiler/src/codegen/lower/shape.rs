@@ -1,5 +1,5 @@
-//! Data movement: `concat`, `split`, `broadcast`, `transpose`, `embedding` and `gather`. (`reshape`
-//! is not a kernel: formation makes it an alias of its operand's buffer.)
+//! Data movement: `concat`, `split`, `broadcast`, `transpose`, `embedding`, `gather` and
+//! `take_along`. (`reshape` is not a kernel: formation makes it an alias of its operand's buffer.)
 //!
 //! Every kernel here copies stored bits ([`Frame::load_raw`] / [`Frame::store_raw`]), so it works for
 //! every dtype, f8e4m3 and bool included, and values arrive exactly as they left. Iteration is over
@@ -8,10 +8,10 @@
 //! operand (each goes to exactly one result). An index is decomposed into the coordinates the copy
 //! needs with one division and one remainder per dimension involved.
 //!
-//! Ids and indices (`embedding`, `gather`): an index outside `0..n` is **clamped** into range (a
-//! negative one reads row 0, a too-large one row `n - 1`). The interpreter reports such an index as an
-//! error; a kernel cannot, so it does the one thing that never reads outside the buffer, and the
-//! runtime validates token ids before it launches anything.
+//! Ids and indices (`embedding`, `gather`, `take_along`): an index outside `0..n` is **clamped**
+//! into range (a negative one reads row 0, a too-large one row `n - 1`). The interpreter reports
+//! such an index as an error; a kernel cannot, so it does the one thing that never reads outside the
+//! buffer, and the runtime validates token ids before it launches anything.
 //!
 //! Not done: vectorised or tiled copies (a transpose through shared memory, row copies on the CPU).
 
@@ -183,6 +183,26 @@ pub(super) fn gather(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerErr
         // Output [outer, picks, inner] reads data [outer, len, inner] at the picked position.
         let (o, p, j) = split_index(f, i, &count, &inner);
         let at = f.load(1, &p);
+        let a = f.clamped_index(&at, index_type, &len);
+        let src = join_index(f, (&o, &a, &j), &len, &inner);
+        let v = f.load_raw(0, &src);
+        f.store_raw(2, i, &v);
+    }))
+}
+
+/// `take_along`: operands `data[...]` and `indices[...]` (data's rank), result of the indices' shape:
+/// element `(o, j, i)` (`j` along `axis`) is `data[o, indices[o, j, i], i]`, the index clamped.
+pub(super) fn take_along(f: &mut Frame, axis: usize) -> Result<LaunchShape, LowerError> {
+    let n = numel(f, 2, "take_along")?;
+    let data = f.bufs[0].ty.shape.clone();
+    let picks = f.bufs[1].ty.shape[axis];
+    let index_type = f.bufs[1].ty.dtype;
+    let len = f.dim(data[axis]);
+    let inner = f.prod(&data[axis + 1..]);
+    let count = f.dim(picks);
+    Ok(each_element(f, n, |f, i| {
+        let (o, _, j) = split_index(f, i, &count, &inner);
+        let at = f.load(1, i);
         let a = f.clamped_index(&at, index_type, &len);
         let src = join_index(f, (&o, &a, &j), &len, &inner);
         let v = f.load_raw(0, &src);

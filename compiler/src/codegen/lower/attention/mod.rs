@@ -1,11 +1,12 @@
 //! Scaled dot-product attention: `q[B, T, H, Dk]`, `k[B, S, Hk, Dk]`, `v[B, S, Hk, Dv]` ->
-//! `[B, T, H, Dv]`, query head `h` reading key/value head `h / (H / Hk)`.
+//! `[B, T, H, Dv]`, query head `h` reading key/value head `h / (H / Hk)`. Its gradient
+//! `attention_grad` is in `grad`, sharing the masking and scores written here.
 //!
 //! A row is one query `(b, t, h)`. With `causal` it sees keys `0..t + 1 + S - T` (the new tokens
 //! come after `S - T` cached ones); without, all `S`. With a fourth operand `positions[B, T]` (a KV
 //! cache whose slot `j` holds position `j`) it sees keys `0..=positions[b, t]`, clamped to `S`, so a
-//! decode step reads only the filled part of the cache, and each sequence its own length. Scores `(q . k_s) * scale` and the softmax are
-//! f32. Each row makes two passes over its keys:
+//! decode step reads only the filled part of the cache, and each sequence its own length. Scores
+//! `(q . k_s) * scale` and the softmax are f32. Each row makes two passes over its keys:
 //!
 //! 1. the maximum `m` and the sum `l = sum_s exp(score_s - m)`, kept online (`l` is rescaled by
 //!    `exp(m_old - m_new)` when the maximum grows), so no array of scores is needed;
@@ -28,6 +29,8 @@
 //!
 //! Not done: FlashAttention-style tiling (several rows per block, keys staged through shared memory,
 //! tensor cores), which is a later slice.
+
+mod grad;
 
 use kiln_ir::{DType, Dim};
 
@@ -52,24 +55,68 @@ struct Row {
     visible: Value,
     scale: Value,
     dtype: DType,
-    /// The output buffer: 3, or 4 after a `positions` operand.
-    out_buf: usize,
 }
 
-fn known(f: &Frame, d: Dim, what: &str) -> Result<u64, LowerError> {
-    d.as_known().ok_or_else(|| f.unsupported("attention", format!("{what} must be a constant, found {d}")))
+/// What a kernel's masking depends on: the `positions` buffer if it has one, and `causal`.
+#[derive(Clone, Copy)]
+struct Mask {
+    positions: Option<usize>,
+    causal: bool,
+}
+
+impl Mask {
+    /// The mask of `attention` (positions are operand 3 of 4) or `attention_grad` (of 5).
+    fn of(f: &Frame, forward_operands: usize, causal: bool) -> Mask {
+        Mask { positions: (f.kernel.args.len() > forward_operands).then_some(3), causal }
+    }
+}
+
+fn known(f: &Frame, op: &str, d: Dim, what: &str) -> Result<u64, LowerError> {
+    d.as_known().ok_or_else(|| f.unsupported(op, format!("{what} must be a constant, found {d}")))
 }
 
 /// The constant sizes: query heads, key/value heads, value head dimension.
-fn constants(f: &Frame) -> Result<(u64, u64, u64), LowerError> {
-    let heads = known(f, f.bufs[0].ty.shape[2], "the query heads")?;
-    let kv_heads = known(f, f.bufs[1].ty.shape[2], "the key/value heads")?;
-    let dv = known(f, f.bufs[2].ty.shape[3], "the value head dimension")?;
+fn constants(f: &Frame, op: &str) -> Result<(u64, u64, u64), LowerError> {
+    let heads = known(f, op, f.bufs[0].ty.shape[2], "the query heads")?;
+    let kv_heads = known(f, op, f.bufs[1].ty.shape[2], "the key/value heads")?;
+    let dv = known(f, op, f.bufs[2].ty.shape[3], "the value head dimension")?;
     Ok((heads, kv_heads, dv))
 }
 
-/// The row of work item / block `r`.
-fn row(f: &mut Frame, r: &Value, (heads, kv_heads): (u64, u64), scale: f64, causal: bool) -> Row {
+/// The number of keys query `(b, t)` sees (keys `0..visible`), `bt = b * T + t`: the masking of
+/// `attention`, shared by its gradient.
+fn visible(f: &mut Frame, mask: Mask, bt: &Value, t: &Value) -> Value {
+    let (t_len, s_len) = (f.bufs[0].ty.shape[1], f.bufs[1].ty.shape[1]);
+    let (t_len, s_len) = (f.dim(t_len), f.dim(s_len));
+    if let Some(buf) = mask.positions {
+        // Keys 0..=positions[b, t], clamped to 0..=S: slot j of the cache holds position j.
+        let p = f.load(buf, bt);
+        let wide = match f.bufs[buf].ty.dtype {
+            DType::I64 => p,
+            _ => f.b.op("i", format_args!("arith.extsi {p} : i32 to i64")),
+        };
+        let one = f.b.constant("1", "i64");
+        let zero = f.b.constant("0", "i64");
+        let reach = f.b.op("i", format_args!("arith.addi {wide}, {one} : i64"));
+        let reach = f.b.op("i", format_args!("arith.maxsi {reach}, {zero} : i64"));
+        let reach = f.b.op("i", format_args!("arith.index_cast {reach} : i64 to index"));
+        f.b.op("i", format_args!("arith.minui {reach}, {s_len} : index"))
+    } else if mask.causal {
+        // t + 1 + S - T, or 0 when that is negative.
+        let one = f.b.index(1);
+        let t1 = f.b.addi(t, &one);
+        let reach = f.b.addi(&t1, &s_len);
+        let some = f.b.op("p", format_args!("arith.cmpi ugt, {reach}, {t_len} : index"));
+        let n = f.b.subi(&reach, &t_len);
+        let zero = f.b.index(0);
+        f.select(&some, &n, &zero, "index")
+    } else {
+        s_len
+    }
+}
+
+/// The row of query row `r` (`(b * T + t) * H + h`).
+fn row(f: &mut Frame, r: &Value, (heads, kv_heads): (u64, u64), scale: f64, mask: Mask) -> Row {
     let q = f.bufs[0].ty.shape.clone();
     let k = f.bufs[1].ty.shape.clone();
     let v = f.bufs[2].ty.shape.clone();
@@ -93,52 +140,37 @@ fn row(f: &mut Frame, r: &Value, (heads, kv_heads): (u64, u64), scale: f64, caus
     let v_step = f.b.muli(&hk_v, &dv);
     let q_off = f.b.muli(r, &dk);
     let out = f.b.muli(r, &dv);
-    let positioned = f.bufs.len() == 5;
-    let visible = if positioned {
-        // Keys 0..=positions[b, t], clamped to 0..=S: slot j of the cache holds position j.
-        let p = f.load(3, &bt);
-        let wide = match f.bufs[3].ty.dtype {
-            DType::I64 => p,
-            _ => f.b.op("i", format_args!("arith.extsi {p} : i32 to i64")),
-        };
-        let one = f.b.constant("1", "i64");
-        let zero = f.b.constant("0", "i64");
-        let reach = f.b.op("i", format_args!("arith.addi {wide}, {one} : i64"));
-        let reach = f.b.op("i", format_args!("arith.maxsi {reach}, {zero} : i64"));
-        let reach = f.b.op("i", format_args!("arith.index_cast {reach} : i64 to index"));
-        f.b.op("i", format_args!("arith.minui {reach}, {s_len} : index"))
-    } else if causal {
-        // t + 1 + S - T, or 0 when that is negative.
-        let one = f.b.index(1);
-        let t1 = f.b.addi(&t, &one);
-        let reach = f.b.addi(&t1, &s_len);
-        let some = f.b.op("p", format_args!("arith.cmpi ugt, {reach}, {t_len} : index"));
-        let n = f.b.subi(&reach, &t_len);
-        let zero = f.b.index(0);
-        f.select(&some, &n, &zero, "index")
-    } else {
-        s_len
-    };
+    let visible = visible(f, mask, &bt, &t);
     let scale = f.b.f32(scale);
     let dtype = f.bufs[0].ty.dtype;
-    let out_buf = if positioned { 4 } else { 3 };
-    Row { dk, dv, q: q_off, k: k_off, v: v_off, k_step, v_step, out, visible, scale, dtype, out_buf }
+    Row { dk, dv, q: q_off, k: k_off, v: v_off, k_step, v_step, out, visible, scale, dtype }
+}
+
+/// A value of one element of a row: `read(f, i)`.
+type Read<'a> = &'a dyn Fn(&mut Frame, &Value) -> Value;
+
+/// `sum_i a(i) * b(i)` over `i` in `0..n`, fused multiply-adds in f32 in index order.
+fn dot(f: &mut Frame, n: &Value, a: Read, b: Read) -> Value {
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let init = f.b.f32(0.0);
+    for_carry(f, &zero, n, &one, &[(init, "f32")], |f, i, acc| {
+        let x = a(f, i);
+        let y = b(f, i);
+        vec![f.fma(&x, &y, &acc[0])]
+    })
+    .remove(0)
 }
 
 /// `(q . k_s) * scale`, with the query read by `query(f, i)`.
-fn score(f: &mut Frame, row: &Row, s: &Value, query: &dyn Fn(&mut Frame, &Value) -> Value) -> Value {
+fn score(f: &mut Frame, row: &Row, s: &Value, query: Read) -> Value {
     let ks = f.b.muli(s, &row.k_step);
     let kbase = f.b.addi(&row.k, &ks);
-    let (zero, one) = (f.b.index(0), f.b.index(1));
-    let init = f.b.f32(0.0);
-    let dot = for_carry(f, &zero, &row.dk, &one, &[(init, "f32")], |f, i, acc| {
-        let qi = query(f, i);
+    let key = |f: &mut Frame, i: &Value| {
         let ki = f.b.addi(&kbase, i);
-        let kv = f.load(1, &ki);
-        vec![f.fma(&qi, &kv, &acc[0])]
-    })
-    .remove(0);
-    f.binf("mulf", &dot, &row.scale)
+        f.load(1, &ki)
+    };
+    let d = dot(f, &row.dk, query, &key);
+    f.binf("mulf", &d, &row.scale)
 }
 
 /// The online softmax step: `(m, l)` after one more score `x`.
@@ -167,11 +199,16 @@ fn merge(f: &mut Frame, (m1, l1): (&Value, &Value), (m2, l2): (&Value, Option<&V
     f.binf("addf", &terms[0], &terms[1])
 }
 
-/// The probability of key `s`, rounded to the dtype.
-fn probability(f: &mut Frame, row: &Row, m: &Value, l: &Value, x: &Value) -> Value {
+/// The softmax probability of a score `x` of a row of maximum `m` and sum `l`, in f32.
+fn softmax_at(f: &mut Frame, m: &Value, l: &Value, x: &Value) -> Value {
     let d = f.binf("subf", x, m);
     let e = f.exp(&d);
-    let p = f.binf("divf", &e, l);
+    f.binf("divf", &e, l)
+}
+
+/// The probability of key `s`, rounded to the dtype.
+fn probability(f: &mut Frame, row: &Row, m: &Value, l: &Value, x: &Value) -> Value {
+    let p = softmax_at(f, m, l, x);
     f.round_to(&p, row.dtype)
 }
 
@@ -179,19 +216,21 @@ pub(super) fn attention(f: &mut Frame, scale: f64, causal: bool) -> Result<Launc
     let q = f.bufs[0].ty.shape.clone();
     let rows = q[..3].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
     let rows = rows.ok_or_else(|| f.unsupported("attention", "the row count does not fit a dimension"))?;
+    let mask = Mask::of(f, 3, causal);
     match f.target {
-        Target::Cpu => cpu(f, rows, scale, causal),
-        Target::Gpu => gpu(f, rows, scale, causal),
+        Target::Cpu => cpu(f, rows, scale, mask),
+        Target::Gpu => gpu(f, rows, scale, mask),
     }
 }
 
-fn cpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape, LowerError> {
-    let (heads, kv_heads, dv_n) = constants(f)?;
+fn cpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, LowerError> {
+    let (heads, kv_heads, dv_n) = constants(f, "attention")?;
+    let out_buf = f.kernel.args.len();
     let (acc, acc_ty) = f.scratch("f32", dv_n);
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let one = f.b.index(1);
     for_loop(f, &lo, &hi, &one, |f, r| {
-        let row = row(f, r, (heads, kv_heads), scale, causal);
+        let row = row(f, r, (heads, kv_heads), scale, mask);
         let query = |f: &mut Frame, i: &Value| {
             let qi = f.b.addi(&row.q, i);
             f.load(0, &qi)
@@ -223,39 +262,23 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
         for_loop(f, &zero, &row.dv, &one, |f, d| {
             let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
             let oi = f.b.addi(&row.out, d);
-            f.store(row.out_buf, &oi, &a);
+            f.store(out_buf, &oi, &a);
         });
     });
     Ok(LaunchShape::Cpu { work: rows })
 }
 
-fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape, LowerError> {
-    let (heads, kv_heads, dv_n) = constants(f)?;
-    let dk_n = known(f, f.bufs[0].ty.shape[3], "the query head dimension (on the GPU)")?;
-    let block = f.gpu_block(dv_n.next_power_of_two().clamp(32, 128) as i64);
-    let r = f.gpu_id("block_id", 'x');
+/// The row's softmax maximum and sum on the GPU: each thread's online `(m, l)` over keys `tid,
+/// tid + block, ...`, then a tree over the block in shared memory. Every thread gets both; a caller
+/// that computes another row's afterwards puts a barrier between (the buffers are reused).
+fn block_stats(f: &mut Frame, row: &Row, query: Read, block: i64) -> (Value, Value) {
     let tid = f.gpu_id("thread_id", 'x');
-    let row = row(f, &r, (heads, kv_heads), scale, causal);
-    let bs = f.b.index(block);
-    let (zero, one) = (f.b.index(0), f.b.index(1));
-    let (qs, qs_ty) = f.workgroup("query", "f32", dk_n);
-    let (ps, ps_ty) = f.workgroup("probs", "f32", block as u64);
+    let (zero, bs) = (f.b.index(0), f.b.index(block));
     let (ms, ms_ty) = f.workgroup("row_max", "f32", block as u64);
     let (ls, ls_ty) = f.workgroup("row_sum", "f32", block as u64);
-
-    // Stage the query row.
-    for_loop(f, &tid, &row.dk, &bs, |f, i| {
-        let qi = f.b.addi(&row.q, i);
-        let x = f.load(0, &qi);
-        f.b.line(format_args!("memref.store {x}, {qs}[{i}] : {qs_ty}"));
-    });
-    f.b.line("gpu.barrier");
-    let query = |f: &mut Frame, i: &Value| f.b.op("x", format_args!("memref.load {qs}[{i}] : {qs_ty}"));
-
-    // Pass 1: each thread's (m, l), then a tree over the block.
     let (ninf, fzero) = (f.b.constant(NEG_INF, "f32"), f.b.f32(0.0));
-    let ml = for_carry(f, &tid, &row.visible, &bs, &[(ninf, "f32"), (fzero.clone(), "f32")], |f, s, c| {
-        let x = score(f, &row, s, &query);
+    let ml = for_carry(f, &tid, &row.visible, &bs, &[(ninf, "f32"), (fzero, "f32")], |f, s, c| {
+        let x = score(f, row, s, query);
         let (m, l) = online(f, &c[0], &c[1], &x);
         vec![m, l]
     });
@@ -282,17 +305,52 @@ fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
     }
     let m = f.b.op("m", format_args!("memref.load {ms}[{zero}] : {ms_ty}"));
     let l = f.b.op("l", format_args!("memref.load {ls}[{zero}] : {ls_ty}"));
+    (m, l)
+}
 
-    // Pass 2: a chunk of `block` keys at a time.
-    let owned = dv_n.div_ceil(block as u64) as usize;
-    let columns: Vec<Value> = (0..owned)
+/// The columns `tid + j * block` (`j < ceil(n / block)`) a GPU thread owns of a row of `n`, each
+/// with a copy clamped to `n - 1` (safe to read; only the unclamped ones below `n` are written).
+fn owned_columns(f: &mut Frame, n: u64, block: i64) -> (Vec<Value>, Vec<Value>) {
+    let tid = f.gpu_id("thread_id", 'x');
+    let columns: Vec<Value> = (0..n.div_ceil(block as u64))
         .map(|j| {
             let off = f.b.index(j as i64 * block);
             f.b.addi(&tid, &off)
         })
         .collect();
-    let last_col = f.b.index(dv_n as i64 - 1);
-    let safe_cols: Vec<Value> = columns.iter().map(|c| f.b.minui(c, &last_col)).collect();
+    let last = f.b.index(n as i64 - 1);
+    let safe = columns.iter().map(|c| f.b.minui(c, &last)).collect();
+    (columns, safe)
+}
+
+fn gpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, LowerError> {
+    let (heads, kv_heads, dv_n) = constants(f, "attention")?;
+    let dk_n = known(f, "attention", f.bufs[0].ty.shape[3], "the query head dimension (on the GPU)")?;
+    let out_buf = f.kernel.args.len();
+    let block = f.gpu_block(dv_n.next_power_of_two().clamp(32, 128) as i64);
+    let r = f.gpu_id("block_id", 'x');
+    let tid = f.gpu_id("thread_id", 'x');
+    let row = row(f, &r, (heads, kv_heads), scale, mask);
+    let bs = f.b.index(block);
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let (qs, qs_ty) = f.workgroup("query", "f32", dk_n);
+    let (ps, ps_ty) = f.workgroup("probs", "f32", block as u64);
+
+    // Stage the query row.
+    for_loop(f, &tid, &row.dk, &bs, |f, i| {
+        let qi = f.b.addi(&row.q, i);
+        let x = f.load(0, &qi);
+        f.b.line(format_args!("memref.store {x}, {qs}[{i}] : {qs_ty}"));
+    });
+    f.b.line("gpu.barrier");
+    let query = |f: &mut Frame, i: &Value| f.b.op("x", format_args!("memref.load {qs}[{i}] : {qs_ty}"));
+
+    // Pass 1: the row's (m, l).
+    let (m, l) = block_stats(f, &row, &query, block);
+    let fzero = f.b.f32(0.0);
+
+    // Pass 2: a chunk of `block` keys at a time.
+    let (columns, safe_cols) = owned_columns(f, dv_n, block);
     let inits: Vec<(Value, &str)> = columns.iter().map(|_| (fzero.clone(), "f32")).collect();
     let acc = for_carry(f, &zero, &row.visible, &bs, &inits, |f, s0, acc| {
         let s = f.b.addi(s0, &tid);
@@ -335,7 +393,7 @@ fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
         let ok = f.b.op("p", format_args!("arith.cmpi ult, {c}, {} : index", row.dv));
         if_then(f, &ok, |f| {
             let oi = f.b.addi(&row.out, c);
-            f.store(row.out_buf, &oi, a);
+            f.store(out_buf, &oi, a);
         });
     }
     Ok(LaunchShape::Gpu {
@@ -343,3 +401,5 @@ fn gpu(f: &mut Frame, rows: Dim, scale: f64, causal: bool) -> Result<LaunchShape
         block: [block as u32, 1, 1],
     })
 }
+
+pub(super) use grad::attention_grad;
