@@ -12,10 +12,11 @@
 use std::collections::HashMap;
 
 use kiln_ir::interp::{self, Tensor};
-use kiln_ir::module::{StateDecl, StateRole};
+use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
 use kiln_ir::{DType, Graph, SymBindings};
 
 use crate::data::TokenRows;
+use crate::exec::{Backend, Executor};
 use crate::reference::to_tensor;
 use crate::weights::{HostData, HostTensor};
 use crate::RuntimeError;
@@ -81,59 +82,19 @@ impl Trainer {
 
     /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
     pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
-        if !lr.is_finite() {
-            return Err(RuntimeError::BadOption(format!("the learning rate must be finite, not {lr}")));
-        }
-        let (n, t) = (rows.rows(), rows.width() - 1);
-        let shape = vec![n as u64, t as u64];
-        let ids = |f: &dyn Fn(&[i64]) -> Vec<i64>| -> Result<Tensor, RuntimeError> {
-            let data: Vec<i64> = (0..n).flat_map(|r| f(rows.row(r))).collect();
-            Tensor::from_i64(DType::I32, shape.clone(), data)
-                .map_err(|e| RuntimeError::InputValue { name: "tokens".into(), reason: e.to_string() })
-        };
         let mut feeds = self.values.clone();
-        feeds.insert("tokens".into(), ids(&|r| r[..t].to_vec())?);
-        feeds.insert("targets".into(), ids(&|r| r[1..].to_vec())?);
-        feeds.insert("positions".into(), ids(&|_| (0..t as i64).collect())?);
-        // MTP depth k: the token k ahead as input, the token k + 1 ahead as target where there is one.
         let names: Vec<String> = self.graph.inputs().iter().map(|(n, _)| n.to_string()).collect();
-        for name in names.iter().filter_map(|n| n.strip_prefix("mtp_tokens.")) {
-            let k: usize =
-                name.parse().map_err(|_| RuntimeError::UnknownModelInput(format!("mtp_tokens.{name}")))?;
-            let at = |r: &[i64], i: usize| r.get(i).copied().unwrap_or(0);
-            feeds.insert(format!("mtp_tokens.{k}"), ids(&|r| (0..t).map(|i| at(r, i + k)).collect())?);
-            feeds.insert(format!("mtp_targets.{k}"), ids(&|r| (0..t).map(|i| at(r, i + k + 1)).collect())?);
-            let mask: Vec<f32> =
-                (0..n).flat_map(|_| (0..t).map(|i| if i + k < t { 1.0 } else { 0.0 })).collect();
-            let mask = Tensor::from_f32(DType::F32, shape.clone(), mask).map_err(|e| {
-                RuntimeError::InputValue { name: format!("mtp_mask.{k}"), reason: e.to_string() }
-            })?;
-            feeds.insert(format!("mtp_mask.{k}"), mask);
+        for t in step_inputs(&names, rows, lr)? {
+            feeds.insert(t.name.clone(), to_tensor(t)?);
         }
-        feeds.insert(
-            "lr".into(),
-            Tensor::from_f32(DType::F32, Vec::<u64>::new(), vec![lr])
-                .map_err(|e| RuntimeError::InputValue { name: "lr".into(), reason: e.to_string() })?,
-        );
         let out = interp::run(&self.graph, &feeds, &self.params)?;
         for s in &self.states {
             if let Some(v) = out.get(&s.name) {
                 self.values.insert(s.name.clone(), v.clone());
             }
         }
-        let scalar = |name: &str| {
-            out.get(name).and_then(|t| t.as_f32()).and_then(|v| v.first().copied()).unwrap_or(f32::NAN)
-        };
-        let loads: Vec<(String, Vec<f32>)> = out
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("load.")?.to_string(), v.as_f32()?.to_vec())))
-            .collect();
-        let ratio = |l: &[f32]| {
-            let mean = l.iter().sum::<f32>() / l.len().max(1) as f32;
-            l.iter().copied().fold(0f32, f32::max) / mean.max(f32::MIN_POSITIVE)
-        };
-        let max_load = loads.iter().map(|(_, l)| ratio(l)).reduce(f32::max);
-        Ok(StepStats { loss: scalar("loss"), grad_norm: scalar("grad_norm"), loads, max_load })
+        let outputs = out.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_f32()?.to_vec())));
+        Ok(stats(outputs))
     }
 
     /// The states other than the model's weights (moments, the step count), by name.
@@ -176,4 +137,157 @@ fn host(name: &str, t: &Tensor) -> HostTensor {
         (None, None) => HostData::F32(Vec::new()),
     };
     HostTensor { name: name.to_string(), dtype: t.dtype(), shape: t.shape().to_vec(), data }
+}
+
+/// The caller inputs of a train step on `rows` (all of them, as one batch) at learning rate `lr`,
+/// for a program whose inputs are `names`: `tokens` (`row[..T]`), `positions` (`0..T`), `targets`
+/// (`row[1..]`), and for each MTP depth k the token k ahead as input, the token k + 1 ahead as
+/// target where there is one, and the mask of the positions that have one.
+pub fn step_inputs(names: &[String], rows: &TokenRows, lr: f32) -> Result<Vec<HostTensor>, RuntimeError> {
+    if !lr.is_finite() {
+        return Err(RuntimeError::BadOption(format!("the learning rate must be finite, not {lr}")));
+    }
+    let (n, t) = (rows.rows(), rows.width() - 1);
+    let shape = vec![n as u64, t as u64];
+    let ids = |name: String, f: &dyn Fn(&[i64]) -> Vec<i64>| HostTensor {
+        name,
+        dtype: DType::I32,
+        shape: shape.clone(),
+        data: HostData::I64((0..n).flat_map(|r| f(rows.row(r))).collect()),
+    };
+    let mut out = vec![
+        ids("tokens".into(), &|r| r[..t].to_vec()),
+        ids("targets".into(), &|r| r[1..].to_vec()),
+        ids("positions".into(), &|_| (0..t as i64).collect()),
+    ];
+    for name in names.iter().filter_map(|n| n.strip_prefix("mtp_tokens.")) {
+        let k: usize =
+            name.parse().map_err(|_| RuntimeError::UnknownModelInput(format!("mtp_tokens.{name}")))?;
+        let at = |r: &[i64], i: usize| r.get(i).copied().unwrap_or(0);
+        out.push(ids(format!("mtp_tokens.{k}"), &|r| (0..t).map(|i| at(r, i + k)).collect()));
+        out.push(ids(format!("mtp_targets.{k}"), &|r| (0..t).map(|i| at(r, i + k + 1)).collect()));
+        let mask = (0..n).flat_map(|_| (0..t).map(|i| if i + k < t { 1.0 } else { 0.0 })).collect();
+        out.push(HostTensor {
+            name: format!("mtp_mask.{k}"),
+            dtype: DType::F32,
+            shape: shape.clone(),
+            data: HostData::F32(mask),
+        });
+    }
+    out.push(HostTensor {
+        name: "lr".into(),
+        dtype: DType::F32,
+        shape: Vec::new(),
+        data: HostData::F32(vec![lr]),
+    });
+    Ok(out)
+}
+
+/// A step's statistics from its float outputs by name (`loss`, `grad_norm`, `load.{scope}`).
+fn stats<'a>(outputs: impl Iterator<Item = (&'a str, Vec<f32>)>) -> StepStats {
+    let (mut loss, mut grad_norm, mut loads) = (f32::NAN, f32::NAN, Vec::new());
+    for (name, v) in outputs {
+        match name {
+            "loss" => loss = v.first().copied().unwrap_or(f32::NAN),
+            "grad_norm" => grad_norm = v.first().copied().unwrap_or(f32::NAN),
+            _ => {
+                if let Some(scope) = name.strip_prefix("load.") {
+                    loads.push((scope.to_string(), v));
+                }
+            }
+        }
+    }
+    loads.sort_by(|a, b| a.0.cmp(&b.0));
+    let ratio = |l: &[f32]| {
+        let mean = l.iter().sum::<f32>() / l.len().max(1) as f32;
+        l.iter().copied().fold(0f32, f32::max) / mean.max(f32::MIN_POSITIVE)
+    };
+    let max_load = loads.iter().map(|(_, l)| ratio(l)).reduce(f32::max);
+    StepStats { loss, grad_norm, loads, max_load }
+}
+
+/// A compiled train-step program (`kiln compile --train`) on a backend: the executor keeps the
+/// weights, moments and step count as states, so a step moves only the batch in and the loss,
+/// the gradient norm and the expert loads out. Same contract as [`Trainer`].
+pub struct CompiledTrainer<B: Backend> {
+    exec: Executor<B>,
+    program: String,
+    inputs: Vec<String>,
+}
+
+impl<B: Backend> CompiledTrainer<B> {
+    /// Takes the executor of an artifact with a train-step program (its weights bound at load).
+    pub fn new(exec: Executor<B>) -> Result<CompiledTrainer<B>, RuntimeError> {
+        let program = (exec.programs().into_iter())
+            .find(|(_, kind)| *kind == ProgramKind::TrainStep)
+            .map(|(name, _)| name.to_string())
+            .ok_or_else(|| {
+                RuntimeError::BadOption(
+                    "the artifact has no train-step program: compile it with `kiln compile --train`".into(),
+                )
+            })?;
+        let inputs = exec.inputs(&program)?.into_iter().map(|(n, _)| n).collect();
+        Ok(CompiledTrainer { exec, program, inputs })
+    }
+
+    /// The largest batch and sequence (`B`, `T`) the program was loaded for.
+    pub fn max_sizes(&self) -> Result<SymBindings, RuntimeError> {
+        self.exec.program_max(&self.program)
+    }
+
+    /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
+    pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        let feeds = step_inputs(&self.inputs, rows, lr)?;
+        let feeds: Vec<HostTensor> = feeds.into_iter().filter(|t| self.inputs.contains(&t.name)).collect();
+        self.exec.run(&self.program, &feeds)?;
+        let mut outputs = Vec::new();
+        for name in ["loss", "grad_norm"] {
+            outputs.push((name, self.exec.output_f32(name, 0..1)?));
+        }
+        let loads: Vec<String> =
+            (self.exec.outputs(&self.program)?.into_iter()).filter(|n| n.starts_with("load.")).collect();
+        for name in &loads {
+            let t = self.exec.output(name)?;
+            outputs.push((name.as_str(), f32s(t)));
+        }
+        Ok(stats(outputs.into_iter()))
+    }
+
+    fn weight_states(&self) -> impl Iterator<Item = &kiln_ir::artifact::StateEntry> {
+        self.exec.manifest().states.iter()
+    }
+
+    /// The states other than the model's weights (moments, the step count), by name.
+    pub fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        (self.weight_states())
+            .filter(|s| !matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
+            .map(|s| self.exec.read_state(&s.name))
+            .collect()
+    }
+
+    /// Replaces state `name` (a resumed run's moments and step count); its type must not change.
+    pub fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {
+        self.exec.write_state(&value)
+    }
+
+    /// The current value of every trained parameter and of the routers' biases, by name. (A
+    /// compiled train step trains every parameter of the model, so these are all its weights.)
+    pub fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        (self.weight_states())
+            .filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
+            .map(|s| self.exec.read_state(&s.name))
+            .collect()
+    }
+
+    /// The executor (profiles, memory figures).
+    pub fn executor(&self) -> &Executor<B> {
+        &self.exec
+    }
+}
+
+fn f32s(t: HostTensor) -> Vec<f32> {
+    match t.data {
+        HostData::F32(v) => v,
+        HostData::I64(v) => v.into_iter().map(|x| x as f32).collect(),
+    }
 }

@@ -243,3 +243,84 @@ fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
     );
     assert!(ratio > 1.0);
 }
+
+/// The compiled train step (`kiln compile --train`, the CPU library) against PyTorch: the same 30
+/// steps as [`thirty_adamw_steps_match_pytorch`], to the same bounds, with the weights, moments
+/// and step count kept as states of the executor; then a state read back and written again
+/// changes nothing, and a state of the wrong type is refused.
+#[test]
+fn compiled_train_step_matches_pytorch() {
+    use kiln_runtime::cpu::{CpuModel, CpuOptions};
+    use kiln_runtime::train::CompiledTrainer;
+    let s = Scratch::new();
+    let out = s.str("train.kiln");
+    let r = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "--train",
+        "--max-context",
+        "32",
+        "--max-batch",
+        "4",
+        "-o",
+        &out,
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let art = kiln_runtime::artifact::load(Path::new(&out)).unwrap();
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
+    let wanted = weights::manifest_params(art.manifest()).unwrap();
+    let given = initial.iter().filter(|t| wanted.iter().any(|d| d.name == t.name)).cloned().map(Ok);
+    let model = CpuModel::load(&art, given, &CpuOptions::default()).unwrap();
+    let mut trainer = CompiledTrainer::new(model).unwrap();
+    let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
+        .unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join(GOLDEN).join("golden.json")).unwrap())
+            .unwrap();
+    let losses: Vec<f64> = serde_json::from_value(golden["losses"].clone()).unwrap();
+    let norms: Vec<f64> = serde_json::from_value(golden["grad_norms"].clone()).unwrap();
+    let (mut worst_loss, mut worst_norm) = (0f64, 0f64);
+    for (k, (&want_loss, &want_norm)) in losses.iter().zip(&norms).enumerate() {
+        let st = trainer.step(&rows, 1e-3).unwrap();
+        let rel = (f64::from(st.loss) - want_loss).abs() / want_loss.abs();
+        let nrel = (f64::from(st.grad_norm) - want_norm).abs() / want_norm.abs();
+        worst_loss = worst_loss.max(rel);
+        worst_norm = worst_norm.max(nrel);
+        assert!(rel <= 1e-4, "step {k}: loss {} vs PyTorch {want_loss} ({rel:e} relative)", st.loss);
+        assert!(nrel <= 1e-3, "step {k}: grad norm {} vs PyTorch {want_norm} ({nrel:e})", st.grad_norm);
+        assert_eq!(st.loads.len(), 3, "one load per MoE layer");
+        let routed: f32 = st.loads[0].1.iter().sum();
+        assert_eq!(routed, (4 * 32 * spec.moe.as_ref().unwrap().num_experts_per_tok) as f32);
+    }
+    eprintln!("compiled, 30 steps: loss within {worst_loss:e} relative of PyTorch, grad norm {worst_norm:e}");
+    let fin = weights::open_checkpoint(&root().join(GOLDEN).join("final.safetensors")).unwrap();
+    let now: std::collections::HashMap<String, weights::HostTensor> =
+        trainer.weights().unwrap().into_iter().map(|t| (t.name.clone(), t)).collect();
+    let mut worst = 0f32;
+    for name in fin.tensors().map(|t| t.name.clone()).collect::<Vec<_>>() {
+        let w = fin.read(&name).unwrap();
+        let got = now.get(&name).unwrap_or_else(|| panic!("no weight {name}"));
+        let d = f32s(got).iter().zip(f32s(&w)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        worst = worst.max(d);
+    }
+    eprintln!("compiled, weights after 30 steps: max abs diff vs PyTorch {worst:e}");
+    assert!(worst <= 1e-4, "{worst:e}");
+
+    // The step count is a state: 30 after 30 steps; writing the states back is a no-op.
+    let states = trainer.states().unwrap();
+    let step = states.iter().find(|t| t.name == "adam.step").unwrap();
+    assert_eq!(f32s(step), &[30.0]);
+    for t in states.clone() {
+        trainer.set_state(t).unwrap();
+    }
+    assert_eq!(trainer.states().unwrap(), states);
+    let mut bad = step.clone();
+    bad.shape = vec![2];
+    bad.data = HostData::F32(vec![0.0, 0.0]);
+    let e = trainer.set_state(bad).unwrap_err().to_string();
+    assert!(e.contains("adam.step"), "{e}");
+}

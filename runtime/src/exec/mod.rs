@@ -412,6 +412,12 @@ impl<B: Backend> Executor<B> {
         Ok(inputs::caller_inputs(p).map(|i| (i.name.clone(), p.buffer(i.buffer).dtype)).collect())
     }
 
+    /// The caller outputs of program `name` (what [`Executor::output`] reads after a run of it).
+    pub fn outputs(&self, program: &str) -> Result<Vec<String>, RuntimeError> {
+        let p = &self.manifest.programs[self.loaded(program)?];
+        Ok(inputs::caller_outputs(p).map(|o| o.name.clone()).collect())
+    }
+
     /// The largest sizes a run of `program` may use.
     pub fn program_max(&self, program: &str) -> Result<SymBindings, RuntimeError> {
         Ok(self.programs[self.loaded(program)?].max)
@@ -517,6 +523,36 @@ impl<B: Backend> Executor<B> {
         }
         self.last = Some((li, sizes));
         Ok(sizes)
+    }
+
+    /// The current value of state `name` (a trained weight, a moment, a counter), whole.
+    pub fn read_state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        let s =
+            self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
+        let shape: Vec<u64> = s.shape.iter().map(|d| d.eval(&self.max).unwrap_or(0)).collect();
+        let n = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize;
+        let bytes = self.backend.read(&self.states[name], 0..n)?;
+        Ok(HostTensor { name: name.to_string(), dtype: s.dtype, shape, data: decode(s.dtype, &bytes) })
+    }
+
+    /// Replaces state `name` with `value` (a resumed run's moments), of exactly its type.
+    pub fn write_state(&mut self, value: &HostTensor) -> Result<(), RuntimeError> {
+        let name = &value.name;
+        let s = self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.clone() })?;
+        let shape: Vec<u64> = s.shape.iter().map(|d| d.eval(&self.max).unwrap_or(0)).collect();
+        if value.dtype != s.dtype || value.shape != shape {
+            return Err(RuntimeError::ParamType {
+                name: name.clone(),
+                expected: inputs::shape_text(s.dtype, &shape),
+                found: inputs::shape_text(value.dtype, &value.shape),
+            });
+        }
+        let mut bytes =
+            vec![0u8; kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize];
+        encode(s.dtype, &value.data, &mut bytes)
+            .map_err(|reason| RuntimeError::InputValue { name: name.clone(), reason })?;
+        let mem = self.states.get_mut(name).expect("every declared state is allocated");
+        self.backend.write(mem, 0, &bytes)
     }
 
     /// Rows routed to each expert of each MoE layer, in the order the layers were first run, summed
