@@ -202,9 +202,13 @@ enum Command {
         /// Continue from a checkpoint folder of an earlier run.
         #[arg(long)]
         resume: Option<PathBuf>,
-        /// Run the train step on the reference interpreter.
+        /// Run the train step on the reference interpreter (exact, slow) instead of compiling it
+        /// for the CPU.
         #[arg(long)]
         interp: bool,
+        /// Threads per kernel launch of the compiled train step (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// γ of auxiliary-loss-free balancing: after each step every router's selection bias
         /// moves by γ toward balance (DeepSeek-V3: 0.001). 0 leaves the bias as it is.
         #[arg(long, default_value_t = 0.0)]
@@ -372,6 +376,7 @@ fn run(command: Command) -> Result<()> {
             save_every,
             resume,
             interp,
+            threads,
             bias_update_speed,
             balance_alpha,
             mtp_lambda,
@@ -412,6 +417,7 @@ fn run(command: Command) -> Result<()> {
                 save_every,
                 resume: resume.as_deref(),
                 interp,
+                threads,
                 losses: kiln_compiler::build::TrainLosses { mtp_lambda, balance_alpha, bias_update_speed },
             };
             train::run(&req, &mut io::stdout().lock())

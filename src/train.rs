@@ -2,8 +2,11 @@
 //! program per step (`kiln_compiler::train`: forward, loss, backward, clipping, AdamW), with
 //! checkpoints a Hugging Face loader reads and a metrics log.
 //!
-//! Today the train step runs on the reference interpreter (`--interp`, the oracle: exact, slow);
-//! the backward ops' kernels are being written, and a run without `--interp` says so.
+//! By default the train step is compiled for the CPU into `--out/train.kiln` (for batches of
+//! `--batch` rows of the data's length, with the run's losses and optimizer settings baked in) and
+//! run by the executor, which keeps the weights, moments and step count as states; `--interp`
+//! runs the same program on the reference interpreter instead (the oracle: exact, slow). The two
+//! agree to float rounding, and both match PyTorch (`tests/it/train.rs`).
 //!
 //! Each step takes the next `--batch` rows of the data (in order, wrapping around), runs the
 //! program at the schedule's learning rate, and prints and logs (`metrics.jsonl`) the step, loss,
@@ -27,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use kiln_compiler::train::Optimizer;
 use kiln_compiler::{build, spec};
 use kiln_ir::module::StateRole;
+use kiln_runtime::cpu::CpuModel;
 use kiln_runtime::data::{self, StreamDType, TokenRows};
-use kiln_runtime::train::Trainer;
+use kiln_runtime::train::{CompiledTrainer, Steps, Trainer};
 use kiln_runtime::weights::{self, StoreFloats};
 
 use crate::run::{self, Weights};
@@ -138,21 +142,21 @@ pub struct Request<'a> {
     pub save_every: Option<u64>,
     pub resume: Option<&'a Path>,
     pub interp: bool,
+    pub threads: Option<usize>,
     pub losses: build::TrainLosses,
 }
 
 const TRAINER: &str = "trainer.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const METRICS: &str = "metrics.jsonl";
+/// The compiled train step, in `--out`.
+const ARTIFACT: &str = "train.kiln";
 
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
-    if !req.interp {
-        bail!(
-            "compiled training is not available yet: the backward ops have no kernels; train on the \
-             reference interpreter with --interp"
-        );
-    }
     req.hyper.check()?;
+    if req.interp && req.threads.is_some() {
+        bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
+    }
     if run::is_artifact(req.model) {
         bail!("{}: kiln train takes a model spec or a Hugging Face config.json", req.model.display());
     }
@@ -177,7 +181,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
 
     // The program: forward and loss, backward, clipping and AdamW.
-    let (program, states) = kiln_compiler::train::program(&spec, &req.losses, &req.hyper.optimizer())?;
+    let opt = req.hyper.optimizer();
+    let (program, states) = kiln_compiler::train::program(&spec, &req.losses, &opt)?;
+    let roles: HashMap<String, StateRole> = states.iter().map(|s| (s.name.clone(), s.role)).collect();
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
     let full = build::build_graph(&spec)?;
     let decls = weights::graph_params(&full)?;
@@ -203,24 +209,30 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
     };
     let untrained: Vec<weights::HostTensor> =
-        weights_in.iter().filter(|t| !states.iter().any(|s| s.name == t.name)).cloned().collect();
-    let mut trainer = Trainer::new(program, states.clone(), weights_in)?;
+        weights_in.iter().filter(|t| !roles.contains_key(&t.name)).cloned().collect();
+    std::fs::create_dir_all(req.out).with_context(|| format!("cannot create {}", req.out.display()))?;
+    let t = rows.width() - 1;
+    let (mut trainer, engine): (Box<dyn Steps>, String) = if req.interp {
+        (Box::new(Trainer::new(program, states, weights_in)?), "reference interpreter".into())
+    } else {
+        compiled(req, &spec, t as u64, weights_in, out)?
+    };
     if let Some(dir) = req.resume {
         let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
-        for s in states.iter().filter(|s| !matches!(s.role, StateRole::Trainable | StateRole::RoutingBias)) {
-            trainer.set_state(&s.name, opt.read(&s.name)?)?;
+        for (name, role) in &roles {
+            if !matches!(role, StateRole::Trainable | StateRole::RoutingBias) {
+                trainer.set_state(opt.read(name)?)?;
+            }
         }
     }
-    std::fs::create_dir_all(req.out).with_context(|| format!("cannot create {}", req.out.display()))?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(req.out.join(METRICS))
         .with_context(|| format!("cannot write {}", req.out.join(METRICS).display()))?;
-    let t = rows.width() - 1;
     writeln!(
         out,
-        "train {}: {} steps of {} x {} tokens from {}, {:?} schedule, lr {}, reference interpreter",
+        "train {}: {} steps of {} x {} tokens from {}, {:?} schedule, lr {}, {engine}",
         spec.model.name,
         req.hyper.steps,
         req.hyper.batch,
@@ -258,11 +270,47 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         writeln!(metrics, "{line}")?;
         let last = progress.step == req.hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
-            let dir = save(req.out, &spec, &trainer, &untrained, &states, &progress)?;
+            let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress)?;
             writeln!(out, "saved {}", dir.display())?;
         }
     }
     Ok(())
+}
+
+/// The train step compiled for the CPU into `--out`/`train.kiln` (for batches of `--batch` rows
+/// of `t` tokens, with the run's losses and optimizer), loaded with the weights.
+fn compiled(
+    req: &Request,
+    spec: &kiln_ir::ModelSpec,
+    t: u64,
+    weights_in: Vec<weights::HostTensor>,
+    out: &mut impl Write,
+) -> Result<(Box<dyn Steps>, String)> {
+    use kiln_compiler::pack;
+    let options = pack::Options {
+        train: Some((req.losses, req.hyper.optimizer())),
+        kv_cache: false,
+        score: false,
+        ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.hyper.batch as u64, t)
+    };
+    let dir = req.out.join(ARTIFACT);
+    let t0 = Instant::now();
+    let artifact = pack::compile(pack::Source::Spec(spec.clone()), &options, &mut ())?;
+    pack::write(&artifact, &dir)?;
+    writeln!(
+        out,
+        "compiled the train step into {} ({} kernels) in {:.1} s",
+        dir.display(),
+        artifact.manifest.kernels.len(),
+        t0.elapsed().as_secs_f64()
+    )?;
+    let art = kiln_runtime::artifact::load(&dir)?;
+    let wanted: std::collections::HashSet<String> =
+        weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
+    let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+    let model = CpuModel::load(&art, given, &run::cpu_options(req.threads))?;
+    let engine = format!("compiled for the CPU ({} threads)", model.threads());
+    Ok((Box::new(CompiledTrainer::new(model)?), engine))
 }
 
 /// `n` rows from row `at`, wrapping around.
@@ -279,9 +327,9 @@ fn take(rows: &TokenRows, at: usize, n: usize) -> Result<TokenRows> {
 fn save(
     out: &Path,
     spec: &kiln_ir::ModelSpec,
-    trainer: &Trainer,
+    trainer: &dyn Steps,
     untrained: &[weights::HostTensor],
-    states: &[kiln_ir::module::StateDecl],
+    roles: &HashMap<String, StateRole>,
     progress: &Progress,
 ) -> Result<PathBuf> {
     let dir = out.join(format!("step-{}", progress.step));
@@ -291,8 +339,8 @@ fn save(
     let mut model: HashMap<String, weights::HostTensor> =
         untrained.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let mut optimizer = Vec::new();
-    for t in trainer.weights().into_iter().chain(trainer.states()) {
-        match states.iter().find(|s| s.name == t.name).map(|s| s.role) {
+    for t in trainer.weights()?.into_iter().chain(trainer.states()?) {
+        match roles.get(&t.name) {
             Some(StateRole::Trainable | StateRole::RoutingBias) | None => {
                 drop(model.insert(t.name.clone(), t))
             }

@@ -291,3 +291,49 @@ fn f32s(t: HostTensor) -> Vec<f32> {
         HostData::I64(v) => v.into_iter().map(|x| x as f32).collect(),
     }
 }
+
+/// What a training loop needs of a trainer, on the interpreter ([`Trainer`]) or compiled
+/// ([`CompiledTrainer`]).
+pub trait Steps {
+    /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
+    fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError>;
+    /// The trained parameters and the routers' biases, by name.
+    fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError>;
+    /// The other states (moments, the step count), by name.
+    fn states(&self) -> Result<Vec<HostTensor>, RuntimeError>;
+    /// Replaces a state of that name, of exactly its type.
+    fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError>;
+}
+
+impl Steps for Trainer {
+    fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        Trainer::step(self, rows, lr)
+    }
+    fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        let trained =
+            self.states.iter().filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias));
+        Ok(trained.map(|s| host(&s.name, &self.values[&s.name])).collect())
+    }
+    fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        Ok(Trainer::states(self))
+    }
+    fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {
+        let name = value.name.clone();
+        Trainer::set_state(self, &name, value)
+    }
+}
+
+impl<B: Backend> Steps for CompiledTrainer<B> {
+    fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        CompiledTrainer::step(self, rows, lr)
+    }
+    fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        CompiledTrainer::weights(self)
+    }
+    fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        CompiledTrainer::states(self)
+    }
+    fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {
+        CompiledTrainer::set_state(self, value)
+    }
+}
