@@ -66,6 +66,34 @@ pub enum BenchCommand {
         #[arg(long, value_name = "PASS", conflicts_with = "weights")]
         compare_without: Option<String>,
     },
+    /// The compiled train step's tokens/s and peak memory against PyTorch eager (transformers) on
+    /// the same model, weights and batch.
+    Train {
+        /// A model spec (`models/bench.toml`) or a Hugging Face config.json.
+        spec: std::path::PathBuf,
+        /// Rows per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Timed steps after one warm-up; the median counts.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// The seed of the random weights.
+        #[arg(long, value_name = "SEED", default_value_t = 1)]
+        random_weights: u64,
+        /// Threads on both sides (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// A Python with torch and transformers for the baseline (default: $KILN_PYTHON, else
+        /// ~/.cache/kiln-venv/bin/python).
+        #[arg(long)]
+        python: Option<std::path::PathBuf>,
+        /// Print kiln's time per kernel over the timed steps.
+        #[arg(long)]
+        profile: bool,
+    },
 }
 
 /// Runs `kiln bench`.
@@ -94,6 +122,19 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
                 threads,
             };
             compare_without(&req, out)
+        }
+        BenchCommand::Train { spec, batch, seq_len, steps, random_weights, threads, python, profile } => {
+            let req = crate::bench_train::Request {
+                spec: &spec,
+                batch,
+                seq_len,
+                steps,
+                seed: random_weights,
+                threads,
+                python: python.as_deref(),
+                profile,
+            };
+            crate::bench_train::run(&req, out)
         }
         BenchCommand::Run { artifact, prompt_len, new_tokens, weights, random_weights, threads, .. } => {
             let weights = match &weights {

@@ -12,6 +12,7 @@ use kiln_compiler::{build, inspect, passes, spec};
 use kiln_ir::{text, verify, ProgramKind};
 
 mod bench;
+mod bench_train;
 mod compile;
 mod export_hf;
 mod perplexity;

@@ -317,8 +317,17 @@ fn run_compiled<B: Backend>(
 }
 
 fn write_profile(times: &[kiln_runtime::cpu::KernelTime], out: &mut impl Write) -> Result<()> {
+    write_profile_of(times, "prefill and decode runs together", out)
+}
+
+/// The 20 kernels that took the most time, of `times` (over the runs `what` says).
+pub(crate) fn write_profile_of(
+    times: &[kiln_runtime::cpu::KernelTime],
+    what: &str,
+    out: &mut impl Write,
+) -> Result<()> {
     let total: u64 = times.iter().map(|t| t.nanos).sum();
-    writeln!(out, "profile: {:.1} ms in kernels (prefill and decode runs together)", total as f64 / 1e6)?;
+    writeln!(out, "profile: {:.1} ms in kernels ({what})", total as f64 / 1e6)?;
     writeln!(out, "{:>8} {:>6} {:>9}  kernel", "ms", "share", "launches")?;
     for t in times.iter().filter(|t| t.nanos > 0).take(20) {
         let share = 100.0 * t.nanos as f64 / total.max(1) as f64;

@@ -283,6 +283,11 @@ impl<B: Backend> CompiledTrainer<B> {
     pub fn executor(&self) -> &Executor<B> {
         &self.exec
     }
+
+    /// The executor, to turn profiling on or off.
+    pub fn executor_mut(&mut self) -> &mut Executor<B> {
+        &mut self.exec
+    }
 }
 
 fn f32s(t: HostTensor) -> Vec<f32> {

@@ -1,0 +1,280 @@
+//! `kiln bench train`: the compiled train step's tokens/s and peak memory against PyTorch eager
+//! (transformers, `tools/bench/train_torch.py`) on the same model, weights and batch, in one run.
+//!
+//! Both sides train the spec's model from the same random weights (`--random-weights`) on one
+//! fixed batch of `--batch` rows of `--seq-len` tokens: the mean next-token cross-entropy,
+//! backward, clipping at 1.0 and AdamW (lr 1e-3, betas 0.9 / 0.95, weight decay 0.1) over every
+//! parameter, one warm-up step and then `--steps` timed ones, with the same number of threads.
+//! tokens/s = B * T / the median step time. Peak memory is the process's peak resident set from
+//! after the model is loaded to the last step (`/proc/self/clear_refs` resets `VmHWM`), which
+//! counts the weights, the optimizer's moments, the gradients and the activations on both sides
+//! and leaves out the compile and the load. The two step-0 losses are printed side by side: the
+//! same model and data give the same loss, so a mismatch means the comparison is not fair.
+//!
+//! PyTorch runs in a Python with torch and transformers: `--python`, else `$KILN_PYTHON`, else the
+//! venv of tools/goldens (`~/.cache/kiln-venv/bin/python`) when it exists; without one the table
+//! has kiln's row alone and says why.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use kiln_compiler::pack;
+use kiln_compiler::{build, spec};
+use kiln_ir::DType;
+use kiln_runtime::cpu::CpuModel;
+use kiln_runtime::data::TokenRows;
+use kiln_runtime::train::CompiledTrainer;
+use kiln_runtime::weights::{self, HostData, HostTensor, StoreFloats};
+
+/// What `kiln bench train` was asked.
+pub struct Request<'a> {
+    pub spec: &'a Path,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub threads: Option<usize>,
+    pub python: Option<&'a Path>,
+    /// Print the time per kernel over the timed steps.
+    pub profile: bool,
+}
+
+/// One engine's figures.
+struct Figures {
+    engine: String,
+    loss0: f64,
+    /// Seconds of each timed step.
+    seconds: Vec<f64>,
+    peak_kib: Option<u64>,
+}
+
+impl Figures {
+    fn median(&self) -> f64 {
+        let mut s = self.seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    }
+}
+
+/// A scratch folder removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `VmHWM` of this process in KiB.
+fn peak_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line["VmHWM:".len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Resets `VmHWM` to the current resident set; false where the kernel does not allow it.
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The fixed batch: row r, position i holds (i * 7919 + r * 104729 + 3) mod vocab.
+fn batch(rows: usize, width: usize, vocab: u64) -> Result<TokenRows> {
+    let ids =
+        (0..rows).flat_map(|r| (0..width).map(move |i| ((i * 7919 + r * 104_729 + 3) as u64 % vocab) as i64));
+    Ok(TokenRows::from_rows(width, ids.collect())?)
+}
+
+/// The Python that runs the baseline, and where it came from.
+fn python(given: Option<&Path>) -> Option<(PathBuf, &'static str)> {
+    if let Some(p) = given {
+        return Some((p.to_path_buf(), "--python"));
+    }
+    if let Some(p) = std::env::var_os("KILN_PYTHON") {
+        return Some((PathBuf::from(p), "$KILN_PYTHON"));
+    }
+    let venv = PathBuf::from(std::env::var_os("HOME")?).join(".cache/kiln-venv/bin/python");
+    venv.is_file().then_some((venv, "the tools/goldens venv"))
+}
+
+/// Runs `kiln bench train`, printing to `out`.
+pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
+    if req.batch == 0 || req.seq_len == 0 || req.steps == 0 {
+        bail!("--batch, --seq-len and --steps must be at least 1");
+    }
+    let spec = spec::load(req.spec)?;
+    if spec.quantization.is_some() {
+        bail!(
+            "{}: bench train uses random weights, which FP8 checkpoints' block scales do not model; \
+             remove [quantization]",
+            req.spec.display()
+        );
+    }
+    if req.seq_len as u64 > spec.model.max_position_embeddings {
+        bail!(
+            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            req.seq_len,
+            spec.model.max_position_embeddings
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("kiln-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let scratch = Scratch(dir);
+    let rows = batch(req.batch, req.seq_len + 1, spec.model.vocab_size)?;
+
+    // The train step, compiled for these sizes.
+    let t0 = Instant::now();
+    let options = pack::Options {
+        train: Some((build::TrainLosses::default(), kiln_compiler::train::Optimizer::default())),
+        kv_cache: false,
+        score: false,
+        ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.batch as u64, req.seq_len as u64)
+    };
+    let artifact = pack::compile(pack::Source::Spec(spec.clone()), &options, &mut ())?;
+    let art_dir = scratch.0.join("train.kiln");
+    pack::write(&artifact, &art_dir)?;
+    drop(artifact);
+    let compile_s = t0.elapsed().as_secs_f64();
+
+    // The weights, written as a Hugging Face folder for PyTorch first.
+    let tensors = weights::random_params(&build::build_graph(&spec)?, req.seed, crate::run::RANDOM_STD)?;
+    let hf = scratch.0.join("hf");
+    let py = python(req.python);
+    if py.is_some() {
+        std::fs::create_dir_all(&hf)?;
+        let config = serde_json::to_string_pretty(&spec::to_hf_config(&spec))? + "\n";
+        std::fs::write(hf.join("config.json"), config)?;
+        weights::write_safetensors(&hf.join("model.safetensors"), &tensors, StoreFloats::AsDeclared)?;
+        let ids: Vec<i64> = (0..rows.rows()).flat_map(|r| rows.row(r).to_vec()).collect();
+        let t = HostTensor {
+            name: "tokens".into(),
+            dtype: DType::I64,
+            shape: vec![rows.rows() as u64, rows.width() as u64],
+            data: HostData::I64(ids),
+        };
+        weights::write_safetensors(&scratch.0.join("tokens.safetensors"), &[t], StoreFloats::AsDeclared)?;
+    }
+
+    // kiln.
+    let art = kiln_runtime::artifact::load(&art_dir)?;
+    let wanted: std::collections::HashSet<String> =
+        weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
+    let given = tensors.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+    let model = CpuModel::load(&art, given, &crate::run::cpu_options(req.threads))?;
+    let threads = model.threads();
+    let mut trainer = CompiledTrainer::new(model)?;
+    let measured = reset_peak();
+    let mut kiln = Figures {
+        engine: format!("kiln, compiled ({threads} threads)"),
+        loss0: f64::NAN,
+        seconds: Vec::new(),
+        peak_kib: None,
+    };
+    for step in 0..=req.steps {
+        if step == 1 {
+            trainer.executor_mut().set_profiling(req.profile);
+        }
+        let t = Instant::now();
+        let s = trainer.step(&rows, 1e-3)?;
+        if step == 0 {
+            kiln.loss0 = f64::from(s.loss);
+        } else {
+            kiln.seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    kiln.peak_kib = if measured { peak_kib() } else { None };
+    let profile = trainer.executor().profile();
+    drop(trainer);
+
+    // PyTorch.
+    let torch = match &py {
+        None => Err("no Python with torch: pass --python or set KILN_PYTHON".to_string()),
+        Some((python, _)) => torch(python, &scratch.0, req.steps, threads),
+    };
+
+    let tokens = (req.batch * req.seq_len) as f64;
+    writeln!(
+        out,
+        "bench train {}: {} x {} tokens per step, {} timed steps after one warm-up; compiled in {compile_s:.1} s",
+        spec.model.name, req.batch, req.seq_len, req.steps
+    )?;
+    writeln!(
+        out,
+        "{:<36} {:>12} {:>12} {:>14} {:>12}",
+        "engine", "tokens/s", "step (s)", "peak memory", "step-0 loss"
+    )?;
+    let row = |f: &Figures, out: &mut dyn Write| -> Result<()> {
+        let peak = f.peak_kib.map_or("n/a".to_string(), |k| format!("{:.2} GiB", k as f64 / 1048576.0));
+        writeln!(
+            out,
+            "{:<36} {:>12.1} {:>12.3} {:>14} {:>12.6}",
+            f.engine,
+            tokens / f.median(),
+            f.median(),
+            peak,
+            f.loss0
+        )?;
+        Ok(())
+    };
+    row(&kiln, out)?;
+    match torch {
+        Ok(t) => {
+            row(&t, out)?;
+            let speed = t.median() / kiln.median();
+            let memory = match (kiln.peak_kib, t.peak_kib) {
+                (Some(k), Some(p)) => format!("{:.2}", k as f64 / p as f64),
+                _ => "n/a".into(),
+            };
+            writeln!(out, "kiln / PyTorch: tokens/s {speed:.2}x, peak memory {memory}x")?;
+            let rel = (kiln.loss0 - t.loss0).abs() / t.loss0.abs();
+            if rel > 1e-3 {
+                writeln!(
+                    out,
+                    "warning: the step-0 losses differ by {rel:.1e} relative: not the same computation"
+                )?;
+            }
+        }
+        Err(why) => writeln!(out, "PyTorch eager: skipped ({why})")?,
+    }
+    if req.profile {
+        crate::run::write_profile_of(&profile, &format!("kiln's {} timed steps", req.steps), &mut &mut *out)?;
+    }
+    Ok(())
+}
+
+/// Runs tools/bench/train_torch.py on the folder's `hf/` and `tokens.safetensors`.
+fn torch(python: &Path, dir: &Path, steps: usize, threads: usize) -> Result<Figures, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/train_torch.py");
+    if !script.is_file() {
+        return Err(format!("{} is not here (kiln runs it from its source tree)", script.display()));
+    }
+    let r = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--model", &dir.join("hf").to_string_lossy(), "--tokens"])
+        .arg(dir.join("tokens.safetensors"))
+        .args(["--steps", &steps.to_string(), "--threads", &threads.to_string()])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !r.status.success() {
+        let err = String::from_utf8_lossy(&r.stderr);
+        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        return Err(format!("{} failed: {last}", python.display()));
+    }
+    let text = String::from_utf8_lossy(&r.stdout);
+    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+        .map_err(|e| format!("train_torch.py printed no result: {e}"))?;
+    let seconds: Vec<f64> =
+        serde_json::from_value(json["step_seconds"].clone()).map_err(|e| e.to_string())?;
+    if seconds.is_empty() {
+        return Err("train_torch.py timed no step".into());
+    }
+    let version = json["versions"]["torch"].as_str().unwrap_or("?");
+    Ok(Figures {
+        engine: format!("PyTorch {version} eager ({threads} threads)"),
+        loss0: json["losses"][0].as_f64().unwrap_or(f64::NAN),
+        seconds,
+        peak_kib: json["peak_rss_kib"].as_u64(),
+    })
+}
