@@ -784,8 +784,26 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
             }
         }
     }
-    if let Some(i) = (0..groups.len()).rev().find(|&i| live[i] && pending[i] > 0) {
-        return Ok(Err(i));
+    // Items left unplaced wait on a cycle or on something downstream of one: walk unplaced
+    // dependencies from one of them until an item repeats, and dissolve the latest group on that
+    // cycle (not merely the latest unplaced group, which may only depend on the cycle).
+    if let Some(start) = (0..items).find(|&i| live[i] && pending[i] > 0) {
+        let mut seen: HashMap<usize, usize> = HashMap::new();
+        let mut path = Vec::new();
+        let mut at = start;
+        while !seen.contains_key(&at) {
+            seen.insert(at, path.len());
+            path.push(at);
+            let Some(&next) = deps[at].iter().find(|&&d| pending[d] > 0) else {
+                return Err(fail(format!("item {at} waits on nothing unplaced (a kiln bug)")));
+            };
+            at = next;
+        }
+        let cycle = &path[seen[&at]..];
+        return match cycle.iter().copied().filter(|&i| i < groups.len()).max() {
+            Some(i) => Ok(Err(i)),
+            None => Err(fail("a cycle of single nodes (a kiln bug)".to_string())),
+        };
     }
     for (name, v) in g.outputs() {
         let Some(&r) = map.get(v) else {
