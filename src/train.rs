@@ -370,8 +370,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 progress.step, stats.loss, stats.grad_norm, lr, tps
             )
         })?;
-        bar.set_position(progress.step);
         bar.set_message(format!("loss {:.4}", stats.loss));
+        bar.set_position(progress.step);
         let line = serde_json::json!({
             "step": progress.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "tokens_per_s": tps,
             "max_load": stats.max_load, "load": stats.loads,
