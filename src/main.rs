@@ -16,6 +16,7 @@ mod bench_train;
 mod compile;
 mod export_hf;
 mod perplexity;
+mod plot;
 mod run;
 mod tokenize;
 mod train;
@@ -203,6 +204,10 @@ enum Command {
         /// Continue from a checkpoint folder of an earlier run.
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Take the rows in a fresh seeded permutation each epoch instead of in order (a resume
+        /// keeps the checkpoint's seed).
+        #[arg(long, value_name = "SEED")]
+        shuffle: Option<u64>,
         /// Run the train step on the reference interpreter (exact, slow) instead of compiling it
         /// for the CPU.
         #[arg(long)]
@@ -376,6 +381,7 @@ fn run(command: Command) -> Result<()> {
             out,
             save_every,
             resume,
+            shuffle,
             interp,
             threads,
             bias_update_speed,
@@ -417,6 +423,7 @@ fn run(command: Command) -> Result<()> {
                 out: &out,
                 save_every,
                 resume: resume.as_deref(),
+                shuffle,
                 interp,
                 threads,
                 losses: kiln_compiler::build::TrainLosses { mtp_lambda, balance_alpha, bias_update_speed },

@@ -8,8 +8,8 @@
 //! runs the same program on the reference interpreter instead (the oracle: exact, slow). The two
 //! agree to float rounding, and both match PyTorch (`tests/it/train.rs`).
 //!
-//! Each step takes the next `--batch` rows of the data (in order, wrapping around), runs the
-//! program at the schedule's learning rate, and prints and logs (`metrics.jsonl`) the step, loss,
+//! Each step takes the next `--batch` rows of the data (in order, wrapping around; with
+//! `--shuffle SEED`, in a fresh seeded permutation of all rows each epoch), runs the program at the schedule's learning rate, and prints and logs (`metrics.jsonl`) the step, loss,
 //! gradient norm, learning rate and tokens/s. `--save-every K` (and the last step) writes a
 //! checkpoint `step-N/` into `--out`: `config.json` and `model.safetensors` (every parameter, the
 //! ones not trained too, under the checkpoint's names: `kiln run --weights` and transformers load
@@ -17,7 +17,12 @@
 //! data position, the hyperparameters). A checkpoint is written into a hidden folder and renamed
 //! into place, so a kill at any moment leaves the last complete one. `--resume DIR` continues from
 //! a checkpoint exactly where it stopped: the same steps give the same losses and weights as an
-//! uninterrupted run.
+//! uninterrupted run (the shuffle's seed and epoch are in `trainer.json` too). A new run or a
+//! resume removes the hidden folders a killed run of its own naming left behind.
+//!
+//! `loss.svg` in `--out` plots the whole of `metrics.jsonl` (a resumed run's history too): it is
+//! rewritten, atomically, with every checkpoint and at the end. A progress bar on stderr (when it
+//! is a terminal) counts the steps; the step lines go to stdout.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use std::io::IsTerminal;
 
 use kiln_compiler::train::Optimizer;
 use kiln_compiler::{build, spec};
@@ -35,6 +42,7 @@ use kiln_runtime::data::{self, StreamDType, TokenRows};
 use kiln_runtime::train::{CompiledTrainer, Steps, Trainer};
 use kiln_runtime::weights::{self, StoreFloats};
 
+use crate::plot;
 use crate::run::{self, Weights};
 
 /// The learning-rate schedule.
@@ -123,11 +131,74 @@ impl Hyper {
 pub struct Progress {
     /// Steps done.
     pub step: u64,
-    /// The data row the next batch starts at.
+    /// Where the next batch starts in the current epoch's row order (the row itself when the run
+    /// takes rows in order).
     pub row: usize,
     pub hyper: Hyper,
     /// The model's name, so a checkpoint of another model is refused.
     pub model: String,
+    /// `--shuffle`'s seed: each epoch takes the rows in [`epoch_order`]; `None`, in order.
+    #[serde(default)]
+    pub shuffle: Option<u64>,
+    /// Epochs done: how many times the rows have all been taken.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+impl Progress {
+    /// The next `n` rows' indices, moving the position on (into the next epoch, and its order, at
+    /// the end of one).
+    fn next_rows(&mut self, rows: usize, n: usize) -> Vec<usize> {
+        let mut order = epoch_order(rows, self.shuffle, self.epoch);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            if self.row >= rows {
+                self.row = 0;
+                self.epoch += 1;
+                order = epoch_order(rows, self.shuffle, self.epoch);
+            }
+            out.push(order[self.row]);
+            self.row += 1;
+        }
+        if self.row >= rows {
+            self.row = 0;
+            self.epoch += 1;
+        }
+        out
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood), the shuffle's generator: small, fast and the same on every
+/// platform.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-32 for any row count).
+    fn below(&mut self, n: usize) -> usize {
+        ((u128::from(self.next()) * n as u128) >> 64) as usize
+    }
+}
+
+/// The order epoch `epoch` takes `rows` rows in: `0..rows` without a seed, else a Fisher-Yates
+/// permutation drawn from SplitMix64 seeded by the seed and the epoch (a fresh one each epoch).
+pub fn epoch_order(rows: usize, seed: Option<u64>, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..rows).collect();
+    if let Some(seed) = seed {
+        let mut rng = SplitMix64(seed);
+        rng.0 = rng.next() ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        for i in (1..rows).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+    }
+    order
 }
 
 /// What `kiln train` was asked.
@@ -141,6 +212,8 @@ pub struct Request<'a> {
     pub out: &'a Path,
     pub save_every: Option<u64>,
     pub resume: Option<&'a Path>,
+    /// `--shuffle SEED`: a seeded permutation of the rows each epoch.
+    pub shuffle: Option<u64>,
     pub interp: bool,
     pub threads: Option<usize>,
     pub losses: build::TrainLosses,
@@ -149,6 +222,8 @@ pub struct Request<'a> {
 const TRAINER: &str = "trainer.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const METRICS: &str = "metrics.jsonl";
+/// The loss curve, in `--out`.
+const CURVE: &str = "loss.svg";
 /// The compiled train step, in `--out`.
 const ARTIFACT: &str = "train.kiln";
 
@@ -198,6 +273,15 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             if p.model != spec.model.name {
                 bail!("{}: a checkpoint of model `{}`, not `{}`", dir.display(), p.model, spec.model.name);
             }
+            if req.shuffle.is_some() && req.shuffle != p.shuffle {
+                let was = p
+                    .shuffle
+                    .map_or("took the rows in order".into(), |s| format!("was shuffled with seed {s}"));
+                bail!(
+                    "{}: the run {was}; a resume continues its order, so drop --shuffle or give the same seed",
+                    dir.display()
+                );
+            }
             let tensors = run::params(decls, &Weights::Checkpoint(dir), Some(&spec), &mut ckpt)?
                 .collect::<Result<Vec<_>, _>>()?;
             (tensors, Progress { hyper: req.hyper.clone(), ..p })
@@ -205,12 +289,21 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         None => {
             let tensors =
                 run::params(decls, &req.weights, Some(&spec), &mut ckpt)?.collect::<Result<Vec<_>, _>>()?;
-            (tensors, Progress { step: 0, row: 0, hyper: req.hyper.clone(), model: spec.model.name.clone() })
+            let progress = Progress {
+                step: 0,
+                row: 0,
+                hyper: req.hyper.clone(),
+                model: spec.model.name.clone(),
+                shuffle: req.shuffle,
+                epoch: 0,
+            };
+            (tensors, progress)
         }
     };
     let untrained: Vec<weights::HostTensor> =
         weights_in.iter().filter(|t| !roles.contains_key(&t.name)).cloned().collect();
     std::fs::create_dir_all(req.out).with_context(|| format!("cannot create {}", req.out.display()))?;
+    remove_stale(req.out)?;
     let t = rows.width() - 1;
     let (mut trainer, engine): (Box<dyn Steps>, String) = if req.interp {
         (Box::new(Trainer::new(program, states, weights_in)?), "reference interpreter".into())
@@ -225,11 +318,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
         }
     }
+    let metrics_path = req.out.join(METRICS);
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(req.out.join(METRICS))
-        .with_context(|| format!("cannot write {}", req.out.join(METRICS).display()))?;
+        .open(&metrics_path)
+        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+    // A kill can cut the last line short: start on a fresh line, so the next ones parse.
+    if std::fs::read(&metrics_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
+        writeln!(metrics)?;
+    }
     writeln!(
         out,
         "train {}: {} steps of {} x {} tokens from {}, {:?} schedule, lr {}, {engine}",
@@ -241,8 +339,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         req.hyper.schedule,
         req.hyper.lr
     )?;
+    if let Some(seed) = progress.shuffle {
+        writeln!(
+            out,
+            "rows shuffled each epoch (seed {seed}); epoch {}, position {}",
+            progress.epoch, progress.row
+        )?;
+    }
+    let bar = progress_bar(req.hyper.steps, progress.step);
     while progress.step < req.hyper.steps {
-        let batch = take(&rows, progress.row, req.hyper.batch)?;
+        let batch = take(&rows, &progress.next_rows(rows.rows(), req.hyper.batch))?;
         let lr = req.hyper.lr_at(progress.step);
         let t0 = Instant::now();
         let stats = trainer.step(&batch, lr as f32)?;
@@ -255,14 +361,17 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             );
         }
         progress.step += 1;
-        progress.row = (progress.row + req.hyper.batch) % rows.rows();
         let tps = (req.hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
         let load = stats.max_load.map_or(String::new(), |m| format!("  max load {m:.3}x mean"));
-        writeln!(
-            out,
-            "step {:>5}  loss {:.6}  grad norm {:.4}  lr {:.3e}  {:.1} tokens/s{load}",
-            progress.step, stats.loss, stats.grad_norm, lr, tps
-        )?;
+        bar.suspend(|| {
+            writeln!(
+                out,
+                "step {:>5}  loss {:.6}  grad norm {:.4}  lr {:.3e}  {:.1} tokens/s{load}",
+                progress.step, stats.loss, stats.grad_norm, lr, tps
+            )
+        })?;
+        bar.set_message(format!("loss {:.4}", stats.loss));
+        bar.set_position(progress.step);
         let line = serde_json::json!({
             "step": progress.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "tokens_per_s": tps,
             "max_load": stats.max_load, "load": stats.loads,
@@ -271,7 +380,65 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let last = progress.step == req.hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress)?;
-            writeln!(out, "saved {}", dir.display())?;
+            write_curve(req.out, &spec.model.name)?;
+            bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
+        }
+    }
+    bar.finish_and_clear();
+    // A resume of a finished run takes no step: the curve still covers the log.
+    write_curve(req.out, &spec.model.name)?;
+    Ok(())
+}
+
+/// A bar of the run's steps on stderr, from `done`; hidden when stderr is not a terminal (a log
+/// or a pipe gets the step lines of stdout alone).
+fn progress_bar(steps: u64, done: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("[{bar:30}] step {pos}/{len} {msg} ({elapsed}, eta {eta})")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_position(done);
+    bar.reset_eta();
+    bar
+}
+
+/// Rewrites `out/loss.svg` from the whole of `out/metrics.jsonl`, atomically (a hidden file
+/// renamed into place).
+fn write_curve(out: &Path, model: &str) -> Result<()> {
+    let log = out.join(METRICS);
+    let text = std::fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
+    let svg = plot::render(&format!("kiln train {model}: loss"), &plot::points(&text));
+    let (path, tmp) = (out.join(CURVE), out.join(format!(".{CURVE}.tmp-{}", std::process::id())));
+    std::fs::write(&tmp, svg).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Removes from `out` the hidden temporaries a killed `kiln train` left (`.step-N.tmp-PID/`,
+/// `.loss.svg.tmp-PID`): those of a process that no longer runs (on Linux, where `/proc` says;
+/// elsewhere every one not this process's).
+fn remove_stale(out: &Path) -> Result<()> {
+    let me = std::process::id();
+    let entries = std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", out.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((stem, pid)) = name.rsplit_once(".tmp-") else { continue };
+        let ours = stem.strip_prefix(".step-").is_some_and(|n| n.parse::<u64>().is_ok())
+            || stem == format!(".{CURVE}");
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        let proc = Path::new("/proc");
+        let alive = pid == me || (proc.is_dir() && proc.join(pid.to_string()).exists());
+        if ours && !alive {
+            let path = entry.path();
+            let removed =
+                if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("cannot remove {}, left by a killed run", path.display()))?;
         }
     }
     Ok(())
@@ -313,12 +480,12 @@ fn compiled(
     Ok((Box::new(CompiledTrainer::new(model)?), engine))
 }
 
-/// `n` rows from row `at`, wrapping around.
-fn take(rows: &TokenRows, at: usize, n: usize) -> Result<TokenRows> {
+/// The rows `which`, as one batch.
+fn take(rows: &TokenRows, which: &[usize]) -> Result<TokenRows> {
     let w = rows.width();
-    let mut tokens = Vec::with_capacity(n * w);
-    for i in 0..n {
-        tokens.extend_from_slice(rows.row((at + i) % rows.rows()));
+    let mut tokens = Vec::with_capacity(which.len() * w);
+    for &r in which {
+        tokens.extend_from_slice(rows.row(r));
     }
     Ok(TokenRows::from_rows(w, tokens)?)
 }
@@ -379,6 +546,90 @@ mod tests {
             weight_decay: 0.1,
             clip: Some(1.0),
         }
+    }
+
+    #[test]
+    fn each_epoch_takes_every_row_once_in_a_fresh_seeded_order() {
+        assert_eq!(epoch_order(5, None, 3), [0, 1, 2, 3, 4], "no seed: in order");
+        for rows in [1, 2, 3, 10, 97] {
+            for epoch in 0..4 {
+                let mut order = epoch_order(rows, Some(7), epoch);
+                assert_eq!(
+                    order,
+                    epoch_order(rows, Some(7), epoch),
+                    "the same seed and epoch, the same order"
+                );
+                order.sort_unstable();
+                assert_eq!(order, (0..rows).collect::<Vec<_>>(), "{rows} rows, epoch {epoch}: a permutation");
+            }
+        }
+        let (a, b, c) =
+            (epoch_order(97, Some(7), 0), epoch_order(97, Some(7), 1), epoch_order(97, Some(8), 0));
+        assert!(a != b && a != c && b != c, "a fresh order per epoch and per seed");
+        assert_ne!(a, (0..97).collect::<Vec<_>>());
+        // Pinned, so a change of generator (which would break resuming older runs) shows.
+        assert_eq!(epoch_order(6, Some(7), 0), [5, 0, 1, 2, 3, 4]);
+
+        // Batches of 2 over 5 rows: every row once per epoch, a batch crossing an epoch's end
+        // takes the next epoch's order, and the position matches a fresh count.
+        let mut p = Progress {
+            step: 0,
+            row: 0,
+            hyper: hyper(Schedule::Constant, 0),
+            model: "m".into(),
+            shuffle: Some(11),
+            epoch: 0,
+        };
+        let taken: Vec<usize> = (0..5).flat_map(|_| p.next_rows(5, 2)).collect();
+        assert_eq!((p.epoch, p.row), (2, 0));
+        let want: Vec<usize> = (0..2).flat_map(|e| epoch_order(5, Some(11), e)).collect();
+        assert_eq!(taken, want);
+        // In order, the old wrap-around.
+        let mut q = Progress { shuffle: None, ..p.clone() };
+        q.epoch = 0;
+        assert_eq!(q.next_rows(3, 2), [0, 1]);
+        assert_eq!(q.next_rows(3, 2), [2, 0]);
+        assert_eq!((q.epoch, q.row), (1, 1));
+    }
+
+    #[test]
+    fn a_trainer_json_without_the_shuffle_fields_still_loads() {
+        let p = Progress {
+            step: 4,
+            row: 1,
+            hyper: hyper(Schedule::Cosine, 2),
+            model: "tiny".into(),
+            shuffle: None,
+            epoch: 0,
+        };
+        let mut v = serde_json::to_value(&p).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        assert!(obj.remove("shuffle").is_some() && obj.remove("epoch").is_some());
+        assert_eq!(serde_json::from_value::<Progress>(v).unwrap(), p);
+    }
+
+    #[test]
+    fn stale_temporaries_of_a_killed_run_are_removed() {
+        let dir = std::env::temp_dir().join(format!("kiln-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join(".step-3.tmp-4294967295")).unwrap();
+        std::fs::create_dir_all(dir.join(format!(".step-4.tmp-{}", std::process::id()))).unwrap();
+        std::fs::write(dir.join(".loss.svg.tmp-4294967295"), "x").unwrap();
+        std::fs::create_dir_all(dir.join(".other.tmp-4294967295")).unwrap();
+        std::fs::create_dir_all(dir.join("step-3")).unwrap();
+        remove_stale(&dir).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mine = format!(".step-4.tmp-{}", std::process::id());
+        assert_eq!(
+            left,
+            [".other.tmp-4294967295", mine.as_str(), "step-3"],
+            "only a dead run's own temporaries go"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -366,3 +366,167 @@ fn kiln_train_compiled_agrees_with_the_interpreter_and_resumes() {
         assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{f} differs after a resume");
     }
 }
+
+/// The checkpoint folders `step-N` of `dir`, by N.
+fn checkpoints(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok()).collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// The losses `metrics.jsonl` of `dir` logged, in order.
+fn logged_losses(dir: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// The points of `loss.svg`'s polylines (loss first, then max load).
+fn curve(dir: &Path) -> Vec<usize> {
+    let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    assert_eq!(svg.matches('<').count(), svg.matches('>').count(), "balanced tags");
+    svg.lines()
+        .filter(|l| l.starts_with("<polyline"))
+        .map(|l| l.split("points=\"").nth(1).unwrap().split(' ').count())
+        .collect()
+}
+
+/// `--shuffle SEED`: the batches differ from the in-order run's, the seed and epoch are in
+/// `trainer.json`, and 2 shuffled steps then 3 more from the checkpoint equal 5 steps byte for
+/// byte (5 batches of 2 over 3 rows cross three epochs, each in its own order). `loss.svg` plots
+/// the whole log, the resumed run's too.
+#[test]
+fn kiln_train_shuffles_seeded_and_resumes_bit_identically() {
+    let s = Scratch::new();
+    let data = root().join("tests/goldens/perplexity/tokens.safetensors").to_string_lossy().into_owned();
+    let base = ["train", "models/tiny.toml", "--data", data.as_str(), "--interp", "--batch", "2"];
+    let run = |extra: &[&str]| {
+        let r = kiln(&[&base[..], extra].concat());
+        assert!(r.ok, "{}", r.stderr);
+        r
+    };
+    let (ordered, one, two) = (s.str("ordered"), s.str("one"), s.str("two"));
+    let w = ["--random-weights", "3", "--bias-update-speed", "0.001"];
+    run(&[&w[..], &["--steps", "5", "--out", &ordered]].concat());
+    let r = run(&[&w[..], &["--steps", "5", "--out", &one, "--shuffle", "7"]].concat());
+    assert!(r.stdout.contains("rows shuffled each epoch (seed 7)"), "{}", r.stdout);
+    assert!(r.stderr.is_empty(), "no progress bar when stderr is not a terminal: {}", r.stderr);
+    let (lo, ls) = (logged_losses(&s.path("ordered")), logged_losses(&s.path("one")));
+    assert_eq!((lo.len(), ls.len()), (5, 5));
+    assert!(lo.iter().zip(&ls).any(|(a, b)| a != b), "shuffled losses {ls:?} equal the in-order {lo:?}");
+    let trainer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("one/step-5/trainer.json")).unwrap()).unwrap();
+    assert_eq!(
+        (trainer["shuffle"].as_u64(), trainer["epoch"].as_u64(), trainer["row"].as_u64()),
+        (Some(7), Some(3), Some(1))
+    );
+
+    run(&[&w[..], &["--steps", "2", "--out", &two, "--shuffle", "7"]].concat());
+    // The order is the checkpoint's: another seed is refused, none keeps the checkpoint's.
+    let r = kiln(
+        &[&base[..], &["--resume", &s.str("two/step-2"), "--steps", "5", "--out", &two, "--shuffle", "8"]]
+            .concat(),
+    );
+    assert!(!r.ok && r.stderr.contains("shuffled with seed 7"), "{}", r.stderr);
+    run(&["--bias-update-speed", "0.001", "--resume", &s.str("two/step-2"), "--steps", "5", "--out", &two]);
+    for f in ["model.safetensors", "optimizer.safetensors", "trainer.json"] {
+        let (a, b) = (s.path("one/step-5").join(f), s.path("two/step-5").join(f));
+        assert_eq!(
+            std::fs::read(a).unwrap(),
+            std::fs::read(b).unwrap(),
+            "{f} differs after a shuffled resume"
+        );
+    }
+    assert_eq!(logged_losses(&s.path("two")), ls);
+    assert_eq!(curve(&s.path("two")), [5, 5], "loss and max load, one point per step of both runs");
+    assert_eq!(curve(&s.path("ordered")), [5, 5]);
+    assert!(!std::fs::read_dir(s.path("two")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+}
+
+/// A run killed with SIGKILL while it writes a checkpoint per step leaves its last complete
+/// checkpoint loadable and resumable; the resume removes the hidden folders a dead run left.
+#[test]
+fn kiln_train_killed_with_sigkill_resumes_from_its_last_checkpoint() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let s = Scratch::new();
+    let data = root().join("tests/goldens/perplexity/tokens.safetensors").to_string_lossy().into_owned();
+    let out = s.str("run");
+    let args = ["train", "models/tiny.toml", "--data", data.as_str(), "--interp", "--batch", "2"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .args(["--random-weights", "3", "--save-every", "1", "--steps", "200", "--out", &out])
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Poll for a few checkpoints (a step takes about 0.1 s; the limit is only against a hang).
+    let start = Instant::now();
+    while checkpoints(&s.path("run")).len() < 3 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("kiln train exited ({status}) before writing 3 checkpoints");
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "no 3 checkpoints in 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let n = *checkpoints(&s.path("run")).last().unwrap();
+    assert!((3..200).contains(&n), "killed at step {n}");
+    let last = s.path("run").join(format!("step-{n}"));
+    let trainer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(last.join("trainer.json")).unwrap()).unwrap();
+    assert_eq!(trainer["step"].as_u64(), Some(n));
+    let r = kiln(&[
+        "run",
+        "models/tiny.toml",
+        "--interp",
+        "--weights",
+        &last.to_string_lossy(),
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "1",
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+
+    // A dead run's temporary (pid 2^32-1 never runs) goes with the resume.
+    std::fs::create_dir_all(s.path("run").join(".step-9999.tmp-4294967295")).unwrap();
+    let r = kiln(
+        &[&args[..], &["--resume", &last.to_string_lossy(), "--steps", &(n + 2).to_string(), "--out", &out]]
+            .concat(),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("step ")).count(), 2, "{}", r.stdout);
+    let done: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.path("run").join(format!("step-{}/trainer.json", n + 2))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(done["step"].as_u64(), Some(n + 2));
+    let hidden: Vec<String> = std::fs::read_dir(s.path("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    // The curve covers every step logged, the killed run's included.
+    let logged = std::fs::read_to_string(s.path("run/metrics.jsonl")).unwrap();
+    let steps: std::collections::BTreeSet<u64> = logged
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .collect();
+    assert!(steps.len() as u64 >= n + 2);
+    assert_eq!(curve(&s.path("run"))[0], steps.len());
+}
