@@ -328,6 +328,21 @@ pub(crate) fn write_profile_of(
 ) -> Result<()> {
     let total: u64 = times.iter().map(|t| t.nanos).sum();
     writeln!(out, "profile: {:.1} ms in kernels ({what})", total as f64 / 1e6)?;
+    // By kind: the kernel's name without its `k_` prefix and content hash.
+    let mut kinds: Vec<(String, u64)> = Vec::new();
+    for t in times {
+        let name = t.name.strip_prefix("k_").unwrap_or(&t.name);
+        let kind = name.rsplit_once('_').map_or(name, |(k, _)| k);
+        match kinds.iter_mut().find(|(k, _)| k == kind) {
+            Some((_, n)) => *n += t.nanos,
+            None => kinds.push((kind.to_string(), t.nanos)),
+        }
+    }
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    let by_kind: Vec<String> = (kinds.iter().take(8))
+        .map(|(k, n)| format!("{k} {:.0}%", 100.0 * *n as f64 / total.max(1) as f64))
+        .collect();
+    writeln!(out, "by kind: {}", by_kind.join(", "))?;
     writeln!(out, "{:>8} {:>6} {:>9}  kernel", "ms", "share", "launches")?;
     for t in times.iter().filter(|t| t.nanos > 0).take(20) {
         let share = 100.0 * t.nanos as f64 / total.max(1) as f64;

@@ -9,7 +9,8 @@
 //! agree to float rounding, and both match PyTorch (`tests/it/train.rs`).
 //!
 //! Each step takes the next `--batch` rows of the data (in order, wrapping around; with
-//! `--shuffle SEED`, in a fresh seeded permutation of all rows each epoch), runs the program at the schedule's learning rate, and prints and logs (`metrics.jsonl`) the step, loss,
+//! `--shuffle SEED`, in a fresh seeded permutation of all rows each epoch), runs the program at
+//! the schedule's learning rate, and prints and logs (`metrics.jsonl`) the step, loss,
 //! gradient norm, learning rate and tokens/s. `--save-every K` (and the last step) writes a
 //! checkpoint `step-N/` into `--out`: `config.json` and `model.safetensors` (every parameter, the
 //! ones not trained too, under the checkpoint's names: `kiln run --weights` and transformers load

@@ -610,6 +610,13 @@ fn cpu_kernels_match_the_interpreter() {
         (Op::Linear, vec!["bf16[B, T, 40]", "bf16[24, 40]"], (-1.0, 1.0)),
         (Op::MatMul, vec!["f32[B, T, 9, 12]", "f32[T, 12, 10]"], (-1.0, 1.0)),
         (Op::Binary(BinaryOp::Sub), vec!["bf16[B, T, 8]", "bf16[8]"], (-2.0, 2.0)),
+        // Transposes of the last two axes take panels of 8 columns on the CPU: a ragged last
+        // panel, a whole one, a batched bf16 one, and a symbolic column count (the generic copy).
+        (Op::Transpose { perm: vec![1, 0] }, vec!["f32[37, 21]"], (-1.0, 1.0)),
+        (Op::Transpose { perm: vec![1, 0] }, vec!["f32[5, 16]"], (-1.0, 1.0)),
+        (Op::Transpose { perm: vec![0, 1, 3, 2] }, vec!["bf16[B, T, 9, 5]"], (-1.0, 1.0)),
+        (Op::Transpose { perm: vec![1, 0] }, vec!["f32[6, T]"], (-1.0, 1.0)),
+        (Op::Transpose { perm: vec![0, 2, 1] }, vec!["f32[B, 3, 11]"], (-1.0, 1.0)),
     ] {
         ks.push((kernel(op, &args), range));
     }

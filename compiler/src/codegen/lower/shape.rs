@@ -13,13 +13,15 @@
 //! such an index as an error; a kernel cannot, so it does the one thing that never reads outside the
 //! buffer, and the runtime validates token ids before it launches anything.
 //!
-//! Not done: vectorised or tiled copies (a transpose through shared memory, row copies on the CPU).
+//! A CPU transpose of the last two axes with a constant column count copies panels of 8 columns
+//! (`transpose_rows_cpu`). Not done: vectorised copies, a GPU transpose through shared memory, row
+//! copies for the other permutations on the CPU.
 
 use kiln_ir::Dim;
 
 use super::elementwise::{broadcast_index, each_element};
-use super::{Frame, LaunchShape, LowerError};
-use crate::codegen::mlir::{if_else, if_then, Value};
+use super::{Frame, LaunchShape, LowerError, Target};
+use crate::codegen::mlir::{for_loop, if_else, if_then, Value};
 
 fn numel(f: &Frame, buf: usize, op: &str) -> Result<Dim, LowerError> {
     f.bufs[buf].ty.numel().ok_or_else(|| f.unsupported(op, "the element count does not fit a dimension"))
@@ -132,6 +134,14 @@ pub(super) fn broadcast(f: &mut Frame) -> Result<LaunchShape, LowerError> {
 
 pub(super) fn transpose(f: &mut Frame, perm: &[usize]) -> Result<LaunchShape, LowerError> {
     let n = numel(f, 1, "transpose")?;
+    let r = perm.len();
+    let swaps_last_two = r >= 2
+        && perm[r - 2] == r - 1
+        && perm[r - 1] == r - 2
+        && perm[..r - 2].iter().enumerate().all(|(k, &p)| p == k);
+    if f.target == Target::Cpu && swaps_last_two && f.bufs[0].ty.shape[r - 1].as_known().is_some() {
+        return transpose_rows_cpu(f);
+    }
     let x = f.bufs[0].ty.shape.clone();
     let out = f.bufs[1].ty.shape.clone();
     let x_strides: Vec<Value> = (0..x.len()).map(|k| f.prod(&x[k + 1..])).collect();
@@ -151,6 +161,54 @@ pub(super) fn transpose(f: &mut Frame, perm: &[usize]) -> Result<LaunchShape, Lo
         let v = f.load_raw(0, &src);
         f.store_raw(1, i, &v);
     }))
+}
+
+/// Input columns per work item of [`transpose_rows_cpu`].
+const TRANSPOSE_COLS: u64 = 8;
+
+/// A CPU transpose of the last two axes, `[..., R, C] -> [..., C, R]` with `C` a constant: a work item is a panel of
+/// [`TRANSPOSE_COLS`] output rows (input columns). It walks the input's rows once, reading each
+/// row's run of the panel's columns (contiguous) and writing one element to each of the panel's
+/// output rows (a few sequential streams), with one index division per panel instead of one per
+/// element.
+fn transpose_rows_cpu(f: &mut Frame) -> Result<LaunchShape, LowerError> {
+    let x = f.bufs[0].ty.shape.clone();
+    let rank = x.len();
+    let lead = x[..rank - 2].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let cols_known = x[rank - 1].as_known().expect("checked by transpose");
+    let panels = Dim::known(cols_known.div_ceil(TRANSPOSE_COLS));
+    let work = lead
+        .and_then(|l| l.checked_mul(panels))
+        .ok_or_else(|| f.unsupported("transpose", "the panel count does not fit a dimension"))?;
+    let (rows, cols, per) = (f.dim(x[rank - 2]), f.dim(x[rank - 1]), f.dim(panels));
+    let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let (zero, one, width) = (f.b.index(0), f.b.index(1), f.b.index(TRANSPOSE_COLS as i64));
+    let plane = f.b.muli(&rows, &cols);
+    for_loop(f, &lo, &hi, &one, |f, w| {
+        let b = f.b.divui(w, &per);
+        let p = f.b.remui(w, &per);
+        let j0 = f.b.muli(&p, &width);
+        let left = f.b.subi(&cols, &j0);
+        let n = f.b.minui(&left, &width);
+        let base = f.b.muli(&b, &plane);
+        let in_base = f.b.addi(&base, &j0);
+        // Output row j0 + t of plane b starts at (b * C + j0 + t) * R = base + (j0 + t) * R.
+        let out_row0 = f.b.muli(&j0, &rows);
+        let out_base = f.b.addi(&base, &out_row0);
+        for_loop(f, &zero, &rows, &one, |f, i| {
+            let step = f.b.muli(i, &cols);
+            let src0 = f.b.addi(&in_base, &step);
+            let dst0 = f.b.addi(&out_base, i);
+            for_loop(f, &zero, &n, &one, |f, t| {
+                let src = f.b.addi(&src0, t);
+                let tr = f.b.muli(t, &rows);
+                let dst = f.b.addi(&dst0, &tr);
+                let v = f.load_raw(0, &src);
+                f.store_raw(1, &dst, &v);
+            });
+        });
+    });
+    Ok(LaunchShape::Cpu { work })
 }
 
 pub(super) fn embedding(f: &mut Frame) -> Result<LaunchShape, LowerError> {
