@@ -233,6 +233,13 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f32[T, 9]", "i64[3]", "f32[4, 9]", "f32[4, 9]"],
             (-1.0, 1.0),
         ),
+        // Enough rows per expert for the CPU's 4-row blocks, blocks that straddle two experts,
+        // and a K of two vectors and a tail.
+        (
+            Op::GroupedLinear { num_experts: 3 },
+            vec!["f32[7*T, 19]", "i32[4]", "f32[6, 19]", "f32[6, 19]", "f32[6, 19]"],
+            (-1.0, 1.0),
+        ),
         (Op::MoeCombine { top_k: 2 }, vec!["bf16[2*T, 8]", "i32[2*T]", "f32[T, 2]"], (-2.0, 2.0)),
         (Op::MoeCombine { top_k: 3 }, vec!["f32[3*T, 5]", "i64[3*T]", "f32[T, 3]"], (-2.0, 2.0)),
         (quantize(&[1, 16], false), vec!["f32[B, T, 40]"], (-3.0, 3.0)),

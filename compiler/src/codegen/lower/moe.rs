@@ -590,6 +590,16 @@ pub(super) fn dispatch(f: &mut Frame, plan: &Dispatch) -> Result<LaunchShape, Lo
 
 pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchShape, LowerError> {
     let x = f.bufs[0].ty.shape.clone();
+    // f32 on the CPU: the register-blocked rows of `matmul::grouped_with`.
+    let f32s = (0..2 + num_experts as usize).filter(|&b| b != 1).all(|b| f.bufs[b].ty.dtype == DType::F32);
+    if f.target == Target::Cpu && f32s {
+        use super::matmul::{grouped_with, Operand};
+        let out = 2 + num_experts as usize;
+        let weights = vec![(2..out).map(Operand::Plain).collect::<Vec<_>>()];
+        let w = f.bufs[2].ty.shape.clone();
+        let store = move |f: &mut Frame, at: &Value, ys: &[Value]| f.store(out, at, &ys[0]);
+        return grouped_with(f, &Operand::Plain(0), 1, &weights, (&x, &w), &store);
+    }
     let offsets_type = f.bufs[1].ty.dtype;
     let e_count = num_experts as usize;
     let out = 2 + e_count;
