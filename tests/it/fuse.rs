@@ -96,3 +96,58 @@ fn fp8_gemms_keep_dequantised_weights_out_of_the_arena() {
     assert!(before > 700 * one_weight, "{before}");
     assert!(after < one_weight, "{after}");
 }
+
+/// Keeps the graph after `fuse-kernels`.
+#[derive(Default)]
+struct AfterFusion(Option<kiln_ir::Graph>);
+
+impl Observer for AfterFusion {
+    fn finished(&mut self, stage: pack::Stage, dump: &pack::Dump<'_>) {
+        if let (pack::Stage::Pass("fuse-kernels"), pack::Dump::Graph(g)) = (stage, dump) {
+            self.0 = Some((*g).clone());
+        }
+    }
+}
+
+/// A train step's AdamW update of one parameter is one elementwise kernel: the new moments and the
+/// new weight come out of one `fused` node, which also reads the clipped gradient's scale, the
+/// decayed weight and the decayed second moment (producers after the chain's seed in program
+/// order), and the graph has no launch per parameter left outside it.
+#[test]
+fn a_train_steps_adamw_update_is_one_kernel_per_parameter() {
+    let spec = spec("tiny");
+    let options = Options {
+        train: Some((
+            kiln_compiler::build::TrainLosses::default(),
+            kiln_compiler::train::Optimizer::default(),
+        )),
+        kv_cache: false,
+        score: false,
+        ..Options::new(Targets::Cpu, 2, 16)
+    };
+    let mut after = AfterFusion::default();
+    pack::make_module(Source::Spec(spec), &options, &mut after).unwrap();
+    let g = after.0.expect("fuse-kernels ran");
+    let name = "model.layers.1.mlp.experts.0.down_proj.weight";
+    let producer = |out: &str| {
+        let &(_, v) = g.outputs().iter().find(|(n, _)| n == out).unwrap_or_else(|| panic!("no output {out}"));
+        g.producer(v)
+    };
+    let (m, v, w) =
+        (producer(&format!("adam.m.{name}")), producer(&format!("adam.v.{name}")), producer(name));
+    assert!(m == v && v == w, "the moments and the weight come from one node");
+    let kiln_ir::Op::Fused { body, .. } = &g.node(w).op else { panic!("{:?} is not fused", g.node(w).op) };
+    let computing =
+        body.nodes().into_iter().filter(|&n| !matches!(body.node(n).op, kiln_ir::Op::Input { .. })).count();
+    assert!(computing >= 15, "the whole update, {computing} nodes");
+    // Nothing reads the old weight or second moment but that kernel (and the forward's GEMMs).
+    for state in [format!("adam.v.{name}"), format!("adam.m.{name}")] {
+        let input = g
+            .nodes()
+            .into_iter()
+            .find(|&n| matches!(&g.node(n).op, kiln_ir::Op::Input { name } if *name == state))
+            .unwrap();
+        let users = g.users(g.node(input).results[0]);
+        assert_eq!(users, vec![w], "{state} is read by the update alone");
+    }
+}

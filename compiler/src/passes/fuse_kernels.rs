@@ -18,7 +18,7 @@
 //! gemm-residual       x @ w^T + r (+ more elementwise)                    one pass
 //! fp8-gemm            x @ dequantize(w8, s)^T with x = dequantize(q, sx)   one pass, FP8 loads
 //! gemm-rope           rope(split(x @ w^T)), plain weights <= 64 KiB        phased [gemm; split; rope]
-//! elementwise-chain   connected elementwise ops                           one pass
+//! elementwise-chain   connected elementwise ops (and producers only it reads) one pass
 //! decode-phases       a decode layer's remaining launches, in order        phased, small weights only
 //! ```
 //!
@@ -255,6 +255,36 @@ impl<'g> Ctx<'g> {
         self.convex(&members) && self.body(group, "probe").is_ok_and(|b| fusion::plan(&b).is_ok())
     }
 
+    /// Grows an elementwise `group` by the free elementwise producers of its operands that it
+    /// alone reads and that read nothing computed after them from the group (a train step's
+    /// `w * (1 - lr * wd)` and `v * beta2`, which come after the chain's seed in program order),
+    /// as long as the group still lowers.
+    fn grow_prologue(&self, group: &mut Group) {
+        loop {
+            let candidates: BTreeSet<usize> = (self.inputs(group).into_iter())
+                .map(|v| self.producer(v))
+                .filter(|&q| !group.nodes.contains(&q) && self.free(q) && is_elementwise(&self.node(q).op))
+                .filter(|&q| !matches!(self.node(q).op, Op::Constant { .. } | Op::Reshape { .. }))
+                .filter(|&q| {
+                    (self.node(q).results.iter())
+                        .all(|&r| self.users(r).iter().all(|u| group.nodes.contains(u)))
+                })
+                .collect();
+            let mut grew = false;
+            for q in candidates {
+                group.nodes.insert(q);
+                if self.lowers(group) {
+                    grew = true;
+                } else {
+                    group.nodes.remove(&q);
+                }
+            }
+            if !grew {
+                return;
+            }
+        }
+    }
+
     /// Grows `group` by elementwise consumers of its results, in order, as long as `keep` accepts
     /// the pattern. Returns the members added.
     fn grow_epilogue(&self, group: &mut Group, keep: &dyn Fn(&Pattern) -> bool) -> Vec<usize> {
@@ -419,6 +449,7 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
         }
         let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
         cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise);
+        cx.grow_prologue(&mut group);
         let computing = group.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
         if computing >= 2 {
             claim(&mut cx, group, vec![ELEMENTWISE_CHAIN], &mut trace);
