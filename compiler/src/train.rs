@@ -160,10 +160,19 @@ pub fn train_step(
     for (_, _, d) in &trained {
         let sq = b.bin(BinaryOp::Mul, *d, *d)?;
         let rank = b.g.ty(sq).rank();
-        let s = if rank == 0 {
-            sq
-        } else {
-            b.node(Op::Reduce { op: ReduceOp::Sum, axes: (0..rank).collect(), keep_dims: false }, &[sq])?
+        // Rows first, then the row sums: a whole-tensor sum is one work item, a sum per row is
+        // as many as there are rows (threads share them).
+        let s = match rank {
+            0 => sq,
+            1 => b.node(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep_dims: false }, &[sq])?,
+            _ => {
+                let rows =
+                    b.node(Op::Reduce { op: ReduceOp::Sum, axes: vec![rank - 1], keep_dims: false }, &[sq])?;
+                b.node(
+                    Op::Reduce { op: ReduceOp::Sum, axes: (0..rank - 1).collect(), keep_dims: false },
+                    &[rows],
+                )?
+            }
         };
         total = Some(match total {
             None => s,
