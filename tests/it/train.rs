@@ -530,3 +530,34 @@ fn kiln_train_killed_with_sigkill_resumes_from_its_last_checkpoint() {
     assert!(steps.len() as u64 >= n + 2);
     assert_eq!(curve(&s.path("run"))[0], steps.len());
 }
+
+/// `kiln bench train` on the tiny model: kiln's row with a step-0 loss near ln(vocabulary)
+/// (random weights) is there, PyTorch is skipped with the reason when the given
+/// Python does not exist, the profile sums to kernel kinds, and bad sizes are refused.
+#[test]
+fn kiln_bench_train_reports_kiln_and_says_why_pytorch_is_skipped() {
+    let r = kiln(&[
+        "bench",
+        "train",
+        "models/tiny.toml",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--python",
+        "/nonexistent/python",
+        "--profile",
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let row =
+        r.stdout.lines().find(|l| l.starts_with("kiln, compiled")).unwrap_or_else(|| panic!("{}", r.stdout));
+    let loss: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
+    // Random weights of std 0.02 over a 512-token vocabulary: the loss starts near ln 512.
+    assert!((loss - 512f64.ln()).abs() < 0.5, "{loss}");
+    assert!(r.stdout.contains("PyTorch eager: skipped (cannot run /nonexistent/python"), "{}", r.stdout);
+    assert!(r.stdout.contains("by kind: "), "{}", r.stdout);
+    let r = kiln(&["bench", "train", "models/tiny.toml", "--steps", "0"]);
+    assert!(!r.ok && r.stderr.contains("must be at least 1"), "{}", r.stderr);
+}
