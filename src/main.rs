@@ -152,7 +152,8 @@ enum Command {
     /// Train a model spec on token data: forward, loss, backward, clipping and AdamW as one
     /// train-step program, with checkpoints and a metrics log.
     Train {
-        /// A model spec (`models/*.toml`) or a Hugging Face `config.json`.
+        /// A model spec (`models/*.toml`), a Hugging Face `config.json`, or a Hugging Face folder
+        /// (its config.json, and its weights unless --weights or --random-weights says otherwise).
         model: PathBuf,
         /// Initial weights: a Hugging Face checkpoint folder.
         #[arg(long)]
@@ -395,8 +396,15 @@ fn run(command: Command) -> Result<()> {
                 (Some(dir), _, _) => run::Weights::Checkpoint(dir),
                 (None, Some(seed), _) => run::Weights::Random(seed),
                 (None, None, Some(dir)) => run::Weights::Checkpoint(dir),
+                // A Hugging Face folder as the model brings its weights.
+                (None, None, None) if model.is_dir() && model.join("config.json").is_file() => {
+                    run::Weights::Checkpoint(&model)
+                }
                 (None, None, None) => {
-                    bail!("give the initial weights: --weights DIR, --random-weights SEED or --resume DIR")
+                    bail!(
+                        "give the initial weights: --weights DIR, --random-weights SEED or --resume DIR \
+                         (or a Hugging Face folder as the model)"
+                    )
                 }
             };
             let [beta1, beta2] = betas[..] else { bail!("--betas takes two numbers, b1,b2") };

@@ -233,10 +233,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     if req.interp && req.threads.is_some() {
         bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
     }
-    if run::is_artifact(req.model) {
-        bail!("{}: kiln train takes a model spec or a Hugging Face config.json", req.model.display());
-    }
-    let spec = spec::load(req.model)?;
+    // A Hugging Face folder is its config.json (and, unless told otherwise, its weights: see main).
+    let config = req.model.join("config.json");
+    let model_path = if req.model.is_dir() && config.is_file() {
+        config.as_path()
+    } else if run::is_artifact(req.model) {
+        bail!(
+            "{}: kiln train takes a model spec, a Hugging Face config.json or a folder holding one \
+             (this folder has no config.json)",
+            req.model.display()
+        );
+    } else {
+        req.model
+    };
+    let spec = spec::load(model_path)?;
     let dtype = match req.dtype {
         None => None,
         Some(d) => Some(StreamDType::parse(d).with_context(|| format!("--dtype {d}: use u16 or u32"))?),

@@ -171,6 +171,25 @@ fn kiln_train_checkpoints_resume_bit_identically() {
     ]);
     assert!(r.ok, "{}", r.stderr);
 
+    // And a model kiln trains further: the folder is the model and its weights.
+    let r =
+        kiln(&["train", &ckpt, "--data", data.as_str(), "--interp", "--steps", "1", "--out", &s.str("hf")]);
+    assert!(r.ok && r.stdout.contains("step     1"), "{}", r.stderr);
+    let r = kiln(&[
+        "train",
+        &s.str("one"),
+        "--data",
+        data.as_str(),
+        "--interp",
+        "--random-weights",
+        "3",
+        "--steps",
+        "1",
+        "--out",
+        &s.str("x"),
+    ]);
+    assert!(!r.ok && r.stderr.contains("has no config.json"), "{}", r.stderr);
+
     // Bad input, refused before any step.
     let refused = |extra: &[&str], want: &str| {
         let r = kiln(&[&base[..], &["--out", &s.str("bad")], extra].concat());
