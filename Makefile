@@ -10,7 +10,7 @@ setup:
 # Builds kiln and shows what it does on the real DeepSeek-V3 configuration: the model summary, the
 # compile to a host library and sm_90a PTX with its kernel report, then a small model of the same
 # architecture compiled for the CPU and generating from its artifact, against the reference
-# interpreter in the same run.
+# interpreter in the same run, then a few compiled training steps of it (DeepSeek-V3's bias rule on).
 demo: setup
 	$(CARGO) build --release --quiet --bin kiln
 	$(KILN_RELEASE) inspect models/deepseek_v3.toml
@@ -18,6 +18,8 @@ demo: setup
 	$(KILN_RELEASE) compile models/tiny.toml --target cpu -o target/demo/tiny.kiln
 	$(KILN_RELEASE) run target/demo/tiny.kiln --random-weights 1 --prompt-ids 1,2,3,4 --max-new-tokens 8
 	$(KILN_RELEASE) bench run target/demo/tiny.kiln --random-weights 1
+	rm -rf target/demo/train
+	$(KILN_RELEASE) train models/tiny.toml --random-weights 1 --data tests/goldens/train/tokens.safetensors --batch 4 --steps 5 --bias-update-speed 0.001 --out target/demo/train
 	$(KILN_RELEASE) doctor
 
 # Every test of the workspace: unit tests, the integration tests in tests/it, doc tests.
