@@ -127,7 +127,7 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     // The train step, compiled for these sizes.
     let t0 = Instant::now();
     let options = pack::Options {
-        train: Some((build::TrainLosses::default(), kiln_compiler::train::Optimizer::default())),
+        train: Some(kiln_compiler::pack::TrainOptions::default()),
         kv_cache: false,
         score: false,
         ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.batch as u64, req.seq_len as u64)

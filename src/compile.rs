@@ -88,6 +88,10 @@ pub struct Args {
     /// sets its own).
     #[arg(long)]
     train: bool,
+    /// With --train, also compile the `accumulate` program, so that a step's batch can be split
+    /// into micro-batches whose gradients add up before the update (`kiln train --micro-batch`).
+    #[arg(long, requires = "train")]
+    accumulate: bool,
 }
 
 fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
@@ -194,9 +198,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         max_context: req.max_context,
         kv_cache: !req.no_kv_cache,
         score: !req.no_score,
-        train: req.train.then(|| {
-            (kiln_compiler::build::TrainLosses::default(), kiln_compiler::train::Optimizer::default())
-        }),
+        train: req.train.then(|| pack::TrainOptions { accumulate: req.accumulate, ..Default::default() }),
     };
     for name in &req.disable_pass {
         kiln_compiler::passes::find(name)?;

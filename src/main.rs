@@ -175,6 +175,10 @@ enum Command {
         /// Rows per step.
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Rows per micro-batch: each step's batch is split into batch / M micro-batches whose
+        /// gradients are accumulated before the update (the same step, in less memory).
+        #[arg(long, value_name = "M")]
+        micro_batch: Option<usize>,
         /// The peak learning rate.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
@@ -371,6 +375,7 @@ fn run(command: Command) -> Result<()> {
             seq_len,
             steps,
             batch,
+            micro_batch,
             lr,
             min_lr,
             schedule,
@@ -434,6 +439,7 @@ fn run(command: Command) -> Result<()> {
                 shuffle,
                 interp,
                 threads,
+                micro_batch,
                 losses: kiln_compiler::build::TrainLosses { mtp_lambda, balance_alpha, bias_update_speed },
             };
             train::run(&req, &mut io::stdout().lock())

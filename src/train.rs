@@ -217,7 +217,24 @@ pub struct Request<'a> {
     pub shuffle: Option<u64>,
     pub interp: bool,
     pub threads: Option<usize>,
+    /// `--micro-batch M`: rows per micro-batch, when a step's batch is split.
+    pub micro_batch: Option<usize>,
     pub losses: build::TrainLosses,
+}
+
+impl Request<'_> {
+    /// How many micro-batches each step's batch is split into (1: not split).
+    fn micro_batches(&self) -> Result<usize> {
+        let batch = self.hyper.batch;
+        match self.micro_batch {
+            None => Ok(1),
+            Some(m) if m == 0 || m > batch || batch % m != 0 => bail!(
+                "--micro-batch {m}: a micro-batch must be a whole part of the batch of {batch} rows \
+                 (a divisor of {batch})"
+            ),
+            Some(m) => Ok(batch / m),
+        }
+    }
 }
 
 const TRAINER: &str = "trainer.json";
@@ -268,7 +285,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
 
     // The program: forward and loss, backward, clipping and AdamW.
     let opt = req.hyper.optimizer();
-    let (program, states) = kiln_compiler::train::program(&spec, &req.losses, &opt)?;
+    let micro_batches = req.micro_batches()?;
+    let programs = kiln_compiler::train::program(&spec, &req.losses, &opt, micro_batches > 1)?;
+    let states = programs.states.clone();
     let roles: HashMap<String, StateRole> = states.iter().map(|s| (s.name.clone(), s.role)).collect();
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
     let full = build::build_graph(&spec)?;
@@ -317,14 +336,18 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     remove_stale(req.out)?;
     let t = rows.width() - 1;
     let (mut trainer, engine): (Box<dyn Steps>, String) = if req.interp {
-        (Box::new(Trainer::new(program, states, weights_in)?), "reference interpreter".into())
+        let mut trainer = Trainer::new(programs.step, states, weights_in)?;
+        if let Some(acc) = programs.accumulate {
+            trainer = trainer.with_micro_batches(acc, micro_batches);
+        }
+        (Box::new(trainer), "reference interpreter".into())
     } else {
-        compiled(req, &spec, t as u64, weights_in, out)?
+        compiled(req, &spec, t as u64, micro_batches, weights_in, out)?
     };
     if let Some(dir) = req.resume {
         let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
         for (name, role) in &roles {
-            if !matches!(role, StateRole::Trainable | StateRole::RoutingBias) {
+            if kiln_runtime::train::kept(*role) {
                 trainer.set_state(opt.read(name)?)?;
             }
         }
@@ -461,15 +484,23 @@ fn compiled(
     req: &Request,
     spec: &kiln_ir::ModelSpec,
     t: u64,
+    micro_batches: usize,
     weights_in: Vec<weights::HostTensor>,
     out: &mut impl Write,
 ) -> Result<(Box<dyn Steps>, String)> {
     use kiln_compiler::pack;
+    let train = pack::TrainOptions {
+        losses: req.losses,
+        optimizer: req.hyper.optimizer(),
+        accumulate: micro_batches > 1,
+    };
+    // The programs run one micro-batch at a time: their buffers are planned for that many rows.
+    let rows = (req.hyper.batch / micro_batches) as u64;
     let options = pack::Options {
-        train: Some((req.losses, req.hyper.optimizer())),
+        train: Some(train),
         kv_cache: false,
         score: false,
-        ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.hyper.batch as u64, t)
+        ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)
     };
     let dir = req.out.join(ARTIFACT);
     let t0 = Instant::now();
@@ -487,8 +518,13 @@ fn compiled(
         weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
     let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
     let model = CpuModel::load(&art, given, &run::cpu_options(req.threads))?;
-    let engine = format!("compiled for the CPU ({} threads)", model.threads());
-    Ok((Box::new(CompiledTrainer::new(model)?), engine))
+    let mut engine = format!("compiled for the CPU ({} threads)", model.threads());
+    let mut trainer = CompiledTrainer::new(model)?;
+    trainer.set_micro_batches(micro_batches)?;
+    if micro_batches > 1 {
+        engine += &format!(", {micro_batches} micro-batches of {rows} rows per step");
+    }
+    Ok((Box::new(trainer), engine))
 }
 
 /// The rows `which`, as one batch.

@@ -88,9 +88,19 @@ pub struct Options {
     /// From a spec, also compile the `score` program ([`build_score`]): the next-token loss at
     /// every position (`kiln perplexity`).
     pub score: bool,
-    /// From a spec, compile the `train_step` program ([`crate::train::program`]) with these
-    /// losses and this optimizer instead of the inference programs.
-    pub train: Option<(crate::build::TrainLosses, crate::train::Optimizer)>,
+    /// From a spec, compile the training programs ([`crate::train::program`]) instead of the
+    /// inference programs.
+    pub train: Option<TrainOptions>,
+}
+
+/// What a training artifact is compiled with.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainOptions {
+    pub losses: crate::build::TrainLosses,
+    pub optimizer: crate::train::Optimizer,
+    /// Also compile the `accumulate` program, so that a step's batch can be split into
+    /// micro-batches (gradient accumulation).
+    pub accumulate: bool,
 }
 
 impl Options {
@@ -380,11 +390,15 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     // A training artifact holds the train step alone: its weights are states it updates, which
     // inference programs would read as parameters (a name is one or the other in a module);
     // inference runs from the checkpoints training writes.
-    if let Some((losses, opt)) = &options.train {
-        let (graph, states) =
-            crate::train::program(spec, losses, opt).map_err(|e| CompileError::Options(e.to_string()))?;
+    if let Some(t) = &options.train {
+        let programs = crate::train::program(spec, &t.losses, &t.optimizer, t.accumulate)
+            .map_err(|e| CompileError::Options(e.to_string()))?;
+        let graph = programs.step;
         module.programs.push(Program { name: "train_step".into(), kind: ProgramKind::TrainStep, graph });
-        module.states.extend(states);
+        if let Some(graph) = programs.accumulate {
+            module.programs.push(Program { name: "accumulate".into(), kind: ProgramKind::Accumulate, graph });
+        }
+        module.states.extend(programs.states);
         return Ok(module);
     }
     let mut add = |name: &str, kind: ProgramKind, graph: Graph| {

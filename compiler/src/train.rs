@@ -25,6 +25,7 @@ use kiln_ir::module::{StateDecl, StateRole};
 use kiln_ir::{BinaryOp, DType, Graph, Op, ReduceOp, TensorType, UnaryOp, ValueId};
 
 use crate::autodiff::{GRAD_PREFIX, LOSS};
+use crate::build::{Part, KEEP, LOAD_ACC_PREFIX, LOAD_PREFIX};
 
 /// The output holding the global gradient norm before clipping.
 pub const GRAD_NORM: &str = "grad_norm";
@@ -32,6 +33,13 @@ pub const GRAD_NORM: &str = "grad_norm";
 pub const LR: &str = "lr";
 /// The step counter state.
 pub const STEP: &str = "adam.step";
+/// The caller input of a split step's last program: how many micro-batches the batch was split
+/// into (`f32[]`).
+pub const MICRO_BATCHES: &str = kiln_ir::module::MICRO_BATCHES;
+/// The accumulator state of a split step's loss.
+pub const LOSS_ACC: &str = "loss.acc";
+/// The prefix of the gradient accumulator states: `grad.acc.{parameter}`.
+pub const GRAD_ACC_PREFIX: &str = "grad.acc.";
 
 /// AdamW's and clipping's hyperparameters, with torch's meaning.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,6 +105,14 @@ impl B<'_> {
     fn un(&mut self, op: UnaryOp, a: ValueId) -> Result<ValueId, TrainError> {
         self.node(Op::Unary(op), &[a])
     }
+
+    /// `a` in f32: itself, or a cast.
+    fn f32(&mut self, a: ValueId) -> Result<ValueId, TrainError> {
+        match self.g.ty(a).dtype {
+            DType::F32 => Ok(a),
+            _ => self.node(Op::Cast { to: DType::F32 }, &[a]),
+        }
+    }
 }
 
 /// The train-step program from a differentiated graph; returns it with the states it declares.
@@ -106,25 +122,13 @@ pub fn train_step(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    for (name, v) in [("beta1", opt.beta1), ("beta2", opt.beta2)] {
-        if !(0.0..1.0).contains(&v) {
-            return Err(TrainError::Setting(format!("{name} must be in [0, 1), found {v}")));
-        }
-    }
-    let finite = opt.eps.is_finite() && opt.weight_decay.is_finite();
-    if !(finite && opt.eps > 0.0 && opt.weight_decay >= 0.0) {
-        return Err(TrainError::Setting(format!(
-            "eps must be positive and weight decay non-negative, found {} and {}",
-            opt.eps, opt.weight_decay
-        )));
-    }
-    if opt.clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-        return Err(TrainError::Setting(format!("the clipping norm must be positive, found {:?}", opt.clip)));
-    }
-    let mut g = grads.clone();
-    let loss = output(&g, LOSS)?;
-    // The trained parameters, in graph order, with their gradients.
-    let mut trained: Vec<(String, ValueId, ValueId)> = Vec::new();
+    step_program(grads, frozen, opt, false)
+}
+
+/// The trained parameters of `g` (every parameter with a `grad.{name}` output, less `frozen`),
+/// turned into inputs of their names (states), in graph order: name, value, gradient.
+fn train_params(g: &mut Graph, frozen: &[&str]) -> Vec<(String, ValueId, ValueId)> {
+    let mut trained = Vec::new();
     for n in g.nodes() {
         let Op::Param { name } = &g.node(n).op else { continue };
         if frozen.contains(&name.as_str()) {
@@ -145,8 +149,135 @@ pub fn train_step(
             g.remove_output(&name);
         }
     }
+    trained
+}
+
+/// The state that accumulates parameter `name`'s gradient over a step's micro-batches.
+pub fn grad_acc(name: &str) -> String {
+    format!("{GRAD_ACC_PREFIX}{name}")
+}
+
+/// The accumulating program of a step split into micro-batches (gradient accumulation): from a
+/// graph that [`crate::autodiff::differentiate`] made of [`crate::build::build_train_part`]'s
+/// [`Part::Accumulate`] graph. It reads the trained parameters (states it does not write) and adds
+/// into accumulator states, each scaled by the caller input [`KEEP`] first (0 on the step's first
+/// micro-batch, so that it starts the sum; 1 after):
+///
+/// - `grad.acc.{name}` (f32) += the micro-batch's gradient of each trained parameter;
+/// - [`LOSS_ACC`] += the micro-batch's loss;
+/// - `load.acc.{scope}` += each router's load (the graph adds it already).
+///
+/// The step's last micro-batch runs [`train_step_last`], which adds its own share and applies the
+/// update. Accumulating sums, rather than means, keeps the micro-batches' shares exact, and the
+/// last program scales by `1 / micro_batches` once.
+pub fn accumulate_step(grads: &Graph, frozen: &[&str]) -> Result<(Graph, Vec<StateDecl>), TrainError> {
+    let mut g = grads.clone();
+    let loss = output(&g, LOSS)?;
+    let trained = train_params(&mut g, frozen);
+    let loads: Vec<(String, ValueId)> = (g.outputs().iter())
+        .filter_map(|(n, v)| Some((n.strip_prefix(LOAD_PREFIX)?.to_string(), *v)))
+        .collect();
+    for (scope, _) in &loads {
+        g.remove_output(&format!("{LOAD_PREFIX}{scope}"));
+    }
+    let mut b = B { g: &mut g };
+    let keep = match (b.g.inputs().iter()).find(|(n, _)| *n == KEEP) {
+        Some(&(_, v)) => v,
+        None => b.declared(Op::Input { name: KEEP.into() }, TensorType::scalar(DType::F32))?,
+    };
+    let mut states = Vec::new();
+    let mut outputs = Vec::new();
+    let mut add_into = |b: &mut B, name: String, d: ValueId| -> Result<(), TrainError> {
+        let d = b.f32(d)?;
+        let ty = b.g.ty(d).clone();
+        let acc = b.declared(Op::Input { name: name.clone() }, ty.clone())?;
+        let kept = b.bin(BinaryOp::Mul, acc, keep)?;
+        outputs.push((name.clone(), b.bin(BinaryOp::Add, kept, d)?));
+        states.push(StateDecl { name, ty, role: StateRole::GradientAccumulator });
+        Ok(())
+    };
+    for (name, _, d) in &trained {
+        add_into(&mut b, grad_acc(name), *d)?;
+    }
+    add_into(&mut b, LOSS_ACC.into(), loss)?;
+    for (scope, load) in loads {
+        let name = format!("{LOAD_ACC_PREFIX}{scope}");
+        let ty = b.g.ty(load).clone();
+        outputs.push((name.clone(), load));
+        states.push(StateDecl { name, ty, role: StateRole::GradientAccumulator });
+    }
+    for (n, v) in outputs {
+        g.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))?;
+    }
+    kiln_ir::verify::verify(&g).map_err(|e| TrainError::Internal(e.to_string()))?;
+    Ok((g, states))
+}
+
+/// The train-step program of a step's last micro-batch, when the batch is split: [`train_step`]
+/// on the sums of the earlier micro-batches' gradients and loss ([`accumulate_step`]'s states)
+/// plus this one's, times `1 / micro_batches` (the caller input [`MICRO_BATCHES`]): the gradient
+/// and loss of the whole batch, since every micro-batch has the same number of rows and each loss
+/// is a mean over them. From a graph made of [`Part::Last`]'s.
+pub fn train_step_last(
+    grads: &Graph,
+    frozen: &[&str],
+    opt: &Optimizer,
+) -> Result<(Graph, Vec<StateDecl>), TrainError> {
+    step_program(grads, frozen, opt, true)
+}
+
+fn step_program(
+    grads: &Graph,
+    frozen: &[&str],
+    opt: &Optimizer,
+    last: bool,
+) -> Result<(Graph, Vec<StateDecl>), TrainError> {
+    for (name, v) in [("beta1", opt.beta1), ("beta2", opt.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(TrainError::Setting(format!("{name} must be in [0, 1), found {v}")));
+        }
+    }
+    let finite = opt.eps.is_finite() && opt.weight_decay.is_finite();
+    if !(finite && opt.eps > 0.0 && opt.weight_decay >= 0.0) {
+        return Err(TrainError::Setting(format!(
+            "eps must be positive and weight decay non-negative, found {} and {}",
+            opt.eps, opt.weight_decay
+        )));
+    }
+    if opt.clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+        return Err(TrainError::Setting(format!("the clipping norm must be positive, found {:?}", opt.clip)));
+    }
+    let mut g = grads.clone();
+    let mut loss = output(&g, LOSS)?;
+    let mut trained = train_params(&mut g, frozen);
     let mut states = Vec::new();
     let mut b = B { g: &mut g };
+    // The whole batch's gradients and loss: the earlier micro-batches' sums plus this one's, over
+    // the number of micro-batches.
+    if last {
+        let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
+        let one = b.c(1.0)?;
+        let scale = b.bin(BinaryOp::Div, one, count)?;
+        let mut whole = |b: &mut B, name: String, d: ValueId| -> Result<ValueId, TrainError> {
+            let d = b.f32(d)?;
+            let ty = b.g.ty(d).clone();
+            let acc = b.declared(Op::Input { name: name.clone() }, ty.clone())?;
+            states.push(StateDecl { name, ty, role: StateRole::GradientAccumulator });
+            let sum = b.bin(BinaryOp::Add, acc, d)?;
+            b.bin(BinaryOp::Mul, sum, scale)
+        };
+        for (name, _, d) in &mut trained {
+            *d = whole(&mut b, grad_acc(name), *d)?;
+        }
+        loss = whole(&mut b, LOSS_ACC.into(), loss)?;
+        // The load accumulators' inputs are the graph's own (Part::Last); declare them.
+        for (name, v) in b.g.inputs() {
+            if name.starts_with(LOAD_ACC_PREFIX) {
+                let ty = b.g.ty(v).clone();
+                states.push(StateDecl { name: name.to_string(), ty, role: StateRole::GradientAccumulator });
+            }
+        }
+    }
     let lr = b.declared(Op::Input { name: LR.into() }, TensorType::scalar(DType::F32))?;
     let step = b.declared(Op::Input { name: STEP.into() }, TensorType::scalar(DType::F32))?;
     states.push(StateDecl {
@@ -262,23 +393,55 @@ pub fn train_step(
     Ok((g, states))
 }
 
+/// The programs of training a model spec, with the states they declare.
+#[derive(Clone, Debug)]
+pub struct TrainPrograms {
+    /// `train_step`: the whole step, or with [`TrainPrograms::accumulate`] a split step's last
+    /// micro-batch ([`train_step_last`]).
+    pub step: Graph,
+    /// `accumulate`: a split step's earlier micro-batches ([`accumulate_step`]), when asked for.
+    pub accumulate: Option<Graph>,
+    pub states: Vec<StateDecl>,
+}
+
 /// The train-step program of a model spec: [`crate::build::build_train`] with `losses`,
 /// [`crate::autodiff::differentiate`], then [`train_step`]; its states include the routers'
-/// selection biases (`routing_bias`), which the balancing rule moves (or keeps, at γ = 0).
+/// selection biases (`routing_bias`), which the balancing rule moves (or keeps, at γ = 0). With
+/// `accumulate`, the programs of a step split into micro-batches: [`accumulate_step`] and
+/// [`train_step_last`].
 pub fn program(
     spec: &kiln_ir::ModelSpec,
     losses: &crate::build::TrainLosses,
     opt: &Optimizer,
-) -> Result<(Graph, Vec<StateDecl>), ProgramError> {
-    let (forward, info) = crate::build::build_train(spec, losses)?;
-    let grads = crate::autodiff::differentiate(&forward, LOSS)?;
-    let (g, mut states) = train_step(&grads, &[], opt)?;
+    accumulate: bool,
+) -> Result<TrainPrograms, ProgramError> {
+    use crate::build::build_train_part;
+    let differentiate = |part| -> Result<_, ProgramError> {
+        let (forward, info) = build_train_part(spec, losses, part)?;
+        Ok((crate::autodiff::differentiate(&forward, LOSS)?, info))
+    };
+    let (step, mut states, info, accumulate) = if accumulate {
+        let (grads, info) = differentiate(Part::Last)?;
+        let (step, mut states) = train_step_last(&grads, &[], opt)?;
+        let (acc, acc_states) = accumulate_step(&differentiate(Part::Accumulate)?.0, &[])?;
+        // Both programs declare the accumulators; the module holds each once.
+        for s in acc_states {
+            if !states.iter().any(|d| d.name == s.name) {
+                states.push(s);
+            }
+        }
+        (step, states, info, Some(acc))
+    } else {
+        let (grads, info) = differentiate(Part::Whole)?;
+        let (step, states) = train_step(&grads, &[], opt)?;
+        (step, states, info, None)
+    };
     states.extend(info.biases.into_iter().map(|(name, ty)| StateDecl {
         name,
         ty,
         role: StateRole::RoutingBias,
     }));
-    Ok((g, states))
+    Ok(TrainPrograms { step, accumulate, states })
 }
 
 /// Why [`program`] failed.

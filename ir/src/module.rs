@@ -105,6 +105,13 @@ impl fmt::Display for StateRole {
     }
 }
 
+/// The caller input of an `accumulate` program: 0 on a step's first micro-batch, so that it starts
+/// the accumulators' sums, 1 after.
+pub const ACCUMULATE_KEEP: &str = "accumulate.keep";
+/// The caller input of a split step's `train_step` program: how many micro-batches the step's batch
+/// was split into (`f32[]`).
+pub const MICRO_BATCHES: &str = "micro_batches";
+
 /// What a program computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProgramKind {
@@ -118,15 +125,20 @@ pub enum ProgramKind {
     Score,
     /// One step of training: forward, backward and the optimizer's update of the state (`train_step`).
     TrainStep,
+    /// One micro-batch of a training step whose batch is split: forward and backward, with the
+    /// gradients, the loss and the expert loads added into accumulator states that the step's last
+    /// micro-batch (`train_step`) reads (`accumulate`).
+    Accumulate,
 }
 
 impl ProgramKind {
-    pub const ALL: [ProgramKind; 5] = [
+    pub const ALL: [ProgramKind; 6] = [
         ProgramKind::Forward,
         ProgramKind::Prefill,
         ProgramKind::Decode,
         ProgramKind::Score,
         ProgramKind::TrainStep,
+        ProgramKind::Accumulate,
     ];
 
     /// The spelling in the text IR (`program "decode" {kind = decode} graph @...`).
@@ -137,6 +149,7 @@ impl ProgramKind {
             ProgramKind::Decode => "decode",
             ProgramKind::Score => "score",
             ProgramKind::TrainStep => "train_step",
+            ProgramKind::Accumulate => "accumulate",
         }
     }
 

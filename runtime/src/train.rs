@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use kiln_ir::interp::{self, Tensor};
 use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
+use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, MICRO_BATCHES};
 use kiln_ir::{DType, Graph, SymBindings};
 
 use crate::data::TokenRows;
@@ -37,6 +38,9 @@ pub struct StepStats {
 /// A train-step program on the interpreter with its states; see the module documentation.
 pub struct Trainer {
     graph: Graph,
+    /// The `accumulate` program of a step split into micro-batches.
+    accumulate: Option<Graph>,
+    micro_batches: usize,
     states: Vec<StateDecl>,
     values: HashMap<String, Tensor>,
     params: HashMap<String, Tensor>,
@@ -77,30 +81,71 @@ impl Trainer {
         }
         let declared: Vec<String> = graph.params().into_iter().map(|(n, _)| n.to_string()).collect();
         let params = given.into_iter().filter(|(n, _)| declared.contains(n)).collect();
-        Ok(Trainer { graph, states, values, params })
+        Ok(Trainer { graph, accumulate: None, micro_batches: 1, states, values, params })
     }
 
-    /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
-    pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
-        let mut feeds = self.values.clone();
-        let names: Vec<String> = self.graph.inputs().iter().map(|(n, _)| n.to_string()).collect();
-        for t in step_inputs(&names, rows, lr)? {
+    /// Splits every step's batch into `count` micro-batches of equal rows, run by the
+    /// `accumulate` program `graph` (all but the last) and the train-step program (the last),
+    /// which must be [`kiln_compiler::train::train_step_last`]'s.
+    pub fn with_micro_batches(mut self, graph: Graph, count: usize) -> Trainer {
+        self.accumulate = Some(graph);
+        self.micro_batches = count.max(1);
+        self
+    }
+
+    /// Runs `graph` on `extra` inputs besides the states, and keeps the state outputs.
+    fn run(
+        &mut self,
+        which: Which,
+        extra: Vec<HostTensor>,
+    ) -> Result<std::collections::BTreeMap<String, Tensor>, RuntimeError> {
+        let graph = match which {
+            Which::Step => &self.graph,
+            Which::Accumulate => self.accumulate.as_ref().expect("split steps have the program"),
+        };
+        // The program's own states (an accumulate program reads no moments, say).
+        let inputs = inputs_of(graph);
+        let mut feeds: HashMap<String, Tensor> = (self.values.iter())
+            .filter(|(n, _)| inputs.contains(n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        for t in extra.into_iter().filter(|t| inputs.contains(&t.name)) {
             feeds.insert(t.name.clone(), to_tensor(t)?);
         }
-        let out = interp::run(&self.graph, &feeds, &self.params)?;
+        let out = interp::run(graph, &feeds, &self.params)?;
         for s in &self.states {
             if let Some(v) = out.get(&s.name) {
                 self.values.insert(s.name.clone(), v.clone());
             }
         }
+        Ok(out)
+    }
+
+    /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
+    pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        let parts = split(rows, if self.accumulate.is_some() { self.micro_batches } else { 1 })?;
+        let (last, earlier) = parts.split_last().expect("at least one part");
+        if let Some(names) = self.accumulate.as_ref().map(inputs_of) {
+            for (i, part) in earlier.iter().enumerate() {
+                let mut feeds = step_inputs(&names, part, lr)?;
+                feeds.push(scalar(KEEP, if i == 0 { 0.0 } else { 1.0 }));
+                self.run(Which::Accumulate, feeds)?;
+            }
+        }
+        let names: Vec<String> = self.graph.inputs().iter().map(|(n, _)| n.to_string()).collect();
+        let mut feeds = step_inputs(&names, last, lr)?;
+        if names.iter().any(|n| n == MICRO_BATCHES) {
+            feeds.push(scalar(MICRO_BATCHES, parts.len() as f32));
+        }
+        let out = self.run(Which::Step, feeds)?;
         let outputs = out.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_f32()?.to_vec())));
         Ok(stats(outputs))
     }
 
-    /// The states other than the model's weights (moments, the step count), by name.
+    /// The states a checkpoint keeps besides the model's weights (moments, the step count), by
+    /// name; not the accumulators, which hold nothing between steps.
     pub fn states(&self) -> Vec<HostTensor> {
-        let rest =
-            self.states.iter().filter(|s| !matches!(s.role, StateRole::Trainable | StateRole::RoutingBias));
+        let rest = self.states.iter().filter(|s| kept(s.role));
         rest.map(|s| host(&s.name, &self.values[&s.name])).collect()
     }
 
@@ -128,6 +173,48 @@ impl Trainer {
             .map(|s| (&s.name, &self.values[&s.name]));
         trained.chain(self.params.iter()).map(|(name, t)| host(name, t)).collect()
     }
+}
+
+fn inputs_of(g: &Graph) -> Vec<String> {
+    g.inputs().iter().map(|(n, _)| n.to_string()).collect()
+}
+
+/// Which program of a trainer runs.
+#[derive(Clone, Copy)]
+enum Which {
+    Step,
+    Accumulate,
+}
+
+/// Whether a checkpoint keeps a state of `role` besides the weights: optimizer state, not the
+/// weights (kept as the model) nor the accumulators (empty between steps).
+pub fn kept(role: StateRole) -> bool {
+    !matches!(role, StateRole::Trainable | StateRole::RoutingBias | StateRole::GradientAccumulator)
+}
+
+/// An f32 scalar input.
+fn scalar(name: &str, v: f32) -> HostTensor {
+    HostTensor { name: name.into(), dtype: DType::F32, shape: Vec::new(), data: HostData::F32(vec![v]) }
+}
+
+/// `rows` split into `count` micro-batches of equal rows, in order.
+pub fn split(rows: &TokenRows, count: usize) -> Result<Vec<TokenRows>, RuntimeError> {
+    let n = rows.rows();
+    if count == 0 || n % count != 0 {
+        return Err(RuntimeError::BadOption(format!(
+            "a batch of {n} rows does not split into {count} micro-batches of equal rows"
+        )));
+    }
+    if count == 1 {
+        return Ok(vec![rows.clone()]);
+    }
+    let (w, per) = (rows.width(), n / count);
+    (0..count)
+        .map(|c| {
+            let tokens = (c * per..(c + 1) * per).flat_map(|r| rows.row(r).iter().copied()).collect();
+            TokenRows::from_rows(w, tokens).map_err(|e| RuntimeError::BadOption(e.to_string()))
+        })
+        .collect()
 }
 
 fn host(name: &str, t: &Tensor) -> HostTensor {
@@ -213,6 +300,9 @@ pub struct CompiledTrainer<B: Backend> {
     exec: Executor<B>,
     program: String,
     inputs: Vec<String>,
+    /// The `accumulate` program and its inputs, when the artifact has one.
+    accumulate: Option<(String, Vec<String>)>,
+    micro_batches: usize,
 }
 
 impl<B: Backend> CompiledTrainer<B> {
@@ -227,7 +317,31 @@ impl<B: Backend> CompiledTrainer<B> {
                 )
             })?;
         let inputs = exec.inputs(&program)?.into_iter().map(|(n, _)| n).collect();
-        Ok(CompiledTrainer { exec, program, inputs })
+        let accumulate =
+            match (exec.programs().into_iter()).find(|(_, kind)| *kind == ProgramKind::Accumulate) {
+                Some((name, _)) => {
+                    let name = name.to_string();
+                    let inputs = exec.inputs(&name)?.into_iter().map(|(n, _)| n).collect();
+                    Some((name, inputs))
+                }
+                None => None,
+            };
+        Ok(CompiledTrainer { exec, program, inputs, accumulate, micro_batches: 1 })
+    }
+
+    /// Splits every step's batch into `count` micro-batches of equal rows (gradient
+    /// accumulation); the artifact must have an `accumulate` program (`kiln compile --train
+    /// --accumulate`).
+    pub fn set_micro_batches(&mut self, count: usize) -> Result<(), RuntimeError> {
+        if count > 1 && self.accumulate.is_none() {
+            return Err(RuntimeError::BadOption(
+                "the artifact has no accumulate program: compile it with `kiln compile --train --accumulate` \
+                 to split batches into micro-batches"
+                    .into(),
+            ));
+        }
+        self.micro_batches = count.max(1);
+        Ok(())
     }
 
     /// The largest batch and sequence (`B`, `T`) the program was loaded for.
@@ -237,8 +351,19 @@ impl<B: Backend> CompiledTrainer<B> {
 
     /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
     pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
-        let feeds = step_inputs(&self.inputs, rows, lr)?;
-        let feeds: Vec<HostTensor> = feeds.into_iter().filter(|t| self.inputs.contains(&t.name)).collect();
+        let parts = split(rows, self.micro_batches)?;
+        let (last, earlier) = parts.split_last().expect("at least one part");
+        if let Some((acc, inputs)) = &self.accumulate {
+            for (i, part) in earlier.iter().enumerate() {
+                let mut feeds = step_inputs(inputs, part, lr)?;
+                feeds.push(scalar(KEEP, if i == 0 { 0.0 } else { 1.0 }));
+                feeds.retain(|t| inputs.contains(&t.name));
+                self.exec.run(acc, &feeds)?;
+            }
+        }
+        let mut feeds = step_inputs(&self.inputs, last, lr)?;
+        feeds.push(scalar(MICRO_BATCHES, parts.len() as f32));
+        feeds.retain(|t| self.inputs.contains(&t.name));
         self.exec.run(&self.program, &feeds)?;
         let mut outputs = Vec::new();
         for name in ["loss", "grad_norm"] {
@@ -257,12 +382,10 @@ impl<B: Backend> CompiledTrainer<B> {
         self.exec.manifest().states.iter()
     }
 
-    /// The states other than the model's weights (moments, the step count), by name.
+    /// The states a checkpoint keeps besides the model's weights (moments, the step count), by
+    /// name.
     pub fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
-        (self.weight_states())
-            .filter(|s| !matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
-            .map(|s| self.exec.read_state(&s.name))
-            .collect()
+        (self.weight_states()).filter(|s| kept(s.role)).map(|s| self.exec.read_state(&s.name)).collect()
     }
 
     /// Replaces state `name` (a resumed run's moments and step count); its type must not change.

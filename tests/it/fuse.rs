@@ -117,10 +117,7 @@ impl Observer for AfterFusion {
 fn a_train_steps_adamw_update_is_one_kernel_per_parameter() {
     let spec = spec("tiny");
     let options = Options {
-        train: Some((
-            kiln_compiler::build::TrainLosses::default(),
-            kiln_compiler::train::Optimizer::default(),
-        )),
+        train: Some(kiln_compiler::pack::TrainOptions::default()),
         kv_cache: false,
         score: false,
         ..Options::new(Targets::Cpu, 2, 16)

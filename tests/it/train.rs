@@ -17,7 +17,7 @@ use std::path::Path;
 
 use kiln_compiler::autodiff::{differentiate, GRAD_PREFIX};
 use kiln_compiler::build;
-use kiln_compiler::train::{program, Optimizer};
+use kiln_compiler::train::{program, Optimizer, TrainPrograms};
 use kiln_runtime::data::{self, TokenFormat};
 use kiln_runtime::reference::to_tensor;
 use kiln_runtime::train::Trainer;
@@ -44,7 +44,7 @@ fn thirty_adamw_steps_match_pytorch() {
     let (forward, _) = build::build_train(&spec, &losses).unwrap();
     let grads = differentiate(&forward, "loss").unwrap();
     let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(1.0) };
-    let (program, states) = program(&spec, &losses, &opt).unwrap();
+    let TrainPrograms { step: program, states, .. } = program(&spec, &losses, &opt, false).unwrap();
     // The weights transformers started from: `kiln export-hf --random-weights 3`.
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
@@ -211,7 +211,8 @@ fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
     let gamma = 1e-3f32;
     let losses = build::TrainLosses { bias_update_speed: f64::from(gamma), ..build::TrainLosses::default() };
-    let (prog, states) = program(&spec, &losses, &Optimizer::default()).unwrap();
+    let TrainPrograms { step: prog, states, .. } =
+        program(&spec, &losses, &Optimizer::default(), false).unwrap();
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
     let before: std::collections::HashMap<String, Vec<f32>> = initial
@@ -248,6 +249,65 @@ fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
         "one step: the busiest expert has {ratio:.3}x the mean load; {moved} of 48 biases moved by {gamma}"
     );
     assert!(ratio > 1.0);
+}
+
+/// Gradient accumulation: a batch of 4 rows split into 2 or 4 micro-batches (the `accumulate`
+/// program, then the step's last) gives the step of the whole batch, with the MTP loss, the
+/// balance loss and the bias rule on: the same losses and gradient norms to rounding, the same
+/// expert loads exactly (the bias rule counts over the whole step), and the same weights.
+#[test]
+fn micro_batches_accumulate_to_the_step_of_the_whole_batch() {
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let losses = build::TrainLosses { mtp_lambda: 0.3, balance_alpha: 0.01, bias_update_speed: 1e-3 };
+    let opt = Optimizer::default();
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
+    let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
+        .unwrap();
+    let whole = program(&spec, &losses, &opt, false).unwrap();
+    assert!(whole.accumulate.is_none());
+    let mut reference = Trainer::new(whole.step, whole.states, initial.clone()).unwrap();
+    let want: Vec<_> = (0..3).map(|_| reference.step(&rows, 1e-3).unwrap()).collect();
+    let want_w: std::collections::HashMap<String, weights::HostTensor> =
+        reference.weights().into_iter().map(|t| (t.name.clone(), t)).collect();
+    for count in [2, 4] {
+        let split = program(&spec, &losses, &opt, true).unwrap();
+        let mut trainer = Trainer::new(split.step, split.states, initial.clone())
+            .unwrap()
+            .with_micro_batches(split.accumulate.unwrap(), count);
+        for (k, w) in want.iter().enumerate() {
+            let s = trainer.step(&rows, 1e-3).unwrap();
+            let rel = |a: f32, b: f32| (a - b).abs() / b.abs();
+            assert!(
+                rel(s.loss, w.loss) <= 1e-6,
+                "{count} micro-batches, step {k}: loss {} vs {}",
+                s.loss,
+                w.loss
+            );
+            assert!(
+                rel(s.grad_norm, w.grad_norm) <= 1e-5,
+                "step {k}: norm {} vs {}",
+                s.grad_norm,
+                w.grad_norm
+            );
+            assert_eq!(s.loads, w.loads, "{count} micro-batches, step {k}: the step's loads");
+        }
+        let mut worst = 0f32;
+        for t in trainer.weights() {
+            let d =
+                f32s(&t).iter().zip(f32s(&want_w[&t.name])).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            if t.name.ends_with("e_score_correction_bias") {
+                assert_eq!(d, 0.0, "{}: the bias rule saw other loads", t.name);
+            }
+            worst = worst.max(d);
+        }
+        eprintln!("{count} micro-batches vs the whole batch after 3 steps: weights within {worst:e}");
+        assert!(worst <= 1e-6, "{worst:e}");
+        // A batch that does not split evenly is refused.
+        let three = kiln_runtime::data::TokenRows::from_rows(rows.width(), rows.row(0).repeat(3)).unwrap();
+        let e = trainer.step(&three, 1e-3).unwrap_err().to_string();
+        assert!(e.contains("does not split"), "{e}");
+    }
 }
 
 /// The compiled train step (`kiln compile --train`, the CPU library) against PyTorch: the same 30
@@ -376,6 +436,26 @@ fn kiln_train_compiled_agrees_with_the_interpreter_and_resumes() {
     }
     eprintln!("compiled vs interpreter after 3 steps with MTP, balance loss and bias rule: {worst:e}");
     assert!(worst <= 1e-4, "{worst:e}");
+
+    // Split into micro-batches of one row (gradient accumulation): the same steps.
+    let m = s.str("m");
+    let stdout = run(&["--random-weights", "3", "--steps", "3", "--out", &m, "--micro-batch", "1"]);
+    assert!(stdout.contains("2 micro-batches of 1 rows"), "{stdout}");
+    for (a, b) in metric("m").iter().zip(&li) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "accumulated loss {a} vs interpreter {b}");
+    }
+    let wm = weights::open_checkpoint(&s.path("m/step-3")).unwrap();
+    let mut worst_m = 0f32;
+    for name in &names {
+        let (a, b) = (wm.read(name).unwrap(), wi.read(name).unwrap());
+        worst_m = f32s(&a).iter().zip(f32s(&b)).map(|(x, y)| (x - y).abs()).fold(worst_m, f32::max);
+    }
+    eprintln!("compiled with 2 micro-batches vs the interpreter's whole batch after 3 steps: {worst_m:e}");
+    assert!(worst_m <= 1e-4, "{worst_m:e}");
+    let bad = kiln(
+        &[&base[..], &["--random-weights", "3", "--steps", "1", "--out", &m, "--micro-batch", "3"]].concat(),
+    );
+    assert!(!bad.ok && bad.stderr.contains("--micro-batch 3"), "{}", bad.stderr);
 
     // One step, then two more from its checkpoint: byte for byte the three-step run.
     run(&["--random-weights", "3", "--steps", "1", "--out", &r]);

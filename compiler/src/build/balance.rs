@@ -10,13 +10,17 @@
 use kiln_ir::op::{Op, ReduceOp, Scoring};
 use kiln_ir::{BinaryOp, DType, Dim, UnaryOp, ValueId};
 
-use super::{BuildError, Builder, Routing, TrainLosses, LOAD_PREFIX};
+use super::{BuildError, Builder, Part, Routing, TrainLosses, LOAD_ACC_PREFIX, LOAD_PREFIX};
 
-/// Adds router `r`'s load output, its bias update and its balance loss (added to `loss`).
+/// Adds router `r`'s load output, its bias update and its balance loss (added to `loss`); `part`
+/// says which micro-batch of the step the graph runs (`keep` is the [`super::KEEP`] input of an
+/// accumulating part).
 pub(super) fn add(
     b: &mut Builder,
     r: &Routing,
     losses: &TrainLosses,
+    part: Part,
+    keep: Option<ValueId>,
     loss: &mut ValueId,
 ) -> Result<(), BuildError> {
     let scope = r.scope.as_str();
@@ -29,10 +33,20 @@ pub(super) fn add(
     let n = n.ok_or_else(|| BuildError::Spec(format!("{scope}: the routed slots of {it} overflow")))?;
     let flat = b.op(scope, Op::Reshape { shape: vec![n] }, &[r.indices])?;
     let ones = b.op(scope, Op::Broadcast { shape: vec![n] }, &[one])?;
-    let load = b.op(scope, Op::ScatterAddAlong { axis: 0, size: e }, &[flat, ones])?;
+    let mut load = b.op(scope, Op::ScatterAddAlong { axis: 0, size: e }, &[flat, ones])?;
+    // The earlier micro-batches' load, when the step's batch is split.
+    if part != Part::Whole {
+        let ty = b.g.ty(load).clone();
+        let mut earlier = b.input(&format!("{LOAD_ACC_PREFIX}{scope}"), ty)?;
+        if let Some(keep) = keep {
+            earlier = b.op(scope, Op::Binary(BinaryOp::Mul), &[earlier, keep])?;
+        }
+        load = b.op(scope, Op::Binary(BinaryOp::Add), &[load, earlier])?;
+    }
     b.output(&format!("{LOAD_PREFIX}{scope}"), load)?;
 
-    if let (Some((name, bias)), true) = (&r.bias, losses.bias_update_speed > 0.0) {
+    let moves = part != Part::Accumulate && losses.bias_update_speed > 0.0;
+    if let (Some((name, bias)), true) = (&r.bias, moves) {
         let mean =
             b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: false }, &[load])?;
         let d = b.op(scope, Op::Binary(BinaryOp::Sub), &[mean, load])?;

@@ -203,6 +203,36 @@ pub const LOAD_PREFIX: &str = "load.";
 /// trainer's report. [`crate::autodiff::differentiate`] and [`crate::train::train_step`] make the
 /// train-step program from it.
 pub fn build_train(spec: &ModelSpec, losses: &TrainLosses) -> Result<(Graph, TrainGraph), BuildError> {
+    build_train_part(spec, losses, Part::Whole)
+}
+
+/// Which micro-batch of a step a training graph runs when the step's batch is split (gradient
+/// accumulation): what happens to the expert loads, which the balancing rule counts over the whole
+/// step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The whole batch in one program: `load.{scope}` is this batch's load, and the biases move.
+    Whole,
+    /// A micro-batch before the last: `load.{scope}` adds this micro-batch's load to the input
+    /// `load.acc.{scope}` times the caller input `accumulate.keep` (0 on a step's first
+    /// micro-batch, which starts the count, 1 after); the biases do not move.
+    Accumulate,
+    /// The last micro-batch: `load.{scope}` adds this micro-batch's load to `load.acc.{scope}`,
+    /// and the biases move by the step's whole load.
+    Last,
+}
+
+/// The input that holds a router's load over a step's earlier micro-batches.
+pub const LOAD_ACC_PREFIX: &str = "load.acc.";
+/// The caller input of an accumulating program: 0 on a step's first micro-batch, 1 after.
+pub const KEEP: &str = kiln_ir::module::ACCUMULATE_KEEP;
+
+/// [`build_train`] for one part of a step split into micro-batches (see [`Part`]).
+pub fn build_train_part(
+    spec: &ModelSpec,
+    losses: &TrainLosses,
+    part: Part,
+) -> Result<(Graph, TrainGraph), BuildError> {
     let mut b = Builder::new(spec, format!("{}.train", spec.model.name))?;
     b.routing = Some(Vec::new());
     let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
@@ -251,8 +281,12 @@ pub fn build_train(spec: &ModelSpec, losses: &TrainLosses) -> Result<(Graph, Tra
         loss = b.op("loss", Op::Binary(BinaryOp::Add), &[loss, mtp])?;
     }
     let routers = b.routing.take().unwrap_or_default();
+    let keep = match part {
+        Part::Accumulate if !routers.is_empty() => Some(b.input(KEEP, TensorType::scalar(DType::F32))?),
+        _ => None,
+    };
     for r in &routers {
-        balance::add(&mut b, r, losses, &mut loss)?;
+        balance::add(&mut b, r, losses, part, keep, &mut loss)?;
         if let Some((name, v)) = &r.bias {
             info.biases.push((name.clone(), b.g.ty(*v).clone()));
         }

@@ -68,7 +68,8 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     for n in order {
         match graph.node(n).op {
             Op::MoeExperts { num_experts } => {
-                let trained = opts.kind == kiln_ir::ProgramKind::TrainStep;
+                let trained =
+                    matches!(opts.kind, kiln_ir::ProgramKind::TrainStep | kiln_ir::ProgramKind::Accumulate);
                 lower(&mut rw, graph, n, num_experts, ep_size, trained, &mut trace)?
             }
             _ => rw.copy(n)?,
