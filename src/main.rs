@@ -200,6 +200,10 @@ enum Command {
         /// Clip the global gradient norm to this (0: no clipping).
         #[arg(long, default_value_t = 1.0)]
         clip: f64,
+        /// The dtype of AdamW's moments: f32, or bf16 as DeepSeek-V3 stores them (half the
+        /// optimizer memory; the update is still computed in f32).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        moments: String,
         /// Where checkpoints (`step-N/`) and `metrics.jsonl` go.
         #[arg(long)]
         out: PathBuf,
@@ -384,6 +388,7 @@ fn run(command: Command) -> Result<()> {
             eps,
             weight_decay,
             clip,
+            moments,
             out,
             save_every,
             resume,
@@ -425,6 +430,7 @@ fn run(command: Command) -> Result<()> {
                 eps,
                 weight_decay,
                 clip: (clip > 0.0).then_some(clip),
+                bf16_moments: moments == "bf16",
             };
             let req = train::Request {
                 model: &model,

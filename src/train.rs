@@ -73,6 +73,9 @@ pub struct Hyper {
     pub eps: f64,
     pub weight_decay: f64,
     pub clip: Option<f64>,
+    /// AdamW's moments stored in bf16 (`--moments bf16`) rather than f32.
+    #[serde(default)]
+    pub bf16_moments: bool,
 }
 
 impl Hyper {
@@ -108,6 +111,7 @@ impl Hyper {
             eps: self.eps,
             weight_decay: self.weight_decay,
             clip: self.clip,
+            moments: if self.bf16_moments { kiln_ir::DType::BF16 } else { kiln_ir::DType::F32 },
         }
     }
 

@@ -38,6 +38,8 @@ pub const STEP: &str = "adam.step";
 pub const MICRO_BATCHES: &str = kiln_ir::module::MICRO_BATCHES;
 /// The accumulator state of a split step's loss.
 pub const LOSS_ACC: &str = "loss.acc";
+/// The prefix of the master-weight states: `master.{parameter}`.
+pub const MASTER_PREFIX: &str = kiln_ir::module::MASTER_PREFIX;
 /// The prefix of the gradient accumulator states: `grad.acc.{parameter}`.
 pub const GRAD_ACC_PREFIX: &str = "grad.acc.";
 
@@ -50,12 +52,22 @@ pub struct Optimizer {
     pub weight_decay: f64,
     /// The global-norm bound; `None` for no clipping.
     pub clip: Option<f64>,
+    /// The dtype AdamW's moments are stored in: f32, or bf16 as DeepSeek-V3 does (reference
+    /// §4.1, "low-precision optimizer states"); the update itself is computed in f32.
+    pub moments: DType,
 }
 
 impl Default for Optimizer {
     /// DeepSeek-V3's (reference §4.2): betas 0.9 / 0.95, weight decay 0.1, clipping at 1.0.
     fn default() -> Optimizer {
-        Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(1.0) }
+        Optimizer {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: Some(1.0),
+            moments: DType::F32,
+        }
     }
 }
 
@@ -152,6 +164,11 @@ fn train_params(g: &mut Graph, frozen: &[&str]) -> Vec<(String, ValueId, ValueId
     trained
 }
 
+/// The f32 master copy of trained parameter `name`, when its stored dtype is narrower.
+pub fn master_of(name: &str) -> String {
+    format!("{MASTER_PREFIX}{name}")
+}
+
 /// The state that accumulates parameter `name`'s gradient over a step's micro-batches.
 pub fn grad_acc(name: &str) -> String {
     format!("{GRAD_ACC_PREFIX}{name}")
@@ -244,6 +261,9 @@ fn step_program(
             opt.eps, opt.weight_decay
         )));
     }
+    if !matches!(opt.moments, DType::F32 | DType::BF16) {
+        return Err(TrainError::Setting(format!("AdamW's moments are f32 or bf16, not {}", opt.moments)));
+    }
     if opt.clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
         return Err(TrainError::Setting(format!("the clipping norm must be positive, found {:?}", opt.clip)));
     }
@@ -252,6 +272,10 @@ fn step_program(
     let mut trained = train_params(&mut g, frozen);
     let mut states = Vec::new();
     let mut b = B { g: &mut g };
+    // Gradients in f32, whatever the weights' dtype.
+    for (_, _, d) in &mut trained {
+        *d = b.f32(*d)?;
+    }
     // The whole batch's gradients and loss: the earlier micro-batches' sums plus this one's, over
     // the number of micro-batches.
     if last {
@@ -348,9 +372,28 @@ fn step_program(
     let mut updates: Vec<(String, ValueId)> = Vec::new();
     for (name, p, d) in &trained {
         let ty = b.g.ty(*p).clone();
+        let f32_ty = TensorType { dtype: DType::F32, ..ty.clone() };
+        // Weights stored in a narrower dtype are updated in an f32 master copy, and the stored
+        // weight is the master rounded (DeepSeek-V3 §3.3.1, reference §4.1).
+        let master = match ty.dtype {
+            DType::F32 => None,
+            _ => {
+                let mn = master_of(name);
+                let m = b.declared(Op::Input { name: mn.clone() }, f32_ty.clone())?;
+                states.push(StateDecl {
+                    name: mn.clone(),
+                    ty: f32_ty.clone(),
+                    role: StateRole::MasterWeight,
+                });
+                Some((mn, m))
+            }
+        };
+        let p = &master.as_ref().map_or(*p, |&(_, m)| m);
+        let moment_ty = TensorType { dtype: opt.moments, ..ty.clone() };
         let (mn, vn) = (format!("adam.m.{name}"), format!("adam.v.{name}"));
-        let m = b.declared(Op::Input { name: mn.clone() }, ty.clone())?;
-        let v = b.declared(Op::Input { name: vn.clone() }, ty.clone())?;
+        let m_stored = b.declared(Op::Input { name: mn.clone() }, moment_ty.clone())?;
+        let v_stored = b.declared(Op::Input { name: vn.clone() }, moment_ty.clone())?;
+        let (m, v) = (b.f32(m_stored)?, b.f32(v_stored)?);
         let g = match coef {
             Some(c) => b.bin(BinaryOp::Mul, *d, c)?,
             None => *d,
@@ -373,12 +416,23 @@ fn step_program(
         let q = b.bin(BinaryOp::Div, m1, den)?;
         let s = b.bin(BinaryOp::Mul, q, step_size)?;
         let p2 = b.bin(BinaryOp::Sub, p1, s)?;
-        updates.push((name.clone(), p2));
-        updates.push((mn.clone(), m1));
-        updates.push((vn.clone(), v1));
+        match master {
+            Some((master, _)) => {
+                let stored = b.node(Op::Cast { to: ty.dtype }, &[p2])?;
+                updates.push((name.clone(), stored));
+                updates.push((master, p2));
+            }
+            None => updates.push((name.clone(), p2)),
+        }
+        let stored = |b: &mut B, x: ValueId| match opt.moments {
+            DType::F32 => Ok(x),
+            to => b.node(Op::Cast { to }, &[x]),
+        };
+        updates.push((mn.clone(), stored(&mut b, m1)?));
+        updates.push((vn.clone(), stored(&mut b, v1)?));
         states.push(StateDecl { name: name.clone(), ty: ty.clone(), role: StateRole::Trainable });
-        states.push(StateDecl { name: mn, ty: ty.clone(), role: StateRole::OptimizerMoment });
-        states.push(StateDecl { name: vn, ty, role: StateRole::OptimizerMoment });
+        states.push(StateDecl { name: mn, ty: moment_ty.clone(), role: StateRole::OptimizerMoment });
+        states.push(StateDecl { name: vn, ty: moment_ty, role: StateRole::OptimizerMoment });
     }
     let add = |g: &mut Graph, n: &str, v: ValueId| {
         g.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))

@@ -112,6 +112,10 @@ pub const ACCUMULATE_KEEP: &str = "accumulate.keep";
 /// was split into (`f32[]`).
 pub const MICRO_BATCHES: &str = "micro_batches";
 
+/// The prefix of a master-weight state: `master.{parameter}` is the f32 copy of a trained
+/// parameter stored in a narrower dtype, initialised from it.
+pub const MASTER_PREFIX: &str = "master.";
+
 /// What a program computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProgramKind {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use kiln_ir::interp::{self, Tensor};
 use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
-use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, MICRO_BATCHES};
+use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, MASTER_PREFIX, MICRO_BATCHES};
 use kiln_ir::{DType, Graph, SymBindings};
 
 use crate::data::TokenRows;
@@ -59,7 +59,7 @@ impl Trainer {
             given.insert(p.name.clone(), to_tensor(p)?);
         }
         let mut values = HashMap::new();
-        for s in &states {
+        for s in states.iter().filter(|s| s.role != StateRole::MasterWeight) {
             let from_weights = matches!(s.role, StateRole::Trainable | StateRole::RoutingBias);
             let v = match (from_weights, given.remove(&s.name)) {
                 (true, Some(t)) => t,
@@ -78,6 +78,19 @@ impl Trainer {
                 }
             };
             values.insert(s.name.clone(), v);
+        }
+        // A master weight starts as its (narrower) weight, in f32.
+        for s in states.iter().filter(|s| s.role == StateRole::MasterWeight) {
+            let of = s.name.strip_prefix(MASTER_PREFIX).and_then(|w| values.get(w));
+            let Some(w) = of.and_then(|w| Some((w.as_f32()?.to_vec(), w.shape().to_vec()))) else {
+                return Err(RuntimeError::BadOption(format!(
+                    "master weight `{}` has no weight state",
+                    s.name
+                )));
+            };
+            let t = Tensor::from_f32(DType::F32, w.1, w.0)
+                .map_err(|e| RuntimeError::InputValue { name: s.name.clone(), reason: e.to_string() })?;
+            values.insert(s.name.clone(), t);
         }
         let declared: Vec<String> = graph.params().into_iter().map(|(n, _)| n.to_string()).collect();
         let params = given.into_iter().filter(|(n, _)| declared.contains(n)).collect();

@@ -199,7 +199,14 @@ fn the_train_step_program_is_torch_adamw_with_clipping() {
     )
     .unwrap();
     let d = differentiate(&g, "loss").unwrap();
-    let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(0.5) };
+    let opt = Optimizer {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        clip: Some(0.5),
+        moments: kiln_ir::DType::F32,
+    };
     let (step, states) = train_step(&d, &[], &opt).unwrap();
     let names: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, [STEP, "w", "adam.m.w", "adam.v.w"]);

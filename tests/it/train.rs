@@ -43,7 +43,14 @@ fn thirty_adamw_steps_match_pytorch() {
     let losses = build::TrainLosses::default();
     let (forward, _) = build::build_train(&spec, &losses).unwrap();
     let grads = differentiate(&forward, "loss").unwrap();
-    let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: Some(1.0) };
+    let opt = Optimizer {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        clip: Some(1.0),
+        moments: kiln_ir::DType::F32,
+    };
     let TrainPrograms { step: program, states, .. } = program(&spec, &losses, &opt, false).unwrap();
     // The weights transformers started from: `kiln export-hf --random-weights 3`.
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
@@ -462,6 +469,63 @@ fn kiln_train_compiled_agrees_with_the_interpreter_and_resumes() {
     run(&["--resume", &s.str("r/step-1"), "--steps", "3", "--out", &r]);
     for f in ["model.safetensors", "optimizer.safetensors"] {
         let (a, b) = (s.path("c/step-3").join(f), s.path("r/step-3").join(f));
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{f} differs after a resume");
+    }
+}
+
+/// A bf16 model trains with f32 master weights (DeepSeek-V3's mixed precision): the compiled train
+/// step with bf16 AdamW moments agrees with the interpreter's, each stored weight is its master
+/// rounded to bf16 (the checkpoint's model.safetensors is bf16, optimizer.safetensors holds the f32
+/// masters and bf16 moments), and a resume continues byte for byte.
+#[test]
+fn a_bf16_model_trains_on_f32_master_weights_with_bf16_moments() {
+    use kiln_runtime::weights::StDType;
+    let s = Scratch::new();
+    let spec = std::fs::read_to_string(root().join("models/tiny.toml")).unwrap();
+    let spec = spec.replace("dtype = \"f32\"", "dtype = \"bf16\"");
+    assert!(spec.contains("\"bf16\""));
+    std::fs::write(s.path("bf16.toml"), spec).unwrap();
+    let (model, data) = (s.str("bf16.toml"), root().join(GOLDEN).join("tokens.safetensors"));
+    let data = data.to_string_lossy().into_owned();
+    let run = |extra: &[&str]| {
+        let base = ["train", &model, "--data", &data, "--batch", "2", "--moments", "bf16"];
+        let r = kiln(&[&base[..], extra].concat());
+        assert!(r.ok, "{}", r.stderr);
+    };
+    let (c, i, r) = (s.str("c"), s.str("i"), s.str("r"));
+    run(&["--random-weights", "3", "--steps", "2", "--save-every", "1", "--out", &c]);
+    run(&["--random-weights", "3", "--steps", "2", "--out", &i, "--interp"]);
+    let (lc, li) = (logged_losses(&s.path("c")), logged_losses(&s.path("i")));
+    assert_eq!(lc.len(), 2);
+    for (a, b) in lc.iter().zip(&li) {
+        assert!((a - b).abs() <= 1e-3 * b.abs(), "compiled loss {a} vs interpreter {b}");
+    }
+    assert!(lc[1] < lc[0], "{lc:?}");
+    let model = weights::open_checkpoint(&s.path("c/step-2")).unwrap();
+    let opt = weights::open_checkpoint(&s.path("c/step-2/optimizer.safetensors")).unwrap();
+    let mut checked = 0;
+    // Every bf16 weight the step trains (the MTP module's stay as they were: no MTP loss here).
+    for t in model.tensors().filter(|t| t.dtype == StDType::BF16 && !t.name.starts_with("model.layers.4.")) {
+        let master = opt.read(&format!("master.{}", t.name)).unwrap();
+        assert_eq!(
+            opt.tensors().find(|m| m.name == format!("adam.m.{}", t.name)).unwrap().dtype,
+            StDType::BF16
+        );
+        let stored = model.read(&t.name).unwrap();
+        let round = |x: f32| {
+            let b = x.to_bits();
+            f32::from_bits(((b + 0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+        };
+        for (m, w) in f32s(&master).iter().zip(f32s(&stored)) {
+            assert_eq!(round(*m), *w, "{}: the stored weight is not its master rounded", t.name);
+        }
+        checked += 1;
+    }
+    assert!(checked > 100, "{checked} bf16 weights");
+    // Resume from step 1: step 2 byte for byte.
+    run(&["--resume", &s.str("c/step-1"), "--steps", "2", "--out", &r]);
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (s.path("c/step-2").join(f), s.path("r/step-2").join(f));
         assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{f} differs after a resume");
     }
 }

@@ -104,6 +104,30 @@ fn packed_entry(name: &str, buffers: usize, sizes: usize, signature: &str) -> St
     )
 }
 
+/// f32 to bf16, rounding to nearest even (NaN stays a quiet NaN), for the calls LLVM's x86 back
+/// end makes when it legalises a bf16 value it holds in a register (a bf16 copy kernel loads and
+/// stores through f32): compiler-rt has it, but the library links with `cc`, whose libgcc (GCC 12)
+/// does not. Hidden, so each library resolves to its own; kept alive, since the calls appear only
+/// in instruction selection, after the optimiser would have dropped an unused function.
+const TRUNC_SF_BF2: &str = "\
+@llvm.compiler.used = appending global [1 x ptr] [ptr @__truncsfbf2], section \"llvm.metadata\"
+define weak hidden bfloat @__truncsfbf2(float %x) {
+  %b = bitcast float %x to i32
+  %abs = and i32 %b, 2147483647
+  %nan = icmp ugt i32 %abs, 2139095040
+  %hi = lshr i32 %b, 16
+  %odd = and i32 %hi, 1
+  %bias = add i32 %odd, 32767
+  %r = add i32 %b, %bias
+  %rounded = lshr i32 %r, 16
+  %quiet = or i32 %hi, 64
+  %sel = select i1 %nan, i32 %quiet, i32 %rounded
+  %t = trunc i32 %sel to i16
+  %f = bitcast i16 %t to bfloat
+  ret bfloat %f
+}
+";
+
 /// Lowers, translates and optimises the module; returns the LLVM module in `llvm`.
 fn optimized<'l>(
     module: &LoweredModule,
@@ -121,6 +145,9 @@ fn optimized<'l>(
         let entry = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
         ir.link_in_module(entry).map_err(|e| EmitError::Llvm(e.to_string()))?;
     }
+    let buffer = MemoryBuffer::create_from_memory_range_copy(TRUNC_SF_BF2.as_bytes(), "truncsfbf2");
+    let helper = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    ir.link_in_module(helper).map_err(|e| EmitError::Llvm(e.to_string()))?;
     optimize_for(&ir, machine)?;
     Ok(ir)
 }

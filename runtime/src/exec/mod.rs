@@ -741,6 +741,22 @@ fn load_params<B: Backend, P: Into<Param>>(
     if let Some(d) = decls.iter().find(|d| !out.contains_key(&d.name) && !init.contains_key(&d.name)) {
         return Err(RuntimeError::MissingParam { name: d.name.clone(), count: decls.len() });
     }
+    // A master weight starts as its (narrower) weight state, in f32.
+    for s in m.states.iter().filter(|s| s.role == StateRole::MasterWeight) {
+        let weight = s.name.strip_prefix(kiln_ir::module::MASTER_PREFIX).and_then(|w| m.state(w));
+        let Some((w, bytes)) = weight.and_then(|w| Some((w, init.get(&w.name)?))) else {
+            return Err(RuntimeError::MissingParam { name: s.name.clone(), count: decls.len() });
+        };
+        let bad = |found: String| RuntimeError::ParamType {
+            name: s.name.clone(),
+            expected: format!("the f32 copy of {} `{}`", w.dtype, w.name),
+            found,
+        };
+        let values = decode_f32(w.dtype, bytes).ok_or_else(|| bad(format!("{} values", w.dtype)))?;
+        let mut host = vec![0u8; values.len() * 4];
+        encode(DType::F32, &HostData::F32(values), &mut host).map_err(bad)?;
+        init.insert(s.name.clone(), host);
+    }
     Ok((out, init))
 }
 
