@@ -596,6 +596,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
             clip: Some(1.0),
+            bf16_moments: false,
         }
     }
 
