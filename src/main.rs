@@ -161,10 +161,16 @@ enum Command {
         /// Seeded random initial weights instead of a checkpoint.
         #[arg(long, value_name = "SEED")]
         random_weights: Option<u64>,
-        /// The tokens, in `kiln perplexity`'s formats (`.safetensors` with `tokens` [N, T+1], or a
-        /// `.bin` stream with --dtype and --seq-len).
+        /// The training data: tokens in `kiln perplexity`'s formats (`.safetensors` with `tokens`
+        /// [N, T+1], or a `.bin` stream with --dtype and --seq-len), or text tokenised by the
+        /// model's tokenizer.json (`.txt`/`.md` one document, `.jsonl` one `{"text": ...}` per line;
+        /// with --seq-len).
         #[arg(long)]
         data: PathBuf,
+        /// The tokenizer.json (or its folder) for text data (default: the model's folder, or the
+        /// initial weights').
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         #[arg(long)]
         dtype: Option<String>,
         #[arg(long)]
@@ -380,6 +386,7 @@ fn run(command: Command) -> Result<()> {
             steps,
             batch,
             micro_batch,
+            tokenizer,
             lr,
             min_lr,
             schedule,
@@ -446,6 +453,7 @@ fn run(command: Command) -> Result<()> {
                 interp,
                 threads,
                 micro_batch,
+                tokenizer: tokenizer.as_deref(),
                 losses: kiln_compiler::build::TrainLosses { mtp_lambda, balance_alpha, bias_update_speed },
             };
             train::run(&req, &mut io::stdout().lock())

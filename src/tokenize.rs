@@ -123,6 +123,67 @@ impl TextStream<'_> {
     }
 }
 
+/// Whether `path` is text data for `kiln train` (`.txt`, `.md`: one document; `.jsonl`: one
+/// document per line) rather than token ids.
+pub fn is_text_data(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    matches!(ext.as_str(), "txt" | "md" | "jsonl")
+}
+
+/// Text data as token rows of `seq_len + 1` (see [`kiln_runtime::data::rows_from_ids`]): a `.txt`
+/// or `.md` file is one document, a `.jsonl` file one document per line, each line an object whose
+/// `"text"` field is a string (blank lines are skipped; any other line is an error that names it).
+/// Each document is encoded with the tokenizer's special tokens (DeepSeek-V3's prepends
+/// `<bos>`), followed by `eos` when the model has one, and the documents are packed one after
+/// another, as DeepSeek-V3 packs its pre-training documents (reference §5.1).
+pub fn load_text_rows(
+    path: &Path,
+    tok: &TextTokenizer,
+    eos: Option<u64>,
+    seq_len: Option<u64>,
+) -> Result<kiln_runtime::data::TokenRows> {
+    let Some(seq_len) = seq_len else {
+        bail!("{}: text data needs --seq-len N, the tokens per row", path.display());
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(t) => t,
+        Err(e) => bail!(
+            "{}: not UTF-8 text: invalid byte at offset {} (line {})",
+            path.display(),
+            e.valid_up_to(),
+            bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1
+        ),
+    };
+    let docs: Vec<String> = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl")) {
+        let mut docs = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+            match v.get("text") {
+                Some(serde_json::Value::String(t)) => docs.push(t.clone()),
+                Some(other) => bail!("{}: field \"text\" must be a string, found {other}", at()),
+                None => bail!("{}: no \"text\" field (each line is {{\"text\": \"...\"}})", at()),
+            }
+        }
+        docs
+    } else {
+        vec![text.to_string()]
+    };
+    let mut ids = Vec::new();
+    for d in &docs {
+        ids.extend(tok.encode(d)?);
+        if let Some(e) = eos {
+            ids.push(e as i64);
+        }
+    }
+    Ok(kiln_runtime::data::rows_from_ids(path, &ids, seq_len)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +216,53 @@ mod tests {
         assert_eq!(s.push(160).unwrap(), "");
         assert_eq!(s.finish(), "\u{FFFD}");
         assert_eq!(s.finish(), "");
+    }
+
+    #[test]
+    fn text_data_is_tokenised_per_document_and_cut_into_rows() {
+        let tok = fixture();
+        let dir = std::env::temp_dir().join(format!("kiln-text-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let docs = ["hello world", "the clay becomes a pot", "caf\u{e9} \"quoted\""];
+        let jsonl = dir.join("d.jsonl");
+        let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({ "text": d }).to_string()).collect();
+        std::fs::write(&jsonl, lines.join("\n\n") + "\n").unwrap();
+        // Each document with <bos> (the tokenizer's) and <eos> (id 1, the model's), packed.
+        let mut ids = Vec::new();
+        for d in docs {
+            ids.extend(tok.encode(d).unwrap());
+            ids.push(1);
+        }
+        let rows = load_text_rows(&jsonl, &tok, Some(1), Some(4)).unwrap();
+        assert_eq!(rows.width(), 5);
+        assert_eq!(rows.rows(), (ids.len() - 1) / 4);
+        for r in 0..rows.rows() {
+            assert_eq!(rows.row(r), &ids[r * 4..r * 4 + 5], "row {r}");
+        }
+        assert_eq!(rows.dropped() as usize, ids.len() - (rows.rows() * 4 + 1));
+        // A .txt file is one document.
+        let txt = dir.join("d.txt");
+        std::fs::write(&txt, docs[1]).unwrap();
+        let rows = load_text_rows(&txt, &tok, None, Some(2)).unwrap();
+        assert_eq!(rows.row(0), &tok.encode(docs[1]).unwrap()[..3]);
+
+        let err = |name: &str, body: &[u8], seq: Option<u64>| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            format!("{:#}", load_text_rows(&p, &tok, None, seq).unwrap_err())
+        };
+        let e = err("a.jsonl", b"{\"text\": \"ok\"}\n{\"txt\": \"x\"}\n", Some(2));
+        assert!(e.contains("a.jsonl:2: no \"text\" field"), "{e}");
+        let e = err("b.jsonl", b"{\"text\": [1]}\n", Some(2));
+        assert!(e.contains("b.jsonl:1: field \"text\" must be a string, found [1]"), "{e}");
+        let e = err("c.jsonl", b"\n\nnot json\n", Some(2));
+        assert!(e.contains("c.jsonl:3: not a JSON object"), "{e}");
+        let e = err("d.txt", b"ab\ncd\xff", Some(2));
+        assert!(e.contains("invalid byte at offset 5 (line 2)"), "{e}");
+        let e = err("e.txt", b"hello", None);
+        assert!(e.contains("needs --seq-len"), "{e}");
+        let e = err("f.txt", b"hi", Some(64));
+        assert!(e.contains("too short for one row of --seq-len 64"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -223,6 +223,8 @@ pub struct Request<'a> {
     pub threads: Option<usize>,
     /// `--micro-batch M`: rows per micro-batch, when a step's batch is split.
     pub micro_batch: Option<usize>,
+    /// `--tokenizer`: the tokenizer.json (or its folder) of text data.
+    pub tokenizer: Option<&'a Path>,
     pub losses: build::TrainLosses,
 }
 
@@ -272,7 +274,15 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         None => None,
         Some(d) => Some(StreamDType::parse(d).with_context(|| format!("--dtype {d}: use u16 or u32"))?),
     };
-    let rows = data::load_tokens(req.data, &data::format_for(req.data, dtype, req.seq_len)?)?;
+    let rows = if crate::tokenize::is_text_data(req.data) {
+        if dtype.is_some() {
+            bail!("{}: --dtype applies to .bin token streams, not to text", req.data.display());
+        }
+        let tok = crate::tokenize::load(&tokenizer_folder(req)?)?;
+        crate::tokenize::load_text_rows(req.data, &tok, spec.model.eos_token_id, req.seq_len)?
+    } else {
+        data::load_tokens(req.data, &data::format_for(req.data, dtype, req.seq_len)?)?
+    };
     rows.check(
         spec.model.vocab_size,
         spec.model.max_position_embeddings,
@@ -426,6 +436,33 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // A resume of a finished run takes no step: the curve still covers the log.
     write_curve(req.out, &spec.model.name)?;
     Ok(())
+}
+
+/// Where text data's tokenizer.json is: `--tokenizer` (the file or its folder), else the model's
+/// Hugging Face folder, else the initial weights' folder.
+fn tokenizer_folder(req: &Request) -> Result<PathBuf> {
+    if let Some(t) = req.tokenizer {
+        return Ok(if t.is_dir() {
+            t.to_path_buf()
+        } else {
+            crate::tokenize::weights_folder(t).to_path_buf()
+        });
+    }
+    if req.model.is_dir() {
+        return Ok(req.model.to_path_buf());
+    }
+    let weights = match &req.weights {
+        Weights::Checkpoint(dir) => Some(*dir),
+        Weights::Random(_) => None,
+    };
+    match req.resume.or(weights) {
+        Some(dir) => Ok(crate::tokenize::weights_folder(dir).to_path_buf()),
+        _ => bail!(
+            "{}: text data is tokenised with the model's tokenizer.json: give it with --tokenizer FILE \
+             (or train a Hugging Face folder that holds one)",
+            req.data.display()
+        ),
+    }
 }
 
 /// A bar of the run's steps on stderr, from `done`; hidden when stderr is not a terminal (a log

@@ -19,7 +19,8 @@
 //! one pass over the bytes, one copy in memory. [`TokenRows::check`] then checks the ids against a
 //! model's vocabulary and the row length against its compiled context.
 //!
-//! What this does not do: tokenise text, shuffle, batch or pad rows (every row has the same width),
+//! Text becomes rows through [`rows_from_ids`] once the CLI has tokenised it (`kiln train --data
+//! FILE.jsonl`). What this does not do: shuffle, batch or pad rows (every row has the same width),
 //! or read sharded datasets. Every malformed input is a [`DataError`], never a panic.
 
 use std::fmt;
@@ -307,11 +308,36 @@ fn read_stream(path: &Path, bytes: &[u8], dtype: StreamDType, seq_len: u64) -> R
     Ok(TokenRows { width, tokens, dropped: n - used, source: None })
 }
 
+/// Rows of `seq_len + 1` tokens cut from a stream of ids as from a `.bin` stream (rows start every
+/// `seq_len` tokens, consecutive rows share one token, a remainder that does not fill a row is
+/// dropped and counted): what text data becomes once tokenised. `what` names the stream in errors.
+pub fn rows_from_ids(what: &Path, ids: &[i64], seq_len: u64) -> Result<TokenRows, DataError> {
+    if seq_len == 0 {
+        return Err(DataError::ZeroSeqLen { path: what.to_path_buf() });
+    }
+    let n = ids.len() as u64;
+    let short = || DataError::TextShort { path: what.to_path_buf(), tokens: n, seq_len };
+    let width = seq_len.checked_add(1).filter(|&w| w <= n).ok_or_else(short)? as usize;
+    let rows = ((n - 1) / seq_len) as usize;
+    let seq = seq_len as usize;
+    let mut tokens = Vec::with_capacity(rows * width);
+    for k in 0..rows {
+        tokens.extend_from_slice(&ids[k * seq..k * seq + width]);
+    }
+    let dropped = n - (rows as u64 * seq_len + 1);
+    Ok(TokenRows { width, tokens, dropped, source: Some(what.to_path_buf()) })
+}
+
 /// Everything that can be wrong with a token file or its rows.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{}: the text is {tokens} tokens long, too short for one row of --seq-len {seq_len} + 1 tokens",
+        path.display()
+    )]
+    TextShort { path: PathBuf, tokens: u64, seq_len: u64 },
     #[error("{}: the file is empty; a token file holds at least one row of two tokens", path.display())]
     Empty { path: PathBuf },
     #[error(
