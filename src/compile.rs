@@ -92,6 +92,10 @@ pub struct Args {
     /// into micro-batches whose gradients add up before the update (`kiln train --micro-batch`).
     #[arg(long, requires = "train")]
     accumulate: bool,
+    /// With --train: the losses and the optimizer compiled in (`kiln train` runs the artifact with
+    /// them).
+    #[command(flatten)]
+    settings: crate::train::Settings,
 }
 
 fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
@@ -198,7 +202,17 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         max_context: req.max_context,
         kv_cache: !req.no_kv_cache,
         score: !req.no_score,
-        train: req.train.then(|| pack::TrainOptions { accumulate: req.accumulate, ..Default::default() }),
+        train: match req.train {
+            true => {
+                let e = req.settings.over(crate::train::Settings::defaults(), None)?;
+                let (losses, optimizer) = (crate::train::losses_of(&e), crate::train::optimizer_of(&e));
+                Some(pack::TrainOptions { losses, optimizer, accumulate: req.accumulate })
+            }
+            false if req.settings.any() => {
+                bail!("the loss and optimizer settings (--betas, --clip, --mtp-lambda, ...) go with --train")
+            }
+            false => None,
+        },
     };
     for name in &req.disable_pass {
         kiln_compiler::passes::find(name)?;

@@ -196,20 +196,8 @@ enum Command {
         /// Linear warmup steps.
         #[arg(long, default_value_t = 0)]
         warmup: u64,
-        /// AdamW's betas, `b1,b2` (DeepSeek-V3's by default).
-        #[arg(long, value_delimiter = ',', default_values_t = [0.9, 0.95])]
-        betas: Vec<f64>,
-        #[arg(long, default_value_t = 1e-8)]
-        eps: f64,
-        #[arg(long, default_value_t = 0.1)]
-        weight_decay: f64,
-        /// Clip the global gradient norm to this (0: no clipping).
-        #[arg(long, default_value_t = 1.0)]
-        clip: f64,
-        /// The dtype of AdamW's moments: f32, or bf16 as DeepSeek-V3 stores them (half the
-        /// optimizer memory; the update is still computed in f32).
-        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-        moments: String,
+        #[command(flatten)]
+        settings: train::Settings,
         /// Where checkpoints (`step-N/`) and `metrics.jsonl` go.
         #[arg(long)]
         out: PathBuf,
@@ -230,16 +218,6 @@ enum Command {
         /// Threads per kernel launch of the compiled train step (default: every core).
         #[arg(long)]
         threads: Option<usize>,
-        /// γ of auxiliary-loss-free balancing: after each step every router's selection bias
-        /// moves by γ toward balance (DeepSeek-V3: 0.001). 0 leaves the bias as it is.
-        #[arg(long, default_value_t = 0.0)]
-        bias_update_speed: f64,
-        /// α of the complementary sequence-wise balance loss (DeepSeek-V3: 0.0001).
-        #[arg(long, default_value_t = 0.0)]
-        balance_alpha: f64,
-        /// λ of the MTP loss over the spec's MTP modules (DeepSeek-V3: 0.3, then 0.1).
-        #[arg(long, default_value_t = 0.0)]
-        mtp_lambda: f64,
     },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
@@ -391,20 +369,13 @@ fn run(command: Command) -> Result<()> {
             min_lr,
             schedule,
             warmup,
-            betas,
-            eps,
-            weight_decay,
-            clip,
-            moments,
+            settings,
             out,
             save_every,
             resume,
             shuffle,
             interp,
             threads,
-            bias_update_speed,
-            balance_alpha,
-            mtp_lambda,
         } => {
             let weights = match (&weights, random_weights, &resume) {
                 (Some(_), Some(_), _) => {
@@ -424,21 +395,8 @@ fn run(command: Command) -> Result<()> {
                     )
                 }
             };
-            let [beta1, beta2] = betas[..] else { bail!("--betas takes two numbers, b1,b2") };
-            let hyper = train::Hyper {
-                lr,
-                min_lr,
-                schedule,
-                warmup,
-                steps,
-                batch,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                clip: (clip > 0.0).then_some(clip),
-                bf16_moments: moments == "bf16",
-            };
+            let hyper =
+                train::Hyper { lr, min_lr, schedule, warmup, steps, batch, ..train::Hyper::default() };
             let req = train::Request {
                 model: &model,
                 weights,
@@ -454,7 +412,7 @@ fn run(command: Command) -> Result<()> {
                 threads,
                 micro_batch,
                 tokenizer: tokenizer.as_deref(),
-                losses: kiln_compiler::build::TrainLosses { mtp_lambda, balance_alpha, bias_update_speed },
+                settings,
             };
             train::run(&req, &mut io::stdout().lock())
         }

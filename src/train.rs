@@ -37,7 +37,9 @@ use std::io::IsTerminal;
 
 use kiln_compiler::train::Optimizer;
 use kiln_compiler::{build, spec};
+use kiln_ir::artifact::TrainEntry;
 use kiln_ir::module::StateRole;
+use kiln_ir::DType;
 use kiln_runtime::cpu::CpuModel;
 use kiln_runtime::data::{self, StreamDType, TokenRows};
 use kiln_runtime::train::{CompiledTrainer, Steps, Trainer};
@@ -49,8 +51,10 @@ use crate::run::{self, Weights};
 /// The learning-rate schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[derive(Default)]
 pub enum Schedule {
     /// `lr` at every step.
+    #[default]
     Constant,
     /// Linear warmup over `warmup` steps, then cosine decay to `min_lr` at the last step.
     Cosine,
@@ -59,8 +63,135 @@ pub enum Schedule {
     Deepseek,
 }
 
+/// The settings a train step is compiled with: its losses and its optimizer. Each is optional on
+/// the command line: a model spec takes DeepSeek-V3's defaults for those not given, an artifact
+/// from `kiln compile --train` has its own (and refuses a different one).
+#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    /// AdamW's betas, `b1,b2` [default: 0.9,0.95, DeepSeek-V3's].
+    #[arg(long, value_delimiter = ',', num_args = 1)]
+    pub betas: Option<Vec<f64>>,
+    /// AdamW's epsilon [default: 1e-8].
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// AdamW's decoupled weight decay [default: 0.1].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this; 0 for no clipping [default: 1.0].
+    #[arg(long)]
+    pub clip: Option<f64>,
+    /// The dtype of AdamW's moments: f32, or bf16 as DeepSeek-V3 stores them (half the optimizer
+    /// memory; the update is still computed in f32) [default: f32].
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub moments: Option<String>,
+    /// γ of auxiliary-loss-free balancing: after each step every router's selection bias moves by
+    /// γ toward balance (DeepSeek-V3: 0.001); 0 leaves the bias as it is [default: 0].
+    #[arg(long)]
+    pub bias_update_speed: Option<f64>,
+    /// α of the complementary sequence-wise balance loss (DeepSeek-V3: 0.0001) [default: 0].
+    #[arg(long)]
+    pub balance_alpha: Option<f64>,
+    /// λ of the MTP loss over the spec's MTP modules (DeepSeek-V3: 0.3, then 0.1) [default: 0].
+    #[arg(long)]
+    pub mtp_lambda: Option<f64>,
+}
+
+impl Settings {
+    /// The defaults, as a manifest records settings.
+    pub fn defaults() -> TrainEntry {
+        let o = Optimizer::default();
+        TrainEntry {
+            mtp_lambda: 0.0,
+            balance_alpha: 0.0,
+            bias_update_speed: 0.0,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            clip: o.clip,
+            moments: o.moments,
+        }
+    }
+
+    /// `base` with the settings given here; with `fixed` (an artifact's), a given setting must
+    /// equal the base's, since it is compiled in.
+    pub fn over(&self, base: TrainEntry, fixed: Option<&Path>) -> Result<TrainEntry> {
+        let mut e = base.clone();
+        let betas = match self.betas.as_deref() {
+            None => None,
+            Some(&[b1, b2]) => Some((b1, b2)),
+            Some(_) => bail!("--betas takes two numbers, b1,b2"),
+        };
+        let moments = match self.moments.as_deref() {
+            None => None,
+            Some("bf16") => Some(DType::BF16),
+            Some(_) => Some(DType::F32),
+        };
+        let mut differ = Vec::new();
+        let mut set = |flag: &str, old: &mut f64, new: Option<f64>| {
+            if let Some(v) = new {
+                if v != *old {
+                    differ.push(format!("{flag} {old} (given {v})"));
+                }
+                *old = v;
+            }
+        };
+        set("--betas", &mut e.beta1, betas.map(|b| b.0));
+        set("--betas", &mut e.beta2, betas.map(|b| b.1));
+        set("--eps", &mut e.eps, self.eps);
+        set("--weight-decay", &mut e.weight_decay, self.weight_decay);
+        set("--bias-update-speed", &mut e.bias_update_speed, self.bias_update_speed);
+        set("--balance-alpha", &mut e.balance_alpha, self.balance_alpha);
+        set("--mtp-lambda", &mut e.mtp_lambda, self.mtp_lambda);
+        let mut clip = e.clip.unwrap_or(0.0);
+        set("--clip", &mut clip, self.clip);
+        e.clip = (clip > 0.0).then_some(clip);
+        if let Some(m) = moments {
+            if m != e.moments {
+                differ.push(format!("--moments {} (given {m})", e.moments));
+            }
+            e.moments = m;
+        }
+        if let (Some(dir), false) = (fixed, differ.is_empty()) {
+            bail!(
+                "{}: the artifact's train step was compiled with {}; recompile it with `kiln compile --train` \
+                 and these settings, or leave them out",
+                dir.display(),
+                differ.join(", ")
+            );
+        }
+        Ok(e)
+    }
+
+    /// Whether any setting was given.
+    pub fn any(&self) -> bool {
+        *self != Settings::default()
+    }
+}
+
+/// The losses of a manifest's settings.
+pub fn losses_of(e: &TrainEntry) -> build::TrainLosses {
+    build::TrainLosses {
+        mtp_lambda: e.mtp_lambda,
+        balance_alpha: e.balance_alpha,
+        bias_update_speed: e.bias_update_speed,
+    }
+}
+
+/// The optimizer of a manifest's settings.
+pub fn optimizer_of(e: &TrainEntry) -> Optimizer {
+    Optimizer {
+        beta1: e.beta1,
+        beta2: e.beta2,
+        eps: e.eps,
+        weight_decay: e.weight_decay,
+        clip: e.clip,
+        moments: e.moments,
+    }
+}
+
 /// The hyperparameters of a run, as `trainer.json` records them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hyper {
     pub lr: f64,
     pub min_lr: f64,
@@ -104,6 +235,13 @@ impl Hyper {
         }
     }
 
+    /// Takes the optimizer's settings from `e`.
+    fn set_optimizer(&mut self, e: &TrainEntry) {
+        (self.beta1, self.beta2, self.eps, self.weight_decay) = (e.beta1, e.beta2, e.eps, e.weight_decay);
+        self.clip = e.clip;
+        self.bf16_moments = e.moments == DType::BF16;
+    }
+
     fn optimizer(&self) -> Optimizer {
         Optimizer {
             beta1: self.beta1,
@@ -111,7 +249,7 @@ impl Hyper {
             eps: self.eps,
             weight_decay: self.weight_decay,
             clip: self.clip,
-            moments: if self.bf16_moments { kiln_ir::DType::BF16 } else { kiln_ir::DType::F32 },
+            moments: if self.bf16_moments { DType::BF16 } else { DType::F32 },
         }
     }
 
@@ -225,7 +363,8 @@ pub struct Request<'a> {
     pub micro_batch: Option<usize>,
     /// `--tokenizer`: the tokenizer.json (or its folder) of text data.
     pub tokenizer: Option<&'a Path>,
-    pub losses: build::TrainLosses,
+    /// The losses and the optimizer, as given ([`Request::resolve`] completes them).
+    pub settings: Settings,
 }
 
 impl Request<'_> {
@@ -252,24 +391,38 @@ const CURVE: &str = "loss.svg";
 const ARTIFACT: &str = "train.kiln";
 
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
-    req.hyper.check()?;
     if req.interp && req.threads.is_some() {
         bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
     }
     // A Hugging Face folder is its config.json (and, unless told otherwise, its weights: see main).
     let config = req.model.join("config.json");
-    let model_path = if req.model.is_dir() && config.is_file() {
-        config.as_path()
-    } else if run::is_artifact(req.model) {
-        bail!(
-            "{}: kiln train takes a model spec, a Hugging Face config.json or a folder holding one \
-             (this folder has no config.json)",
-            req.model.display()
-        );
+    let artifact = !(req.model.is_dir() && config.is_file()) && run::is_artifact(req.model);
+    let (spec, entry) = if artifact {
+        // An artifact from `kiln compile --train`: its model and its compiled-in settings.
+        let art = kiln_runtime::artifact::load(req.model)?;
+        let m = art.manifest();
+        let Some(entry) = m.train.clone() else {
+            bail!(
+                "{}: not a training artifact (it has no train step): compile the model with `kiln compile \
+                 --train`, or give the spec or Hugging Face folder itself",
+                req.model.display()
+            );
+        };
+        let Some(spec) = m.model.clone() else {
+            bail!(
+                "{}: the artifact was compiled from a .kir graph and records no model",
+                req.model.display()
+            );
+        };
+        (spec, req.settings.over(entry, Some(req.model))?)
     } else {
-        req.model
+        let path = if req.model.is_dir() && config.is_file() { config.as_path() } else { req.model };
+        (spec::load(path)?, req.settings.over(Settings::defaults(), None)?)
     };
-    let spec = spec::load(model_path)?;
+    let mut hyper = req.hyper.clone();
+    hyper.set_optimizer(&entry);
+    hyper.check()?;
+    let losses = losses_of(&entry);
     let dtype = match req.dtype {
         None => None,
         Some(d) => Some(StreamDType::parse(d).with_context(|| format!("--dtype {d}: use u16 or u32"))?),
@@ -288,19 +441,19 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         spec.model.max_position_embeddings,
         "the model's max_position_embeddings",
     )?;
-    if rows.rows() < req.hyper.batch {
+    if rows.rows() < hyper.batch {
         bail!(
             "{}: {} rows, fewer than one batch of {}; give more data or a smaller --batch",
             req.data.display(),
             rows.rows(),
-            req.hyper.batch
+            hyper.batch
         );
     }
 
     // The program: forward and loss, backward, clipping and AdamW.
-    let opt = req.hyper.optimizer();
+    let opt = hyper.optimizer();
     let micro_batches = req.micro_batches()?;
-    let programs = kiln_compiler::train::program(&spec, &req.losses, &opt, micro_batches > 1)?;
+    let programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1)?;
     let states = programs.states.clone();
     let roles: HashMap<String, StateRole> = states.iter().map(|s| (s.name.clone(), s.role)).collect();
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
@@ -328,7 +481,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             let tensors = run::params(decls, &Weights::Checkpoint(dir), Some(&spec), &mut ckpt)?
                 .collect::<Result<Vec<_>, _>>()?;
-            (tensors, Progress { hyper: req.hyper.clone(), ..p })
+            (tensors, Progress { hyper: hyper.clone(), ..p })
         }
         None => {
             let tensors =
@@ -336,7 +489,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             let progress = Progress {
                 step: 0,
                 row: 0,
-                hyper: req.hyper.clone(),
+                hyper: hyper.clone(),
                 model: spec.model.name.clone(),
                 shuffle: req.shuffle,
                 epoch: 0,
@@ -356,7 +509,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
         (Box::new(trainer), "reference interpreter".into())
     } else {
-        compiled(req, &spec, t as u64, micro_batches, weights_in, out)?
+        compiled(req, &hyper, losses, artifact, &spec, t as u64, micro_batches, weights_in, out)?
     };
     if let Some(dir) = req.resume {
         let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
@@ -380,12 +533,12 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         out,
         "train {}: {} steps of {} x {} tokens from {}, {:?} schedule, lr {}, {engine}",
         spec.model.name,
-        req.hyper.steps,
-        req.hyper.batch,
+        hyper.steps,
+        hyper.batch,
         t,
         req.data.display(),
-        req.hyper.schedule,
-        req.hyper.lr
+        hyper.schedule,
+        hyper.lr
     )?;
     if let Some(seed) = progress.shuffle {
         writeln!(
@@ -394,10 +547,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             progress.epoch, progress.row
         )?;
     }
-    let bar = progress_bar(req.hyper.steps, progress.step);
-    while progress.step < req.hyper.steps {
-        let batch = take(&rows, &progress.next_rows(rows.rows(), req.hyper.batch))?;
-        let lr = req.hyper.lr_at(progress.step);
+    let bar = progress_bar(hyper.steps, progress.step);
+    while progress.step < hyper.steps {
+        let batch = take(&rows, &progress.next_rows(rows.rows(), hyper.batch))?;
+        let lr = hyper.lr_at(progress.step);
         let t0 = Instant::now();
         let stats = trainer.step(&batch, lr as f32)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -409,7 +562,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             );
         }
         progress.step += 1;
-        let tps = (req.hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
+        let tps = (hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
         let load = stats.max_load.map_or(String::new(), |m| format!("  max load {m:.3}x mean"));
         bar.suspend(|| {
             writeln!(
@@ -425,7 +578,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             "max_load": stats.max_load, "load": stats.loads,
         });
         writeln!(metrics, "{line}")?;
-        let last = progress.step == req.hyper.steps;
+        let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress)?;
             write_curve(req.out, &spec.model.name)?;
@@ -519,10 +672,15 @@ fn remove_stale(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The train step compiled for the CPU into `--out`/`train.kiln` (for batches of `--batch` rows
-/// of `t` tokens, with the run's losses and optimizer), loaded with the weights.
+/// The train step compiled for the CPU into `--out`/`train.kiln` (for micro-batches of the run's
+/// rows of `t` tokens, with the run's losses and optimizer), or with `artifact` the model's own
+/// (`kiln compile --train`), loaded with the weights.
+#[allow(clippy::too_many_arguments)]
 fn compiled(
     req: &Request,
+    hyper: &Hyper,
+    losses: build::TrainLosses,
+    artifact: bool,
     spec: &kiln_ir::ModelSpec,
     t: u64,
     micro_batches: usize,
@@ -530,37 +688,57 @@ fn compiled(
     out: &mut impl Write,
 ) -> Result<(Box<dyn Steps>, String)> {
     use kiln_compiler::pack;
-    let train = pack::TrainOptions {
-        losses: req.losses,
-        optimizer: req.hyper.optimizer(),
-        accumulate: micro_batches > 1,
-    };
     // The programs run one micro-batch at a time: their buffers are planned for that many rows.
-    let rows = (req.hyper.batch / micro_batches) as u64;
-    let options = pack::Options {
-        train: Some(train),
-        kv_cache: false,
-        score: false,
-        ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)
+    let rows = (hyper.batch / micro_batches) as u64;
+    let dir = if artifact {
+        req.model.to_path_buf()
+    } else {
+        let train =
+            pack::TrainOptions { losses, optimizer: hyper.optimizer(), accumulate: micro_batches > 1 };
+        let options = pack::Options {
+            train: Some(train),
+            kv_cache: false,
+            score: false,
+            ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)
+        };
+        let dir = req.out.join(ARTIFACT);
+        let t0 = Instant::now();
+        let artifact = pack::compile(pack::Source::Spec(spec.clone()), &options, &mut ())?;
+        pack::write(&artifact, &dir)?;
+        writeln!(
+            out,
+            "compiled the train step into {} ({} kernels) in {:.1} s",
+            dir.display(),
+            artifact.manifest.kernels.len(),
+            t0.elapsed().as_secs_f64()
+        )?;
+        dir
     };
-    let dir = req.out.join(ARTIFACT);
-    let t0 = Instant::now();
-    let artifact = pack::compile(pack::Source::Spec(spec.clone()), &options, &mut ())?;
-    pack::write(&artifact, &dir)?;
-    writeln!(
-        out,
-        "compiled the train step into {} ({} kernels) in {:.1} s",
-        dir.display(),
-        artifact.manifest.kernels.len(),
-        t0.elapsed().as_secs_f64()
-    )?;
     let art = kiln_runtime::artifact::load(&dir)?;
+    if art.manifest().cpu.is_none() {
+        bail!("{}: the artifact has no CPU library: compile it with --target cpu or all", dir.display());
+    }
     let wanted: std::collections::HashSet<String> =
         weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
     let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
     let model = CpuModel::load(&art, given, &run::cpu_options(req.threads))?;
     let mut engine = format!("compiled for the CPU ({} threads)", model.threads());
     let mut trainer = CompiledTrainer::new(model)?;
+    if artifact {
+        // Checked before any step: an artifact is planned for at most its compiled sizes.
+        let max = trainer.max_sizes()?;
+        if rows > max.b || t > max.t {
+            bail!(
+                "{}: the train step was compiled for micro-batches of at most {} rows of {} tokens, not {rows} \
+                 of {t}: use a smaller --batch/--micro-batch or --seq-len, or recompile with `kiln compile \
+                 --train --max-batch {rows} --max-context {t}`",
+                dir.display(),
+                max.b,
+                max.t
+            );
+        }
+        engine = format!("the artifact {}, {engine}", dir.display());
+    }
     trainer.set_micro_batches(micro_batches)?;
     if micro_batches > 1 {
         engine += &format!(", {micro_batches} micro-batches of {rows} rows per step");

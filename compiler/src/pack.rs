@@ -860,6 +860,17 @@ fn manifest(
         states,
         programs,
         files,
+        train: options.train.map(|t| artifact::TrainEntry {
+            mtp_lambda: t.losses.mtp_lambda,
+            balance_alpha: t.losses.balance_alpha,
+            bias_update_speed: t.losses.bias_update_speed,
+            beta1: t.optimizer.beta1,
+            beta2: t.optimizer.beta2,
+            eps: t.optimizer.eps,
+            weight_decay: t.optimizer.weight_decay,
+            clip: t.optimizer.clip,
+            moments: t.optimizer.moments,
+        }),
     })
 }
 

@@ -530,6 +530,59 @@ fn a_bf16_model_trains_on_f32_master_weights_with_bf16_moments() {
     }
 }
 
+/// `kiln train ARTIFACT` runs an artifact from `kiln compile --train` with the losses and optimizer
+/// compiled into it (recorded in its manifest): the same checkpoint, byte for byte, as training
+/// the spec with those settings; a different setting, a batch larger than the artifact's, and an
+/// inference artifact are refused before any step.
+#[test]
+fn kiln_train_runs_an_artifact_from_compile_train_with_its_settings() {
+    let s = Scratch::new();
+    let data = root().join(GOLDEN).join("tokens.safetensors").to_string_lossy().into_owned();
+    let art = s.str("t.kiln");
+    let settings = ["--bias-update-speed", "0.001", "--betas", "0.8,0.9", "--clip", "0.5"];
+    let c = kiln(
+        &[
+            &["compile", "models/tiny.toml", "--train", "--accumulate", "--target", "cpu"][..],
+            &["--max-batch", "2", "--max-context", "32", "-o", &art],
+            &settings,
+        ]
+        .concat(),
+    );
+    assert!(c.ok, "{}", c.stderr);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("t.kiln/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["train"]["beta1"], 0.8);
+    assert_eq!(m["train"]["clip"], 0.5);
+    let train = |model: &str, extra: &[&str]| {
+        let base = ["train", model, "--random-weights", "3", "--data", &data, "--steps", "2", "--batch", "4"];
+        kiln(&[&base[..], extra].concat())
+    };
+    let (a, b) = (s.str("a"), s.str("b"));
+    let r = train(&art, &["--micro-batch", "2", "--out", &a]);
+    assert!(r.ok && r.stdout.contains("the artifact"), "{}{}", r.stdout, r.stderr);
+    let r = train("models/tiny.toml", &[&["--micro-batch", "2", "--out", &b][..], &settings].concat());
+    assert!(r.ok, "{}", r.stderr);
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let (x, y) = (s.path("a/step-2").join(f), s.path("b/step-2").join(f));
+        assert_eq!(
+            std::fs::read(x).unwrap(),
+            std::fs::read(y).unwrap(),
+            "{f}: the artifact trained differently"
+        );
+    }
+    let e = train(&art, &["--micro-batch", "2", "--clip", "1", "--out", &s.str("c")]).stderr;
+    assert!(e.contains("compiled with --clip 0.5 (given 1)"), "{e}");
+    let e = train(&art, &["--out", &s.str("c")]).stderr;
+    assert!(e.contains("compiled for micro-batches of at most 2 rows"), "{e}");
+    assert!(!s.path("c/step-1").exists());
+    let inference = s.str("i.kiln");
+    assert!(kiln(&["compile", "models/tiny.toml", "--target", "cpu", "-o", &inference]).ok);
+    let e = train(&inference, &["--out", &s.str("c")]).stderr;
+    assert!(e.contains("not a training artifact"), "{e}");
+    let e = kiln(&["compile", "models/tiny.toml", "--clip", "2", "-o", &s.str("x")]).stderr;
+    assert!(e.contains("go with --train"), "{e}");
+}
+
 /// The checkpoint folders `step-N` of `dir`, by N.
 fn checkpoints(dir: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir)

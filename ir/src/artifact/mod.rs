@@ -152,6 +152,28 @@ pub struct Manifest {
     pub programs: Vec<Program>,
     /// The other files of the artifact with their SHA-256, so a reader can check them.
     pub files: Vec<FileEntry>,
+    /// What the training programs were compiled with, in a training artifact (`kiln compile
+    /// --train`): `kiln train` runs it with these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainEntry>,
+}
+
+/// The settings baked into a training artifact's programs: its losses (each off at 0) and its
+/// optimizer, with torch's meanings (see `kiln_compiler::train`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainEntry {
+    pub mtp_lambda: f64,
+    pub balance_alpha: f64,
+    pub bias_update_speed: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// The global-norm bound; absent for no clipping.
+    pub clip: Option<f64>,
+    /// The dtype of AdamW's moments.
+    pub moments: DType,
 }
 
 /// One program of a manifest: what runs, on which buffers, and what a caller passes and reads.
