@@ -148,3 +148,20 @@ fn a_train_steps_adamw_update_is_one_kernel_per_parameter() {
         assert_eq!(users, vec![w], "{state} is read by the update alone");
     }
 }
+
+/// Without gradient clipping nothing holds an optimizer's update back from its gradient's GEMM,
+/// and the memory plan updates a state in place only in an elementwise kernel: so fusion leaves
+/// the update out of the GEMM's epilogue, and the train step plans (it used to fail with "cannot
+/// be updated in place").
+#[test]
+fn a_train_step_without_clipping_plans_its_in_place_updates() {
+    let optimizer = kiln_compiler::train::Optimizer { clip: None, ..Default::default() };
+    let options = Options {
+        train: Some(kiln_compiler::pack::TrainOptions { optimizer, ..Default::default() }),
+        kv_cache: false,
+        score: false,
+        ..Options::new(Targets::Cpu, 2, 16)
+    };
+    let prepared = pack::prepare(Source::Spec(spec("tiny")), &options, &mut ());
+    assert!(prepared.is_ok(), "{}", prepared.err().map(|e| e.to_string()).unwrap_or_default());
+}

@@ -118,6 +118,9 @@ struct Ctx<'g> {
     order: Vec<NodeId>,
     pos: HashMap<NodeId, usize>,
     taken: HashSet<usize>,
+    /// The state inputs updated in place (an output of the same name): a train step's weights
+    /// and moments.
+    updated: HashSet<ValueId>,
 }
 
 impl<'g> Ctx<'g> {
@@ -286,8 +289,16 @@ impl<'g> Ctx<'g> {
     }
 
     /// Grows `group` by elementwise consumers of its results, in order, as long as `keep` accepts
-    /// the pattern. Returns the members added.
-    fn grow_epilogue(&self, group: &mut Group, keep: &dyn Fn(&Pattern) -> bool) -> Vec<usize> {
+    /// the pattern. Returns the members added. With `no_state`, a consumer that reads a state
+    /// updated in place stays out: the memory plan updates a state in place only in an
+    /// elementwise kernel, where each element is read before it is written (a GEMM's epilogue
+    /// holding an optimizer's update, as fusion makes without gradient clipping, is not one).
+    fn grow_epilogue(
+        &self,
+        group: &mut Group,
+        keep: &dyn Fn(&Pattern) -> bool,
+        no_state: bool,
+    ) -> Vec<usize> {
         let mut added = Vec::new();
         loop {
             let candidates: BTreeSet<usize> = group
@@ -296,6 +307,7 @@ impl<'g> Ctx<'g> {
                 .flat_map(|&p| self.node(p).results.iter().flat_map(|&r| self.users(r)))
                 .filter(|&u| !group.nodes.contains(&u) && self.free(u) && is_elementwise(&self.node(u).op))
                 .filter(|&u| !matches!(self.node(u).op, Op::Constant { .. }))
+                .filter(|&u| !(no_state && self.node(u).inputs.iter().any(|v| self.updated.contains(v))))
                 .collect();
             let mut grew = false;
             for c in candidates {
@@ -315,12 +327,19 @@ impl<'g> Ctx<'g> {
     }
 }
 
+/// The inputs of `g` that an output of the same name updates in place (states).
+fn updated_states(g: &Graph) -> HashSet<ValueId> {
+    let outputs: HashSet<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
+    g.inputs().into_iter().filter(|(n, _)| outputs.contains(n)).map(|(_, v)| v).collect()
+}
+
 /// Runs the pass and reports which rules fired.
 pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError> {
     let mut trace = Trace::new(RULES);
     let order = graph.nodes();
     let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let mut cx = Ctx { g: graph, order, pos, taken: HashSet::new() };
+    let updated = updated_states(graph);
+    let mut cx = Ctx { g: graph, order, pos, taken: HashSet::new(), updated };
     let mut groups: Vec<(Group, String)> = Vec::new();
     let mut claim = |cx: &mut Ctx, group: Group, rules: Vec<&'static str>, trace: &mut Trace| {
         cx.taken.extend(group.nodes.iter().copied());
@@ -448,7 +467,7 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
             continue;
         }
         let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
-        cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise);
+        cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise, false);
         cx.grow_prologue(&mut group);
         let computing = group.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
         if computing >= 2 {
@@ -480,7 +499,8 @@ pub const SMALL_WEIGHT_BYTES: u64 = 64 << 10;
 fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> {
     let order = graph.nodes();
     let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let cx = Ctx { g: graph, order, pos, taken: HashSet::new() };
+    let updated = updated_states(graph);
+    let cx = Ctx { g: graph, order, pos, taken: HashSet::new(), updated };
     let weight_only = weight_only(&cx);
     let layer = |p: usize| {
         let scope = cx.node(p).scope.as_deref()?;
@@ -638,7 +658,7 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
         return None;
     }
     let base = group.clone();
-    let added = cx.grow_epilogue(&mut group, &|pat| matches!(pat, Pattern::Linear { .. }));
+    let added = cx.grow_epilogue(&mut group, &|pat| matches!(pat, Pattern::Linear { .. }), true);
     let mut rules = Vec::new();
     if fp8 {
         rules.push(FP8_GEMM);
