@@ -20,5 +20,6 @@ mod text;
 mod tokenizer;
 mod toolchain;
 mod train;
+mod train_aux;
 mod util;
 mod weights;

@@ -6,6 +6,12 @@
 //! `scatter_add_along` of ones at the selected indices. Where the reference is silent on what
 //! "overloaded" means, kiln compares with the mean load (Wang et al. 2024a, which the report cites):
 //! `b_i += γ sign(mean - load_i)`, with `sign(0) = 0`.
+//!
+//! The balance loss's `f_i` does not count that selection. Eq. 18 counts `s_{i,t} ∈ Topk({s_{j,t} |
+//! 1 <= j <= N_r}, K_r)`: the top K_r of the raw affinities over all routed experts, with neither the
+//! selection bias nor the group limit, which decide the routing (eq. 16) but are no part of `f_i`
+//! (Megatron-LM's `compute_routing_scores_for_aux_loss` reads it the same way). With the bias on,
+//! the two differ for most tokens (`tests/goldens/train_aux`).
 
 use kiln_ir::op::{Op, ReduceOp, Scoring};
 use kiln_ir::{BinaryOp, DType, Dim, UnaryOp, ValueId};
@@ -73,9 +79,12 @@ pub(super) fn add(
         let sum = b.op(scope, Op::Reduce { op: ReduceOp::Sum, axes: vec![last], keep_dims: true }, &[s])?;
         let sn = b.op(scope, Op::Binary(BinaryOp::Div), &[s, sum])?;
         let p = b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![1], keep_dims: false }, &[sn])?;
-        // f_i = E / (K T) * the times i was selected in the sequence: a mean over T of one-hot counts.
+        // f_i = E / (K T) * the times i is among the top K of the raw scores s_t over all E experts
+        // (eq. 18; not the routed selection, see the module documentation): a mean over T of
+        // one-hot counts. A count: no gradient flows through the indices.
+        let top = b.node(scope, Op::TopK { k: r.top_k }, &[s])?[1];
         let ones = b.op(scope, Op::Broadcast { shape: it.shape.clone() }, &[one])?;
-        let hot = b.op(scope, Op::ScatterAddAlong { axis: last, size: e }, &[r.indices, ones])?;
+        let hot = b.op(scope, Op::ScatterAddAlong { axis: last, size: e }, &[top, ones])?;
         let f = b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![1], keep_dims: false }, &[hot])?;
         let c = b.constant(scope, e as f64 / r.top_k as f64, DType::F32)?;
         let f = b.op(scope, Op::Binary(BinaryOp::Mul), &[f, c])?;

@@ -192,9 +192,10 @@ pub const LOAD_PREFIX: &str = "load.";
 ///   `mtp_targets.k` (the token `k + 1` ahead) where `mtp_mask.k` is 1: `L_k = sum(ce * mask) /
 ///   (B T)`, the paper's `1/T` per sequence, averaged over sequences;
 /// - with `balance_alpha > 0`, the complementary sequence-wise balance loss of every MoE layer
-///   (eq. 17–20): `α Σ_i f_i P_i` per sequence, averaged over the sequences, with `f_i = E/(K T)
-///   Σ_t 1(i selected at t)` (no gradient: a selection) and `P_i = 1/T Σ_t s'_{i,t}`, the scores
-///   normalised over all experts;
+///   (eq. 17–20), the MTP modules' included, summed over the layers: `α Σ_i f_i P_i` per sequence,
+///   averaged over the sequences, with `f_i = E/(K T) Σ_t 1(s_{i,t} ∈ Topk(s_t, K))` (the top K of
+///   the raw scores over all experts, not the biased, group-limited selection; no gradient: a
+///   count) and `P_i = 1/T Σ_t s'_{i,t}`, the scores normalised over all experts;
 /// - with `bias_update_speed = γ > 0`, each router's selection bias is a state updated after the
 ///   step: `b_i += γ sign(mean load - load_i)` over the step's tokens (it changes which experts
 ///   are chosen, never the gating weights, and has no gradient).
