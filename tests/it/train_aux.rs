@@ -224,10 +224,17 @@ const LR: f64 = 1024.0;
 fn compiled(c: &Case, l: &TrainLosses, dir: &Path) -> (f64, f64, Grads) {
     use kiln_runtime::cpu::{CpuModel, CpuOptions};
     use kiln_runtime::train::CompiledTrainer;
-    let opt = Optimizer { beta1: 0.9, beta2: 0.95, eps: 1.0, weight_decay: 0.0, clip: Some(1e6) };
+    let opt = Optimizer {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1.0,
+        weight_decay: 0.0,
+        clip: Some(1e6),
+        moments: kiln_ir::DType::F32,
+    };
     let (rows, t) = (c.rows.rows() as u64, c.rows.width() as u64 - 1);
     let options = pack::Options {
-        train: Some((*l, opt)),
+        train: Some(kiln_compiler::pack::TrainOptions { losses: *l, optimizer: opt, accumulate: false }),
         kv_cache: false,
         score: false,
         ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)
