@@ -511,6 +511,7 @@ fn ir(
     module: bool,
     output: Option<&Path>,
 ) -> Result<()> {
+    check_output_file(output, &[spec_path])?;
     let spec = spec::load(spec_path)?;
     if module {
         let options = kiln_compiler::pack::Options::new(kiln_compiler::pack::Targets::All, 1, 1);
@@ -581,6 +582,7 @@ fn import_hf(config: &Path, output: Option<&Path>) -> Result<()> {
     if config.extension().and_then(|e| e.to_str()) != Some("json") {
         bail!("{} is not a Hugging Face config.json (expected a .json file)", config.display());
     }
+    check_output_file(output, &[config])?;
     let spec = spec::load(config)?;
     emit(&spec::to_toml(&spec), output)
 }
@@ -621,8 +623,8 @@ fn doctor() -> Result<()> {
     emit(&out, None)
 }
 
-/// Writes `text` to standard output, or atomically to `path` (a temporary file renamed into place,
-/// so a failure never leaves a half-written file).
+/// Writes `text` to standard output, or atomically to `path` (`kiln_ir::output::write_file`: a
+/// temporary sibling renamed into place, so a failure never leaves a half-written file).
 fn emit(text: &str, path: Option<&Path>) -> Result<()> {
     match path {
         None => {
@@ -631,17 +633,16 @@ fn emit(text: &str, path: Option<&Path>) -> Result<()> {
             stdout.flush()?;
             Ok(())
         }
-        Some(path) => write_atomically(path, text.as_bytes()),
+        Some(path) => Ok(kiln_ir::output::write_file(path, text.as_bytes())?),
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Refuses an `-o FILE` that is not a new path or a regular file, or that is one of the command's
+/// `inputs`, before any work is done (`kiln_ir::output`).
+pub(crate) fn check_output_file(output: Option<&Path>, inputs: &[&Path]) -> Result<()> {
+    if let Some(path) = output {
+        kiln_ir::output::check_file_target(path)?;
+        kiln_ir::output::check_not_input(path, inputs)?;
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    Ok(())
 }

@@ -220,6 +220,7 @@ pub(crate) fn cpu_options(threads: Option<usize>) -> CpuOptions {
 
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    crate::check_output_file(req.dump_logits, &[req.model])?;
     let prompt = prompt(req)?;
     if req.profile && req.interp {
         bail!("--profile times the compiled kernels; run an artifact (no --interp)");
@@ -458,7 +459,8 @@ fn write_logits(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
         text += &line.join(" ");
         text.push('\n');
     }
-    std::fs::write(path, text).with_context(|| format!("cannot write --dump-logits {}", path.display()))
+    kiln_ir::output::write_file(path, text.as_bytes())
+        .with_context(|| format!("cannot write --dump-logits {}", path.display()))
 }
 
 fn generate_and_report(

@@ -83,6 +83,8 @@ pub enum WeightError {
         path.display()
     )]
     NoCheckpoint { path: PathBuf },
+    #[error(transparent)]
+    Output(#[from] kiln_ir::output::OutputError),
 
     // The safetensors format.
     #[error("{}: {len} bytes is too short for a safetensors file, which starts with an 8-byte header length", path.display())]
