@@ -24,6 +24,7 @@ mod emit;
 mod hf;
 mod hf_out;
 mod json;
+pub mod limits;
 mod load;
 mod validate;
 
