@@ -352,6 +352,7 @@ fn run(command: Command) -> Result<()> {
             profile,
             dump_logits,
         } => {
+            check_threads(threads)?;
             let weights = match (&weights, random_weights) {
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
                 (None, Some(seed)) => run::Weights::Random(seed),
@@ -406,6 +407,7 @@ fn run(command: Command) -> Result<()> {
             balance_alpha,
             mtp_lambda,
         } => {
+            check_threads(threads)?;
             let weights = match (&weights, random_weights, &resume) {
                 (Some(_), Some(_), _) => {
                     bail!("give either --weights DIR or --random-weights SEED, not both")
@@ -471,6 +473,7 @@ fn run(command: Command) -> Result<()> {
             threads,
             json,
         } => {
+            check_threads(threads)?;
             let weights = match (&weights, random_weights) {
                 (Some(_), Some(_)) => bail!("give either --weights DIR or --random-weights SEED, not both"),
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
@@ -635,6 +638,15 @@ fn emit(text: &str, path: Option<&Path>) -> Result<()> {
         }
         Some(path) => Ok(kiln_ir::output::write_file(path, text.as_bytes())?),
     }
+}
+
+/// Refuses a `--threads` the CPU backend would refuse, before any work (a train run would otherwise
+/// compile its step first).
+fn check_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        kiln_runtime::cpu::check_threads(n).with_context(|| format!("--threads {n}"))?;
+    }
+    Ok(())
 }
 
 /// Refuses an `-o FILE` that is not a new path or a regular file, or that is one of the command's

@@ -146,9 +146,10 @@ fn check_prompt(spec: &ModelSpec, prompt: &[i64], req: &Request) -> Result<()> {
     if let Some((i, &t)) = prompt.iter().enumerate().find(|&(_, &t)| t < 0 || t as u64 >= vocab) {
         bail!("prompt token {i} is {t}, outside the vocabulary: ids must be in 0..{vocab}");
     }
-    let total = prompt.len() as u64 + req.max_new_tokens;
+    // In u128: --max-new-tokens may be as large as a u64 goes.
+    let total = prompt.len() as u128 + u128::from(req.max_new_tokens);
     let max = spec.model.max_position_embeddings;
-    if total > max {
+    if total > u128::from(max) {
         bail!(
             "{} prompt tokens + {} new tokens = {total} exceed the model's context of {max} positions",
             prompt.len(),
@@ -158,14 +159,30 @@ fn check_prompt(spec: &ModelSpec, prompt: &[i64], req: &Request) -> Result<()> {
     Ok(())
 }
 
+fn tensors(n: usize) -> String {
+    if n == 1 {
+        "1 tensor".into()
+    } else {
+        format!("{n} tensors")
+    }
+}
+
+/// Bytes of `decls` at `per_value(dtype)` bytes each, saturating.
+fn decl_bytes(decls: &[ParamDecl], per_value: impl Fn(kiln_ir::DType) -> u64) -> u64 {
+    decls.iter().map(|d| (d.numel as u64).saturating_mul(per_value(d.dtype))).fold(0, u64::saturating_add)
+}
+
 /// The parameters `decls` from `weights`, one at a time (a checkpoint is checked against them
-/// first, whole).
+/// first, whole). Whoever takes them as host tensors holds them all as f32 (the interpreter), so
+/// that much must fit in the machine.
 pub(crate) fn params<'c>(
     decls: Vec<ParamDecl>,
     weights: &Weights,
     spec: Option<&ModelSpec>,
     ckpt: &'c mut Option<weights::Checkpoint>,
 ) -> Result<Box<dyn Iterator<Item = Result<HostTensor, WeightError>> + 'c>> {
+    let what = format!("the parameters as f32 ({})", tensors(decls.len()));
+    kiln_runtime::host::check_fits(decl_bytes(&decls, |_| 4), &what)?;
     Ok(match weights {
         Weights::Checkpoint(dir) => {
             let c = weights::open_checkpoint(dir)?;
@@ -197,6 +214,10 @@ pub(crate) fn mapped_params<'c>(
             Box::new(weights::bind_mapped(decls, ckpt.insert(c))?)
         }
         Weights::Random(seed) => {
+            // Made one at a time as f32, each then copied into the model's memory.
+            let largest = decls.iter().map(|d| (d.numel as u64).saturating_mul(4)).max().unwrap_or(0);
+            let bytes = decl_bytes(&decls, |d| d.size_bytes()).saturating_add(largest);
+            kiln_runtime::host::check_fits(bytes, &format!("the random weights ({})", tensors(decls.len())))?;
             Box::new(weights::random_tensors(decls, *seed, RANDOM_STD).map(|t| Ok(Param::Host(t))))
         }
     })

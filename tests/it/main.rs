@@ -11,6 +11,7 @@ mod fuse;
 mod goldens;
 mod interp;
 mod layering;
+mod limits;
 mod output;
 mod passes;
 mod passes_equiv;
