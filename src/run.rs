@@ -4,7 +4,7 @@
 //! generation loop (`kiln_runtime::generate`).
 //!
 //! A directory is an artifact (`kiln compile -o DIR`); anything else is a model spec, which only
-//! the interpreter runs (`--interp`): the graph keeps the MTP module, as artifacts do, so checkpoints
+//! the interpreter runs (`--interp`; without it, [`not_an_artifact`] says what the path is): the graph keeps the MTP module, as artifacts do, so checkpoints
 //! that carry it bind as they are (only the main logits are used). Weights come from a Hugging Face checkpoint folder or a seeded random
 //! initialisation. An artifact compiled with a KV cache (the default) prefills the prompt and then
 //! decodes one token per step over its cache; the interpreter recomputes the whole sequence. Tokens are printed as they come, then the continuation and the speeds, and with
@@ -110,6 +110,33 @@ fn first_program(m: &kiln_ir::artifact::Manifest) -> &str {
 /// reported as not an artifact rather than as a bad spec).
 pub fn is_artifact(path: &Path) -> bool {
     path.is_dir()
+}
+
+/// Why `path`, which is not a directory, cannot be what `kiln COMMAND` compiles and runs: what it
+/// is (absent, a model spec, a checkpoint, a graph, some other file) and what to give instead.
+pub(crate) fn not_an_artifact(path: &Path, command: &str) -> anyhow::Error {
+    let p = path.display();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let wanted = format!(
+        "`kiln {command}` runs an artifact directory from `kiln compile SPEC --target cpu -o DIR`, or with \
+         --interp a model spec (a .toml file or a Hugging Face config.json) on the reference interpreter"
+    );
+    if path.symlink_metadata().is_err() {
+        return anyhow::anyhow!("{p} does not exist: {wanted}");
+    }
+    match ext.as_str() {
+        "toml" | "json" => anyhow::anyhow!(
+            "{p} is a model spec; compiled execution runs an artifact: compile it with `kiln compile {p} \
+             --target cpu -o DIR` and run `kiln {command} DIR`, or pass --interp to run the reference \
+             interpreter"
+        ),
+        "safetensors" => anyhow::anyhow!("{p} is a checkpoint, not an artifact: give it with --weights; {wanted}"),
+        "kir" => anyhow::anyhow!(
+            "{p} is a graph (.kir), not an artifact: compile it with `kiln compile {p} --target cpu -o DIR` and \
+             run `kiln {command} DIR`"
+        ),
+        _ => anyhow::anyhow!("{p} is a file, not an artifact directory: {wanted}"),
+    }
 }
 
 /// The prompt's ids, with the tokenizer that made them from text.
@@ -254,13 +281,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     if !is_artifact(req.model) {
         if !req.interp {
-            bail!(
-                "{} is a model spec; compiled execution runs an artifact: compile it with `kiln compile {} \
-                 --target cpu -o DIR` and run `kiln run DIR`, or pass --interp to run the reference \
-                 interpreter",
-                req.model.display(),
-                req.model.display()
-            );
+            return Err(not_an_artifact(req.model, "run"));
         }
         return run_spec(req, &prompt, out);
     }
