@@ -103,8 +103,9 @@ fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
         }
         return Ok(Source::Spec(spec::load(input)?));
     }
-    let src = std::fs::read_to_string(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let graph = kiln_ir::text::parse_file(&input.display().to_string(), &src)?;
+    let bytes = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let name = input.display().to_string();
+    let graph = kiln_ir::text::check_graph_file(&name, kiln_ir::diag::utf8(&name, &bytes)?)?;
     let spec = spec_path.map(spec::load).transpose()?;
     Ok(Source::Graph { graph, spec })
 }

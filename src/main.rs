@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use kiln_compiler::{build, inspect, passes, spec};
-use kiln_ir::{text, verify, ProgramKind};
+use kiln_ir::{text, ProgramKind};
 
 mod bench;
 mod bench_train;
@@ -535,39 +535,30 @@ fn ir(
 }
 
 fn check(file: &Path) -> Result<()> {
-    let src = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    // A module file starts (after comments) with `module`; anything else is a graph.
-    let first = src.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with("//")).unwrap_or("");
-    if first.starts_with("module") {
-        let m = text::parse_module_file(&file.display().to_string(), &src)?;
-        kiln_ir::verify_module(&m)?;
-        let programs: Vec<String> = m.programs.iter().map(|p| format!("{} ({})", p.name, p.kind)).collect();
-        return emit(
-            &format!(
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let line = match text::read_file(&file.display().to_string(), &bytes)? {
+        text::KirFile::Module(m) => {
+            let programs: Vec<String> =
+                m.programs.iter().map(|p| format!("{} ({})", p.name, p.kind)).collect();
+            format!(
                 "{}: ok: module @{}, {} parameters, {} states, programs {}\n",
                 file.display(),
                 m.name,
                 m.params.len(),
                 m.states.len(),
                 programs.join(", ")
-            ),
-            None,
-        );
-    }
-    let graph = text::parse_file(&file.display().to_string(), &src)?;
-    verify::verify(&graph)?;
-    let params = graph.params();
-    emit(
-        &format!(
+            )
+        }
+        text::KirFile::Graph(graph) => format!(
             "{}: ok: graph @{}, {} nodes, {} parameters, {} outputs\n",
             file.display(),
             graph.name(),
             graph.node_count(),
-            params.len(),
+            graph.params().len(),
             graph.outputs().len()
         ),
-        None,
-    )
+    };
+    emit(&line, None)
 }
 
 fn inspect(spec_path: &Path, context: u64, json: bool) -> Result<()> {

@@ -12,6 +12,7 @@ mod goldens;
 mod interp;
 mod layering;
 mod limits;
+mod messages;
 mod output;
 mod passes;
 mod passes_equiv;
