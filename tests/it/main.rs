@@ -8,6 +8,7 @@ mod codegen;
 mod compile;
 mod cuda;
 mod fuse;
+mod fuzz;
 mod goldens;
 mod interp;
 mod layering;
