@@ -21,7 +21,8 @@
 //! - [`remove_stale`], [`remove_stale_siblings`]: temporaries carry the id of the process that made
 //!   them; those of a process that no longer runs (killed with SIGKILL, or by a power cut) are
 //!   removed by the next write beside them. A process is known to be gone only where `/proc` says
-//!   so (Linux); elsewhere nothing is removed.
+//!   so (Linux); elsewhere nothing is removed. (Processes in another PID namespace that share the
+//!   directory look gone; kiln's temporaries are not shared that way in practice.)
 //!
 //! What it does not do: lock. Two processes writing the same target both succeed and the last rename
 //! wins; each result is whole.
@@ -312,8 +313,9 @@ pub fn remove_stale(dir: &Path, owner: impl Fn(&str) -> Option<u32>) -> Result<V
         };
         match gone {
             Ok(()) => removed.push(path),
-            // Another process cleaned it up first.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Another process cleaned it up first, or it is another user's (in a shared temporary
+            // directory), which is not ours to remove.
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied) => {}
             Err(e) => return Err(io_error(&path)(e)),
         }
     }
