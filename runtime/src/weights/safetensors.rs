@@ -370,8 +370,11 @@ pub fn write_safetensors(
         f.write_all(&(json.len() as u64).to_le_bytes())?;
         f.write_all(&json)?;
         f.write_all(&data)
-    })?;
-    Ok(())
+    })
+    .map_err(|e| match e {
+        kiln_ir::output::OutputError::Io { path, source } => WeightError::Io { path, source },
+        other => WeightError::Output(other),
+    })
 }
 
 /// Appends the bytes of `t` to `out`; returns the stored dtype.
