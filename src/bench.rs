@@ -102,6 +102,7 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
         BenchCommand::Gemm { sizes, threads, reps } => {
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            kiln_runtime::cpu::check_threads(threads)?;
             gemm(&sizes, threads, reps, out)
         }
         BenchCommand::Run {

@@ -43,7 +43,8 @@ pub struct Args {
     /// `cpu`, `sm_90a` or `all`.
     #[arg(long, default_value = "all")]
     target: String,
-    /// The artifact directory, written atomically (an existing artifact there is replaced).
+    /// The artifact directory, written atomically: a new path, an empty directory, or an artifact
+    /// (replaced whole; refused if it holds files its manifest does not list).
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// For a `.kir` input: run the pass pipeline with this spec (without it the graph is compiled as
@@ -106,8 +107,9 @@ fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
         }
         return Ok(Source::Spec(spec::load(input)?));
     }
-    let src = std::fs::read_to_string(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let graph = kiln_ir::text::parse_file(&input.display().to_string(), &src)?;
+    let bytes = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let name = input.display().to_string();
+    let graph = kiln_ir::text::check_graph_file(&name, kiln_ir::diag::utf8(&name, &bytes)?)?;
     let spec = spec_path.map(spec::load).transpose()?;
     Ok(Source::Graph { graph, spec })
 }
@@ -216,6 +218,13 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     };
     for name in &req.disable_pass {
         kiln_compiler::passes::find(name)?;
+    }
+    // A target `-o` may not replace is refused before the compile, not after it.
+    if let Some(dir) = &req.output {
+        pack::check_target(dir)?;
+        let inputs: Vec<&Path> =
+            [Some(req.input.as_path()), req.spec.as_deref()].into_iter().flatten().collect();
+        kiln_ir::output::check_not_input(dir, &inputs)?;
     }
     let source = load_source(&req.input, req.spec.as_deref())?;
     let stages: Vec<Stage> = pack::stages(&source, &options)

@@ -5,13 +5,14 @@
 //! The folder holds `config.json` (`kiln_compiler::spec::to_hf_config`) and `model.safetensors`
 //! (`kiln_runtime::weights::random_params` of the graph `kiln compile` builds, MTP modules included,
 //! with the standard deviation `kiln run --random-weights` uses, so the two give the same weights for
-//! the same seed), each tensor in its declared dtype. It is written atomically: into a hidden sibling
-//! renamed into place when complete; an existing folder is replaced only if it holds nothing but a
-//! checkpoint's files. A tokenizer someone put there (for `kiln run --prompt`) is left as it is:
+//! the same seed), each tensor in its declared dtype. It is written atomically
+//! (`kiln_ir::output::replace_dir`: a hidden sibling renamed into place when complete); an existing
+//! folder is replaced only if it holds nothing but a checkpoint's files (not a link to one, and not
+//! one holding the spec). A tokenizer someone put there (for `kiln run --prompt`) is left as it is:
 //! export-hf writes none, and carries an existing one over into the new folder.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
@@ -33,37 +34,31 @@ pub fn run(spec_path: &Path, seed: u64, dir: &Path, out: &mut impl Write) -> Res
             spec_path.display()
         );
     }
-    if dir.exists() && !replaceable(dir)? {
-        bail!("{} exists and holds more than a checkpoint's files; refusing to replace it", dir.display());
+    if dir.symlink_metadata().is_ok() && !replaceable(dir)? {
+        bail!(
+            "{} exists and is not a checkpoint folder export-hf wrote (a folder holding only {} and \
+             maybe a tokenizer); refusing to replace it: give a new path",
+            dir.display(),
+            FILES.join(" and ")
+        );
     }
+    kiln_ir::output::check_not_input(dir, &[spec_path])?;
     let graph = build::build_graph(&spec)?;
     let tensors = weights::random_params(&graph, seed, crate::run::RANDOM_STD)?;
     let count = tensors.len();
     let bytes: u64 = graph_bytes(&tensors, spec.model.dtype.size_bytes());
 
-    let name = dir.file_name().with_context(|| format!("{} is not a folder path", dir.display()))?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp: PathBuf = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let written = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    kiln_ir::output::replace_dir(dir, |tmp| -> Result<()> {
         let config = serde_json::to_string_pretty(&spec::to_hf_config(&spec))? + "\n";
         std::fs::write(tmp.join(FILES[0]), config)
             .with_context(|| format!("cannot write {}", tmp.join(FILES[0]).display()))?;
         weights::write_safetensors(&tmp.join(FILES[1]), &tensors, StoreFloats::AsDeclared)?;
-        if dir.exists() {
-            for f in KEPT.iter().map(|f| dir.join(f)).filter(|f| f.is_file()) {
-                let to = tmp.join(f.file_name().expect("a joined file name"));
-                std::fs::copy(&f, &to).with_context(|| format!("cannot keep {}", f.display()))?;
-            }
-            std::fs::remove_dir_all(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+        for f in KEPT.iter().map(|f| dir.join(f)).filter(|f| f.is_file()) {
+            let to = tmp.join(f.file_name().expect("a joined file name"));
+            std::fs::copy(&f, &to).with_context(|| format!("cannot keep {}", f.display()))?;
         }
-        std::fs::rename(&tmp, dir).with_context(|| format!("cannot write {}", dir.display()))?;
         Ok(())
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    written?;
+    })?;
     writeln!(
         out,
         "wrote {}: config.json (model_type {}) and model.safetensors ({count} tensors, {bytes} bytes of \
@@ -75,9 +70,9 @@ pub fn run(spec_path: &Path, seed: u64, dir: &Path, out: &mut impl Write) -> Res
     Ok(())
 }
 
-/// Whether `dir` is a folder holding only a checkpoint's files (or nothing).
+/// Whether `dir` is a folder (not a link to one) holding only a checkpoint's files (or nothing).
 fn replaceable(dir: &Path) -> Result<bool> {
-    if !dir.is_dir() {
+    if !dir.symlink_metadata()?.is_dir() {
         return Ok(false);
     }
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use kiln_compiler::{build, inspect, passes, spec};
-use kiln_ir::{text, verify, ProgramKind};
+use kiln_ir::{text, ProgramKind};
 
 mod bench;
 mod bench_train;
@@ -330,6 +330,7 @@ fn run(command: Command) -> Result<()> {
             profile,
             dump_logits,
         } => {
+            check_threads(threads)?;
             let weights = match (&weights, random_weights) {
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
                 (None, Some(seed)) => run::Weights::Random(seed),
@@ -377,6 +378,7 @@ fn run(command: Command) -> Result<()> {
             interp,
             threads,
         } => {
+            check_threads(threads)?;
             let weights = match (&weights, random_weights, &resume) {
                 (Some(_), Some(_), _) => {
                     bail!("give either --weights DIR or --random-weights SEED, not both")
@@ -429,6 +431,7 @@ fn run(command: Command) -> Result<()> {
             threads,
             json,
         } => {
+            check_threads(threads)?;
             let weights = match (&weights, random_weights) {
                 (Some(_), Some(_)) => bail!("give either --weights DIR or --random-weights SEED, not both"),
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
@@ -469,6 +472,7 @@ fn ir(
     module: bool,
     output: Option<&Path>,
 ) -> Result<()> {
+    check_output_file(output, &[spec_path])?;
     let spec = spec::load(spec_path)?;
     if module {
         let options = kiln_compiler::pack::Options::new(kiln_compiler::pack::Targets::All, 1, 1);
@@ -489,39 +493,30 @@ fn ir(
 }
 
 fn check(file: &Path) -> Result<()> {
-    let src = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    // A module file starts (after comments) with `module`; anything else is a graph.
-    let first = src.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with("//")).unwrap_or("");
-    if first.starts_with("module") {
-        let m = text::parse_module_file(&file.display().to_string(), &src)?;
-        kiln_ir::verify_module(&m)?;
-        let programs: Vec<String> = m.programs.iter().map(|p| format!("{} ({})", p.name, p.kind)).collect();
-        return emit(
-            &format!(
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let line = match text::read_file(&file.display().to_string(), &bytes)? {
+        text::KirFile::Module(m) => {
+            let programs: Vec<String> =
+                m.programs.iter().map(|p| format!("{} ({})", p.name, p.kind)).collect();
+            format!(
                 "{}: ok: module @{}, {} parameters, {} states, programs {}\n",
                 file.display(),
                 m.name,
                 m.params.len(),
                 m.states.len(),
                 programs.join(", ")
-            ),
-            None,
-        );
-    }
-    let graph = text::parse_file(&file.display().to_string(), &src)?;
-    verify::verify(&graph)?;
-    let params = graph.params();
-    emit(
-        &format!(
+            )
+        }
+        text::KirFile::Graph(graph) => format!(
             "{}: ok: graph @{}, {} nodes, {} parameters, {} outputs\n",
             file.display(),
             graph.name(),
             graph.node_count(),
-            params.len(),
+            graph.params().len(),
             graph.outputs().len()
         ),
-        None,
-    )
+    };
+    emit(&line, None)
 }
 
 fn inspect(spec_path: &Path, context: u64, json: bool) -> Result<()> {
@@ -539,6 +534,7 @@ fn import_hf(config: &Path, output: Option<&Path>) -> Result<()> {
     if config.extension().and_then(|e| e.to_str()) != Some("json") {
         bail!("{} is not a Hugging Face config.json (expected a .json file)", config.display());
     }
+    check_output_file(output, &[config])?;
     let spec = spec::load(config)?;
     emit(&spec::to_toml(&spec), output)
 }
@@ -579,8 +575,8 @@ fn doctor() -> Result<()> {
     emit(&out, None)
 }
 
-/// Writes `text` to standard output, or atomically to `path` (a temporary file renamed into place,
-/// so a failure never leaves a half-written file).
+/// Writes `text` to standard output, or atomically to `path` (`kiln_ir::output::write_file`: a
+/// temporary sibling renamed into place, so a failure never leaves a half-written file).
 fn emit(text: &str, path: Option<&Path>) -> Result<()> {
     match path {
         None => {
@@ -589,17 +585,25 @@ fn emit(text: &str, path: Option<&Path>) -> Result<()> {
             stdout.flush()?;
             Ok(())
         }
-        Some(path) => write_atomically(path, text.as_bytes()),
+        Some(path) => Ok(kiln_ir::output::write_file(path, text.as_bytes())?),
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Refuses a `--threads` the CPU backend would refuse, before any work (a train run would otherwise
+/// compile its step first).
+fn check_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        kiln_runtime::cpu::check_threads(n).with_context(|| format!("--threads {n}"))?;
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    Ok(())
+}
+
+/// Refuses an `-o FILE` that is not a new path or a regular file, or that is one of the command's
+/// `inputs`, before any work is done (`kiln_ir::output`).
+pub(crate) fn check_output_file(output: Option<&Path>, inputs: &[&Path]) -> Result<()> {
+    if let Some(path) = output {
+        kiln_ir::output::check_file_target(path)?;
+        kiln_ir::output::check_not_input(path, inputs)?;
+    }
+    Ok(())
 }

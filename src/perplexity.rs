@@ -49,13 +49,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let rows = data::load_tokens(req.data, &format)?;
     let (name, engine_name, result) = if !run::is_artifact(req.model) {
         if !req.interp {
-            bail!(
-                "{} is a model spec; compiled scoring runs an artifact: compile it with `kiln compile {} \
-                 --target cpu -o DIR` and run `kiln perplexity DIR`, or pass --interp to run the \
-                 reference interpreter",
-                req.model.display(),
-                req.model.display()
-            );
+            return Err(run::not_an_artifact(req.model, "perplexity"));
         }
         let spec = spec::load(req.model)?;
         // The forward graph declares every parameter a checkpoint holds (MTP included), so one

@@ -4,7 +4,7 @@
 //! generation loop (`kiln_runtime::generate`).
 //!
 //! A directory is an artifact (`kiln compile -o DIR`); anything else is a model spec, which only
-//! the interpreter runs (`--interp`): the graph keeps the MTP module, as artifacts do, so checkpoints
+//! the interpreter runs (`--interp`; without it, [`not_an_artifact`] says what the path is): the graph keeps the MTP module, as artifacts do, so checkpoints
 //! that carry it bind as they are (only the main logits are used). Weights come from a Hugging Face checkpoint folder or a seeded random
 //! initialisation. An artifact compiled with a KV cache (the default) prefills the prompt and then
 //! decodes one token per step over its cache; the interpreter recomputes the whole sequence. Tokens are printed as they come, then the continuation and the speeds, and with
@@ -112,6 +112,33 @@ pub fn is_artifact(path: &Path) -> bool {
     path.is_dir()
 }
 
+/// Why `path`, which is not a directory, cannot be what `kiln COMMAND` compiles and runs: what it
+/// is (absent, a model spec, a checkpoint, a graph, some other file) and what to give instead.
+pub(crate) fn not_an_artifact(path: &Path, command: &str) -> anyhow::Error {
+    let p = path.display();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let wanted = format!(
+        "`kiln {command}` runs an artifact directory from `kiln compile SPEC --target cpu -o DIR`, or with \
+         --interp a model spec (a .toml file or a Hugging Face config.json) on the reference interpreter"
+    );
+    if path.symlink_metadata().is_err() {
+        return anyhow::anyhow!("{p} does not exist: {wanted}");
+    }
+    match ext.as_str() {
+        "toml" | "json" => anyhow::anyhow!(
+            "{p} is a model spec; compiled execution runs an artifact: compile it with `kiln compile {p} \
+             --target cpu -o DIR` and run `kiln {command} DIR`, or pass --interp to run the reference \
+             interpreter"
+        ),
+        "safetensors" => anyhow::anyhow!("{p} is a checkpoint, not an artifact: give it with --weights; {wanted}"),
+        "kir" => anyhow::anyhow!(
+            "{p} is a graph (.kir), not an artifact: compile it with `kiln compile {p} --target cpu -o DIR` and \
+             run `kiln {command} DIR`"
+        ),
+        _ => anyhow::anyhow!("{p} is a file, not an artifact directory: {wanted}"),
+    }
+}
+
 /// The prompt's ids, with the tokenizer that made them from text.
 struct Prompt {
     ids: Vec<i64>,
@@ -146,9 +173,10 @@ fn check_prompt(spec: &ModelSpec, prompt: &[i64], req: &Request) -> Result<()> {
     if let Some((i, &t)) = prompt.iter().enumerate().find(|&(_, &t)| t < 0 || t as u64 >= vocab) {
         bail!("prompt token {i} is {t}, outside the vocabulary: ids must be in 0..{vocab}");
     }
-    let total = prompt.len() as u64 + req.max_new_tokens;
+    // In u128: --max-new-tokens may be as large as a u64 goes.
+    let total = prompt.len() as u128 + u128::from(req.max_new_tokens);
     let max = spec.model.max_position_embeddings;
-    if total > max {
+    if total > u128::from(max) {
         bail!(
             "{} prompt tokens + {} new tokens = {total} exceed the model's context of {max} positions",
             prompt.len(),
@@ -158,14 +186,30 @@ fn check_prompt(spec: &ModelSpec, prompt: &[i64], req: &Request) -> Result<()> {
     Ok(())
 }
 
+fn tensors(n: usize) -> String {
+    if n == 1 {
+        "1 tensor".into()
+    } else {
+        format!("{n} tensors")
+    }
+}
+
+/// Bytes of `decls` at `per_value(dtype)` bytes each, saturating.
+fn decl_bytes(decls: &[ParamDecl], per_value: impl Fn(kiln_ir::DType) -> u64) -> u64 {
+    decls.iter().map(|d| (d.numel as u64).saturating_mul(per_value(d.dtype))).fold(0, u64::saturating_add)
+}
+
 /// The parameters `decls` from `weights`, one at a time (a checkpoint is checked against them
-/// first, whole).
+/// first, whole). Whoever takes them as host tensors holds them all as f32 (the interpreter), so
+/// that much must fit in the machine.
 pub(crate) fn params<'c>(
     decls: Vec<ParamDecl>,
     weights: &Weights,
     spec: Option<&ModelSpec>,
     ckpt: &'c mut Option<weights::Checkpoint>,
 ) -> Result<Box<dyn Iterator<Item = Result<HostTensor, WeightError>> + 'c>> {
+    let what = format!("the parameters as f32 ({})", tensors(decls.len()));
+    kiln_runtime::host::check_fits(decl_bytes(&decls, |_| 4), &what)?;
     Ok(match weights {
         Weights::Checkpoint(dir) => {
             let c = weights::open_checkpoint(dir)?;
@@ -197,6 +241,10 @@ pub(crate) fn mapped_params<'c>(
             Box::new(weights::bind_mapped(decls, ckpt.insert(c))?)
         }
         Weights::Random(seed) => {
+            // Made one at a time as f32, each then copied into the model's memory.
+            let largest = decls.iter().map(|d| (d.numel as u64).saturating_mul(4)).max().unwrap_or(0);
+            let bytes = decl_bytes(&decls, |d| d.size_bytes()).saturating_add(largest);
+            kiln_runtime::host::check_fits(bytes, &format!("the random weights ({})", tensors(decls.len())))?;
             Box::new(weights::random_tensors(decls, *seed, RANDOM_STD).map(|t| Ok(Param::Host(t))))
         }
     })
@@ -220,6 +268,7 @@ pub(crate) fn cpu_options(threads: Option<usize>) -> CpuOptions {
 
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    crate::check_output_file(req.dump_logits, &[req.model])?;
     let prompt = prompt(req)?;
     if req.profile && req.interp {
         bail!("--profile times the compiled kernels; run an artifact (no --interp)");
@@ -232,13 +281,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     if !is_artifact(req.model) {
         if !req.interp {
-            bail!(
-                "{} is a model spec; compiled execution runs an artifact: compile it with `kiln compile {} \
-                 --target cpu -o DIR` and run `kiln run DIR`, or pass --interp to run the reference \
-                 interpreter",
-                req.model.display(),
-                req.model.display()
-            );
+            return Err(not_an_artifact(req.model, "run"));
         }
         return run_spec(req, &prompt, out);
     }
@@ -458,7 +501,8 @@ fn write_logits(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
         text += &line.join(" ");
         text.push('\n');
     }
-    std::fs::write(path, text).with_context(|| format!("cannot write --dump-logits {}", path.display()))
+    kiln_ir::output::write_file(path, text.as_bytes())
+        .with_context(|| format!("cannot write --dump-logits {}", path.display()))
 }
 
 fn generate_and_report(

@@ -641,34 +641,20 @@ fn write_curve(out: &Path, model: &str) -> Result<()> {
     let log = out.join(METRICS);
     let text = std::fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
     let svg = plot::render(&format!("kiln train {model}: loss"), &plot::points(&text));
-    let (path, tmp) = (out.join(CURVE), out.join(format!(".{CURVE}.tmp-{}", std::process::id())));
-    std::fs::write(&tmp, svg).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    Ok(kiln_ir::output::write_file(&out.join(CURVE), svg.as_bytes())?)
 }
 
 /// Removes from `out` the hidden temporaries a killed `kiln train` left (`.step-N.tmp-PID/`,
-/// `.loss.svg.tmp-PID`): those of a process that no longer runs (on Linux, where `/proc` says;
-/// elsewhere every one not this process's).
+/// `.loss.svg.tmp-PID…`): those of a process that no longer runs (`kiln_ir::output::remove_stale`).
 fn remove_stale(out: &Path) -> Result<()> {
-    let me = std::process::id();
-    let entries = std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot read {}", out.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((stem, pid)) = name.rsplit_once(".tmp-") else { continue };
+    let owner = |name: &str| {
+        let (stem, _) = name.split_once(".tmp-")?;
         let ours = stem.strip_prefix(".step-").is_some_and(|n| n.parse::<u64>().is_ok())
             || stem == format!(".{CURVE}");
-        let Ok(pid) = pid.parse::<u32>() else { continue };
-        let proc = Path::new("/proc");
-        let alive = pid == me || (proc.is_dir() && proc.join(pid.to_string()).exists());
-        if ours && !alive {
-            let path = entry.path();
-            let removed =
-                if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            removed.with_context(|| format!("cannot remove {}, left by a killed run", path.display()))?;
-        }
-    }
+        ours.then(|| kiln_ir::output::pid_after(name, &format!("{stem}.tmp-")))?
+    };
+    kiln_ir::output::remove_stale(out, owner)
+        .with_context(|| format!("cannot remove the temporaries a killed run left in {}", out.display()))?;
     Ok(())
 }
 

@@ -52,7 +52,7 @@ use crate::toolchain::{self, ToolchainError};
 
 pub use memory::{plan_memory, MemoryPlan, PlanError};
 pub use ptxas::{parse_report, PtxasStats};
-pub use write::{write, WriteError};
+pub use write::{check_target, write, WriteError};
 
 pub use crate::target::Targets;
 
@@ -575,23 +575,27 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
     Ok(Prepared { spec, module, programs, cpu, gpu, ptxas })
 }
 
-/// Links the CPU library in a private temporary directory and returns its bytes.
+/// The prefix of the private temporary directories the CPU library is linked in:
+/// `kiln-pack-{pid}-{random}` in the system's temporary directory.
+const LINK_DIR_PREFIX: &str = "kiln-pack-";
+
+/// Links the CPU library in a private temporary directory and returns its bytes. The directories
+/// that killed earlier compiles left there are removed first.
 fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
     let object = cpu::object(module)?;
-    let dir = std::env::temp_dir().join(format!("kiln-pack-{}-{}", std::process::id(), unique()));
-    let path = dir.join(artifact::KERNELS_SO);
-    let link_error = |message: String| EmitError::Link { path: path.clone(), message };
-    std::fs::create_dir_all(&dir).map_err(|e| link_error(e.to_string()))?;
+    let temp = std::env::temp_dir();
+    let link_error =
+        |path: &std::path::Path, message: String| EmitError::Link { path: path.to_path_buf(), message };
+    // Housekeeping of a shared directory, best effort: a failure there is not this compile's.
+    let _ = kiln_ir::output::remove_stale(&temp, |name| kiln_ir::output::pid_after(name, LINK_DIR_PREFIX));
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{LINK_DIR_PREFIX}{}-", std::process::id()))
+        .tempdir()
+        .map_err(|e| link_error(&temp, e.to_string()))?;
+    let path = dir.path().join(artifact::KERNELS_SO);
     let bytes = cpu::link_shared_library(&object, &path)
-        .and_then(|()| std::fs::read(&path).map_err(|e| link_error(e.to_string())));
-    let _ = std::fs::remove_dir_all(&dir);
+        .and_then(|()| std::fs::read(&path).map_err(|e| link_error(&path, e.to_string())));
     Ok(bytes?)
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// SHA-256 as 64 lowercase hex digits.

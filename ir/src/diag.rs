@@ -64,6 +64,32 @@ impl Diagnostic {
     }
 }
 
+/// The text of the file `file`, or a diagnostic at its first byte that is not UTF-8: the line and
+/// column (in characters before it), and its offset in bytes, which is what a hex editor shows.
+pub fn utf8<'a>(file: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
+    let e = match std::str::from_utf8(bytes) {
+        Ok(text) => return Ok(text),
+        Err(e) => e,
+    };
+    let at = e.valid_up_to();
+    let before = std::str::from_utf8(&bytes[..at]).expect("valid up to here");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line_end = bytes[at..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| at + i);
+    let message = format!(
+        "the file is not UTF-8 text: byte {at} (0x{:02x}) does not start a UTF-8 character; kiln reads \
+         specs, configs and .kir files as UTF-8, so re-save it as UTF-8",
+        bytes[at]
+    );
+    Err(Diagnostic {
+        file: file.to_string(),
+        line: before.matches('\n').count() + 1,
+        col: before[line_start..].chars().count() + 1,
+        len: 1,
+        message,
+        source_line: String::from_utf8_lossy(&bytes[line_start..line_end]).trim_end_matches('\r').to_string(),
+    })
+}
+
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     while !s.is_char_boundary(i) {
         i -= 1;
@@ -105,6 +131,22 @@ mod tests {
             d.to_string(),
             "error: unknown op `frobnicate`\n --> bad.kir:2:8\n  |\n2 |   %2 = frobnicate %1 : f32[B]\n  |        ^^^^^^^^^^"
         );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_located_by_line_column_and_offset() {
+        assert_eq!(utf8("f", "ok é\n".as_bytes()), Ok("ok é\n"));
+        let d = utf8("spec.toml", b"[model]\nname = \"t\xffny\"\n").unwrap_err();
+        assert_eq!((d.line, d.col, d.len), (2, 10, 1));
+        assert_eq!(
+            d.to_string(),
+            "error: the file is not UTF-8 text: byte 17 (0xff) does not start a UTF-8 character; kiln reads \
+             specs, configs and .kir files as UTF-8, so re-save it as UTF-8\n --> spec.toml:2:10\n  |\n2 | \
+             name = \"t\u{fffd}ny\"\n  |          ^"
+        );
+        // A character cut short at the end of the file.
+        let d = utf8("g.kir", "é".as_bytes().split_last().unwrap().1).unwrap_err();
+        assert_eq!((d.line, d.col), (1, 1));
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //! (named programs over shared parameters and state), their text format (`.kir`), the verifiers,
 //! shape inference and the model specification shared by compiler and runtime.
 //!
+//! [`output`] is the one implementation of writing files safely (atomic writes, refused targets,
+//! stale temporaries), here because every crate writes something and every crate depends on this
+//! one.
+//!
 //! Architecture invariant: this crate knows nothing about TOML, MLIR, LLVM or CUDA. Its dependencies
-//! are petgraph, serde and thiserror.
+//! are petgraph, serde, thiserror and tempfile (for [`output`]).
 
 pub mod artifact;
 pub mod diag;
@@ -12,6 +16,7 @@ pub mod infer;
 pub mod interp;
 pub mod module;
 pub mod op;
+pub mod output;
 pub mod spec;
 pub mod text;
 pub mod types;

@@ -162,9 +162,11 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
             Op::Send { .. } | Op::Recv { .. } if in_kernel => {
                 report(None, "pipeline communication cannot sit inside a fused kernel".into());
             }
+            // A body's value ids are its own: the finding is about the fused node's results.
             Op::Fused { name, body } => {
                 for v in check(body, true) {
-                    report(v.value, format!("in fused kernel `{name}`: {} ({})", v.message, v.context));
+                    let message = format!("in fused kernel `{name}`: {} ({})", v.message, v.context);
+                    report(node.results.first().copied(), message);
                 }
             }
             _ => {}

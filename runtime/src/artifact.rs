@@ -108,8 +108,20 @@ pub fn load(dir: &Path) -> Result<Artifact, RuntimeError> {
         }
         Err(e) => return Err(RuntimeError::Io { path, source: e }),
     };
+    let manifest = parse_manifest(dir, &text)?;
+    let art = Artifact { dir: dir.to_path_buf(), manifest };
+    for f in &art.manifest.files {
+        check_file(&art, f)?;
+    }
+    Ok(art)
+}
+
+/// Steps 1 to 3 of [`load`] on the bytes of `dir`'s manifest: JSON, the format version, the
+/// decoding and [`Manifest::validate`]. Any bytes give a manifest or an error, never a panic.
+pub fn parse_manifest(dir: &Path, text: &[u8]) -> Result<Manifest, RuntimeError> {
+    let path = dir.join(artifact::MANIFEST_FILE);
     let bad = |reason: String| RuntimeError::BadManifest { path: path.clone(), reason };
-    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
     let version = value
         .get("format_version")
         .ok_or_else(|| bad("it has no `format_version`".into()))?
@@ -124,11 +136,7 @@ pub fn load(dir: &Path) -> Result<Artifact, RuntimeError> {
     }
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     manifest.validate().map_err(|source| RuntimeError::InvalidManifest { dir: dir.to_path_buf(), source })?;
-    let art = Artifact { dir: dir.to_path_buf(), manifest };
-    for f in &art.manifest.files {
-        check_file(&art, f)?;
-    }
-    Ok(art)
+    Ok(manifest)
 }
 
 /// Size first (cheap, and what a truncation changes), then the hash, streamed.

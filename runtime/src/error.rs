@@ -78,6 +78,14 @@ pub enum RuntimeError {
     Distributed { step: usize, what: String },
     #[error("cannot allocate {bytes} bytes for {what}")]
     OutOfMemory { bytes: u64, what: String },
+    #[error(
+        "cannot allocate {bytes} bytes ({}) for {what}: more than this machine's memory of {memory} bytes \
+         ({}; MemTotal + SwapTotal in /proc/meminfo); use a smaller model or smaller maxima (kiln \
+         compile --max-batch, --max-context), or a machine with more memory",
+        Bytes(*bytes),
+        Bytes(*memory)
+    )]
+    TooLarge { bytes: u64, what: String, memory: u64 },
     #[error("{0}")]
     BadOption(String),
 
@@ -148,11 +156,33 @@ pub enum RuntimeError {
     #[error(
         "{prompt} prompt tokens + {new} new tokens need {needed} positions, but {what} holds at most {max}"
     )]
-    ContextTooLong { prompt: usize, new: usize, needed: u64, max: u64, what: String },
+    ContextTooLong { prompt: usize, new: usize, needed: u128, max: u64, what: String },
+    #[error("the prompt has {prompt} tokens, but {what} prefills at most {max} at once")]
+    PromptTooLong { prompt: usize, max: u64, what: String },
     #[error("the model has no `{0}` output to generate from")]
     NoLogits(String),
     #[error("the model takes input `{0}`, which generation does not know how to fill")]
     UnknownModelInput(String),
     #[error("the logits of sequence {sequence} at step {step} have no finite value")]
     NonFiniteLogits { sequence: usize, step: usize },
+}
+
+/// A byte count in the largest binary unit that keeps it at least 1 (`2.0 PiB`).
+struct Bytes(u64);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.1} {}", UNITS[unit])
+        }
+    }
 }

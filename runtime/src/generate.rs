@@ -290,10 +290,8 @@ fn check(
     if let Some(cache) = engine.kv_cache() {
         // The prefill holds the prompt (T), the cache every position of the sequence (S).
         if let Some(p) = prompts.iter().find(|p| p.len() as u64 > limits.max_tokens) {
-            return Err(RuntimeError::ContextTooLong {
+            return Err(RuntimeError::PromptTooLong {
                 prompt: p.len(),
-                new: 0,
-                needed: p.len() as u64,
                 max: limits.max_tokens,
                 what: limits.what,
             });
@@ -321,8 +319,9 @@ fn check(
             return Err(RuntimeError::PromptToken { which, value, vocab });
         }
         // The last forward pass reads the prompt and every new token but the last.
-        let needed = (prompt.len() + opts.max_new_tokens.saturating_sub(1)) as u64;
-        if needed > limits.max_tokens {
+        // In u128: `max_new_tokens` may be anything a caller passes, `usize::MAX` included.
+        let needed = prompt.len() as u128 + (opts.max_new_tokens as u128).saturating_sub(1);
+        if needed > u128::from(limits.max_tokens) {
             return Err(RuntimeError::ContextTooLong {
                 prompt: prompt.len(),
                 new: opts.max_new_tokens,

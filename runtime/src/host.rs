@@ -1,4 +1,5 @@
-//! Host memory for kernels: aligned, zeroed allocations ([`Memory`]), and the bytes each dtype is
+//! Host memory for kernels: aligned, zeroed allocations ([`Memory`]) no larger than the machine
+//! ([`check_fits`]), and the bytes each dtype is
 //! stored as ([`encode`], [`decode`]), which are the generated kernels' storage types: f32, f16 and
 //! bf16 in IEEE/bfloat layout, FP8 E4M3 and bool as one byte each, i32 and i64, all little-endian.
 //!
@@ -13,6 +14,7 @@ use kiln_ir::interp::numerics::f8e4m3_from_f32;
 use kiln_ir::DType;
 
 use crate::weights::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, HostData};
+use crate::RuntimeError;
 
 /// The alignment of every allocation: the arena's offset alignment, so that an arena buffer is
 /// aligned in memory as it is in the plan.
@@ -69,6 +71,30 @@ impl Drop for Memory {
         let layout = Layout::from_size_align(self.len.max(1), ALIGN).expect("checked in zeroed");
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// Bytes of memory this machine has for a process, `MemTotal` plus `SwapTotal` of `/proc/meminfo`;
+/// `None` where there is no `/proc/meminfo` to ask.
+pub fn machine_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    Some(kib("MemTotal:")?.saturating_add(kib("SwapTotal:").unwrap_or(0)).saturating_mul(1024))
+}
+
+/// Refuses an allocation of `bytes` for `what` that this machine could not hold even if it held
+/// nothing else (see [`machine_memory`]). An allocation that large would otherwise abort the
+/// process (Rust aborts when a `Vec` cannot get its memory) or, with overcommit, bring in the OOM
+/// killer once touched. An allocation that fits may still fail; that is reported where it happens.
+pub fn check_fits(bytes: u64, what: &str) -> Result<(), RuntimeError> {
+    match machine_memory() {
+        Some(memory) if bytes > memory => {
+            Err(RuntimeError::TooLarge { bytes, what: what.to_string(), memory })
+        }
+        _ => Ok(()),
     }
 }
 

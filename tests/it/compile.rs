@@ -374,7 +374,23 @@ fn an_existing_artifact_is_replaced_whole_and_other_directories_are_refused() {
     let s = Scratch::new();
     let dir = s.str("art");
     assert!(kiln(&["compile", SMALL, "--target", "all", "-o", &dir]).ok);
-    std::fs::write(s.path("art/stale.txt"), "from before").unwrap();
+    assert_eq!(
+        files_of(&s.path("art")),
+        ["kernels.mlir", "kernels.ptx", "kernels.so", "manifest.json", "module.kir"]
+    );
+    // A file the artifact does not list would be deleted with it: refused, nothing touched.
+    std::fs::write(s.path("art/notes.txt"), "mine").unwrap();
+    let out = kiln(&["compile", SMALL, "--target", "cpu", "-o", &dir]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("is a kiln artifact, but it also holds a file its manifest does not list (notes.txt)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::read_to_string(s.path("art/notes.txt")).unwrap(), "mine");
+    assert!(read_manifest(&s.path("art")).gpu.is_some(), "the old artifact is still there");
+    std::fs::remove_file(s.path("art/notes.txt")).unwrap();
     let out = kiln(&["compile", SMALL, "--target", "cpu", "-o", &dir]);
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(files_of(&s.path("art")), ["kernels.mlir", "kernels.so", "manifest.json", "module.kir"]);
@@ -386,7 +402,11 @@ fn an_existing_artifact_is_replaced_whole_and_other_directories_are_refused() {
     std::fs::write(s.path("mine/notes.txt"), "keep me").unwrap();
     let out = kiln(&["compile", SMALL, "--target", "cpu", "-o", &s.str("mine")]);
     assert!(!out.ok);
-    assert!(out.stderr.contains("is not a kiln artifact"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("exists and is not a kiln artifact (it has no manifest.json)"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(files_of(&s.path("mine")), ["notes.txt"]);
     assert_eq!(s.entries(), ["art", "mine"]);
 }

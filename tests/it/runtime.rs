@@ -394,6 +394,26 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
         &[&base[..], &["--prompt-ids", &long]].concat(),
         "10 prompt tokens + 8 new tokens need 17 positions, but the KV cache (16 positions",
     );
+    // A prompt longer than the prefill takes is that, not "20 prompt tokens + 0 new tokens".
+    let longer = (0..20).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    refused(
+        &dir,
+        &[&base[..], &["--prompt-ids", &longer]].concat(),
+        "the prompt has 20 tokens, but the artifact as loaded (T <= 16; kiln compile --max-context) \
+         prefills at most 16 at once",
+    );
+    // The largest --max-new-tokens does not wrap the length check around.
+    refused(
+        &dir,
+        &["--random-weights", "1", "--prompt-ids", "1,2,3", "--max-new-tokens", "18446744073709551615"],
+        "3 prompt tokens + 18446744073709551615 new tokens need 18446744073709551617 positions, but the KV \
+         cache (16 positions",
+    );
+    refused(
+        &dir,
+        &[&base[..], &["--prompt-ids", "1", "--threads", "100000"]].concat(),
+        "100000 threads is more than this machine can use",
+    );
     refused(
         &dir,
         &[&base[..], &["--prompt-ids", "1,2,512"]].concat(),

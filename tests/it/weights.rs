@@ -159,6 +159,37 @@ fn deepseek_extras_are_tolerated_and_nothing_else() {
     assert_eq!(e.to_string(), "the checkpoint lacks 1 tensor(s) the graph needs: `model.norm.weight`");
 }
 
+/// The KV-cache programs leave the MTP module out, so a whole one is skipped; one missing a tensor
+/// names that tensor (it was taken for a layer of 65 stray tensors, each reported as unused).
+#[test]
+fn an_unused_mtp_module_is_skipped_whole_or_its_missing_tensor_named() {
+    let (_, weights) = tiny_graph_and_weights();
+    let prefill = kiln_compiler::build::build_cached(&tiny(), kiln_compiler::build::Phase::Prefill).unwrap();
+    let dir = TempDir::new("mtp");
+    let path = dir.0.join("model.safetensors");
+    let bound = |stored: &[HostTensor]| {
+        write_safetensors(&path, stored, StoreFloats::F32).unwrap();
+        bind(&prefill, &open_checkpoint(&dir.0).unwrap())
+    };
+    let main = bound(&weights).unwrap();
+    assert!(main.iter().all(|t| !t.name.starts_with("model.layers.4.")), "the MTP module is not bound");
+    let without_mtp: Vec<HostTensor> =
+        weights.iter().filter(|t| !t.name.starts_with("model.layers.4.")).cloned().collect();
+    assert_eq!(bound(&without_mtp).unwrap(), main);
+    for dropped in ["model.layers.4.eh_proj.weight", "model.layers.4.mlp.experts.3.up_proj.weight"] {
+        let stored: Vec<HostTensor> = weights.iter().filter(|t| t.name != dropped).cloned().collect();
+        let e = bound(&stored).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the checkpoint's MTP module `model.layers.4` lacks 1 tensor(s) it needs: `{dropped}`; the \
+                 programs here do not run it, but a checkpoint missing part of a module is damaged: restore \
+                 the tensor(s), or leave the whole module out"
+            )
+        );
+    }
+}
+
 #[test]
 fn the_golden_checkpoint_is_mapped_not_copied() {
     let golden = root().join(GOLDEN);

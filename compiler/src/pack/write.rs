@@ -1,102 +1,124 @@
-//! Writing an artifact directory so that it appears complete or not at all.
+//! Writing an artifact directory so that it appears complete or not at all, and only where it
+//! replaces nothing but an artifact.
 //!
-//! Every file is written into a temporary sibling, `.{name}.tmp-{pid}`, and synced; only then is the
-//! sibling renamed to the target. A directory already at the target is moved aside first
-//! (`.{name}.old-{pid}`) and removed after the new one is in place, and moved back if the final
-//! rename fails. (Linux cannot rename a directory over a non-empty one, so there is a moment between
-//! the two renames when the target is absent; there is never one when it is half written.) On any
-//! failure the temporary directory is removed.
+//! The files are written by [`kiln_ir::output::replace_dir`]: into a temporary sibling
+//! (`.{name}.tmp-{pid}-…`), synced, renamed over the target (an existing directory moved aside and
+//! removed once the new one is in place). The temporaries of a killed earlier compile are removed
+//! on the way.
 //!
-//! An existing target is replaced only when it looks like an artifact (it has a `manifest.json`) or
-//! is empty, so `-o` pointed at the wrong directory by mistake cannot delete it.
+//! What may be at the target ([`check_target`], which the CLI calls before compiling and [`write()`]
+//! again before writing): nothing, an empty directory, or a kiln artifact: a directory whose
+//! `manifest.json` has a whole-number `format_version` (any version, so an old artifact can be
+//! recompiled in place) and that holds nothing but the files its manifest lists. An artifact is
+//! replaced whole, so a file someone put into one would be deleted; such a directory is refused,
+//! naming the files, rather than kept in part. Anything else (a file, a link, a directory without
+//! a manifest, or with a manifest that is not kiln's) is refused and left as it is.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kiln_ir::artifact::MANIFEST_FILE;
+use kiln_ir::artifact::{KERNELS_MLIR, KERNELS_PTX, KERNELS_SO, MANIFEST_FILE, MODULE_KIR};
+use kiln_ir::output::{self, OutputError};
 
 use super::Artifact;
 
 /// Why an artifact could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} exists and is not a kiln artifact (it has no {MANIFEST_FILE}); refusing to replace it")]
-    NotAnArtifact { path: PathBuf },
-    #[error("{path} is not a directory path to write an artifact to")]
-    BadPath { path: PathBuf },
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(
+        "{} exists and is not a kiln artifact ({reason}); refusing to replace it: give a new path, an \
+         empty directory or an artifact directory",
+        path.display()
+    )]
+    NotAnArtifact { path: PathBuf, reason: String },
+    #[error(
+        "{} is a kiln artifact, but it also holds {} its manifest does not list ({}); an artifact is \
+         replaced whole, so refusing to delete them: move them out first, or give another path",
+        path.display(),
+        if names.len() == 1 { "a file" } else { "files" },
+        names.join(", ")
+    )]
+    ForeignFiles { path: PathBuf, names: Vec<String> },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
     move |source| WriteError::Io { path: path.to_path_buf(), source }
 }
 
-/// Whether an existing path may be replaced by an artifact.
-fn replaceable(dir: &Path) -> Result<bool, WriteError> {
-    if !dir.is_dir() {
-        return Ok(false);
-    }
-    if dir.join(MANIFEST_FILE).is_file() {
-        return Ok(true);
-    }
-    Ok(std::fs::read_dir(dir).map_err(io(dir))?.next().is_none())
-}
+/// The files any version of kiln writes into an artifact, besides the ones its manifest lists.
+const KILN_FILES: [&str; 5] = [MANIFEST_FILE, KERNELS_SO, KERNELS_PTX, MODULE_KIR, KERNELS_MLIR];
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+/// Checks that an artifact may be written at `dir`; see the module documentation.
+pub fn check_target(dir: &Path) -> Result<(), WriteError> {
+    let meta = match dir.symlink_metadata() {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let not_artifact =
+        |reason: &str| WriteError::NotAnArtifact { path: dir.to_path_buf(), reason: reason.into() };
+    if meta.file_type().is_symlink() {
+        return Err(not_artifact(
+            "it is a symbolic link, which replacing the directory would replace; give the directory it \
+             points to",
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(not_artifact("it is not a directory"));
+    }
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        entries.push(e.map_err(io(dir))?.file_name().to_string_lossy().into_owned());
+    }
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let manifest = dir.join(MANIFEST_FILE);
+    let text = match std::fs::read(&manifest) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_artifact(&format!("it has no {MANIFEST_FILE}")))
+        }
+        Err(e) => return Err(io(&manifest)(e)),
+    };
+    let json: Option<serde_json::Value> = serde_json::from_slice(&text).ok();
+    let Some(json) = json.filter(|v| v.get("format_version").is_some_and(|f| f.is_u64())) else {
+        return Err(not_artifact(&format!(
+            "its {MANIFEST_FILE} has no `format_version`, so kiln did not write it"
+        )));
+    };
+    let listed: Vec<&str> = json
+        .get("files")
+        .and_then(|f| f.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.get("name")?.as_str())
+        .collect();
+    let mut foreign: Vec<String> = entries
+        .into_iter()
+        .filter(|e| !KILN_FILES.contains(&e.as_str()) && !listed.contains(&e.as_str()))
+        .collect();
+    foreign.sort();
+    if foreign.is_empty() {
+        Ok(())
+    } else {
+        Err(WriteError::ForeignFiles { path: dir.to_path_buf(), names: foreign })
+    }
 }
 
 /// Writes `artifact` to the directory `dir`, atomically (see the module documentation).
 pub fn write(artifact: &Artifact, dir: &Path) -> Result<(), WriteError> {
-    let name = dir
-        .file_name()
-        .filter(|n| *n != "." && *n != "..")
-        .ok_or_else(|| WriteError::BadPath { path: dir.to_path_buf() })?
-        .to_string_lossy()
-        .into_owned();
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let exists = dir.symlink_metadata().is_ok();
-    if exists && !replaceable(dir)? {
-        return Err(WriteError::NotAnArtifact { path: dir.to_path_buf() });
-    }
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let pid = std::process::id();
-    let tmp = parent.join(format!(".{name}.tmp-{pid}"));
-    // Only a crashed earlier process with this pid can have left it.
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    let result = fill(artifact, &tmp).and_then(|()| replace(&tmp, dir, parent, &name, exists));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
-fn fill(artifact: &Artifact, tmp: &Path) -> Result<(), WriteError> {
-    std::fs::create_dir(tmp).map_err(io(tmp))?;
-    for (name, bytes) in &artifact.files {
-        write_file(&tmp.join(name), bytes)?;
-    }
-    // The manifest last: a directory with a manifest has every file it lists.
-    write_file(&tmp.join(MANIFEST_FILE), artifact.manifest_json.as_bytes())
-}
-
-fn replace(tmp: &Path, dir: &Path, parent: &Path, name: &str, exists: bool) -> Result<(), WriteError> {
-    if !exists {
-        return std::fs::rename(tmp, dir).map_err(io(dir));
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    }
-    std::fs::rename(dir, &old).map_err(io(dir))?;
-    if let Err(e) = std::fs::rename(tmp, dir) {
-        let _ = std::fs::rename(&old, dir);
-        return Err(io(dir)(e));
-    }
-    std::fs::remove_dir_all(&old).map_err(io(&old))
+    check_target(dir)?;
+    output::replace_dir(dir, |tmp| {
+        for (name, bytes) in &artifact.files {
+            let path = tmp.join(name);
+            std::fs::write(&path, bytes).map_err(io(&path))?;
+        }
+        // The manifest last: a directory with a manifest has every file it lists.
+        let path = tmp.join(MANIFEST_FILE);
+        std::fs::write(&path, artifact.manifest_json.as_bytes()).map_err(io(&path))
+    })
 }

@@ -55,12 +55,21 @@ fn schema_diagnostic(file: &str, src: &str, doc: &DeTable<'_>, e: &toml::de::Err
         }
     } else if let Some(rest) = msg.strip_prefix("missing field `") {
         let key = rest.trim_end_matches('`');
-        // serde reports a missing key at the table it is missing from; at the root the span is empty.
-        let path = if span.is_empty() { Vec::new() } else { path_at(doc, span.start) };
-        if path.is_empty() {
-            format!("missing section `[{key}]`")
-        } else {
-            format!("missing key `{key}` in `[{}]`", path.join("."))
+        // serde reports a missing key at the span of the table it is missing from (at the root the
+        // span is empty). A table only named in a dotted header (`[rope]` of `[rope.yarn]`) has the
+        // span of its name in that header, which the subtable's header also covers.
+        let table = if span.is_empty() { None } else { table_with_span(doc, &span, &mut Vec::new()) };
+        match table {
+            None if span.is_empty() => format!("missing section `[{key}]`"),
+            Some((path, true)) => {
+                let name = path.join(".");
+                format!(
+                    "missing key `{key}` in `[{name}]`, which this file only names in a subsection's \
+                     header: add a `[{name}]` section with `{key}` before it"
+                )
+            }
+            Some((path, false)) => format!("missing key `{key}` in `[{}]`", path.join(".")),
+            None => format!("missing key `{key}` in `[{}]`", path_at(doc, span.start).join(".")),
         }
     } else {
         let path = path_at(doc, span.start);
@@ -121,6 +130,27 @@ pub(super) fn span_of(doc: &DeTable<'_>, path: &[&str]) -> Range<usize> {
         }
     }
     best
+}
+
+/// The shallowest table whose value spans exactly `span`, and whether it is implicit (only named in
+/// the dotted header of a subtable, so that its value's span is its key's).
+fn table_with_span(
+    doc: &DeTable<'_>,
+    span: &Range<usize>,
+    prefix: &mut Vec<String>,
+) -> Option<(Vec<String>, bool)> {
+    for (k, v) in doc.iter() {
+        let DeValue::Table(t) = v.get_ref() else { continue };
+        prefix.push(k.get_ref().to_string());
+        if v.span() == *span {
+            return Some((prefix.clone(), k.span() == v.span()));
+        }
+        if let Some(found) = table_with_span(t, span, prefix) {
+            return Some(found);
+        }
+        prefix.pop();
+    }
+    None
 }
 
 /// The deepest key path whose key or value covers `offset`. Tables in TOML are not contiguous (a

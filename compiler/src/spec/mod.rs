@@ -24,6 +24,7 @@ mod emit;
 mod hf;
 mod hf_out;
 mod json;
+pub mod limits;
 mod load;
 mod validate;
 
@@ -47,7 +48,7 @@ pub enum SpecError {
         #[source]
         source: std::io::Error,
     },
-    /// The text is not well-formed TOML or JSON.
+    /// The text is not UTF-8, or not well-formed TOML or JSON.
     #[error("{0}")]
     Syntax(Diagnostic),
     /// Well-formed, but a key is unknown or missing, or a value has the wrong type.
@@ -78,12 +79,18 @@ impl SpecError {
 /// ([`import_hf`]), anything else is parsed as kiln TOML ([`parse_toml`]). Diagnostics name the path
 /// as given.
 pub fn load(path: &Path) -> Result<ModelSpec, SpecError> {
-    let src =
-        std::fs::read_to_string(path).map_err(|source| SpecError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| SpecError::Io { path: path.to_path_buf(), source })?;
+    parse_bytes(path, &bytes)
+}
+
+/// [`load`] on the bytes of the file at `path`: text that is not UTF-8 is an error at its first
+/// bad byte.
+pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<ModelSpec, SpecError> {
     let file = path.display().to_string();
+    let src = kiln_ir::diag::utf8(&file, bytes).map_err(SpecError::Syntax)?;
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
-        import_hf(&file, &src)
+        import_hf(&file, src)
     } else {
-        parse_toml(&file, &src)
+        parse_toml(&file, src)
     }
 }

@@ -6,7 +6,8 @@
 //! and what would be right. The rules are what the reference implementations assume, either
 //! explicitly (an `assert`) or because their tensors would not fit together otherwise:
 //!
-//! - sizes are positive; the dtype is a float type kiln computes in (f32, bf16, f16);
+//! - sizes are positive, and no larger than any model can be (`limits`: every size against a named
+//!   limit, then the parameter count and the expert blocks); the dtype is a float type kiln computes in (f32, bf16, f16);
 //! - `0 < rms_norm_eps < 1`, `theta > 0`, token ids inside the vocabulary;
 //! - low-rank projections compress (`q_lora_rank`, `kv_lora_rank` < `hidden_size`); the rotary
 //!   dimension is even (rotation acts on pairs);
@@ -26,6 +27,8 @@ use std::fmt;
 use kiln_ir::op::Scoring;
 use kiln_ir::spec::{ModelSpec, TopkMethod};
 use kiln_ir::DType;
+
+use super::limits::{model_is_bounded, sizes_are_bounded};
 
 /// A broken rule: the key it is about and a message saying what would be right.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +50,8 @@ type Rule = fn(&ModelSpec) -> Option<Violation>;
 const RULES: &[Rule] = &[
     name_is_identifier,
     sizes_are_positive,
+    sizes_are_bounded,
+    model_is_bounded,
     dtype_is_float,
     rms_norm_eps_in_range,
     special_tokens_in_vocab,

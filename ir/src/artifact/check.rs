@@ -163,11 +163,16 @@ impl Manifest {
             }
             let bytes = b.bytes(&max);
             if bytes != Some(b.max_bytes) {
+                let gives = bytes.map_or("more than 2^64".to_string(), |n| n.to_string());
                 return bad(
                     field("max_bytes"),
                     format!(
-                        "{} ({}) has max_bytes {} but its type gives {bytes:?}",
-                        b.id, b.value, b.max_bytes
+                        "{} ({}) has max_bytes {}, but its type gives {gives} bytes at the program's maxima \
+                         ({}); the manifest was edited: recompile it",
+                        b.id,
+                        b.value,
+                        b.max_bytes,
+                        p.symbols_text()
                     ),
                 );
             }
@@ -187,7 +192,10 @@ impl Manifest {
                         );
                     }
                     if matches!(b.kind, BufferKind::Param | BufferKind::Constant) {
-                        return bad(field("storage"), format!("a {:?} buffer is not in the arena", b.kind));
+                        return bad(
+                            field("storage"),
+                            format!("a {} buffer is not in the arena", b.kind.name()),
+                        );
                     }
                 }
                 Storage::Param { name } => {
@@ -213,7 +221,7 @@ impl Manifest {
                     if b.kind != BufferKind::Constant {
                         return bad(
                             field("storage"),
-                            format!("{} ({}) of kind {:?} is not a constant", b.id, b.value, b.kind),
+                            format!("{} ({}) of kind {} is not a constant", b.id, b.value, b.kind.name()),
                         );
                     }
                 }
@@ -342,8 +350,10 @@ impl Manifest {
                     }
                     if (arg.role == ArgRole::Scratch) != (buf.kind == BufferKind::Scratch) {
                         return Err(format!(
-                            "a launch of {kernel} passes {b} ({}), of kind {:?}, for a {:?} argument",
-                            buf.value, buf.kind, arg.role
+                            "a launch of {kernel} passes {b} ({}), of kind {}, for an argument of role {}",
+                            buf.value,
+                            buf.kind.name(),
+                            arg.role.name()
                         ));
                     }
                 }
@@ -363,14 +373,25 @@ impl Manifest {
 }
 
 impl Program {
+    /// The symbols and their maxima as a message shows them: `B <= 1, T <= 4096`.
+    fn symbols_text(&self) -> String {
+        let each: Vec<String> =
+            self.symbols.iter().map(|e| format!("{} <= {}", e.sym.name(), e.max)).collect();
+        if each.is_empty() {
+            "no symbols".into()
+        } else {
+            each.join(", ")
+        }
+    }
+
     fn check_symbols(&self) -> Result<(), String> {
         let mut seen = HashSet::new();
         let mut last = None;
         for e in &self.symbols {
             if !seen.insert(e.sym) || last.is_some_and(|l| l > e.sym) || e.max == 0 {
                 return Err(format!(
-                    "symbols must be distinct, in B, T, S order, with maxima of at least 1: {:?}",
-                    self.symbols
+                    "symbols must be distinct, in B, T, S order, with maxima of at least 1, not {}",
+                    self.symbols_text()
                 ));
             }
             last = Some(e.sym);

@@ -356,6 +356,18 @@ pub enum ArgRole {
     Scratch,
 }
 
+impl ArgRole {
+    /// The role as the manifest spells it (`scratch`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ArgRole::Input => "input",
+            ArgRole::Param => "param",
+            ArgRole::Output => "output",
+            ArgRole::Scratch => "scratch",
+        }
+    }
+}
+
 /// The CPU entry of a kernel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -466,6 +478,20 @@ pub enum BufferKind {
     Activation,
     /// Scratch space of one launch ([`ArgRole::Scratch`]), in the arena; not a value of the graph.
     Scratch,
+}
+
+impl BufferKind {
+    /// The kind as the manifest spells it (`activation`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BufferKind::Input => "input",
+            BufferKind::Output => "output",
+            BufferKind::Param => "param",
+            BufferKind::Constant => "constant",
+            BufferKind::Activation => "activation",
+            BufferKind::Scratch => "scratch",
+        }
+    }
 }
 
 /// Where a buffer's bytes are.

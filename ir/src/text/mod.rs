@@ -81,6 +81,10 @@
 //! parser rejects two declarations of one kind with the same name, which would make a name ambiguous;
 //! everything else about how declarations and programs fit together is
 //! [`verify_module`](crate::module::verify_module)'s to check.
+//!
+//! A file someone wrote is read with [`read_file`] (or [`check_graph_file`], [`check_module_file`]):
+//! UTF-8, parse and verifiers in one, every error at a line and column of the file, the verifiers'
+//! included (`check.rs`).
 
 use std::fmt;
 
@@ -88,6 +92,7 @@ use crate::diag::Diagnostic;
 use crate::graph::Graph;
 use crate::module::Module;
 
+mod check;
 mod lex;
 #[cfg(test)]
 mod module_tests;
@@ -96,6 +101,7 @@ mod print;
 #[cfg(test)]
 mod tests;
 
+pub use check::{check_graph_file, check_module_file, is_module, read_file, KirFile};
 pub use print::{node_line, print, print_module};
 
 /// A `.kir` file that does not parse, with the place and the reason.

@@ -19,17 +19,49 @@ use super::SpanError;
 mod module;
 
 pub(crate) fn parse_graph(src: &str) -> Result<Graph, SpanError> {
-    let mut p = Parser::new(src)?;
-    p.graph()
+    parse_graph_with_spans(src).map(|(g, _)| g)
 }
 
 pub(crate) fn parse_module(src: &str) -> Result<Module, SpanError> {
+    parse_module_with_spans(src).map(|(m, _)| m)
+}
+
+/// A graph and where its parts are written.
+pub(crate) fn parse_graph_with_spans(src: &str) -> Result<(Graph, Spans), SpanError> {
     let mut p = Parser::new(src)?;
-    p.module()
+    let g = p.graph()?;
+    Ok((g, p.spans))
+}
+
+/// A module and where its parts are written (one [`GraphSpans`] per program, in order).
+pub(crate) fn parse_module_with_spans(src: &str) -> Result<(Module, Spans), SpanError> {
+    let mut p = Parser::new(src)?;
+    let m = p.module()?;
+    Ok((m, p.spans))
 }
 
 /// A byte range of the source.
-type Span = (usize, usize);
+pub(crate) type Span = (usize, usize);
+
+/// Where a top-level graph is written: its `graph @name {` header and the line defining each of its
+/// values (from the results to the op name). Fused bodies are not recorded: a finding inside one is
+/// reported at the fused node.
+#[derive(Default)]
+pub(crate) struct GraphSpans {
+    pub(crate) header: Span,
+    pub(crate) values: std::collections::HashMap<ValueId, Span>,
+}
+
+/// Where the parts of a file are written, for locating what the verifiers find after parsing.
+#[derive(Default)]
+pub(crate) struct Spans {
+    /// The `module @name {` header; empty for a graph file.
+    pub(crate) module: Span,
+    /// Each top-level graph, in order.
+    pub(crate) graphs: Vec<GraphSpans>,
+    /// The name of each `param` and `state` declaration.
+    pub(crate) decls: std::collections::HashMap<String, Span>,
+}
 
 fn err(span: Span, msg: impl Into<String>) -> SpanError {
     SpanError::new(span.0, span.1, msg)
@@ -52,6 +84,7 @@ struct Parser<'a> {
     prev_end: usize,
     /// How many `fused` bodies enclose the current line.
     depth: usize,
+    spans: Spans,
 }
 
 /// Limits on nesting, so that a hostile file cannot overflow the parser's stack.
@@ -62,7 +95,7 @@ impl<'a> Parser<'a> {
     fn new(src: &'a str) -> Result<Parser<'a>, SpanError> {
         let mut lex = Lexer::new(src);
         let tok = lex.next_token()?;
-        Ok(Parser { lex, tok, prev_end: 0, depth: 0 })
+        Ok(Parser { lex, tok, prev_end: 0, depth: 0, spans: Spans::default() })
     }
 
     /// Moves to the next token and returns the current one.
@@ -119,10 +152,11 @@ impl<'a> Parser<'a> {
 
     /// `graph @<name> {`, its statements and the closing `}`; the current token is `graph`.
     fn graph_def(&mut self) -> Result<Graph, SpanError> {
-        self.bump()?;
+        let start = self.bump()?.start;
         self.expect_punct('@', "`@` and the graph's name")?;
         let name = self.at_name("the graph's name")?;
         let open = self.expect_punct('{', "`{`")?;
+        self.spans.graphs.push(GraphSpans { header: (start, open.end), ..GraphSpans::default() });
         let mut g = Graph::new(name);
         self.body(&mut g, (open.start, open.end))?;
         Ok(g)
@@ -358,6 +392,11 @@ impl<'a> Parser<'a> {
         let types = types.into_iter().map(|(t, _)| t).collect();
         g.add_node_with_ids(op, &operands, &results, types, scope)
             .map_err(|e: GraphError| err(name_span, e.to_string()))?;
+        if self.depth == 0 {
+            if let Some(spans) = self.spans.graphs.last_mut() {
+                spans.values.extend(results.iter().map(|&v| (v, (results_or_name.0, name_span.1))));
+            }
+        }
         Ok(())
     }
 

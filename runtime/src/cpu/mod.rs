@@ -64,6 +64,28 @@ impl Default for CpuOptions {
     }
 }
 
+/// The most threads a launch may be split over: four per core the OS gives this process. More
+/// only adds wake-ups to every launch, and far more fails to start (each thread reserves a stack).
+pub fn max_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Checks a number of threads asked for: at least 1 and at most [`max_threads`].
+pub fn check_threads(threads: usize) -> Result<(), RuntimeError> {
+    if threads == 0 {
+        return Err(RuntimeError::BadOption("the number of threads must be at least 1".into()));
+    }
+    let max = max_threads();
+    if threads > max {
+        return Err(RuntimeError::BadOption(format!(
+            "{threads} threads is more than this machine can use: at most {max}, four per core of its {}; \
+             the default, one per core, is usually fastest",
+            max / 4
+        )));
+    }
+    Ok(())
+}
+
 /// The host's kernel library and how to split launches over threads.
 pub struct CpuBackend {
     library: libloading::Library,
@@ -181,9 +203,7 @@ impl Backend for CpuBackend {
                 host: std::env::consts::ARCH,
             });
         }
-        if options.threads == 0 {
-            return Err(RuntimeError::BadOption("the number of threads must be at least 1".into()));
-        }
+        check_threads(options.threads)?;
         let path = artifact.path(&target.library);
         // SAFETY: kiln's kernel libraries have no initialisers or global constructors; the library
         // was checked against its hash in the manifest by `artifact::load`, and it stays loaded for
@@ -198,6 +218,7 @@ impl Backend for CpuBackend {
     }
 
     fn alloc(&self, bytes: u64, what: &str) -> Result<CpuMemory, RuntimeError> {
+        crate::host::check_fits(bytes, what)?;
         Memory::zeroed(bytes)
             .map(CpuMemory::Owned)
             .ok_or_else(|| RuntimeError::OutOfMemory { bytes, what: what.to_string() })

@@ -116,15 +116,23 @@ pub struct Pool<'s> {
 }
 
 impl<'s> Pool<'s> {
-    /// Starts `threads - 1` workers in `scope`; the caller is the last thread.
+    /// Starts up to `threads - 1` workers in `scope`; the caller is the last thread. When the OS
+    /// refuses a thread (its limit on threads or memory), the pool runs with those it started:
+    /// `scope.spawn` would panic instead, and the scope would then wait forever for the workers
+    /// already started, which only a pool's drop stops.
     pub fn start<'scope>(scope: &'scope Scope<'scope, '_>, shared: &'s Shared, threads: usize) -> Pool<'s>
     where
         's: 'scope,
     {
-        for _ in 1..threads {
-            scope.spawn(move || shared.worker());
+        let mut started = 1;
+        while started < threads {
+            let spawned = std::thread::Builder::new().spawn_scoped(scope, move || shared.worker());
+            if spawned.is_err() {
+                break;
+            }
+            started += 1;
         }
-        Pool { shared, threads: threads.max(1) }
+        Pool { shared, threads: started }
     }
 
     pub fn threads(&self) -> usize {

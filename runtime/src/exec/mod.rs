@@ -257,6 +257,9 @@ impl<B: Backend> Executor<B> {
             let plan = fold::plan(manifest, p);
             for b in &p.buffers {
                 if let Storage::Constant { value } = b.storage {
+                    let what = format!("constant {} of program `{}`", b.id, p.name);
+                    // The f32 values and their encoding, both made before the backend's copy.
+                    crate::host::check_fits(b.max_bytes.saturating_mul(5), &what)?;
                     let n = (b.max_bytes / b.dtype.size_bytes()) as usize;
                     let data = if b.dtype.is_float() {
                         HostData::F32(vec![value as f32; n])

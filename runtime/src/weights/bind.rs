@@ -207,18 +207,20 @@ fn check_leftovers(params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), Weight
         .filter_map(|p| p.name.strip_prefix("model.layers.")?.strip_suffix(".eh_proj.weight"))
         .collect();
     // MTP modules of the checkpoint that the graph does not have (the KV-cache programs leave the
-    // MTP heads out): a layer with an `eh_proj` of which the graph declares nothing is skipped whole.
+    // MTP heads out): a layer with any tensor only an MTP module has, of which the graph declares
+    // nothing, is skipped whole, once it is known to be whole.
     let unused_mtp: BTreeSet<String> = ckpt
         .tensors()
         .filter_map(|t| {
-            t.name.strip_prefix("model.layers.")?.strip_suffix(".eh_proj.weight").map(str::to_string)
+            let rest = t.name.strip_prefix("model.layers.")?;
+            let (layer, local) = rest.split_once('.')?;
+            MTP_ONLY.contains(&local).then(|| format!("model.layers.{layer}."))
         })
-        .filter(|l| {
-            let prefix = format!("model.layers.{l}.");
-            !params.iter().any(|p| p.name.starts_with(&prefix))
-        })
-        .map(|l| format!("model.layers.{l}."))
+        .filter(|prefix| !params.iter().any(|p| p.name.starts_with(prefix.as_str())))
         .collect();
+    for prefix in &unused_mtp {
+        check_mtp_module(prefix, params, ckpt)?;
+    }
     let mut extra = Vec::new();
     for info in ckpt.tensors() {
         let name = info.name.as_str();
@@ -255,6 +257,51 @@ fn check_leftovers(params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), Weight
     } else {
         Err(WeightError::Extra { count: extra.len(), names: extra.into_iter().take(LISTED).collect() })
     }
+}
+
+/// The tensors (after `model.layers.{i}.`) that only an MTP module has: its two norms, its
+/// projection and its head's norm.
+const MTP_ONLY: [&str; 4] = ["enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"];
+
+/// Checks that an MTP module of the checkpoint that the graph does not use, `prefix`
+/// (`model.layers.61.`), is whole: it has every tensor only an MTP module has, and every tensor of
+/// the graph's last decoder layer (an MTP module is a decoder layer like it, plus those), except
+/// an MLP of another kind (dense or MoE, which `moe_layer_freq` may make differ): an MLP tensor is
+/// needed when the module has another of its family (`mlp.experts`, `mlp.gate_proj`, ...). A
+/// module missing one would otherwise be taken for a layer of stray tensors, and every one of
+/// them reported as unused.
+fn check_mtp_module(prefix: &str, params: &[ParamDecl], ckpt: &Checkpoint) -> Result<(), WeightError> {
+    let layer_of = |name: &str| -> Option<(u64, String)> {
+        let (layer, local) = name.strip_prefix("model.layers.")?.split_once('.')?;
+        Some((layer.parse().ok()?, local.to_string()))
+    };
+    let family = |local: &str| local.split('.').take(2).collect::<Vec<_>>().join(".");
+    let families: BTreeSet<String> =
+        ckpt.tensors().filter_map(|t| t.name.strip_prefix(prefix)).map(family).collect();
+    let last = params.iter().filter_map(|p| layer_of(&p.name)).map(|(l, _)| l).max();
+    let mut needed: BTreeSet<String> = MTP_ONLY.iter().map(|s| s.to_string()).collect();
+    needed.extend(
+        params
+            .iter()
+            .filter_map(|p| layer_of(&p.name))
+            .filter(|(l, local)| {
+                Some(*l) == last && (!local.starts_with("mlp.") || families.contains(&family(local)))
+            })
+            .map(|(_, local)| local),
+    );
+    let missing: Vec<String> = needed
+        .iter()
+        .map(|local| format!("{prefix}{local}"))
+        .filter(|name| ckpt.get(name).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(WeightError::IncompleteMtp {
+        prefix: prefix.trim_end_matches('.').to_string(),
+        count: missing.len(),
+        names: missing.into_iter().take(LISTED).collect(),
+    })
 }
 
 /// The shared parameter that `name` is an MTP layer's copy of, if it is one.

@@ -96,7 +96,19 @@ fn open_index(index: &Path) -> Result<Checkpoint, WeightError> {
     let bad = |reason: String| WeightError::BadIndex { path: index.to_path_buf(), reason };
     let text =
         std::fs::read(index).map_err(|source| WeightError::Io { path: index.to_path_buf(), source })?;
-    let parsed: Index = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    if value.get("weight_map").is_none() {
+        // Most often the model's config.json next to the checkpoint, given instead of its folder.
+        let config = value.get("model_type").is_some() || value.get("architectures").is_some();
+        let what = if config { "a model's config.json" } else { "a JSON file without a `weight_map`" };
+        let folder = index.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        return Err(WeightError::NotAnIndex {
+            path: index.to_path_buf(),
+            what,
+            folder: folder.to_path_buf(),
+        });
+    }
+    let parsed: Index = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<&str> = parsed.weight_map.values().map(String::as_str).collect();
     shards.sort_unstable();

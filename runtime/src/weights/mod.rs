@@ -83,6 +83,15 @@ pub enum WeightError {
         path.display()
     )]
     NoCheckpoint { path: PathBuf },
+    #[error(
+        "{} is {what}, not a checkpoint: give the checkpoint's folder (`{}`), its model.safetensors, or its \
+         model.safetensors.index.json",
+        path.display(),
+        folder.display()
+    )]
+    NotAnIndex { path: PathBuf, what: &'static str, folder: PathBuf },
+    #[error(transparent)]
+    Output(#[from] kiln_ir::output::OutputError),
 
     // The safetensors format.
     #[error("{}: {len} bytes is too short for a safetensors file, which starts with an 8-byte header length", path.display())]
@@ -143,6 +152,13 @@ pub enum WeightError {
     DTypeClass { name: String, param: DType, stored: StDType },
     #[error("the checkpoint has {count} tensor(s) the graph does not use: {}", NameList(names, *count))]
     Extra { count: usize, names: Vec<String> },
+    #[error(
+        "the checkpoint's MTP module `{prefix}` lacks {count} tensor(s) it needs: {}; the programs here do \
+         not run it, but a checkpoint missing part of a module is damaged: restore the tensor(s), or \
+         leave the whole module out",
+        NameList(names, *count)
+    )]
+    IncompleteMtp { prefix: String, count: usize, names: Vec<String> },
     #[error(
         "`{copy}` copies `{shared}` but has shape {} where the graph's `{shared}` has {}",
         Dims(copy_shape),

@@ -18,9 +18,8 @@
 //! than a fault, and a tensor's bytes are a slice of the mapping, copied only when converted.
 
 use std::fmt;
-use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kiln_ir::DType;
 use serde::Deserialize;
@@ -331,9 +330,9 @@ pub enum StoreFloats {
     BF16,
 }
 
-/// Writes `tensors` as one safetensors file at `path`, atomically: the bytes go to a temporary file
-/// in the same directory, which is renamed over `path` only once complete, so readers never see a
-/// half-written checkpoint. The header carries `{"format": "pt"}` as PyTorch-saved files do, and is
+/// Writes `tensors` as one safetensors file at `path`, atomically (`kiln_ir::output::write_file`):
+/// the bytes go to a temporary file in the same directory, which is renamed over `path` only once
+/// complete, so readers never see a half-written checkpoint. The header carries `{"format": "pt"}` as PyTorch-saved files do, and is
 /// padded with spaces to a multiple of 8 bytes so that the data section is aligned.
 pub fn write_safetensors(
     path: &Path,
@@ -367,24 +366,14 @@ pub fn write_safetensors(
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
     json.resize(json.len().next_multiple_of(8), b' ');
 
-    let file_name = path.file_name().ok_or_else(|| WeightError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-    })?;
-    let tmp: PathBuf =
-        path.with_file_name(format!(".{}.tmp.{}", file_name.to_string_lossy(), std::process::id()));
-    let written = (|| {
-        let mut f = File::create(&tmp)?;
+    kiln_ir::output::write_file_with(path, |f| {
         f.write_all(&(json.len() as u64).to_le_bytes())?;
         f.write_all(&json)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    written.map_err(|source| {
-        // Best effort: the temporary file is ours and useless now; the original error is what matters.
-        let _ = std::fs::remove_file(&tmp);
-        WeightError::Io { path: path.to_path_buf(), source }
+        f.write_all(&data)
+    })
+    .map_err(|e| match e {
+        kiln_ir::output::OutputError::Io { path, source } => WeightError::Io { path, source },
+        other => WeightError::Output(other),
     })
 }
 

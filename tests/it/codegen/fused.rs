@@ -335,7 +335,7 @@ fn a_phased_kernel_gets_arena_scratch_when_packed() {
     let mut bad = m.clone();
     bad.programs[0].buffers[buffers[6].index()].kind = BufferKind::Activation;
     let e = bad.validate().unwrap_err().to_string();
-    assert!(e.contains("of kind Activation, for a Scratch argument"), "{e}");
+    assert!(e.contains("of kind activation, for an argument of role scratch"), "{e}");
 }
 
 #[test]

@@ -41,11 +41,12 @@ impl Parser<'_> {
             let msg = format!("expected `module @<name> {{`, found {}", self.tok.tok.describe());
             return Err(err(self.here(), msg));
         }
-        self.bump()?;
+        let start = self.bump()?.start;
         self.expect_punct('@', "`@` and the module's name")?;
         let mut m = Module::new(self.at_name("the module's name")?);
         let open = self.expect_punct('{', "`{`")?;
         let open = (open.start, open.end);
+        self.spans.module = (start, open.1);
         let mut declared = Declared::default();
         loop {
             self.next_statement(open)?;
@@ -57,11 +58,13 @@ impl Parser<'_> {
                 Tok::Word("param") => {
                     let (decl, span) = self.param_decl()?;
                     declare(&mut declared.params, &decl.name, span, "parameter")?;
+                    self.spans.decls.insert(decl.name.clone(), span);
                     m.params.push(decl);
                 }
                 Tok::Word("state") => {
                     let (decl, span) = self.state_decl()?;
                     declare(&mut declared.states, &decl.name, span, "state")?;
+                    self.spans.decls.insert(decl.name.clone(), span);
                     m.states.push(decl);
                 }
                 Tok::Word("program") => {
