@@ -93,6 +93,10 @@ pub enum BenchCommand {
         /// Print kiln's time per kernel over the timed steps.
         #[arg(long)]
         profile: bool,
+        /// kiln's AdamW moments in bf16, as DeepSeek-V3 stores them (PyTorch's stay f32: its AdamW
+        /// has no such option).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        moments: String,
     },
 }
 
@@ -124,7 +128,17 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
             };
             compare_without(&req, out)
         }
-        BenchCommand::Train { spec, batch, seq_len, steps, random_weights, threads, python, profile } => {
+        BenchCommand::Train {
+            spec,
+            batch,
+            seq_len,
+            steps,
+            random_weights,
+            threads,
+            python,
+            profile,
+            moments,
+        } => {
             let req = crate::bench_train::Request {
                 spec: &spec,
                 batch,
@@ -134,6 +148,7 @@ pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
                 threads,
                 python: python.as_deref(),
                 profile,
+                bf16_moments: moments == "bf16",
             };
             crate::bench_train::run(&req, out)
         }

@@ -40,6 +40,8 @@ pub struct Request<'a> {
     pub python: Option<&'a Path>,
     /// Print the time per kernel over the timed steps.
     pub profile: bool,
+    /// kiln's AdamW moments in bf16 (PyTorch's stay f32).
+    pub bf16_moments: bool,
 }
 
 /// One engine's figures.
@@ -127,7 +129,13 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     // The train step, compiled for these sizes.
     let t0 = Instant::now();
     let options = pack::Options {
-        train: Some(kiln_compiler::pack::TrainOptions::default()),
+        train: Some(kiln_compiler::pack::TrainOptions {
+            optimizer: kiln_compiler::train::Optimizer {
+                moments: if req.bf16_moments { kiln_ir::DType::BF16 } else { kiln_ir::DType::F32 },
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
         kv_cache: false,
         score: false,
         ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.batch as u64, req.seq_len as u64)
@@ -167,7 +175,10 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     let mut trainer = CompiledTrainer::new(model)?;
     let measured = reset_peak();
     let mut kiln = Figures {
-        engine: format!("kiln, compiled ({threads} threads)"),
+        engine: format!(
+            "kiln, compiled ({threads} threads{})",
+            if req.bf16_moments { ", bf16 moments" } else { "" }
+        ),
         loss0: f64::NAN,
         seconds: Vec::new(),
         peak_kib: None,
