@@ -397,6 +397,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // A Hugging Face folder is its config.json (and, unless told otherwise, its weights: see main).
     let config = req.model.join("config.json");
     let artifact = !(req.model.is_dir() && config.is_file()) && run::is_artifact(req.model);
+    if artifact && !req.model.join("manifest.json").is_file() {
+        bail!(
+            "{}: kiln train takes a model spec, a Hugging Face config.json or a folder holding one, or an \
+             artifact from `kiln compile --train` (this folder has no config.json and no manifest.json)",
+            req.model.display()
+        );
+    }
     let (spec, entry) = if artifact {
         // An artifact from `kiln compile --train`: its model and its compiled-in settings.
         let art = kiln_runtime::artifact::load(req.model)?;
