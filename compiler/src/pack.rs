@@ -29,6 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use kiln_ir::artifact::{
@@ -44,7 +45,7 @@ use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
 
 use crate::build::{build_cached, build_graph, build_score, BuildError, Phase};
 use crate::codegen::{
-    cpu, form_programs, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
+    cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
     LoweredModule, Step, Target,
 };
 use crate::passes::{self, PassError};
@@ -543,7 +544,12 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
                 [(options.targets.cpu(), Target::Cpu), (options.targets.gpu(), Target::Gpu)]
             {
                 if wanted {
-                    modules.push(lower_module(kernels, target)?);
+                    // Each kernel on its own, in parallel; the module keeps the kernels' order.
+                    let lowered =
+                        (kernels.par_iter())
+                            .map(|k| lower_kernel(k, target))
+                            .collect::<Result<Vec<_>, LowerError>>()?;
+                    modules.push(LoweredModule { target, kernels: lowered });
                 }
             }
             Ok(modules)
@@ -563,12 +569,12 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
 
 /// Links the CPU library in a private temporary directory and returns its bytes.
 fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
-    let object = cpu::object(module)?;
+    let objects = cpu::objects(module)?;
     let dir = std::env::temp_dir().join(format!("kiln-pack-{}-{}", std::process::id(), unique()));
     let path = dir.join(artifact::KERNELS_SO);
     let link_error = |message: String| EmitError::Link { path: path.clone(), message };
     std::fs::create_dir_all(&dir).map_err(|e| link_error(e.to_string()))?;
-    let bytes = cpu::link_shared_library(&object, &path)
+    let bytes = cpu::link_objects(&objects, &path)
         .and_then(|()| std::fs::read(&path).map_err(|e| link_error(e.to_string())));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(bytes?)
@@ -636,7 +642,8 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
             Stage::EmitGpu,
             || {
                 let ptx = gpu::ptx(module)?;
-                let report = toolchain::ptxas_check(tool, &ptx, gpu::SM)?;
+                let threads = rayon::current_num_threads();
+                let report = toolchain::ptxas_check_on(tool, &ptx, gpu::SM, threads)?;
                 Ok((ptx, report))
             },
             |(ptx, _)| Dump::Ptx(ptx),

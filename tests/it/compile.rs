@@ -652,3 +652,26 @@ fn the_whole_tiny_model_runs_from_its_artifact() {
     .unwrap();
     assert_matches(&got, &want, 2e-3);
 }
+
+/// An artifact is the same, byte for byte, whatever the number of threads that compile it: kernels
+/// are lowered, compiled to machine code and PTX and checked by ptxas in parallel, each on its own,
+/// and put together in kernel order.
+#[test]
+fn artifacts_do_not_depend_on_the_number_of_threads() {
+    use kiln_compiler::pack::{self, Options, Source, Targets};
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let options = Options::new(Targets::All, 2, 16);
+    let compile_on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| pack::compile(Source::Spec(spec.clone()), &options, &mut ()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (one, four) = (compile_on(1), compile_on(4));
+    assert_eq!(one.manifest_json, four.manifest_json);
+    let names = |a: &pack::Artifact| a.files.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&one), names(&four));
+    for ((name, a), (_, b)) in one.files.iter().zip(&four.files) {
+        assert!(a == b, "{name} differs between 1 and 4 threads");
+    }
+    assert_eq!(one.ptxas, four.ptxas);
+}
