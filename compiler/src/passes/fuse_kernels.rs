@@ -53,11 +53,12 @@
 
 mod groups;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use kiln_ir::module::ProgramKind;
 use kiln_ir::MlaForm;
 use kiln_ir::{Graph, Op, UnaryOp, ValueId};
+use rustc_hash::FxHashMap as HashMap;
 
 use super::rewrite::Trace;
 use super::{Changed, Options, PassError};
@@ -494,11 +495,15 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
             }
         }
     }
-    if !with_deq.cloned.is_empty() && matches!(cx.one_pass(&with_deq), Some(Pattern::Linear { .. })) {
+    let with_deq_pattern = if with_deq.cloned.is_empty() { None } else { cx.one_pass(&with_deq) };
+    let pattern = if matches!(with_deq_pattern, Some(Pattern::Linear { .. })) {
         group = with_deq;
         fp8 = true;
-    }
-    if !matches!(cx.one_pass(&group), Some(Pattern::Linear { .. } | Pattern::Op)) {
+        with_deq_pattern
+    } else {
+        cx.one_pass(&group)
+    };
+    if !matches!(pattern, Some(Pattern::Linear { .. } | Pattern::Op)) {
         return None;
     }
     let base = group.clone();
@@ -654,13 +659,13 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
     let mut ready: BTreeSet<(usize, usize)> =
         (0..items).filter(|&i| live[i] && pending[i] == 0).map(|i| (first_pos(i), i)).collect();
     let mut new = Graph::new(g.name());
-    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut map: HashMap<ValueId, ValueId> = HashMap::default();
     let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
     while let Some((_, i)) = ready.pop_first() {
         let ins: Vec<ValueId> = inputs_of(i).iter().map(|v| map[v]).collect();
         if i < groups.len() {
             let (group, name) = &groups[i];
-            let body = cx.body(group, name)?;
+            let body = cx.fused_body(group, name)?;
             let outs = cx.outputs(group);
             let tys = outs.iter().map(|&v| g.ty(v).clone()).collect();
             let scope = cx.node(group.anchor).scope.clone();
@@ -684,7 +689,7 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
     // dependencies from one of them until an item repeats, and dissolve the latest group on that
     // cycle (not merely the latest unplaced group, which may only depend on the cycle).
     if let Some(start) = (0..items).find(|&i| live[i] && pending[i] > 0) {
-        let mut seen: HashMap<usize, usize> = HashMap::new();
+        let mut seen: HashMap<usize, usize> = HashMap::default();
         let mut path = Vec::new();
         let mut at = start;
         while !seen.contains_key(&at) {

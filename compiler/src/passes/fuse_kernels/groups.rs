@@ -18,9 +18,10 @@
 //! What this does not do: decide anything. The rules (`fuse_kernels.rs`) choose the groups.
 
 use std::cell::{Cell, RefCell};
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 
 use kiln_ir::{Graph, NodeId, Op, TensorType, ValueId};
 
@@ -41,8 +42,12 @@ impl Group {
         Group { nodes: nodes.into_iter().collect(), cloned: BTreeSet::new(), anchor }
     }
 
-    fn members(&self) -> BTreeSet<usize> {
-        self.nodes.union(&self.cloned).copied().collect()
+    /// The moved and the copied-in nodes, in order.
+    fn members(&self) -> Vec<usize> {
+        let mut all: Vec<usize> = self.nodes.iter().chain(&self.cloned).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 }
 
@@ -84,11 +89,12 @@ struct Analysis {
 /// One item of a group's [`Key`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Token<'g> {
-    /// The type of the body's next input (`a0`, `a1`, ...).
-    Input(&'g TensorType),
     /// The next member: its op, then its operands, then its result types.
     Op(&'g Op),
-    /// Operand: the body's input `a{i}`.
+    /// Operand: a value from outside read for the first time, the body's next input (`a0`,
+    /// `a1`, ...), of this type.
+    NewArg(&'g TensorType),
+    /// Operand: the body's input `a{i}`, again.
     Arg(u32),
     /// Operand: a constant seen for the first time in this group, copied in.
     Constant(&'g Op, &'g TensorType),
@@ -105,7 +111,7 @@ impl Hash for Token<'_> {
     fn hash<H: Hasher>(&self, h: &mut H) {
         std::mem::discriminant(self).hash(h);
         match *self {
-            Token::Input(t) | Token::Result(t) => t.hash(h),
+            Token::NewArg(t) | Token::Result(t) => t.hash(h),
             // An op by its name only: equal keys are compared in full anyway.
             Token::Op(op) => op.name().hash(h),
             Token::Constant(op, t) => {
@@ -119,14 +125,45 @@ impl Hash for Token<'_> {
 }
 
 /// A group's body described by reference into the graph, without building it: [`Ctx::body`] is a
-/// function of exactly this (input types, then each member's op, operands and result types in
-/// order, then the outputs), so groups with equal keys have equal bodies.
+/// function of exactly this (each member's op, operands and result types in order, the body's
+/// inputs numbered as first read, then the outputs), so groups with equal keys have equal bodies.
 type Key<'g> = Vec<Token<'g>>;
 
 /// Analyses by body: the key's hash, then the keys with that hash.
 #[derive(Default)]
 struct Analyses<'g> {
     by_hash: HashMap<u64, Vec<(Key<'g>, Analysis)>>,
+}
+
+/// A set of positions emptied in constant time: a position is in it when marked with the current
+/// epoch.
+struct Marks {
+    epoch: u32,
+    marks: Vec<u32>,
+}
+
+impl Marks {
+    fn new(len: usize) -> Marks {
+        Marks { epoch: 0, marks: vec![0; len] }
+    }
+
+    /// Empties the set; call before each use.
+    fn clear(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.marks.fill(0);
+            self.epoch = 1;
+        }
+    }
+
+    /// Adds `i`; whether it was not in the set.
+    fn insert(&mut self, i: usize) -> bool {
+        std::mem::replace(&mut self.marks[i], self.epoch) != self.epoch
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.marks[i] == self.epoch
+    }
 }
 
 /// The graph in order, with node positions: groups are sets of positions.
@@ -142,6 +179,10 @@ pub(super) struct Ctx<'g> {
     /// By value id: whether the value is a graph output.
     is_output: Vec<bool>,
     taken: Vec<bool>,
+    /// Scratch sets of positions: the members of the group being looked at, and the nodes a walk
+    /// has seen.
+    in_group: RefCell<Marks>,
+    seen: RefCell<Marks>,
     analyses: RefCell<Analyses<'g>>,
     work: Cell<Work>,
 }
@@ -193,6 +234,8 @@ impl<'g> Ctx<'g> {
             first_reader,
             readers,
             is_output,
+            in_group: RefCell::new(Marks::new(taken.len())),
+            seen: RefCell::new(Marks::new(taken.len())),
             taken,
             analyses: RefCell::default(),
             work,
@@ -259,14 +302,20 @@ impl<'g> Ctx<'g> {
     pub fn convex(&self, group: &Group) -> bool {
         let members = group.members();
         let Some(&lo) = group.nodes.iter().next() else { return true };
-        let Some(&hi) = members.iter().next_back() else { return true };
+        let Some(&hi) = members.last() else { return true };
+        let mut in_group = self.in_group.borrow_mut();
+        in_group.clear();
+        for &m in &members {
+            in_group.insert(m);
+        }
+        let mut seen = self.seen.borrow_mut();
+        seen.clear();
         let mut visited = 0;
-        let mut seen: HashSet<usize> = HashSet::new();
         let mut stack: Vec<usize> = Vec::new();
         for &m in &members {
             for &v in &self.node(m).inputs {
                 let p = self.producer(v);
-                if !members.contains(&p) {
+                if !in_group.contains(p) {
                     stack.push(p);
                 }
             }
@@ -277,7 +326,7 @@ impl<'g> Ctx<'g> {
                 continue;
             }
             visited += 1;
-            if members.contains(&p) {
+            if in_group.contains(p) {
                 convex = false;
                 break;
             }
@@ -288,7 +337,7 @@ impl<'g> Ctx<'g> {
             stack.clear();
             for &c in group.cloned.range(..lo) {
                 for &r in &self.node(c).results {
-                    stack.extend(self.readers(r).filter(|u| !members.contains(u)));
+                    stack.extend(self.readers(r).filter(|&u| !in_group.contains(u)));
                 }
             }
             while let Some(p) = stack.pop() {
@@ -296,7 +345,7 @@ impl<'g> Ctx<'g> {
                     continue;
                 }
                 visited += 1;
-                if members.contains(&p) {
+                if in_group.contains(p) {
                     convex = false;
                     break;
                 }
@@ -314,7 +363,7 @@ impl<'g> Ctx<'g> {
     pub fn body(&self, group: &Group, name: &str) -> Result<Graph, PassError> {
         let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
         let mut body = Graph::new(name);
-        let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+        let mut map: HashMap<ValueId, ValueId> = HashMap::default();
         for (i, v) in self.inputs(group).into_iter().enumerate() {
             let name = format!("a{i}");
             let (_, r) =
@@ -354,8 +403,8 @@ impl<'g> Ctx<'g> {
     /// The inputs of a group's fused node, in the order of its body's inputs: each value a member
     /// reads that no earlier member defines and that is not a constant, once, in order.
     pub fn inputs(&self, group: &Group) -> Vec<ValueId> {
-        let mut defined: HashSet<ValueId> = HashSet::new();
-        let mut listed: HashSet<ValueId> = HashSet::new();
+        let mut defined: HashSet<ValueId> = HashSet::default();
+        let mut listed: HashSet<ValueId> = HashSet::default();
         let mut ins = Vec::new();
         for p in group.members() {
             let node = self.node(p);
@@ -372,10 +421,15 @@ impl<'g> Ctx<'g> {
 
     /// Member results read outside the group, or graph outputs.
     pub fn outputs(&self, group: &Group) -> Vec<ValueId> {
+        let mut moved = self.in_group.borrow_mut();
+        moved.clear();
+        for &p in &group.nodes {
+            moved.insert(p);
+        }
         let mut out = Vec::new();
         for &p in &group.nodes {
             for &r in &self.node(p).results {
-                if self.is_output(r) || self.readers(r).any(|u| !group.nodes.contains(&u)) {
+                if self.is_output(r) || self.readers(r).any(|u| !moved.contains(u)) {
                     out.push(r);
                 }
             }
@@ -387,23 +441,23 @@ impl<'g> Ctx<'g> {
     fn key(&self, group: &Group) -> Key<'g> {
         let g = self.g;
         let mut key: Key<'g> = Vec::new();
-        let mut local: HashMap<ValueId, Token<'g>> = HashMap::new();
-        for (i, v) in self.inputs(group).into_iter().enumerate() {
-            key.push(Token::Input(g.ty(v)));
-            local.insert(v, Token::Arg(i as u32));
-        }
-        let members = group.members();
-        let mut constants = 0;
-        for (m, &p) in members.iter().enumerate() {
+        let mut local: HashMap<ValueId, Token<'g>> = HashMap::default();
+        let (mut args, mut constants) = (0, 0);
+        for (m, p) in group.members().into_iter().enumerate() {
             let node = self.node(p);
             key.push(Token::Op(&node.op));
             for &v in &node.inputs {
                 let t = match local.get(&v) {
                     Some(&t) => t,
-                    None => {
+                    None if matches!(self.node(self.producer(v)).op, Op::Constant { .. }) => {
                         local.insert(v, Token::Again(constants));
                         constants += 1;
                         Token::Constant(&self.node(self.producer(v)).op, g.ty(v))
+                    }
+                    None => {
+                        local.insert(v, Token::Arg(args));
+                        args += 1;
+                        Token::NewArg(g.ty(v))
                     }
                 };
                 key.push(t);
@@ -423,14 +477,29 @@ impl<'g> Ctx<'g> {
         key
     }
 
+    /// The body of a group as [`Ctx::body`] builds it, named `name`: a copy of the body analysed
+    /// for an identical group when there is one.
+    pub fn fused_body(&self, group: &Group, name: &str) -> Result<Graph, PassError> {
+        let key = self.key(group);
+        let analyses = self.analyses.borrow();
+        let found =
+            analyses.by_hash.get(&hash_key(&key)).and_then(|same| same.iter().find(|(k, _)| *k == key));
+        match found {
+            Some((_, a)) => {
+                let mut body = a.body.clone();
+                body.set_name(name);
+                Ok(body)
+            }
+            None => self.body(group, name),
+        }
+    }
+
     /// Runs `f` on the analysis of the group's body, made or found; `None` when the body cannot be
     /// built.
     fn analysis<T>(&self, group: &Group, f: impl FnOnce(&mut Analysis) -> T) -> Option<T> {
         let key = self.key(group);
-        let mut h = DefaultHasher::new();
-        key.hash(&mut h);
         let mut analyses = self.analyses.borrow_mut();
-        let same = analyses.by_hash.entry(h.finish()).or_default();
+        let same = analyses.by_hash.entry(hash_key(&key)).or_default();
         let mut w = self.work.get();
         let i = match same.iter().position(|(k, _)| *k == key) {
             Some(i) => {
@@ -463,4 +532,10 @@ impl<'g> Ctx<'g> {
                 .analysis(group, |a| *a.lowers.get_or_insert_with(|| fusion::plan(&a.body).is_ok()))
                 .unwrap_or(false)
     }
+}
+
+fn hash_key(key: &Key) -> u64 {
+    let mut h = FxHasher::default();
+    key.hash(&mut h);
+    h.finish()
 }
