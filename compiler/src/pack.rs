@@ -451,19 +451,34 @@ pub fn module_after(spec: &ModelSpec, options: &Options, last: Option<&str>) -> 
     };
     passes::find(last)?;
     for pass in passes::PASSES {
-        for p in &mut module.programs {
-            passes::run_pass(
-                &mut p.graph,
-                pass,
-                &passes::Options { spec, kind: p.kind, targets: options.targets },
-            )?;
-        }
+        run_on_programs(&mut module, pass, spec, options)?;
         if pass.name == last {
             break;
         }
     }
     declare(&mut module)?;
     Ok(module)
+}
+
+/// Runs one pass on every program of the module, each with its kind, the programs in parallel (a
+/// pass sees one graph and nothing else, so they are independent); the first failure in program
+/// order is the error.
+fn run_on_programs(
+    module: &mut Module,
+    pass: &passes::PassInfo,
+    spec: &ModelSpec,
+    options: &Options,
+) -> Result<(), CompileError> {
+    let results: Vec<Result<passes::Changed, PassError>> = (module.programs.par_iter_mut())
+        .map(|p| {
+            let opts = passes::Options { spec, kind: p.kind, targets: options.targets };
+            passes::run_pass(&mut p.graph, pass, &opts)
+        })
+        .collect();
+    for r in results {
+        r?;
+    }
+    Ok(())
 }
 
 /// Runs `build` and the passes on every program: the module kernels are formed from, and the spec,
@@ -493,10 +508,7 @@ pub fn make_module(
                 continue;
             }
             obs.started(Stage::Pass(pass.name));
-            for p in &mut module.programs {
-                let opts = passes::Options { spec, kind: p.kind, targets: options.targets };
-                passes::run_pass(&mut p.graph, pass, &opts)?;
-            }
+            run_on_programs(&mut module, pass, spec, options)?;
             obs.finished(Stage::Pass(pass.name), &Dump::Graph(&module.programs[0].graph));
         }
     }
@@ -545,10 +557,11 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
             {
                 if wanted {
                     // Each kernel on its own, in parallel; the module keeps the kernels' order.
-                    let lowered =
-                        (kernels.par_iter())
-                            .map(|k| lower_kernel(k, target))
-                            .collect::<Result<Vec<_>, LowerError>>()?;
+                    let lowered = (kernels.par_iter())
+                        .map(|k| lower_kernel(k, target))
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .collect::<Result<Vec<_>, LowerError>>()?;
                     modules.push(LoweredModule { target, kernels: lowered });
                 }
             }

@@ -157,6 +157,9 @@ pub fn objects(module: &LoweredModule) -> Result<Vec<Vec<u8>>, EmitError> {
         .kernels
         .par_iter()
         .map(|k| object(&LoweredModule { target: Target::Cpu, kernels: vec![k.clone()] }))
+        .collect::<Vec<_>>()
+        .into_iter()
+        // The first error in kernel order, whichever thread finished first.
         .collect()
 }
 

@@ -94,6 +94,8 @@ pub fn ptx(module: &LoweredModule) -> Result<String, EmitError> {
     if module.kernels.len() > 1 {
         let parts = (module.kernels.par_iter())
             .map(|k| module_ptx(&LoweredModule { target: module.target, kernels: vec![k.clone()] }))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<String>, EmitError>>()?;
         if let Some(joined) = join(&parts) {
             return Ok(joined);
