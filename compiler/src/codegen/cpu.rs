@@ -23,9 +23,8 @@ use inkwell::memory_buffer::MemoryBuffer;
 use inkwell::module::Module as LlvmModule;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine};
 use inkwell::OptimizationLevel;
-use rayon::prelude::*;
 
-use super::emit::{init_llvm_targets, optimize_for, EmitError, Mlir};
+use super::emit::{each_kernel, init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target};
 
 /// MLIR passes from the lowered kernels to the LLVM dialect. bf16 conversions are expanded into integer
@@ -153,14 +152,7 @@ pub fn object(module: &LoweredModule) -> Result<Vec<u8>, EmitError> {
 /// whatever the number of threads.
 pub fn objects(module: &LoweredModule) -> Result<Vec<Vec<u8>>, EmitError> {
     require_cpu(module)?;
-    module
-        .kernels
-        .par_iter()
-        .map(|k| object(&LoweredModule { target: Target::Cpu, kernels: vec![k.clone()] }))
-        .collect::<Vec<_>>()
-        .into_iter()
-        // The first error in kernel order, whichever thread finished first.
-        .collect()
+    each_kernel(module, object)
 }
 
 /// Links an object file into the shared library `path` with `cc -shared ... -lm`. The library appears

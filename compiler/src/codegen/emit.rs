@@ -22,6 +22,9 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::Module;
 use melior::pass::PassManager;
 use melior::Context;
+use rayon::prelude::*;
+
+use super::lower::LoweredModule;
 
 /// Why emission failed. Every variant but [`EmitError::Link`] means lowering produced something MLIR or
 /// LLVM rejects: a compiler bug, reported with the tool's own words.
@@ -147,6 +150,23 @@ impl Mlir {
         // SAFETY: see above; `raw` is a fresh, non-null module in `llvm`.
         Ok(unsafe { LlvmModule::new(raw as *mut _) })
     }
+}
+
+/// Runs `f` on each kernel of `module`, as a module of its own, on the current rayon pool, and
+/// returns the results in kernel order (with an error, the first in kernel order). The largest
+/// kernels (by MLIR text, a fair guess at their cost) start first: one started last would leave a
+/// thread working alone at the end.
+pub(crate) fn each_kernel<T: Send>(
+    module: &LoweredModule,
+    f: impl Fn(&LoweredModule) -> Result<T, EmitError> + Sync,
+) -> Result<Vec<T>, EmitError> {
+    let mut order: Vec<usize> = (0..module.kernels.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(module.kernels[i].func.len()));
+    let mut done: Vec<(usize, Result<T, EmitError>)> = (order.into_par_iter().with_max_len(1))
+        .map(|i| (i, f(&LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] })))
+        .collect();
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Parses and verifies MLIR text: the check that lowered text is valid, without emitting anything.

@@ -13,9 +13,8 @@ use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, Tar
 use inkwell::OptimizationLevel;
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
-use rayon::prelude::*;
 
-use super::emit::{init_llvm_targets, optimize_for, EmitError, Mlir};
+use super::emit::{each_kernel, init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target, GPU_MODULE};
 
 /// MLIR passes from the lowered `gpu.module` to the LLVM and NVVM dialects.
@@ -92,11 +91,7 @@ pub fn llvm_ir(module: &LoweredModule) -> Result<String, EmitError> {
 /// whole instead.
 pub fn ptx(module: &LoweredModule) -> Result<String, EmitError> {
     if module.kernels.len() > 1 {
-        let parts = (module.kernels.par_iter())
-            .map(|k| module_ptx(&LoweredModule { target: module.target, kernels: vec![k.clone()] }))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<Result<Vec<String>, EmitError>>()?;
+        let parts = each_kernel(module, module_ptx)?;
         if let Some(joined) = join(&parts) {
             return Ok(joined);
         }
