@@ -8,10 +8,16 @@
 //! kernels        Graph ─▶ KernelPlan (codegen::form_kernels)
 //! plan-memory    KernelPlan ─▶ MemoryPlan (one arena, offsets for the maximum sizes)
 //! lower          each distinct kernel once per target ─▶ MLIR
-//! emit-cpu       MLIR ─▶ LLVM ─▶ kernels.so with a packed entry per kernel
 //! emit-gpu       MLIR ─▶ LLVM ─▶ kernels.ptx for sm_90a, assembled by ptxas -v as a check
+//! emit-cpu       MLIR ─▶ LLVM ─▶ kernels.so with a packed entry per kernel
 //! pack           module.kir, kernels.mlir, manifest.json (with the SHA-256 of every file)
 //! ```
+//!
+//! Lowering and both emit stages work on every distinct kernel on its own, in parallel on the
+//! rayon pool, and put the results together in kernel order, so an artifact is the same whatever
+//! the number of threads. The stages overlap where they can: ptxas checks the PTX (emit-gpu comes
+//! first for that) while emit-cpu makes the library, and module.kir, kernels.mlir and the
+//! manifest are made beside both; a stage is reported finished when its own result is ready.
 //!
 //! [`make_graph`] runs `build` and the passes, [`prepare`] the pure stages up to `lower`, [`emit`]
 //! the rest, [`compile`] all of them. Nothing here writes the output: an [`Artifact`] holds its
@@ -150,11 +156,12 @@ pub fn stages(source: &Source, options: &Options) -> Vec<Stage> {
         s.extend(passes::PASSES.iter().map(|p| Stage::Pass(p.name)));
     }
     s.extend([Stage::Kernels, Stage::PlanMemory, Stage::Lower]);
-    if options.targets.cpu() {
-        s.push(Stage::EmitCpu);
-    }
+    // The PTX first: ptxas checks it while the CPU library is made.
     if options.targets.gpu() {
         s.push(Stage::EmitGpu);
+    }
+    if options.targets.cpu() {
+        s.push(Stage::EmitCpu);
     }
     s.push(Stage::Pack);
     s
@@ -633,49 +640,92 @@ fn combined_mlir(cpu: Option<&LoweredModule>, gpu: Option<&LoweredModule>) -> St
 
 /// Runs the emit stages and packs the artifact.
 pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Result<Artifact, CompileError> {
+    // The PTX is made first, so that ptxas (a process of its own) checks it while the CPU library
+    // is made; the texts of module.kir and kernels.mlir and the manifest (all but its list of
+    // files) are made on the pool beside both. Two cores then stay busy to the end.
+    let threads = rayon::current_num_threads();
+    let host = match &prepared.cpu {
+        Some(_) => Some(toolchain::probe_host()?),
+        None => None,
+    };
+    let mut texts: Option<(String, String)> = None;
+    let mut manifest_result: Option<Result<Manifest, CompileError>> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut host = None;
-    if let Some(module) = &prepared.cpu {
-        let so = stage(
-            obs,
-            Stage::EmitCpu,
-            || shared_library(module),
-            |so| Dump::Library {
-                bytes: so.len(),
-                symbols: module.kernels.iter().map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX)).collect(),
-            },
-        )?;
-        host = Some(toolchain::probe_host()?);
-        files.push((artifact::KERNELS_SO.into(), so));
-    }
-    let mut ptxas = None;
-    if let (Some(module), Some(tool)) = (&prepared.gpu, &prepared.ptxas) {
-        let (ptx, report) = stage(
-            obs,
-            Stage::EmitGpu,
-            || {
-                let ptx = gpu::ptx(module)?;
-                let threads = rayon::current_num_threads();
-                let report = toolchain::ptxas_check_on(tool, &ptx, gpu::SM, threads)?;
-                Ok((ptx, report))
-            },
-            |(ptx, _)| Dump::Ptx(ptx),
-        )?;
-        ptxas = Some(parse_report(&report));
-        files.push((artifact::KERNELS_PTX.into(), ptx.into_bytes()));
-    }
+    let mut report = None;
+    let p = &prepared;
+    rayon::in_place_scope(|s| -> Result<(), CompileError> {
+        let out = &mut texts;
+        s.spawn(move |_| *out = Some(rayon::join(|| kiln_ir::print_module(&p.module), || kernels_mlir(p))));
+        let (out, host) = (&mut manifest_result, host.clone());
+        s.spawn(move |_| *out = Some(manifest(p, options, host, Vec::new())));
+        let ptx = match (&p.gpu, &p.ptxas) {
+            (Some(module), Some(tool)) => {
+                let (ptx, checked) = stage(
+                    obs,
+                    Stage::EmitGpu,
+                    || {
+                        let ptx = gpu::ptx(module)?;
+                        // With a CPU library to make, ptxas runs beside it instead (emit-cpu).
+                        let checked = match p.cpu {
+                            Some(_) => None,
+                            None => Some(toolchain::ptxas_check_on(tool, &ptx, gpu::SM, threads)?),
+                        };
+                        Ok((ptx, checked))
+                    },
+                    |(ptx, _)| Dump::Ptx(ptx),
+                )?;
+                report = checked;
+                Some((ptx, tool))
+            }
+            _ => None,
+        };
+        if let Some(module) = &p.cpu {
+            let (so, checked) = stage(
+                obs,
+                Stage::EmitCpu,
+                || {
+                    std::thread::scope(|t| {
+                        let check = (ptx.as_ref()).map(|(ptx, tool)| {
+                            t.spawn(move || toolchain::ptxas_check_on(tool, ptx, gpu::SM, threads))
+                        });
+                        let so = shared_library(module);
+                        let checked =
+                            check.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+                        Ok((so?, checked.transpose()?))
+                    })
+                },
+                |(so, _)| Dump::Library {
+                    bytes: so.len(),
+                    symbols: (module.kernels.iter())
+                        .map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX))
+                        .collect(),
+                },
+            )?;
+            if checked.is_some() {
+                report = checked;
+            }
+            files.push((artifact::KERNELS_SO.into(), so));
+        }
+        if let Some((ptx, _)) = ptx {
+            files.push((artifact::KERNELS_PTX.into(), ptx.into_bytes()));
+        }
+        Ok(())
+    })?;
+    let ptxas = report.map(|r| parse_report(&r));
     obs.started(Stage::Pack);
-    files.push((artifact::MODULE_KIR.into(), kiln_ir::print_module(&prepared.module).into_bytes()));
-    files.push((artifact::KERNELS_MLIR.into(), kernels_mlir(&prepared).into_bytes()));
-    let entries = files
-        .iter()
+    let missing = |what: &str| CompileError::Internal(format!("{what} was not made"));
+    let (kir, mlir) = texts.ok_or_else(|| missing("module.kir"))?;
+    let mut manifest = manifest_result.ok_or_else(|| missing("the manifest"))??;
+    files.push((artifact::MODULE_KIR.into(), kir.into_bytes()));
+    files.push((artifact::KERNELS_MLIR.into(), mlir.into_bytes()));
+    manifest.files = files
+        .par_iter()
         .map(|(name, bytes)| FileEntry {
             name: name.clone(),
             sha256: sha256_hex(bytes),
             bytes: bytes.len() as u64,
         })
         .collect();
-    let manifest = manifest(&prepared, options, host, entries)?;
     manifest
         .validate()
         .map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;

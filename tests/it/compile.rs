@@ -485,7 +485,7 @@ fn timings_have_a_row_per_stage_and_print_after_shows_a_stage() {
     let out = kiln(&["compile", SMALL, "--target", "all", "--timings", "--print-after", "plan-memory"]);
     assert!(out.ok, "{}", out.stderr);
     let stages: Vec<&str> = out.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
-    assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-cpu", "emit-gpu", "pack", "total"]);
+    assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-gpu", "emit-cpu", "pack", "total"]);
     for line in out.stdout.lines().skip(1).take(7) {
         assert!(line.contains(" ms") && line.contains(" MiB"), "{line}");
     }
