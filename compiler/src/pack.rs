@@ -43,7 +43,7 @@ use kiln_ir::artifact::{
     KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, StateEntry, SymbolEntry,
 };
 use kiln_ir::module::{
-    verify_module, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole,
+    verify_declarations, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole,
 };
 use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
@@ -436,14 +436,19 @@ fn declare(module: &mut Module) -> Result<(), CompileError> {
     // The KV caches are found again (passes rename them); the other states are the builders'.
     module.states.retain(|s| s.role != StateRole::KvCache);
     module.declare_params_from_programs()?;
-    for p in &module.programs {
-        for s in cache_states(&p.graph) {
-            if !module.states.iter().any(|d| d.name == s.name) {
-                module.states.push(s);
-            }
+    let caches: Vec<Vec<StateDecl>> = module.programs.par_iter().map(|p| cache_states(&p.graph)).collect();
+    for s in caches.into_iter().flatten() {
+        if !module.states.iter().any(|d| d.name == s.name) {
+            module.states.push(s);
         }
     }
-    verify_module(module)?;
+    // The graphs at once (verify_module would verify them one after another), then the rest of
+    // the module's invariants.
+    let graphs: Vec<Result<(), VerifyError>> = module.programs.par_iter().map(|p| verify(&p.graph)).collect();
+    for (p, r) in module.programs.iter().zip(graphs) {
+        r.map_err(|error| ModuleError::Graph { program: p.name.clone(), error })?;
+    }
+    verify_declarations(module)?;
     Ok(())
 }
 
@@ -545,8 +550,11 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
         obs,
         Stage::PlanMemory,
         || {
-            (module.programs.iter().zip(&plans))
-                .map(|(p, plan)| Ok(plan_memory(&p.graph, plan, options.max_sizes_of(p.kind), &state_names)?))
+            (module.programs.par_iter().zip(&plans))
+                .map(|(p, plan)| plan_memory(&p.graph, plan, options.max_sizes_of(p.kind), &state_names))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|r| Ok(r?))
                 .collect::<Result<Vec<_>, CompileError>>()
         },
         |m| Dump::Memory(&m[0]),

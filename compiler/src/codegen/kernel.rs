@@ -31,6 +31,7 @@ use kiln_ir::infer::{infer, InferError};
 use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Attr, Dim, Graph, NodeId, Op, TensorType, ValueId};
+use rayon::prelude::*;
 
 /// A kernel of a [`KernelPlan`]. Displays as `k3`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -204,6 +205,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Partitions a verified graph into kernels (one per primitive op or `fused` node, deduplicated by
 /// content) and the steps that run them. See the module documentation.
 pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
+    verify(g)?;
     let mut kernels = Kernels::default();
     let steps = form_into(g, &mut kernels)?;
     Ok(KernelPlan { kernels: kernels.kernels, steps })
@@ -212,6 +214,9 @@ pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
 /// Forms the kernels of several programs of one model (prefill and decode) as one deduplicated
 /// set: each plan has every kernel (ids agree across plans) and its own program's steps.
 pub fn form_programs(graphs: &[&Graph]) -> Result<Vec<KernelPlan>, FormError> {
+    // Verified at once, the first failure in order reported.
+    let verified: Vec<Result<(), VerifyError>> = graphs.par_iter().map(|g| verify(g)).collect();
+    verified.into_iter().collect::<Result<(), VerifyError>>()?;
     let mut kernels = Kernels::default();
     let mut programs = Vec::new();
     for g in graphs {
@@ -292,9 +297,9 @@ fn hash_attr(a: &Attr, h: &mut impl Hasher) {
     }
 }
 
-/// Forms the kernels of `g` into `kernels` (reusing those already there) and returns its steps.
+/// Forms the kernels of a verified graph into `kernels` (reusing those already there) and returns
+/// its steps.
 fn form_into(g: &Graph, kernels: &mut Kernels) -> Result<Vec<Step>, FormError> {
-    verify(g)?;
     let mut steps = Vec::new();
     for n in g.nodes() {
         let node = g.node(n);

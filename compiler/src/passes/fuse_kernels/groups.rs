@@ -91,6 +91,9 @@ struct Analysis {
 enum Token<'g> {
     /// The next member: its op, then its operands, then its result types.
     Op(&'g Op),
+    /// The same for a `fused` member, its op by class (equal ops, equal classes): comparing two
+    /// fused bodies of a few thousand nodes at every lookup would cost more than the analysis.
+    Fused(u32),
     /// Operand: a value from outside read for the first time, the body's next input (`a0`,
     /// `a1`, ...), of this type.
     NewArg(&'g TensorType),
@@ -114,6 +117,7 @@ impl Hash for Token<'_> {
             Token::NewArg(t) | Token::Result(t) => t.hash(h),
             // An op by its name only: equal keys are compared in full anyway.
             Token::Op(op) => op.name().hash(h),
+            Token::Fused(class) => class.hash(h),
             Token::Constant(op, t) => {
                 op.name().hash(h);
                 t.hash(h);
@@ -178,6 +182,9 @@ pub(super) struct Ctx<'g> {
     readers: Vec<u32>,
     /// By value id: whether the value is a graph output.
     is_output: Vec<bool>,
+    /// By position: the class of a `fused` node's op (nodes with equal ops have equal classes;
+    /// `u32::MAX` for other nodes).
+    fused_class: Vec<u32>,
     taken: Vec<bool>,
     /// Scratch sets of positions: the members of the group being looked at, and the nodes a walk
     /// has seen.
@@ -193,15 +200,18 @@ impl<'g> Ctx<'g> {
         let values = g.value_bound() as usize;
         let mut producer = vec![u32::MAX; values];
         let mut count = vec![0u32; values + 1];
+        // Each reader once, however many times it reads the value (a fused MoE node reads
+        // hundreds of operands): the last position counted for each value.
+        let mut last = vec![u32::MAX; values];
         for (p, &n) in order.iter().enumerate() {
             let node = g.node(n);
             for &r in &node.results {
                 producer[r.as_u32() as usize] = p as u32;
             }
-            for (i, &v) in node.inputs.iter().enumerate() {
-                // Each reader once, however many times it reads the value.
-                if !node.inputs[..i].contains(&v) {
-                    count[v.as_u32() as usize + 1] += 1;
+            for &v in &node.inputs {
+                let v = v.as_u32() as usize;
+                if std::mem::replace(&mut last[v], p as u32) != p as u32 {
+                    count[v + 1] += 1;
                 }
             }
         }
@@ -211,13 +221,13 @@ impl<'g> Ctx<'g> {
         let first_reader = count.clone();
         let mut next = count;
         let mut readers = vec![0u32; first_reader[values] as usize];
+        last.fill(u32::MAX);
         for (p, &n) in order.iter().enumerate() {
-            let node = g.node(n);
-            for (i, &v) in node.inputs.iter().enumerate() {
-                if !node.inputs[..i].contains(&v) {
-                    let slot = &mut next[v.as_u32() as usize];
-                    readers[*slot as usize] = p as u32;
-                    *slot += 1;
+            for &v in &g.node(n).inputs {
+                let v = v.as_u32() as usize;
+                if std::mem::replace(&mut last[v], p as u32) != p as u32 {
+                    readers[next[v] as usize] = p as u32;
+                    next[v] += 1;
                 }
             }
         }
@@ -225,6 +235,7 @@ impl<'g> Ctx<'g> {
         for &(_, v) in g.outputs() {
             is_output[v.as_u32() as usize] = true;
         }
+        let fused_class = fused_classes(g, &order);
         let taken = vec![false; order.len()];
         let work = Cell::new(Work { visited: order.len() as u64, ..Work::default() });
         Ctx {
@@ -234,6 +245,7 @@ impl<'g> Ctx<'g> {
             first_reader,
             readers,
             is_output,
+            fused_class,
             in_group: RefCell::new(Marks::new(taken.len())),
             seen: RefCell::new(Marks::new(taken.len())),
             taken,
@@ -445,7 +457,10 @@ impl<'g> Ctx<'g> {
         let (mut args, mut constants) = (0, 0);
         for (m, p) in group.members().into_iter().enumerate() {
             let node = self.node(p);
-            key.push(Token::Op(&node.op));
+            key.push(match self.fused_class[p] {
+                u32::MAX => Token::Op(&node.op),
+                class => Token::Fused(class),
+            });
             for &v in &node.inputs {
                 let t = match local.get(&v) {
                     Some(&t) => t,
@@ -532,6 +547,30 @@ impl<'g> Ctx<'g> {
                 .analysis(group, |a| *a.lowers.get_or_insert_with(|| fusion::plan(&a.body).is_ok()))
                 .unwrap_or(false)
     }
+}
+
+/// The class of each `fused` node's op, by position (see [`Ctx::fused_class`]): ops are bucketed
+/// by name, body size and outputs, and compared in full within a bucket, once per node.
+fn fused_classes(g: &Graph, order: &[NodeId]) -> Vec<u32> {
+    let mut buckets: HashMap<u64, Vec<(usize, u32)>> = HashMap::default();
+    let mut classes = vec![u32::MAX; order.len()];
+    let mut next = 0;
+    for (p, &n) in order.iter().enumerate() {
+        let op = &g.node(n).op;
+        let Op::Fused { name, body } = op else { continue };
+        let mut h = FxHasher::default();
+        (name, body.node_count(), body.value_bound(), body.outputs()).hash(&mut h);
+        let bucket = buckets.entry(h.finish()).or_default();
+        classes[p] = match bucket.iter().find(|&&(q, _)| g.node(order[q]).op == *op) {
+            Some(&(_, class)) => class,
+            None => {
+                bucket.push((p, next));
+                next += 1;
+                next - 1
+            }
+        };
+    }
+    classes
 }
 
 fn hash_key(key: &Key) -> u64 {
