@@ -8,10 +8,16 @@
 //! kernels        Graph ─▶ KernelPlan (codegen::form_kernels)
 //! plan-memory    KernelPlan ─▶ MemoryPlan (one arena, offsets for the maximum sizes)
 //! lower          each distinct kernel once per target ─▶ MLIR
-//! emit-cpu       MLIR ─▶ LLVM ─▶ kernels.so with a packed entry per kernel
 //! emit-gpu       MLIR ─▶ LLVM ─▶ kernels.ptx for sm_90a, assembled by ptxas -v as a check
+//! emit-cpu       MLIR ─▶ LLVM ─▶ kernels.so with a packed entry per kernel
 //! pack           module.kir, kernels.mlir, manifest.json (with the SHA-256 of every file)
 //! ```
+//!
+//! Lowering and both emit stages work on every distinct kernel on its own, in parallel on the
+//! rayon pool, and put the results together in kernel order, so an artifact is the same whatever
+//! the number of threads. The stages overlap where they can: ptxas checks the PTX (emit-gpu comes
+//! first for that) while emit-cpu makes the library, and module.kir, kernels.mlir and the
+//! manifest are made beside both; a stage is reported finished when its own result is ready.
 //!
 //! [`make_graph`] runs `build` and the passes, [`prepare`] the pure stages up to `lower`, [`emit`]
 //! the rest, [`compile`] all of them. Nothing here writes the output: an [`Artifact`] holds its
@@ -29,6 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use kiln_ir::artifact::{
@@ -36,7 +43,7 @@ use kiln_ir::artifact::{
     KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, StateEntry, SymbolEntry,
 };
 use kiln_ir::module::{
-    verify_module, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole,
+    verify_declarations, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole,
 };
 use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
@@ -44,7 +51,7 @@ use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
 
 use crate::build::{build_cached, build_graph, build_score, BuildError, Phase};
 use crate::codegen::{
-    cpu, form_programs, gpu, lower_module, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
+    cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
     LoweredModule, Step, Target,
 };
 use crate::passes::{self, PassError};
@@ -159,11 +166,12 @@ pub fn stages(source: &Source, options: &Options) -> Vec<Stage> {
         s.extend(passes::PASSES.iter().map(|p| Stage::Pass(p.name)));
     }
     s.extend([Stage::Kernels, Stage::PlanMemory, Stage::Lower]);
-    if options.targets.cpu() {
-        s.push(Stage::EmitCpu);
-    }
+    // The PTX first: ptxas checks it while the CPU library is made.
     if options.targets.gpu() {
         s.push(Stage::EmitGpu);
+    }
+    if options.targets.cpu() {
+        s.push(Stage::EmitCpu);
     }
     s.push(Stage::Pack);
     s
@@ -442,14 +450,19 @@ fn declare(module: &mut Module) -> Result<(), CompileError> {
     // The KV caches are found again (passes rename them); the other states are the builders'.
     module.states.retain(|s| s.role != StateRole::KvCache);
     module.declare_params_from_programs()?;
-    for p in &module.programs {
-        for s in cache_states(&p.graph) {
-            if !module.states.iter().any(|d| d.name == s.name) {
-                module.states.push(s);
-            }
+    let caches: Vec<Vec<StateDecl>> = module.programs.par_iter().map(|p| cache_states(&p.graph)).collect();
+    for s in caches.into_iter().flatten() {
+        if !module.states.iter().any(|d| d.name == s.name) {
+            module.states.push(s);
         }
     }
-    verify_module(module)?;
+    // The graphs at once (verify_module would verify them one after another), then the rest of
+    // the module's invariants.
+    let graphs: Vec<Result<(), VerifyError>> = module.programs.par_iter().map(|p| verify(&p.graph)).collect();
+    for (p, r) in module.programs.iter().zip(graphs) {
+        r.map_err(|error| ModuleError::Graph { program: p.name.clone(), error })?;
+    }
+    verify_declarations(module)?;
     Ok(())
 }
 
@@ -464,19 +477,34 @@ pub fn module_after(spec: &ModelSpec, options: &Options, last: Option<&str>) -> 
     };
     passes::find(last)?;
     for pass in passes::PASSES {
-        for p in &mut module.programs {
-            passes::run_pass(
-                &mut p.graph,
-                pass,
-                &passes::Options { spec, kind: p.kind, targets: options.targets },
-            )?;
-        }
+        run_on_programs(&mut module, pass, spec, options)?;
         if pass.name == last {
             break;
         }
     }
     declare(&mut module)?;
     Ok(module)
+}
+
+/// Runs one pass on every program of the module, each with its kind, the programs in parallel (a
+/// pass sees one graph and nothing else, so they are independent); the first failure in program
+/// order is the error.
+fn run_on_programs(
+    module: &mut Module,
+    pass: &passes::PassInfo,
+    spec: &ModelSpec,
+    options: &Options,
+) -> Result<(), CompileError> {
+    let results: Vec<Result<passes::Changed, PassError>> = (module.programs.par_iter_mut())
+        .map(|p| {
+            let opts = passes::Options { spec, kind: p.kind, targets: options.targets };
+            passes::run_pass(&mut p.graph, pass, &opts)
+        })
+        .collect();
+    for r in results {
+        r?;
+    }
+    Ok(())
 }
 
 /// Runs `build` and the passes on every program: the module kernels are formed from, and the spec,
@@ -506,10 +534,7 @@ pub fn make_module(
                 continue;
             }
             obs.started(Stage::Pass(pass.name));
-            for p in &mut module.programs {
-                let opts = passes::Options { spec, kind: p.kind, targets: options.targets };
-                passes::run_pass(&mut p.graph, pass, &opts)?;
-            }
+            run_on_programs(&mut module, pass, spec, options)?;
             obs.finished(Stage::Pass(pass.name), &Dump::Graph(&module.programs[0].graph));
         }
     }
@@ -539,8 +564,11 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
         obs,
         Stage::PlanMemory,
         || {
-            (module.programs.iter().zip(&plans))
-                .map(|(p, plan)| Ok(plan_memory(&p.graph, plan, options.max_sizes_of(p.kind), &state_names)?))
+            (module.programs.par_iter().zip(&plans))
+                .map(|(p, plan)| plan_memory(&p.graph, plan, options.max_sizes_of(p.kind), &state_names))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|r| Ok(r?))
                 .collect::<Result<Vec<_>, CompileError>>()
         },
         |m| Dump::Memory(&m[0]),
@@ -557,7 +585,13 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
                 [(options.targets.cpu(), Target::Cpu), (options.targets.gpu(), Target::Gpu)]
             {
                 if wanted {
-                    modules.push(lower_module(kernels, target)?);
+                    // Each kernel on its own, in parallel; the module keeps the kernels' order.
+                    let lowered = (kernels.par_iter())
+                        .map(|k| lower_kernel(k, target))
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .collect::<Result<Vec<_>, LowerError>>()?;
+                    modules.push(LoweredModule { target, kernels: lowered });
                 }
             }
             Ok(modules)
@@ -582,7 +616,7 @@ const LINK_DIR_PREFIX: &str = "kiln-pack-";
 /// Links the CPU library in a private temporary directory and returns its bytes. The directories
 /// that killed earlier compiles left there are removed first.
 fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
-    let object = cpu::object(module)?;
+    let objects = cpu::objects(module)?;
     let temp = std::env::temp_dir();
     let link_error =
         |path: &std::path::Path, message: String| EmitError::Link { path: path.to_path_buf(), message };
@@ -593,7 +627,7 @@ fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
         .tempdir()
         .map_err(|e| link_error(&temp, e.to_string()))?;
     let path = dir.path().join(artifact::KERNELS_SO);
-    let bytes = cpu::link_shared_library(&object, &path)
+    let bytes = cpu::link_objects(&objects, &path)
         .and_then(|()| std::fs::read(&path).map_err(|e| link_error(&path, e.to_string())));
     Ok(bytes?)
 }
@@ -632,48 +666,92 @@ fn combined_mlir(cpu: Option<&LoweredModule>, gpu: Option<&LoweredModule>) -> St
 
 /// Runs the emit stages and packs the artifact.
 pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Result<Artifact, CompileError> {
+    // The PTX is made first, so that ptxas (a process of its own) checks it while the CPU library
+    // is made; the texts of module.kir and kernels.mlir and the manifest (all but its list of
+    // files) are made on the pool beside both. Two cores then stay busy to the end.
+    let threads = rayon::current_num_threads();
+    let host = match &prepared.cpu {
+        Some(_) => Some(toolchain::probe_host()?),
+        None => None,
+    };
+    let mut texts: Option<(String, String)> = None;
+    let mut manifest_result: Option<Result<Manifest, CompileError>> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut host = None;
-    if let Some(module) = &prepared.cpu {
-        let so = stage(
-            obs,
-            Stage::EmitCpu,
-            || shared_library(module),
-            |so| Dump::Library {
-                bytes: so.len(),
-                symbols: module.kernels.iter().map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX)).collect(),
-            },
-        )?;
-        host = Some(toolchain::probe_host()?);
-        files.push((artifact::KERNELS_SO.into(), so));
-    }
-    let mut ptxas = None;
-    if let (Some(module), Some(tool)) = (&prepared.gpu, &prepared.ptxas) {
-        let (ptx, report) = stage(
-            obs,
-            Stage::EmitGpu,
-            || {
-                let ptx = gpu::ptx(module)?;
-                let report = toolchain::ptxas_check(tool, &ptx, gpu::SM)?;
-                Ok((ptx, report))
-            },
-            |(ptx, _)| Dump::Ptx(ptx),
-        )?;
-        ptxas = Some(parse_report(&report));
-        files.push((artifact::KERNELS_PTX.into(), ptx.into_bytes()));
-    }
+    let mut report = None;
+    let p = &prepared;
+    rayon::in_place_scope(|s| -> Result<(), CompileError> {
+        let out = &mut texts;
+        s.spawn(move |_| *out = Some(rayon::join(|| kiln_ir::print_module(&p.module), || kernels_mlir(p))));
+        let (out, host) = (&mut manifest_result, host.clone());
+        s.spawn(move |_| *out = Some(manifest(p, options, host, Vec::new())));
+        let ptx = match (&p.gpu, &p.ptxas) {
+            (Some(module), Some(tool)) => {
+                let (ptx, checked) = stage(
+                    obs,
+                    Stage::EmitGpu,
+                    || {
+                        let ptx = gpu::ptx(module)?;
+                        // With a CPU library to make, ptxas runs beside it instead (emit-cpu).
+                        let checked = match p.cpu {
+                            Some(_) => None,
+                            None => Some(toolchain::ptxas_check_on(tool, &ptx, gpu::SM, threads)?),
+                        };
+                        Ok((ptx, checked))
+                    },
+                    |(ptx, _)| Dump::Ptx(ptx),
+                )?;
+                report = checked;
+                Some((ptx, tool))
+            }
+            _ => None,
+        };
+        if let Some(module) = &p.cpu {
+            let (so, checked) = stage(
+                obs,
+                Stage::EmitCpu,
+                || {
+                    std::thread::scope(|t| {
+                        let check = (ptx.as_ref()).map(|(ptx, tool)| {
+                            t.spawn(move || toolchain::ptxas_check_on(tool, ptx, gpu::SM, threads))
+                        });
+                        let so = shared_library(module);
+                        let checked =
+                            check.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+                        Ok((so?, checked.transpose()?))
+                    })
+                },
+                |(so, _)| Dump::Library {
+                    bytes: so.len(),
+                    symbols: (module.kernels.iter())
+                        .map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX))
+                        .collect(),
+                },
+            )?;
+            if checked.is_some() {
+                report = checked;
+            }
+            files.push((artifact::KERNELS_SO.into(), so));
+        }
+        if let Some((ptx, _)) = ptx {
+            files.push((artifact::KERNELS_PTX.into(), ptx.into_bytes()));
+        }
+        Ok(())
+    })?;
+    let ptxas = report.map(|r| parse_report(&r));
     obs.started(Stage::Pack);
-    files.push((artifact::MODULE_KIR.into(), kiln_ir::print_module(&prepared.module).into_bytes()));
-    files.push((artifact::KERNELS_MLIR.into(), kernels_mlir(&prepared).into_bytes()));
-    let entries = files
-        .iter()
+    let missing = |what: &str| CompileError::Internal(format!("{what} was not made"));
+    let (kir, mlir) = texts.ok_or_else(|| missing("module.kir"))?;
+    let mut manifest = manifest_result.ok_or_else(|| missing("the manifest"))??;
+    files.push((artifact::MODULE_KIR.into(), kir.into_bytes()));
+    files.push((artifact::KERNELS_MLIR.into(), mlir.into_bytes()));
+    manifest.files = files
+        .par_iter()
         .map(|(name, bytes)| FileEntry {
             name: name.clone(),
             sha256: sha256_hex(bytes),
             bytes: bytes.len() as u64,
         })
         .collect();
-    let manifest = manifest(&prepared, options, host, entries)?;
     manifest
         .validate()
         .map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;

@@ -151,6 +151,12 @@ pub fn ptxas_version(ptxas: &Path) -> Result<String, ToolchainError> {
 /// Assembles `ptx` for `arch` with `ptxas -v` into a temporary file; returns ptxas's report
 /// (registers, shared memory, spills per kernel), or its error output.
 pub fn ptxas_check(ptxas: &Path, ptx: &str, arch: &str) -> Result<String, ToolchainError> {
+    ptxas_check_on(ptxas, ptx, arch, 1)
+}
+
+/// [`ptxas_check`] with ptxas optimising on up to `threads` threads (`--split-compile`): the same
+/// report, in the same order, and the same code.
+pub fn ptxas_check_on(ptxas: &Path, ptx: &str, arch: &str, threads: usize) -> Result<String, ToolchainError> {
     let fail = |message: String| ToolchainError::Ptxas { path: ptxas.to_path_buf(), message };
     let dir = std::env::temp_dir().join(format!("kiln-ptxas-{}-{}", std::process::id(), unique()));
     std::fs::create_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
@@ -159,6 +165,7 @@ pub fn ptxas_check(ptxas: &Path, ptx: &str, arch: &str) -> Result<String, Toolch
     let out = Command::new(ptxas)
         .arg(format!("-arch={arch}"))
         .arg("-v")
+        .args(if threads > 1 { vec![format!("--split-compile={threads}")] } else { vec![] })
         .arg(&input)
         .arg("-o")
         .arg(dir.join("k.cubin"))

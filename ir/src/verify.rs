@@ -71,7 +71,9 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
 
 fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
     let mut out = Vec::new();
-    let mut defined: HashSet<ValueId> = HashSet::new();
+    // By value id: whether an earlier node defines the value (a table, not a hash set: a graph of
+    // DeepSeek-V3 has a quarter of a million values, and the pipeline verifies after every pass).
+    let mut defined = vec![false; g.value_bound() as usize];
     let mut params: HashSet<&str> = HashSet::new();
     let mut inputs: HashSet<&str> = HashSet::new();
     let order = g.nodes();
@@ -81,7 +83,7 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
             out.push(Violation { value, message, context: crate::text::node_line(g, n) });
         };
         for &v in &node.inputs {
-            if !defined.contains(&v) {
+            if !defined.get(v.as_u32() as usize).copied().unwrap_or(false) {
                 report(Some(v), format!("operand {v} is used before it is defined"));
             }
         }
@@ -171,7 +173,9 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
             }
             _ => {}
         }
-        defined.extend(node.results.iter().copied());
+        for &r in &node.results {
+            defined[r.as_u32() as usize] = true;
+        }
     }
     if g.outputs().is_empty() {
         out.push(Violation {

@@ -505,7 +505,7 @@ fn timings_have_a_row_per_stage_and_print_after_shows_a_stage() {
     let out = kiln(&["compile", SMALL, "--target", "all", "--timings", "--print-after", "plan-memory"]);
     assert!(out.ok, "{}", out.stderr);
     let stages: Vec<&str> = out.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
-    assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-cpu", "emit-gpu", "pack", "total"]);
+    assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-gpu", "emit-cpu", "pack", "total"]);
     for line in out.stdout.lines().skip(1).take(7) {
         assert!(line.contains(" ms") && line.contains(" MiB"), "{line}");
     }
@@ -671,4 +671,27 @@ fn the_whole_tiny_model_runs_from_its_artifact() {
     )
     .unwrap();
     assert_matches(&got, &want, 2e-3);
+}
+
+/// An artifact is the same, byte for byte, whatever the number of threads that compile it: kernels
+/// are lowered, compiled to machine code and PTX and checked by ptxas in parallel, each on its own,
+/// and put together in kernel order.
+#[test]
+fn artifacts_do_not_depend_on_the_number_of_threads() {
+    use kiln_compiler::pack::{self, Options, Source, Targets};
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let options = Options::new(Targets::All, 2, 16);
+    let compile_on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| pack::compile(Source::Spec(spec.clone()), &options, &mut ()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (one, four) = (compile_on(1), compile_on(4));
+    assert_eq!(one.manifest_json, four.manifest_json);
+    let names = |a: &pack::Artifact| a.files.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&one), names(&four));
+    for ((name, a), (_, b)) in one.files.iter().zip(&four.files) {
+        assert!(a == b, "{name} differs between 1 and 4 threads");
+    }
+    assert_eq!(one.ptxas, four.ptxas);
 }

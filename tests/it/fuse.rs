@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kiln_compiler::build::build_layer;
 use kiln_compiler::codegen::form_kernels;
 use kiln_compiler::pack::{self, plan_memory, Observer, Options, Source, Targets};
-use kiln_compiler::passes::{self, Options as PassOptions};
+use kiln_compiler::passes::{self, fuse_kernels, Options as PassOptions};
 use kiln_ir::artifact::Step;
 use kiln_ir::ModelSpec;
 
@@ -164,4 +164,51 @@ fn a_train_step_without_clipping_plans_its_in_place_updates() {
     };
     let prepared = pack::prepare(Source::Spec(spec("tiny")), &options, &mut ());
     assert!(prepared.is_ok(), "{}", prepared.err().map(|e| e.to_string()).unwrap_or_default());
+}
+
+/// What `fuse-kernels` does on `tiny_fp8` resized to `layers` decoder layers of `experts` routed
+/// experts, summed over the prefill and the decode program (so `decode-phases` runs too): FP8
+/// weights make every GEMM copy its weights' `dequantize`s in, one per expert in the MoE layers.
+fn fusion_work(layers: u64, experts: u64) -> fuse_kernels::Work {
+    let mut s = spec("tiny_fp8");
+    s.model.num_hidden_layers = layers;
+    s.moe.as_mut().unwrap().n_routed_experts = experts;
+    let options = Options { score: false, ..Options::new(Targets::Cpu, 1, 8) };
+    let module = pack::module_after(&s, &options, Some("dce")).unwrap_or_else(|e| panic!("{e}"));
+    let mut work = fuse_kernels::Work::default();
+    for p in module.programs {
+        let mut g = p.graph;
+        let (trace, w) = fuse_kernels::rewrite_counted(&mut g, p.kind).unwrap_or_else(|e| panic!("{e}"));
+        assert!(trace.count(fuse_kernels::FP8_GEMM) > 0, "{}: {trace}", p.name);
+        work += w;
+    }
+    work
+}
+
+/// fuse-kernels' work (nodes it numbers, walks through and copies into candidate bodies) grows
+/// linearly with the graph, in depth (layers) and in width (experts): doubling the layers (or the
+/// experts) again adds at most twice what the previous doubling added, so an added layer (or
+/// expert) costs no more in a bigger model. No rule walks the whole graph per candidate, and a
+/// GEMM's copied-in weights cost it once each. Counted, not timed.
+#[test]
+fn fuse_kernels_work_grows_linearly() {
+    let by_layers: Vec<u64> = [4, 8, 16].into_iter().map(|l| fusion_work(l, 16).visited).collect();
+    let by_experts: Vec<u64> = [16, 32, 64].into_iter().map(|e| fusion_work(4, e).visited).collect();
+    eprintln!("nodes visited by layers 4, 8, 16: {by_layers:?}; by experts 16, 32, 64: {by_experts:?}");
+    for w in [&by_layers, &by_experts] {
+        assert!(
+            w[0] < w[1] && w[2] - w[1] <= 2 * (w[1] - w[0]),
+            "the second doubling costs more than twice the first: {w:?}"
+        );
+    }
+}
+
+/// Identical layers are analysed once: however many identical MoE layers the model has, codegen's
+/// fusion analysis runs on the same number of distinct candidate bodies, and every further layer
+/// reuses them.
+#[test]
+fn identical_layers_share_one_fusion_analysis() {
+    let (four, eight) = (fusion_work(4, 16), fusion_work(8, 16));
+    assert_eq!(four.analyses, eight.analyses, "4 layers: {four:?}, 8 layers: {eight:?}");
+    assert!(eight.reused > four.reused, "4 layers: {four:?}, 8 layers: {eight:?}");
 }

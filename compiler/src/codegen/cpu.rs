@@ -5,7 +5,8 @@
 //! dialect; translation gives an LLVM module, to which [`llvm_ir`] adds one packed entry point per
 //! kernel; LLVM's `default<O3>` optimises it for the host (CPU name and features from the machine
 //! compiling, so the library is for this host); [`object`] emits the object file and
-//! [`link_shared_library`] links it with `cc -shared`, atomically.
+//! [`link_shared_library`] links it with `cc -shared`, atomically. [`objects`] emits one object per
+//! kernel, in parallel, for [`link_objects`] (what `kiln compile` does).
 //!
 //! The exported ABI of each kernel `k` (see `lower` for the bare-pointer function itself) is the packed
 //! entry `void k_packed(void *const *buffers, const int64_t *sizes, int64_t lo, int64_t hi)`:
@@ -23,18 +24,21 @@ use inkwell::module::Module as LlvmModule;
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine};
 use inkwell::OptimizationLevel;
 
-use super::emit::{init_llvm_targets, optimize_for, EmitError, Mlir};
+use super::emit::{each_kernel, init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target};
 
 /// MLIR passes from the lowered kernels to the LLVM dialect. bf16 conversions are expanded into integer
 /// arithmetic (`arith-expand`) so the library needs no compiler-rt helpers; `tanh` and friends that
-/// LLVM cannot inline become libm calls.
+/// LLVM cannot inline become libm calls. Vector ops become LLVM's while control flow is still
+/// structured: `convert-vector-to-llvm` first simplifies the regions it works on, which on a CFG of
+/// many similar blocks (a 256-way switch over MoE experts' weights) took half a second a kernel; the
+/// code is the same but for the order of those blocks.
 pub const CPU_PIPELINE: &str = "builtin.module(\
 func.func(arith-expand{include-bf16=true}), \
 expand-strided-metadata, \
 convert-vector-to-scf, \
-convert-scf-to-cf, \
 convert-vector-to-llvm, \
+convert-scf-to-cf, \
 convert-math-to-llvm, \
 convert-math-to-libm, \
 finalize-memref-to-llvm, \
@@ -135,10 +139,11 @@ fn optimized<'l>(
     machine: &TargetMachine,
 ) -> Result<LlvmModule<'l>, EmitError> {
     require_cpu(module)?;
-    let mlir = Mlir::new();
-    let mut m = mlir.parse(&module.text())?;
-    mlir.run(&mut m, CPU_PIPELINE)?;
-    let ir = mlir.translate(m.as_operation(), llvm)?;
+    let ir = Mlir::with(|mlir| {
+        let mut m = mlir.parse(&module.text())?;
+        mlir.run(&mut m, CPU_PIPELINE)?;
+        mlir.translate(m.as_operation(), llvm)
+    })?;
     for k in &module.kernels {
         let text = packed_entry(&k.name, k.buffers, k.syms.len(), k.signature.as_deref().unwrap_or_default());
         let buffer = MemoryBuffer::create_from_memory_range_copy(text.as_bytes(), "packed");
@@ -170,20 +175,41 @@ pub fn object(module: &LoweredModule) -> Result<Vec<u8>, EmitError> {
     Ok(obj.as_slice().to_vec())
 }
 
+/// One object file per kernel of the module, in kernel order, compiled in parallel on the current
+/// rayon pool (each thread with its own MLIR and LLVM contexts). A kernel is compiled alone, as a
+/// module of its own: kernels share nothing (each is its own function with its own packed entry),
+/// so each object, and the library [`link_objects`] makes of them in this order, is the same
+/// whatever the number of threads.
+pub fn objects(module: &LoweredModule) -> Result<Vec<Vec<u8>>, EmitError> {
+    require_cpu(module)?;
+    each_kernel(module, object)
+}
+
 /// Links an object file into the shared library `path` with `cc -shared ... -lm`. The library appears
 /// at `path` complete or not at all: it is linked under a temporary name in the same directory and
 /// renamed.
 pub fn link_shared_library(object: &[u8], path: &Path) -> Result<(), EmitError> {
+    link_objects(&[object], path)
+}
+
+/// [`link_shared_library`] for several object files, linked in the order given.
+pub fn link_objects(objects: &[impl AsRef<[u8]>], path: &Path) -> Result<(), EmitError> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let fail = |message: String| EmitError::Link { path: path.to_path_buf(), message };
     let tag = format!("{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
     let file = path.file_name().ok_or_else(|| fail("the path has no file name".into()))?.to_string_lossy();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let obj = dir.join(format!(".{file}.{tag}.o"));
+    let objs: Vec<_> = (0..objects.len()).map(|i| dir.join(format!(".{file}.{tag}.{i}.o"))).collect();
     let tmp = dir.join(format!(".{file}.{tag}.tmp"));
-    std::fs::write(&obj, object).map_err(|e| fail(format!("writing {}: {e}", obj.display())))?;
-    let out = Command::new("cc").arg("-shared").arg("-o").arg(&tmp).arg(&obj).arg("-lm").output();
-    let _ = std::fs::remove_file(&obj);
+    let remove = || objs.iter().for_each(|o| drop(std::fs::remove_file(o)));
+    for (obj, bytes) in objs.iter().zip(objects) {
+        if let Err(e) = std::fs::write(obj, bytes) {
+            remove();
+            return Err(fail(format!("writing {}: {e}", obj.display())));
+        }
+    }
+    let out = Command::new("cc").arg("-shared").arg("-o").arg(&tmp).args(&objs).arg("-lm").output();
+    remove();
     let out = out.map_err(|e| fail(format!("running cc: {e}")))?;
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);

@@ -3,8 +3,11 @@
 //! module in an inkwell context. MLIR's diagnostics are collected and returned in the error, so a
 //! failure says what MLIR said.
 //!
-//! Each call makes its own MLIR context with multithreading off: contexts are cheap next to the passes,
-//! nothing is shared between calls, and tests can run in parallel.
+//! Each thread that emits has its own MLIR context ([`Mlir::with`]), with MLIR's multithreading off:
+//! contexts are not `Send`, and loading every dialect costs more than emitting most kernels, so a
+//! thread makes one on first use and reuses it for every module it emits. Nothing else is shared
+//! between calls: modules are made and destroyed by each call, diagnostics are collected per call,
+//! and kernels can be emitted on several threads at once (see `cpu::objects` and `gpu::ptx`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -19,6 +22,9 @@ use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::Module;
 use melior::pass::PassManager;
 use melior::Context;
+use rayon::prelude::*;
+
+use super::lower::LoweredModule;
 
 /// Why emission failed. Every variant but [`EmitError::Link`] means lowering produced something MLIR or
 /// LLVM rejects: a compiler bug, reported with the tool's own words.
@@ -68,8 +74,22 @@ pub(crate) struct Mlir {
 }
 
 impl Mlir {
-    pub fn new() -> Mlir {
-        melior::utility::register_all_passes();
+    /// Runs `f` with this thread's context, made on the thread's first call.
+    pub fn with<T>(f: impl FnOnce(&Mlir) -> T) -> T {
+        thread_local! {
+            static MLIR: Mlir = Mlir::new();
+        }
+        MLIR.with(|mlir| {
+            // What an earlier call left (warnings of a module that did compile) is not this call's.
+            mlir.take_diagnostics();
+            f(mlir)
+        })
+    }
+
+    fn new() -> Mlir {
+        // MLIR's pass registry is global: register into it once, before any thread parses a pipeline.
+        static PASSES: std::sync::Once = std::sync::Once::new();
+        PASSES.call_once(melior::utility::register_all_passes);
         let registry = DialectRegistry::new();
         melior::utility::register_all_dialects(&registry);
         let context = Context::new_with_registry(&registry, false);
@@ -132,7 +152,24 @@ impl Mlir {
     }
 }
 
+/// Runs `f` on each kernel of `module`, as a module of its own, on the current rayon pool, and
+/// returns the results in kernel order (with an error, the first in kernel order). The largest
+/// kernels (by MLIR text, a fair guess at their cost) start first: one started last would leave a
+/// thread working alone at the end.
+pub(crate) fn each_kernel<T: Send>(
+    module: &LoweredModule,
+    f: impl Fn(&LoweredModule) -> Result<T, EmitError> + Sync,
+) -> Result<Vec<T>, EmitError> {
+    let mut order: Vec<usize> = (0..module.kernels.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(module.kernels[i].func.len()));
+    let mut done: Vec<(usize, Result<T, EmitError>)> = (order.into_par_iter().with_max_len(1))
+        .map(|i| (i, f(&LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] })))
+        .collect();
+    done.sort_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Parses and verifies MLIR text: the check that lowered text is valid, without emitting anything.
 pub fn verify_mlir(text: &str) -> Result<(), EmitError> {
-    Mlir::new().parse(text).map(|_| ())
+    Mlir::with(|mlir| mlir.parse(text).map(|_| ()))
 }

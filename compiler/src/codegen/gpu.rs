@@ -14,7 +14,7 @@ use inkwell::OptimizationLevel;
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 
-use super::emit::{init_llvm_targets, optimize_for, EmitError, Mlir};
+use super::emit::{each_kernel, init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target, GPU_MODULE};
 
 /// MLIR passes from the lowered `gpu.module` to the LLVM and NVVM dialects.
@@ -53,21 +53,22 @@ fn optimized<'l>(
     if module.target != Target::Gpu {
         return Err(EmitError::Llvm("the GPU back end was given CPU kernels".into()));
     }
-    let mlir = Mlir::new();
-    let mut m = mlir.parse(&module.text())?;
-    mlir.run(&mut m, GPU_PIPELINE)?;
-    let body = m.body();
-    let mut op = body.first_operation();
-    while let Some(o) = op {
-        if o.name().as_string_ref().as_str() == Ok("gpu.module") {
-            break;
+    let ir = Mlir::with(|mlir| {
+        let mut m = mlir.parse(&module.text())?;
+        mlir.run(&mut m, GPU_PIPELINE)?;
+        let body = m.body();
+        let mut op = body.first_operation();
+        while let Some(o) = op {
+            if o.name().as_string_ref().as_str() == Ok("gpu.module") {
+                break;
+            }
+            op = o.next_in_block();
         }
-        op = o.next_in_block();
-    }
-    let gpu_module = op.ok_or_else(|| EmitError::Translate {
-        diagnostics: format!("no gpu.module @{GPU_MODULE} after lowering"),
+        let gpu_module = op.ok_or_else(|| EmitError::Translate {
+            diagnostics: format!("no gpu.module @{GPU_MODULE} after lowering"),
+        })?;
+        mlir.translate(gpu_module, llvm)
     })?;
-    let ir = mlir.translate(gpu_module, llvm)?;
     optimize_for(&ir, machine)?;
     Ok(ir)
 }
@@ -81,7 +82,67 @@ pub fn llvm_ir(module: &LoweredModule) -> Result<String, EmitError> {
 }
 
 /// PTX for sm_90a holding every kernel of the module (`.entry` per kernel, named as the kernel).
+///
+/// Each kernel is compiled alone, in parallel on the current rayon pool, and the texts are joined
+/// under one header ([`join`]): an entry of LLVM's PTX is self-contained (its shared memory is
+/// declared inside it), so the joined module is what compiling the kernels together gives, up to
+/// where LLVM puts its comments, and the same whatever the number of threads. Should a kernel's PTX
+/// declare anything at module scope (which could clash between kernels), the module is compiled
+/// whole instead.
 pub fn ptx(module: &LoweredModule) -> Result<String, EmitError> {
+    if module.kernels.len() > 1 {
+        let parts = each_kernel(module, module_ptx)?;
+        if let Some(joined) = join(&parts) {
+            return Ok(joined);
+        }
+    }
+    module_ptx(module)
+}
+
+/// The PTX of several modules of one kernel each, as one module: the first one's header (the
+/// generator's comment, `.version`, `.target`, `.address_size`), then every module's entries in
+/// order. `None` unless every module has the same header and nothing at module scope but entries.
+fn join(parts: &[String]) -> Option<String> {
+    fn split(ptx: &str) -> Option<(&str, &str)> {
+        let end = ptx.find("\n.address_size ")? + 1;
+        let end = end + ptx[end..].find('\n')? + 1;
+        // The blank line after the header belongs to it.
+        let end = if ptx[end..].starts_with('\n') { end + 1 } else { end };
+        Some(ptx.split_at(end))
+    }
+    let (header, _) = split(parts.first()?)?;
+    let mut out = header.to_string();
+    for part in parts {
+        let (h, entries) = split(part)?;
+        if h != header || !entries.lines().all(entry_scope) {
+            return None;
+        }
+        out.push_str(entries);
+    }
+    Some(out)
+}
+
+/// Whether a line of PTX after the header can belong to an entry: anything indented or inside a
+/// body (labels, braces, comments), the entry's declaration and its performance directives; not a
+/// module-scope declaration (`.global`, `.const`, `.func`, `.extern`, ...).
+fn entry_scope(line: &str) -> bool {
+    const ENTRY: &[&str] = &[
+        ".visible .entry ",
+        ".entry ",
+        ".maxntid ",
+        ".reqntid ",
+        ".minnctapersm ",
+        ".maxnreg ",
+        ".maxclusterrank ",
+        ".reqnctapercluster ",
+        ".explicitcluster",
+        ".pragma ",
+    ];
+    !line.starts_with('.') || ENTRY.iter().any(|d| line.starts_with(d))
+}
+
+/// [`ptx`] of the whole module in one LLVM module.
+fn module_ptx(module: &LoweredModule) -> Result<String, EmitError> {
     let llvm = LlvmContext::create();
     let machine = nvptx_machine()?;
     let ir = optimized(module, &llvm, &machine)?;

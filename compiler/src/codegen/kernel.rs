@@ -24,12 +24,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use kiln_ir::graph::GraphError;
 use kiln_ir::infer::{infer, InferError};
 use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
-use kiln_ir::{Dim, Graph, NodeId, Op, TensorType, ValueId};
+use kiln_ir::{Attr, Dim, Graph, NodeId, Op, TensorType, ValueId};
+use rayon::prelude::*;
 
 /// A kernel of a [`KernelPlan`]. Displays as `k3`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -203,35 +205,105 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Partitions a verified graph into kernels (one per primitive op or `fused` node, deduplicated by
 /// content) and the steps that run them. See the module documentation.
 pub fn form_kernels(g: &Graph) -> Result<KernelPlan, FormError> {
-    let mut kernels = Vec::new();
-    let steps = form_into(g, &mut kernels, &mut HashMap::new())?;
-    Ok(KernelPlan { kernels, steps })
+    verify(g)?;
+    let mut kernels = Kernels::default();
+    let steps = form_into(g, &mut kernels)?;
+    Ok(KernelPlan { kernels: kernels.kernels, steps })
 }
 
 /// Forms the kernels of several programs of one model (prefill and decode) as one deduplicated
 /// set: each plan has every kernel (ids agree across plans) and its own program's steps.
 pub fn form_programs(graphs: &[&Graph]) -> Result<Vec<KernelPlan>, FormError> {
-    let mut kernels = Vec::new();
-    let mut by_name = HashMap::new();
+    // Verified at once, the first failure in order reported.
+    let verified: Vec<Result<(), VerifyError>> = graphs.par_iter().map(|g| verify(g)).collect();
+    verified.into_iter().collect::<Result<(), VerifyError>>()?;
+    let mut kernels = Kernels::default();
     let mut programs = Vec::new();
     for g in graphs {
-        programs.push(form_into(g, &mut kernels, &mut by_name)?);
+        programs.push(form_into(g, &mut kernels)?);
     }
-    Ok(programs.into_iter().map(|steps| KernelPlan { kernels: kernels.clone(), steps }).collect())
+    Ok(programs.into_iter().map(|steps| KernelPlan { kernels: kernels.kernels.clone(), steps }).collect())
 }
 
-/// Forms the kernels of `g` into `kernels` (reusing those already there by name) and returns its
-/// steps.
-fn form_into(
-    g: &Graph,
-    kernels: &mut Vec<Kernel>,
-    by_name: &mut HashMap<String, KernelId>,
-) -> Result<Vec<Step>, FormError> {
-    verify(g)?;
+/// The kernels formed so far, found by name, and by the node that made them: a node with the op
+/// (a `fused` body included) and the operand and result types of one seen before is that node's
+/// kernel, found without building, printing and hashing its body again (DeepSeek-V3's 58 MoE
+/// layers in each program are the same dozen nodes).
+#[derive(Default)]
+struct Kernels {
+    kernels: Vec<Kernel>,
+    by_name: HashMap<String, KernelId>,
+    by_node: rustc_hash::FxHashMap<u64, Vec<(NodeKey, KernelId)>>,
+}
+
+/// What a node's kernel is a function of.
+#[derive(PartialEq)]
+struct NodeKey {
+    op: Op,
+    args: Vec<TensorType>,
+    results: Vec<TensorType>,
+}
+
+impl Kernels {
+    /// The kernel of a node with this op and these types, if one was formed.
+    fn find(&self, hash: u64, op: &Op, args: &[&TensorType], results: &[&TensorType]) -> Option<KernelId> {
+        let same = |k: &NodeKey| {
+            k.op == *op
+                && k.args.len() == args.len()
+                && k.args.iter().zip(args).all(|(a, b)| a == *b)
+                && k.results.len() == results.len()
+                && k.results.iter().zip(results).all(|(a, b)| a == *b)
+        };
+        self.by_node.get(&hash)?.iter().find(|(k, _)| same(k)).map(|&(_, id)| id)
+    }
+}
+
+/// A hash of part of what [`NodeKey`]'s equality compares (an op by name and attributes, a `fused`
+/// body by its size and outputs; the types), so equal keys hash equally. Equal hashes are compared
+/// in full, so a body's nodes need not be hashed: that would cost as much as the comparison.
+fn node_hash(op: &Op, args: &[&TensorType], results: &[&TensorType]) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    hash_op(op, &mut h);
+    args.hash(&mut h);
+    results.hash(&mut h);
+    h.finish()
+}
+
+fn hash_op(op: &Op, h: &mut impl Hasher) {
+    op.name().hash(h);
+    for (key, attr) in op.attrs() {
+        key.hash(h);
+        hash_attr(&attr, h);
+    }
+    if let Op::Fused { body, .. } = op {
+        (body.node_count(), body.value_bound()).hash(h);
+        body.outputs().hash(h);
+    }
+}
+
+fn hash_attr(a: &Attr, h: &mut impl Hasher) {
+    match a {
+        Attr::Int(i) => (0u8, i).hash(h),
+        // Equal floats hash equally but for 0.0 and -0.0, which then only miss the table.
+        Attr::Float(f) => (1u8, f.to_bits()).hash(h),
+        Attr::Bool(b) => (2u8, b).hash(h),
+        Attr::Str(s) | Attr::Ident(s) => (3u8, s).hash(h),
+        Attr::List(items) => {
+            (4u8, items.len()).hash(h);
+            for i in items {
+                hash_attr(i, h);
+            }
+        }
+    }
+}
+
+/// Forms the kernels of a verified graph into `kernels` (reusing those already there) and returns
+/// its steps.
+fn form_into(g: &Graph, kernels: &mut Kernels) -> Result<Vec<Step>, FormError> {
     let mut steps = Vec::new();
     for n in g.nodes() {
         let node = g.node(n);
-        let body = match &node.op {
+        match &node.op {
             Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => continue,
             Op::Reshape { .. } => {
                 steps.push(Step::Alias { node: n, result: node.results[0], source: node.inputs[0] });
@@ -241,6 +313,40 @@ fn form_into(
                 steps.push(Step::Runtime { node: n });
                 continue;
             }
+            _ => {}
+        }
+        let args: Vec<&TensorType> = node.inputs.iter().map(|&v| g.ty(v)).collect();
+        let results: Vec<&TensorType> = node.results.iter().map(|&r| g.ty(r)).collect();
+        let hash = node_hash(&node.op, &args, &results);
+        let id = match kernels.find(hash, &node.op, &args, &results) {
+            Some(id) => id,
+            None => {
+                let id = kernels.insert(g, n)?;
+                let key = NodeKey {
+                    op: node.op.clone(),
+                    args: args.into_iter().cloned().collect(),
+                    results: results.into_iter().cloned().collect(),
+                };
+                kernels.by_node.entry(hash).or_default().push((key, id));
+                id
+            }
+        };
+        steps.push(Step::Launch {
+            kernel: id,
+            node: n,
+            args: node.inputs.clone(),
+            results: node.results.clone(),
+        });
+    }
+    Ok(steps)
+}
+
+impl Kernels {
+    /// The kernel of node `n` of `g`: built from its body and named, then one already formed
+    /// under that name (the same body reached by another node) or a new one.
+    fn insert(&mut self, g: &Graph, n: NodeId) -> Result<KernelId, FormError> {
+        let node = g.node(n);
+        let body = match &node.op {
             Op::Fused { body, .. } => (**body).clone(),
             op => {
                 let args: Vec<TensorType> = node.inputs.iter().map(|&v| g.ty(v).clone()).collect();
@@ -248,6 +354,8 @@ fn form_into(
                 op_body(op, &args, &results)?
             }
         };
+        let kernels = &mut self.kernels;
+        let by_name = &mut self.by_name;
         let candidate = Kernel::from_body(KernelId(kernels.len() as u32), body)?;
         let id = match by_name.get(&candidate.name) {
             Some(&id) => {
@@ -268,14 +376,8 @@ fn form_into(
                 id
             }
         };
-        steps.push(Step::Launch {
-            kernel: id,
-            node: n,
-            args: node.inputs.clone(),
-            results: node.results.clone(),
-        });
+        Ok(id)
     }
-    Ok(steps)
 }
 
 #[cfg(test)]

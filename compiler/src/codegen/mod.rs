@@ -7,12 +7,14 @@
 //! Graph ──kernel::form_kernels──▶ KernelPlan (deduplicated kernels + the steps that run them)
 //!   (fusion::plan: how each `fused` body is computed, in one pass or in phases with scratch)
 //!   ──lower::lower_module(kernels, Target)──▶ LoweredModule (MLIR text: func.func | gpu.func)
-//!   ──cpu::object / cpu::link_shared_library──▶ kernels.so   (cpu::llvm_ir to inspect)
+//!   ──cpu::objects / cpu::link_objects──▶ kernels.so   (cpu::object: one object; cpu::llvm_ir to inspect)
 //!   ──gpu::ptx──▶ PTX text, checked with toolchain::ptxas_check   (gpu::llvm_ir to inspect)
 //! ```
 //!
 //! Formation and lowering are pure functions of the graph. The emit stages run MLIR and LLVM in
-//! process; only `link_shared_library` touches the filesystem and runs a tool (`cc`).
+//! process, each kernel on its own and in parallel where a whole module is emitted (`cpu::objects`,
+//! `gpu::ptx`), with results in kernel order whatever the number of threads; only
+//! `link_shared_library`/`link_objects` touch the filesystem and run a tool (`cc`).
 
 pub mod cpu;
 pub mod emit;

@@ -33,7 +33,7 @@
 //! What it does not do: in-place reuse of an argument by its result, or placement that depends on
 //! sizes at run time.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
 use kiln_ir::artifact::{Buffer, BufferId, BufferKind, Storage, ARENA_ALIGN};
@@ -194,7 +194,7 @@ pub fn plan_memory(
             continue; // The state, unchanged (or a view of it).
         }
         let node = g.node(g.producer(*v));
-        let readers = g.nodes().into_iter().filter(|&m| g.node(m).inputs.contains(&input)).count();
+        let readers = g.users(input).len();
         if matches!(node.op, Op::CacheUpdate) && node.inputs[0] == input {
             if readers != 1 || g.outputs().iter().any(|(n, o)| *o == input && n != name) {
                 return Err(PlanError::Cache(format!(
@@ -280,7 +280,7 @@ pub fn plan_memory(
     }
 
     // Sizes, kinds and the storage of everything outside the arena.
-    let outputs: Vec<ValueId> = g.outputs().iter().map(|&(_, v)| v).collect();
+    let outputs: HashSet<ValueId> = g.outputs().iter().map(|&(_, v)| v).collect();
     let mut buffers = Vec::with_capacity(values.len());
     for (i, &(v, op)) in values.iter().enumerate() {
         let ty = g.ty(v);

@@ -14,6 +14,7 @@
 //! naming the files, rather than kept in part. Anything else (a file, a link, a directory without
 //! a manifest, or with a manifest that is not kiln's) is refused and left as it is.
 
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 use kiln_ir::artifact::{KERNELS_MLIR, KERNELS_PTX, KERNELS_SO, MANIFEST_FILE, MODULE_KIR};
@@ -113,11 +114,15 @@ pub fn check_target(dir: &Path) -> Result<(), WriteError> {
 pub fn write(artifact: &Artifact, dir: &Path) -> Result<(), WriteError> {
     check_target(dir)?;
     output::replace_dir(dir, |tmp| {
-        for (name, bytes) in &artifact.files {
-            let path = tmp.join(name);
-            std::fs::write(&path, bytes).map_err(io(&path))?;
-        }
-        // The manifest last: a directory with a manifest has every file it lists.
+        // The files at once (large ones take a while), the manifest last: a directory with a
+        // manifest has every file it lists.
+        let written: Vec<Result<(), WriteError>> = (artifact.files.par_iter())
+            .map(|(name, bytes)| {
+                let path = tmp.join(name);
+                std::fs::write(&path, bytes).map_err(io(&path))
+            })
+            .collect();
+        written.into_iter().collect::<Result<(), WriteError>>()?;
         let path = tmp.join(MANIFEST_FILE);
         std::fs::write(&path, artifact.manifest_json.as_bytes()).map_err(io(&path))
     })

@@ -6,15 +6,14 @@
 //! the outputs need. Does not look inside fused kernels (their bodies have no dead code by
 //! construction) and does not fold or merge anything.
 
-use std::collections::HashSet;
-
 use kiln_ir::{Graph, NodeId, Op};
+use rustc_hash::FxHashSet as HashSet;
 
 use super::{Changed, Options, PassError};
 
 pub fn run(graph: &mut Graph, _opts: &Options) -> Result<Changed, PassError> {
     let order = graph.nodes();
-    let mut live: HashSet<NodeId> = HashSet::new();
+    let mut live: HashSet<NodeId> = HashSet::default();
     let mut work: Vec<NodeId> = graph.outputs().iter().map(|&(_, v)| graph.producer(v)).collect();
     work.extend(
         order.iter().copied().filter(|&n| matches!(graph.node(n).op, Op::Input { .. } | Op::Send { .. })),

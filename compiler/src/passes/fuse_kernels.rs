@@ -35,6 +35,12 @@
 //! CPU work item or one GPU block: legal and correct, slower than a one-pass kernel on big inputs).
 //! Running it again changes nothing: fused nodes are not regrouped.
 //!
+//! Its work is linear in the graph (`tests/it/fuse.rs` counts it as layers and experts double):
+//! every question about a candidate group is answered in the group's neighbourhood (`groups`:
+//! producers and readers by table, convexity walks that stay between the members), and codegen's
+//! analysis of a candidate body is made once per distinct body, so DeepSeek-V3's 58 identical MoE
+//! layers are analysed as one.
+//!
 //! `latent-attention` takes the decode attention `fuse-mla-latent` marked `mla = absorbed` and the
 //! nodes of its scope connected to it
 //! (one that reads the cache at `positions`), except those that read only weights (the runtime
@@ -45,15 +51,20 @@
 //! Does not do: reorder, recompute or duplicate anything but a GEMM operand's `dequantize`, or fuse
 //! across `fused` nodes or a `cache_update` (which is a launch of its own, writing in place).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod groups;
+
+use std::collections::BTreeSet;
 
 use kiln_ir::module::ProgramKind;
 use kiln_ir::MlaForm;
-use kiln_ir::{Graph, NodeId, Op, UnaryOp, ValueId};
+use kiln_ir::{Graph, Op, UnaryOp, ValueId};
+use rustc_hash::FxHashMap as HashMap;
 
 use super::rewrite::Trace;
 use super::{Changed, Options, PassError};
-use crate::codegen::fusion::{self, classify, is_elementwise, Pattern};
+use crate::codegen::fusion::{is_elementwise, Pattern};
+pub use groups::Work;
+use groups::{Ctx, Group};
 
 const NAME: &str = "fuse-kernels";
 
@@ -103,161 +114,7 @@ fn fail(message: String) -> PassError {
     PassError::Precondition { pass: NAME, message }
 }
 
-/// A group of nodes to fuse: `nodes` are moved into the body, `cloned` copied in (GEMM operands'
-/// `dequantize`s, which other nodes may read too).
-#[derive(Clone, Debug, Default)]
-struct Group {
-    nodes: BTreeSet<usize>,
-    cloned: BTreeSet<usize>,
-    anchor: usize,
-}
-
-/// The graph in order, with node positions: groups are sets of positions.
-struct Ctx<'g> {
-    g: &'g Graph,
-    order: Vec<NodeId>,
-    pos: HashMap<NodeId, usize>,
-    taken: HashSet<usize>,
-    /// The state inputs updated in place (an output of the same name): a train step's weights
-    /// and moments.
-    updated: HashSet<ValueId>,
-}
-
-impl<'g> Ctx<'g> {
-    fn node(&self, p: usize) -> &'g kiln_ir::graph::Node {
-        self.g.node(self.order[p])
-    }
-
-    fn producer(&self, v: ValueId) -> usize {
-        self.pos[&self.g.producer(v)]
-    }
-
-    /// Positions of the nodes reading `v`, in order.
-    fn users(&self, v: ValueId) -> Vec<usize> {
-        let mut u: Vec<usize> = self.g.users(v).into_iter().map(|n| self.pos[&n]).collect();
-        u.sort();
-        u
-    }
-
-    fn free(&self, p: usize) -> bool {
-        !self.taken.contains(&p)
-    }
-
-    /// No path leaves the group and comes back: every value a member reads from outside is
-    /// computed without any member.
-    fn convex(&self, members: &BTreeSet<usize>) -> bool {
-        let Some(&lo) = members.iter().next() else { return true };
-        let mut seen: HashSet<usize> = HashSet::new();
-        let mut stack: Vec<usize> = Vec::new();
-        for &m in members {
-            for &v in &self.node(m).inputs {
-                let p = self.producer(v);
-                if !members.contains(&p) {
-                    stack.push(p);
-                }
-            }
-        }
-        while let Some(p) = stack.pop() {
-            if p < lo || !seen.insert(p) {
-                continue;
-            }
-            if members.contains(&p) {
-                return false;
-            }
-            stack.extend(self.node(p).inputs.iter().map(|&v| self.producer(v)));
-        }
-        true
-    }
-
-    /// The body of a group: an input per outside value read, an output per member result read
-    /// outside the group (or a graph output), in order.
-    fn body(&self, group: &Group, name: &str) -> Result<Graph, PassError> {
-        let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
-        let mut body = Graph::new(name);
-        let mut map: HashMap<ValueId, ValueId> = HashMap::new();
-        for (i, v) in self.inputs(group).into_iter().enumerate() {
-            let name = format!("a{i}");
-            let (_, r) =
-                body.add_node(Op::Input { name }, &[], vec![self.g.ty(v).clone()], None).map_err(err)?;
-            map.insert(v, r[0]);
-        }
-        let all: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
-        for &p in &all {
-            let node = self.node(p);
-            let mut ins = Vec::new();
-            for &v in &node.inputs {
-                let m = match map.get(&v) {
-                    Some(&m) => m,
-                    // A constant is copied in rather than passed.
-                    None => {
-                        let c = self.node(self.producer(v));
-                        let (_, r) = body
-                            .add_node(c.op.clone(), &[], vec![self.g.ty(v).clone()], None)
-                            .map_err(err)?;
-                        map.insert(v, r[0]);
-                        r[0]
-                    }
-                };
-                ins.push(m);
-            }
-            let tys = node.results.iter().map(|&r| self.g.ty(r).clone()).collect();
-            let (_, rs) = body.add_node(node.op.clone(), &ins, tys, None).map_err(err)?;
-            map.extend(node.results.iter().copied().zip(rs));
-        }
-        for v in self.outputs(group) {
-            body.add_output(format!("r{}", body.outputs().len()), map[&v]).map_err(err)?;
-        }
-        Ok(body)
-    }
-
-    /// The inputs of a group's fused node, in the order of its body's inputs.
-    fn inputs(&self, group: &Group) -> Vec<ValueId> {
-        let all: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
-        let mut defined: HashSet<ValueId> = HashSet::new();
-        let mut ins = Vec::new();
-        for &p in &all {
-            let node = self.node(p);
-            for &v in &node.inputs {
-                let constant = matches!(self.node(self.producer(v)).op, Op::Constant { .. });
-                if !defined.contains(&v) && !ins.contains(&v) && !constant {
-                    ins.push(v);
-                }
-            }
-            defined.extend(node.results.iter().copied());
-        }
-        ins
-    }
-
-    /// Member results read outside the group, or graph outputs.
-    fn outputs(&self, group: &Group) -> Vec<ValueId> {
-        let mut out = Vec::new();
-        for &p in &group.nodes {
-            for &r in &self.node(p).results {
-                let outside = self.users(r).iter().any(|u| !group.nodes.contains(u))
-                    || self.g.outputs().iter().any(|&(_, o)| o == r);
-                if outside {
-                    out.push(r);
-                }
-            }
-        }
-        out
-    }
-
-    /// The one-pass pattern of the group's body, if it is convex and has one.
-    fn one_pass(&self, group: &Group) -> Option<Pattern> {
-        let members: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
-        if !self.convex(&members) {
-            return None;
-        }
-        classify(&self.body(group, "probe").ok()?)
-    }
-
-    /// Whether the group is convex and lowers, in any number of phases.
-    fn lowers(&self, group: &Group) -> bool {
-        let members: BTreeSet<usize> = group.nodes.union(&group.cloned).copied().collect();
-        self.convex(&members) && self.body(group, "probe").is_ok_and(|b| fusion::plan(&b).is_ok())
-    }
-
+impl Ctx<'_> {
     /// Grows an elementwise `group` by the free elementwise producers of its operands that it
     /// alone reads and that read nothing computed after them from the group (a train step's
     /// `w * (1 - lr * wd)` and `v * beta2`, which come after the chain's seed in program order),
@@ -269,8 +126,7 @@ impl<'g> Ctx<'g> {
                 .filter(|&q| !group.nodes.contains(&q) && self.free(q) && is_elementwise(&self.node(q).op))
                 .filter(|&q| !matches!(self.node(q).op, Op::Constant { .. } | Op::Reshape { .. }))
                 .filter(|&q| {
-                    (self.node(q).results.iter())
-                        .all(|&r| self.users(r).iter().all(|u| group.nodes.contains(u)))
+                    (self.node(q).results.iter()).all(|&r| self.readers(r).all(|u| group.nodes.contains(&u)))
                 })
                 .collect();
             let mut grew = false;
@@ -304,10 +160,10 @@ impl<'g> Ctx<'g> {
             let candidates: BTreeSet<usize> = group
                 .nodes
                 .iter()
-                .flat_map(|&p| self.node(p).results.iter().flat_map(|&r| self.users(r)))
+                .flat_map(|&p| self.node(p).results.iter().flat_map(|&r| self.readers(r)))
                 .filter(|&u| !group.nodes.contains(&u) && self.free(u) && is_elementwise(&self.node(u).op))
                 .filter(|&u| !matches!(self.node(u).op, Op::Constant { .. }))
-                .filter(|&u| !(no_state && self.node(u).inputs.iter().any(|v| self.updated.contains(v))))
+                .filter(|&u| !(no_state && self.node(u).inputs.iter().any(|&v| self.is_updated(v))))
                 .collect();
             let mut grew = false;
             for c in candidates {
@@ -327,28 +183,37 @@ impl<'g> Ctx<'g> {
     }
 }
 
-/// The inputs of `g` that an output of the same name updates in place (states).
-fn updated_states(g: &Graph) -> HashSet<ValueId> {
-    let outputs: HashSet<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
-    g.inputs().into_iter().filter(|(n, _)| outputs.contains(n)).map(|(_, v)| v).collect()
-}
-
 /// Runs the pass and reports which rules fired.
 pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError> {
+    Ok(rewrite_counted(graph, kind)?.0)
+}
+
+/// [`rewrite`], also reporting the work it did.
+pub fn rewrite_counted(graph: &mut Graph, kind: ProgramKind) -> Result<(Trace, Work), PassError> {
     let mut trace = Trace::new(RULES);
-    let order = graph.nodes();
-    let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let updated = updated_states(graph);
-    let mut cx = Ctx { g: graph, order, pos, taken: HashSet::new(), updated };
+    let (rebuilt, mut work) = fuse(graph, &mut trace)?;
+    if let Some(rebuilt) = rebuilt {
+        *graph = rebuilt;
+    }
+    // Only a decode program runs one token per sequence, which is what makes phases cheap.
+    if kind == ProgramKind::Decode {
+        work += decode_phases(graph, &mut trace)?;
+    }
+    Ok((trace, work))
+}
+
+/// Every rule but `decode-phases`: the graph with its groups fused, unless none was found.
+fn fuse(graph: &Graph, trace: &mut Trace) -> Result<(Option<Graph>, Work), PassError> {
+    let mut cx = Ctx::new(graph);
     let mut groups: Vec<(Group, String)> = Vec::new();
     let mut claim = |cx: &mut Ctx, group: Group, rules: Vec<&'static str>, trace: &mut Trace| {
-        cx.taken.extend(group.nodes.iter().copied());
+        cx.take(&group);
         for r in &rules {
             trace.fire(r);
         }
         groups.push((group, rules.join("+")));
     };
-    let n = cx.order.len();
+    let n = cx.len();
 
     // latent-attention: decode attention over the latent cache with its absorbed projections.
     let weight_only = weight_only(&cx);
@@ -363,7 +228,7 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
         // but the weight-only ones (the runtime computes those once, at load).
         let scope = node.scope.clone();
         let absorbed = |q: usize| cx.node(q).scope == scope;
-        let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
+        let mut group = Group::of([p], p);
         let mut stack = vec![p];
         while let Some(q) = stack.pop() {
             let node = cx.node(q);
@@ -374,17 +239,17 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
                 let big = matches!(cx.node(r).op, Op::MatMul)
                     && cx.node(r).inputs.iter().any(|&v| {
                         let t = cx.g.ty(v);
-                        weight_only.contains(&cx.producer(v))
+                        weight_only[cx.producer(v)]
                             && t.known_numel().unwrap_or(u64::MAX).saturating_mul(t.dtype.size_bytes())
                                 > SMALL_WEIGHT_BYTES
                     });
-                if absorbed(r) && cx.free(r) && !weight_only.contains(&r) && !big && group.nodes.insert(r) {
+                if absorbed(r) && cx.free(r) && !weight_only[r] && !big && group.nodes.insert(r) {
                     stack.push(r);
                 }
             }
         }
-        if cx.convex(&group.nodes) && cx.lowers(&group) {
-            claim(&mut cx, group, vec![LATENT_ATTENTION], &mut trace);
+        if cx.convex(&group) && cx.lowers(&group) {
+            claim(&mut cx, group, vec![LATENT_ATTENTION], trace);
         }
     }
 
@@ -400,9 +265,9 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
         {
             continue;
         }
-        let group = Group { nodes: [gate, p].into(), cloned: BTreeSet::new(), anchor: p };
+        let group = Group::of([gate, p], p);
         if cx.lowers(&group) {
-            claim(&mut cx, group, vec![ROUTER], &mut trace);
+            claim(&mut cx, group, vec![ROUTER], trace);
         }
     }
 
@@ -411,7 +276,7 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
         if !cx.free(p) || !matches!(cx.node(p).op, Op::RmsNorm { .. }) {
             continue;
         }
-        let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
+        let mut group = Group::of([p], p);
         let mut stack = vec![cx.node(p).inputs[0]];
         while let Some(v) = stack.pop() {
             let q = cx.producer(v);
@@ -443,11 +308,11 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
             let mut trial = group.clone();
             trial.nodes.insert(u);
             if cx.lowers(&trial) {
-                claim(&mut cx, trial, vec![ADD_RMS_NORM_QUANT], &mut trace);
+                claim(&mut cx, trial, vec![ADD_RMS_NORM_QUANT], trace);
                 continue;
             }
         }
-        claim(&mut cx, group, vec![ADD_RMS_NORM], &mut trace);
+        claim(&mut cx, group, vec![ADD_RMS_NORM], trace);
     }
 
     // GEMMs with their operands' dequantize and their epilogue.
@@ -456,7 +321,7 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
             continue;
         }
         if let Some((group, rules)) = gemm_group(&cx, p) {
-            claim(&mut cx, group, rules, &mut trace);
+            claim(&mut cx, group, rules, trace);
         }
     }
 
@@ -466,23 +331,17 @@ pub fn rewrite(graph: &mut Graph, kind: ProgramKind) -> Result<Trace, PassError>
         if !cx.free(p) || !is_elementwise(op) || matches!(op, Op::Constant { .. } | Op::Reshape { .. }) {
             continue;
         }
-        let mut group = Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p };
+        let mut group = Group::of([p], p);
         cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise, false);
         cx.grow_prologue(&mut group);
         let computing = group.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
         if computing >= 2 {
-            claim(&mut cx, group, vec![ELEMENTWISE_CHAIN], &mut trace);
+            claim(&mut cx, group, vec![ELEMENTWISE_CHAIN], trace);
         }
     }
 
-    if !groups.is_empty() {
-        *graph = rebuild(&cx, &groups)?;
-    }
-    // Only a decode program runs one token per sequence, which is what makes phases cheap.
-    if kind == ProgramKind::Decode {
-        decode_phases(graph, &mut trace)?;
-    }
-    Ok(trace)
+    let rebuilt = if groups.is_empty() { None } else { Some(rebuild(&cx, &groups)?) };
+    Ok((rebuilt, cx.work()))
 }
 
 /// The largest weight (bytes) a GEMM may read inside a `decode-phases` kernel: one work item streams
@@ -496,11 +355,8 @@ pub const SMALL_WEIGHT_BYTES: u64 = 64 << 10;
 /// would stop lowering. With one token per sequence every phase is small, so one work item running
 /// them all costs less than the launches it replaces. Weight-only nodes stay out (the runtime
 /// computes them at load).
-fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> {
-    let order = graph.nodes();
-    let pos = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let updated = updated_states(graph);
-    let cx = Ctx { g: graph, order, pos, taken: HashSet::new(), updated };
+fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError> {
+    let cx = Ctx::new(graph);
     let weight_only = weight_only(&cx);
     let layer = |p: usize| {
         let scope = cx.node(p).scope.as_deref()?;
@@ -511,7 +367,7 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> 
         (cx.node(p).inputs.iter())
             .filter(|&&v| {
                 let q = cx.producer(v);
-                weight_only.contains(&q) || matches!(cx.node(q).op, Op::Param { .. })
+                weight_only[q] || matches!(cx.node(q).op, Op::Param { .. })
             })
             .map(|&v| {
                 cx.g.ty(v).known_numel().unwrap_or(u64::MAX).saturating_mul(cx.g.ty(v).dtype.size_bytes())
@@ -520,7 +376,7 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> 
     };
     let joinable = |p: usize| {
         let op = &cx.node(p).op;
-        !weight_only.contains(&p)
+        !weight_only[p]
             && !matches!(
                 op,
                 Op::Input { .. }
@@ -544,8 +400,8 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> 
             }
         }
     };
-    for p in 0..cx.order.len() {
-        if matches!(cx.node(p).op, Op::Param { .. } | Op::Constant { .. }) || weight_only.contains(&p) {
+    for (p, &weight_only) in weight_only.iter().enumerate() {
+        if matches!(cx.node(p).op, Op::Param { .. } | Op::Constant { .. }) || weight_only {
             continue;
         }
         if !joinable(p) {
@@ -564,36 +420,34 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<(), PassError> 
             Some(g) => current = Some(g),
             None => {
                 close(&mut current, &mut groups);
-                current = Some(Group { nodes: [p].into(), cloned: BTreeSet::new(), anchor: p });
+                current = Some(Group::of([p], p));
             }
         }
     }
     close(&mut current, &mut groups);
     if groups.is_empty() {
-        return Ok(());
+        return Ok(cx.work());
     }
     for _ in &groups {
         trace.fire(DECODE_PHASES);
     }
     let rebuilt = rebuild(&cx, &groups)?;
+    let work = cx.work();
     *graph = rebuilt;
-    Ok(())
+    Ok(work)
 }
 
 /// Positions of the nodes that read only weights and constants (and such nodes): computed once at
 /// load by the runtime, so no rule takes them into a kernel of the run.
-fn weight_only(cx: &Ctx) -> HashSet<usize> {
-    let mut out = HashSet::new();
-    for p in 0..cx.order.len() {
+fn weight_only(cx: &Ctx) -> Vec<bool> {
+    let mut out = vec![false; cx.len()];
+    for p in 0..cx.len() {
         let node = cx.node(p);
-        let from_weights = !node.inputs.is_empty()
+        out[p] = !node.inputs.is_empty()
             && node.inputs.iter().all(|&v| {
                 let q = cx.producer(v);
-                out.contains(&q) || matches!(cx.node(q).op, Op::Param { .. } | Op::Constant { .. })
+                out[q] || matches!(cx.node(q).op, Op::Param { .. } | Op::Constant { .. })
             });
-        if from_weights {
-            out.insert(p);
-        }
     }
     out
 }
@@ -650,11 +504,15 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
             }
         }
     }
-    if !with_deq.cloned.is_empty() && matches!(cx.one_pass(&with_deq), Some(Pattern::Linear { .. })) {
+    let with_deq_pattern = if with_deq.cloned.is_empty() { None } else { cx.one_pass(&with_deq) };
+    let pattern = if matches!(with_deq_pattern, Some(Pattern::Linear { .. })) {
         group = with_deq;
         fp8 = true;
-    }
-    if !matches!(cx.one_pass(&group), Some(Pattern::Linear { .. } | Pattern::Op)) {
+        with_deq_pattern
+    } else {
+        cx.one_pass(&group)
+    };
+    if !matches!(pattern, Some(Pattern::Linear { .. } | Pattern::Op)) {
         return None;
     }
     let base = group.clone();
@@ -753,7 +611,7 @@ fn rebuild(cx: &Ctx, groups: &[(Group, String)]) -> Result<Graph, PassError> {
 /// [`rebuild`] with these groups, or the latest group on a cycle.
 fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, PassError> {
     let g = cx.g;
-    let n = cx.order.len();
+    let n = cx.len();
     // Items: groups first (0..groups.len()), then one per node not in a group.
     let mut item_of = vec![usize::MAX; n];
     for (i, (group, _)) in groups.iter().enumerate() {
@@ -769,11 +627,12 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
         }
     }
     let items = groups.len() + singles.len();
-    let inputs_of = |i: usize| -> Vec<ValueId> {
+    let group_inputs: Vec<Vec<ValueId>> = groups.iter().map(|(group, _)| cx.inputs(group)).collect();
+    let inputs_of = |i: usize| -> &[ValueId] {
         if i < groups.len() {
-            cx.inputs(&groups[i].0)
+            &group_inputs[i]
         } else {
-            cx.node(singles[i - groups.len()]).inputs.clone()
+            &cx.node(singles[i - groups.len()]).inputs
         }
     };
     let first_pos = |i: usize| {
@@ -791,12 +650,12 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
     );
     while let Some(i) = stack.pop() {
         if !std::mem::replace(&mut live[i], true) {
-            stack.extend(inputs_of(i).into_iter().map(|v| item_of[cx.producer(v)]));
+            stack.extend(inputs_of(i).iter().map(|&v| item_of[cx.producer(v)]));
         }
     }
     // Kahn's algorithm over live items, earliest position first.
     let deps: Vec<BTreeSet<usize>> = (0..items)
-        .map(|i| inputs_of(i).into_iter().map(|v| item_of[cx.producer(v)]).filter(|&d| d != i).collect())
+        .map(|i| inputs_of(i).iter().map(|&v| item_of[cx.producer(v)]).filter(|&d| d != i).collect())
         .collect();
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); items];
     let mut pending = vec![0usize; items];
@@ -809,13 +668,13 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
     let mut ready: BTreeSet<(usize, usize)> =
         (0..items).filter(|&i| live[i] && pending[i] == 0).map(|i| (first_pos(i), i)).collect();
     let mut new = Graph::new(g.name());
-    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut map: HashMap<ValueId, ValueId> = HashMap::default();
     let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
     while let Some((_, i)) = ready.pop_first() {
         let ins: Vec<ValueId> = inputs_of(i).iter().map(|v| map[v]).collect();
         if i < groups.len() {
             let (group, name) = &groups[i];
-            let body = cx.body(group, name)?;
+            let body = cx.fused_body(group, name)?;
             let outs = cx.outputs(group);
             let tys = outs.iter().map(|&v| g.ty(v).clone()).collect();
             let scope = cx.node(group.anchor).scope.clone();
@@ -839,7 +698,7 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
     // dependencies from one of them until an item repeats, and dissolve the latest group on that
     // cycle (not merely the latest unplaced group, which may only depend on the cycle).
     if let Some(start) = (0..items).find(|&i| live[i] && pending[i] > 0) {
-        let mut seen: HashMap<usize, usize> = HashMap::new();
+        let mut seen: HashMap<usize, usize> = HashMap::default();
         let mut path = Vec::new();
         let mut at = start;
         while !seen.contains_key(&at) {

@@ -11,10 +11,10 @@
 //! [`PassError::Precondition`] naming the pass, since it means the old graph did not have the shape
 //! the pass assumed.
 
-use std::collections::HashMap;
-
 use kiln_ir::infer::infer;
 use kiln_ir::{Graph, NodeId, Op, TensorType, ValueId};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::PassError;
 
@@ -28,7 +28,7 @@ pub(super) struct Rewriter<'g> {
 
 impl<'g> Rewriter<'g> {
     pub(super) fn new(pass: &'static str, old: &'g Graph) -> Rewriter<'g> {
-        Rewriter { pass, old, new: Graph::new(old.name()), map: HashMap::new() }
+        Rewriter { pass, old, new: Graph::new(old.name()), map: HashMap::default() }
     }
 
     fn fail(&self, message: impl Into<String>) -> PassError {
