@@ -48,6 +48,10 @@ enum Command {
         /// Print the whole module `kiln compile` builds: its parameters, states and every program.
         #[arg(long, conflicts_with_all = ["layer", "program"])]
         module: bool,
+        /// `kir`, the text IR (which `kiln check` and the parser read), or `dot`, a Graphviz drawing
+        /// (`kiln ir models/tiny.toml --format dot | dot -Tsvg > tiny.svg`).
+        #[arg(long, value_enum, default_value = "kir")]
+        format: IrFormat,
         /// Write to this file (atomically) instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -302,8 +306,8 @@ fn render(e: &anyhow::Error) -> String {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Ir { spec, layer, after, program, module, output } => {
-            ir(&spec, layer, after.as_deref(), program.as_deref(), module, output.as_deref())
+        Command::Ir { spec, layer, after, program, module, format, output } => {
+            ir(&spec, layer, after.as_deref(), program.as_deref(), module, format, output.as_deref())
         }
         Command::Check { file } => check(&file),
         Command::Inspect { spec, context, json } => inspect(&spec, context, json),
@@ -470,6 +474,7 @@ fn ir(
     after: Option<&str>,
     program: Option<&str>,
     module: bool,
+    format: IrFormat,
     output: Option<&Path>,
 ) -> Result<()> {
     check_output_file(output, &[spec_path])?;
@@ -477,7 +482,11 @@ fn ir(
     if module {
         let options = kiln_compiler::pack::Options::new(kiln_compiler::pack::Targets::All, 1, 1);
         let m = kiln_compiler::pack::module_after(&spec, &options, after)?;
-        return emit(&text::print_module(&m), output);
+        let printed = match format {
+            IrFormat::Kir => text::print_module(&m),
+            IrFormat::Dot => text::print_module_dot(&m),
+        };
+        return emit(&printed, output);
     }
     let (mut graph, kind) = match (layer, program) {
         (Some(l), _) => (build::build_layer(&spec, l)?, ProgramKind::Forward),
@@ -489,7 +498,18 @@ fn ir(
     if let Some(pass) = after {
         passes::run_until(&mut graph, &spec, kind, pass)?;
     }
-    emit(&text::print(&graph), output)
+    let printed = match format {
+        IrFormat::Kir => text::print(&graph),
+        IrFormat::Dot => text::print_dot(&graph),
+    };
+    emit(&printed, output)
+}
+
+/// What `kiln ir` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum IrFormat {
+    Kir,
+    Dot,
 }
 
 fn check(file: &Path) -> Result<()> {

@@ -52,6 +52,31 @@ fn ir_of_the_tiny_model() {
     kiln_ir::verify::verify(&graph).unwrap();
 }
 
+/// `kiln ir --format dot` draws every node of the graph (the text IR's node count) and every
+/// output, grouped by scope; with `--module`, a cluster per program.
+#[test]
+fn ir_draws_the_graph_as_dot() {
+    let kir = kiln(&["ir", "models/tiny.toml"]);
+    let dot = kiln(&["ir", "models/tiny.toml", "--format", "dot"]);
+    assert!(dot.ok, "{}", dot.stderr);
+    let graph = kiln_ir::text::parse(&kir.stdout).unwrap();
+    let boxes = (dot.stdout.lines())
+        .filter(|l| l.trim_start().starts_with('n') && l.contains(" [label=") && !l.contains(" -> "))
+        .count();
+    let edges = dot.stdout.matches(" -> ").count();
+    let operands: usize = graph.nodes().iter().map(|&n| graph.node(n).inputs.len()).sum();
+    assert_eq!(boxes, graph.node_count() + graph.outputs().len(), "{}", dot.stdout);
+    assert_eq!(edges, operands + graph.outputs().len());
+    assert!(dot.stdout.contains("label=\"model.layers.1\"; style=rounded"), "{}", dot.stdout);
+    let module = kiln(&["ir", "models/tiny.toml", "--module", "--format", "dot"]);
+    assert!(module.ok, "{}", module.stderr);
+    for program in ["prefill", "decode", "score"] {
+        assert!(module.stdout.contains(&format!("label=\"program {program} ({program})\"")), "{program}");
+    }
+    let bad = kiln(&["ir", "models/tiny.toml", "--format", "svg"]);
+    assert!(!bad.ok && bad.stderr.contains("possible values: kir, dot"), "{}", bad.stderr);
+}
+
 /// `parse(print(g)) == g` and the graph verifies, for every model in `models/` (DeepSeek-V3 included).
 #[test]
 fn every_model_round_trips_through_the_text_format() {

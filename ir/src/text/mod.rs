@@ -93,6 +93,7 @@ use crate::graph::Graph;
 use crate::module::Module;
 
 mod check;
+mod dot;
 mod lex;
 #[cfg(test)]
 mod module_tests;
@@ -102,6 +103,7 @@ mod print;
 mod tests;
 
 pub use check::{check_graph_file, check_module_file, is_module, read_file, KirFile};
+pub use dot::{print_dot, print_module_dot};
 pub use print::{node_line, print, print_module};
 
 /// A `.kir` file that does not parse, with the place and the reason.
