@@ -65,8 +65,8 @@ cuda_s=$(run cuda)
 
 for d in cpu cuda; do
   s=$([ $d = cpu ] && echo "$cpu_s" || echo "$cuda_s")
-  echo "$d: $(head -n1 "$work/$d.out")"
-  echo "$d: $(grep '^time to first token' "$work/$d.out") (wall ${s} s with load)"
+  echo "$d: $(head -n1 "$work/$d.err")"
+  echo "$d: $(grep '^time to first token' "$work/$d.err") (wall ${s} s with load)"
 done
 
 # Row by row, value by value: the max abs difference and the CPU logits' largest magnitude.

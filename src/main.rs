@@ -150,6 +150,11 @@ enum Command {
         /// to FILE, one line of numbers per row: to compare devices (scripts/gpu-check.sh).
         #[arg(long, value_name = "FILE")]
         dump_logits: Option<PathBuf>,
+        /// Print one JSON document on standard output at the end (the tokens, the text, each
+        /// token's logit and probability, the speeds, and what --expert-load and --profile
+        /// measured) instead of the generated text; the report still goes to standard error.
+        #[arg(long)]
+        json: bool,
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
@@ -333,6 +338,7 @@ fn run(command: Command) -> Result<()> {
             expert_load,
             profile,
             dump_logits,
+            json,
         } => {
             check_threads(threads)?;
             let weights = match (&weights, random_weights) {
@@ -356,7 +362,8 @@ fn run(command: Command) -> Result<()> {
                 profile,
                 dump_logits: dump_logits.as_deref(),
             };
-            run::run(&req, &mut io::stdout().lock())
+            let (mut out, mut log) = (io::stdout().lock(), io::stderr().lock());
+            run::run(&req, &mut run::Sink { out: &mut out, log: &mut log, json })
         }
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
         Command::Train {

@@ -7,12 +7,18 @@
 //! the interpreter runs (`--interp`; without it, [`not_an_artifact`] says what the path is): the graph keeps the MTP module, as artifacts do, so checkpoints
 //! that carry it bind as they are (only the main logits are used). Weights come from a Hugging Face checkpoint folder or a seeded random
 //! initialisation. An artifact compiled with a KV cache (the default) prefills the prompt and then
-//! decodes one token per step over its cache; the interpreter recomputes the whole sequence. Tokens are printed as they come, then the continuation and the speeds, and with
-//! `--expert-load` the rows each expert of each MoE layer received over the whole generation.
+//! decodes one token per step over its cache; the interpreter recomputes the whole sequence.
+//!
+//! The output contract ([`Sink`]): standard output carries only what was generated: the decoded
+//! text as it comes, or with a prompt of ids the new ids, comma-separated as `--prompt-ids` takes
+//! them, in one line at the end (so that on a terminal they do not interleave with the per-token
+//! lines); or with `--json` one JSON document at the end and nothing else. The header, each token's
+//! logit and probability, the speeds, `--expert-load` (the rows each expert of each MoE layer
+//! received) and `--profile` go to standard error; with `--json` the last two are in the document
+//! too. So `kiln run ... > out.txt` keeps exactly the continuation.
 //!
 //! A prompt is token ids (`--prompt-ids`) or text (`--prompt`), which the `tokenizer.json` of the
-//! weights folder encodes (`crate::tokenize`); with text, the decoded continuation is printed as it
-//! comes instead of one line per token.
+//! weights folder encodes (`crate::tokenize`).
 //!
 //! A compiled artifact binds a checkpoint without copying what needs no conversion
 //! (`weights::bind_mapped`): a tensor stored in its parameter's compiled dtype is read by the kernels
@@ -80,6 +86,18 @@ pub struct Request<'a> {
     /// Write every logits row generation read to this file (`--dump-logits`).
     pub dump_logits: Option<&'a Path>,
 }
+
+/// Where `kiln run` writes (see the module documentation): `out` the generated text or the JSON
+/// document, `log` everything else.
+pub struct Sink<'o> {
+    pub out: &'o mut dyn Write,
+    pub log: &'o mut dyn Write,
+    /// `--json`: `out` gets one JSON document at the end and nothing else.
+    pub json: bool,
+}
+
+/// What `--json` prints, filled in as the run goes.
+type Report = serde_json::Map<String, serde_json::Value>;
 
 /// `--temperature`, `--top-p` and `--seed` as a sampling mode: temperature 0 is greedy.
 pub fn sampling(temperature: f32, top_p: f32, seed: u64) -> Sampling {
@@ -267,7 +285,7 @@ pub(crate) fn cpu_options(threads: Option<usize>) -> CpuOptions {
 }
 
 /// Runs `kiln run` and writes the report to `out`.
-pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
     crate::check_output_file(req.dump_logits, &[req.model])?;
     let prompt = prompt(req)?;
     if req.profile && req.interp {
@@ -283,7 +301,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if !req.interp {
             return Err(not_an_artifact(req.model, "run"));
         }
-        return run_spec(req, &prompt, out);
+        let report = run_spec(req, &prompt, sink)?;
+        return finish(report, sink);
     }
     if req.device == Device::Cuda && !req.interp {
         check_cuda_request(req)?;
@@ -301,7 +320,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let max_positions = spec.map(|s| s.model.max_position_embeddings);
         let mut engine = Reference::new(art.program_graph(first_program(m))?, tensors, max_positions)?;
         let what = "reference interpreter on module.kir";
-        return generate_and_report(&mut engine, name, what, eos, &prompt, req, out);
+        let report = generate_and_report(&mut engine, name, what, eos, &prompt, req, sink)?;
+        return finish(report, sink);
     }
     // The parameters alone: `param_bytes` also counts the artifact's constants, which are not
     // checkpoint tensors and so neither mapped nor converted.
@@ -310,11 +330,23 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     if req.device == Device::Cuda {
         let mut model = GpuModel::load(&art, params, &GpuOptions::default())?;
         let device = format!("CUDA device 0, {}", model.device_name());
-        return run_compiled(&mut model, &device, declared, name, eos, &prompt, req, out);
+        let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, sink)?;
+        return finish(report, sink);
     }
     let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
     let device = format!("the CPU, {}", threads(model.threads()));
-    run_compiled(&mut model, &device, declared, name, eos, &prompt, req, out)
+    let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, sink)?;
+    finish(report, sink)
+}
+
+/// With `--json`, the document on `out`.
+fn finish(report: Report, sink: &mut Sink) -> Result<()> {
+    if sink.json {
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(report))?;
+        writeln!(sink.out, "{text}")?;
+        sink.out.flush()?;
+    }
+    Ok(())
 }
 
 /// Generation on a loaded artifact, on any backend: the header line (memory, KV cache, folded
@@ -328,8 +360,8 @@ fn run_compiled<B: Backend>(
     eos: Option<u64>,
     prompt: &Prompt,
     req: &Request,
-    out: &mut impl Write,
-) -> Result<()> {
+    sink: &mut Sink,
+) -> Result<Report> {
     let (total, mapped) = (model.param_bytes(), model.mapped_param_bytes());
     let cache = match Engine::kv_cache(model) {
         None => "no KV cache".to_string(),
@@ -349,18 +381,30 @@ fn run_compiled<B: Backend>(
         declared.saturating_sub(mapped)
     );
     model.set_profiling(req.profile);
-    generate_and_report(model, name, &what, eos, prompt, req, out)?;
+    let mut report = generate_and_report(model, name, &what, eos, prompt, req, sink)?;
     if req.expert_load {
-        write_expert_load(&model.expert_load(), out)?;
+        let layers = model.expert_load();
+        write_expert_load(&layers, sink.log)?;
+        let layers = (layers.iter())
+            .map(|l| serde_json::json!({"layer": l.label, "top_k": l.top_k, "rows_per_expert": l.counts}))
+            .collect();
+        report.insert("expert_load".into(), serde_json::Value::Array(layers));
     }
     if req.profile {
-        write_profile(&model.profile(), out)?;
+        let times = model.profile();
+        write_profile(&times, sink.log)?;
+        let kernels = (times.iter().filter(|t| t.nanos > 0))
+            .map(
+                |t| serde_json::json!({"kernel": t.name, "ms": t.nanos as f64 / 1e6, "launches": t.launches}),
+            )
+            .collect();
+        report.insert("profile".into(), serde_json::Value::Array(kernels));
     }
-    Ok(())
+    Ok(report)
 }
 
-fn write_profile(times: &[kiln_runtime::cpu::KernelTime], out: &mut impl Write) -> Result<()> {
-    write_profile_of(times, "prefill and decode runs together", out)
+fn write_profile(times: &[kiln_runtime::cpu::KernelTime], out: &mut dyn Write) -> Result<()> {
+    write_profile_of(times, "prefill and decode runs together", &mut &mut *out)
 }
 
 /// The 20 kernels that took the most time, of `times` (over the runs `what` says).
@@ -397,7 +441,7 @@ pub(crate) fn write_profile_of(
 /// `--expert-load`: one line per MoE layer. The counts are rows the kernels routed in every forward
 /// pass (padding rows included; with a KV cache each token is routed once, without one each pass
 /// routes the whole sequence again).
-fn write_expert_load(layers: &[LayerLoad], out: &mut impl Write) -> Result<()> {
+fn write_expert_load(layers: &[LayerLoad], out: &mut dyn Write) -> Result<()> {
     if layers.is_empty() {
         writeln!(out, "expert load: the artifact has no MoE layers")?;
         return Ok(());
@@ -425,7 +469,7 @@ fn write_expert_load(layers: &[LayerLoad], out: &mut impl Write) -> Result<()> {
 }
 
 /// `kiln run SPEC --interp`: the graph built from the spec, on the interpreter.
-fn run_spec(req: &Request, prompt: &Prompt, out: &mut impl Write) -> Result<()> {
+fn run_spec(req: &Request, prompt: &Prompt, sink: &mut Sink) -> Result<Report> {
     // The MTP module stays in the graph, as in compiled artifacts: a checkpoint that carries it
     // (every DeepSeek-V3 release does) binds as it is, and its logits are simply not used here.
     let spec = spec::load(req.model)?;
@@ -436,7 +480,7 @@ fn run_spec(req: &Request, prompt: &Prompt, out: &mut impl Write) -> Result<()> 
     let tensors = params(decls, &req.weights, Some(&spec), &mut ckpt)?.collect::<Result<Vec<_>, _>>()?;
     let mut engine = Reference::new(graph, tensors, Some(spec.model.max_position_embeddings))?;
     let what = "reference interpreter";
-    generate_and_report(&mut engine, &spec.model.name, what, spec.model.eos_token_id, prompt, req, out)
+    generate_and_report(&mut engine, &spec.model.name, what, spec.model.eos_token_id, prompt, req, sink)
 }
 
 /// `--device cuda` options that only the CPU has, refused before anything loads; then the driver,
@@ -512,8 +556,8 @@ fn generate_and_report(
     eos: Option<u64>,
     prompt: &Prompt,
     req: &Request,
-    out: &mut impl Write,
-) -> Result<()> {
+    sink: &mut Sink,
+) -> Result<Report> {
     let mut stop_tokens = req.stop_ids.clone();
     if let Some(e) = eos.filter(|_| !req.ignore_eos) {
         stop_tokens.push(e as i64);
@@ -527,24 +571,46 @@ fn generate_and_report(
         prompt.tokenizer.as_ref().map(|t| t.stream(&prompt.ids)).transpose()?;
     let mut header =
         format!("{name}: {} prompt tokens, {}, {what}\n", prompt.ids.len(), describe(req.sampling));
-    if let Some(s) = &stream {
-        // The text as the model sees it: the prompt re-decoded, continued by the streamed tokens.
-        header += &format!("prompt ids: {:?}\n{}", prompt.ids, s.prompt_text());
+    let prompt_text = stream.as_ref().map(|s| s.prompt_text().to_string());
+    if let Some(text) = &prompt_text {
+        // The text as the model sees it: the prompt re-decoded.
+        header += &format!("prompt ids: {:?}\nprompt: {text}\n", prompt.ids);
     }
     let mut header = Some(header);
     let mut failed: Option<anyhow::Error> = None;
+    let (json, out, log) = (sink.json, &mut *sink.out, &mut *sink.log);
+    let mut text = String::new();
+    let mut events: Vec<TokenEvent> = Vec::new();
     let mut on_token = |e: &TokenEvent| {
-        let mut text = header.take().unwrap_or_default();
-        match &mut stream {
+        events.push(*e);
+        let mut logged = header.take().unwrap_or_default();
+        let new = match &mut stream {
             Some(s) => match s.push(e.token) {
-                Ok(new) => text += &new,
+                Ok(new) => new,
                 Err(err) => {
                     failed.get_or_insert(err);
+                    String::new()
                 }
             },
-            None => text += &format!("token {:>6}  logit {:>9.4}  p {:.4}\n", e.token, e.logit, e.prob),
+            None if e.step == 0 => e.token.to_string(),
+            None => format!(",{}", e.token),
+        };
+        text += &new;
+        if stream.is_none() {
+            logged += &format!("token {:>6}  logit {:>9.4}  p {:.4}\n", e.token, e.logit, e.prob);
         }
-        if let Err(err) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // Text streams to `out` as it comes; ids are written at the end, in one line, so that on a
+        // terminal they do not interleave with the per-token lines on `log`.
+        let streams = !json && stream.is_some();
+        let written = log.write_all(logged.as_bytes()).and_then(|()| log.flush());
+        let written = written.and_then(|()| {
+            if !streams {
+                Ok(())
+            } else {
+                out.write_all(new.as_bytes()).and_then(|()| out.flush())
+            }
+        });
+        if let Err(err) = written {
             failed.get_or_insert(err.into());
         }
     };
@@ -557,17 +623,59 @@ fn generate_and_report(
         return Err(e);
     }
     if let Some(h) = header {
-        write!(out, "{h}")?;
+        write!(sink.log, "{h}")?;
     }
     if let Some(s) = &mut stream {
-        writeln!(out, "{}", s.finish())?;
+        let rest = s.finish();
+        text += &rest;
+        if !json {
+            write!(sink.out, "{rest}")?;
+        }
     }
+    if !json {
+        if stream.is_none() {
+            write!(sink.out, "{text}")?;
+        }
+        // The continuation ends its line, so that a shell prompt or the next output starts clean.
+        writeln!(sink.out)?;
+        sink.out.flush()?;
+    }
+    let tokens = &g.tokens[0];
     if g.stopped[0] {
-        writeln!(out, "stopped at stop token {}", g.tokens[0].last().copied().unwrap_or_default())?;
+        writeln!(sink.log, "stopped at stop token {}", tokens.last().copied().unwrap_or_default())?;
     }
-    writeln!(out, "generated {} tokens: {:?}", g.tokens[0].len(), g.tokens[0])?;
-    writeln!(out, "{}", speeds(&g))?;
-    Ok(())
+    writeln!(sink.log, "generated {} tokens: {:?}", tokens.len(), tokens)?;
+    writeln!(sink.log, "{}", speeds(&g))?;
+    let s = &g.stats;
+    let mut report = Report::new();
+    report.insert("model".into(), name.into());
+    report.insert("engine".into(), what.into());
+    report.insert("sampling".into(), describe(req.sampling).into());
+    report.insert("prompt_ids".into(), prompt.ids.clone().into());
+    if let Some(t) = prompt_text {
+        report.insert("prompt".into(), t.into());
+    }
+    report.insert("tokens".into(), tokens.clone().into());
+    if stream.is_some() {
+        report.insert("text".into(), text.into());
+    }
+    report.insert("logits".into(), events.iter().map(|e| e.logit).collect::<Vec<f32>>().into());
+    report.insert("probs".into(), events.iter().map(|e| e.prob).collect::<Vec<f32>>().into());
+    let finish = if g.stopped[0] { "stop" } else { "length" };
+    report.insert("finish_reason".into(), finish.into());
+    report.insert(
+        "stats".into(),
+        serde_json::json!({
+            "prompt_tokens": s.prompt_tokens,
+            "first_token_ms": s.first_token.as_secs_f64() * 1e3,
+            "prefill_tokens_per_s": s.prefill_tokens_per_s(),
+            "decode_tokens": s.decode_tokens,
+            "decode_tokens_per_s": s.decode_tokens_per_s(),
+            "forward_passes": s.forwards,
+            "kv_cache": g.cached,
+        }),
+    );
+    Ok(report)
 }
 
 fn speeds(g: &Generation) -> String {

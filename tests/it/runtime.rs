@@ -184,10 +184,12 @@ fn the_golden_checkpoint_reproduces_transformers_through_the_artifact() {
     ]);
     assert!(out.ok, "{}", out.stderr);
     // golden.json's "continuation": transformers' generate(..., do_sample=False).
-    assert!(out.stdout.contains("generated 8 tokens: [51, 10, 89, 138, 46, 46, 186, 46]"), "{}", out.stdout);
-    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("token ")).count(), 8);
-    assert!(out.stdout.starts_with("v3_tiny_yarn: 9 prompt tokens, greedy, compiled artifact on the CPU"));
-    let speeds = out.stdout.lines().last().unwrap();
+    // Standard output is the new ids alone, as --prompt-ids takes them; the report is on stderr.
+    assert_eq!(out.stdout, "51,10,89,138,46,46,186,46\n");
+    assert!(out.stderr.contains("generated 8 tokens: [51, 10, 89, 138, 46, 46, 186, 46]"), "{}", out.stderr);
+    assert_eq!(out.stderr.lines().filter(|l| l.starts_with("token ")).count(), 8);
+    assert!(out.stderr.starts_with("v3_tiny_yarn: 9 prompt tokens, greedy, compiled artifact on the CPU"));
+    let speeds = out.stderr.lines().last().unwrap();
     assert!(speeds.starts_with("time to first token ") && speeds.contains("tokens/s"), "{speeds}");
 
     // The whole forward pass of the golden batch against transformers' logits.
@@ -527,15 +529,16 @@ fn kiln_run_on_an_artifact_with_interp_uses_its_graph() {
     let (compiled, interp) = (with(&["--max-new-tokens", "4"]), with(&["--max-new-tokens", "4", "--interp"]));
     assert!(compiled.ok && interp.ok, "{}{}", compiled.stderr, interp.stderr);
     let tokens = |s: &str| s.lines().find(|l| l.starts_with("generated")).unwrap().to_string();
-    assert_eq!(tokens(&compiled.stdout), tokens(&interp.stdout));
-    assert!(interp.stdout.contains("reference interpreter on module.kir"), "{}", interp.stdout);
+    assert_eq!(tokens(&compiled.stderr), tokens(&interp.stderr));
+    assert_eq!(compiled.stdout, interp.stdout);
+    assert!(interp.stderr.contains("reference interpreter on module.kir"), "{}", interp.stderr);
 
     let sampled =
         |seed| with(&["--max-new-tokens", "6", "--temperature", "1.5", "--top-p", "0.9", "--seed", seed]);
     let (s1, s1b, s2) = (sampled("1"), sampled("1"), sampled("2"));
-    assert!(s1.stdout.contains("sampled at temperature 1.5, top-p 0.9, seed 1"), "{}", s1.stdout);
-    assert_eq!(tokens(&s1.stdout), tokens(&s1b.stdout));
-    assert_ne!(tokens(&s1.stdout), tokens(&s2.stdout));
+    assert!(s1.stderr.contains("sampled at temperature 1.5, top-p 0.9, seed 1"), "{}", s1.stderr);
+    assert_eq!(tokens(&s1.stderr), tokens(&s1b.stderr));
+    assert_ne!(tokens(&s1.stderr), tokens(&s2.stderr));
 }
 
 #[test]
@@ -620,8 +623,8 @@ fn expert_load_counts_what_the_interpreter_routes() {
     let base = ["run", &d, "--random-weights", "4", "--prompt-ids", "5,6,7", "--ignore-eos"];
     let r = kiln(&[&base[..], &["--max-new-tokens", "2", "--expert-load"]].concat());
     assert!(r.ok, "{}", r.stderr);
-    let lines: Vec<&str> = r.stdout.lines().filter(|l| l.starts_with("model.layers.")).collect();
-    assert_eq!(lines.len(), got.len(), "{}", r.stdout);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with("model.layers.")).collect();
+    assert_eq!(lines.len(), got.len(), "{}", r.stderr);
     for (line, l) in lines.iter().zip(&got) {
         let want = format!("{}: 7 tokens x top-4 over 16 experts; rows per expert min ", l.label);
         assert!(
@@ -631,6 +634,31 @@ fn expert_load_counts_what_the_interpreter_routes() {
     }
     let interp = kiln(&[&base[..], &["--expert-load", "--interp"]].concat());
     assert!(!interp.ok && interp.stderr.contains("not available with --interp"), "{}", interp.stderr);
+
+    // --json: one document on standard output with the same tokens, loads and a profile; the
+    // report still on standard error.
+    let j = kiln(&[&base[..], &["--max-new-tokens", "2", "--expert-load", "--profile", "--json"]].concat());
+    assert!(j.ok, "{}", j.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&j.stdout).unwrap_or_else(|e| panic!("{e}: {}", j.stdout));
+    let plain: Vec<i64> = r.stdout.trim().split(',').map(|t| t.parse().unwrap()).collect();
+    let tokens: Vec<i64> = doc["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(tokens, plain);
+    assert_eq!(doc["prompt_ids"], serde_json::json!([5, 6, 7]));
+    assert_eq!(doc["finish_reason"], "length");
+    assert_eq!(doc["logits"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["stats"]["forward_passes"], 2);
+    assert_eq!(doc["stats"]["kv_cache"], false, "compiled with --no-kv-cache");
+    let loads = doc["expert_load"].as_array().unwrap();
+    assert_eq!(loads.len(), got.len());
+    for (l, want) in loads.iter().zip(&got) {
+        assert_eq!(l["layer"], want.label.as_str());
+        let rows: u64 = l["rows_per_expert"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+        assert_eq!(rows, 7 * 4, "7 tokens x top-4");
+    }
+    let profile = doc["profile"].as_array().unwrap();
+    assert!(!profile.is_empty() && profile.iter().all(|k| k["launches"].as_u64().unwrap() > 0));
+    assert!(j.stderr.contains("generated 2 tokens") && j.stderr.contains("by kind: "), "{}", j.stderr);
 }
 
 /// Logits rows `rows` (flat row indices of `[B, T]`) of the last run's `logits`.

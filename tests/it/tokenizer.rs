@@ -55,8 +55,8 @@ fn prompts_encode_as_python_tokenizers_encodes_them() {
         let want: Vec<i64> = s["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
         let out = run_text(&folder, text, "1");
         assert!(out.ok, "{text}: {}", out.stderr);
-        assert_eq!(ids_after(&out.stdout, "prompt ids: "), want, "{text}");
-        assert!(out.stdout.contains(&format!(": {} prompt tokens, greedy", want.len())), "{}", out.stdout);
+        assert_eq!(ids_after(&out.stderr, "prompt ids: "), want, "{text}");
+        assert!(out.stderr.contains(&format!(": {} prompt tokens, greedy", want.len())), "{}", out.stderr);
     }
 }
 
@@ -66,20 +66,18 @@ fn the_continuation_is_printed_as_decoded_text() {
     let folder = tiny_folder(&dir);
     let out = run_text(&folder, "hello world", "6");
     assert!(out.ok, "{}", out.stderr);
-    let prompt = ids_after(&out.stdout, "prompt ids: ");
-    let generated = ids_after(&out.stdout, "generated 6 tokens: ");
-    // Text instead of one line per token: the line after the ids is the prompt's text followed by
-    // what the streamed tokens added, which is the decoding of the whole sequence (special tokens
-    // skipped; ids past the tokenizer's 320 decode to nothing).
-    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("token ")).count(), 0, "{}", out.stdout);
+    let prompt = ids_after(&out.stderr, "prompt ids: ");
+    let generated = ids_after(&out.stderr, "generated 6 tokens: ");
+    // Text instead of one line per token: standard output is exactly what the streamed tokens
+    // added to the prompt's text, so that the prompt's text followed by it is the decoding of the
+    // whole sequence (special tokens skipped; ids past the tokenizer's 320 decode to nothing).
+    assert_eq!(out.stderr.lines().filter(|l| l.starts_with("token ")).count(), 0, "{}", out.stderr);
     let tok = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
     let all: Vec<u32> = prompt.iter().chain(&generated).map(|&i| i as u32).collect();
     let want = tok.decode(&all, true).unwrap();
     assert!(want.starts_with("hello world"), "{want}");
-    let lines: Vec<&str> = out.stdout.lines().collect();
-    let at = lines.iter().position(|l| l.starts_with("prompt ids: ")).unwrap();
-    assert_eq!(lines[at + 1], want, "{}", out.stdout);
-    assert!(lines[at + 2].starts_with("generated 6 tokens: "), "{}", out.stdout);
+    let shown = out.stderr.lines().find_map(|l| l.strip_prefix("prompt: ")).unwrap();
+    assert_eq!(format!("{shown}{}", out.stdout), format!("{want}\n"), "{}", out.stderr);
 
     // The same prompt as ids generates the same tokens.
     let ids: Vec<String> = prompt.iter().map(i64::to_string).collect();
@@ -96,7 +94,7 @@ fn the_continuation_is_printed_as_decoded_text() {
         "--ignore-eos",
     ]);
     assert!(by_ids.ok, "{}", by_ids.stderr);
-    assert_eq!(ids_after(&by_ids.stdout, "generated 6 tokens: "), generated);
+    assert_eq!(ids_after(&by_ids.stderr, "generated 6 tokens: "), generated);
 }
 
 #[test]

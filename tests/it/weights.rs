@@ -257,13 +257,13 @@ fn a_model_on_mapped_weights_computes_what_one_on_copies_does() {
         kiln(&["run", &art_dir, "--weights", GOLDEN, "--prompt-ids", "0,17,42", "--max-new-tokens", "1"]);
     assert!(run.ok, "{}", run.stderr);
     let report = format!("parameters {declared} bytes ({declared} mapped from the checkpoint, 0 converted)");
-    assert!(run.stdout.contains(&report), "{}", run.stdout);
+    assert!(run.stderr.contains(&report), "{}", run.stderr);
     let random =
         kiln(&["run", &art_dir, "--random-weights", "1", "--prompt-ids", "0,17,42", "--max-new-tokens", "1"]);
     assert!(random.ok, "{}", random.stderr);
     assert!(
-        random.stdout.contains(&format!("(0 mapped from the checkpoint, {declared} converted)")),
+        random.stderr.contains(&format!("(0 mapped from the checkpoint, {declared} converted)")),
         "{}",
-        random.stdout
+        random.stderr
     );
 }

@@ -66,10 +66,11 @@ def parse_bench(text: str) -> dict:
 
 
 def parse_run_tokens(text: str) -> list[int]:
-    m = re.search(r"^generated \d+ tokens: \[([\d, ]*)\]", text, re.M)
-    if not m:
-        sys.exit(f"cannot find the generated tokens in kiln run's output:\n{text}")
-    return [int(t) for t in m.group(1).split(",") if t.strip()]
+    """The new tokens of `kiln run --json`'s document."""
+    try:
+        return [int(t) for t in json.loads(text)["tokens"]]
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"cannot read the generated tokens of kiln run --json ({e}):\n{text}")
 
 
 def torch_generate(folder: Path, prompt: list[int], new_tokens: int, threads: int) -> dict:
@@ -153,7 +154,7 @@ def main() -> None:
         prompt = [(i * 7919 + 3) % vocab for i in range(a.prompt_len)]
         n_check = min(a.check_tokens, a.new_tokens)
         run_text = sh([kiln, "run", str(art), "--weights", str(ckpt), "--prompt-ids", ",".join(map(str, prompt)),
-                       "--max-new-tokens", str(n_check), "--ignore-eos", "--threads", str(a.threads)])
+                       "--max-new-tokens", str(n_check), "--ignore-eos", "--threads", str(a.threads), "--json"])
         kiln_tokens = parse_run_tokens(run_text)
         print(f"$ torch: {ckpt} (eager attention, {a.threads} threads)", file=sys.stderr, flush=True)
         pt = torch_generate(ckpt, prompt, a.new_tokens, a.threads)
