@@ -65,6 +65,11 @@ pub struct Args {
     /// Print the time, the CPU time (all threads) and the memory of each stage.
     #[arg(long)]
     timings: bool,
+    /// Print one JSON document instead of the summary line: the artifact, its programs (launches,
+    /// arena bytes), kernels (launches per program), files (bytes, SHA-256) and every stage's
+    /// time, CPU time and memory.
+    #[arg(long, conflicts_with_all = ["emit", "report", "timings"], requires = "output")]
+    json: bool,
     /// Skip this pass of the pipeline (repeatable), e.g. `--disable-pass fuse-kernels` to compile
     /// every op as a kernel of its own.
     #[arg(long, value_name = "PASS")]
@@ -316,7 +321,10 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     }
     if let (Some(dir), Built::Artifact(a)) = (&req.output, &built) {
         pack::write(a, dir)?;
-        if req.emit.is_none() {
+        if req.json {
+            let doc = json_summary(dir, &a.manifest, &watch.timings);
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        } else if req.emit.is_none() {
             writeln!(out, "{}", summary(dir, &a.manifest))?;
         }
     }
@@ -422,6 +430,55 @@ fn summary(dir: &Path, m: &Manifest) -> String {
         programs.join(", "),
         files.join(", ")
     )
+}
+
+/// `--json`: what [`summary`] says, and per kernel and per stage.
+fn json_summary(dir: &Path, m: &Manifest, rows: &[Row]) -> serde_json::Value {
+    use serde_json::json;
+    let launches_of = |p: &kiln_ir::artifact::Program| {
+        let mut n = vec![0u64; m.kernels.len()];
+        for s in &p.steps {
+            if let Step::Launch { kernel, .. } = s {
+                n[kernel.index()] += 1;
+            }
+        }
+        n
+    };
+    let per_program: Vec<Vec<u64>> = m.programs.iter().map(launches_of).collect();
+    let programs: Vec<serde_json::Value> = (m.programs.iter().zip(&per_program))
+        .map(|(p, n)| {
+            json!({"name": p.name, "kind": p.kind.to_string(), "launches": n.iter().sum::<u64>(),
+                   "arena_bytes": p.arena_bytes})
+        })
+        .collect();
+    let kernels: Vec<serde_json::Value> = (m.kernels.iter().enumerate())
+        .map(|(i, k)| {
+            let launches: serde_json::Map<String, serde_json::Value> =
+                (m.programs.iter().zip(&per_program)).map(|(p, n)| (p.name.clone(), n[i].into())).collect();
+            json!({"name": k.name, "cpu": k.cpu.is_some(), "gpu": k.gpu.is_some(), "launches": launches})
+        })
+        .collect();
+    let files: Vec<serde_json::Value> =
+        m.files.iter().map(|f| json!({"name": f.name, "bytes": f.bytes, "sha256": f.sha256})).collect();
+    let stages: Vec<serde_json::Value> = (rows.iter())
+        .map(|r| {
+            json!({
+                "stage": r.stage,
+                "ms": r.time.as_secs_f64() * 1e3,
+                "cpu_ms": r.cpu.map(|c| c.as_secs_f64() * 1e3),
+                "rss_bytes": r.memory.map(|(rss, _)| rss * 1024),
+                "peak_rss_bytes": r.memory.map(|(_, peak)| peak * 1024),
+            })
+        })
+        .collect();
+    json!({
+        "artifact": dir.display().to_string(),
+        "name": m.name,
+        "programs": programs,
+        "kernels": kernels,
+        "files": files,
+        "stages": stages,
+    })
 }
 
 /// The decoder layer of a Hugging Face scope (`model.layers.3.mlp` is 3).

@@ -13,6 +13,7 @@ use kiln_ir::{text, ProgramKind};
 
 mod bench;
 mod bench_train;
+mod cache;
 mod compile;
 mod export_hf;
 mod perplexity;
@@ -92,11 +93,12 @@ enum Command {
     /// Generate tokens from a prompt (token ids, or text with the weights' tokenizer.json): an
     /// artifact on the CPU, or a spec (or an artifact's graph) on the reference interpreter with
     /// --interp.
-    #[command(group(clap::ArgGroup::new("params").required(true).args(["weights", "random_weights"])))]
+    #[command(group(clap::ArgGroup::new("params").args(["weights", "random_weights"])))]
     #[command(group(clap::ArgGroup::new("prompt_source").required(true).args(["prompt", "prompt_ids"])))]
     Run {
-        /// An artifact directory from `kiln compile`, or with --interp a model spec (`models/*.toml`,
-        /// a Hugging Face `config.json`).
+        /// An artifact directory from `kiln compile`; a Hugging Face model folder (config.json,
+        /// weights, tokenizer), compiled for this CPU on first use into a cache and reused after;
+        /// or with --interp a model spec (`models/*.toml`, a Hugging Face `config.json` or folder).
         model: PathBuf,
         /// A Hugging Face checkpoint: a folder with `model.safetensors` or a sharded index.
         #[arg(long)]
@@ -341,10 +343,33 @@ fn run(command: Command) -> Result<()> {
             json,
         } => {
             check_threads(threads)?;
+            let folder = cache::is_model_folder(&model);
             let weights = match (&weights, random_weights) {
                 (Some(dir), _) => run::Weights::Checkpoint(dir),
                 (None, Some(seed)) => run::Weights::Random(seed),
-                (None, None) => unreachable!("clap requires one of --weights and --random-weights"),
+                (None, None) if folder => run::Weights::Checkpoint(&model),
+                (None, None) => bail!(
+                    "kiln run needs weights: --weights DIR (a Hugging Face checkpoint folder) or --random-weights \
+                     SEED, unless MODEL is a Hugging Face folder, whose own weights are used"
+                ),
+            };
+            if let run::Weights::Checkpoint(dir) = weights {
+                if folder
+                    && dir == model.as_path()
+                    && !(dir.join("model.safetensors").is_file()
+                        || dir.join("model.safetensors.index.json").is_file())
+                {
+                    bail!(
+                        "{} has a config.json but no weights (model.safetensors or model.safetensors.index.json): \
+                         give them with --weights DIR, or run with --random-weights SEED",
+                        dir.display()
+                    );
+                }
+            }
+            let model = match (folder, interp) {
+                (true, false) => cache::artifact_for(&model, &mut io::stderr().lock())?,
+                (true, true) => model.join("config.json"),
+                (false, _) => model.clone(),
             };
             let req = run::Request {
                 model: &model,

@@ -492,6 +492,52 @@ fn emit_prints_a_stage_and_writes_nothing_without_an_output() {
     assert_eq!(s.entries(), ["art"]);
 }
 
+/// `kiln compile --json`: one document that says what the manifest says (programs, launches, arenas,
+/// files with their SHA-256) and the stages that ran; it needs `-o`.
+#[test]
+fn json_describes_the_artifact_written() {
+    let s = Scratch::new();
+    let out = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "--max-context",
+        "16",
+        "-o",
+        &s.str("a"),
+        "--json",
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    let m = read_manifest(&s.path("a"));
+    assert_eq!(doc["name"], m.name.as_str());
+    let programs = doc["programs"].as_array().unwrap();
+    assert_eq!(programs.len(), m.programs.len());
+    for (j, p) in programs.iter().zip(&m.programs) {
+        assert_eq!(j["name"], p.name.as_str());
+        assert_eq!(j["arena_bytes"], p.arena_bytes);
+        let launches = p.steps.iter().filter(|s| matches!(s, kiln_ir::artifact::Step::Launch { .. })).count();
+        assert_eq!(j["launches"], launches as u64);
+        // Per kernel, the launches of each program add up to the program's.
+        let per_kernel: u64 =
+            doc["kernels"].as_array().unwrap().iter().map(|k| k["launches"][&p.name].as_u64().unwrap()).sum();
+        assert_eq!(per_kernel, launches as u64, "{}", p.name);
+    }
+    assert_eq!(doc["kernels"].as_array().unwrap().len(), m.kernels.len());
+    for f in doc["files"].as_array().unwrap() {
+        let bytes = std::fs::read(s.path("a").join(f["name"].as_str().unwrap())).unwrap();
+        assert_eq!(f["sha256"], sha256_hex(&bytes).as_str());
+        assert_eq!(f["bytes"], bytes.len() as u64);
+    }
+    let stages: Vec<&str> =
+        doc["stages"].as_array().unwrap().iter().map(|r| r["stage"].as_str().unwrap()).collect();
+    assert!(stages.contains(&"fuse-kernels") && stages.contains(&"emit-cpu"), "{stages:?}");
+    let no_output = kiln(&["compile", "models/tiny.toml", "--json"]);
+    assert!(!no_output.ok && no_output.stderr.contains("--output"), "{}", no_output.stderr);
+}
+
 #[test]
 fn report_lists_kernels_with_ptxas_numbers() {
     let out =

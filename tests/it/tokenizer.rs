@@ -155,3 +155,61 @@ fn export_hf_keeps_a_tokenizer_it_finds() {
     let out = run_text(&folder, "hello world", "1");
     assert!(out.ok, "{}", out.stderr);
 }
+
+/// The model folder is the unit of work: `kiln run FOLDER --prompt TEXT` uses the folder's config,
+/// weights and tokenizer, compiles the model for this CPU on first use into the cache
+/// (`KILN_CACHE_DIR`), and reuses that artifact after; the text is the interpreter's. An artifact
+/// damaged by hand is compiled again. (That another config is another artifact is `cache`'s unit
+/// test.)
+#[test]
+fn a_model_folder_goes_to_text_in_one_command_compiled_once() {
+    let dir = Scratch::new();
+    let folder = tiny_folder(&dir);
+    let cache = dir.str("cache");
+    let f = folder.to_str().unwrap();
+    let args = ["run", f, "--prompt", "hello world", "--max-new-tokens", "6", "--ignore-eos"];
+    let run = |args: &[&str]| crate::util::kiln_env(args, &[("KILN_CACHE_DIR", &cache)]);
+    let first = run(&args);
+    assert!(first.ok, "{}", first.stderr);
+    assert!(
+        first.stderr.contains("kiln: compiling ") && first.stderr.contains("compiled artifact on the CPU")
+    );
+    let artifacts = |d: &Scratch| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d.path("cache/artifacts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let made = artifacts(&dir);
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(made[0].starts_with("tiny_hf-"), "named after the config's model: {made:?}");
+
+    let second = run(&args);
+    assert!(second.ok, "{}", second.stderr);
+    assert!(!second.stderr.contains("kiln: compiling") && second.stderr.contains("compiled for this CPU"));
+    assert_eq!(second.stdout, first.stdout);
+    assert_eq!(artifacts(&dir), made);
+    // The interpreter on the same folder writes the same text.
+    let interp = run(&[&args[..], &["--interp"]].concat());
+    assert!(interp.ok, "{}", interp.stderr);
+    assert_eq!(interp.stdout, first.stdout);
+    assert!(!interp.stderr.contains("kiln: compiling"));
+
+    // A file of the cached artifact changed by hand: it no longer loads and is compiled again.
+    let so = dir.path("cache/artifacts").join(&made[0]).join("kernels.so");
+    let mut bytes = std::fs::read(&so).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&so, bytes).unwrap();
+    let again = run(&args);
+    assert!(again.ok && again.stderr.contains("does not load") && again.stderr.contains("kiln: compiling"));
+    assert_eq!(again.stdout, first.stdout);
+
+    // A folder without weights says what to do, before compiling anything.
+    std::fs::remove_file(folder.join("model.safetensors")).unwrap();
+    let none = run(&args);
+    assert!(!none.ok && none.stderr.contains("no weights") && none.stderr.contains("--random-weights"));
+    assert_eq!(artifacts(&dir), made);
+}

@@ -52,6 +52,19 @@ reconcile-unrealized-casts)";
 pub use kiln_ir::artifact::PACKED_SUFFIX;
 use kiln_ir::artifact::SIGNATURE_SUFFIX;
 
+/// The machine code `kernels.so` is made for: the host's triple, CPU name and features, as LLVM
+/// names them. Code compiled for one may not run on another (AVX-512 on a CPU without it), so a
+/// cache of compiled artifacts keys on it.
+pub fn host_description() -> String {
+    let triple = TargetMachine::get_default_triple();
+    format!(
+        "{} {} {}",
+        triple.as_str().to_string_lossy(),
+        TargetMachine::get_host_cpu_name().to_string(),
+        TargetMachine::get_host_cpu_features().to_string()
+    )
+}
+
 pub(crate) fn host_machine() -> Result<TargetMachine, EmitError> {
     init_llvm_targets()?;
     let triple = TargetMachine::get_default_triple();

@@ -76,9 +76,25 @@ impl SpecError {
 }
 
 /// Loads a model spec from a file: `*.json` is imported as a Hugging Face `config.json`
-/// ([`import_hf`]), anything else is parsed as kiln TOML ([`parse_toml`]). Diagnostics name the path
-/// as given.
+/// ([`import_hf`]), anything else is parsed as kiln TOML ([`parse_toml`]); a folder is its
+/// `config.json`. Diagnostics name the path as given.
 pub fn load(path: &Path) -> Result<ModelSpec, SpecError> {
+    // A Hugging Face model folder is its config.json.
+    let config;
+    let path = if path.is_dir() {
+        config = path.join("config.json");
+        if !config.is_file() {
+            return Err(SpecError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(
+                    "a folder is a model spec when it holds a Hugging Face config.json, and this one does not",
+                ),
+            });
+        }
+        config.as_path()
+    } else {
+        path
+    };
     let bytes = std::fs::read(path).map_err(|source| SpecError::Io { path: path.to_path_buf(), source })?;
     parse_bytes(path, &bytes)
 }

@@ -1,0 +1,139 @@
+//! The model folder as the unit of work: `kiln run DIR` on a Hugging Face folder (its
+//! `config.json`, weights and tokenizer) compiles the model for this CPU on first use, into a cache,
+//! and reuses that artifact after.
+//!
+//! The cache is `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`; each artifact
+//! is `artifacts/{name}-{key}`, where the key is the SHA-256 (first 16 hex digits) of everything the
+//! artifact depends on:
+//! - the model spec as kiln reads it (the parsed config, so whitespace and key order do not matter
+//!   but every value does),
+//! - the compile options (`--target cpu`, the default `--max-batch` and `--max-context`),
+//! - kiln's version and the identity of this `kiln` executable (its size and modification time: a
+//!   rebuilt or reinstalled kiln compiles afresh rather than trust an artifact an older one made),
+//! - the host CPU (LLVM's triple, CPU name and features: `kernels.so` is made for them, and a
+//!   cache on a shared home directory must not hand one machine's AVX-512 code to another).
+//!
+//! An artifact is written atomically (a hidden sibling renamed into place), so a run killed while
+//! compiling leaves nothing a later run would take for an artifact, and two runs compiling the
+//! same model at once both end with a whole one. One that is there but does not load (a file
+//! changed or removed by hand: loading checks every file's SHA-256) is compiled again.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use kiln_compiler::pack::{self, Options, Source, Targets};
+use kiln_compiler::spec;
+
+/// The compile options of a cached artifact: `kiln compile`'s defaults, for the CPU.
+const MAX_BATCH: u64 = 1;
+const MAX_CONTEXT: u64 = 4096;
+
+/// Whether `path` is a Hugging Face model folder: a directory with a `config.json` and no
+/// `manifest.json` (which would make it an artifact).
+pub fn is_model_folder(path: &Path) -> bool {
+    path.is_dir()
+        && path.join("config.json").is_file()
+        && !path.join(kiln_ir::artifact::MANIFEST_FILE).exists()
+}
+
+/// The cache directory (see the module documentation).
+pub fn cache_dir() -> Result<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = env("KILN_CACHE_DIR") {
+        return Ok(dir);
+    }
+    if let Some(dir) = env("XDG_CACHE_HOME") {
+        return Ok(dir.join("kiln"));
+    }
+    match env("HOME") {
+        Some(home) => Ok(home.join(".cache").join("kiln")),
+        None => bail!(
+            "cannot find a cache directory for compiled models: set KILN_CACHE_DIR (or HOME), or compile \
+             the model yourself with `kiln compile` and run the artifact"
+        ),
+    }
+}
+
+/// The artifact of the model folder `folder` for this CPU: the cached one, or one compiled now.
+/// What happens is said on `log`.
+pub fn artifact_for(folder: &Path, log: &mut dyn Write) -> Result<PathBuf> {
+    let config = folder.join("config.json");
+    let spec = spec::load(&config)?;
+    let key = key(&spec)?;
+    let name: String = (spec.model.name.chars())
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(64)
+        .collect();
+    let dir = cache_dir()?.join("artifacts").join(format!("{name}-{key}"));
+    if dir.join(kiln_ir::artifact::MANIFEST_FILE).is_file() {
+        match kiln_runtime::artifact::load(&dir) {
+            Ok(_) => {
+                writeln!(log, "kiln: {} compiled for this CPU: {}", folder.display(), dir.display())?;
+                return Ok(dir);
+            }
+            Err(e) => {
+                writeln!(log, "kiln: the cached {} does not load ({e}); compiling it again", dir.display())?
+            }
+        }
+    }
+    writeln!(
+        log,
+        "kiln: compiling {} for this CPU into {} (the first run of this model; later runs reuse it)",
+        folder.display(),
+        dir.display()
+    )?;
+    let parent = dir.parent().expect("the artifact is inside the cache");
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create the cache directory {}", parent.display()))?;
+    let options = Options::new(Targets::Cpu, MAX_BATCH, MAX_CONTEXT);
+    let artifact = pack::compile(Source::Spec(spec), &options, &mut ())?;
+    pack::write(&artifact, &dir)?;
+    Ok(dir)
+}
+
+/// The cache key of `spec` compiled by this kiln for this CPU (see the module documentation).
+fn key(spec: &kiln_ir::ModelSpec) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut part = |label: &str, bytes: &[u8]| {
+        h.update(label.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    part("spec", serde_json::to_string(spec)?.as_bytes());
+    part("options", format!("cpu b={MAX_BATCH} s={MAX_CONTEXT}").as_bytes());
+    part("kiln", env!("CARGO_PKG_VERSION").as_bytes());
+    let exe = std::env::current_exe().and_then(|p| p.metadata());
+    let identity = match exe {
+        Ok(m) => format!("{} {:?}", m.len(), m.modified().ok()),
+        Err(_) => String::new(),
+    };
+    part("executable", identity.as_bytes());
+    part("host", kiln_compiler::codegen::cpu::host_description().as_bytes());
+    let digest = h.finalize();
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The key follows every value of the spec and nothing else: the same spec read twice has
+    /// one key, and changing any one value (the rope's theta, the layers) gives another.
+    #[test]
+    fn the_key_changes_with_the_spec_and_only_with_it() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let tiny = || spec::load(&root.join("models/tiny.toml")).unwrap();
+        let base = key(&tiny()).unwrap();
+        assert_eq!(base.len(), 16);
+        assert_eq!(key(&tiny()).unwrap(), base);
+        let mut theta = tiny();
+        theta.rope.theta *= 2.0;
+        let mut layers = tiny();
+        layers.model.num_hidden_layers += 1;
+        let (a, b) = (key(&theta).unwrap(), key(&layers).unwrap());
+        assert!(a != base && b != base && a != b, "{base} {a} {b}");
+    }
+}
