@@ -101,7 +101,45 @@ pub enum BenchCommand {
 }
 
 /// Runs `kiln bench`.
-pub fn run(what: BenchCommand, out: &mut dyn Write) -> Result<()> {
+/// With `json`, the figures as one JSON document on `out` instead of the table (see [`Tables`]).
+pub fn run(what: BenchCommand, json: bool, out: &mut dyn Write) -> Result<()> {
+    let mut tables = Tables::new(json, out);
+    let doc = run_into(what, &mut tables)?;
+    tables.finish(doc)
+}
+
+/// Where a benchmark writes: its table on `out`, or with `--json` nowhere (the figures go into the
+/// document [`Tables::finish`] prints instead).
+pub struct Tables<'o> {
+    out: &'o mut dyn Write,
+    discard: std::io::Sink,
+    json: bool,
+}
+
+impl<'o> Tables<'o> {
+    pub fn new(json: bool, out: &'o mut dyn Write) -> Tables<'o> {
+        Tables { out, discard: std::io::sink(), json }
+    }
+
+    /// The table's writer.
+    pub fn text(&mut self) -> &mut dyn Write {
+        if self.json {
+            &mut self.discard
+        } else {
+            &mut *self.out
+        }
+    }
+
+    /// With `--json`, prints `doc`.
+    pub fn finish(self, doc: serde_json::Value) -> Result<()> {
+        if self.json {
+            writeln!(self.out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
     match what {
         BenchCommand::Gemm { sizes, threads, reps } => {
             let threads =
@@ -211,7 +249,7 @@ fn decode_speed(dir: &std::path::Path, req: &CompareRequest) -> Result<(Option<f
     Ok((g.stats.decode_tokens_per_s(), g.tokens[0].clone(), launches))
 }
 
-fn compare_without(req: &CompareRequest, out: &mut dyn Write) -> Result<()> {
+fn compare_without(req: &CompareRequest, tables: &mut Tables) -> Result<serde_json::Value> {
     use kiln_compiler::pack::{self, Options, Source, Targets};
     if req.prompt_len == 0 || req.new_tokens == 0 {
         bail!("--prompt-len and --new-tokens must be at least 1");
@@ -238,6 +276,7 @@ fn compare_without(req: &CompareRequest, out: &mut dyn Write) -> Result<()> {
         rows.push(measured?);
     }
     let _ = std::fs::remove_dir_all(&root);
+    let out = tables.text();
     writeln!(
         out,
         "bench run {}: {} prompt tokens, {} new tokens, greedy, random weights (seed {}), CPU",
@@ -250,15 +289,30 @@ fn compare_without(req: &CompareRequest, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "{label:<24} {launches:>9} {:>14}", speed(*tps))?;
     }
     let ratio = match (rows[0].0, rows[1].0) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".to_string(),
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
     };
-    writeln!(out, "{:<24} {:>9} {ratio:>14}", "ratio", "")?;
-    match rows[0].1.iter().zip(&rows[1].1).position(|(a, b)| a != b) {
+    writeln!(out, "{:<24} {:>9} {:>14}", "ratio", "", ratio.map_or("-".to_string(), |r| format!("{r:.2}x")))?;
+    let differ = rows[0].1.iter().zip(&rows[1].1).position(|(a, b)| a != b);
+    match differ {
         None => writeln!(out, "tokens: the same ({})", rows[0].1.len())?,
         Some(i) => writeln!(out, "tokens: differ from new token {i} (kernels sum in another order)")?,
     }
-    Ok(())
+    let artifacts: Vec<serde_json::Value> = (labels.iter().zip(&rows))
+        .map(|(label, (tps, _, launches))| {
+            serde_json::json!({"artifact": label, "launches": launches, "decode_tokens_per_s": tps})
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "bench": "run",
+        "model": spec.model.name,
+        "prompt_tokens": req.prompt_len,
+        "new_tokens": req.new_tokens,
+        "seed": req.seed,
+        "artifacts": artifacts,
+        "decode_ratio": ratio,
+        "tokens_differ_from": differ,
+    }))
 }
 
 /// Runs `once` once to warm up, then `reps` times; returns the best time.
@@ -328,7 +382,7 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Runs the benchmark and prints a table to `out`.
-fn gemm(sizes: &[usize], threads: usize, reps: usize, out: &mut dyn Write) -> Result<()> {
+fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Result<serde_json::Value> {
     if sizes.is_empty() || sizes.contains(&0) {
         bail!("--sizes needs at least one size, each at least 1");
     }
@@ -355,6 +409,8 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, out: &mut dyn Write) -> Re
     let _ = std::fs::remove_dir_all(&dir);
     let lib = lib.context("loading the benchmark kernels")?;
 
+    let mut rows = Vec::new();
+    let out = tables.text();
     writeln!(out, "gemm f32, y = x @ w^T, {threads} threads, best of {} after a warm-up", reps.max(1))?;
     writeln!(out, "{:>8} {:>14} {:>22} {:>8}", "M=N=K", "kiln GFLOP/s", "matrixmultiply GFLOP/s", "ratio")?;
     for ((kernel, lowered), &n) in kernels.iter().zip(&module.kernels).zip(sizes) {
@@ -378,6 +434,9 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, out: &mut dyn Write) -> Re
         let gflops = |t: Duration| 2.0 * (n as f64).powi(3) / t.as_secs_f64() / 1e9;
         let (k, r) = (gflops(t_kiln), gflops(t_ref));
         writeln!(out, "{n:>8} {k:>14.1} {r:>22.1} {:>8.2}", k / r)?;
+        rows.push(serde_json::json!({"n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r}));
     }
-    Ok(())
+    Ok(
+        serde_json::json!({"bench": "gemm", "dtype": "f32", "threads": threads, "reps": reps.max(1), "sizes": rows}),
+    )
 }

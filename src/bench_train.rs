@@ -102,7 +102,7 @@ fn python(given: Option<&Path>) -> Option<(PathBuf, &'static str)> {
 }
 
 /// Runs `kiln bench train`, printing to `out`.
-pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
+pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_json::Value> {
     if req.batch == 0 || req.seq_len == 0 || req.steps == 0 {
         bail!("--batch, --seq-len and --steps must be at least 1");
     }
@@ -206,6 +206,7 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     };
 
     let tokens = (req.batch * req.seq_len) as f64;
+    let out = tables.text();
     writeln!(
         out,
         "bench train {}: {} x {} tokens per step, {} timed steps after one warm-up; compiled in {compile_s:.1} s",
@@ -230,15 +231,37 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
         Ok(())
     };
     row(&kiln, out)?;
+    let figures = |f: &Figures| {
+        serde_json::json!({
+            "engine": f.engine,
+            "tokens_per_s": tokens / f.median(),
+            "step_s": f.median(),
+            "peak_bytes": f.peak_kib.map(|k| k * 1024),
+            "step0_loss": f.loss0,
+        })
+    };
+    let mut doc = serde_json::json!({
+        "bench": "train",
+        "model": spec.model.name,
+        "batch": req.batch,
+        "seq_len": req.seq_len,
+        "steps": req.steps,
+        "compile_s": compile_s,
+        "engines": [figures(&kiln)],
+    });
     match torch {
         Ok(t) => {
             row(&t, out)?;
             let speed = t.median() / kiln.median();
-            let memory = match (kiln.peak_kib, t.peak_kib) {
-                (Some(k), Some(p)) => format!("{:.2}", k as f64 / p as f64),
-                _ => "n/a".into(),
+            let memory_ratio = match (kiln.peak_kib, t.peak_kib) {
+                (Some(k), Some(p)) => Some(k as f64 / p as f64),
+                _ => None,
             };
+            let memory = memory_ratio.map_or("n/a".into(), |r| format!("{r:.2}"));
             writeln!(out, "kiln / PyTorch: tokens/s {speed:.2}x, peak memory {memory}x")?;
+            doc["engines"].as_array_mut().expect("a list").push(figures(&t));
+            doc["speed_ratio"] = speed.into();
+            doc["memory_ratio"] = memory_ratio.into();
             let rel = (kiln.loss0 - t.loss0).abs() / t.loss0.abs();
             if rel > 1e-3 {
                 writeln!(
@@ -247,12 +270,21 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
                 )?;
             }
         }
-        Err(why) => writeln!(out, "PyTorch eager: skipped ({why})")?,
+        Err(why) => {
+            writeln!(out, "PyTorch eager: skipped ({why})")?;
+            doc["baseline_skipped"] = why.into();
+        }
     }
     if req.profile {
         crate::run::write_profile_of(&profile, &format!("kiln's {} timed steps", req.steps), &mut &mut *out)?;
+        let kernels: Vec<serde_json::Value> = (profile.iter().filter(|t| t.nanos > 0))
+            .map(
+                |t| serde_json::json!({"kernel": t.name, "ms": t.nanos as f64 / 1e6, "launches": t.launches}),
+            )
+            .collect();
+        doc["profile"] = kernels.into();
     }
-    Ok(())
+    Ok(doc)
 }
 
 /// Runs tools/bench/train_torch.py on the folder's `hf/` and `tokens.safetensors`.

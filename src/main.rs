@@ -269,6 +269,9 @@ enum Command {
     },
     /// Measure generated code against a reference.
     Bench {
+        /// Print one JSON document with the figures instead of the table.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
@@ -488,7 +491,7 @@ fn run(command: Command) -> Result<()> {
             };
             perplexity::run(&req, &mut io::stdout().lock())
         }
-        Command::Bench { what } => bench::run(what, &mut io::stdout().lock()),
+        Command::Bench { what, json } => bench::run(what, json, &mut io::stdout().lock()),
         Command::Passes => {
             let mut out = String::new();
             for p in passes::PASSES {

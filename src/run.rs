@@ -713,7 +713,7 @@ fn bench_prompt(n: usize, vocab: u64) -> Vec<i64> {
     (0..n as u64).map(|i| ((i * 7919 + 3) % vocab) as i64).collect()
 }
 
-pub fn bench(req: &BenchRequest, out: &mut dyn Write) -> Result<()> {
+pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<serde_json::Value> {
     if req.prompt_len == 0 || req.new_tokens == 0 {
         bail!("--prompt-len and --new-tokens must be at least 1");
     }
@@ -736,6 +736,7 @@ pub fn bench(req: &BenchRequest, out: &mut dyn Write) -> Result<()> {
     let a = generate(&mut compiled, &prompts, &opts, &mut |_| {})?;
     let r = generate(&mut reference, &prompts, &opts, &mut |_| {})?;
 
+    let out = tables.text();
     writeln!(
         out,
         "bench run {name}: {} prompt tokens, {} new tokens, greedy, {}; the artifact decodes {}, \
@@ -772,9 +773,28 @@ pub fn bench(req: &BenchRequest, out: &mut dyn Write) -> Result<()> {
         ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s())
     )?;
     let (ta, tr) = (&a.tokens[0], &r.tokens[0]);
-    match ta.iter().zip(tr).position(|(x, y)| x != y) {
+    let differ = ta.iter().zip(tr).position(|(x, y)| x != y);
+    match differ {
         None => writeln!(out, "tokens: the same ({} of {})", ta.len(), tr.len())?,
         Some(i) => writeln!(out, "tokens: differ from new token {i}: kiln {ta:?}, interpreter {tr:?}")?,
     }
-    Ok(())
+    let engine = |label: &str, g: &Generation| {
+        serde_json::json!({
+            "engine": label,
+            "prefill_tokens_per_s": g.stats.prefill_tokens_per_s(),
+            "decode_tokens_per_s": g.stats.decode_tokens_per_s(),
+            "first_token_ms": g.stats.first_token.as_secs_f64() * 1e3,
+            "tokens": g.tokens[0],
+        })
+    };
+    Ok(serde_json::json!({
+        "bench": "run",
+        "model": name,
+        "prompt_tokens": req.prompt_len,
+        "new_tokens": req.new_tokens,
+        "threads": compiled.threads(),
+        "kv_cache": a.cached,
+        "engines": [engine("kiln artifact", &a), engine("interpreter", &r)],
+        "tokens_differ_from": differ,
+    }))
 }

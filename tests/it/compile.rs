@@ -643,6 +643,22 @@ fn bench_gemm_prints_a_table() {
     for v in &row[1..] {
         assert!(v.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()), "{}", lines[2]);
     }
+    // --json: the same figures as one document, and nothing else.
+    let json = kiln(&["bench", "gemm", "--sizes", "32,64", "--reps", "1", "--threads", "2", "--json"]);
+    assert!(json.ok, "{}", json.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&json.stdout).unwrap_or_else(|e| panic!("{e}: {}", json.stdout));
+    assert_eq!((doc["bench"].as_str(), doc["threads"].as_u64()), (Some("gemm"), Some(2)));
+    let sizes = doc["sizes"].as_array().unwrap();
+    assert_eq!(sizes.iter().map(|r| r["n"].as_u64().unwrap()).collect::<Vec<_>>(), [32, 64]);
+    for r in sizes {
+        let (k, m, ratio) = (
+            r["kiln_gflops"].as_f64().unwrap(),
+            r["matrixmultiply_gflops"].as_f64().unwrap(),
+            r["ratio"].as_f64().unwrap(),
+        );
+        assert!(k > 0.0 && m > 0.0 && (ratio - k / m).abs() <= 1e-9 * ratio, "{r}");
+    }
 }
 
 #[test]

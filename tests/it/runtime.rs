@@ -518,6 +518,26 @@ fn bench_run_compares_the_artifact_with_the_interpreter() {
     }
     assert!(lines[4].starts_with("ratio") && lines[4].matches('x').count() == 2, "{}", lines[4]);
     assert_eq!(lines[5], "tokens: the same (3 of 3)");
+    let j = kiln(&[
+        "bench",
+        "run",
+        &str(&dir),
+        "--prompt-len",
+        "6",
+        "--new-tokens",
+        "3",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(j.ok, "{}", j.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&j.stdout).unwrap_or_else(|e| panic!("{e}: {}", j.stdout));
+    let engines = doc["engines"].as_array().unwrap();
+    assert_eq!(engines[0]["tokens"], engines[1]["tokens"]);
+    assert_eq!(engines[0]["tokens"].as_array().unwrap().len(), 3);
+    assert!(engines.iter().all(|e| e["prefill_tokens_per_s"].as_f64().unwrap() > 0.0));
+    assert_eq!(doc["tokens_differ_from"], serde_json::Value::Null);
 }
 
 #[test]

@@ -774,6 +774,30 @@ fn kiln_bench_train_reports_kiln_and_says_why_pytorch_is_skipped() {
     assert!((loss - 512f64.ln()).abs() < 0.5, "{loss}");
     assert!(r.stdout.contains("PyTorch eager: skipped (cannot run /nonexistent/python"), "{}", r.stdout);
     assert!(r.stdout.contains("by kind: "), "{}", r.stdout);
+    // --json: the figures in one document, the baseline's absence said.
+    let j = kiln(&[
+        "bench",
+        "train",
+        "models/tiny.toml",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--python",
+        "/nonexistent/python",
+        "--json",
+    ]);
+    assert!(j.ok, "{}", j.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&j.stdout).unwrap_or_else(|e| panic!("{e}: {}", j.stdout));
+    let engines = doc["engines"].as_array().unwrap();
+    assert_eq!(engines.len(), 1, "{doc}");
+    assert!(engines[0]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // The same seed, the same first loss (the table prints 6 decimals).
+    assert!((engines[0]["step0_loss"].as_f64().unwrap() - loss).abs() < 1e-6, "{doc}");
+    assert!(doc["baseline_skipped"].as_str().unwrap().contains("/nonexistent/python"), "{doc}");
     let r = kiln(&["bench", "train", "models/tiny.toml", "--steps", "0"]);
     assert!(!r.ok && r.stderr.contains("must be at least 1"), "{}", r.stderr);
 }
