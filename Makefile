@@ -3,7 +3,9 @@
 CARGO ?= cargo
 KILN_RELEASE := target/release/kiln
 
-.PHONY: setup demo test
+.PHONY: setup demo test install
+# Where `make install` puts kiln: $(PREFIX)/bin/kiln.
+PREFIX ?= $(HOME)/.local
 setup:
 	@scripts/setup.sh
 
@@ -25,3 +27,11 @@ demo: setup
 # Every test of the workspace: unit tests, the integration tests in tests/it, doc tests.
 test: setup
 	$(CARGO) test --workspace --quiet
+
+# Builds kiln (release) and copies it to $(PREFIX)/bin, which should be on PATH. The binary carries
+# LLVM and MLIR; it finds ptxas as `kiln doctor` says (KILN_PTXAS, this checkout's tools/local, PATH).
+install: setup
+	$(CARGO) build --release --quiet --bin kiln
+	install -D -m 755 $(KILN_RELEASE) $(PREFIX)/bin/kiln
+	@echo "installed $(PREFIX)/bin/kiln"
+	@case ":$$PATH:" in *":$(PREFIX)/bin:"*) ;; *) echo "$(PREFIX)/bin is not on PATH: add it, e.g. echo 'export PATH=\"$(PREFIX)/bin:\$$PATH\"' >> ~/.bashrc";; esac
