@@ -18,6 +18,7 @@ mod output;
 mod passes;
 mod passes_equiv;
 mod perplexity;
+mod readme;
 mod runtime;
 mod spec;
 mod text;
