@@ -19,6 +19,7 @@ mod passes;
 mod passes_equiv;
 mod perplexity;
 mod runtime;
+mod serve;
 mod spec;
 mod text;
 mod tokenizer;
