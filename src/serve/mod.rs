@@ -93,9 +93,10 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     let addr = listener.local_addr()?;
     writeln!(
         out,
-        "kiln serve: {} ({}) at http://{addr}/v1, batches of up to {batch} requests{}",
+        "kiln serve: {} ({}) at http://{addr}/v1, batches of up to {batch} request{}{}",
         info.name,
         info.what,
+        if batch == 1 { "" } else { "s" },
         if text.is_some() { "" } else { "; no tokenizer: token-id prompts only" }
     )?;
     out.flush()?;
