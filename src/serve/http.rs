@@ -45,6 +45,8 @@ fn now() -> u64 {
 /// Serves the requests of one connection until it closes (or a stream or an error closes it).
 pub fn connection(stream: TcpStream, state: &State) {
     let _ = stream.set_read_timeout(Some(IDLE));
+    // Each event and each answer's head and body go out at once, not after Nagle's delay.
+    let _ = stream.set_nodelay(true);
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut w = stream;
