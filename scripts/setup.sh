@@ -6,6 +6,8 @@
 #     melior and inkwell link it statically; .cargo/config.toml points them at /usr/lib/llvm-22.
 #   - ptxas, from NVIDIA's PyPI wheel nvidia-cuda-nvcc-cu12, into tools/local/ (git-ignored): it
 #     validates the PTX kiln emits and reports registers and spills. No GPU or CUDA install needed.
+#   - OpenAI's Python client in a venv of its own, tools/local/openai-venv (a few MB, no torch):
+#     tests/it/serve.rs runs tests/serve/openai_client.py with it against `kiln serve`.
 #
 # Environment: KILN_SETUP_VERBOSE=1 shows what is checked.
 set -euo pipefail
@@ -13,8 +15,9 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools="$root/tools/local"
 nvcc_version="12.9.86"
+openai_version="3.51.0"
 apt_packages=(llvm-22-dev libmlir-22-dev mlir-22-tools libclang-22-dev libpolly-22-dev libzstd-dev
-              python3-pip)
+              python3-pip python3-venv)
 
 say() { if [ "${KILN_SETUP_VERBOSE:-0}" = 1 ]; then echo "setup: $*"; fi; }
 as_root() {
@@ -66,7 +69,19 @@ mkdir -p "$tools/bin"
 ln -sf "$ptxas" "$tools/bin/ptxas"
 say "ptxas: $("$tools/bin/ptxas" --version | tail -1)"
 
-# 3. The Rust toolchain is the machine's (rustup); only check it is there.
+# 3. OpenAI's Python client for the `kiln serve` test. The venv is made in place and marked done by
+#    .version last, so an interrupted install is redone from scratch.
+venv="$tools/openai-venv"
+if ! grep -qx "$openai_version" "$venv/.version" 2>/dev/null; then
+    echo "setup: installing openai==$openai_version into tools/local/openai-venv (once)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "openai==$openai_version"
+    echo "$openai_version" > "$venv/.version"
+fi
+say "openai: $("$venv/bin/python" -c 'import openai; print(openai.__version__)')"
+
+# 4. The Rust toolchain is the machine's (rustup); only check it is there.
 if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
     exit 1

@@ -39,6 +39,47 @@ pub fn is_model_folder(path: &Path) -> bool {
         && !path.join(kiln_ir::artifact::MANIFEST_FILE).exists()
 }
 
+/// `MODEL` as a command runs it, with the weights it implies.
+pub struct Resolved {
+    /// What to load: the cached artifact of a model folder (compiled now if need be), its
+    /// `config.json` with `--interp`, or `MODEL` as given.
+    pub model: PathBuf,
+    /// The folder's own weights, when `MODEL` is a model folder and neither `--weights` nor
+    /// `--random-weights` was given.
+    pub weights: Option<PathBuf>,
+}
+
+/// Resolves `MODEL` for `kiln {command}` (see the module documentation): `weights_given` says
+/// whether `--weights` or `--random-weights` was. Weights are required unless `MODEL` is a model
+/// folder that has them, which is checked before anything is compiled.
+pub fn resolve(model: &Path, weights_given: bool, interp: bool, command: &str) -> Result<Resolved> {
+    let folder = is_model_folder(model);
+    let weights = match (weights_given, folder) {
+        (true, _) => None,
+        (false, true) => {
+            let has = model.join("model.safetensors").is_file() || model.join("model.safetensors.index.json").is_file();
+            if !has {
+                bail!(
+                    "{} has a config.json but no weights (model.safetensors or model.safetensors.index.json): \
+                     give them with --weights DIR, or use --random-weights SEED",
+                    model.display()
+                );
+            }
+            Some(model.to_path_buf())
+        }
+        (false, false) => bail!(
+            "kiln {command} needs weights: --weights DIR (a Hugging Face checkpoint folder) or --random-weights \
+             SEED, unless MODEL is a Hugging Face folder, whose own weights are used"
+        ),
+    };
+    let model = match (folder, interp) {
+        (true, false) => artifact_for(model, &mut std::io::stderr().lock())?,
+        (true, true) => model.join("config.json"),
+        (false, _) => model.to_path_buf(),
+    };
+    Ok(Resolved { model, weights })
+}
+
 /// The cache directory (see the module documentation).
 pub fn cache_dir() -> Result<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);

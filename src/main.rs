@@ -14,11 +14,14 @@ use kiln_ir::{text, ProgramKind};
 mod bench;
 mod bench_train;
 mod cache;
+mod chat;
 mod compile;
 mod export_hf;
+mod model;
 mod perplexity;
 mod plot;
 mod run;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -158,6 +161,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Chat with a model on the terminal: each line of standard input (or each --message) is a user
+    /// turn; the conversation is rendered with the chat template of the tokenizer folder's
+    /// tokenizer_config.json and the reply is printed as it comes.
+    #[command(group(clap::ArgGroup::new("params").args(["weights", "random_weights"])))]
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A system message that opens the conversation (and stays after /reset).
+        #[arg(long)]
+        system: Option<String>,
+        /// A user turn to send instead of reading standard input (repeatable: one turn each, in
+        /// order).
+        #[arg(long)]
+        message: Vec<String>,
+        /// Tokens per reply at most (fewer when the context leaves less room).
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print each turn's prompt and reply token ids to standard error.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Serve a model over HTTP with OpenAI's API (completions and chat completions, streamed or
+    /// not), batching concurrent requests.
+    #[command(group(clap::ArgGroup::new("params").args(["weights", "random_weights"])))]
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The port to listen on (0: any free one; the first line printed says which).
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Requests per batch at most (default: the artifact's --max-batch).
+        #[arg(long)]
+        max_batch: Option<u64>,
+        /// Milliseconds a batch's first request waits for others before the batch starts (it starts
+        /// at once when full).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        batch_window: u64,
+    },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
     /// Train a model spec on token data: forward, loss, backward, clipping and AdamW as one
@@ -281,6 +327,60 @@ enum Command {
     Doctor,
 }
 
+/// The model of `kiln chat` and `kiln serve`.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// An artifact directory from `kiln compile`; a Hugging Face model folder (its config.json,
+    /// weights, tokenizer and chat template), compiled for this CPU on first use into a cache; or
+    /// with --interp a model spec.
+    model: PathBuf,
+    /// A Hugging Face checkpoint folder (its tokenizer.json and tokenizer_config.json give the text
+    /// side unless --tokenizer says otherwise).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Use seeded random weights instead of a checkpoint.
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// The folder of the model's tokenizer.json and tokenizer_config.json (default: --weights).
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<PathBuf>,
+    /// Run on the reference interpreter (exact, slow) instead of the compiled kernels.
+    #[arg(long)]
+    interp: bool,
+    /// Threads per kernel launch on the CPU (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn source(&self, command: &str) -> Result<model::Source> {
+        check_threads(self.threads)?;
+        let given = self.weights.is_some() || self.random_weights.is_some();
+        let resolved = cache::resolve(&self.model, given, self.interp, command)?;
+        Ok(model::Source {
+            model: resolved.model,
+            weights: self.weights.clone().or(resolved.weights),
+            random_seed: self.random_weights,
+            interp: self.interp,
+            threads: self.threads,
+        })
+    }
+}
+
+/// Sampling flags, as `kiln run` has them.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability (with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler (with --temperature).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli.command) {
@@ -346,34 +446,15 @@ fn run(command: Command) -> Result<()> {
             json,
         } => {
             check_threads(threads)?;
-            let folder = cache::is_model_folder(&model);
-            let weights = match (&weights, random_weights) {
-                (Some(dir), _) => run::Weights::Checkpoint(dir),
-                (None, Some(seed)) => run::Weights::Random(seed),
-                (None, None) if folder => run::Weights::Checkpoint(&model),
-                (None, None) => bail!(
-                    "kiln run needs weights: --weights DIR (a Hugging Face checkpoint folder) or --random-weights \
-                     SEED, unless MODEL is a Hugging Face folder, whose own weights are used"
-                ),
+            let resolved =
+                cache::resolve(&model, weights.is_some() || random_weights.is_some(), interp, "run")?;
+            let weights = match (&weights, random_weights, &resolved.weights) {
+                (Some(dir), _, _) => run::Weights::Checkpoint(dir),
+                (None, Some(seed), _) => run::Weights::Random(seed),
+                (None, None, Some(dir)) => run::Weights::Checkpoint(dir),
+                (None, None, None) => unreachable!("resolve requires weights"),
             };
-            if let run::Weights::Checkpoint(dir) = weights {
-                if folder
-                    && dir == model.as_path()
-                    && !(dir.join("model.safetensors").is_file()
-                        || dir.join("model.safetensors.index.json").is_file())
-                {
-                    bail!(
-                        "{} has a config.json but no weights (model.safetensors or model.safetensors.index.json): \
-                         give them with --weights DIR, or run with --random-weights SEED",
-                        dir.display()
-                    );
-                }
-            }
-            let model = match (folder, interp) {
-                (true, false) => cache::artifact_for(&model, &mut io::stderr().lock())?,
-                (true, true) => model.join("config.json"),
-                (false, _) => model.clone(),
-            };
+            let model = resolved.model;
             let req = run::Request {
                 model: &model,
                 weights,
@@ -392,6 +473,29 @@ fn run(command: Command) -> Result<()> {
             };
             let (mut out, mut log) = (io::stdout().lock(), io::stderr().lock());
             run::run(&req, &mut run::Sink { out: &mut out, log: &mut log, json })
+        }
+        Command::Chat { model, system, message, max_new_tokens, sampling, verbose } => {
+            let req = chat::Request {
+                source: model.source("chat")?,
+                tokenizer: model.tokenizer.as_deref(),
+                system,
+                messages: message,
+                max_new_tokens,
+                sampling: run::sampling(sampling.temperature, sampling.top_p, sampling.seed),
+                verbose,
+            };
+            chat::run(&req, &mut io::stdin().lock(), &mut io::stdout().lock())
+        }
+        Command::Serve { model, host, port, max_batch, batch_window } => {
+            let req = serve::Request {
+                source: model.source("serve")?,
+                tokenizer: model.tokenizer.as_deref(),
+                host,
+                port,
+                max_batch,
+                batch_window: std::time::Duration::from_millis(batch_window),
+            };
+            serve::run(&req, &mut io::stdout().lock())
         }
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
         Command::Train {

@@ -59,6 +59,19 @@ impl TextTokenizer {
         Ok(enc.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 
+    /// The ids of `text` as it is, no special tokens added: for a text that already holds them, such
+    /// as a rendered chat template (transformers' `apply_chat_template` encodes it so too).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<i64>> {
+        let enc =
+            self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("cannot encode the prompt: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// The id of a token of the vocabulary (`<eos>`), if it has it.
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
     /// The text of `ids`, special tokens skipped; ids the tokenizer does not know decode to nothing.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids: Vec<u32> = ids.iter().filter_map(|&id| u32::try_from(id).ok()).collect();

@@ -18,6 +18,14 @@
 //! sampling with a seeded SplitMix64 stream per sequence, so a sequence draws the same numbers
 //! whether it runs alone or in a batch. Stop tokens end a sequence (the stop token is reported and
 //! kept); `max_new_tokens` ends it otherwise. Tokens are reported through a callback as they come.
+//!
+//! Options per sequence ([`generate_each`]): each sequence of a batch may have its own
+//! `max_new_tokens`, sampling and stop tokens (a server batches requests that differ in all three),
+//! and its callback may end it early ([`Flow::Stop`]: a stop string, a client gone). A sequence then
+//! generates exactly what it would alone: its logits do not depend on the other rows, and it draws
+//! from the stream of its own seed. [`generate`] is the case of one set of options for every
+//! prompt, where sequence `i` draws from stream `i` of the seed, so that prompts sharing a seed
+//! still sample independently.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -128,6 +136,14 @@ pub struct GenerateOptions {
     pub stop_tokens: Vec<i64>,
 }
 
+/// What a [`generate_each`] callback wants done with the sequence of the token it saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// End the sequence here, the token kept (it counts as stopped, like a stop token).
+    Stop,
+}
+
 /// One generated token, as it comes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TokenEvent {
@@ -174,7 +190,8 @@ impl Stats {
 pub struct Generation {
     /// The new tokens of each prompt.
     pub tokens: Vec<Vec<i64>>,
-    /// Whether each sequence ended at a stop token (otherwise at `max_new_tokens`).
+    /// Whether each sequence ended at a stop token, or where its callback said [`Flow::Stop`]
+    /// (otherwise at `max_new_tokens`).
     pub stopped: Vec<bool>,
     pub stats: Stats,
     /// Whether the decode steps ran over a KV cache.
@@ -261,13 +278,8 @@ fn mtp_shift(name: &str) -> Option<usize> {
     }
 }
 
-fn check(
-    engine: &dyn Engine,
-    plan: &Plan,
-    prompts: &[Vec<i64>],
-    opts: &GenerateOptions,
-) -> Result<u64, RuntimeError> {
-    if let Sampling::Sample { temperature, top_p, .. } = opts.sampling {
+fn check_sampling(sampling: Sampling) -> Result<(), RuntimeError> {
+    if let Sampling::Sample { temperature, top_p, .. } = sampling {
         if !(temperature.is_finite() && temperature > 0.0) {
             return Err(RuntimeError::BadOption(format!(
                 "the temperature must be a positive number (0 means greedy), not {temperature}"
@@ -276,6 +288,25 @@ fn check(
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(RuntimeError::BadOption(format!("top-p must be in (0, 1], not {top_p}")));
         }
+    }
+    Ok(())
+}
+
+fn check(
+    engine: &dyn Engine,
+    plan: &Plan,
+    prompts: &[Vec<i64>],
+    opts: &[GenerateOptions],
+) -> Result<u64, RuntimeError> {
+    if opts.len() != prompts.len() {
+        return Err(RuntimeError::BadOption(format!(
+            "{} sets of options for {} prompts: give one per prompt",
+            opts.len(),
+            prompts.len()
+        )));
+    }
+    for o in opts {
+        check_sampling(o.sampling)?;
     }
     for (name, _) in engine.inputs(plan.first())? {
         if name != "tokens" && name != "positions" && mtp_shift(&name).is_none() {
@@ -306,7 +337,7 @@ fn check(
             what: limits.what,
         });
     }
-    for (p, prompt) in prompts.iter().enumerate() {
+    for (p, (prompt, opts)) in prompts.iter().zip(opts).enumerate() {
         if prompt.is_empty() {
             return Err(RuntimeError::EmptyPrompt(p));
         }
@@ -360,11 +391,11 @@ fn batch_inputs(
     Ok((inputs, t))
 }
 
-/// The decode step's inputs: each sequence's last token at its position.
-fn decode_inputs(seqs: &[Vec<i64>]) -> (Vec<HostTensor>, usize) {
+/// The decode step's inputs: each sequence's token at `position[s]`.
+fn decode_inputs(seqs: &[Vec<i64>], position: &[usize]) -> (Vec<HostTensor>, usize) {
     let shape = vec![seqs.len() as u64, 1];
-    let tokens = seqs.iter().map(|s| *s.last().expect("prompts are not empty")).collect();
-    let positions = seqs.iter().map(|s| s.len() as i64 - 1).collect();
+    let tokens = seqs.iter().zip(position).map(|(s, &p)| s[p]).collect();
+    let positions = position.iter().map(|&p| p as i64).collect();
     let tensor = |name: &str, data| HostTensor {
         name: name.into(),
         dtype: DType::I32,
@@ -374,13 +405,44 @@ fn decode_inputs(seqs: &[Vec<i64>]) -> (Vec<HostTensor>, usize) {
     (vec![tensor("tokens", tokens), tensor("positions", positions)], 1)
 }
 
-/// Generates from each prompt; see the module documentation. `on_token` sees every token as it is
-/// picked. Every check (prompts, ids, lengths, options) is done before the first forward pass.
+/// Generates from each prompt with the same options; see the module documentation. `on_token` sees
+/// every token as it is picked. Every check (prompts, ids, lengths, options) is done before the
+/// first forward pass.
 pub fn generate(
     engine: &mut dyn Engine,
     prompts: &[Vec<i64>],
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent),
+) -> Result<Generation, RuntimeError> {
+    let each = vec![opts.clone(); prompts.len()];
+    let streams: Vec<u64> = (0..prompts.len() as u64).collect();
+    generate_streams(engine, prompts, &each, &streams, &mut |e| {
+        on_token(e);
+        Flow::Continue
+    })
+}
+
+/// Generates from each prompt with its own options (`opts[i]` for `prompts[i]`), in one batch: a
+/// sequence's tokens are those it would generate alone with the same options. `on_token` sees every
+/// token as it is picked and may end its sequence there. Every check is done before the first
+/// forward pass.
+pub fn generate_each(
+    engine: &mut dyn Engine,
+    prompts: &[Vec<i64>],
+    opts: &[GenerateOptions],
+    on_token: &mut dyn FnMut(&TokenEvent) -> Flow,
+) -> Result<Generation, RuntimeError> {
+    generate_streams(engine, prompts, opts, &vec![0; prompts.len()], on_token)
+}
+
+/// The loop of [`generate`] and [`generate_each`]: sequence `s` draws from stream `streams[s]` of
+/// its seed.
+fn generate_streams(
+    engine: &mut dyn Engine,
+    prompts: &[Vec<i64>],
+    opts: &[GenerateOptions],
+    streams: &[u64],
+    on_token: &mut dyn FnMut(&TokenEvent) -> Flow,
 ) -> Result<Generation, RuntimeError> {
     let plan = plan(engine)?;
     let vocab = check(engine, &plan, prompts, opts)? as usize;
@@ -388,23 +450,35 @@ pub fn generate(
     let mut seqs: Vec<Vec<i64>> = prompts.to_vec();
     let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
     let mut stopped = vec![false; prompts.len()];
-    let mut rngs: Vec<Rng> = (0..prompts.len())
-        .map(|i| match opts.sampling {
-            Sampling::Sample { seed, .. } => Rng::for_sequence(seed, i),
+    let mut rngs: Vec<Rng> = opts
+        .iter()
+        .zip(streams)
+        .map(|(o, &stream)| match o.sampling {
+            Sampling::Sample { seed, .. } => Rng::for_sequence(seed, stream as usize),
             Sampling::Greedy => Rng(0),
         })
         .collect();
-    let mut active: Vec<usize> =
-        if opts.max_new_tokens == 0 { Vec::new() } else { (0..prompts.len()).collect() };
+    let mut active: Vec<usize> = (0..prompts.len()).filter(|&s| opts[s].max_new_tokens > 0).collect();
+    // With a KV cache: the positions of each sequence the cache holds (the prompt's, after the
+    // prefill, then one more per decode step the sequence took part in).
+    let mut written: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut stats = Stats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Stats::default() };
     let mut step = 0;
     let cached = matches!(plan, Plan::Cached { .. });
     while !active.is_empty() {
         let t0 = Instant::now();
         let (inputs, t) = if cached && step > 0 {
-            // Every sequence stays in the batch (its cache row is its own); one that stopped feeds
-            // its last token again at the same position, which rewrites that slot with itself.
-            decode_inputs(&seqs)
+            // Every sequence stays in the batch (its cache row is its own). An active one feeds its
+            // newest token at the next position; one that has ended feeds its last cached token
+            // again at that token's position, which rewrites the slot with what it holds (never a
+            // position past the cache: an ended sequence may have used all of it).
+            let position: Vec<usize> = (0..seqs.len())
+                .map(|s| if active.contains(&s) { seqs[s].len() - 1 } else { written[s] - 1 })
+                .collect();
+            for &s in &active {
+                written[s] = seqs[s].len();
+            }
+            decode_inputs(&seqs, &position)
         } else if cached {
             let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
             batch_inputs(engine, plan.first(), &rows)?
@@ -425,7 +499,7 @@ pub fn generate(
                 (false, _) => r * t + seqs[s].len() - 1,
             };
             let logits = engine.output_f32(LOGITS, row * vocab..(row + 1) * vocab)?;
-            let token = pick(&logits, opts.sampling, &mut rngs[s])
+            let token = pick(&logits, opts[s].sampling, &mut rngs[s])
                 .ok_or(RuntimeError::NonFiniteLogits { sequence: s, step })?;
             let (logit, prob) = logit_and_prob(&logits, token);
             let token = token as i64;
@@ -435,10 +509,10 @@ pub fn generate(
             if step == 0 && s == active[0] {
                 stats.first_token = start.elapsed();
             }
-            on_token(&TokenEvent { sequence: s, step, token, logit, prob });
-            if opts.stop_tokens.contains(&token) {
+            let flow = on_token(&TokenEvent { sequence: s, step, token, logit, prob });
+            if opts[s].stop_tokens.contains(&token) || flow == Flow::Stop {
                 stopped[s] = true;
-            } else if tokens[s].len() < opts.max_new_tokens {
+            } else if tokens[s].len() < opts[s].max_new_tokens {
                 still.push(s);
             }
         }
@@ -454,6 +528,9 @@ pub fn generate(
     }
     Ok(Generation { tokens, stopped, stats, cached })
 }
+
+#[cfg(test)]
+mod batch_tests;
 
 #[cfg(test)]
 mod tests {

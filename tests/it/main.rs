@@ -20,6 +20,7 @@ mod passes_equiv;
 mod perplexity;
 mod readme;
 mod runtime;
+mod serve;
 mod spec;
 mod text;
 mod tokenizer;
