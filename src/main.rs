@@ -134,15 +134,8 @@ enum Command {
         /// More token ids that end generation, comma-separated.
         #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
         stop_ids: Vec<i64>,
-        /// Sampling temperature; 0 (the default) is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus sampling: keep the most likely tokens up to this probability (with --temperature).
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        /// Seed of the sampler (with --temperature).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// After generation, print the rows each expert of each MoE layer received (compiled
         /// artifacts only).
         #[arg(long)]
@@ -437,9 +430,7 @@ fn run(command: Command) -> Result<()> {
             max_new_tokens,
             ignore_eos,
             stop_ids,
-            temperature,
-            top_p,
-            seed,
+            sampling,
             expert_load,
             profile,
             dump_logits,
@@ -466,7 +457,7 @@ fn run(command: Command) -> Result<()> {
                 max_new_tokens,
                 ignore_eos,
                 stop_ids,
-                sampling: run::sampling(temperature, top_p, seed),
+                sampling: run::sampling(sampling.temperature, sampling.top_p, sampling.seed),
                 expert_load,
                 profile,
                 dump_logits: dump_logits.as_deref(),
