@@ -282,17 +282,23 @@ fn compare_without(req: &CompareRequest, tables: &mut Tables) -> Result<serde_js
         "bench run {}: {} prompt tokens, {} new tokens, greedy, random weights (seed {}), CPU",
         spec.model.name, req.prompt_len, req.new_tokens, req.seed
     )?;
-    writeln!(out, "{:<24} {:>9} {:>14}", "artifact", "launches", "decode tok/s")?;
+    use crate::table::Align::{Left, Right};
+    let mut table = crate::table::new(&[("artifact", Left), ("launches", Right), ("decode tok/s", Right)]);
     let speed = |v: Option<f64>| v.map_or("-".to_string(), |r| format!("{r:.1}"));
     let labels = ["every pass".to_string(), format!("without {}", req.pass)];
     for (label, (tps, _, launches)) in labels.iter().zip(&rows) {
-        writeln!(out, "{label:<24} {launches:>9} {:>14}", speed(*tps))?;
+        table.add_row(vec![label.clone(), launches.to_string(), speed(*tps)]);
     }
     let ratio = match (rows[0].0, rows[1].0) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     };
-    writeln!(out, "{:<24} {:>9} {:>14}", "ratio", "", ratio.map_or("-".to_string(), |r| format!("{r:.2}x")))?;
+    table.add_row(vec![
+        "ratio".to_string(),
+        String::new(),
+        ratio.map_or("-".to_string(), |r| format!("{r:.2}x")),
+    ]);
+    write!(out, "{}", crate::table::render(&table))?;
     let differ = rows[0].1.iter().zip(&rows[1].1).position(|(a, b)| a != b);
     match differ {
         None => writeln!(out, "tokens: the same ({})", rows[0].1.len())?,
@@ -412,7 +418,13 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Re
     let mut rows = Vec::new();
     let out = tables.text();
     writeln!(out, "gemm f32, y = x @ w^T, {threads} threads, best of {} after a warm-up", reps.max(1))?;
-    writeln!(out, "{:>8} {:>14} {:>22} {:>8}", "M=N=K", "kiln GFLOP/s", "matrixmultiply GFLOP/s", "ratio")?;
+    use crate::table::Align::Right;
+    let mut table = crate::table::new(&[
+        ("M=N=K", Right),
+        ("kiln GFLOP/s", Right),
+        ("matrixmultiply GFLOP/s", Right),
+        ("ratio", Right),
+    ]);
     for ((kernel, lowered), &n) in kernels.iter().zip(&module.kernels).zip(sizes) {
         let work = match lowered.launch {
             LaunchShape::Cpu { work } => work.as_known().unwrap_or(n as u64) as usize,
@@ -433,9 +445,10 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Re
         }
         let gflops = |t: Duration| 2.0 * (n as f64).powi(3) / t.as_secs_f64() / 1e9;
         let (k, r) = (gflops(t_kiln), gflops(t_ref));
-        writeln!(out, "{n:>8} {k:>14.1} {r:>22.1} {:>8.2}", k / r)?;
+        table.add_row(vec![n.to_string(), format!("{k:.1}"), format!("{r:.1}"), format!("{:.2}", k / r)]);
         rows.push(serde_json::json!({"n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r}));
     }
+    write!(out, "{}", crate::table::render(&table))?;
     Ok(
         serde_json::json!({"bench": "gemm", "dtype": "f32", "threads": threads, "reps": reps.max(1), "sizes": rows}),
     )

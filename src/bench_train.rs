@@ -15,7 +15,6 @@
 //! venv of tools/goldens (`~/.cache/kiln-venv/bin/python`) when it exists; without one the table
 //! has kiln's row alone and says why.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -212,25 +211,25 @@ pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_jso
         "bench train {}: {} x {} tokens per step, {} timed steps after one warm-up; compiled in {compile_s:.1} s",
         spec.model.name, req.batch, req.seq_len, req.steps
     )?;
-    writeln!(
-        out,
-        "{:<36} {:>12} {:>12} {:>14} {:>12}",
-        "engine", "tokens/s", "step (s)", "peak memory", "step-0 loss"
-    )?;
-    let row = |f: &Figures, out: &mut dyn Write| -> Result<()> {
+    use crate::table::Align::{Left, Right};
+    let mut table = crate::table::new(&[
+        ("engine", Left),
+        ("tokens/s", Right),
+        ("step (s)", Right),
+        ("peak memory", Right),
+        ("step-0 loss", Right),
+    ]);
+    let row = |f: &Figures| {
         let peak = f.peak_kib.map_or("n/a".to_string(), |k| format!("{:.2} GiB", k as f64 / 1048576.0));
-        writeln!(
-            out,
-            "{:<36} {:>12.1} {:>12.3} {:>14} {:>12.6}",
-            f.engine,
-            tokens / f.median(),
-            f.median(),
+        vec![
+            f.engine.clone(),
+            format!("{:.1}", tokens / f.median()),
+            format!("{:.3}", f.median()),
             peak,
-            f.loss0
-        )?;
-        Ok(())
+            format!("{:.6}", f.loss0),
+        ]
     };
-    row(&kiln, out)?;
+    table.add_row(row(&kiln));
     let figures = |f: &Figures| {
         serde_json::json!({
             "engine": f.engine,
@@ -251,7 +250,8 @@ pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_jso
     });
     match torch {
         Ok(t) => {
-            row(&t, out)?;
+            table.add_row(row(&t));
+            write!(out, "{}", crate::table::render(&table))?;
             let speed = t.median() / kiln.median();
             let memory_ratio = match (kiln.peak_kib, t.peak_kib) {
                 (Some(k), Some(p)) => Some(k as f64 / p as f64),
@@ -271,6 +271,7 @@ pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_jso
             }
         }
         Err(why) => {
+            write!(out, "{}", crate::table::render(&table))?;
             writeln!(out, "PyTorch eager: skipped ({why})")?;
             doc["baseline_skipped"] = why.into();
         }

@@ -500,13 +500,13 @@ fn report(a: &Artifact) -> String {
             }
         }
     }
-    let width = m.kernels.iter().map(|k| k.name.len()).max().unwrap_or(0).max(6);
-    let mut out =
-        format!("{:<4} {:<width$} {:>8} {:>6} {:>9}", "id", "kernel", "launches", "layers", "per layer");
+    use crate::table::Align::{Left, Right};
+    let mut columns =
+        vec![("id", Left), ("kernel", Left), ("launches", Right), ("layers", Right), ("per layer", Right)];
     if a.ptxas.is_some() {
-        out.push_str(&format!(" {:>5} {:>6} {:>11} {:>6}", "regs", "stack", "spill st/ld", "smem"));
+        columns.extend([("regs", Right), ("stack", Right), ("spill st/ld", Right), ("smem", Right)]);
     }
-    out.push('\n');
+    let mut table = crate::table::new(&columns);
     for k in &m.kernels {
         let layers = &per_layer[k.id.index()];
         let (lo, hi) = (layers.values().min(), layers.values().max());
@@ -516,28 +516,22 @@ fn report(a: &Artifact) -> String {
             _ => "-".to_string(),
         };
         let n_layers = if layers.is_empty() { "-".to_string() } else { layers.len().to_string() };
-        out.push_str(&format!(
-            "{:<4} {:<width$} {:>8} {:>6} {:>9}",
-            k.id.to_string(),
-            k.name,
-            launches[k.id.index()],
-            n_layers,
-            each
-        ));
+        let mut row =
+            vec![k.id.to_string(), k.name.clone(), launches[k.id.index()].to_string(), n_layers, each];
         if let Some(stats) = &a.ptxas {
             match stats.get(&k.name) {
-                Some(s) => out.push_str(&format!(
-                    " {:>5} {:>6} {:>11} {:>6}",
-                    s.registers,
-                    s.stack_bytes,
+                Some(s) => row.extend([
+                    s.registers.to_string(),
+                    s.stack_bytes.to_string(),
                     format!("{}/{}", s.spill_store_bytes, s.spill_load_bytes),
-                    s.shared_bytes
-                )),
-                None => out.push_str("  (not in the ptxas report)"),
+                    s.shared_bytes.to_string(),
+                ]),
+                None => row.push("(not in the ptxas report)".to_string()),
             }
         }
-        out.push('\n');
+        table.add_row(row);
     }
+    let mut out = crate::table::render(&table);
     let total: usize = launches.iter().sum();
     let aliases = first.steps.iter().filter(|s| matches!(s, Step::Alias { .. })).count();
     let param_bytes: u64 = m
@@ -646,19 +640,26 @@ fn fusion_report(a: &Artifact, before: Option<&[LayerLaunches]>, disabled: &[Str
 
 /// `--timings`: one row per stage that ran.
 fn timings(rows: &[Row]) -> String {
+    use crate::table::Align::{Left, Right};
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
-    let mut out = format!("{:<20} {:>12} {:>12} {:>12} {:>12}\n", "stage", "time", "cpu", "rss", "peak rss");
+    let mut table = crate::table::new(&[
+        ("stage", Left),
+        ("time", Right),
+        ("cpu", Right),
+        ("rss", Right),
+        ("peak rss", Right),
+    ]);
     for r in rows {
         let (rss, peak) = match r.memory {
             Some((rss, peak)) => (mib(rss), mib(peak)),
             None => ("-".to_string(), "-".to_string()),
         };
         let cpu = r.cpu.map_or("-".to_string(), ms);
-        out.push_str(&format!("{:<20} {:>12} {cpu:>12} {rss:>12} {peak:>12}\n", r.stage, ms(r.time)));
+        table.add_row(vec![r.stage.to_string(), ms(r.time), cpu, rss, peak]);
     }
     let total: Duration = rows.iter().map(|r| r.time).sum();
     let cpu: Option<Duration> = rows.iter().map(|r| r.cpu).sum();
-    out.push_str(&format!("{:<20} {:>12} {:>12}\n", "total", ms(total), cpu.map_or("-".to_string(), ms)));
-    out
+    table.add_row(vec!["total".to_string(), ms(total), cpu.map_or("-".to_string(), ms)]);
+    crate::table::render(&table)
 }

@@ -22,6 +22,7 @@ mod perplexity;
 mod plot;
 mod run;
 mod serve;
+mod table;
 mod tokenize;
 mod train;
 

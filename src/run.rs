@@ -430,11 +430,19 @@ pub(crate) fn write_profile_of(
         .map(|(k, n)| format!("{k} {:.0}%", 100.0 * *n as f64 / total.max(1) as f64))
         .collect();
     writeln!(out, "by kind: {}", by_kind.join(", "))?;
-    writeln!(out, "{:>8} {:>6} {:>9}  kernel", "ms", "share", "launches")?;
+    use crate::table::Align::{Left, Right};
+    let mut table =
+        crate::table::new(&[("ms", Right), ("share", Right), ("launches", Right), ("kernel", Left)]);
     for t in times.iter().filter(|t| t.nanos > 0).take(20) {
         let share = 100.0 * t.nanos as f64 / total.max(1) as f64;
-        writeln!(out, "{:>8.2} {share:>5.1}% {:>9}  {}", t.nanos as f64 / 1e6, t.launches, t.name)?;
+        table.add_row(vec![
+            format!("{:.2}", t.nanos as f64 / 1e6),
+            format!("{share:.1}%"),
+            t.launches.to_string(),
+            t.name.clone(),
+        ]);
     }
+    write!(out, "{}", crate::table::render(&table))?;
     Ok(())
 }
 
@@ -746,32 +754,34 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         threads(compiled.threads()),
         if a.cached { "over its KV cache" } else { "without a KV cache (recomputing)" }
     )?;
-    writeln!(
-        out,
-        "{:<14} {:>14} {:>14} {:>16}",
-        "engine", "prefill tok/s", "decode tok/s", "first token ms"
-    )?;
+    use crate::table::Align::{Left, Right};
+    let mut table = crate::table::new(&[
+        ("engine", Left),
+        ("prefill tok/s", Right),
+        ("decode tok/s", Right),
+        ("first token ms", Right),
+    ]);
     let row = |label: &str, g: &Generation| {
         let d = g.stats.decode_tokens_per_s().map_or("-".into(), |r| format!("{r:.1}"));
-        format!(
-            "{label:<14} {:>14.1} {d:>14} {:>16.2}",
-            g.stats.prefill_tokens_per_s(),
-            g.stats.first_token.as_secs_f64() * 1e3
-        )
+        vec![
+            label.to_string(),
+            format!("{:.1}", g.stats.prefill_tokens_per_s()),
+            d,
+            format!("{:.2}", g.stats.first_token.as_secs_f64() * 1e3),
+        ]
     };
-    writeln!(out, "{}", row("kiln artifact", &a))?;
-    writeln!(out, "{}", row("interpreter", &r))?;
+    table.add_row(row("kiln artifact", &a));
+    table.add_row(row("interpreter", &r));
     let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
         (Some(x), Some(y)) if y > 0.0 => format!("{:.1}x", x / y),
         _ => "-".into(),
     };
-    writeln!(
-        out,
-        "{:<14} {:>14} {:>14}",
-        "ratio",
+    table.add_row(vec![
+        "ratio".to_string(),
         ratio(Some(a.stats.prefill_tokens_per_s()), Some(r.stats.prefill_tokens_per_s())),
-        ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s())
-    )?;
+        ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s()),
+    ]);
+    write!(out, "{}", crate::table::render(&table))?;
     let (ta, tr) = (&a.tokens[0], &r.tokens[0]);
     let differ = ta.iter().zip(tr).position(|(x, y)| x != y);
     match differ {
