@@ -952,6 +952,7 @@ fn manifest(
             weight_decay: t.optimizer.weight_decay,
             clip: t.optimizer.clip,
             moments: t.optimizer.moments,
+            token_weights: t.losses.token_weights,
         }),
     })
 }

@@ -108,6 +108,8 @@ impl fmt::Display for StateRole {
 /// The caller input of an `accumulate` program: 0 on a step's first micro-batch, so that it starts
 /// the accumulators' sums, 1 after.
 pub const ACCUMULATE_KEEP: &str = "accumulate.keep";
+/// The caller input of a train step whose next-token loss weighs each target: f32 `[B, T]`.
+pub const LOSS_WEIGHTS: &str = "loss_weights";
 /// The caller input of a split step's `train_step` program: how many micro-batches the step's batch
 /// was split into (`f32[]`).
 pub const MICRO_BATCHES: &str = "micro_batches";

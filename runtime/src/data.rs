@@ -87,10 +87,16 @@ pub const TOKEN_DTYPES: [StDType; 6] =
     [StDType::I64, StDType::I32, StDType::U32, StDType::I16, StDType::U16, StDType::U8];
 
 /// `N` rows of `width = T + 1` token ids, row-major. Invariants: `width >= 2` and `N >= 1`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Rows may carry a weight per target ([`TokenRows::with_weights`]): `N * T` finite floats,
+/// row-major, the weight of predicting `row[i + 1]` at position `i`. A train step compiled with
+/// token-weighted loss reads them as its input `loss_weights` (supervised fine-tuning's assistant
+/// mask).
+#[derive(Clone, Debug, PartialEq)]
 pub struct TokenRows {
     width: usize,
     tokens: Vec<i64>,
+    weights: Option<Vec<f32>>,
     dropped: u64,
     /// The file the rows came from, named in [`TokenRows::check`]'s errors.
     source: Option<PathBuf>,
@@ -103,7 +109,47 @@ impl TokenRows {
         if width < 2 || tokens.is_empty() || tokens.len() % width != 0 {
             return Err(DataError::BadRows { width, len: tokens.len() });
         }
-        Ok(TokenRows { width, tokens, dropped: 0, source: None })
+        Ok(TokenRows { width, tokens, dropped: 0, source: None, weights: None })
+    }
+
+    /// These rows with a weight per target: `weights` holds `N * T` finite floats, row-major.
+    pub fn with_weights(mut self, weights: Vec<f32>) -> Result<TokenRows, DataError> {
+        let want = self.rows() * (self.width - 1);
+        if weights.len() != want {
+            return Err(DataError::BadWeights {
+                why: format!(
+                    "{} weights for {} rows of {} targets",
+                    weights.len(),
+                    self.rows(),
+                    self.width - 1
+                ),
+            });
+        }
+        if let Some(i) = weights.iter().position(|w| !w.is_finite()) {
+            let t = self.width - 1;
+            return Err(DataError::BadWeights {
+                why: format!("the weight of row {}, position {} is {}", i / t, i % t, weights[i]),
+            });
+        }
+        self.weights = Some(weights);
+        Ok(self)
+    }
+
+    /// The weight of every target, row-major, when the rows carry them.
+    pub fn weights(&self) -> Option<&[f32]> {
+        self.weights.as_deref()
+    }
+
+    /// The rows `which`, in that order, as one batch (with their weights). Panics if an index is
+    /// out of range, as slice indexing does.
+    pub fn select(&self, which: &[usize]) -> TokenRows {
+        let t = self.width - 1;
+        let tokens = which.iter().flat_map(|&r| self.row(r).iter().copied()).collect();
+        let weights = self
+            .weights
+            .as_ref()
+            .map(|w| which.iter().flat_map(|&r| w[r * t..(r + 1) * t].iter().copied()).collect());
+        TokenRows { width: self.width, tokens, dropped: 0, source: self.source.clone(), weights }
     }
 
     /// `N`.
@@ -274,7 +320,7 @@ fn read_safetensors(map: &Mapping) -> Result<TokenRows, DataError> {
         }
     };
     let width = usize::try_from(width).map_err(|_| bad_shape())?;
-    Ok(TokenRows { width, tokens, dropped: 0, source: None })
+    Ok(TokenRows { width, tokens, dropped: 0, source: None, weights: None })
 }
 
 fn read_stream(path: &Path, bytes: &[u8], dtype: StreamDType, seq_len: u64) -> Result<TokenRows, DataError> {
@@ -305,7 +351,7 @@ fn read_stream(path: &Path, bytes: &[u8], dtype: StreamDType, seq_len: u64) -> R
     for k in 0..rows as usize {
         tokens.extend((k * seq..k * seq + width).map(at));
     }
-    Ok(TokenRows { width, tokens, dropped: n - used, source: None })
+    Ok(TokenRows { width, tokens, dropped: n - used, source: None, weights: None })
 }
 
 /// Rows of `seq_len + 1` tokens cut from a stream of ids as from a `.bin` stream (rows start every
@@ -325,12 +371,14 @@ pub fn rows_from_ids(what: &Path, ids: &[i64], seq_len: u64) -> Result<TokenRows
         tokens.extend_from_slice(&ids[k * seq..k * seq + width]);
     }
     let dropped = n - (rows as u64 * seq_len + 1);
-    Ok(TokenRows { width, tokens, dropped, source: Some(what.to_path_buf()) })
+    Ok(TokenRows { width, tokens, dropped, source: Some(what.to_path_buf()), weights: None })
 }
 
 /// Everything that can be wrong with a token file or its rows.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    #[error("bad target weights: {why}")]
+    BadWeights { why: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
     #[error(

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use kiln_ir::interp::{self, Tensor};
 use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
-use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, MASTER_PREFIX, MICRO_BATCHES};
+use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, LOSS_WEIGHTS, MASTER_PREFIX, MICRO_BATCHES};
 use kiln_ir::{DType, Graph, SymBindings};
 
 use crate::data::TokenRows;
@@ -221,13 +221,8 @@ pub fn split(rows: &TokenRows, count: usize) -> Result<Vec<TokenRows>, RuntimeEr
     if count == 1 {
         return Ok(vec![rows.clone()]);
     }
-    let (w, per) = (rows.width(), n / count);
-    (0..count)
-        .map(|c| {
-            let tokens = (c * per..(c + 1) * per).flat_map(|r| rows.row(r).iter().copied()).collect();
-            TokenRows::from_rows(w, tokens).map_err(|e| RuntimeError::BadOption(e.to_string()))
-        })
-        .collect()
+    let per = n / count;
+    Ok((0..count).map(|c| rows.select(&(c * per..(c + 1) * per).collect::<Vec<_>>())).collect())
 }
 
 fn host(name: &str, t: &Tensor) -> HostTensor {
@@ -266,13 +261,35 @@ pub fn step_inputs(names: &[String], rows: &TokenRows, lr: f32) -> Result<Vec<Ho
         let at = |r: &[i64], i: usize| r.get(i).copied().unwrap_or(0);
         out.push(ids(format!("mtp_tokens.{k}"), &|r| (0..t).map(|i| at(r, i + k)).collect()));
         out.push(ids(format!("mtp_targets.{k}"), &|r| (0..t).map(|i| at(r, i + k + 1)).collect()));
-        let mask = (0..n).flat_map(|_| (0..t).map(|i| if i + k < t { 1.0 } else { 0.0 })).collect();
+        // With target weights, module k's target at position i is the main loss's target at i + k:
+        // it weighs what that one weighs (an SFT mask covers the MTP losses too).
+        let weight = |r: usize, i: usize| rows.weights().map_or(1.0, |w| w[r * t + i]);
+        let mask = (0..n)
+            .flat_map(|r| (0..t).map(move |i| if i + k < t { weight(r, i + k) } else { 0.0 }))
+            .collect();
         out.push(HostTensor {
             name: format!("mtp_mask.{k}"),
             dtype: DType::F32,
             shape: shape.clone(),
             data: HostData::F32(mask),
         });
+    }
+    if names.iter().any(|n| n == LOSS_WEIGHTS) {
+        let Some(w) = rows.weights() else {
+            return Err(RuntimeError::BadOption(format!(
+                "the train step weighs its loss by `{LOSS_WEIGHTS}`, and these rows carry no target weights"
+            )));
+        };
+        out.push(HostTensor {
+            name: LOSS_WEIGHTS.into(),
+            dtype: DType::F32,
+            shape: shape.clone(),
+            data: HostData::F32(w.to_vec()),
+        });
+    } else if rows.weights().is_some() {
+        return Err(RuntimeError::BadOption(format!(
+            "the rows carry target weights, and the train step has no `{LOSS_WEIGHTS}` input: compile it              with token-weighted loss"
+        )));
     }
     out.push(HostTensor {
         name: "lr".into(),

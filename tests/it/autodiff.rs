@@ -275,7 +275,7 @@ fn the_train_step_program_is_torch_adamw_with_clipping() {
 fn the_whole_model_differentiates_and_matches_finite_differences() {
     use kiln_compiler::build::{build_train, TrainLosses};
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
-    let losses = TrainLosses { mtp_lambda: 0.3, balance_alpha: 1e-4, bias_update_speed: 0.0 };
+    let losses = TrainLosses { mtp_lambda: 0.3, balance_alpha: 1e-4, ..TrainLosses::default() };
     let (g, info) = build_train(&spec, &losses).unwrap();
     assert_eq!((info.mtp_depth, info.biases.len()), (1, 4), "one MTP module; 4 MoE layers with it");
     let d = differentiate(&g, "loss").unwrap_or_else(|e| panic!("{e}"));

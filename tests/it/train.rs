@@ -265,7 +265,12 @@ fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
 #[test]
 fn micro_batches_accumulate_to_the_step_of_the_whole_batch() {
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
-    let losses = build::TrainLosses { mtp_lambda: 0.3, balance_alpha: 0.01, bias_update_speed: 1e-3 };
+    let losses = build::TrainLosses {
+        mtp_lambda: 0.3,
+        balance_alpha: 0.01,
+        bias_update_speed: 1e-3,
+        token_weights: false,
+    };
     let opt = Optimizer::default();
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();

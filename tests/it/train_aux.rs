@@ -65,7 +65,7 @@ fn case() -> Case {
 }
 
 fn losses(mtp_lambda: f64, balance_alpha: f64) -> TrainLosses {
-    TrainLosses { mtp_lambda, balance_alpha, bias_update_speed: 0.0 }
+    TrainLosses { mtp_lambda, balance_alpha, ..TrainLosses::default() }
 }
 
 fn f32s(t: &HostTensor) -> &[f32] {

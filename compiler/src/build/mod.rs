@@ -161,12 +161,18 @@ pub struct TrainLosses {
     /// γ of the auxiliary-loss-free balancing rule (1e-3): after each step each router's selection
     /// bias moves by γ toward balance.
     pub bias_update_speed: f64,
+    /// Whether the next-token loss weighs each target by the caller input `loss_weights` `[B, T]`
+    /// (f32): `mean(ce * w)` over the batch, so the caller chooses what counts and how it is
+    /// normalised. Supervised fine-tuning passes `w = mask * B T / count` (the mean over the
+    /// assistant tokens alone); a policy-gradient step passes per-token advantages. Off, every target
+    /// weighs 1.
+    pub token_weights: bool,
 }
 
 impl Default for TrainLosses {
     /// The next-token loss alone, the bias left as it is.
     fn default() -> TrainLosses {
-        TrainLosses { mtp_lambda: 0.0, balance_alpha: 0.0, bias_update_speed: 0.0 }
+        TrainLosses { mtp_lambda: 0.0, balance_alpha: 0.0, bias_update_speed: 0.0, token_weights: false }
     }
 }
 
@@ -186,7 +192,8 @@ pub const LOAD_PREFIX: &str = "load.";
 /// Builds the forward graph of training, output `loss` (`f32[]`):
 ///
 /// - the next-token cross-entropy, averaged over every target: what `model(input_ids,
-///   labels).loss` computes (inputs `tokens`, `positions`, `targets` `[B, T]`);
+///   labels).loss` computes (inputs `tokens`, `positions`, `targets` `[B, T]`); with
+///   `token_weights`, `mean(ce * loss_weights)` (the input [`LOSS_WEIGHTS`]);
 /// - with `mtp_lambda > 0` and MTP modules, `λ/D Σ_k L_k` (DeepSeek-V3 eq. 24–25), where module
 ///   `k` reads `mtp_tokens.k` (the token `k` ahead, as in [`build_graph`]) and is scored against
 ///   `mtp_targets.k` (the token `k + 1` ahead) where `mtp_mask.k` is 1: `L_k = sum(ce * mask) /
@@ -223,6 +230,10 @@ pub enum Part {
     Last,
 }
 
+/// The caller input of a train step with [`TrainLosses::token_weights`]: each target's weight in the
+/// next-token loss, f32 `[B, T]`.
+pub const LOSS_WEIGHTS: &str = kiln_ir::module::LOSS_WEIGHTS;
+
 /// The input that holds a router's load over a step's earlier micro-batches.
 pub const LOAD_ACC_PREFIX: &str = "load.acc.";
 /// The caller input of an accumulating program: 0 on a step's first micro-batch, 1 after.
@@ -258,7 +269,11 @@ pub fn build_train_part(
         Ok(())
     })?;
     let logits = main_logits.expect("the head calls back");
-    let mut loss = ce_sum(&mut b, "loss", logits, targets, None)?;
+    let weights = match losses.token_weights {
+        true => Some(b.input(LOSS_WEIGHTS, TensorType::new(DType::F32, bt(&[])))?),
+        false => None,
+    };
+    let mut loss = ce_sum(&mut b, "loss", logits, targets, weights)?;
     let depth = spec.mtp.as_ref().map_or(0, |m| m.num_layers);
     let mut info = TrainGraph::default();
     if losses.mtp_lambda > 0.0 && depth > 0 {

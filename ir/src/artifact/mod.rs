@@ -174,6 +174,10 @@ pub struct TrainEntry {
     pub clip: Option<f64>,
     /// The dtype of AdamW's moments.
     pub moments: DType,
+    /// Whether the next-token loss weighs each target by the caller input `loss_weights`
+    /// (supervised fine-tuning's assistant mask).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub token_weights: bool,
 }
 
 /// One program of a manifest: what runs, on which buffers, and what a caller passes and reads.
