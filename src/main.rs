@@ -17,11 +17,13 @@ mod cache;
 mod chat;
 mod compile;
 mod export_hf;
+mod grpo;
 mod model;
 mod perplexity;
 mod plot;
 mod run;
 mod serve;
+mod sft;
 mod table;
 mod tokenize;
 mod train;
@@ -203,72 +205,94 @@ enum Command {
     /// Train a model spec on token data: forward, loss, backward, clipping and AdamW as one
     /// train-step program, with checkpoints and a metrics log.
     Train {
-        /// A model spec (`models/*.toml`), a Hugging Face `config.json`, or a Hugging Face folder
-        /// (its config.json, and its weights unless --weights or --random-weights says otherwise).
+        #[command(flatten)]
+        args: TrainArgs,
+        /// Optimizer steps.
+        #[arg(long)]
+        steps: u64,
+    },
+    /// Supervised fine-tuning on conversations: `kiln train` on chat JSONL (one `{"messages":
+    /// [{"role", "content"}, ...]}` per line) rendered with the model's chat template, the loss over
+    /// the assistant's tokens alone. Defaults are DeepSeek-V3's SFT: 2 epochs, lr 5e-6 decayed by a
+    /// cosine to 1e-6.
+    Sft {
+        #[command(flatten)]
+        args: TrainArgs,
+        /// Passes over the conversations.
+        #[arg(long, default_value_t = sft::EPOCHS)]
+        epochs: u64,
+        /// Optimizer steps, instead of --epochs.
+        #[arg(long, conflicts_with = "epochs")]
+        steps: Option<u64>,
+    },
+    /// Reinforcement learning with GRPO (DeepSeekMath, DeepSeek-V3 §5.2.2): per prompt, a group of
+    /// completions sampled from the compiled model, rule-based rewards, group-relative advantages,
+    /// and the clipped policy-ratio objective with a KL penalty to the initial model.
+    Grpo {
+        /// A model spec, a Hugging Face `config.json`, or a Hugging Face folder (with its weights
+        /// and tokenizer unless --weights/--random-weights and --tokenizer say otherwise).
         model: PathBuf,
-        /// Initial weights: a Hugging Face checkpoint folder.
+        /// Initial weights: a Hugging Face checkpoint folder (an SFT run's `step-N`, say).
         #[arg(long)]
         weights: Option<PathBuf>,
         /// Seeded random initial weights instead of a checkpoint.
         #[arg(long, value_name = "SEED")]
         random_weights: Option<u64>,
-        /// The training data: tokens in `kiln perplexity`'s formats (`.safetensors` with `tokens`
-        /// [N, T+1], or a `.bin` stream with --dtype and --seq-len), or text tokenised by the
-        /// model's tokenizer.json (`.txt`/`.md` one document, `.jsonl` one `{"text": ...}` per line;
-        /// with --seq-len).
-        #[arg(long)]
-        data: PathBuf,
-        /// The tokenizer.json (or its folder) for text data (default: the model's folder, or the
-        /// initial weights').
+        /// The folder of tokenizer.json (and tokenizer_config.json for `messages` prompts).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// JSONL, one prompt per line: `{"prompt": TEXT, "answer": TEXT}` or `{"messages": [...],
+        /// "answer": TEXT}` (rendered by the chat template with the assistant's turn opened).
         #[arg(long)]
-        dtype: Option<String>,
-        #[arg(long)]
-        seq_len: Option<u64>,
-        /// Optimizer steps.
-        #[arg(long)]
-        steps: u64,
-        /// Rows per step.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// Rows per micro-batch: each step's batch is split into batch / M micro-batches whose
-        /// gradients are accumulated before the update (the same step, in less memory).
-        #[arg(long, value_name = "M")]
-        micro_batch: Option<usize>,
-        /// The peak learning rate.
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        /// The floor of the cosine and DeepSeek schedules.
-        #[arg(long, default_value_t = 0.0)]
-        min_lr: f64,
-        #[arg(long, value_enum, default_value = "constant")]
-        schedule: train::Schedule,
-        /// Linear warmup steps.
-        #[arg(long, default_value_t = 0)]
-        warmup: u64,
-        #[command(flatten)]
-        settings: train::Settings,
-        /// Where checkpoints (`step-N/`) and `metrics.jsonl` go.
+        prompts: PathBuf,
+        /// Where `metrics.jsonl`, the compiled programs and the checkpoints go.
         #[arg(long)]
         out: PathBuf,
+        /// Steps: each samples, rewards and updates once per --updates.
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Prompts per step (in order, wrapping around).
+        #[arg(long, default_value_t = 4)]
+        prompts_per_step: usize,
+        /// Completions per prompt (G).
+        #[arg(long, default_value_t = 8)]
+        group: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// The learning rate (DeepSeekMath's GRPO: 1e-6).
+        #[arg(long, default_value_t = 1e-6)]
+        lr: f64,
+        /// β, the weight of the KL penalty to the reference model (DeepSeekMath: 0.04).
+        #[arg(long, default_value_t = 0.04)]
+        kl: f64,
+        /// ε, the clip of the policy ratio.
+        #[arg(long, default_value_t = 0.2)]
+        clip_ratio: f64,
+        /// Optimizer updates per sampled batch (1: on-policy, as DeepSeekMath).
+        #[arg(long, default_value_t = 1)]
+        updates: usize,
+        /// The rewards, summed: `exact` (1 for the exact answer) and `format` (0.1 when the
+        /// completion ends on its own and matches --format-pattern).
+        #[arg(long, default_values_t = ["exact".to_string()])]
+        reward: Vec<String>,
+        /// The regular expression the whole completion must match for the `format` reward.
+        #[arg(long, default_value = r"\S+")]
+        format_pattern: String,
+        /// The sampling seed (step k samples with seed + k).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Threads per kernel launch (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Save a checkpoint every K steps (and always after the last).
         #[arg(long, value_name = "K")]
         save_every: Option<u64>,
-        /// Continue from a checkpoint folder of an earlier run.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// Take the rows in a fresh seeded permutation each epoch instead of in order (a resume
-        /// keeps the checkpoint's seed).
-        #[arg(long, value_name = "SEED")]
-        shuffle: Option<u64>,
-        /// Run the train step on the reference interpreter (exact, slow) instead of compiling it
-        /// for the CPU.
-        #[arg(long)]
-        interp: bool,
-        /// Threads per kernel launch of the compiled train step (default: every core).
-        #[arg(long)]
-        threads: Option<usize>,
+        #[command(flatten)]
+        settings: train::Settings,
     },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
@@ -408,6 +432,140 @@ fn render(e: &anyhow::Error) -> String {
     }
 }
 
+/// The arguments `kiln train` and `kiln sft` share.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A model spec (`models/*.toml`), a Hugging Face `config.json`, or a Hugging Face folder
+    /// (its config.json, and its weights unless --weights or --random-weights says otherwise).
+    model: PathBuf,
+    /// Initial weights: a Hugging Face checkpoint folder.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Seeded random initial weights instead of a checkpoint.
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// The training data. `kiln train`: tokens in `kiln perplexity`'s formats (`.safetensors` with
+    /// `tokens` [N, T+1], or a `.bin` stream with --dtype and --seq-len), or text tokenised by the
+    /// model's tokenizer.json (`.txt`/`.md` one document, `.jsonl` one `{"text": ...}` per line;
+    /// with --seq-len). `kiln sft`: chat JSONL, one `{"messages": [...]}` per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// The tokenizer.json (or its folder, which for `kiln sft` also holds tokenizer_config.json's
+    /// chat template) of text data (default: the model's folder, or the initial weights').
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Tokens per row (`kiln sft`: longer conversations are cut; default: the longest one).
+    #[arg(long)]
+    seq_len: Option<u64>,
+    /// Rows per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Rows per micro-batch: each step's batch is split into batch / M micro-batches whose
+    /// gradients are accumulated before the update (the same step, in less memory).
+    #[arg(long, value_name = "M")]
+    micro_batch: Option<usize>,
+    /// The peak learning rate [default: 1e-3; kiln sft: 5e-6].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// The floor of the cosine and DeepSeek schedules [default: 0; kiln sft: 1e-6].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// [default: constant; kiln sft: cosine]
+    #[arg(long, value_enum)]
+    schedule: Option<train::Schedule>,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    #[command(flatten)]
+    settings: train::Settings,
+    /// Where checkpoints (`step-N/`) and `metrics.jsonl` go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Save a checkpoint every K steps (and always after the last).
+    #[arg(long, value_name = "K")]
+    save_every: Option<u64>,
+    /// Continue from a checkpoint folder of an earlier run.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Take the rows in a fresh seeded permutation each epoch instead of in order (a resume
+    /// keeps the checkpoint's seed).
+    #[arg(long, value_name = "SEED")]
+    shuffle: Option<u64>,
+    /// Run the train step on the reference interpreter (exact, slow) instead of compiling it
+    /// for the CPU.
+    #[arg(long)]
+    interp: bool,
+    /// Threads per kernel launch of the compiled train step (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// The learning rate, its floor and schedule of a run when not given.
+struct LrDefaults {
+    lr: f64,
+    min_lr: f64,
+    schedule: train::Schedule,
+}
+
+/// `kiln train`'s or `kiln sft`'s request from its arguments.
+fn train_request<'a>(
+    a: &'a TrainArgs,
+    steps: u64,
+    epochs: Option<u64>,
+    d: LrDefaults,
+    chat: bool,
+) -> Result<train::Request<'a>> {
+    check_threads(a.threads)?;
+    let weights = match (&a.weights, a.random_weights, &a.resume) {
+        (Some(_), Some(_), _) => {
+            bail!("give either --weights DIR or --random-weights SEED, not both")
+        }
+        (Some(dir), _, _) => run::Weights::Checkpoint(dir),
+        (None, Some(seed), _) => run::Weights::Random(seed),
+        (None, None, Some(dir)) => run::Weights::Checkpoint(dir),
+        // A Hugging Face folder as the model brings its weights.
+        (None, None, None) if a.model.is_dir() && a.model.join("config.json").is_file() => {
+            run::Weights::Checkpoint(&a.model)
+        }
+        (None, None, None) => {
+            bail!(
+                "give the initial weights: --weights DIR, --random-weights SEED or --resume DIR \
+                 (or a Hugging Face folder as the model)"
+            )
+        }
+    };
+    let hyper = train::Hyper {
+        lr: a.lr.unwrap_or(d.lr),
+        min_lr: a.min_lr.unwrap_or(d.min_lr),
+        schedule: a.schedule.unwrap_or(d.schedule),
+        warmup: a.warmup,
+        steps,
+        batch: a.batch,
+        ..train::Hyper::default()
+    };
+    Ok(train::Request {
+        model: &a.model,
+        weights,
+        data: &a.data,
+        dtype: a.dtype.as_deref(),
+        seq_len: a.seq_len,
+        hyper,
+        out: &a.out,
+        save_every: a.save_every,
+        resume: a.resume.as_deref(),
+        shuffle: a.shuffle,
+        interp: a.interp,
+        threads: a.threads,
+        micro_batch: a.micro_batch,
+        tokenizer: a.tokenizer.as_deref(),
+        settings: a.settings.clone(),
+        chat,
+        epochs,
+    })
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Ir { spec, layer, after, program, module, format, output } => {
@@ -490,68 +648,76 @@ fn run(command: Command) -> Result<()> {
             serve::run(&req, &mut io::stdout().lock())
         }
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
-        Command::Train {
+        Command::Train { args, steps } => {
+            let d = LrDefaults { lr: 1e-3, min_lr: 0.0, schedule: train::Schedule::Constant };
+            let req = train_request(&args, steps, None, d, false)?;
+            train::run(&req, &mut io::stdout().lock())
+        }
+        Command::Sft { args, epochs, steps } => {
+            let d = LrDefaults { lr: sft::LR, min_lr: sft::MIN_LR, schedule: train::Schedule::Cosine };
+            let req = train_request(&args, steps.unwrap_or(0), steps.is_none().then_some(epochs), d, true)?;
+            train::run(&req, &mut io::stdout().lock())
+        }
+        Command::Grpo {
             model,
             weights,
             random_weights,
-            data,
-            dtype,
-            seq_len,
-            steps,
-            batch,
-            micro_batch,
             tokenizer,
-            lr,
-            min_lr,
-            schedule,
-            warmup,
-            settings,
+            prompts,
             out,
-            save_every,
-            resume,
-            shuffle,
-            interp,
+            steps,
+            prompts_per_step,
+            group,
+            temperature,
+            top_p,
+            max_new_tokens,
+            lr,
+            kl,
+            clip_ratio,
+            updates,
+            reward,
+            format_pattern,
+            seed,
             threads,
+            save_every,
+            settings,
         } => {
             check_threads(threads)?;
-            let weights = match (&weights, random_weights, &resume) {
-                (Some(_), Some(_), _) => {
-                    bail!("give either --weights DIR or --random-weights SEED, not both")
-                }
-                (Some(dir), _, _) => run::Weights::Checkpoint(dir),
-                (None, Some(seed), _) => run::Weights::Random(seed),
-                (None, None, Some(dir)) => run::Weights::Checkpoint(dir),
-                // A Hugging Face folder as the model brings its weights.
-                (None, None, None) if model.is_dir() && model.join("config.json").is_file() => {
+            let weights = match (&weights, random_weights) {
+                (Some(_), Some(_)) => bail!("give either --weights DIR or --random-weights SEED, not both"),
+                (Some(dir), _) => run::Weights::Checkpoint(dir),
+                (None, Some(seed)) => run::Weights::Random(seed),
+                (None, None) if model.is_dir() && model.join("config.json").is_file() => {
                     run::Weights::Checkpoint(&model)
                 }
-                (None, None, None) => {
-                    bail!(
-                        "give the initial weights: --weights DIR, --random-weights SEED or --resume DIR \
-                         (or a Hugging Face folder as the model)"
-                    )
-                }
+                (None, None) => bail!(
+                    "give the initial weights: --weights DIR or --random-weights SEED (or a Hugging Face folder \
+                     as the model)"
+                ),
             };
-            let hyper =
-                train::Hyper { lr, min_lr, schedule, warmup, steps, batch, ..train::Hyper::default() };
-            let req = train::Request {
+            let req = grpo::Request {
                 model: &model,
                 weights,
-                data: &data,
-                dtype: dtype.as_deref(),
-                seq_len,
-                hyper,
-                out: &out,
-                save_every,
-                resume: resume.as_deref(),
-                shuffle,
-                interp,
-                threads,
-                micro_batch,
                 tokenizer: tokenizer.as_deref(),
+                prompts: &prompts,
+                out: &out,
+                steps,
+                prompts_per_step,
+                group,
+                temperature,
+                top_p,
+                max_new_tokens,
+                lr,
+                objective: grpo::objective::Objective { beta: kl, clip: clip_ratio },
+                updates,
+                rewards: reward,
+                format_pattern,
+                seed,
+                threads,
+                save_every,
                 settings,
             };
-            train::run(&req, &mut io::stdout().lock())
+            grpo::run(&req, &mut io::stdout().lock())
         }
         Command::Perplexity {
             model,

@@ -35,6 +35,9 @@ pub fn weights_folder(weights: &Path) -> &Path {
     }
 }
 
+/// A token's byte range in the text it was encoded from: `(start, end)`.
+pub type Span = (usize, usize);
+
 /// Loads `folder/tokenizer.json`; its absence is an error that names the folder and the way out.
 pub fn load(folder: &Path) -> Result<TextTokenizer> {
     let path = folder.join(TOKENIZER_FILE);
@@ -65,6 +68,13 @@ impl TextTokenizer {
         let enc =
             self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("cannot encode the prompt: {e}"))?;
         Ok(enc.get_ids().iter().map(|&id| i64::from(id)).collect())
+    }
+
+    /// [`TextTokenizer::encode_plain`] with each token's byte range in `text`.
+    pub fn encode_plain_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<Span>)> {
+        let enc =
+            self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("cannot encode the text: {e}"))?;
+        Ok((enc.get_ids().iter().map(|&id| i64::from(id)).collect(), enc.get_offsets().to_vec()))
     }
 
     /// The id of a token of the vocabulary (`<eos>`), if it has it.

@@ -14,8 +14,8 @@
 //! gradient norm, learning rate and tokens/s. `--save-every K` (and the last step) writes a
 //! checkpoint `step-N/` into `--out`: `config.json` and `model.safetensors` (every parameter, the
 //! ones not trained too, under the checkpoint's names: `kiln run --weights` and transformers load
-//! it), `optimizer.safetensors` (the moments and the step count) and `trainer.json` (the step, the
-//! data position, the hyperparameters). A checkpoint is written into a hidden folder and renamed
+//! it), `optimizer.safetensors` (the moments and the step count), `trainer.json` (the step, the
+//! data position, the hyperparameters) and the tokenizer files of the run, when it has them. A checkpoint is written into a hidden folder and renamed
 //! into place, so a kill at any moment leaves the last complete one. `--resume DIR` continues from
 //! a checkpoint exactly where it stopped: the same steps give the same losses and weights as an
 //! uninterrupted run (the shuffle's seed and epoch are in `trainer.json` too). A new run or a
@@ -110,6 +110,7 @@ impl Settings {
             weight_decay: o.weight_decay,
             clip: o.clip,
             moments: o.moments,
+            token_weights: false,
         }
     }
 
@@ -175,6 +176,7 @@ pub fn losses_of(e: &TrainEntry) -> build::TrainLosses {
         mtp_lambda: e.mtp_lambda,
         balance_alpha: e.balance_alpha,
         bias_update_speed: e.bias_update_speed,
+        token_weights: e.token_weights,
     }
 }
 
@@ -365,6 +367,12 @@ pub struct Request<'a> {
     pub tokenizer: Option<&'a Path>,
     /// The losses and the optimizer, as given ([`Request::resolve`] completes them).
     pub settings: Settings,
+    /// `kiln sft`: the data is chat JSONL, and the loss counts the assistant's tokens alone (see
+    /// [`crate::sft`]).
+    pub chat: bool,
+    /// The run's length in passes over the data instead of `hyper.steps`: `ceil(epochs N / batch)`
+    /// steps for `N` rows.
+    pub epochs: Option<u64>,
 }
 
 impl Request<'_> {
@@ -426,15 +434,56 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let path = if req.model.is_dir() && config.is_file() { config.as_path() } else { req.model };
         (spec::load(path)?, req.settings.over(Settings::defaults(), None)?)
     };
+    let mut entry = entry;
+    if req.chat {
+        if artifact && !entry.token_weights {
+            bail!(
+                "{}: the artifact's train step weighs every target alike; kiln sft compiles its own (give the                  model spec or Hugging Face folder instead)",
+                req.model.display()
+            );
+        }
+        entry.token_weights = true;
+    }
     let mut hyper = req.hyper.clone();
     hyper.set_optimizer(&entry);
-    hyper.check()?;
+    if req.epochs.is_none() {
+        hyper.check()?;
+    }
     let losses = losses_of(&entry);
     let dtype = match req.dtype {
         None => None,
         Some(d) => Some(StreamDType::parse(d).with_context(|| format!("--dtype {d}: use u16 or u32"))?),
     };
-    let rows = if crate::tokenize::is_text_data(req.data) {
+    let rows = if req.chat {
+        let folder = tokenizer_folder(req)?;
+        let tok = crate::tokenize::load(&folder)?;
+        let template = crate::chat::template::load(&folder)?;
+        let pad = spec.model.eos_token_id.map_or(0, |e| e as i64);
+        let (rows, s) = crate::sft::load_rows(
+            req.data,
+            &template,
+            &tok,
+            req.seq_len,
+            pad,
+            spec.model.max_position_embeddings,
+        )?;
+        writeln!(
+            out,
+            "sft: {} conversations from {} in rows of {} tokens, {} assistant targets carry the loss",
+            s.conversations,
+            req.data.display(),
+            rows.width(),
+            s.assistant_targets
+        )?;
+        if s.truncated > 0 {
+            writeln!(
+                out,
+                "note: {} conversations are longer than a row and were cut, losing {} assistant targets                  (a longer --seq-len keeps them)",
+                s.truncated, s.truncated_targets
+            )?;
+        }
+        rows
+    } else if crate::tokenize::is_text_data(req.data) {
         if dtype.is_some() {
             bail!("{}: --dtype applies to .bin token streams, not to text", req.data.display());
         }
@@ -448,6 +497,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         spec.model.max_position_embeddings,
         "the model's max_position_embeddings",
     )?;
+    if let Some(epochs) = req.epochs {
+        hyper.steps = (epochs * rows.rows() as u64).div_ceil(hyper.batch.max(1) as u64);
+        hyper.check()?;
+    }
     if rows.rows() < hyper.batch {
         bail!(
             "{}: {} rows, fewer than one batch of {}; give more data or a smaller --batch",
@@ -554,9 +607,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             progress.epoch, progress.row
         )?;
     }
+    // The tokenizer files a checkpoint carries, so that it is a model `kiln run --prompt`, `kiln
+    // chat` and `kiln sft` take as it is: those of the model's folder, --tokenizer, or the weights'.
+    let text = tokenizer_folder(req).ok().filter(|f| f.join(crate::tokenize::TOKENIZER_FILE).is_file());
     let bar = progress_bar(hyper.steps, progress.step);
     while progress.step < hyper.steps {
-        let batch = take(&rows, &progress.next_rows(rows.rows(), hyper.batch))?;
+        // SFT's mask becomes weights that average over the batch's assistant targets.
+        let batch = crate::sft::normalise(take(&rows, &progress.next_rows(rows.rows(), hyper.batch))?)?;
         let lr = hyper.lr_at(progress.step);
         let t0 = Instant::now();
         let stats = trainer.step(&batch, lr as f32)?;
@@ -587,7 +644,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         writeln!(metrics, "{line}")?;
         let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
-            let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress)?;
+            let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress, text.as_deref())?;
             write_curve(req.out, &spec.model.name)?;
             bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
         }
@@ -741,12 +798,18 @@ fn compiled(
 
 /// The rows `which`, as one batch.
 fn take(rows: &TokenRows, which: &[usize]) -> Result<TokenRows> {
-    let w = rows.width();
-    let mut tokens = Vec::with_capacity(which.len() * w);
-    for &r in which {
-        tokens.extend_from_slice(rows.row(r));
+    Ok(rows.select(which))
+}
+
+/// Copies tokenizer.json and tokenizer_config.json (those there are) from the folder `from` into
+/// `to`.
+pub fn copy_tokenizer(from: Option<&Path>, to: &Path) -> Result<()> {
+    for name in [crate::tokenize::TOKENIZER_FILE, crate::chat::template::CONFIG_FILE] {
+        if let Some(f) = from.map(|d| d.join(name)).filter(|f| f.is_file()) {
+            std::fs::copy(&f, to.join(name)).with_context(|| format!("cannot copy {}", f.display()))?;
+        }
     }
-    Ok(TokenRows::from_rows(w, tokens)?)
+    Ok(())
 }
 
 /// Writes checkpoint `step-N` into `out` atomically (a hidden folder renamed into place).
@@ -757,6 +820,7 @@ fn save(
     untrained: &[weights::HostTensor],
     roles: &HashMap<String, StateRole>,
     progress: &Progress,
+    tokenizer: Option<&Path>,
 ) -> Result<PathBuf> {
     let dir = out.join(format!("step-{}", progress.step));
     let tmp = out.join(format!(".step-{}.tmp-{}", progress.step, std::process::id()));
@@ -780,6 +844,7 @@ fn save(
     weights::write_safetensors(&tmp.join("model.safetensors"), &model, StoreFloats::AsDeclared)?;
     weights::write_safetensors(&tmp.join(OPTIMIZER), &optimizer, StoreFloats::AsDeclared)?;
     std::fs::write(tmp.join(TRAINER), serde_json::to_string_pretty(progress)? + "\n")?;
+    copy_tokenizer(tokenizer, &tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot replace {}", dir.display()))?;
     }
