@@ -12,7 +12,7 @@
 //! back until the next token completes it or generation ends. Each step re-decodes the sequence,
 //! which is negligible next to a forward pass at the lengths `kiln run` generates.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tokenizers::Tokenizer;
@@ -33,6 +33,18 @@ pub fn weights_folder(weights: &Path) -> &Path {
     } else {
         weights.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
     }
+}
+
+/// The folder a run's tokenizer.json is looked for in: `tokenizer` (the file or its folder), else
+/// the model's folder (a Hugging Face folder), else the folder of the weights it starts from.
+pub fn text_folder(tokenizer: Option<&Path>, model: &Path, weights: Option<&Path>) -> Option<PathBuf> {
+    if let Some(t) = tokenizer {
+        return Some(if t.is_dir() { t.to_path_buf() } else { weights_folder(t).to_path_buf() });
+    }
+    if model.is_dir() {
+        return Some(model.to_path_buf());
+    }
+    weights.map(|w| weights_folder(w).to_path_buf())
 }
 
 /// A token's byte range in the text it was encoded from: `(start, end)`.

@@ -658,23 +658,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
 /// Where text data's tokenizer.json is: `--tokenizer` (the file or its folder), else the model's
 /// Hugging Face folder, else the initial weights' folder.
 fn tokenizer_folder(req: &Request) -> Result<PathBuf> {
-    if let Some(t) = req.tokenizer {
-        return Ok(if t.is_dir() {
-            t.to_path_buf()
-        } else {
-            crate::tokenize::weights_folder(t).to_path_buf()
-        });
-    }
-    if req.model.is_dir() {
-        return Ok(req.model.to_path_buf());
-    }
     let weights = match &req.weights {
         Weights::Checkpoint(dir) => Some(*dir),
         Weights::Random(_) => None,
     };
-    match req.resume.or(weights) {
-        Some(dir) => Ok(crate::tokenize::weights_folder(dir).to_path_buf()),
-        _ => bail!(
+    match crate::tokenize::text_folder(req.tokenizer, req.model, req.resume.or(weights)) {
+        Some(dir) => Ok(dir),
+        None => bail!(
             "{}: text data is tokenised with the model's tokenizer.json: give it with --tokenizer FILE \
              (or train a Hugging Face folder that holds one)",
             req.data.display()

@@ -325,19 +325,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
 
 /// `--tokenizer`, else the model's folder, else the weights'.
 fn tokenizer_folder(req: &Request) -> Result<PathBuf> {
-    if let Some(t) = req.tokenizer {
-        return Ok(if t.is_dir() {
-            t.to_path_buf()
-        } else {
-            crate::tokenize::weights_folder(t).to_path_buf()
-        });
-    }
-    if req.model.is_dir() {
-        return Ok(req.model.to_path_buf());
-    }
-    match &req.weights {
-        Weights::Checkpoint(dir) => Ok(crate::tokenize::weights_folder(dir).to_path_buf()),
-        Weights::Random(_) => bail!(
+    let weights = match &req.weights {
+        Weights::Checkpoint(dir) => Some(*dir),
+        Weights::Random(_) => None,
+    };
+    match crate::tokenize::text_folder(req.tokenizer, req.model, weights) {
+        Some(dir) => Ok(dir),
+        None => bail!(
             "kiln grpo reads prompts and completions as text: give the model's tokenizer with --tokenizer DIR \
              (or a Hugging Face folder that holds one)"
         ),
