@@ -147,6 +147,11 @@ enum Command {
         /// the CPU only).
         #[arg(long)]
         profile: bool,
+        /// Write a Chrome/Perfetto trace of the run to FILE: every program run and every kernel
+        /// launch in it, named by the kernel's fusion rule (or op) and scope (compiled artifacts
+        /// only; open it at ui.perfetto.dev or chrome://tracing).
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
         /// Write every logits row generation reads (the last position of each sequence, each step)
         /// to FILE, one line of numbers per row: to compare devices (scripts/gpu-check.sh).
         #[arg(long, value_name = "FILE")]
@@ -592,6 +597,7 @@ fn run(command: Command) -> Result<()> {
             sampling,
             expert_load,
             profile,
+            trace,
             dump_logits,
             json,
         } => {
@@ -619,6 +625,7 @@ fn run(command: Command) -> Result<()> {
                 sampling: run::sampling(sampling.temperature, sampling.top_p, sampling.seed),
                 expert_load,
                 profile,
+                trace: trace.as_deref(),
                 dump_logits: dump_logits.as_deref(),
             };
             let (mut out, mut log) = (io::stdout().lock(), io::stderr().lock());

@@ -85,6 +85,8 @@ pub struct Request<'a> {
     pub profile: bool,
     /// Write every logits row generation read to this file (`--dump-logits`).
     pub dump_logits: Option<&'a Path>,
+    /// `--trace FILE`: a Chrome/Perfetto trace of every run and launch.
+    pub trace: Option<&'a Path>,
 }
 
 /// Where `kiln run` writes (see the module documentation): `out` the generated text or the JSON
@@ -287,9 +289,13 @@ pub(crate) fn cpu_options(threads: Option<usize>) -> CpuOptions {
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
     crate::check_output_file(req.dump_logits, &[req.model])?;
+    crate::check_output_file(req.trace, &[req.model])?;
     let prompt = prompt(req)?;
     if req.profile && req.interp {
         bail!("--profile times the compiled kernels; run an artifact (no --interp)");
+    }
+    if req.trace.is_some() && req.interp {
+        bail!("--trace records the compiled kernels' launches; run an artifact (no --interp)");
     }
     if req.expert_load && req.interp {
         bail!(
@@ -381,7 +387,19 @@ fn run_compiled<B: Backend>(
         declared.saturating_sub(mapped)
     );
     model.set_profiling(req.profile);
+    model.set_tracing(req.trace.is_some());
     let mut report = generate_and_report(model, name, &what, eos, prompt, req, sink)?;
+    if let Some(path) = req.trace {
+        let spans = model.trace();
+        write_trace(path, &spans, device)?;
+        let launches = spans.iter().filter(|s| s.kernel.is_some()).count();
+        writeln!(
+            sink.log,
+            "trace: {} runs and {launches} launches written to {}",
+            spans.len() - launches,
+            path.display()
+        )?;
+    }
     if req.expert_load {
         let layers = model.expert_load();
         write_expert_load(&layers, sink.log)?;
@@ -546,6 +564,32 @@ impl Engine for LogitsRecorder<'_> {
 
 /// One line per logits row, in the order read, each value in Rust's shortest round-trip form
 /// (`awk` and Python read it back exactly).
+/// Writes `spans` as a Chrome trace (the JSON object format Perfetto also reads): one complete
+/// event (`"ph": "X"`, microseconds) per run on thread 1 and per launch on thread 2 of process 1,
+/// the device named in the process's metadata.
+fn write_trace(path: &Path, spans: &[kiln_runtime::exec::Span], device: &str) -> Result<()> {
+    let mut events = vec![
+        serde_json::json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": format!("kiln run ({device})")}}),
+        serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "programs"}}),
+        serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": 2, "args": {"name": "kernels"}}),
+    ];
+    for s in spans {
+        let mut e = serde_json::json!({
+            "name": s.name, "cat": s.program, "ph": "X", "pid": 1,
+            "tid": if s.kernel.is_some() { 2 } else { 1 },
+            "ts": s.start_ns as f64 / 1e3, "dur": s.dur_ns as f64 / 1e3,
+        });
+        if let Some(k) = &s.kernel {
+            e["args"] =
+                serde_json::json!({"kernel": k, "label": s.label, "scope": s.scope, "program": s.program});
+        }
+        events.push(e);
+    }
+    let doc = serde_json::json!({"traceEvents": events, "displayTimeUnit": "ms"});
+    kiln_ir::output::write_file(path, (serde_json::to_string(&doc)? + "\n").as_bytes())
+        .with_context(|| format!("cannot write --trace {}", path.display()))
+}
+
 fn write_logits(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
     let mut text = String::new();
     for r in rows {

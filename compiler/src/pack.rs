@@ -872,6 +872,18 @@ fn manifest(
     let missing = |name: &str, target: Target| {
         CompileError::Internal(format!("kernel `{name}` has no {target} launch shape after lowering"))
     };
+    // Each kernel's label: the fusion rule or op of the first node that launches it.
+    let mut label: Vec<Option<String>> = vec![None; kernels_of.len()];
+    for (graph, prog) in p.module.programs.iter().map(|m| &m.graph).zip(&p.programs) {
+        for s in &prog.plan.steps {
+            if let Step::Launch { kernel, node, .. } = s {
+                label[kernel.index()].get_or_insert_with(|| match &graph.node(*node).op {
+                    Op::Fused { name, .. } => name.clone(),
+                    op => op.name().to_string(),
+                });
+            }
+        }
+    }
     let mut kernels = Vec::with_capacity(kernels_of.len());
     for k in kernels_of {
         let role = |i: usize| if weight[k.id.index()][i] { ArgRole::Param } else { ArgRole::Input };
@@ -900,6 +912,7 @@ fn manifest(
         kernels.push(KernelEntry {
             id: KernelIndex(k.id.index() as u32),
             name: k.name.clone(),
+            label: label[k.id.index()].clone(),
             args,
             sym_args: k.syms.clone(),
             cpu,

@@ -894,3 +894,96 @@ fn hand_edited_manifests_are_refused_naming_the_field() {
     assert!(matches!(&e, RuntimeError::InvalidManifest { .. }), "{e}");
     load(&dir).unwrap();
 }
+
+/// `kiln run --trace`: one complete event per program run and per launch, the launches of each run
+/// inside its span and as many as its program has, named by fusion rule (or op) and scope, with
+/// the kernel's hash name only as an argument.
+#[test]
+fn run_trace_names_each_launch_by_rule_and_scope() {
+    let d = TempDir::new();
+    let dir =
+        compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "1", "--max-context", "32", "--no-score"]);
+    let trace = d.path("trace.json");
+    let out = kiln(&[
+        "run",
+        &str(&dir),
+        "--random-weights",
+        "1",
+        "--prompt-ids",
+        "1,2,3,4",
+        "--max-new-tokens",
+        "3",
+        "--threads",
+        "1",
+        "--trace",
+        &str(&trace),
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events: Vec<&serde_json::Value> =
+        doc["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").collect();
+    let art = artifact::load(&dir).unwrap();
+    let launches_of = |name: &str| {
+        let p = art.manifest().programs.iter().find(|p| p.name == name).unwrap();
+        p.steps.iter().filter(|s| matches!(s, kiln_ir::artifact::Step::Launch { .. })).count()
+    };
+    let span = |e: &serde_json::Value| {
+        (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap())
+    };
+    // The prefill, then a decode per new token after the first.
+    let runs: Vec<&&serde_json::Value> = events.iter().filter(|e| e["tid"] == 1).collect();
+    let names: Vec<&str> = runs.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["prefill", "decode", "decode"]);
+    let kernels: Vec<&&serde_json::Value> = events.iter().filter(|e| e["tid"] == 2).collect();
+    // Each run's launches: those of its program that are not weight-only (computed once at load).
+    let per_run: Vec<usize> = runs
+        .iter()
+        .map(|r| {
+            let (rs, re) = span(r);
+            kernels
+                .iter()
+                .filter(|k| k["cat"] == r["name"] && rs <= span(k).0 && span(k).1 <= re + 1e-3)
+                .count()
+        })
+        .collect();
+    assert_eq!(per_run.iter().sum::<usize>(), kernels.len(), "{per_run:?}");
+    assert_eq!(per_run[1], per_run[2], "every decode runs the same launches");
+    assert!(per_run[0] <= launches_of("prefill") && per_run[1] <= launches_of("decode"), "{per_run:?}");
+    assert!(per_run[0] > launches_of("prefill") / 2 && per_run[1] > launches_of("decode") / 2, "{per_run:?}");
+    assert!(
+        out.stderr.contains(&format!("trace: 3 runs and {} launches written to", kernels.len())),
+        "{}",
+        out.stderr
+    );
+    let span = |e: &serde_json::Value| {
+        (e["ts"].as_f64().unwrap(), e["ts"].as_f64().unwrap() + e["dur"].as_f64().unwrap())
+    };
+    for k in &kernels {
+        let (s, e) = span(k);
+        let inside = runs.iter().filter(|r| r["name"] == k["cat"]).any(|r| {
+            let (rs, re) = span(r);
+            rs <= s && e <= re + 1e-3
+        });
+        assert!(inside, "{k} lies in no run of its program");
+        let name = k["name"].as_str().unwrap();
+        assert!(!name.starts_with("k_"), "named by rule, not hash: {name}");
+        assert!(k["args"]["kernel"].as_str().unwrap().starts_with("k_"), "{k}");
+    }
+    let named = |prefix: &str| kernels.iter().any(|k| k["name"].as_str().unwrap().starts_with(prefix));
+    assert!(named("gemm-swiglu model.layers."), "a fused MLP launch, by rule and scope");
+    assert!(named("cache_update model.layers.0.self_attn"), "an unfused op, by op and scope");
+    assert!(named("decode-phases model.layers."), "tiny's decode layers, by rule and scope");
+    // --trace with --interp is refused: there are no launches to trace.
+    let out = kiln(&[
+        "run",
+        &str(&dir),
+        "--interp",
+        "--random-weights",
+        "1",
+        "--prompt-ids",
+        "1",
+        "--trace",
+        &str(&trace),
+    ]);
+    assert!(!out.ok && out.stderr.contains("--trace records the compiled kernels"), "{}", out.stderr);
+}

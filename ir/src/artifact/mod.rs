@@ -295,6 +295,10 @@ pub struct KernelEntry {
     pub id: KernelIndex,
     /// `k_{op}_{hash}`: stable across runs and machines, named after the kernel's content.
     pub name: String,
+    /// What made the kernel, for people: the fusion rule of a `fused` kernel (`gemm-swiglu`),
+    /// else its op (`rms_norm`). Traces and profiles name launches by it and their scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
     /// The buffers the kernel takes: its arguments, then its results, then its scratch.
     pub args: Vec<ArgSig>,
     /// The sizes it takes after the buffers, in this order (a subset of `B, T, S`).

@@ -174,8 +174,42 @@ pub struct Executor<B: Backend> {
     load: Vec<LayerLoad>,
     /// Nanoseconds per launch of each program, when profiling.
     profile: Option<Vec<Vec<u64>>>,
+    /// Every run and launch since tracing was turned on, when tracing.
+    trace: Option<Tracer>,
     // Declared last: dropped after the memory above, which its launches point into.
     backend: B,
+}
+
+/// What tracing records: its start, and each run.
+struct Tracer {
+    epoch: Instant,
+    runs: Vec<RunTrace>,
+}
+
+/// One traced run, in nanoseconds from the tracer's start: the loaded program, its start and
+/// duration, and each launch's bound index, start and duration.
+struct RunTrace {
+    program: usize,
+    start: u64,
+    dur: u64,
+    launches: Vec<(usize, u64, u64)>,
+}
+
+/// One span of a trace ([`Executor::trace`]): a run of a program, or one launch within it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// What ran, for a reader: the program's name for a run; for a launch, the kernel's label (its
+    /// fusion rule, or its op) and the scope it computes (`gemm-swiglu model.layers.3.mlp`).
+    pub name: String,
+    /// The program run.
+    pub program: String,
+    /// The kernel launched (`k_fused_5a4ecfddaaf5`), its label and its scope; `None` for a run.
+    pub kernel: Option<String>,
+    pub label: Option<String>,
+    pub scope: Option<String>,
+    /// Nanoseconds from when tracing was turned on.
+    pub start_ns: u64,
+    pub dur_ns: u64,
 }
 
 /// One kernel's share of a profile ([`Executor::profile`]).
@@ -303,6 +337,7 @@ impl<B: Backend> Executor<B> {
             last: None,
             load: Vec::new(),
             profile: None,
+            trace: None,
             backend,
         };
         // Weight-only values, once per distinct value, then every program's run launches.
@@ -490,13 +525,17 @@ impl<B: Backend> Executor<B> {
         for (at, bytes) in &encoded {
             self.backend.write(&mut self.arena, *at, bytes)?;
         }
-        let Executor { backend, programs, arena, profile, manifest, .. } = self;
+        let Executor { backend, programs, arena, profile, manifest, trace, .. } = self;
         let program = &manifest.programs[pi];
         let Loaded { launches, probes, .. } = &mut programs[li];
         let mut offsets: Vec<Vec<i64>> = Vec::with_capacity(probes.len());
         let mut next_probe = 0;
         let mut times = profile.as_mut().map(|p| &mut p[li]);
+        let epoch = trace.as_ref().map(|t| t.epoch);
+        let mut spans: Vec<(usize, u64, u64)> = Vec::new();
+        let since = |at: Instant| epoch.map_or(0, |e| (at - e).as_nanos() as u64);
         let mut clock = Instant::now();
+        let run_start = clock;
         let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
             // The dispatch's offsets are read right after it: the plan reuses their arena slot
             // once the grouped GEMMs have read them.
@@ -512,15 +551,31 @@ impl<B: Backend> Executor<B> {
                 });
                 next_probe += 1;
             }
-            if let Some(t) = times.as_mut() {
+            if times.is_some() || epoch.is_some() {
                 be.synchronize()?;
                 let now = Instant::now();
-                t[i] += (now - clock).as_nanos() as u64;
+                let dur = (now - clock).as_nanos() as u64;
+                if let Some(t) = times.as_mut() {
+                    t[i] += dur;
+                }
+                if epoch.is_some() {
+                    spans.push((i, since(clock), dur));
+                }
                 clock = now;
             }
             Ok(())
         };
         backend.run(launches, &sizes, &mut after)?;
+        if let Some(t) = trace.as_mut() {
+            backend.synchronize()?;
+            let start = (run_start - t.epoch).as_nanos() as u64;
+            t.runs.push(RunTrace {
+                program: li,
+                start,
+                dur: run_start.elapsed().as_nanos() as u64,
+                launches: spans,
+            });
+        }
         for (pr, o) in probes.iter().zip(&offsets) {
             probe::add(&mut self.load, pr, o);
         }
@@ -577,6 +632,54 @@ impl<B: Backend> Executor<B> {
     /// waits for each launch to finish.
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = on.then(|| self.programs.iter().map(|p| vec![0; p.steps.len()]).collect());
+    }
+
+    /// Turns tracing on (from now, nothing recorded yet) or off. Like profiling, tracing waits for
+    /// each launch to finish, so that each span is the launch's own.
+    pub fn set_tracing(&mut self, on: bool) {
+        self.trace = on.then(|| Tracer { epoch: Instant::now(), runs: Vec::new() });
+    }
+
+    /// Every run and launch since tracing was turned on, in order: each run's span, then its
+    /// launches'. Empty when tracing is off.
+    pub fn trace(&self) -> Vec<Span> {
+        let Some(t) = &self.trace else { return Vec::new() };
+        let mut out = Vec::new();
+        for RunTrace { program, start, dur, launches } in &t.runs {
+            let l = &self.programs[*program];
+            let p = &self.manifest.programs[l.index];
+            out.push(Span {
+                name: p.name.clone(),
+                program: p.name.clone(),
+                kernel: None,
+                label: None,
+                scope: None,
+                start_ns: *start,
+                dur_ns: *dur,
+            });
+            for &(i, start, dur) in launches {
+                let Some(Step::Launch { kernel, scope, .. }) = l.steps.get(i).and_then(|&s| p.steps.get(s))
+                else {
+                    continue;
+                };
+                let k = &self.manifest.kernels[kernel.index()];
+                let label = k.label.clone().unwrap_or_else(|| k.name.clone());
+                let name = match scope {
+                    Some(s) => format!("{label} {s}"),
+                    None => label.clone(),
+                };
+                out.push(Span {
+                    name,
+                    program: p.name.clone(),
+                    kernel: Some(k.name.clone()),
+                    label: Some(label),
+                    scope: scope.clone(),
+                    start_ns: start,
+                    dur_ns: dur,
+                });
+            }
+        }
+        out
     }
 
     /// Time per kernel over every run since profiling was turned on, in every program, most first:
