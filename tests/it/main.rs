@@ -20,6 +20,7 @@ mod passes_equiv;
 mod perplexity;
 mod readme;
 mod runtime;
+mod schedule;
 mod serve;
 mod spec;
 mod text;

@@ -80,7 +80,8 @@ pub enum ScheduleError {
     #[error("--pp {pp}: {schedule} needs an even number of ranks (rank i pairs with rank pp-1-i); try --pp {}", pp + 1)]
     OddRanks { schedule: &'static str, pp: u32 },
     #[error(
-        "--micro-batches {micro_batches}: {schedule} on {pp} ranks needs at least {min} micro-batches{why}"
+        "--micro-batches {micro_batches}: {schedule} on {pp} ranks needs at least {min} micro-batch{}{why}",
+        if *min == 1 { "" } else { "es" }
     )]
     TooFewMicroBatches { schedule: &'static str, pp: u32, micro_batches: u32, min: u32, why: &'static str },
     #[error(
