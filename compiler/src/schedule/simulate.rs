@@ -11,10 +11,10 @@
 //! - **busy**: the sum of the rank's compute steps.
 //! - **bubble**: the makespan (the time the last rank finishes) minus busy: the time the rank sits
 //!   idle while the step is not over, at the start waiting for its first input, in the middle
-//!   waiting for data, and at the end waiting for the others. This is the bubble of the DualPipe
-//!   table: for 1F1B and ZB1P every rank has the same work and the same bubble; for DualPipe and
-//!   DualPipeV, whose ranks run different mixes of overlapped and separate steps, the table's
-//!   formula is the bubble of the first and last ranks (see the tests).
+//!   waiting for data, and at the end waiting for the others. The DualPipe table's bubble is the
+//!   largest of these over the ranks: for 1F1B and ZB1P every rank has it; for DualPipe the middle
+//!   ranks (`pp/2-1`, `pp/2`) have it and ranks nearer the ends idle a little less; for DualPipeV
+//!   the last rank has it (the tests pin each).
 //! - **peak activations**, in micro-batches: a micro-batch's activations on a chunk are live from
 //!   the start of its forward until the step that finishes its backward ends: the full backward, or,
 //!   when the backward is split, the backward for weights (which still reads them). An overlapped
