@@ -22,6 +22,7 @@ mod model;
 mod perplexity;
 mod plot;
 mod run;
+mod schedule;
 mod serve;
 mod sft;
 mod table;
@@ -343,6 +344,35 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         what: bench::BenchCommand,
+    },
+    /// Simulate a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV): per rank the bubble, the
+    /// peak activations and the parameter copies; optionally an SVG timeline and a Perfetto trace.
+    Schedule {
+        /// Pipeline ranks.
+        #[arg(long)]
+        pp: u32,
+        /// Micro-batches per step (DualPipe: both directions together).
+        #[arg(long)]
+        micro_batches: u32,
+        /// `1f1b`, `zb1p`, `dualpipe` or `dualpipev`.
+        #[arg(long)]
+        schedule: String,
+        /// Costs F,B,W[,FB]: a forward chunk, a full backward chunk, the backward for weights, and
+        /// an overlapped forward and backward pair (default F+B).
+        #[arg(long, default_value = "1,2,1", allow_hyphen_values = true)]
+        cost: String,
+        /// Cost of one point-to-point transfer, send to arrival.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        comm: f64,
+        /// Write the timeline as SVG to FILE (atomically).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Write a Chrome/Perfetto trace (JSON) to FILE (atomically).
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Print JSON (the report and the per-rank lists) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// List the compiler passes in pipeline order.
     Passes,
@@ -761,6 +791,19 @@ fn run(command: Command) -> Result<()> {
             perplexity::run(&req, &mut io::stdout().lock())
         }
         Command::Bench { what, json } => bench::run(what, json, &mut io::stdout().lock()),
+        Command::Schedule { pp, micro_batches, schedule, cost, comm, svg, trace, json } => {
+            let req = schedule::Request {
+                pp,
+                micro_batches,
+                schedule: &schedule,
+                cost: &cost,
+                comm,
+                svg: svg.as_deref(),
+                trace: trace.as_deref(),
+                json,
+            };
+            schedule::run(&req, &mut io::stdout().lock())
+        }
         Command::Passes => {
             let mut out = String::new();
             for p in passes::PASSES {

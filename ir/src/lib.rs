@@ -17,6 +17,7 @@ pub mod interp;
 pub mod module;
 pub mod op;
 pub mod output;
+pub mod schedule;
 pub mod spec;
 pub mod text;
 pub mod types;

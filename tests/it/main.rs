@@ -21,6 +21,7 @@ mod passes_equiv;
 mod perplexity;
 mod readme;
 mod runtime;
+mod schedule;
 mod serve;
 mod sft;
 mod spec;

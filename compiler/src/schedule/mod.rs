@@ -1,0 +1,127 @@
+//! Pipeline schedules: generators for 1F1B, ZB1P, DualPipe and DualPipeV (one file each), the
+//! verifier that checks any schedule ([`verify`]), and an event-driven simulator that runs one
+//! with given costs ([`simulate`]). The data types are [`kiln_ir::schedule`].
+//!
+//! What this does not do yet: partition a module into stages (the schedules name stages, not the
+//! layers in them), store schedules in an artifact's manifest, or execute them over MPI or NCCL.
+//! `kiln schedule` is the way in today: it generates, verifies and simulates.
+//!
+//! Every generator is a plain function of the number of ranks and micro-batches; each returns a
+//! schedule that [`verify::verify`] accepts (tested for every schedule over a grid of sizes).
+
+use kiln_ir::schedule::Schedule;
+
+pub mod dualpipe;
+pub mod dualpipev;
+pub mod one_f_one_b;
+mod program;
+pub mod simulate;
+pub mod verify;
+pub mod zb1p;
+
+pub use simulate::{simulate, Costs, Simulation};
+pub use verify::verify;
+
+/// The schedules kiln generates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// 1F1B (PipeDream-flush): one forward, one full backward, in turn.
+    OneFOneB,
+    /// ZB1P: 1F1B with the backward split into input and weight gradients, the weight gradients
+    /// deferred into the bubbles (ZB-H1 of the zero-bubble paper).
+    Zb1p,
+    /// DualPipe (DeepSeek-V3): two directions, each rank holding a stage of each.
+    DualPipe,
+    /// DualPipeV: DualPipe cut in half, a V-shaped pipeline of `2·pp` stages on `pp` ranks.
+    DualPipeV,
+}
+
+impl Kind {
+    /// Every schedule, in the order tables list them.
+    pub const ALL: [Kind; 4] = [Kind::OneFOneB, Kind::Zb1p, Kind::DualPipe, Kind::DualPipeV];
+
+    /// The name `kiln schedule --schedule` takes and [`Schedule::name`] holds.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::OneFOneB => "1f1b",
+            Kind::Zb1p => "zb1p",
+            Kind::DualPipe => "dualpipe",
+            Kind::DualPipeV => "dualpipev",
+        }
+    }
+
+    /// The schedule of a name, case-insensitively.
+    pub fn parse(name: &str) -> Result<Kind, ScheduleError> {
+        Kind::ALL.into_iter().find(|k| k.name().eq_ignore_ascii_case(name)).ok_or_else(|| {
+            ScheduleError::UnknownSchedule {
+                name: name.to_string(),
+                known: Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+            }
+        })
+    }
+
+    /// The fewest micro-batches the schedule takes on `pp` ranks: 1 for 1F1B and ZB1P; `2·pp` for
+    /// DualPipe and DualPipeV, as DeepSeek's reference asserts (`num_chunks >= num_ranks * 2`).
+    pub fn min_micro_batches(self, pp: u32) -> u32 {
+        match self {
+            Kind::OneFOneB | Kind::Zb1p => 1,
+            Kind::DualPipe | Kind::DualPipeV => 2 * pp,
+        }
+    }
+}
+
+/// Why a schedule cannot be generated: the request, not the generator, is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("unknown schedule `{name}`: the schedules are {known}")]
+    UnknownSchedule { name: String, known: String },
+    #[error("--pp {pp}: a pipeline needs at least 1 rank")]
+    NoRanks { pp: u32 },
+    #[error("--pp {pp}: {schedule} needs an even number of ranks (rank i pairs with rank pp-1-i); try --pp {}", pp + 1)]
+    OddRanks { schedule: &'static str, pp: u32 },
+    #[error(
+        "--micro-batches {micro_batches}: {schedule} on {pp} ranks needs at least {min} micro-batch{}{why}",
+        if *min == 1 { "" } else { "es" }
+    )]
+    TooFewMicroBatches { schedule: &'static str, pp: u32, micro_batches: u32, min: u32, why: &'static str },
+    #[error(
+        "--micro-batches {micro_batches}: {schedule} splits the micro-batches evenly between its two \
+         directions, so it needs an even number; try --micro-batches {}",
+        micro_batches + 1
+    )]
+    OddMicroBatches { schedule: &'static str, micro_batches: u32 },
+}
+
+/// The schedule `kind` for `pp` ranks and `micro_batches` micro-batches, after checking that the
+/// schedule exists for those sizes.
+pub fn generate(kind: Kind, pp: u32, micro_batches: u32) -> Result<Schedule, ScheduleError> {
+    if pp == 0 {
+        return Err(ScheduleError::NoRanks { pp });
+    }
+    let schedule = kind.name();
+    if kind == Kind::DualPipe && pp % 2 == 1 {
+        return Err(ScheduleError::OddRanks { schedule, pp });
+    }
+    let min = kind.min_micro_batches(pp);
+    if micro_batches < min {
+        let why = match kind {
+            Kind::OneFOneB | Kind::Zb1p => "",
+            Kind::DualPipe | Kind::DualPipeV => {
+                " (2 per rank: every rank must reach the steady overlapped phase, as in DeepSeek's \
+                 reference)"
+            }
+        };
+        return Err(ScheduleError::TooFewMicroBatches { schedule, pp, micro_batches, min, why });
+    }
+    if kind == Kind::DualPipe && micro_batches % 2 == 1 {
+        return Err(ScheduleError::OddMicroBatches { schedule, micro_batches });
+    }
+    Ok(match kind {
+        Kind::OneFOneB => one_f_one_b::generate(pp, micro_batches),
+        Kind::Zb1p => zb1p::generate(pp, micro_batches),
+        Kind::DualPipe => dualpipe::generate(pp, micro_batches),
+        Kind::DualPipeV => dualpipev::generate(pp, micro_batches),
+    })
+}
+#[cfg(test)]
+mod tests;
