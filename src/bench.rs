@@ -41,6 +41,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// This machine's memory read bandwidth, in GB/s, with one thread and with --threads: the limit
+    /// of decoding at batch 1, which reads every weight a token needs once.
+    Membw {
+        /// The buffer read, in MiB (well beyond the caches).
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+        /// Threads of the parallel read (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed passes after a warm-up; the best counts.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// An artifact's prefill and decode tokens/s against the reference interpreter on the same
     /// graph (its prefill in `module.kir`) and weights.
     Run {
@@ -147,6 +160,15 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
             kiln_runtime::cpu::check_threads(threads)?;
             gemm(&sizes, threads, reps, out)
         }
+        BenchCommand::Membw { mib, threads, reps } => {
+            let threads =
+                threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            kiln_runtime::cpu::check_threads(threads)?;
+            if mib == 0 {
+                bail!("--mib must be at least 1");
+            }
+            membw(mib, threads, reps, out)
+        }
         BenchCommand::Run {
             artifact: spec,
             prompt_len,
@@ -200,6 +222,27 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
             crate::run::bench(&req, out)
         }
     }
+}
+
+/// `kiln bench membw`: the read bandwidth with one thread and with `threads`.
+fn membw(mib: usize, threads: usize, reps: usize, tables: &mut Tables) -> Result<serde_json::Value> {
+    let bytes = mib << 20;
+    let mut counts = vec![1];
+    if threads > 1 {
+        counts.push(threads);
+    }
+    let rates: Vec<f64> = counts.iter().map(|&t| crate::membw::measure(bytes, t, reps)).collect();
+    let out = tables.text();
+    writeln!(out, "bench membw: sum of 64-bit words over {mib} MiB, best of {reps} passes")?;
+    use crate::table::Align::Right;
+    let mut table = crate::table::new(&[("threads", Right), ("GB/s", Right)]);
+    for (t, r) in counts.iter().zip(&rates) {
+        table.add_row(vec![t.to_string(), format!("{:.1}", r / 1e9)]);
+    }
+    write!(out, "{}", crate::table::render(&table))?;
+    let rows: Vec<serde_json::Value> =
+        counts.iter().zip(&rates).map(|(t, r)| serde_json::json!({"threads": t, "bytes_per_s": r})).collect();
+    Ok(serde_json::json!({"bench": "membw", "mib": mib, "reps": reps, "reads": rows}))
 }
 
 /// `kiln bench run SPEC --compare-without PASS`.

@@ -18,6 +18,7 @@ mod chat;
 mod compile;
 mod export_hf;
 mod grpo;
+mod membw;
 mod model;
 mod perplexity;
 mod plot;

@@ -826,6 +826,23 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s()),
     ]);
     write!(out, "{}", crate::table::render(&table))?;
+    // The roofline: this machine's read bandwidth, measured now with the same threads, over the
+    // weight bytes a decoded token reads.
+    let weight_bytes = crate::membw::decode_weight_bytes(m);
+    let bandwidth = crate::membw::measure(256 << 20, compiled.threads(), 3);
+    let roofline = weight_bytes.filter(|&b| b > 0).map(|b| bandwidth / b as f64);
+    let reached = roofline.zip(a.stats.decode_tokens_per_s()).map(|(r, d)| d / r);
+    match (weight_bytes, roofline, reached) {
+        (Some(b), Some(r), Some(f)) => writeln!(
+            out,
+            "roofline: a decoded token reads {b} weight bytes; this machine reads {:.1} GB/s with {}, so \
+             decode can reach {r:.1} tok/s; the artifact reaches {:.1}% of it",
+            bandwidth / 1e9,
+            threads(compiled.threads()),
+            f * 100.0
+        )?,
+        _ => writeln!(out, "roofline: not known (the artifact records no model, or no token was decoded)")?,
+    }
     let (ta, tr) = (&a.tokens[0], &r.tokens[0]);
     let differ = ta.iter().zip(tr).position(|(x, y)| x != y);
     match differ {
@@ -850,5 +867,9 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         "kv_cache": a.cached,
         "engines": [engine("kiln artifact", &a), engine("interpreter", &r)],
         "tokens_differ_from": differ,
+        "decode_weight_bytes_per_token": weight_bytes,
+        "read_bytes_per_s": bandwidth,
+        "roofline_decode_tokens_per_s": roofline,
+        "roofline_fraction": reached,
     }))
 }

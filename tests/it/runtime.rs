@@ -517,7 +517,8 @@ fn bench_run_compares_the_artifact_with_the_interpreter() {
         assert!(nums.len() == 3 && nums.iter().all(|&x| x > 0.0), "{line}");
     }
     assert!(lines[4].starts_with("ratio") && lines[4].matches('x').count() == 2, "{}", lines[4]);
-    assert_eq!(lines[5], "tokens: the same (3 of 3)");
+    assert!(lines[5].starts_with("roofline: a decoded token reads "), "{}", lines[5]);
+    assert_eq!(lines[6], "tokens: the same (3 of 3)");
     let j = kiln(&[
         "bench",
         "run",
@@ -538,6 +539,35 @@ fn bench_run_compares_the_artifact_with_the_interpreter() {
     assert_eq!(engines[0]["tokens"].as_array().unwrap().len(), 3);
     assert!(engines.iter().all(|e| e["prefill_tokens_per_s"].as_f64().unwrap() > 0.0));
     assert_eq!(doc["tokens_differ_from"], serde_json::Value::Null);
+    // The roofline: every parameter's bytes once, but top_k / E of the routed experts and one row of
+    // the embedding table; decode tokens/s over bandwidth / bytes.
+    let art = artifact::load(&dir).unwrap();
+    let m = art.manifest();
+    let spec = m.model.as_ref().unwrap();
+    let moe = spec.moe.as_ref().unwrap();
+    let bytes = |p: &kiln_ir::artifact::ParamEntry| {
+        kiln_ir::artifact::bytes_of(p.dtype, &p.shape, &m.max_sizes()).unwrap() as f64
+    };
+    let all: f64 = m.params.iter().map(bytes).sum();
+    let routed: f64 = m.params.iter().filter(|p| p.name.contains(".mlp.experts.")).map(bytes).sum();
+    assert!(routed > 0.0);
+    let row = (spec.model.hidden_size * 4) as f64;
+    let want = all
+        - routed * (1.0 - moe.num_experts_per_tok as f64 / moe.n_routed_experts as f64)
+        - row * (spec.model.vocab_size - 1) as f64;
+    let got = doc["decode_weight_bytes_per_token"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1.0, "{got} vs {want}");
+    let (bw, roof) =
+        (doc["read_bytes_per_s"].as_f64().unwrap(), doc["roofline_decode_tokens_per_s"].as_f64().unwrap());
+    assert!(bw > 0.0 && (roof - bw / got).abs() <= 1e-9 * roof, "{doc}");
+    let decode = engines[0]["decode_tokens_per_s"].as_f64().unwrap();
+    assert!((doc["roofline_fraction"].as_f64().unwrap() - decode / roof).abs() <= 1e-9, "{doc}");
+
+    let mb = kiln(&["bench", "membw", "--mib", "8", "--reps", "1", "--threads", "2"]);
+    assert!(mb.ok, "{}", mb.stderr);
+    let rows: Vec<Vec<&str>> = mb.stdout.lines().skip(2).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "2"], "{}", mb.stdout);
+    assert!(rows.iter().all(|r| r[1].parse::<f64>().unwrap() > 0.0), "{}", mb.stdout);
 }
 
 #[test]
