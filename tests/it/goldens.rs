@@ -312,3 +312,60 @@ fn e4m3_conversion_matches_torch_bit_for_bit() {
         );
     }
 }
+
+/// FP8 block quantisation with ragged edges against PyTorch (`tests/goldens/fp8_quant`, from
+/// `tools/goldens/make_fp8_quant.py`): activations in 1 x 128 tiles over 200 columns (a 72-wide
+/// edge), with and without power-of-two scales, a weight in 128 x 128 blocks over 130 x 140, and the
+/// amax floor. Every scale and every E4M3 code equal, bit for bit.
+#[test]
+fn fp8_quantisation_with_ragged_tiles_matches_pytorch_bit_for_bit() {
+    let path = crate::util::root().join("tests/goldens/fp8_quant/golden.json");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // E4M3 from its definition: sign, 4-bit exponent with bias 7, 3-bit mantissa, subnormals.
+    let decode = |code: u8| -> f32 {
+        let s = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let (e, m) = ((code >> 3) & 0xF, f64::from(code & 7));
+        assert!(!(e == 15 && m == 7.0), "no NaN in these cases");
+        let v = if e == 0 { m / 8.0 * 2f64.powi(-6) } else { (1.0 + m / 8.0) * 2f64.powi(i32::from(e) - 7) };
+        (s * v) as f32
+    };
+    let dims = |v: &serde_json::Value| -> Vec<u64> { serde_json::from_value(v.clone()).unwrap() };
+    let text = |d: &[u64]| d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+    for case in golden["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let (shape, sshape, block) =
+            (dims(&case["shape"]), dims(&case["scales_shape"]), dims(&case["block"]));
+        let src = format!(
+            "graph @q {{\n  %0 = input {{name = \"x\"}} : f32[{x}]\n  %1, %2 = quantize %0 {{to = f8e4m3, block = [{b}], \
+             amax_floor = {floor}, pow2_scale = {pow2}}} : f8e4m3[{x}], f32[{s}]\n  output \"q\" = %1\n  output \"s\" = %2\n}}\n",
+            x = text(&shape),
+            b = text(&block),
+            s = text(&sshape),
+            floor = golden["amax_floor"],
+            pow2 = case["pow2"],
+        );
+        let g = kiln_ir::parse(&src).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let x: Vec<f32> = serde_json::from_value(case["x"].clone()).unwrap();
+        let feeds = std::collections::HashMap::from([(
+            "x".to_string(),
+            kiln_ir::interp::Tensor::from_f32(kiln_ir::DType::F32, shape.clone(), x).unwrap(),
+        )]);
+        let out = kiln_ir::interp::run(&g, &feeds, &std::collections::HashMap::new()).unwrap();
+        let scales: Vec<f32> = serde_json::from_value(case["scales"].clone()).unwrap();
+        let got_s = out["s"].as_f32().unwrap();
+        assert_eq!(got_s.len(), scales.len(), "{name}");
+        for (i, (a, b)) in got_s.iter().zip(&scales).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{name}: scale {i}: kiln {a:e}, torch {b:e}");
+        }
+        let codes: Vec<u8> = serde_json::from_value(case["codes"].clone()).unwrap();
+        let got_q = out["q"].as_f32().unwrap();
+        for (i, (a, &c)) in got_q.iter().zip(&codes).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                decode(c).to_bits(),
+                "{name}: element {i}: kiln {a:e}, torch code {c:#04x}"
+            );
+        }
+        eprintln!("{name}: {} scales and {} codes equal PyTorch's", scales.len(), codes.len());
+    }
+}

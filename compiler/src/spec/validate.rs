@@ -17,8 +17,9 @@
 //!   kept groups, `greedy` has exactly one group, `noaux_tc` scores with a sigmoid and has at least two
 //!   experts per group (its group score is a top-2 sum), dense layers fit in the model, the expert
 //!   parallel ranks divide the experts;
-//! - FP8: method `fp8`, format `f8e4m3`, dynamic activation scales, and every GEMM input dimension a
-//!   multiple of the quantisation block (DeepSeek's `act_quant` needs `K % 128 == 0`).
+//! - FP8: method `fp8`, format `f8e4m3`, dynamic activation scales. Dimensions need not be
+//!   multiples of the block: edge blocks and tiles are partial, as DeepSeek's checkpoint format
+//!   allows (scales `[ceil(out / 128), ceil(in / 128)]`).
 //!
 //! What it does not check: anything about a target (memory, devices); that is the planner's job.
 
@@ -77,7 +78,6 @@ const RULES: &[Rule] = &[
     quant_format_is_e4m3,
     quant_activations_dynamic,
     quant_block_is_positive,
-    quant_block_divides_gemm_inputs,
 ];
 
 /// Checks every rule; returns the first one broken.
@@ -450,36 +450,4 @@ fn quant_block_is_positive(s: &ModelSpec) -> Option<Violation> {
             q.weight_block[0], q.weight_block[1]
         ),
     })
-}
-
-/// Activations are quantised in 1 x `weight_block[1]` tiles along K, the input dimension of each GEMM,
-/// and a tile never straddles two rows of scales.
-fn quant_block_divides_gemm_inputs(s: &ModelSpec) -> Option<Violation> {
-    let q = s.quantization.as_ref()?;
-    let k = q.weight_block[1];
-    let a = &s.attention;
-    let mut inputs: Vec<(&'static [&'static str], &str, u64)> = vec![
-        (&["model", "hidden_size"], "hidden_size", s.model.hidden_size),
-        (&["model", "intermediate_size"], "intermediate_size", s.model.intermediate_size),
-    ];
-    if let Some(r) = a.q_lora_rank {
-        inputs.push((&["attention", "q_lora_rank"], "q_lora_rank", r));
-    }
-    inputs.push((&["attention", "kv_lora_rank"], "kv_lora_rank", a.kv_lora_rank));
-    inputs.push((
-        &["attention", "v_head_dim"],
-        "num_heads * v_head_dim",
-        a.num_heads.saturating_mul(a.v_head_dim),
-    ));
-    if let Some(m) = &s.moe {
-        inputs.push((&["moe", "moe_intermediate_size"], "moe_intermediate_size", m.moe_intermediate_size));
-    }
-    let (path, what, dim) = inputs.into_iter().find(|&(_, _, d)| d % k != 0)?;
-    violation(
-        path,
-        format!(
-            "{what} = {dim} is not a multiple of the FP8 block weight_block[1] = {k}: activations are quantised \
-             in 1 x {k} tiles along every GEMM input dimension"
-        ),
-    )
 }
