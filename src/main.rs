@@ -18,6 +18,7 @@ mod chat;
 mod compile;
 mod export_hf;
 mod model;
+mod monitor;
 mod perplexity;
 mod plot;
 mod run;
@@ -269,6 +270,9 @@ enum Command {
         /// Threads per kernel launch of the compiled train step (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        // Boxed: the variant would be far larger than the others.
+        #[command(flatten)]
+        monitor: Box<monitor::Args>,
     },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
@@ -512,6 +516,7 @@ fn run(command: Command) -> Result<()> {
             shuffle,
             interp,
             threads,
+            monitor,
         } => {
             check_threads(threads)?;
             let weights = match (&weights, random_weights, &resume) {
@@ -550,6 +555,7 @@ fn run(command: Command) -> Result<()> {
                 micro_batch,
                 tokenizer: tokenizer.as_deref(),
                 settings,
+                monitor: *monitor,
             };
             train::run(&req, &mut io::stdout().lock())
         }
