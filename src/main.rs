@@ -21,6 +21,7 @@ mod model;
 mod monitor;
 mod perplexity;
 mod plot;
+mod report;
 mod run;
 mod serve;
 mod table;
@@ -273,6 +274,15 @@ enum Command {
         // Boxed: the variant would be far larger than the others.
         #[command(flatten)]
         monitor: Box<monitor::Args>,
+    },
+    /// One self-contained HTML page of a `kiln train` run (loss, gradient norms, learning rate,
+    /// expert-load heatmaps, bias trajectories, alerts), from its metrics.jsonl.
+    Report {
+        /// The `--out` folder of a `kiln train` run.
+        run_dir: PathBuf,
+        /// Where to write the page (default: RUN_DIR/report.html), atomically.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
@@ -558,6 +568,11 @@ fn run(command: Command) -> Result<()> {
                 monitor: *monitor,
             };
             train::run(&req, &mut io::stdout().lock())
+        }
+        Command::Report { run_dir, output } => {
+            let (path, run) = report::write(&run_dir, output.as_deref())?;
+            println!("wrote {} ({} steps, {} alerts)", path.display(), run.steps.len(), run.alerts.len());
+            Ok(())
         }
         Command::Perplexity {
             model,

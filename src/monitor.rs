@@ -87,6 +87,18 @@ pub enum Policy {
     Stop,
 }
 
+impl Policy {
+    /// Its name on the command line and in the log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Warn => "warn",
+            Policy::SkipBatch => "skip-batch",
+            Policy::Rollback => "rollback",
+            Policy::Stop => "stop",
+        }
+    }
+}
+
 /// The monitor's flags of `kiln train`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {

@@ -21,6 +21,13 @@
 //! uninterrupted run (the shuffle's seed and epoch are in `trainer.json` too). A new run or a
 //! resume removes the hidden folders a killed run of its own naming left behind.
 //!
+//! The monitor (`crate::monitor`, on unless `--no-monitor`) adds per-layer gradient norms, expert
+//! load and router-bias statistics to each step's line, raises alerts (spikes, non-finite steps
+//! located op by op, expert collapse, load imbalance) as stderr lines and `event` lines of
+//! `metrics.jsonl`, and with `--on-anomaly` undoes a step, rolls back to the last checkpoint or
+//! stops; see its module documentation for the defaults and what a skip does to the step count
+//! and the data position.
+//!
 //! `loss.svg` in `--out` plots the whole of `metrics.jsonl` (a resumed run's history too): it is
 //! rewritten, atomically, with every checkpoint and at the end. A progress bar on stderr (when it
 //! is a terminal) counts the steps; the step lines go to stdout.
@@ -637,7 +644,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             action = m.action(&alerts);
             for a in &alerts {
                 let did = match (a.kind.follows_policy(), action) {
-                    (true, Some(p)) => format!("{p:?}").to_lowercase(),
+                    (true, Some(p)) => p.name().to_string(),
                     _ => "warn".into(),
                 };
                 bar.suspend(|| eprintln!("alert: step {step}: {}: {}", a.kind.name(), a.message));

@@ -102,10 +102,11 @@ fn log(dir: &Path) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     lines.into_iter().partition(|l| l.get("event").is_none())
 }
 
-/// A fault with `--on-anomaly rollback`: it raises `kinds` at some step, the run goes back to
-/// the checkpoint of step 8 and skips the batch of that step, and ends with exactly the losses,
-/// weights and optimizer state of a run on the data without that batch's rows.
-fn rollback_recovers(fault: &str, kinds: &[&str]) {
+/// A fault with `--on-anomaly rollback` (or `skip-batch`): it raises `kinds` at some step, the
+/// run goes back to the checkpoint of step 8 (or undoes the step) and skips the batch of that
+/// step, and ends with exactly the losses, weights and optimizer state of a run on the data
+/// without that batch's rows.
+fn recovers(fault: &str, policy: &str, kinds: &[&str]) {
     let s = Scratch::new();
     let all: Vec<usize> = (0..ROWS).collect();
     write_rows(&s.path("all.safetensors"), &all);
@@ -113,7 +114,7 @@ fn rollback_recovers(fault: &str, kinds: &[&str]) {
         &s.path("all.safetensors"),
         &s.path("a"),
         12,
-        &["--on-anomaly", "rollback", "--inject-fault", fault],
+        &["--on-anomaly", policy, "--inject-fault", fault],
     );
     assert!(r.ok, "{}", r.stderr);
     let (steps, events) = log(&s.path("a"));
@@ -123,17 +124,35 @@ fn rollback_recovers(fault: &str, kinds: &[&str]) {
         kinds.iter().any(|k| alerted.contains(k)),
         "{fault}: alerts {alerted:?}, wanted one of {kinds:?}"
     );
-    assert!(alerts.iter().all(|a| a["action"] == "rollback"), "{alerts:?}");
+    assert!(alerts.iter().all(|a| a["action"] == policy), "{alerts:?}");
     let step = alerts[0]["step"].as_u64().unwrap();
     assert!(r.stderr.contains(&format!("alert: step {step}: {}", alerted[0])), "{}", r.stderr);
     let rollback: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "rollback").collect();
-    assert_eq!(rollback.len(), 1, "{events:?}");
-    assert_eq!((rollback[0]["step"].as_u64(), rollback[0]["to"].as_u64()), (Some(step), Some(8)));
+    let skip: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "skip").collect();
+    assert_eq!(skip.len(), 1, "{events:?}");
+    if policy == "rollback" {
+        assert_eq!(rollback.len(), 1, "{events:?}");
+        assert_eq!((rollback[0]["step"].as_u64(), rollback[0]["to"].as_u64()), (Some(step), Some(8)));
+        assert_eq!(skip[0]["rows"], rollback[0]["rows"], "the replay skips the batch");
+    } else {
+        assert!(rollback.is_empty(), "{events:?}");
+        assert_eq!(skip[0]["why"], "skip-batch");
+    }
     let skipped: Vec<usize> =
-        rollback[0]["rows"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        skip[0]["rows"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    assert_eq!(skip[0]["step"].as_u64(), Some(step));
     assert_eq!(skipped, [2 * (step as usize - 1), 2 * step as usize - 1], "the batch of step {step}");
-    let skip = events.iter().find(|e| e["event"] == "skip").expect("the replay logs the skip");
-    assert_eq!((skip["step"].as_u64(), skip["rows"].clone()), (Some(step), rollback[0]["rows"].clone()));
+    // `kiln report` draws the run with the alert marked, self-contained.
+    let r = kiln(&["report", &s.str("a")]);
+    assert!(r.ok && r.stdout.contains("report.html (12 steps"), "{}{}", r.stdout, r.stderr);
+    let page = std::fs::read_to_string(s.path("a/report.html")).unwrap();
+    for id in ["loss", "grad-norm", "grad-norm-layers", "lr", "tokens-per-s"] {
+        assert!(page.contains(&format!("<figure id=\"{id}\">")), "{id}");
+    }
+    assert_eq!(page.matches("<svg class=\"heatmap\"").count(), 3, "models/tiny.toml's three MoE layers");
+    assert_eq!(page.matches("<figure class=\"bias\"").count(), 3);
+    assert!(page.contains(&format!(">{} @{step}</text>", alerted[0])), "the alert marked");
+    assert!(!page.contains("http") && !page.contains("<script"));
     // Steps 9.. are logged twice (before and after the rollback); the last line of each counts.
     let last = |n: u64| steps.iter().rev().find(|l| l["step"] == n).unwrap()["loss"].as_f64().unwrap();
 
@@ -157,12 +176,17 @@ fn rollback_recovers(fault: &str, kinds: &[&str]) {
 
 #[test]
 fn a_poisoned_batch_raises_a_loss_spike_and_rollback_ends_as_the_run_without_it() {
-    rollback_recovers("poison-batch@10", &["loss_spike"]);
+    recovers("poison-batch@10", "rollback", &["loss_spike"]);
+}
+
+#[test]
+fn skip_batch_undoes_the_poisoned_step_and_ends_as_the_run_without_the_batch() {
+    recovers("poison-batch@10", "skip-batch", &["loss_spike"]);
 }
 
 #[test]
 fn an_lr_spike_raises_a_spike_and_rollback_ends_as_the_run_without_the_batch() {
-    rollback_recovers("lr-spike:100@10", &["loss_spike", "grad_norm_spike"]);
+    recovers("lr-spike:100@10", "rollback", &["loss_spike", "grad_norm_spike"]);
 }
 
 /// NaN written into the first launch of `model.layers.2.self_attn` at step 3: the step is
