@@ -576,6 +576,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     if mon.is_none() && !faults.is_empty() {
         bail!("--inject-fault tests the monitor: drop --no-monitor");
     }
+    for (at, fault) in &faults {
+        if *at > hyper.steps {
+            bail!(
+                "--inject-fault ...@{at}: the run has {} steps; give a step from 1 to {}",
+                hyper.steps,
+                hyper.steps
+            );
+        }
+        // A scope with no launch is refused now, not when its step comes.
+        if let Fault::Nan(scope) = fault {
+            trainer.set_poison(Some(scope))?;
+            trainer.set_poison(None)?;
+        }
+    }
     let mut biases: Vec<&String> =
         roles.iter().filter(|(_, r)| **r == StateRole::RoutingBias).map(|(n, _)| n).collect();
     biases.sort();
@@ -652,11 +666,24 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
                 let before = before.as_ref().expect("taken with the monitor on");
-                let found = monitor::locate(trainer.as_mut(), before, reference.as_ref(), &batch, lr as f32)?;
                 let mut v = serde_json::json!({"event": "non_finite", "step": step});
-                for (engine, f) in &found {
-                    bar.suspend(|| eprintln!("monitor: step {step}: {}", monitor::finding(engine, f)));
-                    v[*engine] = monitor::finding_json(f);
+                match monitor::locate(trainer.as_mut(), before, reference.as_ref(), &batch, lr as f32) {
+                    Ok(found) => {
+                        for (engine, f) in &found {
+                            bar.suspend(|| {
+                                eprintln!("monitor: step {step}: {}", monitor::finding(engine, f))
+                            });
+                            v[*engine] = monitor::finding_json(f);
+                        }
+                    }
+                    // The alert stands without its location; the step's states are put back.
+                    Err(e) => {
+                        bar.suspend(|| {
+                            eprintln!("monitor: step {step}: the re-check op by op failed: {e:#}")
+                        });
+                        v["error"] = format!("{e:#}").into();
+                        before.restore(trainer.as_mut())?;
+                    }
                 }
                 event(&mut metrics, v)?;
             }

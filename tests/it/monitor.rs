@@ -222,6 +222,9 @@ fn a_nan_injected_into_one_kernel_is_reported_with_its_scope() {
         r.stderr
     );
     assert!(r.stderr.contains("model.layers.2.self_attn"), "{}", r.stderr);
+    assert!(!s.path("u/metrics.jsonl").exists() || log(&s.path("u")).0.is_empty(), "refused before any step");
+    let r = train(&s.path("d.safetensors"), &s.path("v"), 4, &["--inject-fault", "poison-batch@9"]);
+    assert!(!r.ok && r.stderr.contains("the run has 4 steps; give a step from 1 to 4"), "{}", r.stderr);
 }
 
 /// `--on-anomaly stop`: the run ends nonzero at the spike with the alert in its error, and the
