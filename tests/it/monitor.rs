@@ -337,3 +337,45 @@ fn per_layer_gradient_norms_match_a_direct_computation_and_the_compiled_step() {
         assert!((a - b).abs() <= 1e-4 * b, "{l}: compiled {a} vs interpreter {b}");
     }
 }
+
+/// The interpreter's re-check names the first op with a non-finite result: with one weight of
+/// layer 2's attention output projection set to infinity, the step's first non-finite value is
+/// that weight (a `trainable` state, an input of the program in its layer's scope), and the
+/// compiled re-check agrees on the scope.
+#[test]
+fn the_re_check_names_the_first_non_finite_op_on_the_interpreter_and_compiled() {
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let losses = TrainLosses { mtp_lambda: 0.0, balance_alpha: 0.0, bias_update_speed: 0.0 };
+    let TrainPrograms { step, states, .. } = program(&spec, &losses, &Optimizer::default(), false).unwrap();
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let name = "model.layers.2.self_attn.o_proj.weight";
+    let params: Vec<HostTensor> = weights::random_tensors(decls, 1, 0.02)
+        .map(|mut t| {
+            if let (true, HostData::F32(v)) = (t.name == name, &mut t.data) {
+                v[5] = f32::INFINITY;
+            }
+            t
+        })
+        .collect();
+    let rows = TokenRows::from_rows(WIDTH, (0..2).flat_map(row).collect()).unwrap();
+    let mut t = Trainer::new(step, states, params.clone()).unwrap();
+    let (stats, found) = t.step_checked(&rows, 1e-3).unwrap();
+    assert!(!stats.loss.is_finite() || !stats.grad_norm.is_finite());
+    let f = found.expect("a non-finite value");
+    assert_eq!(
+        (f.program.as_str(), f.scope.as_deref(), f.count),
+        ("train_step", Some("model.layers.2.self_attn"), 1)
+    );
+    assert!(f.op.ends_with(&format!("= input `{name}`")), "{}", f.op);
+
+    let art = kiln_runtime::artifact::load(artifact()).unwrap();
+    let wanted: std::collections::HashSet<String> =
+        weights::manifest_params(art.manifest()).unwrap().into_iter().map(|d| d.name).collect();
+    let given = params.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+    let model = kiln_runtime::cpu::CpuModel::load(&art, given, &Default::default()).unwrap();
+    let mut c = CompiledTrainer::new(model).unwrap();
+    let (_, found) = c.step_checked(&rows, 1e-3).unwrap();
+    let f = found.expect("a non-finite launch");
+    assert_eq!(f.scope.as_deref(), Some("model.layers.2.self_attn"), "{f}");
+    assert!(f.op.starts_with("k_"), "{f}");
+}
