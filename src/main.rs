@@ -20,8 +20,10 @@ mod export_hf;
 mod grpo;
 mod membw;
 mod model;
+mod monitor;
 mod perplexity;
 mod plot;
+mod report;
 mod run;
 mod schedule;
 mod serve;
@@ -301,6 +303,15 @@ enum Command {
         #[command(flatten)]
         settings: train::Settings,
     },
+    /// One self-contained HTML page of a `kiln train` run (loss, gradient norms, learning rate,
+    /// expert-load heatmaps, bias trajectories, alerts), from its metrics.jsonl.
+    Report {
+        /// The `--out` folder of a `kiln train` run.
+        run_dir: PathBuf,
+        /// Where to write the page (default: RUN_DIR/report.html), atomically.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
     Perplexity {
@@ -536,6 +547,9 @@ struct TrainArgs {
     /// Threads per kernel launch of the compiled train step (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    // Boxed: the variants would be far larger than the others.
+    #[command(flatten)]
+    monitor: Box<monitor::Args>,
 }
 
 /// The learning rate, its floor and schedule of a run when not given.
@@ -599,6 +613,7 @@ fn train_request<'a>(
         settings: a.settings.clone(),
         chat,
         epochs,
+        monitor: (*a.monitor).clone(),
     })
 }
 
@@ -756,6 +771,11 @@ fn run(command: Command) -> Result<()> {
                 settings,
             };
             grpo::run(&req, &mut io::stdout().lock())
+        }
+        Command::Report { run_dir, output } => {
+            let (path, run) = report::write(&run_dir, output.as_deref())?;
+            println!("wrote {} ({} steps, {} alerts)", path.display(), run.steps.len(), run.alerts.len());
+            Ok(())
         }
         Command::Perplexity {
             model,

@@ -21,6 +21,13 @@
 //! uninterrupted run (the shuffle's seed and epoch are in `trainer.json` too). A new run or a
 //! resume removes the hidden folders a killed run of its own naming left behind.
 //!
+//! The monitor (`crate::monitor`, on unless `--no-monitor`) adds per-layer gradient norms, expert
+//! load and router-bias statistics to each step's line, raises alerts (spikes, non-finite steps
+//! located op by op, expert collapse, load imbalance) as stderr lines and `event` lines of
+//! `metrics.jsonl`, and with `--on-anomaly` undoes a step, rolls back to the last checkpoint or
+//! stops; see its module documentation for the defaults and what a skip does to the step count
+//! and the data position.
+//!
 //! `loss.svg` in `--out` plots the whole of `metrics.jsonl` (a resumed run's history too): it is
 //! rewritten, atomically, with every checkpoint and at the end. A progress bar on stderr (when it
 //! is a terminal) counts the steps; the step lines go to stdout.
@@ -45,6 +52,7 @@ use kiln_runtime::data::{self, StreamDType, TokenRows};
 use kiln_runtime::train::{CompiledTrainer, Steps, Trainer};
 use kiln_runtime::weights::{self, StoreFloats};
 
+use crate::monitor::{self, Fault, Monitor, Policy, Record, Saved};
 use crate::plot;
 use crate::run::{self, Weights};
 
@@ -373,6 +381,8 @@ pub struct Request<'a> {
     /// The run's length in passes over the data instead of `hyper.steps`: `ceil(epochs N / batch)`
     /// steps for `N` rows.
     pub epochs: Option<u64>,
+    /// The training monitor's settings (`crate::monitor`).
+    pub monitor: monitor::Args,
 }
 
 impl Request<'_> {
@@ -515,6 +525,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let micro_batches = req.micro_batches()?;
     let programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1)?;
     let states = programs.states.clone();
+    // The compiled step's non-finite values are re-checked on the interpreter too.
+    let reference_programs = (!req.interp).then(|| (programs.step.clone(), programs.accumulate.clone()));
     let roles: HashMap<String, StateRole> = states.iter().map(|s| (s.name.clone(), s.role)).collect();
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
     let full = build::build_graph(&spec)?;
@@ -563,7 +575,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     remove_stale(req.out)?;
     let t = rows.width() - 1;
     let (mut trainer, engine): (Box<dyn Steps>, String) = if req.interp {
-        let mut trainer = Trainer::new(programs.step, states, weights_in)?;
+        let mut trainer = Trainer::new(programs.step, states.clone(), weights_in)?;
         if let Some(acc) = programs.accumulate {
             trainer = trainer.with_micro_batches(acc, micro_batches);
         }
@@ -611,22 +623,192 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // chat` and `kiln sft` take as it is: those of the model's folder, --tokenizer, or the weights'.
     let text = tokenizer_folder(req).ok().filter(|f| f.join(crate::tokenize::TOKENIZER_FILE).is_file());
     let bar = progress_bar(hyper.steps, progress.step);
+    // The monitor (crate::monitor): detectors, the faults to inject, the routers' biases to
+    // record, and what a rollback goes back to (the run's start, then each checkpoint).
+    req.monitor.check()?;
+    let mut mon = (!req.monitor.no_monitor).then(|| Monitor::new(&req.monitor));
+    let mut faults =
+        (req.monitor.inject_fault.iter()).map(|f| monitor::parse_fault(f)).collect::<Result<Vec<_>>>()?;
+    if mon.is_none() && !faults.is_empty() {
+        bail!("--inject-fault tests the monitor: drop --no-monitor");
+    }
+    for (at, fault) in &faults {
+        if *at > hyper.steps {
+            bail!(
+                "--inject-fault ...@{at}: the run has {} steps; give a step from 1 to {}",
+                hyper.steps,
+                hyper.steps
+            );
+        }
+        // A scope with no launch is refused now, not when its step comes.
+        if let Fault::Nan(scope) = fault {
+            trainer.set_poison(Some(scope))?;
+            trainer.set_poison(None)?;
+        }
+    }
+    let mut biases: Vec<&String> =
+        roles.iter().filter(|(_, r)| **r == StateRole::RoutingBias).map(|(n, _)| n).collect();
+    biases.sort();
+    let rollback = mon.is_some() && req.monitor.on_anomaly == Policy::Rollback;
+    let mut last_good = match &mon {
+        Some(m) if rollback => Some((Saved::take(trainer.as_ref())?, progress.clone(), m.clone(), 0u32)),
+        _ => None,
+    };
+    let reference = reference_programs.as_ref().map(|(step, acc)| monitor::Reference {
+        step,
+        accumulate: acc.as_ref(),
+        micro_batches,
+        states: &states,
+        untrained: &untrained,
+    });
+    // Batches a rollback skips when the replay reaches them, by epoch and position.
+    let mut skip: std::collections::HashSet<(u64, usize)> = Default::default();
+    let mut last_saved: Option<PathBuf> = req.resume.map(Path::to_path_buf);
+    let event = |metrics: &mut std::fs::File, v: serde_json::Value| writeln!(metrics, "{v}");
     while progress.step < hyper.steps {
+        let at = (progress.epoch, progress.row);
+        let which = progress.next_rows(rows.rows(), hyper.batch);
+        let step = progress.step + 1;
+        if skip.contains(&at) {
+            bar.suspend(|| {
+                eprintln!("monitor: step {step}: skipping the batch of rows {which:?} (rolled back)")
+            });
+            let v = serde_json::json!({"event": "skip", "step": step, "epoch": at.0, "position": at.1, "rows": which, "why": "rollback"});
+            event(&mut metrics, v)?;
+            continue;
+        }
         // SFT's mask becomes weights that average over the batch's assistant targets.
-        let batch = crate::sft::normalise(take(&rows, &progress.next_rows(rows.rows(), hyper.batch))?)?;
-        let lr = hyper.lr_at(progress.step);
+        let mut batch = crate::sft::normalise(take(&rows, &which)?)?;
+        let mut lr = hyper.lr_at(progress.step);
+        // An injected fault hits its step once, the first time it runs.
+        let fault = faults.iter().position(|(s, _)| *s == step).map(|i| faults.remove(i).1);
+        match &fault {
+            Some(Fault::LrSpike(f)) => lr *= f,
+            Some(Fault::PoisonBatch) => batch = monitor::poison(&batch, spec.model.vocab_size)?,
+            Some(Fault::Nan(scope)) => trainer.set_poison(Some(scope))?,
+            None => {}
+        }
+        let before = if mon.is_some() { Some(Saved::take(trainer.as_ref())?) } else { None };
         let t0 = Instant::now();
         let stats = trainer.step(&batch, lr as f32)?;
         let secs = t0.elapsed().as_secs_f64();
-        if !stats.loss.is_finite() {
-            bail!(
-                "step {}: the loss is {}; stopping (the last checkpoint is intact)",
-                progress.step,
-                stats.loss
-            );
+        let tps = (hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
+        let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let mut record = Record {
+            step,
+            loss: stats.loss.into(),
+            grad_norm: stats.grad_norm.into(),
+            lr,
+            tokens_per_s: tps,
+            loads: stats.loads.iter().map(|(s, l)| (s.clone(), f64s(l))).collect(),
+            ..Record::default()
+        };
+        let (mut action, mut alerts) = (None, Vec::new());
+        if let Some(m) = &mon {
+            record.grad_norms = stats.grad_norms.iter().map(|(l, n)| (l.clone(), f64::from(*n))).collect();
+            for name in &biases {
+                let b = trainer.state(name)?;
+                let kiln_runtime::weights::HostData::F32(v) = &b.data else { continue };
+                record.biases.push((name.to_string(), f64s(v)));
+            }
+            alerts = m.check(&record);
+            action = m.action(&alerts);
+            for a in &alerts {
+                let did = match (a.kind.follows_policy(), action) {
+                    (true, Some(p)) => p.name().to_string(),
+                    _ => "warn".into(),
+                };
+                bar.suspend(|| eprintln!("alert: step {step}: {}: {}", a.kind.name(), a.message));
+                event(&mut metrics, a.json(&did))?;
+            }
+            if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
+                let before = before.as_ref().expect("taken with the monitor on");
+                let mut v = serde_json::json!({"event": "non_finite", "step": step});
+                match monitor::locate(trainer.as_mut(), before, reference.as_ref(), &batch, lr as f32) {
+                    Ok(found) => {
+                        for (engine, f) in &found {
+                            bar.suspend(|| {
+                                eprintln!("monitor: step {step}: {}", monitor::finding(engine, f))
+                            });
+                            v[*engine] = monitor::finding_json(f);
+                        }
+                    }
+                    // The alert stands without its location; the step's states are put back.
+                    Err(e) => {
+                        bar.suspend(|| {
+                            eprintln!("monitor: step {step}: the re-check op by op failed: {e:#}")
+                        });
+                        v["error"] = format!("{e:#}").into();
+                        before.restore(trainer.as_mut())?;
+                    }
+                }
+                event(&mut metrics, v)?;
+            }
+        } else if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
+            action = Some(Policy::Stop);
+        }
+        if matches!(fault, Some(Fault::Nan(_))) {
+            trainer.set_poison(None)?;
+        }
+        match action {
+            None | Some(Policy::Warn) => {}
+            Some(Policy::Stop) => {
+                metrics.flush()?;
+                let what = match alerts.iter().find(|a| a.kind.follows_policy()) {
+                    Some(a) => format!("{}: {}", a.kind.name(), a.message),
+                    None => format!("the loss is {} and the gradient norm {}", stats.loss, stats.grad_norm),
+                };
+                let why = if req.monitor.on_anomaly == Policy::Stop && !req.monitor.no_monitor {
+                    "as --on-anomaly stop asks"
+                } else {
+                    "a non-finite step cannot be kept (with --on-anomaly skip-batch or rollback its batch is dropped \
+                     instead)"
+                };
+                let last = match &last_saved {
+                    Some(dir) => format!("the last checkpoint, {}, is intact", dir.display()),
+                    None => "no checkpoint was written in this run".into(),
+                };
+                bail!("step {step}: {what}; stopping {why}; {last}");
+            }
+            Some(Policy::SkipBatch) => {
+                before.as_ref().expect("taken with the monitor on").restore(trainer.as_mut())?;
+                bar.suspend(|| {
+                    eprintln!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
+                });
+                let v = serde_json::json!({"event": "skip", "step": step, "epoch": at.0, "position": at.1, "rows": which, "why": "skip-batch"});
+                event(&mut metrics, v)?;
+                continue;
+            }
+            Some(Policy::Rollback) => {
+                let (saved, p, m, count) = last_good.as_mut().expect("kept when rolling back");
+                *count += 1;
+                if *count > monitor::MAX_ROLLBACKS {
+                    bail!(
+                        "step {step}: rolled back to step {} {} times and the run still does not recover; stopping \
+                         (the checkpoints written are intact)",
+                        p.step,
+                        monitor::MAX_ROLLBACKS
+                    );
+                }
+                saved.restore(trainer.as_mut())?;
+                (progress, mon) = (p.clone(), Some(m.clone()));
+                skip.insert(at);
+                bar.suspend(|| {
+                    eprintln!(
+                        "monitor: step {step}: rolled back to step {}; the batch of rows {which:?} will be skipped",
+                        p.step
+                    )
+                });
+                let v = serde_json::json!({"event": "rollback", "step": step, "to": p.step, "epoch": at.0, "position": at.1, "rows": which});
+                event(&mut metrics, v)?;
+                bar.set_position(progress.step);
+                continue;
+            }
+        }
+        if let Some(m) = mon.as_mut() {
+            m.keep(&record);
         }
         progress.step += 1;
-        let tps = (hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
         let load = stats.max_load.map_or(String::new(), |m| format!("  max load {m:.3}x mean"));
         bar.suspend(|| {
             writeln!(
@@ -637,16 +819,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         })?;
         bar.set_message(format!("loss {:.4}", stats.loss));
         bar.set_position(progress.step);
-        let line = serde_json::json!({
-            "step": progress.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": lr, "tokens_per_s": tps,
-            "max_load": stats.max_load, "load": stats.loads,
-        });
-        writeln!(metrics, "{line}")?;
+        writeln!(metrics, "{}", record.json())?;
         let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress, text.as_deref())?;
             write_curve(req.out, &spec.model.name)?;
             bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
+            last_saved = Some(dir.clone());
+            if let (Some(good), Some(m)) = (last_good.as_mut(), &mon) {
+                *good = (Saved::take(trainer.as_ref())?, progress.clone(), m.clone(), 0);
+            }
         }
     }
     bar.finish_and_clear();

@@ -11,7 +11,9 @@
 //! - the learning rate is a caller input `lr` (`f32[]`): the schedule is the host's;
 //! - gradients are clipped by their global norm, as `torch.nn.utils.clip_grad_norm_` does:
 //!   `coef = min(max_norm / (norm + 1e-6), 1)`; the program outputs the norm before clipping as
-//!   `grad_norm`, and `loss`;
+//!   `grad_norm`, and `loss`; and each layer's norm before clipping as `grad_norm.{layer}`
+//!   (`sqrt` of the sum of its parameters' squared gradients, grouped by [`layer_of`]: decoder
+//!   layers, the embedding, the head), for the training monitor;
 //! - AdamW as `torch.optim.AdamW` (torch 2.15, `_single_tensor_adam`) computes it, in this order:
 //!   `p *= 1 - lr * wd`; `m = m + (1 - b1) * (g - m)` (`lerp`); `v = b2 * v + (1 - b2) * g * g`;
 //!   `t += 1`; `bc1 = 1 - b1^t`, `bc2 = 1 - b2^t`; `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`.
@@ -29,6 +31,8 @@ use crate::build::{Part, KEEP, LOAD_ACC_PREFIX, LOAD_PREFIX};
 
 /// The output holding the global gradient norm before clipping.
 pub const GRAD_NORM: &str = "grad_norm";
+/// The prefix of the per-layer gradient norms: `grad_norm.{layer}` (see [`layer_of`]).
+pub const GRAD_NORM_PREFIX: &str = "grad_norm.";
 /// The caller input holding the learning rate of the step.
 pub const LR: &str = "lr";
 /// The step counter state.
@@ -162,6 +166,22 @@ fn train_params(g: &mut Graph, frozen: &[&str]) -> Vec<(String, ValueId, ValueId
         }
     }
     trained
+}
+
+/// The layer a parameter's gradient norm is counted in: `model.layers.N` for a decoder layer's
+/// (an MTP module's too: Hugging Face numbers them after the main layers), `model.embed_tokens`
+/// for the embedding, and `lm_head` for the rest, the head (the final norm and the output
+/// projection). Parameter names are Hugging Face's: checkpoints are the contract.
+pub fn layer_of(param: &str) -> String {
+    if let Some(rest) = param.strip_prefix("model.layers.") {
+        if let Some((n, _)) = rest.split_once('.') {
+            return format!("model.layers.{n}");
+        }
+    }
+    if param.starts_with("model.embed_tokens.") {
+        return "model.embed_tokens".into();
+    }
+    "lm_head".into()
 }
 
 /// The f32 master copy of trained parameter `name`, when its stored dtype is narrower.
@@ -312,6 +332,7 @@ fn step_program(
 
     // The global norm over every trained gradient, and the clipped gradients.
     let mut total = None;
+    let mut squares = Vec::with_capacity(trained.len());
     for (_, _, d) in &trained {
         let sq = b.bin(BinaryOp::Mul, *d, *d)?;
         let rank = b.g.ty(sq).rank();
@@ -329,10 +350,25 @@ fn step_program(
                 )?
             }
         };
+        squares.push(s);
         total = Some(match total {
             None => s,
             Some(t) => b.bin(BinaryOp::Add, t, s)?,
         });
+    }
+    // Per layer too (`grad_norm.{scope}`), from the same squared sums: a layer's norm is
+    // sqrt(sum over its parameters); the global norm above is not regrouped, so its rounding stays.
+    let mut groups: Vec<(String, ValueId)> = Vec::new();
+    for (name, _, sq) in trained.iter().zip(&squares).map(|((n, p, _), s)| (n, p, s)) {
+        let layer = layer_of(name);
+        match groups.iter_mut().find(|(l, _)| *l == layer) {
+            Some((_, sum)) => *sum = b.bin(BinaryOp::Add, *sum, *sq)?,
+            None => groups.push((layer, *sq)),
+        }
+    }
+    let mut layer_norms = Vec::with_capacity(groups.len());
+    for (layer, sum) in groups {
+        layer_norms.push((format!("{GRAD_NORM_PREFIX}{layer}"), b.un(UnaryOp::Sqrt, sum)?));
     }
     let zero = b.c(0.0)?;
     let norm = match total {
@@ -440,6 +476,9 @@ fn step_program(
     add(&mut g, LOSS, loss)?;
     add(&mut g, GRAD_NORM, norm)?;
     add(&mut g, STEP, t)?;
+    for (n, v) in layer_norms {
+        add(&mut g, &n, v)?;
+    }
     for (n, v) in updates {
         add(&mut g, &n, v)?;
     }

@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use kiln_ir::interp::{self, Tensor};
 use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
 use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, LOSS_WEIGHTS, MASTER_PREFIX, MICRO_BATCHES};
-use kiln_ir::{DType, Graph, SymBindings};
+use kiln_ir::{DType, Graph, SymBindings, ValueId};
 
 use crate::data::TokenRows;
-use crate::exec::{Backend, Executor};
+use crate::exec::{Backend, Executor, NonFinite};
 use crate::reference::to_tensor;
 use crate::weights::{HostData, HostTensor};
 use crate::RuntimeError;
@@ -33,6 +33,9 @@ pub struct StepStats {
     pub loads: Vec<(String, Vec<f32>)>,
     /// The busiest expert's load over the mean load, worst over the layers.
     pub max_load: Option<f32>,
+    /// Each layer's gradient norm before clipping (`grad_norm.{layer}` outputs), by layer name;
+    /// empty for a program compiled before they were added.
+    pub grad_norms: Vec<(String, f32)>,
 }
 
 /// A train-step program on the interpreter with its states; see the module documentation.
@@ -106,11 +109,14 @@ impl Trainer {
         self
     }
 
-    /// Runs `graph` on `extra` inputs besides the states, and keeps the state outputs.
+    /// Runs `graph` on `extra` inputs besides the states, and keeps the state outputs. With
+    /// `found`, every value is checked as it is computed, and the first that is not all finite
+    /// (in node order) is put there if it is still empty.
     fn run(
         &mut self,
         which: Which,
         extra: Vec<HostTensor>,
+        found: Option<&mut Option<NonFinite>>,
     ) -> Result<std::collections::BTreeMap<String, Tensor>, RuntimeError> {
         let graph = match which {
             Which::Step => &self.graph,
@@ -125,7 +131,30 @@ impl Trainer {
         for t in extra.into_iter().filter(|t| inputs.contains(&t.name)) {
             feeds.insert(t.name.clone(), to_tensor(t)?);
         }
-        let out = interp::run(graph, &feeds, &self.params)?;
+        let out = match found {
+            None => interp::run(graph, &feeds, &self.params)?,
+            Some(slot) => {
+                let program = match which {
+                    Which::Step => "train_step",
+                    Which::Accumulate => "accumulate",
+                };
+                let mut observe = |v: ValueId, t: &Tensor| {
+                    let Some(x) = t.as_f32().filter(|_| slot.is_none()) else { return };
+                    let count = x.iter().filter(|x| !x.is_finite()).count();
+                    if count > 0 {
+                        let node = graph.node(graph.producer(v));
+                        let op = match &node.op {
+                            kiln_ir::Op::Input { name } => format!("{v} = input `{name}`"),
+                            kiln_ir::Op::Param { name } => format!("{v} = param `{name}`"),
+                            op => format!("{v} = {}", op.name()),
+                        };
+                        let (scope, value) = (node.scope.clone(), v.to_string());
+                        *slot = Some(NonFinite { program: program.into(), op, scope, value, count });
+                    }
+                };
+                interp::run_with(graph, &feeds, &self.params, &mut observe)?
+            }
+        };
         for s in &self.states {
             if let Some(v) = out.get(&s.name) {
                 self.values.insert(s.name.clone(), v.clone());
@@ -136,13 +165,34 @@ impl Trainer {
 
     /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
     pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        self.step_watched(rows, lr, None)
+    }
+
+    /// [`Trainer::step`], checking every value as the interpreter computes it: also returns the
+    /// first op (in program order) whose result was not all finite.
+    pub fn step_checked(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+    ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
+        let mut found = None;
+        let stats = self.step_watched(rows, lr, Some(&mut found))?;
+        Ok((stats, found))
+    }
+
+    fn step_watched(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        mut found: Option<&mut Option<NonFinite>>,
+    ) -> Result<StepStats, RuntimeError> {
         let parts = split(rows, if self.accumulate.is_some() { self.micro_batches } else { 1 })?;
         let (last, earlier) = parts.split_last().expect("at least one part");
         if let Some(names) = self.accumulate.as_ref().map(inputs_of) {
             for (i, part) in earlier.iter().enumerate() {
                 let mut feeds = step_inputs(&names, part, lr)?;
                 feeds.push(scalar(KEEP, if i == 0 { 0.0 } else { 1.0 }));
-                self.run(Which::Accumulate, feeds)?;
+                self.run(Which::Accumulate, feeds, found.as_deref_mut())?;
             }
         }
         let names: Vec<String> = self.graph.inputs().iter().map(|(n, _)| n.to_string()).collect();
@@ -150,7 +200,7 @@ impl Trainer {
         if names.iter().any(|n| n == MICRO_BATCHES) {
             feeds.push(scalar(MICRO_BATCHES, parts.len() as f32));
         }
-        let out = self.run(Which::Step, feeds)?;
+        let out = self.run(Which::Step, feeds, found)?;
         let outputs = out.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_f32()?.to_vec())));
         Ok(stats(outputs))
     }
@@ -302,7 +352,7 @@ pub fn step_inputs(names: &[String], rows: &TokenRows, lr: f32) -> Result<Vec<Ho
 
 /// A step's statistics from its float outputs by name (`loss`, `grad_norm`, `load.{scope}`).
 fn stats<'a>(outputs: impl Iterator<Item = (&'a str, Vec<f32>)>) -> StepStats {
-    let (mut loss, mut grad_norm, mut loads) = (f32::NAN, f32::NAN, Vec::new());
+    let (mut loss, mut grad_norm, mut loads, mut grad_norms) = (f32::NAN, f32::NAN, Vec::new(), Vec::new());
     for (name, v) in outputs {
         match name {
             "loss" => loss = v.first().copied().unwrap_or(f32::NAN),
@@ -310,17 +360,33 @@ fn stats<'a>(outputs: impl Iterator<Item = (&'a str, Vec<f32>)>) -> StepStats {
             _ => {
                 if let Some(scope) = name.strip_prefix("load.") {
                     loads.push((scope.to_string(), v));
+                } else if let Some(layer) = name.strip_prefix(GRAD_NORM_PREFIX) {
+                    grad_norms.push((layer.to_string(), v.first().copied().unwrap_or(f32::NAN)));
                 }
             }
         }
     }
     loads.sort_by(|a, b| a.0.cmp(&b.0));
+    grad_norms.sort_by_key(|a| layer_order(&a.0));
     let ratio = |l: &[f32]| {
         let mean = l.iter().sum::<f32>() / l.len().max(1) as f32;
         l.iter().copied().fold(0f32, f32::max) / mean.max(f32::MIN_POSITIVE)
     };
     let max_load = loads.iter().map(|(_, l)| ratio(l)).reduce(f32::max);
-    StepStats { loss, grad_norm, loads, max_load }
+    StepStats { loss, grad_norm, loads, max_load, grad_norms }
+}
+
+/// The prefix of the per-layer gradient norm outputs (`kiln_compiler::train::GRAD_NORM_PREFIX`;
+/// the runtime reads artifacts and does not depend on the compiler).
+pub const GRAD_NORM_PREFIX: &str = "grad_norm.";
+
+/// Layers in model order: the embedding, the decoder layers by number, then the head.
+fn layer_order(layer: &str) -> (u8, u64, String) {
+    match layer.strip_prefix("model.layers.").and_then(|n| n.parse().ok()) {
+        Some(n) => (1, n, String::new()),
+        None if layer.starts_with("model.embed") => (0, 0, layer.into()),
+        None => (2, 0, layer.into()),
+    }
 }
 
 /// A compiled train-step program (`kiln compile --train`) on a backend: the executor keeps the
@@ -381,6 +447,36 @@ impl<B: Backend> CompiledTrainer<B> {
 
     /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
     pub fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        let mut found = None;
+        self.step_watched(rows, lr, false, &mut found)
+    }
+
+    /// [`CompiledTrainer::step`], checking every launch's results as it finishes: also returns
+    /// the first launch (in run order) whose results were not all finite.
+    pub fn step_checked(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+    ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
+        let mut found = None;
+        let stats = self.step_watched(rows, lr, true, &mut found)?;
+        Ok((stats, found))
+    }
+
+    /// From now on, every step writes NaN into the results of the train step's first launch in
+    /// scope `scope` (`None`: no more): see [`Executor::set_poison`].
+    pub fn set_poison(&mut self, scope: Option<&str>) -> Result<(), RuntimeError> {
+        let program = self.program.clone();
+        self.exec.set_poison(scope.map(|s| (program.as_str(), s)))
+    }
+
+    fn step_watched(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        found: &mut Option<NonFinite>,
+    ) -> Result<StepStats, RuntimeError> {
         let parts = split(rows, self.micro_batches)?;
         let (last, earlier) = parts.split_last().expect("at least one part");
         if let Some((acc, inputs)) = &self.accumulate {
@@ -388,19 +484,32 @@ impl<B: Backend> CompiledTrainer<B> {
                 let mut feeds = step_inputs(inputs, part, lr)?;
                 feeds.push(scalar(KEEP, if i == 0 { 0.0 } else { 1.0 }));
                 feeds.retain(|t| inputs.contains(&t.name));
-                self.exec.run(acc, &feeds)?;
+                if check {
+                    if let Some(f) = self.exec.run_checked(acc, &feeds)? {
+                        found.get_or_insert(f);
+                    }
+                } else {
+                    self.exec.run(acc, &feeds)?;
+                }
             }
         }
         let mut feeds = step_inputs(&self.inputs, last, lr)?;
         feeds.push(scalar(MICRO_BATCHES, parts.len() as f32));
         feeds.retain(|t| self.inputs.contains(&t.name));
-        self.exec.run(&self.program, &feeds)?;
+        if check {
+            if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {
+                found.get_or_insert(f);
+            }
+        } else {
+            self.exec.run(&self.program, &feeds)?;
+        }
         let mut outputs = Vec::new();
         for name in ["loss", "grad_norm"] {
             outputs.push((name, self.exec.output_f32(name, 0..1)?));
         }
-        let loads: Vec<String> =
-            (self.exec.outputs(&self.program)?.into_iter()).filter(|n| n.starts_with("load.")).collect();
+        let loads: Vec<String> = (self.exec.outputs(&self.program)?.into_iter())
+            .filter(|n| n.starts_with("load.") || n.starts_with(GRAD_NORM_PREFIX))
+            .collect();
         for name in &loads {
             let t = self.exec.output(name)?;
             outputs.push((name.as_str(), f32s(t)));
@@ -461,6 +570,25 @@ pub trait Steps {
     fn states(&self) -> Result<Vec<HostTensor>, RuntimeError>;
     /// Replaces a state of that name, of exactly its type.
     fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError>;
+    /// One state's current value (a router's selection bias, say), by name.
+    fn state(&self, name: &str) -> Result<HostTensor, RuntimeError>;
+    /// [`Steps::step`], checking every op's results as they are computed: also returns the first
+    /// op whose result was not all finite (a kernel launch compiled, a node on the interpreter).
+    fn step_checked(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+    ) -> Result<(StepStats, Option<NonFinite>), RuntimeError>;
+    /// Writes NaN into the results of the train step's first op in scope `scope` at every step
+    /// from now on (`None`: no more): a fault injected to test the training monitor. Only a
+    /// compiled step has it.
+    fn set_poison(&mut self, _scope: Option<&str>) -> Result<(), RuntimeError> {
+        Err(RuntimeError::BadOption(
+            "a NaN is injected into a compiled kernel's output: this train step runs on the reference \
+             interpreter (drop --interp)"
+                .into(),
+        ))
+    }
 }
 
 impl Steps for Trainer {
@@ -479,6 +607,17 @@ impl Steps for Trainer {
         let name = value.name.clone();
         Trainer::set_state(self, &name, value)
     }
+    fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        let t = self.values.get(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
+        Ok(host(name, t))
+    }
+    fn step_checked(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+    ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
+        Trainer::step_checked(self, rows, lr)
+    }
 }
 
 impl<B: Backend> Steps for CompiledTrainer<B> {
@@ -493,5 +632,18 @@ impl<B: Backend> Steps for CompiledTrainer<B> {
     }
     fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {
         CompiledTrainer::set_state(self, value)
+    }
+    fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        self.exec.read_state(name)
+    }
+    fn step_checked(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+    ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
+        CompiledTrainer::step_checked(self, rows, lr)
+    }
+    fn set_poison(&mut self, scope: Option<&str>) -> Result<(), RuntimeError> {
+        CompiledTrainer::set_poison(self, scope)
     }
 }

@@ -15,6 +15,7 @@ mod interp;
 mod layering;
 mod limits;
 mod messages;
+mod monitor;
 mod output;
 mod passes;
 mod passes_equiv;

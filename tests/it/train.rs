@@ -427,7 +427,10 @@ fn kiln_train_compiled_agrees_with_the_interpreter_and_resumes() {
     let metric = |dir: &str| -> Vec<f64> {
         let text = std::fs::read_to_string(s.path(dir).join("metrics.jsonl")).unwrap();
         text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            // Step lines only: the monitor's events (alerts, skips) have an `event` key.
+            .filter(|l| l.get("event").is_none())
+            .map(|l| l["loss"].as_f64().unwrap())
             .collect()
     };
     let (lc, li) = (metric("c"), metric("i"));
@@ -603,7 +606,10 @@ fn checkpoints(dir: &Path) -> Vec<u64> {
 fn logged_losses(dir: &Path) -> Vec<f64> {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     text.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        // Step lines only: the monitor's events (alerts, skips) have an `event` key.
+        .filter(|l| l.get("event").is_none())
+        .map(|l| l["loss"].as_f64().unwrap())
         .collect()
 }
 

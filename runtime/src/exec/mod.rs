@@ -27,6 +27,7 @@
 mod engine;
 mod fold;
 mod probe;
+mod watch;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -43,6 +44,7 @@ use crate::weights::{manifest_params, HostData, HostTensor, Param, WeightError};
 use crate::RuntimeError;
 
 pub use probe::LayerLoad;
+pub use watch::NonFinite;
 
 /// What differs between devices. Memory is opaque to the executor: it allocates, writes, reads and
 /// takes the address of it, and hands addresses to [`Backend::bind`].
@@ -176,6 +178,8 @@ pub struct Executor<B: Backend> {
     profile: Option<Vec<Vec<u64>>>,
     /// Every run and launch since tracing was turned on, when tracing.
     trace: Option<Tracer>,
+    /// A launch to poison, and whether runs check their launches' results.
+    watch: watch::Watch,
     // Declared last: dropped after the memory above, which its launches point into.
     backend: B,
 }
@@ -338,6 +342,7 @@ impl<B: Backend> Executor<B> {
             load: Vec::new(),
             profile: None,
             trace: None,
+            watch: watch::Watch::default(),
             backend,
         };
         // Weight-only values, once per distinct value, then every program's run launches.
@@ -525,9 +530,11 @@ impl<B: Backend> Executor<B> {
         for (at, bytes) in &encoded {
             self.backend.write(&mut self.arena, *at, bytes)?;
         }
-        let Executor { backend, programs, arena, profile, manifest, trace, .. } = self;
+        let Executor { backend, programs, arena, profile, manifest, states, watch, trace, .. } = self;
         let program = &manifest.programs[pi];
-        let Loaded { launches, probes, .. } = &mut programs[li];
+        let Loaded { launches, probes, steps, .. } = &mut programs[li];
+        let watched = watch.check || watch.poison.is_some_and(|(p, _)| p == pi);
+        let mut memories = watch::Memories::<B> { arena, states };
         let mut offsets: Vec<Vec<i64>> = Vec::with_capacity(probes.len());
         let mut next_probe = 0;
         let mut times = profile.as_mut().map(|p| &mut p[li]);
@@ -544,12 +551,15 @@ impl<B: Backend> Executor<B> {
                 let b = program.buffer(pr.offsets);
                 let Storage::Arena { offset } = b.storage else { return Ok(()) };
                 let n = b.bytes(&sizes).unwrap_or(0) as usize;
-                let bytes = be.read(arena, offset as usize..offset as usize + n)?;
+                let bytes = be.read(memories.arena, offset as usize..offset as usize + n)?;
                 offsets.push(match decode(DType::I32, &bytes) {
                     HostData::I64(v) => v,
                     HostData::F32(_) => Vec::new(),
                 });
                 next_probe += 1;
+            }
+            if watched {
+                watch::after(be, &mut memories, manifest, (pi, program), steps[i], &sizes, watch)?;
             }
             if times.is_some() || epoch.is_some() {
                 be.synchronize()?;
@@ -581,6 +591,45 @@ impl<B: Backend> Executor<B> {
         }
         self.last = Some((li, sizes));
         Ok(sizes)
+    }
+
+    /// Runs program `name` as [`Executor::run`] does, checking every launch's float results as
+    /// it finishes (each is read back to the host: slow). Returns the first launch whose results
+    /// hold a NaN or an infinity, if any.
+    pub fn run_checked(
+        &mut self,
+        name: &str,
+        inputs: &[HostTensor],
+    ) -> Result<Option<NonFinite>, RuntimeError> {
+        self.watch.check = true;
+        self.watch.found = None;
+        let ran = self.run(name, inputs);
+        self.watch.check = false;
+        ran?;
+        Ok(self.watch.found.take())
+    }
+
+    /// From now on, every run of program `program` writes NaN into the float results of its first
+    /// launch in scope `scope` (as the IR text and the manifest's steps name it) right after that
+    /// launch: a fault injected to test what notices it (`kiln train --inject-fault nan:SCOPE`).
+    /// `None` stops it. An unknown program or scope is an error naming the known ones.
+    pub fn set_poison(&mut self, at: Option<(&str, &str)>) -> Result<(), RuntimeError> {
+        self.watch.poison = match at {
+            None => None,
+            Some((program, scope)) => {
+                let li = self.loaded(program)?;
+                let pi = self.programs[li].index;
+                let step = watch::poisoned_step(&self.manifest.programs[pi], scope)?;
+                if !self.programs[li].steps.contains(&step) {
+                    return Err(RuntimeError::BadOption(format!(
+                        "the first launch in scope `{scope}` of program `{program}` reads only weights: \
+                         it runs once at load, not in a step"
+                    )));
+                }
+                Some((pi, step))
+            }
+        };
+        Ok(())
     }
 
     /// The current value of state `name` (a trained weight, a moment, a counter), whole.
