@@ -17,7 +17,7 @@ cp tests/fixtures/tokenizer/tokenizer.json tests/fixtures/chat/tiny/tokenizer_co
     --schedule constant --weight-decay 0 --out "$out/sft" | tail -n 2
 "$kiln" grpo "$out/sft/step-25" --prompts tests/fixtures/chat/arith-prompts.jsonl --out "$out/grpo" \
     --steps 40 --prompts-per-step 8 --group 8 --max-new-tokens 3 --lr 0.002 --kl 0.01 --weight-decay 0 \
-    --seed 0 | grep -E '^(grpo|step +(1|40) |saved)'
+    --seed 0 | grep -E '^(grpo|step +(1|40) |saved|report)'
 python3 - "$out/grpo/metrics.jsonl" <<'PY'
 import json, sys
 r = [json.loads(l)["rewards"]["exact"] for l in open(sys.argv[1])]

@@ -1,7 +1,8 @@
 //! `kiln report RUN_DIR [-o FILE]`: one self-contained HTML page of a `kiln train` run, from its
 //! `metrics.jsonl` (the monitor's step lines and events; see `crate::monitor`).
 //!
-//! The page holds, as inline SVG drawn by `crate::plot`: the loss, the global gradient norm, each
+//! The page holds, as inline SVG drawn by `crate::plot`: the loss (for a `kiln grpo` run also the
+//! rewards, the KL to the reference model and the clipped fraction), the global gradient norm, each
 //! layer's gradient norm (log scale), the learning rate, tokens/s, one expert-load heatmap per MoE
 //! layer (experts × steps, colour = the expert's load over the layer's mean), and each router's
 //! selection-bias trajectory (min, mean, max); every alert of the run is a dashed vertical line
@@ -53,11 +54,14 @@ pub fn read(metrics: &str) -> Run {
 pub fn write(dir: &Path, out: Option<&Path>) -> Result<(PathBuf, Run)> {
     let log = dir.join("metrics.jsonl");
     if !log.is_file() {
-        bail!("{}: no metrics.jsonl; give the --out folder of a `kiln train` run", dir.display());
+        bail!(
+            "{}: no metrics.jsonl; give the --out folder of a `kiln train`, `kiln sft` or `kiln grpo` run",
+            dir.display()
+        );
     }
     let text = std::fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
     let run = read(&text);
-    let title = format!("kiln train report: {}", dir.display());
+    let title = format!("kiln report: {}", dir.display());
     let page = html(&title, &run);
     let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
     kiln_ir::output::write_file(&path, page.as_bytes())?;
@@ -108,6 +112,44 @@ pub fn html(title: &str, run: &Run) -> String {
         "loss",
         plot::line_chart("loss", "loss", Scale::Linear, &[series(run, "loss", f("loss"))], &markers),
     );
+    // A `kiln grpo` run: the mean reward (and each reward's), the KL to the reference model and the
+    // fraction of tokens whose ratio was clipped.
+    if run.steps.values().any(|v| v.get("reward").is_some()) {
+        let mut rewards = vec![series(run, "total", f("reward"))];
+        for name in keys(run, "rewards") {
+            rewards.push(series(run, &name, |v| v["rewards"][name.as_str()].as_f64()));
+        }
+        chart(
+            "reward",
+            plot::line_chart(
+                "reward (mean over the step's completions)",
+                "reward",
+                Scale::Linear,
+                &rewards,
+                &markers,
+            ),
+        );
+        chart(
+            "kl",
+            plot::line_chart(
+                "KL to the reference model",
+                "kl",
+                Scale::Linear,
+                &[series(run, "kl", f("kl"))],
+                &markers,
+            ),
+        );
+        chart(
+            "clipped",
+            plot::line_chart(
+                "tokens with a clipped ratio",
+                "fraction",
+                Scale::Linear,
+                &[series(run, "clipped", f("clipped"))],
+                &markers,
+            ),
+        );
+    }
     chart(
         "grad-norm",
         plot::line_chart(
@@ -132,16 +174,18 @@ pub fn html(title: &str, run: &Run) -> String {
         "lr",
         plot::line_chart("learning rate", "lr", Scale::Linear, &[series(run, "lr", f("lr"))], &markers),
     );
-    chart(
-        "tokens-per-s",
-        plot::line_chart(
-            "throughput",
-            "tokens/s",
-            Scale::Linear,
-            &[series(run, "tokens/s", f("tokens_per_s"))],
-            &markers,
-        ),
-    );
+    if run.steps.values().any(|v| v.get("tokens_per_s").is_some()) {
+        chart(
+            "tokens-per-s",
+            plot::line_chart(
+                "throughput",
+                "tokens/s",
+                Scale::Linear,
+                &[series(run, "tokens/s", f("tokens_per_s"))],
+                &markers,
+            ),
+        );
+    }
     // Expert load per MoE layer: the `load` field, [[layer, [tokens per expert]], ...].
     let mut loads: BTreeMap<String, Vec<(u64, Vec<f64>)>> = BTreeMap::new();
     for (&step, v) in &run.steps {
@@ -299,6 +343,25 @@ mod tests {
         lines.join("\n")
     }
 
+    /// A `kiln grpo` run's page charts its rewards (the total and each one), the KL term and the
+    /// clipped fraction, and no throughput it did not log.
+    #[test]
+    fn a_grpo_run_charts_its_rewards_and_kl() {
+        let lines: Vec<String> = (1..=4)
+            .map(|step| {
+                serde_json::json!({"step": step, "reward": 0.1 * step as f64, "rewards": {"exact": 0.1 * step as f64},
+                    "loss": 0.0, "kl": 0.01, "clipped": 0.0, "grad_norm": 0.5, "lr": 1e-3, "completion_tokens": 2.0})
+                .to_string()
+            })
+            .collect();
+        let page = html("g", &read(&lines.join("\n")));
+        for id in ["reward", "kl", "clipped", "loss", "lr"] {
+            assert!(page.contains(&format!("<figure id=\"{id}\">\n<svg")), "{id}");
+        }
+        assert!(page.contains(">exact<") && page.contains(">total<"), "a series per reward");
+        assert!(!page.contains("<figure id=\"tokens-per-s\">"));
+    }
+
     #[test]
     fn the_page_has_every_chart_the_alerts_marked_and_nothing_outside_it() {
         let run = read(&metrics());
@@ -313,6 +376,7 @@ mod tests {
         // 5 charts + 1 bias chart + 2 heatmaps, each with both alerts.
         assert_eq!(page.matches("<g class=\"alert\">").count(), 8 * 2);
         assert!(page.contains(">loss_spike @4</text>") && page.contains("load_imbalance @6"));
+        assert!(!page.contains("<figure id=\"reward\">"), "no reward chart for a pre-training run");
         assert!(page.contains("the loss &lt;x&gt;"), "escaped");
         // Self-contained: no URL, no script, no external reference.
         for banned in ["http://", "https://", "<script", "src=", "href=", "url(", "@import"] {

@@ -20,7 +20,7 @@
 //! objective, the KL term, the clipped fraction, the gradient norm and the completions' length.
 //! `--save-every K` (and the last step) writes `step-N/`, a Hugging Face folder (config.json,
 //! model.safetensors, and the tokenizer files) that `kiln run`, `kiln chat` and another `kiln grpo`
-//! load. Not done yet: resuming a GRPO run (its optimizer state is not saved), and sampling on a GPU.
+//! load. At the end, `report.html` charts the run (`kiln report`: rewards, KL, loss, gradient norm). Not done yet: resuming a GRPO run (its optimizer state is not saved), and sampling on a GPU.
 
 pub mod objective;
 pub mod reward;
@@ -320,6 +320,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             writeln!(out, "saved {}", dir.display())?;
         }
     }
+    drop(metrics);
+    let (page, _) = crate::report::write(req.out, None)?;
+    writeln!(out, "report: {}", page.display())?;
     Ok(())
 }
 

@@ -108,6 +108,9 @@ fn kiln_grpo_samples_rewards_and_moves_the_policy() {
         assert!((f(v, "reward") - exact - format).abs() < 1e-9, "{v}");
         assert!(f(v, "grad_norm").is_finite() && f(v, "completion_tokens") <= 3.0, "{v}");
     }
+    // The run's page charts the rewards.
+    let page = std::fs::read_to_string(Path::new(&rl).join("report.html")).unwrap();
+    assert!(page.contains("<figure id=\"reward\">") && page.contains("<figure id=\"kl\">"));
     // The last checkpoint is a Hugging Face folder with its tokenizer: a chat model.
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
         assert!(Path::new(&rl).join("step-3").join(f).is_file(), "step-3/{f}");
