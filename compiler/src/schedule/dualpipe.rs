@@ -77,16 +77,32 @@ fn rank_list(pp: u32, half: u32, mut p: RankProgram, r: u32) -> Vec<kiln_ir::sch
             p.send_forward(c0);
         }
     }
+    steps_3_to_8(&mut p, (c0, c1), n - h - 1, half + h + 1 - pp, middle, h);
+    p.finish()
+}
+
+/// Steps 3 to 8 of a rank's list, which DualPipe and DualPipeV share (`dualpipe.py` and
+/// `dualpipev.py` run the same loops): `rest` is the count of steps 3, 5 and 7 (`n-h-1`; DualPipeV's
+/// `pp-r-1`), `main` the rounds of step 4, `apart` whether the first of them runs F0 and B1 apart
+/// (the middle ranks; DualPipeV's last), and `h + 1` the rounds of steps 6 and 8 (DualPipeV's `r`).
+pub(super) fn steps_3_to_8(
+    p: &mut RankProgram,
+    (c0, c1): (Chunk, Chunk),
+    rest: u32,
+    main: u32,
+    apart: bool,
+    h: u32,
+) {
     // Step 3: nB1W1F1 (zero bubble).
-    for _ in 0..n - h - 1 {
+    for _ in 0..rest {
         p.backward(c1, true, true, true);
         p.recv_forward(c1);
         p.weight();
         p.forward(c1, false, true);
     }
     // Step 4: nF0B1F1B0, the main step. The first phase-0 input was received in step 2.
-    for i in 0..half + h + 1 - pp {
-        if i == 0 && middle {
+    for i in 0..main {
+        if i == 0 && apart {
             p.forward(c0, false, false);
             p.send_forward(c1);
             p.backward(c1, false, true, false);
@@ -98,7 +114,7 @@ fn rank_list(pp: u32, half: u32, mut p: RankProgram, r: u32) -> Vec<kiln_ir::sch
         p.forward_backward(c1, c0, true);
     }
     // Step 5: nB1F1B0.
-    for _ in 0..n - h - 1 {
+    for _ in 0..rest {
         p.backward(c1, false, true, true);
         p.forward_backward(c1, c0, true);
     }
@@ -116,7 +132,7 @@ fn rank_list(pp: u32, half: u32, mut p: RankProgram, r: u32) -> Vec<kiln_ir::sch
         p.backward(c0, zero_bubble, true, true);
     }
     // Step 7: nWB0 (zero bubble).
-    for _ in 0..n - h - 1 {
+    for _ in 0..rest {
         p.weight();
         p.backward(c0, true, true, true);
     }
@@ -124,5 +140,4 @@ fn rank_list(pp: u32, half: u32, mut p: RankProgram, r: u32) -> Vec<kiln_ir::sch
     for _ in 0..h + 1 {
         p.weight();
     }
-    p.finish()
 }

@@ -60,52 +60,6 @@ fn rank_list(pp: u32, m: u32, mut p: RankProgram, r: u32) -> Vec<Instr> {
         p.forward(c1, true, !last || i + 1 < step2);
         p.send_forward(c0);
     }
-    // Step 3: nB1W1F1 (zero bubble).
-    for _ in 0..pp - r - 1 {
-        p.backward(c1, true, true, true);
-        p.recv_forward(c1);
-        p.weight();
-        p.forward(c1, false, true);
-    }
-    // Step 4: nF0B1F1B0, the main step.
-    for i in 0..m + r + 1 - 2 * pp {
-        if i == 0 && last {
-            p.forward(c0, false, false);
-            p.send_forward(c1);
-            p.backward(c1, false, true, false);
-            p.send_forward(c0);
-            p.send_backward(c1);
-        } else {
-            p.forward_backward(c0, c1, i > 0);
-        }
-        p.forward_backward(c1, c0, true);
-    }
-    // Step 5: nB1F1B0.
-    for _ in 0..pp - r - 1 {
-        p.backward(c1, false, true, true);
-        p.forward_backward(c1, c0, true);
-    }
-    // Step 6: nB1B0; the second half zero bubble.
-    let step6 = r + 1;
-    let mut zero_bubble = false;
-    for i in 0..step6 {
-        if i == step6 / 2 && r % 2 == 1 {
-            zero_bubble = true;
-        }
-        p.backward(c1, zero_bubble, true, true);
-        if i == step6 / 2 && r % 2 == 0 {
-            zero_bubble = true;
-        }
-        p.backward(c0, zero_bubble, true, true);
-    }
-    // Step 7: nWB0.
-    for _ in 0..pp - r - 1 {
-        p.weight();
-        p.backward(c0, true, true, true);
-    }
-    // Step 8: nW.
-    for _ in 0..r + 1 {
-        p.weight();
-    }
+    super::dualpipe::steps_3_to_8(&mut p, (c0, c1), pp - r - 1, m + r + 1 - 2 * pp, last, r);
     p.finish()
 }
