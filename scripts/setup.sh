@@ -6,6 +6,8 @@
 #     melior and inkwell link it statically; .cargo/config.toml points them at /usr/lib/llvm-22.
 #   - ptxas, from NVIDIA's PyPI wheel nvidia-cuda-nvcc-cu12, into tools/local/ (git-ignored): it
 #     validates the PTX kiln emits and reports registers and spills. No GPU or CUDA install needed.
+#   - OpenMPI from Debian (openmpi-bin, libopenmpi-dev): the `mpi` crate links libmpi, and data-
+#     parallel training runs its processes under `mpirun` (tests/it/dist.rs).
 #   - OpenAI's Python client in a venv of its own, tools/local/openai-venv (a few MB, no torch):
 #     tests/it/serve.rs runs tests/serve/openai_client.py with it against `kiln serve`.
 #
@@ -17,7 +19,7 @@ tools="$root/tools/local"
 nvcc_version="12.9.86"
 openai_version="3.51.0"
 apt_packages=(llvm-22-dev libmlir-22-dev mlir-22-tools libclang-22-dev libpolly-22-dev libzstd-dev
-              python3-pip python3-venv)
+              python3-pip python3-venv openmpi-bin libopenmpi-dev)
 
 say() { if [ "${KILN_SETUP_VERBOSE:-0}" = 1 ]; then echo "setup: $*"; fi; }
 as_root() {

@@ -98,6 +98,11 @@ pub struct Args {
     /// into micro-batches whose gradients add up before the update (`kiln train --micro-batch`).
     #[arg(long, requires = "train")]
     accumulate: bool,
+    /// With --train, compile the step for one of several data-parallel replicas: the gradients,
+    /// the loss and the routers' loads are summed over the replicas (`all_reduce` steps) before
+    /// they are used (`mpirun -n N kiln train ... --dp N`; alone, it trains as one process).
+    #[arg(long, requires = "train")]
+    data_parallel: bool,
     /// With --train: the losses and the optimizer compiled in (`kiln train` runs the artifact with
     /// them).
     #[command(flatten)]
@@ -231,7 +236,12 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
             true => {
                 let e = req.settings.over(crate::train::Settings::defaults(), None)?;
                 let (losses, optimizer) = (crate::train::losses_of(&e), crate::train::optimizer_of(&e));
-                Some(pack::TrainOptions { losses, optimizer, accumulate: req.accumulate })
+                Some(pack::TrainOptions {
+                    losses,
+                    optimizer,
+                    accumulate: req.accumulate,
+                    data_parallel: req.data_parallel,
+                })
             }
             false if req.settings.any() => {
                 bail!("the loss and optimizer settings (--betas, --clip, --mtp-lambda, ...) go with --train")

@@ -16,6 +16,7 @@ mod bench_train;
 mod cache;
 mod chat;
 mod compile;
+mod dist;
 mod export_hf;
 mod grpo;
 mod membw;
@@ -547,6 +548,13 @@ struct TrainArgs {
     /// Threads per kernel launch of the compiled train step (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Data-parallel replicas: run under `mpirun -n N`, each process trains on batch / N rows of
+    /// every batch and the gradients are summed over MPI (the same steps as one process).
+    #[arg(long, value_name = "N")]
+    dp: Option<usize>,
+    /// How long a process waits for the others in a collective before it ends the job.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    comm_timeout: f64,
     // Boxed: the variants would be far larger than the others.
     #[command(flatten)]
     monitor: Box<monitor::Args>,
@@ -568,6 +576,9 @@ fn train_request<'a>(
     chat: bool,
 ) -> Result<train::Request<'a>> {
     check_threads(a.threads)?;
+    if chat && a.dp.is_some() {
+        bail!("--dp: kiln sft runs in one process (each batch's loss is normalised over its own assistant tokens)");
+    }
     let weights = match (&a.weights, a.random_weights, &a.resume) {
         (Some(_), Some(_), _) => {
             bail!("give either --weights DIR or --random-weights SEED, not both")
@@ -614,6 +625,7 @@ fn train_request<'a>(
         chat,
         epochs,
         monitor: (*a.monitor).clone(),
+        dist: None,
     })
 }
 
@@ -703,8 +715,25 @@ fn run(command: Command) -> Result<()> {
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
         Command::Train { args, steps } => {
             let d = LrDefaults { lr: 1e-3, min_lr: 0.0, schedule: train::Schedule::Constant };
-            let req = train_request(&args, steps, None, d, false)?;
-            train::run(&req, &mut io::stdout().lock())
+            let mut req = train_request(&args, steps, None, d, false)?;
+            let Some(dp) = args.dp else { return train::run(&req, &mut io::stdout().lock()) };
+            if dp == 0 {
+                bail!("--dp 0: give the number of data-parallel processes, at least 1");
+            }
+            if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
+                bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
+            }
+            let d = dist::Dist::init(dp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
+            req.dist = Some(&d);
+            // The first process speaks for the job; a failure anywhere ends every process.
+            let ran = match d.leader() {
+                true => train::run(&req, &mut io::stdout().lock()),
+                false => train::run(&req, &mut io::sink()),
+            };
+            if let Err(e) = ran {
+                d.fail(&render(&e));
+            }
+            Ok(())
         }
         Command::Sft { args, epochs, steps } => {
             let d = LrDefaults { lr: sft::LR, min_lr: sft::MIN_LR, schedule: train::Schedule::Cosine };

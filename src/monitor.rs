@@ -125,8 +125,8 @@ pub struct Args {
     /// A MoE layer whose busiest expert gets more than this times the mean load is imbalanced.
     #[arg(long, value_name = "X", default_value_t = 4.0)]
     pub imbalance_bound: f64,
-    /// Fault injection for tests: KIND@STEP, KIND one of lr-spike:FACTOR, poison-batch, nan:SCOPE
-    /// (see the README).
+    /// Fault injection for tests: KIND@STEP, KIND one of lr-spike:FACTOR, poison-batch, nan:SCOPE,
+    /// stall:RANK, exit:RANK (see the README).
     #[arg(long, value_name = "KIND@STEP", hide = true)]
     pub inject_fault: Vec<String>,
 }
@@ -175,14 +175,18 @@ pub enum Fault {
     LrSpike(f64),
     PoisonBatch,
     Nan(String),
+    /// Data-parallel rank `r` stops answering before the step (it sleeps until the job ends).
+    Stall(usize),
+    /// Data-parallel rank `r` dies before the step (exits at once, code 3, telling nobody).
+    Exit(usize),
 }
 
 /// `KIND@STEP` parsed: the step (as logged, from 1) and the fault.
 pub fn parse_fault(text: &str) -> Result<(u64, Fault)> {
     let wrong = |why: &str| {
         anyhow::anyhow!(
-            "--inject-fault {text}: {why}; write KIND@STEP with KIND lr-spike:FACTOR, poison-batch or \
-             nan:SCOPE, and STEP the step as logged (from 1)"
+            "--inject-fault {text}: {why}; write KIND@STEP with KIND lr-spike:FACTOR, poison-batch, \
+             nan:SCOPE, stall:RANK or exit:RANK, and STEP the step as logged (from 1)"
         )
     };
     let (kind, step) = text.rsplit_once('@').ok_or_else(|| wrong("no @STEP"))?;
@@ -198,6 +202,14 @@ pub fn parse_fault(text: &str) -> Result<(u64, Fault)> {
             Fault::LrSpike(f)
         }
         Some(("nan", scope)) if !scope.is_empty() => Fault::Nan(scope.to_string()),
+        Some((k @ ("stall" | "exit"), r)) => {
+            let r: usize = r.parse().map_err(|_| wrong("the rank is not a number from 0"))?;
+            if k == "stall" {
+                Fault::Stall(r)
+            } else {
+                Fault::Exit(r)
+            }
+        }
         None if kind == "poison-batch" => Fault::PoisonBatch,
         _ => return Err(wrong(&format!("unknown kind `{kind}`"))),
     };

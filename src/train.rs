@@ -383,12 +383,14 @@ pub struct Request<'a> {
     pub epochs: Option<u64>,
     /// The training monitor's settings (`crate::monitor`).
     pub monitor: monitor::Args,
+    /// `--dp N` under mpirun: this process is one of N data-parallel replicas ([`crate::dist`]).
+    pub dist: Option<&'a crate::dist::Dist>,
 }
 
 impl Request<'_> {
     /// How many micro-batches each step's batch is split into (1: not split).
     fn micro_batches(&self) -> Result<usize> {
-        let batch = self.hyper.batch;
+        let batch = self.local_batch()?;
         match self.micro_batch {
             None => Ok(1),
             Some(m) if m == 0 || m > batch || batch % m != 0 => bail!(
@@ -397,6 +399,25 @@ impl Request<'_> {
             ),
             Some(m) => Ok(batch / m),
         }
+    }
+
+    /// The rows of each batch this process trains on: all of them, or its replica's share.
+    fn local_batch(&self) -> Result<usize> {
+        let batch = self.hyper.batch;
+        match self.dist {
+            None => Ok(batch),
+            Some(d) if batch % d.size() != 0 => bail!(
+                "--batch {batch} cannot be shared by --dp {} replicas: give a multiple of {}",
+                d.size(),
+                d.size()
+            ),
+            Some(d) => Ok(batch / d.size()),
+        }
+    }
+
+    /// Whether this process writes the run's files (the only one, or the first replica).
+    fn leader(&self) -> bool {
+        self.dist.is_none_or(|d| d.leader())
     }
 }
 
@@ -407,8 +428,13 @@ const METRICS: &str = "metrics.jsonl";
 const CURVE: &str = "loss.svg";
 /// The compiled train step, in `--out`.
 const ARTIFACT: &str = "train.kiln";
+/// How long the other replicas of a `--dp` run wait for rank 0 to compile the train step.
+const COMPILE_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
 
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    if req.dist.is_some() && req.interp {
+        bail!("--dp runs the compiled train step in each process; --interp is the one-process oracle");
+    }
     if req.interp && req.threads.is_some() {
         bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
     }
@@ -523,7 +549,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // The program: forward and loss, backward, clipping and AdamW.
     let opt = hyper.optimizer();
     let micro_batches = req.micro_batches()?;
-    let programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1)?;
+    let programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1, false)?;
     let states = programs.states.clone();
     // The compiled step's non-finite values are re-checked on the interpreter too.
     let reference_programs = (!req.interp).then(|| (programs.step.clone(), programs.accumulate.clone()));
@@ -571,8 +597,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     };
     let untrained: Vec<weights::HostTensor> =
         weights_in.iter().filter(|t| !roles.contains_key(&t.name)).cloned().collect();
-    std::fs::create_dir_all(req.out).with_context(|| format!("cannot create {}", req.out.display()))?;
-    remove_stale(req.out)?;
+    if req.leader() {
+        std::fs::create_dir_all(req.out).with_context(|| format!("cannot create {}", req.out.display()))?;
+        remove_stale(req.out)?;
+    }
     let t = rows.width() - 1;
     let (mut trainer, engine): (Box<dyn Steps>, String) = if req.interp {
         let mut trainer = Trainer::new(programs.step, states.clone(), weights_in)?;
@@ -592,15 +620,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
     }
     let metrics_path = req.out.join(METRICS);
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
-    // A kill can cut the last line short: start on a fresh line, so the next ones parse.
-    if std::fs::read(&metrics_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
-        writeln!(metrics)?;
-    }
+    let mut metrics: Box<dyn Write> = if req.leader() {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("cannot write {}", metrics_path.display()))?;
+        // A kill can cut the last line short: start on a fresh line, so the next ones parse.
+        if std::fs::read(&metrics_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
+            writeln!(file)?;
+        }
+        Box::new(file)
+    } else {
+        Box::new(std::io::sink())
+    };
     writeln!(
         out,
         "train {}: {} steps of {} x {} tokens from {}, {:?} schedule, lr {}, {engine}",
@@ -622,7 +655,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // The tokenizer files a checkpoint carries, so that it is a model `kiln run --prompt`, `kiln
     // chat` and `kiln sft` take as it is: those of the model's folder, --tokenizer, or the weights'.
     let text = tokenizer_folder(req).ok().filter(|f| f.join(crate::tokenize::TOKENIZER_FILE).is_file());
-    let bar = progress_bar(hyper.steps, progress.step);
+    let bar = match req.leader() {
+        true => progress_bar(hyper.steps, progress.step),
+        false => ProgressBar::hidden(),
+    };
     // The monitor (crate::monitor): detectors, the faults to inject, the routers' biases to
     // record, and what a rollback goes back to (the run's start, then each checkpoint).
     req.monitor.check()?;
@@ -645,6 +681,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             trainer.set_poison(Some(scope))?;
             trainer.set_poison(None)?;
         }
+        if let Fault::Stall(r) | Fault::Exit(r) = fault {
+            let ranks = req.dist.map_or(0, |d| d.size());
+            if *r >= ranks {
+                bail!(
+                    "--inject-fault ...:{r}@{at}: there is no rank {r}; stall and exit faults take a rank of a \
+                     --dp run (0 to {})",
+                    ranks.max(1) - 1
+                );
+            }
+        }
     }
     let mut biases: Vec<&String> =
         roles.iter().filter(|(_, r)| **r == StateRole::RoutingBias).map(|(n, _)| n).collect();
@@ -664,7 +710,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // Batches a rollback skips when the replay reaches them, by epoch and position.
     let mut skip: std::collections::HashSet<(u64, usize)> = Default::default();
     let mut last_saved: Option<PathBuf> = req.resume.map(Path::to_path_buf);
-    let event = |metrics: &mut std::fs::File, v: serde_json::Value| writeln!(metrics, "{v}");
+    let event = |metrics: &mut Box<dyn Write>, v: serde_json::Value| writeln!(metrics, "{v}");
     while progress.step < hyper.steps {
         let at = (progress.epoch, progress.row);
         let which = progress.next_rows(rows.rows(), hyper.batch);
@@ -677,8 +723,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             event(&mut metrics, v)?;
             continue;
         }
+        // This replica's share of the batch.
+        let mine = match req.dist {
+            None => &which[..],
+            Some(d) => {
+                let n = which.len() / d.size();
+                &which[d.rank() * n..(d.rank() + 1) * n]
+            }
+        };
         // SFT's mask becomes weights that average over the batch's assistant targets.
-        let mut batch = crate::sft::normalise(take(&rows, &which)?)?;
+        let mut batch = crate::sft::normalise(take(&rows, mine)?)?;
         let mut lr = hyper.lr_at(progress.step);
         // An injected fault hits its step once, the first time it runs.
         let fault = faults.iter().position(|(s, _)| *s == step).map(|i| faults.remove(i).1);
@@ -686,7 +740,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             Some(Fault::LrSpike(f)) => lr *= f,
             Some(Fault::PoisonBatch) => batch = monitor::poison(&batch, spec.model.vocab_size)?,
             Some(Fault::Nan(scope)) => trainer.set_poison(Some(scope))?,
-            None => {}
+            Some(Fault::Stall(r)) if req.dist.is_some_and(|d| d.rank() == *r) => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
+            Some(Fault::Exit(r)) if req.dist.is_some_and(|d| d.rank() == *r) => {
+                eprintln!("rank {r}: exiting before step {step} (--inject-fault)");
+                std::process::exit(3)
+            }
+            Some(Fault::Stall(_) | Fault::Exit(_)) | None => {}
         }
         let before = if mon.is_some() { Some(Saved::take(trainer.as_ref())?) } else { None };
         let t0 = Instant::now();
@@ -821,7 +882,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         bar.set_position(progress.step);
         writeln!(metrics, "{}", record.json())?;
         let last = progress.step == hyper.steps;
-        if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
+        if req.leader() && (last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0)) {
             let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress, text.as_deref())?;
             write_curve(req.out, &spec.model.name)?;
             bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
@@ -833,7 +894,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     bar.finish_and_clear();
     // A resume of a finished run takes no step: the curve still covers the log.
-    write_curve(req.out, &spec.model.name)?;
+    if req.leader() {
+        write_curve(req.out, &spec.model.name)?;
+    }
     Ok(())
 }
 
@@ -911,12 +974,22 @@ fn compiled(
 ) -> Result<(Box<dyn Steps>, String)> {
     use kiln_compiler::pack;
     // The programs run one micro-batch at a time: their buffers are planned for that many rows.
-    let rows = (hyper.batch / micro_batches) as u64;
+    let rows = (req.local_batch()? / micro_batches) as u64;
     let dir = if artifact {
         req.model.to_path_buf()
+    } else if !req.leader() {
+        // The first replica compiles; the others load its artifact once it is written.
+        let dir = req.out.join(ARTIFACT);
+        let d = req.dist.expect("only a replica follows");
+        d.barrier("the wait for rank 0's compile of the train step", COMPILE_WAIT)?;
+        dir
     } else {
-        let train =
-            pack::TrainOptions { losses, optimizer: hyper.optimizer(), accumulate: micro_batches > 1 };
+        let train = pack::TrainOptions {
+            losses,
+            optimizer: hyper.optimizer(),
+            accumulate: micro_batches > 1,
+            data_parallel: req.dist.is_some(),
+        };
         let options = pack::Options {
             train: Some(train),
             kv_cache: false,
@@ -934,6 +1007,9 @@ fn compiled(
             artifact.manifest.kernels.len(),
             t0.elapsed().as_secs_f64()
         )?;
+        if let Some(d) = req.dist {
+            d.barrier("the wait for rank 0's compile of the train step", COMPILE_WAIT)?;
+        }
         dir
     };
     let art = kiln_runtime::artifact::load(&dir)?;
@@ -960,6 +1036,19 @@ fn compiled(
             );
         }
         engine = format!("the artifact {}, {engine}", dir.display());
+    }
+    if let Some(d) = req.dist {
+        let reduces = (art.manifest().programs.iter())
+            .any(|p| p.steps.iter().any(|s| matches!(s, kiln_ir::artifact::Step::AllReduce { .. })));
+        if !reduces {
+            bail!(
+                "{}: the train step sums nothing over data-parallel replicas: compile it with `kiln compile \
+                 --train --data-parallel` for --dp",
+                dir.display()
+            );
+        }
+        trainer.executor_mut().set_communicator(d.replicas());
+        engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.size());
     }
     trainer.set_micro_batches(micro_batches)?;
     if micro_batches > 1 {

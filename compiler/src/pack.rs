@@ -108,6 +108,8 @@ pub struct TrainOptions {
     /// Also compile the `accumulate` program, so that a step's batch can be split into
     /// micro-batches (gradient accumulation).
     pub accumulate: bool,
+    /// Compile the step for one data-parallel replica of several ([`crate::train::program`]).
+    pub data_parallel: bool,
 }
 
 impl Options {
@@ -399,7 +401,7 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     // inference programs would read as parameters (a name is one or the other in a module);
     // inference runs from the checkpoints training writes.
     if let Some(t) = &options.train {
-        let programs = crate::train::program(spec, &t.losses, &t.optimizer, t.accumulate)
+        let programs = crate::train::program(spec, &t.losses, &t.optimizer, t.accumulate, t.data_parallel)
             .map_err(|e| CompileError::Options(e.to_string()))?;
         let graph = programs.step;
         module.programs.push(Program { name: "train_step".into(), kind: ProgramKind::TrainStep, graph });
@@ -1008,6 +1010,9 @@ fn program(
                     }
                     (Op::Recv { peer, tag }, _, [v]) => {
                         artifact::Step::Recv { buffer: buf(*v), peer: *peer, tag: *tag }
+                    }
+                    (Op::AllReduce { group }, [x], [v]) => {
+                        artifact::Step::AllReduce { buffer: buf(*v), source: buf(*x), group: group.clone() }
                     }
                     (op, ..) => {
                         return Err(CompileError::Internal(format!("runtime step for `{}`", op.name())));

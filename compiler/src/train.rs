@@ -138,7 +138,7 @@ pub fn train_step(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, false)
+    step_program(grads, frozen, opt, false, false)
 }
 
 /// The trained parameters of `g` (every parameter with a `grad.{name}` output, less `frozen`),
@@ -260,14 +260,24 @@ pub fn train_step_last(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, true)
+    step_program(grads, frozen, opt, true, false)
 }
 
+/// The communication group of data-parallel replicas, which [`Op::AllReduce`] sums over.
+pub const DP_GROUP: &str = kiln_ir::module::DP_GROUP;
+
+/// [`train_step`] (`last` false) or [`train_step_last`] (true); with `data_parallel`, for one of
+/// several replicas that each run the step on their own rows: every gradient and the loss are
+/// summed over the replicas (`all_reduce` over [`DP_GROUP`], once per step, after the local
+/// micro-batches are added up) and scaled by `1 / micro_batches`, which the caller gives as the
+/// micro-batches of all the replicas together. The replicas then hold the same gradients, so every
+/// one makes the same update, and a process alone (a group of one) makes the single-process one.
 fn step_program(
     grads: &Graph,
     frozen: &[&str],
     opt: &Optimizer,
     last: bool,
+    data_parallel: bool,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
     for (name, v) in [("beta1", opt.beta1), ("beta2", opt.beta2)] {
         if !(0.0..1.0).contains(&v) {
@@ -307,19 +317,47 @@ fn step_program(
             let ty = b.g.ty(d).clone();
             let acc = b.declared(Op::Input { name: name.clone() }, ty.clone())?;
             states.push(StateDecl { name, ty, role: StateRole::GradientAccumulator });
-            let sum = b.bin(BinaryOp::Add, acc, d)?;
-            b.bin(BinaryOp::Mul, sum, scale)
+            b.bin(BinaryOp::Add, acc, d)
         };
         for (name, _, d) in &mut trained {
             *d = whole(&mut b, grad_acc(name), *d)?;
         }
         loss = whole(&mut b, LOSS_ACC.into(), loss)?;
+        // Every sum first, then every all-reduce (one after the other, which the runtime sends as
+        // one message), then the scaling.
+        let mut sums: Vec<&mut ValueId> = trained.iter_mut().map(|(_, _, d)| d).collect();
+        sums.push(&mut loss);
+        if data_parallel {
+            for d in sums.iter_mut() {
+                **d = b.node(Op::AllReduce { group: DP_GROUP.into() }, &[**d])?;
+            }
+        }
+        for d in sums {
+            *d = b.bin(BinaryOp::Mul, *d, scale)?;
+        }
         // The load accumulators' inputs are the graph's own (Part::Last); declare them.
         for (name, v) in b.g.inputs() {
             if name.starts_with(LOAD_ACC_PREFIX) {
                 let ty = b.g.ty(v).clone();
                 states.push(StateDecl { name: name.to_string(), ty, role: StateRole::GradientAccumulator });
             }
+        }
+    } else if data_parallel {
+        // One micro-batch per replica: the mean of the replicas' gradients and losses.
+        let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
+        let one = b.c(1.0)?;
+        let scale = b.bin(BinaryOp::Div, one, count)?;
+        let mut sums: Vec<&mut ValueId> = trained.iter_mut().map(|(_, _, d)| d).collect();
+        sums.push(&mut loss);
+        for d in sums.iter_mut() {
+            **d = b.f32(**d)?;
+        }
+        // One all-reduce after another (one message at run time), then the scaling.
+        for d in sums.iter_mut() {
+            **d = b.node(Op::AllReduce { group: DP_GROUP.into() }, &[**d])?;
+        }
+        for d in sums {
+            *d = b.bin(BinaryOp::Mul, *d, scale)?;
         }
     }
     let lr = b.declared(Op::Input { name: LR.into() }, TensorType::scalar(DType::F32))?;
@@ -501,21 +539,24 @@ pub struct TrainPrograms {
 /// [`crate::autodiff::differentiate`], then [`train_step`]; its states include the routers'
 /// selection biases (`routing_bias`), which the balancing rule moves (or keeps, at γ = 0). With
 /// `accumulate`, the programs of a step split into micro-batches: [`accumulate_step`] and
-/// [`train_step_last`].
+/// [`train_step_last`]. With `data_parallel`, the step is one replica's of several (see
+/// [`step_program`]): the gradients, the loss and the routers' loads are summed over
+/// [`DP_GROUP`] before they are used.
 pub fn program(
     spec: &kiln_ir::ModelSpec,
     losses: &crate::build::TrainLosses,
     opt: &Optimizer,
     accumulate: bool,
+    data_parallel: bool,
 ) -> Result<TrainPrograms, ProgramError> {
     use crate::build::build_train_part;
     let differentiate = |part| -> Result<_, ProgramError> {
-        let (forward, info) = build_train_part(spec, losses, part)?;
+        let (forward, info) = build_train_part(spec, losses, part, data_parallel)?;
         Ok((crate::autodiff::differentiate(&forward, LOSS)?, info))
     };
     let (step, mut states, info, accumulate) = if accumulate {
         let (grads, info) = differentiate(Part::Last)?;
-        let (step, mut states) = train_step_last(&grads, &[], opt)?;
+        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel)?;
         let (acc, acc_states) = accumulate_step(&differentiate(Part::Accumulate)?.0, &[])?;
         // Both programs declare the accumulators; the module holds each once.
         for s in acc_states {
@@ -526,7 +567,7 @@ pub fn program(
         (step, states, info, Some(acc))
     } else {
         let (grads, info) = differentiate(Part::Whole)?;
-        let (step, states) = train_step(&grads, &[], opt)?;
+        let (step, states) = step_program(&grads, &[], opt, false, data_parallel)?;
         (step, states, info, None)
     };
     states.extend(info.biases.into_iter().map(|(name, ty)| StateDecl {

@@ -610,6 +610,13 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             arity(op, ins, 1)?;
             Ok(vec![])
         }
+        Op::AllReduce { group } => {
+            arity(op, ins, 1)?;
+            if ins[0].dtype != DType::F32 {
+                return fail(format!("`all_reduce` over `{group}` sums f32 tensors, found {}", ins[0]));
+            }
+            one(ins[0].clone())
+        }
     }
 }
 
@@ -773,6 +780,15 @@ mod tests {
         assert_eq!(ok(Op::Binary(BinaryOp::Mul), &["f32[B, T, 8]", "f32[8]"]), ["f32[B, T, 8]"]);
         assert_eq!(ok(Op::Binary(BinaryOp::Add), &["f32[B, 1, 8]", "f32[T, 1]"]), ["f32[B, T, 8]"]);
         assert!(bad(Op::Binary(BinaryOp::Add), &["f32[B, 8]", "f32[T, 8]"]).contains("do not broadcast"));
+    }
+
+    #[test]
+    fn all_reduce_keeps_its_f32_operand_type() {
+        let dp = || Op::AllReduce { group: "dp".into() };
+        assert_eq!(ok(dp(), &["f32[B, T, 8]"]), ["f32[B, T, 8]"]);
+        assert_eq!(ok(dp(), &["f32[]"]), ["f32[]"]);
+        assert!(bad(dp(), &["bf16[8]"]).contains("sums f32 tensors, found bf16[8]"));
+        assert!(bad(dp(), &["f32[8]", "f32[8]"]).contains("operand"));
     }
 
     #[test]

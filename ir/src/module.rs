@@ -105,6 +105,10 @@ impl fmt::Display for StateRole {
     }
 }
 
+/// The communication group of data-parallel replicas, which a data-parallel train step's
+/// `all_reduce` ops sum over.
+pub const DP_GROUP: &str = "dp";
+
 /// The caller input of an `accumulate` program: 0 on a step's first micro-batch, so that it starts
 /// the accumulators' sums, 1 after.
 pub const ACCUMULATE_KEEP: &str = "accumulate.keep";

@@ -399,6 +399,14 @@ pub enum Op {
         peer: u32,
         tag: u32,
     },
+    /// The element-wise sum of its operand over every process of communication group `group`
+    /// (`"dp"`: the data-parallel replicas), as `MPI_Allreduce(MPI_SUM)` or `ncclAllReduce`
+    /// compute it: an f32 tensor of the operand's type, the same on every process. Run by the
+    /// runtime between launches, never inside a kernel. A process that runs alone is a group of one,
+    /// whose sum is the operand (the interpreter's reading).
+    AllReduce {
+        group: String,
+    },
 }
 
 /// Why an op could not be rebuilt from its text form.
@@ -706,6 +714,7 @@ impl Op {
             Op::Fused { .. } => "fused",
             Op::Send { .. } => "send",
             Op::Recv { .. } => "recv",
+            Op::AllReduce { .. } => "all_reduce",
         }
     }
 
@@ -807,6 +816,7 @@ impl Op {
             Op::Send { peer, tag } | Op::Recv { peer, tag } => {
                 vec![("peer", Attr::Int(*peer as i64)), ("tag", Attr::Int(*tag as i64))]
             }
+            Op::AllReduce { group } => vec![("group", Attr::Str(group.clone()))],
         }
     }
 
@@ -914,6 +924,7 @@ impl Op {
             "moe_combine_grad" => Op::MoeCombineGrad { top_k: r.uint("top_k")? },
             "send" => Op::Send { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "recv" => Op::Recv { peer: r.u32("peer")?, tag: r.u32("tag")? },
+            "all_reduce" => Op::AllReduce { group: r.string("group")? },
             "fused" => return err("`fused` is parsed with its body, not from attributes"),
             other => {
                 if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == other) {

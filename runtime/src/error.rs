@@ -76,6 +76,8 @@ pub enum RuntimeError {
          runtime runs single-stage artifacts"
     )]
     Distributed { step: usize, what: String },
+    #[error("collective over group `{group}`: {what}")]
+    Collective { group: String, what: String },
     #[error("cannot allocate {bytes} bytes for {what}")]
     OutOfMemory { bytes: u64, what: String },
     #[error(

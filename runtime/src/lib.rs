@@ -25,6 +25,7 @@
 //! runs on machines without CUDA and reports a typed error where a GPU was asked for.
 
 pub mod artifact;
+pub mod comm;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

@@ -494,7 +494,9 @@ impl<B: Backend> CompiledTrainer<B> {
             }
         }
         let mut feeds = step_inputs(&self.inputs, last, lr)?;
-        feeds.push(scalar(MICRO_BATCHES, parts.len() as f32));
+        // Every replica's micro-batches, when the step is one replica's of several.
+        let replicas = crate::comm::group_size(self.exec.communicator(), kiln_ir::module::DP_GROUP)?;
+        feeds.push(scalar(MICRO_BATCHES, (parts.len() * replicas) as f32));
         feeds.retain(|t| self.inputs.contains(&t.name));
         if check {
             if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {

@@ -147,6 +147,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         losses: crate::train::losses_of(&entry),
         optimizer: crate::train::optimizer_of(&entry),
         accumulate: false,
+        data_parallel: false,
     };
     let train_opts = pack::Options {
         train: Some(train),

@@ -7,6 +7,7 @@ mod cli;
 mod codegen;
 mod compile;
 mod cuda;
+mod dist;
 mod fuse;
 mod fuzz;
 mod goldens;

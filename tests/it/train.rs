@@ -51,7 +51,7 @@ fn thirty_adamw_steps_match_pytorch() {
         clip: Some(1.0),
         moments: kiln_ir::DType::F32,
     };
-    let TrainPrograms { step: program, states, .. } = program(&spec, &losses, &opt, false).unwrap();
+    let TrainPrograms { step: program, states, .. } = program(&spec, &losses, &opt, false, false).unwrap();
     // The weights transformers started from: `kiln export-hf --random-weights 3`.
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
@@ -219,7 +219,7 @@ fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
     let gamma = 1e-3f32;
     let losses = build::TrainLosses { bias_update_speed: f64::from(gamma), ..build::TrainLosses::default() };
     let TrainPrograms { step: prog, states, .. } =
-        program(&spec, &losses, &Optimizer::default(), false).unwrap();
+        program(&spec, &losses, &Optimizer::default(), false, false).unwrap();
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
     let before: std::collections::HashMap<String, Vec<f32>> = initial
@@ -276,14 +276,14 @@ fn micro_batches_accumulate_to_the_step_of_the_whole_batch() {
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
     let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
         .unwrap();
-    let whole = program(&spec, &losses, &opt, false).unwrap();
+    let whole = program(&spec, &losses, &opt, false, false).unwrap();
     assert!(whole.accumulate.is_none());
     let mut reference = Trainer::new(whole.step, whole.states, initial.clone()).unwrap();
     let want: Vec<_> = (0..3).map(|_| reference.step(&rows, 1e-3).unwrap()).collect();
     let want_w: std::collections::HashMap<String, weights::HostTensor> =
         reference.weights().into_iter().map(|t| (t.name.clone(), t)).collect();
     for count in [2, 4] {
-        let split = program(&spec, &losses, &opt, true).unwrap();
+        let split = program(&spec, &losses, &opt, true, false).unwrap();
         let mut trainer = Trainer::new(split.step, split.states, initial.clone())
             .unwrap()
             .with_micro_batches(split.accumulate.unwrap(), count);

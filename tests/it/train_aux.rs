@@ -234,7 +234,12 @@ fn compiled(c: &Case, l: &TrainLosses, dir: &Path) -> (f64, f64, Grads) {
     };
     let (rows, t) = (c.rows.rows() as u64, c.rows.width() as u64 - 1);
     let options = pack::Options {
-        train: Some(kiln_compiler::pack::TrainOptions { losses: *l, optimizer: opt, accumulate: false }),
+        train: Some(kiln_compiler::pack::TrainOptions {
+            losses: *l,
+            optimizer: opt,
+            accumulate: false,
+            data_parallel: false,
+        }),
         kv_cache: false,
         score: false,
         ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)

@@ -27,6 +27,7 @@ pub(super) fn add(
     losses: &TrainLosses,
     part: Part,
     keep: Option<ValueId>,
+    data_parallel: bool,
     loss: &mut ValueId,
 ) -> Result<(), BuildError> {
     let scope = r.scope.as_str();
@@ -48,6 +49,10 @@ pub(super) fn add(
             earlier = b.op(scope, Op::Binary(BinaryOp::Mul), &[earlier, keep])?;
         }
         load = b.op(scope, Op::Binary(BinaryOp::Add), &[load, earlier])?;
+    }
+    // Every replica's tokens count, so that all of them move their biases alike.
+    if data_parallel && part != Part::Accumulate {
+        load = b.op(scope, Op::AllReduce { group: crate::train::DP_GROUP.into() }, &[load])?;
     }
     b.output(&format!("{LOAD_PREFIX}{scope}"), load)?;
 

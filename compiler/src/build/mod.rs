@@ -211,7 +211,7 @@ pub const LOAD_PREFIX: &str = "load.";
 /// trainer's report. [`crate::autodiff::differentiate`] and [`crate::train::train_step`] make the
 /// train-step program from it.
 pub fn build_train(spec: &ModelSpec, losses: &TrainLosses) -> Result<(Graph, TrainGraph), BuildError> {
-    build_train_part(spec, losses, Part::Whole)
+    build_train_part(spec, losses, Part::Whole, false)
 }
 
 /// Which micro-batch of a step a training graph runs when the step's batch is split (gradient
@@ -239,11 +239,15 @@ pub const LOAD_ACC_PREFIX: &str = "load.acc.";
 /// The caller input of an accumulating program: 0 on a step's first micro-batch, 1 after.
 pub const KEEP: &str = kiln_ir::module::ACCUMULATE_KEEP;
 
-/// [`build_train`] for one part of a step split into micro-batches (see [`Part`]).
+/// [`build_train`] for one part of a step split into micro-batches (see [`Part`]). With
+/// `data_parallel`, the step's rows are one replica's of several: a router's load over the step
+/// (the last part's, or the whole one's) is summed over the replicas (`all_reduce` over `dp`)
+/// before the biases move by it, so that every replica moves them alike.
 pub fn build_train_part(
     spec: &ModelSpec,
     losses: &TrainLosses,
     part: Part,
+    data_parallel: bool,
 ) -> Result<(Graph, TrainGraph), BuildError> {
     let mut b = Builder::new(spec, format!("{}.train", spec.model.name))?;
     b.routing = Some(Vec::new());
@@ -302,7 +306,7 @@ pub fn build_train_part(
         _ => None,
     };
     for r in &routers {
-        balance::add(&mut b, r, losses, part, keep, &mut loss)?;
+        balance::add(&mut b, r, losses, part, keep, data_parallel, &mut loss)?;
         if let Some((name, v)) = &r.bias {
             info.biases.push((name.clone(), b.g.ty(*v).clone()));
         }

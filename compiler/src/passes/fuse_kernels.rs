@@ -385,6 +385,7 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError
                     | Op::CacheUpdate
                     | Op::Send { .. }
                     | Op::Recv { .. }
+                    | Op::AllReduce { .. }
             )
             && layer(p).is_some()
             && weight_bytes(p) <= SMALL_WEIGHT_BYTES

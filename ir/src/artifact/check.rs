@@ -367,6 +367,21 @@ impl Manifest {
             Step::Send { buffer: b, .. } | Step::Recv { buffer: b, .. } => {
                 buffer(*b)?;
             }
+            Step::AllReduce { buffer: b, source, group } => {
+                let (b, s) = (buffer(*b)?, buffer(*source)?);
+                if b.dtype != DType::F32 || s.dtype != DType::F32 || b.shape != s.shape {
+                    return Err(format!(
+                        "all-reduce over `{group}` of {} into {}: both must be f32 of one shape",
+                        s.id, b.id
+                    ));
+                }
+                if matches!(b.storage, Storage::Param { .. } | Storage::Constant { .. }) {
+                    return Err(format!(
+                        "all-reduce over `{group}` writes {}, a parameter or constant",
+                        b.id
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -438,6 +453,10 @@ fn check_lifetimes(p: &Program) -> Result<(), (String, String)> {
             }
             Step::Send { buffer, .. } | Step::Recv { buffer, .. } => {
                 touch(&root, *buffer, i, &mut first, &mut last)
+            }
+            Step::AllReduce { buffer, source, .. } => {
+                touch(&root, *source, i, &mut first, &mut last);
+                touch(&root, *buffer, i, &mut first, &mut last);
             }
         }
     }

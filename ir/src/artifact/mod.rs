@@ -439,6 +439,10 @@ pub enum Step {
     Send { buffer: BufferId, peer: u32, tag: u32 },
     /// Receives `buffer` from pipeline stage `peer`.
     Recv { buffer: BufferId, peer: u32, tag: u32 },
+    /// `buffer` (f32) is the element-wise sum of `source` over every process of communication
+    /// group `group` (`"dp"`): the runtime copies `source` into it and runs its communicator's
+    /// all-reduce in place; a process with no communicator is a group of one.
+    AllReduce { buffer: BufferId, source: BufferId, group: String },
 }
 
 /// One value of a program.

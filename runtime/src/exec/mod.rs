@@ -155,6 +155,16 @@ struct Loaded<B: Backend> {
     /// Caller inputs that index something, with the rows they may index at the loaded maxima.
     index_inputs: HashMap<String, inputs::IndexLimit>,
     reads_sized_state: bool,
+    /// The program's `all_reduce` steps by where they run: those before any launch, then after
+    /// each bound launch (by its position in `steps`), in program order.
+    collectives: Collectives,
+}
+
+/// Where a program's `all_reduce` steps run among its bound launches.
+#[derive(Default)]
+struct Collectives {
+    before: Vec<usize>,
+    after: HashMap<usize, Vec<usize>>,
 }
 
 /// A loaded artifact with its weights, ready to run any of its programs. See the module
@@ -180,6 +190,8 @@ pub struct Executor<B: Backend> {
     trace: Option<Tracer>,
     /// A launch to poison, and whether runs check their launches' results.
     watch: watch::Watch,
+    /// The processes `all_reduce` steps sum over; none: this process alone.
+    comm: Option<Box<dyn crate::comm::Communicator>>,
     // Declared last: dropped after the memory above, which its launches point into.
     backend: B,
 }
@@ -343,6 +355,7 @@ impl<B: Backend> Executor<B> {
             profile: None,
             trace: None,
             watch: watch::Watch::default(),
+            comm: None,
             backend,
         };
         // Weight-only values, once per distinct value, then every program's run launches.
@@ -359,11 +372,24 @@ impl<B: Backend> Executor<B> {
                 .filter(|(i, s)| matches!(s, Step::Launch { .. }) && !plan.folded_steps.contains(i))
                 .map(|(i, _)| i)
                 .collect();
+            let mut collectives = Collectives::default();
+            let mut last_launch = None;
             for (i, s) in p.steps.iter().enumerate() {
                 let what = match s {
                     Step::Send { peer, .. } => format!("send to stage {peer}"),
                     Step::Recv { peer, .. } => format!("receive from stage {peer}"),
-                    _ => continue,
+                    Step::AllReduce { .. } => {
+                        match last_launch {
+                            None => collectives.before.push(i),
+                            Some(l) => collectives.after.entry(l).or_default().push(i),
+                        }
+                        continue;
+                    }
+                    Step::Launch { .. } => {
+                        last_launch = steps.iter().position(|&s| s == i).or(last_launch);
+                        continue;
+                    }
+                    Step::Alias { .. } => continue,
                 };
                 return Err(RuntimeError::Distributed { step: i, what });
             }
@@ -393,6 +419,7 @@ impl<B: Backend> Executor<B> {
                 probes,
                 index_inputs,
                 reads_sized_state,
+                collectives,
             });
         }
         // Every MoE layer is reported from the start, with no rows yet.
@@ -530,9 +557,10 @@ impl<B: Backend> Executor<B> {
         for (at, bytes) in &encoded {
             self.backend.write(&mut self.arena, *at, bytes)?;
         }
-        let Executor { backend, programs, arena, profile, manifest, states, watch, trace, .. } = self;
+        let Executor { backend, programs, arena, profile, manifest, states, watch, trace, comm, .. } = self;
+        let comm = comm.as_deref();
         let program = &manifest.programs[pi];
-        let Loaded { launches, probes, steps, .. } = &mut programs[li];
+        let Loaded { launches, probes, steps, collectives, .. } = &mut programs[li];
         let watched = watch.check || watch.poison.is_some_and(|(p, _)| p == pi);
         let mut memories = watch::Memories::<B> { arena, states };
         let mut offsets: Vec<Vec<i64>> = Vec::with_capacity(probes.len());
@@ -543,6 +571,7 @@ impl<B: Backend> Executor<B> {
         let since = |at: Instant| epoch.map_or(0, |e| (at - e).as_nanos() as u64);
         let mut clock = Instant::now();
         let run_start = clock;
+        all_reduce(backend, &mut memories, program, &collectives.before, &sizes, comm)?;
         let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
             // The dispatch's offsets are read right after it: the plan reuses their arena slot
             // once the grouped GEMMs have read them.
@@ -560,6 +589,9 @@ impl<B: Backend> Executor<B> {
             }
             if watched {
                 watch::after(be, &mut memories, manifest, (pi, program), steps[i], &sizes, watch)?;
+            }
+            if let Some(all) = collectives.after.get(&i) {
+                all_reduce(be, &mut memories, program, all, &sizes, comm)?;
             }
             if times.is_some() || epoch.is_some() {
                 be.synchronize()?;
@@ -591,6 +623,17 @@ impl<B: Backend> Executor<B> {
         }
         self.last = Some((li, sizes));
         Ok(sizes)
+    }
+
+    /// The processes the programs' `all_reduce` steps sum over (data-parallel replicas); without
+    /// one, this process is a group of one and an all-reduce copies its operand.
+    pub fn set_communicator(&mut self, comm: Box<dyn crate::comm::Communicator>) {
+        self.comm = Some(comm);
+    }
+
+    /// The communicator [`Executor::set_communicator`] gave, if any.
+    pub fn communicator(&self) -> Option<&dyn crate::comm::Communicator> {
+        self.comm.as_deref()
     }
 
     /// Runs program `name` as [`Executor::run`] does, checking every launch's float results as
@@ -921,4 +964,97 @@ impl<B: Backend> Drop for Executor<B> {
         // reported by the run that queued the work.
         let _ = self.backend.synchronize();
     }
+}
+
+/// Runs `all_reduce` steps `todo` of `program` (consecutive, with no launch between them) at
+/// `sizes`: their sources, read back once every launch issued so far is done, summed over their
+/// group by `comm` (a copy without one), into their buffers. The steps of one group go as one
+/// message: their values are laid end to end and summed by one call, as a data-parallel
+/// framework's gradient buckets are. The sum is staged through host memory on every backend
+/// (NCCL's in-place device all-reduce is the GPU path's to come).
+fn all_reduce<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    program: &Program,
+    todo: &[usize],
+    sizes: &SymBindings,
+    comm: Option<&dyn crate::comm::Communicator>,
+) -> Result<(), RuntimeError> {
+    if todo.is_empty() {
+        return Ok(());
+    }
+    be.synchronize()?;
+    let mut groups: Vec<&str> = Vec::new();
+    for &s in todo {
+        if let Step::AllReduce { group, .. } = &program.steps[s] {
+            if !groups.contains(&group.as_str()) {
+                groups.push(group);
+            }
+        }
+    }
+    for group in groups {
+        let fail = |what: String| RuntimeError::Collective { group: group.to_string(), what };
+        let place =
+            |b: &kiln_ir::artifact::Buffer, step: usize| -> Result<(Option<String>, usize), RuntimeError> {
+                match &b.storage {
+                    Storage::Arena { offset } => Ok((None, *offset as usize)),
+                    Storage::State { name } => Ok((Some(name.clone()), 0)),
+                    _ => Err(fail(format!(
+                        "step {step} reads or writes {}, which is not in the arena or a state",
+                        b.value
+                    ))),
+                }
+            };
+        let alone = match comm {
+            None => true,
+            Some(c) => crate::comm::group_size(Some(c), group)? <= 1,
+        };
+        let mut values: Vec<f32> = Vec::new();
+        let mut parts = Vec::new();
+        for &s in todo {
+            let Step::AllReduce { buffer, source, group: g } = &program.steps[s] else { continue };
+            if g != group {
+                continue;
+            }
+            let (src, dst) = (program.buffer(*source), program.buffer(*buffer));
+            let n = src.bytes(sizes).unwrap_or(0) as usize;
+            let (from, at) = place(src, s)?;
+            let bytes = match &from {
+                None => be.read(mem.arena, at..at + n)?,
+                Some(name) => be.read(&mem.states[name], at..at + n)?,
+            };
+            if alone {
+                // A group of one: the sum is the value, copied as it is.
+                match place(dst, s)? {
+                    (None, at) => be.write(mem.arena, at, &bytes)?,
+                    (Some(name), at) => be.write(
+                        mem.states.get_mut(&name).expect("every declared state is allocated"),
+                        at,
+                        &bytes,
+                    )?,
+                }
+                continue;
+            }
+            let start = values.len();
+            match decode(DType::F32, &bytes) {
+                HostData::F32(v) => values.extend(v),
+                HostData::I64(v) => values.extend(v.into_iter().map(|x| x as f32)),
+            }
+            parts.push((start..values.len(), place(dst, s)?, n));
+        }
+        if let (Some(c), false) = (comm, alone) {
+            c.all_reduce_sum(group, &mut values)?;
+        }
+        for (range, (to, at), n) in parts {
+            let mut out = vec![0u8; n];
+            encode(DType::F32, &HostData::F32(values[range].to_vec()), &mut out).map_err(fail)?;
+            match to {
+                None => be.write(mem.arena, at, &out)?,
+                Some(name) => {
+                    be.write(mem.states.get_mut(&name).expect("every declared state is allocated"), at, &out)?
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -87,7 +87,8 @@ pub fn plan(
     for (step, s) in steps.iter().enumerate() {
         let (kernel, bufs) = match s {
             Step::Launch { kernel, buffers, .. } => (*kernel, buffers),
-            Step::Alias { .. } => continue,
+            // The executor runs an all-reduce between launches (see `exec::all_reduce`).
+            Step::Alias { .. } | Step::AllReduce { .. } => continue,
             Step::Send { peer, .. } => {
                 return Err(RuntimeError::Distributed { step, what: format!("send to stage {peer}") })
             }

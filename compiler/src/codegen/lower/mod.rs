@@ -225,6 +225,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         | Op::Constant { .. }
         | Op::Send { .. }
         | Op::Recv { .. }
+        | Op::AllReduce { .. }
         | Op::Fused { .. }) => {
             return Err(f.unsupported(op.name(), "not a computing op: formation never makes it a kernel"))
         }

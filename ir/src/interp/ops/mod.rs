@@ -44,6 +44,8 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::Concat { axis } => shape::concat(ins, *axis, &out[0]),
         Op::Split { axis, .. } => shape::split(ins[0], *axis, out),
         Op::Reshape { .. } => Ok(vec![ins[0].clone().reshaped(dims(&out[0]))]),
+        // The interpreter is one process: a group of one, whose sum is the operand.
+        Op::AllReduce { .. } => Ok(vec![ins[0].clone()]),
         Op::Transpose { perm } => shape::transpose(ins[0], perm, &out[0]),
         Op::Broadcast { .. } => elementwise::broadcast_to(ins[0], &out[0]),
         Op::Quantize { spec, .. } => quant::quantize(ins[0], spec, out),

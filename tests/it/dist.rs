@@ -1,0 +1,165 @@
+//! Data-parallel training over MPI: `mpirun -n 2 kiln train ... --dp 2` takes the same steps as
+//! one process (the bar: per-step losses within 1e-6 relative, f32), its collectives are
+//! summed where the compiled step says, and a rank that stops answering or dies ends the job with
+//! a clear error instead of a hang. Run as root and oversubscribed, as CI is (2 cores).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{kiln, root, Out, Scratch};
+
+const DATA: &str = "tests/goldens/train/tokens.safetensors";
+/// Every loss term and the bias rule on, so that each sum over the replicas is exercised: the
+/// next-token and MTP losses, the balance loss, and the expert loads the biases move by.
+const LOSSES: [&str; 6] = ["--mtp-lambda", "0.3", "--balance-alpha", "1e-4", "--bias-update-speed", "1e-3"];
+
+/// `mpirun -n N kiln ARGS`, killed (and the test failed) if it runs past `limit`: nothing may hang.
+fn mpirun(n: usize, args: &[&str], limit: Duration) -> Out {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-n", &n.to_string()])
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("cannot start mpirun ({e}): OpenMPI comes from scripts/setup.sh (`make test` runs it)")
+    });
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "mpirun {args:?} ran past {limit:?}:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Each logged step's loss and gradient norm.
+fn logged(dir: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l.get("event").is_none())
+        .map(|l| (l["loss"].as_f64().unwrap(), l["grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+fn assert_close(what: &str, a: &[(f64, f64)], b: &[(f64, f64)]) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        for (p, q) in [(x.0, y.0), (x.1, y.1)] {
+            let rel = (p - q).abs() / q.abs().max(1e-12);
+            assert!(rel <= 1e-6, "{what}: step {}: {p} vs {q} ({rel:e} relative)\n{a:?}\n{b:?}", i + 1);
+        }
+    }
+}
+
+/// A train step compiled for one micro-batch of one row, with the losses above (and with
+/// `extra` flags).
+fn compile(s: &Scratch, name: &str, extra: &[&str]) -> String {
+    let out = s.path(name).display().to_string();
+    let mut args = vec!["compile", "models/tiny.toml", "--train", "--accumulate", "--target", "cpu"];
+    args.extend(["--max-batch", "1", "--max-context", "32", "-o", &out]);
+    args.extend(LOSSES);
+    args.extend(extra);
+    let r = kiln(&args);
+    assert!(r.ok, "{}", r.stderr);
+    out
+}
+
+fn train_args<'a>(model: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["train", model, "--random-weights", "1", "--data", DATA, "--batch", "4"];
+    a.extend(["--micro-batch", "1", "--steps", steps, "--threads", "1", "--out", out]);
+    a
+}
+
+#[test]
+fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
+    let s = Scratch::new();
+    let plain = compile(&s, "plain.kiln", &[]);
+    let dp = compile(&s, "dp.kiln", &["--data-parallel"]);
+    let manifest = std::fs::read_to_string(Path::new(&dp).join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"step\": \"all_reduce\"") || manifest.contains("\"step\":\"all_reduce\""));
+
+    // One process, 4 micro-batches of a row; two replicas of 2 micro-batches each; the
+    // data-parallel step alone (a group of one).
+    let (one, two, alone) = (s.path("one"), s.path("two"), s.path("alone"));
+    let (one, two, alone) = (one.to_str().unwrap(), two.to_str().unwrap(), alone.to_str().unwrap());
+    let r = kiln(&train_args(&plain, one, "4"));
+    assert!(r.ok, "{}", r.stderr);
+    let mut args = train_args(&dp, two, "4");
+    args.extend(["--dp", "2"]);
+    let r = mpirun(2, &args, Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("data-parallel over 2 processes (MPI), 1 rows each"), "{}", r.stdout);
+    // Rank 0 alone speaks and writes.
+    assert_eq!(r.stdout.matches("step     4").count(), 1, "{}", r.stdout);
+    let r = kiln(&train_args(&dp, alone, "4"));
+    assert!(r.ok, "{}", r.stderr);
+
+    let reference = logged(Path::new(one));
+    assert_eq!(reference.len(), 4);
+    assert_close("two replicas", &logged(Path::new(two)), &reference);
+    assert_close("the data-parallel step alone", &logged(Path::new(alone)), &reference);
+    // The biases move by whole-token loads, the same sums in any order: bit-identical.
+    let bias = |dir: &str| {
+        let t =
+            kiln_runtime::weights::open_checkpoint(&Path::new(dir).join("step-4/model.safetensors")).unwrap();
+        let name = "model.layers.1.mlp.gate.e_score_correction_bias";
+        t.read(name).unwrap().data
+    };
+    assert_eq!(bias(two), bias(one));
+
+    // A peer that never answers: rank 0 gives up after --comm-timeout and ends the job.
+    let stall = s.path("stall").display().to_string();
+    let mut args = train_args(&dp, &stall, "3");
+    args.extend(["--dp", "2", "--comm-timeout", "2", "--inject-fault", "stall:1@2"]);
+    let r = mpirun(2, &args, Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("error: rank 0 of 2 waited 2 s for the other ranks in the all-reduce of"),
+        "{}",
+        r.stderr
+    );
+    // A rank that dies: mpirun ends the others.
+    let dead = s.path("dead").display().to_string();
+    let mut args = train_args(&dp, &dead, "3");
+    args.extend(["--dp", "2", "--inject-fault", "exit:1@2"]);
+    let r = mpirun(2, &args, Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("rank 1: exiting before step 2"), "{}", r.stderr);
+
+    // Mistakes are refused before any step, naming the fix.
+    let mut args = train_args(&plain, two, "1");
+    args.extend(["--dp", "2"]);
+    let r = mpirun(2, &args, Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("compile it with `kiln compile --train --data-parallel`"), "{}", r.stderr);
+    // Whichever rank fails first says so and ends the job.
+    assert!(r.stderr.contains(" of 2; ending every process of the job)"), "{}", r.stderr);
+    let r = mpirun(2, &[&args[..args.len() - 1], &["3"]].concat(), Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("--dp 3: mpirun started 2 processes; start 3 (`mpirun -n 3`)"), "{}", r.stderr);
+    let r = kiln(&args);
+    assert!(!r.ok);
+    assert!(r.stderr.contains("launch them with `mpirun -n 2 kiln train ... --dp 2`"), "{}", r.stderr);
+    let mut args = train_args(&dp, two, "1");
+    args[7] = "3";
+    args.extend(["--dp", "2"]);
+    let r = mpirun(2, &args, Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("--batch 3 cannot be shared by --dp 2 replicas"), "{}", r.stderr);
+}
