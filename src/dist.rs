@@ -15,9 +15,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use kiln_runtime::comm::Communicator;
+use kiln_runtime::comm::{Communicator, InFlight};
 use kiln_runtime::RuntimeError;
 use mpi::collective::{CommunicatorCollectives, SystemOperation};
+use mpi::request::StaticScope;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 
 /// The MPI world of a data-parallel run; MPI is finalised when it is dropped.
@@ -129,8 +130,101 @@ impl Communicator for Replicas {
         Ok(())
     }
 
+    fn start_all_reduce_sum(&self, group: &str, data: Vec<f32>) -> Result<Box<dyn InFlight>, RuntimeError> {
+        if self.rank_in(group).is_none() {
+            return Err(RuntimeError::Collective {
+                group: group.into(),
+                what: "not a group of this run (it has `dp`)".into(),
+            });
+        }
+        let n = data.len();
+        // The buffers live on the heap, owned by the `Sum`, until MPI is done with them.
+        let send: *mut [f32] = Box::into_raw(data.into_boxed_slice());
+        let recv: *mut [f32] = Box::into_raw(vec![0.0f32; n].into_boxed_slice());
+        // SAFETY: both pointers come from `Box::into_raw` just above and are freed only by `Sum`
+        // (its `wait` or `Drop`) once the request has completed; nothing else touches them while
+        // MPI may read `send` or write `recv`.
+        let (s, r): (&'static [f32], &'static mut [f32]) = unsafe { (&*send, &mut *recv) };
+        let req = self.comm.immediate_all_reduce_into(StaticScope, s, r, SystemOperation::sum());
+        Ok(Box::new(Sum {
+            req: Some(req),
+            send,
+            recv: Some(recv),
+            start: Instant::now(),
+            timeout: self.timeout,
+            rank: self.rank,
+            size: self.size,
+            n,
+        }))
+    }
+
     fn timeout(&self) -> Duration {
         self.timeout
+    }
+}
+
+/// A non-blocking sum (`MPI_Iallreduce`) under way, owning its buffers.
+struct Sum {
+    req: Option<mpi::request::Request<'static, [f32], StaticScope>>,
+    send: *mut [f32],
+    /// Taken by `wait`.
+    recv: Option<*mut [f32]>,
+    start: Instant,
+    timeout: Duration,
+    rank: usize,
+    size: usize,
+    n: usize,
+}
+
+impl Sum {
+    fn late(&self) {
+        let what = format!("the all-reduce of {} values", self.n);
+        stalled(&SimpleCommunicator::world(), self.rank, self.size, self.timeout, &what)
+    }
+}
+
+impl InFlight for Sum {
+    fn test(&mut self) -> Result<bool, RuntimeError> {
+        let Some(req) = self.req.take() else { return Ok(true) };
+        match req.test() {
+            Ok(_) => Ok(true),
+            Err(req) => {
+                self.req = Some(req);
+                if self.start.elapsed() > self.timeout {
+                    self.late();
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<Vec<f32>, RuntimeError> {
+        if let Some(req) = self.req.take() {
+            let left = self.timeout.saturating_sub(self.start.elapsed());
+            poll(req, left, || self.late());
+        }
+        let recv = self.recv.take().expect("a sum is waited for once");
+        // SAFETY: from `Box::into_raw` in `start_all_reduce_sum`; the request has completed, so MPI
+        // no longer writes it, and `recv` was taken, so `Drop` does not free it again.
+        Ok(unsafe { Box::from_raw(recv) }.into_vec())
+    }
+}
+
+impl Drop for Sum {
+    fn drop(&mut self) {
+        if self.req.is_some() {
+            // MPI may still read and write the buffers: they cannot be freed, nor the job go on.
+            eprintln!("error: rank {}: a sum over the replicas was dropped before it finished", self.rank);
+            SimpleCommunicator::world().abort(3);
+        }
+        // SAFETY: from `Box::into_raw`; the request has completed (above), and each pointer is
+        // freed once (`recv` only if `wait` did not take it).
+        unsafe {
+            drop(Box::from_raw(self.send));
+            if let Some(recv) = self.recv.take() {
+                drop(Box::from_raw(recv));
+            }
+        }
     }
 }
 

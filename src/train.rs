@@ -711,6 +711,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let mut skip: std::collections::HashSet<(u64, usize)> = Default::default();
     let mut last_saved: Option<PathBuf> = req.resume.map(Path::to_path_buf);
     let event = |metrics: &mut Box<dyn Write>, v: serde_json::Value| writeln!(metrics, "{v}");
+    // What the replicas' sums cost over the run (`--dp`).
+    let mut comm = kiln_runtime::comm::CommStats::default();
     while progress.step < hyper.steps {
         let at = (progress.epoch, progress.row);
         let which = progress.next_rows(rows.rows(), hyper.batch);
@@ -753,6 +755,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let t0 = Instant::now();
         let stats = trainer.step(&batch, lr as f32)?;
         let secs = t0.elapsed().as_secs_f64();
+        comm.add(&trainer.take_comm_stats());
         let tps = (hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
         let f64s = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
         let mut record = Record {
@@ -893,6 +896,22 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
     }
     bar.finish_and_clear();
+    if comm.messages > 0 {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        writeln!(
+            out,
+            "communication: {} all-reduce messages, {:.1} MB, {:.1} ms in flight, {:.1} ms waited for: {:.0}% \
+             hidden under computation",
+            comm.messages,
+            comm.bytes as f64 / 1e6,
+            ms(comm.in_flight_ns),
+            ms(comm.waited_ns),
+            100.0 * comm.hidden()
+        )?;
+        let v = serde_json::json!({"event": "communication", "messages": comm.messages, "bytes": comm.bytes,
+            "in_flight_ms": ms(comm.in_flight_ns), "waited_ms": ms(comm.waited_ns), "hidden": comm.hidden()});
+        event(&mut metrics, v)?;
+    }
     // A resume of a finished run takes no step: the curve still covers the log.
     if req.leader() {
         write_curve(req.out, &spec.model.name)?;

@@ -232,26 +232,52 @@ impl Graph {
         users
     }
 
-    /// Nodes in topological order, preferring lower ids (insertion order) among the ready ones.
+    /// Nodes in topological order, preferring lower ids (insertion order) among the ready ones;
+    /// except that a collective (`all_reduce`), and a node whose only users are collectives (the
+    /// add or cast that makes a collective's operand), go as soon as they are ready, so that a
+    /// program starts each sum over its peers as early as it can and the communication overlaps
+    /// the computation after it (a data-parallel step's gradient sums start during the backward
+    /// pass, as DDP's buckets do). Only one level: everything upstream of a gradient ends in a
+    /// collective, and hurrying all of it would hurry nothing. A graph without collectives is in
+    /// plain id order.
     pub fn nodes(&self) -> Vec<NodeId> {
+        let order = self.ordered(&[]);
+        let collective = |i: usize| matches!(self.dag[NodeIndex::new(i)].op, Op::AllReduce { .. });
+        if !order.iter().any(|&n| collective(n.0 as usize)) {
+            return order;
+        }
+        let mut urgent = vec![false; self.dag.node_bound()];
+        for &n in &order {
+            let i = NodeIndex::new(n.0 as usize);
+            let mut users =
+                self.dag.edges_directed(i, Direction::Outgoing).map(|e| e.target().index()).peekable();
+            urgent[i.index()] = collective(i.index()) || (users.peek().is_some() && users.all(collective));
+        }
+        self.ordered(&urgent)
+    }
+
+    /// Kahn's topological order: among the ready nodes, an `urgent` one first, then the lowest id.
+    fn ordered(&self, urgent: &[bool]) -> Vec<NodeId> {
+        let first = |n: usize| urgent.get(n).copied().unwrap_or(false);
         let mut indegree = vec![0usize; self.dag.node_bound()];
         for e in self.dag.edge_references() {
             indegree[e.target().index()] += 1;
         }
-        let mut ready: BinaryHeap<Reverse<usize>> = self
+        // Urgent nodes sort first (`false < true`, reversed), then by id.
+        let mut ready: BinaryHeap<Reverse<(bool, usize)>> = self
             .dag
             .node_indices()
             .filter(|n| indegree[n.index()] == 0)
-            .map(|n| Reverse(n.index()))
+            .map(|n| Reverse((!first(n.index()), n.index())))
             .collect();
         let mut order = Vec::with_capacity(self.dag.node_count());
-        while let Some(Reverse(n)) = ready.pop() {
+        while let Some(Reverse((_, n))) = ready.pop() {
             order.push(NodeId(n as u32));
             for e in self.dag.edges_directed(NodeIndex::new(n), Direction::Outgoing) {
                 let t = e.target().index();
                 indegree[t] -= 1;
                 if indegree[t] == 0 {
-                    ready.push(Reverse(t));
+                    ready.push(Reverse((!first(t), t)));
                 }
             }
         }

@@ -19,8 +19,70 @@ pub trait Communicator {
     /// the same length. Bit-identical on every process (the sum is reduced once and broadcast, as
     /// MPI's and NCCL's all-reduce guarantee for one communicator).
     fn all_reduce_sum(&self, group: &str, data: &mut [f32]) -> Result<(), RuntimeError>;
+    /// Starts [`Communicator::all_reduce_sum`] of `data` and returns at once; the sum is taken
+    /// from the [`InFlight`] when it is needed, while the caller computes. The default sums at once
+    /// (a transport with no non-blocking call).
+    fn start_all_reduce_sum(
+        &self,
+        group: &str,
+        mut data: Vec<f32>,
+    ) -> Result<Box<dyn InFlight>, RuntimeError> {
+        self.all_reduce_sum(group, &mut data)?;
+        Ok(Box::new(Done(Some(data))))
+    }
     /// How long a collective waits for its peers before it fails.
     fn timeout(&self) -> Duration;
+}
+
+/// A collective under way ([`Communicator::start_all_reduce_sum`]).
+pub trait InFlight {
+    /// Whether it has finished, letting the transport progress (a non-blocking test).
+    fn test(&mut self) -> Result<bool, RuntimeError>;
+    /// Waits until it has finished (within the communicator's timeout) and gives the result.
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, RuntimeError>;
+}
+
+/// A collective that finished when it started.
+struct Done(Option<Vec<f32>>);
+
+impl InFlight for Done {
+    fn test(&mut self) -> Result<bool, RuntimeError> {
+        Ok(true)
+    }
+
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, RuntimeError> {
+        Ok(self.0.unwrap_or_default())
+    }
+}
+
+/// What a run's collectives cost, summed over its messages: how long each was in flight (from its
+/// start to the first test that found it done, or the end of its wait) and how long the run stood
+/// waiting for one. `1 - waited / in_flight` is the share of the communication hidden under the
+/// computation.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CommStats {
+    pub messages: u64,
+    pub bytes: u64,
+    pub in_flight_ns: u64,
+    pub waited_ns: u64,
+}
+
+impl CommStats {
+    pub fn add(&mut self, o: &CommStats) {
+        self.messages += o.messages;
+        self.bytes += o.bytes;
+        self.in_flight_ns += o.in_flight_ns;
+        self.waited_ns += o.waited_ns;
+    }
+
+    /// The share of the in-flight time the run did not wait for (1 when nothing was sent).
+    pub fn hidden(&self) -> f64 {
+        if self.in_flight_ns == 0 {
+            1.0
+        } else {
+            1.0 - self.waited_ns as f64 / self.in_flight_ns as f64
+        }
+    }
 }
 
 /// The size of `group` under `comm` (1 without one: a process alone).

@@ -591,6 +591,10 @@ pub trait Steps {
                 .into(),
         ))
     }
+    /// What the step's collectives cost since the last call (nothing on one process).
+    fn take_comm_stats(&mut self) -> crate::comm::CommStats {
+        crate::comm::CommStats::default()
+    }
 }
 
 impl Steps for Trainer {
@@ -625,6 +629,9 @@ impl Steps for Trainer {
 impl<B: Backend> Steps for CompiledTrainer<B> {
     fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
         CompiledTrainer::step(self, rows, lr)
+    }
+    fn take_comm_stats(&mut self) -> crate::comm::CommStats {
+        self.exec.take_comm_stats()
     }
     fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
         CompiledTrainer::weights(self)

@@ -91,8 +91,24 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
     let s = Scratch::new();
     let plain = compile(&s, "plain.kiln", &[]);
     let dp = compile(&s, "dp.kiln", &["--data-parallel"]);
-    let manifest = std::fs::read_to_string(Path::new(&dp).join("manifest.json")).unwrap();
-    assert!(manifest.contains("\"step\": \"all_reduce\"") || manifest.contains("\"step\":\"all_reduce\""));
+    // The sums start during the backward pass, each right after the launch that makes its
+    // operand: launches run between the first and the last, in the step and in the accumulator.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(&dp).join("manifest.json")).unwrap())
+            .unwrap();
+    for p in manifest["programs"].as_array().unwrap() {
+        let steps: Vec<&str> =
+            p["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+        let sums: Vec<usize> = (0..steps.len()).filter(|&i| steps[i] == "all_reduce").collect();
+        if p["name"] == "accumulate" {
+            assert!(sums.is_empty(), "an accumulating micro-batch sums nothing over the replicas");
+            continue;
+        }
+        // A sum for every trained tensor, the loss and each MoE layer's load.
+        assert!(sums.len() > 100, "{} sums", sums.len());
+        let between = steps[sums[3]..*sums.last().unwrap()].iter().filter(|s| **s == "launch").count();
+        assert!(between > 100, "{between} launches between the gradient sums: they are not started early");
+    }
 
     // One process, 4 micro-batches of a row; two replicas of 2 micro-batches each; the
     // data-parallel step alone (a group of one).
@@ -107,6 +123,12 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
     assert!(r.stdout.contains("data-parallel over 2 processes (MPI), 1 rows each"), "{}", r.stdout);
     // Rank 0 alone speaks and writes.
     assert_eq!(r.stdout.matches("step     4").count(), 1, "{}", r.stdout);
+    // What the sums cost: several messages a step, and the share not waited for, a fraction.
+    let comm = r.stdout.lines().find(|l| l.starts_with("communication: ")).expect("a communication line");
+    let messages: u64 = comm["communication: ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(messages > 4 * 4, "{comm}");
+    let hidden: f64 = comm.rsplit(": ").next().unwrap().split('%').next().unwrap().parse().unwrap();
+    assert!((0.0..=100.0).contains(&hidden), "{comm}");
     let r = kiln(&train_args(&dp, alone, "4"));
     assert!(r.ok, "{}", r.stderr);
 

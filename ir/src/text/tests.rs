@@ -572,3 +572,27 @@ proptest! {
         }
     }
 }
+
+/// A collective, and the node that only makes its operand, run as soon as they are ready; the
+/// rest keeps insertion order, and a graph without collectives is in insertion order.
+#[test]
+fn collectives_are_ordered_as_early_as_they_can_start() {
+    let text = |sum: bool| {
+        let tail = if sum {
+            "  %5 = add %1, %1 : f32[4]\n  %6 = all_reduce %5 {group = \"dp\"} : f32[4]\n  output \"s\" = %6\n"
+        } else {
+            ""
+        };
+        format!(
+            "graph @g {{\n  %0 = input {{name = \"x\"}} : f32[4]\n  %1 = exp %0 : f32[4]\n  %2 = exp %1 : f32[4]\n  \
+             %3 = exp %2 : f32[4]\n  %4 = exp %3 : f32[4]\n{tail}  output \"y\" = %4\n}}\n"
+        )
+    };
+    let order = |g: &Graph| -> Vec<String> {
+        g.nodes().into_iter().map(|n| g.node(n).results[0].to_string()).collect()
+    };
+    let g = parse(&text(true)).unwrap();
+    assert_eq!(order(&g), ["%0", "%1", "%5", "%6", "%2", "%3", "%4"]);
+    let g = parse(&text(false)).unwrap();
+    assert_eq!(order(&g), ["%0", "%1", "%2", "%3", "%4"]);
+}

@@ -24,6 +24,7 @@
 //! What it does not do yet: run `send`/`recv` steps (the distributed runtime); a backend refuses
 //! them at load ([`RuntimeError::Distributed`]).
 
+mod collective;
 mod engine;
 mod fold;
 mod probe;
@@ -157,14 +158,7 @@ struct Loaded<B: Backend> {
     reads_sized_state: bool,
     /// The program's `all_reduce` steps by where they run: those before any launch, then after
     /// each bound launch (by its position in `steps`), in program order.
-    collectives: Collectives,
-}
-
-/// Where a program's `all_reduce` steps run among its bound launches.
-#[derive(Default)]
-struct Collectives {
-    before: Vec<usize>,
-    after: HashMap<usize, Vec<usize>>,
+    collectives: collective::Collectives,
 }
 
 /// A loaded artifact with its weights, ready to run any of its programs. See the module
@@ -192,6 +186,8 @@ pub struct Executor<B: Backend> {
     watch: watch::Watch,
     /// The processes `all_reduce` steps sum over; none: this process alone.
     comm: Option<Box<dyn crate::comm::Communicator>>,
+    /// What the collectives cost since [`Executor::take_comm_stats`].
+    comm_stats: crate::comm::CommStats,
     // Declared last: dropped after the memory above, which its launches point into.
     backend: B,
 }
@@ -356,6 +352,7 @@ impl<B: Backend> Executor<B> {
             trace: None,
             watch: watch::Watch::default(),
             comm: None,
+            comm_stats: Default::default(),
             backend,
         };
         // Weight-only values, once per distinct value, then every program's run launches.
@@ -372,27 +369,15 @@ impl<B: Backend> Executor<B> {
                 .filter(|(i, s)| matches!(s, Step::Launch { .. }) && !plan.folded_steps.contains(i))
                 .map(|(i, _)| i)
                 .collect();
-            let mut collectives = Collectives::default();
-            let mut last_launch = None;
             for (i, s) in p.steps.iter().enumerate() {
                 let what = match s {
                     Step::Send { peer, .. } => format!("send to stage {peer}"),
                     Step::Recv { peer, .. } => format!("receive from stage {peer}"),
-                    Step::AllReduce { .. } => {
-                        match last_launch {
-                            None => collectives.before.push(i),
-                            Some(l) => collectives.after.entry(l).or_default().push(i),
-                        }
-                        continue;
-                    }
-                    Step::Launch { .. } => {
-                        last_launch = steps.iter().position(|&s| s == i).or(last_launch);
-                        continue;
-                    }
-                    Step::Alias { .. } => continue,
+                    _ => continue,
                 };
                 return Err(RuntimeError::Distributed { step: i, what });
             }
+            let collectives = collective::plan(p, &steps);
             let launches = {
                 let address = |b: BufferId| exec.address(pi, b);
                 let what = Binding {
@@ -557,7 +542,19 @@ impl<B: Backend> Executor<B> {
         for (at, bytes) in &encoded {
             self.backend.write(&mut self.arena, *at, bytes)?;
         }
-        let Executor { backend, programs, arena, profile, manifest, states, watch, trace, comm, .. } = self;
+        let Executor {
+            backend,
+            programs,
+            arena,
+            profile,
+            manifest,
+            states,
+            watch,
+            trace,
+            comm,
+            comm_stats,
+            ..
+        } = self;
         let comm = comm.as_deref();
         let program = &manifest.programs[pi];
         let Loaded { launches, probes, steps, collectives, .. } = &mut programs[li];
@@ -571,7 +568,11 @@ impl<B: Backend> Executor<B> {
         let since = |at: Instant| epoch.map_or(0, |e| (at - e).as_nanos() as u64);
         let mut clock = Instant::now();
         let run_start = clock;
-        all_reduce(backend, &mut memories, program, &collectives.before, &sizes, comm)?;
+        let mut flights: Vec<collective::Flight> = Vec::new();
+        if let Some(b) = &collectives.before {
+            flights = collective::start(backend, &mut memories, program, b, &sizes, comm)?;
+            collective::finish_due(backend, &mut memories, &mut flights, |f| f.due == Some(0), comm_stats)?;
+        }
         let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
             // The dispatch's offsets are read right after it: the plan reuses their arena slot
             // once the grouped GEMMs have read them.
@@ -590,8 +591,20 @@ impl<B: Backend> Executor<B> {
             if watched {
                 watch::after(be, &mut memories, manifest, (pi, program), steps[i], &sizes, watch)?;
             }
-            if let Some(all) = collectives.after.get(&i) {
-                all_reduce(be, &mut memories, program, all, &sizes, comm)?;
+            if !flights.is_empty() {
+                collective::progress(&mut flights)?;
+            }
+            if let Some(b) = collectives.after.get(&i) {
+                flights.extend(collective::start(be, &mut memories, program, b, &sizes, comm)?);
+            }
+            if !flights.is_empty() {
+                collective::finish_due(
+                    be,
+                    &mut memories,
+                    &mut flights,
+                    |f| f.due == Some(i + 1),
+                    comm_stats,
+                )?;
             }
             if times.is_some() || epoch.is_some() {
                 be.synchronize()?;
@@ -608,6 +621,8 @@ impl<B: Backend> Executor<B> {
             Ok(())
         };
         backend.run(launches, &sizes, &mut after)?;
+        // Those no launch reads (outputs), and any left by a launch that was not run.
+        collective::finish_due(backend, &mut memories, &mut flights, |_| true, comm_stats)?;
         if let Some(t) = trace.as_mut() {
             backend.synchronize()?;
             let start = (run_start - t.epoch).as_nanos() as u64;
@@ -629,6 +644,11 @@ impl<B: Backend> Executor<B> {
     /// one, this process is a group of one and an all-reduce copies its operand.
     pub fn set_communicator(&mut self, comm: Box<dyn crate::comm::Communicator>) {
         self.comm = Some(comm);
+    }
+
+    /// What the collectives of every run since the last call cost (and zero again).
+    pub fn take_comm_stats(&mut self) -> crate::comm::CommStats {
+        std::mem::take(&mut self.comm_stats)
     }
 
     /// The communicator [`Executor::set_communicator`] gave, if any.
@@ -964,97 +984,4 @@ impl<B: Backend> Drop for Executor<B> {
         // reported by the run that queued the work.
         let _ = self.backend.synchronize();
     }
-}
-
-/// Runs `all_reduce` steps `todo` of `program` (consecutive, with no launch between them) at
-/// `sizes`: their sources, read back once every launch issued so far is done, summed over their
-/// group by `comm` (a copy without one), into their buffers. The steps of one group go as one
-/// message: their values are laid end to end and summed by one call, as a data-parallel
-/// framework's gradient buckets are. The sum is staged through host memory on every backend
-/// (NCCL's in-place device all-reduce is the GPU path's to come).
-fn all_reduce<B: Backend>(
-    be: &B,
-    mem: &mut watch::Memories<'_, B>,
-    program: &Program,
-    todo: &[usize],
-    sizes: &SymBindings,
-    comm: Option<&dyn crate::comm::Communicator>,
-) -> Result<(), RuntimeError> {
-    if todo.is_empty() {
-        return Ok(());
-    }
-    be.synchronize()?;
-    let mut groups: Vec<&str> = Vec::new();
-    for &s in todo {
-        if let Step::AllReduce { group, .. } = &program.steps[s] {
-            if !groups.contains(&group.as_str()) {
-                groups.push(group);
-            }
-        }
-    }
-    for group in groups {
-        let fail = |what: String| RuntimeError::Collective { group: group.to_string(), what };
-        let place =
-            |b: &kiln_ir::artifact::Buffer, step: usize| -> Result<(Option<String>, usize), RuntimeError> {
-                match &b.storage {
-                    Storage::Arena { offset } => Ok((None, *offset as usize)),
-                    Storage::State { name } => Ok((Some(name.clone()), 0)),
-                    _ => Err(fail(format!(
-                        "step {step} reads or writes {}, which is not in the arena or a state",
-                        b.value
-                    ))),
-                }
-            };
-        let alone = match comm {
-            None => true,
-            Some(c) => crate::comm::group_size(Some(c), group)? <= 1,
-        };
-        let mut values: Vec<f32> = Vec::new();
-        let mut parts = Vec::new();
-        for &s in todo {
-            let Step::AllReduce { buffer, source, group: g } = &program.steps[s] else { continue };
-            if g != group {
-                continue;
-            }
-            let (src, dst) = (program.buffer(*source), program.buffer(*buffer));
-            let n = src.bytes(sizes).unwrap_or(0) as usize;
-            let (from, at) = place(src, s)?;
-            let bytes = match &from {
-                None => be.read(mem.arena, at..at + n)?,
-                Some(name) => be.read(&mem.states[name], at..at + n)?,
-            };
-            if alone {
-                // A group of one: the sum is the value, copied as it is.
-                match place(dst, s)? {
-                    (None, at) => be.write(mem.arena, at, &bytes)?,
-                    (Some(name), at) => be.write(
-                        mem.states.get_mut(&name).expect("every declared state is allocated"),
-                        at,
-                        &bytes,
-                    )?,
-                }
-                continue;
-            }
-            let start = values.len();
-            match decode(DType::F32, &bytes) {
-                HostData::F32(v) => values.extend(v),
-                HostData::I64(v) => values.extend(v.into_iter().map(|x| x as f32)),
-            }
-            parts.push((start..values.len(), place(dst, s)?, n));
-        }
-        if let (Some(c), false) = (comm, alone) {
-            c.all_reduce_sum(group, &mut values)?;
-        }
-        for (range, (to, at), n) in parts {
-            let mut out = vec![0u8; n];
-            encode(DType::F32, &HostData::F32(values[range].to_vec()), &mut out).map_err(fail)?;
-            match to {
-                None => be.write(mem.arena, at, &out)?,
-                Some(name) => {
-                    be.write(mem.states.get_mut(&name).expect("every declared state is allocated"), at, &out)?
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -1,0 +1,281 @@
+//! A program's `all_reduce` steps among its launches: started as soon as the launch before them is
+//! done, finished just before the first launch that reads their result, so that the sum over the
+//! peers travels while the launches between compute (a data-parallel step's gradient sums start
+//! during the backward pass: the compiler orders each one right after its operand, see
+//! `kiln_ir::Graph::nodes`).
+//!
+//! [`plan`] groups the steps at load by the launch they follow (a *bucket*: the steps of one group
+//! go as one message, their values laid end to end) and finds each bucket's *due* launch. At run
+//! time [`start`] reads the sources and starts the message ([`Communicator::start_all_reduce_sum`]),
+//! every later launch lets the messages in flight progress ([`progress`]: MPI moves a non-blocking
+//! message only inside its calls), and [`finish`] waits for a bucket and writes its results when its
+//! due launch comes (or at the end of the run). The memory plan keeps a result's arena bytes from
+//! the step that defines it to its last reader, so writing them late is safe; a source is read when
+//! the message starts, so its bytes may be reused at once.
+//!
+//! A process alone (no communicator, or a group of one) copies each source to its result at once.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use kiln_ir::artifact::{Buffer, Program, Step, Storage};
+use kiln_ir::{DType, SymBindings};
+
+use super::{watch, Backend};
+use crate::comm::{CommStats, Communicator, InFlight};
+use crate::host::{decode, encode};
+use crate::weights::HostData;
+use crate::RuntimeError;
+
+/// The all-reduce steps of one program, by where they start.
+#[derive(Default)]
+pub(super) struct Collectives {
+    pub before: Option<Bucket>,
+    /// By the position (in the bound launches) of the launch they follow.
+    pub after: HashMap<usize, Bucket>,
+}
+
+/// Consecutive all-reduce steps, and the first bound launch (by position) that reads a result of
+/// one of them; `None`: no launch does (an output), so they finish at the end of the run.
+pub(super) struct Bucket {
+    pub steps: Vec<usize>,
+    pub due: Option<usize>,
+}
+
+/// Groups the all-reduce steps of `p` by the launch before them; `launches` are the step indices of
+/// the bound launches, in order.
+pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
+    let mut root: Vec<usize> = (0..p.buffers.len()).collect();
+    for s in &p.steps {
+        if let Step::Alias { buffer, source } = s {
+            root[buffer.index()] = root[source.index()];
+        }
+    }
+    let reads = |s: &Step, r: usize| match s {
+        Step::Launch { buffers, .. } => buffers.iter().any(|b| root[b.index()] == r),
+        Step::AllReduce { source, .. } => root[source.index()] == r,
+        Step::Send { buffer, .. } => root[buffer.index()] == r,
+        Step::Alias { .. } | Step::Recv { .. } => false,
+    };
+    // The first bound launch, by position, at or after step `from`.
+    let position_from = |from: usize| launches.iter().position(|&l| l >= from);
+    let mut out = Collectives::default();
+    let mut last_launch: Option<usize> = None;
+    for (i, s) in p.steps.iter().enumerate() {
+        match s {
+            Step::Launch { .. } => {
+                if let Some(pos) = launches.iter().position(|&l| l == i) {
+                    last_launch = Some(pos);
+                }
+            }
+            Step::AllReduce { buffer, .. } => {
+                let r = root[buffer.index()];
+                // The first later step that reads the result; a collective reading it must find
+                // it written before it starts, i.e. before the launch after the one it follows.
+                let due =
+                    (i + 1..p.steps.len()).find(|&j| reads(&p.steps[j], r)).and_then(|j| match p.steps[j] {
+                        Step::Launch { .. } => position_from(j),
+                        _ => {
+                            let before = (0..j).rev().find(|&k| launches.contains(&k));
+                            before.and_then(|k| launches.iter().position(|&l| l == k)).map(|pos| pos + 1)
+                        }
+                    });
+                let bucket = match last_launch {
+                    None => out.before.get_or_insert(Bucket { steps: Vec::new(), due: None }),
+                    Some(l) => out.after.entry(l).or_insert(Bucket { steps: Vec::new(), due: None }),
+                };
+                bucket.steps.push(i);
+                bucket.due = match (bucket.due, due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Step::Alias { .. } | Step::Send { .. } | Step::Recv { .. } => {}
+        }
+    }
+    out
+}
+
+/// One message in flight: its results' places, and when it started and was found done.
+pub(super) struct Flight {
+    parts: Vec<(Range<usize>, Place, usize)>,
+    inflight: Box<dyn InFlight>,
+    group: String,
+    pub due: Option<usize>,
+    start: Instant,
+    done: Option<Instant>,
+    bytes: u64,
+}
+
+/// Where a buffer's bytes are: the arena at an offset, or a state.
+#[derive(Clone)]
+enum Place {
+    Arena(usize),
+    State(String),
+}
+
+fn place(b: &Buffer, group: &str, step: usize) -> Result<Place, RuntimeError> {
+    match &b.storage {
+        Storage::Arena { offset } => Ok(Place::Arena(*offset as usize)),
+        Storage::State { name } => Ok(Place::State(name.clone())),
+        _ => Err(RuntimeError::Collective {
+            group: group.to_string(),
+            what: format!("step {step} reads or writes {}, which is not in the arena or a state", b.value),
+        }),
+    }
+}
+
+fn read<B: Backend>(
+    be: &B,
+    mem: &watch::Memories<'_, B>,
+    at: &Place,
+    n: usize,
+) -> Result<Vec<u8>, RuntimeError> {
+    match at {
+        Place::Arena(o) => be.read(mem.arena, *o..*o + n),
+        Place::State(name) => be.read(&mem.states[name], 0..n),
+    }
+}
+
+fn write<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    at: &Place,
+    bytes: &[u8],
+) -> Result<(), RuntimeError> {
+    match at {
+        Place::Arena(o) => be.write(mem.arena, *o, bytes),
+        Place::State(name) => {
+            be.write(mem.states.get_mut(name).expect("every declared state is allocated"), 0, bytes)
+        }
+    }
+}
+
+/// Starts bucket `bucket` of `program` at `sizes`, once every launch issued so far is done: one
+/// message per group, or, alone, each source copied to its result at once.
+pub(super) fn start<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    program: &Program,
+    bucket: &Bucket,
+    sizes: &SymBindings,
+    comm: Option<&dyn Communicator>,
+) -> Result<Vec<Flight>, RuntimeError> {
+    be.synchronize()?;
+    let mut groups: Vec<&str> = Vec::new();
+    for &s in &bucket.steps {
+        if let Step::AllReduce { group, .. } = &program.steps[s] {
+            if !groups.contains(&group.as_str()) {
+                groups.push(group);
+            }
+        }
+    }
+    let mut flights = Vec::new();
+    for group in groups {
+        let alone = match comm {
+            None => true,
+            Some(c) => crate::comm::group_size(Some(c), group)? <= 1,
+        };
+        let mut values: Vec<f32> = Vec::new();
+        let mut parts = Vec::new();
+        for &s in &bucket.steps {
+            let Step::AllReduce { buffer, source, group: g } = &program.steps[s] else { continue };
+            if g != group {
+                continue;
+            }
+            let (src, dst): (&Buffer, &Buffer) = (program.buffer(*source), program.buffer(*buffer));
+            let n = src.bytes(sizes).unwrap_or(0) as usize;
+            let bytes = read(be, mem, &place(src, group, s)?, n)?;
+            let to = place(dst, group, s)?;
+            if alone {
+                // A group of one: the sum is the value, copied as it is.
+                write(be, mem, &to, &bytes)?;
+                continue;
+            }
+            let begin = values.len();
+            match decode(DType::F32, &bytes) {
+                HostData::F32(v) => values.extend(v),
+                HostData::I64(v) => values.extend(v.into_iter().map(|x| x as f32)),
+            }
+            parts.push((begin..values.len(), to, n));
+        }
+        if let (Some(c), false) = (comm, alone) {
+            let bytes = 4 * values.len() as u64;
+            let inflight = c.start_all_reduce_sum(group, values)?;
+            flights.push(Flight {
+                parts,
+                inflight,
+                group: group.to_string(),
+                due: bucket.due,
+                start: Instant::now(),
+                done: None,
+                bytes,
+            });
+        }
+    }
+    Ok(flights)
+}
+
+/// Lets every message in flight progress, noting when each is found done.
+pub(super) fn progress(flights: &mut [Flight]) -> Result<(), RuntimeError> {
+    for f in flights.iter_mut().filter(|f| f.done.is_none()) {
+        if f.inflight.test()? {
+            f.done = Some(Instant::now());
+        }
+    }
+    Ok(())
+}
+
+/// Waits for `f` and writes its results, counting it in `stats`.
+pub(super) fn finish<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    f: Flight,
+    stats: &mut CommStats,
+) -> Result<(), RuntimeError> {
+    let waited = Instant::now();
+    let values = f.inflight.wait()?;
+    let now = Instant::now();
+    let done = f.done.unwrap_or(now);
+    stats.messages += 1;
+    stats.bytes += f.bytes;
+    stats.in_flight_ns += (done - f.start).as_nanos() as u64;
+    if f.done.is_none() {
+        stats.waited_ns += (now - waited).as_nanos() as u64;
+    }
+    be.synchronize()?;
+    for (range, to, n) in f.parts {
+        let Some(v) = values.get(range.clone()) else {
+            return Err(RuntimeError::Collective {
+                group: f.group.clone(),
+                what: format!("the sum came back with {} values, fewer than {}", values.len(), range.end),
+            });
+        };
+        let mut out = vec![0u8; n];
+        encode(DType::F32, &HostData::F32(v.to_vec()), &mut out)
+            .map_err(|what| RuntimeError::Collective { group: f.group.clone(), what })?;
+        write(be, mem, &to, &out)?;
+    }
+    Ok(())
+}
+
+/// Finishes the flights that `due` says are due, in the order they started.
+pub(super) fn finish_due<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    flights: &mut Vec<Flight>,
+    due: impl Fn(&Flight) -> bool,
+    stats: &mut CommStats,
+) -> Result<(), RuntimeError> {
+    let mut i = 0;
+    while i < flights.len() {
+        if due(&flights[i]) {
+            let f = flights.remove(i);
+            finish(be, mem, f, stats)?;
+        } else {
+            i += 1;
+        }
+    }
+    Ok(())
+}
