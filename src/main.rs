@@ -560,6 +560,30 @@ struct TrainArgs {
     monitor: Box<monitor::Args>,
 }
 
+/// Runs `kiln train` or `kiln sft`: in this process, or with `--dp N` as one of the N replicas
+/// mpirun started (`crate::dist`).
+fn replicated(args: &TrainArgs, req: train::Request) -> Result<()> {
+    let Some(dp) = args.dp else { return train::run(&req, &mut io::stdout().lock()) };
+    if dp == 0 {
+        bail!("--dp 0: give the number of data-parallel processes, at least 1");
+    }
+    if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
+        bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
+    }
+    let d = dist::Dist::init(dp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
+    // The request, for as long as the world lives.
+    let req = train::Request { dist: Some(&d), ..req };
+    // The first process speaks for the job; a failure anywhere ends every process.
+    let ran = match d.leader() {
+        true => train::run(&req, &mut io::stdout().lock()),
+        false => train::run(&req, &mut io::sink()),
+    };
+    if let Err(e) = ran {
+        d.fail(&render(&e));
+    }
+    Ok(())
+}
+
 /// The learning rate, its floor and schedule of a run when not given.
 struct LrDefaults {
     lr: f64,
@@ -576,9 +600,6 @@ fn train_request<'a>(
     chat: bool,
 ) -> Result<train::Request<'a>> {
     check_threads(a.threads)?;
-    if chat && a.dp.is_some() {
-        bail!("--dp: kiln sft runs in one process (each batch's loss is normalised over its own assistant tokens)");
-    }
     let weights = match (&a.weights, a.random_weights, &a.resume) {
         (Some(_), Some(_), _) => {
             bail!("give either --weights DIR or --random-weights SEED, not both")
@@ -715,30 +736,13 @@ fn run(command: Command) -> Result<()> {
         Command::Compile(args) => compile::run(&args, &mut io::stdout().lock()),
         Command::Train { args, steps } => {
             let d = LrDefaults { lr: 1e-3, min_lr: 0.0, schedule: train::Schedule::Constant };
-            let mut req = train_request(&args, steps, None, d, false)?;
-            let Some(dp) = args.dp else { return train::run(&req, &mut io::stdout().lock()) };
-            if dp == 0 {
-                bail!("--dp 0: give the number of data-parallel processes, at least 1");
-            }
-            if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
-                bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
-            }
-            let d = dist::Dist::init(dp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
-            req.dist = Some(&d);
-            // The first process speaks for the job; a failure anywhere ends every process.
-            let ran = match d.leader() {
-                true => train::run(&req, &mut io::stdout().lock()),
-                false => train::run(&req, &mut io::sink()),
-            };
-            if let Err(e) = ran {
-                d.fail(&render(&e));
-            }
-            Ok(())
+            let req = train_request(&args, steps, None, d, false)?;
+            replicated(&args, req)
         }
         Command::Sft { args, epochs, steps } => {
             let d = LrDefaults { lr: sft::LR, min_lr: sft::MIN_LR, schedule: train::Schedule::Cosine };
             let req = train_request(&args, steps.unwrap_or(0), steps.is_none().then_some(epochs), d, true)?;
-            train::run(&req, &mut io::stdout().lock())
+            replicated(&args, req)
         }
         Command::Grpo {
             model,

@@ -725,16 +725,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             event(&mut metrics, v)?;
             continue;
         }
-        // This replica's share of the batch.
-        let mine = match req.dist {
-            None => &which[..],
-            Some(d) => {
-                let n = which.len() / d.size();
-                &which[d.rank() * n..(d.rank() + 1) * n]
-            }
-        };
-        // SFT's mask becomes weights that average over the batch's assistant targets.
-        let mut batch = crate::sft::normalise(take(&rows, mine)?)?;
+        // SFT's mask becomes weights that average over the batch's assistant targets: those of the
+        // whole batch, before a replica takes its share (so the replicas' mean is the batch's).
+        let mut batch = crate::sft::normalise(take(&rows, &which)?)?;
+        if let Some(d) = req.dist {
+            let n = which.len() / d.size();
+            batch = batch.select(&(d.rank() * n..(d.rank() + 1) * n).collect::<Vec<_>>());
+        }
         let mut lr = hyper.lr_at(progress.step);
         // An injected fault hits its step once, the first time it runs.
         let fault = faults.iter().position(|(s, _)| *s == step).map(|i| faults.remove(i).1);

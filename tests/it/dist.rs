@@ -185,3 +185,28 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
     assert!(!r.ok);
     assert!(r.stderr.contains("--batch 3 cannot be shared by --dp 2 replicas"), "{}", r.stderr);
 }
+
+/// `kiln sft --dp 2`: each batch's loss weights are normalised over the whole batch's assistant
+/// targets before the replicas take their rows, so two replicas take the steps of one process.
+#[test]
+fn supervised_fine_tuning_over_two_replicas_matches_one_process() {
+    let s = Scratch::new();
+    let hf = crate::grpo::tiny_chat(&s);
+    let (one, two) = (s.path("one").display().to_string(), s.path("two").display().to_string());
+    let args = |out: &str| -> Vec<String> {
+        let a = ["sft", &hf, "--data", "tests/fixtures/chat/arith.jsonl", "--batch", "4", "--steps", "3"];
+        let b = ["--lr", "0.003", "--threads", "1", "--out", out];
+        a.iter().chain(&b).map(|x| x.to_string()).collect()
+    };
+    let single = args(&one);
+    let r = kiln(&single.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.ok, "{}", r.stderr);
+    let mut dp = args(&two);
+    dp.extend(["--dp".into(), "2".into()]);
+    let r = mpirun(2, &dp.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("data-parallel over 2 processes (MPI), 2 rows each"), "{}", r.stdout);
+    let reference = logged(Path::new(&one));
+    assert_eq!(reference.len(), 3);
+    assert_close("sft over two replicas", &logged(Path::new(&two)), &reference);
+}
