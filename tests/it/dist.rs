@@ -145,6 +145,20 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
     };
     assert_eq!(bias(two), bias(one));
 
+    // Two steps, then a resume under mpirun to four: the weights of four straight steps, bit for bit.
+    let half = s.path("half").display().to_string();
+    let mut args = train_args(&dp, &half, "2");
+    args.extend(["--dp", "2"]);
+    assert!(mpirun(2, &args, Duration::from_secs(300)).ok);
+    let from = format!("{half}/step-2");
+    let mut args = train_args(&dp, &half, "4");
+    args.splice(2..4, ["--resume", from.as_str()]);
+    args.extend(["--dp", "2"]);
+    let r = mpirun(2, &args, Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    let bytes = |dir: &str| std::fs::read(Path::new(dir).join("step-4/model.safetensors")).unwrap();
+    assert!(bytes(&half) == bytes(two), "a resumed data-parallel run differs from an uninterrupted one");
+
     // A peer that never answers: rank 0 gives up after --comm-timeout and ends the job.
     let stall = s.path("stall").display().to_string();
     let mut args = train_args(&dp, &stall, "3");
