@@ -21,6 +21,22 @@ use mpi::collective::{CommunicatorCollectives, SystemOperation};
 use mpi::request::StaticScope;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 
+/// The MPI library kiln links and the `mpirun` on PATH, in words (`kiln doctor`).
+pub fn describe() -> String {
+    let library = mpi::environment::library_version()
+        .ok()
+        .and_then(|v| v.split(',').next().map(|l| l.trim().to_string()))
+        .unwrap_or_else(|| "an MPI library that does not say its version".into());
+    let on_path = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("mpirun")).find(|f| f.is_file()));
+    match on_path {
+        Some(m) => format!("{library}; mpirun at {} (kiln train --dp N under mpirun -n N)", m.display()),
+        None => {
+            format!("{library}; mpirun not found: run scripts/setup.sh (openmpi-bin) for kiln train --dp")
+        }
+    }
+}
+
 /// The MPI world of a data-parallel run; MPI is finalised when it is dropped.
 pub struct Dist {
     // Declared first: dropped (each communicator freed) before the universe finalises MPI.

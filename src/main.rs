@@ -993,6 +993,7 @@ fn doctor() -> Result<()> {
         }
         Err(e) => out.push_str(&format!("CUDA        unavailable: {e}\n")),
     }
+    out.push_str(&format!("MPI         {}\n", dist::describe()));
     emit(&out, None)
 }
 

@@ -204,6 +204,12 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
 /// targets before the replicas take their rows, so two replicas take the steps of one process.
 #[test]
 fn supervised_fine_tuning_over_two_replicas_matches_one_process() {
+    // The doctor names the MPI library kiln links and the mpirun it would launch with.
+    let r = kiln(&["doctor"]);
+    assert!(r.ok, "{}", r.stderr);
+    let mpi = r.stdout.lines().find(|l| l.starts_with("MPI ")).expect("an MPI line");
+    assert!(mpi.contains("Open MPI v") && mpi.contains("mpirun at "), "{mpi}");
+
     let s = Scratch::new();
     let hf = crate::grpo::tiny_chat(&s);
     let (one, two) = (s.path("one").display().to_string(), s.path("two").display().to_string());
