@@ -103,6 +103,10 @@ pub struct Args {
     /// they are used (`mpirun -n N kiln train ... --dp N`; alone, it trains as one process).
     #[arg(long, requires = "train")]
     data_parallel: bool,
+    /// With --train: also split AdamW's states over N data-parallel replicas (ZeRO stage 1; implies
+    /// --data-parallel, and the artifact runs under `mpirun -n N ... --dp N`).
+    #[arg(long, value_name = "N", requires = "train")]
+    zero1: Option<u32>,
     /// With --train: the losses and the optimizer compiled in (`kiln train` runs the artifact with
     /// them).
     #[command(flatten)]
@@ -236,11 +240,16 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
             true => {
                 let e = req.settings.over(crate::train::Settings::defaults(), None)?;
                 let (losses, optimizer) = (crate::train::losses_of(&e), crate::train::optimizer_of(&e));
+                let shards = match req.zero1 {
+                    Some(0) => bail!("--zero1 0: give the number of data-parallel replicas, at least 1"),
+                    Some(n) => n,
+                    None => 1,
+                };
                 Some(pack::TrainOptions {
                     losses,
-                    optimizer,
+                    optimizer: kiln_compiler::train::Optimizer { shards, ..optimizer },
                     accumulate: req.accumulate,
-                    data_parallel: req.data_parallel,
+                    data_parallel: req.data_parallel || req.zero1.is_some(),
                 })
             }
             false if req.settings.any() => {

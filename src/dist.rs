@@ -91,6 +91,17 @@ impl Dist {
         Ok(())
     }
 
+    /// `data` of every process, laid end to end in rank order (the same length on each).
+    pub fn gather(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let mut all = vec![0.0f32; data.len() * self.size];
+        mpi::request::scope(|scope| {
+            let req = self.world.immediate_all_gather_into(scope, data, &mut all[..]);
+            let what = format!("the gather of {} values of a checkpoint", data.len());
+            poll(req, self.timeout, || stalled(&self.world, self.rank, self.size, self.timeout, &what));
+        });
+        Ok(all)
+    }
+
     /// The executor's view of the replicas: a communicator of its own (`MPI_Comm_dup`), so that
     /// its sums never match another call's.
     pub fn replicas(&self) -> Box<dyn Communicator> {
@@ -153,15 +164,40 @@ impl Communicator for Replicas {
                 what: "not a group of this run (it has `dp`)".into(),
             });
         }
+        self.start(data, false)
+    }
+
+    fn start_all_gather(&self, group: &str, data: Vec<f32>) -> Result<Box<dyn InFlight>, RuntimeError> {
+        if self.rank_in(group).is_none() {
+            return Err(RuntimeError::Collective {
+                group: group.into(),
+                what: "not a group of this run (it has `dp`)".into(),
+            });
+        }
+        self.start(data, true)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl Replicas {
+    /// Starts a sum (`MPI_Iallreduce`) or, with `gather`, a gather (`MPI_Iallgather`) of `data`.
+    fn start(&self, data: Vec<f32>, gather: bool) -> Result<Box<dyn InFlight>, RuntimeError> {
         let n = data.len();
+        let out = if gather { n * self.size } else { n };
         // The buffers live on the heap, owned by the `Sum`, until MPI is done with them.
         let send: *mut [f32] = Box::into_raw(data.into_boxed_slice());
-        let recv: *mut [f32] = Box::into_raw(vec![0.0f32; n].into_boxed_slice());
+        let recv: *mut [f32] = Box::into_raw(vec![0.0f32; out].into_boxed_slice());
         // SAFETY: both pointers come from `Box::into_raw` just above and are freed only by `Sum`
         // (its `wait` or `Drop`) once the request has completed; nothing else touches them while
         // MPI may read `send` or write `recv`.
         let (s, r): (&'static [f32], &'static mut [f32]) = unsafe { (&*send, &mut *recv) };
-        let req = self.comm.immediate_all_reduce_into(StaticScope, s, r, SystemOperation::sum());
+        let req = match gather {
+            true => self.comm.immediate_all_gather_into(StaticScope, s, r),
+            false => self.comm.immediate_all_reduce_into(StaticScope, s, r, SystemOperation::sum()),
+        };
         Ok(Box::new(Sum {
             req: Some(req),
             send,
@@ -170,16 +206,12 @@ impl Communicator for Replicas {
             timeout: self.timeout,
             rank: self.rank,
             size: self.size,
-            n,
+            what: format!("the all-{} of {n} values", if gather { "gather" } else { "reduce" }),
         }))
-    }
-
-    fn timeout(&self) -> Duration {
-        self.timeout
     }
 }
 
-/// A non-blocking sum (`MPI_Iallreduce`) under way, owning its buffers.
+/// A non-blocking sum or gather under way, owning its buffers.
 struct Sum {
     req: Option<mpi::request::Request<'static, [f32], StaticScope>>,
     send: *mut [f32],
@@ -189,13 +221,12 @@ struct Sum {
     timeout: Duration,
     rank: usize,
     size: usize,
-    n: usize,
+    what: String,
 }
 
 impl Sum {
     fn late(&self) {
-        let what = format!("the all-reduce of {} values", self.n);
-        stalled(&SimpleCommunicator::world(), self.rank, self.size, self.timeout, &what)
+        stalled(&SimpleCommunicator::world(), self.rank, self.size, self.timeout, &self.what)
     }
 }
 

@@ -552,6 +552,10 @@ struct TrainArgs {
     /// every batch and the gradients are summed over MPI (the same steps as one process).
     #[arg(long, value_name = "N")]
     dp: Option<usize>,
+    /// With --dp: split AdamW's moments (and f32 master weights) over the replicas, each keeping and
+    /// updating one N-th of every tensor and gathering the rest (ZeRO stage 1).
+    #[arg(long)]
+    zero1: bool,
     /// How long a process waits for the others in a collective before it ends the job.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     comm_timeout: f64,
@@ -647,6 +651,7 @@ fn train_request<'a>(
         epochs,
         monitor: (*a.monitor).clone(),
         dist: None,
+        zero1: a.zero1,
     })
 }
 

@@ -197,6 +197,7 @@ pub fn optimizer_of(e: &TrainEntry) -> Optimizer {
         weight_decay: e.weight_decay,
         clip: e.clip,
         moments: e.moments,
+        shards: 1,
     }
 }
 
@@ -260,6 +261,7 @@ impl Hyper {
             weight_decay: self.weight_decay,
             clip: self.clip,
             moments: if self.bf16_moments { DType::BF16 } else { DType::F32 },
+            shards: 1,
         }
     }
 
@@ -385,6 +387,8 @@ pub struct Request<'a> {
     pub monitor: monitor::Args,
     /// `--dp N` under mpirun: this process is one of N data-parallel replicas ([`crate::dist`]).
     pub dist: Option<&'a crate::dist::Dist>,
+    /// `--zero1`: AdamW's states split over the replicas (ZeRO stage 1).
+    pub zero1: bool,
 }
 
 impl Request<'_> {
@@ -432,6 +436,9 @@ const ARTIFACT: &str = "train.kiln";
 const COMPILE_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
 
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    if req.zero1 && req.dist.is_none() {
+        bail!("--zero1 splits AdamW's states over data-parallel replicas: give --dp N (under mpirun -n N)");
+    }
     if req.dist.is_some() && req.interp {
         bail!("--dp runs the compiled train step in each process; --interp is the one-process oracle");
     }
@@ -441,6 +448,12 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // A Hugging Face folder is its config.json (and, unless told otherwise, its weights: see main).
     let config = req.model.join("config.json");
     let artifact = !(req.model.is_dir() && config.is_file()) && run::is_artifact(req.model);
+    if req.zero1 && artifact {
+        bail!(
+            "--zero1 compiles the split into the train step: give the model spec or Hugging Face folder (an \
+             artifact from `kiln compile --train --zero1 N` is split already)"
+        );
+    }
     if artifact && !req.model.join("manifest.json").is_file() {
         bail!(
             "{}: kiln train takes a model spec, a Hugging Face config.json or a folder holding one, or an \
@@ -615,7 +628,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
         for (name, role) in &roles {
             if kiln_runtime::train::kept(*role) {
-                trainer.set_state(opt.read(name)?)?;
+                let whole = opt.read(name)?;
+                let t = shard_of(whole, &trainer.state(name)?, req.dist)?;
+                trainer.set_state(t)?;
             }
         }
     }
@@ -882,11 +897,24 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         bar.set_position(progress.step);
         writeln!(metrics, "{}", record.json())?;
         let last = progress.step == hyper.steps;
-        if req.leader() && (last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0)) {
-            let dir = save(req.out, &spec, trainer.as_ref(), &untrained, &roles, &progress, text.as_deref())?;
-            write_curve(req.out, &spec.model.name)?;
-            bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
-            last_saved = Some(dir.clone());
+        if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
+            // Every replica takes part (split optimizer states are gathered); the first writes.
+            let kept = whole_states(trainer.as_ref(), req.dist, &states)?;
+            if req.leader() {
+                let dir = save(
+                    req.out,
+                    &spec,
+                    trainer.as_ref(),
+                    kept,
+                    &untrained,
+                    &roles,
+                    &progress,
+                    text.as_deref(),
+                )?;
+                write_curve(req.out, &spec.model.name)?;
+                bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
+                last_saved = Some(dir.clone());
+            }
             if let (Some(good), Some(m)) = (last_good.as_mut(), &mon) {
                 *good = (Saved::take(trainer.as_ref())?, progress.clone(), m.clone(), 0);
             }
@@ -897,7 +925,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let ms = |ns: u64| ns as f64 / 1e6;
         writeln!(
             out,
-            "communication: {} all-reduce messages, {:.1} MB, {:.1} ms in flight, {:.1} ms waited for: {:.0}% \
+            "communication: {} collective messages, {:.1} MB, {:.1} ms in flight, {:.1} ms waited for: {:.0}% \
              hidden under computation",
             comm.messages,
             comm.bytes as f64 / 1e6,
@@ -1000,9 +1028,13 @@ fn compiled(
         d.barrier("the wait for rank 0's compile of the train step", COMPILE_WAIT)?;
         dir
     } else {
+        let shards = match (req.zero1, req.dist) {
+            (true, Some(d)) => d.size() as u32,
+            _ => 1,
+        };
         let train = pack::TrainOptions {
             losses,
-            optimizer: hyper.optimizer(),
+            optimizer: Optimizer { shards, ..hyper.optimizer() },
             accumulate: micro_batches > 1,
             data_parallel: req.dist.is_some(),
         };
@@ -1065,12 +1097,100 @@ fn compiled(
         }
         trainer.executor_mut().set_communicator(d.replicas());
         engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.size());
+        let exec = trainer.executor();
+        let moments =
+            exec.state_bytes(StateRole::OptimizerMoment) + exec.state_bytes(StateRole::MasterWeight);
+        let split = (art.manifest().programs.iter())
+            .any(|p| p.steps.iter().any(|s| matches!(s, kiln_ir::artifact::Step::AllGather { .. })));
+        engine += &format!(
+            ", AdamW's states {:.2} MB per process{}",
+            moments as f64 / 1e6,
+            if split { " (split over the replicas: ZeRO-1)" } else { "" }
+        );
     }
     trainer.set_micro_batches(micro_batches)?;
     if micro_batches > 1 {
         engine += &format!(", {micro_batches} micro-batches of {rows} rows per step");
     }
     Ok((Box::new(trainer), engine))
+}
+
+/// The states a checkpoint keeps besides the weights (moments, master weights, the step count),
+/// whole: a state split over the replicas (`--zero1`: one shard of `m` elements per replica) is
+/// gathered from every replica, its padding dropped and its declared shape (`decls`) restored, so
+/// that a checkpoint is the same however the run was split. Every replica must call it.
+fn whole_states(
+    trainer: &dyn Steps,
+    dist: Option<&crate::dist::Dist>,
+    decls: &[kiln_ir::module::StateDecl],
+) -> Result<Vec<weights::HostTensor>> {
+    let mut out = Vec::new();
+    for t in trainer.states()? {
+        let Some(decl) = decls.iter().find(|d| d.name == t.name) else {
+            out.push(t);
+            continue;
+        };
+        let shape: Vec<u64> = decl.ty.shape.iter().filter_map(|d| d.as_known()).collect();
+        let n = shape.iter().product::<u64>() as usize;
+        if shape.len() != decl.ty.shape.len() || n == t.data.len() {
+            out.push(t);
+            continue;
+        }
+        let Some(d) = dist else {
+            bail!(
+                "state `{}` holds {} of its {n} values, but this run has no replicas to gather from",
+                t.name,
+                t.data.len()
+            );
+        };
+        let mine = match &t.data {
+            weights::HostData::F32(v) => v.clone(),
+            weights::HostData::I64(_) => bail!("state `{}` is split but not a float", t.name),
+        };
+        let mut all = d.gather(&mine)?;
+        if all.len() < n {
+            bail!("state `{}`: the replicas' shards hold {} values, fewer than its {n}", t.name, all.len());
+        }
+        all.truncate(n);
+        out.push(weights::HostTensor {
+            name: t.name,
+            dtype: t.dtype,
+            shape,
+            data: weights::HostData::F32(all),
+        });
+    }
+    Ok(out)
+}
+
+/// A checkpoint's whole state `whole` as this replica keeps it: itself, or (`--zero1`) the shard
+/// of `current`'s size at this replica's rank, from `whole` flattened and padded with zeros.
+fn shard_of(
+    whole: weights::HostTensor,
+    current: &weights::HostTensor,
+    dist: Option<&crate::dist::Dist>,
+) -> Result<weights::HostTensor> {
+    let (n, m) = (whole.data.len(), current.data.len());
+    if n == m {
+        return Ok(weights::HostTensor { shape: current.shape.clone(), ..whole });
+    }
+    let Some(d) = dist.filter(|d| m * d.size() >= n && m * (d.size() - 1) < n) else {
+        bail!(
+            "state `{}` has {n} values in the checkpoint, and this run keeps {m} of them: resume it with the \
+             replicas it was split over",
+            whole.name
+        );
+    };
+    let weights::HostData::F32(v) = whole.data else {
+        bail!("state `{}` is split but not a float", whole.name);
+    };
+    let shard: Vec<f32> =
+        (d.rank() * m..(d.rank() + 1) * m).map(|i| v.get(i).copied().unwrap_or(0.0)).collect();
+    Ok(weights::HostTensor {
+        name: whole.name,
+        dtype: whole.dtype,
+        shape: current.shape.clone(),
+        data: weights::HostData::F32(shard),
+    })
 }
 
 /// The rows `which`, as one batch.
@@ -1090,10 +1210,12 @@ pub fn copy_tokenizer(from: Option<&Path>, to: &Path) -> Result<()> {
 }
 
 /// Writes checkpoint `step-N` into `out` atomically (a hidden folder renamed into place).
+#[allow(clippy::too_many_arguments)]
 fn save(
     out: &Path,
     spec: &kiln_ir::ModelSpec,
     trainer: &dyn Steps,
+    kept: Vec<weights::HostTensor>,
     untrained: &[weights::HostTensor],
     roles: &HashMap<String, StateRole>,
     progress: &Progress,
@@ -1106,7 +1228,7 @@ fn save(
     let mut model: HashMap<String, weights::HostTensor> =
         untrained.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let mut optimizer = Vec::new();
-    for t in trainer.weights()?.into_iter().chain(trainer.states()?) {
+    for t in trainer.weights()?.into_iter().chain(kept) {
         match roles.get(&t.name) {
             Some(StateRole::Trainable | StateRole::RoutingBias) | None => {
                 drop(model.insert(t.name.clone(), t))

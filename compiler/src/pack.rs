@@ -1014,6 +1014,12 @@ fn program(
                     (Op::AllReduce { group }, [x], [v]) => {
                         artifact::Step::AllReduce { buffer: buf(*v), source: buf(*x), group: group.clone() }
                     }
+                    (Op::AllGather { group, size }, [x], [v]) => artifact::Step::AllGather {
+                        buffer: buf(*v),
+                        source: buf(*x),
+                        group: group.clone(),
+                        size: *size,
+                    },
                     (op, ..) => {
                         return Err(CompileError::Internal(format!("runtime step for `{}`", op.name())));
                     }

@@ -24,7 +24,7 @@
 //! accumulation over micro-batches, BF16 moments, FP32 master copies of BF16 weights.
 
 use kiln_ir::module::{StateDecl, StateRole};
-use kiln_ir::{BinaryOp, DType, Graph, Op, ReduceOp, TensorType, UnaryOp, ValueId};
+use kiln_ir::{BinaryOp, DType, Dim, Graph, Op, ReduceOp, TensorType, UnaryOp, ValueId};
 
 use crate::autodiff::{GRAD_PREFIX, LOSS};
 use crate::build::{Part, KEEP, LOAD_ACC_PREFIX, LOAD_PREFIX};
@@ -59,6 +59,11 @@ pub struct Optimizer {
     /// The dtype AdamW's moments are stored in: f32, or bf16 as DeepSeek-V3 does (reference
     /// §4.1, "low-precision optimizer states"); the update itself is computed in f32.
     pub moments: DType,
+    /// The data-parallel replicas AdamW's states are split over (ZeRO stage 1, Rajbhandari et al.
+    /// 2020): each replica keeps the moments (and f32 master weights) of one N-th of every trained
+    /// tensor, updates that shard from the summed gradient, and gathers the others' shards into
+    /// the whole weight. 1: every replica keeps everything. Needs a data-parallel step.
+    pub shards: u32,
 }
 
 impl Default for Optimizer {
@@ -71,6 +76,7 @@ impl Default for Optimizer {
             weight_decay: 0.1,
             clip: Some(1.0),
             moments: DType::F32,
+            shards: 1,
         }
     }
 }
@@ -128,6 +134,52 @@ impl B<'_> {
             DType::F32 => Ok(a),
             _ => self.node(Op::Cast { to: DType::F32 }, &[a]),
         }
+    }
+}
+
+/// The caller input of a step whose AdamW states are split over the replicas
+/// ([`Optimizer::shards`]): this replica's rank, i32 `[1]`.
+pub const DP_RANK: &str = kiln_ir::module::DP_RANK;
+
+/// ZeRO-1's split of a trained tensor of `numel` elements over `n` replicas: flat, padded with
+/// zeros to `n · m` (`m = ceil(numel / n)`), rank `r` holding elements `r·m .. (r+1)·m`.
+#[derive(Clone, Copy)]
+struct Sharding {
+    n: u64,
+    /// The caller input [`DP_RANK`].
+    rank: ValueId,
+}
+
+impl Sharding {
+    /// This replica's shard of `x` (f32, `numel` elements): f32 `[m]`.
+    fn take(self, b: &mut B, x: ValueId, numel: u64) -> Result<ValueId, TrainError> {
+        let m = numel.div_ceil(self.n);
+        let x = b.f32(x)?;
+        let flat = b.node(Op::Reshape { shape: vec![Dim::known(numel)] }, &[x])?;
+        let padded = match self.n * m - numel {
+            0 => flat,
+            pad => {
+                let zero = b.c(0.0)?;
+                let zeros = b.node(Op::Broadcast { shape: vec![Dim::known(pad)] }, &[zero])?;
+                b.node(Op::Concat { axis: 0 }, &[flat, zeros])?
+            }
+        };
+        let table = b.node(Op::Reshape { shape: vec![Dim::known(self.n), Dim::known(m)] }, &[padded])?;
+        let row = b.node(Op::Embedding, &[table, self.rank])?;
+        b.node(Op::Reshape { shape: vec![Dim::known(m)] }, &[row])
+    }
+
+    /// The whole tensor, f32 of `ty`'s shape, from every replica's shard gathered (`all`, f32
+    /// `[n, m]`).
+    fn whole(self, b: &mut B, all: ValueId, ty: &TensorType) -> Result<ValueId, TrainError> {
+        let numel = ty.known_numel().ok_or_else(|| TrainError::Internal("an unsized weight".into()))?;
+        let m = numel.div_ceil(self.n);
+        let flat = b.node(Op::Reshape { shape: vec![Dim::known(self.n * m)] }, &[all])?;
+        let whole = match self.n * m - numel {
+            0 => flat,
+            pad => b.node(Op::Split { axis: 0, sizes: vec![numel, pad] }, &[flat])?,
+        };
+        b.node(Op::Reshape { shape: ty.shape.clone() }, &[whole])
     }
 }
 
@@ -297,6 +349,13 @@ fn step_program(
     if opt.clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
         return Err(TrainError::Setting(format!("the clipping norm must be positive, found {:?}", opt.clip)));
     }
+    if opt.shards == 0 || (opt.shards > 1 && !data_parallel) {
+        return Err(TrainError::Setting(format!(
+            "AdamW's states are split over the data-parallel replicas: {} shards need a data-parallel step \
+             with at least one replica",
+            opt.shards
+        )));
+    }
     let mut g = grads.clone();
     let mut loss = output(&g, LOSS)?;
     let mut trained = train_params(&mut g, frozen);
@@ -444,9 +503,26 @@ fn step_program(
     };
     let (b1c, b2, b2c, eps) = (b.c(1.0 - opt.beta1)?, b.c(opt.beta2)?, b.c(1.0 - opt.beta2)?, b.c(opt.eps)?);
     let mut updates: Vec<(String, ValueId)> = Vec::new();
+    // ZeRO-1: this replica's rank picks its shard of every tensor (see `Sharding`).
+    let shards = match opt.shards {
+        1 => None,
+        n => Some(Sharding {
+            n: u64::from(n),
+            rank: b
+                .declared(Op::Input { name: DP_RANK.into() }, TensorType::new(DType::I32, [Dim::known(1)]))?,
+        }),
+    };
+    let mut gathers = Vec::new();
     for (name, p, d) in &trained {
         let ty = b.g.ty(*p).clone();
-        let f32_ty = TensorType { dtype: DType::F32, ..ty.clone() };
+        let numel = ty.known_numel().ok_or_else(|| TrainError::Internal(format!("`{name}` is not sized")))?;
+        let shard = shards.map(|s| (s, numel.div_ceil(s.n)));
+        // The states' type: the weight's, or one shard of it, flat.
+        let state_ty = |dtype| match shard {
+            None => TensorType { dtype, ..ty.clone() },
+            Some((_, m)) => TensorType::new(dtype, [Dim::known(m)]),
+        };
+        let f32_ty = state_ty(DType::F32);
         // Weights stored in a narrower dtype are updated in an f32 master copy, and the stored
         // weight is the master rounded (DeepSeek-V3 §3.3.1, reference §4.1).
         let master = match ty.dtype {
@@ -462,8 +538,12 @@ fn step_program(
                 Some((mn, m))
             }
         };
-        let p = &master.as_ref().map_or(*p, |&(_, m)| m);
-        let moment_ty = TensorType { dtype: opt.moments, ..ty.clone() };
+        let p = &match (&master, shard) {
+            (Some((_, m)), _) => *m,
+            (None, Some((s, _))) => s.take(&mut b, *p, numel)?,
+            (None, None) => *p,
+        };
+        let moment_ty = state_ty(opt.moments);
         let (mn, vn) = (format!("adam.m.{name}"), format!("adam.v.{name}"));
         let m_stored = b.declared(Op::Input { name: mn.clone() }, moment_ty.clone())?;
         let v_stored = b.declared(Op::Input { name: vn.clone() }, moment_ty.clone())?;
@@ -471,6 +551,10 @@ fn step_program(
         let g = match coef {
             Some(c) => b.bin(BinaryOp::Mul, *d, c)?,
             None => *d,
+        };
+        let g = match shard {
+            Some((s, _)) => s.take(&mut b, g, numel)?,
+            None => g,
         };
         // p *= 1 - lr wd.
         let p1 = b.bin(BinaryOp::Mul, *p, decay)?;
@@ -490,13 +574,20 @@ fn step_program(
         let q = b.bin(BinaryOp::Div, m1, den)?;
         let s = b.bin(BinaryOp::Mul, q, step_size)?;
         let p2 = b.bin(BinaryOp::Sub, p1, s)?;
-        match master {
-            Some((master, _)) => {
+        match (master, shard) {
+            (Some((master, _)), None) => {
                 let stored = b.node(Op::Cast { to: ty.dtype }, &[p2])?;
                 updates.push((name.clone(), stored));
                 updates.push((master, p2));
             }
-            None => updates.push((name.clone(), p2)),
+            (None, None) => updates.push((name.clone(), p2)),
+            // The whole weight is gathered from every replica's shard after the loop.
+            (master, Some((s, _))) => {
+                gathers.push((name.clone(), p2, ty.clone(), s));
+                if let Some((master, _)) = master {
+                    updates.push((master, p2));
+                }
+            }
         }
         let stored = |b: &mut B, x: ValueId| match opt.moments {
             DType::F32 => Ok(x),
@@ -507,6 +598,20 @@ fn step_program(
         states.push(StateDecl { name: name.clone(), ty: ty.clone(), role: StateRole::Trainable });
         states.push(StateDecl { name: mn, ty: moment_ty.clone(), role: StateRole::OptimizerMoment });
         states.push(StateDecl { name: vn, ty: moment_ty, role: StateRole::OptimizerMoment });
+    }
+    // Every gather one after the other, so that the runtime sends them as one message, then the
+    // whole weights (rounded to their stored dtype).
+    let mut all = Vec::with_capacity(gathers.len());
+    for (_, p2, _, s) in &gathers {
+        all.push(b.node(Op::AllGather { group: DP_GROUP.into(), size: s.n }, &[*p2])?);
+    }
+    for ((name, _, ty, s), all) in gathers.into_iter().zip(all) {
+        let whole = s.whole(&mut b, all, &ty)?;
+        let stored = match ty.dtype {
+            DType::F32 => whole,
+            to => b.node(Op::Cast { to }, &[whole])?,
+        };
+        updates.push((name, stored));
     }
     let add = |g: &mut Graph, n: &str, v: ValueId| {
         g.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))

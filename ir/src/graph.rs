@@ -233,7 +233,7 @@ impl Graph {
     }
 
     /// Nodes in topological order, preferring lower ids (insertion order) among the ready ones;
-    /// except that a collective (`all_reduce`), and a node whose only users are collectives (the
+    /// except that a sum over peers (`all_reduce`), and a node whose only users are collectives (the
     /// add or cast that makes a collective's operand), go as soon as they are ready, so that a
     /// program starts each sum over its peers as early as it can and the communication overlaps
     /// the computation after it (a data-parallel step's gradient sums start during the backward

@@ -617,6 +617,18 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             }
             one(ins[0].clone())
         }
+        Op::AllGather { group, size } => {
+            arity(op, ins, 1)?;
+            if ins[0].dtype != DType::F32 || *size == 0 {
+                return fail(format!(
+                    "`all_gather` over `{group}` stacks f32 tensors from at least one process, found {} from {size}",
+                    ins[0]
+                ));
+            }
+            let mut shape = vec![Dim::known(*size)];
+            shape.extend(ins[0].shape.iter().copied());
+            one(ins[0].with_shape(shape))
+        }
     }
 }
 

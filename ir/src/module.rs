@@ -109,6 +109,10 @@ impl fmt::Display for StateRole {
 /// `all_reduce` ops sum over.
 pub const DP_GROUP: &str = "dp";
 
+/// The caller input of a data-parallel train step whose optimizer states are split over the
+/// replicas (ZeRO-1): this replica's rank, i32 `[1]`.
+pub const DP_RANK: &str = "dp.rank";
+
 /// The caller input of an `accumulate` program: 0 on a step's first micro-batch, so that it starts
 /// the accumulators' sums, 1 after.
 pub const ACCUMULATE_KEEP: &str = "accumulate.keep";

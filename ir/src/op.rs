@@ -407,6 +407,14 @@ pub enum Op {
     AllReduce {
         group: String,
     },
+    /// Every process's operand of communication group `group`, which has `size` processes,
+    /// stacked in rank order along a new first axis (`MPI_Allgather`, `ncclAllGather`): f32
+    /// `[size, ..]` from f32 `[..]`, the same on every process. Run by the runtime between
+    /// launches. The interpreter, one process, gathers over a group of one only.
+    AllGather {
+        group: String,
+        size: u64,
+    },
 }
 
 /// Why an op could not be rebuilt from its text form.
@@ -715,6 +723,7 @@ impl Op {
             Op::Send { .. } => "send",
             Op::Recv { .. } => "recv",
             Op::AllReduce { .. } => "all_reduce",
+            Op::AllGather { .. } => "all_gather",
         }
     }
 
@@ -817,6 +826,9 @@ impl Op {
                 vec![("peer", Attr::Int(*peer as i64)), ("tag", Attr::Int(*tag as i64))]
             }
             Op::AllReduce { group } => vec![("group", Attr::Str(group.clone()))],
+            Op::AllGather { group, size } => {
+                vec![("group", Attr::Str(group.clone())), ("size", Attr::Int(*size as i64))]
+            }
         }
     }
 
@@ -925,6 +937,7 @@ impl Op {
             "send" => Op::Send { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "recv" => Op::Recv { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "all_reduce" => Op::AllReduce { group: r.string("group")? },
+            "all_gather" => Op::AllGather { group: r.string("group")?, size: r.uint("size")? },
             "fused" => return err("`fused` is parsed with its body, not from attributes"),
             other => {
                 if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == other) {

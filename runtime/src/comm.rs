@@ -30,6 +30,14 @@ pub trait Communicator {
         self.all_reduce_sum(group, &mut data)?;
         Ok(Box::new(Done(Some(data))))
     }
+    /// Starts gathering `data` (the same length on every process) from every process of `group`,
+    /// laid end to end in rank order. The default refuses: a transport that cannot gather.
+    fn start_all_gather(&self, group: &str, _data: Vec<f32>) -> Result<Box<dyn InFlight>, RuntimeError> {
+        Err(RuntimeError::Collective {
+            group: group.to_string(),
+            what: "this communicator cannot gather".into(),
+        })
+    }
     /// How long a collective waits for its peers before it fails.
     fn timeout(&self) -> Duration;
 }

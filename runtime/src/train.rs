@@ -497,6 +497,15 @@ impl<B: Backend> CompiledTrainer<B> {
         // Every replica's micro-batches, when the step is one replica's of several.
         let replicas = crate::comm::group_size(self.exec.communicator(), kiln_ir::module::DP_GROUP)?;
         feeds.push(scalar(MICRO_BATCHES, (parts.len() * replicas) as f32));
+        // The replica's rank, which picks its shard of split optimizer states (ZeRO-1).
+        let rank =
+            self.exec.communicator().and_then(|c| c.rank_in(kiln_ir::module::DP_GROUP)).map_or(0, |r| r.0);
+        feeds.push(HostTensor {
+            name: kiln_ir::module::DP_RANK.into(),
+            dtype: DType::I32,
+            shape: vec![1],
+            data: HostData::I64(vec![rank as i64]),
+        });
         feeds.retain(|t| self.inputs.contains(&t.name));
         if check {
             if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {

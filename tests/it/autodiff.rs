@@ -206,6 +206,7 @@ fn the_train_step_program_is_torch_adamw_with_clipping() {
         weight_decay: 0.1,
         clip: Some(0.5),
         moments: kiln_ir::DType::F32,
+        shards: 1,
     };
     let (step, states) = train_step(&d, &[], &opt).unwrap();
     let names: Vec<&str> = states.iter().map(|s| s.name.as_str()).collect();

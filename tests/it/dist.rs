@@ -159,6 +159,49 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
     let bytes = |dir: &str| std::fs::read(Path::new(dir).join("step-4/model.safetensors")).unwrap();
     assert!(bytes(&half) == bytes(two), "a resumed data-parallel run differs from an uninterrupted one");
 
+    // ZeRO-1: AdamW's states split over the two replicas. Each keeps half of them, and the run is
+    // the unsplit one bit for bit: the same weights and, gathered whole into the checkpoint, the
+    // same moments; a resume splits them again.
+    let zero = compile(&s, "zero.kiln", &["--zero1", "2"]);
+    let (z4, z2) = (s.path("z4").display().to_string(), s.path("z2").display().to_string());
+    let mut args = train_args(&zero, &z4, "4");
+    args.extend(["--dp", "2"]);
+    let r = mpirun(2, &args, Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    let per_process = |out: &str| -> f64 {
+        let at = out.find("AdamW's states ").expect("the states' size") + "AdamW's states ".len();
+        out[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(r.stdout.contains("(split over the replicas: ZeRO-1)"), "{}", r.stdout);
+    let mut args = train_args(&dp, &s.path("unsplit").display().to_string(), "1")
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>();
+    args.extend(["--dp".into(), "2".into()]);
+    let unsplit = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+    assert!(unsplit.ok, "{}", unsplit.stderr);
+    // Half, up to the padding of tensors of an odd size and the rounding of the printed MB.
+    let ratio = per_process(&r.stdout) / per_process(&unsplit.stdout);
+    assert!((0.49..=0.51).contains(&ratio), "{ratio}\n{}\n{}", r.stdout, unsplit.stdout);
+    assert_close("ZeRO-1", &logged(Path::new(&z4)), &reference);
+    let file = |dir: &str, f: &str| std::fs::read(Path::new(dir).join("step-4").join(f)).unwrap();
+    assert!(file(&z4, "model.safetensors") == file(two, "model.safetensors"));
+    assert!(file(&z4, "optimizer.safetensors") == file(two, "optimizer.safetensors"));
+    let mut args = train_args(&zero, &z2, "2");
+    args.extend(["--dp", "2"]);
+    assert!(mpirun(2, &args, Duration::from_secs(300)).ok);
+    let from = format!("{z2}/step-2");
+    let mut args = train_args(&zero, &z2, "4");
+    args.splice(2..4, ["--resume", from.as_str()]);
+    args.extend(["--dp", "2"]);
+    let r = mpirun(2, &args, Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(file(&z2, "model.safetensors") == file(two, "model.safetensors"), "a resumed ZeRO-1 run differs");
+    // Alone, a split step has no replicas to gather from.
+    let r = kiln(&train_args(&zero, &s.path("alone-zero").display().to_string(), "1"));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("the program gathers from 2 processes and this run has 1"), "{}", r.stderr);
+
     // A peer that never answers: rank 0 gives up after --comm-timeout and ends the job.
     let stall = s.path("stall").display().to_string();
     let mut args = train_args(&dp, &stall, "3");

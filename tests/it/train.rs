@@ -50,6 +50,7 @@ fn thirty_adamw_steps_match_pytorch() {
         weight_decay: 0.1,
         clip: Some(1.0),
         moments: kiln_ir::DType::F32,
+        shards: 1,
     };
     let TrainPrograms { step: program, states, .. } = program(&spec, &losses, &opt, false, false).unwrap();
     // The weights transformers started from: `kiln export-hf --random-weights 3`.

@@ -231,6 +231,7 @@ fn compiled(c: &Case, l: &TrainLosses, dir: &Path) -> (f64, f64, Grads) {
         weight_decay: 0.0,
         clip: Some(1e6),
         moments: kiln_ir::DType::F32,
+        shards: 1,
     };
     let (rows, t) = (c.rows.rows() as u64, c.rows.width() as u64 - 1);
     let options = pack::Options {

@@ -189,10 +189,17 @@ pub fn plan_memory(
                 "output `{name}` updates state `{name}`, which the program does not read as an input"
             )));
         };
-        let (vi, c) = (id(*v)?.index(), id(input)?.index());
-        if root[vi] == root[c] {
+        if root[id(*v)?.index()] == root[id(input)?.index()] {
             continue; // The state, unchanged (or a view of it).
         }
+        // The value that is stored: the output, or what it is a reshape of (a reshape is an alias,
+        // so the state's storage must be where the reshaped value is computed: a collective's
+        // result reshaped into the weight's shape, say).
+        let mut v = v;
+        while let Op::Reshape { .. } = g.node(g.producer(*v)).op {
+            v = &g.node(g.producer(*v)).inputs[0];
+        }
+        let (vi, c) = (id(*v)?.index(), id(input)?.index());
         let node = g.node(g.producer(*v));
         let readers = g.users(input).len();
         if matches!(node.op, Op::CacheUpdate) && node.inputs[0] == input {
@@ -249,7 +256,14 @@ pub fn plan_memory(
                 let (r, s) = (id(*result)?.index(), id(*source)?.index());
                 root[r] = root[s];
             }
-            Step::Runtime { .. } => {}
+            Step::Runtime { node } => {
+                for &r in &g.node(*node).results {
+                    let r = id(r)?.index();
+                    if let Some(&c) = in_place.get(&r) {
+                        root[r] = root[c];
+                    }
+                }
+            }
         }
     }
 

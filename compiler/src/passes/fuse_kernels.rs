@@ -386,6 +386,7 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError
                     | Op::Send { .. }
                     | Op::Recv { .. }
                     | Op::AllReduce { .. }
+                    | Op::AllGather { .. }
             )
             && layer(p).is_some()
             && weight_bytes(p) <= SMALL_WEIGHT_BYTES

@@ -382,6 +382,22 @@ impl Manifest {
                     ));
                 }
             }
+            Step::AllGather { buffer: b, source, group, size } => {
+                let (b, s) = (buffer(*b)?, buffer(*source)?);
+                let stacked = b.shape.first() == Some(&Dim::known(*size)) && b.shape[1..] == s.shape[..];
+                if b.dtype != DType::F32 || s.dtype != DType::F32 || !stacked || *size == 0 {
+                    return Err(format!(
+                        "all-gather over `{group}` of {} into {}: f32 [{size}, ..] from f32 [..]",
+                        s.id, b.id
+                    ));
+                }
+                if matches!(b.storage, Storage::Param { .. } | Storage::Constant { .. }) {
+                    return Err(format!(
+                        "all-gather over `{group}` writes {}, a parameter or constant",
+                        b.id
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -454,7 +470,7 @@ fn check_lifetimes(p: &Program) -> Result<(), (String, String)> {
             Step::Send { buffer, .. } | Step::Recv { buffer, .. } => {
                 touch(&root, *buffer, i, &mut first, &mut last)
             }
-            Step::AllReduce { buffer, source, .. } => {
+            Step::AllReduce { buffer, source, .. } | Step::AllGather { buffer, source, .. } => {
                 touch(&root, *source, i, &mut first, &mut last);
                 touch(&root, *buffer, i, &mut first, &mut last);
             }

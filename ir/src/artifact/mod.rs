@@ -443,6 +443,10 @@ pub enum Step {
     /// group `group` (`"dp"`): the runtime copies `source` into it and runs its communicator's
     /// all-reduce in place; a process with no communicator is a group of one.
     AllReduce { buffer: BufferId, source: BufferId, group: String },
+    /// `buffer` (f32, `[size, ..]`) holds `source` (f32) of every process of group `group`, in
+    /// rank order; the runtime's communicator gathers them. `size` is the group size the program
+    /// was compiled for, which the running group must have.
+    AllGather { buffer: BufferId, source: BufferId, group: String, size: u64 },
 }
 
 /// One value of a program.

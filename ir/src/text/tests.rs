@@ -152,9 +152,10 @@ fn variant(op: &Op) -> usize {
         Op::GroupedLinearWgrad { .. } => 38,
         Op::MoeCombineGrad { .. } => 39,
         Op::AllReduce { .. } => 40,
+        Op::AllGather { .. } => 41,
     }
 }
-const VARIANTS: usize = 41;
+const VARIANTS: usize = 42;
 
 /// A graph that uses every op (every unary, binary and reduce kind too), with scopes and outputs.
 fn every_op_graph() -> Graph {
@@ -272,12 +273,14 @@ fn every_op_graph() -> Graph {
     b.op(Op::Send { peer: 1, tag: 0 }, &[fused[0]]);
     let r = b.decl(Op::Recv { peer: 0, tag: 3 }, "f32[B, T, 64]");
     let summed = b.op1(Op::AllReduce { group: "dp".into() }, &[r]);
+    let gathered = b.op1(Op::AllGather { group: "dp".into(), size: 2 }, &[summed]);
 
     b.g.add_output("logits", top[0]).unwrap();
     b.g.add_output("moe", moe).unwrap();
     b.g.add_output("combined", combined).unwrap();
     b.g.add_output("received \"x\"", r).unwrap();
     b.g.add_output("summed", summed).unwrap();
+    b.g.add_output("gathered", gathered).unwrap();
     b.g
 }
 

@@ -1,4 +1,4 @@
-//! A program's `all_reduce` steps among its launches: started as soon as the launch before them is
+//! A program's collective steps (`all_reduce`, `all_gather`) among its launches: started as soon as the launch before them is
 //! done, finished just before the first launch that reads their result, so that the sum over the
 //! peers travels while the launches between compute (a data-parallel step's gradient sums start
 //! during the backward pass: the compiler orders each one right after its operand, see
@@ -13,7 +13,8 @@
 //! the step that defines it to its last reader, so writing them late is safe; a source is read when
 //! the message starts, so its bytes may be reused at once.
 //!
-//! A process alone (no communicator, or a group of one) copies each source to its result at once.
+//! A process alone (no communicator, or a group of one) copies each source to its result at once; a
+//! gather compiled for more processes than the run has is refused.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -54,7 +55,7 @@ pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
     }
     let reads = |s: &Step, r: usize| match s {
         Step::Launch { buffers, .. } => buffers.iter().any(|b| root[b.index()] == r),
-        Step::AllReduce { source, .. } => root[source.index()] == r,
+        Step::AllReduce { source, .. } | Step::AllGather { source, .. } => root[source.index()] == r,
         Step::Send { buffer, .. } => root[buffer.index()] == r,
         Step::Alias { .. } | Step::Recv { .. } => false,
     };
@@ -69,7 +70,7 @@ pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
                     last_launch = Some(pos);
                 }
             }
-            Step::AllReduce { buffer, .. } => {
+            Step::AllReduce { buffer, .. } | Step::AllGather { buffer, .. } => {
                 let r = root[buffer.index()];
                 // The first later step that reads the result; a collective reading it must find
                 // it written before it starts, i.e. before the launch after the one it follows.
@@ -102,6 +103,9 @@ pub(super) struct Flight {
     parts: Vec<(Range<usize>, Place, usize)>,
     inflight: Box<dyn InFlight>,
     group: String,
+    /// For a gather: the group's size and the width of one process's message; each part's result
+    /// is its range taken from every process's message in turn.
+    gather: Option<(usize, usize)>,
     pub due: Option<usize>,
     start: Instant,
     done: Option<Instant>,
@@ -152,8 +156,25 @@ fn write<B: Backend>(
     }
 }
 
+/// What a step does: sum, or gather from `size` processes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Sum,
+    Gather(u64),
+}
+
+fn kind_of(s: &Step) -> Option<(&str, Kind, kiln_ir::artifact::BufferId, kiln_ir::artifact::BufferId)> {
+    match s {
+        Step::AllReduce { buffer, source, group } => Some((group, Kind::Sum, *buffer, *source)),
+        Step::AllGather { buffer, source, group, size } => {
+            Some((group, Kind::Gather(*size), *buffer, *source))
+        }
+        _ => None,
+    }
+}
+
 /// Starts bucket `bucket` of `program` at `sizes`, once every launch issued so far is done: one
-/// message per group, or, alone, each source copied to its result at once.
+/// message per group and kind, or, alone, each source copied to its result at once.
 pub(super) fn start<B: Backend>(
     be: &B,
     mem: &mut watch::Memories<'_, B>,
@@ -163,33 +184,41 @@ pub(super) fn start<B: Backend>(
     comm: Option<&dyn Communicator>,
 ) -> Result<Vec<Flight>, RuntimeError> {
     be.synchronize()?;
-    let mut groups: Vec<&str> = Vec::new();
+    let mut messages: Vec<(&str, Kind)> = Vec::new();
     for &s in &bucket.steps {
-        if let Step::AllReduce { group, .. } = &program.steps[s] {
-            if !groups.contains(&group.as_str()) {
-                groups.push(group);
+        if let Some((group, kind, ..)) = kind_of(&program.steps[s]) {
+            if !messages.contains(&(group, kind)) {
+                messages.push((group, kind));
             }
         }
     }
     let mut flights = Vec::new();
-    for group in groups {
-        let alone = match comm {
-            None => true,
-            Some(c) => crate::comm::group_size(Some(c), group)? <= 1,
-        };
+    for (group, kind) in messages {
+        let peers = crate::comm::group_size(comm, group)?;
+        if let Kind::Gather(size) = kind {
+            if size as usize != peers {
+                return Err(RuntimeError::Collective {
+                    group: group.to_string(),
+                    what: format!(
+                        "the program gathers from {size} processes and this run has {peers}: run it under \
+                         `mpirun -n {size}` with --dp {size}"
+                    ),
+                });
+            }
+        }
         let mut values: Vec<f32> = Vec::new();
         let mut parts = Vec::new();
         for &s in &bucket.steps {
-            let Step::AllReduce { buffer, source, group: g } = &program.steps[s] else { continue };
-            if g != group {
+            let Some((g, k, buffer, source)) = kind_of(&program.steps[s]) else { continue };
+            if (g, k) != (group, kind) {
                 continue;
             }
-            let (src, dst): (&Buffer, &Buffer) = (program.buffer(*source), program.buffer(*buffer));
+            let (src, dst): (&Buffer, &Buffer) = (program.buffer(source), program.buffer(buffer));
             let n = src.bytes(sizes).unwrap_or(0) as usize;
             let bytes = read(be, mem, &place(src, group, s)?, n)?;
             let to = place(dst, group, s)?;
-            if alone {
-                // A group of one: the sum is the value, copied as it is.
+            if peers <= 1 {
+                // A group of one: the sum, or the stack of one, is the value, copied as it is.
                 write(be, mem, &to, &bytes)?;
                 continue;
             }
@@ -198,15 +227,28 @@ pub(super) fn start<B: Backend>(
                 HostData::F32(v) => values.extend(v),
                 HostData::I64(v) => values.extend(v.into_iter().map(|x| x as f32)),
             }
-            parts.push((begin..values.len(), to, n));
+            let out = match kind {
+                Kind::Sum => n,
+                Kind::Gather(size) => n * size as usize,
+            };
+            parts.push((begin..values.len(), to, out));
         }
-        if let (Some(c), false) = (comm, alone) {
+        if let (Some(c), true) = (comm, peers > 1) {
             let bytes = 4 * values.len() as u64;
-            let inflight = c.start_all_reduce_sum(group, values)?;
+            let width = values.len();
+            let inflight = match kind {
+                Kind::Sum => c.start_all_reduce_sum(group, values)?,
+                Kind::Gather(_) => c.start_all_gather(group, values)?,
+            };
+            let gather = match kind {
+                Kind::Sum => None,
+                Kind::Gather(size) => Some((size as usize, width)),
+            };
             flights.push(Flight {
                 parts,
                 inflight,
                 group: group.to_string(),
+                gather,
                 due: bucket.due,
                 start: Instant::now(),
                 done: None,
@@ -245,15 +287,26 @@ pub(super) fn finish<B: Backend>(
         stats.waited_ns += (now - waited).as_nanos() as u64;
     }
     be.synchronize()?;
+    let short = |want: usize| RuntimeError::Collective {
+        group: f.group.clone(),
+        what: format!("the collective came back with {} values, fewer than {want}", values.len()),
+    };
     for (range, to, n) in f.parts {
-        let Some(v) = values.get(range.clone()) else {
-            return Err(RuntimeError::Collective {
-                group: f.group.clone(),
-                what: format!("the sum came back with {} values, fewer than {}", values.len(), range.end),
-            });
+        let v: Vec<f32> = match f.gather {
+            None => values.get(range.clone()).ok_or_else(|| short(range.end))?.to_vec(),
+            Some((size, width)) => {
+                let mut v = Vec::with_capacity(size * range.len());
+                for r in 0..size {
+                    let at = r * width;
+                    v.extend(
+                        values.get(at + range.start..at + range.end).ok_or_else(|| short(at + range.end))?,
+                    );
+                }
+                v
+            }
         };
         let mut out = vec![0u8; n];
-        encode(DType::F32, &HostData::F32(v.to_vec()), &mut out)
+        encode(DType::F32, &HostData::F32(v), &mut out)
             .map_err(|what| RuntimeError::Collective { group: f.group.clone(), what })?;
         write(be, mem, &to, &out)?;
     }

@@ -76,7 +76,9 @@ pub(super) fn vjp(
         | Op::GroupedLinearWgrad { .. }
         | Op::MoeCombineGrad { .. } => Err(none("second derivatives are not supported")),
         Op::Send { .. } | Op::Recv { .. } => Err(none("pipeline stages are differentiated per stage")),
-        Op::AllReduce { .. } => Err(none("collectives are inserted after differentiation")),
+        Op::AllReduce { .. } | Op::AllGather { .. } => {
+            Err(none("collectives are inserted after differentiation"))
+        }
     }
 }
 

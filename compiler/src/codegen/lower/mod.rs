@@ -226,6 +226,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         | Op::Send { .. }
         | Op::Recv { .. }
         | Op::AllReduce { .. }
+        | Op::AllGather { .. }
         | Op::Fused { .. }) => {
             return Err(f.unsupported(op.name(), "not a computing op: formation never makes it a kernel"))
         }

@@ -46,6 +46,10 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::Reshape { .. } => Ok(vec![ins[0].clone().reshaped(dims(&out[0]))]),
         // The interpreter is one process: a group of one, whose sum is the operand.
         Op::AllReduce { .. } => Ok(vec![ins[0].clone()]),
+        Op::AllGather { size: 1, .. } => Ok(vec![ins[0].clone().reshaped(dims(&out[0]))]),
+        Op::AllGather { group, size } => Err(format!(
+            "an all_gather over {size} processes of `{group}` needs them; the interpreter is one process"
+        )),
         Op::Transpose { perm } => shape::transpose(ins[0], perm, &out[0]),
         Op::Broadcast { .. } => elementwise::broadcast_to(ins[0], &out[0]),
         Op::Quantize { spec, .. } => quant::quantize(ins[0], spec, out),
