@@ -1,6 +1,7 @@
 //! Pipeline schedules: generators for 1F1B, ZB1P, DualPipe and DualPipeV (one file each), the
-//! verifier that checks any schedule ([`verify`]), and an event-driven simulator that runs one
-//! with given costs ([`simulate`]). The data types are [`kiln_ir::schedule`].
+//! verifier that checks any schedule ([`verify`], kept with the data in [`kiln_ir::schedule`] so
+//! that a manifest's lists can be checked without the compiler), and an event-driven simulator that
+//! runs one with given costs ([`simulate`]). The data types are [`kiln_ir::schedule`].
 //!
 //! What this does not do yet: partition a module into stages (the schedules name stages, not the
 //! layers in them), store schedules in an artifact's manifest, or execute them over MPI or NCCL.
@@ -16,11 +17,10 @@ pub mod dualpipev;
 pub mod one_f_one_b;
 mod program;
 pub mod simulate;
-pub mod verify;
 pub mod zb1p;
 
+pub use kiln_ir::schedule::verify;
 pub use simulate::{simulate, Costs, Simulation};
-pub use verify::verify;
 
 /// The schedules kiln generates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
