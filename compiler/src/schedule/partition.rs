@@ -128,6 +128,9 @@ pub fn partition(spec: &ModelSpec, kind: Kind, pp: u32, seq_len: u64) -> Result<
     let stages = stage_count(kind, pp);
     if stages > pieces.len() as u64 {
         let per_rank = stages / u64::from(pp);
+        let most = pieces.len() as u64 / per_rank;
+        // DualPipe pairs rank i with rank pp-1-i: suggest an even pipeline.
+        let most = if kind == Kind::DualPipe { most - most % 2 } else { most };
         return Err(PartitionError::TooManyStages {
             pp,
             schedule: kind.name(),
@@ -135,7 +138,7 @@ pub fn partition(spec: &ModelSpec, kind: Kind, pp: u32, seq_len: u64) -> Result<
             model: spec.model.name.clone(),
             pieces: pieces.len(),
             layers: spec.model.num_hidden_layers,
-            most: pieces.len() as u64 / per_rank,
+            most,
         });
     }
     let forward: Vec<u64> = pieces.iter().map(|(_, c)| c.forward).collect();
@@ -355,5 +358,23 @@ mod tests {
                 assert!(held.iter().all(|&h| h == copies), "{kind:?} pp {pp}: {held:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_pipeline_longer_than_the_model_is_refused_with_one_that_fits() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny.toml");
+        let tiny = crate::spec::load(std::path::Path::new(path)).unwrap();
+        // 6 pieces: the embedding, 4 layers, the head.
+        let e = partition(&tiny, Kind::OneFOneB, 7, 64).unwrap_err();
+        assert!(e.to_string().ends_with("try --pp 6 or fewer"), "{e}");
+        // DualPipeV needs two stages a rank; DualPipe an even number of ranks.
+        let e = partition(&tiny, Kind::DualPipeV, 4, 64).unwrap_err();
+        assert!(e.to_string().ends_with("try --pp 3 or fewer"), "{e}");
+        let mut five_pieces = tiny.clone();
+        five_pieces.model.num_hidden_layers = 3;
+        let e = partition(&five_pieces, Kind::DualPipe, 6, 64).unwrap_err();
+        assert!(e.to_string().ends_with("try --pp 4 or fewer"), "{e}");
+        assert_eq!(partition(&tiny, Kind::Zb1p, 0, 64).unwrap_err(), PartitionError::NoRanks { pp: 0 });
+        assert_eq!(partition(&tiny, Kind::OneFOneB, 6, 64).unwrap().stages.len(), 6);
     }
 }
