@@ -18,9 +18,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use kiln_compiler::codegen::{cpu, form_kernels, gpu, Step as KernelStep};
 use kiln_compiler::pack::{self, Artifact, Dump, Observer, Options, Prepared, Source, Stage, Targets};
+use kiln_compiler::schedule::Kind;
 use kiln_compiler::spec;
 use kiln_ir::artifact::{self, Manifest, Step};
 use kiln_ir::Module;
+
+mod plan;
 
 /// A stage `--emit` prints to standard output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -33,6 +36,9 @@ pub enum Emit {
     Llvm,
     /// The PTX module (`kernels.ptx`).
     Ptx,
+    /// The parallel plan of `--pp` as JSON, the pipeline stopping after planning (nothing is
+    /// compiled); with `-o FILE` it is written there, with a summary on standard output.
+    Plan,
 }
 
 /// The arguments of `kiln compile`.
@@ -52,7 +58,8 @@ pub struct Args {
     #[arg(long)]
     spec: Option<PathBuf>,
     /// Print this stage's output to standard output (with `-o`, besides writing the artifact;
-    /// without, the pipeline stops once it has it).
+    /// without, the pipeline stops once it has it). `plan` stops after planning, and `-o` is then the
+    /// file the plan is written to.
     #[arg(long, value_enum)]
     emit: Option<Emit>,
     /// Print a stage's output to standard error when it finishes: build, a pass name, kernels,
@@ -111,6 +118,21 @@ pub struct Args {
     /// them).
     #[command(flatten)]
     settings: crate::train::Settings,
+    /// Plan pipeline parallelism over P ranks: cut the model into the schedule's stages, generate,
+    /// verify and simulate each rank's instruction list, and write the plan (with the experts'
+    /// placement) into the manifest (`parallel`). Running it across processes is not built yet.
+    #[arg(long, value_name = "P")]
+    pp: Option<u32>,
+    /// With --pp: expert-parallel ranks per stage, which must divide the routed experts (default
+    /// the spec's `moe.ep_size`).
+    #[arg(long, value_name = "E", requires = "pp")]
+    ep: Option<u64>,
+    /// With --pp: the schedule, `dualpipe` (default), `dualpipev`, `1f1b` or `zb1p`.
+    #[arg(long, value_name = "SCHEDULE", requires = "pp")]
+    schedule: Option<String>,
+    /// With --pp: micro-batches per step (default 2·P, the fewest DualPipe takes).
+    #[arg(long, value_name = "M", requires = "pp")]
+    micro_batches: Option<u32>,
 }
 
 fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
@@ -257,7 +279,20 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
             }
             false => None,
         },
+        parallel: match req.pp {
+            Some(pp) => Some(pack::Parallel {
+                kind: Kind::parse(req.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))
+                    .context("--schedule")?,
+                pp,
+                ep: req.ep,
+                micro_batches: req.micro_batches,
+            }),
+            None => None,
+        },
     };
+    if req.emit == Some(Emit::Plan) {
+        return plan::emit(req, &options, out);
+    }
     for name in &req.disable_pass {
         kiln_compiler::passes::find(name)?;
     }
@@ -347,6 +382,12 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
             writeln!(out, "{}", summary(dir, &a.manifest))?;
         }
     }
+    // The plan's summary where nothing else goes to standard output.
+    if let (None, false, Built::Artifact(a)) = (req.emit, req.json, &built) {
+        if let Some(plan) = &a.manifest.parallel {
+            out.write_all(plan::summary(plan, plan::mtp_depth(a.manifest.model.as_ref())).as_bytes())?;
+        }
+    }
     if let (true, Built::Artifact(a)) = (req.report, &built) {
         out.write_all(report(a).as_bytes())?;
         out.write_all(fusion_report(a, watch.before_fusion.as_deref(), &req.disable_pass).as_bytes())?;
@@ -360,6 +401,9 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     std::mem::forget(built);
     Ok(())
 }
+
+/// The schedule `--pp` plans without `--schedule`: DeepSeek-V3's.
+const DEFAULT_SCHEDULE: &str = "dualpipe";
 
 /// How far a compile runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -414,6 +458,7 @@ fn emitted(built: &Built, emit: Emit) -> Result<String> {
     }
     let p = built.prepared()?;
     Ok(match emit {
+        Emit::Plan => bail!("internal error: --emit plan is answered before any compile"),
         Emit::Kir | Emit::Mlir => built.file(artifact::KERNELS_MLIR).unwrap_or_else(|| pack::kernels_mlir(p)),
         Emit::Llvm => {
             let mut text = String::new();
@@ -490,14 +535,21 @@ fn json_summary(dir: &Path, m: &Manifest, rows: &[Row]) -> serde_json::Value {
             })
         })
         .collect();
-    json!({
+    let mut doc = json!({
         "artifact": dir.display().to_string(),
         "name": m.name,
         "programs": programs,
         "kernels": kernels,
         "files": files,
         "stages": stages,
-    })
+    });
+    if let Some(p) = &m.parallel {
+        doc["parallel"] = json!({
+            "schedule": p.schedule, "pp": p.pp, "ep": p.ep, "micro_batches": p.micro_batches,
+            "stages": p.stages.len(), "makespan": p.makespan, "bubble": p.bubble,
+        });
+    }
+    doc
 }
 
 /// The decoder layer of a Hugging Face scope (`model.layers.3.mlp` is 3).

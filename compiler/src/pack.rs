@@ -19,6 +19,10 @@
 //! first for that) while emit-cpu makes the library, and module.kir, kernels.mlir and the
 //! manifest are made beside both; a stage is reported finished when its own result is ready.
 //!
+//! With [`Options::parallel`] (`kiln compile --pp`), [`prepare`] first makes the parallel plan
+//! ([`parallel_plan`], `crate::schedule::plan`): from the spec alone, so an impossible request fails
+//! before any work; `pack` puts it into the manifest and [`plan_json`] prints it on its own.
+//!
 //! [`make_graph`] runs `build` and the passes, [`prepare`] the pure stages up to `lower`, [`emit`]
 //! the rest, [`compile`] all of them. Nothing here writes the output: an [`Artifact`] holds its
 //! files in memory, and [`write()`] puts them in place atomically. (The CPU library is linked by `cc`
@@ -40,7 +44,7 @@ use sha2::{Digest, Sha256};
 
 use kiln_ir::artifact::{
     self, ArgRole, ArgSig, BufferKind, CpuKernel, CpuTarget, FileEntry, GpuKernel, GpuTarget, GridAxis,
-    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParamEntry, StateEntry, SymbolEntry,
+    KernelEntry, KernelIndex, Manifest, NamedBuffer, ParallelPlan, ParamEntry, StateEntry, SymbolEntry,
 };
 use kiln_ir::module::{
     verify_declarations, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole,
@@ -73,7 +77,8 @@ pub enum Source {
 }
 
 impl Source {
-    fn spec(&self) -> Option<&ModelSpec> {
+    /// The spec, when there is one.
+    pub fn spec(&self) -> Option<&ModelSpec> {
         match self {
             Source::Spec(s) => Some(s),
             Source::Graph { spec, .. } => spec.as_ref(),
@@ -98,6 +103,20 @@ pub struct Options {
     /// From a spec, compile the training programs ([`crate::train::program`]) instead of the
     /// inference programs.
     pub train: Option<TrainOptions>,
+    /// Put a parallel plan into the manifest ([`parallel_plan`]).
+    pub parallel: Option<Parallel>,
+}
+
+/// The pipeline and expert parallelism to plan (`kiln compile --pp`): a
+/// [`crate::schedule::Request`] whose sizes are the compile's (see [`parallel_plan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parallel {
+    pub kind: crate::schedule::Kind,
+    pub pp: u32,
+    /// The spec's `moe.ep_size` when absent.
+    pub ep: Option<u64>,
+    /// `2·pp` when absent.
+    pub micro_batches: Option<u32>,
 }
 
 /// What a training artifact is compiled with.
@@ -115,7 +134,7 @@ pub struct TrainOptions {
 impl Options {
     /// Every program a spec compiles to by default: prefill, decode and score.
     pub fn new(targets: Targets, max_batch: u64, max_context: u64) -> Options {
-        Options { targets, max_batch, max_context, kv_cache: true, score: true, train: None }
+        Options { targets, max_batch, max_context, kv_cache: true, score: true, train: None, parallel: None }
     }
 
     /// The sizes the buffer plan is made for: `T <= S` always, so both get `max_context`.
@@ -301,6 +320,8 @@ pub enum CompileError {
     /// ptxas rejected the PTX (a kiln bug) or could not run; or the host target is unusable.
     #[error(transparent)]
     Toolchain(#[from] ToolchainError),
+    #[error(transparent)]
+    Parallel(#[from] crate::schedule::PlanError),
     #[error("internal error: {0} (a kiln bug; please report it)")]
     Internal(String),
 }
@@ -315,6 +336,8 @@ pub struct Prepared {
     pub programs: Vec<PreparedProgram>,
     pub cpu: Option<LoweredModule>,
     pub gpu: Option<LoweredModule>,
+    /// The parallel plan, when [`Options::parallel`] asked for one.
+    pub parallel: Option<ParallelPlan>,
     ptxas: Option<PathBuf>,
 }
 
@@ -549,8 +572,9 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
     if options.max_batch == 0 || options.max_context == 0 {
         return Err(CompileError::Options("the maximum batch and context must be at least 1".into()));
     }
-    // Before any work: a missing tool should not cost a whole compile.
+    // Before any work: a missing tool or an impossible plan should not cost a whole compile.
     let ptxas = if options.targets.gpu() { Some(require_ptxas()?) } else { None };
+    let parallel = parallel_plan(source.spec(), options)?;
     let (module, spec) = make_module(source, options, obs)?;
     let plans = stage(
         obs,
@@ -608,7 +632,7 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
             Target::Gpu => gpu = Some(m),
         }
     }
-    Ok(Prepared { spec, module, programs, cpu, gpu, ptxas })
+    Ok(Prepared { spec, module, programs, cpu, gpu, parallel, ptxas })
 }
 
 /// The prefix of the private temporary directories the CPU library is linked in:
@@ -772,21 +796,45 @@ pub fn compile(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
 /// step, a buffer), so that a manifest reads and diffs line by line and stays a fraction of the size
 /// of fully indented JSON. Fields keep their declaration order.
 fn manifest_text(m: &Manifest) -> Result<String, CompileError> {
-    let mut out = Vec::new();
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, Lines::default());
-    serde::Serialize::serialize(m, &mut ser)
-        .map_err(|e| CompileError::Internal(format!("serialising the manifest: {e}")))?;
-    out.push(b'\n');
-    String::from_utf8(out).map_err(|e| CompileError::Internal(format!("the manifest is not UTF-8: {e}")))
+    json_lines(m, 1)
 }
 
-/// A JSON layout: the top-level object indented, the elements of its lists one per line, everything
-/// deeper compact.
-#[derive(Default)]
+/// The JSON of a parallel plan (`kiln compile --emit plan`) in the layout of `manifest.json` one
+/// level deeper: a field of the plan per line, and of its `lists` and `experts`; a stage, a rank, a
+/// rank's list, a MoE layer per line.
+pub fn plan_json(plan: &ParallelPlan) -> Result<String, CompileError> {
+    json_lines(plan, 2)
+}
+
+/// `value` as JSON with the fields of objects down to depth `levels` (the top one is depth 1) and
+/// the elements of the lists in them each on a line of their own, everything deeper compact.
+fn json_lines(value: &impl serde::Serialize, levels: usize) -> Result<String, CompileError> {
+    let mut out = Vec::new();
+    let mut ser =
+        serde_json::Serializer::with_formatter(&mut out, Lines { levels, depth: 0, items: Vec::new() });
+    value.serialize(&mut ser).map_err(|e| CompileError::Internal(format!("serialising JSON: {e}")))?;
+    out.push(b'\n');
+    String::from_utf8(out).map_err(|e| CompileError::Internal(format!("the JSON is not UTF-8: {e}")))
+}
+
+/// The layout of [`json_lines`]: objects at depth `1..=levels` have a field per line, lists at depth
+/// `2..=levels + 1` an element per line, indented two spaces a level.
 struct Lines {
+    levels: usize,
     depth: usize,
-    /// Whether the top-level list being written has elements (so its `]` goes on a line of its own).
-    items: bool,
+    /// For each open list, whether it has elements so far (so its `]` goes on a line of its own).
+    items: Vec<bool>,
+}
+
+impl Lines {
+    fn newline<W: ?Sized + std::io::Write>(w: &mut W, depth: usize) -> std::io::Result<()> {
+        w.write_all(b"\n")?;
+        w.write_all(&b" ".repeat(2 * depth))
+    }
+
+    fn broken_list(&self) -> bool {
+        (2..=self.levels + 1).contains(&self.depth)
+    }
 }
 
 impl serde_json::ser::Formatter for Lines {
@@ -797,7 +845,10 @@ impl serde_json::ser::Formatter for Lines {
 
     fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         self.depth -= 1;
-        w.write_all(if self.depth == 0 { b"\n}" } else { b"}" })
+        if self.depth < self.levels {
+            Self::newline(w, self.depth)?;
+        }
+        w.write_all(b"}")
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -808,27 +859,29 @@ impl serde_json::ser::Formatter for Lines {
         if !first {
             w.write_all(b",")?;
         }
-        if self.depth == 1 {
-            w.write_all(b"\n  ")?;
+        if self.depth <= self.levels {
+            Self::newline(w, self.depth)?;
         }
         Ok(())
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
-        w.write_all(if self.depth == 1 { b": " } else { b":" })
+        w.write_all(if self.depth <= self.levels { b": " } else { b":" })
     }
 
     fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         self.depth += 1;
-        if self.depth == 2 {
-            self.items = false;
-        }
+        self.items.push(false);
         w.write_all(b"[")
     }
 
     fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        let had_items = self.items.pop().unwrap_or(false);
+        if self.broken_list() && had_items {
+            Self::newline(w, self.depth - 1)?;
+        }
         self.depth -= 1;
-        w.write_all(if self.depth == 1 && self.items { b"\n  ]" } else { b"]" })
+        w.write_all(b"]")
     }
 
     fn begin_array_value<W: ?Sized + std::io::Write>(
@@ -839,9 +892,11 @@ impl serde_json::ser::Formatter for Lines {
         if !first {
             w.write_all(b",")?;
         }
-        if self.depth == 2 {
-            self.items = true;
-            w.write_all(b"\n    ")?;
+        if let Some(items) = self.items.last_mut() {
+            *items = true;
+        }
+        if self.broken_list() {
+            Self::newline(w, self.depth)?;
         }
         Ok(())
     }
@@ -969,7 +1024,40 @@ fn manifest(
             moments: t.optimizer.moments,
             token_weights: t.losses.token_weights,
         }),
+        parallel: p.parallel.clone(),
     })
+}
+
+/// The parallel plan [`Options::parallel`] asks for ([`crate::schedule::plan`]), for the compile's
+/// sizes: attention costed at `max_context` tokens, and `max_batch · max_context` tokens (a run's
+/// largest `B·T`) routed through each MoE layer together. `None` when none was asked for; an error
+/// when one was but there is no spec to cut.
+pub fn parallel_plan(
+    spec: Option<&ModelSpec>,
+    options: &Options,
+) -> Result<Option<ParallelPlan>, CompileError> {
+    let Some(p) = options.parallel else { return Ok(None) };
+    let Some(spec) = spec else {
+        return Err(CompileError::Options(
+            "--pp cuts a model into pipeline stages, and a .kir graph without --spec has no model to cut"
+                .into(),
+        ));
+    };
+    let tokens = options.max_batch.checked_mul(options.max_context).ok_or_else(|| {
+        CompileError::Options(format!(
+            "--max-batch {} times --max-context {} tokens overflows 64 bits",
+            options.max_batch, options.max_context
+        ))
+    })?;
+    let req = crate::schedule::Request {
+        kind: p.kind,
+        pp: p.pp,
+        ep: p.ep,
+        micro_batches: p.micro_batches,
+        seq_len: options.max_context,
+        tokens,
+    };
+    Ok(Some(crate::schedule::plan(spec, &req)?))
 }
 
 /// One program of the manifest: steps, buffers, inputs and outputs, and what a runtime must know

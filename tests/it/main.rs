@@ -18,6 +18,7 @@ mod limits;
 mod messages;
 mod monitor;
 mod output;
+mod partition;
 mod passes;
 mod passes_equiv;
 mod perplexity;

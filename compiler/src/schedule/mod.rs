@@ -1,26 +1,35 @@
 //! Pipeline schedules: generators for 1F1B, ZB1P, DualPipe and DualPipeV (one file each), the
-//! verifier that checks any schedule ([`verify`]), and an event-driven simulator that runs one
-//! with given costs ([`simulate`]). The data types are [`kiln_ir::schedule`].
+//! verifier that checks any schedule ([`verify`], kept with the data in [`kiln_ir::schedule`] so
+//! that a manifest's lists are checked without the compiler), and an event-driven simulator that
+//! runs one with given costs ([`simulate`]). The data types are [`kiln_ir::schedule`].
 //!
-//! What this does not do yet: partition a module into stages (the schedules name stages, not the
-//! layers in them), store schedules in an artifact's manifest, or execute them over MPI or NCCL.
-//! `kiln schedule` is the way in today: it generates, verifies and simulates.
+//! The parallel plan of `kiln compile --pp` ([`plan`]) is built on them: [`partition`] cuts a model
+//! into a schedule's stages by the cost model of [`cost`] and places them on ranks, and the plan
+//! adds the verified lists, their simulation with the stages' costs and the expert-parallel
+//! dispatch plan, which the artifact's manifest carries ([`kiln_ir::artifact::ParallelPlan`]).
+//!
+//! What this does not do yet: execute a plan across processes (over MPI or NCCL), cut the programs
+//! themselves into per-stage programs with send and receive steps, or plan memory per rank. Data
+//! parallelism is what runs across processes today (`kiln train --dp`).
 //!
 //! Every generator is a plain function of the number of ranks and micro-batches; each returns a
-//! schedule that [`verify::verify`] accepts (tested for every schedule over a grid of sizes).
+//! schedule that [`verify()`] accepts (tested for every schedule over a grid of sizes).
 
 use kiln_ir::schedule::Schedule;
 
+pub mod cost;
 pub mod dualpipe;
 pub mod dualpipev;
 pub mod one_f_one_b;
+pub mod partition;
+pub mod plan;
 mod program;
 pub mod simulate;
-pub mod verify;
 pub mod zb1p;
 
-pub use simulate::{simulate, Costs, Simulation};
-pub use verify::verify;
+pub use kiln_ir::schedule::verify;
+pub use plan::{plan, PlanError, Request};
+pub use simulate::{simulate, simulate_stages, Costs, Simulation, StageCost};
 
 /// The schedules kiln generates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,13 +22,18 @@
 //!   (micro-batch, chunk) pairs; one stage's activations for one micro-batch is the unit.
 //! - **parameter copies**: [`kiln_ir::schedule::Schedule::parameter_copies`].
 //!
+//! [`simulate`] gives every stage the same costs, as the DualPipe table does. [`simulate_stages`]
+//! gives each stage its own ([`StageCost`], from the partition's cost model): a step takes the
+//! costs of the stage its work is on, and an overlapped pair its forward's F plus its backward's B
+//! (no overlap gain: how much of a pair hides under the other is not modelled per stage).
+//!
 //! What it does not model: contention (transfers are independent and take `comm` each, however many
 //! are in flight), the overlap of communication with computation inside a step (an `F&B` simply
 //! takes the `F&B` cost), memory other than activations.
 
 use std::collections::HashMap;
 
-use kiln_ir::schedule::{Instr, Rank, Schedule, Transfer};
+use kiln_ir::schedule::{Instr, Rank, Schedule, Slot, Transfer, Work};
 
 /// The cost of each kind of step and of a transfer, in any one unit of time.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -131,16 +136,74 @@ pub struct Simulation {
     pub makespan: f64,
 }
 
+/// The costs of a micro-batch on one stage, for [`simulate_stages`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StageCost {
+    /// F: the forward.
+    pub forward: f64,
+    /// B: the full backward (input and weight gradients).
+    pub backward: f64,
+    /// W: the backward for weights alone.
+    pub weight: f64,
+}
+
 /// Why a simulation could not finish.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum SimulateError {
     #[error("the schedule deadlocks: {}", waiting.iter().map(|(r, i, s)| format!("{r} waits at step {i} (`{s}`)")).collect::<Vec<_>>().join(", "))]
     Deadlock { waiting: Vec<(Rank, usize, Instr)> },
+    #[error("{given} stage costs for a schedule of {stages} stages: give one per stage")]
+    StageCount { given: usize, stages: usize },
+    #[error("stage {stage}: {source}")]
+    StageCost { stage: usize, source: CostError },
 }
 
 /// Runs `schedule` with `costs`. The schedule should have passed [`super::verify`]; a receive with
 /// no send, or receives waiting in a cycle, are reported as a deadlock.
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation, SimulateError> {
+    run(schedule, costs.comm, |_, instr| costs.duration(instr))
+}
+
+/// Runs `schedule` with the costs of each stage (`stages[i]` for stage `i`, the `i`-th slot of
+/// every lane) and `comm` per transfer; see the module documentation. The schedule should have
+/// passed [`super::verify`].
+pub fn simulate_stages(
+    schedule: &Schedule,
+    stages: &[StageCost],
+    comm: f64,
+) -> Result<Simulation, SimulateError> {
+    if stages.len() != schedule.stages() {
+        return Err(SimulateError::StageCount { given: stages.len(), stages: schedule.stages() });
+    }
+    for (i, c) in stages.iter().enumerate() {
+        Costs::new(c.forward, c.backward, c.weight, None, comm)
+            .map_err(|source| SimulateError::StageCost { stage: i, source })?;
+    }
+    let stage_of: HashMap<Slot, usize> =
+        schedule.lanes.iter().flat_map(|lane| lane.iter().enumerate().map(|(i, s)| (*s, i))).collect();
+    // A work on a slot no lane has is caught by the verifier; here it costs nothing.
+    let cost = |rank: Rank, w: &Work| stage_of.get(&Slot { rank, chunk: w.chunk }).map(|&i| stages[i]);
+    run(schedule, comm, |rank, instr| match instr {
+        Instr::Forward(w) => cost(rank, w).map_or(0.0, |c| c.forward),
+        Instr::BackwardInput(w) => cost(rank, w).map_or(0.0, |c| c.backward - c.weight),
+        Instr::Weight(w) => cost(rank, w).map_or(0.0, |c| c.weight),
+        Instr::Backward(w) => cost(rank, w).map_or(0.0, |c| c.backward),
+        Instr::ForwardBackward { forward, backward } => {
+            cost(rank, forward).map_or(0.0, |c| c.forward) + cost(rank, backward).map_or(0.0, |c| c.backward)
+        }
+        Instr::SendActivation(_)
+        | Instr::RecvActivation(_)
+        | Instr::SendGradient(_)
+        | Instr::RecvGradient(_) => 0.0,
+    })
+}
+
+/// The event loop: `duration` is how long a compute step of a rank takes.
+fn run(
+    schedule: &Schedule,
+    comm: f64,
+    duration: impl Fn(Rank, &Instr) -> f64,
+) -> Result<Simulation, SimulateError> {
     let n = schedule.ranks.len();
     let mut pc = vec![0usize; n];
     let mut clock = vec![0.0f64; n];
@@ -155,7 +218,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation, Simula
                 let start = clock[r];
                 let end = match instr {
                     Instr::SendActivation(t) | Instr::SendGradient(t) => {
-                        arrivals.insert((matches!(instr, Instr::SendGradient(_)), t), start + costs.comm);
+                        arrivals.insert((matches!(instr, Instr::SendGradient(_)), t), start + comm);
                         start
                     }
                     Instr::RecvActivation(t) | Instr::RecvGradient(t) => {
@@ -164,7 +227,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation, Simula
                             None => break,
                         }
                     }
-                    _ => start + costs.duration(&instr),
+                    _ => start + duration(Rank(r as u32), &instr),
                 };
                 events[r].push(Event { rank: Rank(r as u32), index: pc[r], instr, start, end });
                 clock[r] = end;

@@ -235,7 +235,7 @@ fn a_valid_list_that_deadlocks_is_caught_by_the_simulator() {
     s.ranks[0].swap(1, 2);
     verify(&s).unwrap();
     let e = simulate(&s, &costs(0.0)).unwrap_err();
-    let SimulateError::Deadlock { waiting } = &e;
+    let SimulateError::Deadlock { waiting } = &e else { panic!("{e}") };
     assert_eq!(waiting.iter().map(|w| (w.0, w.1)).collect::<Vec<_>>(), [(Rank(0), 1), (Rank(1), 0)]);
     assert!(
         e.to_string().starts_with("the schedule deadlocks: r0 waits at step 1 (`recv_grad m0 r1.c0->r0.c0`)"),
@@ -271,4 +271,56 @@ fn a_schedule_round_trips_through_json() {
     assert!(json.contains(r#""forward_backward":{"forward":"#), "{json}");
     let back: Schedule = serde_json::from_str(&json).unwrap();
     assert_eq!(back, s);
+}
+
+#[test]
+fn stage_costs_that_are_all_equal_simulate_as_the_uniform_costs() {
+    for kind in Kind::ALL {
+        for pp in [2, 4] {
+            let s = generate(kind, pp, kind.min_micro_batches(pp).max(2 * pp)).unwrap();
+            let uniform = Costs::new(F, B, W, None, 0.5).unwrap();
+            let stages = vec![StageCost { forward: F, backward: B, weight: W }; s.stages()];
+            assert_eq!(
+                simulate_stages(&s, &stages, 0.5).unwrap(),
+                simulate(&s, &uniform).unwrap(),
+                "{kind:?} {pp}"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_micro_batch_through_uneven_stages_takes_every_forward_then_every_backward() {
+    // 1F1B with one micro-batch runs the stages one after another, down and back up: the makespan
+    // is the sum of the forwards and of the full backwards, whatever their split.
+    let s = generate(Kind::OneFOneB, 3, 1).unwrap();
+    let stages = [
+        StageCost { forward: 1.0, backward: 2.0, weight: 1.0 },
+        StageCost { forward: 4.0, backward: 8.0, weight: 3.0 },
+        StageCost { forward: 2.0, backward: 5.0, weight: 0.0 },
+    ];
+    let sim = simulate_stages(&s, &stages, 0.0).unwrap();
+    assert_eq!(sim.makespan, 7.0 + 15.0);
+    // Rank 1 computes its 4 + 8 and idles for the rest.
+    assert_eq!((sim.ranks[1].busy, sim.ranks[1].bubble), (12.0, 10.0));
+    // ZB1P splits the backward: the input gradients go back up (B - W each: 5, 5, 1) and each rank
+    // then runs its W; rank 1's W (3) ends last, at 7 + 5 + 5 + 3, after rank 0's at 7 + 5 + 5 + 1 + 1.
+    let z = simulate_stages(&generate(Kind::Zb1p, 3, 1).unwrap(), &stages, 0.0).unwrap();
+    assert_eq!(z.makespan, 20.0);
+    assert_eq!(z.ranks[0].last_end, 19.0);
+}
+
+#[test]
+fn stage_costs_must_fit_the_schedule() {
+    let s = generate(Kind::DualPipeV, 2, 4).unwrap();
+    let c = StageCost { forward: 1.0, backward: 2.0, weight: 1.0 };
+    assert_eq!(
+        simulate_stages(&s, &[c; 2], 0.0).unwrap_err().to_string(),
+        "2 stage costs for a schedule of 4 stages: give one per stage"
+    );
+    let bad = StageCost { weight: 3.0, ..c };
+    assert!(matches!(
+        simulate_stages(&s, &[c, c, bad, c], 0.0),
+        Err(SimulateError::StageCost { stage: 2, source: CostError::WeightAboveBackward { .. } })
+    ));
 }

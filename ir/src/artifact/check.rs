@@ -22,7 +22,20 @@
 //! - inputs and outputs name buffers of the right kind once each; index inputs name caller inputs
 //!   of integer type and limits of at least 1; MoE dispatches name launches and `i32[experts + 1]`
 //!   buffers they write;
-//! - files are listed once, with well-formed hashes, and each compiled target's file among them.
+//! - files are listed once, with well-formed hashes, and each compiled target's file among them;
+//! - a parallel plan, when there is one ([`ParallelPlan`]), describes this manifest's model: at least
+//!   one pipeline and one expert-parallel rank; instruction lists of the plan's schedule, ranks and
+//!   micro-batches that pass the schedule verifier ([`crate::schedule::verify()`]); one stage per
+//!   position of a lane, in order, the first holding the embedding, the last the head, and together
+//!   every decoder layer once in order, none empty, with at most as many weight FLOPs as FLOPs;
+//!   per rank, the stages the lanes put on its chunks and the sum of their weights; finite,
+//!   non-negative simulated times; and for a MoE model (only for one) the model's experts, top-k and
+//!   groups (one, kept, with plain greedy routing, as the router has none), `ep` dividing the experts, rank `r` holding experts `r·n .. (r+1)·n` of
+//!   `n = experts / ep`, groups of whole ranks exactly when `ep` is a multiple of the groups, and
+//!   every MoE layer of the model (the main model's, then the MTP modules') once, in order, on the
+//!   stage that holds it, its dispatch for the plan's tokens and the model's width with
+//!   `tokens · top_k` rows, two exchanges (dispatch, combine) exactly when `ep > 1`, each with
+//!   bytes that are its rows times a row's bytes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -108,6 +121,121 @@ impl Manifest {
             if target.is_some_and(|name| name != file || !files.contains(file)) {
                 return bad(field, format!("a compiled target's file must be `{file}`, listed in `files`"));
             }
+        }
+        if let Some(plan) = &self.parallel {
+            self.check_parallel(plan)?;
+        }
+        Ok(())
+    }
+
+    fn check_parallel(&self, plan: &ParallelPlan) -> Result<(), ManifestError> {
+        let Some(model) = &self.model else {
+            return bad(
+                "parallel",
+                "a parallel plan cuts a model into stages, and this artifact has no `model`",
+            );
+        };
+        if plan.pp == 0 || plan.ep == 0 {
+            return bad(
+                "parallel.pp",
+                format!("pp = {} and ep = {}: both must be at least 1", plan.pp, plan.ep),
+            );
+        }
+        if plan.seq_len == 0 || plan.tokens == 0 {
+            return bad(
+                "parallel.tokens",
+                format!("seq_len = {} and tokens = {}: both must be at least 1", plan.seq_len, plan.tokens),
+            );
+        }
+        let lists = &plan.lists;
+        if (lists.name.as_str(), lists.pp, lists.micro_batches)
+            != (plan.schedule.as_str(), plan.pp, plan.micro_batches)
+        {
+            return bad(
+                "parallel.lists",
+                format!(
+                    "the lists are `{}` on {} ranks with {} micro-batches, but the plan says `{}` on {} with {}",
+                    lists.name, lists.pp, lists.micro_batches, plan.schedule, plan.pp, plan.micro_batches
+                ),
+            );
+        }
+        crate::schedule::verify(lists)
+            .map_err(|e| ManifestError::Field { field: "parallel.lists".into(), message: e.to_string() })?;
+        self.check_stages(plan, model.model.num_hidden_layers)?;
+        check_ranks(plan)?;
+        for (field, value) in [("makespan", plan.makespan), ("bubble", plan.bubble)] {
+            if !value.is_finite() || value < 0.0 {
+                return bad(
+                    format!("parallel.{field}"),
+                    format!("{value} is not a time (finite, at least 0)"),
+                );
+            }
+        }
+        match (&model.moe, &plan.experts) {
+            (None, None) if plan.ep == 1 => Ok(()),
+            (None, None) => bad(
+                "parallel.ep",
+                format!("ep = {}, but a model without MoE has no experts to spread: ep must be 1", plan.ep),
+            ),
+            (None, Some(_)) => {
+                bad("parallel.experts", "the model has no MoE layers, so the plan has no experts")
+            }
+            (Some(_), None) => bad(
+                "parallel.experts",
+                "missing: the model has MoE layers, whose experts the plan must place",
+            ),
+            (Some(_), Some(x)) => check_experts(model, plan, x),
+        }
+    }
+
+    fn check_stages(&self, plan: &ParallelPlan, layers: u64) -> Result<(), ManifestError> {
+        let n = plan.lists.stages();
+        if plan.stages.len() != n {
+            return bad(
+                "parallel.stages",
+                format!(
+                    "{} stages, but the lists' lanes have {n}: one stage per position",
+                    plan.stages.len()
+                ),
+            );
+        }
+        let mut next = 0u64;
+        for (i, st) in plan.stages.iter().enumerate() {
+            let field = |f: &str| format!("parallel.stages[{i}].{f}");
+            if st.stage as usize != i {
+                return bad(field("stage"), format!("stage {i} has number {}", st.stage));
+            }
+            if st.embedding != (i == 0) || st.head != (i + 1 == n) {
+                return bad(
+                    field("head"),
+                    "the first stage, and only it, holds the embedding; the last, and only it, the head",
+                );
+            }
+            if st.layers.start != next || st.layers.end < st.layers.start || st.layers.end > layers {
+                return bad(
+                    field("layers"),
+                    format!(
+                        "{}..{}: the stages hold the layers 0..{layers} in order, each once, so this one starts at {next}",
+                        st.layers.start, st.layers.end
+                    ),
+                );
+            }
+            if !st.embedding && !st.head && st.layers.is_empty() {
+                return bad(field("layers"), "the stage holds nothing");
+            }
+            if st.weight_flops > st.forward_flops {
+                return bad(
+                    field("weight_flops"),
+                    format!("{} weight FLOPs of {} FLOPs in all", st.weight_flops, st.forward_flops),
+                );
+            }
+            next = st.layers.end;
+        }
+        if next != layers {
+            return bad(
+                "parallel.stages",
+                format!("the stages hold layers 0..{next}, not every layer 0..{layers}"),
+            );
         }
         Ok(())
     }
@@ -519,6 +647,187 @@ fn check_lifetimes(p: &Program) -> Result<(), (String, String)> {
         for &i in &ends[step] {
             if let Storage::Arena { offset } = p.buffers[i].storage {
                 live.remove(&offset);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each rank holds the stages the lanes put on its chunks (the lists are verified: chunks are
+/// numbered from 0 and no slot is on two lanes twice), with their weights.
+fn check_ranks(plan: &ParallelPlan) -> Result<(), ManifestError> {
+    let lists = &plan.lists;
+    if plan.ranks.len() != lists.pp as usize {
+        return bad("parallel.ranks", format!("{} ranks listed for pp = {}", plan.ranks.len(), lists.pp));
+    }
+    // rank -> chunk -> stage.
+    let mut held: Vec<BTreeMap<u32, u32>> = vec![BTreeMap::new(); plan.ranks.len()];
+    for lane in &lists.lanes {
+        for (stage, slot) in lane.iter().enumerate() {
+            let stage = stage as u32;
+            let was = held[slot.rank.0 as usize].insert(slot.chunk.0, stage);
+            if was.is_some_and(|w| w != stage) {
+                return bad(
+                    "parallel.lists.lanes",
+                    format!("{slot} is stage {} on one lane and stage {stage} on another", was.unwrap_or(0)),
+                );
+            }
+        }
+    }
+    for (r, e) in plan.ranks.iter().enumerate() {
+        let field = |f: &str| format!("parallel.ranks[{r}].{f}");
+        if e.rank as usize != r {
+            return bad(field("rank"), format!("rank {r} has number {}", e.rank));
+        }
+        let stages: Vec<u32> = held[r].values().copied().collect();
+        if e.stages != stages {
+            return bad(
+                field("stages"),
+                format!("{:?}, but the lists put stages {stages:?} on the rank's chunks", e.stages),
+            );
+        }
+        let params = stages.iter().try_fold(0u64, |acc, &s| acc.checked_add(plan.stages[s as usize].params));
+        if params != Some(e.params) {
+            return bad(field("params"), format!("{}, not the sum of its stages' weights", e.params));
+        }
+        if ![e.busy, e.bubble].iter().all(|t| t.is_finite() && *t >= 0.0) {
+            return bad(field("busy"), "busy and bubble must be times (finite, at least 0)");
+        }
+    }
+    Ok(())
+}
+
+/// The expert placement and each MoE layer's dispatch against the model (see the module
+/// documentation).
+fn check_experts(model: &ModelSpec, plan: &ParallelPlan, x: &ExpertPlan) -> Result<(), ManifestError> {
+    let Some(moe) = &model.moe else { return Ok(()) };
+    let ep = u64::from(plan.ep);
+    // Plain greedy routing has no groups (one, kept), as the router has.
+    let (groups, kept) = match moe.topk_method {
+        crate::spec::TopkMethod::Greedy => (1, 1),
+        _ => (moe.n_group, moe.topk_group),
+    };
+    let model_says = (moe.n_routed_experts, moe.num_experts_per_tok, groups, kept);
+    if (x.experts, x.top_k, x.groups, x.topk_groups) != model_says {
+        return bad(
+            "parallel.experts",
+            format!(
+                "{} experts, top-{}, {} of {} groups; the model has {} experts, top-{}, {} of {} groups",
+                x.experts,
+                x.top_k,
+                x.topk_groups,
+                x.groups,
+                model_says.0,
+                model_says.1,
+                model_says.3,
+                model_says.2
+            ),
+        );
+    }
+    if x.experts % ep != 0 || x.experts_per_rank != x.experts / ep || x.ranks.len() as u64 != ep {
+        return bad(
+            "parallel.experts.experts_per_rank",
+            format!(
+                "{} experts per rank on {} ranks for {} experts over ep = {ep}: ep must divide the experts",
+                x.experts_per_rank,
+                x.ranks.len(),
+                x.experts
+            ),
+        );
+    }
+    for (r, range) in (0u64..).zip(&x.ranks) {
+        let want = r * x.experts_per_rank..(r + 1) * x.experts_per_rank;
+        if *range != want {
+            return bad(
+                format!("parallel.experts.ranks[{r}]"),
+                format!(
+                    "experts {}..{}; rank {r} holds {}..{}",
+                    range.start, range.end, want.start, want.end
+                ),
+            );
+        }
+    }
+    let per_group = (x.groups > 0 && ep % x.groups == 0).then(|| ep / x.groups);
+    if x.ranks_per_group != per_group {
+        return bad(
+            "parallel.experts.ranks_per_group",
+            format!(
+                "{:?} for {} groups on {ep} ranks; it is ep / groups when groups divide ep",
+                x.ranks_per_group, x.groups
+            ),
+        );
+    }
+    // The MoE layers, `first, first + freq, ...` below the main layers and the MTP modules' (a
+    // manifest's model is data: no more of them are made than the plan lists, plus one).
+    let (main, freq) = (model.model.num_hidden_layers, moe.moe_layer_freq);
+    let end = main.saturating_add(model.mtp.as_ref().map_or(0, |m| m.num_layers));
+    if freq == 0 {
+        return bad("model.moe.moe_layer_freq", "0: every freq-th layer is a MoE layer, so it is at least 1");
+    }
+    let last = plan.stages.len().saturating_sub(1) as u32;
+    let mut expected: Vec<(u64, u32)> = Vec::new();
+    let mut l = moe.first_k_dense_replace;
+    while l < end && expected.len() <= x.layers.len() {
+        expected.push((l, plan.stages.iter().find(|s| s.layers.contains(&l)).map_or(last, |s| s.stage)));
+        let Some(next) = l.checked_add(freq) else { break };
+        l = next;
+    }
+    let listed: Vec<(u64, u32)> = x.layers.iter().map(|l| (l.layer, l.stage)).collect();
+    if listed != expected {
+        let i = listed.iter().zip(&expected).take_while(|(a, b)| a == b).count();
+        let show = |v: Option<&(u64, u32)>| {
+            v.map_or("nothing".to_string(), |(l, s)| format!("layer {l} on stage {s}"))
+        };
+        return bad(
+            format!("parallel.experts.layers[{i}]"),
+            format!(
+                "{}, where the model's MoE layers on the plan's stages have {}",
+                show(listed.get(i)),
+                show(expected.get(i))
+            ),
+        );
+    }
+    for (i, l) in x.layers.iter().enumerate() {
+        let field = |f: &str| format!("parallel.experts.layers[{i}].{f}");
+        if l.module != format!("model.layers.{}.mlp", l.layer) {
+            return bad(field("module"), format!("`{}` is not layer {}'s MoE block", l.module, l.layer));
+        }
+        let d = &l.dispatch;
+        if d.tokens != plan.tokens || d.hidden != model.model.hidden_size || d.tile_rows == 0 {
+            return bad(
+                field("dispatch"),
+                format!(
+                    "for {} tokens of width {} in tiles of {}; the plan routes {} tokens of width {} in tiles of at least 1",
+                    d.tokens, d.hidden, d.tile_rows, plan.tokens, model.model.hidden_size
+                ),
+            );
+        }
+        if Some(d.rows) != d.tokens.checked_mul(x.top_k) || d.worst_rows_per_rank > d.rows {
+            return bad(
+                field("dispatch.rows"),
+                format!("{} rows for {} tokens of top-{}", d.rows, d.tokens, x.top_k),
+            );
+        }
+        let names: Vec<&str> = d.all_to_all.iter().map(|a| a.name.as_str()).collect();
+        let want: &[&str] = if ep > 1 { &["dispatch", "combine"] } else { &[] };
+        if names != want {
+            return bad(
+                field("dispatch.all_to_all"),
+                format!("exchanges {names:?} on {ep} ranks; they are {want:?}"),
+            );
+        }
+        let row_bytes = d.hidden.checked_mul(d.dtype.size_bytes());
+        for (j, a) in d.all_to_all.iter().enumerate() {
+            let bytes = |rows: u64| row_bytes.and_then(|b| rows.checked_mul(b));
+            if bytes(a.worst_rows) != Some(a.worst_bytes) || bytes(a.expected_rows) != Some(a.expected_bytes)
+            {
+                return bad(
+                    field(&format!("dispatch.all_to_all[{j}]")),
+                    format!(
+                        "the bytes are not the rows times {} bytes a row",
+                        d.hidden.saturating_mul(d.dtype.size_bytes())
+                    ),
+                );
             }
         }
     }

@@ -39,6 +39,10 @@
 //! cache, targets) with the rows they may index, checked before a run because kernels clamp ids; [`Program::moe_dispatches`] are
 //! the MoE dispatch launches whose `offsets` give the load of each expert.
 //!
+//! A manifest may also carry a [`ParallelPlan`] (`kiln compile --pp`): the stages a pipeline cuts
+//! the model into, the ranks that hold them, each rank's schedule and the experts' placement. It
+//! describes a run across processes and changes nothing in the programs.
+//!
 //! The manifest is code the runtime trusts for memory safety, so [`Manifest::validate`] checks it
 //! whole before anything runs (see `check.rs`): every cross-reference, every buffer extent at the
 //! maxima inside its allocation, every kernel's CPU symbol its own packed entry, and no two buffers
@@ -50,6 +54,7 @@
 //! `serde_json`.
 
 mod check;
+mod parallel;
 mod serde_text;
 
 use std::collections::{HashMap, HashSet};
@@ -62,6 +67,9 @@ use crate::spec::ModelSpec;
 use crate::types::{DType, Dim, Sym, SymBindings};
 
 pub use check::ManifestError;
+pub use parallel::{
+    AllToAllEntry, DispatchEntry, ExpertPlan, MoeLayerEntry, ParallelPlan, RankEntry, StageEntry,
+};
 
 /// The version of the manifest format this crate reads and writes. Bumped on any change a reader
 /// of an older version would misread. Version 3: a list of named programs over one set of kernels,
@@ -156,6 +164,12 @@ pub struct Manifest {
     /// --train`): `kiln train` runs it with these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<TrainEntry>,
+    /// How a pipeline- and expert-parallel run would cut, place and schedule the model, when it was
+    /// compiled with `--pp` (see [`ParallelPlan`]). Optional, so an artifact without it reads as
+    /// before; a reader older than the field refuses an artifact that has it (unknown fields are
+    /// refused) rather than misreading it, so the format version stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelPlan>,
 }
 
 /// The settings baked into a training artifact's programs: its losses (each off at 0) and its

@@ -21,12 +21,17 @@
 //!   slot to the next on its lane, between two ranks. A send and its receive carry the same
 //!   `Transfer`, which is how they are matched.
 //!
-//! A schedule is checked by `kiln_compiler::schedule::verify`, whose module doc lists the
-//! invariants. This module only defines the data and how it prints.
+//! A schedule is checked by [`verify()`], whose module doc lists the invariants; the rest of this
+//! module defines the data and how it prints. The generators and the simulator are the compiler's
+//! (`kiln_compiler::schedule`).
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+pub mod verify;
+
+pub use verify::{verify, Problem, VerifyError};
 
 /// A pipeline rank (one process, one device), printed `r3`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

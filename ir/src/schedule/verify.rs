@@ -1,6 +1,8 @@
 //! The schedule verifier. A schedule kiln generates must pass it (a failure is a generator bug); a
 //! schedule read from elsewhere (an artifact, a test) is checked with it before it is simulated or
-//! run.
+//! run. It lives here, beside the data, so that [`crate::artifact::Manifest::validate`] checks the
+//! lists of an artifact's parallel plan without the compiler (the generators and the simulator are
+//! `kiln_compiler::schedule`, which re-exports this module).
 //!
 //! Invariants:
 //!
@@ -27,13 +29,13 @@
 //!    stage's backward. No other send or receive exists, and each sits on the rank it names.
 //!
 //! Deliberately not checked here: that the ranks cannot deadlock (receives waiting in a cycle).
-//! That depends on the whole interleaving; the simulator finds it and reports the waiting ranks
-//! ([`super::simulate::SimulateError::Deadlock`]).
+//! That depends on the whole interleaving; the simulator (`kiln_compiler::schedule::simulate`) finds
+//! it and reports the waiting ranks.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use kiln_ir::schedule::{Chunk, Instr, MicroBatch, Rank, Schedule, Slot, Transfer};
+use super::{Chunk, Instr, MicroBatch, Rank, Schedule, Slot, Transfer, Work};
 
 /// One broken invariant, with the step it was found at when there is one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +133,8 @@ fn check_shape(s: &Schedule, problems: &mut Vec<Problem>) {
             problems.push(problem(None, format!("slot {slot} holds two stages")));
         }
     }
-    for r in 0..s.pp {
+    // Only over the lists there are: a `pp` read from a file may be anything.
+    for r in 0..s.ranks.len() as u32 {
         let chunks = s.chunks(Rank(r));
         if chunks.iter().enumerate().any(|(i, c)| c.0 as usize != i) {
             problems.push(problem(
@@ -181,7 +184,7 @@ fn index(s: &Schedule, problems: &mut Vec<Problem>) -> Index {
         let rank = Rank(r as u32);
         for (i, instr) in list.iter().enumerate() {
             let at = Some((rank, i));
-            let mut work = |w: kiln_ir::schedule::Work, map: &mut HashMap<(Slot, MicroBatch), Vec<usize>>| {
+            let mut work = |w: Work, map: &mut HashMap<(Slot, MicroBatch), Vec<usize>>| {
                 let slot = Slot { rank, chunk: w.chunk };
                 if w.mb.0 >= s.micro_batches {
                     problems
