@@ -287,7 +287,8 @@ pub fn html(title: &str, run: &Run) -> String {
     }
     let _ = writeln!(s, "<h2 id=\"expert-load\">Expert load</h2>");
     if heatmaps.is_empty() {
-        let _ = writeln!(s, "<p>The model has no MoE layers.</p>");
+        // A model without MoE layers, or a run that does not log loads (`kiln grpo`).
+        let _ = writeln!(s, "<p>No expert load was logged.</p>");
     }
     for (layer, svg) in &heatmaps {
         let _ = writeln!(s, "<figure class=\"load\" data-layer=\"{}\">\n{svg}</figure>", escape(layer));
