@@ -1095,7 +1095,7 @@ fn compiled(
                 dir.display()
             );
         }
-        trainer.executor_mut().set_communicator(d.replicas());
+        trainer.executor_mut().set_communicator(d.replicas())?;
         engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.size());
         let exec = trainer.executor();
         let moments =

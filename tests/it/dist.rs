@@ -273,3 +273,37 @@ fn supervised_fine_tuning_over_two_replicas_matches_one_process() {
     assert_eq!(reference.len(), 3);
     assert_close("sft over two replicas", &logged(Path::new(&two)), &reference);
 }
+
+/// A bf16 model trains on f32 master weights; ZeRO-1 splits the masters too, and each replica
+/// starts its shard from its own part of the weights: the run is the unsplit one bit for bit.
+#[test]
+fn split_master_weights_of_a_bf16_model_equal_the_unsplit_run() {
+    let s = Scratch::new();
+    let spec = std::fs::read_to_string(root().join("models/tiny.toml")).unwrap();
+    assert!(spec.contains("dtype = \"f32\""));
+    let bf16 = s.path("tiny_bf16.toml");
+    std::fs::write(&bf16, spec.replacen("dtype = \"f32\"", "dtype = \"bf16\"", 1)).unwrap();
+    let bf16 = bf16.display().to_string();
+    let run = |out: &str, zero: bool| -> Out {
+        let mut args = train_args(&bf16, out, "3");
+        args.extend(["--dp", "2", "--no-monitor"]);
+        if zero {
+            args.push("--zero1");
+        }
+        mpirun(2, &args, Duration::from_secs(300))
+    };
+    let (plain, split) = (s.path("plain").display().to_string(), s.path("split").display().to_string());
+    for (out, zero) in [(&plain, false), (&split, true)] {
+        let r = run(out, zero);
+        assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    }
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let read = |dir: &str| std::fs::read(Path::new(dir).join("step-3").join(f)).unwrap();
+        assert!(read(&plain) == read(&split), "{f} differs between the split and the unsplit run");
+    }
+    // The masters are in the optimizer's checkpoint, whole.
+    let opt = kiln_runtime::weights::open_checkpoint(&Path::new(&split).join("step-3/optimizer.safetensors"))
+        .unwrap();
+    let master = opt.read("master.model.embed_tokens.weight").unwrap();
+    assert_eq!(master.shape, vec![512, 64]);
+}

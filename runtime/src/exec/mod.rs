@@ -642,8 +642,35 @@ impl<B: Backend> Executor<B> {
 
     /// The processes the programs' `all_reduce` steps sum over (data-parallel replicas); without
     /// one, this process is a group of one and an all-reduce copies its operand.
-    pub fn set_communicator(&mut self, comm: Box<dyn crate::comm::Communicator>) {
+    ///
+    /// A master weight split over the replicas (ZeRO-1: its state holds `m` of the weight's `n`
+    /// values) is set to this process's shard of its weight: values `rank·m ..` of the weight,
+    /// flattened and padded with zeros.
+    pub fn set_communicator(&mut self, comm: Box<dyn crate::comm::Communicator>) -> Result<(), RuntimeError> {
+        let rank = comm.rank_in(kiln_ir::module::DP_GROUP).map_or(0, |r| r.0);
         self.comm = Some(comm);
+        let masters: Vec<(String, String)> = (self.manifest.states.iter())
+            .filter(|s| s.role == StateRole::MasterWeight)
+            .filter_map(|s| {
+                let w = s.name.strip_prefix(kiln_ir::module::MASTER_PREFIX)?;
+                Some((s.name.clone(), w.to_string()))
+            })
+            .collect();
+        for (master, weight) in masters {
+            let (m, w) = (self.read_state(&master)?, self.read_state(&weight)?);
+            let held: usize = m.shape.iter().product::<u64>() as usize;
+            let whole = match w.data {
+                HostData::F32(v) => v,
+                HostData::I64(_) => continue,
+            };
+            if held >= whole.len() {
+                continue;
+            }
+            let shard =
+                (rank * held..(rank + 1) * held).map(|i| whole.get(i).copied().unwrap_or(0.0)).collect();
+            self.write_state(&HostTensor { data: HostData::F32(shard), ..m })?;
+        }
+        Ok(())
     }
 
     /// What the collectives of every run since the last call cost (and zero again).
@@ -970,7 +997,13 @@ fn load_params<B: Backend, P: Into<Param>>(
             expected: format!("the f32 copy of {} `{}`", w.dtype, w.name),
             found,
         };
-        let values = decode_f32(w.dtype, bytes).ok_or_else(|| bad(format!("{} values", w.dtype)))?;
+        let mut values = decode_f32(w.dtype, bytes).ok_or_else(|| bad(format!("{} values", w.dtype)))?;
+        // A master split over data-parallel replicas (ZeRO-1) holds one shard: rank 0's until
+        // `Executor::set_communicator` says which rank this process is.
+        let held = s.shape.iter().try_fold(1u64, |n, d| Some(n * d.as_known()?)).unwrap_or(0) as usize;
+        if held < values.len() {
+            values.truncate(held);
+        }
         let mut host = vec![0u8; values.len() * 4];
         encode(DType::F32, &HostData::F32(values), &mut host).map_err(bad)?;
         init.insert(s.name.clone(), host);
