@@ -548,6 +548,15 @@ struct TrainArgs {
     /// Threads per kernel launch of the compiled train step (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Train with DeepSeek-V3's FP8 recipe (every linear DeepSeek stores in FP8 runs its forward,
+    /// input-gradient and weight-gradient GEMMs in E4M3 with online block scales and FP32
+    /// accumulation promoted every 128 elements). It is the default for a spec with
+    /// [quantization]; given for one without, it uses DeepSeek's 128x128 blocks.
+    #[arg(long, conflicts_with = "no_fp8")]
+    fp8: bool,
+    /// Train in the model's dtype although the spec has [quantization].
+    #[arg(long)]
+    no_fp8: bool,
     /// Data-parallel replicas: run under `mpirun -n N`, each process trains on batch / N rows of
     /// every batch and the gradients are summed over MPI (the same steps as one process).
     #[arg(long, value_name = "N")]
@@ -652,6 +661,11 @@ fn train_request<'a>(
         monitor: (*a.monitor).clone(),
         dist: None,
         zero1: a.zero1,
+        fp8: match (a.fp8, a.no_fp8) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
     })
 }
 

@@ -356,6 +356,18 @@ pub fn epoch_order(rows: usize, seed: Option<u64>, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// DeepSeek-V3's `quantization_config` (reference §4.2): E4M3 in 128x128 weight blocks and 1x128
+/// activation tiles, scales computed online, not rounded to powers of two.
+fn deepseek_fp8() -> kiln_ir::spec::QuantSection {
+    kiln_ir::spec::QuantSection {
+        method: "fp8".into(),
+        format: DType::F8E4M3,
+        weight_block: [128, 128],
+        activation_scheme: "dynamic".into(),
+        pow2_scale: false,
+    }
+}
+
 /// What `kiln train` was asked.
 pub struct Request<'a> {
     pub model: &'a Path,
@@ -389,6 +401,9 @@ pub struct Request<'a> {
     pub dist: Option<&'a crate::dist::Dist>,
     /// `--zero1`: AdamW's states split over the replicas (ZeRO stage 1).
     pub zero1: bool,
+    /// `--fp8` (`Some(true)`) or `--no-fp8` (`Some(false)`): train with or without the FP8 recipe,
+    /// whatever the spec's [quantization] says (`None`: as it says).
+    pub fp8: Option<bool>,
 }
 
 impl Request<'_> {
@@ -481,8 +496,22 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         (spec, req.settings.over(entry, Some(req.model))?)
     } else {
         let path = if req.model.is_dir() && config.is_file() { config.as_path() } else { req.model };
-        (spec::load(path)?, req.settings.over(Settings::defaults(), None)?)
+        let mut spec = spec::load(path)?;
+        match req.fp8 {
+            Some(false) => spec.quantization = None,
+            Some(true) if spec.quantization.is_none() => spec.quantization = Some(deepseek_fp8()),
+            _ => {}
+        }
+        (spec, req.settings.over(Settings::defaults(), None)?)
     };
+    if artifact && req.fp8.is_some() {
+        let has = if spec.quantization.is_some() { "with" } else { "without" };
+        bail!(
+            "{}: the artifact's train step was compiled {has} the FP8 recipe; --fp8 and --no-fp8 apply to a \
+             model spec or Hugging Face folder",
+            req.model.display()
+        );
+    }
     let mut entry = entry;
     if req.chat {
         if artifact && !entry.token_weights {
@@ -562,7 +591,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // The program: forward and loss, backward, clipping and AdamW.
     let opt = hyper.optimizer();
     let micro_batches = req.micro_batches()?;
-    let programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1, false)?;
+    let mut programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1, false)?;
+    if spec.quantization.is_some() {
+        // FP8 training: the interpreter runs the step with the GEMMs' FP8 numerics, as compiled.
+        use kiln_compiler::passes::run_until;
+        use kiln_ir::ProgramKind;
+        run_until(&mut programs.step, &spec, ProgramKind::TrainStep, "insert-fp8-casts")?;
+        if let Some(acc) = &mut programs.accumulate {
+            run_until(acc, &spec, ProgramKind::Accumulate, "insert-fp8-casts")?;
+        }
+    }
     let states = programs.states.clone();
     // The compiled step's non-finite values are re-checked on the interpreter too.
     let reference_programs = (!req.interp).then(|| (programs.step.clone(), programs.accumulate.clone()));
@@ -590,8 +628,16 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     dir.display()
                 );
             }
-            let tensors = run::params(decls, &Weights::Checkpoint(dir), Some(&spec), &mut ckpt)?
+            let mut tensors = run::params(decls, &Weights::Checkpoint(dir), Some(&spec), &mut ckpt)?
                 .collect::<Result<Vec<_>, _>>()?;
+            // A weight the model file holds in FP8 resumes from its exact value.
+            let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
+            for t in &mut tensors {
+                let exact = format!("{EXACT_PREFIX}{}", t.name);
+                if opt.get(&exact).is_some() {
+                    *t = weights::HostTensor { name: t.name.clone(), ..opt.read(&exact)? };
+                }
+            }
             (tensors, Progress { hyper: hyper.clone(), ..p })
         }
         None => {
@@ -1209,6 +1255,60 @@ pub fn copy_tokenizer(from: Option<&Path>, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The prefix under which a checkpoint's optimizer file keeps the exact value of a weight that its
+/// model file stores in FP8: `weight.{name}`.
+pub const EXACT_PREFIX: &str = "weight.";
+
+/// The tensors of a model file in DeepSeek-V3's FP8 release layout (reference §4.2): every weight
+/// of a linear DeepSeek stores in FP8 becomes E4M3 codes with `{name}_scale_inv`, one f32 per
+/// `weight_block` block, quantised as the FP8 train step quantises it each step (the reference
+/// interpreter's `quantize`: block max floored at 1e-4, over 448), so a run of the checkpoint
+/// computes with the FP8 weights the last step used. Returns the model's tensors and the exact
+/// values of the quantised weights, named `weight.{name}`.
+fn fp8_release(
+    model: Vec<weights::HostTensor>,
+    q: &kiln_ir::spec::QuantSection,
+) -> Result<(Vec<weights::HostTensor>, Vec<weights::HostTensor>)> {
+    use kiln_compiler::passes::insert_fp8_casts::{fp8_name, AMAX_FLOOR};
+    use kiln_ir::interp::Tensor;
+    use kiln_ir::op::{Op, QuantSpec};
+    use kiln_ir::{Dim, Graph, TensorType};
+    let mut out = Vec::with_capacity(model.len());
+    let mut exact = Vec::new();
+    for t in model {
+        let weights::HostData::F32(values) = &t.data else {
+            out.push(t);
+            continue;
+        };
+        if !(fp8_name(&t.name) && t.shape.len() == 2 && t.dtype.is_float() && t.dtype != DType::F8E4M3) {
+            out.push(t);
+            continue;
+        }
+        let spec =
+            QuantSpec { block: q.weight_block.to_vec(), amax_floor: AMAX_FLOOR, pow2_scale: q.pow2_scale };
+        let mut g = Graph::new("fp8_release");
+        let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::known(d)).collect::<Vec<_>>());
+        let (_, x) = g.add_node(Op::Input { name: "w".into() }, &[], vec![ty.clone()], None)?;
+        let op = Op::Quantize { to: DType::F8E4M3, spec };
+        let types = kiln_ir::infer::infer(&op, &[&ty]).map_err(|e| anyhow::anyhow!("{}: {}", t.name, e.0))?;
+        let (_, r) = g.add_node(op, &[x[0]], types, None)?;
+        g.add_output("codes", r[0])?;
+        g.add_output("scales", r[1])?;
+        let w = Tensor::from_f32(t.dtype, t.shape.clone(), values.clone())?;
+        let outs = kiln_ir::interp::run(&g, &[("w".to_string(), w)].into(), &Default::default())?;
+        let host = |name: String, dtype: DType, tensor: &Tensor| weights::HostTensor {
+            name,
+            dtype,
+            shape: tensor.shape().to_vec(),
+            data: weights::HostData::F32(tensor.as_f32().expect("quantize gives floats").to_vec()),
+        };
+        out.push(host(t.name.clone(), DType::F8E4M3, &outs["codes"]));
+        out.push(host(weights::scale_name(&t.name), DType::F32, &outs["scales"]));
+        exact.push(weights::HostTensor { name: format!("{EXACT_PREFIX}{}", t.name), ..t });
+    }
+    Ok((out, exact))
+}
+
 /// Writes checkpoint `step-N` into `out` atomically (a hidden folder renamed into place).
 #[allow(clippy::too_many_arguments)]
 fn save(
@@ -1237,6 +1337,13 @@ fn save(
         }
     }
     let mut model: Vec<weights::HostTensor> = model.into_values().collect();
+    if let Some(q) = &spec.quantization {
+        // DeepSeek's release layout; the exact weights go with the optimizer's state for a resume.
+        let (fp8, mut exact) = fp8_release(model, q)?;
+        model = fp8;
+        exact.sort_by(|a, b| a.name.cmp(&b.name));
+        optimizer.extend(exact);
+    }
     model.sort_by(|a, b| a.name.cmp(&b.name));
     let config = serde_json::to_string_pretty(&spec::to_hf_config(spec))? + "\n";
     std::fs::write(tmp.join("config.json"), config)?;

@@ -104,9 +104,28 @@ fn dim_add(a: Dim, b: Dim) -> Option<Dim> {
     (ma == mb).then(|| ma.checked_mul(Dim::known(fa.checked_add(fb)?))).flatten()
 }
 
+/// Whether `scales` is the padded form of the scales of `shape` in `block` tiles: a dimension that
+/// was symbolic when the program was built keeps its size (see [`scale_shape`]), which a run, where
+/// every size is known, sees as `d` slots rather than `ceil(d / b)`.
+pub fn padded_scales(shape: &[Dim], block: &[u64], scales: &[Dim]) -> bool {
+    if block.is_empty() || block.len() > shape.len() || scales.len() != shape.len() {
+        return false;
+    }
+    let lead = shape.len() - block.len();
+    shape.iter().zip(scales).enumerate().all(|(i, (&d, &s))| {
+        if i < lead {
+            return s == d;
+        }
+        let b = block[i - lead];
+        s == d || b > 0 && matches!((d.as_known(), s.as_known()), (Some(n), Some(m)) if m == n.div_ceil(b))
+    })
+}
+
 /// Shape of the per-tile scales of a block-quantised tensor: leading dimensions kept, each of the
-/// trailing `block.len()` dimensions divided by its block size (rounded up; a symbolic dimension
-/// needs a block of 1).
+/// trailing `block.len()` dimensions divided by its block size, rounded up. A symbolic dimension
+/// (the tokens of a batch, which FP8 training's weight gradients tile by 128) keeps its size: the
+/// number of tiles `ceil(d / b)` is not a dimension kiln's types can state, so the scales are
+/// padded: tile `j`'s scale is at index `j`, and the slots after the last tile hold 0.
 pub fn scale_shape(op: &Op, shape: &[Dim], block: &[u64]) -> Result<Shape, InferError> {
     if block.is_empty() || block.len() > shape.len() {
         return fail(format!(
@@ -123,13 +142,7 @@ pub fn scale_shape(op: &Op, shape: &[Dim], block: &[u64]) -> Result<Shape, Infer
         }
         out.push(match (d.as_known(), b) {
             (Some(n), _) => Dim::known(n.div_ceil(b)),
-            (None, 1) => d,
-            (None, _) => {
-                return fail(format!(
-                    "`{}`: symbolic dimension {d} can only be blocked by 1, found block {b}",
-                    op.name()
-                ))
-            }
+            (None, _) => d,
         });
     }
     Ok(out)
@@ -466,7 +479,7 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
                 return fail(format!("`dequantize` produces a float type, found {to}"));
             }
             let want = scale_shape(op, &q.shape, block)?;
-            if s.shape != want {
+            if s.shape != want && !padded_scales(&q.shape, block, &s.shape) {
                 return fail(format!(
                     "`dequantize`: scales of {q} with block {block:?} must have shape {}, found {s}",
                     TensorType::new(DType::F32, want.clone())
@@ -595,6 +608,15 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
         Op::ScatterAddAlong { axis, size } => grad::scatter_add_along(op, *axis, *size, ins),
         Op::GroupedLinearWgrad { num_experts } => grad::grouped_linear_wgrad(op, *num_experts, ins),
         Op::MoeCombineGrad { top_k } => grad::moe_combine_grad(op, *top_k, ins),
+        Op::PromotedGemm { form, k_block } => {
+            if *k_block == 0 {
+                return fail("`promoted_gemm` needs a k_block of at least 1");
+            }
+            // The operands and shapes of the plain form; every result is f32.
+            let outs = infer(&form.plain(), ins)
+                .map_err(|e| InferError(format!("`promoted_gemm` of form {}: {}", form.name(), e.0)))?;
+            Ok(outs.into_iter().map(|t| t.with_dtype(DType::F32)).collect())
+        }
         Op::Fused { name, body } => {
             let params: Vec<&TensorType> = body.inputs().iter().map(|&(_, v)| body.ty(v)).collect();
             if params.len() != ins.len() || params.iter().zip(ins).any(|(a, b)| a != b) {

@@ -26,7 +26,7 @@ pub mod verify;
 pub use diag::Diagnostic;
 pub use graph::{Graph, GraphError, Node, NodeId, ValueId};
 pub use module::{verify_module, Module, ModuleError, ParamDecl, Program, ProgramKind, StateDecl, StateRole};
-pub use op::{Attr, BinaryOp, MlaForm, Op, ReduceOp, UnaryOp};
+pub use op::{Attr, BinaryOp, GemmForm, MlaForm, Op, ReduceOp, UnaryOp};
 pub use spec::ModelSpec;
 pub use text::{parse, parse_module, print, print_module, ParseError};
 pub use types::{DType, Dim, Shape, Sym, SymBindings, TensorType};

@@ -103,6 +103,30 @@ pub struct QuantSpec {
     pub pow2_scale: bool,
 }
 
+/// Which GEMM a [`Op::PromotedGemm`] is: the operands and result of `linear`, `grouped_linear` or
+/// `grouped_linear_wgrad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmForm {
+    Linear,
+    Grouped { num_experts: u64 },
+    GroupedWgrad { num_experts: u64 },
+}
+
+impl GemmForm {
+    /// The op of this form with plain accumulation, whose operands and shapes it takes.
+    pub fn plain(self) -> Op {
+        match self {
+            GemmForm::Linear => Op::Linear,
+            GemmForm::Grouped { num_experts } => Op::GroupedLinear { num_experts },
+            GemmForm::GroupedWgrad { num_experts } => Op::GroupedLinearWgrad { num_experts },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.plain().name()
+    }
+}
+
 /// A router that picks `top_k` experts per token (reference §3.1).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Router {
@@ -374,6 +398,21 @@ pub enum Op {
     /// per expert, torch's `dy.T @ x`, the weight gradient of `F.linear(x, w)`.
     GroupedLinearWgrad {
         num_experts: u64,
+    },
+    /// A GEMM with DeepSeek-V3's FP8 accumulation (reference §4.1; the report's §3.3.2,
+    /// "increasing accumulation precision", promotion interval N_C = 128): the operands and shapes
+    /// of `form` (`linear`, `grouped_linear`, `grouped_linear_wgrad`), result(s) f32. Every dot
+    /// product runs over the contraction axis in blocks of `k_block` aligned at index 0 (for
+    /// `grouped_linear_wgrad` the axis is the sorted rows, so an expert's rows meet the blocks
+    /// where they lie): each block's products are summed in f64 in index order and the sum rounded
+    /// once to f32 (the promotion to FP32 registers), and the blocks' sums are added in f32 in
+    /// order. Its operands are dequantised FP8 values, whose scales are constant over a block, so
+    /// this is DeepSeek's `acc += dot(a_blk, b_blk) * s_a * s_b`, exact in the block sum where the
+    /// tensor cores keep about 14 bits. The interpreter and the kernels sum in the same order, so
+    /// they agree bit for bit.
+    PromotedGemm {
+        form: GemmForm,
+        k_block: u64,
     },
     /// The gradients of [`Op::MoeCombine`]: operands `dy[N, D]` (y_sorted's dtype), `y_sorted[K*N, D]`,
     /// `perm[K*N]` and `weights[N, K]` as for `moe_combine`; results `dy_sorted[K*N, D]` (y_sorted's
@@ -719,6 +758,7 @@ impl Op {
             Op::ScatterAddAlong { .. } => "scatter_add_along",
             Op::GroupedLinearWgrad { .. } => "grouped_linear_wgrad",
             Op::MoeCombineGrad { .. } => "moe_combine_grad",
+            Op::PromotedGemm { .. } => "promoted_gemm",
             Op::Fused { .. } => "fused",
             Op::Send { .. } => "send",
             Op::Recv { .. } => "recv",
@@ -820,6 +860,14 @@ impl Op {
             }
             Op::MoeCombine { top_k } | Op::MoeCombineGrad { top_k } => {
                 vec![("top_k", Attr::Int(*top_k as i64))]
+            }
+            Op::PromotedGemm { form, k_block } => {
+                let mut v = vec![("form", ident(form.name()))];
+                if let GemmForm::Grouped { num_experts } | GemmForm::GroupedWgrad { num_experts } = form {
+                    v.push(("num_experts", Attr::Int(*num_experts as i64)));
+                }
+                v.push(("k_block", Attr::Int(*k_block as i64)));
+                v
             }
             Op::Fused { name, .. } => vec![("name", Attr::Str(name.clone()))],
             Op::Send { peer, tag } | Op::Recv { peer, tag } => {
@@ -934,6 +982,15 @@ impl Op {
             "scatter_add_along" => Op::ScatterAddAlong { axis: r.axis("axis")?, size: r.uint("size")? },
             "grouped_linear_wgrad" => Op::GroupedLinearWgrad { num_experts: r.uint("num_experts")? },
             "moe_combine_grad" => Op::MoeCombineGrad { top_k: r.uint("top_k")? },
+            "promoted_gemm" => {
+                let form = r.ident("form", &["linear", "grouped_linear", "grouped_linear_wgrad"])?;
+                let form = match form.as_str() {
+                    "linear" => GemmForm::Linear,
+                    "grouped_linear" => GemmForm::Grouped { num_experts: r.uint("num_experts")? },
+                    _ => GemmForm::GroupedWgrad { num_experts: r.uint("num_experts")? },
+                };
+                Op::PromotedGemm { form, k_block: r.uint("k_block")? }
+            }
             "send" => Op::Send { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "recv" => Op::Recv { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "all_reduce" => Op::AllReduce { group: r.string("group")? },
@@ -985,6 +1042,9 @@ mod tests {
         round_trip(Op::ScatterAddAlong { axis: 1, size: 256 });
         round_trip(Op::GroupedLinearWgrad { num_experts: 8 });
         round_trip(Op::MoeCombineGrad { top_k: 8 });
+        round_trip(Op::PromotedGemm { form: GemmForm::Linear, k_block: 128 });
+        round_trip(Op::PromotedGemm { form: GemmForm::Grouped { num_experts: 16 }, k_block: 128 });
+        round_trip(Op::PromotedGemm { form: GemmForm::GroupedWgrad { num_experts: 4 }, k_block: 64 });
         round_trip(Op::Reshape { shape: vec![Dim::B, Dim::T, Dim::known(128)] });
         round_trip(Op::CrossEntropy { ignore_index: None });
         round_trip(Op::CrossEntropy { ignore_index: Some(-100) });

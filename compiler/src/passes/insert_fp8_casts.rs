@@ -39,12 +39,15 @@
 
 use std::collections::{HashMap, HashSet};
 
+use kiln_ir::module::ProgramKind;
 use kiln_ir::op::{Op, QuantSpec};
 use kiln_ir::spec::QuantSection;
 use kiln_ir::{DType, Dim, Graph, NodeId, TensorType, ValueId};
 
 use super::rewrite::{Rewriter, Trace};
 use super::{Changed, Options, PassError};
+
+pub mod train;
 
 const NAME: &str = "insert-fp8-casts";
 
@@ -111,6 +114,9 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
             "{} = moe_experts: insert-fp8-casts quantises each expert GEMM, so it runs after plan-moe-dispatch",
             graph.node(n).results[0]
         )));
+    }
+    if matches!(opts.kind, ProgramKind::TrainStep | ProgramKind::Accumulate) {
+        return train::rewrite(graph, q);
     }
     let (gemms, weights) = eligible(graph, &order);
     if gemms.is_empty() {
@@ -204,7 +210,7 @@ fn scale_shape(w: &TensorType, block: [u64; 2]) -> Vec<Dim> {
 }
 
 /// Whether `name` is the weight of a module DeepSeek stores in FP8.
-fn fp8_name(name: &str) -> bool {
+pub fn fp8_name(name: &str) -> bool {
     name.strip_suffix(".weight").and_then(|s| s.rsplit('.').next()).is_some_and(|m| FP8_LINEARS.contains(&m))
 }
 

@@ -16,7 +16,7 @@ use kiln_compiler::pack::parse_report;
 use kiln_ir::interp::numerics::{f8e4m3_from_f32, f8e4m3_to_f32};
 use kiln_ir::op::{Dispatch, GroupScore, QuantSpec, RopeConfig, Router, Scoring, Yarn};
 use kiln_ir::types::SymBindings;
-use kiln_ir::{DType, Dim, Op};
+use kiln_ir::{DType, Dim, GemmForm, Op};
 
 use super::harness::{numel, to_bf16, Buf, CpuLib, Rng, BIND};
 use super::oracle::{check, check_writes_everything, random_inputs};
@@ -156,7 +156,12 @@ fn is_grad(op: &Op) -> bool {
             | Op::AttentionGrad { .. }
             | Op::GroupedLinearWgrad { .. }
             | Op::MoeCombineGrad { .. }
+            | Op::PromotedGemm { .. }
     )
+}
+
+fn promoted(form: GemmForm, k_block: u64) -> Op {
+    Op::PromotedGemm { form, k_block }
 }
 
 /// Every case: a kernel and the range of its float inputs.
@@ -245,6 +250,14 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         (quantize(&[1, 16], false), vec!["f32[B, T, 40]"], (-3.0, 3.0)),
         (quantize(&[1, 16], true), vec!["bf16[B, T, 40]"], (-3.0, 3.0)),
         (quantize(&[8, 16], false), vec!["f32[20, 36]"], (-100.0, 100.0)),
+        // Tiles along a symbolic dimension (FP8 training's tokens): scales padded to its size.
+        (quantize(&[1, 4], false), vec!["f32[5, 2*T]"], (-3.0, 3.0)),
+        (quantize(&[4, 1], true), vec!["bf16[7*T, 3]"], (-3.0, 3.0)),
+        (
+            Op::Dequantize { to: DType::F32, block: vec![4, 1] },
+            vec!["f8e4m3[7*T, 3]", "f32[7*T, 3]"],
+            (-3.0, 3.0),
+        ),
         (
             Op::Dequantize { to: DType::BF16, block: vec![1, 16] },
             vec!["f8e4m3[B, T, 40]", "f32[B, T, 3]"],
@@ -264,6 +277,20 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         (cross_entropy(None), vec!["f32[B, T, 33]", "i64[B, T]"], (5000.0, 5016.0)),
         (Op::Cast { to: DType::F8E4M3 }, vec!["f32[B, T, 9]"], (-500.0, 500.0)),
         (Op::Cast { to: DType::BF16 }, vec!["f8e4m3[B, T, 9]"], (-500.0, 500.0)),
+        // FP8 training's GEMMs: a ragged last block of K (300 = 2 x 128 + 44), blocks of rows that
+        // straddle experts (21 rows in blocks of 4; expert 1 has none).
+        (promoted(GemmForm::Linear, 128), vec!["f32[B, T, 300]", "f32[7, 300]"], (-3.0, 3.0)),
+        (promoted(GemmForm::Linear, 16), vec!["bf16[T, 40]", "bf16[5, 40]"], (-3.0, 3.0)),
+        (
+            promoted(GemmForm::Grouped { num_experts: 3 }, 64),
+            vec!["f32[7*T, 200]", "i32[4]", "f32[6, 200]", "f32[6, 200]", "f32[6, 200]"],
+            (-1.0, 1.0),
+        ),
+        (
+            promoted(GemmForm::GroupedWgrad { num_experts: 3 }, 4),
+            vec!["f32[7*T, 9]", "i32[4]", "f32[7*T, 5]"],
+            (-1.0, 1.0),
+        ),
     ];
     cases.extend(grad_cases(rope_grad, cross_entropy_grad, attention_grad));
     let mut out: Vec<(Kernel, (f32, f32))> =

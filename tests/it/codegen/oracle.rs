@@ -5,7 +5,7 @@
 
 use kiln_compiler::codegen::Kernel;
 use kiln_ir::types::SymBindings;
-use kiln_ir::{DType, Op};
+use kiln_ir::{DType, GemmForm, Op};
 
 use super::harness::{dims, interpret, numel, to_bf16, values, Buf, CpuLib, Rng};
 
@@ -32,7 +32,9 @@ pub fn tolerance(k: &Kernel, i: usize) -> (f64, f64) {
         | Op::TopK { .. }
         | Op::MoeDispatch(_)
         | Op::Quantize { .. }
-        | Op::Dequantize { .. } => return exact,
+        | Op::Dequantize { .. }
+        // The same f64 block sums in the same order, rounded at the same points.
+        | Op::PromotedGemm { .. } => return exact,
         Op::MoeRoute(_) if i == 1 => return exact,
         // The product of two floats rounded to f32, then to the result's dtype, as the interpreter
         // does (its f64 product of two f32 values is exact, so both round the same number).
@@ -153,14 +155,24 @@ pub fn random_inputs(k: &Kernel, rng: &mut Rng, range: (f32, f32), bind: &SymBin
                 let picks = (0..ds[0]).flat_map(|_| distinct(rng, ds[1], group).into_iter());
                 ints(d, picks.map(|e| e + (g * group) as i64).collect())
             }
-            (Op::GroupedLinear { .. } | Op::GroupedLinearWgrad { .. }, 1, d) => {
+            (
+                Op::GroupedLinear { .. }
+                | Op::GroupedLinearWgrad { .. }
+                | Op::PromotedGemm { form: GemmForm::Grouped { .. } | GemmForm::GroupedWgrad { .. }, .. },
+                1,
+                d,
+            ) => {
                 let rows = dims(&k.args[0], bind)[0] as f32;
                 let mut cuts: Vec<i64> = (0..n - 2).map(|_| rng.uniform(0.0, rows + 1.0) as i64).collect();
                 cuts.sort_unstable();
                 let mut off = vec![0];
                 off.extend(cuts.into_iter().map(|c| c.min(rows as i64)));
                 off.push(rows as i64);
-                if matches!(op, Op::GroupedLinearWgrad { .. }) {
+                if matches!(
+                    op,
+                    Op::GroupedLinearWgrad { .. }
+                        | Op::PromotedGemm { form: GemmForm::GroupedWgrad { .. }, .. }
+                ) {
                     // Expert 1 gets no rows.
                     off[1] = off[2];
                 }

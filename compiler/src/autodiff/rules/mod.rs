@@ -79,6 +79,9 @@ pub(super) fn vjp(
         Op::AllReduce { .. } | Op::AllGather { .. } => {
             Err(none("collectives are inserted after differentiation"))
         }
+        Op::PromotedGemm { .. } => {
+            Err(none("FP8 GEMMs are inserted after differentiation (insert-fp8-casts on the train step)"))
+        }
     }
 }
 

@@ -66,7 +66,7 @@ fn numel(f: &Frame, buf: usize, op: &str) -> Result<Dim, LowerError> {
 
 /// An integer value of `dtype` as an `index` clamped to `[0, n]` (a bound, where
 /// [`Frame::clamped_index`] gives an element).
-fn clamped_bound(f: &mut Frame, v: &Value, dtype: DType, n: &Value) -> Value {
+pub(super) fn clamped_bound(f: &mut Frame, v: &Value, dtype: DType, n: &Value) -> Value {
     let wide = match dtype {
         DType::I64 => v.clone(),
         _ => f.b.op("i", format_args!("arith.extsi {v} : i32 to i64")),

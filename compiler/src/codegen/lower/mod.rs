@@ -34,6 +34,7 @@ mod fused;
 mod grad;
 mod matmul;
 mod moe;
+mod promoted;
 mod quant;
 mod reduce;
 mod rope;
@@ -217,6 +218,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         Op::ScatterAddAlong { axis, .. } => grad::scatter_add_along(f, *axis)?,
         Op::GroupedLinearWgrad { num_experts } => grad::grouped_linear_wgrad(f, *num_experts)?,
         Op::MoeCombineGrad { top_k } => grad::moe_combine_grad(f, *top_k)?,
+        Op::PromotedGemm { form, k_block } => promoted::promoted_gemm(f, *form, *k_block)?,
         // Formation turns these into aliases, runtime steps or buffers; a kernel holding one was
         // built by hand.
         op @ (Op::Reshape { .. }

@@ -25,7 +25,7 @@ use kiln_ir::Dim;
 
 use super::elementwise::each_element;
 use super::{Frame, LaunchShape, LowerError};
-use crate::codegen::mlir::{for_carry, for_loop, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
 
 /// `2^-9`, the E4M3 subnormal quantum.
 const F8_SUBNORMAL_QUANTUM: f64 = 1.0 / 512.0;
@@ -184,20 +184,35 @@ impl Frame<'_> {
 }
 
 /// The tiling of an operand: per dimension, its size, its stride, its tile size (1 for leading
-/// dimensions) and its number of tiles.
+/// dimensions), its number of tiles, and the scales' size along it (the number of tiles, or for a
+/// dimension that is symbolic in the types the dimension itself, padded with zeros after the last
+/// tile: `kiln_ir::infer::scale_shape`).
 struct Tiles {
     dims: Vec<Value>,
     strides: Vec<Value>,
     block: Vec<Value>,
     counts: Vec<Value>,
+    slots: Vec<Value>,
 }
 
-fn tiles_of(f: &mut Frame, op: &str, shape: &[Dim], block: &[u64]) -> Result<Tiles, LowerError> {
-    if block.is_empty() || block.len() > shape.len() {
+fn tiles_of(
+    f: &mut Frame,
+    op: &str,
+    shape: &[Dim],
+    block: &[u64],
+    scales: &[Dim],
+) -> Result<Tiles, LowerError> {
+    if block.is_empty() || block.len() > shape.len() || scales.len() != shape.len() {
         return Err(f.unsupported(op, format!("block {block:?} does not fit the shape")));
     }
     let lead = shape.len() - block.len();
-    let mut t = Tiles { dims: Vec::new(), strides: Vec::new(), block: Vec::new(), counts: Vec::new() };
+    let mut t = Tiles {
+        dims: Vec::new(),
+        strides: Vec::new(),
+        block: Vec::new(),
+        counts: Vec::new(),
+        slots: Vec::new(),
+    };
     for (k, &d) in shape.iter().enumerate() {
         let dv = f.dim(d);
         let stride = f.prod(&shape[k + 1..]);
@@ -211,18 +226,20 @@ fn tiles_of(f: &mut Frame, op: &str, shape: &[Dim], block: &[u64]) -> Result<Til
         t.strides.push(stride);
         t.block.push(bv);
         t.counts.push(count);
+        let slots = f.dim(scales[k]);
+        t.slots.push(slots);
     }
     Ok(t)
 }
 
-/// The tile coordinates of scale index `tile` (scales are row-major over the tile counts).
+/// The tile coordinates of scale index `tile` (scales are row-major over the slots).
 fn tile_coords(f: &mut Frame, tiles: &Tiles, tile: &Value) -> Vec<Value> {
     let mut rest = tile.clone();
-    let mut coords = vec![rest.clone(); tiles.counts.len()];
-    for k in (0..tiles.counts.len()).rev() {
-        coords[k] = if k == 0 { rest.clone() } else { f.b.remui(&rest, &tiles.counts[k]) };
+    let mut coords = vec![rest.clone(); tiles.slots.len()];
+    for k in (0..tiles.slots.len()).rev() {
+        coords[k] = if k == 0 { rest.clone() } else { f.b.remui(&rest, &tiles.slots[k]) };
         if k > 0 {
-            rest = f.b.divui(&rest, &tiles.counts[k]);
+            rest = f.b.divui(&rest, &tiles.slots[k]);
         }
     }
     coords
@@ -279,14 +296,41 @@ fn each_in_tile(
 
 pub(super) fn quantize(f: &mut Frame, spec: &QuantSpec) -> Result<LaunchShape, LowerError> {
     let shape = f.bufs[0].ty.shape.clone();
-    let tiles = tiles_of(f, "quantize", &shape, &spec.block)?;
+    let scales = f.result(1).ty.shape.clone();
+    let tiles = tiles_of(f, "quantize", &shape, &spec.block, &scales)?;
     let n = f.result(1).ty.numel().ok_or_else(|| f.unsupported("quantize", "too many tiles"))?;
     let (q_buf, s_buf) = (f.kernel.args.len(), f.kernel.args.len() + 1);
     Ok(each_element(f, n, |f, tile| {
         let coords = tile_coords(f, &tiles, tile);
+        // A padding slot (a coordinate at or past its dimension's tile count) holds 0.
+        let mut pad = f.b.constant("0", "i1");
+        for (c, count) in coords.iter().zip(&tiles.counts) {
+            let past = f.cmp("uge", c, count, "index");
+            pad = f.b.op("p", format_args!("arith.ori {pad}, {past} : i1"));
+        }
+        if_then(f, &pad, |f| {
+            let fzero = f.b.f32(0.0);
+            f.store(s_buf, tile, &fzero);
+        });
+        let yes = f.b.constant("1", "i1");
+        let keep = f.b.op("p", format_args!("arith.xori {pad}, {yes} : i1"));
+        if_then(f, &keep, |f| quantize_tile(f, spec, &tiles, &coords, tile, (q_buf, s_buf)));
+    }))
+}
+
+/// Quantises the tile at `coords`, whose scale is slot `tile`.
+fn quantize_tile(
+    f: &mut Frame,
+    spec: &QuantSpec,
+    tiles: &Tiles,
+    coords: &[Value],
+    tile: &Value,
+    (q_buf, s_buf): (usize, usize),
+) {
+    {
         let zero = f.b.index(0);
         let init = f.b.f32(0.0);
-        let amax = fold_tile(f, &tiles, &coords, 0, &zero, init, &|f, i, acc| {
+        let amax = fold_tile(f, tiles, coords, 0, &zero, init, &|f, i, acc| {
             let x = f.load(0, i);
             let a = f.unary(kiln_ir::UnaryOp::Abs, &x);
             // maximumf propagates NaN, as the interpreter's amax does.
@@ -300,17 +344,18 @@ pub(super) fn quantize(f: &mut Frame, spec: &QuantSpec) -> Result<LaunchShape, L
         let scale = f.binf("divf", &amax, &max);
         let scale = if spec.pow2_scale { f.pow2_ceil(&scale) } else { scale };
         f.store(s_buf, tile, &scale);
-        each_in_tile(f, &tiles, &coords, 0, &zero, &|f, i| {
+        each_in_tile(f, tiles, coords, 0, &zero, &|f, i| {
             let x = f.load(0, i);
             let q = f.binf("divf", &x, &scale);
             f.store(q_buf, i, &q);
         });
-    }))
+    }
 }
 
 pub(super) fn dequantize(f: &mut Frame, block: &[u64]) -> Result<LaunchShape, LowerError> {
     let shape = f.bufs[0].ty.shape.clone();
-    let tiles = tiles_of(f, "dequantize", &shape, block)?;
+    let scales = f.bufs[1].ty.shape.clone();
+    let tiles = tiles_of(f, "dequantize", &shape, block, &scales)?;
     let n = f.result(0).ty.numel().ok_or_else(|| f.unsupported("dequantize", "too many elements"))?;
     let out = f.kernel.args.len();
     Ok(each_element(f, n, |f, i| {
@@ -326,7 +371,7 @@ pub(super) fn dequantize(f: &mut Frame, block: &[u64]) -> Result<LaunchShape, Lo
             let t = f.b.divui(&c, &tiles.block[k]);
             let term = f.b.muli(&t, &stride);
             slot = f.b.addi(&slot, &term);
-            stride = f.b.muli(&stride, &tiles.counts[k]);
+            stride = f.b.muli(&stride, &tiles.slots[k]);
         }
         let q = f.load(0, i);
         let s = f.load(1, &slot);

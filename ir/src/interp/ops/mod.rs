@@ -9,6 +9,7 @@ mod linalg;
 mod loss;
 mod moe;
 pub(crate) mod norm_rope;
+mod promoted;
 pub(crate) mod quant;
 mod reduce;
 mod shape;
@@ -73,6 +74,7 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::ScatterAddAlong { axis, .. } => grad::scatter_add_along(ins[0], ins[1], *axis, &out[0]),
         Op::GroupedLinearWgrad { .. } => grad::grouped_linear_wgrad(ins[0], ins[1], ins[2], out),
         Op::MoeCombineGrad { .. } => grad::moe_combine_grad(ins[0], ins[1], ins[2], ins[3], out),
+        Op::PromotedGemm { form, k_block } => promoted::promoted_gemm(*form, *k_block, ins, out),
         Op::Input { .. }
         | Op::Param { .. }
         | Op::Constant { .. }

@@ -7,6 +7,10 @@
 //! exactly from the bits rather than with a floating-point log. Then `q = f8e4m3(x / scale)`.
 //! `dequantize` is `q * scale` of the element's tile, in f32, rounded to the target dtype. NaN in a
 //! tile makes its amax, scale and every quantised value NaN.
+//!
+//! The scales' shape comes from shape inference: per blocked dimension `ceil(d / b)` tiles, or, for a
+//! dimension that was symbolic there, `d` slots of which the first `ceil(d / b)` hold the tiles'
+//! scales and the rest 0 (see `kiln_ir::infer::scale_shape`). Scales are row-major over that shape.
 
 use crate::op::QuantSpec;
 use crate::types::{DType, TensorType};
@@ -15,16 +19,12 @@ use super::{dims, floats, OpResult};
 use crate::interp::numerics::F8E4M3_MAX;
 use crate::interp::tensor::{strides, Tensor};
 
-/// For each element of a tensor of dims `xd`, the flat index of its tile's scale, tiles being
-/// `block` over the trailing dimensions (leading dimensions have one tile per index).
-fn tile_index(xd: &[usize], block: &[u64]) -> Vec<usize> {
+/// For each element of a tensor of dims `xd`, the flat index of its tile's scale in scales of dims
+/// `sd`, tiles being `block` over the trailing dimensions (leading dimensions have one tile per
+/// index).
+fn tile_index(xd: &[usize], block: &[u64], sd: &[usize]) -> Vec<usize> {
     let lead = xd.len() - block.len();
-    let sd: Vec<usize> = xd
-        .iter()
-        .enumerate()
-        .map(|(i, &d)| if i < lead { d } else { d.div_ceil(block[i - lead] as usize) })
-        .collect();
-    let ss = strides(&sd);
+    let ss = strides(sd);
     let n: usize = xd.iter().product();
     let mut idx = vec![0usize; xd.len()];
     let mut res = Vec::with_capacity(n);
@@ -61,17 +61,25 @@ pub(crate) fn pow2_ceil(s: f32) -> f32 {
 
 pub(super) fn quantize(x: &Tensor, spec: &QuantSpec, outs: &[TensorType]) -> OpResult {
     let xs = floats(x, "the operand")?;
-    let tiles = tile_index(&x.dims(), &spec.block);
-    let n_scales = dims(&outs[1]).iter().product::<u64>() as usize;
+    let sd: Vec<usize> = dims(&outs[1]).into_iter().map(|d| d as usize).collect();
+    let tiles = tile_index(&x.dims(), &spec.block, &sd);
+    let n_scales = sd.iter().product::<usize>();
     let mut amax = vec![0.0f32; n_scales];
+    let mut used = vec![false; n_scales];
     for (&v, &t) in xs.iter().zip(&tiles) {
         let a = v.abs();
         amax[t] = if a.is_nan() || amax[t].is_nan() { f32::NAN } else { amax[t].max(a) };
+        used[t] = true;
     }
     let floor = spec.amax_floor as f32;
     let scales: Vec<f32> = amax
         .iter()
-        .map(|&a| {
+        .zip(&used)
+        .map(|(&a, &used)| {
+            if !used {
+                // A padding slot after the last tile of a dimension.
+                return 0.0;
+            }
             let a = if a.is_nan() { a } else { a.max(floor) };
             let s = a / F8E4M3_MAX;
             if spec.pow2_scale {
@@ -90,7 +98,7 @@ pub(super) fn quantize(x: &Tensor, spec: &QuantSpec, outs: &[TensorType]) -> OpR
 
 pub(super) fn dequantize(q: &Tensor, scales: &Tensor, block: &[u64], to: DType) -> OpResult {
     let (qs, ss) = (floats(q, "the quantised operand")?, floats(scales, "the scales")?);
-    let tiles = tile_index(&q.dims(), block);
+    let tiles = tile_index(&q.dims(), block, &scales.dims());
     let data = qs.iter().zip(&tiles).map(|(&v, &t)| v * ss[t]).collect();
     Ok(vec![Tensor::float(to, q.shape().to_vec(), data)])
 }

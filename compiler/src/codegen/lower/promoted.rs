@@ -1,0 +1,261 @@
+//! `promoted_gemm`: the GEMMs of FP8 training, summed as the interpreter sums them (see
+//! [`kiln_ir::Op::PromotedGemm`]): per output element, the contraction axis in blocks of
+//! `k_block` aligned at 0, each block's products widened to f64 and added in index order, the
+//! block's sum rounded once to f32 and added to an f32 accumulator, blocks in order. A product
+//! of two f32 values is exact in f64 and no step is reassociated or contracted (plain `mulf` and
+//! `addf`, no fast-math flags), so the kernels agree with the interpreter bit for bit.
+//!
+//! Each output element has one owner that computes it whole: on the CPU a work item per output
+//! row (`linear`, `grouped_linear`: a row of x; `grouped_linear_wgrad`: a row `(e, a)` of one
+//! expert's weight gradient), on the GPU a thread per element (grid over columns by rows). The
+//! loops are scalar: the f64 block sums are what makes them exact, and FP8 training on the CPU is
+//! for models small enough to check the recipe on, not for speed.
+
+use kiln_ir::{DType, Dim, GemmForm};
+
+use super::grad::clamped_bound;
+use super::moe::pick_buffers;
+use super::{Frame, GridDim, LaunchShape, LowerError, Target};
+use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
+
+const BLOCK: i64 = 128;
+
+/// The promoted dot product over `lo..hi` of the contraction axis, `load(i)` giving the two f32
+/// operands at index `i`. Returns the f32 sum.
+fn promoted_dot(
+    f: &mut Frame,
+    (lo, hi): (&Value, &Value),
+    k_block: u64,
+    load: &dyn Fn(&mut Frame, &Value) -> (Value, Value),
+) -> Value {
+    let (one, kb) = (f.b.index(1), f.b.index(k_block as i64));
+    let kb1 = f.b.index(k_block as i64 - 1);
+    let first = f.b.divui(lo, &kb);
+    let end = f.b.addi(hi, &kb1);
+    let end = f.b.divui(&end, &kb);
+    let fzero = f.b.f32(0.0);
+    for_carry(f, &first, &end, &one, &[(fzero, "f32")], |f, blk, acc| {
+        let start = f.b.muli(blk, &kb);
+        let stop = f.b.addi(&start, &kb);
+        let from = f.b.op("i", format_args!("arith.maxui {start}, {lo} : index"));
+        let to = f.b.minui(&stop, hi);
+        let dzero = f.b.constant("0.0", "f64");
+        let s = for_carry(f, &from, &to, &one, &[(dzero, "f64")], |f, i, s| {
+            let (a, b) = load(f, i);
+            let a = f.b.op("d", format_args!("arith.extf {a} : f32 to f64"));
+            let b = f.b.op("d", format_args!("arith.extf {b} : f32 to f64"));
+            let p = f.b.op("d", format_args!("arith.mulf {a}, {b} : f64"));
+            vec![f.b.op("d", format_args!("arith.addf {}, {p} : f64", s[0]))]
+        })
+        .remove(0);
+        let s = f.b.op("f", format_args!("arith.truncf {s} : f64 to f32"));
+        vec![f.binf("addf", &acc[0], &s)]
+    })
+    .remove(0)
+}
+
+fn check(f: &Frame, form: GemmForm, k_block: u64) -> Result<(), LowerError> {
+    if k_block == 0 || k_block > i64::MAX as u64 {
+        return Err(f.unsupported("promoted_gemm", format!("k_block {k_block}")));
+    }
+    let operands = match form {
+        GemmForm::Linear => 2,
+        GemmForm::Grouped { num_experts } => 2 + num_experts as usize,
+        GemmForm::GroupedWgrad { .. } => 3,
+    };
+    for b in 0..operands {
+        if b == 1 && form != GemmForm::Linear {
+            continue;
+        }
+        let d = f.bufs[b].ty.dtype;
+        if !matches!(d, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(f.unsupported("promoted_gemm", format!("{d} operands")));
+        }
+    }
+    Ok(())
+}
+
+/// `promoted_gemm {form, k_block}`: see the module documentation.
+pub(super) fn promoted_gemm(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<LaunchShape, LowerError> {
+    check(f, form, k_block)?;
+    match form {
+        GemmForm::Linear | GemmForm::Grouped { .. } => rows_times_weights(f, form, k_block),
+        GemmForm::GroupedWgrad { num_experts } => wgrad(f, num_experts, k_block),
+    }
+}
+
+/// `linear` and `grouped_linear`: `y[m, n] = x[m, :] . w[n, :]` with `w` the one weight, or the
+/// weight of the expert whose rows hold `m` (rows of no expert get zeros).
+fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<LaunchShape, LowerError> {
+    let experts = match form {
+        GemmForm::Grouped { num_experts } => Some(num_experts),
+        _ => None,
+    };
+    let out = match experts {
+        Some(e) => 2 + e as usize,
+        None => 2,
+    };
+    let wbuf = if experts.is_some() { 2 } else { 1 };
+    let x = f.bufs[0].ty.shape.clone();
+    let y = f.bufs[out].ty.shape.clone();
+    let k_dim = x[x.len() - 1];
+    let n_dim = y[y.len() - 1];
+    let m_dim = y[..y.len() - 1].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let m_dim =
+        m_dim.ok_or_else(|| f.unsupported("promoted_gemm", "the row count does not fit a dimension"))?;
+    let (n, kd) = (f.dim(n_dim), f.dim(k_dim));
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let wtype = f.bufs[wbuf].ty.dtype;
+    let elem_view = format!("memref<?x{}>", f.storage(wbuf));
+    // Row m's weight (a view of it) and whether m is inside some expert's rows.
+    let weight = |f: &mut Frame, m: &Value| -> (Value, Option<Value>) {
+        let Some(e_count) = experts else {
+            let (view, memref) = (f.bufs[1].view.clone(), f.bufs[1].memref.clone());
+            let w = if memref == elem_view {
+                view
+            } else {
+                f.b.op("w", format_args!("memref.cast {view} : {memref} to {elem_view}"))
+            };
+            return (w, None);
+        };
+        let offsets_type = f.bufs[1].ty.dtype;
+        let ev = f.b.index(e_count as i64);
+        let e = for_carry(f, &zero, &ev, &one, &[(zero.clone(), "index")], |f, e, count| {
+            let at = f.b.addi(e, &one);
+            let end = f.load(1, &at);
+            let end = f.int_to_index(&end, offsets_type);
+            let before = f.cmp("ule", &end, m, "index");
+            let next = f.b.addi(&count[0], &one);
+            vec![f.select(&before, &next, &count[0], "index")]
+        })
+        .remove(0);
+        let valid = f.cmp("ult", &e, &ev, "index");
+        let (w, _) = pick_buffers(f, &e, e_count as usize, (2, 1, 1), &|_| 0);
+        (w.into_iter().next().expect("one buffer"), Some(valid))
+    };
+    let element = |f: &mut Frame, m: &Value, col: &Value, w: &Value, valid: &Option<Value>| {
+        let xb = f.b.muli(m, &kd);
+        let wb = f.b.muli(col, &kd);
+        let ev = elem_view.clone();
+        let dot = promoted_dot(f, (&zero, &kd), k_block, &|f, i| {
+            let xi = f.b.addi(&xb, i);
+            let xv = f.load(0, &xi);
+            let wi = f.b.addi(&wb, i);
+            (xv, f.load_view(w, &ev, wtype, &wi))
+        });
+        let v = match valid {
+            Some(valid) => {
+                let fzero = f.b.f32(0.0);
+                f.select(valid, &dot, &fzero, "f32")
+            }
+            None => dot,
+        };
+        let mn = f.b.muli(m, &n);
+        let at = f.b.addi(&mn, col);
+        f.store(out, &at, &v);
+    };
+    Ok(match f.target {
+        Target::Cpu => {
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            for_loop(f, &lo, &hi, &one, |f, m| {
+                let (w, valid) = weight(f, m);
+                for_loop(f, &zero, &n, &one, |f, col| element(f, m, col, &w, &valid));
+            });
+            LaunchShape::Cpu { work: m_dim }
+        }
+        Target::Gpu => {
+            let block = f.gpu_block(BLOCK);
+            let (tid, bx, m) =
+                (f.gpu_id("thread_id", 'x'), f.gpu_id("block_id", 'x'), f.gpu_id("block_id", 'y'));
+            let bs = f.b.index(block);
+            let base = f.b.muli(&bx, &bs);
+            let col = f.b.addi(&base, &tid);
+            let inside = f.cmp("ult", &col, &n, "index");
+            if_then(f, &inside, |f| {
+                let (w, valid) = weight(f, &m);
+                element(f, &m, &col, &w, &valid);
+            });
+            LaunchShape::Gpu {
+                grid: [
+                    GridDim { work: n_dim, per_block: block as u64 },
+                    GridDim { work: m_dim, per_block: 1 },
+                    GridDim::one(),
+                ],
+                block: [block as u32, 1, 1],
+            }
+        }
+    })
+}
+
+/// `grouped_linear_wgrad`: `dw_e[a, c] = sum_r dy[r, a] x[r, c]` over expert `e`'s rows, the rows
+/// being the contraction axis (blocks of `k_block` rows aligned at row 0).
+fn wgrad(f: &mut Frame, num_experts: u64, k_block: u64) -> Result<LaunchShape, LowerError> {
+    let x = f.bufs[0].ty.shape.clone();
+    let dy = f.bufs[2].ty.shape.clone();
+    let offsets_type = f.bufs[1].ty.dtype;
+    let e_count = num_experts as usize;
+    let (m, kd, n_dim) = (f.dim(x[0]), f.dim(x[1]), dy[1]);
+    let n = f.dim(n_dim);
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let work = Dim::known(num_experts)
+        .checked_mul(n_dim)
+        .ok_or_else(|| f.unsupported("promoted_gemm", "the output row count does not fit a dimension"))?;
+    let view = "memref<?xf32>";
+    // Output row `a` of expert `e`: the expert's rows and its result buffer.
+    let expert = |f: &mut Frame, item: &Value| {
+        let e = f.b.divui(item, &n);
+        let a = f.b.remui(item, &n);
+        let e1 = f.b.addi(&e, &one);
+        let start = f.load(1, &e);
+        let start = clamped_bound(f, &start, offsets_type, &m);
+        let end = f.load(1, &e1);
+        let end = clamped_bound(f, &end, offsets_type, &m);
+        let end = f.b.op("i", format_args!("arith.maxui {end}, {start} : index"));
+        let (w, _) = pick_buffers(f, &e, e_count, (3, 1, 1), &|_| 0);
+        (a, start, end, w.into_iter().next().expect("one buffer"))
+    };
+    let element = |f: &mut Frame, a: &Value, c: &Value, (start, end): (&Value, &Value), w: &Value| {
+        let dot = promoted_dot(f, (start, end), k_block, &|f, r| {
+            let rn = f.b.muli(r, &n);
+            let di = f.b.addi(&rn, a);
+            let g = f.load(2, &di);
+            let rk = f.b.muli(r, &kd);
+            let xi = f.b.addi(&rk, c);
+            (g, f.load(0, &xi))
+        });
+        let ak = f.b.muli(a, &kd);
+        let at = f.b.addi(&ak, c);
+        f.b.line(format_args!("memref.store {dot}, {w}[{at}] : {view}"));
+    };
+    Ok(match f.target {
+        Target::Cpu => {
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            for_loop(f, &lo, &hi, &one, |f, item| {
+                let (a, start, end, w) = expert(f, item);
+                for_loop(f, &zero, &kd, &one, |f, c| element(f, &a, c, (&start, &end), &w));
+            });
+            LaunchShape::Cpu { work }
+        }
+        Target::Gpu => {
+            let block = f.gpu_block(BLOCK);
+            let (tid, item, by) =
+                (f.gpu_id("thread_id", 'x'), f.gpu_id("block_id", 'x'), f.gpu_id("block_id", 'y'));
+            let bs = f.b.index(block);
+            let base = f.b.muli(&by, &bs);
+            let c = f.b.addi(&base, &tid);
+            let inside = f.cmp("ult", &c, &kd, "index");
+            if_then(f, &inside, |f| {
+                let (a, start, end, w) = expert(f, &item);
+                element(f, &a, &c, (&start, &end), &w);
+            });
+            LaunchShape::Gpu {
+                grid: [
+                    GridDim { work, per_block: 1 },
+                    GridDim { work: x[1], per_block: block as u64 },
+                    GridDim::one(),
+                ],
+                block: [block as u32, 1, 1],
+            }
+        }
+    })
+}

@@ -1,0 +1,285 @@
+//! `insert-fp8-casts` on a train step (`train_step`, `accumulate`): DeepSeek-V3's FP8 training
+//! recipe (reference §4.1; the report's §3.3, figure 6). Autodiff has already written each
+//! linear's three GEMMs (`autodiff/rules/linalg.rs`, `moe.rs`):
+//!
+//! ```text
+//! Fprop  y  = linear(x, w)                                 grouped_linear(x, off, w_e ..)
+//! Dgrad  dx = linear(dy, transpose(w))                     grouped_linear(dy, off, transpose(w_e) ..)
+//! Wgrad  dw = linear(transpose(dy'), transpose(x'))         grouped_linear_wgrad(x, off, dy)
+//! ```
+//!
+//! (`x'`, `dy'` the operands flattened to rows). For every eligible linear (a trainable weight of
+//! a module DeepSeek stores in FP8, [`super::FP8_LINEARS`]) each becomes a `promoted_gemm` of
+//! quantise-dequantised operands, FP32 accumulation promoted every `b` elements of K:
+//!
+//! - [`WEIGHT_ONLINE`]: `w` quantised in `b0 x b1` blocks with the scale computed from the block's
+//!   current max (online, no delayed scaling), from the high-precision weight the optimizer
+//!   updates, once per step; Fprop and Dgrad share it (a 128x128 block of `w` is one of `w^T`).
+//! - [`FPROP`]: x in `1 x b1` tiles (per token and 128 channels).
+//! - [`DGRAD`]: dy in `1 x b0` tiles, times the transposed FP8 weight, K blocks of `b0`.
+//! - [`WGRAD`]: dy and x both in `128 x 1` tiles along the tokens, the contraction axis (as the
+//!   transposed operands' `1 x 128` rows; `128` is `b1`). For the routed experts the tiles run
+//!   over the rows sorted by expert, aligned at row 0, so a tile at an expert's edge is shared
+//!   with its neighbour: the scale is then the max over both experts' rows, and the GEMM's K
+//!   blocks follow the same boundaries.
+//!
+//! What stays high precision (§3.3.1): the embedding, the output head, the MoE gate, norms,
+//! attention, and anything that is not one of these GEMMs (the optimizer reads the unquantised
+//! weight). The weight's dtype and the state are unchanged: FP8 values live for one step.
+//!
+//! Not done here: the activation-caching rules of §3.3.3 (the attention output cached in FP8,
+//! SwiGLU recomputed), which change what is saved for the backward pass, not the GEMMs' numerics.
+
+use std::collections::{HashMap, HashSet};
+
+use kiln_ir::op::{GemmForm, Op, QuantSpec};
+use kiln_ir::spec::QuantSection;
+use kiln_ir::{DType, Graph, NodeId, ValueId};
+
+use super::super::rewrite::{Rewriter, Trace};
+use super::super::PassError;
+use super::{fp8_name, AMAX_FLOOR, GEMM_IN_F32, NAME, SHARE_QUANTIZE};
+
+/// `w -> dequantize_f32(quantize(w))` in `b0 x b1` blocks, each step from the trained weight.
+pub const WEIGHT_ONLINE: &str = "weight-f8-blocks-online";
+/// `linear(x, w) -> promoted_gemm(fp8(x), fp8(w))`, x in `1 x b1` tiles.
+pub const FPROP: &str = "fp8-fprop";
+/// `linear(dy, w^T) -> promoted_gemm(fp8(dy), fp8(w)^T)`, dy in `1 x b0` tiles.
+pub const DGRAD: &str = "fp8-dgrad";
+/// `linear(dy'^T, x'^T) -> promoted_gemm(fp8(dy'^T), fp8(x'^T))` (and the experts'
+/// `grouped_linear_wgrad`), both in `128 x 1` tiles along the tokens.
+pub const WGRAD: &str = "fp8-wgrad";
+
+/// The rules of the train-step rewrite, in trace order.
+pub const RULES: &[&str] = &[WEIGHT_ONLINE, FPROP, DGRAD, WGRAD, SHARE_QUANTIZE, GEMM_IN_F32];
+
+/// The value `v` is a reshape (or chain of reshapes) of.
+fn peel(g: &Graph, mut v: ValueId) -> ValueId {
+    loop {
+        let n = g.producer(v);
+        match g.node(n).op {
+            Op::Reshape { .. } => v = g.node(n).inputs[0],
+            _ => break,
+        }
+    }
+    v
+}
+
+/// The operand of a `transpose {perm = [1, 0]}` that makes `v`, if one does.
+fn transposed(g: &Graph, v: ValueId) -> Option<ValueId> {
+    let node = g.node(g.producer(v));
+    matches!(&node.op, Op::Transpose { perm } if perm == &[1, 0]).then(|| node.inputs[0])
+}
+
+/// What the rewrite does to one GEMM node.
+enum Gemm {
+    Fprop,
+    Dgrad,
+    Wgrad,
+}
+
+/// Classifies the GEMMs of a train step: the trainable FP8 weights (inputs named as DeepSeek's FP8
+/// linears, read as a GEMM's weight), and each GEMM of theirs by form.
+fn classify(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, Gemm> {
+    let fp8_input = |v: ValueId| {
+        let ty = g.ty(v);
+        matches!(&g.node(g.producer(v)).op, Op::Input { name } if fp8_name(name))
+            && ty.rank() == 2
+            && ty.dtype.is_float()
+            && ty.dtype != DType::F8E4M3
+    };
+    let weights_of = |node: &kiln_ir::Node| -> Option<Vec<ValueId>> {
+        match node.op {
+            Op::Linear => Some(vec![node.inputs[1]]),
+            Op::GroupedLinear { .. } => Some(node.inputs[2..].to_vec()),
+            _ => None,
+        }
+    };
+    let mut weights = HashSet::new();
+    let mut gemms = HashMap::new();
+    let mut fprop_x = HashSet::new();
+    for &n in order {
+        let node = g.node(n);
+        let Some(ws) = weights_of(node) else { continue };
+        if ws.iter().all(|&w| fp8_input(w)) {
+            weights.extend(ws);
+            fprop_x.insert(node.inputs[0]);
+            gemms.insert(n, Gemm::Fprop);
+        } else if ws.iter().all(|&w| transposed(g, w).is_some_and(fp8_input)) {
+            gemms.insert(n, Gemm::Dgrad);
+        }
+    }
+    for &n in order {
+        let node = g.node(n);
+        let wgrad = match node.op {
+            // dw = linear(transpose(dy'), transpose(x')) with x an Fprop's input.
+            Op::Linear => {
+                transposed(g, node.inputs[0]).is_some()
+                    && transposed(g, node.inputs[1]).is_some_and(|x| fprop_x.contains(&peel(g, x)))
+            }
+            Op::GroupedLinearWgrad { .. } => fprop_x.contains(&node.inputs[0]),
+            _ => false,
+        };
+        if wgrad && !gemms.contains_key(&n) {
+            gemms.insert(n, Gemm::Wgrad);
+        }
+    }
+    // A Dgrad whose weight is not also an Fprop's weight is some other transpose: leave it.
+    gemms.retain(|&n, kind| match kind {
+        Gemm::Dgrad => {
+            let node = g.node(n);
+            let ws = match node.op {
+                Op::Linear => &node.inputs[1..2],
+                _ => &node.inputs[2..],
+            };
+            ws.iter().all(|&w| transposed(g, w).is_some_and(|w| weights.contains(&w)))
+        }
+        _ => true,
+    });
+    gemms
+}
+
+/// The quantise-dequantised copies made so far, by (value, tiles): GEMMs that read one value in
+/// the same tiles share one copy.
+struct Quantizer {
+    shared: HashMap<(ValueId, Vec<u64>), ValueId>,
+    pow2_scale: bool,
+    weight_block: Vec<u64>,
+}
+
+impl Quantizer {
+    fn fp8(
+        &mut self,
+        rw: &mut Rewriter,
+        trace: &mut Trace,
+        v: ValueId,
+        block: Vec<u64>,
+        scope: Option<&str>,
+    ) -> Result<ValueId, PassError> {
+        if let Some(&d) = self.shared.get(&(v, block.clone())) {
+            trace.fire(SHARE_QUANTIZE);
+            return Ok(d);
+        }
+        let spec = QuantSpec { block: block.clone(), amax_floor: AMAX_FLOOR, pow2_scale: self.pow2_scale };
+        let qs = rw.op(Op::Quantize { to: DType::F8E4M3, spec }, &[v], scope)?;
+        let d = rw.op1(Op::Dequantize { to: DType::F32, block: block.clone() }, &qs, scope)?;
+        self.shared.insert((v, block), d);
+        Ok(d)
+    }
+
+    /// The FP8 copy of trainable weight `w` (a value of the old graph), in weight blocks.
+    fn weight(
+        &mut self,
+        rw: &mut Rewriter,
+        trace: &mut Trace,
+        w: ValueId,
+        scope: Option<&str>,
+    ) -> Result<ValueId, PassError> {
+        let nw = rw.get(w)?;
+        let key = (nw, self.weight_block.clone());
+        if let Some(&d) = self.shared.get(&key) {
+            return Ok(d);
+        }
+        trace.fire(WEIGHT_ONLINE);
+        self.fp8(rw, trace, nw, key.1, scope)
+    }
+}
+
+/// Rewrites a train step's eligible GEMMs (see the module documentation).
+pub(super) fn rewrite(graph: &mut Graph, q: &QuantSection) -> Result<Trace, PassError> {
+    let mut trace = Trace::new(RULES);
+    let order = graph.nodes();
+    let gemms = classify(graph, &order);
+    if gemms.is_empty() {
+        return Ok(trace);
+    }
+    let [b0, b1] = q.weight_block;
+    let mut rw = Rewriter::new(NAME, graph);
+    let mut qz = Quantizer { shared: HashMap::new(), pow2_scale: q.pow2_scale, weight_block: vec![b0, b1] };
+    for n in order {
+        let node = graph.node(n);
+        let scope = node.scope.as_deref();
+        let Some(kind) = gemms.get(&n) else {
+            rw.copy(n)?;
+            continue;
+        };
+        let (form, k_block, operands) = match (kind, &node.op) {
+            (Gemm::Fprop, _) => {
+                let x = rw.get(node.inputs[0])?;
+                let tiles = row_tiles(&rw, x, b1);
+                let mut ops = vec![qz.fp8(&mut rw, &mut trace, x, tiles, scope)?];
+                let (form, ws) = match node.op {
+                    Op::GroupedLinear { num_experts } => {
+                        ops.push(rw.get(node.inputs[1])?);
+                        (GemmForm::Grouped { num_experts }, &node.inputs[2..])
+                    }
+                    _ => (GemmForm::Linear, &node.inputs[1..2]),
+                };
+                for &w in ws {
+                    ops.push(qz.weight(&mut rw, &mut trace, w, scope)?);
+                }
+                trace.fire(FPROP);
+                (form, b1, ops)
+            }
+            (Gemm::Dgrad, _) => {
+                let dy = rw.get(node.inputs[0])?;
+                let tiles = row_tiles(&rw, dy, b0);
+                let mut ops = vec![qz.fp8(&mut rw, &mut trace, dy, tiles, scope)?];
+                let (form, ws) = match node.op {
+                    Op::GroupedLinear { num_experts } => {
+                        ops.push(rw.get(node.inputs[1])?);
+                        (GemmForm::Grouped { num_experts }, &node.inputs[2..])
+                    }
+                    _ => (GemmForm::Linear, &node.inputs[1..2]),
+                };
+                for &wt in ws {
+                    let w = transposed(graph, wt).expect("classified as a transposed weight");
+                    let d = qz.weight(&mut rw, &mut trace, w, scope)?;
+                    ops.push(rw.op1(Op::Transpose { perm: vec![1, 0] }, &[d], scope)?);
+                }
+                trace.fire(DGRAD);
+                (form, b0, ops)
+            }
+            (Gemm::Wgrad, Op::GroupedLinearWgrad { num_experts }) => {
+                // x[M, K] and dy[M, N], tiles of b1 rows by one column.
+                let (x, off, dy) =
+                    (rw.get(node.inputs[0])?, rw.get(node.inputs[1])?, rw.get(node.inputs[2])?);
+                let qx = qz.fp8(&mut rw, &mut trace, x, vec![b1, 1], scope)?;
+                let qdy = qz.fp8(&mut rw, &mut trace, dy, vec![b1, 1], scope)?;
+                trace.fire(WGRAD);
+                (GemmForm::GroupedWgrad { num_experts: *num_experts }, b1, vec![qx, off, qdy])
+            }
+            (Gemm::Wgrad, _) => {
+                // dyT[N, M] and xT[K, M]: rows of the transposed operands, tiles of b1 tokens.
+                let mut ops = Vec::with_capacity(2);
+                for &v in &node.inputs {
+                    let v = rw.get(v)?;
+                    ops.push(qz.fp8(&mut rw, &mut trace, v, vec![1, b1], scope)?);
+                }
+                trace.fire(WGRAD);
+                (GemmForm::Linear, b1, ops)
+            }
+        };
+        let ys = rw.op(Op::PromotedGemm { form, k_block }, &operands, scope)?;
+        for (&old, y) in node.results.iter().zip(ys) {
+            let dtype = graph.ty(old).dtype;
+            let y = if dtype == DType::F32 {
+                y
+            } else {
+                trace.fire(GEMM_IN_F32);
+                rw.op1(Op::Cast { to: dtype }, &[y], scope)?
+            };
+            rw.bind(old, y);
+        }
+    }
+    *graph = rw.finish()?;
+    Ok(trace)
+}
+
+/// An activation's tiles: 1 x `len` along its last axis (a rank-1 operand is one row).
+fn row_tiles(rw: &Rewriter, v: ValueId, len: u64) -> Vec<u64> {
+    let rank = rw.ty(v).rank();
+    let mut b = vec![1; rank.saturating_sub(1)];
+    b.push(len);
+    b
+}
