@@ -8,6 +8,7 @@ mod codegen;
 mod compile;
 mod cuda;
 mod dist;
+mod fp8_train;
 mod fuse;
 mod fuzz;
 mod goldens;

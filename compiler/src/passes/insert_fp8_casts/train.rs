@@ -53,16 +53,18 @@ pub const WGRAD: &str = "fp8-wgrad";
 /// The rules of the train-step rewrite, in trace order.
 pub const RULES: &[&str] = &[WEIGHT_ONLINE, FPROP, DGRAD, WGRAD, SHARE_QUANTIZE, GEMM_IN_F32];
 
-/// The value `v` is a reshape (or chain of reshapes) of.
-fn peel(g: &Graph, mut v: ValueId) -> ValueId {
+/// Whether `v`, or a value it is a reshape (or chain of reshapes) of, is in `set`.
+fn reshaped_from(g: &Graph, mut v: ValueId, set: &HashSet<ValueId>) -> bool {
     loop {
+        if set.contains(&v) {
+            return true;
+        }
         let n = g.producer(v);
         match g.node(n).op {
             Op::Reshape { .. } => v = g.node(n).inputs[0],
-            _ => break,
+            _ => return false,
         }
     }
-    v
 }
 
 /// The operand of a `transpose {perm = [1, 0]}` that makes `v`, if one does.
@@ -97,27 +99,36 @@ fn classify(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, Gemm> {
     };
     let mut weights = HashSet::new();
     let mut gemms = HashMap::new();
-    let mut fprop_x = HashSet::new();
+    // Per FP8 linear (its weights), the inputs of its Fprops and the output gradients of its Dgrads.
+    let mut fprop_x: HashMap<Vec<ValueId>, HashSet<ValueId>> = HashMap::new();
+    let mut dgrad_dy: HashMap<Vec<ValueId>, HashSet<ValueId>> = HashMap::new();
     for &n in order {
         let node = g.node(n);
         let Some(ws) = weights_of(node) else { continue };
         if ws.iter().all(|&w| fp8_input(w)) {
-            weights.extend(ws);
-            fprop_x.insert(node.inputs[0]);
+            weights.extend(ws.iter().copied());
+            fprop_x.entry(ws).or_default().insert(node.inputs[0]);
             gemms.insert(n, Gemm::Fprop);
-        } else if ws.iter().all(|&w| transposed(g, w).is_some_and(fp8_input)) {
+        } else if let Some(ws) = ws.iter().map(|&w| transposed(g, w).filter(|&w| fp8_input(w))).collect() {
+            dgrad_dy.entry(ws).or_default().insert(node.inputs[0]);
             gemms.insert(n, Gemm::Dgrad);
         }
     }
+    // A Wgrad reads the x of one of its linear's Fprops and the dy of one of its Dgrads.
+    let of_one_linear = |x: ValueId, dy: ValueId| {
+        fprop_x.iter().any(|(ws, xs)| {
+            reshaped_from(g, x, xs) && dgrad_dy.get(ws).is_some_and(|dys| reshaped_from(g, dy, dys))
+        })
+    };
     for &n in order {
         let node = g.node(n);
         let wgrad = match node.op {
-            // dw = linear(transpose(dy'), transpose(x')) with x an Fprop's input.
-            Op::Linear => {
-                transposed(g, node.inputs[0]).is_some()
-                    && transposed(g, node.inputs[1]).is_some_and(|x| fprop_x.contains(&peel(g, x)))
-            }
-            Op::GroupedLinearWgrad { .. } => fprop_x.contains(&node.inputs[0]),
+            // dw = linear(transpose(dy'), transpose(x')).
+            Op::Linear => match (transposed(g, node.inputs[0]), transposed(g, node.inputs[1])) {
+                (Some(dy), Some(x)) => of_one_linear(x, dy),
+                _ => false,
+            },
+            Op::GroupedLinearWgrad { .. } => of_one_linear(node.inputs[0], node.inputs[2]),
             _ => false,
         };
         if wgrad && !gemms.contains_key(&n) {
