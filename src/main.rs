@@ -312,6 +312,13 @@ enum Command {
         /// Where to write the page (default: RUN_DIR/report.html), atomically.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        /// Another run whose loss the loss chart draws too (repeatable); each run's mean loss over
+        /// its last 20 steps is printed against RUN_DIR's.
+        #[arg(long, value_name = "RUN_DIR")]
+        compare: Vec<PathBuf>,
+        /// Also write the loss chart alone to this SVG file.
+        #[arg(long, value_name = "FILE")]
+        loss_svg: Option<PathBuf>,
     },
     /// Mean next-token cross-entropy and perplexity of a model on token data, from an artifact's
     /// `score` program (or, with --interp, the reference interpreter).
@@ -557,6 +564,11 @@ struct TrainArgs {
     /// Train in the model's dtype although the spec has [quantization].
     #[arg(long)]
     no_fp8: bool,
+    /// Keep the RMS norms' and MLA up-projections' outputs for the backward pass instead of
+    /// recomputing them there (the `rematerialize` pass, DeepSeek-V3 §3.2): more memory, less
+    /// computation; the results are the same.
+    #[arg(long)]
+    no_recompute: bool,
     /// Data-parallel replicas: run under `mpirun -n N`, each process trains on batch / N rows of
     /// every batch and the gradients are summed over MPI (the same steps as one process).
     #[arg(long, value_name = "N")]
@@ -661,6 +673,7 @@ fn train_request<'a>(
         monitor: (*a.monitor).clone(),
         dist: None,
         zero1: a.zero1,
+        recompute: !a.no_recompute,
         fp8: match (a.fp8, a.no_fp8) {
             (true, _) => Some(true),
             (_, true) => Some(false),
@@ -824,9 +837,18 @@ fn run(command: Command) -> Result<()> {
             };
             grpo::run(&req, &mut io::stdout().lock())
         }
-        Command::Report { run_dir, output } => {
-            let (path, run) = report::write(&run_dir, output.as_deref())?;
+        Command::Report { run_dir, output, compare, loss_svg } => {
+            let req = report::Request {
+                dir: &run_dir,
+                out: output.as_deref(),
+                compare: &compare,
+                loss_svg: loss_svg.as_deref(),
+            };
+            let (path, run, finals) = report::write(&req)?;
             println!("wrote {} ({} steps, {} alerts)", path.display(), run.steps.len(), run.alerts.len());
+            for line in finals {
+                println!("{line}");
+            }
             Ok(())
         }
         Command::Perplexity {

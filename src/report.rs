@@ -11,7 +11,10 @@
 //! twice (replayed after a rollback, or by a resumed run) counts once, with its last line.
 //!
 //! The page is written atomically (a hidden temporary renamed into place), by default to
-//! `RUN_DIR/report.html`.
+//! `RUN_DIR/report.html`. `--compare OTHER_RUN` (repeatable) draws other runs' losses on the loss
+//! chart, named by their folders (an FP8 run against its BF16 twin, say), and the command prints
+//! each run's mean loss over its last 20 steps against the first run's; `--loss-svg FILE` also
+//! writes the loss chart alone as a standalone SVG file.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -49,9 +52,8 @@ pub fn read(metrics: &str) -> Run {
     run
 }
 
-/// Writes the report of `dir` to `out` (default `dir/report.html`); returns the path written and
-/// the run it drew.
-pub fn write(dir: &Path, out: Option<&Path>) -> Result<(PathBuf, Run)> {
+/// Reads the run in `dir` (its `metrics.jsonl`).
+fn load(dir: &Path) -> Result<Run> {
     let log = dir.join("metrics.jsonl");
     if !log.is_file() {
         bail!(
@@ -60,12 +62,80 @@ pub fn write(dir: &Path, out: Option<&Path>) -> Result<(PathBuf, Run)> {
         );
     }
     let text = std::fs::read_to_string(&log).with_context(|| format!("cannot read {}", log.display()))?;
-    let run = read(&text);
-    let title = format!("kiln report: {}", dir.display());
-    let page = html(&title, &run);
-    let path = out.map_or_else(|| dir.join("report.html"), Path::to_path_buf);
+    Ok(read(&text))
+}
+
+/// What `kiln report` was asked.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub dir: &'a Path,
+    /// The page (default `dir/report.html`).
+    pub out: Option<&'a Path>,
+    /// Other runs whose losses the loss chart draws too.
+    pub compare: &'a [PathBuf],
+    /// Where to write the loss chart alone, as an SVG file.
+    pub loss_svg: Option<&'a Path>,
+}
+
+impl<'a> Request<'a> {
+    /// The page of `dir` alone, at its default place.
+    pub fn of(dir: &'a Path) -> Request<'a> {
+        Request { dir, out: None, compare: &[], loss_svg: None }
+    }
+}
+
+/// The steps a run's final loss is averaged over.
+pub const FINAL_STEPS: usize = 20;
+
+/// The mean loss of the last [`FINAL_STEPS`] steps of a run (fewer if it has fewer).
+pub fn final_loss(run: &Run) -> Option<f64> {
+    let losses: Vec<f64> = run.steps.values().filter_map(|v| v["loss"].as_f64()).collect();
+    let last = &losses[losses.len().saturating_sub(FINAL_STEPS)..];
+    (!last.is_empty()).then(|| last.iter().sum::<f64>() / last.len() as f64)
+}
+
+/// The name a compared run goes by: its folder's.
+fn run_name(dir: &Path) -> String {
+    dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Writes the report; returns the path written, the run it drew and one line per run giving its
+/// final loss (see [`final_loss`]) against the first run's.
+pub fn write(req: &Request) -> Result<(PathBuf, Run, Vec<String>)> {
+    let run = load(req.dir)?;
+    let others: Vec<(String, Run)> =
+        req.compare.iter().map(|d| Ok((run_name(d), load(d)?))).collect::<Result<_>>()?;
+    let title = format!("kiln report: {}", req.dir.display());
+    let name = run_name(req.dir);
+    let mut losses =
+        vec![series(&run, if others.is_empty() { "loss" } else { &name }, |v| v["loss"].as_f64())];
+    losses.extend(others.iter().map(|(n, r)| series(r, n, |v| v["loss"].as_f64())));
+    let page = html_with(&title, &run, &losses);
+    let path = req.out.map_or_else(|| req.dir.join("report.html"), Path::to_path_buf);
     kiln_ir::output::write_file(&path, page.as_bytes())?;
-    Ok((path, run))
+    if let Some(svg) = req.loss_svg {
+        let chart = plot::line_chart("loss", "loss", Scale::Linear, &losses, &[]);
+        let chart = chart.replacen("<svg ", r#"<svg xmlns="http://www.w3.org/2000/svg" "#, 1);
+        kiln_ir::output::write_file(svg, chart.as_bytes())?;
+    }
+    let mut lines = Vec::new();
+    if !others.is_empty() {
+        let base = final_loss(&run);
+        for (n, r) in std::iter::once((&name, &run)).chain(others.iter().map(|(n, r)| (n, r))) {
+            let line = match (final_loss(r), base) {
+                (Some(l), Some(b)) if !std::ptr::eq(r, &run) => {
+                    format!(
+                        "{n}: loss {l:.6} over its last {FINAL_STEPS} steps, {:+.3}% against {name}",
+                        100.0 * (l - b) / b
+                    )
+                }
+                (Some(l), _) => format!("{n}: loss {l:.6} over its last {FINAL_STEPS} steps"),
+                (None, _) => format!("{n}: no loss logged"),
+            };
+            lines.push(line);
+        }
+    }
+    Ok((path, run, lines))
 }
 
 /// The series `f` picks from each step line, over the steps.
@@ -98,8 +168,14 @@ fn layer_order(layer: &str) -> (u8, u64) {
     }
 }
 
-/// The HTML page of `run`.
-pub fn html(title: &str, run: &Run) -> String {
+/// The HTML page of `run` alone.
+#[cfg(test)]
+fn html(title: &str, run: &Run) -> String {
+    html_with(title, run, &[series(run, "loss", |v| v["loss"].as_f64())])
+}
+
+/// The HTML page of `run`, its loss chart drawing `losses`.
+fn html_with(title: &str, run: &Run, losses: &[Series]) -> String {
     let markers: Vec<Marker> = (run.alerts.iter())
         .filter_map(|a| {
             Some(Marker { x: a["step"].as_u64()? as f64, label: a["kind"].as_str()?.to_string() })
@@ -108,10 +184,7 @@ pub fn html(title: &str, run: &Run) -> String {
     let mut charts: Vec<(String, String)> = Vec::new();
     let mut chart = |id: &str, svg: String| charts.push((id.to_string(), svg));
     let f = |k: &'static str| move |v: &Value| v[k].as_f64();
-    chart(
-        "loss",
-        plot::line_chart("loss", "loss", Scale::Linear, &[series(run, "loss", f("loss"))], &markers),
-    );
+    chart("loss", plot::line_chart("loss", "loss", Scale::Linear, losses, &markers));
     // A `kiln grpo` run: the mean reward (and each reward's), the KL to the reference model and the
     // fraction of tokens whose ratio was clipped.
     if run.steps.values().any(|v| v.get("reward").is_some()) {

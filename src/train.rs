@@ -356,6 +356,17 @@ pub fn epoch_order(rows: usize, seed: Option<u64>, epoch: u64) -> Vec<usize> {
     order
 }
 
+/// Runs every pass but `skip`.
+struct Passes {
+    skip: Option<&'static str>,
+}
+
+impl kiln_compiler::pack::Observer for Passes {
+    fn runs_pass(&mut self, pass: &str) -> bool {
+        self.skip != Some(pass)
+    }
+}
+
 /// DeepSeek-V3's `quantization_config` (reference §4.2): E4M3 in 128x128 weight blocks and 1x128
 /// activation tiles, scales computed online, not rounded to powers of two.
 fn deepseek_fp8() -> kiln_ir::spec::QuantSection {
@@ -404,6 +415,9 @@ pub struct Request<'a> {
     /// `--fp8` (`Some(true)`) or `--no-fp8` (`Some(false)`): train with or without the FP8 recipe,
     /// whatever the spec's [quantization] says (`None`: as it says).
     pub fp8: Option<bool>,
+    /// Whether the compiled step recomputes norms and up-projections in the backward pass
+    /// (`--no-recompute` says no).
+    pub recompute: bool,
 }
 
 impl Request<'_> {
@@ -504,6 +518,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
         (spec, req.settings.over(Settings::defaults(), None)?)
     };
+    if artifact && !req.recompute {
+        bail!(
+            "{}: the artifact's train step is compiled already; --no-recompute applies to a model spec or \
+             Hugging Face folder (or compile it with `kiln compile --train --disable-pass rematerialize`)",
+            req.model.display()
+        );
+    }
     if artifact && req.fp8.is_some() {
         let has = if spec.quantization.is_some() { "with" } else { "without" };
         bail!(
@@ -1092,7 +1113,11 @@ fn compiled(
         };
         let dir = req.out.join(ARTIFACT);
         let t0 = Instant::now();
-        let artifact = pack::compile(pack::Source::Spec(spec.clone()), &options, &mut ())?;
+        let artifact = pack::compile(
+            pack::Source::Spec(spec.clone()),
+            &options,
+            &mut Passes { skip: (!req.recompute).then_some("rematerialize") },
+        )?;
         pack::write(&artifact, &dir)?;
         writeln!(
             out,

@@ -335,6 +335,31 @@ impl Graph {
         Ok(())
     }
 
+    /// Makes node `user` read `new` wherever it reads `old` (its other readers keep `old`).
+    pub fn replace_input(&mut self, user: NodeId, old: ValueId, new: ValueId) -> Result<(), GraphError> {
+        let old_def = self.value(old)?.def;
+        let new_def = self.value(new)?.def;
+        if !self.contains_node(user) {
+            return Err(GraphError::NoSuchNode(user));
+        }
+        let edges: Vec<_> = self
+            .dag
+            .edges_directed(old_def.index(), Direction::Outgoing)
+            .filter(|e| *e.weight() == old && e.target() == user.index())
+            .map(|e| e.id())
+            .collect();
+        for id in edges {
+            self.dag.remove_edge(id);
+            self.dag.add_edge(new_def.index(), user.index(), new);
+        }
+        for input in &mut self.dag[user.index()].inputs {
+            if *input == old {
+                *input = new;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes a node whose results are no longer read.
     pub fn remove_node(&mut self, n: NodeId) -> Result<Node, GraphError> {
         if !self.contains_node(n) {

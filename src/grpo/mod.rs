@@ -322,7 +322,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
     }
     drop(metrics);
-    let (page, _) = crate::report::write(req.out, None)?;
+    let (page, _, _) = crate::report::write(&crate::report::Request::of(req.out))?;
     writeln!(out, "report: {}", page.display())?;
     Ok(())
 }

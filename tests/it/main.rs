@@ -24,6 +24,7 @@ mod passes;
 mod passes_equiv;
 mod perplexity;
 mod readme;
+mod remat;
 mod runtime;
 mod schedule;
 mod serve;

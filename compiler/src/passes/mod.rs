@@ -20,6 +20,7 @@ pub mod fuse_mla_latent;
 pub mod insert_fp8_casts;
 pub mod moe_plan;
 pub mod plan_moe_dispatch;
+pub mod rematerialize;
 mod rewrite;
 
 pub use rewrite::Trace;
@@ -84,6 +85,12 @@ pub const PASSES: &[PassInfo] = &[
         name: "plan-moe-dispatch",
         summary: "lower moe_experts to an explicit dispatch, grouped GEMMs and combine",
         run: plan_moe_dispatch::run,
+    },
+    // On a train step: before insert-fp8-casts, so that a recomputed up-projection runs in FP8 too.
+    PassInfo {
+        name: "rematerialize",
+        summary: "on a train step, recompute RMS norms and MLA up-projections in the backward pass",
+        run: rematerialize::run,
     },
     PassInfo {
         name: "insert-fp8-casts",

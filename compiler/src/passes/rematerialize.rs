@@ -1,0 +1,159 @@
+//! `rematerialize`: DeepSeek-V3's recomputation in the backward pass (the report's §3.2,
+//! "Recomputation of RMSNorm and MLA Up-Projection"). On a train step (`train_step`,
+//! `accumulate`), a forward value that the backward pass reads is kept alive from the forward pass
+//! to its backward readers; for the values of these named rules the backward readers get a copy of
+//! the op computed again from its operands instead, so the forward value dies after its last
+//! forward reader:
+//!
+//! - [`RMS_NORM`]: every `rms_norm` (its input is kept anyway: the norm's own gradient reads it);
+//! - [`MLA_UP_PROJ`]: the MLA up-projections, the `linear`s of `q_b_proj` and `kv_b_proj`, whose
+//!   inputs are the latent `q_a` and `kv_a` norms (recomputed by the rule above), narrow where the
+//!   projections' outputs are wide; with them the shape ops and the rotary embedding between them
+//!   and attention (reshape, split, rope, broadcast, concat), since attention's gradient reads the
+//!   per-head queries, keys and values those make, not the projections' outputs.
+//!
+//! The forward pass is the loss's ancestry (the output `loss`); the backward pass everything else.
+//! A recomputed op reads its operands' backward copies where they have one, so chains recompute
+//! from the first kept value. The copies are the same ops on the same values, so the step's results
+//! do not change, bit for bit; the memory plan's activation arena shrinks by the saved values'
+//! bytes, at the cost of computing them twice. Without a `loss` output (a program that is not a
+//! train step) it does nothing. `kiln train --no-recompute` (and `kiln compile --disable-pass
+//! rematerialize`) turns it off.
+//!
+//! Where the copies run: [`kiln_ir::Graph::nodes`] orders nodes by dependencies and then by id, so a
+//! copy, made last, runs once its first backward reader is otherwise ready, late in the backward
+//! pass rather than at its start.
+
+use std::collections::{HashMap, HashSet};
+
+use kiln_ir::module::ProgramKind;
+use kiln_ir::{Graph, NodeId, Op, ValueId};
+
+use super::rewrite::Trace;
+use super::{Changed, Options, PassError};
+
+const NAME: &str = "rematerialize";
+
+/// `rms_norm(x, w)` read by the backward pass -> the same `rms_norm` computed again there.
+pub const RMS_NORM: &str = "recompute-rms-norm";
+/// `linear(c, W_qb)` / `linear(c, W_kvb)` read by the backward pass -> computed again there.
+pub const MLA_UP_PROJ: &str = "recompute-mla-up-proj";
+
+pub const RULES: &[&str] = &[RMS_NORM, MLA_UP_PROJ];
+
+/// The modules whose `linear`s are MLA's up-projections.
+const UP_PROJ: &[&str] = &["q_b_proj", "kv_b_proj"];
+
+pub fn run(graph: &mut Graph, opts: &Options) -> Result<Changed, PassError> {
+    Ok(rewrite(graph, opts)?.changed())
+}
+
+/// The rule that recomputes node `n`, if one does.
+fn rule(g: &Graph, n: NodeId) -> Option<&'static str> {
+    let node = g.node(n);
+    match &node.op {
+        Op::RmsNorm { .. } => Some(RMS_NORM),
+        Op::Linear => match &g.node(g.producer(node.inputs[1])).op {
+            Op::Input { name } | Op::Param { name } => {
+                let module = name.strip_suffix(".weight").and_then(|s| s.rsplit('.').next());
+                module.is_some_and(|m| UP_PROJ.contains(&m)).then_some(MLA_UP_PROJ)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn fail(e: kiln_ir::GraphError) -> PassError {
+    PassError::Precondition { pass: NAME, message: e.to_string() }
+}
+
+/// Makes the backward copy of recomputed node `n` (and first those of the recomputed nodes it
+/// reads), once; returns nothing, the copies of its results are in `copies`.
+fn copy(
+    g: &mut Graph,
+    n: NodeId,
+    rule_of: &HashMap<NodeId, Option<&'static str>>,
+    copies: &mut HashMap<ValueId, ValueId>,
+    trace: &mut Trace,
+) -> Result<(), PassError> {
+    let node = g.node(n).clone();
+    if copies.contains_key(&node.results[0]) {
+        return Ok(());
+    }
+    let mut inputs = Vec::with_capacity(node.inputs.len());
+    for &i in &node.inputs {
+        let p = g.producer(i);
+        if rule_of.contains_key(&p) {
+            copy(g, p, rule_of, copies, trace)?;
+        }
+        inputs.push(*copies.get(&i).unwrap_or(&i));
+    }
+    let types = node.results.iter().map(|&r| g.ty(r).clone()).collect();
+    let (_, results) = g.add_node(node.op.clone(), &inputs, types, node.scope.as_deref()).map_err(fail)?;
+    copies.extend(node.results.iter().copied().zip(results));
+    if let Some(r) = rule_of[&n] {
+        trace.fire(r);
+    }
+    Ok(())
+}
+
+/// Runs the pass and reports which rules fired.
+pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
+    let mut trace = Trace::new(RULES);
+    if !matches!(opts.kind, ProgramKind::TrainStep | ProgramKind::Accumulate) {
+        return Ok(trace);
+    }
+    let Some(&(_, loss)) = graph.outputs().iter().find(|(n, _)| n == "loss") else {
+        return Ok(trace);
+    };
+    // The forward pass: the loss's ancestry.
+    let mut forward: HashSet<NodeId> = HashSet::new();
+    let mut stack = vec![graph.producer(loss)];
+    while let Some(n) = stack.pop() {
+        if forward.insert(n) {
+            stack.extend(graph.node(n).inputs.iter().map(|&v| graph.producer(v)));
+        }
+    }
+    // The recomputed nodes, in forward order: the rules' nodes, and the nodes between an
+    // up-projection and attention.
+    let order = graph.nodes();
+    let mut recomputed: Vec<NodeId> = Vec::new();
+    let mut rule_of: HashMap<NodeId, Option<&'static str>> = HashMap::new();
+    for &n in &order {
+        if !forward.contains(&n) {
+            continue;
+        }
+        let node = graph.node(n);
+        let r = rule(graph, n);
+        let follows = matches!(
+            node.op,
+            Op::Reshape { .. } | Op::Split { .. } | Op::Rope(_) | Op::Broadcast { .. } | Op::Concat { .. }
+        ) && node.inputs.iter().any(|&i| {
+            let p = graph.producer(i);
+            rule_of.get(&p).is_some_and(|r| *r != Some(RMS_NORM))
+        });
+        if r.is_some() || follows {
+            recomputed.push(n);
+            rule_of.insert(n, r);
+        }
+    }
+    // Copies are made from the last forward node back, each after the copies it reads: the
+    // backward pass needs the last layer's first, and among ready nodes the lower id runs first.
+    let mut copies: HashMap<ValueId, ValueId> = HashMap::new();
+    for &n in recomputed.iter().rev() {
+        copy(graph, n, &rule_of, &mut copies, &mut trace)?;
+    }
+    let made: HashSet<NodeId> = copies.values().map(|&c| graph.producer(c)).collect();
+    for &n in &recomputed {
+        for r in graph.node(n).results.clone() {
+            // Outputs stay on the forward value: they are the program's interface.
+            for u in graph.users(r) {
+                if !forward.contains(&u) && !made.contains(&u) {
+                    graph.replace_input(u, r, copies[&r]).map_err(fail)?;
+                }
+            }
+        }
+    }
+    Ok(trace)
+}
