@@ -7,7 +7,8 @@ use super::{parse, print};
 use crate::graph::{Graph, ValueId};
 use crate::infer;
 use crate::op::{
-    BinaryOp, Dispatch, GroupScore, Op, QuantSpec, ReduceOp, RopeConfig, Router, Scoring, UnaryOp, Yarn,
+    BinaryOp, Dispatch, GemmForm, GroupScore, Op, QuantSpec, ReduceOp, RopeConfig, Router, Scoring, UnaryOp,
+    Yarn,
 };
 use crate::types::{DType, Dim, TensorType};
 
@@ -153,9 +154,10 @@ fn variant(op: &Op) -> usize {
         Op::MoeCombineGrad { .. } => 39,
         Op::AllReduce { .. } => 40,
         Op::AllGather { .. } => 41,
+        Op::PromotedGemm { .. } => 42,
     }
 }
-const VARIANTS: usize = 42;
+const VARIANTS: usize = 43;
 
 /// A graph that uses every op (every unary, binary and reduce kind too), with scopes and outputs.
 fn every_op_graph() -> Graph {
@@ -254,6 +256,7 @@ fn every_op_graph() -> Graph {
         grouped.push(b.param(&format!("w.{e}"), "bf16[32, 64]"));
     }
     let y = b.op1(Op::GroupedLinear { num_experts: 8 }, &grouped);
+    b.op1(Op::PromotedGemm { form: GemmForm::Grouped { num_experts: 8 }, k_block: 32 }, &grouped);
     let combined = b.op1(Op::MoeCombine { top_k: 2 }, &[y, d[2], route[0]]);
     let dy = b.op(Op::MoeCombineGrad { top_k: 2 }, &[combined, y, d[2], route[0]]);
     b.op(Op::GroupedLinearWgrad { num_experts: 8 }, &[d[0], d[1], dy[0]]);
