@@ -17,7 +17,9 @@
 //! from the first kept value. The copies are the same ops on the same values, so the step's results
 //! do not change, bit for bit; the memory plan's activation arena shrinks by the saved values'
 //! bytes, at the cost of computing them twice. Without a `loss` output (a program that is not a
-//! train step) it does nothing. `kiln train --no-recompute` (and `kiln compile --disable-pass
+//! train step) it does nothing; nor when a copy would read a trained weight after the optimizer
+//! may have updated it in place (an update that does not wait for the whole backward pass, as it
+//! does without gradient clipping). `kiln train --no-recompute` (and `kiln compile --disable-pass
 //! rematerialize`) turns it off.
 //!
 //! Where the copies run: [`kiln_ir::Graph::nodes`] orders nodes by dependencies and then by id, so a
@@ -75,7 +77,7 @@ fn copy(
     n: NodeId,
     rule_of: &HashMap<NodeId, Option<&'static str>>,
     copies: &mut HashMap<ValueId, ValueId>,
-    trace: &mut Trace,
+    fired: &mut Vec<(NodeId, &'static str)>,
 ) -> Result<(), PassError> {
     let node = g.node(n).clone();
     if copies.contains_key(&node.results[0]) {
@@ -85,15 +87,15 @@ fn copy(
     for &i in &node.inputs {
         let p = g.producer(i);
         if rule_of.contains_key(&p) {
-            copy(g, p, rule_of, copies, trace)?;
+            copy(g, p, rule_of, copies, fired)?;
         }
         inputs.push(*copies.get(&i).unwrap_or(&i));
     }
     let types = node.results.iter().map(|&r| g.ty(r).clone()).collect();
-    let (_, results) = g.add_node(node.op.clone(), &inputs, types, node.scope.as_deref()).map_err(fail)?;
+    let (c, results) = g.add_node(node.op.clone(), &inputs, types, node.scope.as_deref()).map_err(fail)?;
     copies.extend(node.results.iter().copied().zip(results));
     if let Some(r) = rule_of[&n] {
-        trace.fire(r);
+        fired.push((c, r));
     }
     Ok(())
 }
@@ -141,9 +143,11 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     // Copies are made from the last forward node back, each after the copies it reads: the
     // backward pass needs the last layer's first, and among ready nodes the lower id runs first.
     let mut copies: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut fired = Vec::new();
     for &n in recomputed.iter().rev() {
-        copy(graph, n, &rule_of, &mut copies, &mut trace)?;
+        copy(graph, n, &rule_of, &mut copies, &mut fired)?;
     }
+    let original = graph.clone();
     let made: HashSet<NodeId> = copies.values().map(|&c| graph.producer(c)).collect();
     for &n in &recomputed {
         for r in graph.node(n).results.clone() {
@@ -155,5 +159,53 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
             }
         }
     }
+    // Copies no backward node reads (those made for a recomputed reader that needed none), gone.
+    let mut made = made;
+    loop {
+        let dead: Vec<NodeId> = (made.iter().copied())
+            .filter(|&c| graph.node(c).results.iter().all(|&r| graph.users(r).is_empty()))
+            .collect();
+        if dead.is_empty() {
+            break;
+        }
+        for c in dead {
+            graph.remove_node(c).map_err(fail)?;
+            made.remove(&c);
+        }
+    }
+    // A state updated in place (an output of an input's name: a trained weight) must not be read
+    // after its new value is computed. A copy reads the old value late; that is safe only when the
+    // update waits for the copy, as it does when the update waits for the whole backward pass
+    // (the global norm of gradient clipping). Otherwise nothing is recomputed.
+    let outputs: HashMap<&str, ValueId> = graph.outputs().iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    let mut ancestry: HashMap<ValueId, HashSet<NodeId>> = HashMap::new();
+    for &c in &made {
+        for &i in &graph.node(c).inputs {
+            let Op::Input { name } = &graph.node(graph.producer(i)).op else { continue };
+            let Some(&new) = outputs.get(name.as_str()) else { continue };
+            let before = ancestry.entry(new).or_insert_with(|| ancestors(graph, new));
+            if !before.contains(&c) {
+                *graph = original;
+                return Ok(Trace::new(RULES));
+            }
+        }
+    }
+    for (c, r) in fired {
+        if made.contains(&c) {
+            trace.fire(r);
+        }
+    }
     Ok(trace)
+}
+
+/// The nodes `v` depends on, its producer included.
+fn ancestors(g: &Graph, v: ValueId) -> HashSet<NodeId> {
+    let mut seen = HashSet::new();
+    let mut stack = vec![g.producer(v)];
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(g.node(n).inputs.iter().map(|&i| g.producer(i)));
+        }
+    }
+    seen
 }

@@ -588,6 +588,29 @@ pub(super) fn dispatch(f: &mut Frame, plan: &Dispatch) -> Result<LaunchShape, Lo
     })
 }
 
+/// The expert whose rows (buffer 1 holds the `offsets[E + 1]`) hold row `m`, by counting the
+/// experts that end at or before it (`E` when none holds it), and whether one does.
+pub(super) fn expert_of_row(
+    f: &mut Frame,
+    m: &Value,
+    num_experts: u64,
+    offsets_type: DType,
+) -> (Value, Value) {
+    let (zero, one) = (f.b.index(0), f.b.index(1));
+    let ev = f.b.index(num_experts as i64);
+    let e = for_carry(f, &zero, &ev, &one, &[(zero.clone(), "index")], |f, e, count| {
+        let at = f.b.addi(e, &one);
+        let end = f.load(1, &at);
+        let end = f.int_to_index(&end, offsets_type);
+        let before = f.cmp("ule", &end, m, "index");
+        let next = f.b.addi(&count[0], &one);
+        vec![f.select(&before, &next, &count[0], "index")]
+    })
+    .remove(0);
+    let valid = f.cmp("ult", &e, &ev, "index");
+    (e, valid)
+}
+
 pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchShape, LowerError> {
     let x = f.bufs[0].ty.shape.clone();
     // f32 on the CPU: the register-blocked rows of `matmul::grouped_with`.
@@ -606,22 +629,12 @@ pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchSh
     let y = f.bufs[out].ty.shape.clone();
     let (m_dim, n_dim) = (y[0], y[1]);
     let (n, kd) = (f.dim(n_dim), f.dim(x[1]));
-    let ev = f.b.index(num_experts as i64);
     let (zero, one) = (f.b.index(0), f.b.index(1));
     let dtype = f.bufs[2].ty.dtype;
     let elem_view = format!("memref<?x{}>", f.storage(2));
     // The expert whose rows hold `m` (E when none does), and its weight.
     let expert = |f: &mut Frame, m: &Value| {
-        let e = for_carry(f, &zero, &ev, &one, &[(zero.clone(), "index")], |f, e, count| {
-            let at = f.b.addi(e, &one);
-            let end = f.load(1, &at);
-            let end = f.int_to_index(&end, offsets_type);
-            let before = f.cmp("ule", &end, m, "index");
-            let next = f.b.addi(&count[0], &one);
-            vec![f.select(&before, &next, &count[0], "index")]
-        })
-        .remove(0);
-        let valid = f.cmp("ult", &e, &ev, "index");
+        let (e, valid) = expert_of_row(f, m, num_experts, offsets_type);
         let (w, _) = pick_buffers(f, &e, e_count, (2, 1, 1), &|_| 0);
         (valid, w.into_iter().next().expect("one buffer"))
     };

@@ -14,7 +14,7 @@
 use kiln_ir::{DType, Dim, GemmForm};
 
 use super::grad::clamped_bound;
-use super::moe::pick_buffers;
+use super::moe::{expert_of_row, pick_buffers};
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
 
@@ -119,17 +119,7 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
             return (w, None);
         };
         let offsets_type = f.bufs[1].ty.dtype;
-        let ev = f.b.index(e_count as i64);
-        let e = for_carry(f, &zero, &ev, &one, &[(zero.clone(), "index")], |f, e, count| {
-            let at = f.b.addi(e, &one);
-            let end = f.load(1, &at);
-            let end = f.int_to_index(&end, offsets_type);
-            let before = f.cmp("ule", &end, m, "index");
-            let next = f.b.addi(&count[0], &one);
-            vec![f.select(&before, &next, &count[0], "index")]
-        })
-        .remove(0);
-        let valid = f.cmp("ult", &e, &ev, "index");
+        let (e, valid) = expert_of_row(f, m, e_count, offsets_type);
         let (w, _) = pick_buffers(f, &e, e_count as usize, (2, 1, 1), &|_| 0);
         (w.into_iter().next().expect("one buffer"), Some(valid))
     };
