@@ -8,8 +8,11 @@
 //! Each output element has one owner that computes it whole: on the CPU a work item per output
 //! row (`linear`, `grouped_linear`: a row of x; `grouped_linear_wgrad`: a row `(e, a)` of one
 //! expert's weight gradient), on the GPU a thread per element (grid over columns by rows). The
-//! loops are scalar: the f64 block sums are what makes them exact, and FP8 training on the CPU is
-//! for models small enough to check the recipe on, not for speed.
+//! CPU kernels of `linear` and `grouped_linear` compute eight output columns at once, a vector lane
+//! each (the lanes' operations are
+//! the scalar ones, lane by lane, so the order of every sum is unchanged); the GPU's are scalar.
+//! The f64 block sums are what makes the kernels exact, and they cost: FP8 training on the CPU is
+//! for checking the recipe on small models, not for speed.
 
 use kiln_ir::{DType, Dim, GemmForm};
 
@@ -50,6 +53,45 @@ fn promoted_dot(
         .remove(0);
         let s = f.b.op("f", format_args!("arith.truncf {s} : f64 to f32"));
         vec![f.binf("addf", &acc[0], &s)]
+    })
+    .remove(0)
+}
+
+/// Loads of one index of eight dot products: the shared operand and the eight lanes' others.
+type LanesLoad<'a> = dyn Fn(&mut Frame, &Value) -> (Value, Vec<Value>) + 'a;
+
+/// [`promoted_dot`] for eight dot products at once, one per lane, each lane in the scalar order:
+/// `load(i)` gives the shared f32 operand at index `i` and the eight lanes' other f32 operands.
+/// Returns a `vector<8xf32>`.
+fn promoted_dot8(f: &mut Frame, (lo, hi): (&Value, &Value), k_block: u64, load: &LanesLoad<'_>) -> Value {
+    const VD: &str = "vector<8xf64>";
+    const VF: &str = "vector<8xf32>";
+    let (one, kb) = (f.b.index(1), f.b.index(k_block as i64));
+    let kb1 = f.b.index(k_block as i64 - 1);
+    let first = f.b.divui(lo, &kb);
+    let end = f.b.addi(hi, &kb1);
+    let end = f.b.divui(&end, &kb);
+    let fzero = f.b.constant("dense<0.0>", VF);
+    for_carry(f, &first, &end, &one, &[(fzero, VF)], |f, blk, acc| {
+        let start = f.b.muli(blk, &kb);
+        let stop = f.b.addi(&start, &kb);
+        let from = f.b.op("i", format_args!("arith.maxui {start}, {lo} : index"));
+        let to = f.b.minui(&stop, hi);
+        let dzero = f.b.constant("dense<0.0>", VD);
+        let s = for_carry(f, &from, &to, &one, &[(dzero, VD)], |f, i, s| {
+            let (a, bs) = load(f, i);
+            let a = f.b.op("d", format_args!("arith.extf {a} : f32 to f64"));
+            let a = f.b.op("d", format_args!("vector.broadcast {a} : f64 to {VD}"));
+            let wide: Vec<String> = (bs.iter())
+                .map(|b| f.b.op("d", format_args!("arith.extf {b} : f32 to f64")).to_string())
+                .collect();
+            let b = f.b.op("d", format_args!("vector.from_elements {} : {VD}", wide.join(", ")));
+            let p = f.b.op("d", format_args!("arith.mulf {a}, {b} : {VD}"));
+            vec![f.b.op("d", format_args!("arith.addf {}, {p} : {VD}", s[0]))]
+        })
+        .remove(0);
+        let s = f.b.op("f", format_args!("arith.truncf {s} : {VD} to {VF}"));
+        vec![f.b.op("f", format_args!("arith.addf {}, {s} : {VF}", acc[0]))]
     })
     .remove(0)
 }
@@ -144,12 +186,51 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
         let at = f.b.addi(&mn, col);
         f.store(out, &at, &v);
     };
+    // Eight columns at once on the CPU (a lane each, summed as one column alone), then the rest.
+    let element8 = |f: &mut Frame, m: &Value, col: &Value, w: &Value, valid: &Option<Value>| {
+        let xb = f.b.muli(m, &kd);
+        let wb = f.b.muli(col, &kd);
+        let ev = elem_view.clone();
+        let dot = promoted_dot8(f, (&zero, &kd), k_block, &|f, i| {
+            let xi = f.b.addi(&xb, i);
+            let xv = f.load(0, &xi);
+            let ws = (0..8)
+                .map(|j| {
+                    let row = f.b.index(j);
+                    let row = f.b.muli(&row, &kd);
+                    let wi = f.b.addi(&wb, &row);
+                    let wi = f.b.addi(&wi, i);
+                    f.load_view(w, &ev, wtype, &wi)
+                })
+                .collect();
+            (xv, ws)
+        });
+        let v = match valid {
+            Some(valid) => {
+                let vzero = f.b.constant("dense<0.0>", "vector<8xf32>");
+                f.b.op("s", format_args!("arith.select {valid}, {dot}, {vzero} : vector<8xf32>"))
+            }
+            None => dot,
+        };
+        let mn = f.b.muli(m, &n);
+        let at = f.b.addi(&mn, col);
+        let (view, memref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
+        f.b.line(format_args!("vector.store {v}, {view}[{at}] : {memref}, vector<8xf32>"));
+    };
+    let f32_out = f.bufs[out].ty.dtype == DType::F32;
     Ok(match f.target {
         Target::Cpu => {
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            let eight = f.b.index(8);
+            let n8 = f.b.divui(&n, &eight);
+            let n8 = f.b.muli(&n8, &eight);
+            let tail = if f32_out { n8 } else { zero.clone() };
             for_loop(f, &lo, &hi, &one, |f, m| {
                 let (w, valid) = weight(f, m);
-                for_loop(f, &zero, &n, &one, |f, col| element(f, m, col, &w, &valid));
+                if f32_out {
+                    for_loop(f, &zero, &tail, &eight, |f, col| element8(f, m, col, &w, &valid));
+                }
+                for_loop(f, &tail, &n, &one, |f, col| element(f, m, col, &w, &valid));
             });
             LaunchShape::Cpu { work: m_dim }
         }

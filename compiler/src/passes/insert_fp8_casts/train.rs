@@ -53,10 +53,27 @@ pub const WGRAD: &str = "fp8-wgrad";
 /// The rules of the train-step rewrite, in trace order.
 pub const RULES: &[&str] = &[WEIGHT_ONLINE, FPROP, DGRAD, WGRAD, SHARE_QUANTIZE, GEMM_IN_F32];
 
-/// Whether `v`, or a value it is a reshape (or chain of reshapes) of, is in `set`.
+/// Whether `a` and `b` are the same computation: the same value, or results at the same position
+/// of the same op on the same computations (a copy `rematerialize` made for the backward pass is
+/// the same computation as its forward value). `depth` bounds the walk.
+fn same(g: &Graph, a: ValueId, b: ValueId, depth: usize) -> bool {
+    if a == b {
+        return true;
+    }
+    let (na, nb) = (g.node(g.producer(a)), g.node(g.producer(b)));
+    depth > 0
+        && na.op == nb.op
+        && na.inputs.len() == nb.inputs.len()
+        && !matches!(na.op, Op::Input { .. } | Op::Param { .. })
+        && na.results.iter().position(|&r| r == a) == nb.results.iter().position(|&r| r == b)
+        && na.inputs.iter().zip(&nb.inputs).all(|(&x, &y)| same(g, x, y, depth - 1))
+}
+
+/// Whether `v`, or a value it is a reshape (or chain of reshapes) of, is in `set` (as the same
+/// computation, see [`same`]).
 fn reshaped_from(g: &Graph, mut v: ValueId, set: &HashSet<ValueId>) -> bool {
     loop {
-        if set.contains(&v) {
+        if set.contains(&v) || set.iter().any(|&x| same(g, v, x, 8)) {
             return true;
         }
         let n = g.producer(v);
