@@ -19,6 +19,7 @@ mod compile;
 mod dist;
 mod export_hf;
 mod grpo;
+mod inspect_train;
 mod membw;
 mod model;
 mod monitor;
@@ -73,7 +74,9 @@ enum Command {
         /// The `.kir` file.
         file: PathBuf,
     },
-    /// Summarise a model: parameters, activated parameters, FLOPs and KV-cache bytes per token.
+    /// Summarise a model: parameters, activated parameters, FLOPs and KV-cache bytes per token;
+    /// with --train, the memory of a training run, per device and in total, counted from the
+    /// compiled train steps' buffers.
     Inspect {
         spec: PathBuf,
         /// Context length for the attention FLOPs of one decoded token.
@@ -82,6 +85,48 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Print the memory table of a training run: a baseline (the spec's dtype, f32 moments, no
+        /// recomputation, no FP8) against kiln's recipe (BF16 moments, recomputation, FP8 with
+        /// --fp8 or a spec with [quantization]).
+        #[arg(long)]
+        train: bool,
+        /// With --train: the recipe trains in FP8 (DeepSeek-V3's 128x128 blocks when the spec has no
+        /// [quantization]).
+        #[arg(long, requires = "train", conflicts_with = "no_fp8")]
+        fp8: bool,
+        /// With --train: the recipe leaves the spec's [quantization] out.
+        #[arg(long, requires = "train")]
+        no_fp8: bool,
+        /// With --train: sequences per micro-batch.
+        #[arg(long, requires = "train", default_value_t = 1, value_name = "M")]
+        micro_batch: u64,
+        /// With --train: tokens per sequence [default: 4096, or the model's context when shorter].
+        #[arg(long, requires = "train", value_name = "T")]
+        seq_len: Option<u64>,
+        /// With --train: data-parallel replicas.
+        #[arg(long, requires = "train", default_value_t = 1, value_name = "N")]
+        dp: u64,
+        /// With --train: pipeline ranks (the schedule's stages, from the cost model's partition).
+        #[arg(long, requires = "train", default_value_t = 1, value_name = "N")]
+        pp: u32,
+        /// With --train: expert-parallel ranks, which divide the routed experts.
+        #[arg(long, requires = "train", default_value_t = 1, value_name = "N")]
+        ep: u64,
+        /// With --train and --dp: AdamW's states split over the replicas (ZeRO stage 1).
+        #[arg(long, requires = "train")]
+        zero1: bool,
+        /// With --train and --pp: `dualpipe` (default), `dualpipev`, `1f1b` or `zb1p`.
+        #[arg(long, requires = "train")]
+        schedule: Option<String>,
+        /// With --train and --pp: micro-batches per step (default 2·P).
+        #[arg(long, requires = "train", value_name = "N")]
+        micro_batches: Option<u32>,
+        /// With --train: λ of the MTP loss (its modules are trained, and counted, when positive).
+        #[arg(long, requires = "train", default_value_t = 0.0)]
+        mtp_lambda: f64,
+        /// With --train: compile every decoder layer, not one of each kind (slow on large models).
+        #[arg(long, requires = "train")]
+        full: bool,
     },
     /// Convert a Hugging Face `config.json` (deepseek_v3, deepseek_v2) into a kiln TOML spec.
     ImportHf {
@@ -688,7 +733,49 @@ fn run(command: Command) -> Result<()> {
             ir(&spec, layer, after.as_deref(), program.as_deref(), module, format, output.as_deref())
         }
         Command::Check { file } => check(&file),
-        Command::Inspect { spec, context, json } => inspect(&spec, context, json),
+        Command::Inspect {
+            spec,
+            context,
+            json,
+            train: true,
+            fp8,
+            no_fp8,
+            micro_batch,
+            seq_len,
+            dp,
+            pp,
+            ep,
+            zero1,
+            schedule,
+            micro_batches,
+            mtp_lambda,
+            full,
+        } => {
+            let _ = context;
+            let text = inspect_train::run(&inspect_train::Request {
+                spec: &spec,
+                fp8: if fp8 {
+                    Some(true)
+                } else if no_fp8 {
+                    Some(false)
+                } else {
+                    None
+                },
+                micro_batch,
+                seq_len,
+                dp,
+                pp,
+                ep,
+                zero1,
+                schedule,
+                micro_batches,
+                mtp_lambda,
+                full,
+                json,
+            })?;
+            emit(&text, None)
+        }
+        Command::Inspect { spec, context, json, .. } => inspect(&spec, context, json),
         Command::ImportHf { config, output } => import_hf(&config, output.as_deref()),
         Command::ExportHf { spec, random_weights, output } => {
             export_hf::run(&spec, random_weights, &output, &mut io::stdout().lock())

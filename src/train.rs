@@ -357,8 +357,8 @@ pub fn epoch_order(rows: usize, seed: Option<u64>, epoch: u64) -> Vec<usize> {
 }
 
 /// Runs every pass but `skip`.
-struct Passes {
-    skip: Option<&'static str>,
+pub(crate) struct Passes {
+    pub(crate) skip: Option<&'static str>,
 }
 
 impl kiln_compiler::pack::Observer for Passes {
@@ -369,7 +369,7 @@ impl kiln_compiler::pack::Observer for Passes {
 
 /// DeepSeek-V3's `quantization_config` (reference §4.2): E4M3 in 128x128 weight blocks and 1x128
 /// activation tiles, scales computed online, not rounded to powers of two.
-fn deepseek_fp8() -> kiln_ir::spec::QuantSection {
+pub(crate) fn deepseek_fp8() -> kiln_ir::spec::QuantSection {
     kiln_ir::spec::QuantSection {
         method: "fp8".into(),
         format: DType::F8E4M3,

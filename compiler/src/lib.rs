@@ -15,3 +15,4 @@ pub mod spec;
 pub mod target;
 pub mod toolchain;
 pub mod train;
+pub mod train_memory;

@@ -567,13 +567,21 @@ pub fn make_module(
     Ok((module, spec))
 }
 
-/// Runs the pure stages: [`make_module`], kernel formation, the memory plan and lowering.
-pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Result<Prepared, CompileError> {
+/// A module after the passes, with its kernels and memory: everything [`prepare`] makes but the
+/// lowered kernels (`kiln inspect --train` reads no more).
+pub struct Planned {
+    pub spec: Option<ModelSpec>,
+    pub module: Module,
+    /// The plans of each program of [`Planned::module`], in the same order.
+    pub programs: Vec<PreparedProgram>,
+    pub parallel: Option<ParallelPlan>,
+}
+
+/// Runs [`make_module`], kernel formation and the memory plan.
+pub fn plan(source: Source, options: &Options, obs: &mut dyn Observer) -> Result<Planned, CompileError> {
     if options.max_batch == 0 || options.max_context == 0 {
         return Err(CompileError::Options("the maximum batch and context must be at least 1".into()));
     }
-    // Before any work: a missing tool or an impossible plan should not cost a whole compile.
-    let ptxas = if options.targets.gpu() { Some(require_ptxas()?) } else { None };
     let parallel = parallel_plan(source.spec(), options)?;
     let (module, spec) = make_module(source, options, obs)?;
     let plans = stage(
@@ -601,6 +609,17 @@ pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Res
     )?;
     let programs: Vec<PreparedProgram> =
         plans.into_iter().zip(memories).map(|(plan, memory)| PreparedProgram { plan, memory }).collect();
+    Ok(Planned { spec, module, programs, parallel })
+}
+
+/// Runs the pure stages: [`plan`], then lowering.
+pub fn prepare(source: Source, options: &Options, obs: &mut dyn Observer) -> Result<Prepared, CompileError> {
+    if options.max_batch == 0 || options.max_context == 0 {
+        return Err(CompileError::Options("the maximum batch and context must be at least 1".into()));
+    }
+    // Before any work: a missing tool or an impossible plan should not cost a whole compile.
+    let ptxas = if options.targets.gpu() { Some(require_ptxas()?) } else { None };
+    let Planned { spec, module, programs, parallel } = plan(source, options, obs)?;
     let kernels = &programs[0].plan.kernels;
     let modules = stage(
         obs,

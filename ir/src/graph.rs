@@ -232,52 +232,84 @@ impl Graph {
         users
     }
 
-    /// Nodes in topological order, preferring lower ids (insertion order) among the ready ones;
-    /// except that a sum over peers (`all_reduce`), and a node whose only users are collectives (the
-    /// add or cast that makes a collective's operand), go as soon as they are ready, so that a
-    /// program starts each sum over its peers as early as it can and the communication overlaps
-    /// the computation after it (a data-parallel step's gradient sums start during the backward
-    /// pass, as DDP's buckets do). Only one level: everything upstream of a gradient ends in a
-    /// collective, and hurrying all of it would hurry nothing. A graph without collectives is in
-    /// plain id order.
+    /// Nodes in topological order, preferring lower ids (insertion order) among the ready ones
+    /// (see [`Graph::ordered`] for nodes added after their users); except that some nodes go as
+    /// soon as they are ready:
+    ///
+    /// - a sum over peers (`all_reduce`), and a node whose only users are collectives (the add or
+    ///   cast that makes a collective's operand), so that a program starts each sum over its peers
+    ///   as early as it can and the communication overlaps the computation after it (a
+    ///   data-parallel step's gradient sums start during the backward pass, as DDP's buckets do).
+    ///   Only one level: everything upstream of a gradient ends in a collective, and hurrying all
+    ///   of it would hurry nothing;
+    /// - a reduction that is the only reader of its operand, so that the operand dies at once
+    ///   rather than when the reduction's turn comes (a train step's squared gradients, summed
+    ///   for the global norm, would otherwise all be alive at the end of the backward pass).
     pub fn nodes(&self) -> Vec<NodeId> {
         let order = self.ordered(&[]);
         let collective = |i: usize| matches!(self.dag[NodeIndex::new(i)].op, Op::AllReduce { .. });
-        if !order.iter().any(|&n| collective(n.0 as usize)) {
-            return order;
-        }
+        let shrinks = |i: usize| {
+            let node = &self.dag[NodeIndex::new(i)];
+            matches!(node.op, Op::Reduce { .. })
+                && node.inputs.iter().all(|&v| self.users(v) == [NodeId(i as u32)])
+        };
         let mut urgent = vec![false; self.dag.node_bound()];
+        let mut any = false;
         for &n in &order {
             let i = NodeIndex::new(n.0 as usize);
             let mut users =
                 self.dag.edges_directed(i, Direction::Outgoing).map(|e| e.target().index()).peekable();
-            urgent[i.index()] = collective(i.index()) || (users.peek().is_some() && users.all(collective));
+            urgent[i.index()] = collective(i.index())
+                || (users.peek().is_some() && users.all(collective))
+                || shrinks(i.index());
+            any |= urgent[i.index()];
+        }
+        if !any {
+            return order;
         }
         self.ordered(&urgent)
     }
 
-    /// Kahn's topological order: among the ready nodes, an `urgent` one first, then the lowest id.
+    /// Kahn's topological order: among the ready nodes, an `urgent` one first, then the one due
+    /// first, then the lowest id. A node is due at the lowest id of itself and everything computed
+    /// from it: a node added after its users (a pass's recomputed copy, a cast inserted before a
+    /// GEMM) runs just before the first of them, rather than after every older node that is ready,
+    /// which would also pull those forward and keep their results alive. Where every node is
+    /// older than its users, as a builder makes them, this is plain id order.
     fn ordered(&self, urgent: &[bool]) -> Vec<NodeId> {
+        let plain = self.kahn(&[], &[]);
+        let mut due: Vec<usize> = (0..self.dag.node_bound()).collect();
+        for &n in plain.iter().rev() {
+            let i = NodeIndex::new(n.0 as usize);
+            let first_user =
+                self.dag.edges_directed(i, Direction::Outgoing).map(|e| due[e.target().index()]).min();
+            if let Some(u) = first_user {
+                due[i.index()] = due[i.index()].min(u);
+            }
+        }
+        self.kahn(urgent, &due)
+    }
+
+    /// Kahn's topological order: among the ready nodes, an `urgent` one first, then the lowest
+    /// `due` (where given), then the lowest id.
+    fn kahn(&self, urgent: &[bool], due: &[usize]) -> Vec<NodeId> {
         let first = |n: usize| urgent.get(n).copied().unwrap_or(false);
+        let key = |n: usize| Reverse((!first(n), due.get(n).copied().unwrap_or(n), n));
         let mut indegree = vec![0usize; self.dag.node_bound()];
         for e in self.dag.edge_references() {
             indegree[e.target().index()] += 1;
         }
-        // Urgent nodes sort first (`false < true`, reversed), then by id.
-        let mut ready: BinaryHeap<Reverse<(bool, usize)>> = self
-            .dag
-            .node_indices()
-            .filter(|n| indegree[n.index()] == 0)
-            .map(|n| Reverse((!first(n.index()), n.index())))
-            .collect();
+        // Urgent nodes sort first (`false < true`, reversed), then by due and id.
+        let mut ready: BinaryHeap<Reverse<(bool, usize, usize)>> =
+            self.dag.node_indices().filter(|n| indegree[n.index()] == 0).map(|n| key(n.index())).collect();
         let mut order = Vec::with_capacity(self.dag.node_count());
-        while let Some(Reverse((_, n))) = ready.pop() {
+        while let Some(Reverse((_, _, n))) = ready.pop() {
             order.push(NodeId(n as u32));
             for e in self.dag.edges_directed(NodeIndex::new(n), Direction::Outgoing) {
                 let t = e.target().index();
                 indegree[t] -= 1;
                 if indegree[t] == 0 {
-                    ready.push(Reverse((!first(t), t)));
+                    ready.push(key(t));
                 }
             }
         }

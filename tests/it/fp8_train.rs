@@ -74,6 +74,13 @@ fn the_train_step_runs_all_three_gemms_of_every_fp8_linear_in_fp8() {
             assert_eq!(trace.count(rule), linears.len(), "{path}: {rule}, one per linear");
         }
         assert_eq!(trace.count(fp8::WEIGHT_ONLINE), weights.len(), "{path}: one FP8 copy per weight");
+        // The step clips, so every update waits for every Dgrad: each Dgrad quantises its weight
+        // again rather than keeping the forward's copy alive through the backward pass.
+        assert_eq!(
+            trace.count(fp8::WEIGHT_RECOMPUTED),
+            weights.len(),
+            "{path}: one backward copy per weight"
+        );
         kiln_ir::verify::verify(&g).unwrap();
         let mut forms = [0; 3];
         for n in g.nodes() {

@@ -35,5 +35,6 @@ mod tokenizer;
 mod toolchain;
 mod train;
 mod train_aux;
+mod train_memory;
 mod util;
 mod weights;

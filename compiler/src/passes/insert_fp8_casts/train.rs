@@ -14,7 +14,11 @@
 //!
 //! - [`WEIGHT_ONLINE`]: `w` quantised in `b0 x b1` blocks with the scale computed from the block's
 //!   current max (online, no delayed scaling), from the high-precision weight the optimizer
-//!   updates, once per step; Fprop and Dgrad share it (a 128x128 block of `w` is one of `w^T`).
+//!   updates, once per step, for Fprop.
+//! - [`WEIGHT_RECOMPUTED`]: the same blocks quantised again for Dgrad (a 128x128 block of `w` is
+//!   one of `w^T`), in the backward pass: the same values, so the forward's copy dies with the
+//!   forward pass instead of living through it (DeepSeek-V3 recomputes what is cheap, §3.2; a
+//!   layer's FP8 weights are recomputed from the weight the optimizer has not yet updated).
 //! - [`FPROP`]: x in `1 x b1` tiles (per token and 128 channels).
 //! - [`DGRAD`]: dy in `1 x b0` tiles, times the transposed FP8 weight, K blocks of `b0`.
 //! - [`WGRAD`]: dy and x both in `128 x 1` tiles along the tokens, the contraction axis (as the
@@ -42,6 +46,8 @@ use super::{fp8_name, AMAX_FLOOR, GEMM_IN_F32, NAME, SHARE_QUANTIZE};
 
 /// `w -> dequantize_f32(quantize(w))` in `b0 x b1` blocks, each step from the trained weight.
 pub const WEIGHT_ONLINE: &str = "weight-f8-blocks-online";
+/// The weight's FP8 blocks computed again for its Dgrad, in the backward pass.
+pub const WEIGHT_RECOMPUTED: &str = "weight-f8-blocks-recomputed";
 /// `linear(x, w) -> promoted_gemm(fp8(x), fp8(w))`, x in `1 x b1` tiles.
 pub const FPROP: &str = "fp8-fprop";
 /// `linear(dy, w^T) -> promoted_gemm(fp8(dy), fp8(w)^T)`, dy in `1 x b0` tiles.
@@ -51,7 +57,8 @@ pub const DGRAD: &str = "fp8-dgrad";
 pub const WGRAD: &str = "fp8-wgrad";
 
 /// The rules of the train-step rewrite, in trace order.
-pub const RULES: &[&str] = &[WEIGHT_ONLINE, FPROP, DGRAD, WGRAD, SHARE_QUANTIZE, GEMM_IN_F32];
+pub const RULES: &[&str] =
+    &[WEIGHT_ONLINE, WEIGHT_RECOMPUTED, FPROP, DGRAD, WGRAD, SHARE_QUANTIZE, GEMM_IN_F32];
 
 /// Whether `a` and `b` are the same computation: the same value, or results at the same position
 /// of the same op on the same computations (a copy `rematerialize` made for the backward pass is
@@ -211,6 +218,22 @@ impl Quantizer {
         trace.fire(WEIGHT_ONLINE);
         self.fp8(rw, trace, nw, key.1, scope)
     }
+
+    /// A fresh FP8 copy of trainable weight `w` for the backward pass, shared with nothing.
+    fn weight_again(
+        &mut self,
+        rw: &mut Rewriter,
+        trace: &mut Trace,
+        w: ValueId,
+        scope: Option<&str>,
+    ) -> Result<ValueId, PassError> {
+        let nw = rw.get(w)?;
+        trace.fire(WEIGHT_RECOMPUTED);
+        let block = self.weight_block.clone();
+        let spec = QuantSpec { block: block.clone(), amax_floor: AMAX_FLOOR, pow2_scale: self.pow2_scale };
+        let qs = rw.op(Op::Quantize { to: DType::F8E4M3, spec }, &[nw], scope)?;
+        rw.op1(Op::Dequantize { to: DType::F32, block }, &qs, scope)
+    }
 }
 
 /// Rewrites a train step's eligible GEMMs (see the module documentation).
@@ -222,6 +245,7 @@ pub(super) fn rewrite(graph: &mut Graph, q: &QuantSection) -> Result<Trace, Pass
         return Ok(trace);
     }
     let [b0, b1] = q.weight_block;
+    let again = recomputable(graph);
     let mut rw = Rewriter::new(NAME, graph);
     let mut qz = Quantizer { shared: HashMap::new(), pow2_scale: q.pow2_scale, weight_block: vec![b0, b1] };
     for n in order {
@@ -262,7 +286,12 @@ pub(super) fn rewrite(graph: &mut Graph, q: &QuantSection) -> Result<Trace, Pass
                 };
                 for &wt in ws {
                     let w = transposed(graph, wt).expect("classified as a transposed weight");
-                    let d = qz.weight(&mut rw, &mut trace, w, scope)?;
+                    let d = match &graph.node(graph.producer(w)).op {
+                        Op::Input { name } if again(name) => {
+                            qz.weight_again(&mut rw, &mut trace, w, scope)?
+                        }
+                        _ => qz.weight(&mut rw, &mut trace, w, scope)?,
+                    };
                     ops.push(rw.op1(Op::Transpose { perm: vec![1, 0] }, &[d], scope)?);
                 }
                 trace.fire(DGRAD);
@@ -302,6 +331,27 @@ pub(super) fn rewrite(graph: &mut Graph, q: &QuantSection) -> Result<Trace, Pass
     }
     *graph = rw.finish()?;
     Ok(trace)
+}
+
+/// Whether the backward pass may read trained weight `name` again: the step does not update it
+/// in place (an `accumulate` program), or its update waits for the global gradient norm (gradient
+/// clipping), which waits for every data gradient. Without clipping an update may run as soon as
+/// its own gradient is done, before a Dgrad reads the old weight; the Dgrad then reads the
+/// forward's copy.
+fn recomputable(g: &Graph) -> impl Fn(&str) -> bool {
+    let outputs: HashMap<String, ValueId> = g.outputs().iter().map(|(n, v)| (n.clone(), *v)).collect();
+    let mut waits: HashSet<ValueId> = HashSet::new();
+    if let Some(&norm) = outputs.get(crate::train::GRAD_NORM) {
+        let mut stack = vec![norm];
+        while let Some(v) = stack.pop() {
+            if waits.insert(v) {
+                for u in g.users(v) {
+                    stack.extend(g.node(u).results.iter().copied());
+                }
+            }
+        }
+    }
+    move |name: &str| outputs.get(name).is_none_or(|v| waits.contains(v))
 }
 
 /// An activation's tiles: 1 x `len` along its last axis (a rank-1 operand is one row).
