@@ -110,6 +110,11 @@ pub enum BenchCommand {
         /// has no such option).
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         moments: String,
+        /// Instead of PyTorch, compare kiln's train step in these precisions, in one run, against
+        /// the first: `f32` (weights and moments f32), `bf16` (bf16 weights with f32 masters,
+        /// bf16 moments), `fp8` (bf16's, with DeepSeek-V3's FP8 GEMMs), e.g. `bf16,fp8,f32`.
+        #[arg(long, value_delimiter = ',', value_parser = ["f32", "bf16", "fp8"])]
+        precision: Vec<String>,
     },
 }
 
@@ -198,8 +203,10 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
             python,
             profile,
             moments,
+            precision,
         } => {
             let req = crate::bench_train::Request {
+                precisions: precision,
                 spec: &spec,
                 batch,
                 seq_len,

@@ -41,6 +41,8 @@ pub struct Request<'a> {
     pub profile: bool,
     /// kiln's AdamW moments in bf16 (PyTorch's stay f32).
     pub bf16_moments: bool,
+    /// `--precision`: kiln's step in each of these (`f32`, `bf16`, `fp8`) instead of PyTorch.
+    pub precisions: Vec<String>,
 }
 
 /// One engine's figures.
@@ -106,6 +108,9 @@ pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_jso
         bail!("--batch, --seq-len and --steps must be at least 1");
     }
     let spec = spec::load(req.spec)?;
+    if !req.precisions.is_empty() {
+        return precisions(req, spec, tables);
+    }
     if spec.quantization.is_some() {
         bail!(
             "{}: bench train uses random weights, which FP8 checkpoints' block scales do not model; \
@@ -182,18 +187,7 @@ pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_jso
         seconds: Vec::new(),
         peak_kib: None,
     };
-    for step in 0..=req.steps {
-        if step == 1 {
-            trainer.executor_mut().set_profiling(req.profile);
-        }
-        let t = Instant::now();
-        let s = trainer.step(&rows, 1e-3)?;
-        if step == 0 {
-            kiln.loss0 = f64::from(s.loss);
-        } else {
-            kiln.seconds.push(t.elapsed().as_secs_f64());
-        }
-    }
+    time_steps(&mut trainer, &rows, req, &mut kiln)?;
     kiln.peak_kib = if measured { peak_kib() } else { None };
     let profile = trainer.executor().profile();
     drop(trainer);
@@ -288,6 +282,29 @@ pub fn run(req: &Request, tables: &mut crate::bench::Tables) -> Result<serde_jso
     Ok(doc)
 }
 
+/// One warm-up step (its loss into `f`), then `--steps` timed ones (their seconds into `f`), with
+/// `--profile`'s per-kernel times over the timed ones.
+fn time_steps(
+    trainer: &mut CompiledTrainer<kiln_runtime::cpu::CpuBackend>,
+    rows: &TokenRows,
+    req: &Request,
+    f: &mut Figures,
+) -> Result<()> {
+    for step in 0..=req.steps {
+        if step == 1 {
+            trainer.executor_mut().set_profiling(req.profile);
+        }
+        let t = Instant::now();
+        let s = trainer.step(rows, 1e-3)?;
+        if step == 0 {
+            f.loss0 = f64::from(s.loss);
+        } else {
+            f.seconds.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
 /// Runs tools/bench/train_torch.py on the folder's `hf/` and `tokens.safetensors`.
 fn torch(python: &Path, dir: &Path, steps: usize, threads: usize) -> Result<Figures, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/train_torch.py");
@@ -321,4 +338,134 @@ fn torch(python: &Path, dir: &Path, steps: usize, threads: usize) -> Result<Figu
         seconds,
         peak_kib: json["peak_rss_kib"].as_u64(),
     })
+}
+
+/// `--precision`: kiln's train step on the same model, weights and batch in each precision, one
+/// after the other, each against the first. The spec's `[quantization]` is replaced: `fp8` is
+/// DeepSeek-V3's recipe (128x128 weight blocks, 1x128 and 128x1 activation tiles, online scales).
+fn precisions(
+    req: &Request,
+    spec: kiln_ir::ModelSpec,
+    tables: &mut crate::bench::Tables,
+) -> Result<serde_json::Value> {
+    if req.seq_len as u64 > spec.model.max_position_embeddings {
+        bail!(
+            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            req.seq_len,
+            spec.model.max_position_embeddings
+        );
+    }
+    let rows = batch(req.batch, req.seq_len + 1, spec.model.vocab_size)?;
+    let dir = std::env::temp_dir().join(format!("kiln-bench-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let scratch = Scratch(dir);
+    let tokens = (req.batch * req.seq_len) as f64;
+    let mut measured: Vec<(String, Figures, f64, Vec<kiln_runtime::exec::KernelTime>)> = Vec::new();
+    for p in &req.precisions {
+        let mut s = spec.clone();
+        s.quantization = None;
+        s.model.dtype = if p == "f32" { DType::F32 } else { DType::BF16 };
+        // The weights: the same seeded values, stored in the precision's dtype.
+        let tensors = weights::random_params(&build::build_graph(&s)?, req.seed, crate::run::RANDOM_STD)?;
+        if p == "fp8" {
+            s.quantization = Some(crate::train::deepseek_fp8());
+        }
+        let moments = if p == "f32" { DType::F32 } else { DType::BF16 };
+        let t0 = Instant::now();
+        let options = pack::Options {
+            train: Some(kiln_compiler::pack::TrainOptions {
+                optimizer: kiln_compiler::train::Optimizer { moments, ..Default::default() },
+                ..Default::default()
+            }),
+            kv_cache: false,
+            score: false,
+            ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.batch as u64, req.seq_len as u64)
+        };
+        let artifact = pack::compile(pack::Source::Spec(s), &options, &mut ())
+            .with_context(|| format!("compiling the {p} train step"))?;
+        let art_dir = scratch.0.join(format!("train-{p}.kiln"));
+        pack::write(&artifact, &art_dir)?;
+        drop(artifact);
+        let compile_s = t0.elapsed().as_secs_f64();
+        let art = kiln_runtime::artifact::load(&art_dir)?;
+        let wanted: std::collections::HashSet<String> =
+            weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
+        let given = tensors.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+        let model = CpuModel::load(&art, given, &crate::run::cpu_options(req.threads))?;
+        let threads = model.threads();
+        let mut trainer = CompiledTrainer::new(model)?;
+        let reset = reset_peak();
+        let mut f = Figures {
+            engine: format!("kiln {p} ({threads} threads)"),
+            loss0: f64::NAN,
+            seconds: Vec::new(),
+            peak_kib: None,
+        };
+        time_steps(&mut trainer, &rows, req, &mut f)?;
+        f.peak_kib = if reset { peak_kib() } else { None };
+        let profile = trainer.executor().profile();
+        measured.push((p.clone(), f, compile_s, profile));
+    }
+
+    let out = tables.text();
+    writeln!(
+        out,
+        "bench train {}: {} x {} tokens per step, {} timed steps after one warm-up, each precision against {}",
+        spec.model.name, req.batch, req.seq_len, req.steps, req.precisions[0]
+    )?;
+    use crate::table::Align::{Left, Right};
+    let mut table = crate::table::new(&[
+        ("engine", Left),
+        ("tokens/s", Right),
+        ("speed", Right),
+        ("peak memory", Right),
+        ("step-0 loss", Right),
+        ("compile (s)", Right),
+    ]);
+    let first = measured[0].1.median();
+    let mut engines = Vec::new();
+    for (p, f, compile_s, _) in &measured {
+        let peak = f.peak_kib.map_or("n/a".to_string(), |k| format!("{:.2} GiB", k as f64 / 1048576.0));
+        table.add_row(vec![
+            f.engine.clone(),
+            format!("{:.1}", tokens / f.median()),
+            format!("{:.2}x", first / f.median()),
+            peak,
+            format!("{:.6}", f.loss0),
+            format!("{compile_s:.1}"),
+        ]);
+        engines.push(serde_json::json!({
+            "precision": p,
+            "engine": f.engine,
+            "tokens_per_s": tokens / f.median(),
+            "speed_ratio": first / f.median(),
+            "step_s": f.median(),
+            "peak_bytes": f.peak_kib.map(|k| k * 1024),
+            "step0_loss": f.loss0,
+            "compile_s": compile_s,
+        }));
+    }
+    write!(out, "{}", crate::table::render(&table))?;
+    writeln!(
+        out,
+        "FP8 on this CPU is the recipe's numerics, not its speed: its GEMMs read dequantised f32 operands and sum each \
+         128-block exactly; the speed of FP8 belongs to tensor cores"
+    )?;
+    if req.profile {
+        for (p, _, _, profile) in &measured {
+            crate::run::write_profile_of(
+                profile,
+                &format!("kiln {p}'s {} timed steps", req.steps),
+                &mut &mut *out,
+            )?;
+        }
+    }
+    Ok(serde_json::json!({
+        "bench": "train",
+        "model": spec.model.name,
+        "batch": req.batch,
+        "seq_len": req.seq_len,
+        "steps": req.steps,
+        "engines": engines,
+    }))
 }

@@ -69,6 +69,8 @@ struct Column {
     transient: u64,
     /// The busiest step of the compiled arena.
     peak: train_memory::Peak,
+    /// The compiled step's gradients, all of them.
+    gradients: u64,
     /// The arena as planned, when every layer was compiled.
     arena: Option<u64>,
     /// Saved activations with recomputation off (the recipe's third compile).
@@ -85,6 +87,9 @@ struct Device {
     master: u64,
     moments: u64,
     gradients: u64,
+    /// The gradients' other copies at the peak (as the backward pass made them, the data-parallel
+    /// sums), in proportion to the gradients the device holds.
+    gradient_copies: u64,
     activations: u64,
     activations_no_recompute: Option<u64>,
     transient: u64,
@@ -98,6 +103,7 @@ impl Device {
             + self.master
             + self.moments
             + self.gradients
+            + self.gradient_copies
             + self.activations
             + self.transient
             + self.other_states
@@ -201,7 +207,8 @@ fn column(label: String, spec: &ModelSpec, req: &Request, recipe: bool) -> Resul
     let plain = measure(compiled, req, moments, false).with_context(what)?;
     let own = if recipe { measure(compiled, req, moments, true).with_context(what)? } else { plain.clone() };
     let pieces = expand(&own, layers, reduced.as_ref());
-    let transient = own.peak.live.saturating_sub(own.peak.activations + own.peak.gradients);
+    let transient =
+        own.peak.live.saturating_sub(own.peak.activations + own.peak.gradients + own.peak.gradient_copies);
     let activations_no_recompute = recipe.then(|| {
         expand(&plain, layers, reduced.as_ref())
             .into_iter()
@@ -213,6 +220,7 @@ fn column(label: String, spec: &ModelSpec, req: &Request, recipe: bool) -> Resul
         pieces,
         transient,
         peak: own.peak,
+        gradients: own.total().gradients.total(),
         arena: reduced.is_none().then_some(own.arena),
         activations_no_recompute,
     })
@@ -295,6 +303,11 @@ fn devices(
             None => share(column, pieces, 1).activations.total(),
         }
     };
+    // The gradients' copies at the peak, in proportion to the device's gradients.
+    let copies = |grads: u64| {
+        (u128::from(column.peak.gradient_copies) * u128::from(grads) / u128::from(column.gradients.max(1)))
+            as u64
+    };
     // The routed experts' weight copies at the peak are of the rank's experts only.
     let e = column.peak.expert_copies;
     let transient = column.transient - e + e.div_ceil(req.ep);
@@ -319,6 +332,7 @@ fn devices(
                 master: b.master.total(),
                 moments: b.moments.total(),
                 gradients: b.gradients.total(),
+                gradient_copies: copies(b.gradients.total()),
                 activations: b.activations.total(),
                 activations_no_recompute: column
                     .activations_no_recompute
@@ -345,6 +359,7 @@ fn devices(
                     master: b.master.total(),
                     moments: b.moments.total(),
                     gradients: b.gradients.total(),
+                    gradient_copies: copies(b.gradients.total()),
                     activations: in_flight(instrs, &per_chunk(None)),
                     activations_no_recompute: column
                         .activations_no_recompute
@@ -475,17 +490,20 @@ pub fn run(req: &Request) -> Result<String> {
     let worst = |d: &[Device]| *d.iter().max_by_key(|d| d.total()).expect("at least one rank");
     let (wb, wr) = (worst(&dev_base), worst(&dev_recipe));
     let sum = |d: &[Device], f: fn(&Device) -> u64| d.iter().map(f).sum::<u64>() * replicas;
-    let mut t = table::new(&[
-        ("component", Align::Left),
-        (&format!("{}, device", base.label), Align::Right),
-        (&format!("{}, device", recipe.label), Align::Right),
-        (&format!("{}, total", base.label), Align::Right),
-        (&format!("{}, total", recipe.label), Align::Right),
-    ]);
-    let rows: [(&str, Field); 9] = [
+    let many = devices_count > 1;
+    let (h1, h2) = (format!("{}, device", base.label), format!("{}, device", recipe.label));
+    let (h3, h4) = (format!("{}, total", base.label), format!("{}, total", recipe.label));
+    let mut columns =
+        vec![("component", Align::Left), (h1.as_str(), Align::Right), (h2.as_str(), Align::Right)];
+    if many {
+        columns.extend([(h3.as_str(), Align::Right), (h4.as_str(), Align::Right)]);
+    }
+    let mut t = table::new(&columns);
+    let rows: [(&str, Field); 10] = [
         ("parameters", |d| d.params),
         ("FP32 master weights", |d| d.master),
         ("gradients (FP32)", |d| d.gradients),
+        ("gradient copies (before the FP32 cast; data-parallel sums)", |d| d.gradient_copies),
         ("optimizer moments", |d| d.moments),
         ("activations saved for backward", |d| d.activations),
         ("transient (weight copies, activation gradients, temporaries)", |d| d.transient),
@@ -494,24 +512,20 @@ pub fn run(req: &Request) -> Result<String> {
         ("total", Device::total),
     ];
     for (name, f) in rows {
-        t.add_row(vec![
-            name.to_string(),
-            gb(f(&wb)),
-            gb(f(&wr)),
-            gb(sum(&dev_base, f)),
-            gb(sum(&dev_recipe, f)),
-        ]);
+        let mut row = vec![name.to_string(), gb(f(&wb)), gb(f(&wr))];
+        if many {
+            row.extend([gb(sum(&dev_base, f)), gb(sum(&dev_recipe, f))]);
+        }
+        t.add_row(row);
         if name.starts_with("activations") {
             if let Some(nr) = wr.activations_no_recompute {
                 let total: u64 =
                     dev_recipe.iter().filter_map(|d| d.activations_no_recompute).sum::<u64>() * replicas;
-                t.add_row(vec![
-                    "  without recomputation".to_string(),
-                    String::new(),
-                    gb(nr),
-                    String::new(),
-                    gb(total),
-                ]);
+                let mut row = vec!["  without recomputation".to_string(), String::new(), gb(nr)];
+                if many {
+                    row.extend([String::new(), gb(total)]);
+                }
+                t.add_row(row);
             }
         }
     }

@@ -112,6 +112,9 @@ pub struct Peak {
     /// Saved activations (see the module documentation).
     pub activations: u64,
     pub gradients: u64,
+    /// Other copies of the gradients: as the backward pass made them (before the optimizer's f32
+    /// cast), the data-parallel sums.
+    pub gradient_copies: u64,
     /// Values computed from the weights alone: FP8 copies, transposes.
     pub weight_copies: u64,
     /// The part of `weight_copies` computed from routed experts' weights (expert parallelism
@@ -258,6 +261,42 @@ pub fn measure(
             }
         }
     }
+    // The gradients' other copies: back from each through casts, sums over peers, scaling and
+    // accumulation (a tensor of the same size), to the node that computed it.
+    let mut copies: HashSet<ValueId> = HashSet::new();
+    for &d in &gradients {
+        let mut v = d;
+        loop {
+            let node = g.node(g.producer(v));
+            let numel = |x: ValueId| g.ty(x).known_numel();
+            let through = matches!(
+                node.op,
+                Op::Cast { .. }
+                    | Op::AllReduce { .. }
+                    | Op::Binary(_)
+                    | Op::Reshape { .. }
+                    | Op::Fused { .. }
+            );
+            let same: Vec<ValueId> = (node.inputs.iter().copied())
+                .filter(|&i| {
+                    g.ty(i).rank() > 0
+                        && numel(i) == numel(v)
+                        && !matches!(g.node(g.producer(i)).op, Op::Input { .. })
+                })
+                .collect();
+            match (through, same.as_slice()) {
+                (true, [u]) => {
+                    let u = root_of(*u);
+                    if gradients.contains(&u) || !copies.insert(u) {
+                        break;
+                    }
+                    v = u;
+                }
+                _ => break,
+            }
+        }
+    }
+
     // The outputs that update a trained weight's states, by the weight's name.
     let updates: HashMap<ValueId, &str> = (g.outputs().iter())
         .filter_map(|(name, v)| {
@@ -324,6 +363,8 @@ pub fn measure(
                 0
             } else if gradients.contains(&v) {
                 1
+            } else if copies.contains(&v) {
+                5
             } else if !data.contains(&v) && !optimizer(v) {
                 if experts.contains(&v) {
                     4
@@ -353,6 +394,7 @@ pub fn measure(
                 0 => peak.activations += bytes,
                 1 => peak.gradients += bytes,
                 2 => peak.weight_copies += bytes,
+                5 => peak.gradient_copies += bytes,
                 4 => {
                     peak.weight_copies += bytes;
                     peak.expert_copies += bytes;

@@ -244,7 +244,9 @@ impl Graph {
     ///   of it would hurry nothing;
     /// - a reduction that is the only reader of its operand, so that the operand dies at once
     ///   rather than when the reduction's turn comes (a train step's squared gradients, summed
-    ///   for the global norm, would otherwise all be alive at the end of the backward pass).
+    ///   for the global norm, would otherwise all be alive at the end of the backward pass);
+    /// - a KV cache's update, and the nodes only it reads (the latent's concat), whose operands
+    ///   then die at once (the update writes the cache's own storage).
     pub fn nodes(&self) -> Vec<NodeId> {
         let order = self.ordered(&[]);
         let collective = |i: usize| matches!(self.dag[NodeIndex::new(i)].op, Op::AllReduce { .. });
@@ -254,12 +256,21 @@ impl Graph {
                 && node.inputs.iter().all(|&v| self.users(v) == [NodeId(i as u32)])
         };
         let mut urgent = vec![false; self.dag.node_bound()];
-        let mut any = false;
+        // A KV cache's update, and what only it reads (the latent's concat), as soon as ready: its
+        // operands die at once and its result is the cache's own storage.
+        for &n in order.iter().rev() {
+            let i = NodeIndex::new(n.0 as usize);
+            let mut users =
+                self.dag.edges_directed(i, Direction::Outgoing).map(|e| e.target().index()).peekable();
+            urgent[i.index()] = matches!(self.dag[i].op, Op::CacheUpdate)
+                || (users.peek().is_some() && users.all(|u| urgent[u]));
+        }
+        let mut any = urgent.iter().any(|&u| u);
         for &n in &order {
             let i = NodeIndex::new(n.0 as usize);
             let mut users =
                 self.dag.edges_directed(i, Direction::Outgoing).map(|e| e.target().index()).peekable();
-            urgent[i.index()] = collective(i.index())
+            urgent[i.index()] |= collective(i.index())
                 || (users.peek().is_some() && users.all(collective))
                 || shrinks(i.index());
             any |= urgent[i.index()];

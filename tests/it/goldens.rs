@@ -367,5 +367,46 @@ fn fp8_quantisation_with_ragged_tiles_matches_pytorch_bit_for_bit() {
             );
         }
         eprintln!("{name}: {} scales and {} codes equal PyTorch's", scales.len(), codes.len());
+
+        // Wgrad's 128x1 tiles along the tokens are the same rule on the transposed operand: a
+        // 1x128 case, transposed, pins them against PyTorch too (ragged tiles included).
+        if !(shape.len() == 2 && block == [1, 128]) {
+            continue;
+        }
+        let (m, k) = (shape[0] as usize, shape[1] as usize);
+        let (sm, sk) = (sshape[0] as usize, sshape[1] as usize);
+        let src = format!(
+            "graph @q {{\n  %0 = input {{name = \"x\"}} : f32[{k}, {m}]\n  %1, %2 = quantize %0 {{to = f8e4m3, block = [128, 1], \
+             amax_floor = {floor}, pow2_scale = {pow2}}} : f8e4m3[{k}, {m}], f32[{sk}, {sm}]\n  output \"q\" = %1\n  output \"s\" = %2\n}}\n",
+            floor = golden["amax_floor"],
+            pow2 = case["pow2"],
+        );
+        let g = kiln_ir::parse(&src).unwrap_or_else(|e| panic!("{name}, transposed: {e}"));
+        let x: Vec<f32> = serde_json::from_value(case["x"].clone()).unwrap();
+        let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+        let feeds = std::collections::HashMap::from([(
+            "x".to_string(),
+            kiln_ir::interp::Tensor::from_f32(kiln_ir::DType::F32, vec![k as u64, m as u64], xt).unwrap(),
+        )]);
+        let out = kiln_ir::interp::run(&g, &feeds, &std::collections::HashMap::new()).unwrap();
+        let got_s = out["s"].as_f32().unwrap();
+        for (i, a) in got_s.iter().enumerate() {
+            let b = scales[(i % sm) * sk + i / sm];
+            assert_eq!(a.to_bits(), b.to_bits(), "{name}, 128x1: scale {i}: kiln {a:e}, torch {b:e}");
+        }
+        let got_q = out["q"].as_f32().unwrap();
+        for (i, a) in got_q.iter().enumerate() {
+            let c = codes[(i % m) * k + i / m];
+            assert_eq!(
+                a.to_bits(),
+                decode(c).to_bits(),
+                "{name}, 128x1: element {i}: kiln {a:e}, torch code {c:#04x}"
+            );
+        }
+        eprintln!(
+            "{name}, transposed into 128x1 tiles: {} scales and {} codes equal PyTorch's",
+            got_s.len(),
+            got_q.len()
+        );
     }
 }

@@ -195,11 +195,22 @@ impl Quantizer {
             trace.fire(SHARE_QUANTIZE);
             return Ok(d);
         }
-        let spec = QuantSpec { block: block.clone(), amax_floor: AMAX_FLOOR, pow2_scale: self.pow2_scale };
-        let qs = rw.op(Op::Quantize { to: DType::F8E4M3, spec }, &[v], scope)?;
-        let d = rw.op1(Op::Dequantize { to: DType::F32, block: block.clone() }, &qs, scope)?;
+        let d = self.round_trip(rw, v, block.clone(), scope)?;
         self.shared.insert((v, block), d);
         Ok(d)
+    }
+
+    /// `dequantize_f32(quantize(v))` in `block`s, a fresh copy.
+    fn round_trip(
+        &self,
+        rw: &mut Rewriter,
+        v: ValueId,
+        block: Vec<u64>,
+        scope: Option<&str>,
+    ) -> Result<ValueId, PassError> {
+        let spec = QuantSpec { block: block.clone(), amax_floor: AMAX_FLOOR, pow2_scale: self.pow2_scale };
+        let qs = rw.op(Op::Quantize { to: DType::F8E4M3, spec }, &[v], scope)?;
+        rw.op1(Op::Dequantize { to: DType::F32, block }, &qs, scope)
     }
 
     /// The FP8 copy of trainable weight `w` (a value of the old graph), in weight blocks.
@@ -229,10 +240,7 @@ impl Quantizer {
     ) -> Result<ValueId, PassError> {
         let nw = rw.get(w)?;
         trace.fire(WEIGHT_RECOMPUTED);
-        let block = self.weight_block.clone();
-        let spec = QuantSpec { block: block.clone(), amax_floor: AMAX_FLOOR, pow2_scale: self.pow2_scale };
-        let qs = rw.op(Op::Quantize { to: DType::F8E4M3, spec }, &[nw], scope)?;
-        rw.op1(Op::Dequantize { to: DType::F32, block }, &qs, scope)
+        self.round_trip(rw, nw, self.weight_block.clone(), scope)
     }
 }
 
