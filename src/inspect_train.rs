@@ -405,6 +405,9 @@ pub fn run(req: &Request) -> Result<String> {
     if req.dp == 0 || req.pp == 0 || req.ep == 0 {
         bail!("--dp, --pp and --ep must be at least 1");
     }
+    if req.pp == 1 && (req.schedule.is_some() || req.micro_batches.is_some()) {
+        bail!("--schedule and --micro-batches place a pipeline: they need --pp 2 or more");
+    }
     if req.zero1 && req.dp < 2 {
         bail!("--zero1 splits AdamW's states over the data-parallel replicas: it needs --dp 2 or more");
     }

@@ -171,4 +171,6 @@ fn kiln_inspect_train_counts_each_kind_of_layer_once() {
     assert!(!r.ok && r.stderr.contains("divisor"), "{}", r.stderr);
     let r = kiln(&["inspect", "--train", "models/tiny_fp8.toml", "--zero1"]);
     assert!(!r.ok && r.stderr.contains("--dp 2"), "{}", r.stderr);
+    let r = kiln(&["inspect", "--train", "models/tiny_fp8.toml", "--schedule", "1f1b"]);
+    assert!(!r.ok && r.stderr.contains("--pp 2"), "{}", r.stderr);
 }
