@@ -245,6 +245,12 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f32[7*T, 19]", "i32[4]", "f32[6, 19]", "f32[6, 19]", "f32[6, 19]"],
             (-1.0, 1.0),
         ),
+        // The same blocks on bf16 operands, widened as they load (a bf16 train step's experts).
+        (
+            Op::GroupedLinear { num_experts: 3 },
+            vec!["bf16[7*T, 19]", "i32[4]", "bf16[6, 19]", "bf16[6, 19]", "bf16[6, 19]"],
+            (-1.0, 1.0),
+        ),
         (Op::MoeCombine { top_k: 2 }, vec!["bf16[2*T, 8]", "i32[2*T]", "f32[T, 2]"], (-2.0, 2.0)),
         (Op::MoeCombine { top_k: 3 }, vec!["f32[3*T, 5]", "i64[3*T]", "f32[T, 3]"], (-2.0, 2.0)),
         (quantize(&[1, 16], false), vec!["f32[B, T, 40]"], (-3.0, 3.0)),

@@ -67,6 +67,21 @@ impl Frame<'_> {
         }
     }
 
+    /// `vector<8xf32>` from 8 consecutive elements at `idx` of a 1-D memref value `view` of
+    /// `dtype` elements (`memref<?x{storage}>`, a buffer chosen at run time, such as one expert's
+    /// weight).
+    fn load_view_vec(&mut self, view: &Value, dtype: DType, idx: &Value) -> Value {
+        let e = super::storage_type(dtype);
+        let memref = format!("memref<?x{e}>");
+        match dtype {
+            DType::F16 | DType::BF16 => {
+                let v = self.b.op("wv", format_args!("vector.load {view}[{idx}] : {memref}, vector<8x{e}>"));
+                self.b.op("wv", format_args!("arith.extf {v} : vector<8x{e}> to {VEC}"))
+            }
+            _ => self.b.op("wv", format_args!("vector.load {view}[{idx}] : {memref}, {VEC}")),
+        }
+    }
+
     fn store_vec(&mut self, buf: usize, idx: &Value, v: &Value) {
         let (view, memref, dtype) =
             (self.bufs[buf].view.clone(), self.bufs[buf].memref.clone(), self.bufs[buf].ty.dtype);
@@ -348,10 +363,11 @@ pub(super) fn grouped_with(
             }
         }
         let fzero = f.b.f32(0.0);
-        // Plain f32 operands: vectors of 8 along K, then the scalar loop below finishes the tail.
+        // Plain float operands (f32, or f16/bf16 widened as they load): vectors of 8 along K, then
+        // the scalar loop below finishes the tail.
         let vector = f.target == Target::Cpu
-            && matches!(x, Operand::Plain(b) if f.bufs[*b].ty.dtype == DType::F32)
-            && reads.iter().all(|(_, dtype, scales)| *dtype == DType::F32 && scales.is_none());
+            && matches!(x, Operand::Plain(b) if vector_float(f.bufs[*b].ty.dtype))
+            && reads.iter().all(|(_, dtype, scales)| vector_float(*dtype) && scales.is_none());
         let (tail, inits): (Value, Vec<(Value, &str)>) = if vector {
             let vl = f.b.index(VL);
             let kq = f.b.divui(&k, &vl);
@@ -367,9 +383,8 @@ pub(super) fn grouped_with(
                 reads
                     .iter()
                     .zip(acc)
-                    .map(|((view, _, _), a)| {
-                        let wv =
-                            f.b.op("wv", format_args!("vector.load {view}[{wi}] : memref<?xf32>, {VEC}"));
+                    .map(|((view, dtype, _), a)| {
+                        let wv = f.load_view_vec(view, *dtype, &wi);
                         f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
                     })
                     .collect()
@@ -415,13 +430,21 @@ pub(super) fn grouped_with(
         let at = f.b.addi(&mn, col);
         store(f, &at, &ys);
     };
-    // Plain f32 operands on the CPU: the 4-row block of [`grouped_block`].
+    // Plain float operands on the CPU: the 4-row block of [`grouped_block`].
     let block_rows = f.target == Target::Cpu
-        && matches!(x, Operand::Plain(b) if f.bufs[*b].ty.dtype == DType::F32)
+        && matches!(x, Operand::Plain(b) if vector_float(f.bufs[*b].ty.dtype))
         && weights
             .iter()
             .flatten()
-            .all(|w| matches!(w, Operand::Plain(b) if f.bufs[*b].ty.dtype == DType::F32));
+            .all(|w| matches!(w, Operand::Plain(b) if vector_float(f.bufs[*b].ty.dtype)));
+    // The dtype of each GEMM's weights (one per view of [`grouped_block`]).
+    let weight_dtypes: Vec<DType> = weights
+        .iter()
+        .map(|ws| match ws[0] {
+            Operand::Plain(b) => f.bufs[b].ty.dtype,
+            Operand::Fp8 { .. } => DType::F8E4M3,
+        })
+        .collect();
     Ok(match f.target {
         Target::Cpu if block_rows => {
             // Rows come sorted by expert: [`GROUP_MR`] consecutive rows of one expert share each
@@ -446,7 +469,7 @@ pub(super) fn grouped_with(
                 if_then(f, &block, |f| {
                     row(f, m0, &|f, m0, _, views| {
                         for_loop(f, &zero, &n, &one, |f, col| {
-                            grouped_block(f, xb, (m0, col), (&n, &k), views, store);
+                            grouped_block(f, xb, (m0, col), (&n, &k), (views, &weight_dtypes), store);
                         });
                     });
                 });
@@ -492,19 +515,26 @@ pub(super) fn grouped_with(
     })
 }
 
+/// Whether the CPU's vector GEMM paths take operands of `dtype` (they widen f16 and bf16 to f32
+/// as they load; FP8 codes go through the scalar path with their scales).
+pub(super) fn vector_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// Rows of one expert per CPU register block of a grouped GEMM.
 const GROUP_MR: usize = 4;
 
 /// Output column `col` of rows `m0 .. m0 + GROUP_MR` (all of one expert, whose weights `views`
-/// holds, one per GEMM, f32 `[N, K]` flat) of f32 input `x` (`[M, K]`): `GROUP_MR` vector
-/// accumulators per GEMM along `K`, each weight vector loaded once for the block, a horizontal
-/// sum and a scalar tail; each row's sums go to `store`.
+/// holds, one per GEMM, `[N, K]` flat, of `dtypes`) of input `x` (`[M, K]`), f32, f16 or bf16
+/// (widened to f32 as they load): `GROUP_MR` vector accumulators per GEMM along `K`, each weight
+/// vector loaded once for the block, a horizontal sum and a scalar tail; each row's sums go to
+/// `store`.
 fn grouped_block(
     f: &mut Frame,
     xb: usize,
     (m0, col): (&Value, &Value),
     (n, k): (&Value, &Value),
-    views: &[Value],
+    (views, dtypes): (&[Value], &[DType]),
     store: Store,
 ) {
     let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
@@ -524,10 +554,8 @@ fn grouped_block(
     let inits: Vec<(Value, &str)> = (0..GROUP_MR * g).map(|_| (zero_v.clone(), VEC)).collect();
     let accs = for_carry(f, &zero, &kvec, &vl, &inits, |f, i, acc| {
         let wi = f.b.addi(&wstart, i);
-        let wv: Vec<Value> = views
-            .iter()
-            .map(|view| f.b.op("wv", format_args!("vector.load {view}[{wi}] : memref<?xf32>, {VEC}")))
-            .collect();
+        let wv: Vec<Value> =
+            views.iter().zip(dtypes).map(|(view, &dtype)| f.load_view_vec(view, dtype, &wi)).collect();
         let mut out = Vec::with_capacity(acc.len());
         for (r, base) in xbase.iter().enumerate() {
             let xi = f.b.addi(base, i);
@@ -549,8 +577,14 @@ fn grouped_block(
         .collect();
     let dots = for_carry(f, &kvec, k, &one, &sums, |f, i, acc| {
         let wi = f.b.addi(&wstart, i);
-        let wv: Vec<Value> =
-            views.iter().map(|view| f.load_view(view, "memref<?xf32>", DType::F32, &wi)).collect();
+        let wv: Vec<Value> = views
+            .iter()
+            .zip(dtypes)
+            .map(|(view, &dtype)| {
+                let memref = format!("memref<?x{}>", super::storage_type(dtype));
+                f.load_view(view, &memref, dtype, &wi)
+            })
+            .collect();
         let mut out = Vec::with_capacity(acc.len());
         for (r, base) in xbase.iter().enumerate() {
             let xi = f.b.addi(base, i);

@@ -45,6 +45,7 @@ use kiln_ir::op::{Dispatch, GroupScore, Router, Scoring};
 use kiln_ir::{DType, Dim, UnaryOp};
 
 use super::elementwise::each_element;
+use super::matmul::vector_float;
 use super::{compute_type, Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then, index_switch, Value};
 
@@ -613,9 +614,10 @@ pub(super) fn expert_of_row(
 
 pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchShape, LowerError> {
     let x = f.bufs[0].ty.shape.clone();
-    // f32 on the CPU: the register-blocked rows of `matmul::grouped_with`.
-    let f32s = (0..2 + num_experts as usize).filter(|&b| b != 1).all(|b| f.bufs[b].ty.dtype == DType::F32);
-    if f.target == Target::Cpu && f32s {
+    // Float operands on the CPU (f32, or f16/bf16 widened as they load): the register-blocked
+    // rows of `matmul::grouped_with`.
+    let floats = (0..2 + num_experts as usize).filter(|&b| b != 1).all(|b| vector_float(f.bufs[b].ty.dtype));
+    if f.target == Target::Cpu && floats {
         use super::matmul::{grouped_with, Operand};
         let out = 2 + num_experts as usize;
         let weights = vec![(2..out).map(Operand::Plain).collect::<Vec<_>>()];
@@ -638,34 +640,12 @@ pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchSh
         let (w, _) = pick_buffers(f, &e, e_count, (2, 1, 1), &|_| 0);
         (valid, w.into_iter().next().expect("one buffer"))
     };
-    // f32 rows on the CPU: vectors of 8 along K, then the scalar loop finishes the tail.
-    let vector = f.target == Target::Cpu && dtype == DType::F32 && f.bufs[0].ty.dtype == DType::F32;
     let element = |f: &mut Frame, m: &Value, col: &Value, valid: &Value, w: &Value| {
         let xb = f.b.muli(m, &kd);
         let wb = f.b.muli(col, &kd);
         let fzero = f.b.f32(0.0);
-        let (tail, init) = if vector {
-            let vec = "vector<8xf32>";
-            let vl = f.b.index(8);
-            let kq = f.b.divui(&kd, &vl);
-            let kvec = f.b.muli(&kq, &vl);
-            let zero_v = f.b.constant("dense<0.0>", vec);
-            let (xview, xmem) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone());
-            let acc = for_carry(f, &zero, &kvec, &vl, &[(zero_v, vec)], |f, i, acc| {
-                let xi = f.b.addi(&xb, i);
-                let xv = f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmem}, {vec}"));
-                let wi = f.b.addi(&wb, i);
-                let wv = f.b.op("wv", format_args!("vector.load {w}[{wi}] : {elem_view}, {vec}"));
-                vec![f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {} : {vec}", acc[0]))]
-            })
-            .remove(0);
-            let sum =
-                f.b.op("s", format_args!("vector.reduction <add>, {acc} fastmath<reassoc> : {vec} into f32"));
-            (kvec, sum)
-        } else {
-            (zero.clone(), fzero.clone())
-        };
-        let dot = for_carry(f, &tail, &kd, &one, &[(init, "f32")], |f, i, acc| {
+        // Scalar loads and FMAs along K (FP8 weights on the CPU, every dtype on the GPU).
+        let dot = for_carry(f, &zero, &kd, &one, &[(fzero.clone(), "f32")], |f, i, acc| {
             let xi = f.b.addi(&xb, i);
             let xv = f.load(0, &xi);
             let wi = f.b.addi(&wb, i);
