@@ -8,7 +8,8 @@
 //!   no recomputation, no FP8: the usual mixed-precision AdamW step;
 //! - **recipe**: DeepSeek-V3's (§3.3): BF16 moments, recomputation of RMSNorm and the MLA
 //!   up-projections, and with `--fp8` (or a spec with `[quantization]`) FP8 GEMMs with f32 master
-//!   weights and gradients. Its activations are also counted without recomputation (a third
+//!   weights and gradients, and the attention output and SwiGLU inputs kept for the backward pass
+//!   in FP8 (`cache-activations`). Its activations are also counted without recomputation (a third
 //!   compile), so the table shows what recomputation saves.
 //!
 //! A model with more decoder layers than it has kinds of layer is compiled with one layer of each
@@ -172,7 +173,7 @@ fn measure(spec: &ModelSpec, req: &Request, moments: DType, recompute: bool) -> 
         score: false,
         ..pack::Options::new(kiln_compiler::target::Targets::Cpu, req.micro_batch, req.t())
     };
-    let mut passes = crate::train::Passes { skip: (!recompute).then_some("rematerialize") };
+    let mut passes = crate::train::Passes { skip: if recompute { vec![] } else { vec!["rematerialize"] } };
     let Planned { module, programs, .. } =
         pack::plan(pack::Source::Spec(spec.clone()), &options, &mut passes)?;
     let i = (module.programs.iter())

@@ -614,6 +614,11 @@ struct TrainArgs {
     /// computation; the results are the same.
     #[arg(long)]
     no_recompute: bool,
+    /// Keep the attention outputs and SwiGLU inputs the backward pass reads in the model's dtype
+    /// instead of FP8 (the `cache-activations` pass, DeepSeek-V3 §3.3.3): more memory, and the
+    /// backward pass computes with them unrounded; the rest of the FP8 recipe is unchanged.
+    #[arg(long)]
+    no_fp8_cache: bool,
     /// Data-parallel replicas: run under `mpirun -n N`, each process trains on batch / N rows of
     /// every batch and the gradients are summed over MPI (the same steps as one process).
     #[arg(long, value_name = "N")]
@@ -719,6 +724,7 @@ fn train_request<'a>(
         dist: None,
         zero1: a.zero1,
         recompute: !a.no_recompute,
+        fp8_cache: !a.no_fp8_cache,
         fp8: match (a.fp8, a.no_fp8) {
             (true, _) => Some(true),
             (_, true) => Some(false),

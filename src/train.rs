@@ -356,14 +356,14 @@ pub fn epoch_order(rows: usize, seed: Option<u64>, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// Runs every pass but `skip`.
+/// Runs every pass but those in `skip`.
 pub(crate) struct Passes {
-    pub(crate) skip: Option<&'static str>,
+    pub(crate) skip: Vec<&'static str>,
 }
 
 impl kiln_compiler::pack::Observer for Passes {
     fn runs_pass(&mut self, pass: &str) -> bool {
-        self.skip != Some(pass)
+        !self.skip.contains(&pass)
     }
 }
 
@@ -418,9 +418,24 @@ pub struct Request<'a> {
     /// Whether the compiled step recomputes norms and up-projections in the backward pass
     /// (`--no-recompute` says no).
     pub recompute: bool,
+    /// Whether the FP8 step keeps the attention outputs and SwiGLU inputs for the backward pass in
+    /// FP8 (`--no-fp8-cache` says no).
+    pub fp8_cache: bool,
 }
 
 impl Request<'_> {
+    /// The passes `--no-recompute` and `--no-fp8-cache` turn off.
+    fn skipped_passes(&self) -> Vec<&'static str> {
+        let mut skip = Vec::new();
+        if !self.recompute {
+            skip.push("rematerialize");
+        }
+        if !self.fp8_cache {
+            skip.push("cache-activations");
+        }
+        skip
+    }
+
     /// How many micro-batches each step's batch is split into (1: not split).
     fn micro_batches(&self) -> Result<usize> {
         let batch = self.local_batch()?;
@@ -525,6 +540,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             req.model.display()
         );
     }
+    if artifact && !req.fp8_cache {
+        bail!(
+            "{}: the artifact's train step is compiled already; --no-fp8-cache applies to a model spec or \
+             Hugging Face folder (or compile it with `kiln compile --train --disable-pass cache-activations`)",
+            req.model.display()
+        );
+    }
     if artifact && req.fp8.is_some() {
         let has = if spec.quantization.is_some() { "with" } else { "without" };
         bail!(
@@ -614,12 +636,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let micro_batches = req.micro_batches()?;
     let mut programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1, false)?;
     if spec.quantization.is_some() {
-        // FP8 training: the interpreter runs the step with the GEMMs' FP8 numerics, as compiled.
+        // FP8 training: the interpreter runs the step with the GEMMs' FP8 numerics and the FP8
+        // activation caches, as compiled.
         use kiln_compiler::passes::run_until;
         use kiln_ir::ProgramKind;
-        run_until(&mut programs.step, &spec, ProgramKind::TrainStep, "insert-fp8-casts")?;
+        let last = if req.fp8_cache { "cache-activations" } else { "insert-fp8-casts" };
+        run_until(&mut programs.step, &spec, ProgramKind::TrainStep, last)?;
         if let Some(acc) = &mut programs.accumulate {
-            run_until(acc, &spec, ProgramKind::Accumulate, "insert-fp8-casts")?;
+            run_until(acc, &spec, ProgramKind::Accumulate, last)?;
         }
     }
     let states = programs.states.clone();
@@ -1116,7 +1140,7 @@ fn compiled(
         let artifact = pack::compile(
             pack::Source::Spec(spec.clone()),
             &options,
-            &mut Passes { skip: (!req.recompute).then_some("rematerialize") },
+            &mut Passes { skip: req.skipped_passes() },
         )?;
         pack::write(&artifact, &dir)?;
         writeln!(

@@ -176,7 +176,7 @@ fn passes_and_after() {
     assert_eq!(
         unknown.stderr.trim(),
         "error: unknown pass `fuse-everything`; the passes are: fuse-mla-latent, plan-moe-dispatch, \
-         rematerialize, insert-fp8-casts, dce, fuse-kernels"
+         rematerialize, insert-fp8-casts, cache-activations, dce, fuse-kernels"
     );
 }
 

@@ -12,13 +12,14 @@
 use std::collections::HashSet;
 
 use kiln_compiler::build::TrainLosses;
+use kiln_compiler::passes::cache_activations;
 use kiln_compiler::passes::insert_fp8_casts::{self, train as fp8, FP8_LINEARS};
 use kiln_compiler::passes::{run_until, Options};
 use kiln_compiler::train::{program, Optimizer};
-use kiln_ir::{GemmForm, Graph, Op, ProgramKind, ValueId};
+use kiln_ir::{GemmForm, Graph, NodeId, Op, ProgramKind, UnaryOp, ValueId};
 use kiln_runtime::weights::{self, StDType};
 
-use crate::util::{kiln, root, Scratch};
+use crate::util::{kiln, root, train_arena, Scratch};
 
 const RAGGED: &str = "tests/specs/tiny_fp8_ragged.toml";
 
@@ -133,6 +134,125 @@ fn the_train_step_runs_all_three_gemms_of_every_fp8_linear_in_fp8() {
     }
 }
 
+/// A train step's forward pass: what its `loss` output depends on.
+fn forward_pass(g: &Graph) -> HashSet<NodeId> {
+    let loss = g.outputs().iter().find(|(n, _)| n == "loss").expect("a loss output").1;
+    let mut seen = HashSet::new();
+    let mut stack = vec![g.producer(loss)];
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(g.node(n).inputs.iter().map(|&v| g.producer(v)));
+        }
+    }
+    seen
+}
+
+#[test]
+fn the_backward_pass_reads_attention_outputs_and_swiglu_inputs_from_fp8_copies() {
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny_fp8.toml")).unwrap();
+    let losses = TrainLosses { mtp_lambda: 0.3, ..TrainLosses::default() };
+    let step = program(&spec, &losses, &Optimizer::default(), false, false).unwrap().step;
+    let mut g = step.clone();
+    run_until(&mut g, &spec, ProgramKind::TrainStep, "insert-fp8-casts").unwrap();
+    // One cache per attention layer (MTP's too), one per SwiGLU of a dense MLP or shared expert.
+    let inputs: Vec<String> = (g.nodes().into_iter())
+        .filter_map(|n| match &g.node(n).op {
+            // The trained weights (not their master copies or moments).
+            Op::Input { name } if name.starts_with("model.") => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    let count = |f: &dyn Fn(&str) -> bool| inputs.iter().filter(|n| f(n)).count();
+    let o_projs = count(&|n| n.ends_with("self_attn.o_proj.weight"));
+    let swiglus =
+        count(&|n| n.ends_with(".mlp.down_proj.weight") || n.ends_with(".shared_experts.down_proj.weight"));
+    assert!(o_projs == 5 && swiglus == 5, "{o_projs} o_proj and {swiglus} SwiGLUs");
+    let opts = Options::of_kind(&spec, ProgramKind::TrainStep);
+    let trace = cache_activations::rewrite(&mut g, &opts).unwrap();
+    println!("{trace}");
+    assert_eq!(trace.count(cache_activations::ATTN_OUT), o_projs, "{trace}");
+    assert_eq!(trace.count(cache_activations::SWIGLU), swiglus, "{trace}");
+    kiln_ir::verify::verify(&g).unwrap();
+
+    let forward = forward_pass(&g);
+    // Read outside the forward pass by anything but a quantisation (the FP8 caches are made
+    // beside their values, but only the backward pass reads them, so they are not the loss's
+    // ancestry).
+    let backward_reads = |v: ValueId| {
+        g.users(v).into_iter().any(|u| !forward.contains(&u) && !matches!(g.node(u).op, Op::Quantize { .. }))
+    };
+    let (mut attn, mut silus) = (0, 0);
+    for n in g.nodes().into_iter().filter(|n| forward.contains(n)) {
+        let node = g.node(n);
+        match node.op {
+            // o_proj's input dies in the forward pass: the backward pass dequantises its Fprop
+            // operand, whose 1x128 tiles have power-of-two scales.
+            Op::PromotedGemm { .. } => {
+                let w = g.node(g.producer(node.inputs[1])).inputs[0];
+                let w = g.node(g.producer(w)).inputs[0];
+                let o_proj = matches!(&g.node(g.producer(w)).op, Op::Input { name } if name.ends_with("o_proj.weight"));
+                if !o_proj {
+                    continue;
+                }
+                let q = g.producer(g.node(g.producer(node.inputs[0])).inputs[0]);
+                let Op::Quantize { spec: qs, .. } = &g.node(q).op else {
+                    panic!("o_proj reads {:?}", g.node(q).op)
+                };
+                assert!(qs.pow2_scale, "o_proj's input tiles: power-of-two scales");
+                let x = g.node(q).inputs[0];
+                assert!(!backward_reads(x), "the backward pass reads o_proj's input in high precision");
+                let codes = g.node(q).results[0];
+                let dequantised = g
+                    .users(codes)
+                    .into_iter()
+                    .any(|u| !forward.contains(&u) && matches!(g.node(u).op, Op::Dequantize { .. }));
+                assert!(dequantised, "the backward pass reads o_proj's FP8 input");
+                attn += 1;
+            }
+            // No SwiGLU value (gate, silu, up, product) of the forward pass reaches the backward
+            // pass: the routed experts' never did (the backward recomputes their FFN), the others'
+            // are recomputed from FP8 copies of gate and up.
+            Op::Unary(UnaryOp::Silu) => {
+                let (gate, s) = (node.inputs[0], node.results[0]);
+                let mut values = vec![gate, s];
+                for m in g.users(s) {
+                    values.extend(g.node(m).inputs.iter().copied());
+                    values.extend(g.node(m).results.iter().copied());
+                }
+                let kept: Vec<ValueId> = values.into_iter().filter(|&v| backward_reads(v)).collect();
+                assert!(
+                    kept.is_empty(),
+                    "{kept:?} of the SwiGLU in {:?} kept for the backward pass",
+                    node.scope
+                );
+                silus += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((attn, silus), (o_projs, swiglus + 4), "o_projs; SwiGLUs (4 routed)");
+
+    // Nothing on a step without [quantization], or on a forward program.
+    let plain = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let mut p = program(&plain, &losses, &Optimizer::default(), false, false).unwrap().step;
+    run_until(&mut p, &plain, ProgramKind::TrainStep, "insert-fp8-casts").unwrap();
+    let none = cache_activations::rewrite(&mut p, &Options::of_kind(&plain, ProgramKind::TrainStep)).unwrap();
+    assert_eq!(none.count(cache_activations::ATTN_OUT) + none.count(cache_activations::SWIGLU), 0);
+    let mut f = kiln_compiler::build::build_graph(&spec).unwrap();
+    run_until(&mut f, &spec, ProgramKind::Forward, "insert-fp8-casts").unwrap();
+    let none = cache_activations::rewrite(&mut f, &Options::of_kind(&spec, ProgramKind::Forward)).unwrap();
+    assert_eq!(none.count(cache_activations::ATTN_OUT) + none.count(cache_activations::SWIGLU), 0);
+
+    // The compiled step's arena, with and without.
+    let s = Scratch::new();
+    let (with, without) = (
+        train_arena(&s, "models/tiny_fp8.toml", "on", &[]),
+        train_arena(&s, "models/tiny_fp8.toml", "off", &["--disable-pass", "cache-activations"]),
+    );
+    println!("FP8 train step arena at 8 x 256 tokens: {with} B with the FP8 caches, {without} B without");
+    assert!(with < without, "the FP8 caches save memory: {with} vs {without}");
+}
+
 /// The losses a run logged.
 fn losses(dir: &std::path::Path) -> Vec<f64> {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
@@ -157,7 +277,13 @@ fn kiln_train_fp8_agrees_with_the_interpreter_and_checkpoints_in_deepseeks_layou
     run(&["--steps", "2", "--out", &c]);
     run(&["--steps", "2", "--out", &i, "--interp"]);
     run(&["--steps", "2", "--out", &b, "--no-fp8"]);
+    run(&["--steps", "2", "--out", &s.str("n"), "--no-fp8-cache"]);
     let (lc, li, lb) = (losses(&s.path("c")), losses(&s.path("i")), losses(&s.path("b")));
+    // Without the FP8 activation caches (`cache-activations`): the same recipe but for o_proj's
+    // power-of-two tiles and the backward pass's unrounded activations, so close but not equal.
+    for (c, n) in lc.iter().zip(losses(&s.path("n"))) {
+        assert!(*c != n && (c - n).abs() < 1e-3 * n.abs(), "with caches {c}, without {n}");
+    }
     assert_eq!(lc.len(), 2);
     for ((c, i), b) in lc.iter().zip(&li).zip(&lb) {
         println!("loss: FP8 compiled {c}, FP8 interpreter {i}, without FP8 {b}");

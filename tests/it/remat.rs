@@ -8,7 +8,7 @@ use kiln_compiler::passes::{run_until, Options};
 use kiln_compiler::train::{program, Optimizer};
 use kiln_ir::{Op, ProgramKind};
 
-use crate::util::{kiln, root, Scratch};
+use crate::util::{kiln, root, train_arena, Scratch};
 
 #[test]
 fn recomputed_norms_and_up_projections_change_no_result_and_shrink_the_arena() {
@@ -40,17 +40,10 @@ fn recomputed_norms_and_up_projections_change_no_result_and_shrink_the_arena() {
 
     // The arena of the compiled step, with and without.
     let s = Scratch::new();
-    let arena = |name: &str, extra: &[&str]| -> u64 {
-        let out = s.str(name);
-        let base = ["compile", "models/tiny.toml", "--train", "--target", "cpu", "--max-batch", "8"];
-        let r = kiln(&[&base[..], &["--max-context", "256", "-o", &out], extra].concat());
-        assert!(r.ok, "{}", r.stderr);
-        let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(s.path(name).join("manifest.json")).unwrap())
-                .unwrap();
-        m["programs"][0]["arena_bytes"].as_u64().unwrap()
-    };
-    let (with, without) = (arena("on", &[]), arena("off", &["--disable-pass", "rematerialize"]));
+    let (with, without) = (
+        train_arena(&s, "models/tiny.toml", "on", &[]),
+        train_arena(&s, "models/tiny.toml", "off", &["--disable-pass", "rematerialize"]),
+    );
     println!("train step arena at 8 x 256 tokens: {with} B recomputing, {without} B keeping");
     assert!(with * 10 < without * 9, "recomputation saves at least 10%: {with} vs {without}");
 

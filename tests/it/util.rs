@@ -123,6 +123,18 @@ impl Scratch {
     }
 }
 
+/// The activation arena of `spec`'s train step compiled for the CPU at 8 x 256 tokens (into
+/// `name` under `s`), with `kiln compile`'s `extra` arguments.
+pub fn train_arena(s: &Scratch, spec: &str, name: &str, extra: &[&str]) -> u64 {
+    let out = s.str(name);
+    let base = ["compile", spec, "--train", "--target", "cpu", "--max-batch", "8"];
+    let r = kiln(&[&base[..], &["--max-context", "256", "-o", &out], extra].concat());
+    assert!(r.ok, "{}", r.stderr);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path(name).join("manifest.json")).unwrap()).unwrap();
+    m["programs"][0]["arena_bytes"].as_u64().unwrap()
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);

@@ -14,6 +14,7 @@ use kiln_ir::{Graph, ModelSpec};
 
 use crate::target::Targets;
 
+pub mod cache_activations;
 pub mod dce;
 pub mod fuse_kernels;
 pub mod fuse_mla_latent;
@@ -96,6 +97,13 @@ pub const PASSES: &[PassInfo] = &[
         name: "insert-fp8-casts",
         summary: "FP8 weights with block scales and quantised GEMM inputs, from [quantization]",
         run: insert_fp8_casts::run,
+    },
+    // After insert-fp8-casts: it caches the FP8 copies that pass made.
+    PassInfo {
+        name: "cache-activations",
+        summary:
+            "on an FP8 train step, keep the attention output and SwiGLU inputs for the backward pass in FP8",
+        run: cache_activations::run,
     },
     // Last, so that it cleans up after every rewrite before it.
     PassInfo { name: "dce", summary: "remove nodes whose results reach no output", run: dce::run },

@@ -106,17 +106,7 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     if !matches!(opts.kind, ProgramKind::TrainStep | ProgramKind::Accumulate) {
         return Ok(trace);
     }
-    let Some(&(_, loss)) = graph.outputs().iter().find(|(n, _)| n == "loss") else {
-        return Ok(trace);
-    };
-    // The forward pass: the loss's ancestry.
-    let mut forward: HashSet<NodeId> = HashSet::new();
-    let mut stack = vec![graph.producer(loss)];
-    while let Some(n) = stack.pop() {
-        if forward.insert(n) {
-            stack.extend(graph.node(n).inputs.iter().map(|&v| graph.producer(v)));
-        }
-    }
+    let Some(forward) = forward_pass(graph) else { return Ok(trace) };
     // The recomputed nodes, in forward order: the rules' nodes, and the nodes between an
     // up-projection and attention.
     let order = graph.nodes();
@@ -196,6 +186,19 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
         }
     }
     Ok(trace)
+}
+
+/// A train step's forward pass: the nodes the output `loss` depends on (`None` without one).
+pub(super) fn forward_pass(graph: &Graph) -> Option<HashSet<NodeId>> {
+    let &(_, loss) = graph.outputs().iter().find(|(n, _)| n == "loss")?;
+    let mut forward: HashSet<NodeId> = HashSet::new();
+    let mut stack = vec![graph.producer(loss)];
+    while let Some(n) = stack.pop() {
+        if forward.insert(n) {
+            stack.extend(graph.node(n).inputs.iter().map(|&v| graph.producer(v)));
+        }
+    }
+    Some(forward)
 }
 
 /// The nodes `v` depends on, its producer included.

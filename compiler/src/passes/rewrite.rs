@@ -52,12 +52,18 @@ impl<'g> Rewriter<'g> {
 
     /// Copies the old node `n` unchanged: same op, scope and result types, operands mapped.
     pub(super) fn copy(&mut self, n: NodeId) -> Result<(), PassError> {
+        let inputs = self.old.node(n).inputs.iter().map(|&v| self.get(v)).collect::<Result<Vec<_>, _>>()?;
+        self.copy_reading(n, &inputs)
+    }
+
+    /// Copies the old node `n` reading `inputs` (new values of its operands' types) instead of its
+    /// operands' new values: same op, scope and result types.
+    pub(super) fn copy_reading(&mut self, n: NodeId, inputs: &[ValueId]) -> Result<(), PassError> {
         let node = self.old.node(n);
-        let inputs = node.inputs.iter().map(|&v| self.get(v)).collect::<Result<Vec<_>, _>>()?;
         let types = node.results.iter().map(|&r| self.old.ty(r).clone()).collect();
         let (_, results) = self
             .new
-            .add_node(node.op.clone(), &inputs, types, node.scope.as_deref())
+            .add_node(node.op.clone(), inputs, types, node.scope.as_deref())
             .map_err(|e| self.fail(e.to_string()))?;
         for (&old, new) in node.results.iter().zip(results) {
             self.map.insert(old, new);

@@ -31,8 +31,9 @@
 //! attention, and anything that is not one of these GEMMs (the optimizer reads the unquantised
 //! weight). The weight's dtype and the state are unchanged: FP8 values live for one step.
 //!
-//! Not done here: the activation-caching rules of §3.3.3 (the attention output cached in FP8,
-//! SwiGLU recomputed), which change what is saved for the backward pass, not the GEMMs' numerics.
+//! The activation-caching rules of §3.3.3 (the attention output cached in FP8, SwiGLU recomputed
+//! from FP8 inputs) are the next pass's, `cache-activations`: they change what the backward pass
+//! reads, not the GEMMs.
 
 use std::collections::{HashMap, HashSet};
 
