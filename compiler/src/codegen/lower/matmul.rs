@@ -267,8 +267,9 @@ const GROUPED_BLOCK: i64 = 256;
 /// `w`; each output element's sums go to `store` (rows no expert holds get 0, as `grouped_linear`
 /// defines). One work item (CPU) or thread (GPU) per row and column, as `moe`'s `grouped_linear`:
 /// the expert of row `m` is the number of `offsets[e + 1] <= m`, and its weights are picked by an
-/// `scf.index_switch`. Scalar loads: routed experts are small GEMMs per expert; packing them is
-/// not done yet.
+/// `scf.index_switch`. On the CPU, float operands (f32, or f16/bf16 widened to f32 as they load)
+/// go in vectors of 8 along K, 4 rows of one expert at a time ([`grouped_block`]); FP8 weights go
+/// element by element with their block scales. Packing the experts' weights is not done yet.
 pub(super) fn grouped_with(
     f: &mut Frame,
     x: &Operand,

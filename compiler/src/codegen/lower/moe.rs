@@ -33,7 +33,10 @@
 //! `topk_groups`) is the router's promise; the interpreter checks it, the kernel relies on nothing.
 //! **`grouped_linear`**: output element `(m, n)` is row `m` of `x` times row `n` of the weight of the
 //! expert whose offsets range holds `m` (found by counting offsets, then a switch); rows past
-//! `offsets[E]` are zeros. CPU work items are rows; GPU threads are elements. **`moe_combine`**:
+//! `offsets[E]` are zeros. CPU work items are rows; GPU threads are elements. With float operands
+//! (f32, or f16/bf16 widened as they load) the CPU kernel is `matmul::grouped_with`'s register
+//! blocks of 4 rows of one expert, vectors of 8 along K; FP8 weights go element by element with
+//! their scales. **`moe_combine`**:
 //! work items (CPU) and threads (GPU) are output columns; each walks the rows in ascending order and
 //! adds `round(y * w)` into its token's output in the dtype, which is exactly the interpreter's order
 //! per token. Rows whose slot is out of range are skipped.
