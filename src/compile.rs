@@ -120,7 +120,8 @@ pub struct Args {
     settings: crate::train::Settings,
     /// Plan pipeline parallelism over P ranks: cut the model into the schedule's stages, generate,
     /// verify and simulate each rank's instruction list, and write the plan (with the experts'
-    /// placement) into the manifest (`parallel`). Running it across processes is not built yet.
+    /// placement) into the manifest (`parallel`). With --train (1f1b or zb1p, --ep 1), also cut the
+    /// train step into the stages' programs, which `kiln train --pp` runs under mpirun.
     #[arg(long, value_name = "P")]
     pp: Option<u32>,
     /// With --pp: expert-parallel ranks per stage, which must divide the routed experts (default

@@ -50,11 +50,16 @@ pub struct Dist {
 impl Dist {
     /// Joins the job `mpirun` started, which must have `dp` processes.
     pub fn init(dp: usize, timeout: Duration) -> Result<Dist> {
+        Dist::init_as("--dp", dp, timeout)
+    }
+
+    /// [`Dist::init`] for a run of `n` processes that `flag` (`--dp`, `--pp`) asked for.
+    pub fn init_as(flag: &str, dp: usize, timeout: Duration) -> Result<Dist> {
         let launched =
             ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
         if !launched {
             bail!(
-                "--dp {dp} runs {dp} processes: launch them with `mpirun -n {dp} kiln train ... --dp {dp}` \
+                "{flag} {dp} runs {dp} processes: launch them with `mpirun -n {dp} kiln train ... {flag} {dp}` \
                  (as root, add --allow-run-as-root; with more processes than cores, --oversubscribe)"
             );
         }
@@ -64,7 +69,7 @@ impl Dist {
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         if size != dp {
-            bail!("--dp {dp}: mpirun started {size} processes; start {dp} (`mpirun -n {dp}`)");
+            bail!("{flag} {dp}: mpirun started {size} processes; start {dp} (`mpirun -n {dp}`)");
         }
         Ok(Dist { world, rank, size, timeout, _universe: universe })
     }
@@ -107,10 +112,28 @@ impl Dist {
     pub fn replicas(&self) -> Box<dyn Communicator> {
         Box::new(Replicas {
             comm: self.world.duplicate(),
+            group: kiln_compiler::train::DP_GROUP,
             rank: self.rank,
             size: self.size,
             timeout: self.timeout,
         })
+    }
+
+    /// The executor's view of a pipeline's ranks (group `pp`), on a communicator of its own.
+    pub fn pipeline_ranks(&self) -> Box<dyn Communicator> {
+        Box::new(Replicas {
+            comm: self.world.duplicate(),
+            group: kiln_compiler::train::PP_GROUP,
+            rank: self.rank,
+            size: self.size,
+            timeout: self.timeout,
+        })
+    }
+
+    /// The point-to-point link of a pipeline rank (`crate::pipeline`), on a communicator of its
+    /// own.
+    pub fn pipeline_link(&self) -> crate::pipeline::Link {
+        crate::pipeline::Link::new(self.world.duplicate(), self.timeout)
     }
 
     /// Ends every process of the job: this one failed with `message`.
@@ -123,6 +146,8 @@ impl Dist {
 /// kiln_runtime's [`Communicator`] over an MPI communicator of the replicas (group `dp`).
 struct Replicas {
     comm: SimpleCommunicator,
+    /// The group it serves: `dp` or `pp`.
+    group: &'static str,
     rank: usize,
     size: usize,
     timeout: Duration,
@@ -130,14 +155,14 @@ struct Replicas {
 
 impl Communicator for Replicas {
     fn rank_in(&self, group: &str) -> Option<(usize, usize)> {
-        (group == kiln_compiler::train::DP_GROUP).then_some((self.rank, self.size))
+        (group == self.group).then_some((self.rank, self.size))
     }
 
     fn all_reduce_sum(&self, group: &str, data: &mut [f32]) -> Result<(), RuntimeError> {
         if self.rank_in(group).is_none() {
             return Err(RuntimeError::Collective {
                 group: group.into(),
-                what: "not a group of this run (it has `dp`)".into(),
+                what: format!("not a group of this run (it has `{}`)", self.group),
             });
         }
         let send = data.to_vec();
@@ -161,7 +186,7 @@ impl Communicator for Replicas {
         if self.rank_in(group).is_none() {
             return Err(RuntimeError::Collective {
                 group: group.into(),
-                what: "not a group of this run (it has `dp`)".into(),
+                what: format!("not a group of this run (it has `{}`)", self.group),
             });
         }
         self.start(data, false)
@@ -171,7 +196,7 @@ impl Communicator for Replicas {
         if self.rank_in(group).is_none() {
             return Err(RuntimeError::Collective {
                 group: group.into(),
-                what: "not a group of this run (it has `dp`)".into(),
+                what: format!("not a group of this run (it has `{}`)", self.group),
             });
         }
         self.start(data, true)

@@ -24,6 +24,7 @@ mod membw;
 mod model;
 mod monitor;
 mod perplexity;
+mod pipeline;
 mod plot;
 mod report;
 mod run;
@@ -627,6 +628,15 @@ struct TrainArgs {
     /// updating one N-th of every tensor and gathering the rest (ZeRO stage 1).
     #[arg(long)]
     zero1: bool,
+    /// Pipeline parallelism over N processes, launched with `mpirun -n N`: the model is cut into N
+    /// stages by the cost model, and each process runs one stage's forward and backward programs in
+    /// the order of --pp-schedule, sending activations and gradients over MPI (the same steps as one
+    /// process with the same micro-batches).
+    #[arg(long, value_name = "N")]
+    pp: Option<usize>,
+    /// With --pp: the pipeline schedule, `1f1b` (default) or `zb1p`.
+    #[arg(long, value_name = "NAME", requires = "pp")]
+    pp_schedule: Option<String>,
     /// How long a process waits for the others in a collective before it ends the job.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     comm_timeout: f64,
@@ -638,6 +648,9 @@ struct TrainArgs {
 /// Runs `kiln train` or `kiln sft`: in this process, or with `--dp N` as one of the N replicas
 /// mpirun started (`crate::dist`).
 fn replicated(args: &TrainArgs, req: train::Request) -> Result<()> {
+    if let Some(pp) = args.pp {
+        return pipelined(args, req, pp);
+    }
     let Some(dp) = args.dp else { return train::run(&req, &mut io::stdout().lock()) };
     if dp == 0 {
         bail!("--dp 0: give the number of data-parallel processes, at least 1");
@@ -647,16 +660,44 @@ fn replicated(args: &TrainArgs, req: train::Request) -> Result<()> {
     }
     let d = dist::Dist::init(dp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
     // The request, for as long as the world lives.
-    let req = train::Request { dist: Some(&d), ..req };
-    // The first process speaks for the job; a failure anywhere ends every process.
+    in_group(&d, &train::Request { dist: Some(&d), ..req })
+}
+
+/// Runs one process of a group mpirun started: the first speaks for the job; a failure anywhere
+/// ends every process.
+fn in_group(d: &dist::Dist, req: &train::Request) -> Result<()> {
     let ran = match d.leader() {
-        true => train::run(&req, &mut io::stdout().lock()),
-        false => train::run(&req, &mut io::sink()),
+        true => train::run(req, &mut io::stdout().lock()),
+        false => train::run(req, &mut io::sink()),
     };
     if let Err(e) = ran {
         d.fail(&render(&e));
     }
     Ok(())
+}
+
+/// Runs `kiln train --pp N` as one of the N pipeline ranks mpirun started (`crate::pipeline`).
+fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
+    use kiln_compiler::schedule::Kind;
+    if args.dp.is_some() {
+        bail!("--pp with --dp: pipeline and data parallelism together are not built yet; give one of them");
+    }
+    if pp == 0 {
+        bail!("--pp 0: give the number of pipeline processes, at least 1");
+    }
+    let kind = Kind::parse(args.pp_schedule.as_deref().unwrap_or("1f1b"))?;
+    if !matches!(kind, Kind::OneFOneB | Kind::Zb1p) {
+        bail!(
+            "--pp-schedule {}: training runs 1f1b and zb1p; a schedule with two stages per rank (dualpipe, \
+             dualpipev) is simulated by `kiln schedule` and not run yet",
+            kind.name()
+        );
+    }
+    if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
+        bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
+    }
+    let d = dist::Dist::init_as("--pp", pp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
+    in_group(&d, &train::Request { pipeline: Some((&d, kind)), ..req })
 }
 
 /// The learning rate, its floor and schedule of a run when not given.
@@ -722,6 +763,7 @@ fn train_request<'a>(
         epochs,
         monitor: (*a.monitor).clone(),
         dist: None,
+        pipeline: None,
         zero1: a.zero1,
         recompute: !a.no_recompute,
         fp8_cache: !a.no_fp8_cache,

@@ -412,6 +412,9 @@ pub struct Request<'a> {
     pub dist: Option<&'a crate::dist::Dist>,
     /// `--zero1`: AdamW's states split over the replicas (ZeRO stage 1).
     pub zero1: bool,
+    /// `--pp N` under mpirun: this process is one rank of an N-stage pipeline run with this schedule
+    /// ([`crate::pipeline`]).
+    pub pipeline: Option<(&'a crate::dist::Dist, kiln_compiler::schedule::Kind)>,
     /// `--fp8` (`Some(true)`) or `--no-fp8` (`Some(false)`): train with or without the FP8 recipe,
     /// whatever the spec's [quantization] says (`None`: as it says).
     pub fp8: Option<bool>,
@@ -440,6 +443,17 @@ impl Request<'_> {
     fn micro_batches(&self) -> Result<usize> {
         let batch = self.local_batch()?;
         match self.micro_batch {
+            // A pipeline needs micro-batches: by default, one per stage.
+            None if self.pipeline.is_some() => {
+                let pp = self.pipeline.map_or(1, |(d, _)| d.size());
+                if batch % pp != 0 {
+                    bail!(
+                        "--pp {pp}: the batch of {batch} rows is split into {pp} micro-batches by default; give a \
+                         multiple of {pp} or --micro-batch"
+                    );
+                }
+                Ok(pp)
+            }
             None => Ok(1),
             Some(m) if m == 0 || m > batch || batch % m != 0 => bail!(
                 "--micro-batch {m}: a micro-batch must be a whole part of the batch of {batch} rows \
@@ -465,7 +479,12 @@ impl Request<'_> {
 
     /// Whether this process writes the run's files (the only one, or the first replica).
     fn leader(&self) -> bool {
-        self.dist.is_none_or(|d| d.leader())
+        self.dist.is_none_or(|d| d.leader()) && self.pipeline.is_none_or(|(d, _)| d.leader())
+    }
+
+    /// The process group that compiles together: the replicas, or the pipeline's ranks.
+    fn group(&self) -> Option<&crate::dist::Dist> {
+        self.dist.or(self.pipeline.map(|(d, _)| d))
     }
 }
 
@@ -482,6 +501,9 @@ const COMPILE_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     if req.zero1 && req.dist.is_none() {
         bail!("--zero1 splits AdamW's states over data-parallel replicas: give --dp N (under mpirun -n N)");
+    }
+    if req.pipeline.is_some() && req.interp {
+        bail!("--pp runs the compiled stage programs in each process; --interp is the one-process oracle");
     }
     if req.dist.is_some() && req.interp {
         bail!("--dp runs the compiled train step in each process; --interp is the one-process oracle");
@@ -1115,7 +1137,7 @@ fn compiled(
     } else if !req.leader() {
         // The first replica compiles; the others load its artifact once it is written.
         let dir = req.out.join(ARTIFACT);
-        let d = req.dist.expect("only a replica follows");
+        let d = req.group().expect("only a replica follows");
         d.barrier("the wait for rank 0's compile of the train step", COMPILE_WAIT)?;
         dir
     } else {
@@ -1133,6 +1155,12 @@ fn compiled(
             train: Some(train),
             kv_cache: false,
             score: false,
+            parallel: req.pipeline.map(|(d, kind)| pack::Parallel {
+                kind,
+                pp: d.size() as u32,
+                ep: Some(1),
+                micro_batches: Some(micro_batches as u32),
+            }),
             ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)
         };
         let dir = req.out.join(ARTIFACT);
@@ -1150,7 +1178,7 @@ fn compiled(
             artifact.manifest.kernels.len(),
             t0.elapsed().as_secs_f64()
         )?;
-        if let Some(d) = req.dist {
+        if let Some(d) = req.group() {
             d.barrier("the wait for rank 0's compile of the train step", COMPILE_WAIT)?;
         }
         dir
@@ -1164,6 +1192,30 @@ fn compiled(
     let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
     let model = CpuModel::load(&art, given, &run::cpu_options(req.threads))?;
     let mut engine = format!("compiled for the CPU ({} threads)", model.threads());
+    if let Some((d, _)) = req.pipeline {
+        let Some(plan) = &art.manifest().parallel else {
+            bail!(
+                "{}: the artifact has no pipeline: compile it with `kiln compile --train --pp N`",
+                dir.display()
+            );
+        };
+        if !art.manifest().programs.iter().any(|p| p.name.starts_with("stage.")) {
+            bail!(
+                "{}: the artifact plans a pipeline but has no stage programs: compile it with --train",
+                dir.display()
+            );
+        }
+        engine += &format!(
+            ", pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} rows, MPI)",
+            d.rank(),
+            d.size(),
+            plan.schedule,
+            plan.micro_batches
+        );
+        let mut trainer = crate::pipeline::PipelineTrainer::new(model, d.pipeline_link())?;
+        trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
+        return Ok((Box::new(trainer), engine));
+    }
     let mut trainer = CompiledTrainer::new(model)?;
     if artifact {
         // Checked before any step: an artifact is planned for at most its compiled sizes.

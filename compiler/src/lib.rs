@@ -10,6 +10,7 @@ pub mod codegen;
 pub mod inspect;
 pub mod pack;
 pub mod passes;
+pub mod pipeline;
 pub mod schedule;
 pub mod spec;
 pub mod target;

@@ -424,7 +424,9 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     // inference programs would read as parameters (a name is one or the other in a module);
     // inference runs from the checkpoints training writes.
     if let Some(t) = &options.train {
-        let programs = crate::train::program(spec, &t.losses, &t.optimizer, t.accumulate, t.data_parallel)
+        // A pipeline's stages are cut from the accumulate program (`crate::pipeline`).
+        let accumulate = t.accumulate || options.parallel.is_some();
+        let programs = crate::train::program(spec, &t.losses, &t.optimizer, accumulate, t.data_parallel)
             .map_err(|e| CompileError::Options(e.to_string()))?;
         let graph = programs.step;
         module.programs.push(Program { name: "train_step".into(), kind: ProgramKind::TrainStep, graph });
@@ -555,6 +557,10 @@ pub fn make_module(
     )?;
     if let Some(spec) = &spec {
         for pass in passes::PASSES {
+            // A pipeline's programs are cut on the final graph, before kernels are formed.
+            if pass.name == FUSE_KERNELS_PASS {
+                cut_into_stages(&mut module, spec, options)?;
+            }
             if !obs.runs_pass(pass.name) {
                 continue;
             }
@@ -565,6 +571,80 @@ pub fn make_module(
     }
     declare(&mut module)?;
     Ok((module, spec))
+}
+
+const FUSE_KERNELS_PASS: &str = "fuse-kernels";
+
+/// With `--train` and `--pp`, replaces the train step's programs by the pipeline's
+/// ([`crate::pipeline`]): each stage's forward, backward and weight programs, cut from the
+/// `accumulate` program, and each rank's optimizer step over the parameters of its stages.
+fn cut_into_stages(module: &mut Module, spec: &ModelSpec, options: &Options) -> Result<(), CompileError> {
+    use crate::pipeline::{self, Cut};
+    use crate::schedule::Kind;
+    let (Some(t), Some(p)) = (&options.train, options.parallel) else { return Ok(()) };
+    if module.programs.iter().any(|p| p.name.starts_with("stage.")) {
+        return Ok(());
+    }
+    if matches!(p.kind, Kind::DualPipe | Kind::DualPipeV) {
+        return Err(CompileError::Options(format!(
+            "--train --pp --schedule {}: running a schedule with two stages per rank is not built yet; \
+             train with --schedule 1f1b or zb1p (kiln schedule simulates {0})",
+            p.kind.name()
+        )));
+    }
+    if t.data_parallel {
+        return Err(CompileError::Options(
+            "--train --pp with --data-parallel: pipeline and data parallelism together are not built yet"
+                .into(),
+        ));
+    }
+    let plan = parallel_plan(Some(spec), options)?.ok_or_else(|| CompileError::Options("no plan".into()))?;
+    if plan.ep > 1 {
+        return Err(CompileError::Options(format!(
+            "--train --pp --ep {}: expert parallelism is planned, not run yet; train with --ep 1",
+            plan.ep
+        )));
+    }
+    let acc = (module.programs.iter())
+        .find(|p| p.kind == ProgramKind::Accumulate)
+        .ok_or_else(|| CompileError::Options("internal error: no accumulate program to cut".into()))?;
+    let states: std::collections::HashSet<&str> = module.states.iter().map(|s| s.name.as_str()).collect();
+    let cut = Cut { stages: &plan.stages, layers: spec.model.num_hidden_layers };
+    let parts =
+        pipeline::split(&acc.graph, &cut, &states).map_err(|e| CompileError::Options(e.to_string()))?;
+    let mut programs: Vec<Program> = (parts.into_iter())
+        .map(|sp| Program {
+            name: pipeline::program_name(sp.stage, sp.phase),
+            kind: ProgramKind::Accumulate,
+            graph: sp.graph,
+        })
+        .collect();
+    for r in &plan.ranks {
+        let held = |name: &str| cut.of_name(name).is_some_and(|s| r.stages.contains(&s));
+        let params: Vec<(String, kiln_ir::TensorType)> = (module.states.iter())
+            .filter(|s| s.role == StateRole::Trainable && held(&s.name))
+            .map(|s| (s.name.clone(), s.ty.clone()))
+            .collect();
+        let mut routers = Vec::new();
+        for s in &module.states {
+            let Some(scope) = s.name.strip_prefix(crate::build::LOAD_ACC_PREFIX) else { continue };
+            if !held(&s.name) {
+                continue;
+            }
+            let bias = (module.states.iter())
+                .find(|b| b.role == StateRole::RoutingBias && b.name.starts_with(&format!("{scope}.")))
+                .map(|b| b.name.clone());
+            let experts = s.ty.known_numel().unwrap_or(0);
+            routers.push(crate::train::StageRouter { scope: scope.to_string(), bias, experts });
+        }
+        let head = r.stages.iter().any(|&s| plan.stages[s as usize].head);
+        let graph =
+            crate::train::pipeline_update(&params, &routers, head, &t.optimizer, t.losses.bias_update_speed)
+                .map_err(|e| CompileError::Options(e.to_string()))?;
+        programs.push(Program { name: pipeline::update_name(r.rank), kind: ProgramKind::TrainStep, graph });
+    }
+    module.programs = programs;
+    Ok(())
 }
 
 /// A module after the passes, with its kernels and memory: everything [`prepare`] makes but the

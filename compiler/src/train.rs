@@ -190,7 +190,7 @@ pub fn train_step(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, false, false)
+    step_program(grads, frozen, opt, false, false, false)
 }
 
 /// The trained parameters of `g` (every parameter with a `grad.{name}` output, less `frozen`),
@@ -312,7 +312,7 @@ pub fn train_step_last(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, true, false)
+    step_program(grads, frozen, opt, true, false, false)
 }
 
 /// The communication group of data-parallel replicas, which [`Op::AllReduce`] sums over.
@@ -330,6 +330,7 @@ fn step_program(
     opt: &Optimizer,
     last: bool,
     data_parallel: bool,
+    pipeline: bool,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
     for (name, v) in [("beta1", opt.beta1), ("beta2", opt.beta2)] {
         if !(0.0..1.0).contains(&v) {
@@ -466,6 +467,27 @@ fn step_program(
     let mut layer_norms = Vec::with_capacity(groups.len());
     for (layer, sum) in groups {
         layer_norms.push((format!("{GRAD_NORM_PREFIX}{layer}"), b.un(UnaryOp::Sqrt, sum)?));
+    }
+    // A pipeline rank holds some of the parameters: the ranks' sums make the global norm, and the
+    // loss is the last stage's (the others add 0).
+    // One sum of both, so that every rank sums the same values in the same message.
+    if pipeline {
+        let t = match total {
+            Some(t) => t,
+            None => b.c(0.0)?,
+        };
+        let one = [Dim::known(1)];
+        let t1 = b.node(Op::Reshape { shape: one.to_vec() }, &[t])?;
+        let l1 = b.node(Op::Reshape { shape: one.to_vec() }, &[loss])?;
+        let both = b.node(Op::Concat { axis: 0 }, &[t1, l1])?;
+        let summed = b.node(Op::AllReduce { group: PP_GROUP.into() }, &[both])?;
+        let tys = [b.g.ty(summed)];
+        let split = Op::Split { axis: 0, sizes: vec![1, 1] };
+        let types = kiln_ir::infer::infer(&split, &tys).map_err(|e| TrainError::Internal(e.to_string()))?;
+        let (_, parts) = (b.g.add_node(split, &[summed], types, Some("optimizer")))
+            .map_err(|e| TrainError::Internal(e.to_string()))?;
+        total = Some(b.node(Op::Reshape { shape: Vec::new() }, &[parts[0]])?);
+        loss = b.node(Op::Reshape { shape: Vec::new() }, &[parts[1]])?;
     }
     let zero = b.c(0.0)?;
     let norm = match total {
@@ -629,6 +651,77 @@ fn step_program(
     Ok((g, states))
 }
 
+/// The communication group of a pipeline's ranks.
+pub const PP_GROUP: &str = kiln_ir::module::PP_GROUP;
+
+/// A MoE router of a pipeline rank's stages: the scope its load is counted under
+/// (`load.acc.{scope}`), its selection bias state and the number of experts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageRouter {
+    pub scope: String,
+    pub bias: Option<String>,
+    pub experts: u64,
+}
+
+/// The optimizer step of a pipeline rank, after every micro-batch of the step ran through its
+/// stages' programs (`crate::pipeline`) and added into the accumulators: the gradients of
+/// `params` (name and type) are `grad.acc.{p} / micro_batches`, the loss `loss.acc /
+/// micro_batches` on the rank that holds the head (`head`), and [`step_program`] updates them as
+/// one process would, with the global norm's squared sum and the loss summed over the pipeline's
+/// ranks ([`PP_GROUP`]). Each router's load over the step is output as `load.{scope}`, and with
+/// `bias_update_speed` > 0 its bias moves by the rule of `build::balance`.
+pub fn pipeline_update(
+    params: &[(String, TensorType)],
+    routers: &[StageRouter],
+    head: bool,
+    opt: &Optimizer,
+    bias_update_speed: f64,
+) -> Result<Graph, TrainError> {
+    let mut g = Graph::new("update");
+    let mut b = B { g: &mut g };
+    let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
+    let one = b.c(1.0)?;
+    let scale = b.bin(BinaryOp::Div, one, count)?;
+    let mut outputs = Vec::new();
+    for (name, ty) in params {
+        b.declared(Op::Param { name: name.clone() }, ty.clone())?;
+        let f32_ty = TensorType { dtype: DType::F32, ..ty.clone() };
+        let acc = b.declared(Op::Input { name: grad_acc(name) }, f32_ty)?;
+        outputs.push((format!("{GRAD_PREFIX}{name}"), b.bin(BinaryOp::Mul, acc, scale)?));
+    }
+    let loss = match head {
+        true => {
+            let acc = b.declared(Op::Input { name: LOSS_ACC.into() }, TensorType::scalar(DType::F32))?;
+            b.bin(BinaryOp::Mul, acc, scale)?
+        }
+        // 0, computed (a constant has no buffer for the sum over the ranks to read).
+        false => {
+            let zero = b.c(0.0)?;
+            b.bin(BinaryOp::Mul, count, zero)?
+        }
+    };
+    outputs.push((LOSS.into(), loss));
+    for r in routers {
+        let ty = TensorType::known(DType::F32, &[r.experts]);
+        let load = b.declared(Op::Input { name: format!("{LOAD_ACC_PREFIX}{}", r.scope) }, ty.clone())?;
+        // A copy: an output cannot be a state's storage under another name.
+        let copy = b.bin(BinaryOp::Mul, load, one)?;
+        outputs.push((format!("{LOAD_PREFIX}{}", r.scope), copy));
+        if let (Some(name), true) = (&r.bias, bias_update_speed > 0.0) {
+            let bias = b.declared(Op::Input { name: name.clone() }, ty)?;
+            let moved =
+                crate::build::balance::moved_bias(b.g, &r.scope, load, bias, r.experts, bias_update_speed)
+                    .map_err(|e| TrainError::Internal(e.to_string()))?;
+            outputs.push((name.clone(), moved));
+        }
+    }
+    for (n, v) in outputs {
+        g.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))?;
+    }
+    let (step, _) = step_program(&g, &[], opt, false, false, true)?;
+    Ok(step)
+}
+
 /// The programs of training a model spec, with the states they declare.
 #[derive(Clone, Debug)]
 pub struct TrainPrograms {
@@ -661,7 +754,7 @@ pub fn program(
     };
     let (step, mut states, info, accumulate) = if accumulate {
         let (grads, info) = differentiate(Part::Last)?;
-        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel)?;
+        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel, false)?;
         let (acc, acc_states) = accumulate_step(&differentiate(Part::Accumulate)?.0, &[])?;
         // Both programs declare the accumulators; the module holds each once.
         for s in acc_states {
@@ -672,7 +765,7 @@ pub fn program(
         (step, states, info, Some(acc))
     } else {
         let (grads, info) = differentiate(Part::Whole)?;
-        let (step, states) = step_program(&grads, &[], opt, false, data_parallel)?;
+        let (step, states) = step_program(&grads, &[], opt, false, data_parallel, false)?;
         (step, states, info, None)
     };
     states.extend(info.biases.into_iter().map(|(name, ty)| StateDecl {

@@ -109,6 +109,10 @@ impl fmt::Display for StateRole {
 /// `all_reduce` ops sum over.
 pub const DP_GROUP: &str = "dp";
 
+/// The communication group of a pipeline's ranks, over which a pipeline stage's optimizer step sums
+/// the squared gradients of the global norm and the loss.
+pub const PP_GROUP: &str = "pp";
+
 /// The caller input of a data-parallel train step whose optimizer states are split over the
 /// replicas (ZeRO-1): this replica's rank, i32 `[1]`.
 pub const DP_RANK: &str = "dp.rank";

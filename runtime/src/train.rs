@@ -351,7 +351,7 @@ pub fn step_inputs(names: &[String], rows: &TokenRows, lr: f32) -> Result<Vec<Ho
 }
 
 /// A step's statistics from its float outputs by name (`loss`, `grad_norm`, `load.{scope}`).
-fn stats<'a>(outputs: impl Iterator<Item = (&'a str, Vec<f32>)>) -> StepStats {
+pub fn stats<'a>(outputs: impl Iterator<Item = (&'a str, Vec<f32>)>) -> StepStats {
     let (mut loss, mut grad_norm, mut loads, mut grad_norms) = (f32::NAN, f32::NAN, Vec::new(), Vec::new());
     for (name, v) in outputs {
         match name {

@@ -307,3 +307,53 @@ fn split_master_weights_of_a_bf16_model_equal_the_unsplit_run() {
     let master = opt.read("master.model.embed_tokens.weight").unwrap();
     assert_eq!(master.shape, vec![512, 64]);
 }
+
+/// `kiln train --pp N` under `mpirun -n N`: the stage programs, run in 1F1B's and ZB1P's orders
+/// with activations and gradients sent over MPI, take the one-process steps of the same
+/// micro-batches (the balance loss and the bias rule on, so that loss terms and loads cross
+/// stages), and what the pipeline cannot run yet is refused by name.
+#[test]
+fn pipeline_ranks_take_the_steps_of_one_process() {
+    let s = Scratch::new();
+    let losses = ["--balance-alpha", "1e-4", "--bias-update-speed", "1e-3"];
+    let run = |out: &str, extra: &[&str]| {
+        let mut a =
+            vec!["train", "models/tiny.toml", "--random-weights", "1", "--data", DATA, "--batch", "4"];
+        a.extend(["--micro-batch", "1", "--steps", "3", "--threads", "1", "--out", out]);
+        a.extend(losses);
+        a.extend(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let one = s.path("one").display().to_string();
+    let args = run(&one, &[]);
+    let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(r.ok, "{}", r.stderr);
+    let expected = logged(Path::new(&one));
+    for (n, schedule) in [("2", "1f1b"), ("2", "zb1p")] {
+        let out = s.path(&format!("pp{n}-{schedule}")).display().to_string();
+        let args = run(&out, &["--pp", n, "--pp-schedule", schedule]);
+        let r = mpirun(
+            n.parse().unwrap(),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            Duration::from_secs(300),
+        );
+        assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+        assert!(
+            r.stdout.contains(&format!("pipeline rank 0 of {n} ({schedule} schedule, 4 micro-batches")),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(r.stdout.matches("step     3").count(), 1, "{}", r.stdout);
+        assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), &expected);
+        assert!(Path::new(&out).join("step-3/model.safetensors").is_file());
+    }
+    // Refused before any step, by name: the MTP modules' weights shared between the first and
+    // last stages, and a two-stage-per-rank schedule.
+    let out = s.path("mtp").display().to_string();
+    let args = run(&out, &["--pp", "2", "--mtp-lambda", "0.3"]);
+    let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+    assert!(!r.ok && r.stderr.contains("shared between stages is not split yet"), "{}", r.stderr);
+    let args = run(&out, &["--pp", "2", "--pp-schedule", "dualpipe"]);
+    let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!r.ok && r.stderr.contains("not run yet"), "{}", r.stderr);
+}

@@ -14,7 +14,7 @@
 //! the two differ for most tokens (`tests/goldens/train_aux`).
 
 use kiln_ir::op::{Op, ReduceOp, Scoring};
-use kiln_ir::{BinaryOp, DType, Dim, UnaryOp, ValueId};
+use kiln_ir::{BinaryOp, DType, Dim, Graph, TensorType, UnaryOp, ValueId};
 
 use super::{BuildError, Builder, Part, Routing, TrainLosses, LOAD_ACC_PREFIX, LOAD_PREFIX};
 
@@ -58,17 +58,7 @@ pub(super) fn add(
 
     let moves = part != Part::Accumulate && losses.bias_update_speed > 0.0;
     if let (Some((name, bias)), true) = (&r.bias, moves) {
-        let mean =
-            b.op(scope, Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: false }, &[load])?;
-        let d = b.op(scope, Op::Binary(BinaryOp::Sub), &[mean, load])?;
-        // sign(d), 0 at 0: d / max(|d|, 1/2); loads are whole numbers, so |d| is 0 or at least 1/E.
-        let a = b.op(scope, Op::Unary(UnaryOp::Abs), &[d])?;
-        let tiny = b.constant(scope, 0.5 / e as f64, DType::F32)?;
-        let m = b.op(scope, Op::Binary(BinaryOp::Max), &[a, tiny])?;
-        let sign = b.op(scope, Op::Binary(BinaryOp::Div), &[d, m])?;
-        let gamma = b.constant(scope, losses.bias_update_speed, DType::F32)?;
-        let step = b.op(scope, Op::Binary(BinaryOp::Mul), &[sign, gamma])?;
-        let updated = b.op(scope, Op::Binary(BinaryOp::Add), &[*bias, step])?;
+        let updated = moved_bias(&mut b.g, scope, load, *bias, e, losses.bias_update_speed)?;
         b.output(name, updated)?;
     }
 
@@ -103,4 +93,38 @@ pub(super) fn add(
         *loss = b.op("loss", Op::Binary(BinaryOp::Add), &[*loss, bal])?;
     }
     Ok(())
+}
+
+/// A router's selection bias moved by the auxiliary-loss-free rule, `bias + γ sign(mean(load) -
+/// load)`, as nodes of `g` in `scope`: what the step's last program outputs under the bias's name.
+pub fn moved_bias(
+    g: &mut Graph,
+    scope: &str,
+    load: ValueId,
+    bias: ValueId,
+    experts: u64,
+    gamma: f64,
+) -> Result<ValueId, BuildError> {
+    let node = |g: &mut Graph, op: Op, inputs: &[ValueId]| -> Result<ValueId, BuildError> {
+        let types = match op {
+            Op::Constant { .. } => vec![TensorType::scalar(DType::F32)],
+            _ => {
+                let tys: Vec<&TensorType> = inputs.iter().map(|&v| g.ty(v)).collect();
+                kiln_ir::infer::infer(&op, &tys).map_err(|e| BuildError::Spec(e.to_string()))?
+            }
+        };
+        let (_, r) =
+            g.add_node(op, inputs, types, Some(scope)).map_err(|e| BuildError::Spec(e.to_string()))?;
+        Ok(r[0])
+    };
+    let mean = node(g, Op::Reduce { op: ReduceOp::Mean, axes: vec![0], keep_dims: false }, &[load])?;
+    let d = node(g, Op::Binary(BinaryOp::Sub), &[mean, load])?;
+    // sign(d), 0 at 0: d / max(|d|, 1/2); loads are whole numbers, so |d| is 0 or at least 1/E.
+    let a = node(g, Op::Unary(UnaryOp::Abs), &[d])?;
+    let tiny = node(g, Op::Constant { value: 0.5 / experts as f64 }, &[])?;
+    let m = node(g, Op::Binary(BinaryOp::Max), &[a, tiny])?;
+    let sign = node(g, Op::Binary(BinaryOp::Div), &[d, m])?;
+    let gamma = node(g, Op::Constant { value: gamma }, &[])?;
+    let step = node(g, Op::Binary(BinaryOp::Mul), &[sign, gamma])?;
+    node(g, Op::Binary(BinaryOp::Add), &[bias, step])
 }

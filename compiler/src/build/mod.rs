@@ -26,7 +26,7 @@
 //! routed experts are one `moe_experts` op (`plan-moe-dispatch` lowers it), and nothing is quantised
 //! (`insert-fp8-casts` does that from the spec's `[quantization]`).
 
-mod balance;
+pub mod balance;
 mod ffn;
 mod mla;
 mod mtp;

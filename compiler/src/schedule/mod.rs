@@ -8,9 +8,9 @@
 //! adds the verified lists, their simulation with the stages' costs and the expert-parallel
 //! dispatch plan, which the artifact's manifest carries ([`kiln_ir::artifact::ParallelPlan`]).
 //!
-//! What this does not do yet: execute a plan across processes (over MPI or NCCL), cut the programs
-//! themselves into per-stage programs with send and receive steps, or plan memory per rank. Data
-//! parallelism is what runs across processes today (`kiln train --dp`).
+//! A train step's programs are cut per stage by [`crate::pipeline`], and `kiln train --pp` runs 1F1B
+//! and ZB1P across processes over MPI (`src/pipeline.rs`). What this does not do yet: run DualPipe
+//! or DualPipeV, expert parallelism or NCCL, or plan memory per rank.
 //!
 //! Every generator is a plain function of the number of ranks and micro-batches; each returns a
 //! schedule that [`verify()`] accepts (tested for every schedule over a grid of sizes).

@@ -1,0 +1,587 @@
+//! `kiln train --pp P` under `mpirun -n P`: pipeline-parallel training, each process one rank of
+//! the pipeline, running the artifact's per-stage programs (`kiln_compiler::pipeline`) in the order
+//! of its instruction list (the plan's schedule, 1F1B or ZB1P), with the stages' activations and
+//! gradients sent between the ranks over MPI.
+//!
+//! A step splits the batch into the schedule's micro-batches. For each instruction of this rank's
+//! list it runs the program of the work's stage and phase (F: `stage.{s}.forward`, B:
+//! `stage.{s}.backward`, W: `stage.{s}.weight`, a full backward B then W), feeding it:
+//!
+//! - the caller inputs of the micro-batch (tokens, targets, positions, `accumulate.keep`);
+//! - `pp.saved.*`, what an earlier program of the same stage and micro-batch output;
+//! - `pp.x.*`, what another stage sent: each program's values for one other stage travel as one
+//!   message (`MPI_Isend`, tagged by micro-batch, phase and stages), received when first needed.
+//!
+//! Sends never wait: a message is handed to MPI and the rank computes on; every wait is bounded
+//! by `--comm-timeout`, past which the job ends naming the rank and what it waited for. After its
+//! list, each rank runs `rank.{r}.update`: the optimizer step over its stages' parameters, with
+//! the global gradient norm and the loss summed over the ranks (`all_reduce` over `pp`), so that
+//! every rank clips alike. Rank 0 gathers the other ranks' expert loads and layer norms for the
+//! step's report, and, when a checkpoint is written, their stages' states.
+//!
+//! The gradients are those of the one-process step with the same micro-batches, added in the same
+//! order; only the norm's sum is regrouped by rank.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use kiln_compiler::pipeline::{self as cut, Phase};
+use kiln_ir::artifact::ParallelPlan;
+use kiln_ir::module::{ACCUMULATE_KEEP, MICRO_BATCHES};
+use kiln_ir::schedule::{Instr, Work};
+use kiln_ir::DType;
+use kiln_runtime::data::TokenRows;
+use kiln_runtime::exec::{Backend, Executor, NonFinite};
+use kiln_runtime::train::{split, stats, step_inputs, StepStats, Steps};
+use kiln_runtime::weights::{HostData, HostTensor};
+use kiln_runtime::RuntimeError;
+use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
+use mpi::request::StaticScope;
+use mpi::topology::{Communicator as _, SimpleCommunicator};
+
+/// The tag of a rank's step report to rank 0, and of its states.
+const REPORT_TAG: i32 = 32000;
+const STATES_TAG: i32 = 32001;
+
+/// The MPI side of a pipeline rank: point-to-point messages between ranks.
+pub struct Link {
+    comm: SimpleCommunicator,
+    rank: u32,
+    size: u32,
+    timeout: Duration,
+    /// Sends under way, with their buffers.
+    pending: Vec<Pending>,
+}
+
+struct Pending {
+    req: Option<mpi::request::Request<'static, [u8], StaticScope>>,
+    buf: *mut [u8],
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(req) = self.req.take() {
+            // MPI may still read the buffer: it cannot be freed, nor the job go on.
+            eprintln!("error: a pipeline send was dropped before it finished");
+            std::mem::forget(req);
+            SimpleCommunicator::world().abort(3);
+        }
+        // SAFETY: from `Box::into_raw` in `send`; the request has completed.
+        unsafe { drop(Box::from_raw(self.buf)) };
+    }
+}
+
+impl Link {
+    pub fn new(comm: SimpleCommunicator, timeout: Duration) -> Link {
+        let (rank, size) = (comm.rank() as u32, comm.size() as u32);
+        Link { comm, rank, size, timeout, pending: Vec::new() }
+    }
+
+    fn late(&self, what: &str) -> ! {
+        eprintln!(
+            "error: rank {} of {} waited {} s for {what}, which never came: a process died or is stuck \
+             (--comm-timeout sets the wait); ending every process of the job",
+            self.rank,
+            self.size,
+            self.timeout.as_secs_f64()
+        );
+        self.comm.abort(2)
+    }
+
+    /// Hands `bytes` to MPI for rank `to`; returns at once.
+    fn send(&mut self, to: u32, tag: i32, bytes: Vec<u8>) {
+        let buf: *mut [u8] = Box::into_raw(bytes.into_boxed_slice());
+        // SAFETY: `buf` comes from `Box::into_raw` just above and is freed only by `Pending`'s drop,
+        // after the request completed; nothing writes it meanwhile.
+        let data: &'static [u8] = unsafe { &*buf };
+        let req = self.comm.process_at_rank(to as i32).immediate_send_with_tag(StaticScope, data, tag);
+        self.pending.push(Pending { req: Some(req), buf });
+        self.progress();
+    }
+
+    /// Drops the sends that have completed.
+    fn progress(&mut self) {
+        for p in &mut self.pending {
+            if let Some(req) = p.req.take() {
+                if let Err(req) = req.test() {
+                    p.req = Some(req);
+                }
+            }
+        }
+        self.pending.retain(|p| p.req.is_some());
+    }
+
+    /// Waits until every send has completed.
+    fn flush(&mut self) {
+        let start = Instant::now();
+        while !self.pending.is_empty() {
+            self.progress();
+            if start.elapsed() > self.timeout {
+                self.late("the other ranks to take this rank's activations and gradients");
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// The next message from rank `from` with `tag`, waiting at most the timeout.
+    fn recv(&mut self, from: u32, tag: i32, what: &str) -> Vec<u8> {
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(10);
+        for tries in 0u32.. {
+            let source = self.comm.process_at_rank(from as i32);
+            if let Some(matched) = source.immediate_matched_probe_with_tag(tag) {
+                let (data, _) = matched.matched_receive_vec::<u8>();
+                return data;
+            }
+            // Our own sends must progress while we wait, or two ranks sending to each other stall.
+            self.progress();
+            if start.elapsed() > self.timeout {
+                self.late(what);
+            }
+            if tries < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(Duration::from_millis(1));
+            }
+        }
+        unreachable!("the loop returns or ends the job")
+    }
+}
+
+/// Tensors laid end to end with their names, dtypes and shapes (every value of a float dtype
+/// travels as f32, which holds bf16, f16 and FP8 exactly; integers as i64).
+fn encode(tensors: &[HostTensor]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend((tensors.len() as u32).to_le_bytes());
+    for t in tensors {
+        out.extend((t.name.len() as u32).to_le_bytes());
+        out.extend(t.name.as_bytes());
+        let dtype = t.dtype.to_string();
+        out.extend((dtype.len() as u32).to_le_bytes());
+        out.extend(dtype.as_bytes());
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for d in &t.shape {
+            out.extend(d.to_le_bytes());
+        }
+        match &t.data {
+            HostData::F32(v) => {
+                out.push(0);
+                out.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+            HostData::I64(v) => {
+                out.push(1);
+                out.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+            }
+        }
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<HostTensor>, RuntimeError> {
+    let bad =
+        || RuntimeError::BadOption("a pipeline message is malformed (a kiln bug; please report it)".into());
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], RuntimeError> {
+        let s = bytes.get(at..at + n).ok_or_else(bad)?;
+        at += n;
+        Ok(s)
+    };
+    let u32_ = |s: &[u8]| u32::from_le_bytes(s.try_into().expect("4 bytes")) as usize;
+    let u64_ = |s: &[u8]| u64::from_le_bytes(s.try_into().expect("8 bytes"));
+    let count = u32_(take(4)?);
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let n = u32_(take(4)?);
+        let name = String::from_utf8(take(n)?.to_vec()).map_err(|_| bad())?;
+        let n = u32_(take(4)?);
+        let dtype = DType::from_name(std::str::from_utf8(take(n)?).map_err(|_| bad())?).ok_or_else(bad)?;
+        let rank = u32_(take(4)?);
+        let mut shape = Vec::with_capacity(rank);
+        for _ in 0..rank {
+            shape.push(u64_(take(8)?));
+        }
+        let kind = take(1)?[0];
+        let len = u64_(take(8)?) as usize;
+        let data = match kind {
+            0 => HostData::F32(
+                take(4 * len)?
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                    .collect(),
+            ),
+            1 => HostData::I64(
+                take(8 * len)?
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+                    .collect(),
+            ),
+            _ => return Err(bad()),
+        };
+        out.push(HostTensor { name, dtype, shape, data });
+    }
+    Ok(out)
+}
+
+/// One stage program: its name and inputs.
+struct StageProgram {
+    name: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+/// A pipeline rank's trainer: [`Steps`] over the artifact's stage programs.
+pub struct PipelineTrainer<B: Backend> {
+    exec: Executor<B>,
+    link: Link,
+    plan: ParallelPlan,
+    /// The rank that holds each stage.
+    rank_of_stage: Vec<u32>,
+    programs: HashMap<(u32, Phase), StageProgram>,
+    update: StageProgram,
+    /// The states of each rank's stages, by name.
+    states_of_rank: Vec<Vec<String>>,
+    /// On rank 0, the other ranks' states as [`Steps::states`] last gathered them (cleared by a
+    /// step).
+    gathered: std::cell::RefCell<HashMap<String, HostTensor>>,
+}
+
+impl<B: Backend> PipelineTrainer<B> {
+    /// Takes the executor of an artifact compiled with `--train --pp` (its weights bound at load).
+    pub fn new(exec: Executor<B>, link: Link) -> Result<PipelineTrainer<B>, RuntimeError> {
+        let plan = exec.manifest().parallel.clone().ok_or_else(|| {
+            RuntimeError::BadOption("the artifact has no pipeline plan: compile it with --train --pp".into())
+        })?;
+        if plan.pp != link.size {
+            return Err(RuntimeError::BadOption(format!(
+                "the artifact's pipeline has {} ranks, and mpirun started {} processes: start {} (`mpirun -n {}`)",
+                plan.pp, link.size, plan.pp, plan.pp
+            )));
+        }
+        let stages = plan.stages.len();
+        if stages > 0 && (plan.micro_batches as usize) * 3 * stages * stages >= REPORT_TAG as usize {
+            return Err(RuntimeError::BadOption(format!(
+                "{} micro-batches over {stages} stages need more message tags than MPI promises (32767)",
+                plan.micro_batches
+            )));
+        }
+        let mut rank_of_stage = vec![0u32; stages];
+        for r in &plan.ranks {
+            for &s in &r.stages {
+                rank_of_stage[s as usize] = r.rank;
+            }
+        }
+        let describe = |name: &str| -> Result<StageProgram, RuntimeError> {
+            Ok(StageProgram {
+                name: name.to_string(),
+                inputs: exec.inputs(name)?.into_iter().map(|(n, _)| n).collect(),
+                outputs: exec.outputs(name)?,
+            })
+        };
+        let mut programs = HashMap::new();
+        for s in 0..stages as u32 {
+            for phase in Phase::ALL {
+                let name = cut::program_name(s, phase);
+                if exec.has_program(&name) {
+                    programs.insert((s, phase), describe(&name)?);
+                }
+            }
+        }
+        let update = describe(&cut::update_name(link.rank))?;
+        // Each rank's states: those its update program or stage programs write.
+        let mut states_of_rank = Vec::new();
+        for r in &plan.ranks {
+            let mut names: Vec<String> = exec.outputs(&cut::update_name(r.rank))?;
+            for &s in &r.stages {
+                for phase in Phase::ALL {
+                    if let Some(p) = programs.get(&(s, phase)) {
+                        names.extend(p.outputs.iter().cloned());
+                    }
+                }
+            }
+            let declared: std::collections::HashSet<&str> =
+                exec.manifest().states.iter().map(|s| s.name.as_str()).collect();
+            names.retain(|n| declared.contains(n.as_str()));
+            names.sort();
+            names.dedup();
+            states_of_rank.push(names);
+        }
+        Ok(PipelineTrainer {
+            exec,
+            link,
+            plan,
+            rank_of_stage,
+            programs,
+            update,
+            states_of_rank,
+            gathered: Default::default(),
+        })
+    }
+
+    /// The executor, to set its communicator.
+    pub fn executor_mut(&mut self) -> &mut Executor<B> {
+        &mut self.exec
+    }
+
+    /// A state as last gathered, or this process's copy.
+    fn read(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        match self.gathered.borrow().get(name) {
+            Some(t) => Ok(t.clone()),
+            None => self.exec.read_state(name),
+        }
+    }
+
+    fn tag(&self, mb: u32, phase: Phase, from: u32, to: u32) -> i32 {
+        let s = self.plan.stages.len() as u32;
+        let p = Phase::ALL.iter().position(|&x| x == phase).expect("a phase") as u32;
+        (((mb * 3 + p) * s + from) * s + to) as i32
+    }
+
+    /// Runs `stage`'s `phase` program on micro-batch `mb`, if the stage has one.
+    #[allow(clippy::too_many_arguments)]
+    fn run_part(
+        &mut self,
+        mb: u32,
+        stage: u32,
+        phase: Phase,
+        feeds: &[HashMap<String, HostTensor>],
+        held: &mut HashMap<(u32, u32), HashMap<String, HostTensor>>,
+    ) -> Result<(), RuntimeError> {
+        let Some(p) = self.programs.get(&(stage, phase)) else { return Ok(()) };
+        let (name, inputs, outputs) = (p.name.clone(), p.inputs.clone(), p.outputs.clone());
+        let mut given = Vec::with_capacity(inputs.len());
+        for input in &inputs {
+            if let Some(t) = feeds[mb as usize].get(input) {
+                given.push(t.clone());
+                continue;
+            }
+            if !held.get(&(mb, stage)).is_some_and(|h| h.contains_key(input)) {
+                let Some((from_phase, from, _)) = cut::parse_sent(input) else {
+                    return Err(RuntimeError::BadOption(format!(
+                        "{name}: input `{input}` of micro-batch {mb} was never made (a kiln bug; please report it)"
+                    )));
+                };
+                let tag = self.tag(mb, from_phase, from, stage);
+                let what = format!(
+                    "stage {from}'s {} of micro-batch {mb} (rank {})",
+                    if from_phase == Phase::Forward { "activations" } else { "gradients" },
+                    self.rank_of_stage[from as usize]
+                );
+                let bytes = self.link.recv(self.rank_of_stage[from as usize], tag, &what);
+                let h = held.entry((mb, stage)).or_default();
+                for t in decode(&bytes)? {
+                    h.insert(t.name.clone(), t);
+                }
+            }
+            let t = held.get(&(mb, stage)).and_then(|h| h.get(input)).ok_or_else(|| {
+                RuntimeError::BadOption(format!(
+                    "{name}: stage input `{input}` did not come (a kiln bug; please report it)"
+                ))
+            })?;
+            given.push(t.clone());
+        }
+        self.exec.run(&name, &given)?;
+        let mut out_by_stage: HashMap<u32, Vec<HostTensor>> = HashMap::new();
+        for o in &outputs {
+            if o.starts_with(cut::SAVED_PREFIX) {
+                let t = self.exec.output(o)?;
+                held.entry((mb, stage)).or_default().insert(o.clone(), t);
+            } else if let Some((_, _, to)) = cut::parse_sent(o) {
+                out_by_stage.entry(to).or_default().push(self.exec.output(o)?);
+            }
+        }
+        let mut targets: Vec<u32> = out_by_stage.keys().copied().collect();
+        targets.sort();
+        for to in targets {
+            let tensors = out_by_stage.remove(&to).expect("a key");
+            let rank = self.rank_of_stage[to as usize];
+            if rank == self.link.rank {
+                let h = held.entry((mb, to)).or_default();
+                for t in tensors {
+                    h.insert(t.name.clone(), t);
+                }
+            } else {
+                let tag = self.tag(mb, phase, stage, to);
+                self.link.send(rank, tag, encode(&tensors));
+            }
+        }
+        // The stage's last program of the micro-batch: what it kept is no longer needed.
+        let last = Phase::ALL.iter().rev().find(|&&ph| self.programs.contains_key(&(stage, ph)));
+        if last == Some(&phase) {
+            held.remove(&(mb, stage));
+        }
+        Ok(())
+    }
+
+    fn step_all(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        let m = self.plan.micro_batches as usize;
+        let parts = split(rows, m)?;
+        let mut names: Vec<String> = self.programs.values().flat_map(|p| p.inputs.iter().cloned()).collect();
+        names.sort();
+        names.dedup();
+        let mut feeds = Vec::with_capacity(m);
+        for (i, part) in parts.iter().enumerate() {
+            let mut f: HashMap<String, HostTensor> =
+                step_inputs(&names, part, lr)?.into_iter().map(|t| (t.name.clone(), t)).collect();
+            let keep = if i == 0 { 0.0 } else { 1.0 };
+            f.insert(ACCUMULATE_KEEP.into(), scalar(ACCUMULATE_KEEP, keep));
+            feeds.push(f);
+        }
+        let mut held = HashMap::new();
+        let rank = self.link.rank as usize;
+        let chunks: Vec<u32> = self.plan.ranks[rank].stages.clone();
+        let list = self.plan.lists.ranks[rank].clone();
+        for instr in &list {
+            let stage = |w: &Work| chunks[w.chunk.0 as usize];
+            match instr {
+                Instr::Forward(w) => self.run_part(w.mb.0, stage(w), Phase::Forward, &feeds, &mut held)?,
+                Instr::BackwardInput(w) => {
+                    self.run_part(w.mb.0, stage(w), Phase::Backward, &feeds, &mut held)?
+                }
+                Instr::Weight(w) => self.run_part(w.mb.0, stage(w), Phase::Weight, &feeds, &mut held)?,
+                Instr::Backward(w) => {
+                    self.run_part(w.mb.0, stage(w), Phase::Backward, &feeds, &mut held)?;
+                    self.run_part(w.mb.0, stage(w), Phase::Weight, &feeds, &mut held)?;
+                }
+                Instr::ForwardBackward { forward, backward } => {
+                    self.run_part(forward.mb.0, stage(forward), Phase::Forward, &feeds, &mut held)?;
+                    self.run_part(backward.mb.0, stage(backward), Phase::Backward, &feeds, &mut held)?;
+                    self.run_part(backward.mb.0, stage(backward), Phase::Weight, &feeds, &mut held)?;
+                }
+                // Data moves when it is made and when it is needed (above).
+                Instr::SendActivation(_)
+                | Instr::RecvActivation(_)
+                | Instr::SendGradient(_)
+                | Instr::RecvGradient(_) => {}
+            }
+        }
+        self.link.flush();
+        if !held.is_empty() {
+            return Err(RuntimeError::BadOption(
+                "a pipeline step ended with micro-batches whose backward never ran (a kiln bug; please report it)"
+                    .into(),
+            ));
+        }
+        let mut feeds = vec![scalar(MICRO_BATCHES, m as f32), scalar("lr", lr)];
+        feeds.retain(|t| self.update.inputs.contains(&t.name));
+        let name = self.update.name.clone();
+        self.exec.run(&name, &feeds)?;
+        let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
+        for o in &self.update.outputs {
+            let wanted =
+                o == "loss" || o == "grad_norm" || o.starts_with("load.") || o.starts_with("grad_norm.");
+            if wanted {
+                outputs.push((o.clone(), f32s(self.exec.output(o)?)));
+            }
+        }
+        // Rank 0 reports the step: the other ranks' loads and layer norms join its own.
+        if rank == 0 {
+            for r in 1..self.link.size {
+                let bytes = self.link.recv(r, REPORT_TAG, &format!("rank {r}'s report of the step"));
+                for t in decode(&bytes)? {
+                    if t.name != "loss" && t.name != "grad_norm" {
+                        outputs.push((t.name.clone(), f32s(t)));
+                    }
+                }
+            }
+        } else {
+            let tensors: Vec<HostTensor> = (outputs.iter())
+                .map(|(n, v)| HostTensor {
+                    name: n.clone(),
+                    dtype: DType::F32,
+                    shape: vec![v.len() as u64],
+                    data: HostData::F32(v.clone()),
+                })
+                .collect();
+            self.link.send(0, REPORT_TAG, encode(&tensors));
+            self.link.flush();
+        }
+        Ok(stats(outputs.iter().map(|(n, v)| (n.as_str(), v.clone()))))
+    }
+}
+
+fn scalar(name: &str, v: f32) -> HostTensor {
+    HostTensor { name: name.into(), dtype: DType::F32, shape: Vec::new(), data: HostData::F32(vec![v]) }
+}
+
+fn f32s(t: HostTensor) -> Vec<f32> {
+    match t.data {
+        HostData::F32(v) => v,
+        HostData::I64(v) => v.into_iter().map(|x| x as f32).collect(),
+    }
+}
+
+impl<B: Backend> Steps for PipelineTrainer<B> {
+    fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+        self.gathered.borrow_mut().clear();
+        self.step_all(rows, lr)
+    }
+
+    fn take_comm_stats(&mut self) -> kiln_runtime::comm::CommStats {
+        self.exec.take_comm_stats()
+    }
+
+    /// This process's copy of every trained weight and bias: rank 0's is whole after
+    /// [`Steps::states`] (which every rank calls before a checkpoint) gathered the other stages'.
+    fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        let manifest = self.exec.manifest();
+        let trained = manifest.states.iter().filter(|s| {
+            matches!(s.role, kiln_ir::module::StateRole::Trainable | kiln_ir::module::StateRole::RoutingBias)
+        });
+        trained.map(|s| self.read(&s.name)).collect()
+    }
+
+    /// The states kept besides the weights. Every rank calls it (a checkpoint, a rollback
+    /// point): each sends its stages' states to rank 0, which takes them into its own copy, so
+    /// that rank 0's states and weights are the whole model's.
+    fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
+        // `&self`: the states travel through a link of its own for this call.
+        let mut link = Link::new(self.link.comm.duplicate(), self.link.timeout);
+        let rank = self.link.rank;
+        let mut gathered = Vec::new();
+        if rank == 0 {
+            for r in 1..self.link.size {
+                let bytes = link.recv(r, STATES_TAG, &format!("rank {r}'s states for a checkpoint"));
+                gathered.extend(decode(&bytes)?);
+            }
+        } else {
+            let mine: Vec<HostTensor> = (self.states_of_rank[rank as usize].iter())
+                .map(|n| self.exec.read_state(n))
+                .collect::<Result<_, _>>()?;
+            link.send(0, STATES_TAG, encode(&mine));
+            link.flush();
+        }
+        // Rank 0 keeps them until the next step, for `weights` (which has no peer to ask).
+        {
+            let mut copy = self.gathered.borrow_mut();
+            copy.clear();
+            copy.extend(gathered.into_iter().map(|t| (t.name.clone(), t)));
+        }
+        let manifest = self.exec.manifest();
+        let kept = manifest.states.iter().filter(|s| kiln_runtime::train::kept(s.role));
+        kept.map(|s| self.read(&s.name)).collect()
+    }
+
+    fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {
+        self.gathered.borrow_mut().remove(&value.name);
+        self.exec.write_state(&value)
+    }
+
+    fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        self.read(name)
+    }
+
+    fn step_checked(
+        &mut self,
+        _rows: &TokenRows,
+        _lr: f32,
+    ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
+        Err(RuntimeError::BadOption(
+            "finding the first non-finite launch runs the step on one process: rerun the step without --pp"
+                .into(),
+        ))
+    }
+}
