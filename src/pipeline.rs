@@ -43,6 +43,8 @@ use mpi::topology::{Communicator as _, SimpleCommunicator};
 /// The tag of a rank's step report to rank 0, and of its states.
 const REPORT_TAG: i32 = 32000;
 const STATES_TAG: i32 = 32001;
+/// The tag of the updated weights a rank sends to the ranks that read them.
+const WEIGHTS_TAG: i32 = 32002;
 
 /// The MPI side of a pipeline rank: point-to-point messages between ranks.
 pub struct Link {
@@ -226,6 +228,9 @@ fn decode(bytes: &[u8]) -> Result<Vec<HostTensor>, RuntimeError> {
     Ok(out)
 }
 
+/// A rank that reads a weight another rank updates: (reader, owner, state).
+type Read = (u32, u32, String);
+
 /// One stage program: its name and inputs.
 struct StageProgram {
     name: String,
@@ -244,6 +249,10 @@ pub struct PipelineTrainer<B: Backend> {
     update: StageProgram,
     /// The states of each rank's stages, by name.
     states_of_rank: Vec<Vec<String>>,
+    /// The weights this rank reads and another updates (the embedding the MTP module looks up), by
+    /// the rank that updates them; and the weights this rank updates that others read, by reader.
+    reads: Vec<(u32, Vec<String>)>,
+    sends: Vec<(u32, Vec<String>)>,
     /// On rank 0, the other ranks' states as [`Steps::states`] last gathered them (cleared by a
     /// step).
     gathered: std::cell::RefCell<HashMap<String, HostTensor>>,
@@ -291,25 +300,57 @@ impl<B: Backend> PipelineTrainer<B> {
             }
         }
         let update = describe(&cut::update_name(link.rank))?;
-        // Each rank's states: those its update program or stage programs write.
+        // The states each program reads and writes, from the manifest (the executor lists the
+        // caller's inputs and outputs only).
+        let manifest = exec.manifest();
+        let declared: std::collections::HashSet<&str> =
+            manifest.states.iter().map(|s| s.name.as_str()).collect();
+        let state_io = |name: &str, outputs: bool| -> Vec<String> {
+            let Some(p) = manifest.programs.iter().find(|p| p.name == name) else { return Vec::new() };
+            let list = if outputs { &p.outputs } else { &p.inputs };
+            list.iter().map(|b| b.name.clone()).filter(|n| declared.contains(n.as_str())).collect()
+        };
+        let stage_programs = |r: &kiln_ir::artifact::RankEntry| -> Vec<String> {
+            let names = r.stages.iter().flat_map(|&s| Phase::ALL.map(|ph| cut::program_name(s, ph)));
+            names.chain([cut::update_name(r.rank)]).collect()
+        };
+        // Each rank's states: those its programs write.
         let mut states_of_rank = Vec::new();
         for r in &plan.ranks {
-            let mut names: Vec<String> = exec.outputs(&cut::update_name(r.rank))?;
-            for &s in &r.stages {
-                for phase in Phase::ALL {
-                    if let Some(p) = programs.get(&(s, phase)) {
-                        names.extend(p.outputs.iter().cloned());
-                    }
-                }
-            }
-            let declared: std::collections::HashSet<&str> =
-                exec.manifest().states.iter().map(|s| s.name.as_str()).collect();
-            names.retain(|n| declared.contains(n.as_str()));
+            let mut names: Vec<String> = stage_programs(r).iter().flat_map(|p| state_io(p, true)).collect();
             names.sort();
             names.dedup();
             states_of_rank.push(names);
         }
+        // Who reads whose weights: a stage program's state input another rank writes.
+        let owner = |name: &str| states_of_rank.iter().position(|names| names.iter().any(|n| n == name));
+        let mut pairs: Vec<Read> = Vec::new();
+        for r in &plan.ranks {
+            for input in stage_programs(r).iter().flat_map(|p| state_io(p, false)) {
+                if let Some(o) = owner(&input).filter(|&o| o as u32 != r.rank) {
+                    pairs.push((r.rank, o as u32, input));
+                }
+            }
+        }
+        pairs.sort();
+        pairs.dedup();
+        let group = |key: &dyn Fn(&Read) -> Option<u32>| {
+            let mut out: Vec<(u32, Vec<String>)> = Vec::new();
+            for p in &pairs {
+                let Some(k) = key(p) else { continue };
+                match out.iter_mut().find(|(r, _)| *r == k) {
+                    Some((_, names)) => names.push(p.2.clone()),
+                    None => out.push((k, vec![p.2.clone()])),
+                }
+            }
+            out
+        };
+        let me = link.rank;
+        let reads = group(&|p| (p.0 == me).then_some(p.1));
+        let sends = group(&|p| (p.1 == me).then_some(p.0));
         Ok(PipelineTrainer {
+            reads,
+            sends,
             exec,
             link,
             plan,
@@ -477,6 +518,19 @@ impl<B: Backend> PipelineTrainer<B> {
                 outputs.push((o.clone(), f32s(self.exec.output(o)?)));
             }
         }
+        // The updated weights other ranks read, to them; those this rank reads, from their owners.
+        for (to, names) in self.sends.clone() {
+            let tensors: Vec<HostTensor> =
+                names.iter().map(|n| self.exec.read_state(n)).collect::<Result<_, _>>()?;
+            self.link.send(to, WEIGHTS_TAG, encode(&tensors));
+        }
+        for (from, _) in self.reads.clone() {
+            let bytes = self.link.recv(from, WEIGHTS_TAG, &format!("rank {from}'s updated weights"));
+            for t in decode(&bytes)? {
+                self.exec.write_state(&t)?;
+            }
+        }
+        self.link.flush();
         // Rank 0 reports the step: the other ranks' loads and layer norms join its own.
         if rank == 0 {
             for r in 1..self.link.size {

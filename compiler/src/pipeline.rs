@@ -16,9 +16,16 @@
 //! stage's, the final norm's and the head's the last one's; `grad.acc.{p}` and `load.acc.{scope}`
 //! follow `p` and `scope`), a node by its scope (`model.layers.3.mlp`), and any other node by its
 //! operands: the latest of their stages for a forward node (the embedding lookup follows its
-//! table, the head its input), the earliest for a backward one (the embedding's gradient follows
-//! the gradient it scatters). A node whose operands are all caller inputs or constants is
+//! table, the head its input); a backward node outside the layers goes to the latest stage among
+//! its users and the states it reads (the final norm's gradient where the norm's weight is, the
+//! embedding's scatter where its accumulator is), and one that writes a state where the state is. A node whose operands are all caller inputs or constants is
 //! replicated: every program that needs it computes it.
+//!
+//! A stage may read another stage's weight: the MTP modules, on the last stage, look their tokens
+//! up in the embedding, which the first stage holds and updates. The weight's gradient there is an
+//! ordinary value sent back to the first stage (the whole table's, once per micro-batch; Megatron
+//! instead sums tied embeddings' gradients once per step), and the runtime sends the updated weight
+//! to the reading rank after each step.
 //!
 //! A value used outside its own program becomes an output there and an input where it is used:
 //! `pp.saved.{v}` between programs of one stage (activations the forward keeps for the backward,
@@ -206,16 +213,9 @@ fn transfer_name(v: ValueId, stage: u32, phase: Phase, to: u32) -> String {
 /// programs come in stage order, F, B, W within a stage; a part with no node has no program.
 pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<StageProgram>, PipelineError> {
     let order = acc.nodes();
-    // The forward pass: what the micro-batch's loss and the routers' loads depend on. The loss is
-    // the second operand of the loss accumulator's add (`train::accumulate_step`).
-    let output = |name: &str| acc.outputs().iter().find(|(n, _)| n == name).map(|&(_, v)| v);
-    let acc_add = output(crate::train::LOSS_ACC)
+    // The forward pass: what the micro-batch's loss and the routers' loads depend on.
+    let loss = crate::passes::rematerialize::micro_batch_loss(acc)
         .ok_or_else(|| PipelineError::Internal("the accumulate program has no loss accumulator".into()))?;
-    let add = acc.node(acc.producer(acc_add));
-    let loss = match (&add.op, add.inputs.as_slice()) {
-        (Op::Binary(kiln_ir::BinaryOp::Add), [_, loss]) => *loss,
-        _ => return Err(PipelineError::Internal("the loss accumulator is not `acc * keep + loss`".into())),
-    };
     let mut roots = vec![loss];
     roots.extend(
         (acc.outputs().iter()).filter(|(n, _)| n.starts_with(crate::build::LOAD_ACC_PREFIX)).map(|&(_, v)| v),
@@ -230,6 +230,7 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
 
     // Stages, in graph order (operands first).
     let mut home: HashMap<NodeId, Home> = HashMap::new();
+    let mut deferred: Vec<NodeId> = Vec::new();
     for &n in &order {
         let node = acc.node(n);
         let phase = if forward.contains(&n) { Phase::Forward } else { Phase::Backward };
@@ -254,30 +255,24 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
                 })
             }
             _ => {
-                // A backward node follows its gradient operands where it has any (the final
-                // norm's gradient is the head's, though it reads the last layer's output).
-                let stages = |backward_only: bool| -> Vec<u32> {
-                    (node.inputs.iter())
-                        .filter_map(|&v| match home[&acc.producer(v)] {
-                            Home::Part(s, p) if !backward_only || p != Phase::Forward => Some(s),
-                            Home::State(s) if !backward_only => Some(s),
-                            _ => None,
-                        })
-                        .collect()
-                };
-                let operands = match phase {
-                    Phase::Forward => stages(false),
-                    _ => Some(stages(true)).filter(|s| !s.is_empty()).unwrap_or_else(|| stages(false)),
-                };
+                let operands: Vec<u32> = (node.inputs.iter())
+                    .filter_map(|&v| match home[&acc.producer(v)] {
+                        Home::Part(s, _) | Home::State(s) => Some(s),
+                        Home::Replicated => None,
+                    })
+                    .collect();
                 match node.scope.as_deref().and_then(|s| cut.of_scope(s)) {
                     Some(s) => Home::Part(s, phase),
                     None if operands.is_empty() => Home::Replicated,
+                    // The latest stage of its operands: the embedding lookup follows its table,
+                    // the head its input.
+                    None if phase == Phase::Forward => {
+                        Home::Part(*operands.iter().max().expect("some"), phase)
+                    }
+                    // A backward node outside the layers is placed by its users, below.
                     None => {
-                        let s = match phase {
-                            Phase::Forward => operands.iter().max(),
-                            _ => operands.iter().min(),
-                        };
-                        Home::Part(*s.expect("not empty"), phase)
+                        deferred.push(n);
+                        Home::Part(0, phase)
                     }
                 }
             }
@@ -290,6 +285,30 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
         for &v in &acc.node(n).inputs {
             users.entry(acc.producer(v)).or_default().push(n);
         }
+    }
+    // A backward node outside the decoder layers (the loss's, the head's, the final norm's and
+    // its recomputation, the embedding's, the accumulators') runs on the latest stage among its
+    // users and the states it reads, users first: the final norm's gradient where the norm's weight
+    // is, though it reads the last layer's output; the embedding's scatter where its accumulator
+    // is. One that writes a state runs where the state is.
+    let written: HashMap<NodeId, u32> = (acc.outputs().iter())
+        .filter(|(name, _)| states.contains(name.as_str()))
+        .filter_map(|(name, v)| Some((acc.producer(*v), cut.of_name(name)?)))
+        .collect();
+    for &n in deferred.iter().rev() {
+        let by_users = (users.get(&n).into_iter().flatten()).filter_map(|u| match home[u] {
+            Home::Part(s, _) => Some(s),
+            _ => None,
+        });
+        let by_states = (acc.node(n).inputs.iter()).filter_map(|&v| match home[&acc.producer(v)] {
+            Home::State(s) => Some(s),
+            _ => None,
+        });
+        let s = match written.get(&n) {
+            Some(&s) => s,
+            None => by_users.chain(by_states).max().unwrap_or(cut.head()),
+        };
+        home.insert(n, Home::Part(s, Phase::Backward));
     }
     // B or W: a backward node is B when another stage needs it, or a B node does.
     let stage_of = |h: Home| match h {
@@ -335,7 +354,7 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
             let m = acc.producer(v);
             let (a, pa) = match home[&m] {
                 Home::Part(a, pa) => (a, pa),
-                Home::State(a) if a != b => return Err(shared(acc, m, a, b)),
+                Home::State(a) if a != b && !weight(acc, m) => return Err(shared(acc, m, a, b)),
                 _ => continue,
             };
             let fine = match (pa, pb) {
@@ -391,7 +410,18 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
     Ok(programs)
 }
 
-/// A state or parameter of stage `a` read by stage `b`.
+/// Whether `m` reads a weight (a trained parameter or a router's bias), which another stage may read
+/// too (the MTP modules' embedding lookup, on the last stage, reads the first stage's table): the
+/// runtime sends the updated weight to the reading rank after each step. An accumulator may not.
+fn weight(acc: &Graph, m: NodeId) -> bool {
+    let accumulators = [crate::train::GRAD_ACC_PREFIX, crate::build::LOAD_ACC_PREFIX, crate::train::LOSS_ACC];
+    match &acc.node(m).op {
+        Op::Input { name } | Op::Param { name } => !accumulators.iter().any(|p| name.starts_with(p)),
+        _ => false,
+    }
+}
+
+/// A state of stage `a` that stage `b` may not read.
 fn shared(acc: &Graph, m: NodeId, a: u32, b: u32) -> PipelineError {
     let name = match &acc.node(m).op {
         Op::Input { name } | Op::Param { name } => name.clone(),
@@ -399,10 +429,7 @@ fn shared(acc: &Graph, m: NodeId, a: u32, b: u32) -> PipelineError {
     };
     PipelineError::Unplaced {
         name,
-        why: format!(
-            "stages {a} and {b} both read it, and a weight shared between stages is not split yet (the MTP \
-             modules share the embedding and the head with the main model: train without --mtp-lambda under --pp)"
-        ),
+        why: format!("an accumulator of stage {a} read by stage {b}: a stage accumulates only its own sums"),
     }
 }
 
@@ -448,13 +475,12 @@ fn part_graph(
                     map.insert(r, x);
                 }
             }
-            Home::State(a) if a == stage => {
+            Home::State(_) => {
                 let types = vec![acc.ty(v).clone()];
                 let (_, rs) =
                     g.add_node(node.op.clone(), &[], types, node.scope.as_deref()).map_err(internal)?;
                 map.insert(v, rs[0]);
             }
-            Home::State(a) => return Err(shared(acc, m, a, stage)),
             Home::Part(a, pa) => {
                 let op = Op::Input { name: transfer_name(v, a, pa, stage) };
                 let (_, rs) = g.add_node(op, &[], vec![acc.ty(v).clone()], None).map_err(internal)?;

@@ -23,6 +23,7 @@ mod partition;
 mod passes;
 mod passes_equiv;
 mod perplexity;
+mod pipeline;
 mod readme;
 mod remat;
 mod runtime;

@@ -188,9 +188,25 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     Ok(trace)
 }
 
-/// A train step's forward pass: the nodes the output `loss` depends on (`None` without one).
+/// The loss of a train step's batch: the output `loss`, or in an `accumulate` program, which
+/// outputs the loss's accumulator instead, the loss that program adds (`acc * keep + loss`, see
+/// `train::accumulate_step`). `None` for any other program.
+pub fn micro_batch_loss(graph: &Graph) -> Option<ValueId> {
+    let output = |name: &str| graph.outputs().iter().find(|(n, _)| n == name).map(|&(_, v)| v);
+    if let Some(loss) = output("loss") {
+        return Some(loss);
+    }
+    let add = graph.node(graph.producer(output(crate::train::LOSS_ACC)?));
+    match (&add.op, add.inputs.as_slice()) {
+        (Op::Binary(kiln_ir::BinaryOp::Add), [_, loss]) => Some(*loss),
+        _ => None,
+    }
+}
+
+/// A train step's forward pass: the nodes its loss ([`micro_batch_loss`]) depends on (`None`
+/// without one).
 pub(super) fn forward_pass(graph: &Graph) -> Option<HashSet<NodeId>> {
-    let &(_, loss) = graph.outputs().iter().find(|(n, _)| n == "loss")?;
+    let loss = micro_batch_loss(graph)?;
     let mut forward: HashSet<NodeId> = HashSet::new();
     let mut stack = vec![graph.producer(loss)];
     while let Some(n) = stack.pop() {
