@@ -634,7 +634,7 @@ struct TrainArgs {
     /// process with the same micro-batches).
     #[arg(long, value_name = "N")]
     pp: Option<usize>,
-    /// With --pp: the pipeline schedule, `1f1b` (default) or `zb1p`.
+    /// With --pp: the pipeline schedule, `1f1b` (default), `zb1p`, `dualpipe` or `dualpipev`.
     #[arg(long, value_name = "NAME", requires = "pp")]
     pp_schedule: Option<String>,
     /// How long a process waits for the others in a collective before it ends the job.
@@ -686,13 +686,6 @@ fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
         bail!("--pp 0: give the number of pipeline processes, at least 1");
     }
     let kind = Kind::parse(args.pp_schedule.as_deref().unwrap_or("1f1b"))?;
-    if !matches!(kind, Kind::OneFOneB | Kind::Zb1p) {
-        bail!(
-            "--pp-schedule {}: training runs 1f1b and zb1p; a schedule with two stages per rank (dualpipe, \
-             dualpipev) is simulated by `kiln schedule` and not run yet",
-            kind.name()
-        );
-    }
     if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
         bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
     }

@@ -45,6 +45,8 @@ const REPORT_TAG: i32 = 32000;
 const STATES_TAG: i32 = 32001;
 /// The tag of the updated weights a rank sends to the ranks that read them.
 const WEIGHTS_TAG: i32 = 32002;
+/// The tag of DualPipe's exchange of accumulators between the two copies of a stage.
+const COPIES_TAG: i32 = 32003;
 
 /// The MPI side of a pipeline rank: point-to-point messages between ranks.
 pub struct Link {
@@ -243,8 +245,13 @@ pub struct PipelineTrainer<B: Backend> {
     exec: Executor<B>,
     link: Link,
     plan: ParallelPlan,
-    /// The rank that holds each stage.
-    rank_of_stage: Vec<u32>,
+    /// Whether every stage is held twice, by ranks `r` and `pp - 1 - r` (DualPipe's two
+    /// directions): their accumulators are summed before the update.
+    copies: bool,
+    /// The accumulators this rank's stage programs write, in name order.
+    accumulators: Vec<String>,
+    /// The (stage, phase) programs run so far in this step.
+    started: std::collections::HashSet<(u32, Phase)>,
     programs: HashMap<(u32, Phase), StageProgram>,
     update: StageProgram,
     /// The states of each rank's stages, by name.
@@ -277,12 +284,7 @@ impl<B: Backend> PipelineTrainer<B> {
                 plan.micro_batches
             )));
         }
-        let mut rank_of_stage = vec![0u32; stages];
-        for r in &plan.ranks {
-            for &s in &r.stages {
-                rank_of_stage[s as usize] = r.rank;
-            }
-        }
+        let copies = plan.lists.lanes.len() > 1;
         let describe = |name: &str| -> Result<StageProgram, RuntimeError> {
             Ok(StageProgram {
                 name: name.to_string(),
@@ -348,13 +350,21 @@ impl<B: Backend> PipelineTrainer<B> {
         let me = link.rank;
         let reads = group(&|p| (p.0 == me).then_some(p.1));
         let sends = group(&|p| (p.1 == me).then_some(p.0));
+        let mut accumulators: Vec<String> = (plan.ranks[me as usize].stages.iter())
+            .flat_map(|&s| Phase::ALL.map(|ph| cut::program_name(s, ph)))
+            .flat_map(|p| state_io(&p, true))
+            .collect();
+        accumulators.sort();
+        accumulators.dedup();
         Ok(PipelineTrainer {
+            accumulators,
+            started: Default::default(),
             reads,
             sends,
             exec,
             link,
             plan,
-            rank_of_stage,
+            copies,
             programs,
             update,
             states_of_rank,
@@ -373,6 +383,44 @@ impl<B: Backend> PipelineTrainer<B> {
             Some(t) => Ok(t.clone()),
             None => self.exec.read_state(name),
         }
+    }
+
+    /// DualPipe: adds the accumulators of the partner rank (`pp - 1 - r`, which holds the same
+    /// stages for the other direction) to this rank's, so both make the same update. `a + b` on
+    /// one and `b + a` on the other are the same floats.
+    fn sum_copies(&mut self) -> Result<(), RuntimeError> {
+        let me = self.link.rank;
+        let partner = self.plan.pp - 1 - me;
+        if partner == me {
+            return Ok(());
+        }
+        let names = self.accumulators.clone();
+        let mine: Vec<HostTensor> =
+            names.iter().map(|n| self.exec.read_state(n)).collect::<Result<_, _>>()?;
+        self.link.send(partner, COPIES_TAG, encode(&mine));
+        let bytes =
+            self.link.recv(partner, COPIES_TAG, &format!("rank {partner}'s gradients of the same stages"));
+        for (t, theirs) in mine.into_iter().zip(decode(&bytes)?) {
+            let (HostData::F32(a), HostData::F32(b)) = (&t.data, &theirs.data) else {
+                return Err(RuntimeError::BadOption(format!("accumulator `{}` is not a float", t.name)));
+            };
+            if t.name != theirs.name || a.len() != b.len() {
+                return Err(RuntimeError::BadOption(format!(
+                    "rank {partner} sent `{}` for `{}` (a kiln bug; please report it)",
+                    theirs.name, t.name
+                )));
+            }
+            let sum = a.iter().zip(b).map(|(x, y)| x + y).collect();
+            self.exec.write_state(&HostTensor { data: HostData::F32(sum), ..t })?;
+        }
+        self.link.flush();
+        Ok(())
+    }
+
+    /// The rank that runs `stage` for micro-batch `mb`: its lane's slot.
+    fn rank_at(&self, mb: u32, stage: u32) -> u32 {
+        let lanes = &self.plan.lists;
+        lanes.lanes[lanes.lane_of[mb as usize] as usize][stage as usize].rank.0
     }
 
     fn tag(&self, mb: u32, phase: Phase, from: u32, to: u32) -> i32 {
@@ -394,7 +442,14 @@ impl<B: Backend> PipelineTrainer<B> {
         let Some(p) = self.programs.get(&(stage, phase)) else { return Ok(()) };
         let (name, inputs, outputs) = (p.name.clone(), p.inputs.clone(), p.outputs.clone());
         let mut given = Vec::with_capacity(inputs.len());
+        // Each accumulator starts its sum on the first micro-batch its program runs in the step
+        // (in DualPipe's reverse direction, not micro-batch 0).
+        let first = self.started.insert((stage, phase));
         for input in &inputs {
+            if input == ACCUMULATE_KEEP {
+                given.push(scalar(ACCUMULATE_KEEP, if first { 0.0 } else { 1.0 }));
+                continue;
+            }
             if let Some(t) = feeds[mb as usize].get(input) {
                 given.push(t.clone());
                 continue;
@@ -409,9 +464,9 @@ impl<B: Backend> PipelineTrainer<B> {
                 let what = format!(
                     "stage {from}'s {} of micro-batch {mb} (rank {})",
                     if from_phase == Phase::Forward { "activations" } else { "gradients" },
-                    self.rank_of_stage[from as usize]
+                    self.rank_at(mb, from)
                 );
-                let bytes = self.link.recv(self.rank_of_stage[from as usize], tag, &what);
+                let bytes = self.link.recv(self.rank_at(mb, from), tag, &what);
                 let h = held.entry((mb, stage)).or_default();
                 for t in decode(&bytes)? {
                     h.insert(t.name.clone(), t);
@@ -438,7 +493,7 @@ impl<B: Backend> PipelineTrainer<B> {
         targets.sort();
         for to in targets {
             let tensors = out_by_stage.remove(&to).expect("a key");
-            let rank = self.rank_of_stage[to as usize];
+            let rank = self.rank_at(mb, to);
             if rank == self.link.rank {
                 let h = held.entry((mb, to)).or_default();
                 for t in tensors {
@@ -464,13 +519,12 @@ impl<B: Backend> PipelineTrainer<B> {
         names.sort();
         names.dedup();
         let mut feeds = Vec::with_capacity(m);
-        for (i, part) in parts.iter().enumerate() {
-            let mut f: HashMap<String, HostTensor> =
+        for part in &parts {
+            let f: HashMap<String, HostTensor> =
                 step_inputs(&names, part, lr)?.into_iter().map(|t| (t.name.clone(), t)).collect();
-            let keep = if i == 0 { 0.0 } else { 1.0 };
-            f.insert(ACCUMULATE_KEEP.into(), scalar(ACCUMULATE_KEEP, keep));
             feeds.push(f);
         }
+        self.started.clear();
         let mut held = HashMap::new();
         let rank = self.link.rank as usize;
         let chunks: Vec<u32> = self.plan.ranks[rank].stages.clone();
@@ -505,6 +559,9 @@ impl<B: Backend> PipelineTrainer<B> {
                 "a pipeline step ended with micro-batches whose backward never ran (a kiln bug; please report it)"
                     .into(),
             ));
+        }
+        if self.copies {
+            self.sum_copies()?;
         }
         let mut feeds = vec![scalar(MICRO_BATCHES, m as f32), scalar("lr", lr)];
         feeds.retain(|t| self.update.inputs.contains(&t.name));

@@ -580,17 +580,9 @@ const FUSE_KERNELS_PASS: &str = "fuse-kernels";
 /// `accumulate` program, and each rank's optimizer step over the parameters of its stages.
 fn cut_into_stages(module: &mut Module, spec: &ModelSpec, options: &Options) -> Result<(), CompileError> {
     use crate::pipeline::{self, Cut};
-    use crate::schedule::Kind;
-    let (Some(t), Some(p)) = (&options.train, options.parallel) else { return Ok(()) };
+    let (Some(t), Some(_)) = (&options.train, options.parallel) else { return Ok(()) };
     if module.programs.iter().any(|p| p.name.starts_with("stage.")) {
         return Ok(());
-    }
-    if matches!(p.kind, Kind::DualPipe | Kind::DualPipeV) {
-        return Err(CompileError::Options(format!(
-            "--train --pp --schedule {}: running a schedule with two stages per rank is not built yet; \
-             train with --schedule 1f1b or zb1p (kiln schedule simulates {0})",
-            p.kind.name()
-        )));
     }
     if t.data_parallel {
         return Err(CompileError::Options(
@@ -638,9 +630,17 @@ fn cut_into_stages(module: &mut Module, spec: &ModelSpec, options: &Options) -> 
             routers.push(crate::train::StageRouter { scope: scope.to_string(), bias, experts });
         }
         let head = r.stages.iter().any(|&s| plan.stages[s as usize].head);
-        let graph =
-            crate::train::pipeline_update(&params, &routers, head, &t.optimizer, t.losses.bias_update_speed)
-                .map_err(|e| CompileError::Options(e.to_string()))?;
+        // DualPipe holds every stage twice (one copy per direction): each rank's sums count twice.
+        let copies = plan.lists.lanes.len() as u32;
+        let graph = crate::train::pipeline_update(
+            &params,
+            &routers,
+            head,
+            copies,
+            &t.optimizer,
+            t.losses.bias_update_speed,
+        )
+        .map_err(|e| CompileError::Options(e.to_string()))?;
         programs.push(Program { name: pipeline::update_name(r.rank), kind: ProgramKind::TrainStep, graph });
     }
     module.programs = programs;

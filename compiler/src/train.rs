@@ -190,7 +190,7 @@ pub fn train_step(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, false, false, false)
+    step_program(grads, frozen, opt, false, false, None)
 }
 
 /// The trained parameters of `g` (every parameter with a `grad.{name}` output, less `frozen`),
@@ -312,7 +312,7 @@ pub fn train_step_last(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, true, false, false)
+    step_program(grads, frozen, opt, true, false, None)
 }
 
 /// The communication group of data-parallel replicas, which [`Op::AllReduce`] sums over.
@@ -330,7 +330,7 @@ fn step_program(
     opt: &Optimizer,
     last: bool,
     data_parallel: bool,
-    pipeline: bool,
+    pipeline: Option<u32>,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
     for (name, v) in [("beta1", opt.beta1), ("beta2", opt.beta2)] {
         if !(0.0..1.0).contains(&v) {
@@ -471,7 +471,7 @@ fn step_program(
     // A pipeline rank holds some of the parameters: the ranks' sums make the global norm, and the
     // loss is the last stage's (the others add 0).
     // One sum of both, so that every rank sums the same values in the same message.
-    if pipeline {
+    if let Some(copies) = pipeline {
         let t = match total {
             Some(t) => t,
             None => b.c(0.0)?,
@@ -486,8 +486,15 @@ fn step_program(
         let types = kiln_ir::infer::infer(&split, &tys).map_err(|e| TrainError::Internal(e.to_string()))?;
         let (_, parts) = (b.g.add_node(split, &[summed], types, Some("optimizer")))
             .map_err(|e| TrainError::Internal(e.to_string()))?;
-        total = Some(b.node(Op::Reshape { shape: Vec::new() }, &[parts[0]])?);
-        loss = b.node(Op::Reshape { shape: Vec::new() }, &[parts[1]])?;
+        let (mut t, mut l) = (parts[0], parts[1]);
+        // Every stage held by `copies` ranks (DualPipe's two directions) is counted that often.
+        if copies > 1 {
+            let share = b.c(1.0 / f64::from(copies))?;
+            t = b.bin(BinaryOp::Mul, t, share)?;
+            l = b.bin(BinaryOp::Mul, l, share)?;
+        }
+        total = Some(b.node(Op::Reshape { shape: Vec::new() }, &[t])?);
+        loss = b.node(Op::Reshape { shape: Vec::new() }, &[l])?;
     }
     let zero = b.c(0.0)?;
     let norm = match total {
@@ -668,12 +675,14 @@ pub struct StageRouter {
 /// `params` (name and type) are `grad.acc.{p} / micro_batches`, the loss `loss.acc /
 /// micro_batches` on the rank that holds the head (`head`), and [`step_program`] updates them as
 /// one process would, with the global norm's squared sum and the loss summed over the pipeline's
-/// ranks ([`PP_GROUP`]). Each router's load over the step is output as `load.{scope}`, and with
+/// ranks ([`PP_GROUP`]) and divided by `copies`, the ranks that hold each stage (2 in DualPipe,
+/// whose partner ranks sum their accumulators first). Each router's load over the step is output as `load.{scope}`, and with
 /// `bias_update_speed` > 0 its bias moves by the rule of `build::balance`.
 pub fn pipeline_update(
     params: &[(String, TensorType)],
     routers: &[StageRouter],
     head: bool,
+    copies: u32,
     opt: &Optimizer,
     bias_update_speed: f64,
 ) -> Result<Graph, TrainError> {
@@ -718,7 +727,7 @@ pub fn pipeline_update(
     for (n, v) in outputs {
         g.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))?;
     }
-    let (step, _) = step_program(&g, &[], opt, false, false, true)?;
+    let (step, _) = step_program(&g, &[], opt, false, false, Some(copies))?;
     Ok(step)
 }
 
@@ -754,7 +763,7 @@ pub fn program(
     };
     let (step, mut states, info, accumulate) = if accumulate {
         let (grads, info) = differentiate(Part::Last)?;
-        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel, false)?;
+        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel, None)?;
         let (acc, acc_states) = accumulate_step(&differentiate(Part::Accumulate)?.0, &[])?;
         // Both programs declare the accumulators; the module holds each once.
         for s in acc_states {
@@ -765,7 +774,7 @@ pub fn program(
         (step, states, info, Some(acc))
     } else {
         let (grads, info) = differentiate(Part::Whole)?;
-        let (step, states) = step_program(&grads, &[], opt, false, data_parallel, false)?;
+        let (step, states) = step_program(&grads, &[], opt, false, data_parallel, None)?;
         (step, states, info, None)
     };
     states.extend(info.biases.into_iter().map(|(name, ty)| StateDecl {

@@ -308,8 +308,9 @@ fn split_master_weights_of_a_bf16_model_equal_the_unsplit_run() {
     assert_eq!(master.shape, vec![512, 64]);
 }
 
-/// `kiln train --pp N` under `mpirun -n N`: the stage programs, run in 1F1B's and ZB1P's orders
-/// with activations and gradients sent over MPI, take the one-process steps of the same
+/// `kiln train --pp N` under `mpirun -n N`: the stage programs, run in the order of each schedule
+/// (1F1B, ZB1P, DualPipe with its two directions and the partner ranks' gradients summed,
+/// DualPipeV's V), with activations and gradients sent over MPI, take the one-process steps of the same
 /// micro-batches (every loss term and the bias rule on: balance terms cross stages, and the MTP
 /// module on the last stage reads the first stage's embedding), and what the pipeline cannot run
 /// yet is refused by name.
@@ -329,7 +330,8 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(r.ok, "{}", r.stderr);
     let expected = logged(Path::new(&one));
-    for (n, schedule) in [("2", "1f1b"), ("2", "zb1p"), ("4", "1f1b")] {
+    let schedules = [("2", "1f1b"), ("2", "zb1p"), ("4", "1f1b"), ("2", "dualpipe"), ("2", "dualpipev")];
+    for (n, schedule) in schedules {
         let out = s.path(&format!("pp{n}-{schedule}")).display().to_string();
         let args = run(&out, &["--pp", n, "--pp-schedule", schedule]);
         let r = mpirun(
@@ -360,9 +362,9 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
             assert!(worst < 1e-4, "{}: {worst:e} relative apart", info.name);
         }
     }
-    // Refused before any step, by name: a two-stage-per-rank schedule.
-    let out = s.path("dualpipe").display().to_string();
-    let args = run(&out, &["--pp", "2", "--pp-schedule", "dualpipe"]);
+    // Refused before any step, by name: pipeline and data parallelism together.
+    let out = s.path("refused").display().to_string();
+    let args = run(&out, &["--pp", "2", "--dp", "2"]);
     let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!r.ok && r.stderr.contains("not run yet"), "{}", r.stderr);
+    assert!(!r.ok && r.stderr.contains("--pp with --dp"), "{}", r.stderr);
 }
