@@ -637,6 +637,10 @@ struct TrainArgs {
     /// With --pp: the pipeline schedule, `1f1b` (default), `zb1p`, `dualpipe` or `dualpipev`.
     #[arg(long, value_name = "NAME", requires = "pp")]
     pp_schedule: Option<String>,
+    /// With --pp: write the last step's measured timeline of every rank to FILE, a Chrome/Perfetto
+    /// trace, and beside it as SVG (FILE with the extension .svg).
+    #[arg(long, value_name = "FILE", requires = "pp")]
+    pp_trace: Option<PathBuf>,
     /// How long a process waits for the others in a collective before it ends the job.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     comm_timeout: f64,
@@ -690,7 +694,8 @@ fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
         bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
     }
     let d = dist::Dist::init_as("--pp", pp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
-    in_group(&d, &train::Request { pipeline: Some((&d, kind)), ..req })
+    crate::check_output_file(args.pp_trace.as_deref(), &[])?;
+    in_group(&d, &train::Request { pipeline: Some((&d, kind)), pp_trace: args.pp_trace.as_deref(), ..req })
 }
 
 /// The learning rate, its floor and schedule of a run when not given.
@@ -757,6 +762,7 @@ fn train_request<'a>(
         monitor: (*a.monitor).clone(),
         dist: None,
         pipeline: None,
+        pp_trace: None,
         zero1: a.zero1,
         recompute: !a.no_recompute,
         fp8_cache: !a.no_fp8_cache,

@@ -31,6 +31,7 @@ use kiln_ir::artifact::ParallelPlan;
 use kiln_ir::module::{ACCUMULATE_KEEP, MICRO_BATCHES};
 use kiln_ir::schedule::{Instr, Work};
 use kiln_ir::DType;
+use kiln_runtime::comm::CommStats;
 use kiln_runtime::data::TokenRows;
 use kiln_runtime::exec::{Backend, Executor, NonFinite};
 use kiln_runtime::train::{split, stats, step_inputs, StepStats, Steps};
@@ -47,6 +48,8 @@ const STATES_TAG: i32 = 32001;
 const WEIGHTS_TAG: i32 = 32002;
 /// The tag of DualPipe's exchange of accumulators between the two copies of a stage.
 const COPIES_TAG: i32 = 32003;
+/// The name of a step report's compute spans.
+const SPANS: &str = "pp.spans";
 
 /// The MPI side of a pipeline rank: point-to-point messages between ranks.
 pub struct Link {
@@ -56,6 +59,14 @@ pub struct Link {
     timeout: Duration,
     /// Sends under way, with their buffers.
     pending: Vec<Pending>,
+    /// What the received messages cost since the last [`Link::take_stats`].
+    stats: CommStats,
+}
+
+/// Microseconds since the Unix epoch: a clock every process of one machine shares (a message
+/// carries its send time, so the receiver knows how long it was in flight).
+fn wall_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 struct Pending {
@@ -79,7 +90,7 @@ impl Drop for Pending {
 impl Link {
     pub fn new(comm: SimpleCommunicator, timeout: Duration) -> Link {
         let (rank, size) = (comm.rank() as u32, comm.size() as u32);
-        Link { comm, rank, size, timeout, pending: Vec::new() }
+        Link { comm, rank, size, timeout, pending: Vec::new(), stats: CommStats::default() }
     }
 
     fn late(&self, what: &str) -> ! {
@@ -94,7 +105,9 @@ impl Link {
     }
 
     /// Hands `bytes` to MPI for rank `to`; returns at once.
-    fn send(&mut self, to: u32, tag: i32, bytes: Vec<u8>) {
+    fn send(&mut self, to: u32, tag: i32, mut bytes: Vec<u8>) {
+        // The send time, for the receiver's count of time in flight.
+        bytes.extend(wall_us().to_le_bytes());
         let buf: *mut [u8] = Box::into_raw(bytes.into_boxed_slice());
         // SAFETY: `buf` comes from `Box::into_raw` just above and is freed only by `Pending`'s drop,
         // after the request completed; nothing writes it meanwhile.
@@ -128,14 +141,35 @@ impl Link {
         }
     }
 
+    /// What the received messages cost since the last call: each message's time from its send to
+    /// its receipt (in flight, an upper bound: it may have waited, arrived, for the receiver to
+    /// need it) and the time the receiver stood waiting for it while it was in flight (a wait for
+    /// a message not yet sent is the pipeline's bubble, which the timeline shows).
+    fn take_stats(&mut self) -> CommStats {
+        std::mem::take(&mut self.stats)
+    }
+
     /// The next message from rank `from` with `tag`, waiting at most the timeout.
     fn recv(&mut self, from: u32, tag: i32, what: &str) -> Vec<u8> {
         let start = Instant::now();
+        let called = wall_us();
         let mut nap = Duration::from_micros(10);
         for tries in 0u32.. {
             let source = self.comm.process_at_rank(from as i32);
             if let Some(matched) = source.immediate_matched_probe_with_tag(tag) {
-                let (data, _) = matched.matched_receive_vec::<u8>();
+                let (mut data, _) = matched.matched_receive_vec::<u8>();
+                let sent = data.len().checked_sub(8).map_or(0, |at| {
+                    let t = u64::from_le_bytes(data[at..].try_into().expect("8 bytes"));
+                    data.truncate(at);
+                    t
+                });
+                // Waiting before the message was sent is the pipeline's dependency (its bubble),
+                // not communication: only the wait while it was in flight counts.
+                let now = wall_us();
+                self.stats.messages += 1;
+                self.stats.bytes += data.len() as u64;
+                self.stats.waited_ns += now.saturating_sub(called.max(sent)) * 1000;
+                self.stats.in_flight_ns += now.saturating_sub(sent) * 1000;
                 return data;
             }
             // Our own sends must progress while we wait, or two ranks sending to each other stall.
@@ -250,6 +284,8 @@ pub struct PipelineTrainer<B: Backend> {
     copies: bool,
     /// The accumulators this rank's stage programs write, in name order.
     accumulators: Vec<String>,
+    /// Where rank 0 writes each step's measured timeline (`kiln train --pp-trace`).
+    trace: Option<std::path::PathBuf>,
     /// The (stage, phase) programs run so far in this step.
     started: std::collections::HashSet<(u32, Phase)>,
     programs: HashMap<(u32, Phase), StageProgram>,
@@ -359,6 +395,7 @@ impl<B: Backend> PipelineTrainer<B> {
         Ok(PipelineTrainer {
             accumulators,
             started: Default::default(),
+            trace: None,
             reads,
             sends,
             exec,
@@ -372,6 +409,11 @@ impl<B: Backend> PipelineTrainer<B> {
         })
     }
 
+    /// Writes each step's measured timeline to `path` (a Chrome trace) and beside it as SVG.
+    pub fn set_trace(&mut self, path: Option<&std::path::Path>) {
+        self.trace = path.map(std::path::Path::to_path_buf);
+    }
+
     /// The executor, to set its communicator.
     pub fn executor_mut(&mut self) -> &mut Executor<B> {
         &mut self.exec
@@ -383,6 +425,65 @@ impl<B: Backend> PipelineTrainer<B> {
             Some(t) => Ok(t.clone()),
             None => self.exec.read_state(name),
         }
+    }
+
+    /// Writes the step's measured timeline: a Chrome/Perfetto trace at `path` and the SVG drawing
+    /// (`path` with the extension `svg`), as `kiln schedule` draws a simulated one, times in
+    /// milliseconds from the step's first compute step.
+    fn write_timeline(
+        &self,
+        path: &std::path::Path,
+        spans: &[(u32, HostTensor)],
+    ) -> Result<(), RuntimeError> {
+        use kiln_compiler::schedule::simulate::{Event, RankReport};
+        use kiln_ir::schedule::Rank;
+        let s = &self.plan.lists;
+        let mut events = Vec::new();
+        for (r, t) in spans {
+            let HostData::I64(v) = &t.data else { continue };
+            for e in v.chunks_exact(3) {
+                let instr = s.ranks[*r as usize][e[0] as usize];
+                events.push((*r, e[0] as usize, instr, e[1], e[2]));
+            }
+        }
+        let origin = events.iter().map(|e| e.3).min().unwrap_or(0);
+        let ms = |t: i64| (t - origin) as f64 / 1000.0;
+        let events: Vec<Event> = (events.into_iter())
+            .map(|(r, index, instr, a, b)| Event { rank: Rank(r), index, instr, start: ms(a), end: ms(b) })
+            .collect();
+        let makespan = events.iter().map(|e| e.end).fold(0.0, f64::max);
+        let ranks: Vec<RankReport> = (0..s.pp)
+            .map(|r| {
+                let mine = events.iter().filter(|e| e.rank.0 == r);
+                let busy: f64 = mine.clone().map(|e| e.end - e.start).sum();
+                RankReport {
+                    rank: Rank(r),
+                    busy,
+                    bubble: makespan - busy,
+                    first_start: mine.clone().map(|e| e.start).fold(f64::INFINITY, f64::min),
+                    last_end: mine.map(|e| e.end).fold(0.0, f64::max),
+                    peak_activations: 0,
+                    parameter_copies: s.parameter_copies(Rank(r)),
+                }
+            })
+            .collect();
+        let bubble = ranks.iter().map(|r| r.bubble).fold(0.0, f64::max);
+        let sim = kiln_compiler::schedule::Simulation { events, ranks, makespan };
+        let title = format!(
+            "{}, measured · {} ranks · {} micro-batches · step {:.1} ms · largest idle time of a rank {:.1} ms ({:.0}%)",
+            s.name,
+            s.pp,
+            s.micro_batches,
+            makespan,
+            bubble,
+            100.0 * bubble / makespan.max(f64::MIN_POSITIVE)
+        );
+        let io = |e: kiln_ir::output::OutputError| RuntimeError::BadOption(e.to_string());
+        let trace = crate::schedule::trace(s, &sim).to_string();
+        kiln_ir::output::write_file(path, trace.as_bytes()).map_err(io)?;
+        let svg = crate::schedule::svg_titled(s, &sim, &title);
+        kiln_ir::output::write_file(&path.with_extension("svg"), svg.as_bytes()).map_err(io)?;
+        Ok(())
     }
 
     /// DualPipe: adds the accumulators of the partner rank (`pp - 1 - r`, which holds the same
@@ -529,8 +630,11 @@ impl<B: Backend> PipelineTrainer<B> {
         let rank = self.link.rank as usize;
         let chunks: Vec<u32> = self.plan.ranks[rank].stages.clone();
         let list = self.plan.lists.ranks[rank].clone();
-        for instr in &list {
+        // Each compute step's wall-clock span: (index in the list, start, end), in microseconds.
+        let mut spans: Vec<i64> = Vec::new();
+        for (index, instr) in list.iter().enumerate() {
             let stage = |w: &Work| chunks[w.chunk.0 as usize];
+            let start = wall_us();
             match instr {
                 Instr::Forward(w) => self.run_part(w.mb.0, stage(w), Phase::Forward, &feeds, &mut held)?,
                 Instr::BackwardInput(w) => {
@@ -551,6 +655,9 @@ impl<B: Backend> PipelineTrainer<B> {
                 | Instr::RecvActivation(_)
                 | Instr::SendGradient(_)
                 | Instr::RecvGradient(_) => {}
+            }
+            if instr.is_compute() {
+                spans.extend([index as i64, start as i64, wall_us() as i64]);
             }
         }
         self.link.flush();
@@ -589,17 +696,29 @@ impl<B: Backend> PipelineTrainer<B> {
         }
         self.link.flush();
         // Rank 0 reports the step: the other ranks' loads and layer norms join its own.
+        let spans = HostTensor {
+            name: SPANS.into(),
+            dtype: DType::I64,
+            shape: vec![spans.len() as u64],
+            data: HostData::I64(spans),
+        };
         if rank == 0 {
+            let mut all_spans = vec![(0u32, spans)];
             for r in 1..self.link.size {
                 let bytes = self.link.recv(r, REPORT_TAG, &format!("rank {r}'s report of the step"));
                 for t in decode(&bytes)? {
-                    if t.name != "loss" && t.name != "grad_norm" {
+                    if t.name == SPANS {
+                        all_spans.push((r, t));
+                    } else if t.name != "loss" && t.name != "grad_norm" {
                         outputs.push((t.name.clone(), f32s(t)));
                     }
                 }
             }
+            if let Some(path) = &self.trace {
+                self.write_timeline(path, &all_spans)?;
+            }
         } else {
-            let tensors: Vec<HostTensor> = (outputs.iter())
+            let mut tensors: Vec<HostTensor> = (outputs.iter())
                 .map(|(n, v)| HostTensor {
                     name: n.clone(),
                     dtype: DType::F32,
@@ -607,6 +726,7 @@ impl<B: Backend> PipelineTrainer<B> {
                     data: HostData::F32(v.clone()),
                 })
                 .collect();
+            tensors.push(spans);
             self.link.send(0, REPORT_TAG, encode(&tensors));
             self.link.flush();
         }
@@ -631,8 +751,10 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         self.step_all(rows, lr)
     }
 
-    fn take_comm_stats(&mut self) -> kiln_runtime::comm::CommStats {
-        self.exec.take_comm_stats()
+    fn take_comm_stats(&mut self) -> CommStats {
+        let mut stats = self.exec.take_comm_stats();
+        stats.add(&self.link.take_stats());
+        stats
     }
 
     /// This process's copy of every trained weight and bias: rank 0's is whole after

@@ -205,18 +205,8 @@ const PLOT_WIDTH: f64 = 1400.0;
 
 /// The timeline: a row per rank, a box per compute step, its micro-batch number inside.
 pub fn svg(s: &Schedule, sim: &Simulation, c: &Costs) -> String {
-    let scale = if sim.makespan > 0.0 { PLOT_WIDTH / sim.makespan } else { 1.0 };
-    let width = LEFT + PLOT_WIDTH + 20.0;
-    let height = TOP + ROW * f64::from(s.pp) + 70.0;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(o, r#"<rect width="{width}" height="{height}" fill="white"/>"#);
-    let _ = writeln!(
-        o,
-        r#"<text x="{LEFT}" y="22" font-size="14">{} · {} ranks · {} micro-batches · F={} B={} W={} F&amp;B={} comm={} · makespan {} · bubble {}</text>"#,
+    let title = format!(
+        "{} · {} ranks · {} micro-batches · F={} B={} W={} F&B={} comm={} · makespan {} · bubble {}",
         s.name,
         s.pp,
         s.micro_batches,
@@ -228,6 +218,22 @@ pub fn svg(s: &Schedule, sim: &Simulation, c: &Costs) -> String {
         num(sim.makespan),
         num(largest_bubble(sim))
     );
+    svg_titled(s, sim, &title)
+}
+
+/// [`svg`] of any timeline of `s`'s steps (a simulated one, or one measured on a real run), under
+/// `title`.
+pub fn svg_titled(s: &Schedule, sim: &Simulation, title: &str) -> String {
+    let scale = if sim.makespan > 0.0 { PLOT_WIDTH / sim.makespan } else { 1.0 };
+    let width = LEFT + PLOT_WIDTH + 20.0;
+    let height = TOP + ROW * f64::from(s.pp) + 70.0;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(o, r#"<rect width="{width}" height="{height}" fill="white"/>"#);
+    let _ = writeln!(o, r#"<text x="{LEFT}" y="22" font-size="14">{}</text>"#, title.replace('&', "&amp;"));
     for r in 0..s.pp {
         let y = TOP + ROW * f64::from(r);
         let _ = writeln!(o, r#"<text x="8" y="{:.1}">rank {r}</text>"#, y + ROW / 2.0 + 4.0);

@@ -415,6 +415,8 @@ pub struct Request<'a> {
     /// `--pp N` under mpirun: this process is one rank of an N-stage pipeline run with this schedule
     /// ([`crate::pipeline`]).
     pub pipeline: Option<(&'a crate::dist::Dist, kiln_compiler::schedule::Kind)>,
+    /// `--pp-trace FILE`: where rank 0 writes the last step's measured timeline.
+    pub pp_trace: Option<&'a Path>,
     /// `--fp8` (`Some(true)`) or `--no-fp8` (`Some(false)`): train with or without the FP8 recipe,
     /// whatever the spec's [quantization] says (`None`: as it says).
     pub fp8: Option<bool>,
@@ -1213,6 +1215,7 @@ fn compiled(
             plan.micro_batches
         );
         let mut trainer = crate::pipeline::PipelineTrainer::new(model, d.pipeline_link())?;
+        trainer.set_trace(req.pp_trace);
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
         return Ok((Box::new(trainer), engine));
     }

@@ -333,7 +333,8 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let schedules = [("2", "1f1b"), ("2", "zb1p"), ("4", "1f1b"), ("2", "dualpipe"), ("2", "dualpipev")];
     for (n, schedule) in schedules {
         let out = s.path(&format!("pp{n}-{schedule}")).display().to_string();
-        let args = run(&out, &["--pp", n, "--pp-schedule", schedule]);
+        let trace = format!("{out}.json");
+        let args = run(&out, &["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace]);
         let r = mpirun(
             n.parse().unwrap(),
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -346,6 +347,25 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
             r.stdout
         );
         assert_eq!(r.stdout.matches("step     3").count(), 1, "{}", r.stdout);
+        // The last step's measured timeline: every compute step of every rank's list, in order on
+        // each rank, and its drawing; and the share of the messages' time in flight not waited for.
+        let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+        let events: Vec<&serde_json::Value> =
+            t["traceEvents"].as_array().unwrap().iter().filter(|e| e["ph"] == "X").collect();
+        for rank in 0..n.parse::<u64>().unwrap() {
+            let mine: Vec<&&serde_json::Value> = events.iter().filter(|e| e["pid"] == rank).collect();
+            assert!(mine.len() >= 4, "rank {rank}: {} steps", mine.len());
+            for w in mine.windows(2) {
+                let end = w[0]["ts"].as_f64().unwrap() + w[0]["dur"].as_f64().unwrap();
+                assert!(w[1]["ts"].as_f64().unwrap() >= end - 1e-9, "rank {rank}: steps overlap: {w:?}");
+            }
+        }
+        assert!(std::fs::read_to_string(format!("{out}.svg"))
+            .unwrap()
+            .contains(&format!("{schedule}, measured")));
+        let comm = r.stdout.lines().find(|l| l.starts_with("communication: ")).expect("a communication line");
+        let hidden: f64 = comm.rsplit(": ").next().unwrap().split('%').next().unwrap().parse().unwrap();
+        assert!((0.0..=100.0).contains(&hidden), "{comm}");
         assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), &expected);
         // The checkpoint rank 0 writes holds every stage's weights, as one process's.
         let theirs = kiln_runtime::weights::open_checkpoint(&Path::new(&out).join("step-3")).unwrap();
