@@ -296,9 +296,9 @@ pub struct PipelineTrainer<B: Backend> {
     /// the rank that updates them; and the weights this rank updates that others read, by reader.
     reads: Vec<(u32, Vec<String>)>,
     sends: Vec<(u32, Vec<String>)>,
-    /// On rank 0, the other ranks' states as [`Steps::states`] last gathered them (cleared by a
-    /// step).
-    gathered: std::cell::RefCell<HashMap<String, HostTensor>>,
+    /// On rank 0, the other ranks' states as [`Steps::gather_for_checkpoint`] last gathered them
+    /// (cleared by a step).
+    gathered: HashMap<String, HostTensor>,
 }
 
 impl<B: Backend> PipelineTrainer<B> {
@@ -421,7 +421,7 @@ impl<B: Backend> PipelineTrainer<B> {
 
     /// A state as last gathered, or this process's copy.
     fn read(&self, name: &str) -> Result<HostTensor, RuntimeError> {
-        match self.gathered.borrow().get(name) {
+        match self.gathered.get(name) {
             Some(t) => Ok(t.clone()),
             None => self.exec.read_state(name),
         }
@@ -747,7 +747,7 @@ fn f32s(t: HostTensor) -> Vec<f32> {
 
 impl<B: Backend> Steps for PipelineTrainer<B> {
     fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
-        self.gathered.borrow_mut().clear();
+        self.gathered.clear();
         self.step_all(rows, lr)
     }
 
@@ -758,7 +758,7 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     }
 
     /// This process's copy of every trained weight and bias: rank 0's is whole after
-    /// [`Steps::states`] (which every rank calls before a checkpoint) gathered the other stages'.
+    /// [`Steps::gather_for_checkpoint`] (which every rank calls before a checkpoint).
     fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
         let manifest = self.exec.manifest();
         let trained = manifest.states.iter().filter(|s| {
@@ -767,39 +767,37 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         trained.map(|s| self.read(&s.name)).collect()
     }
 
-    /// The states kept besides the weights. Every rank calls it (a checkpoint, a rollback
-    /// point): each sends its stages' states to rank 0, which takes them into its own copy, so
-    /// that rank 0's states and weights are the whole model's.
+    /// The states kept besides the weights: this process's (the whole model's on rank 0 after
+    /// [`Steps::gather_for_checkpoint`]).
     fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
-        // `&self`: the states travel through a link of its own for this call.
-        let mut link = Link::new(self.link.comm.duplicate(), self.link.timeout);
+        let manifest = self.exec.manifest();
+        let kept = manifest.states.iter().filter(|s| kiln_runtime::train::kept(s.role));
+        kept.map(|s| self.read(&s.name)).collect()
+    }
+
+    /// Every rank sends its stages' states to rank 0, which keeps them until the next step for
+    /// [`Steps::weights`] and [`Steps::states`].
+    fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
         let rank = self.link.rank;
         let mut gathered = Vec::new();
         if rank == 0 {
             for r in 1..self.link.size {
-                let bytes = link.recv(r, STATES_TAG, &format!("rank {r}'s states for a checkpoint"));
+                let bytes = self.link.recv(r, STATES_TAG, &format!("rank {r}'s states for a checkpoint"));
                 gathered.extend(decode(&bytes)?);
             }
         } else {
             let mine: Vec<HostTensor> = (self.states_of_rank[rank as usize].iter())
                 .map(|n| self.exec.read_state(n))
                 .collect::<Result<_, _>>()?;
-            link.send(0, STATES_TAG, encode(&mine));
-            link.flush();
+            self.link.send(0, STATES_TAG, encode(&mine));
         }
-        // Rank 0 keeps them until the next step, for `weights` (which has no peer to ask).
-        {
-            let mut copy = self.gathered.borrow_mut();
-            copy.clear();
-            copy.extend(gathered.into_iter().map(|t| (t.name.clone(), t)));
-        }
-        let manifest = self.exec.manifest();
-        let kept = manifest.states.iter().filter(|s| kiln_runtime::train::kept(s.role));
-        kept.map(|s| self.read(&s.name)).collect()
+        self.link.flush();
+        self.gathered = gathered.into_iter().map(|t| (t.name.clone(), t)).collect();
+        Ok(())
     }
 
     fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {
-        self.gathered.borrow_mut().remove(&value.name);
+        self.gathered.remove(&value.name);
         self.exec.write_state(&value)
     }
 

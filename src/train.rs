@@ -812,11 +812,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             trainer.set_poison(None)?;
         }
         if let Fault::Stall(r) | Fault::Exit(r) = fault {
-            let ranks = req.dist.map_or(0, |d| d.size());
+            let ranks = req.group().map_or(0, |d| d.size());
             if *r >= ranks {
                 bail!(
                     "--inject-fault ...:{r}@{at}: there is no rank {r}; stall and exit faults take a rank of a \
-                     --dp run (0 to {})",
+                     --dp or --pp run (0 to {})",
                     ranks.max(1) - 1
                 );
             }
@@ -869,10 +869,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             Some(Fault::LrSpike(f)) => lr *= f,
             Some(Fault::PoisonBatch) => batch = monitor::poison(&batch, spec.model.vocab_size)?,
             Some(Fault::Nan(scope)) => trainer.set_poison(Some(scope))?,
-            Some(Fault::Stall(r)) if req.dist.is_some_and(|d| d.rank() == *r) => loop {
+            Some(Fault::Stall(r)) if req.group().is_some_and(|d| d.rank() == *r) => loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             },
-            Some(Fault::Exit(r)) if req.dist.is_some_and(|d| d.rank() == *r) => {
+            Some(Fault::Exit(r)) if req.group().is_some_and(|d| d.rank() == *r) => {
                 eprintln!("rank {r}: exiting before step {step} (--inject-fault)");
                 std::process::exit(3)
             }
@@ -1014,6 +1014,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             // Every replica takes part (split optimizer states are gathered); the first writes.
+            trainer.gather_for_checkpoint()?;
             let kept = whole_states(trainer.as_ref(), req.dist, &states)?;
             if req.leader() {
                 let dir = save(

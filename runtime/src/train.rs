@@ -604,6 +604,13 @@ pub trait Steps {
     fn take_comm_stats(&mut self) -> crate::comm::CommStats {
         crate::comm::CommStats::default()
     }
+    /// Before a checkpoint, on every process of a run whose processes hold different parts of the
+    /// model (a pipeline's stages): brings the parts together where the checkpoint is written, so
+    /// that [`Steps::weights`] and [`Steps::states`] there are the whole model's until the next
+    /// step. Nothing to do for one process or for replicas.
+    fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 impl Steps for Trainer {

@@ -382,6 +382,22 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
             assert!(worst < 1e-4, "{}: {worst:e} relative apart", info.name);
         }
     }
+    // A peer that never answers: rank 0 gives up after --comm-timeout, naming what it waited for;
+    // one that dies: mpirun ends the others. From the 1F1B run's artifact (no compile).
+    let artifact = s.path("pp2-1f1b").join("train.kiln").display().to_string();
+    let out = s.path("stall").display().to_string();
+    let mut args: Vec<String> =
+        run(&out, &["--pp", "2", "--comm-timeout", "2", "--inject-fault", "stall:1@2"]);
+    args[1] = artifact.clone();
+    let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("error: rank 0 of 2 waited 2 s for stage 1's"), "{}", r.stderr);
+    let out = s.path("dead").display().to_string();
+    let mut args: Vec<String> = run(&out, &["--pp", "2", "--inject-fault", "exit:1@2"]);
+    args[1] = artifact;
+    let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(r.stderr.contains("rank 1: exiting before step 2"), "{}", r.stderr);
     // Refused before any step, by name: pipeline and data parallelism together.
     let out = s.path("refused").display().to_string();
     let args = run(&out, &["--pp", "2", "--dp", "2"]);
