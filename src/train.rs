@@ -1202,6 +1202,15 @@ fn compiled(
                 dir.display()
             );
         };
+        if plan.micro_batches as usize != micro_batches {
+            bail!(
+                "{}: the pipeline was compiled for {} micro-batches a step, and this run splits each batch into \
+                 {micro_batches}: give --micro-batch {} or recompile with --micro-batches {micro_batches}",
+                dir.display(),
+                plan.micro_batches,
+                req.hyper.batch / plan.micro_batches.max(1) as usize
+            );
+        }
         if !art.manifest().programs.iter().any(|p| p.name.starts_with("stage.")) {
             bail!(
                 "{}: the artifact plans a pipeline but has no stage programs: compile it with --train",

@@ -3,6 +3,7 @@
 //! summed where the compiled step says, and a rank that stops answering or dies ends the job with
 //! a clear error instead of a hang. Run as root and oversubscribed, as CI is (2 cores).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -317,24 +318,54 @@ fn split_master_weights_of_a_bf16_model_equal_the_unsplit_run() {
 #[test]
 fn pipeline_ranks_take_the_steps_of_one_process() {
     let s = Scratch::new();
-    let run = |out: &str, extra: &[&str]| {
-        let mut a =
-            vec!["train", "models/tiny.toml", "--random-weights", "1", "--data", DATA, "--batch", "4"];
+    // tiny, and tiny with 8 layers: DualPipeV on 4 ranks cuts 8 stages.
+    let tiny8 = s.path("tiny8.toml");
+    let text = std::fs::read_to_string(root().join("models/tiny.toml")).unwrap();
+    std::fs::write(&tiny8, text.replace("num_hidden_layers = 4", "num_hidden_layers = 8")).unwrap();
+    let tiny8 = tiny8.display().to_string();
+    // 16 rows of 33 token ids, a u16 stream.
+    let data = s.path("data.bin");
+    let mut x = 12345u32;
+    let ids: Vec<u8> = (0..16 * 33)
+        .flat_map(|_| {
+            {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (2 + (x >> 16) % 510) as u16
+            }
+            .to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&data, ids).unwrap();
+    let data = data.display().to_string();
+    let run = |model: &str, batch: &str, out: &str, extra: &[&str]| {
+        let mut a = vec!["train", model, "--random-weights", "1", "--data", &data, "--dtype", "u16"];
+        a.extend(["--seq-len", "32", "--batch", batch]);
         a.extend(["--micro-batch", "1", "--steps", "3", "--threads", "1", "--out", out]);
         a.extend(LOSSES);
         a.extend(extra);
         a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
     };
-    let one = s.path("one").display().to_string();
-    let args = run(&one, &[]);
-    let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(r.ok, "{}", r.stderr);
-    let expected = logged(Path::new(&one));
-    let schedules = [("2", "1f1b"), ("2", "zb1p"), ("4", "1f1b"), ("2", "dualpipe"), ("2", "dualpipev")];
-    for (n, schedule) in schedules {
+    let mut expected = HashMap::new();
+    for (model, batch) in [("models/tiny.toml", "4"), (tiny8.as_str(), "8")] {
+        let one = s.path(&format!("one-{batch}")).display().to_string();
+        let args = run(model, batch, &one, &[]);
+        let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(r.ok, "{}", r.stderr);
+        expected.insert(batch, (logged(Path::new(&one)), one));
+    }
+    let schedules = [
+        ("models/tiny.toml", "4", "2", "1f1b"),
+        ("models/tiny.toml", "4", "2", "zb1p"),
+        ("models/tiny.toml", "4", "2", "dualpipe"),
+        ("models/tiny.toml", "4", "2", "dualpipev"),
+        (tiny8.as_str(), "8", "4", "dualpipe"),
+        (tiny8.as_str(), "8", "4", "dualpipev"),
+    ];
+    for (model, batch, n, schedule) in schedules {
+        let (expected, one) = &expected[batch];
         let out = s.path(&format!("pp{n}-{schedule}")).display().to_string();
         let trace = format!("{out}.json");
-        let args = run(&out, &["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace]);
+        let args = run(model, batch, &out, &["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace]);
         let r = mpirun(
             n.parse().unwrap(),
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -342,7 +373,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         );
         assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
         assert!(
-            r.stdout.contains(&format!("pipeline rank 0 of {n} ({schedule} schedule, 4 micro-batches")),
+            r.stdout.contains(&format!("pipeline rank 0 of {n} ({schedule} schedule, {batch} micro-batches")),
             "{}",
             r.stdout
         );
@@ -366,10 +397,10 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         let comm = r.stdout.lines().find(|l| l.starts_with("communication: ")).expect("a communication line");
         let hidden: f64 = comm.rsplit(": ").next().unwrap().split('%').next().unwrap().parse().unwrap();
         assert!((0.0..=100.0).contains(&hidden), "{comm}");
-        assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), &expected);
+        assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), expected);
         // The checkpoint rank 0 writes holds every stage's weights, as one process's.
         let theirs = kiln_runtime::weights::open_checkpoint(&Path::new(&out).join("step-3")).unwrap();
-        let ours = kiln_runtime::weights::open_checkpoint(&Path::new(&one).join("step-3")).unwrap();
+        let ours = kiln_runtime::weights::open_checkpoint(&Path::new(one).join("step-3")).unwrap();
         assert_eq!(theirs.len(), ours.len());
         for info in ours.tensors() {
             let (a, b) = (ours.read(&info.name).unwrap(), theirs.read(&info.name).unwrap());
@@ -378,29 +409,36 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
             else {
                 panic!("{}: not f32", info.name)
             };
-            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / x.abs().max(1e-3)).fold(0f32, f32::max);
-            assert!(worst < 1e-4, "{}: {worst:e} relative apart", info.name);
+            // Relative to the weight or 0.01: a weight near 0 moves by AdamW's normalised steps, which
+            // rounding differences in a gradient near AdamW's eps move most.
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (x.abs() + 1e-2)).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "--pp {n} {schedule}: {}: {worst:e} apart", info.name);
         }
     }
     // A peer that never answers: rank 0 gives up after --comm-timeout, naming what it waited for;
     // one that dies: mpirun ends the others. From the 1F1B run's artifact (no compile).
     let artifact = s.path("pp2-1f1b").join("train.kiln").display().to_string();
     let out = s.path("stall").display().to_string();
-    let mut args: Vec<String> =
-        run(&out, &["--pp", "2", "--comm-timeout", "2", "--inject-fault", "stall:1@2"]);
+    let mut args: Vec<String> = run(
+        "models/tiny.toml",
+        "4",
+        &out,
+        &["--pp", "2", "--comm-timeout", "2", "--inject-fault", "stall:1@2"],
+    );
     args[1] = artifact.clone();
     let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok);
     assert!(r.stderr.contains("error: rank 0 of 2 waited 2 s for stage 1's"), "{}", r.stderr);
     let out = s.path("dead").display().to_string();
-    let mut args: Vec<String> = run(&out, &["--pp", "2", "--inject-fault", "exit:1@2"]);
+    let mut args: Vec<String> =
+        run("models/tiny.toml", "4", &out, &["--pp", "2", "--inject-fault", "exit:1@2"]);
     args[1] = artifact;
     let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok);
     assert!(r.stderr.contains("rank 1: exiting before step 2"), "{}", r.stderr);
     // Refused before any step, by name: pipeline and data parallelism together.
     let out = s.path("refused").display().to_string();
-    let args = run(&out, &["--pp", "2", "--dp", "2"]);
+    let args = run("models/tiny.toml", "4", &out, &["--pp", "2", "--dp", "2"]);
     let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!r.ok && r.stderr.contains("--pp with --dp"), "{}", r.stderr);
 }
