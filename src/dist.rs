@@ -19,7 +19,7 @@ use kiln_runtime::comm::{Communicator, InFlight};
 use kiln_runtime::RuntimeError;
 use mpi::collective::{CommunicatorCollectives, SystemOperation};
 use mpi::request::StaticScope;
-use mpi::topology::{Communicator as _, SimpleCommunicator};
+use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 
 /// The MPI library kiln links and the `mpirun` on PATH, in words (`kiln doctor`).
 pub fn describe() -> String {
@@ -37,12 +37,21 @@ pub fn describe() -> String {
     }
 }
 
-/// The MPI world of a data-parallel run; MPI is finalised when it is dropped.
+/// The MPI world of a data-parallel or pipeline run (or both: a grid of `dp` replicas of a
+/// `pp`-rank pipeline); MPI is finalised when it is dropped.
+///
+/// World rank `w` is pipeline rank `w % pp` of replica `w / pp`: a replica's ranks are neighbours,
+/// which keeps a pipeline's point-to-point messages between them.
 pub struct Dist {
     // Declared first: dropped (each communicator freed) before the universe finalises MPI.
     world: SimpleCommunicator,
+    /// The ranks of this process's replica (its pipeline), and the ranks of every replica that hold
+    /// the same stages as this one.
+    pipeline: SimpleCommunicator,
+    replicas: SimpleCommunicator,
     rank: usize,
     size: usize,
+    pp: usize,
     timeout: Duration,
     _universe: mpi::environment::Universe,
 }
@@ -50,16 +59,18 @@ pub struct Dist {
 impl Dist {
     /// Joins the job `mpirun` started, which must have `dp` processes.
     pub fn init(dp: usize, timeout: Duration) -> Result<Dist> {
-        Dist::init_as("--dp", dp, timeout)
+        Dist::init_grid(&format!("--dp {dp}"), 1, dp, timeout)
     }
 
-    /// [`Dist::init`] for a run of `n` processes that `flag` (`--dp`, `--pp`) asked for.
-    pub fn init_as(flag: &str, dp: usize, timeout: Duration) -> Result<Dist> {
+    /// Joins a job of `pp · dp` processes that `flags` (`--dp N`, `--pp N`, `--pp P --dp D`) asked
+    /// for: `dp` replicas of a `pp`-rank pipeline.
+    pub fn init_grid(flags: &str, pp: usize, dp: usize, timeout: Duration) -> Result<Dist> {
+        let n = pp * dp;
         let launched =
             ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
         if !launched {
             bail!(
-                "{flag} {dp} runs {dp} processes: launch them with `mpirun -n {dp} kiln train ... {flag} {dp}` \
+                "{flags} runs {n} processes: launch them with `mpirun -n {n} kiln train ... {flags}` \
                  (as root, add --allow-run-as-root; with more processes than cores, --oversubscribe)"
             );
         }
@@ -68,10 +79,34 @@ impl Dist {
         };
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        if size != dp {
-            bail!("{flag} {dp}: mpirun started {size} processes; start {dp} (`mpirun -n {dp}`)");
+        if size != n {
+            bail!("{flags}: mpirun started {size} processes; start {n} (`mpirun -n {n}`)");
         }
-        Ok(Dist { world, rank, size, timeout, _universe: universe })
+        let split = |color: usize| {
+            world.split_by_color(Color::with_value(color as i32)).expect("every process has a color")
+        };
+        let pipeline = split(rank / pp);
+        let replicas = split(rank % pp);
+        Ok(Dist { world, pipeline, replicas, rank, size, pp, timeout, _universe: universe })
+    }
+
+    /// This process's replica and the number of replicas (`--dp`; 0 of 1 without).
+    pub fn dp_rank(&self) -> usize {
+        self.rank / self.pp
+    }
+
+    pub fn dp_size(&self) -> usize {
+        self.size / self.pp
+    }
+
+    /// This process's rank in its replica's pipeline, and the pipeline's ranks (`--pp`; 0 of 1
+    /// without).
+    pub fn pp_rank(&self) -> usize {
+        self.rank % self.pp
+    }
+
+    pub fn pp_size(&self) -> usize {
+        self.pp
     }
 
     pub fn rank(&self) -> usize {
@@ -107,33 +142,37 @@ impl Dist {
         Ok(all)
     }
 
-    /// The executor's view of the replicas: a communicator of its own (`MPI_Comm_dup`), so that
-    /// its sums never match another call's.
+    /// The executor's view of the replicas (group `dp`): a communicator of its own
+    /// (`MPI_Comm_dup`), so that its sums never match another call's.
     pub fn replicas(&self) -> Box<dyn Communicator> {
-        Box::new(Replicas {
-            comm: self.world.duplicate(),
-            group: kiln_compiler::train::DP_GROUP,
-            rank: self.rank,
-            size: self.size,
-            timeout: self.timeout,
-        })
+        Box::new(Groups { groups: vec![self.replica_group()], timeout: self.timeout })
     }
 
-    /// The executor's view of a pipeline's ranks (group `pp`), on a communicator of its own.
+    fn replica_group(&self) -> Group {
+        Group {
+            name: kiln_compiler::train::DP_GROUP,
+            comm: self.replicas.duplicate(),
+            rank: self.dp_rank(),
+            size: self.dp_size(),
+        }
+    }
+
+    /// The executor's view of a pipeline rank: its pipeline's ranks (group `pp`) and the replicas
+    /// of its stages (group `dp`), each on a communicator of its own.
     pub fn pipeline_ranks(&self) -> Box<dyn Communicator> {
-        Box::new(Replicas {
-            comm: self.world.duplicate(),
-            group: kiln_compiler::train::PP_GROUP,
-            rank: self.rank,
-            size: self.size,
-            timeout: self.timeout,
-        })
+        let pp = Group {
+            name: kiln_compiler::train::PP_GROUP,
+            comm: self.pipeline.duplicate(),
+            rank: self.pp_rank(),
+            size: self.pp,
+        };
+        Box::new(Groups { groups: vec![pp, self.replica_group()], timeout: self.timeout })
     }
 
-    /// The point-to-point link of a pipeline rank (`crate::pipeline`), on a communicator of its
-    /// own.
+    /// The point-to-point link of a pipeline rank (`crate::pipeline`) with the other ranks of its
+    /// replica, on a communicator of its own.
     pub fn pipeline_link(&self) -> crate::pipeline::Link {
-        crate::pipeline::Link::new(self.world.duplicate(), self.timeout)
+        crate::pipeline::Link::new(self.pipeline.duplicate(), self.timeout)
     }
 
     /// Ends every process of the job: this one failed with `message`.
@@ -143,63 +182,56 @@ impl Dist {
     }
 }
 
-/// kiln_runtime's [`Communicator`] over an MPI communicator of the replicas (group `dp`).
-struct Replicas {
+/// One communication group of a run: its name (`dp`, `pp`) and its MPI communicator.
+struct Group {
+    name: &'static str,
     comm: SimpleCommunicator,
-    /// The group it serves: `dp` or `pp`.
-    group: &'static str,
     rank: usize,
     size: usize,
+}
+
+/// kiln_runtime's [`Communicator`] over MPI communicators, one per group.
+struct Groups {
+    groups: Vec<Group>,
     timeout: Duration,
 }
 
-impl Communicator for Replicas {
+impl Groups {
+    fn group(&self, name: &str) -> Result<&Group, RuntimeError> {
+        self.groups.iter().find(|g| g.name == name).ok_or_else(|| {
+            let known: Vec<String> = self.groups.iter().map(|g| format!("`{}`", g.name)).collect();
+            RuntimeError::Collective {
+                group: name.into(),
+                what: format!("not a group of this run (it has {})", known.join(" and ")),
+            }
+        })
+    }
+}
+
+impl Communicator for Groups {
     fn rank_in(&self, group: &str) -> Option<(usize, usize)> {
-        (group == self.group).then_some((self.rank, self.size))
+        self.group(group).ok().map(|g| (g.rank, g.size))
     }
 
     fn all_reduce_sum(&self, group: &str, data: &mut [f32]) -> Result<(), RuntimeError> {
-        if self.rank_in(group).is_none() {
-            return Err(RuntimeError::Collective {
-                group: group.into(),
-                what: format!("not a group of this run (it has `{}`)", self.group),
-            });
-        }
+        let g = self.group(group)?;
         let send = data.to_vec();
         let n = data.len();
         mpi::request::scope(|scope| {
-            let req = self.comm.immediate_all_reduce_into(scope, &send[..], data, SystemOperation::sum());
+            let req = g.comm.immediate_all_reduce_into(scope, &send[..], data, SystemOperation::sum());
             poll(req, self.timeout, || {
-                stalled(
-                    &self.comm,
-                    self.rank,
-                    self.size,
-                    self.timeout,
-                    &format!("the all-reduce of {n} values"),
-                )
+                stalled(&g.comm, g.rank, g.size, self.timeout, &format!("the all-reduce of {n} values"))
             });
         });
         Ok(())
     }
 
     fn start_all_reduce_sum(&self, group: &str, data: Vec<f32>) -> Result<Box<dyn InFlight>, RuntimeError> {
-        if self.rank_in(group).is_none() {
-            return Err(RuntimeError::Collective {
-                group: group.into(),
-                what: format!("not a group of this run (it has `{}`)", self.group),
-            });
-        }
-        self.start(data, false)
+        self.start(self.group(group)?, data, false)
     }
 
     fn start_all_gather(&self, group: &str, data: Vec<f32>) -> Result<Box<dyn InFlight>, RuntimeError> {
-        if self.rank_in(group).is_none() {
-            return Err(RuntimeError::Collective {
-                group: group.into(),
-                what: format!("not a group of this run (it has `{}`)", self.group),
-            });
-        }
-        self.start(data, true)
+        self.start(self.group(group)?, data, true)
     }
 
     fn timeout(&self) -> Duration {
@@ -207,11 +239,12 @@ impl Communicator for Replicas {
     }
 }
 
-impl Replicas {
-    /// Starts a sum (`MPI_Iallreduce`) or, with `gather`, a gather (`MPI_Iallgather`) of `data`.
-    fn start(&self, data: Vec<f32>, gather: bool) -> Result<Box<dyn InFlight>, RuntimeError> {
+impl Groups {
+    /// Starts a sum (`MPI_Iallreduce`) or, with `gather`, a gather (`MPI_Iallgather`) of `data`
+    /// over `g`.
+    fn start(&self, g: &Group, data: Vec<f32>, gather: bool) -> Result<Box<dyn InFlight>, RuntimeError> {
         let n = data.len();
-        let out = if gather { n * self.size } else { n };
+        let out = if gather { n * g.size } else { n };
         // The buffers live on the heap, owned by the `Sum`, until MPI is done with them.
         let send: *mut [f32] = Box::into_raw(data.into_boxed_slice());
         let recv: *mut [f32] = Box::into_raw(vec![0.0f32; out].into_boxed_slice());
@@ -220,8 +253,8 @@ impl Replicas {
         // MPI may read `send` or write `recv`.
         let (s, r): (&'static [f32], &'static mut [f32]) = unsafe { (&*send, &mut *recv) };
         let req = match gather {
-            true => self.comm.immediate_all_gather_into(StaticScope, s, r),
-            false => self.comm.immediate_all_reduce_into(StaticScope, s, r, SystemOperation::sum()),
+            true => g.comm.immediate_all_gather_into(StaticScope, s, r),
+            false => g.comm.immediate_all_reduce_into(StaticScope, s, r, SystemOperation::sum()),
         };
         Ok(Box::new(Sum {
             req: Some(req),
@@ -229,9 +262,13 @@ impl Replicas {
             recv: Some(recv),
             start: Instant::now(),
             timeout: self.timeout,
-            rank: self.rank,
-            size: self.size,
-            what: format!("the all-{} of {n} values", if gather { "gather" } else { "reduce" }),
+            rank: g.rank,
+            size: g.size,
+            what: format!(
+                "the all-{} of {n} values over `{}`",
+                if gather { "gather" } else { "reduce" },
+                g.name
+            ),
         }))
     }
 }

@@ -683,19 +683,34 @@ fn in_group(d: &dist::Dist, req: &train::Request) -> Result<()> {
 /// Runs `kiln train --pp N` as one of the N pipeline ranks mpirun started (`crate::pipeline`).
 fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
     use kiln_compiler::schedule::Kind;
-    if args.dp.is_some() {
-        bail!("--pp with --dp: pipeline and data parallelism together are not built yet; give one of them");
-    }
     if pp == 0 {
         bail!("--pp 0: give the number of pipeline processes, at least 1");
+    }
+    if args.dp == Some(0) {
+        bail!("--dp 0: give the number of data-parallel replicas of the pipeline, at least 1");
+    }
+    if args.zero1 {
+        bail!(
+            "--zero1 with --pp: AdamW's states split over the replicas of a pipeline is not built yet; \
+             leave out --zero1"
+        );
     }
     let kind = Kind::parse(args.pp_schedule.as_deref().unwrap_or("1f1b"))?;
     if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
         bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
     }
-    let d = dist::Dist::init_as("--pp", pp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
+    let timeout = std::time::Duration::from_secs_f64(args.comm_timeout);
+    let d = match args.dp {
+        // `dp` replicas of the pipeline: each runs its share of every batch through its stages.
+        Some(dp) => dist::Dist::init_grid(&format!("--pp {pp} --dp {dp}"), pp, dp, timeout)?,
+        None => dist::Dist::init_grid(&format!("--pp {pp}"), pp, 1, timeout)?,
+    };
     crate::check_output_file(args.pp_trace.as_deref(), &[])?;
-    in_group(&d, &train::Request { pipeline: Some((&d, kind)), pp_trace: args.pp_trace.as_deref(), ..req })
+    let dist = args.dp.map(|_| &d);
+    in_group(
+        &d,
+        &train::Request { pipeline: Some((&d, kind)), dist, pp_trace: args.pp_trace.as_deref(), ..req },
+    )
 }
 
 /// The learning rate, its floor and schedule of a run when not given.

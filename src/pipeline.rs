@@ -299,6 +299,9 @@ pub struct PipelineTrainer<B: Backend> {
     /// On rank 0, the other ranks' states as [`Steps::gather_for_checkpoint`] last gathered them
     /// (cleared by a step).
     gathered: HashMap<String, HostTensor>,
+    /// The data-parallel replicas of the pipeline (`--dp`), whose micro-batches the update's sums
+    /// count together.
+    replicas: usize,
 }
 
 impl<B: Backend> PipelineTrainer<B> {
@@ -406,7 +409,14 @@ impl<B: Backend> PipelineTrainer<B> {
             update,
             states_of_rank,
             gathered: Default::default(),
+            replicas: 1,
         })
+    }
+
+    /// This pipeline is one of `n` data-parallel replicas (an artifact compiled with
+    /// `--data-parallel` sums the update's accumulators over them).
+    pub fn set_replicas(&mut self, n: usize) {
+        self.replicas = n.max(1);
     }
 
     /// Writes each step's measured timeline to `path` (a Chrome trace) and beside it as SVG.
@@ -670,7 +680,7 @@ impl<B: Backend> PipelineTrainer<B> {
         if self.copies {
             self.sum_copies()?;
         }
-        let mut feeds = vec![scalar(MICRO_BATCHES, m as f32), scalar("lr", lr)];
+        let mut feeds = vec![scalar(MICRO_BATCHES, (m * self.replicas) as f32), scalar("lr", lr)];
         feeds.retain(|t| self.update.inputs.contains(&t.name));
         let name = self.update.name.clone();
         self.exec.run(&name, &feeds)?;

@@ -447,7 +447,7 @@ impl Request<'_> {
         match self.micro_batch {
             // A pipeline needs micro-batches: by default, one per stage.
             None if self.pipeline.is_some() => {
-                let pp = self.pipeline.map_or(1, |(d, _)| d.size());
+                let pp = self.pipeline.map_or(1, |(d, _)| d.pp_size());
                 if batch % pp != 0 {
                     bail!(
                         "--pp {pp}: the batch of {batch} rows is split into {pp} micro-batches by default; give a \
@@ -470,12 +470,12 @@ impl Request<'_> {
         let batch = self.hyper.batch;
         match self.dist {
             None => Ok(batch),
-            Some(d) if batch % d.size() != 0 => bail!(
+            Some(d) if batch % d.dp_size() != 0 => bail!(
                 "--batch {batch} cannot be shared by --dp {} replicas: give a multiple of {}",
-                d.size(),
-                d.size()
+                d.dp_size(),
+                d.dp_size()
             ),
-            Some(d) => Ok(batch / d.size()),
+            Some(d) => Ok(batch / d.dp_size()),
         }
     }
 
@@ -859,8 +859,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         // whole batch, before a replica takes its share (so the replicas' mean is the batch's).
         let mut batch = crate::sft::normalise(take(&rows, &which)?)?;
         if let Some(d) = req.dist {
-            let n = which.len() / d.size();
-            batch = batch.select(&(d.rank() * n..(d.rank() + 1) * n).collect::<Vec<_>>());
+            let (n, r) = (which.len() / d.dp_size(), d.dp_rank());
+            batch = batch.select(&(r * n..(r + 1) * n).collect::<Vec<_>>());
         }
         let mut lr = hyper.lr_at(progress.step);
         // An injected fault hits its step once, the first time it runs.
@@ -1041,9 +1041,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let ms = |ns: u64| ns as f64 / 1e6;
         writeln!(
             out,
-            "communication: {} collective messages, {:.1} MB, {:.1} ms in flight, {:.1} ms waited for: {:.0}% \
-             hidden under computation",
+            "communication: {} {}, {:.1} MB, {:.1} ms in flight, {:.1} ms waited for: {:.0}% hidden under \
+             computation",
             comm.messages,
+            match req.pipeline {
+                Some(_) => "messages (point-to-point and collective)",
+                None => "collective messages",
+            },
             comm.bytes as f64 / 1e6,
             ms(comm.in_flight_ns),
             ms(comm.waited_ns),
@@ -1145,7 +1149,7 @@ fn compiled(
         dir
     } else {
         let shards = match (req.zero1, req.dist) {
-            (true, Some(d)) => d.size() as u32,
+            (true, Some(d)) => d.dp_size() as u32,
             _ => 1,
         };
         let train = pack::TrainOptions {
@@ -1160,7 +1164,7 @@ fn compiled(
             score: false,
             parallel: req.pipeline.map(|(d, kind)| pack::Parallel {
                 kind,
-                pp: d.size() as u32,
+                pp: d.pp_size() as u32,
                 ep: Some(1),
                 micro_batches: Some(micro_batches as u32),
             }),
@@ -1208,7 +1212,7 @@ fn compiled(
                  {micro_batches}: give --micro-batch {} or recompile with --micro-batches {micro_batches}",
                 dir.display(),
                 plan.micro_batches,
-                req.hyper.batch / plan.micro_batches.max(1) as usize
+                req.local_batch()? / plan.micro_batches.max(1) as usize
             );
         }
         if !art.manifest().programs.iter().any(|p| p.name.starts_with("stage.")) {
@@ -1219,13 +1223,28 @@ fn compiled(
         }
         engine += &format!(
             ", pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} rows, MPI)",
-            d.rank(),
-            d.size(),
+            d.pp_rank(),
+            d.pp_size(),
             plan.schedule,
             plan.micro_batches
         );
+        let dp_sums = (art.manifest().programs.iter()).any(|p| {
+            (p.steps.iter()).any(|s| matches!(s, kiln_ir::artifact::Step::AllReduce { group, .. } if group == kiln_compiler::train::DP_GROUP))
+        });
+        if let Some(r) = req.dist {
+            if !dp_sums {
+                bail!(
+                    "{}: the pipeline's updates sum nothing over data-parallel replicas: compile it with \
+                     `kiln compile --train --pp N --data-parallel` for --pp with --dp",
+                    dir.display()
+                );
+            }
+            engine += &format!(", replica {} of {} (data-parallel)", r.dp_rank(), r.dp_size());
+        }
         let mut trainer = crate::pipeline::PipelineTrainer::new(model, d.pipeline_link())?;
-        trainer.set_trace(req.pp_trace);
+        trainer.set_replicas(d.dp_size());
+        // The first replica's timeline; the others run the same lists.
+        trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
         return Ok((Box::new(trainer), engine));
     }
@@ -1256,7 +1275,7 @@ fn compiled(
             );
         }
         trainer.executor_mut().set_communicator(d.replicas())?;
-        engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.size());
+        engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.dp_size());
         let exec = trainer.executor();
         let moments =
             exec.state_bytes(StateRole::OptimizerMoment) + exec.state_bytes(StateRole::MasterWeight);
@@ -1333,7 +1352,7 @@ fn shard_of(
     if n == m {
         return Ok(weights::HostTensor { shape: current.shape.clone(), ..whole });
     }
-    let Some(d) = dist.filter(|d| m * d.size() >= n && m * (d.size() - 1) < n) else {
+    let Some(d) = dist.filter(|d| m * d.dp_size() >= n && m * (d.dp_size() - 1) < n) else {
         bail!(
             "state `{}` has {n} values in the checkpoint, and this run keeps {m} of them: resume it with the \
              replicas it was split over",
@@ -1344,7 +1363,7 @@ fn shard_of(
         bail!("state `{}` is split but not a float", whole.name);
     };
     let shard: Vec<f32> =
-        (d.rank() * m..(d.rank() + 1) * m).map(|i| v.get(i).copied().unwrap_or(0.0)).collect();
+        (d.dp_rank() * m..(d.dp_rank() + 1) * m).map(|i| v.get(i).copied().unwrap_or(0.0)).collect();
     Ok(weights::HostTensor {
         name: whole.name,
         dtype: whole.dtype,

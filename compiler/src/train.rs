@@ -676,8 +676,15 @@ pub struct StageRouter {
 /// micro_batches` on the rank that holds the head (`head`), and [`step_program`] updates them as
 /// one process would, with the global norm's squared sum and the loss summed over the pipeline's
 /// ranks ([`PP_GROUP`]) and divided by `copies`, the ranks that hold each stage (2 in DualPipe,
-/// whose partner ranks sum their accumulators first). Each router's load over the step is output as `load.{scope}`, and with
-/// `bias_update_speed` > 0 its bias moves by the rule of `build::balance`.
+/// whose partner ranks sum their accumulators first). Each router's load over the step is output
+/// as `load.{scope}`, and with `bias_update_speed` > 0 its bias moves by the rule of
+/// `build::balance`.
+///
+/// With `data_parallel`, the pipeline is one replica of several, each running its own rows
+/// through its own copy of the stages: the accumulators, the loss and the loads are first summed
+/// over the replicas' ranks of the same stages ([`DP_GROUP`], one message), and the caller gives
+/// `micro_batches` as the micro-batches of all the replicas together. Every replica then makes the
+/// same update, and the pp sums that follow add identical values on every replica.
 pub fn pipeline_update(
     params: &[(String, TensorType)],
     routers: &[StageRouter],
@@ -685,34 +692,50 @@ pub fn pipeline_update(
     copies: u32,
     opt: &Optimizer,
     bias_update_speed: f64,
+    data_parallel: bool,
 ) -> Result<Graph, TrainError> {
     let mut g = Graph::new("update");
     let mut b = B { g: &mut g };
     let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
     let one = b.c(1.0)?;
     let scale = b.bin(BinaryOp::Div, one, count)?;
-    let mut outputs = Vec::new();
+    // The step's sums: each parameter's accumulator, the loss on the head's rank, each router's
+    // load. Declared first, then summed over the replicas one after the other (one message).
+    let mut accs = Vec::with_capacity(params.len());
     for (name, ty) in params {
         b.declared(Op::Param { name: name.clone() }, ty.clone())?;
         let f32_ty = TensorType { dtype: DType::F32, ..ty.clone() };
-        let acc = b.declared(Op::Input { name: grad_acc(name) }, f32_ty)?;
-        outputs.push((format!("{GRAD_PREFIX}{name}"), b.bin(BinaryOp::Mul, acc, scale)?));
+        accs.push(b.declared(Op::Input { name: grad_acc(name) }, f32_ty)?);
     }
-    let loss = match head {
-        true => {
-            let acc = b.declared(Op::Input { name: LOSS_ACC.into() }, TensorType::scalar(DType::F32))?;
-            b.bin(BinaryOp::Mul, acc, scale)?
+    let mut loss_acc = match head {
+        true => Some(b.declared(Op::Input { name: LOSS_ACC.into() }, TensorType::scalar(DType::F32))?),
+        false => None,
+    };
+    let mut loads = Vec::with_capacity(routers.len());
+    for r in routers {
+        let ty = TensorType::known(DType::F32, &[r.experts]);
+        loads.push(b.declared(Op::Input { name: format!("{LOAD_ACC_PREFIX}{}", r.scope) }, ty)?);
+    }
+    if data_parallel {
+        for v in accs.iter_mut().chain(loss_acc.iter_mut()).chain(loads.iter_mut()) {
+            *v = b.node(Op::AllReduce { group: DP_GROUP.into() }, &[*v])?;
         }
+    }
+    let mut outputs = Vec::new();
+    for ((name, _), acc) in params.iter().zip(&accs) {
+        outputs.push((format!("{GRAD_PREFIX}{name}"), b.bin(BinaryOp::Mul, *acc, scale)?));
+    }
+    let loss = match loss_acc {
+        Some(acc) => b.bin(BinaryOp::Mul, acc, scale)?,
         // 0, computed (a constant has no buffer for the sum over the ranks to read).
-        false => {
+        None => {
             let zero = b.c(0.0)?;
             b.bin(BinaryOp::Mul, count, zero)?
         }
     };
     outputs.push((LOSS.into(), loss));
-    for r in routers {
+    for (r, &load) in routers.iter().zip(&loads) {
         let ty = TensorType::known(DType::F32, &[r.experts]);
-        let load = b.declared(Op::Input { name: format!("{LOAD_ACC_PREFIX}{}", r.scope) }, ty.clone())?;
         // A copy: an output cannot be a state's storage under another name.
         let copy = b.bin(BinaryOp::Mul, load, one)?;
         outputs.push((format!("{LOAD_PREFIX}{}", r.scope), copy));

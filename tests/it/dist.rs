@@ -353,30 +353,44 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         assert!(r.ok, "{}", r.stderr);
         expected.insert(batch, (logged(Path::new(&one)), one));
     }
+    // (model, batch, --pp, schedule, --dp): the last run is two replicas of a two-rank DualPipe,
+    // each taking half of every batch as 4 micro-batches; the replicas sum their accumulators.
     let schedules = [
-        ("models/tiny.toml", "4", "2", "1f1b"),
-        ("models/tiny.toml", "4", "2", "zb1p"),
-        ("models/tiny.toml", "4", "2", "dualpipe"),
-        ("models/tiny.toml", "4", "2", "dualpipev"),
-        (tiny8.as_str(), "8", "4", "dualpipe"),
-        (tiny8.as_str(), "8", "4", "dualpipev"),
+        ("models/tiny.toml", "4", "2", "1f1b", 1),
+        ("models/tiny.toml", "4", "2", "zb1p", 1),
+        ("models/tiny.toml", "4", "2", "dualpipe", 1),
+        ("models/tiny.toml", "4", "2", "dualpipev", 1),
+        (tiny8.as_str(), "8", "4", "dualpipe", 1),
+        (tiny8.as_str(), "8", "4", "dualpipev", 1),
+        (tiny8.as_str(), "8", "2", "dualpipe", 2),
     ];
-    for (model, batch, n, schedule) in schedules {
+    for (model, batch, n, schedule, dp) in schedules {
         let (expected, one) = &expected[batch];
-        let out = s.path(&format!("pp{n}-{schedule}")).display().to_string();
+        let out = s.path(&format!("pp{n}-dp{dp}-{schedule}")).display().to_string();
         let trace = format!("{out}.json");
-        let args = run(model, batch, &out, &["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace]);
+        let dp_flag = dp.to_string();
+        let mut extra = vec!["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace];
+        if dp > 1 {
+            extra.extend(["--dp", &dp_flag]);
+        }
+        let args = run(model, batch, &out, &extra);
         let r = mpirun(
-            n.parse().unwrap(),
+            n.parse::<usize>().unwrap() * dp,
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
             Duration::from_secs(300),
         );
         assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+        let micro_batches = batch.parse::<usize>().unwrap() / dp;
         assert!(
-            r.stdout.contains(&format!("pipeline rank 0 of {n} ({schedule} schedule, {batch} micro-batches")),
+            r.stdout.contains(&format!(
+                "pipeline rank 0 of {n} ({schedule} schedule, {micro_batches} micro-batches"
+            )),
             "{}",
             r.stdout
         );
+        if dp > 1 {
+            assert!(r.stdout.contains("replica 0 of 2 (data-parallel)"), "{}", r.stdout);
+        }
         assert_eq!(r.stdout.matches("step     3").count(), 1, "{}", r.stdout);
         // The last step's measured timeline: every compute step of every rank's list, in order on
         // each rank, and its drawing; and the share of the messages' time in flight not waited for.
@@ -417,7 +431,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     }
     // A peer that never answers: rank 0 gives up after --comm-timeout, naming what it waited for;
     // one that dies: mpirun ends the others. From the 1F1B run's artifact (no compile).
-    let artifact = s.path("pp2-1f1b").join("train.kiln").display().to_string();
+    let artifact = s.path("pp2-dp1-1f1b").join("train.kiln").display().to_string();
     let out = s.path("stall").display().to_string();
     let mut args: Vec<String> = run(
         "models/tiny.toml",
@@ -436,9 +450,14 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok);
     assert!(r.stderr.contains("rank 1: exiting before step 2"), "{}", r.stderr);
-    // Refused before any step, by name: pipeline and data parallelism together.
+    // Refused before any step, by name: AdamW's states split over a pipeline's replicas; and a
+    // pipeline compiled without the replicas' sums, run with --dp.
     let out = s.path("refused").display().to_string();
-    let args = run("models/tiny.toml", "4", &out, &["--pp", "2", "--dp", "2"]);
+    let args = run("models/tiny.toml", "4", &out, &["--pp", "2", "--dp", "2", "--zero1"]);
     let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!r.ok && r.stderr.contains("--pp with --dp"), "{}", r.stderr);
+    assert!(!r.ok && r.stderr.contains("--zero1 with --pp"), "{}", r.stderr);
+    let mut args = run("models/tiny.toml", "8", &out, &["--pp", "2", "--dp", "2"]);
+    args[1] = s.path("pp2-dp1-1f1b").join("train.kiln").display().to_string();
+    let r = mpirun(4, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+    assert!(!r.ok && r.stderr.contains("sum nothing over data-parallel replicas"), "{}", r.stderr);
 }
