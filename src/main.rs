@@ -689,12 +689,6 @@ fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
     if args.dp == Some(0) {
         bail!("--dp 0: give the number of data-parallel replicas of the pipeline, at least 1");
     }
-    if args.zero1 {
-        bail!(
-            "--zero1 with --pp: AdamW's states split over the replicas of a pipeline is not built yet; \
-             leave out --zero1"
-        );
-    }
     let kind = Kind::parse(args.pp_schedule.as_deref().unwrap_or("1f1b"))?;
     if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
         bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);

@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use kiln_compiler::pipeline::{self as cut, Phase};
-use kiln_ir::artifact::ParallelPlan;
-use kiln_ir::module::{ACCUMULATE_KEEP, MICRO_BATCHES};
+use kiln_compiler::train::master_of;
+use kiln_ir::artifact::{Manifest, ParallelPlan};
+use kiln_ir::module::{ACCUMULATE_KEEP, DP_GROUP, DP_RANK, MICRO_BATCHES};
 use kiln_ir::schedule::{Instr, Work};
 use kiln_ir::DType;
 use kiln_runtime::comm::CommStats;
@@ -50,6 +51,8 @@ const WEIGHTS_TAG: i32 = 32002;
 const COPIES_TAG: i32 = 32003;
 /// The name of a step report's compute spans.
 const SPANS: &str = "pp.spans";
+/// The prefix of a state's name in a step report.
+const STATE_PREFIX: &str = "pp.state.";
 
 /// The MPI side of a pipeline rank: point-to-point messages between ranks.
 pub struct Link {
@@ -302,12 +305,21 @@ pub struct PipelineTrainer<B: Backend> {
     /// The data-parallel replicas of the pipeline (`--dp`), whose micro-batches the update's sums
     /// count together.
     replicas: usize,
+    /// The artifact's whole manifest (the executor holds this rank's programs and states alone).
+    model: Manifest,
+    /// The routers' selection biases this rank's update moves, which it reports to rank 0 after
+    /// each step (the monitor's bias statistics are rank 0's).
+    biases: Vec<String>,
+    /// The whole shape of each state an update may split over the replicas (ZeRO-1): AdamW's
+    /// moments and the master weights, which have their parameter's.
+    whole: HashMap<String, Vec<u64>>,
 }
 
 impl<B: Backend> PipelineTrainer<B> {
-    /// Takes the executor of an artifact compiled with `--train --pp` (its weights bound at load).
-    pub fn new(exec: Executor<B>, link: Link) -> Result<PipelineTrainer<B>, RuntimeError> {
-        let plan = exec.manifest().parallel.clone().ok_or_else(|| {
+    /// Takes the executor of an artifact compiled with `--train --pp` (its weights bound at load),
+    /// loaded with this rank's programs alone ([`runs`]), and the artifact's whole manifest.
+    pub fn new(exec: Executor<B>, model: Manifest, link: Link) -> Result<PipelineTrainer<B>, RuntimeError> {
+        let plan = model.parallel.clone().ok_or_else(|| {
             RuntimeError::BadOption("the artifact has no pipeline plan: compile it with --train --pp".into())
         })?;
         if plan.pp != link.size {
@@ -343,7 +355,7 @@ impl<B: Backend> PipelineTrainer<B> {
         let update = describe(&cut::update_name(link.rank))?;
         // The states each program reads and writes, from the manifest (the executor lists the
         // caller's inputs and outputs only).
-        let manifest = exec.manifest();
+        let manifest = &model;
         let declared: std::collections::HashSet<&str> =
             manifest.states.iter().map(|s| s.name.as_str()).collect();
         let state_io = |name: &str, outputs: bool| -> Vec<String> {
@@ -395,7 +407,24 @@ impl<B: Backend> PipelineTrainer<B> {
             .collect();
         accumulators.sort();
         accumulators.dedup();
+        let mut whole = HashMap::new();
+        for p in manifest.states.iter().filter(|s| s.role == kiln_ir::module::StateRole::Trainable) {
+            let shape: Vec<u64> = p.shape.iter().filter_map(|d| d.as_known()).collect();
+            for name in [format!("adam.m.{}", p.name), format!("adam.v.{}", p.name), master_of(&p.name)] {
+                whole.insert(name, shape.clone());
+            }
+        }
+        let biases = (states_of_rank[me as usize].iter())
+            .filter(|n| {
+                let role = manifest.states.iter().find(|s| &s.name == *n).map(|s| s.role);
+                role == Some(kiln_ir::module::StateRole::RoutingBias)
+            })
+            .cloned()
+            .collect();
         Ok(PipelineTrainer {
+            model,
+            biases,
+            whole,
             accumulators,
             started: Default::default(),
             trace: None,
@@ -435,6 +464,20 @@ impl<B: Backend> PipelineTrainer<B> {
             Some(t) => Ok(t.clone()),
             None => self.exec.read_state(name),
         }
+    }
+
+    /// Whether this process holds state `name`: its stages' own, or one gathered from a rank.
+    fn held(&self, name: &str) -> bool {
+        self.gathered.contains_key(name) || self.exec.manifest().states.iter().any(|s| s.name == name)
+    }
+
+    /// Bytes of the states this rank allocated, and of all the model's states.
+    pub fn held_state_bytes(&self) -> (u64, u64) {
+        let max = self.exec.max_sizes();
+        let bytes = |m: &Manifest| -> u64 {
+            (m.states.iter()).map(|s| kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &max).unwrap_or(0)).sum()
+        };
+        (bytes(self.exec.manifest()), bytes(&self.model))
     }
 
     /// Writes the step's measured timeline: a Chrome/Perfetto trace at `path` and the SVG drawing
@@ -681,6 +724,14 @@ impl<B: Backend> PipelineTrainer<B> {
             self.sum_copies()?;
         }
         let mut feeds = vec![scalar(MICRO_BATCHES, (m * self.replicas) as f32), scalar("lr", lr)];
+        // The replica's rank, which picks its shard of split optimizer states (ZeRO-1).
+        let replica = self.exec.communicator().and_then(|c| c.rank_in(DP_GROUP)).map_or(0, |r| r.0);
+        feeds.push(HostTensor {
+            name: DP_RANK.into(),
+            dtype: DType::I32,
+            shape: vec![1],
+            data: HostData::I64(vec![replica as i64]),
+        });
         feeds.retain(|t| self.update.inputs.contains(&t.name));
         let name = self.update.name.clone();
         self.exec.run(&name, &feeds)?;
@@ -719,6 +770,10 @@ impl<B: Backend> PipelineTrainer<B> {
                 for t in decode(&bytes)? {
                     if t.name == SPANS {
                         all_spans.push((r, t));
+                    } else if let Some(name) = t.name.strip_prefix(STATE_PREFIX) {
+                        // The rank's routers' biases, as it moved them: the monitor reads them here.
+                        let name = name.to_string();
+                        self.gathered.insert(name.clone(), HostTensor { name, ..t });
                     } else if t.name != "loss" && t.name != "grad_norm" {
                         outputs.push((t.name.clone(), f32s(t)));
                     }
@@ -737,11 +792,49 @@ impl<B: Backend> PipelineTrainer<B> {
                 })
                 .collect();
             tensors.push(spans);
+            for name in &self.biases {
+                let t = self.exec.read_state(name)?;
+                tensors.push(HostTensor { name: format!("{STATE_PREFIX}{name}"), ..t });
+            }
             self.link.send(0, REPORT_TAG, encode(&tensors));
             self.link.flush();
         }
         Ok(stats(outputs.iter().map(|(n, v)| (n.as_str(), v.clone()))))
     }
+}
+
+impl<B: Backend> PipelineTrainer<B> {
+    /// State `name` whole: this process's, or, split over the replicas (ZeRO-1: it holds `m` of
+    /// the `n` values), every replica's shard gathered, the padding dropped and the shape restored.
+    fn whole_state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        let t = self.exec.read_state(name)?;
+        let Some(shape) = self.whole.get(name) else { return Ok(t) };
+        let n = shape.iter().product::<u64>() as usize;
+        let HostData::F32(mine) = &t.data else { return Ok(t) };
+        if mine.len() >= n {
+            return Ok(t);
+        }
+        let comm = self.exec.communicator().ok_or_else(|| {
+            RuntimeError::BadOption(format!("state `{name}` is split, and this process has no replicas"))
+        })?;
+        let mut all = comm.start_all_gather(DP_GROUP, mine.clone())?.wait()?;
+        if all.len() < n {
+            return Err(RuntimeError::BadOption(format!(
+                "state `{name}`: the replicas' shards hold {} values, fewer than its {n}",
+                all.len()
+            )));
+        }
+        all.truncate(n);
+        Ok(HostTensor { shape: shape.clone(), data: HostData::F32(all), ..t })
+    }
+}
+
+/// Whether pipeline rank `rank` of `plan` runs program `name`: a stage program of one of its
+/// stages, or its update.
+pub fn runs(plan: &ParallelPlan, rank: u32, name: &str) -> bool {
+    let Some(r) = plan.ranks.iter().find(|r| r.rank == rank) else { return false };
+    let stage = r.stages.iter().any(|&s| Phase::ALL.iter().any(|&ph| cut::program_name(s, ph) == name));
+    stage || cut::update_name(rank) == name
 }
 
 fn scalar(name: &str, v: f32) -> HostTensor {
@@ -770,35 +863,40 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     /// This process's copy of every trained weight and bias: rank 0's is whole after
     /// [`Steps::gather_for_checkpoint`] (which every rank calls before a checkpoint).
     fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
-        let manifest = self.exec.manifest();
-        let trained = manifest.states.iter().filter(|s| {
+        let trained = self.model.states.iter().filter(|s| {
             matches!(s.role, kiln_ir::module::StateRole::Trainable | kiln_ir::module::StateRole::RoutingBias)
         });
-        trained.map(|s| self.read(&s.name)).collect()
+        trained.filter(|s| self.held(&s.name)).map(|s| self.read(&s.name)).collect()
     }
 
     /// The states kept besides the weights: this process's (the whole model's on rank 0 after
     /// [`Steps::gather_for_checkpoint`]).
     fn states(&self) -> Result<Vec<HostTensor>, RuntimeError> {
-        let manifest = self.exec.manifest();
-        let kept = manifest.states.iter().filter(|s| kiln_runtime::train::kept(s.role));
-        kept.map(|s| self.read(&s.name)).collect()
+        let kept = self.model.states.iter().filter(|s| kiln_runtime::train::kept(s.role));
+        kept.filter(|s| self.held(&s.name)).map(|s| self.read(&s.name)).collect()
     }
 
-    /// Every rank sends its stages' states to rank 0, which keeps them until the next step for
+    fn holds(&self, name: &str) -> bool {
+        self.held(name)
+    }
+
+    /// Every rank makes its stages' states whole (a state split over the replicas, `--zero1`, is
+    /// gathered from them) and sends them to rank 0, which keeps them until the next step for
     /// [`Steps::weights`] and [`Steps::states`].
     fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
         let rank = self.link.rank;
+        // Every replica's rank of these stages gathers the same states in the same order.
+        let mine: Vec<HostTensor> = (self.states_of_rank[rank as usize].clone().iter())
+            .map(|n| self.whole_state(n))
+            .collect::<Result<_, _>>()?;
         let mut gathered = Vec::new();
         if rank == 0 {
+            gathered.extend(mine);
             for r in 1..self.link.size {
                 let bytes = self.link.recv(r, STATES_TAG, &format!("rank {r}'s states for a checkpoint"));
                 gathered.extend(decode(&bytes)?);
             }
         } else {
-            let mine: Vec<HostTensor> = (self.states_of_rank[rank as usize].iter())
-                .map(|n| self.exec.read_state(n))
-                .collect::<Result<_, _>>()?;
             self.link.send(0, STATES_TAG, encode(&mine));
         }
         self.link.flush();

@@ -744,6 +744,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         for (name, role) in &roles {
             if kiln_runtime::train::kept(*role) {
                 let whole = opt.read(name)?;
+                // A pipeline rank resumes its own stages' states.
+                if !trainer.holds(name) {
+                    continue;
+                }
                 let t = shard_of(whole, &trainer.state(name)?, req.dist)?;
                 trainer.set_state(t)?;
             }
@@ -898,6 +902,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if let Some(m) = &mon {
             record.grad_norms = stats.grad_norms.iter().map(|(l, n)| (l.clone(), f64::from(*n))).collect();
             for name in &biases {
+                // A pipeline's other ranks report their biases to the first, which logs them.
+                if !trainer.holds(name) {
+                    continue;
+                }
                 let b = trainer.state(name)?;
                 let kiln_runtime::weights::HostData::F32(v) = &b.data else { continue };
                 record.biases.push((name.to_string(), f64s(v)));
@@ -1015,7 +1023,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             // Every replica takes part (split optimizer states are gathered); the first writes.
             trainer.gather_for_checkpoint()?;
-            let kept = whole_states(trainer.as_ref(), req.dist, &states)?;
+            // A pipeline's ranks made their states whole as they gathered them to rank 0, which
+            // alone writes: nothing is left to gather.
+            let kept = match req.pipeline {
+                Some(_) if !req.leader() => Vec::new(),
+                Some(_) => whole_states(trainer.as_ref(), None, &states)?,
+                None => whole_states(trainer.as_ref(), req.dist, &states)?,
+            };
             if req.leader() {
                 let dir = save(
                     req.out,
@@ -1190,17 +1204,18 @@ fn compiled(
         }
         dir
     };
-    let art = kiln_runtime::artifact::load(&dir)?;
+    let mut art = kiln_runtime::artifact::load(&dir)?;
     if art.manifest().cpu.is_none() {
         bail!("{}: the artifact has no CPU library: compile it with --target cpu or all", dir.display());
     }
-    let wanted: std::collections::HashSet<String> =
-        weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
-    let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
-    let model = CpuModel::load(&art, given, &run::cpu_options(req.threads))?;
-    let mut engine = format!("compiled for the CPU ({} threads)", model.threads());
+    let load = |art: &kiln_runtime::artifact::Artifact, weights_in: Vec<weights::HostTensor>| -> Result<_> {
+        let wanted: std::collections::HashSet<String> =
+            weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
+        let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+        Ok(CpuModel::load(art, given, &run::cpu_options(req.threads))?)
+    };
     if let Some((d, _)) = req.pipeline {
-        let Some(plan) = &art.manifest().parallel else {
+        let Some(plan) = art.manifest().parallel.clone() else {
             bail!(
                 "{}: the artifact has no pipeline: compile it with `kiln compile --train --pp N`",
                 dir.display()
@@ -1221,33 +1236,46 @@ fn compiled(
                 dir.display()
             );
         }
-        engine += &format!(
-            ", pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} rows, MPI)",
+        let dp_sums = (art.manifest().programs.iter()).any(|p| {
+            (p.steps.iter()).any(|s| matches!(s, kiln_ir::artifact::Step::AllReduce { group, .. } if group == kiln_compiler::train::DP_GROUP))
+        });
+        if req.dist.is_some() && !dp_sums {
+            bail!(
+                "{}: the pipeline's updates sum nothing over data-parallel replicas: compile it with \
+                 `kiln compile --train --pp N --data-parallel` for --pp with --dp",
+                dir.display()
+            );
+        }
+        // This rank loads its own stages' programs and states alone.
+        let whole = art.keep_programs(|name| crate::pipeline::runs(&plan, d.pp_rank() as u32, name));
+        let model = load(&art, weights_in)?;
+        let mut engine = format!(
+            "compiled for the CPU ({} threads), pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} \
+             rows, MPI)",
+            model.threads(),
             d.pp_rank(),
             d.pp_size(),
             plan.schedule,
             plan.micro_batches
         );
-        let dp_sums = (art.manifest().programs.iter()).any(|p| {
-            (p.steps.iter()).any(|s| matches!(s, kiln_ir::artifact::Step::AllReduce { group, .. } if group == kiln_compiler::train::DP_GROUP))
-        });
         if let Some(r) = req.dist {
-            if !dp_sums {
-                bail!(
-                    "{}: the pipeline's updates sum nothing over data-parallel replicas: compile it with \
-                     `kiln compile --train --pp N --data-parallel` for --pp with --dp",
-                    dir.display()
-                );
-            }
             engine += &format!(", replica {} of {} (data-parallel)", r.dp_rank(), r.dp_size());
         }
-        let mut trainer = crate::pipeline::PipelineTrainer::new(model, d.pipeline_link())?;
+        let mut trainer = crate::pipeline::PipelineTrainer::new(model, whole, d.pipeline_link())?;
+        let (held, all) = trainer.held_state_bytes();
+        engine += &format!(
+            ", {:.2} of the model's {:.2} MB of states on this rank",
+            held as f64 / 1e6,
+            all as f64 / 1e6
+        );
         trainer.set_replicas(d.dp_size());
         // The first replica's timeline; the others run the same lists.
         trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
         return Ok((Box::new(trainer), engine));
     }
+    let model = load(&art, weights_in)?;
+    let mut engine = format!("compiled for the CPU ({} threads)", model.threads());
     let mut trainer = CompiledTrainer::new(model)?;
     if artifact {
         // Checked before any step: an artifact is planned for at most its compiled sizes.

@@ -584,13 +584,6 @@ fn cut_into_stages(module: &mut Module, spec: &ModelSpec, options: &Options) -> 
     if module.programs.iter().any(|p| p.name.starts_with("stage.")) {
         return Ok(());
     }
-    if t.optimizer.shards > 1 {
-        return Err(CompileError::Options(
-            "--train --pp with --zero1: AdamW's states split over the replicas of a pipeline is not built \
-             yet; leave out --zero1"
-                .into(),
-        ));
-    }
     let plan = parallel_plan(Some(spec), options)?.ok_or_else(|| CompileError::Options("no plan".into()))?;
     if plan.ep > 1 {
         return Err(CompileError::Options(format!(

@@ -402,8 +402,9 @@ fn step_program(
                 states.push(StateDecl { name: name.to_string(), ty, role: StateRole::GradientAccumulator });
             }
         }
-    } else if data_parallel {
-        // One micro-batch per replica: the mean of the replicas' gradients and losses.
+    } else if data_parallel && pipeline.is_none() {
+        // One micro-batch per replica: the mean of the replicas' gradients and losses. (A
+        // pipeline's update summed them already: `pipeline_update`.)
         let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
         let one = b.c(1.0)?;
         let scale = b.bin(BinaryOp::Div, one, count)?;
@@ -684,7 +685,9 @@ pub struct StageRouter {
 /// through its own copy of the stages: the accumulators, the loss and the loads are first summed
 /// over the replicas' ranks of the same stages ([`DP_GROUP`], one message), and the caller gives
 /// `micro_batches` as the micro-batches of all the replicas together. Every replica then makes the
-/// same update, and the pp sums that follow add identical values on every replica.
+/// same update, and the pp sums that follow add identical values on every replica. With
+/// `opt.shards` = the replicas, each replica keeps and updates its shard of AdamW's states
+/// (ZeRO-1), as [`step_program`] does for a data-parallel step.
 pub fn pipeline_update(
     params: &[(String, TensorType)],
     routers: &[StageRouter],
@@ -750,7 +753,9 @@ pub fn pipeline_update(
     for (n, v) in outputs {
         g.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))?;
     }
-    let (step, _) = step_program(&g, &[], opt, false, false, Some(copies))?;
+    // With `data_parallel`, the sums are done; the step may still split AdamW's states over the
+    // replicas (ZeRO-1, `opt.shards`).
+    let (step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies))?;
     Ok(step)
 }
 

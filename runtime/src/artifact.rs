@@ -43,6 +43,24 @@ impl Artifact {
         &self.manifest
     }
 
+    /// Keeps the programs whose names `keep` accepts and the states they use, and drops the rest
+    /// from the manifest this process loads, so that nothing else is allocated: a pipeline rank
+    /// loads its own stages' programs, weights and optimizer states. Returns the whole manifest.
+    pub fn keep_programs(&mut self, keep: impl Fn(&str) -> bool) -> Manifest {
+        let whole = self.manifest.clone();
+        self.manifest.programs.retain(|p| keep(&p.name));
+        let used: std::collections::HashSet<&str> = (self.manifest.programs.iter())
+            .flat_map(|p| &p.buffers)
+            .filter_map(|b| match &b.storage {
+                artifact::Storage::State { name } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        let states = whole.states.iter().filter(|s| used.contains(s.name.as_str())).cloned().collect();
+        self.manifest.states = states;
+        whole
+    }
+
     /// The path of a file of the artifact.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -611,6 +611,11 @@ pub trait Steps {
     fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
         Ok(())
     }
+    /// Whether this process holds state `name` (a pipeline rank holds its own stages' states,
+    /// and after [`Steps::gather_for_checkpoint`] on the first rank, every stage's).
+    fn holds(&self, _name: &str) -> bool {
+        true
+    }
 }
 
 impl Steps for Trainer {

@@ -58,6 +58,21 @@ fn logged(dir: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Each logged step's router-bias statistics (mean, std, min and max of each router's bias), by
+/// router, in name order.
+fn logged_biases(dir: &Path) -> Vec<Vec<(String, [f64; 4])>> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let records = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    let stats = |v: &serde_json::Value| ["mean", "std", "min", "max"].map(|k| v[k].as_f64().unwrap());
+    records
+        .filter(|l| l.get("event").is_none())
+        .map(|l| {
+            let biases = l["bias"].as_object().expect("the monitor's bias statistics");
+            biases.iter().map(|(name, v)| (name.clone(), stats(v))).collect()
+        })
+        .collect()
+}
+
 fn assert_close(what: &str, a: &[(f64, f64)], b: &[(f64, f64)]) {
     assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -353,25 +368,31 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         assert!(r.ok, "{}", r.stderr);
         expected.insert(batch, (logged(Path::new(&one)), one));
     }
-    // (model, batch, --pp, schedule, --dp): the last run is two replicas of a two-rank DualPipe,
-    // each taking half of every batch as 4 micro-batches; the replicas sum their accumulators.
+    // (model, batch, --pp, schedule, --dp, --zero1): the last runs are two replicas of a two-rank
+    // pipeline, each taking half of every batch as its micro-batches; the replicas sum their
+    // accumulators, and with --zero1 each keeps half of AdamW's states.
     let schedules = [
-        ("models/tiny.toml", "4", "2", "1f1b", 1),
-        ("models/tiny.toml", "4", "2", "zb1p", 1),
-        ("models/tiny.toml", "4", "2", "dualpipe", 1),
-        ("models/tiny.toml", "4", "2", "dualpipev", 1),
-        (tiny8.as_str(), "8", "4", "dualpipe", 1),
-        (tiny8.as_str(), "8", "4", "dualpipev", 1),
-        (tiny8.as_str(), "8", "2", "dualpipe", 2),
+        ("models/tiny.toml", "4", "2", "1f1b", 1, false),
+        ("models/tiny.toml", "4", "2", "zb1p", 1, false),
+        ("models/tiny.toml", "4", "2", "dualpipe", 1, false),
+        ("models/tiny.toml", "4", "2", "dualpipev", 1, false),
+        (tiny8.as_str(), "8", "4", "dualpipe", 1, false),
+        (tiny8.as_str(), "8", "4", "dualpipev", 1, false),
+        (tiny8.as_str(), "8", "2", "dualpipe", 2, false),
+        ("models/tiny.toml", "4", "2", "1f1b", 2, true),
     ];
-    for (model, batch, n, schedule, dp) in schedules {
+    for (model, batch, n, schedule, dp, zero1) in schedules {
         let (expected, one) = &expected[batch];
-        let out = s.path(&format!("pp{n}-dp{dp}-{schedule}")).display().to_string();
+        let out = s.path(&format!("pp{n}-dp{dp}-{schedule}{}", if zero1 { "-zero1" } else { "" }));
+        let out = out.display().to_string();
         let trace = format!("{out}.json");
         let dp_flag = dp.to_string();
         let mut extra = vec!["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace];
         if dp > 1 {
             extra.extend(["--dp", &dp_flag]);
+        }
+        if zero1 {
+            extra.push("--zero1");
         }
         let args = run(model, batch, &out, &extra);
         let r = mpirun(
@@ -391,6 +412,14 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         if dp > 1 {
             assert!(r.stdout.contains("replica 0 of 2 (data-parallel)"), "{}", r.stdout);
         }
+        // Rank 0 allocated its own stages' states alone: "H of the model's W MB of states".
+        let line = r.stdout.lines().find(|l| l.contains("of the model's")).expect("the states rank 0 holds");
+        let words: Vec<&str> = line.split(" of the model's ").collect();
+        let held: f64 = words[0].rsplit(", ").next().unwrap().parse().unwrap();
+        let whole: f64 = words[1].split(' ').next().unwrap().parse().unwrap();
+        // (DualPipe on two ranks holds both stages on each, the whole model twice over.)
+        let both = schedule == "dualpipe" && n == "2";
+        assert!(held > 0.0 && (held < whole || both && held == whole), "{line}");
         assert_eq!(r.stdout.matches("step     3").count(), 1, "{}", r.stdout);
         // The last step's measured timeline: every compute step of every rank's list, in order on
         // each rank, and its drawing; and the share of the messages' time in flight not waited for.
@@ -412,21 +441,43 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         let hidden: f64 = comm.rsplit(": ").next().unwrap().split('%').next().unwrap().parse().unwrap();
         assert!((0.0..=100.0).contains(&hidden), "{comm}");
         assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), expected);
-        // The checkpoint rank 0 writes holds every stage's weights, as one process's.
-        let theirs = kiln_runtime::weights::open_checkpoint(&Path::new(&out).join("step-3")).unwrap();
-        let ours = kiln_runtime::weights::open_checkpoint(&Path::new(one).join("step-3")).unwrap();
-        assert_eq!(theirs.len(), ours.len());
-        for info in ours.tensors() {
-            let (a, b) = (ours.read(&info.name).unwrap(), theirs.read(&info.name).unwrap());
-            let (kiln_runtime::weights::HostData::F32(a), kiln_runtime::weights::HostData::F32(b)) =
-                (a.data, b.data)
-            else {
-                panic!("{}: not f32", info.name)
-            };
-            // Relative to the weight or 0.01: a weight near 0 moves by AdamW's normalised steps, which
-            // rounding differences in a gradient near AdamW's eps move most.
-            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (x.abs() + 1e-2)).fold(0f32, f32::max);
-            assert!(worst < 1e-4, "--pp {n} {schedule}: {}: {worst:e} apart", info.name);
+        // Every stage's biases reach rank 0's monitor as their ranks moved them: the same load
+        // counts move them by the same ±γ steps as in one process.
+        let (ours, theirs) = (logged_biases(Path::new(one)), logged_biases(Path::new(&out)));
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(a.len(), b.len(), "--pp {n} {schedule}: {a:?} vs {b:?}");
+            for ((name, x), (other, y)) in a.iter().zip(b) {
+                assert_eq!(name, other);
+                let far = x.iter().zip(y).any(|(p, q)| (p - q).abs() > 1e-7);
+                assert!(!far, "--pp {n} {schedule}: {name}: bias statistics {x:?} vs {y:?}");
+            }
+        }
+        // The checkpoint rank 0 writes holds every stage's weights, as one process's; and, from
+        // runs over replicas, AdamW's states whole (gathered from the replicas' shards with --zero1).
+        let step3 = |dir: &str| Path::new(dir).join("step-3");
+        let mut files = vec![(step3(&out), step3(one))];
+        if dp > 1 {
+            files.push((step3(&out).join("optimizer.safetensors"), step3(one).join("optimizer.safetensors")));
+        }
+        for (theirs, ours) in files {
+            let theirs = kiln_runtime::weights::open_checkpoint(&theirs).unwrap();
+            let ours = kiln_runtime::weights::open_checkpoint(&ours).unwrap();
+            assert_eq!(theirs.len(), ours.len());
+            for info in ours.tensors() {
+                let (a, b) = (ours.read(&info.name).unwrap(), theirs.read(&info.name).unwrap());
+                assert_eq!(a.shape, b.shape, "{}", info.name);
+                let (kiln_runtime::weights::HostData::F32(a), kiln_runtime::weights::HostData::F32(b)) =
+                    (a.data, b.data)
+                else {
+                    continue;
+                };
+                // Relative to the value or 0.01: a weight near 0 moves by AdamW's normalised steps,
+                // which rounding differences in a gradient near AdamW's eps move most.
+                let worst =
+                    a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (x.abs() + 1e-2)).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "--pp {n} {schedule} --dp {dp}: {}: {worst:e} apart", info.name);
+            }
         }
     }
     // A peer that never answers: rank 0 gives up after --comm-timeout, naming what it waited for;
@@ -450,12 +501,9 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok);
     assert!(r.stderr.contains("rank 1: exiting before step 2"), "{}", r.stderr);
-    // Refused before any step, by name: AdamW's states split over a pipeline's replicas; and a
-    // pipeline compiled without the replicas' sums, run with --dp.
+    // Refused before any step, by name: a pipeline compiled without the replicas' sums, run with
+    // --dp.
     let out = s.path("refused").display().to_string();
-    let args = run("models/tiny.toml", "4", &out, &["--pp", "2", "--dp", "2", "--zero1"]);
-    let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(!r.ok && r.stderr.contains("--zero1 with --pp"), "{}", r.stderr);
     let mut args = run("models/tiny.toml", "8", &out, &["--pp", "2", "--dp", "2"]);
     args[1] = s.path("pp2-dp1-1f1b").join("train.kiln").display().to_string();
     let r = mpirun(4, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
