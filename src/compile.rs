@@ -125,10 +125,12 @@ pub struct Args {
     #[arg(long, value_name = "P")]
     pp: Option<u32>,
     /// With --pp: expert-parallel ranks per stage, which must divide the routed experts (default
-    /// the spec's `moe.ep_size`).
+    /// the spec's `moe.ep_size`). With --pp 1 (inference), the artifact also holds each rank's
+    /// programs with its share of the experts, which `kiln run --ep E` runs under mpirun.
     #[arg(long, value_name = "E", requires = "pp")]
     ep: Option<u64>,
-    /// With --pp: the schedule, `dualpipe` (default), `dualpipev`, `1f1b` or `zb1p`.
+    /// With --pp: the schedule, `dualpipe` (default; `1f1b` with --pp 1), `dualpipev`, `1f1b` or
+    /// `zb1p`.
     #[arg(long, value_name = "SCHEDULE", requires = "pp")]
     schedule: Option<String>,
     /// With --pp: micro-batches per step (default 2·P, the fewest DualPipe takes).
@@ -282,8 +284,12 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         },
         parallel: match req.pp {
             Some(pp) => Some(pack::Parallel {
-                kind: Kind::parse(req.schedule.as_deref().unwrap_or(DEFAULT_SCHEDULE))
-                    .context("--schedule")?,
+                // One rank has no pipeline to schedule (`--pp 1 --ep E`: expert parallelism alone).
+                kind: Kind::parse(req.schedule.as_deref().unwrap_or(match pp {
+                    1 => "1f1b",
+                    _ => DEFAULT_SCHEDULE,
+                }))
+                .context("--schedule")?,
                 pp,
                 ep: req.ep,
                 micro_batches: req.micro_batches,

@@ -157,6 +157,18 @@ impl Dist {
         }
     }
 
+    /// The executor's view of the expert-parallel ranks of `kiln run --ep` (group `ep`, every
+    /// process of the job), on a communicator of its own.
+    pub fn expert_ranks(&self) -> Box<dyn Communicator> {
+        let ep = Group {
+            name: kiln_compiler::expert_parallel::EP_GROUP,
+            comm: self.replicas.duplicate(),
+            rank: self.dp_rank(),
+            size: self.dp_size(),
+        };
+        Box::new(Groups { groups: vec![ep], timeout: self.timeout })
+    }
+
     /// The executor's view of a pipeline rank: its pipeline's ranks (group `pp`) and the replicas
     /// of its stages (group `dp`), each on a communicator of its own.
     pub fn pipeline_ranks(&self) -> Box<dyn Communicator> {

@@ -212,6 +212,14 @@ enum Command {
         /// measured) instead of the generated text; the report still goes to standard error.
         #[arg(long)]
         json: bool,
+        /// Split the routed experts over N processes started by `mpirun -n N`, each holding its
+        /// share of every MoE layer's experts (an artifact from `kiln compile --pp 1 --ep N`).
+        #[arg(long, value_name = "N")]
+        ep: Option<u64>,
+        /// With --ep: how long a process waits for the others in a collective before it ends the
+        /// job.
+        #[arg(long, value_name = "SECS", default_value_t = 300.0, requires = "ep")]
+        comm_timeout: f64,
     },
     /// Chat with a model on the terminal: each line of standard input (or each --message) is a user
     /// turn; the conversation is rendered with the chat template of the tokenizer folder's
@@ -854,6 +862,8 @@ fn run(command: Command) -> Result<()> {
             trace,
             dump_logits,
             json,
+            ep,
+            comm_timeout,
         } => {
             check_threads(threads)?;
             let resolved =
@@ -881,9 +891,37 @@ fn run(command: Command) -> Result<()> {
                 profile,
                 trace: trace.as_deref(),
                 dump_logits: dump_logits.as_deref(),
+                ep: None,
             };
-            let (mut out, mut log) = (io::stdout().lock(), io::stderr().lock());
-            run::run(&req, &mut run::Sink { out: &mut out, log: &mut log, json })
+            let Some(n) = ep else {
+                let (mut out, mut log) = (io::stdout().lock(), io::stderr().lock());
+                return run::run(&req, &mut run::Sink { out: &mut out, log: &mut log, json });
+            };
+            // One of N expert-parallel processes: the first prints, a failure anywhere ends the job.
+            if n == 0 {
+                bail!("--ep 0: give the number of expert-parallel processes, at least 1");
+            }
+            if !(comm_timeout > 0.0 && comm_timeout.is_finite()) {
+                bail!("--comm-timeout {comm_timeout}: give a positive number of seconds");
+            }
+            let timeout = std::time::Duration::from_secs_f64(comm_timeout);
+            let d = dist::Dist::init_grid(&format!("--ep {n}"), 1, n as usize, timeout)?;
+            let req = run::Request { ep: Some(&d), ..req };
+            let ran = match d.leader() {
+                true => {
+                    let (mut out, mut log) = (io::stdout().lock(), io::stderr().lock());
+                    run::run(&req, &mut run::Sink { out: &mut out, log: &mut log, json })
+                }
+                // The first process writes the files asked for.
+                false => {
+                    let req = run::Request { dump_logits: None, trace: None, ..req };
+                    run::run(&req, &mut run::Sink { out: &mut io::sink(), log: &mut io::sink(), json })
+                }
+            };
+            if let Err(e) = ran {
+                d.fail(&render(&e));
+            }
+            Ok(())
         }
         Command::Chat { model, system, message, max_new_tokens, sampling, verbose } => {
             let req = chat::Request {

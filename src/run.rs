@@ -87,6 +87,9 @@ pub struct Request<'a> {
     pub dump_logits: Option<&'a Path>,
     /// `--trace FILE`: a Chrome/Perfetto trace of every run and launch.
     pub trace: Option<&'a Path>,
+    /// `--ep N` under mpirun: this process is one of N holding a share of the routed experts
+    /// ([`kiln_compiler::expert_parallel`]).
+    pub ep: Option<&'a crate::dist::Dist>,
 }
 
 /// Where `kiln run` writes (see the module documentation): `out` the generated text or the JSON
@@ -313,7 +316,36 @@ pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
     if req.device == Device::Cuda && !req.interp {
         check_cuda_request(req)?;
     }
-    let art = artifact::load(req.model)?;
+    let mut art = artifact::load(req.model)?;
+    if let Some(d) = req.ep {
+        if req.interp || req.device == Device::Cuda {
+            bail!(
+                "--ep runs the compiled CPU programs in each process; leave out --interp and --device cuda"
+            );
+        }
+        // This rank's copy of each program, under the plain name, with its experts alone.
+        let suffix = kiln_compiler::expert_parallel::rank_program("", d.dp_rank() as u64);
+        let planned = (art.manifest().programs.iter()).any(|p| p.name.ends_with(&suffix));
+        if !planned {
+            bail!(
+                "{}: the artifact has no programs for expert-parallel rank {}: compile it with `kiln compile \
+                 --pp 1 --ep {}`",
+                req.model.display(),
+                d.dp_rank(),
+                d.dp_size()
+            );
+        }
+        let ranks = art.manifest().parallel.as_ref().map_or(0, |p| p.ep);
+        if ranks as usize != d.dp_size() {
+            bail!(
+                "{}: the artifact splits the experts over {ranks} ranks, and mpirun started {} processes: \
+                 start {ranks} (`mpirun -n {ranks}`)",
+                req.model.display(),
+                d.dp_size()
+            );
+        }
+        art.keep_programs(|name| name.strip_suffix(&suffix).map(str::to_string));
+    }
     let m = art.manifest();
     let spec = m.model.as_ref();
     let name = spec.map_or(m.name.as_str(), |s| s.model.name.as_str());
@@ -340,7 +372,11 @@ pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
         return finish(report, sink);
     }
     let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
-    let device = format!("the CPU, {}", threads(model.threads()));
+    let mut device = format!("the CPU, {}", threads(model.threads()));
+    if let Some(d) = req.ep {
+        model.set_communicator(d.expert_ranks())?;
+        device += &format!(", expert-parallel rank {} of {} (MPI)", d.dp_rank(), d.dp_size());
+    }
     let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, sink)?;
     finish(report, sink)
 }

@@ -1247,7 +1247,9 @@ fn compiled(
             );
         }
         // This rank loads its own stages' programs and states alone.
-        let whole = art.keep_programs(|name| crate::pipeline::runs(&plan, d.pp_rank() as u32, name));
+        let whole = art.keep_programs(|name| {
+            crate::pipeline::runs(&plan, d.pp_rank() as u32, name).then(|| name.into())
+        });
         let model = load(&art, weights_in)?;
         let mut engine = format!(
             "compiled for the CPU ({} threads), pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} \

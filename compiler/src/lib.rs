@@ -7,6 +7,7 @@
 pub mod autodiff;
 pub mod build;
 pub mod codegen;
+pub mod expert_parallel;
 pub mod inspect;
 pub mod pack;
 pub mod passes;

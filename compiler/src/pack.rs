@@ -448,6 +448,21 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     if options.score {
         add("score", ProgramKind::Score, build_score(spec)?);
     }
+    // Expert parallelism without a pipeline: each rank's copy of every program, with its share of
+    // the routed experts (`crate::expert_parallel`), beside the whole programs.
+    if let Some(Parallel { pp: 1, ep: Some(ep), .. }) =
+        options.parallel.filter(|p| p.ep.is_some_and(|e| e > 1))
+    {
+        let whole = module.programs.clone();
+        for r in 0..ep {
+            for p in &whole {
+                let graph = crate::expert_parallel::split(&p.graph, ep, r)
+                    .map_err(|e| CompileError::Options(e.to_string()))?;
+                let name = crate::expert_parallel::rank_program(&p.name, r);
+                module.programs.push(Program { name, kind: p.kind, graph });
+            }
+        }
+    }
     Ok(module)
 }
 

@@ -43,21 +43,31 @@ impl Artifact {
         &self.manifest
     }
 
-    /// Keeps the programs whose names `keep` accepts and the states they use, and drops the rest
-    /// from the manifest this process loads, so that nothing else is allocated: a pipeline rank
-    /// loads its own stages' programs, weights and optimizer states. Returns the whole manifest.
-    pub fn keep_programs(&mut self, keep: impl Fn(&str) -> bool) -> Manifest {
+    /// Keeps the programs that `keep` names (under the name it gives, or drops those it gives
+    /// `None`) with the parameters and states they use, and drops the rest from the manifest this
+    /// process loads, so that nothing else is allocated or bound: a pipeline rank loads its own
+    /// stages, an expert-parallel rank its own copy of each program (`prefill.ep1` as `prefill`)
+    /// with its experts. Returns the whole manifest.
+    pub fn keep_programs(&mut self, keep: impl Fn(&str) -> Option<String>) -> Manifest {
         let whole = self.manifest.clone();
-        self.manifest.programs.retain(|p| keep(&p.name));
-        let used: std::collections::HashSet<&str> = (self.manifest.programs.iter())
-            .flat_map(|p| &p.buffers)
-            .filter_map(|b| match &b.storage {
-                artifact::Storage::State { name } => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
-        let states = whole.states.iter().filter(|s| used.contains(s.name.as_str())).cloned().collect();
-        self.manifest.states = states;
+        self.manifest.programs.retain_mut(|p| match keep(&p.name) {
+            Some(name) => {
+                p.name = name;
+                true
+            }
+            None => false,
+        });
+        let mut states = std::collections::HashSet::new();
+        let mut params = std::collections::HashSet::new();
+        for b in self.manifest.programs.iter().flat_map(|p| &p.buffers) {
+            match &b.storage {
+                artifact::Storage::State { name } => states.insert(name.clone()),
+                artifact::Storage::Param { name } => params.insert(name.clone()),
+                _ => false,
+            };
+        }
+        self.manifest.states.retain(|s| states.contains(&s.name));
+        self.manifest.params.retain(|p| params.contains(&p.name));
         whole
     }
 

@@ -509,3 +509,72 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let r = mpirun(4, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok && r.stderr.contains("sum nothing over data-parallel replicas"), "{}", r.stderr);
 }
+
+/// `kiln run --ep 2` under `mpirun -n 2`: each process holds half of every MoE layer's routed
+/// experts (`kiln compile --pp 1 --ep 2`), the partial sums of the experts meet in an all-reduce,
+/// and generation gives the one-process tokens with logits equal to rounding.
+#[test]
+fn experts_split_over_two_ranks_decode_as_one_process() {
+    let s = Scratch::new();
+    let art = s.path("ep.kiln").display().to_string();
+    let r = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "--max-context",
+        "64",
+        "--pp",
+        "1",
+        "--ep",
+        "2",
+        "-o",
+        &art,
+    ]);
+    assert!(r.ok, "{}", r.stderr);
+    let run = |logits: &str, extra: &[&str]| {
+        let mut a = vec!["run", &art, "--random-weights", "1", "--prompt-ids", "1,2,3,4,5,6,7,8"];
+        a.extend(["--max-new-tokens", "12", "--dump-logits", logits]);
+        a.extend(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let (one, two) = (s.path("one.txt").display().to_string(), s.path("two.txt").display().to_string());
+    let single = kiln(&run(&one, &[]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(single.ok, "{}", single.stderr);
+    let args = run(&two, &["--ep", "2"]);
+    let split = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+    assert!(split.ok, "{}\n{}", split.stdout, split.stderr);
+    // The same tokens, printed once.
+    assert_eq!(split.stdout, single.stdout);
+    assert!(split.stderr.contains("expert-parallel rank 0 of 2 (MPI)"), "{}", split.stderr);
+    let rows = |path: &str| -> Vec<Vec<f64>> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines().map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect()).collect()
+    };
+    let (a, b) = (rows(&one), rows(&two));
+    assert_eq!(a.len(), 12);
+    assert_eq!(a.len(), b.len());
+    let worst =
+        a.iter().zip(&b).flat_map(|(x, y)| x.iter().zip(y)).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-5, "logits {worst:e} apart");
+    // Rank 0 holds its half of the experts: fewer parameter bytes than the whole model.
+    let bytes = |err: &str| -> u64 {
+        let at = err.find("parameters ").expect("the parameter bytes") + "parameters ".len();
+        err[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(bytes(&split.stderr) < bytes(&single.stderr), "{}\n{}", split.stderr, single.stderr);
+    // Refused by name: a different number of processes, and an artifact with no split.
+    let r = mpirun(
+        2,
+        &run(&two, &["--ep", "3"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(120),
+    );
+    assert!(!r.ok && r.stderr.contains("--ep 3: mpirun started 2 processes"), "{}", r.stderr);
+    let plain = s.path("plain.kiln").display().to_string();
+    let r = kiln(&["compile", "models/tiny.toml", "--target", "cpu", "--max-context", "64", "-o", &plain]);
+    assert!(r.ok, "{}", r.stderr);
+    let mut args = run(&two, &["--ep", "2"]);
+    args[1] = plain;
+    let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+    assert!(!r.ok && r.stderr.contains("no programs for expert-parallel rank"), "{}", r.stderr);
+}
