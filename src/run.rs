@@ -317,35 +317,7 @@ pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
         check_cuda_request(req)?;
     }
     let mut art = artifact::load(req.model)?;
-    if let Some(d) = req.ep {
-        if req.interp || req.device == Device::Cuda {
-            bail!(
-                "--ep runs the compiled CPU programs in each process; leave out --interp and --device cuda"
-            );
-        }
-        // This rank's copy of each program, under the plain name, with its experts alone.
-        let suffix = kiln_compiler::expert_parallel::rank_program("", d.dp_rank() as u64);
-        let planned = (art.manifest().programs.iter()).any(|p| p.name.ends_with(&suffix));
-        if !planned {
-            bail!(
-                "{}: the artifact has no programs for expert-parallel rank {}: compile it with `kiln compile \
-                 --pp 1 --ep {}`",
-                req.model.display(),
-                d.dp_rank(),
-                d.dp_size()
-            );
-        }
-        let ranks = art.manifest().parallel.as_ref().map_or(0, |p| p.ep);
-        if ranks as usize != d.dp_size() {
-            bail!(
-                "{}: the artifact splits the experts over {ranks} ranks, and mpirun started {} processes: \
-                 start {ranks} (`mpirun -n {ranks}`)",
-                req.model.display(),
-                d.dp_size()
-            );
-        }
-        art.keep_programs(|name| name.strip_suffix(&suffix).map(str::to_string));
-    }
+    let ep_rank = expert_parallel(&mut art, req)?;
     let m = art.manifest();
     let spec = m.model.as_ref();
     let name = spec.map_or(m.name.as_str(), |s| s.model.name.as_str());
@@ -373,12 +345,56 @@ pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
     }
     let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
     let mut device = format!("the CPU, {}", threads(model.threads()));
-    if let Some(d) = req.ep {
+    if let (Some(d), Some(rank)) = (req.ep, ep_rank) {
         model.set_communicator(d.expert_ranks())?;
-        device += &format!(", expert-parallel rank {} of {} (MPI)", d.dp_rank(), d.dp_size());
+        model.write_state(&weights::HostTensor {
+            name: kiln_compiler::expert_parallel::EP_RANK.into(),
+            dtype: kiln_ir::DType::F32,
+            shape: Vec::new(),
+            data: weights::HostData::F32(vec![rank as f32]),
+        })?;
+        device += &format!(", expert-parallel rank {rank} of {} (MPI)", d.dp_size());
     }
     let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, sink)?;
     finish(report, sink)
+}
+
+/// Narrows the artifact to the programs this process runs: without `--ep`, the whole programs
+/// (an artifact from `kiln compile --pp 1 --ep E` also holds their expert-parallel copies); with
+/// it, the copies under the plain names, bound to this rank's experts. Returns the rank.
+fn expert_parallel(art: &mut Artifact, req: &Request) -> Result<Option<u64>> {
+    use kiln_compiler::expert_parallel::{rank_param, SUFFIX};
+    let has_copies = art.manifest().programs.iter().any(|p| p.name.ends_with(SUFFIX));
+    let Some(d) = req.ep else {
+        if has_copies {
+            art.keep_programs(|name| (!name.ends_with(SUFFIX)).then(|| name.to_string()));
+        }
+        return Ok(None);
+    };
+    if req.interp || req.device == Device::Cuda {
+        bail!("--ep runs the compiled CPU programs in each process; leave out --interp and --device cuda");
+    }
+    let (rank, size) = (d.dp_rank() as u64, d.dp_size() as u64);
+    if !has_copies {
+        bail!(
+            "{}: the artifact has no expert-parallel programs: compile it with `kiln compile --pp 1 --ep {size}`",
+            req.model.display()
+        );
+    }
+    let m = art.manifest();
+    let ranks = m.parallel.as_ref().map_or(0, |p| u64::from(p.ep));
+    if ranks != size {
+        bail!(
+            "{}: the artifact splits the experts over {ranks} ranks, and mpirun started {size} processes: start \
+             {ranks} (`mpirun -n {ranks}`)",
+            req.model.display()
+        );
+    }
+    let experts = m.model.as_ref().and_then(|s| s.moe.as_ref()).map_or(0, |moe| moe.n_routed_experts);
+    let per_rank = experts / size.max(1);
+    art.keep_programs(|name| name.strip_suffix(SUFFIX).map(str::to_string));
+    art.rename_params(|name| rank_param(name, rank, per_rank));
+    Ok(Some(rank))
 }
 
 /// With `--json`, the document on `out`.

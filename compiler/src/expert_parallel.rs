@@ -1,12 +1,15 @@
-//! Expert parallelism for inference: one rank's copy of a program whose routed experts are split
-//! over `ep` ranks (`kiln compile --pp 1 --ep E`; `kiln run --ep E` under `mpirun -n E`).
+//! Expert parallelism for inference: the copy of a program whose routed experts are split over
+//! `ep` ranks (`kiln compile --pp 1 --ep E`; `kiln run --ep E` under `mpirun -n E`).
 //!
-//! Rank `r` holds experts `r·E/ep .. (r+1)·E/ep` of every MoE layer and nothing else differs: every
-//! rank runs attention, the router and the shared experts on all the tokens (they are replicated),
-//! and each `moe_experts` becomes
+//! One copy serves every rank. It reads the rank from the state [`EP_RANK`] (which the runtime
+//! sets) and holds the parameters of rank 0's experts, `0 .. E/ep` of every MoE layer; rank `r`
+//! binds those names to its own experts, `r·E/ep ..` (the runtime renames them at load). Nothing
+//! else differs: every rank runs attention, the router and the shared experts on all the tokens
+//! (they are replicated), and each `moe_experts` becomes
 //!
 //! ```text
-//! local = f32(idx) - first                          the slot's expert, counted from the rank's first
+//! first = f32(ep.rank) * E_l                        the rank's first expert (E_l = E/ep)
+//! local = f32(idx) - first                          the slot's expert, counted from it
 //! mask  = clamp(local + 1, 0, 1) * clamp(E_l - local, 0, 1)    1 for the rank's experts, else 0
 //! y_r   = moe_experts(x, w * mask, i32(clamp(local, 0, E_l - 1)), the rank's E_l experts)
 //! y     = all_reduce(f32(y_r)) over `ep`            the sum of every rank's part, on every rank
@@ -30,9 +33,28 @@ use kiln_ir::{DType, Graph, NodeId, TensorType, ValueId};
 /// The communication group of the expert-parallel ranks, which [`Op::AllReduce`] sums over.
 pub const EP_GROUP: &str = "ep";
 
-/// The name of rank `rank`'s copy of program `name`.
-pub fn rank_program(name: &str, rank: u64) -> String {
-    format!("{name}.ep{rank}")
+/// The state that holds this process's expert-parallel rank (f32 scalar; 0 unless set).
+pub const EP_RANK: &str = "ep.rank";
+
+/// The suffix of a program's expert-parallel copy (`prefill.ep`).
+pub const SUFFIX: &str = ".ep";
+
+/// The name of the expert-parallel copy of program `name`.
+pub fn ep_program(name: &str) -> String {
+    format!("{name}{SUFFIX}")
+}
+
+/// Parameter `name` of the expert-parallel programs as rank `rank` of ranks holding `per_rank`
+/// experts each binds it: a routed expert's (`….experts.{e}.…`) is expert `e + rank·per_rank`'s,
+/// any other parameter itself.
+pub fn rank_param(name: &str, rank: u64, per_rank: u64) -> String {
+    const MARK: &str = ".experts.";
+    let Some(at) = name.find(MARK).map(|i| i + MARK.len()) else { return name.to_string() };
+    let digits = name[at..].bytes().take_while(u8::is_ascii_digit).count();
+    match name[at..at + digits].parse::<u64>() {
+        Ok(e) if digits > 0 => format!("{}{}{}", &name[..at], e + rank * per_rank, &name[at + digits..]),
+        _ => name.to_string(),
+    }
 }
 
 /// Why a program could not be split.
@@ -44,12 +66,20 @@ pub enum SplitError {
     Graph(String),
 }
 
-/// Rank `rank`'s copy of `graph` with each `moe_experts`'s routed experts split over `ep` ranks
-/// (see the module documentation). A graph without `moe_experts` comes back unchanged.
-pub fn split(graph: &Graph, ep: u64, rank: u64) -> Result<Graph, SplitError> {
+/// The copy of `graph` with each `moe_experts`'s routed experts split over `ep` ranks, and the
+/// experts per rank (see the module documentation); `None` for a graph without `moe_experts`.
+pub fn split(graph: &Graph, ep: u64) -> Result<Option<(Graph, u64)>, SplitError> {
     let mut g = graph.clone();
     let moe: Vec<NodeId> =
         g.nodes().into_iter().filter(|&n| matches!(g.node(n).op, Op::MoeExperts { .. })).collect();
+    if moe.is_empty() {
+        return Ok(None);
+    }
+    let scalar = TensorType::scalar(DType::F32);
+    let (_, rank) = (g.add_node(Op::Input { name: EP_RANK.into() }, &[], vec![scalar], None))
+        .map_err(|e| SplitError::Graph(e.to_string()))?;
+    let rank = rank[0];
+    let mut per_rank = None;
     for n in moe {
         let node = g.node(n).clone();
         let Op::MoeExperts { num_experts } = node.op else { continue };
@@ -60,7 +90,14 @@ pub fn split(graph: &Graph, ep: u64, rank: u64) -> Result<Graph, SplitError> {
             )));
         }
         let local = num_experts / ep;
-        let first = rank * local;
+        if per_rank.is_some_and(|p| p != local) {
+            return Err(SplitError::Shape(format!(
+                "the MoE layers have different numbers of routed experts ({} against {num_experts}): \
+                 one rank's share cannot be named alike in every layer",
+                per_rank.unwrap_or(0) * ep
+            )));
+        }
+        per_rank = Some(local);
         let scope = node.scope.as_deref();
         let mut b = Builder { g: &mut g, scope };
         let (x, w, idx) = (node.inputs[0], node.inputs[1], node.inputs[2]);
@@ -70,8 +107,9 @@ pub fn split(graph: &Graph, ep: u64, rank: u64) -> Result<Graph, SplitError> {
         }
         let index_dtype = b.g.ty(idx).dtype;
         let idx_f = b.node(Op::Cast { to: DType::F32 }, &[idx])?;
-        let first_c = b.c(first as f64)?;
-        let slot = b.bin(BinaryOp::Sub, idx_f, first_c)?;
+        let count = b.c(local as f64)?;
+        let first = b.bin(BinaryOp::Mul, rank, count)?;
+        let slot = b.bin(BinaryOp::Sub, idx_f, first)?;
         let (zero, one) = (b.c(0.0)?, b.c(1.0)?);
         let clamp01 = |b: &mut Builder, v: ValueId| -> Result<ValueId, SplitError> {
             let lo = b.bin(BinaryOp::Max, v, zero)?;
@@ -79,7 +117,6 @@ pub fn split(graph: &Graph, ep: u64, rank: u64) -> Result<Graph, SplitError> {
         };
         let above = b.bin(BinaryOp::Add, slot, one)?;
         let above = clamp01(&mut b, above)?;
-        let count = b.c(local as f64)?;
         let below = b.bin(BinaryOp::Sub, count, slot)?;
         let below = clamp01(&mut b, below)?;
         let mut mask = b.bin(BinaryOp::Mul, above, below)?;
@@ -93,7 +130,8 @@ pub fn split(graph: &Graph, ep: u64, rank: u64) -> Result<Graph, SplitError> {
         let clamped = b.bin(BinaryOp::Min, clamped, last)?;
         let idx_local = b.node(Op::Cast { to: index_dtype }, &[clamped])?;
         let mut inputs = vec![x, w_local, idx_local];
-        inputs.extend_from_slice(&experts[(3 * first) as usize..(3 * (first + local)) as usize]);
+        // Rank 0's experts, which rank `r` binds to its own (`rank_param`).
+        inputs.extend_from_slice(&experts[..(3 * local) as usize]);
         let y = node.results[0];
         let y_ty = b.g.ty(y).clone();
         let part = b.typed(Op::MoeExperts { num_experts: local }, &inputs, y_ty.clone())?;
@@ -116,7 +154,7 @@ pub fn split(graph: &Graph, ep: u64, rank: u64) -> Result<Graph, SplitError> {
         }
     }
     kiln_ir::verify::verify(&g).map_err(|e| SplitError::Graph(e.to_string()))?;
-    Ok(g)
+    Ok(per_rank.map(|p| (g, p)))
 }
 
 struct Builder<'a> {
@@ -151,7 +189,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_rank_keeps_its_experts_and_sums_the_parts() {
+    fn one_copy_holds_a_rank_of_experts_and_sums_the_parts() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/tiny.toml");
         let tiny = crate::spec::load(std::path::Path::new(path)).unwrap();
         let whole = crate::build::build_graph(&tiny).unwrap();
@@ -163,21 +201,29 @@ mod tests {
             |g: &Graph, f: &dyn Fn(&Op) -> bool| g.nodes().into_iter().filter(|&n| f(&g.node(n).op)).count();
         let layers = count(&whole, &|op| matches!(op, Op::MoeExperts { .. }));
         assert!(layers > 0);
-        for rank in 0..2u64 {
-            let g = split(&whole, 2, rank).unwrap();
-            // Half of every layer's 16 experts: 8, and the right ones (ids rank·8 ..).
-            assert_eq!(count(&g, &|op| matches!(op, Op::MoeExperts { num_experts: 8 })), layers);
-            assert_eq!(count(&g, &|op| matches!(op, Op::AllReduce { group } if group == EP_GROUP)), layers);
-            let kept = experts(&g);
-            assert_eq!(kept.len() * 2, experts(&whole).len());
-            for name in &kept {
-                let id: u64 =
-                    name.split(".experts.").nth(1).unwrap().split('.').next().unwrap().parse().unwrap();
-                assert_eq!(id / 8, rank, "{name}");
-            }
+        let (g, per_rank) = split(&whole, 2).unwrap().unwrap();
+        // Half of every layer's 16 experts: 8, named as rank 0's (ids 0 .. 8).
+        assert_eq!(per_rank, 8);
+        assert_eq!(count(&g, &|op| matches!(op, Op::MoeExperts { num_experts: 8 })), layers);
+        assert_eq!(count(&g, &|op| matches!(op, Op::AllReduce { group } if group == EP_GROUP)), layers);
+        let kept = experts(&g);
+        assert_eq!(kept.len() * 2, experts(&whole).len());
+        for name in &kept {
+            let id: u64 = name.split(".experts.").nth(1).unwrap().split('.').next().unwrap().parse().unwrap();
+            assert!(id < 8, "{name}");
+            // Rank 1 binds expert id + 8 under the same name otherwise.
+            let theirs = rank_param(name, 1, 8);
+            assert_eq!(theirs.replace(&format!(".experts.{}.", id + 8), &format!(".experts.{id}.")), *name);
         }
-        // An expert count the ranks do not divide is refused, naming both.
-        let e = split(&whole, 3, 0).unwrap_err().to_string();
+        assert!(g.inputs().iter().any(|(n, _)| *n == EP_RANK));
+        assert_eq!(rank_param("model.layers.1.mlp.gate.weight", 3, 8), "model.layers.1.mlp.gate.weight");
+        // A graph without routed experts has nothing to split; an expert count the ranks do not
+        // divide is refused, naming both.
+        let mut dense = tiny.clone();
+        (dense.moe, dense.mtp) = (None, None);
+        let g = crate::build::build_graph(&dense).unwrap();
+        assert!(split(&g, 2).unwrap().is_none());
+        let e = split(&whole, 3).unwrap_err().to_string();
         assert!(e.contains("--ep 3 must divide the 16 routed experts"), "{e}");
     }
 }

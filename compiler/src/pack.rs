@@ -448,20 +448,22 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     if options.score {
         add("score", ProgramKind::Score, build_score(spec)?);
     }
-    // Expert parallelism without a pipeline: each rank's copy of every program, with its share of
-    // the routed experts (`crate::expert_parallel`), beside the whole programs.
+    // Expert parallelism without a pipeline: every program's copy with one rank's share of the
+    // routed experts (`crate::expert_parallel`), beside the whole programs, and the state that
+    // tells the copy its rank.
     if let Some(Parallel { pp: 1, ep: Some(ep), .. }) =
         options.parallel.filter(|p| p.ep.is_some_and(|e| e > 1))
     {
+        use crate::expert_parallel as ep_split;
         let whole = module.programs.clone();
-        for r in 0..ep {
-            for p in &whole {
-                let graph = crate::expert_parallel::split(&p.graph, ep, r)
-                    .map_err(|e| CompileError::Options(e.to_string()))?;
-                let name = crate::expert_parallel::rank_program(&p.name, r);
-                module.programs.push(Program { name, kind: p.kind, graph });
+        for p in &whole {
+            let split = ep_split::split(&p.graph, ep).map_err(|e| CompileError::Options(e.to_string()))?;
+            if let Some((graph, _)) = split {
+                module.programs.push(Program { name: ep_split::ep_program(&p.name), kind: p.kind, graph });
             }
         }
+        let ty = kiln_ir::TensorType::scalar(kiln_ir::DType::F32);
+        module.states.push(StateDecl { name: ep_split::EP_RANK.into(), ty, role: StateRole::Counter });
     }
     Ok(module)
 }

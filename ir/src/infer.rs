@@ -177,7 +177,9 @@ fn check_router(op: &Op, r: &Router) -> Result<(), InferError> {
 }
 
 fn check_dispatch(op: &Op, d: &Dispatch) -> Result<(), InferError> {
-    if d.top_k == 0 || d.top_k > d.num_experts {
+    // Without a group limit, a token's slots may share an expert (an expert-parallel rank maps
+    // the slots routed elsewhere onto its own experts, with weight 0): at least one slot.
+    if d.top_k == 0 || (d.num_groups > 1 && d.top_k > d.num_experts) {
         return fail(format!("`{}`: top_k must be between 1 and num_experts", op.name()));
     }
     // The group limit is the router's (`check_router` states the same rules).
@@ -198,7 +200,7 @@ fn check_dispatch(op: &Op, d: &Dispatch) -> Result<(), InferError> {
         ));
     }
     let reachable = d.topk_groups.saturating_mul(d.num_experts / d.num_groups);
-    if d.top_k > reachable {
+    if d.num_groups > 1 && d.top_k > reachable {
         return fail(format!(
             "`{}`: top_k = {} does not fit in the {reachable} experts of {} groups",
             op.name(),

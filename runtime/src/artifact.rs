@@ -71,6 +71,19 @@ impl Artifact {
         whole
     }
 
+    /// Renames every parameter of the manifest this process loads as `rename` says (an
+    /// expert-parallel rank binds the names of rank 0's experts to its own).
+    pub fn rename_params(&mut self, rename: impl Fn(&str) -> String) {
+        for p in &mut self.manifest.params {
+            p.name = rename(&p.name);
+        }
+        for b in self.manifest.programs.iter_mut().flat_map(|p| &mut p.buffers) {
+            if let artifact::Storage::Param { name } = &mut b.storage {
+                *name = rename(name);
+            }
+        }
+    }
+
     /// The path of a file of the artifact.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
