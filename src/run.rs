@@ -374,6 +374,12 @@ fn expert_parallel(art: &mut Artifact, req: &Request) -> Result<Option<u64>> {
     if req.interp || req.device == Device::Cuda {
         bail!("--ep runs the compiled CPU programs in each process; leave out --interp and --device cuda");
     }
+    if req.expert_load {
+        bail!(
+            "--expert-load with --ep: a rank's dispatch also counts the slots routed to other ranks (on one of \
+             its own experts, with weight 0); run without --ep to see the load"
+        );
+    }
     let (rank, size) = (d.dp_rank() as u64, d.dp_size() as u64);
     if !has_copies {
         bail!(

@@ -570,6 +570,12 @@ fn experts_split_over_two_ranks_decode_as_one_process() {
         Duration::from_secs(120),
     );
     assert!(!r.ok && r.stderr.contains("--ep 3: mpirun started 2 processes"), "{}", r.stderr);
+    let r = mpirun(
+        2,
+        &run(&two, &["--ep", "2", "--expert-load"]).iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(120),
+    );
+    assert!(!r.ok && r.stderr.contains("--expert-load with --ep"), "{}", r.stderr);
     let plain = s.path("plain.kiln").display().to_string();
     let r = kiln(&["compile", "models/tiny.toml", "--target", "cpu", "--max-context", "64", "-o", &plain]);
     assert!(r.ok, "{}", r.stderr);
