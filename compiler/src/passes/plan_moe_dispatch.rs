@@ -63,15 +63,19 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     if !order.iter().any(|&n| matches!(graph.node(n).op, Op::MoeExperts { .. })) {
         return Ok(trace);
     }
-    let (ep_size, all) = opts.spec.moe.as_ref().map_or((1, 0), |m| (m.ep_size, m.n_routed_experts));
+    // An expert-parallel copy (`crate::expert_parallel`) holds one rank's share of the experts,
+    // placed on that rank.
+    let ep_copy = graph.inputs().iter().any(|(n, _)| *n == crate::expert_parallel::EP_RANK);
+    let ep_size = match ep_copy {
+        true => 1,
+        false => opts.spec.moe.as_ref().map_or(1, |m| m.ep_size),
+    };
     let mut rw = Rewriter::new(NAME, graph);
     for n in order {
         match graph.node(n).op {
             Op::MoeExperts { num_experts } => {
                 let trained =
                     matches!(opts.kind, kiln_ir::ProgramKind::TrainStep | kiln_ir::ProgramKind::Accumulate);
-                // A rank's share of the experts (`crate::expert_parallel`) is placed on that rank.
-                let ep_size = if num_experts < all { 1 } else { ep_size };
                 lower(&mut rw, graph, n, num_experts, ep_size, trained, &mut trace)?
             }
             _ => rw.copy(n)?,
