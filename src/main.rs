@@ -609,6 +609,10 @@ struct TrainArgs {
     /// Threads per kernel launch of the compiled train step (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the compiled train step runs: the CPU (`kernels.so`) or CUDA device 0 (`kernels.ptx`;
+    /// one process: not with --pp, --dp or --interp).
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: run::Device,
     /// Train with DeepSeek-V3's FP8 recipe (every linear DeepSeek stores in FP8 runs its forward,
     /// input-gradient and weight-gradient GEMMs in E4M3 with online block scales and FP32
     /// accumulation promoted every 128 elements). It is the default for a spec with
@@ -771,6 +775,7 @@ fn train_request<'a>(
         shuffle: a.shuffle,
         interp: a.interp,
         threads: a.threads,
+        device: a.device,
         micro_batch: a.micro_batch,
         tokenizer: a.tokenizer.as_deref(),
         settings: a.settings.clone(),

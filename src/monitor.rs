@@ -68,7 +68,7 @@ use kiln_ir::module::{StateDecl, StateRole};
 use kiln_ir::Graph;
 use kiln_runtime::data::TokenRows;
 use kiln_runtime::exec::NonFinite;
-use kiln_runtime::train::{Steps, Trainer};
+use kiln_runtime::train::{Saved, Steps, Trainer};
 use kiln_runtime::weights::HostTensor;
 
 /// Rollbacks to one checkpoint before the run gives up.
@@ -478,22 +478,12 @@ impl Monitor {
     }
 }
 
-/// The trainer's weights and optimizer state at one moment, on the host: to undo a step, or to
-/// go back to a checkpoint.
-#[derive(Clone)]
-pub struct Saved(Vec<HostTensor>);
-
-impl Saved {
-    pub fn take(t: &dyn Steps) -> Result<Saved> {
-        Ok(Saved(t.weights()?.into_iter().chain(t.states()?).collect()))
-    }
-
-    pub fn restore(&self, t: &mut dyn Steps) -> Result<()> {
-        for v in &self.0 {
-            t.set_state(v.clone())?;
-        }
-        Ok(())
-    }
+/// A copy of the states a step changes (see [`Steps::save`]): to undo a step, or to go back to
+/// a checkpoint.
+pub fn saved(t: &dyn Steps) -> Result<Saved> {
+    let mut s = Saved::default();
+    t.save(&mut s)?;
+    Ok(s)
 }
 
 /// `rows` with every token `t` replaced by `vocab - 1 - t`: the `poison-batch` fault.
@@ -529,17 +519,17 @@ pub fn locate(
     lr: f32,
 ) -> Result<Vec<(&'static str, Option<NonFinite>)>> {
     let mut found = Vec::new();
-    before.restore(trainer)?;
+    trainer.restore(before)?;
     let (_, first) = trainer.step_checked(batch, lr)?;
-    before.restore(trainer)?;
+    trainer.restore(before)?;
     found.push((if reference.is_some() { "compiled" } else { "interpreter" }, first));
     if let Some(r) = reference {
         let mut params = r.untrained.to_vec();
         let mut rest = Vec::new();
-        for t in &before.0 {
+        for t in trainer.saved_tensors(before)? {
             match r.states.iter().find(|s| s.name == t.name).map(|s| s.role) {
-                Some(StateRole::Trainable | StateRole::RoutingBias) => params.push(t.clone()),
-                _ => rest.push(t.clone()),
+                Some(StateRole::Trainable | StateRole::RoutingBias) => params.push(t),
+                _ => rest.push(t),
             }
         }
         let mut interp = Trainer::new(r.step.clone(), r.states.to_vec(), params)?;

@@ -52,7 +52,7 @@ use kiln_runtime::data::{self, StreamDType, TokenRows};
 use kiln_runtime::train::{CompiledTrainer, Steps, Trainer};
 use kiln_runtime::weights::{self, StoreFloats};
 
-use crate::monitor::{self, Fault, Monitor, Policy, Record, Saved};
+use crate::monitor::{self, Fault, Monitor, Policy, Record};
 use crate::plot;
 use crate::run::{self, Weights};
 
@@ -394,6 +394,8 @@ pub struct Request<'a> {
     pub shuffle: Option<u64>,
     pub interp: bool,
     pub threads: Option<usize>,
+    /// Where the compiled train step runs.
+    pub device: run::Device,
     /// `--micro-batch M`: rows per micro-batch, when a step's batch is split.
     pub micro_batch: Option<usize>,
     /// `--tokenizer`: the tokenizer.json (or its folder) of text data.
@@ -512,6 +514,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     if req.interp && req.threads.is_some() {
         bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
+    }
+    if req.device == run::Device::Cuda {
+        if req.interp {
+            bail!("--device cuda runs the compiled train step; --interp runs the reference interpreter on the CPU");
+        }
+        if req.dist.is_some() || req.pipeline.is_some() {
+            bail!("--device cuda trains in one process: the multi-process runs (--dp, --pp) use the CPU over MPI");
+        }
+        if req.threads.is_some() {
+            bail!("--threads sets the CPU backend's threads; it does not apply to --device cuda");
+        }
+        if !kiln_runtime::cuda::driver_present() {
+            return Err(kiln_runtime::RuntimeError::NoCudaDriver.into());
+        }
     }
     // A Hugging Face folder is its config.json (and, unless told otherwise, its weights: see main).
     let config = req.model.join("config.json");
@@ -831,7 +847,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     biases.sort();
     let rollback = mon.is_some() && req.monitor.on_anomaly == Policy::Rollback;
     let mut last_good = match &mon {
-        Some(m) if rollback => Some((Saved::take(trainer.as_ref())?, progress.clone(), m.clone(), 0u32)),
+        Some(m) if rollback => Some((monitor::saved(trainer.as_ref())?, progress.clone(), m.clone(), 0u32)),
         _ => None,
     };
     let reference = reference_programs.as_ref().map(|(step, acc)| monitor::Reference {
@@ -847,6 +863,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let event = |metrics: &mut Box<dyn Write>, v: serde_json::Value| writeln!(metrics, "{v}");
     // What the replicas' sums cost over the run (`--dp`).
     let mut comm = kiln_runtime::comm::CommStats::default();
+    let mut before = kiln_runtime::train::Saved::default();
     while progress.step < hyper.steps {
         let at = (progress.epoch, progress.row);
         let which = progress.next_rows(rows.rows(), hyper.batch);
@@ -882,7 +899,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             Some(Fault::Stall(_) | Fault::Exit(_)) | None => {}
         }
-        let before = if mon.is_some() { Some(Saved::take(trainer.as_ref())?) } else { None };
+        // The states before the step, for undoing it (--on-anomaly skip-batch) or re-running it
+        // op by op (a non-finite step): copied into the buffers of the last step's copy.
+        if mon.is_some() {
+            trainer.save(&mut before)?;
+        }
         let t0 = Instant::now();
         let stats = trainer.step(&batch, lr as f32)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -921,9 +942,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 event(&mut metrics, a.json(&did))?;
             }
             if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
-                let before = before.as_ref().expect("taken with the monitor on");
                 let mut v = serde_json::json!({"event": "non_finite", "step": step});
-                match monitor::locate(trainer.as_mut(), before, reference.as_ref(), &batch, lr as f32) {
+                match monitor::locate(trainer.as_mut(), &before, reference.as_ref(), &batch, lr as f32) {
                     Ok(found) => {
                         for (engine, f) in &found {
                             bar.suspend(|| {
@@ -938,7 +958,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                             eprintln!("monitor: step {step}: the re-check op by op failed: {e:#}")
                         });
                         v["error"] = format!("{e:#}").into();
-                        before.restore(trainer.as_mut())?;
+                        trainer.restore(&before)?;
                     }
                 }
                 event(&mut metrics, v)?;
@@ -970,7 +990,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 bail!("step {step}: {what}; stopping {why}; {last}");
             }
             Some(Policy::SkipBatch) => {
-                before.as_ref().expect("taken with the monitor on").restore(trainer.as_mut())?;
+                trainer.restore(&before)?;
                 bar.suspend(|| {
                     eprintln!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
                 });
@@ -989,7 +1009,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                         monitor::MAX_ROLLBACKS
                     );
                 }
-                saved.restore(trainer.as_mut())?;
+                trainer.restore(saved)?;
                 (progress, mon) = (p.clone(), Some(m.clone()));
                 skip.insert(at);
                 bar.suspend(|| {
@@ -1046,7 +1066,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 last_saved = Some(dir.clone());
             }
             if let (Some(good), Some(m)) = (last_good.as_mut(), &mon) {
-                *good = (Saved::take(trainer.as_ref())?, progress.clone(), m.clone(), 0);
+                *good = (monitor::saved(trainer.as_ref())?, progress.clone(), m.clone(), 0);
             }
         }
     }
@@ -1162,6 +1182,10 @@ fn compiled(
         d.barrier("the wait for rank 0's compile of the train step", COMPILE_WAIT)?;
         dir
     } else {
+        let targets = match req.device {
+            run::Device::Cpu => kiln_compiler::target::Targets::Cpu,
+            run::Device::Cuda => kiln_compiler::target::Targets::Gpu,
+        };
         let shards = match (req.zero1, req.dist) {
             (true, Some(d)) => d.dp_size() as u32,
             _ => 1,
@@ -1182,7 +1206,7 @@ fn compiled(
                 ep: Some(1),
                 micro_batches: Some(micro_batches as u32),
             }),
-            ..pack::Options::new(kiln_compiler::target::Targets::Cpu, rows, t)
+            ..pack::Options::new(targets, rows, t)
         };
         let dir = req.out.join(ARTIFACT);
         let t0 = Instant::now();
@@ -1205,8 +1229,15 @@ fn compiled(
         dir
     };
     let mut art = kiln_runtime::artifact::load(&dir)?;
-    if art.manifest().cpu.is_none() {
-        bail!("{}: the artifact has no CPU library: compile it with --target cpu or all", dir.display());
+    match req.device {
+        run::Device::Cpu if art.manifest().cpu.is_none() => {
+            bail!("{}: the artifact has no CPU library: compile it with --target cpu or all", dir.display())
+        }
+        run::Device::Cuda if art.manifest().gpu.is_none() => bail!(
+            "{}: the artifact has no GPU kernels (kernels.ptx): compile it with --target sm_90a or all",
+            dir.display()
+        ),
+        _ => {}
     }
     let load = |art: &kiln_runtime::artifact::Artifact, weights_in: Vec<weights::HostTensor>| -> Result<_> {
         let wanted: std::collections::HashSet<String> =
@@ -1276,8 +1307,33 @@ fn compiled(
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
         return Ok((Box::new(trainer), engine));
     }
+    if req.device == run::Device::Cuda {
+        let wanted: std::collections::HashSet<String> =
+            weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
+        let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+        let model = kiln_runtime::gpu::GpuModel::load(&art, given, &Default::default())?;
+        let engine = format!("compiled for CUDA device 0, {}", model.device_name());
+        return single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches);
+    }
     let model = load(&art, weights_in)?;
-    let mut engine = format!("compiled for the CPU ({} threads)", model.threads());
+    let engine = format!("compiled for the CPU ({} threads)", model.threads());
+    single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches)
+}
+
+/// The one-process (or data-parallel) compiled trainer on `model`'s backend: checks the sizes an
+/// artifact was compiled for, joins the replicas of a `--dp` run, sets the micro-batches.
+#[allow(clippy::too_many_arguments)]
+fn single<B: kiln_runtime::exec::Backend + 'static>(
+    model: kiln_runtime::exec::Executor<B>,
+    mut engine: String,
+    req: &Request,
+    art: &kiln_runtime::artifact::Artifact,
+    dir: &Path,
+    artifact: bool,
+    rows: u64,
+    t: u64,
+    micro_batches: usize,
+) -> Result<(Box<dyn Steps>, String)> {
     let mut trainer = CompiledTrainer::new(model)?;
     if artifact {
         // Checked before any step: an artifact is planned for at most its compiled sizes.

@@ -572,6 +572,17 @@ fn f32s(t: HostTensor) -> Vec<f32> {
 
 /// What a training loop needs of a trainer, on the interpreter ([`Trainer`]) or compiled
 /// ([`CompiledTrainer`]).
+/// The states a step changes (the trained weights, the routers' biases, AdamW's moments and
+/// master weights, the step count), copied so that the step can be undone: [`Steps::save`] fills
+/// it, reusing the buffers of the copy it held, and [`Steps::restore`] puts it back. A compiled
+/// trainer keeps raw bytes (a copy per step, no allocation once the first is made); the
+/// interpreter and a pipeline keep tensors.
+#[derive(Default)]
+pub struct Saved {
+    raw: Vec<(String, Vec<u8>)>,
+    tensors: Vec<HostTensor>,
+}
+
 pub trait Steps {
     /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
     fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError>;
@@ -610,6 +621,23 @@ pub trait Steps {
     /// step. Nothing to do for one process or for replicas.
     fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
         Ok(())
+    }
+    /// Copies every state a step changes into `into` (see [`Saved`]).
+    fn save(&self, into: &mut Saved) -> Result<(), RuntimeError> {
+        into.raw.clear();
+        into.tensors = self.weights()?.into_iter().chain(self.states()?).collect();
+        Ok(())
+    }
+    /// Puts back the states [`Steps::save`] copied.
+    fn restore(&mut self, from: &Saved) -> Result<(), RuntimeError> {
+        for v in &from.tensors {
+            self.set_state(v.clone())?;
+        }
+        Ok(())
+    }
+    /// The states [`Steps::save`] copied, as tensors.
+    fn saved_tensors(&self, from: &Saved) -> Result<Vec<HostTensor>, RuntimeError> {
+        Ok(from.tensors.clone())
     }
     /// Whether this process holds state `name` (a pipeline rank holds its own stages' states,
     /// and after [`Steps::gather_for_checkpoint`] on the first rank, every stage's).
@@ -675,5 +703,36 @@ impl<B: Backend> Steps for CompiledTrainer<B> {
     }
     fn set_poison(&mut self, scope: Option<&str>) -> Result<(), RuntimeError> {
         CompiledTrainer::set_poison(self, scope)
+    }
+    fn save(&self, into: &mut Saved) -> Result<(), RuntimeError> {
+        into.tensors.clear();
+        let names: Vec<&str> = (self.weight_states())
+            .filter(|s| kept(s.role) || matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
+            .map(|s| s.name.as_str())
+            .collect();
+        if into.raw.len() != names.len() || into.raw.iter().zip(&names).any(|((n, _), m)| n != m) {
+            into.raw = names.iter().map(|n| (n.to_string(), Vec::new())).collect();
+        }
+        for (name, bytes) in &mut into.raw {
+            self.exec.copy_state(name, bytes)?;
+        }
+        Ok(())
+    }
+    fn restore(&mut self, from: &Saved) -> Result<(), RuntimeError> {
+        for (name, bytes) in &from.raw {
+            self.exec.restore_state(name, bytes)?;
+        }
+        for v in &from.tensors {
+            self.set_state(v.clone())?;
+        }
+        Ok(())
+    }
+    fn saved_tensors(&self, from: &Saved) -> Result<Vec<HostTensor>, RuntimeError> {
+        let mut out = Vec::with_capacity(from.raw.len() + from.tensors.len());
+        for (name, bytes) in &from.raw {
+            out.push(self.exec.decode_state(name, bytes)?);
+        }
+        out.extend(from.tensors.iter().cloned());
+        Ok(out)
     }
 }

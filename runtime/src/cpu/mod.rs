@@ -266,6 +266,15 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn read_into(&self, mem: &CpuMemory, dst: &mut [u8]) -> Result<(), RuntimeError> {
+        let len = mem.bytes().len();
+        let src = mem.bytes().get(..dst.len()).ok_or_else(|| {
+            RuntimeError::BadOption(format!("{} bytes lie outside an allocation of {len}", dst.len()))
+        })?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
     fn address(&self, mem: &CpuMemory) -> u64 {
         match mem {
             CpuMemory::Owned(m) => m.as_ptr() as u64,

@@ -78,6 +78,12 @@ pub trait Backend: Sized {
     }
     fn write(&self, mem: &mut Self::Memory, offset: usize, bytes: &[u8]) -> Result<(), RuntimeError>;
     fn read(&self, mem: &Self::Memory, range: Range<usize>) -> Result<Vec<u8>, RuntimeError>;
+    /// Copies the first `dst.len()` bytes of `mem` into `dst` (a backend whose memory the host can
+    /// read copies in place; the default goes through [`Backend::read`]).
+    fn read_into(&self, mem: &Self::Memory, dst: &mut [u8]) -> Result<(), RuntimeError> {
+        dst.copy_from_slice(&self.read(mem, 0..dst.len())?);
+        Ok(())
+    }
     /// The address kernels are given for the start of `mem`.
     fn address(&self, mem: &Self::Memory) -> u64;
     /// Binds the launches [`Binding`] names, checking each kernel against the device code (its
@@ -730,6 +736,39 @@ impl<B: Backend> Executor<B> {
         let n = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize;
         let bytes = self.backend.read(&self.states[name], 0..n)?;
         Ok(HostTensor { name: name.to_string(), dtype: s.dtype, shape, data: decode(s.dtype, &bytes) })
+    }
+
+    /// Copies state `name`'s bytes into `into`, reusing its allocation when it has the state's
+    /// size already (a copy taken every step then costs a copy, not an allocation).
+    pub fn copy_state(&self, name: &str, into: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        let s =
+            self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
+        let n = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize;
+        into.resize(n, 0);
+        self.backend.read_into(&self.states[name], into)
+    }
+
+    /// Puts back bytes [`Executor::copy_state`] copied from state `name`.
+    pub fn restore_state(&mut self, name: &str, bytes: &[u8]) -> Result<(), RuntimeError> {
+        let s =
+            self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
+        let n = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize;
+        if bytes.len() != n {
+            return Err(RuntimeError::BadOption(format!(
+                "state `{name}` holds {n} bytes; a copy of {} cannot be put back",
+                bytes.len()
+            )));
+        }
+        let mem = self.states.get_mut(name).expect("every declared state is allocated");
+        self.backend.write(mem, 0, bytes)
+    }
+
+    /// State `name` as a tensor, from bytes [`Executor::copy_state`] copied.
+    pub fn decode_state(&self, name: &str, bytes: &[u8]) -> Result<HostTensor, RuntimeError> {
+        let s =
+            self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
+        let shape: Vec<u64> = s.shape.iter().map(|d| d.eval(&self.max).unwrap_or(0)).collect();
+        Ok(HostTensor { name: name.to_string(), dtype: s.dtype, shape, data: decode(s.dtype, bytes) })
     }
 
     /// Replaces state `name` with `value` (a resumed run's moments), of exactly its type.
