@@ -248,7 +248,7 @@ impl Graph {
     /// - a KV cache's update, and the nodes only it reads (the latent's concat), whose operands
     ///   then die at once (the update writes the cache's own storage).
     pub fn nodes(&self) -> Vec<NodeId> {
-        let order = self.ordered(&[]);
+        let (order, due) = self.ordered();
         let collective = |i: usize| matches!(self.dag[NodeIndex::new(i)].op, Op::AllReduce { .. });
         let shrinks = |i: usize| {
             let node = &self.dag[NodeIndex::new(i)];
@@ -278,7 +278,7 @@ impl Graph {
         if !any {
             return order;
         }
-        self.ordered(&urgent)
+        self.kahn(&urgent, due.as_deref().unwrap_or(&[]))
     }
 
     /// Kahn's topological order: among the ready nodes, an `urgent` one first, then the one due
@@ -287,18 +287,33 @@ impl Graph {
     /// GEMM) runs just before the first of them, rather than after every older node that is ready,
     /// which would also pull those forward and keep their results alive. Where every node is
     /// older than its users, as a builder makes them, this is plain id order.
-    fn ordered(&self, urgent: &[bool]) -> Vec<NodeId> {
+    ///
+    /// Returns the order and the due ids, `None` when every node is due at its own id (the order
+    /// is then plain Kahn by id, and a second pass would give it again).
+    fn ordered(&self) -> (Vec<NodeId>, Option<Vec<usize>>) {
+        // Every edge from an older node to a newer one (as a builder makes them): the order is
+        // the ids', and each node is due at its own id (everything computed from it is newer).
+        if self.dag.edge_references().all(|e| e.source().index() < e.target().index()) {
+            return (self.dag.node_indices().map(|n| NodeId(n.index() as u32)).collect(), None);
+        }
         let plain = self.kahn(&[], &[]);
         let mut due: Vec<usize> = (0..self.dag.node_bound()).collect();
+        let mut moved = false;
         for &n in plain.iter().rev() {
             let i = NodeIndex::new(n.0 as usize);
             let first_user =
                 self.dag.edges_directed(i, Direction::Outgoing).map(|e| due[e.target().index()]).min();
             if let Some(u) = first_user {
-                due[i.index()] = due[i.index()].min(u);
+                if u < due[i.index()] {
+                    due[i.index()] = u;
+                    moved = true;
+                }
             }
         }
-        self.kahn(urgent, &due)
+        if !moved {
+            return (plain, None);
+        }
+        (self.kahn(&[], &due), Some(due))
     }
 
     /// Kahn's topological order: among the ready nodes, an `urgent` one first, then the lowest
