@@ -275,6 +275,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
                     optimizer: kiln_compiler::train::Optimizer { shards, ..optimizer },
                     accumulate: req.accumulate,
                     data_parallel: req.data_parallel || req.zero1.is_some(),
+                    expert_parallel: None,
                 })
             }
             false if req.settings.any() => {

@@ -49,9 +49,14 @@ pub struct Dist {
     /// the same stages as this one.
     pipeline: SimpleCommunicator,
     replicas: SimpleCommunicator,
+    /// `--ep`: the expert-parallel ranks of this process's group (consecutive world ranks), and
+    /// the processes of the other groups that hold the same experts as this one.
+    experts: SimpleCommunicator,
+    expert_replicas: SimpleCommunicator,
     rank: usize,
     size: usize,
     pp: usize,
+    ep: usize,
     timeout: Duration,
     _universe: mpi::environment::Universe,
 }
@@ -65,6 +70,16 @@ impl Dist {
     /// Joins a job of `pp · dp` processes that `flags` (`--dp N`, `--pp N`, `--pp P --dp D`) asked
     /// for: `dp` replicas of a `pp`-rank pipeline.
     pub fn init_grid(flags: &str, pp: usize, dp: usize, timeout: Duration) -> Result<Dist> {
+        Dist::init_world(flags, pp, dp, 1, timeout)
+    }
+
+    /// Joins a job of `dp · ep` processes that train with `--ep ep` (and `--dp dp`): every process
+    /// trains on its own rows, and each group of `ep` consecutive ranks splits the routed experts.
+    pub fn init_experts(flags: &str, dp: usize, ep: usize, timeout: Duration) -> Result<Dist> {
+        Dist::init_world(flags, 1, dp * ep, ep, timeout)
+    }
+
+    fn init_world(flags: &str, pp: usize, dp: usize, ep: usize, timeout: Duration) -> Result<Dist> {
         let n = pp * dp;
         let launched =
             ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
@@ -87,7 +102,51 @@ impl Dist {
         };
         let pipeline = split(rank / pp);
         let replicas = split(rank % pp);
-        Ok(Dist { world, pipeline, replicas, rank, size, pp, timeout, _universe: universe })
+        let experts = split(rank / ep);
+        let expert_replicas = split(rank % ep);
+        Ok(Dist {
+            world,
+            pipeline,
+            replicas,
+            experts,
+            expert_replicas,
+            rank,
+            size,
+            pp,
+            ep,
+            timeout,
+            _universe: universe,
+        })
+    }
+
+    /// This process's expert-parallel rank and the ranks that split the experts (`--ep`; 0 of 1
+    /// without).
+    pub fn ep_rank(&self) -> usize {
+        self.rank % self.ep
+    }
+
+    pub fn ep_size(&self) -> usize {
+        self.ep
+    }
+
+    /// The executor's view of an expert-parallel training process: every process (group `dp`,
+    /// whose sums are the step's), its expert-parallel ranks (group `ep`, which exchange tokens)
+    /// and the processes holding the same experts (group `edp`, which sum those experts'
+    /// gradients), each on a communicator of its own.
+    pub fn expert_training(&self) -> Box<dyn Communicator> {
+        let ep = Group {
+            name: kiln_compiler::expert_parallel::EP_GROUP,
+            comm: self.experts.duplicate(),
+            rank: self.ep_rank(),
+            size: self.ep,
+        };
+        let edp = Group {
+            name: kiln_compiler::expert_parallel::EXPERT_DP_GROUP,
+            comm: self.expert_replicas.duplicate(),
+            rank: self.rank / self.ep,
+            size: self.size / self.ep,
+        };
+        Box::new(Groups { groups: vec![self.replica_group(), ep, edp], timeout: self.timeout })
     }
 
     /// This process's replica and the number of replicas (`--dp`; 0 of 1 without).

@@ -168,6 +168,7 @@ fn measure(spec: &ModelSpec, req: &Request, moments: DType, recompute: bool) -> 
             },
             accumulate: false,
             data_parallel: req.dp > 1,
+            expert_parallel: None,
         }),
         kv_cache: false,
         score: false,

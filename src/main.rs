@@ -640,6 +640,11 @@ struct TrainArgs {
     /// updating one N-th of every tensor and gathering the rest (ZeRO stage 1).
     #[arg(long)]
     zero1: bool,
+    /// Expert parallelism over N processes (N·D with --dp D), launched with `mpirun -n N`: each
+    /// process trains on its own rows and holds 1/N of every MoE layer's routed experts; the tokens
+    /// go to the experts' ranks and back over MPI (the same steps as one process).
+    #[arg(long, value_name = "N")]
+    ep: Option<usize>,
     /// Pipeline parallelism over N processes, launched with `mpirun -n N`: the model is cut into N
     /// stages by the cost model, and each process runs one stage's forward and backward programs in
     /// the order of --pp-schedule, sending activations and gradients over MPI (the same steps as one
@@ -665,7 +670,13 @@ struct TrainArgs {
 /// mpirun started (`crate::dist`).
 fn replicated(args: &TrainArgs, req: train::Request) -> Result<()> {
     if let Some(pp) = args.pp {
+        if args.ep.is_some() {
+            bail!("--ep with --pp: expert parallelism trains in a step of its own; a pipeline's stages hold every expert");
+        }
         return pipelined(args, req, pp);
+    }
+    if let Some(ep) = args.ep {
+        return expert_parallel(args, req, ep);
     }
     let Some(dp) = args.dp else { return train::run(&req, &mut io::stdout().lock()) };
     if dp == 0 {
@@ -676,6 +687,30 @@ fn replicated(args: &TrainArgs, req: train::Request) -> Result<()> {
     }
     let d = dist::Dist::init(dp, std::time::Duration::from_secs_f64(args.comm_timeout))?;
     // The request, for as long as the world lives.
+    in_group(&d, &train::Request { dist: Some(&d), ..req })
+}
+
+/// Runs `kiln train --ep N [--dp D]` as one of the N·D processes mpirun started: each trains on
+/// its own rows with its share of the routed experts.
+fn expert_parallel(args: &TrainArgs, req: train::Request, ep: usize) -> Result<()> {
+    if ep == 0 {
+        bail!("--ep 0: give the number of expert-parallel processes, at least 1");
+    }
+    if args.dp == Some(0) {
+        bail!("--dp 0: give the number of data-parallel replicas of the expert-parallel group, at least 1");
+    }
+    if args.zero1 {
+        bail!("--zero1 with --ep: ZeRO-1 is built for --dp alone; drop one of them");
+    }
+    if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
+        bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
+    }
+    let dp = args.dp.unwrap_or(1);
+    let flags = match args.dp {
+        Some(dp) => format!("--ep {ep} --dp {dp}"),
+        None => format!("--ep {ep}"),
+    };
+    let d = dist::Dist::init_experts(&flags, dp, ep, std::time::Duration::from_secs_f64(args.comm_timeout))?;
     in_group(&d, &train::Request { dist: Some(&d), ..req })
 }
 

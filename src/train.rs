@@ -473,7 +473,8 @@ impl Request<'_> {
         match self.dist {
             None => Ok(batch),
             Some(d) if batch % d.dp_size() != 0 => bail!(
-                "--batch {batch} cannot be shared by --dp {} replicas: give a multiple of {}",
+                "--batch {batch} cannot be shared by the {} processes that each train on their own rows (--dp, \
+                 --ep): give a multiple of {}",
                 d.dp_size(),
                 d.dp_size()
             ),
@@ -573,6 +574,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
         (spec, req.settings.over(Settings::defaults(), None)?)
     };
+    // Checked first: an expert-parallel run's ranks must divide the experts.
+    let share = ExpertShare::of(req, &spec)?;
     if artifact && !req.recompute {
         bail!(
             "{}: the artifact's train step is compiled already; --no-recompute applies to a model spec or \
@@ -674,7 +677,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // The program: forward and loss, backward, clipping and AdamW.
     let opt = hyper.optimizer();
     let micro_batches = req.micro_batches()?;
-    let mut programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1, false)?;
+    let mut programs = kiln_compiler::train::program(&spec, &losses, &opt, micro_batches > 1, false, None)?;
     if spec.quantization.is_some() {
         // FP8 training: the interpreter runs the step with the GEMMs' FP8 numerics and the FP8
         // activation caches, as compiled.
@@ -688,7 +691,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     let states = programs.states.clone();
     // The compiled step's non-finite values are re-checked on the interpreter too.
-    let reference_programs = (!req.interp).then(|| (programs.step.clone(), programs.accumulate.clone()));
+    // (An expert-parallel rank's step is not the whole model's: it has no interpreter check.)
+    let reference_programs =
+        (!req.interp && share.is_none()).then(|| (programs.step.clone(), programs.accumulate.clone()));
     let roles: HashMap<String, StateRole> = states.iter().map(|s| (s.name.clone(), s.role)).collect();
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
     let full = build::build_graph(&spec)?;
@@ -759,12 +764,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
         for (name, role) in &roles {
             if kiln_runtime::train::kept(*role) {
-                let whole = opt.read(name)?;
+                // An expert-parallel rank resumes its own experts' states, under rank 0's names.
+                let local = match share {
+                    Some(s) => match s.local(name) {
+                        Some(l) => l,
+                        None => continue,
+                    },
+                    None => name.clone(),
+                };
+                let whole = weights::HostTensor { name: local.clone(), ..opt.read(name)? };
                 // A pipeline rank resumes its own stages' states.
-                if !trainer.holds(name) {
+                if !trainer.holds(&local) {
                     continue;
                 }
-                let t = shard_of(whole, &trainer.state(name)?, req.dist)?;
+                let t = shard_of(whole, &trainer.state(&local)?, req.dist)?;
                 trainer.set_state(t)?;
             }
         }
@@ -1045,22 +1058,23 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             trainer.gather_for_checkpoint()?;
             // A pipeline's ranks made their states whole as they gathered them to rank 0, which
             // alone writes: nothing is left to gather.
-            let kept = match req.pipeline {
+            let mut kept = match req.pipeline {
                 Some(_) if !req.leader() => Vec::new(),
                 Some(_) => whole_states(trainer.as_ref(), None, &states)?,
                 None => whole_states(trainer.as_ref(), req.dist, &states)?,
             };
+            let mut trained = match (share, req.leader()) {
+                (None, false) => Vec::new(),
+                _ => trainer.weights()?,
+            };
+            if let (Some(s), Some(d)) = (share, req.dist) {
+                // Every rank's experts, under their own names.
+                trained = s.gather(d, trained)?;
+                kept = s.gather(d, kept)?;
+            }
             if req.leader() {
-                let dir = save(
-                    req.out,
-                    &spec,
-                    trainer.as_ref(),
-                    kept,
-                    &untrained,
-                    &roles,
-                    &progress,
-                    text.as_deref(),
-                )?;
+                let dir =
+                    save(req.out, &spec, trained, kept, &untrained, &roles, &progress, text.as_deref())?;
                 write_curve(req.out, &spec.model.name)?;
                 bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
                 last_saved = Some(dir.clone());
@@ -1195,6 +1209,7 @@ fn compiled(
             optimizer: Optimizer { shards, ..hyper.optimizer() },
             accumulate: micro_batches > 1,
             data_parallel: req.dist.is_some(),
+            expert_parallel: req.dist.map(|d| d.ep_size() as u64).filter(|&e| e > 1),
         };
         let options = pack::Options {
             train: Some(train),
@@ -1239,6 +1254,21 @@ fn compiled(
         ),
         _ => {}
     }
+    // An expert-parallel rank loads its own experts under rank 0's names, as its step reads them.
+    let share = ExpertShare::of(req, spec)?;
+    if artifact && share.is_some() {
+        bail!(
+            "{}: --ep compiles its own train step, with this rank's share of the experts: give the model spec \
+             or Hugging Face folder instead of an artifact",
+            req.model.display()
+        );
+    }
+    let weights_in = match share {
+        Some(s) => (weights_in.into_iter())
+            .filter_map(|t| s.local(&t.name).map(|name| weights::HostTensor { name, ..t }))
+            .collect(),
+        None => weights_in,
+    };
     let load = |art: &kiln_runtime::artifact::Artifact, weights_in: Vec<weights::HostTensor>| -> Result<_> {
         let wanted: std::collections::HashSet<String> =
             weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
@@ -1313,11 +1343,11 @@ fn compiled(
         let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
         let model = kiln_runtime::gpu::GpuModel::load(&art, given, &Default::default())?;
         let engine = format!("compiled for CUDA device 0, {}", model.device_name());
-        return single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches);
+        return single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches, share);
     }
     let model = load(&art, weights_in)?;
     let engine = format!("compiled for the CPU ({} threads)", model.threads());
-    single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches)
+    single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches, share)
 }
 
 /// The one-process (or data-parallel) compiled trainer on `model`'s backend: checks the sizes an
@@ -1333,6 +1363,7 @@ fn single<B: kiln_runtime::exec::Backend + 'static>(
     rows: u64,
     t: u64,
     micro_batches: usize,
+    share: Option<ExpertShare>,
 ) -> Result<(Box<dyn Steps>, String)> {
     let mut trainer = CompiledTrainer::new(model)?;
     if artifact {
@@ -1360,8 +1391,33 @@ fn single<B: kiln_runtime::exec::Backend + 'static>(
                 dir.display()
             );
         }
-        trainer.executor_mut().set_communicator(d.replicas())?;
-        engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.dp_size());
+        match share {
+            Some(s) => {
+                let exec = trainer.executor_mut();
+                exec.set_communicator(d.expert_training())?;
+                exec.write_state(&weights::HostTensor {
+                    name: kiln_compiler::expert_parallel::EP_RANK.into(),
+                    dtype: kiln_ir::DType::F32,
+                    shape: Vec::new(),
+                    data: weights::HostData::F32(vec![s.rank as f32]),
+                })?;
+                engine += &format!(
+                    ", expert-parallel rank {} of {} (experts {}..{} of each MoE layer, tokens exchanged over MPI)",
+                    s.rank,
+                    s.size,
+                    s.rank * s.per_rank,
+                    (s.rank + 1) * s.per_rank
+                );
+                if d.size() > d.ep_size() {
+                    engine += &format!(", replica {} of {}", d.rank() / d.ep_size(), d.size() / d.ep_size());
+                }
+                engine += &format!(", {rows} rows each");
+            }
+            None => {
+                trainer.executor_mut().set_communicator(d.replicas())?;
+                engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.dp_size());
+            }
+        }
         let exec = trainer.executor();
         let moments =
             exec.state_bytes(StateRole::OptimizerMoment) + exec.state_bytes(StateRole::MasterWeight);
@@ -1533,7 +1589,7 @@ fn fp8_release(
 fn save(
     out: &Path,
     spec: &kiln_ir::ModelSpec,
-    trainer: &dyn Steps,
+    trained: Vec<weights::HostTensor>,
     kept: Vec<weights::HostTensor>,
     untrained: &[weights::HostTensor],
     roles: &HashMap<String, StateRole>,
@@ -1547,7 +1603,7 @@ fn save(
     let mut model: HashMap<String, weights::HostTensor> =
         untrained.iter().map(|t| (t.name.clone(), t.clone())).collect();
     let mut optimizer = Vec::new();
-    for t in trainer.weights()?.into_iter().chain(kept) {
+    for t in trained.into_iter().chain(kept) {
         match roles.get(&t.name) {
             Some(StateRole::Trainable | StateRole::RoutingBias) | None => {
                 drop(model.insert(t.name.clone(), t))
@@ -1575,6 +1631,80 @@ fn save(
     }
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot write {}", dir.display()))?;
     Ok(dir)
+}
+
+/// An expert-parallel process's share of the routed experts (`kiln train --ep N`): it holds
+/// experts `rank·per_rank ..` of every MoE layer under rank 0's names (`0 .. per_rank`), as its
+/// compiled step reads them (`kiln_compiler::expert_parallel::split_tokens`).
+#[derive(Clone, Copy, Debug)]
+struct ExpertShare {
+    rank: u64,
+    size: u64,
+    per_rank: u64,
+}
+
+impl ExpertShare {
+    /// This process's share, in an `--ep` run of more than one rank.
+    fn of(req: &Request, spec: &kiln_ir::ModelSpec) -> Result<Option<ExpertShare>> {
+        let Some(d) = req.dist.filter(|d| d.ep_size() > 1) else { return Ok(None) };
+        let size = d.ep_size() as u64;
+        let experts = spec.moe.as_ref().map_or(0, |m| m.n_routed_experts);
+        if experts == 0 || experts % size != 0 {
+            bail!(
+                "--ep {size}: model `{}` has {experts} routed experts per MoE layer; give a number of ranks that                  divides it",
+                spec.model.name
+            );
+        }
+        Ok(Some(ExpertShare { rank: d.ep_rank() as u64, size, per_rank: experts / size }))
+    }
+
+    /// The name this process holds tensor `name` (a weight or one of its states) under: itself,
+    /// or for one of its own experts rank 0's name; `None` for another rank's expert.
+    fn local(&self, name: &str) -> Option<String> {
+        use kiln_compiler::expert_parallel::{expert_index, with_expert_index};
+        match expert_index(name) {
+            None => Some(name.to_string()),
+            Some(e) if e / self.per_rank == self.rank => Some(with_expert_index(name, e % self.per_rank)),
+            Some(_) => None,
+        }
+    }
+
+    /// `tensors` (in the same order on every process, each expert's under rank 0's name) with
+    /// every rank's experts under their own names: each routed expert's tensor is gathered from
+    /// every process, and rank `r`'s copy renamed to its expert. Every process must call it.
+    fn gather(
+        &self,
+        d: &crate::dist::Dist,
+        tensors: Vec<weights::HostTensor>,
+    ) -> Result<Vec<weights::HostTensor>> {
+        use kiln_compiler::expert_parallel::{expert_index, rank_param, EP_RANK};
+        let mut out = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            if t.name == EP_RANK {
+                continue;
+            }
+            if expert_index(&t.name).is_none() {
+                out.push(t);
+                continue;
+            }
+            let weights::HostData::F32(mine) = &t.data else {
+                bail!("state `{}` of an expert is not a float", t.name);
+            };
+            let n = mine.len();
+            // The world's copies, rank by rank: the first `size` are the first group's ranks.
+            let all = d.gather(mine)?;
+            for r in 0..self.size {
+                let part = all[r as usize * n..(r as usize + 1) * n].to_vec();
+                out.push(weights::HostTensor {
+                    name: rank_param(&t.name, r, self.per_rank),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data: weights::HostData::F32(part),
+                });
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

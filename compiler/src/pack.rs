@@ -129,6 +129,10 @@ pub struct TrainOptions {
     pub accumulate: bool,
     /// Compile the step for one data-parallel replica of several ([`crate::train::program`]).
     pub data_parallel: bool,
+    /// Compile the step for one of this many expert-parallel ranks, which each train on their own
+    /// rows and hold their share of the routed experts ([`crate::expert_parallel::split_tokens`]);
+    /// `None` or 1: every process holds every expert.
+    pub expert_parallel: Option<u64>,
 }
 
 impl Options {
@@ -426,8 +430,15 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     if let Some(t) = &options.train {
         // A pipeline's stages are cut from the accumulate program (`crate::pipeline`).
         let accumulate = t.accumulate || options.parallel.is_some();
-        let programs = crate::train::program(spec, &t.losses, &t.optimizer, accumulate, t.data_parallel)
-            .map_err(|e| CompileError::Options(e.to_string()))?;
+        let programs = crate::train::program(
+            spec,
+            &t.losses,
+            &t.optimizer,
+            accumulate,
+            t.data_parallel,
+            t.expert_parallel,
+        )
+        .map_err(|e| CompileError::Options(e.to_string()))?;
         let graph = programs.step;
         module.programs.push(Program { name: "train_step".into(), kind: ProgramKind::TrainStep, graph });
         if let Some(graph) = programs.accumulate {

@@ -190,7 +190,7 @@ pub fn train_step(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, false, false, None)
+    step_program(grads, frozen, opt, false, false, None, None)
 }
 
 /// The trained parameters of `g` (every parameter with a `grad.{name}` output, less `frozen`),
@@ -312,7 +312,7 @@ pub fn train_step_last(
     frozen: &[&str],
     opt: &Optimizer,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
-    step_program(grads, frozen, opt, true, false, None)
+    step_program(grads, frozen, opt, true, false, None, None)
 }
 
 /// The communication group of data-parallel replicas, which [`Op::AllReduce`] sums over.
@@ -331,6 +331,7 @@ fn step_program(
     last: bool,
     data_parallel: bool,
     pipeline: Option<u32>,
+    experts: Option<u64>,
 ) -> Result<(Graph, Vec<StateDecl>), TrainError> {
     for (name, v) in [("beta1", opt.beta1), ("beta2", opt.beta2)] {
         if !(0.0..1.0).contains(&v) {
@@ -357,9 +358,20 @@ fn step_program(
             opt.shards
         )));
     }
+    if experts.is_some() && (opt.shards > 1 || pipeline.is_some()) {
+        return Err(TrainError::Setting(
+            "expert parallelism is built for a step of its own: not with ZeRO-1 or a pipeline yet".into(),
+        ));
+    }
     let mut g = grads.clone();
     let mut loss = output(&g, LOSS)?;
     let mut trained = train_params(&mut g, frozen);
+    // Which group sums a gradient over the replicas: a routed expert's is summed over the ranks
+    // that hold the same experts (its gradient already counts every rank's rows routed to it).
+    let group_of = |name: &str| match experts {
+        Some(_) if crate::expert_parallel::is_routed_expert(name) => crate::expert_parallel::EXPERT_DP_GROUP,
+        _ => DP_GROUP,
+    };
     let mut states = Vec::new();
     let mut b = B { g: &mut g };
     // Gradients in f32, whatever the weights' dtype.
@@ -385,14 +397,15 @@ fn step_program(
         loss = whole(&mut b, LOSS_ACC.into(), loss)?;
         // Every sum first, then every all-reduce (one after the other, which the runtime sends as
         // one message), then the scaling.
-        let mut sums: Vec<&mut ValueId> = trained.iter_mut().map(|(_, _, d)| d).collect();
-        sums.push(&mut loss);
+        let mut sums: Vec<(&str, &mut ValueId)> =
+            trained.iter_mut().map(|(n, _, d)| (group_of(n), d)).collect();
+        sums.push((DP_GROUP, &mut loss));
         if data_parallel {
-            for d in sums.iter_mut() {
-                **d = b.node(Op::AllReduce { group: DP_GROUP.into() }, &[**d])?;
+            for (group, d) in sums.iter_mut() {
+                **d = b.node(Op::AllReduce { group: group.to_string() }, &[**d])?;
             }
         }
-        for d in sums {
+        for (_, d) in sums {
             *d = b.bin(BinaryOp::Mul, *d, scale)?;
         }
         // The load accumulators' inputs are the graph's own (Part::Last); declare them.
@@ -408,16 +421,17 @@ fn step_program(
         let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
         let one = b.c(1.0)?;
         let scale = b.bin(BinaryOp::Div, one, count)?;
-        let mut sums: Vec<&mut ValueId> = trained.iter_mut().map(|(_, _, d)| d).collect();
-        sums.push(&mut loss);
-        for d in sums.iter_mut() {
+        let mut sums: Vec<(&str, &mut ValueId)> =
+            trained.iter_mut().map(|(n, _, d)| (group_of(n), d)).collect();
+        sums.push((DP_GROUP, &mut loss));
+        for (_, d) in sums.iter_mut() {
             **d = b.f32(**d)?;
         }
         // One all-reduce after another (one message at run time), then the scaling.
-        for d in sums.iter_mut() {
-            **d = b.node(Op::AllReduce { group: DP_GROUP.into() }, &[**d])?;
+        for (group, d) in sums.iter_mut() {
+            **d = b.node(Op::AllReduce { group: group.to_string() }, &[**d])?;
         }
-        for d in sums {
+        for (_, d) in sums {
             *d = b.bin(BinaryOp::Mul, *d, scale)?;
         }
     }
@@ -432,7 +446,7 @@ fn step_program(
     // The global norm over every trained gradient, and the clipped gradients.
     let mut total = None;
     let mut squares = Vec::with_capacity(trained.len());
-    for (_, _, d) in &trained {
+    for (name, _, d) in &trained {
         let sq = b.bin(BinaryOp::Mul, *d, *d)?;
         let rank = b.g.ty(sq).rank();
         // Rows first, then the row sums: a whole-tensor sum is one work item, a sum per row is
@@ -450,6 +464,11 @@ fn step_program(
             }
         };
         squares.push(s);
+        // An expert-parallel rank's experts are its own: their squares are summed over the ranks
+        // below, the replicated weights' are the same on every rank.
+        if experts.is_some() && crate::expert_parallel::is_routed_expert(name) {
+            continue;
+        }
         total = Some(match total {
             None => s,
             Some(t) => b.bin(BinaryOp::Add, t, s)?,
@@ -458,11 +477,54 @@ fn step_program(
     // Per layer too (`grad_norm.{scope}`), from the same squared sums: a layer's norm is
     // sqrt(sum over its parameters); the global norm above is not regrouped, so its rounding stays.
     let mut groups: Vec<(String, ValueId)> = Vec::new();
+    // Expert parallelism: each layer's experts' squares, summed here and over the ranks below.
+    let mut expert_groups: Vec<(String, ValueId)> = Vec::new();
     for (name, _, sq) in trained.iter().zip(&squares).map(|((n, p, _), s)| (n, p, s)) {
         let layer = layer_of(name);
+        let groups = match experts.is_some() && crate::expert_parallel::is_routed_expert(name) {
+            true => &mut expert_groups,
+            false => &mut groups,
+        };
         match groups.iter_mut().find(|(l, _)| *l == layer) {
             Some((_, sum)) => *sum = b.bin(BinaryOp::Add, *sum, *sq)?,
             None => groups.push((layer, *sq)),
+        }
+    }
+    if !expert_groups.is_empty() {
+        // One sum over the ranks of [all experts, each layer's experts].
+        let one = [Dim::known(1)];
+        let mut parts = Vec::with_capacity(expert_groups.len() + 1);
+        let mut all = None;
+        for (_, s) in &expert_groups {
+            all = Some(match all {
+                None => *s,
+                Some(t) => b.bin(BinaryOp::Add, t, *s)?,
+            });
+        }
+        for s in all.iter().chain(expert_groups.iter().map(|(_, s)| s)) {
+            parts.push(b.node(Op::Reshape { shape: one.to_vec() }, &[*s])?);
+        }
+        let n = parts.len();
+        let cat = b.node(Op::Concat { axis: 0 }, &parts)?;
+        let summed = b.node(Op::AllReduce { group: crate::expert_parallel::EP_GROUP.into() }, &[cat])?;
+        let split = Op::Split { axis: 0, sizes: vec![1; n] };
+        let tys = [b.g.ty(summed)];
+        let types = kiln_ir::infer::infer(&split, &tys).map_err(|e| TrainError::Internal(e.to_string()))?;
+        let (_, sums) = (b.g.add_node(split, &[summed], types, Some("optimizer")))
+            .map_err(|e| TrainError::Internal(e.to_string()))?;
+        let mut sums = sums.into_iter();
+        let scalar = |b: &mut B, v: ValueId| b.node(Op::Reshape { shape: Vec::new() }, &[v]);
+        let all = scalar(&mut b, sums.next().expect("one part per sum"))?;
+        total = Some(match total {
+            None => all,
+            Some(t) => b.bin(BinaryOp::Add, t, all)?,
+        });
+        for ((layer, _), s) in expert_groups.iter().zip(sums) {
+            let s = scalar(&mut b, s)?;
+            match groups.iter_mut().find(|(l, _)| l == layer) {
+                Some((_, sum)) => *sum = b.bin(BinaryOp::Add, *sum, s)?,
+                None => groups.push((layer.clone(), s)),
+            }
         }
     }
     let mut layer_norms = Vec::with_capacity(groups.len());
@@ -755,7 +817,7 @@ pub fn pipeline_update(
     }
     // With `data_parallel`, the sums are done; the step may still split AdamW's states over the
     // replicas (ZeRO-1, `opt.shards`).
-    let (step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies))?;
+    let (step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies), None)?;
     Ok(step)
 }
 
@@ -783,15 +845,32 @@ pub fn program(
     opt: &Optimizer,
     accumulate: bool,
     data_parallel: bool,
+    expert_parallel: Option<u64>,
 ) -> Result<TrainPrograms, ProgramError> {
     use crate::build::build_train_part;
+    use crate::expert_parallel as ep_split;
+    // Expert-parallel ranks train on their own rows: they are data-parallel replicas for every
+    // weight but the routed experts.
+    let experts = expert_parallel.filter(|&e| e > 1);
+    let data_parallel = data_parallel || experts.is_some();
     let differentiate = |part| -> Result<_, ProgramError> {
-        let (forward, info) = build_train_part(spec, losses, part, data_parallel)?;
+        let (mut forward, info) = build_train_part(spec, losses, part, data_parallel)?;
+        if let Some(ep) = experts {
+            forward = match ep_split::split_tokens(&forward, ep)? {
+                Some((g, _)) => g,
+                None => {
+                    return Err(ProgramError::Train(TrainError::Setting(format!(
+                        "--ep {ep}: model `{}` has no routed experts to split",
+                        spec.model.name
+                    ))))
+                }
+            };
+        }
         Ok((crate::autodiff::differentiate(&forward, LOSS)?, info))
     };
     let (step, mut states, info, accumulate) = if accumulate {
         let (grads, info) = differentiate(Part::Last)?;
-        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel, None)?;
+        let (step, mut states) = step_program(&grads, &[], opt, true, data_parallel, None, experts)?;
         let (acc, acc_states) = accumulate_step(&differentiate(Part::Accumulate)?.0, &[])?;
         // Both programs declare the accumulators; the module holds each once.
         for s in acc_states {
@@ -802,7 +881,7 @@ pub fn program(
         (step, states, info, Some(acc))
     } else {
         let (grads, info) = differentiate(Part::Whole)?;
-        let (step, states) = step_program(&grads, &[], opt, false, data_parallel, None)?;
+        let (step, states) = step_program(&grads, &[], opt, false, data_parallel, None, experts)?;
         (step, states, info, None)
     };
     states.extend(info.biases.into_iter().map(|(name, ty)| StateDecl {
@@ -810,6 +889,11 @@ pub fn program(
         ty,
         role: StateRole::RoutingBias,
     }));
+    if experts.is_some() {
+        // The rank, which the runtime writes (as for inference's expert-parallel copies).
+        let ty = TensorType::scalar(DType::F32);
+        states.push(StateDecl { name: ep_split::EP_RANK.into(), ty, role: StateRole::Counter });
+    }
     Ok(TrainPrograms { step, accumulate, states })
 }
 
@@ -822,6 +906,8 @@ pub enum ProgramError {
     Autodiff(#[from] crate::autodiff::AutodiffError),
     #[error(transparent)]
     Train(#[from] TrainError),
+    #[error(transparent)]
+    Split(#[from] crate::expert_parallel::SplitError),
 }
 
 fn output(g: &Graph, name: &str) -> Result<ValueId, TrainError> {

@@ -148,6 +148,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         optimizer: crate::train::optimizer_of(&entry),
         accumulate: false,
         data_parallel: false,
+        expert_parallel: None,
     };
     let train_opts = pack::Options {
         train: Some(train),

@@ -41,7 +41,7 @@ fn the_train_step_runs_all_three_gemms_of_every_fp8_linear_in_fp8() {
         let spec = kiln_compiler::spec::load(&root().join(path)).unwrap();
         // With MTP, so that its `eh_proj` trains too.
         let losses = TrainLosses { mtp_lambda: 0.3, ..TrainLosses::default() };
-        let mut g = program(&spec, &losses, &Optimizer::default(), false, false).unwrap().step;
+        let mut g = program(&spec, &losses, &Optimizer::default(), false, false, None).unwrap().step;
         run_until(&mut g, &spec, ProgramKind::TrainStep, "plan-moe-dispatch").unwrap();
         // The forward GEMMs of FP8 linears, counted on the step before the pass: the routed experts'
         // are computed again in the backward pass (the `moe_experts` rule recomputes them), so a
@@ -151,7 +151,7 @@ fn forward_pass(g: &Graph) -> HashSet<NodeId> {
 fn the_backward_pass_reads_attention_outputs_and_swiglu_inputs_from_fp8_copies() {
     let spec = kiln_compiler::spec::load(&root().join("models/tiny_fp8.toml")).unwrap();
     let losses = TrainLosses { mtp_lambda: 0.3, ..TrainLosses::default() };
-    let step = program(&spec, &losses, &Optimizer::default(), false, false).unwrap().step;
+    let step = program(&spec, &losses, &Optimizer::default(), false, false, None).unwrap().step;
     let mut g = step.clone();
     run_until(&mut g, &spec, ProgramKind::TrainStep, "insert-fp8-casts").unwrap();
     // One cache per attention layer (MTP's too), one per SwiGLU of a dense MLP or shared expert.
@@ -234,7 +234,7 @@ fn the_backward_pass_reads_attention_outputs_and_swiglu_inputs_from_fp8_copies()
 
     // Nothing on a step without [quantization], or on a forward program.
     let plain = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
-    let mut p = program(&plain, &losses, &Optimizer::default(), false, false).unwrap().step;
+    let mut p = program(&plain, &losses, &Optimizer::default(), false, false, None).unwrap().step;
     run_until(&mut p, &plain, ProgramKind::TrainStep, "insert-fp8-casts").unwrap();
     let none = cache_activations::rewrite(&mut p, &Options::of_kind(&plain, ProgramKind::TrainStep)).unwrap();
     assert_eq!(none.count(cache_activations::ATTN_OUT) + none.count(cache_activations::SWIGLU), 0);

@@ -269,7 +269,7 @@ fn per_layer_gradient_norms_match_a_direct_computation_and_the_compiled_step() {
     let (forward, _) = build::build_train(&spec, &losses).unwrap();
     let grads = differentiate(&forward, "loss").unwrap();
     let TrainPrograms { step, states, .. } =
-        program(&spec, &losses, &Optimizer::default(), false, false).unwrap();
+        program(&spec, &losses, &Optimizer::default(), false, false, None).unwrap();
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let params: Vec<HostTensor> = weights::random_tensors(decls, 1, 0.02).collect();
     let rows = TokenRows::from_rows(WIDTH, (0..2).flat_map(row).collect()).unwrap();
@@ -348,7 +348,7 @@ fn the_re_check_names_the_first_non_finite_op_on_the_interpreter_and_compiled() 
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
     let losses = TrainLosses::default();
     let TrainPrograms { step, states, .. } =
-        program(&spec, &losses, &Optimizer::default(), false, false).unwrap();
+        program(&spec, &losses, &Optimizer::default(), false, false, None).unwrap();
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let name = "model.layers.2.self_attn.o_proj.weight";
     let params: Vec<HostTensor> = weights::random_tensors(decls, 1, 0.02)

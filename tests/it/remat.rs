@@ -15,7 +15,7 @@ fn recomputed_norms_and_up_projections_change_no_result_and_shrink_the_arena() {
     // The rules: every norm and both up-projections of every layer the step trains (MTP's too).
     let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
     let losses = TrainLosses { mtp_lambda: 0.3, ..TrainLosses::default() };
-    let mut g = program(&spec, &losses, &Optimizer::default(), false, false).unwrap().step;
+    let mut g = program(&spec, &losses, &Optimizer::default(), false, false, None).unwrap().step;
     run_until(&mut g, &spec, ProgramKind::TrainStep, "plan-moe-dispatch").unwrap();
     let norms = g.nodes().into_iter().filter(|&n| matches!(g.node(n).op, Op::RmsNorm { .. })).count();
     let trace = rematerialize::rewrite(&mut g, &Options::of_kind(&spec, ProgramKind::TrainStep)).unwrap();
@@ -29,7 +29,7 @@ fn recomputed_norms_and_up_projections_change_no_result_and_shrink_the_arena() {
     // Not when the optimizer may update a weight before a copy reads it (no clipping: each update
     // waits for its own gradient only).
     let unclipped = Optimizer { clip: None, ..Optimizer::default() };
-    let mut u = program(&spec, &losses, &unclipped, false, false).unwrap().step;
+    let mut u = program(&spec, &losses, &unclipped, false, false, None).unwrap().step;
     run_until(&mut u, &spec, ProgramKind::TrainStep, "plan-moe-dispatch").unwrap();
     let kept = rematerialize::rewrite(&mut u, &Options::of_kind(&spec, ProgramKind::TrainStep)).unwrap();
     assert_eq!(kept.count(RMS_NORM) + kept.count(MLA_UP_PROJ), 0, "{kept}");

@@ -71,7 +71,7 @@ fn weighted_loss_is_the_mean_over_the_kept_targets() {
 
     let opt = Optimizer::default();
     let losses = TrainLosses { token_weights: true, ..TrainLosses::default() };
-    let p = program(&spec, &losses, &opt, false, false).unwrap();
+    let p = program(&spec, &losses, &opt, false, false, None).unwrap();
     assert!(p.step.inputs().iter().any(|(name, _)| *name == build::LOSS_WEIGHTS));
     let mut trainer = Trainer::new(p.step, p.states, params.clone()).unwrap();
     let got = f64::from(trainer.step(&weighted, 1e-3).unwrap().loss);
@@ -82,13 +82,13 @@ fn weighted_loss_is_the_mean_over_the_kept_targets() {
     // Rows without weights are refused by the weighted step, and weights by the plain one.
     let e = trainer.step(&rows, 1e-3).unwrap_err().to_string();
     assert!(e.contains("carry no target weights"), "{e}");
-    let plain = program(&spec, &TrainLosses::default(), &opt, false, false).unwrap();
+    let plain = program(&spec, &TrainLosses::default(), &opt, false, false, None).unwrap();
     let mut plain = Trainer::new(plain.step, plain.states, params.clone()).unwrap();
     let e = plain.step(&weighted, 1e-3).unwrap_err().to_string();
     assert!(e.contains("no `loss_weights` input"), "{e}");
 
     // Weights of 1: the same step as the unweighted program.
-    let p = program(&spec, &losses, &opt, false, false).unwrap();
+    let p = program(&spec, &losses, &opt, false, false, None).unwrap();
     let mut ones = Trainer::new(p.step, p.states, params).unwrap();
     let a = ones.step(&rows.clone().with_weights(vec![1.0; n * t]).unwrap(), 1e-3).unwrap();
     let b = plain.step(&rows, 1e-3).unwrap();

@@ -27,6 +27,22 @@ use crate::util::{kiln, root, Scratch};
 
 const GOLDEN: &str = "tests/goldens/train";
 
+/// The tokens, targets and positions of the golden batch's 4 rows of `t` tokens, as interpreter inputs.
+fn batch_feeds(
+    rows: &data::TokenRows,
+    t: usize,
+) -> std::collections::HashMap<String, kiln_ir::interp::Tensor> {
+    let ids = |f: &dyn Fn(&[i64]) -> Vec<i64>| {
+        let data: Vec<i64> = (0..4).flat_map(|r| f(rows.row(r))).collect();
+        kiln_ir::interp::Tensor::from_i64(kiln_ir::DType::I32, vec![4, t as u64], data).unwrap()
+    };
+    std::collections::HashMap::from([
+        ("tokens".to_string(), ids(&|r| r[..t].to_vec())),
+        ("targets".to_string(), ids(&|r| r[1..].to_vec())),
+        ("positions".to_string(), ids(&|_| (0..t as i64).collect())),
+    ])
+}
+
 fn f32s(t: &weights::HostTensor) -> &[f32] {
     match &t.data {
         HostData::F32(v) => v,
@@ -52,7 +68,8 @@ fn thirty_adamw_steps_match_pytorch() {
         moments: kiln_ir::DType::F32,
         shards: 1,
     };
-    let TrainPrograms { step: program, states, .. } = program(&spec, &losses, &opt, false, false).unwrap();
+    let TrainPrograms { step: program, states, .. } =
+        program(&spec, &losses, &opt, false, false, None).unwrap();
     // The weights transformers started from: `kiln export-hf --random-weights 3`.
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
@@ -62,15 +79,7 @@ fn thirty_adamw_steps_match_pytorch() {
 
     // Step 0's gradients, from the differentiated graph alone.
     let t = rows.width() - 1;
-    let ids = |f: &dyn Fn(&[i64]) -> Vec<i64>| {
-        let data: Vec<i64> = (0..4).flat_map(|r| f(rows.row(r))).collect();
-        kiln_ir::interp::Tensor::from_i64(kiln_ir::DType::I32, vec![4, t as u64], data).unwrap()
-    };
-    let mut feeds = std::collections::HashMap::from([
-        ("tokens".to_string(), ids(&|r| r[..t].to_vec())),
-        ("targets".to_string(), ids(&|r| r[1..].to_vec())),
-        ("positions".to_string(), ids(&|_| (0..t as i64).collect())),
-    ]);
+    let mut feeds = batch_feeds(&rows, t);
     // The routers' selection biases are inputs of the training graph (state of the program).
     for (name, _) in forward.inputs() {
         if let Some(p) = initial.iter().find(|p| p.name == name) {
@@ -220,7 +229,7 @@ fn the_bias_rule_moves_each_bias_by_gamma_toward_balance() {
     let gamma = 1e-3f32;
     let losses = build::TrainLosses { bias_update_speed: f64::from(gamma), ..build::TrainLosses::default() };
     let TrainPrograms { step: prog, states, .. } =
-        program(&spec, &losses, &Optimizer::default(), false, false).unwrap();
+        program(&spec, &losses, &Optimizer::default(), false, false, None).unwrap();
     let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
     let before: std::collections::HashMap<String, Vec<f32>> = initial
@@ -277,14 +286,14 @@ fn micro_batches_accumulate_to_the_step_of_the_whole_batch() {
     let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
     let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
         .unwrap();
-    let whole = program(&spec, &losses, &opt, false, false).unwrap();
+    let whole = program(&spec, &losses, &opt, false, false, None).unwrap();
     assert!(whole.accumulate.is_none());
     let mut reference = Trainer::new(whole.step, whole.states, initial.clone()).unwrap();
     let want: Vec<_> = (0..3).map(|_| reference.step(&rows, 1e-3).unwrap()).collect();
     let want_w: std::collections::HashMap<String, weights::HostTensor> =
         reference.weights().into_iter().map(|t| (t.name.clone(), t)).collect();
     for count in [2, 4] {
-        let split = program(&spec, &losses, &opt, true, false).unwrap();
+        let split = program(&spec, &losses, &opt, true, false, None).unwrap();
         let mut trainer = Trainer::new(split.step, split.states, initial.clone())
             .unwrap()
             .with_micro_batches(split.accumulate.unwrap(), count);
@@ -812,4 +821,100 @@ fn kiln_bench_train_reports_kiln_and_says_why_pytorch_is_skipped() {
     assert!(doc["baseline_skipped"].as_str().unwrap().contains("/nonexistent/python"), "{doc}");
     let r = kiln(&["bench", "train", "models/tiny.toml", "--steps", "0"]);
     assert!(!r.ok && r.stderr.contains("must be at least 1"), "{}", r.stderr);
+}
+
+/// The expert-parallel form of the training graph (`expert_parallel::split_tokens`): at one rank it
+/// is the plain graph on the interpreter (its sums over a group of one are the values themselves):
+/// the loss bit for bit, every gradient to rounding; at two, each rank holds half the experts, gets no
+/// gradient for the others, and its backward pass sums over the ranks where the forward pass did.
+#[test]
+fn the_expert_parallel_graph_of_one_rank_is_the_plain_one() {
+    use kiln_compiler::expert_parallel::{split_tokens, EP_GROUP, EP_RANK};
+    use kiln_ir::Op;
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let losses = build::TrainLosses { mtp_lambda: 0.3, balance_alpha: 1e-4, ..Default::default() };
+    let (forward, _) = build::build_train(&spec, &losses).unwrap();
+    let plain = differentiate(&forward, "loss").unwrap();
+    let (one, per_rank) = split_tokens(&forward, 1).unwrap().unwrap();
+    assert_eq!(per_rank, 16);
+    let one = differentiate(&one, "loss").unwrap();
+
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let initial: Vec<weights::HostTensor> = weights::random_tensors(decls, 3, 0.02).collect();
+    let rows = data::load_tokens(&root().join(GOLDEN).join("tokens.safetensors"), &TokenFormat::Safetensors)
+        .unwrap();
+    let t = rows.width() - 1;
+    let mut feeds = batch_feeds(&rows, t);
+    for (name, v) in forward.inputs() {
+        let ty = forward.ty(v);
+        if let Some(p) = initial.iter().find(|p| p.name == name) {
+            feeds.insert(name.to_string(), to_tensor(p.clone()).unwrap());
+        } else if name.starts_with("mtp_") {
+            // The MTP inputs, `[B, T]` (their values do not matter here).
+            let n = 4 * t;
+            let v = match ty.dtype.is_float() {
+                true => kiln_ir::interp::Tensor::from_f32(ty.dtype, vec![4, t as u64], vec![1.0; n]).unwrap(),
+                false => {
+                    let ids = (0..n as i64).map(|i| i % 50).collect();
+                    kiln_ir::interp::Tensor::from_i64(ty.dtype, vec![4, t as u64], ids).unwrap()
+                }
+            };
+            feeds.insert(name.to_string(), v);
+        }
+    }
+    let declared: Vec<String> = forward.params().into_iter().map(|(n, _)| n.to_string()).collect();
+    let params: std::collections::HashMap<_, _> = initial
+        .iter()
+        .filter(|p| declared.contains(&p.name))
+        .map(|p| (p.name.clone(), to_tensor(p.clone()).unwrap()))
+        .collect();
+    let want = kiln_ir::interp::run(&plain, &feeds, &params).unwrap();
+    feeds.insert(
+        EP_RANK.to_string(),
+        kiln_ir::interp::Tensor::from_f32(kiln_ir::DType::F32, vec![], vec![0.0]).unwrap(),
+    );
+    let got = kiln_ir::interp::run(&one, &feeds, &params).unwrap();
+    let outputs: Vec<&String> = want.keys().filter(|k| *k == "loss" || k.starts_with(GRAD_PREFIX)).collect();
+    assert!(outputs.len() > 190, "{}", outputs.len());
+    // The loss bit for bit; a gradient is the same sum, whose terms autodiff may add in another
+    // order (the rewritten layers' nodes are newer), so to rounding.
+    assert_eq!(want["loss"].as_f32().unwrap(), got["loss"].as_f32().unwrap());
+    let mut worst = (0f32, String::new());
+    for name in outputs {
+        let (a, b) = (want[name].as_f32().unwrap(), got[name].as_f32().unwrap());
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        if d > worst.0 {
+            worst = (d, name.clone());
+        }
+    }
+    eprintln!(
+        "one rank against the plain graph: gradients within {:e} of their largest value ({})",
+        worst.0, worst.1
+    );
+    assert!(worst.0 <= 1e-5, "`{}` differs by {:e} at one rank", worst.1, worst.0);
+
+    // Two ranks: rank 0's experts, no gradient for the others, and the sums in both passes.
+    let (two, per_rank) = split_tokens(&forward, 2).unwrap().unwrap();
+    assert_eq!(per_rank, 8);
+    let sums = |g: &kiln_ir::Graph| {
+        g.nodes()
+            .into_iter()
+            .filter(|&n| matches!(&g.node(n).op, Op::AllReduce { group } if group == EP_GROUP))
+            .count()
+    };
+    let layers =
+        forward.nodes().into_iter().filter(|&n| matches!(forward.node(n).op, Op::MoeExperts { .. })).count();
+    // The dispatch of x, the weights and the ids, and the combine, per MoE layer.
+    assert_eq!(sums(&two), 4 * layers);
+    let two = differentiate(&two, "loss").unwrap();
+    // The backward pass adds the adjoints of the dispatch of x and the weights, and of the combine.
+    assert_eq!(sums(&two), 7 * layers);
+    let grads: Vec<String> =
+        two.outputs().iter().map(|(n, _)| n.clone()).filter(|n| n.contains(".experts.")).collect();
+    assert!(!grads.is_empty());
+    for n in &grads {
+        let e: u64 = n.split(".experts.").nth(1).unwrap().split('.').next().unwrap().parse().unwrap();
+        assert!(e < 8, "{n}: another rank's expert");
+    }
 }

@@ -240,6 +240,7 @@ fn compiled(c: &Case, l: &TrainLosses, dir: &Path) -> (f64, f64, Grads) {
             optimizer: opt,
             accumulate: false,
             data_parallel: false,
+            expert_parallel: None,
         }),
         kv_cache: false,
         score: false,

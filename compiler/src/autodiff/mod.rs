@@ -185,7 +185,7 @@ impl Cx<'_> {
             }
         }
         let scope = self.scope.clone();
-        backprop(self, &region, &mut grads)?;
+        backprop(self, &region, inputs, &mut grads)?;
         self.scope = scope;
         Ok(inputs.iter().map(|v| grads.get(v).copied()).collect())
     }
@@ -207,23 +207,36 @@ fn accumulate(
 }
 
 /// Reverse mode over `nodes` (in forward order), starting from the gradients in `grads`, which it
-/// extends with the gradient of every value those nodes read.
+/// extends with the gradient of every value those nodes read that depends on a parameter or on
+/// one of `roots`.
 fn backprop(
     cx: &mut Cx,
     nodes: &[NodeId],
+    roots: &[ValueId],
     grads: &mut HashMap<ValueId, ValueId>,
 ) -> Result<(), AutodiffError> {
+    // The float values that depend on a parameter (or on an operand of a composite) through float
+    // values: no gradient flows into the others (an expert-parallel rank's masks, computed from its rank, say), so no rule
+    // runs for them.
+    let mut trained: std::collections::HashSet<ValueId> = roots.iter().copied().collect();
+    for &n in nodes {
+        let node = cx.g.node(n);
+        if matches!(node.op, Op::Param { .. }) || node.inputs.iter().any(|x| trained.contains(x)) {
+            // An integer carries no gradient (expert ids), nor what is computed from it alone.
+            trained.extend(node.results.iter().copied().filter(|&r| cx.g.ty(r).dtype.is_float()));
+        }
+    }
     for &n in nodes.iter().rev() {
         let node = cx.g.node(n).clone();
         let dys: Vec<Option<ValueId>> = node.results.iter().map(|r| grads.get(r).copied()).collect();
-        if dys.iter().all(Option::is_none) || node.inputs.is_empty() {
+        if dys.iter().all(Option::is_none) || !node.inputs.iter().any(|x| trained.contains(x)) {
             continue;
         }
         cx.scope = node.scope.clone();
         let dxs = rules::vjp(cx, &node, &dys)?;
         for (&x, dx) in node.inputs.iter().zip(dxs) {
             if let Some(d) = dx {
-                if cx.g.ty(x).dtype.is_float() {
+                if cx.g.ty(x).dtype.is_float() && trained.contains(&x) {
                     accumulate(cx, grads, x, d)?;
                 }
             }
@@ -254,7 +267,7 @@ pub fn differentiate(g: &Graph, loss_output: &str) -> Result<Graph, AutodiffErro
     let mut cx = Cx { g: &mut out, scope: Some(LOSS.to_string()) };
     let one = cx.scalar(1.0, DType::F32)?;
     let mut grads = HashMap::from([(loss, one)]);
-    backprop(&mut cx, &order, &mut grads)?;
+    backprop(&mut cx, &order, &[], &mut grads)?;
     out.add_output(LOSS, loss).map_err(|e| AutodiffError::Internal(e.to_string()))?;
     let mut seen = std::collections::HashSet::new();
     for n in order {

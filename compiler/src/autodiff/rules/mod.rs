@@ -76,9 +76,14 @@ pub(super) fn vjp(
         | Op::GroupedLinearWgrad { .. }
         | Op::MoeCombineGrad { .. } => Err(none("second derivatives are not supported")),
         Op::Send { .. } | Op::Recv { .. } => Err(none("pipeline stages are differentiated per stage")),
-        Op::AllReduce { .. } | Op::AllGather { .. } => {
-            Err(none("collectives are inserted after differentiation"))
+        // A sum over the processes whose every process then takes its own part of the loss from
+        // the (replicated) result, the total being the sum of the parts (expert parallelism's
+        // dispatch and combine, `crate::expert_parallel::split_tokens`): each operand's gradient
+        // is the sum of every process's gradient of the result.
+        Op::AllReduce { group } => {
+            Ok(vec![Some(cx.op(Op::AllReduce { group: group.clone() }, &[need(dy, 0)?])?)])
         }
+        Op::AllGather { .. } => Err(none("gathers are inserted after differentiation")),
         Op::PromotedGemm { .. } => {
             Err(none("FP8 GEMMs are inserted after differentiation (insert-fp8-casts on the train step)"))
         }
