@@ -73,12 +73,15 @@ impl Dist {
         Dist::init_world(flags, pp, dp, 1, timeout)
     }
 
-    /// Joins a job of `dp · ep` processes that train with `--ep ep` (and `--dp dp`): every process
-    /// trains on its own rows, and each group of `ep` consecutive ranks splits the routed experts.
-    pub fn init_experts(flags: &str, dp: usize, ep: usize, timeout: Duration) -> Result<Dist> {
-        Dist::init_world(flags, 1, dp * ep, ep, timeout)
+    /// Joins a job of `pp · ep · dp` processes that train with `--ep ep` (and `--pp pp`, `--dp
+    /// dp`): `ep · dp` replicas of a `pp`-rank pipeline (one process without `--pp`), each training
+    /// on its own rows; each group of `ep` consecutive replicas splits the routed experts.
+    pub fn init_experts(flags: &str, pp: usize, dp: usize, ep: usize, timeout: Duration) -> Result<Dist> {
+        Dist::init_world(flags, pp, dp * ep, ep, timeout)
     }
 
+    /// World rank `w` is pipeline rank `w % pp` of replica `w / pp`, and replica `j` is
+    /// expert-parallel rank `j % ep` of expert group `j / ep`.
     fn init_world(flags: &str, pp: usize, dp: usize, ep: usize, timeout: Duration) -> Result<Dist> {
         let n = pp * dp;
         let launched =
@@ -102,8 +105,9 @@ impl Dist {
         };
         let pipeline = split(rank / pp);
         let replicas = split(rank % pp);
-        let experts = split(rank / ep);
-        let expert_replicas = split(rank % ep);
+        let (stage, replica) = (rank % pp, rank / pp);
+        let experts = split(stage + pp * (replica / ep));
+        let expert_replicas = split(stage + pp * (replica % ep));
         Ok(Dist {
             world,
             pipeline,
@@ -122,7 +126,7 @@ impl Dist {
     /// This process's expert-parallel rank and the ranks that split the experts (`--ep`; 0 of 1
     /// without).
     pub fn ep_rank(&self) -> usize {
-        self.rank % self.ep
+        self.dp_rank() % self.ep
     }
 
     pub fn ep_size(&self) -> usize {
@@ -134,6 +138,16 @@ impl Dist {
     /// and the processes holding the same experts (group `edp`, which sum those experts'
     /// gradients), each on a communicator of its own.
     pub fn expert_training(&self) -> Box<dyn Communicator> {
+        let mut groups = vec![self.replica_group()];
+        groups.extend(self.expert_groups());
+        Box::new(Groups { groups, timeout: self.timeout })
+    }
+
+    /// The groups `ep` and `edp` of an expert-parallel run (none without one).
+    fn expert_groups(&self) -> Vec<Group> {
+        if self.ep == 1 {
+            return Vec::new();
+        }
         let ep = Group {
             name: kiln_compiler::expert_parallel::EP_GROUP,
             comm: self.experts.duplicate(),
@@ -143,10 +157,23 @@ impl Dist {
         let edp = Group {
             name: kiln_compiler::expert_parallel::EXPERT_DP_GROUP,
             comm: self.expert_replicas.duplicate(),
-            rank: self.rank / self.ep,
-            size: self.size / self.ep,
+            rank: self.dp_rank() / self.ep,
+            size: self.dp_size() / self.ep,
         };
-        Box::new(Groups { groups: vec![self.replica_group(), ep, edp], timeout: self.timeout })
+        vec![ep, edp]
+    }
+
+    /// `data` of every replica of this process's stages (every process without `--pp`), laid end
+    /// to end in replica order (the same length on each).
+    pub fn gather_replicas(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let n = self.dp_size();
+        let mut all = vec![0.0f32; data.len() * n];
+        mpi::request::scope(|scope| {
+            let req = self.replicas.immediate_all_gather_into(scope, data, &mut all[..]);
+            let what = format!("the gather of {} values of a checkpoint's experts", data.len());
+            poll(req, self.timeout, || stalled(&self.replicas, self.dp_rank(), n, self.timeout, &what));
+        });
+        Ok(all)
     }
 
     /// This process's replica and the number of replicas (`--dp`; 0 of 1 without).
@@ -237,7 +264,9 @@ impl Dist {
             rank: self.pp_rank(),
             size: self.pp,
         };
-        Box::new(Groups { groups: vec![pp, self.replica_group()], timeout: self.timeout })
+        let mut groups = vec![pp, self.replica_group()];
+        groups.extend(self.expert_groups());
+        Box::new(Groups { groups, timeout: self.timeout })
     }
 
     /// The point-to-point link of a pipeline rank (`crate::pipeline`) with the other ranks of its

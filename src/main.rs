@@ -640,9 +640,10 @@ struct TrainArgs {
     /// updating one N-th of every tensor and gathering the rest (ZeRO stage 1).
     #[arg(long)]
     zero1: bool,
-    /// Expert parallelism over N processes (N·D with --dp D), launched with `mpirun -n N`: each
-    /// process trains on its own rows and holds 1/N of every MoE layer's routed experts; the tokens
-    /// go to the experts' ranks and back over MPI (the same steps as one process).
+    /// Expert parallelism over N processes (N·D with --dp D, N·D·P with --pp P), launched with
+    /// `mpirun -n N`: each process (pipeline) trains on its own rows and holds 1/N of every MoE
+    /// layer's routed experts; the tokens go to the experts' ranks and back over MPI (the same steps
+    /// as one process).
     #[arg(long, value_name = "N")]
     ep: Option<usize>,
     /// Pipeline parallelism over N processes, launched with `mpirun -n N`: the model is cut into N
@@ -670,9 +671,6 @@ struct TrainArgs {
 /// mpirun started (`crate::dist`).
 fn replicated(args: &TrainArgs, req: train::Request) -> Result<()> {
     if let Some(pp) = args.pp {
-        if args.ep.is_some() {
-            bail!("--ep with --pp: expert parallelism trains in a step of its own; a pipeline's stages hold every expert");
-        }
         return pipelined(args, req, pp);
     }
     if let Some(ep) = args.ep {
@@ -710,7 +708,8 @@ fn expert_parallel(args: &TrainArgs, req: train::Request, ep: usize) -> Result<(
         Some(dp) => format!("--ep {ep} --dp {dp}"),
         None => format!("--ep {ep}"),
     };
-    let d = dist::Dist::init_experts(&flags, dp, ep, std::time::Duration::from_secs_f64(args.comm_timeout))?;
+    let d =
+        dist::Dist::init_experts(&flags, 1, dp, ep, std::time::Duration::from_secs_f64(args.comm_timeout))?;
     in_group(&d, &train::Request { dist: Some(&d), ..req })
 }
 
@@ -741,13 +740,24 @@ fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
         bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
     }
     let timeout = std::time::Duration::from_secs_f64(args.comm_timeout);
-    let d = match args.dp {
-        // `dp` replicas of the pipeline: each runs its share of every batch through its stages.
-        Some(dp) => dist::Dist::init_grid(&format!("--pp {pp} --dp {dp}"), pp, dp, timeout)?,
-        None => dist::Dist::init_grid(&format!("--pp {pp}"), pp, 1, timeout)?,
-    };
+    if args.ep == Some(0) {
+        bail!("--ep 0: give the number of expert-parallel processes, at least 1");
+    }
+    if args.zero1 && args.ep.is_some() {
+        bail!("--zero1 with --ep: ZeRO-1 is built for --dp alone; drop one of them");
+    }
+    let mut flags = format!("--pp {pp}");
+    for (flag, n) in [("--ep", args.ep), ("--dp", args.dp)] {
+        if let Some(n) = n {
+            flags += &format!(" {flag} {n}");
+        }
+    }
+    // `ep · dp` replicas of the pipeline: each runs its share of every batch through its stages,
+    // each group of `ep` splitting the routed experts.
+    let ep = args.ep.unwrap_or(1);
+    let d = dist::Dist::init_experts(&flags, pp, args.dp.unwrap_or(1), ep, timeout)?;
     crate::check_output_file(args.pp_trace.as_deref(), &[])?;
-    let dist = args.dp.map(|_| &d);
+    let dist = (args.dp.is_some() || ep > 1).then_some(&d);
     in_group(
         &d,
         &train::Request { pipeline: Some((&d, kind)), dist, pp_trace: args.pp_trace.as_deref(), ..req },

@@ -1058,16 +1058,22 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             trainer.gather_for_checkpoint()?;
             // A pipeline's ranks made their states whole as they gathered them to rank 0, which
             // alone writes: nothing is left to gather.
+            // With --ep, the first pipeline rank of every replica gathers the experts (it holds
+            // its replica's states now); without, the leader alone writes.
+            let gathers = match req.pipeline {
+                Some((d, _)) => share.is_some() && d.pp_rank() == 0,
+                None => share.is_some(),
+            };
             let mut kept = match req.pipeline {
-                Some(_) if !req.leader() => Vec::new(),
+                Some(_) if !(req.leader() || gathers) => Vec::new(),
                 Some(_) => whole_states(trainer.as_ref(), None, &states)?,
                 None => whole_states(trainer.as_ref(), req.dist, &states)?,
             };
-            let mut trained = match (share, req.leader()) {
-                (None, false) => Vec::new(),
-                _ => trainer.weights()?,
+            let mut trained = match req.leader() || gathers {
+                true => trainer.weights()?,
+                false => Vec::new(),
             };
-            if let (Some(s), Some(d)) = (share, req.dist) {
+            if let (Some(s), Some(d), true) = (share, req.dist, gathers) {
                 // Every rank's experts, under their own names.
                 trained = s.gather(d, trained)?;
                 kept = s.gather(d, kept)?;
@@ -1321,8 +1327,10 @@ fn compiled(
             plan.schedule,
             plan.micro_batches
         );
-        if let Some(r) = req.dist {
-            engine += &format!(", replica {} of {} (data-parallel)", r.dp_rank(), r.dp_size());
+        // Replicas of the pipeline, each group of --ep of them splitting the experts.
+        if let Some(r) = req.dist.filter(|r| r.dp_size() > r.ep_size()) {
+            let ep = r.ep_size();
+            engine += &format!(", replica {} of {} (data-parallel)", r.dp_rank() / ep, r.dp_size() / ep);
         }
         let mut trainer = crate::pipeline::PipelineTrainer::new(model, whole, d.pipeline_link())?;
         let (held, all) = trainer.held_state_bytes();
@@ -1335,6 +1343,13 @@ fn compiled(
         // The first replica's timeline; the others run the same lists.
         trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
+        if let Some(s) = share {
+            // The stages with MoE layers read the rank.
+            if trainer.holds(kiln_compiler::expert_parallel::EP_RANK) {
+                trainer.executor_mut().write_state(&s.rank_state())?;
+            }
+            engine += &format!(", {}", s.describe());
+        }
         return Ok((Box::new(trainer), engine));
     }
     if req.device == run::Device::Cuda {
@@ -1395,19 +1410,8 @@ fn single<B: kiln_runtime::exec::Backend + 'static>(
             Some(s) => {
                 let exec = trainer.executor_mut();
                 exec.set_communicator(d.expert_training())?;
-                exec.write_state(&weights::HostTensor {
-                    name: kiln_compiler::expert_parallel::EP_RANK.into(),
-                    dtype: kiln_ir::DType::F32,
-                    shape: Vec::new(),
-                    data: weights::HostData::F32(vec![s.rank as f32]),
-                })?;
-                engine += &format!(
-                    ", expert-parallel rank {} of {} (experts {}..{} of each MoE layer, tokens exchanged over MPI)",
-                    s.rank,
-                    s.size,
-                    s.rank * s.per_rank,
-                    (s.rank + 1) * s.per_rank
-                );
+                exec.write_state(&s.rank_state())?;
+                engine += &format!(", {}", s.describe());
                 if d.size() > d.ep_size() {
                     engine += &format!(", replica {} of {}", d.rank() / d.ep_size(), d.size() / d.ep_size());
                 }
@@ -1658,6 +1662,27 @@ impl ExpertShare {
         Ok(Some(ExpertShare { rank: d.ep_rank() as u64, size, per_rank: experts / size }))
     }
 
+    /// The state [`kiln_compiler::expert_parallel::EP_RANK`] of this process.
+    fn rank_state(&self) -> weights::HostTensor {
+        weights::HostTensor {
+            name: kiln_compiler::expert_parallel::EP_RANK.into(),
+            dtype: kiln_ir::DType::F32,
+            shape: Vec::new(),
+            data: weights::HostData::F32(vec![self.rank as f32]),
+        }
+    }
+
+    /// The share, in words (`kiln train`'s header).
+    fn describe(&self) -> String {
+        format!(
+            "expert-parallel rank {} of {} (experts {}..{} of each MoE layer, tokens exchanged over MPI)",
+            self.rank,
+            self.size,
+            self.rank * self.per_rank,
+            (self.rank + 1) * self.per_rank
+        )
+    }
+
     /// The name this process holds tensor `name` (a weight or one of its states) under: itself,
     /// or for one of its own experts rank 0's name; `None` for another rank's expert.
     fn local(&self, name: &str) -> Option<String> {
@@ -1669,15 +1694,19 @@ impl ExpertShare {
         }
     }
 
-    /// `tensors` (in the same order on every process, each expert's under rank 0's name) with
-    /// every rank's experts under their own names: each routed expert's tensor is gathered from
-    /// every process, and rank `r`'s copy renamed to its expert. Every process must call it.
+    /// `tensors` (the same names on every replica, each expert's under rank 0's name) with every
+    /// rank's experts under their own names: each routed expert's tensor is gathered from every
+    /// replica, and rank `r`'s copy renamed to its expert. Every replica (of the first pipeline
+    /// stage, with --pp) must call it.
     fn gather(
         &self,
         d: &crate::dist::Dist,
         tensors: Vec<weights::HostTensor>,
     ) -> Result<Vec<weights::HostTensor>> {
         use kiln_compiler::expert_parallel::{expert_index, rank_param, EP_RANK};
+        let mut tensors = tensors;
+        // The same order on every process, however a trainer lists them.
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let mut out = Vec::with_capacity(tensors.len());
         for t in tensors {
             if t.name == EP_RANK {
@@ -1691,8 +1720,9 @@ impl ExpertShare {
                 bail!("state `{}` of an expert is not a float", t.name);
             };
             let n = mine.len();
-            // The world's copies, rank by rank: the first `size` are the first group's ranks.
-            let all = d.gather(mine)?;
+            // Every replica's copy (of these stages, with --pp), in replica order: the first
+            // `size` are the first expert group's ranks.
+            let all = d.gather_replicas(mine)?;
             for r in 0..self.size {
                 let part = all[r as usize * n..(r as usize + 1) * n].to_vec();
                 out.push(weights::HostTensor {

@@ -661,7 +661,8 @@ fn cut_into_stages(module: &mut Module, spec: &ModelSpec, options: &Options) -> 
             copies,
             &t.optimizer,
             t.losses.bias_update_speed,
-            t.data_parallel,
+            t.data_parallel || t.expert_parallel.is_some_and(|e| e > 1),
+            t.expert_parallel,
         )
         .map_err(|e| CompileError::Options(e.to_string()))?;
         programs.push(Program { name: pipeline::update_name(r.rank), kind: ProgramKind::TrainStep, graph });

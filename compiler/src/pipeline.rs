@@ -239,6 +239,8 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
                 name: name.clone(),
                 why: "a parameter outside the decoder layers, the embedding and the head".into(),
             })?),
+            // An expert-parallel rank's number: every stage with MoE layers reads it.
+            Op::Input { name } if name == crate::expert_parallel::EP_RANK => Home::Replicated,
             Op::Input { name } if states.contains(name.as_str()) => {
                 Home::State(cut.of_name(name).ok_or_else(|| PipelineError::Unplaced {
                     name: name.clone(),
@@ -246,6 +248,18 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
                 })?)
             }
             Op::Input { .. } | Op::Constant { .. } => Home::Replicated,
+            // Expert parallelism's dispatch and combine are part of their layer (below).
+            Op::AllReduce { group } if group == crate::expert_parallel::EP_GROUP => {
+                match node.scope.as_deref().and_then(|s| cut.of_scope(s)) {
+                    Some(s) => Home::Part(s, phase),
+                    None => {
+                        return Err(PipelineError::Unplaced {
+                            name: "an expert-parallel all_reduce".into(),
+                            why: "it is outside the decoder layers".into(),
+                        })
+                    }
+                }
+            }
             Op::Recv { .. } | Op::Send { .. } | Op::AllReduce { .. } | Op::AllGather { .. } => {
                 return Err(PipelineError::Unplaced {
                     name: format!("{} node", node.op.name()),

@@ -358,9 +358,9 @@ fn step_program(
             opt.shards
         )));
     }
-    if experts.is_some() && (opt.shards > 1 || pipeline.is_some()) {
+    if experts.is_some() && opt.shards > 1 {
         return Err(TrainError::Setting(
-            "expert parallelism is built for a step of its own: not with ZeRO-1 or a pipeline yet".into(),
+            "expert parallelism splits the experts, ZeRO-1 the optimizer's states: not both yet".into(),
         ));
     }
     let mut g = grads.clone();
@@ -749,7 +749,11 @@ pub struct StageRouter {
 /// `micro_batches` as the micro-batches of all the replicas together. Every replica then makes the
 /// same update, and the pp sums that follow add identical values on every replica. With
 /// `opt.shards` = the replicas, each replica keeps and updates its shard of AdamW's states
-/// (ZeRO-1), as [`step_program`] does for a data-parallel step.
+/// (ZeRO-1), as [`step_program`] does for a data-parallel step. With `experts` ranks of expert
+/// parallelism (each `experts` consecutive replicas splitting the routed experts), a routed
+/// expert's accumulator is summed over the replicas holding the same experts instead, and the
+/// experts' squared sums over the expert-parallel ranks.
+#[allow(clippy::too_many_arguments)]
 pub fn pipeline_update(
     params: &[(String, TensorType)],
     routers: &[StageRouter],
@@ -758,7 +762,9 @@ pub fn pipeline_update(
     opt: &Optimizer,
     bias_update_speed: f64,
     data_parallel: bool,
+    experts: Option<u64>,
 ) -> Result<Graph, TrainError> {
+    let experts = experts.filter(|&e| e > 1);
     let mut g = Graph::new("update");
     let mut b = B { g: &mut g };
     let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
@@ -782,8 +788,14 @@ pub fn pipeline_update(
         loads.push(b.declared(Op::Input { name: format!("{LOAD_ACC_PREFIX}{}", r.scope) }, ty)?);
     }
     if data_parallel {
-        for v in accs.iter_mut().chain(loss_acc.iter_mut()).chain(loads.iter_mut()) {
-            *v = b.node(Op::AllReduce { group: DP_GROUP.into() }, &[*v])?;
+        // A routed expert's sums go over the replicas holding the same experts (expert parallelism).
+        let expert = |i: usize| {
+            experts.is_some()
+                && params.get(i).is_some_and(|(n, _)| crate::expert_parallel::is_routed_expert(n))
+        };
+        for (i, v) in accs.iter_mut().chain(loss_acc.iter_mut()).chain(loads.iter_mut()).enumerate() {
+            let group = if expert(i) { crate::expert_parallel::EXPERT_DP_GROUP } else { DP_GROUP };
+            *v = b.node(Op::AllReduce { group: group.into() }, &[*v])?;
         }
     }
     let mut outputs = Vec::new();
@@ -817,7 +829,7 @@ pub fn pipeline_update(
     }
     // With `data_parallel`, the sums are done; the step may still split AdamW's states over the
     // replicas (ZeRO-1, `opt.shards`).
-    let (step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies), None)?;
+    let (step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies), experts)?;
     Ok(step)
 }
 

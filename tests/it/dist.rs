@@ -372,36 +372,45 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     // DualPipe, each taking half of every batch as its 4 micro-batches; the partner ranks sum
     // their copies, the replicas their accumulators, and each replica keeps half of AdamW's
     // states (--zero1).
+    // The last but one is two expert-parallel pipelines of DualPipe, each with half of every MoE
+    // layer's experts on each of its ranks (--ep 2; the tokens exchanged inside each stage).
     let schedules = [
-        ("models/tiny.toml", "4", "2", "1f1b", 1, false),
-        ("models/tiny.toml", "4", "2", "zb1p", 1, false),
-        ("models/tiny.toml", "4", "2", "dualpipe", 1, false),
-        ("models/tiny.toml", "4", "2", "dualpipev", 1, false),
-        (tiny8.as_str(), "8", "4", "dualpipe", 1, false),
-        (tiny8.as_str(), "8", "4", "dualpipev", 1, false),
-        (tiny8.as_str(), "8", "2", "dualpipe", 2, true),
+        ("models/tiny.toml", "4", "2", "1f1b", 1, false, 1),
+        ("models/tiny.toml", "4", "2", "zb1p", 1, false, 1),
+        ("models/tiny.toml", "4", "2", "dualpipe", 1, false, 1),
+        ("models/tiny.toml", "4", "2", "dualpipev", 1, false, 1),
+        (tiny8.as_str(), "8", "4", "dualpipe", 1, false, 1),
+        (tiny8.as_str(), "8", "4", "dualpipev", 1, false, 1),
+        (tiny8.as_str(), "8", "2", "dualpipe", 1, false, 2),
+        (tiny8.as_str(), "8", "2", "dualpipe", 2, true, 1),
     ];
-    for (model, batch, n, schedule, dp, zero1) in schedules {
+    for (model, batch, n, schedule, dp, zero1, ep) in schedules {
         let (expected, one) = &expected[batch];
-        let out = s.path(&format!("pp{n}-dp{dp}-{schedule}{}", if zero1 { "-zero1" } else { "" }));
+        let out = s.path(&format!("pp{n}-dp{dp}-ep{ep}-{schedule}{}", if zero1 { "-zero1" } else { "" }));
         let out = out.display().to_string();
         let trace = format!("{out}.json");
-        let dp_flag = dp.to_string();
+        let (dp_flag, ep_flag) = (dp.to_string(), ep.to_string());
         let mut extra = vec!["--pp", n, "--pp-schedule", schedule, "--pp-trace", &trace];
         if dp > 1 {
             extra.extend(["--dp", &dp_flag]);
+        }
+        if ep > 1 {
+            extra.extend(["--ep", &ep_flag]);
         }
         if zero1 {
             extra.push("--zero1");
         }
         let args = run(model, batch, &out, &extra);
         let r = mpirun(
-            n.parse::<usize>().unwrap() * dp,
+            n.parse::<usize>().unwrap() * dp * ep,
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
             Duration::from_secs(300),
         );
         assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
-        let micro_batches = batch.parse::<usize>().unwrap() / dp;
+        if ep > 1 {
+            assert!(r.stdout.contains("expert-parallel rank 0 of 2 (experts 0..8"), "{}", r.stdout);
+        }
+        let micro_batches = batch.parse::<usize>().unwrap() / dp / ep;
         assert!(
             r.stdout.contains(&format!(
                 "pipeline rank 0 of {n} ({schedule} schedule, {micro_batches} micro-batches"
@@ -457,7 +466,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         // runs over replicas, AdamW's states whole (gathered from the replicas' shards with --zero1).
         let step3 = |dir: &str| Path::new(dir).join("step-3");
         let mut files = vec![(step3(&out), step3(one))];
-        if dp > 1 {
+        if dp > 1 || ep > 1 {
             files.push((step3(&out).join("optimizer.safetensors"), step3(one).join("optimizer.safetensors")));
         }
         for (theirs, ours) in files {
@@ -473,16 +482,24 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
                     continue;
                 };
                 // Relative to the value or 0.01: a weight near 0 moves by AdamW's normalised steps,
-                // which rounding differences in a gradient near AdamW's eps move most.
+                // which rounding differences in a gradient near AdamW's eps move most. Expert
+                // parallelism adds each token's experts in another order in the forward pass too,
+                // so a gradient that cancels to ~1e-10 (below eps = 1e-8) moves its weight's update
+                // by a few % of it: measured 1.9e-4 here, 3.5e-4 on tiny with 4 rows.
                 let worst =
                     a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (x.abs() + 1e-2)).fold(0f32, f32::max);
-                assert!(worst < 1e-4, "--pp {n} {schedule} --dp {dp}: {}: {worst:e} apart", info.name);
+                let bound = if ep > 1 { 1e-3 } else { 1e-4 };
+                assert!(
+                    worst < bound,
+                    "--pp {n} {schedule} --dp {dp} --ep {ep}: {}: {worst:e} apart",
+                    info.name
+                );
             }
         }
     }
     // A peer that never answers: rank 0 gives up after --comm-timeout, naming what it waited for;
     // one that dies: mpirun ends the others. From the 1F1B run's artifact (no compile).
-    let artifact = s.path("pp2-dp1-1f1b").join("train.kiln").display().to_string();
+    let artifact = s.path("pp2-dp1-ep1-1f1b").join("train.kiln").display().to_string();
     let out = s.path("stall").display().to_string();
     let mut args: Vec<String> = run(
         "models/tiny.toml",
@@ -505,7 +522,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     // --dp.
     let out = s.path("refused").display().to_string();
     let mut args = run("models/tiny.toml", "8", &out, &["--pp", "2", "--dp", "2"]);
-    args[1] = s.path("pp2-dp1-1f1b").join("train.kiln").display().to_string();
+    args[1] = s.path("pp2-dp1-ep1-1f1b").join("train.kiln").display().to_string();
     let r = mpirun(4, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok && r.stderr.contains("sum nothing over data-parallel replicas"), "{}", r.stderr);
 }
@@ -667,11 +684,10 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     );
     assert!(!r.ok);
     assert!(r.stderr.contains("--ep 3: model `tiny` has 16 routed experts per MoE layer"), "{}", r.stderr);
-    let r = kiln(
-        &args(&dir("pp"), "1", &["--ep", "2", "--pp", "2"]).iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let zero = args(&dir("zero"), "1", &["--ep", "2", "--dp", "2", "--zero1"]);
+    let r = kiln(&zero.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!r.ok);
-    assert!(r.stderr.contains("--ep with --pp"), "{}", r.stderr);
+    assert!(r.stderr.contains("--zero1 with --ep"), "{}", r.stderr);
     let r = kiln(&args(&dir("alone"), "1", &["--ep", "2"]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!r.ok);
     assert!(r.stderr.contains("launch them with `mpirun -n 2 kiln train ... --ep 2`"), "{}", r.stderr);
