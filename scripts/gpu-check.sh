@@ -8,7 +8,8 @@
 # TOL=1e-3: the GPU kernels use the approximate ex2/lg2 instructions where the CPU uses libm; both
 # accumulate in f32) or the greedy tokens differ; then runs the `score` program (`kiln perplexity`)
 # on both and compares the mean loss with the same tolerance; then trains the tiny model for STEPS
-# steps (default 8) on each device with `kiln train --device` and compares the per-step losses.
+# steps (default 8) on each device with `kiln train --device` and compares the per-step losses;
+# then, with an `mpirun`, trains on CUDA in two processes (--dp 2, --ep 2, --pp 2) against the same.
 #
 # Needs, from the repository root: a built kiln (KILN, default target/release/kiln; it links LLVM and
 # MLIR statically, so `cargo build --release --bin kiln` elsewhere and carry the binary), the NVIDIA
@@ -163,5 +164,40 @@ if ! paste "$work/cpu.losses" "$work/cuda.losses" | awk -v tol="$TRAIN_TOL" -v n
     END { exit !(rows == n && !bad) }'; then
   echo "gpu-check: FAILED: the CUDA train step does not match the CPU's losses" >&2
   exit 1
+fi
+
+# The multi-process runs on CUDA, when an `mpirun` is on PATH (MPIRUN overrides; MPI=0 skips):
+# two processes (sharing the device when there is one) train the same steps with --dp 2, --ep 2
+# and --pp 2, their collectives and pipeline messages over MPI through host memory, and each run's
+# losses are compared with the one-process CPU run's above.
+MPIRUN=${MPIRUN:-$(command -v mpirun || true)}
+if [ "${MPI:-1}" != 0 ] && [ -n "$MPIRUN" ]; then
+  root=()
+  [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
+  for flags in "--dp 2" "--ep 2" "--pp 2"; do
+    name=mp-${flags// /}
+    t0=$(now)
+    # shellcheck disable=SC2086 # the flags are words
+    if ! "$MPIRUN" "${root[@]}" --oversubscribe -n 2 "$KILN" train "$MODEL" --random-weights "$SEED" \
+        --data tests/goldens/train/tokens.safetensors --batch 4 --steps "$STEPS" --device cuda $flags \
+        --out "$work/$name" >"$work/$name.out" 2>"$work/$name.err"; then
+      echo "gpu-check: mpirun -n 2 kiln train --device cuda $flags failed:" >&2
+      cat "$work/$name.err" "$work/$name.out" >&2
+      exit 1
+    fi
+    t1=$(now)
+    echo "train cuda $flags: $(grep -m1 '^train ' "$work/$name.out" | sed 's/.*compiled for //') (wall $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s)"
+    awk '/"step":/ && match($0, /"loss":[^,}]*/) { print substr($0, RSTART + 7, RLENGTH - 7) }' \
+      "$work/$name/metrics.jsonl" >"$work/$name.losses"
+    paste "$work/cpu.losses" "$work/$name.losses" | awk -v f="$flags" '{ printf "step %d: loss cpu %s, cuda %s %s\n", NR - 1, $1, f, $2 }'
+    if ! paste "$work/cpu.losses" "$work/$name.losses" | awk -v tol="$TRAIN_TOL" -v n="$STEPS" '
+        { d = $1 - $2; if (d < 0) d = -d; if (!(d <= tol * $1) || $2 != $2 + 0) bad = 1; rows++ }
+        END { exit !(rows == n && !bad) }'; then
+      echo "gpu-check: FAILED: CUDA with $flags does not match the CPU's losses" >&2
+      exit 1
+    fi
+  done
+else
+  echo "gpu-check: no mpirun: skipped the multi-process CUDA runs"
 fi
 echo "gpu-check: ok"

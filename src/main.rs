@@ -609,8 +609,9 @@ struct TrainArgs {
     /// Threads per kernel launch of the compiled train step (default: every core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Where the compiled train step runs: the CPU (`kernels.so`) or CUDA device 0 (`kernels.ptx`;
-    /// one process: not with --pp, --dp or --interp).
+    /// Where the compiled train step runs: the CPU (`kernels.so`) or CUDA (`kernels.ptx`; not with
+    /// --interp; with --dp, --ep or --pp each process takes the device of its local rank, and the
+    /// collectives go over MPI through host memory).
     #[arg(long, value_enum, default_value = "cpu")]
     device: run::Device,
     /// Train with DeepSeek-V3's FP8 recipe (every linear DeepSeek stores in FP8 runs its forward,

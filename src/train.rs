@@ -520,9 +520,6 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if req.interp {
             bail!("--device cuda runs the compiled train step; --interp runs the reference interpreter on the CPU");
         }
-        if req.dist.is_some() || req.pipeline.is_some() {
-            bail!("--device cuda trains in one process: the multi-process runs (--dp, --pp) use the CPU over MPI");
-        }
         if req.threads.is_some() {
             bail!("--threads sets the CPU backend's threads; it does not apply to --device cuda");
         }
@@ -1317,16 +1314,55 @@ fn compiled(
         let whole = art.keep_programs(|name| {
             crate::pipeline::runs(&plan, d.pp_rank() as u32, name).then(|| name.into())
         });
-        let model = load(&art, weights_in)?;
+        let stage = Stage { req, share, rows, d };
+        return match req.device {
+            run::Device::Cuda => {
+                let (model, device) = cuda_model(&art, weights_in)?;
+                stage.trainer(model, device, whole, &plan)
+            }
+            run::Device::Cpu => {
+                let model = load(&art, weights_in)?;
+                let device = format!("the CPU ({} threads)", model.threads());
+                stage.trainer(model, device, whole, &plan)
+            }
+        };
+    }
+    if req.device == run::Device::Cuda {
+        let (model, device) = cuda_model(&art, weights_in)?;
+        let engine = format!("compiled for {device}");
+        return single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches, share);
+    }
+    let model = load(&art, weights_in)?;
+    let engine = format!("compiled for the CPU ({} threads)", model.threads());
+    single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches, share)
+}
+
+/// What a pipeline rank's trainer is made from, besides its model.
+struct Stage<'a> {
+    req: &'a Request<'a>,
+    share: Option<ExpertShare>,
+    rows: u64,
+    d: &'a crate::dist::Dist,
+}
+
+impl Stage<'_> {
+    /// This pipeline rank's trainer on `model` (on `device`, in words), running its own stages
+    /// (`whole`: the artifact's manifest before it kept them) under `plan`.
+    fn trainer<B: kiln_runtime::exec::Backend + 'static>(
+        &self,
+        model: kiln_runtime::exec::Executor<B>,
+        device: String,
+        whole: kiln_ir::artifact::Manifest,
+        plan: &kiln_ir::artifact::ParallelPlan,
+    ) -> Result<(Box<dyn Steps>, String)> {
+        let (req, share, rows, d) = (self.req, self.share, self.rows, self.d);
         let mut engine = format!(
-            "compiled for the CPU ({} threads), pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} \
-             rows, MPI)",
-            model.threads(),
-            d.pp_rank(),
-            d.pp_size(),
-            plan.schedule,
-            plan.micro_batches
-        );
+                "compiled for {device}, pipeline rank {} of {} ({} schedule, {} micro-batches of {rows} rows, MPI)",
+                d.pp_rank(),
+                d.pp_size(),
+                plan.schedule,
+                plan.micro_batches
+            );
         // Replicas of the pipeline, each group of --ep of them splitting the experts.
         if let Some(r) = req.dist.filter(|r| r.dp_size() > r.ep_size()) {
             let ep = r.ep_size();
@@ -1350,19 +1386,29 @@ fn compiled(
             }
             engine += &format!(", {}", s.describe());
         }
-        return Ok((Box::new(trainer), engine));
+        Ok((Box::new(trainer), engine))
     }
-    if req.device == run::Device::Cuda {
-        let wanted: std::collections::HashSet<String> =
-            weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
-        let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
-        let model = kiln_runtime::gpu::GpuModel::load(&art, given, &Default::default())?;
-        let engine = format!("compiled for CUDA device 0, {}", model.device_name());
-        return single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches, share);
-    }
-    let model = load(&art, weights_in)?;
-    let engine = format!("compiled for the CPU ({} threads)", model.threads());
-    single(model, engine, req, &art, &dir, artifact, rows, t, micro_batches, share)
+}
+
+/// The train step's model on CUDA: the device of this process's local rank among the devices the
+/// driver sees (device 0 for a process alone; several processes may share one), and the device in
+/// words.
+fn cuda_model(
+    art: &kiln_runtime::artifact::Artifact,
+    weights_in: Vec<weights::HostTensor>,
+) -> Result<(kiln_runtime::gpu::GpuModel, String)> {
+    let wanted: std::collections::HashSet<String> =
+        weights::manifest_params(art.manifest())?.into_iter().map(|d| d.name).collect();
+    let given = weights_in.into_iter().filter(|t| wanted.contains(&t.name)).map(Ok);
+    let local = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    let count = kiln_runtime::cuda::devices()?.len().max(1);
+    let options = kiln_runtime::gpu::GpuOptions { device: local % count, ..Default::default() };
+    let model = kiln_runtime::gpu::GpuModel::load(art, given, &options)?;
+    let device = format!("CUDA device {}, {}", local % count, model.device_name());
+    Ok((model, device))
 }
 
 /// The one-process (or data-parallel) compiled trainer on `model`'s backend: checks the sizes an
