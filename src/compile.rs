@@ -120,8 +120,10 @@ pub struct Args {
     settings: crate::train::Settings,
     /// Plan pipeline parallelism over P ranks: cut the model into the schedule's stages, generate,
     /// verify and simulate each rank's instruction list, and write the plan (with the experts'
-    /// placement) into the manifest (`parallel`). With --train (1f1b or zb1p, --ep 1), also cut the
-    /// train step into the stages' programs, which `kiln train --pp` runs under mpirun.
+    /// placement) into the manifest (`parallel`). With --train, also cut the train step into the
+    /// stages' programs, which `kiln train --pp` runs under mpirun (with --ep E, each stage's step of
+    /// one of E expert-parallel ranks, `kiln train --pp P --ep E`; --pp 1 --ep E: no stages, the
+    /// step of one of E ranks, `kiln train --ep E`).
     #[arg(long, value_name = "P")]
     pp: Option<u32>,
     /// With --pp: expert-parallel ranks per stage, which must divide the routed experts (default
@@ -275,7 +277,8 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
                     optimizer: kiln_compiler::train::Optimizer { shards, ..optimizer },
                     accumulate: req.accumulate,
                     data_parallel: req.data_parallel || req.zero1.is_some(),
-                    expert_parallel: None,
+                    // `--pp P --ep E`: the step of one of E expert-parallel ranks (of each stage).
+                    expert_parallel: req.ep.filter(|&e| e > 1),
                 })
             }
             false if req.settings.any() => {

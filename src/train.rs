@@ -1259,12 +1259,34 @@ fn compiled(
     }
     // An expert-parallel rank loads its own experts under rank 0's names, as its step reads them.
     let share = ExpertShare::of(req, spec)?;
-    if artifact && share.is_some() {
-        bail!(
-            "{}: --ep compiles its own train step, with this rank's share of the experts: give the model spec \
-             or Hugging Face folder instead of an artifact",
-            req.model.display()
-        );
+    // An artifact's step is one rank's of as many expert-parallel ranks as it was compiled for
+    // (`kiln compile --train --pp P --ep E`), or the whole model's.
+    let planned = |a: &kiln_runtime::artifact::Artifact| {
+        let reads_rank =
+            a.manifest().states.iter().any(|s| s.name == kiln_compiler::expert_parallel::EP_RANK);
+        reads_rank.then(|| a.manifest().parallel.as_ref().map_or(0, |p| u64::from(p.ep)))
+    };
+    if artifact {
+        match (planned(&art), share) {
+            (None, Some(s)) => bail!(
+                "{}: the train step holds every expert; compile it with `kiln compile --train --pp P --ep {}` \
+                 for --ep {}, or give the model spec",
+                dir.display(),
+                s.size,
+                s.size
+            ),
+            (Some(e), None) => bail!(
+                "{}: the train step is one rank's of {e} expert-parallel ranks: run it with --ep {e} under \
+                 `mpirun -n {e}` (times --pp and --dp)",
+                dir.display()
+            ),
+            (Some(e), Some(s)) if e != s.size => bail!(
+                "{}: the train step splits the experts over {e} ranks, not the --ep {} given",
+                dir.display(),
+                s.size
+            ),
+            _ => {}
+        }
     }
     let weights_in = match share {
         Some(s) => (weights_in.into_iter())
@@ -1286,12 +1308,17 @@ fn compiled(
             );
         };
         if plan.micro_batches as usize != micro_batches {
+            let (local, compiled) = (req.local_batch()?, plan.micro_batches.max(1) as usize);
+            // A micro-batch is at least a row: too few rows for the compiled count needs a larger batch.
+            let fix = match local / compiled {
+                0 => format!("give --batch {} (a row per micro-batch)", req.hyper.batch / local.max(1) * compiled),
+                rows => format!("give --micro-batch {rows}"),
+            };
             bail!(
                 "{}: the pipeline was compiled for {} micro-batches a step, and this run splits each batch into \
-                 {micro_batches}: give --micro-batch {} or recompile with --micro-batches {micro_batches}",
+                 {micro_batches}: {fix} or recompile with --micro-batches {micro_batches}",
                 dir.display(),
                 plan.micro_batches,
-                req.local_batch()? / plan.micro_batches.max(1) as usize
             );
         }
         if !art.manifest().programs.iter().any(|p| p.name.starts_with("stage.")) {

@@ -613,11 +613,16 @@ fn cut_into_stages(module: &mut Module, spec: &ModelSpec, options: &Options) -> 
         return Ok(());
     }
     let plan = parallel_plan(Some(spec), options)?.ok_or_else(|| CompileError::Options("no plan".into()))?;
-    if plan.ep > 1 {
+    if plan.ep > 1 && t.expert_parallel != Some(u64::from(plan.ep)) {
         return Err(CompileError::Options(format!(
-            "--train --pp --ep {}: expert parallelism is planned, not run yet; train with --ep 1",
-            plan.ep
+            "--train --pp --ep {}: the train step was built for {} expert-parallel ranks",
+            plan.ep,
+            t.expert_parallel.unwrap_or(1)
         )));
+    }
+    // Expert parallelism alone: the step itself, one of the ranks' (`crate::expert_parallel`).
+    if plan.pp == 1 && plan.ep > 1 {
+        return Ok(());
     }
     let acc = (module.programs.iter())
         .find(|p| p.kind == ProgramKind::Accumulate)

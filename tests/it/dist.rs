@@ -676,6 +676,34 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     let bytes = |d: &str| std::fs::read(Path::new(d).join("step-3/model.safetensors")).unwrap();
     assert!(bytes(&half) == bytes(&two), "a resumed expert-parallel run differs from an uninterrupted one");
 
+    // An artifact compiled for two expert-parallel ranks (`kiln compile --train --pp 1 --ep 2`)
+    // trains the same steps, and only as such.
+    let art = compile(&s, "ep.kiln", &["--pp", "1", "--ep", "2"]);
+    let from_art = dir("from-artifact");
+    let mut a = train_args(&art, &from_art, "3");
+    a.extend(["--ep", "2"]);
+    let r = mpirun(2, &a, Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert_close("an --ep 2 artifact", &logged(Path::new(&from_art)), &reference);
+    let r = kiln(&train_args(&art, &dir("alone-artifact"), "1"));
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("is one rank's of 2 expert-parallel ranks: run it with --ep 2"),
+        "{}",
+        r.stderr
+    );
+    // A peer that never answers: rank 0 gives up after --comm-timeout, naming the collective.
+    let stall = dir("stall");
+    let mut a = train_args(&art, &stall, "3");
+    a.extend(["--ep", "2", "--comm-timeout", "2", "--inject-fault", "stall:1@2"]);
+    let r = mpirun(2, &a, Duration::from_secs(120));
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("error: rank 0 of 2 waited 2 s for the other ranks in the all-reduce of"),
+        "{}",
+        r.stderr
+    );
+
     // Mistakes are refused before any step, naming the fix.
     let r = mpirun(
         3,
