@@ -341,8 +341,12 @@ pub fn write_safetensors(
 ) -> Result<(), WeightError> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    let mut data = Vec::new();
     let names: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    // The header first, from the shapes and the stored dtypes; then the data streams out tensor by
+    // tensor through one reused buffer, instead of being gathered whole in memory (a checkpoint
+    // may be as large as the machine's memory).
+    let mut stored = Vec::with_capacity(tensors.len());
+    let mut end = 0u64;
     for t in tensors {
         let bad = |reason: String| WeightError::BadTensor { name: t.name.clone(), reason };
         if t.name.is_empty() || t.name == "__metadata__" {
@@ -355,33 +359,48 @@ pub fn write_safetensors(
         if numel != Some(t.data.len() as u64) {
             return Err(bad(format!("shape {:?} does not match its {} values", t.shape, t.data.len())));
         }
-        let begin = data.len();
         let scaled = names.contains(super::scale_name(&t.name).as_str());
-        let dtype = encode(t, floats, scaled, &mut data).map_err(bad)?;
+        let dtype = stored_dtype(t, floats, scaled).map_err(bad)?;
+        let begin = end;
+        end += t.data.len() as u64 * dtype.size_bytes();
         header.insert(
             t.name.clone(),
-            serde_json::json!({ "dtype": dtype.name(), "shape": t.shape, "data_offsets": [begin, data.len()] }),
+            serde_json::json!({ "dtype": dtype.name(), "shape": t.shape, "data_offsets": [begin, end] }),
         );
+        stored.push(dtype);
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
     json.resize(json.len().next_multiple_of(8), b' ');
 
-    kiln_ir::output::write_file_with(path, |f| {
+    // A value encode refuses (an i64 beyond i32, say) ends the write; the temporary file goes.
+    let mut refused: Option<WeightError> = None;
+    let written = kiln_ir::output::write_file_with(path, |f| {
         f.write_all(&(json.len() as u64).to_le_bytes())?;
         f.write_all(&json)?;
-        f.write_all(&data)
-    })
-    .map_err(|e| match e {
+        let mut buf = Vec::new();
+        for (t, &dtype) in tensors.iter().zip(&stored) {
+            buf.clear();
+            if let Err(reason) = encode(t, dtype, &mut buf) {
+                refused = Some(WeightError::BadTensor { name: t.name.clone(), reason });
+                return Err(std::io::Error::other("a tensor could not be encoded"));
+            }
+            f.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    written.map_err(|e| match e {
         kiln_ir::output::OutputError::Io { path, source } => WeightError::Io { path, source },
         other => WeightError::Output(other),
     })
 }
 
-/// Appends the bytes of `t` to `out`; returns the stored dtype.
-/// `scaled`: the tensor's FP8 block scale is written too.
-fn encode(t: &HostTensor, floats: StoreFloats, scaled: bool, out: &mut Vec<u8>) -> Result<StDType, String> {
+/// The dtype `t` is stored in (`scaled`: the tensor's FP8 block scale is written too).
+fn stored_dtype(t: &HostTensor, floats: StoreFloats, scaled: bool) -> Result<StDType, String> {
     match &t.data {
-        HostData::F32(v) => {
+        HostData::F32(_) => {
             if !t.dtype.is_float() {
                 return Err(format!("dtype {} with float data", t.dtype));
             }
@@ -397,37 +416,49 @@ fn encode(t: &HostTensor, floats: StoreFloats, scaled: bool, out: &mut Vec<u8>) 
                 (StoreFloats::AsDeclared, d) => StDType::of(d),
             };
             match to {
-                StDType::F32 => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
-                StDType::BF16 => v.iter().for_each(|&x| out.extend(f32_to_bf16(x).to_le_bytes())),
-                StDType::F16 => v.iter().for_each(|&x| out.extend(f32_to_f16(x).to_le_bytes())),
-                // Values of an FP8 tensor are E4M3 values already; encoding them is exact.
-                StDType::F8E4M3 => out.extend(v.iter().map(|&x| f8e4m3_from_f32(x))),
-                other => return Err(format!("cannot store {} as {other}", t.dtype)),
+                StDType::F32 | StDType::BF16 | StDType::F16 | StDType::F8E4M3 => Ok(to),
+                other => Err(format!("cannot store {} as {other}", t.dtype)),
             }
-            Ok(to)
         }
-        HostData::I64(v) => match t.dtype {
-            DType::I64 => {
-                v.iter().for_each(|x| out.extend(x.to_le_bytes()));
-                Ok(StDType::I64)
-            }
-            DType::I32 => {
+        HostData::I64(_) => match t.dtype {
+            DType::I64 => Ok(StDType::I64),
+            DType::I32 => Ok(StDType::I32),
+            DType::Bool => Ok(StDType::Bool),
+            d => Err(format!("dtype {d} with integer data")),
+        },
+    }
+}
+
+/// Appends the bytes of `t` stored as `to` ([`stored_dtype`]) to `out`.
+fn encode(t: &HostTensor, to: StDType, out: &mut Vec<u8>) -> Result<(), String> {
+    out.reserve(t.data.len() * to.size_bytes() as usize);
+    match &t.data {
+        HostData::F32(v) => match to {
+            StDType::F32 => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+            StDType::BF16 => v.iter().for_each(|&x| out.extend(f32_to_bf16(x).to_le_bytes())),
+            StDType::F16 => v.iter().for_each(|&x| out.extend(f32_to_f16(x).to_le_bytes())),
+            // Values of an FP8 tensor are E4M3 values already; encoding them is exact.
+            StDType::F8E4M3 => out.extend(v.iter().map(|&x| f8e4m3_from_f32(x))),
+            other => return Err(format!("cannot store {} as {other}", t.dtype)),
+        },
+        HostData::I64(v) => match to {
+            StDType::I64 => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+            StDType::I32 => {
                 for &x in v {
                     let x = i32::try_from(x).map_err(|_| format!("value {x} does not fit in i32"))?;
                     out.extend(x.to_le_bytes());
                 }
-                Ok(StDType::I32)
             }
-            DType::Bool => {
+            StDType::Bool => {
                 for &x in v {
                     if x != 0 && x != 1 {
                         return Err(format!("bool tensor holds {x}"));
                     }
                     out.push(x as u8);
                 }
-                Ok(StDType::Bool)
             }
-            d => Err(format!("dtype {d} with integer data")),
+            other => return Err(format!("cannot store {} as {other}", t.dtype)),
         },
     }
+    Ok(())
 }
