@@ -508,11 +508,13 @@ pub struct Reference<'a> {
 }
 
 /// Where a non-finite step's first non-finite value came from: the step is run again from
-/// `before` with a check after every op, by `trainer` (each kernel launch, when it is compiled)
-/// and then by `reference` on the interpreter (each node). The trainer is left as `before`.
+/// `before` with a check after every op, by `trainer` (each kernel launch, when it is `compiled`)
+/// and then by `reference` on the interpreter (each node; none for an expert-parallel rank, whose
+/// step is not the whole model's). The trainer is left as `before`.
 /// Each finding is the engine's name and the op, `None` when that engine computes the step finite.
 pub fn locate(
     trainer: &mut dyn Steps,
+    compiled: bool,
     before: &Saved,
     reference: Option<&Reference>,
     batch: &TokenRows,
@@ -522,7 +524,7 @@ pub fn locate(
     trainer.restore(before)?;
     let (_, first) = trainer.step_checked(batch, lr)?;
     trainer.restore(before)?;
-    found.push((if reference.is_some() { "compiled" } else { "interpreter" }, first));
+    found.push((if compiled { "compiled" } else { "interpreter" }, first));
     if let Some(r) = reference {
         let mut params = r.untrained.to_vec();
         let mut rest = Vec::new();

@@ -953,7 +953,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
                 let mut v = serde_json::json!({"event": "non_finite", "step": step});
-                match monitor::locate(trainer.as_mut(), &before, reference.as_ref(), &batch, lr as f32) {
+                match monitor::locate(
+                    trainer.as_mut(),
+                    !req.interp,
+                    &before,
+                    reference.as_ref(),
+                    &batch,
+                    lr as f32,
+                ) {
                     Ok(found) => {
                         for (engine, f) in &found {
                             bar.suspend(|| {
@@ -1311,7 +1318,10 @@ fn compiled(
             let (local, compiled) = (req.local_batch()?, plan.micro_batches.max(1) as usize);
             // A micro-batch is at least a row: too few rows for the compiled count needs a larger batch.
             let fix = match local / compiled {
-                0 => format!("give --batch {} (a row per micro-batch)", req.hyper.batch / local.max(1) * compiled),
+                0 => format!(
+                    "give --batch {} (a row per micro-batch)",
+                    req.hyper.batch / local.max(1) * compiled
+                ),
                 rows => format!("give --micro-batch {rows}"),
             };
             bail!(
