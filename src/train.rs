@@ -873,15 +873,22 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let event = |metrics: &mut Box<dyn Write>, v: serde_json::Value| writeln!(metrics, "{v}");
     // What the replicas' sums cost over the run (`--dp`).
     let mut comm = kiln_runtime::comm::CommStats::default();
+    // Each process re-checks its own part of a non-finite step: its findings carry its rank.
+    let rank = match req.group() {
+        Some(d) if d.size() > 1 => format!(" (rank {} of {})", d.rank(), d.size()),
+        _ => String::new(),
+    };
     let mut before = kiln_runtime::train::Saved::default();
     while progress.step < hyper.steps {
         let at = (progress.epoch, progress.row);
         let which = progress.next_rows(rows.rows(), hyper.batch);
         let step = progress.step + 1;
         if skip.contains(&at) {
-            bar.suspend(|| {
-                eprintln!("monitor: step {step}: skipping the batch of rows {which:?} (rolled back)")
-            });
+            if req.leader() {
+                bar.suspend(|| {
+                    eprintln!("monitor: step {step}: skipping the batch of rows {which:?} (rolled back)")
+                });
+            }
             let v = serde_json::json!({"event": "skip", "step": step, "epoch": at.0, "position": at.1, "rows": which, "why": "rollback"});
             event(&mut metrics, v)?;
             continue;
@@ -948,7 +955,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     (true, Some(p)) => p.name().to_string(),
                     _ => "warn".into(),
                 };
-                bar.suspend(|| eprintln!("alert: step {step}: {}: {}", a.kind.name(), a.message));
+                // Every process of a multi-process run computes the same alerts (from the summed
+                // figures): the leader says them.
+                if req.leader() {
+                    bar.suspend(|| eprintln!("alert: step {step}: {}: {}", a.kind.name(), a.message));
+                }
                 event(&mut metrics, a.json(&did))?;
             }
             if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
@@ -964,7 +975,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     Ok(found) => {
                         for (engine, f) in &found {
                             bar.suspend(|| {
-                                eprintln!("monitor: step {step}: {}", monitor::finding(engine, f))
+                                eprintln!("monitor: step {step}{rank}: {}", monitor::finding(engine, f))
                             });
                             v[*engine] = monitor::finding_json(f);
                         }
@@ -972,7 +983,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     // The alert stands without its location; the step's states are put back.
                     Err(e) => {
                         bar.suspend(|| {
-                            eprintln!("monitor: step {step}: the re-check op by op failed: {e:#}")
+                            eprintln!("monitor: step {step}{rank}: the re-check op by op failed: {e:#}")
                         });
                         v["error"] = format!("{e:#}").into();
                         trainer.restore(&before)?;
@@ -1008,9 +1019,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             Some(Policy::SkipBatch) => {
                 trainer.restore(&before)?;
-                bar.suspend(|| {
-                    eprintln!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
-                });
+                if req.leader() {
+                    bar.suspend(|| {
+                        eprintln!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
+                    });
+                }
                 let v = serde_json::json!({"event": "skip", "step": step, "epoch": at.0, "position": at.1, "rows": which, "why": "skip-batch"});
                 event(&mut metrics, v)?;
                 continue;
@@ -1029,12 +1042,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 trainer.restore(saved)?;
                 (progress, mon) = (p.clone(), Some(m.clone()));
                 skip.insert(at);
-                bar.suspend(|| {
+                if req.leader() {
+                    bar.suspend(|| {
                     eprintln!(
                         "monitor: step {step}: rolled back to step {}; the batch of rows {which:?} will be skipped",
                         p.step
                     )
                 });
+                }
                 let v = serde_json::json!({"event": "rollback", "step": step, "to": p.step, "epoch": at.0, "position": at.1, "rows": which});
                 event(&mut metrics, v)?;
                 bar.set_position(progress.step);

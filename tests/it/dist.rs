@@ -704,6 +704,20 @@ fn experts_split_over_two_ranks_train_as_one_process() {
         r.stderr
     );
 
+    // A non-finite step: the leader says the alert once, each rank where its own re-check found
+    // the first non-finite value, and the job stops.
+    let nan = dir("nan");
+    let mut a = train_args(&art, &nan, "3");
+    a.extend(["--ep", "2", "--inject-fault", "nan:model.layers.1.mlp@2"]);
+    let r = mpirun(2, &a, Duration::from_secs(120));
+    assert!(!r.ok);
+    assert_eq!(r.stderr.matches("alert: step 2: non_finite").count(), 1, "{}", r.stderr);
+    for rank in 0..2 {
+        let line =
+            format!("monitor: step 2 (rank {rank} of 2): the compiled step: the first non-finite value is");
+        assert!(r.stderr.contains(&line), "{}", r.stderr);
+    }
+
     // Mistakes are refused before any step, naming the fix.
     let r = mpirun(
         3,
