@@ -511,7 +511,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         bail!("--pp runs the compiled stage programs in each process; --interp is the one-process oracle");
     }
     if req.dist.is_some() && req.interp {
-        bail!("--dp runs the compiled train step in each process; --interp is the one-process oracle");
+        bail!(
+            "--dp and --ep run the compiled train step in each process; --interp is the one-process oracle"
+        );
     }
     if req.interp && req.threads.is_some() {
         bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
@@ -1751,7 +1753,14 @@ impl ExpertShare {
         let Some(d) = req.dist.filter(|d| d.ep_size() > 1) else { return Ok(None) };
         let size = d.ep_size() as u64;
         let experts = spec.moe.as_ref().map_or(0, |m| m.n_routed_experts);
-        if experts == 0 || experts % size != 0 {
+        if experts == 0 {
+            bail!(
+                "--ep {size}: model `{}` has no routed experts to split; --dp {size} trains a dense model over \
+                 {size} processes",
+                spec.model.name
+            );
+        }
+        if experts % size != 0 {
             bail!(
                 "--ep {size}: model `{}` has {experts} routed experts per MoE layer; give a number of ranks that                  divides it",
                 spec.model.name

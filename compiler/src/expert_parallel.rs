@@ -1,5 +1,7 @@
-//! Expert parallelism for inference: the copy of a program whose routed experts are split over
-//! `ep` ranks (`kiln compile --pp 1 --ep E`; `kiln run --ep E` under `mpirun -n E`).
+//! Expert parallelism: the copy of a program whose routed experts are split over `ep` ranks. For
+//! inference, [`split`] (`kiln compile --pp 1 --ep E`; `kiln run --ep E` under `mpirun -n E`),
+//! described here; for training, [`split_tokens`] (`kiln train --ep E`), where each rank has its
+//! own rows and the tokens are exchanged, described there.
 //!
 //! One copy serves every rank. It reads the rank from the state [`EP_RANK`] (which the runtime
 //! sets) and holds the parameters of rank 0's experts, `0 .. E/ep` of every MoE layer; rank `r`
