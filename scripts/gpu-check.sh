@@ -167,14 +167,14 @@ if ! paste "$work/cpu.losses" "$work/cuda.losses" | awk -v tol="$TRAIN_TOL" -v n
 fi
 
 # The multi-process runs on CUDA, when an `mpirun` is on PATH (MPIRUN overrides; MPI=0 skips):
-# two processes (sharing the device when there is one) train the same steps with --dp 2, --ep 2
-# and --pp 2, their collectives and pipeline messages over MPI through host memory, and each run's
-# losses are compared with the one-process CPU run's above.
+# two processes (sharing the device when there is one) train the same steps with --dp 2, --ep 2,
+# --pp 2 (1F1B) and --pp 2 under DualPipe, their collectives and pipeline messages over MPI
+# through host memory, and each run's losses are compared with the one-process CPU run's above.
 MPIRUN=${MPIRUN:-$(command -v mpirun || true)}
 if [ "${MPI:-1}" != 0 ] && [ -n "$MPIRUN" ]; then
   root=()
   [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
-  for flags in "--dp 2" "--ep 2" "--pp 2"; do
+  for flags in "--dp 2" "--ep 2" "--pp 2" "--pp 2 --pp-schedule dualpipe --micro-batch 1"; do
     name=mp-${flags// /}
     t0=$(now)
     # shellcheck disable=SC2086 # the flags are words
