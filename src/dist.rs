@@ -277,7 +277,7 @@ impl Dist {
 
     /// Ends every process of the job: this one failed with `message`.
     pub fn fail(&self, message: &str) -> ! {
-        eprintln!("{message} (rank {} of {}; ending every process of the job)", self.rank, self.size);
+        say!("{message} (rank {} of {}; ending every process of the job)", self.rank, self.size);
         self.world.abort(1)
     }
 }
@@ -423,7 +423,7 @@ impl Drop for Sum {
     fn drop(&mut self) {
         if self.req.is_some() {
             // MPI may still read and write the buffers: they cannot be freed, nor the job go on.
-            eprintln!("error: rank {}: a sum over the replicas was dropped before it finished", self.rank);
+            say!("error: rank {}: a sum over the replicas was dropped before it finished", self.rank);
             SimpleCommunicator::world().abort(3);
         }
         // SAFETY: from `Box::into_raw`; the request has completed (above), and each pointer is
@@ -466,7 +466,7 @@ fn poll<'a, R: ?Sized, S: mpi::request::Scope<'a>>(
 }
 
 fn stalled(comm: &SimpleCommunicator, rank: usize, size: usize, timeout: Duration, what: &str) -> ! {
-    eprintln!(
+    say!(
         "error: rank {rank} of {size} waited {} s for the other ranks in {what}, which never came: a process \
          died or is stuck (--comm-timeout sets the wait); ending every process of the job",
         timeout.as_secs_f64()

@@ -11,6 +11,19 @@ use clap::{Parser, Subcommand};
 use kiln_compiler::{build, inspect, passes, spec};
 use kiln_ir::{text, ProgramKind};
 
+/// `eprintln!`, but the line goes out in one write. Rust's stderr is unbuffered, so `eprintln!`
+/// writes each piece of its format separately, and under `mpirun` the ranks' lines, which share
+/// one pipe, interleave mid-line. A single write of a line (under `PIPE_BUF`) stays whole.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        // Like `eprintln!` a failed write to stderr has nowhere to be reported, but unlike it
+        // this does not panic.
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 mod bench;
 mod bench_train;
 mod cache;
@@ -517,7 +530,7 @@ fn main() -> ExitCode {
             if e.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("{}", render(&e));
+            say!("{}", render(&e));
             ExitCode::FAILURE
         }
     }

@@ -81,7 +81,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(req) = self.req.take() {
             // MPI may still read the buffer: it cannot be freed, nor the job go on.
-            eprintln!("error: a pipeline send was dropped before it finished");
+            say!("error: a pipeline send was dropped before it finished");
             std::mem::forget(req);
             SimpleCommunicator::world().abort(3);
         }
@@ -97,7 +97,7 @@ impl Link {
     }
 
     fn late(&self, what: &str) -> ! {
-        eprintln!(
+        say!(
             "error: rank {} of {} waited {} s for {what}, which never came: a process died or is stuck \
              (--comm-timeout sets the wait); ending every process of the job",
             self.rank,

@@ -888,7 +888,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if skip.contains(&at) {
             if req.leader() {
                 bar.suspend(|| {
-                    eprintln!("monitor: step {step}: skipping the batch of rows {which:?} (rolled back)")
+                    say!("monitor: step {step}: skipping the batch of rows {which:?} (rolled back)")
                 });
             }
             let v = serde_json::json!({"event": "skip", "step": step, "epoch": at.0, "position": at.1, "rows": which, "why": "rollback"});
@@ -913,7 +913,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             },
             Some(Fault::Exit(r)) if req.group().is_some_and(|d| d.rank() == *r) => {
-                eprintln!("rank {r}: exiting before step {step} (--inject-fault)");
+                say!("rank {r}: exiting before step {step} (--inject-fault)");
                 std::process::exit(3)
             }
             Some(Fault::Stall(_) | Fault::Exit(_)) | None => {}
@@ -960,7 +960,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 // Every process of a multi-process run computes the same alerts (from the summed
                 // figures): the leader says them.
                 if req.leader() {
-                    bar.suspend(|| eprintln!("alert: step {step}: {}: {}", a.kind.name(), a.message));
+                    bar.suspend(|| say!("alert: step {step}: {}: {}", a.kind.name(), a.message));
                 }
                 event(&mut metrics, a.json(&did))?;
             }
@@ -977,7 +977,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     Ok(found) => {
                         for (engine, f) in &found {
                             bar.suspend(|| {
-                                eprintln!("monitor: step {step}{rank}: {}", monitor::finding(engine, f))
+                                say!("monitor: step {step}{rank}: {}", monitor::finding(engine, f))
                             });
                             v[*engine] = monitor::finding_json(f);
                         }
@@ -985,7 +985,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     // The alert stands without its location; the step's states are put back.
                     Err(e) => {
                         bar.suspend(|| {
-                            eprintln!("monitor: step {step}{rank}: the re-check op by op failed: {e:#}")
+                            say!("monitor: step {step}{rank}: the re-check op by op failed: {e:#}")
                         });
                         v["error"] = format!("{e:#}").into();
                         trainer.restore(&before)?;
@@ -1023,7 +1023,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 trainer.restore(&before)?;
                 if req.leader() {
                     bar.suspend(|| {
-                        eprintln!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
+                        say!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
                     });
                 }
                 let v = serde_json::json!({"event": "skip", "step": step, "epoch": at.0, "position": at.1, "rows": which, "why": "skip-batch"});
@@ -1046,7 +1046,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 skip.insert(at);
                 if req.leader() {
                     bar.suspend(|| {
-                    eprintln!(
+                    say!(
                         "monitor: step {step}: rolled back to step {}; the batch of rows {which:?} will be skipped",
                         p.step
                     )
