@@ -267,9 +267,9 @@ const GROUPED_BLOCK: i64 = 256;
 /// `w`; each output element's sums go to `store` (rows no expert holds get 0, as `grouped_linear`
 /// defines). One work item (CPU) or thread (GPU) per row and column, as `moe`'s `grouped_linear`:
 /// the expert of row `m` is the number of `offsets[e + 1] <= m`, and its weights are picked by an
-/// `scf.index_switch`. On the CPU, float operands (f32, or f16/bf16 widened to f32 as they load)
-/// go in vectors of 8 along K, 4 rows of one expert at a time ([`grouped_block`]); FP8 weights go
-/// element by element with their block scales. Packing the experts' weights is not done yet.
+/// `scf.index_switch`. On the CPU, operands go in vectors of 8 along K (f16/bf16 widened to f32,
+/// FP8 codes decoded in registers and times their block scales, as they load), 4 rows of one expert
+/// at a time ([`grouped_block`]). Packing the experts' weights is not done yet.
 pub(super) fn grouped_with(
     f: &mut Frame,
     x: &Operand,
@@ -338,54 +338,24 @@ pub(super) fn grouped_with(
     let element = |f: &mut Frame, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
         let xr = OperandRow::new(f, x, m, &k);
         let wstart = f.b.muli(col, &k);
-        // Per GEMM: (codes or values view, its dtype, FP8 scales view and the row's scale base).
-        let mut reads = Vec::new();
-        let mut next = 0;
-        for ws in weights {
-            match ws[0] {
-                Operand::Plain(b) => {
-                    reads.push((views[next].clone(), f.bufs[b].ty.dtype, None));
-                    next += 1;
-                }
-                Operand::Fp8 { rows, cols, .. } => {
-                    let (br, bc, bc1) =
-                        (f.b.index(rows as i64), f.b.index(cols as i64), f.b.index(cols as i64 - 1));
-                    let kb = f.b.addi(&k, &bc1);
-                    let kb = f.b.divui(&kb, &bc);
-                    let block_row = f.b.divui(col, &br);
-                    let base = f.b.muli(&block_row, &kb);
-                    reads.push((
-                        views[next].clone(),
-                        DType::F8E4M3,
-                        Some((views[next + 1].clone(), base, bc)),
-                    ));
-                    next += 2;
-                }
-            }
-        }
+        let reads = weight_reads(f, weights, views, col, &k);
         let fzero = f.b.f32(0.0);
-        // Plain float operands (f32, or f16/bf16 widened as they load): vectors of 8 along K, then
-        // the scalar loop below finishes the tail.
-        let vector = f.target == Target::Cpu
-            && matches!(x, Operand::Plain(b) if vector_float(f.bufs[*b].ty.dtype))
-            && reads.iter().all(|(_, dtype, scales)| vector_float(*dtype) && scales.is_none());
-        let (tail, inits): (Value, Vec<(Value, &str)>) = if vector {
+        // On the CPU, vectors of 8 along K (f16/bf16 widened and FP8 decoded with their block
+        // scales as they load), then the scalar loop below finishes the tail.
+        let (tail, inits): (Value, Vec<(Value, &str)>) = if f.target == Target::Cpu {
             let vl = f.b.index(VL);
             let kq = f.b.divui(&k, &vl);
             let kvec = f.b.muli(&kq, &vl);
             let zero_v = f.b.constant("dense<0.0>", VEC);
             let vinits: Vec<(Value, &str)> = weights.iter().map(|_| (zero_v.clone(), VEC)).collect();
-            let Operand::Plain(xb) = *x else { unreachable!("checked above") };
-            let xbase = f.b.muli(m, &k);
             let accs = for_carry(f, &zero, &kvec, &vl, &vinits, |f, i, acc| {
-                let xi = f.b.addi(&xbase, i);
-                let xv = f.load_vec(xb, &xi);
+                let xv = xr.vec_at(f, i);
                 let wi = f.b.addi(&wstart, i);
                 reads
                     .iter()
                     .zip(acc)
-                    .map(|((view, dtype, _), a)| {
-                        let wv = f.load_view_vec(view, *dtype, &wi);
+                    .map(|(read, a)| {
+                        let wv = read.vec_at(f, &wi, i);
                         f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
                     })
                     .collect()
@@ -410,18 +380,8 @@ pub(super) fn grouped_with(
             reads
                 .iter()
                 .zip(acc)
-                .map(|((view, dtype, scales), a)| {
-                    let memref = format!(
-                        "memref<?x{}>",
-                        if *dtype == DType::F8E4M3 { "i8" } else { super::storage_type(*dtype) }
-                    );
-                    let mut wv = f.load_view(view, &memref, *dtype, &wi);
-                    if let Some((sview, base, bc)) = scales {
-                        let c = f.b.divui(i, bc);
-                        let at = f.b.addi(base, &c);
-                        let s = f.load_view(sview, "memref<?xf32>", DType::F32, &at);
-                        wv = f.binf("mulf", &wv, &s);
-                    }
+                .map(|(read, a)| {
+                    let wv = read.at(f, &wi, i);
                     f.fma(&xv, &wv, a)
                 })
                 .collect()
@@ -431,30 +391,14 @@ pub(super) fn grouped_with(
         let at = f.b.addi(&mn, col);
         store(f, &at, &ys);
     };
-    // Plain float operands on the CPU: the 4-row block of [`grouped_block`].
-    let block_rows = f.target == Target::Cpu
-        && matches!(x, Operand::Plain(b) if vector_float(f.bufs[*b].ty.dtype))
-        && weights
-            .iter()
-            .flatten()
-            .all(|w| matches!(w, Operand::Plain(b) if vector_float(f.bufs[*b].ty.dtype)));
-    // The dtype of each GEMM's weights (one per view of [`grouped_block`]).
-    let weight_dtypes: Vec<DType> = weights
-        .iter()
-        .map(|ws| match ws[0] {
-            Operand::Plain(b) => f.bufs[b].ty.dtype,
-            Operand::Fp8 { .. } => DType::F8E4M3,
-        })
-        .collect();
     Ok(match f.target {
-        Target::Cpu if block_rows => {
+        Target::Cpu => {
             // Rows come sorted by expert: [`GROUP_MR`] consecutive rows of one expert share each
             // vector of its weights (a 4 x 1 register block), which cuts the weight traffic, the
             // bound of these GEMMs, by 4. A block that straddles two experts, or the range's last
             // rows, go one row at a time.
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let (mr, last) = (f.b.index(GROUP_MR as i64), f.b.index(GROUP_MR as i64 - 1));
-            let Operand::Plain(xb) = *x else { unreachable!("checked by block_rows") };
             for_loop(f, &lo, &hi, &mr, |f, m0| {
                 let left = f.b.subi(&hi, m0);
                 let full = f.cmp("uge", &left, &mr, "index");
@@ -470,7 +414,8 @@ pub(super) fn grouped_with(
                 if_then(f, &block, |f| {
                     row(f, m0, &|f, m0, _, views| {
                         for_loop(f, &zero, &n, &one, |f, col| {
-                            grouped_block(f, xb, (m0, col), (&n, &k), (views, &weight_dtypes), store);
+                            let reads = weight_reads(f, weights, views, col, &k);
+                            grouped_block(f, x, (m0, col), (&n, &k), &reads, store);
                         });
                     });
                 });
@@ -482,15 +427,6 @@ pub(super) fn grouped_with(
                             for_loop(f, &zero, &n, &one, |f, col| element(f, m, col, valid, views));
                         });
                     });
-                });
-            });
-            LaunchShape::Cpu { work: m_dim }
-        }
-        Target::Cpu => {
-            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
-            for_loop(f, &lo, &hi, &one, |f, m| {
-                row(f, m, &|f, m, valid, views| {
-                    for_loop(f, &zero, &n, &one, |f, col| element(f, m, col, valid, views));
                 });
             });
             LaunchShape::Cpu { work: m_dim }
@@ -516,8 +452,8 @@ pub(super) fn grouped_with(
     })
 }
 
-/// Whether the CPU's vector GEMM paths take operands of `dtype` (they widen f16 and bf16 to f32
-/// as they load; FP8 codes go through the scalar path with their scales).
+/// Whether the CPU's vector GEMM paths take plain operands of `dtype` (they widen f16 and bf16 to
+/// f32 as they load).
 pub(super) fn vector_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
@@ -525,42 +461,112 @@ pub(super) fn vector_float(dtype: DType) -> bool {
 /// Rows of one expert per CPU register block of a grouped GEMM.
 const GROUP_MR: usize = 4;
 
-/// Output column `col` of rows `m0 .. m0 + GROUP_MR` (all of one expert, whose weights `views`
-/// holds, one per GEMM, `[N, K]` flat, of `dtypes`) of input `x` (`[M, K]`), f32, f16 or bf16
-/// (widened to f32 as they load): `GROUP_MR` vector accumulators per GEMM along `K`, each weight
-/// vector loaded once for the block, a horizontal sum and a scalar tail; each row's sums go to
-/// `store`.
+/// One GEMM's weight of the expert a row belongs to, as the kernel reads it at one output column:
+/// the view of its values (or FP8 codes), a buffer chosen at run time, and for FP8 the view of its
+/// block scales, the column's first scale and the columns per scale block.
+struct WeightRead {
+    view: Value,
+    dtype: DType,
+    scales: Option<(Value, Value, Value)>,
+}
+
+impl WeightRead {
+    /// The scale of column `kk` of an FP8 weight.
+    fn scale(&self, f: &mut Frame, kk: &Value) -> Option<Value> {
+        let (view, base, cols) = self.scales.as_ref()?;
+        let c = f.b.divui(kk, cols);
+        let at = f.b.addi(base, &c);
+        Some(f.load_view(view, "memref<?xf32>", DType::F32, &at))
+    }
+
+    /// Element `wi` (column `kk` of the output column's row) in f32.
+    fn at(&self, f: &mut Frame, wi: &Value, kk: &Value) -> Value {
+        let memref = format!("memref<?x{}>", super::storage_type(self.dtype));
+        let w = f.load_view(&self.view, &memref, self.dtype, wi);
+        match self.scale(f, kk) {
+            Some(s) => f.binf("mulf", &w, &s),
+            None => w,
+        }
+    }
+
+    /// Elements `wi .. wi + 8` (columns `kk .. kk + 8`, one scale block: [`Operand::check`]) as a
+    /// `vector<8xf32>`: f16/bf16 widened, FP8 decoded in registers and times its block's scale.
+    fn vec_at(&self, f: &mut Frame, wi: &Value, kk: &Value) -> Value {
+        if self.dtype != DType::F8E4M3 {
+            return f.load_view_vec(&self.view, self.dtype, wi);
+        }
+        let view = &self.view;
+        let q = f.b.op("qv", format_args!("vector.load {view}[{wi}] : memref<?xi8>, vector<8xi8>"));
+        let q = f.f8_decode_vec(&q);
+        let s = self.scale(f, kk).expect("FP8 weights have scales");
+        let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
+        f.b.op("wv", format_args!("arith.mulf {q}, {sv} : {VEC}"))
+    }
+}
+
+/// The reads of output column `col` of each GEMM of `weights` (`[N, K]` each), whose buffers of the
+/// row's expert `views` holds: one view per plain weight, codes and scales for an FP8 one.
+fn weight_reads(
+    f: &mut Frame,
+    weights: &[Vec<Operand>],
+    views: &[Value],
+    col: &Value,
+    k: &Value,
+) -> Vec<WeightRead> {
+    let mut reads = Vec::new();
+    let mut next = 0;
+    for ws in weights {
+        match ws[0] {
+            Operand::Plain(b) => {
+                reads.push(WeightRead { view: views[next].clone(), dtype: f.bufs[b].ty.dtype, scales: None });
+                next += 1;
+            }
+            Operand::Fp8 { rows, cols, .. } => {
+                let (br, bc, bc1) =
+                    (f.b.index(rows as i64), f.b.index(cols as i64), f.b.index(cols as i64 - 1));
+                let kb = f.b.addi(k, &bc1);
+                let kb = f.b.divui(&kb, &bc);
+                let block_row = f.b.divui(col, &br);
+                let base = f.b.muli(&block_row, &kb);
+                reads.push(WeightRead {
+                    view: views[next].clone(),
+                    dtype: DType::F8E4M3,
+                    scales: Some((views[next + 1].clone(), base, bc)),
+                });
+                next += 2;
+            }
+        }
+    }
+    reads
+}
+
+/// Output column `col` of rows `m0 .. m0 + GROUP_MR` (all of one expert, whose weights `reads`
+/// reads, one per GEMM) of input `x` (`[M, K]`): `GROUP_MR` vector accumulators per GEMM along `K`,
+/// each weight vector loaded (and for FP8 decoded and scaled) once for the block, a horizontal sum
+/// and a scalar tail; each row's sums go to `store`.
 fn grouped_block(
     f: &mut Frame,
-    xb: usize,
+    x: &Operand,
     (m0, col): (&Value, &Value),
     (n, k): (&Value, &Value),
-    (views, dtypes): (&[Value], &[DType]),
+    reads: &[WeightRead],
     store: Store,
 ) {
     let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
     let kq = f.b.divui(k, &vl);
     let kvec = f.b.muli(&kq, &vl);
     let wstart = f.b.muli(col, k);
-    let xbase: Vec<Value> = (0..GROUP_MR)
-        .map(|r| {
-            let ri = f.b.index(r as i64);
-            let m = f.b.addi(m0, &ri);
-            f.b.muli(&m, k)
-        })
-        .collect();
+    let xrows: Vec<OperandRow> = (0..GROUP_MR).map(|r| operand_row(f, x, m0, r, k)).collect();
     let zero_v = f.b.constant("dense<0.0>", VEC);
-    let g = views.len();
+    let g = reads.len();
     // Accumulator (r, w) is number r * g + w.
     let inits: Vec<(Value, &str)> = (0..GROUP_MR * g).map(|_| (zero_v.clone(), VEC)).collect();
     let accs = for_carry(f, &zero, &kvec, &vl, &inits, |f, i, acc| {
         let wi = f.b.addi(&wstart, i);
-        let wv: Vec<Value> =
-            views.iter().zip(dtypes).map(|(view, &dtype)| f.load_view_vec(view, dtype, &wi)).collect();
+        let wv: Vec<Value> = reads.iter().map(|read| read.vec_at(f, &wi, i)).collect();
         let mut out = Vec::with_capacity(acc.len());
-        for (r, base) in xbase.iter().enumerate() {
-            let xi = f.b.addi(base, i);
-            let xv = f.load_vec(xb, &xi);
+        for (r, xr) in xrows.iter().enumerate() {
+            let xv = xr.vec_at(f, i);
             for (w, wv) in wv.iter().enumerate() {
                 let a = &acc[r * g + w];
                 out.push(f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}")));
@@ -578,18 +584,10 @@ fn grouped_block(
         .collect();
     let dots = for_carry(f, &kvec, k, &one, &sums, |f, i, acc| {
         let wi = f.b.addi(&wstart, i);
-        let wv: Vec<Value> = views
-            .iter()
-            .zip(dtypes)
-            .map(|(view, &dtype)| {
-                let memref = format!("memref<?x{}>", super::storage_type(dtype));
-                f.load_view(view, &memref, dtype, &wi)
-            })
-            .collect();
+        let wv: Vec<Value> = reads.iter().map(|read| read.at(f, &wi, i)).collect();
         let mut out = Vec::with_capacity(acc.len());
-        for (r, base) in xbase.iter().enumerate() {
-            let xi = f.b.addi(base, i);
-            let xv = f.load(xb, &xi);
+        for (r, xr) in xrows.iter().enumerate() {
+            let xv = xr.at(f, i);
             for (w, wv) in wv.iter().enumerate() {
                 out.push(f.fma(&xv, wv, &acc[r * g + w]));
             }
