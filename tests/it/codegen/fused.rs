@@ -350,3 +350,73 @@ fn a_kernel_without_the_scratch_its_plan_needs_is_malformed() {
         other => panic!("expected Malformed, got {other:?}"),
     }
 }
+
+/// The vector loads of an FP8 grouped GEMM decode every E4M3 code as the interpreter does, bit for
+/// bit: a 16 x 16 weight holding the 256 codes (scale 1) times the identity gives each code back.
+/// Two experts hold it (rows 0-11 and 12-15), so with the harness's three work ranges both the
+/// 4-row register block and the one-row loop run. A weight row holding a NaN code gives NaN in
+/// every output of its column.
+#[test]
+fn fp8_grouped_gemm_vector_loads_decode_every_code() {
+    let src = r#"graph @every_code {
+  %0 = input {name = "x"} : f32[16, 16]
+  %1 = input {name = "offsets"} : i32[3]
+  %2 = input {name = "w0"} : f8e4m3[16, 16]
+  %3 = input {name = "s0"} : f32[1, 1]
+  %4 = input {name = "w1"} : f8e4m3[16, 16]
+  %5 = input {name = "s1"} : f32[1, 1]
+  %6 = fused %0, %1, %2, %3, %4, %5 {name = "fp8-gemm"} : f32[16, 16] {
+    %0 = input {name = "x"} : f32[16, 16]
+    %1 = input {name = "offsets"} : i32[3]
+    %2 = input {name = "w0"} : f8e4m3[16, 16]
+    %3 = input {name = "s0"} : f32[1, 1]
+    %4 = input {name = "w1"} : f8e4m3[16, 16]
+    %5 = input {name = "s1"} : f32[1, 1]
+    %6 = dequantize %2, %3 {to = f32, block = [16, 16]} : f32[16, 16]
+    %7 = dequantize %4, %5 {to = f32, block = [16, 16]} : f32[16, 16]
+    %8 = grouped_linear %0, %1, %6, %7 {num_experts = 2} : f32[16, 16]
+    output "y" = %8
+  }
+  output "y" = %6
+}"#;
+    let g = kiln_ir::parse(src).unwrap();
+    let plan = form_kernels(&g).unwrap();
+    let kernel = plan
+        .steps
+        .iter()
+        .find_map(|s| match s {
+            Step::Launch { kernel, node, .. } if matches!(g.node(*node).op, Op::Fused { .. }) => {
+                Some(plan.kernel(*kernel).clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(fusion_plan(&kernel.body).unwrap().to_string(), "fp8 grouped_linear");
+    let lib = CpuLib::build(&[&kernel]);
+    let identity: Vec<f32> = (0..256).map(|i| if i / 16 == i % 16 { 1.0 } else { 0.0 }).collect();
+    let codes: Vec<u8> = (0..=255).collect();
+    // Rows 0-11 to expert 0, 12-15 to expert 1; both hold the same codes.
+    let mut bufs = vec![
+        Buf::F32(identity),
+        Buf::I32(vec![0, 12, 16]),
+        Buf::F8(codes.clone()),
+        Buf::F32(vec![1.0]),
+        Buf::F8(codes.clone()),
+        Buf::F32(vec![1.0]),
+        garbage(&kernel.results[0]),
+    ];
+    lib.run(&kernel, &mut bufs, &BIND);
+    let y = values(&bufs[6]);
+    for m in 0..16 {
+        for n in 0..16 {
+            let got = y[m * 16 + n];
+            let row = &codes[n * 16..n * 16 + 16];
+            if row.iter().any(|c| c & 0x7F == 0x7F) {
+                assert!(got.is_nan(), "y[{m}, {n}] = {got}: weight row {n} holds a NaN code");
+                continue;
+            }
+            let want = kiln_ir::interp::numerics::f8e4m3_to_f32(codes[n * 16 + m]) as f64;
+            assert_eq!(got, want, "code {:#04x} (y[{m}, {n}])", codes[n * 16 + m]);
+        }
+    }
+}

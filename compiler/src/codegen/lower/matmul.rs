@@ -286,6 +286,7 @@ pub(super) fn grouped_with(
     let offsets_type = f.bufs[offsets].ty.dtype;
     let (m_dim, n_dim) = (xs[0], w[0]);
     let (n, k) = (f.dim(n_dim), f.dim(w[1]));
+    let kn = w[1].as_known();
     let ev = f.b.index(experts as i64);
     let (zero, one) = (f.b.index(0), f.b.index(1));
     // The memref types of one expert's buffers of each GEMM: values, or codes and scales.
@@ -335,8 +336,7 @@ pub(super) fn grouped_with(
         });
         col_body(f, m, &valid, &views);
     };
-    let element = |f: &mut Frame, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
-        let xr = OperandRow::new(f, x, m, &k);
+    let element = |f: &mut Frame, xr: &InputRow, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
         let wstart = f.b.muli(col, &k);
         let reads = weight_reads(f, weights, views, col, &k);
         let fzero = f.b.f32(0.0);
@@ -413,9 +413,10 @@ pub(super) fn grouped_with(
                 let single = f.b.op("p", format_args!("arith.xori {block}, {yes} : i1"));
                 if_then(f, &block, |f| {
                     row(f, m0, &|f, m0, _, views| {
+                        let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn);
                         for_loop(f, &zero, &n, &one, |f, col| {
                             let reads = weight_reads(f, weights, views, col, &k);
-                            grouped_block(f, x, (m0, col), (&n, &k), &reads, store);
+                            grouped_block(f, &xrows, (m0, col), (&n, &k), &reads, store);
                         });
                     });
                 });
@@ -424,7 +425,8 @@ pub(super) fn grouped_with(
                     let end = f.b.addi(m0, &rows);
                     for_loop(f, m0, &end, &one, |f, m| {
                         row(f, m, &|f, m, valid, views| {
-                            for_loop(f, &zero, &n, &one, |f, col| element(f, m, col, valid, views));
+                            let xr = InputRow::rows(f, x, m, 1, &k, kn).remove(0);
+                            for_loop(f, &zero, &n, &one, |f, col| element(f, &xr, m, col, valid, views));
                         });
                     });
                 });
@@ -439,7 +441,12 @@ pub(super) fn grouped_with(
             let base = f.b.muli(&bx, &bs);
             let col = f.b.addi(&base, &tid);
             let inside = f.cmp("ult", &col, &n, "index");
-            if_then(f, &inside, |f| row(f, &m, &|f, m, valid, views| element(f, m, &col, valid, views)));
+            if_then(f, &inside, |f| {
+                row(f, &m, &|f, m, valid, views| {
+                    let xr = InputRow::Operand(OperandRow::new(f, x, m, &k));
+                    element(f, &xr, m, &col, valid, views)
+                })
+            });
             LaunchShape::Gpu {
                 grid: [
                     GridDim { work: n_dim, per_block: block as u64 },
@@ -504,6 +511,75 @@ impl WeightRead {
     }
 }
 
+/// A row of a grouped GEMM's input as the CPU loops read it: the operand itself, or, for FP8
+/// codes, their f32 values (decoded and scaled exactly as [`OperandRow::at`] does) written once to
+/// scratch before the loop over output columns, which would otherwise decode the row again for
+/// every column.
+enum InputRow {
+    Operand(OperandRow),
+    Decoded { view: Value, memref: String, start: Value },
+}
+
+impl InputRow {
+    /// Rows `m0 .. m0 + count` of `x` (`K` columns, `kn` when known).
+    fn rows(
+        f: &mut Frame,
+        x: &Operand,
+        m0: &Value,
+        count: usize,
+        k: &Value,
+        kn: Option<u64>,
+    ) -> Vec<InputRow> {
+        let operands: Vec<OperandRow> = (0..count).map(|r| operand_row(f, x, m0, r, k)).collect();
+        let (Operand::Fp8 { .. }, Some(kn)) = (x, kn) else {
+            return operands.into_iter().map(InputRow::Operand).collect();
+        };
+        let (view, memref) = f.scratch("f32", count as u64 * kn);
+        let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
+        let kvec = f.b.index((kn - kn % VL as u64) as i64);
+        operands
+            .into_iter()
+            .enumerate()
+            .map(|(r, op)| {
+                let start = f.b.index(r as i64 * kn as i64);
+                for_loop(f, &zero, &kvec, &vl, |f, kk| {
+                    let v = op.vec_at(f, kk);
+                    let at = f.b.addi(&start, kk);
+                    f.b.line(format_args!("vector.store {v}, {view}[{at}] : {memref}, {VEC}"));
+                });
+                for_loop(f, &kvec, k, &one, |f, kk| {
+                    let v = op.at(f, kk);
+                    let at = f.b.addi(&start, kk);
+                    f.b.line(format_args!("memref.store {v}, {view}[{at}] : {memref}"));
+                });
+                InputRow::Decoded { view: view.clone(), memref: memref.clone(), start }
+            })
+            .collect()
+    }
+
+    /// Element `kk` of the row, in f32.
+    fn at(&self, f: &mut Frame, kk: &Value) -> Value {
+        match self {
+            InputRow::Operand(op) => op.at(f, kk),
+            InputRow::Decoded { view, memref, start } => {
+                let i = f.b.addi(start, kk);
+                f.b.op("x", format_args!("memref.load {view}[{i}] : {memref}"))
+            }
+        }
+    }
+
+    /// Elements `kk .. kk + 8` of the row, as a `vector<8xf32>`.
+    fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
+        match self {
+            InputRow::Operand(op) => op.vec_at(f, kk),
+            InputRow::Decoded { view, memref, start } => {
+                let i = f.b.addi(start, kk);
+                f.b.op("xv", format_args!("vector.load {view}[{i}] : {memref}, {VEC}"))
+            }
+        }
+    }
+}
+
 /// The reads of output column `col` of each GEMM of `weights` (`[N, K]` each), whose buffers of the
 /// row's expert `views` holds: one view per plain weight, codes and scales for an FP8 one.
 fn weight_reads(
@@ -541,12 +617,12 @@ fn weight_reads(
 }
 
 /// Output column `col` of rows `m0 .. m0 + GROUP_MR` (all of one expert, whose weights `reads`
-/// reads, one per GEMM) of input `x` (`[M, K]`): `GROUP_MR` vector accumulators per GEMM along `K`,
+/// reads, one per GEMM) of the input rows `xrows`: `GROUP_MR` vector accumulators per GEMM along `K`,
 /// each weight vector loaded (and for FP8 decoded and scaled) once for the block, a horizontal sum
 /// and a scalar tail; each row's sums go to `store`.
 fn grouped_block(
     f: &mut Frame,
-    x: &Operand,
+    xrows: &[InputRow],
     (m0, col): (&Value, &Value),
     (n, k): (&Value, &Value),
     reads: &[WeightRead],
@@ -556,7 +632,6 @@ fn grouped_block(
     let kq = f.b.divui(k, &vl);
     let kvec = f.b.muli(&kq, &vl);
     let wstart = f.b.muli(col, k);
-    let xrows: Vec<OperandRow> = (0..GROUP_MR).map(|r| operand_row(f, x, m0, r, k)).collect();
     let zero_v = f.b.constant("dense<0.0>", VEC);
     let g = reads.len();
     // Accumulator (r, w) is number r * g + w.

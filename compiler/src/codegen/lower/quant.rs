@@ -68,41 +68,36 @@ impl Frame<'_> {
         self.b.op("q", format_args!("arith.bitcast {bits} : i32 to f32"))
     }
 
-    /// `f8_decode` on eight bytes at once: a `vector<8xi8>` of codes to a `vector<8xf32>`, the
-    /// same integer arithmetic lane by lane (the fused FP8 GEMM's vector loads of weights).
+    /// `f8_decode` on eight bytes at once, a `vector<8xi8>` of codes to a `vector<8xf32>` (the
+    /// CPU's vector GEMM loads), through f16: E4M3's seven magnitude bits `eeeemmm` placed at bits
+    /// 13..7 of an f16 make the f16 with the same mantissa and exponent field, normal or subnormal
+    /// alike, which is the E4M3 value times 2^-8 (exponent bias 15 against 7). The host's
+    /// half-to-float conversion (F16C's `vcvtph2ps` on x86-64) widens it exactly, and times 2^8 is
+    /// exact, so the result is `f8_decode`'s bit for bit; the NaN codes (magnitude 0x7F) become
+    /// f16 NaNs first. About half the vector instructions of the integer route.
     pub(super) fn f8_decode_vec(&mut self, x: &Value) -> Value {
-        const VI: &str = "vector<8xi32>";
+        const VI: &str = "vector<8xi16>";
         const VF: &str = "vector<8xf32>";
         let c = |f: &mut Self, v: i64| f.b.constant(&format!("dense<{v}>"), VI);
         let bin = |f: &mut Self, op: &str, a: &Value, b: &Value| {
             f.b.op("b", format_args!("arith.{op} {a}, {b} : {VI}"))
         };
         let code = self.b.op("q", format_args!("arith.extui {x} : vector<8xi8> to {VI}"));
-        let (m7f, m80, m7) = (c(self, 0x7F), c(self, 0x80), c(self, 7));
+        let (m7f, m80, c7, c8) = (c(self, 0x7F), c(self, 0x80), c(self, 7), c(self, 8));
         let mag = bin(self, "andi", &code, &m7f);
         let s = bin(self, "andi", &code, &m80);
-        let c24 = c(self, 24);
-        let sign = bin(self, "shli", &s, &c24);
-        let c20 = c(self, 20);
-        let shifted = bin(self, "shli", &mag, &c20);
-        let bias = c(self, 120 << 23);
-        let normal = bin(self, "addi", &shifted, &bias);
-        let m = bin(self, "andi", &mag, &m7);
-        let mf = self.b.op("q", format_args!("arith.uitofp {m} : {VI} to {VF}"));
-        let quantum = self
-            .b
-            .constant(&format!("dense<{}>", crate::codegen::mlir::f32_literal(F8_SUBNORMAL_QUANTUM)), VF);
-        let sub = self.b.op("q", format_args!("arith.mulf {mf}, {quantum} : {VF}"));
-        let sub = self.b.op("q", format_args!("arith.bitcast {sub} : {VF} to {VI}"));
-        let c8 = c(self, 8);
-        let is_sub = self.b.op("p", format_args!("arith.cmpi ult, {mag}, {c8} : {VI}"));
-        let bits =
-            self.b.op("s", format_args!("arith.select {is_sub}, {sub}, {normal} : vector<8xi1>, {VI}"));
+        let sign = bin(self, "shli", &s, &c8);
+        let shifted = bin(self, "shli", &mag, &c7);
+        // A NaN code becomes the f16 quiet NaN with its sign, which the widening keeps.
         let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {m7f} : {VI}"));
-        let qnan = c(self, 0x7FC0_0000);
-        let bits = self.b.op("s", format_args!("arith.select {is_nan}, {qnan}, {bits} : vector<8xi1>, {VI}"));
-        let bits = bin(self, "ori", &bits, &sign);
-        self.b.op("q", format_args!("arith.bitcast {bits} : {VI} to {VF}"))
+        let qnan = c(self, 0x7E00);
+        let shifted =
+            self.b.op("s", format_args!("arith.select {is_nan}, {qnan}, {shifted} : vector<8xi1>, {VI}"));
+        let bits = bin(self, "ori", &shifted, &sign);
+        let half = self.b.op("q", format_args!("arith.bitcast {bits} : {VI} to vector<8xf16>"));
+        let wide = self.b.op("q", format_args!("arith.extf {half} : vector<8xf16> to {VF}"));
+        let two8 = self.b.constant("dense<256.0>", VF);
+        self.b.op("q", format_args!("arith.mulf {wide}, {two8} : {VF}"))
     }
 
     /// The E4M3 byte of an f32 value (`f8e4m3_from_f32`), see the module documentation.
