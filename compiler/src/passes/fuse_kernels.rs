@@ -354,7 +354,7 @@ pub const SMALL_WEIGHT_BYTES: u64 = 64 << 10;
 /// a GEMM whose weights exceed [`SMALL_WEIGHT_BYTES`], at the end of the layer, or where the group
 /// would stop lowering. With one token per sequence every phase is small, so one work item running
 /// them all costs less than the launches it replaces. Weight-only nodes stay out (the runtime
-/// computes them at load).
+/// computes them at load), and so do reshapes of values from outside the group (views).
 fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError> {
     let cx = Ctx::new(graph);
     let weight_only = weight_only(&cx);
@@ -405,6 +405,15 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError
     for (p, &weight_only) in weight_only.iter().enumerate() {
         if matches!(cx.node(p).op, Op::Param { .. } | Op::Constant { .. }) || weight_only {
             continue;
+        }
+        // A reshape of a value from outside the group is a view the runtime takes without a launch;
+        // inside a kernel it would be a copy (of the whole latent cache, every decode step, for the
+        // cache's). It stays out, and the group goes on past it.
+        if let Op::Reshape { .. } = cx.node(p).op {
+            let source = cx.producer(cx.node(p).inputs[0]);
+            if !current.as_ref().is_some_and(|g| g.nodes.contains(&source)) {
+                continue;
+            }
         }
         if !joinable(p) {
             close(&mut current, &mut groups);
