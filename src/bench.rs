@@ -478,6 +478,7 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Re
     for ((kernel, lowered), &n) in kernels.iter().zip(&module.kernels).zip(sizes) {
         let work = match lowered.launch {
             LaunchShape::Cpu { work } => work.as_known().unwrap_or(n as u64) as usize,
+            LaunchShape::CpuPhases { .. } => bail!("the GEMM kernel is phased, not one pass"),
             LaunchShape::Gpu { .. } => bail!("the CPU module has a GPU kernel"),
         };
         let symbol = format!("{}{}", kernel.name, cpu::PACKED_SUFFIX);

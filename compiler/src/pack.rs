@@ -1079,9 +1079,16 @@ fn manifest(
             .collect();
         let cpu = match (&p.cpu, cpu_launch.get(&k.name)) {
             (None, _) => None,
-            (Some(_), Some(LaunchShape::Cpu { work })) => {
-                Some(CpuKernel { symbol: format!("{}{}", k.name, artifact::PACKED_SUFFIX), work: *work })
-            }
+            (Some(_), Some(LaunchShape::Cpu { work })) => Some(CpuKernel {
+                symbol: format!("{}{}", k.name, artifact::PACKED_SUFFIX),
+                work: *work,
+                phases: Vec::new(),
+            }),
+            (Some(_), Some(LaunchShape::CpuPhases { phases })) => Some(CpuKernel {
+                symbol: format!("{}{}", k.name, artifact::PACKED_SUFFIX),
+                work: kiln_ir::Dim::known(0),
+                phases: phases.clone(),
+            }),
             (Some(_), _) => return Err(missing(&k.name, Target::Cpu)),
         };
         let gpu = match (&p.gpu, gpu_launch.get(&k.name)) {

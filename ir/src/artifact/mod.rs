@@ -332,18 +332,24 @@ impl KernelEntry {
     /// larger work range is refused instead of running the kernel out of bounds.
     pub fn cpu_signature(&self) -> Option<String> {
         let cpu = self.cpu.as_ref()?;
-        Some(signature(&self.args, &self.sym_args, cpu.work))
+        Some(signature(&self.args, &self.sym_args, cpu.work, &cpu.phases))
     }
 }
 
 /// The signature line of [`KernelEntry::cpu_signature`], from its parts (the compiler writes it into
 /// the library from the same parts).
-pub fn signature(args: &[ArgSig], syms: &[Sym], work: Dim) -> String {
+pub fn signature(args: &[ArgSig], syms: &[Sym], work: Dim, phases: &[Dim]) -> String {
     let ty = |a: &ArgSig| crate::TensorType::new(a.dtype, a.shape.iter().copied()).to_string();
     let list = |role: &[ArgRole]| {
         args.iter().filter(|a| role.contains(&a.role)).map(ty).collect::<Vec<_>>().join(" ")
     };
     let syms = syms.iter().map(|s| s.name()).collect::<Vec<_>>().join(" ");
+    let work = if phases.is_empty() {
+        work.to_string()
+    } else {
+        let p: Vec<String> = phases.iter().map(Dim::to_string).collect();
+        format!("{work} phases {}", p.join(" "))
+    };
     format!(
         "{} -> {} | scratch {} | sizes {syms} | work {work}",
         list(&[ArgRole::Input, ArgRole::Param]),
@@ -397,9 +403,35 @@ pub struct CpuKernel {
     /// The packed entry point in the library: always `{name}_packed` ([`PACKED_SUFFIX`]).
     pub symbol: String,
     /// Work items `[0, work)`; any split into `[lo, hi)` ranges, run in any order or in parallel,
-    /// computes the kernel.
+    /// computes the kernel. 0 for a phased kernel (`phases`).
     #[serde(with = "serde_text::dim")]
     pub work: Dim,
+    /// A phased kernel (a fused body that is not one pass): the work of each phase. Its items are
+    /// the phases' items end to end, phase `p`'s from the sum of the earlier phases' works, and
+    /// every item of a phase must have finished before any item of the next starts; within a
+    /// phase, any split runs in any order or in parallel. Empty for every other kernel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "serde_text::dims")]
+    pub phases: Vec<Dim>,
+}
+
+impl CpuKernel {
+    /// The kernel's ranges as `(first item, items)`, to be run one after another: the phases, or
+    /// the one range `[0, work)`; `None` if a size overflows.
+    pub fn ranges(&self, sizes: &SymBindings) -> Option<Vec<(u64, u64)>> {
+        if self.phases.is_empty() {
+            return Some(vec![(0, self.work.eval(sizes)?)]);
+        }
+        let mut start = 0u64;
+        self.phases
+            .iter()
+            .map(|w| {
+                let n = w.eval(sizes)?;
+                let r = (start, n);
+                start = start.checked_add(n)?;
+                Some(r)
+            })
+            .collect()
+    }
 }
 
 /// The GPU entry of a kernel.

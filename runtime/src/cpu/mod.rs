@@ -25,7 +25,7 @@ use std::ffi::CStr;
 use std::ops::Range;
 use std::os::raw::c_char;
 
-use kiln_ir::artifact::{self, Manifest, Step, PACKED_SUFFIX, SIGNATURE_SUFFIX};
+use kiln_ir::artifact::{self, CpuKernel, Manifest, Step, PACKED_SUFFIX, SIGNATURE_SUFFIX};
 use kiln_ir::{Dim, Sym, SymBindings};
 
 use crate::artifact::Artifact;
@@ -116,7 +116,7 @@ pub struct Launch {
     /// The sizes the kernel takes, rewritten for each run; launches point into it.
     sizes: Vec<i64>,
     syms: Vec<Sym>,
-    work: Dim,
+    cpu: CpuKernel,
     /// Each buffer's element size and shape, to weigh the launch at a run's sizes.
     buffers: Vec<(u64, Vec<Dim>)>,
 }
@@ -157,7 +157,7 @@ impl CpuBackend {
             }
             CStr::from_ptr(ptr).to_string_lossy().into_owned()
         };
-        let manifest_sig = artifact::signature(&entry.args, &entry.sym_args, cpu.work);
+        let manifest_sig = artifact::signature(&entry.args, &entry.sym_args, cpu.work, &cpu.phases);
         if library_sig != manifest_sig {
             // Name the field that differs: the buffer types, the sizes, or the work.
             let part = |s: &str, i: usize| s.split(" | ").nth(i).unwrap_or_default().to_string();
@@ -294,7 +294,7 @@ impl Backend for CpuBackend {
                 None => *entries[kernel.index()].insert(self.entry(m, kernel.index())?),
             };
             let cpu = k.cpu.as_ref().ok_or(RuntimeError::NoCpuTarget)?;
-            if cpu.work.eval(max).is_none() {
+            if cpu.ranges(max).is_none() {
                 return Err(RuntimeError::BadOption(format!("the work of kernel `{}` overflows", k.name)));
             }
             out.push(Launch {
@@ -302,7 +302,7 @@ impl Backend for CpuBackend {
                 ptrs: buffers.iter().map(|&b| address(b) as *mut u8).collect(),
                 sizes: vec![0; k.sym_args.len()],
                 syms: k.sym_args.clone(),
-                work: cpu.work,
+                cpu: cpu.clone(),
                 buffers: buffers
                     .iter()
                     .map(|&b| (program.buffer(b).dtype.size_bytes(), program.buffer(b).shape.clone()))
@@ -318,18 +318,29 @@ impl Backend for CpuBackend {
                 *slot = at.get(s) as i64;
             }
         }
-        let job = |l: &Launch| {
-            let work = l.work.eval(at).unwrap_or(0) as i64;
-            Job { entry: l.entry, buffers: l.ptrs.as_ptr(), sizes: l.sizes.as_ptr(), work, chunks: 1 }
+        // One job per range of the kernel: its work, or each phase of a phased kernel in turn.
+        let jobs = |l: &Launch| -> Vec<Job> {
+            let ranges = l.cpu.ranges(at).unwrap_or_default();
+            (ranges.into_iter())
+                .map(|(first, work)| Job {
+                    entry: l.entry,
+                    buffers: l.ptrs.as_ptr(),
+                    sizes: l.sizes.as_ptr(),
+                    first: first as i64,
+                    work: work as i64,
+                    chunks: 1,
+                })
+                .collect()
         };
         if self.threads == 1 {
             for (i, l) in todo.0.iter().enumerate() {
-                let j = job(l);
-                // SAFETY: the entry was resolved from the artifact's library for this kernel and its
-                // signature checked against the manifest; its pointers address buffers of the
-                // kernel's types, allocated for sizes up to the loaded maxima, which `sizes` is
-                // within (checked by the executor), and the sizes array is the kernel's.
-                unsafe { run_range(&j, 0, j.work) };
+                for j in jobs(l) {
+                    // SAFETY: the entry was resolved from the artifact's library for this kernel and
+                    // its signature checked against the manifest; its pointers address buffers of
+                    // the kernel's types, allocated for sizes up to the loaded maxima, which `sizes`
+                    // is within (checked by the executor), and the sizes array is the kernel's.
+                    unsafe { run_range(&j, j.first, j.first + j.work) };
+                }
                 then(self, i)?;
             }
             return Ok(());
@@ -338,17 +349,20 @@ impl Backend for CpuBackend {
         std::thread::scope(|scope| {
             let pool = Pool::start(scope, &shared, self.threads);
             for (i, l) in todo.0.iter().enumerate() {
-                let mut j = job(l);
                 let bytes: u64 = (l.buffers.iter())
                     .map(|(size, shape)| artifact_bytes(*size, shape, at))
                     .fold(0u64, u64::saturating_add);
-                if j.work >= 2 && bytes >= self.parallel_min_bytes {
-                    // A few chunks per thread, so that unequal items still balance.
-                    j.chunks = j.work.min(4 * pool.threads() as i64);
-                    pool.launch(j);
-                } else {
-                    // SAFETY: as above.
-                    unsafe { run_range(&j, 0, j.work) };
+                // The phases of a phased kernel one after another: `launch` returns when every
+                // chunk has finished, the barrier a phase needs.
+                for mut j in jobs(l) {
+                    if j.work >= 2 && bytes >= self.parallel_min_bytes {
+                        // A few chunks per thread, so that unequal items still balance.
+                        j.chunks = j.work.min(4 * pool.threads() as i64);
+                        pool.launch(j);
+                    } else {
+                        // SAFETY: as above.
+                        unsafe { run_range(&j, j.first, j.first + j.work) };
+                    }
                 }
                 then(self, i)?;
             }

@@ -17,12 +17,14 @@ use std::thread::Scope;
 /// int64_t hi)`.
 pub type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
 
-/// One kernel call split into `chunks` ranges.
+/// One kernel call over items `[first, first + work)` split into `chunks` ranges (`first` is 0 but
+/// for the later phases of a phased kernel).
 #[derive(Clone, Copy)]
 pub struct Job {
     pub entry: Packed,
     pub buffers: *const *mut u8,
     pub sizes: *const i64,
+    pub first: i64,
     pub work: i64,
     pub chunks: i64,
 }
@@ -32,10 +34,10 @@ pub struct Job {
 unsafe impl Send for Job {}
 
 impl Job {
-    /// Runs chunk `c` of the job: items `[work * c / chunks, work * (c + 1) / chunks)`.
+    /// Runs chunk `c` of the job: items `first + [work * c / chunks, work * (c + 1) / chunks)`.
     fn run_chunk(&self, c: i64) {
-        let lo = self.work * c / self.chunks;
-        let hi = self.work * (c + 1) / self.chunks;
+        let lo = self.first + self.work * c / self.chunks;
+        let hi = self.first + self.work * (c + 1) / self.chunks;
         // SAFETY: see `run_range`.
         unsafe { run_range(self, lo, hi) }
     }
@@ -181,19 +183,24 @@ mod tests {
         let shared = Shared::new();
         std::thread::scope(|s| {
             let pool = Pool::start(s, &shared, 3);
-            for work in [1000i64, 7, 1, 999] {
+            for (first, work) in [(0, 1000i64), (0, 7), (0, 1), (0, 999), (10, 5)] {
                 let chunks = work.min(12);
                 pool.launch(Job {
                     entry: bump,
                     buffers: ptrs.as_ptr(),
                     sizes: std::ptr::null(),
+                    first,
                     work,
                     chunks,
                 });
             }
         });
         for (i, c) in counts.iter().enumerate() {
-            let want = 1 + u32::from(i < 7) + u32::from(i < 1) + u32::from(i < 999);
+            let want = 1
+                + u32::from(i < 7)
+                + u32::from(i < 1)
+                + u32::from(i < 999)
+                + u32::from((10..15).contains(&i));
             assert_eq!(c.load(Ordering::Relaxed), want, "item {i}");
         }
     }

@@ -314,7 +314,11 @@ fn a_phased_kernel_gets_arena_scratch_when_packed() {
     let roles: Vec<ArgRole> = k.args.iter().map(|a| a.role).collect();
     use ArgRole::{Input, Output, Scratch};
     assert_eq!(roles, [Input, Input, Input, Output, Output, Output, Scratch]);
-    assert_eq!(k.cpu.as_ref().unwrap().work, kiln_ir::Dim::known(1));
+    // Two phases, each split over the threads: the norm by rows, the quantisation by its tiles (two
+    // per row of 64).
+    let cpu = k.cpu.as_ref().unwrap();
+    assert_eq!(cpu.phases.iter().map(|d| d.to_string()).collect::<Vec<_>>(), ["B*T", "2*B*T"]);
+    assert_eq!(cpu.work, kiln_ir::Dim::known(0));
     let kiln_ir::artifact::Step::Launch { buffers, .. } = &p.steps[0] else { panic!("{:?}", p.steps) };
     let scratch = p.buffer(buffers[6]);
     assert_eq!((scratch.kind, scratch.value.as_str()), (BufferKind::Scratch, "%3#s0"));

@@ -155,15 +155,24 @@ impl CpuLib {
         CpuLib { module, lib, path }
     }
 
-    /// Runs `kernel` on `bufs` (arguments, results, then scratch), computing its work in three pieces
-    /// to exercise the `[lo, hi)` ranges.
+    /// Runs `kernel` on `bufs` (arguments, results, then scratch), computing its work (each phase's,
+    /// phase by phase, for a phased kernel) in three pieces to exercise the `[lo, hi)` ranges.
     pub fn run(&self, kernel: &Kernel, bufs: &mut [Buf], bind: &SymBindings) {
         let lowered = self.module.kernels.iter().find(|k| k.name == kernel.name).expect("kernel in library");
-        let LaunchShape::Cpu { work } = lowered.launch else { panic!("not a CPU kernel") };
-        let work = work.eval(bind).unwrap() as i64;
-        let cuts = [0, work / 3, 2 * work / 3, work];
-        for w in cuts.windows(2) {
-            self.run_range(kernel, bufs, bind, w[0], w[1]);
+        let phases = match &lowered.launch {
+            LaunchShape::Cpu { work } => vec![*work],
+            LaunchShape::CpuPhases { phases } => phases.clone(),
+            LaunchShape::Gpu { .. } => panic!("not a CPU kernel"),
+        };
+        // Each phase in turn, in three pieces.
+        let mut first = 0;
+        for work in phases {
+            let work = work.eval(bind).unwrap() as i64;
+            let cuts = [0, work / 3, 2 * work / 3, work];
+            for w in cuts.windows(2) {
+                self.run_range(kernel, bufs, bind, first + w[0], first + w[1]);
+            }
+            first += work;
         }
     }
 

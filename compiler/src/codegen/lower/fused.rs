@@ -20,19 +20,20 @@
 //!   GEMM's loads (`matmul::Operand::Fp8`).
 //!
 //! **Phases** (any other body). The phases must run one after another, and they need not iterate
-//! over the same space, so they cannot split one work range: on the CPU the kernel has a single
-//! work item (`work = 1`) which runs every phase over its whole range in order; on the GPU the
+//! over the same space, so they cannot split one work range: on the CPU the kernel's items are the
+//! phases' items end to end ([`LaunchShape::CpuPhases`]), each phase lowered as its own pattern over
+//! the part of the range that falls in its items, and the runtime launches one phase at a time over
+//! its threads (a barrier between phases, as between kernels); on the GPU the
 //! kernel is one block of [`PHASE_BLOCK`] threads that runs every phase in order, looping over each
 //! phase's grid (the phase's code sees the loop variables as its block ids, and every family sizes
 //! its block to [`PHASE_BLOCK`] there), with a barrier after every block of every phase. Values that
 //! cross phases live in the kernel's results or its scratch buffers. Each phase is a one-pass
 //! pattern lowered as above, into the same function.
 //!
-//! The trade-off, chosen over splitting the kernel into several launches: the artifact's launch
-//! description stays one entry per kernel (one program step, one grid), at the price of speed: one
-//! block (or one thread on the CPU) does the whole work. That is right for what falls back (small
-//! or rare groups) and wrong for big ones; `fuse-kernels` should form one-pass groups, and a kernel
-//! that must be fast and cannot be one pass is better left as several kernels.
+//! On the GPU the trade-off, chosen over splitting the kernel into several launches: the artifact's
+//! launch description stays one grid per kernel, at the price of speed: one block does the whole
+//! work. That is right for what falls back (small or rare groups) and wrong for big ones. On the
+//! CPU a phase is as parallel as the pattern it is, at the cost of one pool barrier per phase.
 
 use kiln_ir::{Graph, NodeId, Op, TensorType};
 
@@ -282,17 +283,19 @@ fn linear(f: &mut Frame, body: &Graph, anchors: &[NodeId]) -> Result<LaunchShape
 
 /// The phased fallback. See the module documentation.
 fn phased(f: &mut Frame, plan: &Plan) -> Result<LaunchShape, LowerError> {
-    let mut result = Ok(());
     match f.target {
         Target::Cpu => {
+            // The phases' items end to end: each phase runs the part of `[lo, hi)` that falls in
+            // its own items, shifted to start at 0 (the runtime launches one phase at a time).
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
-            let one = f.b.index(1);
-            // One work item: a range that does not hold it computes nothing.
-            for_loop(f, &lo, &hi, &one, |f, _| {
-                result = plan.phases.iter().try_for_each(|p| cpu_phase(f, p));
-            });
-            result?;
-            Ok(LaunchShape::Cpu { work: kiln_ir::Dim::known(1) })
+            let mut start = f.b.index(0);
+            let mut phases = Vec::with_capacity(plan.phases.len());
+            for p in &plan.phases {
+                let (work, next) = cpu_phase(f, p, (&lo, &hi), &start)?;
+                phases.push(work);
+                start = next;
+            }
+            Ok(LaunchShape::CpuPhases { phases })
         }
         Target::Gpu => {
             let zero = f.b.index(0);
@@ -317,20 +320,34 @@ fn phased(f: &mut Frame, plan: &Plan) -> Result<LaunchShape, LowerError> {
     }
 }
 
-/// One phase on the CPU: all of its work items, in order.
-fn cpu_phase(f: &mut Frame, phase: &Phase) -> Result<(), LowerError> {
+/// One phase on the CPU, whose items start at item `start` of the kernel: the part of the kernel's
+/// range `[lo, hi)` among them. Returns the phase's work and the item after its last.
+fn cpu_phase(
+    f: &mut Frame,
+    phase: &Phase,
+    (lo, hi): (&Value, &Value),
+    start: &Value,
+) -> Result<(kiln_ir::Dim, Value), LowerError> {
     let k = phase_kernel(f.kernel, phase);
     let bufs = phase_buffers(f, &k, phase)?;
     let mut probe = f.probe(&k, bufs.clone());
     let LaunchShape::Cpu { work } = pattern(&mut probe, &phase.body, &phase.pattern)? else {
-        return Err(f.unsupported("fused", "a CPU phase without a CPU launch shape"));
+        return Err(f.unsupported("fused", "a CPU phase without a one-range CPU launch shape"));
     };
-    let hi = f.dim(work);
+    let n = f.dim(work);
+    let end = f.b.addi(start, &n);
+    // clamp(x, start, end) - start, for the range's two ends.
+    let local = |f: &mut Frame, x: &Value| {
+        let up = f.b.op("i", format_args!("arith.maxui {x}, {start} : index"));
+        let clamped = f.b.minui(&up, &end);
+        f.b.subi(&clamped, start)
+    };
+    let (plo, phi) = (local(f, lo), local(f, hi));
     let mut child = f.child(&k, bufs);
-    child.range = Some((child.b.index(0), hi));
+    child.range = Some((plo, phi));
     let launch = pattern(&mut child, &phase.body, &phase.pattern);
     f.adopt(child);
-    launch.map(|_| ())
+    launch.map(|_| (work, end))
 }
 
 /// One phase on the GPU: its grid walked by the kernel's one block.

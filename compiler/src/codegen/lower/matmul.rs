@@ -50,11 +50,11 @@ const ROWS: i64 = 8;
 /// Shared-memory row stride (a tile row plus one float of padding).
 const PITCH: i64 = TILE + 1;
 
-const VEC: &str = "vector<8xf32>";
+pub(super) const VEC: &str = "vector<8xf32>";
 
 impl Frame<'_> {
     /// `vector<8xf32>` from 8 consecutive elements of a buffer starting at `idx`.
-    fn load_vec(&mut self, buf: usize, idx: &Value) -> Value {
+    pub(super) fn load_vec(&mut self, buf: usize, idx: &Value) -> Value {
         let (view, memref, dtype) =
             (self.bufs[buf].view.clone(), self.bufs[buf].memref.clone(), self.bufs[buf].ty.dtype);
         match dtype {

@@ -98,6 +98,9 @@ pub enum LaunchShape {
     /// Work items `0..work`; any split into `[lo, hi)` ranges, run in any order or in parallel,
     /// computes the kernel.
     Cpu { work: Dim },
+    /// A phased kernel: the phases' work items end to end, each phase finished before the next
+    /// starts ([`kiln_ir::artifact::CpuKernel::phases`]).
+    CpuPhases { phases: Vec<Dim> },
     /// A grid of `grid[0] x grid[1] x grid[2]` blocks of `block` threads.
     Gpu { grid: [GridDim; 3], block: [u32; 3] },
 }
@@ -724,7 +727,7 @@ impl<'k> Frame<'k> {
             Target::Gpu => {
                 let block = match &launch {
                     LaunchShape::Gpu { block, .. } => *block,
-                    LaunchShape::Cpu { .. } => [1, 1, 1],
+                    LaunchShape::Cpu { .. } | LaunchShape::CpuPhases { .. } => [1, 1, 1],
                 };
                 let workgroup = if self.workgroup.is_empty() {
                     String::new()
@@ -737,8 +740,13 @@ impl<'k> Frame<'k> {
                 )
             }
         };
-        let signature = match &launch {
-            LaunchShape::Cpu { work } => {
+        let (work, phases) = match &launch {
+            LaunchShape::Cpu { work } => (Some(*work), &[][..]),
+            LaunchShape::CpuPhases { phases } => (Some(Dim::known(0)), &phases[..]),
+            LaunchShape::Gpu { .. } => (None, &[][..]),
+        };
+        let signature = match work {
+            Some(work) => {
                 use kiln_ir::artifact::{ArgRole, ArgSig};
                 let k = self.kernel;
                 let sig = |t: &TensorType, role| ArgSig { dtype: t.dtype, shape: t.shape.clone(), role };
@@ -746,9 +754,9 @@ impl<'k> Frame<'k> {
                     .chain(k.results.iter().map(|t| sig(t, ArgRole::Output)))
                     .chain(k.scratch.iter().map(|t| sig(t, ArgRole::Scratch)))
                     .collect();
-                Some(kiln_ir::artifact::signature(&args, &k.syms, *work))
+                Some(kiln_ir::artifact::signature(&args, &k.syms, work, phases))
             }
-            LaunchShape::Gpu { .. } => None,
+            None => None,
         };
         LoweredKernel {
             name: name.clone(),

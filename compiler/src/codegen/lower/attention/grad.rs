@@ -43,7 +43,8 @@ use kiln_ir::Dim;
 use super::super::reduce::block_sum;
 use super::super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use super::{
-    block_stats, constants, dot, known, online, owned_columns, row, score, softmax_at, visible, Mask, NEG_INF,
+    block_stats, constants, dot, dot_cpu, known, online, owned_columns, row, score, score_cpu, softmax_at,
+    visible, Mask, NEG_INF,
 };
 use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
 
@@ -199,22 +200,10 @@ fn grad_cpu(f: &mut Frame, g: &Grad, items: Dim) -> Result<LaunchShape, LowerErr
             for_loop(f, &zero, &group, &one, |f, j| {
                 let (_, r) = query_row(f, g, (&b, &kh), t, j);
                 let row = row(f, &r, (g.heads, g.kv_heads), g.scale, g.mask);
-                let query = |f: &mut Frame, i: &Value| {
-                    let at = f.b.addi(&row.q, i);
-                    f.load(0, &at)
-                };
-                let d_out = |f: &mut Frame, i: &Value| {
-                    let at = f.b.addi(&row.out, i);
-                    f.load(g.d_out, &at)
-                };
                 let dp_of = |f: &mut Frame, s: &Value| {
                     let vs = f.b.muli(s, &row.v_step);
                     let vbase = f.b.addi(&row.v, &vs);
-                    let value = |f: &mut Frame, i: &Value| {
-                        let at = f.b.addi(&vbase, i);
-                        f.load(2, &at)
-                    };
-                    dot(f, &row.dv, &d_out, &value)
+                    dot_cpu(f, &row.dv, (g.d_out, &row.out), (2, &vbase))
                 };
                 let ninf = f.b.constant(NEG_INF, "f32");
                 let ml = for_carry(
@@ -224,14 +213,14 @@ fn grad_cpu(f: &mut Frame, g: &Grad, items: Dim) -> Result<LaunchShape, LowerErr
                     &one,
                     &[(ninf, "f32"), (fzero.clone(), "f32")],
                     |f, s, c| {
-                        let x = score(f, &row, s, &query);
+                        let x = score_cpu(f, &row, s);
                         let (m, l) = online(f, &c[0], &c[1], &x);
                         vec![m, l]
                     },
                 );
                 let (m, l) = (&ml[0], &ml[1]);
                 let w = for_carry(f, &zero, &row.visible, &one, &[(fzero.clone(), "f32")], |f, s, acc| {
-                    let x = score(f, &row, s, &query);
+                    let x = score_cpu(f, &row, s);
                     let p = softmax_at(f, m, l, &x);
                     let dp = dp_of(f, s);
                     vec![f.fma(&p, &dp, &acc[0])]
@@ -239,7 +228,7 @@ fn grad_cpu(f: &mut Frame, g: &Grad, items: Dim) -> Result<LaunchShape, LowerErr
                 .remove(0);
                 for_loop(f, &zero, &dk, &one, |f, i| put(f, dq_acc, i, &fzero));
                 for_loop(f, &zero, &row.visible, &one, |f, s| {
-                    let x = score(f, &row, s, &query);
+                    let x = score_cpu(f, &row, s);
                     let dp = dp_of(f, s);
                     let (_, ds) = pair_terms(f, g, &x, &dp, [m, l, &w]);
                     let ks = f.b.muli(s, &row.k_step);
@@ -282,11 +271,11 @@ fn grad_cpu(f: &mut Frame, g: &Grad, items: Dim) -> Result<LaunchShape, LowerErr
                             }
                         };
                         let (query, d_out) = (at(&q_off, 0), at(&o_off, g.d_out));
-                        let (kread, vread) = (at(&key.k, 1), at(&key.v, 2));
-                        let x = dot(f, &dk, &query, &kread);
+                        // The forward's score, summed in the same order (`score_cpu`).
+                        let x = dot_cpu(f, &dk, (0, &q_off), (1, &key.k));
                         let scale = f.b.f32(g.scale);
                         let x = f.binf("mulf", &x, &scale);
-                        let dp = dot(f, &dv, &d_out, &vread);
+                        let dp = dot_cpu(f, &dv, (g.d_out, &o_off), (2, &key.v));
                         let [m, l, w] = load_stats(f, g, &r);
                         let (p, ds) = pair_terms(f, g, &x, &dp, [&m, &l, &w]);
                         for_loop(f, &zero, &dk, &one, |f, i| {

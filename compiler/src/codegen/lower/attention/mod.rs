@@ -16,7 +16,9 @@
 //!
 //! The scores are computed twice; that is the price of not storing `S` of them per row.
 //!
-//! CPU: work items are rows; the `Dv` accumulators live in a scratch array. GPU: one block per row.
+//! CPU: work items are rows; the `Dv` accumulators live in a scratch array. The dot products of
+//! the scores and the accumulation of `p_s * v_s` go 8 lanes at a time (so the scores' sums are
+//! reassociated, as the GEMMs' are), the last `Dk mod 8` / `Dv mod 8` one by one. GPU: one block per row.
 //! The query row is staged in shared memory; in pass 1 each thread keeps its own `(m, l)` over keys
 //! `tid, tid + block, ...`, and the block combines the pairs with a shared-memory tree; in pass 2 the
 //! keys are taken a block at a time: each thread computes one probability into shared memory, then
@@ -34,6 +36,7 @@ mod grad;
 
 use kiln_ir::{DType, Dim};
 
+use super::matmul::VEC;
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
 
@@ -173,6 +176,38 @@ fn score(f: &mut Frame, row: &Row, s: &Value, query: Read) -> Value {
     f.binf("mulf", &d, &row.scale)
 }
 
+/// `sum_i a[a0 + i] * b[b0 + i]` over `i` in `0..n`, elements of buffers `a` and `b`, on the CPU:
+/// 8 f32 lanes at a time (f16/bf16 widened as they load), their horizontal sum, then the last
+/// `n mod 8` in index order.
+fn dot_cpu(f: &mut Frame, n: &Value, (a, a0): (usize, &Value), (b, b0): (usize, &Value)) -> Value {
+    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(8));
+    let q = f.b.divui(n, &vl);
+    let nv = f.b.muli(&q, &vl);
+    let zv = f.b.constant("dense<0.0>", VEC);
+    let acc = for_carry(f, &zero, &nv, &vl, &[(zv, VEC)], |f, i, acc| {
+        let (ai, bi) = (f.b.addi(a0, i), f.b.addi(b0, i));
+        let (x, y) = (f.load_vec(a, &ai), f.load_vec(b, &bi));
+        let c = &acc[0];
+        vec![f.b.op("acc", format_args!("vector.fma {x}, {y}, {c} : {VEC}"))]
+    })
+    .remove(0);
+    let sum = f.b.op("s", format_args!("vector.reduction <add>, {acc} fastmath<reassoc> : {VEC} into f32"));
+    for_carry(f, &nv, n, &one, &[(sum, "f32")], |f, i, acc| {
+        let (ai, bi) = (f.b.addi(a0, i), f.b.addi(b0, i));
+        let (x, y) = (f.load(a, &ai), f.load(b, &bi));
+        vec![f.fma(&x, &y, &acc[0])]
+    })
+    .remove(0)
+}
+
+/// [`score`] on the CPU, with [`dot_cpu`].
+fn score_cpu(f: &mut Frame, row: &Row, s: &Value) -> Value {
+    let ks = f.b.muli(s, &row.k_step);
+    let kbase = f.b.addi(&row.k, &ks);
+    let d = dot_cpu(f, &row.dk, (0, &row.q), (1, &kbase));
+    f.binf("mulf", &d, &row.scale)
+}
+
 /// The online softmax step: `(m, l)` after one more score `x`.
 fn online(f: &mut Frame, m: &Value, l: &Value, x: &Value) -> (Value, Value) {
     let m2 = f.binf("maximumf", m, x);
@@ -229,17 +264,17 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, 
     let (acc, acc_ty) = f.scratch("f32", dv_n);
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let one = f.b.index(1);
+    // The output's columns in vectors of 8 (the accumulators' scratch is `Dv` floats), then the
+    // last `Dv mod 8` one by one.
+    let dv_vec = f.b.index((dv_n - dv_n % 8) as i64);
+    let vl = f.b.index(8);
     for_loop(f, &lo, &hi, &one, |f, r| {
         let row = row(f, r, (heads, kv_heads), scale, mask);
-        let query = |f: &mut Frame, i: &Value| {
-            let qi = f.b.addi(&row.q, i);
-            f.load(0, &qi)
-        };
         let zero = f.b.index(0);
         let (ninf, fzero) = (f.b.constant(NEG_INF, "f32"), f.b.f32(0.0));
         let ml =
             for_carry(f, &zero, &row.visible, &one, &[(ninf, "f32"), (fzero.clone(), "f32")], |f, s, c| {
-                let x = score(f, &row, s, &query);
+                let x = score_cpu(f, &row, s);
                 let (m, l) = online(f, &c[0], &c[1], &x);
                 vec![m, l]
             });
@@ -247,11 +282,19 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, 
             f.b.line(format_args!("memref.store {fzero}, {acc}[{d}] : {acc_ty}"));
         });
         for_loop(f, &zero, &row.visible, &one, |f, s| {
-            let x = score(f, &row, s, &query);
+            let x = score_cpu(f, &row, s);
             let p = probability(f, &row, &ml[0], &ml[1], &x);
             let vs = f.b.muli(s, &row.v_step);
             let vbase = f.b.addi(&row.v, &vs);
-            for_loop(f, &zero, &row.dv, &one, |f, d| {
+            let pv = f.b.op("p", format_args!("vector.broadcast {p} : f32 to {VEC}"));
+            for_loop(f, &zero, &dv_vec, &vl, |f, d| {
+                let vi = f.b.addi(&vbase, d);
+                let v = f.load_vec(2, &vi);
+                let a = f.b.op("acc", format_args!("vector.load {acc}[{d}] : {acc_ty}, {VEC}"));
+                let a = f.b.op("acc", format_args!("vector.fma {pv}, {v}, {a} : {VEC}"));
+                f.b.line(format_args!("vector.store {a}, {acc}[{d}] : {acc_ty}, {VEC}"));
+            });
+            for_loop(f, &dv_vec, &row.dv, &one, |f, d| {
                 let vi = f.b.addi(&vbase, d);
                 let v = f.load(2, &vi);
                 let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
