@@ -394,8 +394,9 @@ pub(super) fn grouped_with(
     Ok(match f.target {
         Target::Cpu => {
             // Rows come sorted by expert: [`GROUP_MR`] consecutive rows of one expert share each
-            // vector of its weights (a 4 x 1 register block), which cuts the weight traffic, the
-            // bound of these GEMMs, by 4. A block that straddles two experts, or the range's last
+            // vector of its weights, and [`GROUP_NC`] columns each vector of the rows (a 4 x 4
+            // register block, 4 x 2 for a gate/up pair), which cuts the loads per multiply-add
+            // from 2 to a half. A block that straddles two experts, or the range's last
             // rows, go one row at a time.
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let (mr, last) = (f.b.index(GROUP_MR as i64), f.b.index(GROUP_MR as i64 - 1));
@@ -414,9 +415,26 @@ pub(super) fn grouped_with(
                 if_then(f, &block, |f| {
                     row(f, m0, &|f, m0, _, views| {
                         let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn);
-                        for_loop(f, &zero, &n, &one, |f, col| {
+                        // GROUP_NC columns at a time (each input vector loaded once for them),
+                        // then the last `N mod GROUP_NC` one by one.
+                        let nc = (GROUP_NC / weights.len()).max(1);
+                        let ncv = f.b.index(nc as i64);
+                        let nq = f.b.divui(&n, &ncv);
+                        let n_full = f.b.muli(&nq, &ncv);
+                        for_loop(f, &zero, &n_full, &ncv, |f, col0| {
+                            let cols: Vec<(Value, Vec<WeightRead>)> = (0..nc)
+                                .map(|c| {
+                                    let ci = f.b.index(c as i64);
+                                    let col = f.b.addi(col0, &ci);
+                                    let reads = weight_reads(f, weights, views, &col, &k);
+                                    (col, reads)
+                                })
+                                .collect();
+                            grouped_block(f, &xrows, m0, &cols, (&n, &k), store);
+                        });
+                        for_loop(f, &n_full, &n, &one, |f, col| {
                             let reads = weight_reads(f, weights, views, col, &k);
-                            grouped_block(f, &xrows, (m0, col), (&n, &k), &reads, store);
+                            grouped_block(f, &xrows, m0, &[(col.clone(), reads)], (&n, &k), store);
                         });
                     });
                 });
@@ -467,6 +485,11 @@ pub(super) fn vector_float(dtype: DType) -> bool {
 
 /// Rows of one expert per CPU register block of a grouped GEMM.
 const GROUP_MR: usize = 4;
+
+/// Output columns per CPU register block of a grouped GEMM of one weight (shared by the GEMMs of a
+/// gate/up pair, so the `GROUP_MR x GROUP_NC` accumulators stay in the 32 vector registers of
+/// AVX-512 or spill a few on AVX2).
+const GROUP_NC: usize = 4;
 
 /// One GEMM's weight of the expert a row belongs to, as the kernel reads it at one output column:
 /// the view of its values (or FP8 codes), a buffer chosen at run time, and for FP8 the view of its
@@ -616,34 +639,39 @@ fn weight_reads(
     reads
 }
 
-/// Output column `col` of rows `m0 .. m0 + GROUP_MR` (all of one expert, whose weights `reads`
-/// reads, one per GEMM) of the input rows `xrows`: `GROUP_MR` vector accumulators per GEMM along `K`,
-/// each weight vector loaded (and for FP8 decoded and scaled) once for the block, a horizontal sum
-/// and a scalar tail; each row's sums go to `store`.
+/// Output columns `cols` (each with the reads of its weights, one per GEMM) of rows `m0 .. m0 +
+/// GROUP_MR` (all of one expert) of the input rows `xrows`: `GROUP_MR x cols x GEMMs` vector
+/// accumulators along `K`, each weight vector loaded (and for FP8 decoded and scaled) once for the
+/// block's rows and each input vector once for its columns, a horizontal sum and a scalar tail;
+/// each row and column's sums go to `store`.
 fn grouped_block(
     f: &mut Frame,
     xrows: &[InputRow],
-    (m0, col): (&Value, &Value),
+    m0: &Value,
+    cols: &[(Value, Vec<WeightRead>)],
     (n, k): (&Value, &Value),
-    reads: &[WeightRead],
     store: Store,
 ) {
     let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
     let kq = f.b.divui(k, &vl);
     let kvec = f.b.muli(&kq, &vl);
-    let wstart = f.b.muli(col, k);
+    let wstarts: Vec<Value> = cols.iter().map(|(col, _)| f.b.muli(col, k)).collect();
     let zero_v = f.b.constant("dense<0.0>", VEC);
-    let g = reads.len();
-    // Accumulator (r, w) is number r * g + w.
-    let inits: Vec<(Value, &str)> = (0..GROUP_MR * g).map(|_| (zero_v.clone(), VEC)).collect();
+    let g = cols[0].1.len();
+    let per_row = cols.len() * g;
+    // Accumulator (r, c, w) is number r * per_row + c * g + w.
+    let inits: Vec<(Value, &str)> = (0..GROUP_MR * per_row).map(|_| (zero_v.clone(), VEC)).collect();
     let accs = for_carry(f, &zero, &kvec, &vl, &inits, |f, i, acc| {
-        let wi = f.b.addi(&wstart, i);
-        let wv: Vec<Value> = reads.iter().map(|read| read.vec_at(f, &wi, i)).collect();
+        let mut wv = Vec::with_capacity(per_row);
+        for ((_, reads), wstart) in cols.iter().zip(&wstarts) {
+            let wi = f.b.addi(wstart, i);
+            wv.extend(reads.iter().map(|read| read.vec_at(f, &wi, i)));
+        }
         let mut out = Vec::with_capacity(acc.len());
         for (r, xr) in xrows.iter().enumerate() {
             let xv = xr.vec_at(f, i);
-            for (w, wv) in wv.iter().enumerate() {
-                let a = &acc[r * g + w];
+            for (j, wv) in wv.iter().enumerate() {
+                let a = &acc[r * per_row + j];
                 out.push(f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}")));
             }
         }
@@ -658,13 +686,16 @@ fn grouped_block(
         })
         .collect();
     let dots = for_carry(f, &kvec, k, &one, &sums, |f, i, acc| {
-        let wi = f.b.addi(&wstart, i);
-        let wv: Vec<Value> = reads.iter().map(|read| read.at(f, &wi, i)).collect();
+        let mut wv = Vec::with_capacity(per_row);
+        for ((_, reads), wstart) in cols.iter().zip(&wstarts) {
+            let wi = f.b.addi(wstart, i);
+            wv.extend(reads.iter().map(|read| read.at(f, &wi, i)));
+        }
         let mut out = Vec::with_capacity(acc.len());
         for (r, xr) in xrows.iter().enumerate() {
             let xv = xr.at(f, i);
-            for (w, wv) in wv.iter().enumerate() {
-                out.push(f.fma(&xv, wv, &acc[r * g + w]));
+            for (j, wv) in wv.iter().enumerate() {
+                out.push(f.fma(&xv, wv, &acc[r * per_row + j]));
             }
         }
         out
@@ -673,8 +704,11 @@ fn grouped_block(
         let ri = f.b.index(r as i64);
         let m = f.b.addi(m0, &ri);
         let mn = f.b.muli(&m, n);
-        let at = f.b.addi(&mn, col);
-        store(f, &at, &dots[r * g..(r + 1) * g]);
+        for (c, (col, _)) in cols.iter().enumerate() {
+            let at = f.b.addi(&mn, col);
+            let base = r * per_row + c * g;
+            store(f, &at, &dots[base..base + g]);
+        }
     }
 }
 
