@@ -253,6 +253,8 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         ),
         (Op::MoeCombine { top_k: 2 }, vec!["bf16[2*T, 8]", "i32[2*T]", "f32[T, 2]"], (-2.0, 2.0)),
         (Op::MoeCombine { top_k: 3 }, vec!["f32[3*T, 5]", "i64[3*T]", "f32[T, 3]"], (-2.0, 2.0)),
+        // Two of the CPU's 256-column work items per token, the second partial.
+        (Op::MoeCombine { top_k: 2 }, vec!["bf16[2*T, 300]", "i32[2*T]", "f32[T, 2]"], (-2.0, 2.0)),
         (quantize(&[1, 16], false), vec!["f32[B, T, 40]"], (-3.0, 3.0)),
         (quantize(&[1, 16], true), vec!["bf16[B, T, 40]"], (-3.0, 3.0)),
         (quantize(&[8, 16], false), vec!["f32[20, 36]"], (-100.0, 100.0)),

@@ -37,9 +37,10 @@
 //! (f32, or f16/bf16 widened as they load) the CPU kernel is `matmul::grouped_with`'s register
 //! blocks of 4 rows of one expert, vectors of 8 along K; FP8 weights go element by element with
 //! their scales. **`moe_combine`**:
-//! work items (CPU) and threads (GPU) are output columns; each walks the rows in ascending order and
-//! adds `round(y * w)` into its token's output in the dtype, which is exactly the interpreter's order
-//! per token. Rows whose slot is out of range are skipped.
+//! GPU threads are output columns, CPU work items a token and a run of 256 columns (its rows found
+//! by scanning the permutation); each walks the rows in ascending order and adds `round(y * w)`
+//! into its token's output in the dtype, which is exactly the interpreter's order per token. Rows
+//! whose slot is out of range are skipped.
 //!
 //! Not done: a parallel dispatch (prefix sums across blocks), grouped GEMM tiling, and anything
 //! fused.
@@ -693,6 +694,9 @@ pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchSh
     })
 }
 
+/// Columns per CPU work item of `moe_combine`.
+const COMBINE_COLS: u64 = 256;
+
 pub(super) fn combine(f: &mut Frame, top_k: u64) -> Result<LaunchShape, LowerError> {
     let y = f.bufs[0].ty.clone();
     let perm_type = f.bufs[1].ty.dtype;
@@ -701,6 +705,55 @@ pub(super) fn combine(f: &mut Frame, top_k: u64) -> Result<LaunchShape, LowerErr
     let kv = f.b.index(top_k as i64);
     let (zero, one) = (f.b.index(0), f.b.index(1));
     let dtype = y.dtype;
+    if let (Target::Cpu, Some(dn)) = (f.target, y.shape[1].as_known()) {
+        // Work items are (token, chunk of COMBINE_COLS columns): each finds its token's rows by
+        // scanning the permutation (a few integer loads per row) and adds them in row order, as
+        // the column items below do, so the sums are the same; but it reads and writes whole
+        // runs of a row instead of one column of every row.
+        let chunks = dn.div_ceil(COMBINE_COLS).max(1);
+        let work = tokens_dim
+            .checked_mul(Dim::known(chunks))
+            .ok_or_else(|| f.unsupported("moe_combine", "the work does not fit a dimension"))?;
+        let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+        let (chv, cw) = (f.b.index(chunks as i64), f.b.index(COMBINE_COLS as i64));
+        for_loop(f, &lo, &hi, &one, |f, i| {
+            let t = f.b.divui(i, &chv);
+            let tc = f.b.muli(&t, &chv);
+            let ch = f.b.subi(i, &tc);
+            let c0 = f.b.muli(&ch, &cw);
+            let c1 = f.b.addi(&c0, &cw);
+            let c1 = f.b.minui(&c1, &d);
+            let td = f.b.muli(&t, &d);
+            let fzero = f.b.f32(0.0);
+            for_loop(f, &c0, &c1, &one, |f, c| {
+                let at = f.b.addi(&td, c);
+                f.store(3, &at, &fzero);
+            });
+            for_loop(f, &zero, &rows, &one, |f, r| {
+                let slot = f.load(1, r);
+                let slot = f.int_to_index(&slot, perm_type);
+                let valid = f.cmp("ult", &slot, &rows, "index");
+                let token = f.b.divui(&slot, &kv);
+                let same = f.cmp("eq", &token, &t, "index");
+                let mine = f.b.op("p", format_args!("arith.andi {valid}, {same} : i1"));
+                if_then(f, &mine, |f| {
+                    let w = f.load(2, &slot);
+                    let rd = f.b.muli(r, &d);
+                    for_loop(f, &c0, &c1, &one, |f, c| {
+                        let yi = f.b.addi(&rd, c);
+                        let v = f.load(0, &yi);
+                        let contrib = f.binf("mulf", &v, &w);
+                        let contrib = f.round_to(&contrib, dtype);
+                        let at = f.b.addi(&td, c);
+                        let acc = f.load(3, &at);
+                        let sum = f.binf("addf", &acc, &contrib);
+                        f.store(3, &at, &sum);
+                    });
+                });
+            });
+        });
+        return Ok(LaunchShape::Cpu { work });
+    }
     Ok(each_element(f, y.shape[1], |f, c| {
         let fzero = f.b.f32(0.0);
         for_loop(f, &zero, &tokens, &one, |f, t| {
