@@ -299,8 +299,8 @@ pub enum GemmOperand {
 
 /// How a GEMM of a fused body reads `v`: an input, or a `dequantize` the GEMM can do as it loads.
 /// That needs f8e4m3 codes and f32 scales that are inputs, a result in f32 (one rounding of
-/// `q * s`, as the interpreter's), blocks of a multiple of 8 columns (the CPU's vector loads share
-/// one scale), and blocks of one row unless the operand is a matrix (the rows of a flattened
+/// `q * s`, as the interpreter's), blocks of a multiple of [`CPU_LANES`] columns (the CPU's vector
+/// loads share one scale), and blocks of one row unless the operand is a matrix (the rows of a flattened
 /// activation are its leading dimensions).
 pub fn gemm_operand(g: &Graph, v: ValueId) -> Option<GemmOperand> {
     if let Some(i) = input_behind_reshapes(g, v) {
@@ -319,7 +319,7 @@ pub fn gemm_operand(g: &Graph, v: ValueId) -> Option<GemmOperand> {
         [r, c] => (*r, *c),
         _ => return None,
     };
-    if cols == 0 || cols % 8 != 0 || (rows != 1 && rank != 2) || rows == 0 {
+    if cols == 0 || cols % crate::codegen::lower::CPU_LANES != 0 || (rows != 1 && rank != 2) || rows == 0 {
         return None;
     }
     Some(GemmOperand::Fp8 { codes, scales, rows, cols })

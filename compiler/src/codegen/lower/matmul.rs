@@ -6,14 +6,14 @@
 //! covers consecutive rows of one panel of [`NB`] weight rows (the `NB x K` panel stays in L2 while
 //! those rows pass over it), and a single row (a decode step's GEMV) still splits by panels. Each
 //! panel is
-//! covered by [`MR`] x [`NR`] register blocks: `MR * NR` accumulators of `vector<8xf32>`, each a dot
+//! covered by [`MR`] x [`NR`] register blocks: `MR * NR` accumulators of `vector<16xf32>`, each a dot
 //! product along `K` (both operands are contiguous in `K`), fed by `MR + NR` vector loads per
-//! `MR * NR` `vector.fma`s; a horizontal sum and a scalar loop over the last `K mod 8` finish each
+//! `MR * NR` `vector.fma`s; a horizontal sum and a scalar loop over the last `K mod 16` finish each
 //! output. Rows and columns that do not fill a block use 1-row and 1-column variants of the same block,
 //! so any `M`, `N`, `K` work. Not yet done: packing, K blocking, and vector widths chosen from the host.
 //!
 //! CPU `matmul` (used by nothing in DeepSeek's forward graph today) is simpler: per output row, one
-//! `vector<8xf32>` of columns at a time, accumulated over `K` with broadcast FMAs, and a scalar tail.
+//! `vector<16xf32>` of columns at a time, accumulated over `K` with broadcast FMAs, and a scalar tail.
 //!
 //! GPU (both ops): 32x32 output tiles, one block of 32x8 threads per tile (each thread computes 4
 //! outputs of one column), the K dimension walked in steps of 32 through two shared-memory tiles
@@ -40,7 +40,7 @@ pub const MR: usize = 4;
 /// Weight rows (output columns) per CPU register block.
 pub const NR: usize = 4;
 /// Vector width in f32 lanes.
-const VL: i64 = 8;
+pub(super) const VL: i64 = super::CPU_LANES as i64;
 /// Weight rows per CPU panel (a multiple of [`NR`]).
 pub const NB: i64 = 64;
 /// GPU output tile (rows and columns) and K step.
@@ -50,24 +50,26 @@ const ROWS: i64 = 8;
 /// Shared-memory row stride (a tile row plus one float of padding).
 const PITCH: i64 = TILE + 1;
 
-pub(super) const VEC: &str = "vector<8xf32>";
+/// `vector<{CPU_LANES}xf32>`.
+pub(super) const VEC: &str = "vector<16xf32>";
+const _: () = assert!(VL == 16, "VEC and the vector types below are written for 16 lanes");
 
 impl Frame<'_> {
-    /// `vector<8xf32>` from 8 consecutive elements of a buffer starting at `idx`.
+    /// `vector<16xf32>` from 16 consecutive elements of a buffer starting at `idx`.
     pub(super) fn load_vec(&mut self, buf: usize, idx: &Value) -> Value {
         let (view, memref, dtype) =
             (self.bufs[buf].view.clone(), self.bufs[buf].memref.clone(), self.bufs[buf].ty.dtype);
         match dtype {
             DType::F16 | DType::BF16 => {
                 let e = if dtype == DType::F16 { "f16" } else { "bf16" };
-                let v = self.b.op("xv", format_args!("vector.load {view}[{idx}] : {memref}, vector<8x{e}>"));
-                self.b.op("xv", format_args!("arith.extf {v} : vector<8x{e}> to {VEC}"))
+                let v = self.b.op("xv", format_args!("vector.load {view}[{idx}] : {memref}, vector<16x{e}>"));
+                self.b.op("xv", format_args!("arith.extf {v} : vector<16x{e}> to {VEC}"))
             }
             _ => self.b.op("xv", format_args!("vector.load {view}[{idx}] : {memref}, {VEC}")),
         }
     }
 
-    /// `vector<8xf32>` from 8 consecutive elements at `idx` of a 1-D memref value `view` of
+    /// `vector<16xf32>` from 16 consecutive elements at `idx` of a 1-D memref value `view` of
     /// `dtype` elements (`memref<?x{storage}>`, a buffer chosen at run time, such as one expert's
     /// weight).
     fn load_view_vec(&mut self, view: &Value, dtype: DType, idx: &Value) -> Value {
@@ -75,8 +77,8 @@ impl Frame<'_> {
         let memref = format!("memref<?x{e}>");
         match dtype {
             DType::F16 | DType::BF16 => {
-                let v = self.b.op("wv", format_args!("vector.load {view}[{idx}] : {memref}, vector<8x{e}>"));
-                self.b.op("wv", format_args!("arith.extf {v} : vector<8x{e}> to {VEC}"))
+                let v = self.b.op("wv", format_args!("vector.load {view}[{idx}] : {memref}, vector<16x{e}>"));
+                self.b.op("wv", format_args!("arith.extf {v} : vector<16x{e}> to {VEC}"))
             }
             _ => self.b.op("wv", format_args!("vector.load {view}[{idx}] : {memref}, {VEC}")),
         }
@@ -89,8 +91,8 @@ impl Frame<'_> {
             DType::F16 | DType::BF16 => {
                 let e = if dtype == DType::F16 { "f16" } else { "bf16" };
                 (
-                    self.b.op("yv", format_args!("arith.truncf {v} : {VEC} to vector<8x{e}>")),
-                    format!("vector<8x{e}>"),
+                    self.b.op("yv", format_args!("arith.truncf {v} : {VEC} to vector<16x{e}>")),
+                    format!("vector<16x{e}>"),
                 )
             }
             _ => (v.clone(), VEC.to_string()),
@@ -120,7 +122,7 @@ fn check_float(f: &Frame, buf: usize, op: &str) -> Result<(), LowerError> {
 /// values, or FP8 codes with their block scales, `dequantize` fused into the load (`fp8-gemm`):
 /// element `(r, k)` is `decode(codes[r * K + k]) * scales[(r / rows) * ceil(K / cols) + k / cols]`,
 /// the product rounded once to f32 as the interpreter's `dequantize` to f32 rounds it. The CPU's
-/// vector loads need `cols` to be a multiple of the vector width (8), so that the eight lanes of one
+/// vector loads need `cols` to be a multiple of the vector width (16), so that the lanes of one
 /// load share a scale; the fusion analysis only forms such kernels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Operand {
@@ -194,14 +196,14 @@ impl OperandRow {
         }
     }
 
-    /// Elements `kk .. kk + 8` of the row (`kk` a multiple of 8), as a `vector<8xf32>`.
+    /// Elements `kk .. kk + 16` of the row (`kk` a multiple of 16), as a `vector<16xf32>`.
     fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
         let i = f.b.addi(&self.start, kk);
         match self.op {
             Operand::Plain(b) => f.load_vec(b, &i),
             Operand::Fp8 { codes, .. } => {
                 let (view, memref) = (f.bufs[codes].view.clone(), f.bufs[codes].memref.clone());
-                let q = f.b.op("qv", format_args!("vector.load {view}[{i}] : {memref}, vector<8xi8>"));
+                let q = f.b.op("qv", format_args!("vector.load {view}[{i}] : {memref}, vector<16xi8>"));
                 let q = f.f8_decode_vec(&q);
                 let s = self.scale(f, kk).expect("FP8 rows have scales");
                 let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
@@ -267,7 +269,7 @@ const GROUPED_BLOCK: i64 = 256;
 /// `w`; each output element's sums go to `store` (rows no expert holds get 0, as `grouped_linear`
 /// defines). One work item (CPU) or thread (GPU) per row and column, as `moe`'s `grouped_linear`:
 /// the expert of row `m` is the number of `offsets[e + 1] <= m`, and its weights are picked by an
-/// `scf.index_switch`. On the CPU, operands go in vectors of 8 along K (f16/bf16 widened to f32,
+/// `scf.index_switch`. On the CPU, operands go in vectors of 16 along K (f16/bf16 widened to f32,
 /// FP8 codes decoded in registers and times their block scales, as they load), 4 rows of one expert
 /// at a time ([`grouped_block`]). Packing the experts' weights is not done yet.
 pub(super) fn grouped_with(
@@ -340,7 +342,7 @@ pub(super) fn grouped_with(
         let wstart = f.b.muli(col, &k);
         let reads = weight_reads(f, weights, views, col, &k);
         let fzero = f.b.f32(0.0);
-        // On the CPU, vectors of 8 along K (f16/bf16 widened and FP8 decoded with their block
+        // On the CPU, vectors of 16 along K (f16/bf16 widened and FP8 decoded with their block
         // scales as they load), then the scalar loop below finishes the tail.
         let (tail, inits): (Value, Vec<(Value, &str)>) = if f.target == Target::Cpu {
             let vl = f.b.index(VL);
@@ -519,14 +521,14 @@ impl WeightRead {
         }
     }
 
-    /// Elements `wi .. wi + 8` (columns `kk .. kk + 8`, one scale block: [`Operand::check`]) as a
-    /// `vector<8xf32>`: f16/bf16 widened, FP8 decoded in registers and times its block's scale.
+    /// Elements `wi .. wi + 16` (columns `kk .. kk + 16`, one scale block: [`Operand::check`]) as a
+    /// `vector<16xf32>`: f16/bf16 widened, FP8 decoded in registers and times its block's scale.
     fn vec_at(&self, f: &mut Frame, wi: &Value, kk: &Value) -> Value {
         if self.dtype != DType::F8E4M3 {
             return f.load_view_vec(&self.view, self.dtype, wi);
         }
         let view = &self.view;
-        let q = f.b.op("qv", format_args!("vector.load {view}[{wi}] : memref<?xi8>, vector<8xi8>"));
+        let q = f.b.op("qv", format_args!("vector.load {view}[{wi}] : memref<?xi8>, vector<16xi8>"));
         let q = f.f8_decode_vec(&q);
         let s = self.scale(f, kk).expect("FP8 weights have scales");
         let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
@@ -591,7 +593,7 @@ impl InputRow {
         }
     }
 
-    /// Elements `kk .. kk + 8` of the row, as a `vector<8xf32>`.
+    /// Elements `kk .. kk + 16` of the row, as a `vector<16xf32>`.
     fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
         match self {
             InputRow::Operand(op) => op.vec_at(f, kk),

@@ -27,6 +27,12 @@
 //! Guarantees: the text is a function that parses and verifies in MLIR 22 (checked by the emit
 //! stage); a kernel that a family cannot lower yields [`LowerError::Unsupported`], never a panic.
 
+/// f32 lanes of the CPU kernels' vectors (`vector<16xf32>`): one AVX-512 register, two on an
+/// AVX2-only host, where LLVM splits them. Measured on bench.toml (AVX-512, 2 threads) against 8
+/// lanes: prefill 1.1-2x and decode 1.05-1.4x faster, the most for bf16 and FP8, whose widening
+/// loads cost instructions per value. Blocks of FP8 scales must span a multiple of it.
+pub const CPU_LANES: u64 = 16;
+
 mod attention;
 mod chain;
 mod elementwise;

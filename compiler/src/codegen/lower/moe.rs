@@ -35,7 +35,7 @@
 //! expert whose offsets range holds `m` (found by counting offsets, then a switch); rows past
 //! `offsets[E]` are zeros. CPU work items are rows; GPU threads are elements. With float operands
 //! (f32, or f16/bf16 widened as they load) the CPU kernel is `matmul::grouped_with`'s register
-//! blocks of 4 rows of one expert, vectors of 8 along K; FP8 weights go element by element with
+//! blocks of 4 rows of one expert, vectors of 16 along K; FP8 weights go element by element with
 //! their scales. **`moe_combine`**:
 //! GPU threads are output columns, CPU work items a token and a run of 256 columns (its rows found
 //! by scanning the permutation); each walks the rows in ascending order and adds `round(y * w)`

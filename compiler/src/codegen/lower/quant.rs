@@ -68,7 +68,7 @@ impl Frame<'_> {
         self.b.op("q", format_args!("arith.bitcast {bits} : i32 to f32"))
     }
 
-    /// `f8_decode` on eight bytes at once, a `vector<8xi8>` of codes to a `vector<8xf32>` (the
+    /// `f8_decode` on 16 bytes at once, a `vector<16xi8>` of codes to a `vector<16xf32>` (the
     /// CPU's vector GEMM loads), through f16: E4M3's seven magnitude bits `eeeemmm` placed at bits
     /// 13..7 of an f16 make the f16 with the same mantissa and exponent field, normal or subnormal
     /// alike, which is the E4M3 value times 2^-8 (exponent bias 15 against 7). The host's
@@ -76,13 +76,13 @@ impl Frame<'_> {
     /// exact, so the result is `f8_decode`'s bit for bit; the NaN codes (magnitude 0x7F) become
     /// f16 NaNs first. About half the vector instructions of the integer route.
     pub(super) fn f8_decode_vec(&mut self, x: &Value) -> Value {
-        const VI: &str = "vector<8xi16>";
-        const VF: &str = "vector<8xf32>";
+        const VI: &str = "vector<16xi16>";
+        const VF: &str = "vector<16xf32>";
         let c = |f: &mut Self, v: i64| f.b.constant(&format!("dense<{v}>"), VI);
         let bin = |f: &mut Self, op: &str, a: &Value, b: &Value| {
             f.b.op("b", format_args!("arith.{op} {a}, {b} : {VI}"))
         };
-        let code = self.b.op("q", format_args!("arith.extui {x} : vector<8xi8> to {VI}"));
+        let code = self.b.op("q", format_args!("arith.extui {x} : vector<16xi8> to {VI}"));
         let (m7f, m80, c7, c8) = (c(self, 0x7F), c(self, 0x80), c(self, 7), c(self, 8));
         let mag = bin(self, "andi", &code, &m7f);
         let s = bin(self, "andi", &code, &m80);
@@ -92,10 +92,10 @@ impl Frame<'_> {
         let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {m7f} : {VI}"));
         let qnan = c(self, 0x7E00);
         let shifted =
-            self.b.op("s", format_args!("arith.select {is_nan}, {qnan}, {shifted} : vector<8xi1>, {VI}"));
+            self.b.op("s", format_args!("arith.select {is_nan}, {qnan}, {shifted} : vector<16xi1>, {VI}"));
         let bits = bin(self, "ori", &shifted, &sign);
-        let half = self.b.op("q", format_args!("arith.bitcast {bits} : {VI} to vector<8xf16>"));
-        let wide = self.b.op("q", format_args!("arith.extf {half} : vector<8xf16> to {VF}"));
+        let half = self.b.op("q", format_args!("arith.bitcast {bits} : {VI} to vector<16xf16>"));
+        let wide = self.b.op("q", format_args!("arith.extf {half} : vector<16xf16> to {VF}"));
         let two8 = self.b.constant("dense<256.0>", VF);
         self.b.op("q", format_args!("arith.mulf {wide}, {two8} : {VF}"))
     }

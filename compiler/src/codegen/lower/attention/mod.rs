@@ -17,8 +17,8 @@
 //! The scores are computed twice; that is the price of not storing `S` of them per row.
 //!
 //! CPU: work items are rows; the `Dv` accumulators live in a scratch array. The dot products of
-//! the scores and the accumulation of `p_s * v_s` go 8 lanes at a time (so the scores' sums are
-//! reassociated, as the GEMMs' are), the last `Dk mod 8` / `Dv mod 8` one by one. GPU: one block per row.
+//! the scores and the accumulation of `p_s * v_s` go 16 lanes at a time (so the scores' sums are
+//! reassociated, as the GEMMs' are), the last `Dk mod 16` / `Dv mod 16` one by one. GPU: one block per row.
 //! The query row is staged in shared memory; in pass 1 each thread keeps its own `(m, l)` over keys
 //! `tid, tid + block, ...`, and the block combines the pairs with a shared-memory tree; in pass 2 the
 //! keys are taken a block at a time: each thread computes one probability into shared memory, then
@@ -36,7 +36,7 @@ mod grad;
 
 use kiln_ir::{DType, Dim};
 
-use super::matmul::VEC;
+use super::matmul::{VEC, VL};
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, Value};
 
@@ -177,10 +177,10 @@ fn score(f: &mut Frame, row: &Row, s: &Value, query: Read) -> Value {
 }
 
 /// `sum_i a[a0 + i] * b[b0 + i]` over `i` in `0..n`, elements of buffers `a` and `b`, on the CPU:
-/// 8 f32 lanes at a time (f16/bf16 widened as they load), their horizontal sum, then the last
-/// `n mod 8` in index order.
+/// 16 f32 lanes at a time (f16/bf16 widened as they load), their horizontal sum, then the last
+/// `n mod 16` in index order.
 fn dot_cpu(f: &mut Frame, n: &Value, (a, a0): (usize, &Value), (b, b0): (usize, &Value)) -> Value {
-    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(8));
+    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
     let q = f.b.divui(n, &vl);
     let nv = f.b.muli(&q, &vl);
     let zv = f.b.constant("dense<0.0>", VEC);
@@ -264,10 +264,10 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, 
     let (acc, acc_ty) = f.scratch("f32", dv_n);
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let one = f.b.index(1);
-    // The output's columns in vectors of 8 (the accumulators' scratch is `Dv` floats), then the
-    // last `Dv mod 8` one by one.
-    let dv_vec = f.b.index((dv_n - dv_n % 8) as i64);
-    let vl = f.b.index(8);
+    // The output's columns in vectors of 16 (the accumulators' scratch is `Dv` floats), then the
+    // last `Dv mod 16` one by one.
+    let dv_vec = f.b.index((dv_n - dv_n % VL as u64) as i64);
+    let vl = f.b.index(VL);
     for_loop(f, &lo, &hi, &one, |f, r| {
         let row = row(f, r, (heads, kv_heads), scale, mask);
         let zero = f.b.index(0);
