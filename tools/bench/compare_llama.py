@@ -173,7 +173,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--keep", type=Path, help="keep the checkpoints, GGUFs and artifacts here")
+    p.add_argument("--keep", type=Path,
+                   help="keep the checkpoints, GGUFs and artifacts here, and reuse the checkpoints and GGUFs")
     a = p.parse_args()
     a.prompts = [int(x) for x in a.prompts.split(",")]
     formats = a.formats.split(",")
@@ -217,9 +218,10 @@ def main() -> None:
                 weights = work / "hf-fp8"
                 if not (weights / "model.safetensors").exists():
                     quantise_fp8(a.python, hf, weights)
+            # Compiled every run (seconds), so a kept folder never measures an older kiln's kernels.
             artifact = work / f"{spec.stem}-{fmt}.kiln"
-            if not artifact.exists():
-                run([a.kiln, "compile", str(variant), "--target", "cpu", "-o", str(artifact)])
+            shutil.rmtree(artifact, ignore_errors=True)
+            run([a.kiln, "compile", str(variant), "--target", "cpu", "-o", str(artifact)])
             print(f"kiln {fmt} ...", file=sys.stderr)
             results[("kiln", fmt)] = kiln_bench(a.kiln, artifact, weights, a)
 
