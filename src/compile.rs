@@ -96,6 +96,12 @@ pub struct Args {
     /// `kiln perplexity` runs).
     #[arg(long)]
     no_score: bool,
+    /// From a spec with an MTP module, compile for speculative decoding (`kiln run --speculative`):
+    /// the `draft` program (MTP module 1 over a KV cache of its own), prefill and decode programs
+    /// that also output the main model's hidden states, and a decode program that verifies two
+    /// tokens per sequence.
+    #[arg(long, conflicts_with_all = ["no_kv_cache", "train"])]
+    speculative: bool,
     /// From a spec, compile the `train_step` program instead of the inference programs (forward,
     /// next-token loss, backward, clipping and AdamW with DeepSeek-V3's settings; `kiln train`
     /// sets its own).
@@ -263,6 +269,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         max_context: req.max_context,
         kv_cache: !req.no_kv_cache,
         score: !req.no_score,
+        speculative: req.speculative,
         train: match req.train {
             true => {
                 let e = req.settings.over(crate::train::Settings::defaults(), None)?;

@@ -220,6 +220,13 @@ enum Command {
         /// to FILE, one line of numbers per row: to compare devices (scripts/gpu-check.sh).
         #[arg(long, value_name = "FILE")]
         dump_logits: Option<PathBuf>,
+        /// Decode speculatively with the MTP module (DeepSeek-V3 §5.4.3): each step checks the
+        /// module's draft of the next token with the main model while making the token before it,
+        /// so an accepted draft gives two tokens per pass. The tokens are those of plain greedy
+        /// decoding; the report gives the acceptance rate. Needs an artifact compiled with
+        /// `kiln compile --speculative` and greedy decoding.
+        #[arg(long, conflicts_with = "interp")]
+        speculative: bool,
         /// Print one JSON document on standard output at the end (the tokens, the text, each
         /// token's logit and probability, the speeds, and what --expert-load and --profile
         /// measured) instead of the generated text; the report still goes to standard error.
@@ -925,6 +932,7 @@ fn run(command: Command) -> Result<()> {
             profile,
             trace,
             dump_logits,
+            speculative,
             json,
             ep,
             comm_timeout,
@@ -955,6 +963,7 @@ fn run(command: Command) -> Result<()> {
                 profile,
                 trace: trace.as_deref(),
                 dump_logits: dump_logits.as_deref(),
+                speculative,
                 ep: None,
             };
             let Some(n) = ep else {

@@ -38,7 +38,8 @@ use kiln_runtime::artifact::{self, Artifact};
 use kiln_runtime::cpu::{CpuModel, CpuOptions, LayerLoad};
 use kiln_runtime::exec::{Backend, Executor};
 use kiln_runtime::generate::{
-    generate, Engine, GenerateOptions, Generation, KvCache, Limits, Sampling, TokenEvent,
+    generate, generate_speculative, Engine, Flow, GenerateOptions, Generation, KvCache, Limits, Sampling,
+    TokenEvent,
 };
 use kiln_runtime::gpu::{GpuModel, GpuOptions};
 use kiln_runtime::reference::Reference;
@@ -87,6 +88,9 @@ pub struct Request<'a> {
     pub dump_logits: Option<&'a Path>,
     /// `--trace FILE`: a Chrome/Perfetto trace of every run and launch.
     pub trace: Option<&'a Path>,
+    /// `--speculative`: greedy speculative decoding with the MTP module
+    /// ([`kiln_runtime::generate::generate_speculative`]).
+    pub speculative: bool,
     /// `--ep N` under mpirun: this process is one of N holding a share of the routed experts
     /// ([`kiln_compiler::expert_parallel`]).
     pub ep: Option<&'a crate::dist::Dist>,
@@ -611,6 +615,10 @@ impl Engine for LogitsRecorder<'_> {
         self.engine.kv_cache()
     }
 
+    fn output_len(&self, name: &str) -> Result<usize, RuntimeError> {
+        self.engine.output_len(name)
+    }
+
     fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
         let v = self.engine.output_f32(name, range)?;
         if name == kiln_runtime::generate::LOGITS {
@@ -725,7 +733,14 @@ fn generate_and_report(
         }
     };
     let mut recorder = LogitsRecorder { engine, rows: RefCell::new(Vec::new()) };
-    let g = generate(&mut recorder, &prompts, &opts, &mut on_token)?;
+    let g = if req.speculative {
+        generate_speculative(&mut recorder, &prompts, &opts, &mut |e| {
+            on_token(e);
+            Flow::Continue
+        })?
+    } else {
+        generate(&mut recorder, &prompts, &opts, &mut on_token)?
+    };
     if let Some(path) = req.dump_logits {
         write_logits(path, &recorder.rows.into_inner())?;
     }
@@ -783,6 +798,9 @@ fn generate_and_report(
             "decode_tokens_per_s": s.decode_tokens_per_s(),
             "forward_passes": s.forwards,
             "kv_cache": g.cached,
+            "drafts": s.drafted,
+            "drafts_accepted": s.accepted,
+            "acceptance": s.acceptance(),
         }),
     );
     Ok(report)
@@ -794,9 +812,13 @@ fn speeds(g: &Generation) -> String {
         Some(r) => format!("decode {} tokens at {r:.1} tokens/s", s.decode_tokens),
         None => "no decode steps".into(),
     };
+    let drafts = match s.acceptance() {
+        Some(a) => format!("; {} of {} drafts accepted ({:.1}%)", s.accepted, s.drafted, 100.0 * a),
+        None => String::new(),
+    };
     format!(
         "time to first token {:.1} ms; prefill {} tokens at {:.1} tokens/s; {decode} \
-         ({} forward passes{})",
+         ({} forward passes{}{drafts})",
         s.first_token.as_secs_f64() * 1e3,
         s.prompt_tokens,
         s.prefill_tokens_per_s(),

@@ -53,7 +53,9 @@ use kiln_ir::types::Sym;
 use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
 
-use crate::build::{build_cached, build_graph, build_score, BuildError, Phase};
+use crate::build::{
+    build_cached, build_draft, build_graph, build_score, build_speculative, BuildError, Phase,
+};
 use crate::codegen::{
     cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
     LoweredModule, Step, Target,
@@ -105,6 +107,11 @@ pub struct Options {
     pub train: Option<TrainOptions>,
     /// Put a parallel plan into the manifest ([`parallel_plan`]).
     pub parallel: Option<Parallel>,
+    /// With `kv_cache`, compile for speculative decoding with the MTP module: the prefill and
+    /// decode programs also output the main model's hidden states ([`build_speculative`]), the
+    /// decode program takes two new tokens per sequence (the last one accepted and the draft), and
+    /// the `draft` program ([`build_draft`]) is added.
+    pub speculative: bool,
 }
 
 /// The pipeline and expert parallelism to plan (`kiln compile --pp`): a
@@ -138,7 +145,16 @@ pub struct TrainOptions {
 impl Options {
     /// Every program a spec compiles to by default: prefill, decode and score.
     pub fn new(targets: Targets, max_batch: u64, max_context: u64) -> Options {
-        Options { targets, max_batch, max_context, kv_cache: true, score: true, train: None, parallel: None }
+        Options {
+            targets,
+            max_batch,
+            max_context,
+            kv_cache: true,
+            score: true,
+            train: None,
+            parallel: None,
+            speculative: false,
+        }
     }
 
     /// The sizes the buffer plan is made for: `T <= S` always, so both get `max_context`.
@@ -147,10 +163,10 @@ impl Options {
     }
 
     /// The sizes the buffer plan of a program of `kind` is made for: a decode program runs one new
-    /// token per sequence.
+    /// token per sequence, or two when it verifies a draft.
     pub fn max_sizes_of(&self, kind: ProgramKind) -> SymBindings {
         match kind {
-            ProgramKind::Decode => SymBindings { t: 1, ..self.max_sizes() },
+            ProgramKind::Decode => SymBindings { t: 1 + u64::from(self.speculative), ..self.max_sizes() },
             _ => self.max_sizes(),
         }
     }
@@ -450,7 +466,11 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
     let mut add = |name: &str, kind: ProgramKind, graph: Graph| {
         module.programs.push(Program { name: name.to_string(), kind, graph });
     };
-    if options.kv_cache {
+    if options.kv_cache && options.speculative {
+        add("prefill", ProgramKind::Prefill, build_speculative(spec, Phase::Prefill)?);
+        add("decode", ProgramKind::Decode, build_speculative(spec, Phase::Decode)?);
+        add("draft", ProgramKind::Draft, build_draft(spec)?);
+    } else if options.kv_cache {
         add("prefill", ProgramKind::Prefill, build_cached(spec, Phase::Prefill)?);
         add("decode", ProgramKind::Decode, build_cached(spec, Phase::Decode)?);
     } else {

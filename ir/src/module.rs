@@ -147,16 +147,20 @@ pub enum ProgramKind {
     /// gradients, the loss and the expert loads added into accumulator states that the step's last
     /// micro-batch (`train_step`) reads (`accumulate`).
     Accumulate,
+    /// The MTP module's draft of the next token in speculative decoding, over a KV cache of its own
+    /// layer, reading the main model's hidden states (`draft`).
+    Draft,
 }
 
 impl ProgramKind {
-    pub const ALL: [ProgramKind; 6] = [
+    pub const ALL: [ProgramKind; 7] = [
         ProgramKind::Forward,
         ProgramKind::Prefill,
         ProgramKind::Decode,
         ProgramKind::Score,
         ProgramKind::TrainStep,
         ProgramKind::Accumulate,
+        ProgramKind::Draft,
     ];
 
     /// The spelling in the text IR (`program "decode" {kind = decode} graph @...`).
@@ -168,6 +172,7 @@ impl ProgramKind {
             ProgramKind::Score => "score",
             ProgramKind::TrainStep => "train_step",
             ProgramKind::Accumulate => "accumulate",
+            ProgramKind::Draft => "draft",
         }
     }
 

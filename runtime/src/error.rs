@@ -167,6 +167,12 @@ pub enum RuntimeError {
     UnknownModelInput(String),
     #[error("the logits of sequence {sequence} at step {step} have no finite value")]
     NonFiniteLogits { sequence: usize, step: usize },
+    /// `kiln run --speculative` on an artifact that was not compiled for it.
+    #[error(
+        "this model cannot decode speculatively: {0}; compile it with `kiln compile --speculative` \
+         from a spec with an MTP module ([mtp] num_layers >= 1)"
+    )]
+    NoSpeculation(String),
 }
 
 /// A byte count in the largest binary unit that keeps it at least 1 (`2.0 PiB`).

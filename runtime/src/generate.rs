@@ -65,6 +65,12 @@ pub trait Engine {
     fn run(&mut self, program: &str, inputs: &[HostTensor]) -> Result<(), RuntimeError>;
     /// Elements `range` of a float output of the last run.
     fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError>;
+    /// The number of elements of an output of the last run. Only speculative decoding asks (for the
+    /// hidden states it hands from the main model to the draft); an engine without its programs
+    /// need not answer.
+    fn output_len(&self, name: &str) -> Result<usize, RuntimeError> {
+        Err(RuntimeError::NoSpeculation(format!("the engine cannot tell the size of its output `{name}`")))
+    }
     /// The KV cache, when the engine has a prefill and a decode program over it: the prefill fills
     /// the cache from position 0 and the decode program runs new tokens over it.
     fn kv_cache(&self) -> Option<KvCache> {
@@ -169,13 +175,22 @@ pub struct Stats {
     /// Tokens made after the first step, and the time the steps that made them took.
     pub decode_tokens: usize,
     pub decode: Duration,
-    /// Forward passes run.
+    /// Forward passes run (of the main model: a speculative step's draft is not counted).
     pub forwards: usize,
+    /// Speculative decoding ([`generate_speculative`]): drafts checked against the main model, and
+    /// how many of them it accepted.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 impl Stats {
     pub fn prefill_tokens_per_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// The fraction of drafts the main model accepted; `None` without speculation.
+    pub fn acceptance(&self) -> Option<f64> {
+        (self.drafted > 0).then(|| self.accepted as f64 / self.drafted as f64)
     }
 
     /// `None` when no token was decoded after the first.
@@ -528,6 +543,10 @@ fn generate_streams(
     }
     Ok(Generation { tokens, stopped, stats, cached })
 }
+
+mod speculative;
+
+pub use speculative::generate_speculative;
 
 #[cfg(test)]
 mod batch_tests;

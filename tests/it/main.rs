@@ -31,6 +31,7 @@ mod schedule;
 mod serve;
 mod sft;
 mod spec;
+mod speculative;
 mod text;
 mod tokenizer;
 mod toolchain;

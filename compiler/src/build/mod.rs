@@ -131,6 +131,47 @@ pub fn build_cached(spec: &ModelSpec, phase: Phase) -> Result<Graph, BuildError>
     Ok(b.finish())
 }
 
+/// The output of [`build_speculative`]'s programs that holds the main model's hidden state after
+/// the final norm, `[B, T, d]`: what the draft program reads.
+pub const HIDDEN: &str = "hidden";
+
+/// [`build_cached`]'s program with one more output, [`HIDDEN`]: the main model's hidden state after
+/// the final norm at every new position, which the MTP module reads to draft ([`build_draft`]).
+pub fn build_speculative(spec: &ModelSpec, phase: Phase) -> Result<Graph, BuildError> {
+    let mut b = Builder::new(spec, format!("{}.{}", spec.model.name, phase.name()))?;
+    b.phase = Some(phase);
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    let h = main_model(&mut b, tokens, positions)?;
+    b.output(HIDDEN, h)?;
+    Ok(b.finish())
+}
+
+/// Builds the `draft` program of speculative decoding (DeepSeek-V3 §5.4.3, reference §5): MTP
+/// module 1 over a KV cache of its own layer (`kv_cache.{L}.*`, written and read as in the decode
+/// program), on inputs [`HIDDEN`] `[B, T, d]` (the main model's, from [`build_speculative`]'s
+/// programs), `tokens` `[B, T]` (the token after each position, which the module embeds) and
+/// `positions`; output `mtp_logits` `[B, T, V]`, the module's prediction of the token two ahead
+/// of each position. Only the first module drafts: DeepSeek-V3 has one, and deeper modules would
+/// read the first one's block output at the same step, which a one-token draft does not need.
+pub fn build_draft(spec: &ModelSpec) -> Result<Graph, BuildError> {
+    if spec.mtp.as_ref().is_none_or(|m| m.num_layers == 0) {
+        return Err(BuildError::Spec(format!(
+            "model `{}` has no MTP module to draft with: speculative decoding needs an [mtp] section \
+             (num_nextn_predict_layers >= 1)",
+            spec.model.name
+        )));
+    }
+    let mut b = Builder::new(spec, format!("{}.draft", spec.model.name))?;
+    b.phase = Some(Phase::Decode);
+    let hidden = b.input(HIDDEN, TensorType::new(spec.model.dtype, bt(&[spec.model.hidden_size])))?;
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    let (_, logits) = mtp::module(&mut b, 1, hidden, positions, tokens)?;
+    b.output(&mtp_logits_name(1, 1), logits)?;
+    Ok(b.finish())
+}
+
 /// Builds the `score` program: [`build_graph`]'s main model (no KV cache, no MTP modules) on
 /// `tokens` and `positions` `[B, T]`, and the next-token loss at every position against `targets`
 /// `[B, T]` (the caller passes the tokens shifted by one): output `loss` f32[B, T], each element

@@ -195,8 +195,9 @@ pub fn rewrite_counted(graph: &mut Graph, kind: ProgramKind) -> Result<(Trace, W
     if let Some(rebuilt) = rebuilt {
         *graph = rebuilt;
     }
-    // Only a decode program runs one token per sequence, which is what makes phases cheap.
-    if kind == ProgramKind::Decode {
+    // Only a decode program (and the draft, which runs beside it) runs one or two tokens per
+    // sequence, which is what makes phases cheap.
+    if matches!(kind, ProgramKind::Decode | ProgramKind::Draft) {
         work += decode_phases(graph, &mut trace)?;
     }
     Ok((trace, work))

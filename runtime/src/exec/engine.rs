@@ -59,6 +59,10 @@ impl<B: Backend> generate::Engine for Executor<B> {
         Executor::output_f32(self, name, range)
     }
 
+    fn output_len(&self, name: &str) -> Result<usize, RuntimeError> {
+        Executor::output_len(self, name)
+    }
+
     fn kv_cache(&self) -> Option<KvCache> {
         let has = |k| self.manifest.program_of_kind(k).is_some();
         if !(has(ProgramKind::Prefill) && has(ProgramKind::Decode)) {

@@ -922,6 +922,13 @@ impl<B: Backend> Executor<B> {
         Ok(HostTensor { name: name.to_string(), dtype: b.dtype, shape, data: decode(b.dtype, &bytes) })
     }
 
+    /// The number of elements of an output of the last run.
+    pub fn output_len(&self, name: &str) -> Result<usize, RuntimeError> {
+        let (pi, id, sizes) = self.output_buffer(name)?;
+        let b = self.manifest.programs[pi].buffer(id);
+        Ok(b.bytes(&sizes).unwrap_or(0) as usize / (b.dtype.size_bytes() as usize).max(1))
+    }
+
     /// Elements `range` (in row-major order) of a float output of the last run, as f32: the rows a
     /// caller needs without copying the rest (the last position's logits, for instance).
     pub fn output_f32(&self, name: &str, range: Range<usize>) -> Result<Vec<f32>, RuntimeError> {
