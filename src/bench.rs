@@ -78,6 +78,11 @@ pub enum BenchCommand {
         /// one, and compare the two artifacts' decode tokens/s (random weights only).
         #[arg(long, value_name = "PASS", conflicts_with = "weights")]
         compare_without: Option<String>,
+        /// Also decode speculatively with the MTP module (an artifact from `kiln compile
+        /// --speculative`) and compare it with plain decoding on the same artifact: tokens/s,
+        /// acceptance, and whether the tokens are the same.
+        #[arg(long, conflicts_with = "compare_without")]
+        speculative: bool,
     },
     /// The compiled train step's tokens/s and peak memory against PyTorch eager (transformers) on
     /// the same model, weights and batch.
@@ -219,13 +224,28 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
             };
             crate::bench_train::run(&req, out)
         }
-        BenchCommand::Run { artifact, prompt_len, new_tokens, weights, random_weights, threads, .. } => {
+        BenchCommand::Run {
+            artifact,
+            prompt_len,
+            new_tokens,
+            weights,
+            random_weights,
+            threads,
+            speculative,
+            ..
+        } => {
             let weights = match &weights {
                 Some(dir) => crate::run::Weights::Checkpoint(dir),
                 None => crate::run::Weights::Random(random_weights),
             };
-            let req =
-                crate::run::BenchRequest { artifact: &artifact, weights, prompt_len, new_tokens, threads };
+            let req = crate::run::BenchRequest {
+                artifact: &artifact,
+                weights,
+                prompt_len,
+                new_tokens,
+                threads,
+                speculative,
+            };
             crate::run::bench(&req, out)
         }
     }

@@ -838,6 +838,8 @@ pub struct BenchRequest<'a> {
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub threads: Option<usize>,
+    /// Also decode speculatively with the MTP module, and compare with plain decoding.
+    pub speculative: bool,
 }
 
 /// A deterministic prompt of `n` ids spread over the vocabulary.
@@ -866,6 +868,23 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
     // One warm-up token, so that the first timed pass does not pay for page faults in the arena.
     generate(&mut compiled, &prompts, &GenerateOptions { max_new_tokens: 1, ..opts.clone() }, &mut |_| {})?;
     let a = generate(&mut compiled, &prompts, &opts, &mut |_| {})?;
+    // Speculative decoding, its rounds interleaved with plain decoding's, so that both see the
+    // same machine; the faster of three rounds of each counts.
+    let spec = match req.speculative {
+        true => {
+            let mut best: Option<(Generation, Generation)> = None;
+            for _ in 0..3 {
+                let s = generate_speculative(&mut compiled, &prompts, &opts, &mut |_| Flow::Continue)?;
+                let p = generate(&mut compiled, &prompts, &opts, &mut |_| {})?;
+                best = Some(match best {
+                    None => (s, p),
+                    Some((bs, bp)) => (faster(bs, s), faster(bp, p)),
+                });
+            }
+            best
+        }
+        false => None,
+    };
     let r = generate(&mut reference, &prompts, &opts, &mut |_| {})?;
 
     let out = tables.text();
@@ -909,7 +928,7 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
     // The roofline: this machine's read bandwidth, measured now with the same threads, over the
     // weight bytes a decoded token reads.
     let weight_bytes = crate::membw::decode_weight_bytes(m);
-    let bandwidth = crate::membw::measure(256 << 20, compiled.threads(), 3);
+    let bandwidth = crate::membw::measure(256 << 20, compiled.threads(), 8);
     let roofline = weight_bytes.filter(|&b| b > 0).map(|b| bandwidth / b as f64);
     let reached = roofline.zip(a.stats.decode_tokens_per_s()).map(|(r, d)| d / r);
     match (weight_bytes, roofline, reached) {
@@ -929,6 +948,39 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         None => writeln!(out, "tokens: the same ({} of {})", ta.len(), tr.len())?,
         Some(i) => writeln!(out, "tokens: differ from new token {i}: kiln {ta:?}, interpreter {tr:?}")?,
     }
+    let speculative = match &spec {
+        Some((s, p)) => {
+            let (ds, dp) = (s.stats.decode_tokens_per_s(), p.stats.decode_tokens_per_s());
+            let same = s.tokens == p.tokens;
+            writeln!(
+                out,
+                "speculative (MTP draft, best of 3 rounds interleaved with plain decoding): decode {} tok/s \
+                 against {} tok/s, {}; {} of {} drafts accepted ({}), {} main-model passes against {}; \
+                 tokens: {}",
+                ds.map_or("-".into(), |d| format!("{d:.1}")),
+                dp.map_or("-".into(), |d| format!("{d:.1}")),
+                ratio(ds, dp),
+                s.stats.accepted,
+                s.stats.drafted,
+                s.stats.acceptance().map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
+                s.stats.forwards,
+                p.stats.forwards,
+                if same { "the same as plain decoding" } else { "DIFFER from plain decoding" },
+            )?;
+            serde_json::json!({
+                "decode_tokens_per_s": ds,
+                "plain_decode_tokens_per_s": dp,
+                "drafts": s.stats.drafted,
+                "drafts_accepted": s.stats.accepted,
+                "acceptance": s.stats.acceptance(),
+                "forward_passes": s.stats.forwards,
+                "plain_forward_passes": p.stats.forwards,
+                "tokens_same": same,
+                "tokens": s.tokens[0],
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let engine = |label: &str, g: &Generation| {
         serde_json::json!({
             "engine": label,
@@ -951,5 +1003,16 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         "read_bytes_per_s": bandwidth,
         "roofline_decode_tokens_per_s": roofline,
         "roofline_fraction": reached,
+        "speculative": speculative,
     }))
+}
+
+/// The one of two generations whose decode was faster.
+fn faster(a: Generation, b: Generation) -> Generation {
+    let rate = |g: &Generation| g.stats.decode_tokens_per_s().unwrap_or(0.0);
+    if rate(&b) > rate(&a) {
+        b
+    } else {
+        a
+    }
 }

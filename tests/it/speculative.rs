@@ -220,3 +220,51 @@ fn requests_speculation_cannot_serve_are_refused() {
     ]);
     assert!(!r.ok && r.stderr.contains("--speculative"), "{}", r.stderr);
 }
+
+#[test]
+fn bench_run_compares_speculative_with_plain_decoding() {
+    let d = Scratch::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &["--speculative"]);
+    let dir = dir.to_string_lossy();
+    let args =
+        ["bench", "run", &dir, "--prompt-len", "6", "--new-tokens", "9", "--threads", "2", "--speculative"];
+    let out = kiln(&args);
+    assert!(out.ok, "{}", out.stderr);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("speculative (MTP draft"))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(line.ends_with("tokens: the same as plain decoding"), "{line}");
+    let j = kiln(&[&args[..], &["--json"]].concat());
+    assert!(j.ok, "{}", j.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
+    let s = &doc["speculative"];
+    assert_eq!(s["tokens_same"], true);
+    assert_eq!(s["tokens"], doc["engines"][0]["tokens"]);
+    // The prefill makes the first token and each decode step one, or two when its draft stands;
+    // every decode step checks a draft but a last one that needs a single token.
+    let (drafts, passes) = (s["drafts"].as_u64().unwrap(), s["forward_passes"].as_u64().unwrap());
+    let accepted = s["drafts_accepted"].as_u64().unwrap();
+    assert_eq!(passes + accepted, 9, "{s}");
+    assert!(drafts + 2 >= passes && drafts < passes, "{s}");
+    assert_eq!(s["plain_forward_passes"], 9);
+}
+
+#[test]
+fn the_draft_program_is_refused_without_the_speculative_build() {
+    // `kiln bench run --speculative` on an artifact without the draft program says what to do.
+    let d = Scratch::new();
+    let dir = compile(&d, "tiny", "models/tiny.toml", &[]);
+    let r = kiln(&[
+        "bench",
+        "run",
+        &dir.to_string_lossy(),
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "2",
+        "--speculative",
+    ]);
+    assert!(!r.ok && r.stderr.contains("kiln compile --speculative"), "{}", r.stderr);
+}
