@@ -371,6 +371,47 @@ pub fn index_switch<C: AsMut<Body>>(
     results
 }
 
+/// [`index_switch`] as a tree of switches of at most [`SWITCH_FAN`] cases each: over `sel / size`,
+/// then (recursively) `sel % size`, with the same cases and default. A flat switch over 256 buffers
+/// (DeepSeek-V3's experts) yields its values through one merge of 257 predecessors, which LLVM's
+/// optimiser takes super-linear time over; a tree takes a fraction of it and branches the same way.
+pub fn index_switch_tree<C: AsMut<Body>>(
+    cx: &mut C,
+    sel: &Value,
+    cases: usize,
+    types: &[&str],
+    mut body: impl FnMut(&mut C, Option<usize>) -> Vec<Value>,
+) -> Vec<Value> {
+    tree(cx, sel, 0, cases, types, &mut body)
+}
+
+/// Cases `first .. first + cases` of [`index_switch_tree`], selected by `sel` (relative to `first`).
+fn tree<C: AsMut<Body>>(
+    cx: &mut C,
+    sel: &Value,
+    first: usize,
+    cases: usize,
+    types: &[&str],
+    body: &mut dyn FnMut(&mut C, Option<usize>) -> Vec<Value>,
+) -> Vec<Value> {
+    if cases <= SWITCH_FAN {
+        return index_switch(cx, sel, cases, types, |cx, c| body(cx, c.map(|c| first + c)));
+    }
+    let size = cases.div_ceil(SWITCH_FAN);
+    let size_v = cx.as_mut().index(size as i64);
+    let (group, within) = (cx.as_mut().divui(sel, &size_v), cx.as_mut().remui(sel, &size_v));
+    index_switch(cx, &group, cases.div_ceil(size), types, |cx, g| match g {
+        Some(g) => {
+            let count = size.min(cases - g * size);
+            tree(cx, &within, first + g * size, count, types, body)
+        }
+        None => body(cx, None),
+    })
+}
+
+/// The most cases of one switch of [`index_switch_tree`].
+pub const SWITCH_FAN: usize = 16;
+
 fn results_lhs(results: &[Value]) -> String {
     results.iter().map(Value::to_string).collect::<Vec<_>>().join(", ")
 }
@@ -378,6 +419,31 @@ fn results_lhs(results: &[Value]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_tree_reaches_every_case_once() {
+        for cases in [1, 8, 9, 64, 256, 257] {
+            let mut b = Body::new(1);
+            let sel = b.named("sel");
+            let mut seen = Vec::new();
+            let _ = index_switch_tree(&mut b, &sel, cases, &["index"], |b, c| {
+                seen.push(c);
+                vec![b.index(c.map_or(-1, |c| c as i64))]
+            });
+            let cases_seen: Vec<usize> = seen.iter().flatten().copied().collect();
+            assert_eq!(cases_seen, (0..cases).collect::<Vec<_>>(), "{cases}");
+            assert!(seen.iter().filter(|c| c.is_none()).count() >= 1);
+            // No switch has more than SWITCH_FAN cases.
+            let text = b.finish();
+            let largest = text
+                .lines()
+                .filter_map(|l| {
+                    l.trim_start().strip_prefix("case ")?.strip_suffix(" {")?.parse::<usize>().ok()
+                })
+                .max();
+            assert_eq!(largest, Some(cases.min(SWITCH_FAN) - 1), "{cases}");
+        }
+    }
 
     #[test]
     fn constants_are_hoisted_and_shared() {

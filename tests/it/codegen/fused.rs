@@ -424,3 +424,90 @@ fn fp8_grouped_gemm_vector_loads_decode_every_code() {
         }
     }
 }
+
+/// A grouped GEMM over more experts than one switch holds (20: a tree of switches, 16 then 4):
+/// each expert's weight is the identity times its own scale `e + 1`, so every output row names
+/// the expert that computed it. Experts hold 0 to 13 rows (the 4-row blocks and the one-row loop
+/// both run, and the harness's work ranges start inside experts), and the last 7 rows belong to
+/// none, so they are 0.
+#[test]
+fn a_grouped_gemm_over_20_experts_picks_each_rows_expert() {
+    const E: usize = 20;
+    let rows_of = [3, 0, 5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 0, 4];
+    let m: usize = 40;
+    let mut src = String::from("graph @many_experts {\n");
+    let mut body = String::new();
+    let mut args = vec!["%0".to_string(), "%1".to_string()];
+    let header = |s: &mut String, ind: &str| {
+        s.push_str(&format!("{ind}%0 = input {{name = \"x\"}} : f32[{m}, 16]\n"));
+        s.push_str(&format!("{ind}%1 = input {{name = \"offsets\"}} : i32[{}]\n", E + 1));
+        for e in 0..E {
+            s.push_str(&format!("{ind}%{} = input {{name = \"w{e}\"}} : f8e4m3[16, 16]\n", 2 + 2 * e));
+            s.push_str(&format!("{ind}%{} = input {{name = \"s{e}\"}} : f32[1, 1]\n", 3 + 2 * e));
+        }
+    };
+    header(&mut src, "  ");
+    header(&mut body, "    ");
+    for e in 0..E {
+        args.push(format!("%{}", 2 + 2 * e));
+        args.push(format!("%{}", 3 + 2 * e));
+    }
+    let first = 2 + 2 * E;
+    let mut deq = Vec::new();
+    for e in 0..E {
+        let v = first + e;
+        body.push_str(&format!(
+            "    %{v} = dequantize %{}, %{} {{to = f32, block = [16, 16]}} : f32[16, 16]\n",
+            2 + 2 * e,
+            3 + 2 * e
+        ));
+        deq.push(format!("%{v}"));
+    }
+    let y = first + E;
+    body.push_str(&format!(
+        "    %{y} = grouped_linear %0, %1, {} {{num_experts = {E}}} : f32[{m}, 16]\n    output \"y\" = %{y}\n",
+        deq.join(", ")
+    ));
+    src.push_str(&format!(
+        "  %{first} = fused {} {{name = \"fp8-gemm\"}} : f32[{m}, 16] {{\n{body}  }}\n  output \"y\" = %{first}\n}}",
+        args.join(", ")
+    ));
+    let g = kiln_ir::parse(&src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    let plan = form_kernels(&g).unwrap();
+    let kernel = plan
+        .steps
+        .iter()
+        .find_map(|s| match s {
+            Step::Launch { kernel, node, .. } if matches!(g.node(*node).op, Op::Fused { .. }) => {
+                Some(plan.kernel(*kernel).clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(fusion_plan(&kernel.body).unwrap().to_string(), "fp8 grouped_linear");
+    let lib = CpuLib::build(&[&kernel]);
+    // The identity in E4M3 (1.0 is 0x38).
+    let identity: Vec<u8> = (0..256).map(|i| if i / 16 == i % 16 { 0x38 } else { 0 }).collect();
+    let mut offsets = vec![0i32];
+    for r in rows_of {
+        offsets.push(offsets.last().unwrap() + r);
+    }
+    let held = *offsets.last().unwrap() as usize;
+    assert_eq!(held, 33);
+    let x: Vec<f32> = (0..m * 16).map(|i| (i % 16) as f32 + 1.0).collect();
+    let mut bufs = vec![Buf::F32(x), Buf::I32(offsets.clone())];
+    for e in 0..E {
+        bufs.push(Buf::F8(identity.clone()));
+        bufs.push(Buf::F32(vec![(e + 1) as f32]));
+    }
+    bufs.push(garbage(&kernel.results[0]));
+    lib.run(&kernel, &mut bufs, &BIND);
+    let y = values(&bufs[2 + 2 * E]);
+    for row in 0..m {
+        let expert = (0..E).find(|&e| (offsets[e] as usize..offsets[e + 1] as usize).contains(&row));
+        for n in 0..16 {
+            let want = expert.map_or(0.0, |e| ((n + 1) * (e + 1)) as f64);
+            assert_eq!(y[row * 16 + n], want, "y[{row}, {n}] (expert {expert:?})");
+        }
+    }
+}

@@ -33,7 +33,7 @@ use kiln_ir::{DType, Dim};
 
 use super::elementwise::broadcast_index;
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, index_switch, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, index_switch_tree, Value};
 
 /// Rows of `x` per CPU register block.
 pub const MR: usize = 4;
@@ -311,11 +311,10 @@ pub(super) fn grouped_with(
         })
         .remove(0)
     };
-    let row = |f: &mut Frame, m: &Value, col_body: RowBody| {
-        let e = expert_of(f, m);
-        let valid = f.cmp("ult", &e, &ev, "index");
+    // The views of expert `e`'s buffers: one `scf.index_switch` over the experts.
+    let views_of = |f: &mut Frame, e: &Value| {
         let tys: Vec<&str> = types.iter().map(String::as_str).collect();
-        let views = index_switch(f, &e, experts, &tys, |f, case| {
+        index_switch_tree(f, e, experts, &tys, |f, case| {
             // The default (no expert holds the row) reads expert 0; its sums are discarded.
             let at = case.unwrap_or(0);
             let mut out = Vec::new();
@@ -335,7 +334,12 @@ pub(super) fn grouped_with(
                 }
             }
             out
-        });
+        })
+    };
+    let row = |f: &mut Frame, m: &Value, col_body: RowBody| {
+        let e = expert_of(f, m);
+        let valid = f.cmp("ult", &e, &ev, "index");
+        let views = views_of(f, &e);
         col_body(f, m, &valid, &views);
     };
     let element = |f: &mut Frame, xr: &InputRow, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
@@ -395,27 +399,40 @@ pub(super) fn grouped_with(
     };
     Ok(match f.target {
         Target::Cpu => {
-            // Rows come sorted by expert: [`GROUP_MR`] consecutive rows of one expert share each
-            // vector of its weights, and [`GROUP_NC`] columns each vector of the rows (a 4 x 4
-            // register block, 4 x 2 for a gate/up pair), which cuts the loads per multiply-add
-            // from 2 to a half. A block that straddles two experts, or the range's last
-            // rows, go one row at a time.
+            // Rows come sorted by expert, so the range is walked expert by expert (the views of
+            // one expert's weights picked once: one switch in the kernel, whose size LLVM's time
+            // follows, with 256 experts), then by blocks of [`GROUP_MR`] rows that share each
+            // vector of the expert's weights, and [`GROUP_NC`] columns that share each vector of
+            // the rows (a 4 x 4 register block, 4 x 2 for a gate/up pair), which cuts the loads
+            // per multiply-add from 2 to a half. The expert's last `rows mod GROUP_MR` rows, and
+            // rows no expert holds (index `E`, whose outputs are 0), go one row at a time.
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
-            let (mr, last) = (f.b.index(GROUP_MR as i64), f.b.index(GROUP_MR as i64 - 1));
-            for_loop(f, &lo, &hi, &mr, |f, m0| {
-                let left = f.b.subi(&hi, m0);
-                let full = f.cmp("uge", &left, &mr, "index");
-                let m3 = f.b.addi(m0, &last);
-                let m3 = f.b.minui(&m3, &hi);
-                let (e0, e3) = (expert_of(f, m0), expert_of(f, &m3));
-                let same = f.cmp("eq", &e0, &e3, "index");
-                let held = f.cmp("ult", &e0, &ev, "index");
-                let both = f.b.op("p", format_args!("arith.andi {full}, {same} : i1"));
-                let block = f.b.op("p", format_args!("arith.andi {both}, {held} : i1"));
-                let yes = f.b.op("p", "arith.constant true");
-                let single = f.b.op("p", format_args!("arith.xori {block}, {yes} : i1"));
-                if_then(f, &block, |f| {
-                    row(f, m0, &|f, m0, _, views| {
+            let mr = f.b.index(GROUP_MR as i64);
+            let nonempty = f.cmp("ult", &lo, &hi, "index");
+            if_then(f, &nonempty, |f| {
+                let last_row = f.b.subi(&hi, &one);
+                let (e_lo, e_hi) = (expert_of(f, &lo), expert_of(f, &last_row));
+                let e_end = f.b.addi(&e_hi, &one);
+                for_loop(f, &e_lo, &e_end, &one, |f, e| {
+                    let valid = f.cmp("ult", e, &ev, "index");
+                    // Rows `offsets[e] .. offsets[e + 1]` (to the end for `E`), within the range.
+                    let first = f.load(offsets, e);
+                    let first = f.int_to_index(&first, offsets_type);
+                    let next = f.b.addi(e, &one);
+                    let next = f.b.minui(&next, &ev);
+                    let end = f.load(offsets, &next);
+                    let end = f.int_to_index(&end, offsets_type);
+                    let end = f.select(&valid, &end, &hi, "index");
+                    let from = f.b.op("i", format_args!("arith.maxui {first}, {lo} : index"));
+                    let to = f.b.minui(&end, &hi);
+                    let to = f.b.op("i", format_args!("arith.maxui {to}, {from} : index"));
+                    let views = views_of(f, e);
+                    let rows = f.b.subi(&to, &from);
+                    let blocks = f.b.divui(&rows, &mr);
+                    let blocks = f.select(&valid, &blocks, &zero, "index");
+                    let span = f.b.muli(&blocks, &mr);
+                    let blocked = f.b.addi(&from, &span);
+                    for_loop(f, &from, &blocked, &mr, |f, m0| {
                         let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn);
                         // GROUP_NC columns at a time (each input vector loaded once for them),
                         // then the last `N mod GROUP_NC` one by one.
@@ -428,26 +445,20 @@ pub(super) fn grouped_with(
                                 .map(|c| {
                                     let ci = f.b.index(c as i64);
                                     let col = f.b.addi(col0, &ci);
-                                    let reads = weight_reads(f, weights, views, &col, &k);
+                                    let reads = weight_reads(f, weights, &views, &col, &k);
                                     (col, reads)
                                 })
                                 .collect();
                             grouped_block(f, &xrows, m0, &cols, (&n, &k), store);
                         });
                         for_loop(f, &n_full, &n, &one, |f, col| {
-                            let reads = weight_reads(f, weights, views, col, &k);
+                            let reads = weight_reads(f, weights, &views, col, &k);
                             grouped_block(f, &xrows, m0, &[(col.clone(), reads)], (&n, &k), store);
                         });
                     });
-                });
-                if_then(f, &single, |f| {
-                    let rows = f.b.minui(&left, &mr);
-                    let end = f.b.addi(m0, &rows);
-                    for_loop(f, m0, &end, &one, |f, m| {
-                        row(f, m, &|f, m, valid, views| {
-                            let xr = InputRow::rows(f, x, m, 1, &k, kn).remove(0);
-                            for_loop(f, &zero, &n, &one, |f, col| element(f, &xr, m, col, valid, views));
-                        });
+                    for_loop(f, &blocked, &to, &one, |f, m| {
+                        let xr = InputRow::rows(f, x, m, 1, &k, kn).remove(0);
+                        for_loop(f, &zero, &n, &one, |f, col| element(f, &xr, m, col, &valid, &views));
                     });
                 });
             });
