@@ -203,7 +203,7 @@ fn program_errors_point_at_the_offending_token() {
     let head = "module @m {\n  param \"w\" : f32[4]\n";
     let graph = "\n    %0 = input {name = \"x\"} : f32[4]\n    output \"y\" = %0\n  }";
     let at = |line: &str| error_at(&format!("{head}{line}\n}}\n"));
-    let kinds = "forward, prefill, decode, score, train_step, accumulate";
+    let kinds = "forward, prefill, decode, score, train_step, accumulate, draft";
     assert_eq!(
         at(&format!("  program \"p\" {{kind = training}} graph @g {{{graph}")),
         (3, 23, format!("unknown program kind `training`: expected one of {kinds}"))
