@@ -111,6 +111,16 @@ impl Frame<'_> {
     }
 }
 
+impl Frame<'_> {
+    /// `s * 2^8` broadcast to a vector: the block scale with [`Frame::f8_decode_vec_raw`]'s 2^-8
+    /// folded back in (exact: a power of two).
+    fn scale_vec_256(&mut self, s: &Value) -> Value {
+        let two8 = self.b.f32(256.0);
+        let s = self.binf("mulf", s, &two8);
+        self.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"))
+    }
+}
+
 fn check_float(f: &Frame, buf: usize, op: &str) -> Result<(), LowerError> {
     match f.bufs[buf].ty.dtype {
         DType::F32 | DType::F16 | DType::BF16 => Ok(()),
@@ -204,9 +214,9 @@ impl OperandRow {
             Operand::Fp8 { codes, .. } => {
                 let (view, memref) = (f.bufs[codes].view.clone(), f.bufs[codes].memref.clone());
                 let q = f.b.op("qv", format_args!("vector.load {view}[{i}] : {memref}, vector<16xi8>"));
-                let q = f.f8_decode_vec(&q);
+                let q = f.f8_decode_vec_raw(&q);
                 let s = self.scale(f, kk).expect("FP8 rows have scales");
-                let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
+                let sv = f.scale_vec_256(&s);
                 f.b.op("wv", format_args!("arith.mulf {q}, {sv} : {VEC}"))
             }
         }
@@ -540,9 +550,9 @@ impl WeightRead {
         }
         let view = &self.view;
         let q = f.b.op("qv", format_args!("vector.load {view}[{wi}] : memref<?xi8>, vector<16xi8>"));
-        let q = f.f8_decode_vec(&q);
+        let q = f.f8_decode_vec_raw(&q);
         let s = self.scale(f, kk).expect("FP8 weights have scales");
-        let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
+        let sv = f.scale_vec_256(&s);
         f.b.op("wv", format_args!("arith.mulf {q}, {sv} : {VEC}"))
     }
 }

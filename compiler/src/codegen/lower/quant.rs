@@ -68,36 +68,39 @@ impl Frame<'_> {
         self.b.op("q", format_args!("arith.bitcast {bits} : i32 to f32"))
     }
 
-    /// `f8_decode` on 16 bytes at once, a `vector<16xi8>` of codes to a `vector<16xf32>` (the
-    /// CPU's vector GEMM loads), through f16: E4M3's seven magnitude bits `eeeemmm` placed at bits
-    /// 13..7 of an f16 make the f16 with the same mantissa and exponent field, normal or subnormal
-    /// alike, which is the E4M3 value times 2^-8 (exponent bias 15 against 7). The host's
-    /// half-to-float conversion (F16C's `vcvtph2ps` on x86-64) widens it exactly, and times 2^8 is
-    /// exact, so the result is `f8_decode`'s bit for bit; the NaN codes (magnitude 0x7F) become
-    /// f16 NaNs first. About half the vector instructions of the integer route.
-    pub(super) fn f8_decode_vec(&mut self, x: &Value) -> Value {
+    /// `f8_decode` on 16 bytes at once, times 2^-8: a `vector<16xi8>` of codes to a
+    /// `vector<16xf32>` (the CPU's vector GEMM loads), through f16. E4M3's seven magnitude bits
+    /// `eeeemmm` placed at bits 13..7 of an f16 make the f16 with the same mantissa and exponent
+    /// field, normal or subnormal alike, which is the E4M3 value times 2^-8 (exponent bias 15
+    /// against 7); the host's half-to-float conversion (F16C's `vcvtph2ps` on x86-64) widens it
+    /// exactly, and the NaN codes (magnitude 0x7F) become f16 NaNs first. The callers multiply by
+    /// the block scale times 2^8, which rounds once, as `f8_decode(q) * s` does: both powers of two
+    /// are exact (for any scale below 2^120; DeepSeek's are at most `f32::MAX / 448`). The bits:
+    /// the code sign-extended to 16 bits and shifted left by 7 puts `eeeemmm` at bits 13..7 and the
+    /// sign at bits 15 and 14; clearing bit 14 leaves the f16. About a third of the vector
+    /// instructions of the integer route.
+    pub(super) fn f8_decode_vec_raw(&mut self, x: &Value) -> Value {
         const VI: &str = "vector<16xi16>";
         const VF: &str = "vector<16xf32>";
         let c = |f: &mut Self, v: i64| f.b.constant(&format!("dense<{v}>"), VI);
         let bin = |f: &mut Self, op: &str, a: &Value, b: &Value| {
             f.b.op("b", format_args!("arith.{op} {a}, {b} : {VI}"))
         };
-        let code = self.b.op("q", format_args!("arith.extui {x} : vector<16xi8> to {VI}"));
-        let (m7f, m80, c7, c8) = (c(self, 0x7F), c(self, 0x80), c(self, 7), c(self, 8));
-        let mag = bin(self, "andi", &code, &m7f);
-        let s = bin(self, "andi", &code, &m80);
-        let sign = bin(self, "shli", &s, &c8);
-        let shifted = bin(self, "shli", &mag, &c7);
-        // A NaN code becomes the f16 quiet NaN with its sign, which the widening keeps.
-        let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {m7f} : {VI}"));
-        let qnan = c(self, 0x7E00);
-        let shifted =
-            self.b.op("s", format_args!("arith.select {is_nan}, {qnan}, {shifted} : vector<16xi1>, {VI}"));
-        let bits = bin(self, "ori", &shifted, &sign);
+        let code = self.b.op("q", format_args!("arith.extsi {x} : vector<16xi8> to {VI}"));
+        // 0xBF80 and 0xFE00 as i16.
+        let (c7, keep, mag_mask) = (c(self, 7), c(self, 0xBF80 - 0x1_0000), c(self, 0x3F80));
+        let shifted = bin(self, "shli", &code, &c7);
+        let bits = bin(self, "andi", &shifted, &keep);
+        // A NaN code (magnitude 0x7F) becomes the f16 quiet NaN with its sign, 0x7E00, which the
+        // widening keeps (`f8_decode`'s f32 quiet NaN).
+        let mag = bin(self, "andi", &bits, &mag_mask);
+        let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {mag_mask} : {VI}"));
+        let (qnan, sign_qnan) = (c(self, 0x7E00), c(self, 0xFE00 - 0x1_0000));
+        let nan = bin(self, "ori", &bits, &qnan);
+        let nan = bin(self, "andi", &nan, &sign_qnan);
+        let bits = self.b.op("s", format_args!("arith.select {is_nan}, {nan}, {bits} : vector<16xi1>, {VI}"));
         let half = self.b.op("q", format_args!("arith.bitcast {bits} : {VI} to vector<16xf16>"));
-        let wide = self.b.op("q", format_args!("arith.extf {half} : vector<16xf16> to {VF}"));
-        let two8 = self.b.constant("dense<256.0>", VF);
-        self.b.op("q", format_args!("arith.mulf {wide}, {two8} : {VF}"))
+        self.b.op("q", format_args!("arith.extf {half} : vector<16xf16> to {VF}"))
     }
 
     /// The E4M3 byte of an f32 value (`f8e4m3_from_f32`), see the module documentation.
