@@ -122,6 +122,27 @@ if ! awk -v a="$loss_cpu" -v b="$loss_cuda" -v tol="$TOL" 'BEGIN { d = a - b; if
   exit 1
 fi
 
+# Speculative decoding on CUDA (the draft program and the two-token decode): the tokens of plain
+# greedy decoding on the same device, and the drafts counted.
+if [ -z "${ARTIFACT:-}" ]; then
+  spec_art=$work/tiny-spec.kiln
+  "$KILN" compile "$MODEL" --target all --speculative --max-context 32 -o "$spec_art" >/dev/null
+  for s in plain speculative; do
+    flag=$([ $s = speculative ] && echo --speculative || true)
+    if ! "$KILN" run "$spec_art" --random-weights "$SEED" --prompt-ids "$PROMPT" --max-new-tokens "$NEW" \
+        --ignore-eos --device cuda $flag >"$work/$s.out" 2>"$work/$s.err"; then
+      echo "gpu-check: kiln run --device cuda $flag failed:" >&2
+      cat "$work/$s.err" >&2
+      exit 1
+    fi
+  done
+  echo "speculative cuda: $(grep '^time to first token' "$work/speculative.err" | sed 's/.*(//')"
+  if [ "$(cat "$work/plain.out")" != "$(cat "$work/speculative.out")" ]; then
+    echo "gpu-check: FAILED: speculative decoding on CUDA changed the tokens" >&2
+    exit 1
+  fi
+fi
+
 # The train step on both devices: `kiln train` compiles the tiny model's train step for each (the
 # CPU library, the PTX), trains STEPS steps from the same random weights on the same rows, and the
 # per-step losses of the two metrics logs are compared with the same tolerance (AdamW and the
