@@ -133,7 +133,10 @@ fn check_float(f: &Frame, buf: usize, op: &str) -> Result<(), LowerError> {
 /// element `(r, k)` is `decode(codes[r * K + k]) * scales[(r / rows) * ceil(K / cols) + k / cols]`,
 /// the product rounded once to f32 as the interpreter's `dequantize` to f32 rounds it. The CPU's
 /// vector loads need `cols` to be a multiple of the vector width (16), so that the lanes of one
-/// load share a scale; the fusion analysis only forms such kernels.
+/// load share a scale; the fusion analysis only forms such kernels. Where every weight is FP8
+/// (`linear`'s blocks, the one-row loop of grouped GEMMs), the CPU's vector part sums each scale
+/// block's products on the decoded codes and multiplies by the block's scales once
+/// ([`fp8_blocked_dots`]): reassociated, as the vector lanes already are.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Operand {
     Plain(usize),
@@ -204,6 +207,16 @@ impl OperandRow {
                 f.binf("mulf", &q, &s)
             }
         }
+    }
+
+    /// For an FP8 row, the codes `kk .. kk + 16` decoded, times 2^-8 and without their scale (the
+    /// blocked dot products apply it per block); a plain row's elements as [`Self::vec_at`].
+    fn raw_vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
+        let Operand::Fp8 { codes, .. } = self.op else { return self.vec_at(f, kk) };
+        let i = f.b.addi(&self.start, kk);
+        let (view, memref) = (f.bufs[codes].view.clone(), f.bufs[codes].memref.clone());
+        let q = f.b.op("qv", format_args!("vector.load {view}[{i}] : {memref}, vector<16xi8>"));
+        f.f8_decode_vec_raw(&q)
     }
 
     /// Elements `kk .. kk + 16` of the row (`kk` a multiple of 16), as a `vector<16xf32>`.
@@ -364,18 +377,24 @@ pub(super) fn grouped_with(
             let kvec = f.b.muli(&kq, &vl);
             let zero_v = f.b.constant("dense<0.0>", VEC);
             let vinits: Vec<(Value, &str)> = weights.iter().map(|_| (zero_v.clone(), VEC)).collect();
-            let accs = for_carry(f, &zero, &kvec, &vl, &vinits, |f, i, acc| {
-                let xv = xr.vec_at(f, i);
-                let wi = f.b.addi(&wstart, i);
-                reads
-                    .iter()
-                    .zip(acc)
-                    .map(|(read, a)| {
-                        let wv = read.vec_at(f, &wi, i);
-                        f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
-                    })
-                    .collect()
-            });
+            let accs = match fp8_block_cols(weights) {
+                // FP8 weights: each block's products summed on the codes, then times its scale.
+                Some(cols) => {
+                    fp8_blocked_dots(f, &reads, &wstart, &kvec, cols, &vinits, &|f, i| xr.vec_at(f, i))
+                }
+                None => for_carry(f, &zero, &kvec, &vl, &vinits, |f, i, acc| {
+                    let xv = xr.vec_at(f, i);
+                    let wi = f.b.addi(&wstart, i);
+                    reads
+                        .iter()
+                        .zip(acc)
+                        .map(|(read, a)| {
+                            let wv = read.vec_at(f, &wi, i);
+                            f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
+                        })
+                        .collect()
+                }),
+            };
             let sums = accs
                 .iter()
                 .map(|a| {
@@ -514,6 +533,71 @@ const GROUP_MR: usize = 4;
 /// AVX-512 or spill a few on AVX2).
 const GROUP_NC: usize = 4;
 
+/// The columns per scale block shared by every weight of a grouped GEMM when all are FP8 (and so
+/// [`fp8_blocked_dots`] applies); `None` otherwise.
+fn fp8_block_cols(weights: &[Vec<Operand>]) -> Option<i64> {
+    let mut cols = None;
+    for ws in weights {
+        let Operand::Fp8 { cols: c, .. } = ws[0] else { return None };
+        if cols.is_some_and(|x| x != c) {
+            return None;
+        }
+        cols = Some(c);
+    }
+    cols.map(|c| c as i64)
+}
+
+/// The vector part (`0 .. kvec`, a multiple of 16) of one row's dot products with FP8 weights whose
+/// scale blocks span `cols` columns of K: per block, the products of the input with the decoded
+/// codes (times 2^-8, [`Frame::f8_decode_vec_raw`]) summed in vector accumulators, then multiplied
+/// by the block's scale (times 2^8) into the running sums, `inits`. One multiply by the scale per
+/// block and weight instead of one per 16 codes; the sums are reassociated (the scale factored out
+/// of each block's sum, as DeepSeek's FP8 GEMM kernels do), within the GEMMs' tolerance of the
+/// interpreter's `dequantize` then `linear`.
+fn fp8_blocked_dots(
+    f: &mut Frame,
+    reads: &[WeightRead],
+    wstart: &Value,
+    kvec: &Value,
+    cols: i64,
+    inits: &[(Value, &str)],
+    xvec: &dyn Fn(&mut Frame, &Value) -> Value,
+) -> Vec<Value> {
+    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
+    let (bc, bc1) = (f.b.index(cols), f.b.index(cols - 1));
+    let blocks = f.b.addi(kvec, &bc1);
+    let blocks = f.b.divui(&blocks, &bc);
+    let zero_v = f.b.constant("dense<0.0>", VEC);
+    for_carry(f, &zero, &blocks, &one, inits, |f, b, acc| {
+        let start = f.b.muli(b, &bc);
+        let end = f.b.addi(&start, &bc);
+        let end = f.b.minui(&end, kvec);
+        let binits: Vec<(Value, &str)> = reads.iter().map(|_| (zero_v.clone(), VEC)).collect();
+        let block = for_carry(f, &start, &end, &vl, &binits, |f, i, bacc| {
+            let xv = xvec(f, i);
+            let wi = f.b.addi(wstart, i);
+            reads
+                .iter()
+                .zip(bacc)
+                .map(|(read, a)| {
+                    let wv = read.raw_vec_at(f, &wi);
+                    f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
+                })
+                .collect()
+        });
+        reads
+            .iter()
+            .zip(block)
+            .zip(acc)
+            .map(|((read, sum), a)| {
+                let s = read.scale(f, &start).expect("FP8 weights have scales");
+                let sv = f.scale_vec_256(&s);
+                f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {a} : {VEC}"))
+            })
+            .collect()
+    })
+}
+
 /// One GEMM's weight of the expert a row belongs to, as the kernel reads it at one output column:
 /// the view of its values (or FP8 codes), a buffer chosen at run time, and for FP8 the view of its
 /// block scales, the column's first scale and the columns per scale block.
@@ -540,6 +624,14 @@ impl WeightRead {
             Some(s) => f.binf("mulf", &w, &s),
             None => w,
         }
+    }
+
+    /// The FP8 codes `wi .. wi + 16` decoded, times 2^-8 and without their scale
+    /// ([`fp8_blocked_dots`] applies it per block).
+    fn raw_vec_at(&self, f: &mut Frame, wi: &Value) -> Value {
+        let view = &self.view;
+        let q = f.b.op("qv", format_args!("vector.load {view}[{wi}] : memref<?xi8>, vector<16xi8>"));
+        f.f8_decode_vec_raw(&q)
     }
 
     /// Elements `wi .. wi + 16` (columns `kk .. kk + 16`, one scale block: [`Operand::check`]) as a
@@ -806,6 +898,22 @@ struct Gemv<'s> {
 }
 
 impl Gemv<'_> {
+    /// When every weight is FP8 with one span of scale block columns: that span, and whether the
+    /// input is FP8 in blocks of the same span (so that its scale factors out of each block too).
+    fn fp8_cols(&self) -> Option<(i64, bool)> {
+        let mut cols = None;
+        for w in &self.weights {
+            let Operand::Fp8 { cols: c, .. } = *w else { return None };
+            if cols.is_some_and(|x| x != c) {
+                return None;
+            }
+            cols = Some(c);
+        }
+        let cols = cols?;
+        let x_raw = matches!(self.x, Operand::Fp8 { cols: c, .. } if c == cols);
+        Some((cols as i64, x_raw))
+    }
+
     /// Computes `y_w[m0 + i, n0 + j]` for `i < mr`, `j < nr` and every weight `w`. Accumulator
     /// `(i, w, j)` is number `(i * weights + w) * nr + j`.
     fn block(&self, f: &mut Frame, m0: &Value, n0: &Value, mr: usize, nr: usize) {
@@ -819,18 +927,72 @@ impl Gemv<'_> {
         let zero_v = f.b.constant("dense<0.0>", VEC);
         let (zero, vl, one) = (f.b.index(0), f.b.index(VL), f.b.index(1));
         let inits: Vec<(Value, &str)> = (0..mr * nr * nw).map(|_| (zero_v.clone(), VEC)).collect();
-        let accs = for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
-            let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
-            let mut next = Vec::with_capacity(mr * nr * nw);
-            for (i, xr) in xrow.iter().enumerate() {
-                let xv = xr.vec_at(f, kk);
-                for (j, w) in wv.iter().enumerate() {
-                    let a = &acc[i * nr * nw + j];
-                    next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
-                }
+        let accs = match self.fp8_cols() {
+            Some((cols, x_raw)) => {
+                // FP8 weights: each scale block's products summed on the codes (and, when the
+                // input is FP8 in blocks of the same span, on its codes too), then times the
+                // scales, as `fp8_blocked_dots` does for one row.
+                let (bc, bc1) = (f.b.index(cols), f.b.index(cols - 1));
+                let blocks = f.b.addi(&self.kvec, &bc1);
+                let blocks = f.b.divui(&blocks, &bc);
+                for_carry(f, &zero, &blocks, &one, &inits, |f, b, acc| {
+                    let start = f.b.muli(b, &bc);
+                    let end = f.b.addi(&start, &bc);
+                    let end = f.b.minui(&end, &self.kvec);
+                    let block = for_carry(f, &start, &end, &vl, &inits, |f, kk, bacc| {
+                        let wv: Vec<Value> = wrow.iter().map(|r| r.raw_vec_at(f, kk)).collect();
+                        let mut next = Vec::with_capacity(mr * nr * nw);
+                        for (i, xr) in xrow.iter().enumerate() {
+                            let xv = if x_raw { xr.raw_vec_at(f, kk) } else { xr.vec_at(f, kk) };
+                            for (j, w) in wv.iter().enumerate() {
+                                let a = &bacc[i * nr * nw + j];
+                                next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
+                            }
+                        }
+                        next
+                    });
+                    let two8 = f.b.f32(256.0);
+                    let ws: Vec<Value> = (wrow.iter())
+                        .map(|r| {
+                            let s = r.scale(f, &start).expect("FP8 weights have scales");
+                            f.binf("mulf", &s, &two8)
+                        })
+                        .collect();
+                    let mut next = Vec::with_capacity(mr * nr * nw);
+                    for (i, xr) in xrow.iter().enumerate() {
+                        let xs = match x_raw {
+                            true => {
+                                let s = xr.scale(f, &start).expect("FP8 inputs have scales");
+                                Some(f.binf("mulf", &s, &two8))
+                            }
+                            false => None,
+                        };
+                        for (j, w) in ws.iter().enumerate() {
+                            let s = match &xs {
+                                Some(xs) => f.binf("mulf", xs, w),
+                                None => w.clone(),
+                            };
+                            let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
+                            let (sum, a) = (&block[i * nr * nw + j], &acc[i * nr * nw + j]);
+                            next.push(f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {a} : {VEC}")));
+                        }
+                    }
+                    next
+                })
             }
-            next
-        });
+            None => for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
+                let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
+                let mut next = Vec::with_capacity(mr * nr * nw);
+                for (i, xr) in xrow.iter().enumerate() {
+                    let xv = xr.vec_at(f, kk);
+                    for (j, w) in wv.iter().enumerate() {
+                        let a = &acc[i * nr * nw + j];
+                        next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
+                    }
+                }
+                next
+            }),
+        };
         let sums: Vec<(Value, &str)> = accs
             .iter()
             .map(|a| {
