@@ -268,7 +268,7 @@ pub(super) fn linear_with(
     Ok(match f.target {
         Target::Cpu => {
             let work = linear_cpu_work(f, rows, w[0])?;
-            linear_cpu(f, x, weights, (&m, &n, &k), store);
+            linear_cpu(f, x, weights, (&m, &n, &k), w[1].as_known(), store);
             LaunchShape::Cpu { work }
         }
         Target::Gpu => {
@@ -706,6 +706,23 @@ impl InputRow {
         }
     }
 
+    /// [`OperandRow::raw_vec_at`] of an operand's row; a decoded row's values.
+    fn raw_vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
+        match self {
+            InputRow::Operand(op) => op.raw_vec_at(f, kk),
+            InputRow::Decoded { .. } => self.vec_at(f, kk),
+        }
+    }
+
+    /// The scale of column `kk` of an FP8 operand's row; `None` for a decoded row (its values
+    /// carry their scales).
+    fn scale(&self, f: &mut Frame, kk: &Value) -> Option<Value> {
+        match self {
+            InputRow::Operand(op) => op.scale(f, kk),
+            InputRow::Decoded { .. } => None,
+        }
+    }
+
     /// Elements `kk .. kk + 16` of the row, as a `vector<16xf32>`.
     fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
         match self {
@@ -836,6 +853,7 @@ fn linear_cpu(
     x: &Operand,
     weights: &[Operand],
     (m, n, k): (&Value, &Value, &Value),
+    kn: Option<u64>,
     store: Store,
 ) {
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
@@ -871,8 +889,10 @@ fn linear_cpu(
         let p_full = f.b.addi(&p, &qn);
         for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
             for_loop(f, m_lo, m_hi, m_step, |f, m0| {
-                for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, m0, n0, mr, nr_full));
-                for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, m0, n0, mr, 1));
+                // An FP8 input's rows are decoded once for the panel, not once per column block.
+                let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn);
+                for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
+                for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
             });
         }
     });
@@ -916,9 +936,8 @@ impl Gemv<'_> {
 
     /// Computes `y_w[m0 + i, n0 + j]` for `i < mr`, `j < nr` and every weight `w`. Accumulator
     /// `(i, w, j)` is number `(i * weights + w) * nr + j`.
-    fn block(&self, f: &mut Frame, m0: &Value, n0: &Value, mr: usize, nr: usize) {
-        let nw = self.weights.len();
-        let xrow: Vec<OperandRow> = (0..mr).map(|i| operand_row(f, &self.x, m0, i, &self.k)).collect();
+    fn block(&self, f: &mut Frame, xrow: &[InputRow], m0: &Value, n0: &Value, nr: usize) {
+        let (nw, mr) = (self.weights.len(), xrow.len());
         // Row `j` of weight `w` is number `w * nr + j`.
         let wrow: Vec<OperandRow> = (self.weights.iter())
             .flat_map(|w| (0..nr).map(move |j| (w, j)))
@@ -929,6 +948,8 @@ impl Gemv<'_> {
         let inits: Vec<(Value, &str)> = (0..mr * nr * nw).map(|_| (zero_v.clone(), VEC)).collect();
         let accs = match self.fp8_cols() {
             Some((cols, x_raw)) => {
+                // An input decoded to scratch is plain f32: only the weights' scales factor out.
+                let x_raw = x_raw && xrow.iter().all(|r| matches!(r, InputRow::Operand(_)));
                 // FP8 weights: each scale block's products summed on the codes (and, when the
                 // input is FP8 in blocks of the same span, on its codes too), then times the
                 // scales, as `fp8_blocked_dots` does for one row.
