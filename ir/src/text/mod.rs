@@ -72,8 +72,8 @@
 //!   `optimizer_moment`, `master_weight`, `gradient_accumulator`, `counter`).
 //! - `program "<name>" {kind = <kind>} graph @<name> {` starts a [`Program`](crate::module::Program),
 //!   with the kind one of [`ProgramKind::name`](crate::module::ProgramKind::name) (`forward`,
-//!   `prefill`, `decode`, `score`, `train_step`); the graph's statements follow, one level deeper,
-//!   and its `}` closes the program.
+//!   `prefill`, `decode`, `score`, `train_step`, `accumulate`, `draft`); the graph's statements
+//!   follow, one level deeper, and its `}` closes the program.
 //!
 //! The printer writes the parameters, then the states, then the programs, each in declaration order;
 //! the parser takes the lines in any order. The role and kind blocks are attribute blocks with
