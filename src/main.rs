@@ -222,9 +222,9 @@ enum Command {
         dump_logits: Option<PathBuf>,
         /// Decode speculatively with the MTP module (DeepSeek-V3 §5.4.3): each step checks the
         /// module's draft of the next token with the main model while making the token before it,
-        /// so an accepted draft gives two tokens per pass. The tokens are those of plain greedy
-        /// decoding; the report gives the acceptance rate. Needs an artifact compiled with
-        /// `kiln compile --speculative` and greedy decoding.
+        /// so an accepted draft gives two tokens per pass. Greedy, the tokens are those of plain
+        /// greedy decoding; sampled, they have plain sampling's distribution. The report gives the
+        /// acceptance rate. Needs an artifact compiled with `kiln compile --speculative`.
         #[arg(long, conflicts_with = "interp")]
         speculative: bool,
         /// Print one JSON document on standard output at the end (the tokens, the text, each

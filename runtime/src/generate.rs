@@ -239,6 +239,22 @@ impl Rng {
 
 /// The index of the token to emit, or `None` when no logit is finite.
 fn pick(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> Option<usize> {
+    match nucleus(logits, sampling)? {
+        Nucleus::Greedy(best) => Some(best),
+        Nucleus::Sample { weights, kept } => draw(&weights, kept, None, rng),
+    }
+}
+
+/// What [`pick`] chooses from: the greedy token, or the tokens a sample may take with their
+/// weights (`exp((logit - max) / T)`), most likely first (equal weights in index order), cut to
+/// the smallest prefix whose weight reaches `top_p` of the total, and that prefix's total.
+enum Nucleus {
+    Greedy(usize),
+    Sample { weights: Vec<(usize, f64)>, kept: f64 },
+}
+
+/// The [`Nucleus`] of `logits` under `sampling`; `None` when no logit is finite.
+fn nucleus(logits: &[f32], sampling: Sampling) -> Option<Nucleus> {
     let finite = |x: f32| x.is_finite().then_some(x);
     let (best, max) = logits.iter().enumerate().filter_map(|(i, &x)| Some((i, finite(x)?))).fold(
         None,
@@ -247,7 +263,7 @@ fn pick(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> Option<usize> {
             _ => Some((i, x)),
         },
     )?;
-    let Sampling::Sample { temperature, top_p, .. } = sampling else { return Some(best) };
+    let Sampling::Sample { temperature, top_p, .. } = sampling else { return Some(Nucleus::Greedy(best)) };
     let t = f64::from(temperature);
     let mut weights: Vec<(usize, f64)> = logits
         .iter()
@@ -267,14 +283,23 @@ fn pick(logits: &[f32], sampling: Sampling, rng: &mut Rng) -> Option<usize> {
             break;
         }
     }
+    weights.truncate(n);
+    Some(Nucleus::Sample { weights, kept })
+}
+
+/// One draw from `weights` (summing to `kept`), leaving out token `except` (whose weight the
+/// caller has taken out of `kept`).
+fn draw(weights: &[(usize, f64)], kept: f64, except: Option<usize>, rng: &mut Rng) -> Option<usize> {
     let mut r = rng.unit() * kept;
-    for &(i, w) in &weights[..n] {
+    let mut last = None;
+    for &(i, w) in weights.iter().filter(|w| Some(w.0) != except) {
         if r < w {
             return Some(i);
         }
         r -= w;
+        last = Some(i);
     }
-    weights[..n].last().map(|w| w.0)
+    last
 }
 
 /// The logit of `token` and its probability under `softmax(logits)`.

@@ -1,6 +1,6 @@
-//! Greedy speculative decoding with the MTP module (DeepSeek-V3 §5.4.3): the module drafts the
-//! token after next, and the main model checks the draft in the same forward pass that makes the
-//! next token, so an accepted draft is a second token from one pass of the main model.
+//! Speculative decoding with the MTP module (DeepSeek-V3 §5.4.3): the module drafts the token
+//! after next, and the main model checks the draft in the same forward pass that makes the next
+//! token, so an accepted draft is a second token from one pass of the main model.
 //!
 //! An artifact compiled with `kiln compile --speculative` has three programs:
 //! - `prefill` and `decode`, which also output the main model's hidden state after the final norm
@@ -12,11 +12,14 @@
 //! A sequence whose newest token `x` sits at position `n` (not yet in the cache) and whose draft is
 //! `d` (the MTP module's guess for position `n + 1`) takes one step:
 //!
-//! 1. `decode` on `[x, d]` at positions `[n, n + 1]`: the main model's greedy token `g1` after `x`,
-//!    and `g2` after `d`.
-//! 2. If `g1 == d`, the draft is accepted: the sequence gains `g1` and `g2`, which is what two plain
-//!    greedy steps would give, since the second position saw exactly the tokens plain decoding would
-//!    feed. Otherwise it gains `g1` alone, and the cache slot `n + 1` (written from `d`) is
+//! 1. `decode` on `[x, d]` at positions `[n, n + 1]`: the main model's logits after `x` and after
+//!    `d`.
+//! 2. The token after `x` is picked from the first ([`verify`]): greedy decoding takes its own
+//!    token, and the draft stands when that is `d`; sampling takes `d` with its probability, else
+//!    draws another token from the rest (speculative sampling's rule). When `d` stands, the token
+//!    after it is picked from the second position's logits as plain decoding would, since that
+//!    position saw exactly the tokens plain decoding would feed: one pass made two tokens.
+//!    Otherwise the sequence gains one token, and the cache slot `n + 1` (written from `d`) is
 //!    overwritten by the next step before anything reads it: attention reads each position's own
 //!    prefix only.
 //! 3. `draft` on the main model's hidden states at the positions that are now final, with the tokens
@@ -27,10 +30,11 @@
 //! prompt's, and the first new token after the last), which fills the module's cache and gives the
 //! first draft.
 //!
-//! The tokens are those of plain greedy decoding when the decode program's logits at a position do
-//! not depend on whether one or two tokens ran (every kernel computes each row on its own; the
-//! tests compare the two). Sampling is not speculative here: accepting a sampled draft needs the
-//! rejection rule of speculative sampling, which this loop does not implement, so it is refused.
+//! Greedy, the tokens are those of plain greedy decoding when the decode program's logits at a
+//! position do not depend on whether one or two tokens ran (every kernel computes each row on its
+//! own; the tests compare the two). Sampled, each token has plain sampling's distribution, but the
+//! draws differ (a checked draft costs one more number from the sequence's stream), so the tokens
+//! of a seed are not plain decoding's.
 //!
 //! Batches: every sequence keeps its row (its cache rows are its own) and each step runs two tokens
 //! per row. A row that does not check a draft (it has ended, needs one more token, or has no room
@@ -43,8 +47,8 @@ use kiln_ir::module::ProgramKind;
 use kiln_ir::DType;
 
 use super::{
-    batch_inputs, check, logit_and_prob, pick, program_of, Engine, Flow, GenerateOptions, Generation, Plan,
-    Rng, Sampling, Stats, TokenEvent, LOGITS,
+    batch_inputs, check, check_sampling, draw, logit_and_prob, nucleus, pick, program_of, Engine, Flow,
+    GenerateOptions, Generation, Nucleus, Plan, Rng, Sampling, Stats, TokenEvent, LOGITS,
 };
 use crate::weights::{HostData, HostTensor};
 use crate::RuntimeError;
@@ -107,8 +111,8 @@ impl Row {
     }
 }
 
-/// Generates greedily from each prompt with speculative decoding; see the module documentation.
-/// The options and checks are [`super::generate`]'s, and the sampling must be greedy. The
+/// Generates from each prompt with speculative decoding; see the module documentation. The options
+/// and checks are [`super::generate`]'s (sequence `s` draws from stream `s` of the seed). The
 /// [`Stats`] count the drafts checked and accepted.
 pub fn generate_speculative(
     engine: &mut dyn Engine,
@@ -116,13 +120,7 @@ pub fn generate_speculative(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent) -> Flow,
 ) -> Result<Generation, RuntimeError> {
-    if opts.sampling != Sampling::Greedy {
-        return Err(RuntimeError::BadOption(
-            "speculative decoding here is greedy (its tokens are plain greedy decoding's); drop the \
-             temperature, or drop --speculative to sample"
-                .into(),
-        ));
-    }
+    check_sampling(opts.sampling)?;
     let progs = programs(engine)?;
     let plan = Plan::Cached { prefill: progs.prefill.clone(), decode: progs.decode.clone() };
     let vocab = check(engine, &plan, prompts, &vec![opts.clone(); prompts.len()])? as usize;
@@ -139,14 +137,30 @@ pub fn generate_speculative(
     if rows.iter().all(|r| !r.active) {
         return Ok(finish(rows, stats));
     }
-    let mut greedy = Rng(0);
-    let mut pick_row =
-        |logits: &[f32], sequence: usize, step: usize| -> Result<(i64, f32, f32), RuntimeError> {
-            let t = pick(logits, Sampling::Greedy, &mut greedy)
-                .ok_or(RuntimeError::NonFiniteLogits { sequence, step })?;
-            let (logit, prob) = logit_and_prob(logits, t);
-            Ok((t as i64, logit, prob))
+    // Sequence `s` draws from stream `s` of the seed, as in `generate`.
+    let mut rngs: Vec<Rng> = (0..prompts.len())
+        .map(|s| match opts.sampling {
+            Sampling::Sample { seed, .. } => Rng::for_sequence(seed, s),
+            Sampling::Greedy => Rng(0),
+        })
+        .collect();
+    let sampling = opts.sampling;
+    // The token of a row's logits: picked as plain decoding picks it, or, where the position
+    // checks draft `d`, by `verify`; with its logit and probability, and whether `d` stood.
+    let pick_row = |logits: &[f32],
+                    rng: &mut Rng,
+                    draft: Option<i64>,
+                    sequence: usize,
+                    step: usize|
+     -> Result<((i64, f32, f32), bool), RuntimeError> {
+        let picked = match draft {
+            Some(d) => verify(logits, sampling, d, rng),
+            None => pick(logits, sampling, rng).map(|t| (t, false)),
         };
+        let (t, accepted) = picked.ok_or(RuntimeError::NonFiniteLogits { sequence, step })?;
+        let (logit, prob) = logit_and_prob(logits, t);
+        Ok(((t as i64, logit, prob), accepted))
+    };
     // Emits `token` for row `s`; returns whether the row goes on.
     let mut emit = |row: &mut Row, s: usize, (token, logit, prob): (i64, f32, f32)| -> bool {
         let step = row.made();
@@ -173,7 +187,7 @@ pub fn generate_speculative(
         }
         let r = s * t + row.prompt - 1;
         let logits = engine.output_f32(LOGITS, r * vocab..(r + 1) * vocab)?;
-        let picked = pick_row(&logits, s, 0)?;
+        let (picked, _) = pick_row(&logits, &mut rngs[s], None, s, 0)?;
         emit(row, s, picked);
     }
     stats.first_token = start.elapsed();
@@ -235,23 +249,21 @@ pub fn generate_speculative(
                 continue;
             }
             let logits = engine.output_f32(LOGITS, 2 * s * vocab..(2 * s + 1) * vocab)?;
-            let g1 = pick_row(&logits, s, step)?;
+            let (g1, accepted) = pick_row(&logits, &mut rngs[s], checks[s], s, step)?;
             final_[s] = 1;
             after[s] = [g1.0, g1.0];
             made += 1;
             let go_on = emit(row, s, g1);
-            if let Some(d) = checks[s] {
-                stats.drafted += 1;
-                if d == g1.0 {
-                    stats.accepted += 1;
-                    if go_on {
-                        let logits = engine.output_f32(LOGITS, (2 * s + 1) * vocab..(2 * s + 2) * vocab)?;
-                        let g2 = pick_row(&logits, s, step)?;
-                        final_[s] = 2;
-                        after[s][1] = g2.0;
-                        made += 1;
-                        emit(row, s, g2);
-                    }
+            stats.drafted += usize::from(checks[s].is_some());
+            if accepted {
+                stats.accepted += 1;
+                if go_on {
+                    let logits = engine.output_f32(LOGITS, (2 * s + 1) * vocab..(2 * s + 2) * vocab)?;
+                    let (g2, _) = pick_row(&logits, &mut rngs[s], None, s, step)?;
+                    final_[s] = 2;
+                    after[s][1] = g2.0;
+                    made += 1;
+                    emit(row, s, g2);
                 }
             }
         }
@@ -281,6 +293,26 @@ pub fn generate_speculative(
         step += 1;
     }
     Ok(finish(rows, stats))
+}
+
+/// The token at a position whose draft is `d`, and whether the draft stood (the rule of
+/// speculative sampling, Leviathan et al. 2023 and Chen et al. 2023, for a draft that is one
+/// token, as a greedy draft is): greedy decoding takes its own token, which stands when it is `d`;
+/// sampling takes `d` with its probability `p(d)` under `sampling` (temperature and top-p), and
+/// otherwise draws from `p` without `d`, renormalised. Either way the token has exactly the
+/// distribution plain decoding's would have: `d` with `p(d)`, any other `x` with
+/// `(1 - p(d)) p(x) / (1 - p(d))`. `None` when no logit is finite.
+fn verify(logits: &[f32], sampling: Sampling, d: i64, rng: &mut Rng) -> Option<(usize, bool)> {
+    match nucleus(logits, sampling)? {
+        Nucleus::Greedy(best) => Some((best, best as i64 == d)),
+        Nucleus::Sample { weights, kept } => {
+            let wd = weights.iter().find(|w| w.0 as i64 == d).map_or(0.0, |w| w.1);
+            if rng.unit() * kept < wd {
+                return Some((d as usize, true));
+            }
+            draw(&weights, kept - wd, usize::try_from(d).ok(), rng).map(|t| (t, false))
+        }
+    }
 }
 
 fn finish(rows: Vec<Row>, stats: Stats) -> Generation {
@@ -345,4 +377,44 @@ fn read_all(engine: &dyn Engine, name: &str, rows: usize) -> Result<Vec<f32>, Ru
 fn argmax(engine: &dyn Engine, name: &str, r: usize, vocab: usize) -> Result<Option<i64>, RuntimeError> {
     let logits = engine.output_f32(name, r * vocab..(r + 1) * vocab)?;
     Ok(pick(&logits, Sampling::Greedy, &mut Rng(0)).map(|t| t as i64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Speculative sampling keeps the distribution: over many draws with a draft of each token in
+    /// turn, every token's frequency is its probability under the temperature and top-p.
+    #[test]
+    fn a_checked_draft_leaves_the_sampled_distribution_as_it_was() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125 at temperature 1.
+        let logits = [2f32.ln() * 3.0, 2f32.ln() * 2.0, 2f32.ln(), 2f32.ln()];
+        let sampling = Sampling::Sample { temperature: 1.0, top_p: 1.0, seed: 3 };
+        for d in 0..4i64 {
+            let mut rng = Rng::for_sequence(3, d as usize);
+            let (mut n, mut stood) = ([0usize; 4], 0usize);
+            for _ in 0..40_000 {
+                let (t, accepted) = verify(&logits, sampling, d, &mut rng).unwrap();
+                n[t] += 1;
+                stood += usize::from(accepted);
+                assert_eq!(accepted, t as i64 == d);
+            }
+            for (got, want) in n.iter().map(|&c| c as f64 / 40_000.0).zip([0.5, 0.25, 0.125, 0.125]) {
+                assert!((got - want).abs() < 0.01, "draft {d}: {n:?}");
+            }
+            assert_eq!(stood, n[d as usize]);
+        }
+        // Top-p 0.7 keeps the first two (2/3 and 1/3): a draft outside them never stands.
+        let nucleus = Sampling::Sample { temperature: 1.0, top_p: 0.7, seed: 3 };
+        let mut rng = Rng::for_sequence(3, 9);
+        let mut n = [0usize; 4];
+        for _ in 0..30_000 {
+            n[verify(&logits, nucleus, 3, &mut rng).unwrap().0] += 1;
+        }
+        assert!(n[2] == 0 && n[3] == 0 && (n[0] as f64 / 30_000.0 - 2.0 / 3.0).abs() < 0.01, "{n:?}");
+        // Greedy: the first maximum, standing only when it is the draft.
+        assert_eq!(verify(&logits, Sampling::Greedy, 0, &mut rng), Some((0, true)));
+        assert_eq!(verify(&logits, Sampling::Greedy, 2, &mut rng), Some((0, false)));
+        assert_eq!(verify(&[f32::NAN; 4], sampling, 0, &mut rng), None);
+    }
 }
