@@ -334,6 +334,17 @@ impl Communicator for Groups {
         self.start(self.group(group)?, data, true)
     }
 
+    fn start_all_to_all(
+        &self,
+        group: &str,
+        data: Vec<f32>,
+        keep: Vec<f32>,
+        width: usize,
+    ) -> Result<Box<dyn InFlight>, RuntimeError> {
+        let g = self.group(group)?;
+        Exchange::start(g, data, &keep, width, self.timeout)
+    }
+
     fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -360,14 +371,14 @@ impl Groups {
             req: Some(req),
             send,
             recv: Some(recv),
-            start: Instant::now(),
-            timeout: self.timeout,
-            rank: g.rank,
-            size: g.size,
-            what: format!(
-                "the all-{} of {n} values over `{}`",
-                if gather { "gather" } else { "reduce" },
-                g.name
+            deadline: Deadline::new(
+                g,
+                self.timeout,
+                format!(
+                    "the all-{} of {n} values over `{}`",
+                    if gather { "gather" } else { "reduce" },
+                    g.name
+                ),
             ),
         }))
     }
@@ -379,38 +390,17 @@ struct Sum {
     send: *mut [f32],
     /// Taken by `wait`.
     recv: Option<*mut [f32]>,
-    start: Instant,
-    timeout: Duration,
-    rank: usize,
-    size: usize,
-    what: String,
-}
-
-impl Sum {
-    fn late(&self) {
-        stalled(&SimpleCommunicator::world(), self.rank, self.size, self.timeout, &self.what)
-    }
+    deadline: Deadline,
 }
 
 impl InFlight for Sum {
     fn test(&mut self) -> Result<bool, RuntimeError> {
-        let Some(req) = self.req.take() else { return Ok(true) };
-        match req.test() {
-            Ok(_) => Ok(true),
-            Err(req) => {
-                self.req = Some(req);
-                if self.start.elapsed() > self.timeout {
-                    self.late();
-                }
-                Ok(false)
-            }
-        }
+        Ok(test_pending(&mut self.req, &self.deadline))
     }
 
     fn wait(mut self: Box<Self>) -> Result<Vec<f32>, RuntimeError> {
         if let Some(req) = self.req.take() {
-            let left = self.timeout.saturating_sub(self.start.elapsed());
-            poll(req, left, || self.late());
+            self.deadline.wait(req);
         }
         let recv = self.recv.take().expect("a sum is waited for once");
         // SAFETY: from `Box::into_raw` in `start_all_reduce_sum`; the request has completed, so MPI
@@ -423,7 +413,10 @@ impl Drop for Sum {
     fn drop(&mut self) {
         if self.req.is_some() {
             // MPI may still read and write the buffers: they cannot be freed, nor the job go on.
-            say!("error: rank {}: a sum over the replicas was dropped before it finished", self.rank);
+            say!(
+                "error: rank {}: a sum over the replicas was dropped before it finished",
+                self.deadline.rank
+            );
             SimpleCommunicator::world().abort(3);
         }
         // SAFETY: from `Box::into_raw`; the request has completed (above), and each pointer is
@@ -433,6 +426,188 @@ impl Drop for Sum {
             if let Some(recv) = self.recv.take() {
                 drop(Box::from_raw(recv));
             }
+        }
+    }
+}
+
+/// The receive side of an all-to-all: the buffer with its counts and offsets per process.
+type Parted = mpi::datatype::PartitionMut<'static, [f32], Vec<i32>, Vec<i32>>;
+/// The send side.
+type Sending = mpi::datatype::Partition<'static, [f32], Vec<i32>, Vec<i32>>;
+
+/// A non-blocking all-to-all under way (`MPI_Ialltoallv`), owning its buffers: the flagged rows,
+/// packed by destination. The flags themselves went first, in a blocking exchange of one byte per
+/// row (`MPI_Alltoall`), so that each process knows which rows it receives from each other.
+struct Exchange {
+    req: Option<mpi::request::Request<'static, Parted, StaticScope>>,
+    /// `Box::into_raw`s, freed once the request has completed: the partitions, then their buffers.
+    send: *mut Sending,
+    send_buf: *mut [f32],
+    recv: *mut Parted,
+    recv_buf: *mut [f32],
+    /// Which rows came, block by block (one byte per row of every process's block for this one).
+    came: Vec<u8>,
+    width: usize,
+    deadline: Deadline,
+}
+
+impl Exchange {
+    fn start(
+        g: &Group,
+        data: Vec<f32>,
+        keep: &[f32],
+        width: usize,
+        timeout: Duration,
+    ) -> Result<Box<dyn InFlight>, RuntimeError> {
+        let bad = |what: String| RuntimeError::Collective { group: g.name.into(), what };
+        let (size, rows) = (g.size, keep.len() / g.size.max(1));
+        if rows * size != keep.len() || keep.len() * width != data.len() {
+            return Err(bad(format!(
+                "an all-to-all of {} values in {} rows of {width} cannot be cut into {size} blocks",
+                data.len(),
+                keep.len()
+            )));
+        }
+        let what = format!("the all-to-all of {} rows of {width} values over `{}`", keep.len(), g.name);
+        let flags: Vec<u8> = keep.iter().map(|&f| u8::from(f != 0.0)).collect();
+        let mut came = vec![0u8; flags.len()];
+        mpi::request::scope(|scope| {
+            let req = g.comm.immediate_all_to_all_into(scope, &flags[..], &mut came[..]);
+            poll(req, timeout, || stalled(&g.comm, g.rank, g.size, timeout, &format!("the flags of {what}")));
+        });
+        // The flagged rows, packed block by block, with each block's count and offset.
+        let layout = |flags: &[u8]| -> Result<(Vec<i32>, Vec<i32>), RuntimeError> {
+            let (mut counts, mut displs, mut at) =
+                (Vec::with_capacity(size), Vec::with_capacity(size), 0usize);
+            for block in flags.chunks(rows.max(1)).take(size) {
+                let n = block.iter().filter(|&&f| f != 0).count() * width;
+                let fits = |v: usize| i32::try_from(v).map_err(|_| bad(format!("{what}: over 2^31 values")));
+                displs.push(fits(at)?);
+                counts.push(fits(n)?);
+                at += n;
+            }
+            counts.resize(size, 0);
+            displs.resize(size, i32::try_from(at).unwrap_or(i32::MAX));
+            Ok((counts, displs))
+        };
+        let (send_counts, send_displs) = layout(&flags)?;
+        let (recv_counts, recv_displs) = layout(&came)?;
+        let total = |c: &[i32]| c.iter().map(|&n| n as usize).sum::<usize>();
+        let mut packed = Vec::with_capacity(total(&send_counts));
+        for (row, &f) in data.chunks(width.max(1)).zip(&flags) {
+            if f != 0 {
+                packed.extend_from_slice(row);
+            }
+        }
+        let send_buf: *mut [f32] = Box::into_raw(packed.into_boxed_slice());
+        let recv_buf: *mut [f32] = Box::into_raw(vec![0.0f32; total(&recv_counts)].into_boxed_slice());
+        // SAFETY: the buffers and partitions come from `Box::into_raw` here and are freed only by
+        // `Exchange::free`, after the request has completed; nothing else touches them meanwhile.
+        let (s, r): (&'static [f32], &'static mut [f32]) = unsafe { (&*send_buf, &mut *recv_buf) };
+        let send: *mut Sending = Box::into_raw(Box::new(Sending::new(s, send_counts, send_displs)));
+        let recv: *mut Parted = Box::into_raw(Box::new(Parted::new(r, recv_counts, recv_displs)));
+        // SAFETY: as above.
+        let (sp, rp): (&'static Sending, &'static mut Parted) = unsafe { (&*send, &mut *recv) };
+        let req = g.comm.immediate_all_to_all_varcount_into(StaticScope, sp, rp);
+        Ok(Box::new(Exchange {
+            req: Some(req),
+            send,
+            send_buf,
+            recv,
+            recv_buf,
+            came,
+            width,
+            deadline: Deadline::new(g, timeout, what),
+        }))
+    }
+}
+
+impl InFlight for Exchange {
+    fn test(&mut self) -> Result<bool, RuntimeError> {
+        Ok(test_pending(&mut self.req, &self.deadline))
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<Vec<f32>, RuntimeError> {
+        if let Some(req) = self.req.take() {
+            self.deadline.wait(req);
+        }
+        // SAFETY: the request has completed, so MPI no longer writes the receive buffer.
+        let got: &[f32] = unsafe { &*self.recv_buf };
+        let came = self.came.iter().filter(|&&f| f != 0).count();
+        if got.len() != came * self.width {
+            return Err(RuntimeError::Collective {
+                group: self.deadline.what.clone(),
+                what: format!("{} values came for {came} rows of {}", got.len(), self.width),
+            });
+        }
+        let mut out = vec![0.0f32; self.came.len() * self.width];
+        let flagged = out.chunks_mut(self.width.max(1)).zip(&self.came).filter(|(_, &f)| f != 0);
+        for ((slot, _), row) in flagged.zip(got.chunks(self.width.max(1))) {
+            slot.copy_from_slice(row);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.req.is_some() {
+            say!("error: rank {}: an all-to-all was dropped before it finished", self.deadline.rank);
+            SimpleCommunicator::world().abort(3);
+        }
+        // SAFETY: each pointer comes from `Box::into_raw` in `Exchange::start` and is freed once,
+        // here, after the request completed (above); the partitions go before the buffers they
+        // borrow.
+        unsafe {
+            drop(Box::from_raw(self.send));
+            drop(Box::from_raw(self.recv));
+            drop(Box::from_raw(self.send_buf));
+            drop(Box::from_raw(self.recv_buf));
+        }
+    }
+}
+
+/// When a non-blocking collective started, how long it may take, and what to say if it takes
+/// longer: `rank` of `size` waited for `what`.
+struct Deadline {
+    start: Instant,
+    timeout: Duration,
+    rank: usize,
+    size: usize,
+    what: String,
+}
+
+impl Deadline {
+    fn new(g: &Group, timeout: Duration, what: String) -> Deadline {
+        Deadline { start: Instant::now(), timeout, rank: g.rank, size: g.size, what }
+    }
+
+    /// Ends the job, naming the collective that never finished.
+    fn late(&self) -> ! {
+        stalled(&SimpleCommunicator::world(), self.rank, self.size, self.timeout, &self.what)
+    }
+
+    /// Waits for `req` until the deadline.
+    fn wait<'a, R: ?Sized, S: mpi::request::Scope<'a>>(&self, req: mpi::request::Request<'a, R, S>) {
+        poll(req, self.timeout.saturating_sub(self.start.elapsed()), || self.late());
+    }
+}
+
+/// Whether the request in `req` has completed (taking it), or, left there, not yet; past the
+/// deadline, ends the job.
+fn test_pending<R: ?Sized>(
+    req: &mut Option<mpi::request::Request<'static, R, StaticScope>>,
+    d: &Deadline,
+) -> bool {
+    let Some(r) = req.take() else { return true };
+    match r.test() {
+        Ok(_) => true,
+        Err(r) => {
+            *req = Some(r);
+            if d.start.elapsed() > d.timeout {
+                d.late();
+            }
+            false
         }
     }
 }

@@ -718,9 +718,6 @@ fn expert_parallel(args: &TrainArgs, req: train::Request, ep: usize) -> Result<(
     if args.dp == Some(0) {
         bail!("--dp 0: give the number of data-parallel replicas of the expert-parallel group, at least 1");
     }
-    if args.zero1 {
-        bail!("--zero1 with --ep: ZeRO-1 is built for --dp alone; drop one of them");
-    }
     if !(args.comm_timeout > 0.0 && args.comm_timeout.is_finite()) {
         bail!("--comm-timeout {}: give a positive number of seconds", args.comm_timeout);
     }
@@ -765,7 +762,10 @@ fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
         bail!("--ep 0: give the number of expert-parallel processes, at least 1");
     }
     if args.zero1 && args.ep.is_some() {
-        bail!("--zero1 with --ep: ZeRO-1 is built for --dp alone; drop one of them");
+        bail!(
+            "--zero1 with --ep and --pp: ZeRO-1 splits the states of an expert-parallel run without a \
+             pipeline, or of a pipeline without expert parallelism; drop one of the three"
+        );
     }
     let mut flags = format!("--pp {pp}");
     for (flag, n) in [("--ep", args.ep), ("--dp", args.dp)] {

@@ -1128,8 +1128,19 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             ms(comm.waited_ns),
             100.0 * comm.hidden()
         )?;
+        if comm.rows_offered > 0 {
+            writeln!(
+                out,
+                "all-to-all: {} of the {} token rows for other ranks travelled ({:.0}%): a token goes only to \
+                 the ranks of its experts",
+                comm.rows_sent,
+                comm.rows_offered,
+                100.0 * comm.rows_sent as f64 / comm.rows_offered as f64
+            )?;
+        }
         let v = serde_json::json!({"event": "communication", "messages": comm.messages, "bytes": comm.bytes,
-            "in_flight_ms": ms(comm.in_flight_ns), "waited_ms": ms(comm.waited_ns), "hidden": comm.hidden()});
+            "in_flight_ms": ms(comm.in_flight_ns), "waited_ms": ms(comm.waited_ns), "hidden": comm.hidden(),
+            "rows_sent": comm.rows_sent, "rows_offered": comm.rows_offered});
         event(&mut metrics, v)?;
     }
     // A resume of a finished run takes no step: the curve still covers the log.

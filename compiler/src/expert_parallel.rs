@@ -29,7 +29,7 @@
 //! (`a + b` of the ranks' parts against the slots in order), so logits agree to rounding, not bit
 //! for bit.
 
-use kiln_ir::op::{BinaryOp, Op};
+use kiln_ir::op::{BinaryOp, Op, ReduceOp};
 use kiln_ir::{DType, Graph, NodeId, TensorType, ValueId};
 
 /// The communication group of the expert-parallel ranks, which [`Op::AllReduce`] sums over.
@@ -165,105 +165,105 @@ pub fn is_routed_expert(name: &str) -> bool {
 /// parallelism with data parallelism (the report's §3.2.2: attention is data-parallel, the
 /// experts expert-parallel). Returns the graph and the experts per rank; `None` without
 /// `moe_experts`. Differentiate it with [`crate::autodiff::differentiate`], whose rule for
-/// `all_reduce` is `all_reduce`.
+/// `all_to_all` is `all_to_all` the other way.
 ///
 /// Each rank runs the embedding, attention, the router and the shared experts on its own tokens.
-/// At each `moe_experts` the ranks exchange what the experts need (the dispatch) and return
-/// what they computed (the combine), both as sums over the group [`EP_GROUP`]:
+/// At each `moe_experts` the ranks exchange the tokens with DeepSeek's all-to-all: a token goes
+/// only to the ranks that hold one of its experts (the dispatch), and each of those ranks sends
+/// back its experts' weighted sum for it (the combine):
 ///
 /// ```text
-/// m_e   = 1 - min(|ep.rank - e|, 1)                    1 on rank e, else 0 (e = 0 .. ep)
-/// X     = all_reduce(concat_e(m_e * x))                [ep, N.., D]: every rank's tokens in rank order
-/// W, I  = the same of the routing weights and (as f32, exact) the expert ids
-/// P     = moe_experts(X, W * mask, clamp(I - first), the rank's experts)   as in `split`
-/// S     = all_reduce(P)                                every rank's part of every token
-/// y     = sum_e m_e * S[e]                             this rank's tokens
+/// keep[q]  = max_k (idx[.., k] is one of rank q's experts)      [ep, N..]: where each token goes
+/// came     = all_to_all(keep)                                  [ep, N..]: which tokens of rank q came here
+/// X, W, I  = all_to_all(broadcast(x ‖ w ‖ f32(idx)), keep)      [ep, N.., D + 2k]: the dispatch
+/// P        = moe_experts(X, W * mask, clamp(I - first), the rank's experts)     as in `split`
+/// y        = sum_q all_to_all(P, came)[q]                        the combine, in rank order
 /// ```
 ///
-/// The dispatch is an all-gather written as a sum of slot-placed copies (each slot is one rank's
-/// value plus zeros, so exact), which keeps every collective an `all_reduce`: for the total loss
-/// `L = sum_r L_r` of ranks that each take their own loss from a replicated sum, the adjoint of
-/// the sum over the ranks is the sum of the ranks' gradients, and autodiff needs no other rule.
-/// Every rank computes its experts on all `ep` ranks' tokens, the slots routed elsewhere with
-/// weight 0: the static-shape stand-in for DeepSeek's all-to-all, which sends each token only to
-/// the ranks of its experts (at most the node limit). It moves `ep` times the bytes and computes
-/// `ep` times the rows of one rank's share, so it is exact rather than fast. Each rank's gradients
-/// of the replicated weights are those of its own rows (summed over the data-parallel group
-/// with the loss), and its experts' gradients are those of every rank's rows routed to them.
+/// Shapes are static, so a rank's arrays hold a row for every token of every rank (`ep` times its
+/// own), but only the flagged rows travel (the runtime's `MPI_Alltoallv` sends those alone) and a
+/// row that did not come is zeros, whose routing weights are zero: it adds nothing. A token
+/// reaches at most `min(top_k, ep)` ranks, fewer under the router's group limit when a rank holds
+/// whole groups (DeepSeek's node limit: the report's M = 4 nodes of 8 groups). The result equals
+/// the one-process layer to rounding (the ranks' parts are added in rank order, not slot by
+/// slot). Each rank's gradients of the replicated weights are those of its own rows (summed over
+/// the data-parallel group with the loss), and its experts' gradients those of every rank's rows
+/// routed to them.
 pub fn split_tokens(graph: &Graph, ep: u64) -> Result<Option<(Graph, u64)>, SplitError> {
     each_moe(graph, ep, |b, rank, node, local| {
         let (x, w, idx) = (node.inputs[0], node.inputs[1], node.inputs[2]);
         let experts = &node.inputs[3..];
-        let scope = b.scope;
-        // m_e: 1 on rank e.
-        let one = b.c(1.0)?;
-        let mut slot_masks = Vec::with_capacity(ep as usize);
-        for e in 0..ep {
-            let at = b.c(e as f64)?;
-            let d = b.bin(BinaryOp::Sub, rank, at)?;
-            let d = b.node(Op::Unary(kiln_ir::op::UnaryOp::Abs), &[d])?;
-            let d = b.bin(BinaryOp::Min, d, one)?;
-            slot_masks.push(b.bin(BinaryOp::Sub, one, d)?);
-        }
-        // Every rank's value of `v` in rank order along a new first axis, in v's dtype.
-        let gather = |b: &mut Builder, v: ValueId| -> Result<ValueId, SplitError> {
-            let ty = b.g.ty(v).clone();
-            let vf = match ty.dtype {
-                DType::F32 => v,
-                _ => b.node(Op::Cast { to: DType::F32 }, &[v])?,
-            };
-            let mut shape = vec![kiln_ir::Dim::known(1)];
-            shape.extend(ty.shape.iter().copied());
-            let mut parts = Vec::with_capacity(slot_masks.len());
-            for &m in &slot_masks {
-                let p = b.bin(BinaryOp::Mul, vf, m)?;
-                parts.push(b.node(Op::Reshape { shape: shape.clone() }, &[p])?);
-            }
-            let all = b.node(Op::Concat { axis: 0 }, &parts)?;
-            let all = b.node(Op::AllReduce { group: EP_GROUP.into() }, &[all])?;
-            match ty.dtype {
-                DType::F32 => Ok(all),
-                d => b.node(Op::Cast { to: d }, &[all]),
-            }
+        let a2a = || Op::AllToAll { group: EP_GROUP.into(), size: ep };
+        let as_f32 = |b: &mut Builder, v: ValueId| match b.g.ty(v).dtype {
+            DType::F32 => Ok(v),
+            _ => b.node(Op::Cast { to: DType::F32 }, &[v]),
         };
-        let xs = gather(b, x)?;
-        let ws = gather(b, w)?;
-        let is = gather(b, idx)?;
+        let (x_ty, w_ty, idx_ty) = (b.g.ty(x).clone(), b.g.ty(w).clone(), b.g.ty(idx).clone());
+        let rows = &x_ty.shape[..x_ty.rank() - 1];
+        let k = w_ty.shape[w_ty.rank() - 1];
+        let d = x_ty.shape[x_ty.rank() - 1];
+        let stacked = |last: Option<kiln_ir::Dim>| -> Vec<kiln_ir::Dim> {
+            let mut s = vec![kiln_ir::Dim::known(ep)];
+            s.extend(rows.iter().copied());
+            s.extend(last);
+            s
+        };
+        // keep[q]: 1 where one of the token's experts is rank q's.
+        let idx_f = as_f32(b, idx)?;
+        let (zero, one) = (b.c(0.0)?, b.c(1.0)?);
+        let count = b.c(local as f64)?;
+        let mut flags = Vec::with_capacity(ep as usize);
+        for q in 0..ep {
+            let first = b.c((q * local) as f64)?;
+            let slot = b.bin(BinaryOp::Sub, idx_f, first)?;
+            let above = b.bin(BinaryOp::Add, slot, one)?;
+            let below = b.bin(BinaryOp::Sub, count, slot)?;
+            let mut ins = [above, below];
+            for v in &mut ins {
+                let lo = b.bin(BinaryOp::Max, *v, zero)?;
+                *v = b.bin(BinaryOp::Min, lo, one)?;
+            }
+            let hit = b.bin(BinaryOp::Mul, ins[0], ins[1])?;
+            let last = b.g.ty(hit).rank() - 1;
+            let any = b.node(Op::Reduce { op: ReduceOp::Max, axes: vec![last], keep_dims: false }, &[hit])?;
+            let mut shape = vec![kiln_ir::Dim::known(1)];
+            shape.extend(rows.iter().copied());
+            flags.push(b.node(Op::Reshape { shape }, &[any])?);
+        }
+        let keep = b.node(Op::Concat { axis: 0 }, &flags)?;
+        let came = b.node(a2a(), &[keep])?;
+        // The dispatch: the token, its routing weights and its expert ids in one row.
+        let parts = [as_f32(b, x)?, as_f32(b, w)?, idx_f];
+        let row = b.node(Op::Concat { axis: x_ty.rank() - 1 }, &parts)?;
+        let width = b.g.ty(row).shape[x_ty.rank() - 1];
+        let all = b.node(Op::Broadcast { shape: stacked(Some(width)) }, &[row])?;
+        let got = b.node(a2a(), &[all, keep])?;
+        let (Some(d_n), Some(k_n)) = (d.as_known(), k.as_known()) else {
+            return Err(SplitError::Shape("the experts' hidden size and top-k must be known".into()));
+        };
+        let split_op = Op::Split { axis: x_ty.rank(), sizes: vec![d_n, k_n, k_n] };
+        let tys = [b.g.ty(got)];
+        let types = kiln_ir::infer::infer(&split_op, &tys).map_err(|e| SplitError::Graph(e.to_string()))?;
+        let (_, xwi) =
+            (b.g.add_node(split_op, &[got], types, b.scope)).map_err(|e| SplitError::Graph(e.to_string()))?;
+        let back = |b: &mut Builder, v: ValueId, to: DType| match to {
+            DType::F32 => Ok(v),
+            _ => b.node(Op::Cast { to }, &[v]),
+        };
+        let xs = back(b, xwi[0], x_ty.dtype)?;
+        let ws = back(b, xwi[1], w_ty.dtype)?;
+        let is = back(b, xwi[2], idx_ty.dtype)?;
         let (w_local, idx_local) = local_slots(b, rank, ws, is, local)?;
         let mut inputs = vec![xs, w_local, idx_local];
         inputs.extend_from_slice(&experts[..(3 * local) as usize]);
-        let y = node.results[0];
-        let y_ty = b.g.ty(y).clone();
-        let mut part_shape = vec![kiln_ir::Dim::known(ep)];
-        part_shape.extend(y_ty.shape.iter().copied());
-        let part_ty = TensorType { dtype: y_ty.dtype, shape: part_shape };
+        let y_ty = b.g.ty(node.results[0]).clone();
+        let part_ty = TensorType { dtype: y_ty.dtype, shape: stacked(None).into_iter().chain([d]).collect() };
         let part = b.typed(Op::MoeExperts { num_experts: local }, &inputs, part_ty)?;
-        let part = match y_ty.dtype {
-            DType::F32 => part,
-            _ => b.node(Op::Cast { to: DType::F32 }, &[part])?,
-        };
-        let sum = b.node(Op::AllReduce { group: EP_GROUP.into() }, &[part])?;
-        // This rank's rows: the sum of the slots, each times its mask (one is 1, the others 0).
-        let sizes = vec![1; ep as usize];
-        let tys = [b.g.ty(sum)];
-        let split_op = Op::Split { axis: 0, sizes };
-        let types = kiln_ir::infer::infer(&split_op, &tys).map_err(|e| SplitError::Graph(e.to_string()))?;
-        let (_, slots) =
-            (b.g.add_node(split_op, &[sum], types, scope)).map_err(|e| SplitError::Graph(e.to_string()))?;
-        let mut mine = None;
-        for (&s, &m) in slots.iter().zip(&slot_masks) {
-            let s = b.node(Op::Reshape { shape: y_ty.shape.clone() }, &[s])?;
-            let s = b.bin(BinaryOp::Mul, s, m)?;
-            mine = Some(match mine {
-                None => s,
-                Some(t) => b.bin(BinaryOp::Add, t, s)?,
-            });
-        }
-        let mut mine = mine.ok_or_else(|| SplitError::Shape("--ep 0: give at least one rank".into()))?;
-        if y_ty.dtype != DType::F32 {
-            mine = b.node(Op::Cast { to: y_ty.dtype }, &[mine])?;
-        }
-        Ok(mine)
+        // The combine: each rank's part of this rank's tokens, added in rank order.
+        let part = as_f32(b, part)?;
+        let parts = b.node(a2a(), &[part, came])?;
+        let y = b.node(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keep_dims: false }, &[parts])?;
+        back(b, y, y_ty.dtype)
     })
 }
 

@@ -1263,6 +1263,15 @@ fn program(
                         group: group.clone(),
                         size: *size,
                     },
+                    (Op::AllToAll { group, size }, [x, keep @ ..], [v]) if keep.len() <= 1 => {
+                        artifact::Step::AllToAll {
+                            buffer: buf(*v),
+                            source: buf(*x),
+                            keep: keep.first().map(|k| buf(*k)),
+                            group: group.clone(),
+                            size: *size,
+                        }
+                    }
                     (op, ..) => {
                         return Err(CompileError::Internal(format!("runtime step for `{}`", op.name())));
                     }

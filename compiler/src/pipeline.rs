@@ -249,18 +249,24 @@ pub fn split(acc: &Graph, cut: &Cut, states: &HashSet<&str>) -> Result<Vec<Stage
             }
             Op::Input { .. } | Op::Constant { .. } => Home::Replicated,
             // Expert parallelism's dispatch and combine are part of their layer (below).
-            Op::AllReduce { group } if group == crate::expert_parallel::EP_GROUP => {
+            Op::AllReduce { group } | Op::AllToAll { group, .. }
+                if group == crate::expert_parallel::EP_GROUP =>
+            {
                 match node.scope.as_deref().and_then(|s| cut.of_scope(s)) {
                     Some(s) => Home::Part(s, phase),
                     None => {
                         return Err(PipelineError::Unplaced {
-                            name: "an expert-parallel all_reduce".into(),
+                            name: format!("an expert-parallel {}", node.op.name()),
                             why: "it is outside the decoder layers".into(),
                         })
                     }
                 }
             }
-            Op::Recv { .. } | Op::Send { .. } | Op::AllReduce { .. } | Op::AllGather { .. } => {
+            Op::Recv { .. }
+            | Op::Send { .. }
+            | Op::AllReduce { .. }
+            | Op::AllGather { .. }
+            | Op::AllToAll { .. } => {
                 return Err(PipelineError::Unplaced {
                     name: format!("{} node", node.op.name()),
                     why: "a program that communicates already cannot be cut into pipeline stages (data \

@@ -358,11 +358,6 @@ fn step_program(
             opt.shards
         )));
     }
-    if experts.is_some() && opt.shards > 1 {
-        return Err(TrainError::Setting(
-            "expert parallelism splits the experts, ZeRO-1 the optimizer's states: not both yet".into(),
-        ));
-    }
     let mut g = grads.clone();
     let mut loss = output(&g, LOSS)?;
     let mut trained = train_params(&mut g, frozen);
@@ -608,7 +603,12 @@ fn step_program(
     for (name, p, d) in &trained {
         let ty = b.g.ty(*p).clone();
         let numel = ty.known_numel().ok_or_else(|| TrainError::Internal(format!("`{name}` is not sized")))?;
-        let shard = shards.map(|s| (s, numel.div_ceil(s.n)));
+        // Under expert parallelism a routed expert's states are the rank's alone already (its
+        // share of the experts): ZeRO-1 splits the replicated weights' states over every process,
+        // and leaves the experts' whole (DeepSeek-V3 §3.2.2: EP for the experts, ZeRO-1 DP for the
+        // rest).
+        let own = experts.is_some() && crate::expert_parallel::is_routed_expert(name);
+        let shard = shards.filter(|_| !own).map(|s| (s, numel.div_ceil(s.n)));
         // The states' type: the weight's, or one shard of it, flat.
         let state_ty = |dtype| match shard {
             None => TensorType { dtype, ..ty.clone() },

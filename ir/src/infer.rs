@@ -653,6 +653,26 @@ pub fn infer(op: &Op, ins: &[&TensorType]) -> Result<Vec<TensorType>, InferError
             shape.extend(ins[0].shape.iter().copied());
             one(ins[0].with_shape(shape))
         }
+        Op::AllToAll { group, size } => {
+            let x = ins.first().copied();
+            let keep = ins.get(1).copied();
+            let blocks = x.is_some_and(|x| x.shape.first() == Some(&Dim::known(*size)));
+            let rows = keep.is_none_or(|k| {
+                k.dtype == DType::F32
+                    && !k.shape.is_empty()
+                    && x.is_some_and(|x| x.shape.starts_with(&k.shape))
+            });
+            match x {
+                Some(x) if (1..=2).contains(&ins.len()) && x.dtype == DType::F32 && *size > 0 && blocks && rows => {
+                    one(x.clone())
+                }
+                _ => fail(format!(
+                    "`all_to_all` over `{group}` exchanges an f32 `[{size}, ..]` tensor, one block per process, \
+                     optionally with f32 row flags whose shape is a prefix of it; found ({})",
+                    list(ins)
+                )),
+            }
+        }
     }
 }
 
@@ -825,6 +845,28 @@ mod tests {
         assert_eq!(ok(dp(), &["f32[]"]), ["f32[]"]);
         assert!(bad(dp(), &["bf16[8]"]).contains("sums f32 tensors, found bf16[8]"));
         assert!(bad(dp(), &["f32[8]", "f32[8]"]).contains("operand"));
+    }
+
+    #[test]
+    fn all_to_all_keeps_its_blocks_and_takes_row_flags() {
+        let ep = |size| Op::AllToAll { group: "ep".into(), size };
+        assert_eq!(ok(ep(2), &["f32[2, B, T, 72]"]), ["f32[2, B, T, 72]"]);
+        assert_eq!(ok(ep(2), &["f32[2, B, T, 72]", "f32[2, B, T]"]), ["f32[2, B, T, 72]"]);
+        assert_eq!(ok(ep(4), &["f32[4, B]", "f32[4]"]), ["f32[4, B]"]);
+        // One block per process, f32, flags over a prefix of the shape, at most one flag operand.
+        for ins in [
+            &["f32[3, B, 8]"][..],
+            &["bf16[2, B, 8]"],
+            &["f32[2, B, 8]", "f32[2, T]"],
+            &["f32[2, B, 8]", "f32[]"],
+            &["f32[2, B, 8]", "bf16[2, B]"],
+            &["f32[2, B, 8]", "f32[2, B]", "f32[2, B]"],
+            &[],
+        ] {
+            let e = bad(ep(2), ins);
+            assert!(e.contains("`all_to_all` over `ep` exchanges an f32 `[2, ..]` tensor"), "{ins:?}: {e}");
+        }
+        assert!(bad(ep(0), &["f32[0, 8]"]).contains("all_to_all"));
     }
 
     #[test]

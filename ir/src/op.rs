@@ -454,6 +454,20 @@ pub enum Op {
         group: String,
         size: u64,
     },
+    /// Expert parallelism's dispatch and combine (`MPI_Alltoallv`; DeepSeek-V3 §3.2.2): process
+    /// `p` of group `group` (`size` processes) sends block `q` of its first operand (f32
+    /// `[size, ..]`) to process `q`, and its result's block `q` is what process `q` sent it. With
+    /// a second operand `keep` (f32, whose shape is a prefix of the first's, `[size, ..]`), only
+    /// the rows whose `keep` is nonzero travel, each row being the first operand's values under
+    /// one element of `keep`; a row not sent arrives as zeros. So a token goes only to the
+    /// processes that hold its experts, and comes back only from them. Self-adjoint: the gradient
+    /// of `all_to_all(x, keep)` is `all_to_all(dy, all_to_all(keep))`. Run by the runtime between
+    /// launches; the interpreter, one process, exchanges within a group of one only (the result
+    /// is the operand, its rows not kept zeroed).
+    AllToAll {
+        group: String,
+        size: u64,
+    },
 }
 
 /// Why an op could not be rebuilt from its text form.
@@ -764,6 +778,7 @@ impl Op {
             Op::Recv { .. } => "recv",
             Op::AllReduce { .. } => "all_reduce",
             Op::AllGather { .. } => "all_gather",
+            Op::AllToAll { .. } => "all_to_all",
         }
     }
 
@@ -874,7 +889,7 @@ impl Op {
                 vec![("peer", Attr::Int(*peer as i64)), ("tag", Attr::Int(*tag as i64))]
             }
             Op::AllReduce { group } => vec![("group", Attr::Str(group.clone()))],
-            Op::AllGather { group, size } => {
+            Op::AllGather { group, size } | Op::AllToAll { group, size } => {
                 vec![("group", Attr::Str(group.clone())), ("size", Attr::Int(*size as i64))]
             }
         }
@@ -995,6 +1010,7 @@ impl Op {
             "recv" => Op::Recv { peer: r.u32("peer")?, tag: r.u32("tag")? },
             "all_reduce" => Op::AllReduce { group: r.string("group")? },
             "all_gather" => Op::AllGather { group: r.string("group")?, size: r.uint("size")? },
+            "all_to_all" => Op::AllToAll { group: r.string("group")?, size: r.uint("size")? },
             "fused" => return err("`fused` is parsed with its body, not from attributes"),
             other => {
                 if let Some(u) = UnaryOp::ALL.into_iter().find(|u| u.name() == other) {

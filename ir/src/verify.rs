@@ -164,7 +164,7 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
             Op::Send { .. } | Op::Recv { .. } if in_kernel => {
                 report(None, "pipeline communication cannot sit inside a fused kernel".into());
             }
-            Op::AllReduce { .. } | Op::AllGather { .. } if in_kernel => {
+            Op::AllReduce { .. } | Op::AllGather { .. } | Op::AllToAll { .. } if in_kernel => {
                 report(None, "an all-reduce cannot sit inside a fused kernel: the runtime runs it".into());
             }
             // A body's value ids are its own: the finding is about the fused node's results.

@@ -1,5 +1,6 @@
-//! Collectives between processes: the `all_reduce` steps of a program (data-parallel training's
-//! gradient, loss and expert-load sums) run through a [`Communicator`] the caller gives the
+//! Collectives between processes: the `all_reduce`, `all_gather` and `all_to_all` steps of a
+//! program (data-parallel training's gradient, loss and expert-load sums, ZeRO-1's gathers, expert
+//! parallelism's dispatch and combine) run through a [`Communicator`] the caller gives the
 //! executor ([`crate::exec::Executor::set_communicator`]). The runtime holds no transport of its
 //! own: `kiln` implements the trait over MPI (`src/dist.rs`, OpenMPI through the `mpi` crate), and
 //! a process given none is a group of one, whose sum is its own value.
@@ -38,6 +39,24 @@ pub trait Communicator {
             what: "this communicator cannot gather".into(),
         })
     }
+    /// Starts an all-to-all over `group`: `data` is one block per process of the group, block `q`
+    /// for process `q`, each of `keep.len() / size` rows of `width` values, and only the rows whose
+    /// flag in `keep` is nonzero travel (`MPI_Alltoallv`: expert parallelism's dispatch sends a
+    /// token only to the ranks of its experts). The result has the same layout: block `q` is what
+    /// process `q` sent this one, its rows not sent as zeros. The default refuses: a transport
+    /// that cannot exchange.
+    fn start_all_to_all(
+        &self,
+        group: &str,
+        _data: Vec<f32>,
+        _keep: Vec<f32>,
+        _width: usize,
+    ) -> Result<Box<dyn InFlight>, RuntimeError> {
+        Err(RuntimeError::Collective {
+            group: group.to_string(),
+            what: "this communicator cannot run an all-to-all".into(),
+        })
+    }
     /// How long a collective waits for its peers before it fails.
     fn timeout(&self) -> Duration;
 }
@@ -73,6 +92,11 @@ pub struct CommStats {
     pub bytes: u64,
     pub in_flight_ns: u64,
     pub waited_ns: u64,
+    /// Of the all-to-alls' rows for other processes, those sent (flagged) and all of them: a
+    /// dispatch sends a token only to the ranks of its experts, so `rows_sent / rows_offered` is
+    /// the share of the every-token-to-every-rank exchange that travelled.
+    pub rows_sent: u64,
+    pub rows_offered: u64,
 }
 
 impl CommStats {
@@ -81,6 +105,8 @@ impl CommStats {
         self.bytes += o.bytes;
         self.in_flight_ns += o.in_flight_ns;
         self.waited_ns += o.waited_ns;
+        self.rows_sent += o.rows_sent;
+        self.rows_offered += o.rows_offered;
     }
 
     /// The share of the in-flight time the run did not wait for (1 when nothing was sent).

@@ -58,6 +58,13 @@ fn logged(dir: &Path) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The run's `communication` event (what its collectives and messages cost).
+fn logged_communication(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let mut records = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    records.rfind(|l| l["event"] == "communication").expect("a communication event")
+}
+
 /// Each logged step's router-bias statistics (mean, std, min and max of each router's bias), by
 /// router, in name order.
 fn logged_biases(dir: &Path) -> Vec<Vec<(String, [f64; 4])>> {
@@ -629,6 +636,7 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     run(1, args(&one, "3", &[]));
     let r = run(2, args(&two, "3", &["--ep", "2"]));
     assert!(r.stdout.contains("expert-parallel rank 0 of 2 (experts 0..8 of each MoE layer"), "{}", r.stdout);
+    assert!(r.stdout.contains("token rows for other ranks travelled"), "{}", r.stdout);
     assert_eq!(r.stdout.matches("step     3").count(), 1, "rank 0 alone speaks: {}", r.stdout);
     run(2, args(&acc, "3", &["--ep", "2", "--micro-batch", "1"]));
     let r = run(4, args(&grid, "3", &["--ep", "2", "--dp", "2"]));
@@ -638,6 +646,17 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     assert_close("--ep 2", &logged(Path::new(&two)), &reference);
     assert_close("--ep 2 with two micro-batches", &logged(Path::new(&acc)), &reference);
     assert_close("--ep 2 --dp 2", &logged(Path::new(&grid)), &reference);
+
+    // Four ranks of one router group each (tiny: 4 groups of 4 experts, a token's experts in its
+    // top 2 groups): DeepSeek's dispatch sends a token to at most 2 ranks, itself perhaps one of
+    // them, so at most 2 of the 3 other ranks' rows travel; every token to every rank would be 3.
+    let four = dir("four");
+    run(4, args(&four, "1", &["--ep", "4"]));
+    assert_close("--ep 4", &logged(Path::new(&four)), &reference[..1]);
+    let c = logged_communication(Path::new(&four));
+    let (sent, offered) = (c["rows_sent"].as_f64().unwrap(), c["rows_offered"].as_f64().unwrap());
+    eprintln!("--ep 4: {sent} of {offered} token rows for other ranks travelled");
+    assert!(sent > 0.0 && sent <= offered * 2.0 / 3.0, "{sent} of {offered} rows sent");
 
     // The checkpoint: every tensor of one process's, each expert's under its own name and close to
     // its value there (AdamW's first steps magnify the sums' rounding in near-zero gradients, as
@@ -676,6 +695,25 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     let bytes = |d: &str| std::fs::read(Path::new(d).join("step-3/model.safetensors")).unwrap();
     assert!(bytes(&half) == bytes(&two), "a resumed expert-parallel run differs from an uninterrupted one");
 
+    // ZeRO-1 with expert parallelism: the replicated weights' AdamW states split over both
+    // processes, each rank's experts' states whole on it. The same run, checkpoint and optimizer
+    // states bit for bit, resumed too.
+    let z = dir("zero1");
+    let r = run(2, args(&z, "3", &["--ep", "2", "--zero1"]));
+    assert!(r.stdout.contains("(split over the replicas: ZeRO-1)"), "{}", r.stdout);
+    let file = |d: &str, f: &str| std::fs::read(Path::new(d).join("step-3").join(f)).unwrap();
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(file(&z, f) == file(&two, f), "--ep 2 --zero1: {f} differs from --ep 2's");
+    }
+    let z2 = dir("zero1-half");
+    run(2, args(&z2, "2", &["--ep", "2", "--zero1"]));
+    let from = format!("{z2}/step-2");
+    run(2, args(&z2, "3", &["--ep", "2", "--zero1", "--resume", &from]));
+    assert!(
+        file(&z2, "optimizer.safetensors") == file(&two, "optimizer.safetensors"),
+        "a resumed --zero1 run"
+    );
+
     // An artifact compiled for two expert-parallel ranks (`kiln compile --train --pp 1 --ep 2`)
     // trains the same steps, and only as such.
     let art = compile(&s, "ep.kiln", &["--pp", "1", "--ep", "2"]);
@@ -699,7 +737,8 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     let r = mpirun(2, &a, Duration::from_secs(120));
     assert!(!r.ok);
     assert!(
-        r.stderr.contains("error: rank 0 of 2 waited 2 s for the other ranks in the all-reduce of"),
+        r.stderr
+            .contains("error: rank 0 of 2 waited 2 s for the other ranks in the flags of the all-to-all of"),
         "{}",
         r.stderr
     );
@@ -726,10 +765,10 @@ fn experts_split_over_two_ranks_train_as_one_process() {
     );
     assert!(!r.ok);
     assert!(r.stderr.contains("--ep 3: model `tiny` has 16 routed experts per MoE layer"), "{}", r.stderr);
-    let zero = args(&dir("zero"), "1", &["--ep", "2", "--dp", "2", "--zero1"]);
+    let zero = args(&dir("zero"), "1", &["--pp", "2", "--ep", "2", "--zero1"]);
     let r = kiln(&zero.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!r.ok);
-    assert!(r.stderr.contains("--zero1 with --ep"), "{}", r.stderr);
+    assert!(r.stderr.contains("--zero1 with --ep and --pp"), "{}", r.stderr);
     let r = kiln(&args(&dir("alone"), "1", &["--ep", "2"]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!r.ok);
     assert!(r.stderr.contains("launch them with `mpirun -n 2 kiln train ... --ep 2`"), "{}", r.stderr);

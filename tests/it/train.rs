@@ -826,7 +826,7 @@ fn kiln_bench_train_reports_kiln_and_says_why_pytorch_is_skipped() {
 /// The expert-parallel form of the training graph (`expert_parallel::split_tokens`): at one rank it
 /// is the plain graph on the interpreter (its sums over a group of one are the values themselves):
 /// the loss bit for bit, every gradient to rounding; at two, each rank holds half the experts, gets no
-/// gradient for the others, and its backward pass sums over the ranks where the forward pass did.
+/// gradient for the others, and its backward pass exchanges tokens where the forward pass did.
 #[test]
 fn the_expert_parallel_graph_of_one_rank_is_the_plain_one() {
     use kiln_compiler::expert_parallel::{split_tokens, EP_GROUP, EP_RANK};
@@ -897,19 +897,25 @@ fn the_expert_parallel_graph_of_one_rank_is_the_plain_one() {
     // Two ranks: rank 0's experts, no gradient for the others, and the sums in both passes.
     let (two, per_rank) = split_tokens(&forward, 2).unwrap().unwrap();
     assert_eq!(per_rank, 8);
-    let sums = |g: &kiln_ir::Graph| {
+    let exchanges = |g: &kiln_ir::Graph, flagged: usize| {
         g.nodes()
             .into_iter()
-            .filter(|&n| matches!(&g.node(n).op, Op::AllReduce { group } if group == EP_GROUP))
+            .filter(|&n| {
+                let node = g.node(n);
+                let a2a = matches!(&node.op, Op::AllToAll { group, size: 2 } if group == EP_GROUP);
+                a2a && node.inputs.len() == flagged
+            })
             .count()
     };
+    assert!(!two.nodes().into_iter().any(|n| matches!(two.node(n).op, Op::AllReduce { .. })));
     let layers =
         forward.nodes().into_iter().filter(|&n| matches!(forward.node(n).op, Op::MoeExperts { .. })).count();
-    // The dispatch of x, the weights and the ids, and the combine, per MoE layer.
-    assert_eq!(sums(&two), 4 * layers);
+    // Per MoE layer: the flags' exchange, and the dispatch and the combine, which send flagged rows.
+    assert_eq!((exchanges(&two, 1), exchanges(&two, 2)), (layers, 2 * layers));
     let two = differentiate(&two, "loss").unwrap();
-    // The backward pass adds the adjoints of the dispatch of x and the weights, and of the combine.
-    assert_eq!(sums(&two), 7 * layers);
+    // The backward pass adds the adjoints of the dispatch (x and the weights in one row) and of the
+    // combine, each with its flags sent back.
+    assert_eq!((exchanges(&two, 1), exchanges(&two, 2)), (3 * layers, 4 * layers));
     let grads: Vec<String> =
         two.outputs().iter().map(|(n, _)| n.clone()).filter(|n| n.contains(".experts.")).collect();
     assert!(!grads.is_empty());

@@ -309,7 +309,11 @@ fn form_into(g: &Graph, kernels: &mut Kernels) -> Result<Vec<Step>, FormError> {
                 steps.push(Step::Alias { node: n, result: node.results[0], source: node.inputs[0] });
                 continue;
             }
-            Op::Send { .. } | Op::Recv { .. } | Op::AllReduce { .. } | Op::AllGather { .. } => {
+            Op::Send { .. }
+            | Op::Recv { .. }
+            | Op::AllReduce { .. }
+            | Op::AllGather { .. }
+            | Op::AllToAll { .. } => {
                 steps.push(Step::Runtime { node: n });
                 continue;
             }

@@ -388,6 +388,7 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError
                     | Op::Recv { .. }
                     | Op::AllReduce { .. }
                     | Op::AllGather { .. }
+                    | Op::AllToAll { .. }
             )
             && layer(p).is_some()
             && weight_bytes(p) <= SMALL_WEIGHT_BYTES

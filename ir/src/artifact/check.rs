@@ -526,6 +526,30 @@ impl Manifest {
                     ));
                 }
             }
+            Step::AllToAll { buffer: b, source, keep, group, size } => {
+                let (b, s) = (buffer(*b)?, buffer(*source)?);
+                let blocks = s.shape.first() == Some(&Dim::known(*size)) && b.shape == s.shape;
+                let rows = match keep {
+                    None => true,
+                    Some(k) => {
+                        let k = buffer(*k)?;
+                        k.dtype == DType::F32 && !k.shape.is_empty() && s.shape.starts_with(&k.shape)
+                    }
+                };
+                if b.dtype != DType::F32 || s.dtype != DType::F32 || !blocks || !rows || *size == 0 {
+                    return Err(format!(
+                        "all-to-all over `{group}` of {} into {}: both f32 [{size}, ..] of one shape, \
+                         with f32 row flags whose shape is a prefix of it",
+                        s.id, b.id
+                    ));
+                }
+                if matches!(b.storage, Storage::Param { .. } | Storage::Constant { .. }) {
+                    return Err(format!(
+                        "all-to-all over `{group}` writes {}, a parameter or constant",
+                        b.id
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -601,6 +625,11 @@ fn check_lifetimes(p: &Program) -> Result<(), (String, String)> {
             Step::AllReduce { buffer, source, .. } | Step::AllGather { buffer, source, .. } => {
                 touch(&root, *source, i, &mut first, &mut last);
                 touch(&root, *buffer, i, &mut first, &mut last);
+            }
+            Step::AllToAll { buffer, source, keep, .. } => {
+                for b in [Some(source), keep.as_ref(), Some(buffer)].into_iter().flatten() {
+                    touch(&root, *b, i, &mut first, &mut last);
+                }
             }
         }
     }

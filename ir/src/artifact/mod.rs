@@ -493,6 +493,12 @@ pub enum Step {
     /// rank order; the runtime's communicator gathers them. `size` is the group size the program
     /// was compiled for, which the running group must have.
     AllGather { buffer: BufferId, source: BufferId, group: String, size: u64 },
+    /// `buffer` (f32 `[size, ..]`, `source`'s shape) holds, in block `q`, what process `q` of
+    /// group `group` sent this one: block `p` of its `source`, where `p` is this process's rank
+    /// (`all_to_all`, expert parallelism's dispatch and combine). With `keep` (f32 row flags
+    /// whose shape is a prefix of `source`'s), only the rows flagged nonzero travel and the others
+    /// arrive as zeros. `size` is the group size the program was compiled for.
+    AllToAll { buffer: BufferId, source: BufferId, keep: Option<BufferId>, group: String, size: u64 },
 }
 
 /// One value of a program.

@@ -155,9 +155,10 @@ fn variant(op: &Op) -> usize {
         Op::AllReduce { .. } => 40,
         Op::AllGather { .. } => 41,
         Op::PromotedGemm { .. } => 42,
+        Op::AllToAll { .. } => 43,
     }
 }
-const VARIANTS: usize = 43;
+const VARIANTS: usize = 44;
 
 /// A graph that uses every op (every unary, binary and reduce kind too), with scopes and outputs.
 fn every_op_graph() -> Graph {
@@ -277,6 +278,9 @@ fn every_op_graph() -> Graph {
     let r = b.decl(Op::Recv { peer: 0, tag: 3 }, "f32[B, T, 64]");
     let summed = b.op1(Op::AllReduce { group: "dp".into() }, &[r]);
     let gathered = b.op1(Op::AllGather { group: "dp".into(), size: 2 }, &[summed]);
+    let flags = b.op1(Op::Reduce { op: ReduceOp::Max, axes: vec![2, 3], keep_dims: false }, &[gathered]);
+    let exchanged = b.op1(Op::AllToAll { group: "ep".into(), size: 2 }, &[gathered, flags]);
+    let returned = b.op1(Op::AllToAll { group: "ep".into(), size: 2 }, &[exchanged]);
 
     b.g.add_output("logits", top[0]).unwrap();
     b.g.add_output("moe", moe).unwrap();
@@ -284,6 +288,7 @@ fn every_op_graph() -> Graph {
     b.g.add_output("received \"x\"", r).unwrap();
     b.g.add_output("summed", summed).unwrap();
     b.g.add_output("gathered", gathered).unwrap();
+    b.g.add_output("returned", returned).unwrap();
     b.g
 }
 

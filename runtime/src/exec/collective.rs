@@ -35,6 +35,8 @@ pub(super) struct Collectives {
     pub before: Option<Bucket>,
     /// By the position (in the bound launches) of the launch they follow.
     pub after: HashMap<usize, Bucket>,
+    /// Each buffer's root: itself, or the buffer it is an alias of.
+    root: Vec<usize>,
 }
 
 /// Consecutive all-reduce steps, and the first bound launch (by position) that reads a result of
@@ -56,12 +58,15 @@ pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
     let reads = |s: &Step, r: usize| match s {
         Step::Launch { buffers, .. } => buffers.iter().any(|b| root[b.index()] == r),
         Step::AllReduce { source, .. } | Step::AllGather { source, .. } => root[source.index()] == r,
+        Step::AllToAll { source, keep, .. } => {
+            root[source.index()] == r || keep.is_some_and(|k| root[k.index()] == r)
+        }
         Step::Send { buffer, .. } => root[buffer.index()] == r,
         Step::Alias { .. } | Step::Recv { .. } => false,
     };
     // The first bound launch, by position, at or after step `from`.
     let position_from = |from: usize| launches.iter().position(|&l| l >= from);
-    let mut out = Collectives::default();
+    let mut out = Collectives { root: root.clone(), ..Collectives::default() };
     let mut last_launch: Option<usize> = None;
     for (i, s) in p.steps.iter().enumerate() {
         match s {
@@ -70,7 +75,9 @@ pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
                     last_launch = Some(pos);
                 }
             }
-            Step::AllReduce { buffer, .. } | Step::AllGather { buffer, .. } => {
+            Step::AllReduce { buffer, .. }
+            | Step::AllGather { buffer, .. }
+            | Step::AllToAll { buffer, .. } => {
                 let r = root[buffer.index()];
                 // The first later step that reads the result; a collective reading it must find
                 // it written before it starts, i.e. before the launch after the one it follows.
@@ -98,9 +105,21 @@ pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
     out
 }
 
+/// A run of a program, as its collectives see it: the program, its collectives' plan, the sizes it
+/// runs at and the communicator, if any.
+#[derive(Clone, Copy)]
+pub(super) struct Run<'a> {
+    pub program: &'a Program,
+    pub cs: &'a Collectives,
+    pub sizes: &'a SymBindings,
+    pub comm: Option<&'a dyn Communicator>,
+}
+
 /// One message in flight: its results' places, and when it started and was found done.
 pub(super) struct Flight {
     parts: Vec<(Range<usize>, Place, usize)>,
+    /// The roots of the buffers it writes, which a later collective may read.
+    results: Vec<usize>,
     inflight: Box<dyn InFlight>,
     group: String,
     /// For a gather: the group's size and the width of one process's message; each part's result
@@ -110,6 +129,8 @@ pub(super) struct Flight {
     start: Instant,
     done: Option<Instant>,
     bytes: u64,
+    /// An all-to-all's rows for other processes: sent, and all of them.
+    rows: (u64, u64),
 }
 
 /// Where a buffer's bytes are: the arena at an offset, or a state.
@@ -156,11 +177,38 @@ fn write<B: Backend>(
     }
 }
 
-/// What a step does: sum, or gather from `size` processes.
+/// What a step does: sum, gather from `size` processes, or exchange blocks with them (one
+/// message per step: blocks of several steps would interleave).
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     Sum,
     Gather(u64),
+    Exchange(u64),
+}
+
+/// The buffers collective step `s` reads.
+fn sources(s: &Step) -> Vec<kiln_ir::artifact::BufferId> {
+    match s {
+        Step::AllReduce { source, .. } | Step::AllGather { source, .. } => vec![*source],
+        Step::AllToAll { source, keep, .. } => [Some(*source), *keep].into_iter().flatten().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Finishes the flights in `flights` that write a buffer one of `steps` reads: a collective reads
+/// its operands when it starts, so one that reads another's result waits for it.
+fn finish_read<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    program: &Program,
+    cs: &Collectives,
+    steps: &[usize],
+    flights: &mut Vec<Flight>,
+    stats: &mut CommStats,
+) -> Result<(), RuntimeError> {
+    let read: Vec<usize> =
+        steps.iter().flat_map(|&s| sources(&program.steps[s])).map(|b| cs.root[b.index()]).collect();
+    finish_due(be, mem, flights, |f| f.results.iter().any(|r| read.contains(r)), stats)
 }
 
 fn kind_of(s: &Step) -> Option<(&str, Kind, kiln_ir::artifact::BufferId, kiln_ir::artifact::BufferId)> {
@@ -169,30 +217,47 @@ fn kind_of(s: &Step) -> Option<(&str, Kind, kiln_ir::artifact::BufferId, kiln_ir
         Step::AllGather { buffer, source, group, size } => {
             Some((group, Kind::Gather(*size), *buffer, *source))
         }
+        Step::AllToAll { buffer, source, group, size, .. } => {
+            Some((group, Kind::Exchange(*size), *buffer, *source))
+        }
         _ => None,
     }
 }
 
-/// Starts bucket `bucket` of `program` at `sizes`, once every launch issued so far is done: one
-/// message per group and kind, or, alone, each source copied to its result at once.
+/// Starts bucket `bucket` of `program` at `sizes`, once every launch issued so far is done, adding
+/// its messages to `flights`: one message per group and kind (an all-to-all per step), or, alone,
+/// each result written at once. A step that reads the result of a message in `flights` waits for
+/// that message first.
 pub(super) fn start<B: Backend>(
     be: &B,
     mem: &mut watch::Memories<'_, B>,
-    program: &Program,
+    run: &Run<'_>,
     bucket: &Bucket,
-    sizes: &SymBindings,
-    comm: Option<&dyn Communicator>,
-) -> Result<Vec<Flight>, RuntimeError> {
+    flights: &mut Vec<Flight>,
+    stats: &mut CommStats,
+) -> Result<(), RuntimeError> {
+    let Run { program, cs, sizes, comm } = *run;
     be.synchronize()?;
     let mut messages: Vec<(&str, Kind)> = Vec::new();
     for &s in &bucket.steps {
-        if let Some((group, kind, ..)) = kind_of(&program.steps[s]) {
-            if !messages.contains(&(group, kind)) {
-                messages.push((group, kind));
+        match kind_of(&program.steps[s]) {
+            Some((..)) if matches!(program.steps[s], Step::AllToAll { .. }) => {
+                finish_read(be, mem, program, cs, &[s], flights, stats)?;
+                let root = |b: kiln_ir::artifact::BufferId| cs.root[b.index()];
+                let results = kind_of(&program.steps[s]).map(|(.., b, _)| root(b)).into_iter().collect();
+                flights.extend(exchange(be, mem, program, s, bucket.due, sizes, comm, results)?);
             }
+            Some((group, kind, ..)) if !messages.contains(&(group, kind)) => messages.push((group, kind)),
+            _ => {}
         }
     }
-    let mut flights = Vec::new();
+    let batched: Vec<usize> = bucket
+        .steps
+        .iter()
+        .copied()
+        .filter(|&s| !matches!(program.steps[s], Step::AllToAll { .. }))
+        .collect();
+    finish_read(be, mem, program, cs, &batched, flights, stats)?;
     for (group, kind) in messages {
         let peers = crate::comm::group_size(comm, group)?;
         if let Kind::Gather(size) = kind {
@@ -208,6 +273,7 @@ pub(super) fn start<B: Backend>(
         }
         let mut values: Vec<f32> = Vec::new();
         let mut parts = Vec::new();
+        let mut results = Vec::new();
         for &s in &bucket.steps {
             let Some((g, k, buffer, source)) = kind_of(&program.steps[s]) else { continue };
             if (g, k) != (group, kind) {
@@ -222,13 +288,14 @@ pub(super) fn start<B: Backend>(
                 write(be, mem, &to, &bytes)?;
                 continue;
             }
+            results.push(cs.root[buffer.index()]);
             let begin = values.len();
             match decode(DType::F32, &bytes) {
                 HostData::F32(v) => values.extend(v),
                 HostData::I64(v) => values.extend(v.into_iter().map(|x| x as f32)),
             }
             let out = match kind {
-                Kind::Sum => n,
+                Kind::Sum | Kind::Exchange(_) => n,
                 Kind::Gather(size) => n * size as usize,
             };
             parts.push((begin..values.len(), to, out));
@@ -237,15 +304,16 @@ pub(super) fn start<B: Backend>(
             let bytes = 4 * values.len() as u64;
             let width = values.len();
             let inflight = match kind {
-                Kind::Sum => c.start_all_reduce_sum(group, values)?,
+                Kind::Sum | Kind::Exchange(_) => c.start_all_reduce_sum(group, values)?,
                 Kind::Gather(_) => c.start_all_gather(group, values)?,
             };
             let gather = match kind {
-                Kind::Sum => None,
+                Kind::Sum | Kind::Exchange(_) => None,
                 Kind::Gather(size) => Some((size as usize, width)),
             };
             flights.push(Flight {
                 parts,
+                results,
                 inflight,
                 group: group.to_string(),
                 gather,
@@ -253,10 +321,94 @@ pub(super) fn start<B: Backend>(
                 start: Instant::now(),
                 done: None,
                 bytes,
+                rows: (0, 0),
             });
         }
     }
-    Ok(flights)
+    Ok(())
+}
+
+/// Starts all-to-all step `s` of `program` (one message of its own), or, alone, writes its result
+/// at once: the source with the rows not kept zeroed.
+#[allow(clippy::too_many_arguments)]
+fn exchange<B: Backend>(
+    be: &B,
+    mem: &mut watch::Memories<'_, B>,
+    program: &Program,
+    s: usize,
+    due: Option<usize>,
+    sizes: &SymBindings,
+    comm: Option<&dyn Communicator>,
+    results: Vec<usize>,
+) -> Result<Option<Flight>, RuntimeError> {
+    let Step::AllToAll { buffer, source, keep, group, size } = &program.steps[s] else {
+        return Ok(None);
+    };
+    let peers = crate::comm::group_size(comm, group)?;
+    if *size as usize != peers {
+        return Err(RuntimeError::Collective {
+            group: group.to_string(),
+            what: format!(
+                "the program exchanges tokens between {size} processes and this run has {peers}: run it \
+                 under `mpirun` with --ep {size}"
+            ),
+        });
+    }
+    let f32s = |b: &Buffer, at: Place| -> Result<Vec<f32>, RuntimeError> {
+        let bytes = read(be, mem, &at, b.bytes(sizes).unwrap_or(0) as usize)?;
+        Ok(match decode(DType::F32, &bytes) {
+            HostData::F32(v) => v,
+            HostData::I64(v) => v.into_iter().map(|x| x as f32).collect(),
+        })
+    };
+    let (src, dst) = (program.buffer(*source), program.buffer(*buffer));
+    let data = f32s(src, place(src, group, s)?)?;
+    let flags = match keep {
+        Some(k) => f32s(program.buffer(*k), place(program.buffer(*k), group, s)?)?,
+        // No flags: each block is one row that always travels.
+        None => vec![1.0; peers],
+    };
+    let to = place(dst, group, s)?;
+    let n = dst.bytes(sizes).unwrap_or(0) as usize;
+    let width = data.len().checked_div(flags.len()).unwrap_or(0);
+    if flags.is_empty() || width * flags.len() != data.len() || flags.len() % peers != 0 {
+        return Err(RuntimeError::Collective {
+            group: group.to_string(),
+            what: format!(
+                "step {s}: {} values do not make rows for {} flags in {peers} blocks",
+                data.len(),
+                flags.len()
+            ),
+        });
+    }
+    let (Some(c), true) = (comm, peers > 1) else {
+        let v: Vec<f32> = (data.chunks(width.max(1)).zip(&flags))
+            .flat_map(|(r, &f)| r.iter().map(move |&v| if f != 0.0 { v } else { 0.0 }))
+            .collect();
+        let mut out = vec![0u8; n];
+        encode(DType::F32, &HostData::F32(v), &mut out)
+            .map_err(|what| RuntimeError::Collective { group: group.to_string(), what })?;
+        write(be, mem, &to, &out)?;
+        return Ok(None);
+    };
+    // What travels to the other processes: the flagged rows, and one byte of flag per row.
+    let me = c.rank_in(group).map_or(0, |(r, _)| r);
+    let per_block = flags.len() / peers;
+    let sent_rows = (flags.iter().enumerate()).filter(|&(i, &f)| f != 0.0 && i / per_block != me).count();
+    let bytes = (4 * width * sent_rows + (peers - 1) * per_block) as u64;
+    let inflight = c.start_all_to_all(group, data, flags, width)?;
+    Ok(Some(Flight {
+        parts: vec![(0..n / 4, to, n)],
+        results,
+        inflight,
+        group: group.to_string(),
+        gather: None,
+        due,
+        start: Instant::now(),
+        done: None,
+        bytes,
+        rows: (sent_rows as u64, ((peers - 1) * per_block) as u64),
+    }))
 }
 
 /// Lets every message in flight progress, noting when each is found done.
@@ -282,6 +434,8 @@ pub(super) fn finish<B: Backend>(
     let done = f.done.unwrap_or(now);
     stats.messages += 1;
     stats.bytes += f.bytes;
+    stats.rows_sent += f.rows.0;
+    stats.rows_offered += f.rows.1;
     stats.in_flight_ns += (done - f.start).as_nanos() as u64;
     if f.done.is_none() {
         stats.waited_ns += (now - waited).as_nanos() as u64;

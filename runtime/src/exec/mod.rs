@@ -575,8 +575,9 @@ impl<B: Backend> Executor<B> {
         let mut clock = Instant::now();
         let run_start = clock;
         let mut flights: Vec<collective::Flight> = Vec::new();
+        let run = collective::Run { program, cs: collectives, sizes: &sizes, comm };
         if let Some(b) = &collectives.before {
-            flights = collective::start(backend, &mut memories, program, b, &sizes, comm)?;
+            collective::start(backend, &mut memories, &run, b, &mut flights, comm_stats)?;
             collective::finish_due(backend, &mut memories, &mut flights, |f| f.due == Some(0), comm_stats)?;
         }
         let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
@@ -601,7 +602,7 @@ impl<B: Backend> Executor<B> {
                 collective::progress(&mut flights)?;
             }
             if let Some(b) = collectives.after.get(&i) {
-                flights.extend(collective::start(be, &mut memories, program, b, &sizes, comm)?);
+                collective::start(be, &mut memories, &run, b, &mut flights, comm_stats)?;
             }
             if !flights.is_empty() {
                 collective::finish_due(

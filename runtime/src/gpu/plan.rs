@@ -88,7 +88,9 @@ pub fn plan(
         let (kernel, bufs) = match s {
             Step::Launch { kernel, buffers, .. } => (*kernel, buffers),
             // The executor runs an all-reduce between launches (see `exec::all_reduce`).
-            Step::Alias { .. } | Step::AllReduce { .. } | Step::AllGather { .. } => continue,
+            Step::Alias { .. } | Step::AllReduce { .. } | Step::AllGather { .. } | Step::AllToAll { .. } => {
+                continue
+            }
             Step::Send { peer, .. } => {
                 return Err(RuntimeError::Distributed { step, what: format!("send to stage {peer}") })
             }

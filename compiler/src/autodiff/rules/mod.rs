@@ -84,6 +84,19 @@ pub(super) fn vjp(
             Ok(vec![Some(cx.op(Op::AllReduce { group: group.clone() }, &[need(dy, 0)?])?)])
         }
         Op::AllGather { .. } => Err(none("gathers are inserted after differentiation")),
+        // A permutation of blocks between the processes, the rows not kept zeroed: its adjoint
+        // sends each gradient block back where its value came from, keeping the rows that came
+        // (`keep`'s own exchange says which: process q's flags for this process).
+        Op::AllToAll { group, size } => {
+            let a2a = Op::AllToAll { group: group.clone(), size: *size };
+            let mut ins = vec![need(dy, 0)?];
+            if let Some(&keep) = x.get(1) {
+                ins.push(cx.op(a2a.clone(), &[keep])?);
+            }
+            let mut grads = vec![Some(cx.op(a2a, &ins)?)];
+            grads.extend(x.get(1).map(|_| None));
+            Ok(grads)
+        }
         Op::PromotedGemm { .. } => {
             Err(none("FP8 GEMMs are inserted after differentiation (insert-fp8-casts on the train step)"))
         }

@@ -238,6 +238,7 @@ fn lower_op(f: &mut Frame, op: &Op) -> Result<LaunchShape, LowerError> {
         | Op::Recv { .. }
         | Op::AllReduce { .. }
         | Op::AllGather { .. }
+        | Op::AllToAll { .. }
         | Op::Fused { .. }) => {
             return Err(f.unsupported(op.name(), "not a computing op: formation never makes it a kernel"))
         }

@@ -15,7 +15,7 @@ mod reduce;
 mod shape;
 
 use crate::op::Op;
-use crate::types::TensorType;
+use crate::types::{DType, TensorType};
 
 use super::tensor::Tensor;
 
@@ -50,6 +50,10 @@ pub(crate) fn apply(op: &Op, ins: &[&Tensor], out: &[TensorType]) -> OpResult {
         Op::AllGather { size: 1, .. } => Ok(vec![ins[0].clone().reshaped(dims(&out[0]))]),
         Op::AllGather { group, size } => Err(format!(
             "an all_gather over {size} processes of `{group}` needs them; the interpreter is one process"
+        )),
+        Op::AllToAll { size: 1, .. } => all_to_all_alone(ins),
+        Op::AllToAll { group, size } => Err(format!(
+            "an all_to_all over {size} processes of `{group}` needs them; the interpreter is one process"
         )),
         Op::Transpose { perm } => shape::transpose(ins[0], perm, &out[0]),
         Op::Broadcast { .. } => elementwise::broadcast_to(ins[0], &out[0]),
@@ -119,4 +123,18 @@ pub(crate) fn index(i: i64, n: usize, what: &str) -> Result<usize, String> {
         Ok(u) if u < n => Ok(u),
         _ => Err(format!("{what} {i} is out of range 0..{n}")),
     }
+}
+
+/// `all_to_all` in a group of one: the process sends its one block to itself, the rows whose flag
+/// is zero (when it has flags) as zeros.
+fn all_to_all_alone(ins: &[&Tensor]) -> OpResult {
+    let Some(keep) = ins.get(1) else { return Ok(vec![ins[0].clone()]) };
+    let (Some(x), Some(k)) = (ins[0].as_f32(), keep.as_f32()) else {
+        return Err("all_to_all exchanges f32 values with f32 row flags".into());
+    };
+    let width = x.len().checked_div(k.len()).unwrap_or(0);
+    let rows = x.chunks(width.max(1)).zip(k);
+    let v: Vec<f32> =
+        rows.flat_map(|(r, &f)| r.iter().map(move |&v| if f != 0.0 { v } else { 0.0 })).collect();
+    Tensor::from_f32(DType::F32, ins[0].shape().to_vec(), v).map(|t| vec![t]).map_err(|e| e.to_string())
 }

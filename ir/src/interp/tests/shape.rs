@@ -80,3 +80,31 @@ fn symbolic_reshape_uses_the_bindings() {
     assert_eq!(out["flat"].shape(), [6]);
     assert_eq!(out["t"].as_i64().unwrap(), [1, 4, 2, 5, 3, 6]);
 }
+
+/// `all_to_all` on one process: the block it sends itself, the rows whose flag is zero as zeros
+/// (NaN and -0 included: a row that did not travel is zeros, not the operand times zero). Over
+/// more processes than the interpreter has, it says so.
+#[test]
+fn all_to_all_alone_keeps_the_flagged_rows() {
+    let src = r#"graph @a {
+  %0 = input {name = "x"} : f32[1, 3, 2]
+  %1 = input {name = "keep"} : f32[1, 3]
+  %2 = all_to_all %0, %1 {group = "ep", size = 1} : f32[1, 3, 2]
+  %3 = all_to_all %1 {group = "ep", size = 1} : f32[1, 3]
+  output "y" = %2
+  output "came" = %3
+}
+"#;
+    let x = f32s(&[1, 3, 2], &[1.0, 2.0, f32::NAN, -0.0, 5.0, 6.0]);
+    let keep = f32s(&[1, 3], &[1.0, 0.0, 0.5]);
+    let out = run_printed(src, vec![("x", x), ("keep", keep)]);
+    assert_eq!(
+        vals(&out["y"]).iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        [1.0f32.to_bits(), 2.0f32.to_bits(), 0, 0, 5.0f32.to_bits(), 6.0f32.to_bits()]
+    );
+    assert_eq!(vals(&out["came"]), [1.0, 0.0, 0.5]);
+    let two = src.replace("size = 1", "size = 2").replace("[1, 3", "[2, 3");
+    let x = f32s(&[2, 3, 2], &[0.0; 12]);
+    let err = run_kir(&two, vec![("x", x), ("keep", f32s(&[2, 3], &[1.0; 6]))], vec![]).unwrap_err();
+    assert!(err.to_string().contains("an all_to_all over 2 processes of `ep` needs them"), "{err}");
+}
