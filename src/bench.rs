@@ -330,7 +330,7 @@ fn compare_without(req: &CompareRequest, tables: &mut Tables) -> Result<serde_js
     }
     let spec = kiln_compiler::spec::load(req.spec)?;
     let context = (req.prompt_len + req.new_tokens + 1) as u64;
-    let options = Options { score: false, ..Options::new(Targets::Cpu, 1, context) };
+    let options = Options { score: false, last_logits: true, ..Options::new(Targets::Cpu, 1, context) };
     let root = std::env::temp_dir().join(format!("kiln-bench-compare-{}", std::process::id()));
     let mut rows = Vec::new();
     for skip in [None, Some(req.pass)] {

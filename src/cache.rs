@@ -129,7 +129,7 @@ pub fn artifact_for(folder: &Path, log: &mut dyn Write) -> Result<PathBuf> {
     let parent = dir.parent().expect("the artifact is inside the cache");
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create the cache directory {}", parent.display()))?;
-    let options = Options::new(Targets::Cpu, MAX_BATCH, MAX_CONTEXT);
+    let options = Options { last_logits: true, ..Options::new(Targets::Cpu, MAX_BATCH, MAX_CONTEXT) };
     let artifact = pack::compile(Source::Spec(spec), &options, &mut ())?;
     pack::write(&artifact, &dir)?;
     Ok(dir)

@@ -102,6 +102,11 @@ pub struct Args {
     /// tokens per sequence.
     #[arg(long, conflicts_with_all = ["no_kv_cache", "train"])]
     speculative: bool,
+    /// From a spec, make the prefill program compute the logits at every prompt position. By
+    /// default it computes them at each row's last prompt token alone (input `last`, logits
+    /// `[B, 1, V]`), the only ones generation reads, and spares the rest of the head's GEMM.
+    #[arg(long, conflicts_with_all = ["no_kv_cache", "train"])]
+    all_logits: bool,
     /// From a spec, compile the `train_step` program instead of the inference programs (forward,
     /// next-token loss, backward, clipping and AdamW with DeepSeek-V3's settings; `kiln train`
     /// sets its own).
@@ -270,6 +275,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         kv_cache: !req.no_kv_cache,
         score: !req.no_score,
         speculative: req.speculative,
+        last_logits: !req.all_logits,
         train: match req.train {
             true => {
                 let e = req.settings.over(crate::train::Settings::defaults(), None)?;

@@ -1176,7 +1176,11 @@ fn ir(
     check_output_file(output, &[spec_path])?;
     let spec = spec::load(spec_path)?;
     if module {
-        let options = kiln_compiler::pack::Options::new(kiln_compiler::pack::Targets::All, 1, 1);
+        // The module `kiln compile` makes by default.
+        let options = kiln_compiler::pack::Options {
+            last_logits: true,
+            ..kiln_compiler::pack::Options::new(kiln_compiler::pack::Targets::All, 1, 1)
+        };
         let m = kiln_compiler::pack::module_after(&spec, &options, after)?;
         let printed = match format {
             IrFormat::Kir => text::print_module(&m),
@@ -1186,7 +1190,7 @@ fn ir(
     }
     let (mut graph, kind) = match (layer, program) {
         (Some(l), _) => (build::build_layer(&spec, l)?, ProgramKind::Forward),
-        (None, Some("prefill")) => (build::build_cached(&spec, build::Phase::Prefill)?, ProgramKind::Prefill),
+        (None, Some("prefill")) => (build::build_prefill_last(&spec, false)?, ProgramKind::Prefill),
         (None, Some("score")) => (build::build_score(&spec)?, ProgramKind::Score),
         (None, Some(_)) => (build::build_cached(&spec, build::Phase::Decode)?, ProgramKind::Decode),
         (None, None) => (build::build_graph(&spec)?, ProgramKind::Forward),

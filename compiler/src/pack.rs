@@ -54,7 +54,8 @@ use kiln_ir::verify::{verify, VerifyError};
 use kiln_ir::{Graph, ModelSpec, Op, SymBindings};
 
 use crate::build::{
-    build_cached, build_draft, build_graph, build_score, build_speculative, BuildError, Phase,
+    build_cached, build_draft, build_graph, build_prefill_last, build_score, build_speculative, BuildError,
+    Phase,
 };
 use crate::codegen::{
     cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
@@ -112,6 +113,10 @@ pub struct Options {
     /// decode program takes two new tokens per sequence (the last one accepted and the draft), and
     /// the `draft` program ([`build_draft`]) is added.
     pub speculative: bool,
+    /// With `kv_cache`, the prefill program computes the logits at each row's last prompt token
+    /// alone ([`build_prefill_last`]: input `last`, logits `[B, 1, V]`), the only ones generation
+    /// reads; otherwise at every position. `kiln compile` sets it unless `--all-logits`.
+    pub last_logits: bool,
 }
 
 /// The pipeline and expert parallelism to plan (`kiln compile --pp`): a
@@ -154,6 +159,7 @@ impl Options {
             train: None,
             parallel: None,
             speculative: false,
+            last_logits: false,
         }
     }
 
@@ -467,11 +473,19 @@ pub fn build_module(spec: &ModelSpec, options: &Options) -> Result<Module, Compi
         module.programs.push(Program { name: name.to_string(), kind, graph });
     };
     if options.kv_cache && options.speculative {
-        add("prefill", ProgramKind::Prefill, build_speculative(spec, Phase::Prefill)?);
+        let prefill = match options.last_logits {
+            true => build_prefill_last(spec, true)?,
+            false => build_speculative(spec, Phase::Prefill)?,
+        };
+        add("prefill", ProgramKind::Prefill, prefill);
         add("decode", ProgramKind::Decode, build_speculative(spec, Phase::Decode)?);
         add("draft", ProgramKind::Draft, build_draft(spec)?);
     } else if options.kv_cache {
-        add("prefill", ProgramKind::Prefill, build_cached(spec, Phase::Prefill)?);
+        let prefill = match options.last_logits {
+            true => build_prefill_last(spec, false)?,
+            false => build_cached(spec, Phase::Prefill)?,
+        };
+        add("prefill", ProgramKind::Prefill, prefill);
         add("decode", ProgramKind::Decode, build_cached(spec, Phase::Decode)?);
     } else {
         add("forward", ProgramKind::Forward, build_graph(spec)?);

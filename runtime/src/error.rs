@@ -139,6 +139,11 @@ pub enum RuntimeError {
     NotRun,
     #[error("position {position} of sequence {sequence} is outside the KV cache of {capacity} slots")]
     PositionOutOfRange { sequence: usize, position: i64, capacity: u64 },
+    #[error(
+        "input `{name}` element {index} is {value}, outside 0..{limit}, the positions it picks from (for a \
+         prefill's `last`, a row's last prompt token among the run's {limit} new tokens)"
+    )]
+    AlongOutOfRange { name: String, index: usize, value: i64, limit: u64 },
     #[error("output `{name}` has {len} elements; elements {start}..{end} were asked for")]
     OutputRange { name: String, len: usize, start: usize, end: usize },
     #[error("output `{name}` is {dtype}, not a float tensor")]

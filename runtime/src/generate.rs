@@ -349,7 +349,7 @@ fn check(
         check_sampling(o.sampling)?;
     }
     for (name, _) in engine.inputs(plan.first())? {
-        if name != "tokens" && name != "positions" && mtp_shift(&name).is_none() {
+        if name != "tokens" && name != "positions" && name != LAST && mtp_shift(&name).is_none() {
             return Err(RuntimeError::UnknownModelInput(name));
         }
     }
@@ -406,33 +406,59 @@ fn check(
 }
 
 /// The inputs of one forward pass over the sequences `rows`, right-padded to the longest.
-fn batch_inputs(
-    engine: &dyn Engine,
-    program: &str,
-    rows: &[&[i64]],
-) -> Result<(Vec<HostTensor>, usize), RuntimeError> {
+fn batch_inputs(engine: &dyn Engine, program: &str, rows: &[&[i64]]) -> Result<Batch, RuntimeError> {
     let t = rows.iter().map(|r| r.len()).max().unwrap_or(1);
     let shape = vec![rows.len() as u64, t as u64];
     let shifted = |k: usize| -> Vec<i64> {
         rows.iter().flat_map(|r| (0..t).map(move |i| r.get(i + k).copied().unwrap_or(0))).collect()
     };
+    let mut last_only = false;
     let inputs = engine
         .inputs(program)?
         .into_iter()
         .map(|(name, dtype)| {
-            let data = match name.as_str() {
-                "tokens" => shifted(0),
-                "positions" => rows.iter().flat_map(|_| 0..t as i64).collect(),
-                other => shifted(mtp_shift(other).unwrap_or(0)),
+            let (data, shape) = match name.as_str() {
+                "tokens" => (shifted(0), shape.clone()),
+                "positions" => (rows.iter().flat_map(|_| 0..t as i64).collect(), shape.clone()),
+                // A prefill that computes the logits at each row's last token alone.
+                LAST => {
+                    last_only = true;
+                    let last = rows.iter().map(|r| r.len().saturating_sub(1) as i64).collect();
+                    (last, vec![rows.len() as u64])
+                }
+                other => (shifted(mtp_shift(other).unwrap_or(0)), shape.clone()),
             };
-            HostTensor { name, dtype, shape: shape.clone(), data: HostData::I64(data) }
+            HostTensor { name, dtype, shape, data: HostData::I64(data) }
         })
         .collect();
-    Ok((inputs, t))
+    Ok(Batch { inputs, t, last_only })
 }
 
-/// The decode step's inputs: each sequence's token at `position[s]`.
-fn decode_inputs(seqs: &[Vec<i64>], position: &[usize]) -> (Vec<HostTensor>, usize) {
+/// The input of a prefill program that computes the logits at each row's last token alone
+/// (`kiln_compiler::build::LAST`): its logits are `[B, 1, V]`.
+pub const LAST: &str = "last";
+
+/// A batch of rows as a program's inputs: `t` new tokens a row, and whether the program's logits
+/// are each row's last token's alone.
+struct Batch {
+    inputs: Vec<HostTensor>,
+    t: usize,
+    last_only: bool,
+}
+
+impl Batch {
+    /// The row of the logits that holds the last token of row `r` of `len` tokens.
+    fn logits_row(&self, r: usize, len: usize) -> usize {
+        match self.last_only {
+            true => r,
+            false => r * self.t + len - 1,
+        }
+    }
+}
+
+/// The decode step's inputs: each sequence's token at `position[s]`; its logits are one row per
+/// sequence.
+fn decode_inputs(seqs: &[Vec<i64>], position: &[usize]) -> Batch {
     let shape = vec![seqs.len() as u64, 1];
     let tokens = seqs.iter().zip(position).map(|(s, &p)| s[p]).collect();
     let positions = position.iter().map(|&p| p as i64).collect();
@@ -442,7 +468,7 @@ fn decode_inputs(seqs: &[Vec<i64>], position: &[usize]) -> (Vec<HostTensor>, usi
         shape: shape.clone(),
         data: HostData::I64(data),
     };
-    (vec![tensor("tokens", tokens), tensor("positions", positions)], 1)
+    Batch { inputs: vec![tensor("tokens", tokens), tensor("positions", positions)], t: 1, last_only: true }
 }
 
 /// Generates from each prompt with the same options; see the module documentation. `on_token` sees
@@ -507,7 +533,7 @@ fn generate_streams(
     let cached = matches!(plan, Plan::Cached { .. });
     while !active.is_empty() {
         let t0 = Instant::now();
-        let (inputs, t) = if cached && step > 0 {
+        let batch = if cached && step > 0 {
             // Every sequence stays in the batch (its cache row is its own). An active one feeds its
             // newest token at the next position; one that has ended feeds its last cached token
             // again at that token's position, which rewrites the slot with what it holds (never a
@@ -527,17 +553,14 @@ fn generate_streams(
             batch_inputs(engine, plan.first(), &rows)?
         };
         match (&plan, step) {
-            (Plan::Cached { decode, .. }, 1..) => engine.run(decode, &inputs)?,
-            (p, _) => engine.run(p.first(), &inputs)?,
+            (Plan::Cached { decode, .. }, 1..) => engine.run(decode, &batch.inputs)?,
+            (p, _) => engine.run(p.first(), &batch.inputs)?,
         }
         let mut made = 0;
         let mut still = Vec::with_capacity(active.len());
         for (r, &s) in active.iter().enumerate() {
-            let row = match (cached, step) {
-                (true, 0) => s * t + seqs[s].len() - 1,
-                (true, _) => s,
-                (false, _) => r * t + seqs[s].len() - 1,
-            };
+            // A cached run's batch holds every sequence, a stateless one the active ones.
+            let row = batch.logits_row(if cached { s } else { r }, seqs[s].len());
             let logits = engine.output_f32(LOGITS, row * vocab..(row + 1) * vocab)?;
             let token = pick(&logits, opts[s].sampling, &mut rngs[s])
                 .ok_or(RuntimeError::NonFiniteLogits { sequence: s, step })?;

@@ -41,6 +41,8 @@ pub(crate) fn caller_outputs(p: &Program) -> impl Iterator<Item = &NamedBuffer> 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexLimit {
     pub limit: u64,
+    /// The limit as the program declares it: [`Indexes::Along`]'s is evaluated at the run's sizes.
+    pub dim: kiln_ir::Dim,
     pub indexes: Indexes,
     /// A value allowed besides `0..limit` (a loss's `ignore_index`).
     pub ignore: Option<i64>,
@@ -51,8 +53,12 @@ pub(crate) fn index_limits(p: &Program, max: &SymBindings) -> HashMap<String, In
     let mut out: HashMap<String, IndexLimit> = HashMap::new();
     for t in &p.index_inputs {
         let limit = t.limit.eval(max).unwrap_or(0);
-        let e =
-            out.entry(t.input.clone()).or_insert(IndexLimit { limit, indexes: t.indexes, ignore: t.ignore });
+        let e = out.entry(t.input.clone()).or_insert(IndexLimit {
+            limit,
+            dim: t.limit,
+            indexes: t.indexes,
+            ignore: t.ignore,
+        });
         e.limit = e.limit.min(limit);
         if e.ignore != t.ignore {
             e.ignore = None;
@@ -161,7 +167,12 @@ pub(crate) fn check(
             });
         }
         let (Some(limit), HostData::I64(ids)) = (index_inputs.get(&i.name), &t.data) else { continue };
-        let outside = |x: i64| (x < 0 || x as u64 >= limit.limit) && Some(x) != limit.ignore;
+        // A `take_along`'s axis at this run's sizes (a prefill's `T`), not the loaded maxima.
+        let bound = match limit.indexes {
+            Indexes::Along => limit.dim.eval(&sizes).unwrap_or(limit.limit).min(limit.limit),
+            _ => limit.limit,
+        };
+        let outside = |x: i64| (x < 0 || x as u64 >= bound) && Some(x) != limit.ignore;
         let Some((index, &value)) = ids.iter().enumerate().find(|&(_, &x)| outside(x)) else {
             continue;
         };
@@ -175,6 +186,9 @@ pub(crate) fn check(
             },
             Indexes::Vocabulary | Indexes::Classes => {
                 RuntimeError::TokenOutOfRange { name: t.name.clone(), index, value, vocab: limit.limit }
+            }
+            Indexes::Along => {
+                RuntimeError::AlongOutOfRange { name: t.name.clone(), index, value, limit: bound }
             }
         });
     }

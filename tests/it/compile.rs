@@ -294,6 +294,7 @@ fn the_backward_ops_compile_and_run_like_the_interpreter() {
         index,
         [
             "ids Vocabulary < 40 ignoring None",
+            "picks Along < 40 ignoring None",
             "positions CacheSlots < S ignoring None",
             "targets Classes < 40 ignoring Some(-100)"
         ]

@@ -170,7 +170,8 @@ fn the_tiny_artifact_matches_the_interpreter_on_its_own_graph() {
 fn the_golden_checkpoint_reproduces_transformers_through_the_artifact() {
     let d = TempDir::new();
     let config = format!("{GOLDEN}/config.json");
-    let dir = compile(&d, "yarn", &config, &["--max-batch", "2", "--max-context", "16"]);
+    // Every position's logits, to compare with transformers' (generation reads the last ones).
+    let dir = compile(&d, "yarn", &config, &["--max-batch", "2", "--max-context", "16", "--all-logits"]);
     let out = kiln(&[
         "run",
         &str(&dir),
@@ -208,6 +209,55 @@ fn the_golden_checkpoint_reproduces_transformers_through_the_artifact() {
     let (abs, rel) = diff(f32s(&model.output("logits").unwrap()), f32s(&want));
     eprintln!("v3_tiny_yarn logits: max abs diff vs transformers {abs:e} ({rel:e} of the scale)");
     assert!(abs <= 1e-4, "{abs:e}");
+}
+
+/// The default prefill computes the logits at each row's last prompt token alone (input `last`):
+/// they are the rows an `--all-logits` prefill computes there, to the GEMM's rounding (a head of
+/// one row against T), and generation from both artifacts, a batch of different lengths, picks the
+/// same tokens. A `last` outside the run's new tokens is refused before anything runs.
+#[test]
+fn the_prefill_computes_each_rows_last_logits_alone() {
+    let d = TempDir::new();
+    let flags = ["--max-batch", "3", "--max-context", "16"];
+    let last = compile(&d, "last", "models/tiny.toml", &flags);
+    let all = compile(&d, "all", "models/tiny.toml", &[&flags[..], &["--all-logits"]].concat());
+    let (last, all) = (artifact::load(&last).unwrap(), artifact::load(&all).unwrap());
+    let params = params_of(&all, 4);
+    let mut one = CpuModel::load(&last, ok(&params), &CpuOptions::default()).unwrap();
+    let mut every = CpuModel::load(&all, ok(&params), &CpuOptions::default()).unwrap();
+    let vocab = every.vocab_size().unwrap() as usize;
+    assert_eq!(one.vocab_size(), every.vocab_size());
+    let names =
+        |m: &CpuModel| Engine::inputs(m, "prefill").unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    assert_eq!(names(&one), ["tokens", "positions", "last"]);
+    assert_eq!(names(&every), ["tokens", "positions"]);
+    // Three rows padded to 6 tokens; their last tokens are at 5, 2 and 0.
+    let rows: Vec<i64> = vec![5, 17, 42, 8, 9, 10, 3, 4, 5, 0, 0, 0, 77, 0, 0, 0, 0, 0];
+    let inputs =
+        [ids("tokens", 3, 6, rows.clone()), ids("positions", 3, 6, (0..3).flat_map(|_| 0..6).collect())];
+    every.run("prefill", &inputs).unwrap();
+    let at = [5usize, 2, 0];
+    let lasts = HostTensor {
+        name: "last".into(),
+        dtype: DType::I32,
+        shape: vec![3],
+        data: HostData::I64(at.map(|a| a as i64).to_vec()),
+    };
+    one.run("prefill", &[inputs[0].clone(), inputs[1].clone(), lasts.clone()]).unwrap();
+    assert_eq!(one.output("logits").unwrap().shape, [3, 1, vocab as u64]);
+    for (b, &t) in at.iter().enumerate() {
+        let want = every.output_f32("logits", (b * 6 + t) * vocab..(b * 6 + t + 1) * vocab).unwrap();
+        let got = one.output_f32("logits", b * vocab..(b + 1) * vocab).unwrap();
+        let (abs, rel) = diff(&got, &want);
+        assert!(rel <= 1e-5, "row {b}: max abs diff {abs:e} ({rel:e} relative)");
+    }
+    let prompts = vec![vec![5, 17, 42, 8, 9, 10], vec![3, 4, 5], vec![77]];
+    let g = |m: &mut CpuModel| gen(m, &prompts, &greedy(6)).tokens;
+    assert_eq!(g(&mut one), g(&mut every));
+    // A last token outside the 6 new tokens of this run (though inside the loaded maximum, 16).
+    let bad = HostTensor { data: HostData::I64(vec![5, 6, 0]), ..lasts };
+    let e = one.run("prefill", &[inputs[0].clone(), inputs[1].clone(), bad]).unwrap_err();
+    assert!(e.to_string().contains("input `last` element 1 is 6, outside 0..6"), "{e}");
 }
 
 #[test]
@@ -719,7 +769,8 @@ fn logits_rows(model: &CpuModel, vocab: usize, rows: impl IntoIterator<Item = us
 #[test]
 fn prefill_then_decode_matches_full_recomputation_at_every_position() {
     let d = TempDir::new();
-    let dir = compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16"]);
+    let dir =
+        compile(&d, "tiny", "models/tiny.toml", &["--max-batch", "2", "--max-context", "16", "--all-logits"]);
     let art = artifact::load(&dir).unwrap();
     let programs: Vec<&str> = art.manifest().programs.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(programs, ["prefill", "decode", "score"], "what a spec compiles to by default");

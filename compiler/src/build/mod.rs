@@ -131,6 +131,38 @@ pub fn build_cached(spec: &ModelSpec, phase: Phase) -> Result<Graph, BuildError>
     Ok(b.finish())
 }
 
+/// The input of a prefill program built by [`build_prefill_last`]: each row's last new token, i32
+/// `[B]` (its prompt's length minus one), where the logits are computed.
+pub const LAST: &str = "last";
+
+/// The prefill program of [`build_cached`] (or, with `speculative`, of [`build_speculative`]) that
+/// computes the logits at each row's last prompt token alone, the one generation reads: input
+/// [`LAST`] `[B]`, output `logits` `[B, 1, V]`. The head is the largest single GEMM of a prompt's
+/// forward pass (DeepSeek-V3's is 129k x 7168), so this spares `T - 1` rows of it, as llama.cpp
+/// computes the last token's logits alone by default. The `hidden` output of the speculative form
+/// keeps every position (the draft reads them all).
+pub fn build_prefill_last(spec: &ModelSpec, speculative: bool) -> Result<Graph, BuildError> {
+    let mut b = Builder::new(spec, format!("{}.{}", spec.model.name, Phase::Prefill.name()))?;
+    b.phase = Some(Phase::Prefill);
+    let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
+    let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
+    let last = b.input(LAST, TensorType::new(DType::I32, vec![Dim::B]))?;
+    let d = Dim::known(spec.model.hidden_size);
+    let h = main_model_head(&mut b, tokens, positions, |b, h| {
+        // h[b, last[b], :] for each row b, as [B, 1, d].
+        let at =
+            b.op("lm_head", Op::Reshape { shape: vec![Dim::B, Dim::known(1), Dim::known(1)] }, &[last])?;
+        let at = b.op("lm_head", Op::Broadcast { shape: vec![Dim::B, Dim::known(1), d] }, &[at])?;
+        let h = b.op("lm_head", Op::TakeAlong { axis: 1 }, &[h, at])?;
+        let logits = b.lm_head("lm_head", h)?;
+        b.output("logits", logits)
+    })?;
+    if speculative {
+        b.output(HIDDEN, h)?;
+    }
+    Ok(b.finish())
+}
+
 /// The output of [`build_speculative`]'s programs that holds the main model's hidden state after
 /// the final norm, `[B, T, d]`: what the draft program reads.
 pub const HIDDEN: &str = "hidden";
@@ -369,14 +401,26 @@ fn main_model_logits(
     positions: ValueId,
     head: impl FnOnce(&mut Builder, ValueId) -> Result<(), BuildError>,
 ) -> Result<ValueId, BuildError> {
+    main_model_head(b, tokens, positions, |b, h| {
+        let logits = b.lm_head("lm_head", h)?;
+        head(b, logits)
+    })
+}
+
+/// Embedding, decoder layers and final norm, whose result `head` is given; returns it.
+fn main_model_head(
+    b: &mut Builder,
+    tokens: ValueId,
+    positions: ValueId,
+    head: impl FnOnce(&mut Builder, ValueId) -> Result<(), BuildError>,
+) -> Result<ValueId, BuildError> {
     let table = b.embed_table()?;
     let mut h = b.op("model", Op::Embedding, &[table, tokens])?;
     for layer in 0..b.spec.model.num_hidden_layers {
         h = decoder_layer(b, layer, h, positions)?;
     }
     let h = b.rms_norm("model", "norm.weight", h)?;
-    let logits = b.lm_head("lm_head", h)?;
-    head(b, logits)?;
+    head(b, h)?;
     Ok(h)
 }
 

@@ -6,12 +6,13 @@
 //!   positions a `cache_update` writes or an `attention` reads the cache at (the cache's slots),
 //!   the targets of a `cross_entropy` (the classes); and in training, the ids of an
 //!   `embedding_grad` (the gradient table's `rows`), the targets of a `cross_entropy_grad` (the
-//!   classes, with its `ignore_index`) and the positions of an `attention_grad` (the slots).
+//!   classes, with its `ignore_index`) and the positions of an `attention_grad` (the slots); and
+//!   the indices of a `take_along` (a prefill's last token of each row, among the new tokens).
 //!   Compiled kernels clamp, skip or trust such values, so the runtime checks them before a run;
 //! - the `moe_dispatch` launches, whose `offsets` result gives the load of each expert
 //!   ([`kiln_ir::artifact::MoeDispatch`]).
 //!
-//! An index operand is traced back through reshapes to the graph input it comes from; one computed
+//! An index operand is traced back through reshapes and broadcasts to the graph input it comes from; one computed
 //! by the graph is not a caller's value and is not listed. Ops inside `fused` bodies count too: a
 //! body input stands for the fused node's operand in the same place.
 
@@ -37,6 +38,8 @@ fn index_operands(g: &Graph, n: NodeId) -> Vec<(usize, Indexes, Dim, Option<i64>
             out.extend(last(0).map(|classes| (1, Indexes::Classes, classes, *ignore_index)))
         }
         Op::EmbeddingGrad { rows } => out.push((0, Indexes::Vocabulary, Dim::known(*rows), None)),
+        // The row a prefill takes each sequence's logits at (`build_prefill_last`).
+        Op::TakeAlong { axis } => out.extend(dim(0, *axis).map(|t| (1, Indexes::Along, t, None))),
         Op::AttentionGrad { .. } if node.inputs.len() == 5 => {
             out.extend(dim(1, 1).map(|slots| (3, Indexes::CacheSlots, slots, None)))
         }
@@ -51,7 +54,7 @@ fn input_of(g: &Graph, mut v: ValueId) -> Option<String> {
         let node = g.node(g.producer(v));
         match &node.op {
             Op::Input { name } => return Some(name.clone()),
-            Op::Reshape { .. } => v = node.inputs[0],
+            Op::Reshape { .. } | Op::Broadcast { .. } => v = node.inputs[0],
             _ => return None,
         }
     }

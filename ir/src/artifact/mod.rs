@@ -252,6 +252,9 @@ pub enum Indexes {
     CacheSlots,
     /// The classes of a loss: target token ids.
     Classes,
+    /// The positions along the axis a `take_along` reads, whose limit is evaluated at the run's
+    /// sizes: a prefill's `last`, each row's last prompt token among its `T` new tokens.
+    Along,
 }
 
 /// A launch of a `moe_dispatch` kernel: after it runs, `offsets` (`i32[experts + 1]`) holds the

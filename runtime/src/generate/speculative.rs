@@ -178,14 +178,15 @@ pub fn generate_speculative(
     // The prefill: the first token of every sequence, then the draft program over the prompts.
     let t0 = Instant::now();
     let prompt_rows: Vec<&[i64]> = prompts.iter().map(Vec::as_slice).collect();
-    let (inputs, t) = batch_inputs(engine, &progs.prefill, &prompt_rows)?;
-    engine.run(&progs.prefill, &inputs)?;
+    let batch = batch_inputs(engine, &progs.prefill, &prompt_rows)?;
+    let t = batch.t;
+    engine.run(&progs.prefill, &batch.inputs)?;
     stats.forwards += 1;
     for (s, row) in rows.iter_mut().enumerate() {
         if !row.active {
             continue;
         }
-        let r = s * t + row.prompt - 1;
+        let r = batch.logits_row(s, row.prompt);
         let logits = engine.output_f32(LOGITS, r * vocab..(r + 1) * vocab)?;
         let (picked, _) = pick_row(&logits, &mut rngs[s], None, s, 0)?;
         emit(row, s, picked);
