@@ -157,8 +157,8 @@ impl Dist {
         let edp = Group {
             name: kiln_compiler::expert_parallel::EXPERT_DP_GROUP,
             comm: self.expert_replicas.duplicate(),
-            rank: self.dp_rank() / self.ep,
-            size: self.dp_size() / self.ep,
+            rank: self.edp_rank(),
+            size: self.edp_size(),
         };
         vec![ep, edp]
     }
@@ -174,6 +174,30 @@ impl Dist {
             poll(req, self.timeout, || stalled(&self.replicas, self.dp_rank(), n, self.timeout, &what));
         });
         Ok(all)
+    }
+
+    /// `data` of every process holding this process's experts (`--ep` with `--dp`: one per
+    /// replica of the expert-parallel group), laid end to end in their order (the same length on
+    /// each).
+    pub fn gather_expert_replicas(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let (rank, n) = (self.edp_rank(), self.edp_size());
+        let mut all = vec![0.0f32; data.len() * n];
+        mpi::request::scope(|scope| {
+            let req = self.expert_replicas.immediate_all_gather_into(scope, data, &mut all[..]);
+            let what = format!("the gather of {} values of an expert's split optimizer state", data.len());
+            poll(req, self.timeout, || stalled(&self.expert_replicas, rank, n, self.timeout, &what));
+        });
+        Ok(all)
+    }
+
+    /// This process's rank among those holding the same experts, and their number (`--ep` with
+    /// `--dp D`: D of them; 0 of 1 without expert parallelism).
+    pub fn edp_rank(&self) -> usize {
+        self.dp_rank() / self.ep
+    }
+
+    pub fn edp_size(&self) -> usize {
+        self.dp_size() / self.ep
     }
 
     /// This process's replica and the number of replicas (`--dp`; 0 of 1 without).

@@ -1583,7 +1583,13 @@ fn whole_states(
             weights::HostData::F32(v) => v.clone(),
             weights::HostData::I64(_) => bail!("state `{}` is split but not a float", t.name),
         };
-        let mut all = d.gather(&mine)?;
+        // A routed expert's state is split over the processes holding the expert (`--ep` with
+        // `--dp`), any other over every replica.
+        let expert = d.ep_size() > 1 && kiln_compiler::expert_parallel::is_routed_expert(&t.name);
+        let mut all = match expert {
+            true => d.gather_expert_replicas(&mine)?,
+            false => d.gather(&mine)?,
+        };
         if all.len() < n {
             bail!("state `{}`: the replicas' shards hold {} values, fewer than its {n}", t.name, all.len());
         }
@@ -1609,7 +1615,16 @@ fn shard_of(
     if n == m {
         return Ok(weights::HostTensor { shape: current.shape.clone(), ..whole });
     }
-    let Some(d) = dist.filter(|d| m * d.dp_size() >= n && m * (d.dp_size() - 1) < n) else {
+    // A routed expert's state is split over the processes holding the expert, any other over every
+    // replica.
+    let expert = |d: &crate::dist::Dist| {
+        d.ep_size() > 1 && kiln_compiler::expert_parallel::is_routed_expert(&whole.name)
+    };
+    let split = |d: &crate::dist::Dist| match expert(d) {
+        true => (d.edp_rank(), d.edp_size()),
+        false => (d.dp_rank(), d.dp_size()),
+    };
+    let Some((rank, _)) = dist.map(split).filter(|&(_, size)| m * size >= n && m * (size - 1) < n) else {
         bail!(
             "state `{}` has {n} values in the checkpoint, and this run keeps {m} of them: resume it with the \
              replicas it was split over",
@@ -1619,8 +1634,7 @@ fn shard_of(
     let weights::HostData::F32(v) = whole.data else {
         bail!("state `{}` is split but not a float", whole.name);
     };
-    let shard: Vec<f32> =
-        (d.dp_rank() * m..(d.dp_rank() + 1) * m).map(|i| v.get(i).copied().unwrap_or(0.0)).collect();
+    let shard: Vec<f32> = (rank * m..(rank + 1) * m).map(|i| v.get(i).copied().unwrap_or(0.0)).collect();
     Ok(weights::HostTensor {
         name: whole.name,
         dtype: whole.dtype,

@@ -152,7 +152,7 @@ fn each_moe(
 
 /// The communication group of the processes that hold the same routed experts (one per
 /// data-parallel replica of an expert-parallel training run), which sums those experts' gradients.
-pub const EXPERT_DP_GROUP: &str = "edp";
+pub const EXPERT_DP_GROUP: &str = kiln_ir::module::EDP_GROUP;
 
 /// Whether trained parameter `name` is a routed expert's (`….experts.{e}.…`), which an
 /// expert-parallel rank holds alone (the shared experts are everyone's).

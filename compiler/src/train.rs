@@ -146,9 +146,17 @@ pub const DP_RANK: &str = kiln_ir::module::DP_RANK;
 #[derive(Clone, Copy)]
 struct Sharding {
     n: u64,
-    /// The caller input [`DP_RANK`].
+    /// The caller input [`DP_RANK`] (or, for a routed expert's states, [`EDP_RANK`]).
     rank: ValueId,
+    /// The group the shards are gathered over: [`DP_GROUP`], or a routed expert's
+    /// [`crate::expert_parallel::EXPERT_DP_GROUP`].
+    group: &'static str,
 }
+
+/// The caller input of an expert-parallel step whose routed experts' AdamW states are split over
+/// the processes holding the same experts (ZeRO-1 with `--ep` and `--dp`): this process's rank
+/// among them, i32 `[1]`.
+pub const EDP_RANK: &str = kiln_ir::module::EDP_RANK;
 
 impl Sharding {
     /// This replica's shard of `x` (f32, `numel` elements): f32 `[m]`.
@@ -590,25 +598,41 @@ fn step_program(
     };
     let (b1c, b2, b2c, eps) = (b.c(1.0 - opt.beta1)?, b.c(opt.beta2)?, b.c(1.0 - opt.beta2)?, b.c(opt.eps)?);
     let mut updates: Vec<(String, ValueId)> = Vec::new();
-    // ZeRO-1: this replica's rank picks its shard of every tensor (see `Sharding`).
+    // ZeRO-1: this replica's rank picks its shard of every tensor (see `Sharding`). Under expert
+    // parallelism the replicated weights' states are split over every process, and a routed
+    // expert's over the `opt.shards / ep` processes that hold it (none when they are one).
+    let rank_input = |b: &mut B, name: &str| {
+        b.declared(Op::Input { name: name.into() }, TensorType::new(DType::I32, [Dim::known(1)]))
+    };
     let shards = match opt.shards {
         1 => None,
-        n => Some(Sharding {
-            n: u64::from(n),
-            rank: b
-                .declared(Op::Input { name: DP_RANK.into() }, TensorType::new(DType::I32, [Dim::known(1)]))?,
+        n => Some(Sharding { n: u64::from(n), rank: rank_input(&mut b, DP_RANK)?, group: DP_GROUP }),
+    };
+    let expert_shards = match (shards, experts) {
+        (Some(s), Some(ep)) if s.n % ep != 0 => {
+            return Err(TrainError::Setting(format!(
+            "AdamW's states are split over {} processes, which the {ep} expert-parallel ranks do not divide",
+            s.n
+        )))
+        }
+        (Some(s), Some(ep)) if s.n / ep > 1 => Some(Sharding {
+            n: s.n / ep,
+            rank: rank_input(&mut b, EDP_RANK)?,
+            group: crate::expert_parallel::EXPERT_DP_GROUP,
         }),
+        _ => None,
     };
     let mut gathers = Vec::new();
     for (name, p, d) in &trained {
         let ty = b.g.ty(*p).clone();
         let numel = ty.known_numel().ok_or_else(|| TrainError::Internal(format!("`{name}` is not sized")))?;
-        // Under expert parallelism a routed expert's states are the rank's alone already (its
-        // share of the experts): ZeRO-1 splits the replicated weights' states over every process,
-        // and leaves the experts' whole (DeepSeek-V3 §3.2.2: EP for the experts, ZeRO-1 DP for the
-        // rest).
+        // Under expert parallelism a routed expert's states are the rank's share of the experts
+        // already: ZeRO-1 splits the replicated weights' states over every process, and an
+        // expert's over the processes that hold it (DeepSeek-V3 §3.2.2: EP for the experts,
+        // ZeRO-1 DP for the rest).
         let own = experts.is_some() && crate::expert_parallel::is_routed_expert(name);
-        let shard = shards.filter(|_| !own).map(|s| (s, numel.div_ceil(s.n)));
+        let split = if own { expert_shards } else { shards };
+        let shard = split.map(|s| (s, numel.div_ceil(s.n)));
         // The states' type: the weight's, or one shard of it, flat.
         let state_ty = |dtype| match shard {
             None => TensorType { dtype, ..ty.clone() },
@@ -695,7 +719,7 @@ fn step_program(
     // whole weights (rounded to their stored dtype).
     let mut all = Vec::with_capacity(gathers.len());
     for (_, p2, _, s) in &gathers {
-        all.push(b.node(Op::AllGather { group: DP_GROUP.into(), size: s.n }, &[*p2])?);
+        all.push(b.node(Op::AllGather { group: s.group.into(), size: s.n }, &[*p2])?);
     }
     for ((name, _, ty, s), all) in gathers.into_iter().zip(all) {
         let whole = s.whole(&mut b, all, &ty)?;

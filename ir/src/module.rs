@@ -117,6 +117,14 @@ pub const PP_GROUP: &str = "pp";
 /// replicas (ZeRO-1): this replica's rank, i32 `[1]`.
 pub const DP_RANK: &str = "dp.rank";
 
+/// The communication group of the processes that hold the same routed experts in an
+/// expert-parallel run (one per data-parallel replica of the expert-parallel group).
+pub const EDP_GROUP: &str = "edp";
+
+/// The caller input of an expert-parallel train step whose routed experts' AdamW states are split
+/// over [`EDP_GROUP`] (ZeRO-1): this process's rank in it, i32 `[1]`.
+pub const EDP_RANK: &str = "edp.rank";
+
 /// The caller input of an `accumulate` program: 0 on a step's first micro-batch, so that it starts
 /// the accumulators' sums, 1 after.
 pub const ACCUMULATE_KEEP: &str = "accumulate.keep";

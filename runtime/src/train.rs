@@ -13,7 +13,9 @@ use std::collections::HashMap;
 
 use kiln_ir::interp::{self, Tensor};
 use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
-use kiln_ir::module::{ACCUMULATE_KEEP as KEEP, LOSS_WEIGHTS, MASTER_PREFIX, MICRO_BATCHES};
+use kiln_ir::module::{
+    ACCUMULATE_KEEP as KEEP, EDP_GROUP, EDP_RANK, LOSS_WEIGHTS, MASTER_PREFIX, MICRO_BATCHES,
+};
 use kiln_ir::{DType, Graph, SymBindings, ValueId};
 
 use crate::data::TokenRows;
@@ -497,15 +499,18 @@ impl<B: Backend> CompiledTrainer<B> {
         // Every replica's micro-batches, when the step is one replica's of several.
         let replicas = crate::comm::group_size(self.exec.communicator(), kiln_ir::module::DP_GROUP)?;
         feeds.push(scalar(MICRO_BATCHES, (parts.len() * replicas) as f32));
-        // The replica's rank, which picks its shard of split optimizer states (ZeRO-1).
-        let rank =
-            self.exec.communicator().and_then(|c| c.rank_in(kiln_ir::module::DP_GROUP)).map_or(0, |r| r.0);
-        feeds.push(HostTensor {
-            name: kiln_ir::module::DP_RANK.into(),
-            dtype: DType::I32,
-            shape: vec![1],
-            data: HostData::I64(vec![rank as i64]),
-        });
+        // The replica's rank, which picks its shard of split optimizer states (ZeRO-1), and under
+        // expert parallelism its rank among the processes holding the same experts, which picks
+        // its shard of theirs.
+        for (input, group) in [(kiln_ir::module::DP_RANK, kiln_ir::module::DP_GROUP), (EDP_RANK, EDP_GROUP)] {
+            let rank = self.exec.communicator().and_then(|c| c.rank_in(group)).map_or(0, |r| r.0);
+            feeds.push(HostTensor {
+                name: input.into(),
+                dtype: DType::I32,
+                shape: vec![1],
+                data: HostData::I64(vec![rank as i64]),
+            });
+        }
         feeds.retain(|t| self.inputs.contains(&t.name));
         if check {
             if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {

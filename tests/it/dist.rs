@@ -713,6 +713,16 @@ fn experts_split_over_two_ranks_train_as_one_process() {
         file(&z2, "optimizer.safetensors") == file(&two, "optimizer.safetensors"),
         "a resumed --zero1 run"
     );
+    // With two replicas of the group (four processes), each expert's states are split over the
+    // two processes that hold it as well; resumed from step 2 too.
+    let zg = dir("zero1-grid");
+    run(4, args(&zg, "2", &["--ep", "2", "--dp", "2", "--zero1"]));
+    let from = format!("{zg}/step-2");
+    let r = run(4, args(&zg, "3", &["--ep", "2", "--dp", "2", "--zero1", "--resume", &from]));
+    assert!(r.stdout.contains("(split over the replicas: ZeRO-1)"), "{}", r.stdout);
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(file(&zg, f) == file(&grid, f), "--ep 2 --dp 2 --zero1: {f} differs from --ep 2 --dp 2's");
+    }
 
     // An artifact compiled for two expert-parallel ranks (`kiln compile --train --pp 1 --ep 2`)
     // trains the same steps, and only as such.
