@@ -22,9 +22,11 @@
 //! moments and gradients of its stages and the activations of the micro-batches its schedule
 //! keeps in flight (counted per stage, from the schedule's instruction list); `--ep` divides the
 //! routed experts' parts; `--dp` compiles the step as a data-parallel replica (its all-reduces
-//! are in the arena) and with `--zero1` its AdamW states are split over the replicas.
-//! Communication buffers are not buffers of the compiled step (the runtime's pipeline and
-//! all-to-all are not built) and are counted from their sizes: the MoE dispatch and combine of
+//! are in the arena) and with `--zero1` its AdamW states are split over the replicas (with `--ep`
+//! as `kiln train --ep --zero1` splits them: a routed expert's over the `--dp` replicas holding it,
+//! every other weight's over the `ep · dp` processes).
+//! Communication buffers are not buffers of the compiled step (the runtime's pipeline messages and
+//! all-to-all buffers are its own) and are counted from their sizes: the MoE dispatch and combine of
 //! one layer per chunk in flight, and each stage boundary's activation and gradient transfers.
 
 use std::path::Path;
@@ -249,16 +251,21 @@ fn pipeline(spec: &ModelSpec, req: &Request) -> Result<Pipeline> {
     Ok(Pipeline { stages, placement: part.placement, schedule })
 }
 
-/// The bytes of `pieces` of `column` on one device.
-fn share(column: &Column, pieces: &[Piece], ep: u64) -> PieceBytes {
+/// The bytes of `pieces` of `column` on one device: the routed experts' parts divided over `ep`
+/// ranks, and with `split_other` (ZeRO-1 under expert parallelism, as `kiln train --ep --zero1`
+/// splits them) the other weights' AdamW states over the `ep` ranks as well as the replicas the
+/// column was compiled for.
+fn share(column: &Column, pieces: &[Piece], ep: u64, split_other: bool) -> PieceBytes {
     let div = |s: Split| Split { experts: s.experts.div_ceil(ep), other: s.other };
+    let states =
+        |s: Split| Split { other: if split_other { s.other.div_ceil(ep) } else { s.other }, ..div(s) };
     let mut b = PieceBytes::default();
     for (p, bytes) in &column.pieces {
         if pieces.contains(p) {
             b = b.plus(PieceBytes {
                 params: div(bytes.params),
-                master: div(bytes.master),
-                moments: div(bytes.moments),
+                master: states(bytes.master),
+                moments: states(bytes.moments),
                 gradients: div(bytes.gradients),
                 activations: bytes.activations,
                 other: bytes.other,
@@ -302,7 +309,7 @@ fn devices(
     let acts = |pieces: &[Piece], which: Option<&Vec<(Piece, u64)>>| -> u64 {
         match which {
             Some(list) => list.iter().filter(|(p, _)| pieces.contains(p)).map(|(_, b)| b).sum(),
-            None => share(column, pieces, 1).activations.total(),
+            None => share(column, pieces, 1, false).activations.total(),
         }
     };
     // The gradients' copies at the peak, in proportion to the device's gradients.
@@ -328,7 +335,7 @@ fn devices(
     };
     match pipe {
         None => {
-            let b = share(column, &all, req.ep);
+            let b = share(column, &all, req.ep, req.zero1);
             vec![Device {
                 params: b.params.total(),
                 master: b.master.total(),
@@ -349,7 +356,7 @@ fn devices(
             .map(|r| {
                 let chunks = &p.placement[r];
                 let held: Vec<Piece> = chunks.iter().flat_map(|&s| p.stages[s as usize].clone()).collect();
-                let b = share(column, &held, req.ep);
+                let b = share(column, &held, req.ep, req.zero1);
                 let per_chunk = |which: Option<&Vec<(Piece, u64)>>| -> Vec<u64> {
                     chunks.iter().map(|&s| acts(&p.stages[s as usize], which)).collect()
                 };

@@ -160,6 +160,17 @@ fn kiln_inspect_train_counts_each_kind_of_layer_once() {
     let one = |d: &serde_json::Value, k: &str| d["columns"][1]["per_rank"][0][k].as_u64().unwrap();
     assert!(one(&ep, "params") < one(&reduced, "params"));
     assert_eq!(ep["devices"], 4);
+    // ZeRO-1 under expert parallelism, as `kiln train --ep --zero1` splits the states: the
+    // experts' over the --dp replicas holding them, the other weights' over all ep x dp processes,
+    // so a device keeps less than half of what it keeps unsplit (half: the experts alone split).
+    let moments = |d: &serde_json::Value| d["columns"][0]["per_rank"][0]["moments"].as_u64().unwrap();
+    let (unsplit, split) = (json(&["--ep", "2", "--dp", "2"]), json(&["--ep", "2", "--dp", "2", "--zero1"]));
+    assert!(
+        (moments(&split) as f64) < 0.95 * moments(&unsplit) as f64 / 2.0,
+        "{} against {}",
+        moments(&split),
+        moments(&unsplit)
+    );
     let pp = json(&["--pp", "2", "--schedule", "1f1b"]);
     let ranks = pp["columns"][1]["per_rank"].as_array().unwrap();
     assert_eq!(ranks.len(), 2);
