@@ -461,7 +461,11 @@ type Sending = mpi::datatype::Partition<'static, [f32], Vec<i32>, Vec<i32>>;
 
 /// A non-blocking all-to-all under way (`MPI_Ialltoallv`), owning its buffers: the flagged rows,
 /// packed by destination. The flags themselves went first, in a blocking exchange of one byte per
-/// row (`MPI_Alltoall`), so that each process knows which rows it receives from each other.
+/// row (`MPI_Alltoall`), so that each process knows which rows it receives from each other. That
+/// exchange blocks on purpose: MPI matches the non-blocking collectives of a communicator by the
+/// order they start in, the same on every process, so the rows' exchange cannot start later, when
+/// a test happens to find the flags in (tests fall at different times on different processes;
+/// tried, it mismatched the messages).
 struct Exchange {
     req: Option<mpi::request::Request<'static, Parted, StaticScope>>,
     /// `Box::into_raw`s, freed once the request has completed: the partitions, then their buffers.
