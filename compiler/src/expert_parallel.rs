@@ -13,14 +13,14 @@
 //! first = f32(ep.rank) * E_l                        the rank's first expert (E_l = E/ep)
 //! local = f32(idx) - first                          the slot's expert, counted from it
 //! mask  = clamp(local + 1, 0, 1) * clamp(E_l - local, 0, 1)    1 for the rank's experts, else 0
-//! y_r   = moe_experts(x, w * mask, i32(clamp(local, 0, E_l - 1)), the rank's E_l experts)
+//! id    = mask ? clamp(local, 0, E_l - 1) : E_l     E_l: no expert here
+//! y_r   = moe_experts(x, w * mask, i32(id), the rank's E_l experts)
 //! y     = all_reduce(f32(y_r)) over `ep`            the sum of every rank's part, on every rank
 //! ```
 //!
-//! so a slot routed to another rank's expert adds nothing here (its weight is 0) and its share
-//! comes from that rank. The masked slots still run through the clamped expert, whose weights are
-//! read anyway: a decode step reads the weights of the rank's selected experts once each, as the
-//! whole model's decode reads them once, and computes at most `ep` times the rows it needs.
+//! so a slot routed to another rank's expert adds nothing here (`moe_experts` skips index `E_l`,
+//! and its weight is 0 besides) and its share comes from that rank: each rank computes its own
+//! slots alone, and reads the weights of its selected experts once each.
 //! Tokens are not moved between ranks (every rank has them all): this is the decode-time form of
 //! expert parallelism, for a model whose experts do not fit one process, not the all-to-all
 //! dispatch of training.
@@ -94,7 +94,8 @@ pub enum SplitError {
 pub fn split(graph: &Graph, ep: u64) -> Result<Option<(Graph, u64)>, SplitError> {
     each_moe(graph, ep, |b, rank, node, local| {
         let (x, w, idx) = (node.inputs[0], node.inputs[1], node.inputs[2]);
-        let (w_local, idx_local) = local_slots(b, rank, w, idx, local)?;
+        let index_dtype = b.g.ty(idx).dtype;
+        let (w_local, idx_local) = local_slots(b, rank, w, idx, local, index_dtype)?;
         let mut inputs = vec![x, w_local, idx_local];
         // Rank 0's experts, which rank `r` binds to its own (`rank_param`).
         inputs.extend_from_slice(&node.inputs[3..3 + (3 * local) as usize]);
@@ -175,14 +176,17 @@ pub fn is_routed_expert(name: &str) -> bool {
 /// ```text
 /// keep[q]  = max_k (idx[.., k] is one of rank q's experts)      [ep, N..]: where each token goes
 /// came     = all_to_all(keep)                                  [ep, N..]: which tokens of rank q came here
-/// X, W, I  = all_to_all(broadcast(x ‖ w ‖ f32(idx)), keep)      [ep, N.., D + 2k]: the dispatch
-/// P        = moe_experts(X, W * mask, clamp(I - first), the rank's experts)     as in `split`
+/// X, W, I  = all_to_all(broadcast(x ‖ w ‖ f32(idx) + 1), keep)  [ep, N.., D + 2k]: the dispatch
+/// P        = moe_experts(X, W * mask, I - 1 - first or E_l, the rank's experts)   as in `split`
 /// y        = sum_q all_to_all(P, came)[q]                        the combine, in rank order
 /// ```
 ///
 /// Shapes are static, so a rank's arrays hold a row for every token of every rank (`ep` times its
 /// own), but only the flagged rows travel (the runtime's `MPI_Alltoallv` sends those alone) and a
-/// row that did not come is zeros, whose routing weights are zero: it adds nothing. A token
+/// row that did not come is zeros: its ids travel plus one, so it reads as ids -1, no expert of
+/// any rank's, and its routing weights are zero. The expert GEMMs (through `plan-moe-dispatch`'s
+/// dispatch, which sorts the slots of no expert after the rest) compute the slots routed to the
+/// rank alone; the activations still take `ep` times a rank's rows. A token
 /// reaches at most `min(top_k, ep)` ranks, fewer under the router's group limit when a rank holds
 /// whole groups (DeepSeek's node limit: the report's M = 4 nodes of 8 groups). The result equals
 /// the one-process layer to rounding (the ranks' parts are added in rank order, not slot by
@@ -232,8 +236,10 @@ pub fn split_tokens(graph: &Graph, ep: u64) -> Result<Option<(Graph, u64)>, Spli
         }
         let keep = b.node(Op::Concat { axis: 0 }, &flags)?;
         let came = b.node(a2a(), &[keep])?;
-        // The dispatch: the token, its routing weights and its expert ids in one row.
-        let parts = [as_f32(b, x)?, as_f32(b, w)?, idx_f];
+        // The dispatch: the token, its routing weights and its expert ids plus one in one row
+        // (a row that does not come reads as zeros: ids -1, no expert's).
+        let idx_1 = b.bin(BinaryOp::Add, idx_f, one)?;
+        let parts = [as_f32(b, x)?, as_f32(b, w)?, idx_1];
         let row = b.node(Op::Concat { axis: x_ty.rank() - 1 }, &parts)?;
         let width = b.g.ty(row).shape[x_ty.rank() - 1];
         let all = b.node(Op::Broadcast { shape: stacked(Some(width)) }, &[row])?;
@@ -252,8 +258,10 @@ pub fn split_tokens(graph: &Graph, ep: u64) -> Result<Option<(Graph, u64)>, Spli
         };
         let xs = back(b, xwi[0], x_ty.dtype)?;
         let ws = back(b, xwi[1], w_ty.dtype)?;
-        let is = back(b, xwi[2], idx_ty.dtype)?;
-        let (w_local, idx_local) = local_slots(b, rank, ws, is, local)?;
+        // Back to integers (which also keeps the ids out of the gradient).
+        let is = b.bin(BinaryOp::Sub, xwi[2], one)?;
+        let is = back(b, is, idx_ty.dtype)?;
+        let (w_local, idx_local) = local_slots(b, rank, ws, is, local, idx_ty.dtype)?;
         let mut inputs = vec![xs, w_local, idx_local];
         inputs.extend_from_slice(&experts[..(3 * local) as usize]);
         let y_ty = b.g.ty(node.results[0]).clone();
@@ -293,17 +301,22 @@ fn check_share(
     Ok(local)
 }
 
-/// The routing weights and expert ids of the rank's own experts: a slot routed to another rank's
-/// expert gets weight 0 and an id clamped into the rank's range (see [`split`]).
+/// The routing weights and expert ids (`index_dtype`, from ids of any dtype) of the rank's own
+/// experts: a slot routed to another rank's expert gets weight 0 and the id `local`, which
+/// `moe_experts` (and the dispatch it is planned into) reads as no expert, so it is not computed
+/// (see [`split`]).
 fn local_slots(
     b: &mut Builder,
     rank: ValueId,
     w: ValueId,
     idx: ValueId,
     local: u64,
+    index_dtype: DType,
 ) -> Result<(ValueId, ValueId), SplitError> {
-    let index_dtype = b.g.ty(idx).dtype;
-    let idx_f = b.node(Op::Cast { to: DType::F32 }, &[idx])?;
+    let idx_f = match b.g.ty(idx).dtype {
+        DType::F32 => idx,
+        _ => b.node(Op::Cast { to: DType::F32 }, &[idx])?,
+    };
     let count = b.c(local as f64)?;
     let first = b.bin(BinaryOp::Mul, rank, count)?;
     let slot = b.bin(BinaryOp::Sub, idx_f, first)?;
@@ -316,16 +329,23 @@ fn local_slots(
     let above = clamp01(b, above)?;
     let below = b.bin(BinaryOp::Sub, count, slot)?;
     let below = clamp01(b, below)?;
-    let mut mask = b.bin(BinaryOp::Mul, above, below)?;
+    let mask = b.bin(BinaryOp::Mul, above, below)?;
     let w_dtype = b.g.ty(w).dtype;
-    if w_dtype != DType::F32 {
-        mask = b.node(Op::Cast { to: w_dtype }, &[mask])?;
-    }
-    let w_local = b.bin(BinaryOp::Mul, w, mask)?;
+    let w_mask = match w_dtype {
+        DType::F32 => mask,
+        _ => b.node(Op::Cast { to: w_dtype }, &[mask])?,
+    };
+    let w_local = b.bin(BinaryOp::Mul, w, w_mask)?;
+    // The slot's local expert, or `local` (no expert here) for another rank's:
+    // `clamped + (local - clamped) * (1 - mask)`, exact in f32 for these small integers.
     let last = b.c((local - 1) as f64)?;
     let clamped = b.bin(BinaryOp::Max, slot, zero)?;
     let clamped = b.bin(BinaryOp::Min, clamped, last)?;
-    let idx_local = b.node(Op::Cast { to: index_dtype }, &[clamped])?;
+    let elsewhere = b.bin(BinaryOp::Sub, one, mask)?;
+    let gap = b.bin(BinaryOp::Sub, count, clamped)?;
+    let gap = b.bin(BinaryOp::Mul, gap, elsewhere)?;
+    let id = b.bin(BinaryOp::Add, clamped, gap)?;
+    let idx_local = b.node(Op::Cast { to: index_dtype }, &[id])?;
     Ok((w_local, idx_local))
 }
 

@@ -328,15 +328,20 @@ pub enum Op {
     MoeRoute(Router),
     /// Routed experts evaluated token by token: operands `x[N..., D]`, `weights[N..., K]`,
     /// `indices[N..., K]`, then for each expert `e` its `gate[I, D]`, `up[I, D]` and `down[D, I]`
-    /// weights; result `sum_k weights[k] * down(silu(gate x) * up x)` per token.
+    /// weights; result `sum_k weights[k] * down(silu(gate x) * up x)` per token. An index equal to
+    /// `num_experts` marks a slot with no expert here (an expert-parallel rank's slot routed to
+    /// another rank): it adds nothing and costs nothing.
     MoeExperts {
         num_experts: u64,
     },
     /// Token permutation by expert: operands `x[N, D]`, `indices[N, K]`; results the rows sorted by
     /// expert `x_sorted[K*N, D]`, `offsets[E + 1]` (i32) and the source slot of each row `perm[K*N]`.
+    /// A slot whose index is `E` has no expert here: its rows come after every expert's, from
+    /// `offsets[E]` to the end, where `grouped_linear` gives zeros without computing them.
     MoeDispatch(Dispatch),
     /// One linear per expert over its contiguous rows: operands `x_sorted[M, K]`, `offsets[E + 1]`,
-    /// then `w_e[N, K]` for each expert -> `[M, N]`.
+    /// then `w_e[N, K]` for each expert -> `[M, N]`. Rows from `offsets[E]` to `M` belong to no
+    /// expert and are zeros.
     GroupedLinear {
         num_experts: u64,
     },

@@ -315,6 +315,27 @@ pub fn if_then<C: AsMut<Body>>(cx: &mut C, cond: &Value, body: impl FnOnce(&mut 
     b.line("}");
 }
 
+/// `scf.if cond { then } else { other }` without results.
+pub fn if_then_else<C: AsMut<Body>>(
+    cx: &mut C,
+    cond: &Value,
+    then: impl FnOnce(&mut C),
+    other: impl FnOnce(&mut C),
+) {
+    let b = cx.as_mut();
+    b.line(format_args!("scf.if {cond} {{"));
+    b.depth += 1;
+    then(cx);
+    let b = cx.as_mut();
+    b.depth -= 1;
+    b.line("} else {");
+    b.depth += 1;
+    other(cx);
+    let b = cx.as_mut();
+    b.depth -= 1;
+    b.line("}");
+}
+
 /// `scf.if cond -> (ty) { then } else { other }`, each branch returning its value.
 pub fn if_else<C: AsMut<Body>>(
     cx: &mut C,

@@ -33,7 +33,7 @@ use kiln_ir::{DType, Dim};
 
 use super::elementwise::broadcast_index;
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, index_switch_tree, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, if_then_else, index_switch_tree, Value};
 
 /// Rows of `x` per CPU register block.
 pub const MR: usize = 4;
@@ -365,7 +365,7 @@ pub(super) fn grouped_with(
         let views = views_of(f, &e);
         col_body(f, m, &valid, &views);
     };
-    let element = |f: &mut Frame, xr: &InputRow, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
+    let element_dots = |f: &mut Frame, xr: &InputRow, at: &Value, col: &Value, views: &[Value]| {
         let wstart = f.b.muli(col, &k);
         let reads = weight_reads(f, weights, views, col, &k);
         let fzero = f.b.f32(0.0);
@@ -421,10 +421,18 @@ pub(super) fn grouped_with(
                 })
                 .collect()
         });
-        let ys: Vec<Value> = dots.iter().map(|d| f.select(valid, d, &fzero, "f32")).collect();
+        store(f, at, &dots);
+    };
+    // One output element: its dot products when an expert holds row `m`, zeros (without reading
+    // anything) for a row of no expert.
+    let element = |f: &mut Frame, xr: &InputRow, m: &Value, col: &Value, valid: &Value, views: &[Value]| {
         let mn = f.b.muli(m, &n);
         let at = f.b.addi(&mn, col);
-        store(f, &at, &ys);
+        let zeros = |f: &mut Frame| {
+            let fzero = f.b.f32(0.0);
+            store(f, &at, &vec![fzero; weights.len()]);
+        };
+        if_then_else(f, valid, |f| element_dots(f, xr, &at, col, views), zeros);
     };
     Ok(match f.target {
         Target::Cpu => {
@@ -485,10 +493,28 @@ pub(super) fn grouped_with(
                             grouped_block(f, &xrows, m0, &[(col.clone(), reads)], (&n, &k), store);
                         });
                     });
-                    for_loop(f, &blocked, &to, &one, |f, m| {
-                        let xr = InputRow::rows(f, x, m, 1, &k, kn).remove(0);
-                        for_loop(f, &zero, &n, &one, |f, col| element(f, &xr, m, col, &valid, &views));
-                    });
+                    // The last rows, or the rows of no expert: zeros, read from nothing.
+                    let tail = |f: &mut Frame| {
+                        for_loop(f, &blocked, &to, &one, |f, m| {
+                            let xr = InputRow::rows(f, x, m, 1, &k, kn).remove(0);
+                            for_loop(f, &zero, &n, &one, |f, col| {
+                                let mn = f.b.muli(m, &n);
+                                let at = f.b.addi(&mn, col);
+                                element_dots(f, &xr, &at, col, &views)
+                            });
+                        });
+                    };
+                    let none = |f: &mut Frame| {
+                        for_loop(f, &blocked, &to, &one, |f, m| {
+                            for_loop(f, &zero, &n, &one, |f, col| {
+                                let mn = f.b.muli(m, &n);
+                                let at = f.b.addi(&mn, col);
+                                let fzero = f.b.f32(0.0);
+                                store(f, &at, &vec![fzero; weights.len()]);
+                            });
+                        });
+                    };
+                    if_then_else(f, &valid, tail, none);
                 });
             });
             LaunchShape::Cpu { work: m_dim }

@@ -29,7 +29,8 @@
 //! **`moe_dispatch`** is a stable counting sort of the `N*K` slots by expert (so rows are ordered by
 //! expert, token, slot, as the interpreter's), done sequentially: the CPU kernel has a single work
 //! item and the GPU kernel a single block: thread 0 sorts, then, after a barrier, the whole block
-//! copies the rows. Expert indices outside `0..E` are clamped into range. The group limit (`num_groups`,
+//! copies the rows. A slot of no expert (index `E`; the kernel reads any index outside `0..E` so)
+//! goes after every expert's rows, past `offsets[E]`. The group limit (`num_groups`,
 //! `topk_groups`) is the router's promise; the interpreter checks it, the kernel relies on nothing.
 //! **`grouped_linear`**: output element `(m, n)` is row `m` of `x` times row `n` of the weight of the
 //! expert whose offsets range holds `m` (found by counting offsets, then a switch); rows past
@@ -51,7 +52,7 @@ use kiln_ir::{DType, Dim, UnaryOp};
 use super::elementwise::each_element;
 use super::matmul::vector_float;
 use super::{compute_type, Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::mlir::{for_carry, for_loop, if_then, index_switch, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_then, if_then_else, index_switch, Value};
 
 const NEG_INF: &str = "0xFF800000";
 /// Threads per block of the single-block and per-element GPU kernels.
@@ -518,9 +519,11 @@ pub(super) fn dispatch(f: &mut Frame, plan: &Dispatch) -> Result<LaunchShape, Lo
     let kv = f.b.index(plan.top_k as i64);
     let e = plan.num_experts;
     let ev = f.b.index(e as i64);
+    // One cursor per expert and one for the slots of no expert (index `E`, or any index outside
+    // `0..E`), which go after every expert's rows.
     let (cursor, cursor_ty) = match f.target {
-        Target::Cpu => f.scratch("i32", e),
-        Target::Gpu => f.workgroup("cursor", "i32", e),
+        Target::Cpu => f.scratch("i32", e + 1),
+        Target::Gpu => f.workgroup("cursor", "i32", e + 1),
     };
     let cursor = (&cursor, cursor_ty.as_str());
     let (zero, one) = (f.b.index(0), f.b.index(1));
@@ -529,16 +532,21 @@ pub(super) fn dispatch(f: &mut Frame, plan: &Dispatch) -> Result<LaunchShape, Lo
         let izero = f.b.constant("0", "i32");
         let ione = f.b.constant("1", "i32");
         for_loop(f, &zero, &e1, &one, |f, i| f.store(offsets, i, &izero));
+        // The slot's expert, `E` for none (a negative index reads as a huge one).
         let expert_of = |f: &mut Frame, s: &Value| {
             let id = f.load(1, s);
-            f.clamped_index(&id, index_type, &ev)
+            let id = f.int_to_index(&id, index_type);
+            f.b.minui(&id, &ev)
         };
         for_loop(f, &zero, &slots, &one, |f, s| {
             let ex = expert_of(f, s);
-            let at = f.b.addi(&ex, &one);
-            let c = f.load(offsets, &at);
-            let c = f.b.op("n", format_args!("arith.addi {c}, {ione} : i32"));
-            f.store(offsets, &at, &c);
+            let real = f.cmp("ult", &ex, &ev, "index");
+            if_then(f, &real, |f| {
+                let at = f.b.addi(&ex, &one);
+                let c = f.load(offsets, &at);
+                let c = f.b.op("n", format_args!("arith.addi {c}, {ione} : i32"));
+                f.store(offsets, &at, &c);
+            });
         });
         for_loop(f, &zero, &ev, &one, |f, ex| {
             let at = f.b.addi(ex, &one);
@@ -548,6 +556,8 @@ pub(super) fn dispatch(f: &mut Frame, plan: &Dispatch) -> Result<LaunchShape, Lo
             f.store(offsets, &at, &end);
             put(f, cursor, ex, &start);
         });
+        let none_start = f.load(offsets, &ev);
+        put(f, cursor, &ev, &none_start);
         for_loop(f, &zero, &slots, &one, |f, s| {
             let ex = expert_of(f, s);
             let row = get(f, cursor, &ex);
@@ -644,23 +654,30 @@ pub(super) fn grouped_linear(f: &mut Frame, num_experts: u64) -> Result<LaunchSh
         let (w, _) = pick_buffers(f, &e, e_count, (2, 1, 1), &|_| 0);
         (valid, w.into_iter().next().expect("one buffer"))
     };
+    // A row of no expert is zeros, computed from nothing.
     let element = |f: &mut Frame, m: &Value, col: &Value, valid: &Value, w: &Value| {
-        let xb = f.b.muli(m, &kd);
-        let wb = f.b.muli(col, &kd);
-        let fzero = f.b.f32(0.0);
-        // Scalar loads and FMAs along K (FP8 weights on the CPU, every dtype on the GPU).
-        let dot = for_carry(f, &zero, &kd, &one, &[(fzero.clone(), "f32")], |f, i, acc| {
-            let xi = f.b.addi(&xb, i);
-            let xv = f.load(0, &xi);
-            let wi = f.b.addi(&wb, i);
-            let wv = f.load_view(w, &elem_view, dtype, &wi);
-            vec![f.fma(&xv, &wv, &acc[0])]
-        })
-        .remove(0);
-        let v = f.select(valid, &dot, &fzero, "f32");
         let mn = f.b.muli(m, &n);
         let at = f.b.addi(&mn, col);
-        f.store(out, &at, &v);
+        let dot = |f: &mut Frame| {
+            let xb = f.b.muli(m, &kd);
+            let wb = f.b.muli(col, &kd);
+            let fzero = f.b.f32(0.0);
+            // Scalar loads and FMAs along K (FP8 weights on the CPU, every dtype on the GPU).
+            let dot = for_carry(f, &zero, &kd, &one, &[(fzero, "f32")], |f, i, acc| {
+                let xi = f.b.addi(&xb, i);
+                let xv = f.load(0, &xi);
+                let wi = f.b.addi(&wb, i);
+                let wv = f.load_view(w, &elem_view, dtype, &wi);
+                vec![f.fma(&xv, &wv, &acc[0])]
+            })
+            .remove(0);
+            f.store(out, &at, &dot);
+        };
+        let zero_out = |f: &mut Frame| {
+            let fzero = f.b.f32(0.0);
+            f.store(out, &at, &fzero);
+        };
+        if_then_else(f, valid, dot, zero_out);
     };
     Ok(match f.target {
         Target::Cpu => {

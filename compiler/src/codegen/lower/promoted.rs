@@ -19,7 +19,7 @@ use kiln_ir::{DType, Dim, GemmForm};
 use super::grad::clamped_bound;
 use super::moe::{expert_of_row, pick_buffers};
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
-use crate::codegen::mlir::{for_carry, for_loop, if_then, Value};
+use crate::codegen::mlir::{for_carry, for_loop, if_then, if_then_else, Value};
 
 const BLOCK: i64 = 128;
 
@@ -165,7 +165,7 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
         let (w, _) = pick_buffers(f, &e, e_count as usize, (2, 1, 1), &|_| 0);
         (w.into_iter().next().expect("one buffer"), Some(valid))
     };
-    let element = |f: &mut Frame, m: &Value, col: &Value, w: &Value, valid: &Option<Value>| {
+    let element_dot = |f: &mut Frame, m: &Value, col: &Value, w: &Value, at: &Value| {
         let xb = f.b.muli(m, &kd);
         let wb = f.b.muli(col, &kd);
         let ev = elem_view.clone();
@@ -175,19 +175,10 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
             let wi = f.b.addi(&wb, i);
             (xv, f.load_view(w, &ev, wtype, &wi))
         });
-        let v = match valid {
-            Some(valid) => {
-                let fzero = f.b.f32(0.0);
-                f.select(valid, &dot, &fzero, "f32")
-            }
-            None => dot,
-        };
-        let mn = f.b.muli(m, &n);
-        let at = f.b.addi(&mn, col);
-        f.store(out, &at, &v);
+        f.store(out, at, &dot);
     };
     // Eight columns at once on the CPU (a lane each, summed as one column alone), then the rest.
-    let element8 = |f: &mut Frame, m: &Value, col: &Value, w: &Value, valid: &Option<Value>| {
+    let element8_dot = |f: &mut Frame, m: &Value, col: &Value, w: &Value, at: &Value| {
         let xb = f.b.muli(m, &kd);
         let wb = f.b.muli(col, &kd);
         let ev = elem_view.clone();
@@ -205,17 +196,35 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
                 .collect();
             (xv, ws)
         });
-        let v = match valid {
-            Some(valid) => {
-                let vzero = f.b.constant("dense<0.0>", "vector<8xf32>");
-                f.b.op("s", format_args!("arith.select {valid}, {dot}, {vzero} : vector<8xf32>"))
-            }
-            None => dot,
+        let (view, memref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
+        f.b.line(format_args!("vector.store {dot}, {view}[{at}] : {memref}, vector<8xf32>"));
+    };
+    // A row of no expert (`valid` false) is zeros, computed from nothing.
+    let unless_none =
+        |f: &mut Frame, valid: &Option<Value>, at: &Value, lanes: u32, body: &dyn Fn(&mut Frame)| {
+            let Some(valid) = valid else { return body(f) };
+            if_then_else(f, valid, body, |f| {
+                let (view, memref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
+                if lanes == 1 {
+                    let fzero = f.b.f32(0.0);
+                    f.store(out, at, &fzero);
+                } else {
+                    let vzero = f.b.constant("dense<0.0>", &format!("vector<{lanes}xf32>"));
+                    f.b.line(format_args!(
+                        "vector.store {vzero}, {view}[{at}] : {memref}, vector<{lanes}xf32>"
+                    ));
+                }
+            });
         };
+    let element = |f: &mut Frame, m: &Value, col: &Value, w: &Value, valid: &Option<Value>| {
         let mn = f.b.muli(m, &n);
         let at = f.b.addi(&mn, col);
-        let (view, memref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
-        f.b.line(format_args!("vector.store {v}, {view}[{at}] : {memref}, vector<8xf32>"));
+        unless_none(f, valid, &at, 1, &|f| element_dot(f, m, col, w, &at));
+    };
+    let element8 = |f: &mut Frame, m: &Value, col: &Value, w: &Value, valid: &Option<Value>| {
+        let mn = f.b.muli(m, &n);
+        let at = f.b.addi(&mn, col);
+        unless_none(f, valid, &at, 8, &|f| element8_dot(f, m, col, w, &at));
     };
     let f32_out = f.bufs[out].ty.dtype == DType::F32;
     Ok(match f.target {

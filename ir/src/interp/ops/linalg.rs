@@ -63,14 +63,17 @@ pub(super) fn matmul(a: &Tensor, b: &Tensor, out: &TensorType) -> OpResult {
 }
 
 /// Checks an `offsets[E + 1]` table against `rows` rows: it starts at 0, never decreases and ends
-/// at `rows`, so every row belongs to exactly one expert. Returns the offsets as `usize`.
+/// at most at `rows`, so every row belongs to at most one expert (the rows after `offsets[E]` to
+/// none: the slots a dispatch found no expert for). Returns the offsets as `usize`.
 pub(crate) fn check_offsets(offsets: &Tensor, rows: usize) -> Result<Vec<usize>, String> {
     let off = ints(offsets, "offsets")?;
     let bad = off.first() != Some(&0)
         || off.windows(2).any(|w| w[0] > w[1])
-        || off.last().map(|&l| l as u64) != Some(rows as u64);
+        || off.last().is_none_or(|&l| l as u64 > rows as u64);
     if bad {
-        return Err(format!("offsets {off:?} must start at 0, never decrease and end at the {rows} rows"));
+        return Err(format!(
+            "offsets {off:?} must start at 0, never decrease and end at most at the {rows} rows"
+        ));
     }
     Ok(off.iter().map(|&o| o as usize).collect())
 }

@@ -31,6 +31,11 @@
 //! experts of one rank are contiguous), so the interpreter ignores it. The group limit
 //! (`num_groups`, `topk_groups`) is a promise the router made and the dispatch plan's buffers rely
 //! on; the interpreter checks it and reports a token whose experts span more groups.
+//!
+//! Index `E` (one past the last expert) marks a slot with no expert in this operation: an
+//! expert-parallel rank's slot routed to another rank's expert. [`experts`] skips it, and
+//! [`dispatch`] sorts it after every expert's rows (from `offsets[E]` on), which `grouped_linear`
+//! leaves at zero; it takes no part in the group limit. Any other index outside `0..E` is an error.
 
 use crate::op::{Dispatch, GroupScore, Router, Scoring};
 use crate::types::{DType, TensorType};
@@ -128,11 +133,11 @@ pub(super) fn experts(x: &Tensor, weights: &Tensor, indices: &Tensor, params: &[
         let xrow = &xs[t * d..(t + 1) * d];
         let mut slots = Vec::with_capacity(k);
         for s in 0..k {
-            slots.push((index(ids[t * k + s], num_experts, "expert index")?, s));
+            slots.push((slot_expert(ids[t * k + s], num_experts)?, s));
         }
         slots.sort();
         acc.fill(0.0);
-        for (e, s) in slots {
+        for (e, s) in slots.into_iter().filter(|&(e, _)| e < num_experts) {
             let (gate, up, down) = (
                 floats(params[3 * e], "gate")?,
                 floats(params[3 * e + 1], "up")?,
@@ -163,12 +168,12 @@ pub(super) fn dispatch(x: &Tensor, indices: &Tensor, plan: &Dispatch, outs: &[Te
     let xd = x.dims();
     let (n, d) = (xd[0], xd[1]);
     let k = indices.dims()[1];
-    let experts: Vec<usize> =
-        ids.iter().map(|&i| index(i, num_experts, "expert index")).collect::<Result<_, _>>()?;
+    let experts: Vec<usize> = ids.iter().map(|&i| slot_expert(i, num_experts)).collect::<Result<_, _>>()?;
     if plan.num_groups > 1 {
         let group_size = num_experts / plan.num_groups as usize;
         for (t, slots) in experts.chunks_exact(k.max(1)).enumerate() {
-            let mut groups: Vec<usize> = slots.iter().map(|&e| e / group_size).collect();
+            let mut groups: Vec<usize> =
+                slots.iter().filter(|&&e| e < num_experts).map(|&e| e / group_size).collect();
             groups.sort_unstable();
             groups.dedup();
             if groups.len() as u64 > plan.topk_groups {
@@ -180,11 +185,12 @@ pub(super) fn dispatch(x: &Tensor, indices: &Tensor, plan: &Dispatch, outs: &[Te
             }
         }
     }
-    // Slots are numbered token-major, so a stable sort by expert orders by (expert, token, slot).
+    // Slots are numbered token-major, so a stable sort by expert orders by (expert, token, slot);
+    // the slots of no expert (index E) come last.
     let mut order: Vec<usize> = (0..n * k).collect();
     order.sort_by_key(|&s| experts[s]);
     let mut offsets = vec![0i64; num_experts + 1];
-    for &e in &experts {
+    for &e in experts.iter().filter(|&&e| e < num_experts) {
         offsets[e + 1] += 1;
     }
     for e in 0..num_experts {
@@ -196,6 +202,11 @@ pub(super) fn dispatch(x: &Tensor, indices: &Tensor, plan: &Dispatch, outs: &[Te
         Tensor::int(DType::I32, dims(&outs[1]), offsets),
         Tensor::int(DType::I32, dims(&outs[2]), order.iter().map(|&s| s as i64).collect()),
     ])
+}
+
+/// A slot's expert: `0..E`, or `E` for a slot with no expert here; anything else is an error.
+fn slot_expert(i: i64, num_experts: usize) -> Result<usize, String> {
+    index(i, num_experts + 1, "expert index")
 }
 
 /// `out[token] = sum over its slots of weights[token, slot] * y[row of the slot]`, in row order

@@ -354,7 +354,7 @@ fn grouped_linear_wgrad_by_hand() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "%3 = grouped_linear_wgrad: offsets [0, 2, 1, 3] must start at 0, never decrease and end at the 3 rows"
+        "%3 = grouped_linear_wgrad: offsets [0, 2, 1, 3] must start at 0, never decrease and end at most at the 3 rows"
     );
 }
 

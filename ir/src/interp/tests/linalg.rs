@@ -80,6 +80,6 @@ fn grouped_linear_uses_each_experts_weight_for_its_rows() {
     let err = run_kir(src, vec![("x", x), ("offsets", i32s(&[3], &[0, 3, 2]))], params()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "%4 = grouped_linear: offsets [0, 3, 2] must start at 0, never decrease and end at the 4 rows"
+        "%4 = grouped_linear: offsets [0, 3, 2] must start at 0, never decrease and end at most at the 4 rows"
     );
 }

@@ -212,8 +212,39 @@ fn dispatch_sorts_slots_by_expert() {
     assert_eq!(out["perm"].as_i64().unwrap(), [1, 2, 0, 5, 3, 4]);
     assert_eq!(out["offsets"].as_i64().unwrap(), [0, 2, 4, 6]);
     assert_eq!(vals(&out["rows"]), [10.0, 11.0, 10.0, 12.0, 11.0, 12.0]);
-    let err = run_kir(src, vec![("x", x), ("idx", i32s(&[3, 2], &[1, 0, 0, 3, 2, 1]))], vec![]).unwrap_err();
-    assert_eq!(err.to_string(), "%2 = moe_dispatch: expert index 3 is out of range 0..3");
+    // Index 3 (= E) is no expert: its slots (3 and 0) go last, past offsets[3], in slot order.
+    let none = i32s(&[3, 2], &[3, 0, 0, 3, 2, 1]);
+    let out = run_kir(src, vec![("x", x.clone()), ("idx", none)], vec![]).unwrap();
+    assert_eq!(out["perm"].as_i64().unwrap(), [1, 2, 5, 4, 0, 3]);
+    assert_eq!(out["offsets"].as_i64().unwrap(), [0, 2, 3, 4]);
+    assert_eq!(vals(&out["rows"]), [10.0, 11.0, 12.0, 12.0, 10.0, 11.0]);
+    let err = run_kir(src, vec![("x", x), ("idx", i32s(&[3, 2], &[1, 0, 0, 4, 2, 1]))], vec![]).unwrap_err();
+    assert_eq!(err.to_string(), "%2 = moe_dispatch: expert index 4 is out of range 0..4");
+}
+
+#[test]
+fn slots_of_no_expert_add_nothing() {
+    // Some slots carry index E (an expert-parallel rank's slot of another rank's expert): both
+    // forms skip them, and agree with the experts of the other slots alone.
+    let (n, d, e, k, inter) = (6, 8, 4, 3, 5);
+    let mut rng = Rng(7);
+    let (mut inputs, params) = moe_data(&mut rng, DType::F32, n, d, e, k, inter);
+    let idx = inputs[2].1.as_i64().unwrap().to_vec();
+    let w = vals(&inputs[1].1);
+    let none: Vec<i64> =
+        idx.iter().enumerate().map(|(s, &i)| if s % 3 == 1 { e as i64 } else { i }).collect();
+    let kept: Vec<f32> = w.iter().enumerate().map(|(s, &v)| if s % 3 == 1 { 0.0 } else { v }).collect();
+    inputs[2].1 = i32s(&[n as u64, k as u64], &none);
+    let params: Vec<(&str, Tensor)> = params.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let out = run_kir(&moe_src("f32", n, d, e, k, inter), inputs.clone(), params.clone()).unwrap();
+    assert_eq!(vals(&out["experts"]), vals(&out["combined"]));
+    let offsets = out["offsets"].as_i64().unwrap();
+    assert_eq!(offsets[e], (n * k - n) as i64, "one slot of each token has no expert");
+    // The same tokens with those slots at their own experts and weight 0.
+    inputs[1].1 = f32s(&[n as u64, k as u64], &kept);
+    inputs[2].1 = i32s(&[n as u64, k as u64], &idx);
+    let zeroed = run_kir(&moe_src("f32", n, d, e, k, inter), inputs, params).unwrap();
+    assert_close(&vals(&out["experts"]), &vals(&zeroed["experts"]), 1e-6);
 }
 
 #[test]
