@@ -87,17 +87,19 @@ impl Frame<'_> {
             f.b.op("b", format_args!("arith.{op} {a}, {b} : {VI}"))
         };
         let code = self.b.op("q", format_args!("arith.extsi {x} : vector<16xi8> to {VI}"));
-        // 0xBF80 and 0xFE00 as i16.
-        let (c7, keep, mag_mask) = (c(self, 7), c(self, 0xBF80 - 0x1_0000), c(self, 0x3F80));
+        // 0xBF80 as i16.
+        let (c7, keep) = (c(self, 7), c(self, 0xBF80 - 0x1_0000));
         let shifted = bin(self, "shli", &code, &c7);
         let bits = bin(self, "andi", &shifted, &keep);
-        // A NaN code (magnitude 0x7F) becomes the f16 quiet NaN with its sign, 0x7E00, which the
-        // widening keeps (`f8_decode`'s f32 quiet NaN).
-        let mag = bin(self, "andi", &bits, &mag_mask);
-        let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {mag_mask} : {VI}"));
-        let (qnan, sign_qnan) = (c(self, 0x7E00), c(self, 0xFE00 - 0x1_0000));
+        // A NaN code (magnitude 0x7F, found on the bytes) gets the f16 exponent of all ones over its
+        // nonzero mantissa: an f16 quiet NaN with its sign, which the widening keeps (a quiet NaN,
+        // as `f8_decode`'s, with another payload). Two byte operations and a masked `or`, where
+        // the 16-bit test took four and a blend.
+        let b7f = self.b.constant("dense<127>", "vector<16xi8>");
+        let mag = self.b.op("b", format_args!("arith.andi {x}, {b7f} : vector<16xi8>"));
+        let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {b7f} : vector<16xi8>"));
+        let qnan = c(self, 0x7E00);
         let nan = bin(self, "ori", &bits, &qnan);
-        let nan = bin(self, "andi", &nan, &sign_qnan);
         let bits = self.b.op("s", format_args!("arith.select {is_nan}, {nan}, {bits} : vector<16xi1>, {VI}"));
         let half = self.b.op("q", format_args!("arith.bitcast {bits} : {VI} to vector<16xf16>"));
         self.b.op("q", format_args!("arith.extf {half} : vector<16xf16> to {VF}"))
