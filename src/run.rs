@@ -380,8 +380,8 @@ fn expert_parallel(art: &mut Artifact, req: &Request) -> Result<Option<u64>> {
     }
     if req.expert_load {
         bail!(
-            "--expert-load with --ep: a rank's dispatch also counts the slots routed to other ranks (on one of \
-             its own experts, with weight 0); run without --ep to see the load"
+            "--expert-load with --ep: each rank counts its own experts' slots alone, and gathering the ranks' \
+             counts into one load is not built yet; run without --ep to see the load"
         );
     }
     let (rank, size) = (d.dp_rank() as u64, d.dp_size() as u64);
