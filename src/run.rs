@@ -46,6 +46,7 @@ use kiln_runtime::reference::Reference;
 use kiln_runtime::weights::{self, HostTensor, Param, ParamDecl, WeightError};
 use kiln_runtime::RuntimeError;
 
+use crate::dist::Dist;
 use crate::tokenize::{self, TextStream, TextTokenizer};
 
 /// Where the parameters come from.
@@ -344,7 +345,7 @@ pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
     if req.device == Device::Cuda {
         let mut model = GpuModel::load(&art, params, &GpuOptions::default())?;
         let device = format!("CUDA device 0, {}", model.device_name());
-        let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, sink)?;
+        let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, None, sink)?;
         return finish(report, sink);
     }
     let mut model = CpuModel::load(&art, params, &cpu_options(req.threads))?;
@@ -359,8 +360,34 @@ pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
         })?;
         device += &format!(", expert-parallel rank {rank} of {} (MPI)", d.dp_size());
     }
-    let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, sink)?;
+    let ranks = req.ep.filter(|_| ep_rank.is_some());
+    let report = run_compiled(&mut model, &device, declared, name, eos, &prompt, req, ranks, sink)?;
     finish(report, sink)
+}
+
+/// Every expert-parallel rank's expert load put together: rank `r` counted the rows of its own
+/// experts (`r·E/N ..`; its slots of the others' have no expert there and are not counted), so each
+/// layer's counts are the ranks' laid end to end in rank order. Every rank calls it (a collective).
+/// A count travels as two f32 halves of 24 bits, which f32 holds exactly.
+fn gather_expert_load(d: &Dist, layers: &[LayerLoad]) -> Result<Vec<LayerLoad>> {
+    const HALF: u64 = 1 << 24;
+    let mine: Vec<f32> = layers
+        .iter()
+        .flat_map(|l| l.counts.iter())
+        .flat_map(|&c| [(c / HALF) as f32, (c % HALF) as f32])
+        .collect();
+    let all = d.gather(&mine)?;
+    let (per_rank, ranks) = (mine.len() / 2, all.len() / mine.len().max(1));
+    let count = |i: usize| all[2 * i] as u64 * HALF + all[2 * i + 1] as u64;
+    let mut out = Vec::with_capacity(layers.len());
+    let mut first = 0;
+    for l in layers {
+        let n = l.counts.len();
+        let counts = (0..ranks).flat_map(|r| (0..n).map(move |e| r * per_rank + first + e)).map(count);
+        out.push(LayerLoad { counts: counts.collect(), ..l.clone() });
+        first += n;
+    }
+    Ok(out)
 }
 
 /// Narrows the artifact to the programs this process runs: without `--ep`, the whole programs
@@ -377,12 +404,6 @@ fn expert_parallel(art: &mut Artifact, req: &Request) -> Result<Option<u64>> {
     };
     if req.interp || req.device == Device::Cuda {
         bail!("--ep runs the compiled CPU programs in each process; leave out --interp and --device cuda");
-    }
-    if req.expert_load {
-        bail!(
-            "--expert-load with --ep: each rank counts its own experts' slots alone, and gathering the ranks' \
-             counts into one load is not built yet; run without --ep to see the load"
-        );
     }
     let (rank, size) = (d.dp_rank() as u64, d.dp_size() as u64);
     if !has_copies {
@@ -428,6 +449,7 @@ fn run_compiled<B: Backend>(
     eos: Option<u64>,
     prompt: &Prompt,
     req: &Request,
+    ranks: Option<&Dist>,
     sink: &mut Sink,
 ) -> Result<Report> {
     let (total, mapped) = (model.param_bytes(), model.mapped_param_bytes());
@@ -464,6 +486,10 @@ fn run_compiled<B: Backend>(
     }
     if req.expert_load {
         let layers = model.expert_load();
+        let layers = match ranks {
+            Some(d) => gather_expert_load(d, &layers)?,
+            None => layers,
+        };
         write_expert_load(&layers, sink.log)?;
         let layers = (layers.iter())
             .map(|l| serde_json::json!({"layer": l.label, "top_k": l.top_k, "rows_per_expert": l.counts}))

@@ -594,12 +594,22 @@ fn experts_split_over_two_ranks_decode_as_one_process() {
         Duration::from_secs(120),
     );
     assert!(!r.ok && r.stderr.contains("--ep 3: mpirun started 2 processes"), "{}", r.stderr);
-    let r = mpirun(
-        2,
-        &run(&two, &["--ep", "2", "--expert-load"]).iter().map(String::as_str).collect::<Vec<_>>(),
-        Duration::from_secs(120),
-    );
-    assert!(!r.ok && r.stderr.contains("--expert-load with --ep"), "{}", r.stderr);
+    // The expert load: each rank counts its own experts' rows (its slots of the other's experts
+    // have no expert there), and rank 0 puts the ranks' counts together: one process's load.
+    let load = |stdout: &str| -> serde_json::Value {
+        let doc: serde_json::Value = serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        doc["expert_load"].clone()
+    };
+    let single =
+        kiln(&run(&one, &["--expert-load", "--json"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(single.ok, "{}", single.stderr);
+    let args = run(&two, &["--ep", "2", "--expert-load", "--json"]);
+    let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+    assert!(r.ok, "{}", r.stderr);
+    let (whole, parts) = (load(&single.stdout), load(&r.stdout));
+    assert_eq!(whole.as_array().map(Vec::len), Some(3), "{whole}");
+    assert_eq!(parts, whole);
+    assert!(r.stderr.contains("8 tokens x top-4 over 16 experts"), "{}", r.stderr);
     let plain = s.path("plain.kiln").display().to_string();
     let r = kiln(&["compile", "models/tiny.toml", "--target", "cpu", "--max-context", "64", "-o", &plain]);
     assert!(r.ok, "{}", r.stderr);
