@@ -260,9 +260,15 @@ enum Command {
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
-        /// Print each turn's prompt and reply token ids to standard error.
+        /// Print each turn's prompt and reply token ids to standard error (and, with --speculative,
+        /// the drafts accepted).
         #[arg(long)]
         verbose: bool,
+        /// Decode each reply speculatively with the MTP module (DeepSeek-V3 §5.4.3), as `kiln run
+        /// --speculative` does: greedy replies are plain decoding's. Needs an artifact compiled
+        /// with `kiln compile --speculative`.
+        #[arg(long)]
+        speculative: bool,
     },
     /// Serve a model over HTTP with OpenAI's API (completions and chat completions, streamed or
     /// not), batching concurrent requests.
@@ -998,7 +1004,7 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Chat { model, system, message, max_new_tokens, sampling, verbose } => {
+        Command::Chat { model, system, message, max_new_tokens, sampling, verbose, speculative } => {
             let req = chat::Request {
                 source: model.source("chat")?,
                 tokenizer: model.tokenizer.as_deref(),
@@ -1007,6 +1013,7 @@ fn run(command: Command) -> Result<()> {
                 max_new_tokens,
                 sampling: run::sampling(sampling.temperature, sampling.top_p, sampling.seed),
                 verbose,
+                speculative,
             };
             chat::run(&req, &mut io::stdin().lock(), &mut io::stdout().lock())
         }

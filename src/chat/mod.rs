@@ -17,7 +17,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use kiln_runtime::generate::{generate, GenerateOptions, Sampling};
+use kiln_runtime::generate::{generate, generate_speculative, Flow, GenerateOptions, Sampling};
 
 use crate::model::{Info, Source, Text};
 use template::Message;
@@ -33,6 +33,8 @@ pub struct Request<'a> {
     pub sampling: Sampling,
     /// Print each turn's prompt and reply ids to standard error.
     pub verbose: bool,
+    /// Decode speculatively with the MTP module (an artifact from `kiln compile --speculative`).
+    pub speculative: bool,
 }
 
 /// The tokenizer folder's text side, or an error that says what chat needs.
@@ -124,7 +126,7 @@ pub fn run(req: &Request, input: &mut dyn BufRead, out: &mut dyn Write) -> Resul
         let mut stream = text.tokenizer.stream(&ids)?;
         let mut reply = String::new();
         let mut failed = None;
-        let g = generate(engine.as_mut(), std::slice::from_ref(&ids), &opts, &mut |e| {
+        let mut on_token = |e: &kiln_runtime::generate::TokenEvent| {
             let piece = stream.push(e.token).and_then(|p| {
                 out.write_all(p.as_bytes())?;
                 out.flush()?;
@@ -136,7 +138,16 @@ pub fn run(req: &Request, input: &mut dyn BufRead, out: &mut dyn Write) -> Resul
                     failed.get_or_insert(err);
                 }
             }
-        })?;
+        };
+        let prompts = std::slice::from_ref(&ids);
+        let g = if req.speculative {
+            generate_speculative(engine.as_mut(), prompts, &opts, &mut |e| {
+                on_token(e);
+                Flow::Continue
+            })?
+        } else {
+            generate(engine.as_mut(), prompts, &opts, &mut on_token)?
+        };
         if let Some(e) = failed {
             return Err(e);
         }
@@ -146,6 +157,14 @@ pub fn run(req: &Request, input: &mut dyn BufRead, out: &mut dyn Write) -> Resul
         out.flush()?;
         if req.verbose {
             eprintln!("reply ids: {:?}", g.tokens[0]);
+            if let Some(a) = g.stats.acceptance() {
+                eprintln!(
+                    "speculative: {} of {} drafts accepted ({:.1}%)",
+                    g.stats.accepted,
+                    g.stats.drafted,
+                    100.0 * a
+                );
+            }
         }
         history.push(Message::new("assistant", &reply));
     }

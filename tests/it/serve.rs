@@ -463,6 +463,48 @@ fn the_openai_python_client_passes_its_tests() {
     assert!(stdout.trim_end().ends_with(" passed, 0 failed"), "{stdout}");
 }
 
+/// `kiln chat --speculative` on an artifact with the MTP draft program: the greedy replies are
+/// plain `kiln chat`'s, and `--verbose` reports the drafts accepted. Without the draft program it
+/// is refused with the compile flag that adds it.
+#[test]
+fn speculative_chat_replies_as_plain_chat() {
+    let f = fixture();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = dir.join("spec.kiln").to_string_lossy().into_owned();
+    let compile = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "--max-context",
+        "256",
+        "--speculative",
+        "-o",
+        &spec,
+    ]);
+    assert!(compile.ok, "{}", compile.stderr);
+    let chat = |artifact: &str, extra: &[&str]| {
+        let mut args = vec!["chat", artifact, "--weights", &f.weights, "--message", "hello world"];
+        args.extend(["--message", "the clay", "--max-new-tokens", "8", "--verbose"]);
+        args.extend(extra);
+        kiln(&args)
+    };
+    let (plain, fast) = (chat(&f.artifact, &[]), chat(&spec, &["--speculative"]));
+    assert!(plain.ok, "{}", plain.stderr);
+    assert!(fast.ok, "{}", fast.stderr);
+    let replies = |err: &str| -> Vec<String> {
+        err.lines().filter(|l| l.starts_with("reply ids: ")).map(str::to_string).collect()
+    };
+    assert_eq!(replies(&fast.stderr).len(), 2, "{}", fast.stderr);
+    assert_eq!(replies(&fast.stderr), replies(&plain.stderr));
+    assert_eq!(fast.stdout, plain.stdout);
+    assert_eq!(fast.stderr.matches("drafts accepted").count(), 2, "{}", fast.stderr);
+    let refused = chat(&f.artifact, &["--speculative"]);
+    assert!(!refused.ok && refused.stderr.contains("--speculative"), "{}", refused.stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn chat_without_a_template_or_tokenizer_says_what_is_missing() {
     let f = fixture();
