@@ -289,6 +289,11 @@ enum Command {
         /// at once when full).
         #[arg(long, value_name = "MS", default_value_t = 0)]
         batch_window: u64,
+        /// Decode every request speculatively with the MTP module (DeepSeek-V3 §5.4.3), as `kiln
+        /// run --speculative` does: greedy answers are plain decoding's. Needs an artifact compiled
+        /// with `kiln compile --speculative`.
+        #[arg(long)]
+        speculative: bool,
     },
     /// Compile a model spec or a `.kir` graph into an artifact directory (see README: the artifact).
     Compile(compile::Args),
@@ -1017,7 +1022,7 @@ fn run(command: Command) -> Result<()> {
             };
             chat::run(&req, &mut io::stdin().lock(), &mut io::stdout().lock())
         }
-        Command::Serve { model, host, port, max_batch, batch_window } => {
+        Command::Serve { model, host, port, max_batch, batch_window, speculative } => {
             let req = serve::Request {
                 source: model.source("serve")?,
                 tokenizer: model.tokenizer.as_deref(),
@@ -1025,6 +1030,7 @@ fn run(command: Command) -> Result<()> {
                 port,
                 max_batch,
                 batch_window: std::time::Duration::from_millis(batch_window),
+                speculative,
             };
             serve::run(&req, &mut io::stdout().lock())
         }

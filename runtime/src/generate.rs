@@ -594,7 +594,7 @@ fn generate_streams(
 
 mod speculative;
 
-pub use speculative::generate_speculative;
+pub use speculative::{check_speculative, generate_speculative, generate_speculative_each};
 
 #[cfg(test)]
 mod batch_tests;

@@ -42,6 +42,8 @@ pub struct Request<'a> {
     pub max_batch: Option<u64>,
     /// How long a batch's first request waits for others.
     pub batch_window: Duration,
+    /// Decode with the MTP module's drafts (an artifact from `kiln compile --speculative`).
+    pub speculative: bool,
 }
 
 /// Loads the model, then serves until the process is stopped; the first line on `out` says where.
@@ -63,8 +65,8 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     // reports what it loaded, or why it could not.
     let (jobs, queue) = mpsc::channel();
     let (ready, loaded) = mpsc::channel();
-    let (source, worker_text, max_batch, window) =
-        (req.source.clone(), text.clone(), req.max_batch, req.batch_window);
+    let (source, worker_text, max_batch, window, speculative) =
+        (req.source.clone(), text.clone(), req.max_batch, req.batch_window, req.speculative);
     std::thread::spawn(move || {
         let model = match source.load("serve") {
             Ok(m) => m,
@@ -73,6 +75,12 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
                 return;
             }
         };
+        if speculative {
+            if let Err(e) = kiln_runtime::generate::check_speculative(model.engine.as_ref()) {
+                let _ = ready.send(Err(anyhow::anyhow!("--speculative: {e}")));
+                return;
+            }
+        }
         let most = model.info.max_batch;
         let batch = match max_batch {
             Some(n) if n > most => {
@@ -85,7 +93,7 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
             None => most,
         };
         let _ = ready.send(Ok((model.info, batch)));
-        worker::run(model.engine, worker_text, queue, batch as usize, window);
+        worker::run(model.engine, worker_text, queue, batch as usize, window, speculative);
     });
     let (info, batch) = loaded.recv().context("the model's thread ended while loading")??;
     let listener = TcpListener::bind((req.host.as_str(), req.port))
@@ -93,10 +101,11 @@ pub fn run(req: &Request, out: &mut dyn Write) -> Result<()> {
     let addr = listener.local_addr()?;
     writeln!(
         out,
-        "kiln serve: {} ({}) at http://{addr}/v1, batches of up to {batch} request{}{}",
+        "kiln serve: {} ({}) at http://{addr}/v1, batches of up to {batch} request{}{}{}",
         info.name,
         info.what,
         if batch == 1 { "" } else { "s" },
+        if req.speculative { ", speculative decoding with the MTP module's drafts" } else { "" },
         if text.is_some() { "" } else { "; no tokenizer: token-id prompts only" }
     )?;
     out.flush()?;

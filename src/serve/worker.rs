@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_runtime::generate::{generate_each, Engine, Flow, GenerateOptions};
+use kiln_runtime::generate::{generate_each, generate_speculative_each, Engine, Flow, GenerateOptions};
 
 use super::stops;
 use crate::model::Text;
@@ -83,6 +83,7 @@ pub fn run(
     jobs: Receiver<Job>,
     max_batch: usize,
     window: Duration,
+    speculative: bool,
 ) {
     while let Some(batch) = next_batch(&jobs, max_batch, window) {
         eprintln!(
@@ -91,7 +92,7 @@ pub fn run(
             if batch.len() == 1 { "" } else { "s" },
             batch.iter().map(|j| j.prompt.len()).sum::<usize>()
         );
-        serve_batch(engine.as_mut(), text.as_deref(), batch);
+        serve_batch(engine.as_mut(), text.as_deref(), batch, speculative);
     }
 }
 
@@ -120,7 +121,7 @@ fn next_batch(jobs: &Receiver<Job>, max_batch: usize, window: Duration) -> Optio
     Some(batch)
 }
 
-fn serve_batch(engine: &mut dyn Engine, text: Option<&Text>, batch: Vec<Job>) {
+fn serve_batch(engine: &mut dyn Engine, text: Option<&Text>, batch: Vec<Job>, speculative: bool) {
     for job in &batch {
         // A client already gone is noticed at its first token.
         let _ = job.events.send(Event::Started { batch: batch.len() });
@@ -138,7 +139,8 @@ fn serve_batch(engine: &mut dyn Engine, text: Option<&Text>, batch: Vec<Job>) {
         };
         tracks.push(Track { stream, stops: &job.stops, text: String::new(), shown: 0, hit: false });
     }
-    let result = generate_each(engine, &prompts, &opts, &mut |e| {
+    let generate = if speculative { generate_speculative_each } else { generate_each };
+    let result = generate(engine, &prompts, &opts, &mut |e| {
         let track = &mut tracks[e.sequence];
         let piece = match &mut track.stream {
             Some(s) => s.push(e.token).unwrap_or_default(),

@@ -18,6 +18,8 @@ use crate::util::{kiln, root};
 /// The artifact and the weights folder, made once for every test here.
 struct Fixture {
     artifact: String,
+    /// The same model with the MTP module's draft program (`kiln compile --speculative`).
+    speculative: String,
     weights: String,
 }
 
@@ -52,6 +54,22 @@ fn fixture() -> &'static Fixture {
             &artifact,
         ]);
         assert!(compile.ok, "{}", compile.stderr);
+        let speculative = dir.join("spec.kiln").to_string_lossy().into_owned();
+        let compile = kiln(&[
+            "compile",
+            "models/tiny.toml",
+            "--target",
+            "cpu",
+            "--max-batch",
+            "8",
+            "--max-context",
+            "256",
+            "--no-score",
+            "--speculative",
+            "-o",
+            &speculative,
+        ]);
+        assert!(compile.ok, "{}", compile.stderr);
         let export = kiln(&["export-hf", "models/tiny.toml", "--random-weights", "3", "-o", &weights]);
         assert!(export.ok, "{}", export.stderr);
         let hf = Path::new(&weights);
@@ -63,7 +81,7 @@ fn fixture() -> &'static Fixture {
         config["bos_token"] = json!("<bos>");
         config["eos_token"] = json!({ "content": "<eos>" });
         std::fs::write(hf.join("tokenizer_config.json"), config.to_string()).unwrap();
-        Fixture { artifact, weights }
+        Fixture { artifact, speculative, weights }
     })
 }
 
@@ -75,9 +93,13 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_with(&fixture().artifact, extra)
+    }
+
+    fn start_with(artifact: &str, extra: &[&str]) -> Server {
         let f = fixture();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["serve", &f.artifact, "--weights", &f.weights, "--port", "0", "--threads", "1"])
+            .args(["serve", artifact, "--weights", &f.weights, "--port", "0", "--threads", "1"])
             .args(extra)
             .current_dir(root())
             .stdout(Stdio::piped())
@@ -469,21 +491,7 @@ fn the_openai_python_client_passes_its_tests() {
 #[test]
 fn speculative_chat_replies_as_plain_chat() {
     let f = fixture();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("serve-spec-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let spec = dir.join("spec.kiln").to_string_lossy().into_owned();
-    let compile = kiln(&[
-        "compile",
-        "models/tiny.toml",
-        "--target",
-        "cpu",
-        "--max-context",
-        "256",
-        "--speculative",
-        "-o",
-        &spec,
-    ]);
-    assert!(compile.ok, "{}", compile.stderr);
+    let spec = f.speculative.clone();
     let chat = |artifact: &str, extra: &[&str]| {
         let mut args = vec!["chat", artifact, "--weights", &f.weights, "--message", "hello world"];
         args.extend(["--message", "the clay", "--max-new-tokens", "8", "--verbose"]);
@@ -502,7 +510,41 @@ fn speculative_chat_replies_as_plain_chat() {
     assert_eq!(fast.stderr.matches("drafts accepted").count(), 2, "{}", fast.stderr);
     let refused = chat(&f.artifact, &["--speculative"]);
     assert!(!refused.ok && refused.stderr.contains("--speculative"), "{}", refused.stderr);
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `kiln serve --speculative`: greedy completions are `kiln run`'s plain greedy tokens, alone and
+/// in a batch of requests with options of their own; a server over an artifact without the draft
+/// program is refused before it listens.
+#[test]
+fn speculative_serving_answers_as_plain_decoding() {
+    let f = fixture();
+    let server = Server::start_with(&f.speculative, &["--speculative", "--batch-window", "2000"]);
+    let ask = |prompt: &[i64], max: usize| {
+        let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": max, "temperature": 0});
+        let r = post(&server.addr, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r
+    };
+    let want = kiln_run(&HELLO, 10);
+    let r = ask(&HELLO, 10);
+    assert_eq!(r.json()["choices"][0]["text"], text_after(&HELLO, &want));
+    // Two requests at once (one batch, within the window), of different lengths and limits.
+    let other = [5i64, 9, 2];
+    let answers = std::thread::scope(|s| {
+        let a = s.spawn(|| ask(&HELLO, 7));
+        let b = s.spawn(|| ask(&other, 12));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(answers.0.header("x-kiln-batch-size"), Some("2"));
+    assert_eq!(answers.0.json()["choices"][0]["text"], text_after(&HELLO, &kiln_run(&HELLO, 7)));
+    assert_eq!(answers.1.json()["choices"][0]["text"], text_after(&other, &kiln_run(&other, 12)));
+    let refused = kiln(&["serve", &f.artifact, "--weights", &f.weights, "--port", "0", "--speculative"]);
+    assert!(!refused.ok, "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains("--speculative: ") && refused.stderr.contains("draft"),
+        "{}",
+        refused.stderr
+    );
 }
 
 #[test]

@@ -120,31 +120,56 @@ pub fn generate_speculative(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent) -> Flow,
 ) -> Result<Generation, RuntimeError> {
-    check_sampling(opts.sampling)?;
+    generate_speculative_each(engine, prompts, &vec![opts.clone(); prompts.len()], on_token)
+}
+
+/// Whether `engine` can decode speculatively (it has the `draft` program and its partners); the
+/// error says how to compile one that can.
+pub fn check_speculative(engine: &dyn Engine) -> Result<(), RuntimeError> {
+    programs(engine).map(|_| ())
+}
+
+/// [`generate_speculative`] with options per sequence, as [`super::generate_each`] takes them (a
+/// server's batch of requests).
+pub fn generate_speculative_each(
+    engine: &mut dyn Engine,
+    prompts: &[Vec<i64>],
+    opts: &[GenerateOptions],
+    on_token: &mut dyn FnMut(&TokenEvent) -> Flow,
+) -> Result<Generation, RuntimeError> {
+    for o in opts {
+        check_sampling(o.sampling)?;
+    }
     let progs = programs(engine)?;
     let plan = Plan::Cached { prefill: progs.prefill.clone(), decode: progs.decode.clone() };
-    let vocab = check(engine, &plan, prompts, &vec![opts.clone(); prompts.len()])? as usize;
+    let vocab = check(engine, &plan, prompts, opts)? as usize;
     let capacity = engine.kv_cache().map_or(0, |c| c.capacity) as usize;
     let hidden_dtype = input_dtype(engine, &progs.draft, HIDDEN)?;
-    let max_new = opts.max_new_tokens;
+    let max_new = |s: usize| opts[s].max_new_tokens;
 
     let start = Instant::now();
     let mut stats = Stats { prompt_tokens: prompts.iter().map(Vec::len).sum(), ..Stats::default() };
     let mut rows: Vec<Row> = prompts
         .iter()
-        .map(|p| Row { seq: p.clone(), prompt: p.len(), draft: None, active: max_new > 0, stopped: false })
+        .enumerate()
+        .map(|(s, p)| Row {
+            seq: p.clone(),
+            prompt: p.len(),
+            draft: None,
+            active: max_new(s) > 0,
+            stopped: false,
+        })
         .collect();
     if rows.iter().all(|r| !r.active) {
         return Ok(finish(rows, stats));
     }
     // Sequence `s` draws from stream `s` of the seed, as in `generate`.
     let mut rngs: Vec<Rng> = (0..prompts.len())
-        .map(|s| match opts.sampling {
+        .map(|s| match opts[s].sampling {
             Sampling::Sample { seed, .. } => Rng::for_sequence(seed, s),
             Sampling::Greedy => Rng(0),
         })
         .collect();
-    let sampling = opts.sampling;
     // The token of a row's logits: picked as plain decoding picks it, or, where the position
     // checks draft `d`, by `verify`; with its logit and probability, and whether `d` stood.
     let pick_row = |logits: &[f32],
@@ -153,6 +178,7 @@ pub fn generate_speculative(
                     sequence: usize,
                     step: usize|
      -> Result<((i64, f32, f32), bool), RuntimeError> {
+        let sampling = opts[sequence].sampling;
         let picked = match draft {
             Some(d) => verify(logits, sampling, d, rng),
             None => pick(logits, sampling, rng).map(|t| (t, false)),
@@ -166,10 +192,10 @@ pub fn generate_speculative(
         let step = row.made();
         row.seq.push(token);
         let flow = on_token(&TokenEvent { sequence: s, step, token, logit, prob });
-        if opts.stop_tokens.contains(&token) || flow == Flow::Stop {
+        if opts[s].stop_tokens.contains(&token) || flow == Flow::Stop {
             row.stopped = true;
             row.active = false;
-        } else if row.made() >= max_new {
+        } else if row.made() >= max_new(s) {
             row.active = false;
         }
         row.active
@@ -226,10 +252,10 @@ pub fn generate_speculative(
         let mut tokens = Vec::with_capacity(2 * rows.len());
         let mut positions = Vec::with_capacity(2 * rows.len());
         let mut checks = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for (s, row) in rows.iter().enumerate() {
             let n = row.seq.len() - 1;
             let (n, x) = if row.active { (n, row.seq[n]) } else { (n - 1, row.seq[n - 1]) };
-            let check = row.active && max_new - row.made() >= 2 && n + 1 < capacity;
+            let check = row.active && max_new(s) - row.made() >= 2 && n + 1 < capacity;
             let d = row.draft.filter(|_| check);
             tokens.extend([x, d.unwrap_or(x)]);
             positions.extend([n as i64, (n + usize::from(d.is_some())) as i64]);
