@@ -38,38 +38,18 @@ fn fixture() -> &'static Fixture {
         let dir = tmp.join(format!("serve-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let artifact = dir.join("tiny.kiln").to_string_lossy().into_owned();
         let weights = dir.join("hf").to_string_lossy().into_owned();
-        let compile = kiln(&[
-            "compile",
-            "models/tiny.toml",
-            "--target",
-            "cpu",
-            "--max-batch",
-            "8",
-            "--max-context",
-            "256",
-            "--no-score",
-            "-o",
-            &artifact,
-        ]);
-        assert!(compile.ok, "{}", compile.stderr);
-        let speculative = dir.join("spec.kiln").to_string_lossy().into_owned();
-        let compile = kiln(&[
-            "compile",
-            "models/tiny.toml",
-            "--target",
-            "cpu",
-            "--max-batch",
-            "8",
-            "--max-context",
-            "256",
-            "--no-score",
-            "--speculative",
-            "-o",
-            &speculative,
-        ]);
-        assert!(compile.ok, "{}", compile.stderr);
+        // The plain artifact, and one with the MTP module's draft program.
+        let compiled = |name: &str, extra: &[&str]| {
+            let out = dir.join(name).to_string_lossy().into_owned();
+            let mut args = vec!["compile", "models/tiny.toml", "--target", "cpu", "--max-batch", "8"];
+            args.extend(["--max-context", "256", "--no-score", "-o", &out]);
+            args.extend(extra);
+            let compile = kiln(&args);
+            assert!(compile.ok, "{}", compile.stderr);
+            out
+        };
+        let (artifact, speculative) = (compiled("tiny.kiln", &[]), compiled("spec.kiln", &["--speculative"]));
         let export = kiln(&["export-hf", "models/tiny.toml", "--random-weights", "3", "-o", &weights]);
         assert!(export.ok, "{}", export.stderr);
         let hf = Path::new(&weights);
