@@ -511,3 +511,129 @@ fn a_grouped_gemm_over_20_experts_picks_each_rows_expert() {
         }
     }
 }
+
+/// The FP8 GEMVs decode 64 codes at a time without testing each for NaN, and test the bytes once
+/// per 64 instead (`fp8_block_sums`): so a NaN code must still give NaN wherever it sits in K. `x`
+/// is the identity, so `y[m, n]` is weight row `n`'s code `m` decoded, exactly, and NaN in
+/// every output of a row holding a NaN code. K = 185 in blocks of 128 columns: the first block
+/// takes two 64-code steps, the second (48 codes, ragged) the tested 16-code steps, and the last 9
+/// columns the scalar loop. Rows 0-3 and 8 hold every finite code between them; rows 4-7 and 9 are
+/// copies of rows 0-3 and 8 with one NaN code at column 3, 100, 140, 180 and 64 (the first and
+/// second 64-code step, the 16-code steps, the scalar loop, the start of a 64-code step). Ten rows:
+/// the 4-column register block and the one-column loop both run. Once as a `linear`, once as a
+/// `grouped_linear` of two experts holding the same weight (its one-row loop and its 4-row block).
+#[test]
+fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
+    const K: usize = 185;
+    const N: usize = 10;
+    let mut codes = vec![0u8; N * K];
+    for n in [0, 1, 2, 3, 8] {
+        for k in 0..K {
+            let c = ((n.min(4) * K + k) % 256) as u8;
+            codes[n * K + k] = if c & 0x7F == 0x7F { 0 } else { c };
+        }
+    }
+    for (n, at, nan) in [(4, 3, 0x7F), (5, 100, 0xFF), (6, 140, 0x7F), (7, 180, 0xFF), (9, 64, 0xFF)] {
+        let from = if n == 9 { 8 } else { n - 4 };
+        let row: Vec<u8> = codes[from * K..from * K + K].to_vec();
+        codes[n * K..n * K + K].copy_from_slice(&row);
+        codes[n * K + at] = nan;
+    }
+    let identity: Vec<f32> = (0..K * K).map(|i| if i / K == i % K { 1.0 } else { 0.0 }).collect();
+    let check = |y: &[f64], what: &str| {
+        for m in 0..K {
+            for n in 0..N {
+                let got = y[m * N + n];
+                if codes[n * K..n * K + K].iter().any(|c| c & 0x7F == 0x7F) {
+                    assert!(got.is_nan(), "{what}: y[{m}, {n}] = {got}: weight row {n} holds a NaN code");
+                    continue;
+                }
+                let want = kiln_ir::interp::numerics::f8e4m3_to_f32(codes[n * K + m]) as f64;
+                // Equal values (the sum's other products are +0, so code 0x80 comes out as +0).
+                assert_eq!(got, want, "{what}: code {:#04x} (y[{m}, {n}])", codes[n * K + m]);
+            }
+        }
+    };
+    let kernel_of = |src: &str, plan_name: &str| {
+        let g = kiln_ir::parse(src).unwrap();
+        let plan = form_kernels(&g).unwrap();
+        let kernel = (plan.steps.iter())
+            .find_map(|s| match s {
+                Step::Launch { kernel, node, .. } if matches!(g.node(*node).op, Op::Fused { .. }) => {
+                    Some(plan.kernel(*kernel).clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(fusion_plan(&kernel.body).unwrap().to_string(), plan_name);
+        kernel
+    };
+
+    let linear = kernel_of(
+        &format!(
+            r#"graph @nan_codes {{
+  %0 = input {{name = "x"}} : f32[{K}, {K}]
+  %1 = input {{name = "w"}} : f8e4m3[{N}, {K}]
+  %2 = input {{name = "s"}} : f32[1, 2]
+  %3 = fused %0, %1, %2 {{name = "fp8-gemm"}} : f32[{K}, {N}] {{
+    %0 = input {{name = "x"}} : f32[{K}, {K}]
+    %1 = input {{name = "w"}} : f8e4m3[{N}, {K}]
+    %2 = input {{name = "s"}} : f32[1, 2]
+    %3 = dequantize %1, %2 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]
+    %4 = linear %0, %3 : f32[{K}, {N}]
+    output "y" = %4
+  }}
+  output "y" = %3
+}}"#
+        ),
+        "fp8 linear",
+    );
+    let lib = CpuLib::build(&[&linear]);
+    let mut bufs = vec![
+        Buf::F32(identity.clone()),
+        Buf::F8(codes.clone()),
+        Buf::F32(vec![1.0, 1.0]),
+        garbage(&linear.results[0]),
+    ];
+    lib.run(&linear, &mut bufs, &BIND);
+    check(&values(&bufs[3]), "linear");
+
+    let grouped = kernel_of(
+        &format!(
+            r#"graph @nan_codes_grouped {{
+  %0 = input {{name = "x"}} : f32[{K}, {K}]
+  %1 = input {{name = "offsets"}} : i32[3]
+  %2 = input {{name = "w0"}} : f8e4m3[{N}, {K}]
+  %3 = input {{name = "s0"}} : f32[1, 2]
+  %4 = input {{name = "w1"}} : f8e4m3[{N}, {K}]
+  %5 = input {{name = "s1"}} : f32[1, 2]
+  %6 = fused %0, %1, %2, %3, %4, %5 {{name = "fp8-gemm"}} : f32[{K}, {N}] {{
+    %0 = input {{name = "x"}} : f32[{K}, {K}]
+    %1 = input {{name = "offsets"}} : i32[3]
+    %2 = input {{name = "w0"}} : f8e4m3[{N}, {K}]
+    %3 = input {{name = "s0"}} : f32[1, 2]
+    %4 = input {{name = "w1"}} : f8e4m3[{N}, {K}]
+    %5 = input {{name = "s1"}} : f32[1, 2]
+    %6 = dequantize %2, %3 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]
+    %7 = dequantize %4, %5 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]
+    %8 = grouped_linear %0, %1, %6, %7 {{num_experts = 2}} : f32[{K}, {N}]
+    output "y" = %8
+  }}
+  output "y" = %6
+}}"#
+        ),
+        "fp8 grouped_linear",
+    );
+    let lib = CpuLib::build(&[&grouped]);
+    let mut bufs = vec![
+        Buf::F32(identity),
+        Buf::I32(vec![0, 121, K as i32]),
+        Buf::F8(codes.clone()),
+        Buf::F32(vec![1.0, 1.0]),
+        Buf::F8(codes.clone()),
+        Buf::F32(vec![1.0, 1.0]),
+        garbage(&grouped.results[0]),
+    ];
+    lib.run(&grouped, &mut bufs, &BIND);
+    check(&values(&bufs[6]), "grouped_linear");
+}

@@ -219,6 +219,13 @@ impl OperandRow {
         f.f8_decode_vec_raw(&q)
     }
 
+    /// Where an FP8 row's codes are, for [`fp8_block_sums`].
+    fn codes(&self, f: &Frame) -> CodesRow {
+        let Operand::Fp8 { codes, .. } = self.op else { unreachable!("only FP8 rows have codes") };
+        let (view, memref) = (f.bufs[codes].view.clone(), f.bufs[codes].memref.clone());
+        CodesRow { view, memref, base: self.start.clone() }
+    }
+
     /// Elements `kk .. kk + 16` of the row (`kk` a multiple of 16), as a `vector<16xf32>`.
     fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
         let i = f.b.addi(&self.start, kk);
@@ -589,29 +596,31 @@ fn fp8_blocked_dots(
     inits: &[(Value, &str)],
     xvec: &dyn Fn(&mut Frame, &Value) -> Value,
 ) -> Vec<Value> {
-    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
+    let (zero, one) = (f.b.index(0), f.b.index(1));
     let (bc, bc1) = (f.b.index(cols), f.b.index(cols - 1));
     let blocks = f.b.addi(kvec, &bc1);
     let blocks = f.b.divui(&blocks, &bc);
     let zero_v = f.b.constant("dense<0.0>", VEC);
-    for_carry(f, &zero, &blocks, &one, inits, |f, b, acc| {
+    let codes: Vec<CodesRow> = reads
+        .iter()
+        .map(|r| CodesRow { view: r.view.clone(), memref: "memref<?xi8>".into(), base: wstart.clone() })
+        .collect();
+    let n = inits.len();
+    let carried = [inits, &nan_inits(f, codes.len())].concat();
+    let out = for_carry(f, &zero, &blocks, &one, &carried, |f, b, c| {
+        let (acc, nan) = c.split_at(n);
         let start = f.b.muli(b, &bc);
         let end = f.b.addi(&start, &bc);
         let end = f.b.minui(&end, kvec);
         let binits: Vec<(Value, &str)> = reads.iter().map(|_| (zero_v.clone(), VEC)).collect();
-        let block = for_carry(f, &start, &end, &vl, &binits, |f, i, bacc| {
+        let step = |f: &mut Frame, i: &Value, wv: &[Value], bacc: &[Value]| -> Vec<Value> {
             let xv = xvec(f, i);
-            let wi = f.b.addi(wstart, i);
-            reads
-                .iter()
-                .zip(bacc)
-                .map(|(read, a)| {
-                    let wv = read.raw_vec_at(f, &wi);
-                    f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
-                })
+            (wv.iter().zip(bacc))
+                .map(|(wv, a)| f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}")))
                 .collect()
-        });
-        reads
+        };
+        let (block, nan) = fp8_block_sums(f, &codes, (&start, &end), &binits, nan, &step);
+        let mut next: Vec<Value> = reads
             .iter()
             .zip(block)
             .zip(acc)
@@ -620,8 +629,118 @@ fn fp8_blocked_dots(
                 let sv = f.scale_vec_256(&s);
                 f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {a} : {VEC}"))
             })
-            .collect()
-    })
+            .collect();
+        next.extend(nan);
+        next
+    });
+    let (acc, nan) = out.split_at(n);
+    let any: Vec<Value> = nan.iter().map(|m| any_nan_code(f, m)).collect();
+    acc.iter().zip(&any).map(|(a, any)| nan_if(f, any, a)).collect()
+}
+
+/// Where one FP8 weight row's codes are, for [`fp8_block_sums`]: code `kk` of the row is element
+/// `base + kk` of `view`.
+struct CodesRow {
+    view: Value,
+    memref: String,
+    base: Value,
+}
+
+/// One step of [`fp8_block_sums`]: `(frame, kk, the weight rows' 16 codes at kk decoded, the
+/// accumulators)` to the next accumulators.
+type BlockStep<'a> = &'a dyn Fn(&mut Frame, &Value, &[Value], &[Value]) -> Vec<Value>;
+
+/// The codes one step of [`fp8_block_sums`]' main loop tests for NaN at once: one 512-bit vector.
+const NAN_SPAN: i64 = 64;
+const NAN_VEC: &str = "vector<64xi8>";
+
+/// The running NaN tests of [`fp8_block_sums`], one per weight row, before the first block.
+fn nan_inits(f: &mut Frame, rows: usize) -> Vec<(Value, &'static str)> {
+    let zero = f.b.constant("dense<0>", NAN_VEC);
+    (0..rows).map(|_| (zero.clone(), NAN_VEC)).collect()
+}
+
+/// The inner loop of a blocked FP8 dot product over columns `start .. end` of K (a multiple of 16
+/// apart) for the weight rows `rows`: `step(f, kk, decoded, acc)` takes the 16 codes at `kk` of
+/// every row decoded (times 2^-8) and returns the next accumulators. Returns the accumulators
+/// and, per row, the running NaN test `nan` carried on.
+///
+/// The decode is most of an FP8 GEMV's work, and a NaN code must still make the sum NaN, as the
+/// interpreter's `dequantize` then `linear` does. So 64 codes at a time are decoded without
+/// their NaN test ([`Frame::f8_decode_vec_finite`]), and their magnitudes go into a running
+/// unsigned max on the bytes, one `and` and one `max` per 64 codes per row: the row holds a NaN
+/// code exactly when the max is 0x7F, and [`any_nan_code`] then [`nan_if`] make its sums NaN
+/// after the last block. The last `(end - start) % 64` codes take the tested decode.
+fn fp8_block_sums(
+    f: &mut Frame,
+    rows: &[CodesRow],
+    (start, end): (&Value, &Value),
+    inits: &[(Value, &str)],
+    nan: &[Value],
+    step: BlockStep,
+) -> (Vec<Value>, Vec<Value>) {
+    let (span, vl) = (f.b.index(NAN_SPAN), f.b.index(VL));
+    let len = f.b.subi(end, start);
+    let q = f.b.divui(&len, &span);
+    let q = f.b.muli(&q, &span);
+    let mid = f.b.addi(start, &q);
+    let n = inits.len();
+    let carried: Vec<(Value, &str)> =
+        inits.iter().cloned().chain(nan.iter().map(|m| (m.clone(), NAN_VEC))).collect();
+    let mag_mask = f.b.constant("dense<127>", NAN_VEC);
+    let out = for_carry(f, start, &mid, &span, &carried, |f, i, c| {
+        let (acc, nan) = c.split_at(n);
+        let mut nan_next = Vec::with_capacity(rows.len());
+        for (row, m) in rows.iter().zip(nan) {
+            let at = f.b.addi(&row.base, i);
+            let (view, memref) = (&row.view, &row.memref);
+            let v = f.b.op("qv", format_args!("vector.load {view}[{at}] : {memref}, {NAN_VEC}"));
+            let mag = f.b.op("b", format_args!("arith.andi {v}, {mag_mask} : {NAN_VEC}"));
+            nan_next.push(f.b.op("b", format_args!("arith.maxui {m}, {mag} : {NAN_VEC}")));
+        }
+        let mut acc = acc.to_vec();
+        for sub in 0..NAN_SPAN / VL {
+            let off = f.b.index(sub * VL);
+            let kk = f.b.addi(i, &off);
+            let wv: Vec<Value> = rows.iter().map(|row| row.load16(f, &kk, false)).collect();
+            acc = step(f, &kk, &wv, &acc);
+        }
+        acc.extend(nan_next);
+        acc
+    });
+    let (acc, nan) = out.split_at(n);
+    let tail_inits: Vec<(Value, &str)> = acc.iter().zip(inits).map(|(a, (_, t))| (a.clone(), *t)).collect();
+    let acc = for_carry(f, &mid, end, &vl, &tail_inits, |f, kk, acc| {
+        let wv: Vec<Value> = rows.iter().map(|row| row.load16(f, kk, true)).collect();
+        step(f, kk, &wv, acc)
+    });
+    (acc, nan.to_vec())
+}
+
+impl CodesRow {
+    /// Codes `kk .. kk + 16` decoded (times 2^-8), NaN codes as NaN when `tested`.
+    fn load16(&self, f: &mut Frame, kk: &Value, tested: bool) -> Value {
+        let at = f.b.addi(&self.base, kk);
+        let (view, memref) = (&self.view, &self.memref);
+        let q = f.b.op("qv", format_args!("vector.load {view}[{at}] : {memref}, vector<16xi8>"));
+        match tested {
+            true => f.f8_decode_vec_raw(&q),
+            false => f.f8_decode_vec_finite(&q),
+        }
+    }
+}
+
+/// Whether the running test of [`fp8_block_sums`] saw a NaN code: an `i1`.
+fn any_nan_code(f: &mut Frame, max: &Value) -> Value {
+    let m = f.b.op("m", format_args!("vector.reduction <maxui>, {max} : {NAN_VEC} into i8"));
+    let c = f.b.constant("127", "i8");
+    f.b.op("p", format_args!("arith.cmpi eq, {m}, {c} : i8"))
+}
+
+/// `acc` (a `vector<16xf32>` of partial sums), or NaN in every lane when `any`.
+fn nan_if(f: &mut Frame, any: &Value, acc: &Value) -> Value {
+    let nan = f.b.constant("dense<0x7FC00000>", VEC);
+    f.b.op("acc", format_args!("arith.select {any}, {nan}, {acc} : {VEC}"))
 }
 
 /// One GEMM's weight of the expert a row belongs to, as the kernel reads it at one output column:
@@ -650,14 +769,6 @@ impl WeightRead {
             Some(s) => f.binf("mulf", &w, &s),
             None => w,
         }
-    }
-
-    /// The FP8 codes `wi .. wi + 16` decoded, times 2^-8 and without their scale
-    /// ([`fp8_blocked_dots`] applies it per block).
-    fn raw_vec_at(&self, f: &mut Frame, wi: &Value) -> Value {
-        let view = &self.view;
-        let q = f.b.op("qv", format_args!("vector.load {view}[{wi}] : memref<?xi8>, vector<16xi8>"));
-        f.f8_decode_vec_raw(&q)
     }
 
     /// Elements `wi .. wi + 16` (columns `kk .. kk + 16`, one scale block: [`Operand::check`]) as a
@@ -982,12 +1093,15 @@ impl Gemv<'_> {
                 let (bc, bc1) = (f.b.index(cols), f.b.index(cols - 1));
                 let blocks = f.b.addi(&self.kvec, &bc1);
                 let blocks = f.b.divui(&blocks, &bc);
-                for_carry(f, &zero, &blocks, &one, &inits, |f, b, acc| {
+                let codes: Vec<CodesRow> = wrow.iter().map(|r| r.codes(f)).collect();
+                let n = inits.len();
+                let carried = [&inits[..], &nan_inits(f, codes.len())].concat();
+                let out = for_carry(f, &zero, &blocks, &one, &carried, |f, b, c| {
+                    let (acc, nan) = c.split_at(n);
                     let start = f.b.muli(b, &bc);
                     let end = f.b.addi(&start, &bc);
                     let end = f.b.minui(&end, &self.kvec);
-                    let block = for_carry(f, &start, &end, &vl, &inits, |f, kk, bacc| {
-                        let wv: Vec<Value> = wrow.iter().map(|r| r.raw_vec_at(f, kk)).collect();
+                    let step = |f: &mut Frame, kk: &Value, wv: &[Value], bacc: &[Value]| -> Vec<Value> {
                         let mut next = Vec::with_capacity(mr * nr * nw);
                         for (i, xr) in xrow.iter().enumerate() {
                             let xv = if x_raw { xr.raw_vec_at(f, kk) } else { xr.vec_at(f, kk) };
@@ -997,7 +1111,8 @@ impl Gemv<'_> {
                             }
                         }
                         next
-                    });
+                    };
+                    let (block, nan) = fp8_block_sums(f, &codes, (&start, &end), &inits, nan, &step);
                     let two8 = f.b.f32(256.0);
                     let ws: Vec<Value> = (wrow.iter())
                         .map(|r| {
@@ -1024,8 +1139,13 @@ impl Gemv<'_> {
                             next.push(f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {a} : {VEC}")));
                         }
                     }
+                    next.extend(nan);
                     next
-                })
+                });
+                let (acc, nan) = out.split_at(n);
+                // A weight row with a NaN code makes every sum it enters NaN.
+                let any: Vec<Value> = nan.iter().map(|m| any_nan_code(f, m)).collect();
+                (acc.iter().enumerate()).map(|(a, v)| nan_if(f, &any[a % (nr * nw)], v)).collect()
             }
             None => for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
                 let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
