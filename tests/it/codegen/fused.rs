@@ -569,22 +569,15 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
         kernel
     };
 
+    let (w, sc) = (format!("f8e4m3[{N}, {K}]"), "f32[1, 2]".to_string());
+    let x = format!("f32[{K}, {K}]");
     let linear = kernel_of(
-        &format!(
-            r#"graph @nan_codes {{
-  %0 = input {{name = "x"}} : f32[{K}, {K}]
-  %1 = input {{name = "w"}} : f8e4m3[{N}, {K}]
-  %2 = input {{name = "s"}} : f32[1, 2]
-  %3 = fused %0, %1, %2 {{name = "fp8-gemm"}} : f32[{K}, {N}] {{
-    %0 = input {{name = "x"}} : f32[{K}, {K}]
-    %1 = input {{name = "w"}} : f8e4m3[{N}, {K}]
-    %2 = input {{name = "s"}} : f32[1, 2]
-    %3 = dequantize %1, %2 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]
-    %4 = linear %0, %3 : f32[{K}, {N}]
-    output "y" = %4
-  }}
-  output "y" = %3
-}}"#
+        &fused_graph(
+            &[("x", &x), ("w", &w), ("s", &sc)],
+            &[
+                format!("dequantize %1, %2 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]"),
+                format!("linear %0, %3 : f32[{K}, {N}]"),
+            ],
         ),
         "fp8 linear",
     );
@@ -599,28 +592,13 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
     check(&values(&bufs[3]), "linear");
 
     let grouped = kernel_of(
-        &format!(
-            r#"graph @nan_codes_grouped {{
-  %0 = input {{name = "x"}} : f32[{K}, {K}]
-  %1 = input {{name = "offsets"}} : i32[3]
-  %2 = input {{name = "w0"}} : f8e4m3[{N}, {K}]
-  %3 = input {{name = "s0"}} : f32[1, 2]
-  %4 = input {{name = "w1"}} : f8e4m3[{N}, {K}]
-  %5 = input {{name = "s1"}} : f32[1, 2]
-  %6 = fused %0, %1, %2, %3, %4, %5 {{name = "fp8-gemm"}} : f32[{K}, {N}] {{
-    %0 = input {{name = "x"}} : f32[{K}, {K}]
-    %1 = input {{name = "offsets"}} : i32[3]
-    %2 = input {{name = "w0"}} : f8e4m3[{N}, {K}]
-    %3 = input {{name = "s0"}} : f32[1, 2]
-    %4 = input {{name = "w1"}} : f8e4m3[{N}, {K}]
-    %5 = input {{name = "s1"}} : f32[1, 2]
-    %6 = dequantize %2, %3 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]
-    %7 = dequantize %4, %5 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]
-    %8 = grouped_linear %0, %1, %6, %7 {{num_experts = 2}} : f32[{K}, {N}]
-    output "y" = %8
-  }}
-  output "y" = %6
-}}"#
+        &fused_graph(
+            &[("x", &x), ("offsets", "i32[3]"), ("w0", &w), ("s0", &sc), ("w1", &w), ("s1", &sc)],
+            &[
+                format!("dequantize %2, %3 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]"),
+                format!("dequantize %4, %5 {{to = f32, block = [128, 128]}} : f32[{N}, {K}]"),
+                format!("grouped_linear %0, %1, %6, %7 {{num_experts = 2}} : f32[{K}, {N}]"),
+            ],
         ),
         "fp8 grouped_linear",
     );
@@ -636,4 +614,27 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
     ];
     lib.run(&grouped, &mut bufs, &BIND);
     check(&values(&bufs[6]), "grouped_linear");
+}
+
+/// A graph of one `fused` node named `fp8-gemm` over `inputs` (name, type), whose body is the
+/// inputs then `ops` (numbered on from them, each `op args : type`); the last op's result is the
+/// output.
+fn fused_graph(inputs: &[(&str, &str)], ops: &[String]) -> String {
+    let decls: Vec<String> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (n, t))| format!("%{i} = input {{name = \"{n}\"}} : {t}"))
+        .collect();
+    let args: Vec<String> = (0..inputs.len()).map(|i| format!("%{i}")).collect();
+    let result = ops.last().and_then(|o| o.rsplit(" : ").next()).expect("a fused body has ops");
+    let n = inputs.len();
+    let mut src = String::from("graph @fused {\n");
+    decls.iter().for_each(|d| src += &format!("  {d}\n"));
+    src += &format!("  %{n} = fused {} {{name = \"fp8-gemm\"}} : {result} {{\n", args.join(", "));
+    decls.iter().for_each(|d| src += &format!("    {d}\n"));
+    for (i, op) in ops.iter().enumerate() {
+        src += &format!("    %{} = {op}\n", n + i);
+    }
+    src += &format!("    output \"y\" = %{}\n  }}\n  output \"y\" = %{n}\n}}\n", n + ops.len() - 1);
+    src
 }
