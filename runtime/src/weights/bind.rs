@@ -134,7 +134,11 @@ pub fn bind_mapped(
     check(&params, ckpt)?;
     Ok(params.into_iter().map(move |p| match ckpt.view(&p.name, p.dtype) {
         // `check` made sure the shapes agree; the view has the stored bytes, which are the storage.
-        Some(view) => Ok(Param::Mapped(view)),
+        // Its pages are read in now, at load, not by the kernel that first reads them.
+        Some(view) => {
+            view.prefault();
+            Ok(Param::Mapped(view))
+        }
         None => read_param(p, ckpt).map(Param::Host),
     }))
 }

@@ -72,6 +72,24 @@ impl Mapping {
         self.len() == 0
     }
 
+    /// Reads `range` of the file into memory now, so that the kernels that read a parameter
+    /// borrowed from it do not take its page faults (for a routed expert, first used a few tokens
+    /// into decoding). `MADV_POPULATE_READ` (Linux 5.14) maps the pages in; where the kernel lacks
+    /// it, `MADV_WILLNEED` starts reading them. llama.cpp prefetches its mapping the same way
+    /// (`MAP_POPULATE`). Best effort: a refusal only leaves the faults to the first access.
+    pub(crate) fn prefault(&self, range: Range<usize>) {
+        let Some(map) = &self.map else { return };
+        if range.is_empty() || range.end > map.len() {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if map.advise_range(memmap2::Advice::PopulateRead, range.start, range.len()).is_ok() {
+            return;
+        }
+        #[cfg(unix)]
+        let _ = map.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
+    }
+
     /// The addresses the mapping occupies.
     pub fn address_range(&self) -> Range<usize> {
         let start = self.bytes().as_ptr() as usize;
@@ -123,6 +141,11 @@ impl MappedTensor {
             map: Arc::clone(map),
             range,
         })
+    }
+
+    /// Reads the tensor's bytes into memory now ([`Mapping::prefault`]).
+    pub fn prefault(&self) {
+        self.map.prefault(self.range.clone());
     }
 
     /// The tensor's bytes, inside the mapping.
