@@ -379,6 +379,10 @@ fn cpu_matmul_matches_reference() {
         ("f32[B, 5, 7]", "f32[7, 19]"),
         ("f32[2, 3, 4, 33]", "f32[3, 33, 17]"),
         ("f32[B, 1, 6, 8]", "f32[1, T, 8, 16]"),
+        // Columns in 64-wide groups (four sums at once), then 16-wide, then one at a time: the
+        // absorbed decode attention's shapes (one row by K = 64 per head) and a ragged N.
+        ("f32[4, 1, 64]", "f32[4, 64, 128]"),
+        ("f32[2, 3, 9]", "f32[2, 9, 85]"),
     ];
     let ks: Vec<Kernel> = shapes.iter().map(|(a, b)| kernel(Op::MatMul, &[a, b])).collect();
     let lib = CpuLib::build(&ks.iter().collect::<Vec<_>>());

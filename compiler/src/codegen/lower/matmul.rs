@@ -1265,26 +1265,50 @@ pub(super) fn matmul(f: &mut Frame) -> Result<LaunchShape, LowerError> {
     })
 }
 
-/// One output row of a CPU matmul: `y[y_row + c] = sum_k a[a_row + k] * b[b_base + k * n + c]`.
+/// Column vectors of a CPU matmul row computed together: independent sums, so that the loop over
+/// K is not one chain of dependent multiply-adds (at decode, `q_nope` times the absorbed `W_UK`
+/// is one row by K = 64: a single chain ran at the FMA latency, not its throughput).
+const MATMUL_NC: i64 = 4;
+
+/// One output row of a CPU matmul: `y[y_row + c] = sum_k a[a_row + k] * b[b_base + k * n + c]`,
+/// each sum in the order of `k`.
 fn matmul_row_cpu(f: &mut Frame, a_row: &Value, b_base: &Value, y_row: &Value, n: &Value, k: &Value) {
     let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
     let q = f.b.divui(n, &vl);
     let nvec = f.b.muli(&q, &vl);
+    let wide = f.b.index(VL * MATMUL_NC);
+    let q = f.b.divui(n, &wide);
+    let nwide = f.b.muli(&q, &wide);
     let zero_v = f.b.constant("dense<0.0>", VEC);
-    for_loop(f, &zero, &nvec, &vl, |f, c| {
-        let acc = for_carry(f, &zero, k, &one, &[(zero_v.clone(), VEC)], |f, kk, acc| {
+    // `count` column vectors from column `c` on.
+    let columns = |f: &mut Frame, c: &Value, count: i64| {
+        let inits: Vec<(Value, &str)> = (0..count).map(|_| (zero_v.clone(), VEC)).collect();
+        let acc = for_carry(f, &zero, k, &one, &inits, |f, kk, acc| {
             let ai = f.b.addi(a_row, kk);
             let a = f.load(0, &ai);
             let av = f.b.op("av", format_args!("vector.broadcast {a} : f32 to {VEC}"));
             let kn = f.b.muli(kk, n);
             let bk = f.b.addi(b_base, &kn);
-            let bi = f.b.addi(&bk, c);
-            let bv = f.load_vec(1, &bi);
-            vec![f.b.op("acc", format_args!("vector.fma {av}, {bv}, {} : {VEC}", acc[0]))]
+            let bk = f.b.addi(&bk, c);
+            (0..count)
+                .zip(acc)
+                .map(|(j, acc)| {
+                    let off = f.b.index(j * VL);
+                    let bi = f.b.addi(&bk, &off);
+                    let bv = f.load_vec(1, &bi);
+                    f.b.op("acc", format_args!("vector.fma {av}, {bv}, {acc} : {VEC}"))
+                })
+                .collect()
         });
-        let yi = f.b.addi(y_row, c);
-        f.store_vec(2, &yi, &acc[0]);
-    });
+        for (j, acc) in (0..count).zip(&acc) {
+            let off = f.b.index(j * VL);
+            let yi = f.b.addi(y_row, c);
+            let yi = f.b.addi(&yi, &off);
+            f.store_vec(2, &yi, acc);
+        }
+    };
+    for_loop(f, &zero, &nwide, &wide, |f, c| columns(f, c, MATMUL_NC));
+    for_loop(f, &nwide, &nvec, &vl, |f, c| columns(f, c, 1));
     let init = f.b.f32(0.0);
     for_loop(f, &nvec, n, &one, |f, c| {
         let s = for_carry(f, &zero, k, &one, &[(init.clone(), "f32")], |f, kk, acc| {
