@@ -1,12 +1,16 @@
-//! `kiln bench gemm`: kiln's generated CPU `linear` (f32) against the `matrixmultiply` crate, both
-//! multi-threaded, at square sizes. A measurement to read, not a test: nothing here asserts a speed.
+//! `kiln bench gemm`: kiln's generated CPU `linear` in f32 and bf16 against the `matrixmultiply`
+//! crate and PyTorch, all multi-threaded, at square sizes. A measurement to read, not a test:
+//! nothing here asserts a speed.
 //!
-//! kiln's side compiles `x[M, K] @ w[N, K]^T` for each size into a shared library (the same path as
-//! `kiln compile --target cpu`) and splits its work items (rows of column panels) over
-//! `std::thread::scope` threads through the packed entry's `[lo, hi)` range. matrixmultiply computes the same product (`w^T` by strides) on its
+//! kiln's side compiles `x[M, K] @ w[N, K]^T` for each dtype and size into a shared library (the
+//! same path as `kiln compile --target cpu`) and splits its work items (rows of column panels) over
+//! `std::thread::scope` threads through the packed entry's `[lo, hi)` range. matrixmultiply
+//! computes the same product in f32 (`w^T` by strides; for bf16, on the same bf16 values) on its
 //! own thread pool, sized from `MATMUL_NUM_THREADS`, which this command sets from `--threads`
-//! (matrixmultiply uses at most 4). Each side runs once to warm up, then `--reps` times; the best
-//! time counts. The two results are compared before anything is printed.
+//! (matrixmultiply uses at most 4). PyTorch runs `tools/bench/gemm_torch.py` once for every case,
+//! on the operands written to a temporary folder, and writes its results back there. Each side
+//! runs once to warm up, then `--reps` times; the best time counts. Every result is compared with
+//! matrixmultiply's before anything is printed.
 //!
 //! `kiln bench run` (an artifact against the reference interpreter) lives with `kiln run` in
 //! `run.rs`, whose weight loading and generation it shares. `kiln bench run SPEC --compare-without
@@ -16,12 +20,14 @@
 //! first). Nothing is written but two temporary artifact directories, removed afterwards.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use kiln_compiler::codegen::{cpu, lower_module, Kernel, LaunchShape, Target};
 use kiln_ir::{DType, Op, TensorType};
+use kiln_runtime::weights::{bf16_to_f32, f32_to_bf16};
 
 /// The packed entry of a CPU kernel (see `kiln_compiler::codegen::cpu`).
 type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -29,17 +35,29 @@ type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
 /// What `kiln bench` measures.
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
-    /// kiln's CPU `linear` (f32) against the matrixmultiply crate, in GFLOP/s.
+    /// kiln's CPU `linear` in f32 and bf16 against the matrixmultiply crate and PyTorch (oneDNN),
+    /// in GFLOP/s.
     Gemm {
         /// Square sizes M = N = K, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 2048])]
         sizes: Vec<usize>,
-        /// Threads on both sides (default: every core).
+        /// Threads on every side (default: every core).
         #[arg(long)]
         threads: Option<usize>,
         /// Timed runs per size after a warm-up; the best counts.
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Operand dtypes, comma-separated: `f32`, `bf16` (bf16 operands and result, f32 sums).
+        #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "bf16".to_string()],
+              value_parser = ["f32", "bf16"])]
+        dtype: Vec<String>,
+        /// A Python with torch for the PyTorch column (default: $KILN_PYTHON, else
+        /// ~/.cache/kiln-venv/bin/python).
+        #[arg(long, conflicts_with = "no_torch")]
+        python: Option<std::path::PathBuf>,
+        /// Leave PyTorch out.
+        #[arg(long)]
+        no_torch: bool,
     },
     /// This machine's memory read bandwidth, in GB/s, with one thread and with --threads: the limit
     /// of decoding at batch 1, which reads every weight a token needs once.
@@ -164,11 +182,12 @@ impl<'o> Tables<'o> {
 
 fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
     match what {
-        BenchCommand::Gemm { sizes, threads, reps } => {
+        BenchCommand::Gemm { sizes, threads, reps, dtype, python, no_torch } => {
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             kiln_runtime::cpu::check_threads(threads)?;
-            gemm(&sizes, threads, reps, out)
+            let python = if no_torch { None } else { Some(crate::bench_train::python(python.as_deref())) };
+            gemm(&GemmRequest { sizes, threads, reps, dtypes: dtype, python }, out)
         }
         BenchCommand::Membw { mib, threads, reps } => {
             let threads =
@@ -407,14 +426,15 @@ fn best_of(reps: usize, mut once: impl FnMut()) -> Duration {
 /// Calls kiln's kernel on work items `[lo, hi)` of `y = x @ w^T` (rows of column panels).
 fn kiln_rows(f: Packed, bufs: [usize; 3], lo: usize, hi: usize) {
     let ptrs: [*mut u8; 3] = bufs.map(|p| p as *mut u8);
-    // SAFETY: `f` is the packed entry of a linear kernel over three n x n f32 buffers, which are
-    // alive for the call; `[lo, hi)` is within its n rows; no sizes are read (the shapes are known).
+    // SAFETY: `f` is the packed entry of a linear kernel over three n x n buffers of its dtype,
+    // which are alive for the call; `[lo, hi)` is within its work; no sizes are read (the shapes
+    // are known).
     unsafe { f(ptrs.as_ptr(), std::ptr::null(), lo as i64, hi as i64) }
 }
 
-/// kiln's product over `work` items (the kernel's launch shape), split evenly over the threads.
-fn kiln_gemm(f: Packed, x: &[f32], w: &[f32], y: &mut [f32], work: usize, threads: usize) {
-    let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.as_mut_ptr() as usize];
+/// kiln's product over `work` items (the kernel's launch shape), split evenly over the threads;
+/// `bufs` are the addresses of x, w and y.
+fn kiln_gemm(f: Packed, bufs: [usize; 3], work: usize, threads: usize) {
     std::thread::scope(|s| {
         for t in 1..threads {
             s.spawn(move || kiln_rows(f, bufs, work * t / threads, work * (t + 1) / threads));
@@ -457,19 +477,94 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// What `kiln bench gemm` measures.
+struct GemmRequest {
+    sizes: Vec<usize>,
+    threads: usize,
+    reps: usize,
+    /// `f32`, `bf16`.
+    dtypes: Vec<String>,
+    /// The Python of the PyTorch column, if one was found; `None` inside when none was, and `None`
+    /// for `--no-torch`.
+    python: Option<Option<(PathBuf, &'static str)>>,
+}
+
+/// One size of one dtype: the operands as raw bytes of the dtype, and their values in f32.
+struct GemmCase {
+    dtype: DType,
+    n: usize,
+    /// The values of x and w (for bf16, the bf16 values, exactly).
+    x: Vec<f32>,
+    w: Vec<f32>,
+}
+
+impl GemmCase {
+    fn new(dtype: DType, n: usize) -> GemmCase {
+        let round = |v: Vec<f32>| match dtype {
+            DType::BF16 => v.into_iter().map(|x| bf16_to_f32(f32_to_bf16(x))).collect(),
+            _ => v,
+        };
+        GemmCase { dtype, n, x: round(data(n * n, 1)), w: round(data(n * n, 2)) }
+    }
+
+    /// `v` in the dtype's storage, as bytes.
+    fn storage(&self, v: &[f32]) -> Vec<u8> {
+        match self.dtype {
+            DType::BF16 => v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The values of a result in the dtype's storage.
+    fn values(&self, bytes: &[u8]) -> Vec<f32> {
+        match self.dtype {
+            DType::BF16 => {
+                bytes.chunks_exact(2).map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
+            }
+            _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        }
+    }
+
+    /// The largest error of `got` against the f32 reference `want`, as a fraction of what this
+    /// dtype allows: sums of n products of values in [-1, 1) differ by their order (1e-4 of
+    /// sqrt(n), their typical size), and a bf16 result is also rounded (2^-8 of its value).
+    fn error(&self, got: &[f32], want: &[f32]) -> f32 {
+        let scale = 1e-4 * (self.n as f32).sqrt();
+        let rounding = if self.dtype == DType::BF16 { 2f32.powi(-8) } else { 0.0 };
+        (got.iter().zip(want))
+            .map(|(a, b)| if a.is_nan() { f32::NAN } else { (a - b).abs() / (scale + rounding * b.abs()) })
+            .fold(0f32, |m, e| if e.is_nan() || m.is_nan() { f32::NAN } else { m.max(e) })
+    }
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    if d == DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
 /// Runs the benchmark and prints a table to `out`.
-fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Result<serde_json::Value> {
+fn gemm(req: &GemmRequest, tables: &mut Tables) -> Result<serde_json::Value> {
+    let (sizes, threads, reps) = (&req.sizes, req.threads.max(1), req.reps);
     if sizes.is_empty() || sizes.contains(&0) {
         bail!("--sizes needs at least one size, each at least 1");
     }
-    let threads = threads.max(1);
+    if req.dtypes.is_empty() {
+        bail!("--dtype needs at least one of f32, bf16");
+    }
+    let dtypes: Vec<DType> =
+        req.dtypes.iter().map(|d| if d == "bf16" { DType::BF16 } else { DType::F32 }).collect();
     // matrixmultiply reads this once, on its first call.
     std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
 
-    let kernels: Vec<Kernel> = sizes
+    let cases: Vec<GemmCase> =
+        dtypes.iter().flat_map(|&d| sizes.iter().map(move |&n| GemmCase::new(d, n))).collect();
+    let kernels: Vec<Kernel> = cases
         .iter()
-        .map(|&n| {
-            let t = TensorType::known(DType::F32, &[n as u64, n as u64]);
+        .map(|c| {
+            let t = TensorType::known(c.dtype, &[c.n as u64, c.n as u64]);
             Kernel::for_op(&Op::Linear, &[t.clone(), t])
         })
         .collect::<Result<_, _>>()?;
@@ -477,25 +572,66 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Re
     let object = cpu::object(&module)?;
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("gemm.so");
-    let linked = cpu::link_shared_library(&object, &path);
-    // SAFETY: the library was just linked from kiln's kernels; it has no initialisers.
-    let lib =
-        linked.map_err(anyhow::Error::from).and_then(|()| Ok(unsafe { libloading::Library::new(&path) }?));
+    let result = gemm_in(req, &dir, &cases, &kernels, &module, &object, tables);
     let _ = std::fs::remove_dir_all(&dir);
-    let lib = lib.context("loading the benchmark kernels")?;
+    result.map(|(rows, torch)| {
+        serde_json::json!({
+            "bench": "gemm", "dtypes": req.dtypes, "threads": threads, "reps": reps.max(1),
+            "torch": torch, "sizes": rows,
+        })
+    })
+}
 
-    let mut rows = Vec::new();
+/// [`gemm`] with its scratch folder `dir` (removed by the caller): the table's rows as JSON, and
+/// the PyTorch version or why it was skipped.
+fn gemm_in(
+    req: &GemmRequest,
+    dir: &Path,
+    cases: &[GemmCase],
+    kernels: &[Kernel],
+    module: &kiln_compiler::codegen::LoweredModule,
+    object: &[u8],
+    tables: &mut Tables,
+) -> Result<(Vec<serde_json::Value>, serde_json::Value)> {
+    let (threads, reps) = (req.threads.max(1), req.reps.max(1));
+    let path = dir.join("gemm.so");
+    cpu::link_shared_library(object, &path)?;
+    // SAFETY: the library was just linked from kiln's kernels; it has no initialisers.
+    let lib = unsafe { libloading::Library::new(&path) }.context("loading the benchmark kernels")?;
+
+    // References first (matrixmultiply, f32 on the operands' values), then PyTorch on the same
+    // operands in one process, then kiln.
+    let mut reference = Vec::with_capacity(cases.len());
+    for c in cases {
+        let mut y = vec![0f32; c.n * c.n];
+        let t = best_of(reps, || reference_gemm(&c.x, &c.w, &mut y, c.n));
+        reference.push((y, t));
+    }
+    let torch = match &req.python {
+        None => Err("--no-torch".to_string()),
+        Some(None) => Err("no Python with torch: pass --python or set KILN_PYTHON".to_string()),
+        Some(Some((python, _))) => torch_gemm(python, dir, cases, req),
+    };
+
     let out = tables.text();
-    writeln!(out, "gemm f32, y = x @ w^T, {threads} threads, best of {} after a warm-up", reps.max(1))?;
-    use crate::table::Align::Right;
+    write!(out, "gemm, y = x @ w^T, {threads} threads, best of {reps} after a warm-up")?;
+    match &torch {
+        Ok((version, _)) => writeln!(out, "; PyTorch {version}")?,
+        Err(why) => writeln!(out, "; PyTorch skipped: {why}")?,
+    }
+    use crate::table::Align::{Left, Right};
     let mut table = crate::table::new(&[
+        ("dtype", Left),
         ("M=N=K", Right),
         ("kiln GFLOP/s", Right),
         ("matrixmultiply GFLOP/s", Right),
-        ("ratio", Right),
+        ("PyTorch GFLOP/s", Right),
+        ("kiln / matrixmultiply", Right),
+        ("kiln / PyTorch", Right),
     ]);
-    for ((kernel, lowered), &n) in kernels.iter().zip(&module.kernels).zip(sizes) {
+    let mut rows = Vec::new();
+    for (i, ((c, kernel), lowered)) in cases.iter().zip(kernels).zip(&module.kernels).enumerate() {
+        let n = c.n;
         let work = match lowered.launch {
             LaunchShape::Cpu { work } => work.as_known().unwrap_or(n as u64) as usize,
             LaunchShape::CpuPhases { .. } => bail!("the GEMM kernel is phased, not one pass"),
@@ -504,23 +640,102 @@ fn gemm(sizes: &[usize], threads: usize, reps: usize, tables: &mut Tables) -> Re
         let symbol = format!("{}{}", kernel.name, cpu::PACKED_SUFFIX);
         // SAFETY: every packed entry has the `Packed` signature.
         let f: Packed = unsafe { *lib.get::<Packed>(symbol.as_bytes())? };
-        let (x, w) = (data(n * n, 1), data(n * n, 2));
-        let (mut y_kiln, mut y_ref) = (vec![0f32; n * n], vec![0f32; n * n]);
-        let t_kiln = best_of(reps, || kiln_gemm(f, &x, &w, &mut y_kiln, work, threads));
-        let t_ref = best_of(reps, || reference_gemm(&x, &w, &mut y_ref, n));
-        // Sums of n products of values in [-1, 1): compare relative to sqrt(n), their typical size.
-        let scale = (n as f32).sqrt();
-        let worst = y_kiln.iter().zip(&y_ref).map(|(a, b)| (a - b).abs() / scale).fold(0f32, f32::max);
-        if worst.is_nan() || worst > 1e-4 {
-            bail!("kiln and matrixmultiply disagree at n = {n}: relative error {worst:e}");
+        let (x, w) = (c.storage(&c.x), c.storage(&c.w));
+        let mut y = vec![0u8; n * n * c.dtype.size_bytes() as usize];
+        let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.as_mut_ptr() as usize];
+        let t_kiln = best_of(reps, || kiln_gemm(f, bufs, work, threads));
+        let (want, t_ref) = &reference[i];
+        let what = dtype_name(c.dtype);
+        let err = c.error(&c.values(&y), want);
+        if err.is_nan() || err > 1.0 {
+            bail!("kiln's {what} GEMM and matrixmultiply disagree at n = {n} ({err:.2} of the tolerance)");
         }
         let gflops = |t: Duration| 2.0 * (n as f64).powi(3) / t.as_secs_f64() / 1e9;
-        let (k, r) = (gflops(t_kiln), gflops(t_ref));
-        table.add_row(vec![n.to_string(), format!("{k:.1}"), format!("{r:.1}"), format!("{:.2}", k / r)]);
-        rows.push(serde_json::json!({"n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r}));
+        let (k, r) = (gflops(t_kiln), gflops(*t_ref));
+        let p = match &torch {
+            Ok((_, secs)) => {
+                let got = read_f32(&dir.join(format!("y-{what}-{n}.f32")))?;
+                let err = c.error(&got, want);
+                if err.is_nan() || err > 1.0 {
+                    bail!("PyTorch's {what} GEMM and matrixmultiply disagree at n = {n} ({err:.2} of the tolerance)");
+                }
+                Some(gflops(Duration::from_secs_f64(secs[i])))
+            }
+            Err(_) => None,
+        };
+        let cell = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        table.add_row(vec![
+            what.to_string(),
+            n.to_string(),
+            format!("{k:.1}"),
+            format!("{r:.1}"),
+            cell(p, 1),
+            format!("{:.2}", k / r),
+            cell(p.map(|p| k / p), 2),
+        ]);
+        rows.push(serde_json::json!({
+            "dtype": what, "n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r,
+            "torch_gflops": p, "torch_ratio": p.map(|p| k / p),
+        }));
     }
     write!(out, "{}", crate::table::render(&table))?;
-    Ok(
-        serde_json::json!({"bench": "gemm", "dtype": "f32", "threads": threads, "reps": reps.max(1), "sizes": rows}),
-    )
+    if cases.iter().any(|c| c.dtype == DType::BF16) {
+        writeln!(out, "(bf16 rows: matrixmultiply computes in f32 on the same values)")?;
+    }
+    let torch = match torch {
+        Ok((version, _)) => serde_json::json!({"version": version}),
+        Err(why) => serde_json::json!({"skipped": why}),
+    };
+    Ok((rows, torch))
+}
+
+/// A file of little-endian f32 values.
+fn read_f32(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// Runs tools/bench/gemm_torch.py on every case's operands, written to `dir`: the torch version
+/// and the best seconds of each case, in order; or why it could not run.
+fn torch_gemm(
+    python: &Path,
+    dir: &Path,
+    cases: &[GemmCase],
+    req: &GemmRequest,
+) -> Result<(String, Vec<f64>), String> {
+    for c in cases {
+        for (name, v) in [("x", &c.x), ("w", &c.w)] {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let path = dir.join(format!("{name}-{}-{}.f32", dtype_name(c.dtype), c.n));
+            std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+    }
+    let join = |v: Vec<String>| v.join(",");
+    let args: Vec<std::ffi::OsString> = vec![
+        "--dir".into(),
+        dir.into(),
+        "--sizes".into(),
+        join(req.sizes.iter().map(|n| n.to_string()).collect()).into(),
+        "--dtypes".into(),
+        join(req.dtypes.clone()).into(),
+        "--threads".into(),
+        req.threads.to_string().into(),
+        "--reps".into(),
+        req.reps.max(1).to_string().into(),
+    ];
+    let json = crate::bench_train::python_json(python, "gemm_torch.py", &args)?;
+    let results = json["results"].as_array().ok_or("gemm_torch.py printed no results")?;
+    let mut seconds = Vec::with_capacity(cases.len());
+    for c in cases {
+        let what = dtype_name(c.dtype);
+        let s = results
+            .iter()
+            .find(|r| r["dtype"] == what && r["n"].as_u64() == Some(c.n as u64))
+            .and_then(|r| r["seconds"].as_f64())
+            .ok_or_else(|| format!("gemm_torch.py timed no {what} GEMM at n = {}", c.n))?;
+        seconds.push(s);
+    }
+    let version = json["torch"].as_str().unwrap_or("?");
+    let onednn = if json["mkldnn"].as_bool() == Some(true) { " (oneDNN)" } else { "" };
+    Ok((format!("{version}{onednn}"), seconds))
 }

@@ -91,7 +91,7 @@ fn batch(rows: usize, width: usize, vocab: u64) -> Result<TokenRows> {
 }
 
 /// The Python that runs the baseline, and where it came from.
-fn python(given: Option<&Path>) -> Option<(PathBuf, &'static str)> {
+pub fn python(given: Option<&Path>) -> Option<(PathBuf, &'static str)> {
     if let Some(p) = given {
         return Some((p.to_path_buf(), "--python"));
     }
@@ -305,17 +305,20 @@ fn time_steps(
     Ok(())
 }
 
-/// Runs tools/bench/train_torch.py on the folder's `hf/` and `tokens.safetensors`.
-fn torch(python: &Path, dir: &Path, steps: usize, threads: usize) -> Result<Figures, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench/train_torch.py");
-    if !script.is_file() {
-        return Err(format!("{} is not here (kiln runs it from its source tree)", script.display()));
+/// Runs `tools/bench/SCRIPT` in `python` with `args`; the JSON object its last line of output
+/// is, or why there is none.
+pub fn python_json(
+    python: &Path,
+    script: &str,
+    args: &[std::ffi::OsString],
+) -> Result<serde_json::Value, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bench").join(script);
+    if !path.is_file() {
+        return Err(format!("{} is not here (kiln runs it from its source tree)", path.display()));
     }
     let r = std::process::Command::new(python)
-        .arg(&script)
-        .args(["--model", &dir.join("hf").to_string_lossy(), "--tokens"])
-        .arg(dir.join("tokens.safetensors"))
-        .args(["--steps", &steps.to_string(), "--threads", &threads.to_string()])
+        .arg(&path)
+        .args(args)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
     if !r.status.success() {
@@ -324,8 +327,16 @@ fn torch(python: &Path, dir: &Path, steps: usize, threads: usize) -> Result<Figu
         return Err(format!("{} failed: {last}", python.display()));
     }
     let text = String::from_utf8_lossy(&r.stdout);
-    let json: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
-        .map_err(|e| format!("train_torch.py printed no result: {e}"))?;
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .map_err(|e| format!("{script} printed no result: {e}"))
+}
+
+/// Runs tools/bench/train_torch.py on the folder's `hf/` and `tokens.safetensors`.
+fn torch(python: &Path, dir: &Path, steps: usize, threads: usize) -> Result<Figures, String> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), dir.join("hf").into(), "--tokens".into()];
+    args.push(dir.join("tokens.safetensors").into());
+    args.extend(["--steps".into(), steps.to_string().into(), "--threads".into(), threads.to_string().into()]);
+    let json = python_json(python, "train_torch.py", &args)?;
     let seconds: Vec<f64> =
         serde_json::from_value(json["step_seconds"].clone()).map_err(|e| e.to_string())?;
     if seconds.is_empty() {

@@ -633,25 +633,40 @@ fn a_manifest_that_does_not_hold_together_is_rejected() {
 
 #[test]
 fn bench_gemm_prints_a_table() {
-    let out = kiln(&["bench", "gemm", "--sizes", "64", "--reps", "1", "--threads", "2"]);
+    let out = kiln(&["bench", "gemm", "--sizes", "64", "--reps", "1", "--threads", "2", "--no-torch"]);
     assert!(out.ok, "{}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(lines.len(), 3, "{}", out.stdout);
-    assert!(lines[0].starts_with("gemm f32, y = x @ w^T, 2 threads"), "{}", lines[0]);
-    let row: Vec<&str> = lines[2].split_whitespace().collect();
-    assert_eq!(row[0], "64");
-    // Rates and their ratio: numbers (a loaded machine can print a rate or ratio that rounds to 0).
-    for v in &row[1..] {
-        assert!(v.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()), "{}", lines[2]);
+    assert_eq!(lines.len(), 5, "{}", out.stdout);
+    assert!(lines[0].starts_with("gemm, y = x @ w^T, 2 threads"), "{}", lines[0]);
+    assert!(lines[0].ends_with("PyTorch skipped: --no-torch"), "{}", lines[0]);
+    for (line, dtype) in lines[2..4].iter().zip(["f32", "bf16"]) {
+        let row: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(row[..2], [dtype, "64"], "{line}");
+        // Rates and their ratio: numbers (a loaded machine can print a rate or ratio that rounds
+        // to 0); no PyTorch figures.
+        for v in [row[2], row[3], row[5]] {
+            assert!(v.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()), "{line}");
+        }
+        assert_eq!((row[4], row[6]), ("-", "-"), "{line}");
     }
-    // --json: the same figures as one document, and nothing else.
+    assert!(lines[4].starts_with("(bf16 rows"), "{}", lines[4]);
+    // --json: the same figures as one document, and nothing else; with PyTorch where this machine
+    // has a Python with torch (the tools/goldens venv), its rates too, each checked against the
+    // same reference before anything is printed.
     let json = kiln(&["bench", "gemm", "--sizes", "32,64", "--reps", "1", "--threads", "2", "--json"]);
     assert!(json.ok, "{}", json.stderr);
     let doc: serde_json::Value =
         serde_json::from_str(&json.stdout).unwrap_or_else(|e| panic!("{e}: {}", json.stdout));
     assert_eq!((doc["bench"].as_str(), doc["threads"].as_u64()), (Some("gemm"), Some(2)));
+    let torch = doc["torch"]["version"].is_string();
+    if !torch {
+        let why = doc["torch"]["skipped"].as_str().unwrap();
+        println!("PyTorch column not checked: {why}");
+    }
     let sizes = doc["sizes"].as_array().unwrap();
-    assert_eq!(sizes.iter().map(|r| r["n"].as_u64().unwrap()).collect::<Vec<_>>(), [32, 64]);
+    let cases: Vec<(&str, u64)> =
+        sizes.iter().map(|r| (r["dtype"].as_str().unwrap(), r["n"].as_u64().unwrap())).collect();
+    assert_eq!(cases, [("f32", 32), ("f32", 64), ("bf16", 32), ("bf16", 64)]);
     for r in sizes {
         let (k, m, ratio) = (
             r["kiln_gflops"].as_f64().unwrap(),
@@ -659,6 +674,13 @@ fn bench_gemm_prints_a_table() {
             r["ratio"].as_f64().unwrap(),
         );
         assert!(k > 0.0 && m > 0.0 && (ratio - k / m).abs() <= 1e-9 * ratio, "{r}");
+        match torch {
+            true => {
+                let (p, ratio) = (r["torch_gflops"].as_f64().unwrap(), r["torch_ratio"].as_f64().unwrap());
+                assert!(p > 0.0 && (ratio - k / p).abs() <= 1e-9 * ratio, "{r}");
+            }
+            false => assert!(r["torch_gflops"].is_null(), "{r}"),
+        }
     }
 }
 
