@@ -52,16 +52,39 @@ reconcile-unrealized-casts)";
 pub use kiln_ir::artifact::PACKED_SUFFIX;
 use kiln_ir::artifact::SIGNATURE_SUFFIX;
 
+/// What the CPU lowering may use beyond the vector code every kernel gets: instructions LLVM would
+/// not pick by itself from plain vector arithmetic. Read once from the host (the library is for
+/// this host, see [`host_description`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// AVX512_BF16's `vdpbf16ps`: two bf16 products summed into each f32 lane, for GEMMs whose
+    /// operands are both bf16. `KILN_NO_BF16_DOT=1` turns it off (to compare against the widening
+    /// path on the same machine).
+    pub bf16_dot: bool,
+}
+
+/// The host's [`CpuFeatures`].
+pub fn host_features() -> CpuFeatures {
+    static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
+    *FEATURES.get_or_init(|| {
+        let features = TargetMachine::get_host_cpu_features().to_string();
+        let has = |f: &str| features.split(',').any(|x| x == f);
+        let off = std::env::var_os("KILN_NO_BF16_DOT").is_some_and(|v| v != "0");
+        CpuFeatures { bf16_dot: has("+avx512bf16") && has("+avx512f") && !off }
+    })
+}
+
 /// The machine code `kernels.so` is made for: the host's triple, CPU name and features, as LLVM
-/// names them. Code compiled for one may not run on another (AVX-512 on a CPU without it), so a
-/// cache of compiled artifacts keys on it.
+/// names them, and what the lowering uses of them ([`host_features`]). Code compiled for one may
+/// not run on another (AVX-512 on a CPU without it), so a cache of compiled artifacts keys on it.
 pub fn host_description() -> String {
     let triple = TargetMachine::get_default_triple();
     format!(
-        "{} {} {}",
+        "{} {} {} {:?}",
         triple.as_str().to_string_lossy(),
         TargetMachine::get_host_cpu_name().to_string(),
-        TargetMachine::get_host_cpu_features().to_string()
+        TargetMachine::get_host_cpu_features().to_string(),
+        host_features()
     )
 }
 

@@ -771,6 +771,15 @@ impl WeightRead {
         }
     }
 
+    /// The output column's weight row (starting at `wstart`) as a [`Bf16Row`] when it is bf16.
+    fn bf16_row(&self, wstart: &Value) -> Option<Bf16Row> {
+        (self.dtype == DType::BF16 && self.scales.is_none()).then(|| Bf16Row {
+            view: self.view.clone(),
+            memref: "memref<?xbf16>".into(),
+            start: wstart.clone(),
+        })
+    }
+
     /// Elements `wi .. wi + 16` (columns `kk .. kk + 16`, one scale block: [`Operand::check`]) as a
     /// `vector<16xf32>`: f16/bf16 widened, FP8 decoded in registers and times its block's scale.
     fn vec_at(&self, f: &mut Frame, wi: &Value, kk: &Value) -> Value {
@@ -930,7 +939,20 @@ fn grouped_block(
     let per_row = cols.len() * g;
     // Accumulator (r, c, w) is number r * per_row + c * g + w.
     let inits: Vec<(Value, &str)> = (0..GROUP_MR * per_row).map(|_| (zero_v.clone(), VEC)).collect();
-    let accs = for_carry(f, &zero, &kvec, &vl, &inits, |f, i, acc| {
+    // bf16 input and weights on a CPU with bf16 dot products: 32 columns of K a step first.
+    let pairs: Option<(Vec<Bf16Row>, Vec<Bf16Row>)> = match f.has_bf16_dot() {
+        true => (xrows.iter().map(|r| r.bf16_row(f)).collect::<Option<_>>()).zip(
+            (cols.iter().zip(&wstarts))
+                .flat_map(|((_, reads), wstart)| reads.iter().map(move |r| r.bf16_row(wstart)))
+                .collect::<Option<_>>(),
+        ),
+        false => None,
+    };
+    let (start, inits) = match pairs {
+        Some((xb, wb)) => bf16_dot_block(f, k, &xb, &wb, &inits),
+        None => (zero.clone(), inits),
+    };
+    let accs = for_carry(f, &start, &kvec, &vl, &inits, |f, i, acc| {
         let mut wv = Vec::with_capacity(per_row);
         for ((_, reads), wstart) in cols.iter().zip(&wstarts) {
             let wi = f.b.addi(wstart, i);
@@ -1147,18 +1169,31 @@ impl Gemv<'_> {
                 let any: Vec<Value> = nan.iter().map(|m| any_nan_code(f, m)).collect();
                 (acc.iter().enumerate()).map(|(a, v)| nan_if(f, &any[a % (nr * nw)], v)).collect()
             }
-            None => for_carry(f, &zero, &self.kvec, &vl, &inits, |f, kk, acc| {
-                let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
-                let mut next = Vec::with_capacity(mr * nr * nw);
-                for (i, xr) in xrow.iter().enumerate() {
-                    let xv = xr.vec_at(f, kk);
-                    for (j, w) in wv.iter().enumerate() {
-                        let a = &acc[i * nr * nw + j];
-                        next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
+            None => {
+                // bf16 input and weights on a CPU with bf16 dot products: 32 columns of K a step,
+                // two products summed into each lane; the 16-wide widening loop takes what is left.
+                let pairs: Option<(Vec<Bf16Row>, Vec<Bf16Row>)> = match f.has_bf16_dot() {
+                    true => (xrow.iter().map(|r| r.bf16_row(f)).collect::<Option<_>>())
+                        .zip(wrow.iter().map(|r| r.bf16_row(f)).collect::<Option<_>>()),
+                    false => None,
+                };
+                let (start, inits) = match pairs {
+                    Some((xb, wb)) => bf16_dot_block(f, &self.k, &xb, &wb, &inits),
+                    None => (zero.clone(), inits),
+                };
+                for_carry(f, &start, &self.kvec, &vl, &inits, |f, kk, acc| {
+                    let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
+                    let mut next = Vec::with_capacity(mr * nr * nw);
+                    for (i, xr) in xrow.iter().enumerate() {
+                        let xv = xr.vec_at(f, kk);
+                        for (j, w) in wv.iter().enumerate() {
+                            let a = &acc[i * nr * nw + j];
+                            next.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
+                        }
                     }
-                }
-                next
-            }),
+                    next
+                })
+            }
         };
         let sums: Vec<(Value, &str)> = accs
             .iter()
@@ -1195,6 +1230,98 @@ impl Gemv<'_> {
                 (self.store)(f, &idx, &ys);
             }
         }
+    }
+}
+
+/// A row of bf16 values as the bf16 dot products read it: element `kk` is at `start + kk` of
+/// `view`.
+struct Bf16Row {
+    view: Value,
+    memref: String,
+    start: Value,
+}
+
+impl Bf16Row {
+    /// Elements `kk .. kk + 32`, as they are stored.
+    fn load(&self, f: &mut Frame, kk: &Value) -> Value {
+        let at = f.b.addi(&self.start, kk);
+        let (view, memref) = (&self.view, &self.memref);
+        f.b.op("bv", format_args!("vector.load {view}[{at}] : {memref}, {BF16_PAIRS}"))
+    }
+}
+
+/// The part of a register block's dot products that bf16 dot products compute: columns `0 ..
+/// K - K % 32` of K for input rows `xs` and weight rows `ws`, accumulator `i * ws.len() + j` for
+/// input row `i` and weight row `j`, from `inits`. Returns where the 16-wide loop takes over, and
+/// the accumulators to carry on with.
+fn bf16_dot_block(
+    f: &mut Frame,
+    k: &Value,
+    xs: &[Bf16Row],
+    ws: &[Bf16Row],
+    inits: &[(Value, &'static str)],
+) -> (Value, Vec<(Value, &'static str)>) {
+    let (zero, step) = (f.b.index(0), f.b.index(2 * VL));
+    let q = f.b.divui(k, &step);
+    let k2 = f.b.muli(&q, &step);
+    let acc = for_carry(f, &zero, &k2, &step, inits, |f, kk, acc| {
+        let wv: Vec<Value> = ws.iter().map(|r| r.load(f, kk)).collect();
+        let mut next = Vec::with_capacity(acc.len());
+        for (i, xr) in xs.iter().enumerate() {
+            let xv = xr.load(f, kk);
+            for (j, w) in wv.iter().enumerate() {
+                next.push(f.bf16_dot(&acc[i * ws.len() + j], &xv, w));
+            }
+        }
+        next
+    });
+    (k2, acc.into_iter().map(|a| (a, VEC)).collect())
+}
+
+/// 32 bf16 values: the operands of one `vdpbf16ps`.
+const BF16_PAIRS: &str = "vector<32xbf16>";
+
+impl OperandRow {
+    /// The row as a [`Bf16Row`] when it is a plain bf16 buffer.
+    fn bf16_row(&self, f: &Frame) -> Option<Bf16Row> {
+        let Operand::Plain(b) = self.op else { return None };
+        (f.bufs[b].ty.dtype == DType::BF16).then(|| Bf16Row {
+            view: f.bufs[b].view.clone(),
+            memref: f.bufs[b].memref.clone(),
+            start: self.start.clone(),
+        })
+    }
+}
+
+impl InputRow {
+    fn bf16_row(&self, f: &Frame) -> Option<Bf16Row> {
+        match self {
+            InputRow::Operand(op) => op.bf16_row(f),
+            InputRow::Decoded { .. } => None,
+        }
+    }
+}
+
+impl Frame<'_> {
+    /// Whether this kernel may use the CPU's bf16 dot products ([`crate::codegen::cpu::CpuFeatures::bf16_dot`]).
+    fn has_bf16_dot(&self) -> bool {
+        self.target == Target::Cpu && crate::codegen::cpu::host_features().bf16_dot
+    }
+
+    /// `acc + a[2i] * b[2i] + a[2i + 1] * b[2i + 1]` in each lane `i` of `acc` (a
+    /// `vector<16xf32>`), for 32 bf16 values `a` and `b`: AVX512_BF16's `vdpbf16ps`. The products
+    /// are exact in f32 and added one at a time with f32 rounding, as the widening loop's two
+    /// multiply-adds would (the odd product first); the difference is that the instruction reads
+    /// subnormal bf16 inputs as zero and flushes subnormal sums, values below 2^-126 that a GEMM's
+    /// tolerance covers.
+    fn bf16_dot(&mut self, acc: &Value, a: &Value, b: &Value) -> Value {
+        self.b.op(
+            "acc",
+            format_args!(
+                "llvm.call_intrinsic \"llvm.x86.avx512bf16.dpbf16ps.512\"({acc}, {a}, {b}) : \
+                 ({VEC}, {BF16_PAIRS}, {BF16_PAIRS}) -> {VEC}"
+            ),
+        )
     }
 }
 
