@@ -582,8 +582,9 @@ fn fp8_block_cols(weights: &[Vec<Operand>]) -> Option<i64> {
 
 /// The vector part (`0 .. kvec`, a multiple of 16) of one row's dot products with FP8 weights whose
 /// scale blocks span `cols` columns of K: per block, the products of the input with the decoded
-/// codes (times 2^-8, [`Frame::f8_decode_vec_raw`]) summed in vector accumulators, then multiplied
-/// by the block's scale (times 2^8) into the running sums, `inits`. One multiply by the scale per
+/// codes (times 2^-8, [`fp8_block_sums`]: NaN codes found on the bytes) summed in vector
+/// accumulators, then multiplied by the block's scale (times 2^8) into the running sums, `inits`;
+/// a weight whose codes hold a NaN gives NaN sums after the last block. One multiply by the scale per
 /// block and weight instead of one per 16 codes; the sums are reassociated (the scale factored out
 /// of each block's sum, as DeepSeek's FP8 GEMM kernels do), within the GEMMs' tolerance of the
 /// interpreter's `dequantize` then `linear`.
