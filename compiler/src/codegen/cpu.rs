@@ -61,6 +61,9 @@ pub struct CpuFeatures {
     /// operands are both bf16. `KILN_NO_BF16_DOT=1` turns it off (to compare against the widening
     /// path on the same machine).
     pub bf16_dot: bool,
+    /// AVX512_VBMI's `vpermi2b` (a 128-entry byte table looked up 64 bytes at a time): with
+    /// `bf16_dot`, FP8 GEMMs decode E4M3 codes to bf16 by table and take `vdpbf16ps`.
+    pub byte_permute: bool,
 }
 
 /// The host's [`CpuFeatures`].
@@ -70,7 +73,8 @@ pub fn host_features() -> CpuFeatures {
         let features = TargetMachine::get_host_cpu_features().to_string();
         let has = |f: &str| features.split(',').any(|x| x == f);
         let off = std::env::var_os("KILN_NO_BF16_DOT").is_some_and(|v| v != "0");
-        CpuFeatures { bf16_dot: has("+avx512bf16") && has("+avx512f") && !off }
+        let bf16_dot = has("+avx512bf16") && has("+avx512f") && !off;
+        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi") }
     })
 }
 

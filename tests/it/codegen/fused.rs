@@ -526,49 +526,10 @@ fn a_grouped_gemm_over_20_experts_picks_each_rows_expert() {
 fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
     const K: usize = 185;
     const N: usize = 10;
-    let mut codes = vec![0u8; N * K];
-    for n in [0, 1, 2, 3, 8] {
-        for k in 0..K {
-            let c = ((n.min(4) * K + k) % 256) as u8;
-            codes[n * K + k] = if c & 0x7F == 0x7F { 0 } else { c };
-        }
-    }
-    for (n, at, nan) in [(4, 3, 0x7F), (5, 100, 0xFF), (6, 140, 0x7F), (7, 180, 0xFF), (9, 64, 0xFF)] {
-        let from = if n == 9 { 8 } else { n - 4 };
-        let row: Vec<u8> = codes[from * K..from * K + K].to_vec();
-        codes[n * K..n * K + K].copy_from_slice(&row);
-        codes[n * K + at] = nan;
-    }
+    let codes = nan_test_codes(K, [3, 100, 140, 180, 64]);
     let identity: Vec<f32> = (0..K * K).map(|i| if i / K == i % K { 1.0 } else { 0.0 }).collect();
-    let check = |y: &[f64], what: &str| {
-        for m in 0..K {
-            for n in 0..N {
-                let got = y[m * N + n];
-                if codes[n * K..n * K + K].iter().any(|c| c & 0x7F == 0x7F) {
-                    assert!(got.is_nan(), "{what}: y[{m}, {n}] = {got}: weight row {n} holds a NaN code");
-                    continue;
-                }
-                let want = kiln_ir::interp::numerics::f8e4m3_to_f32(codes[n * K + m]) as f64;
-                // Equal values (the sum's other products are +0, so code 0x80 comes out as +0).
-                assert_eq!(got, want, "{what}: code {:#04x} (y[{m}, {n}])", codes[n * K + m]);
-            }
-        }
-    };
-    let kernel_of = |src: &str, plan_name: &str| {
-        let g = kiln_ir::parse(src).unwrap();
-        let plan = form_kernels(&g).unwrap();
-        let kernel = (plan.steps.iter())
-            .find_map(|s| match s {
-                Step::Launch { kernel, node, .. } if matches!(g.node(*node).op, Op::Fused { .. }) => {
-                    Some(plan.kernel(*kernel).clone())
-                }
-                _ => None,
-            })
-            .unwrap();
-        assert_eq!(fusion_plan(&kernel.body).unwrap().to_string(), plan_name);
-        kernel
-    };
-
+    let check = |y: &[f64], what: &str| check_identity_product(y, &codes, K, what);
+    let kernel_of = fused_kernel_of;
     let (w, sc) = (format!("f8e4m3[{N}, {K}]"), "f32[1, 2]".to_string());
     let x = format!("f32[{K}, {K}]");
     let linear = kernel_of(
@@ -581,15 +542,11 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
         ),
         "fp8 linear",
     );
-    let lib = CpuLib::build(&[&linear]);
-    let mut bufs = vec![
-        Buf::F32(identity.clone()),
-        Buf::F8(codes.clone()),
-        Buf::F32(vec![1.0, 1.0]),
-        garbage(&linear.results[0]),
-    ];
-    lib.run(&linear, &mut bufs, &BIND);
-    check(&values(&bufs[3]), "linear");
+    let y = run_on_cpu(
+        &linear,
+        vec![Buf::F32(identity.clone()), Buf::F8(codes.clone()), Buf::F32(vec![1.0, 1.0])],
+    );
+    check(&y, "linear");
 
     let grouped = kernel_of(
         &fused_graph(
@@ -602,18 +559,18 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
         ),
         "fp8 grouped_linear",
     );
-    let lib = CpuLib::build(&[&grouped]);
-    let mut bufs = vec![
-        Buf::F32(identity),
-        Buf::I32(vec![0, 121, K as i32]),
-        Buf::F8(codes.clone()),
-        Buf::F32(vec![1.0, 1.0]),
-        Buf::F8(codes.clone()),
-        Buf::F32(vec![1.0, 1.0]),
-        garbage(&grouped.results[0]),
-    ];
-    lib.run(&grouped, &mut bufs, &BIND);
-    check(&values(&bufs[6]), "grouped_linear");
+    let y = run_on_cpu(
+        &grouped,
+        vec![
+            Buf::F32(identity),
+            Buf::I32(vec![0, 121, K as i32]),
+            Buf::F8(codes.clone()),
+            Buf::F32(vec![1.0, 1.0]),
+            Buf::F8(codes.clone()),
+            Buf::F32(vec![1.0, 1.0]),
+        ],
+    );
+    check(&y, "grouped_linear");
 }
 
 /// A graph of one `fused` node named `fp8-gemm` over `inputs` (name, type), whose body is the
@@ -637,4 +594,124 @@ fn fused_graph(inputs: &[(&str, &str)], ops: &[String]) -> String {
     }
     src += &format!("    output \"y\" = %{}\n  }}\n  output \"y\" = %{n}\n}}\n", n + ops.len() - 1);
     src
+}
+
+/// Weight codes for the NaN tests, 10 rows of `k`: rows 0-3 and 8 hold every finite code between
+/// them (for `k` >= 185); rows 4-7 and 9 are copies of rows 0-3 and 8 with one NaN code at the
+/// columns `nan_at`.
+fn nan_test_codes(k: usize, nan_at: [usize; 5]) -> Vec<u8> {
+    let mut codes = vec![0u8; 10 * k];
+    for n in [0, 1, 2, 3, 8] {
+        for c in 0..k {
+            let v = ((n.min(4) * k + c) % 256) as u8;
+            codes[n * k + c] = if v & 0x7F == 0x7F { 0 } else { v };
+        }
+    }
+    for ((n, at), nan) in [4, 5, 6, 7, 9].into_iter().zip(nan_at).zip([0x7F, 0xFF, 0x7F, 0xFF, 0xFF]) {
+        let from = if n == 9 { 8 } else { n - 4 };
+        let row: Vec<u8> = codes[from * k..from * k + k].to_vec();
+        codes[n * k..n * k + k].copy_from_slice(&row);
+        codes[n * k + at] = nan;
+    }
+    codes
+}
+
+/// `y = identity @ w^T` for the weight `codes` (`[N, k]`, scale 1): `y[m, n]` is code `m` of row
+/// `n` decoded, exactly, and NaN in every output of a row holding a NaN code.
+fn check_identity_product(y: &[f64], codes: &[u8], k: usize, what: &str) {
+    let n_rows = codes.len() / k;
+    for m in 0..k {
+        for n in 0..n_rows {
+            let got = y[m * n_rows + n];
+            if codes[n * k..n * k + k].iter().any(|c| c & 0x7F == 0x7F) {
+                assert!(got.is_nan(), "{what}: y[{m}, {n}] = {got}: weight row {n} holds a NaN code");
+                continue;
+            }
+            let want = kiln_ir::interp::numerics::f8e4m3_to_f32(codes[n * k + m]) as f64;
+            // Equal values (the sum's other products are +0, so code 0x80 comes out as +0).
+            assert_eq!(got, want, "{what}: code {:#04x} (y[{m}, {n}])", codes[n * k + m]);
+        }
+    }
+}
+
+/// The one fused kernel of `src`, whose fusion plan must print as `plan_name`.
+fn fused_kernel_of(src: &str, plan_name: &str) -> Kernel {
+    let g = kiln_ir::parse(src).unwrap();
+    let plan = form_kernels(&g).unwrap();
+    let kernel = (plan.steps.iter())
+        .find_map(|s| match s {
+            Step::Launch { kernel, node, .. } if matches!(g.node(*node).op, Op::Fused { .. }) => {
+                Some(plan.kernel(*kernel).clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(fusion_plan(&kernel.body).unwrap().to_string(), plan_name);
+    kernel
+}
+
+/// An FP8 input times FP8 weights in blocks of the same span (DeepSeek-V3's 1 x 128 and 128 x 128):
+/// on a CPU with AVX512_BF16 and AVX512_VBMI both are decoded to bf16 by table and multiplied with
+/// `vdpbf16ps`. The input is the identity in E4M3 (code 0x38 is 1.0), so each output is one weight
+/// code decoded, exactly, and NaN for every output of a row holding a NaN code (K = 192: a full
+/// block and a ragged one; NaN codes in both 64-code steps of the first block and in the second).
+/// As a `linear` and as a `grouped_linear`.
+#[test]
+fn fp8_times_fp8_gemms_decode_every_code_exactly() {
+    const K: usize = 192;
+    let codes = nan_test_codes(K, [3, 100, 140, 191, 64]);
+    let x: Vec<u8> = (0..K * K).map(|i| if i / K == i % K { 0x38 } else { 0 }).collect();
+    let (xt, xs, w, ws) =
+        (format!("f8e4m3[{K}, {K}]"), format!("f32[{K}, 2]"), format!("f8e4m3[10, {K}]"), "f32[1, 2]");
+    let kernel = fused_kernel_of(
+        &fused_graph(
+            &[("x", &xt), ("xs", &xs), ("w", &w), ("ws", ws)],
+            &[
+                format!("dequantize %0, %1 {{to = f32, block = [1, 128]}} : f32[{K}, {K}]"),
+                format!("dequantize %2, %3 {{to = f32, block = [128, 128]}} : f32[10, {K}]"),
+                format!("linear %4, %5 : f32[{K}, 10]"),
+            ],
+        ),
+        "fp8 linear",
+    );
+    let (ones, scale) = (Buf::F32(vec![1.0; K * 2]), Buf::F32(vec![1.0, 1.0]));
+    let y =
+        run_on_cpu(&kernel, vec![Buf::F8(x.clone()), ones.clone(), Buf::F8(codes.clone()), scale.clone()]);
+    check_identity_product(&y, &codes, K, "fp8 x fp8 linear");
+
+    // The same as a grouped GEMM of two experts holding the same weight: rows 0-120 and 121-191,
+    // so each expert's last rows (1 and 3) take the one-row loop, which decodes by table too.
+    let grouped = fused_kernel_of(
+        &fused_graph(
+            &[
+                ("x", &xt),
+                ("xs", &xs),
+                ("offsets", "i32[3]"),
+                ("w0", &w),
+                ("ws0", ws),
+                ("w1", &w),
+                ("ws1", ws),
+            ],
+            &[
+                format!("dequantize %0, %1 {{to = f32, block = [1, 128]}} : f32[{K}, {K}]"),
+                format!("dequantize %3, %4 {{to = f32, block = [128, 128]}} : f32[10, {K}]"),
+                format!("dequantize %5, %6 {{to = f32, block = [128, 128]}} : f32[10, {K}]"),
+                format!("grouped_linear %7, %2, %8, %9 {{num_experts = 2}} : f32[{K}, 10]"),
+            ],
+        ),
+        "fp8 grouped_linear",
+    );
+    let offsets = Buf::I32(vec![0, 121, K as i32]);
+    let (w0, w1) = (Buf::F8(codes.clone()), Buf::F8(codes.clone()));
+    let y = run_on_cpu(&grouped, vec![Buf::F8(x), ones, offsets, w0, scale.clone(), w1, scale]);
+    check_identity_product(&y, &codes, K, "fp8 x fp8 grouped_linear");
+}
+
+/// Runs `kernel` on the CPU with arguments `args` and its result filled with garbage first; the
+/// result's values.
+fn run_on_cpu(kernel: &Kernel, mut args: Vec<Buf>) -> Vec<f64> {
+    let lib = CpuLib::build(&[kernel]);
+    args.push(garbage(&kernel.results[0]));
+    lib.run(kernel, &mut args, &BIND);
+    values(args.last().unwrap())
 }

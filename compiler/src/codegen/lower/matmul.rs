@@ -372,6 +372,8 @@ pub(super) fn grouped_with(
         let views = views_of(f, &e);
         col_body(f, m, &valid, &views);
     };
+    // The one-row loop's FP8 products by bf16 dot products ([`fp8_bf16_blocks`]) where they apply.
+    let raw_bf16 = fp8_bf16_applies(f, x, fp8_block_cols(weights), kn);
     let element_dots = |f: &mut Frame, xr: &InputRow, at: &Value, col: &Value, views: &[Value]| {
         let wstart = f.b.muli(col, &k);
         let reads = weight_reads(f, weights, views, col, &k);
@@ -385,6 +387,23 @@ pub(super) fn grouped_with(
             let zero_v = f.b.constant("dense<0.0>", VEC);
             let vinits: Vec<(Value, &str)> = weights.iter().map(|_| (zero_v.clone(), VEC)).collect();
             let accs = match fp8_block_cols(weights) {
+                Some(cols) if matches!(xr, InputRow::RawBf16 { .. }) => {
+                    let codes: Vec<CodesRow> = (reads.iter())
+                        .map(|r| CodesRow {
+                            view: r.view.clone(),
+                            memref: "memref<?xi8>".into(),
+                            base: wstart.clone(),
+                        })
+                        .collect();
+                    let w_scale = |f: &mut Frame, j: usize, kk: &Value| {
+                        reads[j].scale(f, kk).expect("FP8 weights have scales")
+                    };
+                    let x_scale = |f: &mut Frame, _: usize, kk: &Value| {
+                        xr.scale(f, kk).expect("FP8 inputs have scales")
+                    };
+                    let xs = std::slice::from_ref(xr);
+                    fp8_bf16_blocks(f, (xs, &x_scale), (&codes, &w_scale), (&kvec, cols), &vinits)
+                }
                 // FP8 weights: each block's products summed on the codes, then times its scale.
                 Some(cols) => {
                     fp8_blocked_dots(f, &reads, &wstart, &kvec, cols, &vinits, &|f, i| xr.vec_at(f, i))
@@ -477,7 +496,7 @@ pub(super) fn grouped_with(
                     let span = f.b.muli(&blocks, &mr);
                     let blocked = f.b.addi(&from, &span);
                     for_loop(f, &from, &blocked, &mr, |f, m0| {
-                        let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn);
+                        let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, false);
                         // GROUP_NC columns at a time (each input vector loaded once for them),
                         // then the last `N mod GROUP_NC` one by one.
                         let nc = (GROUP_NC / weights.len()).max(1);
@@ -503,7 +522,7 @@ pub(super) fn grouped_with(
                     // The last rows, or the rows of no expert: zeros, read from nothing.
                     let tail = |f: &mut Frame| {
                         for_loop(f, &blocked, &to, &one, |f, m| {
-                            let xr = InputRow::rows(f, x, m, 1, &k, kn).remove(0);
+                            let xr = InputRow::rows(f, x, m, 1, &k, kn, raw_bf16).remove(0);
                             for_loop(f, &zero, &n, &one, |f, col| {
                                 let mn = f.b.muli(m, &n);
                                 let at = f.b.addi(&mn, col);
@@ -719,6 +738,14 @@ fn fp8_block_sums(
 }
 
 impl CodesRow {
+    /// Codes `kk .. kk + 64` as bf16 values ([`Frame::f8_to_bf16_64`]).
+    fn load_bf16_64(&self, f: &mut Frame, kk: &Value) -> [Value; 2] {
+        let at = f.b.addi(&self.base, kk);
+        let (view, memref) = (&self.view, &self.memref);
+        let q = f.b.op("qv", format_args!("vector.load {view}[{at}] : {memref}, {NAN_VEC}"));
+        f.f8_to_bf16_64(&q)
+    }
+
     /// Codes `kk .. kk + 16` decoded (times 2^-8), NaN codes as NaN when `tested`.
     fn load16(&self, f: &mut Frame, kk: &Value, tested: bool) -> Value {
         let at = f.b.addi(&self.base, kk);
@@ -802,11 +829,25 @@ impl WeightRead {
 /// every column.
 enum InputRow {
     Operand(OperandRow),
-    Decoded { view: Value, memref: String, start: Value },
+    Decoded {
+        view: Value,
+        memref: String,
+        start: Value,
+    },
+    /// An FP8 row's codes as their exact values in bf16, without their scales (which the
+    /// operand's row still gives), written once to scratch for [`Gemv::fp8_bf16_block`].
+    RawBf16 {
+        view: Value,
+        memref: String,
+        start: Value,
+        op: OperandRow,
+    },
 }
 
 impl InputRow {
-    /// Rows `m0 .. m0 + count` of `x` (`K` columns, `kn` when known).
+    /// Rows `m0 .. m0 + count` of `x` (`K` columns, `kn` when known); with `raw_bf16` (an FP8
+    /// input whose `K`, known, is a multiple of 64) the rows' codes decoded to bf16 values
+    /// ([`InputRow::RawBf16`]).
     fn rows(
         f: &mut Frame,
         x: &Operand,
@@ -814,11 +855,33 @@ impl InputRow {
         count: usize,
         k: &Value,
         kn: Option<u64>,
+        raw_bf16: bool,
     ) -> Vec<InputRow> {
         let operands: Vec<OperandRow> = (0..count).map(|r| operand_row(f, x, m0, r, k)).collect();
         let (Operand::Fp8 { .. }, Some(kn)) = (x, kn) else {
             return operands.into_iter().map(InputRow::Operand).collect();
         };
+        if raw_bf16 {
+            let (view, memref) = f.scratch("bf16", count as u64 * kn);
+            let (zero, span) = (f.b.index(0), f.b.index(NAN_SPAN));
+            return operands
+                .into_iter()
+                .enumerate()
+                .map(|(r, op)| {
+                    let start = f.b.index(r as i64 * kn as i64);
+                    let codes = op.codes(f);
+                    for_loop(f, &zero, k, &span, |f, kk| {
+                        let [lo, hi] = codes.load_bf16_64(f, kk);
+                        let at = f.b.addi(&start, kk);
+                        let c32 = f.b.index(2 * VL);
+                        let at_hi = f.b.addi(&at, &c32);
+                        f.b.line(format_args!("vector.store {lo}, {view}[{at}] : {memref}, {BF16_PAIRS}"));
+                        f.b.line(format_args!("vector.store {hi}, {view}[{at_hi}] : {memref}, {BF16_PAIRS}"));
+                    });
+                    InputRow::RawBf16 { view: view.clone(), memref: memref.clone(), start, op }
+                })
+                .collect();
+        }
         let (view, memref) = f.scratch("f32", count as u64 * kn);
         let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
         let kvec = f.b.index((kn - kn % VL as u64) as i64);
@@ -845,7 +908,7 @@ impl InputRow {
     /// Element `kk` of the row, in f32.
     fn at(&self, f: &mut Frame, kk: &Value) -> Value {
         match self {
-            InputRow::Operand(op) => op.at(f, kk),
+            InputRow::Operand(op) | InputRow::RawBf16 { op, .. } => op.at(f, kk),
             InputRow::Decoded { view, memref, start } => {
                 let i = f.b.addi(start, kk);
                 f.b.op("x", format_args!("memref.load {view}[{i}] : {memref}"))
@@ -856,7 +919,7 @@ impl InputRow {
     /// [`OperandRow::raw_vec_at`] of an operand's row; a decoded row's values.
     fn raw_vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
         match self {
-            InputRow::Operand(op) => op.raw_vec_at(f, kk),
+            InputRow::Operand(op) | InputRow::RawBf16 { op, .. } => op.raw_vec_at(f, kk),
             InputRow::Decoded { .. } => self.vec_at(f, kk),
         }
     }
@@ -865,7 +928,7 @@ impl InputRow {
     /// carry their scales).
     fn scale(&self, f: &mut Frame, kk: &Value) -> Option<Value> {
         match self {
-            InputRow::Operand(op) => op.scale(f, kk),
+            InputRow::Operand(op) | InputRow::RawBf16 { op, .. } => op.scale(f, kk),
             InputRow::Decoded { .. } => None,
         }
     }
@@ -873,7 +936,7 @@ impl InputRow {
     /// Elements `kk .. kk + 16` of the row, as a `vector<16xf32>`.
     fn vec_at(&self, f: &mut Frame, kk: &Value) -> Value {
         match self {
-            InputRow::Operand(op) => op.vec_at(f, kk),
+            InputRow::Operand(op) | InputRow::RawBf16 { op, .. } => op.vec_at(f, kk),
             InputRow::Decoded { view, memref, start } => {
                 let i = f.b.addi(start, kk);
                 f.b.op("xv", format_args!("vector.load {view}[{i}] : {memref}, {VEC}"))
@@ -1050,7 +1113,7 @@ fn linear_cpu(
         for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
             for_loop(f, m_lo, m_hi, m_step, |f, m0| {
                 // An FP8 input's rows are decoded once for the panel, not once per column block.
-                let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn);
+                let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
                 for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
                 for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
             });
@@ -1094,6 +1157,36 @@ impl Gemv<'_> {
         Some((cols as i64, x_raw))
     }
 
+    /// Whether the block takes [`Gemv::fp8_bf16_block`]: FP8 weights and an FP8 input in blocks of
+    /// the same span, a multiple of 64 columns, a known `K` that is a multiple of 64, and a CPU
+    /// with bf16 dot products and byte tables.
+    fn fp8_bf16(&self, f: &Frame, kn: Option<u64>) -> bool {
+        fp8_bf16_applies(f, &self.x, self.fp8_cols().map(|(c, _)| c), kn)
+    }
+
+    /// The FP8 blocks of [`Gemv::block`] when the input rows are [`InputRow::RawBf16`]: per scale
+    /// block, 64 columns a step, each weight row's codes decoded to bf16 by table
+    /// ([`Frame::f8_to_bf16_64`]) and multiplied with the input's bf16 values by `vdpbf16ps`; then
+    /// the block's sums times the input's and the weight's scales. E4M3 values are bf16 values and
+    /// their products are exact in f32 (and at least 2^-18 in magnitude, never flushed as
+    /// subnormal), so this is the widening path's arithmetic but for the order of the sums. NaN
+    /// codes decode to NaN.
+    fn fp8_bf16_block(
+        &self,
+        f: &mut Frame,
+        xrow: &[InputRow],
+        wrow: &[OperandRow],
+        cols: i64,
+        inits: &[(Value, &'static str)],
+    ) -> Vec<Value> {
+        let codes: Vec<CodesRow> = wrow.iter().map(|r| r.codes(f)).collect();
+        let w_scale =
+            |f: &mut Frame, j: usize, kk: &Value| wrow[j].scale(f, kk).expect("FP8 weights have scales");
+        let x_scale =
+            |f: &mut Frame, i: usize, kk: &Value| xrow[i].scale(f, kk).expect("FP8 inputs have scales");
+        fp8_bf16_blocks(f, (xrow, &x_scale), (&codes, &w_scale), (&self.kvec, cols), inits)
+    }
+
     /// Computes `y_w[m0 + i, n0 + j]` for `i < mr`, `j < nr` and every weight `w`. Accumulator
     /// `(i, w, j)` is number `(i * weights + w) * nr + j`.
     fn block(&self, f: &mut Frame, xrow: &[InputRow], m0: &Value, n0: &Value, nr: usize) {
@@ -1106,7 +1199,9 @@ impl Gemv<'_> {
         let zero_v = f.b.constant("dense<0.0>", VEC);
         let (zero, vl, one) = (f.b.index(0), f.b.index(VL), f.b.index(1));
         let inits: Vec<(Value, &str)> = (0..mr * nr * nw).map(|_| (zero_v.clone(), VEC)).collect();
+        let raw_bf16 = xrow.iter().all(|r| matches!(r, InputRow::RawBf16 { .. }));
         let accs = match self.fp8_cols() {
+            Some((cols, true)) if raw_bf16 => self.fp8_bf16_block(f, xrow, &wrow, cols, &inits),
             Some((cols, x_raw)) => {
                 // An input decoded to scratch is plain f32: only the weights' scales factor out.
                 let x_raw = x_raw && xrow.iter().all(|r| matches!(r, InputRow::Operand(_)));
@@ -1279,6 +1374,86 @@ fn bf16_dot_block(
     (k2, acc.into_iter().map(|a| (a, VEC)).collect())
 }
 
+/// A scale of an FP8 row of a GEMM: `(frame, row, column)` to the scale of the row's block there.
+type RowScale<'a> = &'a dyn Fn(&mut Frame, usize, &Value) -> Value;
+
+/// The FP8 blocked dot products of input rows `xs` ([`InputRow::RawBf16`]: codes as bf16 values,
+/// scales apart) with weight rows `ws` over K `0 .. kvec` (a multiple of 64) in scale blocks of
+/// `cols` columns (a multiple of 64): per block, 64 columns a step, each weight row's codes decoded
+/// to bf16 by table ([`Frame::f8_to_bf16_64`]) and multiplied with the input's values by
+/// `vdpbf16ps`; then each block's sums times the input's and the weight's scales into the running
+/// sums, accumulator `i * ws.len() + j` for input row `i` and weight row `j`, from `inits`. E4M3
+/// values are bf16 values and their products are exact in f32 (and at least 2^-18 in magnitude,
+/// never flushed as subnormal), so this is the f16 decode's arithmetic but for the order of the
+/// sums; NaN codes decode to NaN.
+fn fp8_bf16_blocks(
+    f: &mut Frame,
+    (xs, x_scale): (&[InputRow], RowScale),
+    (ws, w_scale): (&[CodesRow], RowScale),
+    (kvec, cols): (&Value, i64),
+    inits: &[(Value, &'static str)],
+) -> Vec<Value> {
+    let (zero, one, span) = (f.b.index(0), f.b.index(1), f.b.index(NAN_SPAN));
+    let (bc, bc1) = (f.b.index(cols), f.b.index(cols - 1));
+    let blocks = f.b.addi(kvec, &bc1);
+    let blocks = f.b.divui(&blocks, &bc);
+    let rows: Vec<(Value, String, Value)> = xs
+        .iter()
+        .map(|r| match r {
+            InputRow::RawBf16 { view, memref, start, .. } => (view.clone(), memref.clone(), start.clone()),
+            _ => unreachable!("fp8_bf16_blocks takes bf16 rows"),
+        })
+        .collect();
+    let nw = ws.len();
+    for_carry(f, &zero, &blocks, &one, inits, |f, b, acc| {
+        let start = f.b.muli(b, &bc);
+        let end = f.b.addi(&start, &bc);
+        let end = f.b.minui(&end, kvec);
+        let block = for_carry(f, &start, &end, &span, inits, |f, kk, bacc| {
+            let wv: Vec<[Value; 2]> = ws.iter().map(|c| c.load_bf16_64(f, kk)).collect();
+            let c32 = f.b.index(2 * VL);
+            let kk32 = f.b.addi(kk, &c32);
+            let mut next = Vec::with_capacity(bacc.len());
+            for (i, (view, memref, xstart)) in rows.iter().enumerate() {
+                let (a0, a1) = (f.b.addi(xstart, kk), f.b.addi(xstart, &kk32));
+                let x0 = f.b.op("bv", format_args!("vector.load {view}[{a0}] : {memref}, {BF16_PAIRS}"));
+                let x1 = f.b.op("bv", format_args!("vector.load {view}[{a1}] : {memref}, {BF16_PAIRS}"));
+                for (j, [w0, w1]) in wv.iter().enumerate() {
+                    let a = f.bf16_dot(&bacc[i * nw + j], &x0, w0);
+                    next.push(f.bf16_dot(&a, &x1, w1));
+                }
+            }
+            next
+        });
+        let wscales: Vec<Value> = (0..nw).map(|j| w_scale(f, j, &start)).collect();
+        let mut next = Vec::with_capacity(acc.len());
+        for i in 0..rows.len() {
+            let xs = x_scale(f, i, &start);
+            for (j, w) in wscales.iter().enumerate() {
+                let s = f.binf("mulf", &xs, w);
+                let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {VEC}"));
+                let (sum, a) = (&block[i * nw + j], &acc[i * nw + j]);
+                next.push(f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {a} : {VEC}")));
+            }
+        }
+        next
+    })
+}
+
+/// Whether an FP8 GEMM with input `x` and weights whose scale blocks span `cols` columns can take
+/// [`fp8_bf16_blocks`]: `x` FP8 in blocks of the same span, a multiple of 64, a known `K` that is a
+/// multiple of 64, and a CPU with bf16 dot products and byte tables.
+fn fp8_bf16_applies(f: &Frame, x: &Operand, cols: Option<i64>, kn: Option<u64>) -> bool {
+    let features = crate::codegen::cpu::host_features();
+    let same =
+        matches!((x, cols), (Operand::Fp8 { cols: c, .. }, Some(w)) if *c as i64 == w && w % NAN_SPAN == 0);
+    f.target == Target::Cpu
+        && features.bf16_dot
+        && features.byte_permute
+        && same
+        && kn.is_some_and(|k| k > 0 && k % NAN_SPAN as u64 == 0)
+}
+
 /// 32 bf16 values: the operands of one `vdpbf16ps`.
 const BF16_PAIRS: &str = "vector<32xbf16>";
 
@@ -1298,7 +1473,7 @@ impl InputRow {
     fn bf16_row(&self, f: &Frame) -> Option<Bf16Row> {
         match self {
             InputRow::Operand(op) => op.bf16_row(f),
-            InputRow::Decoded { .. } => None,
+            InputRow::Decoded { .. } | InputRow::RawBf16 { .. } => None,
         }
     }
 }
