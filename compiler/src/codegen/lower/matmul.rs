@@ -373,7 +373,8 @@ pub(super) fn grouped_with(
         col_body(f, m, &valid, &views);
     };
     // The one-row loop's FP8 products by bf16 dot products ([`fp8_bf16_blocks`]) where they apply.
-    let raw_bf16 = fp8_bf16_applies(f, x, fp8_block_cols(weights), kn);
+    let fp8_cols = fp8_block_cols(weights);
+    let raw_bf16 = fp8_bf16_applies(f, x, fp8_cols, kn);
     let element_dots = |f: &mut Frame, xr: &InputRow, at: &Value, col: &Value, views: &[Value]| {
         let wstart = f.b.muli(col, &k);
         let reads = weight_reads(f, weights, views, col, &k);
@@ -496,7 +497,7 @@ pub(super) fn grouped_with(
                     let span = f.b.muli(&blocks, &mr);
                     let blocked = f.b.addi(&from, &span);
                     for_loop(f, &from, &blocked, &mr, |f, m0| {
-                        let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, false);
+                        let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16);
                         // GROUP_NC columns at a time (each input vector loaded once for them),
                         // then the last `N mod GROUP_NC` one by one.
                         let nc = (GROUP_NC / weights.len()).max(1);
@@ -512,11 +513,11 @@ pub(super) fn grouped_with(
                                     (col, reads)
                                 })
                                 .collect();
-                            grouped_block(f, &xrows, m0, &cols, (&n, &k), store);
+                            grouped_block(f, &xrows, m0, &cols, (&n, &k), fp8_cols, store);
                         });
                         for_loop(f, &n_full, &n, &one, |f, col| {
                             let reads = weight_reads(f, weights, &views, col, &k);
-                            grouped_block(f, &xrows, m0, &[(col.clone(), reads)], (&n, &k), store);
+                            grouped_block(f, &xrows, m0, &[(col.clone(), reads)], (&n, &k), fp8_cols, store);
                         });
                     });
                     // The last rows, or the rows of no expert: zeros, read from nothing.
@@ -992,9 +993,10 @@ fn grouped_block(
     m0: &Value,
     cols: &[(Value, Vec<WeightRead>)],
     (n, k): (&Value, &Value),
+    fp8_cols: Option<i64>,
     store: Store,
 ) {
-    let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
+    let (zero, vl) = (f.b.index(0), f.b.index(VL));
     let kq = f.b.divui(k, &vl);
     let kvec = f.b.muli(&kq, &vl);
     let wstarts: Vec<Value> = cols.iter().map(|(col, _)| f.b.muli(col, k)).collect();
@@ -1003,6 +1005,25 @@ fn grouped_block(
     let per_row = cols.len() * g;
     // Accumulator (r, c, w) is number r * per_row + c * g + w.
     let inits: Vec<(Value, &str)> = (0..GROUP_MR * per_row).map(|_| (zero_v.clone(), VEC)).collect();
+    // FP8 input rows decoded to bf16 values ([`InputRow::rows`] chose so, `fp8_bf16_applies`):
+    // every FP8 weight's codes by table and the products by bf16 dot products, block by block.
+    if let (true, Some(span)) = (xrows.iter().all(|r| matches!(r, InputRow::RawBf16 { .. })), fp8_cols) {
+        let reads: Vec<(&WeightRead, &Value)> =
+            cols.iter().zip(&wstarts).flat_map(|((_, rs), ws)| rs.iter().map(move |r| (r, ws))).collect();
+        let codes: Vec<CodesRow> = (reads.iter())
+            .map(|(r, ws)| CodesRow {
+                view: r.view.clone(),
+                memref: "memref<?xi8>".into(),
+                base: (*ws).clone(),
+            })
+            .collect();
+        let w_scale =
+            |f: &mut Frame, j: usize, kk: &Value| reads[j].0.scale(f, kk).expect("FP8 weights have scales");
+        let x_scale =
+            |f: &mut Frame, i: usize, kk: &Value| xrows[i].scale(f, kk).expect("FP8 inputs have scales");
+        let accs = fp8_bf16_blocks(f, (xrows, &x_scale), (&codes, &w_scale), (&kvec, span), &inits);
+        return grouped_block_finish(f, xrows, m0, cols, &wstarts, (n, k, &kvec), accs, store);
+    }
     // bf16 input and weights on a CPU with bf16 dot products: 32 columns of K a step first.
     let pairs: Option<(Vec<Bf16Row>, Vec<Bf16Row>)> = match f.has_bf16_dot() {
         true => (xrows.iter().map(|r| r.bf16_row(f)).collect::<Option<_>>()).zip(
@@ -1032,6 +1053,25 @@ fn grouped_block(
         }
         out
     });
+    grouped_block_finish(f, xrows, m0, cols, &wstarts, (n, k, &kvec), accs, store)
+}
+
+/// The end of [`grouped_block`]: the vector sums `accs` of columns `0 .. kvec` reduced, the scalar
+/// tail `kvec .. K` added, and the results stored.
+#[allow(clippy::too_many_arguments)]
+fn grouped_block_finish(
+    f: &mut Frame,
+    xrows: &[InputRow],
+    m0: &Value,
+    cols: &[(Value, Vec<WeightRead>)],
+    wstarts: &[Value],
+    (n, k, kvec): (&Value, &Value, &Value),
+    accs: Vec<Value>,
+    store: Store,
+) {
+    let one = f.b.index(1);
+    let g = cols[0].1.len();
+    let per_row = cols.len() * g;
     let sums: Vec<(Value, &str)> = accs
         .iter()
         .map(|a| {
@@ -1040,9 +1080,9 @@ fn grouped_block(
             (r, "f32")
         })
         .collect();
-    let dots = for_carry(f, &kvec, k, &one, &sums, |f, i, acc| {
+    let dots = for_carry(f, kvec, k, &one, &sums, |f, i, acc| {
         let mut wv = Vec::with_capacity(per_row);
-        for ((_, reads), wstart) in cols.iter().zip(&wstarts) {
+        for ((_, reads), wstart) in cols.iter().zip(wstarts) {
             let wi = f.b.addi(wstart, i);
             wv.extend(reads.iter().map(|read| read.at(f, &wi, i)));
         }
