@@ -338,6 +338,10 @@ fn cpu_linear_matches_reference() {
         ("f32[B, T, 129]", "f32[70, 129]"),
         ("f32[37, 64]", "f32[131, 64]"),
         ("f32[64, 64]", "f32[64, 64]"),
+        // Packed panels (at least 12 rows of a panel in each third of the work, K a multiple of
+        // 16): K in two chunks (1024 columns, then 16), and rows in two passes over the chunks.
+        ("f32[30, 1040]", "f32[70, 1040]"),
+        ("f32[250, 1056]", "f32[20, 1056]"),
     ];
     let ks: Vec<Kernel> = shapes.iter().map(|(x, w)| kernel(Op::Linear, &[x, w])).collect();
     let lib = CpuLib::build(&ks.iter().collect::<Vec<_>>());
@@ -352,6 +356,7 @@ fn cpu_linear_matches_reference() {
         lib.run(k, &mut bufs, &BIND);
         let want = matmul_ref(&x, &w, (m, n, kk), true);
         assert_close(&format!("linear {} x {}", k.args[0], k.args[1]), bufs[2].f32(), &want, 1e-4, 1.0);
+        same_bits_however_split(&lib, k, &bufs, m * n.div_ceil(64));
     }
 }
 
@@ -372,6 +377,66 @@ fn cpu_linear_in_bf16_rounds_once() {
     let Buf::Bf16(got) = &bufs[2] else { unreachable!() };
     // Half a bf16 ulp (2^-8 relative) from rounding, plus the f32 accumulation.
     assert_close("linear bf16", &widen(got), &want, 1.0 / 256.0 + 1e-4, 0.05);
+}
+
+#[test]
+fn cpu_linear_in_bf16_packs_panels_where_rows_allow() {
+    // bf16 x bf16 with K a multiple of 32 on a CPU with AVX512_BF16: a GEMM of at least 12 rows
+    // packs each 64-column panel a thread works on and runs the outer-product micro-kernel (6-row
+    // blocks and single rows); fewer rows keep the dot-product blocks. `CpuLib::run` cuts the work
+    // in three, so ranges start and end inside panels. Shapes: full panels stored as whole vectors,
+    // a last panel of 22 columns stored lane by lane, 12 rows (packed) and 11 (not), and K in two
+    // chunks (2048 columns, then 32) with partial sums kept between them.
+    let shapes = [
+        ("bf16[40, 64]", "bf16[64, 64]"),
+        ("bf16[100, 96]", "bf16[150, 96]"),
+        ("bf16[12, 32]", "bf16[20, 32]"),
+        ("bf16[11, 32]", "bf16[20, 32]"),
+        ("bf16[40, 2080]", "bf16[64, 2080]"),
+    ];
+    let ks: Vec<Kernel> = shapes.iter().map(|(x, w)| kernel(Op::Linear, &[x, w])).collect();
+    let lib = CpuLib::build(&ks.iter().collect::<Vec<_>>());
+    let mut rng = Rng::new(9);
+    let widen = |v: &[u16]| v.iter().map(|&h| from_bf16(h)).collect::<Vec<f32>>();
+    for k in &ks {
+        let packed = mlir_of(k, Target::Cpu).contains("vector.shuffle");
+        assert_eq!(
+            packed,
+            kiln_compiler::codegen::cpu::host_features().bf16_dot,
+            "packed path of {}",
+            k.args[1]
+        );
+        let (xn, wd) = (numel(&k.args[0], &BIND), dims(&k.args[1], &BIND));
+        let (n, kk) = (wd[0], wd[1]);
+        let x: Vec<u16> = rng.vec(xn, -1.0, 1.0).into_iter().map(to_bf16).collect();
+        let w: Vec<u16> = rng.vec(n * kk, -1.0, 1.0).into_iter().map(to_bf16).collect();
+        let mut bufs = [Buf::Bf16(x.clone()), Buf::Bf16(w.clone()), Buf::zeros(&k.results[0], &BIND)];
+        lib.run(k, &mut bufs, &BIND);
+        let want = matmul_ref(&widen(&x), &widen(&w), (xn / kk, n, kk), true);
+        let Buf::Bf16(got) = &bufs[2] else { unreachable!() };
+        let what = format!("linear {} x {}", k.args[0], k.args[1]);
+        assert_close(&what, &widen(got), &want, 1.0 / 256.0 + 1e-4, 0.05);
+        same_bits_however_split(&lib, k, &bufs, xn / kk * n.div_ceil(64));
+    }
+}
+
+/// Runs the `linear` kernel `k` again on the arguments of `bufs` in one range of its `work` items,
+/// then in ranges of 5 items (some of them a row or two of a panel), and checks that the result
+/// has the same bits as in `bufs`: which path a row takes does not depend on the split.
+#[track_caller]
+fn same_bits_however_split(lib: &CpuLib, k: &Kernel, bufs: &[Buf; 3], work: usize) {
+    for step in [work, 5] {
+        let mut again = [bufs[0].clone(), bufs[1].clone(), Buf::zeros(&k.results[0], &BIND)];
+        for lo in (0..work).step_by(step) {
+            lib.run_range(k, &mut again, &BIND, lo as i64, (lo + step).min(work) as i64);
+        }
+        let differ = (0..again[2].len()).filter(|&i| again[2].bits(i) != bufs[2].bits(i)).count();
+        assert_eq!(
+            differ, 0,
+            "{} x {}: outputs that differ when split in ranges of {step} items",
+            k.args[0], k.args[1]
+        );
+    }
 }
 
 #[test]

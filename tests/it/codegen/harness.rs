@@ -91,6 +91,18 @@ impl Buf {
         }
     }
 
+    /// The bits of element `i`.
+    pub fn bits(&self, i: usize) -> u64 {
+        match self {
+            Buf::F32(v) => u64::from(v[i].to_bits()),
+            Buf::Bf16(v) => u64::from(v[i]),
+            Buf::I32(v) => v[i] as u32 as u64,
+            Buf::I64(v) => v[i] as u64,
+            Buf::Bool(v) => u64::from(v[i]),
+            Buf::F8(v) => u64::from(v[i]),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Buf::F32(v) => v.len(),

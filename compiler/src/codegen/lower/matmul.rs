@@ -10,7 +10,10 @@
 //! product along `K` (both operands are contiguous in `K`), fed by `MR + NR` vector loads per
 //! `MR * NR` `vector.fma`s; a horizontal sum and a scalar loop over the last `K mod 16` finish each
 //! output. Rows and columns that do not fill a block use 1-row and 1-column variants of the same block,
-//! so any `M`, `N`, `K` work. Not yet done: packing, K blocking, and vector widths chosen from the host.
+//! so any `M`, `N`, `K` work. These blocks carry GEMVs (decode) and whatever the packed path does not
+//! take: where `x` and the weights are all f32 or all bf16 (with AVX512_BF16), `K` is a multiple of
+//! 16 lanes and the GEMM has at least 12 rows, each panel is packed and run by an outer-product
+//! micro-kernel instead ([`packed`]). Not yet done: vector widths chosen from the host.
 //!
 //! CPU `matmul` (used by nothing in DeepSeek's forward graph today) is simpler: per output row, one
 //! `vector<16xf32>` of columns at a time, accumulated over `K` with broadcast FMAs, and a scalar tail.
@@ -34,6 +37,8 @@ use kiln_ir::{DType, Dim};
 use super::elementwise::broadcast_index;
 use super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_else, if_then, if_then_else, index_switch_tree, Value};
+
+mod packed;
 
 /// Rows of `x` per CPU register block.
 pub const MR: usize = 4;
@@ -250,7 +255,8 @@ pub(super) type Store<'a> = &'a dyn Fn(&mut Frame, &Value, &[Value]);
 pub(super) fn linear(f: &mut Frame) -> Result<LaunchShape, LowerError> {
     let shapes = (f.bufs[0].ty.shape.clone(), f.bufs[1].ty.shape.clone());
     let (x, w) = (Operand::Plain(0), [Operand::Plain(1)]);
-    linear_with(f, &x, &w, (&shapes.0, &shapes.1), &|f, idx, ys| f.store(2, idx, &ys[0]))
+    let store: Store = &|f, idx, ys| f.store(2, idx, &ys[0]);
+    linear_to(f, &x, &w, (&shapes.0, &shapes.1), store, Some(2))
 }
 
 /// `x @ w^T` for each weight buffer of `weights`, with the input in buffer `x`, of shapes `xs` and
@@ -262,6 +268,19 @@ pub(super) fn linear_with(
     weights: &[Operand],
     (xs, w): (&[Dim], &[Dim]),
     store: Store,
+) -> Result<LaunchShape, LowerError> {
+    linear_to(f, x, weights, (xs, w), store, None)
+}
+
+/// [`linear_with`], where `direct` is the output buffer when `store` is a plain store into it (the
+/// CPU may then store whole vectors).
+fn linear_to(
+    f: &mut Frame,
+    x: &Operand,
+    weights: &[Operand],
+    (xs, w): (&[Dim], &[Dim]),
+    store: Store,
+    direct: Option<usize>,
 ) -> Result<LaunchShape, LowerError> {
     x.check(f, "linear")?;
     for w in weights {
@@ -275,7 +294,7 @@ pub(super) fn linear_with(
     Ok(match f.target {
         Target::Cpu => {
             let work = linear_cpu_work(f, rows, w[0])?;
-            linear_cpu(f, x, weights, (&m, &n, &k), w[1].as_known(), store);
+            linear_cpu(f, x, weights, (&m, &n, &k), w[1].as_known(), store, direct);
             LaunchShape::Cpu { work }
         }
         Target::Gpu => {
@@ -1118,8 +1137,10 @@ fn linear_cpu(
     (m, n, k): (&Value, &Value, &Value),
     kn: Option<u64>,
     store: Store,
+    direct: Option<usize>,
 ) {
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let packed = packed::applies(f, x, weights, kn);
     let vl = f.b.index(VL);
     let kq = f.b.divui(k, &vl);
     let kvec = f.b.muli(&kq, &vl);
@@ -1150,13 +1171,30 @@ fn linear_cpu(
         let q = f.b.divui(&len, &nr);
         let qn = f.b.muli(&q, &nr);
         let p_full = f.b.addi(&p, &qn);
-        for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
-            for_loop(f, m_lo, m_hi, m_step, |f, m0| {
-                // An FP8 input's rows are decoded once for the panel, not once per column block.
-                let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
-                for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
-                for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
-            });
+        let blocks = |f: &mut Frame| {
+            for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
+                for_loop(f, m_lo, m_hi, m_step, |f, m0| {
+                    // An FP8 input's rows are decoded once for the panel, not once per column block.
+                    let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
+                    for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
+                    for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
+                });
+            }
+        };
+        match (packed, kn) {
+            (Some(elem), Some(kn)) => {
+                let enough = packed::enough_rows(f, m);
+                if_then_else(
+                    f,
+                    &enough,
+                    |f| {
+                        let (ops, sizes) = ((x, weights), (n, k, kn));
+                        packed::panel(f, elem, ops, sizes, (&p, &p_end), (&r_lo, &r_hi), store, direct)
+                    },
+                    blocks,
+                );
+            }
+            _ => blocks(f),
         }
     });
 }

@@ -1,0 +1,495 @@
+//! The packed path of the CPU `linear`: where the input and every weight are bf16 (on a host with
+//! AVX512_BF16) or all f32, and the GEMM has at least [`PACK_MIN_ROWS`] rows, each thread packs the
+//! column panels it works on into the micro-kernel's layout, then runs an outer-product
+//! micro-kernel over them.
+//!
+//! The dot-product blocks of [`super::Gemv::block`] read both operands along `K` and finish every
+//! output with a horizontal sum; on a square GEMM they reached about 60% of oneDNN in bf16. Here,
+//! as in GotoBLAS and oneDNN, the output tile stays in registers and is never reduced across lanes:
+//!
+//! - **Packing.** Columns `ks .. ke` of panel `p .. p + 64` of each weight are copied to stack
+//!   scratch laid out for the loads of the micro-kernel: per `K` column (f32) or pair of columns
+//!   (bf16, `vdpbf16ps`'s pairs), the 64 weight rows' values side by side in four vectors. Each
+//!   16 x 16 tile of 32-bit lanes is transposed in registers by four stages of two-source shuffles
+//!   ([`transpose16`]). Rows past the panel's end (a last panel narrower than 64) are packed as
+//!   copies of its last row; their outputs are never stored.
+//! - **Micro-kernel.** `mr` rows of `x` by the panel's 64 columns, for each weight: per step of `K`,
+//!   one broadcast of each row's input (a bf16 pair as one 32-bit lane), then for each packed
+//!   weight vector `mr` `vdpbf16ps` or `vector.fma` into `mr * 4` accumulators (lane `l` of
+//!   accumulator `(i, w, v)` is output column `16 v + l` of row `i` for weight `w`): 6 rows with
+//!   one weight, 3 with a gate/up pair, 24 accumulators either way.
+//! - **Chunks of `K`.** The packed chunk is at most [`PACK_BYTES`] of stack. A longer `K` is taken
+//!   in chunks, rows in passes of [`CHUNK_ROWS`]: between chunks a pass's partial sums wait in f32
+//!   scratch, exactly (each output's sum runs through `K` in one order whatever the chunks).
+//! - **Stores.** A plain `linear` into a buffer stores whole vectors where the panel is full; a
+//!   fused epilogue reads each output element's sums back from a tile in scratch.
+//!
+//! Packing costs about a third of a cycle per 32-bit lane, once per panel and thread, so the path
+//! is taken where the GEMM has at least [`PACK_MIN_ROWS`] rows (prefill, training); a decode step's
+//! GEMV keeps the dot-product blocks. The choice is made on the GEMM's rows, not on a thread's share
+//! of them: the two paths sum in different orders, and a result must not depend on how the work is
+//! split over threads.
+//!
+//! Each output sums the same exact products (f32 ones, or bf16 ones two at a time) as the
+//! dot-product blocks, in order along `K`: reassociated against the interpreter as every CPU GEMM
+//! is.
+
+use super::{Operand, Store, BF16_PAIRS, NB, VEC, VL};
+use crate::codegen::lower::{Frame, Target};
+use crate::codegen::mlir::{for_carry, for_loop, if_then_else, Value};
+use kiln_ir::DType;
+
+/// The fewest rows of a GEMM for packing to pay.
+pub(super) const PACK_MIN_ROWS: i64 = 12;
+/// The most stack scratch the packed panels of one chunk of `K` take, all weights together.
+const PACK_BYTES: u64 = 256 << 10;
+/// Rows per pass over the chunks of `K` when `K` takes more than one: their partial sums wait in
+/// f32 scratch between chunks (`CHUNK_ROWS x 64` per weight), and each chunk is packed once per
+/// pass.
+const CHUNK_ROWS: i64 = 240;
+/// Accumulators per micro-kernel (of AVX-512's 32 vector registers; the rest hold the packed
+/// weights and the broadcast input).
+const ACCS: usize = 24;
+/// Vectors of 16 columns per panel.
+const NV: usize = (NB / VL) as usize;
+const _: () = assert!(NB == 64 && NV == 4, "the packed layout is written for 64-column panels");
+const _: () = assert!(CHUNK_ROWS % 6 == 0 && CHUNK_ROWS % 3 == 0, "chunks hold whole row blocks");
+/// 16 lanes of 32 bits, as the transposes move them.
+const LANES_I32: &str = "vector<16xi32>";
+
+/// The element type of a packed GEMM: both operands bf16 (pairs of `K` columns per 32-bit lane,
+/// summed by `vdpbf16ps`), or both f32 (one column per lane, `vector.fma`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Elem {
+    Bf16,
+    F32,
+}
+
+impl Elem {
+    /// `K` columns per 32-bit lane.
+    fn per(self) -> i64 {
+        match self {
+            Elem::Bf16 => 2,
+            Elem::F32 => 1,
+        }
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            Elem::Bf16 => 2,
+            Elem::F32 => 4,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Elem::Bf16 => "bf16",
+            Elem::F32 => "f32",
+        }
+    }
+
+    /// 16 lanes of the element: `vector<32xbf16>` or `vector<16xf32>`.
+    fn vec(self) -> &'static str {
+        match self {
+            Elem::Bf16 => BF16_PAIRS,
+            Elem::F32 => VEC,
+        }
+    }
+
+    /// `K` columns per transposed tile: 16 lanes.
+    fn tile(self) -> u64 {
+        (VL * self.per()) as u64
+    }
+}
+
+/// The packed path's element type for a `linear` of input `x`, `weights` and `K = kn`, where it
+/// applies: one element type for all, a plain buffer each (bf16 on a host with bf16 dot products,
+/// or f32), `K` known and a multiple of a tile (32 bf16 or 16 f32 columns), and one or two weights.
+pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> Option<Elem> {
+    let elem = |op: &Operand| match *op {
+        Operand::Plain(b) => match f.bufs[b].ty.dtype {
+            DType::BF16 if f.has_bf16_dot() => Some(Elem::Bf16),
+            DType::F32 => Some(Elem::F32),
+            _ => None,
+        },
+        Operand::Fp8 { .. } => None,
+    };
+    let e = elem(x)?;
+    let kn = kn?;
+    let fits = f.target == Target::Cpu
+        && weights.iter().all(|w| elem(w) == Some(e))
+        && (1..=2).contains(&weights.len())
+        && kn > 0
+        && kn % e.tile() == 0;
+    fits.then_some(e)
+}
+
+/// The buffer behind a plain operand.
+fn buffer(op: &Operand) -> usize {
+    match *op {
+        Operand::Plain(b) => b,
+        Operand::Fp8 { .. } => unreachable!("the packed path takes plain operands"),
+    }
+}
+
+/// The rows `r_lo .. r_hi` of column panel `p .. p_end` (at most 64 columns) of `y_w = x @ w^T`
+/// for each weight, `K = kn` columns of `x` (`k` its value); each output's sums go to `store`, or
+/// for a plain `linear` (`direct`, the output buffer) straight to the buffer.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn panel(
+    f: &mut Frame,
+    elem: Elem,
+    (x, weights): (&Operand, &[Operand]),
+    (n, k, kn): (&Value, &Value, u64),
+    (p, p_end): (&Value, &Value),
+    (r_lo, r_hi): (&Value, &Value),
+    store: Store,
+    direct: Option<usize>,
+) {
+    let nw = weights.len();
+    let wbufs: Vec<usize> = weights.iter().map(buffer).collect();
+    // The chunk of K: as many tiles as fit the scratch.
+    let per_tile = nw as u64 * NB as u64 * elem.tile() * elem.bytes();
+    let kc = ((PACK_BYTES / per_tile).max(1) * elem.tile()).min(kn);
+    let chunks = kn.div_ceil(kc);
+    let (view, memref) = f.scratch(elem.name(), nw as u64 * NB as u64 * kc);
+    let scratch = Scratch { view, memref, kc };
+    let mr = (ACCS / (NV * nw)).max(1);
+    let kernel = Kernel { elem, x: buffer(x), nw, mr, n, k, scratch: &scratch, p, p_end, store, direct };
+    let zero = f.b.index(0);
+    let kn_v = f.b.index(kn as i64);
+    if chunks == 1 {
+        for (w, &b) in wbufs.iter().enumerate() {
+            kernel.pack(f, b, w, (&zero, &kn_v));
+        }
+        kernel.row_blocks(f, (r_lo, r_hi), &Pass { ks: zero.clone(), ke: kn_v, partial: None });
+        return;
+    }
+    let (cs_view, cs_memref) = f.scratch("f32", CHUNK_ROWS as u64 * NB as u64 * nw as u64);
+    let (rows_step, one, kc_v) = (f.b.index(CHUNK_ROWS), f.b.index(1), f.b.index(kc as i64));
+    let chunks_v = f.b.index(chunks as i64);
+    let last_chunk = f.b.index(chunks as i64 - 1);
+    for_loop(f, r_lo, r_hi, &rows_step, |f, rc| {
+        let rc_end = f.b.addi(rc, &rows_step);
+        let rc_end = f.b.minui(&rc_end, r_hi);
+        for_loop(f, &zero, &chunks_v, &one, |f, c| {
+            let ks = f.b.muli(c, &kc_v);
+            let ke = f.b.addi(&ks, &kc_v);
+            let ke = f.b.minui(&ke, &kn_v);
+            for (w, &b) in wbufs.iter().enumerate() {
+                kernel.pack(f, b, w, (&ks, &ke));
+            }
+            let first = f.b.op("c", format_args!("arith.cmpi eq, {c}, {zero} : index"));
+            let last = f.b.op("c", format_args!("arith.cmpi eq, {c}, {last_chunk} : index"));
+            let partial =
+                Partial { view: cs_view.clone(), memref: cs_memref.clone(), rc: rc.clone(), first, last };
+            kernel.row_blocks(f, (rc, &rc_end), &Pass { ks, ke, partial: Some(partial) });
+        });
+    });
+}
+
+/// The packed panels of one chunk of `K` (`kc` columns): weight `w`'s lane of column `c` (of 64)
+/// for the `K` columns `kk .. kk + per` of the chunk (`kk` relative to its start) is at element
+/// `w * 64 * kc + kk * 64 + per * c`.
+struct Scratch {
+    view: Value,
+    memref: String,
+    kc: u64,
+}
+
+impl Scratch {
+    /// Where weight `w`'s lanes for the chunk's column `kk` start, plus `offset` elements.
+    fn at(&self, f: &mut Frame, w: usize, kk: &Value, offset: i64) -> Value {
+        let per_k = f.b.index(NB);
+        let at = f.b.muli(kk, &per_k);
+        let base = f.b.index(w as i64 * NB * self.kc as i64 + offset);
+        f.b.addi(&at, &base)
+    }
+}
+
+/// One pass of the micro-kernel over the `K` columns `ks .. ke`.
+struct Pass {
+    ks: Value,
+    ke: Value,
+    /// When `K` takes several chunks: where the rows' partial sums wait between them.
+    partial: Option<Partial>,
+}
+
+/// The partial sums of a chunk of rows starting at `rc`: row `rc + i`'s accumulator `(w, v)` at
+/// `(i * weights + w) * 64 + 16 v` of `view`; `first` and `last` say whether this is the first
+/// and the last chunk of `K`.
+struct Partial {
+    view: Value,
+    memref: String,
+    rc: Value,
+    first: Value,
+    last: Value,
+}
+
+impl Partial {
+    fn at(&self, f: &mut Frame, m: &Value, nw: usize, j: usize) -> Value {
+        let i = f.b.subi(m, &self.rc);
+        let row = f.b.index(nw as i64 * NB);
+        let at = f.b.muli(&i, &row);
+        let off = f.b.index(j as i64 * VL);
+        f.b.addi(&at, &off)
+    }
+}
+
+/// The transpose of 16 rows of 16 lanes: lane `c` of output `r` is lane `r` of input `c`. Four
+/// stages, each exchanging one bit of the row index with the same bit of the lane index by
+/// two-source shuffles of row pairs (one `vpermt2d` each on AVX-512).
+fn transpose16(f: &mut Frame, mut rows: Vec<Value>) -> Vec<Value> {
+    debug_assert_eq!(rows.len(), VL as usize);
+    for b in 0..4 {
+        let bit = 1usize << b;
+        // Lane `c` of the new low row: `c` of the low row where bit `b` of `c` is clear, else lane
+        // `c ^ bit` of the high row; of the new high row: lane `c | bit` of the low row where the
+        // bit is clear, else lane `c` of the high row.
+        let lo_mask: Vec<String> =
+            (0..16).map(|c| if c & bit == 0 { c } else { 16 + (c ^ bit) }).map(|i| i.to_string()).collect();
+        let hi_mask: Vec<String> =
+            (0..16).map(|c| if c & bit == 0 { c | bit } else { 16 + c }).map(|i| i.to_string()).collect();
+        let (lo_mask, hi_mask) = (lo_mask.join(", "), hi_mask.join(", "));
+        let mut next = rows.clone();
+        for r in (0..16).filter(|r| r & bit == 0) {
+            let (a, h) = (&rows[r], &rows[r | bit]);
+            next[r] =
+                f.b.op("t", format_args!("vector.shuffle {a}, {h} [{lo_mask}] : {LANES_I32}, {LANES_I32}"));
+            next[r | bit] =
+                f.b.op("t", format_args!("vector.shuffle {a}, {h} [{hi_mask}] : {LANES_I32}, {LANES_I32}"));
+        }
+        rows = next;
+    }
+    rows
+}
+
+/// The micro-kernel over one packed panel.
+struct Kernel<'a, 's> {
+    elem: Elem,
+    /// The input's buffer, `[M, K]`.
+    x: usize,
+    nw: usize,
+    /// Rows per register block.
+    mr: usize,
+    n: &'a Value,
+    k: &'a Value,
+    scratch: &'a Scratch,
+    p: &'a Value,
+    p_end: &'a Value,
+    store: Store<'s>,
+    direct: Option<usize>,
+}
+
+impl Kernel<'_, '_> {
+    /// Packs columns `ks .. ke` of panel `p .. p_end` of weight buffer `wbuf` (`[N, K]`) as weight
+    /// `w`: per 16 weight rows and tile of `K`, 16 loads of 16 lanes, a transpose, and 16 stores.
+    /// Rows past the panel's end read its last row.
+    fn pack(&self, f: &mut Frame, wbuf: usize, w: usize, (ks, ke): (&Value, &Value)) {
+        let (e, sc) = (self.elem, self.scratch);
+        let (view, memref) = (f.bufs[wbuf].view.clone(), f.bufs[wbuf].memref.clone());
+        let one = f.b.index(1);
+        let last = f.b.subi(self.p_end, &one);
+        let step = f.b.index(e.tile() as i64);
+        let (zero, nb, vl, per) = (f.b.index(0), f.b.index(NB), f.b.index(VL), f.b.index(e.per()));
+        for_loop(f, &zero, &nb, &vl, |f, c0| {
+            let first = f.b.addi(self.p, c0);
+            let starts: Vec<Value> = (0..VL)
+                .map(|r| {
+                    let off = f.b.index(r);
+                    let row = f.b.addi(&first, &off);
+                    let row = f.b.minui(&row, &last);
+                    f.b.muli(&row, self.k)
+                })
+                .collect();
+            let lane = f.b.muli(c0, &per);
+            for_loop(f, ks, ke, &step, |f, kk| {
+                let vty = e.vec();
+                let rows: Vec<Value> = (starts.iter())
+                    .map(|s| {
+                        let at = f.b.addi(s, kk);
+                        let v = f.b.op("pw", format_args!("vector.load {view}[{at}] : {memref}, {vty}"));
+                        f.b.op("pw", format_args!("vector.bitcast {v} : {vty} to {LANES_I32}"))
+                    })
+                    .collect();
+                let rel = f.b.subi(kk, ks);
+                for (t, v) in transpose16(f, rows).iter().enumerate() {
+                    // Lane row `t`: the chunk's columns `rel + per * t ..`.
+                    let pt = f.b.index(e.per() * t as i64);
+                    let kt = f.b.addi(&rel, &pt);
+                    let at = sc.at(f, w, &kt, 0);
+                    let at = f.b.addi(&at, &lane);
+                    let v = f.b.op("pv", format_args!("vector.bitcast {v} : {LANES_I32} to {vty}"));
+                    let (sv, sm) = (&sc.view, &sc.memref);
+                    f.b.line(format_args!("vector.store {v}, {sv}[{at}] : {sm}, {vty}"));
+                }
+            });
+        });
+    }
+
+    /// Rows `lo .. hi` in register blocks of `mr` rows, then one at a time.
+    fn row_blocks(&self, f: &mut Frame, (lo, hi): (&Value, &Value), pass: &Pass) {
+        let one = f.b.index(1);
+        let mr = f.b.index(self.mr as i64);
+        let span = f.b.subi(hi, lo);
+        let blocks = f.b.divui(&span, &mr);
+        let full = f.b.muli(&blocks, &mr);
+        let full = f.b.addi(lo, &full);
+        for_loop(f, lo, &full, &mr, |f, m0| self.rows(f, m0, self.mr, pass));
+        for_loop(f, &full, hi, &one, |f, m0| self.rows(f, m0, 1, pass));
+    }
+
+    /// Rows `m0 .. m0 + mr` over the pass's columns of `K`: accumulator `(i * nw + w) * 4 + v`
+    /// holds columns `16 v .. 16 v + 16` of row `i` for weight `w`.
+    fn rows(&self, f: &mut Frame, m0: &Value, mr: usize, pass: &Pass) {
+        let (e, nw, sc) = (self.elem, self.nw, self.scratch);
+        let (xv, xm) = (f.bufs[self.x].view.clone(), f.bufs[self.x].memref.clone());
+        let ms: Vec<Value> = (0..mr)
+            .map(|i| {
+                let iv = f.b.index(i as i64);
+                f.b.addi(m0, &iv)
+            })
+            .collect();
+        let starts: Vec<Value> = ms.iter().map(|m| f.b.muli(m, self.k)).collect();
+        let zero_v = f.b.constant("dense<0.0>", VEC);
+        let inits: Vec<(Value, &str)> = match &pass.partial {
+            None => (0..mr * nw * NV).map(|_| (zero_v.clone(), VEC)).collect(),
+            Some(part) => (0..mr * nw * NV)
+                .map(|a| {
+                    let at = part.at(f, &ms[a / (nw * NV)], nw, a % (nw * NV));
+                    let (pv, pm) = (&part.view, &part.memref);
+                    let v = f.b.op("ps", format_args!("vector.load {pv}[{at}] : {pm}, {VEC}"));
+                    let first = &part.first;
+                    (f.b.op("ps", format_args!("arith.select {first}, {zero_v}, {v} : {VEC}")), VEC)
+                })
+                .collect(),
+        };
+        let step = f.b.index(e.per());
+        let accs = for_carry(f, &pass.ks, &pass.ke, &step, &inits, |f, kk, acc| {
+            let rel = f.b.subi(kk, &pass.ks);
+            let vty = e.vec();
+            // The rows' inputs first, then one packed weight vector at a time: `mr` broadcasts and
+            // one weight vector live beside the accumulators (24 + 6 + 1 of 32 registers).
+            let xs: Vec<Value> = (starts.iter())
+                .map(|s| {
+                    let at = f.b.addi(s, kk);
+                    match e {
+                        Elem::Bf16 => {
+                            let pair =
+                                f.b.op("xp", format_args!("vector.load {xv}[{at}] : {xm}, vector<2xbf16>"));
+                            let pair = f.b.op(
+                                "xp",
+                                format_args!("vector.bitcast {pair} : vector<2xbf16> to vector<1xi32>"),
+                            );
+                            let pair = f
+                                .b
+                                .op("xp", format_args!("vector.extract {pair}[0] : i32 from vector<1xi32>"));
+                            let a =
+                                f.b.op("xb", format_args!("vector.broadcast {pair} : i32 to {LANES_I32}"));
+                            f.b.op("xb", format_args!("vector.bitcast {a} : {LANES_I32} to {BF16_PAIRS}"))
+                        }
+                        Elem::F32 => {
+                            let x = f.b.op("xs", format_args!("memref.load {xv}[{at}] : {xm}"));
+                            f.b.op("xb", format_args!("vector.broadcast {x} : f32 to {VEC}"))
+                        }
+                    }
+                })
+                .collect();
+            let mut next = acc.to_vec();
+            for w in 0..nw {
+                for v in 0..NV {
+                    let at = sc.at(f, w, &rel, e.per() * VL * v as i64);
+                    let (sv, sm) = (&sc.view, &sc.memref);
+                    let wv = f.b.op("bw", format_args!("vector.load {sv}[{at}] : {sm}, {vty}"));
+                    for (i, a) in xs.iter().enumerate() {
+                        let j = (i * nw + w) * NV + v;
+                        let a_ij = &acc[j];
+                        next[j] = match e {
+                            Elem::Bf16 => f.bf16_dot(a_ij, a, &wv),
+                            Elem::F32 => f.b.op("acc", format_args!("vector.fma {a}, {wv}, {a_ij} : {VEC}")),
+                        };
+                    }
+                }
+            }
+            next
+        });
+        match &pass.partial {
+            None => self.store_rows(f, m0, mr, &accs),
+            Some(part) => if_then_else(
+                f,
+                &part.last,
+                |f| self.store_rows(f, m0, mr, &accs),
+                |f| {
+                    for (a, v) in accs.iter().enumerate() {
+                        let at = part.at(f, &ms[a / (nw * NV)], nw, a % (nw * NV));
+                        let (pv, pm) = (&part.view, &part.memref);
+                        f.b.line(format_args!("vector.store {v}, {pv}[{at}] : {pm}, {VEC}"));
+                    }
+                },
+            ),
+        }
+    }
+    /// Stores the accumulators of rows `m0 .. m0 + mr`: whole vectors into the output buffer for a
+    /// plain `linear` whose panel is full, else element by element through the store hook, for the
+    /// panel's columns alone.
+    fn store_rows(&self, f: &mut Frame, m0: &Value, mr: usize, accs: &[Value]) {
+        let nw = self.nw;
+        let width = f.b.subi(self.p_end, self.p);
+        let nb = f.b.index(NB);
+        let full = f.b.op("c", format_args!("arith.cmpi eq, {width}, {nb} : index"));
+        // Element by element: the accumulators go to a tile in scratch, and each row's columns
+        // within the panel are read back from it one at a time, every weight's sum together.
+        let (tile, tile_ty) = f.scratch("f32", (ACCS.max(NV * nw) * VL as usize) as u64);
+        let lanes = |f: &mut Frame| {
+            for (a, v) in accs.iter().enumerate() {
+                let at = f.b.index(a as i64 * VL);
+                f.b.line(format_args!("vector.store {v}, {tile}[{at}] : {tile_ty}, {VEC}"));
+            }
+            let (zero, one) = (f.b.index(0), f.b.index(1));
+            for i in 0..mr {
+                let iv = f.b.index(i as i64);
+                let m = f.b.addi(m0, &iv);
+                let base = f.b.muli(&m, self.n);
+                let base = f.b.addi(&base, self.p);
+                for_loop(f, &zero, &width, &one, |f, c| {
+                    let ys: Vec<Value> = (0..nw)
+                        .map(|w| {
+                            let off = f.b.index(((i * nw + w) * NV) as i64 * VL);
+                            let at = f.b.addi(&off, c);
+                            f.b.op("y", format_args!("memref.load {tile}[{at}] : {tile_ty}"))
+                        })
+                        .collect();
+                    let idx = f.b.addi(&base, c);
+                    (self.store)(f, &idx, &ys);
+                });
+            }
+        };
+        match self.direct {
+            Some(out) => if_then_else(
+                f,
+                &full,
+                |f| {
+                    for i in 0..mr {
+                        let iv = f.b.index(i as i64);
+                        let m = f.b.addi(m0, &iv);
+                        let base = f.b.muli(&m, self.n);
+                        for v in 0..NV {
+                            let off = f.b.index(VL * v as i64);
+                            let c0 = f.b.addi(self.p, &off);
+                            let idx = f.b.addi(&base, &c0);
+                            f.store_vec(out, &idx, &accs[i * NV + v]);
+                        }
+                    }
+                },
+                lanes,
+            ),
+            None => lanes(f),
+        }
+    }
+}
+
+/// For [`panel`]'s callers: whether a GEMM of `rows` rows takes the packed path.
+pub(super) fn enough_rows(f: &mut Frame, rows: &Value) -> Value {
+    let min = f.b.index(PACK_MIN_ROWS);
+    f.b.op("c", format_args!("arith.cmpi uge, {rows}, {min} : index"))
+}
