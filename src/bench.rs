@@ -38,9 +38,13 @@ pub enum BenchCommand {
     /// kiln's CPU `linear` in f32 and bf16 against the matrixmultiply crate and PyTorch (oneDNN),
     /// in GFLOP/s.
     Gemm {
-        /// Square sizes M = N = K, comma-separated.
+        /// Sizes N = K, comma-separated; square (M = N = K) unless --rows.
         #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 2048])]
         sizes: Vec<usize>,
+        /// Rows of x (M) for every size instead of M = N: the shape of a prefill (M = its tokens)
+        /// or a decode step (M = 1).
+        #[arg(long)]
+        rows: Option<usize>,
         /// Threads on every side (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -182,12 +186,12 @@ impl<'o> Tables<'o> {
 
 fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
     match what {
-        BenchCommand::Gemm { sizes, threads, reps, dtype, python, no_torch } => {
+        BenchCommand::Gemm { sizes, rows, threads, reps, dtype, python, no_torch } => {
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             kiln_runtime::cpu::check_threads(threads)?;
             let python = if no_torch { None } else { Some(crate::bench_train::python(python.as_deref())) };
-            gemm(&GemmRequest { sizes, threads, reps, dtypes: dtype, python }, out)
+            gemm(&GemmRequest { sizes, rows, threads, reps, dtypes: dtype, python }, out)
         }
         BenchCommand::Membw { mib, threads, reps } => {
             let threads =
@@ -443,12 +447,12 @@ fn kiln_gemm(f: Packed, bufs: [usize; 3], work: usize, threads: usize) {
     });
 }
 
-fn reference_gemm(x: &[f32], w: &[f32], y: &mut [f32], n: usize) {
-    // SAFETY: all three are n x n row-major slices; `w^T` is read with row stride 1 and column
-    // stride n, which stays inside `w`.
+fn reference_gemm(x: &[f32], w: &[f32], y: &mut [f32], (m, n): (usize, usize)) {
+    // SAFETY: x and y are m x n and w is n x n, row-major; `w^T` is read with row stride 1 and
+    // column stride n, which stays inside `w`.
     unsafe {
         matrixmultiply::sgemm(
-            n,
+            m,
             n,
             n,
             1.0,
@@ -480,6 +484,8 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
 /// What `kiln bench gemm` measures.
 struct GemmRequest {
     sizes: Vec<usize>,
+    /// M for every size, when not `N`.
+    rows: Option<usize>,
     threads: usize,
     reps: usize,
     /// `f32`, `bf16`.
@@ -492,6 +498,9 @@ struct GemmRequest {
 /// One size of one dtype: the operands as raw bytes of the dtype, and their values in f32.
 struct GemmCase {
     dtype: DType,
+    /// Rows of x.
+    m: usize,
+    /// N = K.
     n: usize,
     /// The values of x and w (for bf16, the bf16 values, exactly).
     x: Vec<f32>,
@@ -499,12 +508,12 @@ struct GemmCase {
 }
 
 impl GemmCase {
-    fn new(dtype: DType, n: usize) -> GemmCase {
+    fn new(dtype: DType, m: usize, n: usize) -> GemmCase {
         let round = |v: Vec<f32>| match dtype {
             DType::BF16 => v.into_iter().map(|x| bf16_to_f32(f32_to_bf16(x))).collect(),
             _ => v,
         };
-        GemmCase { dtype, n, x: round(data(n * n, 1)), w: round(data(n * n, 2)) }
+        GemmCase { dtype, m, n, x: round(data(m * n, 1)), w: round(data(n * n, 2)) }
     }
 
     /// `v` in the dtype's storage, as bytes.
@@ -551,6 +560,9 @@ fn gemm(req: &GemmRequest, tables: &mut Tables) -> Result<serde_json::Value> {
     if sizes.is_empty() || sizes.contains(&0) {
         bail!("--sizes needs at least one size, each at least 1");
     }
+    if req.rows == Some(0) {
+        bail!("--rows 0: give the rows of x, at least 1");
+    }
     if req.dtypes.is_empty() {
         bail!("--dtype needs at least one of f32, bf16");
     }
@@ -559,13 +571,16 @@ fn gemm(req: &GemmRequest, tables: &mut Tables) -> Result<serde_json::Value> {
     // matrixmultiply reads this once, on its first call.
     std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
 
-    let cases: Vec<GemmCase> =
-        dtypes.iter().flat_map(|&d| sizes.iter().map(move |&n| GemmCase::new(d, n))).collect();
+    let rows = req.rows;
+    let cases: Vec<GemmCase> = (dtypes.iter())
+        .flat_map(|&d| sizes.iter().map(move |&n| GemmCase::new(d, rows.unwrap_or(n), n)))
+        .collect();
     let kernels: Vec<Kernel> = cases
         .iter()
         .map(|c| {
-            let t = TensorType::known(c.dtype, &[c.n as u64, c.n as u64]);
-            Kernel::for_op(&Op::Linear, &[t.clone(), t])
+            let x = TensorType::known(c.dtype, &[c.m as u64, c.n as u64]);
+            let w = TensorType::known(c.dtype, &[c.n as u64, c.n as u64]);
+            Kernel::for_op(&Op::Linear, &[x, w])
         })
         .collect::<Result<_, _>>()?;
     let module = lower_module(&kernels, Target::Cpu)?;
@@ -603,8 +618,8 @@ fn gemm_in(
     // operands in one process, then kiln.
     let mut reference = Vec::with_capacity(cases.len());
     for c in cases {
-        let mut y = vec![0f32; c.n * c.n];
-        let t = best_of(reps, || reference_gemm(&c.x, &c.w, &mut y, c.n));
+        let mut y = vec![0f32; c.m * c.n];
+        let t = best_of(reps, || reference_gemm(&c.x, &c.w, &mut y, (c.m, c.n)));
         reference.push((y, t));
     }
     let torch = match &req.python {
@@ -622,7 +637,8 @@ fn gemm_in(
     use crate::table::Align::{Left, Right};
     let mut table = crate::table::new(&[
         ("dtype", Left),
-        ("M=N=K", Right),
+        ("M", Right),
+        ("N=K", Right),
         ("kiln GFLOP/s", Right),
         ("matrixmultiply GFLOP/s", Right),
         ("PyTorch GFLOP/s", Right),
@@ -631,7 +647,7 @@ fn gemm_in(
     ]);
     let mut rows = Vec::new();
     for (i, ((c, kernel), lowered)) in cases.iter().zip(kernels).zip(&module.kernels).enumerate() {
-        let n = c.n;
+        let (m, n) = (c.m, c.n);
         let work = match lowered.launch {
             LaunchShape::Cpu { work } => work.as_known().unwrap_or(n as u64) as usize,
             LaunchShape::CpuPhases { .. } => bail!("the GEMM kernel is phased, not one pass"),
@@ -641,23 +657,23 @@ fn gemm_in(
         // SAFETY: every packed entry has the `Packed` signature.
         let f: Packed = unsafe { *lib.get::<Packed>(symbol.as_bytes())? };
         let (x, w) = (c.storage(&c.x), c.storage(&c.w));
-        let mut y = vec![0u8; n * n * c.dtype.size_bytes() as usize];
+        let mut y = vec![0u8; m * n * c.dtype.size_bytes() as usize];
         let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.as_mut_ptr() as usize];
         let t_kiln = best_of(reps, || kiln_gemm(f, bufs, work, threads));
         let (want, t_ref) = &reference[i];
         let what = dtype_name(c.dtype);
         let err = c.error(&c.values(&y), want);
         if err.is_nan() || err > 1.0 {
-            bail!("kiln's {what} GEMM and matrixmultiply disagree at n = {n} ({err:.2} of the tolerance)");
+            bail!("kiln's {what} GEMM and matrixmultiply disagree at M = {m}, N = K = {n} ({err:.2} of the tolerance)");
         }
-        let gflops = |t: Duration| 2.0 * (n as f64).powi(3) / t.as_secs_f64() / 1e9;
+        let gflops = |t: Duration| 2.0 * m as f64 * (n as f64).powi(2) / t.as_secs_f64() / 1e9;
         let (k, r) = (gflops(t_kiln), gflops(*t_ref));
         let p = match &torch {
             Ok((_, secs)) => {
                 let got = read_f32(&dir.join(format!("y-{what}-{n}.f32")))?;
                 let err = c.error(&got, want);
                 if err.is_nan() || err > 1.0 {
-                    bail!("PyTorch's {what} GEMM and matrixmultiply disagree at n = {n} ({err:.2} of the tolerance)");
+                    bail!("PyTorch's {what} GEMM and matrixmultiply disagree at M = {m}, N = K = {n} ({err:.2} of the tolerance)");
                 }
                 Some(gflops(Duration::from_secs_f64(secs[i])))
             }
@@ -666,6 +682,7 @@ fn gemm_in(
         let cell = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         table.add_row(vec![
             what.to_string(),
+            m.to_string(),
             n.to_string(),
             format!("{k:.1}"),
             format!("{r:.1}"),
@@ -674,7 +691,7 @@ fn gemm_in(
             cell(p.map(|p| k / p), 2),
         ]);
         rows.push(serde_json::json!({
-            "dtype": what, "n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r,
+            "dtype": what, "m": m, "n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r,
             "torch_gflops": p, "torch_ratio": p.map(|p| k / p),
         }));
     }

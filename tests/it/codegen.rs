@@ -338,9 +338,11 @@ fn cpu_linear_matches_reference() {
         ("f32[B, T, 129]", "f32[70, 129]"),
         ("f32[37, 64]", "f32[131, 64]"),
         ("f32[64, 64]", "f32[64, 64]"),
-        // Packed panels (at least 12 rows of a panel in each third of the work, K a multiple of
-        // 16): K in two chunks (1024 columns, then 16), and rows in two passes over the chunks.
-        ("f32[30, 1040]", "f32[70, 1040]"),
+        // Packed panels (at least 128 rows, K a multiple of 16): 127 rows (not packed) and 128,
+        // K in two chunks (1024 columns, then 16), and rows in two passes over the chunks.
+        ("f32[127, 64]", "f32[70, 64]"),
+        ("f32[128, 64]", "f32[70, 64]"),
+        ("f32[130, 1040]", "f32[70, 1040]"),
         ("f32[250, 1056]", "f32[20, 1056]"),
     ];
     let ks: Vec<Kernel> = shapes.iter().map(|(x, w)| kernel(Op::Linear, &[x, w])).collect();
@@ -381,18 +383,18 @@ fn cpu_linear_in_bf16_rounds_once() {
 
 #[test]
 fn cpu_linear_in_bf16_packs_panels_where_rows_allow() {
-    // bf16 x bf16 with K a multiple of 32 on a CPU with AVX512_BF16: a GEMM of at least 12 rows
+    // bf16 x bf16 with K a multiple of 32 on a CPU with AVX512_BF16: a GEMM of at least 64 rows
     // packs each 64-column panel a thread works on and runs the outer-product micro-kernel (6-row
     // blocks and single rows); fewer rows keep the dot-product blocks. `CpuLib::run` cuts the work
     // in three, so ranges start and end inside panels. Shapes: full panels stored as whole vectors,
-    // a last panel of 22 columns stored lane by lane, 12 rows (packed) and 11 (not), and K in two
+    // a last panel of 22 columns stored lane by lane, 64 rows (packed) and 63 (not), and K in two
     // chunks (2048 columns, then 32) with partial sums kept between them.
     let shapes = [
-        ("bf16[40, 64]", "bf16[64, 64]"),
+        ("bf16[70, 64]", "bf16[64, 64]"),
         ("bf16[100, 96]", "bf16[150, 96]"),
-        ("bf16[12, 32]", "bf16[20, 32]"),
-        ("bf16[11, 32]", "bf16[20, 32]"),
-        ("bf16[40, 2080]", "bf16[64, 2080]"),
+        ("bf16[64, 32]", "bf16[20, 32]"),
+        ("bf16[63, 32]", "bf16[20, 32]"),
+        ("bf16[64, 2080]", "bf16[64, 2080]"),
     ];
     let ks: Vec<Kernel> = shapes.iter().map(|(x, w)| kernel(Op::Linear, &[x, w])).collect();
     let lib = CpuLib::build(&ks.iter().collect::<Vec<_>>());
@@ -400,12 +402,8 @@ fn cpu_linear_in_bf16_packs_panels_where_rows_allow() {
     let widen = |v: &[u16]| v.iter().map(|&h| from_bf16(h)).collect::<Vec<f32>>();
     for k in &ks {
         let packed = mlir_of(k, Target::Cpu).contains("vector.shuffle");
-        assert_eq!(
-            packed,
-            kiln_compiler::codegen::cpu::host_features().bf16_dot,
-            "packed path of {}",
-            k.args[1]
-        );
+        let host = kiln_compiler::codegen::cpu::host_features();
+        assert_eq!(packed, host.bf16_dot && host.packed_gemm, "packed path of {}", k.args[1]);
         let (xn, wd) = (numel(&k.args[0], &BIND), dims(&k.args[1], &BIND));
         let (n, kk) = (wd[0], wd[1]);
         let x: Vec<u16> = rng.vec(xn, -1.0, 1.0).into_iter().map(to_bf16).collect();

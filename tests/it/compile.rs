@@ -641,15 +641,25 @@ fn bench_gemm_prints_a_table() {
     assert!(lines[0].ends_with("PyTorch skipped: --no-torch"), "{}", lines[0]);
     for (line, dtype) in lines[2..4].iter().zip(["f32", "bf16"]) {
         let row: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(row[..2], [dtype, "64"], "{line}");
+        assert_eq!(row[..3], [dtype, "64", "64"], "{line}");
         // Rates and their ratio: numbers (a loaded machine can print a rate or ratio that rounds
         // to 0); no PyTorch figures.
-        for v in [row[2], row[3], row[5]] {
+        for v in [row[3], row[4], row[6]] {
             assert!(v.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()), "{line}");
         }
-        assert_eq!((row[4], row[6]), ("-", "-"), "{line}");
+        assert_eq!((row[5], row[7]), ("-", "-"), "{line}");
     }
     assert!(lines[4].starts_with("(bf16 rows"), "{}", lines[4]);
+    // --rows: M rows of x against N = K, each result checked against matrixmultiply's (a wrong
+    // one fails the command); rows on both sides of the packed path's thresholds.
+    for rows in ["1", "130"] {
+        let out = kiln(&["bench", "gemm", "--sizes", "64", "--rows", rows, "--reps", "1", "--no-torch"]);
+        assert!(out.ok, "{}", out.stderr);
+        let row: Vec<&str> = out.stdout.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(row[..3], ["f32", rows, "64"], "{}", out.stdout);
+    }
+    let zero = kiln(&["bench", "gemm", "--sizes", "64", "--rows", "0", "--no-torch"]);
+    assert!(!zero.ok && zero.stderr.contains("--rows 0"), "{}", zero.stderr);
     // --json: the same figures as one document, and nothing else; with PyTorch where this machine
     // has a Python with torch (the tools/goldens venv), its rates too, each checked against the
     // same reference before anything is printed.

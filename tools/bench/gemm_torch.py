@@ -2,8 +2,9 @@
 """PyTorch's CPU GEMM (oneDNN behind `torch.nn.functional.linear`), the baseline of `kiln bench gemm`.
 
 `kiln bench gemm` writes each size's operands as raw little-endian f32 files into a temporary
-folder, `x-DTYPE-N.f32` and `w-DTYPE-N.f32` (N x N, row-major; for bf16 the values are already
-bf16 values, so the conversion below is exact), and runs this script with the venv of tools/goldens:
+folder, `x-DTYPE-N.f32` (M x N, M = N unless `--rows`) and `w-DTYPE-N.f32` (N x N), row-major
+(for bf16 the values are already bf16 values, so the conversion below is exact), and runs this
+script with the venv of tools/goldens:
 
     python tools/bench/gemm_torch.py --dir DIR --sizes 256,1024 --dtypes f32,bf16 --threads 2 --reps 5
 
@@ -43,7 +44,7 @@ def main() -> None:
             dtype = DTYPES[name]
             for n in (int(s) for s in a.sizes.split(",")):
                 load = lambda what: torch.from_numpy(  # noqa: E731
-                    np.fromfile(a.dir / f"{what}-{name}-{n}.f32", dtype="<f4").reshape(n, n)
+                    np.fromfile(a.dir / f"{what}-{name}-{n}.f32", dtype="<f4").reshape(-1, n)
                 ).to(dtype)
                 x, w = load("x"), load("w")
                 y = F.linear(x, w)

@@ -64,6 +64,10 @@ pub struct CpuFeatures {
     /// AVX512_VBMI's `vpermi2b` (a 128-entry byte table looked up 64 bytes at a time): with
     /// `bf16_dot`, FP8 GEMMs decode E4M3 codes to bf16 by table and take `vdpbf16ps`.
     pub byte_permute: bool,
+    /// `linear`'s packed path (`lower/matmul/packed.rs`) for GEMMs with enough rows.
+    /// `KILN_NO_PACKED_GEMM=1` turns it off, leaving every GEMM to the dot-product blocks (to
+    /// compare the two on the same machine).
+    pub packed_gemm: bool,
 }
 
 /// The host's [`CpuFeatures`].
@@ -74,7 +78,8 @@ pub fn host_features() -> CpuFeatures {
         let has = |f: &str| features.split(',').any(|x| x == f);
         let off = std::env::var_os("KILN_NO_BF16_DOT").is_some_and(|v| v != "0");
         let bf16_dot = has("+avx512bf16") && has("+avx512f") && !off;
-        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi") }
+        let packed_gemm = std::env::var_os("KILN_NO_PACKED_GEMM").is_none_or(|v| v == "0");
+        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi"), packed_gemm }
     })
 }
 

@@ -12,8 +12,8 @@
 //! output. Rows and columns that do not fill a block use 1-row and 1-column variants of the same block,
 //! so any `M`, `N`, `K` work. These blocks carry GEMVs (decode) and whatever the packed path does not
 //! take: where `x` and the weights are all f32 or all bf16 (with AVX512_BF16), `K` is a multiple of
-//! 16 lanes and the GEMM has at least 12 rows, each panel is packed and run by an outer-product
-//! micro-kernel instead ([`packed`]). Not yet done: vector widths chosen from the host.
+//! 16 lanes and the GEMM has enough rows (64 in bf16, 128 in f32), each panel is packed and run by
+//! an outer-product micro-kernel instead ([`packed`]). Not yet done: vector widths chosen from the host.
 //!
 //! CPU `matmul` (used by nothing in DeepSeek's forward graph today) is simpler: per output row, one
 //! `vector<16xf32>` of columns at a time, accumulated over `K` with broadcast FMAs, and a scalar tail.
@@ -1183,7 +1183,7 @@ fn linear_cpu(
         };
         match (packed, kn) {
             (Some(elem), Some(kn)) => {
-                let enough = packed::enough_rows(f, m);
+                let enough = packed::enough_rows(f, elem, m);
                 if_then_else(
                     f,
                     &enough,

@@ -1,7 +1,7 @@
 //! The packed path of the CPU `linear`: where the input and every weight are bf16 (on a host with
-//! AVX512_BF16) or all f32, and the GEMM has at least [`PACK_MIN_ROWS`] rows, each thread packs the
-//! column panels it works on into the micro-kernel's layout, then runs an outer-product
-//! micro-kernel over them.
+//! AVX512_BF16) or all f32, and the GEMM has enough rows ([`Elem::min_rows`]: 64 in bf16, 128 in
+//! f32), each thread packs the column panels it works on into the micro-kernel's layout, then runs
+//! an outer-product micro-kernel over them.
 //!
 //! The dot-product blocks of [`super::Gemv::block`] read both operands along `K` and finish every
 //! output with a horizontal sum; on a square GEMM they reached about 60% of oneDNN in bf16. Here,
@@ -24,9 +24,9 @@
 //! - **Stores.** A plain `linear` into a buffer stores whole vectors where the panel is full; a
 //!   fused epilogue reads each output element's sums back from a tile in scratch.
 //!
-//! Packing costs about a third of a cycle per 32-bit lane, once per panel and thread, so the path
-//! is taken where the GEMM has at least [`PACK_MIN_ROWS`] rows (prefill, training); a decode step's
-//! GEMV keeps the dot-product blocks. The choice is made on the GEMM's rows, not on a thread's share
+//! Packing costs about half a cycle per 32-bit lane, once per panel and thread, so the path is
+//! taken where the GEMM has at least [`Elem::min_rows`] rows (long prefills, training); shorter
+//! prompts and a decode step's GEMV keep the dot-product blocks. The choice is made on the GEMM's rows, not on a thread's share
 //! of them: the two paths sum in different orders, and a result must not depend on how the work is
 //! split over threads.
 //!
@@ -39,8 +39,6 @@ use crate::codegen::lower::{Frame, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then_else, Value};
 use kiln_ir::DType;
 
-/// The fewest rows of a GEMM for packing to pay.
-pub(super) const PACK_MIN_ROWS: i64 = 12;
 /// The most stack scratch the packed panels of one chunk of `K` take, all weights together.
 const PACK_BYTES: u64 = 256 << 10;
 /// Rows per pass over the chunks of `K` when `K` takes more than one: their partial sums wait in
@@ -100,6 +98,19 @@ impl Elem {
     fn tile(self) -> u64 {
         (VL * self.per()) as u64
     }
+
+    /// The fewest rows of a GEMM for packing to pay, measured with `kiln bench gemm --rows M` at
+    /// N = K = 1024 against `KILN_NO_PACKED_GEMM=1` (2 threads, 2026-12-05): bf16 was level at 48-64
+    /// rows (about 500 GFLOP/s either way) and ahead from 80 (590-605 against 535-558); f32 was
+    /// level at 128-256 and ahead from 384 (461 against 327). A prefill of 128 tokens ran the f32
+    /// model's projections (K down to 256, where the dot products' horizontal sums weigh more)
+    /// faster packed, hence 128 for f32.
+    fn min_rows(self) -> i64 {
+        match self {
+            Elem::Bf16 => 64,
+            Elem::F32 => 128,
+        }
+    }
 }
 
 /// The packed path's element type for a `linear` of input `x`, `weights` and `K = kn`, where it
@@ -117,6 +128,7 @@ pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u6
     let e = elem(x)?;
     let kn = kn?;
     let fits = f.target == Target::Cpu
+        && crate::codegen::cpu::host_features().packed_gemm
         && weights.iter().all(|w| elem(w) == Some(e))
         && (1..=2).contains(&weights.len())
         && kn > 0
@@ -488,8 +500,8 @@ impl Kernel<'_, '_> {
     }
 }
 
-/// For [`panel`]'s callers: whether a GEMM of `rows` rows takes the packed path.
-pub(super) fn enough_rows(f: &mut Frame, rows: &Value) -> Value {
-    let min = f.b.index(PACK_MIN_ROWS);
+/// For [`panel`]'s callers: whether a GEMM of `rows` rows of `elem` takes the packed path.
+pub(super) fn enough_rows(f: &mut Frame, elem: Elem, rows: &Value) -> Value {
+    let min = f.b.index(elem.min_rows());
     f.b.op("c", format_args!("arith.cmpi uge, {rows}, {min} : index"))
 }
