@@ -12,6 +12,9 @@
 //! waited, in what and for how long, and ends the whole job (`MPI_Abort`). A process that fails
 //! ends it the same way, naming its rank; one that dies is reported by mpirun.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -148,18 +151,18 @@ impl Dist {
         if self.ep == 1 {
             return Vec::new();
         }
-        let ep = Group {
-            name: kiln_compiler::expert_parallel::EP_GROUP,
-            comm: self.experts.duplicate(),
-            rank: self.ep_rank(),
-            size: self.ep,
-        };
-        let edp = Group {
-            name: kiln_compiler::expert_parallel::EXPERT_DP_GROUP,
-            comm: self.expert_replicas.duplicate(),
-            rank: self.edp_rank(),
-            size: self.edp_size(),
-        };
+        let ep = Group::new(
+            kiln_compiler::expert_parallel::EP_GROUP,
+            self.experts.duplicate(),
+            self.ep_rank(),
+            self.ep,
+        );
+        let edp = Group::new(
+            kiln_compiler::expert_parallel::EXPERT_DP_GROUP,
+            self.expert_replicas.duplicate(),
+            self.edp_rank(),
+            self.edp_size(),
+        );
         vec![ep, edp]
     }
 
@@ -259,35 +262,26 @@ impl Dist {
     }
 
     fn replica_group(&self) -> Group {
-        Group {
-            name: kiln_compiler::train::DP_GROUP,
-            comm: self.replicas.duplicate(),
-            rank: self.dp_rank(),
-            size: self.dp_size(),
-        }
+        Group::new(kiln_compiler::train::DP_GROUP, self.replicas.duplicate(), self.dp_rank(), self.dp_size())
     }
 
     /// The executor's view of the expert-parallel ranks of `kiln run --ep` (group `ep`, every
     /// process of the job), on a communicator of its own.
     pub fn expert_ranks(&self) -> Box<dyn Communicator> {
-        let ep = Group {
-            name: kiln_compiler::expert_parallel::EP_GROUP,
-            comm: self.replicas.duplicate(),
-            rank: self.dp_rank(),
-            size: self.dp_size(),
-        };
+        let ep = Group::new(
+            kiln_compiler::expert_parallel::EP_GROUP,
+            self.replicas.duplicate(),
+            self.dp_rank(),
+            self.dp_size(),
+        );
         Box::new(Groups { groups: vec![ep], timeout: self.timeout })
     }
 
     /// The executor's view of a pipeline rank: its pipeline's ranks (group `pp`) and the replicas
     /// of its stages (group `dp`), each on a communicator of its own.
     pub fn pipeline_ranks(&self) -> Box<dyn Communicator> {
-        let pp = Group {
-            name: kiln_compiler::train::PP_GROUP,
-            comm: self.pipeline.duplicate(),
-            rank: self.pp_rank(),
-            size: self.pp,
-        };
+        let pp =
+            Group::new(kiln_compiler::train::PP_GROUP, self.pipeline.duplicate(), self.pp_rank(), self.pp);
         let mut groups = vec![pp, self.replica_group()];
         groups.extend(self.expert_groups());
         Box::new(Groups { groups, timeout: self.timeout })
@@ -312,6 +306,17 @@ struct Group {
     comm: SimpleCommunicator,
     rank: usize,
     size: usize,
+    /// The second phase of the group's all-to-alls ([`Exchange`]).
+    rows: GroupQueue,
+}
+
+impl Group {
+    /// Group `name` over `comm` (a communicator of its own), with a second one for the rows of
+    /// its all-to-alls.
+    fn new(name: &'static str, comm: SimpleCommunicator, rank: usize, size: usize) -> Group {
+        let rows = GroupQueue { comm: Rc::new(comm.duplicate()), waiting: Default::default() };
+        Group { name, comm, rank, size, rows }
+    }
 }
 
 /// kiln_runtime's [`Communicator`] over MPI communicators, one per group.
@@ -459,24 +464,51 @@ type Parted = mpi::datatype::PartitionMut<'static, [f32], Vec<i32>, Vec<i32>>;
 /// The send side.
 type Sending = mpi::datatype::Partition<'static, [f32], Vec<i32>, Vec<i32>>;
 
-/// A non-blocking all-to-all under way (`MPI_Ialltoallv`), owning its buffers: the flagged rows,
-/// packed by destination. The flags themselves went first, in a blocking exchange of one byte per
-/// row (`MPI_Alltoall`), so that each process knows which rows it receives from each other. That
-/// exchange blocks on purpose: MPI matches the non-blocking collectives of a communicator by the
-/// order they start in, the same on every process, so the rows' exchange cannot start later, when
-/// a test happens to find the flags in (tests fall at different times on different processes;
-/// tried, it mismatched the messages).
+/// A non-blocking all-to-all under way, in two phases, each a non-blocking collective: the
+/// flags (one byte per row, `MPI_Ialltoall` on the group's communicator), so that each process
+/// knows which rows it receives from each other, then the flagged rows, packed by destination
+/// (`MPI_Ialltoallv` on the group's second communicator, [`Group::rows`]).
+///
+/// MPI matches the collectives of a communicator by the order they start in, which must be the
+/// same on every process. The flags start when the exchange does, in program order. The rows
+/// cannot start until the flags are in, and a test finds them in at different times on different
+/// processes; so they go on a communicator of their own, each exchange's rows started strictly
+/// after the rows of every exchange that started before it ([`Group::queue`], drained in order).
+/// Both phases then travel while the process computes: under the other program of a DualPipe pair,
+/// or under the launches before the exchange's result is read.
 struct Exchange {
+    rows: Rc<RefCell<Rows>>,
+    group: GroupQueue,
+    width: usize,
+}
+
+/// The second phase's communicator and the exchanges whose rows have not started yet, in the
+/// order they started.
+#[derive(Clone)]
+struct GroupQueue {
+    comm: Rc<SimpleCommunicator>,
+    waiting: Rc<RefCell<VecDeque<Rc<RefCell<Rows>>>>>,
+}
+
+/// One exchange's buffers and requests, each buffer a `Box::into_raw` freed in `Drop` once no
+/// request may touch it.
+struct Rows {
+    flags_req: Option<mpi::request::Request<'static, [u8], StaticScope>>,
+    flags: *mut [u8],
+    came: *mut [u8],
+    /// The rows to send, until the second phase packs them.
+    data: Option<Vec<f32>>,
+    width: usize,
+    size: usize,
     req: Option<mpi::request::Request<'static, Parted, StaticScope>>,
-    /// `Box::into_raw`s, freed once the request has completed: the partitions, then their buffers.
+    /// Null until the second phase starts.
     send: *mut Sending,
     send_buf: *mut [f32],
     recv: *mut Parted,
     recv_buf: *mut [f32],
-    /// Which rows came, block by block (one byte per row of every process's block for this one).
-    came: Vec<u8>,
-    width: usize,
     deadline: Deadline,
+    /// The first phase's, which names the flags.
+    flags_deadline: Deadline,
 }
 
 impl Exchange {
@@ -496,80 +528,142 @@ impl Exchange {
                 keep.len()
             )));
         }
+        for n in [keep.len(), data.len()] {
+            if i32::try_from(n).is_err() {
+                return Err(bad(format!("an all-to-all of {n} values: over 2^31")));
+            }
+        }
         let what = format!("the all-to-all of {} rows of {width} values over `{}`", keep.len(), g.name);
         let flags: Vec<u8> = keep.iter().map(|&f| u8::from(f != 0.0)).collect();
-        let mut came = vec![0u8; flags.len()];
-        mpi::request::scope(|scope| {
-            let req = g.comm.immediate_all_to_all_into(scope, &flags[..], &mut came[..]);
-            poll(req, timeout, || stalled(&g.comm, g.rank, g.size, timeout, &format!("the flags of {what}")));
-        });
-        // The flagged rows, packed block by block, with each block's count and offset.
-        let layout = |flags: &[u8]| -> Result<(Vec<i32>, Vec<i32>), RuntimeError> {
+        let came = vec![0u8; flags.len()];
+        let flags: *mut [u8] = Box::into_raw(flags.into_boxed_slice());
+        let came: *mut [u8] = Box::into_raw(came.into_boxed_slice());
+        // SAFETY: both come from `Box::into_raw` just above and are freed only in `Rows::drop`,
+        // after the request completed; nothing else touches them meanwhile.
+        let (f, c): (&'static [u8], &'static mut [u8]) = unsafe { (&*flags, &mut *came) };
+        let flags_req = g.comm.immediate_all_to_all_into(StaticScope, f, c);
+        let rows = Rc::new(RefCell::new(Rows {
+            flags_req: Some(flags_req),
+            flags,
+            came,
+            data: Some(data),
+            width,
+            size,
+            req: None,
+            send: std::ptr::null_mut(),
+            send_buf: std::ptr::slice_from_raw_parts_mut(std::ptr::null_mut(), 0),
+            recv: std::ptr::null_mut(),
+            recv_buf: std::ptr::slice_from_raw_parts_mut(std::ptr::null_mut(), 0),
+            flags_deadline: Deadline::new(g, timeout, format!("the flags of {what}")),
+            deadline: Deadline::new(g, timeout, what),
+        }));
+        g.rows.waiting.borrow_mut().push_back(rows.clone());
+        Ok(Box::new(Exchange { rows, group: g.rows.clone(), width }))
+    }
+}
+
+impl GroupQueue {
+    /// Starts the rows of the waiting exchanges, in order, while their flags are in; with
+    /// `through`, waits for the flags of every exchange up to that one.
+    fn drain(&self, through: Option<&Rc<RefCell<Rows>>>) {
+        // Done already when its rows have started (it left the queue).
+        let mut reached = through.is_none_or(|t| !self.waiting.borrow().iter().any(|x| Rc::ptr_eq(x, t)));
+        loop {
+            let Some(front) = self.waiting.borrow().front().cloned() else { return };
+            let mut guard = front.borrow_mut();
+            let r = &mut *guard;
+            if reached {
+                if !test_pending(&mut r.flags_req, &r.flags_deadline) {
+                    return;
+                }
+            } else if let Some(req) = r.flags_req.take() {
+                r.flags_deadline.wait(req);
+            }
+            r.start_rows(&self.comm);
+            drop(guard);
+            self.waiting.borrow_mut().pop_front();
+            if through.is_some_and(|t| Rc::ptr_eq(t, &front)) {
+                reached = true;
+            }
+        }
+    }
+}
+
+impl Rows {
+    /// The second phase, once the flags are in: packs the flagged rows and starts their exchange.
+    fn start_rows(&mut self, comm: &SimpleCommunicator) {
+        // SAFETY: the flags' request has completed (the caller took it), so MPI no longer writes
+        // `came`, and neither buffer is freed before `drop`.
+        let (flags, came): (&[u8], &[u8]) = unsafe { (&*self.flags, &*self.came) };
+        let (size, width) = (self.size, self.width);
+        let rows = flags.len() / size.max(1);
+        // The flagged rows, packed block by block, with each block's count and offset (within
+        // i32: `Exchange::start` checked the totals).
+        let layout = |flags: &[u8]| -> (Vec<i32>, Vec<i32>) {
             let (mut counts, mut displs, mut at) =
                 (Vec::with_capacity(size), Vec::with_capacity(size), 0usize);
             for block in flags.chunks(rows.max(1)).take(size) {
                 let n = block.iter().filter(|&&f| f != 0).count() * width;
-                let fits = |v: usize| i32::try_from(v).map_err(|_| bad(format!("{what}: over 2^31 values")));
-                displs.push(fits(at)?);
-                counts.push(fits(n)?);
+                displs.push(at as i32);
+                counts.push(n as i32);
                 at += n;
             }
             counts.resize(size, 0);
-            displs.resize(size, i32::try_from(at).unwrap_or(i32::MAX));
-            Ok((counts, displs))
+            displs.resize(size, at as i32);
+            (counts, displs)
         };
-        let (send_counts, send_displs) = layout(&flags)?;
-        let (recv_counts, recv_displs) = layout(&came)?;
+        let (send_counts, send_displs) = layout(flags);
+        let (recv_counts, recv_displs) = layout(came);
         let total = |c: &[i32]| c.iter().map(|&n| n as usize).sum::<usize>();
+        let data = self.data.take().unwrap_or_default();
         let mut packed = Vec::with_capacity(total(&send_counts));
-        for (row, &f) in data.chunks(width.max(1)).zip(&flags) {
+        for (row, &f) in data.chunks(width.max(1)).zip(flags) {
             if f != 0 {
                 packed.extend_from_slice(row);
             }
         }
-        let send_buf: *mut [f32] = Box::into_raw(packed.into_boxed_slice());
-        let recv_buf: *mut [f32] = Box::into_raw(vec![0.0f32; total(&recv_counts)].into_boxed_slice());
-        // SAFETY: the buffers and partitions come from `Box::into_raw` here and are freed only by
-        // `Exchange::free`, after the request has completed; nothing else touches them meanwhile.
-        let (s, r): (&'static [f32], &'static mut [f32]) = unsafe { (&*send_buf, &mut *recv_buf) };
-        let send: *mut Sending = Box::into_raw(Box::new(Sending::new(s, send_counts, send_displs)));
-        let recv: *mut Parted = Box::into_raw(Box::new(Parted::new(r, recv_counts, recv_displs)));
+        drop(data);
+        self.send_buf = Box::into_raw(packed.into_boxed_slice());
+        self.recv_buf = Box::into_raw(vec![0.0f32; total(&recv_counts)].into_boxed_slice());
+        // SAFETY: the buffers and partitions come from `Box::into_raw` here and are freed only in
+        // `Rows::drop`, after the request has completed; nothing else touches them meanwhile.
+        let (s, r): (&'static [f32], &'static mut [f32]) = unsafe { (&*self.send_buf, &mut *self.recv_buf) };
+        self.send = Box::into_raw(Box::new(Sending::new(s, send_counts, send_displs)));
+        self.recv = Box::into_raw(Box::new(Parted::new(r, recv_counts, recv_displs)));
         // SAFETY: as above.
-        let (sp, rp): (&'static Sending, &'static mut Parted) = unsafe { (&*send, &mut *recv) };
-        let req = g.comm.immediate_all_to_all_varcount_into(StaticScope, sp, rp);
-        Ok(Box::new(Exchange {
-            req: Some(req),
-            send,
-            send_buf,
-            recv,
-            recv_buf,
-            came,
-            width,
-            deadline: Deadline::new(g, timeout, what),
-        }))
+        let (sp, rp): (&'static Sending, &'static mut Parted) = unsafe { (&*self.send, &mut *self.recv) };
+        self.req = Some(comm.immediate_all_to_all_varcount_into(StaticScope, sp, rp));
     }
 }
 
 impl InFlight for Exchange {
     fn test(&mut self) -> Result<bool, RuntimeError> {
-        Ok(test_pending(&mut self.req, &self.deadline))
+        self.group.drain(None);
+        let mut r = self.rows.borrow_mut();
+        if r.flags_req.is_some() || r.send.is_null() {
+            return Ok(false);
+        }
+        let Rows { req, deadline, .. } = &mut *r;
+        Ok(test_pending(req, deadline))
     }
 
-    fn wait(mut self: Box<Self>) -> Result<Vec<f32>, RuntimeError> {
-        if let Some(req) = self.req.take() {
-            self.deadline.wait(req);
+    fn wait(self: Box<Self>) -> Result<Vec<f32>, RuntimeError> {
+        self.group.drain(Some(&self.rows));
+        let mut r = self.rows.borrow_mut();
+        if let Some(req) = r.req.take() {
+            r.deadline.wait(req);
         }
-        // SAFETY: the request has completed, so MPI no longer writes the receive buffer.
-        let got: &[f32] = unsafe { &*self.recv_buf };
-        let came = self.came.iter().filter(|&&f| f != 0).count();
-        if got.len() != came * self.width {
+        // SAFETY: both requests have completed, so MPI no longer writes the receive buffers.
+        let (got, came): (&[f32], &[u8]) = unsafe { (&*r.recv_buf, &*r.came) };
+        let n = came.iter().filter(|&&f| f != 0).count();
+        if got.len() != n * self.width {
             return Err(RuntimeError::Collective {
-                group: self.deadline.what.clone(),
-                what: format!("{} values came for {came} rows of {}", got.len(), self.width),
+                group: r.deadline.what.clone(),
+                what: format!("{} values came for {n} rows of {}", got.len(), self.width),
             });
         }
-        let mut out = vec![0.0f32; self.came.len() * self.width];
-        let flagged = out.chunks_mut(self.width.max(1)).zip(&self.came).filter(|(_, &f)| f != 0);
+        let mut out = vec![0.0f32; came.len() * self.width];
+        let flagged = out.chunks_mut(self.width.max(1)).zip(came).filter(|(_, &f)| f != 0);
         for ((slot, _), row) in flagged.zip(got.chunks(self.width.max(1))) {
             slot.copy_from_slice(row);
         }
@@ -577,20 +671,23 @@ impl InFlight for Exchange {
     }
 }
 
-impl Drop for Exchange {
+impl Drop for Rows {
     fn drop(&mut self) {
-        if self.req.is_some() {
+        if self.flags_req.is_some() || self.req.is_some() {
             say!("error: rank {}: an all-to-all was dropped before it finished", self.deadline.rank);
             SimpleCommunicator::world().abort(3);
         }
-        // SAFETY: each pointer comes from `Box::into_raw` in `Exchange::start` and is freed once,
-        // here, after the request completed (above); the partitions go before the buffers they
-        // borrow.
+        // SAFETY: each pointer comes from `Box::into_raw` and is freed once, here, after its
+        // request completed (above); the partitions go before the buffers they borrow.
         unsafe {
-            drop(Box::from_raw(self.send));
-            drop(Box::from_raw(self.recv));
-            drop(Box::from_raw(self.send_buf));
-            drop(Box::from_raw(self.recv_buf));
+            drop(Box::from_raw(self.flags));
+            drop(Box::from_raw(self.came));
+            if !self.send.is_null() {
+                drop(Box::from_raw(self.send));
+                drop(Box::from_raw(self.recv));
+                drop(Box::from_raw(self.send_buf));
+                drop(Box::from_raw(self.recv_buf));
+            }
         }
     }
 }

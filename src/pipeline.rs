@@ -305,6 +305,9 @@ pub struct PipelineTrainer<B: Backend> {
     /// The data-parallel replicas of the pipeline (`--dp`), whose micro-batches the update's sums
     /// count together.
     replicas: usize,
+    /// Whether DualPipe's forward-and-backward pairs run interleaved (`KILN_NO_OVERLAP_PAIRS=1`
+    /// runs them one after the other, to measure what the overlap gives).
+    overlap_pairs: bool,
     /// The artifact's whole manifest (the executor holds this rank's programs and states alone).
     model: Manifest,
     /// The routers' selection biases this rank's update moves, which it reports to rank 0 after
@@ -314,6 +317,11 @@ pub struct PipelineTrainer<B: Backend> {
     /// moments and the master weights, which have their parameter's.
     whole: HashMap<String, Vec<u64>>,
 }
+
+/// One micro-batch's step inputs, by name.
+type Feed = HashMap<String, HostTensor>;
+/// What each (micro-batch, stage) keeps for its later programs or received for them, by name.
+type Held = HashMap<(u32, u32), HashMap<String, HostTensor>>;
 
 impl<B: Backend> PipelineTrainer<B> {
     /// Takes the executor of an artifact compiled with `--train --pp` (its weights bound at load),
@@ -439,6 +447,7 @@ impl<B: Backend> PipelineTrainer<B> {
             states_of_rank,
             gathered: Default::default(),
             replicas: 1,
+            overlap_pairs: std::env::var_os("KILN_NO_OVERLAP_PAIRS").is_none_or(|v| v.is_empty() || v == "0"),
         })
     }
 
@@ -584,17 +593,70 @@ impl<B: Backend> PipelineTrainer<B> {
     }
 
     /// Runs `stage`'s `phase` program on micro-batch `mb`, if the stage has one.
-    #[allow(clippy::too_many_arguments)]
     fn run_part(
         &mut self,
         mb: u32,
         stage: u32,
         phase: Phase,
-        feeds: &[HashMap<String, HostTensor>],
-        held: &mut HashMap<(u32, u32), HashMap<String, HostTensor>>,
+        feeds: &[Feed],
+        held: &mut Held,
     ) -> Result<(), RuntimeError> {
-        let Some(p) = self.programs.get(&(stage, phase)) else { return Ok(()) };
-        let (name, inputs, outputs) = (p.name.clone(), p.inputs.clone(), p.outputs.clone());
+        let Some((name, given)) = self.inputs_of(mb, stage, phase, feeds, held)? else { return Ok(()) };
+        self.exec.run(&name, &given)?;
+        self.outputs_of(mb, stage, phase, held)
+    }
+
+    /// DualPipe's overlapped pair: the forward of `f` and the backward of `b` (micro-batch and
+    /// stage each) run interleaved, so that one's expert-parallel all-to-alls travel under the
+    /// other's compute (`Executor::run_pair`; both inputs received first, both outputs sent after,
+    /// as in DeepSeek's reference), then the backward's weight gradients. With
+    /// `KILN_NO_OVERLAP_PAIRS=1`, or where one of them has no program, they run one after the other.
+    fn run_pair(
+        &mut self,
+        f: (u32, u32),
+        b: (u32, u32),
+        feeds: &[Feed],
+        held: &mut Held,
+    ) -> Result<(), RuntimeError> {
+        if !self.overlap_pairs {
+            self.run_part(f.0, f.1, Phase::Forward, feeds, held)?;
+            self.run_part(b.0, b.1, Phase::Backward, feeds, held)?;
+            return self.run_part(b.0, b.1, Phase::Weight, feeds, held);
+        }
+        let fi = self.inputs_of(f.0, f.1, Phase::Forward, feeds, held)?;
+        let bi = self.inputs_of(b.0, b.1, Phase::Backward, feeds, held)?;
+        match (fi, bi) {
+            (Some((fname, fgiven)), Some((bname, bgiven))) => {
+                self.exec.run_pair((&fname, &fgiven), (&bname, &bgiven))?;
+                self.outputs_of(f.0, f.1, Phase::Forward, held)?;
+                self.outputs_of(b.0, b.1, Phase::Backward, held)?;
+            }
+            (fi, bi) => {
+                for ((name, given), (mb, stage, phase)) in
+                    (fi.into_iter().map(|x| (x, (f.0, f.1, Phase::Forward))))
+                        .chain(bi.into_iter().map(|x| (x, (b.0, b.1, Phase::Backward))))
+                {
+                    self.exec.run(&name, &given)?;
+                    self.outputs_of(mb, stage, phase, held)?;
+                }
+            }
+        }
+        self.run_part(b.0, b.1, Phase::Weight, feeds, held)
+    }
+
+    /// The program `stage` runs in `phase` and its inputs for micro-batch `mb`: from the step's
+    /// feeds, what the stage kept, and what other stages send (received here); `None` if the stage
+    /// has no program for the phase.
+    fn inputs_of(
+        &mut self,
+        mb: u32,
+        stage: u32,
+        phase: Phase,
+        feeds: &[Feed],
+        held: &mut Held,
+    ) -> Result<Option<(String, Vec<HostTensor>)>, RuntimeError> {
+        let Some(p) = self.programs.get(&(stage, phase)) else { return Ok(None) };
+        let (name, inputs) = (p.name.clone(), p.inputs.clone());
         let mut given = Vec::with_capacity(inputs.len());
         // Each accumulator starts its sum on the first micro-batch its program runs in the step
         // (in DualPipe's reverse direction, not micro-batch 0).
@@ -633,14 +695,21 @@ impl<B: Backend> PipelineTrainer<B> {
             })?;
             given.push(t.clone());
         }
-        self.exec.run(&name, &given)?;
+        Ok(Some((name, given)))
+    }
+
+    /// After `stage`'s `phase` program has run on micro-batch `mb`: keeps what the stage saves for
+    /// later, and sends what other stages read (or keeps it, for a stage of this rank).
+    fn outputs_of(&mut self, mb: u32, stage: u32, phase: Phase, held: &mut Held) -> Result<(), RuntimeError> {
+        let Some(p) = self.programs.get(&(stage, phase)) else { return Ok(()) };
+        let (name, outputs) = (p.name.clone(), p.outputs.clone());
         let mut out_by_stage: HashMap<u32, Vec<HostTensor>> = HashMap::new();
         for o in &outputs {
             if o.starts_with(cut::SAVED_PREFIX) {
-                let t = self.exec.output(o)?;
+                let t = self.exec.output_of(&name, o)?;
                 held.entry((mb, stage)).or_default().insert(o.clone(), t);
             } else if let Some((_, _, to)) = cut::parse_sent(o) {
-                out_by_stage.entry(to).or_default().push(self.exec.output(o)?);
+                out_by_stage.entry(to).or_default().push(self.exec.output_of(&name, o)?);
             }
         }
         let mut targets: Vec<u32> = out_by_stage.keys().copied().collect();
@@ -699,9 +768,8 @@ impl<B: Backend> PipelineTrainer<B> {
                     self.run_part(w.mb.0, stage(w), Phase::Weight, &feeds, &mut held)?;
                 }
                 Instr::ForwardBackward { forward, backward } => {
-                    self.run_part(forward.mb.0, stage(forward), Phase::Forward, &feeds, &mut held)?;
-                    self.run_part(backward.mb.0, stage(backward), Phase::Backward, &feeds, &mut held)?;
-                    self.run_part(backward.mb.0, stage(backward), Phase::Weight, &feeds, &mut held)?;
+                    let (f, b) = ((forward.mb.0, stage(forward)), (backward.mb.0, stage(backward)));
+                    self.run_pair(f, b, &feeds, &mut held)?;
                 }
                 // Data moves when it is made and when it is needed (above).
                 Instr::SendActivation(_)

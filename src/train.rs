@@ -1132,15 +1132,23 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             writeln!(
                 out,
                 "all-to-all: {} of the {} token rows for other ranks travelled ({:.0}%): a token goes only to \
-                 the ranks of its experts",
+                 the ranks of its experts; {} exchanges, {:.1} ms in flight, {:.1} ms waited for: {:.0}% hidden \
+                 under computation",
                 comm.rows_sent,
                 comm.rows_offered,
-                100.0 * comm.rows_sent as f64 / comm.rows_offered as f64
+                100.0 * comm.rows_sent as f64 / comm.rows_offered as f64,
+                comm.exchanges,
+                ms(comm.exchange_in_flight_ns),
+                ms(comm.exchange_waited_ns),
+                100.0 * comm.exchange_hidden(),
             )?;
         }
         let v = serde_json::json!({"event": "communication", "messages": comm.messages, "bytes": comm.bytes,
             "in_flight_ms": ms(comm.in_flight_ns), "waited_ms": ms(comm.waited_ns), "hidden": comm.hidden(),
-            "rows_sent": comm.rows_sent, "rows_offered": comm.rows_offered});
+            "rows_sent": comm.rows_sent, "rows_offered": comm.rows_offered, "exchanges": comm.exchanges,
+            "exchange_in_flight_ms": ms(comm.exchange_in_flight_ns),
+            "exchange_waited_ms": ms(comm.exchange_waited_ns), "exchange_hidden": comm.exchange_hidden(),
+            "exchange_start_ms": ms(comm.exchange_start_ns)});
         event(&mut metrics, v)?;
     }
     // A resume of a finished run takes no step: the curve still covers the log.
@@ -1256,7 +1264,8 @@ fn compiled(
             parallel: req.pipeline.map(|(d, kind)| pack::Parallel {
                 kind,
                 pp: d.pp_size() as u32,
-                ep: Some(1),
+                // The plan's expert placement is the step's (`--pp P --ep E`).
+                ep: Some(req.dist.map_or(1, |r| r.ep_size() as u64)),
                 micro_batches: Some(micro_batches as u32),
             }),
             ..pack::Options::new(targets, rows, t)

@@ -750,9 +750,43 @@ pub fn plan(source: Source, options: &Options, obs: &mut dyn Observer) -> Result
         },
         |m| Dump::Memory(&m[0]),
     )?;
+    let mut memories = memories;
+    pair_arenas(&module, parallel.as_ref(), &mut memories);
     let programs: Vec<PreparedProgram> =
         plans.into_iter().zip(memories).map(|(plan, memory)| PreparedProgram { plan, memory }).collect();
     Ok(Planned { spec, module, programs, parallel })
+}
+
+/// A schedule that overlaps a forward chunk with a backward chunk (DualPipe's and DualPipeV's
+/// pairs, run interleaved by the runtime's `Executor::run_pair`) needs both programs' activations
+/// at once: each stage's backward-for-inputs program is laid out in the arena after every stage's
+/// forward program, so that any forward and any backward are disjoint. Other schedules run one
+/// program at a time and share the arena from its start.
+fn pair_arenas(module: &Module, parallel: Option<&ParallelPlan>, memories: &mut [MemoryPlan]) {
+    use crate::pipeline::Phase;
+    use kiln_ir::schedule::Instr;
+    let pairs = parallel.is_some_and(|p| {
+        (p.lists.ranks.iter()).any(|l| l.iter().any(|i| matches!(i, Instr::ForwardBackward { .. })))
+    });
+    if !pairs {
+        return;
+    }
+    let phase_of = |name: &str| -> Option<Phase> {
+        let rest = name.strip_prefix("stage.")?;
+        let (_, word) = rest.split_once('.')?;
+        Phase::ALL.into_iter().find(|p| p.word() == word)
+    };
+    let forward_end = (module.programs.iter().zip(memories.iter()))
+        .filter(|(p, _)| phase_of(&p.name) == Some(Phase::Forward))
+        .map(|(_, m)| m.arena_bytes)
+        .max()
+        .unwrap_or(0);
+    let base = forward_end.next_multiple_of(kiln_ir::artifact::ARENA_ALIGN);
+    for (p, m) in module.programs.iter().zip(memories.iter_mut()) {
+        if phase_of(&p.name) == Some(Phase::Backward) {
+            m.place_after(base);
+        }
+    }
 }
 
 /// Runs the pure stages: [`plan`], then lowering.

@@ -97,6 +97,13 @@ pub struct CommStats {
     /// the share of the every-token-to-every-rank exchange that travelled.
     pub rows_sent: u64,
     pub rows_offered: u64,
+    /// Of the messages, the all-to-alls with other processes: how many, their time in flight and
+    /// waited for (included in the totals above), and the time their starts took (each start
+    /// exchanges the rows' flags before it can size the rows' exchange, and waits for that).
+    pub exchanges: u64,
+    pub exchange_in_flight_ns: u64,
+    pub exchange_waited_ns: u64,
+    pub exchange_start_ns: u64,
 }
 
 impl CommStats {
@@ -107,6 +114,19 @@ impl CommStats {
         self.waited_ns += o.waited_ns;
         self.rows_sent += o.rows_sent;
         self.rows_offered += o.rows_offered;
+        self.exchanges += o.exchanges;
+        self.exchange_in_flight_ns += o.exchange_in_flight_ns;
+        self.exchange_waited_ns += o.exchange_waited_ns;
+        self.exchange_start_ns += o.exchange_start_ns;
+    }
+
+    /// [`CommStats::hidden`] of the all-to-alls alone.
+    pub fn exchange_hidden(&self) -> f64 {
+        if self.exchange_in_flight_ns == 0 {
+            1.0
+        } else {
+            1.0 - self.exchange_waited_ns as f64 / self.exchange_in_flight_ns as f64
+        }
     }
 
     /// The share of the in-flight time the run did not wait for (1 when nothing was sent).

@@ -17,9 +17,17 @@ const LOSSES: [&str; 6] = ["--mtp-lambda", "0.3", "--balance-alpha", "1e-4", "--
 
 /// `mpirun -n N kiln ARGS`, killed (and the test failed) if it runs past `limit`: nothing may hang.
 fn mpirun(n: usize, args: &[&str], limit: Duration) -> Out {
+    mpirun_with(n, args, limit, &[])
+}
+
+/// [`mpirun`] with environment variables set for every process.
+fn mpirun_with(n: usize, args: &[&str], limit: Duration, env: &[(&str, &str)]) -> Out {
     let mut cmd = Command::new("mpirun");
-    cmd.args(["--allow-run-as-root", "--oversubscribe", "-n", &n.to_string()])
-        .arg(env!("CARGO_BIN_EXE_kiln"))
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-n", &n.to_string()]);
+    for (k, v) in env {
+        cmd.args(["-x", k]).env(k, v);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
         .current_dir(root())
         .stdout(Stdio::piped())
@@ -457,6 +465,43 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         let hidden: f64 = comm.rsplit(": ").next().unwrap().split('%').next().unwrap().parse().unwrap();
         assert!((0.0..=100.0).contains(&hidden), "{comm}");
         assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), expected);
+        let manifest: kiln_ir::artifact::Manifest = serde_json::from_str(
+            &std::fs::read_to_string(Path::new(&out).join("train.kiln/manifest.json")).unwrap(),
+        )
+        .unwrap();
+        // DualPipe's pairs run a forward and a backward interleaved: every backward-for-inputs
+        // program lies in the arena after every forward program (other schedules share it).
+        let arena = |suffix: &str| -> Vec<(u64, u64)> {
+            (manifest.programs.iter().filter(|p| p.name.starts_with("stage.") && p.name.ends_with(suffix)))
+                .map(|p| {
+                    let offsets = p.buffers.iter().filter_map(|b| match b.storage {
+                        kiln_ir::artifact::Storage::Arena { offset } => Some(offset),
+                        _ => None,
+                    });
+                    (offsets.min().unwrap(), p.arena_bytes)
+                })
+                .collect()
+        };
+        let forward_end = arena(".forward").iter().map(|a| a.1).max().unwrap();
+        let backward_start = arena(".backward").iter().map(|a| a.0).min().unwrap();
+        assert_eq!(backward_start >= forward_end, schedule.starts_with("dualpipe"), "{schedule}");
+        if ep > 1 {
+            // The pairs' all-to-alls interleaved with the other program's launches, or, with
+            // KILN_NO_OVERLAP_PAIRS=1, one program after the other: the same floats either way.
+            let c = logged_communication(Path::new(&out));
+            assert!(c["exchanges"].as_u64().unwrap() > 0, "{c}");
+            let apart = format!("{out}-apart");
+            let mut args = run(model, batch, &apart, &extra);
+            args[1] = Path::new(&out).join("train.kiln").display().to_string();
+            let r = mpirun_with(
+                n.parse::<usize>().unwrap() * dp * ep,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                Duration::from_secs(300),
+                &[("KILN_NO_OVERLAP_PAIRS", "1")],
+            );
+            assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+            assert_eq!(logged(Path::new(&apart)), logged(Path::new(&out)));
+        }
         // Every stage's biases reach rank 0's monitor as their ranks moved them: the same load
         // counts move them by the same ±γ steps as in one process.
         let (ours, theirs) = (logged_biases(Path::new(one)), logged_biases(Path::new(&out)));

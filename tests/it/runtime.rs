@@ -156,6 +156,11 @@ fn the_tiny_artifact_matches_the_interpreter_on_its_own_graph() {
     let mut parallel = CpuModel::load(&art, ok(&params), &many).unwrap();
     parallel.run("forward", &inputs).unwrap();
     assert_eq!(parallel.output("logits").unwrap(), whole, "3 threads, every launch split");
+    // Programs that share arena bytes cannot run interleaved (DualPipe's pairs are compiled apart),
+    // and the refusal comes before anything is written.
+    let e = model.run_pair(("forward", &inputs), ("forward", &inputs)).unwrap_err().to_string();
+    assert!(e.contains("`forward` and `forward` cannot run interleaved: they share arena bytes 0.."), "{e}");
+    assert_eq!(model.output("logits").unwrap(), whole);
 
     // And generation agrees token for token.
     let prompts = [rows[0].clone()];

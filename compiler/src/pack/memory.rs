@@ -59,6 +59,20 @@ pub struct MemoryPlan {
     pub max: SymBindings,
 }
 
+impl MemoryPlan {
+    /// Moves every arena buffer `base` bytes up (an [`ARENA_ALIGN`] multiple), leaving the arena's
+    /// first `base` bytes to other programs that run at the same time.
+    pub fn place_after(&mut self, base: u64) {
+        debug_assert!(base % ARENA_ALIGN == 0);
+        for b in &mut self.buffers {
+            if let Storage::Arena { offset } = &mut b.storage {
+                *offset += base;
+            }
+        }
+        self.arena_bytes += base;
+    }
+}
+
 /// Why no plan could be made.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum PlanError {

@@ -312,8 +312,15 @@ impl Backend for CpuBackend {
         Ok(Launches(out))
     }
 
-    fn run(&self, todo: &mut Launches, at: &SymBindings, then: &mut After<Self>) -> Result<(), RuntimeError> {
-        for l in &mut todo.0 {
+    fn run(
+        &self,
+        todo: &mut Launches,
+        range: Range<usize>,
+        at: &SymBindings,
+        then: &mut After<Self>,
+    ) -> Result<(), RuntimeError> {
+        let todo = &mut todo.0[range.clone()];
+        for l in todo.iter_mut() {
             for (slot, &s) in l.sizes.iter_mut().zip(&l.syms) {
                 *slot = at.get(s) as i64;
             }
@@ -333,7 +340,7 @@ impl Backend for CpuBackend {
                 .collect()
         };
         if self.threads == 1 {
-            for (i, l) in todo.0.iter().enumerate() {
+            for (i, l) in (range.start..).zip(todo.iter()) {
                 for j in jobs(l) {
                     // SAFETY: the entry was resolved from the artifact's library for this kernel and
                     // its signature checked against the manifest; its pointers address buffers of
@@ -348,7 +355,7 @@ impl Backend for CpuBackend {
         let shared = Shared::new();
         std::thread::scope(|scope| {
             let pool = Pool::start(scope, &shared, self.threads);
-            for (i, l) in todo.0.iter().enumerate() {
+            for (i, l) in (range.start..).zip(todo.iter()) {
                 let bytes: u64 = (l.buffers.iter())
                     .map(|(size, shape)| artifact_bytes(*size, shape, at))
                     .fold(0u64, u64::saturating_add);

@@ -131,6 +131,8 @@ pub(super) struct Flight {
     bytes: u64,
     /// An all-to-all's rows for other processes: sent, and all of them.
     rows: (u64, u64),
+    /// Nanoseconds its start took (an all-to-all's exchange of flags).
+    start_ns: u64,
 }
 
 /// Where a buffer's bytes are: the arena at an offset, or a state.
@@ -322,6 +324,7 @@ pub(super) fn start<B: Backend>(
                 done: None,
                 bytes,
                 rows: (0, 0),
+                start_ns: 0,
             });
         }
     }
@@ -396,8 +399,11 @@ fn exchange<B: Backend>(
     let per_block = flags.len() / peers;
     let sent_rows = (flags.iter().enumerate()).filter(|&(i, &f)| f != 0.0 && i / per_block != me).count();
     let bytes = (4 * width * sent_rows + (peers - 1) * per_block) as u64;
+    let began = Instant::now();
     let inflight = c.start_all_to_all(group, data, flags, width)?;
+    let start_ns = began.elapsed().as_nanos() as u64;
     Ok(Some(Flight {
+        start_ns,
         parts: vec![(0..n / 4, to, n)],
         results,
         inflight,
@@ -437,8 +443,13 @@ pub(super) fn finish<B: Backend>(
     stats.rows_sent += f.rows.0;
     stats.rows_offered += f.rows.1;
     stats.in_flight_ns += (done - f.start).as_nanos() as u64;
-    if f.done.is_none() {
-        stats.waited_ns += (now - waited).as_nanos() as u64;
+    let wait = if f.done.is_none() { (now - waited).as_nanos() as u64 } else { 0 };
+    stats.waited_ns += wait;
+    if f.rows.1 > 0 {
+        stats.exchanges += 1;
+        stats.exchange_in_flight_ns += (done - f.start).as_nanos() as u64;
+        stats.exchange_waited_ns += wait;
+        stats.exchange_start_ns += f.start_ns;
     }
     be.synchronize()?;
     let short = |want: usize| RuntimeError::Collective {

@@ -157,6 +157,6 @@ pub(super) fn run<B: Backend>(
     };
     let what = Binding { manifest: &exec.manifest, program: p, steps: &todo, address: &address, max };
     let mut launches = exec.backend.bind(&what)?;
-    exec.backend.run(&mut launches, max, &mut |_, _| Ok(()))?;
+    exec.backend.run(&mut launches, 0..todo.len(), max, &mut |_, _| Ok(()))?;
     exec.backend.synchronize()
 }

@@ -90,12 +90,15 @@ pub trait Backend: Sized {
     /// entry exists, and was compiled for the arguments and work the manifest gives it) and the
     /// launch geometry at the loaded maxima.
     fn bind(&self, what: &Binding) -> Result<Self::Launches, RuntimeError>;
-    /// Runs every bound launch at `sizes`, in order; `after(self, i)` is called once launch `i` has
-    /// been issued (a backend that queues work must have finished it when `after` reads memory, see
-    /// [`Backend::synchronize`]). Returns when all of them are done.
+    /// Runs the bound launches `range` (positions in the bound list) at `sizes`, in order;
+    /// `after(self, i)` is called once launch `i` has been issued (a backend that queues work must
+    /// have finished it when `after` reads memory, see [`Backend::synchronize`]). Returns when all
+    /// of them are done. A run of a program may come in several ranges, in order, with another
+    /// program's ranges between them ([`Executor::run_pair`]).
     fn run(
         &self,
         launches: &mut Self::Launches,
+        range: Range<usize>,
         sizes: &SymBindings,
         after: &mut After<Self>,
     ) -> Result<(), RuntimeError>;
@@ -165,6 +168,8 @@ struct Loaded<B: Backend> {
     /// The program's `all_reduce` steps by where they run: those before any launch, then after
     /// each bound launch (by its position in `steps`), in program order.
     collectives: collective::Collectives,
+    /// The arena bytes it uses at its maxima.
+    arena: Range<u64>,
 }
 
 /// A loaded artifact with its weights, ready to run any of its programs. See the module
@@ -180,8 +185,9 @@ pub struct Executor<B: Backend> {
     /// Weight-only values computed at load, by program and buffer (an alias maps to its root).
     folded: fold::Folded<B>,
     max: SymBindings,
-    /// The program of the last run and its sizes, whose outputs the arena holds.
-    last: Option<(usize, SymBindings)>,
+    /// The programs of the last run (two after [`Executor::run_pair`]) and their sizes, whose
+    /// outputs the arena holds.
+    last: Vec<(usize, SymBindings)>,
     /// Rows per expert, per MoE layer (by label, in first-seen order), over every run.
     load: Vec<LayerLoad>,
     /// Nanoseconds per launch of each program, when profiling.
@@ -196,6 +202,39 @@ pub struct Executor<B: Backend> {
     comm_stats: crate::comm::CommStats,
     // Declared last: dropped after the memory above, which its launches point into.
     backend: B,
+}
+
+/// A run [`Executor::admit`] checked: the loaded program, its sizes, and each input encoded with
+/// its arena offset.
+type Admitted = (usize, SymBindings, Vec<(usize, Vec<u8>)>);
+
+/// A run of one program under way ([`Executor::advance`]): the next launch to run, the
+/// collectives in flight, and what the run has recorded so far.
+struct Pass {
+    li: usize,
+    sizes: SymBindings,
+    next: usize,
+    done: bool,
+    flights: Vec<collective::Flight>,
+    /// The per-expert rows of each MoE dispatch run so far.
+    offsets: Vec<Vec<i64>>,
+    spans: Vec<(usize, u64, u64)>,
+    start: Instant,
+}
+
+impl Pass {
+    fn new(li: usize, sizes: SymBindings) -> Pass {
+        Pass {
+            li,
+            sizes,
+            next: 0,
+            done: false,
+            flights: Vec::new(),
+            offsets: Vec::new(),
+            spans: Vec::new(),
+            start: Instant::now(),
+        }
+    }
 }
 
 /// What tracing records: its start, and each run.
@@ -352,7 +391,7 @@ impl<B: Backend> Executor<B> {
             constants,
             folded: fold::Folded::default(),
             max,
-            last: None,
+            last: Vec::new(),
             load: Vec::new(),
             profile: None,
             trace: None,
@@ -384,6 +423,13 @@ impl<B: Backend> Executor<B> {
                 return Err(RuntimeError::Distributed { step: i, what });
             }
             let collectives = collective::plan(p, &steps);
+            let (mut lo, mut hi) = (u64::MAX, 0);
+            for b in p.buffers.iter().filter(|b| !plan.is_folded(b.id)) {
+                if let (Storage::Arena { offset }, Some(n)) = (&b.storage, b.bytes(&pmax)) {
+                    (lo, hi) = (lo.min(*offset), hi.max(offset + n));
+                }
+            }
+            let arena = if lo < hi { lo..hi } else { 0..0 };
             let launches = {
                 let address = |b: BufferId| exec.address(pi, b);
                 let what = Binding {
@@ -411,6 +457,7 @@ impl<B: Backend> Executor<B> {
                 index_inputs,
                 reads_sized_state,
                 collectives,
+                arena,
             });
         }
         // Every MoE layer is reported from the start, with no rows yet.
@@ -523,6 +570,60 @@ impl<B: Backend> Executor<B> {
     /// checked before anything is written; on an error found then, memory and the last outputs are
     /// as they were.
     pub fn run(&mut self, name: &str, inputs: &[HostTensor]) -> Result<SymBindings, RuntimeError> {
+        let (li, sizes, encoded) = self.admit(name, inputs)?;
+        self.last.clear();
+        self.write_inputs(&encoded)?;
+        let mut pass = Pass::new(li, sizes);
+        self.advance(&mut pass, false, &mut Vec::new())?;
+        Ok(sizes)
+    }
+
+    /// Runs programs `a` and `b` (each a name and its inputs) interleaved: each runs until it has
+    /// started a collective whose result its next launch reads (an expert-parallel dispatch or
+    /// combine), then the other runs while the message travels. This is DualPipe's overlapped
+    /// forward-and-backward pair: one chunk's all-to-all under the other chunk's compute.
+    ///
+    /// Each program's launches run in their own order, so every result is the one of running them
+    /// one after the other. The two must not share arena bytes (the compiler lays out the
+    /// backward programs of a schedule that pairs them after the forward programs) nor write a
+    /// state the other reads or writes; a pair that shares arena bytes is refused before anything
+    /// runs. Both programs' outputs stay readable ([`Executor::output_of`]) until the next run.
+    pub fn run_pair(
+        &mut self,
+        a: (&str, &[HostTensor]),
+        b: (&str, &[HostTensor]),
+    ) -> Result<(SymBindings, SymBindings), RuntimeError> {
+        let (la, sa, ea) = self.admit(a.0, a.1)?;
+        let (lb, sb, eb) = self.admit(b.0, b.1)?;
+        let (ra, rb) = (self.programs[la].arena.clone(), self.programs[lb].arena.clone());
+        if la == lb || (ra.start < rb.end && rb.start < ra.end) {
+            return Err(RuntimeError::BadOption(format!(
+                "programs `{}` and `{}` cannot run interleaved: they share arena bytes {}..{}",
+                a.0,
+                b.0,
+                ra.start.max(rb.start),
+                ra.end.min(rb.end)
+            )));
+        }
+        self.last.clear();
+        self.write_inputs(&ea)?;
+        self.write_inputs(&eb)?;
+        let (mut pa, mut pb) = (Pass::new(la, sa), Pass::new(lb, sb));
+        // Each lets the other's messages progress (MPI moves them only inside its calls).
+        while !(pa.done && pb.done) {
+            if !pa.done {
+                self.advance(&mut pa, true, &mut pb.flights)?;
+            }
+            if !pb.done {
+                self.advance(&mut pb, true, &mut pa.flights)?;
+            }
+        }
+        Ok((sa, sb))
+    }
+
+    /// Checks a run of program `name` on `inputs`: the loaded program, the sizes it runs at, and
+    /// each input encoded with its arena offset. Writes nothing.
+    fn admit(&self, name: &str, inputs: &[HostTensor]) -> Result<Admitted, RuntimeError> {
         let li = self.loaded(name)?;
         let (pi, pmax) = (self.programs[li].index, self.programs[li].max);
         let p = &self.manifest.programs[pi];
@@ -544,10 +645,28 @@ impl<B: Backend> Executor<B> {
                 .map_err(|reason| RuntimeError::InputValue { name: t.name.clone(), reason })?;
             encoded.push((offset as usize, bytes));
         }
-        self.last = None;
-        for (at, bytes) in &encoded {
+        Ok((li, sizes, encoded))
+    }
+
+    fn write_inputs(&mut self, encoded: &[(usize, Vec<u8>)]) -> Result<(), RuntimeError> {
+        for (at, bytes) in encoded {
             self.backend.write(&mut self.arena, *at, bytes)?;
         }
+        Ok(())
+    }
+
+    /// Runs `pass` on from its next launch: to the end, or, with `pause`, through the first launch
+    /// after which a collective starts that the next launch reads (its wait then comes when the
+    /// pass resumes). `others` are another pass's messages in flight, which each launch lets
+    /// progress as it does the pass's own. At the end the pass's outputs join the last run's.
+    fn advance(
+        &mut self,
+        pass: &mut Pass,
+        pause: bool,
+        others: &mut [collective::Flight],
+    ) -> Result<(), RuntimeError> {
+        let li = pass.li;
+        let pi = self.programs[li].index;
         let Executor {
             backend,
             programs,
@@ -564,26 +683,36 @@ impl<B: Backend> Executor<B> {
         let comm = comm.as_deref();
         let program = &manifest.programs[pi];
         let Loaded { launches, probes, steps, collectives, .. } = &mut programs[li];
+        let sizes = pass.sizes;
         let watched = watch.check || watch.poison.is_some_and(|(p, _)| p == pi);
         let mut memories = watch::Memories::<B> { arena, states };
-        let mut offsets: Vec<Vec<i64>> = Vec::with_capacity(probes.len());
-        let mut next_probe = 0;
         let mut times = profile.as_mut().map(|p| &mut p[li]);
         let epoch = trace.as_ref().map(|t| t.epoch);
-        let mut spans: Vec<(usize, u64, u64)> = Vec::new();
         let since = |at: Instant| epoch.map_or(0, |e| (at - e).as_nanos() as u64);
         let mut clock = Instant::now();
-        let run_start = clock;
-        let mut flights: Vec<collective::Flight> = Vec::new();
         let run = collective::Run { program, cs: collectives, sizes: &sizes, comm };
-        if let Some(b) = &collectives.before {
-            collective::start(backend, &mut memories, &run, b, &mut flights, comm_stats)?;
-            collective::finish_due(backend, &mut memories, &mut flights, |f| f.due == Some(0), comm_stats)?;
+        let Pass { next, flights, offsets, spans, .. } = pass;
+        let first = *next;
+        if first == 0 {
+            if let Some(b) = &collectives.before {
+                collective::start(backend, &mut memories, &run, b, flights, comm_stats)?;
+            }
         }
+        // What the launch about to run reads (a pass paused after starting it waits here).
+        if !flights.is_empty() {
+            collective::finish_due(backend, &mut memories, flights, |f| f.due == Some(first), comm_stats)?;
+        }
+        let n = steps.len();
+        let end = match pause {
+            true => (first..n)
+                .find(|i| collectives.after.get(i).is_some_and(|b| b.due == Some(i + 1)))
+                .map_or(n, |i| i + 1),
+            false => n,
+        };
         let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
             // The dispatch's offsets are read right after it: the plan reuses their arena slot
             // once the grouped GEMMs have read them.
-            if let Some(pr) = probes.get(next_probe).filter(|pr| pr.launch == i) {
+            if let Some(pr) = probes.get(offsets.len()).filter(|pr| pr.launch == i) {
                 be.synchronize()?;
                 let b = program.buffer(pr.offsets);
                 let Storage::Arena { offset } = b.storage else { return Ok(()) };
@@ -593,25 +722,22 @@ impl<B: Backend> Executor<B> {
                     HostData::I64(v) => v,
                     HostData::F32(_) => Vec::new(),
                 });
-                next_probe += 1;
             }
             if watched {
                 watch::after(be, &mut memories, manifest, (pi, program), steps[i], &sizes, watch)?;
             }
             if !flights.is_empty() {
-                collective::progress(&mut flights)?;
+                collective::progress(flights)?;
+            }
+            if !others.is_empty() {
+                collective::progress(others)?;
             }
             if let Some(b) = collectives.after.get(&i) {
-                collective::start(be, &mut memories, &run, b, &mut flights, comm_stats)?;
+                collective::start(be, &mut memories, &run, b, flights, comm_stats)?;
             }
-            if !flights.is_empty() {
-                collective::finish_due(
-                    be,
-                    &mut memories,
-                    &mut flights,
-                    |f| f.due == Some(i + 1),
-                    comm_stats,
-                )?;
+            // A paused pass waits for its last collective when it resumes, not here.
+            if !flights.is_empty() && i + 1 < end {
+                collective::finish_due(be, &mut memories, flights, |f| f.due == Some(i + 1), comm_stats)?;
             }
             if times.is_some() || epoch.is_some() {
                 be.synchronize()?;
@@ -627,24 +753,29 @@ impl<B: Backend> Executor<B> {
             }
             Ok(())
         };
-        backend.run(launches, &sizes, &mut after)?;
+        backend.run(launches, first..end, &sizes, &mut after)?;
+        *next = end;
+        if end < n {
+            return Ok(());
+        }
         // Those no launch reads (outputs), and any left by a launch that was not run.
-        collective::finish_due(backend, &mut memories, &mut flights, |_| true, comm_stats)?;
+        collective::finish_due(backend, &mut memories, flights, |_| true, comm_stats)?;
+        pass.done = true;
         if let Some(t) = trace.as_mut() {
             backend.synchronize()?;
-            let start = (run_start - t.epoch).as_nanos() as u64;
+            let start = (pass.start - t.epoch).as_nanos() as u64;
             t.runs.push(RunTrace {
                 program: li,
                 start,
-                dur: run_start.elapsed().as_nanos() as u64,
-                launches: spans,
+                dur: pass.start.elapsed().as_nanos() as u64,
+                launches: std::mem::take(&mut pass.spans),
             });
         }
-        for (pr, o) in probes.iter().zip(&offsets) {
+        for (pr, o) in probes.iter().zip(&pass.offsets) {
             probe::add(&mut self.load, pr, o);
         }
-        self.last = Some((li, sizes));
-        Ok(sizes)
+        self.last.push((li, sizes));
+        Ok(())
     }
 
     /// The processes the programs' `all_reduce` steps sum over (data-parallel replicas); without
@@ -885,7 +1016,19 @@ impl<B: Backend> Executor<B> {
     }
 
     fn output_buffer(&self, name: &str) -> Result<(usize, BufferId, SymBindings), RuntimeError> {
-        let (li, sizes) = self.last.ok_or(RuntimeError::NotRun)?;
+        let has = |&&(li, _): &&(usize, SymBindings)| {
+            inputs::caller_outputs(&self.manifest.programs[self.programs[li].index]).any(|o| o.name == name)
+        };
+        let &(li, _) = self.last.iter().find(has).or(self.last.first()).ok_or(RuntimeError::NotRun)?;
+        self.output_buffer_of(li, name)
+    }
+
+    fn output_buffer_of(
+        &self,
+        li: usize,
+        name: &str,
+    ) -> Result<(usize, BufferId, SymBindings), RuntimeError> {
+        let &(_, sizes) = self.last.iter().find(|l| l.0 == li).ok_or(RuntimeError::NotRun)?;
         let pi = self.programs[li].index;
         let p = &self.manifest.programs[pi];
         let o =
@@ -916,7 +1059,14 @@ impl<B: Backend> Executor<B> {
 
     /// An output of the last run, whole.
     pub fn output(&self, name: &str) -> Result<HostTensor, RuntimeError> {
-        let (pi, id, sizes) = self.output_buffer(name)?;
+        let (pi, ..) = self.output_buffer(name)?;
+        self.output_of(&self.manifest.programs[pi].name, name)
+    }
+
+    /// Output `name` of program `program`, one of the last run's (either of a
+    /// [`Executor::run_pair`], whose outputs may share names), whole.
+    pub fn output_of(&self, program: &str, name: &str) -> Result<HostTensor, RuntimeError> {
+        let (pi, id, sizes) = self.output_buffer_of(self.loaded(program)?, name)?;
         let b = self.manifest.programs[pi].buffer(id);
         let shape = b.shape.iter().map(|d| d.eval(&sizes).unwrap_or(0)).collect();
         let bytes = self.read(pi, id, 0..b.bytes(&sizes).unwrap_or(0) as usize)?;

@@ -158,9 +158,16 @@ impl Backend for GpuBackend {
         self.device.synchronize()
     }
 
-    fn run(&self, todo: &mut Launches, at: &SymBindings, then: &mut After<Self>) -> Result<(), RuntimeError> {
-        let dims = todo.0.iter().map(|l| l.plan.dims(at)).collect::<Result<Vec<_>, _>>()?;
-        for (i, (l, d)) in todo.0.iter_mut().zip(&dims).enumerate() {
+    fn run(
+        &self,
+        todo: &mut Launches,
+        range: std::ops::Range<usize>,
+        at: &SymBindings,
+        then: &mut After<Self>,
+    ) -> Result<(), RuntimeError> {
+        let todo = &mut todo.0[range.clone()];
+        let dims = todo.iter().map(|l| l.plan.dims(at)).collect::<Result<Vec<_>, _>>()?;
+        for (i, (l, d)) in (range.start..).zip(todo.iter_mut().zip(&dims)) {
             l.plan.set_sizes(&mut l.args, at);
             // SAFETY: the function comes from the module loaded for this artifact, and its
             // parameter list was checked against the plan (`check_entry`) when bound; the
