@@ -774,12 +774,6 @@ fn pipelined(args: &TrainArgs, req: train::Request, pp: usize) -> Result<()> {
     if args.ep == Some(0) {
         bail!("--ep 0: give the number of expert-parallel processes, at least 1");
     }
-    if args.zero1 && args.ep.is_some() {
-        bail!(
-            "--zero1 with --ep and --pp: ZeRO-1 splits the states of an expert-parallel run without a \
-             pipeline, or of a pipeline without expert parallelism; drop one of the three"
-        );
-    }
     let mut flags = format!("--pp {pp}");
     for (flag, n) in [("--ep", args.ep), ("--dp", args.dp)] {
         if let Some(n) = n {

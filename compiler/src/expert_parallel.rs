@@ -56,15 +56,7 @@ pub fn rank_param(name: &str, rank: u64, per_rank: u64) -> String {
     }
 }
 
-/// Where the routed expert's id is in `name` (`….experts.{e}.…`, the first such mark): its
-/// byte range and value.
-fn expert_mark(name: &str) -> Option<(std::ops::Range<usize>, u64)> {
-    const MARK: &str = ".experts.";
-    let at = name.find(MARK)? + MARK.len();
-    let digits = name[at..].bytes().take_while(u8::is_ascii_digit).count();
-    let e = name[at..at + digits].parse::<u64>().ok().filter(|_| digits > 0)?;
-    Some((at..at + digits, e))
-}
+use kiln_ir::module::expert_mark;
 
 /// The routed expert a tensor name belongs to (`….experts.{e}.…`, a parameter or one of its
 /// optimizer states), if any.

@@ -125,6 +125,18 @@ pub const EDP_GROUP: &str = "edp";
 /// over [`EDP_GROUP`] (ZeRO-1): this process's rank in it, i32 `[1]`.
 pub const EDP_RANK: &str = "edp.rank";
 
+/// Where a routed expert's id is in a tensor name (`….experts.{e}.…`, the first such mark: a
+/// parameter or one of its optimizer states): its byte range and value. Under expert parallelism
+/// these are the tensors a rank holds its own share of, and whose ZeRO-1 shards go over
+/// [`EDP_GROUP`].
+pub fn expert_mark(name: &str) -> Option<(std::ops::Range<usize>, u64)> {
+    const MARK: &str = ".experts.";
+    let at = name.find(MARK)? + MARK.len();
+    let digits = name[at..].bytes().take_while(u8::is_ascii_digit).count();
+    let e = name[at..at + digits].parse::<u64>().ok().filter(|_| digits > 0)?;
+    Some((at..at + digits, e))
+}
+
 /// The caller input of an `accumulate` program: 0 on a step's first micro-batch, so that it starts
 /// the accumulators' sums, 1 after.
 pub const ACCUMULATE_KEEP: &str = "accumulate.keep";

@@ -315,23 +315,35 @@ fn split_master_weights_of_a_bf16_model_equal_the_unsplit_run() {
     let bf16 = s.path("tiny_bf16.toml");
     std::fs::write(&bf16, spec.replacen("dtype = \"f32\"", "dtype = \"bf16\"", 1)).unwrap();
     let bf16 = bf16.display().to_string();
-    let run = |out: &str, zero: bool| -> Out {
+    let run = |out: &str, zero: bool, ep: bool| -> Out {
         let mut args = train_args(&bf16, out, "3");
         args.extend(["--dp", "2", "--no-monitor"]);
+        if ep {
+            args.extend(["--ep", "2"]);
+        }
         if zero {
             args.push("--zero1");
         }
-        mpirun(2, &args, Duration::from_secs(300))
+        mpirun(if ep { 4 } else { 2 }, &args, Duration::from_secs(300))
     };
-    let (plain, split) = (s.path("plain").display().to_string(), s.path("split").display().to_string());
-    for (out, zero) in [(&plain, false), (&split, true)] {
-        let r = run(out, zero);
-        assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    // Also under expert parallelism (--ep 2 --dp 2): a routed expert's master is split over the
+    // two processes that hold the expert, the others' over all four.
+    for ep in [false, true] {
+        let name = |what: &str| s.path(&format!("{what}-{ep}")).display().to_string();
+        let (plain, split) = (name("plain"), name("split"));
+        for (out, zero) in [(&plain, false), (&split, true)] {
+            let r = run(out, zero, ep);
+            assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+        }
+        for f in ["model.safetensors", "optimizer.safetensors"] {
+            let read = |dir: &str| std::fs::read(Path::new(dir).join("step-3").join(f)).unwrap();
+            assert!(
+                read(&plain) == read(&split),
+                "--ep {ep}: {f} differs between the split and the unsplit run"
+            );
+        }
     }
-    for f in ["model.safetensors", "optimizer.safetensors"] {
-        let read = |dir: &str| std::fs::read(Path::new(dir).join("step-3").join(f)).unwrap();
-        assert!(read(&plain) == read(&split), "{f} differs between the split and the unsplit run");
-    }
+    let split = s.path("split-false").display().to_string();
     // The masters are in the optimizer's checkpoint, whole.
     let opt = kiln_runtime::weights::open_checkpoint(&Path::new(&split).join("step-3/optimizer.safetensors"))
         .unwrap();
@@ -376,19 +388,21 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
     };
     let mut expected = HashMap::new();
-    for (model, batch) in [("models/tiny.toml", "4"), (tiny8.as_str(), "8")] {
+    for (model, batch) in [("models/tiny.toml", "4"), (tiny8.as_str(), "8"), (tiny8.as_str(), "16")] {
         let one = s.path(&format!("one-{batch}")).display().to_string();
         let args = run(model, batch, &one, &[]);
         let r = kiln(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(r.ok, "{}", r.stderr);
         expected.insert(batch, (logged(Path::new(&one)), one));
     }
-    // (model, batch, --pp, schedule, --dp, --zero1): the last run is two replicas of a two-rank
+    // (model, batch, --pp, schedule, --dp, --zero1, --ep). The seventh run is two expert-parallel
+    // pipelines of DualPipe, each with half of every MoE layer's experts on each of its ranks
+    // (--ep 2; the tokens exchanged inside each stage). The eighth is two replicas of a two-rank
     // DualPipe, each taking half of every batch as its 4 micro-batches; the partner ranks sum
     // their copies, the replicas their accumulators, and each replica keeps half of AdamW's
-    // states (--zero1).
-    // The last but one is two expert-parallel pipelines of DualPipe, each with half of every MoE
-    // layer's experts on each of its ranks (--ep 2; the tokens exchanged inside each stage).
+    // states (--zero1). The last is all three (eight processes): two replicas of the seventh, with
+    // the replicated weights' AdamW states split over the four processes of a stage and each
+    // expert's over the two that hold it.
     let schedules = [
         ("models/tiny.toml", "4", "2", "1f1b", 1, false, 1),
         ("models/tiny.toml", "4", "2", "zb1p", 1, false, 1),
@@ -398,6 +412,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         (tiny8.as_str(), "8", "4", "dualpipev", 1, false, 1),
         (tiny8.as_str(), "8", "2", "dualpipe", 1, false, 2),
         (tiny8.as_str(), "8", "2", "dualpipe", 2, true, 1),
+        (tiny8.as_str(), "16", "2", "dualpipe", 2, true, 2),
     ];
     for (model, batch, n, schedule, dp, zero1, ep) in schedules {
         let (expected, one) = &expected[batch];
@@ -485,7 +500,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         let forward_end = arena(".forward").iter().map(|a| a.1).max().unwrap();
         let backward_start = arena(".backward").iter().map(|a| a.0).min().unwrap();
         assert_eq!(backward_start >= forward_end, schedule.starts_with("dualpipe"), "{schedule}");
-        if ep > 1 {
+        if ep > 1 && dp == 1 {
             // The pairs' all-to-alls interleaved with the other program's launches, or, with
             // KILN_NO_OVERLAP_PAIRS=1, one program after the other: the same floats either way.
             let c = logged_communication(Path::new(&out));

@@ -35,7 +35,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use kiln_ir::artifact::{BufferId, Manifest, Program, Step, Storage};
-use kiln_ir::module::{ProgramKind, StateRole};
+use kiln_ir::module::{ProgramKind, StateRole, EDP_GROUP};
 use kiln_ir::{DType, Sym, SymBindings};
 
 use crate::artifact::Artifact;
@@ -783,9 +783,13 @@ impl<B: Backend> Executor<B> {
     ///
     /// A master weight split over the replicas (ZeRO-1: its state holds `m` of the weight's `n`
     /// values) is set to this process's shard of its weight: values `rank·m ..` of the weight,
-    /// flattened and padded with zeros.
+    /// flattened and padded with zeros, `rank` this process's in `dp`, or for a routed expert's
+    /// under expert parallelism in `edp`.
     pub fn set_communicator(&mut self, comm: Box<dyn crate::comm::Communicator>) -> Result<(), RuntimeError> {
-        let rank = comm.rank_in(kiln_ir::module::DP_GROUP).map_or(0, |r| r.0);
+        let rank_in = |group| comm.rank_in(group).map(|r| r.0);
+        // A routed expert's master is split over the processes holding the expert (`edp`, under
+        // expert parallelism), any other over every replica.
+        let (rank, expert_rank) = (rank_in(kiln_ir::module::DP_GROUP).unwrap_or(0), rank_in(EDP_GROUP));
         self.comm = Some(comm);
         let masters: Vec<(String, String)> = (self.manifest.states.iter())
             .filter(|s| s.role == StateRole::MasterWeight)
@@ -804,6 +808,10 @@ impl<B: Backend> Executor<B> {
             if held >= whole.len() {
                 continue;
             }
+            let rank = match (expert_rank, kiln_ir::module::expert_mark(&weight)) {
+                (Some(r), Some(_)) => r,
+                _ => rank,
+            };
             let shard =
                 (rank * held..(rank + 1) * held).map(|i| whole.get(i).copied().unwrap_or(0.0)).collect();
             self.write_state(&HostTensor { data: HostData::F32(shard), ..m })?;
