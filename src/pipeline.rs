@@ -29,7 +29,7 @@ use anyhow::Result;
 use kiln_compiler::pipeline::{self as cut, Phase};
 use kiln_compiler::train::master_of;
 use kiln_ir::artifact::{Manifest, ParallelPlan};
-use kiln_ir::module::{ACCUMULATE_KEEP, DP_GROUP, DP_RANK, EDP_GROUP, EDP_RANK, MICRO_BATCHES};
+use kiln_ir::module::{ACCUMULATE_KEEP, DP_GROUP, EDP_GROUP, MICRO_BATCHES};
 use kiln_ir::schedule::{Instr, Work};
 use kiln_ir::DType;
 use kiln_runtime::comm::CommStats;
@@ -792,18 +792,7 @@ impl<B: Backend> PipelineTrainer<B> {
             self.sum_copies()?;
         }
         let mut feeds = vec![scalar(MICRO_BATCHES, (m * self.replicas) as f32), scalar("lr", lr)];
-        // The replica's rank, which picks its shard of split optimizer states (ZeRO-1), and under
-        // expert parallelism its rank among the processes holding the same experts, which picks
-        // its shard of theirs.
-        for (input, group) in [(DP_RANK, DP_GROUP), (EDP_RANK, EDP_GROUP)] {
-            let rank = self.exec.communicator().and_then(|c| c.rank_in(group)).map_or(0, |r| r.0);
-            feeds.push(HostTensor {
-                name: input.into(),
-                dtype: DType::I32,
-                shape: vec![1],
-                data: HostData::I64(vec![rank as i64]),
-            });
-        }
+        feeds.extend(kiln_runtime::train::rank_inputs(self.exec.communicator()));
         feeds.retain(|t| self.update.inputs.contains(&t.name));
         let name = self.update.name.clone();
         self.exec.run(&name, &feeds)?;

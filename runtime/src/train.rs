@@ -251,6 +251,21 @@ enum Which {
     Accumulate,
 }
 
+/// An update's rank inputs: the replica's rank (`dp.rank`), which picks its shard of split
+/// optimizer states (ZeRO-1), and under expert parallelism its rank among the processes holding
+/// the same experts (`edp.rank`), which picks its shard of theirs; 0 without the group.
+pub fn rank_inputs(comm: Option<&dyn crate::comm::Communicator>) -> Vec<HostTensor> {
+    [(kiln_ir::module::DP_RANK, kiln_ir::module::DP_GROUP), (EDP_RANK, EDP_GROUP)]
+        .into_iter()
+        .map(|(input, group)| HostTensor {
+            name: input.into(),
+            dtype: DType::I32,
+            shape: vec![1],
+            data: HostData::I64(vec![comm.and_then(|c| c.rank_in(group)).map_or(0, |r| r.0) as i64]),
+        })
+        .collect()
+}
+
 /// Whether a checkpoint keeps a state of `role` besides the weights: optimizer state, not the
 /// weights (kept as the model) nor the accumulators (empty between steps).
 pub fn kept(role: StateRole) -> bool {
@@ -499,18 +514,7 @@ impl<B: Backend> CompiledTrainer<B> {
         // Every replica's micro-batches, when the step is one replica's of several.
         let replicas = crate::comm::group_size(self.exec.communicator(), kiln_ir::module::DP_GROUP)?;
         feeds.push(scalar(MICRO_BATCHES, (parts.len() * replicas) as f32));
-        // The replica's rank, which picks its shard of split optimizer states (ZeRO-1), and under
-        // expert parallelism its rank among the processes holding the same experts, which picks
-        // its shard of theirs.
-        for (input, group) in [(kiln_ir::module::DP_RANK, kiln_ir::module::DP_GROUP), (EDP_RANK, EDP_GROUP)] {
-            let rank = self.exec.communicator().and_then(|c| c.rank_in(group)).map_or(0, |r| r.0);
-            feeds.push(HostTensor {
-                name: input.into(),
-                dtype: DType::I32,
-                shape: vec![1],
-                data: HostData::I64(vec![rank as i64]),
-            });
-        }
+        feeds.extend(rank_inputs(self.exec.communicator()));
         feeds.retain(|t| self.inputs.contains(&t.name));
         if check {
             if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {
