@@ -318,6 +318,16 @@ pub struct PipelineTrainer<B: Backend> {
     whole: HashMap<String, Vec<u64>>,
 }
 
+/// What a span of the measured timeline ran: a whole instruction of the list, or a piece of an
+/// overlapped pair.
+#[derive(Clone, Copy, PartialEq)]
+enum Piece {
+    Whole = 0,
+    Forward = 1,
+    Backward = 2,
+    Weight = 3,
+}
+
 /// One micro-batch's step inputs, by name.
 type Feed = HashMap<String, HostTensor>;
 /// What each (micro-batch, stage) keeps for its later programs or received for them, by name.
@@ -503,9 +513,17 @@ impl<B: Backend> PipelineTrainer<B> {
         let mut events = Vec::new();
         for (r, t) in spans {
             let HostData::I64(v) = &t.data else { continue };
-            for e in v.chunks_exact(3) {
-                let instr = s.ranks[*r as usize][e[0] as usize];
-                events.push((*r, e[0] as usize, instr, e[1], e[2]));
+            for e in v.chunks_exact(4) {
+                let listed = s.ranks[*r as usize][e[0] as usize];
+                // A pair's pieces drawn as what each ran: its forward, its backward for inputs
+                // (interleaved with the forward) and its backward for weights.
+                let instr = match (listed, e[1]) {
+                    (Instr::ForwardBackward { forward, .. }, 1) => Instr::Forward(forward),
+                    (Instr::ForwardBackward { backward, .. }, 2) => Instr::BackwardInput(backward),
+                    (Instr::ForwardBackward { backward, .. }, 3) => Instr::Weight(backward),
+                    (i, _) => i,
+                };
+                events.push((*r, e[0] as usize, instr, e[2], e[3]));
             }
         }
         let origin = events.iter().map(|e| e.3).min().unwrap_or(0);
@@ -611,23 +629,43 @@ impl<B: Backend> PipelineTrainer<B> {
     /// other's compute (`Executor::run_pair`; both inputs received first, both outputs sent after,
     /// as in DeepSeek's reference), then the backward's weight gradients. With
     /// `KILN_NO_OVERLAP_PAIRS=1`, or where one of them has no program, they run one after the other.
+    ///
+    /// Returns the pieces it ran, for the measured timeline: each a [`Piece`] kind and its wall
+    /// clock span in microseconds (receiving and sending between them are not in any piece).
     fn run_pair(
         &mut self,
         f: (u32, u32),
         b: (u32, u32),
         feeds: &[Feed],
         held: &mut Held,
-    ) -> Result<(), RuntimeError> {
+    ) -> Result<Vec<[i64; 3]>, RuntimeError> {
+        let mut pieces = Vec::new();
+        fn timed(
+            pieces: &mut Vec<[i64; 3]>,
+            kind: Piece,
+            run: impl FnOnce() -> Result<(), RuntimeError>,
+        ) -> Result<(), RuntimeError> {
+            let start = wall_us() as i64;
+            run()?;
+            pieces.push([kind as i64, start, wall_us() as i64]);
+            Ok(())
+        }
         if !self.overlap_pairs {
-            self.run_part(f.0, f.1, Phase::Forward, feeds, held)?;
-            self.run_part(b.0, b.1, Phase::Backward, feeds, held)?;
-            return self.run_part(b.0, b.1, Phase::Weight, feeds, held);
+            timed(&mut pieces, Piece::Forward, || self.run_part(f.0, f.1, Phase::Forward, feeds, held))?;
+            timed(&mut pieces, Piece::Backward, || self.run_part(b.0, b.1, Phase::Backward, feeds, held))?;
+            timed(&mut pieces, Piece::Weight, || self.run_part(b.0, b.1, Phase::Weight, feeds, held))?;
+            return Ok(pieces);
         }
         let fi = self.inputs_of(f.0, f.1, Phase::Forward, feeds, held)?;
         let bi = self.inputs_of(b.0, b.1, Phase::Backward, feeds, held)?;
         match (fi, bi) {
             (Some((fname, fgiven)), Some((bname, bgiven))) => {
+                let start = wall_us() as i64;
                 self.exec.run_pair((&fname, &fgiven), (&bname, &bgiven))?;
+                for &(which, a, z) in self.exec.pair_pieces() {
+                    let kind = if which == 0 { Piece::Forward } else { Piece::Backward };
+                    pieces.push([kind as i64, start + (a / 1000) as i64, start + (z / 1000) as i64]);
+                }
                 self.outputs_of(f.0, f.1, Phase::Forward, held)?;
                 self.outputs_of(b.0, b.1, Phase::Backward, held)?;
             }
@@ -636,12 +674,14 @@ impl<B: Backend> PipelineTrainer<B> {
                     (fi.into_iter().map(|x| (x, (f.0, f.1, Phase::Forward))))
                         .chain(bi.into_iter().map(|x| (x, (b.0, b.1, Phase::Backward))))
                 {
-                    self.exec.run(&name, &given)?;
+                    let kind = if phase == Phase::Forward { Piece::Forward } else { Piece::Backward };
+                    timed(&mut pieces, kind, || self.exec.run(&name, &given).map(|_| ()))?;
                     self.outputs_of(mb, stage, phase, held)?;
                 }
             }
         }
-        self.run_part(b.0, b.1, Phase::Weight, feeds, held)
+        timed(&mut pieces, Piece::Weight, || self.run_part(b.0, b.1, Phase::Weight, feeds, held))?;
+        Ok(pieces)
     }
 
     /// The program `stage` runs in `phase` and its inputs for micro-batch `mb`: from the step's
@@ -752,7 +792,8 @@ impl<B: Backend> PipelineTrainer<B> {
         let rank = self.link.rank as usize;
         let chunks: Vec<u32> = self.plan.ranks[rank].stages.clone();
         let list = self.plan.lists.ranks[rank].clone();
-        // Each compute step's wall-clock span: (index in the list, start, end), in microseconds.
+        // Each compute step's wall-clock spans: (index in the list, piece, start, end), in
+        // microseconds; a pair's pieces one by one.
         let mut spans: Vec<i64> = Vec::new();
         for (index, instr) in list.iter().enumerate() {
             let stage = |w: &Work| chunks[w.chunk.0 as usize];
@@ -769,7 +810,10 @@ impl<B: Backend> PipelineTrainer<B> {
                 }
                 Instr::ForwardBackward { forward, backward } => {
                     let (f, b) = ((forward.mb.0, stage(forward)), (backward.mb.0, stage(backward)));
-                    self.run_pair(f, b, &feeds, &mut held)?;
+                    for [kind, a, z] in self.run_pair(f, b, &feeds, &mut held)? {
+                        spans.extend([index as i64, kind, a, z]);
+                    }
+                    continue;
                 }
                 // Data moves when it is made and when it is needed (above).
                 Instr::SendActivation(_)
@@ -778,7 +822,7 @@ impl<B: Backend> PipelineTrainer<B> {
                 | Instr::RecvGradient(_) => {}
             }
             if instr.is_compute() {
-                spans.extend([index as i64, start as i64, wall_us() as i64]);
+                spans.extend([index as i64, Piece::Whole as i64, start as i64, wall_us() as i64]);
             }
         }
         self.link.flush();

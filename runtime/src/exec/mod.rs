@@ -194,6 +194,8 @@ pub struct Executor<B: Backend> {
     profile: Option<Vec<Vec<u64>>>,
     /// Every run and launch since tracing was turned on, when tracing.
     trace: Option<Tracer>,
+    /// The last [`Executor::run_pair`]'s pieces.
+    pair_pieces: Vec<(usize, u64, u64)>,
     /// A launch to poison, and whether runs check their launches' results.
     watch: watch::Watch,
     /// The processes `all_reduce` steps sum over; none: this process alone.
@@ -395,6 +397,7 @@ impl<B: Backend> Executor<B> {
             load: Vec::new(),
             profile: None,
             trace: None,
+            pair_pieces: Vec::new(),
             watch: watch::Watch::default(),
             comm: None,
             comm_stats: Default::default(),
@@ -610,15 +613,26 @@ impl<B: Backend> Executor<B> {
         self.write_inputs(&eb)?;
         let (mut pa, mut pb) = (Pass::new(la, sa), Pass::new(lb, sb));
         // Each lets the other's messages progress (MPI moves them only inside its calls).
+        self.pair_pieces.clear();
+        let start = Instant::now();
+        let at = |t: Instant| (t - start).as_nanos() as u64;
         while !(pa.done && pb.done) {
-            if !pa.done {
-                self.advance(&mut pa, true, &mut pb.flights)?;
-            }
-            if !pb.done {
-                self.advance(&mut pb, true, &mut pa.flights)?;
+            for which in [0, 1] {
+                let (pass, other) = if which == 0 { (&mut pa, &mut pb) } else { (&mut pb, &mut pa) };
+                if !pass.done {
+                    let begin = Instant::now();
+                    self.advance(pass, true, &mut other.flights)?;
+                    self.pair_pieces.push((which, at(begin), at(Instant::now())));
+                }
             }
         }
         Ok((sa, sb))
+    }
+
+    /// The pieces the last [`Executor::run_pair`] ran: which program (0 for its first, 1 for its
+    /// second) and when, in nanoseconds from the pair's start, in order.
+    pub fn pair_pieces(&self) -> &[(usize, u64, u64)] {
+        &self.pair_pieces
     }
 
     /// Checks a run of program `name` on `inputs`: the loaded program, the sizes it runs at, and
