@@ -669,9 +669,9 @@ struct TrainArgs {
     #[arg(long, value_name = "N")]
     dp: Option<usize>,
     /// With --dp: split AdamW's moments (and f32 master weights) over the replicas, each keeping and
-    /// updating one N-th of every tensor and gathering the rest (ZeRO stage 1). With --ep (not
-    /// --pp): the other weights' states over every process, a routed expert's over the --dp
-    /// processes that hold it.
+    /// updating one N-th of every tensor and gathering the rest (ZeRO stage 1). With --ep (and
+    /// --pp): the other weights' states over every process of a stage, a routed expert's over the
+    /// --dp processes that hold it.
     #[arg(long)]
     zero1: bool,
     /// Expert parallelism over N processes (N·D with --dp D, N·D·P with --pp P), launched with
