@@ -4,7 +4,8 @@
 //! artifact has and what each takes; the sizes a model is loaded for; parameters bound by name with
 //! their declared types; the states ([`kiln_ir::artifact::StateEntry`]: KV caches today), allocated
 //! once, zeroed, at the loaded maxima and shared by every program; one activation arena shared by
-//! the programs (they never run at the same time), sized for the largest at the loaded maxima;
+//! the programs (which run one at a time, or as a pair in disjoint bytes), sized for the largest
+//! at the loaded maxima;
 //! constants; weight-only launches folded at load; the checks of a run's inputs (`inputs.rs`) before
 //! anything is written; the per-expert load read from the MoE dispatches the manifest lists; the
 //! per-launch profile; and reading outputs. A [`Backend`] is only what differs between devices:
@@ -19,10 +20,13 @@
 //! [`Executor::run`] runs one program by name: it checks every input, binds `B`, `T`, `S` (a
 //! program that reads a state whose shape has `S` runs at the loaded `S`, the state's capacity),
 //! writes the inputs, runs the launches, and records the MoE load. Outputs stay readable until the
-//! next run of any program.
+//! next run of any program. [`Executor::run_pair`] runs two programs interleaved at their
+//! collectives (DualPipe's overlapped pairs), which the compiler has laid out in disjoint arena
+//! bytes.
 //!
-//! What it does not do yet: run `send`/`recv` steps (the distributed runtime); a backend refuses
-//! them at load ([`RuntimeError::Distributed`]).
+//! What it does not run: `send`/`recv` steps; a backend refuses them at load
+//! ([`RuntimeError::Distributed`]). A pipeline's stage programs exchange their values as program
+//! outputs and inputs instead, which `kiln`'s pipeline trainer sends over MPI.
 
 mod collective;
 mod engine;
