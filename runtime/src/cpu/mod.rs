@@ -266,6 +266,19 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn read_with(
+        &self,
+        mem: &CpuMemory,
+        range: Range<usize>,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RuntimeError> {
+        let len = mem.bytes().len();
+        f(mem.bytes().get(range.clone()).ok_or_else(|| {
+            RuntimeError::BadOption(format!("bytes {range:?} lie outside an allocation of {len}"))
+        })?);
+        Ok(())
+    }
+
     fn read_into(&self, mem: &CpuMemory, dst: &mut [u8]) -> Result<(), RuntimeError> {
         let len = mem.bytes().len();
         let src = mem.bytes().get(..dst.len()).ok_or_else(|| {

@@ -88,6 +88,18 @@ pub trait Backend: Sized {
         dst.copy_from_slice(&self.read(mem, 0..dst.len())?);
         Ok(())
     }
+    /// Calls `f` on bytes `range` of `mem`: in place where the host can read the memory, so that
+    /// a caller decoding a few values (each generated token's logits) copies nothing; through
+    /// [`Backend::read`] by default.
+    fn read_with(
+        &self,
+        mem: &Self::Memory,
+        range: Range<usize>,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), RuntimeError> {
+        f(&self.read(mem, range)?);
+        Ok(())
+    }
     /// The address kernels are given for the start of `mem`.
     fn address(&self, mem: &Self::Memory) -> u64;
     /// Binds the launches [`Binding`] names, checking each kernel against the device code (its
@@ -1070,17 +1082,22 @@ impl<B: Backend> Executor<B> {
 
     /// Bytes `range` (relative to the buffer) of buffer `id` of the last run's program.
     fn read(&self, pi: usize, id: BufferId, range: Range<usize>) -> Result<Vec<u8>, RuntimeError> {
-        let p = &self.manifest.programs[pi];
+        let (mem, range) = self.memory_of(pi, id, range);
+        self.backend.read(mem, range)
+    }
+
+    /// The memory buffer `id` of program `pi` lies in, and where `range` of its bytes is there.
+    fn memory_of(&self, pi: usize, id: BufferId, range: Range<usize>) -> (&B::Memory, Range<usize>) {
         if let Some(mem) = self.folded.memory(pi, id) {
-            return self.backend.read(mem, range);
+            return (mem, range);
         }
-        let (mem, at) = match &p.buffer(id).storage {
+        let (mem, at) = match &self.manifest.programs[pi].buffer(id).storage {
             Storage::Arena { offset } => (&self.arena, *offset as usize),
             Storage::Param { name } => (&self.params[name], 0),
             Storage::Constant { .. } => (&self.constants[&(pi, id)], 0),
             Storage::State { name } => (&self.states[name], 0),
         };
-        self.backend.read(mem, at + range.start..at + range.end)
+        (mem, at + range.start..at + range.end)
     }
 
     /// An output of the last run, whole.
@@ -1124,8 +1141,11 @@ impl<B: Backend> Executor<B> {
                 end: range.end,
             });
         }
-        let bytes = self.read(pi, id, range.start * size..range.end * size)?;
-        Ok(decode_f32(b.dtype, &bytes).unwrap_or_default())
+        // Decoded where the bytes lie: one allocation, the result's.
+        let (mem, bytes) = self.memory_of(pi, id, range.start * size..range.end * size);
+        let (dtype, mut out) = (b.dtype, Vec::new());
+        self.backend.read_with(mem, bytes, &mut |b| out = decode_f32(dtype, b).unwrap_or_default())?;
+        Ok(out)
     }
 }
 
