@@ -506,6 +506,26 @@ fn rope_is_accurate_at_deepseek_v3_positions() {
 }
 
 #[test]
+fn attention_key_blocks_match_the_interpreter() {
+    // The CPU kernel takes a row's keys 16 at a time (their exponentials one vector): rows that
+    // see a few keys, a block's worth and one more, and several blocks with a partial last one,
+    // with inputs narrow and wide.
+    let k = kernel(
+        Op::Attention { scale: 0.35, causal: true, mla: None },
+        &["f32[B, T, 2, 24]", "f32[B, S, 1, 24]", "f32[B, S, 1, 20]"],
+    );
+    let lib = CpuLib::build(&[&k]);
+    let mut rng = Rng::new(5);
+    for s in [1, 2, 15, 16, 17, 33, 48, 70] {
+        let bind = SymBindings { b: 2, t: s.min(3), s };
+        for range in [(-1.0, 1.0), (-2.0, 2.0)] {
+            let args = random_inputs(&k, &mut rng, range, &bind);
+            check(&lib, &k, &args, &bind);
+        }
+    }
+}
+
+#[test]
 fn attention_rows_that_see_no_key_are_zero() {
     // S < T: the first T - S queries of a causal row see no key (the interpreter rejects this).
     let k = kernel(

@@ -636,6 +636,49 @@ impl<'k> Frame<'k> {
         }
     }
 
+    /// `exp` of the 16 lanes of a `vector<16xf32>` on the CPU, in vector arithmetic (no calls:
+    /// `math.exp` on a vector becomes 16 libm calls). `x = n ln 2 + r` with `|r| <= ln 2 / 2`: `n`
+    /// rounded to nearest by adding and subtracting 1.5 * 2^23, whose sum also holds `n` in its low
+    /// mantissa bits, from which `2^n` is built in the exponent field; `ln 2` in two parts so that `r`
+    /// is exact; `e^r` by its Taylor polynomial of degree 7 (remainder below 6e-9 relative), so the
+    /// result is within about an ulp of the exact value, as libm's `expf` is. `x` is first clamped to `[-87, 88]`: below,
+    /// the result is `e^-87` (about 1.6e-38, the smallest normal magnitude's order) where libm's would
+    /// be subnormal or 0, and `-inf` gives that too, so callers mask the lanes that must be 0; above,
+    /// `e^88` where libm's overflows. NaN stays NaN. Like the GPU's `ex2.approx`, not libm's result
+    /// to the last bit.
+    pub fn exp_vec(&mut self, x: &Value) -> Value {
+        use matmul::VEC;
+        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
+        let splat = |f: &mut Self, c: f64| {
+            f.b.constant(&format!("dense<{}>", crate::codegen::mlir::f32_literal(c)), VEC)
+        };
+        let (lo, hi) = (splat(self, -87.0), splat(self, 88.0));
+        let x = self.b.op("e", format_args!("arith.maximumf {x}, {lo} : {VEC}"));
+        let x = self.b.op("e", format_args!("arith.minimumf {x}, {hi} : {VEC}"));
+        let (log2e, round) = (splat(self, std::f64::consts::LOG2_E), splat(self, f64::from(ROUND)));
+        let t = self.b.op("e", format_args!("arith.mulf {x}, {log2e} : {VEC}"));
+        let t = self.b.op("e", format_args!("arith.addf {t}, {round} : {VEC}"));
+        let n = self.b.op("e", format_args!("arith.subf {t}, {round} : {VEC}"));
+        let (ln2_hi, ln2_lo) = (splat(self, 0.693_359_375), splat(self, -2.121_944_4e-4));
+        let a = self.b.op("e", format_args!("arith.mulf {n}, {ln2_hi} : {VEC}"));
+        let r = self.b.op("e", format_args!("arith.subf {x}, {a} : {VEC}"));
+        let a = self.b.op("e", format_args!("arith.mulf {n}, {ln2_lo} : {VEC}"));
+        let r = self.b.op("e", format_args!("arith.subf {r}, {a} : {VEC}"));
+        let mut p = splat(self, 1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            let c = splat(self, c);
+            p = self.b.op("e", format_args!("vector.fma {p}, {r}, {c} : {VEC}"));
+        }
+        let ivec = "vector<16xi32>";
+        let bits = self.b.op("e", format_args!("arith.bitcast {t} : {VEC} to {ivec}"));
+        let bias = self.b.constant(&format!("dense<{}>", 127 - ROUND.to_bits() as i64), ivec);
+        let bits = self.b.op("e", format_args!("arith.addi {bits}, {bias} : {ivec}"));
+        let shift = self.b.constant("dense<23>", ivec);
+        let bits = self.b.op("e", format_args!("arith.shli {bits}, {shift} : {ivec}"));
+        let scale = self.b.op("e", format_args!("arith.bitcast {bits} : {ivec} to {VEC}"));
+        self.b.op("e", format_args!("arith.mulf {p}, {scale} : {VEC}"))
+    }
+
     fn log(&mut self, x: &Value) -> Value {
         match self.target {
             Target::Cpu => self.b.op("l", format_args!("math.log {x} : f32")),

@@ -18,7 +18,11 @@
 //!
 //! CPU: work items are rows; the `Dv` accumulators live in a scratch array. The dot products of
 //! the scores and the accumulation of `p_s * v_s` go 16 lanes at a time (so the scores' sums are
-//! reassociated, as the GEMMs' are), the last `Dk mod 16` / `Dv mod 16` one by one. GPU: one block per row.
+//! reassociated, as the GEMMs' are), the last `Dk mod 16` / `Dv mod 16` one by one. Both passes
+//! take the keys in blocks of 16: a block's scores form one vector (lanes past the visible keys
+//! masked), whose exponentials are one [`Frame::exp_vec`] rather than a libm call per key, and pass
+//! 1 moves `(m, l)` once a block. A decode step of `models/bench.toml` in FP8 spent as long in
+//! libm's `expf` (three calls per key and head) as in the rest of this kernel. GPU: one block per row.
 //! The query row is staged in shared memory; in pass 1 each thread keeps its own `(m, l)` over keys
 //! `tid, tid + block, ...`, and the block combines the pairs with a shared-memory tree; in pass 2 the
 //! keys are taken a block at a time: each thread computes one probability into shared memory, then
@@ -268,38 +272,94 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, 
     // last `Dv mod 16` one by one.
     let dv_vec = f.b.index((dv_n - dv_n % VL as u64) as i64);
     let vl = f.b.index(VL);
+    let (sc, sc_ty) = f.scratch("f32", VL as u64);
     for_loop(f, &lo, &hi, &one, |f, r| {
         let row = row(f, r, (heads, kv_heads), scale, mask);
         let zero = f.b.index(0);
         let (ninf, fzero) = (f.b.constant(NEG_INF, "f32"), f.b.f32(0.0));
-        let ml =
-            for_carry(f, &zero, &row.visible, &one, &[(ninf, "f32"), (fzero.clone(), "f32")], |f, s, c| {
-                let x = score_cpu(f, &row, s);
-                let (m, l) = online(f, &c[0], &c[1], &x);
-                vec![m, l]
+        // Keys in blocks of 16: a block's scores go to the `sc` scratch (the lanes past the
+        // visible keys -inf) and are taken as one vector, so their exponentials are one
+        // `exp_vec` and the online maximum and sum move once a block.
+        let vl1 = f.b.index(VL - 1);
+        let blocks = f.b.addi(&row.visible, &vl1);
+        let blocks = f.b.divui(&blocks, &vl);
+        let scores = |f: &mut Frame, blk: &Value| -> (Value, Value, Value) {
+            let s0 = f.b.muli(blk, &vl);
+            let left = f.b.subi(&row.visible, &s0);
+            let count = f.b.minui(&left, &vl);
+            let zero = f.b.index(0);
+            for_loop(f, &zero, &count, &one, |f, i| {
+                let s = f.b.addi(&s0, i);
+                let x = score_cpu(f, &row, &s);
+                f.b.line(format_args!("memref.store {x}, {sc}[{i}] : {sc_ty}"));
             });
+            let ninf = f.b.constant(NEG_INF, "f32");
+            for_loop(f, &count, &vl, &one, |f, i| {
+                f.b.line(format_args!("memref.store {ninf}, {sc}[{i}] : {sc_ty}"));
+            });
+            let sv = f.b.op("sv", format_args!("vector.load {sc}[{zero}] : {sc_ty}, {VEC}"));
+            let ninf_v = f.b.op("ninf", format_args!("vector.broadcast {ninf} : f32 to {VEC}"));
+            let masked = f.b.op("p", format_args!("arith.cmpf oeq, {sv}, {ninf_v} : {VEC}"));
+            (s0, sv, masked)
+        };
+        // `exp(sv - m)` with the masked lanes 0.
+        let exps = |f: &mut Frame, sv: &Value, masked: &Value, m: &Value| -> Value {
+            let mv = f.b.op("mv", format_args!("vector.broadcast {m} : f32 to {VEC}"));
+            let d = f.b.op("d", format_args!("arith.subf {sv}, {mv} : {VEC}"));
+            let e = f.exp_vec(&d);
+            let zv = f.b.constant("dense<0.0>", VEC);
+            f.b.op("e", format_args!("arith.select {masked}, {zv}, {e} : vector<16xi1>, {VEC}"))
+        };
+        let ml = for_carry(f, &zero, &blocks, &one, &[(ninf, "f32"), (fzero.clone(), "f32")], |f, blk, c| {
+            let (_, sv, masked) = scores(f, blk);
+            let bm = f.b.op("m", format_args!("vector.reduction <maximumf>, {sv} : {VEC} into f32"));
+            let m = f.binf("maximumf", &c[0], &bm);
+            let e = exps(f, &sv, &masked, &m);
+            let sum =
+                f.b.op("s", format_args!("vector.reduction <add>, {e} fastmath<reassoc> : {VEC} into f32"));
+            // The sum so far rescaled to the new maximum (nothing while it was empty), plus the block's.
+            let ninf = f.b.constant(NEG_INF, "f32");
+            let d = f.binf("subf", &c[0], &m);
+            let g = f.exp(&d);
+            let old = f.binf("mulf", &c[1], &g);
+            let empty = f.cmp("oeq", &c[0], &ninf, "f32");
+            let old = f.select(&empty, &fzero, &old, "f32");
+            vec![m, f.binf("addf", &old, &sum)]
+        });
         for_loop(f, &zero, &row.dv, &one, |f, d| {
             f.b.line(format_args!("memref.store {fzero}, {acc}[{d}] : {acc_ty}"));
         });
-        for_loop(f, &zero, &row.visible, &one, |f, s| {
-            let x = score_cpu(f, &row, s);
-            let p = probability(f, &row, &ml[0], &ml[1], &x);
-            let vs = f.b.muli(s, &row.v_step);
-            let vbase = f.b.addi(&row.v, &vs);
-            let pv = f.b.op("p", format_args!("vector.broadcast {p} : f32 to {VEC}"));
-            for_loop(f, &zero, &dv_vec, &vl, |f, d| {
-                let vi = f.b.addi(&vbase, d);
-                let v = f.load_vec(2, &vi);
-                let a = f.b.op("acc", format_args!("vector.load {acc}[{d}] : {acc_ty}, {VEC}"));
-                let a = f.b.op("acc", format_args!("vector.fma {pv}, {v}, {a} : {VEC}"));
-                f.b.line(format_args!("vector.store {a}, {acc}[{d}] : {acc_ty}, {VEC}"));
-            });
-            for_loop(f, &dv_vec, &row.dv, &one, |f, d| {
-                let vi = f.b.addi(&vbase, d);
-                let v = f.load(2, &vi);
-                let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
-                let a = f.fma(&p, &v, &a);
-                f.b.line(format_args!("memref.store {a}, {acc}[{d}] : {acc_ty}"));
+        for_loop(f, &zero, &blocks, &one, |f, blk| {
+            let (s0, sv, masked) = scores(f, blk);
+            let e = exps(f, &sv, &masked, &ml[0]);
+            let lv = f.b.op("lv", format_args!("vector.broadcast {} : f32 to {VEC}", ml[1]));
+            let pv = f.b.op("p", format_args!("arith.divf {e}, {lv} : {VEC}"));
+            let zero = f.b.index(0);
+            f.b.line(format_args!("vector.store {pv}, {sc}[{zero}] : {sc_ty}, {VEC}"));
+            let left = f.b.subi(&row.visible, &s0);
+            let count = f.b.minui(&left, &vl);
+            for_loop(f, &zero, &count, &one, |f, i| {
+                let p = f.b.op("p", format_args!("memref.load {sc}[{i}] : {sc_ty}"));
+                let p = f.round_to(&p, row.dtype);
+                let s = f.b.addi(&s0, i);
+                let s = &s;
+                let vs = f.b.muli(s, &row.v_step);
+                let vbase = f.b.addi(&row.v, &vs);
+                let pv = f.b.op("p", format_args!("vector.broadcast {p} : f32 to {VEC}"));
+                for_loop(f, &zero, &dv_vec, &vl, |f, d| {
+                    let vi = f.b.addi(&vbase, d);
+                    let v = f.load_vec(2, &vi);
+                    let a = f.b.op("acc", format_args!("vector.load {acc}[{d}] : {acc_ty}, {VEC}"));
+                    let a = f.b.op("acc", format_args!("vector.fma {pv}, {v}, {a} : {VEC}"));
+                    f.b.line(format_args!("vector.store {a}, {acc}[{d}] : {acc_ty}, {VEC}"));
+                });
+                for_loop(f, &dv_vec, &row.dv, &one, |f, d| {
+                    let vi = f.b.addi(&vbase, d);
+                    let v = f.load(2, &vi);
+                    let a = f.b.op("acc", format_args!("memref.load {acc}[{d}] : {acc_ty}"));
+                    let a = f.fma(&p, &v, &a);
+                    f.b.line(format_args!("memref.store {a}, {acc}[{d}] : {acc_ty}"));
+                });
             });
         });
         for_loop(f, &zero, &row.dv, &one, |f, d| {
