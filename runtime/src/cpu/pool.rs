@@ -14,7 +14,7 @@
 //! wake-up per launch cost about 5 % of it. Starting the workers once per run rather than once per
 //! launch matters for the same reason.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
@@ -98,6 +98,11 @@ pub struct Shared {
     epoch: AtomicU64,
     /// `State::unfinished`, for a spinning launcher to watch.
     left: AtomicI64,
+    /// Workers asleep on `wake`, and whether the launcher is asleep on `done`: a notification is
+    /// a system call, which a decode step's ~150 launches would otherwise make twice each while
+    /// every thread is spinning and none is waiting to be woken. Both change under the lock.
+    sleepers: AtomicUsize,
+    launcher_asleep: AtomicBool,
 }
 
 impl Shared {
@@ -108,6 +113,8 @@ impl Shared {
             done: Condvar::new(),
             epoch: AtomicU64::new(0),
             left: AtomicI64::new(0),
+            sleepers: AtomicUsize::new(0),
+            launcher_asleep: AtomicBool::new(false),
         }
     }
 
@@ -127,7 +134,7 @@ impl Shared {
             st = self.lock();
             st.unfinished -= 1;
             self.left.store(st.unfinished, Ordering::Release);
-            if st.unfinished == 0 {
+            if st.unfinished == 0 && self.launcher_asleep.load(Ordering::Relaxed) {
                 self.done.notify_all();
             }
         }
@@ -147,10 +154,12 @@ impl Shared {
             // Under the lock, sleep only if there is nothing to claim: a launch made after the
             // check notifies, and one made before it is seen here.
             st = self.lock();
+            self.sleepers.fetch_add(1, Ordering::Relaxed);
             st = self
                 .wake
                 .wait_while(st, |s| !s.quit && s.job.is_none_or(|j| s.next >= j.chunks))
                 .unwrap_or_else(PoisonError::into_inner);
+            self.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -193,25 +202,32 @@ impl<'s> Pool<'s> {
         st.unfinished = job.chunks;
         self.shared.left.store(job.chunks, Ordering::Release);
         self.shared.epoch.fetch_add(1, Ordering::Release);
-        self.shared.wake.notify_all();
+        // A worker that went to sleep did so under the lock, which is held here: it is counted.
+        if self.shared.sleepers.load(Ordering::Relaxed) > 0 {
+            self.shared.wake.notify_all();
+        }
         st = self.shared.drain(st);
         if st.unfinished > 0 {
             drop(st);
             spin(|| self.shared.left.load(Ordering::Acquire) == 0);
             st = self.shared.lock();
         }
+        self.shared.launcher_asleep.store(true, Ordering::Relaxed);
         while st.unfinished > 0 {
             st = self.shared.done.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
+        self.shared.launcher_asleep.store(false, Ordering::Relaxed);
         st.job = None;
     }
 }
 
 impl Drop for Pool<'_> {
     fn drop(&mut self) {
-        self.shared.lock().quit = true;
+        let mut st = self.shared.lock();
+        st.quit = true;
         self.shared.epoch.fetch_add(1, Ordering::Release);
         self.shared.wake.notify_all();
+        drop(st);
     }
 }
 
