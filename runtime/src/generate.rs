@@ -256,13 +256,9 @@ enum Nucleus {
 /// The [`Nucleus`] of `logits` under `sampling`; `None` when no logit is finite.
 fn nucleus(logits: &[f32], sampling: Sampling) -> Option<Nucleus> {
     let finite = |x: f32| x.is_finite().then_some(x);
-    let (best, max) = logits.iter().enumerate().filter_map(|(i, &x)| Some((i, finite(x)?))).fold(
-        None,
-        |acc: Option<(usize, f32)>, (i, x)| match acc {
-            Some((_, m)) if m >= x => acc,
-            _ => Some((i, x)),
-        },
-    )?;
+    // The first of the largest finite logits (NaN equals nothing).
+    let max = finite_max(logits);
+    let best = logits.iter().position(|&x| x == max)?;
     let Sampling::Sample { temperature, top_p, .. } = sampling else { return Some(Nucleus::Greedy(best)) };
     // `exp` of what is below -87 (under f32's smallest normal number) counts as 0.
     let weight = |x: f32| {
@@ -317,9 +313,24 @@ fn draw(weights: &[(usize, f64)], kept: f64, except: Option<usize>, rng: &mut Rn
 /// token, more than a tenth of a decode step of `models/bench.toml` in FP8, and kept the thread pool's
 /// workers asleep by the next step's first launch.
 fn logit_and_prob(logits: &[f32], token: usize) -> (f32, f32) {
-    let max = logits.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    let max = finite_max(logits);
     let l = logits[token];
     (l, (f64::from(l - max).exp() / exp_sum(logits, max)) as f32)
+}
+
+/// The largest finite value of `logits` (`-inf` when none is), in lanes of 16 that vectorise
+/// (`f32::max` over an iterator does not: it was 50 us of a 32000-token vocabulary).
+fn finite_max(logits: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut lanes = logits.chunks_exact(LANES);
+    for c in &mut lanes {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a && x.is_finite() { x } else { *a };
+        }
+    }
+    let tail = lanes.remainder().iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+    acc.iter().copied().fold(tail, f32::max)
 }
 
 /// `sum exp(x - max)` over the finite `x` of `logits` (`max` their maximum): f32 exponentials in
@@ -710,6 +721,12 @@ mod tests {
             assert!(((got - want) / want).abs() < 3e-7, "e^{x}: {got} against {want}");
         }
         assert_eq!(logit_and_prob(&[0.0, 0.0, f32::NAN, 0.0, 0.0], 1), (0.0, 0.25));
+        let mut wide: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin()).collect();
+        wide[20] = f32::INFINITY;
+        wide[3] = f32::NAN;
+        let want = wide.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(finite_max(&wide), want);
+        assert_eq!(finite_max(&[f32::NAN, f32::INFINITY]), f32::NEG_INFINITY);
     }
 
     #[test]
