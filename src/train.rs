@@ -376,6 +376,7 @@ pub(crate) fn deepseek_fp8() -> kiln_ir::spec::QuantSection {
         weight_block: [128, 128],
         activation_scheme: "dynamic".into(),
         pow2_scale: false,
+        modules_to_not_convert: None,
     }
 }
 
@@ -1693,7 +1694,7 @@ fn fp8_release(
             out.push(t);
             continue;
         };
-        if !(fp8_name(&t.name) && t.shape.len() == 2 && t.dtype.is_float() && t.dtype != DType::F8E4M3) {
+        if !(fp8_name(&t.name, q) && t.shape.len() == 2 && t.dtype.is_float() && t.dtype != DType::F8E4M3) {
             out.push(t);
             continue;
         }

@@ -163,6 +163,28 @@ pub struct QuantSection {
     /// Round scales up to powers of two (`scale_fmt = "ue8m0"` in DeepSeek-V3.1).
     #[serde(default)]
     pub pow2_scale: bool,
+    /// Hugging Face's `modules_to_not_convert`: which linears stay in high precision. Absent,
+    /// DeepSeek-V3's choice (reference §4.1): the linears it stores in FP8 are, and the output head
+    /// is not. Given, the output head (`lm_head`) is quantised too, and every linear whose module
+    /// path (`model.layers.3.self_attn.kv_b_proj`, `lm_head`) contains one of the entries is not,
+    /// as transformers reads the key: `[]` quantises the head, `["lm_head"]` is the default,
+    /// `["kv_b_proj"]` keeps every `kv_b_proj` and quantises the head. The embedding, the MoE
+    /// router, norms and the attention core are never quantised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_not_convert: Option<Vec<String>>,
+}
+
+impl QuantSection {
+    /// Whether the weight `name` (`{module path}.weight`) of a linear is stored in FP8: a module
+    /// DeepSeek stores in FP8 (`fp8_linears`, by its last name), or the output head when
+    /// `modules_to_not_convert` is given, unless an entry of that list is part of its path.
+    pub fn quantises(&self, name: &str, fp8_linears: &[&str]) -> bool {
+        let Some(module) = name.strip_suffix(".weight") else { return false };
+        let last = module.rsplit('.').next().unwrap_or(module);
+        let kept = self.modules_to_not_convert.as_ref();
+        let eligible = fp8_linears.contains(&last) || (kept.is_some() && module == "lm_head");
+        eligible && !kept.is_some_and(|k| k.iter().any(|m| !m.is_empty() && module.contains(m.as_str())))
+    }
 }
 
 impl ModelSpec {

@@ -77,6 +77,44 @@ fn hf_fixtures_import_to_exactly_the_model_files() {
 }
 
 #[test]
+fn modules_to_not_convert_round_trips_through_toml_and_hf() {
+    let mut s = model("tiny_fp8");
+    assert_eq!(s.quantization.as_ref().unwrap().modules_to_not_convert, None);
+    for kept in [vec![], vec!["kv_b_proj".to_string(), "layers.1.".to_string()]] {
+        s.quantization.as_mut().unwrap().modules_to_not_convert = Some(kept.clone());
+        let toml = to_toml(&s);
+        assert_eq!(parse_toml("x.toml", &toml).unwrap(), s, "{toml}");
+        let json = kiln_compiler::spec::to_hf_config(&s);
+        assert_eq!(json["quantization_config"]["modules_to_not_convert"], serde_json::json!(kept));
+        let back = import_hf("config.json", &serde_json::to_string(&json).unwrap()).unwrap();
+        assert_eq!(back.quantization, s.quantization);
+    }
+    // The head is quantised only when the list is given, and then unless the list names it.
+    let q = |kept: Option<&[&str]>| kiln_ir::spec::QuantSection {
+        modules_to_not_convert: kept.map(|k| k.iter().map(|m| m.to_string()).collect()),
+        ..s.quantization.clone().unwrap()
+    };
+    let fp8 = kiln_compiler::passes::insert_fp8_casts::FP8_LINEARS;
+    let cases = [
+        ("lm_head.weight", [false, true, false, true]),
+        ("model.layers.1.self_attn.kv_b_proj.weight", [true, true, true, false]),
+        ("model.layers.2.mlp.experts.3.down_proj.weight", [true, true, true, true]),
+        ("model.embed_tokens.weight", [false, false, false, false]),
+        ("model.layers.2.mlp.gate.weight", [false, false, false, false]),
+        ("model.layers.2.mlp.experts.3.down_proj.weight_scale_inv", [false, false, false, false]),
+    ];
+    for (name, want) in cases {
+        let got = [None, Some(&[][..]), Some(&["lm_head"][..]), Some(&["kv_b_proj"][..])]
+            .map(|k| q(k).quantises(name, fp8));
+        assert_eq!(got, want, "{name}");
+    }
+    let mut bad = kiln_compiler::spec::to_hf_config(&s);
+    bad["quantization_config"]["modules_to_not_convert"] = serde_json::json!("lm_head");
+    let err = import_hf("config.json", &serde_json::to_string(&bad).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("modules_to_not_convert") && err.contains("a list of module names"), "{err}");
+}
+
+#[test]
 fn load_picks_the_front_end_by_extension_and_names_missing_files() {
     let v3 = model("deepseek_v3");
     assert_eq!(load(&root().join("models/deepseek_v3.toml")).unwrap(), v3);

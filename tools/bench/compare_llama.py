@@ -47,6 +47,8 @@ weight_block = [128, 128]
 activation_scheme = "dynamic"
 pow2_scale = false
 """
+# With --fp8-head fp8 (the default): the output head in FP8 too, as q8_0 stores it in 8 bits.
+FP8_HEAD = "modules_to_not_convert = []\n"
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -56,8 +58,9 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def spec_variant(spec: Path, fmt: str, out: Path) -> Path:
-    """The spec in kiln format `fmt`: f32 as it is, bf16 with its dtype changed, fp8 also quantised."""
+def spec_variant(spec: Path, fmt: str, out: Path, fp8_head: bool) -> Path:
+    """The spec in kiln format `fmt`: f32 as it is, bf16 with its dtype changed, fp8 also quantised
+    (the output head too with `fp8_head`)."""
     if fmt == "f32":
         return spec
     lines = []
@@ -69,23 +72,25 @@ def spec_variant(spec: Path, fmt: str, out: Path) -> Path:
     if fmt == "fp8":
         if "[quantization]" in text:
             sys.exit(f"{spec} already has a [quantization] block: give the unquantised spec")
-        text += FP8_BLOCK
+        text += FP8_BLOCK + (FP8_HEAD if fp8_head else "")
     path = out / f"{spec.stem}_{fmt}.toml"
     path.write_text(text)
     return path
 
 
-def quantise_fp8(python: str, src: Path, dst: Path) -> None:
-    """DeepSeek-V3's FP8 checkpoint form of an f32 one: every `*_proj*.weight` matrix as E4M3 codes
-    with one f32 `weight_scale_inv` per 128x128 block (the last ones partial) (amax / 448, as DeepSeek's own checkpoints),
-    the rest (embedding, head, router, norms) as it is. Written by torch, read by kiln's loader."""
+def quantise_fp8(python: str, src: Path, dst: Path, fp8_head: bool) -> None:
+    """DeepSeek-V3's FP8 checkpoint form of an f32 one: every `*_proj*.weight` matrix (and with
+    `fp8_head` the output head's) as E4M3 codes with one f32 `weight_scale_inv` per 128x128 block
+    (the last ones partial) (amax / 448, as DeepSeek's own checkpoints), the rest (embedding, router,
+    norms) as it is. Written by torch, read by kiln's loader."""
     code = r"""
 import json, sys, torch
 from safetensors.torch import load_file, save_file
-src, dst = sys.argv[1], sys.argv[2]
+src, dst, head = sys.argv[1], sys.argv[2], sys.argv[3] == "fp8"
 out = {}
 for name, t in load_file(src + "/model.safetensors").items():
-    if "_proj" in name and name.endswith(".weight") and t.dim() == 2:
+    quantised = "_proj" in name or (head and name == "lm_head.weight")
+    if quantised and name.endswith(".weight") and t.dim() == 2:
         n, k = t.shape
         bn, bk = -(-n // 128), -(-k // 128)
         p = torch.zeros(bn * 128, bk * 128)
@@ -101,10 +106,12 @@ config = json.load(open(src + "/config.json"))
 config["torch_dtype"] = "bfloat16"
 config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                  "weight_block_size": [128, 128]}
+if head:
+    config["quantization_config"]["modules_to_not_convert"] = []
 json.dump(config, open(dst + "/config.json", "w"), indent=2)
 """
     dst.mkdir(parents=True, exist_ok=True)
-    run([python, "-c", code, str(src), str(dst)])
+    run([python, "-c", code, str(src), str(dst), "fp8" if fp8_head else "bf16"])
 
 
 def gguf(llama: Path, python: str, hf: Path, outtype: str, out: Path) -> Path:
@@ -173,6 +180,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--fp8-head", choices=["fp8", "bf16"], default="fp8",
+                   help="kiln fp8's output head: in FP8 (`modules_to_not_convert = []`), as q8_0 stores it "
+                        "in 8 bits, or in bf16 as DeepSeek-V3's release keeps it")
     p.add_argument("--keep", type=Path,
                    help="keep the checkpoints, GGUFs and artifacts here, and reuse the checkpoints and GGUFs")
     a = p.parse_args()
@@ -212,12 +222,13 @@ def main() -> None:
             print(f"llama-bench {outtype} ...", file=sys.stderr)
             results[("llama.cpp", outtype)] = llama_bench(llama, model, a)
 
-            variant = spec_variant(spec, fmt, work)
+            head = a.fp8_head == "fp8"
+            variant = spec_variant(spec, fmt, work, head)
             weights = hf
             if fmt == "fp8":
-                weights = work / "hf-fp8"
+                weights = work / ("hf-fp8" if head else "hf-fp8-bf16-head")
                 if not (weights / "model.safetensors").exists():
-                    quantise_fp8(a.python, hf, weights)
+                    quantise_fp8(a.python, hf, weights, head)
             # Compiled every run (seconds), so a kept folder never measures an older kiln's kernels.
             artifact = work / f"{spec.stem}-{fmt}.kiln"
             shutil.rmtree(artifact, ignore_errors=True)

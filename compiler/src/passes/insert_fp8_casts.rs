@@ -20,7 +20,8 @@
 //! ([`FP8_LINEARS`]): `q_a_proj`, `q_b_proj` / `q_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`,
 //! `o_proj`, dense, shared- and routed-expert `gate_proj` / `up_proj` / `down_proj`, and MTP's
 //! `eh_proj`. Everything else stays in high precision (reference §4.1): the embedding, `lm_head`,
-//! the MoE router (`mlp.gate`), norms and the attention core. A weight is rewritten only when every
+//! the MoE router (`mlp.gate`), norms and the attention core. The spec's `modules_to_not_convert`
+//! (Hugging Face's key) may add `lm_head` and take linears out ([`fp8_name`]). A weight is rewritten only when every
 //! use of it is as the weight of a GEMM whose weights are all rewritten (a `grouped_linear` needs one
 //! dtype for all its experts); anything else is left as it was.
 //!
@@ -118,7 +119,7 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
     if matches!(opts.kind, ProgramKind::TrainStep | ProgramKind::Accumulate) {
         return train::rewrite(graph, q);
     }
-    let (gemms, weights) = eligible(graph, &order);
+    let (gemms, weights) = eligible(graph, &order, q);
     if gemms.is_empty() {
         return Ok(trace);
     }
@@ -209,9 +210,11 @@ fn scale_shape(w: &TensorType, block: [u64; 2]) -> Vec<Dim> {
         .collect()
 }
 
-/// Whether `name` is the weight of a module DeepSeek stores in FP8.
-pub fn fp8_name(name: &str) -> bool {
-    name.strip_suffix(".weight").and_then(|s| s.rsplit('.').next()).is_some_and(|m| FP8_LINEARS.contains(&m))
+/// Whether `name` is the weight of a linear `q` stores in FP8: a module DeepSeek stores in FP8
+/// ([`FP8_LINEARS`]), and the output head when the spec's `modules_to_not_convert` says so
+/// ([`QuantSection::quantises`]).
+pub fn fp8_name(name: &str, q: &QuantSection) -> bool {
+    q.quantises(name, FP8_LINEARS)
 }
 
 /// The weight operands of a GEMM node: `linear`'s second, `grouped_linear`'s third onwards.
@@ -226,14 +229,14 @@ fn weight_operands(op: &Op, inputs: &[ValueId]) -> Option<std::ops::Range<usize>
 /// The GEMMs to rewrite and the weights to store in FP8: the largest sets in which every GEMM's
 /// weights are all rewritten weights and every use of a rewritten weight is as the weight of a
 /// rewritten GEMM. Found by shrinking the candidates until both conditions hold.
-fn eligible(g: &Graph, order: &[NodeId]) -> (HashSet<NodeId>, HashSet<ValueId>) {
+fn eligible(g: &Graph, order: &[NodeId], q: &QuantSection) -> (HashSet<NodeId>, HashSet<ValueId>) {
     let is_float = |t: &TensorType| t.dtype.is_float() && t.dtype != DType::F8E4M3;
     let mut weights: HashSet<ValueId> = order
         .iter()
         .filter_map(|&n| {
             let node = g.node(n);
             match &node.op {
-                Op::Param { name } if fp8_name(name) => {
+                Op::Param { name } if fp8_name(name, q) => {
                     let v = node.results[0];
                     (g.ty(v).rank() == 2 && is_float(g.ty(v))).then_some(v)
                 }

@@ -102,6 +102,10 @@ pub fn to_toml(spec: &ModelSpec) -> String {
         );
         out.key("activation_scheme", string(&q.activation_scheme), None);
         out.key("pow2_scale", q.pow2_scale.to_string(), Some("scale_fmt = \"ue8m0\" when true"));
+        if let Some(kept) = &q.modules_to_not_convert {
+            let list: Vec<String> = kept.iter().map(|m| string(m)).collect();
+            out.key("modules_to_not_convert", format!("[{}]", list.join(", ")), None);
+        }
     }
     out.finish()
 }

@@ -319,12 +319,23 @@ fn quant_section(root: &Obj<'_>) -> Result<Option<QuantSection>, SpecError> {
             ))
         }
     };
+    let modules_to_not_convert = match q.get("modules_to_not_convert") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|m| m.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| q.wrong_type("modules_to_not_convert", "a list of module names, or null"))?,
+        ),
+        Some(_) => return Err(q.wrong_type("modules_to_not_convert", "a list of module names, or null")),
+    };
     Ok(Some(QuantSection {
         method: q.req_str("quant_method")?.to_string(),
         format,
         weight_block,
         activation_scheme: q.str("activation_scheme")?.unwrap_or("dynamic").to_string(),
         pow2_scale,
+        modules_to_not_convert,
     }))
 }
 

@@ -111,16 +111,17 @@ pub fn to_hf_config(spec: &ModelSpec) -> Value {
     put("num_nextn_predict_layers", json!(spec.mtp.as_ref().map_or(0, |t| t.num_layers)));
 
     if let Some(q) = &spec.quantization {
-        put(
-            "quantization_config",
-            json!({
-                "quant_method": q.method,
-                "fmt": "e4m3",
-                "activation_scheme": q.activation_scheme,
-                "weight_block_size": q.weight_block,
-                "scale_fmt": if q.pow2_scale { Value::from("ue8m0") } else { Value::Null },
-            }),
-        );
+        let mut config = json!({
+            "quant_method": q.method,
+            "fmt": "e4m3",
+            "activation_scheme": q.activation_scheme,
+            "weight_block_size": q.weight_block,
+            "scale_fmt": if q.pow2_scale { Value::from("ue8m0") } else { Value::Null },
+        });
+        if let Some(kept) = &q.modules_to_not_convert {
+            config["modules_to_not_convert"] = json!(kept);
+        }
+        put("quantization_config", config);
     }
     // serde_json's map is sorted (no `preserve_order`), as transformers' `to_json_string` sorts.
     Value::Object(c)

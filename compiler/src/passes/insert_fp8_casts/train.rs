@@ -107,10 +107,10 @@ enum Gemm {
 
 /// Classifies the GEMMs of a train step: the trainable FP8 weights (inputs named as DeepSeek's FP8
 /// linears, read as a GEMM's weight), and each GEMM of theirs by form.
-fn classify(g: &Graph, order: &[NodeId]) -> HashMap<NodeId, Gemm> {
+fn classify(g: &Graph, order: &[NodeId], q: &QuantSection) -> HashMap<NodeId, Gemm> {
     let fp8_input = |v: ValueId| {
         let ty = g.ty(v);
-        matches!(&g.node(g.producer(v)).op, Op::Input { name } if fp8_name(name))
+        matches!(&g.node(g.producer(v)).op, Op::Input { name } if fp8_name(name, q))
             && ty.rank() == 2
             && ty.dtype.is_float()
             && ty.dtype != DType::F8E4M3
@@ -249,7 +249,7 @@ impl Quantizer {
 pub(super) fn rewrite(graph: &mut Graph, q: &QuantSection) -> Result<Trace, PassError> {
     let mut trace = Trace::new(RULES);
     let order = graph.nodes();
-    let gemms = classify(graph, &order);
+    let gemms = classify(graph, &order, q);
     if gemms.is_empty() {
         return Ok(trace);
     }
