@@ -24,6 +24,7 @@ mod pool;
 use std::ffi::CStr;
 use std::ops::Range;
 use std::os::raw::c_char;
+use std::sync::Mutex;
 
 use kiln_ir::artifact::{self, CpuKernel, Manifest, Step, PACKED_SUFFIX, SIGNATURE_SUFFIX};
 use kiln_ir::{Dim, Sym, SymBindings};
@@ -34,7 +35,7 @@ use crate::host::Memory;
 use crate::weights::MappedTensor;
 use crate::RuntimeError;
 
-use pool::{run_range, Job, Packed, Pool, Shared};
+use pool::{run_range, Job, Packed, Workers};
 
 pub use crate::exec::{KernelTime, LayerLoad};
 
@@ -91,6 +92,9 @@ pub struct CpuBackend {
     library: libloading::Library,
     threads: usize,
     parallel_min_bytes: u64,
+    /// The pool's workers, started by the first run that needs them and kept (a run from another
+    /// thread while one holds them starts its own for that run).
+    workers: Mutex<Option<Workers>>,
 }
 
 /// Host memory: an allocation of the model's own, or a checkpoint's mapping used in place.
@@ -210,7 +214,12 @@ impl Backend for CpuBackend {
         // as long as the entries taken from it (the backend is dropped after the launches).
         let library = unsafe { libloading::Library::new(&path) }
             .map_err(|e| RuntimeError::Library { path: path.clone(), message: e.to_string() })?;
-        Ok(CpuBackend { library, threads: options.threads, parallel_min_bytes: options.parallel_min_bytes })
+        Ok(CpuBackend {
+            library,
+            threads: options.threads,
+            parallel_min_bytes: options.parallel_min_bytes,
+            workers: Mutex::new(None),
+        })
     }
 
     fn describe(&self) -> String {
@@ -365,9 +374,14 @@ impl Backend for CpuBackend {
             }
             return Ok(());
         }
-        let shared = Shared::new();
-        std::thread::scope(|scope| {
-            let pool = Pool::start(scope, &shared, self.threads);
+        let mut held = self.workers.try_lock().ok();
+        let mut own = None;
+        let workers: &Workers = match held.as_deref_mut() {
+            Some(kept) => kept.get_or_insert_with(|| Workers::start(self.threads)),
+            None => own.insert(Workers::start(self.threads)),
+        };
+        let pool = workers.pool();
+        {
             for (i, l) in (range.start..).zip(todo.iter()) {
                 let bytes: u64 = (l.buffers.iter())
                     .map(|(size, shape)| artifact_bytes(*size, shape, at))
@@ -387,7 +401,7 @@ impl Backend for CpuBackend {
                 then(self, i)?;
             }
             Ok(())
-        })
+        }
     }
 
     fn max_sizes(options: &CpuOptions) -> Option<SymBindings> {

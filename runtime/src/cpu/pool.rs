@@ -1,5 +1,5 @@
-//! The threads one run of the program shares: `N - 1` workers started in a `std::thread::scope`
-//! for the whole run, plus the calling thread.
+//! The threads the CPU backend's launches share: `N - 1` workers started once ([`Workers`], kept
+//! for the backend's life), plus the thread that launches.
 //!
 //! A launch is split into chunks of its work range `[0, work)` (a few per thread, so that kernels
 //! whose items cost unequal amounts, such as causal attention rows, still balance); every thread
@@ -11,12 +11,13 @@
 //! its core every few turns, so an oversubscribed machine still runs the others), then sleeps on a
 //! condition variable; the launching thread spins the same way before it sleeps waiting for the
 //! last chunk. A decode step is ~150 launches tens of microseconds apart, and a futex sleep and
-//! wake-up per launch cost about 5 % of it. Starting the workers once per run rather than once per
-//! launch matters for the same reason.
+//! wake-up per launch cost about 5 % of it. Starting the workers once, rather than once per launch
+//! or once per run of a program, matters for the same reason.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::Scope;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long an idle thread spins before it sleeps.
@@ -164,32 +165,56 @@ impl Shared {
     }
 }
 
-/// A started pool: dropping it stops the workers (the scope then joins them).
+/// The worker threads of a backend, started once and kept until it is dropped (which stops and
+/// joins them). A decode step is one run of a program; starting the workers once per run cost the
+/// step's first launch a thread's start (45-95 us of a 4 ms FP8 step of `models/bench.toml`).
+pub struct Workers {
+    shared: Arc<Shared>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts up to `threads - 1` workers; the caller of each launch is the last thread. When the
+    /// OS refuses a thread (its limit on threads or memory), the pool runs with those it started.
+    pub fn start(threads: usize) -> Workers {
+        let shared = Arc::new(Shared::new());
+        let mut handles = Vec::new();
+        while handles.len() + 1 < threads {
+            let s = Arc::clone(&shared);
+            match std::thread::Builder::new().name("kiln-cpu".into()).spawn(move || s.worker()) {
+                Ok(h) => handles.push(h),
+                Err(_) => break,
+            }
+        }
+        Workers { shared, handles }
+    }
+
+    /// The pool to launch on: these workers and the calling thread.
+    pub fn pool(&self) -> Pool<'_> {
+        Pool { shared: &self.shared, threads: self.handles.len() + 1 }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.quit = true;
+        self.shared.epoch.fetch_add(1, Ordering::Release);
+        self.shared.wake.notify_all();
+        drop(st);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Launches on a set of [`Workers`]: one thread launches at a time (the caller holds the workers).
 pub struct Pool<'s> {
     shared: &'s Shared,
     threads: usize,
 }
 
 impl<'s> Pool<'s> {
-    /// Starts up to `threads - 1` workers in `scope`; the caller is the last thread. When the OS
-    /// refuses a thread (its limit on threads or memory), the pool runs with those it started:
-    /// `scope.spawn` would panic instead, and the scope would then wait forever for the workers
-    /// already started, which only a pool's drop stops.
-    pub fn start<'scope>(scope: &'scope Scope<'scope, '_>, shared: &'s Shared, threads: usize) -> Pool<'s>
-    where
-        's: 'scope,
-    {
-        let mut started = 1;
-        while started < threads {
-            let spawned = std::thread::Builder::new().spawn_scoped(scope, move || shared.worker());
-            if spawned.is_err() {
-                break;
-            }
-            started += 1;
-        }
-        Pool { shared, threads: started }
-    }
-
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -221,16 +246,6 @@ impl<'s> Pool<'s> {
     }
 }
 
-impl Drop for Pool<'_> {
-    fn drop(&mut self) {
-        let mut st = self.shared.lock();
-        st.quit = true;
-        self.shared.epoch.fetch_add(1, Ordering::Release);
-        self.shared.wake.notify_all();
-        drop(st);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,9 +263,9 @@ mod tests {
     fn every_item_runs_exactly_once_across_launches() {
         let counts: Vec<AtomicU32> = (0..1000).map(|_| AtomicU32::new(0)).collect();
         let ptrs = [counts.as_ptr() as *mut u8];
-        let shared = Shared::new();
-        std::thread::scope(|s| {
-            let pool = Pool::start(s, &shared, 3);
+        let workers = Workers::start(3);
+        {
+            let pool = workers.pool();
             for (first, work) in [(0, 1000i64), (0, 7), (0, 1), (0, 999), (10, 5)] {
                 let chunks = work.min(12);
                 pool.launch(Job {
@@ -262,7 +277,8 @@ mod tests {
                     chunks,
                 });
             }
-        });
+        }
+        drop(workers);
         for (i, c) in counts.iter().enumerate() {
             let want = 1
                 + u32::from(i < 7)
