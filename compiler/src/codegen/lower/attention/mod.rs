@@ -342,8 +342,7 @@ fn cpu(f: &mut Frame, rows: Dim, scale: f64, mask: Mask) -> Result<LaunchShape, 
                 let p = f.b.op("p", format_args!("memref.load {sc}[{i}] : {sc_ty}"));
                 let p = f.round_to(&p, row.dtype);
                 let s = f.b.addi(&s0, i);
-                let s = &s;
-                let vs = f.b.muli(s, &row.v_step);
+                let vs = f.b.muli(&s, &row.v_step);
                 let vbase = f.b.addi(&row.v, &vs);
                 let pv = f.b.op("p", format_args!("vector.broadcast {p} : f32 to {VEC}"));
                 for_loop(f, &zero, &dv_vec, &vl, |f, d| {
