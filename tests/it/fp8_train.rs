@@ -263,6 +263,39 @@ fn losses(dir: &std::path::Path) -> Vec<f64> {
         .collect()
 }
 
+/// `modules_to_not_convert = []` puts the output head in FP8 in the train step too: its three GEMMs
+/// in FP8, the compiled step as the interpreter's, and the checkpoint with `lm_head.weight` as E4M3
+/// codes and block scales, which a run binds.
+#[test]
+fn an_fp8_head_trains_and_checkpoints_in_fp8() {
+    let s = Scratch::new();
+    let text = std::fs::read_to_string(root().join(RAGGED)).unwrap();
+    assert!(text.trim_end().ends_with("activation_scheme = \"dynamic\""), "[quantization] comes last");
+    let spec = s.path("head.toml");
+    std::fs::write(&spec, format!("{text}modules_to_not_convert = []\n")).unwrap();
+    let data = root().join("tests/goldens/perplexity/tokens.safetensors").to_string_lossy().into_owned();
+    let spec = spec.to_string_lossy().into_owned();
+    let base = ["train", spec.as_str(), "--data", data.as_str(), "--batch", "2", "--random-weights", "3"];
+    let run = |extra: &[&str]| {
+        let r = kiln(&[&base[..], &["--steps", "2"], extra].concat());
+        assert!(r.ok, "{}", r.stderr);
+    };
+    let (c, i) = (s.str("c"), s.str("i"));
+    run(&["--out", &c]);
+    run(&["--out", &i, "--interp"]);
+    for (c, i) in losses(&s.path("c")).iter().zip(losses(&s.path("i"))) {
+        assert!((c - i).abs() <= 1e-4 * i.abs(), "compiled {c} vs interpreter {i}");
+    }
+    let ck = weights::open_checkpoint(&s.path("c/step-2")).unwrap();
+    let head = ck.get("lm_head.weight").expect("the head");
+    assert_eq!(head.dtype, StDType::F8E4M3);
+    let scale = ck.get("lm_head.weight_scale_inv").expect("the head's scale");
+    let want: Vec<u64> = head.shape.iter().map(|d| d.div_ceil(128)).collect();
+    assert_eq!((scale.dtype, &scale.shape), (StDType::F32, &want));
+    let gen = kiln(&["run", &s.str("c/step-2"), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]);
+    assert!(gen.ok && gen.stdout.trim().split(',').count() == 3, "{}{}", gen.stdout, gen.stderr);
+}
+
 #[test]
 fn kiln_train_fp8_agrees_with_the_interpreter_and_checkpoints_in_deepseeks_layout() {
     let s = Scratch::new();
