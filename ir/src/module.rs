@@ -38,7 +38,7 @@
 //! a program that never reads it (it is overwritten), and a declared parameter may go unused by every
 //! program (a later pass may have removed its last reader).
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt;
 
 use crate::graph::Graph;
@@ -383,7 +383,7 @@ enum Graphs {
 }
 
 fn check_module(m: &Module, graphs: Graphs) -> Result<(), ModuleError> {
-    let mut programs = HashSet::new();
+    let mut programs = HashSet::default();
     for (index, p) in m.programs.iter().enumerate() {
         if p.name.is_empty() {
             return Err(ModuleError::EmptyProgramName { index });
@@ -392,7 +392,7 @@ fn check_module(m: &Module, graphs: Graphs) -> Result<(), ModuleError> {
             return Err(ModuleError::DuplicateProgram(p.name.clone()));
         }
     }
-    let mut params: HashMap<&str, &TensorType> = HashMap::new();
+    let mut params: HashMap<&str, &TensorType> = HashMap::default();
     for p in &m.params {
         if params.insert(&p.name, &p.ty).is_some() {
             return Err(ModuleError::DuplicateParam(p.name.clone()));
@@ -401,7 +401,7 @@ fn check_module(m: &Module, graphs: Graphs) -> Result<(), ModuleError> {
             return Err(ModuleError::SymbolicParam { name: p.name.clone(), ty: p.ty.clone() });
         }
     }
-    let mut states: HashMap<&str, &TensorType> = HashMap::new();
+    let mut states: HashMap<&str, &TensorType> = HashMap::default();
     for s in &m.states {
         if states.insert(&s.name, &s.ty).is_some() {
             return Err(ModuleError::DuplicateState(s.name.clone()));

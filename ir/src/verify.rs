@@ -21,7 +21,7 @@
 //! Deliberately not invariants: dead values (a pass may leave them for a later cleanup) and
 //! unused inputs.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet as HashSet;
 use std::fmt;
 
 use crate::graph::{Graph, NodeId, ValueId};
@@ -74,8 +74,8 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
     // By value id: whether an earlier node defines the value (a table, not a hash set: a graph of
     // DeepSeek-V3 has a quarter of a million values, and the pipeline verifies after every pass).
     let mut defined = vec![false; g.value_bound() as usize];
-    let mut params: HashSet<&str> = HashSet::new();
-    let mut inputs: HashSet<&str> = HashSet::new();
+    let mut params: HashSet<&str> = HashSet::default();
+    let mut inputs: HashSet<&str> = HashSet::default();
     let order = g.nodes();
     for &n in &order {
         let node = g.node(n);

@@ -37,7 +37,8 @@
 //!   `tokens · top_k` rows, two exchanges (dispatch, combine) exactly when `ep > 1`, each with
 //!   bytes that are its rows times a row's bytes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::collections::BTreeMap;
 
 use super::*;
 
@@ -69,7 +70,7 @@ impl Manifest {
             return Err(ManifestError::Version { found: self.format_version, supported: FORMAT_VERSION });
         }
         self.check_kernels()?;
-        let mut names = HashSet::new();
+        let mut names = HashSet::default();
         for p in &self.params {
             if !names.insert(p.name.as_str()) {
                 return bad("params", format!("parameter `{}` is listed twice", p.name));
@@ -86,7 +87,7 @@ impl Manifest {
                 return bad(format!("states[{i}].shape"), "a state's shape may use B and S, not T");
             }
         }
-        let mut programs = HashSet::new();
+        let mut programs = HashSet::default();
         for (i, p) in self.programs.iter().enumerate() {
             if !programs.insert(p.name.as_str()) || p.name.is_empty() {
                 return bad(
@@ -99,7 +100,7 @@ impl Manifest {
         if self.programs.is_empty() {
             return bad("programs", "an artifact has at least one program");
         }
-        let mut files = HashSet::new();
+        let mut files = HashSet::default();
         for (i, f) in self.files.iter().enumerate() {
             if !files.insert(f.name.as_str()) || f.name.contains('/') || f.name == MANIFEST_FILE {
                 return bad(
@@ -241,7 +242,7 @@ impl Manifest {
     }
 
     fn check_kernels(&self) -> Result<(), ManifestError> {
-        let mut names = HashSet::new();
+        let mut names = HashSet::default();
         for (i, k) in self.kernels.iter().enumerate() {
             let field = |f: &str| format!("kernels[{i}].{f}");
             if k.id.index() != i {
@@ -377,7 +378,7 @@ impl Manifest {
                 .map_err(|m| ManifestError::Field { field: at(format!("steps[{i}]")), message: m })?;
         }
         for (what, list) in [("inputs", &p.inputs), ("outputs", &p.outputs)] {
-            let mut names = HashSet::new();
+            let mut names = HashSet::default();
             for (i, n) in list.iter().enumerate() {
                 let field = at(format!("{what}[{i}]"));
                 let Some(b) = p.buffers.get(n.buffer.index()) else {
@@ -568,7 +569,7 @@ impl Program {
     }
 
     fn check_symbols(&self) -> Result<(), String> {
-        let mut seen = HashSet::new();
+        let mut seen = HashSet::default();
         let mut last = None;
         for e in &self.symbols {
             if !seen.insert(e.sym) || last.is_some_and(|l| l > e.sym) || e.max == 0 {
