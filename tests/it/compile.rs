@@ -154,6 +154,17 @@ fn compile_all_targets_writes_an_artifact_the_manifest_can_run() {
     for k in &m.kernels {
         assert!(ptx.contains(&format!(".entry {}(", k.gpu.as_ref().unwrap().entry)), "{}", k.name);
     }
+    // The library's way into a kernel is its packed entry (and the signature beside it); the
+    // kernel's own function is internal to it, inlined into the entry.
+    // SAFETY: the library is kiln's, with no initialisers; the symbols are only looked up.
+    let lib = unsafe { libloading::Library::new(dir.join("kernels.so")) }.unwrap();
+    for k in &m.kernels {
+        for (suffix, exported) in [("_packed", true), ("_signature", true), ("", false)] {
+            let symbol = format!("{}{suffix}", k.name);
+            let found = unsafe { lib.get::<*const u8>(symbol.as_bytes()) }.is_ok();
+            assert_eq!(found, exported, "{symbol}");
+        }
+    }
     // Arena buffers are aligned and the weights are marked as such.
     for b in &p.buffers {
         if let Storage::Arena { offset } = b.storage {

@@ -57,14 +57,13 @@ pub(crate) fn init_llvm_targets() -> Result<(), EmitError> {
     .map_err(EmitError::Llvm)
 }
 
-/// Targets `ir` at `machine` (triple and data layout), verifies it and runs LLVM's `-O3` pipeline:
-/// the LLVM half of emission, the same for both targets.
-pub(crate) fn optimize_for(ir: &LlvmModule, machine: &TargetMachine) -> Result<(), EmitError> {
+/// Targets `ir` at `machine` (triple and data layout), verifies it and runs LLVM's optimisation
+/// pipeline `passes` (`cpu::CPU_OPT`, `gpu::GPU_OPT`): the LLVM half of emission.
+pub(crate) fn optimize_for(ir: &LlvmModule, machine: &TargetMachine, passes: &str) -> Result<(), EmitError> {
     ir.set_triple(&machine.get_triple());
     ir.set_data_layout(&machine.get_target_data().get_data_layout());
     ir.verify().map_err(|e| EmitError::Llvm(e.to_string()))?;
-    ir.run_passes("default<O3>", machine, PassBuilderOptions::create())
-        .map_err(|e| EmitError::Llvm(e.to_string()))
+    ir.run_passes(passes, machine, PassBuilderOptions::create()).map_err(|e| EmitError::Llvm(e.to_string()))
 }
 
 /// An MLIR context with every dialect, pass and LLVM translation registered, collecting diagnostics.

@@ -27,6 +27,10 @@ reconcile-unrealized-casts)";
 /// kernel parameter space from 4352 to 32764 bytes, which `moe_experts` needs: it takes each
 /// expert's three weights as separate pointers (DeepSeek-V3: 771 buffers, 6.2 KB).
 pub const SM: &str = "sm_90a";
+
+/// LLVM's pipeline for GPU kernels: `-O3`. The CPU's `-O2` ([`super::cpu::CPU_OPT`]) was measured
+/// on the CPU only; this stays until a device can measure the PTX of both.
+pub const GPU_OPT: &str = "default<O3>";
 const PTX_FEATURES: &str = "+ptx81";
 
 pub(crate) fn nvptx_machine() -> Result<TargetMachine, EmitError> {
@@ -69,7 +73,7 @@ fn optimized<'l>(
         })?;
         mlir.translate(gpu_module, llvm)
     })?;
-    optimize_for(&ir, machine)?;
+    optimize_for(&ir, machine, GPU_OPT)?;
     Ok(ir)
 }
 
