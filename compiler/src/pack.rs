@@ -896,14 +896,21 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
         Some(_) => Some(toolchain::probe_host()?),
         None => None,
     };
-    let mut texts: Option<(String, String)> = None;
+    // module.kir and kernels.mlir, each with its SHA-256.
+    let mut texts: Option<((String, String), (String, String))> = None;
     let mut manifest_result: Option<Result<Manifest, CompileError>> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut report = None;
     let p = &prepared;
     rayon::in_place_scope(|s| -> Result<(), CompileError> {
         let out = &mut texts;
-        s.spawn(move |_| *out = Some(rayon::join(|| kiln_ir::print_module(&p.module), || kernels_mlir(p))));
+        let hashed = |text: String| {
+            let sha = sha256_hex(text.as_bytes());
+            (text, sha)
+        };
+        s.spawn(move |_| {
+            *out = Some(rayon::join(|| hashed(kiln_ir::print_module(&p.module)), || hashed(kernels_mlir(p))))
+        });
         let (out, host) = (&mut manifest_result, host.clone());
         s.spawn(move |_| *out = Some(manifest(p, options, host, Vec::new())));
         let ptx = match (&p.gpu, &p.ptxas) {
@@ -962,22 +969,23 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     let ptxas = report.map(|r| parse_report(&r));
     obs.started(Stage::Pack);
     let missing = |what: &str| CompileError::Internal(format!("{what} was not made"));
-    let (kir, mlir) = texts.ok_or_else(|| missing("module.kir"))?;
+    let ((kir, kir_sha), (mlir, mlir_sha)) = texts.ok_or_else(|| missing("module.kir"))?;
     let mut manifest = manifest_result.ok_or_else(|| missing("the manifest"))??;
+    let entry = |name: &str, bytes: &[u8], sha256: String| FileEntry {
+        name: name.to_string(),
+        sha256,
+        bytes: bytes.len() as u64,
+    };
+    // The libraries are small; the two texts were hashed on the pool as they were made.
+    manifest.files = files.iter().map(|(name, bytes)| entry(name, bytes, sha256_hex(bytes))).collect();
+    manifest.files.push(entry(artifact::MODULE_KIR, kir.as_bytes(), kir_sha));
+    manifest.files.push(entry(artifact::KERNELS_MLIR, mlir.as_bytes(), mlir_sha));
     files.push((artifact::MODULE_KIR.into(), kir.into_bytes()));
     files.push((artifact::KERNELS_MLIR.into(), mlir.into_bytes()));
-    manifest.files = files
-        .par_iter()
-        .map(|(name, bytes)| FileEntry {
-            name: name.clone(),
-            sha256: sha256_hex(bytes),
-            bytes: bytes.len() as u64,
-        })
-        .collect();
-    manifest
-        .validate()
-        .map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;
-    let manifest_json = manifest_text(&manifest)?;
+    // The check and the text side by side: a manifest that fails the check is not written.
+    let (checked, manifest_json) = rayon::join(|| manifest.validate(), || manifest_text(&manifest));
+    checked.map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;
+    let manifest_json = manifest_json?;
     obs.finished(Stage::Pack, &Dump::Manifest(&manifest_json));
     Ok(Artifact { manifest, manifest_json, files, ptxas, prepared })
 }
