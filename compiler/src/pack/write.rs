@@ -117,16 +117,18 @@ pub fn check_target(dir: &Path) -> Result<(), WriteError> {
 pub fn write(artifact: &Artifact, dir: &Path) -> Result<(), WriteError> {
     check_target(dir)?;
     output::replace_dir(dir, |tmp| {
-        // The files at once (large ones take a while), the manifest last: a directory with a
-        // manifest has every file it lists.
-        let written: Vec<Result<(), WriteError>> = (artifact.files.par_iter())
+        // Every file at once, the manifest with them (DeepSeek-V3's module.kir and manifest are
+        // 64 MB each): the directory is a hidden temporary until all of them are written and
+        // synced, so no reader sees a manifest without its files.
+        let manifest = (MANIFEST_FILE.to_string(), artifact.manifest_json.as_bytes());
+        let files = artifact.files.iter().map(|(name, bytes)| (name.clone(), bytes.as_slice()));
+        let all: Vec<(String, &[u8])> = std::iter::once(manifest).chain(files).collect();
+        let written: Vec<Result<(), WriteError>> = (all.par_iter().with_max_len(1))
             .map(|(name, bytes)| {
                 let path = tmp.join(name);
                 std::fs::write(&path, bytes).map_err(io(&path))
             })
             .collect();
-        written.into_iter().collect::<Result<(), WriteError>>()?;
-        let path = tmp.join(MANIFEST_FILE);
-        std::fs::write(&path, artifact.manifest_json.as_bytes()).map_err(io(&path))
+        written.into_iter().collect::<Result<(), WriteError>>()
     })
 }
