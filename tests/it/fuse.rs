@@ -203,6 +203,54 @@ fn fuse_kernels_work_grows_linearly() {
     }
 }
 
+/// fuse-kernels' work on the train step of `tiny` resized to `layers` decoder layers, and the most
+/// nodes an `elementwise-chain` kernel of it computes.
+fn train_fusion_work(layers: u64) -> (fuse_kernels::Work, usize) {
+    let mut s = spec("tiny");
+    s.model.num_hidden_layers = layers;
+    let options = Options {
+        train: Some(kiln_compiler::pack::TrainOptions::default()),
+        kv_cache: false,
+        score: false,
+        ..Options::new(Targets::Cpu, 1, 8)
+    };
+    let module = pack::module_after(&s, &options, Some("dce")).unwrap_or_else(|e| panic!("{e}"));
+    let (mut work, mut largest) = (fuse_kernels::Work::default(), 0);
+    for p in module.programs {
+        let mut g = p.graph;
+        let (_, w) = fuse_kernels::rewrite_counted(&mut g, p.kind).unwrap_or_else(|e| panic!("{e}"));
+        work += w;
+        for n in g.nodes() {
+            if let kiln_ir::Op::Fused { name, body } = &g.node(n).op {
+                if name == fuse_kernels::ELEMENTWISE_CHAIN {
+                    let computed = body.nodes().iter().filter(|&&m| !body.node(m).op.declares_type()).count();
+                    largest = largest.max(computed);
+                }
+            }
+        }
+    }
+    (work, largest)
+}
+
+/// The same on a train step, whose global gradient norm is a chain of one scalar add per
+/// parameter: grown into one kernel a node at a time, with a convexity walk across the backward
+/// pass each time, it made the work quadratic in depth (and DeepSeek-V3's train step ran out of
+/// memory). `elementwise-chain` takes at most `MAX_CHAIN_NODES` nodes, so the chain becomes
+/// kernels of that many adds, more of them the deeper the model.
+#[test]
+fn train_step_fusion_work_grows_linearly() {
+    let runs: Vec<(fuse_kernels::Work, usize)> = [4, 8, 16].into_iter().map(train_fusion_work).collect();
+    let w: Vec<u64> = runs.iter().map(|(w, _)| w.visited).collect();
+    eprintln!("train step, nodes visited by layers 4, 8, 16: {w:?}");
+    assert!(w[0] < w[1] && w[2] - w[1] <= 2 * (w[1] - w[0]), "the second doubling costs more: {w:?}");
+    for (layers, (_, largest)) in [4, 8, 16].into_iter().zip(&runs) {
+        assert!(
+            (2..=fuse_kernels::MAX_CHAIN_NODES).contains(largest),
+            "{layers} layers: an elementwise chain of {largest} nodes"
+        );
+    }
+}
+
 /// Identical layers are analysed once: however many identical MoE layers the model has, codegen's
 /// fusion analysis runs on the same number of distinct candidate bodies, and every further layer
 /// reuses them.

@@ -131,6 +131,9 @@ impl Ctx<'_> {
                 .collect();
             let mut grew = false;
             for q in candidates {
+                if group.nodes.len() >= MAX_CHAIN_NODES {
+                    return;
+                }
                 group.nodes.insert(q);
                 if self.lowers(group) {
                     grew = true;
@@ -154,9 +157,13 @@ impl Ctx<'_> {
         group: &mut Group,
         keep: &dyn Fn(&Pattern) -> bool,
         no_state: bool,
+        max_nodes: usize,
     ) -> Vec<usize> {
         let mut added = Vec::new();
         loop {
+            if group.nodes.len() >= max_nodes {
+                return added;
+            }
             let candidates: BTreeSet<usize> = group
                 .nodes
                 .iter()
@@ -333,7 +340,7 @@ fn fuse(graph: &Graph, trace: &mut Trace) -> Result<(Option<Graph>, Work), PassE
             continue;
         }
         let mut group = Group::of([p], p);
-        cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise, false);
+        cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise, false, MAX_CHAIN_NODES);
         cx.grow_prologue(&mut group);
         let computing = group.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
         if computing >= 2 {
@@ -344,6 +351,15 @@ fn fuse(graph: &Graph, trace: &mut Trace) -> Result<(Option<Graph>, Work), PassE
     let rebuilt = if groups.is_empty() { None } else { Some(rebuild(&cx, &groups)?) };
     Ok((rebuilt, cx.work()))
 }
+
+/// The most nodes an `elementwise-chain` kernel takes. A train step's global gradient norm is a
+/// chain of one scalar add per parameter (933 of them on a 16-layer tiny model), and growing one
+/// kernel over all of it, a node at a time with a convexity walk across the whole backward pass
+/// each time, made fusion quadratic in the model's depth: a 32-layer tiny train step spent 4.4 s
+/// in this rule, and DeepSeek-V3's train step ran out of memory. Capped, such a chain becomes
+/// kernels of this many adds each, the same adds in the same order; the elementwise chains of a
+/// forward pass are a handful of nodes long.
+pub const MAX_CHAIN_NODES: usize = 64;
 
 /// The largest weight (bytes) a GEMM may read inside a `decode-phases` kernel: one work item streams
 /// it in about the time a launch costs; a bigger GEMM keeps a kernel of its own, whose work the
@@ -529,7 +545,7 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
         return None;
     }
     let base = group.clone();
-    let added = cx.grow_epilogue(&mut group, &|pat| matches!(pat, Pattern::Linear { .. }), true);
+    let added = cx.grow_epilogue(&mut group, &|pat| matches!(pat, Pattern::Linear { .. }), true, usize::MAX);
     let mut rules = Vec::new();
     if fp8 {
         rules.push(FP8_GEMM);
