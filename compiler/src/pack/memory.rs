@@ -194,6 +194,27 @@ pub fn plan_memory(
             Step::Runtime { node } => g.node(*node).results.iter().map(|&r| (r, i)).collect(),
         })
         .collect();
+    // The last step that reads each root (a launch's operand, an alias's source) and each value
+    // a runtime step reads: a train step updates thousands of states, and scanning the steps
+    // after each update for a late read was quadratic in the model's depth.
+    let mut last_read: Vec<Option<usize>> = vec![None; values.len()];
+    let mut runtime_last: HashMap<ValueId, usize> = HashMap::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let read = |v: &ValueId, last: &mut Vec<Option<usize>>| {
+            if let Ok(b) = id(*v) {
+                last[root[b.index()]] = Some(i);
+            }
+        };
+        match step {
+            Step::Launch { args, .. } => args.iter().for_each(|a| read(a, &mut last_read)),
+            Step::Alias { source, .. } => read(source, &mut last_read),
+            Step::Runtime { node } => {
+                for &v in &g.node(*node).inputs {
+                    runtime_last.insert(v, i);
+                }
+            }
+        }
+    }
     for (name, v) in g.outputs() {
         if !state_names.contains(&name.as_str()) {
             continue;
@@ -239,14 +260,17 @@ pub fn plan_memory(
                 }
                 _ => false,
             };
-            let late = plan.steps.iter().enumerate().skip(at).any(|(i, s)| match s {
-                Step::Launch { args, .. } => {
-                    args.iter().any(|&a| root[id(a).map_or(usize::MAX, |b| b.index())] == root[c])
-                        && !(i == at && elementwise_at(i))
-                }
-                Step::Alias { source, .. } => id(*source).is_ok_and(|b| root[b.index()] == root[c]),
-                Step::Runtime { node } => g.node(*node).inputs.contains(&input),
-            });
+            // A read of the old value after the step that computes the new one, or at it (but for
+            // an elementwise kernel's own operand).
+            let reads_old = |a: &ValueId| id(*a).is_ok_and(|b| root[b.index()] == root[c]);
+            let at_step = match plan.steps.get(at) {
+                Some(Step::Launch { args, .. }) => args.iter().any(reads_old) && !elementwise_at(at),
+                Some(Step::Alias { source, .. }) => reads_old(source),
+                Some(Step::Runtime { .. }) | None => false,
+            };
+            let late = at_step
+                || last_read[root[c]].is_some_and(|l| l > at)
+                || runtime_last.get(&input).is_some_and(|&l| l >= at);
             if late || !step_of.contains_key(v) {
                 return Err(PlanError::State(format!(
                     "state `{name}` cannot be updated in place: its old value is read at or after the step that computes the new one"
@@ -493,6 +517,32 @@ mod tests {
         let arena = m.buffers.iter().filter(|b| matches!(b.storage, Storage::Arena { .. })).count();
         assert_eq!(arena, 3);
         assert_eq!(m.arena_bytes, 512 + 256, "the mul reuses the bytes of x: {}", m.print());
+    }
+
+    /// A state is updated in place only where nothing reads its old value later: not a step after
+    /// the update, and at the update's own step only as an elementwise kernel's operand.
+    #[test]
+    fn a_state_is_updated_in_place_only_after_its_last_read() {
+        let plan_of = |body: &str| {
+            let text = format!(
+                "graph @g {{\n  %0 = input {{name = \"s\"}} : f32[8, 8]\n  \
+                 %1 = input {{name = \"x\"}} : f32[8, 8]\n{body}  output \"s\" = %2\n  \
+                 output \"y\" = %3\n}}"
+            );
+            let g = kiln_ir::parse(&text).unwrap_or_else(|e| panic!("{e}"));
+            let plan = form_kernels(&g).unwrap();
+            plan_memory(&g, &plan, MAX, &["s"]).map(|m| (g, m))
+        };
+        // Read, then updated by an elementwise kernel that reads it too: in place.
+        let (g, m) = plan_of("  %3 = exp %0 : f32[8, 8]\n  %2 = mul %0, %1 : f32[8, 8]\n").unwrap();
+        let new = m.buffer(g.outputs()[0].1);
+        assert_eq!(m.buffers[new.index()].storage, Storage::State { name: "s".into() });
+        // Updated, then read: the update would destroy what the read needs.
+        let late = plan_of("  %2 = mul %0, %1 : f32[8, 8]\n  %3 = exp %0 : f32[8, 8]\n");
+        assert!(matches!(late, Err(PlanError::State(_))), "{:?}", late.map(|(_, m)| m.print()));
+        // Updated by a GEMM that reads it: its rows are read after others are written.
+        let gemm = plan_of("  %3 = exp %0 : f32[8, 8]\n  %2 = linear %0, %0 : f32[8, 8]\n");
+        assert!(matches!(gemm, Err(PlanError::State(_))), "{:?}", gemm.map(|(_, m)| m.print()));
     }
 
     #[test]
