@@ -215,8 +215,10 @@ pub fn plan_memory(
             }
         }
     }
+    // A train step has an output per state (tens of thousands on DeepSeek-V3): a set, not a scan.
+    let is_state: HashSet<&str> = state_names.iter().copied().collect();
     for (name, v) in g.outputs() {
-        if !state_names.contains(&name.as_str()) {
+        if !is_state.contains(name.as_str()) {
             continue;
         }
         let Some(&input) = inputs.get(name.as_str()) else {
