@@ -408,8 +408,9 @@ pub fn plan_memory(
     let mut arena_bytes = 0u64;
     for i in order {
         let size = align(buffers[i].max_bytes).ok_or(PlanError::ArenaTooLarge)?;
+        // `active` stays sorted: retain keeps the order and each buffer is inserted in place
+        // (sorting it afresh per buffer was most of plan-memory on a train step).
         active.retain(|&(_, _, e)| e >= start[i]);
-        active.sort_unstable();
         let mut offset = 0u64;
         for &(o, s, _) in &active {
             if offset.checked_add(size).ok_or(PlanError::ArenaTooLarge)? <= o {
@@ -420,7 +421,8 @@ pub fn plan_memory(
         let top = offset.checked_add(size).ok_or(PlanError::ArenaTooLarge)?;
         arena_bytes = arena_bytes.max(top);
         offsets[i] = offset;
-        active.push((offset, size, end[i]));
+        let entry = (offset, size, end[i]);
+        active.insert(active.partition_point(|a| *a < entry), entry);
     }
     for (i, b) in buffers.iter_mut().enumerate() {
         if let Storage::Arena { offset } = &mut b.storage {
