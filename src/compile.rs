@@ -163,7 +163,7 @@ fn load_source(input: &Path, spec_path: Option<&Path>) -> Result<Source> {
     let name = input.display().to_string();
     let graph = kiln_ir::text::check_graph_file(&name, kiln_ir::diag::utf8(&name, &bytes)?)?;
     let spec = spec_path.map(spec::load).transpose()?;
-    Ok(Source::Graph { graph, spec })
+    Ok(Source::Graph { graph: Box::new(graph), spec })
 }
 
 /// Resident and peak memory of this process in KiB (`VmRSS`, `VmHWM`), where /proc has them.

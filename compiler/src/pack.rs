@@ -76,7 +76,7 @@ pub enum Source {
     Spec(ModelSpec),
     /// A graph as given (a `.kir` file). The passes run only when a spec is given too, because they
     /// read their constants from it; without one the graph is compiled as written.
-    Graph { graph: Graph, spec: Option<ModelSpec> },
+    Graph { graph: Box<Graph>, spec: Option<ModelSpec> },
 }
 
 impl Source {
@@ -525,7 +525,7 @@ pub fn cache_states(g: &Graph) -> Vec<StateDecl> {
             continue;
         }
         let Some(&(name, v)) = inputs.iter().find(|&&(_, v)| v == node.inputs[0]) else { continue };
-        if g.outputs().iter().any(|(o, r)| o == name && *r == node.results[0]) {
+        if g.output(name) == Some(node.results[0]) {
             out.push(StateDecl { name: name.to_string(), ty: g.ty(v).clone(), role: StateRole::KvCache });
         }
     }
@@ -611,7 +611,11 @@ pub fn make_module(
             Source::Graph { graph, spec } => {
                 verify(&graph)?;
                 let mut module = Module::new(graph.name().to_string());
-                module.programs.push(Program { name: "forward".into(), kind: ProgramKind::Forward, graph });
+                module.programs.push(Program {
+                    name: "forward".into(),
+                    kind: ProgramKind::Forward,
+                    graph: *graph,
+                });
                 Ok((module, spec))
             }
         },

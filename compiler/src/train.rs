@@ -210,21 +210,14 @@ fn train_params(g: &mut Graph, frozen: &[&str]) -> Vec<(String, ValueId, ValueId
         if frozen.contains(&name.as_str()) {
             continue;
         }
-        let Some(d) = g.outputs().iter().find(|(o, _)| *o == format!("{GRAD_PREFIX}{name}")).map(|&(_, d)| d)
-        else {
-            continue;
-        };
+        let Some(d) = g.output(&format!("{GRAD_PREFIX}{name}")) else { continue };
         let (name, v) = (name.clone(), g.node(n).results[0]);
         *g.node_mut_op(n) = Op::Input { name: name.clone() };
         trained.push((name, v, d));
     }
     // The gradients are consumed here; the forward graph's other outputs (expert loads, the
     // routers' bias updates) stay.
-    for name in g.outputs().iter().map(|(n, _)| n.clone()).collect::<Vec<_>>() {
-        if name == LOSS || name.starts_with(GRAD_PREFIX) {
-            g.remove_output(&name);
-        }
-    }
+    g.retain_outputs(|name, _| name != LOSS && !name.starts_with(GRAD_PREFIX));
     trained
 }
 
@@ -274,9 +267,7 @@ pub fn accumulate_step(grads: &Graph, frozen: &[&str]) -> Result<(Graph, Vec<Sta
     let loads: Vec<(String, ValueId)> = (g.outputs().iter())
         .filter_map(|(n, v)| Some((n.strip_prefix(LOAD_PREFIX)?.to_string(), *v)))
         .collect();
-    for (scope, _) in &loads {
-        g.remove_output(&format!("{LOAD_PREFIX}{scope}"));
-    }
+    g.retain_outputs(|name, _| !name.starts_with(LOAD_PREFIX));
     let mut b = B { g: &mut g };
     let keep = match (b.g.inputs().iter()).find(|(n, _)| *n == KEEP) {
         Some(&(_, v)) => v,

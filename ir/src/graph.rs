@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::{EdgeRef, IntoEdgeReferences, NodeIndexable};
 use petgraph::Direction;
+use rustc_hash::FxHashMap;
 
 use crate::op::Op;
 use crate::types::TensorType;
@@ -72,6 +73,8 @@ pub struct Node {
 struct ValueData {
     ty: TensorType,
     def: NodeId,
+    /// How many of the graph's outputs name this value (a node whose results are outputs stays).
+    outputs: u32,
 }
 
 /// A graph of ops. See the module documentation.
@@ -82,6 +85,10 @@ pub struct Graph {
     /// Indexed by `ValueId`; `None` once the defining node is removed.
     values: Vec<Option<ValueData>>,
     outputs: Vec<(String, ValueId)>,
+    /// The position in `outputs` of each output name: a train step has hundreds of thousands of
+    /// outputs on DeepSeek-V3 (an update, a gradient and moments per parameter), and looking each
+    /// one up by scanning made building and differentiating it quadratic.
+    output_at: FxHashMap<String, usize>,
     /// [`Graph::nodes`], kept until the next change of the nodes or edges: passes, checks and
     /// lowering ask for the order tens of thousands of times on a DeepSeek-V3 compile, mostly of
     /// graphs that have not changed since the last time.
@@ -111,6 +118,7 @@ impl Graph {
             dag: StableDiGraph::new(),
             values: Vec::new(),
             outputs: Vec::new(),
+            output_at: FxHashMap::default(),
             order: OnceLock::new(),
         }
     }
@@ -168,13 +176,18 @@ impl Graph {
             if self.values.len() <= slot {
                 self.values.resize(slot + 1, None);
             }
-            self.values[slot] = Some(ValueData { ty, def: node });
+            self.values[slot] = Some(ValueData { ty, def: node, outputs: 0 });
         }
         for &v in inputs {
             let def = self.values[v.0 as usize].as_ref().expect("checked above").def;
             self.dag.add_edge(def.index(), idx, v);
         }
         Ok(node)
+    }
+
+    /// A value known to exist (checked by the caller).
+    fn value_mut(&mut self, v: ValueId) -> &mut ValueData {
+        self.values[v.0 as usize].as_mut().expect("the caller checked the value")
     }
 
     fn value(&self, v: ValueId) -> Result<&ValueData, GraphError> {
@@ -372,17 +385,51 @@ impl Graph {
     pub fn add_output(&mut self, name: impl Into<String>, v: ValueId) -> Result<(), GraphError> {
         let name = name.into();
         self.value(v)?;
-        if self.outputs.iter().any(|(n, _)| *n == name) {
+        if self.output_at.contains_key(&name) {
             return Err(GraphError::DuplicateOutput(name));
         }
+        self.value_mut(v).outputs += 1;
+        self.output_at.insert(name.clone(), self.outputs.len());
         self.outputs.push((name, v));
         Ok(())
     }
 
+    /// The value of the output called `name`.
+    pub fn output(&self, name: &str) -> Option<ValueId> {
+        self.output_at.get(name).map(|&i| self.outputs[i].1)
+    }
+
+    /// Whether any output names value `v`.
+    pub fn is_output(&self, v: ValueId) -> bool {
+        self.values.get(v.0 as usize).and_then(Option::as_ref).is_some_and(|d| d.outputs > 0)
+    }
+
     /// Removes the output called `name`, returning its value (the value itself stays).
     pub fn remove_output(&mut self, name: &str) -> Option<ValueId> {
-        let i = self.outputs.iter().position(|(n, _)| n == name)?;
-        Some(self.outputs.remove(i).1)
+        let i = self.output_at.remove(name)?;
+        let (_, v) = self.outputs.remove(i);
+        for (j, (n, _)) in self.outputs.iter().enumerate().skip(i) {
+            *self.output_at.get_mut(n).expect("every output is indexed") = j;
+        }
+        self.value_mut(v).outputs -= 1;
+        Some(v)
+    }
+
+    /// Keeps the outputs for which `keep(name, value)` holds, in their order: one pass, where
+    /// removing them one by one would shift the rest each time.
+    pub fn retain_outputs(&mut self, mut keep: impl FnMut(&str, ValueId) -> bool) {
+        let mut dropped = Vec::new();
+        self.outputs.retain(|(n, v)| {
+            let k = keep(n, *v);
+            if !k {
+                dropped.push(*v);
+            }
+            k
+        });
+        for v in dropped {
+            self.value_mut(v).outputs -= 1;
+        }
+        self.output_at = self.outputs.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
     }
 
     /// Makes every user of `old` (and any output naming it) read `new` instead.
@@ -405,10 +452,14 @@ impl Graph {
             }
             self.dag.add_edge(new_def.index(), user, new);
         }
-        for (_, v) in &mut self.outputs {
-            if *v == old {
-                *v = new;
+        let moved = std::mem::take(&mut self.value_mut(old).outputs);
+        if moved > 0 {
+            for (_, v) in &mut self.outputs {
+                if *v == old {
+                    *v = new;
+                }
             }
+            self.value_mut(new).outputs += moved;
         }
         Ok(())
     }
@@ -446,7 +497,7 @@ impl Graph {
         }
         let node = &self.dag[n.index()];
         if self.dag.edges_directed(n.index(), Direction::Outgoing).next().is_some()
-            || self.outputs.iter().any(|(_, v)| node.results.contains(v))
+            || node.results.iter().any(|&v| self.is_output(v))
         {
             return Err(GraphError::StillUsed { node: n });
         }
@@ -558,6 +609,37 @@ mod tests {
         g.remove_node(abs).unwrap();
         assert_eq!(g.nodes(), [input, exp, neg]);
         assert_eq!(g.nodes(), g.order_now());
+    }
+
+    /// The index of the outputs (by name, and how many name each value) follows every change.
+    #[test]
+    fn outputs_are_found_by_name_through_every_change() {
+        let mut g = Graph::new("g");
+        let x = g.add_node(Op::Input { name: "x".into() }, &[], vec![f32_bt()], None).unwrap().1[0];
+        let (neg, n) = g.add_node(Op::Unary(UnaryOp::Neg), &[x], vec![f32_bt()], None).unwrap();
+        let (_, e) = g.add_node(Op::Unary(UnaryOp::Exp), &[x], vec![f32_bt()], None).unwrap();
+        for (name, v) in [("a", n[0]), ("b", e[0]), ("c", n[0]), ("d", e[0])] {
+            g.add_output(name, v).unwrap();
+        }
+        assert_eq!(g.remove_output("a"), Some(n[0]));
+        assert_eq!(g.remove_output("a"), None);
+        assert_eq!((g.output("c"), g.output("d")), (Some(n[0]), Some(e[0])));
+        // `neg` is still named by `c`, so it stays.
+        assert_eq!(g.remove_node(neg).unwrap_err(), GraphError::StillUsed { node: neg });
+        g.retain_outputs(|name, _| name != "c");
+        let names: Vec<&str> = g.outputs().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["b", "d"]);
+        assert_eq!((g.output("b"), g.output("c")), (Some(e[0]), None));
+        assert!(!g.is_output(n[0]) && g.is_output(e[0]));
+        // Outputs move with the uses of their value.
+        g.replace_all_uses(e[0], n[0]).unwrap();
+        assert!(g.is_output(n[0]) && !g.is_output(e[0]));
+        assert_eq!(g.output("d"), Some(n[0]));
+        g.add_output("a", x).unwrap();
+        assert_eq!(g.add_output("b", x).unwrap_err(), GraphError::DuplicateOutput("b".into()));
+        assert_eq!(g.remove_output("b"), Some(n[0]));
+        assert_eq!((g.output("d"), g.output("a")), (Some(n[0]), Some(x)));
+        assert!(g.remove_node(neg).is_err(), "`d` still names it");
     }
 
     #[test]

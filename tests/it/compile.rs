@@ -282,7 +282,7 @@ fn the_backward_ops_compile_and_run_like_the_interpreter() {
         score: false,
         ..kiln_compiler::pack::Options::new(kiln_compiler::target::Targets::All, 2, 8)
     };
-    let source = kiln_compiler::pack::Source::Graph { graph: graph.clone(), spec: None };
+    let source = kiln_compiler::pack::Source::Graph { graph: Box::new(graph.clone()), spec: None };
     let artifact = kiln_compiler::pack::compile(source, &options, &mut ()).unwrap_or_else(|e| panic!("{e}"));
     let s = Scratch::new();
     let dir = s.path("art");

@@ -330,7 +330,7 @@ fn operand_dequantize(g: &Graph, n: NodeId) -> bool {
     let node = g.node(n);
     matches!(node.op, Op::Dequantize { .. })
         && gemm_operand(g, node.results[0]).is_some()
-        && !g.outputs().iter().any(|&(_, o)| o == node.results[0])
+        && !g.is_output(node.results[0])
         && g.users(node.results[0]).iter().all(|&u| {
             let user = g.node(u);
             let operands = match user.op {

@@ -267,7 +267,7 @@ fn eligible(g: &Graph, order: &[NodeId], q: &QuantSection) -> (HashSet<NodeId>, 
             .copied()
             .filter(|&w| {
                 // A weight that is also a graph output keeps its type: outputs are the interface.
-                !g.outputs().iter().any(|&(_, v)| v == w)
+                !g.is_output(w)
                     && g.users(w).into_iter().all(|u| {
                         let node = g.node(u);
                         // A reshape reads the weight as a whole (fuse-mla-latent's absorbed

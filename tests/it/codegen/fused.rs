@@ -306,8 +306,9 @@ fn a_phased_kernel_gets_arena_scratch_when_packed() {
     let graph = kiln_ir::parse(&src).unwrap();
     let options =
         pack::Options { kv_cache: false, score: false, ..pack::Options::new(pack::Targets::Cpu, 2, 8) };
-    let artifact = pack::compile(pack::Source::Graph { graph, spec: None }, &options, &mut ())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let artifact =
+        pack::compile(pack::Source::Graph { graph: Box::new(graph), spec: None }, &options, &mut ())
+            .unwrap_or_else(|e| panic!("{e}"));
     let m = &artifact.manifest;
     let p = &m.programs[0];
     let k = m.kernels.iter().find(|k| k.name.starts_with("k_fused_")).unwrap();
