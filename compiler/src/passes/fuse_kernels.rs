@@ -625,67 +625,223 @@ fn gemm_group(cx: &Ctx, p: usize) -> Option<(Group, Vec<&'static str>)> {
 /// The new graph: every group one `fused` node, placed once its operands exist; nodes no output
 /// needs any more (a `dequantize` now copied into every GEMM that read it) are left out. Groups
 /// that are each convex can still depend on each other both ways (a norm computed in one group
-/// from values of another, which reads the norm: a train step's clipping); such a cycle cannot be
-/// placed, so the latest group on it is dissolved back into its nodes and the rest placed again.
+/// from values of another, which reads the norm: a train step's clipping, or the recomputed norms
+/// of its backward pass); such a cycle cannot be placed, so the latest group on it is dissolved
+/// back into its nodes.
+///
+/// The cycles are found on the graph of items (groups and the nodes left single) before anything
+/// is built: its strongly connected components, each of which loses a group per round. A
+/// DeepSeek-V3 train step has a few such cycles in every layer, and dissolving them one at a time,
+/// placing the whole graph again after each, made this quadratic in the model's depth.
 fn rebuild(cx: &Ctx, groups: &[(Group, String)]) -> Result<Graph, PassError> {
     let mut groups = groups.to_vec();
     loop {
-        match place(cx, &groups)? {
-            Ok(g) => return Ok(g),
-            Err(cyclic) => drop(groups.remove(cyclic)),
+        let items = Items::new(cx, &groups);
+        cx.count(items.len());
+        let dissolve = items.cyclic_groups()?;
+        if dissolve.is_empty() {
+            return place(cx, &groups, &items);
         }
+        let mut i = 0;
+        groups.retain(|_| {
+            i += 1;
+            !dissolve.contains(&(i - 1))
+        });
     }
 }
 
-/// [`rebuild`] with these groups, or the latest group on a cycle.
-fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, PassError> {
-    let g = cx.g;
-    let n = cx.len();
-    // Items: groups first (0..groups.len()), then one per node not in a group.
-    let mut item_of = vec![usize::MAX; n];
-    for (i, (group, _)) in groups.iter().enumerate() {
-        for &p in &group.nodes {
-            item_of[p] = i;
+/// The graph [`rebuild`] places: groups first (`0..groups`), then one item per node in no group.
+struct Items {
+    groups: usize,
+    /// By position: the item holding the node.
+    item_of: Vec<usize>,
+    /// The position of each single item's node.
+    singles: Vec<usize>,
+    /// By group: its fused node's inputs.
+    group_inputs: Vec<Vec<ValueId>>,
+    /// By item: the items it reads from, without itself, ascending.
+    deps: Vec<Vec<usize>>,
+    /// By item: whether an output, a graph input or a send needs it.
+    live: Vec<bool>,
+}
+
+impl Items {
+    fn new(cx: &Ctx, groups: &[(Group, String)]) -> Items {
+        let n = cx.len();
+        let mut item_of = vec![usize::MAX; n];
+        for (i, (group, _)) in groups.iter().enumerate() {
+            for &p in &group.nodes {
+                item_of[p] = i;
+            }
         }
-    }
-    let mut singles = Vec::new();
-    for (p, item) in item_of.iter_mut().enumerate() {
-        if *item == usize::MAX {
-            *item = groups.len() + singles.len();
-            singles.push(p);
+        let mut singles = Vec::new();
+        for (p, item) in item_of.iter_mut().enumerate() {
+            if *item == usize::MAX {
+                *item = groups.len() + singles.len();
+                singles.push(p);
+            }
         }
+        let group_inputs: Vec<Vec<ValueId>> = groups.iter().map(|(group, _)| cx.inputs(group)).collect();
+        let mut items = Items {
+            groups: groups.len(),
+            item_of,
+            singles,
+            group_inputs,
+            deps: Vec::new(),
+            live: Vec::new(),
+        };
+        let count = items.groups + items.singles.len();
+        items.deps = (0..count)
+            .map(|i| {
+                let mut d: Vec<usize> = (items.inputs_of(cx, i).iter())
+                    .map(|&v| items.item_of[cx.producer(v)])
+                    .filter(|&d| d != i)
+                    .collect();
+                d.sort_unstable();
+                d.dedup();
+                d
+            })
+            .collect();
+        // Liveness from the outputs, graph inputs and sends.
+        let mut live = vec![false; count];
+        let mut stack: Vec<usize> =
+            cx.g.outputs().iter().map(|&(_, v)| items.item_of[cx.producer(v)]).collect();
+        stack.extend(
+            (0..n)
+                .filter(|&p| matches!(cx.node(p).op, Op::Input { .. } | Op::Send { .. }))
+                .map(|p| items.item_of[p]),
+        );
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut live[i], true) {
+                stack.extend(items.deps[i].iter().copied());
+            }
+        }
+        items.live = live;
+        items
     }
-    let items = groups.len() + singles.len();
-    let group_inputs: Vec<Vec<ValueId>> = groups.iter().map(|(group, _)| cx.inputs(group)).collect();
-    let inputs_of = |i: usize| -> &[ValueId] {
-        if i < groups.len() {
-            &group_inputs[i]
+
+    fn len(&self) -> usize {
+        self.deps.len()
+    }
+
+    fn inputs_of<'a>(&'a self, cx: &'a Ctx, i: usize) -> &'a [ValueId] {
+        if i < self.groups {
+            &self.group_inputs[i]
         } else {
-            &cx.node(singles[i - groups.len()]).inputs
+            &cx.node(self.singles[i - self.groups]).inputs
         }
-    };
-    let first_pos = |i: usize| {
-        if i < groups.len() {
+    }
+
+    fn first_pos(&self, groups: &[(Group, String)], i: usize) -> usize {
+        if i < self.groups {
             *groups[i].0.nodes.iter().next().expect("non-empty")
         } else {
-            singles[i - groups.len()]
-        }
-    };
-    // Liveness from the outputs, graph inputs and sends.
-    let mut live = vec![false; items];
-    let mut stack: Vec<usize> = g.outputs().iter().map(|&(_, v)| item_of[cx.producer(v)]).collect();
-    stack.extend(
-        (0..n).filter(|&p| matches!(cx.node(p).op, Op::Input { .. } | Op::Send { .. })).map(|p| item_of[p]),
-    );
-    while let Some(i) = stack.pop() {
-        if !std::mem::replace(&mut live[i], true) {
-            stack.extend(inputs_of(i).iter().map(|&v| item_of[cx.producer(v)]));
+            self.singles[i - self.groups]
         }
     }
+
+    /// The groups to dissolve: in each strongly connected component of the live items, the
+    /// latest group on one cycle through it (the cycle followed from the component's first item
+    /// along each item's first dependency in the component).
+    fn cyclic_groups(&self) -> Result<Vec<usize>, PassError> {
+        let component = self.components();
+        let mut size = vec![0usize; self.len()];
+        for &c in component.iter().filter(|&&c| c != usize::MAX) {
+            size[c] += 1;
+        }
+        let mut done = vec![false; self.len()];
+        let mut dissolve = Vec::new();
+        for start in 0..self.len() {
+            let c = component[start];
+            if c == usize::MAX || size[c] < 2 || std::mem::replace(&mut done[c], true) {
+                continue;
+            }
+            let mut seen: HashMap<usize, usize> = HashMap::default();
+            let mut path = Vec::new();
+            let mut at = start;
+            while !seen.contains_key(&at) {
+                seen.insert(at, path.len());
+                path.push(at);
+                let Some(&next) = self.deps[at].iter().find(|&&d| component[d] == c) else {
+                    return Err(fail(format!("item {at} leaves its component (a kiln bug)")));
+                };
+                at = next;
+            }
+            match path[seen[&at]..].iter().copied().filter(|&i| i < self.groups).max() {
+                Some(i) => dissolve.push(i),
+                None => return Err(fail("a cycle of single nodes (a kiln bug)".to_string())),
+            }
+        }
+        dissolve.sort_unstable();
+        Ok(dissolve)
+    }
+
+    /// By item: its strongly connected component among the live items (`usize::MAX` for dead
+    /// ones), by Tarjan's algorithm without recursion.
+    fn components(&self) -> Vec<usize> {
+        const NONE: usize = usize::MAX;
+        let n = self.len();
+        let (mut index, mut low) = (vec![NONE; n], vec![0usize; n]);
+        let mut on_stack = vec![false; n];
+        let mut component = vec![NONE; n];
+        let (mut next_index, mut next_component) = (0, 0);
+        let mut stack = Vec::new();
+        // Frames of the depth-first search: an item and how many of its dependencies it has tried.
+        let mut frames: Vec<(usize, usize)> = Vec::new();
+        for root in (0..n).filter(|&i| self.live[i]) {
+            if index[root] != NONE {
+                continue;
+            }
+            frames.push((root, 0));
+            while let Some(&mut (v, ref mut k)) = frames.last_mut() {
+                if *k == 0 && index[v] == NONE {
+                    index[v] = next_index;
+                    low[v] = next_index;
+                    next_index += 1;
+                    stack.push(v);
+                    on_stack[v] = true;
+                }
+                if let Some(&w) = self.deps[v].get(*k) {
+                    *k += 1;
+                    if !self.live[w] {
+                        continue;
+                    }
+                    if index[w] == NONE {
+                        frames.push((w, 0));
+                    } else if on_stack[w] {
+                        low[v] = low[v].min(index[w]);
+                    }
+                    continue;
+                }
+                frames.pop();
+                if let Some(&(parent, _)) = frames.last() {
+                    low[parent] = low[parent].min(low[v]);
+                }
+                if low[v] == index[v] {
+                    loop {
+                        let w = stack.pop().expect("v is on the stack");
+                        on_stack[w] = false;
+                        component[w] = next_component;
+                        if w == v {
+                            break;
+                        }
+                    }
+                    next_component += 1;
+                }
+            }
+        }
+        component
+    }
+}
+
+/// The graph [`rebuild`] makes, once no cycle is left.
+fn place(cx: &Ctx, groups: &[(Group, String)], it: &Items) -> Result<Graph, PassError> {
+    let g = cx.g;
+    let items = it.len();
+    let live = &it.live;
+    let deps = &it.deps;
+    let first_pos = |i: usize| it.first_pos(groups, i);
     // Kahn's algorithm over live items, earliest position first.
-    let deps: Vec<BTreeSet<usize>> = (0..items)
-        .map(|i| inputs_of(i).iter().map(|&v| item_of[cx.producer(v)]).filter(|&d| d != i).collect())
-        .collect();
     let mut users: Vec<Vec<usize>> = vec![Vec::new(); items];
     let mut pending = vec![0usize; items];
     for i in (0..items).filter(|&i| live[i]) {
@@ -700,7 +856,7 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
     let mut map: HashMap<ValueId, ValueId> = HashMap::default();
     let err = |e: kiln_ir::graph::GraphError| fail(e.to_string());
     while let Some((_, i)) = ready.pop_first() {
-        let ins: Vec<ValueId> = inputs_of(i).iter().map(|v| map[v]).collect();
+        let ins: Vec<ValueId> = it.inputs_of(cx, i).iter().map(|v| map[v]).collect();
         if i < groups.len() {
             let (group, name) = &groups[i];
             let body = cx.fused_body(group, name)?;
@@ -711,7 +867,7 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
             let (_, rs) = new.add_node(op, &ins, tys, scope.as_deref()).map_err(err)?;
             map.extend(outs.into_iter().zip(rs));
         } else {
-            let node = cx.node(singles[i - groups.len()]);
+            let node = cx.node(it.singles[i - groups.len()]);
             let tys = node.results.iter().map(|&r| g.ty(r).clone()).collect();
             let (_, rs) = new.add_node(node.op.clone(), &ins, tys, node.scope.as_deref()).map_err(err)?;
             map.extend(node.results.iter().copied().zip(rs));
@@ -723,26 +879,8 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
             }
         }
     }
-    // Items left unplaced wait on a cycle or on something downstream of one: walk unplaced
-    // dependencies from one of them until an item repeats, and dissolve the latest group on that
-    // cycle (not merely the latest unplaced group, which may only depend on the cycle).
-    if let Some(start) = (0..items).find(|&i| live[i] && pending[i] > 0) {
-        let mut seen: HashMap<usize, usize> = HashMap::default();
-        let mut path = Vec::new();
-        let mut at = start;
-        while !seen.contains_key(&at) {
-            seen.insert(at, path.len());
-            path.push(at);
-            let Some(&next) = deps[at].iter().find(|&&d| pending[d] > 0) else {
-                return Err(fail(format!("item {at} waits on nothing unplaced (a kiln bug)")));
-            };
-            at = next;
-        }
-        let cycle = &path[seen[&at]..];
-        return match cycle.iter().copied().filter(|&i| i < groups.len()).max() {
-            Some(i) => Ok(Err(i)),
-            None => Err(fail("a cycle of single nodes (a kiln bug)".to_string())),
-        };
+    if let Some(i) = (0..items).find(|&i| live[i] && pending[i] > 0) {
+        return Err(fail(format!("item {i} was left unplaced with no cycle found (a kiln bug)")));
     }
     for (name, v) in g.outputs() {
         let Some(&r) = map.get(v) else {
@@ -750,5 +888,5 @@ fn place(cx: &Ctx, groups: &[(Group, String)]) -> Result<Result<Graph, usize>, P
         };
         new.add_output(name.clone(), r).map_err(err)?;
     }
-    Ok(Ok(new))
+    Ok(new)
 }

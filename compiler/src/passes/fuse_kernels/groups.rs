@@ -188,6 +188,10 @@ pub(super) struct Ctx<'g> {
     /// By position: the class of a `fused` node's op (nodes with equal ops have equal classes;
     /// `u32::MAX` for other nodes).
     fused_class: Vec<u32>,
+    /// By position: bit `2k` set for the ancestors of pivot `k`, bit `2k + 1` for its descendants
+    /// (see [`pivots`]).
+    around_pivot: Vec<u32>,
+    pivots: Vec<usize>,
     taken: Vec<bool>,
     /// Scratch sets of positions: the members of the group being looked at, and the nodes a walk
     /// has seen.
@@ -246,6 +250,38 @@ impl<'g> Ctx<'g> {
             }
         }
         let fused_class = fused_classes(g, &order);
+        let reader_count = |r: ValueId| {
+            let r = r.as_u32() as usize;
+            (first_reader[r + 1] - first_reader[r]) as usize
+        };
+        let pivots = pivots(g, &order, reader_count);
+        let mut around_pivot = vec![0u32; order.len()];
+        for (k, &pivot) in pivots.iter().enumerate() {
+            let (before, after) = (1u32 << (2 * k), 1u32 << (2 * k + 1));
+            let mut stack = vec![pivot];
+            while let Some(p) = stack.pop() {
+                if around_pivot[p] & before == 0 {
+                    around_pivot[p] |= before;
+                    stack.extend(
+                        g.node(order[p]).inputs.iter().map(|&v| producer[v.as_u32() as usize] as usize),
+                    );
+                }
+            }
+            stack.push(pivot);
+            while let Some(p) = stack.pop() {
+                if around_pivot[p] & after == 0 {
+                    around_pivot[p] |= after;
+                    for &r in &g.node(order[p]).results {
+                        let r = r.as_u32() as usize;
+                        stack.extend(
+                            readers[first_reader[r] as usize..first_reader[r + 1] as usize]
+                                .iter()
+                                .map(|&u| u as usize),
+                        );
+                    }
+                }
+            }
+        }
         let taken = vec![false; order.len()];
         let work = Cell::new(Work { visited: order.len() as u64, ..Work::default() });
         Ctx {
@@ -257,6 +293,8 @@ impl<'g> Ctx<'g> {
             is_output,
             updated,
             fused_class,
+            around_pivot,
+            pivots,
             in_group: RefCell::new(Marks::new(taken.len())),
             seen: RefCell::new(Marks::new(taken.len())),
             taken,
@@ -313,7 +351,7 @@ impl<'g> Ctx<'g> {
         self.work.get()
     }
 
-    fn count(&self, visited: usize) {
+    pub(super) fn count(&self, visited: usize) {
         let mut w = self.work.get();
         w.visited += visited as u64;
         self.work.set(w);
@@ -327,10 +365,30 @@ impl<'g> Ctx<'g> {
     /// the first of them; paths from a copied-in node that comes before that (a weight's
     /// `dequantize`, often placed at the start of its layer) are found walking forward from it, no
     /// further than the last member. Either walk stays between the group's members.
+    ///
+    /// A group with an ancestor and a descendant of a pivot it does not hold is not convex: the
+    /// path through the pivot says so without a walk. A train step asks this of groups on either
+    /// side of its logits (forward and backward) and of its clipping coefficient (a gradient's
+    /// square, which the global norm sums, and the clipped gradient); walking between them
+    /// crosses the backward pass, and the question is asked for each expert's weights.
     pub fn convex(&self, group: &Group) -> bool {
         let members = group.members();
         let Some(&lo) = group.nodes.iter().next() else { return true };
         let Some(&hi) = members.last() else { return true };
+        if !self.pivots.is_empty() {
+            self.count(members.len());
+            let (mut any, mut pivots_in) = (0u32, 0u32);
+            for &m in &members {
+                any |= self.around_pivot[m];
+                if let Some(k) = self.pivots.iter().position(|&p| p == m) {
+                    pivots_in |= 0b11 << (2 * k);
+                }
+            }
+            let across = any & !pivots_in & (any >> 1) & 0x5555_5555;
+            if across != 0 {
+                return false;
+            }
+        }
         let mut in_group = self.in_group.borrow_mut();
         in_group.clear();
         for &m in &members {
@@ -588,6 +646,44 @@ fn fused_classes(g: &Graph, order: &[NodeId]) -> Vec<u32> {
     }
     classes
 }
+
+/// Nodes that many paths go through, for [`Ctx::convex`], in a program with a loss (a train
+/// step): the producers of the logits each loss reads (every path from the forward pass to the
+/// backward pass runs through them), and hubs, computed nodes with at least [`HUB_READERS`]
+/// readers (the gradient-clipping coefficient, which every parameter's gradient feeds and every
+/// update reads). The 8 most read, in order: each costs two walks of the graph.
+fn pivots(g: &Graph, order: &[NodeId], readers: impl Fn(ValueId) -> usize) -> Vec<usize> {
+    let logits: HashSet<ValueId> = (order.iter())
+        .filter(|&&n| matches!(g.node(n).op, Op::CrossEntropy { .. }))
+        .map(|&n| g.node(n).inputs[0])
+        .collect();
+    if logits.is_empty() {
+        return Vec::new();
+    }
+    let mut ranked: Vec<(usize, usize)> = Vec::new();
+    for (p, &n) in order.iter().enumerate() {
+        let node = g.node(n);
+        if node.inputs.is_empty() {
+            continue;
+        }
+        let most = node.results.iter().map(|&r| readers(r)).max().unwrap_or(0);
+        if node.results.iter().any(|r| logits.contains(r)) {
+            ranked.push((usize::MAX, p));
+        } else if most >= HUB_READERS {
+            ranked.push((most, p));
+        }
+    }
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    let mut pivots: Vec<usize> = ranked.into_iter().take(8).map(|(_, p)| p).collect();
+    pivots.sort_unstable();
+    pivots
+}
+
+/// The readers that make a computed node of a train step a pivot of [`Ctx::convex`]: fewer than
+/// the optimizer of a small model has parameters, so that its clipping coefficient is one. Busier
+/// nodes go first, so the values a MoE layer fans out to its experts take a place only where
+/// there are no busier hubs.
+const HUB_READERS: usize = 64;
 
 fn hash_key(key: &Key) -> u64 {
     let mut h = FxHasher::default();
