@@ -33,7 +33,8 @@
 //! What it does not do: in-place reuse of an argument by its result, or placement that depends on
 //! sizes at run time.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::fmt::Write;
 
 use kiln_ir::artifact::{Buffer, BufferId, BufferKind, Storage, ARENA_ALIGN};
@@ -403,27 +404,22 @@ pub fn plan_memory(
         .collect();
     order.sort_by_key(|&i| (start[i], i));
     let mut offsets = vec![0u64; buffers.len()];
-    // (offset, aligned size, end) of the buffers that may still be live.
-    let mut active: Vec<(u64, u64, usize)> = Vec::new();
-    let mut arena_bytes = 0u64;
+    let mut arena = FirstFit::default();
+    // The buffers placed, by the step after which they are dead.
+    let mut ending: BinaryHeap<Reverse<(usize, u64, u64)>> = BinaryHeap::new();
     for i in order {
         let size = align(buffers[i].max_bytes).ok_or(PlanError::ArenaTooLarge)?;
-        // `active` stays sorted: retain keeps the order and each buffer is inserted in place
-        // (sorting it afresh per buffer was most of plan-memory on a train step).
-        active.retain(|&(_, _, e)| e >= start[i]);
-        let mut offset = 0u64;
-        for &(o, s, _) in &active {
-            if offset.checked_add(size).ok_or(PlanError::ArenaTooLarge)? <= o {
+        while let Some(&Reverse((e, offset, size))) = ending.peek() {
+            if e >= start[i] {
                 break;
             }
-            offset = offset.max(o + s);
+            ending.pop();
+            arena.free(offset, size);
         }
-        let top = offset.checked_add(size).ok_or(PlanError::ArenaTooLarge)?;
-        arena_bytes = arena_bytes.max(top);
-        offsets[i] = offset;
-        let entry = (offset, size, end[i]);
-        active.insert(active.partition_point(|a| *a < entry), entry);
+        offsets[i] = arena.alloc(size).ok_or(PlanError::ArenaTooLarge)?;
+        ending.push(Reverse((end[i], offsets[i], size)));
     }
+    let arena_bytes = arena.high_water;
     for (i, b) in buffers.iter_mut().enumerate() {
         if let Storage::Arena { offset } = &mut b.storage {
             *offset = offsets[root[i]];
@@ -431,6 +427,110 @@ pub fn plan_memory(
     }
     let live = (0..buffers.len()).map(|i| (start[root[i]], end[root[i]])).collect();
     Ok(MemoryPlan { buffers, of_value, live, scratch, arena_bytes, max })
+}
+
+/// First-fit placement in the arena: each buffer goes at the lowest offset where it overlaps no
+/// live buffer. The free gaps below the top of the live buffers are kept by offset and, for the
+/// search, by size class (the floor of the size's log2): a gap of a higher class than the buffer
+/// always fits, so the lowest such gap is the first of each higher class's set, and only the
+/// buffer's own class is scanned. A train step keeps tens of thousands of buffers live (the saved
+/// activations), and scanning them per buffer was quadratic in the model's depth.
+#[derive(Default)]
+struct FirstFit {
+    /// Live buffers: offset to size.
+    live: BTreeMap<u64, u64>,
+    /// Free gaps below the top of the live buffers: offset to length.
+    gaps: BTreeMap<u64, u64>,
+    /// The offsets of the gaps, by size class.
+    classes: Vec<BTreeSet<u64>>,
+    /// The most bytes ever in use: the arena's size.
+    high_water: u64,
+}
+
+impl FirstFit {
+    fn class(len: u64) -> usize {
+        63 - len.leading_zeros() as usize
+    }
+
+    fn top(&self) -> u64 {
+        self.live.last_key_value().map_or(0, |(&o, &s)| o + s)
+    }
+
+    fn add_gap(&mut self, offset: u64, len: u64) {
+        let c = FirstFit::class(len);
+        if self.classes.len() <= c {
+            self.classes.resize_with(c + 1, BTreeSet::new);
+        }
+        self.classes[c].insert(offset);
+        self.gaps.insert(offset, len);
+    }
+
+    fn remove_gap(&mut self, offset: u64) -> u64 {
+        let len = self.gaps.remove(&offset).expect("a gap at this offset");
+        self.classes[FirstFit::class(len)].remove(&offset);
+        len
+    }
+
+    /// Places `size` bytes (a multiple of the alignment); `None` past `u64`.
+    fn alloc(&mut self, size: u64) -> Option<u64> {
+        if size == 0 {
+            return Some(0);
+        }
+        let c = FirstFit::class(size);
+        let mut best: Option<u64> =
+            (self.classes.iter().skip(c + 1)).filter_map(|set| set.first().copied()).min();
+        if let Some(set) = self.classes.get(c) {
+            for &o in set {
+                if best.is_some_and(|b| o > b) {
+                    break;
+                }
+                if self.gaps[&o] >= size {
+                    best = Some(o);
+                    break;
+                }
+            }
+        }
+        let offset = match best {
+            Some(o) => {
+                let len = self.remove_gap(o);
+                if len > size {
+                    self.add_gap(o + size, len - size);
+                }
+                o
+            }
+            None => self.top(),
+        };
+        self.high_water = self.high_water.max(offset.checked_add(size)?);
+        self.live.insert(offset, size);
+        Some(offset)
+    }
+
+    /// Frees what [`FirstFit::alloc`] placed at `offset`.
+    fn free(&mut self, offset: u64, size: u64) {
+        if size == 0 {
+            return;
+        }
+        self.live.remove(&offset);
+        let top = self.top();
+        if offset >= top {
+            // The top buffer: the gap below it, if any, is now above the top.
+            if let Some((&o, _)) = self.gaps.range(top..).next() {
+                self.remove_gap(o);
+            }
+            return;
+        }
+        let (mut start, mut end) = (offset, offset + size);
+        if let Some((&o, &len)) = self.gaps.range(..offset).next_back() {
+            if o + len == offset {
+                self.remove_gap(o);
+                start = o;
+            }
+        }
+        if self.gaps.contains_key(&end) {
+            end += self.remove_gap(end);
+        }
+        self.add_gap(start, end - start);
+    }
 }
 
 #[cfg(test)]
@@ -547,6 +647,43 @@ mod tests {
         // Updated by a GEMM that reads it: its rows are read after others are written.
         let gemm = plan_of("  %3 = exp %0 : f32[8, 8]\n  %2 = linear %0, %0 : f32[8, 8]\n");
         assert!(matches!(gemm, Err(PlanError::State(_))), "{:?}", gemm.map(|(_, m)| m.print()));
+    }
+
+    #[test]
+    fn first_fit_places_like_a_scan_of_the_live_buffers() {
+        // Against the obvious first fit: the lowest offset overlapping no live buffer.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut fit = FirstFit::default();
+        let mut live: Vec<(u64, u64, u64)> = Vec::new(); // offset, size, end
+        let (mut high, mut most_gaps) = (0, 0);
+        for step in 0..4000u64 {
+            for &(o, s, _) in live.iter().filter(|&&(_, _, e)| e < step) {
+                fit.free(o, s);
+            }
+            live.retain(|&(_, _, e)| e >= step);
+            let size = 64 * (1 + next(if step % 7 == 0 { 200 } else { 8 }));
+            let mut sorted = live.clone();
+            sorted.sort_unstable();
+            let mut offset = 0;
+            for &(o, s, _) in &sorted {
+                if offset + size <= o {
+                    break;
+                }
+                offset = offset.max(o + s);
+            }
+            high = u64::max(high, offset + size);
+            assert_eq!(fit.alloc(size), Some(offset), "step {step}");
+            most_gaps = most_gaps.max(fit.gaps.len());
+            live.push((offset, size, step + next(if step % 5 == 0 { 300 } else { 10 })));
+        }
+        assert_eq!(fit.high_water, high);
+        assert!(most_gaps > 10, "the sequence should leave gaps to search, left {most_gaps}");
     }
 
     #[test]
