@@ -389,3 +389,27 @@ fn kiln_train_fp8_agrees_with_the_interpreter_and_checkpoints_in_deepseeks_layou
     ]);
     assert!(!bad.ok && bad.stderr.contains("compiled with the FP8 recipe"), "{}", bad.stderr);
 }
+
+/// The FP8 copies of a SwiGLU's inputs are made right after each input, wherever the order puts
+/// the backward pass's first read of it. DeepSeek-V3's layout at 6 layers under expert
+/// parallelism runs the last shared expert's forward late, beside its backward (the all-to-all
+/// leaves it out), and the backward read `gate` before the SwiGLU after which the copies were
+/// made: `--train --ep 2` (and `--pp 16 --ep 64`) failed to compile.
+#[test]
+fn swiglu_caches_are_made_beside_their_values_under_expert_parallelism() {
+    let s = Scratch::new();
+    let text = std::fs::read_to_string(root().join("models/deepseek_v3.toml")).unwrap();
+    let six = text.replace("num_hidden_layers = 61", "num_hidden_layers = 6");
+    assert_ne!(six, text);
+    std::fs::write(s.path("v3_6.toml"), six).unwrap();
+    let spec = s.str("v3_6.toml");
+    let args = ["compile", &spec, "--train", "--pp", "1", "--ep", "2", "--target", "cpu", "--emit", "kir"];
+    let tiles = |extra: &[&str]| {
+        let out = kiln(&[&args[..], extra].concat());
+        assert!(out.ok, "{}", out.stderr);
+        out.stdout.lines().filter(|l| l.contains("= quantize") && l.contains("block = [1, 1, 128]")).count()
+    };
+    // The copies are there: more activations quantised in 1 x 128 tiles than the GEMMs' own.
+    let (with, without) = (tiles(&[]), tiles(&["--disable-pass", "cache-activations"]));
+    assert!(with > without, "{with} activation quantisations with the caches, {without} without");
+}

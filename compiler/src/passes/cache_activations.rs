@@ -165,7 +165,12 @@ pub fn rewrite(graph: &mut Graph, opts: &Options) -> Result<Trace, PassError> {
                 copies.insert(u, Copy::Cached(None));
                 copies.insert(s, Copy::Recomputed);
                 copies.insert(h, Copy::Recomputed);
-                emit_after.insert(n, vec![gate, u]);
+                // Each copy right after the value it copies, not after the SwiGLU: where the order
+                // runs a shared expert's forward late, beside its backward (expert parallelism
+                // leaves it outside the all-to-all), the backward reads `gate` before the mul.
+                for v in [gate, u] {
+                    emit_after.entry(g.producer(v)).or_default().push(v);
+                }
                 trace.fire(SWIGLU);
             }
             _ => {}
