@@ -30,7 +30,8 @@ use kiln_ir::{DType, Op, TensorType};
 use kiln_runtime::weights::{bf16_to_f32, f32_to_bf16};
 
 /// The packed entry of a CPU kernel (see `kiln_compiler::codegen::cpu`).
-type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+use kiln_runtime::cpu::pool::{chunks, Job, Packed, Pool, Workers};
+use kiln_runtime::host::Memory;
 
 /// What `kiln bench` measures.
 #[derive(clap::Subcommand)]
@@ -427,24 +428,16 @@ fn best_of(reps: usize, mut once: impl FnMut()) -> Duration {
         .unwrap_or_default()
 }
 
-/// Calls kiln's kernel on work items `[lo, hi)` of `y = x @ w^T` (rows of column panels).
-fn kiln_rows(f: Packed, bufs: [usize; 3], lo: usize, hi: usize) {
+/// kiln's product over `work` items (the kernel's launch shape) on `pool`, split into chunks as a
+/// run's launches are; `bufs` are the addresses of x, w and y.
+fn kiln_gemm(pool: &Pool, f: Packed, bufs: [usize; 3], work: usize) {
     let ptrs: [*mut u8; 3] = bufs.map(|p| p as *mut u8);
-    // SAFETY: `f` is the packed entry of a linear kernel over three n x n buffers of its dtype,
-    // which are alive for the call; `[lo, hi)` is within its work; no sizes are read (the shapes
+    let work = work as i64;
+    let job = Job { entry: f, buffers: ptrs.as_ptr(), sizes: std::ptr::null(), first: 0, work, chunks: 0 };
+    // SAFETY: `f` is the packed entry of a linear kernel over the three buffers of its dtype and
+    // shapes at `bufs`, alive for the launch, and `work` is its work; no sizes are read (the shapes
     // are known).
-    unsafe { f(ptrs.as_ptr(), std::ptr::null(), lo as i64, hi as i64) }
-}
-
-/// kiln's product over `work` items (the kernel's launch shape), split evenly over the threads;
-/// `bufs` are the addresses of x, w and y.
-fn kiln_gemm(f: Packed, bufs: [usize; 3], work: usize, threads: usize) {
-    std::thread::scope(|s| {
-        for t in 1..threads {
-            s.spawn(move || kiln_rows(f, bufs, work * t / threads, work * (t + 1) / threads));
-        }
-        kiln_rows(f, bufs, 0, work / threads);
-    });
+    unsafe { pool.launch(Job { chunks: chunks(work, pool.threads()), ..job }) };
 }
 
 fn reference_gemm(x: &[f32], w: &[f32], y: &mut [f32], (m, n): (usize, usize)) {
@@ -611,8 +604,13 @@ fn gemm_in(
     let (threads, reps) = (req.threads.max(1), req.reps.max(1));
     let path = dir.join("gemm.so");
     cpu::link_shared_library(object, &path)?;
-    // SAFETY: the library was just linked from kiln's kernels; it has no initialisers.
+    // SAFETY: the library was just linked from kiln's kernels; its one initialiser (where kernels
+    // use AMX) asks Linux for the tile state.
     let lib = unsafe { libloading::Library::new(&path) }.context("loading the benchmark kernels")?;
+    // kiln's kernels run on the runtime's thread pool, started once as a run starts it (the
+    // calling thread is one of the threads), not on threads started per call.
+    let workers = Workers::start(threads);
+    let pool = workers.pool();
 
     // References first (matrixmultiply, f32 on the operands' values), then PyTorch on the same
     // operands in one process, then kiln.
@@ -656,13 +654,20 @@ fn gemm_in(
         let symbol = format!("{}{}", kernel.name, cpu::PACKED_SUFFIX);
         // SAFETY: every packed entry has the `Packed` signature.
         let f: Packed = unsafe { *lib.get::<Packed>(symbol.as_bytes())? };
-        let (x, w) = (c.storage(&c.x), c.storage(&c.w));
-        let mut y = vec![0u8; m * n * c.dtype.size_bytes() as usize];
-        let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.as_mut_ptr() as usize];
-        let t_kiln = best_of(reps, || kiln_gemm(f, bufs, work, threads));
+        // In the runtime's aligned memory, as a run's buffers are (a tile row of x split over two
+        // cache lines costs AMX a quarter of its speed).
+        let aligned = |bytes: &[u8]| -> Result<Memory> {
+            let mut mem = Memory::zeroed(bytes.len() as u64).context("allocating the GEMM's operands")?;
+            mem.bytes_mut().copy_from_slice(bytes);
+            Ok(mem)
+        };
+        let (x, w) = (aligned(&c.storage(&c.x))?, aligned(&c.storage(&c.w))?);
+        let mut y = aligned(&vec![0u8; m * n * c.dtype.size_bytes() as usize])?;
+        let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.bytes_mut().as_mut_ptr() as usize];
+        let t_kiln = best_of(reps, || kiln_gemm(&pool, f, bufs, work));
         let (want, t_ref) = &reference[i];
         let what = dtype_name(c.dtype);
-        let err = c.error(&c.values(&y), want);
+        let err = c.error(&c.values(y.bytes()), want);
         if err.is_nan() || err > 1.0 {
             bail!("kiln's {what} GEMM and matrixmultiply disagree at M = {m}, N = K = {n} ({err:.2} of the tolerance)");
         }

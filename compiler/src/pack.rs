@@ -875,16 +875,13 @@ pub fn kernels_mlir(p: &Prepared) -> String {
 /// symbol tables are separate, so the shared kernel names do not clash).
 fn combined_mlir(cpu: Option<&LoweredModule>, gpu: Option<&LoweredModule>) -> String {
     match (cpu, gpu) {
-        (Some(c), Some(g)) => {
-            let funcs =
-                |m: &LoweredModule| m.kernels.iter().map(|k| k.func.as_str()).collect::<Vec<_>>().join("\n");
-            format!(
-                "module attributes {{gpu.container_module}} {{\n{}\n  gpu.module @{} {{\n{}  }}\n}}\n",
-                funcs(c),
-                crate::codegen::lower::GPU_MODULE,
-                funcs(g)
-            )
-        }
+        (Some(c), Some(g)) => format!(
+            "module attributes {{gpu.container_module}} {{\n{}{}\n  gpu.module @{} {{\n{}  }}\n}}\n",
+            c.globals(),
+            c.funcs(),
+            crate::codegen::lower::GPU_MODULE,
+            g.funcs()
+        ),
         (Some(m), None) | (None, Some(m)) => m.text(),
         (None, None) => String::new(),
     }

@@ -18,14 +18,16 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use inkwell::comdat::ComdatSelectionKind;
 use inkwell::context::Context as LlvmContext;
 use inkwell::memory_buffer::MemoryBuffer;
 use inkwell::module::{Linkage, Module as LlvmModule};
 use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, TargetMachine};
+use inkwell::GlobalVisibility;
 use inkwell::OptimizationLevel;
 
 use super::emit::{each_kernel, init_llvm_targets, optimize_for, EmitError, Mlir};
-use super::lower::{LoweredModule, Target};
+use super::lower::{LoweredModule, Target, THREAD_SCRATCH, THREAD_SCRATCH_BYTES};
 
 /// MLIR passes from the lowered kernels to the LLVM dialect. bf16 conversions are expanded into integer
 /// arithmetic (`arith-expand`) so the library needs no compiler-rt helpers; `tanh` and friends that
@@ -77,6 +79,31 @@ pub struct CpuFeatures {
     /// `KILN_NO_PACKED_GEMM=1` turns it off, leaving every GEMM to the dot-product blocks (to
     /// compare the two on the same machine).
     pub packed_gemm: bool,
+    /// AMX's bf16 tiles (`tdpbf16ps`, with AMX-TILE's loads, stores and configuration): the
+    /// packed path's bf16 micro-kernel (`lower/matmul/packed/amx.rs`). Only where Linux grants the
+    /// process the tile state ([`request_amx`]), and with `bf16_dot` and `packed_gemm`.
+    /// `KILN_NO_AMX=1` turns it off (the AVX-512 micro-kernel then takes bf16).
+    pub amx: bool,
+}
+
+/// Asks Linux for this process's permission to use AMX's tile data
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, Linux 5.16 and later): without it the
+/// first tile instruction kills the process. True when granted (or already granted).
+pub fn request_amx() -> bool {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    {
+        extern "C" {
+            fn syscall(number: i64, ...) -> i64;
+        }
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        // SAFETY: arch_prctl with these arguments only changes which register state the kernel
+        // lets this process use; it reads and writes no memory of ours.
+        unsafe { syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    false
 }
 
 /// The host's [`CpuFeatures`].
@@ -88,7 +115,9 @@ pub fn host_features() -> CpuFeatures {
         let off = std::env::var_os("KILN_NO_BF16_DOT").is_some_and(|v| v != "0");
         let bf16_dot = has("+avx512bf16") && has("+avx512f") && !off;
         let packed_gemm = std::env::var_os("KILN_NO_PACKED_GEMM").is_none_or(|v| v == "0");
-        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi"), packed_gemm }
+        let no_amx = std::env::var_os("KILN_NO_AMX").is_some_and(|v| v != "0");
+        let amx = bf16_dot && packed_gemm && has("+amx-tile") && has("+amx-bf16") && !no_amx && request_amx();
+        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi"), packed_gemm, amx }
     })
 }
 
@@ -186,6 +215,28 @@ define weak hidden bfloat @__truncsfbf2(float %x) {
 }
 ";
 
+/// A constructor for a library whose kernels use AMX's tiles: when the library is loaded it asks
+/// Linux for the tile state ([`request_amx`]), and where that is refused it says so and ends the
+/// process, which the first tile instruction would otherwise kill with no word of why.
+const AMX_INIT: &str = "\
+@llvm.global_ctors = appending global [1 x { i32, ptr, ptr }] [{ i32, ptr, ptr } { i32 65535, ptr @kiln_amx_init, ptr null }]
+@kiln_amx_refused = private constant [111 x i8] c\"kiln: this library's kernels use AMX tiles, and Linux refused them (arch_prctl); recompile with KILN_NO_AMX=1\\0A\\00\"
+declare i64 @syscall(i64, ...)
+declare i64 @write(i32, ptr, i64)
+declare void @_exit(i32)
+define internal void @kiln_amx_init() {
+  %r = call i64 (i64, ...) @syscall(i64 158, i64 4131, i64 18)
+  %ok = icmp eq i64 %r, 0
+  br i1 %ok, label %done, label %refused
+refused:
+  %w = call i64 @write(i32 2, ptr @kiln_amx_refused, i64 110)
+  call void @_exit(i32 70)
+  unreachable
+done:
+  ret void
+}
+";
+
 /// Lowers, translates and optimises the module; returns the LLVM module in `llvm`.
 fn optimized<'l>(
     module: &LoweredModule,
@@ -198,6 +249,19 @@ fn optimized<'l>(
         mlir.run(&mut m, CPU_PIPELINE)?;
         mlir.translate(m.as_operation(), llvm)
     })?;
+    // The thread-local scratch: one array per thread for the whole library, not one per kernel's
+    // object (a COMDAT group that the linker keeps once), zero-filled where the C library
+    // allocates a thread's copy.
+    if let Some(g) = ir.get_global(THREAD_SCRATCH) {
+        let comdat = ir.get_or_insert_comdat(THREAD_SCRATCH);
+        comdat.set_selection_kind(ComdatSelectionKind::Any);
+        g.set_linkage(Linkage::LinkOnceODR);
+        g.set_visibility(GlobalVisibility::Hidden);
+        g.set_thread_local(true);
+        g.set_comdat(comdat);
+        let zero = llvm.i8_type().array_type(THREAD_SCRATCH_BYTES as u32).const_zero();
+        g.set_initializer(&zero);
+    }
     for k in &module.kernels {
         let text = packed_entry(&k.name, k.buffers, k.syms.len(), k.signature.as_deref().unwrap_or_default());
         let buffer = MemoryBuffer::create_from_memory_range_copy(text.as_bytes(), "packed");
@@ -215,6 +279,11 @@ fn optimized<'l>(
     let buffer = MemoryBuffer::create_from_memory_range_copy(TRUNC_SF_BF2.as_bytes(), "truncsfbf2");
     let helper = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
     ir.link_in_module(helper).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    if ir.get_function("llvm.x86.ldtilecfg").is_some() {
+        let buffer = MemoryBuffer::create_from_memory_range_copy(AMX_INIT.as_bytes(), "amx");
+        let init = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
+        ir.link_in_module(init).map_err(|e| EmitError::Llvm(e.to_string()))?;
+    }
     optimize_for(&ir, machine, CPU_OPT)?;
     Ok(ir)
 }

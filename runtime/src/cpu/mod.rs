@@ -19,7 +19,7 @@
 //! [`CpuOptions::parallel_min_bytes`]) is split over a thread pool started for the run (`pool.rs`);
 //! others run on the calling thread.
 
-mod pool;
+pub mod pool;
 
 use std::ffi::CStr;
 use std::ops::Range;
@@ -390,9 +390,9 @@ impl Backend for CpuBackend {
                 // chunk has finished, the barrier a phase needs.
                 for mut j in jobs(l) {
                     if j.work >= 2 && bytes >= self.parallel_min_bytes {
-                        // A few chunks per thread, so that unequal items still balance.
-                        j.chunks = j.work.min(4 * pool.threads() as i64);
-                        pool.launch(j);
+                        j.chunks = pool::chunks(j.work, pool.threads());
+                        // SAFETY: as above, for every item.
+                        unsafe { pool.launch(j) };
                     } else {
                         // SAFETY: as above.
                         unsafe { run_range(&j, j.first, j.first + j.work) };

@@ -42,6 +42,12 @@ fn spin(done: impl Fn() -> bool) -> bool {
     }
 }
 
+/// The chunks a launch of `work` items is split into on `threads` threads: a few per thread, so
+/// that unequal items still balance.
+pub fn chunks(work: i64, threads: usize) -> i64 {
+    work.min(4 * threads as i64)
+}
+
 /// The packed entry of a CPU kernel: `void f(void *const *buffers, const int64_t *sizes, int64_t lo,
 /// int64_t hi)`.
 pub type Packed = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -91,7 +97,7 @@ struct State {
 }
 
 /// The shared state of a pool; lives outside the scope its workers run in.
-pub struct Shared {
+struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     done: Condvar,
@@ -107,7 +113,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new() -> Shared {
+    fn new() -> Shared {
         Shared {
             state: Mutex::new(State { job: None, next: 0, unfinished: 0, quit: false }),
             wake: Condvar::new(),
@@ -220,7 +226,11 @@ impl<'s> Pool<'s> {
     }
 
     /// Runs `job` split into its chunks on every thread, and returns when all are done.
-    pub fn launch(&self, job: Job) {
+    ///
+    /// # Safety
+    ///
+    /// As [`run_range`]'s, for every item of the job.
+    pub unsafe fn launch(&self, job: Job) {
         let mut st = self.shared.lock();
         st.job = Some(job);
         st.next = 0;
@@ -268,14 +278,17 @@ mod tests {
             let pool = workers.pool();
             for (first, work) in [(0, 1000i64), (0, 7), (0, 1), (0, 999), (10, 5)] {
                 let chunks = work.min(12);
-                pool.launch(Job {
-                    entry: bump,
-                    buffers: ptrs.as_ptr(),
-                    sizes: std::ptr::null(),
-                    first,
-                    work,
-                    chunks,
-                });
+                // SAFETY: `bump` reads one array of 1000 counters, which outlives the launch.
+                unsafe {
+                    pool.launch(Job {
+                        entry: bump,
+                        buffers: ptrs.as_ptr(),
+                        sizes: std::ptr::null(),
+                        first,
+                        work,
+                        chunks,
+                    })
+                };
             }
         }
         drop(workers);

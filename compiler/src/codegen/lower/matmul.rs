@@ -1153,50 +1153,68 @@ fn linear_cpu(
     let m1 = f.b.subi(m, &one);
     let hi_up = f.b.addi(&hi, &m1);
     let last = f.b.divui(&hi_up, m);
-    for_loop(f, &first, &last, &one, |f, pi| {
-        let base = f.b.muli(pi, m);
-        let top = f.b.addi(&base, m);
-        let r_lo = f.b.op("i", format_args!("arith.maxui {lo}, {base} : index"));
-        let r_hi = f.b.minui(&hi, &top);
-        let r_lo = f.b.subi(&r_lo, &base);
-        let r_hi = f.b.subi(&r_hi, &base);
-        let span = f.b.subi(&r_hi, &r_lo);
-        let blocks = f.b.divui(&span, &mr);
-        let full = f.b.muli(&blocks, &mr);
-        let m_full = f.b.addi(&r_lo, &full);
-        let p = f.b.muli(pi, &nb);
-        let end = f.b.addi(&p, &nb);
-        let p_end = f.b.minui(&end, n);
-        let len = f.b.subi(&p_end, &p);
-        let q = f.b.divui(&len, &nr);
-        let qn = f.b.muli(&q, &nr);
-        let p_full = f.b.addi(&p, &qn);
-        let blocks = |f: &mut Frame| {
-            for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
-                for_loop(f, m_lo, m_hi, m_step, |f, m0| {
-                    // An FP8 input's rows are decoded once for the panel, not once per column block.
-                    let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
-                    for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
-                    for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
-                });
+    let packed = packed.zip(kn);
+    // AMX takes a range's whole panels several at a time (`packed::groups`), so its GEMMs leave
+    // this loop, which then has the dot-product blocks alone; the choice is the GEMM's rows'.
+    let grouped = packed.filter(|(elem, _)| elem.amx());
+    let per_panel = |f: &mut Frame, packed: Option<(packed::Elem, u64)>| {
+        for_loop(f, &first, &last, &one, |f, pi| {
+            let base = f.b.muli(pi, m);
+            let top = f.b.addi(&base, m);
+            let r_lo = f.b.op("i", format_args!("arith.maxui {lo}, {base} : index"));
+            let r_hi = f.b.minui(&hi, &top);
+            let r_lo = f.b.subi(&r_lo, &base);
+            let r_hi = f.b.subi(&r_hi, &base);
+            let span = f.b.subi(&r_hi, &r_lo);
+            let blocks = f.b.divui(&span, &mr);
+            let full = f.b.muli(&blocks, &mr);
+            let m_full = f.b.addi(&r_lo, &full);
+            let p = f.b.muli(pi, &nb);
+            let end = f.b.addi(&p, &nb);
+            let p_end = f.b.minui(&end, n);
+            let len = f.b.subi(&p_end, &p);
+            let q = f.b.divui(&len, &nr);
+            let qn = f.b.muli(&q, &nr);
+            let p_full = f.b.addi(&p, &qn);
+            let blocks = |f: &mut Frame| {
+                for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
+                    for_loop(f, m_lo, m_hi, m_step, |f, m0| {
+                        // An FP8 input's rows are decoded once for the panel, not once per column block.
+                        let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
+                        for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
+                        for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
+                    });
+                }
+            };
+            match packed {
+                Some((elem, kn)) => {
+                    let enough = packed::enough_rows(f, elem, m);
+                    if_then_else(
+                        f,
+                        &enough,
+                        |f| {
+                            let (ops, sizes) = ((x, weights), (n, k, kn));
+                            packed::panel(f, elem, ops, sizes, (&p, &p_end), (&r_lo, &r_hi), store, direct)
+                        },
+                        blocks,
+                    );
+                }
+                None => blocks(f),
             }
-        };
-        match (packed, kn) {
-            (Some(elem), Some(kn)) => {
-                let enough = packed::enough_rows(f, elem, m);
-                if_then_else(
-                    f,
-                    &enough,
-                    |f| {
-                        let (ops, sizes) = ((x, weights), (n, k, kn));
-                        packed::panel(f, elem, ops, sizes, (&p, &p_end), (&r_lo, &r_hi), store, direct)
-                    },
-                    blocks,
-                );
-            }
-            _ => blocks(f),
+        })
+    };
+    match (grouped, packed) {
+        (Some((elem, kn)), _) => {
+            let enough = packed::enough_rows(f, elem, m);
+            if_then_else(
+                f,
+                &enough,
+                |f| packed::groups(f, elem, (x, weights), (m, n, k, kn), (&lo, &hi), store, direct),
+                |f| per_panel(f, None),
+            );
         }
-    });
+        (None, packed) => per_panel(f, packed),
+    }
 }
 
 /// The CPU work of a `linear` of `rows` rows by `n` weight rows: one item per row and column panel.

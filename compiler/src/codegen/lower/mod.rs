@@ -134,6 +134,25 @@ pub struct LoweredModule {
     pub kernels: Vec<LoweredKernel>,
 }
 
+/// The CPU library's thread-local scratch ([`Frame::thread_scratch`]): its symbol, which the CPU
+/// back end makes thread-local and shares between the kernels' objects (`cpu::optimized`).
+pub const THREAD_SCRATCH: &str = "kiln_thread_scratch";
+/// Its size: the AMX path's packed panels and partial sums (`matmul/packed/amx.rs`). Each thread
+/// that runs a kernel using it gets its own copy, allocated by the C library when the thread first
+/// touches it.
+pub const THREAD_SCRATCH_BYTES: u64 = (2 << 20) + (256 << 10);
+
+/// Bytes of a scratch element type.
+fn storage_bytes(elem: &str) -> u64 {
+    match elem {
+        "i8" => 1,
+        "bf16" | "f16" => 2,
+        "f32" | "i32" => 4,
+        "i64" | "f64" => 8,
+        other => panic!("no size for scratch element `{other}`"),
+    }
+}
+
 /// The name of the `gpu.module` GPU kernels live in.
 pub const GPU_MODULE: &str = "kiln_kernels";
 
@@ -141,12 +160,30 @@ impl LoweredModule {
     /// The module as MLIR text: a plain module of `func.func`s, or a `gpu.container_module` holding
     /// one `gpu.module` of kernels.
     pub fn text(&self) -> String {
-        let funcs: String = self.kernels.iter().map(|k| k.func.as_str()).collect::<Vec<_>>().join("\n");
+        let funcs = self.funcs();
         match self.target {
-            Target::Cpu => format!("module {{\n{funcs}}}\n"),
+            Target::Cpu => format!("module {{\n{}{funcs}}}\n", self.globals()),
             Target::Gpu => {
                 format!("module attributes {{gpu.container_module}} {{\n  gpu.module @{GPU_MODULE} {{\n{funcs}  }}\n}}\n")
             }
+        }
+    }
+
+    /// The kernels' functions, one after another.
+    pub fn funcs(&self) -> String {
+        self.kernels.iter().map(|k| k.func.as_str()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// What the CPU kernels declare at module scope: the thread scratch, where one uses it.
+    pub fn globals(&self) -> String {
+        let uses = |k: &LoweredKernel| k.func.contains(&format!("@{THREAD_SCRATCH} "));
+        if self.target == Target::Cpu && self.kernels.iter().any(uses) {
+            format!(
+                "memref.global \"private\" @{THREAD_SCRATCH} : memref<{THREAD_SCRATCH_BYTES}xi8> = \
+                 uninitialized {{alignment = 64 : i64}}\n"
+            )
+        } else {
+            String::new()
         }
     }
 }
@@ -474,6 +511,28 @@ impl<'k> Frame<'k> {
 
     /// A scratch array of `n` elements of MLIR type `elem`, allocated once at the function's entry
     /// (per thread on the GPU). Returns the array and its memref type.
+    /// `n` elements of `elem` of the CPU library's thread-local scratch ([`THREAD_SCRATCH`]), from
+    /// its byte `offset`: for scratch too big for a thread's stack. Every kernel of the library
+    /// shares the one array (a thread runs one kernel at a time); what a kernel leaves in it is
+    /// never read by another.
+    pub fn thread_scratch(&mut self, offset: u64, elem: &str, n: u64) -> (Value, String) {
+        let bytes = n * storage_bytes(elem);
+        assert!(
+            offset + bytes <= THREAD_SCRATCH_BYTES,
+            "{bytes} bytes from {offset} overflow the thread scratch"
+        );
+        let all = format!("memref<{THREAD_SCRATCH_BYTES}xi8>");
+        let g = self.b.entry_op(
+            "thread scratch",
+            "tls",
+            format_args!("memref.get_global @{THREAD_SCRATCH} : {all}"),
+        );
+        let at = self.b.index(offset as i64);
+        let ty = format!("memref<{n}x{elem}>");
+        let v = self.b.op("tls", format_args!("memref.view {g}[{at}][] : {all} to {ty}"));
+        (v, ty)
+    }
+
     pub fn scratch(&mut self, elem: &str, n: u64) -> (Value, String) {
         let ty = format!("memref<{n}x{elem}>");
         self.scratches += 1;

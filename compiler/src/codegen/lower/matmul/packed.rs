@@ -34,17 +34,23 @@
 //! dot-product blocks, in order along `K`: reassociated against the interpreter as every CPU GEMM
 //! is.
 
+mod amx;
+
 use super::{Operand, Store, BF16_PAIRS, NB, VEC, VL};
 use crate::codegen::lower::{Frame, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then_else, Value};
 use kiln_ir::DType;
 
-/// The most stack scratch the packed panels of one chunk of `K` take, all weights together.
-const PACK_BYTES: u64 = 256 << 10;
+/// The most scratch the packed panels of one chunk of `K` take, all weights together: the first
+/// 2 MiB of the thread scratch ([`Frame::thread_scratch`]); the partial sums between chunks take
+/// the rest (256 KiB).
+const PACK_BYTES: u64 = 2 << 20;
 /// Rows per pass over the chunks of `K` when `K` takes more than one: their partial sums wait in
 /// f32 scratch between chunks (`CHUNK_ROWS x 64` per weight), and each chunk is packed once per
 /// pass.
 const CHUNK_ROWS: i64 = 240;
+/// The fewest rows of a bf16 GEMM for the packed path when its micro-kernel is AMX's.
+const AMX_MIN_ROWS: i64 = 32;
 /// Accumulators per micro-kernel (of AVX-512's 32 vector registers; the rest hold the packed
 /// weights and the broadcast input).
 const ACCS: usize = 24;
@@ -58,12 +64,26 @@ const LANES_I32: &str = "vector<16xi32>";
 /// The element type of a packed GEMM: both operands bf16 (pairs of `K` columns per 32-bit lane,
 /// summed by `vdpbf16ps`), or both f32 (one column per lane, `vector.fma`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Elem {
+pub(crate) enum Elem {
     Bf16,
     F32,
 }
 
 impl Elem {
+    /// Whether the micro-kernel is AMX's tiles ([`amx`]): bf16 on a host that has them.
+    pub(super) fn amx(self) -> bool {
+        self == Elem::Bf16 && crate::codegen::cpu::host_features().amx
+    }
+
+    /// Rows per pass over the chunks of `K` when `K` takes several.
+    fn chunk_rows(self) -> i64 {
+        if self.amx() {
+            amx::CHUNK_ROWS
+        } else {
+            CHUNK_ROWS
+        }
+    }
+
     /// `K` columns per 32-bit lane.
     fn per(self) -> i64 {
         match self {
@@ -107,6 +127,7 @@ impl Elem {
     /// faster packed, hence 128 for f32.
     fn min_rows(self) -> i64 {
         match self {
+            Elem::Bf16 if self.amx() => AMX_MIN_ROWS,
             Elem::Bf16 => 64,
             Elem::F32 => 128,
         }
@@ -144,9 +165,10 @@ fn buffer(op: &Operand) -> usize {
     }
 }
 
-/// The rows `r_lo .. r_hi` of column panel `p .. p_end` (at most 64 columns) of `y_w = x @ w^T`
-/// for each weight, `K = kn` columns of `x` (`k` its value); each output's sums go to `store`, or
-/// for a plain `linear` (`direct`, the output buffer) straight to the buffer.
+/// The rows `r_lo .. r_hi` of the columns `p .. p_end` of `y_w = x @ w^T` for each weight: one
+/// panel of at most 64 columns, or on AMX up to [`amx::panels`] of them; `K = kn` columns of `x`
+/// (`k` its value); each output's sums go to `store`, or for a plain `linear` (`direct`, the output
+/// buffer) straight to the buffer.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn panel(
     f: &mut Frame,
@@ -160,25 +182,51 @@ pub(super) fn panel(
 ) {
     let nw = weights.len();
     let wbufs: Vec<usize> = weights.iter().map(buffer).collect();
+    let amx = elem.amx();
+    let group = if amx { amx::panels(nw, kn) } else { 1 };
     // The chunk of K: as many tiles as fit the scratch.
-    let per_tile = nw as u64 * NB as u64 * elem.tile() * elem.bytes();
+    let per_tile = (nw * group) as u64 * NB as u64 * elem.tile() * elem.bytes();
     let kc = ((PACK_BYTES / per_tile).max(1) * elem.tile()).min(kn);
     let chunks = kn.div_ceil(kc);
-    let (view, memref) = f.scratch(elem.name(), nw as u64 * NB as u64 * kc);
+    let slots = (nw * group) as u64;
+    let (view, memref) = f.thread_scratch(0, elem.name(), slots * NB as u64 * kc);
     let scratch = Scratch { view, memref, kc };
     let mr = (ACCS / (NV * nw)).max(1);
-    let kernel = Kernel { elem, x: buffer(x), nw, mr, n, k, scratch: &scratch, p, p_end, store, direct };
+    let nb = f.b.index(NB);
+    let cols = f.b.subi(p_end, p);
+    let panels = f.b.index(NB - 1);
+    let panels = f.b.addi(&cols, &panels);
+    let panels = f.b.divui(&panels, &nb);
+    let kernel = Kernel {
+        elem,
+        x: buffer(x),
+        nw,
+        mr,
+        n,
+        k,
+        scratch: &scratch,
+        p,
+        p_end,
+        group: group as i64,
+        panels: &panels,
+        store,
+        direct,
+    };
     let zero = f.b.index(0);
     let kn_v = f.b.index(kn as i64);
-    if chunks == 1 {
+    let pack_all = |f: &mut Frame, (ks, ke): (&Value, &Value)| {
         for (w, &b) in wbufs.iter().enumerate() {
-            kernel.pack(f, b, w, (&zero, &kn_v));
+            kernel.pack_group(f, b, w, (ks, ke));
         }
-        kernel.row_blocks(f, (r_lo, r_hi), &Pass { ks: zero.clone(), ke: kn_v, partial: None });
+    };
+    if chunks == 1 {
+        pack_all(f, (&zero, &kn_v));
+        kernel.blocks(f, (r_lo, r_hi), &Pass { ks: zero.clone(), ke: kn_v, partial: None });
         return;
     }
-    let (cs_view, cs_memref) = f.scratch("f32", CHUNK_ROWS as u64 * NB as u64 * nw as u64);
-    let (rows_step, one, kc_v) = (f.b.index(CHUNK_ROWS), f.b.index(1), f.b.index(kc as i64));
+    let partial_len = elem.chunk_rows() as u64 * NB as u64 * slots;
+    let (cs_view, cs_memref) = f.thread_scratch(PACK_BYTES, "f32", partial_len);
+    let (rows_step, one, kc_v) = (f.b.index(elem.chunk_rows()), f.b.index(1), f.b.index(kc as i64));
     let chunks_v = f.b.index(chunks as i64);
     let last_chunk = f.b.index(chunks as i64 - 1);
     for_loop(f, r_lo, r_hi, &rows_step, |f, rc| {
@@ -188,21 +236,90 @@ pub(super) fn panel(
             let ks = f.b.muli(c, &kc_v);
             let ke = f.b.addi(&ks, &kc_v);
             let ke = f.b.minui(&ke, &kn_v);
-            for (w, &b) in wbufs.iter().enumerate() {
-                kernel.pack(f, b, w, (&ks, &ke));
-            }
+            pack_all(f, (&ks, &ke));
             let first = f.b.op("c", format_args!("arith.cmpi eq, {c}, {zero} : index"));
             let last = f.b.op("c", format_args!("arith.cmpi eq, {c}, {last_chunk} : index"));
             let partial =
                 Partial { view: cs_view.clone(), memref: cs_memref.clone(), rc: rc.clone(), first, last };
-            kernel.row_blocks(f, (rc, &rc_end), &Pass { ks, ke, partial: Some(partial) });
+            kernel.blocks(f, (rc, &rc_end), &Pass { ks, ke, partial: Some(partial) });
         });
     });
 }
 
-/// The packed panels of one chunk of `K` (`kc` columns): weight `w`'s lane of column `c` (of 64)
-/// for the `K` columns `kk .. kk + per` of the chunk (`kk` relative to its start) is at element
-/// `w * 64 * kc + kk * 64 + per * c`.
+/// The work items `[lo, hi)` of a `linear` of `M = m` rows (item `i` is row `i mod M` of panel
+/// `i / M`) on the AMX path: a first panel the range holds only some rows of, the whole panels
+/// after it in groups of [`amx::panels`], and a last panel it holds some rows of, each by
+/// [`panel`]. A block of rows then sweeps a group's packed panels, read from memory once per group.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn groups(
+    f: &mut Frame,
+    elem: Elem,
+    ops: (&Operand, &[Operand]),
+    (m, n, k, kn): (&Value, &Value, &Value, u64),
+    (lo, hi): (&Value, &Value),
+    store: Store,
+    direct: Option<usize>,
+) {
+    let group = f.b.index(amx::panels(ops.1.len(), kn) as i64);
+    let (zero, one, nb) = (f.b.index(0), f.b.index(1), f.b.index(NB));
+    let sel = |f: &mut Frame, c: &Value, a: &Value, b: &Value| {
+        f.b.op("g", format_args!("arith.select {c}, {a}, {b} : index"))
+    };
+    let first = f.b.divui(lo, m);
+    let at = f.b.muli(&first, m);
+    let r0 = f.b.subi(lo, &at);
+    let end = f.b.divui(hi, m);
+    let at = f.b.muli(&end, m);
+    let r1 = f.b.subi(hi, &at);
+    // The segments, each one call of `panel` (one copy of its code): a range within one panel is
+    // one segment; otherwise a first panel holding rows `r0 ..` where `r0 > 0`, the groups of
+    // whole panels `start .. end`, and a last panel holding rows `.. r1` where `r1 > 0`.
+    let within = f.b.op("c", format_args!("arith.cmpi eq, {first}, {end} : index"));
+    let head = f.b.op("c", format_args!("arith.cmpi ne, {r0}, {zero} : index"));
+    let tail = f.b.op("c", format_args!("arith.cmpi ne, {r1}, {zero} : index"));
+    let next = f.b.addi(&first, &one);
+    let start = sel(f, &head, &next, &first);
+    let whole = f.b.subi(&end, &start);
+    let whole = f.b.op("g", format_args!("arith.maxsi {whole}, {zero} : index"));
+    let g1 = f.b.subi(&group, &one);
+    let groups = f.b.addi(&whole, &g1);
+    let groups = f.b.divui(&groups, &group);
+    let head_n = f.b.op("g", format_args!("arith.index_castui {head} : i1 to index"));
+    let tail_n = f.b.op("g", format_args!("arith.index_castui {tail} : i1 to index"));
+    let count = f.b.addi(&head_n, &groups);
+    let count = f.b.addi(&count, &tail_n);
+    let count = sel(f, &within, &one, &count);
+    for_loop(f, &zero, &count, &one, |f, s| {
+        // Segment `s` of a range over several panels.
+        let is_head = f.b.op("c", format_args!("arith.cmpi eq, {s}, {zero} : index"));
+        let is_head = f.b.op("c", format_args!("arith.andi {is_head}, {head} : i1"));
+        let last_s = f.b.subi(&count, &one);
+        let is_tail = f.b.op("c", format_args!("arith.cmpi eq, {s}, {last_s} : index"));
+        let is_tail = f.b.op("c", format_args!("arith.andi {is_tail}, {tail} : i1"));
+        let gi = f.b.subi(s, &head_n);
+        let a = f.b.muli(&gi, &group);
+        let a = f.b.addi(&start, &a);
+        let b = f.b.addi(&a, &group);
+        let b = f.b.minui(&b, &end);
+        let end1 = f.b.addi(&end, &one);
+        let (a, b) = (sel(f, &is_tail, &end, &a), sel(f, &is_tail, &end1, &b));
+        let (a, b) = (sel(f, &is_head, &first, &a), sel(f, &is_head, &next, &b));
+        let r_lo = sel(f, &is_head, &r0, &zero);
+        let r_hi = sel(f, &is_tail, &r1, m);
+        // A range within one panel: its rows `r0 .. r1`.
+        let (a, b) = (sel(f, &within, &first, &a), sel(f, &within, &next, &b));
+        let (r_lo, r_hi) = (sel(f, &within, &r0, &r_lo), sel(f, &within, &r1, &r_hi));
+        let p = f.b.muli(&a, &nb);
+        let p_end = f.b.muli(&b, &nb);
+        let p_end = f.b.minui(&p_end, n);
+        panel(f, elem, ops, (n, k, kn), (&p, &p_end), (&r_lo, &r_hi), store, direct);
+    });
+}
+
+/// The packed panels of one chunk of `K` (`kc` columns), one slot per weight and panel (slot
+/// `w * group + g` for weight `w`'s panel `g` of the group; `w` where panels are taken one at a
+/// time): the slot's lane of column `c` (of 64) for the `K` columns `kk .. kk + per` of the chunk
+/// (`kk` relative to its start) is at element `slot * 64 * kc + kk * 64 + per * c`.
 struct Scratch {
     view: Value,
     memref: String,
@@ -210,11 +327,14 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Where weight `w`'s lanes for the chunk's column `kk` start, plus `offset` elements.
-    fn at(&self, f: &mut Frame, w: usize, kk: &Value, offset: i64) -> Value {
+    /// Where slot `slot`'s lanes for the chunk's column `kk` start, plus `offset` elements.
+    fn at(&self, f: &mut Frame, slot: &Value, kk: &Value, offset: i64) -> Value {
         let per_k = f.b.index(NB);
         let at = f.b.muli(kk, &per_k);
-        let base = f.b.index(w as i64 * NB * self.kc as i64 + offset);
+        let per_slot = f.b.index(NB * self.kc as i64);
+        let base = f.b.muli(slot, &per_slot);
+        let off = f.b.index(offset);
+        let base = f.b.addi(&base, &off);
         f.b.addi(&at, &base)
     }
 }
@@ -289,23 +409,59 @@ struct Kernel<'a, 's> {
     scratch: &'a Scratch,
     p: &'a Value,
     p_end: &'a Value,
+    /// Panels per group: the scratch's slots per weight.
+    group: i64,
+    /// The panels in `p .. p_end` (at most `group`).
+    panels: &'a Value,
     store: Store<'s>,
     direct: Option<usize>,
 }
 
 impl Kernel<'_, '_> {
-    /// Packs columns `ks .. ke` of panel `p .. p_end` of weight buffer `wbuf` (`[N, K]`) as weight
-    /// `w`: per 16 weight rows and tile of `K`, 16 loads of 16 lanes, a transpose, and 16 stores.
-    /// Rows past the panel's end read its last row.
-    fn pack(&self, f: &mut Frame, wbuf: usize, w: usize, (ks, ke): (&Value, &Value)) {
+    /// Packs columns `ks .. ke` of each panel of `p .. p_end` of weight buffer `wbuf` as weight `w`.
+    fn pack_group(&self, f: &mut Frame, wbuf: usize, w: usize, (ks, ke): (&Value, &Value)) {
+        if self.group == 1 {
+            let slot = f.b.index(w as i64);
+            return self.pack(f, wbuf, &slot, (self.p, self.p_end), (ks, ke));
+        }
+        let (zero, one) = (f.b.index(0), f.b.index(1));
+        for_loop(f, &zero, self.panels, &one, |f, g| {
+            let (p, p_end) = self.panel_cols(f, g);
+            let first = f.b.index(w as i64 * self.group);
+            let slot = f.b.addi(&first, g);
+            self.pack(f, wbuf, &slot, (&p, &p_end), (ks, ke));
+        });
+    }
+
+    /// The columns of panel `g` of the group.
+    fn panel_cols(&self, f: &mut Frame, g: &Value) -> (Value, Value) {
+        let nb = f.b.index(NB);
+        let off = f.b.muli(g, &nb);
+        let p = f.b.addi(self.p, &off);
+        let end = f.b.addi(&p, &nb);
+        let p_end = f.b.minui(&end, self.p_end);
+        (p, p_end)
+    }
+
+    /// Packs columns `ks .. ke` of panel `p .. p_end` (at most 64 columns) of weight buffer `wbuf`
+    /// (`[N, K]`) into slot `slot`: per 16 weight rows and tile of `K`, 16 loads of 16 lanes, a
+    /// transpose, and 16 stores. Rows past the panel's end read its last row.
+    fn pack(
+        &self,
+        f: &mut Frame,
+        wbuf: usize,
+        slot: &Value,
+        (p, p_end): (&Value, &Value),
+        (ks, ke): (&Value, &Value),
+    ) {
         let (e, sc) = (self.elem, self.scratch);
         let (view, memref) = (f.bufs[wbuf].view.clone(), f.bufs[wbuf].memref.clone());
         let one = f.b.index(1);
-        let last = f.b.subi(self.p_end, &one);
+        let last = f.b.subi(p_end, &one);
         let step = f.b.index(e.tile() as i64);
         let (zero, nb, vl, per) = (f.b.index(0), f.b.index(NB), f.b.index(VL), f.b.index(e.per()));
         for_loop(f, &zero, &nb, &vl, |f, c0| {
-            let first = f.b.addi(self.p, c0);
+            let first = f.b.addi(p, c0);
             let starts: Vec<Value> = (0..VL)
                 .map(|r| {
                     let off = f.b.index(r);
@@ -329,7 +485,7 @@ impl Kernel<'_, '_> {
                     // Lane row `t`: the chunk's columns `rel + per * t ..`.
                     let pt = f.b.index(e.per() * t as i64);
                     let kt = f.b.addi(&rel, &pt);
-                    let at = sc.at(f, w, &kt, 0);
+                    let at = sc.at(f, slot, &kt, 0);
                     let at = f.b.addi(&at, &lane);
                     let v = f.b.op("pv", format_args!("vector.bitcast {v} : {LANES_I32} to {vty}"));
                     let (sv, sm) = (&sc.view, &sc.memref);
@@ -337,6 +493,16 @@ impl Kernel<'_, '_> {
                 }
             });
         });
+    }
+
+    /// Rows `lo .. hi` of the panel over the pass's columns of `K`, by AMX's tiles or AVX-512's
+    /// registers.
+    fn blocks(&self, f: &mut Frame, rows: (&Value, &Value), pass: &Pass) {
+        if self.elem.amx() {
+            self.amx_blocks(f, rows, pass)
+        } else {
+            self.row_blocks(f, rows, pass)
+        }
     }
 
     /// Rows `lo .. hi` in register blocks of `mr` rows, then one at a time.
@@ -410,7 +576,8 @@ impl Kernel<'_, '_> {
             let mut next = acc.to_vec();
             for w in 0..nw {
                 for v in 0..NV {
-                    let at = sc.at(f, w, &rel, e.per() * VL * v as i64);
+                    let slot = f.b.index(w as i64);
+                    let at = sc.at(f, &slot, &rel, e.per() * VL * v as i64);
                     let (sv, sm) = (&sc.view, &sc.memref);
                     let wv = f.b.op("bw", format_args!("vector.load {sv}[{at}] : {sm}, {vty}"));
                     for (i, a) in xs.iter().enumerate() {
@@ -457,22 +624,13 @@ impl Kernel<'_, '_> {
                 let at = f.b.index(a as i64 * VL);
                 f.b.line(format_args!("vector.store {v}, {tile}[{at}] : {tile_ty}, {VEC}"));
             }
-            let (zero, one) = (f.b.index(0), f.b.index(1));
             for i in 0..mr {
                 let iv = f.b.index(i as i64);
                 let m = f.b.addi(m0, &iv);
-                let base = f.b.muli(&m, self.n);
-                let base = f.b.addi(&base, self.p);
-                for_loop(f, &zero, &width, &one, |f, c| {
-                    let ys: Vec<Value> = (0..nw)
-                        .map(|w| {
-                            let off = f.b.index(((i * nw + w) * NV) as i64 * VL);
-                            let at = f.b.addi(&off, c);
-                            f.b.op("y", format_args!("memref.load {tile}[{at}] : {tile_ty}"))
-                        })
-                        .collect();
-                    let idx = f.b.addi(&base, c);
-                    (self.store)(f, &idx, &ys);
+                self.store_row(f, &m, (self.p, &width), |f, c, w| {
+                    let off = f.b.index(((i * nw + w) * NV) as i64 * VL);
+                    let at = f.b.addi(&off, c);
+                    f.b.op("y", format_args!("memref.load {tile}[{at}] : {tile_ty}"))
                 });
             }
         };
@@ -497,6 +655,27 @@ impl Kernel<'_, '_> {
             ),
             None => lanes(f),
         }
+    }
+}
+
+impl Kernel<'_, '_> {
+    /// Row `m`'s outputs in columns `p .. p + width`, one at a time through the store hook, every
+    /// weight's sum together: `read(f, c, w)` is weight `w`'s sum for column `p + c`.
+    fn store_row(
+        &self,
+        f: &mut Frame,
+        m: &Value,
+        (p, width): (&Value, &Value),
+        read: impl Fn(&mut Frame, &Value, usize) -> Value,
+    ) {
+        let (zero, one) = (f.b.index(0), f.b.index(1));
+        let base = f.b.muli(m, self.n);
+        let base = f.b.addi(&base, p);
+        for_loop(f, &zero, width, &one, |f, c| {
+            let ys: Vec<Value> = (0..self.nw).map(|w| read(f, c, w)).collect();
+            let idx = f.b.addi(&base, c);
+            (self.store)(f, &idx, &ys);
+        });
     }
 }
 

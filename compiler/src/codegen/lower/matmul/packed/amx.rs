@@ -1,0 +1,365 @@
+//! The packed bf16 path's micro-kernel on a CPU with AMX (Intel's Advanced Matrix Extensions,
+//! Sapphire Rapids and later): `tdpbf16ps` multiplies a tile of 16 rows by 32 bf16 values by a
+//! tile of 16 column pairs, 8192 multiply-adds in one instruction, into a 16 x 16 tile of f32
+//! sums. On this 2-core Xeon one core runs about 2.9 TFLOP/s of it, against about 0.1 for
+//! AVX-512's `vdpbf16ps` (`kiln bench gemm`).
+//!
+//! - **Operands.** The first tile (`A`) is 16 rows of the input, 32 columns of `K`, loaded straight
+//!   from `x` with its row stride. The second (`B`) must hold each output column's `K` values in
+//!   pairs, one row of the tile per pair: exactly the packed panel of [`super`], whose chunk keeps
+//!   each pair of `K` columns as the 64 weight rows' pairs side by side. So a `B` tile of 16
+//!   columns is 16 rows of 64 bytes, 256 bytes apart, in the panel the AVX-512 kernel would read.
+//! - **Blocks.** The eight tile registers hold two row tiles of `A`, two column tiles of `B` and
+//!   the four 16 x 16 sums they make: a block of 32 rows by 32 columns per step of 32 `K` columns,
+//!   two blocks per 64-column panel and weight.
+//! - **Tiles' shapes.** A tile configuration (`ldtilecfg`) fixes each tile's rows. Whole blocks take
+//!   16-row tiles; the last block of a range, when shorter, loads a configuration with its own
+//!   rows (one row tile when it has 16 rows or fewer).
+//! - **Sums.** A block's sums leave the tiles for f32 scratch (`tilestored`), from where the store
+//!   hook reads them as the AVX-512 kernel's stores do; between chunks of `K` they wait in the
+//!   pass's partial sums and are loaded back into the tiles.
+//!
+//! Each output sums the same products in the same order along `K` whatever the block or the split
+//! over threads, so a result does not depend on either. `tdpbf16ps`, like `vdpbf16ps`, reads
+//! subnormal bf16 inputs as zero and flushes subnormal sums.
+//!
+//! Linux gives a process the AMX tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`):
+//! the compiler asks before it chooses this path ([`crate::codegen::cpu::host_features`]) and the
+//! library asks again when it is loaded (`cpu::AMX_INIT`).
+
+use super::{Kernel, Pass, NB};
+use crate::codegen::lower::Frame;
+use crate::codegen::mlir::{for_loop, if_then_else, Value};
+
+/// Rows of an `A` tile (and of a sum tile); a block is two of them.
+const TILE_ROWS: i64 = 16;
+/// Rows of a block.
+const BLOCK_ROWS: i64 = 2 * TILE_ROWS;
+/// Columns of a sum tile.
+const TILE_COLS: i64 = 16;
+/// Bytes of a tile row: 32 bf16 values of `A`, 16 pairs of `B`, 16 f32 sums.
+const ROW_BYTES: i64 = 64;
+/// Rows per pass over the chunks of `K` when `K` takes several: whole blocks, and their partial
+/// sums (`CHUNK_ROWS x 64` f32 per weight and panel) within the thread scratch's last 256 KiB.
+pub(super) const CHUNK_ROWS: i64 = 4 * BLOCK_ROWS;
+/// The packed panels of a group, all weights together, that one block of rows sweeps: at most
+/// half of a core's L2 (2 MiB on Sapphire Rapids), so that they stay there beside the block's
+/// rows of `x`.
+const GROUP_BYTES: u64 = 1 << 20;
+/// The most panels in a group.
+const MAX_PANELS: u64 = 4;
+
+/// Panels per group for `nw` weights and `K = kn`: as many as keep the group's packed panels
+/// within [`GROUP_BYTES`], from 1 to [`MAX_PANELS`]. A block of rows of `x` is read from memory
+/// once per group rather than once per panel: on a GEMM of 2048 x 2048 x 2048 the rows of `x` pass
+/// through L2 once per 256 columns instead of once per 64.
+pub(super) fn panels(nw: usize, kn: u64) -> usize {
+    let panel_bytes = nw as u64 * NB as u64 * kn * 2;
+    (GROUP_BYTES / panel_bytes).clamp(1, MAX_PANELS) as usize
+}
+
+/// Tile registers: the sums of row tile `a` by column tile `t` in `2a + t`, the row tiles of `x` in
+/// 4 and 5, the column tiles of the packed panel in 6 and 7.
+const fn sum_tile(a: usize, t: usize) -> i64 {
+    (2 * a + t) as i64
+}
+const A_TILE: [i64; 2] = [4, 5];
+const B_TILE: [i64; 2] = [6, 7];
+
+impl Kernel<'_, '_> {
+    /// Rows `lo .. hi` in blocks of 32, then the rest in one block of its own shape.
+    pub(super) fn amx_blocks(&self, f: &mut Frame, (lo, hi): (&Value, &Value), pass: &Pass) {
+        let (cfg, cfg_ty) = f.scratch("i8", 64);
+        let sums = f.scratch("f32", (self.nw as i64 * BLOCK_ROWS * NB) as u64);
+        let sums = (&sums.0, &sums.1);
+        let (one_tile, two_tiles) = (f.b.index(TILE_ROWS), f.b.index(BLOCK_ROWS));
+        let span = f.b.subi(hi, lo);
+        let blocks = f.b.divui(&span, &two_tiles);
+        let full = f.b.muli(&blocks, &two_tiles);
+        let full = f.b.addi(lo, &full);
+        configure(f, (&cfg, &cfg_ty), &one_tile, Some(&one_tile));
+        for_loop(f, lo, &full, &two_tiles, |f, m0| self.amx_block(f, m0, &two_tiles, true, pass, sums));
+        let rest = f.b.subi(hi, &full);
+        let two = f.b.op("c", format_args!("arith.cmpi ugt, {rest}, {one_tile} : index"));
+        if_then_else(
+            f,
+            &two,
+            |f| {
+                let second = f.b.subi(&rest, &one_tile);
+                configure(f, (&cfg, &cfg_ty), &one_tile, Some(&second));
+                self.amx_block(f, &full, &rest, true, pass, sums);
+            },
+            |f| {
+                let zero = f.b.index(0);
+                let any = f.b.op("c", format_args!("arith.cmpi ugt, {rest}, {zero} : index"));
+                if_then_else(
+                    f,
+                    &any,
+                    |f| {
+                        configure(f, (&cfg, &cfg_ty), &rest, None);
+                        self.amx_block(f, &full, &rest, false, pass, sums);
+                    },
+                    |_| {},
+                );
+            },
+        );
+        f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilerelease\"() : () -> ()"));
+    }
+
+    /// The `rows` rows from `m0` (at most 32; more than 16 when `two` row tiles are configured),
+    /// every panel of the group, weight and 32-column half of a panel, over the pass's columns of
+    /// `K`. The sums wait in `sums` (f32, weight `w`'s row `i`, column `c` of the panel at
+    /// `(w * 32 + i) * 64 + c`) until each panel's are stored.
+    fn amx_block(
+        &self,
+        f: &mut Frame,
+        m0: &Value,
+        rows: &Value,
+        two: bool,
+        pass: &Pass,
+        (sums, sums_ty): (&Value, &String),
+    ) {
+        let row_tiles = if two { 2 } else { 1 };
+        let (xv, xm) = (f.bufs[self.x].view.clone(), f.bufs[self.x].memref.clone());
+        let x = pointer(f, &xv, &xm);
+        let packed = pointer(f, &self.scratch.view, &self.scratch.memref);
+        let sums_at = pointer(f, sums, sums_ty);
+        let two_bytes = f.b.index(2);
+        let x_stride = f.b.muli(self.k, &two_bytes);
+        let b_stride = f.b.index(NB * 4);
+        let sums_stride = f.b.index(NB * 4);
+        let step = f.b.index(2 * TILE_COLS);
+        let tile_rows = f.b.index(TILE_ROWS);
+        let slots = self.nw as i64 * self.group;
+        // The partial sums' rows for this block, `slots * 64` f32 apart.
+        let partial = pass.partial.as_ref().map(|part| {
+            let at = pointer(f, &part.view, &part.memref);
+            let i = f.b.subi(m0, &part.rc);
+            let stride = f.b.index(slots * NB * 4);
+            let first_row = f.b.muli(&i, &stride);
+            (at, first_row, stride, part)
+        });
+        let tiles: Vec<(usize, usize)> = (0..row_tiles).flat_map(|a| (0..2).map(move |t| (a, t))).collect();
+        let (zero, one) = (f.b.index(0), f.b.index(1));
+        for_loop(f, &zero, self.panels, &one, |f, g| {
+            for w in 0..self.nw {
+                let first_slot = f.b.index(w as i64 * self.group);
+                let slot = f.b.addi(&first_slot, g);
+                let per_slot = f.b.index(NB * 4);
+                let slot_bytes = f.b.muli(&slot, &per_slot);
+                for h in 0..2 {
+                    // Where sum tile (a, t) of this weight and half goes: in the block's scratch,
+                    // and among the partial sums.
+                    let sum_offset = |f: &mut Frame, a: usize, t: usize| {
+                        let off = (w as i64 * BLOCK_ROWS + a as i64 * TILE_ROWS) * NB
+                            + 32 * h
+                            + TILE_COLS * t as i64;
+                        let off = f.b.index(off * 4);
+                        f.b.addi(&sums_at, &off)
+                    };
+                    let partial_offset = |f: &mut Frame, a: usize, t: usize| {
+                        let (at, first_row, stride, _) = partial.as_ref().expect("a pass with partial sums");
+                        let rows_before = f.b.muli(&tile_rows, stride);
+                        let rows_before = if a == 0 { f.b.index(0) } else { rows_before };
+                        let col = f.b.index((32 * h + TILE_COLS * t as i64) * 4);
+                        let col = f.b.addi(&slot_bytes, &col);
+                        let off = f.b.addi(first_row, &rows_before);
+                        let off = f.b.addi(&off, &col);
+                        f.b.addi(at, &off)
+                    };
+                    let zero_all = |f: &mut Frame| {
+                        for &(a, t) in &tiles {
+                            let tile = tile_id(f, sum_tile(a, t));
+                            f.b.line(format_args!(
+                                "llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"
+                            ));
+                        }
+                    };
+                    match &partial {
+                        None => zero_all(f),
+                        Some((_, _, stride, part)) => if_then_else(f, &part.first, zero_all, |f| {
+                            for &(a, t) in &tiles {
+                                let at = partial_offset(f, a, t);
+                                tile_load(f, sum_tile(a, t), &at, stride);
+                            }
+                        }),
+                    }
+                    for_loop(f, &pass.ks, &pass.ke, &step, |f, kk| {
+                        for (a, &tile) in A_TILE[..row_tiles].iter().enumerate() {
+                            let row = f.b.index(a as i64 * TILE_ROWS);
+                            let row = f.b.addi(m0, &row);
+                            let at = f.b.muli(&row, self.k);
+                            let at = f.b.addi(&at, kk);
+                            let at = f.b.muli(&at, &two_bytes);
+                            let at = f.b.addi(&x, &at);
+                            tile_load(f, tile, &at, &x_stride);
+                        }
+                        let rel = f.b.subi(kk, &pass.ks);
+                        for (t, &tile) in B_TILE.iter().enumerate() {
+                            let at = self.scratch.at(f, &slot, &rel, 2 * (32 * h + TILE_COLS * t as i64));
+                            let at = f.b.muli(&at, &two_bytes);
+                            let at = f.b.addi(&packed, &at);
+                            tile_load(f, tile, &at, &b_stride);
+                        }
+                        for &(a, t) in &tiles {
+                            let (c, ta, tb) =
+                                (tile_id(f, sum_tile(a, t)), tile_id(f, A_TILE[a]), tile_id(f, B_TILE[t]));
+                            f.b.line(format_args!(
+                                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
+                            ));
+                        }
+                    });
+                    let to_sums = |f: &mut Frame| {
+                        for &(a, t) in &tiles {
+                            let at = sum_offset(f, a, t);
+                            tile_store(f, sum_tile(a, t), &at, &sums_stride);
+                        }
+                    };
+                    match &partial {
+                        None => to_sums(f),
+                        Some((_, _, stride, part)) => if_then_else(f, &part.last, to_sums, |f| {
+                            for &(a, t) in &tiles {
+                                let at = partial_offset(f, a, t);
+                                tile_store(f, sum_tile(a, t), &at, stride);
+                            }
+                        }),
+                    }
+                }
+            }
+            let cols = self.panel_cols(f, g);
+            match &pass.partial {
+                None => self.amx_store(f, m0, rows, (sums, sums_ty), (&cols.0, &cols.1)),
+                Some(part) => if_then_else(
+                    f,
+                    &part.last,
+                    |f| self.amx_store(f, m0, rows, (sums, sums_ty), (&cols.0, &cols.1)),
+                    |_| {},
+                ),
+            }
+        });
+    }
+
+    /// Stores the block's sums for the panel's columns `p .. p_end` from scratch: whole vectors
+    /// into the output buffer for a plain `linear` whose panel is full, else element by element
+    /// through the store hook.
+    fn amx_store(
+        &self,
+        f: &mut Frame,
+        m0: &Value,
+        rows: &Value,
+        (sums, sums_ty): (&Value, &String),
+        (p, p_end): (&Value, &Value),
+    ) {
+        let width = f.b.subi(p_end, p);
+        let nb = f.b.index(NB);
+        let full = f.b.op("c", format_args!("arith.cmpi eq, {width}, {nb} : index"));
+        let (zero, one) = (f.b.index(0), f.b.index(1));
+        let lanes = |f: &mut Frame| {
+            for_loop(f, &zero, rows, &one, |f, i| {
+                let m = f.b.addi(m0, i);
+                let row = f.b.muli(i, &nb);
+                self.store_row(f, &m, (p, &width), |f, c, w| {
+                    let off = f.b.index(w as i64 * BLOCK_ROWS * NB);
+                    let at = f.b.addi(&row, c);
+                    let at = f.b.addi(&at, &off);
+                    f.b.op("y", format_args!("memref.load {sums}[{at}] : {sums_ty}"))
+                });
+            });
+        };
+        match self.direct {
+            Some(out) => if_then_else(
+                f,
+                &full,
+                |f| {
+                    for_loop(f, &zero, rows, &one, |f, i| {
+                        let m = f.b.addi(m0, i);
+                        let base = f.b.muli(&m, self.n);
+                        let base = f.b.addi(&base, p);
+                        let row = f.b.muli(i, &nb);
+                        for v in 0..NB / TILE_COLS {
+                            let off = f.b.index(v * TILE_COLS);
+                            let at = f.b.addi(&row, &off);
+                            let vec = super::VEC;
+                            let y = f.b.op("y", format_args!("vector.load {sums}[{at}] : {sums_ty}, {vec}"));
+                            let idx = f.b.addi(&base, &off);
+                            f.store_vec(out, &idx, &y);
+                        }
+                    });
+                },
+                lanes,
+            ),
+            None => lanes(f),
+        }
+    }
+}
+
+/// Loads the tile configuration: palette 1, every tile 64 bytes wide; the sum tiles and row tiles
+/// of `x` `first` rows (and `second` for the second row tile, which is otherwise left unused), the
+/// packed panel's tiles 16 rows (pairs of `K`).
+fn configure(f: &mut Frame, (cfg, cfg_ty): (&Value, &String), first: &Value, second: Option<&Value>) {
+    let byte = |f: &mut Frame, at: i64, v: &Value| {
+        let at = f.b.index(at);
+        f.b.line(format_args!("memref.store {v}, {cfg}[{at}] : {cfg_ty}"));
+    };
+    let c = |f: &mut Frame, v: i64| f.b.op("c", format_args!("arith.constant {v} : i8"));
+    let (zero, one, width, rows16) = (c(f, 0), c(f, 1), c(f, ROW_BYTES), c(f, TILE_ROWS));
+    for at in 0..64 {
+        byte(f, at, &zero);
+    }
+    byte(f, 0, &one);
+    let first = f.b.op("r", format_args!("arith.index_cast {first} : index to i8"));
+    let second = second.map(|s| f.b.op("r", format_args!("arith.index_cast {s} : index to i8")));
+    let mut rows: Vec<(i64, Value)> = vec![
+        (sum_tile(0, 0), first.clone()),
+        (sum_tile(0, 1), first.clone()),
+        (A_TILE[0], first),
+        (B_TILE[0], rows16.clone()),
+        (B_TILE[1], rows16),
+    ];
+    if let Some(second) = second {
+        rows.extend([
+            (sum_tile(1, 0), second.clone()),
+            (sum_tile(1, 1), second.clone()),
+            (A_TILE[1], second),
+        ]);
+    }
+    for (tile, r) in rows {
+        byte(f, 16 + 2 * tile, &width);
+        byte(f, 48 + tile, &r);
+    }
+    let at = pointer(f, cfg, cfg_ty);
+    let p = as_ptr(f, &at);
+    f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.ldtilecfg\"({p}) : (!llvm.ptr) -> ()"));
+}
+
+/// A buffer's first byte as an `index` address.
+fn pointer(f: &mut Frame, view: &Value, memref: &str) -> Value {
+    f.b.op("ptr", format_args!("memref.extract_aligned_pointer_as_index {view} : {memref} -> index"))
+}
+
+fn as_ptr(f: &mut Frame, at: &Value) -> Value {
+    let i = f.b.op("ptr", format_args!("arith.index_cast {at} : index to i64"));
+    f.b.op("ptr", format_args!("llvm.inttoptr {i} : i64 to !llvm.ptr"))
+}
+
+fn tile_id(f: &mut Frame, tile: i64) -> Value {
+    f.b.op("tile", format_args!("arith.constant {tile} : i8"))
+}
+
+/// `tileloadd`: tile `tile`'s rows from `at`, `stride` bytes apart.
+fn tile_load(f: &mut Frame, tile: i64, at: &Value, stride: &Value) {
+    let (t, p) = (tile_id(f, tile), as_ptr(f, at));
+    let s = f.b.op("s", format_args!("arith.index_cast {stride} : index to i64"));
+    f.b.line(format_args!(
+        "llvm.call_intrinsic \"llvm.x86.tileloadd64\"({t}, {p}, {s}) : (i8, !llvm.ptr, i64) -> ()"
+    ));
+}
+
+/// `tilestored`: tile `tile`'s rows to `at`, `stride` bytes apart.
+fn tile_store(f: &mut Frame, tile: i64, at: &Value, stride: &Value) {
+    let (t, p) = (tile_id(f, tile), as_ptr(f, at));
+    let s = f.b.op("s", format_args!("arith.index_cast {stride} : index to i64"));
+    f.b.line(format_args!(
+        "llvm.call_intrinsic \"llvm.x86.tilestored64\"({t}, {p}, {s}) : (i8, !llvm.ptr, i64) -> ()"
+    ));
+}
