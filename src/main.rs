@@ -1278,6 +1278,14 @@ fn doctor() -> Result<()> {
     ));
     out.push_str(&format!("MLIR        {} dialects loaded, probe module verified\n", report.mlir_dialects));
     out.push_str(&format!("host        {} ({})\n", report.host_triple, report.host_cpu));
+    let cpu = kiln_compiler::codegen::cpu::host_features();
+    let yes = |on: bool| if on { "yes" } else { "no" };
+    out.push_str(&format!(
+        "CPU GEMMs   packed panels: {}; bf16 dot products (AVX512_BF16): {}; AMX tiles (AMX-BF16, granted by Linux): {}\n",
+        yes(cpu.packed_gemm),
+        yes(cpu.bf16_dot),
+        yes(cpu.amx)
+    ));
     match &report.ptxas {
         Some((path, version)) => out.push_str(&format!(
             "ptxas       {} ({version}); probe kernel assembled for sm_90a\n",

@@ -491,6 +491,10 @@ pub(super) fn grouped_with(
             // rows no expert holds (index `E`, whose outputs are 0), go one row at a time.
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let mr = f.b.index(GROUP_MR as i64);
+            let amx = packed::grouped_applies(f, x, weights, n_dim, kn).map(|(xb, kn)| {
+                let m_total = f.dim(m_dim);
+                (xb, kn, packed::enough_rows(f, packed::Elem::Bf16, &m_total))
+            });
             let nonempty = f.cmp("ult", &lo, &hi, "index");
             if_then(f, &nonempty, |f| {
                 let last_row = f.b.subi(&hi, &one);
@@ -510,57 +514,82 @@ pub(super) fn grouped_with(
                     let to = f.b.minui(&end, &hi);
                     let to = f.b.op("i", format_args!("arith.maxui {to}, {from} : index"));
                     let views = views_of(f, e);
-                    let rows = f.b.subi(&to, &from);
-                    let blocks = f.b.divui(&rows, &mr);
-                    let blocks = f.select(&valid, &blocks, &zero, "index");
-                    let span = f.b.muli(&blocks, &mr);
-                    let blocked = f.b.addi(&from, &span);
-                    for_loop(f, &from, &blocked, &mr, |f, m0| {
-                        let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16);
-                        // GROUP_NC columns at a time (each input vector loaded once for them),
-                        // then the last `N mod GROUP_NC` one by one.
-                        let nc = (GROUP_NC / weights.len()).max(1);
-                        let ncv = f.b.index(nc as i64);
-                        let nq = f.b.divui(&n, &ncv);
-                        let n_full = f.b.muli(&nq, &ncv);
-                        for_loop(f, &zero, &n_full, &ncv, |f, col0| {
-                            let cols: Vec<(Value, Vec<WeightRead>)> = (0..nc)
-                                .map(|c| {
-                                    let ci = f.b.index(c as i64);
-                                    let col = f.b.addi(col0, &ci);
-                                    let reads = weight_reads(f, weights, &views, &col, &k);
-                                    (col, reads)
-                                })
-                                .collect();
-                            grouped_block(f, &xrows, m0, &cols, (&n, &k), fp8_cols, store);
-                        });
-                        for_loop(f, &n_full, &n, &one, |f, col| {
-                            let reads = weight_reads(f, weights, &views, col, &k);
-                            grouped_block(f, &xrows, m0, &[(col.clone(), reads)], (&n, &k), fp8_cols, store);
-                        });
-                    });
-                    // The last rows, or the rows of no expert: zeros, read from nothing.
-                    let tail = |f: &mut Frame| {
-                        for_loop(f, &blocked, &to, &one, |f, m| {
-                            let xr = InputRow::rows(f, x, m, 1, &k, kn, raw_bf16).remove(0);
-                            for_loop(f, &zero, &n, &one, |f, col| {
-                                let mn = f.b.muli(m, &n);
-                                let at = f.b.addi(&mn, col);
-                                element_dots(f, &xr, &at, col, &views)
+                    let usual = |f: &mut Frame| {
+                        let rows = f.b.subi(&to, &from);
+                        let blocks = f.b.divui(&rows, &mr);
+                        let blocks = f.select(&valid, &blocks, &zero, "index");
+                        let span = f.b.muli(&blocks, &mr);
+                        let blocked = f.b.addi(&from, &span);
+                        for_loop(f, &from, &blocked, &mr, |f, m0| {
+                            let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16);
+                            // GROUP_NC columns at a time (each input vector loaded once for them),
+                            // then the last `N mod GROUP_NC` one by one.
+                            let nc = (GROUP_NC / weights.len()).max(1);
+                            let ncv = f.b.index(nc as i64);
+                            let nq = f.b.divui(&n, &ncv);
+                            let n_full = f.b.muli(&nq, &ncv);
+                            for_loop(f, &zero, &n_full, &ncv, |f, col0| {
+                                let cols: Vec<(Value, Vec<WeightRead>)> = (0..nc)
+                                    .map(|c| {
+                                        let ci = f.b.index(c as i64);
+                                        let col = f.b.addi(col0, &ci);
+                                        let reads = weight_reads(f, weights, &views, &col, &k);
+                                        (col, reads)
+                                    })
+                                    .collect();
+                                grouped_block(f, &xrows, m0, &cols, (&n, &k), fp8_cols, store);
+                            });
+                            for_loop(f, &n_full, &n, &one, |f, col| {
+                                let reads = weight_reads(f, weights, &views, col, &k);
+                                grouped_block(
+                                    f,
+                                    &xrows,
+                                    m0,
+                                    &[(col.clone(), reads)],
+                                    (&n, &k),
+                                    fp8_cols,
+                                    store,
+                                );
                             });
                         });
-                    };
-                    let none = |f: &mut Frame| {
-                        for_loop(f, &blocked, &to, &one, |f, m| {
-                            for_loop(f, &zero, &n, &one, |f, col| {
-                                let mn = f.b.muli(m, &n);
-                                let at = f.b.addi(&mn, col);
-                                let fzero = f.b.f32(0.0);
-                                store(f, &at, &vec![fzero; weights.len()]);
+                        // The last rows, or the rows of no expert: zeros, read from nothing.
+                        let tail = |f: &mut Frame| {
+                            for_loop(f, &blocked, &to, &one, |f, m| {
+                                let xr = InputRow::rows(f, x, m, 1, &k, kn, raw_bf16).remove(0);
+                                for_loop(f, &zero, &n, &one, |f, col| {
+                                    let mn = f.b.muli(m, &n);
+                                    let at = f.b.addi(&mn, col);
+                                    element_dots(f, &xr, &at, col, &views)
+                                });
                             });
-                        });
+                        };
+                        let none = |f: &mut Frame| {
+                            for_loop(f, &blocked, &to, &one, |f, m| {
+                                for_loop(f, &zero, &n, &one, |f, col| {
+                                    let mn = f.b.muli(m, &n);
+                                    let at = f.b.addi(&mn, col);
+                                    let fzero = f.b.f32(0.0);
+                                    store(f, &at, &vec![fzero; weights.len()]);
+                                });
+                            });
+                        };
+                        if_then_else(f, &valid, tail, none);
                     };
-                    if_then_else(f, &valid, tail, none);
+                    match amx {
+                        // A prefill's experts on AMX's tiles (the choice is the GEMM's rows').
+                        Some((xb, kn, ref enough)) => {
+                            let on = f.b.op("c", format_args!("arith.andi {valid}, {enough} : i1"));
+                            let ws: Vec<(Value, String)> =
+                                views.iter().map(|v| (v.clone(), "memref<?xbf16>".to_string())).collect();
+                            if_then_else(
+                                f,
+                                &on,
+                                |f| packed::grouped_rows(f, xb, &ws, (&n, &k, kn), (&from, &to), store),
+                                usual,
+                            );
+                        }
+                        None => usual(f),
+                    }
                 });
             });
             LaunchShape::Cpu { work: m_dim }

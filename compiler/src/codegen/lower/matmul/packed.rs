@@ -157,6 +157,31 @@ pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u6
     fits.then_some(e)
 }
 
+pub(super) use amx::grouped_rows;
+
+/// Where a CPU `grouped_linear` takes AMX's tiles ([`grouped_rows`]): on a host with them, the
+/// input and every expert's weights plain bf16 buffers, one or two weights, `N` a multiple of 32
+/// and `K` of 32 (the input's rows packed for a block fit the thread scratch). The input's buffer
+/// and `K`.
+pub(super) fn grouped_applies(
+    f: &Frame,
+    x: &Operand,
+    weights: &[Vec<Operand>],
+    n: kiln_ir::Dim,
+    kn: Option<u64>,
+) -> Option<(usize, u64)> {
+    let bf16 = |op: &Operand| matches!(*op, Operand::Plain(b) if f.bufs[b].ty.dtype == DType::BF16);
+    let kn = kn.filter(|&k| k > 0 && k % 32 == 0 && 32 * k * 2 <= PACK_BYTES)?;
+    let fits = f.target == Target::Cpu
+        && Elem::Bf16.amx()
+        && f.has_bf16_dot()
+        && bf16(x)
+        && (1..=2).contains(&weights.len())
+        && weights.iter().flatten().all(bf16)
+        && n.as_known().is_some_and(|n| n > 0 && n % 32 == 0);
+    fits.then(|| (buffer(x), kn))
+}
+
 /// The buffer behind a plain operand.
 fn buffer(op: &Operand) -> usize {
     match *op {

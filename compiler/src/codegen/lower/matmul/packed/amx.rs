@@ -73,35 +73,45 @@ impl Kernel<'_, '_> {
         let sums = f.scratch("f32", (self.nw as i64 * BLOCK_ROWS * NB) as u64);
         let sums = (&sums.0, &sums.1);
         let (one_tile, two_tiles) = (f.b.index(TILE_ROWS), f.b.index(BLOCK_ROWS));
+        // Blocks of more than 16 rows take two row tiles: whole ones, then a last one of 17 to 31
+        // rows (configured for it); a last block of 16 rows or fewer takes one.
         let span = f.b.subi(hi, lo);
-        let blocks = f.b.divui(&span, &two_tiles);
-        let full = f.b.muli(&blocks, &two_tiles);
-        let full = f.b.addi(lo, &full);
+        let over = f.b.subi(&span, &one_tile);
+        let zero = f.b.index(0);
+        let over = f.b.op("g", format_args!("arith.maxsi {over}, {zero} : index"));
+        let round = f.b.index(BLOCK_ROWS - 1);
+        let two_tile_blocks = f.b.addi(&over, &round);
+        let two_tile_blocks = f.b.divui(&two_tile_blocks, &two_tiles);
+        let two_tile_end = f.b.muli(&two_tile_blocks, &two_tiles);
+        let two_tile_end = f.b.addi(lo, &two_tile_end);
+        let two_tile_end = f.b.minui(&two_tile_end, hi);
         configure(f, (&cfg, &cfg_ty), &one_tile, Some(&one_tile));
-        for_loop(f, lo, &full, &two_tiles, |f, m0| self.amx_block(f, m0, &two_tiles, true, pass, sums));
-        let rest = f.b.subi(hi, &full);
-        let two = f.b.op("c", format_args!("arith.cmpi ugt, {rest}, {one_tile} : index"));
+        for_loop(f, lo, &two_tile_end, &two_tiles, |f, m0| {
+            let end = f.b.addi(m0, &two_tiles);
+            let end = f.b.minui(&end, hi);
+            let rows = f.b.subi(&end, m0);
+            let short = f.b.op("c", format_args!("arith.cmpi ult, {rows}, {two_tiles} : index"));
+            if_then_else(
+                f,
+                &short,
+                |f| {
+                    let second = f.b.subi(&rows, &one_tile);
+                    configure(f, (&cfg, &cfg_ty), &one_tile, Some(&second));
+                },
+                |_| {},
+            );
+            self.amx_block(f, m0, &rows, true, pass, sums);
+        });
+        let rest = f.b.subi(hi, &two_tile_end);
+        let any = f.b.op("c", format_args!("arith.cmpi ugt, {rest}, {zero} : index"));
         if_then_else(
             f,
-            &two,
+            &any,
             |f| {
-                let second = f.b.subi(&rest, &one_tile);
-                configure(f, (&cfg, &cfg_ty), &one_tile, Some(&second));
-                self.amx_block(f, &full, &rest, true, pass, sums);
+                configure(f, (&cfg, &cfg_ty), &rest, None);
+                self.amx_block(f, &two_tile_end, &rest, false, pass, sums);
             },
-            |f| {
-                let zero = f.b.index(0);
-                let any = f.b.op("c", format_args!("arith.cmpi ugt, {rest}, {zero} : index"));
-                if_then_else(
-                    f,
-                    &any,
-                    |f| {
-                        configure(f, (&cfg, &cfg_ty), &rest, None);
-                        self.amx_block(f, &full, &rest, false, pass, sums);
-                    },
-                    |_| {},
-                );
-            },
+            |_| {},
         );
         f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilerelease\"() : () -> ()"));
     }
@@ -140,92 +150,101 @@ impl Kernel<'_, '_> {
             (at, first_row, stride, part)
         });
         let tiles: Vec<(usize, usize)> = (0..row_tiles).flat_map(|a| (0..2).map(move |t| (a, t))).collect();
-        let (zero, one) = (f.b.index(0), f.b.index(1));
+        let (zero, one, two_v) = (f.b.index(0), f.b.index(1), f.b.index(2));
+        let nw = f.b.index(self.nw as i64);
+        let group = f.b.index(self.group);
         for_loop(f, &zero, self.panels, &one, |f, g| {
-            for w in 0..self.nw {
-                let first_slot = f.b.index(w as i64 * self.group);
-                let slot = f.b.addi(&first_slot, g);
-                let per_slot = f.b.index(NB * 4);
-                let slot_bytes = f.b.muli(&slot, &per_slot);
-                for h in 0..2 {
-                    // Where sum tile (a, t) of this weight and half goes: in the block's scratch,
-                    // and among the partial sums.
-                    let sum_offset = |f: &mut Frame, a: usize, t: usize| {
-                        let off = (w as i64 * BLOCK_ROWS + a as i64 * TILE_ROWS) * NB
-                            + 32 * h
-                            + TILE_COLS * t as i64;
-                        let off = f.b.index(off * 4);
-                        f.b.addi(&sums_at, &off)
-                    };
-                    let partial_offset = |f: &mut Frame, a: usize, t: usize| {
-                        let (at, first_row, stride, _) = partial.as_ref().expect("a pass with partial sums");
-                        let rows_before = f.b.muli(&tile_rows, stride);
-                        let rows_before = if a == 0 { f.b.index(0) } else { rows_before };
-                        let col = f.b.index((32 * h + TILE_COLS * t as i64) * 4);
-                        let col = f.b.addi(&slot_bytes, &col);
-                        let off = f.b.addi(first_row, &rows_before);
-                        let off = f.b.addi(&off, &col);
-                        f.b.addi(at, &off)
-                    };
-                    let zero_all = |f: &mut Frame| {
-                        for &(a, t) in &tiles {
-                            let tile = tile_id(f, sum_tile(a, t));
-                            f.b.line(format_args!(
-                                "llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"
-                            ));
-                        }
-                    };
-                    match &partial {
-                        None => zero_all(f),
-                        Some((_, _, stride, part)) => if_then_else(f, &part.first, zero_all, |f| {
-                            for &(a, t) in &tiles {
-                                let at = partial_offset(f, a, t);
-                                tile_load(f, sum_tile(a, t), &at, stride);
-                            }
-                        }),
+            // Weight `w`, half `h` of the panel: one loop, so that the tiles' code is made once.
+            let halves = f.b.muli(&nw, &two_v);
+            for_loop(f, &zero, &halves, &one, |f, wh| {
+                let w = f.b.divui(wh, &two_v);
+                let h = f.b.op("i", format_args!("arith.remui {wh}, {two_v} : index"));
+                let slot = f.b.muli(&w, &group);
+                let slot = f.b.addi(&slot, g);
+                // Column `32 h` of the panel, in f32 bytes and in bf16 lanes of a packed slot.
+                let (half_bytes, half_lanes) = (f.b.index(32 * 4), f.b.index(2 * 32));
+                let (slot_size, w_size) = (f.b.index(NB * 4), f.b.index(BLOCK_ROWS * NB * 4));
+                let col_bytes = f.b.muli(&h, &half_bytes);
+                let col_lanes = f.b.muli(&h, &half_lanes);
+                let slot_bytes = f.b.muli(&slot, &slot_size);
+                let w_rows = f.b.muli(&w, &w_size);
+                // Where sum tile (a, t) goes: in the block's scratch, and among the partial sums.
+                let sum_offset = |f: &mut Frame, a: usize, t: usize| {
+                    let off = f.b.index((a as i64 * TILE_ROWS * NB + TILE_COLS * t as i64) * 4);
+                    let off = f.b.addi(&off, &w_rows);
+                    let off = f.b.addi(&off, &col_bytes);
+                    f.b.addi(&sums_at, &off)
+                };
+                let partial_offset = |f: &mut Frame, a: usize, t: usize| {
+                    let (at, first_row, stride, _) = partial.as_ref().expect("a pass with partial sums");
+                    let rows_before = f.b.muli(&tile_rows, stride);
+                    let rows_before = if a == 0 { f.b.index(0) } else { rows_before };
+                    let col = f.b.index(TILE_COLS * t as i64 * 4);
+                    let col = f.b.addi(&slot_bytes, &col);
+                    let col = f.b.addi(&col, &col_bytes);
+                    let off = f.b.addi(first_row, &rows_before);
+                    let off = f.b.addi(&off, &col);
+                    f.b.addi(at, &off)
+                };
+                let zero_all = |f: &mut Frame| {
+                    for &(a, t) in &tiles {
+                        let tile = tile_id(f, sum_tile(a, t));
+                        f.b.line(format_args!(
+                            "llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"
+                        ));
                     }
-                    for_loop(f, &pass.ks, &pass.ke, &step, |f, kk| {
-                        for (a, &tile) in A_TILE[..row_tiles].iter().enumerate() {
-                            let row = f.b.index(a as i64 * TILE_ROWS);
-                            let row = f.b.addi(m0, &row);
-                            let at = f.b.muli(&row, self.k);
-                            let at = f.b.addi(&at, kk);
-                            let at = f.b.muli(&at, &two_bytes);
-                            let at = f.b.addi(&x, &at);
-                            tile_load(f, tile, &at, &x_stride);
-                        }
-                        let rel = f.b.subi(kk, &pass.ks);
-                        for (t, &tile) in B_TILE.iter().enumerate() {
-                            let at = self.scratch.at(f, &slot, &rel, 2 * (32 * h + TILE_COLS * t as i64));
-                            let at = f.b.muli(&at, &two_bytes);
-                            let at = f.b.addi(&packed, &at);
-                            tile_load(f, tile, &at, &b_stride);
-                        }
+                };
+                match &partial {
+                    None => zero_all(f),
+                    Some((_, _, stride, part)) => if_then_else(f, &part.first, zero_all, |f| {
                         for &(a, t) in &tiles {
-                            let (c, ta, tb) =
-                                (tile_id(f, sum_tile(a, t)), tile_id(f, A_TILE[a]), tile_id(f, B_TILE[t]));
-                            f.b.line(format_args!(
-                                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
-                            ));
+                            let at = partial_offset(f, a, t);
+                            tile_load(f, sum_tile(a, t), &at, stride);
                         }
-                    });
-                    let to_sums = |f: &mut Frame| {
-                        for &(a, t) in &tiles {
-                            let at = sum_offset(f, a, t);
-                            tile_store(f, sum_tile(a, t), &at, &sums_stride);
-                        }
-                    };
-                    match &partial {
-                        None => to_sums(f),
-                        Some((_, _, stride, part)) => if_then_else(f, &part.last, to_sums, |f| {
-                            for &(a, t) in &tiles {
-                                let at = partial_offset(f, a, t);
-                                tile_store(f, sum_tile(a, t), &at, stride);
-                            }
-                        }),
-                    }
+                    }),
                 }
-            }
+                for_loop(f, &pass.ks, &pass.ke, &step, |f, kk| {
+                    for (a, &tile) in A_TILE[..row_tiles].iter().enumerate() {
+                        let row = f.b.index(a as i64 * TILE_ROWS);
+                        let row = f.b.addi(m0, &row);
+                        let at = f.b.muli(&row, self.k);
+                        let at = f.b.addi(&at, kk);
+                        let at = f.b.muli(&at, &two_bytes);
+                        let at = f.b.addi(&x, &at);
+                        tile_load(f, tile, &at, &x_stride);
+                    }
+                    let rel = f.b.subi(kk, &pass.ks);
+                    for (t, &tile) in B_TILE.iter().enumerate() {
+                        let at = self.scratch.at(f, &slot, &rel, 2 * TILE_COLS * t as i64);
+                        let at = f.b.addi(&at, &col_lanes);
+                        let at = f.b.muli(&at, &two_bytes);
+                        let at = f.b.addi(&packed, &at);
+                        tile_load(f, tile, &at, &b_stride);
+                    }
+                    for &(a, t) in &tiles {
+                        let (c, ta, tb) =
+                            (tile_id(f, sum_tile(a, t)), tile_id(f, A_TILE[a]), tile_id(f, B_TILE[t]));
+                        f.b.line(format_args!(
+                            "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
+                        ));
+                    }
+                });
+                let to_sums = |f: &mut Frame| {
+                    for &(a, t) in &tiles {
+                        let at = sum_offset(f, a, t);
+                        tile_store(f, sum_tile(a, t), &at, &sums_stride);
+                    }
+                };
+                match &partial {
+                    None => to_sums(f),
+                    Some((_, _, stride, part)) => if_then_else(f, &part.last, to_sums, |f| {
+                        for &(a, t) in &tiles {
+                            let at = partial_offset(f, a, t);
+                            tile_store(f, sum_tile(a, t), &at, stride);
+                        }
+                    }),
+                }
+            });
             let cols = self.panel_cols(f, g);
             match &pass.partial {
                 None => self.amx_store(f, m0, rows, (sums, sums_ty), (&cols.0, &cols.1)),
@@ -293,39 +312,44 @@ impl Kernel<'_, '_> {
     }
 }
 
-/// Loads the tile configuration: palette 1, every tile 64 bytes wide; the sum tiles and row tiles
-/// of `x` `first` rows (and `second` for the second row tile, which is otherwise left unused), the
-/// packed panel's tiles 16 rows (pairs of `K`).
-fn configure(f: &mut Frame, (cfg, cfg_ty): (&Value, &String), first: &Value, second: Option<&Value>) {
+/// Loads the tile configuration: the sum tiles and row tiles of `x` `first` rows (and `second`
+/// for the second row tile, which is otherwise left unused), the packed panel's tiles 16 rows
+/// (pairs of `K`); every tile 64 bytes wide.
+fn configure(f: &mut Frame, cfg: (&Value, &String), first: &Value, second: Option<&Value>) {
+    let (width, rows16) = (f.b.index(ROW_BYTES), f.b.index(TILE_ROWS));
+    let mut tiles = vec![
+        (sum_tile(0, 0), width.clone(), first.clone()),
+        (sum_tile(0, 1), width.clone(), first.clone()),
+        (A_TILE[0], width.clone(), first.clone()),
+        (B_TILE[0], width.clone(), rows16.clone()),
+        (B_TILE[1], width.clone(), rows16),
+    ];
+    if let Some(second) = second {
+        for tile in [sum_tile(1, 0), sum_tile(1, 1), A_TILE[1]] {
+            tiles.push((tile, width.clone(), second.clone()));
+        }
+    }
+    load_config(f, cfg, &tiles);
+}
+
+/// `ldtilecfg` of palette 1 with `(tile, bytes per row, rows)` for each tile used (each at most
+/// 64 and 16); the others are left unconfigured.
+fn load_config(f: &mut Frame, (cfg, cfg_ty): (&Value, &String), tiles: &[(i64, Value, Value)]) {
     let byte = |f: &mut Frame, at: i64, v: &Value| {
         let at = f.b.index(at);
         f.b.line(format_args!("memref.store {v}, {cfg}[{at}] : {cfg_ty}"));
     };
-    let c = |f: &mut Frame, v: i64| f.b.op("c", format_args!("arith.constant {v} : i8"));
-    let (zero, one, width, rows16) = (c(f, 0), c(f, 1), c(f, ROW_BYTES), c(f, TILE_ROWS));
+    let zero = f.b.op("c", format_args!("arith.constant 0 : i8"));
     for at in 0..64 {
         byte(f, at, &zero);
     }
+    let one = f.b.op("c", format_args!("arith.constant 1 : i8"));
     byte(f, 0, &one);
-    let first = f.b.op("r", format_args!("arith.index_cast {first} : index to i8"));
-    let second = second.map(|s| f.b.op("r", format_args!("arith.index_cast {s} : index to i8")));
-    let mut rows: Vec<(i64, Value)> = vec![
-        (sum_tile(0, 0), first.clone()),
-        (sum_tile(0, 1), first.clone()),
-        (A_TILE[0], first),
-        (B_TILE[0], rows16.clone()),
-        (B_TILE[1], rows16),
-    ];
-    if let Some(second) = second {
-        rows.extend([
-            (sum_tile(1, 0), second.clone()),
-            (sum_tile(1, 1), second.clone()),
-            (A_TILE[1], second),
-        ]);
-    }
-    for (tile, r) in rows {
+    for (tile, width, rows) in tiles {
+        let width = f.b.op("r", format_args!("arith.index_cast {width} : index to i8"));
+        let rows = f.b.op("r", format_args!("arith.index_cast {rows} : index to i8"));
         byte(f, 16 + 2 * tile, &width);
-        byte(f, 48 + tile, &r);
+        byte(f, 48 + tile, &rows);
     }
     let at = pointer(f, cfg, cfg_ty);
     let p = as_ptr(f, &at);
@@ -362,4 +386,181 @@ fn tile_store(f: &mut Frame, tile: i64, at: &Value, stride: &Value) {
     f.b.line(format_args!(
         "llvm.call_intrinsic \"llvm.x86.tilestored64\"({t}, {p}, {s}) : (i8, !llvm.ptr, i64) -> ()"
     ));
+}
+
+/// The rows `from .. to` of one expert of a CPU `grouped_linear` on AMX's tiles, where the input
+/// and the expert's weights (`weights`, one view of each weight, `[N, K]` row-major) are bf16,
+/// `N` is a multiple of 32 and `K = kn` of 32. Roles swap against [`Kernel::amx_blocks`]: an
+/// expert's weights serve a few rows (about `rows x top_k / experts` in a prefill), so packing them
+/// would cost more than their products; the weights are the row tiles instead, loaded straight
+/// from their rows, and the input's rows are packed (in blocks of 32, two column tiles of 16 rows'
+/// pairs, into the thread scratch). Each block of 32 weight rows sums into four tiles of
+/// 16 weight rows by 16 input rows, stored to scratch and read back, transposed, by the store
+/// hook. Each output sums its products in order along `K`, as [`Kernel::amx_blocks`] does.
+pub(in crate::codegen::lower::matmul) fn grouped_rows(
+    f: &mut Frame,
+    x: usize,
+    weights: &[(Value, String)],
+    (n, k, kn): (&Value, &Value, u64),
+    (from, to): (&Value, &Value),
+    store: super::Store,
+) {
+    let nw = weights.len();
+    let (cfg, cfg_ty) = f.scratch("i8", 64);
+    let (sums, sums_ty) = f.scratch("f32", (nw as i64 * BLOCK_ROWS * BLOCK_ROWS) as u64);
+    let (xt, xt_ty) = f.thread_scratch(0, "bf16", BLOCK_ROWS as u64 * kn);
+    let (xv, xm) = (f.bufs[x].view.clone(), f.bufs[x].memref.clone());
+    let xt_at = pointer(f, &xt, &xt_ty);
+    let sums_at = pointer(f, &sums, &sums_ty);
+    let w_at: Vec<Value> = weights.iter().map(|(v, m)| pointer(f, v, m)).collect();
+    let (zero, one, two_bytes) = (f.b.index(0), f.b.index(1), f.b.index(2));
+    let (tile_rows, block_rows) = (f.b.index(TILE_ROWS), f.b.index(BLOCK_ROWS));
+    let w_stride = f.b.muli(k, &two_bytes);
+    let (row_bytes, sums_stride) = (f.b.index(ROW_BYTES), f.b.index(BLOCK_ROWS * 4));
+    let step = f.b.index(2 * TILE_COLS);
+    for_loop(f, from, to, &block_rows, |f, m0| {
+        let end = f.b.addi(m0, &block_rows);
+        let end = f.b.minui(&end, to);
+        let rows = f.b.subi(&end, m0);
+        // The block's rows of x as two column tiles' pairs: tile `q`'s row `kp` (a pair of K
+        // columns) at element `(q * K / 2 + kp) * 32`, input row `16 q + j`'s pair in lanes `2j`,
+        // `2j + 1`. Rows past the block's end repeat its last row (their sums are not stored).
+        let last = f.b.subi(&end, &one);
+        for q in 0..2i64 {
+            let starts: Vec<Value> = (0..TILE_ROWS)
+                .map(|j| {
+                    let r = f.b.index(q * TILE_ROWS + j);
+                    let r = f.b.addi(m0, &r);
+                    let r = f.b.minui(&r, &last);
+                    f.b.muli(&r, k)
+                })
+                .collect();
+            let kk_step = f.b.index(2 * TILE_COLS);
+            let kn_v = f.b.index(kn as i64);
+            for_loop(f, &zero, &kn_v, &kk_step, |f, kk| {
+                let lanes = super::LANES_I32;
+                let pairs = super::BF16_PAIRS;
+                let rows_v: Vec<Value> = starts
+                    .iter()
+                    .map(|s| {
+                        let at = f.b.addi(s, kk);
+                        let v = f.b.op("px", format_args!("vector.load {xv}[{at}] : {xm}, {pairs}"));
+                        f.b.op("px", format_args!("vector.bitcast {v} : {pairs} to {lanes}"))
+                    })
+                    .collect();
+                let kp = f.b.divui(kk, &two_bytes);
+                for (t, v) in super::transpose16(f, rows_v).iter().enumerate() {
+                    let row = f.b.index(q * kn as i64 / 2 + t as i64);
+                    let row = f.b.addi(&row, &kp);
+                    let lanes_per_row = f.b.index(2 * TILE_COLS);
+                    let at = f.b.muli(&row, &lanes_per_row);
+                    let v = f.b.op("pv", format_args!("vector.bitcast {v} : {lanes} to {pairs}"));
+                    f.b.line(format_args!("vector.store {v}, {xt}[{at}] : {xt_ty}, {pairs}"));
+                }
+            });
+        }
+        let two = f.b.op("c", format_args!("arith.cmpi ugt, {rows}, {tile_rows} : index"));
+        let block = |f: &mut Frame, cols: usize| {
+            let tiles: Vec<(usize, usize)> = (0..2).flat_map(|a| (0..cols).map(move |q| (a, q))).collect();
+            for_loop(f, &zero, n, &block_rows, |f, n0| {
+                for (w, wp) in w_at.iter().enumerate() {
+                    for &(a, q) in &tiles {
+                        let tile = tile_id(f, sum_tile(a, q));
+                        f.b.line(format_args!(
+                            "llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"
+                        ));
+                    }
+                    for_loop(f, &zero, k, &step, |f, kk| {
+                        for (a, &tile) in A_TILE.iter().enumerate() {
+                            let r = f.b.index(a as i64 * TILE_ROWS);
+                            let r = f.b.addi(n0, &r);
+                            let at = f.b.muli(&r, k);
+                            let at = f.b.addi(&at, kk);
+                            let at = f.b.muli(&at, &two_bytes);
+                            let at = f.b.addi(wp, &at);
+                            tile_load(f, tile, &at, &w_stride);
+                        }
+                        let kp = f.b.divui(kk, &two_bytes);
+                        for (q, &tile) in B_TILE[..cols].iter().enumerate() {
+                            let row = f.b.index(q as i64 * kn as i64 / 2);
+                            let row = f.b.addi(&row, &kp);
+                            let at = f.b.muli(&row, &row_bytes);
+                            let at = f.b.addi(&xt_at, &at);
+                            tile_load(f, tile, &at, &row_bytes);
+                        }
+                        for &(a, q) in &tiles {
+                            let (c, ta, tb) =
+                                (tile_id(f, sum_tile(a, q)), tile_id(f, A_TILE[a]), tile_id(f, B_TILE[q]));
+                            f.b.line(format_args!(
+                                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
+                            ));
+                        }
+                    });
+                    // Weight `w`'s weight row `nn` of the block, input row `j`: `sums` element
+                    // `(w * 32 + nn) * 32 + j`.
+                    for &(a, q) in &tiles {
+                        let off = ((w as i64 * BLOCK_ROWS + a as i64 * TILE_ROWS) * BLOCK_ROWS
+                            + q as i64 * TILE_ROWS)
+                            * 4;
+                        let off = f.b.index(off);
+                        let at = f.b.addi(&sums_at, &off);
+                        tile_store(f, sum_tile(a, q), &at, &sums_stride);
+                    }
+                }
+                for_loop(f, &zero, &rows, &one, |f, j| {
+                    let m = f.b.addi(m0, j);
+                    let base = f.b.muli(&m, n);
+                    let base = f.b.addi(&base, n0);
+                    for_loop(f, &zero, &block_rows, &one, |f, nn| {
+                        let ys: Vec<Value> = (0..nw)
+                            .map(|w| {
+                                let row = f.b.index(w as i64 * BLOCK_ROWS);
+                                let row = f.b.addi(&row, nn);
+                                let at = f.b.muli(&row, &block_rows);
+                                let at = f.b.addi(&at, j);
+                                f.b.op("y", format_args!("memref.load {sums}[{at}] : {sums_ty}"))
+                            })
+                            .collect();
+                        let idx = f.b.addi(&base, nn);
+                        store(f, &idx, &ys);
+                    });
+                });
+            });
+        };
+        // Weight row tiles: 16 rows of 64 bytes; input tiles: 16 rows (pairs of K) of one 32-bit
+        // lane per input row; sum tiles: 16 weight rows of one f32 per input row.
+        let four = f.b.index(4);
+        let first_cols = f.b.minui(&rows, &tile_rows);
+        let first_cols = f.b.muli(&first_cols, &four);
+        if_then_else(
+            f,
+            &two,
+            |f| {
+                let second = f.b.subi(&rows, &tile_rows);
+                let second = f.b.muli(&second, &four);
+                configure_grouped(f, (&cfg, &cfg_ty), &first_cols, Some(&second));
+                block(f, 2);
+            },
+            |f| {
+                configure_grouped(f, (&cfg, &cfg_ty), &first_cols, None);
+                block(f, 1);
+            },
+        );
+    });
+    f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilerelease\"() : () -> ()"));
+}
+
+/// The tile configuration of [`grouped_rows`]: the weight row tiles 16 rows of 64 bytes; input
+/// column tile `q` and the sum tiles `(a, q)` `first` (`q = 0`) or `second` bytes wide, the input
+/// tiles 16 rows (pairs of `K`), the sum tiles 16 (weight rows).
+fn configure_grouped(f: &mut Frame, cfg: (&Value, &String), first: &Value, second: Option<&Value>) {
+    let width = f.b.index(ROW_BYTES);
+    let rows = f.b.index(TILE_ROWS);
+    let mut tiles = vec![(A_TILE[0], width.clone(), rows.clone()), (A_TILE[1], width, rows.clone())];
+    for (q, cols) in std::iter::once(first).chain(second).enumerate() {
+        tiles.push((B_TILE[q], cols.clone(), rows.clone()));
+        tiles.push((sum_tile(0, q), cols.clone(), rows.clone()));
+        tiles.push((sum_tile(1, q), cols.clone(), rows.clone()));
+    }
+    load_config(f, cfg, &tiles);
 }
