@@ -386,12 +386,12 @@ fn cpu_linear_in_bf16_rounds_once() {
 #[test]
 fn cpu_linear_in_bf16_packs_panels_where_rows_allow() {
     // bf16 x bf16 with K a multiple of 32 on a CPU with AVX512_BF16: a GEMM of at least 64 rows
-    // (32 with AMX) packs each 64-column panel a thread works on and runs the outer-product
+    // (8 with AMX) packs each 64-column panel a thread works on and runs the outer-product
     // micro-kernel (6-row blocks and single rows), or AMX's tiles (blocks of 32 rows, then one of
     // 17 to 31 rows in two row tiles or of up to 16 in one, over groups of panels); fewer rows
     // keep the dot-product blocks. `CpuLib::run` cuts the work in three, so ranges start and end
     // inside panels. Shapes: full panels stored as whole vectors, a last panel of 22 or 44 columns
-    // stored lane by lane, 64 rows and 63, 32 and 31, tails of 15 and 18 rows, five panels (a
+    // stored lane by lane, 64 rows and 63, 32 and 31, 8 and 7, tails of 15 and 18 rows, five panels (a
     // group of four and one), and K in two chunks (16384 columns, then 32) with partial sums kept
     // between them, over two passes of rows on AMX.
     let shapes = [
@@ -401,6 +401,8 @@ fn cpu_linear_in_bf16_packs_panels_where_rows_allow() {
         ("bf16[63, 32]", "bf16[20, 32]"),
         ("bf16[32, 64]", "bf16[20, 64]"),
         ("bf16[31, 64]", "bf16[20, 64]"),
+        ("bf16[8, 64]", "bf16[70, 64]"),
+        ("bf16[7, 64]", "bf16[70, 64]"),
         ("bf16[47, 96]", "bf16[300, 96]"),
         ("bf16[50, 32]", "bf16[150, 32]"),
         ("bf16[100, 64]", "bf16[256, 64]"),

@@ -49,8 +49,11 @@ const PACK_BYTES: u64 = 2 << 20;
 /// f32 scratch between chunks (`CHUNK_ROWS x 64` per weight), and each chunk is packed once per
 /// pass.
 const CHUNK_ROWS: i64 = 240;
-/// The fewest rows of a bf16 GEMM for the packed path when its micro-kernel is AMX's.
-const AMX_MIN_ROWS: i64 = 32;
+/// The fewest rows of a bf16 GEMM for the packed path when its micro-kernel is AMX's: where it
+/// passed the dot-product blocks in `kiln bench gemm --rows M` at N = K = 1024 and 4096 (2
+/// threads, 2026-12-06, Xeon with AMX): 4 rows 127/92 GFLOP/s against 130/138, 6 level, 8
+/// 258/198 against 194/173, 16 465/325 against 174/173.
+const AMX_MIN_ROWS: i64 = 8;
 /// Accumulators per micro-kernel (of AVX-512's 32 vector registers; the rest hold the packed
 /// weights and the broadcast input).
 const ACCS: usize = 24;
