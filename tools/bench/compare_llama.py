@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -132,7 +133,7 @@ def llama_bench(llama: Path, model: Path, a) -> dict:
     bench = llama / "build" / "bin" / "llama-bench"
     prompts = ",".join(map(str, a.prompts))
     r = run([str(bench), "-m", str(model), "-t", str(a.threads), "-p", prompts, "-n", str(a.new_tokens),
-             "-d", f"0,{a.prompts[0]}", "-r", str(a.rounds), "-o", "json"])
+             "-d", f"0,{a.prompts[0]}", "-r", str(a.rounds), "-o", "json", *shlex.split(a.llama_flags)])
     out = {}
     for row in json.loads(r.stdout):
         if row["n_gen"] == 0:
@@ -183,6 +184,9 @@ def main() -> None:
     p.add_argument("--fp8-head", choices=["fp8", "bf16"], default="fp8",
                    help="kiln fp8's output head: in FP8 (`modules_to_not_convert = []`), as q8_0 stores it "
                         "in 8 bits, or in bf16 as DeepSeek-V3's release keeps it")
+    p.add_argument("--llama-flags", default="",
+                   help="more llama-bench arguments, for every format: `--repack 0` where llama.cpp's "
+                        "repacked (AMX) q8_0 weights abort it (tools/bench/README.md)")
     p.add_argument("--keep", type=Path,
                    help="keep the checkpoints, GGUFs and artifacts here, and reuse the checkpoints and GGUFs")
     a = p.parse_args()

@@ -12,7 +12,9 @@
 //! library keeps internal, inlined into its entry) is the packed entry `void k_packed(void *const *buffers, const int64_t *sizes, int64_t lo, int64_t hi)`:
 //! `buffers` holds the kernel's arguments then results, `sizes` its symbolic sizes in
 //! `Kernel::syms` order, and `[lo, hi)` the work items to compute. One signature for every kernel
-//! lets the runtime call any of them without generated glue.
+//! lets the runtime call any of them without generated glue. The entry passes the function the
+//! buffers its body uses ([`super::lower::LoweredKernel::passed`]) and, to a kernel that picks
+//! experts' weights at run time, `buffers` itself as a table of addresses.
 
 use std::path::Path;
 use std::process::Command;
@@ -162,10 +164,10 @@ fn require_cpu(module: &LoweredModule) -> Result<(), EmitError> {
 
 /// The packed entry of one kernel, as LLVM IR text (see the module documentation), and its
 /// signature line as the constant string `@{name}_signature`.
-fn packed_entry(name: &str, buffers: usize, sizes: usize, signature: &str) -> String {
+fn packed_entry(name: &str, passed: &[usize], sizes: usize, table: bool, signature: &str) -> String {
     let mut body = String::new();
     let mut args = Vec::new();
-    for i in 0..buffers {
+    for &i in passed {
         body.push_str(&format!(
             "  %bp{i} = getelementptr inbounds ptr, ptr %buffers, i64 {i}\n  %b{i} = load ptr, ptr %bp{i}\n"
         ));
@@ -179,6 +181,9 @@ fn packed_entry(name: &str, buffers: usize, sizes: usize, signature: &str) -> St
     }
     args.push("i64 %lo".into());
     args.push("i64 %hi".into());
+    if table {
+        args.push("ptr %buffers".into());
+    }
     let params = args.iter().map(|a| a.split(' ').next().unwrap_or("ptr")).collect::<Vec<_>>().join(", ");
     // The signature holds only `[a-z0-9_ *,\[\]|>-]`, none of which LLVM's c"..." escapes.
     let sig =
@@ -263,7 +268,8 @@ fn optimized<'l>(
         g.set_initializer(&zero);
     }
     for k in &module.kernels {
-        let text = packed_entry(&k.name, k.buffers, k.syms.len(), k.signature.as_deref().unwrap_or_default());
+        let sig = k.signature.as_deref().unwrap_or_default();
+        let text = packed_entry(&k.name, &k.passed, k.syms.len(), k.table, sig);
         let buffer = MemoryBuffer::create_from_memory_range_copy(text.as_bytes(), "packed");
         let entry = llvm.create_module_from_ir(buffer).map_err(|e| EmitError::Llvm(e.to_string()))?;
         ir.link_in_module(entry).map_err(|e| EmitError::Llvm(e.to_string()))?;

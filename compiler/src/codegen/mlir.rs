@@ -236,8 +236,43 @@ impl Body {
 
     /// The finished body: constants first, then the code, each line indented for a function body.
     pub fn finish(self) -> String {
+        self.finish_with("")
+    }
+
+    /// The body with `prologue` (lines already indented for the entry block) between the
+    /// constants and the rest: where a function's argument views go, which may use constants.
+    pub fn finish_with(self, prologue: &str) -> String {
         let mut out = self.consts;
+        out.push_str(prologue);
         out.push_str(&self.lines);
+        out
+    }
+
+    /// The indentation of the entry block's lines.
+    pub fn entry_pad(&self) -> String {
+        "  ".repeat(self.base)
+    }
+
+    /// Every `%name` the body's text mentions (constants and lines), without the `%`.
+    pub fn mentioned(&self) -> HashSet<&str> {
+        let mut out = HashSet::new();
+        for text in [&self.consts, &self.lines] {
+            let bytes = text.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                if bytes[i] == b'%' {
+                    let start = i + 1;
+                    let mut j = start;
+                    while j < bytes.len() && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'_') {
+                        j += 1;
+                    }
+                    out.insert(&text[start..j]);
+                    i = j;
+                } else {
+                    i += 1;
+                }
+            }
+        }
         out
     }
 }

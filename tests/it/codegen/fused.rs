@@ -426,8 +426,9 @@ fn fp8_grouped_gemm_vector_loads_decode_every_code() {
     }
 }
 
-/// A grouped GEMM over more experts than one switch holds (20: a tree of switches, 16 then 4):
-/// each expert's weight is the identity times its own scale `e + 1`, so every output row names
+/// A grouped GEMM over 20 experts (on the GPU more than one switch holds: a tree of switches, 16
+/// then 4; on the CPU read from the table of buffer addresses, every second one a scale): each
+/// expert's weight is the identity times its own scale `e + 1`, so every output row names
 /// the expert that computed it. Experts hold 0 to 13 rows (the 4-row blocks and the one-row loop
 /// both run, and the harness's work ranges start inside experts), and the last 7 rows belong to
 /// none, so they are 0.
@@ -486,6 +487,17 @@ fn a_grouped_gemm_over_20_experts_picks_each_rows_expert() {
         })
         .unwrap();
     assert_eq!(fusion_plan(&kernel.body).unwrap().to_string(), "fp8 grouped_linear");
+    // On the CPU the experts' codes and scales are read from the table of buffer addresses the
+    // packed entry is given: the function takes `x`, the offsets, the output and the table, and
+    // has no switch. A GPU kernel takes every buffer and picks by switches.
+    let cpu = lower_module([&kernel], Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    let k = &cpu.kernels[0];
+    assert!(k.table, "{}", k.func);
+    assert_eq!(k.passed, [0, 1, 2 + 2 * E]);
+    assert!(!k.func.contains("scf.index_switch"), "{}", k.func);
+    let gpu = lower_module([&kernel], Target::Gpu).unwrap_or_else(|e| panic!("{e}"));
+    let k = &gpu.kernels[0];
+    assert!(!k.table && k.passed.len() == 3 + 2 * E && k.func.contains("scf.index_switch"));
     let lib = CpuLib::build(&[&kernel]);
     // The identity in E4M3 (1.0 is 0x38).
     let identity: Vec<u8> = (0..256).map(|i| if i / 16 == i % 16 { 0x38 } else { 0 }).collect();

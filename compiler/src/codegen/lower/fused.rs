@@ -73,7 +73,11 @@ impl Frame<'_> {
             b: std::mem::take(&mut self.b),
             bufs,
             syms: self.syms.clone(),
+            buf_params: Vec::new(),
+            view_lines: Vec::new(),
             params: Vec::new(),
+            table: self.table.take(),
+            all_bufs: self.all_bufs,
             workgroup: std::mem::take(&mut self.workgroup),
             range: self.range.clone(),
             scratches: self.scratches,
@@ -89,7 +93,11 @@ impl Frame<'_> {
             b: Body::new(0),
             bufs,
             syms: self.syms.clone(),
+            buf_params: Vec::new(),
+            view_lines: Vec::new(),
             params: Vec::new(),
+            table: self.table.clone(),
+            all_bufs: self.all_bufs,
             workgroup: self.workgroup.clone(),
             range: self.range.clone(),
             scratches: self.scratches,
@@ -99,6 +107,7 @@ impl Frame<'_> {
 
     fn adopt(&mut self, child: Frame<'_>) {
         self.b = child.b;
+        self.table = child.table;
         self.workgroup = child.workgroup;
         self.scratches = child.scratches;
     }

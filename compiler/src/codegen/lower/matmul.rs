@@ -148,6 +148,22 @@ pub(super) enum Operand {
     Fp8 { codes: usize, scales: usize, rows: u64, cols: u64 },
 }
 
+/// The buffer of a plain operand.
+fn buffer_of(op: &Operand) -> usize {
+    match *op {
+        Operand::Plain(b) => b,
+        Operand::Fp8 { codes, .. } => codes,
+    }
+}
+
+/// The codes and scales buffers of an FP8 operand (a plain one's buffer twice).
+fn fp8_parts(op: &Operand) -> (usize, usize) {
+    match *op {
+        Operand::Plain(b) => (b, b),
+        Operand::Fp8 { codes, scales, .. } => (codes, scales),
+    }
+}
+
 impl Operand {
     fn check(&self, f: &Frame, op: &str) -> Result<(), LowerError> {
         match *self {
@@ -360,8 +376,31 @@ pub(super) fn grouped_with(
         })
         .remove(0)
     };
-    // The views of expert `e`'s buffers: one `scf.index_switch` over the experts.
+    // The buffers of expert `e`, in the order of `types`: `slots[j][e]`.
+    let slots: Vec<Vec<usize>> = {
+        let mut slots = Vec::new();
+        for ws in weights {
+            match ws[0] {
+                Operand::Plain(_) => slots.push(ws.iter().map(buffer_of).collect()),
+                Operand::Fp8 { .. } => {
+                    slots.push(ws.iter().map(|w| fp8_parts(w).0).collect());
+                    slots.push(ws.iter().map(|w| fp8_parts(w).1).collect());
+                }
+            }
+        }
+        slots
+    };
+    let table = super::TableSlot::plan(f, &slots);
+    // The views of expert `e`'s buffers: on the CPU read from the table of buffer addresses where
+    // the experts' buffers lie evenly spaced among the kernel's; else one `scf.index_switch` over
+    // the experts.
     let views_of = |f: &mut Frame, e: &Value| {
+        if let Some(table) = &table {
+            // The default (no expert holds the row) reads expert 0; its sums are discarded.
+            let valid = f.cmp("ult", e, &ev, "index");
+            let e = f.select(&valid, e, &zero, "index");
+            return table.iter().map(|slot| slot.view(f, &e)).collect();
+        }
         let tys: Vec<&str> = types.iter().map(String::as_str).collect();
         index_switch_tree(f, e, experts, &tys, |f, case| {
             // The default (no expert holds the row) reads expert 0; its sums are discarded.

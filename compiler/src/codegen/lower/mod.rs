@@ -121,6 +121,12 @@ pub struct LoweredKernel {
     pub launch: LaunchShape,
     /// Buffers (arguments then results) and symbolic sizes the function takes.
     pub buffers: usize,
+    /// The buffers that are parameters of the function, in order (on the CPU, those its body
+    /// uses; the packed entry passes these).
+    pub passed: Vec<usize>,
+    /// Whether the function's last parameter is the table of every buffer's address (the packed
+    /// entry's `buffers`), from which it picks experts' weights at run time (CPU).
+    pub table: bool,
     pub syms: Vec<Sym>,
     /// For the CPU: the kernel's signature line ([`kiln_ir::artifact::signature`]: buffer types,
     /// sizes and work), which the library carries so a runtime can check the manifest against it.
@@ -302,10 +308,61 @@ fn check_signature(kernel: &Kernel) -> Result<(), LowerError> {
 /// A buffer of the kernel seen as a flat 1-D memref.
 #[derive(Clone)]
 pub(crate) struct Buffer {
+    /// Its number among the kernel's buffers (arguments, results, scratch): its place in the
+    /// packed entry's `buffers`, whatever frame (a phase's) sees it.
+    pub index: usize,
     pub view: Value,
     /// `memref<?xf32>` or `memref<64xf32>`.
     pub memref: String,
     pub ty: TensorType,
+}
+
+/// One buffer of each expert, picked at run time from the table of buffer addresses
+/// ([`Frame::table_view`]): expert `e`'s is buffer number `base + stride * e` of the kernel.
+pub(crate) struct TableSlot {
+    base: usize,
+    stride: usize,
+    elem: &'static str,
+    numel: Value,
+}
+
+impl TableSlot {
+    /// On the CPU, where `slots[j][e]` (the frame's buffer numbers of expert `e`'s `j`-th buffer)
+    /// lie evenly spaced among the kernel's buffers and each slot's buffers share a storage type
+    /// and shape: the slots, to be read from the table. `None` elsewhere (the caller picks by
+    /// `scf.index_switch`).
+    pub fn plan(f: &mut Frame, slots: &[Vec<usize>]) -> Option<Vec<TableSlot>> {
+        if f.target != Target::Cpu {
+            return None;
+        }
+        let mut out = Vec::with_capacity(slots.len());
+        for bufs in slots {
+            let first = &f.bufs[*bufs.first()?];
+            let (base, elem, ty) = (first.index, storage_type(first.ty.dtype), first.ty.clone());
+            let stride = match bufs.get(1) {
+                Some(&b) => f.bufs[b].index.checked_sub(base)?,
+                None => 0,
+            };
+            for (e, &b) in bufs.iter().enumerate() {
+                let buf = &f.bufs[b];
+                if buf.index != base + stride * e || buf.ty.dtype != ty.dtype || buf.ty.shape != ty.shape {
+                    return None;
+                }
+            }
+            let numel = f.numel(&ty.shape);
+            out.push(TableSlot { base, stride, elem, numel });
+        }
+        Some(out)
+    }
+
+    /// Expert `e`'s buffer (`e` an `index` value below the number of experts) as a
+    /// `memref<?xT>`.
+    pub fn view(&self, f: &mut Frame, e: &Value) -> Value {
+        let (base, stride) = (f.b.index(self.base as i64), f.b.index(self.stride as i64));
+        let at = f.b.muli(e, &stride);
+        let at = f.b.addi(&at, &base);
+        f.table_view(&at, self.elem, &self.numel)
+    }
 }
 
 /// The function being written: its signature, prologue values and body.
@@ -316,7 +373,18 @@ pub(crate) struct Frame<'k> {
     /// Arguments, then results.
     pub bufs: Vec<Buffer>,
     syms: Vec<(Sym, Value)>,
+    /// The parameter of each buffer (`%a0: memref<f32>`), in buffer order.
+    buf_params: Vec<String>,
+    /// The line that makes each buffer's view from its parameter, in buffer order; written at the
+    /// function's entry by [`Frame::finish`] (on the CPU, only for buffers the body uses).
+    view_lines: Vec<String>,
+    /// The size and range parameters, after the buffers'.
     params: Vec<String>,
+    /// On the CPU, once [`Frame::table_view`] has read one: the table of the buffers' addresses
+    /// (the packed entry's `buffers`), its view and memref type; it is the last parameter.
+    table: Option<(Value, String)>,
+    /// The kernel's buffers, all frames' together: the table's length.
+    all_bufs: usize,
     /// `workgroup(...)` attributions of a GPU kernel (shared memory).
     workgroup: Vec<String>,
     /// `lo`, `hi` on the CPU.
@@ -369,7 +437,11 @@ impl<'k> Frame<'k> {
             b: Body::new(indent),
             bufs: Vec::new(),
             syms: Vec::new(),
+            buf_params: Vec::new(),
+            view_lines: Vec::new(),
             params: Vec::new(),
+            table: None,
+            all_bufs: 0,
             workgroup: Vec::new(),
             range: None,
             scratches: 0,
@@ -384,7 +456,7 @@ impl<'k> Frame<'k> {
         for (name, ty) in &tys {
             let elem = storage_type(ty.dtype);
             let p = f.b.named(name);
-            f.params.push(format!("{p}: memref<{elem}>"));
+            f.buf_params.push(format!("{p}: memref<{elem}>"));
             ptrs.push((p, elem));
         }
         for s in &kernel.syms {
@@ -410,14 +482,14 @@ impl<'k> Frame<'k> {
                     (n.to_string(), format!("memref<?x{elem}>"))
                 }
             };
-            let view = f.b.op(
-                "v",
-                format_args!(
-                    "memref.reinterpret_cast {p} to offset: [0], sizes: [{size_text}], strides: [1] : memref<{elem}> to {memref}"
-                ),
-            );
-            f.bufs.push(Buffer { view, memref, ty: (*ty).clone() });
+            let view = f.b.fresh("v");
+            let pad = f.b.entry_pad();
+            f.view_lines.push(format!(
+                "{pad}{view} = memref.reinterpret_cast {p} to offset: [0], sizes: [{size_text}], strides: [1] : memref<{elem}> to {memref}\n"
+            ));
+            f.bufs.push(Buffer { index: f.bufs.len(), view, memref, ty: (*ty).clone() });
         }
+        f.all_bufs = f.bufs.len();
         f
     }
 
@@ -433,6 +505,43 @@ impl<'k> Frame<'k> {
     /// The buffer of result `i`.
     pub fn result(&self, i: usize) -> &Buffer {
         &self.bufs[self.kernel.args.len() + i]
+    }
+
+    /// On the CPU: buffer number `index` ([`Buffer::index`], an `index` value at run time) as a
+    /// `memref<?x{elem}>` of `numel` elements, its address read from the table of every buffer's
+    /// address that the packed entry is given (`buffers`). A kernel picking one expert's weights
+    /// out of many reads them so, instead of taking each as a parameter and choosing among them by
+    /// `scf.index_switch`: for DeepSeek-V3's 256 experts that was a thousand parameters and a tree
+    /// of switches whose results LLVM took most of a second to compile, per kernel.
+    pub fn table_view(&mut self, index: &Value, elem: &str, numel: &Value) -> Value {
+        debug_assert_eq!(self.target, Target::Cpu, "GPU kernels take every buffer as a parameter");
+        let n = self.all_bufs;
+        let (table, ty) = match &self.table {
+            Some((v, _)) => (v.clone(), format!("memref<{n}xi64>")),
+            None => {
+                let p = self.b.named("tbl");
+                let ty = format!("memref<{n}xi64>");
+                let v = self.b.entry_op(
+                    "buffer table",
+                    "tv",
+                    format_args!(
+                        "memref.reinterpret_cast {p} to offset: [0], sizes: [{n}], strides: [1] : memref<i64> to {ty}"
+                    ),
+                );
+                self.table = Some((v.clone(), format!("{p}: memref<i64>")));
+                (v, ty)
+            }
+        };
+        const DESC: &str = "!llvm.struct<(ptr, ptr, i64, array<1 x i64>, array<1 x i64>)>";
+        let addr = self.b.op("ta", format_args!("memref.load {table}[{index}] : {ty}"));
+        let ptr = self.b.op("tp", format_args!("llvm.inttoptr {addr} : i64 to !llvm.ptr"));
+        let (zero, one) = (self.b.constant("0", "i64"), self.b.constant("1", "i64"));
+        let size = self.b.op("tn", format_args!("arith.index_cast {numel} : index to i64"));
+        let mut d = self.b.op("td", format_args!("llvm.mlir.poison : {DESC}"));
+        for (v, at) in [(&ptr, "0"), (&ptr, "1"), (&zero, "2"), (&size, "3, 0"), (&one, "4, 0")] {
+            d = self.b.op("td", format_args!("llvm.insertvalue {v}, {d}[{at}] : {DESC}"));
+        }
+        self.b.op("tw", format_args!("builtin.unrealized_conversion_cast {d} : {DESC} to memref<?x{elem}>"))
     }
 
     /// A dimension as an `index` value: its factor times the size arguments it mentions, computed
@@ -829,8 +938,29 @@ impl<'k> Frame<'k> {
 
     fn finish(self, launch: LaunchShape) -> LoweredKernel {
         let name = &self.kernel.name;
-        let params = self.params.join(", ");
-        let body = self.b.finish();
+        // On the CPU a buffer whose view the body never uses is not a parameter: the experts'
+        // weights a kernel reads through the table ([`Frame::table_view`]), or a buffer it does
+        // not read. The packed entry passes the others. A GPU kernel takes every buffer.
+        let passed: Vec<usize> = match self.target {
+            Target::Cpu => {
+                let mentioned = self.b.mentioned();
+                (0..self.bufs.len())
+                    .filter(|&i| mentioned.contains(self.bufs[i].view.to_string().trim_start_matches('%')))
+                    .collect()
+            }
+            Target::Gpu => (0..self.bufs.len()).collect(),
+        };
+        let params: Vec<&str> = (passed.iter().map(|&i| self.buf_params[i].as_str()))
+            .chain(self.params.iter().map(String::as_str))
+            .collect();
+        let mut params = params.join(", ");
+        let prologue: String = passed.iter().map(|&i| self.view_lines[i].as_str()).collect();
+        if let Some((_, decl)) = &self.table {
+            params.push_str(", ");
+            params.push_str(decl);
+        }
+        let table = self.table.is_some();
+        let body = self.b.finish_with(&prologue);
         let func = match self.target {
             Target::Cpu => format!("  func.func @{name}({params}) {{\n{body}    return\n  }}\n"),
             Target::Gpu => {
@@ -873,6 +1003,8 @@ impl<'k> Frame<'k> {
             func,
             launch,
             buffers: self.bufs.len(),
+            passed,
+            table,
             syms: self.kernel.syms.clone(),
             signature,
         }

@@ -356,6 +356,27 @@ pub(super) fn pick_buffers(
     (first, per, count): (usize, usize, usize),
     extra: &dyn Fn(usize) -> i64,
 ) -> (Vec<Value>, Value) {
+    let slots: Vec<Vec<usize>> =
+        (0..count).map(|j| (0..experts).map(|x| first + per * x + j).collect()).collect();
+    if let Some(table) = super::TableSlot::plan(f, &slots) {
+        // On the CPU, from the table of buffer addresses; the extra index by arithmetic where it
+        // is affine in the expert (as callers' are), else by a switch of indexes alone.
+        // An expert number outside 0..E (callers never use what it picks) reads expert 0's.
+        let (ev, zero) = (f.b.index(experts as i64), f.b.index(0));
+        let valid = f.cmp("ult", e, &ev, "index");
+        let clamped = f.select(&valid, e, &zero, "index");
+        let views: Vec<Value> = table.iter().map(|slot| slot.view(f, &clamped)).collect();
+        let (e0, step) = (extra(0), if experts > 1 { extra(1) - extra(0) } else { 0 });
+        let last = if (0..experts).all(|x| extra(x) == e0 + step * x as i64) {
+            let (e0, step) = (f.b.index(e0), f.b.index(step));
+            let at = f.b.muli(e, &step);
+            f.b.addi(&at, &e0)
+        } else {
+            index_switch(f, e, experts, &["index"], |f, case| vec![f.b.index(extra(case.unwrap_or(0)))])
+                .remove(0)
+        };
+        return (views, last);
+    }
     let elem = f.storage(first);
     let dynamic = format!("memref<?x{elem}>");
     let mut types: Vec<&str> = vec![dynamic.as_str(); count];
