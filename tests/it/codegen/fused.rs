@@ -267,6 +267,22 @@ fn in_snapshots(f: impl FnOnce()) {
     settings.bind(f);
 }
 
+/// FP8 linears in scale blocks of 128 columns take AMX's tiles exactly where the host has them
+/// (and AVX512_BF16 and byte permutes, which every AMX host has): the codes decoded to bf16 as
+/// they are packed. Elsewhere, and for blocks of 16 columns, the FP8 dot-product blocks.
+#[test]
+fn fp8_linears_take_amx_tiles_where_the_host_has_them() {
+    let host = kiln_compiler::codegen::cpu::host_features();
+    for (file, amx) in [
+        ("fp8_linear_amx.kir", host.amx),
+        ("fp8_swiglu_amx_chunks.kir", host.amx),
+        ("fp8_linear_swiglu.kir", false),
+    ] {
+        let mlir = mlir_of(&case(file), Target::Cpu);
+        assert_eq!(mlir.contains("llvm.x86.tdpbf16ps"), amx, "{file}: AMX tiles");
+    }
+}
+
 #[test]
 fn fused_mlir_snapshots() {
     let chain = case("chain_bf16.kir");

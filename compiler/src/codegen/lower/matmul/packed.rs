@@ -1,7 +1,8 @@
 //! The packed path of the CPU `linear`: where the input and every weight are bf16 (on a host with
-//! AVX512_BF16) or all f32, and the GEMM has enough rows ([`Elem::min_rows`]: 64 in bf16, 128 in
-//! f32), each thread packs the column panels it works on into the micro-kernel's layout, then runs
-//! an outer-product micro-kernel over them.
+//! AVX512_BF16) or all f32, or all FP8 in scale blocks on a host with AMX ([`Elem::Fp8`]), and the
+//! GEMM has enough rows ([`Elem::min_rows`]: 64 in bf16, 128 in f32, 8 on AMX), each thread packs
+//! the column panels it works on into the micro-kernel's layout, then runs an outer-product
+//! micro-kernel over them.
 //!
 //! The dot-product blocks of [`super::Gemv::block`] read both operands along `K` and finish every
 //! output with a horizontal sum; on a square GEMM they reached about 60% of oneDNN in bf16. Here,
@@ -70,12 +71,17 @@ const LANES_I32: &str = "vector<16xi32>";
 pub(crate) enum Elem {
     Bf16,
     F32,
+    /// FP8 E4M3 input and weights in scale blocks (DeepSeek-V3's 1 x 128 and 128 x 128), on a host
+    /// with AMX only: codes decoded to their exact bf16 values as they are packed, each scale
+    /// block's products summed in the tiles, then times the block's scales in f32
+    /// ([`amx`]'s FP8 blocks).
+    Fp8,
 }
 
 impl Elem {
     /// Whether the micro-kernel is AMX's tiles ([`amx`]): bf16 on a host that has them.
     pub(super) fn amx(self) -> bool {
-        self == Elem::Bf16 && crate::codegen::cpu::host_features().amx
+        matches!(self, Elem::Bf16 | Elem::Fp8) && crate::codegen::cpu::host_features().amx
     }
 
     /// Rows per pass over the chunks of `K` when `K` takes several.
@@ -90,29 +96,31 @@ impl Elem {
     /// `K` columns per 32-bit lane.
     fn per(self) -> i64 {
         match self {
-            Elem::Bf16 => 2,
+            Elem::Bf16 | Elem::Fp8 => 2,
             Elem::F32 => 1,
         }
     }
 
+    /// Bytes of a packed value (FP8 codes are packed decoded, as bf16).
     fn bytes(self) -> u64 {
         match self {
-            Elem::Bf16 => 2,
+            Elem::Bf16 | Elem::Fp8 => 2,
             Elem::F32 => 4,
         }
     }
 
+    /// The packed panels' element type.
     fn name(self) -> &'static str {
         match self {
-            Elem::Bf16 => "bf16",
+            Elem::Bf16 | Elem::Fp8 => "bf16",
             Elem::F32 => "f32",
         }
     }
 
-    /// 16 lanes of the element: `vector<32xbf16>` or `vector<16xf32>`.
+    /// 16 lanes of the packed element: `vector<32xbf16>` or `vector<16xf32>`.
     fn vec(self) -> &'static str {
         match self {
-            Elem::Bf16 => BF16_PAIRS,
+            Elem::Bf16 | Elem::Fp8 => BF16_PAIRS,
             Elem::F32 => VEC,
         }
     }
@@ -130,8 +138,8 @@ impl Elem {
     /// faster packed, hence 128 for f32.
     fn min_rows(self) -> i64 {
         match self {
-            Elem::Bf16 if self.amx() => AMX_MIN_ROWS,
-            Elem::Bf16 => 64,
+            Elem::Bf16 | Elem::Fp8 if self.amx() => AMX_MIN_ROWS,
+            Elem::Bf16 | Elem::Fp8 => 64,
             Elem::F32 => 128,
         }
     }
@@ -141,6 +149,9 @@ impl Elem {
 /// applies: one element type for all, a plain buffer each (bf16 on a host with bf16 dot products,
 /// or f32), `K` known and a multiple of a tile (32 bf16 or 16 f32 columns), and one or two weights.
 pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> Option<Elem> {
+    if let Operand::Fp8 { .. } = x {
+        return fp8_applies(f, x, weights, kn).then_some(Elem::Fp8);
+    }
     let elem = |op: &Operand| match *op {
         Operand::Plain(b) => match f.bufs[b].ty.dtype {
             DType::BF16 if f.has_bf16_dot() => Some(Elem::Bf16),
@@ -158,6 +169,30 @@ pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u6
         && kn > 0
         && kn % e.tile() == 0;
     fits.then_some(e)
+}
+
+/// Where an FP8 `linear` takes AMX's tiles ([`Elem::Fp8`]): a host with AMX, AVX512_BF16 and
+/// byte permutes (the codes are decoded 64 at a time by table, [`Frame::f8_to_bf16_64`]); an FP8
+/// input in 1 x `cols` tiles and one or two FP8 weights in `rows x cols` blocks, `cols` a multiple
+/// of 64 and `rows` of 32 (so a 32-column half of a panel has one weight scale per block of `K`),
+/// and a known `K` that is a whole number of blocks.
+fn fp8_applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> bool {
+    let features = crate::codegen::cpu::host_features();
+    let Operand::Fp8 { rows: 1, cols, .. } = *x else { return false };
+    let same = weights
+        .iter()
+        .all(|w| matches!(*w, Operand::Fp8 { rows, cols: c, .. } if c == cols && rows > 0 && rows % 32 == 0));
+    f.target == Target::Cpu
+        && features.packed_gemm
+        && features.bf16_dot
+        && features.byte_permute
+        && Elem::Fp8.amx()
+        && same
+        && (1..=2).contains(&weights.len())
+        && cols > 0
+        && cols % 64 == 0
+        && cols <= 1024
+        && kn.is_some_and(|k| k > 0 && k % cols == 0)
 }
 
 pub(super) use amx::grouped_rows;
@@ -185,13 +220,43 @@ pub(super) fn grouped_applies(
     fits.then(|| (buffer(x), kn))
 }
 
-/// The buffer behind a plain operand.
+/// The buffer behind an operand: a plain one's, or an FP8 one's codes.
 fn buffer(op: &Operand) -> usize {
     match *op {
         Operand::Plain(b) => b,
-        Operand::Fp8 { .. } => unreachable!("the packed path takes plain operands"),
+        Operand::Fp8 { codes, .. } => codes,
     }
 }
+
+/// The scale blocks of an FP8 GEMM on the packed path ([`Elem::Fp8`]): the input's scales
+/// (`[M, K / cols]`), each weight's (`[N / rows, K / cols]`), and the blocks' shape.
+pub(super) struct Fp8Scales {
+    pub x: usize,
+    pub w: Vec<usize>,
+    pub cols: i64,
+    pub rows: i64,
+}
+
+impl Fp8Scales {
+    fn of(x: &Operand, weights: &[Operand]) -> Option<Fp8Scales> {
+        let Operand::Fp8 { scales: xs, cols, .. } = *x else { return None };
+        let mut w = Vec::new();
+        let mut rows = 0;
+        for op in weights {
+            let Operand::Fp8 { scales, rows: r, .. } = *op else { return None };
+            w.push(scales);
+            rows = r as i64;
+        }
+        Some(Fp8Scales { x: xs, w, cols: cols as i64, rows })
+    }
+}
+
+/// Where an FP8 GEMM's block of input rows, decoded to bf16, waits in the thread scratch: the last
+/// quarter of the packed panels' room, which FP8's panels leave free.
+const FP8_X_OFFSET: u64 = PACK_BYTES / 4 * 3;
+/// The most columns of `K` in one chunk of an FP8 GEMM: its block of 32 decoded input rows fills
+/// the room from [`FP8_X_OFFSET`].
+const FP8_MAX_KC: u64 = (PACK_BYTES - FP8_X_OFFSET) / (32 * 2);
 
 /// The rows `r_lo .. r_hi` of the columns `p .. p_end` of `y_w = x @ w^T` for each weight: one
 /// panel of at most 64 columns, or on AMX up to [`amx::panels`] of them; `K = kn` columns of `x`
@@ -212,9 +277,22 @@ pub(super) fn panel(
     let wbufs: Vec<usize> = weights.iter().map(buffer).collect();
     let amx = elem.amx();
     let group = if amx { amx::panels(nw, kn) } else { 1 };
-    // The chunk of K: as many tiles as fit the scratch.
+    // The chunk of K: as many tiles as fit the scratch (for FP8, in its first three quarters, in
+    // whole scale blocks, and at most as many as the decoded input rows' room holds).
     let per_tile = (nw * group) as u64 * NB as u64 * elem.tile() * elem.bytes();
-    let kc = ((PACK_BYTES / per_tile).max(1) * elem.tile()).min(kn);
+    let fp8 = match elem {
+        Elem::Fp8 => Fp8Scales::of(x, weights),
+        _ => None,
+    };
+    let kc = match &fp8 {
+        Some(s) => {
+            let fit = (FP8_X_OFFSET / per_tile).max(1) * elem.tile();
+            let cols = s.cols as u64;
+            (fit.min(FP8_MAX_KC) / cols).max(1) * cols
+        }
+        None => (PACK_BYTES / per_tile).max(1) * elem.tile(),
+    }
+    .min(kn);
     let chunks = kn.div_ceil(kc);
     let slots = (nw * group) as u64;
     let (view, memref) = f.thread_scratch(0, elem.name(), slots * NB as u64 * kc);
@@ -227,6 +305,7 @@ pub(super) fn panel(
     let panels = f.b.divui(&panels, &nb);
     let kernel = Kernel {
         elem,
+        fp8,
         x: buffer(x),
         nw,
         mr,
@@ -427,6 +506,8 @@ fn transpose16(f: &mut Frame, mut rows: Vec<Value>) -> Vec<Value> {
 /// The micro-kernel over one packed panel.
 struct Kernel<'a, 's> {
     elem: Elem,
+    /// For [`Elem::Fp8`]: the scales (`x` and the weights' buffers are then their codes).
+    fp8: Option<Fp8Scales>,
     /// The input's buffer, `[M, K]`.
     x: usize,
     nw: usize,
@@ -499,6 +580,38 @@ impl Kernel<'_, '_> {
                 })
                 .collect();
             let lane = f.b.muli(c0, &per);
+            if e == Elem::Fp8 {
+                // 64 codes a row a step, decoded to two tiles' bf16 values, each transposed.
+                let step = f.b.index(64);
+                return for_loop(f, ks, ke, &step, |f, kk| {
+                    let mut halves: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+                    for s in &starts {
+                        let at = f.b.addi(s, kk);
+                        let q =
+                            f.b.op("pw", format_args!("vector.load {view}[{at}] : {memref}, vector<64xi8>"));
+                        for (h, v) in f.f8_to_bf16_64(&q).into_iter().enumerate() {
+                            let v = f
+                                .b
+                                .op("pw", format_args!("vector.bitcast {v} : {BF16_PAIRS} to {LANES_I32}"));
+                            halves[h].push(v);
+                        }
+                    }
+                    let rel = f.b.subi(kk, ks);
+                    for (h, rows) in halves.into_iter().enumerate() {
+                        for (t, v) in transpose16(f, rows).iter().enumerate() {
+                            let pt = f.b.index(32 * h as i64 + 2 * t as i64);
+                            let kt = f.b.addi(&rel, &pt);
+                            let at = sc.at(f, slot, &kt, 0);
+                            let at = f.b.addi(&at, &lane);
+                            let v = f
+                                .b
+                                .op("pv", format_args!("vector.bitcast {v} : {LANES_I32} to {BF16_PAIRS}"));
+                            let (sv, sm) = (&sc.view, &sc.memref);
+                            f.b.line(format_args!("vector.store {v}, {sv}[{at}] : {sm}, {BF16_PAIRS}"));
+                        }
+                    }
+                });
+            }
             for_loop(f, ks, ke, &step, |f, kk| {
                 let vty = e.vec();
                 let rows: Vec<Value> = (starts.iter())
@@ -598,6 +711,7 @@ impl Kernel<'_, '_> {
                             let x = f.b.op("xs", format_args!("memref.load {xv}[{at}] : {xm}"));
                             f.b.op("xb", format_args!("vector.broadcast {x} : f32 to {VEC}"))
                         }
+                        Elem::Fp8 => unreachable!("FP8 GEMMs take the packed path on AMX only"),
                     }
                 })
                 .collect();
@@ -614,6 +728,7 @@ impl Kernel<'_, '_> {
                         next[j] = match e {
                             Elem::Bf16 => f.bf16_dot(a_ij, a, &wv),
                             Elem::F32 => f.b.op("acc", format_args!("vector.fma {a}, {wv}, {a_ij} : {VEC}")),
+                            Elem::Fp8 => unreachable!("FP8 GEMMs take the packed path on AMX only"),
                         };
                     }
                 }

@@ -19,6 +19,14 @@
 //!   hook reads them as the AVX-512 kernel's stores do; between chunks of `K` they wait in the
 //!   pass's partial sums and are loaded back into the tiles.
 //!
+//! - **FP8** ([`super::Elem::Fp8`], DeepSeek-V3's E4M3 input in 1 x 128 tiles and weights in
+//!   128 x 128 blocks). E4M3 values are bf16 values, and their products are exact in f32: the
+//!   weights' codes are decoded as they are packed, and a block of 32 input rows is decoded once
+//!   per chunk of `K` into the thread scratch, where the row tiles load it from. Each scale block
+//!   of `K` is summed in the tiles alone; the sums go to scratch, and each row's are multiplied by
+//!   the product of the input row's and the weight's scales and added into f32 accumulators, as
+//!   the dot-product blocks do ([`Kernel::fp8_half`]).
+//!
 //! Each output sums the same products in the same order along `K` whatever the block or the split
 //! over threads, so a result does not depend on either. `tdpbf16ps`, like `vdpbf16ps`, reads
 //! subnormal bf16 inputs as zero and flushes subnormal sums.
@@ -131,11 +139,21 @@ impl Kernel<'_, '_> {
     ) {
         let row_tiles = if two { 2 } else { 1 };
         let (xv, xm) = (f.bufs[self.x].view.clone(), f.bufs[self.x].memref.clone());
-        let x = pointer(f, &xv, &xm);
+        // FP8: the block's rows decoded to bf16 for the pass's columns, `kc` apart (the row tiles'
+        // source in place of `x`).
+        let decoded = self.fp8.as_ref().map(|_| self.decode_rows(f, m0, rows, pass));
+        let x = match &decoded {
+            Some((view, memref)) => pointer(f, view, memref),
+            None => pointer(f, &xv, &xm),
+        };
         let packed = pointer(f, &self.scratch.view, &self.scratch.memref);
         let sums_at = pointer(f, sums, sums_ty);
         let two_bytes = f.b.index(2);
-        let x_stride = f.b.muli(self.k, &two_bytes);
+        let x_row = match &decoded {
+            Some(_) => f.b.index(self.scratch.kc as i64),
+            None => self.k.clone(),
+        };
+        let x_stride = f.b.muli(&x_row, &two_bytes);
         let b_stride = f.b.index(NB * 4);
         let sums_stride = f.b.index(NB * 4);
         let step = f.b.index(2 * TILE_COLS);
@@ -186,6 +204,20 @@ impl Kernel<'_, '_> {
                     let off = f.b.addi(&off, &col);
                     f.b.addi(at, &off)
                 };
+                if self.fp8.is_some() {
+                    let half = Half {
+                        w: &w,
+                        h: &h,
+                        slot: &slot,
+                        g,
+                        m0,
+                        rows,
+                        x: &x,
+                        x_row: &x_row,
+                        packed: &packed,
+                    };
+                    return self.fp8_half(f, &half, &tiles, pass, (sums, sums_ty));
+                }
                 let zero_all = |f: &mut Frame| {
                     for &(a, t) in &tiles {
                         let tile = tile_id(f, sum_tile(a, t));
@@ -207,7 +239,7 @@ impl Kernel<'_, '_> {
                     for (a, &tile) in A_TILE[..row_tiles].iter().enumerate() {
                         let row = f.b.index(a as i64 * TILE_ROWS);
                         let row = f.b.addi(m0, &row);
-                        let at = f.b.muli(&row, self.k);
+                        let at = f.b.muli(&row, &x_row);
                         let at = f.b.addi(&at, kk);
                         let at = f.b.muli(&at, &two_bytes);
                         let at = f.b.addi(&x, &at);
@@ -256,6 +288,201 @@ impl Kernel<'_, '_> {
                 ),
             }
         });
+    }
+
+    /// FP8: rows `m0 .. m0 + rows` of the input's codes, columns `ks .. ke` of the pass, decoded to
+    /// their exact bf16 values (64 codes at a time by table, NaN codes to NaN) into the thread
+    /// scratch from [`super::FP8_X_OFFSET`]: row `i`'s column `ks + c` at element `i * kc + c`.
+    fn decode_rows(&self, f: &mut Frame, m0: &Value, rows: &Value, pass: &Pass) -> (Value, String) {
+        let kc = self.scratch.kc;
+        let (out, out_ty) = f.thread_scratch(super::FP8_X_OFFSET, "bf16", BLOCK_ROWS as u64 * kc);
+        let (cv, cm) = (f.bufs[self.x].view.clone(), f.bufs[self.x].memref.clone());
+        let (zero, one, step, kc_v) = (f.b.index(0), f.b.index(1), f.b.index(64), f.b.index(kc as i64));
+        let pairs = super::BF16_PAIRS;
+        for_loop(f, &zero, rows, &one, |f, i| {
+            let m = f.b.addi(m0, i);
+            let src = f.b.muli(&m, self.k);
+            let dst = f.b.muli(i, &kc_v);
+            for_loop(f, &pass.ks, &pass.ke, &step, |f, kk| {
+                let at = f.b.addi(&src, kk);
+                let q = f.b.op("xq", format_args!("vector.load {cv}[{at}] : {cm}, vector<64xi8>"));
+                let [lo, hi] = f.f8_to_bf16_64(&q);
+                let rel = f.b.subi(kk, &pass.ks);
+                let at = f.b.addi(&dst, &rel);
+                let c32 = f.b.index(32);
+                let at_hi = f.b.addi(&at, &c32);
+                f.b.line(format_args!("vector.store {lo}, {out}[{at}] : {out_ty}, {pairs}"));
+                f.b.line(format_args!("vector.store {hi}, {out}[{at_hi}] : {out_ty}, {pairs}"));
+            });
+        });
+        (out, out_ty)
+    }
+
+    /// FP8: one weight's 32-column half of a panel for the block's rows over the pass's columns
+    /// of `K`. Per scale block of `K`: the tiles sum the block's products of the decoded codes
+    /// (exact in f32, as every FP8 GEMM's), go to scratch, and each row's sums are multiplied by
+    /// the input row's and the weight's scales for the block and added into f32 accumulators, as
+    /// the dot-product blocks do. The accumulators are the block's sums in `sums` (one chunk of
+    /// `K`) or the pass's partial sums (several), copied to `sums` after the last chunk.
+    fn fp8_half(
+        &self,
+        f: &mut Frame,
+        half: &Half,
+        tiles: &[(usize, usize)],
+        pass: &Pass,
+        (sums, sums_ty): (&Value, &String),
+    ) {
+        let scales = self.fp8.as_ref().expect("an FP8 kernel");
+        let vec = super::VEC;
+        let (zero, one) = (f.b.index(0), f.b.index(1));
+        let (tmp, tmp_ty) = f.scratch("f32", (BLOCK_ROWS * BLOCK_ROWS) as u64);
+        let tmp_at = pointer(f, &tmp, &tmp_ty);
+        let nb = f.b.index(NB);
+        let c32 = f.b.index(32);
+        let hc = f.b.muli(half.h, &c32);
+        // Where accumulator row `i`'s 32 columns start, in `sums` or among the partial sums.
+        let acc_at = |f: &mut Frame, i: &Value| -> (Value, String, Value) {
+            match &pass.partial {
+                None => {
+                    let br = f.b.index(BLOCK_ROWS);
+                    let r = f.b.muli(half.w, &br);
+                    let r = f.b.addi(&r, i);
+                    let at = f.b.muli(&r, &nb);
+                    (sums.clone(), sums_ty.clone(), f.b.addi(&at, &hc))
+                }
+                Some(part) => {
+                    let r = f.b.subi(half.m0, &part.rc);
+                    let r = f.b.addi(&r, i);
+                    let slots = f.b.index(self.nw as i64 * self.group * NB);
+                    let at = f.b.muli(&r, &slots);
+                    let s = f.b.muli(half.slot, &nb);
+                    let at = f.b.addi(&at, &s);
+                    (part.view.clone(), part.memref.clone(), f.b.addi(&at, &hc))
+                }
+            }
+        };
+        let zero_v = f.b.constant("dense<0.0>", vec);
+        let clear = |f: &mut Frame| {
+            for_loop(f, &zero, half.rows, &one, |f, i| {
+                let (v, ty, at) = acc_at(f, i);
+                let c16 = f.b.index(16);
+                let at16 = f.b.addi(&at, &c16);
+                f.b.line(format_args!("vector.store {zero_v}, {v}[{at}] : {ty}, {vec}"));
+                f.b.line(format_args!("vector.store {zero_v}, {v}[{at16}] : {ty}, {vec}"));
+            });
+        };
+        match &pass.partial {
+            None => clear(f),
+            Some(part) => if_then_else(f, &part.first, clear, |_| {}),
+        }
+        let two_bytes = f.b.index(2);
+        let x_stride = f.b.muli(half.x_row, &two_bytes);
+        let b_stride = f.b.index(NB * 4);
+        let tmp_stride = f.b.index(BLOCK_ROWS * 4);
+        let step = f.b.index(2 * TILE_COLS);
+        let cols = f.b.index(scales.cols);
+        let blocks_k = f.b.divui(self.k, &cols);
+        // The weight's scale row: the block of weight rows holding the half's columns.
+        let col = f.b.muli(half.g, &nb);
+        let col = f.b.addi(self.p, &col);
+        let col = f.b.addi(&col, &hc);
+        let w_rows = f.b.index(scales.rows);
+        let w_block = f.b.divui(&col, &w_rows);
+        let w_row = f.b.muli(&w_block, &blocks_k);
+        let c64 = f.b.index(2 * 32);
+        let col_lanes = f.b.muli(half.h, &c64);
+        for_loop(f, &pass.ks, &pass.ke, &cols, |f, b0| {
+            for &(a, t) in tiles {
+                let tile = tile_id(f, sum_tile(a, t));
+                f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"));
+            }
+            let b_end = f.b.addi(b0, &cols);
+            for_loop(f, b0, &b_end, &step, |f, kk| {
+                let rel = f.b.subi(kk, &pass.ks);
+                for (a, &tile) in A_TILE.iter().enumerate().take(tiles.len() / 2) {
+                    let row = f.b.index(a as i64 * TILE_ROWS);
+                    let at = f.b.muli(&row, half.x_row);
+                    let at = f.b.addi(&at, &rel);
+                    let at = f.b.muli(&at, &two_bytes);
+                    let at = f.b.addi(half.x, &at);
+                    tile_load(f, tile, &at, &x_stride);
+                }
+                for (t, &tile) in B_TILE.iter().enumerate() {
+                    let at = self.scratch.at(f, half.slot, &rel, 2 * TILE_COLS * t as i64);
+                    let at = f.b.addi(&at, &col_lanes);
+                    let at = f.b.muli(&at, &two_bytes);
+                    let at = f.b.addi(half.packed, &at);
+                    tile_load(f, tile, &at, &b_stride);
+                }
+                for &(a, t) in tiles {
+                    let (c, ta, tb) =
+                        (tile_id(f, sum_tile(a, t)), tile_id(f, A_TILE[a]), tile_id(f, B_TILE[t]));
+                    f.b.line(format_args!(
+                        "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
+                    ));
+                }
+            });
+            // Row `i`'s 32 sums of the block at `tmp[i * 32 ..]`.
+            for &(a, t) in tiles {
+                let off = f.b.index((a as i64 * TILE_ROWS * BLOCK_ROWS + t as i64 * TILE_COLS) * 4);
+                let at = f.b.addi(&tmp_at, &off);
+                tile_store(f, sum_tile(a, t), &at, &tmp_stride);
+            }
+            let kb = f.b.divui(b0, &cols);
+            let w_at = f.b.addi(&w_row, &kb);
+            // The weight's scale: one buffer per weight, this half's weight `w` chosen at run time.
+            let mut w_scale = f.load(scales.w[0], &w_at);
+            for (j, &b) in scales.w.iter().enumerate().skip(1) {
+                let s = f.load(b, &w_at);
+                let jv = f.b.index(j as i64);
+                let is = f.b.op("c", format_args!("arith.cmpi eq, {}, {jv} : index", half.w));
+                w_scale = f.select(&is, &s, &w_scale, "f32");
+            }
+            for_loop(f, &zero, half.rows, &one, |f, i| {
+                let m = f.b.addi(half.m0, i);
+                let x_at = f.b.muli(&m, &blocks_k);
+                let x_at = f.b.addi(&x_at, &kb);
+                let x_scale = f.load(scales.x, &x_at);
+                let s = f.binf("mulf", &x_scale, &w_scale);
+                let sv = f.b.op("sv", format_args!("vector.broadcast {s} : f32 to {vec}"));
+                let (v, ty, at) = acc_at(f, i);
+                let row = f.b.muli(i, &c32);
+                for c in [0, 16] {
+                    let off = f.b.index(c);
+                    let a_at = f.b.addi(&at, &off);
+                    let t_at = f.b.addi(&row, &off);
+                    let sum = f.b.op("fs", format_args!("vector.load {tmp}[{t_at}] : {tmp_ty}, {vec}"));
+                    let acc = f.b.op("fa", format_args!("vector.load {v}[{a_at}] : {ty}, {vec}"));
+                    let next = f.b.op("fa", format_args!("vector.fma {sum}, {sv}, {acc} : {vec}"));
+                    f.b.line(format_args!("vector.store {next}, {v}[{a_at}] : {ty}, {vec}"));
+                }
+            });
+        });
+        // Several chunks of `K`: after the last, the partial sums become the block's sums.
+        if let Some(part) = &pass.partial {
+            if_then_else(
+                f,
+                &part.last,
+                |f| {
+                    for_loop(f, &zero, half.rows, &one, |f, i| {
+                        let (v, ty, at) = acc_at(f, i);
+                        let br = f.b.index(BLOCK_ROWS);
+                        let r = f.b.muli(half.w, &br);
+                        let r = f.b.addi(&r, i);
+                        let to = f.b.muli(&r, &nb);
+                        let to = f.b.addi(&to, &hc);
+                        for c in [0, 16] {
+                            let off = f.b.index(c);
+                            let a_at = f.b.addi(&at, &off);
+                            let s_at = f.b.addi(&to, &off);
+                            let y = f.b.op("fa", format_args!("vector.load {v}[{a_at}] : {ty}, {vec}"));
+                            f.b.line(format_args!("vector.store {y}, {sums}[{s_at}] : {sums_ty}, {vec}"));
+                        }
+                    });
+                },
+                |_| {},
+            );
+        }
     }
 
     /// Stores the block's sums for the panel's columns `p .. p_end` from scratch: whole vectors
@@ -310,6 +537,21 @@ impl Kernel<'_, '_> {
             None => lanes(f),
         }
     }
+}
+
+/// One weight's 32-column half of a panel in a block of rows ([`Kernel::fp8_half`]): weight `w`,
+/// half `h`, its packed slot, the panel `g` of the group, the block's first row and row count,
+/// the decoded rows' address and row length, and the packed panels' address.
+struct Half<'v> {
+    w: &'v Value,
+    h: &'v Value,
+    slot: &'v Value,
+    g: &'v Value,
+    m0: &'v Value,
+    rows: &'v Value,
+    x: &'v Value,
+    x_row: &'v Value,
+    packed: &'v Value,
 }
 
 /// Loads the tile configuration: the sum tiles and row tiles of `x` `first` rows (and `second`
