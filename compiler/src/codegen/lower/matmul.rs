@@ -618,12 +618,35 @@ pub(super) fn grouped_with(
                         // A prefill's experts on AMX's tiles (the choice is the GEMM's rows').
                         Some((xb, kn, ref enough)) => {
                             let on = f.b.op("c", format_args!("arith.andi {valid}, {enough} : i1"));
-                            let ws: Vec<(Value, String)> =
-                                views.iter().map(|v| (v.clone(), "memref<?xbf16>".to_string())).collect();
+                            // FP8: the views are each weight's codes then scales.
+                            let fp8 = match (x, &weights[0][0]) {
+                                (Operand::Fp8 { scales, cols, .. }, Operand::Fp8 { rows, .. }) => {
+                                    Some(packed::GroupedFp8 {
+                                        x_scales: *scales,
+                                        w_scales: (views.iter().skip(1).step_by(2))
+                                            .map(|v| (v.clone(), "memref<?xf32>".to_string()))
+                                            .collect(),
+                                        cols: *cols as i64,
+                                        rows: *rows as i64,
+                                    })
+                                }
+                                _ => None,
+                            };
+                            let ws: Vec<(Value, String)> = match &fp8 {
+                                Some(_) => (views.iter().step_by(2))
+                                    .map(|v| (v.clone(), "memref<?xi8>".to_string()))
+                                    .collect(),
+                                None => {
+                                    views.iter().map(|v| (v.clone(), "memref<?xbf16>".to_string())).collect()
+                                }
+                            };
+                            let sizes = (&n, &k, kn);
                             if_then_else(
                                 f,
                                 &on,
-                                |f| packed::grouped_rows(f, xb, &ws, (&n, &k, kn), (&from, &to), store),
+                                |f| {
+                                    packed::grouped_rows(f, xb, &ws, sizes, (&from, &to), store, fp8.as_ref())
+                                },
                                 usual,
                             );
                         }

@@ -195,7 +195,7 @@ fn fp8_applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> 
         && kn.is_some_and(|k| k > 0 && k % cols == 0)
 }
 
-pub(super) use amx::grouped_rows;
+pub(super) use amx::{grouped_rows, GroupedFp8};
 
 /// Where a CPU `grouped_linear` takes AMX's tiles ([`grouped_rows`]): on a host with them, the
 /// input and every expert's weights plain bf16 buffers, one or two weights, `N` a multiple of 32
@@ -208,6 +208,16 @@ pub(super) fn grouped_applies(
     n: kiln_ir::Dim,
     kn: Option<u64>,
 ) -> Option<(usize, u64)> {
+    if let Operand::Fp8 { codes, .. } = *x {
+        // FP8 (the same conditions as a `linear`'s, `fp8_applies`), N a multiple of 32, and the
+        // block of input rows and of an expert's weight rows, both decoded, within the scratch.
+        let kn = kn.filter(|&k| 2 * 32 * k * 2 <= PACK_BYTES)?;
+        let first: Vec<Operand> = weights.iter().map(|ws| ws[0].clone()).collect();
+        let fits = fp8_applies(f, x, &first, Some(kn))
+            && weights.iter().flatten().all(|w| matches!(*w, Operand::Fp8 { .. }))
+            && n.as_known().is_some_and(|n| n > 0 && n % 32 == 0);
+        return fits.then_some((codes, kn));
+    }
     let bf16 = |op: &Operand| matches!(*op, Operand::Plain(b) if f.bufs[b].ty.dtype == DType::BF16);
     let kn = kn.filter(|&k| k > 0 && k % 32 == 0 && 32 * k * 2 <= PACK_BYTES)?;
     let fits = f.target == Target::Cpu

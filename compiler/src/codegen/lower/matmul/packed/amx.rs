@@ -631,7 +631,9 @@ fn tile_store(f: &mut Frame, tile: i64, at: &Value, stride: &Value) {
 }
 
 /// The rows `from .. to` of one expert of a CPU `grouped_linear` on AMX's tiles, where the input
-/// and the expert's weights (`weights`, one view of each weight, `[N, K]` row-major) are bf16,
+/// and the expert's weights (`weights`, one view of each weight, `[N, K]` row-major) are bf16 (or
+/// FP8 in scale blocks, `fp8`: the input's rows decoded as they are packed, each block of 32
+/// weight rows decoded to bf16 into the thread scratch's second MiB before its tiles load it),
 /// `N` is a multiple of 32 and `K = kn` of 32. Roles swap against [`Kernel::amx_blocks`]: an
 /// expert's weights serve a few rows (about `rows x top_k / experts` in a prefill), so packing them
 /// would cost more than their products; the weights are the row tiles instead, loaded straight
@@ -639,6 +641,9 @@ fn tile_store(f: &mut Frame, tile: i64, at: &Value, stride: &Value) {
 /// pairs, into the thread scratch). Each block of 32 weight rows sums into four tiles of
 /// 16 weight rows by 16 input rows, stored to scratch and read back, transposed, by the store
 /// hook. Each output sums its products in order along `K`, as [`Kernel::amx_blocks`] does.
+/// FP8: DeepSeek-V3's routed experts in E4M3, each scale block of `K` summed in the tiles and
+/// then scaled into f32 accumulators, as [`Kernel::fp8_half`] does for a `linear`.
+#[allow(clippy::too_many_arguments)]
 pub(in crate::codegen::lower::matmul) fn grouped_rows(
     f: &mut Frame,
     x: usize,
@@ -646,6 +651,7 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
     (n, k, kn): (&Value, &Value, u64),
     (from, to): (&Value, &Value),
     store: super::Store,
+    fp8: Option<&GroupedFp8>,
 ) {
     let nw = weights.len();
     let (cfg, cfg_ty) = f.scratch("i8", 64);
@@ -660,10 +666,37 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
     let w_stride = f.b.muli(k, &two_bytes);
     let (row_bytes, sums_stride) = (f.b.index(ROW_BYTES), f.b.index(BLOCK_ROWS * 4));
     let step = f.b.index(2 * TILE_COLS);
+    // FP8: the expert's block of 32 weight rows decoded (`K` apart) in the scratch's second MiB;
+    // each row tile's sums of a scale block; the input rows' scales of the block of rows, per
+    // scale block of `K` (`[K / cols, 32]`).
+    let fp8 = fp8.map(|g| {
+        let blocks = kn as i64 / g.cols;
+        let decoded = f.thread_scratch(super::PACK_BYTES / 2, "bf16", BLOCK_ROWS as u64 * kn);
+        let tmp = f.scratch("f32", (BLOCK_ROWS * BLOCK_ROWS) as u64);
+        let x_scales = f.scratch("f32", (blocks * BLOCK_ROWS) as u64);
+        (g, blocks, decoded, tmp, x_scales)
+    });
     for_loop(f, from, to, &block_rows, |f, m0| {
         let end = f.b.addi(m0, &block_rows);
         let end = f.b.minui(&end, to);
         let rows = f.b.subi(&end, m0);
+        if let Some((g, blocks, _, _, (xs, xs_ty))) = &fp8 {
+            // The block's input scales, `[K / cols, 32]` (rows past its end repeat its last).
+            let last = f.b.subi(&end, &one);
+            let blocks_v = f.b.index(*blocks);
+            for_loop(f, &zero, &block_rows, &one, |f, j| {
+                let r = f.b.addi(m0, j);
+                let r = f.b.minui(&r, &last);
+                let src = f.b.muli(&r, &blocks_v);
+                for_loop(f, &zero, &blocks_v, &one, |f, kb| {
+                    let at = f.b.addi(&src, kb);
+                    let v = f.load(g.x_scales, &at);
+                    let to = f.b.muli(kb, &block_rows);
+                    let to = f.b.addi(&to, j);
+                    f.b.line(format_args!("memref.store {v}, {xs}[{to}] : {xs_ty}"));
+                });
+            });
+        }
         // The block's rows of x as two column tiles' pairs: tile `q`'s row `kp` (a pair of K
         // columns) at element `(q * K / 2 + kp) * 32`, input row `16 q + j`'s pair in lanes `2j`,
         // `2j + 1`. Rows past the block's end repeat its last row (their sums are not stored).
@@ -679,9 +712,36 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
                 .collect();
             let kk_step = f.b.index(2 * TILE_COLS);
             let kn_v = f.b.index(kn as i64);
+            let lanes = super::LANES_I32;
+            let pairs = super::BF16_PAIRS;
+            if fp8.is_some() {
+                // 64 codes of each row a step, decoded: two tiles' rows of pairs.
+                let c64 = f.b.index(64);
+                for_loop(f, &zero, &kn_v, &c64, |f, kk| {
+                    let mut halves: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+                    for s in &starts {
+                        let at = f.b.addi(s, kk);
+                        let q = f.b.op("px", format_args!("vector.load {xv}[{at}] : {xm}, vector<64xi8>"));
+                        for (h, v) in f.f8_to_bf16_64(&q).into_iter().enumerate() {
+                            halves[h]
+                                .push(f.b.op("px", format_args!("vector.bitcast {v} : {pairs} to {lanes}")));
+                        }
+                    }
+                    let kp = f.b.divui(kk, &two_bytes);
+                    for (h, rows_v) in halves.into_iter().enumerate() {
+                        for (t, v) in super::transpose16(f, rows_v).iter().enumerate() {
+                            let row = f.b.index(q * kn as i64 / 2 + 16 * h as i64 + t as i64);
+                            let row = f.b.addi(&row, &kp);
+                            let lanes_per_row = f.b.index(2 * TILE_COLS);
+                            let at = f.b.muli(&row, &lanes_per_row);
+                            let v = f.b.op("pv", format_args!("vector.bitcast {v} : {lanes} to {pairs}"));
+                            f.b.line(format_args!("vector.store {v}, {xt}[{at}] : {xt_ty}, {pairs}"));
+                        }
+                    }
+                });
+                continue;
+            }
             for_loop(f, &zero, &kn_v, &kk_step, |f, kk| {
-                let lanes = super::LANES_I32;
-                let pairs = super::BF16_PAIRS;
                 let rows_v: Vec<Value> = starts
                     .iter()
                     .map(|s| {
@@ -706,48 +766,152 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
             let tiles: Vec<(usize, usize)> = (0..2).flat_map(|a| (0..cols).map(move |q| (a, q))).collect();
             for_loop(f, &zero, n, &block_rows, |f, n0| {
                 for (w, wp) in w_at.iter().enumerate() {
-                    for &(a, q) in &tiles {
-                        let tile = tile_id(f, sum_tile(a, q));
-                        f.b.line(format_args!(
-                            "llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"
-                        ));
-                    }
-                    for_loop(f, &zero, k, &step, |f, kk| {
-                        for (a, &tile) in A_TILE.iter().enumerate() {
-                            let r = f.b.index(a as i64 * TILE_ROWS);
-                            let r = f.b.addi(n0, &r);
-                            let at = f.b.muli(&r, k);
-                            let at = f.b.addi(&at, kk);
-                            let at = f.b.muli(&at, &two_bytes);
-                            let at = f.b.addi(wp, &at);
-                            tile_load(f, tile, &at, &w_stride);
-                        }
-                        let kp = f.b.divui(kk, &two_bytes);
-                        for (q, &tile) in B_TILE[..cols].iter().enumerate() {
-                            let row = f.b.index(q as i64 * kn as i64 / 2);
-                            let row = f.b.addi(&row, &kp);
-                            let at = f.b.muli(&row, &row_bytes);
-                            let at = f.b.addi(&xt_at, &at);
-                            tile_load(f, tile, &at, &row_bytes);
-                        }
+                    let zero_tiles = |f: &mut Frame| {
                         for &(a, q) in &tiles {
-                            let (c, ta, tb) =
-                                (tile_id(f, sum_tile(a, q)), tile_id(f, A_TILE[a]), tile_id(f, B_TILE[q]));
+                            let tile = tile_id(f, sum_tile(a, q));
                             f.b.line(format_args!(
-                                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
+                                "llvm.call_intrinsic \"llvm.x86.tilezero\"({tile}) : (i8) -> ()"
                             ));
                         }
-                    });
+                    };
+                    // The row tiles' source: the weight's rows in place, or (FP8) decoded.
+                    let (a_base, a_row, a_first, a_stride) = match &fp8 {
+                        None => (wp.clone(), k.clone(), n0.clone(), w_stride.clone()),
+                        Some((_, _, (dv, dt), _, _)) => {
+                            let (cv, cm) = &weights[w];
+                            let kn_v = f.b.index(kn as i64);
+                            let c64 = f.b.index(64);
+                            for_loop(f, &zero, &block_rows, &one, |f, i| {
+                                let r = f.b.addi(n0, i);
+                                let src = f.b.muli(&r, k);
+                                let dst = f.b.muli(i, &kn_v);
+                                for_loop(f, &zero, &kn_v, &c64, |f, kk| {
+                                    let at = f.b.addi(&src, kk);
+                                    let q = f.b.op(
+                                        "wq",
+                                        format_args!("vector.load {cv}[{at}] : {cm}, vector<64xi8>"),
+                                    );
+                                    let [lo, hi] = f.f8_to_bf16_64(&q);
+                                    let at = f.b.addi(&dst, kk);
+                                    let c32 = f.b.index(32);
+                                    let at_hi = f.b.addi(&at, &c32);
+                                    let pairs = super::BF16_PAIRS;
+                                    f.b.line(format_args!("vector.store {lo}, {dv}[{at}] : {dt}, {pairs}"));
+                                    f.b.line(format_args!(
+                                        "vector.store {hi}, {dv}[{at_hi}] : {dt}, {pairs}"
+                                    ));
+                                });
+                            });
+                            let stride = f.b.index(kn as i64 * 2);
+                            (pointer(f, dv, dt), f.b.index(kn as i64), zero.clone(), stride)
+                        }
+                    };
+                    let k_steps = |f: &mut Frame, lo: &Value, hi: &Value| {
+                        for_loop(f, lo, hi, &step, |f, kk| {
+                            for (a, &tile) in A_TILE.iter().enumerate() {
+                                let r = f.b.index(a as i64 * TILE_ROWS);
+                                let r = f.b.addi(&a_first, &r);
+                                let at = f.b.muli(&r, &a_row);
+                                let at = f.b.addi(&at, kk);
+                                let at = f.b.muli(&at, &two_bytes);
+                                let at = f.b.addi(&a_base, &at);
+                                tile_load(f, tile, &at, &a_stride);
+                            }
+                            let kp = f.b.divui(kk, &two_bytes);
+                            for (q, &tile) in B_TILE[..cols].iter().enumerate() {
+                                let row = f.b.index(q as i64 * kn as i64 / 2);
+                                let row = f.b.addi(&row, &kp);
+                                let at = f.b.muli(&row, &row_bytes);
+                                let at = f.b.addi(&xt_at, &at);
+                                tile_load(f, tile, &at, &row_bytes);
+                            }
+                            for &(a, q) in &tiles {
+                                let (c, ta, tb) = (
+                                    tile_id(f, sum_tile(a, q)),
+                                    tile_id(f, A_TILE[a]),
+                                    tile_id(f, B_TILE[q]),
+                                );
+                                f.b.line(format_args!(
+                                "llvm.call_intrinsic \"llvm.x86.tdpbf16ps\"({c}, {ta}, {tb}) : (i8, i8, i8) -> ()"
+                            ));
+                            }
+                        });
+                    };
                     // Weight `w`'s weight row `nn` of the block, input row `j`: `sums` element
-                    // `(w * 32 + nn) * 32 + j`.
-                    for &(a, q) in &tiles {
-                        let off = ((w as i64 * BLOCK_ROWS + a as i64 * TILE_ROWS) * BLOCK_ROWS
-                            + q as i64 * TILE_ROWS)
-                            * 4;
-                        let off = f.b.index(off);
-                        let at = f.b.addi(&sums_at, &off);
-                        tile_store(f, sum_tile(a, q), &at, &sums_stride);
-                    }
+                    // `(w * 32 + nn) * 32 + j` (for FP8, its accumulators).
+                    let store_tiles = |f: &mut Frame, base: &Value, w: i64| {
+                        for &(a, q) in &tiles {
+                            let off = ((w * BLOCK_ROWS + a as i64 * TILE_ROWS) * BLOCK_ROWS
+                                + q as i64 * TILE_ROWS)
+                                * 4;
+                            let off = f.b.index(off);
+                            let at = f.b.addi(base, &off);
+                            tile_store(f, sum_tile(a, q), &at, &sums_stride);
+                        }
+                    };
+                    let Some((g, blocks, _, (tmp, tmp_ty), (xs, xs_ty))) = &fp8 else {
+                        zero_tiles(f);
+                        k_steps(f, &zero, k);
+                        store_tiles(f, &sums_at, w as i64);
+                        continue;
+                    };
+                    let vec = super::VEC;
+                    let zero_v = f.b.constant("dense<0.0>", vec);
+                    let acc0 = f.b.index(w as i64 * BLOCK_ROWS * BLOCK_ROWS);
+                    for_loop(f, &zero, &block_rows, &one, |f, nn| {
+                        let at = f.b.muli(nn, &block_rows);
+                        let at = f.b.addi(&at, &acc0);
+                        let c16 = f.b.index(16);
+                        let at16 = f.b.addi(&at, &c16);
+                        f.b.line(format_args!("vector.store {zero_v}, {sums}[{at}] : {sums_ty}, {vec}"));
+                        f.b.line(format_args!("vector.store {zero_v}, {sums}[{at16}] : {sums_ty}, {vec}"));
+                    });
+                    let (cols, blocks_v) = (f.b.index(g.cols), f.b.index(*blocks));
+                    let w_rows = f.b.index(g.rows);
+                    let w_block = f.b.divui(n0, &w_rows);
+                    let w_row = f.b.muli(&w_block, &blocks_v);
+                    let tmp_at = pointer(f, tmp, tmp_ty);
+                    let kn_v = f.b.index(kn as i64);
+                    for_loop(f, &zero, &kn_v, &cols, |f, b0| {
+                        zero_tiles(f);
+                        let b_end = f.b.addi(b0, &cols);
+                        k_steps(f, b0, &b_end);
+                        store_tiles(f, &tmp_at, 0);
+                        let kb = f.b.divui(b0, &cols);
+                        let w_at = f.b.addi(&w_row, &kb);
+                        let (sv, sm) = &g.w_scales[w];
+                        let w_scale = f.load_view(sv, sm, kiln_ir::DType::F32, &w_at);
+                        let w_scale = f.b.op("sv", format_args!("vector.broadcast {w_scale} : f32 to {vec}"));
+                        let xs_at = f.b.muli(&kb, &block_rows);
+                        // Input row `j`'s scale times the weight's, in lanes `j` of two vectors.
+                        let scale: Vec<Value> = [0, 16]
+                            .iter()
+                            .map(|&j0| {
+                                let off = f.b.index(j0);
+                                let at = f.b.addi(&xs_at, &off);
+                                let x = f.b.op("xs", format_args!("vector.load {xs}[{at}] : {xs_ty}, {vec}"));
+                                f.b.op("sv", format_args!("arith.mulf {x}, {w_scale} : {vec}"))
+                            })
+                            .collect();
+                        for_loop(f, &zero, &block_rows, &one, |f, nn| {
+                            let row = f.b.muli(nn, &block_rows);
+                            let acc = f.b.addi(&row, &acc0);
+                            for (h, s) in scale.iter().enumerate() {
+                                let off = f.b.index(16 * h as i64);
+                                let t_at = f.b.addi(&row, &off);
+                                let a_at = f.b.addi(&acc, &off);
+                                let sum =
+                                    f.b.op("fs", format_args!("vector.load {tmp}[{t_at}] : {tmp_ty}, {vec}"));
+                                let a = f
+                                    .b
+                                    .op("fa", format_args!("vector.load {sums}[{a_at}] : {sums_ty}, {vec}"));
+                                let next = f.b.op("fa", format_args!("vector.fma {sum}, {s}, {a} : {vec}"));
+                                f.b.line(format_args!(
+                                    "vector.store {next}, {sums}[{a_at}] : {sums_ty}, {vec}"
+                                ));
+                            }
+                        });
+                    });
                 }
                 for_loop(f, &zero, &rows, &one, |f, j| {
                     let m = f.b.addi(m0, j);
@@ -790,6 +954,16 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
         );
     });
     f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilerelease\"() : () -> ()"));
+}
+
+/// The scales of an FP8 `grouped_linear` on AMX ([`grouped_rows`]): the input's scale buffer
+/// (`[M, K / cols]`), each of the expert's weights' scale views (`[N / rows, K / cols]`), and the
+/// blocks' shape.
+pub(in crate::codegen::lower::matmul) struct GroupedFp8 {
+    pub x_scales: usize,
+    pub w_scales: Vec<(Value, String)>,
+    pub cols: i64,
+    pub rows: i64,
 }
 
 /// The tile configuration of [`grouped_rows`]: the weight row tiles 16 rows of 64 bytes; input
