@@ -333,7 +333,9 @@ pub(super) fn panel(
     let kn_v = f.b.index(kn as i64);
     let pack_all = |f: &mut Frame, (ks, ke): (&Value, &Value)| {
         for (w, &b) in wbufs.iter().enumerate() {
-            kernel.pack_group(f, b, w, (ks, ke));
+            let (view, memref) = (f.bufs[b].view.clone(), f.bufs[b].memref.clone());
+            let w = f.b.index(w as i64);
+            kernel.pack_group(f, (&view, &memref), &w, (ks, ke));
         }
     };
     if chunks == 1 {
@@ -485,6 +487,41 @@ impl Partial {
     }
 }
 
+/// FP8: 64 codes from column `kk` of the 16 rows `row0 ..` (rows past `last` read `last`; `k`
+/// codes a row) decoded to bf16, one decode in a loop over the rows through `dec` (16 x 64 bf16
+/// of scratch), then each 32-column half as the 16 rows' lanes of 32 bits, for [`transpose16`].
+/// Sixteen decodes written out took LLVM a second more on DeepSeek-V3.
+pub(super) fn decode16(
+    f: &mut Frame,
+    (view, memref): (&Value, &str),
+    (row0, last, k, kk): (&Value, &Value, &Value, &Value),
+    (dec, dec_ty): (&Value, &str),
+) -> [Vec<Value>; 2] {
+    let (zero, one, rows, c64, c32) =
+        (f.b.index(0), f.b.index(1), f.b.index(16), f.b.index(64), f.b.index(32));
+    for_loop(f, &zero, &rows, &one, |f, r| {
+        let row = f.b.addi(row0, r);
+        let row = f.b.minui(&row, last);
+        let at = f.b.muli(&row, k);
+        let at = f.b.addi(&at, kk);
+        let q = f.b.op("pw", format_args!("vector.load {view}[{at}] : {memref}, vector<64xi8>"));
+        let [lo, hi] = f.f8_to_bf16_64(&q);
+        let to = f.b.muli(r, &c64);
+        let to_hi = f.b.addi(&to, &c32);
+        f.b.line(format_args!("vector.store {lo}, {dec}[{to}] : {dec_ty}, {BF16_PAIRS}"));
+        f.b.line(format_args!("vector.store {hi}, {dec}[{to_hi}] : {dec_ty}, {BF16_PAIRS}"));
+    });
+    [0, 1].map(|h| {
+        (0..16)
+            .map(|r| {
+                let at = f.b.index(64 * r + 32 * h);
+                let v = f.b.op("pw", format_args!("vector.load {dec}[{at}] : {dec_ty}, {BF16_PAIRS}"));
+                f.b.op("pw", format_args!("vector.bitcast {v} : {BF16_PAIRS} to {LANES_I32}"))
+            })
+            .collect()
+    })
+}
+
 /// The transpose of 16 rows of 16 lanes: lane `c` of output `r` is lane `r` of input `c`. Four
 /// stages, each exchanging one bit of the row index with the same bit of the lane index by
 /// two-source shuffles of row pairs (one `vpermt2d` each on AVX-512).
@@ -537,18 +574,19 @@ struct Kernel<'a, 's> {
 }
 
 impl Kernel<'_, '_> {
-    /// Packs columns `ks .. ke` of each panel of `p .. p_end` of weight buffer `wbuf` as weight `w`.
-    fn pack_group(&self, f: &mut Frame, wbuf: usize, w: usize, (ks, ke): (&Value, &Value)) {
+    /// Packs columns `ks .. ke` of each panel of `p .. p_end` of weight `w` (its view and memref
+    /// type).
+    fn pack_group(&self, f: &mut Frame, wv: (&Value, &str), w: &Value, (ks, ke): (&Value, &Value)) {
         if self.group == 1 {
-            let slot = f.b.index(w as i64);
-            return self.pack(f, wbuf, &slot, (self.p, self.p_end), (ks, ke));
+            return self.pack(f, wv, w, (self.p, self.p_end), (ks, ke));
         }
         let (zero, one) = (f.b.index(0), f.b.index(1));
         for_loop(f, &zero, self.panels, &one, |f, g| {
             let (p, p_end) = self.panel_cols(f, g);
-            let first = f.b.index(w as i64 * self.group);
+            let group = f.b.index(self.group);
+            let first = f.b.muli(w, &group);
             let slot = f.b.addi(&first, g);
-            self.pack(f, wbuf, &slot, (&p, &p_end), (ks, ke));
+            self.pack(f, wv, &slot, (&p, &p_end), (ks, ke));
         });
     }
 
@@ -568,13 +606,13 @@ impl Kernel<'_, '_> {
     fn pack(
         &self,
         f: &mut Frame,
-        wbuf: usize,
+        (view, memref): (&Value, &str),
         slot: &Value,
         (p, p_end): (&Value, &Value),
         (ks, ke): (&Value, &Value),
     ) {
         let (e, sc) = (self.elem, self.scratch);
-        let (view, memref) = (f.bufs[wbuf].view.clone(), f.bufs[wbuf].memref.clone());
+        let (view, memref) = (view.clone(), memref.to_string());
         let one = f.b.index(1);
         let last = f.b.subi(p_end, &one);
         let step = f.b.index(e.tile() as i64);
@@ -593,19 +631,9 @@ impl Kernel<'_, '_> {
             if e == Elem::Fp8 {
                 // 64 codes a row a step, decoded to two tiles' bf16 values, each transposed.
                 let step = f.b.index(64);
+                let dec = f.scratch("bf16", 16 * 64);
                 return for_loop(f, ks, ke, &step, |f, kk| {
-                    let mut halves: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
-                    for s in &starts {
-                        let at = f.b.addi(s, kk);
-                        let q =
-                            f.b.op("pw", format_args!("vector.load {view}[{at}] : {memref}, vector<64xi8>"));
-                        for (h, v) in f.f8_to_bf16_64(&q).into_iter().enumerate() {
-                            let v = f
-                                .b
-                                .op("pw", format_args!("vector.bitcast {v} : {BF16_PAIRS} to {LANES_I32}"));
-                            halves[h].push(v);
-                        }
-                    }
+                    let halves = decode16(f, (&view, &memref), (&first, &last, self.k, kk), (&dec.0, &dec.1));
                     let rel = f.b.subi(kk, ks);
                     for (h, rows) in halves.into_iter().enumerate() {
                         for (t, v) in transpose16(f, rows).iter().enumerate() {

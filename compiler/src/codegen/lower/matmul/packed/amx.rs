@@ -81,6 +81,33 @@ impl Kernel<'_, '_> {
         let sums = f.scratch("f32", (self.nw as i64 * BLOCK_ROWS * NB) as u64);
         let sums = (&sums.0, &sums.1);
         let (one_tile, two_tiles) = (f.b.index(TILE_ROWS), f.b.index(BLOCK_ROWS));
+        if self.fp8.is_some() {
+            // FP8 reads its row tiles from the decoded rows' scratch, which holds 32 rows
+            // whatever the block's: a last block of 16 rows or fewer takes the second row tile
+            // too, one row of it (read, never stored), so that the code is made once.
+            let one = f.b.index(1);
+            configure(f, (&cfg, &cfg_ty), &one_tile, Some(&one_tile));
+            for_loop(f, lo, hi, &two_tiles, |f, m0| {
+                let end = f.b.addi(m0, &two_tiles);
+                let end = f.b.minui(&end, hi);
+                let rows = f.b.subi(&end, m0);
+                let short = f.b.op("c", format_args!("arith.cmpi ult, {rows}, {two_tiles} : index"));
+                if_then_else(
+                    f,
+                    &short,
+                    |f| {
+                        let first = f.b.minui(&rows, &one_tile);
+                        let second = f.b.subi(&rows, &first);
+                        let second = f.b.op("g", format_args!("arith.maxsi {second}, {one} : index"));
+                        configure(f, (&cfg, &cfg_ty), &first, Some(&second));
+                    },
+                    |_| {},
+                );
+                self.amx_block(f, m0, &rows, true, pass, sums);
+            });
+            f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilerelease\"() : () -> ()"));
+            return;
+        }
         // Blocks of more than 16 rows take two row tiles: whole ones, then a last one of 17 to 31
         // rows (configured for it); a last block of 16 rows or fewer takes one.
         let span = f.b.subi(hi, lo);
@@ -669,6 +696,7 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
     // FP8: the expert's block of 32 weight rows decoded (`K` apart) in the scratch's second MiB;
     // each row tile's sums of a scale block; the input rows' scales of the block of rows, per
     // scale block of `K` (`[K / cols, 32]`).
+    let dec16 = f.scratch("bf16", 16 * 64);
     let fp8 = fp8.map(|g| {
         let blocks = kn as i64 / g.cols;
         let decoded = f.thread_scratch(super::PACK_BYTES / 2, "bf16", BLOCK_ROWS as u64 * kn);
@@ -717,16 +745,11 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
             if fp8.is_some() {
                 // 64 codes of each row a step, decoded: two tiles' rows of pairs.
                 let c64 = f.b.index(64);
+                let row0 = f.b.index(q * TILE_ROWS);
+                let row0 = f.b.addi(m0, &row0);
                 for_loop(f, &zero, &kn_v, &c64, |f, kk| {
-                    let mut halves: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
-                    for s in &starts {
-                        let at = f.b.addi(s, kk);
-                        let q = f.b.op("px", format_args!("vector.load {xv}[{at}] : {xm}, vector<64xi8>"));
-                        for (h, v) in f.f8_to_bf16_64(&q).into_iter().enumerate() {
-                            halves[h]
-                                .push(f.b.op("px", format_args!("vector.bitcast {v} : {pairs} to {lanes}")));
-                        }
-                    }
+                    let dec = (&dec16.0, dec16.1.as_str());
+                    let halves = super::decode16(f, (&xv, &xm), (&row0, &last, k, kk), dec);
                     let kp = f.b.divui(kk, &two_bytes);
                     for (h, rows_v) in halves.into_iter().enumerate() {
                         for (t, v) in super::transpose16(f, rows_v).iter().enumerate() {
@@ -938,20 +961,31 @@ pub(in crate::codegen::lower::matmul) fn grouped_rows(
         let four = f.b.index(4);
         let first_cols = f.b.minui(&rows, &tile_rows);
         let first_cols = f.b.muli(&first_cols, &four);
-        if_then_else(
-            f,
-            &two,
-            |f| {
-                let second = f.b.subi(&rows, &tile_rows);
-                let second = f.b.muli(&second, &four);
-                configure_grouped(f, (&cfg, &cfg_ty), &first_cols, Some(&second));
-                block(f, 2);
-            },
-            |f| {
-                configure_grouped(f, (&cfg, &cfg_ty), &first_cols, None);
-                block(f, 1);
-            },
-        );
+        if fp8.is_some() {
+            // FP8: two column tiles whatever the rows (the packed rows past the block's end repeat
+            // its last row; their sums are not stored), so that the code is made once.
+            let second = f.b.subi(&rows, &tile_rows);
+            let second = f.b.op("g", format_args!("arith.maxsi {second}, {one} : index"));
+            let second = f.b.minui(&second, &tile_rows);
+            let second = f.b.muli(&second, &four);
+            configure_grouped(f, (&cfg, &cfg_ty), &first_cols, Some(&second));
+            block(f, 2);
+        } else {
+            if_then_else(
+                f,
+                &two,
+                |f| {
+                    let second = f.b.subi(&rows, &tile_rows);
+                    let second = f.b.muli(&second, &four);
+                    configure_grouped(f, (&cfg, &cfg_ty), &first_cols, Some(&second));
+                    block(f, 2);
+                },
+                |f| {
+                    configure_grouped(f, (&cfg, &cfg_ty), &first_cols, None);
+                    block(f, 1);
+                },
+            );
+        }
     });
     f.b.line(format_args!("llvm.call_intrinsic \"llvm.x86.tilerelease\"() : () -> ()"));
 }
