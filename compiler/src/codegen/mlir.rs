@@ -225,6 +225,11 @@ impl Body {
         self.op("i", format_args!("arith.minui {a}, {b} : index"))
     }
 
+    /// The value of an `index` constant made by [`Body::index`] (or folded to one).
+    pub fn known(&self, v: &Value) -> Option<i64> {
+        self.index_values.get(v).copied()
+    }
+
     fn is_const(&self, v: &Value, literal: &str) -> bool {
         self.index_values.get(v).is_some_and(|n| n.to_string() == literal)
     }

@@ -1266,6 +1266,9 @@ fn linear_cpu(
     let nr_full = (NR / weights.len()).max(1);
     let (mr, nr, nb, one) = (f.b.index(MR as i64), f.b.index(nr_full as i64), f.b.index(NB), f.b.index(1));
     let g = Gemv { n: n.clone(), k: k.clone(), kvec, x: x.clone(), weights: weights.to_vec(), store };
+    // Every panel ([`NB`] rows, a multiple of any block's) splits into whole blocks when the weight
+    // rows do: then the one-row blocks after them are never reached, and are not made.
+    let n_whole_blocks = nr_full == 1 || f.b.known(n).is_some_and(|n| n % nr_full as i64 == 0);
     // Panels the range touches: lo / M ..= (hi - 1) / M.
     let first = f.b.divui(&lo, m);
     let m1 = f.b.subi(m, &one);
@@ -1300,7 +1303,9 @@ fn linear_cpu(
                         // An FP8 input's rows are decoded once for the panel, not once per column block.
                         let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
                         for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
-                        for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
+                        if !n_whole_blocks {
+                            for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
+                        }
                     });
                 }
             };
