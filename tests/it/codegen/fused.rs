@@ -768,6 +768,61 @@ fn fp8_times_fp8_gemms_decode_every_code_exactly() {
     check_identity_product(&y, &codes, K, "fp8 x fp8 grouped_linear");
 }
 
+/// A routed expert's rows take the same path whatever the other experts hold: the choice of AMX's
+/// tiles is made on the expert's own rows (`packed::enough_expert_rows`), so an expert of one row
+/// sums its products in the same order in a GEMM of 40 rows as in a GEMM of that row alone. When
+/// the GEMM's rows chose, the 40-row GEMM packed the one-row expert into tiles and the lone row
+/// took the dot-product blocks (a different order of sums, and on a speculative step's 8 rows,
+/// 4.6 times the time).
+#[test]
+fn an_expert_of_one_row_sums_alike_in_any_gemm() {
+    const K: usize = 256;
+    let graph = |rows: usize| {
+        fused_graph(
+            &[
+                ("xq", &format!("f8e4m3[{rows}, {K}]")),
+                ("xs", &format!("f32[{rows}, 2]")),
+                ("offsets", "i32[3]"),
+                ("w0", "f8e4m3[96, 256]"),
+                ("w0s", "f32[3, 2]"),
+                ("w1", "f8e4m3[96, 256]"),
+                ("w1s", "f32[3, 2]"),
+            ],
+            &[
+                format!("dequantize %0, %1 {{to = f32, block = [1, 128]}} : f32[{rows}, {K}]"),
+                "dequantize %3, %4 {to = f32, block = [32, 128]} : f32[96, 256]".to_string(),
+                "dequantize %5, %6 {to = f32, block = [32, 128]} : f32[96, 256]".to_string(),
+                format!("grouped_linear %7, %2, %8, %9 {{num_experts = 2}} : f32[{rows}, 96]"),
+            ],
+        )
+    };
+    let mut rng = Rng::new(41);
+    let mut codes = |n: usize| -> Vec<u8> {
+        (0..n).map(|_| (rng.uniform(0.0, 254.0) as u8) & 0x7E | (rng.uniform(0.0, 2.0) as u8) << 7).collect()
+    };
+    let (x, w0, w1) = (codes(40 * K), codes(96 * K), codes(96 * K));
+    let scales = |n: usize, seed: u64| -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.uniform(0.001, 0.01)).collect()
+    };
+    let (xs, w0s, w1s) = (scales(40 * 2, 1), scales(6, 2), scales(6, 3));
+    let weights =
+        || vec![Buf::F8(w0.clone()), Buf::F32(w0s.clone()), Buf::F8(w1.clone()), Buf::F32(w1s.clone())];
+    // Expert 0 holds row 0; expert 1 the other 39 rows (enough for AMX on a host that has it).
+    let wide = fused_kernel_of(&graph(40), "fp8 grouped_linear");
+    let mut args = vec![Buf::F8(x.clone()), Buf::F32(xs.clone()), Buf::I32(vec![0, 1, 40])];
+    args.extend(weights());
+    let all = run_on_cpu(&wide, args);
+    // Row 0 alone.
+    let alone = fused_kernel_of(&graph(1), "fp8 grouped_linear");
+    let mut args = vec![Buf::F8(x[..K].to_vec()), Buf::F32(xs[..2].to_vec()), Buf::I32(vec![0, 1, 1])];
+    args.extend(weights());
+    let one = run_on_cpu(&alone, args);
+    assert!(one.iter().all(|v| v.is_finite() && *v != 0.0), "{one:?}");
+    let bits = |v: &[f64]| v.iter().map(|x| (*x as f32).to_bits()).collect::<Vec<u32>>();
+    assert_eq!(bits(&all[..96]), bits(&one), "expert 0's row in a 40-row GEMM and alone");
+}
+
 /// Runs `kernel` on the CPU with arguments `args` and its result filled with garbage first; the
 /// result's values.
 fn run_on_cpu(kernel: &Kernel, mut args: Vec<Buf>) -> Vec<f64> {

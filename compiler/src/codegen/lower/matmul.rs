@@ -551,10 +551,7 @@ pub(super) fn grouped_with(
             // rows no expert holds (index `E`, whose outputs are 0), go one row at a time.
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let mr = f.b.index(GROUP_MR as i64);
-            let amx = packed::grouped_applies(f, x, weights, n_dim, kn).map(|(xb, kn)| {
-                let m_total = f.dim(m_dim);
-                (xb, kn, packed::enough_rows(f, packed::Elem::Bf16, &m_total))
-            });
+            let amx = packed::grouped_applies(f, x, weights, n_dim, kn);
             let nonempty = f.cmp("ult", &lo, &hi, "index");
             if_then(f, &nonempty, |f| {
                 let last_row = f.b.subi(&hi, &one);
@@ -636,9 +633,14 @@ pub(super) fn grouped_with(
                         if_then_else(f, &valid, tail, none);
                     };
                     match amx {
-                        // A prefill's experts on AMX's tiles (the choice is the GEMM's rows').
-                        Some((xb, kn, ref enough)) => {
-                            let on = f.b.op("c", format_args!("arith.andi {valid}, {enough} : i1"));
+                        // The experts of enough rows on AMX's tiles. The choice is each expert's
+                        // (all its rows, wherever the range cuts them, so that a row's sums do not
+                        // depend on the threads): packing an expert's weights into tiles (and
+                        // decoding FP8 codes) pays over rows of that expert, not of others. Chosen
+                        // by the GEMM's rows, a speculative step's two tokens (8 rows of one row
+                        // per expert) packed every expert they picked, and their routed experts
+                        // took 4.6 times one token's ([`packed::enough_expert_rows`]).
+                        Some((xb, kn)) => {
                             // FP8: the views are each weight's codes then scales.
                             let fp8 = match (x, &weights[0][0]) {
                                 (Operand::Fp8 { scales, cols, .. }, Operand::Fp8 { rows, .. }) => {
@@ -661,6 +663,10 @@ pub(super) fn grouped_with(
                                     views.iter().map(|v| (v.clone(), "memref<?xbf16>".to_string())).collect()
                                 }
                             };
+                            let e_rows = f.b.subi(&end, &first);
+                            let elem = if fp8.is_some() { packed::Elem::Fp8 } else { packed::Elem::Bf16 };
+                            let enough = packed::enough_expert_rows(f, elem, &e_rows);
+                            let on = f.b.op("c", format_args!("arith.andi {valid}, {enough} : i1"));
                             let sizes = (&n, &k, kn);
                             if_then_else(
                                 f,
@@ -1264,7 +1270,17 @@ fn linear_cpu(
     let kvec = f.b.muli(&kq, &vl);
     // Each weight takes a share of the block's columns, so the accumulators stay in registers.
     let nr_full = (NR / weights.len()).max(1);
-    let (mr, nr, nb, one) = (f.b.index(MR as i64), f.b.index(nr_full as i64), f.b.index(NB), f.b.index(1));
+    let packed = packed.zip(kn);
+    // AMX takes a range's whole panels several at a time (`packed::groups`), so its GEMMs leave
+    // this loop, which then has the dot-product blocks alone; the choice is the GEMM's rows'.
+    let grouped = packed.filter(|(elem, _)| elem.amx());
+    // Where AMX takes every GEMM of `packed::AMX_MIN_ROWS` rows or more, the blocks below see
+    // fewer: a decode step's one row, or the two of a speculative step (the token and its draft).
+    // Blocks of two rows read (and for FP8, decode) each weight row once for both; one-row blocks
+    // read it again for each row, which made a two-row FP8 GEMV cost three times one row's.
+    let mr_main = if grouped.is_some() { 2 } else { MR };
+    let (mr, nr, nb, one) =
+        (f.b.index(mr_main as i64), f.b.index(nr_full as i64), f.b.index(NB), f.b.index(1));
     let g = Gemv { n: n.clone(), k: k.clone(), kvec, x: x.clone(), weights: weights.to_vec(), store };
     // Every panel ([`NB`] rows, a multiple of any block's) splits into whole blocks when the weight
     // rows do: then the one-row blocks after them are never reached, and are not made.
@@ -1274,10 +1290,6 @@ fn linear_cpu(
     let m1 = f.b.subi(m, &one);
     let hi_up = f.b.addi(&hi, &m1);
     let last = f.b.divui(&hi_up, m);
-    let packed = packed.zip(kn);
-    // AMX takes a range's whole panels several at a time (`packed::groups`), so its GEMMs leave
-    // this loop, which then has the dot-product blocks alone; the choice is the GEMM's rows'.
-    let grouped = packed.filter(|(elem, _)| elem.amx());
     let per_panel = |f: &mut Frame, packed: Option<(packed::Elem, u64)>| {
         for_loop(f, &first, &last, &one, |f, pi| {
             let base = f.b.muli(pi, m);
@@ -1298,7 +1310,7 @@ fn linear_cpu(
             let qn = f.b.muli(&q, &nr);
             let p_full = f.b.addi(&p, &qn);
             let blocks = |f: &mut Frame| {
-                for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, MR), (&m_full, &r_hi, &one, 1)] {
+                for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, mr_main), (&m_full, &r_hi, &one, 1)] {
                     for_loop(f, m_lo, m_hi, m_step, |f, m0| {
                         // An FP8 input's rows are decoded once for the panel, not once per column block.
                         let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));

@@ -860,6 +860,20 @@ impl Kernel<'_, '_> {
     }
 }
 
+/// For the grouped GEMM: whether an expert's `rows` rows take AMX's tiles ([`grouped_rows`]),
+/// which first pack (for FP8, decode) the expert's weights. Measured on models/bench.toml's
+/// prefills of 16, 32 and 128 tokens (2 threads, this Xeon, 2026-12-06, 3 rounds), against the
+/// dot-product blocks: bf16 packing paid from 2 rows an expert (at 4 or 8 a 32-token prefill
+/// fell from 660-715 to 550-640 tok/s), FP8, whose packing decodes, from 4 (at 1 row, as when
+/// the GEMM's rows chose, 550-565 against 615-658 tok/s; at 16, 563-606).
+pub(super) fn enough_expert_rows(f: &mut Frame, elem: Elem, rows: &Value) -> Value {
+    let min = f.b.index(match elem {
+        Elem::Fp8 => 4,
+        Elem::Bf16 | Elem::F32 => 2,
+    });
+    f.b.op("c", format_args!("arith.cmpi uge, {rows}, {min} : index"))
+}
+
 /// For [`panel`]'s callers: whether a GEMM of `rows` rows of `elem` takes the packed path.
 pub(super) fn enough_rows(f: &mut Frame, elem: Elem, rows: &Value) -> Value {
     let min = f.b.index(elem.min_rows());
