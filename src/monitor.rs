@@ -486,6 +486,52 @@ pub fn saved(t: &dyn Steps) -> Result<Saved> {
     Ok(s)
 }
 
+/// Which of the monitor's copies of the states a run of one process takes ([`copies`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Copies {
+    /// Every copy its policy uses.
+    All,
+    /// None before each step (the one a non-finite step's op-by-op re-check starts from), with the
+    /// note that says so.
+    NoneBefore(String),
+}
+
+/// Memory a run keeps free beside the monitor's copies.
+pub const COPY_MARGIN: u64 = 1 << 30;
+
+/// The monitor's copies of the states (`bytes`: the weights and optimizer state) under `policy`,
+/// with `free` bytes of host memory free beside the run: one taken before each step (skip-batch
+/// undoes a step from it, a non-finite step's op-by-op re-check starts from it) and rollback's
+/// last checkpoint. A copy the policy cannot do without is refused when it does not fit (with
+/// [`COPY_MARGIN`] to spare), before any step; the pre-step copy that only serves the re-check is
+/// dropped, with a note, rather than the run being killed for memory.
+pub fn copies(policy: Policy, bytes: u64, free: u64) -> Result<Copies> {
+    let needed = match policy {
+        Policy::SkipBatch | Policy::Rollback => bytes,
+        Policy::Warn | Policy::Stop => 0,
+    };
+    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    if needed > 0 && needed.saturating_add(COPY_MARGIN) > free {
+        bail!(
+            "--on-anomaly {} keeps a copy of the weights and optimizer state, {}, which does not fit in the {} \
+             this machine has free beside the run (with 1 GiB to spare); use --on-anomaly warn or stop (which \
+             keep no copy when it does not fit), --no-monitor, or a machine with more memory",
+            policy.name(),
+            gb(bytes),
+            gb(free)
+        );
+    }
+    if policy != Policy::SkipBatch && needed.saturating_add(bytes).saturating_add(COPY_MARGIN) > free {
+        return Ok(Copies::NoneBefore(format!(
+            "no copy of the states is taken before each step: it would need {} of the {} free; a non-finite \
+             step is reported without the op-by-op re-check that names its op",
+            gb(bytes),
+            gb(free.saturating_sub(needed))
+        )));
+    }
+    Ok(Copies::All)
+}
+
 /// `rows` with every token `t` replaced by `vocab - 1 - t`: the `poison-batch` fault.
 pub fn poison(rows: &TokenRows, vocab: u64) -> Result<TokenRows> {
     let tokens = (0..rows.rows()).flat_map(|r| rows.row(r).iter().map(|&t| vocab as i64 - 1 - t)).collect();
@@ -582,6 +628,35 @@ mod tests {
 
     fn args() -> Args {
         Args { spike_window: 5, spike_warmup: 3, collapse_steps: 3, imbalance_bound: 3.0, ..Args::default() }
+    }
+
+    #[test]
+    fn copies_of_the_states_fit_or_are_dropped_or_refused() {
+        const GB: u64 = 1_000_000_000;
+        let (states, margin) = (7 * GB, COPY_MARGIN);
+        // Room for the pre-step copy: every policy takes its copies.
+        for p in [Policy::Warn, Policy::Stop, Policy::SkipBatch] {
+            assert_eq!(copies(p, states, states + margin).unwrap(), Copies::All, "{}", p.name());
+        }
+        // Rollback keeps its checkpoint and the pre-step copy: twice the states.
+        assert_eq!(copies(Policy::Rollback, states, 2 * states + margin).unwrap(), Copies::All);
+        let Copies::NoneBefore(note) = copies(Policy::Rollback, states, 2 * states + margin - 1).unwrap()
+        else {
+            panic!("rollback's checkpoint fits, not the pre-step copy beside it");
+        };
+        assert!(note.contains("7.00 GB of the 8.07 GB free"), "{note}");
+        // Warn and stop do without the pre-step copy, and say so.
+        let Copies::NoneBefore(note) = copies(Policy::Warn, states, states + margin - 1).unwrap() else {
+            panic!("the copy does not fit");
+        };
+        assert!(note.contains("without the op-by-op re-check"), "{note}");
+        assert!(matches!(copies(Policy::Stop, states, 0).unwrap(), Copies::NoneBefore(_)));
+        // Skip-batch and rollback cannot do without theirs: refused before any step.
+        for p in [Policy::SkipBatch, Policy::Rollback] {
+            let e = copies(p, states, states + margin - 1).unwrap_err().to_string();
+            assert!(e.contains(&format!("--on-anomaly {} keeps a copy", p.name())), "{e}");
+            assert!(e.contains("7.00 GB, which does not fit in the 8.07 GB"), "{e}");
+        }
     }
 
     fn record(step: u64, loss: f64, grad_norm: f64) -> Record {

@@ -859,6 +859,25 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         roles.iter().filter(|(_, r)| **r == StateRole::RoutingBias).map(|(n, _)| n).collect();
     biases.sort();
     let rollback = mon.is_some() && req.monitor.on_anomaly == Policy::Rollback;
+    // The monitor's copies of the states live in host memory beside the run: one taken before each
+    // step (skip-batch undoes a step from it; a non-finite step's op-by-op re-check starts from
+    // it) and rollback's last checkpoint. One process checks that they fit: a copy it cannot do
+    // without is refused before any step, and the pre-step copy that only serves the re-check is
+    // dropped with a note, rather than the run being killed for memory.
+    let single = req.pipeline.is_none() && req.dist.is_none() && share.is_none();
+    let mut copy_before = mon.is_some();
+    if let (Some(_), true, Some(free)) = (&mon, single, kiln_runtime::host::available_memory()) {
+        let (w, k) = trainer.heads()?;
+        let bytes: u64 =
+            w.iter().chain(&k).map(|h| h.shape.iter().product::<u64>() * h.dtype.size_bytes()).sum();
+        copy_before = match monitor::copies(req.monitor.on_anomaly, bytes, free)? {
+            monitor::Copies::All => true,
+            monitor::Copies::NoneBefore(note) => {
+                bar.suspend(|| say!("monitor: {note}"));
+                false
+            }
+        };
+    }
     let mut last_good = match &mon {
         Some(m) if rollback => Some((monitor::saved(trainer.as_ref())?, progress.clone(), m.clone(), 0u32)),
         _ => None,
@@ -921,7 +940,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         }
         // The states before the step, for undoing it (--on-anomaly skip-batch) or re-running it
         // op by op (a non-finite step): copied into the buffers of the last step's copy.
-        if mon.is_some() {
+        if copy_before {
             trainer.save(&mut before)?;
         }
         let t0 = Instant::now();
@@ -967,14 +986,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
                 let mut v = serde_json::json!({"event": "non_finite", "step": step});
-                match monitor::locate(
-                    trainer.as_mut(),
-                    !req.interp,
-                    &before,
-                    reference.as_ref(),
-                    &batch,
-                    lr as f32,
-                ) {
+                let located = match copy_before {
+                    true => monitor::locate(
+                        trainer.as_mut(),
+                        !req.interp,
+                        &before,
+                        reference.as_ref(),
+                        &batch,
+                        lr as f32,
+                    ),
+                    false => Err(anyhow::anyhow!(
+                        "no copy of the states before the step was taken (it did not fit in memory)"
+                    )),
+                };
+                match located {
                     Ok(found) => {
                         for (engine, f) in &found {
                             bar.suspend(|| {
@@ -989,7 +1014,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                             say!("monitor: step {step}{rank}: the re-check op by op failed: {e:#}")
                         });
                         v["error"] = format!("{e:#}").into();
-                        trainer.restore(&before)?;
+                        if copy_before {
+                            trainer.restore(&before)?;
+                        }
                     }
                 }
                 event(&mut metrics, v)?;
@@ -1086,23 +1113,38 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 Some((d, _)) => share.is_some() && d.pp_rank() == 0,
                 None => share.is_some(),
             };
-            let mut kept = match req.pipeline {
-                Some(_) if !(req.leader() || gathers) => Vec::new(),
-                Some(_) => whole_states(trainer.as_ref(), None, &states)?,
-                None => whole_states(trainer.as_ref(), req.dist, &states)?,
+            // One process streams its tensors into the files; processes that share the model
+            // gather theirs first.
+            let tensors = if req.pipeline.is_none() && req.dist.is_none() && share.is_none() {
+                Tensors::Streamed
+            } else {
+                let mut kept = match req.pipeline {
+                    Some(_) if !(req.leader() || gathers) => Vec::new(),
+                    Some(_) => whole_states(trainer.as_ref(), None, &states)?,
+                    None => whole_states(trainer.as_ref(), req.dist, &states)?,
+                };
+                let mut trained = match req.leader() || gathers {
+                    true => trainer.weights()?,
+                    false => Vec::new(),
+                };
+                if let (Some(s), Some(d), true) = (share, req.dist, gathers) {
+                    // Every rank's experts, under their own names.
+                    trained = s.gather(d, trained)?;
+                    kept = s.gather(d, kept)?;
+                }
+                Tensors::Gathered { trained, kept }
             };
-            let mut trained = match req.leader() || gathers {
-                true => trainer.weights()?,
-                false => Vec::new(),
-            };
-            if let (Some(s), Some(d), true) = (share, req.dist, gathers) {
-                // Every rank's experts, under their own names.
-                trained = s.gather(d, trained)?;
-                kept = s.gather(d, kept)?;
-            }
             if req.leader() {
-                let dir =
-                    save(req.out, &spec, trained, kept, &untrained, &roles, &progress, text.as_deref())?;
+                let dir = save(
+                    req.out,
+                    &spec,
+                    trainer.as_ref(),
+                    tensors,
+                    &untrained,
+                    &roles,
+                    &progress,
+                    text.as_deref(),
+                )?;
                 write_curve(req.out, &spec.model.name)?;
                 bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
                 last_saved = Some(dir.clone());
@@ -1673,96 +1715,204 @@ pub fn copy_tokenizer(from: Option<&Path>, to: &Path) -> Result<()> {
 /// model file stores in FP8: `weight.{name}`.
 pub const EXACT_PREFIX: &str = "weight.";
 
-/// The tensors of a model file in DeepSeek-V3's FP8 release layout (reference §4.2): every weight
-/// of a linear DeepSeek stores in FP8 becomes E4M3 codes with `{name}_scale_inv`, one f32 per
-/// `weight_block` block, quantised as the FP8 train step quantises it each step (the reference
-/// interpreter's `quantize`: block max floored at 1e-4, over 448), so a run of the checkpoint
-/// computes with the FP8 weights the last step used. Returns the model's tensors and the exact
-/// values of the quantised weights, named `weight.{name}`.
+/// Whether a checkpoint's model file stores weight `t` in DeepSeek-V3's FP8 release layout
+/// (reference §4.2): a 2-D float weight of a linear DeepSeek stores in FP8.
+fn released_in_fp8(t: &weights::TensorHead, q: &kiln_ir::spec::QuantSection) -> bool {
+    use kiln_compiler::passes::insert_fp8_casts::fp8_name;
+    fp8_name(&t.name, q) && t.shape.len() == 2 && t.dtype.is_float() && t.dtype != DType::F8E4M3
+}
+
+/// Weight `t` in DeepSeek-V3's FP8 release layout (reference §4.2): E4M3 codes, and
+/// `{name}_scale_inv`, one f32 per `weight_block` block (partial blocks at the edges), quantised
+/// as the FP8 train step quantises it each step (the reference interpreter's `quantize`: block max
+/// floored at 1e-4, over 448), so a run of the checkpoint computes with the FP8 weights the last
+/// step used.
 fn fp8_release(
-    model: Vec<weights::HostTensor>,
+    t: &weights::HostTensor,
     q: &kiln_ir::spec::QuantSection,
-) -> Result<(Vec<weights::HostTensor>, Vec<weights::HostTensor>)> {
-    use kiln_compiler::passes::insert_fp8_casts::{fp8_name, AMAX_FLOOR};
+) -> Result<(weights::HostTensor, weights::HostTensor)> {
+    use kiln_compiler::passes::insert_fp8_casts::AMAX_FLOOR;
     use kiln_ir::interp::Tensor;
     use kiln_ir::op::{Op, QuantSpec};
     use kiln_ir::{Dim, Graph, TensorType};
-    let mut out = Vec::with_capacity(model.len());
-    let mut exact = Vec::new();
-    for t in model {
-        let weights::HostData::F32(values) = &t.data else {
-            out.push(t);
-            continue;
-        };
-        if !(fp8_name(&t.name, q) && t.shape.len() == 2 && t.dtype.is_float() && t.dtype != DType::F8E4M3) {
-            out.push(t);
-            continue;
-        }
-        let spec =
-            QuantSpec { block: q.weight_block.to_vec(), amax_floor: AMAX_FLOOR, pow2_scale: q.pow2_scale };
-        let mut g = Graph::new("fp8_release");
-        let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::known(d)).collect::<Vec<_>>());
-        let (_, x) = g.add_node(Op::Input { name: "w".into() }, &[], vec![ty.clone()], None)?;
-        let op = Op::Quantize { to: DType::F8E4M3, spec };
-        let types = kiln_ir::infer::infer(&op, &[&ty]).map_err(|e| anyhow::anyhow!("{}: {}", t.name, e.0))?;
-        let (_, r) = g.add_node(op, &[x[0]], types, None)?;
-        g.add_output("codes", r[0])?;
-        g.add_output("scales", r[1])?;
-        let w = Tensor::from_f32(t.dtype, t.shape.clone(), values.clone())?;
-        let outs = kiln_ir::interp::run(&g, &[("w".to_string(), w)].into(), &Default::default())?;
-        let host = |name: String, dtype: DType, tensor: &Tensor| weights::HostTensor {
+    let weights::HostData::F32(values) = &t.data else {
+        bail!("{}: an FP8 weight of {} holds integers", t.name, t.dtype);
+    };
+    let spec = QuantSpec { block: q.weight_block.to_vec(), amax_floor: AMAX_FLOOR, pow2_scale: q.pow2_scale };
+    let mut g = Graph::new("fp8_release");
+    let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::known(d)).collect::<Vec<_>>());
+    let (_, x) = g.add_node(Op::Input { name: "w".into() }, &[], vec![ty.clone()], None)?;
+    let op = Op::Quantize { to: DType::F8E4M3, spec };
+    let types = kiln_ir::infer::infer(&op, &[&ty]).map_err(|e| anyhow::anyhow!("{}: {}", t.name, e.0))?;
+    let (_, r) = g.add_node(op, &[x[0]], types, None)?;
+    g.add_output("codes", r[0])?;
+    g.add_output("scales", r[1])?;
+    let w = Tensor::from_f32(t.dtype, t.shape.clone(), values.clone())?;
+    let mut outs = kiln_ir::interp::run(&g, &[("w".to_string(), w)].into(), &Default::default())?;
+    let mut host = |name: String, dtype: DType, output: &str| {
+        let tensor = outs.remove(output).expect("the graph has both outputs");
+        weights::HostTensor {
             name,
             dtype,
             shape: tensor.shape().to_vec(),
             data: weights::HostData::F32(tensor.as_f32().expect("quantize gives floats").to_vec()),
-        };
-        out.push(host(t.name.clone(), DType::F8E4M3, &outs["codes"]));
-        out.push(host(weights::scale_name(&t.name), DType::F32, &outs["scales"]));
-        exact.push(weights::HostTensor { name: format!("{EXACT_PREFIX}{}", t.name), ..t });
-    }
-    Ok((out, exact))
+        }
+    };
+    Ok((
+        host(t.name.clone(), DType::F8E4M3, "codes"),
+        host(weights::scale_name(&t.name), DType::F32, "scales"),
+    ))
 }
 
-/// Writes checkpoint `step-N` into `out` atomically (a hidden folder renamed into place).
+/// A checkpoint's tensors: gathered from other processes (a pipeline's or expert-parallel
+/// ranks'), or read from this process's trainer one at a time as the files are written.
+enum Tensors {
+    Gathered { trained: Vec<weights::HostTensor>, kept: Vec<weights::HostTensor> },
+    Streamed,
+}
+
+/// Where a tensor of a checkpoint's file comes from when its turn comes.
+#[derive(Clone)]
+enum Source {
+    /// `pool[i]`: held already (the untrained weights, gathered tensors).
+    Held(usize),
+    /// Read from the trainer.
+    Trainer(String),
+}
+
+/// What a checkpoint's file stores of a [`Source`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    AsIs,
+    /// FP8 codes under the weight's own name ([`fp8_release`]).
+    Codes,
+    /// Their `_scale_inv` block scales.
+    Scales,
+    /// The weight's exact value, under `weight.{name}` ([`EXACT_PREFIX`]).
+    Exact,
+}
+
+/// Writes checkpoint `step-N` into `out` atomically (a hidden folder renamed into place). A
+/// tensor is read from the trainer, converted and written one at a time (`Tensors::Streamed`), so
+/// a save needs the memory of the largest tensor, not of the model and its optimizer state again
+/// (models/bench.toml's FP8 form: 8 GB of f32 values, written in 130 MB).
 #[allow(clippy::too_many_arguments)]
 fn save(
     out: &Path,
     spec: &kiln_ir::ModelSpec,
-    trained: Vec<weights::HostTensor>,
-    kept: Vec<weights::HostTensor>,
+    trainer: &dyn Steps,
+    tensors: Tensors,
     untrained: &[weights::HostTensor],
     roles: &HashMap<String, StateRole>,
     progress: &Progress,
     tokenizer: Option<&Path>,
 ) -> Result<PathBuf> {
+    use weights::TensorHead;
     let dir = out.join(format!("step-{}", progress.step));
     let tmp = out.join(format!(".step-{}.tmp-{}", progress.step, std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut model: HashMap<String, weights::HostTensor> =
-        untrained.iter().map(|t| (t.name.clone(), t.clone())).collect();
-    let mut optimizer = Vec::new();
-    for t in trained.into_iter().chain(kept) {
-        match roles.get(&t.name) {
+    // Every tensor by name, with where it comes from: the untrained weights, then the trainer's
+    // (which replace an untrained one of the same name).
+    let mut pool: Vec<&weights::HostTensor> = untrained.iter().collect();
+    let mut all: HashMap<String, (TensorHead, Source)> = untrained
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), (TensorHead::of(t), Source::Held(i))))
+        .collect();
+    let gathered;
+    let from_trainer: Vec<(TensorHead, Source)> = match tensors {
+        Tensors::Gathered { trained, kept } => {
+            gathered = trained.into_iter().chain(kept).collect::<Vec<_>>();
+            let first = pool.len();
+            pool.extend(gathered.iter());
+            gathered.iter().enumerate().map(|(i, t)| (TensorHead::of(t), Source::Held(first + i))).collect()
+        }
+        Tensors::Streamed => {
+            let (w, k) = trainer.heads()?;
+            w.into_iter().chain(k).map(|h| (h.clone(), Source::Trainer(h.name))).collect()
+        }
+    };
+    let (mut model, mut optimizer) = (Vec::new(), Vec::new());
+    for (head, source) in from_trainer {
+        match roles.get(&head.name) {
             Some(StateRole::Trainable | StateRole::RoutingBias) | None => {
-                drop(model.insert(t.name.clone(), t))
+                all.insert(head.name.clone(), (head, source));
             }
-            Some(_) => optimizer.push(t),
+            Some(_) => optimizer.push((head, source, Form::AsIs)),
         }
     }
-    let mut model: Vec<weights::HostTensor> = model.into_values().collect();
-    if let Some(q) = &spec.quantization {
-        // DeepSeek's release layout; the exact weights go with the optimizer's state for a resume.
-        let (fp8, mut exact) = fp8_release(model, q)?;
-        model = fp8;
-        exact.sort_by(|a, b| a.name.cmp(&b.name));
-        optimizer.extend(exact);
+    let mut exact = Vec::new();
+    for (_, (head, source)) in all {
+        match &spec.quantization {
+            // DeepSeek's release layout; the exact weights go with the optimizer's state for a
+            // resume.
+            Some(q) if released_in_fp8(&head, q) => {
+                let b = &q.weight_block;
+                let scales = TensorHead {
+                    name: weights::scale_name(&head.name),
+                    dtype: DType::F32,
+                    shape: vec![head.shape[0].div_ceil(b[0]), head.shape[1].div_ceil(b[1])],
+                };
+                let codes = TensorHead { dtype: DType::F8E4M3, ..head.clone() };
+                let kept = TensorHead { name: format!("{EXACT_PREFIX}{}", head.name), ..head };
+                model.push((codes, source.clone(), Form::Codes));
+                model.push((scales, source.clone(), Form::Scales));
+                exact.push((kept, source, Form::Exact));
+            }
+            _ => model.push((head, source, Form::AsIs)),
+        }
     }
-    model.sort_by(|a, b| a.name.cmp(&b.name));
+    model.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    exact.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    optimizer.extend(exact);
+    // The last weight quantised: its codes and scales are written one after the other.
+    let mut last: Option<(String, weights::HostTensor, weights::HostTensor)> = None;
+    let mut write = |path: &Path, list: &[(TensorHead, Source, Form)]| {
+        let heads: Vec<TensorHead> = list.iter().map(|(h, _, _)| h.clone()).collect();
+        let fetch = |i: usize| -> Result<std::borrow::Cow<'_, weights::HostTensor>, String> {
+            let (head, source, form) = &list[i];
+            let read = |source: &Source| match source {
+                Source::Held(j) => Ok(std::borrow::Cow::Borrowed(pool[*j])),
+                Source::Trainer(name) => {
+                    trainer.tensor(name).map(std::borrow::Cow::Owned).map_err(|e| e.to_string())
+                }
+            };
+            let q = spec.quantization.as_ref();
+            match (form, q) {
+                (Form::AsIs, _) => read(source),
+                (Form::Exact, _) => Ok(std::borrow::Cow::Owned(weights::HostTensor {
+                    name: head.name.clone(),
+                    ..read(source)?.into_owned()
+                })),
+                (Form::Codes | Form::Scales, Some(q)) => {
+                    let weight = match source {
+                        Source::Held(j) => pool[*j].name.clone(),
+                        Source::Trainer(name) => name.clone(),
+                    };
+                    if last.as_ref().is_none_or(|(n, _, _)| *n != weight) {
+                        let (codes, scales) =
+                            fp8_release(&*read(source)?, q).map_err(|e| format!("{e:#}"))?;
+                        last = Some((weight, codes, scales));
+                    }
+                    let (_, codes, scales) = last.as_ref().expect("quantised above");
+                    Ok(std::borrow::Cow::Owned(if *form == Form::Codes {
+                        codes.clone()
+                    } else {
+                        scales.clone()
+                    }))
+                }
+                (Form::Codes | Form::Scales, None) => {
+                    unreachable!("FP8 forms come from a [quantization] section")
+                }
+            }
+        };
+        weights::write_safetensors_streamed(path, &heads, StoreFloats::AsDeclared, fetch)
+    };
     let config = serde_json::to_string_pretty(&spec::to_hf_config(spec))? + "\n";
     std::fs::write(tmp.join("config.json"), config)?;
-    weights::write_safetensors(&tmp.join("model.safetensors"), &model, StoreFloats::AsDeclared)?;
-    weights::write_safetensors(&tmp.join(OPTIMIZER), &optimizer, StoreFloats::AsDeclared)?;
+    write(&tmp.join("model.safetensors"), &model)?;
+    write(&tmp.join(OPTIMIZER), &optimizer)?;
     std::fs::write(tmp.join(TRAINER), serde_json::to_string_pretty(progress)? + "\n")?;
     copy_tokenizer(tokenizer, &tmp)?;
     if dir.exists() {

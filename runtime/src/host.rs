@@ -77,12 +77,25 @@ impl Drop for Memory {
 /// Bytes of memory this machine has for a process, `MemTotal` plus `SwapTotal` of `/proc/meminfo`;
 /// `None` where there is no `/proc/meminfo` to ask.
 pub fn machine_memory() -> Option<u64> {
+    meminfo(&["MemTotal:", "SwapTotal:"])
+}
+
+/// Bytes of memory free for more allocations now, `MemAvailable` plus `SwapFree` of
+/// `/proc/meminfo` (the kernel's estimate, page cache it can drop included); `None` where there is
+/// no `/proc/meminfo` to ask.
+pub fn available_memory() -> Option<u64> {
+    meminfo(&["MemAvailable:", "SwapFree:"])
+}
+
+/// The sum of `/proc/meminfo`'s `keys` (the first must be there), in bytes.
+fn meminfo(keys: &[&str]) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = |key: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(key))?;
         line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
     };
-    Some(kib("MemTotal:")?.saturating_add(kib("SwapTotal:").unwrap_or(0)).saturating_mul(1024))
+    let first = kib(keys.first()?)?;
+    Some(keys[1..].iter().fold(first, |a, k| a.saturating_add(kib(k).unwrap_or(0))).saturating_mul(1024))
 }
 
 /// Refuses an allocation of `bytes` for `what` that this machine could not hold even if it held

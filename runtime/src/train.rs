@@ -21,7 +21,7 @@ use kiln_ir::{DType, Graph, SymBindings, ValueId};
 use crate::data::TokenRows;
 use crate::exec::{Backend, Executor, NonFinite};
 use crate::reference::to_tensor;
-use crate::weights::{HostData, HostTensor};
+use crate::weights::{HostData, HostTensor, TensorHead};
 use crate::RuntimeError;
 
 /// What one step reports.
@@ -653,6 +653,19 @@ pub trait Steps {
     fn holds(&self, _name: &str) -> bool {
         true
     }
+    /// The name, dtype and shape of every tensor [`Steps::weights`] and then [`Steps::states`]
+    /// give, in their order, without their values: a checkpoint is written from these, fetching
+    /// each tensor with [`Steps::tensor`] when its turn comes, so that one tensor at a time is
+    /// copied to the host rather than the whole model and its optimizer state. (This default
+    /// copies everything once; the trainers of one process know it without a copy.)
+    fn heads(&self) -> Result<(Vec<TensorHead>, Vec<TensorHead>), RuntimeError> {
+        let heads = |v: Vec<HostTensor>| v.iter().map(TensorHead::of).collect();
+        Ok((heads(self.weights()?), heads(self.states()?)))
+    }
+    /// One of the tensors [`Steps::heads`] names, by name.
+    fn tensor(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        self.state(name)
+    }
 }
 
 impl Steps for Trainer {
@@ -674,6 +687,25 @@ impl Steps for Trainer {
     fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
         let t = self.values.get(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
         Ok(host(name, t))
+    }
+    fn heads(&self) -> Result<(Vec<TensorHead>, Vec<TensorHead>), RuntimeError> {
+        let head = |name: &String, t: &Tensor| TensorHead {
+            name: name.clone(),
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        };
+        let trained = (self.states.iter())
+            .filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
+            .map(|s| head(&s.name, &self.values[&s.name]));
+        let weights = trained.chain(self.params.iter().map(|(n, t)| head(n, t))).collect();
+        let rest = self.states.iter().filter(|s| kept(s.role));
+        Ok((weights, rest.map(|s| head(&s.name, &self.values[&s.name])).collect()))
+    }
+    fn tensor(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        match self.params.get(name) {
+            Some(t) => Ok(host(name, t)),
+            None => self.state(name),
+        }
     }
     fn step_checked(
         &mut self,
@@ -702,6 +734,17 @@ impl<B: Backend> Steps for CompiledTrainer<B> {
     }
     fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
         self.exec.read_state(name)
+    }
+    fn heads(&self) -> Result<(Vec<TensorHead>, Vec<TensorHead>), RuntimeError> {
+        let head = |s: &kiln_ir::artifact::StateEntry| {
+            let (dtype, shape) = self.exec.state_type(&s.name)?;
+            Ok(TensorHead { name: s.name.clone(), dtype, shape })
+        };
+        let weights = (self.weight_states())
+            .filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias))
+            .map(head)
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok((weights, self.weight_states().filter(|s| kept(s.role)).map(head).collect::<Result<_, _>>()?))
     }
     fn step_checked(
         &mut self,

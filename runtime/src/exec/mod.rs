@@ -341,14 +341,17 @@ impl<B: Backend> Executor<B> {
                 });
             }
         }
-        let (params, init) = load_params(&backend, manifest, params)?;
+        let (params, mut init) = load_params(&backend, manifest, params)?;
         let mut states = HashMap::new();
         for s in &manifest.states {
             let bytes = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &max).unwrap_or(u64::MAX);
             let what = format!("the {} `{}`", s.role.name().replace('_', " "), s.name);
             let mut mem = backend.alloc(bytes, &what)?;
-            if let Some(v) = init.get(&s.name) {
-                backend.write(&mut mem, 0, v)?;
+            // Each state's initial bytes go as soon as they are written: a train step's weights and
+            // f32 masters (3.1 GB for models/bench.toml's FP8 form) would otherwise stay alive
+            // beside every state and the activation arena until loading ends.
+            if let Some(v) = init.remove(&s.name) {
+                backend.write(&mut mem, 0, &v)?;
             }
             states.insert(s.name.clone(), mem);
         }
@@ -902,10 +905,17 @@ impl<B: Backend> Executor<B> {
     pub fn read_state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
         let s =
             self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
-        let shape: Vec<u64> = s.shape.iter().map(|d| d.eval(&self.max).unwrap_or(0)).collect();
+        let (_, shape) = self.state_type(name)?;
         let n = kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize;
         let bytes = self.backend.read(&self.states[name], 0..n)?;
         Ok(HostTensor { name: name.to_string(), dtype: s.dtype, shape, data: decode(s.dtype, &bytes) })
+    }
+
+    /// State `name`'s dtype and shape (at the sizes the executor was loaded for).
+    pub fn state_type(&self, name: &str) -> Result<(DType, Vec<u64>), RuntimeError> {
+        let s =
+            self.manifest.state(name).ok_or_else(|| RuntimeError::UnknownParam { name: name.to_string() })?;
+        Ok((s.dtype, s.shape.iter().map(|d| d.eval(&self.max).unwrap_or(0)).collect()))
     }
 
     /// Copies state `name`'s bytes into `into`, reusing its allocation when it has the state's

@@ -37,7 +37,7 @@ pub use checkpoint::{open_checkpoint, scale_name, Checkpoint, TensorInfo};
 pub use mapped::{MappedTensor, Mapping, Param};
 pub use numeric::{bf16_to_f32, e4m3_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, round_e4m3, round_to};
 pub use random::{random_params, random_tensors};
-pub use safetensors::{write_safetensors, StDType, StoreFloats};
+pub use safetensors::{write_safetensors, write_safetensors_streamed, StDType, StoreFloats, TensorHead};
 
 /// A tensor held in host memory, row-major.
 #[derive(Clone, Debug, PartialEq)]

@@ -339,15 +339,46 @@ pub fn write_safetensors(
     tensors: &[HostTensor],
     floats: StoreFloats,
 ) -> Result<(), WeightError> {
+    let heads: Vec<TensorHead> = tensors.iter().map(TensorHead::of).collect();
+    write_safetensors_streamed(path, &heads, floats, |i| Ok(std::borrow::Cow::Borrowed(&tensors[i])))
+}
+
+/// What a streamed write ([`write_safetensors_streamed`]) must know of a tensor before its values:
+/// its name, dtype and shape (a float dtype's values come as f32, any other's as i64).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorHead {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+}
+
+impl TensorHead {
+    pub fn of(t: &HostTensor) -> TensorHead {
+        TensorHead { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }
+    }
+}
+
+/// [`write_safetensors`] for tensors that are made one at a time: the header comes from `heads`,
+/// then `fetch(i)` gives tensor `i` (which must match `heads[i]`) when its bytes are written, so
+/// one tensor at a time is in memory rather than the whole checkpoint. A training run's save reads
+/// each state from the executor so: a checkpoint of models/bench.toml's FP8 form holds 8 GB of
+/// f32 values. An error of `fetch` (a reason) ends the write, naming the tensor, and the temporary
+/// file goes.
+pub fn write_safetensors_streamed<'a>(
+    path: &Path,
+    heads: &[TensorHead],
+    floats: StoreFloats,
+    mut fetch: impl FnMut(usize) -> Result<std::borrow::Cow<'a, HostTensor>, String>,
+) -> Result<(), WeightError> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    let names: std::collections::HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    let names: std::collections::HashSet<&str> = heads.iter().map(|t| t.name.as_str()).collect();
     // The header first, from the shapes and the stored dtypes; then the data streams out tensor by
     // tensor through one reused buffer, instead of being gathered whole in memory (a checkpoint
     // may be as large as the machine's memory).
-    let mut stored = Vec::with_capacity(tensors.len());
+    let mut stored = Vec::with_capacity(heads.len());
     let mut end = 0u64;
-    for t in tensors {
+    for t in heads {
         let bad = |reason: String| WeightError::BadTensor { name: t.name.clone(), reason };
         if t.name.is_empty() || t.name == "__metadata__" {
             return Err(bad("this name cannot be a tensor name in safetensors".into()));
@@ -356,13 +387,13 @@ pub fn write_safetensors(
             return Err(bad("two tensors have this name".into()));
         }
         let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-        if numel != Some(t.data.len() as u64) {
-            return Err(bad(format!("shape {:?} does not match its {} values", t.shape, t.data.len())));
-        }
+        let Some(numel) = numel else {
+            return Err(bad(format!("shape {:?} has more elements than a file can hold", t.shape)));
+        };
         let scaled = names.contains(super::scale_name(&t.name).as_str());
-        let dtype = stored_dtype(t, floats, scaled).map_err(bad)?;
+        let dtype = stored_dtype(t.dtype, t.dtype.is_float(), floats, scaled).map_err(bad)?;
         let begin = end;
-        end += t.data.len() as u64 * dtype.size_bytes();
+        end += numel * dtype.size_bytes();
         header.insert(
             t.name.clone(),
             serde_json::json!({ "dtype": dtype.name(), "shape": t.shape, "data_offsets": [begin, end] }),
@@ -372,17 +403,36 @@ pub fn write_safetensors(
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
     json.resize(json.len().next_multiple_of(8), b' ');
 
-    // A value encode refuses (an i64 beyond i32, say) ends the write; the temporary file goes.
+    // A value encode refuses (an i64 beyond i32, say) or a tensor `fetch` cannot give ends the
+    // write; the temporary file goes.
     let mut refused: Option<WeightError> = None;
     let written = kiln_ir::output::write_file_with(path, |f| {
         f.write_all(&(json.len() as u64).to_le_bytes())?;
         f.write_all(&json)?;
         let mut buf = Vec::new();
-        for (t, &dtype) in tensors.iter().zip(&stored) {
+        for (i, (head, &dtype)) in heads.iter().zip(&stored).enumerate() {
+            let mut fail = |reason: String| {
+                refused = Some(WeightError::BadTensor { name: head.name.clone(), reason });
+                Err(std::io::Error::other("a tensor could not be written"))
+            };
+            let t = match fetch(i) {
+                Ok(t) => t,
+                Err(reason) => return fail(reason),
+            };
+            let numel = head.shape.iter().product::<u64>();
+            if t.name != head.name || t.dtype != head.dtype || t.shape != head.shape {
+                let (found, want) = (shape_text(t.dtype, &t.shape), shape_text(head.dtype, &head.shape));
+                return fail(format!("came as `{}` {found} where the header says {want}", t.name));
+            }
+            if t.data.len() as u64 != numel {
+                return fail(format!("shape {:?} does not match its {} values", t.shape, t.data.len()));
+            }
+            if let Err(reason) = stored_dtype(t.dtype, matches!(t.data, HostData::F32(_)), floats, true) {
+                return fail(reason);
+            }
             buf.clear();
-            if let Err(reason) = encode(t, dtype, &mut buf) {
-                refused = Some(WeightError::BadTensor { name: t.name.clone(), reason });
-                return Err(std::io::Error::other("a tensor could not be encoded"));
+            if let Err(reason) = encode(&t, dtype, &mut buf) {
+                return fail(reason);
             }
             f.write_all(&buf)?;
         }
@@ -397,14 +447,24 @@ pub fn write_safetensors(
     })
 }
 
-/// The dtype `t` is stored in (`scaled`: the tensor's FP8 block scale is written too).
-fn stored_dtype(t: &HostTensor, floats: StoreFloats, scaled: bool) -> Result<StDType, String> {
-    match &t.data {
-        HostData::F32(_) => {
-            if !t.dtype.is_float() {
-                return Err(format!("dtype {} with float data", t.dtype));
+fn shape_text(dtype: DType, shape: &[u64]) -> String {
+    format!("{dtype}{shape:?}")
+}
+
+/// The dtype a tensor of `dtype` is stored in (`float_data`: its values are f32s, not i64s;
+/// `scaled`: the tensor's FP8 block scale is written too).
+fn stored_dtype(
+    dtype: DType,
+    float_data: bool,
+    floats: StoreFloats,
+    scaled: bool,
+) -> Result<StDType, String> {
+    match float_data {
+        true => {
+            if !dtype.is_float() {
+                return Err(format!("dtype {dtype} with float data"));
             }
-            let to = match (floats, t.dtype) {
+            let to = match (floats, dtype) {
                 (StoreFloats::F32, _) => StDType::F32,
                 (StoreFloats::BF16, _) => StDType::BF16,
                 (StoreFloats::AsDeclared, DType::F8E4M3) if scaled => StDType::F8E4M3,
@@ -417,10 +477,10 @@ fn stored_dtype(t: &HostTensor, floats: StoreFloats, scaled: bool) -> Result<StD
             };
             match to {
                 StDType::F32 | StDType::BF16 | StDType::F16 | StDType::F8E4M3 => Ok(to),
-                other => Err(format!("cannot store {} as {other}", t.dtype)),
+                other => Err(format!("cannot store {dtype} as {other}")),
             }
         }
-        HostData::I64(_) => match t.dtype {
+        false => match dtype {
             DType::I64 => Ok(StDType::I64),
             DType::I32 => Ok(StDType::I32),
             DType::Bool => Ok(StDType::Bool),

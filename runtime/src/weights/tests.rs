@@ -117,6 +117,49 @@ fn f32_and_int_tensors_round_trip() {
 }
 
 #[test]
+fn a_streamed_write_fetches_each_tensor_once_and_refuses_one_unlike_its_head() {
+    let dir = TempDir::new("stream");
+    let tensors = vec![
+        f32s("b", &[2, 2], vec![1.0, -2.0, 3.5, 0.25]),
+        HostTensor { name: "i".into(), dtype: DType::I32, shape: vec![2], data: HostData::I64(vec![-7, 9]) },
+        HostTensor { name: "h".into(), dtype: DType::BF16, shape: vec![1], data: HostData::F32(vec![1.5]) },
+    ];
+    let heads: Vec<TensorHead> = tensors.iter().map(TensorHead::of).collect();
+    // Byte for byte the file write_safetensors writes, each tensor fetched once, in order.
+    let (whole, streamed) = (dir.path().join("whole.safetensors"), dir.path().join("streamed.safetensors"));
+    write_safetensors(&whole, &tensors, StoreFloats::AsDeclared).unwrap();
+    let mut asked = Vec::new();
+    write_safetensors_streamed(&streamed, &heads, StoreFloats::AsDeclared, |i| {
+        asked.push(i);
+        Ok(std::borrow::Cow::Owned(tensors[i].clone()))
+    })
+    .unwrap();
+    assert_eq!(asked, [0, 1, 2]);
+    assert_eq!(std::fs::read(&whole).unwrap(), std::fs::read(&streamed).unwrap());
+    // A tensor unlike its head, or one that cannot be fetched, ends the write with its name and
+    // leaves no file behind.
+    let path = dir.path().join("bad.safetensors");
+    let wrong = |i: usize| {
+        let mut t = tensors[i].clone();
+        if i == 1 {
+            t.shape = vec![1, 2];
+        }
+        Ok(std::borrow::Cow::Owned(t))
+    };
+    let e =
+        write_safetensors_streamed(&path, &heads, StoreFloats::AsDeclared, wrong).unwrap_err().to_string();
+    assert!(e.contains("`i`") && e.contains("came as `i` i32[1, 2] where the header says i32[2]"), "{e}");
+    let gone = |i: usize| match i {
+        2 => Err("the device is gone".to_string()),
+        _ => Ok(std::borrow::Cow::Borrowed(&tensors[i])),
+    };
+    let e = write_safetensors_streamed(&path, &heads, StoreFloats::AsDeclared, gone).unwrap_err().to_string();
+    assert!(e.contains("`h`") && e.contains("the device is gone"), "{e}");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
 fn bf16_round_trips_with_rounding() {
     let dir = TempDir::new("rtbf16");
     let path = dir.path().join("w.safetensors");
