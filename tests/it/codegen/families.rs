@@ -295,9 +295,15 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f32[7*T, 200]", "i32[4]", "f32[10, 200]", "f32[10, 200]", "f32[10, 200]"],
             (-1.0, 1.0),
         ),
+        // The weight gradient's columns: eight at once (one vector load of x), then the rest.
         (
             promoted(GemmForm::GroupedWgrad { num_experts: 3 }, 4),
             vec!["f32[7*T, 9]", "i32[4]", "f32[7*T, 5]"],
+            (-1.0, 1.0),
+        ),
+        (
+            promoted(GemmForm::GroupedWgrad { num_experts: 2 }, 8),
+            vec!["bf16[5*T, 20]", "i32[3]", "bf16[5*T, 3]"],
             (-1.0, 1.0),
         ),
     ];

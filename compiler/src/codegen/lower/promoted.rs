@@ -8,9 +8,9 @@
 //! Each output element has one owner that computes it whole: on the CPU a work item per output
 //! row (`linear`, `grouped_linear`: a row of x; `grouped_linear_wgrad`: a row `(e, a)` of one
 //! expert's weight gradient), on the GPU a thread per element (grid over columns by rows). The
-//! CPU kernels of `linear` and `grouped_linear` compute eight output columns at once, a vector lane
-//! each (the lanes' operations are
-//! the scalar ones, lane by lane, so the order of every sum is unchanged); the GPU's are scalar.
+//! CPU kernels compute eight output columns at once, a vector lane each (the lanes' operations are
+//! the scalar ones, lane by lane, so the order of every sum is unchanged; the weight gradient's
+//! eight columns of x are one vector load); the GPU's are scalar.
 //! The f64 block sums are what makes the kernels exact, and they cost: FP8 training on the CPU is
 //! for checking the recipe on small models, not for speed.
 
@@ -57,8 +57,15 @@ fn promoted_dot(
     .remove(0)
 }
 
+/// The eight lanes' operands of one index of eight dot products: eight f32 scalars, or one
+/// `vector<8xf32>` (eight consecutive elements, loaded at once).
+enum Lanes {
+    Scalars(Vec<Value>),
+    Vector(Value),
+}
+
 /// Loads of one index of eight dot products: the shared operand and the eight lanes' others.
-type LanesLoad<'a> = dyn Fn(&mut Frame, &Value) -> (Value, Vec<Value>) + 'a;
+type LanesLoad<'a> = dyn Fn(&mut Frame, &Value) -> (Value, Lanes) + 'a;
 
 /// [`promoted_dot`] for eight dot products at once, one per lane, each lane in the scalar order:
 /// `load(i)` gives the shared f32 operand at index `i` and the eight lanes' other f32 operands.
@@ -82,10 +89,15 @@ fn promoted_dot8(f: &mut Frame, (lo, hi): (&Value, &Value), k_block: u64, load: 
             let (a, bs) = load(f, i);
             let a = f.b.op("d", format_args!("arith.extf {a} : f32 to f64"));
             let a = f.b.op("d", format_args!("vector.broadcast {a} : f64 to {VD}"));
-            let wide: Vec<String> = (bs.iter())
-                .map(|b| f.b.op("d", format_args!("arith.extf {b} : f32 to f64")).to_string())
-                .collect();
-            let b = f.b.op("d", format_args!("vector.from_elements {} : {VD}", wide.join(", ")));
+            let b = match bs {
+                Lanes::Scalars(bs) => {
+                    let wide: Vec<String> = (bs.iter())
+                        .map(|b| f.b.op("d", format_args!("arith.extf {b} : f32 to f64")).to_string())
+                        .collect();
+                    f.b.op("d", format_args!("vector.from_elements {} : {VD}", wide.join(", ")))
+                }
+                Lanes::Vector(v) => f.b.op("d", format_args!("arith.extf {v} : {VF} to {VD}")),
+            };
             let p = f.b.op("d", format_args!("arith.mulf {a}, {b} : {VD}"));
             vec![f.b.op("d", format_args!("arith.addf {}, {p} : {VD}", s[0]))]
         })
@@ -194,7 +206,7 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
                     f.load_view(w, &ev, wtype, &wi)
                 })
                 .collect();
-            (xv, ws)
+            (xv, Lanes::Scalars(ws))
         });
         let (view, memref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
         f.b.line(format_args!("vector.store {dot}, {view}[{at}] : {memref}, vector<8xf32>"));
@@ -307,12 +319,41 @@ fn wgrad(f: &mut Frame, num_experts: u64, k_block: u64) -> Result<LaunchShape, L
         let at = f.b.addi(&ak, c);
         f.b.line(format_args!("memref.store {dot}, {w}[{at}] : {view}"));
     };
+    // Eight columns at once on the CPU: the shared operand dy[r, a] against x[r, c..c + 8], one
+    // vector load, each lane summed as its column alone.
+    let (xview, xmemref, xtype) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone(), f.bufs[0].ty.dtype);
+    let element8 = |f: &mut Frame, a: &Value, c: &Value, (start, end): (&Value, &Value), w: &Value| {
+        let dot = promoted_dot8(f, (start, end), k_block, &|f, r| {
+            let rn = f.b.muli(r, &n);
+            let di = f.b.addi(&rn, a);
+            let g = f.load(2, &di);
+            let rk = f.b.muli(r, &kd);
+            let xi = f.b.addi(&rk, c);
+            let xs = match xtype {
+                DType::F16 | DType::BF16 => {
+                    let e = super::storage_type(xtype);
+                    let v =
+                        f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8x{e}>"));
+                    f.b.op("xv", format_args!("arith.extf {v} : vector<8x{e}> to vector<8xf32>"))
+                }
+                _ => f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8xf32>")),
+            };
+            (g, Lanes::Vector(xs))
+        });
+        let ak = f.b.muli(a, &kd);
+        let at = f.b.addi(&ak, c);
+        f.b.line(format_args!("vector.store {dot}, {w}[{at}] : {view}, vector<8xf32>"));
+    };
     Ok(match f.target {
         Target::Cpu => {
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            let eight = f.b.index(8);
+            let k8 = f.b.divui(&kd, &eight);
+            let k8 = f.b.muli(&k8, &eight);
             for_loop(f, &lo, &hi, &one, |f, item| {
                 let (a, start, end, w) = expert(f, item);
-                for_loop(f, &zero, &kd, &one, |f, c| element(f, &a, c, (&start, &end), &w));
+                for_loop(f, &zero, &k8, &eight, |f, c| element8(f, &a, c, (&start, &end), &w));
+                for_loop(f, &k8, &kd, &one, |f, c| element(f, &a, c, (&start, &end), &w));
             });
             LaunchShape::Cpu { work }
         }
