@@ -295,6 +295,12 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f32[7*T, 200]", "i32[4]", "f32[10, 200]", "f32[10, 200]", "f32[10, 200]"],
             (-1.0, 1.0),
         ),
+        // Two experts of 20 columns: two packed panels of eight each, then four columns alone.
+        (
+            promoted(GemmForm::Grouped { num_experts: 2 }, 16),
+            vec!["bf16[5*T, 40]", "i64[3]", "bf16[20, 40]", "bf16[20, 40]"],
+            (-1.0, 1.0),
+        ),
         // The weight gradient's columns: eight at once (one vector load of x), then the rest.
         (
             promoted(GemmForm::GroupedWgrad { num_experts: 3 }, 4),

@@ -22,6 +22,8 @@ use super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then, if_then_else, Value};
 
 const BLOCK: i64 = 128;
+/// The most thread scratch a CPU work item's packed eight weight rows take (K up to 16384).
+const PANEL_BYTES: u64 = 512 << 10;
 
 /// The promoted dot product over `lo..hi` of the contraction axis, `load(i)` giving the two f32
 /// operands at index `i`. Returns the f32 sum.
@@ -239,7 +241,123 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
         unless_none(f, valid, &at, 8, &|f| element8_dot(f, m, col, w, &at));
     };
     let f32_out = f.bufs[out].ty.dtype == DType::F32;
+    // On the CPU, a work item per eight columns of one weight (per expert): the weight's eight rows
+    // are packed once into the thread scratch, K-major, so that each of the expert's rows sums them
+    // from one vector load per index of K (the lanes' operands would otherwise be eight loads a
+    // row of the weight apart, every row of x again).
+    let panel = match (n_dim.as_known(), k_dim.as_known()) {
+        (Some(n), Some(k)) if f32_out && k * 8 * 4 <= PANEL_BYTES => Some((n, k)),
+        _ => None,
+    };
     Ok(match f.target {
+        Target::Cpu if panel.is_some() => {
+            let (n_known, k_known) = panel.expect("matched");
+            let groups = n_known.div_ceil(8);
+            let e_count = experts.unwrap_or(1);
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            let (scratch, stype) = f.thread_scratch(0, "f32", k_known * 8);
+            let (eight, gi) = (f.b.index(8), f.b.index(groups as i64));
+            let m = f.dim(m_dim);
+            let x_at = |f: &mut Frame, r: &Value, i: &Value| {
+                let rk = f.b.muli(r, &kd);
+                let xi = f.b.addi(&rk, i);
+                f.load(0, &xi)
+            };
+            for_loop(f, &lo, &hi, &one, |f, item| {
+                let e = f.b.divui(item, &gi);
+                let g = f.b.remui(item, &gi);
+                let c0 = f.b.muli(&g, &eight);
+                // The expert's rows, as `expert_of_row` assigns them (expert 0 from row 0), its
+                // weight, and after the last expert's rows those of no expert, zeros.
+                let (rows, w, none) = match experts {
+                    None => ((zero.clone(), m.clone()), weight(f, &zero).0, None),
+                    Some(e_count) => {
+                        let offsets_type = f.bufs[1].ty.dtype;
+                        let first = f.cmp("eq", &e, &zero, "index");
+                        let start = f.load_raw(1, &e);
+                        let start = clamped_bound(f, &start, offsets_type, &m);
+                        let start = f.select(&first, &zero, &start, "index");
+                        let e1 = f.b.addi(&e, &one);
+                        let end = f.load_raw(1, &e1);
+                        let end = clamped_bound(f, &end, offsets_type, &m);
+                        let end = f.b.op("i", format_args!("arith.maxui {end}, {start} : index"));
+                        let (w, _) = pick_buffers(f, &e, e_count as usize, (2, 1, 1), &|_| 0);
+                        let last = f.b.index(e_count as i64 - 1);
+                        let last = f.cmp("eq", &e, &last, "index");
+                        let ev = f.b.index(e_count as i64);
+                        let tail = f.load_raw(1, &ev);
+                        let tail = clamped_bound(f, &tail, offsets_type, &m);
+                        let tail = f.select(&last, &tail, &m, "index");
+                        ((start, end), w.into_iter().next().expect("one buffer"), Some(tail))
+                    }
+                };
+                let left = f.b.subi(&n, &c0);
+                let whole = f.cmp("uge", &left, &eight, "index");
+                let (wv, ev) = (w.clone(), elem_view.clone());
+                if_then_else(
+                    f,
+                    &whole,
+                    |f| {
+                        let kb = f.b.muli(&c0, &kd);
+                        for_loop(f, &zero, &kd, &one, |f, i| {
+                            let at = f.b.muli(i, &eight);
+                            for j in 0..8 {
+                                let row = f.b.index(j * k_known as i64);
+                                let wi = f.b.addi(&kb, &row);
+                                let wi = f.b.addi(&wi, i);
+                                let v = f.load_view(&wv, &ev, wtype, &wi);
+                                let to = f.b.index(j);
+                                let to = f.b.addi(&at, &to);
+                                f.b.line(format_args!("memref.store {v}, {scratch}[{to}] : {stype}"));
+                            }
+                        });
+                        let (yview, ymemref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
+                        for_loop(f, &rows.0, &rows.1, &one, |f, r| {
+                            let dot = promoted_dot8(f, (&zero, &kd), k_block, &|f, i| {
+                                let xv = x_at(f, r, i);
+                                let at = f.b.muli(i, &eight);
+                                let ws = f.b.op(
+                                    "wv",
+                                    format_args!("vector.load {scratch}[{at}] : {stype}, vector<8xf32>"),
+                                );
+                                (xv, Lanes::Vector(ws))
+                            });
+                            let rn = f.b.muli(r, &n);
+                            let at = f.b.addi(&rn, &c0);
+                            f.b.line(format_args!("vector.store {dot}, {yview}[{at}] : {ymemref}, vector<8xf32>"));
+                        });
+                        if let Some(tail) = &none {
+                            let vzero = f.b.constant("dense<0.0>", "vector<8xf32>");
+                            for_loop(f, tail, &m, &one, |f, r| {
+                                let rn = f.b.muli(r, &n);
+                                let at = f.b.addi(&rn, &c0);
+                                f.b.line(format_args!(
+                                    "vector.store {vzero}, {yview}[{at}] : {ymemref}, vector<8xf32>"
+                                ));
+                            });
+                        }
+                    },
+                    |f| {
+                        for_loop(f, &c0, &n, &one, |f, col| {
+                            for_loop(f, &rows.0, &rows.1, &one, |f, r| {
+                                let rn = f.b.muli(r, &n);
+                                let at = f.b.addi(&rn, col);
+                                element_dot(f, r, col, &w, &at);
+                            });
+                            if let Some(tail) = &none {
+                                let fzero = f.b.f32(0.0);
+                                for_loop(f, tail, &m, &one, |f, r| {
+                                    let rn = f.b.muli(r, &n);
+                                    let at = f.b.addi(&rn, col);
+                                    f.store(out, &at, &fzero);
+                                });
+                            }
+                        });
+                    },
+                );
+            });
+            LaunchShape::Cpu { work: Dim::known(e_count * groups) }
+        }
         Target::Cpu => {
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let eight = f.b.index(8);
