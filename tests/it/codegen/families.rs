@@ -295,6 +295,9 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f32[7*T, 200]", "i32[4]", "f32[10, 200]", "f32[10, 200]", "f32[10, 200]"],
             (-1.0, 1.0),
         ),
+        // K known only at run time (a weight gradient's tokens): the panel's largest size, rows
+        // in blocks of four and then alone.
+        (promoted(GemmForm::Linear, 16), vec!["f32[9, 3*T]", "f32[11, 3*T]"], (-3.0, 3.0)),
         // Two experts of 20 columns: two packed panels of eight each, then four columns alone.
         (
             promoted(GemmForm::Grouped { num_experts: 2 }, 16),

@@ -5,12 +5,15 @@
 //! of two f32 values is exact in f64 and no step is reassociated or contracted (plain `mulf` and
 //! `addf`, no fast-math flags), so the kernels agree with the interpreter bit for bit.
 //!
-//! Each output element has one owner that computes it whole: on the CPU a work item per output
-//! row (`linear`, `grouped_linear`: a row of x; `grouped_linear_wgrad`: a row `(e, a)` of one
-//! expert's weight gradient), on the GPU a thread per element (grid over columns by rows). The
-//! CPU kernels compute eight output columns at once, a vector lane each (the lanes' operations are
-//! the scalar ones, lane by lane, so the order of every sum is unchanged; the weight gradient's
-//! eight columns of x are one vector load); the GPU's are scalar.
+//! Each output element has one owner that computes it whole: on the GPU a thread per element (grid
+//! over columns by rows), scalar; on the CPU eight output columns at once, a vector lane each (the
+//! lanes' operations are the scalar ones, lane by lane, so the order of every sum is unchanged).
+//! CPU work items: for `linear` and `grouped_linear` with f32 results and a known N, eight columns
+//! of one weight (of one expert), whose weight rows are packed once K-major into the thread scratch
+//! and then summed against the expert's rows of x, four rows at a time so that four chains of f64
+//! additions overlap (K past the panel's 65536 sums each column alone); otherwise a row of x; for
+//! `grouped_linear_wgrad` a row `(e, a)` of one expert's weight gradient, eight columns of x at a
+//! time from one vector load.
 //! The f64 block sums are what makes the kernels exact, and they cost: FP8 training on the CPU is
 //! for checking the recipe on small models, not for speed.
 
@@ -22,8 +25,11 @@ use super::{Frame, GridDim, LaunchShape, LowerError, Target};
 use crate::codegen::mlir::{for_carry, for_loop, if_then, if_then_else, Value};
 
 const BLOCK: i64 = 128;
-/// The most thread scratch a CPU work item's packed eight weight rows take (K up to 16384).
-const PANEL_BYTES: u64 = 512 << 10;
+/// The most thread scratch a CPU work item's packed eight weight rows take (K up to 65536).
+const PANEL_BYTES: u64 = 2 << 20;
+const _: () = assert!(PANEL_BYTES <= super::THREAD_SCRATCH_BYTES);
+/// Rows of x a CPU work item sums against its packed weight rows at once.
+const ROWS: usize = 4;
 
 /// The promoted dot product over `lo..hi` of the contraction axis, `load(i)` giving the two f32
 /// operands at index `i`. Returns the f32 sum.
@@ -66,13 +72,21 @@ enum Lanes {
     Vector(Value),
 }
 
-/// Loads of one index of eight dot products: the shared operand and the eight lanes' others.
-type LanesLoad<'a> = dyn Fn(&mut Frame, &Value) -> (Value, Lanes) + 'a;
+/// Loads of one index of eight dot products for each of R rows: each row's shared operand and the
+/// eight lanes' others, which every row shares.
+type LanesLoad<'a> = dyn Fn(&mut Frame, &Value) -> (Vec<Value>, Lanes) + 'a;
 
-/// [`promoted_dot`] for eight dot products at once, one per lane, each lane in the scalar order:
-/// `load(i)` gives the shared f32 operand at index `i` and the eight lanes' other f32 operands.
-/// Returns a `vector<8xf32>`.
-fn promoted_dot8(f: &mut Frame, (lo, hi): (&Value, &Value), k_block: u64, load: &LanesLoad<'_>) -> Value {
+/// [`promoted_dot`] for eight dot products at once, one per lane, each lane in the scalar order,
+/// for each of R rows: `load(i)` gives the R rows' shared f32 operands at index `i` and the eight
+/// lanes' other f32 operands. The rows' sums are independent chains the CPU overlaps (one
+/// chain of f64 additions waits on each addition's latency). Returns a `vector<8xf32>` per row.
+fn promoted_dot8(
+    f: &mut Frame,
+    (lo, hi): (&Value, &Value),
+    k_block: u64,
+    rows: usize,
+    load: &LanesLoad<'_>,
+) -> Vec<Value> {
     const VD: &str = "vector<8xf64>";
     const VF: &str = "vector<8xf32>";
     let (one, kb) = (f.b.index(1), f.b.index(k_block as i64));
@@ -81,16 +95,16 @@ fn promoted_dot8(f: &mut Frame, (lo, hi): (&Value, &Value), k_block: u64, load: 
     let end = f.b.addi(hi, &kb1);
     let end = f.b.divui(&end, &kb);
     let fzero = f.b.constant("dense<0.0>", VF);
-    for_carry(f, &first, &end, &one, &[(fzero, VF)], |f, blk, acc| {
+    let init: Vec<(Value, &str)> = (0..rows).map(|_| (fzero.clone(), VF)).collect();
+    for_carry(f, &first, &end, &one, &init, |f, blk, acc| {
         let start = f.b.muli(blk, &kb);
         let stop = f.b.addi(&start, &kb);
         let from = f.b.op("i", format_args!("arith.maxui {start}, {lo} : index"));
         let to = f.b.minui(&stop, hi);
         let dzero = f.b.constant("dense<0.0>", VD);
-        let s = for_carry(f, &from, &to, &one, &[(dzero, VD)], |f, i, s| {
-            let (a, bs) = load(f, i);
-            let a = f.b.op("d", format_args!("arith.extf {a} : f32 to f64"));
-            let a = f.b.op("d", format_args!("vector.broadcast {a} : f64 to {VD}"));
+        let zeros: Vec<(Value, &str)> = (0..rows).map(|_| (dzero.clone(), VD)).collect();
+        let sums = for_carry(f, &from, &to, &one, &zeros, |f, i, s| {
+            let (xs, bs) = load(f, i);
             let b = match bs {
                 Lanes::Scalars(bs) => {
                     let wide: Vec<String> = (bs.iter())
@@ -100,14 +114,22 @@ fn promoted_dot8(f: &mut Frame, (lo, hi): (&Value, &Value), k_block: u64, load: 
                 }
                 Lanes::Vector(v) => f.b.op("d", format_args!("arith.extf {v} : {VF} to {VD}")),
             };
-            let p = f.b.op("d", format_args!("arith.mulf {a}, {b} : {VD}"));
-            vec![f.b.op("d", format_args!("arith.addf {}, {p} : {VD}", s[0]))]
-        })
-        .remove(0);
-        let s = f.b.op("f", format_args!("arith.truncf {s} : {VD} to {VF}"));
-        vec![f.b.op("f", format_args!("arith.addf {}, {s} : {VF}", acc[0]))]
+            (xs.iter().zip(s))
+                .map(|(a, s)| {
+                    let a = f.b.op("d", format_args!("arith.extf {a} : f32 to f64"));
+                    let a = f.b.op("d", format_args!("vector.broadcast {a} : f64 to {VD}"));
+                    let p = f.b.op("d", format_args!("arith.mulf {a}, {b} : {VD}"));
+                    f.b.op("d", format_args!("arith.addf {s}, {p} : {VD}"))
+                })
+                .collect()
+        });
+        (sums.iter().zip(acc))
+            .map(|(s, acc)| {
+                let s = f.b.op("f", format_args!("arith.truncf {s} : {VD} to {VF}"));
+                f.b.op("f", format_args!("arith.addf {acc}, {s} : {VF}"))
+            })
+            .collect()
     })
-    .remove(0)
 }
 
 fn check(f: &Frame, form: GemmForm, k_block: u64) -> Result<(), LowerError> {
@@ -196,9 +218,9 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
         let xb = f.b.muli(m, &kd);
         let wb = f.b.muli(col, &kd);
         let ev = elem_view.clone();
-        let dot = promoted_dot8(f, (&zero, &kd), k_block, &|f, i| {
+        let dot = promoted_dot8(f, (&zero, &kd), k_block, 1, &|f, i| {
             let xi = f.b.addi(&xb, i);
-            let xv = f.load(0, &xi);
+            let xv = vec![f.load(0, &xi)];
             let ws = (0..8)
                 .map(|j| {
                     let row = f.b.index(j);
@@ -209,7 +231,8 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
                 })
                 .collect();
             (xv, Lanes::Scalars(ws))
-        });
+        })
+        .remove(0);
         let (view, memref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
         f.b.line(format_args!("vector.store {dot}, {view}[{at}] : {memref}, vector<8xf32>"));
     };
@@ -245,19 +268,30 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
     // are packed once into the thread scratch, K-major, so that each of the expert's rows sums them
     // from one vector load per index of K (the lanes' operands would otherwise be eight loads a
     // row of the weight apart, every row of x again).
+    // A K known at compile time sizes the panel; one known only at run time (a weight gradient's
+    // tokens) takes the largest, and a K past it sums each column alone.
+    let panel_k = PANEL_BYTES / (8 * 4);
     let panel = match (n_dim.as_known(), k_dim.as_known()) {
-        (Some(n), Some(k)) if f32_out && k * 8 * 4 <= PANEL_BYTES => Some((n, k)),
+        (Some(n), Some(k)) if f32_out && k <= panel_k => Some((n, k)),
+        (Some(n), None) if f32_out => Some((n, panel_k)),
         _ => None,
     };
     Ok(match f.target {
         Target::Cpu if panel.is_some() => {
-            let (n_known, k_known) = panel.expect("matched");
+            let (n_known, k_most) = panel.expect("matched");
             let groups = n_known.div_ceil(8);
             let e_count = experts.unwrap_or(1);
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
-            let (scratch, stype) = f.thread_scratch(0, "f32", k_known * 8);
+            let (scratch, stype) = f.thread_scratch(0, "f32", k_most * 8);
             let (eight, gi) = (f.b.index(8), f.b.index(groups as i64));
             let m = f.dim(m_dim);
+            let fits = match k_dim.as_known() {
+                Some(_) => None,
+                None => {
+                    let most = f.b.index(k_most as i64);
+                    Some(f.cmp("ule", &kd, &most, "index"))
+                }
+            };
             let x_at = |f: &mut Frame, r: &Value, i: &Value| {
                 let rk = f.b.muli(r, &kd);
                 let xi = f.b.addi(&rk, i);
@@ -293,6 +327,10 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
                 };
                 let left = f.b.subi(&n, &c0);
                 let whole = f.cmp("uge", &left, &eight, "index");
+                let whole = match &fits {
+                    Some(fits) => f.b.op("p", format_args!("arith.andi {whole}, {fits} : i1")),
+                    None => whole,
+                };
                 let (wv, ev) = (w.clone(), elem_view.clone());
                 if_then_else(
                     f,
@@ -302,7 +340,8 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
                         for_loop(f, &zero, &kd, &one, |f, i| {
                             let at = f.b.muli(i, &eight);
                             for j in 0..8 {
-                                let row = f.b.index(j * k_known as i64);
+                                let row = f.b.index(j);
+                                let row = f.b.muli(&row, &kd);
                                 let wi = f.b.addi(&kb, &row);
                                 let wi = f.b.addi(&wi, i);
                                 let v = f.load_view(&wv, &ev, wtype, &wi);
@@ -312,20 +351,39 @@ fn rows_times_weights(f: &mut Frame, form: GemmForm, k_block: u64) -> Result<Lau
                             }
                         });
                         let (yview, ymemref) = (f.bufs[out].view.clone(), f.bufs[out].memref.clone());
-                        for_loop(f, &rows.0, &rows.1, &one, |f, r| {
-                            let dot = promoted_dot8(f, (&zero, &kd), k_block, &|f, i| {
-                                let xv = x_at(f, r, i);
+                        // ROWS rows at a time, then the rest one by one.
+                        let sum_rows = |f: &mut Frame, r: &Value, count: usize| {
+                            let dots = promoted_dot8(f, (&zero, &kd), k_block, count, &|f, i| {
+                                let xs = (0..count as i64)
+                                    .map(|j| {
+                                        let j = f.b.index(j);
+                                        let rj = f.b.addi(r, &j);
+                                        x_at(f, &rj, i)
+                                    })
+                                    .collect();
                                 let at = f.b.muli(i, &eight);
                                 let ws = f.b.op(
                                     "wv",
                                     format_args!("vector.load {scratch}[{at}] : {stype}, vector<8xf32>"),
                                 );
-                                (xv, Lanes::Vector(ws))
+                                (xs, Lanes::Vector(ws))
                             });
-                            let rn = f.b.muli(r, &n);
-                            let at = f.b.addi(&rn, &c0);
-                            f.b.line(format_args!("vector.store {dot}, {yview}[{at}] : {ymemref}, vector<8xf32>"));
-                        });
+                            for (j, dot) in dots.iter().enumerate() {
+                                let j = f.b.index(j as i64);
+                                let rj = f.b.addi(r, &j);
+                                let rn = f.b.muli(&rj, &n);
+                                let at = f.b.addi(&rn, &c0);
+                                f.b.line(format_args!(
+                                    "vector.store {dot}, {yview}[{at}] : {ymemref}, vector<8xf32>"
+                                ));
+                            }
+                        };
+                        let (count, step) = (f.b.subi(&rows.1, &rows.0), f.b.index(ROWS as i64));
+                        let blocks = f.b.divui(&count, &step);
+                        let blocks = f.b.muli(&blocks, &step);
+                        let split = f.b.addi(&rows.0, &blocks);
+                        for_loop(f, &rows.0, &split, &step, |f, r| sum_rows(f, r, ROWS));
+                        for_loop(f, &split, &rows.1, &one, |f, r| sum_rows(f, r, 1));
                         if let Some(tail) = &none {
                             let vzero = f.b.constant("dense<0.0>", "vector<8xf32>");
                             for_loop(f, tail, &m, &one, |f, r| {
@@ -441,10 +499,10 @@ fn wgrad(f: &mut Frame, num_experts: u64, k_block: u64) -> Result<LaunchShape, L
     // vector load, each lane summed as its column alone.
     let (xview, xmemref, xtype) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone(), f.bufs[0].ty.dtype);
     let element8 = |f: &mut Frame, a: &Value, c: &Value, (start, end): (&Value, &Value), w: &Value| {
-        let dot = promoted_dot8(f, (start, end), k_block, &|f, r| {
+        let dot = promoted_dot8(f, (start, end), k_block, 1, &|f, r| {
             let rn = f.b.muli(r, &n);
             let di = f.b.addi(&rn, a);
-            let g = f.load(2, &di);
+            let g = vec![f.load(2, &di)];
             let rk = f.b.muli(r, &kd);
             let xi = f.b.addi(&rk, c);
             let xs = match xtype {
@@ -457,7 +515,8 @@ fn wgrad(f: &mut Frame, num_experts: u64, k_block: u64) -> Result<LaunchShape, L
                 _ => f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8xf32>")),
             };
             (g, Lanes::Vector(xs))
-        });
+        })
+        .remove(0);
         let ak = f.b.muli(a, &kd);
         let at = f.b.addi(&ak, c);
         f.b.line(format_args!("vector.store {dot}, {w}[{at}] : {view}, vector<8xf32>"));
