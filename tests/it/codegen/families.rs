@@ -258,6 +258,10 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         (quantize(&[1, 16], false), vec!["f32[B, T, 40]"], (-3.0, 3.0)),
         (quantize(&[1, 16], true), vec!["bf16[B, T, 40]"], (-3.0, 3.0)),
         (quantize(&[8, 16], false), vec!["f32[20, 36]"], (-100.0, 100.0)),
+        // Rows of two vectors of 16 and a tile of 6 alone.
+        (quantize(&[2, 32], false), vec!["bf16[T, 70]"], (-3.0, 3.0)),
+        // Below the amax floor: the codes of whole vectors are E4M3 subnormals and zeros.
+        (quantize(&[1, 16], false), vec!["f32[T, 32]"], (-3e-9, 3e-9)),
         // Tiles along a symbolic dimension (FP8 training's tokens): scales padded to its size.
         (quantize(&[1, 4], false), vec!["f32[5, 2*T]"], (-3.0, 3.0)),
         (quantize(&[4, 1], true), vec!["bf16[7*T, 3]"], (-3.0, 3.0)),

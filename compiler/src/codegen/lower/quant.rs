@@ -14,8 +14,10 @@
 //! CPU work item or one GPU thread: `amax = max |x|` over the tile (NaN propagates), `max(amax,
 //! amax_floor)`, `scale = amax / 448` in f32, rounded up to a power of two with `pow2_scale` (exactly,
 //! from the bits, as the interpreter does), then `q = e4m3(x / scale)`. Tiles cover the trailing
-//! dimensions; edge tiles are smaller. `dequantize`: one element per work item, `q * scale` in f32
-//! rounded to the result dtype.
+//! dimensions; edge tiles are smaller. On the CPU a tile whose rows are whole vectors of 16 (the
+//! last block a multiple of 16: DeepSeek's 1 x 128 and 128 x 128) takes its amax and its codes 16
+//! elements at a time ([`Frame::f8_encode_vec`], lane by lane the scalar encoding), the rest alone.
+//! `dequantize`: one element per work item, `q * scale` in f32 rounded to the result dtype.
 //!
 //! Not done: one block per tile with a shared-memory amax on the GPU (a thread per tile is correct
 //! and simple; weight tiles of 128x128 make it slow, but weights are quantised once, offline).
@@ -225,6 +227,58 @@ impl Frame<'_> {
         self.b.op("q", format_args!("arith.trunci {code} : i32 to i8"))
     }
 
+    /// [`Frame::f8_encode`] on 16 values at once: a `vector<16xf32>` to its `vector<16xi8>` of
+    /// codes, lane by lane the scalar's operations (so the same bytes).
+    fn f8_encode_vec(&mut self, v: &Value) -> Value {
+        const VI: &str = "vector<16xi32>";
+        const VF: &str = "vector<16xf32>";
+        const VB: &str = "vector<16xi1>";
+        let ci = |f: &mut Self, c: i64| f.b.constant(&format!("dense<{c}>"), VI);
+        let cf = |f: &mut Self, c: f64| f.b.constant(&format!("dense<{c:?}>"), VF);
+        let bin = |f: &mut Self, op: &str, a: &Value, b: &Value, ty: &str| {
+            f.b.op("b", format_args!("arith.{op} {a}, {b} : {ty}"))
+        };
+        let sel = |f: &mut Self, c: &Value, a: &Value, b: &Value| {
+            f.b.op("s", format_args!("arith.select {c}, {a}, {b} : {VB}, {VI}"))
+        };
+        let bits = self.b.op("q", format_args!("arith.bitcast {v} : {VF} to {VI}"));
+        let c24 = ci(self, 24);
+        let hi = bin(self, "shrui", &bits, &c24, VI);
+        let m80 = ci(self, 0x80);
+        let sign = bin(self, "andi", &hi, &m80, VI);
+        let abs_mask = ci(self, 0x7FFF_FFFF);
+        let abs = bin(self, "andi", &bits, &abs_mask, VI);
+        let absf = self.b.op("q", format_args!("arith.bitcast {abs} : {VI} to {VF}"));
+        let (c20, c1) = (ci(self, 20), ci(self, 1));
+        let lsb = bin(self, "shrui", &abs, &c20, VI);
+        let lsb = bin(self, "andi", &lsb, &c1, VI);
+        let half = ci(self, 0x7FFFF);
+        let r = bin(self, "addi", &abs, &half, VI);
+        let r = bin(self, "addi", &r, &lsb, VI);
+        let r = bin(self, "shrui", &r, &c20, VI);
+        let rebias = ci(self, 120 << 3);
+        let normal = bin(self, "subi", &r, &rebias, VI);
+        let scale = cf(self, 512.0);
+        let t = bin(self, "mulf", &absf, &scale, VF);
+        let magic = cf(self, 8_388_608.0);
+        let t = bin(self, "addf", &t, &magic, VF);
+        let t = bin(self, "subf", &t, &magic, VF);
+        let sub = self.b.op("q", format_args!("arith.fptoui {t} : {VF} to {VI}"));
+        let min_normal = ci(self, 0x3C80_0000);
+        let is_normal = self.b.op("p", format_args!("arith.cmpi uge, {abs}, {min_normal} : {VI}"));
+        let code = sel(self, &is_normal, &normal, &sub);
+        let max = cf(self, 448.0);
+        let over = self.b.op("p", format_args!("arith.cmpf ogt, {absf}, {max} : {VF}"));
+        let c7e = ci(self, 0x7E);
+        let code = sel(self, &over, &c7e, &code);
+        let inf = ci(self, 0x7F80_0000);
+        let is_nan = self.b.op("p", format_args!("arith.cmpi ugt, {abs}, {inf} : {VI}"));
+        let c7f = ci(self, 0x7F);
+        let code = sel(self, &is_nan, &c7f, &code);
+        let code = bin(self, "ori", &code, &sign, VI);
+        self.b.op("q", format_args!("arith.trunci {code} : {VI} to vector<16xi8>"))
+    }
+
     /// The smallest power of two >= `s` for finite positive `s`, exactly (`pow2_ceil` of the
     /// interpreter); other values unchanged. Subnormals are scaled by 2^64 first so the exponent
     /// field is meaningful.
@@ -403,6 +457,17 @@ fn quantize_tile(
     tile: &Value,
     (q_buf, s_buf): (usize, usize),
 ) {
+    // On the CPU, a tile whose rows are whole vectors of 16 (DeepSeek's 1 x 128 and 128 x 128)
+    // takes its amax and its codes 16 elements at a time, the rest alone.
+    let last = tiles.dims.len() - 1;
+    let vector = f.target == super::Target::Cpu
+        && f.kernel.args.len() == 1
+        && f.result(0).ty.dtype == kiln_ir::DType::F8E4M3
+        && matches!(f.bufs[0].ty.dtype, kiln_ir::DType::F32 | kiln_ir::DType::BF16 | kiln_ir::DType::F16)
+        && spec.block.last().is_some_and(|b| b % 16 == 0);
+    if vector {
+        return quantize_tile_vec(f, spec, tiles, coords, tile, (q_buf, s_buf), last);
+    }
     {
         let zero = f.b.index(0);
         let init = f.b.f32(0.0);
@@ -426,6 +491,135 @@ fn quantize_tile(
             f.store(q_buf, i, &q);
         });
     }
+}
+
+/// [`quantize_tile`] with each row of the tile (along the last dimension, stride 1) in vectors
+/// of 16 and then alone: the amax is the same maximum in any order, and each element's code the
+/// scalar's.
+fn quantize_tile_vec(
+    f: &mut Frame,
+    spec: &QuantSpec,
+    tiles: &Tiles,
+    coords: &[Value],
+    tile: &Value,
+    (q_buf, s_buf): (usize, usize),
+    last: usize,
+) {
+    const VF: &str = "vector<16xf32>";
+    let zero = f.b.index(0);
+    let (one, sixteen) = (f.b.index(1), f.b.index(16));
+    // The row's range, its end in whole vectors.
+    let row = |f: &mut Frame, c: &Value| {
+        let start = f.b.muli(c, &tiles.block[last]);
+        let end = f.b.addi(&start, &tiles.block[last]);
+        let end = f.b.minui(&end, &tiles.dims[last]);
+        let count = f.b.subi(&end, &start);
+        let whole = f.b.divui(&count, &sixteen);
+        let whole = f.b.muli(&whole, &sixteen);
+        let split = f.b.addi(&start, &whole);
+        (start, split, end)
+    };
+    let init = f.b.f32(0.0);
+    let amax = fold_rows(f, tiles, coords, 0, &zero, init, last, &|f, base, acc| {
+        let (start, split, end) = row(f, &coords[last]);
+        let vzero = f.b.constant("dense<0.0>", VF);
+        let v = for_carry(f, &start, &split, &sixteen, &[(vzero, VF)], |f, i, vacc| {
+            let at = f.b.addi(base, i);
+            let x = f.load_vec(0, &at);
+            let neg = f.b.op("f", format_args!("arith.negf {x} : {VF}"));
+            let a = f.b.op("f", format_args!("arith.maximumf {x}, {neg} : {VF}"));
+            vec![f.b.op("f", format_args!("arith.maximumf {}, {a} : {VF}", vacc[0]))]
+        })
+        .remove(0);
+        let r = f.b.op("f", format_args!("vector.reduction <maximumf>, {v} : {VF} into f32"));
+        let acc = f.binf("maximumf", acc, &r);
+        for_carry(f, &split, &end, &one, &[(acc, "f32")], |f, i, acc| {
+            let at = f.b.addi(base, i);
+            let x = f.load(0, &at);
+            let a = f.unary(kiln_ir::UnaryOp::Abs, &x);
+            vec![f.binf("maximumf", &acc[0], &a)]
+        })
+        .remove(0)
+    });
+    let floor = f.b.f32(spec.amax_floor);
+    let floored = f.binf("maximumf", &amax, &floor);
+    let nan = f.b.op("p", format_args!("arith.cmpf uno, {amax}, {amax} : f32"));
+    let amax = f.select(&nan, &amax, &floored, "f32");
+    let max = f.b.f32(448.0);
+    let scale = f.binf("divf", &amax, &max);
+    let scale = if spec.pow2_scale { f.pow2_ceil(&scale) } else { scale };
+    f.store(s_buf, tile, &scale);
+    let vscale = f.b.op("s", format_args!("vector.broadcast {scale} : f32 to {VF}"));
+    let (qview, qmemref) = (f.bufs[q_buf].view.clone(), f.bufs[q_buf].memref.clone());
+    each_row(f, tiles, coords, 0, &zero, last, &|f, base| {
+        let (start, split, end) = row(f, &coords[last]);
+        for_loop(f, &start, &split, &sixteen, |f, i| {
+            let at = f.b.addi(base, i);
+            let x = f.load_vec(0, &at);
+            let q = f.b.op("f", format_args!("arith.divf {x}, {vscale} : {VF}"));
+            let codes = f.f8_encode_vec(&q);
+            f.b.line(format_args!("vector.store {codes}, {qview}[{at}] : {qmemref}, vector<16xi8>"));
+        });
+        for_loop(f, &split, &end, &one, |f, i| {
+            let at = f.b.addi(base, i);
+            let x = f.load(0, &at);
+            let q = f.binf("divf", &x, &scale);
+            f.store(q_buf, &at, &q);
+        });
+    });
+}
+
+/// Runs `row(f, row base)` for every row of the tile at `coords` (see [`fold_rows`]).
+fn each_row(
+    f: &mut Frame,
+    tiles: &Tiles,
+    coords: &[Value],
+    k: usize,
+    base: &Value,
+    last: usize,
+    row: &dyn Fn(&mut Frame, &Value),
+) {
+    if k == last {
+        return row(f, base);
+    }
+    let start = f.b.muli(&coords[k], &tiles.block[k]);
+    let end = f.b.addi(&start, &tiles.block[k]);
+    let end = f.b.minui(&end, &tiles.dims[k]);
+    let one = f.b.index(1);
+    for_loop(f, &start, &end, &one, |f, i| {
+        let off = f.b.muli(i, &tiles.strides[k]);
+        let idx = f.b.addi(base, &off);
+        each_row(f, tiles, coords, k + 1, &idx, last, row);
+    });
+}
+
+/// Folds `row(f, row base, acc)` over the rows of the tile at `coords`: its elements along every
+/// dimension before `last` (dimension `k` and inward; `base` is the offset of the dimensions
+/// before `k`, and a row's base is the offset of its element 0 of dimension `last`).
+#[allow(clippy::too_many_arguments)]
+fn fold_rows(
+    f: &mut Frame,
+    tiles: &Tiles,
+    coords: &[Value],
+    k: usize,
+    base: &Value,
+    acc: Value,
+    last: usize,
+    row: &dyn Fn(&mut Frame, &Value, &Value) -> Value,
+) -> Value {
+    if k == last {
+        return row(f, base, &acc);
+    }
+    let start = f.b.muli(&coords[k], &tiles.block[k]);
+    let end = f.b.addi(&start, &tiles.block[k]);
+    let end = f.b.minui(&end, &tiles.dims[k]);
+    let one = f.b.index(1);
+    for_carry(f, &start, &end, &one, &[(acc, "f32")], |f, i, acc| {
+        let off = f.b.muli(i, &tiles.strides[k]);
+        let idx = f.b.addi(base, &off);
+        vec![fold_rows(f, tiles, coords, k + 1, &idx, acc[0].clone(), last, row)]
+    })
+    .remove(0)
 }
 
 pub(super) fn dequantize(f: &mut Frame, block: &[u64]) -> Result<LaunchShape, LowerError> {
