@@ -89,7 +89,7 @@ impl Frame<'_> {
         }
     }
 
-    fn store_vec(&mut self, buf: usize, idx: &Value, v: &Value) {
+    pub(super) fn store_vec(&mut self, buf: usize, idx: &Value, v: &Value) {
         let (view, memref, dtype) =
             (self.bufs[buf].view.clone(), self.bufs[buf].memref.clone(), self.bufs[buf].ty.dtype);
         let (v, ty) = match dtype {

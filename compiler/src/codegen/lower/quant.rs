@@ -17,7 +17,8 @@
 //! dimensions; edge tiles are smaller. On the CPU a tile whose rows are whole vectors of 16 (the
 //! last block a multiple of 16: DeepSeek's 1 x 128 and 128 x 128) takes its amax and its codes 16
 //! elements at a time ([`Frame::f8_encode_vec`], lane by lane the scalar encoding), the rest alone.
-//! `dequantize`: one element per work item, `q * scale` in f32 rounded to the result dtype.
+//! `dequantize`: `q * scale` in f32 rounded to the result dtype, one element per work item, or on
+//! the CPU with a last block a multiple of 16 a row per work item, its tiles in vectors of 16.
 //!
 //! Not done: one block per tile with a shared-memory amax on the GPU (a thread per tile is correct
 //! and simple; weight tiles of 128x128 make it slow, but weights are quantised once, offline).
@@ -493,6 +494,73 @@ fn quantize_tile(
     }
 }
 
+/// `dequantize` on the CPU with a work item per row (the last dimension), each of its tiles in
+/// vectors of 16 and then alone: the codes decoded exactly ([`Frame::f8_decode_vec_raw`] times
+/// 2^8), times the tile's scale, one rounding, as each element alone.
+fn dequantize_rows(f: &mut Frame, tiles: &Tiles, rows: Dim, out: usize) -> LaunchShape {
+    const VF: &str = "vector<16xf32>";
+    let last = tiles.dims.len() - 1;
+    let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let (zero, one, sixteen) = (f.b.index(0), f.b.index(1), f.b.index(16));
+    let (view, memref) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone());
+    let up = f.b.constant("dense<256.0>", VF);
+    for_loop(f, &lo, &hi, &one, |f, r| {
+        // The row's scale slot of tile 0 (row-major over the slots), from its coordinates.
+        let mut rest = r.clone();
+        let mut slot = f.b.index(0);
+        let mut stride = tiles.slots[last].clone();
+        for k in (0..last).rev() {
+            let c = if k == 0 { rest.clone() } else { f.b.remui(&rest, &tiles.dims[k]) };
+            if k > 0 {
+                rest = f.b.divui(&rest, &tiles.dims[k]);
+            }
+            let t = f.b.divui(&c, &tiles.block[k]);
+            let term = f.b.muli(&t, &stride);
+            slot = f.b.addi(&slot, &term);
+            stride = f.b.muli(&stride, &tiles.slots[k]);
+        }
+        let base = f.b.muli(r, &tiles.dims[last]);
+        for_loop(f, &zero, &tiles.counts[last], &one, |f, t| {
+            let at = f.b.addi(&slot, t);
+            let s = f.load(1, &at);
+            let vs = f.b.op("s", format_args!("vector.broadcast {s} : f32 to {VF}"));
+            let start = f.b.muli(t, &tiles.block[last]);
+            let end = f.b.addi(&start, &tiles.block[last]);
+            let end = f.b.minui(&end, &tiles.dims[last]);
+            let count = f.b.subi(&end, &start);
+            let whole = f.b.divui(&count, &sixteen);
+            let whole = f.b.muli(&whole, &sixteen);
+            let split = f.b.addi(&start, &whole);
+            for_loop(f, &start, &split, &sixteen, |f, i| {
+                let i = f.b.addi(&base, i);
+                let q = f.b.op("q", format_args!("vector.load {view}[{i}] : {memref}, vector<16xi8>"));
+                let v = f.f8_decode_vec_raw(&q);
+                let v = f.b.op("f", format_args!("arith.mulf {v}, {up} : {VF}"));
+                let y = f.b.op("f", format_args!("arith.mulf {v}, {vs} : {VF}"));
+                // A NaN code's result is `f8_decode`'s NaN with the code's sign, as alone.
+                let b7f = f.b.constant("dense<127>", "vector<16xi8>");
+                let mag = f.b.op("b", format_args!("arith.andi {q}, {b7f} : vector<16xi8>"));
+                let is_nan = f.b.op("p", format_args!("arith.cmpi eq, {mag}, {b7f} : vector<16xi8>"));
+                let wide = f.b.op("b", format_args!("arith.extsi {q} : vector<16xi8> to vector<16xi32>"));
+                let sign = f.b.constant(&format!("dense<{}>", i32::MIN), "vector<16xi32>");
+                let sign = f.b.op("b", format_args!("arith.andi {wide}, {sign} : vector<16xi32>"));
+                let qnan = f.b.constant("dense<2143289344>", "vector<16xi32>");
+                let nan = f.b.op("b", format_args!("arith.ori {sign}, {qnan} : vector<16xi32>"));
+                let nan = f.b.op("f", format_args!("arith.bitcast {nan} : vector<16xi32> to {VF}"));
+                let y = f.b.op("s", format_args!("arith.select {is_nan}, {nan}, {y} : vector<16xi1>, {VF}"));
+                f.store_vec(out, &i, &y);
+            });
+            for_loop(f, &split, &end, &one, |f, i| {
+                let i = f.b.addi(&base, i);
+                let q = f.load(0, &i);
+                let y = f.binf("mulf", &q, &s);
+                f.store(out, &i, &y);
+            });
+        });
+    });
+    LaunchShape::Cpu { work: rows }
+}
+
 /// [`quantize_tile`] with each row of the tile (along the last dimension, stride 1) in vectors
 /// of 16 and then alone: the amax is the same maximum in any order, and each element's code the
 /// scalar's.
@@ -628,6 +696,15 @@ pub(super) fn dequantize(f: &mut Frame, block: &[u64]) -> Result<LaunchShape, Lo
     let tiles = tiles_of(f, "dequantize", &shape, block, &scales)?;
     let n = f.result(0).ty.numel().ok_or_else(|| f.unsupported("dequantize", "too many elements"))?;
     let out = f.kernel.args.len();
+    let last = shape.len() - 1;
+    let rows = shape[..last].iter().try_fold(Dim::known(1), |a, &d| a.checked_mul(d));
+    let vector = f.target == super::Target::Cpu
+        && f.bufs[0].ty.dtype == kiln_ir::DType::F8E4M3
+        && matches!(f.bufs[out].ty.dtype, kiln_ir::DType::F32 | kiln_ir::DType::BF16 | kiln_ir::DType::F16)
+        && block.last().is_some_and(|b| b % 16 == 0);
+    if let (true, Some(rows)) = (vector, rows) {
+        return Ok(dequantize_rows(f, &tiles, rows, out));
+    }
     Ok(each_element(f, n, |f, i| {
         // The element's coordinates, then its tile's scale index (row-major over tile counts).
         let mut rest = i.clone();
