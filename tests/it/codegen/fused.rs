@@ -315,6 +315,23 @@ fn dot_product_blocks_prefetch_weight_rows_a_page_ahead() {
     }
 }
 
+/// An elementwise chain whose values all have the kernel's elements (or one) computes 16 elements
+/// at a time on the CPU; one that reads a value at broadcast indices (a row's gain) stays one
+/// element at a time, as on the GPU. Both agree with the interpreter bit for bit
+/// (`fused_kernels_match_the_interpreter`).
+#[test]
+fn elementwise_chains_of_whole_values_take_vectors_of_16() {
+    for (file, vector) in [("chain_update_vector.kir", true), ("chain_bf16.kir", false)] {
+        let kernel = case(file);
+        let cpu = mlir_of(&kernel, Target::Cpu);
+        assert_eq!(cpu.contains("vector<16xf32>"), vector, "{file}: on the CPU");
+        if vector {
+            assert!(cpu.contains("math.sqrt %") && cpu.contains(" : vector<16xf32>\n"), "{file}: {cpu}");
+        }
+        assert!(!mlir_of(&kernel, Target::Gpu).contains("vector<16xf32>"), "{file}: vectors on the GPU");
+    }
+}
+
 #[test]
 fn fused_mlir_snapshots() {
     let chain = case("chain_bf16.kir");

@@ -24,11 +24,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use kiln_ir::interp::numerics::round_to_dtype;
-use kiln_ir::{DType, Dim, Graph, Op, ValueId};
+use kiln_ir::{DType, Dim, Graph, Op, UnaryOp, ValueId};
 
 use super::elementwise::{binary_arith, broadcast_index, convert, each_element};
-use super::{compute_type, Frame, LaunchShape, LowerError};
-use crate::codegen::mlir::Value;
+use super::{compute_type, Frame, LaunchShape, LowerError, Target};
+use crate::codegen::mlir::{for_loop, Value};
 
 /// The elementwise evaluator of one body. See the module documentation.
 pub(super) struct Chain<'g> {
@@ -185,7 +185,9 @@ impl<'g> Chain<'g> {
     }
 }
 
-/// The elementwise pattern: one work item (CPU) or thread (GPU) per output element.
+/// The elementwise pattern: one work item (CPU) or thread (GPU) per output element. On the CPU a
+/// body that [`vector_body`] takes computes 16 elements of a work range at a time (its last
+/// elements alone, by the scalar chain).
 pub(super) fn elementwise(f: &mut Frame, body: &Graph) -> Result<LaunchShape, LowerError> {
     let n = f
         .result(0)
@@ -193,10 +195,132 @@ pub(super) fn elementwise(f: &mut Frame, body: &Graph) -> Result<LaunchShape, Lo
         .numel()
         .ok_or_else(|| f.unsupported("fused", "the element count does not fit a dimension"))?;
     let chain = Chain::new(f, body);
+    if f.target == Target::Cpu && vector_body(f, body, n) {
+        let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+        let (one, sixteen) = (f.b.index(1), f.b.index(16));
+        let count = f.b.subi(&hi, &lo);
+        let whole = f.b.divui(&count, &sixteen);
+        let whole = f.b.muli(&whole, &sixteen);
+        let split = f.b.addi(&lo, &whole);
+        let inputs: HashMap<ValueId, usize> =
+            body.inputs().iter().enumerate().map(|(j, &(_, v))| (v, j)).collect();
+        let results = f.kernel.args.len();
+        for_loop(f, &lo, &split, &sixteen, |f, i| {
+            let mut memo = HashMap::new();
+            for (j, &(_, v)) in body.outputs().iter().enumerate() {
+                let x = vector_element(f, body, &inputs, n, &mut memo, v, i);
+                f.store_vec(results + j, i, &x);
+            }
+        });
+        for_loop(f, &split, &hi, &one, |f, i| {
+            chain.start();
+            chain.store_outputs(f, i);
+        });
+        chain.finish()?;
+        return Ok(LaunchShape::Cpu { work: n });
+    }
     let launch = each_element(f, n, |f, i| {
         chain.start();
         chain.store_outputs(f, i);
     });
     chain.finish()?;
     Ok(launch)
+}
+
+/// `vector<16xf32>`.
+const VEC: &str = "vector<16xf32>";
+
+/// Whether the 16-lane evaluator ([`vector_element`]) computes `body` exactly as the scalar chain
+/// does: every value a float of at most 32 bits (FP8 aside) with the kernel's `n` elements or one
+/// (read at its element 0), ops whose vector forms round as their scalar ones (arithmetic,
+/// float casts, negation, absolute value, square root; not the transcendental functions, whose
+/// vector forms are other approximations), and float buffers.
+fn vector_body(f: &Frame, body: &Graph, n: Dim) -> bool {
+    let float = |d: DType| matches!(d, DType::F32 | DType::BF16 | DType::F16);
+    if !f.bufs.iter().all(|b| float(b.ty.dtype)) {
+        return false;
+    }
+    body.nodes().into_iter().all(|id| {
+        let node = body.node(id);
+        let op_ok = match &node.op {
+            Op::Input { .. } | Op::Constant { .. } | Op::Reshape { .. } | Op::Broadcast { .. } => true,
+            Op::Unary(u) => matches!(u, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sqrt),
+            Op::Binary(_) | Op::Cast { .. } => true,
+            _ => false,
+        };
+        op_ok
+            && node.results.iter().all(|&v| {
+                let ty = body.ty(v);
+                float(ty.dtype) && (ty.numel() == Some(n) || ty.numel() == Some(Dim::known(1)))
+            })
+    })
+}
+
+/// Elements `i..i + 16` of `v` ([`vector_body`]'s values), in f32 lanes: a value of one element
+/// is its element 0 in every lane; each op is the scalar chain's, lane by lane, rounded to its
+/// dtype after every op.
+fn vector_element(
+    f: &mut Frame,
+    g: &Graph,
+    inputs: &HashMap<ValueId, usize>,
+    n: Dim,
+    memo: &mut HashMap<ValueId, Value>,
+    v: ValueId,
+    i: &Value,
+) -> Value {
+    if let Some(x) = memo.get(&v) {
+        return x.clone();
+    }
+    let node = g.node(g.producer(v));
+    let ty = g.ty(v).clone();
+    let splat = |f: &mut Frame, x: &Value| f.b.op("s", format_args!("vector.broadcast {x} : f32 to {VEC}"));
+    let round = |f: &mut Frame, y: Value| match ty.dtype {
+        DType::BF16 | DType::F16 => {
+            let e = if ty.dtype == DType::BF16 { "bf16" } else { "f16" };
+            let raw = f.b.op("r", format_args!("arith.truncf {y} : {VEC} to vector<16x{e}>"));
+            f.b.op("r", format_args!("arith.extf {raw} : vector<16x{e}> to {VEC}"))
+        }
+        _ => y,
+    };
+    let x = match &node.op {
+        Op::Input { .. } if ty.numel() == Some(n) => f.load_vec(inputs[&v], i),
+        Op::Input { .. } => {
+            let zero = f.b.index(0);
+            let x = f.load(inputs[&v], &zero);
+            splat(f, &x)
+        }
+        Op::Constant { value } => {
+            let c = f.b.f32(f64::from(round_to_dtype(ty.dtype, *value as f32)));
+            splat(f, &c)
+        }
+        Op::Unary(u) => {
+            let a = vector_element(f, g, inputs, n, memo, node.inputs[0], i);
+            let y = match u {
+                UnaryOp::Neg => f.b.op("f", format_args!("arith.negf {a} : {VEC}")),
+                UnaryOp::Abs => {
+                    let neg = f.b.op("f", format_args!("arith.negf {a} : {VEC}"));
+                    f.b.op("f", format_args!("arith.maximumf {a}, {neg} : {VEC}"))
+                }
+                _ => f.b.op("s", format_args!("math.sqrt {a} : {VEC}")),
+            };
+            round(f, y)
+        }
+        Op::Binary(op) => {
+            let name = binary_arith(*op, g.ty(node.inputs[0]).dtype).expect("float arithmetic");
+            let a = vector_element(f, g, inputs, n, memo, node.inputs[0], i);
+            let b = vector_element(f, g, inputs, n, memo, node.inputs[1], i);
+            let y = f.b.op("y", format_args!("arith.{name} {a}, {b} : {VEC}"));
+            round(f, y)
+        }
+        // Float to float: the value in f32, rounded to the new dtype.
+        Op::Cast { .. } => {
+            let a = vector_element(f, g, inputs, n, memo, node.inputs[0], i);
+            round(f, a)
+        }
+        // A reshape keeps the flat index; a broadcast of as many elements reads the same ones, of
+        // one element its element 0 (as the value itself, one element, is read).
+        _ => vector_element(f, g, inputs, n, memo, node.inputs[0], i),
+    };
+    memo.insert(v, x.clone());
+    x
 }
