@@ -314,6 +314,12 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
             vec!["f32[7*T, 9]", "i32[4]", "f32[7*T, 5]"],
             (-1.0, 1.0),
         ),
+        // Four output rows at once where four divide N (8): two items per expert.
+        (
+            promoted(GemmForm::GroupedWgrad { num_experts: 3 }, 4),
+            vec!["f32[7*T, 12]", "i32[4]", "f32[7*T, 8]"],
+            (-1.0, 1.0),
+        ),
         (
             promoted(GemmForm::GroupedWgrad { num_experts: 2 }, 8),
             vec!["bf16[5*T, 20]", "i32[3]", "bf16[5*T, 3]"],

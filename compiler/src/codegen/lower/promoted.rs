@@ -12,8 +12,8 @@
 //! of one weight (of one expert), whose weight rows are packed once K-major into the thread scratch
 //! and then summed against the expert's rows of x, four rows at a time so that four chains of f64
 //! additions overlap (K past the panel's 65536 sums each column alone); otherwise a row of x; for
-//! `grouped_linear_wgrad` a row `(e, a)` of one expert's weight gradient, eight columns of x at a
-//! time from one vector load.
+//! `grouped_linear_wgrad` four rows `(e, a..a + 4)` of one expert's weight gradient (one row where
+//! four do not divide N), eight columns of x at a time from one vector load.
 //! The f64 block sums are what makes the kernels exact, and they cost: FP8 training on the CPU is
 //! for checking the recipe on small models, not for speed.
 
@@ -498,30 +498,69 @@ fn wgrad(f: &mut Frame, num_experts: u64, k_block: u64) -> Result<LaunchShape, L
     // Eight columns at once on the CPU: the shared operand dy[r, a] against x[r, c..c + 8], one
     // vector load, each lane summed as its column alone.
     let (xview, xmemref, xtype) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone(), f.bufs[0].ty.dtype);
-    let element8 = |f: &mut Frame, a: &Value, c: &Value, (start, end): (&Value, &Value), w: &Value| {
-        let dot = promoted_dot8(f, (start, end), k_block, 1, &|f, r| {
-            let rn = f.b.muli(r, &n);
-            let di = f.b.addi(&rn, a);
-            let g = vec![f.load(2, &di)];
-            let rk = f.b.muli(r, &kd);
-            let xi = f.b.addi(&rk, c);
-            let xs = match xtype {
-                DType::F16 | DType::BF16 => {
-                    let e = super::storage_type(xtype);
-                    let v =
-                        f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8x{e}>"));
-                    f.b.op("xv", format_args!("arith.extf {v} : vector<8x{e}> to vector<8xf32>"))
-                }
-                _ => f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8xf32>")),
-            };
-            (g, Lanes::Vector(xs))
-        })
-        .remove(0);
-        let ak = f.b.muli(a, &kd);
-        let at = f.b.addi(&ak, c);
-        f.b.line(format_args!("vector.store {dot}, {w}[{at}] : {view}, vector<8xf32>"));
-    };
+    // With `count` output rows from `a` at once (their sums overlap), each with its own dy[r, a + j].
+    let element8 =
+        |f: &mut Frame, a: &Value, count: usize, c: &Value, (start, end): (&Value, &Value), w: &Value| {
+            let dots = promoted_dot8(f, (start, end), k_block, count, &|f, r| {
+                let rn = f.b.muli(r, &n);
+                let di = f.b.addi(&rn, a);
+                let g = (0..count as i64)
+                    .map(|j| {
+                        let j = f.b.index(j);
+                        let dj = f.b.addi(&di, &j);
+                        f.load(2, &dj)
+                    })
+                    .collect();
+                let rk = f.b.muli(r, &kd);
+                let xi = f.b.addi(&rk, c);
+                let xs = match xtype {
+                    DType::F16 | DType::BF16 => {
+                        let e = super::storage_type(xtype);
+                        let v = f
+                            .b
+                            .op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8x{e}>"));
+                        f.b.op("xv", format_args!("arith.extf {v} : vector<8x{e}> to vector<8xf32>"))
+                    }
+                    _ => f.b.op("xv", format_args!("vector.load {xview}[{xi}] : {xmemref}, vector<8xf32>")),
+                };
+                (g, Lanes::Vector(xs))
+            });
+            for (j, dot) in dots.iter().enumerate() {
+                let j = f.b.index(j as i64);
+                let aj = f.b.addi(a, &j);
+                let ak = f.b.muli(&aj, &kd);
+                let at = f.b.addi(&ak, c);
+                f.b.line(format_args!("vector.store {dot}, {w}[{at}] : {view}, vector<8xf32>"));
+            }
+        };
+    let rows4 = n_dim.as_known().filter(|n| n % ROWS as u64 == 0);
     Ok(match f.target {
+        // A work item per ROWS output rows of one expert, where they divide N.
+        Target::Cpu if rows4.is_some() => {
+            let quarter = rows4.expect("matched") / ROWS as u64;
+            let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+            let (eight, per) = (f.b.index(8), f.b.index(ROWS as i64));
+            let k8 = f.b.divui(&kd, &eight);
+            let k8 = f.b.muli(&k8, &eight);
+            for_loop(f, &lo, &hi, &one, |f, item| {
+                // Item `e * N / ROWS + b` is rows `b * ROWS ..` of expert `e`: as `expert` sees
+                // item `e * N + b * ROWS`.
+                let q = f.b.index(quarter as i64);
+                let e = f.b.divui(item, &q);
+                let b = f.b.remui(item, &q);
+                let en = f.b.muli(&e, &n);
+                let a0 = f.b.muli(&b, &per);
+                let first = f.b.addi(&en, &a0);
+                let (a, start, end, w) = expert(f, &first);
+                for_loop(f, &zero, &k8, &eight, |f, c| element8(f, &a, ROWS, c, (&start, &end), &w));
+                for j in 0..ROWS as i64 {
+                    let j = f.b.index(j);
+                    let aj = f.b.addi(&a, &j);
+                    for_loop(f, &k8, &kd, &one, |f, c| element(f, &aj, c, (&start, &end), &w));
+                }
+            });
+            LaunchShape::Cpu { work: Dim::known(num_experts * quarter) }
+        }
         Target::Cpu => {
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let eight = f.b.index(8);
@@ -529,7 +568,7 @@ fn wgrad(f: &mut Frame, num_experts: u64, k_block: u64) -> Result<LaunchShape, L
             let k8 = f.b.muli(&k8, &eight);
             for_loop(f, &lo, &hi, &one, |f, item| {
                 let (a, start, end, w) = expert(f, item);
-                for_loop(f, &zero, &k8, &eight, |f, c| element8(f, &a, c, (&start, &end), &w));
+                for_loop(f, &zero, &k8, &eight, |f, c| element8(f, &a, 1, c, (&start, &end), &w));
                 for_loop(f, &k8, &kd, &one, |f, c| element(f, &a, c, (&start, &end), &w));
             });
             LaunchShape::Cpu { work }
