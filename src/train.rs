@@ -1113,9 +1113,12 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 Some((d, _)) => share.is_some() && d.pp_rank() == 0,
                 None => share.is_some(),
             };
-            // One process streams its tensors into the files; processes that share the model
-            // gather theirs first.
-            let tensors = if req.pipeline.is_none() && req.dist.is_none() && share.is_none() {
+            // A process that holds the whole model (alone, or a replica without split states)
+            // streams its tensors into the files; processes that share it gather theirs first.
+            let whole = req.pipeline.is_none()
+                && share.is_none()
+                && (req.dist.is_none() || !split_states(trainer.as_ref(), &states)?);
+            let tensors = if whole {
                 Tensors::Streamed
             } else {
                 let mut kept = match req.pipeline {
@@ -1601,6 +1604,18 @@ fn single<B: kiln_runtime::exec::Backend + 'static>(
         engine += &format!(", {micro_batches} micro-batches of {rows} rows per step");
     }
     Ok((Box::new(trainer), engine))
+}
+
+/// Whether this replica holds only its shard of some state (`--zero1`): a kept state with fewer
+/// values than its declaration's. Every replica answers the same.
+fn split_states(trainer: &dyn Steps, decls: &[kiln_ir::module::StateDecl]) -> Result<bool> {
+    let (_, kept) = trainer.heads()?;
+    Ok(kept.iter().any(|h| {
+        decls.iter().find(|d| d.name == h.name).is_some_and(|d| {
+            let whole: Option<u64> = d.ty.shape.iter().map(|d| d.as_known()).product();
+            whole.is_some_and(|n| n != h.shape.iter().product::<u64>())
+        })
+    }))
 }
 
 /// The states a checkpoint keeps besides the weights (moments, master weights, the step count),
