@@ -191,11 +191,30 @@ fi
 # two processes (sharing the device when there is one) train the same steps with --dp 2, --ep 2,
 # --pp 2 (1F1B) and --pp 2 under DualPipe, their collectives and pipeline messages over MPI
 # through host memory, and each run's losses are compared with the one-process CPU run's above.
+# With two GPUs and libnccl, the same with --nccl (sums and gathers over NCCL on the devices).
 MPIRUN=${MPIRUN:-$(command -v mpirun || true)}
+has_nccl() { # whether libnccl.so.2 is where the loader looks
+  ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2' && return 0
+  local IFS=: d
+  for d in ${LD_LIBRARY_PATH:-}; do
+    [ -n "$d" ] && [ -e "$d/libnccl.so.2" ] && return 0
+  done
+  return 1
+}
 if [ "${MPI:-1}" != 0 ] && [ -n "$MPIRUN" ]; then
   root=()
   [ "$(id -u)" = 0 ] && root=(--allow-run-as-root)
-  for flags in "--dp 2" "--ep 2" "--pp 2" "--pp 2 --pp-schedule dualpipe --micro-batch 1"; do
+  runs=("--dp 2" "--ep 2" "--pp 2" "--pp 2 --pp-schedule dualpipe --micro-batch 1")
+  # NCCL gives each process of a group a GPU of its own: its runs need two devices and libnccl.
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if [ "${gpus:-0}" -lt 2 ]; then
+    echo "gpu-check: $gpus GPU(s): skipped the --nccl runs (NCCL needs a device per process)"
+  elif ! has_nccl; then
+    echo "gpu-check: no libnccl.so.2: skipped the --nccl runs"
+  else
+    runs+=("--dp 2 --nccl" "--dp 2 --zero1 --nccl" "--ep 2 --nccl")
+  fi
+  for flags in "${runs[@]}"; do
     name=mp-${flags// /}
     t0=$(now)
     # shellcheck disable=SC2086 # the flags are words

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use kiln_runtime::comm::{Communicator, InFlight};
 use kiln_runtime::RuntimeError;
-use mpi::collective::{CommunicatorCollectives, SystemOperation};
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::request::StaticScope;
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 
@@ -372,6 +372,24 @@ impl Communicator for Groups {
     ) -> Result<Box<dyn InFlight>, RuntimeError> {
         let g = self.group(group)?;
         Exchange::start(g, data, &keep, width, self.timeout)
+    }
+
+    fn broadcast(&self, group: &str, data: &mut [u8]) -> Result<(), RuntimeError> {
+        let g = self.group(group)?;
+        let n = data.len();
+        mpi::request::scope(|scope| {
+            let req = g.comm.process_at_rank(0).immediate_broadcast_into(scope, data);
+            poll(req, self.timeout, || {
+                stalled(
+                    &g.comm,
+                    g.rank,
+                    g.size,
+                    self.timeout,
+                    &format!("the broadcast of {n} bytes over `{group}`"),
+                )
+            });
+        });
+        Ok(())
     }
 
     fn timeout(&self) -> Duration {

@@ -696,6 +696,11 @@ struct TrainArgs {
     /// How long a process waits for the others in a collective before it ends the job.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     comm_timeout: f64,
+    /// With --device cuda and --dp, --ep or --pp: sum and gather over NCCL on the GPUs' memory
+    /// (gradients, losses, ZeRO-1's gathers) instead of over MPI through host memory; the
+    /// all-to-alls of --ep and the pipeline's messages still go over MPI. Needs libnccl.so.2.
+    #[arg(long)]
+    nccl: bool,
     // Boxed: the variants would be far larger than the others.
     #[command(flatten)]
     monitor: Box<monitor::Args>,
@@ -858,6 +863,7 @@ fn train_request<'a>(
         dist: None,
         pipeline: None,
         pp_trace: None,
+        nccl: a.nccl,
         zero1: a.zero1,
         recompute: !a.no_recompute,
         fp8_cache: !a.no_fp8_cache,

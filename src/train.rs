@@ -420,6 +420,8 @@ pub struct Request<'a> {
     pub pipeline: Option<(&'a crate::dist::Dist, kiln_compiler::schedule::Kind)>,
     /// `--pp-trace FILE`: where rank 0 writes the last step's measured timeline.
     pub pp_trace: Option<&'a Path>,
+    /// `--nccl`: the compiled step's sums and gathers go over NCCL on the GPUs' memory.
+    pub nccl: bool,
     /// `--fp8` (`Some(true)`) or `--no-fp8` (`Some(false)`): train with or without the FP8 recipe,
     /// whatever the spec's [quantization] says (`None`: as it says).
     pub fp8: Option<bool>,
@@ -518,6 +520,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     if req.interp && req.threads.is_some() {
         bail!("--threads sets the compiled train step's threads; it does not apply to --interp");
+    }
+    if req.nccl {
+        if req.device != run::Device::Cuda {
+            bail!(
+                "--nccl sums over NCCL on GPUs: add --device cuda (on the CPU, MPI sums in host memory \
+                 without it)"
+            );
+        }
+        if req.dist.is_none() && req.pipeline.is_none() {
+            bail!(
+                "--nccl sums over the processes of a --dp, --ep or --pp run under mpirun; one process has \
+                 nothing to sum"
+            );
+        }
     }
     if req.device == run::Device::Cuda {
         if req.interp {
@@ -1499,6 +1515,10 @@ impl Stage<'_> {
         // The first replica's timeline; the others run the same lists.
         trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
+        if req.nccl {
+            let nccl = trainer.executor_mut().join_device_collectives()?;
+            engine += &format!(", sums over {nccl}");
+        }
         if let Some(s) = share {
             // The stages with MoE layers read the rank.
             if trainer.holds(kiln_compiler::expert_parallel::EP_RANK) {
@@ -1587,6 +1607,10 @@ fn single<B: kiln_runtime::exec::Backend + 'static>(
                 trainer.executor_mut().set_communicator(d.replicas())?;
                 engine += &format!(", data-parallel over {} processes (MPI), {rows} rows each", d.dp_size());
             }
+        }
+        if req.nccl {
+            let nccl = trainer.executor_mut().join_device_collectives()?;
+            engine += &format!(", sums over {nccl}");
         }
         let exec = trainer.executor();
         let moments =

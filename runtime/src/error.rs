@@ -19,6 +19,13 @@ pub enum RuntimeError {
     Cuda(String),
     #[error("the CUDA driver sees no device: check `nvidia-smi`, or run on the CPU (--device cpu)")]
     NoCudaDevice,
+    #[error(
+        "NCCL could not be loaded (libnccl.so.2): install it (for example `pip install nvidia-nccl-cu12`, \
+         with its lib folder on LD_LIBRARY_PATH), or leave out --nccl to sum over MPI through host memory"
+    )]
+    NoNccl,
+    #[error("NCCL, group `{group}` (rank {rank} of {size}): {what}")]
+    Nccl { group: String, rank: usize, size: usize, what: String },
     #[error("the CUDA driver cannot load kernels.ptx (compiled for {arch}): {log}")]
     PtxLoad { arch: String, log: String },
 

@@ -344,6 +344,19 @@ fn the_train_step_plans_for_cuda_and_trains_there_like_the_cpu() {
     assert!(refused.stderr.contains("--device cuda runs the compiled train step"), "{}", refused.stderr);
     let refused = train("cuda", &["--threads", "2"]).0;
     assert!(refused.stderr.contains("--threads sets the CPU backend's threads"), "{}", refused.stderr);
+    // NCCL sums on GPUs, over the processes of a parallel run.
+    let refused = train("cpu", &["--nccl"]).0;
+    assert!(
+        refused.stderr.contains("--nccl sums over NCCL on GPUs: add --device cuda"),
+        "{}",
+        refused.stderr
+    );
+    let refused = train("cuda", &["--nccl"]).0;
+    assert!(
+        refused.stderr.contains("--nccl sums over the processes of a --dp, --ep or --pp run under mpirun"),
+        "{}",
+        refused.stderr
+    );
     let (cuda, cuda_out) = train("cuda", &[]);
     if !kiln_runtime::cuda::driver_present() {
         assert!(!cuda.ok);

@@ -7,6 +7,7 @@ mod cli;
 mod codegen;
 mod compile;
 mod cuda;
+mod device_comm;
 mod dist;
 mod fp8_train;
 mod fuse;

@@ -24,7 +24,9 @@ use kiln_ir::artifact::{Buffer, Program, Step, Storage};
 use kiln_ir::{DType, SymBindings};
 
 use super::{watch, Backend};
-use crate::comm::{CommStats, Communicator, InFlight};
+use crate::comm::{
+    CommStats, Communicator, DeviceCollectives, DeviceKind, DeviceMessage, DevicePart, InFlight,
+};
 use crate::host::{decode, encode};
 use crate::weights::HostData;
 use crate::RuntimeError;
@@ -106,13 +108,14 @@ pub(super) fn plan(p: &Program, launches: &[usize]) -> Collectives {
 }
 
 /// A run of a program, as its collectives see it: the program, its collectives' plan, the sizes it
-/// runs at and the communicator, if any.
+/// runs at, the communicator, if any, and the device transport, if any.
 #[derive(Clone, Copy)]
 pub(super) struct Run<'a> {
     pub program: &'a Program,
     pub cs: &'a Collectives,
     pub sizes: &'a SymBindings,
     pub comm: Option<&'a dyn Communicator>,
+    pub device: Option<&'a dyn DeviceCollectives>,
 }
 
 /// One message in flight: its results' places, and when it started and was found done.
@@ -162,6 +165,14 @@ fn read<B: Backend>(
     match at {
         Place::Arena(o) => be.read(mem.arena, *o..*o + n),
         Place::State(name) => be.read(&mem.states[name], 0..n),
+    }
+}
+
+/// The device address of `at`.
+fn address<B: Backend>(be: &B, mem: &watch::Memories<'_, B>, at: &Place) -> u64 {
+    match at {
+        Place::Arena(o) => be.address(mem.arena) + *o as u64,
+        Place::State(name) => be.address(&mem.states[name]),
     }
 }
 
@@ -226,6 +237,20 @@ fn kind_of(s: &Step) -> Option<(&str, Kind, kiln_ir::artifact::BufferId, kiln_ir
     }
 }
 
+/// The steps of `bucket` that are collectives of `group` and `kind`, in order: each step's index,
+/// its result and its source.
+fn members<'a>(
+    program: &'a Program,
+    bucket: &'a Bucket,
+    group: &'a str,
+    kind: Kind,
+) -> impl Iterator<Item = (usize, kiln_ir::artifact::BufferId, kiln_ir::artifact::BufferId)> + 'a {
+    bucket.steps.iter().filter_map(move |&s| match kind_of(&program.steps[s]) {
+        Some((g, k, buffer, source)) if (g, k) == (group, kind) => Some((s, buffer, source)),
+        _ => None,
+    })
+}
+
 /// Starts bucket `bucket` of `program` at `sizes`, once every launch issued so far is done, adding
 /// its messages to `flights`: one message per group and kind (an all-to-all per step), or, alone,
 /// each result written at once. A step that reads the result of a message in `flights` waits for
@@ -238,8 +263,32 @@ pub(super) fn start<B: Backend>(
     flights: &mut Vec<Flight>,
     stats: &mut CommStats,
 ) -> Result<(), RuntimeError> {
-    let Run { program, cs, sizes, comm } = *run;
-    be.synchronize()?;
+    let Run { program, cs, sizes, comm, device } = *run;
+    // A message the device transport carries: its group is one it has, of more than one process,
+    // and every value is an f32 in the arena or a state.
+    let on_device = |group: &str, kind: Kind| -> Result<bool, RuntimeError> {
+        let Some(d) = device else { return Ok(false) };
+        if !d.has_group(group) || crate::comm::group_size(comm, group)? <= 1 {
+            return Ok(false);
+        }
+        Ok(members(program, bucket, group, kind).all(|(_, buffer, source)| {
+            [buffer, source].iter().all(|&b| {
+                let b = program.buffer(b);
+                b.dtype == DType::F32 && matches!(b.storage, Storage::Arena { .. } | Storage::State { .. })
+            })
+        }))
+    };
+    let mut host = false;
+    for &s in &bucket.steps {
+        if let Some((group, kind, ..)) = kind_of(&program.steps[s]) {
+            host |= matches!(kind, Kind::Exchange(_)) || !on_device(group, kind)?;
+        }
+    }
+    // The host reads sources once every launch issued so far is done; the device transport
+    // queues its copies after them.
+    if host {
+        be.synchronize()?;
+    }
     let mut messages: Vec<(&str, Kind)> = Vec::new();
     for &s in &bucket.steps {
         match kind_of(&program.steps[s]) {
@@ -273,14 +322,48 @@ pub(super) fn start<B: Backend>(
                 });
             }
         }
+        if on_device(group, kind)? {
+            let d = device.expect("on_device checked it");
+            let mut msg = DeviceMessage {
+                group: group.to_string(),
+                kind: match kind {
+                    Kind::Gather(size) => DeviceKind::Gather { size: size as usize },
+                    Kind::Sum | Kind::Exchange(_) => DeviceKind::Sum,
+                },
+                parts: Vec::new(),
+            };
+            let mut results = Vec::new();
+            for (s, buffer, source) in members(program, bucket, group, kind) {
+                let (src, dst): (&Buffer, &Buffer) = (program.buffer(source), program.buffer(buffer));
+                let bytes = src.bytes(sizes).unwrap_or(0) as usize;
+                let (from, to) = (place(src, group, s)?, place(dst, group, s)?);
+                msg.parts.push(DevicePart {
+                    src: address(be, mem, &from),
+                    dst: address(be, mem, &to),
+                    bytes,
+                });
+                results.push(cs.root[buffer.index()]);
+            }
+            let inflight = d.start(&msg)?;
+            flights.push(Flight {
+                parts: Vec::new(),
+                results,
+                inflight,
+                group: group.to_string(),
+                gather: None,
+                due: bucket.due,
+                start: Instant::now(),
+                done: None,
+                bytes: msg.bytes() as u64,
+                rows: (0, 0),
+                start_ns: 0,
+            });
+            continue;
+        }
         let mut values: Vec<f32> = Vec::new();
         let mut parts = Vec::new();
         let mut results = Vec::new();
-        for &s in &bucket.steps {
-            let Some((g, k, buffer, source)) = kind_of(&program.steps[s]) else { continue };
-            if (g, k) != (group, kind) {
-                continue;
-            }
+        for (s, buffer, source) in members(program, bucket, group, kind) {
             let (src, dst): (&Buffer, &Buffer) = (program.buffer(source), program.buffer(buffer));
             let n = src.bytes(sizes).unwrap_or(0) as usize;
             let bytes = read(be, mem, &place(src, group, s)?, n)?;
@@ -450,6 +533,10 @@ pub(super) fn finish<B: Backend>(
         stats.exchange_in_flight_ns += (done - f.start).as_nanos() as u64;
         stats.exchange_waited_ns += wait;
         stats.exchange_start_ns += f.start_ns;
+    }
+    // A device transport's results are in place already.
+    if f.parts.is_empty() {
+        return Ok(());
     }
     be.synchronize()?;
     let short = |want: usize| RuntimeError::Collective {

@@ -122,6 +122,19 @@ pub trait Backend: Sized {
     fn synchronize(&self) -> Result<(), RuntimeError> {
         Ok(())
     }
+    /// A transport that sums and gathers `groups` (those `comm` has with more than one process)
+    /// on this backend's own memory, joined with the other processes (NCCL on CUDA). The default
+    /// has none: the CPU's memory is the host's, and MPI reads it where it is.
+    fn device_collectives(
+        &self,
+        _comm: &dyn crate::comm::Communicator,
+        _groups: &[String],
+    ) -> Result<Box<dyn crate::comm::DeviceCollectives>, RuntimeError> {
+        Err(RuntimeError::Collective {
+            group: String::new(),
+            what: format!("{} has no device transport (NCCL needs --device cuda)", self.describe()),
+        })
+    }
     /// Sends bytes `range` of `mem` to pipeline peer `peer` (a `send` step). Room for the
     /// distributed runtime (MPI on the CPU, NCCL on GPUs); no backend has it yet, and the executor
     /// refuses programs with `send`/`recv` steps at load.
@@ -218,6 +231,8 @@ pub struct Executor<B: Backend> {
     comm: Option<Box<dyn crate::comm::Communicator>>,
     /// What the collectives cost since [`Executor::take_comm_stats`].
     comm_stats: crate::comm::CommStats,
+    /// The transport that sums and gathers on the backend's memory (NCCL), for the groups it has.
+    device_comm: Option<Box<dyn crate::comm::DeviceCollectives>>,
     // Declared last: dropped after the memory above, which its launches point into.
     backend: B,
 }
@@ -420,6 +435,7 @@ impl<B: Backend> Executor<B> {
             watch: watch::Watch::default(),
             comm: None,
             comm_stats: Default::default(),
+            device_comm: None,
             backend,
         };
         // Weight-only values, once per distinct value, then every program's run launches.
@@ -711,9 +727,11 @@ impl<B: Backend> Executor<B> {
             trace,
             comm,
             comm_stats,
+            device_comm,
             ..
         } = self;
         let comm = comm.as_deref();
+        let device = device_comm.as_deref();
         let program = &manifest.programs[pi];
         let Loaded { launches, probes, steps, collectives, .. } = &mut programs[li];
         let sizes = pass.sizes;
@@ -723,7 +741,7 @@ impl<B: Backend> Executor<B> {
         let epoch = trace.as_ref().map(|t| t.epoch);
         let since = |at: Instant| epoch.map_or(0, |e| (at - e).as_nanos() as u64);
         let mut clock = Instant::now();
-        let run = collective::Run { program, cs: collectives, sizes: &sizes, comm };
+        let run = collective::Run { program, cs: collectives, sizes: &sizes, comm, device };
         let Pass { next, flights, offsets, spans, .. } = pass;
         let first = *next;
         if first == 0 {
@@ -860,6 +878,60 @@ impl<B: Backend> Executor<B> {
     /// The communicator [`Executor::set_communicator`] gave, if any.
     pub fn communicator(&self) -> Option<&dyn crate::comm::Communicator> {
         self.comm.as_deref()
+    }
+
+    /// Sums and gathers the groups `device` has on the backend's memory through it, instead of
+    /// through the host and the communicator (which must be set first: it still gives the ranks,
+    /// and carries the all-to-alls). Each message is the host path's, laid out the same way
+    /// ([`crate::comm::DeviceMessage`]).
+    pub fn set_device_collectives(
+        &mut self,
+        device: Box<dyn crate::comm::DeviceCollectives>,
+    ) -> Result<(), RuntimeError> {
+        if self.comm.is_none() {
+            return Err(RuntimeError::Collective {
+                group: String::new(),
+                what: "a device transport needs the run's communicator first (set_communicator)".into(),
+            });
+        }
+        self.device_comm = Some(device);
+        Ok(())
+    }
+
+    /// Joins the backend's device transport ([`Backend::device_collectives`]: NCCL on CUDA) for
+    /// the groups the programs sum and gather over, and uses it ([`Executor::set_device_collectives`]).
+    /// Every process of the run must call it, after [`Executor::set_communicator`]. Returns the
+    /// transport in words.
+    pub fn join_device_collectives(&mut self) -> Result<String, RuntimeError> {
+        let comm = self.comm.as_deref().ok_or_else(|| RuntimeError::Collective {
+            group: String::new(),
+            what: "a device transport needs the run's communicator first (set_communicator)".into(),
+        })?;
+        let device = self.backend.device_collectives(comm, &self.collective_groups())?;
+        let what = device.describe();
+        self.device_comm = Some(device);
+        Ok(what)
+    }
+
+    /// The device transport [`Executor::set_device_collectives`] gave, if any.
+    pub fn device_collectives(&self) -> Option<&dyn crate::comm::DeviceCollectives> {
+        self.device_comm.as_deref()
+    }
+
+    /// The groups the programs' sums and gathers use (`dp`, `edp`, ...), each once, in the order
+    /// first seen: those a device transport would have to join.
+    pub fn collective_groups(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in &self.manifest.programs {
+            for s in &p.steps {
+                if let Step::AllReduce { group, .. } | Step::AllGather { group, .. } = s {
+                    if !out.contains(group) {
+                        out.push(group.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Runs program `name` as [`Executor::run`] does, checking every launch's float results as

@@ -63,6 +63,16 @@ impl Device {
         Ok(Device { ctx, stream })
     }
 
+    /// The context, for the streams and events of a transport on this device (`nccl`).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every launch and copy of this device is queued on, in order.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// `(name, compute capability)` of the device, for reports.
     pub fn describe(&self) -> Result<(String, (i32, i32)), RuntimeError> {
         Ok((self.ctx.name().map_err(cuda)?, self.ctx.compute_capability().map_err(cuda)?))
