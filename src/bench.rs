@@ -282,17 +282,24 @@ fn membw(mib: usize, threads: usize, reps: usize, tables: &mut Tables) -> Result
     if threads > 1 {
         counts.push(threads);
     }
-    let rates: Vec<f64> = counts.iter().map(|&t| crate::membw::measure(bytes, t, reps)).collect();
+    let rates: Vec<crate::membw::Read> =
+        counts.iter().map(|&t| crate::membw::measure(bytes, t, reps)).collect();
     let out = tables.text();
-    writeln!(out, "bench membw: sum of 64-bit words over {mib} MiB, best of {reps} passes")?;
+    writeln!(
+        out,
+        "bench membw: sum of 64-bit words over {mib} MiB, each thread reading {:?} streams at once, best of \
+         {reps} passes",
+        crate::membw::STREAMS
+    )?;
     use crate::table::Align::Right;
-    let mut table = crate::table::new(&[("threads", Right), ("GB/s", Right)]);
+    let mut table = crate::table::new(&[("threads", Right), ("GB/s", Right), ("streams", Right)]);
     for (t, r) in counts.iter().zip(&rates) {
-        table.add_row(vec![t.to_string(), format!("{:.1}", r / 1e9)]);
+        table.add_row(vec![t.to_string(), format!("{:.1}", r.bytes_per_s / 1e9), r.streams.to_string()]);
     }
     write!(out, "{}", crate::table::render(&table))?;
-    let rows: Vec<serde_json::Value> =
-        counts.iter().zip(&rates).map(|(t, r)| serde_json::json!({"threads": t, "bytes_per_s": r})).collect();
+    let rows: Vec<serde_json::Value> = (counts.iter().zip(&rates))
+        .map(|(t, r)| serde_json::json!({"threads": t, "bytes_per_s": r.bytes_per_s, "streams": r.streams}))
+        .collect();
     Ok(serde_json::json!({"bench": "membw", "mib": mib, "reps": reps, "reads": rows}))
 }
 

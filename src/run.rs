@@ -959,7 +959,7 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
     // The roofline: this machine's read bandwidth, measured now with the same threads, over the
     // weight bytes a decoded token reads.
     let weight_bytes = crate::membw::decode_weight_bytes(m);
-    let bandwidth = crate::membw::measure(256 << 20, compiled.threads(), 8);
+    let bandwidth = crate::membw::measure(256 << 20, compiled.threads(), 8).bytes_per_s;
     let roofline = weight_bytes.filter(|&b| b > 0).map(|b| bandwidth / b as f64);
     let reached = roofline.zip(a.stats.decode_tokens_per_s()).map(|(r, d)| d / r);
     match (weight_bytes, roofline, reached) {
