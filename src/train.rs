@@ -1129,13 +1129,20 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 Some((d, _)) => share.is_some() && d.pp_rank() == 0,
                 None => share.is_some(),
             };
-            // A process that holds the whole model (alone, or a replica without split states)
-            // streams its tensors into the files; processes that share it gather theirs first.
-            let whole = req.pipeline.is_none()
-                && share.is_none()
-                && (req.dist.is_none() || !split_states(trainer.as_ref(), &states)?);
+            // A process that holds the whole model (alone, or a replica of it) streams its
+            // tensors into the files. A replica's split states (`--zero1`) are gathered one at a
+            // time as the leader writes them, every replica taking part in the same order; the
+            // processes of a pipeline or of expert parallelism gather theirs first.
+            let whole = req.pipeline.is_none() && share.is_none();
+            let split = match req.dist {
+                Some(d) if whole && split_states(trainer.as_ref(), &states)? => Some(d),
+                _ => None,
+            };
+            if let (Some(d), false) = (split, req.leader()) {
+                follow_streamed_save(trainer.as_ref(), d, &states, &roles)?;
+            }
             let tensors = if whole {
-                Tensors::Streamed
+                Tensors::Streamed { split: split.map(|d| (d, &states[..])) }
             } else {
                 let mut kept = match req.pipeline {
                     Some(_) if !(req.leader() || gathers) => Vec::new(),
@@ -1651,48 +1658,84 @@ fn whole_states(
     dist: Option<&crate::dist::Dist>,
     decls: &[kiln_ir::module::StateDecl],
 ) -> Result<Vec<weights::HostTensor>> {
-    let mut out = Vec::new();
-    for t in trainer.states()? {
-        let Some(decl) = decls.iter().find(|d| d.name == t.name) else {
-            out.push(t);
-            continue;
-        };
-        let shape: Vec<u64> = decl.ty.shape.iter().filter_map(|d| d.as_known()).collect();
-        let n = shape.iter().product::<u64>() as usize;
-        if shape.len() != decl.ty.shape.len() || n == t.data.len() {
-            out.push(t);
-            continue;
-        }
-        let Some(d) = dist else {
-            bail!(
-                "state `{}` holds {} of its {n} values, but this run has no replicas to gather from",
-                t.name,
-                t.data.len()
-            );
-        };
-        let mine = match &t.data {
-            weights::HostData::F32(v) => v.clone(),
-            weights::HostData::I64(_) => bail!("state `{}` is split but not a float", t.name),
-        };
-        // A routed expert's state is split over the processes holding the expert (`--ep` with
-        // `--dp`), any other over every replica.
-        let expert = d.ep_size() > 1 && kiln_compiler::expert_parallel::is_routed_expert(&t.name);
-        let mut all = match expert {
-            true => d.gather_expert_replicas(&mine)?,
-            false => d.gather(&mine)?,
-        };
-        if all.len() < n {
-            bail!("state `{}`: the replicas' shards hold {} values, fewer than its {n}", t.name, all.len());
-        }
-        all.truncate(n);
-        out.push(weights::HostTensor {
-            name: t.name,
-            dtype: t.dtype,
-            shape,
-            data: weights::HostData::F32(all),
-        });
+    trainer.states()?.into_iter().map(|t| whole_state(t, dist, decls)).collect()
+}
+
+/// The declared shape of state `h` where this replica holds only a shard of it (`--zero1`), if so.
+fn whole_shape(h: &weights::TensorHead, decls: &[kiln_ir::module::StateDecl]) -> Option<Vec<u64>> {
+    let decl = decls.iter().find(|d| d.name == h.name)?;
+    let shape: Vec<u64> = decl.ty.shape.iter().filter_map(|d| d.as_known()).collect();
+    let n = shape.iter().product::<u64>();
+    (shape.len() == decl.ty.shape.len() && n != h.shape.iter().product::<u64>()).then_some(shape)
+}
+
+/// State `t` whole: itself, or, where this replica holds a shard of it, every replica's shard
+/// gathered (every replica must call it for the same state at once), the padding dropped and the
+/// declared shape (`decls`) restored.
+fn whole_state(
+    t: weights::HostTensor,
+    dist: Option<&crate::dist::Dist>,
+    decls: &[kiln_ir::module::StateDecl],
+) -> Result<weights::HostTensor> {
+    let Some(shape) = whole_shape(&weights::TensorHead::of(&t), decls) else { return Ok(t) };
+    let n = shape.iter().product::<u64>() as usize;
+    let Some(d) = dist else {
+        bail!(
+            "state `{}` holds {} of its {n} values, but this run has no replicas to gather from",
+            t.name,
+            t.data.len()
+        );
+    };
+    let mine = match &t.data {
+        weights::HostData::F32(v) => v.clone(),
+        weights::HostData::I64(_) => bail!("state `{}` is split but not a float", t.name),
+    };
+    // A routed expert's state is split over the processes holding the expert (`--ep` with
+    // `--dp`), any other over every replica.
+    let expert = d.ep_size() > 1 && kiln_compiler::expert_parallel::is_routed_expert(&t.name);
+    let mut all = match expert {
+        true => d.gather_expert_replicas(&mine)?,
+        false => d.gather(&mine)?,
+    };
+    if all.len() < n {
+        bail!("state `{}`: the replicas' shards hold {} values, fewer than its {n}", t.name, all.len());
     }
-    Ok(out)
+    all.truncate(n);
+    Ok(weights::HostTensor { name: t.name, dtype: t.dtype, shape, data: weights::HostData::F32(all) })
+}
+
+/// The split states a streamed save gathers (`Tensors::Streamed` with `split`), in the order it
+/// writes them: the optimizer's file takes the kept states that are neither weights nor routing
+/// biases, in the trainer's order.
+fn split_save_order(
+    trainer: &dyn Steps,
+    decls: &[kiln_ir::module::StateDecl],
+    roles: &HashMap<String, StateRole>,
+) -> Result<Vec<String>> {
+    let (_, kept) = trainer.heads()?;
+    Ok(kept
+        .into_iter()
+        .filter(|h| {
+            !matches!(roles.get(&h.name), Some(StateRole::Trainable | StateRole::RoutingBias) | None)
+                && whole_shape(h, decls).is_some()
+        })
+        .map(|h| h.name)
+        .collect())
+}
+
+/// A replica's part in the leader's streamed save (`--dp N --zero1`): the leader gathers each
+/// split state as it writes it, and every other replica gives its shard to each gather, in the
+/// same order ([`split_save_order`]), holding one state whole at a time.
+fn follow_streamed_save(
+    trainer: &dyn Steps,
+    d: &crate::dist::Dist,
+    decls: &[kiln_ir::module::StateDecl],
+    roles: &HashMap<String, StateRole>,
+) -> Result<()> {
+    for name in split_save_order(trainer, decls, roles)? {
+        whole_state(trainer.tensor(&name)?, Some(d), decls)?;
+    }
+    Ok(())
 }
 
 /// A checkpoint's whole state `whole` as this replica keeps it: itself, or (`--zero1`) the shard
@@ -1805,9 +1848,17 @@ fn fp8_release(
 
 /// A checkpoint's tensors: gathered from other processes (a pipeline's or expert-parallel
 /// ranks'), or read from this process's trainer one at a time as the files are written.
-enum Tensors {
-    Gathered { trained: Vec<weights::HostTensor>, kept: Vec<weights::HostTensor> },
-    Streamed,
+enum Tensors<'a> {
+    Gathered {
+        trained: Vec<weights::HostTensor>,
+        kept: Vec<weights::HostTensor>,
+    },
+    /// Read from the trainer one at a time; with `split`, the states this replica holds a shard
+    /// of are gathered whole from every replica as they are written (the others follow,
+    /// [`follow_streamed_save`]).
+    Streamed {
+        split: Option<(&'a crate::dist::Dist, &'a [kiln_ir::module::StateDecl])>,
+    },
 }
 
 /// Where a tensor of a checkpoint's file comes from when its turn comes.
@@ -1840,7 +1891,7 @@ fn save(
     out: &Path,
     spec: &kiln_ir::ModelSpec,
     trainer: &dyn Steps,
-    tensors: Tensors,
+    tensors: Tensors<'_>,
     untrained: &[weights::HostTensor],
     roles: &HashMap<String, StateRole>,
     progress: &Progress,
@@ -1860,6 +1911,10 @@ fn save(
         .map(|(i, t)| (t.name.clone(), (TensorHead::of(t), Source::Held(i))))
         .collect();
     let gathered;
+    let split = match &tensors {
+        Tensors::Streamed { split } => *split,
+        Tensors::Gathered { .. } => None,
+    };
     let from_trainer: Vec<(TensorHead, Source)> = match tensors {
         Tensors::Gathered { trained, kept } => {
             gathered = trained.into_iter().chain(kept).collect::<Vec<_>>();
@@ -1867,9 +1922,16 @@ fn save(
             pool.extend(gathered.iter());
             gathered.iter().enumerate().map(|(i, t)| (TensorHead::of(t), Source::Held(first + i))).collect()
         }
-        Tensors::Streamed => {
+        Tensors::Streamed { .. } => {
             let (w, k) = trainer.heads()?;
-            w.into_iter().chain(k).map(|h| (h.clone(), Source::Trainer(h.name))).collect()
+            (w.into_iter().chain(k))
+                .map(|h| {
+                    // A split state is written whole, in its declared shape.
+                    let whole = split.and_then(|(_, decls)| whole_shape(&h, decls));
+                    let head = TensorHead { shape: whole.unwrap_or(h.shape), ..h };
+                    (head.clone(), Source::Trainer(head.name))
+                })
+                .collect()
         }
     };
     let (mut model, mut optimizer) = (Vec::new(), Vec::new());
@@ -1905,6 +1967,23 @@ fn save(
     model.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     exact.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     optimizer.extend(exact);
+    // The other replicas take part in each split state's gather in the optimizer file's order
+    // (`split_save_order`): no split state may come earlier, in the model's file, or twice.
+    if let Some((_, decls)) = split {
+        let order = split_save_order(trainer, decls, roles)?;
+        let gathered: Vec<&str> = (model.iter().chain(&optimizer))
+            .filter_map(|(h, source, _)| match source {
+                Source::Trainer(name) if order.iter().any(|o| o == name) => Some(h.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        if gathered != order {
+            bail!(
+                "internal: a streamed save would gather the split states in the order {gathered:?}, and the \
+                 replicas follow {order:?}"
+            );
+        }
+    }
     // The last weight quantised: its codes and scales are written one after the other.
     let mut last: Option<(String, weights::HostTensor, weights::HostTensor)> = None;
     let mut write = |path: &Path, list: &[(TensorHead, Source, Form)]| {
@@ -1914,7 +1993,12 @@ fn save(
             let read = |source: &Source| match source {
                 Source::Held(j) => Ok(std::borrow::Cow::Borrowed(pool[*j])),
                 Source::Trainer(name) => {
-                    trainer.tensor(name).map(std::borrow::Cow::Owned).map_err(|e| e.to_string())
+                    let t = trainer.tensor(name).map_err(|e| e.to_string())?;
+                    let t = match split {
+                        Some((d, decls)) => whole_state(t, Some(d), decls).map_err(|e| format!("{e:#}"))?,
+                        None => t,
+                    };
+                    Ok(std::borrow::Cow::Owned(t))
                 }
             };
             let q = spec.quantization.as_ref();
