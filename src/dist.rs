@@ -342,6 +342,10 @@ impl Communicator for Groups {
         self.group(group).ok().map(|g| (g.rank, g.size))
     }
 
+    fn groups(&self) -> Vec<String> {
+        self.groups.iter().map(|g| g.name.to_string()).collect()
+    }
+
     fn all_reduce_sum(&self, group: &str, data: &mut [f32]) -> Result<(), RuntimeError> {
         let g = self.group(group)?;
         let send = data.to_vec();

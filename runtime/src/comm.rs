@@ -22,6 +22,12 @@ use crate::RuntimeError;
 pub trait Communicator {
     /// This process's rank in `group`, and the group's size; `None` for a group it does not know.
     fn rank_in(&self, group: &str) -> Option<(usize, usize)>;
+    /// The names of the groups this process is in. Every process of a group lists it, so a
+    /// transport that must form each group with all its members (NCCL) joins these, in name
+    /// order. The default lists none.
+    fn groups(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Replaces `data` by its element-wise sum over every process of `group`, each process giving
     /// the same length. Bit-identical on every process (the sum is reduced once and broadcast, as
     /// MPI's and NCCL's all-reduce guarantee for one communicator).

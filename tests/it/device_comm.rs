@@ -137,6 +137,9 @@ fn two_steps(
     let mut trainer = CompiledTrainer::new(model).unwrap();
     let exec = trainer.executor_mut();
     exec.set_communicator(Box::new(Mirror)).unwrap();
+    // The CPU backend's memory is the host's: it has no device transport of its own.
+    let e = exec.join_device_collectives().unwrap_err().to_string();
+    assert!(e.contains("has no device transport (NCCL needs --device cuda)"), "{e}");
     if let Some(log) = device {
         exec.set_device_collectives(Box::new(MirrorDevice(log))).unwrap();
     }

@@ -899,15 +899,22 @@ impl<B: Backend> Executor<B> {
     }
 
     /// Joins the backend's device transport ([`Backend::device_collectives`]: NCCL on CUDA) for
-    /// the groups the programs sum and gather over, and uses it ([`Executor::set_device_collectives`]).
-    /// Every process of the run must call it, after [`Executor::set_communicator`]. Returns the
-    /// transport in words.
+    /// the groups of the run's communicator (those the programs sum and gather over, where it
+    /// lists none), and uses it ([`Executor::set_device_collectives`]). Every process of the run
+    /// must call it, after [`Executor::set_communicator`]. Returns the transport in words.
     pub fn join_device_collectives(&mut self) -> Result<String, RuntimeError> {
         let comm = self.comm.as_deref().ok_or_else(|| RuntimeError::Collective {
             group: String::new(),
             what: "a device transport needs the run's communicator first (set_communicator)".into(),
         })?;
-        let device = self.backend.device_collectives(comm, &self.collective_groups())?;
+        // Every process of a group must join it, whatever its own programs sum over (a pipeline's
+        // stages differ): the communicator's groups, in one order on every process.
+        let mut groups = comm.groups();
+        if groups.is_empty() {
+            groups = self.collective_groups();
+        }
+        groups.sort();
+        let device = self.backend.device_collectives(comm, &groups)?;
         let what = device.describe();
         self.device_comm = Some(device);
         Ok(what)
