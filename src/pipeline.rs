@@ -36,7 +36,7 @@ use kiln_runtime::comm::CommStats;
 use kiln_runtime::data::TokenRows;
 use kiln_runtime::exec::{Backend, Executor, NonFinite};
 use kiln_runtime::train::{split, stats, step_inputs, StepStats, Steps};
-use kiln_runtime::weights::{HostData, HostTensor};
+use kiln_runtime::weights::{HostData, HostTensor, TensorHead};
 use kiln_runtime::RuntimeError;
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::request::StaticScope;
@@ -49,6 +49,10 @@ const STATES_TAG: i32 = 32001;
 const WEIGHTS_TAG: i32 = 32002;
 /// The tag of DualPipe's exchange of accumulators between the two copies of a stage.
 const COPIES_TAG: i32 = 32003;
+/// A streamed checkpoint's request for a state (its name; empty: the checkpoint is written), and
+/// the state sent back.
+const REQUEST_TAG: i32 = 32004;
+const TENSOR_TAG: i32 = 32005;
 /// The name of a step report's compute spans.
 const SPANS: &str = "pp.spans";
 /// The prefix of a state's name in a step report.
@@ -316,6 +320,14 @@ pub struct PipelineTrainer<B: Backend> {
     /// The whole shape of each state an update may split over the replicas (ZeRO-1): AdamW's
     /// moments and the master weights, which have their parameter's.
     whole: HashMap<String, Vec<u64>>,
+    /// On rank 0 during a streamed checkpoint ([`Steps::stream_for_checkpoint`]): the rank that
+    /// holds each state rank 0 does not, which it asks for each as the file needs it.
+    remote: HashMap<String, u32>,
+    /// On rank 0: a streamed checkpoint is under way, whose end the other ranks wait for.
+    streaming: bool,
+    /// The link a streamed checkpoint's requests and tensors travel on (a communicator of its
+    /// own, so that they never match a step's messages).
+    checkpoint_link: Option<std::cell::RefCell<Link>>,
 }
 
 /// What a span of the measured timeline ran: a whole instruction of the list, or a piece of an
@@ -456,9 +468,32 @@ impl<B: Backend> PipelineTrainer<B> {
             update,
             states_of_rank,
             gathered: Default::default(),
+            remote: Default::default(),
+            streaming: false,
+            checkpoint_link: None,
             replicas: 1,
             overlap_pairs: std::env::var_os("KILN_NO_OVERLAP_PAIRS").is_none_or(|v| v.is_empty() || v == "0"),
         })
+    }
+
+    /// The link of streamed checkpoints ([`Steps::stream_for_checkpoint`]), on a communicator of
+    /// the pipeline's ranks of its own.
+    pub fn set_checkpoint_link(&mut self, link: Link) {
+        self.checkpoint_link = Some(std::cell::RefCell::new(link));
+    }
+
+    /// The name, dtype and whole shape of state `name` of the model.
+    fn head(&self, name: &str) -> Result<TensorHead, RuntimeError> {
+        let s = (self.model.states.iter().find(|s| s.name == name))
+            .ok_or_else(|| RuntimeError::BadOption(format!("the model has no state `{name}`")))?;
+        // A gathered state is whole; one this rank holds, its own shard or all of it.
+        let shape = match (self.gathered.contains_key(name), self.whole.get(name)) {
+            (true, Some(w)) => w.clone(),
+            _ => (s.shape.iter().map(|d| d.as_known())).collect::<Option<Vec<u64>>>().ok_or_else(|| {
+                RuntimeError::BadOption(format!("state `{name}` has a shape of unknown size"))
+            })?,
+        };
+        Ok(TensorHead { name: name.to_string(), dtype: s.dtype, shape })
     }
 
     /// This pipeline is one of `n` data-parallel replicas (an artifact compiled with
@@ -1000,19 +1035,118 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         let mine: Vec<HostTensor> = (self.states_of_rank[rank as usize].clone().iter())
             .map(|n| self.whole_state(n))
             .collect::<Result<_, _>>()?;
+        // A message per state, in the order of `states_of_rank`, which rank 0 knows too: one
+        // message of a stage's states may pass MPI's 2^31 elements (a stage of models/bench.toml
+        // with its moments is 2.7 GB), and a state at a time keeps the sender's copies to one.
         let mut gathered = Vec::new();
         if rank == 0 {
             gathered.extend(mine);
             for r in 1..self.link.size {
-                let bytes = self.link.recv(r, STATES_TAG, &format!("rank {r}'s states for a checkpoint"));
-                gathered.extend(decode(&bytes)?);
+                for n in &self.states_of_rank[r as usize] {
+                    let bytes =
+                        self.link.recv(r, STATES_TAG, &format!("rank {r}'s state `{n}` for a checkpoint"));
+                    gathered.extend(decode(&bytes)?);
+                }
             }
         } else {
-            self.link.send(0, STATES_TAG, encode(&mine));
+            for t in mine {
+                self.link.send(0, STATES_TAG, encode(&[t]));
+                self.link.flush();
+            }
         }
         self.link.flush();
         self.gathered = gathered.into_iter().map(|t| (t.name.clone(), t)).collect();
         Ok(())
+    }
+
+    /// Rank 0 learns which rank holds each state it does not (every rank knows every rank's
+    /// stages); each other rank serves rank 0's requests, one state at a time, until rank 0 says
+    /// the checkpoint is written ([`Steps::checkpoint_written`]). Nothing is gathered: rank 0 holds
+    /// one state of another rank at a time. Only for a pipeline of one replica, whose states are
+    /// whole (replicas gather, [`Steps::gather_for_checkpoint`]).
+    fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
+        // Replicas may split their states (ZeRO-1), which their ranks gather together.
+        if self.checkpoint_link.is_none() || self.replicas > 1 {
+            return self.gather_for_checkpoint().map(|()| false);
+        }
+        let rank = self.link.rank;
+        if rank == 0 {
+            self.streaming = true;
+            self.remote.clear();
+            for (r, names) in self.states_of_rank.iter().enumerate().skip(1) {
+                for n in names {
+                    if !self.held(n) && !self.remote.contains_key(n) {
+                        self.remote.insert(n.clone(), r as u32);
+                    }
+                }
+            }
+            return Ok(true);
+        }
+        let link = self.checkpoint_link.as_ref().expect("checked above");
+        loop {
+            let name = link.borrow_mut().recv(0, REQUEST_TAG, "rank 0's request for a state of a checkpoint");
+            if name.is_empty() {
+                return Ok(true);
+            }
+            let name = String::from_utf8(name)
+                .map_err(|_| RuntimeError::BadOption("a checkpoint request that is not a name".into()))?;
+            let t = self.read(&name)?;
+            let mut link = link.borrow_mut();
+            link.send(0, TENSOR_TAG, encode(&[t]));
+            link.flush();
+        }
+    }
+
+    fn checkpoint_written(&mut self) -> Result<(), RuntimeError> {
+        if !self.streaming {
+            return Ok(());
+        }
+        // Every other rank serves until told, even one that held nothing rank 0 lacked
+        // (DualPipe's ranks hold two stages each).
+        self.streaming = false;
+        self.remote.clear();
+        let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
+        let mut link = link.borrow_mut();
+        for r in 1..link.size {
+            link.send(r, REQUEST_TAG, Vec::new());
+        }
+        link.flush();
+        Ok(())
+    }
+
+    /// Rank 0 during a streamed checkpoint: its own states' heads and those the other ranks hold,
+    /// in the model's order; otherwise this process's.
+    fn heads(&self) -> Result<(Vec<TensorHead>, Vec<TensorHead>), RuntimeError> {
+        use kiln_ir::module::StateRole;
+        let (mut weights, mut kept) = (Vec::new(), Vec::new());
+        for s in &self.model.states {
+            if !(self.held(&s.name) || self.remote.contains_key(&s.name)) {
+                continue;
+            }
+            match s.role {
+                StateRole::Trainable | StateRole::RoutingBias => weights.push(self.head(&s.name)?),
+                r if kiln_runtime::train::kept(r) => kept.push(self.head(&s.name)?),
+                _ => {}
+            }
+        }
+        Ok((weights, kept))
+    }
+
+    /// A state this process holds, or, on rank 0 during a streamed checkpoint, one another rank
+    /// holds, asked of it.
+    fn tensor(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        let Some(&r) = self.remote.get(name) else { return self.read(name) };
+        let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
+        let mut link = link.borrow_mut();
+        link.send(r, REQUEST_TAG, name.as_bytes().to_vec());
+        let bytes = link.recv(r, TENSOR_TAG, &format!("rank {r}'s state `{name}` for a checkpoint"));
+        let mut got = decode(&bytes)?;
+        match (got.pop(), got.is_empty()) {
+            (Some(t), true) if t.name == name => Ok(t),
+            _ => Err(RuntimeError::BadOption(format!(
+                "rank {r} answered the request for `{name}` with another"
+            ))),
+        }
     }
 
     fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {

@@ -1120,7 +1120,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             // Every replica takes part (split optimizer states are gathered); the first writes.
-            trainer.gather_for_checkpoint()?;
+            // A pipeline of one replica streams its ranks' states to the first as it writes them.
+            let streamed = match req.pipeline {
+                Some(_) if share.is_none() && req.dist.is_none() => trainer.stream_for_checkpoint()?,
+                _ => trainer.gather_for_checkpoint().map(|()| false)?,
+            };
             // A pipeline's ranks made their states whole as they gathered them to rank 0, which
             // alone writes: nothing is left to gather.
             // With --ep, the first pipeline rank of every replica gathers the experts (it holds
@@ -1133,7 +1137,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             // tensors into the files. A replica's split states (`--zero1`) are gathered one at a
             // time as the leader writes them, every replica taking part in the same order; the
             // processes of a pipeline or of expert parallelism gather theirs first.
-            let whole = req.pipeline.is_none() && share.is_none();
+            let whole = (req.pipeline.is_none() || streamed) && share.is_none();
             let split = match req.dist {
                 Some(d) if whole && split_states(trainer.as_ref(), &states)? => Some(d),
                 _ => None,
@@ -1175,6 +1179,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
                 last_saved = Some(dir.clone());
             }
+            trainer.checkpoint_written()?;
             if let (Some(good), Some(m)) = (last_good.as_mut(), &mon) {
                 *good = (monitor::saved(trainer.as_ref())?, progress.clone(), m.clone(), 0);
             }
@@ -1521,6 +1526,7 @@ impl Stage<'_> {
         trainer.set_replicas(d.dp_size());
         // The first replica's timeline; the others run the same lists.
         trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
+        trainer.set_checkpoint_link(d.pipeline_link());
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
         if req.nccl {
             let nccl = trainer.executor_mut().join_device_collectives()?;

@@ -631,6 +631,20 @@ pub trait Steps {
     fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
         Ok(())
     }
+    /// Before a checkpoint that the first process writes while the others stream their parts
+    /// to it as it asks for them (a pipeline of one replica): after this, there,
+    /// [`Steps::heads`] names the whole model's tensors and [`Steps::tensor`] fetches each from the
+    /// process that holds it; the others serve its requests until [`Steps::checkpoint_written`]
+    /// there. Returns whether it streams; by default it does not, and gathers
+    /// ([`Steps::gather_for_checkpoint`]).
+    fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
+        self.gather_for_checkpoint().map(|()| false)
+    }
+    /// After the checkpoint [`Steps::stream_for_checkpoint`] began is written (or given up), on
+    /// every process: the first lets the others go on.
+    fn checkpoint_written(&mut self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     /// Copies every state a step changes into `into` (see [`Saved`]).
     fn save(&self, into: &mut Saved) -> Result<(), RuntimeError> {
         into.raw.clear();

@@ -529,13 +529,14 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
                 assert!(!far, "--pp {n} {schedule}: {name}: bias statistics {x:?} vs {y:?}");
             }
         }
-        // The checkpoint rank 0 writes holds every stage's weights, as one process's; and, from
-        // runs over replicas, AdamW's states whole (gathered from the replicas' shards with --zero1).
+        // The checkpoint rank 0 writes holds every stage's weights and AdamW's states whole, as
+        // one process's: streamed from the other ranks as it writes them (one replica), or
+        // gathered first (from the replicas' shards with --zero1).
         let step3 = |dir: &str| Path::new(dir).join("step-3");
-        let mut files = vec![(step3(&out), step3(one))];
-        if dp > 1 || ep > 1 {
-            files.push((step3(&out).join("optimizer.safetensors"), step3(one).join("optimizer.safetensors")));
-        }
+        let files = vec![
+            (step3(&out), step3(one)),
+            (step3(&out).join("optimizer.safetensors"), step3(one).join("optimizer.safetensors")),
+        ];
         for (theirs, ours) in files {
             let theirs = kiln_runtime::weights::open_checkpoint(&theirs).unwrap();
             let ours = kiln_runtime::weights::open_checkpoint(&ours).unwrap();
