@@ -23,7 +23,7 @@
 //! and a pipeline's activations and gradients between stages, which go over MPI as before.
 //!
 //! Nothing here has run on a device yet: the plan is tested without one (`comm::tests`,
-//! `tests/it/dist.rs` through a transport on host memory), and `NoNccl` on a machine without
+//! `tests/it/device_comm.rs` through a transport on host memory), and `NoNccl` on a machine without
 //! libnccl.
 
 use std::cell::RefCell;
