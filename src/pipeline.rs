@@ -610,13 +610,18 @@ impl<B: Backend> PipelineTrainer<B> {
         if partner == me {
             return Ok(());
         }
+        // One accumulator at a time, both ranks in name order: a stage's gradients as one
+        // message may pass MPI's 2^31 elements, and one at a time holds one copy of each.
         let names = self.accumulators.clone();
-        let mine: Vec<HostTensor> =
-            names.iter().map(|n| self.exec.read_state(n)).collect::<Result<_, _>>()?;
-        self.link.send(partner, COPIES_TAG, encode(&mine));
-        let bytes =
-            self.link.recv(partner, COPIES_TAG, &format!("rank {partner}'s gradients of the same stages"));
-        for (t, theirs) in mine.into_iter().zip(decode(&bytes)?) {
+        for n in &names {
+            let t = self.exec.read_state(n)?;
+            self.link.send(partner, COPIES_TAG, encode(std::slice::from_ref(&t)));
+            let bytes = self.link.recv(partner, COPIES_TAG, &format!("rank {partner}'s gradient `{n}`"));
+            let theirs = decode(&bytes)?.pop().ok_or_else(|| {
+                RuntimeError::BadOption(format!(
+                    "rank {partner} sent nothing for `{n}` (a kiln bug; please report it)"
+                ))
+            })?;
             let (HostData::F32(a), HostData::F32(b)) = (&t.data, &theirs.data) else {
                 return Err(RuntimeError::BadOption(format!("accumulator `{}` is not a float", t.name)));
             };
@@ -628,8 +633,8 @@ impl<B: Backend> PipelineTrainer<B> {
             }
             let sum = a.iter().zip(b).map(|(x, y)| x + y).collect();
             self.exec.write_state(&HostTensor { data: HostData::F32(sum), ..t })?;
+            self.link.flush();
         }
-        self.link.flush();
         Ok(())
     }
 
@@ -884,15 +889,20 @@ impl<B: Backend> PipelineTrainer<B> {
             }
         }
         // The updated weights other ranks read, to them; those this rank reads, from their owners.
+        // A message per weight, in the lists' order (DeepSeek-V3's embedding alone is 3.7 GB in
+        // f32, past what one MPI message holds).
         for (to, names) in self.sends.clone() {
-            let tensors: Vec<HostTensor> =
-                names.iter().map(|n| self.exec.read_state(n)).collect::<Result<_, _>>()?;
-            self.link.send(to, WEIGHTS_TAG, encode(&tensors));
+            for n in &names {
+                let t = self.exec.read_state(n)?;
+                self.link.send(to, WEIGHTS_TAG, encode(&[t]));
+            }
         }
-        for (from, _) in self.reads.clone() {
-            let bytes = self.link.recv(from, WEIGHTS_TAG, &format!("rank {from}'s updated weights"));
-            for t in decode(&bytes)? {
-                self.exec.write_state(&t)?;
+        for (from, names) in self.reads.clone() {
+            for n in &names {
+                let bytes = self.link.recv(from, WEIGHTS_TAG, &format!("rank {from}'s updated weight `{n}`"));
+                for t in decode(&bytes)? {
+                    self.exec.write_state(&t)?;
+                }
             }
         }
         self.link.flush();
