@@ -325,6 +325,9 @@ pub struct PipelineTrainer<B: Backend> {
     remote: HashMap<String, u32>,
     /// On rank 0: a streamed checkpoint is under way, whose end the other ranks wait for.
     streaming: bool,
+    /// This pipeline's index among the data-parallel replicas (`--dp`): the first one's ranks
+    /// stream a checkpoint, and the others, holding the same states, have nothing to give.
+    replica: usize,
     /// The link a streamed checkpoint's requests and tensors travel on (a communicator of its
     /// own, so that they never match a step's messages).
     checkpoint_link: Option<std::cell::RefCell<Link>>,
@@ -470,9 +473,25 @@ impl<B: Backend> PipelineTrainer<B> {
             gathered: Default::default(),
             remote: Default::default(),
             streaming: false,
+            replica: 0,
             checkpoint_link: None,
             replicas: 1,
             overlap_pairs: std::env::var_os("KILN_NO_OVERLAP_PAIRS").is_none_or(|v| v.is_empty() || v == "0"),
+        })
+    }
+
+    /// This pipeline's index among the replicas (see [`PipelineTrainer::set_replicas`]).
+    pub fn set_replica_index(&mut self, index: usize) {
+        self.replica = index;
+    }
+
+    /// Whether this rank holds a shard of some state (ZeRO-1 over the replicas).
+    fn holds_shards(&self) -> bool {
+        self.exec.manifest().states.iter().any(|s| {
+            self.whole.get(&s.name).is_some_and(|w| {
+                let n: Option<u64> = s.shape.iter().map(|d| d.as_known()).product();
+                n.is_some_and(|n| n != w.iter().product::<u64>())
+            })
         })
     }
 
@@ -1072,12 +1091,17 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     /// Rank 0 learns which rank holds each state it does not (every rank knows every rank's
     /// stages); each other rank serves rank 0's requests, one state at a time, until rank 0 says
     /// the checkpoint is written ([`Steps::checkpoint_written`]). Nothing is gathered: rank 0 holds
-    /// one state of another rank at a time. Only for a pipeline of one replica, whose states are
-    /// whole (replicas gather, [`Steps::gather_for_checkpoint`]).
+    /// one state of another rank at a time. The first replica's ranks do this, the other replicas
+    /// nothing; replicas that split their states (ZeRO-1) gather instead
+    /// ([`Steps::gather_for_checkpoint`]).
     fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
-        // Replicas may split their states (ZeRO-1), which their ranks gather together.
-        if self.checkpoint_link.is_none() || self.replicas > 1 {
+        // Replicas that split their states (ZeRO-1) gather them together.
+        if self.checkpoint_link.is_none() || self.holds_shards() {
             return self.gather_for_checkpoint().map(|()| false);
+        }
+        // The first replica writes; the others hold the same states.
+        if self.replica != 0 {
+            return Ok(true);
         }
         let rank = self.link.rank;
         if rank == 0 {

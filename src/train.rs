@@ -1120,9 +1120,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             // Every replica takes part (split optimizer states are gathered); the first writes.
-            // A pipeline of one replica streams its ranks' states to the first as it writes them.
+            // A pipeline streams its ranks' states to the first as it writes them (the first
+            // replica's, unless the replicas split their states).
             let streamed = match req.pipeline {
-                Some(_) if share.is_none() && req.dist.is_none() => trainer.stream_for_checkpoint()?,
+                Some(_) if share.is_none() => trainer.stream_for_checkpoint()?,
                 _ => trainer.gather_for_checkpoint().map(|()| false)?,
             };
             // A pipeline's ranks made their states whole as they gathered them to rank 0, which
@@ -1524,6 +1525,7 @@ impl Stage<'_> {
             all as f64 / 1e6
         );
         trainer.set_replicas(d.dp_size());
+        trainer.set_replica_index(d.dp_rank());
         // The first replica's timeline; the others run the same lists.
         trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
         trainer.set_checkpoint_link(d.pipeline_link());

@@ -398,9 +398,11 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     // (model, batch, --pp, schedule, --dp, --zero1, --ep). The seventh run is two expert-parallel
     // pipelines of DualPipe, each with half of every MoE layer's experts on each of its ranks
     // (--ep 2; the tokens exchanged inside each stage). The eighth is two replicas of a two-rank
-    // DualPipe, each taking half of every batch as its 4 micro-batches; the partner ranks sum
-    // their copies, the replicas their accumulators, and each replica keeps half of AdamW's
-    // states (--zero1). The last is all three (eight processes): two replicas of the seventh, with
+    // 1F1B pipeline, their states whole: the first replica streams the checkpoint. The ninth is
+    // two replicas of a two-rank DualPipe, each taking half of every batch as its 4
+    // micro-batches; the partner ranks sum their copies, the replicas their accumulators, and
+    // each replica keeps half of AdamW's states (--zero1), gathered for the checkpoint. The last
+    // is all three (eight processes): two replicas of the seventh, with
     // the replicated weights' AdamW states split over the four processes of a stage and each
     // expert's over the two that hold it.
     let schedules = [
@@ -411,6 +413,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         (tiny8.as_str(), "8", "4", "dualpipe", 1, false, 1),
         (tiny8.as_str(), "8", "4", "dualpipev", 1, false, 1),
         (tiny8.as_str(), "8", "2", "dualpipe", 1, false, 2),
+        (tiny8.as_str(), "8", "2", "1f1b", 2, false, 1),
         (tiny8.as_str(), "8", "2", "dualpipe", 2, true, 1),
         (tiny8.as_str(), "16", "2", "dualpipe", 2, true, 2),
     ];
