@@ -1315,6 +1315,12 @@ fn doctor() -> Result<()> {
         }
         Err(e) => out.push_str(&format!("CUDA        unavailable: {e}\n")),
     }
+    match kiln_runtime::gpu::nccl::version() {
+        Ok(v) => {
+            out.push_str(&format!("NCCL        {v}: `kiln train --device cuda --nccl` sums on the GPUs\n"))
+        }
+        Err(e) => out.push_str(&format!("NCCL        unavailable: {e}\n")),
+    }
     out.push_str(&format!("MPI         {}\n", dist::describe()));
     emit(&out, None)
 }

@@ -283,6 +283,12 @@ fn supervised_fine_tuning_over_two_replicas_matches_one_process() {
     assert!(r.ok, "{}", r.stderr);
     let mpi = r.stdout.lines().find(|l| l.starts_with("MPI ")).expect("an MPI line");
     assert!(mpi.contains("Open MPI v") && mpi.contains("mpirun at "), "{mpi}");
+    // And NCCL's version, or why it cannot be loaded.
+    let nccl = r.stdout.lines().find(|l| l.starts_with("NCCL ")).expect("an NCCL line");
+    match kiln_runtime::gpu::nccl::present() {
+        true => assert!(nccl.contains("NCCL        2.") && nccl.contains("--nccl"), "{nccl}"),
+        false => assert!(nccl.contains("unavailable") && nccl.contains("libnccl.so.2"), "{nccl}"),
+    }
 
     let s = Scratch::new();
     let hf = crate::grpo::tiny_chat(&s);
