@@ -293,6 +293,20 @@ impl Dist {
         crate::pipeline::Link::new(self.pipeline.duplicate(), self.timeout)
     }
 
+    /// The point-to-point link of a process with the processes that hold the same stages in the
+    /// other replicas (`--dp`; rank `r` of the link is replica `r`), on a communicator of its own.
+    /// Every process must call it.
+    pub fn replica_link(&self) -> crate::pipeline::Link {
+        crate::pipeline::Link::new(self.replicas.duplicate(), self.timeout)
+    }
+
+    /// The point-to-point link of an expert-parallel process with the other ranks of its group
+    /// (`--ep`; rank `r` of the link is expert-parallel rank `r`), on a communicator of its own.
+    /// Every process of the group must call it.
+    pub fn expert_link(&self) -> crate::pipeline::Link {
+        crate::pipeline::Link::new(self.experts.duplicate(), self.timeout)
+    }
+
     /// Ends every process of the job: this one failed with `message`.
     pub fn fail(&self, message: &str) -> ! {
         say!("{message} (rank {} of {}; ending every process of the job)", self.rank, self.size);

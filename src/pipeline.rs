@@ -193,6 +193,60 @@ impl Link {
         }
         unreachable!("the loop returns or ends the job")
     }
+
+    /// Rank 0's side of a streamed checkpoint: asks rank `r` for the state it holds as `name`, and
+    /// waits for it (at most the timeout).
+    pub fn ask_for_state(&mut self, r: u32, name: &str) -> Result<HostTensor, RuntimeError> {
+        self.send(r, REQUEST_TAG, name.as_bytes().to_vec());
+        let bytes = self.recv(r, TENSOR_TAG, &format!("rank {r}'s state `{name}` for a checkpoint"));
+        let mut got = decode(&bytes)?;
+        match (got.pop(), got.is_empty()) {
+            (Some(t), true) if t.name == name => Ok(t),
+            _ => Err(RuntimeError::BadOption(format!(
+                "rank {r} answered the request for `{name}` with another"
+            ))),
+        }
+    }
+
+    /// Another rank's side of a streamed checkpoint: answers each of rank 0's requests with
+    /// `read(name)`, one state at a time, until rank 0 says the checkpoint is written
+    /// ([`Link::states_served`]). Each request is waited for at most the timeout.
+    pub fn serve_states(
+        &mut self,
+        read: impl Fn(&str) -> Result<HostTensor, RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        while let Some(name) = self.next_request("rank 0's request for a state of a checkpoint")? {
+            let t = read(&name)?;
+            self.send(0, TENSOR_TAG, encode(&[t]));
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Rank 0: the checkpoint is written; every other rank stops serving.
+    pub fn states_served(&mut self) {
+        self.tell_all("");
+    }
+
+    /// Rank 0: sends the state name `name` (empty: the end) to every other rank.
+    pub fn tell_all(&mut self, name: &str) {
+        for r in 1..self.size {
+            self.send(r, REQUEST_TAG, name.as_bytes().to_vec());
+        }
+        self.flush();
+    }
+
+    /// The next state name rank 0 sends ([`Link::tell_all`]), `None` at the end; waits at most
+    /// the timeout (`what` names it in the error).
+    pub fn next_request(&mut self, what: &str) -> Result<Option<String>, RuntimeError> {
+        let name = self.recv(0, REQUEST_TAG, what);
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let name = String::from_utf8(name)
+            .map_err(|_| RuntimeError::BadOption("a checkpoint request that is not a name".into()))?;
+        Ok(Some(name))
+    }
 }
 
 /// Tensors laid end to end with their names, dtypes and shapes (every value of a float dtype
@@ -331,6 +385,10 @@ pub struct PipelineTrainer<B: Backend> {
     /// The link a streamed checkpoint's requests and tensors travel on (a communicator of its
     /// own, so that they never match a step's messages).
     checkpoint_link: Option<std::cell::RefCell<Link>>,
+    /// The link to the replicas of this rank's stages (`--dp` with `--zero1`): the first
+    /// replica's rank names each split state it gathers for a streamed checkpoint, and the others
+    /// join that gather.
+    replica_link: Option<std::cell::RefCell<Link>>,
 }
 
 /// What a span of the measured timeline ran: a whole instruction of the list, or a piece of an
@@ -475,6 +533,7 @@ impl<B: Backend> PipelineTrainer<B> {
             streaming: false,
             replica: 0,
             checkpoint_link: None,
+            replica_link: None,
             replicas: 1,
             overlap_pairs: std::env::var_os("KILN_NO_OVERLAP_PAIRS").is_none_or(|v| v.is_empty() || v == "0"),
         })
@@ -487,11 +546,19 @@ impl<B: Backend> PipelineTrainer<B> {
 
     /// Whether this rank holds a shard of some state (ZeRO-1 over the replicas).
     fn holds_shards(&self) -> bool {
-        self.exec.manifest().states.iter().any(|s| {
-            self.whole.get(&s.name).is_some_and(|w| {
-                let n: Option<u64> = s.shape.iter().map(|d| d.as_known()).product();
-                n.is_some_and(|n| n != w.iter().product::<u64>())
-            })
+        self.exec.manifest().states.iter().any(|s| self.is_shard(s))
+    }
+
+    /// Whether this rank holds only a shard of its state `name` (ZeRO-1 over the replicas).
+    fn holds_shard_of(&self, name: &str) -> bool {
+        self.exec.manifest().states.iter().find(|s| s.name == name).is_some_and(|s| self.is_shard(s))
+    }
+
+    /// Whether state `s` of this rank is a shard of a larger whole.
+    fn is_shard(&self, s: &kiln_ir::artifact::StateEntry) -> bool {
+        self.whole.get(&s.name).is_some_and(|w| {
+            let n: Option<u64> = s.shape.iter().map(|d| d.as_known()).product();
+            n.is_some_and(|n| n != w.iter().product::<u64>())
         })
     }
 
@@ -501,12 +568,20 @@ impl<B: Backend> PipelineTrainer<B> {
         self.checkpoint_link = Some(std::cell::RefCell::new(link));
     }
 
+    /// The link to the replicas of this rank's stages, over which a streamed checkpoint's split
+    /// states are gathered ([`Steps::stream_for_checkpoint`]); a communicator of their own.
+    pub fn set_replica_link(&mut self, link: Link) {
+        self.replica_link = Some(std::cell::RefCell::new(link));
+    }
+
     /// The name, dtype and whole shape of state `name` of the model.
     fn head(&self, name: &str) -> Result<TensorHead, RuntimeError> {
         let s = (self.model.states.iter().find(|s| s.name == name))
             .ok_or_else(|| RuntimeError::BadOption(format!("the model has no state `{name}`")))?;
-        // A gathered state is whole; one this rank holds, its own shard or all of it.
-        let shape = match (self.gathered.contains_key(name), self.whole.get(name)) {
+        // A gathered state is whole, and so is every state of a streamed checkpoint; one this
+        // rank holds, its own shard or all of it.
+        let whole = self.gathered.contains_key(name) || self.streaming;
+        let shape = match (whole, self.whole.get(name)) {
             (true, Some(w)) => w.clone(),
             _ => (s.shape.iter().map(|d| d.as_known())).collect::<Option<Vec<u64>>>().ok_or_else(|| {
                 RuntimeError::BadOption(format!("state `{name}` has a shape of unknown size"))
@@ -973,6 +1048,28 @@ impl<B: Backend> PipelineTrainer<B> {
 }
 
 impl<B: Backend> PipelineTrainer<B> {
+    /// State `name` whole for a streamed checkpoint, on the first replica: where it is split over
+    /// the replicas, they are told its name first, so that they join its gather
+    /// ([`Steps::stream_for_checkpoint`]).
+    fn checkpoint_state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
+        if !self.holds_shard_of(name) || self.gathered.contains_key(name) {
+            return self.read(name);
+        }
+        let link = self.replica_link.as_ref().ok_or_else(|| {
+            RuntimeError::BadOption(format!("state `{name}` is split, and this process has no replicas"))
+        })?;
+        link.borrow_mut().tell_all(name);
+        self.whole_state(name)
+    }
+
+    /// The first replica's rank, once its part of a streamed checkpoint is done: its replicas
+    /// stop waiting for split states to gather.
+    fn replicas_done(&self) {
+        if let (Some(link), true) = (&self.replica_link, self.holds_shards()) {
+            link.borrow_mut().tell_all("");
+        }
+    }
+
     /// State `name` whole: this process's, or, split over the replicas (ZeRO-1: it holds `m` of
     /// the `n` values), every replica's shard gathered, the padding dropped and the shape restored.
     fn whole_state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
@@ -1091,16 +1188,32 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     /// Rank 0 learns which rank holds each state it does not (every rank knows every rank's
     /// stages); each other rank serves rank 0's requests, one state at a time, until rank 0 says
     /// the checkpoint is written ([`Steps::checkpoint_written`]). Nothing is gathered: rank 0 holds
-    /// one state of another rank at a time. The first replica's ranks do this, the other replicas
-    /// nothing; replicas that split their states (ZeRO-1) gather instead
-    /// ([`Steps::gather_for_checkpoint`]).
+    /// one state of another rank at a time. The first replica's ranks do this. The other replicas
+    /// hold the same states, and give nothing unless the replicas split them (ZeRO-1): then each
+    /// rank of the first replica names each split state it is about to make whole, and that rank's
+    /// replicas join the gather ([`PipelineTrainer::checkpoint_state`]), so that no process holds
+    /// more than one state whole.
     fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
-        // Replicas that split their states (ZeRO-1) gather them together.
-        if self.checkpoint_link.is_none() || self.holds_shards() {
+        if self.checkpoint_link.is_none() {
             return self.gather_for_checkpoint().map(|()| false);
         }
-        // The first replica writes; the others hold the same states.
+        let shards = self.holds_shards();
+        if shards && self.replica_link.is_none() {
+            return Err(RuntimeError::BadOption(
+                "internal: this pipeline rank holds split states, and no link to its replicas".into(),
+            ));
+        }
         if self.replica != 0 {
+            // The first replica writes; this one joins the gathers of its split states.
+            if shards {
+                let link = self.replica_link.as_ref().expect("checked above");
+                let mut link = link.borrow_mut();
+                while let Some(name) =
+                    link.next_request("the first replica's split state for a checkpoint")?
+                {
+                    self.whole_state(&name)?;
+                }
+            }
             return Ok(true);
         }
         let rank = self.link.rank;
@@ -1117,18 +1230,9 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
             return Ok(true);
         }
         let link = self.checkpoint_link.as_ref().expect("checked above");
-        loop {
-            let name = link.borrow_mut().recv(0, REQUEST_TAG, "rank 0's request for a state of a checkpoint");
-            if name.is_empty() {
-                return Ok(true);
-            }
-            let name = String::from_utf8(name)
-                .map_err(|_| RuntimeError::BadOption("a checkpoint request that is not a name".into()))?;
-            let t = self.read(&name)?;
-            let mut link = link.borrow_mut();
-            link.send(0, TENSOR_TAG, encode(&[t]));
-            link.flush();
-        }
+        link.borrow_mut().serve_states(|name| self.checkpoint_state(name))?;
+        self.replicas_done();
+        Ok(true)
     }
 
     fn checkpoint_written(&mut self) -> Result<(), RuntimeError> {
@@ -1140,11 +1244,8 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         self.streaming = false;
         self.remote.clear();
         let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
-        let mut link = link.borrow_mut();
-        for r in 1..link.size {
-            link.send(r, REQUEST_TAG, Vec::new());
-        }
-        link.flush();
+        link.borrow_mut().states_served();
+        self.replicas_done();
         Ok(())
     }
 
@@ -1169,18 +1270,14 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     /// A state this process holds, or, on rank 0 during a streamed checkpoint, one another rank
     /// holds, asked of it.
     fn tensor(&self, name: &str) -> Result<HostTensor, RuntimeError> {
-        let Some(&r) = self.remote.get(name) else { return self.read(name) };
+        let Some(&r) = self.remote.get(name) else {
+            return match self.streaming {
+                true => self.checkpoint_state(name),
+                false => self.read(name),
+            };
+        };
         let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
-        let mut link = link.borrow_mut();
-        link.send(r, REQUEST_TAG, name.as_bytes().to_vec());
-        let bytes = link.recv(r, TENSOR_TAG, &format!("rank {r}'s state `{name}` for a checkpoint"));
-        let mut got = decode(&bytes)?;
-        match (got.pop(), got.is_empty()) {
-            (Some(t), true) if t.name == name => Ok(t),
-            _ => Err(RuntimeError::BadOption(format!(
-                "rank {r} answered the request for `{name}` with another"
-            ))),
-        }
+        link.borrow_mut().ask_for_state(r, name)
     }
 
     fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {

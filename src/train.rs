@@ -917,6 +917,12 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         _ => String::new(),
     };
     let mut before = kiln_runtime::train::Saved::default();
+    // An expert-parallel run without a pipeline streams its checkpoints to rank 0 (unless its
+    // replicas split their states, which are gathered).
+    let expert_stream = match (share, req.dist, req.pipeline) {
+        (Some(s), Some(d), None) => Some(ExpertStream::new(s, d)),
+        _ => None,
+    };
     while progress.step < hyper.steps {
         let at = (progress.epoch, progress.row);
         let which = progress.next_rows(rows.rows(), hyper.batch);
@@ -1121,7 +1127,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
             // Every replica takes part (split optimizer states are gathered); the first writes.
             // A pipeline streams its ranks' states to the first as it writes them (the first
-            // replica's, unless the replicas split their states).
+            // replica's; where the replicas split their states, each rank's replicas join the
+            // gather of each as it is made whole).
             let streamed = match req.pipeline {
                 Some(_) if share.is_none() => trainer.stream_for_checkpoint()?,
                 _ => trainer.gather_for_checkpoint().map(|()| false)?,
@@ -1137,17 +1144,25 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             // A process that holds the whole model (alone, or a replica of it) streams its
             // tensors into the files. A replica's split states (`--zero1`) are gathered one at a
             // time as the leader writes them, every replica taking part in the same order; the
-            // processes of a pipeline or of expert parallelism gather theirs first.
-            let whole = (req.pipeline.is_none() || streamed) && share.is_none();
+            // processes of a pipeline gather theirs first, and those of expert parallelism too
+            // when they split their states.
+            let experts = match &expert_stream {
+                Some(x) if !split_states(trainer.as_ref(), &states)? => Some(x),
+                _ => None,
+            };
+            let whole = ((req.pipeline.is_none() || streamed) && share.is_none()) || experts.is_some();
             let split = match req.dist {
-                Some(d) if whole && split_states(trainer.as_ref(), &states)? => Some(d),
+                // A pipeline's ranks make their split states whole as they stream them.
+                Some(d) if whole && req.pipeline.is_none() && split_states(trainer.as_ref(), &states)? => {
+                    Some(d)
+                }
                 _ => None,
             };
             if let (Some(d), false) = (split, req.leader()) {
                 follow_streamed_save(trainer.as_ref(), d, &states, &roles)?;
             }
             let tensors = if whole {
-                Tensors::Streamed { split: split.map(|d| (d, &states[..])) }
+                Tensors::Streamed { split: split.map(|d| (d, &states[..])), experts }
             } else {
                 let mut kept = match req.pipeline {
                     Some(_) if !(req.leader() || gathers) => Vec::new(),
@@ -1166,7 +1181,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 Tensors::Gathered { trained, kept }
             };
             if req.leader() {
-                let dir = save(
+                let saved = save(
                     req.out,
                     &spec,
                     trainer.as_ref(),
@@ -1175,10 +1190,18 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                     &roles,
                     &progress,
                     text.as_deref(),
-                )?;
+                );
+                // The other expert-parallel ranks serve until told, whether the files were
+                // written or not.
+                if let Some(x) = experts {
+                    x.finish(trainer.as_ref(), true)?;
+                }
+                let dir = saved?;
                 write_curve(req.out, &spec.model.name)?;
                 bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
                 last_saved = Some(dir.clone());
+            } else if let Some(x) = experts {
+                x.finish(trainer.as_ref(), false)?;
             }
             trainer.checkpoint_written()?;
             if let (Some(good), Some(m)) = (last_good.as_mut(), &mon) {
@@ -1529,6 +1552,9 @@ impl Stage<'_> {
         // The first replica's timeline; the others run the same lists.
         trainer.set_trace(req.pp_trace.filter(|_| req.leader()));
         trainer.set_checkpoint_link(d.pipeline_link());
+        if d.dp_size() > 1 {
+            trainer.set_replica_link(d.replica_link());
+        }
         trainer.executor_mut().set_communicator(d.pipeline_ranks())?;
         if req.nccl {
             let nccl = trainer.executor_mut().join_device_collectives()?;
@@ -1866,6 +1892,9 @@ enum Tensors<'a> {
     /// [`follow_streamed_save`]).
     Streamed {
         split: Option<(&'a crate::dist::Dist, &'a [kiln_ir::module::StateDecl])>,
+        /// `--ep` (rank 0 of the first expert group): the other ranks' experts are asked of them
+        /// as the files need them.
+        experts: Option<&'a ExpertStream>,
     },
 }
 
@@ -1876,6 +1905,19 @@ enum Source {
     Held(usize),
     /// Read from the trainer.
     Trainer(String),
+    /// Asked of expert-parallel rank `rank`, which holds it as `local` (`--ep`: its experts under
+    /// rank 0's names); `name` is its name in the checkpoint.
+    Remote { rank: u32, local: String, name: String },
+}
+
+impl Source {
+    /// The name of the tensor this source gives.
+    fn name<'p>(&'p self, pool: &'p [&weights::HostTensor]) -> &'p str {
+        match self {
+            Source::Held(j) => &pool[*j].name,
+            Source::Trainer(name) | Source::Remote { name, .. } => name,
+        }
+    }
 }
 
 /// What a checkpoint's file stores of a [`Source`].
@@ -1919,9 +1961,9 @@ fn save(
         .map(|(i, t)| (t.name.clone(), (TensorHead::of(t), Source::Held(i))))
         .collect();
     let gathered;
-    let split = match &tensors {
-        Tensors::Streamed { split } => *split,
-        Tensors::Gathered { .. } => None,
+    let (split, experts) = match &tensors {
+        Tensors::Streamed { split, experts } => (*split, *experts),
+        Tensors::Gathered { .. } => (None, None),
     };
     let from_trainer: Vec<(TensorHead, Source)> = match tensors {
         Tensors::Gathered { trained, kept } => {
@@ -1931,13 +1973,21 @@ fn save(
             gathered.iter().enumerate().map(|(i, t)| (TensorHead::of(t), Source::Held(first + i))).collect()
         }
         Tensors::Streamed { .. } => {
-            let (w, k) = trainer.heads()?;
+            let (w, mut k) = trainer.heads()?;
+            if experts.is_some() {
+                // The order of a gathered save (`ExpertShare::gather`), so the files are the same
+                // bytes however they were collected.
+                k.sort_by(|a, b| a.name.cmp(&b.name));
+            }
             (w.into_iter().chain(k))
-                .map(|h| {
+                .flat_map(|h| {
                     // A split state is written whole, in its declared shape.
                     let whole = split.and_then(|(_, decls)| whole_shape(&h, decls));
                     let head = TensorHead { shape: whole.unwrap_or(h.shape), ..h };
-                    (head.clone(), Source::Trainer(head.name))
+                    match experts {
+                        Some(x) => x.sources(head),
+                        None => vec![(head.clone(), Source::Trainer(head.name))],
+                    }
                 })
                 .collect()
         }
@@ -2008,6 +2058,11 @@ fn save(
                     };
                     Ok(std::borrow::Cow::Owned(t))
                 }
+                Source::Remote { rank, local, name } => {
+                    let x = experts.expect("a remote tensor comes with the expert-parallel link");
+                    let t = x.ask(*rank, local).map_err(|e| e.to_string())?;
+                    Ok(std::borrow::Cow::Owned(weights::HostTensor { name: name.clone(), ..t }))
+                }
             };
             let q = spec.quantization.as_ref();
             match (form, q) {
@@ -2017,10 +2072,7 @@ fn save(
                     ..read(source)?.into_owned()
                 })),
                 (Form::Codes | Form::Scales, Some(q)) => {
-                    let weight = match source {
-                        Source::Held(j) => pool[*j].name.clone(),
-                        Source::Trainer(name) => name.clone(),
-                    };
+                    let weight = source.name(&pool).to_string();
                     if last.as_ref().is_none_or(|(n, _, _)| *n != weight) {
                         let (codes, scales) =
                             fp8_release(&*read(source)?, q).map_err(|e| format!("{e:#}"))?;
@@ -2051,6 +2103,69 @@ fn save(
     }
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot write {}", dir.display()))?;
     Ok(dir)
+}
+
+/// The streamed checkpoint of an expert-parallel run without a pipeline (`--ep`, and `--dp`
+/// replicas of the group unless they split their states): rank 0 writes the files as a lone
+/// process does and asks the other ranks of its expert group for their experts' tensors one at a
+/// time, as the files need them; they serve until told the files are written. Nothing is gathered
+/// whole: rank 0 holds one other rank's tensor at a time, and the other groups' processes, which
+/// hold the same experts, give nothing.
+struct ExpertStream {
+    share: ExpertShare,
+    /// This process is in the first expert group (the replicas' first), whose ranks give the
+    /// experts.
+    first: bool,
+    link: std::cell::RefCell<crate::pipeline::Link>,
+}
+
+impl ExpertStream {
+    /// Every process of an expert-parallel run must call it (it makes a communicator).
+    fn new(share: ExpertShare, d: &crate::dist::Dist) -> ExpertStream {
+        ExpertStream { share, first: d.edp_rank() == 0, link: std::cell::RefCell::new(d.expert_link()) }
+    }
+
+    /// Where the checkpoint's tensors of rank 0's tensor `head` come from: itself, and for a
+    /// routed expert's, the tensor of the same local name on every rank, each under its own
+    /// expert's name (ranks in order, as [`ExpertShare::gather`] lays them). The rank's own state
+    /// [`kiln_compiler::expert_parallel::EP_RANK`] is not the model's.
+    fn sources(&self, head: weights::TensorHead) -> Vec<(weights::TensorHead, Source)> {
+        use kiln_compiler::expert_parallel::{expert_index, rank_param, EP_RANK};
+        if head.name == EP_RANK {
+            return Vec::new();
+        }
+        if expert_index(&head.name).is_none() {
+            return vec![(head.clone(), Source::Trainer(head.name))];
+        }
+        (0..self.share.size)
+            .map(|r| {
+                let name = rank_param(&head.name, r, self.share.per_rank);
+                let source = match r {
+                    0 => Source::Trainer(head.name.clone()),
+                    _ => Source::Remote { rank: r as u32, local: head.name.clone(), name: name.clone() },
+                };
+                (weights::TensorHead { name, ..head.clone() }, source)
+            })
+            .collect()
+    }
+
+    /// Rank 0: rank `rank`'s tensor `local`.
+    fn ask(&self, rank: u32, local: &str) -> Result<weights::HostTensor> {
+        Ok(self.link.borrow_mut().ask_for_state(rank, local)?)
+    }
+
+    /// This process's part once rank 0 has written the files (or failed to): rank 0 tells the
+    /// others of its group; they serve its requests from `trainer` until then. The other
+    /// groups' processes have nothing to do.
+    fn finish(&self, trainer: &dyn Steps, leader: bool) -> Result<()> {
+        let mut link = self.link.borrow_mut();
+        match (leader, self.first) {
+            (true, _) => link.states_served(),
+            (false, true) => link.serve_states(|name| trainer.tensor(name))?,
+            (false, false) => {}
+        }
+        Ok(())
+    }
 }
 
 /// An expert-parallel process's share of the routed experts (`kiln train --ep N`): it holds

@@ -632,7 +632,8 @@ pub trait Steps {
         Ok(())
     }
     /// Before a checkpoint that the first process writes while the others stream their parts
-    /// to it as it asks for them (a pipeline of one replica): after this, there,
+    /// to it as it asks for them (a pipeline's first replica, whose ranks' replicas join the
+    /// gathers of states they split): after this, there,
     /// [`Steps::heads`] names the whole model's tensors and [`Steps::tensor`] fetches each from the
     /// process that holds it; the others serve its requests until [`Steps::checkpoint_written`]
     /// there. Returns whether it streams; by default it does not, and gathers

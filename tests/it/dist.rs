@@ -407,7 +407,8 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     // 1F1B pipeline, their states whole: the first replica streams the checkpoint. The ninth is
     // two replicas of a two-rank DualPipe, each taking half of every batch as its 4
     // micro-batches; the partner ranks sum their copies, the replicas their accumulators, and
-    // each replica keeps half of AdamW's states (--zero1), gathered for the checkpoint. The last
+    // each replica keeps half of AdamW's states (--zero1), which the first replica's ranks make
+    // whole one at a time with the other's as they stream the checkpoint. The last
     // is all three (eight processes): two replicas of the seventh, with
     // the replicated weights' AdamW states split over the four processes of a stage and each
     // expert's over the two that hold it.
@@ -539,8 +540,9 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
             }
         }
         // The checkpoint rank 0 writes holds every stage's weights and AdamW's states whole, as
-        // one process's: streamed from the other ranks as it writes them (one replica), or
-        // gathered first (from the replicas' shards with --zero1).
+        // one process's: streamed from the other ranks as it writes them (the first replica's,
+        // each split state made whole with the replicas' shards as its turn comes, --zero1), or
+        // gathered first (--ep).
         let step3 = |dir: &str| Path::new(dir).join("step-3");
         let files = vec![
             (step3(&out), step3(one)),
