@@ -728,6 +728,51 @@ impl Drop for Rows {
     }
 }
 
+/// How long a process waits for the others while rank 0 writes a checkpoint ([`Saving`]): a
+/// checkpoint may take far longer than any message (models/bench.toml's is 5.5 GB; DeepSeek-V3's
+/// is terabytes), and a wait bounded by `--comm-timeout` would end a healthy job.
+pub const CHECKPOINT_WAIT: Duration = Duration::from_secs(3600);
+
+/// Whether this process is taking part in a checkpoint ([`Saving`]).
+static SAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// While it lives, this process is taking part in a checkpoint: every wait for another process
+/// (collectives, pipeline messages, a streamed checkpoint's requests) is bounded by
+/// [`CHECKPOINT_WAIT`] instead of `--comm-timeout`, where that is longer.
+pub struct Saving(());
+
+impl Saving {
+    pub fn begin() -> Saving {
+        SAVING.store(true, std::sync::atomic::Ordering::Relaxed);
+        Saving(())
+    }
+}
+
+impl Drop for Saving {
+    fn drop(&mut self) {
+        SAVING.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The bound on a wait whose deadline is `timeout` (`--comm-timeout`): itself, or during a
+/// checkpoint at least [`CHECKPOINT_WAIT`].
+pub fn wait_limit(timeout: Duration) -> Duration {
+    match SAVING.load(std::sync::atomic::Ordering::Relaxed) {
+        true => timeout.max(CHECKPOINT_WAIT),
+        false => timeout,
+    }
+}
+
+/// What a wait bounded by `timeout` says it waited: the seconds, and whether a checkpoint made it
+/// longer.
+pub fn waited(timeout: Duration) -> String {
+    let limit = wait_limit(timeout);
+    match limit > timeout {
+        true => format!("{} s (the wait during a checkpoint)", limit.as_secs_f64()),
+        false => format!("{} s", limit.as_secs_f64()),
+    }
+}
+
 /// When a non-blocking collective started, how long it may take, and what to say if it takes
 /// longer: `rank` of `size` waited for `what`.
 struct Deadline {
@@ -750,7 +795,7 @@ impl Deadline {
 
     /// Waits for `req` until the deadline.
     fn wait<'a, R: ?Sized, S: mpi::request::Scope<'a>>(&self, req: mpi::request::Request<'a, R, S>) {
-        poll(req, self.timeout.saturating_sub(self.start.elapsed()), || self.late());
+        poll(req, wait_limit(self.timeout).saturating_sub(self.start.elapsed()), || self.late());
     }
 }
 
@@ -765,7 +810,7 @@ fn test_pending<R: ?Sized>(
         Ok(_) => true,
         Err(r) => {
             *req = Some(r);
-            if d.start.elapsed() > d.timeout {
+            if d.start.elapsed() > wait_limit(d.timeout) {
                 d.late();
             }
             false
@@ -775,14 +820,16 @@ fn test_pending<R: ?Sized>(
 
 /// Tests `req` until it completes: first yielding the core between tests (a sum of a few
 /// kilobytes over shared memory takes microseconds), then sleeping a little longer each time (up to
-/// a millisecond, so a long wait leaves the cores to the others). Past `timeout`, calls `late`,
-/// which ends the job (a request cannot be dropped while MPI may still write its buffer).
+/// a millisecond, so a long wait leaves the cores to the others). Past `timeout` (longer during a
+/// checkpoint, [`wait_limit`]), calls `late`, which ends the job (a request cannot be dropped while
+/// MPI may still write its buffer).
 fn poll<'a, R: ?Sized, S: mpi::request::Scope<'a>>(
     mut req: mpi::request::Request<'a, R, S>,
     timeout: Duration,
     late: impl Fn(),
 ) {
     let start = Instant::now();
+    let timeout = wait_limit(timeout);
     let mut nap = Duration::from_micros(10);
     for tries in 0u32.. {
         match req.test() {
@@ -803,9 +850,9 @@ fn poll<'a, R: ?Sized, S: mpi::request::Scope<'a>>(
 
 fn stalled(comm: &SimpleCommunicator, rank: usize, size: usize, timeout: Duration, what: &str) -> ! {
     say!(
-        "error: rank {rank} of {size} waited {} s for the other ranks in {what}, which never came: a process \
+        "error: rank {rank} of {size} waited {} for the other ranks in {what}, which never came: a process \
          died or is stuck (--comm-timeout sets the wait); ending every process of the job",
-        timeout.as_secs_f64()
+        waited(timeout)
     );
     comm.abort(2)
 }

@@ -179,6 +179,9 @@ pub enum Fault {
     Stall(usize),
     /// Data-parallel rank `r` dies before the step (exits at once, code 3, telling nobody).
     Exit(usize),
+    /// Rank 0 takes this many seconds longer to write the step's checkpoint (a slow disk), while
+    /// the other processes wait for it.
+    SlowSave(f64),
 }
 
 /// `KIND@STEP` parsed: the step (as logged, from 1) and the fault.
@@ -186,7 +189,7 @@ pub fn parse_fault(text: &str) -> Result<(u64, Fault)> {
     let wrong = |why: &str| {
         anyhow::anyhow!(
             "--inject-fault {text}: {why}; write KIND@STEP with KIND lr-spike:FACTOR, poison-batch, \
-             nan:SCOPE, stall:RANK or exit:RANK, and STEP the step as logged (from 1)"
+             nan:SCOPE, stall:RANK, exit:RANK or slow-save:SECS, and STEP the step as logged (from 1)"
         )
     };
     let (kind, step) = text.rsplit_once('@').ok_or_else(|| wrong("no @STEP"))?;
@@ -202,6 +205,14 @@ pub fn parse_fault(text: &str) -> Result<(u64, Fault)> {
             Fault::LrSpike(f)
         }
         Some(("nan", scope)) if !scope.is_empty() => Fault::Nan(scope.to_string()),
+        Some(("slow-save", secs)) => {
+            let secs: f64 = secs
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| wrong("the seconds are not a number from 0"))?;
+            Fault::SlowSave(secs)
+        }
         Some((k @ ("stall" | "exit"), r)) => {
             let r: usize = r.parse().map_err(|_| wrong("the rank is not a number from 0"))?;
             if k == "stall" {
@@ -816,7 +827,8 @@ mod tests {
             parse_fault("nan:model.layers.1.mlp@3").unwrap(),
             (3, Fault::Nan("model.layers.1.mlp".into()))
         );
-        for bad in ["poison-batch", "lr-spike:x@2", "nan:@2", "flip@2", "poison-batch@0"] {
+        assert_eq!(parse_fault("slow-save:2.5@4").unwrap(), (4, Fault::SlowSave(2.5)));
+        for bad in ["poison-batch", "lr-spike:x@2", "nan:@2", "flip@2", "poison-batch@0", "slow-save:-1@2"] {
             let e = parse_fault(bad).unwrap_err().to_string();
             assert!(e.contains("KIND@STEP") && e.contains(bad), "{e}");
         }

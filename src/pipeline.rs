@@ -102,11 +102,11 @@ impl Link {
 
     fn late(&self, what: &str) -> ! {
         say!(
-            "error: rank {} of {} waited {} s for {what}, which never came: a process died or is stuck \
+            "error: rank {} of {} waited {} for {what}, which never came: a process died or is stuck \
              (--comm-timeout sets the wait); ending every process of the job",
             self.rank,
             self.size,
-            self.timeout.as_secs_f64()
+            crate::dist::waited(self.timeout)
         );
         self.comm.abort(2)
     }
@@ -141,8 +141,8 @@ impl Link {
         let start = Instant::now();
         while !self.pending.is_empty() {
             self.progress();
-            if start.elapsed() > self.timeout {
-                self.late("the other ranks to take this rank's activations and gradients");
+            if start.elapsed() > crate::dist::wait_limit(self.timeout) {
+                self.late("the other ranks to take this rank's messages");
             }
             std::thread::yield_now();
         }
@@ -181,7 +181,7 @@ impl Link {
             }
             // Our own sends must progress while we wait, or two ranks sending to each other stall.
             self.progress();
-            if start.elapsed() > self.timeout {
+            if start.elapsed() > crate::dist::wait_limit(self.timeout) {
                 self.late(what);
             }
             if tries < 1000 {

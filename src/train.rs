@@ -855,6 +855,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 hyper.steps
             );
         }
+        let saves = *at == hyper.steps || req.save_every.is_some_and(|k| k > 0 && at % k == 0);
+        if matches!(fault, Fault::SlowSave(_)) && !saves {
+            bail!(
+                "--inject-fault slow-save:...@{at}: step {at} writes no checkpoint; give the last step ({}) \
+                 or a multiple of --save-every",
+                hyper.steps
+            );
+        }
         // A scope with no launch is refused now, not when its step comes.
         if let Fault::Nan(scope) = fault {
             trainer.set_poison(Some(scope))?;
@@ -958,7 +966,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 say!("rank {r}: exiting before step {step} (--inject-fault)");
                 std::process::exit(3)
             }
-            Some(Fault::Stall(_) | Fault::Exit(_)) | None => {}
+            Some(Fault::Stall(_) | Fault::Exit(_) | Fault::SlowSave(_)) | None => {}
         }
         // The states before the step, for undoing it (--on-anomaly skip-batch) or re-running it
         // op by op (a non-finite step): copied into the buffers of the last step's copy.
@@ -1125,6 +1133,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         writeln!(metrics, "{}", record.json())?;
         let last = progress.step == hyper.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && progress.step % k == 0) {
+            // The other processes wait for rank 0 to write the files, bounded by the checkpoint
+            // wait, not --comm-timeout.
+            let _saving = crate::dist::Saving::begin();
             // Every replica takes part (split optimizer states are gathered); the first writes.
             // A pipeline streams its ranks' states to the first as it writes them (the first
             // replica's; where the replicas split their states, each rank's replicas join the
@@ -1181,6 +1192,9 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 Tensors::Gathered { trained, kept }
             };
             if req.leader() {
+                if let Some(Fault::SlowSave(secs)) = &fault {
+                    std::thread::sleep(std::time::Duration::from_secs_f64(*secs));
+                }
                 let saved = save(
                     req.out,
                     &spec,
@@ -1204,6 +1218,12 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 x.finish(trainer.as_ref(), false)?;
             }
             trainer.checkpoint_written()?;
+            // No process goes on to the next step's messages, bounded by --comm-timeout, until
+            // the files are written.
+            if let Some(d) = req.group() {
+                let what = format!("the wait for rank 0 to write checkpoint step-{}", progress.step);
+                d.barrier(&what, crate::dist::CHECKPOINT_WAIT)?;
+            }
             if let (Some(good), Some(m)) = (last_good.as_mut(), &mon) {
                 *good = (monitor::saved(trainer.as_ref())?, progress.clone(), m.clone(), 0);
             }

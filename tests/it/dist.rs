@@ -244,6 +244,19 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
         "{}",
         r.stderr
     );
+    // A checkpoint that takes longer than --comm-timeout to write (rank 0 sleeps 3 s before it
+    // writes step 2's, with a 1 s timeout): the other replica waits for it, bounded by the
+    // checkpoint wait, and the run goes on.
+    let slow = s.path("slow").display().to_string();
+    let mut args = train_args(&dp, &slow, "3");
+    args.extend(["--dp", "2", "--save-every", "2", "--comm-timeout", "1", "--inject-fault", "slow-save:3@2"]);
+    let r = mpirun(2, &args, Duration::from_secs(120));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("saved") && Path::new(&slow).join("step-3").is_dir(), "{}", r.stdout);
+    let mut args = train_args(&plain, &slow, "3");
+    args.extend(["--inject-fault", "slow-save:3@1"]);
+    let r = kiln(&args);
+    assert!(!r.ok && r.stderr.contains("step 1 writes no checkpoint"), "{}", r.stderr);
     // A rank that dies: mpirun ends the others.
     let dead = s.path("dead").display().to_string();
     let mut args = train_args(&dp, &dead, "3");
@@ -590,6 +603,15 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok);
     assert!(r.stderr.contains("error: rank 0 of 2 waited 2 s for stage 1's"), "{}", r.stderr);
+    // A checkpoint slower than --comm-timeout: rank 1 serves rank 0's requests as it writes,
+    // waiting for each within the checkpoint wait.
+    let out = s.path("slow").display().to_string();
+    let flags = ["--pp", "2", "--comm-timeout", "1", "--save-every", "1", "--inject-fault", "slow-save:3@1"];
+    let mut args: Vec<String> = run("models/tiny.toml", "4", &out, &flags);
+    args[1] = artifact.clone();
+    let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    assert!(Path::new(&out).join("step-3").is_dir(), "{}", r.stdout);
     let out = s.path("dead").display().to_string();
     let mut args: Vec<String> =
         run("models/tiny.toml", "4", &out, &["--pp", "2", "--inject-fault", "exit:1@2"]);
