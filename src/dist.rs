@@ -300,11 +300,10 @@ impl Dist {
         crate::pipeline::Link::new(self.replicas.duplicate(), self.timeout)
     }
 
-    /// The point-to-point link of an expert-parallel process with the other ranks of its group
-    /// (`--ep`; rank `r` of the link is expert-parallel rank `r`), on a communicator of its own.
-    /// Every process of the group must call it.
-    pub fn expert_link(&self) -> crate::pipeline::Link {
-        crate::pipeline::Link::new(self.experts.duplicate(), self.timeout)
+    /// The point-to-point link of every process with every other (rank `r` of the link is world
+    /// rank `r`), on a communicator of its own. Every process must call it.
+    pub fn world_link(&self) -> crate::pipeline::Link {
+        crate::pipeline::Link::new(self.world.duplicate(), self.timeout)
     }
 
     /// Ends every process of the job: this one failed with `message`.

@@ -230,7 +230,12 @@ impl Link {
 
     /// Rank 0: sends the state name `name` (empty: the end) to every other rank.
     pub fn tell_all(&mut self, name: &str) {
-        for r in 1..self.size {
+        self.tell(&(1..self.size).collect::<Vec<_>>(), name);
+    }
+
+    /// Rank 0: sends the state name `name` (empty: the end) to `ranks`.
+    pub fn tell(&mut self, ranks: &[u32], name: &str) {
+        for &r in ranks {
             self.send(r, REQUEST_TAG, name.as_bytes().to_vec());
         }
         self.flush();
@@ -1247,6 +1252,10 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         link.borrow_mut().states_served();
         self.replicas_done();
         Ok(())
+    }
+
+    fn checkpoint_source(&self, name: &str) -> u32 {
+        self.remote.get(name).copied().unwrap_or(self.link.rank)
     }
 
     /// Rank 0 during a streamed checkpoint: its own states' heads and those the other ranks hold,

@@ -925,10 +925,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         _ => String::new(),
     };
     let mut before = kiln_runtime::train::Saved::default();
-    // An expert-parallel run without a pipeline streams its checkpoints to rank 0 (unless its
-    // replicas split their states, which are gathered).
-    let expert_stream = match (share, req.dist, req.pipeline) {
-        (Some(s), Some(d), None) => Some(ExpertStream::new(s, d)),
+    // An expert-parallel run streams its checkpoints to rank 0 (unless its replicas split their
+    // states, which are gathered).
+    let expert_stream = match (share, req.dist) {
+        (Some(s), Some(d)) => Some(ExpertStream::new(s, d)),
         _ => None,
     };
     while progress.step < hyper.steps {
@@ -1140,8 +1140,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             // A pipeline streams its ranks' states to the first as it writes them (the first
             // replica's; where the replicas split their states, each rank's replicas join the
             // gather of each as it is made whole).
+            // Expert parallelism streams its experts too, unless the replicas split their states
+            // (decided before a pipeline's first rank takes the whole model's heads).
+            let experts = match &expert_stream {
+                Some(x) if !split_states(trainer.as_ref(), &states)? => Some(x),
+                _ => None,
+            };
             let streamed = match req.pipeline {
-                Some(_) if share.is_none() => trainer.stream_for_checkpoint()?,
+                Some(_) if share.is_none() || experts.is_some() => trainer.stream_for_checkpoint()?,
                 _ => trainer.gather_for_checkpoint().map(|()| false)?,
             };
             // A pipeline's ranks made their states whole as they gathered them to rank 0, which
@@ -1157,10 +1163,6 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             // time as the leader writes them, every replica taking part in the same order; the
             // processes of a pipeline gather theirs first, and those of expert parallelism too
             // when they split their states.
-            let experts = match &expert_stream {
-                Some(x) if !split_states(trainer.as_ref(), &states)? => Some(x),
-                _ => None,
-            };
             let whole = ((req.pipeline.is_none() || streamed) && share.is_none()) || experts.is_some();
             let split = match req.dist {
                 // A pipeline's ranks make their split states whole as they stream them.
@@ -2005,7 +2007,7 @@ fn save(
                     let whole = split.and_then(|(_, decls)| whole_shape(&h, decls));
                     let head = TensorHead { shape: whole.unwrap_or(h.shape), ..h };
                     match experts {
-                        Some(x) => x.sources(head),
+                        Some(x) => x.sources(head, trainer),
                         None => vec![(head.clone(), Source::Trainer(head.name))],
                     }
                 })
@@ -2125,31 +2127,42 @@ fn save(
     Ok(dir)
 }
 
-/// The streamed checkpoint of an expert-parallel run without a pipeline (`--ep`, and `--dp`
-/// replicas of the group unless they split their states): rank 0 writes the files as a lone
-/// process does and asks the other ranks of its expert group for their experts' tensors one at a
-/// time, as the files need them; they serve until told the files are written. Nothing is gathered
-/// whole: rank 0 holds one other rank's tensor at a time, and the other groups' processes, which
-/// hold the same experts, give nothing.
+/// The streamed checkpoint of an expert-parallel run (`--ep`, with `--pp` and `--dp` or not,
+/// unless the replicas split their states): rank 0 writes the files as a lone process (or a
+/// pipeline's first rank) does, and asks the processes of the other expert-parallel ranks of the
+/// first expert group for their experts' tensors one at a time, as the files need them; they
+/// serve until told the files are written. Nothing is gathered whole: rank 0 holds one other
+/// process's tensor at a time, and the other groups' processes, which hold the same experts, give
+/// nothing. With `--pp`, each expert-parallel rank is a pipeline, and a tensor comes from the
+/// pipeline rank that holds it ([`Steps::checkpoint_source`]).
 struct ExpertStream {
     share: ExpertShare,
-    /// This process is in the first expert group (the replicas' first), whose ranks give the
-    /// experts.
-    first: bool,
+    /// Ranks per pipeline (1 without `--pp`): expert-parallel rank `r`'s pipeline rank `q` is
+    /// world rank `r·pp + q` (the first expert group's replicas come first).
+    pp: u32,
+    /// This process serves rank 0's requests: a process of the first expert group's
+    /// expert-parallel ranks other than 0.
+    server: bool,
+    /// A link over every process: rank `r` is world rank `r`.
     link: std::cell::RefCell<crate::pipeline::Link>,
 }
 
 impl ExpertStream {
     /// Every process of an expert-parallel run must call it (it makes a communicator).
     fn new(share: ExpertShare, d: &crate::dist::Dist) -> ExpertStream {
-        ExpertStream { share, first: d.edp_rank() == 0, link: std::cell::RefCell::new(d.expert_link()) }
+        ExpertStream {
+            share,
+            pp: d.pp_size() as u32,
+            server: d.edp_rank() == 0 && d.ep_rank() != 0,
+            link: std::cell::RefCell::new(d.world_link()),
+        }
     }
 
     /// Where the checkpoint's tensors of rank 0's tensor `head` come from: itself, and for a
-    /// routed expert's, the tensor of the same local name on every rank, each under its own
-    /// expert's name (ranks in order, as [`ExpertShare::gather`] lays them). The rank's own state
-    /// [`kiln_compiler::expert_parallel::EP_RANK`] is not the model's.
-    fn sources(&self, head: weights::TensorHead) -> Vec<(weights::TensorHead, Source)> {
+    /// routed expert's, the tensor of the same local name of every expert-parallel rank, each
+    /// under its own expert's name (ranks in order, as [`ExpertShare::gather`] lays them). The
+    /// rank's own state [`kiln_compiler::expert_parallel::EP_RANK`] is not the model's.
+    fn sources(&self, head: weights::TensorHead, trainer: &dyn Steps) -> Vec<(weights::TensorHead, Source)> {
         use kiln_compiler::expert_parallel::{expert_index, rank_param, EP_RANK};
         if head.name == EP_RANK {
             return Vec::new();
@@ -2157,32 +2170,40 @@ impl ExpertStream {
         if expert_index(&head.name).is_none() {
             return vec![(head.clone(), Source::Trainer(head.name))];
         }
+        let q = trainer.checkpoint_source(&head.name);
         (0..self.share.size)
             .map(|r| {
                 let name = rank_param(&head.name, r, self.share.per_rank);
                 let source = match r {
                     0 => Source::Trainer(head.name.clone()),
-                    _ => Source::Remote { rank: r as u32, local: head.name.clone(), name: name.clone() },
+                    _ => Source::Remote {
+                        rank: r as u32 * self.pp + q,
+                        local: head.name.clone(),
+                        name: name.clone(),
+                    },
                 };
                 (weights::TensorHead { name, ..head.clone() }, source)
             })
             .collect()
     }
 
-    /// Rank 0: rank `rank`'s tensor `local`.
+    /// Rank 0: world rank `rank`'s tensor `local`.
     fn ask(&self, rank: u32, local: &str) -> Result<weights::HostTensor> {
         Ok(self.link.borrow_mut().ask_for_state(rank, local)?)
     }
 
     /// This process's part once rank 0 has written the files (or failed to): rank 0 tells the
-    /// others of its group; they serve its requests from `trainer` until then. The other
-    /// groups' processes have nothing to do.
+    /// processes that serve; they serve its requests from `trainer` until then. The others have
+    /// nothing to do.
     fn finish(&self, trainer: &dyn Steps, leader: bool) -> Result<()> {
         let mut link = self.link.borrow_mut();
-        match (leader, self.first) {
-            (true, _) => link.states_served(),
-            (false, true) => link.serve_states(|name| trainer.tensor(name))?,
-            (false, false) => {}
+        if leader {
+            let servers: Vec<u32> = (1..self.share.size as u32)
+                .flat_map(|r| (0..self.pp).map(move |q| r * self.pp + q))
+                .collect();
+            link.tell(&servers, "");
+        } else if self.server {
+            link.serve_states(|name| trainer.tensor(name))?;
         }
         Ok(())
     }

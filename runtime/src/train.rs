@@ -641,6 +641,11 @@ pub trait Steps {
     fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
         self.gather_for_checkpoint().map(|()| false)
     }
+    /// During a streamed checkpoint, on the first process: the rank of its pipeline that gives
+    /// state `name` (0: this process).
+    fn checkpoint_source(&self, _name: &str) -> u32 {
+        0
+    }
     /// After the checkpoint [`Steps::stream_for_checkpoint`] began is written (or given up), on
     /// every process: the first lets the others go on.
     fn checkpoint_written(&mut self) -> Result<(), RuntimeError> {
