@@ -197,7 +197,13 @@ impl Link {
     /// Rank 0's side of a streamed checkpoint: asks rank `r` for the state it holds as `name`, and
     /// waits for it (at most the timeout).
     pub fn ask_for_state(&mut self, r: u32, name: &str) -> Result<HostTensor, RuntimeError> {
-        self.send(r, REQUEST_TAG, name.as_bytes().to_vec());
+        self.tell(&[r], name);
+        self.take_state(r, name)
+    }
+
+    /// Rank 0: the state `name` rank `r` gives ([`Link::give_state`]), waiting at most the
+    /// timeout.
+    pub fn take_state(&mut self, r: u32, name: &str) -> Result<HostTensor, RuntimeError> {
         let bytes = self.recv(r, TENSOR_TAG, &format!("rank {r}'s state `{name}` for a checkpoint"));
         let mut got = decode(&bytes)?;
         match (got.pop(), got.is_empty()) {
@@ -208,6 +214,12 @@ impl Link {
         }
     }
 
+    /// Sends state `t` to rank 0, for [`Link::take_state`].
+    pub fn give_state(&mut self, t: HostTensor) {
+        self.send(0, TENSOR_TAG, encode(&[t]));
+        self.flush();
+    }
+
     /// Another rank's side of a streamed checkpoint: answers each of rank 0's requests with
     /// `read(name)`, one state at a time, until rank 0 says the checkpoint is written
     /// ([`Link::states_served`]). Each request is waited for at most the timeout.
@@ -216,9 +228,7 @@ impl Link {
         read: impl Fn(&str) -> Result<HostTensor, RuntimeError>,
     ) -> Result<(), RuntimeError> {
         while let Some(name) = self.next_request("rank 0's request for a state of a checkpoint")? {
-            let t = read(&name)?;
-            self.send(0, TENSOR_TAG, encode(&[t]));
-            self.flush();
+            self.give_state(read(&name)?);
         }
         Ok(())
     }

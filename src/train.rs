@@ -1140,10 +1140,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             // A pipeline streams its ranks' states to the first as it writes them (the first
             // replica's; where the replicas split their states, each rank's replicas join the
             // gather of each as it is made whole).
-            // Expert parallelism streams its experts too, unless the replicas split their states
-            // (decided before a pipeline's first rank takes the whole model's heads).
+            // Expert parallelism streams its experts too, unless a pipeline's replicas split their
+            // states (decided before a pipeline's first rank takes the whole model's heads).
             let experts = match &expert_stream {
-                Some(x) if !split_states(trainer.as_ref(), &states)? => Some(x),
+                Some(x) if req.pipeline.is_none() || !split_states(trainer.as_ref(), &states)? => Some(x),
                 _ => None,
             };
             let streamed = match req.pipeline {
@@ -1171,7 +1171,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 }
                 _ => None,
             };
-            if let (Some(d), false) = (split, req.leader()) {
+            if let (Some(d), false, None) = (split, req.leader(), experts) {
                 follow_streamed_save(trainer.as_ref(), d, &states, &roles)?;
             }
             let tensors = if whole {
@@ -1210,14 +1210,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 // The other expert-parallel ranks serve until told, whether the files were
                 // written or not.
                 if let Some(x) = experts {
-                    x.finish(trainer.as_ref(), true)?;
+                    x.finish(trainer.as_ref(), true, split.map(|d| (d, &states[..])))?;
                 }
                 let dir = saved?;
                 write_curve(req.out, &spec.model.name)?;
                 bar.suspend(|| writeln!(out, "saved {}", dir.display()))?;
                 last_saved = Some(dir.clone());
             } else if let Some(x) = experts {
-                x.finish(trainer.as_ref(), false)?;
+                x.finish(trainer.as_ref(), false, split.map(|d| (d, &states[..])))?;
             }
             trainer.checkpoint_written()?;
             // No process goes on to the next step's messages, bounded by --comm-timeout, until
@@ -1927,9 +1927,10 @@ enum Source {
     Held(usize),
     /// Read from the trainer.
     Trainer(String),
-    /// Asked of expert-parallel rank `rank`, which holds it as `local` (`--ep`: its experts under
-    /// rank 0's names); `name` is its name in the checkpoint.
-    Remote { rank: u32, local: String, name: String },
+    /// Asked of process `rank`, which holds it as `local` (`--ep`: its experts under rank 0's
+    /// names); `name` is its name in the checkpoint; `split`: the replicas hold shards of it,
+    /// made whole as it is asked for.
+    Remote { rank: u32, local: String, name: String, split: bool },
 }
 
 impl Source {
@@ -2005,9 +2006,10 @@ fn save(
                 .flat_map(|h| {
                     // A split state is written whole, in its declared shape.
                     let whole = split.and_then(|(_, decls)| whole_shape(&h, decls));
+                    let shards = whole.is_some();
                     let head = TensorHead { shape: whole.unwrap_or(h.shape), ..h };
                     match experts {
-                        Some(x) => x.sources(head, trainer),
+                        Some(x) => x.sources(head, trainer, shards),
                         None => vec![(head.clone(), Source::Trainer(head.name))],
                     }
                 })
@@ -2049,7 +2051,8 @@ fn save(
     optimizer.extend(exact);
     // The other replicas take part in each split state's gather in the optimizer file's order
     // (`split_save_order`): no split state may come earlier, in the model's file, or twice.
-    if let Some((_, decls)) = split {
+    // (Expert parallelism's processes are told of each gather instead, `ExpertStream`.)
+    if let (Some((_, decls)), None) = (split, experts) {
         let order = split_save_order(trainer, decls, roles)?;
         let gathered: Vec<&str> = (model.iter().chain(&optimizer))
             .filter_map(|(h, source, _)| match source {
@@ -2075,14 +2078,19 @@ fn save(
                 Source::Trainer(name) => {
                     let t = trainer.tensor(name).map_err(|e| e.to_string())?;
                     let t = match split {
-                        Some((d, decls)) => whole_state(t, Some(d), decls).map_err(|e| format!("{e:#}"))?,
+                        Some((d, decls)) => {
+                            if let (Some(x), Some(_)) = (experts, whole_shape(&TensorHead::of(&t), decls)) {
+                                x.join_own(name);
+                            }
+                            whole_state(t, Some(d), decls).map_err(|e| format!("{e:#}"))?
+                        }
                         None => t,
                     };
                     Ok(std::borrow::Cow::Owned(t))
                 }
-                Source::Remote { rank, local, name } => {
+                Source::Remote { rank, local, name, split } => {
                     let x = experts.expect("a remote tensor comes with the expert-parallel link");
-                    let t = x.ask(*rank, local).map_err(|e| e.to_string())?;
+                    let t = x.ask(*rank, local, *split).map_err(|e| e.to_string())?;
                     Ok(std::borrow::Cow::Owned(weights::HostTensor { name: name.clone(), ..t }))
                 }
             };
@@ -2127,19 +2135,26 @@ fn save(
     Ok(dir)
 }
 
-/// The streamed checkpoint of an expert-parallel run (`--ep`, with `--pp` and `--dp` or not,
-/// unless the replicas split their states): rank 0 writes the files as a lone process (or a
-/// pipeline's first rank) does, and asks the processes of the other expert-parallel ranks of the
-/// first expert group for their experts' tensors one at a time, as the files need them; they
-/// serve until told the files are written. Nothing is gathered whole: rank 0 holds one other
-/// process's tensor at a time, and the other groups' processes, which hold the same experts, give
-/// nothing. With `--pp`, each expert-parallel rank is a pipeline, and a tensor comes from the
-/// pipeline rank that holds it ([`Steps::checkpoint_source`]).
+/// The streamed checkpoint of an expert-parallel run (`--ep`, with `--pp` and `--dp` or not; with
+/// `--zero1` only without `--pp`): rank 0 writes the files as a lone process (or a pipeline's
+/// first rank) does, and asks the processes of the other expert-parallel ranks of the first
+/// expert group for their experts' tensors one at a time, as the files need them; they serve
+/// until told the files are written. Nothing is gathered whole: rank 0 holds one other process's
+/// tensor at a time, and the other groups' processes, which hold the same experts, give nothing.
+/// With `--pp`, each expert-parallel rank is a pipeline, and a tensor comes from the pipeline rank
+/// that holds it ([`Steps::checkpoint_source`]).
+///
+/// Where the replicas split their states (`--zero1`), every process serves: before rank 0 makes a
+/// split state whole, it tells the processes that hold the other shards to join the gather (every
+/// process for a replicated weight's state, those of the same expert-parallel rank for an
+/// expert's), and the one it asks gives the whole state.
 struct ExpertStream {
     share: ExpertShare,
     /// Ranks per pipeline (1 without `--pp`): expert-parallel rank `r`'s pipeline rank `q` is
     /// world rank `r·pp + q` (the first expert group's replicas come first).
     pp: u32,
+    /// The processes of the job.
+    size: u32,
     /// This process serves rank 0's requests: a process of the first expert group's
     /// expert-parallel ranks other than 0.
     server: bool,
@@ -2147,12 +2162,18 @@ struct ExpertStream {
     link: std::cell::RefCell<crate::pipeline::Link>,
 }
 
+/// A request of [`ExpertStream`]: give the state (and join its gather first, where it is split).
+const GIVE: char = 'g';
+/// A request of [`ExpertStream`]: join the gather of a split state, giving nothing.
+const JOIN: char = 'j';
+
 impl ExpertStream {
     /// Every process of an expert-parallel run must call it (it makes a communicator).
     fn new(share: ExpertShare, d: &crate::dist::Dist) -> ExpertStream {
         ExpertStream {
             share,
             pp: d.pp_size() as u32,
+            size: d.size() as u32,
             server: d.edp_rank() == 0 && d.ep_rank() != 0,
             link: std::cell::RefCell::new(d.world_link()),
         }
@@ -2160,9 +2181,15 @@ impl ExpertStream {
 
     /// Where the checkpoint's tensors of rank 0's tensor `head` come from: itself, and for a
     /// routed expert's, the tensor of the same local name of every expert-parallel rank, each
-    /// under its own expert's name (ranks in order, as [`ExpertShare::gather`] lays them). The
-    /// rank's own state [`kiln_compiler::expert_parallel::EP_RANK`] is not the model's.
-    fn sources(&self, head: weights::TensorHead, trainer: &dyn Steps) -> Vec<(weights::TensorHead, Source)> {
+    /// under its own expert's name (ranks in order, as [`ExpertShare::gather`] lays them);
+    /// `split`: the replicas hold shards of it. The rank's own state
+    /// [`kiln_compiler::expert_parallel::EP_RANK`] is not the model's.
+    fn sources(
+        &self,
+        head: weights::TensorHead,
+        trainer: &dyn Steps,
+        split: bool,
+    ) -> Vec<(weights::TensorHead, Source)> {
         use kiln_compiler::expert_parallel::{expert_index, rank_param, EP_RANK};
         if head.name == EP_RANK {
             return Vec::new();
@@ -2180,6 +2207,7 @@ impl ExpertStream {
                         rank: r as u32 * self.pp + q,
                         local: head.name.clone(),
                         name: name.clone(),
+                        split,
                     },
                 };
                 (weights::TensorHead { name, ..head.clone() }, source)
@@ -2187,23 +2215,71 @@ impl ExpertStream {
             .collect()
     }
 
-    /// Rank 0: world rank `rank`'s tensor `local`.
-    fn ask(&self, rank: u32, local: &str) -> Result<weights::HostTensor> {
-        Ok(self.link.borrow_mut().ask_for_state(rank, local)?)
+    /// The processes other than 0 that hold a shard of split state `local` where process
+    /// `holder` holds one (without `--pp`, process `j` is expert-parallel rank `j mod ep`): every
+    /// process for a replicated weight's state, those of `holder`'s expert-parallel rank for an
+    /// expert's.
+    fn sharers(&self, local: &str, holder: u32) -> Vec<u32> {
+        let expert = kiln_compiler::expert_parallel::is_routed_expert(local);
+        let ep = self.share.size as u32;
+        (1..self.size).filter(|&j| !expert || j % ep == holder % ep).collect()
+    }
+
+    /// Rank 0: world rank `rank`'s tensor `local`; `split`: its replicas hold shards of it, and
+    /// join the gather first.
+    fn ask(&self, rank: u32, local: &str, split: bool) -> Result<weights::HostTensor> {
+        let mut link = self.link.borrow_mut();
+        if split {
+            let others: Vec<u32> = self.sharers(local, rank).into_iter().filter(|&j| j != rank).collect();
+            link.tell(&others, &format!("{JOIN}{local}"));
+        }
+        link.tell(&[rank], &format!("{GIVE}{local}"));
+        Ok(link.take_state(rank, local)?)
+    }
+
+    /// Rank 0, about to make its split state `local` whole: the other processes holding its shards
+    /// join the gather.
+    fn join_own(&self, local: &str) {
+        let others = self.sharers(local, 0);
+        self.link.borrow_mut().tell(&others, &format!("{JOIN}{local}"));
     }
 
     /// This process's part once rank 0 has written the files (or failed to): rank 0 tells the
-    /// processes that serve; they serve its requests from `trainer` until then. The others have
-    /// nothing to do.
-    fn finish(&self, trainer: &dyn Steps, leader: bool) -> Result<()> {
+    /// processes that serve; they serve its requests from `trainer` until then (with `split`,
+    /// every process, making each split state whole with the others). The others have nothing to
+    /// do.
+    fn finish(
+        &self,
+        trainer: &dyn Steps,
+        leader: bool,
+        split: Option<(&crate::dist::Dist, &[kiln_ir::module::StateDecl])>,
+    ) -> Result<()> {
         let mut link = self.link.borrow_mut();
         if leader {
-            let servers: Vec<u32> = (1..self.share.size as u32)
-                .flat_map(|r| (0..self.pp).map(move |q| r * self.pp + q))
-                .collect();
+            let servers: Vec<u32> = match split {
+                Some(_) => (1..self.size).collect(),
+                None => (1..self.share.size as u32)
+                    .flat_map(|r| (0..self.pp).map(move |q| r * self.pp + q))
+                    .collect(),
+            };
             link.tell(&servers, "");
-        } else if self.server {
-            link.serve_states(|name| trainer.tensor(name))?;
+            return Ok(());
+        }
+        if !(self.server || split.is_some()) {
+            return Ok(());
+        }
+        while let Some(request) = link.next_request("rank 0's request for a state of a checkpoint")? {
+            let give = request.starts_with(GIVE);
+            let (Some(name), true) = (request.get(1..), give || request.starts_with(JOIN)) else {
+                bail!("internal: a checkpoint request `{request}` that is neither give nor join");
+            };
+            let mut t = trainer.tensor(name)?;
+            if let Some((d, decls)) = split {
+                t = whole_state(t, Some(d), decls)?;
+            }
+            if give {
+                link.give_state(t);
+            }
         }
         Ok(())
     }
