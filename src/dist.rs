@@ -173,7 +173,7 @@ impl Dist {
         let mut all = vec![0.0f32; data.len() * n];
         mpi::request::scope(|scope| {
             let req = self.replicas.immediate_all_gather_into(scope, data, &mut all[..]);
-            let what = format!("the gather of {} values of a checkpoint's experts", data.len());
+            let what = format!("the gather of {} values of a split state for a checkpoint", data.len());
             poll(req, self.timeout, || stalled(&self.replicas, self.dp_rank(), n, self.timeout, &what));
         });
         Ok(all)

@@ -42,9 +42,8 @@ use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::request::StaticScope;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 
-/// The tag of a rank's step report to rank 0, and of its states.
+/// The tag of a rank's step report to rank 0.
 const REPORT_TAG: i32 = 32000;
-const STATES_TAG: i32 = 32001;
 /// The tag of the updated weights a rank sends to the ranks that read them.
 const WEIGHTS_TAG: i32 = 32002;
 /// The tag of DualPipe's exchange of accumulators between the two copies of a stage.
@@ -394,6 +393,9 @@ pub struct PipelineTrainer<B: Backend> {
     remote: HashMap<String, u32>,
     /// On rank 0: a streamed checkpoint is under way, whose end the other ranks wait for.
     streaming: bool,
+    /// On rank 0 during a streamed checkpoint whose tensors the caller asks of their holders
+    /// itself ([`Steps::plan_checkpoint`]): heads in the shapes held, and nothing asked here.
+    by_request: bool,
     /// This pipeline's index among the data-parallel replicas (`--dp`): the first one's ranks
     /// stream a checkpoint, and the others, holding the same states, have nothing to give.
     replica: usize,
@@ -546,6 +548,7 @@ impl<B: Backend> PipelineTrainer<B> {
             gathered: Default::default(),
             remote: Default::default(),
             streaming: false,
+            by_request: false,
             replica: 0,
             checkpoint_link: None,
             replica_link: None,
@@ -595,7 +598,7 @@ impl<B: Backend> PipelineTrainer<B> {
             .ok_or_else(|| RuntimeError::BadOption(format!("the model has no state `{name}`")))?;
         // A gathered state is whole, and so is every state of a streamed checkpoint; one this
         // rank holds, its own shard or all of it.
-        let whole = self.gathered.contains_key(name) || self.streaming;
+        let whole = self.gathered.contains_key(name) || (self.streaming && !self.by_request);
         let shape = match (whole, self.whole.get(name)) {
             (true, Some(w)) => w.clone(),
             _ => (s.shape.iter().map(|d| d.as_known())).collect::<Option<Vec<u64>>>().ok_or_else(|| {
@@ -1063,6 +1066,20 @@ impl<B: Backend> PipelineTrainer<B> {
 }
 
 impl<B: Backend> PipelineTrainer<B> {
+    /// Rank 0, before a streamed checkpoint: which rank holds each state it does not (every rank
+    /// knows every rank's stages).
+    fn map_remote(&mut self) {
+        self.streaming = true;
+        self.remote.clear();
+        for (r, names) in self.states_of_rank.iter().enumerate().skip(1) {
+            for n in names {
+                if !self.held(n) && !self.remote.contains_key(n) {
+                    self.remote.insert(n.clone(), r as u32);
+                }
+            }
+        }
+    }
+
     /// State `name` whole for a streamed checkpoint, on the first replica: where it is split over
     /// the replicas, they are told its name first, so that they join its gather
     /// ([`Steps::stream_for_checkpoint`]).
@@ -1167,39 +1184,6 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         self.held(name)
     }
 
-    /// Every rank makes its stages' states whole (a state split over the replicas, `--zero1`, is
-    /// gathered from them) and sends them to rank 0, which keeps them until the next step for
-    /// [`Steps::weights`] and [`Steps::states`].
-    fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
-        let rank = self.link.rank;
-        // Every replica's rank of these stages gathers the same states in the same order.
-        let mine: Vec<HostTensor> = (self.states_of_rank[rank as usize].clone().iter())
-            .map(|n| self.whole_state(n))
-            .collect::<Result<_, _>>()?;
-        // A message per state, in the order of `states_of_rank`, which rank 0 knows too: one
-        // message of a stage's states may pass MPI's 2^31 elements (a stage of models/bench.toml
-        // with its moments is 2.7 GB), and a state at a time keeps the sender's copies to one.
-        let mut gathered = Vec::new();
-        if rank == 0 {
-            gathered.extend(mine);
-            for r in 1..self.link.size {
-                for n in &self.states_of_rank[r as usize] {
-                    let bytes =
-                        self.link.recv(r, STATES_TAG, &format!("rank {r}'s state `{n}` for a checkpoint"));
-                    gathered.extend(decode(&bytes)?);
-                }
-            }
-        } else {
-            for t in mine {
-                self.link.send(0, STATES_TAG, encode(&[t]));
-                self.link.flush();
-            }
-        }
-        self.link.flush();
-        self.gathered = gathered.into_iter().map(|t| (t.name.clone(), t)).collect();
-        Ok(())
-    }
-
     /// Rank 0 learns which rank holds each state it does not (every rank knows every rank's
     /// stages); each other rank serves rank 0's requests, one state at a time, until rank 0 says
     /// the checkpoint is written ([`Steps::checkpoint_written`]). Nothing is gathered: rank 0 holds
@@ -1208,9 +1192,11 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     /// rank of the first replica names each split state it is about to make whole, and that rank's
     /// replicas join the gather ([`PipelineTrainer::checkpoint_state`]), so that no process holds
     /// more than one state whole.
-    fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
+    fn stream_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
         if self.checkpoint_link.is_none() {
-            return self.gather_for_checkpoint().map(|()| false);
+            return Err(RuntimeError::BadOption(
+                "internal: a pipeline checkpoint without its link (`set_checkpoint_link`)".into(),
+            ));
         }
         let shards = self.holds_shards();
         if shards && self.replica_link.is_none() {
@@ -1229,29 +1215,35 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
                     self.whole_state(&name)?;
                 }
             }
-            return Ok(true);
+            return Ok(());
         }
         let rank = self.link.rank;
         if rank == 0 {
-            self.streaming = true;
-            self.remote.clear();
-            for (r, names) in self.states_of_rank.iter().enumerate().skip(1) {
-                for n in names {
-                    if !self.held(n) && !self.remote.contains_key(n) {
-                        self.remote.insert(n.clone(), r as u32);
-                    }
-                }
-            }
-            return Ok(true);
+            self.map_remote();
+            return Ok(());
         }
         let link = self.checkpoint_link.as_ref().expect("checked above");
         link.borrow_mut().serve_states(|name| self.checkpoint_state(name))?;
         self.replicas_done();
-        Ok(true)
+        Ok(())
+    }
+
+    fn plan_checkpoint(&mut self) -> Result<(), RuntimeError> {
+        if self.link.rank == 0 && self.replica == 0 {
+            self.map_remote();
+            self.by_request = true;
+        }
+        Ok(())
     }
 
     fn checkpoint_written(&mut self) -> Result<(), RuntimeError> {
         if !self.streaming {
+            return Ok(());
+        }
+        if self.by_request {
+            // The caller asked the other processes and told them it is done.
+            (self.streaming, self.by_request) = (false, false);
+            self.remote.clear();
             return Ok(());
         }
         // Every other rank serves until told, even one that held nothing rank 0 lacked
@@ -1290,11 +1282,16 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     /// holds, asked of it.
     fn tensor(&self, name: &str) -> Result<HostTensor, RuntimeError> {
         let Some(&r) = self.remote.get(name) else {
-            return match self.streaming {
+            return match self.streaming && !self.by_request {
                 true => self.checkpoint_state(name),
                 false => self.read(name),
             };
         };
+        if self.by_request {
+            return Err(RuntimeError::BadOption(format!(
+                "internal: state `{name}` is rank {r}'s, which the checkpoint asks for itself"
+            )));
+        }
         let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
         link.borrow_mut().ask_for_state(r, name)
     }

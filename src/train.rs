@@ -1136,37 +1136,28 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             // The other processes wait for rank 0 to write the files, bounded by the checkpoint
             // wait, not --comm-timeout.
             let _saving = crate::dist::Saving::begin();
-            // Every replica takes part (split optimizer states are gathered); the first writes.
-            // A pipeline streams its ranks' states to the first as it writes them (the first
-            // replica's; where the replicas split their states, each rank's replicas join the
-            // gather of each as it is made whole).
-            // Expert parallelism streams its experts too, unless a pipeline's replicas split their
-            // states (decided before a pipeline's first rank takes the whole model's heads).
-            let experts = match &expert_stream {
-                Some(x) if req.pipeline.is_none() || !split_states(trainer.as_ref(), &states)? => Some(x),
-                _ => None,
-            };
-            let streamed = match req.pipeline {
-                Some(_) if share.is_none() || experts.is_some() => trainer.stream_for_checkpoint()?,
-                _ => trainer.gather_for_checkpoint().map(|()| false)?,
-            };
-            // A pipeline's ranks made their states whole as they gathered them to rank 0, which
-            // alone writes: nothing is left to gather.
-            // With --ep, the first pipeline rank of every replica gathers the experts (it holds
-            // its replica's states now); without, the leader alone writes.
-            let gathers = match req.pipeline {
-                Some((d, _)) => share.is_some() && d.pp_rank() == 0,
-                None => share.is_some(),
-            };
-            // A process that holds the whole model (alone, or a replica of it) streams its
-            // tensors into the files. A replica's split states (`--zero1`) are gathered one at a
-            // time as the leader writes them, every replica taking part in the same order; the
-            // processes of a pipeline gather theirs first, and those of expert parallelism too
-            // when they split their states.
-            let whole = ((req.pipeline.is_none() || streamed) && share.is_none()) || experts.is_some();
+            // Rank 0 writes the files, reading each tensor as its turn comes; no process holds
+            // the model's states whole.
+            // - A pipeline streams its ranks' states to rank 0 as it asks for them (the first
+            //   replica's; where the replicas split their states, each rank's replicas join the
+            //   gather of each as it is made whole).
+            // - Expert parallelism (with a pipeline or not): rank 0 asks the process that holds
+            //   each tensor for it itself, telling the holders of a split state's shards to join
+            //   its gather first (`ExpertStream`).
+            // - A replica's split states (`--zero1`, no pipeline, no experts) are gathered one at
+            //   a time as rank 0 writes them, every replica taking part in the same order.
+            let experts = expert_stream.as_ref();
+            match (req.pipeline, experts) {
+                (Some(_), None) => trainer.stream_for_checkpoint()?,
+                (Some(_), Some(_)) => trainer.plan_checkpoint()?,
+                (None, _) => {}
+            }
             let split = match req.dist {
                 // A pipeline's ranks make their split states whole as they stream them.
-                Some(d) if whole && req.pipeline.is_none() && split_states(trainer.as_ref(), &states)? => {
+                Some(d)
+                    if (req.pipeline.is_none() || experts.is_some())
+                        && split_states(trainer.as_ref(), &states)? =>
+                {
                     Some(d)
                 }
                 _ => None,
@@ -1174,25 +1165,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             if let (Some(d), false, None) = (split, req.leader(), experts) {
                 follow_streamed_save(trainer.as_ref(), d, &states, &roles)?;
             }
-            let tensors = if whole {
-                Tensors::Streamed { split: split.map(|d| (d, &states[..])), experts }
-            } else {
-                let mut kept = match req.pipeline {
-                    Some(_) if !(req.leader() || gathers) => Vec::new(),
-                    Some(_) => whole_states(trainer.as_ref(), None, &states)?,
-                    None => whole_states(trainer.as_ref(), req.dist, &states)?,
-                };
-                let mut trained = match req.leader() || gathers {
-                    true => trainer.weights()?,
-                    false => Vec::new(),
-                };
-                if let (Some(s), Some(d), true) = (share, req.dist, gathers) {
-                    // Every rank's experts, under their own names.
-                    trained = s.gather(d, trained)?;
-                    kept = s.gather(d, kept)?;
-                }
-                Tensors::Gathered { trained, kept }
-            };
+            let tensors = Tensors { split: split.map(|d| (d, &states[..])), experts };
             if req.leader() {
                 if let Some(Fault::SlowSave(secs)) = &fault {
                     std::thread::sleep(std::time::Duration::from_secs_f64(*secs));
@@ -1705,18 +1678,6 @@ fn split_states(trainer: &dyn Steps, decls: &[kiln_ir::module::StateDecl]) -> Re
     }))
 }
 
-/// The states a checkpoint keeps besides the weights (moments, master weights, the step count),
-/// whole: a state split over the replicas (`--zero1`: one shard of `m` elements per replica) is
-/// gathered from every replica, its padding dropped and its declared shape (`decls`) restored, so
-/// that a checkpoint is the same however the run was split. Every replica must call it.
-fn whole_states(
-    trainer: &dyn Steps,
-    dist: Option<&crate::dist::Dist>,
-    decls: &[kiln_ir::module::StateDecl],
-) -> Result<Vec<weights::HostTensor>> {
-    trainer.states()?.into_iter().map(|t| whole_state(t, dist, decls)).collect()
-}
-
 /// The declared shape of state `h` where this replica holds only a shard of it (`--zero1`), if so.
 fn whole_shape(h: &weights::TensorHead, decls: &[kiln_ir::module::StateDecl]) -> Option<Vec<u64>> {
     let decl = decls.iter().find(|d| d.name == h.name)?;
@@ -1747,11 +1708,11 @@ fn whole_state(
         weights::HostData::I64(_) => bail!("state `{}` is split but not a float", t.name),
     };
     // A routed expert's state is split over the processes holding the expert (`--ep` with
-    // `--dp`), any other over every replica.
+    // `--dp`), any other over every replica (of its stage, with `--pp`).
     let expert = d.ep_size() > 1 && kiln_compiler::expert_parallel::is_routed_expert(&t.name);
     let mut all = match expert {
         true => d.gather_expert_replicas(&mine)?,
-        false => d.gather(&mine)?,
+        false => d.gather_replicas(&mine)?,
     };
     if all.len() < n {
         bail!("state `{}`: the replicas' shards hold {} values, fewer than its {n}", t.name, all.len());
@@ -1902,28 +1863,20 @@ fn fp8_release(
     ))
 }
 
-/// A checkpoint's tensors: gathered from other processes (a pipeline's or expert-parallel
-/// ranks'), or read from this process's trainer one at a time as the files are written.
-enum Tensors<'a> {
-    Gathered {
-        trained: Vec<weights::HostTensor>,
-        kept: Vec<weights::HostTensor>,
-    },
-    /// Read from the trainer one at a time; with `split`, the states this replica holds a shard
-    /// of are gathered whole from every replica as they are written (the others follow,
-    /// [`follow_streamed_save`]).
-    Streamed {
-        split: Option<(&'a crate::dist::Dist, &'a [kiln_ir::module::StateDecl])>,
-        /// `--ep` (rank 0 of the first expert group): the other ranks' experts are asked of them
-        /// as the files need them.
-        experts: Option<&'a ExpertStream>,
-    },
+/// Where a checkpoint's tensors come from: the trainer, one at a time as the files are written
+/// (a pipeline's trainer asks its other ranks for theirs).
+struct Tensors<'a> {
+    /// The states this replica holds a shard of are gathered whole as they are written (the
+    /// other replicas follow, [`follow_streamed_save`], or are told, [`ExpertStream`]).
+    split: Option<(&'a crate::dist::Dist, &'a [kiln_ir::module::StateDecl])>,
+    /// `--ep`: the tensors other processes hold are asked of them as the files need them.
+    experts: Option<&'a ExpertStream>,
 }
 
 /// Where a tensor of a checkpoint's file comes from when its turn comes.
 #[derive(Clone)]
 enum Source {
-    /// `pool[i]`: held already (the untrained weights, gathered tensors).
+    /// `pool[i]`: held already (the untrained weights).
     Held(usize),
     /// Read from the trainer.
     Trainer(String),
@@ -1977,45 +1930,31 @@ fn save(
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     // Every tensor by name, with where it comes from: the untrained weights, then the trainer's
     // (which replace an untrained one of the same name).
-    let mut pool: Vec<&weights::HostTensor> = untrained.iter().collect();
+    let pool: Vec<&weights::HostTensor> = untrained.iter().collect();
     let mut all: HashMap<String, (TensorHead, Source)> = untrained
         .iter()
         .enumerate()
         .map(|(i, t)| (t.name.clone(), (TensorHead::of(t), Source::Held(i))))
         .collect();
-    let gathered;
-    let (split, experts) = match &tensors {
-        Tensors::Streamed { split, experts } => (*split, *experts),
-        Tensors::Gathered { .. } => (None, None),
-    };
-    let from_trainer: Vec<(TensorHead, Source)> = match tensors {
-        Tensors::Gathered { trained, kept } => {
-            gathered = trained.into_iter().chain(kept).collect::<Vec<_>>();
-            let first = pool.len();
-            pool.extend(gathered.iter());
-            gathered.iter().enumerate().map(|(i, t)| (TensorHead::of(t), Source::Held(first + i))).collect()
-        }
-        Tensors::Streamed { .. } => {
-            let (w, mut k) = trainer.heads()?;
-            if experts.is_some() {
-                // The order of a gathered save (`ExpertShare::gather`), so the files are the same
-                // bytes however they were collected.
-                k.sort_by(|a, b| a.name.cmp(&b.name));
+    let Tensors { split, experts } = tensors;
+    let (w, mut k) = trainer.heads()?;
+    if experts.is_some() {
+        // By name, each expert's ranks in order: the same files however the run was split
+        // (`--pp`, `--zero1` or not).
+        k.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    let from_trainer: Vec<(TensorHead, Source)> = (w.into_iter().chain(k))
+        .flat_map(|h| {
+            // A split state is written whole, in its declared shape.
+            let whole = split.and_then(|(_, decls)| whole_shape(&h, decls));
+            let shards = whole.is_some();
+            let head = TensorHead { shape: whole.unwrap_or(h.shape), ..h };
+            match experts {
+                Some(x) => x.sources(head, trainer, shards),
+                None => vec![(head.clone(), Source::Trainer(head.name))],
             }
-            (w.into_iter().chain(k))
-                .flat_map(|h| {
-                    // A split state is written whole, in its declared shape.
-                    let whole = split.and_then(|(_, decls)| whole_shape(&h, decls));
-                    let shards = whole.is_some();
-                    let head = TensorHead { shape: whole.unwrap_or(h.shape), ..h };
-                    match experts {
-                        Some(x) => x.sources(head, trainer, shards),
-                        None => vec![(head.clone(), Source::Trainer(head.name))],
-                    }
-                })
-                .collect()
-        }
-    };
+        })
+        .collect();
     let (mut model, mut optimizer) = (Vec::new(), Vec::new());
     for (head, source) in from_trainer {
         match roles.get(&head.name) {
@@ -2155,8 +2094,7 @@ struct ExpertStream {
     pp: u32,
     /// The processes of the job.
     size: u32,
-    /// This process serves rank 0's requests: a process of the first expert group's
-    /// expert-parallel ranks other than 0.
+    /// This process serves rank 0's requests: a process of the first expert group other than 0.
     server: bool,
     /// A link over every process: rank `r` is world rank `r`.
     link: std::cell::RefCell<crate::pipeline::Link>,
@@ -2174,14 +2112,14 @@ impl ExpertStream {
             share,
             pp: d.pp_size() as u32,
             size: d.size() as u32,
-            server: d.edp_rank() == 0 && d.ep_rank() != 0,
+            server: d.edp_rank() == 0 && d.rank() != 0,
             link: std::cell::RefCell::new(d.world_link()),
         }
     }
 
     /// Where the checkpoint's tensors of rank 0's tensor `head` come from: itself, and for a
     /// routed expert's, the tensor of the same local name of every expert-parallel rank, each
-    /// under its own expert's name (ranks in order, as [`ExpertShare::gather`] lays them);
+    /// under its own expert's name (ranks in order);
     /// `split`: the replicas hold shards of it. The rank's own state
     /// [`kiln_compiler::expert_parallel::EP_RANK`] is not the model's.
     fn sources(
@@ -2194,21 +2132,17 @@ impl ExpertStream {
         if head.name == EP_RANK {
             return Vec::new();
         }
-        if expert_index(&head.name).is_none() {
-            return vec![(head.clone(), Source::Trainer(head.name))];
-        }
         let q = trainer.checkpoint_source(&head.name);
-        (0..self.share.size)
+        let ranks = match expert_index(&head.name) {
+            Some(_) => self.share.size,
+            None => 1,
+        };
+        (0..ranks)
             .map(|r| {
                 let name = rank_param(&head.name, r, self.share.per_rank);
-                let source = match r {
+                let source = match r as u32 * self.pp + q {
                     0 => Source::Trainer(head.name.clone()),
-                    _ => Source::Remote {
-                        rank: r as u32 * self.pp + q,
-                        local: head.name.clone(),
-                        name: name.clone(),
-                        split,
-                    },
+                    rank => Source::Remote { rank, local: head.name.clone(), name: name.clone(), split },
                 };
                 (weights::TensorHead { name, ..head.clone() }, source)
             })
@@ -2216,13 +2150,18 @@ impl ExpertStream {
     }
 
     /// The processes other than 0 that hold a shard of split state `local` where process
-    /// `holder` holds one (without `--pp`, process `j` is expert-parallel rank `j mod ep`): every
-    /// process for a replicated weight's state, those of `holder`'s expert-parallel rank for an
-    /// expert's.
+    /// `holder` holds one (world rank `j·pp + q` is pipeline rank `q` of replica `j`, of
+    /// expert-parallel rank `j mod ep`): the same pipeline rank of every replica for a replicated
+    /// weight's state, of those of `holder`'s expert-parallel rank for an expert's.
     fn sharers(&self, local: &str, holder: u32) -> Vec<u32> {
         let expert = kiln_compiler::expert_parallel::is_routed_expert(local);
-        let ep = self.share.size as u32;
-        (1..self.size).filter(|&j| !expert || j % ep == holder % ep).collect()
+        let (ep, pp) = (self.share.size as u32, self.pp);
+        let (q, r) = (holder % pp, (holder / pp) % ep);
+        (0..self.size / pp)
+            .filter(|&j| !expert || j % ep == r)
+            .map(|j| j * pp + q)
+            .filter(|&w| w != 0)
+            .collect()
     }
 
     /// Rank 0: world rank `rank`'s tensor `local`; `split`: its replicas hold shards of it, and
@@ -2256,11 +2195,10 @@ impl ExpertStream {
     ) -> Result<()> {
         let mut link = self.link.borrow_mut();
         if leader {
+            // Every process where states are split, else the first expert group's.
             let servers: Vec<u32> = match split {
                 Some(_) => (1..self.size).collect(),
-                None => (1..self.share.size as u32)
-                    .flat_map(|r| (0..self.pp).map(move |q| r * self.pp + q))
-                    .collect(),
+                None => (1..self.share.size as u32 * self.pp).collect(),
             };
             link.tell(&servers, "");
             return Ok(());
@@ -2347,48 +2285,6 @@ impl ExpertShare {
             Some(e) if e / self.per_rank == self.rank => Some(with_expert_index(name, e % self.per_rank)),
             Some(_) => None,
         }
-    }
-
-    /// `tensors` (the same names on every replica, each expert's under rank 0's name) with every
-    /// rank's experts under their own names: each routed expert's tensor is gathered from every
-    /// replica, and rank `r`'s copy renamed to its expert. Every replica (of the first pipeline
-    /// stage, with --pp) must call it.
-    fn gather(
-        &self,
-        d: &crate::dist::Dist,
-        tensors: Vec<weights::HostTensor>,
-    ) -> Result<Vec<weights::HostTensor>> {
-        use kiln_compiler::expert_parallel::{expert_index, rank_param, EP_RANK};
-        let mut tensors = tensors;
-        // The same order on every process, however a trainer lists them.
-        tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut out = Vec::with_capacity(tensors.len());
-        for t in tensors {
-            if t.name == EP_RANK {
-                continue;
-            }
-            if expert_index(&t.name).is_none() {
-                out.push(t);
-                continue;
-            }
-            let weights::HostData::F32(mine) = &t.data else {
-                bail!("state `{}` of an expert is not a float", t.name);
-            };
-            let n = mine.len();
-            // Every replica's copy (of these stages, with --pp), in replica order: the first
-            // `size` are the first expert group's ranks.
-            let all = d.gather_replicas(mine)?;
-            for r in 0..self.size {
-                let part = all[r as usize * n..(r as usize + 1) * n].to_vec();
-                out.push(weights::HostTensor {
-                    name: rank_param(&t.name, r, self.per_rank),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    data: weights::HostData::F32(part),
-                });
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -624,22 +624,22 @@ pub trait Steps {
     fn take_comm_stats(&mut self) -> crate::comm::CommStats {
         crate::comm::CommStats::default()
     }
-    /// Before a checkpoint, on every process of a run whose processes hold different parts of the
-    /// model (a pipeline's stages): brings the parts together where the checkpoint is written, so
-    /// that [`Steps::weights`] and [`Steps::states`] there are the whole model's until the next
-    /// step. Nothing to do for one process or for replicas.
-    fn gather_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
-        Ok(())
-    }
     /// Before a checkpoint that the first process writes while the others stream their parts
     /// to it as it asks for them (a pipeline's first replica, whose ranks' replicas join the
     /// gathers of states they split): after this, there,
     /// [`Steps::heads`] names the whole model's tensors and [`Steps::tensor`] fetches each from the
     /// process that holds it; the others serve its requests until [`Steps::checkpoint_written`]
-    /// there. Returns whether it streams; by default it does not, and gathers
-    /// ([`Steps::gather_for_checkpoint`]).
-    fn stream_for_checkpoint(&mut self) -> Result<bool, RuntimeError> {
-        self.gather_for_checkpoint().map(|()| false)
+    /// there. Nothing to do for one process or for replicas.
+    fn stream_for_checkpoint(&mut self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    /// Before a checkpoint whose tensors the caller asks of the processes that hold them itself
+    /// (expert parallelism's): on the first process, [`Steps::heads`] names the whole model's
+    /// tensors in the shapes their processes hold, [`Steps::checkpoint_source`] the rank of its
+    /// pipeline holding each, and [`Steps::tensor`] reads this process's own; elsewhere nothing.
+    /// [`Steps::checkpoint_written`] ends it.
+    fn plan_checkpoint(&mut self) -> Result<(), RuntimeError> {
+        Ok(())
     }
     /// During a streamed checkpoint, on the first process: the rank of its pipeline that gives
     /// state `name` (0: this process).

@@ -555,8 +555,7 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         // The checkpoint rank 0 writes holds every stage's weights and AdamW's states whole, as
         // one process's: streamed from the other ranks as it writes them (the first replica's,
         // each split state made whole with the replicas' shards as its turn comes, --zero1; with
-        // --ep the other expert-parallel pipelines' experts too), or gathered first (--ep with
-        // --zero1).
+        // --ep the other expert-parallel pipelines' experts too).
         let step3 = |dir: &str| Path::new(dir).join("step-3");
         let files = vec![
             (step3(&out), step3(one)),
@@ -829,13 +828,13 @@ fn experts_split_over_two_ranks_train_as_one_process() {
         assert!(file(&zg, f) == file(&grid, f), "--ep 2 --dp 2 --zero1: {f} differs from --ep 2 --dp 2's");
     }
     // Expert-parallel pipelines (--pp 2 --ep 2, four processes): rank 0 streams the checkpoint,
-    // asking the other pipeline's ranks for their experts as the files need them; with --zero1
-    // the states are gathered to it first instead. The same bytes either way.
+    // asking each process for its tensors as the files need them; with --zero1 the processes
+    // holding a split state's shards gather it first. The same bytes either way.
     let (pe, pez) = (dir("pp-ep"), dir("pp-ep-zero1"));
     run(4, args(&pe, "3", &["--pp", "2", "--ep", "2"]));
     run(4, args(&pez, "3", &["--pp", "2", "--ep", "2", "--zero1"]));
     for f in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(file(&pe, f) == file(&pez, f), "--pp 2 --ep 2: {f} differs between streamed and gathered");
+        assert!(file(&pe, f) == file(&pez, f), "--pp 2 --ep 2: {f} differs between split and whole states");
     }
 
     // An artifact compiled for two expert-parallel ranks (`kiln compile --train --pp 1 --ep 2`)
