@@ -2100,6 +2100,16 @@ struct ExpertStream {
     link: std::cell::RefCell<crate::pipeline::Link>,
 }
 
+/// The processes other than 0 of a job of `size` processes, `pp` a pipeline, `ep` per expert
+/// group, that hold a shard of a split state where process `holder` holds one (world rank
+/// `j·pp + q` is pipeline rank `q` of replica `j`, of expert-parallel rank `j mod ep`): the same
+/// pipeline rank of every replica, and for an `expert`'s state only of the replicas of `holder`'s
+/// expert-parallel rank.
+fn shard_holders(expert: bool, holder: u32, pp: u32, ep: u32, size: u32) -> Vec<u32> {
+    let (q, r) = (holder % pp, (holder / pp) % ep);
+    (0..size / pp).filter(|&j| !expert || j % ep == r).map(|j| j * pp + q).filter(|&w| w != 0).collect()
+}
+
 /// A request of [`ExpertStream`]: give the state (and join its gather first, where it is split).
 const GIVE: char = 'g';
 /// A request of [`ExpertStream`]: join the gather of a split state, giving nothing.
@@ -2155,13 +2165,7 @@ impl ExpertStream {
     /// weight's state, of those of `holder`'s expert-parallel rank for an expert's.
     fn sharers(&self, local: &str, holder: u32) -> Vec<u32> {
         let expert = kiln_compiler::expert_parallel::is_routed_expert(local);
-        let (ep, pp) = (self.share.size as u32, self.pp);
-        let (q, r) = (holder % pp, (holder / pp) % ep);
-        (0..self.size / pp)
-            .filter(|&j| !expert || j % ep == r)
-            .map(|j| j * pp + q)
-            .filter(|&w| w != 0)
-            .collect()
+        shard_holders(expert, holder, self.pp, self.share.size as u32, self.size)
     }
 
     /// Rank 0: world rank `rank`'s tensor `local`; `split`: its replicas hold shards of it, and
@@ -2307,6 +2311,22 @@ mod tests {
             clip: Some(1.0),
             bf16_moments: false,
         }
+    }
+
+    #[test]
+    fn a_split_state_is_gathered_by_the_replicas_of_its_stage_and_expert_rank() {
+        // --ep 2 alone (2 processes): every process holds a shard of a replicated weight's state,
+        // and an expert's state is held by its own rank alone (the list names the holder too).
+        assert_eq!(shard_holders(false, 0, 1, 2, 2), [1]);
+        assert_eq!(shard_holders(true, 1, 1, 2, 2), [1]);
+        // --ep 2 --dp 2 (4 processes: ranks 0 and 2 are expert-parallel rank 0, 1 and 3 rank 1).
+        assert_eq!(shard_holders(false, 0, 1, 2, 4), [1, 2, 3]);
+        assert_eq!(shard_holders(true, 0, 1, 2, 4), [2]);
+        assert_eq!(shard_holders(true, 1, 1, 2, 4), [1, 3]);
+        // --pp 2 --ep 2 --dp 2 (8 processes: replica j's pipeline rank q is 2j + q).
+        assert_eq!(shard_holders(false, 1, 2, 2, 8), [1, 3, 5, 7]);
+        assert_eq!(shard_holders(true, 3, 2, 2, 8), [3, 7]);
+        assert_eq!(shard_holders(true, 0, 2, 2, 8), [4]);
     }
 
     #[test]
