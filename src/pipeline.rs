@@ -396,6 +396,9 @@ pub struct PipelineTrainer<B: Backend> {
     /// On rank 0 during a streamed checkpoint whose tensors the caller asks of their holders
     /// itself ([`Steps::plan_checkpoint`]): heads in the shapes held, and nothing asked here.
     by_request: bool,
+    /// On rank 0 during a streamed checkpoint: the state asked for ahead ([`Steps::prefetch`]),
+    /// whose answer is on its way.
+    prefetched: std::cell::RefCell<Option<String>>,
     /// This pipeline's index among the data-parallel replicas (`--dp`): the first one's ranks
     /// stream a checkpoint, and the others, holding the same states, have nothing to give.
     replica: usize,
@@ -549,6 +552,7 @@ impl<B: Backend> PipelineTrainer<B> {
             remote: Default::default(),
             streaming: false,
             by_request: false,
+            prefetched: Default::default(),
             replica: 0,
             checkpoint_link: None,
             replica_link: None,
@@ -1247,11 +1251,16 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
             return Ok(());
         }
         // Every other rank serves until told, even one that held nothing rank 0 lacked
-        // (DualPipe's ranks hold two stages each).
+        // (DualPipe's ranks hold two stages each). An answer asked for ahead and not taken is
+        // taken first.
+        let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
+        let mut link = link.borrow_mut();
+        if let Some(p) = self.prefetched.borrow_mut().take() {
+            link.take_state(self.remote[&p], &p)?;
+        }
         self.streaming = false;
         self.remote.clear();
-        let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
-        link.borrow_mut().states_served();
+        link.states_served();
         self.replicas_done();
         Ok(())
     }
@@ -1293,7 +1302,27 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
             )));
         }
         let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
-        link.borrow_mut().ask_for_state(r, name)
+        let mut link = link.borrow_mut();
+        match self.prefetched.borrow_mut().take() {
+            Some(p) if p == name => return link.take_state(r, name),
+            // Asked ahead but not wanted after all: its answer is taken and dropped.
+            Some(p) => drop(link.take_state(self.remote[&p], &p)?),
+            None => {}
+        }
+        link.ask_for_state(r, name)
+    }
+
+    fn prefetch(&self, name: &str) -> Result<(), RuntimeError> {
+        let Some(&r) = self.remote.get(name).filter(|_| self.streaming && !self.by_request) else {
+            return Ok(());
+        };
+        let mut prefetched = self.prefetched.borrow_mut();
+        if prefetched.is_none() {
+            let link = self.checkpoint_link.as_ref().expect("a streamed checkpoint has its link");
+            link.borrow_mut().tell(&[r], name);
+            *prefetched = Some(name.to_string());
+        }
+        Ok(())
     }
 
     fn set_state(&mut self, value: HostTensor) -> Result<(), RuntimeError> {

@@ -2010,7 +2010,25 @@ fn save(
     let mut last: Option<(String, weights::HostTensor, weights::HostTensor)> = None;
     let mut write = |path: &Path, list: &[(TensorHead, Source, Form)]| {
         let heads: Vec<TensorHead> = list.iter().map(|(h, _, _)| h.clone()).collect();
-        let fetch = |i: usize| -> Result<std::borrow::Cow<'_, weights::HostTensor>, String> {
+        // The next tensor held by another process is asked for as soon as this one has come, so
+        // that its transfer overlaps this one's writing (a split one is not: its gather waits).
+        let ahead = |i: usize| -> Result<(), String> {
+            let Some((_, next, _)) = list.get(i + 1) else { return Ok(()) };
+            if next.name(&pool) == list[i].1.name(&pool) {
+                return Ok(());
+            }
+            match next {
+                Source::Trainer(name) => trainer.prefetch(name).map_err(|e| e.to_string()),
+                Source::Remote { rank, local, split: false, .. } => {
+                    experts
+                        .expect("a remote tensor comes with the expert-parallel link")
+                        .prefetch(*rank, local);
+                    Ok(())
+                }
+                Source::Remote { .. } | Source::Held(_) => Ok(()),
+            }
+        };
+        let mut fetch_one = |i: usize| -> Result<std::borrow::Cow<'_, weights::HostTensor>, String> {
             let (head, source, form) = &list[i];
             let read = |source: &Source| match source {
                 Source::Held(j) => Ok(std::borrow::Cow::Borrowed(pool[*j])),
@@ -2059,6 +2077,11 @@ fn save(
                 }
             }
         };
+        let fetch = |i: usize| {
+            let t = fetch_one(i)?;
+            ahead(i)?;
+            Ok(t)
+        };
         weights::write_safetensors_streamed(path, &heads, StoreFloats::AsDeclared, fetch)
     };
     let config = serde_json::to_string_pretty(&spec::to_hf_config(spec))? + "\n";
@@ -2098,6 +2121,9 @@ struct ExpertStream {
     server: bool,
     /// A link over every process: rank `r` is world rank `r`.
     link: std::cell::RefCell<crate::pipeline::Link>,
+    /// On rank 0: the tensor asked for ahead ([`ExpertStream::prefetch`]), process and local
+    /// name, whose answer is on its way.
+    prefetched: std::cell::RefCell<Option<(u32, String)>>,
 }
 
 /// The processes other than 0 of a job of `size` processes, `pp` a pipeline, `ep` per expert
@@ -2124,6 +2150,7 @@ impl ExpertStream {
             size: d.size() as u32,
             server: d.edp_rank() == 0 && d.rank() != 0,
             link: std::cell::RefCell::new(d.world_link()),
+            prefetched: Default::default(),
         }
     }
 
@@ -2172,12 +2199,29 @@ impl ExpertStream {
     /// join the gather first.
     fn ask(&self, rank: u32, local: &str, split: bool) -> Result<weights::HostTensor> {
         let mut link = self.link.borrow_mut();
+        match self.prefetched.borrow_mut().take() {
+            Some((r, l)) if r == rank && l == local => return Ok(link.take_state(rank, local)?),
+            // Asked ahead but not wanted after all: its answer is taken and dropped.
+            Some((r, l)) => drop(link.take_state(r, &l)?),
+            None => {}
+        }
         if split {
             let others: Vec<u32> = self.sharers(local, rank).into_iter().filter(|&j| j != rank).collect();
             link.tell(&others, &format!("{JOIN}{local}"));
         }
         link.tell(&[rank], &format!("{GIVE}{local}"));
         Ok(link.take_state(rank, local)?)
+    }
+
+    /// Rank 0: world rank `rank`'s tensor `local`, whole where it is held (not split), is the one
+    /// [`ExpertStream::ask`] will be asked for next: it is asked for now, so that its transfer
+    /// overlaps the writing of the one before.
+    fn prefetch(&self, rank: u32, local: &str) {
+        let mut prefetched = self.prefetched.borrow_mut();
+        if prefetched.is_none() {
+            self.link.borrow_mut().tell(&[rank], &format!("{GIVE}{local}"));
+            *prefetched = Some((rank, local.to_string()));
+        }
     }
 
     /// Rank 0, about to make its split state `local` whole: the other processes holding its shards
@@ -2199,6 +2243,10 @@ impl ExpertStream {
     ) -> Result<()> {
         let mut link = self.link.borrow_mut();
         if leader {
+            // An answer asked for ahead and not taken is taken first.
+            if let Some((r, l)) = self.prefetched.borrow_mut().take() {
+                link.take_state(r, &l)?;
+            }
             // Every process where states are split, else the first expert group's.
             let servers: Vec<u32> = match split {
                 Some(_) => (1..self.size).collect(),

@@ -641,6 +641,12 @@ pub trait Steps {
     fn plan_checkpoint(&mut self) -> Result<(), RuntimeError> {
         Ok(())
     }
+    /// During a streamed checkpoint, on the first process: tensor `name` is the one
+    /// [`Steps::tensor`] will be asked for next, so it may ask the process that holds it now, for
+    /// the transfer to overlap the writing of the one before. Nothing by default.
+    fn prefetch(&self, _name: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     /// During a streamed checkpoint, on the first process: the rank of its pipeline that gives
     /// state `name` (0: this process).
     fn checkpoint_source(&self, _name: &str) -> u32 {
