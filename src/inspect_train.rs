@@ -27,7 +27,8 @@
 //! every other weight's over the `ep · dp` processes).
 //! Communication buffers are not buffers of the compiled step (the runtime's pipeline messages and
 //! all-to-all buffers are its own) and are counted from their sizes: the MoE dispatch and combine of
-//! one layer per chunk in flight, and each stage boundary's activation and gradient transfers.
+//! one layer per chunk in flight, each stage boundary's activation and gradient transfers, and the
+//! MTP modules' looked-up rows and their gradient between the embedding's stage and the head's.
 
 use std::path::Path;
 
@@ -323,6 +324,8 @@ fn devices(
     let h = spec.model.hidden_size;
     let tokens = req.micro_batch * req.t();
     let top_k = spec.moe.as_ref().map_or(0, |m| m.num_experts_per_tok);
+    // The MTP modules train with their loss on (`--mtp-lambda`), and are not in the step without.
+    let depth = if req.mtp_lambda > 0.0 { spec.mtp.as_ref().map_or(0, |m| m.num_layers) } else { 0 };
     // MoE dispatch (FP8 codes and a scale per 128 elements in the recipe, BF16 otherwise) and
     // combine (BF16), each a send and a receive buffer of every routed row of one layer.
     let row = if fp8 { h + 4 * h.div_ceil(128) } else { 2 * h };
@@ -363,6 +366,15 @@ fn devices(
                 let instrs = &p.schedule.ranks[r];
                 // Each chunk's boundary: an activation and a gradient, sent and received, in BF16.
                 let boundary = 4 * tokens * h * 2 * chunks.len() as u64;
+                // The MTP modules' looked-up rows, which the embedding's stage sends to the head's,
+                // and their gradient, which comes back: a buffer of each per module, on each end.
+                let ends = (chunks.iter())
+                    .filter(|&&s| {
+                        let pieces = &p.stages[s as usize];
+                        pieces.contains(&Piece::Embedding) || pieces.contains(&Piece::Head)
+                    })
+                    .count() as u64;
+                let mtp_rows = 2 * tokens * h * 2 * depth * ends;
                 Device {
                     params: b.params.total(),
                     master: b.master.total(),
@@ -376,7 +388,7 @@ fn devices(
                         .map(|l| in_flight(instrs, &per_chunk(Some(l)))),
                     transient,
                     other_states: b.other,
-                    communication: boundary + all_to_all(chunks.len().min(2) as u64),
+                    communication: boundary + mtp_rows + all_to_all(chunks.len().min(2) as u64),
                 }
             })
             .collect(),

@@ -322,9 +322,17 @@ pub fn step_inputs(names: &[String], rows: &TokenRows, lr: f32) -> Result<Vec<Ho
         ids("targets".into(), &|r| r[1..].to_vec()),
         ids("positions".into(), &|_| (0..t as i64).collect()),
     ];
-    for name in names.iter().filter_map(|n| n.strip_prefix("mtp_tokens.")) {
-        let k: usize =
-            name.parse().map_err(|_| RuntimeError::UnknownModelInput(format!("mtp_tokens.{name}")))?;
+    // The MTP depths any of the program's inputs names: a pipeline's last stage reads module k's
+    // targets and mask, and its tokens' rows come from the first stage, which looks them up.
+    let mut depths = std::collections::BTreeSet::new();
+    for name in names {
+        let Some((family, k)) = name.rsplit_once('.') else { continue };
+        if matches!(family, "mtp_tokens" | "mtp_targets" | "mtp_mask") {
+            let k: usize = k.parse().map_err(|_| RuntimeError::UnknownModelInput(name.clone()))?;
+            depths.insert(k);
+        }
+    }
+    for k in depths {
         let at = |r: &[i64], i: usize| r.get(i).copied().unwrap_or(0);
         out.push(ids(format!("mtp_tokens.{k}"), &|r| (0..t).map(|i| at(r, i + k)).collect()));
         out.push(ids(format!("mtp_targets.{k}"), &|r| (0..t).map(|i| at(r, i + k + 1)).collect()));

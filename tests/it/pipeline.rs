@@ -153,3 +153,47 @@ fn stage_programs_compute_the_accumulate_program_bit_for_bit() {
         }
     }
 }
+
+/// The MTP modules, on the last stage, look their tokens up in the first stage's embedding: the
+/// lookup and its gradient run where the table is, so what crosses between stages is the rows and
+/// their gradient (a token dimension), never the `V × d` table or its gradient, and no stage reads
+/// a weight another stage holds.
+#[test]
+fn the_mtp_lookup_sends_rows_not_the_table() {
+    let losses = TrainLosses { mtp_lambda: 0.3, ..TrainLosses::default() };
+    let (acc, states) = accumulate("tiny", losses);
+    let state_names: HashSet<&str> = states.iter().map(String::as_str).collect();
+    let cuts: Vec<Vec<StageEntry>> = vec![
+        vec![stage(0, true, 0..4, false), stage(1, false, 4..4, true)],
+        vec![stage(0, true, 0..1, false), stage(1, false, 1..3, false), stage(2, false, 3..4, true)],
+    ];
+    for stages in &cuts {
+        let cut = Cut { stages, layers: 4 };
+        let parts = split(&acc, &cut, &state_names).unwrap();
+        let last = stages.len() as u32 - 1;
+        let mut crossing_to_first = 0;
+        for p in &parts {
+            for (name, v) in p.graph.inputs() {
+                if let Some((_, from, to)) = kiln_compiler::pipeline::parse_sent(name) {
+                    let ty = p.graph.ty(v);
+                    assert!(
+                        ty.shape.first().is_some_and(|d| d.to_string() == "B"),
+                        "{name} ({ty}) crosses from stage {from} to {to} under {stages:?}: only activations \
+                         and their gradients may"
+                    );
+                    crossing_to_first += usize::from(from == last && to == 0);
+                }
+                if state_names.contains(name) {
+                    assert_eq!(
+                        cut.of_name(name),
+                        Some(p.stage),
+                        "stage {} reads `{name}`, which another stage holds, under {stages:?}",
+                        p.stage
+                    );
+                }
+            }
+        }
+        // The MTP lookup's rows' gradient comes back to the first stage from the last.
+        assert!(crossing_to_first >= 1, "nothing crosses from the last stage to the first under {stages:?}");
+    }
+}

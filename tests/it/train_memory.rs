@@ -176,6 +176,14 @@ fn kiln_inspect_train_counts_each_kind_of_layer_once() {
     assert_eq!(ranks.len(), 2);
     let params: u64 = ranks.iter().map(|r| r["params"].as_u64().unwrap()).sum();
     assert_eq!(params, one(&reduced, "params"), "1F1B: each weight on one rank");
+    // With the MTP module's loss on, the first stage sends the module's looked-up rows to the last
+    // and gets their gradient back: one buffer of each in BF16, on both ends (2 x 128 tokens of
+    // 256), and no copy of the table.
+    let mtp = json(&["--pp", "2", "--schedule", "1f1b", "--mtp-lambda", "0.3"]);
+    for r in 0..2 {
+        let comm = |d: &serde_json::Value| d["columns"][1]["per_rank"][r]["communication"].as_u64().unwrap();
+        assert_eq!(comm(&mtp) - comm(&pp), 2 * (2 * 128) * 256 * 2, "rank {r}");
+    }
 
     // Bad input: a clear error before anything compiles.
     let r = kiln(&["inspect", "--train", "models/tiny_fp8.toml", "--ep", "3"]);

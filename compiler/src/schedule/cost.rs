@@ -15,9 +15,8 @@
 //!
 //! Weights are the checkpoint's tensors as `kiln_compiler::build` declares them (FP8 block scales
 //! aside), each on the piece that holds it. A tied head is the embedding's table, counted once, on
-//! the embedding; the MTP modules share the head and the embedding and hold neither again (a stage
-//! holding the head but not the embedding would keep a copy of the table for the MTP modules'
-//! lookups: a lookup, not counted).
+//! the embedding; the MTP modules share the head and the embedding and hold neither again (their
+//! lookups run on the embedding's stage, which sends the rows: `crate::pipeline`).
 //!
 //! Does not model: communication (pipeline sends and the MoE all-to-all), memory traffic, kernel
 //! efficiency, or expert load imbalance (routed experts cost their expected `top_k` per token).
