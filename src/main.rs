@@ -386,6 +386,10 @@ enum Command {
         /// Save a checkpoint every K steps (and always after the last).
         #[arg(long, value_name = "K")]
         save_every: Option<u64>,
+        /// Continue the run a checkpoint of it (`--out`'s `step-N`) left, to --steps in all: give
+        /// the run's model and initial weights (its reference model) and sampling settings again.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
         #[command(flatten)]
         settings: train::Settings,
     },
@@ -1067,6 +1071,7 @@ fn run(command: Command) -> Result<()> {
             seed,
             threads,
             save_every,
+            resume,
             settings,
         } => {
             check_threads(threads)?;
@@ -1102,6 +1107,7 @@ fn run(command: Command) -> Result<()> {
                 seed,
                 threads,
                 save_every,
+                resume: resume.as_deref(),
                 settings,
             };
             grpo::run(&req, &mut io::stdout().lock())

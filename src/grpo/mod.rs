@@ -20,7 +20,12 @@
 //! objective, the KL term, the clipped fraction, the gradient norm and the completions' length.
 //! `--save-every K` (and the last step) writes `step-N/`, a Hugging Face folder (config.json,
 //! model.safetensors, and the tokenizer files) that `kiln run`, `kiln chat` and another `kiln grpo`
-//! load. At the end, `report.html` charts the run (`kiln report`: rewards, KL, loss, gradient norm). Not done yet: resuming a GRPO run (its optimizer state is not saved), and sampling on a GPU.
+//! load, with what a resume needs besides: AdamW's state (`optimizer.safetensors`) and the run's
+//! position (`grpo.json`: the step, the sampling settings, a fingerprint of the reference model).
+//! `--resume DIR/step-N`, given the run's model and initial weights again (the reference model),
+//! continues it: N steps then M more are N + M steps, byte for byte, since step k takes prompts
+//! and samples by k alone. At the end, `report.html` charts the run (`kiln report`: rewards, KL,
+//! loss, gradient norm). Not done yet: sampling on a GPU.
 
 pub mod objective;
 pub mod reward;
@@ -69,8 +74,87 @@ pub struct Request<'a> {
     pub seed: u64,
     pub threads: Option<usize>,
     pub save_every: Option<u64>,
+    /// A checkpoint of an earlier run of the same model, initial weights and sampling settings, to
+    /// continue from.
+    pub resume: Option<&'a Path>,
     /// The optimizer's settings (`kiln train`'s flags).
     pub settings: crate::train::Settings,
+}
+
+/// Where a run stands, in each checkpoint (`grpo.json`), for `--resume`.
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct Progress {
+    /// Steps taken.
+    step: u64,
+    model: String,
+    /// What decides the prompts and samples of step k, besides k: the sampling seed, prompts per
+    /// step and completions per prompt.
+    seed: u64,
+    prompts_per_step: usize,
+    group: usize,
+    /// The reference model's weights, as [`fingerprint`] gives them.
+    reference: String,
+}
+
+const PROGRESS: &str = "grpo.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// FNV-1a (64 bits) over each tensor's name, dtype, shape and values, in name order: two runs'
+/// reference models are the same weights when their fingerprints are.
+fn fingerprint<'t>(tensors: impl IntoIterator<Item = &'t HostTensor>) -> String {
+    let mut sorted: Vec<&HostTensor> = tensors.into_iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for t in sorted {
+        eat(t.name.as_bytes());
+        eat(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+        match &t.data {
+            weights::HostData::F32(v) => v.iter().for_each(|x| eat(&x.to_bits().to_le_bytes())),
+            weights::HostData::I64(v) => v.iter().for_each(|x| eat(&x.to_le_bytes())),
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The checkpoint `dir`'s position, checked against this run: the same model, reference weights and
+/// sampling settings.
+fn resume_point(dir: &Path, want: &Progress) -> Result<Progress> {
+    let path = dir.join(PROGRESS);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read {}: --resume takes a step-N folder of a kiln grpo run", path.display())
+    })?;
+    let p: Progress = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a kiln grpo run's state", path.display()))?;
+    if p.model != want.model {
+        bail!("{}: a checkpoint of model `{}`, not `{}`", dir.display(), p.model, want.model);
+    }
+    if p.reference != want.reference {
+        bail!(
+            "{}: the run's reference model (its initial weights) differs from the weights given: resume with the \
+             model and --weights (or --random-weights) the run started from",
+            dir.display()
+        );
+    }
+    let settings = [
+        ("--seed", p.seed.to_string(), want.seed.to_string()),
+        ("--prompts-per-step", p.prompts_per_step.to_string(), want.prompts_per_step.to_string()),
+        ("--group", p.group.to_string(), want.group.to_string()),
+    ];
+    for (flag, was, given) in settings {
+        if was != given {
+            bail!(
+                "{}: the run sampled with {flag} {was}, and this resume asks for {given}: a resume continues \
+                 the run's prompts and samples, so give {flag} {was}",
+                dir.display()
+            );
+        }
+    }
+    Ok(p)
 }
 
 /// One prompt of the data: its token ids and its reference answer.
@@ -135,7 +219,28 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let decls = weights::graph_params(&build::build_graph(&spec)?)?;
     let mut ckpt = None;
     let initial: Vec<HostTensor> =
-        run::params(decls, &req.weights, Some(&spec), &mut ckpt)?.collect::<Result<Vec<_>, _>>()?;
+        run::params(decls.clone(), &req.weights, Some(&spec), &mut ckpt)?.collect::<Result<Vec<_>, _>>()?;
+    let mut progress = Progress {
+        step: 0,
+        model: spec.model.name.clone(),
+        seed: req.seed,
+        prompts_per_step: req.prompts_per_step,
+        group: req.group,
+        reference: fingerprint(&initial),
+    };
+    // A resume's policy: the checkpoint's weights (checked before anything is compiled).
+    let resumed: Option<Vec<HostTensor>> = match req.resume {
+        Some(dir) => {
+            progress.step = resume_point(dir, &progress)?.step;
+            if !dir.join(OPTIMIZER).is_file() {
+                bail!("{}: no {OPTIMIZER}, so AdamW's state cannot resume", dir.display());
+            }
+            let mut c = None;
+            let w = run::params(decls, &Weights::Checkpoint(dir), Some(&spec), &mut c)?;
+            Some(w.collect::<Result<Vec<_>, _>>()?)
+        }
+        None => None,
+    };
     let t0 = Instant::now();
     let target = kiln_compiler::target::Targets::Cpu;
     let policy_dir = req.out.join("policy.kiln");
@@ -184,9 +289,37 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             Ok(CpuModel::load(art, given, &options)?)
         };
-    let mut current: HashMap<String, HostTensor> = initial.into_iter().map(|t| (t.name.clone(), t)).collect();
-    let mut reference = load(&policy_art, &current)?;
+    let by_name = |list: Vec<HostTensor>| -> HashMap<String, HostTensor> {
+        list.into_iter().map(|t| (t.name.clone(), t)).collect()
+    };
+    let mut reference = load(&policy_art, &by_name(initial.clone()))?;
+    let mut current = by_name(resumed.unwrap_or(initial));
     let mut trainer = CompiledTrainer::new(load(&train_art, &current)?)?;
+    if let Some(dir) = req.resume {
+        // AdamW's moments and step count (and a bf16 model's master weights).
+        let opt = weights::open_checkpoint(&dir.join(OPTIMIZER))?;
+        for t in trainer.states()? {
+            let saved = opt.get(&t.name).map(|_| opt.read(&t.name)).transpose()?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no `{}`: not a checkpoint of this train step (give the run's optimizer settings)",
+                    dir.join(OPTIMIZER).display(),
+                    t.name
+                )
+            })?;
+            if saved.shape != t.shape || saved.dtype != t.dtype {
+                bail!(
+                    "{}: `{}` is {:?} {:?}, and this run's train step keeps {:?} {:?}",
+                    dir.join(OPTIMIZER).display(),
+                    t.name,
+                    saved.dtype,
+                    saved.shape,
+                    t.dtype,
+                    t.shape
+                );
+            }
+            trainer.set_state(saved)?;
+        }
+    }
     let names: Vec<String> = rewards.iter().map(|r| r.name()).collect();
     writeln!(
         out,
@@ -204,9 +337,14 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         req.updates
     )?;
     let metrics_path = req.out.join(METRICS);
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("cannot write {}", metrics_path.display()))?;
-    for step in 0..req.steps {
+    let mut metrics = open_metrics(&metrics_path, progress.step)?;
+    if let Some(dir) = req.resume {
+        writeln!(out, "resumed from {} at step {}", dir.display(), progress.step)?;
+        if progress.step >= req.steps {
+            writeln!(out, "the run has taken its {} steps already (--steps {})", progress.step, req.steps)?;
+        }
+    }
+    for step in progress.step..req.steps {
         let t_step = Instant::now();
         let batch: Vec<&Prompt> = (0..req.prompts_per_step)
             .map(|j| &prompts[(step as usize * req.prompts_per_step + j) % prompts.len()])
@@ -318,7 +456,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         writeln!(metrics, "{line}")?;
         let last = step + 1 == req.steps;
         if last || req.save_every.is_some_and(|k| k > 0 && (step + 1) % k == 0) {
-            let dir = save(req.out, step + 1, &spec, &current, &folder)?;
+            progress.step = step + 1;
+            let dir = save(req.out, &progress, &spec, &current, &trainer.states()?, &folder)?;
             writeln!(out, "saved {}", dir.display())?;
         }
     }
@@ -396,15 +535,50 @@ fn load_prompts(path: &Path, tok: &TextTokenizer, folder: &Path) -> Result<Vec<P
     Ok(out)
 }
 
-/// Writes `out/step-N/`: the model as a Hugging Face folder with its tokenizer files, into a
-/// hidden folder renamed into place.
+/// `metrics.jsonl`: a fresh one, or a resumed run's with the lines of its first `step` steps alone
+/// (a run resumed from an earlier checkpoint than its last drops the steps it takes again),
+/// rewritten atomically, then appended to.
+fn open_metrics(path: &Path, step: u64) -> Result<std::fs::File> {
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    if step == 0 {
+        return std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()));
+    }
+    let old = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut kept = String::new();
+    for line in old.lines() {
+        // A line a kill cut short parses as nothing, and goes.
+        let at = serde_json::from_str::<Value>(line).ok().and_then(|v| v["step"].as_u64());
+        if at.is_some_and(|s| s <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kiln_ir::output::write_file(path, kept.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    open(path)
+}
+
+/// Writes `out/step-N/`: the model as a Hugging Face folder with its tokenizer files, AdamW's
+/// state and the run's position, into a hidden folder renamed into place.
 fn save(
     out: &Path,
-    step: u64,
+    progress: &Progress,
     spec: &kiln_ir::ModelSpec,
     weights: &HashMap<String, HostTensor>,
+    states: &[HostTensor],
     tokenizer: &Path,
 ) -> Result<PathBuf> {
+    let step = progress.step;
     let dir = out.join(format!("step-{step}"));
     let tmp = out.join(format!(".step-{step}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -413,6 +587,10 @@ fn save(
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&spec::to_hf_config(spec))? + "\n")?;
     weights::write_safetensors(&tmp.join("model.safetensors"), &tensors, StoreFloats::AsDeclared)?;
+    let mut states = states.to_vec();
+    states.sort_by(|a, b| a.name.cmp(&b.name));
+    weights::write_safetensors(&tmp.join(OPTIMIZER), &states, StoreFloats::AsDeclared)?;
+    std::fs::write(tmp.join(PROGRESS), serde_json::to_string_pretty(progress)? + "\n")?;
     crate::train::copy_tokenizer(Some(tokenizer), &tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot replace {}", dir.display()))?;

@@ -29,14 +29,10 @@ fn metrics(dir: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The first step samples from the policy the reference model equals: its KL term is 0 and its
-/// objective is minus the mean advantage, 0 within each group. The update moves the policy (the
-/// next step's KL is positive), every logged figure is in its range, the checkpoint is a Hugging
-/// Face folder with its tokenizer, and bad input is refused before anything is compiled.
-#[test]
-fn kiln_grpo_samples_rewards_and_moves_the_policy() {
-    let s = Scratch::new();
-    let hf = tiny_chat(&s);
+/// tiny fine-tuned by `kiln sft` on the eight sums until it answers some: a policy whose
+/// completions earn different rewards.
+fn sft_policy(s: &Scratch) -> String {
+    let hf = tiny_chat(s);
     let sft = s.str("sft");
     let r = kiln(&[
         "sft",
@@ -64,6 +60,17 @@ fn kiln_grpo_samples_rewards_and_moves_the_policy() {
         Path::new(&policy).join("tokenizer_config.json").is_file(),
         "the checkpoint carries the tokenizer"
     );
+    policy
+}
+
+/// The first step samples from the policy the reference model equals: its KL term is 0 and its
+/// objective is minus the mean advantage, 0 within each group. The update moves the policy (the
+/// next step's KL is positive), every logged figure is in its range, the checkpoint is a Hugging
+/// Face folder with its tokenizer, and bad input is refused before anything is compiled.
+#[test]
+fn kiln_grpo_samples_rewards_and_moves_the_policy() {
+    let s = Scratch::new();
+    let policy = sft_policy(&s);
     let rl = s.str("rl");
     let r = kiln(&[
         "grpo",
@@ -137,4 +144,74 @@ fn kiln_grpo_samples_rewards_and_moves_the_policy() {
         "1",
     ]);
     assert!(!r.ok && r.stderr.contains("--group 1: GRPO compares at least 2 completions"), "{}", r.stderr);
+}
+
+/// A checkpoint carries AdamW's state and the run's position: 2 steps, then a resume to 4, end
+/// byte for byte where 4 steps in one run end, and log the same steps. A resume with another
+/// reference model or other sampling settings is refused before anything is compiled.
+#[test]
+fn kiln_grpo_resumes_byte_for_byte() {
+    // 4 completions of up to 3 tokens a prompt.
+    const SAMPLING: [&str; 6] = ["--group", "4", "--max-new-tokens", "3", "--lr", "0.002"];
+    let s = Scratch::new();
+    let policy = sft_policy(&s);
+    let grpo = |out: &str, steps: &str, extra: &[&str]| {
+        let base = [
+            "grpo",
+            &policy,
+            "--prompts",
+            "tests/fixtures/chat/arith-prompts.jsonl",
+            "--out",
+            out,
+            "--steps",
+            steps,
+            "--prompts-per-step",
+            "4",
+            "--save-every",
+            "2",
+            "--threads",
+            "1",
+        ];
+        kiln(&[&base[..], &SAMPLING[..], extra].concat())
+    };
+    let (whole, split) = (s.str("whole"), s.str("split"));
+    let r = grpo(&whole, "4", &[]);
+    assert!(r.ok, "{}", r.stderr);
+    // The first half, then the rest from its checkpoint (in another folder: only step-2 is shared).
+    let r = grpo(&split, "2", &[]);
+    assert!(r.ok, "{}", r.stderr);
+    let half = format!("{split}/step-2");
+    let r = grpo(&split, "4", &["--resume", &half]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("resumed from {half} at step 2")), "{}", r.stdout);
+    assert!(r.stdout.contains("step    3") && !r.stdout.contains("step    1 "), "{}", r.stdout);
+    for f in ["model.safetensors", "optimizer.safetensors", "grpo.json"] {
+        let (a, b) = (
+            std::fs::read(format!("{whole}/step-4/{f}")).unwrap(),
+            std::fs::read(format!("{split}/step-4/{f}")).unwrap(),
+        );
+        assert!(a == b, "step-4/{f} differs between one run and a resumed one");
+    }
+    // The policy moved: a resume that lost the optimizer's state or the weights could not match.
+    let (a, b) = (
+        std::fs::read(format!("{whole}/step-2/model.safetensors")).unwrap(),
+        std::fs::read(format!("{whole}/step-4/model.safetensors")).unwrap(),
+    );
+    assert!(a != b, "the updates moved the policy");
+    let (m_whole, m_split) = (metrics(&whole), metrics(&split));
+    assert_eq!(m_split.len(), 4, "the resumed run's log holds its 4 steps once");
+    assert_eq!(m_whole, m_split);
+
+    // A resume from an earlier checkpoint drops the later steps' log lines it takes again.
+    let r = grpo(&whole, "3", &["--resume", &format!("{whole}/step-2")]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(metrics(&whole)[..], m_split[..3]);
+
+    // Refused: another reference model, another seed; a folder that is not a GRPO checkpoint.
+    let r = grpo(&s.str("x"), "4", &["--resume", &half, "--random-weights", "1"]);
+    assert!(!r.ok && r.stderr.contains("reference model"), "{}", r.stderr);
+    let r = grpo(&s.str("x"), "4", &["--resume", &half, "--seed", "7"]);
+    assert!(!r.ok && r.stderr.contains("--seed 0"), "{}", r.stderr);
+    let r = grpo(&s.str("x"), "4", &["--resume", &policy]);
+    assert!(!r.ok && r.stderr.contains("grpo.json"), "{}", r.stderr);
 }
