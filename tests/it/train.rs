@@ -601,6 +601,68 @@ fn kiln_train_runs_an_artifact_from_compile_train_with_its_settings() {
     assert!(e.contains("go with --train"), "{e}");
 }
 
+/// An artifact compiled for more rows and tokens than a run gives trains that run as a step
+/// compiled for its own sizes does, byte for byte. (The gradient of the mean loss divides by the
+/// token count, which the step computes from a constant broadcast to `[B, T]`: a launch that read
+/// constants alone was folded once at load, at the artifact's largest sizes, and every gradient
+/// came out `max / actual` times too small: 4x here.)
+#[test]
+fn an_artifact_compiled_for_larger_sizes_trains_smaller_batches_exactly() {
+    let s = Scratch::new();
+    let data = root().join(GOLDEN).join("tokens.safetensors").to_string_lossy().into_owned();
+    let art = s.str("big.kiln");
+    let c = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--train",
+        "--target",
+        "cpu",
+        "--max-batch",
+        "4",
+        "--max-context",
+        "64",
+        "-o",
+        &art,
+    ]);
+    assert!(c.ok, "{}", c.stderr);
+    let train = |model: &str, out: &str| {
+        let r = kiln(&[
+            "train",
+            model,
+            "--random-weights",
+            "3",
+            "--data",
+            &data,
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--out",
+            out,
+        ]);
+        assert!(r.ok, "{}", r.stderr);
+    };
+    let (a, b) = (s.str("a"), s.str("b"));
+    train(&art, &a);
+    train("models/tiny.toml", &b);
+    let norms = |dir: &str| -> Vec<f64> {
+        let text = std::fs::read_to_string(Path::new(dir).join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l.get("event").is_none())
+            .map(|l| l["grad_norm"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(norms(&a), norms(&b), "the gradient norms of the two runs");
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let (x, y) = (s.path("a/step-2").join(f), s.path("b/step-2").join(f));
+        assert!(
+            std::fs::read(x).unwrap() == std::fs::read(y).unwrap(),
+            "{f}: the larger artifact trained differently"
+        );
+    }
+}
+
 /// The checkpoint folders `step-N` of `dir`, by N.
 fn checkpoints(dir: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir)

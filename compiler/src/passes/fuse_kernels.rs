@@ -466,13 +466,16 @@ fn decode_phases(graph: &mut Graph, trace: &mut Trace) -> Result<Work, PassError
     Ok(work)
 }
 
-/// Positions of the nodes that read only weights and constants (and such nodes): computed once at
-/// load by the runtime, so no rule takes them into a kernel of the run.
+/// Positions of the nodes that read only weights and constants (and such nodes) and whose values
+/// have no symbolic size: computed once at load by the runtime, so no rule takes them into a kernel
+/// of the run. (A constant broadcast to `[B, T]` depends on the run's sizes: it runs with the run.)
 fn weight_only(cx: &Ctx) -> Vec<bool> {
     let mut out = vec![false; cx.len()];
     for p in 0..cx.len() {
         let node = cx.node(p);
+        let sized = |v: ValueId| cx.g.ty(v).shape.iter().all(|d| !d.is_symbolic());
         out[p] = !node.inputs.is_empty()
+            && node.results.iter().all(|&r| sized(r))
             && node.inputs.iter().all(|&v| {
                 let q = cx.producer(v);
                 out[q] || matches!(cx.node(q).op, Op::Param { .. } | Op::Constant { .. })

@@ -739,7 +739,10 @@ impl Program {
                         }
                         ArgRole::Scratch => false,
                     });
-                    if weight_only && reads > 0 {
+                    // A kernel that takes the run's sizes (a broadcast to `[B, T]` of a constant,
+                    // say, summed to count the tokens) computes something else at every size: it
+                    // runs with the run.
+                    if weight_only && reads > 0 && k.sym_args.is_empty() {
                         for (a, b) in k.args.iter().zip(buffers) {
                             if a.role == ArgRole::Output {
                                 derived.insert(*b);

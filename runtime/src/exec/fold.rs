@@ -5,7 +5,10 @@
 //! of its own, and is left out of every run.
 //!
 //! Parameters are read-only for every program (what a program writes is a state, and a launch that
-//! reads a state is never weight-only), so a folded value never goes stale.
+//! reads a state is never weight-only), so a folded value never goes stale. A kernel that takes the
+//! run's sizes (`B`, `T`, `S`) is never folded: its result depends on them (a train step counts its
+//! tokens by summing a constant broadcast to `[B, T]`, which folded at the loaded maxima made every
+//! gradient of a smaller batch `max / actual` times too small).
 //!
 //! Each folded value has a key that says what it is: the kernel and the keys of its inputs
 //! (`param:NAME`, a constant's value and type, or another folded value's key). Two programs that
