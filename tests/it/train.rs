@@ -611,19 +611,9 @@ fn an_artifact_compiled_for_larger_sizes_trains_smaller_batches_exactly() {
     let s = Scratch::new();
     let data = root().join(GOLDEN).join("tokens.safetensors").to_string_lossy().into_owned();
     let art = s.str("big.kiln");
-    let c = kiln(&[
-        "compile",
-        "models/tiny.toml",
-        "--train",
-        "--target",
-        "cpu",
-        "--max-batch",
-        "4",
-        "--max-context",
-        "64",
-        "-o",
-        &art,
-    ]);
+    // Twice the rows and tokens the runs give.
+    let larger = ["--max-batch", "4", "--max-context", "64"];
+    let c = kiln(&[&["compile", "models/tiny.toml", "--train", "-o", &art][..], &larger].concat());
     assert!(c.ok, "{}", c.stderr);
     let train = |model: &str, out: &str| {
         let r = kiln(&[
