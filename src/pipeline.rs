@@ -365,8 +365,11 @@ pub struct PipelineTrainer<B: Backend> {
     started: std::collections::HashSet<(u32, Phase)>,
     programs: HashMap<(u32, Phase), StageProgram>,
     update: StageProgram,
-    /// The states of each rank's stages, by name.
+    /// The states of each rank's stages, by name: those its programs write.
     states_of_rank: Vec<Vec<String>>,
+    /// The states each rank's programs read and no program writes (a router's bias without the
+    /// bias rule): a checkpoint asks the first rank that holds one for it.
+    read_only_of_rank: Vec<Vec<String>>,
     /// The weights this rank reads and another updates (the embedding the MTP module looks up), by
     /// the rank that updates them; and the weights this rank updates that others read, by reader.
     reads: Vec<(u32, Vec<String>)>,
@@ -478,13 +481,22 @@ impl<B: Backend> PipelineTrainer<B> {
             let names = r.stages.iter().flat_map(|&s| Phase::ALL.map(|ph| cut::program_name(s, ph)));
             names.chain([cut::update_name(r.rank)]).collect()
         };
-        // Each rank's states: those its programs write.
+        // Each rank's states: those its programs write; and those they only read, which no program
+        // writes (a router's bias without the bias rule), held where they are read.
         let mut states_of_rank = Vec::new();
+        let mut read_only_of_rank = Vec::new();
         for r in &plan.ranks {
             let mut names: Vec<String> = stage_programs(r).iter().flat_map(|p| state_io(p, true)).collect();
             names.sort();
             names.dedup();
+            let mut read: Vec<String> = stage_programs(r).iter().flat_map(|p| state_io(p, false)).collect();
+            read.sort();
+            read.dedup();
+            read_only_of_rank.push(read);
             states_of_rank.push(names);
+        }
+        for read in &mut read_only_of_rank {
+            read.retain(|n| !states_of_rank.iter().any(|names| names.contains(n)));
         }
         // Who reads whose weights: a stage program's state input another rank writes.
         let owner = |name: &str| states_of_rank.iter().position(|names| names.iter().any(|n| n == name));
@@ -548,6 +560,7 @@ impl<B: Backend> PipelineTrainer<B> {
             programs,
             update,
             states_of_rank,
+            read_only_of_rank,
             gathered: Default::default(),
             remote: Default::default(),
             streaming: false,
@@ -1075,7 +1088,9 @@ impl<B: Backend> PipelineTrainer<B> {
     fn map_remote(&mut self) {
         self.streaming = true;
         self.remote.clear();
-        for (r, names) in self.states_of_rank.iter().enumerate().skip(1) {
+        // The writer of each state, else a rank that reads it.
+        let holders = self.states_of_rank.iter().enumerate().chain(self.read_only_of_rank.iter().enumerate());
+        for (r, names) in holders.filter(|(r, _)| *r > 0) {
             for n in names {
                 if !self.held(n) && !self.remote.contains_key(n) {
                     self.remote.insert(n.clone(), r as u32);

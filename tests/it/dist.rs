@@ -628,6 +628,36 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     assert!(!r.ok && r.stderr.contains("sum nothing over data-parallel replicas"), "{}", r.stderr);
 }
 
+/// Without the bias rule no program writes the routers' biases, and a pipeline's last rank holds
+/// its stages' biases only to read them: its checkpoint still has every tensor one process's has
+/// (it lacked the last stage's biases, so it could be neither resumed nor run), and resumes.
+#[test]
+fn a_pipeline_checkpoint_holds_the_tensors_no_step_writes() {
+    let s = Scratch::new();
+    let (one, two) = (s.str("one"), s.str("two"));
+    let flags = ["--mtp-lambda", "0.3", "--bias-update-speed", "0"];
+    let r = kiln(&[&train_args("models/tiny.toml", &one, "1")[..], &flags].concat());
+    assert!(r.ok, "{}", r.stderr);
+    let args = [&train_args("models/tiny.toml", &two, "1")[..], &flags, &["--pp", "2"]].concat();
+    let r = mpirun(2, &args, Duration::from_secs(300));
+    assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+    let names = |dir: &str| -> Vec<String> {
+        let c = kiln_runtime::weights::open_checkpoint(&Path::new(dir).join("step-1")).unwrap();
+        let mut v: Vec<String> = c.tensors().map(|t| t.name.clone()).collect();
+        v.sort();
+        v
+    };
+    let (ours, theirs) = (names(&one), names(&two));
+    let missing: Vec<&String> = ours.iter().filter(|n| !theirs.contains(n)).collect();
+    assert!(missing.is_empty(), "the pipeline's checkpoint lacks {missing:?}");
+    assert_eq!(ours, theirs);
+    let from = format!("{two}/step-1");
+    let resume = [&["train", "models/tiny.toml", "--resume", &from][..], &flags].concat();
+    let rest = ["--data", DATA, "--batch", "4", "--steps", "2", "--threads", "1", "--out", &two];
+    let r = kiln(&[&resume[..], &rest].concat());
+    assert!(r.ok && r.stdout.contains("step     2"), "{}{}", r.stdout, r.stderr);
+}
+
 /// `kiln run --ep 2` under `mpirun -n 2`: each process holds half of every MoE layer's routed
 /// experts (`kiln compile --pp 1 --ep 2`), the partial sums of the experts meet in an all-reduce,
 /// and generation gives the one-process tokens with logits equal to rounding.
