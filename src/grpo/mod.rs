@@ -21,7 +21,8 @@
 //! `--save-every K` (and the last step) writes `step-N/`, a Hugging Face folder (config.json,
 //! model.safetensors, and the tokenizer files) that `kiln run`, `kiln chat` and another `kiln grpo`
 //! load, with what a resume needs besides: AdamW's state (`optimizer.safetensors`) and the run's
-//! position (`grpo.json`: the step, the sampling settings, a fingerprint of the reference model).
+//! position (`grpo.json`: the step, the sampling settings, fingerprints of the reference model and
+//! of the prompts).
 //! `--resume DIR/step-N`, given the run's model and initial weights again (the reference model),
 //! continues it: N steps then M more are N + M steps, byte for byte, since step k takes prompts
 //! and samples by k alone. At the end, `report.html` charts the run (`kiln report`: rewards, KL,
@@ -94,6 +95,8 @@ struct Progress {
     group: usize,
     /// The reference model's weights, as [`fingerprint`] gives them.
     reference: String,
+    /// The prompts, in order, with their answers, as [`fingerprint`] gives them.
+    prompts: String,
 }
 
 const PROGRESS: &str = "grpo.json";
@@ -121,6 +124,19 @@ fn fingerprint<'t>(tensors: impl IntoIterator<Item = &'t HostTensor>) -> String 
     format!("{h:016x}")
 }
 
+/// The prompts' token ids and answers, in order, as [`fingerprint`] hashes tensors.
+fn prompts_fingerprint(prompts: &[Prompt]) -> String {
+    let tensors: Vec<HostTensor> = (prompts.iter().enumerate())
+        .map(|(i, p)| HostTensor {
+            name: format!("{i:08} {}", p.answer),
+            dtype: kiln_ir::DType::I64,
+            shape: vec![p.ids.len() as u64],
+            data: weights::HostData::I64(p.ids.clone()),
+        })
+        .collect();
+    fingerprint(&tensors)
+}
+
 /// The checkpoint `dir`'s position, checked against this run: the same model, reference weights and
 /// sampling settings.
 fn resume_point(dir: &Path, want: &Progress) -> Result<Progress> {
@@ -137,6 +153,13 @@ fn resume_point(dir: &Path, want: &Progress) -> Result<Progress> {
         bail!(
             "{}: the run's reference model (its initial weights) differs from the weights given: resume with the \
              model and --weights (or --random-weights) the run started from",
+            dir.display()
+        );
+    }
+    if p.prompts != want.prompts {
+        bail!(
+            "{}: the run took its prompts from another file (or another tokenizer): a resume continues the \
+             run's prompts, so give the same --prompts",
             dir.display()
         );
     }
@@ -227,6 +250,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         prompts_per_step: req.prompts_per_step,
         group: req.group,
         reference: fingerprint(&initial),
+        prompts: prompts_fingerprint(&prompts),
     };
     // A resume's policy: the checkpoint's weights (checked before anything is compiled).
     let resumed: Option<Vec<HostTensor>> = match req.resume {

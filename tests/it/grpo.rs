@@ -148,19 +148,22 @@ fn kiln_grpo_samples_rewards_and_moves_the_policy() {
 
 /// A checkpoint carries AdamW's state and the run's position: 2 steps, then a resume to 4, end
 /// byte for byte where 4 steps in one run end, and log the same steps. A resume with another
-/// reference model or other sampling settings is refused before anything is compiled.
+/// reference model, other sampling settings or other prompts is refused before anything is
+/// compiled.
 #[test]
 fn kiln_grpo_resumes_byte_for_byte() {
     // 4 completions of up to 3 tokens a prompt.
     const SAMPLING: [&str; 6] = ["--group", "4", "--max-new-tokens", "3", "--lr", "0.002"];
     let s = Scratch::new();
     let policy = sft_policy(&s);
+    let prompts = s.str("prompts.jsonl");
+    std::fs::copy(root().join("tests/fixtures/chat/arith-prompts.jsonl"), &prompts).unwrap();
     let grpo = |out: &str, steps: &str, extra: &[&str]| {
         let base = [
             "grpo",
             &policy,
             "--prompts",
-            "tests/fixtures/chat/arith-prompts.jsonl",
+            &prompts,
             "--out",
             out,
             "--steps",
@@ -214,4 +217,13 @@ fn kiln_grpo_resumes_byte_for_byte() {
     assert!(!r.ok && r.stderr.contains("--seed 0"), "{}", r.stderr);
     let r = grpo(&s.str("x"), "4", &["--resume", &policy]);
     assert!(!r.ok && r.stderr.contains("grpo.json"), "{}", r.stderr);
+    // The same prompts file, edited since: its first prompt's answer.
+    let text = std::fs::read_to_string(&prompts).unwrap();
+    let first = text.lines().next().unwrap();
+    let mut v: Value = serde_json::from_str(first).unwrap();
+    v["answer"] = Value::from("x");
+    let edited = text.replacen(first, &v.to_string(), 1);
+    std::fs::write(&prompts, edited).unwrap();
+    let r = grpo(&s.str("x"), "4", &["--resume", &half]);
+    assert!(!r.ok && r.stderr.contains("give the same --prompts"), "{}", r.stderr);
 }
