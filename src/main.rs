@@ -383,8 +383,8 @@ enum Command {
         /// Threads per kernel launch (default: every core).
         #[arg(long)]
         threads: Option<usize>,
-        /// Save a checkpoint every K steps (and always after the last).
-        #[arg(long, value_name = "K")]
+        /// Save a checkpoint every K steps, K at least 1 (and always after the last).
+        #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
         save_every: Option<u64>,
         /// Continue the run a checkpoint of it (`--out`'s `step-N`) left, to --steps in all: give
         /// the run's model and initial weights (its reference model) and sampling settings again.
@@ -627,8 +627,8 @@ struct TrainArgs {
     /// Where checkpoints (`step-N/`) and `metrics.jsonl` go.
     #[arg(long)]
     out: PathBuf,
-    /// Save a checkpoint every K steps (and always after the last).
-    #[arg(long, value_name = "K")]
+    /// Save a checkpoint every K steps, K at least 1 (and always after the last).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
     save_every: Option<u64>,
     /// Continue from a checkpoint folder of an earlier run.
     #[arg(long)]

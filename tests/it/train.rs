@@ -216,6 +216,10 @@ fn kiln_train_checkpoints_resume_bit_identically() {
     refused(&["--random-weights", "3", "--steps", "1", "--lr", "NaN"], "--lr must be a finite");
     refused(&["--random-weights", "3", "--steps", "1", "--batch", "9"], "3 rows, fewer than one batch of 9");
     refused(&["--random-weights", "3", "--steps", "0"], "--steps and --batch must be at least 1");
+    refused(
+        &["--random-weights", "3", "--steps", "2", "--save-every", "0"],
+        "invalid value '0' for '--save-every <K>'",
+    );
     refused(&["--steps", "1"], "give the initial weights");
     let _ = Path::new(".");
 }
