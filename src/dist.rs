@@ -235,6 +235,27 @@ impl Dist {
         self.rank == 0
     }
 
+    /// What the processes of this job on this machine (which share its memory) hold together and
+    /// have free: the sum of each one's `bytes`, and the least memory any of them sees available
+    /// once every one has passed the sum (so each has allocated what it held then). Every process
+    /// of the job must call it; each gets the same two numbers as the others of its machine.
+    pub fn node_memory(&self, bytes: u64) -> (u64, Option<u64>) {
+        let node = self.world.split_shared(self.rank as i32);
+        let (rank, size) = (node.rank() as usize, node.size() as usize);
+        let reduce = |value: u64, op: SystemOperation, what: &str| {
+            let mut out = 0u64;
+            mpi::request::scope(|scope| {
+                let req = node.immediate_all_reduce_into(scope, &value, &mut out, op);
+                poll(req, self.timeout, || stalled(&node, rank, size, self.timeout, what));
+            });
+            out
+        };
+        let total = reduce(bytes, SystemOperation::sum(), "the sum of the states this machine holds");
+        let free = kiln_runtime::host::available_memory().unwrap_or(u64::MAX);
+        let least = reduce(free, SystemOperation::min(), "the least memory free on this machine");
+        (total, (least != u64::MAX).then_some(least))
+    }
+
     /// Waits until every process has called it, for at most `wait` (at least `--comm-timeout`);
     /// `what` names the point in an error.
     pub fn barrier(&self, what: &str, wait: Duration) -> Result<()> {

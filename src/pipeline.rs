@@ -263,6 +263,15 @@ impl Link {
     }
 }
 
+/// `a += b`, both f32 values as little-endian bytes of the same length.
+fn add_f32_bytes(a: &mut [u8], b: &[u8]) {
+    for (x, y) in a.chunks_exact_mut(4).zip(b.chunks_exact(4)) {
+        let sum = f32::from_le_bytes(x.try_into().expect("4 bytes"))
+            + f32::from_le_bytes(y.try_into().expect("4 bytes"));
+        x.copy_from_slice(&sum.to_le_bytes());
+    }
+}
+
 /// Tensors laid end to end with their names, dtypes and shapes (every value of a float dtype
 /// travels as f32, which holds bf16, f16 and FP8 exactly; integers as i64).
 fn encode(tensors: &[HostTensor]) -> Vec<u8> {
@@ -279,15 +288,25 @@ fn encode(tensors: &[HostTensor]) -> Vec<u8> {
             out.extend(d.to_le_bytes());
         }
         match &t.data {
+            // The values' bytes written into room made for them at once (a byte at a time through
+            // `extend` grows the buffer as it goes, several times slower for a stage's gradients).
             HostData::F32(v) => {
                 out.push(0);
                 out.extend((v.len() as u64).to_le_bytes());
-                v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+                let at = out.len();
+                out.resize(at + 4 * v.len(), 0);
+                for (c, x) in out[at..].chunks_exact_mut(4).zip(v) {
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
             }
             HostData::I64(v) => {
                 out.push(1);
                 out.extend((v.len() as u64).to_le_bytes());
-                v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+                let at = out.len();
+                out.resize(at + 8 * v.len(), 0);
+                for (c, x) in out[at..].chunks_exact_mut(8).zip(v) {
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
             }
         }
     }
@@ -740,28 +759,31 @@ impl<B: Backend> PipelineTrainer<B> {
             return Ok(());
         }
         // One accumulator at a time, both ranks in name order: a stage's gradients as one
-        // message may pass MPI's 2^31 elements, and one at a time holds one copy of each.
+        // message may pass MPI's 2^31 elements, and one at a time holds one copy of each. The
+        // values travel as their bytes, and the sum is made in place in this rank's copy: each
+        // accumulator is read once, sent once, received once and written back once.
         let names = self.accumulators.clone();
+        let mut mine = Vec::new();
         for n in &names {
-            let t = self.exec.read_state(n)?;
-            self.link.send(partner, COPIES_TAG, encode(std::slice::from_ref(&t)));
-            let bytes = self.link.recv(partner, COPIES_TAG, &format!("rank {partner}'s gradient `{n}`"));
-            let theirs = decode(&bytes)?.pop().ok_or_else(|| {
-                RuntimeError::BadOption(format!(
-                    "rank {partner} sent nothing for `{n}` (a kiln bug; please report it)"
-                ))
-            })?;
-            let (HostData::F32(a), HostData::F32(b)) = (&t.data, &theirs.data) else {
-                return Err(RuntimeError::BadOption(format!("accumulator `{}` is not a float", t.name)));
-            };
-            if t.name != theirs.name || a.len() != b.len() {
+            let (dtype, _) = self.exec.state_type(n)?;
+            if dtype != DType::F32 {
+                return Err(RuntimeError::BadOption(format!("accumulator `{n}` is {dtype}, not f32")));
+            }
+            self.exec.copy_state(n, &mut mine)?;
+            // Room for the send time `Link::send` appends, so that it does not copy again.
+            let mut out = Vec::with_capacity(mine.len() + 8);
+            out.extend_from_slice(&mine);
+            self.link.send(partner, COPIES_TAG, out);
+            let theirs = self.link.recv(partner, COPIES_TAG, &format!("rank {partner}'s gradient `{n}`"));
+            if theirs.len() != mine.len() {
                 return Err(RuntimeError::BadOption(format!(
-                    "rank {partner} sent `{}` for `{}` (a kiln bug; please report it)",
-                    theirs.name, t.name
+                    "rank {partner} sent {} bytes for `{n}`, which holds {} (a kiln bug; please report it)",
+                    theirs.len(),
+                    mine.len()
                 )));
             }
-            let sum = a.iter().zip(b).map(|(x, y)| x + y).collect();
-            self.exec.write_state(&HostTensor { data: HostData::F32(sum), ..t })?;
+            add_f32_bytes(&mut mine, &theirs);
+            self.exec.restore_state(n, &mine)?;
             self.link.flush();
         }
         Ok(())

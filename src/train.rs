@@ -885,22 +885,37 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     let rollback = mon.is_some() && req.monitor.on_anomaly == Policy::Rollback;
     // The monitor's copies of the states live in host memory beside the run: one taken before each
     // step (skip-batch undoes a step from it; a non-finite step's op-by-op re-check starts from
-    // it) and rollback's last checkpoint. One process checks that they fit: a copy it cannot do
-    // without is refused before any step, and the pre-step copy that only serves the re-check is
-    // dropped with a note, rather than the run being killed for memory.
-    let single = req.pipeline.is_none() && req.dist.is_none() && share.is_none();
+    // it) and rollback's last checkpoint. They must fit in the memory free: a copy the run cannot
+    // do without is refused before any step, and the pre-step copy that only serves the re-check
+    // is dropped with a note, rather than the run being killed for memory. The processes of a
+    // multi-process run that share a machine copy their states side by side, so it is their sum
+    // that must fit (every process of the machine comes to the same answer). The log says what
+    // was counted and decided.
     let mut copy_before = mon.is_some();
-    if let (Some(_), true, Some(free)) = (&mon, single, kiln_runtime::host::available_memory()) {
+    if mon.is_some() {
         let (w, k) = trainer.heads()?;
         let bytes: u64 =
             w.iter().chain(&k).map(|h| h.shape.iter().product::<u64>() * h.dtype.size_bytes()).sum();
-        copy_before = match monitor::copies(req.monitor.on_anomaly, bytes, free)? {
-            monitor::Copies::All => true,
-            monitor::Copies::NoneBefore(note) => {
-                bar.suspend(|| say!("monitor: {note}"));
-                false
-            }
+        let (bytes, free) = match req.group() {
+            Some(d) => d.node_memory(bytes),
+            None => (bytes, kiln_runtime::host::available_memory()),
         };
+        let decided = |copy: bool| {
+            serde_json::json!({"event": "monitor_copies", "state_bytes": bytes, "free_bytes": free,
+                "copy_before_each_step": copy})
+        };
+        if let Some(free) = free {
+            copy_before = match monitor::copies(req.monitor.on_anomaly, bytes, free)? {
+                monitor::Copies::All => true,
+                monitor::Copies::NoneBefore(note) => {
+                    if req.leader() {
+                        bar.suspend(|| say!("monitor: {note}"));
+                    }
+                    false
+                }
+            };
+        }
+        writeln!(metrics, "{}", decided(copy_before))?;
     }
     let mut last_good = match &mon {
         Some(m) if rollback => Some((monitor::saved(trainer.as_ref())?, progress.clone(), m.clone(), 0u32)),

@@ -68,9 +68,14 @@ fn logged(dir: &Path) -> Vec<(f64, f64)> {
 
 /// The run's `communication` event (what its collectives and messages cost).
 fn logged_communication(dir: &Path) -> serde_json::Value {
+    logged_event(dir, "communication")
+}
+
+/// The last `event` line of kind `kind` in a run's log.
+fn logged_event(dir: &Path, kind: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     let mut records = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
-    records.rfind(|l| l["event"] == "communication").expect("a communication event")
+    records.rfind(|l| l["event"] == kind).unwrap_or_else(|| panic!("no `{kind}` event in {}", dir.display()))
 }
 
 /// Each logged step's router-bias statistics (mean, std, min and max of each router's bias), by
@@ -503,6 +508,20 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         let hidden: f64 = comm.rsplit(": ").next().unwrap().split('%').next().unwrap().parse().unwrap();
         assert!((0.0..=100.0).contains(&hidden), "{comm}");
         assert_close(&format!("--pp {n} {schedule}"), &logged(Path::new(&out)), expected);
+        // The monitor's pre-step copies must fit beside every process of the machine: it counted
+        // the states of all of them (DualPipe's ranks hold each stage twice, the replicas the
+        // model once each; every process keeps its own scalars, such as AdamW's step count).
+        if !zero1 && ep == 1 {
+            let copies =
+                |dir: &str| logged_event(Path::new(dir), "monitor_copies")["state_bytes"].as_u64().unwrap();
+            let twice = if schedule == "dualpipe" { 2 } else { 1 };
+            let (got, want) = (copies(&out), copies(one) * twice * dp as u64);
+            let processes = n.parse::<u64>().unwrap() * dp as u64;
+            assert!(
+                want <= got && got <= want + 16 * processes,
+                "--pp {n} {schedule} --dp {dp}: {got} vs {want}"
+            );
+        }
         let manifest: kiln_ir::artifact::Manifest = serde_json::from_str(
             &std::fs::read_to_string(Path::new(&out).join("train.kiln/manifest.json")).unwrap(),
         )

@@ -95,10 +95,12 @@ fn train(data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Out {
     kiln(&[&base[..], extra].concat())
 }
 
-/// The lines of `metrics.jsonl` in `dir`: the step lines and the event lines.
+/// The lines of `metrics.jsonl` in `dir`: the step lines and the event lines (but the
+/// `monitor_copies` line every run starts with, checked below).
 fn log(dir: &Path) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    let lines: Vec<serde_json::Value> = lines.filter(|l| l["event"] != "monitor_copies").collect();
     lines.into_iter().partition(|l| l.get("event").is_none())
 }
 
