@@ -137,6 +137,34 @@ impl B<'_> {
     }
 }
 
+/// `v` computed again, where that is cheap: an elementwise op, or a chain of them, on the
+/// program's inputs, parameters, constants and scalars (`None` otherwise). AdamW reads its own copy
+/// of each gradient the global norm has read first. A pipeline rank's gradients are its kept
+/// accumulators times `1 / M` (`pipeline_update`): read by both, each would be held whole, every
+/// parameter's at once, from the norm's kernels until the update's (the rank's gradients over
+/// again in the arena, 1.8 GB on models/bench.toml with MTP under DualPipe); with a copy, each
+/// lives only inside the fused kernels that read it. The copy is the same ops on the same
+/// values, so the update's floats do not change.
+fn recomputed(b: &mut B, v: ValueId) -> Result<Option<ValueId>, TrainError> {
+    let node = b.g.node(b.g.producer(v));
+    let (op, inputs) = match &node.op {
+        _ if b.g.ty(v).rank() == 0 => return Ok(Some(v)),
+        Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => return Ok(Some(v)),
+        Op::Binary(_) | Op::Unary(_) | Op::Cast { .. } if node.results.len() == 1 => {
+            (node.op.clone(), node.inputs.clone())
+        }
+        _ => return Ok(None),
+    };
+    let mut copies = Vec::with_capacity(inputs.len());
+    for x in inputs {
+        match recomputed(b, x)? {
+            Some(c) => copies.push(c),
+            None => return Ok(None),
+        }
+    }
+    b.node(op, &copies).map(Some)
+}
+
 /// The caller input of a step whose AdamW states are split over the replicas
 /// ([`Optimizer::shards`]): this replica's rank, i32 `[1]`.
 pub const DP_RANK: &str = kiln_ir::module::DP_RANK;
@@ -655,9 +683,14 @@ fn step_program(
         let m_stored = b.declared(Op::Input { name: mn.clone() }, moment_ty.clone())?;
         let v_stored = b.declared(Op::Input { name: vn.clone() }, moment_ty.clone())?;
         let (m, v) = (b.f32(m_stored)?, b.f32(v_stored)?);
-        let g = match coef {
-            Some(c) => b.bin(BinaryOp::Mul, *d, c)?,
+        let d = match coef {
+            // The norm read `d` first: the update reads a copy where one is cheap (`recomputed`).
+            Some(_) => recomputed(&mut b, *d)?.unwrap_or(*d),
             None => *d,
+        };
+        let g = match coef {
+            Some(c) => b.bin(BinaryOp::Mul, d, c)?,
+            None => d,
         };
         let g = match shard {
             Some((s, _)) => s.take(&mut b, g, numel)?,

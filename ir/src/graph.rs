@@ -273,7 +273,13 @@ impl Graph {
     ///   rather than when the reduction's turn comes (a train step's squared gradients, summed
     ///   for the global norm, would otherwise all be alive at the end of the backward pass);
     /// - a KV cache's update, and the nodes only it reads (the latent's concat), whose operands
-    ///   then die at once (the update writes the cache's own storage).
+    ///   then die at once (the update writes the cache's own storage);
+    /// - a state's update (its result the output named as an input it reads) from values only it
+    ///   reads and the program's inputs, parameters and constants, and those inputs, parameters
+    ///   and constants: a gradient accumulator's update (`acc * keep + dW`), so that each
+    ///   micro-batch's weight gradient dies as soon as it is made, rather than every one of them
+    ///   living until the accumulators' turn comes at the end (the stage's gradients over again
+    ///   in the arena).
     pub fn nodes(&self) -> Vec<NodeId> {
         self.order.get_or_init(|| self.order_now()).clone()
     }
@@ -286,6 +292,21 @@ impl Graph {
             let node = &self.dag[NodeIndex::new(i)];
             matches!(node.op, Op::Reduce { .. })
                 && node.inputs.iter().all(|&v| self.users(v) == [NodeId(i as u32)])
+        };
+        let leaf = |v: ValueId| {
+            matches!(
+                self.node(self.producer(v)).op,
+                Op::Input { .. } | Op::Param { .. } | Op::Constant { .. }
+            )
+        };
+        // A state's update (the output named as the input it reads), but a KV cache's (above).
+        let accumulates = |i: usize| {
+            let node = &self.dag[NodeIndex::new(i)];
+            let alone = |v: ValueId| self.users(v) == [NodeId(i as u32)];
+            !matches!(node.op, Op::CacheUpdate)
+                && node.inputs.iter().any(|&v| !leaf(v) && alone(v))
+                && node.inputs.iter().all(|&v| leaf(v) || alone(v))
+                && node.results.iter().any(|&r| self.updates_state(NodeId(i as u32), r))
         };
         let mut urgent = vec![false; self.dag.node_bound()];
         // A KV cache's update, and what only it reads (the latent's concat), as soon as ready: its
@@ -305,6 +326,16 @@ impl Graph {
             urgent[i.index()] |= collective(i.index())
                 || (users.peek().is_some() && users.all(collective))
                 || shrinks(i.index());
+            if accumulates(i.index()) {
+                // Its inputs, parameters and constants too: one declared just before it (the
+                // accumulator's input) would otherwise wait its turn by id, and the update with it.
+                urgent[i.index()] = true;
+                for &v in &self.dag[i].inputs {
+                    if leaf(v) {
+                        urgent[self.producer(v).0 as usize] = true;
+                    }
+                }
+            }
             any |= urgent[i.index()];
         }
         if !any {
@@ -402,6 +433,16 @@ impl Graph {
     /// Whether any output names value `v`.
     pub fn is_output(&self, v: ValueId) -> bool {
         self.values.get(v.0 as usize).and_then(Option::as_ref).is_some_and(|d| d.outputs > 0)
+    }
+
+    /// Whether value `v` is an output under the name of an input that node `n` reads: the new
+    /// value of a state `n` updates (an accumulator, a weight, a KV cache).
+    pub fn updates_state(&self, n: NodeId, v: ValueId) -> bool {
+        self.is_output(v)
+            && self.outputs.iter().filter(|(_, o)| *o == v).any(|(name, _)| {
+                (self.node(n).inputs.iter())
+                    .any(|&x| matches!(&self.node(self.producer(x)).op, Op::Input { name: i } if i == name))
+            })
     }
 
     /// Removes the output called `name`, returning its value (the value itself stays).
