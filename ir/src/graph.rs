@@ -275,8 +275,8 @@ impl Graph {
     /// - a KV cache's update, and the nodes only it reads (the latent's concat), whose operands
     ///   then die at once (the update writes the cache's own storage);
     /// - a state's update (its result the output named as an input it reads) from values only it
-    ///   reads and the program's inputs, parameters and constants, and those inputs, parameters
-    ///   and constants: a gradient accumulator's update (`acc * keep + dW`), so that each
+    ///   reads and the program's inputs, parameters and constants, and those of them declared
+    ///   after the values: a gradient accumulator's update (`acc * keep + dW`), so that each
     ///   micro-batch's weight gradient dies as soon as it is made, rather than every one of them
     ///   living until the accumulators' turn comes at the end (the stage's gradients over again
     ///   in the arena).
@@ -327,12 +327,16 @@ impl Graph {
                 || (users.peek().is_some() && users.all(collective))
                 || shrinks(i.index());
             if accumulates(i.index()) {
-                // Its inputs, parameters and constants too: one declared just before it (the
-                // accumulator's input) would otherwise wait its turn by id, and the update with it.
+                // Its inputs, parameters and constants declared after what it computes from (the
+                // accumulator's input, declared just before its update) too: they would otherwise
+                // wait their turn by id, and the update with them.
                 urgent[i.index()] = true;
-                for &v in &self.dag[i].inputs {
-                    if leaf(v) {
-                        urgent[self.producer(v).0 as usize] = true;
+                let inputs = &self.dag[i].inputs;
+                let made = inputs.iter().filter(|&&v| !leaf(v)).map(|&v| self.producer(v).0).min();
+                for &v in inputs {
+                    let n = self.producer(v).0;
+                    if leaf(v) && made.is_some_and(|m| n > m) {
+                        urgent[n as usize] = true;
                     }
                 }
             }
