@@ -138,18 +138,22 @@ impl B<'_> {
 }
 
 /// `v` computed again, where that is cheap: an elementwise op, or a chain of them, on the
-/// program's inputs, parameters, constants and scalars (`None` otherwise). AdamW reads its own copy
-/// of each gradient the global norm has read first. A pipeline rank's gradients are its kept
-/// accumulators times `1 / M` (`pipeline_update`): read by both, each would be held whole, every
-/// parameter's at once, from the norm's kernels until the update's (the rank's gradients over
-/// again in the arena, 1.8 GB on models/bench.toml with MTP under DualPipe); with a copy, each
-/// lives only inside the fused kernels that read it. The copy is the same ops on the same
-/// values, so the update's floats do not change.
+/// program's inputs, parameters, constants, scalars and sums over peers (`None` otherwise). AdamW
+/// reads its own copy of each gradient the global norm has read first. A pipeline rank's gradients
+/// are its kept accumulators times `1 / M` (`pipeline_update`), a data-parallel replica's its
+/// all-reduced gradients times `1 / M`: read by both, each scaled gradient would be held whole,
+/// every parameter's at once, from the norm's kernels until the update's, beside the values it is
+/// made from (the rank's gradients over again in the arena, 1.8 GB on models/bench.toml with MTP
+/// under DualPipe); with a copy, each lives only inside the fused kernels that read it. The copy
+/// is the same ops on the same values, so the update's floats do not change.
 fn recomputed(b: &mut B, v: ValueId) -> Result<Option<ValueId>, TrainError> {
     let node = b.g.node(b.g.producer(v));
     let (op, inputs) = match &node.op {
         _ if b.g.ty(v).rank() == 0 => return Ok(Some(v)),
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => return Ok(Some(v)),
+        // A sum over the replicas is made once, as the backward pass ends, and kept in any case:
+        // reading it again costs nothing.
+        Op::AllReduce { .. } => return Ok(Some(v)),
         Op::Binary(_) | Op::Unary(_) | Op::Cast { .. } if node.results.len() == 1 => {
             (node.op.clone(), node.inputs.clone())
         }

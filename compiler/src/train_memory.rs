@@ -432,8 +432,8 @@ fn value_of(g: &Graph, memory: &MemoryPlan, i: usize) -> Option<ValueId> {
 }
 
 /// The values node `n` squares and sums: `mul d, d` whose square a reduction reads (AdamW's
-/// `g * g` is scaled instead). Inside a fused node, `d` may be cast or reshaped from one of the
-/// node's operands, or be one of its results.
+/// `g * g` is scaled instead). Inside a fused node, `d` may be cast, reshaped or scaled by a scalar
+/// (a data-parallel sum times `1 / M`) from one of the node's operands, or be one of its results.
 fn squared(g: &Graph, n: NodeId) -> Vec<ValueId> {
     let node = g.node(n);
     let is_reduce = |op: &Op| matches!(op, Op::Reduce { .. });
@@ -469,8 +469,16 @@ fn squared(g: &Graph, n: NodeId) -> Vec<ValueId> {
                         break;
                     }
                     let p = body.node(body.producer(x));
+                    let scalar = |v: ValueId| body.ty(v).rank() == 0;
                     match &p.op {
                         Op::Cast { .. } | Op::Reshape { .. } => x = p.inputs[0],
+                        // A gradient scaled in the kernel (a data-parallel sum times 1 / M).
+                        Op::Binary(kiln_ir::BinaryOp::Mul) if scalar(p.inputs[1]) && !scalar(p.inputs[0]) => {
+                            x = p.inputs[0]
+                        }
+                        Op::Binary(kiln_ir::BinaryOp::Mul) if scalar(p.inputs[0]) && !scalar(p.inputs[1]) => {
+                            x = p.inputs[1]
+                        }
                         Op::Input { name } => {
                             let k = name.strip_prefix('a').and_then(|k| k.parse::<usize>().ok());
                             if let Some(&v) = k.and_then(|k| node.inputs.get(k)) {

@@ -171,6 +171,14 @@ fn kiln_inspect_train_counts_each_kind_of_layer_once() {
         moments(&split),
         moments(&unsplit)
     );
+    // A data-parallel replica holds its gradients once: summed over the replicas in place of
+    // the backward pass's, the norm and AdamW each reading the sum times 1 / M for themselves.
+    let dp = json(&["--dp", "2"]);
+    for c in 0..2 {
+        let (a, b) = (&dp["columns"][c]["per_rank"][0], &reduced["columns"][c]["per_rank"][0]);
+        assert_eq!(a["gradient_copies"], 0, "column {c}");
+        assert_eq!(a["gradients"], b["gradients"], "column {c}");
+    }
     let pp = json(&["--pp", "2", "--schedule", "1f1b"]);
     let ranks = pp["columns"][1]["per_rank"].as_array().unwrap();
     assert_eq!(ranks.len(), 2);
