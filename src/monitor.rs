@@ -39,7 +39,9 @@
 //!   host copy taken before each step) and its batch is dropped: the data position stays past the
 //!   batch, the step count does not move, so the next batch is taken for the same step number (at
 //!   the same learning rate). A run of `--steps N` still makes N updates and reads one more batch
-//!   per skip.
+//!   per skip. A failure after [`MAX_SKIPS_IN_A_ROW`] batches undone one after another stops the run: by
+//!   then the weights themselves are broken, not the batches (a step that was kept blew them up,
+//!   and every batch after it fails), and skipping on would go round the data for ever.
 //! - `rollback`: the run goes back to its last checkpoint (the last `step-N/` written by
 //!   `--save-every`, or the run's start; held in memory, a host copy of the weights and optimizer
 //!   state) with its data position, and replays from there; the offending batch (by epoch and
@@ -73,6 +75,10 @@ use kiln_runtime::weights::HostTensor;
 
 /// Rollbacks to one checkpoint before the run gives up.
 pub const MAX_ROLLBACKS: u32 = 5;
+
+/// Batches `skip-batch` undoes one after another, with no step kept between them, before the run
+/// gives up.
+pub const MAX_SKIPS_IN_A_ROW: u32 = 10;
 
 /// What an anomaly makes the run do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1367,6 +1367,10 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         self.exec.write_state(&value)
     }
 
+    fn zero_accumulators(&mut self) -> Result<(), RuntimeError> {
+        self.exec.zero_accumulators()
+    }
+
     fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {
         self.read(name)
     }

@@ -930,6 +930,8 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     });
     // Batches a rollback skips when the replay reaches them, by epoch and position.
     let mut skip: std::collections::HashSet<(u64, usize)> = Default::default();
+    // Batches skip-batch has undone since the last step kept.
+    let mut skipped_in_a_row = 0u32;
     let mut last_saved: Option<PathBuf> = req.resume.map(Path::to_path_buf);
     let event = |metrics: &mut Box<dyn Write>, v: serde_json::Value| writeln!(metrics, "{v}");
     // What the replicas' sums cost over the run (`--dp`).
@@ -1094,6 +1096,19 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             Some(Policy::SkipBatch) => {
                 trainer.restore(&before)?;
+                if skipped_in_a_row == monitor::MAX_SKIPS_IN_A_ROW {
+                    metrics.flush()?;
+                    let last = match &last_saved {
+                        Some(dir) => format!("the last checkpoint, {}, is intact", dir.display()),
+                        None => "no checkpoint was written in this run".into(),
+                    };
+                    bail!(
+                        "step {step}: the batch of rows {which:?} fails too, after {skipped_in_a_row} batches in a row \
+                         were undone and skipped: the weights, not the batches, are likely broken (by a step kept \
+                         earlier); stopping; {last} (--on-anomaly rollback goes back to the last checkpoint instead)"
+                    );
+                }
+                skipped_in_a_row += 1;
                 if req.leader() {
                     bar.suspend(|| {
                         say!("monitor: step {step}: undone; the batch of rows {which:?} is skipped")
@@ -1134,6 +1149,7 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if let Some(m) = mon.as_mut() {
             m.keep(&record);
         }
+        skipped_in_a_row = 0;
         progress.step += 1;
         let load = stats.max_load.map_or(String::new(), |m| format!("  max load {m:.3}x mean"));
         bar.suspend(|| {

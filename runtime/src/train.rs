@@ -488,10 +488,14 @@ impl<B: Backend> CompiledTrainer<B> {
         Ok((stats, found))
     }
 
-    /// From now on, every step writes NaN into the results of the train step's first launch in
-    /// scope `scope` (`None`: no more): see [`Executor::set_poison`].
+    /// From now on, every step writes NaN into the results of its first launch in scope `scope`
+    /// (`None`: no more): see [`Executor::set_poison`]. With micro-batches, that launch is in the
+    /// `accumulate` program, which runs first (and every micro-batch but the last).
     pub fn set_poison(&mut self, scope: Option<&str>) -> Result<(), RuntimeError> {
-        let program = self.program.clone();
+        let program = match &self.accumulate {
+            Some((acc, _)) if self.micro_batches > 1 => acc.clone(),
+            _ => self.program.clone(),
+        };
         self.exec.set_poison(scope.map(|s| (program.as_str(), s)))
     }
 
@@ -671,13 +675,19 @@ pub trait Steps {
         into.tensors = self.weights()?.into_iter().chain(self.states()?).collect();
         Ok(())
     }
-    /// Puts back the states [`Steps::save`] copied.
+    /// Puts back the states [`Steps::save`] copied, and zeroes the gradient accumulators
+    /// ([`Steps::zero_accumulators`]).
     fn restore(&mut self, from: &Saved) -> Result<(), RuntimeError> {
         for v in &from.tensors {
             self.set_state(v.clone())?;
         }
-        Ok(())
+        self.zero_accumulators()
     }
+    /// Writes zeros over the gradient accumulators of a step split into micro-batches. A step is
+    /// undone (or re-run op by op) because its sums were not finite, and they may stay in the
+    /// accumulators: the next step's first micro-batch starts its sum from the old one times 0,
+    /// which keeps a NaN, so every later step would fail too.
+    fn zero_accumulators(&mut self) -> Result<(), RuntimeError>;
     /// The states [`Steps::save`] copied, as tensors.
     fn saved_tensors(&self, from: &Saved) -> Result<Vec<HostTensor>, RuntimeError> {
         Ok(from.tensors.clone())
@@ -748,6 +758,15 @@ impl Steps for Trainer {
     ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
         Trainer::step_checked(self, rows, lr)
     }
+    fn zero_accumulators(&mut self) -> Result<(), RuntimeError> {
+        for s in self.states.iter().filter(|s| s.role == StateRole::GradientAccumulator) {
+            let t = &self.values[&s.name];
+            let zeros = Tensor::from_f32(t.dtype(), t.shape().to_vec(), vec![0.0; t.numel()])
+                .map_err(|e| RuntimeError::BadOption(format!("accumulator `{}`: {e}", s.name)))?;
+            self.values.insert(s.name.clone(), zeros);
+        }
+        Ok(())
+    }
 }
 
 impl<B: Backend> Steps for CompiledTrainer<B> {
@@ -811,7 +830,10 @@ impl<B: Backend> Steps for CompiledTrainer<B> {
         for v in &from.tensors {
             self.set_state(v.clone())?;
         }
-        Ok(())
+        self.exec.zero_accumulators()
+    }
+    fn zero_accumulators(&mut self) -> Result<(), RuntimeError> {
+        self.exec.zero_accumulators()
     }
     fn saved_tensors(&self, from: &Saved) -> Result<Vec<HostTensor>, RuntimeError> {
         let mut out = Vec::with_capacity(from.raw.len() + from.tensors.len());

@@ -191,6 +191,108 @@ fn an_lr_spike_raises_a_spike_and_rollback_ends_as_the_run_without_the_batch() {
     recovers("lr-spike:100@10", "rollback", &["loss_spike", "grad_norm_spike"]);
 }
 
+/// A step kept early (within the spike warm-up) at a learning rate blown up 1e30 times breaks the
+/// weights: every later batch is non-finite. skip-batch undoes batch after batch, and after
+/// `MAX_SKIPS_IN_A_ROW` (10) stops at the next failure with an error that says so, where it used to
+/// go round the data for ever.
+#[test]
+fn skip_batch_gives_up_when_every_batch_fails() {
+    let s = Scratch::new();
+    write_rows(&s.path("d.safetensors"), &(0..ROWS).collect::<Vec<_>>());
+    let r = train(
+        &s.path("d.safetensors"),
+        &s.path("w"),
+        12,
+        &["--on-anomaly", "skip-batch", "--inject-fault", "lr-spike:1e30@2"],
+    );
+    assert!(!r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("after 10 batches in a row were undone and skipped"), "{}", r.stderr);
+    assert!(r.stderr.contains("the weights, not the batches, are likely broken"), "{}", r.stderr);
+    let (steps, events) = log(&s.path("w"));
+    assert_eq!(steps.len(), 2, "steps 1 and 2 kept");
+    assert_eq!(events.iter().filter(|e| e["event"] == "skip").count(), 10, "{events:?}");
+}
+
+/// NaN written at step 3 into a launch of the first micro-batch (with `--micro-batch`, the
+/// `accumulate` program's), so that the step's gradient sums are NaN: skip-batch undoes the step
+/// and zeroes the accumulators, and the run ends as the run without the batch. Before they were
+/// zeroed, the next step's first micro-batch started its sum from the NaN times 0, every later
+/// step failed, and skip-batch dropped batch after batch for ever.
+#[test]
+fn skip_batch_clears_the_gradient_accumulators_of_a_step_undone() {
+    let s = Scratch::new();
+    let art = s.str("acc.kiln");
+    let c = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--train",
+        "--accumulate",
+        "--target",
+        "cpu",
+        "--max-batch",
+        "2",
+        "--max-context",
+        "16",
+        "-o",
+        &art,
+    ]);
+    assert!(c.ok, "{}", c.stderr);
+    let run = |data: &str, out: &str, extra: &[&str]| {
+        let base = [
+            "train",
+            &art,
+            "--data",
+            data,
+            "--random-weights",
+            "1",
+            "--batch",
+            "2",
+            "--micro-batch",
+            "1",
+            "--lr",
+            "1e-2",
+            "--steps",
+            "6",
+            "--spike-window",
+            "5",
+            "--spike-warmup",
+            "4",
+            "--out",
+            out,
+        ];
+        kiln(&[&base[..], extra].concat())
+    };
+    let all: Vec<usize> = (0..ROWS).collect();
+    write_rows(&s.path("all.safetensors"), &all);
+    let scope = "model.layers.2.self_attn";
+    let r = run(
+        &s.str("all.safetensors"),
+        &s.str("a"),
+        &["--on-anomaly", "skip-batch", "--inject-fault", &format!("nan:{scope}@3")],
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("in scope {scope} (")), "{}", r.stderr);
+    let (steps, events) = log(&s.path("a"));
+    let skips: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "skip").collect();
+    assert_eq!(skips.len(), 1, "one batch skipped, then the run goes on: {events:?}");
+    assert_eq!((skips[0]["step"].as_u64(), skips[0]["rows"].clone()), (Some(3), serde_json::json!([4, 5])));
+
+    let kept: Vec<usize> = all.iter().copied().filter(|r| ![4, 5].contains(r)).collect();
+    write_rows(&s.path("kept.safetensors"), &kept);
+    let r = run(&s.str("kept.safetensors"), &s.str("b"), &[]);
+    assert!(r.ok, "{}", r.stderr);
+    let (want, _) = log(&s.path("b"));
+    assert_eq!(steps.len(), want.len());
+    for (got, want) in steps.iter().zip(&want) {
+        assert_eq!((&got["step"], &got["loss"]), (&want["step"], &want["loss"]));
+    }
+    let f = "model.safetensors";
+    assert_eq!(
+        std::fs::read(s.path("a/step-6").join(f)).unwrap(),
+        std::fs::read(s.path("b/step-6").join(f)).unwrap()
+    );
+}
+
 /// NaN written into the first launch of `model.layers.2.self_attn` at step 3: the step is
 /// non-finite, the re-check names that scope (and the interpreter finds the step finite), and
 /// under the default policy the run stops with step 2's state as the last written.

@@ -1022,6 +1022,31 @@ impl<B: Backend> Executor<B> {
         self.backend.write(mem, 0, bytes)
     }
 
+    /// Writes zeros over every gradient accumulator state, a piece at a time (a model's
+    /// accumulators are its gradients' size): a step undone may have left non-finite sums in them,
+    /// which the next step's first micro-batch would keep, since it starts its sum from the old one
+    /// times 0.
+    pub fn zero_accumulators(&mut self) -> Result<(), RuntimeError> {
+        const PIECE: usize = 16 << 20;
+        let zeros = vec![0u8; PIECE];
+        let accumulators: Vec<(String, usize)> = (self.manifest.states.iter())
+            .filter(|s| s.role == kiln_ir::module::StateRole::GradientAccumulator)
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &self.max).unwrap_or(0) as usize,
+                )
+            })
+            .collect();
+        for (name, n) in accumulators {
+            let mem = self.states.get_mut(&name).expect("every declared state is allocated");
+            for at in (0..n).step_by(PIECE) {
+                self.backend.write(mem, at, &zeros[..PIECE.min(n - at)])?;
+            }
+        }
+        Ok(())
+    }
+
     /// State `name` as a tensor, from bytes [`Executor::copy_state`] copied.
     pub fn decode_state(&self, name: &str, bytes: &[u8]) -> Result<HostTensor, RuntimeError> {
         let s =
