@@ -42,25 +42,30 @@ fn write_rows(path: &Path, which: &[usize]) {
     weights::write_safetensors(path, &[tokens], StoreFloats::AsDeclared).unwrap();
 }
 
+/// Compiles the train step of models/tiny.toml for batches of 2 rows of 16 tokens into `dir`,
+/// with `extra` flags.
+fn compile_step(dir: &Path, extra: &[&str]) {
+    let base = [
+        "compile",
+        "models/tiny.toml",
+        "--train",
+        "--target",
+        "cpu",
+        "--max-batch",
+        "2",
+        "--max-context",
+        "16",
+    ];
+    let c = kiln(&[&base[..], extra, &["-o", dir.to_str().unwrap()]].concat());
+    assert!(c.ok, "{}", c.stderr);
+}
+
 /// The train step of models/tiny.toml for batches of 2 rows of 16 tokens, compiled once.
 fn artifact() -> &'static Path {
     static ART: OnceLock<PathBuf> = OnceLock::new();
     ART.get_or_init(|| {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("monitor-train.kiln");
-        let c = kiln(&[
-            "compile",
-            "models/tiny.toml",
-            "--train",
-            "--target",
-            "cpu",
-            "--max-batch",
-            "2",
-            "--max-context",
-            "16",
-            "-o",
-            dir.to_str().unwrap(),
-        ]);
-        assert!(c.ok, "{}", c.stderr);
+        compile_step(&dir, &[]);
         dir
     })
 }
@@ -222,21 +227,7 @@ fn skip_batch_gives_up_when_every_batch_fails() {
 fn skip_batch_clears_the_gradient_accumulators_of_a_step_undone() {
     let s = Scratch::new();
     let art = s.str("acc.kiln");
-    let c = kiln(&[
-        "compile",
-        "models/tiny.toml",
-        "--train",
-        "--accumulate",
-        "--target",
-        "cpu",
-        "--max-batch",
-        "2",
-        "--max-context",
-        "16",
-        "-o",
-        &art,
-    ]);
-    assert!(c.ok, "{}", c.stderr);
+    compile_step(&s.path("acc.kiln"), &["--accumulate"]);
     let run = |data: &str, out: &str, extra: &[&str]| {
         let base = [
             "train",
