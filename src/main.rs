@@ -193,7 +193,7 @@ enum Command {
         #[arg(long)]
         prompt: Option<String>,
         /// How many tokens to generate at most.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
         max_new_tokens: u64,
         /// Keep generating past the end-of-sequence token.
         #[arg(long)]
@@ -256,7 +256,7 @@ enum Command {
         #[arg(long)]
         message: Vec<String>,
         /// Tokens per reply at most (fewer when the context leaves less room).
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = at_least_one)]
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
@@ -354,9 +354,9 @@ enum Command {
         group: usize,
         #[arg(long, default_value_t = 1.0)]
         temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = probability)]
         top_p: f32,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 32, value_parser = at_least_one)]
         max_new_tokens: usize,
         /// The learning rate (DeepSeekMath's GRPO: 1e-6).
         #[arg(long, default_value_t = 1e-6)]
@@ -529,6 +529,25 @@ impl ModelArgs {
     }
 }
 
+/// A count of at least 1, for clap.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
+/// Nucleus sampling's top-p, in (0, 1], for clap (checked even when decoding is greedy and does
+/// not read it: a value outside is a mistake either way).
+fn probability(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        Ok(p) => Err(format!("top-p is a probability in (0, 1], not {p}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
 /// Sampling flags, as `kiln run` has them.
 #[derive(clap::Args)]
 struct SamplingArgs {
@@ -536,7 +555,7 @@ struct SamplingArgs {
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this probability (with --temperature).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = probability)]
     top_p: f32,
     /// Seed of the sampler (with --temperature).
     #[arg(long, default_value_t = 0)]

@@ -277,6 +277,14 @@ impl Hyper {
         if self.warmup > self.steps {
             bail!("--warmup {} is longer than the run's {} steps", self.warmup, self.steps);
         }
+        if self.schedule != Schedule::Constant && self.min_lr > self.lr {
+            bail!(
+                "--min-lr {} is above --lr {}: the {} schedule decays from --lr to --min-lr",
+                self.min_lr,
+                self.lr,
+                format!("{:?}", self.schedule).to_lowercase()
+            );
+        }
         Ok(())
     }
 }

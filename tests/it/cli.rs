@@ -257,6 +257,13 @@ fn run_rejects_bad_requests_clearly() {
     assert!(negative.stderr.contains("prompt token 0 is -3"), "{}", negative.stderr);
     let too_long = with(&["--prompt-ids", "1,2", "--max-new-tokens", "1023"]);
     assert!(too_long.stderr.contains("exceed the model's context of 1024 positions"), "{}", too_long.stderr);
+    // Nothing to generate, or a top-p that is no probability (greedy or not).
+    let none = with(&["--prompt-ids", "1", "--max-new-tokens", "0"]);
+    assert!(!none.ok && none.stderr.contains("'0' for '--max-new-tokens"), "{}", none.stderr);
+    for p in ["0", "2", "nan"] {
+        let top_p = with(&["--prompt-ids", "1", "--top-p", p]);
+        assert!(!top_p.ok && top_p.stderr.contains("--top-p"), "{p}: {}", top_p.stderr);
+    }
     let not_a_number = with(&["--prompt-ids", "1,x"]);
     assert!(!not_a_number.ok && not_a_number.stderr.contains("invalid value 'x'"), "{}", not_a_number.stderr);
     let no_engine = kiln(&["run", "models/tiny.toml", "--random-weights", "1", "--prompt-ids", "1"]);

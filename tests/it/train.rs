@@ -223,6 +223,21 @@ fn kiln_train_checkpoints_resume_bit_identically() {
     refused(&["--random-weights", "3", "--steps", "1", "--batch", "9"], "3 rows, fewer than one batch of 9");
     refused(&["--random-weights", "3", "--steps", "0"], "--steps and --batch must be at least 1");
     refused(
+        &[
+            "--random-weights",
+            "3",
+            "--steps",
+            "2",
+            "--schedule",
+            "cosine",
+            "--lr",
+            "1e-3",
+            "--min-lr",
+            "1e-2",
+        ],
+        "--min-lr 0.01 is above --lr 0.001: the cosine schedule decays from --lr to --min-lr",
+    );
+    refused(
         &["--random-weights", "3", "--steps", "2", "--save-every", "0"],
         "invalid value '0' for '--save-every <K>'",
     );
