@@ -406,10 +406,15 @@ fn step_program(
     }
     // The whole batch's gradients and loss: the earlier micro-batches' sums plus this one's, over
     // the number of micro-batches.
+    // A data-parallel step's sums over the replicas, each written over its accumulator.
+    let mut summed_in_place: Vec<(String, ValueId)> = Vec::new();
     if last {
         let count = b.declared(Op::Input { name: MICRO_BATCHES.into() }, TensorType::scalar(DType::F32))?;
         let one = b.c(1.0)?;
         let scale = b.bin(BinaryOp::Div, one, count)?;
+        // (A data-parallel step writes the replicas' sums over its accumulators, below: a step
+        // with no earlier micro-batch, whose accumulate program would have started them, finds
+        // them zeroed by the runtime.)
         let mut whole = |b: &mut B, name: String, d: ValueId| -> Result<ValueId, TrainError> {
             let d = b.f32(d)?;
             let ty = b.g.ty(d).clone();
@@ -426,13 +431,23 @@ fn step_program(
         let mut sums: Vec<(&str, &mut ValueId)> =
             trained.iter_mut().map(|(n, _, d)| (group_of(n), d)).collect();
         sums.push((DP_GROUP, &mut loss));
+        let mut reduced = Vec::new();
         if data_parallel {
             for (group, d) in sums.iter_mut() {
                 **d = b.node(Op::AllReduce { group: group.to_string() }, &[**d])?;
+                reduced.push(**d);
             }
         }
         for (_, d) in sums {
             *d = b.bin(BinaryOp::Mul, *d, scale)?;
+        }
+        // Each gradient's sum over the replicas goes into its accumulator's storage (the
+        // accumulator is read before, by the add, and the next step starts it afresh), not into
+        // the arena, where all of them would be held until the update beside the accumulators:
+        // the model's gradients twice. The norm and AdamW each read it times `1 / M`
+        // (`recomputed`).
+        for ((name, _, _), r) in trained.iter().zip(reduced) {
+            summed_in_place.push((grad_acc(name), r));
         }
         // The load accumulators' inputs are the graph's own (Part::Last); declare them.
         for (name, v) in b.g.inputs() {
@@ -766,7 +781,7 @@ fn step_program(
     for (n, v) in layer_norms {
         add(&mut g, &n, v)?;
     }
-    for (n, v) in updates {
+    for (n, v) in updates.into_iter().chain(summed_in_place) {
         add(&mut g, &n, v)?;
     }
     kiln_ir::verify::verify(&g).map_err(|e| TrainError::Internal(e.to_string()))?;
@@ -850,6 +865,12 @@ pub fn pipeline_update(
             *v = b.node(Op::AllReduce { group: group.into() }, &[*v])?;
         }
     }
+    // Each accumulator's sum over the replicas is written over the accumulator itself (nothing
+    // reads the rank's own sum after it), not held in the arena beside it until the update.
+    let summed_in_place: Vec<(String, ValueId)> = match data_parallel {
+        true => params.iter().zip(&accs).map(|((name, _), &v)| (grad_acc(name), v)).collect(),
+        false => Vec::new(),
+    };
     let mut outputs = Vec::new();
     for ((name, _), acc) in params.iter().zip(&accs) {
         outputs.push((format!("{GRAD_PREFIX}{name}"), b.bin(BinaryOp::Mul, *acc, scale)?));
@@ -881,7 +902,10 @@ pub fn pipeline_update(
     }
     // With `data_parallel`, the sums are done; the step may still split AdamW's states over the
     // replicas (ZeRO-1, `opt.shards`).
-    let (step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies), experts)?;
+    let (mut step, _) = step_program(&g, &[], opt, false, data_parallel, Some(copies), experts)?;
+    for (n, v) in summed_in_place {
+        step.add_output(n, v).map_err(|e| TrainError::Internal(e.to_string()))?;
+    }
     Ok(step)
 }
 

@@ -264,7 +264,8 @@ impl Graph {
     /// soon as they are ready:
     ///
     /// - a sum over peers (`all_reduce`), and a node whose only users are collectives (the add or
-    ///   cast that makes a collective's operand), so that a program starts each sum over its peers
+    ///   cast that makes a collective's operand, with the leaves declared after what it computes
+    ///   from: an accumulator's input), so that a program starts each sum over its peers
     ///   as early as it can and the communication overlaps the computation after it (a
     ///   data-parallel step's gradient sums start during the backward pass, as DDP's buckets do).
     ///   Only one level: everything upstream of a gradient ends in a collective, and hurrying all
@@ -323,13 +324,12 @@ impl Graph {
             let i = NodeIndex::new(n.0 as usize);
             let mut users =
                 self.dag.edges_directed(i, Direction::Outgoing).map(|e| e.target().index()).peekable();
-            urgent[i.index()] |= collective(i.index())
-                || (users.peek().is_some() && users.all(collective))
-                || shrinks(i.index());
-            if accumulates(i.index()) {
+            let feeds_collective = users.peek().is_some() && users.all(collective);
+            urgent[i.index()] |= collective(i.index()) || feeds_collective || shrinks(i.index());
+            if accumulates(i.index()) || feeds_collective {
                 // Its inputs, parameters and constants declared after what it computes from (the
-                // accumulator's input, declared just before its update) too: they would otherwise
-                // wait their turn by id, and the update with them.
+                // accumulator's input, declared just before its update or its sum over peers)
+                // too: they would otherwise wait their turn by id, and the node with them.
                 urgent[i.index()] = true;
                 let inputs = &self.dag[i].inputs;
                 let made = inputs.iter().filter(|&&v| !leaf(v)).map(|&v| self.producer(v).0).min();

@@ -202,9 +202,24 @@ impl Trainer {
         if names.iter().any(|n| n == MICRO_BATCHES) {
             feeds.push(scalar(MICRO_BATCHES, parts.len() as f32));
         }
+        // See `CompiledTrainer::step_watched`.
+        if earlier.is_empty() && self.accumulate.is_some() {
+            self.clear_accumulators()?;
+        }
         let out = self.run(Which::Step, feeds, found)?;
         let outputs = out.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_f32()?.to_vec())));
         Ok(stats(outputs))
+    }
+
+    /// Zeros over every gradient accumulator ([`Steps::zero_accumulators`]).
+    fn clear_accumulators(&mut self) -> Result<(), RuntimeError> {
+        for s in self.states.iter().filter(|s| s.role == StateRole::GradientAccumulator) {
+            let t = &self.values[&s.name];
+            let zeros = Tensor::from_f32(t.dtype(), t.shape().to_vec(), vec![0.0; t.numel()])
+                .map_err(|e| RuntimeError::BadOption(format!("accumulator `{}`: {e}", s.name)))?;
+            self.values.insert(s.name.clone(), zeros);
+        }
+        Ok(())
     }
 
     /// The states a checkpoint keeps besides the model's weights (moments, the step count), by
@@ -526,6 +541,12 @@ impl<B: Backend> CompiledTrainer<B> {
         // Every replica's micro-batches, when the step is one replica's of several.
         let replicas = crate::comm::group_size(self.exec.communicator(), kiln_ir::module::DP_GROUP)?;
         feeds.push(scalar(MICRO_BATCHES, (parts.len() * replicas) as f32));
+        // The last micro-batch adds into the accumulators the earlier ones started (and a
+        // data-parallel step writes the replicas' sums over them): with none before it, they
+        // must be zero.
+        if earlier.is_empty() && self.accumulate.is_some() {
+            self.exec.zero_accumulators()?;
+        }
         feeds.extend(rank_inputs(self.exec.communicator()));
         feeds.retain(|t| self.inputs.contains(&t.name));
         if check {
@@ -759,13 +780,7 @@ impl Steps for Trainer {
         Trainer::step_checked(self, rows, lr)
     }
     fn zero_accumulators(&mut self) -> Result<(), RuntimeError> {
-        for s in self.states.iter().filter(|s| s.role == StateRole::GradientAccumulator) {
-            let t = &self.values[&s.name];
-            let zeros = Tensor::from_f32(t.dtype(), t.shape().to_vec(), vec![0.0; t.numel()])
-                .map_err(|e| RuntimeError::BadOption(format!("accumulator `{}`: {e}", s.name)))?;
-            self.values.insert(s.name.clone(), zeros);
-        }
-        Ok(())
+        self.clear_accumulators()
     }
 }
 

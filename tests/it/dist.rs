@@ -146,6 +146,26 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
         assert!(between > 100, "{between} launches between the gradient sums: they are not started early");
     }
 
+    // A replica holds its gradients once: each gradient's sum over the replicas is written over
+    // its accumulator, not into the arena, where all of them would wait for the global norm beside
+    // the accumulators (as the one-process step's scaled gradients do).
+    let step_of = |dir: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(Path::new(dir).join("manifest.json")).unwrap();
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        m["programs"].as_array().unwrap().iter().find(|p| p["name"] == "train_step").unwrap().clone()
+    };
+    let (step, one_step) = (step_of(&dp), step_of(&plain));
+    let arena = |p: &serde_json::Value| p["arena_bytes"].as_u64().unwrap();
+    assert!(2 * arena(&step) < arena(&one_step), "{} against {}", arena(&step), arena(&one_step));
+    let buffers = step["buffers"].as_array().unwrap();
+    let in_states = (step["steps"].as_array().unwrap().iter())
+        .filter(|s| s["step"] == "all_reduce")
+        .map(|s| &buffers[s["buffer"].as_u64().unwrap() as usize])
+        .filter(|b| b["shape"].as_array().unwrap().len() == 2)
+        .inspect(|b| assert_eq!(b["storage"]["in"], "state", "{b}"))
+        .count();
+    assert!(in_states > 50, "{in_states} matrices summed");
+
     // One process, 4 micro-batches of a row; two replicas of 2 micro-batches each; the
     // data-parallel step alone (a group of one).
     let (one, two, alone) = (s.path("one"), s.path("two"), s.path("alone"));
@@ -527,10 +547,11 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
         )
         .unwrap();
         // No program of a pipeline rank holds its gradients over again in the arena. An update
-        // reads a copy of each accumulator's `1 / M` scaling where the global norm read one: its
-        // arena is a small part of the gradients it reads (tiny8's stages, where no gradient is
-        // most of the rest; with --dp the update reads the replicas' sums, which it holds).
-        if model == tiny8 && ep == 1 && dp == 1 {
+        // reads a copy of each accumulator's `1 / M` scaling where the global norm read one, and
+        // with --dp writes the replicas' sums over the accumulators: its arena is a small part of
+        // the gradients it reads (tiny8's stages, where no gradient is most of the rest). (Under
+        // --zero1 the update gathers every updated weight into the arena as one message.)
+        if model == tiny8 && ep == 1 && !zero1 {
             for p in manifest.programs.iter().filter(|p| p.name.starts_with("rank.")) {
                 let grads: u64 = (p.inputs.iter().filter(|i| i.name.starts_with("grad.acc.")))
                     .map(|i| p.buffers[i.buffer.index()].max_bytes)

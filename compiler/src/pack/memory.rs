@@ -22,10 +22,11 @@
 //! reads it, and an output named like it updates it in place. The output's value is placed in the
 //! state's storage, which is safe for a `cache_update` of that state (its kernel writes the new
 //! slots into the cache it is given; nothing else may read the old cache), for any value computed
-//! after the last read of the state's old value, and for an elementwise kernel that reads the old
+//! after the last read of the state's old value, for an elementwise kernel that reads the old
 //! value (at the same shape, every operand full-size or scalar) as it writes the new one (each
-//! element is read before it is written: an optimizer's update); anything else is refused
-//! ([`PlanError::State`]).
+//! element is read before it is written: an optimizer's update), and for an `all_reduce` of the
+//! state itself (the runtime sums in place: a pipeline's accumulators over the replicas);
+//! anything else is refused ([`PlanError::State`]).
 //!
 //! A kernel with scratch buffers (a fused kernel computed in phases, `codegen::fusion`) gets fresh
 //! ones at each launch: buffers of kind `scratch` after the graph's values, live for that one step.
@@ -271,9 +272,13 @@ pub fn plan_memory(
                 Some(Step::Alias { source, .. }) => reads_old(source),
                 Some(Step::Runtime { .. }) | None => false,
             };
+            // A sum over peers of the state itself, written back over it: the runtime reads its
+            // operand when the message starts and writes the result when it ends (in place, as
+            // `MPI_IN_PLACE` or `ncclAllReduce` with one buffer), so its own read is not late.
+            let sums_itself = matches!(node.op, Op::AllReduce { .. }) && node.inputs[0] == input;
             let late = at_step
                 || last_read[root[c]].is_some_and(|l| l > at)
-                || runtime_last.get(&input).is_some_and(|&l| l >= at);
+                || runtime_last.get(&input).is_some_and(|&l| l > at || (l == at && !sums_itself));
             if late || !step_of.contains_key(v) {
                 return Err(PlanError::State(format!(
                     "state `{name}` cannot be updated in place: its old value is read at or after the step that computes the new one"
