@@ -138,7 +138,8 @@ impl B<'_> {
 }
 
 /// `v` computed again, where that is cheap: an elementwise op, or a chain of them, on the
-/// program's inputs, parameters, constants, scalars and sums over peers (`None` otherwise). AdamW
+/// program's inputs, parameters, constants, scalars, sums over peers and the values in `kept` (a
+/// last micro-batch's sums, written over their accumulators) (`None` otherwise). AdamW
 /// reads its own copy of each gradient the global norm has read first. A pipeline rank's gradients
 /// are its kept accumulators times `1 / M` (`pipeline_update`), a data-parallel replica's its
 /// all-reduced gradients times `1 / M`: read by both, each scaled gradient would be held whole,
@@ -146,10 +147,10 @@ impl B<'_> {
 /// made from (the rank's gradients over again in the arena, 1.8 GB on models/bench.toml with MTP
 /// under DualPipe); with a copy, each lives only inside the fused kernels that read it. The copy
 /// is the same ops on the same values, so the update's floats do not change.
-fn recomputed(b: &mut B, v: ValueId) -> Result<Option<ValueId>, TrainError> {
+fn recomputed(b: &mut B, v: ValueId, kept: &[ValueId]) -> Result<Option<ValueId>, TrainError> {
     let node = b.g.node(b.g.producer(v));
     let (op, inputs) = match &node.op {
-        _ if b.g.ty(v).rank() == 0 => return Ok(Some(v)),
+        _ if b.g.ty(v).rank() == 0 || kept.contains(&v) => return Ok(Some(v)),
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } => return Ok(Some(v)),
         // A sum over the replicas is made once, as the backward pass ends, and kept in any case:
         // reading it again costs nothing.
@@ -161,7 +162,7 @@ fn recomputed(b: &mut B, v: ValueId) -> Result<Option<ValueId>, TrainError> {
     };
     let mut copies = Vec::with_capacity(inputs.len());
     for x in inputs {
-        match recomputed(b, x)? {
+        match recomputed(b, x, kept)? {
             Some(c) => copies.push(c),
             None => return Ok(None),
         }
@@ -425,6 +426,7 @@ fn step_program(
         for (name, _, d) in &mut trained {
             *d = whole(&mut b, grad_acc(name), *d)?;
         }
+        let local: Vec<ValueId> = trained.iter().map(|(_, _, d)| *d).collect();
         loss = whole(&mut b, LOSS_ACC.into(), loss)?;
         // Every sum first, then every all-reduce (one after the other, which the runtime sends as
         // one message), then the scaling.
@@ -448,6 +450,13 @@ fn step_program(
         // (`recomputed`).
         for ((name, _, _), r) in trained.iter().zip(reduced) {
             summed_in_place.push((grad_acc(name), r));
+        }
+        // One process writes its own sums there, for the same reason (fuse-kernels keeps AdamW's
+        // copy of the scaling out of the kernel that makes the sum: `shed_waiting_results`).
+        if !data_parallel {
+            for ((name, _, _), s) in trained.iter().zip(&local) {
+                summed_in_place.push((grad_acc(name), *s));
+            }
         }
         // The load accumulators' inputs are the graph's own (Part::Last); declare them.
         for (name, v) in b.g.inputs() {
@@ -476,6 +485,7 @@ fn step_program(
             *d = b.bin(BinaryOp::Mul, *d, scale)?;
         }
     }
+    let kept: Vec<ValueId> = summed_in_place.iter().map(|(_, v)| *v).collect();
     let lr = b.declared(Op::Input { name: LR.into() }, TensorType::scalar(DType::F32))?;
     let step = b.declared(Op::Input { name: STEP.into() }, TensorType::scalar(DType::F32))?;
     states.push(StateDecl {
@@ -704,7 +714,7 @@ fn step_program(
         let (m, v) = (b.f32(m_stored)?, b.f32(v_stored)?);
         let d = match coef {
             // The norm read `d` first: the update reads a copy where one is cheap (`recomputed`).
-            Some(_) => recomputed(&mut b, *d)?.unwrap_or(*d),
+            Some(_) => recomputed(&mut b, *d, &kept)?.unwrap_or(*d),
             None => *d,
         };
         let g = match coef {

@@ -276,8 +276,9 @@ impl Graph {
     /// - a KV cache's update, and the nodes only it reads (the latent's concat), whose operands
     ///   then die at once (the update writes the cache's own storage);
     /// - a state's update (its result the output named as an input it reads) from values only it
-    ///   reads and the program's inputs, parameters and constants, and those of them declared
-    ///   after the values: a gradient accumulator's update (`acc * keep + dW`), so that each
+    ///   reads, scalars, and the program's inputs, parameters and constants, and those of them
+    ///   declared after the values: a gradient accumulator's update (`acc * keep + dW`, or a last
+    ///   micro-batch's `acc + dW` fused with its square times `1 / M`), so that each
     ///   micro-batch's weight gradient dies as soon as it is made, rather than every one of them
     ///   living until the accumulators' turn comes at the end (the stage's gradients over again
     ///   in the arena).
@@ -306,7 +307,7 @@ impl Graph {
             let alone = |v: ValueId| self.users(v) == [NodeId(i as u32)];
             !matches!(node.op, Op::CacheUpdate)
                 && node.inputs.iter().any(|&v| !leaf(v) && alone(v))
-                && node.inputs.iter().all(|&v| leaf(v) || alone(v))
+                && node.inputs.iter().all(|&v| leaf(v) || alone(v) || self.ty(v).rank() == 0)
                 && node.results.iter().any(|&r| self.updates_state(NodeId(i as u32), r))
         };
         let mut urgent = vec![false; self.dag.node_bound()];
@@ -337,6 +338,19 @@ impl Graph {
                     let n = self.producer(v).0;
                     if leaf(v) && made.is_some_and(|m| n > m) {
                         urgent[n as usize] = true;
+                    }
+                }
+                // And the scalars a tensor's update reads, with everything scalar they are computed
+                // from (a last micro-batch's `1 / M`, made from an input declared after the
+                // backward pass).
+                let tensor = self.dag[i].results.iter().any(|&r| self.ty(r).rank() > 0);
+                let mut stack: Vec<ValueId> = (inputs.iter().copied())
+                    .filter(|&v| tensor && !leaf(v) && self.ty(v).rank() == 0)
+                    .collect();
+                while let Some(v) = stack.pop() {
+                    let n = self.producer(v);
+                    if !std::mem::replace(&mut urgent[n.0 as usize], true) {
+                        stack.extend(self.node(n).inputs.iter().copied().filter(|&x| self.ty(x).rank() == 0));
                     }
                 }
             }

@@ -146,17 +146,31 @@ fn two_replicas_take_the_steps_of_one_process_and_fail_loudly() {
         assert!(between > 100, "{between} launches between the gradient sums: they are not started early");
     }
 
-    // A replica holds its gradients once: each gradient's sum over the replicas is written over
-    // its accumulator, not into the arena, where all of them would wait for the global norm beside
-    // the accumulators (as the one-process step's scaled gradients do).
-    let step_of = |dir: &str| -> serde_json::Value {
+    // A process holds its gradients once, alone or as a replica: the last micro-batch's sums (over
+    // the replicas too) are written over the accumulators, not into the arena, where all of them
+    // would wait for the global norm beside the accumulators. Its arena is an earlier
+    // micro-batch's, give or take a small part of the gradients.
+    let program_of = |dir: &str, name: &str| -> serde_json::Value {
         let text = std::fs::read_to_string(Path::new(dir).join("manifest.json")).unwrap();
         let m: serde_json::Value = serde_json::from_str(&text).unwrap();
-        m["programs"].as_array().unwrap().iter().find(|p| p["name"] == "train_step").unwrap().clone()
+        m["programs"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone()
     };
-    let (step, one_step) = (step_of(&dp), step_of(&plain));
     let arena = |p: &serde_json::Value| p["arena_bytes"].as_u64().unwrap();
-    assert!(2 * arena(&step) < arena(&one_step), "{} against {}", arena(&step), arena(&one_step));
+    let text = std::fs::read_to_string(Path::new(&plain).join("manifest.json")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let grads: u64 = (m["states"].as_array().unwrap().iter())
+        .filter(|s| s["role"] == "gradient_accumulator")
+        .map(|s| s["shape"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().parse::<u64>().unwrap()))
+        .map(|dims| 4 * dims.product::<u64>())
+        .sum();
+    for dir in [&plain, &dp] {
+        let (last, earlier) = (arena(&program_of(dir, "train_step")), arena(&program_of(dir, "accumulate")));
+        assert!(
+            last < earlier + grads / 2,
+            "{dir}: {last} bytes of arena, {earlier} before, {grads} of gradients"
+        );
+    }
+    let step = program_of(&dp, "train_step");
     let buffers = step["buffers"].as_array().unwrap();
     let in_states = (step["steps"].as_array().unwrap().iter())
         .filter(|s| s["step"] == "all_reduce")

@@ -147,6 +147,52 @@ impl Ctx<'_> {
         }
     }
 
+    /// Gives back the members of an elementwise `group` whose result would leave the kernel only
+    /// to wait: read by nothing in the group and by no output, only by elementwise ops that also
+    /// read a value computed after the rest of the group (so they cannot join it), and computed from
+    /// values that outlive the kernel in any case. Kept, each such member's result would be held
+    /// whole from this kernel to its readers'; given back, it is computed again inside its
+    /// readers' kernel from the values it reads. A train step's AdamW reads its own copy of each
+    /// gradient times `1 / M`, made from the sum written over its accumulator, and only after the
+    /// global norm: taken into the kernel that makes the sum, every copy was held at once, the
+    /// model's gradients over again in the arena.
+    fn shed_waiting_results(&self, group: &mut Group) {
+        let computed_later = |v: ValueId, after: usize| {
+            let q = self.producer(v);
+            q > after && !matches!(self.node(q).op, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. })
+        };
+        loop {
+            // The last of the other members (the member itself may come after what its readers
+            // wait for: AdamW's copy is made after the norm it waits for).
+            let last = |u: usize| group.nodes.iter().copied().filter(|&q| q != u).max().unwrap_or(0);
+            let kept_anyway = |v: ValueId, u: usize| {
+                !group.nodes.contains(&self.producer(v))
+                    || self.is_output(v)
+                    || self.readers(v).any(|w| w != u && !group.nodes.contains(&w))
+            };
+            let waiting = group.nodes.iter().copied().find(|&u| {
+                let node = self.node(u);
+                let [r] = node.results[..] else { return false };
+                u != group.anchor
+                    && !self.is_output(r)
+                    && self.readers(r).next().is_some()
+                    && self.readers(r).all(|w| {
+                        !group.nodes.contains(&w)
+                            && self.free(w)
+                            && is_elementwise(&self.node(w).op)
+                            && self.node(w).inputs.iter().any(|&z| z != r && computed_later(z, last(u)))
+                    })
+                    && node.inputs.iter().all(|&v| kept_anyway(v, u))
+            });
+            let Some(u) = waiting else { return };
+            group.nodes.remove(&u);
+            if !self.lowers(group) {
+                group.nodes.insert(u);
+                return;
+            }
+        }
+    }
+
     /// Grows `group` by elementwise consumers of its results, in order, as long as `keep` accepts
     /// the pattern. Returns the members added. With `no_state`, a consumer that reads a state
     /// updated in place stays out: the memory plan updates a state in place only in an
@@ -342,6 +388,7 @@ fn fuse(graph: &Graph, trace: &mut Trace) -> Result<(Option<Graph>, Work), PassE
         let mut group = Group::of([p], p);
         cx.grow_epilogue(&mut group, &|pat| *pat == Pattern::Elementwise, false, MAX_CHAIN_NODES);
         cx.grow_prologue(&mut group);
+        cx.shed_waiting_results(&mut group);
         let computing = group.nodes.iter().filter(|&&q| !matches!(cx.node(q).op, Op::Reshape { .. })).count();
         if computing >= 2 {
             claim(&mut cx, group, vec![ELEMENTWISE_CHAIN], trace);
