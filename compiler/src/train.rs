@@ -170,6 +170,42 @@ fn recomputed(b: &mut B, v: ValueId, kept: &[ValueId]) -> Result<Option<ValueId>
     b.node(op, &copies).map(Some)
 }
 
+/// [`recomputed`] on this replica's shard (`s`, of a tensor of `numel` elements): the same
+/// elementwise chain computed from the shards of its f32 tensors, which all have `v`'s numel, so
+/// that the whole scaled gradient is never made only to have one shard taken from it (the
+/// embedding's, 3.7 GB in f32 at DeepSeek-V3's size). Each element is the same ops on the same
+/// values, so the update's floats do not change. `None` where the chain is not such.
+fn recomputed_shard(
+    b: &mut B,
+    v: ValueId,
+    kept: &[ValueId],
+    s: Sharding,
+    numel: u64,
+) -> Result<Option<ValueId>, TrainError> {
+    let ty = b.g.ty(v).clone();
+    if ty.rank() == 0 {
+        return Ok(Some(v));
+    }
+    if ty.dtype != DType::F32 || ty.known_numel() != Some(numel) {
+        return Ok(None);
+    }
+    let node = b.g.node(b.g.producer(v));
+    let (op, inputs) = match &node.op {
+        _ if kept.contains(&v) => return s.take(b, v, numel).map(Some),
+        Op::Input { .. } | Op::Param { .. } | Op::AllReduce { .. } => return s.take(b, v, numel).map(Some),
+        Op::Binary(_) | Op::Unary(_) if node.results.len() == 1 => (node.op.clone(), node.inputs.clone()),
+        _ => return Ok(None),
+    };
+    let mut shards = Vec::with_capacity(inputs.len());
+    for x in inputs {
+        match recomputed_shard(b, x, kept, s, numel)? {
+            Some(c) => shards.push(c),
+            None => return Ok(None),
+        }
+    }
+    b.node(op, &shards).map(Some)
+}
+
 /// The caller input of a step whose AdamW states are split over the replicas
 /// ([`Optimizer::shards`]): this replica's rank, i32 `[1]`.
 pub const DP_RANK: &str = kiln_ir::module::DP_RANK;
@@ -712,18 +748,32 @@ fn step_program(
         let m_stored = b.declared(Op::Input { name: mn.clone() }, moment_ty.clone())?;
         let v_stored = b.declared(Op::Input { name: vn.clone() }, moment_ty.clone())?;
         let (m, v) = (b.f32(m_stored)?, b.f32(v_stored)?);
-        let d = match coef {
-            // The norm read `d` first: the update reads a copy where one is cheap (`recomputed`).
-            Some(_) => recomputed(&mut b, *d, &kept)?.unwrap_or(*d),
-            None => *d,
+        // With split states, this replica's shard of the gradient, computed on the shard.
+        let sharded = match (coef, shard) {
+            (Some(c), Some((s, _))) => match recomputed_shard(&mut b, *d, &kept, s, numel)? {
+                Some(d) => Some(b.bin(BinaryOp::Mul, d, c)?),
+                None => None,
+            },
+            _ => None,
         };
-        let g = match coef {
-            Some(c) => b.bin(BinaryOp::Mul, d, c)?,
-            None => d,
-        };
-        let g = match shard {
-            Some((s, _)) => s.take(&mut b, g, numel)?,
-            None => g,
+        let g = match sharded {
+            Some(g) => g,
+            None => {
+                let d = match coef {
+                    // The norm read `d` first: the update reads a copy where one is cheap
+                    // (`recomputed`).
+                    Some(_) => recomputed(&mut b, *d, &kept)?.unwrap_or(*d),
+                    None => *d,
+                };
+                let g = match coef {
+                    Some(c) => b.bin(BinaryOp::Mul, d, c)?,
+                    None => d,
+                };
+                match shard {
+                    Some((s, _)) => s.take(&mut b, g, numel)?,
+                    None => g,
+                }
+            }
         };
         // p *= 1 - lr wd.
         let p1 = b.bin(BinaryOp::Mul, *p, decay)?;

@@ -267,8 +267,9 @@ impl Graph {
     ///   cast that makes a collective's operand, with the leaves declared after what it computes
     ///   from: an accumulator's input), so that a program starts each sum over its peers
     ///   as early as it can and the communication overlaps the computation after it (a
-    ///   data-parallel step's gradient sums start during the backward pass, as DDP's buckets do).
-    ///   Only one level: everything upstream of a gradient ends in a collective, and hurrying all
+    ///   data-parallel step's gradient sums start during the backward pass, as DDP's buckets do);
+    ///   and a gather (`all_gather`), so that ZeRO-1's updated shards each travel as soon as they
+    ///   are made, rather than all waiting in the arena for one message at the end. Only one level: everything upstream of a gradient ends in a collective, and hurrying all
     ///   of it would hurry nothing;
     /// - a reduction that is the only reader of its operand, so that the operand dies at once
     ///   rather than when the reduction's turn comes (a train step's squared gradients, summed
@@ -289,7 +290,8 @@ impl Graph {
     /// [`Graph::nodes`], computed.
     fn order_now(&self) -> Vec<NodeId> {
         let (order, due) = self.ordered();
-        let collective = |i: usize| matches!(self.dag[NodeIndex::new(i)].op, Op::AllReduce { .. });
+        let collective =
+            |i: usize| matches!(self.dag[NodeIndex::new(i)].op, Op::AllReduce { .. } | Op::AllGather { .. });
         let shrinks = |i: usize| {
             let node = &self.dag[NodeIndex::new(i)];
             matches!(node.op, Op::Reduce { .. })
