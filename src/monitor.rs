@@ -35,8 +35,8 @@
 //! routing's drift over many steps, not one batch).
 //!
 //! - `warn` (the default): the step is kept. A non-finite step cannot be kept: it stops as `stop`.
-//! - `skip-batch`: the step is undone (every weight and optimizer state back to before it, from a
-//!   host copy taken before each step) and its batch is dropped: the data position stays past the
+//! - `skip-batch`: the step is undone (every weight and optimizer state back to before it) and
+//!   its batch is dropped: the data position stays past the
 //!   batch, the step count does not move, so the next batch is taken for the same step number (at
 //!   the same learning rate). A run of `--steps N` still makes N updates and reads one more batch
 //!   per skip. A failure after [`MAX_SKIPS_IN_A_ROW`] batches undone one after another stops the run: by
@@ -51,6 +51,18 @@
 //! - `stop`: the run ends with an error naming the alert; the last checkpoint is intact.
 //!
 //! Nothing is lost: the log keeps the alert, the skipped batch's rows and the rollback.
+//!
+//! # Undoing a step
+//!
+//! A step is undone without a copy where its trainer has a gate ([`Steps::step_gated`]): a
+//! compiled train step of one process or of replicas (`--dp`, `--ep`), and the interpreter's. The
+//! loss and the global gradient norm are known before AdamW writes any weight or moment (clipping
+//! needs the norm, and the norm every gradient), so the step pauses there and asks
+//! [`Monitor::verdict`]; a step the policy rejects (a non-finite one; a spike under `skip-batch`,
+//! `rollback` or `stop`) stops with the model as it was, and its op-by-op re-check starts from the
+//! same states. The processes of a run agree on the verdict by a gather before any goes on. A
+//! pipeline's ranks, whose update is a program of its own, copy their states to the host before
+//! each step instead ([`Steps::save`]), when the copy fits ([`copies`]).
 //!
 //! # Fault injection
 //!
@@ -484,6 +496,15 @@ impl Monitor {
         }
     }
 
+    /// What the run does about step `step` from its loss and gradient norm alone: the
+    /// [`Monitor::action`] of its alerts that follow `--on-anomaly` (which need nothing else).
+    /// A trainer with a gate asks this before the step's update ([`Steps::step_gated`]), and the
+    /// update is applied when it is `None` or `warn`.
+    pub fn verdict(&self, step: u64, loss: f32, grad_norm: f32) -> Option<Policy> {
+        let r = Record { step, loss: loss.into(), grad_norm: grad_norm.into(), ..Record::default() };
+        self.action(&self.check(&r))
+    }
+
     /// What the run does about `alerts`: the policy when one follows it, else keep the step. A
     /// non-finite step is never kept: `warn` stops.
     pub fn action(&self, alerts: &[Alert]) -> Option<Policy> {
@@ -503,7 +524,7 @@ pub fn saved(t: &dyn Steps) -> Result<Saved> {
     Ok(s)
 }
 
-/// Which of the monitor's copies of the states a run of one process takes ([`copies`]).
+/// Which of the monitor's copies of the states a run takes ([`copies`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Copies {
     /// Every copy its policy uses.
@@ -511,6 +532,10 @@ pub enum Copies {
     /// None before each step (the one a non-finite step's op-by-op re-check starts from), with the
     /// note that says so.
     NoneBefore(String),
+    /// None before each step, which the trainer does not need: its steps stop at their gate
+    /// ([`Steps::step_gated`]) when the monitor rejects them, before they change anything. Only
+    /// rollback's checkpoint is kept.
+    Gated,
 }
 
 /// Memory a run keeps free beside the monitor's copies.
@@ -519,13 +544,15 @@ pub const COPY_MARGIN: u64 = 1 << 30;
 /// The monitor's copies of the states (`bytes`: the weights and optimizer state) under `policy`,
 /// with `free` bytes of host memory free beside the run: one taken before each step (skip-batch
 /// undoes a step from it, a non-finite step's op-by-op re-check starts from it) and rollback's
-/// last checkpoint. A copy the policy cannot do without is refused when it does not fit (with
-/// [`COPY_MARGIN`] to spare), before any step; the pre-step copy that only serves the re-check is
-/// dropped, with a note, rather than the run being killed for memory.
-pub fn copies(policy: Policy, bytes: u64, free: u64) -> Result<Copies> {
+/// last checkpoint. A trainer whose steps stop at their gate (`gated`) needs no pre-step copy:
+/// a step it rejects never changes the states. A copy the policy cannot do without is refused
+/// when it does not fit (with [`COPY_MARGIN`] to spare), before any step; the pre-step copy that
+/// only serves the re-check is dropped, with a note, rather than the run being killed for memory.
+pub fn copies(policy: Policy, bytes: u64, free: u64, gated: bool) -> Result<Copies> {
     let needed = match policy {
-        Policy::SkipBatch | Policy::Rollback => bytes,
-        Policy::Warn | Policy::Stop => 0,
+        Policy::Rollback => bytes,
+        Policy::SkipBatch if !gated => bytes,
+        Policy::SkipBatch | Policy::Warn | Policy::Stop => 0,
     };
     let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
     if needed > 0 && needed.saturating_add(COPY_MARGIN) > free {
@@ -537,6 +564,9 @@ pub fn copies(policy: Policy, bytes: u64, free: u64) -> Result<Copies> {
             gb(bytes),
             gb(free)
         );
+    }
+    if gated {
+        return Ok(Copies::Gated);
     }
     if policy != Policy::SkipBatch && needed.saturating_add(bytes).saturating_add(COPY_MARGIN) > free {
         return Ok(Copies::NoneBefore(format!(
@@ -573,25 +603,41 @@ pub struct Reference<'a> {
 /// Where a non-finite step's first non-finite value came from: the step is run again from
 /// `before` with a check after every op, by `trainer` (each kernel launch, when it is `compiled`)
 /// and then by `reference` on the interpreter (each node; none for an expert-parallel rank, whose
-/// step is not the whole model's). The trainer is left as `before`.
+/// step is not the whole model's). The trainer is left as `before`. `before` is `None` when the
+/// trainer still holds the states before the step, which stopped at its gate
+/// ([`Steps::step_gated`]): the re-check stops there too (the first non-finite value comes
+/// before it, since the loss or the gradient norm is not finite).
 /// Each finding is the engine's name and the op, `None` when that engine computes the step finite.
 pub fn locate(
     trainer: &mut dyn Steps,
     compiled: bool,
-    before: &Saved,
+    before: Option<&Saved>,
     reference: Option<&Reference>,
     batch: &TokenRows,
     lr: f32,
 ) -> Result<Vec<(&'static str, Option<NonFinite>)>> {
     let mut found = Vec::new();
-    trainer.restore(before)?;
-    let (_, first) = trainer.step_checked(batch, lr)?;
-    trainer.restore(before)?;
+    let first = match before {
+        Some(before) => {
+            trainer.restore(before)?;
+            let (_, first) = trainer.step_checked(batch, lr)?;
+            trainer.restore(before)?;
+            first
+        }
+        None => {
+            let g = trainer.step_gated(batch, lr, true, &mut |_, _| false)?;
+            g.found
+        }
+    };
     found.push((if compiled { "compiled" } else { "interpreter" }, first));
     if let Some(r) = reference {
         let mut params = r.untrained.to_vec();
         let mut rest = Vec::new();
-        for t in trainer.saved_tensors(before)? {
+        let states = match before {
+            Some(before) => trainer.saved_tensors(before)?,
+            None => trainer.weights()?.into_iter().chain(trainer.states()?).collect(),
+        };
+        for t in states {
             match r.states.iter().find(|s| s.name == t.name).map(|s| s.role) {
                 Some(StateRole::Trainable | StateRole::RoutingBias) => params.push(t),
                 _ => rest.push(t),
@@ -653,27 +699,37 @@ mod tests {
         let (states, margin) = (7 * GB, COPY_MARGIN);
         // Room for the pre-step copy: every policy takes its copies.
         for p in [Policy::Warn, Policy::Stop, Policy::SkipBatch] {
-            assert_eq!(copies(p, states, states + margin).unwrap(), Copies::All, "{}", p.name());
+            assert_eq!(copies(p, states, states + margin, false).unwrap(), Copies::All, "{}", p.name());
         }
         // Rollback keeps its checkpoint and the pre-step copy: twice the states.
-        assert_eq!(copies(Policy::Rollback, states, 2 * states + margin).unwrap(), Copies::All);
-        let Copies::NoneBefore(note) = copies(Policy::Rollback, states, 2 * states + margin - 1).unwrap()
+        assert_eq!(copies(Policy::Rollback, states, 2 * states + margin, false).unwrap(), Copies::All);
+        let Copies::NoneBefore(note) =
+            copies(Policy::Rollback, states, 2 * states + margin - 1, false).unwrap()
         else {
             panic!("rollback's checkpoint fits, not the pre-step copy beside it");
         };
         assert!(note.contains("7.00 GB of the 8.07 GB free"), "{note}");
         // Warn and stop do without the pre-step copy, and say so.
-        let Copies::NoneBefore(note) = copies(Policy::Warn, states, states + margin - 1).unwrap() else {
+        let Copies::NoneBefore(note) = copies(Policy::Warn, states, states + margin - 1, false).unwrap()
+        else {
             panic!("the copy does not fit");
         };
         assert!(note.contains("without the op-by-op re-check"), "{note}");
-        assert!(matches!(copies(Policy::Stop, states, 0).unwrap(), Copies::NoneBefore(_)));
+        assert!(matches!(copies(Policy::Stop, states, 0, false).unwrap(), Copies::NoneBefore(_)));
         // Skip-batch and rollback cannot do without theirs: refused before any step.
         for p in [Policy::SkipBatch, Policy::Rollback] {
-            let e = copies(p, states, states + margin - 1).unwrap_err().to_string();
+            let e = copies(p, states, states + margin - 1, false).unwrap_err().to_string();
             assert!(e.contains(&format!("--on-anomaly {} keeps a copy", p.name())), "{e}");
             assert!(e.contains("7.00 GB, which does not fit in the 8.07 GB"), "{e}");
         }
+        // A trainer that stops rejected steps at their gate takes no pre-step copy, so nothing
+        // but rollback's checkpoint has to fit.
+        for p in [Policy::Warn, Policy::Stop, Policy::SkipBatch] {
+            assert_eq!(copies(p, states, 0, true).unwrap(), Copies::Gated, "{}", p.name());
+        }
+        assert_eq!(copies(Policy::Rollback, states, states + margin, true).unwrap(), Copies::Gated);
+        let e = copies(Policy::Rollback, states, states + margin - 1, true).unwrap_err().to_string();
+        assert!(e.contains("--on-anomaly rollback keeps a copy"), "{e}");
     }
 
     fn record(step: u64, loss: f64, grad_norm: f64) -> Record {

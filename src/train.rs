@@ -899,7 +899,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     // multi-process run that share a machine copy their states side by side, so it is their sum
     // that must fit (every process of the machine comes to the same answer). The log says what
     // was counted and decided.
-    let mut copy_before = mon.is_some();
+    // A trainer with a gate (a compiled step of one process or of replicas, or the interpreter)
+    // asks the monitor before each step's update and stops a rejected step there, with the
+    // states untouched: no copy before each step is needed.
+    let gated = mon.is_some() && trainer.gated();
+    let mut copy_before = mon.is_some() && !gated;
     if mon.is_some() {
         let (w, k) = trainer.heads()?;
         let bytes: u64 =
@@ -910,11 +914,12 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         };
         let decided = |copy: bool| {
             serde_json::json!({"event": "monitor_copies", "state_bytes": bytes, "free_bytes": free,
-                "copy_before_each_step": copy})
+                "copy_before_each_step": copy, "gate": gated})
         };
         if let Some(free) = free {
-            copy_before = match monitor::copies(req.monitor.on_anomaly, bytes, free)? {
+            copy_before = match monitor::copies(req.monitor.on_anomaly, bytes, free, gated)? {
                 monitor::Copies::All => true,
+                monitor::Copies::Gated => false,
                 monitor::Copies::NoneBefore(note) => {
                     if req.leader() {
                         bar.suspend(|| say!("monitor: {note}"));
@@ -999,7 +1004,24 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             trainer.save(&mut before)?;
         }
         let t0 = Instant::now();
-        let stats = trainer.step(&batch, lr as f32)?;
+        let (stats, applied) = match &mon {
+            Some(m) if gated => {
+                // The update goes on when the monitor keeps the step, on every process: each
+                // asks its own (they see the same summed figures), and they agree by a gather.
+                let mut go = |loss: f32, norm: f32| {
+                    let keep = matches!(m.verdict(step, loss, norm), None | Some(Policy::Warn));
+                    match req.group() {
+                        Some(d) if d.size() > 1 => d
+                            .gather(&[f32::from(u8::from(keep))])
+                            .is_ok_and(|all| all.iter().all(|&k| k > 0.0)),
+                        _ => keep,
+                    }
+                };
+                let g = trainer.step_gated(&batch, lr as f32, false, &mut go)?;
+                (g.stats, g.applied)
+            }
+            _ => (trainer.step(&batch, lr as f32)?, true),
+        };
         let secs = t0.elapsed().as_secs_f64();
         comm.add(&trainer.take_comm_stats());
         let tps = (hyper.batch * t) as f64 / secs.max(f64::MIN_POSITIVE);
@@ -1041,11 +1063,11 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
             }
             if alerts.iter().any(|a| a.kind == monitor::Kind::NonFinite) {
                 let mut v = serde_json::json!({"event": "non_finite", "step": step});
-                let located = match copy_before {
+                let located = match copy_before || !applied {
                     true => monitor::locate(
                         trainer.as_mut(),
                         !req.interp,
-                        &before,
+                        copy_before.then_some(&before),
                         reference.as_ref(),
                         &batch,
                         lr as f32,
@@ -1082,6 +1104,17 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if matches!(fault, Some(Fault::Nan(_))) {
             trainer.set_poison(None)?;
         }
+        // A step stopped at its gate was rejected by some process: this one must reject it too
+        // (the processes see the same summed loss and norm, so they do).
+        if !applied && !matches!(action, Some(Policy::Stop | Policy::SkipBatch | Policy::Rollback)) {
+            metrics.flush()?;
+            bail!(
+                "step {step}: another process rejected the step at its gate and this one{rank} would keep it (the \
+                 loss {} and gradient norm {} differ between processes); stopping",
+                stats.loss,
+                stats.grad_norm
+            );
+        }
         match action {
             None | Some(Policy::Warn) => {}
             Some(Policy::Stop) => {
@@ -1103,7 +1136,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
                 bail!("step {step}: {what}; stopping {why}; {last}");
             }
             Some(Policy::SkipBatch) => {
-                trainer.restore(&before)?;
+                // A step stopped at its gate changed nothing (and zeroed the accumulators).
+                if applied {
+                    trainer.restore(&before)?;
+                }
                 if skipped_in_a_row == monitor::MAX_SKIPS_IN_A_ROW {
                     metrics.flush()?;
                     let last = match &last_saved {

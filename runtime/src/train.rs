@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+use kiln_ir::artifact::{ArgRole, BufferId, Manifest, Program, Step, Storage};
 use kiln_ir::interp::{self, Tensor};
 use kiln_ir::module::{ProgramKind, StateDecl, StateRole};
 use kiln_ir::module::{
@@ -39,6 +40,113 @@ pub struct StepStats {
     /// empty for a program compiled before they were added.
     pub grad_norms: Vec<(String, f32)>,
 }
+
+/// A step that waited for a verdict before changing the model ([`Steps::step_gated`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gated {
+    /// What the step reports. A step stopped at its gate reports the outputs made by then: the
+    /// loss, the gradient norm, and those of the others computed before it (the experts' loads).
+    pub stats: StepStats,
+    /// Whether the update was applied. When not, every state is as it was before the step but
+    /// the gradient accumulators, which hold zeros.
+    pub applied: bool,
+    /// With `check`: the first op (in run order) whose results were not all finite, among those
+    /// that ran.
+    pub found: Option<NonFinite>,
+}
+
+/// The verdict on a step from its loss and global gradient norm (before clipping): true applies
+/// its update.
+pub type Verdict<'a> = &'a mut dyn FnMut(f32, f32) -> bool;
+
+/// Where a compiled train-step program can stop before it changes the model: the training
+/// monitor's gate. A step's loss and global gradient norm are known before AdamW writes any
+/// weight or moment (clipping needs the norm, and the norm needs every gradient), so a step the
+/// monitor rejects (non-finite, or a spike under `--on-anomaly skip-batch`) can be stopped there
+/// and leave the model as it was, where otherwise every state would have to be copied before
+/// each step to undo it.
+///
+/// What a program writes before its gate besides gradient accumulators (which a rejected step
+/// zeroes) must be small: the step count, which its scalar kernels may advance early, and the
+/// routers' biases, which the balancing rule moves from the forward pass's loads. Those are
+/// copied before the step and put back when it stops. A program that writes a trained weight, a
+/// moment or a master weight before its gate has none ([`Gate::find`] gives `None`), and its
+/// steps are undone from a copy as before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gate {
+    /// The step (an index into the program's steps) after which `loss` and `grad_norm` are made.
+    pub after: usize,
+    /// The states written up to it (but accumulators), to copy before a step and put back when it
+    /// stops.
+    pub undo: Vec<String>,
+    /// The caller outputs made up to it, readable when a step stops there.
+    pub ready: Vec<String>,
+}
+
+impl Gate {
+    /// The gate of program `program` of `manifest`, if it has one: it must output `loss` and
+    /// `grad_norm`, and write no state but accumulators, counters and routers' biases before both
+    /// are made.
+    pub fn find(manifest: &Manifest, program: &Program) -> Option<Gate> {
+        let output = |name: &str| program.outputs.iter().find(|o| o.name == name).map(|o| o.buffer);
+        let (loss, norm) = (output("loss")?, output("grad_norm")?);
+        // The buffers each step writes.
+        let written = |step: &Step| -> Vec<BufferId> {
+            match step {
+                Step::Launch { kernel, buffers, .. } => {
+                    let args =
+                        &manifest.kernels.get(kernel.0 as usize).map(|k| k.args.as_slice()).unwrap_or(&[]);
+                    (buffers.iter().zip(args.iter()))
+                        .filter(|(_, a)| a.role == ArgRole::Output)
+                        .map(|(b, _)| *b)
+                        .collect()
+                }
+                Step::Alias { .. } | Step::Send { .. } => Vec::new(),
+                Step::Recv { buffer, .. }
+                | Step::AllReduce { buffer, .. }
+                | Step::AllGather { buffer, .. }
+                | Step::AllToAll { buffer, .. } => vec![*buffer],
+            }
+        };
+        let after = (program.steps.iter().enumerate())
+            .filter(|(_, s)| written(s).iter().any(|&b| b == loss || b == norm))
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>();
+        // Both must be made: the last of the two.
+        let both = [loss, norm].iter().all(|b| program.steps.iter().any(|s| written(s).contains(b)));
+        let after = *after.last().filter(|_| both)?;
+        let (mut undo, mut ready) = (Vec::new(), Vec::new());
+        for step in &program.steps[..=after] {
+            for b in written(step) {
+                match &program.buffer(b).storage {
+                    Storage::State { name } => {
+                        let role = manifest.state(name)?.role;
+                        match role {
+                            StateRole::GradientAccumulator => {}
+                            StateRole::Counter | StateRole::RoutingBias => {
+                                if !undo.contains(name) {
+                                    undo.push(name.clone());
+                                }
+                            }
+                            _ => return None,
+                        }
+                    }
+                    _ => {
+                        for o in program.outputs.iter().filter(|o| o.buffer == b) {
+                            if !ready.contains(&o.name) {
+                                ready.push(o.name.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(Gate { after, undo, ready })
+    }
+}
+
+/// The bytes of the states a [`Gate`] puts back, by name.
+type Undo = Vec<(String, Vec<u8>)>;
 
 /// A train-step program on the interpreter with its states; see the module documentation.
 pub struct Trainer {
@@ -120,6 +228,19 @@ impl Trainer {
         extra: Vec<HostTensor>,
         found: Option<&mut Option<NonFinite>>,
     ) -> Result<std::collections::BTreeMap<String, Tensor>, RuntimeError> {
+        Ok(self.run_gated(which, extra, found, None)?.0)
+    }
+
+    /// [`Trainer::run`], asking `go` (when given) with the loss and gradient norm before the
+    /// state outputs are kept: when it says no, none is (and the accumulators are zeroed).
+    /// Returns the outputs and whether the states were kept.
+    fn run_gated(
+        &mut self,
+        which: Which,
+        extra: Vec<HostTensor>,
+        found: Option<&mut Option<NonFinite>>,
+        go: Option<Verdict>,
+    ) -> Result<(std::collections::BTreeMap<String, Tensor>, bool), RuntimeError> {
         let graph = match which {
             Which::Step => &self.graph,
             Which::Accumulate => self.accumulate.as_ref().expect("split steps have the program"),
@@ -157,12 +278,21 @@ impl Trainer {
                 interp::run_with(graph, &feeds, &self.params, &mut observe)?
             }
         };
+        if let Some(go) = go {
+            let first = |name: &str| {
+                out.get(name).and_then(|t| t.as_f32()).and_then(|v| v.first().copied()).unwrap_or(f32::NAN)
+            };
+            if !go(first("loss"), first("grad_norm")) {
+                self.clear_accumulators()?;
+                return Ok((out, false));
+            }
+        }
         for s in &self.states {
             if let Some(v) = out.get(&s.name) {
                 self.values.insert(s.name.clone(), v.clone());
             }
         }
-        Ok(out)
+        Ok((out, true))
     }
 
     /// One step on `rows` (all of them, as one batch) at learning rate `lr`.
@@ -186,8 +316,31 @@ impl Trainer {
         &mut self,
         rows: &TokenRows,
         lr: f32,
-        mut found: Option<&mut Option<NonFinite>>,
+        found: Option<&mut Option<NonFinite>>,
     ) -> Result<StepStats, RuntimeError> {
+        Ok(self.step_gated_watched(rows, lr, found, None)?.0)
+    }
+
+    /// [`Trainer::step`], asking `go` before the states are kept ([`Steps::step_gated`]).
+    pub fn step_gated(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        go: Verdict,
+    ) -> Result<Gated, RuntimeError> {
+        let mut found = None;
+        let (stats, applied) = self.step_gated_watched(rows, lr, check.then_some(&mut found), Some(go))?;
+        Ok(Gated { stats, applied, found })
+    }
+
+    fn step_gated_watched(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        mut found: Option<&mut Option<NonFinite>>,
+        go: Option<Verdict>,
+    ) -> Result<(StepStats, bool), RuntimeError> {
         let parts = split(rows, if self.accumulate.is_some() { self.micro_batches } else { 1 })?;
         let (last, earlier) = parts.split_last().expect("at least one part");
         if let Some(names) = self.accumulate.as_ref().map(inputs_of) {
@@ -206,9 +359,9 @@ impl Trainer {
         if earlier.is_empty() && self.accumulate.is_some() {
             self.clear_accumulators()?;
         }
-        let out = self.run(Which::Step, feeds, found)?;
+        let (out, applied) = self.run_gated(Which::Step, feeds, found, go)?;
         let outputs = out.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_f32()?.to_vec())));
-        Ok(stats(outputs))
+        Ok((stats(outputs), applied))
     }
 
     /// Zeros over every gradient accumulator ([`Steps::zero_accumulators`]).
@@ -439,6 +592,9 @@ pub struct CompiledTrainer<B: Backend> {
     /// The `accumulate` program and its inputs, when the artifact has one.
     accumulate: Option<(String, Vec<String>)>,
     micro_batches: usize,
+    /// The train step's gate, if it has one, and the bytes of the states it puts back when a
+    /// step stops there (reused from step to step).
+    gate: Option<(Gate, Undo)>,
 }
 
 impl<B: Backend> CompiledTrainer<B> {
@@ -462,7 +618,12 @@ impl<B: Backend> CompiledTrainer<B> {
                 }
                 None => None,
             };
-        Ok(CompiledTrainer { exec, program, inputs, accumulate, micro_batches: 1 })
+        let gate =
+            (exec.manifest().program(&program)).and_then(|p| Gate::find(exec.manifest(), p)).map(|g| {
+                let undo = g.undo.iter().map(|n| (n.clone(), Vec::new())).collect();
+                (g, undo)
+            });
+        Ok(CompiledTrainer { exec, program, inputs, accumulate, micro_batches: 1, gate })
     }
 
     /// Splits every step's batch into `count` micro-batches of equal rows (gradient
@@ -514,6 +675,32 @@ impl<B: Backend> CompiledTrainer<B> {
         self.exec.set_poison(scope.map(|s| (program.as_str(), s)))
     }
 
+    /// The train step's gate ([`Gate`]), if it has one.
+    pub fn gate(&self) -> Option<&Gate> {
+        self.gate.as_ref().map(|(g, _)| g)
+    }
+
+    /// [`CompiledTrainer::step`], asking `go` at the train step's gate ([`Steps::step_gated`]);
+    /// an error when the program has none ([`CompiledTrainer::gate`]).
+    pub fn step_gated(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        go: Verdict,
+    ) -> Result<Gated, RuntimeError> {
+        if self.gate.is_none() {
+            return Err(RuntimeError::BadOption(format!(
+                "program `{}` writes weights or moments before its loss and gradient norm are known: \
+                 it has no gate to stop at",
+                self.program
+            )));
+        }
+        let mut found = None;
+        let (stats, applied) = self.step_gated_watched(rows, lr, check, &mut found, Some(go))?;
+        Ok(Gated { stats, applied, found })
+    }
+
     fn step_watched(
         &mut self,
         rows: &TokenRows,
@@ -521,6 +708,17 @@ impl<B: Backend> CompiledTrainer<B> {
         check: bool,
         found: &mut Option<NonFinite>,
     ) -> Result<StepStats, RuntimeError> {
+        Ok(self.step_gated_watched(rows, lr, check, found, None)?.0)
+    }
+
+    fn step_gated_watched(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        found: &mut Option<NonFinite>,
+        go: Option<Verdict>,
+    ) -> Result<(StepStats, bool), RuntimeError> {
         let parts = split(rows, self.micro_batches)?;
         let (last, earlier) = parts.split_last().expect("at least one part");
         if let Some((acc, inputs)) = &self.accumulate {
@@ -549,25 +747,60 @@ impl<B: Backend> CompiledTrainer<B> {
         }
         feeds.extend(rank_inputs(self.exec.communicator()));
         feeds.retain(|t| self.inputs.contains(&t.name));
-        if check {
-            if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {
-                found.get_or_insert(f);
+        let applied = match (go, &mut self.gate) {
+            (Some(go), Some((gate, undo))) => {
+                for (name, bytes) in undo.iter_mut() {
+                    self.exec.copy_state(name, bytes)?;
+                }
+                let mut ask = |ex: &Executor<B>| -> Result<bool, RuntimeError> {
+                    let first = |name: &str| ex.output_f32(name, 0..1).map(|v| v[0]);
+                    Ok(go(first("loss")?, first("grad_norm")?))
+                };
+                let applied = if check {
+                    let (applied, f) =
+                        self.exec.run_gated_checked(&self.program, &feeds, gate.after, &mut ask)?;
+                    if let Some(f) = f {
+                        found.get_or_insert(f);
+                    }
+                    applied
+                } else {
+                    self.exec.run_gated(&self.program, &feeds, gate.after, &mut ask)?
+                };
+                if !applied {
+                    for (name, bytes) in undo.iter() {
+                        self.exec.restore_state(name, bytes)?;
+                    }
+                    self.exec.zero_accumulators()?;
+                }
+                applied
             }
-        } else {
-            self.exec.run(&self.program, &feeds)?;
-        }
+            _ => {
+                if check {
+                    if let Some(f) = self.exec.run_checked(&self.program, &feeds)? {
+                        found.get_or_insert(f);
+                    }
+                } else {
+                    self.exec.run(&self.program, &feeds)?;
+                }
+                true
+            }
+        };
         let mut outputs = Vec::new();
         for name in ["loss", "grad_norm"] {
             outputs.push((name, self.exec.output_f32(name, 0..1)?));
         }
+        let ready = |name: &str| {
+            applied || self.gate.as_ref().is_some_and(|(g, _)| g.ready.iter().any(|r| r == name))
+        };
         let loads: Vec<String> = (self.exec.outputs(&self.program)?.into_iter())
             .filter(|n| n.starts_with("load.") || n.starts_with(GRAD_NORM_PREFIX))
+            .filter(|n| ready(n))
             .collect();
         for name in &loads {
             let t = self.exec.output(name)?;
             outputs.push((name.as_str(), f32s(t)));
         }
-        Ok(stats(outputs.into_iter()))
+        Ok((stats(outputs.into_iter()), applied))
     }
 
     fn weight_states(&self) -> impl Iterator<Item = &kiln_ir::artifact::StateEntry> {
@@ -643,6 +876,29 @@ pub trait Steps {
         rows: &TokenRows,
         lr: f32,
     ) -> Result<(StepStats, Option<NonFinite>), RuntimeError>;
+    /// Whether [`Steps::step_gated`] can stop a step before it changes the model: the compiled
+    /// train step has a [`Gate`], or the step runs on the interpreter. A pipeline's steps cannot.
+    fn gated(&self) -> bool {
+        false
+    }
+    /// One step on `rows` at learning rate `lr`, as [`Steps::step`], that asks `go` with the
+    /// step's loss and global gradient norm once both are known and before any weight, moment,
+    /// step count or router bias changes: when `go` says no, the step stops there and leaves
+    /// every state as it was (but the gradient accumulators, zeroed). With `check`, every op's
+    /// results are checked as [`Steps::step_checked`] does. An error where [`Steps::gated`] is
+    /// false.
+    fn step_gated(
+        &mut self,
+        _rows: &TokenRows,
+        _lr: f32,
+        _check: bool,
+        _go: Verdict,
+    ) -> Result<Gated, RuntimeError> {
+        Err(RuntimeError::BadOption(
+            "this trainer's steps cannot stop before their update (a pipeline's update is a program of its own)"
+                .into(),
+        ))
+    }
     /// Writes NaN into the results of the train step's first op in scope `scope` at every step
     /// from now on (`None`: no more): a fault injected to test the training monitor. Only a
     /// compiled step has it.
@@ -737,6 +993,18 @@ impl Steps for Trainer {
     fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
         Trainer::step(self, rows, lr)
     }
+    fn gated(&self) -> bool {
+        true
+    }
+    fn step_gated(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        go: Verdict,
+    ) -> Result<Gated, RuntimeError> {
+        Trainer::step_gated(self, rows, lr, check, go)
+    }
     fn weights(&self) -> Result<Vec<HostTensor>, RuntimeError> {
         let trained =
             self.states.iter().filter(|s| matches!(s.role, StateRole::Trainable | StateRole::RoutingBias));
@@ -787,6 +1055,18 @@ impl Steps for Trainer {
 impl<B: Backend> Steps for CompiledTrainer<B> {
     fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
         CompiledTrainer::step(self, rows, lr)
+    }
+    fn gated(&self) -> bool {
+        self.gate.is_some()
+    }
+    fn step_gated(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        go: Verdict,
+    ) -> Result<Gated, RuntimeError> {
+        CompiledTrainer::step_gated(self, rows, lr, check, go)
     }
     fn take_comm_stats(&mut self) -> crate::comm::CommStats {
         self.exec.take_comm_stats()

@@ -476,3 +476,88 @@ fn the_re_check_names_the_first_non_finite_op_on_the_interpreter_and_compiled() 
     assert_eq!(f.scope.as_deref(), Some("model.layers.2.self_attn"), "{f}");
     assert!(f.op.starts_with("k_"), "{f}");
 }
+
+/// The gate of a compiled train step (`kiln_runtime::train::Gate`): a step the monitor rejects
+/// stops once its loss and gradient norm are known, before it changes the model. Here a step of
+/// two micro-batches with DeepSeek's bias rule on, whose step count and routers' biases the
+/// program writes before that point (they are put back). A rejected step leaves every state
+/// bit for bit as it was and its accumulators zeroed, so the same batch then gives the same loss
+/// and norm; an accepted one is exactly a plain step. The interpreter's steps gate the same way.
+#[test]
+fn a_rejected_step_stops_at_its_gate_and_changes_nothing() {
+    use kiln_ir::module::StateRole;
+    use kiln_runtime::train::Steps;
+    let s = Scratch::new();
+    let dir = s.path("gate.kiln");
+    compile_step(&dir, &["--accumulate", "--bias-update-speed", "0.001"]);
+    let art = kiln_runtime::artifact::load(&dir).unwrap();
+    let decls = weights::manifest_params(art.manifest()).unwrap();
+    let load = || {
+        let given = weights::random_tensors(decls.clone(), 1, 0.02).map(Ok);
+        let model = kiln_runtime::cpu::CpuModel::load(&art, given, &Default::default()).unwrap();
+        let mut c = CompiledTrainer::new(model).unwrap();
+        c.set_micro_batches(2).unwrap();
+        c
+    };
+    let (mut a, mut b) = (load(), load());
+    let gate = a.gate().expect("the train step has a gate").clone();
+    let role = |n: &str| art.manifest().state(n).unwrap().role;
+    assert!(
+        gate.undo.iter().all(|n| matches!(role(n), StateRole::Counter | StateRole::RoutingBias)),
+        "{gate:?}"
+    );
+    assert!(
+        gate.undo.iter().any(|n| role(n) == StateRole::RoutingBias),
+        "the biases move before the gate: {gate:?}"
+    );
+    let every = |c: &CompiledTrainer<_>| -> Vec<HostTensor> {
+        (art.manifest().states.iter()).map(|st| c.executor().read_state(&st.name).unwrap()).collect()
+    };
+    let rows = TokenRows::from_rows(WIDTH, (0..4).flat_map(row).collect()).unwrap();
+    let before = every(&a);
+
+    let mut seen = Vec::new();
+    let g = a.step_gated(&rows, 1e-2, false, &mut |l, n| {
+        seen.push((l, n));
+        false
+    });
+    let g = g.unwrap();
+    assert!(!g.applied);
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].0.is_finite() && seen[0].1 > 0.0, "{seen:?}");
+    assert_eq!((g.stats.loss, g.stats.grad_norm), seen[0]);
+    for (x, y) in every(&a).iter().zip(&before) {
+        assert!(x == y || role(&x.name) == StateRole::GradientAccumulator, "state `{}` changed", x.name);
+        if role(&x.name) == StateRole::GradientAccumulator {
+            let HostData::F32(v) = &x.data else { panic!() };
+            assert!(v.iter().all(|&v| v == 0.0), "accumulator `{}` not zeroed", x.name);
+        }
+    }
+    // Accepted: a plain step of the same batch from the same states.
+    let g = a.step_gated(&rows, 1e-2, false, &mut |_, _| true).unwrap();
+    let plain = b.step(&rows, 1e-2).unwrap();
+    assert!(g.applied);
+    assert_eq!(g.stats, plain);
+    assert_eq!((g.stats.loss, g.stats.grad_norm), seen[0], "the rejected step left nothing behind");
+    assert_eq!(every(&a), every(&b));
+    assert_ne!(every(&a), before);
+
+    // The interpreter's train step.
+    let spec = kiln_compiler::spec::load(&root().join("models/tiny.toml")).unwrap();
+    let TrainPrograms { step, states, .. } =
+        program(&spec, &TrainLosses::default(), &Optimizer::default(), false, false, None).unwrap();
+    let decls = weights::graph_params(&build::build_graph(&spec).unwrap()).unwrap();
+    let params: Vec<HostTensor> = weights::random_tensors(decls, 1, 0.02).collect();
+    let mut t = Trainer::new(step.clone(), states.clone(), params.clone()).unwrap();
+    let rows = TokenRows::from_rows(WIDTH, (0..2).flat_map(row).collect()).unwrap();
+    let (w, k) = (Steps::weights(&t).unwrap(), Steps::states(&t).unwrap());
+    let g = t.step_gated(&rows, 1e-2, false, &mut |_, _| false).unwrap();
+    assert!(!g.applied && g.stats.loss.is_finite());
+    assert_eq!((Steps::weights(&t).unwrap(), Steps::states(&t).unwrap()), (w, k));
+    let mut u = Trainer::new(step, states, params).unwrap();
+    assert_eq!(
+        t.step_gated(&rows, 1e-2, false, &mut |_, _| true).unwrap().stats,
+        u.step(&rows, 1e-2).unwrap()
+    );
+    assert_eq!(Steps::weights(&t).unwrap(), Steps::weights(&u).unwrap());
+}

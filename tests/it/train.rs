@@ -162,13 +162,15 @@ fn kiln_train_checkpoints_resume_bit_identically() {
         let (a, b) = (s.path("one/step-4").join(f), s.path("two/step-4").join(f));
         assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{f} differs after a resume");
     }
-    // A line for each step, after the monitor's note of the copy of the states it takes before
-    // each step (their bytes, and the memory free beside them).
+    // A line for each step, after the monitor's note of the copies of the states it takes (their
+    // bytes, and the memory free beside them): none before each step, which stops at its gate
+    // when the monitor rejects it.
     let metrics = std::fs::read_to_string(s.path("one/metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 5);
     assert_eq!(lines[0]["event"], "monitor_copies", "{}", lines[0]);
-    assert_eq!(lines[0]["copy_before_each_step"], true, "{}", lines[0]);
+    assert_eq!(lines[0]["copy_before_each_step"], false, "{}", lines[0]);
+    assert_eq!(lines[0]["gate"], true, "{}", lines[0]);
     assert!(lines[0]["free_bytes"].as_u64().unwrap() > lines[0]["state_bytes"].as_u64().unwrap());
     let first = &lines[1];
     assert_eq!(first["step"], 1);

@@ -253,6 +253,9 @@ struct Pass {
     offsets: Vec<Vec<i64>>,
     spans: Vec<(usize, u64, u64)>,
     start: Instant,
+    /// The launch (by position) before which the pass stops, when it is to stop early
+    /// ([`Executor::run_gated`]).
+    stop_at: Option<usize>,
 }
 
 impl Pass {
@@ -266,6 +269,7 @@ impl Pass {
             offsets: Vec::new(),
             spans: Vec::new(),
             start: Instant::now(),
+            stop_at: None,
         }
     }
 }
@@ -616,6 +620,49 @@ impl<B: Backend> Executor<B> {
         Ok(sizes)
     }
 
+    /// Runs program `name` on `inputs` as [`Executor::run`] does, in two parts: the steps up to
+    /// and including step `gate` (an index into the manifest program's steps), then, if `go`
+    /// returns true, the rest. `go` is called between them with the executor, whose
+    /// [`Executor::output`] and [`Executor::output_f32`] read the outputs made by then (the
+    /// others hold what the arena held). When it returns false the rest never runs: whatever
+    /// the steps after `gate` would have written, states included, stays as it was. Returns what
+    /// `go` returned.
+    ///
+    /// A train step stops there when its loss or gradient norm says the update must not be
+    /// applied (the training monitor's gate: see `kiln_runtime::train::Gate`). Collectives
+    /// started by then are finished before `go` is called.
+    pub fn run_gated(
+        &mut self,
+        name: &str,
+        inputs: &[HostTensor],
+        gate: usize,
+        go: &mut dyn FnMut(&Self) -> Result<bool, RuntimeError>,
+    ) -> Result<bool, RuntimeError> {
+        let (li, sizes, encoded) = self.admit(name, inputs)?;
+        self.last.clear();
+        self.write_inputs(&encoded)?;
+        let mut pass = Pass::new(li, sizes);
+        let stop = self.programs[li].steps.iter().take_while(|&&s| s <= gate).count();
+        pass.stop_at = Some(stop);
+        self.advance(&mut pass, false, &mut Vec::new())?;
+        if !pass.done {
+            let Executor { backend, arena, states, comm_stats, .. } = self;
+            let mut memories = watch::Memories::<B> { arena, states };
+            collective::finish_due(backend, &mut memories, &mut pass.flights, |_| true, comm_stats)?;
+            backend.synchronize()?;
+            self.last.push((li, sizes));
+        }
+        if !go(self)? {
+            return Ok(false);
+        }
+        if !pass.done {
+            self.last.clear();
+            pass.stop_at = None;
+            self.advance(&mut pass, false, &mut Vec::new())?;
+        }
+        Ok(true)
+    }
+
     /// Runs programs `a` and `b` (each a name and its inputs) interleaved: each runs until it has
     /// started a collective whose result its next launch reads (an expert-parallel dispatch or
     /// combine), then the other runs while the message travels. This is DualPipe's overlapped
@@ -742,7 +789,7 @@ impl<B: Backend> Executor<B> {
         let since = |at: Instant| epoch.map_or(0, |e| (at - e).as_nanos() as u64);
         let mut clock = Instant::now();
         let run = collective::Run { program, cs: collectives, sizes: &sizes, comm, device };
-        let Pass { next, flights, offsets, spans, .. } = pass;
+        let Pass { next, flights, offsets, spans, stop_at, .. } = pass;
         let first = *next;
         if first == 0 {
             if let Some(b) = &collectives.before {
@@ -760,6 +807,7 @@ impl<B: Backend> Executor<B> {
                 .map_or(n, |i| i + 1),
             false => n,
         };
+        let end = stop_at.map_or(end, |s| end.min(s.max(first)));
         let mut after = |be: &B, i: usize| -> Result<(), RuntimeError> {
             // The dispatch's offsets are read right after it: the plan reuses their arena slot
             // once the grouped GEMMs have read them.
@@ -955,6 +1003,22 @@ impl<B: Backend> Executor<B> {
         self.watch.check = false;
         ran?;
         Ok(self.watch.found.take())
+    }
+
+    /// [`Executor::run_gated`], checking every launch's float results as [`Executor::run_checked`]
+    /// does: also returns the first launch that ran whose results were not all finite.
+    pub fn run_gated_checked(
+        &mut self,
+        name: &str,
+        inputs: &[HostTensor],
+        gate: usize,
+        go: &mut dyn FnMut(&Self) -> Result<bool, RuntimeError>,
+    ) -> Result<(bool, Option<NonFinite>), RuntimeError> {
+        self.watch.check = true;
+        self.watch.found = None;
+        let ran = self.run_gated(name, inputs, gate, go);
+        self.watch.check = false;
+        Ok((ran?, self.watch.found.take()))
     }
 
     /// From now on, every run of program `program` writes NaN into the float results of its first
