@@ -55,14 +55,15 @@
 //! # Undoing a step
 //!
 //! A step is undone without a copy where its trainer has a gate ([`Steps::step_gated`]): a
-//! compiled train step of one process or of replicas (`--dp`, `--ep`), and the interpreter's. The
+//! compiled train step of one process or of replicas (`--dp`, `--ep`), a pipeline rank's update
+//! (`--pp`), and the interpreter's. The
 //! loss and the global gradient norm are known before AdamW writes any weight or moment (clipping
 //! needs the norm, and the norm every gradient), so the step pauses there and asks
 //! [`Monitor::verdict`]; a step the policy rejects (a non-finite one; a spike under `skip-batch`,
 //! `rollback` or `stop`) stops with the model as it was, and its op-by-op re-check starts from the
 //! same states. The processes of a run agree on the verdict by a gather before any goes on. A
-//! pipeline's ranks, whose update is a program of its own, copy their states to the host before
-//! each step instead ([`Steps::save`]), when the copy fits ([`copies`]).
+//! trainer without a gate copies its states to the host before each step instead
+//! ([`Steps::save`]), when the copy fits ([`copies`]).
 //!
 //! # Fault injection
 //!

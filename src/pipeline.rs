@@ -35,7 +35,7 @@ use kiln_ir::DType;
 use kiln_runtime::comm::CommStats;
 use kiln_runtime::data::TokenRows;
 use kiln_runtime::exec::{Backend, Executor, NonFinite};
-use kiln_runtime::train::{split, stats, step_inputs, StepStats, Steps};
+use kiln_runtime::train::{split, stats, step_inputs, Gate, Gated, StepStats, Steps, Undo, Verdict};
 use kiln_runtime::weights::{HostData, HostTensor, TensorHead};
 use kiln_runtime::RuntimeError;
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
@@ -384,6 +384,9 @@ pub struct PipelineTrainer<B: Backend> {
     started: std::collections::HashSet<(u32, Phase)>,
     programs: HashMap<(u32, Phase), StageProgram>,
     update: StageProgram,
+    /// The update's gate, where a step the monitor rejects stops before it changes the model
+    /// (the rank's stage programs write nothing but accumulators), and its states' copies.
+    gate: Option<(Gate, Undo)>,
     /// The states of each rank's stages, by name: those its programs write.
     states_of_rank: Vec<Vec<String>>,
     /// The states each rank's programs read and no program writes (a router's bias without the
@@ -486,6 +489,23 @@ impl<B: Backend> PipelineTrainer<B> {
             }
         }
         let update = describe(&cut::update_name(link.rank))?;
+        // The update's gate holds only where the stage programs before it write nothing a
+        // rejected step would have to undo but accumulators (which it zeroes).
+        let stages_accumulate =
+            (exec.manifest().programs.iter()).filter(|p| p.name.starts_with("stage.")).all(|p| {
+                p.outputs.iter().all(|o| match &p.buffer(o.buffer).storage {
+                    kiln_ir::artifact::Storage::State { name } => (exec.manifest().state(name))
+                        .is_some_and(|s| s.role == kiln_ir::module::StateRole::GradientAccumulator),
+                    _ => true,
+                })
+            });
+        let gate = (exec.manifest().program(&update.name))
+            .filter(|_| stages_accumulate)
+            .and_then(|p| Gate::find(exec.manifest(), p))
+            .map(|g| {
+                let undo = g.undo_buffers();
+                (g, undo)
+            });
         // The states each program reads and writes, from the manifest (the executor lists the
         // caller's inputs and outputs only).
         let manifest = &model;
@@ -578,6 +598,7 @@ impl<B: Backend> PipelineTrainer<B> {
             copies,
             programs,
             update,
+            gate,
             states_of_rank,
             read_only_of_rank,
             gathered: Default::default(),
@@ -966,7 +987,14 @@ impl<B: Backend> PipelineTrainer<B> {
         Ok(())
     }
 
-    fn step_all(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
+    /// One step; with `go`, the update asks it at its gate ([`Steps::step_gated`]). Returns the
+    /// step's figures and whether its update was applied.
+    fn step_all(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        go: Option<Verdict>,
+    ) -> Result<(StepStats, bool), RuntimeError> {
         let m = self.plan.micro_batches as usize;
         let parts = split(rows, m)?;
         let mut names: Vec<String> = self.programs.values().flat_map(|p| p.inputs.iter().cloned()).collect();
@@ -1030,25 +1058,37 @@ impl<B: Backend> PipelineTrainer<B> {
         feeds.extend(kiln_runtime::train::rank_inputs(self.exec.communicator()));
         feeds.retain(|t| self.update.inputs.contains(&t.name));
         let name = self.update.name.clone();
-        self.exec.run(&name, &feeds)?;
+        let applied = match (go, &mut self.gate) {
+            (Some(go), Some((gate, undo))) => gate.run(undo, &mut self.exec, &name, &feeds, false, go)?.0,
+            _ => {
+                self.exec.run(&name, &feeds)?;
+                true
+            }
+        };
         let mut outputs: Vec<(String, Vec<f32>)> = Vec::new();
         for o in &self.update.outputs {
             let wanted =
                 o == "loss" || o == "grad_norm" || o.starts_with("load.") || o.starts_with("grad_norm.");
-            if wanted {
+            let made = applied || self.gate.as_ref().is_some_and(|(g, _)| g.made(o));
+            if wanted && made {
                 outputs.push((o.clone(), f32s(self.exec.output(o)?)));
             }
         }
         // The updated weights other ranks read, to them; those this rank reads, from their owners.
         // A message per weight, in the lists' order (DeepSeek-V3's embedding alone is 3.7 GB in
-        // f32, past what one MPI message holds).
-        for (to, names) in self.sends.clone() {
+        // f32, past what one MPI message holds). A step stopped at its gate (on every rank alike)
+        // updated none.
+        let (sends, reads) = match applied {
+            true => (self.sends.clone(), self.reads.clone()),
+            false => (Vec::new(), Vec::new()),
+        };
+        for (to, names) in sends {
             for n in &names {
                 let t = self.exec.read_state(n)?;
                 self.link.send(to, WEIGHTS_TAG, encode(&[t]));
             }
         }
-        for (from, names) in self.reads.clone() {
+        for (from, names) in reads {
             for n in &names {
                 let bytes = self.link.recv(from, WEIGHTS_TAG, &format!("rank {from}'s updated weight `{n}`"));
                 for t in decode(&bytes)? {
@@ -1100,7 +1140,7 @@ impl<B: Backend> PipelineTrainer<B> {
             self.link.send(0, REPORT_TAG, encode(&tensors));
             self.link.flush();
         }
-        Ok(stats(outputs.iter().map(|(n, v)| (n.as_str(), v.clone()))))
+        Ok((stats(outputs.iter().map(|(n, v)| (n.as_str(), v.clone()))), applied))
     }
 }
 
@@ -1196,7 +1236,36 @@ fn f32s(t: HostTensor) -> Vec<f32> {
 impl<B: Backend> Steps for PipelineTrainer<B> {
     fn step(&mut self, rows: &TokenRows, lr: f32) -> Result<StepStats, RuntimeError> {
         self.gathered.clear();
-        self.step_all(rows, lr)
+        Ok(self.step_all(rows, lr, None)?.0)
+    }
+
+    fn gated(&self) -> bool {
+        self.gate.is_some()
+    }
+
+    /// Every rank's update asks `go` at its gate: the loss and the gradient norm it sees are
+    /// summed over the pipeline's ranks, so each asks with the same figures. Checking every op
+    /// runs the step on one process ([`Steps::step_checked`]).
+    fn step_gated(
+        &mut self,
+        rows: &TokenRows,
+        lr: f32,
+        check: bool,
+        go: Verdict,
+    ) -> Result<Gated, RuntimeError> {
+        if check {
+            return self.step_checked(rows, lr).map(|(stats, found)| Gated { stats, applied: true, found });
+        }
+        if self.gate.is_none() {
+            return Err(RuntimeError::BadOption(format!(
+                "program `{}` writes weights or moments before its loss and gradient norm are known: it has \
+                 no gate to stop at",
+                self.update.name
+            )));
+        }
+        self.gathered.clear();
+        let (stats, applied) = self.step_all(rows, lr, Some(go))?;
+        Ok(Gated { stats, applied, found: None })
     }
 
     fn take_comm_stats(&mut self) -> CommStats {
@@ -1369,6 +1438,18 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
 
     fn zero_accumulators(&mut self) -> Result<(), RuntimeError> {
         self.exec.zero_accumulators()
+    }
+
+    /// Puts back this rank's own states. A copy taken on rank 0 also holds the other ranks'
+    /// routers' biases it gathered for the monitor's report, which those ranks put back
+    /// themselves (rank 0 has no storage for them).
+    fn restore(&mut self, from: &kiln_runtime::train::Saved) -> Result<(), RuntimeError> {
+        for v in self.saved_tensors(from)? {
+            if self.exec.manifest().state(&v.name).is_some() {
+                self.set_state(v)?;
+            }
+        }
+        self.zero_accumulators()
     }
 
     fn state(&self, name: &str) -> Result<HostTensor, RuntimeError> {

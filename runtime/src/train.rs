@@ -90,53 +90,42 @@ impl Gate {
     pub fn find(manifest: &Manifest, program: &Program) -> Option<Gate> {
         let output = |name: &str| program.outputs.iter().find(|o| o.name == name).map(|o| o.buffer);
         let (loss, norm) = (output("loss")?, output("grad_norm")?);
-        // The buffers each step writes.
-        let written = |step: &Step| -> Vec<BufferId> {
+        // The buffers each step makes: those it writes, and a reshape's (an alias of its source,
+        // which writes nothing).
+        let made = |step: &Step| -> Vec<BufferId> {
             match step {
-                Step::Launch { kernel, buffers, .. } => {
-                    let args =
-                        &manifest.kernels.get(kernel.0 as usize).map(|k| k.args.as_slice()).unwrap_or(&[]);
-                    (buffers.iter().zip(args.iter()))
-                        .filter(|(_, a)| a.role == ArgRole::Output)
-                        .map(|(b, _)| *b)
-                        .collect()
-                }
-                Step::Alias { .. } | Step::Send { .. } => Vec::new(),
-                Step::Recv { buffer, .. }
-                | Step::AllReduce { buffer, .. }
-                | Step::AllGather { buffer, .. }
-                | Step::AllToAll { buffer, .. } => vec![*buffer],
+                Step::Alias { buffer, .. } => vec![*buffer],
+                _ => written_by(manifest, step),
             }
         };
         let after = (program.steps.iter().enumerate())
-            .filter(|(_, s)| written(s).iter().any(|&b| b == loss || b == norm))
+            .filter(|(_, s)| made(s).iter().any(|&b| b == loss || b == norm))
             .map(|(i, _)| i)
             .collect::<Vec<_>>();
         // Both must be made: the last of the two.
-        let both = [loss, norm].iter().all(|b| program.steps.iter().any(|s| written(s).contains(b)));
+        let both = [loss, norm].iter().all(|b| program.steps.iter().any(|s| made(s).contains(b)));
         let after = *after.last().filter(|_| both)?;
         let (mut undo, mut ready) = (Vec::new(), Vec::new());
         for step in &program.steps[..=after] {
-            for b in written(step) {
-                match &program.buffer(b).storage {
-                    Storage::State { name } => {
-                        let role = manifest.state(name)?.role;
-                        match role {
-                            StateRole::GradientAccumulator => {}
-                            StateRole::Counter | StateRole::RoutingBias => {
-                                if !undo.contains(name) {
-                                    undo.push(name.clone());
-                                }
-                            }
-                            _ => return None,
-                        }
+            for b in made(step) {
+                if let Storage::State { name } = &program.buffer(b).storage {
+                    if matches!(step, Step::Alias { .. }) {
+                        continue;
                     }
-                    _ => {
-                        for o in program.outputs.iter().filter(|o| o.buffer == b) {
-                            if !ready.contains(&o.name) {
-                                ready.push(o.name.clone());
+                    match manifest.state(name)?.role {
+                        StateRole::GradientAccumulator => {}
+                        StateRole::Counter | StateRole::RoutingBias => {
+                            if !undo.contains(name) {
+                                undo.push(name.clone());
                             }
                         }
+                        _ => return None,
+                    }
+                    continue;
+                }
+                for o in program.outputs.iter().filter(|o| o.buffer == b) {
+                    if !ready.contains(&o.name) {
+                        ready.push(o.name.clone());
                     }
                 }
             }
@@ -145,8 +134,71 @@ impl Gate {
     }
 }
 
-/// The bytes of the states a [`Gate`] puts back, by name.
-type Undo = Vec<(String, Vec<u8>)>;
+/// The buffers step `step` of a program of `manifest` writes: a launch's results, a message's
+/// or a collective's destination.
+fn written_by(manifest: &Manifest, step: &Step) -> Vec<BufferId> {
+    match step {
+        Step::Launch { kernel, buffers, .. } => {
+            let args = manifest.kernels.get(kernel.0 as usize).map(|k| k.args.as_slice()).unwrap_or(&[]);
+            (buffers.iter().zip(args)).filter(|(_, a)| a.role == ArgRole::Output).map(|(b, _)| *b).collect()
+        }
+        Step::Alias { .. } | Step::Send { .. } => Vec::new(),
+        Step::Recv { buffer, .. }
+        | Step::AllReduce { buffer, .. }
+        | Step::AllGather { buffer, .. }
+        | Step::AllToAll { buffer, .. } => vec![*buffer],
+    }
+}
+
+impl Gate {
+    /// Empty buffers for the states [`Gate::run`] copies and puts back, to reuse from step to step.
+    pub fn undo_buffers(&self) -> Undo {
+        self.undo.iter().map(|n| (n.clone(), Vec::new())).collect()
+    }
+
+    /// Runs `program` (the one this gate was found in) on `exec` with `feeds`, asking `go` at
+    /// the gate with the loss and gradient norm ([`Executor::run_gated`]; with `check`,
+    /// [`Executor::run_gated_checked`]). When `go` says no, the states in [`Gate::undo`] are put
+    /// back from their copies in `undo` and the gradient accumulators are zeroed: nothing the
+    /// step did remains. Returns whether it went on, and with `check` the first non-finite launch.
+    pub fn run<B: Backend>(
+        &self,
+        undo: &mut Undo,
+        exec: &mut Executor<B>,
+        program: &str,
+        feeds: &[HostTensor],
+        check: bool,
+        go: Verdict,
+    ) -> Result<(bool, Option<NonFinite>), RuntimeError> {
+        for (name, bytes) in undo.iter_mut() {
+            exec.copy_state(name, bytes)?;
+        }
+        let mut ask = |ex: &Executor<B>| -> Result<bool, RuntimeError> {
+            let first = |name: &str| ex.output_f32(name, 0..1).map(|v| v[0]);
+            Ok(go(first("loss")?, first("grad_norm")?))
+        };
+        let (applied, found) = match check {
+            true => exec.run_gated_checked(program, feeds, self.after, &mut ask)?,
+            false => (exec.run_gated(program, feeds, self.after, &mut ask)?, None),
+        };
+        if !applied {
+            for (name, bytes) in undo.iter() {
+                exec.restore_state(name, bytes)?;
+            }
+            exec.zero_accumulators()?;
+        }
+        Ok((applied, found))
+    }
+
+    /// Whether output `name` is readable after a step that stopped at this gate: `loss`,
+    /// `grad_norm`, or another made before it.
+    pub fn made(&self, name: &str) -> bool {
+        self.ready.iter().any(|r| r == name)
+    }
+}
+
+/// The bytes of the states a [`Gate`] puts back, by name ([`Gate::undo_buffers`]).
+pub type Undo = Vec<(String, Vec<u8>)>;
 
 /// A train-step program on the interpreter with its states; see the module documentation.
 pub struct Trainer {
@@ -620,7 +672,7 @@ impl<B: Backend> CompiledTrainer<B> {
             };
         let gate =
             (exec.manifest().program(&program)).and_then(|p| Gate::find(exec.manifest(), p)).map(|g| {
-                let undo = g.undo.iter().map(|n| (n.clone(), Vec::new())).collect();
+                let undo = g.undo_buffers();
                 (g, undo)
             });
         Ok(CompiledTrainer { exec, program, inputs, accumulate, micro_batches: 1, gate })
@@ -749,28 +801,9 @@ impl<B: Backend> CompiledTrainer<B> {
         feeds.retain(|t| self.inputs.contains(&t.name));
         let applied = match (go, &mut self.gate) {
             (Some(go), Some((gate, undo))) => {
-                for (name, bytes) in undo.iter_mut() {
-                    self.exec.copy_state(name, bytes)?;
-                }
-                let mut ask = |ex: &Executor<B>| -> Result<bool, RuntimeError> {
-                    let first = |name: &str| ex.output_f32(name, 0..1).map(|v| v[0]);
-                    Ok(go(first("loss")?, first("grad_norm")?))
-                };
-                let applied = if check {
-                    let (applied, f) =
-                        self.exec.run_gated_checked(&self.program, &feeds, gate.after, &mut ask)?;
-                    if let Some(f) = f {
-                        found.get_or_insert(f);
-                    }
-                    applied
-                } else {
-                    self.exec.run_gated(&self.program, &feeds, gate.after, &mut ask)?
-                };
-                if !applied {
-                    for (name, bytes) in undo.iter() {
-                        self.exec.restore_state(name, bytes)?;
-                    }
-                    self.exec.zero_accumulators()?;
+                let (applied, f) = gate.run(undo, &mut self.exec, &self.program, &feeds, check, go)?;
+                if let Some(f) = f {
+                    found.get_or_insert(f);
                 }
                 applied
             }
@@ -789,9 +822,7 @@ impl<B: Backend> CompiledTrainer<B> {
         for name in ["loss", "grad_norm"] {
             outputs.push((name, self.exec.output_f32(name, 0..1)?));
         }
-        let ready = |name: &str| {
-            applied || self.gate.as_ref().is_some_and(|(g, _)| g.ready.iter().any(|r| r == name))
-        };
+        let ready = |name: &str| applied || self.gate.as_ref().is_some_and(|(g, _)| g.made(name));
         let loads: Vec<String> = (self.exec.outputs(&self.program)?.into_iter())
             .filter(|n| n.starts_with("load.") || n.starts_with(GRAD_NORM_PREFIX))
             .filter(|n| ready(n))
@@ -877,7 +908,7 @@ pub trait Steps {
         lr: f32,
     ) -> Result<(StepStats, Option<NonFinite>), RuntimeError>;
     /// Whether [`Steps::step_gated`] can stop a step before it changes the model: the compiled
-    /// train step has a [`Gate`], or the step runs on the interpreter. A pipeline's steps cannot.
+    /// train step (or a pipeline rank's update) has a [`Gate`], or the step runs on the interpreter.
     fn gated(&self) -> bool {
         false
     }
@@ -895,7 +926,7 @@ pub trait Steps {
         _go: Verdict,
     ) -> Result<Gated, RuntimeError> {
         Err(RuntimeError::BadOption(
-            "this trainer's steps cannot stop before their update (a pipeline's update is a program of its own)"
+            "this trainer's steps cannot stop before their update: its program writes weights before the gradient norm is known"
                 .into(),
         ))
     }

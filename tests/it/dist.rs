@@ -1108,3 +1108,91 @@ fn multi_process_runs_train_on_cuda_like_one_cpu_process() {
 fn strs(a: &[String]) -> Vec<&str> {
     a.iter().map(String::as_str).collect()
 }
+
+/// A step the monitor rejects stops at its gate on every rank of a pipeline, before any rank's
+/// update changes the model, as it does on one process: with a spike test so strict that most
+/// steps are rejected (against the last two kept steps, `--spike-z 0.1`), a two-rank
+/// 1F1B pipeline and a two-rank DualPipe skip the same batches as one process and keep the same
+/// steps, and no rank copies its states before each step. Under `--on-anomaly rollback` a 1F1B
+/// pipeline goes back to its checkpoint as one process does (rank 0's copy of it holds the other
+/// rank's routers' biases, gathered for the monitor's report, which that rank puts back itself).
+#[test]
+fn pipeline_ranks_skip_the_batches_one_process_skips() {
+    let s = Scratch::new();
+    // 24 rows of 33 token ids, a u16 stream.
+    let data = s.path("data.bin");
+    let mut x = 12345u32;
+    let ids: Vec<u8> = (0..24 * 33)
+        .flat_map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            ((2 + (x >> 16) % 510) as u16).to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&data, ids).unwrap();
+    let data = data.display().to_string();
+    // Skip-batch undoes six of the ten steps tried (the spikes' z-scores 0.2 and up, the kept
+    // steps' under 0.05); rollback five, over 6 steps (z-scores 2.4 and up, and under 1).
+    let run = |out: &str, policy: &str, extra: &[&str]| {
+        let (z, steps) = if policy == "rollback" { ("1.5", "6") } else { ("0.1", "4") };
+        let mut a =
+            vec!["train", "models/tiny.toml", "--random-weights", "1", "--data", &data, "--dtype", "u16"];
+        a.extend([
+            "--seq-len",
+            "32",
+            "--batch",
+            "4",
+            "--micro-batch",
+            "1",
+            "--steps",
+            steps,
+            "--threads",
+            "1",
+        ]);
+        a.extend(["--on-anomaly", policy, "--spike-z", z, "--spike-warmup", "2", "--spike-window", "2"]);
+        a.extend(["--save-every", "2", "--out", out]);
+        a.extend(LOSSES);
+        a.extend(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    // The skips and rollbacks of a run: (event, step, rows).
+    let undone = |dir: &str| -> Vec<(String, u64, serde_json::Value)> {
+        let text = std::fs::read_to_string(Path::new(dir).join("metrics.jsonl")).unwrap();
+        (text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()))
+            .filter(|l| l["event"] == "skip" || l["event"] == "rollback")
+            .map(|l| {
+                (l["event"].as_str().unwrap().to_string(), l["step"].as_u64().unwrap(), l["rows"].clone())
+            })
+            .collect()
+    };
+    for policy in ["skip-batch", "rollback"] {
+        let one = s.str(&format!("one-{policy}"));
+        let r = kiln(&run(&one, policy, &[]).iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(r.ok, "{}", r.stderr);
+        let (want, want_undone) = (logged(Path::new(&one)), undone(&one));
+        assert!(want_undone.len() >= 2, "the test needs rejected steps: {want_undone:?}");
+        let schedules: &[&str] = if policy == "rollback" { &["1f1b"] } else { &["1f1b", "dualpipe"] };
+        for schedule in schedules {
+            let out = s.str(&format!("{schedule}-{policy}"));
+            let args = run(&out, policy, &["--pp", "2", "--pp-schedule", schedule]);
+            let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+            assert!(r.ok, "{}\n{}", r.stdout, r.stderr);
+            assert_eq!(undone(&out), want_undone, "{schedule} {policy}");
+            let got = logged(Path::new(&out));
+            assert_eq!(got.len(), want.len(), "{schedule} {policy}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-12);
+                assert!(
+                    rel(g.0, w.0) < 1e-6 && rel(g.1, w.1) < 1e-5,
+                    "{schedule} {policy}: line {}: {g:?} vs {w:?}",
+                    i + 1
+                );
+            }
+            let copies = logged_event(Path::new(&out), "monitor_copies");
+            assert_eq!(
+                (&copies["gate"], &copies["copy_before_each_step"]),
+                (&true.into(), &false.into()),
+                "{copies}"
+            );
+        }
+    }
+}
