@@ -98,6 +98,18 @@ pub fn cache_dir() -> Result<PathBuf> {
     }
 }
 
+/// Turns on the kernel cache ([`kiln_compiler::codegen::cache`]) for this process:
+/// `$KILN_KERNEL_CACHE_DIR`, else `kernels` in [`cache_dir`]; off with `KILN_NO_KERNEL_CACHE=1`, or
+/// where there is no cache directory at all (the compile then makes every kernel).
+pub fn configure_kernel_cache() {
+    let off = std::env::var_os("KILN_NO_KERNEL_CACHE").is_some_and(|v| !v.is_empty() && v != "0");
+    let dir = match std::env::var_os("KILN_KERNEL_CACHE_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => cache_dir().ok().map(|d| d.join("kernels")),
+    };
+    kiln_compiler::codegen::cache::configure(dir.filter(|_| !off));
+}
+
 /// The artifact of the model folder `folder` for this CPU: the cached one, or one compiled now.
 /// What happens is said on `log`.
 pub fn artifact_for(folder: &Path, log: &mut dyn Write) -> Result<PathBuf> {
@@ -146,12 +158,7 @@ fn key(spec: &kiln_ir::ModelSpec) -> Result<String> {
     part("spec", serde_json::to_string(spec)?.as_bytes());
     part("options", format!("cpu b={MAX_BATCH} s={MAX_CONTEXT}").as_bytes());
     part("kiln", env!("CARGO_PKG_VERSION").as_bytes());
-    let exe = std::env::current_exe().and_then(|p| p.metadata());
-    let identity = match exe {
-        Ok(m) => format!("{} {:?}", m.len(), m.modified().ok()),
-        Err(_) => String::new(),
-    };
-    part("executable", identity.as_bytes());
+    part("executable", kiln_compiler::codegen::cache::executable_identity().as_bytes());
     part("host", kiln_compiler::codegen::cpu::host_description().as_bytes());
     let digest = h.finalize();
     Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())

@@ -400,7 +400,15 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     if let (Some(dir), Built::Artifact(a)) = (&req.output, &built) {
         pack::write(a, dir)?;
         if req.json {
-            let doc = json_summary(dir, &a.manifest, &watch.timings);
+            let mut doc = json_summary(dir, &a.manifest, &watch.timings);
+            if let Some(used) = a.kernel_cache {
+                let cache = kiln_compiler::codegen::cache::dir();
+                doc["kernel_cache"] = serde_json::json!({
+                    "dir": cache.map(|d| d.display().to_string()),
+                    "found": used.found,
+                    "compiled": used.compiled,
+                });
+            }
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else if req.emit.is_none() {
             writeln!(out, "{}", summary(dir, &a.manifest))?;
@@ -418,6 +426,11 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     }
     if req.timings {
         out.write_all(timings(&watch.timings).as_bytes())?;
+        if let Built::Artifact(a) = &built {
+            if let Some(used) = a.kernel_cache {
+                writeln!(out, "{}", kernel_cache_line(used))?;
+            }
+        }
     }
     // The process ends next and its memory goes back whole: freeing a DeepSeek-V3 compile (module,
     // plans and artifact, some 700 MiB in small allocations) one by one would cost a quarter of a
@@ -518,6 +531,20 @@ fn summary(dir: &Path, m: &Manifest) -> String {
         programs.join(", "),
         files.join(", ")
     )
+}
+
+/// What `--timings` says of the kernel cache: how many of the CPU library's kernels it held.
+fn kernel_cache_line(used: kiln_compiler::codegen::cache::Use) -> String {
+    let all = used.found + used.compiled;
+    match kiln_compiler::codegen::cache::dir() {
+        Some(dir) => format!(
+            "kernel cache: {} of {all} CPU kernels found in {}, {} compiled",
+            used.found,
+            dir.display(),
+            used.compiled
+        ),
+        None => format!("kernel cache: off (KILN_NO_KERNEL_CACHE), {all} CPU kernels compiled"),
+    }
 }
 
 /// `--json`: what [`summary`] says, and per kernel and per stage.

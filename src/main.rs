@@ -564,6 +564,7 @@ struct SamplingArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cache::configure_kernel_cache();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

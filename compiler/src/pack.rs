@@ -58,7 +58,7 @@ use crate::build::{
     Phase,
 };
 use crate::codegen::{
-    cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
+    cache, cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
     LoweredModule, Step, Target,
 };
 use crate::passes::{self, PassError};
@@ -405,6 +405,8 @@ pub struct Artifact {
     pub files: Vec<(String, Vec<u8>)>,
     /// Per-kernel resource use from `ptxas -v`, when the GPU target was compiled.
     pub ptxas: Option<BTreeMap<String, PtxasStats>>,
+    /// How the CPU library's objects came from the kernel cache ([`cache`]), when one was made.
+    pub kernel_cache: Option<cache::Use>,
     pub prepared: Prepared,
 }
 
@@ -841,8 +843,8 @@ const LINK_DIR_PREFIX: &str = "kiln-pack-";
 
 /// Links the CPU library in a private temporary directory and returns its bytes. The directories
 /// that killed earlier compiles left there are removed first.
-fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
-    let objects = cpu::objects(module)?;
+fn shared_library(module: &LoweredModule) -> Result<(Vec<u8>, cache::Use), CompileError> {
+    let (objects, used) = cache::objects(module)?;
     let temp = std::env::temp_dir();
     let link_error =
         |path: &std::path::Path, message: String| EmitError::Link { path: path.to_path_buf(), message };
@@ -855,7 +857,7 @@ fn shared_library(module: &LoweredModule) -> Result<Vec<u8>, CompileError> {
     let path = dir.path().join(artifact::KERNELS_SO);
     let bytes = cpu::link_objects(&objects, &path)
         .and_then(|()| std::fs::read(&path).map_err(|e| link_error(&path, e.to_string())));
-    Ok(bytes?)
+    Ok((bytes?, used))
 }
 
 /// SHA-256 as 64 lowercase hex digits.
@@ -902,6 +904,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     let mut manifest_result: Option<Result<Manifest, CompileError>> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut report = None;
+    let mut kernel_cache = None;
     let p = &prepared;
     rayon::in_place_scope(|s| -> Result<(), CompileError> {
         let out = &mut texts;
@@ -950,7 +953,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
                         Ok((so?, checked.transpose()?))
                     })
                 },
-                |(so, _)| Dump::Library {
+                |((so, _), _)| Dump::Library {
                     bytes: so.len(),
                     symbols: (module.kernels.iter())
                         .map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX))
@@ -960,6 +963,8 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
             if checked.is_some() {
                 report = checked;
             }
+            let (so, used) = so;
+            kernel_cache = Some(used);
             files.push((artifact::KERNELS_SO.into(), so));
         }
         if let Some((ptx, _)) = ptx {
@@ -988,7 +993,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     checked.map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;
     let manifest_json = manifest_json?;
     obs.finished(Stage::Pack, &Dump::Manifest(&manifest_json));
-    Ok(Artifact { manifest, manifest_json, files, ptxas, prepared })
+    Ok(Artifact { manifest, manifest_json, files, ptxas, kernel_cache, prepared })
 }
 
 /// Runs the whole pipeline: [`prepare`], then [`emit`].

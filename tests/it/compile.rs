@@ -562,7 +562,10 @@ fn report_lists_kernels_with_ptxas_numbers() {
 fn timings_have_a_row_per_stage_and_print_after_shows_a_stage() {
     let out = kiln(&["compile", SMALL, "--target", "all", "--timings", "--print-after", "plan-memory"]);
     assert!(out.ok, "{}", out.stderr);
-    let stages: Vec<&str> = out.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    let stages: Vec<&str> = (out.stdout.lines().skip(1))
+        .filter(|l| !l.starts_with("kernel cache: "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-gpu", "emit-cpu", "pack", "total"]);
     for line in out.stdout.lines().skip(1).take(7) {
         assert!(line.contains(" ms") && line.contains(" MiB"), "{line}");
@@ -800,4 +803,76 @@ fn artifacts_do_not_depend_on_the_number_of_threads() {
         assert!(a == b, "{name} differs between 1 and 4 threads");
     }
     assert_eq!(one.ptxas, four.ptxas);
+}
+
+/// The kernel cache: a second compile of the same kernels takes every object from it and writes
+/// the same library; an entry changed by hand is compiled again; a compile of other sizes shares
+/// what it can; `KILN_NO_KERNEL_CACHE=1` compiles everything.
+#[test]
+fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
+    let s = Scratch::new();
+    let cache = s.path("kernels");
+    let cache_str = cache.display().to_string();
+    let compile = |out: &str, batch: &str, env: &[(&str, &str)]| {
+        let mut vars = vec![("KILN_KERNEL_CACHE_DIR", cache_str.as_str())];
+        vars.extend_from_slice(env);
+        let args =
+            ["compile", "models/tiny.toml", "--target", "cpu", "--max-batch", batch, "--max-context", "16"];
+        let r = kiln_env(&[&args[..], &["--timings", "-o", &s.str(out)]].concat(), &vars);
+        assert!(r.ok, "{}", r.stderr);
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("kernel cache: "))
+            .unwrap_or_else(|| panic!("{}", r.stdout));
+        let numbers: Vec<u64> =
+            line.split_whitespace().filter_map(|w| w.trim_end_matches(',').parse().ok()).collect();
+        (line.to_string(), numbers)
+    };
+    let library = |out: &str| std::fs::read(s.path(out).join("kernels.so")).unwrap();
+    let entries =
+        || std::fs::read_dir(&cache).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<_>>();
+
+    let (line, first) = compile("first", "2", &[]);
+    let n = first[1];
+    assert!(n > 10, "{line}");
+    assert_eq!(first, [0, n, n], "{line}");
+    assert!(line.contains(&cache_str), "{line}");
+    assert_eq!(entries().len() as u64, n);
+    let (line, second) = compile("second", "2", &[]);
+    assert_eq!(second, [n, n, 0], "{line}");
+    assert!(library("first") == library("second"), "a library from the cache differs from a compiled one");
+    let manifest = |out: &str| std::fs::read_to_string(s.path(out).join("manifest.json")).unwrap();
+    assert_eq!(manifest("first"), manifest("second"));
+
+    // One byte of one entry changed: that kernel is compiled again, the entry replaced.
+    let victim = entries().into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, &bytes).unwrap();
+    let (line, third) = compile("third", "2", &[]);
+    assert_eq!(third, [n - 1, n, 1], "{line}");
+    assert!(library("third") == library("first"));
+    let (line, fourth) = compile("fourth", "2", &[]);
+    assert_eq!(fourth, [n, n, 0], "{line}");
+
+    // Other sizes: the kernels come from the cache (their sizes are symbolic).
+    let (line, other) = compile("other", "4", &[]);
+    assert_eq!(other, [n, n, 0], "{line}");
+
+    // Off: every kernel compiled, the same library, nothing written.
+    let before = entries().len();
+    let (line, off) = compile("off", "2", &[("KILN_NO_KERNEL_CACHE", "1")]);
+    assert!(line.starts_with("kernel cache: off"), "{line}");
+    assert_eq!(off, [n], "{line}");
+    assert!(library("off") == library("first"));
+    assert_eq!(entries().len(), before);
+
+    // The lowering's choices are part of the key: without the packed GEMMs no kernel is found.
+    // With a limit of 0 MiB the cache is emptied after the compile that stored them.
+    let (line, other) =
+        compile("unpacked", "2", &[("KILN_NO_PACKED_GEMM", "1"), ("KILN_KERNEL_CACHE_LIMIT_MB", "0")]);
+    assert_eq!(other[0], 0, "{line}");
+    assert!(entries().is_empty(), "{:?}", entries());
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{kiln, root, Out, Scratch};
+use crate::util::{kernel_cache, kiln, root, Out, Scratch};
 
 const DATA: &str = "tests/goldens/train/tokens.safetensors";
 /// Every loss term and the bias rule on, so that each sum over the replicas is exercised: the
@@ -24,6 +24,7 @@ fn mpirun(n: usize, args: &[&str], limit: Duration) -> Out {
 fn mpirun_with(n: usize, args: &[&str], limit: Duration, env: &[(&str, &str)]) -> Out {
     let mut cmd = Command::new("mpirun");
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-n", &n.to_string()]);
+    cmd.args(["-x", "KILN_KERNEL_CACHE_DIR"]).env("KILN_KERNEL_CACHE_DIR", kernel_cache());
     for (k, v) in env {
         cmd.args(["-x", k]).env(k, v);
     }

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{root, Scratch};
+use crate::util::{kernel_cache, root, Scratch};
 
 /// One command of a block and the output the README shows for it.
 #[derive(Debug)]
@@ -142,6 +142,7 @@ fn the_readme_examples_print_what_they_show() {
                 .current_dir(&s.0)
                 .env("PATH", &path)
                 .env("KILN_CACHE_DIR", s.path("cache"))
+                .env("KILN_KERNEL_CACHE_DIR", kernel_cache())
                 .env_remove("NO_COLOR")
                 .output()
                 .unwrap();

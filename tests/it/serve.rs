@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::util::{kiln, root};
+use crate::util::{kiln, kiln_command, root};
 
 /// The artifact and the weights folder, made once for every test here.
 struct Fixture {
@@ -78,7 +78,7 @@ impl Server {
 
     fn start_with(artifact: &str, extra: &[&str]) -> Server {
         let f = fixture();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        let mut child = kiln_command()
             .args(["serve", artifact, "--weights", &f.weights, "--port", "0", "--threads", "1"])
             .args(extra)
             .current_dir(root())

@@ -23,7 +23,7 @@ use kiln_runtime::reference::to_tensor;
 use kiln_runtime::train::Trainer;
 use kiln_runtime::weights::{self, HostData};
 
-use crate::util::{kiln, root, Scratch};
+use crate::util::{kiln, kiln_command, root, Scratch};
 
 const GOLDEN: &str = "tests/goldens/train";
 
@@ -773,13 +773,13 @@ fn kiln_train_shuffles_seeded_and_resumes_bit_identically() {
 /// checkpoint loadable and resumable; the resume removes the hidden folders a dead run left.
 #[test]
 fn kiln_train_killed_with_sigkill_resumes_from_its_last_checkpoint() {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     use std::time::{Duration, Instant};
     let s = Scratch::new();
     let data = root().join("tests/goldens/perplexity/tokens.safetensors").to_string_lossy().into_owned();
     let out = s.str("run");
     let args = ["train", "models/tiny.toml", "--data", data.as_str(), "--interp", "--batch", "2"];
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut child = kiln_command()
         .args(args)
         .args(["--random-weights", "3", "--save-every", "1", "--steps", "200", "--out", &out])
         .current_dir(root())

@@ -24,14 +24,23 @@ pub fn kiln(args: &[&str]) -> Out {
     kiln_env(args, &[])
 }
 
+/// The kernel cache every `kiln` the tests start shares (`KILN_KERNEL_CACHE_DIR`): in the target
+/// directory, not the user's cache, and the same for the whole test run, so that the tests that
+/// compile the same models compile each kernel once.
+pub fn kernel_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kernel-cache")
+}
+
+/// A `kiln` command with the tests' [`kernel_cache`].
+pub fn kiln_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env("KILN_KERNEL_CACHE_DIR", kernel_cache());
+    cmd
+}
+
 /// [`kiln`] with extra environment variables.
 pub fn kiln_env(args: &[&str], env: &[(&str, &str)]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(root())
-        .output()
-        .unwrap();
+    let out = kiln_command().args(args).envs(env.iter().copied()).current_dir(root()).output().unwrap();
     Out {
         ok: out.status.success(),
         stdout: String::from_utf8(out.stdout).unwrap(),

@@ -16,6 +16,7 @@
 //! `gpu::ptx`), with results in kernel order whatever the number of threads; only
 //! `link_shared_library`/`link_objects` touch the filesystem and run a tool (`cc`).
 
+pub mod cache;
 pub mod cpu;
 pub mod emit;
 pub mod fusion;

@@ -1,0 +1,246 @@
+//! The kernel cache: each CPU kernel's object file, kept on disk under a key of everything that
+//! made it, so that a compile which meets a kernel it has compiled before (the same layer in a
+//! second run, a resumed training run, another rank of an expert-parallel or pipeline run, a
+//! training step and the inference programs of one model) takes the object instead of running
+//! MLIR and LLVM again. It is to kiln what ccache is to a C compiler, or Triton's cache directory
+//! to its kernels.
+//!
+//! The key of an object is the SHA-256 of:
+//! - the kernel as lowered: its MLIR text (the module [`LoweredModule::text`] gives for it alone)
+//!   and what its packed entry is made from (name, passed buffers, sizes, table, signature);
+//! - the back end's pipelines ([`cpu::CPU_PIPELINE`], [`cpu::CPU_OPT`]);
+//! - the host CPU as [`cpu::host_description`] gives it (an object for AVX-512 must not reach a
+//!   CPU without it, even through a cache on a shared home directory);
+//! - kiln's version and the identity of the running executable ([`executable_identity`]: its size
+//!   and modification time), so a rebuilt kiln compiles afresh rather than trust objects an older
+//!   one made.
+//!
+//! An entry is written under a temporary name and renamed into place, so a compile killed midway
+//! leaves no partial entry and two compiles that write the same one at once both end with a whole
+//! one. Each entry carries the SHA-256 of its object: one that does not match (a file changed by
+//! hand, a disk error) is compiled again and replaced. Reading an entry refreshes its
+//! modification time, and when the cache outgrows its limit ([`DEFAULT_LIMIT`], or
+//! `KILN_KERNEL_CACHE_LIMIT_MB`) the least recently used entries are removed.
+//!
+//! The cache is off unless the process turns it on ([`configure`]): `kiln` does, at
+//! `$KILN_KERNEL_CACHE_DIR`, else the `kernels` folder of its cache directory (`$KILN_CACHE_DIR`,
+//! `$XDG_CACHE_HOME/kiln` or `~/.cache/kiln`); `KILN_NO_KERNEL_CACHE=1` leaves it off. A library
+//! user who never calls [`configure`] compiles every kernel.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use sha2::{Digest, Sha256};
+
+use super::cpu;
+use super::lower::LoweredModule;
+
+/// The largest the cache grows before its least recently used entries are removed: 2 GiB, about
+/// twenty thousand kernels of DeepSeek-V3's size.
+pub const DEFAULT_LIMIT: u64 = 2 << 30;
+
+/// The first bytes of an entry, then the SHA-256 of the object, then the object.
+const MAGIC: &[u8; 8] = b"KILNOBJ1";
+
+/// The extension of an entry's file.
+const EXTENSION: &str = "o";
+
+static DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
+
+/// Turns the cache on at `dir` (created when first written), or off with `None`, for every compile
+/// of this process after.
+pub fn configure(dir: Option<PathBuf>) {
+    *DIR.write().unwrap_or_else(|e| e.into_inner()) = dir;
+}
+
+/// Where the cache is, if it is on.
+pub fn dir() -> Option<PathBuf> {
+    DIR.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The identity of the running executable: its size and modification time, empty where they
+/// cannot be read. Caches of compiled code key on it.
+pub fn executable_identity() -> String {
+    match std::env::current_exe().and_then(|p| p.metadata()) {
+        Ok(m) => format!("{} {:?}", m.len(), m.modified().ok()),
+        Err(_) => String::new(),
+    }
+}
+
+/// How a compile used the cache: kernels whose objects it found, and kernels it compiled (and,
+/// with the cache on, stored).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Use {
+    pub found: u64,
+    pub compiled: u64,
+}
+
+/// The key of one CPU kernel's object: the module holds that kernel alone.
+pub fn key(module: &LoweredModule) -> String {
+    let mut h = Sha256::new();
+    let mut part = |label: &str, bytes: &[u8]| {
+        h.update(label.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    part("kiln", env!("CARGO_PKG_VERSION").as_bytes());
+    part("executable", executable_identity().as_bytes());
+    part("host", cpu::host_description().as_bytes());
+    part("pipeline", cpu::CPU_PIPELINE.as_bytes());
+    part("opt", cpu::CPU_OPT.as_bytes());
+    part("module", module.text().as_bytes());
+    for k in &module.kernels {
+        let entry = format!("{} {:?} {} {} {:?}", k.name, k.passed, k.syms.len(), k.table, k.signature);
+        part("entry", entry.as_bytes());
+    }
+    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The object stored under `key` in `dir`, if there is a whole one; its modification time is
+/// refreshed (the cache removes the least recently used entries first).
+fn read(dir: &Path, key: &str) -> Option<Vec<u8>> {
+    let path = dir.join(format!("{key}.{EXTENSION}"));
+    let bytes = std::fs::read(&path).ok()?;
+    let (head, object) = bytes.split_at_checked(MAGIC.len() + 32)?;
+    if &head[..MAGIC.len()] != MAGIC || head[MAGIC.len()..] != Sha256::digest(object)[..] {
+        return None;
+    }
+    if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+    Some(object.to_vec())
+}
+
+/// Stores `object` under `key` in `dir`, whole or not at all. Best effort: a cache that cannot be
+/// written (a read-only or full disk) costs the next compile time, not this one its result.
+fn write(dir: &Path, key: &str, object: &[u8]) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tag = format!("{}.{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let tmp = dir.join(format!(".{key}.{tag}.tmp"));
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 32 + object.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&Sha256::digest(object));
+    bytes.extend_from_slice(object);
+    let stored = std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{key}.{EXTENSION}"))));
+    if stored.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// The cache's size limit in bytes: `KILN_KERNEL_CACHE_LIMIT_MB` (mebibytes), else
+/// [`DEFAULT_LIMIT`].
+pub fn limit() -> u64 {
+    std::env::var("KILN_KERNEL_CACHE_LIMIT_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_LIMIT, |mb| mb << 20)
+}
+
+/// Removes the least recently used entries of `dir` until it holds at most three quarters of
+/// `limit`, if it holds more than `limit`; also temporary files an interrupted write left (an
+/// hour old or more). Returns the entries removed.
+pub fn prune(dir: &Path, limit: u64) -> usize {
+    let Ok(read) = std::fs::read_dir(dir) else { return 0 };
+    let now = std::time::SystemTime::now();
+    let mut entries = Vec::new();
+    let mut total = 0u64;
+    for e in read.flatten() {
+        let (path, Ok(meta)) = (e.path(), e.metadata()) else { continue };
+        let modified = meta.modified().unwrap_or(now);
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            if now.duration_since(modified).is_ok_and(|d| d.as_secs() >= 3600) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if path.extension().is_some_and(|x| x == EXTENSION) && meta.is_file() {
+            total += meta.len();
+            entries.push((modified, meta.len(), path));
+        }
+    }
+    if total <= limit {
+        return 0;
+    }
+    entries.sort();
+    let mut removed = 0;
+    for (_, len, path) in entries {
+        if total <= limit / 4 * 3 {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// [`cpu::objects`] through the cache: the objects of `module`'s kernels in kernel order, those
+/// the cache holds taken from it, the others compiled (in parallel) and stored. Without a cache,
+/// every kernel is compiled.
+pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), super::EmitError> {
+    let Some(dir) = dir() else {
+        let objects = cpu::objects(module)?;
+        let compiled = objects.len() as u64;
+        return Ok((objects, Use { found: 0, compiled }));
+    };
+    let alone = |i: usize| LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] };
+    let keys: Vec<String> = (0..module.kernels.len()).map(|i| key(&alone(i))).collect();
+    let mut found: Vec<Option<Vec<u8>>> = keys.iter().map(|k| read(&dir, k)).collect();
+    let missing: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_none()).collect();
+    let rest = LoweredModule {
+        target: module.target,
+        kernels: missing.iter().map(|&i| module.kernels[i].clone()).collect(),
+    };
+    let compiled = cpu::objects(&rest)?;
+    let used = Use { found: (found.len() - missing.len()) as u64, compiled: missing.len() as u64 };
+    for (&i, object) in missing.iter().zip(compiled) {
+        write(&dir, &keys[i], &object);
+        found[i] = Some(object);
+    }
+    if used.compiled > 0 {
+        prune(&dir, limit());
+    }
+    Ok((found.into_iter().flatten().collect(), used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    /// Entries of 100 bytes, each used a second after the one before: over a 500-byte limit the
+    /// oldest go first until three quarters of it is left; old temporary files go, other files
+    /// stay.
+    #[test]
+    fn prune_removes_the_least_recently_used_entries_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = SystemTime::now() - Duration::from_secs(7200);
+        for i in 0..8u64 {
+            let path = dir.path().join(format!("{i:02}.{EXTENSION}"));
+            std::fs::write(&path, [0u8; 100]).unwrap();
+            let f = std::fs::File::options().append(true).open(&path).unwrap();
+            // Entry 3 was read last.
+            let used = if i == 3 { 100 } else { i };
+            f.set_modified(base + Duration::from_secs(used)).unwrap();
+        }
+        let stale = dir.path().join(".00.1.0.tmp");
+        std::fs::write(&stale, b"partial").unwrap();
+        std::fs::File::options().append(true).open(&stale).unwrap().set_modified(base).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), [0u8; 1000]).unwrap();
+
+        assert_eq!(prune(dir.path(), 800), 0);
+        assert_eq!(prune(dir.path(), 500), 5);
+        let mut left: Vec<String> = (std::fs::read_dir(dir.path()).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["03.o", "06.o", "07.o", "notes.txt"]);
+    }
+}
