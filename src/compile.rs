@@ -401,14 +401,16 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         pack::write(a, dir)?;
         if req.json {
             let mut doc = json_summary(dir, &a.manifest, &watch.timings);
-            if let Some(used) = a.kernel_cache {
-                let cache = kiln_compiler::codegen::cache::dir();
-                doc["kernel_cache"] = serde_json::json!({
-                    "dir": cache.map(|d| d.display().to_string()),
-                    "found": used.found,
-                    "compiled": used.compiled,
-                });
-            }
+            let cache = &a.kernel_cache;
+            let used = |u: Option<kiln_compiler::codegen::cache::Use>| {
+                u.map(|u| serde_json::json!({"found": u.found, "compiled": u.compiled}))
+            };
+            doc["kernel_cache"] = serde_json::json!({
+                "dir": kiln_compiler::codegen::cache::dir().map(|d| d.display().to_string()),
+                "cpu": used(cache.cpu),
+                "gpu": used(cache.gpu),
+                "ptxas_found": cache.ptxas_found,
+            });
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         } else if req.emit.is_none() {
             writeln!(out, "{}", summary(dir, &a.manifest))?;
@@ -427,9 +429,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     if req.timings {
         out.write_all(timings(&watch.timings).as_bytes())?;
         if let Built::Artifact(a) = &built {
-            if let Some(used) = a.kernel_cache {
-                writeln!(out, "{}", kernel_cache_line(used))?;
-            }
+            out.write_all(kernel_cache_lines(&a.kernel_cache).as_bytes())?;
         }
     }
     // The process ends next and its memory goes back whole: freeing a DeepSeek-V3 compile (module,
@@ -533,18 +533,32 @@ fn summary(dir: &Path, m: &Manifest) -> String {
     )
 }
 
-/// What `--timings` says of the kernel cache: how many of the CPU library's kernels it held.
-fn kernel_cache_line(used: kiln_compiler::codegen::cache::Use) -> String {
-    let all = used.found + used.compiled;
-    match kiln_compiler::codegen::cache::dir() {
-        Some(dir) => format!(
-            "kernel cache: {} of {all} CPU kernels found in {}, {} compiled",
-            used.found,
-            dir.display(),
-            used.compiled
-        ),
-        None => format!("kernel cache: off (KILN_NO_KERNEL_CACHE), {all} CPU kernels compiled"),
+/// What `--timings` says of the kernel cache: a line per target emitted, how many of its kernels
+/// the cache held, and for the PTX whether `ptxas`'s report came from it.
+fn kernel_cache_lines(report: &kiln_compiler::codegen::cache::Report) -> String {
+    let dir = kiln_compiler::codegen::cache::dir();
+    let mut out = String::new();
+    for (target, used) in [("CPU", report.cpu), ("GPU", report.gpu)] {
+        let Some(used) = used else { continue };
+        let all = used.found + used.compiled;
+        let line = match &dir {
+            Some(dir) => {
+                format!(
+                    "kernel cache: {} of {all} {target} kernels found in {}, {} compiled",
+                    used.found,
+                    dir.display(),
+                    used.compiled
+                )
+            }
+            None => format!("kernel cache: off (KILN_NO_KERNEL_CACHE), {all} {target} kernels compiled"),
+        };
+        out.push_str(&line);
+        if let (Some(found), Some(_), "GPU") = (report.ptxas_found, &dir, target) {
+            out.push_str(if found { "; the ptxas check found" } else { "; the ptxas check run" });
+        }
+        out.push('\n');
     }
+    out
 }
 
 /// `--json`: what [`summary`] says, and per kernel and per stage.

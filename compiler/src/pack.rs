@@ -405,8 +405,8 @@ pub struct Artifact {
     pub files: Vec<(String, Vec<u8>)>,
     /// Per-kernel resource use from `ptxas -v`, when the GPU target was compiled.
     pub ptxas: Option<BTreeMap<String, PtxasStats>>,
-    /// How the CPU library's objects came from the kernel cache ([`cache`]), when one was made.
-    pub kernel_cache: Option<cache::Use>,
+    /// What came from the kernel cache ([`cache`]).
+    pub kernel_cache: cache::Report,
     pub prepared: Prepared,
 }
 
@@ -904,7 +904,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     let mut manifest_result: Option<Result<Manifest, CompileError>> = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut report = None;
-    let mut kernel_cache = None;
+    let mut kernel_cache = cache::Report::default();
     let p = &prepared;
     rayon::in_place_scope(|s| -> Result<(), CompileError> {
         let out = &mut texts;
@@ -919,20 +919,21 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
         s.spawn(move |_| *out = Some(manifest(p, options, host, Vec::new())));
         let ptx = match (&p.gpu, &p.ptxas) {
             (Some(module), Some(tool)) => {
-                let (ptx, checked) = stage(
+                let ((ptx, used), checked) = stage(
                     obs,
                     Stage::EmitGpu,
                     || {
-                        let ptx = gpu::ptx(module)?;
+                        let ptx = cache::ptx(module)?;
                         // With a CPU library to make, ptxas runs beside it instead (emit-cpu).
                         let checked = match p.cpu {
                             Some(_) => None,
-                            None => Some(toolchain::ptxas_check_on(tool, &ptx, gpu::SM, threads)?),
+                            None => Some(cache::ptxas_check(tool, &ptx.0, gpu::SM, threads)?),
                         };
                         Ok((ptx, checked))
                     },
-                    |(ptx, _)| Dump::Ptx(ptx),
+                    |((ptx, _), _)| Dump::Ptx(ptx),
                 )?;
+                kernel_cache.gpu = Some(used);
                 report = checked;
                 Some((ptx, tool))
             }
@@ -945,7 +946,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
                 || {
                     std::thread::scope(|t| {
                         let check = (ptx.as_ref()).map(|(ptx, tool)| {
-                            t.spawn(move || toolchain::ptxas_check_on(tool, ptx, gpu::SM, threads))
+                            t.spawn(move || cache::ptxas_check(tool, ptx, gpu::SM, threads))
                         });
                         let so = shared_library(module);
                         let checked =
@@ -964,7 +965,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
                 report = checked;
             }
             let (so, used) = so;
-            kernel_cache = Some(used);
+            kernel_cache.cpu = Some(used);
             files.push((artifact::KERNELS_SO.into(), so));
         }
         if let Some((ptx, _)) = ptx {
@@ -972,7 +973,8 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
         }
         Ok(())
     })?;
-    let ptxas = report.map(|r| parse_report(&r));
+    kernel_cache.ptxas_found = report.as_ref().map(|&(_, found)| found);
+    let ptxas = report.map(|(r, _)| parse_report(&r));
     obs.started(Stage::Pack);
     let missing = |what: &str| CompileError::Internal(format!("{what} was not made"));
     let ((kir, kir_sha), (mlir, mlir_sha)) = texts.ok_or_else(|| missing("module.kir"))?;

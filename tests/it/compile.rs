@@ -806,8 +806,9 @@ fn artifacts_do_not_depend_on_the_number_of_threads() {
 }
 
 /// The kernel cache: a second compile of the same kernels takes every object from it and writes
-/// the same library; an entry changed by hand is compiled again; a compile of other sizes shares
-/// what it can; `KILN_NO_KERNEL_CACHE=1` compiles everything.
+/// the same library; an entry changed by hand is compiled again; the PTX and ptxas's report are
+/// found the same way; the lowering's options are part of the key; `KILN_NO_KERNEL_CACHE=1`
+/// compiles everything; past its size limit the cache drops its entries.
 #[test]
 fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     let s = Scratch::new();
@@ -837,7 +838,7 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     let n = first[1];
     assert!(n > 10, "{line}");
     assert_eq!(first, [0, n, n], "{line}");
-    assert!(line.contains(&cache_str), "{line}");
+    assert!(line.contains(&cache_str) && line.contains(" CPU kernels "), "{line}");
     assert_eq!(entries().len() as u64, n);
     let (line, second) = compile("second", "2", &[]);
     assert_eq!(second, [n, n, 0], "{line}");
@@ -868,6 +869,24 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     assert_eq!(off, [n], "{line}");
     assert!(library("off") == library("first"));
     assert_eq!(entries().len(), before);
+
+    // The PTX and ptxas's report on it: the second compile for both targets finds them too.
+    let both = |out: &str| {
+        let args =
+            ["compile", "models/tiny.toml", "--max-batch", "2", "--max-context", "16", "--timings", "-o"];
+        let r =
+            kiln_env(&[&args[..], &[&s.str(out)]].concat(), &[("KILN_KERNEL_CACHE_DIR", cache_str.as_str())]);
+        assert!(r.ok, "{}", r.stderr);
+        let gpu =
+            r.stdout.lines().find(|l| l.contains(" GPU kernels ")).unwrap_or_else(|| panic!("{}", r.stdout));
+        (gpu.to_string(), std::fs::read(s.path(out).join("kernels.ptx")).unwrap())
+    };
+    let (line, ptx) = both("both");
+    assert!(line.ends_with(" compiled; the ptxas check run") && !line.contains(" 0 compiled"), "{line}");
+    let (line, again) = both("both-again");
+    assert!(line.contains(" 0 compiled; the ptxas check found"), "{line}");
+    assert!(ptx == again, "PTX from the cache differs from compiled PTX");
+    assert!(library("both-again") == library("first"));
 
     // The lowering's choices are part of the key: without the packed GEMMs no kernel is found.
     // With a limit of 0 MiB the cache is emptied after the compile that stored them.

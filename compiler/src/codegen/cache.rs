@@ -1,16 +1,20 @@
-//! The kernel cache: each CPU kernel's object file, kept on disk under a key of everything that
-//! made it, so that a compile which meets a kernel it has compiled before (the same layer in a
-//! second run, a resumed training run, another rank of an expert-parallel or pipeline run, a
-//! training step and the inference programs of one model) takes the object instead of running
-//! MLIR and LLVM again. It is to kiln what ccache is to a C compiler, or Triton's cache directory
-//! to its kernels.
+//! The kernel cache: each kernel's CPU object file and PTX, kept on disk under a key of everything
+//! that made them, so that a compile which meets a kernel it has compiled before (the same layer in
+//! a second run, a resumed training run, another rank of an expert-parallel or pipeline run, a
+//! training step and the inference programs of one model) takes it instead of running MLIR and
+//! LLVM again; and `ptxas`'s report on a module of PTX it has checked before. It is to kiln what
+//! ccache is to a C compiler, or Triton's cache directory to its kernels.
 //!
-//! The key of an object is the SHA-256 of:
+//! The key of an entry is the SHA-256 of:
 //! - the kernel as lowered: its MLIR text (the module [`LoweredModule::text`] gives for it alone)
-//!   and what its packed entry is made from (name, passed buffers, sizes, table, signature);
-//! - the back end's pipelines ([`cpu::CPU_PIPELINE`], [`cpu::CPU_OPT`]);
-//! - the host CPU as [`cpu::host_description`] gives it (an object for AVX-512 must not reach a
-//!   CPU without it, even through a cache on a shared home directory);
+//!   and, on the CPU, what its packed entry is made from (name, passed buffers, sizes, table,
+//!   signature);
+//! - the back end's pipelines ([`cpu::CPU_PIPELINE`] and [`cpu::CPU_OPT`], or
+//!   [`gpu::GPU_PIPELINE`], [`gpu::GPU_OPT`] and [`gpu::SM`]);
+//! - for the CPU, the host as [`cpu::host_description`] gives it (an object for AVX-512 must not
+//!   reach a CPU without it, even through a cache on a shared home directory);
+//! - for a `ptxas` report, the PTX, the architecture, the threads and the `ptxas` executable (path,
+//!   size and modification time); only a passing check is kept;
 //! - kiln's version and the identity of the running executable ([`executable_identity`]: its size
 //!   and modification time), so a rebuilt kiln compiles afresh rather than trust objects an older
 //!   one made.
@@ -33,18 +37,22 @@ use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
 
-use super::cpu;
-use super::lower::LoweredModule;
+use super::lower::{LoweredModule, Target};
+use super::{cpu, gpu, EmitError};
+use crate::toolchain::{self, ToolchainError};
 
 /// The largest the cache grows before its least recently used entries are removed: 2 GiB, about
 /// twenty thousand kernels of DeepSeek-V3's size.
 pub const DEFAULT_LIMIT: u64 = 2 << 30;
 
-/// The first bytes of an entry, then the SHA-256 of the object, then the object.
+/// The first bytes of an entry, then the SHA-256 of its contents, then the contents.
 const MAGIC: &[u8; 8] = b"KILNOBJ1";
 
-/// The extension of an entry's file.
-const EXTENSION: &str = "o";
+/// The extensions of entries' files: CPU objects, PTX, `ptxas` reports.
+const OBJECT: &str = "o";
+const PTX: &str = "ptx";
+const PTXAS: &str = "ptxas";
+const EXTENSIONS: [&str; 3] = [OBJECT, PTX, PTXAS];
 
 static DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
 
@@ -68,39 +76,75 @@ pub fn executable_identity() -> String {
     }
 }
 
-/// How a compile used the cache: kernels whose objects it found, and kernels it compiled (and,
-/// with the cache on, stored).
+/// How a compile used the cache for one target: kernels it found there, and kernels it compiled
+/// (and, with the cache on, stored).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Use {
     pub found: u64,
     pub compiled: u64,
 }
 
-/// The key of one CPU kernel's object: the module holds that kernel alone.
-pub fn key(module: &LoweredModule) -> String {
-    let mut h = Sha256::new();
-    let mut part = |label: &str, bytes: &[u8]| {
-        h.update(label.as_bytes());
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    part("kiln", env!("CARGO_PKG_VERSION").as_bytes());
-    part("executable", executable_identity().as_bytes());
-    part("host", cpu::host_description().as_bytes());
-    part("pipeline", cpu::CPU_PIPELINE.as_bytes());
-    part("opt", cpu::CPU_OPT.as_bytes());
-    part("module", module.text().as_bytes());
-    for k in &module.kernels {
-        let entry = format!("{} {:?} {} {} {:?}", k.name, k.passed, k.syms.len(), k.table, k.signature);
-        part("entry", entry.as_bytes());
-    }
-    h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+/// How a compile used the cache: per target, when it emitted that target, and whether `ptxas`'s
+/// report came from it, when the PTX was checked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub cpu: Option<Use>,
+    pub gpu: Option<Use>,
+    pub ptxas_found: Option<bool>,
 }
 
-/// The object stored under `key` in `dir`, if there is a whole one; its modification time is
-/// refreshed (the cache removes the least recently used entries first).
-fn read(dir: &Path, key: &str) -> Option<Vec<u8>> {
-    let path = dir.join(format!("{key}.{EXTENSION}"));
+/// A SHA-256 of labelled parts, as 32 hex digits.
+struct Key(Sha256);
+
+impl Key {
+    fn new(kind: &str) -> Key {
+        let mut k = Key(Sha256::new());
+        k.part("kind", kind.as_bytes());
+        k.part("kiln", env!("CARGO_PKG_VERSION").as_bytes());
+        k.part("executable", executable_identity().as_bytes());
+        k
+    }
+
+    fn part(&mut self, label: &str, bytes: &[u8]) {
+        self.0.update(label.as_bytes());
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    fn finish(self) -> String {
+        self.0.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The key of a module's object (CPU) or PTX (GPU): the module usually holds one kernel.
+pub fn key(module: &LoweredModule) -> String {
+    let mut k;
+    match module.target {
+        Target::Cpu => {
+            k = Key::new("cpu object");
+            k.part("host", cpu::host_description().as_bytes());
+            k.part("pipeline", cpu::CPU_PIPELINE.as_bytes());
+            k.part("opt", cpu::CPU_OPT.as_bytes());
+        }
+        Target::Gpu => {
+            k = Key::new("ptx");
+            k.part("pipeline", gpu::GPU_PIPELINE.as_bytes());
+            k.part("opt", gpu::GPU_OPT.as_bytes());
+            k.part("sm", gpu::SM.as_bytes());
+        }
+    }
+    k.part("module", module.text().as_bytes());
+    for e in &module.kernels {
+        let entry = format!("{} {:?} {} {} {:?}", e.name, e.passed, e.syms.len(), e.table, e.signature);
+        k.part("entry", entry.as_bytes());
+    }
+    k.finish()
+}
+
+/// The contents stored under `key.ext` in `dir`, if there is a whole entry; its modification time
+/// is refreshed (the cache removes the least recently used entries first).
+fn read(dir: &Path, key: &str, ext: &str) -> Option<Vec<u8>> {
+    let path = dir.join(format!("{key}.{ext}"));
     let bytes = std::fs::read(&path).ok()?;
     let (head, object) = bytes.split_at_checked(MAGIC.len() + 32)?;
     if &head[..MAGIC.len()] != MAGIC || head[MAGIC.len()..] != Sha256::digest(object)[..] {
@@ -112,9 +156,9 @@ fn read(dir: &Path, key: &str) -> Option<Vec<u8>> {
     Some(object.to_vec())
 }
 
-/// Stores `object` under `key` in `dir`, whole or not at all. Best effort: a cache that cannot be
-/// written (a read-only or full disk) costs the next compile time, not this one its result.
-fn write(dir: &Path, key: &str, object: &[u8]) {
+/// Stores `object` under `key.ext` in `dir`, whole or not at all. Best effort: a cache that cannot
+/// be written (a read-only or full disk) costs the next compile time, not this one its result.
+fn write(dir: &Path, key: &str, ext: &str, object: &[u8]) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     if std::fs::create_dir_all(dir).is_err() {
         return;
@@ -125,8 +169,8 @@ fn write(dir: &Path, key: &str, object: &[u8]) {
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&Sha256::digest(object));
     bytes.extend_from_slice(object);
-    let stored = std::fs::write(&tmp, &bytes)
-        .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{key}.{EXTENSION}"))));
+    let stored =
+        std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, dir.join(format!("{key}.{ext}"))));
     if stored.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -159,7 +203,7 @@ pub fn prune(dir: &Path, limit: u64) -> usize {
             }
             continue;
         }
-        if path.extension().is_some_and(|x| x == EXTENSION) && meta.is_file() {
+        if path.extension().is_some_and(|x| EXTENSIONS.iter().any(|e| x == *e)) && meta.is_file() {
             total += meta.len();
             entries.push((modified, meta.len(), path));
         }
@@ -184,7 +228,7 @@ pub fn prune(dir: &Path, limit: u64) -> usize {
 /// [`cpu::objects`] through the cache: the objects of `module`'s kernels in kernel order, those
 /// the cache holds taken from it, the others compiled (in parallel) and stored. Without a cache,
 /// every kernel is compiled.
-pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), super::EmitError> {
+pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), EmitError> {
     let Some(dir) = dir() else {
         let objects = cpu::objects(module)?;
         let compiled = objects.len() as u64;
@@ -192,7 +236,7 @@ pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), super::Emi
     };
     let alone = |i: usize| LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] };
     let keys: Vec<String> = (0..module.kernels.len()).map(|i| key(&alone(i))).collect();
-    let mut found: Vec<Option<Vec<u8>>> = keys.iter().map(|k| read(&dir, k)).collect();
+    let mut found: Vec<Option<Vec<u8>>> = keys.iter().map(|k| read(&dir, k, OBJECT)).collect();
     let missing: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_none()).collect();
     let rest = LoweredModule {
         target: module.target,
@@ -201,13 +245,66 @@ pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), super::Emi
     let compiled = cpu::objects(&rest)?;
     let used = Use { found: (found.len() - missing.len()) as u64, compiled: missing.len() as u64 };
     for (&i, object) in missing.iter().zip(compiled) {
-        write(&dir, &keys[i], &object);
+        write(&dir, &keys[i], OBJECT, &object);
         found[i] = Some(object);
     }
     if used.compiled > 0 {
         prune(&dir, limit());
     }
     Ok((found.into_iter().flatten().collect(), used))
+}
+
+/// [`gpu::ptx`] through the cache: each kernel's PTX (or the whole module's, where
+/// [`gpu::ptx`] compiles it whole) taken from the cache or compiled and stored.
+pub fn ptx(module: &LoweredModule) -> Result<(String, Use), EmitError> {
+    let all = module.kernels.len() as u64;
+    let Some(dir) = dir() else {
+        return Ok((gpu::ptx(module)?, Use { found: 0, compiled: all }));
+    };
+    let found = AtomicU64::new(0);
+    let part = |m: &LoweredModule| -> Result<String, EmitError> {
+        let key = key(m);
+        if let Some(text) = read(&dir, &key, PTX).and_then(|b| String::from_utf8(b).ok()) {
+            found.fetch_add(m.kernels.len() as u64, Ordering::Relaxed);
+            return Ok(text);
+        }
+        let text = gpu::module_ptx(m)?;
+        write(&dir, &key, PTX, text.as_bytes());
+        Ok(text)
+    };
+    let text = gpu::ptx_by(module, &part)?;
+    let found = found.into_inner().min(all);
+    if found < all {
+        prune(&dir, limit());
+    }
+    Ok((text, Use { found, compiled: all - found }))
+}
+
+/// [`toolchain::ptxas_check_on`] through the cache: `ptxas`'s report on this PTX, and whether it
+/// came from the cache. A check that fails is not kept.
+pub fn ptxas_check(
+    tool: &Path,
+    ptx: &str,
+    arch: &str,
+    threads: usize,
+) -> Result<(String, bool), ToolchainError> {
+    let Some(dir) = dir() else {
+        return Ok((toolchain::ptxas_check_on(tool, ptx, arch, threads)?, false));
+    };
+    let mut k = Key::new("ptxas");
+    let identity =
+        tool.metadata().map(|m| format!("{} {:?}", m.len(), m.modified().ok())).unwrap_or_default();
+    k.part("tool", format!("{} {identity}", tool.display()).as_bytes());
+    k.part("arch", arch.as_bytes());
+    k.part("threads", threads.to_string().as_bytes());
+    k.part("ptx", ptx.as_bytes());
+    let key = k.finish();
+    if let Some(report) = read(&dir, &key, PTXAS).and_then(|b| String::from_utf8(b).ok()) {
+        return Ok((report, true));
+    }
+    let report = toolchain::ptxas_check_on(tool, ptx, arch, threads)?;
+    write(&dir, &key, PTXAS, report.as_bytes());
+    Ok((report, false))
 }
 
 #[cfg(test)]
@@ -223,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = SystemTime::now() - Duration::from_secs(7200);
         for i in 0..8u64 {
-            let path = dir.path().join(format!("{i:02}.{EXTENSION}"));
+            let path = dir.path().join(format!("{i:02}.{OBJECT}"));
             std::fs::write(&path, [0u8; 100]).unwrap();
             let f = std::fs::File::options().append(true).open(&path).unwrap();
             // Entry 3 was read last.

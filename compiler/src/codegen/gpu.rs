@@ -94,13 +94,22 @@ pub fn llvm_ir(module: &LoweredModule) -> Result<String, EmitError> {
 /// declare anything at module scope (which could clash between kernels), the module is compiled
 /// whole instead.
 pub fn ptx(module: &LoweredModule) -> Result<String, EmitError> {
+    ptx_by(module, &module_ptx)
+}
+
+/// [`ptx`], with each kernel's PTX (and the whole module's, where the parts cannot be joined) from
+/// `part`: [`module_ptx`] or the kernel cache in front of it.
+pub(crate) fn ptx_by(
+    module: &LoweredModule,
+    part: &(dyn Fn(&LoweredModule) -> Result<String, EmitError> + Sync),
+) -> Result<String, EmitError> {
     if module.kernels.len() > 1 {
-        let parts = each_kernel(module, module_ptx)?;
+        let parts = each_kernel(module, part)?;
         if let Some(joined) = join(&parts) {
             return Ok(joined);
         }
     }
-    module_ptx(module)
+    part(module)
 }
 
 /// The PTX of several modules of one kernel each, as one module: the first one's header (the
@@ -146,7 +155,7 @@ fn entry_scope(line: &str) -> bool {
 }
 
 /// [`ptx`] of the whole module in one LLVM module.
-fn module_ptx(module: &LoweredModule) -> Result<String, EmitError> {
+pub(crate) fn module_ptx(module: &LoweredModule) -> Result<String, EmitError> {
     let llvm = LlvmContext::create();
     let machine = nvptx_machine()?;
     let ir = optimized(module, &llvm, &machine)?;

@@ -14,7 +14,9 @@
 //! Formation and lowering are pure functions of the graph. The emit stages run MLIR and LLVM in
 //! process, each kernel on its own and in parallel where a whole module is emitted (`cpu::objects`,
 //! `gpu::ptx`), with results in kernel order whatever the number of threads; only
-//! `link_shared_library`/`link_objects` touch the filesystem and run a tool (`cc`).
+//! `link_shared_library`/`link_objects` touch the filesystem and run a tool (`cc`), and the kernel
+//! cache (`cache::objects`, `cache::ptx`, `cache::ptxas_check`), when a process turns it on, keeps
+//! each kernel's object and PTX and ptxas's reports on disk for the compiles after.
 
 pub mod cache;
 pub mod cpu;
