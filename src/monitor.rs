@@ -666,10 +666,10 @@ pub fn finding(engine: &str, f: &Option<NonFinite>) -> String {
     };
     match f {
         Some(f) => format!(
-            "{engine}: the first non-finite value is {} of {} in scope {} ({} non-finite)",
+            "{engine}: the first non-finite value is {} of {}{} ({} non-finite)",
             f.value,
             f.op,
-            f.scope.as_deref().unwrap_or("(none)"),
+            f.scope.as_deref().map_or(String::new(), |s| format!(" in scope {s}")),
             f.count
         ),
         None => format!("{engine}: the step is finite (the fault is not in the program's arithmetic)"),

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use kiln_compiler::pipeline::{self as cut, Phase};
 use kiln_compiler::train::master_of;
-use kiln_ir::artifact::{Manifest, ParallelPlan};
+use kiln_ir::artifact::{Manifest, ParallelPlan, Step};
 use kiln_ir::module::{ACCUMULATE_KEEP, DP_GROUP, EDP_GROUP, MICRO_BATCHES};
 use kiln_ir::schedule::{Instr, Work};
 use kiln_ir::DType;
@@ -937,6 +937,20 @@ impl<B: Backend> PipelineTrainer<B> {
                 let bytes = self.link.recv(self.rank_at(mb, from), tag, &what);
                 let h = held.entry((mb, stage)).or_default();
                 for t in decode(&bytes)? {
+                    // A re-checked step: a value that arrives non-finite came so from another
+                    // rank, which finds where; this rank's first is the receive.
+                    if let HostData::F32(v) = &t.data {
+                        let count = v.iter().filter(|x| !x.is_finite()).count();
+                        if count > 0 {
+                            self.exec.note_non_finite(NonFinite {
+                                program: name.clone(),
+                                op: format!("{what}, as received"),
+                                scope: None,
+                                value: t.name.clone(),
+                                count,
+                            });
+                        }
+                    }
                     h.insert(t.name.clone(), t);
                 }
             }
@@ -1244,8 +1258,9 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
     }
 
     /// Every rank's update asks `go` at its gate: the loss and the gradient norm it sees are
-    /// summed over the pipeline's ranks, so each asks with the same figures. Checking every op
-    /// runs the step on one process ([`Steps::step_checked`]).
+    /// summed over the pipeline's ranks, so each asks with the same figures. With `check`, each
+    /// rank checks every launch of its stages and of its update up to the gate, and finds the
+    /// first non-finite value of its own part ([`Steps::step_checked`]).
     fn step_gated(
         &mut self,
         rows: &TokenRows,
@@ -1253,10 +1268,14 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         check: bool,
         go: Verdict,
     ) -> Result<Gated, RuntimeError> {
-        if check {
-            return self.step_checked(rows, lr).map(|(stats, found)| Gated { stats, applied: true, found });
-        }
         if self.gate.is_none() {
+            if check {
+                return self.step_checked(rows, lr).map(|(stats, found)| Gated {
+                    stats,
+                    applied: true,
+                    found,
+                });
+            }
             return Err(RuntimeError::BadOption(format!(
                 "program `{}` writes weights or moments before its loss and gradient norm are known: it has \
                  no gate to stop at",
@@ -1264,8 +1283,51 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
             )));
         }
         self.gathered.clear();
-        let (stats, applied) = self.step_all(rows, lr, Some(go))?;
-        Ok(Gated { stats, applied, found: None })
+        self.exec.watching(check);
+        let ran = self.step_all(rows, lr, Some(go));
+        let found = self.exec.watching(false).filter(|_| check);
+        let (stats, applied) = ran?;
+        Ok(Gated { stats, applied, found })
+    }
+
+    /// Writes NaN into the results of the first launch in scope `scope` of the forward program
+    /// of this rank's stage that has one. A rank whose stages have none does nothing, so long as
+    /// another rank's does: a scope no stage has is refused, naming the scopes there are.
+    fn set_poison(&mut self, scope: Option<&str>) -> Result<(), RuntimeError> {
+        let Some(scope) = scope else { return self.exec.set_poison(None) };
+        let in_scope = |p: &kiln_ir::artifact::Program| {
+            p.steps.iter().any(|s| matches!(s, Step::Launch { scope: Some(x), .. } if x == scope))
+        };
+        let forward = |p: &&kiln_ir::artifact::Program| {
+            p.name.starts_with("stage.") && p.name.ends_with(&format!(".{}", Phase::Forward.word()))
+        };
+        let mut mine: Vec<(u32, &StageProgram)> = (self.programs.iter())
+            .filter(|((_, phase), _)| *phase == Phase::Forward)
+            .map(|(&(s, _), p)| (s, p))
+            .collect();
+        mine.sort_by_key(|&(s, _)| s);
+        for (_, p) in mine {
+            if self.model.programs.iter().any(|m| m.name == p.name && in_scope(m)) {
+                let name = p.name.clone();
+                return self.exec.set_poison(Some((&name, scope)));
+            }
+        }
+        if self.model.programs.iter().filter(forward).any(in_scope) {
+            return self.exec.set_poison(None);
+        }
+        let mut known: Vec<&str> = (self.model.programs.iter().filter(forward))
+            .flat_map(|p| p.steps.iter())
+            .filter_map(|s| match s {
+                Step::Launch { scope: Some(x), .. } => Some(x.as_str()),
+                _ => None,
+            })
+            .collect();
+        known.sort();
+        known.dedup();
+        Err(RuntimeError::BadOption(format!(
+            "no launch of the pipeline's forward programs is in scope `{scope}`; their scopes: {}",
+            known.join(", ")
+        )))
     }
 
     fn take_comm_stats(&mut self) -> CommStats {
@@ -1456,14 +1518,17 @@ impl<B: Backend> Steps for PipelineTrainer<B> {
         self.read(name)
     }
 
+    /// [`Steps::step`], each rank checking every launch of its stages and its update: the first
+    /// non-finite value of this rank's part.
     fn step_checked(
         &mut self,
-        _rows: &TokenRows,
-        _lr: f32,
+        rows: &TokenRows,
+        lr: f32,
     ) -> Result<(StepStats, Option<NonFinite>), RuntimeError> {
-        Err(RuntimeError::BadOption(
-            "finding the first non-finite launch runs the step on one process: rerun the step without --pp"
-                .into(),
-        ))
+        self.gathered.clear();
+        self.exec.watching(true);
+        let ran = self.step_all(rows, lr, None);
+        let found = self.exec.watching(false);
+        Ok((ran?.0, found))
     }
 }

@@ -715,9 +715,10 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     }
     let states = programs.states.clone();
     // The compiled step's non-finite values are re-checked on the interpreter too.
-    // (An expert-parallel rank's step is not the whole model's: it has no interpreter check.)
-    let reference_programs =
-        (!req.interp && share.is_none()).then(|| (programs.step.clone(), programs.accumulate.clone()));
+    // (An expert-parallel or pipeline rank's step is not the whole model's: it has no interpreter
+    // check.)
+    let reference_programs = (!req.interp && share.is_none() && req.pipeline.is_none())
+        .then(|| (programs.step.clone(), programs.accumulate.clone()));
     let roles: HashMap<String, StateRole> = states.iter().map(|s| (s.name.clone(), s.role)).collect();
     // Every parameter a checkpoint of the model holds (MTP included), so one is written back whole.
     let full = build::build_graph(&spec)?;

@@ -743,6 +743,38 @@ fn pipeline_ranks_take_the_steps_of_one_process() {
     let r = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120));
     assert!(!r.ok);
     assert!(r.stderr.contains("rank 1: exiting before step 2"), "{}", r.stderr);
+    // A non-finite step: the rank whose stage made the NaN finds the launch, the next rank the
+    // activations it received non-finite, each re-checking its own part; the leader says the alert
+    // once, and a scope no stage has is refused before any step.
+    let nan = |scope: &str, out: &str| {
+        let out = s.path(out).display().to_string();
+        let fault = format!("nan:{scope}@2");
+        let mut args: Vec<String> =
+            run("models/tiny.toml", "4", &out, &["--pp", "2", "--inject-fault", &fault]);
+        args[1] = s.path("pp2-dp1-ep1-1f1b").join("train.kiln").display().to_string();
+        mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(120))
+    };
+    let r = nan("model.layers.1.mlp", "nan");
+    assert!(!r.ok);
+    assert_eq!(r.stderr.matches("alert: step 2: non_finite").count(), 1, "{}", r.stderr);
+    let first = "monitor: step 2 (rank 0 of 2): the compiled step: the first non-finite value is %";
+    assert!(r.stderr.contains(first) && r.stderr.contains(") in scope model.layers.1.mlp ("), "{}", r.stderr);
+    let received = "monitor: step 2 (rank 1 of 2): the compiled step: the first non-finite value is ";
+    let received =
+        r.stderr.lines().find(|l| l.starts_with(received)).unwrap_or_else(|| panic!("{}", r.stderr));
+    assert!(
+        received.contains("of stage 0's activations of micro-batch 0 (rank 0), as received ("),
+        "{received}"
+    );
+    let r = nan("model.layers.9.mlp", "nan-nowhere");
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains(
+            "no launch of the pipeline's forward programs is in scope `model.layers.9.mlp`; their scopes: "
+        ),
+        "{}",
+        r.stderr
+    );
     // Refused before any step, by name: a pipeline compiled without the replicas' sums, run with
     // --dp.
     let out = s.path("refused").display().to_string();

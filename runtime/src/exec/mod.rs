@@ -1005,6 +1005,29 @@ impl<B: Backend> Executor<B> {
         Ok(self.watch.found.take())
     }
 
+    /// Checks every launch's float results as [`Executor::run_checked`] does in every run from
+    /// `watching(true)` on, until `watching(false)`, which returns the first launch since whose
+    /// results were not all finite: a step of several programs (a pipeline rank's stages and
+    /// update) checked as one.
+    pub fn watching(&mut self, on: bool) -> Option<NonFinite> {
+        self.watch.check = on;
+        match on {
+            true => {
+                self.watch.found = None;
+                None
+            }
+            false => self.watch.found.take(),
+        }
+    }
+
+    /// While [`Executor::watching`], a non-finite value found outside a launch (one received from
+    /// another process): the first found unless a launch's came before.
+    pub fn note_non_finite(&mut self, found: NonFinite) {
+        if self.watch.check && self.watch.found.is_none() {
+            self.watch.found = Some(found);
+        }
+    }
+
     /// [`Executor::run_gated`], checking every launch's float results as [`Executor::run_checked`]
     /// does: also returns the first launch that ran whose results were not all finite.
     pub fn run_gated_checked(
