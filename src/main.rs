@@ -1348,6 +1348,19 @@ fn doctor() -> Result<()> {
         Err(e) => out.push_str(&format!("NCCL        unavailable: {e}\n")),
     }
     out.push_str(&format!("MPI         {}\n", dist::describe()));
+    use kiln_compiler::codegen::cache as kernel_cache;
+    match kernel_cache::dir() {
+        Some(dir) => {
+            let (entries, bytes) = kernel_cache::usage(&dir);
+            out.push_str(&format!(
+                "cache       kernels in {}: {entries} entries, {:.1} of {} MiB (KILN_NO_KERNEL_CACHE=1 turns it off)\n",
+                dir.display(),
+                bytes as f64 / (1u64 << 20) as f64,
+                kernel_cache::limit() >> 20
+            ));
+        }
+        None => out.push_str("cache       kernels: off (KILN_NO_KERNEL_CACHE, or no cache directory)\n"),
+    }
     emit(&out, None)
 }
 

@@ -857,6 +857,16 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     assert!(library("third") == library("first"));
     let (line, fourth) = compile("fourth", "2", &[]);
     assert_eq!(fourth, [n, n, 0], "{line}");
+    // The doctor says where the cache is and what it holds.
+    let r = kiln_env(&["doctor"], &[("KILN_KERNEL_CACHE_DIR", cache_str.as_str())]);
+    let line = r.stdout.lines().find(|l| l.starts_with("cache ")).unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(
+        line.contains(&format!("kernels in {cache_str}: {n} entries, "))
+            && line.ends_with(" of 2048 MiB (KILN_NO_KERNEL_CACHE=1 turns it off)"),
+        "{line}"
+    );
+    let r = kiln_env(&["doctor"], &[("KILN_NO_KERNEL_CACHE", "1")]);
+    assert!(r.stdout.contains("cache       kernels: off"), "{}", r.stdout);
 
     // Other sizes: the kernels come from the cache (their sizes are symbolic).
     let (line, other) = compile("other", "4", &[]);

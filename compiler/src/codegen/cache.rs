@@ -185,6 +185,15 @@ pub fn limit() -> u64 {
         .map_or(DEFAULT_LIMIT, |mb| mb << 20)
 }
 
+/// The entries of the cache at `dir` and their bytes (none where it does not exist yet).
+pub fn usage(dir: &Path) -> (u64, u64) {
+    let Ok(read) = std::fs::read_dir(dir) else { return (0, 0) };
+    read.flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| EXTENSIONS.iter().any(|ext| x == *ext)))
+        .filter_map(|e| e.metadata().ok().filter(|m| m.is_file()))
+        .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
+}
+
 /// Removes the least recently used entries of `dir` until it holds at most three quarters of
 /// `limit`, if it holds more than `limit`; also temporary files an interrupted write left (an
 /// hour old or more). Returns the entries removed.
