@@ -1,6 +1,6 @@
 //! The kernel cache: each kernel's CPU object file and PTX, kept on disk under a key of everything
 //! that made them, so that a compile which meets a kernel it has compiled before (the same layer in
-//! a second run, a resumed training run, another rank of an expert-parallel or pipeline run, a
+//! a second run, a resumed training run, the same model's step with other parallel settings, a
 //! training step and the inference programs of one model) takes it instead of running MLIR and
 //! LLVM again; and `ptxas`'s report on a module of PTX it has checked before. It is to kiln what
 //! ccache is to a C compiler, or Triton's cache directory to its kernels.
@@ -17,7 +17,8 @@
 //!   size and modification time); only a passing check is kept;
 //! - kiln's version and the identity of the running executable ([`executable_identity`]: its size
 //!   and modification time), so a rebuilt kiln compiles afresh rather than trust objects an older
-//!   one made.
+//!   one made, and the version of the LLVM it runs (a shared library, which an upgrade replaces
+//!   under the same kiln).
 //!
 //! An entry is written under a temporary name and renamed into place, so a compile killed midway
 //! leaves no partial entry and two compiles that write the same one at once both end with a whole
@@ -102,6 +103,8 @@ impl Key {
         k.part("kind", kind.as_bytes());
         k.part("kiln", env!("CARGO_PKG_VERSION").as_bytes());
         k.part("executable", executable_identity().as_bytes());
+        // LLVM and MLIR are shared libraries: an upgrade changes the code without changing kiln.
+        k.part("llvm", format!("{:?}", inkwell::support::get_llvm_version()).as_bytes());
         k
     }
 
