@@ -88,6 +88,11 @@ pub enum BenchCommand {
         /// Tokens to generate, greedily.
         #[arg(long, default_value_t = 16)]
         new_tokens: usize,
+        /// Sequences decoded together, each with a prompt of its own (tokens/s count every
+        /// sequence's tokens). At batch 1 a decode step reads each weight it needs for one token; in
+        /// a batch the tokens share the dense weights and the experts more than one of them picks.
+        #[arg(long, default_value_t = 1, conflicts_with = "compare_without")]
+        batch: usize,
         /// A Hugging Face checkpoint (default: random weights).
         #[arg(long)]
         weights: Option<std::path::PathBuf>,
@@ -106,6 +111,14 @@ pub enum BenchCommand {
         /// acceptance, and whether the tokens are the same.
         #[arg(long, conflicts_with = "compare_without")]
         speculative: bool,
+        /// Leave the reference interpreter out: it recomputes every sequence at each step, which
+        /// takes minutes on models/bench.toml in a batch.
+        #[arg(long, conflicts_with = "compare_without")]
+        no_interp: bool,
+        /// After the timed rounds, trace one more round of plain decoding (and with --speculative
+        /// one of speculative decoding) into this Chrome/Perfetto trace, as `kiln run --trace`.
+        #[arg(long, value_name = "FILE", conflicts_with = "compare_without")]
+        trace: Option<std::path::PathBuf>,
     },
     /// The compiled train step's tokens/s and peak memory against PyTorch eager (transformers) on
     /// the same model, weights and batch.
@@ -256,6 +269,9 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
             random_weights,
             threads,
             speculative,
+            batch,
+            no_interp,
+            trace,
             ..
         } => {
             let weights = match &weights {
@@ -267,7 +283,10 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
                 weights,
                 prompt_len,
                 new_tokens,
+                batch,
                 threads,
+                no_interp,
+                trace: trace.as_deref(),
                 speculative,
             };
             crate::run::bench(&req, out)

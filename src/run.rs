@@ -868,20 +868,29 @@ pub struct BenchRequest<'a> {
     pub weights: Weights<'a>,
     pub prompt_len: usize,
     pub new_tokens: usize,
+    /// Sequences decoded together, each with its own prompt ([`bench_prompt`]).
+    pub batch: usize,
     pub threads: Option<usize>,
+    /// Leave the reference interpreter out (it recomputes every sequence at each step).
+    pub no_interp: bool,
+    /// After the timed rounds, one more of plain decoding (and one of speculative decoding) with
+    /// every launch traced into this Chrome/Perfetto trace, as `kiln run --trace` writes it.
+    pub trace: Option<&'a Path>,
     /// Also decode speculatively with the MTP module, and compare with plain decoding.
     pub speculative: bool,
 }
 
-/// A deterministic prompt of `n` ids spread over the vocabulary.
-fn bench_prompt(n: usize, vocab: u64) -> Vec<i64> {
-    (0..n as u64).map(|i| ((i * 7919 + 3) % vocab) as i64).collect()
+/// A deterministic prompt of `n` ids spread over the vocabulary, the `seq`-th of a batch (each
+/// sequence starts elsewhere in the same walk).
+fn bench_prompt(n: usize, vocab: u64, seq: usize) -> Vec<i64> {
+    (0..n as u64).map(|i| ((i * 7919 + 3 + seq as u64 * 104_729) % vocab) as i64).collect()
 }
 
 pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<serde_json::Value> {
-    if req.prompt_len == 0 || req.new_tokens == 0 {
-        bail!("--prompt-len and --new-tokens must be at least 1");
+    if req.prompt_len == 0 || req.new_tokens == 0 || req.batch == 0 {
+        bail!("--prompt-len, --new-tokens and --batch must be at least 1");
     }
+    crate::check_output_file(req.trace, &[req.artifact])?;
     let art: Artifact = artifact::load(req.artifact)?;
     let m = art.manifest();
     let spec = m.model.as_ref();
@@ -891,9 +900,12 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         .collect::<Result<Vec<_>, _>>()?;
     let mut compiled = CpuModel::load(&art, tensors.iter().cloned().map(Ok), &cpu_options(req.threads))?;
     let max_positions = spec.map(|s| s.model.max_position_embeddings);
-    let mut reference = Reference::new(art.program_graph(first_program(m))?, tensors, max_positions)?;
+    let mut reference = match req.no_interp {
+        false => Some(Reference::new(art.program_graph(first_program(m))?, tensors, max_positions)?),
+        true => None,
+    };
     let vocab = compiled.vocab_size().context("the artifact has no `logits` output")?;
-    let prompts = [bench_prompt(req.prompt_len, vocab)];
+    let prompts: Vec<Vec<i64>> = (0..req.batch).map(|s| bench_prompt(req.prompt_len, vocab, s)).collect();
     let opts =
         GenerateOptions { max_new_tokens: req.new_tokens, sampling: Sampling::Greedy, stop_tokens: vec![] };
     // One warm-up token, so that the first timed pass does not pay for page faults in the arena.
@@ -916,17 +928,42 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         }
         false => None,
     };
-    let r = generate(&mut reference, &prompts, &opts, &mut |_| {})?;
+    let r = match &mut reference {
+        Some(reference) => Some(generate(reference, &prompts, &opts, &mut |_| {})?),
+        None => None,
+    };
+    // Traced apart from the timed rounds: tracing waits for each launch.
+    let traced = match req.trace {
+        Some(path) => {
+            compiled.set_tracing(true);
+            generate(&mut compiled, &prompts, &opts, &mut |_| {})?;
+            if req.speculative {
+                generate_speculative(&mut compiled, &prompts, &opts, &mut |_| Flow::Continue)?;
+            }
+            let spans = compiled.trace();
+            compiled.set_tracing(false);
+            write_trace(path, &spans, &format!("the CPU, {}", threads(compiled.threads())))?;
+            Some((path, spans.len()))
+        }
+        None => None,
+    };
 
     let out = tables.text();
     writeln!(
         out,
-        "bench run {name}: {} prompt tokens, {} new tokens, greedy, {}; the artifact decodes {}, \
-         the interpreter recomputes the whole sequence at each step",
+        "bench run {name}: {}{} prompt tokens, {} new tokens, greedy, {}; the artifact decodes {}, {}",
+        match req.batch {
+            1 => String::new(),
+            b => format!("a batch of {b} sequences, each with "),
+        },
         req.prompt_len,
         req.new_tokens,
         threads(compiled.threads()),
-        if a.cached { "over its KV cache" } else { "without a KV cache (recomputing)" }
+        if a.cached { "over its KV cache" } else { "without a KV cache (recomputing)" },
+        match r {
+            Some(_) => "the interpreter recomputes the whole sequence at each step",
+            None => "no interpreter (--no-interp)",
+        }
     )?;
     use crate::table::Align::{Left, Right};
     let mut table = crate::table::new(&[
@@ -945,20 +982,23 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         ]
     };
     table.add_row(row("kiln artifact", &a));
-    table.add_row(row("interpreter", &r));
     let ratio = |x: Option<f64>, y: Option<f64>| match (x, y) {
         (Some(x), Some(y)) if y > 0.0 => format!("{:.1}x", x / y),
         _ => "-".into(),
     };
-    table.add_row(vec![
-        "ratio".to_string(),
-        ratio(Some(a.stats.prefill_tokens_per_s()), Some(r.stats.prefill_tokens_per_s())),
-        ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s()),
-    ]);
+    if let Some(r) = &r {
+        table.add_row(row("interpreter", r));
+        table.add_row(vec![
+            "ratio".to_string(),
+            ratio(Some(a.stats.prefill_tokens_per_s()), Some(r.stats.prefill_tokens_per_s())),
+            ratio(a.stats.decode_tokens_per_s(), r.stats.decode_tokens_per_s()),
+        ]);
+    }
     write!(out, "{}", crate::table::render(&table))?;
     // The roofline: this machine's read bandwidth, measured now with the same threads, over the
     // weight bytes a decoded token reads.
-    let weight_bytes = crate::membw::decode_weight_bytes(m);
+    // At batch 1 only: in a batch the tokens of a step share weight reads.
+    let weight_bytes = crate::membw::decode_weight_bytes(m).filter(|_| req.batch == 1);
     let bandwidth = crate::membw::measure(256 << 20, compiled.threads(), 8).bytes_per_s;
     let roofline = weight_bytes.filter(|&b| b > 0).map(|b| bandwidth / b as f64);
     let reached = roofline.zip(a.stats.decode_tokens_per_s()).map(|(r, d)| d / r);
@@ -971,13 +1011,41 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
             threads(compiled.threads()),
             f * 100.0
         )?,
+        _ if req.batch > 1 => writeln!(
+            out,
+            "roofline: for batch 1 only (a batch's tokens share the dense weights and the experts they both pick)"
+        )?,
         _ => writeln!(out, "roofline: not known (the artifact records no model, or no token was decoded)")?,
     }
-    let (ta, tr) = (&a.tokens[0], &r.tokens[0]);
-    let differ = ta.iter().zip(tr).position(|(x, y)| x != y);
-    match differ {
-        None => writeln!(out, "tokens: the same ({} of {})", ta.len(), tr.len())?,
-        Some(i) => writeln!(out, "tokens: differ from new token {i}: kiln {ta:?}, interpreter {tr:?}")?,
+    // The first sequence whose tokens differ from the interpreter's, and the new token where.
+    let differ = r.as_ref().and_then(|r| {
+        (a.tokens.iter().zip(&r.tokens).enumerate())
+            .find_map(|(q, (ta, tr))| ta.iter().zip(tr).position(|(x, y)| x != y).map(|i| (q, i)))
+    });
+    let made: usize = a.tokens.iter().map(Vec::len).sum();
+    match (differ, &r) {
+        (_, None) => {}
+        (None, Some(_)) => writeln!(out, "tokens: the same ({made} of {made})")?,
+        (Some((q, i)), Some(r)) => writeln!(
+            out,
+            "tokens: differ from new token {i}{}: kiln {:?}, interpreter {:?}",
+            if req.batch > 1 { format!(" of sequence {q}") } else { String::new() },
+            a.tokens[q],
+            r.tokens[q]
+        )?,
+    }
+    // A sequence's tokens at batch 1 (as before batches), else the batch's.
+    let tokens = |t: &[Vec<i64>]| match t {
+        [one] => serde_json::json!(one),
+        all => serde_json::json!(all),
+    };
+    if let Some((path, spans)) = traced {
+        writeln!(
+            out,
+            "trace: one more round of plain decoding{} traced into {} ({spans} spans)",
+            if req.speculative { " and one of speculative decoding" } else { "" },
+            path.display()
+        )?;
     }
     let speculative = match &spec {
         Some((s, p)) => {
@@ -1007,7 +1075,7 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
                 "forward_passes": s.stats.forwards,
                 "plain_forward_passes": p.stats.forwards,
                 "tokens_same": same,
-                "tokens": s.tokens[0],
+                "tokens": tokens(&s.tokens),
             })
         }
         None => serde_json::Value::Null,
@@ -1018,7 +1086,7 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
             "prefill_tokens_per_s": g.stats.prefill_tokens_per_s(),
             "decode_tokens_per_s": g.stats.decode_tokens_per_s(),
             "first_token_ms": g.stats.first_token.as_secs_f64() * 1e3,
-            "tokens": g.tokens[0],
+            "tokens": tokens(&g.tokens),
         })
     };
     Ok(serde_json::json!({
@@ -1026,10 +1094,14 @@ pub fn bench(req: &BenchRequest, tables: &mut crate::bench::Tables) -> Result<se
         "model": name,
         "prompt_tokens": req.prompt_len,
         "new_tokens": req.new_tokens,
+        "batch": req.batch,
         "threads": compiled.threads(),
         "kv_cache": a.cached,
-        "engines": [engine("kiln artifact", &a), engine("interpreter", &r)],
-        "tokens_differ_from": differ,
+        "engines": std::iter::once(engine("kiln artifact", &a))
+            .chain(r.as_ref().map(|r| engine("interpreter", r)))
+            .collect::<Vec<_>>(),
+        "tokens_differ_from": differ.map(|(_, i)| i),
+        "tokens_differ_in_sequence": differ.map(|(q, _)| q),
         "decode_weight_bytes_per_token": weight_bytes,
         "read_bytes_per_s": bandwidth,
         "roofline_decode_tokens_per_s": roofline,

@@ -287,6 +287,45 @@ fn bench_run_compares_speculative_with_plain_decoding() {
     assert_eq!(passes + accepted, 9, "{s}");
     assert!(drafts + 2 >= passes && drafts < passes, "{s}");
     assert_eq!(s["plain_forward_passes"], 9);
+
+    // A batch of three prompts (the artifact's --max-batch), each sequence its own tokens, the
+    // interpreter's; and one more round of each traced.
+    let trace = d.path("bench.json");
+    let trace_arg = trace.to_string_lossy();
+    let batch = [&args[..], &["--batch", "3", "--trace", &trace_arg, "--json"]].concat();
+    let j = kiln(&batch);
+    assert!(j.ok, "{}", j.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&j.stdout).unwrap();
+    assert_eq!(doc["batch"], 3);
+    let tokens = doc["engines"][0]["tokens"].as_array().unwrap();
+    assert!(tokens.len() == 3 && tokens.iter().all(|t| t.as_array().unwrap().len() == 9), "{doc}");
+    assert_ne!(tokens[0], tokens[1], "the prompts differ");
+    assert_eq!(doc["engines"][1]["tokens"], doc["engines"][0]["tokens"]);
+    assert_eq!(doc["tokens_differ_from"], serde_json::Value::Null);
+    assert_eq!(doc["roofline_fraction"], serde_json::Value::Null, "at batch 1 only");
+    assert_eq!(doc["speculative"]["tokens"], doc["engines"][0]["tokens"]);
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let launches: Vec<&serde_json::Value> =
+        t["traceEvents"].as_array().unwrap().iter().filter(|e| e["tid"] == 2).collect();
+    for program in ["prefill", "decode", "draft"] {
+        assert!(launches.iter().any(|e| e["args"]["program"] == program), "no {program} launch traced");
+    }
+    // The draft program's head runs on one position per sequence: its logits are [B, 1, V].
+    let manifest = std::fs::read_to_string(Path::new(&*dir).join("manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let draft = manifest["programs"].as_array().unwrap().iter().find(|p| p["name"] == "draft").unwrap();
+    let logits = draft["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "mtp_logits").unwrap();
+    let buffer = &draft["buffers"][logits["buffer"].as_u64().unwrap() as usize];
+    assert_eq!(buffer["shape"], serde_json::json!(["B", "1", "512"]), "{buffer}");
+    // Without the interpreter: no interpreter row and no comparison of tokens.
+    let quiet = kiln(&[&args[..], &["--batch", "2", "--no-interp"]].concat());
+    assert!(quiet.ok, "{}", quiet.stderr);
+    assert!(quiet.stdout.lines().next().unwrap().contains("a batch of 2 sequences"), "{}", quiet.stdout);
+    assert!(quiet.stdout.contains("no interpreter (--no-interp)"), "{}", quiet.stdout);
+    assert!(!quiet.stdout.lines().any(|l| l.starts_with("interpreter") || l.starts_with("tokens:")));
+    assert!(quiet.stdout.contains("roofline: for batch 1 only"), "{}", quiet.stdout);
+    let zero = kiln(&[&args[..], &["--batch", "0"]].concat());
+    assert!(!zero.ok && zero.stderr.contains("--batch must be at least 1"), "{}", zero.stderr);
 }
 
 #[test]

@@ -149,11 +149,7 @@ pub fn build_prefill_last(spec: &ModelSpec, speculative: bool) -> Result<Graph, 
     let last = b.input(LAST, TensorType::new(DType::I32, vec![Dim::B]))?;
     let d = Dim::known(spec.model.hidden_size);
     let h = main_model_head(&mut b, tokens, positions, |b, h| {
-        // h[b, last[b], :] for each row b, as [B, 1, d].
-        let at =
-            b.op("lm_head", Op::Reshape { shape: vec![Dim::B, Dim::known(1), Dim::known(1)] }, &[last])?;
-        let at = b.op("lm_head", Op::Broadcast { shape: vec![Dim::B, Dim::known(1), d] }, &[at])?;
-        let h = b.op("lm_head", Op::TakeAlong { axis: 1 }, &[h, at])?;
+        let h = take_last(b, "lm_head", h, last, d)?;
         let logits = b.lm_head("lm_head", h)?;
         b.output("logits", logits)
     })?;
@@ -161,6 +157,13 @@ pub fn build_prefill_last(spec: &ModelSpec, speculative: bool) -> Result<Graph, 
         b.output(HIDDEN, h)?;
     }
     Ok(b.finish())
+}
+
+/// `h[b, last[b], :]` for each row `b` of `h` `[B, T, d]`, as `[B, 1, d]`.
+fn take_last(b: &mut Builder, scope: &str, h: ValueId, last: ValueId, d: Dim) -> Result<ValueId, BuildError> {
+    let at = b.op(scope, Op::Reshape { shape: vec![Dim::B, Dim::known(1), Dim::known(1)] }, &[last])?;
+    let at = b.op(scope, Op::Broadcast { shape: vec![Dim::B, Dim::known(1), d] }, &[at])?;
+    b.op(scope, Op::TakeAlong { axis: 1 }, &[h, at])
 }
 
 /// The output of [`build_speculative`]'s programs that holds the main model's hidden state after
@@ -183,8 +186,11 @@ pub fn build_speculative(spec: &ModelSpec, phase: Phase) -> Result<Graph, BuildE
 /// module 1 over a KV cache of its own layer (`kv_cache.{L}.*`, written and read as in the decode
 /// program), on inputs [`HIDDEN`] `[B, T, d]` (the main model's, from [`build_speculative`]'s
 /// programs), `tokens` `[B, T]` (the token after each position, which the module embeds) and
-/// `positions`; output `mtp_logits` `[B, T, V]`, the module's prediction of the token two ahead
-/// of each position. Only the first module drafts: DeepSeek-V3 has one, and deeper modules would
+/// `positions`, and [`LAST`] `[B]`; output `mtp_logits` `[B, 1, V]`, the module's prediction of
+/// the token two ahead of position `last[b]` of each row. The module's layer runs at every position
+/// (it fills its cache), its head at that one alone: a step's draft needs one row per sequence, and
+/// the head is the module's largest GEMM (after a prompt of `T` tokens it would otherwise run `T`
+/// rows, at a step two). Only the first module drafts: DeepSeek-V3 has one, and deeper modules would
 /// read the first one's block output at the same step, which a one-token draft does not need.
 pub fn build_draft(spec: &ModelSpec) -> Result<Graph, BuildError> {
     if spec.mtp.as_ref().is_none_or(|m| m.num_layers == 0) {
@@ -199,7 +205,11 @@ pub fn build_draft(spec: &ModelSpec) -> Result<Graph, BuildError> {
     let hidden = b.input(HIDDEN, TensorType::new(spec.model.dtype, bt(&[spec.model.hidden_size])))?;
     let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
     let positions = b.input("positions", TensorType::new(DType::I32, bt(&[])))?;
-    let (_, logits) = mtp::module(&mut b, 1, hidden, positions, tokens)?;
+    let last = b.input(LAST, TensorType::new(DType::I32, vec![Dim::B]))?;
+    let h = mtp::block(&mut b, 1, hidden, positions, tokens)?;
+    let scope = format!("model.layers.{}.shared_head", spec.model.num_hidden_layers);
+    let h = take_last(&mut b, &scope, h, last, Dim::known(spec.model.hidden_size))?;
+    let logits = mtp::head(&mut b, 1, h)?;
     b.output(&mtp_logits_name(1, 1), logits)?;
     Ok(b.finish())
 }

@@ -52,21 +52,36 @@ pub(super) fn module(
     positions: ValueId,
     tokens: ValueId,
 ) -> Result<(ValueId, ValueId), BuildError> {
+    let h = block(b, k, h_prev, positions, tokens)?;
+    let logits = head(b, k, h)?;
+    Ok((h, logits))
+}
+
+/// MTP module `k`'s block output (as [`module`] returns it) alone, without its head: the draft
+/// program takes one position per sequence to the head ([`head`]).
+pub(super) fn block(
+    b: &mut Builder,
+    k: u64,
+    h_prev: ValueId,
+    positions: ValueId,
+    tokens: ValueId,
+) -> Result<ValueId, BuildError> {
     let layer = b.spec.model.num_hidden_layers + k - 1;
     let scope = format!("model.layers.{layer}");
     let d = b.spec.model.hidden_size;
-
     let table = b.embed_table()?;
     let emb = b.op(&scope, Op::Embedding, &[table, tokens])?;
     let emb = b.rms_norm(&scope, "enorm.weight", emb)?;
     let hp = b.rms_norm(&scope, "hnorm.weight", h_prev)?;
     let cat = b.op(&scope, Op::Concat { axis: 2 }, &[emb, hp])?;
     let h = b.linear(&scope, "eh_proj.weight", cat, d, super::mul(2, d)?)?;
+    super::decoder_layer(b, layer, h, positions)
+}
 
-    let h = super::decoder_layer(b, layer, h, positions)?;
-
-    let head_scope = format!("{scope}.shared_head");
+/// MTP module `k`'s f32 logits from its block output `h`: `lm_head(shared_head.norm(h))`.
+pub(super) fn head(b: &mut Builder, k: u64, h: ValueId) -> Result<ValueId, BuildError> {
+    let layer = b.spec.model.num_hidden_layers + k - 1;
+    let head_scope = format!("model.layers.{layer}.shared_head");
     let normed = b.rms_norm(&head_scope, "norm.weight", h)?;
-    let logits = b.lm_head(&head_scope, normed)?;
-    Ok((h, logits))
+    b.lm_head(&head_scope, normed)
 }

@@ -57,8 +57,13 @@ use crate::RuntimeError;
 /// input of them (`kiln_compiler::build::HIDDEN`).
 pub const HIDDEN: &str = "hidden";
 
-/// The draft program's logits (`kiln_compiler::build::mtp_logits_name(1, 1)`).
+/// The draft program's logits (`kiln_compiler::build::mtp_logits_name(1, 1)`), `[B, 1, V]`: one
+/// row per sequence, at its position [`LAST`].
 pub const MTP_LOGITS: &str = "mtp_logits";
+
+/// The draft program's input of the position, per sequence, whose draft it computes
+/// (`kiln_compiler::build::LAST`).
+pub const LAST: &str = "last";
 
 /// The three programs of speculative decoding.
 struct Programs {
@@ -84,9 +89,11 @@ fn programs(engine: &dyn Engine) -> Result<Programs, RuntimeError> {
         Ok(engine.inputs(p)?.into_iter().map(|(n, _)| n).collect())
     };
     let draft_inputs = names(&draft)?;
-    for want in [HIDDEN, "tokens", "positions"] {
+    for want in [HIDDEN, "tokens", "positions", LAST] {
         if !draft_inputs.iter().any(|n| n == want) {
-            return Err(missing(&format!("its draft program has no input `{want}`")));
+            return Err(missing(&format!(
+                "its draft program has no input `{want}` (an artifact from an older kiln: compile it again)"
+            )));
         }
     }
     Ok(Programs { prefill, decode, draft })
@@ -231,12 +238,13 @@ pub fn generate_speculative_each(
             })
             .collect();
         let positions: Vec<i64> = rows.iter().flat_map(|_| 0..t as i64).collect();
-        let inputs = draft_inputs(hidden_dtype, rows.len(), t, hidden, next, positions);
+        // Each prompt's last position drafts.
+        let last = rows.iter().map(|r| r.prompt as i64 - 1).collect();
+        let inputs = draft_inputs(hidden_dtype, rows.len(), t, hidden, next, positions, last);
         engine.run(&progs.draft, &inputs)?;
         for (s, row) in rows.iter_mut().enumerate() {
             if row.active {
-                let r = s * t + row.prompt - 1;
-                row.draft = argmax(engine, MTP_LOGITS, r, vocab)?;
+                row.draft = argmax(engine, MTP_LOGITS, s, vocab)?;
             }
         }
     }
@@ -308,11 +316,13 @@ pub fn generate_speculative_each(
                 }
                 next.extend(after[s]);
             }
-            let inputs = draft_inputs(hidden_dtype, rows.len(), 2, hidden, next, positions);
+            // The last final position drafts (a row that has ended: any).
+            let last = final_.iter().map(|&f| f.max(1) as i64 - 1).collect();
+            let inputs = draft_inputs(hidden_dtype, rows.len(), 2, hidden, next, positions, last);
             engine.run(&progs.draft, &inputs)?;
             for (s, row) in rows.iter_mut().enumerate() {
                 if row.active {
-                    row.draft = argmax(engine, MTP_LOGITS, 2 * s + final_[s] - 1, vocab)?;
+                    row.draft = argmax(engine, MTP_LOGITS, s, vocab)?;
                 }
             }
         }
@@ -373,6 +383,7 @@ fn draft_inputs(
     hidden: Vec<f32>,
     next: Vec<i64>,
     positions: Vec<i64>,
+    last: Vec<i64>,
 ) -> Vec<HostTensor> {
     let d = hidden.len() / (b * t).max(1);
     vec![
@@ -384,6 +395,7 @@ fn draft_inputs(
         },
         tensor("tokens", b, t, next),
         tensor("positions", b, t, positions),
+        HostTensor { name: LAST.into(), dtype: DType::I32, shape: vec![b as u64], data: HostData::I64(last) },
     ]
 }
 
