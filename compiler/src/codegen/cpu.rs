@@ -86,6 +86,10 @@ pub struct CpuFeatures {
     /// process the tile state ([`request_amx`]), and with `bf16_dot` and `packed_gemm`.
     /// `KILN_NO_AMX=1` turns it off (the AVX-512 micro-kernel then takes bf16).
     pub amx: bool,
+    /// AVX-512F: 32 vector registers of 16 f32 lanes. Without it (AVX2's 16 registers of 8 lanes,
+    /// each of the lowering's 16-lane vectors two of them) the packed path's micro-kernel keeps a
+    /// quarter of a panel's columns in registers at a time (`lower/matmul/packed.rs`).
+    pub avx512: bool,
 }
 
 /// Asks Linux for this process's permission to use AMX's tile data
@@ -108,8 +112,30 @@ pub fn request_amx() -> bool {
     false
 }
 
-/// The host's [`CpuFeatures`].
+thread_local! {
+    static PINNED: std::cell::Cell<Option<CpuFeatures>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`host_features`] on this thread answering `features` instead of the host's: for
+/// lowering whose text must not depend on the machine it runs on (the MLIR snapshots pin both
+/// AVX-512's and AVX2's register blocking). Lowering only: a library compiled this way may use
+/// instructions this host lacks.
+pub fn with_features<T>(features: CpuFeatures, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<CpuFeatures>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PINNED.with(|p| p.set(self.0));
+        }
+    }
+    let _restore = Restore(PINNED.with(|p| p.replace(Some(features))));
+    f()
+}
+
+/// The host's [`CpuFeatures`] (or those [`with_features`] pins on this thread).
 pub fn host_features() -> CpuFeatures {
+    if let Some(pinned) = PINNED.with(|p| p.get()) {
+        return pinned;
+    }
     static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
     *FEATURES.get_or_init(|| {
         let features = TargetMachine::get_host_cpu_features().to_string();
@@ -119,7 +145,7 @@ pub fn host_features() -> CpuFeatures {
         let packed_gemm = std::env::var_os("KILN_NO_PACKED_GEMM").is_none_or(|v| v == "0");
         let no_amx = std::env::var_os("KILN_NO_AMX").is_some_and(|v| v != "0");
         let amx = bf16_dot && packed_gemm && has("+amx-tile") && has("+amx-bf16") && !no_amx && request_amx();
-        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi"), packed_gemm, amx }
+        CpuFeatures { bf16_dot, byte_permute: has("+avx512vbmi"), packed_gemm, amx, avx512: has("+avx512f") }
     })
 }
 

@@ -848,3 +848,87 @@ fn run_on_cpu(kernel: &Kernel, mut args: Vec<Buf>) -> Vec<f64> {
     lib.run(kernel, &mut args, &BIND);
     values(args.last().unwrap())
 }
+
+/// The packed path's f32 register blocks: AVX-512's (rows by all four 16-column vectors of a
+/// panel) and AVX2's (rows by one vector at a time, four sweeps of the packed panel) sum every
+/// output in the same order, so they give the same bits, and the interpreter's values. Both are
+/// built and run here, whatever the host (AVX2 takes a 16-lane vector as two registers): a
+/// `linear` of 150 rows (a full panel stored as vectors and a last one of 6 columns lane by lane),
+/// one whose K takes two chunks with partial sums between them, and a gate/up pair (three rows a
+/// block on both) with its SwiGLU epilogue; then bf16 operands on a CPU without AVX512_BF16
+/// (`Elem::Bf16Wide`: widened to f32 as they are packed and broadcast), a `linear` of 150 rows,
+/// one of 130 rows whose K takes two chunks (both at least the 128 rows AVX-512 packs from), and
+/// a gate/up pair, each result rounded to bf16 once.
+#[test]
+fn packed_register_blocks_give_the_same_bits() {
+    use kiln_compiler::codegen::cpu::{self, CpuFeatures};
+    let linear = |t: &str, m: usize, n: usize, k: usize| {
+        fused_kernel_of(
+            &fused_graph(
+                &[("x", &format!("{t}[{m}, {k}]")), ("w", &format!("{t}[{n}, {k}]"))],
+                &[format!("linear %0, %1 : {t}[{m}, {n}]"), format!("add %2, %2 : {t}[{m}, {n}]")],
+            ),
+            "linear + elementwise",
+        )
+    };
+    let swiglu = |t: &str| {
+        let (x, w) = (format!("{t}[150, 64]"), format!("{t}[70, 64]"));
+        fused_kernel_of(
+            &fused_graph(
+                &[("x", &x), ("gate", &w), ("up", &w)],
+                &[
+                    format!("linear %0, %1 : {t}[150, 70]"),
+                    format!("linear %0, %2 : {t}[150, 70]"),
+                    format!("silu %3 : {t}[150, 70]"),
+                    format!("mul %5, %4 : {t}[150, 70]"),
+                ],
+            ),
+            "linear x2 + elementwise",
+        )
+    };
+    let kernels = [
+        linear("f32", 150, 70, 64),
+        linear("f32", 130, 70, 8208),
+        swiglu("f32"),
+        linear("bf16", 150, 70, 64),
+        linear("bf16", 130, 70, 6160),
+        swiglu("bf16"),
+    ];
+    let features =
+        |avx512| CpuFeatures { bf16_dot: false, byte_permute: false, packed_gemm: true, amx: false, avx512 };
+    let mut rng = Rng::new(41);
+    for k in &kernels {
+        let mlir = |avx512| cpu::with_features(features(avx512), || mlir_of(k, Target::Cpu));
+        let libs = [false, true].map(|avx512| cpu::with_features(features(avx512), || CpuLib::build(&[k])));
+        assert!(mlir(false).contains("vector.shuffle") && mlir(true).contains("vector.shuffle"), "packed");
+        assert_ne!(mlir(false), mlir(true), "the two blockings differ");
+        let bf16 = k.args[0].dtype == DType::BF16;
+        let args: Vec<Buf> = (k.args.iter())
+            .map(|t| {
+                let v = rng.vec(numel(t, &BIND), -1.0, 1.0);
+                if bf16 {
+                    Buf::Bf16(v.into_iter().map(to_bf16).collect())
+                } else {
+                    Buf::F32(v)
+                }
+            })
+            .collect();
+        let want = interpret(k, &args, &BIND);
+        let got: Vec<Vec<f64>> = (libs.iter())
+            .map(|lib| {
+                let mut bufs = args.clone();
+                bufs.extend(k.results.iter().map(garbage));
+                lib.run(k, &mut bufs, &BIND);
+                values(&bufs[k.args.len()])
+            })
+            .collect();
+        let bits = |v: &[f64]| v.iter().map(|x| (*x as f32).to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got[0]), bits(&got[1]), "{}: AVX2's blocks and AVX-512's", k.args[1]);
+        let kk = numel(&k.args[1], &BIND) / 70;
+        // bf16: one rounding of the result (2^-8 relative) beside f32's sums.
+        let tol = 1e-4 * (kk as f64 / 1024.0).sqrt().max(1.0) + if bf16 { 1.0 / 128.0 } else { 0.0 };
+        for (j, (g, w)) in got[0].iter().zip(&want[0]).enumerate() {
+            assert!((g - w).abs() <= tol * w.abs().max(1.0), "{}: element {j}: {g} against {w}", k.args[1]);
+        }
+    }
+}

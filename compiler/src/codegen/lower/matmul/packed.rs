@@ -1,8 +1,9 @@
 //! The packed path of the CPU `linear`: where the input and every weight are bf16 (on a host with
-//! AVX512_BF16) or all f32, or all FP8 in scale blocks on a host with AMX ([`Elem::Fp8`]), and the
-//! GEMM has enough rows ([`Elem::min_rows`]: 64 in bf16, 128 in f32, 8 on AMX), each thread packs
-//! the column panels it works on into the micro-kernel's layout, then runs an outer-product
-//! micro-kernel over them.
+//! AVX512_BF16; without it widened to f32, [`Elem::Bf16Wide`]) or all f32, or all FP8 in scale
+//! blocks on a host with AMX ([`Elem::Fp8`]), and the GEMM has enough rows ([`Elem::min_rows`]: 64
+//! in bf16, 128 in f32, 24 in either without AVX-512, 8 on AMX), each thread packs the column
+//! panels it works on into the micro-kernel's layout, then runs an outer-product micro-kernel over
+//! them.
 //!
 //! The dot-product blocks of [`super::Gemv::block`] read both operands along `K` and finish every
 //! output with a horizontal sum; on a square GEMM they reached about 60% of oneDNN in bf16. Here,
@@ -18,7 +19,9 @@
 //!   one broadcast of each row's input (a bf16 pair as one 32-bit lane), then for each packed
 //!   weight vector `mr` `vdpbf16ps` or `vector.fma` into `mr * 4` accumulators (lane `l` of
 //!   accumulator `(i, w, v)` is output column `16 v + l` of row `i` for weight `w`): 6 rows with
-//!   one weight, 3 with a gate/up pair, 24 accumulators either way.
+//!   one weight, 3 with a gate/up pair, 24 accumulators either way. Without AVX-512 (AVX2's 16
+//!   registers of 8 lanes) a register block holds one 16-column vector of the panel instead of
+//!   four, 6 accumulators (12 registers): 6 or 3 rows sweep the packed panel once per vector.
 //! - **Chunks of `K`.** The packed chunk is at most [`PACK_BYTES`] of stack. A longer `K` is taken
 //!   in chunks, rows in passes of [`CHUNK_ROWS`]: between chunks a pass's partial sums wait in f32
 //!   scratch, exactly (each output's sum runs through `K` in one order whatever the chunks).
@@ -58,6 +61,11 @@ const AMX_MIN_ROWS: i64 = 8;
 /// Accumulators per micro-kernel (of AVX-512's 32 vector registers; the rest hold the packed
 /// weights and the broadcast input).
 const ACCS: usize = 24;
+/// Accumulators per micro-kernel without AVX-512: each 16-lane vector is two of AVX2's 16
+/// registers, so 6 of them take 12, beside a packed weight vector (2) and a broadcast input (1).
+/// Written for AVX-512's 24, LLVM spilled most of them: f32 GEMMs at N = K = 2048 ran at 64
+/// GFLOP/s on a 2-core AVX2 EPYC where the matrixmultiply crate reached 127.
+const ACCS_AVX2: usize = 6;
 /// Vectors of 16 columns per panel.
 const NV: usize = (NB / VL) as usize;
 const _: () = assert!(NB == 64 && NV == 4, "the packed layout is written for 64-column panels");
@@ -76,6 +84,11 @@ pub(crate) enum Elem {
     /// block's products summed in the tiles, then times the block's scales in f32
     /// ([`amx`]'s FP8 blocks).
     Fp8,
+    /// Both operands bf16 on a host without AVX512_BF16: the weights are widened to f32 as they are
+    /// packed and each input as it is broadcast, then the f32 micro-kernel runs. A product of two
+    /// bf16 values is exact in f32, so this sums the same products as the widening dot-product
+    /// blocks, in `K`'s order.
+    Bf16Wide,
 }
 
 impl Elem {
@@ -97,7 +110,7 @@ impl Elem {
     fn per(self) -> i64 {
         match self {
             Elem::Bf16 | Elem::Fp8 => 2,
-            Elem::F32 => 1,
+            Elem::F32 | Elem::Bf16Wide => 1,
         }
     }
 
@@ -105,7 +118,7 @@ impl Elem {
     fn bytes(self) -> u64 {
         match self {
             Elem::Bf16 | Elem::Fp8 => 2,
-            Elem::F32 => 4,
+            Elem::F32 | Elem::Bf16Wide => 4,
         }
     }
 
@@ -113,7 +126,7 @@ impl Elem {
     fn name(self) -> &'static str {
         match self {
             Elem::Bf16 | Elem::Fp8 => "bf16",
-            Elem::F32 => "f32",
+            Elem::F32 | Elem::Bf16Wide => "f32",
         }
     }
 
@@ -121,7 +134,7 @@ impl Elem {
     fn vec(self) -> &'static str {
         match self {
             Elem::Bf16 | Elem::Fp8 => BF16_PAIRS,
-            Elem::F32 => VEC,
+            Elem::F32 | Elem::Bf16Wide => VEC,
         }
     }
 
@@ -140,7 +153,13 @@ impl Elem {
         match self {
             Elem::Bf16 | Elem::Fp8 if self.amx() => AMX_MIN_ROWS,
             Elem::Bf16 | Elem::Fp8 => 64,
-            Elem::F32 => 128,
+            // Without AVX-512 the dot-product blocks stay near 65 GFLOP/s and the packed path
+            // (AVX2's register blocks) passes them from 24 rows: at N = K = 1024 and 4096 (2
+            // threads, AVX2 EPYC, 2026-12-07), 16 rows 80/58 against 67/63 GFLOP/s, 24 rows
+            // 127/92 against 68/65, 48 rows 151/116 against 67/66. Widened bf16 the same day at
+            // 1024: 24 rows 116 against 65, 512 rows 122-157 against 65-73.
+            Elem::F32 | Elem::Bf16Wide if !crate::codegen::cpu::host_features().avx512 => 24,
+            Elem::F32 | Elem::Bf16Wide => 128,
         }
     }
 }
@@ -155,6 +174,7 @@ pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u6
     let elem = |op: &Operand| match *op {
         Operand::Plain(b) => match f.bufs[b].ty.dtype {
             DType::BF16 if f.has_bf16_dot() => Some(Elem::Bf16),
+            DType::BF16 => Some(Elem::Bf16Wide),
             DType::F32 => Some(Elem::F32),
             _ => None,
         },
@@ -261,6 +281,11 @@ impl Fp8Scales {
     }
 }
 
+/// Where [`Elem::Bf16Wide`]'s block of input rows, widened to f32, waits in the thread scratch: the
+/// last quarter of the packed panels' room (a block of at most 6 rows, of a chunk of `K` of at most
+/// 6144 columns: 144 KiB of 512).
+const WIDE_X_OFFSET: u64 = PACK_BYTES / 4 * 3;
+
 /// Where an FP8 GEMM's block of input rows, decoded to bf16, waits in the thread scratch: the last
 /// quarter of the packed panels' room, which FP8's panels leave free.
 const FP8_X_OFFSET: u64 = PACK_BYTES / 4 * 3;
@@ -300,6 +325,8 @@ pub(super) fn panel(
             let cols = s.cols as u64;
             (fit.min(FP8_MAX_KC) / cols).max(1) * cols
         }
+        // Bf16Wide: the packed panels in the first three quarters, the widened rows after them.
+        None if elem == Elem::Bf16Wide => (WIDE_X_OFFSET / per_tile).max(1) * elem.tile(),
         None => (PACK_BYTES / per_tile).max(1) * elem.tile(),
     }
     .min(kn);
@@ -307,7 +334,14 @@ pub(super) fn panel(
     let slots = (nw * group) as u64;
     let (view, memref) = f.thread_scratch(0, elem.name(), slots * NB as u64 * kc);
     let scratch = Scratch { view, memref, kc };
-    let mr = (ACCS / (NV * nw)).max(1);
+    // A register block holds all four vectors of a panel's row on AVX-512, one (16 columns) on
+    // AVX2, which then sweeps the panel's packed columns once per vector.
+    let (nv, accs) = match crate::codegen::cpu::host_features().avx512 {
+        true => (NV, ACCS),
+        false => (1, ACCS_AVX2),
+    };
+    let mr = (accs / (nv * nw)).max(1);
+    let wide_x = (elem == Elem::Bf16Wide).then(|| f.thread_scratch(WIDE_X_OFFSET, "f32", mr as u64 * kc));
     let nb = f.b.index(NB);
     let cols = f.b.subi(p_end, p);
     let panels = f.b.index(NB - 1);
@@ -319,6 +353,7 @@ pub(super) fn panel(
         x: buffer(x),
         nw,
         mr,
+        nv,
         n,
         k,
         scratch: &scratch,
@@ -326,6 +361,7 @@ pub(super) fn panel(
         p_end,
         group: group as i64,
         panels: &panels,
+        wide_x,
         store,
         direct,
     };
@@ -478,11 +514,13 @@ struct Partial {
 }
 
 impl Partial {
-    fn at(&self, f: &mut Frame, m: &Value, nw: usize, j: usize) -> Value {
+    /// Where row `m`'s partial sum `j` (`w * 4 + v`, for weight `w`'s vector `v`) waits.
+    fn at(&self, f: &mut Frame, m: &Value, nw: usize, j: &Value) -> Value {
         let i = f.b.subi(m, &self.rc);
         let row = f.b.index(nw as i64 * NB);
         let at = f.b.muli(&i, &row);
-        let off = f.b.index(j as i64 * VL);
+        let vl = f.b.index(VL);
+        let off = f.b.muli(j, &vl);
         f.b.addi(&at, &off)
     }
 }
@@ -520,6 +558,16 @@ pub(super) fn decode16(
             })
             .collect()
     })
+}
+
+/// 16 bf16 values as the bits of the f32 values they are (each shifted into the high half of a
+/// 32-bit lane): a zero extension and a shift, where `arith.extf` took LLVM's scalar path and
+/// packing a bf16 panel cost as much as the micro-kernel over 24 rows.
+fn widen_bf16(f: &mut Frame, h: &Value) -> Value {
+    let bits = f.b.op("wb", format_args!("vector.bitcast {h} : vector<16xbf16> to vector<16xi16>"));
+    let wide = f.b.op("wb", format_args!("arith.extui {bits} : vector<16xi16> to {LANES_I32}"));
+    let sixteen = f.b.constant("dense<16>", LANES_I32);
+    f.b.op("wb", format_args!("arith.shli {wide}, {sixteen} : {LANES_I32}"))
 }
 
 /// The transpose of 16 rows of 16 lanes: lane `c` of output `r` is lane `r` of input `c`. Four
@@ -560,6 +608,9 @@ struct Kernel<'a, 's> {
     nw: usize,
     /// Rows per register block.
     mr: usize,
+    /// Vectors of 16 columns per register block (of the panel's [`NV`]): all of them, or one at a
+    /// time ([`ACCS_AVX2`]).
+    nv: usize,
     n: &'a Value,
     k: &'a Value,
     scratch: &'a Scratch,
@@ -569,6 +620,9 @@ struct Kernel<'a, 's> {
     group: i64,
     /// The panels in `p .. p_end` (at most `group`).
     panels: &'a Value,
+    /// For [`Elem::Bf16Wide`]: where a register block's rows of `x`, widened, wait (after the
+    /// packed panels, [`WIDE_X_OFFSET`]).
+    wide_x: Option<(Value, String)>,
     store: Store<'s>,
     direct: Option<usize>,
 }
@@ -655,7 +709,18 @@ impl Kernel<'_, '_> {
                 let rows: Vec<Value> = (starts.iter())
                     .map(|s| {
                         let at = f.b.addi(s, kk);
-                        let v = f.b.op("pw", format_args!("vector.load {view}[{at}] : {memref}, {vty}"));
+                        let v = match e {
+                            // 16 bf16 values widened to the f32 lanes they are packed as.
+                            Elem::Bf16Wide => {
+                                let h = f.b.op(
+                                    "pw",
+                                    format_args!("vector.load {view}[{at}] : {memref}, vector<16xbf16>"),
+                                );
+                                let lanes = widen_bf16(f, &h);
+                                f.b.op("pw", format_args!("vector.bitcast {lanes} : {LANES_I32} to {VEC}"))
+                            }
+                            _ => f.b.op("pw", format_args!("vector.load {view}[{at}] : {memref}, {vty}")),
+                        };
                         f.b.op("pw", format_args!("vector.bitcast {v} : {vty} to {LANES_I32}"))
                     })
                     .collect();
@@ -684,7 +749,8 @@ impl Kernel<'_, '_> {
         }
     }
 
-    /// Rows `lo .. hi` in register blocks of `mr` rows, then one at a time.
+    /// Rows `lo .. hi` in register blocks of `mr` rows, then one at a time; each block over the
+    /// panel's vectors of columns `nv` at a time.
     fn row_blocks(&self, f: &mut Frame, (lo, hi): (&Value, &Value), pass: &Pass) {
         let one = f.b.index(1);
         let mr = f.b.index(self.mr as i64);
@@ -692,14 +758,23 @@ impl Kernel<'_, '_> {
         let blocks = f.b.divui(&span, &mr);
         let full = f.b.muli(&blocks, &mr);
         let full = f.b.addi(lo, &full);
-        for_loop(f, lo, &full, &mr, |f, m0| self.rows(f, m0, self.mr, pass));
-        for_loop(f, &full, hi, &one, |f, m0| self.rows(f, m0, 1, pass));
+        let each = |f: &mut Frame, m0: &Value, mr: usize| {
+            if self.nv == NV {
+                let zero = f.b.index(0);
+                return self.rows(f, m0, mr, &zero, pass);
+            }
+            let (zero, nv, all) = (f.b.index(0), f.b.index(self.nv as i64), f.b.index(NV as i64));
+            for_loop(f, &zero, &all, &nv, |f, v0| self.rows(f, m0, mr, v0, pass));
+        };
+        for_loop(f, lo, &full, &mr, |f, m0| each(f, m0, self.mr));
+        for_loop(f, &full, hi, &one, |f, m0| each(f, m0, 1));
     }
 
-    /// Rows `m0 .. m0 + mr` over the pass's columns of `K`: accumulator `(i * nw + w) * 4 + v`
-    /// holds columns `16 v .. 16 v + 16` of row `i` for weight `w`.
-    fn rows(&self, f: &mut Frame, m0: &Value, mr: usize, pass: &Pass) {
-        let (e, nw, sc) = (self.elem, self.nw, self.scratch);
+    /// Rows `m0 .. m0 + mr` over the pass's columns of `K`, for the panel's vectors `v0 .. v0 +
+    /// nv` (16 columns each; `v0` is 0 where `nv` is all four): accumulator `(i * nw + w) * nv + u`
+    /// holds columns `16 (v0 + u) .. 16 (v0 + u) + 16` of row `i` for weight `w`.
+    fn rows(&self, f: &mut Frame, m0: &Value, mr: usize, v0: &Value, pass: &Pass) {
+        let (e, nw, sc, nv) = (self.elem, self.nw, self.scratch, self.nv);
         let (xv, xm) = (f.bufs[self.x].view.clone(), f.bufs[self.x].memref.clone());
         let ms: Vec<Value> = (0..mr)
             .map(|i| {
@@ -709,11 +784,18 @@ impl Kernel<'_, '_> {
             .collect();
         let starts: Vec<Value> = ms.iter().map(|m| f.b.muli(m, self.k)).collect();
         let zero_v = f.b.constant("dense<0.0>", VEC);
+        // Accumulator `a`'s place among a row's partial sums, `w * 4 + v`.
+        let slot = |f: &mut Frame, a: usize| -> Value {
+            let (w, u) = ((a % (nw * nv)) / nv, a % nv);
+            let j = f.b.index((w * NV + u) as i64);
+            f.b.addi(&j, v0)
+        };
         let inits: Vec<(Value, &str)> = match &pass.partial {
-            None => (0..mr * nw * NV).map(|_| (zero_v.clone(), VEC)).collect(),
-            Some(part) => (0..mr * nw * NV)
+            None => (0..mr * nw * nv).map(|_| (zero_v.clone(), VEC)).collect(),
+            Some(part) => (0..mr * nw * nv)
                 .map(|a| {
-                    let at = part.at(f, &ms[a / (nw * NV)], nw, a % (nw * NV));
+                    let j = slot(f, a);
+                    let at = part.at(f, &ms[a / (nw * nv)], nw, &j);
                     let (pv, pm) = (&part.view, &part.memref);
                     let v = f.b.op("ps", format_args!("vector.load {pv}[{at}] : {pm}, {VEC}"));
                     let first = &part.first;
@@ -721,14 +803,40 @@ impl Kernel<'_, '_> {
                 })
                 .collect(),
         };
+        // Bf16Wide's rows of `x` over the pass's columns, widened to f32 once for the whole sweep:
+        // row `i`'s column `ks + c` at `i * kc + c` of the scratch after the packed panels.
+        let wide = (e == Elem::Bf16Wide).then(|| {
+            let (xw, xw_ty) = (self.wide_x.as_ref()).expect("Bf16Wide has room for its widened rows");
+            let (kc, vl) = (f.b.index(sc.kc as i64), f.b.index(VL));
+            for (i, s) in starts.iter().enumerate() {
+                let row = f.b.index(i as i64);
+                let row = f.b.muli(&row, &kc);
+                for_loop(f, &pass.ks, &pass.ke, &vl, |f, kk| {
+                    let at = f.b.addi(s, kk);
+                    let h = f.b.op("xh", format_args!("vector.load {xv}[{at}] : {xm}, vector<16xbf16>"));
+                    let v = widen_bf16(f, &h);
+                    let v = f.b.op("xh", format_args!("vector.bitcast {v} : {LANES_I32} to {VEC}"));
+                    let rel = f.b.subi(kk, &pass.ks);
+                    let to = f.b.addi(&row, &rel);
+                    f.b.line(format_args!("vector.store {v}, {xw}[{to}] : {xw_ty}, {VEC}"));
+                });
+            }
+            let rows: Vec<Value> = (0..starts.len())
+                .map(|i| {
+                    let row = f.b.index(i as i64);
+                    f.b.muli(&row, &kc)
+                })
+                .collect();
+            (xw.clone(), xw_ty.clone(), rows)
+        });
         let step = f.b.index(e.per());
         let accs = for_carry(f, &pass.ks, &pass.ke, &step, &inits, |f, kk, acc| {
             let rel = f.b.subi(kk, &pass.ks);
             let vty = e.vec();
             // The rows' inputs first, then one packed weight vector at a time: `mr` broadcasts and
             // one weight vector live beside the accumulators (24 + 6 + 1 of 32 registers).
-            let xs: Vec<Value> = (starts.iter())
-                .map(|s| {
+            let xs: Vec<Value> = (starts.iter().enumerate())
+                .map(|(i, s)| {
                     let at = f.b.addi(s, kk);
                     match e {
                         Elem::Bf16 => {
@@ -749,23 +857,34 @@ impl Kernel<'_, '_> {
                             let x = f.b.op("xs", format_args!("memref.load {xv}[{at}] : {xm}"));
                             f.b.op("xb", format_args!("vector.broadcast {x} : f32 to {VEC}"))
                         }
+                        Elem::Bf16Wide => {
+                            let (xw, xw_ty, rows) = wide.as_ref().expect("widened above");
+                            let at = f.b.addi(&rows[i], &rel);
+                            let x = f.b.op("xs", format_args!("memref.load {xw}[{at}] : {xw_ty}"));
+                            f.b.op("xb", format_args!("vector.broadcast {x} : f32 to {VEC}"))
+                        }
                         Elem::Fp8 => unreachable!("FP8 GEMMs take the packed path on AMX only"),
                     }
                 })
                 .collect();
             let mut next = acc.to_vec();
+            let lanes = f.b.index(e.per() * VL);
+            let first = f.b.muli(v0, &lanes);
             for w in 0..nw {
-                for v in 0..NV {
+                for u in 0..nv {
                     let slot = f.b.index(w as i64);
-                    let at = sc.at(f, &slot, &rel, e.per() * VL * v as i64);
+                    let at = sc.at(f, &slot, &rel, e.per() * VL * u as i64);
+                    let at = f.b.addi(&at, &first);
                     let (sv, sm) = (&sc.view, &sc.memref);
                     let wv = f.b.op("bw", format_args!("vector.load {sv}[{at}] : {sm}, {vty}"));
                     for (i, a) in xs.iter().enumerate() {
-                        let j = (i * nw + w) * NV + v;
+                        let j = (i * nw + w) * nv + u;
                         let a_ij = &acc[j];
                         next[j] = match e {
                             Elem::Bf16 => f.bf16_dot(a_ij, a, &wv),
-                            Elem::F32 => f.b.op("acc", format_args!("vector.fma {a}, {wv}, {a_ij} : {VEC}")),
+                            Elem::F32 | Elem::Bf16Wide => {
+                                f.b.op("acc", format_args!("vector.fma {a}, {wv}, {a_ij} : {VEC}"))
+                            }
                             Elem::Fp8 => unreachable!("FP8 GEMMs take the packed path on AMX only"),
                         };
                     }
@@ -774,14 +893,15 @@ impl Kernel<'_, '_> {
             next
         });
         match &pass.partial {
-            None => self.store_rows(f, m0, mr, &accs),
+            None => self.store_rows(f, m0, mr, v0, &accs),
             Some(part) => if_then_else(
                 f,
                 &part.last,
-                |f| self.store_rows(f, m0, mr, &accs),
+                |f| self.store_rows(f, m0, mr, v0, &accs),
                 |f| {
                     for (a, v) in accs.iter().enumerate() {
-                        let at = part.at(f, &ms[a / (nw * NV)], nw, a % (nw * NV));
+                        let j = slot(f, a);
+                        let at = part.at(f, &ms[a / (nw * nv)], nw, &j);
                         let (pv, pm) = (&part.view, &part.memref);
                         f.b.line(format_args!("vector.store {v}, {pv}[{at}] : {pm}, {VEC}"));
                     }
@@ -789,14 +909,23 @@ impl Kernel<'_, '_> {
             ),
         }
     }
-    /// Stores the accumulators of rows `m0 .. m0 + mr`: whole vectors into the output buffer for a
-    /// plain `linear` whose panel is full, else element by element through the store hook, for the
-    /// panel's columns alone.
-    fn store_rows(&self, f: &mut Frame, m0: &Value, mr: usize, accs: &[Value]) {
-        let nw = self.nw;
-        let width = f.b.subi(self.p_end, self.p);
+    /// Stores the accumulators of rows `m0 .. m0 + mr` (the panel's vectors `v0 .. v0 + nv`):
+    /// whole vectors into the output buffer for a plain `linear` whose panel is full, else element
+    /// by element through the store hook, for the panel's columns alone.
+    fn store_rows(&self, f: &mut Frame, m0: &Value, mr: usize, v0: &Value, accs: &[Value]) {
+        let (nw, nv) = (self.nw, self.nv);
+        let panel = f.b.subi(self.p_end, self.p);
         let nb = f.b.index(NB);
-        let full = f.b.op("c", format_args!("arith.cmpi eq, {width}, {nb} : index"));
+        let full = f.b.op("c", format_args!("arith.cmpi eq, {panel}, {nb} : index"));
+        // The columns these vectors hold: from `p + 16 v0`, as many of `16 nv` as the panel has.
+        let vl = f.b.index(VL);
+        let skip = f.b.muli(v0, &vl);
+        let p = f.b.addi(self.p, &skip);
+        let width = f.b.subi(&panel, &skip);
+        let zero = f.b.index(0);
+        let width = f.b.op("w", format_args!("arith.maxsi {width}, {zero} : index"));
+        let most = f.b.index(VL * nv as i64);
+        let width = f.b.minui(&width, &most);
         // Element by element: the accumulators go to a tile in scratch, and each row's columns
         // within the panel are read back from it one at a time, every weight's sum together.
         let (tile, tile_ty) = f.scratch("f32", (ACCS.max(NV * nw) * VL as usize) as u64);
@@ -808,8 +937,8 @@ impl Kernel<'_, '_> {
             for i in 0..mr {
                 let iv = f.b.index(i as i64);
                 let m = f.b.addi(m0, &iv);
-                self.store_row(f, &m, (self.p, &width), |f, c, w| {
-                    let off = f.b.index(((i * nw + w) * NV) as i64 * VL);
+                self.store_row(f, &m, (&p, &width), |f, c, w| {
+                    let off = f.b.index(((i * nw + w) * nv) as i64 * VL);
                     let at = f.b.addi(&off, c);
                     f.b.op("y", format_args!("memref.load {tile}[{at}] : {tile_ty}"))
                 });
@@ -824,11 +953,11 @@ impl Kernel<'_, '_> {
                         let iv = f.b.index(i as i64);
                         let m = f.b.addi(m0, &iv);
                         let base = f.b.muli(&m, self.n);
-                        for v in 0..NV {
-                            let off = f.b.index(VL * v as i64);
-                            let c0 = f.b.addi(self.p, &off);
+                        for u in 0..nv {
+                            let off = f.b.index(VL * u as i64);
+                            let c0 = f.b.addi(&p, &off);
                             let idx = f.b.addi(&base, &c0);
-                            f.store_vec(out, &idx, &accs[i * NV + v]);
+                            f.store_vec(out, &idx, &accs[i * nw * nv + u]);
                         }
                     }
                 },
@@ -869,7 +998,7 @@ impl Kernel<'_, '_> {
 pub(super) fn enough_expert_rows(f: &mut Frame, elem: Elem, rows: &Value) -> Value {
     let min = f.b.index(match elem {
         Elem::Fp8 => 4,
-        Elem::Bf16 | Elem::F32 => 2,
+        Elem::Bf16 | Elem::F32 | Elem::Bf16Wide => 2,
     });
     f.b.op("c", format_args!("arith.cmpi uge, {rows}, {min} : index"))
 }
