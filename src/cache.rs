@@ -103,11 +103,110 @@ pub fn cache_dir() -> Result<PathBuf> {
 /// where there is no cache directory at all (the compile then makes every kernel).
 pub fn configure_kernel_cache() {
     let off = std::env::var_os("KILN_NO_KERNEL_CACHE").is_some_and(|v| !v.is_empty() && v != "0");
-    let dir = match std::env::var_os("KILN_KERNEL_CACHE_DIR").filter(|v| !v.is_empty()) {
+    kiln_compiler::codegen::cache::configure(kernel_cache_dir().filter(|_| !off));
+}
+
+/// Where the kernel cache is, on or off: `$KILN_KERNEL_CACHE_DIR`, else `kernels` in [`cache_dir`].
+fn kernel_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("KILN_KERNEL_CACHE_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => Some(PathBuf::from(dir)),
         None => cache_dir().ok().map(|d| d.join("kernels")),
-    };
-    kiln_compiler::codegen::cache::configure(dir.filter(|_| !off));
+    }
+}
+
+/// `kiln cache [--clear]`: what the kernel cache and the compiled model folders hold, each with its
+/// place and bytes; with `clear`, removes them and says what went. A run using a cached artifact
+/// while it is removed keeps what it has loaded; the next run compiles the folder again.
+pub fn command(clear: bool, json: bool, out: &mut dyn Write) -> Result<()> {
+    use kiln_compiler::codegen::cache as kernels;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let mut doc = serde_json::Map::new();
+    let mut text = String::new();
+    match kernel_cache_dir() {
+        Some(dir) => {
+            let (entries, bytes) = if clear { kernels::clear(&dir) } else { kernels::usage(&dir) };
+            let off = std::env::var_os("KILN_NO_KERNEL_CACHE").is_some_and(|v| !v.is_empty() && v != "0");
+            text += &match clear {
+                true => format!(
+                    "kernels    {}: removed {entries} entries, {:.1} MiB\n",
+                    dir.display(),
+                    mib(bytes)
+                ),
+                false => format!(
+                    "kernels    {}: {entries} entries, {:.1} of {} MiB{}\n",
+                    dir.display(),
+                    mib(bytes),
+                    kernels::limit() >> 20,
+                    if off { " (off: KILN_NO_KERNEL_CACHE)" } else { "" }
+                ),
+            };
+            doc.insert(
+                "kernels".into(),
+                serde_json::json!({"dir": dir, "entries": entries, "bytes": bytes, "limit_bytes": kernels::limit(), "cleared": clear}),
+            );
+        }
+        None => text += "kernels    no cache directory (set KILN_KERNEL_CACHE_DIR, KILN_CACHE_DIR or HOME)\n",
+    }
+    match cache_dir() {
+        Ok(root) => {
+            let dir = root.join("artifacts");
+            let mut found: Vec<(String, u64)> = match std::fs::read_dir(&dir) {
+                Ok(read) => read
+                    .flatten()
+                    .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), tree_bytes(&e.path())))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            found.sort();
+            let total: u64 = found.iter().map(|(_, b)| b).sum();
+            if clear {
+                for (name, _) in &found {
+                    let path = dir.join(name);
+                    std::fs::remove_dir_all(&path)
+                        .with_context(|| format!("cannot remove {}", path.display()))?;
+                }
+            }
+            text += &format!(
+                "artifacts  {}: {} {} compiled model folder{}, {:.1} MiB\n",
+                dir.display(),
+                if clear { "removed" } else { "" },
+                found.len(),
+                if found.len() == 1 { "" } else { "s" },
+                mib(total)
+            )
+            .replace(":  ", ": ");
+            if !clear {
+                for (name, bytes) in &found {
+                    text += &format!("  {name}  {:.1} MiB\n", mib(*bytes));
+                }
+            }
+            let list: Vec<serde_json::Value> =
+                found.iter().map(|(n, b)| serde_json::json!({"name": n, "bytes": b})).collect();
+            doc.insert(
+                "artifacts".into(),
+                serde_json::json!({"dir": dir, "artifacts": list, "bytes": total, "cleared": clear}),
+            );
+        }
+        Err(e) => text += &format!("artifacts  {e:#}\n"),
+    }
+    match json {
+        true => writeln!(out, "{}", serde_json::to_string_pretty(&serde_json::Value::Object(doc))?)?,
+        false => write!(out, "{text}")?,
+    }
+    Ok(())
+}
+
+/// The bytes of the files under `dir`.
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(read) = std::fs::read_dir(dir) else { return 0 };
+    read.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// The artifact of the model folder `folder` for this CPU: the cached one, or one compiled now.

@@ -487,6 +487,17 @@ enum Command {
     Passes,
     /// Check the toolchain: MLIR, LLVM (NVPTX and host targets), ptxas, and CUDA devices.
     Doctor,
+    /// What the caches hold: the kernel cache (each kernel's object, PTX and ptxas check, reused by
+    /// later compiles) and the artifacts of Hugging Face folders compiled on first run; --clear
+    /// removes both.
+    Cache {
+        /// Remove every cached kernel and compiled model folder (later compiles make them again).
+        #[arg(long)]
+        clear: bool,
+        /// Print JSON instead of the lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The model of `kiln chat` and `kiln serve`.
@@ -1202,6 +1213,7 @@ fn run(command: Command) -> Result<()> {
             emit(&out, None)
         }
         Command::Doctor => doctor(),
+        Command::Cache { clear, json } => cache::command(clear, json, &mut std::io::stdout().lock()),
     }
 }
 

@@ -898,6 +898,29 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     assert!(ptx == again, "PTX from the cache differs from compiled PTX");
     assert!(library("both-again") == library("first"));
 
+    // `kiln cache` says what the cache holds, `--clear` empties it and the compiled model folders.
+    let root = s.path("root");
+    let folder = root.join("artifacts").join("tiny-0123456789abcdef");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("manifest.json"), "{}").unwrap();
+    let root_str = root.display().to_string();
+    let vars = [("KILN_KERNEL_CACHE_DIR", cache_str.as_str()), ("KILN_CACHE_DIR", root_str.as_str())];
+    let held = entries().len();
+    let r = kiln_env(&["cache"], &vars);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("kernels    {cache_str}: {held} entries, ")), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(": 1 compiled model folder, ") && r.stdout.contains("  tiny-0123456789abcdef  ")
+    );
+    let r = kiln_env(&["cache", "--clear", "--json"], &vars);
+    assert!(r.ok, "{}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(doc["kernels"]["entries"], held as u64, "{doc}");
+    assert_eq!(doc["artifacts"]["artifacts"][0]["name"], "tiny-0123456789abcdef");
+    assert!(entries().is_empty() && !folder.exists(), "{:?}", entries());
+    let (line, after) = compile("after-clear", "2", &[]);
+    assert_eq!(after, [0, n, n], "{line}");
+
     // The lowering's choices are part of the key: without the packed GEMMs no kernel is found.
     // With a limit of 0 MiB the cache is emptied after the compile that stored them.
     let (line, other) =

@@ -197,6 +197,26 @@ pub fn usage(dir: &Path) -> (u64, u64) {
         .fold((0, 0), |(n, bytes), m| (n + 1, bytes + m.len()))
 }
 
+/// Removes every entry of the cache at `dir`, and the temporary files of writes in progress or
+/// interrupted (a compile writing one now stores nothing, and compiles on). Returns the entries
+/// removed and their bytes.
+pub fn clear(dir: &Path) -> (u64, u64) {
+    let Ok(read) = std::fs::read_dir(dir) else { return (0, 0) };
+    let mut removed = (0, 0);
+    for e in read.flatten() {
+        let (path, Ok(meta)) = (e.path(), e.metadata()) else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        let entry = path.extension().is_some_and(|x| EXTENSIONS.iter().any(|e| x == *e));
+        if !meta.is_file() || !(entry || (name.starts_with('.') && name.ends_with(".tmp"))) {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() && entry {
+            removed = (removed.0 + 1, removed.1 + meta.len());
+        }
+    }
+    removed
+}
+
 /// Removes the least recently used entries of `dir` until it holds at most three quarters of
 /// `limit`, if it holds more than `limit`; also temporary files an interrupted write left (an
 /// hour old or more). Returns the entries removed.
