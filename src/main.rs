@@ -1326,7 +1326,11 @@ fn doctor() -> Result<()> {
     let yes = |on: bool| if on { "yes" } else { "no" };
     out.push_str(&format!(
         "CPU GEMMs   packed panels: {}; bf16 dot products (AVX512_BF16): {}; AMX tiles (AMX-BF16, granted by Linux): {}\n",
-        yes(cpu.packed_gemm),
+        match (cpu.packed_gemm, cpu.avx512) {
+            (false, _) => "no",
+            (true, true) => "yes (AVX-512's register blocks, 6 rows x 64 columns)",
+            (true, false) => "yes (AVX2's register blocks, 6 rows x 16 columns; bf16 widened to f32)",
+        },
         yes(cpu.bf16_dot),
         yes(cpu.amx)
     ));

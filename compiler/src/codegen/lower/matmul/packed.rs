@@ -85,7 +85,8 @@ pub(crate) enum Elem {
     /// ([`amx`]'s FP8 blocks).
     Fp8,
     /// Both operands bf16 on a host without AVX512_BF16: the weights are widened to f32 as they are
-    /// packed and each input as it is broadcast, then the f32 micro-kernel runs. A product of two
+    /// packed and a register block's input rows once per sweep (into the scratch after the packed
+    /// panels, [`WIDE_X_OFFSET`]), then the f32 micro-kernel runs. A product of two
     /// bf16 values is exact in f32, so this sums the same products as the widening dot-product
     /// blocks, in `K`'s order.
     Bf16Wide,
