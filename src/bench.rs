@@ -1,6 +1,6 @@
-//! `kiln bench gemm`: kiln's generated CPU `linear` in f32 and bf16 against the `matrixmultiply`
-//! crate and PyTorch, all multi-threaded, at square sizes. A measurement to read, not a test:
-//! nothing here asserts a speed.
+//! `kiln bench gemm`: kiln's generated CPU `linear` in f32, bf16 and FP8 (DeepSeek-V3's `fp8-gemm`
+//! fusion) against the `matrixmultiply` crate and PyTorch, all multi-threaded, at square sizes or
+//! a model's (`--rows`, `--k`). A measurement to read, not a test: nothing here asserts a speed.
 //!
 //! kiln's side compiles `x[M, K] @ w[N, K]^T` for each dtype and size into a shared library (the
 //! same path as `kiln compile --target cpu`) and splits its work items (rows of column panels) over
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use kiln_compiler::codegen::{cpu, lower_module, Kernel, LaunchShape, Target};
+use kiln_compiler::codegen::{cpu, form_kernels, lower_module, Kernel, LaunchShape, Target};
 use kiln_ir::{DType, Op, TensorType};
 use kiln_runtime::weights::{bf16_to_f32, f32_to_bf16};
 
@@ -36,25 +36,31 @@ use kiln_runtime::host::Memory;
 /// What `kiln bench` measures.
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
-    /// kiln's CPU `linear` in f32 and bf16 against the matrixmultiply crate and PyTorch (oneDNN),
-    /// in GFLOP/s.
+    /// kiln's CPU `linear` in f32, bf16 and FP8 against the matrixmultiply crate and PyTorch
+    /// (oneDNN), in GFLOP/s and the weights' GB/s.
     Gemm {
-        /// Sizes N = K, comma-separated; square (M = N = K) unless --rows.
+        /// Sizes N = K, comma-separated; square (M = N = K) unless --rows or --k.
         #[arg(long, value_delimiter = ',', default_values_t = [256usize, 1024, 2048])]
         sizes: Vec<usize>,
         /// Rows of x (M) for every size instead of M = N: the shape of a prefill (M = its tokens)
         /// or a decode step (M = 1).
         #[arg(long)]
         rows: Option<usize>,
+        /// Columns of x and of the weight (K) for every size instead of K = N: a model's shapes,
+        /// such as an output head's N = vocabulary, K = hidden size.
+        #[arg(long)]
+        k: Option<usize>,
         /// Threads on every side (default: every core).
         #[arg(long)]
         threads: Option<usize>,
         /// Timed runs per size after a warm-up; the best counts.
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// Operand dtypes, comma-separated: `f32`, `bf16` (bf16 operands and result, f32 sums).
+        /// Operand dtypes, comma-separated: `f32`, `bf16` (bf16 operands and result, f32 sums),
+        /// `fp8` (E4M3 weights with an f32 scale per 128 x 128 block, as DeepSeek-V3 stores them,
+        /// times a bf16 x into a bf16 result; PyTorch has no such CPU GEMM and is left out).
         #[arg(long, value_delimiter = ',', default_values_t = ["f32".to_string(), "bf16".to_string()],
-              value_parser = ["f32", "bf16"])]
+              value_parser = ["f32", "bf16", "fp8"])]
         dtype: Vec<String>,
         /// A Python with torch for the PyTorch column (default: $KILN_PYTHON, else
         /// ~/.cache/kiln-venv/bin/python).
@@ -200,12 +206,12 @@ impl<'o> Tables<'o> {
 
 fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
     match what {
-        BenchCommand::Gemm { sizes, rows, threads, reps, dtype, python, no_torch } => {
+        BenchCommand::Gemm { sizes, rows, k, threads, reps, dtype, python, no_torch } => {
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             kiln_runtime::cpu::check_threads(threads)?;
             let python = if no_torch { None } else { Some(crate::bench_train::python(python.as_deref())) };
-            gemm(&GemmRequest { sizes, rows, threads, reps, dtypes: dtype, python }, out)
+            gemm(&GemmRequest { sizes, rows, k, threads, reps, dtypes: dtype, python }, out)
         }
         BenchCommand::Membw { mib, threads, reps } => {
             let threads =
@@ -455,32 +461,33 @@ fn best_of(reps: usize, mut once: impl FnMut()) -> Duration {
 }
 
 /// kiln's product over `work` items (the kernel's launch shape) on `pool`, split into chunks as a
-/// run's launches are; `bufs` are the addresses of x, w and y.
-fn kiln_gemm(pool: &Pool, f: Packed, bufs: [usize; 3], work: usize) {
-    let ptrs: [*mut u8; 3] = bufs.map(|p| p as *mut u8);
+/// run's launches are; `bufs` are the addresses of the kernel's buffers (x, the weight's and y).
+fn kiln_gemm(pool: &Pool, f: Packed, bufs: &[usize], work: usize) {
+    let ptrs: Vec<*mut u8> = bufs.iter().map(|&p| p as *mut u8).collect();
     let work = work as i64;
     let job = Job { entry: f, buffers: ptrs.as_ptr(), sizes: std::ptr::null(), first: 0, work, chunks: 0 };
-    // SAFETY: `f` is the packed entry of a linear kernel over the three buffers of its dtype and
-    // shapes at `bufs`, alive for the launch, and `work` is its work; no sizes are read (the shapes
-    // are known).
+    // SAFETY: `f` is the packed entry of a linear kernel over the buffers of its dtypes and shapes
+    // at `bufs`, alive for the launch, and `work` is its work; no sizes are read (the shapes are
+    // known).
     unsafe { pool.launch(Job { chunks: chunks(work, pool.threads()), ..job }) };
 }
 
-fn reference_gemm(x: &[f32], w: &[f32], y: &mut [f32], (m, n): (usize, usize)) {
-    // SAFETY: x and y are m x n and w is n x n, row-major; `w^T` is read with row stride 1 and
-    // column stride n, which stays inside `w`.
+/// `y[m, n] = x[m, k] @ w[n, k]^T` in f32.
+fn reference_gemm(x: &[f32], w: &[f32], y: &mut [f32], (m, n, k): (usize, usize, usize)) {
+    // SAFETY: x is m x k, w is n x k and y is m x n, row-major; `w^T` is read with row stride 1 and
+    // column stride k, which stays inside `w`.
     unsafe {
         matrixmultiply::sgemm(
             m,
-            n,
+            k,
             n,
             1.0,
             x.as_ptr(),
-            n as isize,
+            k as isize,
             1,
             w.as_ptr(),
             1,
-            n as isize,
+            k as isize,
             0.0,
             y.as_mut_ptr(),
             n as isize,
@@ -505,47 +512,151 @@ struct GemmRequest {
     sizes: Vec<usize>,
     /// M for every size, when not `N`.
     rows: Option<usize>,
+    /// K for every size, when not `N`.
+    k: Option<usize>,
     threads: usize,
     reps: usize,
-    /// `f32`, `bf16`.
+    /// `f32`, `bf16`, `fp8`.
     dtypes: Vec<String>,
     /// The Python of the PyTorch column, if one was found; `None` inside when none was, and `None`
     /// for `--no-torch`.
     python: Option<Option<(PathBuf, &'static str)>>,
 }
 
+/// The operand types of one row of `kiln bench gemm`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GemmType {
+    F32,
+    /// bf16 x, weight and result.
+    Bf16,
+    /// DeepSeek-V3's FP8 GEMM: x in E4M3 codes with an f32 scale per 1 x [`FP8_BLOCK`] tile, the
+    /// weight in codes with one per [`FP8_BLOCK`]-square block, f32 sums, a bf16 result.
+    Fp8,
+}
+
+/// The weight blocks of `kiln bench gemm --dtype fp8`: DeepSeek-V3's 128 x 128.
+const FP8_BLOCK: usize = 128;
+
+impl GemmType {
+    fn parse(name: &str) -> GemmType {
+        match name {
+            "bf16" => GemmType::Bf16,
+            "fp8" => GemmType::Fp8,
+            _ => GemmType::F32,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            GemmType::F32 => "f32",
+            GemmType::Bf16 => "bf16",
+            GemmType::Fp8 => "fp8",
+        }
+    }
+
+    /// The dtype of x and of the result.
+    fn io(self) -> DType {
+        if self == GemmType::F32 {
+            DType::F32
+        } else {
+            DType::BF16
+        }
+    }
+
+    /// Bytes per weight element (an FP8 weight's scales add 1 / 128^2 of a float each).
+    fn weight_bytes(self) -> f64 {
+        match self {
+            GemmType::F32 => 4.0,
+            GemmType::Bf16 => 2.0,
+            GemmType::Fp8 => 1.0 + 4.0 / (FP8_BLOCK * FP8_BLOCK) as f64,
+        }
+    }
+}
+
 /// One size of one dtype: the operands as raw bytes of the dtype, and their values in f32.
 struct GemmCase {
-    dtype: DType,
+    ty: GemmType,
     /// Rows of x.
     m: usize,
-    /// N = K.
+    /// Rows of the weight.
     n: usize,
-    /// The values of x and w (for bf16, the bf16 values, exactly).
+    /// Columns of x and the weight.
+    k: usize,
+    /// The values of x and w (for bf16, the bf16 values, exactly; for FP8, each code times its
+    /// block's scale).
     x: Vec<f32>,
     w: Vec<f32>,
+    /// For FP8: the codes and scales of x (`[m, k]`, scales `[m, ceil(k / 128)]`) and of the
+    /// weight (`[n, k]`, scales `[ceil(n / 128), ceil(k / 128)]`).
+    fp8: Option<[(Vec<u8>, Vec<f32>); 2]>,
 }
 
 impl GemmCase {
-    fn new(dtype: DType, m: usize, n: usize) -> GemmCase {
-        let round = |v: Vec<f32>| match dtype {
-            DType::BF16 => v.into_iter().map(|x| bf16_to_f32(f32_to_bf16(x))).collect(),
-            _ => v,
-        };
-        GemmCase { dtype, m, n, x: round(data(m * n, 1)), w: round(data(n * n, 2)) }
+    fn new(ty: GemmType, m: usize, n: usize, k: usize) -> GemmCase {
+        let bf16 = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| bf16_to_f32(f32_to_bf16(x))).collect() };
+        let (x, w) = (data(m * k, 1), data(n * k, 2));
+        match ty {
+            GemmType::F32 => GemmCase { ty, m, n, k, x, w, fp8: None },
+            GemmType::Bf16 => GemmCase { ty, m, n, k, x: bf16(x), w: bf16(w), fp8: None },
+            GemmType::Fp8 => {
+                // x as the bf16 activation it quantises, in DeepSeek-V3's 1 x 128 tiles.
+                let (xc, xs, x) = quantize_blocks(&bf16(x), k, 1);
+                let (wc, ws, w) = quantize_blocks(&w, k, FP8_BLOCK);
+                GemmCase { ty, m, n, k, x, w, fp8: Some([(xc, xs), (wc, ws)]) }
+            }
+        }
     }
 
-    /// `v` in the dtype's storage, as bytes.
-    fn storage(&self, v: &[f32]) -> Vec<u8> {
-        match self.dtype {
-            DType::BF16 => v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
-            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    /// The kernel's input buffers as bytes: x, then the weight (for FP8 each as its codes, then
+    /// its scales).
+    fn inputs(&self) -> Vec<Vec<u8>> {
+        let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let bf16s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect() };
+        match (self.ty, &self.fp8) {
+            (GemmType::F32, _) => vec![f32s(&self.x), f32s(&self.w)],
+            (GemmType::Fp8, Some([(xc, xs), (wc, ws)])) => vec![xc.clone(), f32s(xs), wc.clone(), f32s(ws)],
+            _ => vec![bf16s(&self.x), bf16s(&self.w)],
+        }
+    }
+
+    /// The kernel of `y = x @ w^T` for these operands: one op, or for FP8 the `fp8-gemm` fusion of
+    /// `dequantize` into `linear` that fuse-kernels makes of a model's FP8 linears.
+    fn kernel(&self) -> Result<Kernel> {
+        let (m, n, k) = (self.m as u64, self.n as u64, self.k as u64);
+        let io = self.ty.io();
+        if self.ty != GemmType::Fp8 {
+            let x = TensorType::known(io, &[m, k]);
+            let w = TensorType::known(io, &[n, k]);
+            return Ok(Kernel::for_op(&Op::Linear, &[x, w])?);
+        }
+        // As fuse-kernels makes a model's FP8 linears (models/bench.toml with FP8).
+        let b = FP8_BLOCK as u64;
+        let inputs = [
+            format!("input {{name = \"x\"}} : f8e4m3[{m}, {k}]"),
+            format!("input {{name = \"xs\"}} : f32[{m}, {}]", k.div_ceil(b)),
+            format!("input {{name = \"w\"}} : f8e4m3[{n}, {k}]"),
+            format!("input {{name = \"ws\"}} : f32[{}, {}]", n.div_ceil(b), k.div_ceil(b)),
+        ];
+        let mut src = String::from("graph @gemm {\n");
+        inputs.iter().enumerate().for_each(|(i, d)| src += &format!("  %{i} = {d}\n"));
+        src += &format!("  %4 = fused %0, %1, %2, %3 {{name = \"fp8-gemm\"}} : {io}[{m}, {n}] {{\n");
+        inputs.iter().enumerate().for_each(|(i, d)| src += &format!("    %{i} = {d}\n"));
+        src += &format!("    %4 = dequantize %0, %1 {{to = f32, block = [1, {b}]}} : f32[{m}, {k}]\n");
+        src += &format!("    %5 = dequantize %2, %3 {{to = f32, block = [{b}, {b}]}} : f32[{n}, {k}]\n");
+        src += &format!("    %6 = linear %4, %5 : f32[{m}, {n}]\n");
+        src += &format!("    %7 = cast %6 {{to = {io}}} : {io}[{m}, {n}]\n");
+        src += "    output \"y\" = %7\n  }\n  output \"y\" = %4\n}\n";
+        let g = kiln_ir::parse(&src).map_err(|e| anyhow::anyhow!("the FP8 GEMM's graph: {e}"))?;
+        let plan = form_kernels(&g)?;
+        match plan.kernels.as_slice() {
+            [kernel] => Ok(kernel.clone()),
+            ks => bail!("the FP8 GEMM formed {} kernels, not one", ks.len()),
         }
     }
 
     /// The values of a result in the dtype's storage.
     fn values(&self, bytes: &[u8]) -> Vec<f32> {
-        match self.dtype {
+        match self.ty.io() {
             DType::BF16 => {
                 bytes.chunks_exact(2).map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect()
             }
@@ -554,23 +665,37 @@ impl GemmCase {
     }
 
     /// The largest error of `got` against the f32 reference `want`, as a fraction of what this
-    /// dtype allows: sums of n products of values in [-1, 1) differ by their order (1e-4 of
-    /// sqrt(n), their typical size), and a bf16 result is also rounded (2^-8 of its value).
+    /// dtype allows: sums of k products of values in [-1, 1) differ by their order (1e-4 of
+    /// sqrt(k), their typical size), and a bf16 result is also rounded (2^-8 of its value).
     fn error(&self, got: &[f32], want: &[f32]) -> f32 {
-        let scale = 1e-4 * (self.n as f32).sqrt();
-        let rounding = if self.dtype == DType::BF16 { 2f32.powi(-8) } else { 0.0 };
+        let scale = 1e-4 * (self.k as f32).sqrt();
+        let rounding = if self.ty.io() == DType::BF16 { 2f32.powi(-8) } else { 0.0 };
         (got.iter().zip(want))
             .map(|(a, b)| if a.is_nan() { f32::NAN } else { (a - b).abs() / (scale + rounding * b.abs()) })
             .fold(0f32, |m, e| if e.is_nan() || m.is_nan() { f32::NAN } else { m.max(e) })
     }
 }
 
-fn dtype_name(d: DType) -> &'static str {
-    if d == DType::BF16 {
-        "bf16"
-    } else {
-        "f32"
+/// `w` (rows of `k`) quantised as DeepSeek-V3 quantises its weights and activations: per block of
+/// `rows` x 128 (smaller at the edges), `scale = amax / 448` and each element's E4M3 code of `w /
+/// scale`. Returns the codes, the scales (`[ceil(w.len() / k / rows), ceil(k / 128)]`) and the
+/// values the codes stand for (code times scale, rounded once in f32, as the kernel's `dequantize`
+/// computes them).
+fn quantize_blocks(w: &[f32], k: usize, rows: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    use kiln_ir::interp::numerics::{f8e4m3_from_f32, f8e4m3_to_f32};
+    let (nb, kb) = ((w.len() / k).div_ceil(rows), k.div_ceil(FP8_BLOCK));
+    let block = |r: usize, c: usize| (r / rows) * kb + c / FP8_BLOCK;
+    let mut amax = vec![0f32; nb * kb];
+    for (i, v) in w.iter().enumerate() {
+        let b = block(i / k, i % k);
+        amax[b] = amax[b].max(v.abs());
     }
+    let scales: Vec<f32> = amax.iter().map(|&a| if a > 0.0 { a / 448.0 } else { 1.0 }).collect();
+    let codes: Vec<u8> =
+        w.iter().enumerate().map(|(i, v)| f8e4m3_from_f32(v / scales[block(i / k, i % k)])).collect();
+    let values =
+        codes.iter().enumerate().map(|(i, &c)| f8e4m3_to_f32(c) * scales[block(i / k, i % k)]).collect();
+    (codes, scales, values)
 }
 
 /// Runs the benchmark and prints a table to `out`.
@@ -582,26 +707,21 @@ fn gemm(req: &GemmRequest, tables: &mut Tables) -> Result<serde_json::Value> {
     if req.rows == Some(0) {
         bail!("--rows 0: give the rows of x, at least 1");
     }
-    if req.dtypes.is_empty() {
-        bail!("--dtype needs at least one of f32, bf16");
+    if req.k == Some(0) {
+        bail!("--k 0: give the columns of x and the weight, at least 1");
     }
-    let dtypes: Vec<DType> =
-        req.dtypes.iter().map(|d| if d == "bf16" { DType::BF16 } else { DType::F32 }).collect();
+    if req.dtypes.is_empty() {
+        bail!("--dtype needs at least one of f32, bf16, fp8");
+    }
+    let types: Vec<GemmType> = req.dtypes.iter().map(|d| GemmType::parse(d)).collect();
     // matrixmultiply reads this once, on its first call.
     std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
 
-    let rows = req.rows;
-    let cases: Vec<GemmCase> = (dtypes.iter())
-        .flat_map(|&d| sizes.iter().map(move |&n| GemmCase::new(d, rows.unwrap_or(n), n)))
+    let (rows, k) = (req.rows, req.k);
+    let cases: Vec<GemmCase> = (types.iter())
+        .flat_map(|&t| sizes.iter().map(move |&n| GemmCase::new(t, rows.unwrap_or(n), n, k.unwrap_or(n))))
         .collect();
-    let kernels: Vec<Kernel> = cases
-        .iter()
-        .map(|c| {
-            let x = TensorType::known(c.dtype, &[c.m as u64, c.n as u64]);
-            let w = TensorType::known(c.dtype, &[c.n as u64, c.n as u64]);
-            Kernel::for_op(&Op::Linear, &[x, w])
-        })
-        .collect::<Result<_, _>>()?;
+    let kernels: Vec<Kernel> = cases.iter().map(GemmCase::kernel).collect::<Result<_>>()?;
     let module = lower_module(&kernels, Target::Cpu)?;
     let object = cpu::object(&module)?;
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
@@ -643,7 +763,7 @@ fn gemm_in(
     let mut reference = Vec::with_capacity(cases.len());
     for c in cases {
         let mut y = vec![0f32; c.m * c.n];
-        let t = best_of(reps, || reference_gemm(&c.x, &c.w, &mut y, (c.m, c.n)));
+        let t = best_of(reps, || reference_gemm(&c.x, &c.w, &mut y, (c.m, c.n, c.k)));
         reference.push((y, t));
     }
     let torch = match &req.python {
@@ -662,8 +782,10 @@ fn gemm_in(
     let mut table = crate::table::new(&[
         ("dtype", Left),
         ("M", Right),
-        ("N=K", Right),
+        ("N", Right),
+        ("K", Right),
         ("kiln GFLOP/s", Right),
+        ("kiln weight GB/s", Right),
         ("matrixmultiply GFLOP/s", Right),
         ("PyTorch GFLOP/s", Right),
         ("kiln / matrixmultiply", Right),
@@ -671,7 +793,7 @@ fn gemm_in(
     ]);
     let mut rows = Vec::new();
     for (i, ((c, kernel), lowered)) in cases.iter().zip(kernels).zip(&module.kernels).enumerate() {
-        let (m, n) = (c.m, c.n);
+        let (m, n, k) = (c.m, c.n, c.k);
         let work = match lowered.launch {
             LaunchShape::Cpu { work } => work.as_known().unwrap_or(n as u64) as usize,
             LaunchShape::CpuPhases { .. } => bail!("the GEMM kernel is phased, not one pass"),
@@ -687,48 +809,54 @@ fn gemm_in(
             mem.bytes_mut().copy_from_slice(bytes);
             Ok(mem)
         };
-        let (x, w) = (aligned(&c.storage(&c.x))?, aligned(&c.storage(&c.w))?);
-        let mut y = aligned(&vec![0u8; m * n * c.dtype.size_bytes() as usize])?;
-        let bufs = [x.as_ptr() as usize, w.as_ptr() as usize, y.bytes_mut().as_mut_ptr() as usize];
-        let t_kiln = best_of(reps, || kiln_gemm(&pool, f, bufs, work));
+        let inputs = c.inputs().iter().map(|b| aligned(b)).collect::<Result<Vec<Memory>>>()?;
+        let mut y = aligned(&vec![0u8; m * n * c.ty.io().size_bytes() as usize])?;
+        let mut bufs: Vec<usize> = inputs.iter().map(|mem| mem.as_ptr() as usize).collect();
+        bufs.push(y.bytes_mut().as_mut_ptr() as usize);
+        let t_kiln = best_of(reps, || kiln_gemm(&pool, f, &bufs, work));
         let (want, t_ref) = &reference[i];
-        let what = dtype_name(c.dtype);
+        let what = c.ty.name();
+        let shape = format!("M = {m}, N = {n}, K = {k}");
         let err = c.error(&c.values(y.bytes()), want);
         if err.is_nan() || err > 1.0 {
-            bail!("kiln's {what} GEMM and matrixmultiply disagree at M = {m}, N = K = {n} ({err:.2} of the tolerance)");
+            bail!("kiln's {what} GEMM and matrixmultiply disagree at {shape} ({err:.2} of the tolerance)");
         }
-        let gflops = |t: Duration| 2.0 * m as f64 * (n as f64).powi(2) / t.as_secs_f64() / 1e9;
-        let (k, r) = (gflops(t_kiln), gflops(*t_ref));
-        let p = match &torch {
-            Ok((_, secs)) => {
+        let gflops = |t: Duration| 2.0 * (m * n * k) as f64 / t.as_secs_f64() / 1e9;
+        let (g, r) = (gflops(t_kiln), gflops(*t_ref));
+        let gbs = (n * k) as f64 * c.ty.weight_bytes() / t_kiln.as_secs_f64() / 1e9;
+        let p = match (&torch, c.ty) {
+            (_, GemmType::Fp8) | (Err(_), _) => None,
+            (Ok((_, secs)), _) => {
                 let got = read_f32(&dir.join(format!("y-{what}-{n}.f32")))?;
                 let err = c.error(&got, want);
                 if err.is_nan() || err > 1.0 {
-                    bail!("PyTorch's {what} GEMM and matrixmultiply disagree at M = {m}, N = K = {n} ({err:.2} of the tolerance)");
+                    bail!("PyTorch's {what} GEMM and matrixmultiply disagree at {shape} ({err:.2} of the tolerance)");
                 }
-                Some(gflops(Duration::from_secs_f64(secs[i])))
+                let at = (cases.iter().filter(|c| c.ty != GemmType::Fp8)).position(|o| std::ptr::eq(o, c));
+                at.map(|at| gflops(Duration::from_secs_f64(secs[at])))
             }
-            Err(_) => None,
         };
         let cell = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         table.add_row(vec![
             what.to_string(),
             m.to_string(),
             n.to_string(),
-            format!("{k:.1}"),
+            k.to_string(),
+            format!("{g:.1}"),
+            format!("{gbs:.1}"),
             format!("{r:.1}"),
             cell(p, 1),
-            format!("{:.2}", k / r),
-            cell(p.map(|p| k / p), 2),
+            format!("{:.2}", g / r),
+            cell(p.map(|p| g / p), 2),
         ]);
         rows.push(serde_json::json!({
-            "dtype": what, "m": m, "n": n, "kiln_gflops": k, "matrixmultiply_gflops": r, "ratio": k / r,
-            "torch_gflops": p, "torch_ratio": p.map(|p| k / p),
+            "dtype": what, "m": m, "n": n, "k": k, "kiln_gflops": g, "kiln_weight_gbs": gbs,
+            "matrixmultiply_gflops": r, "ratio": g / r, "torch_gflops": p, "torch_ratio": p.map(|p| g / p),
         }));
     }
     write!(out, "{}", crate::table::render(&table))?;
-    if cases.iter().any(|c| c.dtype == DType::BF16) {
-        writeln!(out, "(bf16 rows: matrixmultiply computes in f32 on the same values)")?;
+    if cases.iter().any(|c| c.ty != GemmType::F32) {
+        writeln!(out, "(bf16 and fp8 rows: matrixmultiply computes in f32 on the same values)")?;
     }
     let torch = match torch {
         Ok((version, _)) => serde_json::json!({"version": version}),
@@ -743,39 +871,47 @@ fn read_f32(path: &Path) -> Result<Vec<f32>> {
     Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-/// Runs tools/bench/gemm_torch.py on every case's operands, written to `dir`: the torch version
-/// and the best seconds of each case, in order; or why it could not run.
+/// Runs tools/bench/gemm_torch.py on the f32 and bf16 cases' operands, written to `dir`: the torch
+/// version and the best seconds of each of those cases, in order; or why it could not run.
 fn torch_gemm(
     python: &Path,
     dir: &Path,
     cases: &[GemmCase],
     req: &GemmRequest,
 ) -> Result<(String, Vec<f64>), String> {
-    for c in cases {
+    let cases: Vec<&GemmCase> = cases.iter().filter(|c| c.ty != GemmType::Fp8).collect();
+    if cases.is_empty() {
+        return Err("no f32 or bf16 GEMM asked for".to_string());
+    }
+    for c in &cases {
         for (name, v) in [("x", &c.x), ("w", &c.w)] {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let path = dir.join(format!("{name}-{}-{}.f32", dtype_name(c.dtype), c.n));
+            let path = dir.join(format!("{name}-{}-{}.f32", c.ty.name(), c.n));
             std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
         }
     }
     let join = |v: Vec<String>| v.join(",");
-    let args: Vec<std::ffi::OsString> = vec![
+    let dtypes: Vec<String> = req.dtypes.iter().filter(|d| *d != "fp8").cloned().collect();
+    let mut args: Vec<std::ffi::OsString> = vec![
         "--dir".into(),
         dir.into(),
         "--sizes".into(),
         join(req.sizes.iter().map(|n| n.to_string()).collect()).into(),
         "--dtypes".into(),
-        join(req.dtypes.clone()).into(),
+        join(dtypes).into(),
         "--threads".into(),
         req.threads.to_string().into(),
         "--reps".into(),
         req.reps.max(1).to_string().into(),
     ];
+    if let Some(k) = req.k {
+        args.extend(["--k".into(), k.to_string().into()]);
+    }
     let json = crate::bench_train::python_json(python, "gemm_torch.py", &args)?;
     let results = json["results"].as_array().ok_or("gemm_torch.py printed no results")?;
     let mut seconds = Vec::with_capacity(cases.len());
     for c in cases {
-        let what = dtype_name(c.dtype);
+        let what = c.ty.name();
         let s = results
             .iter()
             .find(|r| r["dtype"] == what && r["n"].as_u64() == Some(c.n as u64))

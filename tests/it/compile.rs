@@ -655,25 +655,31 @@ fn bench_gemm_prints_a_table() {
     assert!(lines[0].ends_with("PyTorch skipped: --no-torch"), "{}", lines[0]);
     for (line, dtype) in lines[2..4].iter().zip(["f32", "bf16"]) {
         let row: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(row[..3], [dtype, "64", "64"], "{line}");
+        assert_eq!(row[..4], [dtype, "64", "64", "64"], "{line}");
         // Rates and their ratio: numbers (a loaded machine can print a rate or ratio that rounds
         // to 0); no PyTorch figures.
-        for v in [row[3], row[4], row[6]] {
+        for v in [row[4], row[5], row[6], row[8]] {
             assert!(v.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()), "{line}");
         }
-        assert_eq!((row[5], row[7]), ("-", "-"), "{line}");
+        assert_eq!((row[7], row[9]), ("-", "-"), "{line}");
     }
-    assert!(lines[4].starts_with("(bf16 rows"), "{}", lines[4]);
-    // --rows: M rows of x against N = K, each result checked against matrixmultiply's (a wrong
-    // one fails the command); rows on both sides of the packed path's thresholds.
+    assert!(lines[4].starts_with("(bf16 and fp8 rows"), "{}", lines[4]);
+    // --rows and --k: M rows of x against N x K, each result checked against matrixmultiply's (a
+    // wrong one fails the command); rows on both sides of the packed path's thresholds, and FP8
+    // (DeepSeek-V3's blocks, ragged at K = 200 and N = 64) beside bf16 and f32.
     for rows in ["1", "130"] {
-        let out = kiln(&["bench", "gemm", "--sizes", "64", "--rows", rows, "--reps", "1", "--no-torch"]);
+        let args = ["bench", "gemm", "--sizes", "64", "--rows", rows, "--k", "200", "--reps", "1"];
+        let out = kiln(&[&args[..], &["--dtype", "fp8,bf16,f32", "--no-torch"]].concat());
         assert!(out.ok, "{}", out.stderr);
-        let row: Vec<&str> = out.stdout.lines().nth(2).unwrap().split_whitespace().collect();
-        assert_eq!(row[..3], ["f32", rows, "64"], "{}", out.stdout);
+        for (line, dtype) in out.stdout.lines().skip(2).zip(["fp8", "bf16", "f32"]) {
+            let row: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(row[..4], [dtype, rows, "64", "200"], "{}", out.stdout);
+        }
     }
-    let zero = kiln(&["bench", "gemm", "--sizes", "64", "--rows", "0", "--no-torch"]);
-    assert!(!zero.ok && zero.stderr.contains("--rows 0"), "{}", zero.stderr);
+    for (flag, what) in [("--rows", "--rows 0"), ("--k", "--k 0")] {
+        let zero = kiln(&["bench", "gemm", "--sizes", "64", flag, "0", "--no-torch"]);
+        assert!(!zero.ok && zero.stderr.contains(what), "{}", zero.stderr);
+    }
     // --json: the same figures as one document, and nothing else; with PyTorch where this machine
     // has a Python with torch (the tools/goldens venv), its rates too, each checked against the
     // same reference before anything is printed.
@@ -698,6 +704,10 @@ fn bench_gemm_prints_a_table() {
             r["ratio"].as_f64().unwrap(),
         );
         assert!(k > 0.0 && m > 0.0 && (ratio - k / m).abs() <= 1e-9 * ratio, "{r}");
+        // The weight's bytes over the same time: N K bytes against 2 M N K flops.
+        let bytes = if r["dtype"] == "f32" { 4.0 } else { 2.0 };
+        let (gbs, rows) = (r["kiln_weight_gbs"].as_f64().unwrap(), r["m"].as_f64().unwrap());
+        assert!((gbs - k * bytes / (2.0 * rows)).abs() <= 1e-9 * gbs, "{r}");
         match torch {
             true => {
                 let (p, ratio) = (r["torch_gflops"].as_f64().unwrap(), r["torch_ratio"].as_f64().unwrap());

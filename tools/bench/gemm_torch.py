@@ -2,7 +2,8 @@
 """PyTorch's CPU GEMM (oneDNN behind `torch.nn.functional.linear`), the baseline of `kiln bench gemm`.
 
 `kiln bench gemm` writes each size's operands as raw little-endian f32 files into a temporary
-folder, `x-DTYPE-N.f32` (M x N, M = N unless `--rows`) and `w-DTYPE-N.f32` (N x N), row-major
+folder, `x-DTYPE-N.f32` (M x K, M = N unless `--rows`, K = N unless `--k`) and `w-DTYPE-N.f32` (N x K),
+row-major
 (for bf16 the values are already bf16 values, so the conversion below is exact), and runs this
 script with the venv of tools/goldens:
 
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="f32", help="comma-separated: f32, bf16")
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--k", type=int, help="columns of x and w (default: N)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     results = []
@@ -44,7 +46,7 @@ def main() -> None:
             dtype = DTYPES[name]
             for n in (int(s) for s in a.sizes.split(",")):
                 load = lambda what: torch.from_numpy(  # noqa: E731
-                    np.fromfile(a.dir / f"{what}-{name}-{n}.f32", dtype="<f4").reshape(-1, n)
+                    np.fromfile(a.dir / f"{what}-{name}-{n}.f32", dtype="<f4").reshape(-1, a.k or n)
                 ).to(dtype)
                 x, w = load("x"), load("w")
                 y = F.linear(x, w)

@@ -130,7 +130,9 @@ impl Frame<'_> {
     /// Asks for the cache line [`PREFETCH_BYTES`] past element `at` of `view` (a 1-D `memref` of
     /// `elem_bytes`-byte elements), on the CPU; nothing on the GPU.
     fn prefetch_ahead(&mut self, view: &Value, memref: &str, elem_bytes: i64, at: &Value) {
-        if self.target != Target::Cpu {
+        // f32 rows are left to the hardware: the GEMV of models/bench.toml's f32 decode reads at
+        // the bandwidth without help, and lost 6% of its tokens/s to the extra loads.
+        if self.target != Target::Cpu || elem_bytes >= 4 {
             return;
         }
         let ahead = self.b.index(PREFETCH_BYTES / elem_bytes);
@@ -266,6 +268,20 @@ impl OperandRow {
         let Operand::Fp8 { codes, .. } = self.op else { unreachable!("only FP8 rows have codes") };
         let (view, memref) = (f.bufs[codes].view.clone(), f.bufs[codes].memref.clone());
         CodesRow { view, memref, base: self.start.clone() }
+    }
+
+    /// Asks for the row's bytes [`PREFETCH_BYTES`] past element `kk`.
+    fn prefetch(&self, f: &mut Frame, kk: &Value) {
+        let b = match self.op {
+            Operand::Plain(b) => b,
+            Operand::Fp8 { codes, .. } => codes,
+        };
+        let bytes = f.bufs[b].ty.dtype.size_bytes() as i64;
+        if bytes < 4 {
+            let i = f.b.addi(&self.start, kk);
+            let (view, memref) = (f.bufs[b].view.clone(), f.bufs[b].memref.clone());
+            f.prefetch_ahead(&view, &memref, bytes, &i);
+        }
     }
 
     /// Elements `kk .. kk + 16` of the row (`kk` a multiple of 16), as a `vector<16xf32>`.
@@ -495,6 +511,7 @@ pub(super) fn grouped_with(
                         .iter()
                         .zip(acc)
                         .map(|(read, a)| {
+                            read.prefetch(f, &wi);
                             let wv = read.vec_at(f, &wi, i);
                             f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
                         })
@@ -850,6 +867,7 @@ fn fp8_block_sums(
         let (acc, nan) = c.split_at(n);
         let mut nan_next = Vec::with_capacity(rows.len());
         for (row, m) in rows.iter().zip(nan) {
+            row.prefetch(f, i);
             let at = f.b.addi(&row.base, i);
             let (view, memref) = (&row.view, &row.memref);
             let v = f.b.op("qv", format_args!("vector.load {view}[{at}] : {memref}, {NAN_VEC}"));
@@ -941,6 +959,12 @@ impl WeightRead {
             Some(s) => f.binf("mulf", &w, &s),
             None => w,
         }
+    }
+
+    /// Asks for the bytes [`PREFETCH_BYTES`] past element `wi`.
+    fn prefetch(&self, f: &mut Frame, wi: &Value) {
+        let memref = format!("memref<?x{}>", super::storage_type(self.dtype));
+        f.prefetch_ahead(&self.view, &memref, self.dtype.size_bytes() as i64, wi);
     }
 
     /// The output column's weight row (starting at `wstart`) as a [`Bf16Row`] when it is bf16.
@@ -1184,6 +1208,7 @@ fn grouped_block(
         let mut wv = Vec::with_capacity(per_row);
         for ((_, reads), wstart) in cols.iter().zip(&wstarts) {
             let wi = f.b.addi(wstart, i);
+            reads.iter().for_each(|read| read.prefetch(f, &wi));
             wv.extend(reads.iter().map(|read| read.vec_at(f, &wi, i)));
         }
         let mut out = Vec::with_capacity(acc.len());
@@ -1509,6 +1534,9 @@ impl Gemv<'_> {
                     None => (zero.clone(), inits),
                 };
                 for_carry(f, &start, &self.kvec, &vl, &inits, |f, kk, acc| {
+                    for r in &wrow {
+                        r.prefetch(f, kk);
+                    }
                     let wv: Vec<Value> = wrow.iter().map(|r| r.vec_at(f, kk)).collect();
                     let mut next = Vec::with_capacity(mr * nr * nw);
                     for (i, xr) in xrow.iter().enumerate() {
