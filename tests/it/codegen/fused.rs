@@ -712,6 +712,132 @@ fn check_identity_product(y: &[f64], codes: &[u8], k: usize, what: &str) {
     }
 }
 
+/// FP8 GEMMs on a CPU without AVX-512 take the f32 micro-kernel on decoded values
+/// (`Elem::Fp8Wide`): every weight code decoded and times its block's scale as it is packed, the
+/// input rows likewise once per sweep. Built here with AVX-512 pinned off (and run on any host),
+/// against the dot-product blocks (the packed path pinned off):
+/// - an identity input (code 1.0, scale 1) times weights holding every code, in blocks ragged at
+///   both edges (N = 200 over two block rows and a partial panel, K = 208 over a 128 and an 80),
+///   gives each weight value, code times scale, exactly and bit for bit as the interpreter's
+///   `dequantize` does, and NaN for the rows holding a NaN code;
+/// - a gate/up pair with its SwiGLU epilogue and a bf16 result, and a `linear` whose K = 6160 takes
+///   two chunks of the packed panels, on random codes and scales, match the interpreter within
+///   f32's sums (3e-5 of the sum of the products' magnitudes, against about 1.6e-4 for one term).
+#[test]
+fn fp8_gemms_without_avx512_pack_decoded_values() {
+    use kiln_compiler::codegen::cpu::{self, CpuFeatures};
+    use kiln_ir::interp::numerics::f8e4m3_to_f32;
+    let features = |packed_gemm| CpuFeatures {
+        bf16_dot: false,
+        byte_permute: false,
+        packed_gemm,
+        amx: false,
+        avx512: false,
+    };
+    let blocks = |n: usize, k: usize| format!("f32[{}, {}]", n.div_ceil(128), k.div_ceil(128));
+    // `linear`s of an FP8 input in 1 x 128 tiles and `gemms` FP8 weights in 128 x 128 blocks.
+    let graph = |m: usize, n: usize, k: usize, swiglu: bool| {
+        let (x, w) = (format!("f8e4m3[{m}, {k}]"), format!("f8e4m3[{n}, {k}]"));
+        let (xs, ws) = (format!("f32[{m}, {}]", k.div_ceil(128)), blocks(n, k));
+        let mut inputs = vec![("x", x.as_str()), ("xs", xs.as_str()), ("w", w.as_str()), ("ws", ws.as_str())];
+        let mut ops = vec![
+            format!("dequantize %0, %1 {{to = f32, block = [1, 128]}} : f32[{m}, {k}]"),
+            format!("dequantize %2, %3 {{to = f32, block = [128, 128]}} : f32[{n}, {k}]"),
+        ];
+        if !swiglu {
+            ops.push(format!("linear %4, %5 : f32[{m}, {n}]"));
+            return fused_graph(&inputs, &ops);
+        }
+        inputs.extend([("u", w.as_str()), ("us", ws.as_str())]);
+        ops = vec![
+            format!("dequantize %0, %1 {{to = f32, block = [1, 128]}} : f32[{m}, {k}]"),
+            format!("dequantize %2, %3 {{to = f32, block = [128, 128]}} : f32[{n}, {k}]"),
+            format!("dequantize %4, %5 {{to = f32, block = [128, 128]}} : f32[{n}, {k}]"),
+            format!("linear %6, %7 : f32[{m}, {n}]"),
+            format!("linear %6, %8 : f32[{m}, {n}]"),
+            format!("silu %9 : f32[{m}, {n}]"),
+            format!("mul %11, %10 : f32[{m}, {n}]"),
+            format!("cast %12 {{to = bf16}} : bf16[{m}, {n}]"),
+        ];
+        fused_graph(&inputs, &ops)
+    };
+    // Both builds of `k` on `args`: (packed, dot-product blocks), each output as f64.
+    let run_both = |k: &Kernel, args: &[Buf]| -> [Vec<f64>; 2] {
+        let packed = cpu::with_features(features(true), || mlir_of(k, Target::Cpu));
+        let dots = cpu::with_features(features(false), || mlir_of(k, Target::Cpu));
+        assert!(packed.contains("vector.shuffle") && packed != dots, "{}: the packed path", k.args[2]);
+        [true, false].map(|p| {
+            let lib = cpu::with_features(features(p), || CpuLib::build(&[k]));
+            let mut bufs = args.to_vec();
+            bufs.extend(k.results.iter().map(garbage));
+            lib.run(k, &mut bufs, &BIND);
+            values(&bufs[k.args.len()])
+        })
+    };
+    let mut rng = Rng::new(43);
+
+    // Identity input: y[m, n] is weight n's value at column m.
+    let (n, k) = (200, 208);
+    let kernel = fused_kernel_of(&graph(k, n, k, false), "fp8 linear");
+    let mut codes: Vec<u8> = (0..n * k).map(|i| ((i * 7 + i / k) % 256) as u8).collect();
+    codes.iter_mut().for_each(|c| *c = if *c & 0x7F == 0x7F { 0x3F } else { *c });
+    codes[5 * k + 17] = 0x7F;
+    codes[130 * k + 150] = 0xFF;
+    let scales = rng.vec(2 * 2, 0.01, 2.0);
+    let identity: Vec<u8> = (0..k * k).map(|i| if i / k == i % k { 0x38 } else { 0 }).collect();
+    let args =
+        vec![Buf::F8(identity), Buf::F32(vec![1.0; k * 2]), Buf::F8(codes.clone()), Buf::F32(scales.clone())];
+    let want = interpret(&kernel, &args, &BIND);
+    let [packed, dots] = run_both(&kernel, &args);
+    for (got, what) in [(&packed, "packed"), (&dots, "dot-product blocks")] {
+        for (j, (g, w)) in got.iter().zip(&want[0]).enumerate() {
+            let (row, col) = (j / n, j % n);
+            if col == 5 || col == 130 {
+                assert!(g.is_nan() && w.is_nan(), "{what}: y[{row}, {col}] = {g}: a NaN code in its row");
+                continue;
+            }
+            let value = f8e4m3_to_f32(codes[col * k + row]) * scales[(col / 128) * 2 + row / 128];
+            assert_eq!((*g as f32).to_bits(), (*w as f32).to_bits(), "{what}: y[{row}, {col}]");
+            assert_eq!(*g as f32, value, "{what}: y[{row}, {col}]");
+        }
+    }
+
+    // Random codes (no NaN) and scales; the tolerance from the products' magnitudes, which the
+    // interpreter gives for the codes with their signs cleared (for the SwiGLU, silu(G) U of the
+    // gate's and up's magnitudes G and U, at least half of G U, which bounds its error by a few
+    // times the sums').
+    for (kernel, m, k) in [
+        (fused_kernel_of(&graph(30, 70, 144, true), "fp8 linear x2 + elementwise"), 30, 144),
+        (fused_kernel_of(&graph(30, 70, 6160, false), "fp8 linear"), 30, 6160),
+    ] {
+        let code = |rng: &mut Rng| match rng.uniform(0.0, 256.0) as u8 {
+            c if c & 0x7F == 0x7F => c - 1,
+            c => c,
+        };
+        let args: Vec<Buf> = (kernel.args.iter())
+            .map(|t| match t.dtype {
+                DType::F8E4M3 => Buf::F8((0..numel(t, &BIND)).map(|_| code(&mut rng)).collect()),
+                _ => Buf::F32(rng.vec(numel(t, &BIND), 0.001, 0.01)),
+            })
+            .collect();
+        let abs: Vec<Buf> = (args.iter())
+            .map(|b| match b {
+                Buf::F8(c) => Buf::F8(c.iter().map(|c| c & 0x7F).collect()),
+                b => b.clone(),
+            })
+            .collect();
+        let want = interpret(&kernel, &args, &BIND);
+        let [packed, _] = run_both(&kernel, &args);
+        let bound = interpret(&kernel, &abs, &BIND);
+        let bf16 = kernel.results[0].dtype == DType::BF16;
+        for (j, (g, w)) in packed.iter().zip(&want[0]).enumerate() {
+            // bf16: one rounding of the result (2^-8 relative) beside the sums'.
+            let tol = 3e-5 * bound[0][j].abs() + if bf16 { w.abs() / 128.0 } else { 0.0 };
+            assert!((g - w).abs() <= tol, "m = {m}, K = {k}: element {j}: {g} against {w} (tolerance {tol})");
+        }
+    }
+}
+
 /// The one fused kernel of `src`, whose fusion plan must print as `plan_name`.
 fn fused_kernel_of(src: &str, plan_name: &str) -> Kernel {
     let g = kiln_ir::parse(src).unwrap();

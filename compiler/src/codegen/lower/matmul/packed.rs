@@ -1,7 +1,8 @@
 //! The packed path of the CPU `linear`: where the input and every weight are bf16 (on a host with
 //! AVX512_BF16; without it widened to f32, [`Elem::Bf16Wide`]) or all f32, or all FP8 in scale
-//! blocks on a host with AMX ([`Elem::Fp8`]), and the GEMM has enough rows ([`Elem::min_rows`]: 64
-//! in bf16, 128 in f32, 24 in either without AVX-512, 8 on AMX), each thread packs the column
+//! blocks on a host with AMX ([`Elem::Fp8`]) or without AVX-512 (decoded to f32,
+//! [`Elem::Fp8Wide`]), and the GEMM has enough rows ([`Elem::min_rows`]: 64 in bf16, 128 in f32,
+//! 24 in any of them without AVX-512, 8 on AMX), each thread packs the column
 //! panels it works on into the micro-kernel's layout, then runs an outer-product micro-kernel over
 //! them.
 //!
@@ -90,6 +91,14 @@ pub(crate) enum Elem {
     /// bf16 values is exact in f32, so this sums the same products as the widening dot-product
     /// blocks, in `K`'s order.
     Bf16Wide,
+    /// FP8 E4M3 input and weights in scale blocks on a host without AVX-512 (and so without AMX):
+    /// each weight code is decoded and times its block's scale as it is packed, and a register
+    /// block's input rows likewise once per sweep, into f32 (each value rounded once, exactly the
+    /// interpreter's `dequantize` to f32); then the f32 micro-kernel runs, so the sums are the
+    /// interpreter's `linear` of the dequantised operands, in `K`'s order. The dot-product blocks
+    /// decode every weight code once per register block of input rows instead, at about 55
+    /// GFLOP/s on a 2-core AVX2 EPYC whatever the rows.
+    Fp8Wide,
 }
 
 impl Elem {
@@ -111,15 +120,15 @@ impl Elem {
     fn per(self) -> i64 {
         match self {
             Elem::Bf16 | Elem::Fp8 => 2,
-            Elem::F32 | Elem::Bf16Wide => 1,
+            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => 1,
         }
     }
 
-    /// Bytes of a packed value (FP8 codes are packed decoded, as bf16).
+    /// Bytes of a packed value (FP8 codes are packed decoded, as bf16 or f32).
     fn bytes(self) -> u64 {
         match self {
             Elem::Bf16 | Elem::Fp8 => 2,
-            Elem::F32 | Elem::Bf16Wide => 4,
+            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => 4,
         }
     }
 
@@ -127,7 +136,7 @@ impl Elem {
     fn name(self) -> &'static str {
         match self {
             Elem::Bf16 | Elem::Fp8 => "bf16",
-            Elem::F32 | Elem::Bf16Wide => "f32",
+            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => "f32",
         }
     }
 
@@ -135,8 +144,14 @@ impl Elem {
     fn vec(self) -> &'static str {
         match self {
             Elem::Bf16 | Elem::Fp8 => BF16_PAIRS,
-            Elem::F32 | Elem::Bf16Wide => VEC,
+            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => VEC,
         }
+    }
+
+    /// Whether the micro-kernel's input rows are widened or decoded to f32 in scratch first
+    /// ([`WIDE_X_OFFSET`]).
+    fn wide(self) -> bool {
+        matches!(self, Elem::Bf16Wide | Elem::Fp8Wide)
     }
 
     /// `K` columns per transposed tile: 16 lanes.
@@ -159,8 +174,8 @@ impl Elem {
             // threads, AVX2 EPYC, 2026-12-07), 16 rows 80/58 against 67/63 GFLOP/s, 24 rows
             // 127/92 against 68/65, 48 rows 151/116 against 67/66. Widened bf16 the same day at
             // 1024: 24 rows 116 against 65, 512 rows 122-157 against 65-73.
-            Elem::F32 | Elem::Bf16Wide if !crate::codegen::cpu::host_features().avx512 => 24,
-            Elem::F32 | Elem::Bf16Wide => 128,
+            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide if !crate::codegen::cpu::host_features().avx512 => 24,
+            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => 128,
         }
     }
 }
@@ -170,7 +185,10 @@ impl Elem {
 /// or f32), `K` known and a multiple of a tile (32 bf16 or 16 f32 columns), and one or two weights.
 pub(super) fn applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> Option<Elem> {
     if let Operand::Fp8 { .. } = x {
-        return fp8_applies(f, x, weights, kn).then_some(Elem::Fp8);
+        if fp8_applies(f, x, weights, kn) {
+            return Some(Elem::Fp8);
+        }
+        return fp8_wide_applies(f, x, weights, kn).then_some(Elem::Fp8Wide);
     }
     let elem = |op: &Operand| match *op {
         Operand::Plain(b) => match f.bufs[b].ty.dtype {
@@ -214,6 +232,30 @@ fn fp8_applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> 
         && cols % 64 == 0
         && cols <= 1024
         && kn.is_some_and(|k| k > 0 && k % cols == 0)
+}
+
+/// Where an FP8 `linear` takes the f32 micro-kernel on decoded values ([`Elem::Fp8Wide`]): a host
+/// without AVX-512 (with it, the dot-product blocks decode by table into `vdpbf16ps` where the host
+/// has those, and this path is unmeasured there); an FP8 input in 1 x `cols` tiles and one or two
+/// FP8 weights in blocks of the same `rows x cols` (`cols` a multiple of 16, as every FP8 operand
+/// of a CPU GEMM has: a vector of 16 codes has one scale), and a known `K` that is a multiple of 16
+/// (ragged scale blocks at the edges are fine).
+fn fp8_wide_applies(f: &Frame, x: &Operand, weights: &[Operand], kn: Option<u64>) -> bool {
+    let features = crate::codegen::cpu::host_features();
+    let Operand::Fp8 { rows: 1, cols, .. } = *x else { return false };
+    let Some(Operand::Fp8 { rows, .. }) = weights.first() else { return false };
+    let same = weights
+        .iter()
+        .all(|w| matches!(*w, Operand::Fp8 { rows: r, cols: c, .. } if c == cols && r == *rows));
+    f.target == Target::Cpu
+        && features.packed_gemm
+        && !features.avx512
+        && same
+        && *rows > 0
+        && (1..=2).contains(&weights.len())
+        && cols > 0
+        && cols % VL as u64 == 0
+        && kn.is_some_and(|k| k > 0 && k % VL as u64 == 0)
 }
 
 pub(super) use amx::{grouped_rows, GroupedFp8};
@@ -317,10 +359,12 @@ pub(super) fn panel(
     // whole scale blocks, and at most as many as the decoded input rows' room holds).
     let per_tile = (nw * group) as u64 * NB as u64 * elem.tile() * elem.bytes();
     let fp8 = match elem {
-        Elem::Fp8 => Fp8Scales::of(x, weights),
+        Elem::Fp8 | Elem::Fp8Wide => Fp8Scales::of(x, weights),
         _ => None,
     };
     let kc = match &fp8 {
+        // Fp8Wide: as Bf16Wide.
+        Some(_) if elem.wide() => (WIDE_X_OFFSET / per_tile).max(1) * elem.tile(),
         Some(s) => {
             let fit = (FP8_X_OFFSET / per_tile).max(1) * elem.tile();
             let cols = s.cols as u64;
@@ -342,7 +386,7 @@ pub(super) fn panel(
         false => (1, ACCS_AVX2),
     };
     let mr = (accs / (nv * nw)).max(1);
-    let wide_x = (elem == Elem::Bf16Wide).then(|| f.thread_scratch(WIDE_X_OFFSET, "f32", mr as u64 * kc));
+    let wide_x = elem.wide().then(|| f.thread_scratch(WIDE_X_OFFSET, "f32", mr as u64 * kc));
     let nb = f.b.index(NB);
     let cols = f.b.subi(p_end, p);
     let panels = f.b.index(NB - 1);
@@ -371,8 +415,9 @@ pub(super) fn panel(
     let pack_all = |f: &mut Frame, (ks, ke): (&Value, &Value)| {
         for (w, &b) in wbufs.iter().enumerate() {
             let (view, memref) = (f.bufs[b].view.clone(), f.bufs[b].memref.clone());
+            let scales = kernel.fp8.as_ref().map(|s| s.w[w]);
             let w = f.b.index(w as i64);
-            kernel.pack_group(f, (&view, &memref), &w, (ks, ke));
+            kernel.pack_group(f, (&view, &memref), &w, scales, (ks, ke));
         }
     };
     if chunks == 1 {
@@ -631,9 +676,17 @@ struct Kernel<'a, 's> {
 impl Kernel<'_, '_> {
     /// Packs columns `ks .. ke` of each panel of `p .. p_end` of weight `w` (its view and memref
     /// type).
-    fn pack_group(&self, f: &mut Frame, wv: (&Value, &str), w: &Value, (ks, ke): (&Value, &Value)) {
+    /// `scales` is an FP8 weight's scales buffer.
+    fn pack_group(
+        &self,
+        f: &mut Frame,
+        wv: (&Value, &str),
+        w: &Value,
+        scales: Option<usize>,
+        (ks, ke): (&Value, &Value),
+    ) {
         if self.group == 1 {
-            return self.pack(f, wv, w, (self.p, self.p_end), (ks, ke));
+            return self.pack(f, wv, w, scales, (self.p, self.p_end), (ks, ke));
         }
         let (zero, one) = (f.b.index(0), f.b.index(1));
         for_loop(f, &zero, self.panels, &one, |f, g| {
@@ -641,7 +694,7 @@ impl Kernel<'_, '_> {
             let group = f.b.index(self.group);
             let first = f.b.muli(w, &group);
             let slot = f.b.addi(&first, g);
-            self.pack(f, wv, &slot, (&p, &p_end), (ks, ke));
+            self.pack(f, wv, &slot, scales, (&p, &p_end), (ks, ke));
         });
     }
 
@@ -657,12 +710,14 @@ impl Kernel<'_, '_> {
 
     /// Packs columns `ks .. ke` of panel `p .. p_end` (at most 64 columns) of weight buffer `wbuf`
     /// (`[N, K]`) into slot `slot`: per 16 weight rows and tile of `K`, 16 loads of 16 lanes, a
-    /// transpose, and 16 stores. Rows past the panel's end read its last row.
+    /// transpose, and 16 stores. Rows past the panel's end read its last row. For FP8, `scales` is
+    /// the weight's scales buffer.
     fn pack(
         &self,
         f: &mut Frame,
         (view, memref): (&Value, &str),
         slot: &Value,
+        scales: Option<usize>,
         (p, p_end): (&Value, &Value),
         (ks, ke): (&Value, &Value),
     ) {
@@ -674,14 +729,28 @@ impl Kernel<'_, '_> {
         let (zero, nb, vl, per) = (f.b.index(0), f.b.index(NB), f.b.index(VL), f.b.index(e.per()));
         for_loop(f, &zero, &nb, &vl, |f, c0| {
             let first = f.b.addi(p, c0);
-            let starts: Vec<Value> = (0..VL)
+            let (rows, starts): (Vec<Value>, Vec<Value>) = (0..VL)
                 .map(|r| {
                     let off = f.b.index(r);
                     let row = f.b.addi(&first, &off);
                     let row = f.b.minui(&row, &last);
-                    f.b.muli(&row, self.k)
+                    let start = f.b.muli(&row, self.k);
+                    (row, start)
                 })
-                .collect();
+                .unzip();
+            // Fp8Wide: each row's first scale of its block row, `(row / rows) * ceil(K / cols)`.
+            let scale_rows: Vec<Value> = match (&self.fp8, e) {
+                (Some(s), Elem::Fp8Wide) => {
+                    let (br, kb) = (f.b.index(s.rows), self.scale_blocks(f, s.cols));
+                    rows.iter()
+                        .map(|row| {
+                            let block = f.b.divui(row, &br);
+                            f.b.muli(&block, &kb)
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
             let lane = f.b.muli(c0, &per);
             if e == Elem::Fp8 {
                 // 64 codes a row a step, decoded to two tiles' bf16 values, each transposed.
@@ -707,10 +776,17 @@ impl Kernel<'_, '_> {
             }
             for_loop(f, ks, ke, &step, |f, kk| {
                 let vty = e.vec();
-                let rows: Vec<Value> = (starts.iter())
-                    .map(|s| {
+                let rows: Vec<Value> = (starts.iter().enumerate())
+                    .map(|(r, s)| {
                         let at = f.b.addi(s, kk);
                         let v = match e {
+                            // 16 codes decoded and times their block's scale, in f32.
+                            Elem::Fp8Wide => {
+                                let (sbuf, s) = (scales.expect("FP8 weights have scales"), self.fp8_cols(f));
+                                let block = f.b.divui(kk, &s);
+                                let at_s = f.b.addi(&scale_rows[r], &block);
+                                self.decode_scaled(f, (&view, &memref), &at, sbuf, &at_s)
+                            }
                             // 16 bf16 values widened to the f32 lanes they are packed as.
                             Elem::Bf16Wide => {
                                 let h = f.b.op(
@@ -804,19 +880,39 @@ impl Kernel<'_, '_> {
                 })
                 .collect(),
         };
-        // Bf16Wide's rows of `x` over the pass's columns, widened to f32 once for the whole sweep:
-        // row `i`'s column `ks + c` at `i * kc + c` of the scratch after the packed panels.
-        let wide = (e == Elem::Bf16Wide).then(|| {
-            let (xw, xw_ty) = (self.wide_x.as_ref()).expect("Bf16Wide has room for its widened rows");
+        // Bf16Wide's rows of `x` over the pass's columns, widened to f32 once for the whole sweep
+        // (Fp8Wide's decoded and times their scales): row `i`'s column `ks + c` at `i * kc + c` of
+        // the scratch after the packed panels.
+        let wide = e.wide().then(|| {
+            let (xw, xw_ty) = (self.wide_x.as_ref()).expect("wide elements have room for their rows");
             let (kc, vl) = (f.b.index(sc.kc as i64), f.b.index(VL));
             for (i, s) in starts.iter().enumerate() {
                 let row = f.b.index(i as i64);
                 let row = f.b.muli(&row, &kc);
+                // Fp8Wide: the row's first scale, `m * ceil(K / cols)` of the input's scales.
+                let scale_row = match &self.fp8 {
+                    Some(sc) if e == Elem::Fp8Wide => {
+                        let kb = self.scale_blocks(f, sc.cols);
+                        Some((sc.x, f.b.muli(&ms[i], &kb)))
+                    }
+                    _ => None,
+                };
                 for_loop(f, &pass.ks, &pass.ke, &vl, |f, kk| {
                     let at = f.b.addi(s, kk);
-                    let h = f.b.op("xh", format_args!("vector.load {xv}[{at}] : {xm}, vector<16xbf16>"));
-                    let v = widen_bf16(f, &h);
-                    let v = f.b.op("xh", format_args!("vector.bitcast {v} : {LANES_I32} to {VEC}"));
+                    let v = match &scale_row {
+                        Some((sbuf, srow)) => {
+                            let cols = self.fp8_cols(f);
+                            let block = f.b.divui(kk, &cols);
+                            let at_s = f.b.addi(srow, &block);
+                            self.decode_scaled(f, (&xv, &xm), &at, *sbuf, &at_s)
+                        }
+                        None => {
+                            let h =
+                                f.b.op("xh", format_args!("vector.load {xv}[{at}] : {xm}, vector<16xbf16>"));
+                            let v = widen_bf16(f, &h);
+                            f.b.op("xh", format_args!("vector.bitcast {v} : {LANES_I32} to {VEC}"))
+                        }
+                    };
                     let rel = f.b.subi(kk, &pass.ks);
                     let to = f.b.addi(&row, &rel);
                     f.b.line(format_args!("vector.store {v}, {xw}[{to}] : {xw_ty}, {VEC}"));
@@ -858,7 +954,7 @@ impl Kernel<'_, '_> {
                             let x = f.b.op("xs", format_args!("memref.load {xv}[{at}] : {xm}"));
                             f.b.op("xb", format_args!("vector.broadcast {x} : f32 to {VEC}"))
                         }
-                        Elem::Bf16Wide => {
+                        Elem::Bf16Wide | Elem::Fp8Wide => {
                             let (xw, xw_ty, rows) = wide.as_ref().expect("widened above");
                             let at = f.b.addi(&rows[i], &rel);
                             let x = f.b.op("xs", format_args!("memref.load {xw}[{at}] : {xw_ty}"));
@@ -883,7 +979,7 @@ impl Kernel<'_, '_> {
                         let a_ij = &acc[j];
                         next[j] = match e {
                             Elem::Bf16 => f.bf16_dot(a_ij, a, &wv),
-                            Elem::F32 | Elem::Bf16Wide => {
+                            Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => {
                                 f.b.op("acc", format_args!("vector.fma {a}, {wv}, {a_ij} : {VEC}"))
                             }
                             Elem::Fp8 => unreachable!("FP8 GEMMs take the packed path on AMX only"),
@@ -970,6 +1066,40 @@ impl Kernel<'_, '_> {
 }
 
 impl Kernel<'_, '_> {
+    /// The columns per FP8 scale block, as an index.
+    fn fp8_cols(&self, f: &mut Frame) -> Value {
+        let cols = self.fp8.as_ref().expect("an FP8 GEMM has scales").cols;
+        f.b.index(cols)
+    }
+
+    /// `ceil(K / cols)`: the scale blocks along a row of `K`.
+    fn scale_blocks(&self, f: &mut Frame, cols: i64) -> Value {
+        let (c, c1) = (f.b.index(cols), f.b.index(cols - 1));
+        let k = f.b.addi(self.k, &c1);
+        f.b.divui(&k, &c)
+    }
+
+    /// The 16 E4M3 codes at `at` of `view` (an `i8` buffer's) decoded, times the scale at `at_s`
+    /// of `scales`, as `vector<16xf32>`: each value is the code's times the scale, rounded once,
+    /// as the interpreter's `dequantize` gives it ([`Frame::f8_decode_vec_raw`]'s 2^-8 folded into
+    /// the scale exactly), NaN codes NaN.
+    fn decode_scaled(
+        &self,
+        f: &mut Frame,
+        (view, memref): (&Value, &str),
+        at: &Value,
+        scales: usize,
+        at_s: &Value,
+    ) -> Value {
+        let q = f.b.op("pq", format_args!("vector.load {view}[{at}] : {memref}, vector<16xi8>"));
+        let q = f.f8_decode_vec_raw(&q);
+        let s = f.load(scales, at_s);
+        let sv = f.scale_vec_256(&s);
+        f.b.op("pq", format_args!("arith.mulf {q}, {sv} : {VEC}"))
+    }
+}
+
+impl Kernel<'_, '_> {
     /// Row `m`'s outputs in columns `p .. p + width`, one at a time through the store hook, every
     /// weight's sum together: `read(f, c, w)` is weight `w`'s sum for column `p + c`.
     fn store_row(
@@ -999,7 +1129,7 @@ impl Kernel<'_, '_> {
 pub(super) fn enough_expert_rows(f: &mut Frame, elem: Elem, rows: &Value) -> Value {
     let min = f.b.index(match elem {
         Elem::Fp8 => 4,
-        Elem::Bf16 | Elem::F32 | Elem::Bf16Wide => 2,
+        Elem::Bf16 | Elem::F32 | Elem::Bf16Wide | Elem::Fp8Wide => 2,
     });
     f.b.op("c", format_args!("arith.cmpi uge, {rows}, {min} : index"))
 }
