@@ -651,6 +651,102 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
     check(&y, "grouped_linear");
 }
 
+/// A row of an FP8 `grouped_linear` gives the same bits whichever way the rows are split over
+/// the threads: on its own (each expert's last `rows mod 4` rows take the one-row loop) or inside
+/// a 4-row register block. Its FP8 input in 1 x 128 tiles and two experts' weights in 128 x 128
+/// blocks (K = 320: two full blocks and a ragged one, then no scalar tail; N = 11: two 4-column
+/// blocks and three single columns), run as one range, row by row, and cut at rows 3 and 9 (mid
+/// expert), with the host's features and with AVX2's (no bf16 dot products, no AVX-512).
+#[test]
+fn fp8_grouped_rows_do_not_depend_on_the_split() {
+    use kiln_compiler::codegen::cpu::{self, CpuFeatures};
+    const M: usize = 14;
+    const N: usize = 11;
+    for k in [320usize, 333] {
+        let (x, xs) = (format!("f8e4m3[{M}, {k}]"), format!("f32[{M}, {}]", k.div_ceil(128)));
+        let (w, ws) = (format!("f8e4m3[{N}, {k}]"), format!("f32[1, {}]", k.div_ceil(128)));
+        let kernel = fused_kernel_of(
+            &fused_graph(
+                &[
+                    ("x", &x),
+                    ("xs", &xs),
+                    ("offsets", "i32[3]"),
+                    ("w0", &w),
+                    ("s0", &ws),
+                    ("w1", &w),
+                    ("s1", &ws),
+                ],
+                &[
+                    format!("dequantize %0, %1 {{to = f32, block = [1, 128]}} : f32[{M}, {k}]"),
+                    format!("dequantize %3, %4 {{to = f32, block = [128, 128]}} : f32[{N}, {k}]"),
+                    format!("dequantize %5, %6 {{to = f32, block = [128, 128]}} : f32[{N}, {k}]"),
+                    format!("grouped_linear %7, %2, %8, %9 {{num_experts = 2}} : f32[{M}, {N}]"),
+                ],
+            ),
+            "fp8 grouped_linear",
+        );
+        let mut rng = Rng::new(7);
+        let mut code = |_| match rng.uniform(0.0, 256.0) as u8 {
+            c if c & 0x7F == 0x7F => c - 1,
+            c => c,
+        };
+        let (xq, w0, w1): (Vec<u8>, Vec<u8>, Vec<u8>) = (
+            (0..M * k).map(&mut code).collect(),
+            (0..N * k).map(&mut code).collect(),
+            (0..N * k).map(&mut code).collect(),
+        );
+        let mut rng = Rng::new(8);
+        let args = vec![
+            Buf::F8(xq),
+            Buf::F32(rng.vec(M * k.div_ceil(128), 0.01, 1.0)),
+            Buf::I32(vec![0, 9, M as i32]),
+            Buf::F8(w0),
+            Buf::F32(rng.vec(k.div_ceil(128), 0.01, 1.0)),
+            Buf::F8(w1),
+            Buf::F32(rng.vec(k.div_ceil(128), 0.01, 1.0)),
+        ];
+        let avx2 = CpuFeatures {
+            bf16_dot: false,
+            byte_permute: false,
+            packed_gemm: false,
+            amx: false,
+            avx512: false,
+        };
+        let want = interpret(&kernel, &args, &BIND);
+        // The sums of the products' magnitudes, which bound the reassociation's error.
+        let abs: Vec<Buf> = (args.iter())
+            .map(|b| match b {
+                Buf::F8(c) => Buf::F8(c.iter().map(|c| c & 0x7F).collect()),
+                b => b.clone(),
+            })
+            .collect();
+        let bound = interpret(&kernel, &abs, &BIND);
+        for (features, host) in [(cpu::host_features(), "this host"), (avx2, "AVX2")] {
+            let lib = cpu::with_features(features, || CpuLib::build(&[&kernel]));
+            let run = |cuts: &[i64]| {
+                let mut bufs = args.clone();
+                bufs.push(garbage(&kernel.results[0]));
+                for w in cuts.windows(2) {
+                    lib.run_range(&kernel, &mut bufs, &BIND, w[0], w[1]);
+                }
+                values(&bufs[args.len()])
+            };
+            let whole = run(&[0, M as i64]);
+            for (j, (g, w)) in whole.iter().zip(&want[0]).enumerate() {
+                let tol = 3e-6 * bound[0][j];
+                assert!((g - w).abs() <= tol, "{host}, K = {k}: y[{j}] = {g} against {w} (tolerance {tol})");
+            }
+            let by_row: Vec<i64> = (0..=M as i64).collect();
+            for (cuts, how) in [(&by_row[..], "row by row"), (&[0, 3, 9, M as i64][..], "cut at 3 and 9")] {
+                let got = run(cuts);
+                for (j, (g, w)) in got.iter().zip(&whole).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{host}, K = {k}, {how}: y[{}, {}]", j / N, j % N);
+                }
+            }
+        }
+    }
+}
+
 /// A graph of one `fused` node named `fp8-gemm` over `inputs` (name, type), whose body is the
 /// inputs then `ops` (numbered on from them, each `op args : type`); the last op's result is the
 /// output.

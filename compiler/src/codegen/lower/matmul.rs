@@ -162,7 +162,7 @@ fn check_float(f: &Frame, buf: usize, op: &str) -> Result<(), LowerError> {
 /// the product rounded once to f32 as the interpreter's `dequantize` to f32 rounds it. The CPU's
 /// vector loads need `cols` to be a multiple of the vector width (16), so that the lanes of one
 /// load share a scale; the fusion analysis only forms such kernels. Where every weight is FP8
-/// (`linear`'s blocks, the one-row loop of grouped GEMMs), the CPU's vector part sums each scale
+/// (`linear`'s blocks, grouped GEMMs' register blocks), the CPU's vector part sums each scale
 /// block's products on the decoded codes and multiplies by the block's scales once
 /// ([`fp8_blocked_dots`]): reassociated, as the vector lanes already are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -372,8 +372,10 @@ const GROUPED_BLOCK: i64 = 256;
 /// defines). One work item (CPU) or thread (GPU) per row and column, as `moe`'s `grouped_linear`:
 /// the expert of row `m` is the number of `offsets[e + 1] <= m`, and its weights are picked by an
 /// `scf.index_switch`. On the CPU, operands go in vectors of 16 along K (f16/bf16 widened to f32,
-/// FP8 codes decoded in registers and times their block scales, as they load), 4 rows of one expert
-/// at a time ([`grouped_block`]). Packing the experts' weights is not done yet.
+/// FP8 codes decoded in registers, each scale block's sums times its scale), 4 rows of one expert
+/// at a time and an expert's last rows one at a time, through the same register blocks
+/// ([`grouped_block`]), so that a row's sums do not depend on where the threads' ranges cut the
+/// expert's rows. Packing the experts' weights is done only on AMX ([`packed::grouped_rows`]).
 pub(super) fn grouped_with(
     f: &mut Frame,
     x: &Operand,
@@ -467,72 +469,16 @@ pub(super) fn grouped_with(
         let views = views_of(f, &e);
         col_body(f, m, &valid, &views);
     };
-    // The one-row loop's FP8 products by bf16 dot products ([`fp8_bf16_blocks`]) where they apply.
+    // FP8 input rows decoded to bf16 values for [`fp8_bf16_blocks`] where they apply (the CPU's).
     let fp8_cols = fp8_block_cols(weights);
     let raw_bf16 = fp8_bf16_applies(f, x, fp8_cols, kn);
+    // One output element's dot products, scalar along K (the GPU's: one thread per element).
     let element_dots = |f: &mut Frame, xr: &InputRow, at: &Value, col: &Value, views: &[Value]| {
         let wstart = f.b.muli(col, &k);
         let reads = weight_reads(f, weights, views, col, &k);
         let fzero = f.b.f32(0.0);
-        // On the CPU, vectors of 16 along K (f16/bf16 widened and FP8 decoded with their block
-        // scales as they load), then the scalar loop below finishes the tail.
-        let (tail, inits): (Value, Vec<(Value, &str)>) = if f.target == Target::Cpu {
-            let vl = f.b.index(VL);
-            let kq = f.b.divui(&k, &vl);
-            let kvec = f.b.muli(&kq, &vl);
-            let zero_v = f.b.constant("dense<0.0>", VEC);
-            let vinits: Vec<(Value, &str)> = weights.iter().map(|_| (zero_v.clone(), VEC)).collect();
-            let accs = match fp8_block_cols(weights) {
-                Some(cols) if matches!(xr, InputRow::RawBf16 { .. }) => {
-                    let codes: Vec<CodesRow> = (reads.iter())
-                        .map(|r| CodesRow {
-                            view: r.view.clone(),
-                            memref: "memref<?xi8>".into(),
-                            base: wstart.clone(),
-                        })
-                        .collect();
-                    let w_scale = |f: &mut Frame, j: usize, kk: &Value| {
-                        reads[j].scale(f, kk).expect("FP8 weights have scales")
-                    };
-                    let x_scale = |f: &mut Frame, _: usize, kk: &Value| {
-                        xr.scale(f, kk).expect("FP8 inputs have scales")
-                    };
-                    let xs = std::slice::from_ref(xr);
-                    fp8_bf16_blocks(f, (xs, &x_scale), (&codes, &w_scale), (&kvec, cols), &vinits)
-                }
-                // FP8 weights: each block's products summed on the codes, then times its scale.
-                Some(cols) => {
-                    fp8_blocked_dots(f, &reads, &wstart, &kvec, cols, &vinits, &|f, i| xr.vec_at(f, i))
-                }
-                None => for_carry(f, &zero, &kvec, &vl, &vinits, |f, i, acc| {
-                    let xv = xr.vec_at(f, i);
-                    let wi = f.b.addi(&wstart, i);
-                    reads
-                        .iter()
-                        .zip(acc)
-                        .map(|(read, a)| {
-                            read.prefetch(f, &wi);
-                            let wv = read.vec_at(f, &wi, i);
-                            f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}"))
-                        })
-                        .collect()
-                }),
-            };
-            let sums = accs
-                .iter()
-                .map(|a| {
-                    let r = f.b.op(
-                        "s",
-                        format_args!("vector.reduction <add>, {a} fastmath<reassoc> : {VEC} into f32"),
-                    );
-                    (r, "f32")
-                })
-                .collect();
-            (kvec, sums)
-        } else {
-            (zero.clone(), weights.iter().map(|_| (fzero.clone(), "f32")).collect())
-        };
-        let dots = for_carry(f, &tail, &k, &one, &inits, |f, i, acc| {
+        let inits: Vec<(Value, &str)> = weights.iter().map(|_| (fzero.clone(), "f32")).collect();
+        let dots = for_carry(f, &zero, &k, &one, &inits, |f, i, acc| {
             let xv = xr.at(f, i);
             let wi = f.b.addi(&wstart, i);
             reads
@@ -594,11 +540,16 @@ pub(super) fn grouped_with(
                         let blocks = f.select(&valid, &blocks, &zero, "index");
                         let span = f.b.muli(&blocks, &mr);
                         let blocked = f.b.addi(&from, &span);
-                        for_loop(f, &from, &blocked, &mr, |f, m0| {
-                            let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16);
-                            // GROUP_NC columns at a time (each input vector loaded once for them),
-                            // then the last `N mod GROUP_NC` one by one.
-                            let nc = (GROUP_NC / weights.len()).max(1);
+                        // Rows `m0 ..` of `xrows`: GROUP_NC columns at a time (each input vector
+                        // loaded once for them), then the last `N mod GROUP_NC` one by one. A
+                        // single row takes its columns one by one: with 4 at a time a decode
+                        // step's routed experts took 1.6-2x as long (Zen 4, AVX512_BF16,
+                        // models/bench.toml in FP8, 2026-12-07), with 1 as long as before.
+                        let columns = |f: &mut Frame, xrows: &[InputRow], m0: &Value| {
+                            let nc = match xrows.len() {
+                                1 => 1,
+                                _ => (GROUP_NC / weights.len()).max(1),
+                            };
                             let ncv = f.b.index(nc as i64);
                             let nq = f.b.divui(&n, &ncv);
                             let n_full = f.b.muli(&nq, &ncv);
@@ -611,30 +562,26 @@ pub(super) fn grouped_with(
                                         (col, reads)
                                     })
                                     .collect();
-                                grouped_block(f, &xrows, m0, &cols, (&n, &k), fp8_cols, store);
+                                grouped_block(f, xrows, m0, &cols, (&n, &k), fp8_cols, store);
                             });
                             for_loop(f, &n_full, &n, &one, |f, col| {
                                 let reads = weight_reads(f, weights, &views, col, &k);
-                                grouped_block(
-                                    f,
-                                    &xrows,
-                                    m0,
-                                    &[(col.clone(), reads)],
-                                    (&n, &k),
-                                    fp8_cols,
-                                    store,
-                                );
+                                let cols = [(col.clone(), reads)];
+                                grouped_block(f, xrows, m0, &cols, (&n, &k), fp8_cols, store);
                             });
+                        };
+                        for_loop(f, &from, &blocked, &mr, |f, m0| {
+                            let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16);
+                            columns(f, &xrows, m0);
                         });
-                        // The last rows, or the rows of no expert: zeros, read from nothing.
+                        // The last rows one at a time, through the same register blocks (so a row
+                        // gives the same bits in a block of GROUP_MR or alone, wherever the
+                        // threads' ranges cut the expert's rows), or the rows of no expert: zeros,
+                        // read from nothing.
                         let tail = |f: &mut Frame| {
                             for_loop(f, &blocked, &to, &one, |f, m| {
-                                let xr = InputRow::rows(f, x, m, 1, &k, kn, raw_bf16).remove(0);
-                                for_loop(f, &zero, &n, &one, |f, col| {
-                                    let mn = f.b.muli(m, &n);
-                                    let at = f.b.addi(&mn, col);
-                                    element_dots(f, &xr, &at, col, &views)
-                                });
+                                let xrows = InputRow::rows(f, x, m, 1, &k, kn, raw_bf16);
+                                columns(f, &xrows, m);
                             });
                         };
                         let none = |f: &mut Frame| {
@@ -754,55 +701,53 @@ fn fp8_block_cols(weights: &[Vec<Operand>]) -> Option<i64> {
     cols.map(|c| c as i64)
 }
 
-/// The vector part (`0 .. kvec`, a multiple of 16) of one row's dot products with FP8 weights whose
-/// scale blocks span `cols` columns of K: per block, the products of the input with the decoded
-/// codes (times 2^-8, [`fp8_block_sums`]: NaN codes found on the bytes) summed in vector
-/// accumulators, then multiplied by the block's scale (times 2^8) into the running sums, `inits`;
-/// a weight whose codes hold a NaN gives NaN sums after the last block. One multiply by the scale per
-/// block and weight instead of one per 16 codes; the sums are reassociated (the scale factored out
-/// of each block's sum, as DeepSeek's FP8 GEMM kernels do), within the GEMMs' tolerance of the
-/// interpreter's `dequantize` then `linear`.
+/// The vector part (`0 .. kvec`, a multiple of 16) of the dot products of the input rows `xrows`
+/// with the FP8 weight rows `codes`, whose scale blocks span `cols` columns of K (`w_scale(f, j,
+/// kk)`: the scale of column `kk` of weight row `j`): per block, the products of each input row
+/// with the decoded codes (times 2^-8, [`fp8_block_sums`]: NaN codes found on the bytes) summed
+/// in vector accumulators, then multiplied by the block's scale (times 2^8) into the running sums,
+/// `inits` (input row `i` by weight row `j` is number `i * codes.len() + j`); a weight row whose
+/// codes hold a NaN gives NaN sums after the last block. One multiply by the scale per block and
+/// weight row instead of one per 16 codes; the sums are reassociated (the scale factored out of
+/// each block's sum, as DeepSeek's FP8 GEMM kernels do), within the GEMMs' tolerance of the
+/// interpreter's `dequantize` then `linear`. Each sum is the same computation whatever the other
+/// rows and columns of the block, so a grouped GEMM's row gives the same bits in a register block
+/// of 4 rows or alone.
 fn fp8_blocked_dots(
     f: &mut Frame,
-    reads: &[WeightRead],
-    wstart: &Value,
-    kvec: &Value,
-    cols: i64,
+    xrows: &[InputRow],
+    (codes, w_scale): (&[CodesRow], RowScale),
+    (kvec, cols): (&Value, i64),
     inits: &[(Value, &str)],
-    xvec: &dyn Fn(&mut Frame, &Value) -> Value,
 ) -> Vec<Value> {
     let (zero, one) = (f.b.index(0), f.b.index(1));
     let (bc, bc1) = (f.b.index(cols), f.b.index(cols - 1));
     let blocks = f.b.addi(kvec, &bc1);
     let blocks = f.b.divui(&blocks, &bc);
     let zero_v = f.b.constant("dense<0.0>", VEC);
-    let codes: Vec<CodesRow> = reads
-        .iter()
-        .map(|r| CodesRow { view: r.view.clone(), memref: "memref<?xi8>".into(), base: wstart.clone() })
-        .collect();
-    let n = inits.len();
-    let carried = [inits, &nan_inits(f, codes.len())].concat();
+    let (n, nw) = (inits.len(), codes.len());
+    debug_assert_eq!(n, xrows.len() * nw, "one accumulator per input row and weight row");
+    let carried = [inits, &nan_inits(f, nw)].concat();
     let out = for_carry(f, &zero, &blocks, &one, &carried, |f, b, c| {
         let (acc, nan) = c.split_at(n);
         let start = f.b.muli(b, &bc);
         let end = f.b.addi(&start, &bc);
         let end = f.b.minui(&end, kvec);
-        let binits: Vec<(Value, &str)> = reads.iter().map(|_| (zero_v.clone(), VEC)).collect();
-        let step = |f: &mut Frame, i: &Value, wv: &[Value], bacc: &[Value]| -> Vec<Value> {
-            let xv = xvec(f, i);
-            (wv.iter().zip(bacc))
-                .map(|(wv, a)| f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}")))
-                .collect()
+        let binits: Vec<(Value, &str)> = (0..n).map(|_| (zero_v.clone(), VEC)).collect();
+        let step = |f: &mut Frame, kk: &Value, wv: &[Value], bacc: &[Value]| -> Vec<Value> {
+            row_fmas(f, xrows, kk, wv, bacc)
         };
-        let (block, nan) = fp8_block_sums(f, &codes, (&start, &end), &binits, nan, &step);
-        let mut next: Vec<Value> = reads
-            .iter()
-            .zip(block)
-            .zip(acc)
-            .map(|((read, sum), a)| {
-                let s = read.scale(f, &start).expect("FP8 weights have scales");
-                let sv = f.scale_vec_256(&s);
-                f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {a} : {VEC}"))
+        let (block, nan) = fp8_block_sums(f, codes, (&start, &end), &binits, nan, &step);
+        let svs: Vec<Value> = (0..nw)
+            .map(|j| {
+                let s = w_scale(f, j, &start);
+                f.scale_vec_256(&s)
+            })
+            .collect();
+        let mut next: Vec<Value> = (0..n)
+            .map(|a| {
+                let (sum, sv, acc) = (&block[a], &svs[a % nw], &acc[a]);
+                f.b.op("acc", format_args!("vector.fma {sum}, {sv}, {acc} : {VEC}"))
             })
             .collect();
         next.extend(nan);
@@ -810,7 +755,7 @@ fn fp8_blocked_dots(
     });
     let (acc, nan) = out.split_at(n);
     let any: Vec<Value> = nan.iter().map(|m| any_nan_code(f, m)).collect();
-    acc.iter().zip(&any).map(|(a, any)| nan_if(f, any, a)).collect()
+    acc.iter().enumerate().map(|(a, v)| nan_if(f, &any[a % nw], v)).collect()
 }
 
 /// Where one FP8 weight row's codes are, for [`fp8_block_sums`]: code `kk` of the row is element
@@ -1171,10 +1116,8 @@ fn grouped_block(
     let g = cols[0].1.len();
     let per_row = cols.len() * g;
     // Accumulator (r, c, w) is number r * per_row + c * g + w.
-    let inits: Vec<(Value, &str)> = (0..GROUP_MR * per_row).map(|_| (zero_v.clone(), VEC)).collect();
-    // FP8 input rows decoded to bf16 values ([`InputRow::rows`] chose so, `fp8_bf16_applies`):
-    // every FP8 weight's codes by table and the products by bf16 dot products, block by block.
-    if let (true, Some(span)) = (xrows.iter().all(|r| matches!(r, InputRow::RawBf16 { .. })), fp8_cols) {
+    let inits: Vec<(Value, &str)> = (0..xrows.len() * per_row).map(|_| (zero_v.clone(), VEC)).collect();
+    if let Some(span) = fp8_cols {
         let reads: Vec<(&WeightRead, &Value)> =
             cols.iter().zip(&wstarts).flat_map(|((_, rs), ws)| rs.iter().map(move |r| (r, ws))).collect();
         let codes: Vec<CodesRow> = (reads.iter())
@@ -1186,9 +1129,17 @@ fn grouped_block(
             .collect();
         let w_scale =
             |f: &mut Frame, j: usize, kk: &Value| reads[j].0.scale(f, kk).expect("FP8 weights have scales");
-        let x_scale =
-            |f: &mut Frame, i: usize, kk: &Value| xrows[i].scale(f, kk).expect("FP8 inputs have scales");
-        let accs = fp8_bf16_blocks(f, (xrows, &x_scale), (&codes, &w_scale), (&kvec, span), &inits);
+        let accs = if xrows.iter().all(|r| matches!(r, InputRow::RawBf16 { .. })) {
+            // FP8 input rows decoded to bf16 values ([`InputRow::rows`] chose so,
+            // `fp8_bf16_applies`): every FP8 weight's codes by table and the products by bf16 dot
+            // products, block by block.
+            let x_scale =
+                |f: &mut Frame, i: usize, kk: &Value| xrows[i].scale(f, kk).expect("FP8 inputs have scales");
+            fp8_bf16_blocks(f, (xrows, &x_scale), (&codes, &w_scale), (&kvec, span), &inits)
+        } else {
+            // Each scale block's products summed on the decoded codes, then times the scale.
+            fp8_blocked_dots(f, xrows, (&codes, &w_scale), (&kvec, span), &inits)
+        };
         return grouped_block_finish(f, xrows, m0, cols, &wstarts, (n, k, &kvec), accs, store);
     }
     // bf16 input and weights on a CPU with bf16 dot products: 32 columns of K a step first.
@@ -1211,17 +1162,24 @@ fn grouped_block(
             reads.iter().for_each(|read| read.prefetch(f, &wi));
             wv.extend(reads.iter().map(|read| read.vec_at(f, &wi, i)));
         }
-        let mut out = Vec::with_capacity(acc.len());
-        for (r, xr) in xrows.iter().enumerate() {
-            let xv = xr.vec_at(f, i);
-            for (j, wv) in wv.iter().enumerate() {
-                let a = &acc[r * per_row + j];
-                out.push(f.b.op("acc", format_args!("vector.fma {xv}, {wv}, {a} : {VEC}")));
-            }
-        }
-        out
+        row_fmas(f, xrows, i, &wv, acc)
     });
     grouped_block_finish(f, xrows, m0, cols, &wstarts, (n, k, &kvec), accs, store)
+}
+
+/// One step of a register block along K: input rows `xrows`' 16 values at `kk` times the weight
+/// vectors `wv`, added to the accumulators `acc` (input row `i` by weight vector `j` is number
+/// `i * wv.len() + j`).
+fn row_fmas(f: &mut Frame, xrows: &[InputRow], kk: &Value, wv: &[Value], acc: &[Value]) -> Vec<Value> {
+    let mut out = Vec::with_capacity(acc.len());
+    for (r, xr) in xrows.iter().enumerate() {
+        let xv = xr.vec_at(f, kk);
+        for (j, w) in wv.iter().enumerate() {
+            let a = &acc[r * wv.len() + j];
+            out.push(f.b.op("acc", format_args!("vector.fma {xv}, {w}, {a} : {VEC}")));
+        }
+    }
+    out
 }
 
 /// The end of [`grouped_block`]: the vector sums `accs` of columns `0 .. kvec` reduced, the scalar
@@ -1263,7 +1221,7 @@ fn grouped_block_finish(
         }
         out
     });
-    for r in 0..GROUP_MR {
+    for r in 0..xrows.len() {
         let ri = f.b.index(r as i64);
         let m = f.b.addi(m0, &ri);
         let mn = f.b.muli(&m, n);
