@@ -60,21 +60,22 @@ fn pow2(n: i32) -> f64 {
     f64::from_bits(((n + 1023) as u64) << 52)
 }
 
-/// `(2 - 2^-7) * 2^127`, the largest finite bf16.
-const BF16_MAX: f32 = f32::from_bits(0x7F7F_0000);
 const F16_MAX: f32 = 65504.0;
 /// The largest finite `f8e4m3` value.
 pub const F8E4M3_MAX: f32 = 448.0;
 
 /// Rounds to the nearest bfloat16 value (ties to even). NaN stays NaN; values that round past the
 /// largest bf16 become infinities, as in PyTorch's `float -> bfloat16` conversion.
+///
+/// bf16 is f32's top half, so this is the rounding on the bits (adding just under half the dropped
+/// quantum and the kept field's last bit; a carry moves into the exponent and, past the largest
+/// bf16, makes infinity), which the tests check against [`round_to_precision`]'s.
 pub fn round_bf16(x: f32) -> f32 {
-    let y = round_to_precision(x, 7, -126);
-    if y.is_finite() && y.abs() > BF16_MAX {
-        f32::INFINITY.copysign(y)
-    } else {
-        y
+    if x.is_nan() {
+        return x;
     }
+    let b = x.to_bits();
+    f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
 /// Rounds to the nearest IEEE half-precision value (ties to even), with f16 subnormals down to 2^-24.
@@ -91,40 +92,50 @@ pub fn round_f16(x: f32) -> f32 {
 /// Encodes `x` as `torch.float8_e4m3fn` bits: round to nearest even, subnormals down to 2^-9,
 /// saturation to ±448 above the range (±inf included), NaN (0x7F with the input's sign) for NaN.
 /// See the module documentation for the source.
+///
+/// On the bits, as the formats' shared layout allows (the encoding of a whole checkpoint's random
+/// weights, and every `quantize`, go through here): a normal result is the f32's sign, exponent and
+/// top 3 mantissa bits, rounded to nearest even by adding just under half the dropped quantum and
+/// the kept field's last bit (a carry out of the mantissa moves into the exponent, as it must);
+/// below 2^-6 the subnormal quantum 2^-9 is fixed, and `|x| * 2^9` is rounded to an integer by
+/// adding and subtracting 2^23, which f32 arithmetic does to nearest even. Every magnitude above
+/// 448 rounds either to 448 or past it, and both saturate to 448. The tests check this against
+/// [`round_to_precision`]'s rounding.
 pub fn f8e4m3_from_f32(x: f32) -> u8 {
-    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
-    if x.is_nan() {
+    const MIN_NORMAL: u32 = 0x3C80_0000; // 2^-6
+    const MAX: u32 = 0x43E0_0000; // 448
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let a = bits & 0x7FFF_FFFF;
+    if a > 0x7F80_0000 {
         return sign | 0x7F;
     }
-    let y = round_to_precision(x, 3, -6).abs();
-    if y > F8E4M3_MAX {
+    if a > MAX {
         return sign | 0x7E;
     }
-    if y == 0.0 {
-        return sign;
+    if a < MIN_NORMAL {
+        // Subnormal (or zero): y * 2^9 is exact, and below 8, so 2^23 + it rounds to an integer.
+        let scaled = f32::from_bits(a) * 512.0;
+        const TWO23: f32 = 8_388_608.0;
+        return sign | ((scaled + TWO23) - TWO23) as u8;
     }
-    let bits = sign as u32;
-    let code = if y < 2f32.powi(-6) {
-        // Subnormal: y = m * 2^-9 with m in 1..=7; the exponent field is 0.
-        (y * 512.0) as u32
-    } else {
-        let e = ((y.to_bits() >> 23) as i32) - 127; // -6..=8
-        let m = ((y / 2f32.powi(e) - 1.0) * 8.0) as u32; // exact: y has 3 mantissa bits
-        (((e + 7) as u32) << 3) | m
-    };
-    (bits | code) as u8
+    // Normal: keep 3 of the 23 mantissa bits, ties to even; rebias the exponent from 127 to 7.
+    let rounded = (a + 0x7_FFFF + ((a >> 20) & 1)) >> 20;
+    sign | (rounded - ((127 - 7) << 3)) as u8
 }
 
 /// Decodes `torch.float8_e4m3fn` bits. 0x7F and 0xFF are NaN; every other code is finite.
 pub fn f8e4m3_to_f32(bits: u8) -> f32 {
-    let sign = if bits & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let e = ((bits >> 3) & 0xF) as i32;
-    let m = (bits & 0x7) as f32;
-    if e == 0xF && m == 7.0 {
-        return f32::NAN.copysign(sign);
-    }
-    let mag = if e == 0 { m * 2f32.powi(-9) } else { (1.0 + m / 8.0) * 2f32.powi(e - 7) };
-    sign * mag
+    let sign = u32::from(bits & 0x80) << 24;
+    let (e, m) = (u32::from((bits >> 3) & 0xF), u32::from(bits & 0x7));
+    let mag = match (e, m) {
+        (0xF, 7) => return f32::from_bits(sign | 0x7FC0_0000),
+        // Subnormal: m * 2^-9, exact.
+        (0, _) => m as f32 / 512.0,
+        // Normal: the exponent rebiased from 7 to 127, the mantissa's 3 bits on top of f32's 23.
+        _ => f32::from_bits(((e + 127 - 7) << 23) | (m << 20)),
+    };
+    f32::from_bits(sign | mag.to_bits())
 }
 
 /// Rounds to the nearest `f8e4m3` value, kept as an f32 (`f8e4m3_to_f32(f8e4m3_from_f32(x))`).
@@ -191,6 +202,55 @@ mod tests {
         sign | best
     }
 
+    /// The encoding as [`round_to_precision`] gives it (how `f8e4m3_from_f32` computed it before
+    /// it worked on the bits): the rounded magnitude, then saturation, then the fields.
+    fn e4m3_by_rounding(x: f32) -> u8 {
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        if x.is_nan() {
+            return sign | 0x7F;
+        }
+        let y = round_to_precision(x, 3, -6).abs();
+        if y > F8E4M3_MAX {
+            return sign | 0x7E;
+        }
+        if y == 0.0 {
+            return sign;
+        }
+        let code = if y < 2f32.powi(-6) {
+            (y * 512.0) as u8
+        } else {
+            let e = ((y.to_bits() >> 23) as i32) - 127;
+            let m = ((y / 2f32.powi(e) - 1.0) * 8.0) as u8;
+            (((e + 7) as u8) << 3) | m
+        };
+        sign | code
+    }
+
+    #[test]
+    fn e4m3_bit_encoding_matches_the_rounding() {
+        let check = |bits: u32| {
+            let x = f32::from_bits(bits);
+            assert_eq!(f8e4m3_from_f32(x), e4m3_by_rounding(x), "x = {x:e} ({bits:#010x})");
+        };
+        // A spread over every exponent and sign (a prime stride through the bit patterns).
+        (0..=u32::MAX).step_by(40_009).for_each(check);
+        // Around every point where the result changes: each midpoint between neighbouring codes,
+        // 448, 464 and the smallest normal, with their f32 neighbours, and the edges of the bits.
+        let mut marks: Vec<f32> = (0..0x7Eu8)
+            .map(|c| (f8e4m3_to_f32(c) + f8e4m3_to_f32(c + 1)) / 2.0)
+            .chain([448.0, 464.0, 2f32.powi(-6), 2f32.powi(-10), f32::MAX, f32::MIN_POSITIVE])
+            .collect();
+        marks.extend((0..=0x7Eu8).map(f8e4m3_to_f32));
+        for m in marks {
+            for d in -2i64..=2 {
+                let b = (i64::from(m.to_bits()) + d).clamp(0, 0x7FFF_FFFF) as u32;
+                check(b);
+                check(b | 0x8000_0000);
+            }
+        }
+        [0, 1, 0x7F80_0000, 0x7F80_0001, 0x7FC0_0000, 0xFFFF_FFFF].into_iter().for_each(check);
+    }
+
     #[test]
     fn e4m3_rounding_matches_the_nearest_value() {
         // A dense sweep over the range, including points between every pair of neighbours.
@@ -233,6 +293,40 @@ mod tests {
         assert_eq!(f8e4m3_from_f32(-0.0), 0x80);
         assert!(f8e4m3_to_f32(0x80).is_sign_negative());
         assert_eq!(f8e4m3_from_f32(-1e-30), 0x80);
+    }
+
+    #[test]
+    fn bf16_bit_rounding_matches_the_rounding() {
+        // `(2 - 2^-7) * 2^127`, the largest finite bf16.
+        const BF16_MAX: f32 = f32::from_bits(0x7F7F_0000);
+        let by_rounding = |x: f32| {
+            let y = round_to_precision(x, 7, -126);
+            if y.is_finite() && y.abs() > BF16_MAX {
+                f32::INFINITY.copysign(y)
+            } else {
+                y
+            }
+        };
+        let check = |bits: u32| {
+            let x = f32::from_bits(bits);
+            let (got, want) = (round_bf16(x), by_rounding(x));
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "x = {x:e} ({bits:#010x})"
+            );
+        };
+        (0..=u32::MAX).step_by(40_009).for_each(check);
+        // Ties and their neighbours at every exponent, both signs, and the edges of the range.
+        for e in 0..255u32 {
+            for low in [0x7FFF, 0x8000, 0x8001, 0x1_7FFF, 0x1_8000, 0x1_8001, 0xFFFF, 0] {
+                check((e << 23) | 0x7F_0000 | low);
+                check((e << 23) | low);
+                check(0x8000_0000 | (e << 23) | 0x7F_0000 | low);
+            }
+        }
+        [0x7F7F_7FFF, 0x7F7F_8000, 0x7F7F_FFFF, 0x7F80_0000, 0xFF80_0000, 0x7FC0_0001]
+            .into_iter()
+            .for_each(check);
     }
 
     #[test]
