@@ -652,11 +652,12 @@ fn fp8_gemms_give_nan_for_a_nan_code_anywhere_in_k() {
 }
 
 /// A row of an FP8 `grouped_linear` gives the same bits whichever way the rows are split over
-/// the threads: on its own (each expert's last `rows mod 4` rows take the one-row loop) or inside
-/// a 4-row register block. Its FP8 input in 1 x 128 tiles and two experts' weights in 128 x 128
-/// blocks (K = 320: two full blocks and a ragged one, then no scalar tail; N = 11: two 4-column
-/// blocks and three single columns), run as one range, row by row, and cut at rows 3 and 9 (mid
-/// expert), with the host's features and with AVX2's (no bf16 dot products, no AVX-512).
+/// the threads: in a register block of 4 rows, or of the 1-3 rows an expert's range ends with.
+/// Its FP8 input in 1 x 128 tiles and two experts' weights in 128 x 128 blocks (K = 320: two full
+/// blocks and a ragged one; K = 333 adds a scalar tail; N = 11, an odd number of columns for the
+/// blocks of several columns), run as one range, row by row, and cut at rows 3 and 9 (mid
+/// expert: blocks of 3 and 2 rows), with the host's features and with AVX2's (no bf16 dot
+/// products, no AVX-512).
 #[test]
 fn fp8_grouped_rows_do_not_depend_on_the_split() {
     use kiln_compiler::codegen::cpu::{self, CpuFeatures};

@@ -515,6 +515,8 @@ pub(super) fn grouped_with(
             let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
             let mr = f.b.index(GROUP_MR as i64);
             let amx = packed::grouped_applies(f, x, weights, n_dim, kn);
+            // Where the input rows of a register block are decoded, for every block.
+            let room = InputRow::room(f, x, GROUP_MR, kn, raw_bf16);
             let nonempty = f.cmp("ult", &lo, &hi, "index");
             if_then(f, &nonempty, |f| {
                 let last_row = f.b.subi(&hi, &one);
@@ -544,10 +546,15 @@ pub(super) fn grouped_with(
                         // loaded once for them), then the last `N mod GROUP_NC` one by one. A
                         // single row takes its columns one by one: with 4 at a time a decode
                         // step's routed experts took 1.6-2x as long (Zen 4, AVX512_BF16,
-                        // models/bench.toml in FP8, 2026-12-07), with 1 as long as before.
+                        // models/bench.toml in FP8, 2026-12-07), with 1 as long as before. FP8
+                        // blocks of several rows take half as many columns: their accumulators
+                        // are twice as many (each scale block's sums beside the running ones),
+                        // and with GROUP_NC they spilled; the routed gate/up of a 128-token
+                        // prefill took 53-56 ms instead of 62-64 on the same machine.
                         let columns = |f: &mut Frame, xrows: &[InputRow], m0: &Value| {
                             let nc = match xrows.len() {
                                 1 => 1,
+                                _ if fp8_cols.is_some() => (GROUP_NC / 2 / weights.len()).max(1),
                                 _ => (GROUP_NC / weights.len()).max(1),
                             };
                             let ncv = f.b.index(nc as i64);
@@ -571,18 +578,33 @@ pub(super) fn grouped_with(
                             });
                         };
                         for_loop(f, &from, &blocked, &mr, |f, m0| {
-                            let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16);
+                            let xrows = InputRow::rows(f, x, m0, GROUP_MR, &k, kn, raw_bf16, room.as_ref());
                             columns(f, &xrows, m0);
                         });
-                        // The last rows one at a time, through the same register blocks (so a row
-                        // gives the same bits in a block of GROUP_MR or alone, wherever the
-                        // threads' ranges cut the expert's rows), or the rows of no expert: zeros,
-                        // read from nothing.
+                        // The last `rows mod GROUP_MR` rows as one block of that many (each pass
+                        // over the expert's weights serves every row in it), through the same
+                        // register blocks (so a row gives the same bits in a block of any size,
+                        // wherever the threads' ranges cut the expert's rows); or the rows of no
+                        // expert: zeros, read from nothing.
                         let tail = |f: &mut Frame| {
-                            for_loop(f, &blocked, &to, &one, |f, m| {
-                                let xrows = InputRow::rows(f, x, m, 1, &k, kn, raw_bf16);
-                                columns(f, &xrows, m);
-                            });
+                            let rest = f.b.subi(&to, &blocked);
+                            for count in 1..GROUP_MR {
+                                let c = f.b.index(count as i64);
+                                let here = f.cmp("eq", &rest, &c, "index");
+                                if_then(f, &here, |f| {
+                                    let xrows = InputRow::rows(
+                                        f,
+                                        x,
+                                        &blocked,
+                                        count,
+                                        &k,
+                                        kn,
+                                        raw_bf16,
+                                        room.as_ref(),
+                                    );
+                                    columns(f, &xrows, &blocked);
+                                });
+                            }
                         };
                         let none = |f: &mut Frame| {
                             for_loop(f, &blocked, &to, &one, |f, m| {
@@ -958,9 +980,24 @@ enum InputRow {
 }
 
 impl InputRow {
+    /// The scratch that [`InputRow::rows`] decodes `count` rows of `x` into, when it decodes
+    /// them (an FP8 input of known `K`), to be shared by calls of at most `count` rows.
+    fn room(
+        f: &mut Frame,
+        x: &Operand,
+        count: usize,
+        kn: Option<u64>,
+        raw_bf16: bool,
+    ) -> Option<(Value, String)> {
+        let (Operand::Fp8 { .. }, Some(kn)) = (x, kn) else { return None };
+        Some(f.scratch(if raw_bf16 { "bf16" } else { "f32" }, count as u64 * kn))
+    }
+
     /// Rows `m0 .. m0 + count` of `x` (`K` columns, `kn` when known); with `raw_bf16` (an FP8
     /// input whose `K`, known, is a multiple of 64) the rows' codes decoded to bf16 values
-    /// ([`InputRow::RawBf16`]).
+    /// ([`InputRow::RawBf16`]). FP8 rows are decoded into `room` ([`InputRow::room`] of at least
+    /// `count` rows), or into scratch of their own.
+    #[allow(clippy::too_many_arguments)]
     fn rows(
         f: &mut Frame,
         x: &Operand,
@@ -969,13 +1006,17 @@ impl InputRow {
         k: &Value,
         kn: Option<u64>,
         raw_bf16: bool,
+        room: Option<&(Value, String)>,
     ) -> Vec<InputRow> {
         let operands: Vec<OperandRow> = (0..count).map(|r| operand_row(f, x, m0, r, k)).collect();
         let (Operand::Fp8 { .. }, Some(kn)) = (x, kn) else {
             return operands.into_iter().map(InputRow::Operand).collect();
         };
+        let (view, memref) = match room {
+            Some(room) => room.clone(),
+            None => InputRow::room(f, x, count, Some(kn), raw_bf16).expect("an FP8 input of known K"),
+        };
         if raw_bf16 {
-            let (view, memref) = f.scratch("bf16", count as u64 * kn);
             let (zero, span) = (f.b.index(0), f.b.index(NAN_SPAN));
             return operands
                 .into_iter()
@@ -995,7 +1036,6 @@ impl InputRow {
                 })
                 .collect();
         }
-        let (view, memref) = f.scratch("f32", count as u64 * kn);
         let (zero, one, vl) = (f.b.index(0), f.b.index(1), f.b.index(VL));
         let kvec = f.b.index((kn - kn % VL as u64) as i64);
         operands
@@ -1296,7 +1336,7 @@ fn linear_cpu(
                 for (m_lo, m_hi, m_step, mr) in [(&r_lo, &m_full, &mr, mr_main), (&m_full, &r_hi, &one, 1)] {
                     for_loop(f, m_lo, m_hi, m_step, |f, m0| {
                         // An FP8 input's rows are decoded once for the panel, not once per column block.
-                        let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn));
+                        let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn), None);
                         for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
                         if !n_whole_blocks {
                             for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
