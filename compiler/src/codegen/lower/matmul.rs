@@ -1305,6 +1305,20 @@ fn linear_cpu(
     let (mr, nr, nb, one) =
         (f.b.index(mr_main as i64), f.b.index(nr_full as i64), f.b.index(NB), f.b.index(1));
     let g = Gemv { n: n.clone(), k: k.clone(), kvec, x: x.clone(), weights: weights.to_vec(), store };
+    // A single row (a decode step's GEMV) with weights narrower than f32 takes its columns one at
+    // a time: each thread then reads one weight row after the other, a single sequential stream.
+    // Four rows at a time (each input vector loaded once for them) interleave four streams, which
+    // the hardware's prefetchers followed worse: on a 2-core Zen 4 (2026-12-07) `kiln bench gemm
+    // --rows 1 --n 32000 --k 1024` read bf16 at 44 GB/s instead of 30, FP8 (65536 rows) at 34-38
+    // instead of 15-20, and models/bench.toml decoded 198-212 tokens/s in FP8 instead of 134-139,
+    // 120-132 in bf16 instead of 107-111. f32 did not gain (18-26 GB/s against 24-28), and in
+    // cache four columns stay faster (FP8 at N = 1024: 65 GB/s against 57), so a larger GEMM's
+    // blocks of MR rows keep them.
+    let one_column = f.target == Target::Cpu
+        && weights.iter().all(|w| match *w {
+            Operand::Plain(b) => f.bufs[b].ty.dtype.size_bytes() < 4,
+            Operand::Fp8 { .. } => true,
+        });
     // Every panel ([`NB`] rows, a multiple of any block's) splits into whole blocks when the weight
     // rows do: then the one-row blocks after them are never reached, and are not made.
     let n_whole_blocks = nr_full == 1 || f.b.known(n).is_some_and(|n| n % nr_full as i64 == 0);
@@ -1337,6 +1351,10 @@ fn linear_cpu(
                     for_loop(f, m_lo, m_hi, m_step, |f, m0| {
                         // An FP8 input's rows are decoded once for the panel, not once per column block.
                         let xrows = InputRow::rows(f, &g.x, m0, mr, &g.k, kn, g.fp8_bf16(f, kn), None);
+                        if mr == 1 && one_column {
+                            for_loop(f, &p, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
+                            return;
+                        }
                         for_loop(f, &p, &p_full, &nr, |f, n0| g.block(f, &xrows, m0, n0, nr_full));
                         if !n_whole_blocks {
                             for_loop(f, &p_full, &p_end, &one, |f, n0| g.block(f, &xrows, m0, n0, 1));
