@@ -428,10 +428,11 @@ pub enum Op {
         top_k: u64,
     },
     /// A fused kernel: the body is a graph whose inputs are the operands in order and whose outputs
-    /// are the results.
+    /// are the results. Fused nodes of identical bodies may share one (`fuse-kernels` gives the
+    /// identical layers of a model one body), so a body is never changed in place.
     Fused {
         name: String,
-        body: Box<crate::Graph>,
+        body: std::sync::Arc<crate::Graph>,
     },
     /// Sends its operand to pipeline stage `peer`; no results. A placeholder until DualPipe lands.
     Send {

@@ -89,6 +89,7 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
     }
     let mut params: HashSet<&str> = HashSet::with_capacity_and_hasher(n_params, Default::default());
     let mut inputs: HashSet<&str> = HashSet::with_capacity_and_hasher(n_inputs, Default::default());
+    let mut bodies: HashSet<*const Graph> = HashSet::default();
     for &n in &order {
         let node = g.node(n);
         let mut report = |value: Option<ValueId>, message: String| {
@@ -180,7 +181,8 @@ fn check(g: &Graph, in_kernel: bool) -> Vec<Violation> {
                 report(None, "an all-reduce cannot sit inside a fused kernel: the runtime runs it".into());
             }
             // A body's value ids are its own: the finding is about the fused node's results.
-            Op::Fused { name, body } => {
+            // A body several fused nodes share (the identical layers of a model) is checked once.
+            Op::Fused { name, body } if bodies.insert(std::sync::Arc::as_ptr(body)) => {
                 for v in check(body, true) {
                     let message = format!("in fused kernel `{name}`: {} ({})", v.message, v.context);
                     report(node.results.first().copied(), message);

@@ -247,8 +247,18 @@ struct NodeKey {
 impl Kernels {
     /// The kernel of a node with this op and these types, if one was formed.
     fn find(&self, hash: u64, op: &Op, args: &[&TensorType], results: &[&TensorType]) -> Option<KernelId> {
+        let same_op = |a: &Op| match (a, op) {
+            // A body that fuse-kernels gave several nodes (the identical layers of a model) is one
+            // graph: no need to compare it with itself node by node.
+            (Op::Fused { name: n1, body: b1 }, Op::Fused { name: n2, body: b2 })
+                if std::sync::Arc::ptr_eq(b1, b2) =>
+            {
+                n1 == n2
+            }
+            _ => a == op,
+        };
         let same = |k: &NodeKey| {
-            k.op == *op
+            same_op(&k.op)
                 && k.args.len() == args.len()
                 && k.args.iter().zip(args).all(|(a, b)| a == *b)
                 && k.results.len() == results.len()

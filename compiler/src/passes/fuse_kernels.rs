@@ -913,7 +913,7 @@ fn place(cx: &Ctx, groups: &[(Group, String)], it: &Items) -> Result<Graph, Pass
             let outs = cx.outputs(group);
             let tys = outs.iter().map(|&v| g.ty(v).clone()).collect();
             let scope = cx.node(group.anchor).scope.clone();
-            let op = Op::Fused { name: name.clone(), body: Box::new(body) };
+            let op = Op::Fused { name: name.clone(), body };
             let (_, rs) = new.add_node(op, &ins, tys, scope.as_deref()).map_err(err)?;
             map.extend(outs.into_iter().zip(rs));
         } else {

@@ -345,7 +345,7 @@ impl<'a> Parser<'a> {
             self.depth += 1;
             self.body(&mut body, (open.start, open.end))?;
             self.depth -= 1;
-            Op::Fused { name: kernel, body: Box::new(body) }
+            Op::Fused { name: kernel, body: std::sync::Arc::new(body) }
         } else {
             let parts = attrs.iter().map(|a| (a.key.clone(), a.value.clone())).collect();
             let op = Op::from_parts(name, parts)

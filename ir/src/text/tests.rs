@@ -79,7 +79,7 @@ fn prints_the_documented_form() {
     let bx = body.input("x", "f32[B, T, 64]");
     let sq = body.op1(Op::Binary(BinaryOp::Mul), &[bx, bx]);
     body.g.add_output("y", sq).unwrap();
-    let fused = b.op1(Op::Fused { name: "square".into(), body: Box::new(body.g) }, &[x]);
+    let fused = b.op1(Op::Fused { name: "square".into(), body: std::sync::Arc::new(body.g) }, &[x]);
     b.scope(None);
     b.op(Op::Send { peer: 1, tag: 0 }, &[shaped]);
     b.g.add_output("logits", top[0]).unwrap();
@@ -273,7 +273,7 @@ fn every_op_graph() -> Graph {
     body.g.add_output("q", q[0]).unwrap();
     body.g.add_output("s", q[1]).unwrap();
     body.g.add_output("ms", ms).unwrap();
-    let fused = b.op(Op::Fused { name: "rms_quant".into(), body: Box::new(body.g) }, &[xf]);
+    let fused = b.op(Op::Fused { name: "rms_quant".into(), body: std::sync::Arc::new(body.g) }, &[xf]);
     b.op(Op::Send { peer: 1, tag: 0 }, &[fused[0]]);
     let r = b.decl(Op::Recv { peer: 0, tag: 3 }, "f32[B, T, 64]");
     let summed = b.op1(Op::AllReduce { group: "dp".into() }, &[r]);

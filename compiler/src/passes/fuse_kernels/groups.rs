@@ -20,6 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 
@@ -82,6 +83,10 @@ impl std::ops::AddAssign for Work {
 /// What codegen says of one body, each part computed when first asked.
 struct Analysis {
     body: Graph,
+    /// The body as the fused nodes of this key hold it, by their rule's name: one graph that every
+    /// such node shares (DeepSeek-V3's 58 MoE layers hold one routed-expert body, of some 2300
+    /// nodes, instead of a copy each).
+    named: Vec<(String, Arc<Graph>)>,
     one_pass: Option<Option<Pattern>>,
     lowers: Option<bool>,
 }
@@ -568,19 +573,23 @@ impl<'g> Ctx<'g> {
 
     /// The body of a group as [`Ctx::body`] builds it, named `name`: a copy of the body analysed
     /// for an identical group when there is one.
-    pub fn fused_body(&self, group: &Group, name: &str) -> Result<Graph, PassError> {
+    pub fn fused_body(&self, group: &Group, name: &str) -> Result<Arc<Graph>, PassError> {
         let key = self.key(group);
-        let analyses = self.analyses.borrow();
-        let found =
-            analyses.by_hash.get(&hash_key(&key)).and_then(|same| same.iter().find(|(k, _)| *k == key));
-        match found {
-            Some((_, a)) => {
-                let mut body = a.body.clone();
-                body.set_name(name);
-                Ok(body)
-            }
-            None => self.body(group, name),
+        let mut analyses = self.analyses.borrow_mut();
+        let found = (analyses.by_hash.get_mut(&hash_key(&key)))
+            .and_then(|same| same.iter_mut().find(|(k, _)| *k == key));
+        let Some((_, a)) = found else {
+            drop(analyses);
+            return self.body(group, name).map(Arc::new);
+        };
+        if let Some((_, body)) = a.named.iter().find(|(n, _)| n == name) {
+            return Ok(Arc::clone(body));
         }
+        let mut body = a.body.clone();
+        body.set_name(name);
+        let body = Arc::new(body);
+        a.named.push((name.to_string(), Arc::clone(&body)));
+        Ok(body)
     }
 
     /// Runs `f` on the analysis of the group's body, made or found; `None` when the body cannot be
@@ -598,7 +607,7 @@ impl<'g> Ctx<'g> {
             None => {
                 let body = self.body(group, "probe").ok()?;
                 w.analyses += 1;
-                same.push((key, Analysis { body, one_pass: None, lowers: None }));
+                same.push((key, Analysis { body, named: Vec::new(), one_pass: None, lowers: None }));
                 same.len() - 1
             }
         };
