@@ -295,7 +295,7 @@ impl Graph {
         let shrinks = |i: usize| {
             let node = &self.dag[NodeIndex::new(i)];
             matches!(node.op, Op::Reduce { .. })
-                && node.inputs.iter().all(|&v| self.users(v) == [NodeId(i as u32)])
+                && node.inputs.iter().all(|&v| self.read_only_by(v, NodeId(i as u32)))
         };
         let leaf = |v: ValueId| {
             matches!(
@@ -306,7 +306,7 @@ impl Graph {
         // A state's update (the output named as the input it reads), but a KV cache's (above).
         let accumulates = |i: usize| {
             let node = &self.dag[NodeIndex::new(i)];
-            let alone = |v: ValueId| self.users(v) == [NodeId(i as u32)];
+            let alone = |v: ValueId| self.read_only_by(v, NodeId(i as u32));
             !matches!(node.op, Op::CacheUpdate)
                 && node.inputs.iter().any(|&v| !leaf(v) && alone(v))
                 && node.inputs.iter().all(|&v| leaf(v) || alone(v) || self.ty(v).rank() == 0)
@@ -458,11 +458,30 @@ impl Graph {
     /// Whether value `v` is an output under the name of an input that node `n` reads: the new
     /// value of a state `n` updates (an accumulator, a weight, a KV cache).
     pub fn updates_state(&self, n: NodeId, v: ValueId) -> bool {
+        // Output names are unique, so the output of an input's name is looked up rather than
+        // every output scanned for `v` (a DeepSeek-V3 train step has hundreds of thousands).
         self.is_output(v)
-            && self.outputs.iter().filter(|(_, o)| *o == v).any(|(name, _)| {
-                (self.node(n).inputs.iter())
-                    .any(|&x| matches!(&self.node(self.producer(x)).op, Op::Input { name: i } if i == name))
-            })
+            && (self.node(n).inputs.iter()).any(
+                |&x| matches!(&self.node(self.producer(x)).op, Op::Input { name } if self.output(name) == Some(v)),
+            )
+    }
+
+    /// Whether node `n` is the only node that reads `v` (`users(v) == [n]`), without listing the
+    /// users: a value that thousands of nodes read (a train step's learning rate, the clipping
+    /// coefficient every update reads) is answered at its second reader, not by a list of them
+    /// all for each of them.
+    pub fn read_only_by(&self, v: ValueId, n: NodeId) -> bool {
+        let Ok(d) = self.value(v) else {
+            return false;
+        };
+        let mut read = false;
+        for e in self.dag.edges_directed(d.def.index(), Direction::Outgoing).filter(|e| *e.weight() == v) {
+            if e.target().index() != n.0 as usize {
+                return false;
+            }
+            read = true;
+        }
+        read
     }
 
     /// Removes the output called `name`, returning its value (the value itself stays).
@@ -643,6 +662,34 @@ mod tests {
         let pos = |n| order.iter().position(|&m| m == n).unwrap();
         assert!(pos(neg) < pos(add));
         assert!(!g.contains_value(e[0]));
+    }
+
+    /// `read_only_by` answers `users(v) == [n]` and `updates_state` finds the output of an input's
+    /// name, without scanning: an accumulator `acc + lr * w` whose `lr` two nodes read.
+    #[test]
+    fn sole_readers_and_state_updates() {
+        let mut g = Graph::new("g");
+        let scalar = TensorType::new(DType::F32, [] as [Dim; 0]);
+        let add = |g: &mut Graph, op: Op, ins: &[ValueId], ty: TensorType| {
+            g.add_node(op, ins, vec![ty], None).unwrap()
+        };
+        let (_, acc) = add(&mut g, Op::Input { name: "acc".into() }, &[], f32_bt());
+        let (_, lr) = add(&mut g, Op::Input { name: "lr".into() }, &[], scalar.clone());
+        let (_, w) = add(&mut g, Op::Input { name: "w".into() }, &[], f32_bt());
+        let (scale, step) = add(&mut g, Op::Binary(BinaryOp::Mul), &[lr[0], w[0]], f32_bt());
+        let (update, new) = add(&mut g, Op::Binary(BinaryOp::Add), &[acc[0], step[0]], f32_bt());
+        let (twice, lr2) = add(&mut g, Op::Binary(BinaryOp::Add), &[lr[0], lr[0]], scalar);
+        g.add_output("acc", new[0]).unwrap();
+        g.add_output("lr2", lr2[0]).unwrap();
+        for (v, n) in [(lr[0], scale), (lr[0], twice), (step[0], update), (acc[0], update), (w[0], update)] {
+            assert_eq!(g.read_only_by(v, n), g.users(v) == [n], "{v} read only by {n:?}");
+        }
+        assert!(g.read_only_by(step[0], update) && !g.read_only_by(lr[0], twice));
+        assert!(g.read_only_by(lr2[0], twice) == (g.users(lr2[0]) == [twice]));
+        assert!(g.updates_state(update, new[0]));
+        // An output, but under no name of what `twice` reads.
+        assert!(!g.updates_state(twice, lr2[0]));
+        assert!(!g.updates_state(scale, step[0]));
     }
 
     /// The order [`Graph::nodes`] keeps is dropped by every change that can move it: each answer
