@@ -7,6 +7,9 @@
 //! beyond what [`Op::attrs`] builds.
 
 use std::fmt::{self, Write};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::graph::{Graph, Node, NodeId, ValueId};
 use crate::module::Module;
@@ -66,10 +69,20 @@ fn write_graph(w: &mut impl Write, g: &Graph) -> fmt::Result {
 /// `graph @name {`, the body one level deeper than `depth`, and the closing `}` at `depth`. The caller
 /// has written the indentation (and anything else) before `graph`.
 fn write_graph_at(w: &mut impl Write, g: &Graph, depth: usize) -> fmt::Result {
+    write_graph_shared(w, g, depth, &mut Shared::default())
+}
+
+/// The text of fused bodies that several nodes share (`fuse-kernels` gives the identical layers of a
+/// model one body), by body and depth: written once, then copied. DeepSeek-V3's routed-expert body
+/// is printed 58 times a program.
+#[derive(Default)]
+struct Shared(HashMap<(*const Graph, usize), String>);
+
+fn write_graph_shared(w: &mut impl Write, g: &Graph, depth: usize, shared: &mut Shared) -> fmt::Result {
     w.write_str("graph ")?;
     write_at_name(w, g.name())?;
     w.write_str(" {\n")?;
-    write_body(w, g, depth + 1)?;
+    write_body(w, g, depth + 1, shared)?;
     indent(w, depth)?;
     w.write_str("}\n")
 }
@@ -84,9 +97,10 @@ fn write_module(w: &mut impl Write, m: &Module) -> fmt::Result {
     for s in &m.states {
         writeln!(w, "  state {:?} : {} {{role = {}}}", s.name, s.ty, s.role)?;
     }
+    let mut shared = Shared::default();
     for p in &m.programs {
         write!(w, "  program {:?} {{kind = {}}} ", p.name, p.kind)?;
-        write_graph_at(w, &p.graph, 1)?;
+        write_graph_shared(w, &p.graph, 1, &mut shared)?;
     }
     w.write_str("}\n")
 }
@@ -109,7 +123,7 @@ fn write_values(w: &mut impl Write, values: &[ValueId]) -> fmt::Result {
 }
 
 /// The nodes and outputs of `g`, each line indented by `depth` levels.
-fn write_body(w: &mut impl Write, g: &Graph, depth: usize) -> fmt::Result {
+fn write_body(w: &mut impl Write, g: &Graph, depth: usize, shared: &mut Shared) -> fmt::Result {
     let mut scope: Option<&str> = None;
     for n in g.nodes() {
         let node = g.node(n);
@@ -125,7 +139,20 @@ fn write_body(w: &mut impl Write, g: &Graph, depth: usize) -> fmt::Result {
         write_node(w, g, node)?;
         if let Op::Fused { body, .. } = &node.op {
             w.write_str(" {\n")?;
-            write_body(w, body, depth + 1)?;
+            if Arc::strong_count(body) > 1 {
+                let key = (Arc::as_ptr(body), depth + 1);
+                let text = match shared.0.get(&key) {
+                    Some(text) => text,
+                    None => {
+                        let mut text = String::new();
+                        write_body(&mut text, body, depth + 1, shared)?;
+                        shared.0.entry(key).or_insert(text)
+                    }
+                };
+                w.write_str(text)?;
+            } else {
+                write_body(w, body, depth + 1, shared)?;
+            }
             indent(w, depth)?;
             w.write_str("}")?;
         }
