@@ -190,6 +190,10 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         (Op::Split { axis: 3, sizes: vec![16, 8] }, vec!["bf16[B, T, 2, 24]"], (-2.0, 2.0)),
         (Op::Split { axis: 1, sizes: vec![1, 2, 3] }, vec!["i64[B, 6]"], (-2.0, 2.0)),
         (Op::Split { axis: 0, sizes: vec![1, 2] }, vec!["f32[3, T]"], (-2.0, 2.0)),
+        // Rows of known length copied in runs on the CPU: a row longer than a work item's chunk
+        // of 2048 elements, the second chunk partial and holding the boundary between the parts.
+        (Op::Concat { axis: 0 }, vec!["f32[300, 7]", "f32[200, 7]"], (-2.0, 2.0)),
+        (Op::Split { axis: 0, sizes: vec![300, 200] }, vec!["bf16[500, 7]"], (-2.0, 2.0)),
         (Op::Broadcast { shape: shape(&["B", "T", "4", "8"]) }, vec!["bf16[B, T, 1, 8]"], (-2.0, 2.0)),
         (Op::Broadcast { shape: shape(&["T", "3", "5"]) }, vec!["i32[T, 3, 1]"], (-2.0, 2.0)),
         (Op::Broadcast { shape: shape(&["2", "3"]) }, vec!["f32[]"], (-2.0, 2.0)),
