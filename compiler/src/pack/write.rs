@@ -15,6 +15,7 @@
 //! a manifest, or with a manifest that is not kiln's) is refused and left as it is.
 
 use rayon::prelude::*;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use kiln_ir::artifact::{KERNELS_MLIR, KERNELS_PTX, KERNELS_SO, MANIFEST_FILE, MODULE_KIR};
@@ -78,23 +79,22 @@ pub fn check_target(dir: &Path) -> Result<(), WriteError> {
         return Ok(());
     }
     let manifest = dir.join(MANIFEST_FILE);
-    // Only the version and the file list are kept: DeepSeek-V3's manifest is 64 MB, and parsed
-    // whole into a JSON value it took 700 MB and a second before the compile began.
-    #[derive(serde::Deserialize)]
-    struct Listed {
-        format_version: Option<u64>,
-        #[serde(default)]
-        files: Vec<serde_json::Value>,
-    }
-    let text = match std::fs::read(&manifest) {
-        Ok(t) => t,
+    let mut file = match std::fs::File::open(&manifest) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(not_artifact(&format!("it has no {MANIFEST_FILE}")))
         }
         Err(e) => return Err(io(&manifest)(e)),
     };
-    let parsed: Option<Listed> = serde_json::from_slice(&text).ok();
-    drop(text);
+    let (head, tail) = read_ends(&mut file).map_err(io(&manifest))?;
+    let parsed = match listed_by_layout(&head, &tail) {
+        Some(listed) => Some(listed),
+        None => {
+            let mut text = Vec::new();
+            file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut text)).map_err(io(&manifest))?;
+            serde_json::from_slice(&text).ok()
+        }
+    };
     let Some(json) = parsed.filter(|l| l.format_version.is_some()) else {
         return Err(not_artifact(&format!(
             "its {MANIFEST_FILE} has no `format_version`, so kiln did not write it"
@@ -111,6 +111,52 @@ pub fn check_target(dir: &Path) -> Result<(), WriteError> {
     } else {
         Err(WriteError::ForeignFiles { path: dir.to_path_buf(), names: foreign })
     }
+}
+
+/// What [`check_target`] reads of a manifest: its version and its file list. Only these are kept:
+/// DeepSeek-V3's manifest is 64 MB, and parsed whole into a JSON value it took 700 MB and a second
+/// before the compile began.
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Listed {
+    format_version: Option<u64>,
+    #[serde(default)]
+    files: Vec<serde_json::Value>,
+}
+
+/// [`Listed`] from the layout kiln writes a manifest in (`json_lines`: a top-level field per line,
+/// indented two spaces, `format_version` first and `files` last), reading the first line of fields
+/// and the list at the end instead of the whole text: even skipped, DeepSeek-V3's 64 MB took 0.1 s
+/// to parse, twice per compile over an earlier artifact. `None` where the text is not laid out
+/// so; the caller then parses it whole.
+fn listed_by_layout(head: &[u8], tail: &[u8]) -> Option<Listed> {
+    let head = head.strip_prefix(b"{\n  \"format_version\": ")?;
+    let digits = head.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || head.get(digits) != Some(&b',') {
+        return None;
+    }
+    let version = std::str::from_utf8(&head[..digits]).ok()?.parse().ok()?;
+    // The file list is a few lines; its line is the last top-level field, just before the `}`.
+    const FILES: &[u8] = b"\n  \"files\": ";
+    let at = tail.windows(FILES.len()).rposition(|w| w == FILES)?;
+    let rest = std::str::from_utf8(&tail[at + FILES.len()..]).ok()?.trim_end();
+    let list = rest.strip_suffix('}')?.trim_end();
+    let files: Vec<serde_json::Value> = serde_json::from_str(list).ok()?;
+    Some(Listed { format_version: Some(version), files })
+}
+
+/// Bytes read from each end of a manifest for [`listed_by_layout`].
+const END_BYTES: u64 = 1 << 16;
+
+/// The first and last [`END_BYTES`] of a manifest (the whole text twice when it is shorter).
+fn read_ends(file: &mut std::fs::File) -> std::io::Result<(Vec<u8>, Vec<u8>)> {
+    let len = file.metadata()?.len();
+    let mut head = vec![0; len.min(END_BYTES) as usize];
+    file.read_exact(&mut head)?;
+    let start = len.saturating_sub(END_BYTES);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::with_capacity((len - start) as usize);
+    file.read_to_end(&mut tail)?;
+    Ok((head, tail))
 }
 
 /// Writes `artifact` to the directory `dir`, atomically (see the module documentation).
@@ -131,4 +177,34 @@ pub fn write(artifact: &Artifact, dir: &Path) -> Result<(), WriteError> {
             .collect();
         written.into_iter().collect::<Result<(), WriteError>>()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &str) -> Option<Listed> {
+        serde_json::from_str(text).ok()
+    }
+
+    #[test]
+    fn manifest_layout_reads_as_the_whole_parse_does() {
+        let laid_out = "{\n  \"format_version\": 3,\n  \"kiln_version\": \"0.1.0\",\n  \"programs\": [\n    \
+            {\"files\": [\"not this one\"]}\n  ],\n  \"files\": [\n    {\"name\":\"kernels.so\",\"bytes\":4},\n    \
+            {\"name\":\"module.kir\",\"bytes\":9}\n  ]\n}\n";
+        let fast = listed_by_layout(laid_out.as_bytes(), laid_out.as_bytes()).expect("kiln's layout");
+        assert_eq!(Some(&fast), parsed(laid_out).as_ref());
+        assert_eq!(fast.format_version, Some(3));
+        let names: Vec<&str> = fast.files.iter().filter_map(|f| f["name"].as_str()).collect();
+        assert_eq!(names, ["kernels.so", "module.kir"]);
+        // Any other layout, or a manifest that is not whole, is left to the full parse.
+        for other in [
+            "{\"format_version\":3,\"files\":[]}",
+            "{\n  \"format_version\": \"3\",\n  \"files\": []\n}\n",
+            "{\n  \"format_version\": 3,\n  \"files\": [\n    {\"name\":\"kernels.so\"}\n",
+            "{\n  \"format_version\": 3,\n  \"files\": [],\n  \"more\": 1\n}\n",
+        ] {
+            assert_eq!(listed_by_layout(other.as_bytes(), other.as_bytes()), None, "{other}");
+        }
+    }
 }
