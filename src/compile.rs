@@ -23,7 +23,7 @@ use kiln_compiler::spec;
 use kiln_ir::artifact::{self, Manifest, Step};
 use kiln_ir::Module;
 
-mod plan;
+pub(crate) mod plan;
 
 /// A stage `--emit` prints to standard output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -136,14 +136,16 @@ fn report_text(s: &Schedule, sim: &Simulation, c: &Costs) -> String {
     ]);
     text.push_str(&table::render(&t));
     let worst = largest_bubble(sim);
-    let ranks: Vec<String> =
-        sim.ranks.iter().filter(|r| r.bubble == worst).map(|r| r.rank.to_string()).collect();
+    // Runs of ranks as ranges (`r0-r999` where every rank of a large 1F1B has it).
+    let worst_ranks: Vec<u64> =
+        sim.ranks.iter().filter(|r| r.bubble == worst).map(|r| u64::from(r.rank.0)).collect();
+    let ranks = crate::compile::plan::ranges(&worst_ranks, "r");
     let _ = writeln!(
         text,
         "\nmakespan {}; bubble {} (the largest of a rank: {}); peak activations {} micro-batches of a stage",
         num(sim.makespan),
         num(worst),
-        ranks.join(" "),
+        ranks,
         peak
     );
     text

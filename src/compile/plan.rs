@@ -92,7 +92,7 @@ fn bytes(n: u64) -> String {
 }
 
 /// Consecutive numbers as ranges, each number after `prefix`: `3-60, 62`, `r1-r14`.
-fn ranges(xs: &[u64], prefix: &str) -> String {
+pub(crate) fn ranges(xs: &[u64], prefix: &str) -> String {
     let mut parts: Vec<(u64, u64)> = Vec::new();
     for &x in xs {
         match parts.last_mut() {

@@ -20,7 +20,7 @@ fn the_dualpipe_table_at_pp_8() {
     insta::assert_snapshot!("schedule_dualpipe_pp8", out.stdout);
     // (PP/2-1)(F&B+B-3W) = 3 * (7 + 5 - 6) = 18, on the middle ranks; PP+1 activations; 2 copies.
     assert!(
-        out.stdout.contains("bubble 18 (the largest of a rank: r2 r3 r4 r5); peak activations 9"),
+        out.stdout.contains("bubble 18 (the largest of a rank: r2-r5); peak activations 9"),
         "{}",
         out.stdout
     );

@@ -99,7 +99,20 @@ pub enum ScheduleError {
         micro_batches + 1
     )]
     OddMicroBatches { schedule: &'static str, micro_batches: u32 },
+    #[error(
+        "--pp {pp} --micro-batches {micro_batches}: {schedule} would place {works} (stage, micro-batch) \
+         works; kiln schedules at most {MAX_WORKS} (for example 64 ranks and 16384 micro-batches; \
+         that many take some 10 s and 1.5 GB to verify and simulate)"
+    )]
+    TooLarge { schedule: &'static str, pp: u32, micro_batches: u32, works: u64 },
 }
+
+/// The most (stage, micro-batch) works a schedule may hold: each is several steps (its forward,
+/// backward and transfers), so a schedule is six million steps at most, which the verifier and
+/// the simulator go through in about 10 s and 1.5 GB (1F1B on a thousand ranks with a thousand
+/// micro-batches, 2^20 works, on a 2-core EPYC). Far beyond it a request ran for minutes and was
+/// killed for memory (`kiln schedule --pp 100000 --micro-batches 100000`).
+pub const MAX_WORKS: u64 = 1 << 20;
 
 /// The schedule `kind` for `pp` ranks and `micro_batches` micro-batches, after checking that the
 /// schedule exists for those sizes.
@@ -124,6 +137,14 @@ pub fn generate(kind: Kind, pp: u32, micro_batches: u32) -> Result<Schedule, Sch
     }
     if kind == Kind::DualPipe && micro_batches % 2 == 1 {
         return Err(ScheduleError::OddMicroBatches { schedule, micro_batches });
+    }
+    let stages = match kind {
+        Kind::OneFOneB | Kind::Zb1p => u64::from(pp),
+        Kind::DualPipe | Kind::DualPipeV => 2 * u64::from(pp),
+    };
+    let works = stages * u64::from(micro_batches);
+    if works > MAX_WORKS {
+        return Err(ScheduleError::TooLarge { schedule, pp, micro_batches, works });
     }
     Ok(match kind {
         Kind::OneFOneB => one_f_one_b::generate(pp, micro_batches),

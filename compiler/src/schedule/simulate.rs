@@ -31,7 +31,7 @@
 //! are in flight), the overlap of communication with computation inside a step (an `F&B` simply
 //! takes the `F&B` cost), memory other than activations.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use kiln_ir::schedule::{Instr, Rank, Schedule, Slot, Transfer, Work};
 
@@ -209,42 +209,49 @@ fn run(
     let mut clock = vec![0.0f64; n];
     let mut events: Vec<Vec<Event>> = vec![Vec::new(); n];
     // (is a gradient, transfer) to its arrival time.
-    let mut arrivals: HashMap<(bool, Transfer), f64> = HashMap::new();
-    loop {
-        let mut progressed = false;
-        for r in 0..n {
-            let list = &schedule.ranks[r];
-            while let Some(&instr) = list.get(pc[r]) {
-                let start = clock[r];
-                let end = match instr {
-                    Instr::SendActivation(t) | Instr::SendGradient(t) => {
-                        arrivals.insert((matches!(instr, Instr::SendGradient(_)), t), start + comm);
-                        start
+    let mut arrivals: HashMap<(bool, Transfer), f64> = HashMap::default();
+    // The ranks stopped at a receive whose send has not run, by what they wait for: a send wakes
+    // its receiver, so each step is looked at once (a sweep over every rank until none moves
+    // took minutes at hundreds of ranks). Times do not depend on the order ranks run in: a
+    // step's start is its rank's clock, or its data's arrival, which the sender's clock fixes.
+    let mut waiting: HashMap<(bool, Transfer), Vec<usize>> = HashMap::default();
+    let mut ready: Vec<usize> = (0..n).rev().collect();
+    while let Some(r) = ready.pop() {
+        let list = &schedule.ranks[r];
+        while let Some(&instr) = list.get(pc[r]) {
+            let start = clock[r];
+            let end = match instr {
+                Instr::SendActivation(t) | Instr::SendGradient(t) => {
+                    let key = (matches!(instr, Instr::SendGradient(_)), t);
+                    arrivals.insert(key, start + comm);
+                    if let Some(woken) = waiting.remove(&key) {
+                        ready.extend(woken);
                     }
-                    Instr::RecvActivation(t) | Instr::RecvGradient(t) => {
-                        match arrivals.get(&(matches!(instr, Instr::RecvGradient(_)), t)) {
-                            Some(&at) => start.max(at),
-                            None => break,
+                    start
+                }
+                Instr::RecvActivation(t) | Instr::RecvGradient(t) => {
+                    let key = (matches!(instr, Instr::RecvGradient(_)), t);
+                    match arrivals.get(&key) {
+                        Some(&at) => start.max(at),
+                        None => {
+                            waiting.entry(key).or_default().push(r);
+                            break;
                         }
                     }
-                    _ => start + duration(Rank(r as u32), &instr),
-                };
-                events[r].push(Event { rank: Rank(r as u32), index: pc[r], instr, start, end });
-                clock[r] = end;
-                pc[r] += 1;
-                progressed = true;
-            }
+                }
+                _ => start + duration(Rank(r as u32), &instr),
+            };
+            events[r].push(Event { rank: Rank(r as u32), index: pc[r], instr, start, end });
+            clock[r] = end;
+            pc[r] += 1;
         }
-        if (0..n).all(|r| pc[r] == schedule.ranks[r].len()) {
-            break;
-        }
-        if !progressed {
-            let waiting = (0..n)
-                .filter(|&r| pc[r] < schedule.ranks[r].len())
-                .map(|r| (Rank(r as u32), pc[r], schedule.ranks[r][pc[r]]))
-                .collect();
-            return Err(SimulateError::Deadlock { waiting });
-        }
+    }
+    if (0..n).any(|r| pc[r] < schedule.ranks[r].len()) {
+        let waiting = (0..n)
+            .filter(|&r| pc[r] < schedule.ranks[r].len())
+            .map(|r| (Rank(r as u32), pc[r], schedule.ranks[r][pc[r]]))
+            .collect();
+        return Err(SimulateError::Deadlock { waiting });
     }
     let makespan = events.iter().flatten().map(|e| e.end).fold(0.0, f64::max);
     let ranks =

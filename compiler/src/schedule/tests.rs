@@ -254,6 +254,18 @@ fn bad_requests_get_clear_errors() {
         .to_string()
         .starts_with("--micro-batches 7: dualpipev on 4 ranks needs at least 8 micro-batches"));
     assert!(generate(Kind::DualPipe, 4, 9).unwrap_err().to_string().contains("try --micro-batches 10"));
+    // Sizes past what a simulation runs in seconds are refused before anything is built; the
+    // limit counts stages, which DualPipe and DualPipeV have two of per rank.
+    assert_eq!(
+        generate(Kind::OneFOneB, 100_000, 100_000).unwrap_err().to_string(),
+        "--pp 100000 --micro-batches 100000: 1f1b would place 10000000000 (stage, micro-batch) works; \
+         kiln schedules at most 1048576 (for example 64 ranks and 16384 micro-batches; that many \
+         take some 10 s and 1.5 GB to verify and simulate)"
+    );
+    assert!(matches!(
+        generate(Kind::DualPipeV, 512, 1025),
+        Err(ScheduleError::TooLarge { works: 1_049_600, .. })
+    ));
     assert_eq!(
         Kind::parse("gpipe").unwrap_err().to_string(),
         "unknown schedule `gpipe`: the schedules are 1f1b, zb1p, dualpipe, dualpipev"

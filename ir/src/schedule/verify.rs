@@ -32,7 +32,7 @@
 //! That depends on the whole interleaving; the simulator (`kiln_compiler::schedule::simulate`) finds
 //! it and reports the waiting ranks.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt;
 
 use super::{Chunk, Instr, MicroBatch, Rank, Schedule, Slot, Transfer, Work};
@@ -124,7 +124,7 @@ fn check_shape(s: &Schedule, problems: &mut Vec<Problem>) {
         problems
             .push(problem(None, format!("lanes must have the same, non-zero length; they have {lens:?}")));
     }
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::default();
     for slot in s.lanes.iter().flatten() {
         if slot.rank.0 >= s.pp {
             problems.push(problem(None, format!("slot {slot} is on a rank past the last (pp = {})", s.pp)));
@@ -180,6 +180,9 @@ fn check_placement(s: &Schedule, problems: &mut Vec<Problem>) {
 /// Invariant 3, and the index the others are checked on.
 fn index(s: &Schedule, problems: &mut Vec<Problem>) -> Index {
     let mut ix = Index::default();
+    // Each lane's slots as a set: a lane has a slot per stage, so a search of it per step cost
+    // pp times the steps (seconds at a thousand ranks).
+    let on_lane: Vec<HashSet<Slot>> = s.lanes.iter().map(|l| l.iter().copied().collect()).collect();
     for (r, list) in s.ranks.iter().enumerate() {
         let rank = Rank(r as u32);
         for (i, instr) in list.iter().enumerate() {
@@ -189,7 +192,7 @@ fn index(s: &Schedule, problems: &mut Vec<Problem>) -> Index {
                 if w.mb.0 >= s.micro_batches {
                     problems
                         .push(problem(at, format!("`{instr}` names {}, past the last micro-batch", w.mb)));
-                } else if !s.lane(w.mb).contains(&slot) {
+                } else if !on_lane[s.lane_of[w.mb.0 as usize] as usize].contains(&slot) {
                     problems.push(problem(at, format!("`{instr}`: {slot} is not on the lane of {}", w.mb)));
                 } else {
                     map.entry((slot, w.mb)).or_default().push(i);
@@ -249,7 +252,7 @@ fn one(
 
 /// Invariants 4 and 5.
 fn check_work(s: &Schedule, ix: &Index, problems: &mut Vec<Problem>) {
-    let mut expected_comm = HashSet::new();
+    let mut expected_comm = HashSet::default();
     for m in 0..s.micro_batches {
         let mb = MicroBatch(m);
         let lane = s.lane(mb);
