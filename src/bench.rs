@@ -714,6 +714,29 @@ fn gemm(req: &GemmRequest, tables: &mut Tables) -> Result<serde_json::Value> {
         bail!("--dtype needs at least one of f32, bf16, fp8");
     }
     let types: Vec<GemmType> = req.dtypes.iter().map(|d| GemmType::parse(d)).collect();
+    // Every case's operands are made before the first runs: an estimate of them (x and w in f32
+    // and their prepared copies, the result and the reference's) against the memory free now, so
+    // that a size too large is an error and not an allocation failure.
+    const GIB: f64 = (1u64 << 30) as f64;
+    let need: u128 = (types.iter())
+        .flat_map(|_| sizes.iter())
+        .map(|&n| {
+            let (m, k) = (req.rows.unwrap_or(n) as u128, req.k.unwrap_or(n) as u128);
+            8 * (m * k + n as u128 * k) + 8 * m * n as u128
+        })
+        .sum();
+    if let Some(free) = kiln_runtime::host::available_memory() {
+        if need > u128::from(free) {
+            bail!(
+                "--sizes {}: the cases need about {:.1} GiB of memory (each GEMM's operands in f32 and \
+                 their prepared copies, its result and the reference's), more than the {:.1} GiB free \
+                 now (MemAvailable + SwapFree in /proc/meminfo); give smaller sizes",
+                sizes.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+                need as f64 / GIB,
+                free as f64 / GIB
+            );
+        }
+    }
     // matrixmultiply reads this once, on its first call.
     std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());
 

@@ -1152,6 +1152,15 @@ fn run(command: Command) -> Result<()> {
             };
             let (path, run, finals) = report::write(&req)?;
             println!("wrote {} ({} steps, {} alerts)", path.display(), run.steps.len(), run.alerts.len());
+            if let Some(first) = run.unparsed.first() {
+                let n = run.unparsed.len();
+                eprintln!(
+                    "warning: {}: {n} line{} not JSON, left out (the first is line {first}); a run \
+                     killed while writing leaves its last line cut short",
+                    run_dir.join("metrics.jsonl").display(),
+                    if n == 1 { " is" } else { "s are" },
+                );
+            }
             for line in finals {
                 println!("{line}");
             }

@@ -34,14 +34,21 @@ pub struct Run {
     pub alerts: Vec<Value>,
     /// Every other event (skips, rollbacks, non-finite findings), in log order.
     pub events: Vec<Value>,
+    /// The lines (numbered from 1) that are not JSON, which the page leaves out.
+    pub unparsed: Vec<usize>,
 }
 
 /// Reads a run's `metrics.jsonl` text. A line that does not parse (cut short by a kill) is left
-/// out, as the loss chart does.
+/// out, as the loss chart does, and its number kept in [`Run::unparsed`] for the CLI to say.
 pub fn read(metrics: &str) -> Run {
     let mut run = Run::default();
-    for line in metrics.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+    for (i, line) in metrics.lines().enumerate() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            if !line.trim().is_empty() {
+                run.unparsed.push(i + 1);
+            }
+            continue;
+        };
         match (v.get("event").and_then(Value::as_str), v["step"].as_u64()) {
             (Some("alert"), _) => run.alerts.push(v),
             (Some(_), _) => run.events.push(v),
@@ -440,6 +447,7 @@ mod tests {
     fn the_page_has_every_chart_the_alerts_marked_and_nothing_outside_it() {
         let run = read(&metrics());
         assert_eq!((run.steps.len(), run.alerts.len(), run.events.len()), (6, 2, 1));
+        assert_eq!(run.unparsed, [11], "the line cut short, by its number");
         let page = html("t", &run);
         assert!(page.starts_with("<!DOCTYPE html>") && page.ends_with("</html>\n"));
         for id in ["loss", "grad-norm", "grad-norm-layers", "lr", "tokens-per-s"] {
