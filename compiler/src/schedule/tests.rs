@@ -115,6 +115,18 @@ fn the_simulator_reproduces_the_dualpipe_table() {
     }
 }
 
+/// The closed forms hold far past the table's sizes, where a receive waits on a chain of sends
+/// across many ranks: the simulator wakes each waiting rank when its data is sent.
+#[test]
+fn the_table_holds_at_sixty_four_ranks() {
+    let sim = run(Kind::OneFOneB, 64, 1024);
+    assert!(sim.ranks.iter().all(|r| r.bubble == 63.0 * (F + B)), "1f1b");
+    assert_eq!(sim.makespan, f64::from(1024 + 63) * (F + B));
+    let sim = run(Kind::DualPipe, 64, 256);
+    assert_eq!(max_bubble(&sim), 31.0 * (FB + B - 3.0 * W), "dualpipe");
+    assert_eq!(peak(&sim), 65, "dualpipe activations");
+}
+
 /// The step counts of the reference's example (PP = 8, 20 micro-batches; reference notes §6.3):
 /// the overlapped pairs of a rank are two per round of step 4 (less the middle ranks' first) and
 /// one per round of step 5.
