@@ -269,6 +269,22 @@ fn cases() -> Vec<(Kernel, (f32, f32))> {
         // Tiles along a symbolic dimension (FP8 training's tokens): scales padded to its size.
         (quantize(&[1, 4], false), vec!["f32[5, 2*T]"], (-3.0, 3.0)),
         (quantize(&[4, 1], true), vec!["bf16[7*T, 3]"], (-3.0, 3.0)),
+        // Column tiles (FP8 training's Wgrad operands) 16 side by side: two groups of 16 and a
+        // group of 8 tile by tile, scales padded along the symbolic rows; a ragged last row tile
+        // with power-of-two scales; a group whose codes are subnormals and zeros.
+        (quantize(&[8, 1], false), vec!["bf16[5*T, 40]"], (-3.0, 3.0)),
+        (quantize(&[8, 1], true), vec!["f32[20, 48]"], (-100.0, 100.0)),
+        (quantize(&[4, 1], false), vec!["f32[T, 16]"], (-3e-9, 3e-9)),
+        (
+            Op::Dequantize { to: DType::F32, block: vec![8, 1] },
+            vec!["f8e4m3[5*T, 40]", "f32[5*T, 40]"],
+            (-3.0, 3.0),
+        ),
+        (
+            Op::Dequantize { to: DType::BF16, block: vec![8, 1] },
+            vec!["f8e4m3[20, 48]", "f32[3, 48]"],
+            (-3.0, 3.0),
+        ),
         (
             Op::Dequantize { to: DType::F32, block: vec![4, 1] },
             vec!["f8e4m3[7*T, 3]", "f32[7*T, 3]"],

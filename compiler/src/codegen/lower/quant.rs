@@ -19,6 +19,8 @@
 //! elements at a time ([`Frame::f8_encode_vec`], lane by lane the scalar encoding), the rest alone.
 //! `dequantize`: `q * scale` in f32 rounded to the result dtype, one element per work item, or on
 //! the CPU with a last block a multiple of 16 a row per work item, its tiles in vectors of 16.
+//! On the CPU, 2-D operands in `R x 1` tiles (FP8 training's Wgrad operands: 128 tokens by one
+//! channel) take 16 tiles side by side ([`quantize_columns`], [`dequantize_columns`]).
 //!
 //! Not done: one block per tile with a shared-memory amax on the GPU (a thread per tile is correct
 //! and simple; weight tiles of 128x128 make it slow, but weights are quantised once, offline).
@@ -283,6 +285,27 @@ impl Frame<'_> {
     /// The smallest power of two >= `s` for finite positive `s`, exactly (`pow2_ceil` of the
     /// interpreter); other values unchanged. Subnormals are scaled by 2^64 first so the exponent
     /// field is meaningful.
+    /// 16 E4M3 codes (`vector<16xi8>`) decoded exactly ([`Frame::f8_decode_vec_raw`] times 2^8)
+    /// and times `scales` (`vector<16xf32>`), one rounding, as each element alone: a NaN code
+    /// gives `f8_decode`'s NaN with the code's sign.
+    fn f8_times_scales_vec(&mut self, q: &Value, scales: &Value) -> Value {
+        const VF: &str = "vector<16xf32>";
+        let up = self.b.constant("dense<256.0>", VF);
+        let v = self.f8_decode_vec_raw(q);
+        let v = self.b.op("f", format_args!("arith.mulf {v}, {up} : {VF}"));
+        let y = self.b.op("f", format_args!("arith.mulf {v}, {scales} : {VF}"));
+        let b7f = self.b.constant("dense<127>", "vector<16xi8>");
+        let mag = self.b.op("b", format_args!("arith.andi {q}, {b7f} : vector<16xi8>"));
+        let is_nan = self.b.op("p", format_args!("arith.cmpi eq, {mag}, {b7f} : vector<16xi8>"));
+        let wide = self.b.op("b", format_args!("arith.extsi {q} : vector<16xi8> to vector<16xi32>"));
+        let sign = self.b.constant(&format!("dense<{}>", i32::MIN), "vector<16xi32>");
+        let sign = self.b.op("b", format_args!("arith.andi {wide}, {sign} : vector<16xi32>"));
+        let qnan = self.b.constant("dense<2143289344>", "vector<16xi32>");
+        let nan = self.b.op("b", format_args!("arith.ori {sign}, {qnan} : vector<16xi32>"));
+        let nan = self.b.op("f", format_args!("arith.bitcast {nan} : vector<16xi32> to {VF}"));
+        self.b.op("s", format_args!("arith.select {is_nan}, {nan}, {y} : vector<16xi1>, {VF}"))
+    }
+
     fn pow2_ceil(&mut self, s: &Value) -> Value {
         let bits = self.b.op("q", format_args!("arith.bitcast {s} : f32 to i32"));
         let min_normal = self.i32c(0x0080_0000);
@@ -431,6 +454,14 @@ pub(super) fn quantize(f: &mut Frame, spec: &QuantSpec) -> Result<LaunchShape, L
     let tiles = tiles_of(f, "quantize", &shape, &spec.block, &scales)?;
     let n = f.result(1).ty.numel().ok_or_else(|| f.unsupported("quantize", "too many tiles"))?;
     let (q_buf, s_buf) = (f.kernel.args.len(), f.kernel.args.len() + 1);
+    let codes = f.result(0).ty.dtype == kiln_ir::DType::F8E4M3;
+    if let (Some(cols), true) = (column_tiles(f, &shape, &spec.block), codes) {
+        let groups = cols.div_ceil(16);
+        let work = scales[0]
+            .checked_mul(Dim::known(groups))
+            .ok_or_else(|| f.unsupported("quantize", "too many tiles"))?;
+        return Ok(quantize_columns(f, spec, &tiles, cols, work, (q_buf, s_buf)));
+    }
     Ok(each_element(f, n, |f, tile| {
         let coords = tile_coords(f, &tiles, tile);
         // A padding slot (a coordinate at or past its dimension's tile count) holds 0.
@@ -503,7 +534,6 @@ fn dequantize_rows(f: &mut Frame, tiles: &Tiles, rows: Dim, out: usize) -> Launc
     let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
     let (zero, one, sixteen) = (f.b.index(0), f.b.index(1), f.b.index(16));
     let (view, memref) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone());
-    let up = f.b.constant("dense<256.0>", VF);
     for_loop(f, &lo, &hi, &one, |f, r| {
         // The row's scale slot of tile 0 (row-major over the slots), from its coordinates.
         let mut rest = r.clone();
@@ -534,20 +564,7 @@ fn dequantize_rows(f: &mut Frame, tiles: &Tiles, rows: Dim, out: usize) -> Launc
             for_loop(f, &start, &split, &sixteen, |f, i| {
                 let i = f.b.addi(&base, i);
                 let q = f.b.op("q", format_args!("vector.load {view}[{i}] : {memref}, vector<16xi8>"));
-                let v = f.f8_decode_vec_raw(&q);
-                let v = f.b.op("f", format_args!("arith.mulf {v}, {up} : {VF}"));
-                let y = f.b.op("f", format_args!("arith.mulf {v}, {vs} : {VF}"));
-                // A NaN code's result is `f8_decode`'s NaN with the code's sign, as alone.
-                let b7f = f.b.constant("dense<127>", "vector<16xi8>");
-                let mag = f.b.op("b", format_args!("arith.andi {q}, {b7f} : vector<16xi8>"));
-                let is_nan = f.b.op("p", format_args!("arith.cmpi eq, {mag}, {b7f} : vector<16xi8>"));
-                let wide = f.b.op("b", format_args!("arith.extsi {q} : vector<16xi8> to vector<16xi32>"));
-                let sign = f.b.constant(&format!("dense<{}>", i32::MIN), "vector<16xi32>");
-                let sign = f.b.op("b", format_args!("arith.andi {wide}, {sign} : vector<16xi32>"));
-                let qnan = f.b.constant("dense<2143289344>", "vector<16xi32>");
-                let nan = f.b.op("b", format_args!("arith.ori {sign}, {qnan} : vector<16xi32>"));
-                let nan = f.b.op("f", format_args!("arith.bitcast {nan} : vector<16xi32> to {VF}"));
-                let y = f.b.op("s", format_args!("arith.select {is_nan}, {nan}, {y} : vector<16xi1>, {VF}"));
+                let y = f.f8_times_scales_vec(&q, &vs);
                 f.store_vec(out, &i, &y);
             });
             for_loop(f, &split, &end, &one, |f, i| {
@@ -637,6 +654,148 @@ fn quantize_tile_vec(
     });
 }
 
+/// The CPU's column tiles: a 2-D operand in tiles of `R x 1` (FP8 training's Wgrad operands, 128
+/// tokens by one channel) with a known number of columns, whose tiles side by side along a row are
+/// contiguous. Returns the columns.
+fn column_tiles(f: &Frame, shape: &[Dim], block: &[u64]) -> Option<u64> {
+    let cpu = f.target == super::Target::Cpu;
+    let first = &f.bufs[0].ty;
+    let plain =
+        |d: kiln_ir::DType| matches!(d, kiln_ir::DType::F32 | kiln_ir::DType::BF16 | kiln_ir::DType::F16);
+    let operands = (first.dtype == kiln_ir::DType::F8E4M3
+        || (plain(first.dtype) && f.kernel.args.len() == 1))
+        && (first.dtype != kiln_ir::DType::F8E4M3 || f.kernel.args.len() == 2);
+    (cpu && operands && shape.len() == 2 && block.len() == 2 && block[1] == 1 && block[0] >= 1)
+        .then(|| shape[1].as_known())
+        .flatten()
+        .filter(|&c| c > 0)
+}
+
+/// `quantize` in `R x 1` tiles on the CPU ([`column_tiles`]): a work item per row of tiles and
+/// group of 16 columns, the 16 tiles of a group side by side: their amaxes as one vector over the
+/// tile's rows, their scales and codes 16 at a time (each lane the scalar's: the same maximum, the
+/// same division, [`Frame::f8_encode_vec`]), a last group narrower than 16 tile by tile as
+/// [`quantize_tile`] does it. Padding rows of scales (a symbolic row count) hold zeros. A work item
+/// per tile had read each row's 16 values one at a time, and a padded slot cost a work item of its
+/// own (127 of 128 along FP8 training's tokens).
+fn quantize_columns(
+    f: &mut Frame,
+    spec: &QuantSpec,
+    tiles: &Tiles,
+    cols: u64,
+    work: Dim,
+    (q_buf, s_buf): (usize, usize),
+) -> LaunchShape {
+    const VF: &str = "vector<16xf32>";
+    let groups = cols.div_ceil(16);
+    let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let (one, sixteen) = (f.b.index(1), f.b.index(16));
+    let (gv, cv, full) = (f.b.index(groups as i64), f.b.index(cols as i64), f.b.index((cols / 16) as i64));
+    let (qview, qmemref) = (f.bufs[q_buf].view.clone(), f.bufs[q_buf].memref.clone());
+    for_loop(f, &lo, &hi, &one, |f, item| {
+        let t = f.b.divui(item, &gv);
+        let g = f.b.remui(item, &gv);
+        let c0 = f.b.muli(&g, &sixteen);
+        let trow = f.b.muli(&t, &cv);
+        let slot0 = f.b.addi(&trow, &c0);
+        let pad = f.cmp("uge", &t, &tiles.counts[0], "index");
+        let end_c = f.b.addi(&c0, &sixteen);
+        let end_c = f.b.minui(&end_c, &cv);
+        if_then(f, &pad, |f| {
+            let fzero = f.b.f32(0.0);
+            for_loop(f, &c0, &end_c, &one, |f, c| {
+                let at = f.b.addi(&trow, c);
+                f.store(s_buf, &at, &fzero);
+            });
+        });
+        let yes = f.b.constant("1", "i1");
+        let keep = f.b.op("p", format_args!("arith.xori {pad}, {yes} : i1"));
+        let whole = f.cmp("ult", &g, &full, "index");
+        let vector = f.b.op("p", format_args!("arith.andi {keep}, {whole} : i1"));
+        let r0 = f.b.muli(&t, &tiles.block[0]);
+        let r1 = f.b.addi(&r0, &tiles.block[0]);
+        let r1 = f.b.minui(&r1, &tiles.dims[0]);
+        if_then(f, &vector, |f| {
+            let vzero = f.b.constant("dense<0.0>", VF);
+            let amax = for_carry(f, &r0, &r1, &one, &[(vzero, VF)], |f, r, acc| {
+                let base = f.b.muli(r, &cv);
+                let at = f.b.addi(&base, &c0);
+                let x = f.load_vec(0, &at);
+                let neg = f.b.op("f", format_args!("arith.negf {x} : {VF}"));
+                let a = f.b.op("f", format_args!("arith.maximumf {x}, {neg} : {VF}"));
+                vec![f.b.op("f", format_args!("arith.maximumf {}, {a} : {VF}", acc[0]))]
+            })
+            .remove(0);
+            let floor = f.b.f32(spec.amax_floor);
+            let floor = f.b.op("s", format_args!("vector.broadcast {floor} : f32 to {VF}"));
+            let floored = f.b.op("f", format_args!("arith.maximumf {amax}, {floor} : {VF}"));
+            let nan = f.b.op("p", format_args!("arith.cmpf uno, {amax}, {amax} : {VF}"));
+            let amax =
+                f.b.op("s", format_args!("arith.select {nan}, {amax}, {floored} : vector<16xi1>, {VF}"));
+            let max = f.b.constant("dense<448.0>", VF);
+            let mut scale = f.b.op("f", format_args!("arith.divf {amax}, {max} : {VF}"));
+            if spec.pow2_scale {
+                for lane in 0..16 {
+                    let x = f.b.op("s", format_args!("vector.extract {scale}[{lane}] : f32 from {VF}"));
+                    let p = f.pow2_ceil(&x);
+                    scale = f.b.op("s", format_args!("vector.insert {p}, {scale} [{lane}] : f32 into {VF}"));
+                }
+            }
+            f.store_vec(s_buf, &slot0, &scale);
+            for_loop(f, &r0, &r1, &one, |f, r| {
+                let base = f.b.muli(r, &cv);
+                let at = f.b.addi(&base, &c0);
+                let x = f.load_vec(0, &at);
+                let q = f.b.op("f", format_args!("arith.divf {x}, {scale} : {VF}"));
+                let codes = f.f8_encode_vec(&q);
+                f.b.line(format_args!("vector.store {codes}, {qview}[{at}] : {qmemref}, vector<16xi8>"));
+            });
+        });
+        let narrow = f.b.op("p", format_args!("arith.xori {whole}, {yes} : i1"));
+        let narrow = f.b.op("p", format_args!("arith.andi {keep}, {narrow} : i1"));
+        if_then(f, &narrow, |f| {
+            for_loop(f, &c0, &end_c, &one, |f, c| {
+                let slot = f.b.addi(&trow, c);
+                quantize_tile(f, spec, tiles, &[t.clone(), c.clone()], &slot, (q_buf, s_buf));
+            });
+        });
+    });
+    LaunchShape::Cpu { work }
+}
+
+/// `dequantize` in `R x 1` tiles on the CPU ([`column_tiles`]): a work item per row, each group
+/// of 16 columns decoded as [`dequantize_rows`] decodes and times its 16 scales (one row of the
+/// scales, contiguous), a last group narrower than 16 element by element.
+fn dequantize_columns(f: &mut Frame, tiles: &Tiles, cols: u64, rows: Dim, out: usize) -> LaunchShape {
+    let (lo, hi) = f.range.clone().expect("CPU frames have a work range");
+    let (zero, one, sixteen) = (f.b.index(0), f.b.index(1), f.b.index(16));
+    let cv = f.b.index(cols as i64);
+    let split = f.b.index((cols / 16 * 16) as i64);
+    let (view, memref) = (f.bufs[0].view.clone(), f.bufs[0].memref.clone());
+    for_loop(f, &lo, &hi, &one, |f, r| {
+        let t = f.b.divui(r, &tiles.block[0]);
+        let srow = f.b.muli(&t, &tiles.slots[1]);
+        let base = f.b.muli(r, &cv);
+        for_loop(f, &zero, &split, &sixteen, |f, c| {
+            let i = f.b.addi(&base, c);
+            let at = f.b.addi(&srow, c);
+            let vs = f.load_vec(1, &at);
+            let q = f.b.op("q", format_args!("vector.load {view}[{i}] : {memref}, vector<16xi8>"));
+            let y = f.f8_times_scales_vec(&q, &vs);
+            f.store_vec(out, &i, &y);
+        });
+        for_loop(f, &split, &cv, &one, |f, c| {
+            let i = f.b.addi(&base, c);
+            let at = f.b.addi(&srow, c);
+            let q = f.load(0, &i);
+            let s = f.load(1, &at);
+            let y = f.binf("mulf", &q, &s);
+            f.store(out, &i, &y);
+        });
+    });
+    LaunchShape::Cpu { work: rows }
+}
+
 /// Runs `row(f, row base)` for every row of the tile at `coords` (see [`fold_rows`]).
 fn each_row(
     f: &mut Frame,
@@ -704,6 +863,13 @@ pub(super) fn dequantize(f: &mut Frame, block: &[u64]) -> Result<LaunchShape, Lo
         && block.last().is_some_and(|b| b % 16 == 0);
     if let (true, Some(rows)) = (vector, rows) {
         return Ok(dequantize_rows(f, &tiles, rows, out));
+    }
+    let to = f.bufs[out].ty.dtype;
+    if let (Some(cols), true) = (
+        column_tiles(f, &shape, block),
+        matches!(to, kiln_ir::DType::F32 | kiln_ir::DType::BF16 | kiln_ir::DType::F16),
+    ) {
+        return Ok(dequantize_columns(f, &tiles, cols, shape[0], out));
     }
     Ok(each_element(f, n, |f, i| {
         // The element's coordinates, then its tile's scale index (row-major over tile counts).
