@@ -43,7 +43,8 @@ impl Group {
         Group { nodes: nodes.into_iter().collect(), cloned: BTreeSet::new(), anchor }
     }
 
-    /// The moved and the copied-in nodes, in order.
+    /// The moved and the copied-in nodes, in position order (the body lists them in
+    /// [`Ctx::ordered`]'s).
     fn members(&self) -> Vec<usize> {
         let mut all: Vec<usize> = self.nodes.iter().chain(&self.cloned).copied().collect();
         all.sort_unstable();
@@ -461,7 +462,7 @@ impl<'g> Ctx<'g> {
                 body.add_node(Op::Input { name }, &[], vec![self.g.ty(v).clone()], None).map_err(err)?;
             map.insert(v, r[0]);
         }
-        let all = group.members();
+        let all = self.ordered(group);
         self.count(all.len());
         for &p in &all {
             let node = self.node(p);
@@ -491,13 +492,56 @@ impl<'g> Ctx<'g> {
         Ok(body)
     }
 
+    /// The members of a group in the order its body lists them: depth first from the group's
+    /// outputs (then from any member no output reaches), each member after the members it reads,
+    /// which are taken in operand order. The order follows the group's structure, not where its
+    /// nodes sit in the graph, so two groups that compute the same thing get the same body and
+    /// share a kernel: a GEMM's `dequantize`s are copied in wherever the two operands' nodes were
+    /// made (a weight's often at the start of its layer, an activation's where an earlier GEMM
+    /// made it), and DeepSeek-V3's `q_a_proj` and the decode step's copy of it (the same GEMM)
+    /// were two kernels when members were listed by position.
+    fn ordered(&self, group: &Group) -> Vec<usize> {
+        let members = group.members();
+        if members.len() < 2 {
+            return members;
+        }
+        let set: HashSet<usize> = members.iter().copied().collect();
+        let mut visited: HashSet<usize> = HashSet::default();
+        let mut order = Vec::with_capacity(members.len());
+        let outputs: Vec<usize> = self.outputs(group).iter().map(|&v| self.producer(v)).collect();
+        let mut stack: Vec<(usize, usize)> = Vec::new();
+        for root in outputs.into_iter().chain(members.iter().copied()) {
+            if !visited.insert(root) {
+                continue;
+            }
+            stack.push((root, 0));
+            while let Some((p, next)) = stack.last_mut() {
+                let inputs = &self.node(*p).inputs;
+                match inputs.get(*next) {
+                    Some(&v) => {
+                        *next += 1;
+                        let q = self.producer(v);
+                        if set.contains(&q) && visited.insert(q) {
+                            stack.push((q, 0));
+                        }
+                    }
+                    None => {
+                        order.push(*p);
+                        stack.pop();
+                    }
+                }
+            }
+        }
+        order
+    }
+
     /// The inputs of a group's fused node, in the order of its body's inputs: each value a member
     /// reads that no earlier member defines and that is not a constant, once, in order.
     pub fn inputs(&self, group: &Group) -> Vec<ValueId> {
         let mut defined: HashSet<ValueId> = HashSet::default();
         let mut listed: HashSet<ValueId> = HashSet::default();
         let mut ins = Vec::new();
-        for p in group.members() {
+        for p in self.ordered(group) {
             let node = self.node(p);
             for &v in &node.inputs {
                 let constant = matches!(self.node(self.producer(v)).op, Op::Constant { .. });
@@ -534,7 +578,7 @@ impl<'g> Ctx<'g> {
         let mut key: Key<'g> = Vec::new();
         let mut local: HashMap<ValueId, Token<'g>> = HashMap::default();
         let (mut args, mut constants) = (0, 0);
-        for (m, p) in group.members().into_iter().enumerate() {
+        for (m, p) in self.ordered(group).into_iter().enumerate() {
             let node = self.node(p);
             key.push(match self.fused_class[p] {
                 u32::MAX => Token::Op(&node.op),
