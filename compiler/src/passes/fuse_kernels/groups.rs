@@ -492,25 +492,29 @@ impl<'g> Ctx<'g> {
         Ok(body)
     }
 
-    /// The members of a group in the order its body lists them: depth first from the group's
-    /// outputs (then from any member no output reaches), each member after the members it reads,
-    /// which are taken in operand order. The order follows the group's structure, not where its
-    /// nodes sit in the graph, so two groups that compute the same thing get the same body and
-    /// share a kernel: a GEMM's `dequantize`s are copied in wherever the two operands' nodes were
-    /// made (a weight's often at the start of its layer, an activation's where an earlier GEMM
-    /// made it), and DeepSeek-V3's `q_a_proj` and the decode step's copy of it (the same GEMM)
-    /// were two kernels when members were listed by position.
+    /// The members of a group in the order its body lists them: depth first from its last member
+    /// (which no member reads; then from any member that walk did not reach, last first), each
+    /// member after the members it reads, which are taken in operand order. The order follows the
+    /// group's structure, not where its nodes sit in the graph, so two groups that compute the
+    /// same thing get the same body and share a kernel: a GEMM's `dequantize`s are copied in from
+    /// wherever the two operands' nodes were made (a weight's often at the start of its layer, an
+    /// activation's where an earlier GEMM quantised it), and DeepSeek-V3's `q_a_proj` and
+    /// `kv_a_proj` were two kernels each, one per program, when members were listed by position.
     fn ordered(&self, group: &Group) -> Vec<usize> {
         let members = group.members();
         if members.len() < 2 {
             return members;
         }
-        let set: HashSet<usize> = members.iter().copied().collect();
-        let mut visited: HashSet<usize> = HashSet::default();
+        let mut in_group = self.in_group.borrow_mut();
+        in_group.clear();
+        for &m in &members {
+            in_group.insert(m);
+        }
+        let mut visited = self.seen.borrow_mut();
+        visited.clear();
         let mut order = Vec::with_capacity(members.len());
-        let outputs: Vec<usize> = self.outputs(group).iter().map(|&v| self.producer(v)).collect();
         let mut stack: Vec<(usize, usize)> = Vec::new();
-        for root in outputs.into_iter().chain(members.iter().copied()) {
+        for &root in members.iter().rev() {
             if !visited.insert(root) {
                 continue;
             }
@@ -521,7 +525,7 @@ impl<'g> Ctx<'g> {
                     Some(&v) => {
                         *next += 1;
                         let q = self.producer(v);
-                        if set.contains(&q) && visited.insert(q) {
+                        if in_group.contains(q) && visited.insert(q) {
                             stack.push((q, 0));
                         }
                     }
