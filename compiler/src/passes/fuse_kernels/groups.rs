@@ -176,6 +176,57 @@ impl Marks {
     }
 }
 
+/// What [`Ctx::key`] knows of a value a group's members read or make: the [`Token`] its next
+/// reads get.
+#[derive(Clone, Copy, Debug)]
+enum Local {
+    Arg(u32),
+    Again(u32),
+    Member(u32, u32),
+}
+
+impl Local {
+    fn token<'g>(self) -> Token<'g> {
+        match self {
+            Local::Arg(i) => Token::Arg(i),
+            Local::Again(i) => Token::Again(i),
+            Local::Member(m, r) => Token::Member(m, r),
+        }
+    }
+}
+
+/// A map from value ids to [`Local`]s, emptied in O(1) like [`Marks`]: [`Ctx::key`]'s. A hash map
+/// there cost more than the rest of the key on a train step, whose rules ask for the key of every
+/// candidate they try.
+struct Locals {
+    epoch: u32,
+    slots: Vec<(u32, Local)>,
+}
+
+impl Locals {
+    fn new(len: usize) -> Locals {
+        Locals { epoch: 0, slots: vec![(0, Local::Arg(0)); len] }
+    }
+
+    /// Empties the map; call before each use.
+    fn clear(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.slots.iter_mut().for_each(|s| s.0 = 0);
+            self.epoch = 1;
+        }
+    }
+
+    fn get(&self, v: ValueId) -> Option<Local> {
+        let (epoch, l) = self.slots[v.as_u32() as usize];
+        (epoch == self.epoch).then_some(l)
+    }
+
+    fn insert(&mut self, v: ValueId, l: Local) {
+        self.slots[v.as_u32() as usize] = (self.epoch, l);
+    }
+}
+
 /// The graph in order, with node positions: groups are sets of positions.
 pub(super) struct Ctx<'g> {
     pub g: &'g Graph,
@@ -203,6 +254,8 @@ pub(super) struct Ctx<'g> {
     /// has seen.
     in_group: RefCell<Marks>,
     seen: RefCell<Marks>,
+    /// Scratch for [`Ctx::key`].
+    locals: RefCell<Locals>,
     analyses: RefCell<Analyses<'g>>,
     work: Cell<Work>,
 }
@@ -303,6 +356,7 @@ impl<'g> Ctx<'g> {
             pivots,
             in_group: RefCell::new(Marks::new(taken.len())),
             seen: RefCell::new(Marks::new(taken.len())),
+            locals: RefCell::new(Locals::new(values)),
             taken,
             analyses: RefCell::default(),
             work,
@@ -576,28 +630,32 @@ impl<'g> Ctx<'g> {
         out
     }
 
-    /// The key of a group's body (see [`Key`]).
+    /// The key of a group's body (see [`Key`]). It lists the members by position, which is cheaper
+    /// than [`Ctx::ordered`] (a rule asks for the key of every candidate it tries) and enough:
+    /// groups with equal keys are the same graph, member for member in position order, so the
+    /// structural order picks corresponding members in both, and their bodies are equal.
     fn key(&self, group: &Group) -> Key<'g> {
         let g = self.g;
         let mut key: Key<'g> = Vec::new();
-        let mut local: HashMap<ValueId, Token<'g>> = HashMap::default();
+        let mut local = self.locals.borrow_mut();
+        local.clear();
         let (mut args, mut constants) = (0, 0);
-        for (m, p) in self.ordered(group).into_iter().enumerate() {
+        for (m, p) in group.members().into_iter().enumerate() {
             let node = self.node(p);
             key.push(match self.fused_class[p] {
                 u32::MAX => Token::Op(&node.op),
                 class => Token::Fused(class),
             });
             for &v in &node.inputs {
-                let t = match local.get(&v) {
-                    Some(&t) => t,
+                let t = match local.get(v) {
+                    Some(l) => l.token(),
                     None if matches!(self.node(self.producer(v)).op, Op::Constant { .. }) => {
-                        local.insert(v, Token::Again(constants));
+                        local.insert(v, Local::Again(constants));
                         constants += 1;
                         Token::Constant(&self.node(self.producer(v)).op, g.ty(v))
                     }
                     None => {
-                        local.insert(v, Token::Arg(args));
+                        local.insert(v, Local::Arg(args));
                         args += 1;
                         Token::NewArg(g.ty(v))
                     }
@@ -606,12 +664,12 @@ impl<'g> Ctx<'g> {
             }
             for (r, &v) in node.results.iter().enumerate() {
                 key.push(Token::Result(g.ty(v)));
-                local.insert(v, Token::Member(m as u32, r as u32));
+                local.insert(v, Local::Member(m as u32, r as u32));
             }
         }
         for v in self.outputs(group) {
-            match local[&v] {
-                Token::Member(m, r) => key.push(Token::Output(m, r)),
+            match local.get(v) {
+                Some(Local::Member(m, r)) => key.push(Token::Output(m, r)),
                 other => unreachable!("an output of a group is a member's result, not {other:?}"),
             }
         }
