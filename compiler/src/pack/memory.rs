@@ -35,7 +35,9 @@
 //! sizes at run time.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt::Write;
 
 use kiln_ir::artifact::{Buffer, BufferId, BufferKind, Storage, ARENA_ALIGN};
@@ -141,7 +143,7 @@ pub fn plan_memory(
 
     // Buffers in order of definition; the op that defines each.
     let mut values: Vec<(ValueId, &Op)> = Vec::new();
-    let mut of_value = HashMap::new();
+    let mut of_value = HashMap::default();
     for n in g.nodes() {
         let node = g.node(n);
         for &r in &node.results {
@@ -178,8 +180,8 @@ pub fn plan_memory(
     // it updates it in place. The output's value takes the state's storage when that is safe: a
     // `cache_update` of the state's input (it writes the new slots into the cache it was given),
     // or a value computed after the last read of the state's old value.
-    let mut states: HashMap<usize, String> = HashMap::new();
-    let mut in_place: HashMap<usize, usize> = HashMap::new();
+    let mut states: HashMap<usize, String> = HashMap::default();
+    let mut in_place: HashMap<usize, usize> = HashMap::default();
     let inputs: HashMap<&str, ValueId> = g.inputs().into_iter().collect();
     for &name in state_names {
         if let Some(&v) = inputs.get(name) {
@@ -200,7 +202,7 @@ pub fn plan_memory(
     // a runtime step reads: a train step updates thousands of states, and scanning the steps
     // after each update for a late read was quadratic in the model's depth.
     let mut last_read: Vec<Option<usize>> = vec![None; values.len()];
-    let mut runtime_last: HashMap<ValueId, usize> = HashMap::new();
+    let mut runtime_last: HashMap<ValueId, usize> = HashMap::default();
     for (i, step) in plan.steps.iter().enumerate() {
         let read = |v: &ValueId, last: &mut Vec<Option<usize>>| {
             if let Ok(b) = id(*v) {
