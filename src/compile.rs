@@ -16,7 +16,8 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use kiln_compiler::codegen::{cpu, form_kernels, gpu, Step as KernelStep};
+use kiln_compiler::codegen::emit::KernelTime;
+use kiln_compiler::codegen::{cpu, form_kernels, gpu, Step as KernelStep, Target};
 use kiln_compiler::pack::{self, Artifact, Dump, Observer, Options, Prepared, Source, Stage, Targets};
 use kiln_compiler::schedule::Kind;
 use kiln_compiler::spec;
@@ -400,7 +401,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
     if let (Some(dir), Built::Artifact(a)) = (&req.output, &built) {
         pack::write(a, dir)?;
         if req.json {
-            let mut doc = json_summary(dir, &a.manifest, &watch.timings);
+            let mut doc = json_summary(dir, &a.manifest, &watch.timings, &a.kernel_times);
             let cache = &a.kernel_cache;
             let used = |u: Option<kiln_compiler::codegen::cache::Use>| {
                 u.map(|u| serde_json::json!({"found": u.found, "compiled": u.compiled}))
@@ -430,6 +431,7 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
         out.write_all(timings(&watch.timings).as_bytes())?;
         if let Built::Artifact(a) = &built {
             out.write_all(kernel_cache_lines(&a.kernel_cache).as_bytes())?;
+            out.write_all(slowest_kernels(&a.manifest, &a.kernel_times).as_bytes())?;
         }
     }
     // The process ends next and its memory goes back whole: freeing a DeepSeek-V3 compile (module,
@@ -561,8 +563,46 @@ fn kernel_cache_lines(report: &kiln_compiler::codegen::cache::Report) -> String 
     out
 }
 
+/// Kernels `--timings` names, at most.
+const SLOWEST: usize = 5;
+
+/// What `--timings` says of emission: per target, the kernels compiled (those the cache held cost
+/// nothing) and the CPU time they took in all, then the slowest [`SLOWEST`], each with its label.
+/// The times are each kernel's thread's CPU time: they add up to more than the stage's wall time
+/// where kernels were compiled side by side.
+fn slowest_kernels(m: &Manifest, times: &[KernelTime]) -> String {
+    if times.is_empty() {
+        return String::new();
+    }
+    let mut parts = Vec::new();
+    for target in [Target::Cpu, Target::Gpu] {
+        let (n, total) = (times.iter().filter(|t| t.target == target))
+            .fold((0, Duration::ZERO), |(n, total), t| (n + 1, total + t.cpu));
+        if n > 0 {
+            let what = if n == 1 { "kernel" } else { "kernels" };
+            let target = target.to_string().to_uppercase();
+            parts.push(format!("{n} {target} {what} in {:.2} s", total.as_secs_f64()));
+        }
+    }
+    let mut out = format!("emitted: {} of CPU time (each kernel's thread)\n", parts.join(", "));
+    let mut slowest: Vec<&KernelTime> = times.iter().collect();
+    slowest.sort_by(|a, b| b.cpu.cmp(&a.cpu).then_with(|| a.kernel.cmp(&b.kernel)));
+    use crate::table::Align::{Left, Right};
+    let mut table =
+        crate::table::new(&[("slowest to emit", Left), ("target", Left), ("label", Left), ("cpu", Right)]);
+    for t in slowest.into_iter().take(SLOWEST) {
+        let label = (m.kernels.iter().find(|k| k.name == t.kernel))
+            .and_then(|k| k.label.clone())
+            .unwrap_or_else(|| "-".into());
+        let cpu = format!("{:.1} ms", t.cpu.as_secs_f64() * 1e3);
+        table.add_row(vec![t.kernel.clone(), t.target.to_string(), label, cpu]);
+    }
+    out.push_str(&crate::table::render(&table));
+    out
+}
+
 /// `--json`: what [`summary`] says, and per kernel and per stage.
-fn json_summary(dir: &Path, m: &Manifest, rows: &[Row]) -> serde_json::Value {
+fn json_summary(dir: &Path, m: &Manifest, rows: &[Row], times: &[KernelTime]) -> serde_json::Value {
     use serde_json::json;
     let launches_of = |p: &kiln_ir::artifact::Program| {
         let mut n = vec![0u64; m.kernels.len()];
@@ -584,7 +624,13 @@ fn json_summary(dir: &Path, m: &Manifest, rows: &[Row]) -> serde_json::Value {
         .map(|(i, k)| {
             let launches: serde_json::Map<String, serde_json::Value> =
                 (m.programs.iter().zip(&per_program)).map(|(p, n)| (p.name.clone(), n[i].into())).collect();
-            json!({"name": k.name, "cpu": k.cpu.is_some(), "gpu": k.gpu.is_some(), "launches": launches})
+            // What emitting it cost, per target it was compiled for here (not taken from the cache).
+            let emit: serde_json::Map<String, serde_json::Value> = (times.iter())
+                .filter(|t| t.kernel == k.name)
+                .map(|t| (t.target.to_string(), (t.cpu.as_secs_f64() * 1e3).into()))
+                .collect();
+            json!({"name": k.name, "cpu": k.cpu.is_some(), "gpu": k.gpu.is_some(), "launches": launches,
+                   "emit_cpu_ms": emit})
         })
         .collect();
     let files: Vec<serde_json::Value> =

@@ -57,6 +57,7 @@ use crate::build::{
     build_cached, build_draft, build_graph, build_prefill_last, build_score, build_speculative, BuildError,
     Phase,
 };
+use crate::codegen::emit::KernelTime;
 use crate::codegen::{
     cache, cpu, form_programs, gpu, lower_kernel, EmitError, FormError, KernelPlan, LaunchShape, LowerError,
     LoweredModule, Step, Target,
@@ -407,6 +408,9 @@ pub struct Artifact {
     pub ptxas: Option<BTreeMap<String, PtxasStats>>,
     /// What came from the kernel cache ([`cache`]).
     pub kernel_cache: cache::Report,
+    /// What each kernel compiled (not found in the cache) cost to emit, CPU kernels then GPU ones,
+    /// each in kernel order.
+    pub kernel_times: Vec<KernelTime>,
     pub prepared: Prepared,
 }
 
@@ -843,8 +847,8 @@ const LINK_DIR_PREFIX: &str = "kiln-pack-";
 
 /// Links the CPU library in a private temporary directory and returns its bytes. The directories
 /// that killed earlier compiles left there are removed first.
-fn shared_library(module: &LoweredModule) -> Result<(Vec<u8>, cache::Use), CompileError> {
-    let (objects, used) = cache::objects(module)?;
+fn shared_library(module: &LoweredModule) -> Result<(Vec<u8>, cache::Use, Vec<KernelTime>), CompileError> {
+    let (objects, used, times) = cache::objects(module)?;
     let temp = std::env::temp_dir();
     let link_error =
         |path: &std::path::Path, message: String| EmitError::Link { path: path.to_path_buf(), message };
@@ -857,7 +861,7 @@ fn shared_library(module: &LoweredModule) -> Result<(Vec<u8>, cache::Use), Compi
     let path = dir.path().join(artifact::KERNELS_SO);
     let bytes = cpu::link_objects(&objects, &path)
         .and_then(|()| std::fs::read(&path).map_err(|e| link_error(&path, e.to_string())));
-    Ok((bytes?, used))
+    Ok((bytes?, used, times))
 }
 
 /// SHA-256 as 64 lowercase hex digits.
@@ -905,6 +909,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut report = None;
     let mut kernel_cache = cache::Report::default();
+    let (mut cpu_times, mut gpu_times) = (Vec::new(), Vec::new());
     let p = &prepared;
     rayon::in_place_scope(|s| -> Result<(), CompileError> {
         let out = &mut texts;
@@ -919,7 +924,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
         s.spawn(move |_| *out = Some(manifest(p, options, host, Vec::new())));
         let ptx = match (&p.gpu, &p.ptxas) {
             (Some(module), Some(tool)) => {
-                let ((ptx, used), checked) = stage(
+                let ((ptx, used, times), checked) = stage(
                     obs,
                     Stage::EmitGpu,
                     || {
@@ -931,9 +936,10 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
                         };
                         Ok((ptx, checked))
                     },
-                    |((ptx, _), _)| Dump::Ptx(ptx),
+                    |((ptx, _, _), _)| Dump::Ptx(ptx),
                 )?;
                 kernel_cache.gpu = Some(used);
+                gpu_times = times;
                 report = checked;
                 Some((ptx, tool))
             }
@@ -954,7 +960,7 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
                         Ok((so?, checked.transpose()?))
                     })
                 },
-                |((so, _), _)| Dump::Library {
+                |((so, _, _), _)| Dump::Library {
                     bytes: so.len(),
                     symbols: (module.kernels.iter())
                         .map(|k| format!("{}{}", k.name, cpu::PACKED_SUFFIX))
@@ -964,8 +970,9 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
             if checked.is_some() {
                 report = checked;
             }
-            let (so, used) = so;
+            let (so, used, times) = so;
             kernel_cache.cpu = Some(used);
+            cpu_times = times;
             files.push((artifact::KERNELS_SO.into(), so));
         }
         if let Some((ptx, _)) = ptx {
@@ -995,7 +1002,8 @@ pub fn emit(prepared: Prepared, options: &Options, obs: &mut dyn Observer) -> Re
     checked.map_err(|e| CompileError::Internal(format!("the manifest kiln made is invalid: {e}")))?;
     let manifest_json = manifest_json?;
     obs.finished(Stage::Pack, &Dump::Manifest(&manifest_json));
-    Ok(Artifact { manifest, manifest_json, files, ptxas, kernel_cache, prepared })
+    let kernel_times = cpu_times.into_iter().chain(gpu_times).collect();
+    Ok(Artifact { manifest, manifest_json, files, ptxas, kernel_cache, kernel_times, prepared })
 }
 
 /// Runs the whole pipeline: [`prepare`], then [`emit`].

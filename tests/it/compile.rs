@@ -562,8 +562,9 @@ fn report_lists_kernels_with_ptxas_numbers() {
 fn timings_have_a_row_per_stage_and_print_after_shows_a_stage() {
     let out = kiln(&["compile", SMALL, "--target", "all", "--timings", "--print-after", "plan-memory"]);
     assert!(out.ok, "{}", out.stderr);
+    // The stages' table, then what the kernel cache held and what the kernels it did not cost.
     let stages: Vec<&str> = (out.stdout.lines().skip(1))
-        .filter(|l| !l.starts_with("kernel cache: "))
+        .take_while(|l| !l.starts_with("kernel cache: "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert_eq!(stages, ["build", "kernels", "plan-memory", "lower", "emit-gpu", "emit-cpu", "pack", "total"]);
@@ -838,20 +839,25 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
             .unwrap_or_else(|| panic!("{}", r.stdout));
         let numbers: Vec<u64> =
             line.split_whitespace().filter_map(|w| w.trim_end_matches(',').parse().ok()).collect();
-        (line.to_string(), numbers)
+        // What emitting cost: a line for the kernels compiled, none where the cache held them all.
+        let emitted = r.stdout.lines().find(|l| l.starts_with("emitted: ")).map(str::to_string);
+        (line.to_string(), numbers, emitted)
     };
     let library = |out: &str| std::fs::read(s.path(out).join("kernels.so")).unwrap();
     let entries =
         || std::fs::read_dir(&cache).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect::<Vec<_>>();
 
-    let (line, first) = compile("first", "2", &[]);
+    let (line, first, emitted) = compile("first", "2", &[]);
     let n = first[1];
     assert!(n > 10, "{line}");
+    let emitted = emitted.unwrap_or_else(|| panic!("no `emitted:` line after {line}"));
+    assert!(emitted.starts_with(&format!("emitted: {n} CPU kernels in ")), "{emitted}");
     assert_eq!(first, [0, n, n], "{line}");
     assert!(line.contains(&cache_str) && line.contains(" CPU kernels "), "{line}");
     assert_eq!(entries().len() as u64, n);
-    let (line, second) = compile("second", "2", &[]);
+    let (line, second, emitted) = compile("second", "2", &[]);
     assert_eq!(second, [n, n, 0], "{line}");
+    assert_eq!(emitted, None, "nothing was compiled");
     assert!(library("first") == library("second"), "a library from the cache differs from a compiled one");
     let manifest = |out: &str| std::fs::read_to_string(s.path(out).join("manifest.json")).unwrap();
     assert_eq!(manifest("first"), manifest("second"));
@@ -862,10 +868,11 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x40;
     std::fs::write(&victim, &bytes).unwrap();
-    let (line, third) = compile("third", "2", &[]);
+    let (line, third, emitted) = compile("third", "2", &[]);
     assert_eq!(third, [n - 1, n, 1], "{line}");
+    assert!(emitted.as_ref().is_some_and(|e| e.starts_with("emitted: 1 CPU kernel in ")), "{emitted:?}");
     assert!(library("third") == library("first"));
-    let (line, fourth) = compile("fourth", "2", &[]);
+    let (line, fourth, _) = compile("fourth", "2", &[]);
     assert_eq!(fourth, [n, n, 0], "{line}");
     // The doctor says where the cache is and what it holds.
     let r = kiln_env(&["doctor"], &[("KILN_KERNEL_CACHE_DIR", cache_str.as_str())]);
@@ -879,16 +886,32 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     assert!(r.stdout.contains("cache       kernels: off"), "{}", r.stdout);
 
     // Other sizes: the kernels come from the cache (their sizes are symbolic).
-    let (line, other) = compile("other", "4", &[]);
+    let (line, other, _) = compile("other", "4", &[]);
     assert_eq!(other, [n, n, 0], "{line}");
 
     // Off: every kernel compiled, the same library, nothing written.
     let before = entries().len();
-    let (line, off) = compile("off", "2", &[("KILN_NO_KERNEL_CACHE", "1")]);
+    let (line, off, _) = compile("off", "2", &[("KILN_NO_KERNEL_CACHE", "1")]);
     assert!(line.starts_with("kernel cache: off"), "{line}");
     assert_eq!(off, [n], "{line}");
     assert!(library("off") == library("first"));
     assert_eq!(entries().len(), before);
+    // `--json` gives every kernel compiled its emission's CPU time, and the cache's none.
+    let emit_times = |out: &str, env: &[(&str, &str)]| {
+        let mut vars = vec![("KILN_KERNEL_CACHE_DIR", cache_str.as_str())];
+        vars.extend_from_slice(env);
+        let args =
+            ["compile", "models/tiny.toml", "--target", "cpu", "--max-batch", "2", "--max-context", "16"];
+        let r = kiln_env(&[&args[..], &["--json", "-o", &s.str(out)]].concat(), &vars);
+        assert!(r.ok, "{}", r.stderr);
+        let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let kernels = doc["kernels"].as_array().unwrap().clone();
+        kernels.iter().map(|k| k["emit_cpu_ms"]["cpu"].as_f64()).collect::<Vec<_>>()
+    };
+    let times = emit_times("off-json", &[("KILN_NO_KERNEL_CACHE", "1")]);
+    assert_eq!(times.len() as u64, n);
+    assert!(times.iter().all(|t| t.is_some_and(|ms| ms > 0.0)), "{times:?}");
+    assert!(emit_times("cached-json", &[]).iter().all(Option::is_none));
 
     // The PTX and ptxas's report on it: the second compile for both targets finds them too.
     let both = |out: &str| {
@@ -928,12 +951,12 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     assert_eq!(doc["kernels"]["entries"], held as u64, "{doc}");
     assert_eq!(doc["artifacts"]["artifacts"][0]["name"], "tiny-0123456789abcdef");
     assert!(entries().is_empty() && !folder.exists(), "{:?}", entries());
-    let (line, after) = compile("after-clear", "2", &[]);
+    let (line, after, _) = compile("after-clear", "2", &[]);
     assert_eq!(after, [0, n, n], "{line}");
 
     // The lowering's choices are part of the key: without the packed GEMMs no kernel is found.
     // With a limit of 0 MiB the cache is emptied after the compile that stored them.
-    let (line, other) =
+    let (line, other, _) =
         compile("unpacked", "2", &[("KILN_NO_PACKED_GEMM", "1"), ("KILN_KERNEL_CACHE_LIMIT_MB", "0")]);
     assert_eq!(other[0], 0, "{line}");
     assert!(entries().is_empty(), "{:?}", entries());

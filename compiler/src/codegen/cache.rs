@@ -38,6 +38,7 @@ use std::sync::RwLock;
 
 use sha2::{Digest, Sha256};
 
+use super::emit::{timed, KernelTime};
 use super::lower::{LoweredModule, Target};
 use super::{cpu, gpu, EmitError};
 use crate::toolchain::{self, ToolchainError};
@@ -257,14 +258,24 @@ pub fn prune(dir: &Path, limit: u64) -> usize {
     removed
 }
 
+/// What a target's emission through the cache gives: its output, how it used the cache, and what
+/// each kernel it compiled cost.
+pub type Emitted<T> = (T, Use, Vec<KernelTime>);
+
 /// [`cpu::objects`] through the cache: the objects of `module`'s kernels in kernel order, those
-/// the cache holds taken from it, the others compiled (in parallel) and stored. Without a cache,
-/// every kernel is compiled.
-pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), EmitError> {
+/// the cache holds taken from it, the others compiled (in parallel) and stored, with what each
+/// compiled one cost. Without a cache, every kernel is compiled.
+pub fn objects(module: &LoweredModule) -> Result<Emitted<Vec<Vec<u8>>>, EmitError> {
+    let time = |m: &LoweredModule, i: usize, cpu| KernelTime {
+        kernel: m.kernels[i].name.clone(),
+        target: Target::Cpu,
+        cpu,
+    };
     let Some(dir) = dir() else {
-        let objects = cpu::objects(module)?;
+        let (objects, times): (Vec<_>, Vec<_>) = cpu::objects_timed(module)?.into_iter().unzip();
         let compiled = objects.len() as u64;
-        return Ok((objects, Use { found: 0, compiled }));
+        let times = times.into_iter().enumerate().map(|(i, t)| time(module, i, t)).collect();
+        return Ok((objects, Use { found: 0, compiled }, times));
     };
     let alone = |i: usize| LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] };
     let keys: Vec<String> = (0..module.kernels.len()).map(|i| key(&alone(i))).collect();
@@ -274,42 +285,57 @@ pub fn objects(module: &LoweredModule) -> Result<(Vec<Vec<u8>>, Use), EmitError>
         target: module.target,
         kernels: missing.iter().map(|&i| module.kernels[i].clone()).collect(),
     };
-    let compiled = cpu::objects(&rest)?;
+    let compiled = cpu::objects_timed(&rest)?;
     let used = Use { found: (found.len() - missing.len()) as u64, compiled: missing.len() as u64 };
-    for (&i, object) in missing.iter().zip(compiled) {
+    let mut times = Vec::with_capacity(missing.len());
+    for (&i, (object, cpu)) in missing.iter().zip(compiled) {
         write(&dir, &keys[i], OBJECT, &object);
         found[i] = Some(object);
+        times.push(time(module, i, cpu));
     }
     if used.compiled > 0 {
         prune(&dir, limit());
     }
-    Ok((found.into_iter().flatten().collect(), used))
+    Ok((found.into_iter().flatten().collect(), used, times))
 }
 
 /// [`gpu::ptx`] through the cache: each kernel's PTX (or the whole module's, where
-/// [`gpu::ptx`] compiles it whole) taken from the cache or compiled and stored.
-pub fn ptx(module: &LoweredModule) -> Result<(String, Use), EmitError> {
+/// [`gpu::ptx`] compiles it whole) taken from the cache or compiled and stored, with what each
+/// kernel compiled alone cost.
+pub fn ptx(module: &LoweredModule) -> Result<Emitted<String>, EmitError> {
     let all = module.kernels.len() as u64;
-    let Some(dir) = dir() else {
-        return Ok((gpu::ptx(module)?, Use { found: 0, compiled: all }));
-    };
+    let dir = dir();
     let found = AtomicU64::new(0);
+    let times = std::sync::Mutex::new(Vec::new());
     let part = |m: &LoweredModule| -> Result<String, EmitError> {
-        let key = key(m);
-        if let Some(text) = read(&dir, &key, PTX).and_then(|b| String::from_utf8(b).ok()) {
-            found.fetch_add(m.kernels.len() as u64, Ordering::Relaxed);
-            return Ok(text);
+        let key = dir.as_ref().map(|_| key(m));
+        if let (Some(dir), Some(key)) = (&dir, &key) {
+            if let Some(text) = read(dir, key, PTX).and_then(|b| String::from_utf8(b).ok()) {
+                found.fetch_add(m.kernels.len() as u64, Ordering::Relaxed);
+                return Ok(text);
+            }
         }
-        let text = gpu::module_ptx(m)?;
-        write(&dir, &key, PTX, text.as_bytes());
+        let (text, cpu) = timed(|| gpu::module_ptx(m))?;
+        if let [kernel] = &m.kernels[..] {
+            let time = KernelTime { kernel: kernel.name.clone(), target: Target::Gpu, cpu };
+            times.lock().unwrap_or_else(|e| e.into_inner()).push(time);
+        }
+        if let (Some(dir), Some(key)) = (&dir, &key) {
+            write(dir, key, PTX, text.as_bytes());
+        }
         Ok(text)
     };
     let text = gpu::ptx_by(module, &part)?;
     let found = found.into_inner().min(all);
-    if found < all {
-        prune(&dir, limit());
+    if let (Some(dir), true) = (&dir, found < all) {
+        prune(dir, limit());
     }
-    Ok((text, Use { found, compiled: all - found }))
+    let mut times = times.into_inner().unwrap_or_else(|e| e.into_inner());
+    // In kernel order, whichever thread finished first.
+    let order: std::collections::HashMap<&str, usize> =
+        module.kernels.iter().enumerate().map(|(i, k)| (k.name.as_str(), i)).collect();
+    times.sort_by_key(|t| order.get(t.kernel.as_str()).copied());
+    Ok((text, Use { found, compiled: all - found }, times))
 }
 
 /// [`toolchain::ptxas_check_on`] through the cache: `ptxas`'s report on this PTX, and whether it

@@ -28,7 +28,7 @@ use inkwell::targets::{CodeModel, FileType, RelocMode, Target as LlvmTarget, Tar
 use inkwell::GlobalVisibility;
 use inkwell::OptimizationLevel;
 
-use super::emit::{each_kernel, init_llvm_targets, optimize_for, EmitError, Mlir};
+use super::emit::{each_kernel, each_kernel_timed, init_llvm_targets, optimize_for, EmitError, Mlir};
 use super::lower::{LoweredModule, Target, THREAD_SCRATCH, THREAD_SCRATCH_BYTES};
 
 /// MLIR passes from the lowered kernels to the LLVM dialect. bf16 conversions are expanded into integer
@@ -346,6 +346,12 @@ pub fn object(module: &LoweredModule) -> Result<Vec<u8>, EmitError> {
 pub fn objects(module: &LoweredModule) -> Result<Vec<Vec<u8>>, EmitError> {
     require_cpu(module)?;
     each_kernel(module, object)
+}
+
+/// [`objects`], each with the CPU time its thread spent compiling it.
+pub fn objects_timed(module: &LoweredModule) -> Result<Vec<(Vec<u8>, std::time::Duration)>, EmitError> {
+    require_cpu(module)?;
+    each_kernel_timed(module, object)
 }
 
 /// Links an object file into the shared library `path` with `cc -shared ... -lm`. The library appears

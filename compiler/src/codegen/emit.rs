@@ -24,7 +24,9 @@ use melior::pass::PassManager;
 use melior::Context;
 use rayon::prelude::*;
 
-use super::lower::LoweredModule;
+use std::time::Duration;
+
+use super::lower::{LoweredModule, Target};
 
 /// Why emission failed. Every variant but [`EmitError::Link`] means lowering produced something MLIR or
 /// LLVM rejects: a compiler bug, reported with the tool's own words.
@@ -159,13 +161,71 @@ pub(crate) fn each_kernel<T: Send>(
     module: &LoweredModule,
     f: impl Fn(&LoweredModule) -> Result<T, EmitError> + Sync,
 ) -> Result<Vec<T>, EmitError> {
+    Ok(each_kernel_timed(module, f)?.into_iter().map(|(t, _)| t).collect())
+}
+
+/// [`each_kernel`], with the CPU time each kernel's `f` took ([`thread_cpu_time`]: a kernel is
+/// emitted on one thread, so the figure does not depend on what the other threads did meanwhile).
+pub(crate) fn each_kernel_timed<T: Send>(
+    module: &LoweredModule,
+    f: impl Fn(&LoweredModule) -> Result<T, EmitError> + Sync,
+) -> Result<Vec<(T, Duration)>, EmitError> {
     let mut order: Vec<usize> = (0..module.kernels.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(module.kernels[i].func.len()));
-    let mut done: Vec<(usize, Result<T, EmitError>)> = (order.into_par_iter().with_max_len(1))
-        .map(|i| (i, f(&LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] })))
+    let mut done: Vec<(usize, Result<_, EmitError>)> = (order.into_par_iter().with_max_len(1))
+        .map(|i| {
+            let alone = LoweredModule { target: module.target, kernels: vec![module.kernels[i].clone()] };
+            (i, timed(|| f(&alone)))
+        })
         .collect();
     done.sort_by_key(|&(i, _)| i);
     done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// `f`'s result and the CPU time the calling thread spent in it (zero where the platform has no
+/// per-thread clock).
+pub(crate) fn timed<T>(f: impl FnOnce() -> Result<T, EmitError>) -> Result<(T, Duration), EmitError> {
+    let start = thread_cpu_time();
+    let out = f()?;
+    let spent = match (start, thread_cpu_time()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => Duration::ZERO,
+    };
+    Ok((out, spent))
+}
+
+/// The CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`); `None` off Linux.
+pub fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        #[repr(C)]
+        struct Timespec {
+            sec: i64,
+            nsec: i64,
+        }
+        extern "C" {
+            fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+        }
+        const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+        let mut ts = Timespec { sec: 0, nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec (two 64-bit fields on the 64-bit Linux targets
+        // kiln builds for) through the pointer, which points at one.
+        let ok = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0;
+        (ok && ts.sec >= 0 && (0..1_000_000_000).contains(&ts.nsec))
+            .then(|| Duration::new(ts.sec as u64, ts.nsec as u32))
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// What emitting one kernel cost: the kernel, the target, and the CPU time of the thread that
+/// lowered it from MLIR to an object (CPU) or PTX (GPU). `kiln compile --timings` lists the
+/// slowest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub target: Target,
+    pub cpu: Duration,
 }
 
 /// Parses and verifies MLIR text: the check that lowered text is valid, without emitting anything.
