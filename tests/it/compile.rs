@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use kiln_ir::artifact::{
-    self, KernelIndex, Manifest, ManifestError, Step, Storage, ARENA_ALIGN, FORMAT_VERSION,
+    self, Buffer, BufferKind, KernelIndex, Manifest, ManifestError, Step, Storage, ARENA_ALIGN,
+    FORMAT_VERSION,
 };
 use kiln_ir::interp::Tensor;
 use kiln_ir::{DType, SymBindings};
@@ -960,4 +961,69 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
         compile("unpacked", "2", &[("KILN_NO_PACKED_GEMM", "1"), ("KILN_KERNEL_CACHE_LIMIT_MB", "0")]);
     assert_eq!(other[0], 0, "{line}");
     assert!(entries().is_empty(), "{:?}", entries());
+}
+
+/// A buffer stored in a parameter is written `{"id", "value", "param"}`, the parameter's index (and
+/// `shape` for a view of another shape), and read back with the declaration's dtype, shape and
+/// size: the manifest reads back equal to what was written. A whole buffer in a parameter, an
+/// index past the parameters, a parameter's buffer with fields of its own, and programs before
+/// the parameters are each refused, saying why.
+#[test]
+fn parameter_buffers_are_written_by_index() {
+    let s = Scratch::new();
+    let out =
+        kiln(&["compile", "models/tiny.toml", "--target", "cpu", "--max-context", "16", "-o", &s.str("a")]);
+    assert!(out.ok, "{}", out.stderr);
+    let text = std::fs::read_to_string(s.path("a").join(artifact::MANIFEST_FILE)).unwrap();
+    let m = read_manifest(&s.path("a"));
+    let stored = |b: &&Buffer| matches!(b.storage, Storage::Param { .. });
+    let in_params: usize = m.programs.iter().map(|p| p.buffers.iter().filter(stored).count()).sum();
+    assert!(in_params > 50, "{in_params}");
+    // Each of them one short line, and none written whole.
+    let short = text.matches(",\"param\":").count();
+    assert_eq!(short, in_params);
+    assert!(!text.contains("\"in\":\"param\""), "a buffer in a parameter was written whole");
+    for p in &m.programs {
+        for b in p.buffers.iter().filter(stored) {
+            let Storage::Param { name } = &b.storage else { unreachable!() };
+            let e = m.params.iter().find(|e| &e.name == name).unwrap();
+            assert_eq!((b.dtype, b.kind), (e.dtype, BufferKind::Param));
+            let bytes = artifact::bytes_of(e.dtype, &e.shape, &SymBindings { b: 1, t: 1, s: 1 });
+            assert_eq!(Some(b.max_bytes), bytes, "{}", b.value);
+        }
+    }
+    let again: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(again, m);
+
+    let refused = |text: &str, want: &str| {
+        let e = serde_json::from_str::<Manifest>(text).map(|_| ()).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    };
+    // The first such buffer, written whole as format 3 wrote it.
+    let b = m.programs.iter().find_map(|p| p.buffers.iter().find(stored)).unwrap().clone();
+    let index = m.params.iter().position(|e| Storage::Param { name: e.name.clone() } == b.storage).unwrap();
+    let short = format!("{{\"id\":{},\"value\":\"{}\",\"param\":{index}}}", b.id.0, b.value);
+    assert!(text.contains(&short), "{short}");
+    let whole = serde_json::json!({"id": b.id.0, "value": b.value, "dtype": b.dtype, "shape": ["1"],
+        "kind": "param", "storage": {"in": "param", "name": "x"}, "max_bytes": b.max_bytes});
+    refused(
+        &text.replacen(&short, &whole.to_string(), 1),
+        "such a buffer is written `{\"id\", \"value\", \"param\"}`",
+    );
+    let past = format!("{{\"id\":{},\"value\":\"{}\",\"param\":{}}}", b.id.0, b.value, m.params.len());
+    refused(&text.replacen(&short, &past, 1), &format!("but the manifest declares {}", m.params.len()));
+    let extra =
+        format!("{{\"id\":{},\"value\":\"{}\",\"param\":{index},\"kind\":\"param\"}}", b.id.0, b.value);
+    refused(&text.replacen(&short, &extra, 1), "whose declaration gives its dtype, kind, storage and size");
+    // The top-level fields with `programs` before `params`.
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let fields = doc.as_object().unwrap();
+    let mut order: Vec<&String> = fields.keys().filter(|k| *k != "params").collect();
+    let at = order.iter().position(|k| *k == "programs").unwrap();
+    let params = "params".to_string();
+    order.insert(at + 1, &params);
+    let reordered = (order.iter())
+        .map(|k| format!("{}: {}", serde_json::json!(k), fields[k.as_str()]))
+        .collect::<Vec<_>>();
+    refused(&format!("{{{}}}", reordered.join(",")), "`params` comes before `programs`");
 }

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_ir::artifact::MANIFEST_FILE;
+use kiln_ir::artifact::{FORMAT_VERSION, MANIFEST_FILE};
 use kiln_ir::interp::Tensor;
 use kiln_ir::DType;
 use kiln_runtime::artifact::{self, Artifact};
@@ -408,12 +408,15 @@ fn bad_artifacts_weights_and_requests_are_refused_clearly() {
     refused(&cut, &run, "not a manifest this kiln can read: EOF while parsing");
     // Another format version.
     let v2 = copy("v2");
-    std::fs::write(v2.join(MANIFEST_FILE), text.replace("\"format_version\": 3,", "\"format_version\": 2,"))
-        .unwrap();
+    std::fs::write(
+        v2.join(MANIFEST_FILE),
+        text.replace(&format!("\"format_version\": {FORMAT_VERSION},"), "\"format_version\": 2,"),
+    )
+    .unwrap();
     refused(
         &v2,
         &run,
-        "artifact format version 2, but this kiln reads version 3: recompile it with this kiln",
+        &format!("artifact format version 2, but this kiln reads version {FORMAT_VERSION}: recompile it with this kiln"),
     );
     // A manifest naming an entry the library does not export.
     let nosym = copy("nosym");

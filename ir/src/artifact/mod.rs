@@ -53,6 +53,7 @@
 //! This module is serde only (no JSON here): the compiler writes it and the runtime reads it with
 //! `serde_json`.
 
+mod buffer_text;
 mod check;
 mod parallel;
 mod serde_text;
@@ -72,9 +73,11 @@ pub use parallel::{
 };
 
 /// The version of the manifest format this crate reads and writes. Bumped on any change a reader
-/// of an older version would misread. Version 3: a list of named programs over one set of kernels,
-/// parameters and states (version 2 had a forward program and an optional `decode`).
-pub const FORMAT_VERSION: u32 = 3;
+/// of an older version would misread. Version 4: a buffer stored in a parameter is written
+/// `{"id", "value", "param"}`, the parameter's index (version 3 wrote it whole). Version 3: a
+/// list of named programs over one set of kernels, parameters and states (version 2 had a forward
+/// program and an optional `decode`).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// The manifest's file name in an artifact directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -133,8 +136,12 @@ impl fmt::Display for KernelIndex {
 }
 
 /// Everything a runtime needs to run a compiled module. See the module documentation.
+///
+/// Its `Serialize` and `Deserialize` are the derived ones (`remote = "Self"`) around which the
+/// buffers stored in parameters are written and read against [`Manifest::params`] (see
+/// `buffer_text`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct Manifest {
     /// [`FORMAT_VERSION`] of the writer.
     pub format_version: u32,
@@ -151,7 +158,8 @@ pub struct Manifest {
     /// The distinct kernels of every program, indexed by [`KernelIndex`].
     pub kernels: Vec<KernelEntry>,
     /// Model parameters, named as in the Hugging Face checkpoint: read-only, shared by every
-    /// program.
+    /// program. Before `programs`, whose buffers refer to them by index.
+    #[serde(deserialize_with = "buffer_text::read_params")]
     pub params: Vec<ParamEntry>,
     /// Persistent state: allocated once by the runtime, zeroed, at the loaded maxima; kept between
     /// runs and shared by every program.
@@ -170,6 +178,18 @@ pub struct Manifest {
     /// refused) rather than misreading it, so the format version stays.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<ParallelPlan>,
+}
+
+impl Serialize for Manifest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        buffer_text::with_params(Some(&self.params), || Manifest::serialize(self, s))
+    }
+}
+
+impl<'de> Deserialize<'de> for Manifest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        buffer_text::with_params(None, || Manifest::deserialize(d))
+    }
 }
 
 /// The settings baked into a training artifact's programs: its losses (each off at 0) and its
@@ -504,16 +524,15 @@ pub enum Step {
     AllToAll { buffer: BufferId, source: BufferId, keep: Option<BufferId>, group: String, size: u64 },
 }
 
-/// One value of a program.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One value of a program. Written whole, but for one stored in a parameter, which is written
+/// `{"id", "value", "param"}` against its manifest's parameters (see `buffer_text`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct Buffer {
     pub id: BufferId,
     /// The value in the program's graph (`%12`); for a scratch buffer, the first result of its
     /// launch and the scratch number (`%12#s0`).
     pub value: String,
     pub dtype: DType,
-    #[serde(with = "serde_text::dims")]
     pub shape: Vec<Dim>,
     pub kind: BufferKind,
     pub storage: Storage,
