@@ -177,22 +177,24 @@ fn memory_kib() -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// CPU time this process has used so far, on all its threads (`utime + stime` of /proc/self/stat,
-/// in USER_HZ ticks, which Linux fixes at 100 per second), where /proc has it.
+/// CPU time this process has used so far, on all its threads, and the tools it ran and waited for
+/// (`ptxas`'s check, the linker): `utime + stime + cutime + cstime` of /proc/self/stat, in USER_HZ
+/// ticks, which Linux fixes at 100 per second, where /proc has it.
 fn cpu_time() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The fields after the command name (in parentheses, which may hold spaces): state is field 3,
-    // utime and stime are fields 14 and 15.
+    // utime, stime, cutime and cstime are fields 14 to 17.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let ticks = (11..15).map(|i| fields.get(i)?.parse::<u64>().ok()).sum::<Option<u64>>()?;
     Some(Duration::from_millis(ticks * 10))
 }
 
 struct Row {
     stage: &'static str,
     time: Duration,
-    /// CPU time on all threads: above `time` where a stage runs in parallel.
+    /// CPU time on all threads and in the tools the stage ran: above `time` where a stage runs in
+    /// parallel.
     cpu: Option<Duration>,
     memory: Option<(u64, u64)>,
 }
