@@ -1012,6 +1012,16 @@ fn parameter_buffers_are_written_by_index() {
     );
     let past = format!("{{\"id\":{},\"value\":\"{}\",\"param\":{}}}", b.id.0, b.value, m.params.len());
     refused(&text.replacen(&short, &past, 1), &format!("but the manifest declares {}", m.params.len()));
+    // A view of another shape (the parameter flattened) keeps its shape, and is written with it
+    // (the kernel that reads it would refuse it: this is the text form alone).
+    let one = SymBindings { b: 1, t: 1, s: 1 };
+    let numel: u64 = m.params[index].shape.iter().map(|d| d.eval(&one).unwrap()).product();
+    let view =
+        format!("{{\"id\":{},\"value\":\"{}\",\"param\":{index},\"shape\":[\"{numel}\"]}}", b.id.0, b.value);
+    let viewed: Manifest = serde_json::from_str(&text.replacen(&short, &view, 1)).unwrap();
+    let b2 = viewed.programs.iter().flat_map(|p| &p.buffers).find(|x| x.id == b.id && stored(x)).unwrap();
+    assert_eq!((b2.shape.len(), b2.dtype, b2.max_bytes, &b2.storage), (1, b.dtype, b.max_bytes, &b.storage));
+    assert!(serde_json::to_string(&viewed).unwrap().contains(&view));
     let extra =
         format!("{{\"id\":{},\"value\":\"{}\",\"param\":{index},\"kind\":\"param\"}}", b.id.0, b.value);
     refused(&text.replacen(&short, &extra, 1), "whose declaration gives its dtype, kind, storage and size");
