@@ -164,7 +164,7 @@ pub fn parse_manifest(dir: &Path, text: &[u8]) -> Result<Manifest, RuntimeError>
     let bad = |reason: String| RuntimeError::BadManifest { path: path.clone(), reason };
     // The version alone first, every other field skipped unread: decoding the whole text into a
     // `serde_json::Value` before the `Manifest` built a map per object, which for DeepSeek-V3's
-    // manifest (64 MB, some 300 thousand buffers) took most of a second and 800 MB.
+    // manifest (64 MB in format 3, some 300 thousand buffers) took over a second and 800 MB.
     let head: Head = serde_json::from_slice(text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data if !e.to_string().starts_with("duplicate field") => {
             bad("it is not a JSON object with a `format_version`".into())
