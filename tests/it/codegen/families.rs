@@ -718,6 +718,53 @@ fn grouped_linear_wgrad_with_empty_experts_and_bad_offsets() {
     }
 }
 
+/// A routed GEMM's CPU work items are panels of 64 output columns times rows (item `p * M + m` is
+/// row `m` of panel `p`), as a `linear`'s, so that two threads never read the same expert's
+/// weights: 150 columns make three panels, the last of 22 (five blocks of 4 columns, then 2 alone).
+/// Expert 1 holds no rows and the last two rows belong to none (zeros). The interpreter's values,
+/// and the same bits whether the items run as one range, one by one, or cut inside panels and
+/// inside an expert's rows; in f32 and in bf16.
+#[test]
+fn a_grouped_gemm_splits_into_panels_of_columns() {
+    const M: usize = 14;
+    let offsets = vec![0, 5, 5, 12];
+    for dtype in ["f32", "bf16"] {
+        let (x, w) = (format!("{dtype}[{M}, 37]"), format!("{dtype}[150, 37]"));
+        let k = kernel(Op::GroupedLinear { num_experts: 3 }, &[&x, "i32[4]", &w, &w, &w]);
+        let lowered = lower_module([&k], Target::Cpu).unwrap_or_else(|e| panic!("{e}"));
+        let work = match lowered.kernels[0].launch {
+            kiln_compiler::codegen::LaunchShape::Cpu { work } => work,
+            ref other => panic!("{other:?}"),
+        };
+        assert_eq!(work, Dim::known(3 * M as u64), "{dtype}: rows times panels");
+        let lib = CpuLib::build(&[&k]);
+        let mut args = random_inputs(&k, &mut Rng::new(11), (-1.0, 1.0), &BIND);
+        args[1] = Buf::I32(offsets.clone());
+        check(&lib, &k, &args, &BIND);
+        let run = |cuts: &[i64]| {
+            let mut bufs = args.clone();
+            bufs.push(super::oracle::garbage(&k.results[0], &BIND));
+            for c in cuts.windows(2) {
+                lib.run_range(&k, &mut bufs, &BIND, c[0], c[1]);
+            }
+            bufs.pop().unwrap()
+        };
+        let whole = run(&[0, 3 * M as i64]);
+        for row in 12..M {
+            for col in 0..150 {
+                assert_eq!(whole.bits(row * 150 + col), 0, "{dtype}: row {row} of no expert");
+            }
+        }
+        let one_by_one: Vec<i64> = (0..=3 * M as i64).collect();
+        for cuts in [&one_by_one[..], &[0, 3, 9, 17, 20, 33, 42][..]] {
+            let got = run(cuts);
+            for i in 0..M * 150 {
+                assert_eq!(got.bits(i), whole.bits(i), "{dtype}, cuts {cuts:?}: y[{}, {}]", i / 150, i % 150);
+            }
+        }
+    }
+}
+
 #[test]
 fn moe_combine_grad_rows_of_bad_slots_are_zero() {
     let k = kernel(Op::MoeCombineGrad { top_k: 2 }, &["f32[2, 2]", "f32[4, 2]", "i32[4]", "f32[2, 2]"]);

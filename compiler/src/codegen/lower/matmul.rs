@@ -517,10 +517,11 @@ pub(super) fn grouped_with(
             let amx = packed::grouped_applies(f, x, weights, n_dim, kn);
             // Where the input rows of a register block are decoded, for every block.
             let room = InputRow::room(f, x, GROUP_MR, kn, raw_bf16);
-            let nonempty = f.cmp("ult", &lo, &hi, "index");
-            if_then(f, &nonempty, |f| {
-                let last_row = f.b.subi(&hi, &one);
-                let (e_lo, e_hi) = (expert_of(f, &lo), expert_of(f, &last_row));
+            // Rows `lo .. hi` (nonempty) times output columns `c0 .. c1` (`c0` a multiple of every
+            // register block's columns).
+            let rows_cols = |f: &mut Frame, lo: &Value, hi: &Value, c0: &Value, c1: &Value| {
+                let last_row = f.b.subi(hi, &one);
+                let (e_lo, e_hi) = (expert_of(f, lo), expert_of(f, &last_row));
                 let e_end = f.b.addi(&e_hi, &one);
                 for_loop(f, &e_lo, &e_end, &one, |f, e| {
                     let valid = f.cmp("ult", e, &ev, "index");
@@ -531,9 +532,9 @@ pub(super) fn grouped_with(
                     let next = f.b.minui(&next, &ev);
                     let end = f.load(offsets, &next);
                     let end = f.int_to_index(&end, offsets_type);
-                    let end = f.select(&valid, &end, &hi, "index");
+                    let end = f.select(&valid, &end, hi, "index");
                     let from = f.b.op("i", format_args!("arith.maxui {first}, {lo} : index"));
-                    let to = f.b.minui(&end, &hi);
+                    let to = f.b.minui(&end, hi);
                     let to = f.b.op("i", format_args!("arith.maxui {to}, {from} : index"));
                     let views = views_of(f, e);
                     let usual = |f: &mut Frame| {
@@ -558,9 +559,11 @@ pub(super) fn grouped_with(
                                 _ => (GROUP_NC / weights.len()).max(1),
                             };
                             let ncv = f.b.index(nc as i64);
-                            let nq = f.b.divui(&n, &ncv);
-                            let n_full = f.b.muli(&nq, &ncv);
-                            for_loop(f, &zero, &n_full, &ncv, |f, col0| {
+                            let width = f.b.subi(c1, c0);
+                            let nq = f.b.divui(&width, &ncv);
+                            let span = f.b.muli(&nq, &ncv);
+                            let n_full = f.b.addi(c0, &span);
+                            for_loop(f, c0, &n_full, &ncv, |f, col0| {
                                 let cols: Vec<(Value, Vec<WeightRead>)> = (0..nc)
                                     .map(|c| {
                                         let ci = f.b.index(c as i64);
@@ -571,7 +574,7 @@ pub(super) fn grouped_with(
                                     .collect();
                                 grouped_block(f, xrows, m0, &cols, (&n, &k), fp8_cols, store);
                             });
-                            for_loop(f, &n_full, &n, &one, |f, col| {
+                            for_loop(f, &n_full, c1, &one, |f, col| {
                                 let reads = weight_reads(f, weights, &views, col, &k);
                                 let cols = [(col.clone(), reads)];
                                 grouped_block(f, xrows, m0, &cols, (&n, &k), fp8_cols, store);
@@ -608,7 +611,7 @@ pub(super) fn grouped_with(
                         };
                         let none = |f: &mut Frame| {
                             for_loop(f, &blocked, &to, &one, |f, m| {
-                                for_loop(f, &zero, &n, &one, |f, col| {
+                                for_loop(f, c0, c1, &one, |f, col| {
                                     let mn = f.b.muli(m, &n);
                                     let at = f.b.addi(&mn, col);
                                     let fzero = f.b.f32(0.0);
@@ -666,8 +669,50 @@ pub(super) fn grouped_with(
                         None => usual(f),
                     }
                 });
-            });
-            LaunchShape::Cpu { work: m_dim }
+            };
+            let nonempty = f.cmp("ult", &lo, &hi, "index");
+            match (amx, n_dim.as_known()) {
+                // Panels of [`NB`] output columns, as a `linear`'s: item `p * M + m` is row `m` of
+                // panel `p`, so a thread's range is whole panels of every expert's rows (where
+                // the rows are few, as in decode and short prefills) and no two threads read the
+                // same weights. Split by rows, the threads' ranges (four per thread) cut through
+                // experts, whose weights each side then read, and gave one thread more experts
+                // than the other; a panel's weights also stay in cache for every row block of an
+                // expert with many rows. The sums are the same: a row's do not depend on its block.
+                (None, Some(known_n)) => {
+                    let panels = known_n.div_ceil(NB as u64).max(1);
+                    let work = m_dim.checked_mul(Dim::known(panels)).ok_or_else(|| {
+                        f.unsupported("grouped_linear", "the work does not fit a dimension")
+                    })?;
+                    let m = f.dim(m_dim);
+                    let nb = f.b.index(NB);
+                    if_then(f, &nonempty, |f| {
+                        // Panels the range touches: lo / M ..= (hi - 1) / M.
+                        let first = f.b.divui(&lo, &m);
+                        let m1 = f.b.subi(&m, &one);
+                        let hi_up = f.b.addi(&hi, &m1);
+                        let last = f.b.divui(&hi_up, &m);
+                        for_loop(f, &first, &last, &one, |f, pi| {
+                            let base = f.b.muli(pi, &m);
+                            let top = f.b.addi(&base, &m);
+                            let r_lo = f.b.op("i", format_args!("arith.maxui {lo}, {base} : index"));
+                            let r_hi = f.b.minui(&hi, &top);
+                            let r_lo = f.b.subi(&r_lo, &base);
+                            let r_hi = f.b.subi(&r_hi, &base);
+                            let c0 = f.b.muli(pi, &nb);
+                            let c1 = f.b.addi(&c0, &nb);
+                            let c1 = f.b.minui(&c1, &n);
+                            rows_cols(f, &r_lo, &r_hi, &c0, &c1);
+                        });
+                    });
+                    LaunchShape::Cpu { work }
+                }
+                // AMX packs an expert's weights whole, for all its rows: rows are the items.
+                _ => {
+                    if_then(f, &nonempty, |f| rows_cols(f, &lo, &hi, &zero, &n));
+                    LaunchShape::Cpu { work: m_dim }
+                }
+            }
         }
         Target::Gpu => {
             let block = f.gpu_block(GROUPED_BLOCK);
