@@ -89,12 +89,12 @@ pub enum RuntimeError {
     OutOfMemory { bytes: u64, what: String },
     #[error(
         "cannot allocate {bytes} bytes ({}) for {what}: more than this machine's memory of {memory} bytes \
-         ({}; MemTotal + SwapTotal in /proc/meminfo); use a smaller model or smaller maxima (kiln \
+         ({}; {counted}); use a smaller model or smaller maxima (kiln \
          compile --max-batch, --max-context), or a machine with more memory",
         Bytes(*bytes),
         Bytes(*memory)
     )]
-    TooLarge { bytes: u64, what: String, memory: u64 },
+    TooLarge { bytes: u64, what: String, memory: u64, counted: &'static str },
     #[error("{0}")]
     BadOption(String),
 
@@ -188,7 +188,7 @@ pub enum RuntimeError {
 }
 
 /// A byte count in the largest binary unit that keeps it at least 1 (`2.0 PiB`).
-struct Bytes(u64);
+pub(crate) struct Bytes(pub(crate) u64);
 
 impl std::fmt::Display for Bytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

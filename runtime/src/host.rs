@@ -74,10 +74,32 @@ impl Drop for Memory {
     }
 }
 
-/// Bytes of memory this machine has for a process, `MemTotal` plus `SwapTotal` of `/proc/meminfo`;
-/// `None` where there is no `/proc/meminfo` to ask.
+/// Bytes of memory this machine has for a process, `MemTotal` plus `SwapTotal` of `/proc/meminfo`,
+/// or [`MEMORY_LIMIT`]'s bytes where that is set and smaller; `None` where there is neither.
 pub fn machine_memory() -> Option<u64> {
-    meminfo(&["MemTotal:", "SwapTotal:"])
+    let machine = meminfo(&["MemTotal:", "SwapTotal:"]);
+    match memory_limit() {
+        Ok(Some(limit)) => Some(machine.map_or(limit, |m| m.min(limit))),
+        _ => machine,
+    }
+}
+
+/// The environment variable that makes kiln take this machine's memory as at most so many bytes:
+/// what would fit a smaller machine, asked on this one (and the tests' way to reach the limits).
+pub const MEMORY_LIMIT: &str = "KILN_MEMORY_LIMIT";
+
+/// [`MEMORY_LIMIT`]'s bytes, if it is set; an error saying what is wrong where it is not a whole
+/// number of bytes.
+pub fn memory_limit() -> Result<Option<u64>, RuntimeError> {
+    match std::env::var(MEMORY_LIMIT) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            RuntimeError::BadOption(format!(
+                "{MEMORY_LIMIT}={text:?} is not a number of bytes: give a whole number, such as 17179869184 for 16 GiB"
+            ))
+        }),
+        Err(e) => Err(RuntimeError::BadOption(format!("{MEMORY_LIMIT}: {e}"))),
+    }
 }
 
 /// Bytes of memory free for more allocations now, `MemAvailable` plus `SwapFree` of
@@ -103,9 +125,14 @@ fn meminfo(keys: &[&str]) -> Option<u64> {
 /// process (Rust aborts when a `Vec` cannot get its memory) or, with overcommit, bring in the OOM
 /// killer once touched. An allocation that fits may still fail; that is reported where it happens.
 pub fn check_fits(bytes: u64, what: &str) -> Result<(), RuntimeError> {
+    memory_limit()?;
     match machine_memory() {
         Some(memory) if bytes > memory => {
-            Err(RuntimeError::TooLarge { bytes, what: what.to_string(), memory })
+            let counted = match memory_limit() {
+                Ok(Some(limit)) if limit == memory => "KILN_MEMORY_LIMIT",
+                _ => "MemTotal + SwapTotal in /proc/meminfo",
+            };
+            Err(RuntimeError::TooLarge { bytes, what: what.to_string(), memory, counted })
         }
         _ => Ok(()),
     }

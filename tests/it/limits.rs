@@ -2,7 +2,7 @@
 //! reproducers): each is refused with a message saying what and what would be right, never a
 //! panic, an abort or a run that does not end.
 
-use crate::util::{kiln, Scratch};
+use crate::util::{kiln, kiln_env, Scratch};
 
 #[track_caller]
 fn refused(args: &[&str], want: &str) {
@@ -101,6 +101,73 @@ fn allocations_larger_than_the_machine_are_refused_not_aborted() {
     );
     refused(
         &["run", &arena, "--random-weights", "1", "--prompt-ids", "1"],
-        "cannot allocate 8000000000000 bytes (7.3 TiB) for the activation arena: more than this machine's memory",
+        "cannot allocate 8000000000000 bytes (7.3 TiB) for the parameters (0 B), states (0 B) and activation arena (7.3 TiB) together: more than this machine's memory",
+    );
+}
+
+/// The parameters, states (the KV cache) and activation arena are checked together before any of
+/// them is allocated: each may fit while all of them do not, and the OOM killer then ends the
+/// process without a word (models/tiny.toml compiled for `--max-context 100000 --max-batch 64`
+/// wants a 3.8 GiB cache beside a 20 GiB arena). `KILN_MEMORY_LIMIT` takes the machine's memory
+/// as smaller, so the test holds on any machine: one byte less than the load's sum is refused,
+/// naming each part and where the limit came from, and the sum itself runs.
+#[test]
+fn a_load_whose_parts_fit_but_not_together_is_refused() {
+    let s = Scratch::new();
+    let dir = s.str("tiny.kiln");
+    let out = kiln(&[
+        "compile",
+        "models/tiny.toml",
+        "--target",
+        "cpu",
+        "--max-context",
+        "64",
+        "--max-batch",
+        "2",
+        "-o",
+        &dir,
+    ]);
+    assert!(out.ok, "{}", out.stderr);
+    let run = [
+        "run",
+        dir.as_str(),
+        "--random-weights",
+        "1",
+        "--prompt-ids",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ];
+    let out = kiln(&run);
+    assert!(out.ok, "{}", out.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let engine = doc["engine"].as_str().unwrap().to_string();
+    // "... arena N bytes, KV cache N bytes ..., parameters N bytes ...": the number before the
+    // first " bytes" after `label`.
+    let bytes = |label: &str| -> u64 {
+        let at = engine.find(label).unwrap_or_else(|| panic!("no `{label}` in {engine}")) + label.len();
+        engine[at..].trim_start().split(' ').next().unwrap().parse().unwrap()
+    };
+    let (arena, cache, params) = (bytes("arena"), bytes("KV cache"), bytes("parameters"));
+    let total = arena + cache + params;
+    let out = kiln_env(&run, &[("KILN_MEMORY_LIMIT", &(total - 1).to_string())]);
+    assert!(!out.ok, "{}", out.stdout);
+    let want = format!("error: cannot allocate {total} bytes (");
+    assert!(out.stderr.starts_with(&want), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(") together: more than this machine's memory of")
+            && out.stderr.contains(&format!("{} bytes (", total - 1))
+            && out.stderr.contains("; KILN_MEMORY_LIMIT)"),
+        "{}",
+        out.stderr
+    );
+    let out = kiln_env(&run, &[("KILN_MEMORY_LIMIT", &total.to_string())]);
+    assert!(out.ok, "{}", out.stderr);
+    let out = kiln_env(&run, &[("KILN_MEMORY_LIMIT", "16G")]);
+    assert!(
+        !out.ok && out.stderr.contains("KILN_MEMORY_LIMIT=\"16G\" is not a number of bytes"),
+        "{}",
+        out.stderr
     );
 }

@@ -226,6 +226,10 @@ impl Backend for CpuBackend {
         format!("CPU ({} threads)", self.threads)
     }
 
+    fn fits(&self, bytes: u64, what: &str) -> Result<(), RuntimeError> {
+        crate::host::check_fits(bytes, what)
+    }
+
     fn alloc(&self, bytes: u64, what: &str) -> Result<CpuMemory, RuntimeError> {
         crate::host::check_fits(bytes, what)?;
         Memory::zeroed(bytes)

@@ -71,6 +71,13 @@ pub trait Backend: Sized {
     fn describe(&self) -> String;
     /// `bytes` of zeroed memory; `what` names it in an out-of-memory error.
     fn alloc(&self, bytes: u64, what: &str) -> Result<Self::Memory, RuntimeError>;
+    /// Refuses `bytes` of allocations in all for `what` that this device could never hold at
+    /// once, before any of them is made; by default nothing is refused here (each [`Backend::alloc`]
+    /// still reports its own failure).
+    fn fits(&self, bytes: u64, what: &str) -> Result<(), RuntimeError> {
+        let _ = (bytes, what);
+        Ok(())
+    }
     /// A parameter's memory holding `bytes`, its compiled storage. `mapped` is the checkpoint's
     /// mapping of the same bytes when the tensor is stored exactly so: a backend that can read it
     /// in place keeps it instead of copying.
@@ -360,6 +367,46 @@ impl<B: Backend> Executor<B> {
                 });
             }
         }
+        let program_max = |p: &Program| {
+            let m = p.max_sizes();
+            let pick = |s: Sym| if p.max(s).is_some() { max.get(s).min(m.get(s)) } else { 1 };
+            SymBindings { b: pick(Sym::B), t: pick(Sym::T), s: pick(Sym::S) }
+        };
+        // Plans first: the arena is sized from what each program keeps in it.
+        let plans: Vec<_> =
+            manifest.programs.iter().map(|p| (program_max(p), fold::plan(manifest, p))).collect();
+        let mut arena_bytes = 0u64;
+        for (p, (pmax, plan)) in manifest.programs.iter().zip(&plans) {
+            for b in &p.buffers {
+                if plan.is_folded(b.id) {
+                    continue;
+                }
+                if let Storage::Arena { offset } = b.storage {
+                    let end = b.bytes(pmax).and_then(|n| offset.checked_add(n));
+                    arena_bytes = arena_bytes.max(end.unwrap_or(u64::MAX));
+                }
+            }
+        }
+        // The whole load at once, before any of it: each allocation may fit the machine while
+        // together they do not (models/tiny.toml compiled for `--max-context 100000 --max-batch
+        // 64` holds a 16 GB KV cache beside a 21 GB arena), and the OOM killer then ends the
+        // process without a word.
+        let state_bytes = (manifest.states.iter())
+            .map(|s| kiln_ir::artifact::bytes_of(s.dtype, &s.shape, &max).unwrap_or(u64::MAX))
+            .fold(0u64, u64::saturating_add);
+        let param_bytes = (manifest.params.iter().filter(|p| manifest.state(&p.name).is_none()))
+            .map(|p| kiln_ir::artifact::bytes_of(p.dtype, &p.shape, &max).unwrap_or(u64::MAX))
+            .fold(0u64, u64::saturating_add);
+        let total = param_bytes.saturating_add(state_bytes).saturating_add(arena_bytes);
+        backend.fits(
+            total,
+            &format!(
+                "the parameters ({}), states ({}) and activation arena ({}) together",
+                crate::error::Bytes(param_bytes),
+                crate::error::Bytes(state_bytes),
+                crate::error::Bytes(arena_bytes)
+            ),
+        )?;
         let (params, mut init) = load_params(&backend, manifest, params)?;
         let mut states = HashMap::new();
         for s in &manifest.states {
@@ -374,18 +421,9 @@ impl<B: Backend> Executor<B> {
             }
             states.insert(s.name.clone(), mem);
         }
-        let program_max = |p: &Program| {
-            let m = p.max_sizes();
-            let pick = |s: Sym| if p.max(s).is_some() { max.get(s).min(m.get(s)) } else { 1 };
-            SymBindings { b: pick(Sym::B), t: pick(Sym::T), s: pick(Sym::S) }
-        };
         let mut folded = fold::Folded::default();
         let mut constants = HashMap::new();
-        // Plans first: the arena is sized from what each program keeps in it.
-        let mut plans = Vec::new();
         for (pi, p) in manifest.programs.iter().enumerate() {
-            let pmax = program_max(p);
-            let plan = fold::plan(manifest, p);
             for b in &p.buffers {
                 if let Storage::Constant { value } = b.storage {
                     let what = format!("constant {} of program `{}`", b.id, p.name);
@@ -405,19 +443,6 @@ impl<B: Backend> Executor<B> {
                     let mut mem = backend.alloc(b.max_bytes, &format!("constant {}", b.id))?;
                     backend.write(&mut mem, 0, &bytes)?;
                     constants.insert((pi, b.id), mem);
-                }
-            }
-            plans.push((pmax, plan));
-        }
-        let mut arena_bytes = 0u64;
-        for (p, (pmax, plan)) in manifest.programs.iter().zip(&plans) {
-            for b in &p.buffers {
-                if plan.is_folded(b.id) {
-                    continue;
-                }
-                if let Storage::Arena { offset } = b.storage {
-                    let end = b.bytes(pmax).and_then(|n| offset.checked_add(n));
-                    arena_bytes = arena_bytes.max(end.unwrap_or(u64::MAX));
                 }
             }
         }
