@@ -220,6 +220,13 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
             if mib == 0 {
                 bail!("--mib must be at least 1");
             }
+            if reps == 0 {
+                bail!("--reps must be at least 1");
+            }
+            let bytes = mib
+                .checked_mul(1 << 20)
+                .with_context(|| format!("--mib {mib} is more bytes than a machine can address"))?;
+            kiln_runtime::host::check_fits(bytes as u64, &format!("the {mib} MiB read by --mib"))?;
             membw(mib, threads, reps, out)
         }
         BenchCommand::Run {
@@ -302,7 +309,7 @@ fn run_into(what: BenchCommand, out: &mut Tables) -> Result<serde_json::Value> {
 
 /// `kiln bench membw`: the read bandwidth with one thread and with `threads`.
 fn membw(mib: usize, threads: usize, reps: usize, tables: &mut Tables) -> Result<serde_json::Value> {
-    let bytes = mib << 20;
+    let bytes = mib << 20; // checked by the caller
     let mut counts = vec![1];
     if threads > 1 {
         counts.push(threads);

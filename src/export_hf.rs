@@ -44,15 +44,28 @@ pub fn run(spec_path: &Path, seed: u64, dir: &Path, out: &mut impl Write) -> Res
     }
     kiln_ir::output::check_not_input(dir, &[spec_path])?;
     let graph = build::build_graph(&spec)?;
-    let tensors = weights::random_params(&graph, seed, crate::run::RANDOM_STD)?;
-    let count = tensors.len();
-    let bytes: u64 = graph_bytes(&tensors, spec.model.dtype.size_bytes());
+    // The tensors are made a batch at a time as the file is written (`random_tensors`), not all
+    // at once: a model larger than this machine's memory is written whole, as long as the disk
+    // holds it.
+    let decls = weights::graph_params(&graph)?;
+    let count = decls.len();
+    let bytes = (decls.iter())
+        .map(|d| (d.numel as u64).saturating_mul(spec.model.dtype.size_bytes()))
+        .fold(0u64, u64::saturating_add);
+    let heads: Vec<weights::TensorHead> = (decls.iter())
+        .map(|d| weights::TensorHead { name: d.name.clone(), dtype: d.dtype, shape: d.shape.clone() })
+        .collect();
+    let mut made = weights::random_tensors(decls, seed, crate::run::RANDOM_STD);
 
     kiln_ir::output::replace_dir(dir, |tmp| -> Result<()> {
         let config = serde_json::to_string_pretty(&spec::to_hf_config(&spec))? + "\n";
         std::fs::write(tmp.join(FILES[0]), config)
             .with_context(|| format!("cannot write {}", tmp.join(FILES[0]).display()))?;
-        weights::write_safetensors(&tmp.join(FILES[1]), &tensors, StoreFloats::AsDeclared)?;
+        let next = |i: usize| {
+            let t = made.next().ok_or_else(|| format!("tensor {i} of {count} was not made"))?;
+            Ok(std::borrow::Cow::Owned(t))
+        };
+        weights::write_safetensors_streamed(&tmp.join(FILES[1]), &heads, StoreFloats::AsDeclared, next)?;
         for f in KEPT.iter().map(|f| dir.join(f)).filter(|f| f.is_file()) {
             let to = tmp.join(f.file_name().expect("a joined file name"));
             std::fs::copy(&f, &to).with_context(|| format!("cannot keep {}", f.display()))?;
@@ -82,10 +95,4 @@ fn replaceable(dir: &Path) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// Bytes of the tensor data at `elem` bytes per value (every parameter of a built graph has the
-/// model's dtype).
-fn graph_bytes(tensors: &[weights::HostTensor], elem: u64) -> u64 {
-    tensors.iter().map(|t| t.data.len() as u64 * elem).sum()
 }

@@ -171,3 +171,20 @@ fn a_load_whose_parts_fit_but_not_together_is_refused() {
         out.stderr
     );
 }
+
+/// `kiln bench membw --mib` beyond what a machine can address, or hold, is refused before the
+/// buffer is made (the first was a capacity-overflow panic, 2^44 wrapped to a 0-byte read).
+#[test]
+fn a_membw_read_beyond_the_machine_is_refused() {
+    for mib in ["18446744073709551615", "17592186044416"] {
+        refused(
+            &["bench", "membw", "--mib", mib],
+            &format!("--mib {mib} is more bytes than a machine can address"),
+        );
+    }
+    refused(
+        &["bench", "membw", "--mib", "1000000000"],
+        "for the 1000000000 MiB read by --mib: more than this machine's memory",
+    );
+    refused(&["bench", "membw", "--mib", "8", "--reps", "0"], "--reps must be at least 1");
+}
