@@ -136,6 +136,32 @@ impl Settings {
             Some("bf16") => Some(DType::BF16),
             Some(_) => Some(DType::F32),
         };
+        // Each value given must be a number the step can hold (an f32 constant once compiled):
+        // NaN was written to the manifest as `null`, which no kiln could read back (and `--clip
+        // nan` read back as no clipping); infinities reached the verifier as a kiln bug.
+        let given = [
+            ("--betas", betas.map(|b| b.0), "in [0, 1)"),
+            ("--betas", betas.map(|b| b.1), "in [0, 1)"),
+            ("--eps", self.eps, "above 0"),
+            ("--weight-decay", self.weight_decay, "at least 0"),
+            ("--clip", self.clip, "at least 0 (0 for no clipping)"),
+            ("--bias-update-speed", self.bias_update_speed, "at least 0"),
+            ("--balance-alpha", self.balance_alpha, "at least 0"),
+            ("--mtp-lambda", self.mtp_lambda, "at least 0"),
+        ];
+        for (flag, v, want) in given {
+            let Some(v) = v else { continue };
+            let ok = (v as f32).is_finite()
+                && match flag {
+                    "--betas" => (0.0..1.0).contains(&v),
+                    "--eps" => v > 0.0,
+                    _ => v >= 0.0,
+                };
+            if !ok {
+                let v = if v.abs() < 1e16 { v.to_string() } else { format!("{v:e}") };
+                bail!("{flag} {v}: must be a finite number {want}");
+            }
+        }
         let mut differ = Vec::new();
         let mut set = |flag: &str, old: &mut f64, new: Option<f64>| {
             if let Some(v) = new {

@@ -417,7 +417,8 @@ fn step_program(
         return Err(TrainError::Setting(format!("AdamW's moments are f32 or bf16, not {}", opt.moments)));
     }
     if opt.clip.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-        return Err(TrainError::Setting(format!("the clipping norm must be positive, found {:?}", opt.clip)));
+        let c = opt.clip.unwrap_or_default();
+        return Err(TrainError::Setting(format!("the clipping norm must be positive and finite, found {c}")));
     }
     if opt.shards == 0 || (opt.shards > 1 && !data_parallel) {
         return Err(TrainError::Setting(format!(

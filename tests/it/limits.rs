@@ -188,3 +188,26 @@ fn a_membw_read_beyond_the_machine_is_refused() {
     );
     refused(&["bench", "membw", "--mib", "8", "--reps", "0"], "--reps must be at least 1");
 }
+
+/// A loss or optimizer setting that is not a finite number in its range is refused naming the
+/// flag, before anything is compiled: NaN was written to the manifest as `null`, which no kiln
+/// could read back (`--clip nan` read back as no clipping), and an infinity reached the verifier
+/// as "a kiln bug"; `1e39` is finite in f64 but not as the step's f32 constant.
+#[test]
+fn train_settings_that_are_not_finite_numbers_are_refused() {
+    let s = Scratch::new();
+    let out = s.str("out");
+    for (flag, value, want) in [
+        ("--balance-alpha", "nan", "--balance-alpha NaN: must be a finite number at least 0"),
+        ("--bias-update-speed", "inf", "--bias-update-speed inf: must be a finite number at least 0"),
+        ("--mtp-lambda", "1e39", "--mtp-lambda 1e39: must be a finite number at least 0"),
+        ("--mtp-lambda", "-0.5", "--mtp-lambda -0.5: must be a finite number at least 0"),
+        ("--clip", "nan", "--clip NaN: must be a finite number at least 0 (0 for no clipping)"),
+        ("--betas", "0.9,1", "--betas 1: must be a finite number in [0, 1)"),
+        ("--eps", "0", "--eps 0: must be a finite number above 0"),
+    ] {
+        let arg = format!("{flag}={value}");
+        refused(&["compile", "models/tiny.toml", "--target", "cpu", "--train", &arg, "-o", &out], want);
+        assert!(!s.path("out").exists(), "{arg}: an artifact was written");
+    }
+}

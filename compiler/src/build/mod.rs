@@ -332,6 +332,18 @@ pub fn build_train_part(
     part: Part,
     data_parallel: bool,
 ) -> Result<(Graph, TrainGraph), BuildError> {
+    for (name, v) in [
+        ("mtp_lambda", losses.mtp_lambda),
+        ("balance_alpha", losses.balance_alpha),
+        ("bias_update_speed", losses.bias_update_speed),
+    ] {
+        // Each becomes an f32 constant of the step.
+        if !((v as f32).is_finite() && v >= 0.0) {
+            return Err(BuildError::Spec(format!(
+                "the train step's {name} must be a finite number at least 0, found {v}"
+            )));
+        }
+    }
     let mut b = Builder::new(spec, format!("{}.train", spec.model.name))?;
     b.routing = Some(Vec::new());
     let tokens = b.input("tokens", TensorType::new(DType::I32, bt(&[])))?;
