@@ -118,9 +118,9 @@ impl ChatTemplate {
             path: path.to_path_buf(),
         };
         // A template that does not parse is refused now, not at the first conversation.
-        template.environment(Arc::default()).template_from_str(&template.source).map_err(|e| {
-            anyhow::anyhow!("{}: `chat_template` is not a valid Jinja template: {e:#}", path.display())
-        })?;
+        template.environment(Arc::default(), TEMPLATE_FUEL).template_from_str(&template.source).map_err(
+            |e| anyhow::anyhow!("{}: `chat_template` is not a valid Jinja template: {e:#}", path.display()),
+        )?;
         Ok(template)
     }
 
@@ -131,7 +131,7 @@ impl ChatTemplate {
 
     /// The Jinja environment of transformers' templates; `raised` receives the message of a
     /// `raise_exception` call.
-    fn environment(&self, raised: Arc<Mutex<Option<String>>>) -> Environment<'static> {
+    fn environment(&self, raised: Arc<Mutex<Option<String>>>, fuel: u64) -> Environment<'static> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
@@ -139,6 +139,11 @@ impl ChatTemplate {
             .build()
             .expect("the default delimiters are valid");
         env.set_syntax(syntax);
+        // A template comes from whatever folder the user names: one that loops without end (two
+        // nested `range(100000)`s) would hang the chat; minijinja stops a render after this many
+        // instructions (under a second). DeepSeek-V3's template renders a 100-turn conversation
+        // with 5406 (the test prints it).
+        env.set_fuel(Some(fuel));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", move |message: String| -> Result<String, minijinja::Error> {
             *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
@@ -150,10 +155,26 @@ impl ChatTemplate {
     /// The prompt text of `messages`, ending with the assistant's turn opened when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, RenderError> {
+        self.render_with(messages, add_generation_prompt, TEMPLATE_FUEL)
+    }
+
+    /// [`ChatTemplate::render`] stopped after `fuel` instructions.
+    fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        fuel: u64,
+    ) -> Result<String, RenderError> {
         let raised = Arc::new(Mutex::new(None));
-        let env = self.environment(Arc::clone(&raised));
+        let env = self.environment(Arc::clone(&raised), fuel);
         let failed = |e: minijinja::Error| match raised.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(message) => RenderError::Refused(message),
+            None if e.kind() == ErrorKind::OutOfFuel => RenderError::Failed {
+                path: self.path.display().to_string(),
+                message: format!(
+                    "{e:#}: kiln stops a template after {fuel} instructions, and this one may never end"
+                ),
+            },
             None => RenderError::Failed { path: self.path.display().to_string(), message: format!("{e:#}") },
         };
         let template = env.template_from_str(&self.source).map_err(failed)?;
@@ -167,6 +188,9 @@ impl ChatTemplate {
             .map_err(failed)
     }
 }
+
+/// The instructions a chat template may run per render ([`ChatTemplate::environment`]).
+pub const TEMPLATE_FUEL: u64 = 50_000_000;
 
 #[cfg(test)]
 mod tests {
@@ -203,6 +227,36 @@ mod tests {
             t.render(&messages[2..4], false).unwrap(),
             "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>Hello!<｜end▁of▁sentence｜>"
         );
+    }
+
+    /// A template that would run for hours (two nested loops of 100 thousand) stops at the fuel
+    /// limit with the template's error; DeepSeek-V3's renders a conversation of 100 turns well
+    /// within it (the fuel it takes is printed).
+    #[test]
+    fn a_template_that_does_not_end_runs_out_of_fuel() {
+        let endless =
+            config("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x");
+        let e = endless.render(&[Message::new("user", "x")], true).unwrap_err().to_string();
+        assert!(
+            e.starts_with("the chat template of t/tokenizer_config.json failed") && e.contains("fuel"),
+            "{e}"
+        );
+        let t = load(&fixture("deepseek_v3")).unwrap();
+        let turns: Vec<Message> = (0..100)
+            .map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, &format!("turn {i}")))
+            .collect();
+        // The least fuel that renders it, by bisection.
+        let (mut lo, mut hi) = (0u64, TEMPLATE_FUEL);
+        assert!(t.render_with(&turns, true, hi).is_ok());
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            match t.render_with(&turns, true, mid) {
+                Ok(_) => hi = mid,
+                Err(_) => lo = mid,
+            }
+        }
+        println!("DeepSeek-V3's template renders 100 turns with {hi} instructions of fuel");
+        assert!(hi * 100 < TEMPLATE_FUEL, "{hi}");
     }
 
     #[test]
