@@ -109,6 +109,14 @@ fn run_name(dir: &Path) -> String {
 /// Writes the report; returns the path written, the run it drew and one line per run giving its
 /// final loss (see [`final_loss`]) against the first run's.
 pub fn write(req: &Request) -> Result<(PathBuf, Run, Vec<String>)> {
+    // The runs' logs are the inputs: `-o RUN/metrics.jsonl` would replace the log it reports.
+    let logs: Vec<PathBuf> = std::iter::once(req.dir)
+        .chain(req.compare.iter().map(|d| d.as_ref()))
+        .map(|d| d.join("metrics.jsonl"))
+        .collect();
+    let logs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+    crate::check_output_file(req.out, &logs)?;
+    crate::check_output_file(req.loss_svg, &logs)?;
     let run = load(req.dir)?;
     let others: Vec<(String, Run)> =
         req.compare.iter().map(|d| Ok((run_name(d), load(d)?))).collect::<Result<_>>()?;

@@ -296,8 +296,12 @@ pub(crate) fn cpu_options(threads: Option<usize>) -> CpuOptions {
 
 /// Runs `kiln run` and writes the report to `out`.
 pub fn run(req: &Request, sink: &mut Sink) -> Result<()> {
-    crate::check_output_file(req.dump_logits, &[req.model])?;
-    crate::check_output_file(req.trace, &[req.model])?;
+    let mut inputs = vec![req.model];
+    if let Weights::Checkpoint(dir) = req.weights {
+        inputs.push(dir);
+    }
+    crate::check_output_file(req.dump_logits, &inputs)?;
+    crate::check_output_file(req.trace, &inputs)?;
     let prompt = prompt(req)?;
     if req.profile && req.interp {
         bail!("--profile times the compiled kernels; run an artifact (no --interp)");

@@ -541,6 +541,21 @@ const ARTIFACT: &str = "train.kiln";
 const COMPILE_WAIT: std::time::Duration = std::time::Duration::from_secs(1800);
 
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
+    // The run folder must not be the model (an artifact, whose folder then held files its
+    // manifest does not list, refused by the next `kiln compile -o`), lie inside it, or be the data.
+    let inside = |input: &Path| match (std::fs::canonicalize(req.out), std::fs::canonicalize(input)) {
+        (Ok(o), Ok(i)) => o == i || (i.is_dir() && o.starts_with(&i)),
+        _ => false,
+    };
+    for (input, what) in [(req.model, "the model"), (req.data, "the data")] {
+        if inside(input) {
+            bail!(
+                "--out {}: the run's folder would be {what} {} or inside it; give a folder of its own",
+                req.out.display(),
+                input.display()
+            );
+        }
+    }
     if req.zero1 && req.dist.is_none() {
         bail!("--zero1 splits AdamW's states over data-parallel replicas: give --dp N (under mpirun -n N)");
     }

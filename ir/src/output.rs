@@ -155,6 +155,16 @@ pub fn check_not_input(output: &Path, inputs: &[&Path]) -> Result<(), OutputErro
                     relation,
                 });
             }
+            // A file of an input folder (an artifact's manifest, a checkpoint's config.json) is
+            // that input too: replacing it changes the input.
+            if inp.is_dir() && out != inp && out.starts_with(&inp) {
+                let relation = "is a file of";
+                return Err(OutputError::IsInput {
+                    path: output.to_path_buf(),
+                    input: input.to_path_buf(),
+                    relation,
+                });
+            }
         }
     }
     Ok(())

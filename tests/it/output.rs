@@ -112,6 +112,51 @@ fn a_command_never_writes_over_its_own_input() {
     refused(&["compile", &kir, "--target", "cpu", "-o", &s.str("art")], &art, "holds the input");
 }
 
+/// A file of an input folder is that input too (the sweep of 2026-12-07 found each of these
+/// replaced, rc 0): an artifact's manifest by `--dump-logits` (no kiln could load it after), a
+/// checkpoint's config.json by `--trace` or by `kiln ir DIR -o`, a run's log by `kiln report -o`;
+/// and `kiln train --out` may not be the model's own folder. A new file beside them is fine.
+#[test]
+fn a_file_of_an_input_folder_is_not_overwritten() {
+    let s = Scratch::new();
+    let (art, ckpt) = (s.str("art"), s.str("ckpt"));
+    let out = kiln(&["compile", "models/tiny.toml", "--target", "cpu", "--max-context", "16", "-o", &art]);
+    assert!(out.ok, "{}", out.stderr);
+    let out = kiln(&["export-hf", "models/tiny.toml", "--random-weights", "1", "-o", &ckpt]);
+    assert!(out.ok, "{}", out.stderr);
+    let manifest = s.path("art").join("manifest.json");
+    let m = manifest.to_string_lossy().into_owned();
+    let run = |flag: &str, path: &str| {
+        let prompt = ["run", art.as_str(), "--random-weights", "1", "--prompt-ids", "1"];
+        let mut args = prompt.to_vec();
+        args.extend([flag, path]);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let args = run("--dump-logits", &m);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    refused(&args, &manifest, &format!("{m} is a file of the input {art}: writing the output there"));
+    let config = s.path("ckpt").join("config.json");
+    let c = config.to_string_lossy().into_owned();
+    refused(&["ir", &ckpt, "-o", &c], &config, &format!("{c} is a file of the input {ckpt}"));
+    let run_dir = s.path("runs");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::write(run_dir.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 2.5}\n").unwrap();
+    let log = run_dir.join("metrics.jsonl").to_string_lossy().into_owned();
+    refused(&["report", &s.str("runs"), "-o", &log], &run_dir.join("metrics.jsonl"), "is the input");
+    let data = s.str("tokens.bin");
+    std::fs::write(&data, [0u8; 64]).unwrap();
+    refused(
+        &["train", &art, "--random-weights", "1", "--data", &data, "--steps", "1", "--out", &art],
+        &s.path("art"),
+        &format!("--out {art}: the run's folder would be the model {art} or inside it"),
+    );
+    // A new file in the artifact's folder overwrites nothing.
+    let args = run("--dump-logits", &s.path("art").join("logits.txt").to_string_lossy());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = kiln(&args);
+    assert!(out.ok, "{}", out.stderr);
+}
+
 #[test]
 fn compile_replaces_only_an_artifact_and_refuses_before_compiling() {
     let s = Scratch::new();
