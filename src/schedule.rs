@@ -48,7 +48,9 @@ pub fn parse_costs(text: &str, comm: f64) -> Result<Costs> {
     }
     Costs::new(v[0], v[1], v[2], v.get(3).copied(), comm).map_err(|e| {
         let flag = match e {
-            CostError::Invalid { name: "comm", .. } => format!("--comm {comm}"),
+            CostError::Invalid { name: "comm", .. } => {
+                format!("--comm {}", kiln_compiler::schedule::simulate::number_text(comm))
+            }
             _ => format!("--cost {text}"),
         };
         anyhow::Error::new(e).context(flag)

@@ -238,7 +238,7 @@ fn options(
                 format!(
                     "{len} prompt tokens + {n} new tokens need {} positions, but this model holds {} \
                      (kiln compile --max-context): ask for at most {room}",
-                    len + n - 1,
+                    u128::from(len) + u128::from(n) - 1,
                     info.max_positions
                 ),
             )

@@ -350,6 +350,13 @@ fn bad_requests_get_4xx_answers_that_say_why() {
     refused(completion(json!({"n": 3})), 400, json!("n"), "one choice per request");
     refused(completion(json!({"temperature": -1})), 400, json!("temperature"), "from 0 to 2, not -1");
     refused(completion(json!({"max_tokens": 300})), 400, json!("max_tokens"), "but this model holds 256");
+    // The largest count a request can name does not wrap the positions it needs around.
+    refused(
+        completion(json!({"max_tokens": u64::MAX})),
+        400,
+        json!("max_tokens"),
+        &format!("new tokens need {} positions, but this model holds 256", u128::from(u64::MAX) + 1),
+    );
     refused(completion(json!({"prompt": vec![3; 257]})), 400, json!("prompt"), "the prompt is 257 tokens");
     refused(
         completion(json!({"prompt": [3, 512]})),

@@ -50,10 +50,23 @@ pub struct Costs {
     pub comm: f64,
 }
 
+/// The largest cost a step may have: a timeline adds up millions of them (1e308 made the
+/// makespan infinite and the bubbles NaN).
+pub const MAX_COST: f64 = 1e15;
+
+/// `v` as a user wrote it: plainly, or in exponent form past 1e16 (`1e308`, not its 309 digits).
+pub fn number_text(v: f64) -> String {
+    if v.abs() < 1e16 {
+        v.to_string()
+    } else {
+        format!("{v:e}")
+    }
+}
+
 /// Costs that cannot be simulated.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum CostError {
-    #[error("the cost {name} = {value} must be a finite number at least 0")]
+    #[error("the cost {name} = {} must be a number from 0 to {MAX_COST:e}", number_text(*value))]
     Invalid { name: &'static str, value: f64 },
     #[error(
         "the cost W = {weight} is more than B = {backward}: B is the full backward (inputs and weights), \
@@ -75,7 +88,7 @@ impl Costs {
         for (name, value) in
             [("F", forward), ("B", backward), ("W", weight), ("F&B", overlapped), ("comm", comm)]
         {
-            if !value.is_finite() || value < 0.0 {
+            if !(0.0..=MAX_COST).contains(&value) {
                 return Err(CostError::Invalid { name, value });
             }
         }
