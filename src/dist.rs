@@ -90,8 +90,11 @@ impl Dist {
         let launched =
             ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"].iter().any(|v| std::env::var_os(v).is_some());
         if !launched {
+            // The verb this process was started with (`run --ep`, `train --dp`, ...).
+            let verb =
+                std::env::args().nth(1).filter(|v| !v.starts_with('-')).unwrap_or_else(|| "train".into());
             bail!(
-                "{flags} runs {n} processes: launch them with `mpirun -n {n} kiln train ... {flags}` \
+                "{flags} runs {n} processes: launch them with `mpirun -n {n} kiln {verb} ... {flags}` \
                  (as root, add --allow-run-as-root; with more processes than cores, --oversubscribe)"
             );
         }

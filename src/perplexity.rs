@@ -68,6 +68,13 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         let spec = m.model.as_ref();
         let name = spec.map_or(m.name.clone(), |s| s.model.name.clone());
         let Some(program) = m.program_of_kind(ProgramKind::Score) else {
+            if m.program_of_kind(ProgramKind::TrainStep).is_some() {
+                bail!(
+                    "{} is a train step's artifact (kiln compile --train): perplexity scores with an \
+                     inference artifact; compile the model without --train",
+                    req.model.display()
+                );
+            }
             bail!(
                 "{} has no `score` program (its programs: {}): recompile it without --no-score",
                 req.model.display(),

@@ -60,6 +60,13 @@ pub fn parse_costs(text: &str, comm: f64) -> Result<Costs> {
 pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
     crate::check_output_file(req.svg, &[])?;
     crate::check_output_file(req.trace, &[])?;
+    if let (Some(svg), Some(trace)) = (req.svg, req.trace) {
+        // The same path twice: the trace would replace the timeline.
+        let (a, b) = (std::path::absolute(svg)?, std::path::absolute(trace)?);
+        if a == b || kiln_ir::output::check_not_input(trace, &[svg]).is_err() {
+            bail!("--svg and --trace are both {}: give each its own file", svg.display());
+        }
+    }
     let costs = parse_costs(req.cost, req.comm)?;
     let kind = Kind::parse(req.schedule).context("--schedule")?;
     let s = schedule::generate(kind, req.pp, req.micro_batches)?;

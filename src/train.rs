@@ -716,7 +716,17 @@ pub fn run(req: &Request, out: &mut impl Write) -> Result<()> {
         if dtype.is_some() {
             bail!("{}: --dtype applies to .bin token streams, not to text", req.data.display());
         }
-        let tok = crate::tokenize::load(&tokenizer_folder(req)?)?;
+        let folder = tokenizer_folder(req)?;
+        if !folder.join(crate::tokenize::TOKENIZER_FILE).is_file() {
+            bail!(
+                "{}: text data is tokenised with the model's {}, and {} has none: give it with \
+                 --tokenizer FILE, or the data as token ids (a .bin or .safetensors file)",
+                req.data.display(),
+                crate::tokenize::TOKENIZER_FILE,
+                folder.display()
+            );
+        }
+        let tok = crate::tokenize::load(&folder)?;
         crate::tokenize::load_text_rows(req.data, &tok, spec.model.eos_token_id, req.seq_len)?
     } else {
         data::load_tokens(req.data, &data::format_for(req.data, dtype, req.seq_len)?)?

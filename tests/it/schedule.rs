@@ -84,13 +84,14 @@ fn the_svg_and_the_trace_have_every_step() {
 
 #[test]
 fn bad_requests_say_what_would_be_right() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--pp", "5", "--micro-batches", "20", "--schedule", "dualpipe"], "error: --pp 5: dualpipe needs an even number of ranks (rank i pairs with rank pp-1-i); try --pp 6\n"),
         (&["--pp", "4", "--micro-batches", "6", "--schedule", "dualpipev"], "error: --micro-batches 6: dualpipev on 4 ranks needs at least 8 micro-batches (2 per rank: every rank must reach the steady overlapped phase, as in DeepSeek's reference)\n"),
         (&["--pp", "4", "--micro-batches", "8", "--schedule", "gpipe"], "error: --schedule: unknown schedule `gpipe`: the schedules are 1f1b, zb1p, dualpipe, dualpipev\n"),
         (&["--pp", "4", "--micro-batches", "8", "--schedule", "1f1b", "--cost", "3,-5,2"], "error: --cost 3,-5,2: the cost B = -5 must be a number from 0 to 1e15\n"),
         (&["--pp", "4", "--micro-batches", "8", "--schedule", "1f1b", "--comm", "-1"], "error: --comm -1: the cost comm = -1 must be a number from 0 to 1e15\n"),
         // A timeline adds up millions of costs: 1e308 made the makespan infinite and the bubbles NaN.
+        (&["--pp", "2", "--micro-batches", "4", "--schedule", "1f1b", "--svg", "t.svg", "--trace", "./t.svg"], "error: --svg and --trace are both t.svg: give each its own file\n"),
         (&["--pp", "2", "--micro-batches", "4", "--schedule", "1f1b", "--comm", "1e308"], "error: --comm 1e308: the cost comm = 1e308 must be a number from 0 to 1e15\n"),
     ];
     for (args, expected) in cases {

@@ -98,7 +98,12 @@ pub enum WeightError {
     Truncated { path: PathBuf, len: u64 },
     #[error("{}: the header claims {header_len} bytes; more than {} is not a real header", path.display(), safetensors::MAX_HEADER_LEN)]
     HeaderTooLarge { path: PathBuf, header_len: u64 },
-    #[error("{}: the header claims {header_len} bytes but the file has only {file_len} (truncated?)", path.display())]
+    #[error(
+        "{}: the header claims {header_len} bytes, but the file has only {} after its 8-byte length \
+         ({file_len} in all; truncated?)",
+        path.display(),
+        file_len.saturating_sub(8)
+    )]
     HeaderPastEof { path: PathBuf, header_len: u64, file_len: u64 },
     #[error("{}: bad header: {reason}", path.display())]
     BadHeader { path: PathBuf, reason: String },

@@ -359,6 +359,9 @@ fn every_malformed_header_has_its_error() {
     assert!(parse(&file(one, &[0; 8])).is_ok());
     assert!(matches!(t(&[1, 0, 0]), WeightError::Truncated { len: 3, .. }));
     assert!(matches!(t(&file(one, &[0; 8])[..20]), WeightError::HeaderPastEof { .. }));
+    // A header as long as the whole file: the 8 bytes of its length are not header.
+    let whole = t(&[&24u64.to_le_bytes()[..], &[b' '; 16]].concat()).to_string();
+    assert!(whole.ends_with("the header claims 24 bytes, but the file has only 16 after its 8-byte length (24 in all; truncated?)"), "{whole}");
     assert!(matches!(t(&u64::MAX.to_le_bytes()), WeightError::HeaderTooLarge { .. }));
     assert!(matches!(t(&file("{\"a\": ", &[])), WeightError::BadHeader { .. }));
     assert!(matches!(t(&file("[1, 2]", &[])), WeightError::BadHeader { .. }));
