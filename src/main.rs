@@ -93,9 +93,10 @@ enum Command {
     /// compiled train steps' buffers.
     Inspect {
         spec: PathBuf,
-        /// Context length for the attention FLOPs of one decoded token.
-        #[arg(long, default_value_t = 4096)]
-        context: u64,
+        /// Context length for the attention FLOPs of one decoded token, at most the model's
+        /// positions [default: 4096].
+        #[arg(long)]
+        context: Option<u64>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -1058,6 +1059,13 @@ fn run(command: Command) -> Result<()> {
             chat::run(&req, &mut io::stdin().lock(), &mut io::stdout().lock())
         }
         Command::Serve { model, host, port, max_batch, batch_window, speculative } => {
+            // A window longer than a minute would hold a lone request for as long.
+            if batch_window > MAX_BATCH_WINDOW_MS {
+                bail!(
+                    "--batch-window {batch_window}: a batch's first request waits at most \
+                     {MAX_BATCH_WINDOW_MS} ms for others"
+                );
+            }
             let req = serve::Request {
                 source: model.source("serve")?,
                 tokenizer: model.tokenizer.as_deref(),
@@ -1301,8 +1309,16 @@ fn check(file: &Path) -> Result<()> {
     emit(&line, None)
 }
 
-fn inspect(spec_path: &Path, context: u64, json: bool) -> Result<()> {
+fn inspect(spec_path: &Path, context: Option<u64>, json: bool) -> Result<()> {
     let spec = spec::load(spec_path)?;
+    let most = spec.model.max_position_embeddings;
+    if let Some(context) = context.filter(|&c| c == 0 || c > most) {
+        bail!(
+            "--context {context}: the context must be from 1 to the model's {most} positions \
+             (max_position_embeddings)"
+        );
+    }
+    let context = context.unwrap_or(DEFAULT_CONTEXT);
     let graph = build::build_graph(&spec)?;
     let summary = inspect::summarize(&spec, &graph, context);
     if json {
@@ -1402,6 +1418,13 @@ fn emit(text: &str, path: Option<&Path>) -> Result<()> {
         Some(path) => Ok(kiln_ir::output::write_file(path, text.as_bytes())?),
     }
 }
+
+/// `kiln inspect`'s context when `--context` is not given (the FLOPs of a token at this context,
+/// whatever the model's positions).
+const DEFAULT_CONTEXT: u64 = 4096;
+
+/// The longest `kiln serve --batch-window`, in milliseconds.
+const MAX_BATCH_WINDOW_MS: u64 = 60_000;
 
 /// Refuses a `--threads` the CPU backend would refuse, before any work (a train run would otherwise
 /// compile its step first).

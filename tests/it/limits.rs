@@ -211,3 +211,18 @@ fn train_settings_that_are_not_finite_numbers_are_refused() {
         assert!(!s.path("out").exists(), "{arg}: an artifact was written");
     }
 }
+
+/// `kiln inspect --context` beyond the model's positions printed attention FLOPs saturated at
+/// u64::MAX; `kiln serve --batch-window` of u64::MAX milliseconds held a lone request forever.
+#[test]
+fn an_inspect_context_or_a_batch_window_beyond_reason_is_refused() {
+    refused(
+        &["inspect", "models/tiny.toml", "--context", "18446744073709551615"],
+        "--context 18446744073709551615: the context must be from 1 to the model's 1024 positions",
+    );
+    refused(&["inspect", "models/tiny.toml", "--context", "0"], "--context 0: the context must be from 1");
+    refused(
+        &["serve", "models/tiny.toml", "--interp", "--batch-window", "18446744073709551615"],
+        "a batch's first request waits at most 60000 ms for others",
+    );
+}
