@@ -330,6 +330,13 @@ pub fn run(req: &Args, out: &mut dyn Write) -> Result<()> {
             [Some(req.input.as_path()), req.spec.as_deref()].into_iter().flatten().collect();
         kiln_ir::output::check_not_input(dir, &inputs)?;
     }
+    if req.train && req.input.extension().is_some_and(|e| e == "kir") {
+        bail!(
+            "--train builds the train step from a model spec (a .toml or a Hugging Face config.json); {} \
+             is a .kir graph, which compiles as it is",
+            req.input.display()
+        );
+    }
     let source = load_source(&req.input, req.spec.as_deref())?;
     let stages: Vec<Stage> = pack::stages(&source, &options)
         .into_iter()

@@ -226,3 +226,13 @@ fn an_inspect_context_or_a_batch_window_beyond_reason_is_refused() {
         "a batch's first request waits at most 60000 ms for others",
     );
 }
+
+/// `kiln compile X.kir --train` compiled the graph's forward program and said nothing of `--train`.
+#[test]
+fn a_kir_graph_is_not_compiled_for_training() {
+    refused(
+        &["compile", "tests/compile/small.kir", "--train", "--target", "cpu"],
+        "--train builds the train step from a model spec (a .toml or a Hugging Face config.json); \
+         tests/compile/small.kir is a .kir graph",
+    );
+}
