@@ -84,6 +84,12 @@ pub fn resolve(model: &Path, weights_given: bool, interp: bool, command: &str) -
 pub fn cache_dir() -> Result<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = env("KILN_CACHE_DIR") {
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "KILN_CACHE_DIR={} is not a folder: give a folder for kiln's cache (it is made if missing)",
+                dir.display()
+            );
+        }
         return Ok(dir);
     }
     if let Some(dir) = env("XDG_CACHE_HOME") {
@@ -119,6 +125,10 @@ fn kernel_cache_dir() -> Option<PathBuf> {
 /// while it is removed keeps what it has loaded; the next run compiles the folder again.
 pub fn command(clear: bool, json: bool, out: &mut dyn Write) -> Result<()> {
     use kiln_compiler::codegen::cache as kernels;
+    // A KILN_CACHE_DIR that is not a folder is the user's mistake to hear of, not "0 entries".
+    if std::env::var_os("KILN_CACHE_DIR").is_some_and(|v| !v.is_empty()) {
+        cache_dir()?;
+    }
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let mut doc = serde_json::Map::new();
     let mut text = String::new();
@@ -153,7 +163,11 @@ pub fn command(clear: bool, json: bool, out: &mut dyn Write) -> Result<()> {
             let mut found: Vec<(String, u64)> = match std::fs::read_dir(&dir) {
                 Ok(read) => read
                     .flatten()
-                    .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+                    // Folders kiln made; a link is not one (and `--clear` never follows it).
+                    .filter(|e| {
+                        e.file_type().is_ok_and(|t| t.is_dir())
+                            && !e.file_name().to_string_lossy().starts_with('.')
+                    })
                     .map(|e| (e.file_name().to_string_lossy().into_owned(), tree_bytes(&e.path())))
                     .collect(),
                 Err(_) => Vec::new(),

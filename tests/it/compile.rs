@@ -937,6 +937,11 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     let folder = root.join("artifacts").join("tiny-0123456789abcdef");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("manifest.json"), "{}").unwrap();
+    // A link among the folders is not one of them: not counted, and `--clear` leaves its target.
+    let elsewhere = s.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("keep.txt"), "kept").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, root.join("artifacts").join("linked")).unwrap();
     let root_str = root.display().to_string();
     let vars = [("KILN_KERNEL_CACHE_DIR", cache_str.as_str()), ("KILN_CACHE_DIR", root_str.as_str())];
     let held = entries().len();
@@ -952,6 +957,12 @@ fn the_kernel_cache_gives_the_same_library_and_refuses_damaged_entries() {
     assert_eq!(doc["kernels"]["entries"], held as u64, "{doc}");
     assert_eq!(doc["artifacts"]["artifacts"][0]["name"], "tiny-0123456789abcdef");
     assert!(entries().is_empty() && !folder.exists(), "{:?}", entries());
+    assert_eq!(doc["artifacts"]["artifacts"].as_array().map(Vec::len), Some(1), "{doc}");
+    assert!(elsewhere.join("keep.txt").is_file());
+    // A KILN_CACHE_DIR that is a file is refused, not reported as empty.
+    let file = s.path("elsewhere").join("keep.txt").display().to_string();
+    let r = kiln_env(&["cache"], &[("KILN_CACHE_DIR", file.as_str())]);
+    assert!(!r.ok && r.stderr.contains(&format!("KILN_CACHE_DIR={file} is not a folder")), "{}", r.stderr);
     let (line, after, _) = compile("after-clear", "2", &[]);
     assert_eq!(after, [0, n, n], "{line}");
 
