@@ -109,7 +109,7 @@ pub fn run(req: &Request, input: &mut dyn BufRead, out: &mut dyn Write) -> Resul
         history.push(Message::new("user", line));
         let prompt = template.render(&history, true)?;
         let ids = text.tokenizer.encode_plain(&prompt)?;
-        let max_new_tokens = match room(&info, ids.len(), req.max_new_tokens) {
+        let max_new_tokens = match room(&info, ids.len(), req.max_new_tokens, interactive) {
             Ok(n) => n,
             Err(e) if interactive => {
                 eprintln!("error: {e}");
@@ -172,13 +172,15 @@ pub fn run(req: &Request, input: &mut dyn BufRead, out: &mut dyn Write) -> Resul
 }
 
 /// The new tokens a turn may generate: `wanted`, fewer when the context leaves less room, or an
-/// error when the conversation fills it.
-fn room(info: &Info, prompt: usize, wanted: usize) -> Result<usize> {
+/// error when the conversation fills it. At a terminal the chat goes on after the error (the turn
+/// dropped), so `/reset` is the way on; a scripted chat ends there.
+fn room(info: &Info, prompt: usize, wanted: usize, interactive: bool) -> Result<usize> {
     let prompt = prompt as u64;
     if prompt > info.max_prompt || prompt > info.max_positions {
+        let way_on = if interactive { "/reset to start over" } else { "shorten the conversation" };
         bail!(
             "the conversation is {prompt} tokens, more than the model takes ({} at once, {} positions in \
-             all): /reset to start over (or compile with a larger --max-context)",
+             all): {way_on} (or compile with a larger --max-context)",
             info.max_prompt,
             info.max_positions
         );

@@ -534,6 +534,22 @@ fn speculative_serving_answers_as_plain_decoding() {
     );
 }
 
+/// A scripted turn longer than the model's context ends the chat, saying to shorten it (a chat at a
+/// terminal goes on after the error, where `/reset` is the way on, and says so instead).
+#[test]
+fn a_scripted_turn_too_long_for_the_context_says_to_shorten_it() {
+    let f = fixture();
+    let long = "hello world ".repeat(300);
+    let out = kiln(&["chat", &f.artifact, "--weights", &f.weights, "--message", &long]);
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("tokens, more than the model takes")
+            && out.stderr.contains("shorten the conversation (or compile with a larger --max-context)"),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn chat_without_a_template_or_tokenizer_says_what_is_missing() {
     let f = fixture();
